@@ -1,0 +1,44 @@
+"""slimgraph: compiler-style model compression for ONNX, every rewrite verified on onnxruntime.
+
+Example:
+    >>> import slimgraph as sg
+    >>> model = sg.load("model.onnx")  # doctest: +SKIP
+    >>> sg.save(model, "copy.onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from slimgraph.errors import (
+    BadDataError,
+    BadInputError,
+    BadOptionError,
+    InvalidModelError,
+    ModelLoadError,
+    SlimgraphError,
+    UnsafeModelError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from slimgraph.ir import from_torch, load, save
+from slimgraph.runtime import benchmark, compare, random_feeds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "load",
+    "save",
+    "from_torch",
+    "compare",
+    "benchmark",
+    "random_feeds",
+    "SlimgraphError",
+    "BadInputError",
+    "BadDataError",
+    "BadOptionError",
+    "InvalidModelError",
+    "ModelLoadError",
+    "UnsafeModelError",
+    "UnsupportedModelError",
+    "VerificationError",
+]

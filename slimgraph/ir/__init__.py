@@ -1,0 +1,24 @@
+"""The IR layer: `onnx_ir` models in and out, safely, plus the analysis slimgraph needs.
+
+`onnx_ir` is the IR; this package adds the safe loader, the atomic saver, the torch frontend and
+read-only analysis (dataflow view, weights, MACs). It imports nothing of slimgraph but `errors`.
+"""
+
+from __future__ import annotations
+
+from slimgraph.ir import analysis, metadata
+from slimgraph.ir._load import load, load_proto
+from slimgraph.ir._save import save, tensor_bytes
+from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
+
+__all__ = [
+    "analysis",
+    "metadata",
+    "load",
+    "load_proto",
+    "save",
+    "tensor_bytes",
+    "from_torch",
+    "annotate_layers",
+    "layer_name",
+]

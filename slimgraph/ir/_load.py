@@ -1,0 +1,401 @@
+"""Safe loading of untrusted ONNX files.
+
+The protobuf is parsed without its external data; every external-data reference (initializers,
+attribute tensors, sparse tensors, subgraphs, functions) is checked against the file system with
+`stat` only; the graph structure is checked (cycles, dangling inputs, duplicate value names, opset
+imports). Only then is the model turned into an `onnx_ir.Model`, whose external tensors stay lazy
+(memory-mapped on first use), so loading and inspecting read no weight bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from slimgraph.errors import InvalidModelError, ModelLoadError, UnsafeModelError
+from slimgraph.ir import metadata
+
+__all__ = ["load", "load_proto"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_DEFAULT_OPSET = onnx.defs.onnx_opset_version()
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def load(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX file after checking that it is safe and well formed.
+
+    Args:
+        path: the `.onnx` file. External data, if any, must lie in the same folder or below it.
+
+    Returns:
+        The model as an `onnx_ir.Model`; external tensors are read lazily.
+
+    Raises:
+        ModelLoadError: the file is missing, empty, truncated or not ONNX.
+        UnsafeModelError: an external-data reference escapes the model's folder or does not match.
+        InvalidModelError: the graph has a cycle, a dangling input, a duplicate name or a bad opset.
+
+    Example:
+        >>> model = load("resnet50.onnx")  # doctest: +SKIP
+    """
+    file = Path(path)
+    proto = load_proto(file)
+    model = ir.serde.deserialize_model(proto)
+    base_dir = str(file.resolve().parent)
+    ir.external_data.set_base_dir(model.graph, base_dir)
+    for function in model.functions.values():
+        for node in function:
+            for attr in node.attributes.values():
+                if not attr.is_ref() and isinstance(attr.value, ir.ExternalTensor):
+                    attr.value.base_dir = base_dir
+    model.meta[metadata.SOURCE_PATH] = str(file.resolve())
+    model.meta[metadata.SOURCE_FILES] = sorted(
+        {str(file.resolve().parent / loc) for loc in _external_locations(proto)}
+    )
+    return model
+
+
+def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse and validate an ONNX file without reading its external data (see `load`)."""
+    file = Path(path)
+    label = str(path)
+    data = _read_file(file, label)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(
+            f"{label}: not a readable ONNX model (truncated or not a protobuf: {error})"
+        ) from None
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise ModelLoadError(f"{label}: not an ONNX model (no graph or no IR version)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise InvalidModelError(
+            f"{label}: IR version {proto.ir_version} is newer than this onnx ({onnx.IR_VERSION})"
+        )
+    base_dir = file.resolve().parent
+    for where, tensor in _iter_tensors(proto):
+        _check_tensor(tensor, where, base_dir, label)
+    _check_opsets(proto, label)
+    _check_graph(proto.graph, frozenset(), label, "graph")
+    for function in proto.functions:
+        _check_function(function, label)
+    return proto
+
+
+def _read_file(file: Path, label: str) -> bytes:
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{label}: no such file") from None
+    except OSError as error:
+        raise ModelLoadError(f"{label}: cannot read ({error.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{label}: not a regular file")
+    if info.st_size == 0:
+        raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+    try:
+        return file.read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"{label}: cannot read ({error.strerror})") from None
+
+
+# ---------------------------------------------------------------- tensors and external data
+
+
+def _iter_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every TensorProto in the model, with a description of where it sits."""
+    yield from _graph_tensors(proto.graph, "graph")
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node, f"function '{function.name}'")
+
+
+def _graph_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for tensor in graph.initializer:
+        yield f"initializer '{tensor.name}'", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"sparse initializer '{sparse.values.name}'", sparse.values
+        yield f"sparse initializer '{sparse.values.name}' indices", sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node, where)
+
+
+def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    who = f"{_node_label(node)} attribute"
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield f"{who} '{attr.name}'", attr.t
+        for tensor in attr.tensors:
+            yield f"{who} '{attr.name}'", tensor
+        if attr.HasField("sparse_tensor"):
+            yield f"{who} '{attr.name}'", attr.sparse_tensor.values
+            yield f"{who} '{attr.name}' indices", attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield f"{who} '{attr.name}'", sparse.values
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g, f"subgraph of {_node_label(node)}")
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph, f"subgraph of {_node_label(node)}")
+
+
+def _external_locations(proto: onnx.ModelProto) -> set[str]:
+    locations = set()
+    for _, tensor in _iter_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.add(_external_fields(tensor).get("location", ""))
+    return locations
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _expected_nbytes(tensor: onnx.TensorProto, where: str, label: str) -> int | None:
+    """Bytes the tensor's data must take, or None for strings and unknown types."""
+    if any(d < 0 for d in tensor.dims):
+        raise InvalidModelError(f"{label}: {where} has a negative dimension {list(tensor.dims)}")
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        raise InvalidModelError(
+            f"{label}: {where} has an unknown data type {tensor.data_type}"
+        ) from None
+    return math.ceil(math.prod(tensor.dims) * bits / 8)
+
+
+def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, label: str) -> None:
+    expected = _expected_nbytes(tensor, where, label)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if tensor.HasField("raw_data") and expected is not None and len(tensor.raw_data) != expected:
+            raise InvalidModelError(
+                f"{label}: {where} holds {len(tensor.raw_data)} bytes, but its shape "
+                f"{list(tensor.dims)} needs {expected}"
+            )
+        return
+    _check_external(tensor, where, base_dir, label, expected)
+
+
+def _check_external(
+    tensor: onnx.TensorProto, where: str, base_dir: Path, label: str, expected: int | None
+) -> None:
+    fields = _external_fields(tensor)
+    location = fields.get("location", "")
+    prefix = f"{label}: {where} has external data '{location}'"
+    if expected is None:
+        raise UnsafeModelError(f"{prefix}, but string tensors cannot be stored externally")
+    if not location:
+        raise UnsafeModelError(f"{label}: {where} has external data without a location")
+    if "\\" in location or "\x00" in location:
+        raise UnsafeModelError(f"{prefix}: backslashes and NUL are not allowed in a location")
+    if os.path.isabs(location) or location.startswith("/"):
+        raise UnsafeModelError(f"{prefix}: absolute paths are not allowed")
+    parts = Path(location).parts
+    if ".." in parts:
+        raise UnsafeModelError(f"{prefix}: '..' is not allowed (it leaves the model's folder)")
+    candidate = base_dir / location
+    resolved = candidate.resolve()
+    if resolved != candidate.absolute() or base_dir not in resolved.parents:
+        raise UnsafeModelError(f"{prefix}: resolves outside the model's folder or via a symlink")
+    try:
+        info = os.lstat(candidate)
+    except FileNotFoundError:
+        raise UnsafeModelError(f"{prefix}: the file does not exist") from None
+    except OSError as error:
+        raise UnsafeModelError(f"{prefix}: cannot stat ({error.strerror})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeModelError(f"{prefix}: symlinks are not allowed")
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeModelError(f"{prefix}: not a regular file")
+    if info.st_nlink > 1:
+        raise UnsafeModelError(f"{prefix}: hardlinked files are not allowed")
+    offset = _non_negative_int(fields.get("offset", "0"), prefix, "offset")
+    length = (
+        _non_negative_int(fields["length"], prefix, "length")
+        if "length" in fields
+        else info.st_size - offset
+    )
+    if offset + length > info.st_size:
+        raise UnsafeModelError(
+            f"{prefix}: offset {offset} + length {length} is past the end of the file "
+            f"({info.st_size} bytes)"
+        )
+    if length != expected:
+        raise UnsafeModelError(
+            f"{prefix}: length {length} does not match its shape {list(tensor.dims)} "
+            f"({expected} bytes)"
+        )
+
+
+def _non_negative_int(text: str, prefix: str, field: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UnsafeModelError(f"{prefix}: {field} '{text}' is not an integer") from None
+    if value < 0:
+        raise UnsafeModelError(f"{prefix}: {field} {value} is negative")
+    return value
+
+
+# ---------------------------------------------------------------- opsets and graph structure
+
+
+def _check_opsets(proto: onnx.ModelProto, label: str) -> None:
+    imports = {entry.domain: entry.version for entry in proto.opset_import}
+    if not imports:
+        raise InvalidModelError(f"{label}: the model imports no opset")
+    for domain in _DEFAULT_DOMAINS:
+        version = imports.get(domain)
+        if version is not None and not 1 <= version <= _MAX_DEFAULT_OPSET:
+            raise InvalidModelError(
+                f"{label}: opset {version} of the default domain is unknown "
+                f"(this onnx knows 1 to {_MAX_DEFAULT_OPSET})"
+            )
+    functions = {(f.domain, f.name) for f in proto.functions}
+    for node in _iter_nodes(proto.graph):
+        _check_node_domain(node, imports, functions, label)
+    for function in proto.functions:
+        function_imports = {entry.domain: entry.version for entry in function.opset_import}
+        for node in function.node:
+            _check_node_domain(node, function_imports or imports, functions, label)
+
+
+def _check_node_domain(
+    node: onnx.NodeProto,
+    imports: dict[str, int],
+    functions: set[tuple[str, str]],
+    label: str,
+) -> None:
+    if (node.domain, node.op_type) in functions:
+        return
+    domain = node.domain
+    known = domain in imports or (domain in _DEFAULT_DOMAINS and imports.keys() & {"", "ai.onnx"})
+    if not known:
+        raise InvalidModelError(
+            f"{label}: {_node_label(node)} uses domain '{domain}', which the model does not import"
+        )
+
+
+def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _iter_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_nodes(sub)
+
+
+def _node_label(node: onnx.NodeProto, index: int | None = None) -> str:
+    if node.name:
+        return f"node '{node.name}' ({node.op_type})"
+    if index is not None:
+        return f"node #{index} ({node.op_type})"
+    return f"a {node.op_type} node"
+
+
+def _check_graph(
+    graph: onnx.GraphProto, outer: frozenset[str], label: str, where: str
+) -> None:
+    """Duplicate names, dangling inputs, missing outputs and cycles, recursively."""
+    defined: dict[str, str] = {}
+
+    def define(name: str, what: str) -> None:
+        if not name:
+            return
+        if name in defined:
+            raise InvalidModelError(
+                f"{label}: {where}: value name '{name}' is defined twice ({defined[name]} and {what})"
+            )
+        defined[name] = what
+
+    input_names = {value.name for value in graph.input}
+    for value in graph.input:
+        define(value.name, "a graph input")
+    for tensor in graph.initializer:
+        if tensor.name in input_names:  # IR < 4: initializers are also listed as inputs
+            continue
+        define(tensor.name, "an initializer")
+    for sparse in graph.sparse_initializer:
+        define(sparse.values.name, "a sparse initializer")
+    producers: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for output in node.output:
+            define(output, _node_label(node, index))
+            if output:
+                producers[output] = index
+    visible = outer | defined.keys()
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in visible:
+                raise InvalidModelError(
+                    f"{label}: {where}: {_node_label(node, index)} reads '{name}', which no node, "
+                    "initializer or graph input produces"
+                )
+        for attr in node.attribute:
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                _check_graph(sub, frozenset(visible), label, f"subgraph of {_node_label(node)}")
+    for value in graph.output:
+        if value.name not in visible:
+            raise InvalidModelError(
+                f"{label}: {where}: output '{value.name}' is not produced by any node"
+            )
+    _check_acyclic(graph, producers, label, where)
+
+
+def _check_acyclic(
+    graph: onnx.GraphProto, producers: dict[str, int], label: str, where: str
+) -> None:
+    """Kahn's algorithm over node indices; subgraph reads of outer values count as edges."""
+    count = len(graph.node)
+    successors: list[list[int]] = [[] for _ in range(count)]
+    indegree = [0] * count
+    for index, node in enumerate(graph.node):
+        sources = {producers[name] for name in _node_reads(node) if name in producers}
+        for source in sources:
+            successors[source].append(index)
+            indegree[index] += 1
+    ready = [i for i in range(count) if indegree[i] == 0]
+    seen = 0
+    while ready:
+        current = ready.pop()
+        seen += 1
+        for nxt in successors[current]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+    if seen != count:
+        stuck = next(i for i in range(count) if indegree[i] > 0)
+        raise InvalidModelError(
+            f"{label}: {where}: the graph has a cycle through "
+            f"{_node_label(graph.node[stuck], stuck)}"
+        )
+
+
+def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
+    """Names a node reads, including those its subgraphs take from the outer scope."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in _iter_nodes(sub):
+                yield from inner.input
+
+
+def _check_function(function: onnx.FunctionProto, label: str) -> None:
+    graph = onnx.GraphProto(node=function.node)
+    graph.input.extend(onnx.ValueInfoProto(name=name) for name in function.input)
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in function.output)
+    _check_graph(graph, frozenset(), label, f"function '{function.name}'")

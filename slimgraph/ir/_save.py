@@ -1,0 +1,91 @@
+"""Atomic saving: a temp folder beside the target, then renames; never over the input model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from slimgraph.errors import OutputPathError
+from slimgraph.ir import metadata
+
+__all__ = ["save", "tensor_bytes", "EXTERNAL_DATA_THRESHOLD"]
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot hold more than 2 GiB; stay clearly below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by the initializers of the main graph and its subgraphs."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` to `path` atomically.
+
+    The model goes to a temp folder inside the target folder and is renamed into place only when
+    fully written, so a failure leaves nothing behind and an existing file is replaced whole.
+
+    Args:
+        model: the model to write; it is not changed.
+        path: the target `.onnx` file.
+        external_data: store weights in `<file name>.data` beside the model. `None` (default)
+            does so only when the weights exceed what one protobuf can hold (2 GB).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputPathError: `path` is the file the model (or its external data) was loaded from, or
+            its folder does not exist.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"{target}: the folder '{folder}' does not exist")
+    if target.exists() and target.is_dir():
+        raise OutputPathError(f"{target}: is a folder, not a file")
+    data_name = f"{target.name}.data"
+    _refuse_sources(model, target.resolve(), (folder / data_name).resolve())
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    staging = Path(tempfile.mkdtemp(prefix=".slimgraph-", dir=folder))
+    try:
+        staged_model = staging / target.name
+        ir.save(model, staged_model, external_data=data_name if external_data else None)
+        staged_data = staging / data_name
+        if staged_data.exists():
+            os.replace(staged_data, folder / data_name)
+        os.replace(staged_model, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved %s%s", target, " with external data" if external_data else "")
+    return target
+
+
+def _refuse_sources(model: ir.Model, target: Path, data_target: Path) -> None:
+    sources = [model.meta.get(metadata.SOURCE_PATH), *model.meta.get(metadata.SOURCE_FILES, [])]
+    for source in filter(None, sources):
+        for candidate in (target, data_target):
+            if candidate == Path(source) or (
+                candidate.exists() and Path(source).exists() and os.path.samefile(candidate, source)
+            ):
+                raise OutputPathError(
+                    f"{candidate}: refusing to write over the model's own input file '{source}'"
+                )

@@ -1,0 +1,228 @@
+"""Read-only analysis of an `onnx_ir` graph: dataflow view, producers/consumers, weights, MACs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import onnx
+import onnx_ir as ir
+
+__all__ = [
+    "dataflow_graph",
+    "producer",
+    "consumers",
+    "NodeWeights",
+    "node_weights",
+    "parameter_count",
+    "static_shape",
+    "with_static_shapes",
+    "node_macs",
+    "model_macs",
+    "WEIGHT_INPUTS",
+]
+
+logger = logging.getLogger(__name__)
+
+# For ops with learned parameters: which inputs are the weight and the bias.
+WEIGHT_INPUTS: dict[str, tuple[int, int | None]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1, None),
+    "BatchNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "Gather": (0, None),
+}
+
+
+def dataflow_graph(graph: ir.Graph) -> nx.MultiDiGraph:
+    """A frozen networkx view of the dataflow: nodes are `ir.Node` objects, one edge per value use.
+
+    Each edge `(producer, consumer)` carries `value` (the `ir.Value`) and `index` (which input of
+    the consumer it feeds). Graph inputs and initializers have no producer and so no edge; use
+    `consumers` for them.
+    """
+    view = nx.MultiDiGraph()
+    view.add_nodes_from(graph)
+    for node in graph:
+        for index, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            source = value.producer()
+            if source is not None and source.graph is graph:
+                view.add_edge(source, node, value=value, index=index)
+    return nx.freeze(view)
+
+
+def producer(value: ir.Value) -> ir.Node | None:
+    """The node that computes `value`, or None for graph inputs and initializers."""
+    return value.producer()
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Nodes that read `value`, each once, in graph order of first use."""
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class NodeWeights:
+    """The constant weight and bias inputs of one node (None where absent or not constant)."""
+
+    node: ir.Node
+    weight: ir.Value | None
+    bias: ir.Value | None
+
+
+def _constant(value: ir.Value | None) -> ir.Value | None:
+    if value is None or value.const_value is None:
+        return None
+    return value
+
+
+def node_weights(graph: ir.Graph) -> dict[ir.Node, NodeWeights]:
+    """Which initializers are the weight and bias of which node, for ops with learned parameters.
+
+    Only inputs backed by a constant (an initializer or a folded constant) count.
+    """
+    found: dict[ir.Node, NodeWeights] = {}
+    for node in graph:
+        slots = WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if slots is None:
+            continue
+        weight_index, bias_index = slots
+        inputs = list(node.inputs)
+        weight = _constant(inputs[weight_index]) if weight_index < len(inputs) else None
+        if weight is None and node.op_type == "MatMul":
+            weight = _constant(inputs[0])  # constant on the left: W @ x
+        bias = None
+        if bias_index is not None and bias_index < len(inputs):
+            bias = _constant(inputs[bias_index])
+        if weight is not None:
+            found[node] = NodeWeights(node, weight, bias)
+    return found
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements in all numeric (float, int, bool) initializers of the model and its subgraphs."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype == ir.DataType.STRING:
+                continue
+            total += math.prod(tensor.shape.numpy())
+    return total
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape if every dimension is a known integer, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> ir.Model:
+    """A structural copy of `model` with symbolic input dimensions fixed and shapes inferred.
+
+    Symbolic dimensions take their value from `dim_values` (by name), else 1. Weight bytes are
+    never read: initializers stored externally or larger than 1 KiB become typed graph inputs of
+    the copy (shape inference needs their shapes, not their values), so the copy is for analysis
+    only. Small initializers (Reshape shapes, axes) stay for onnx's data propagation.
+    """
+    dim_values = dict(dim_values or {})
+    proto = ir.to_proto(model)
+    _initializers_to_inputs(proto.graph)
+    for value in proto.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = dim_values.get(dim.dim_param, 1)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
+        logger.warning("shape inference failed (%s); MACs may be incomplete", error)
+    return ir.from_proto(proto)
+
+
+def _initializers_to_inputs(graph: onnx.GraphProto) -> None:
+    kept = []
+    declared = {value.name for value in graph.input}
+    for tensor in graph.initializer:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if not external and tensor.ByteSize() <= 1024:
+            kept.append(tensor)
+            continue
+        if tensor.name not in declared:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def node_macs(node: ir.Node) -> int | None:
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul with static shapes.
+
+    Returns None for other ops and when a needed shape is unknown.
+    """
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        weight = static_shape(node.inputs[1])
+        if weight is None or len(weight) < 3:
+            return None
+        kernel = math.prod(weight[2:])
+        if op == "Conv":
+            out = static_shape(node.outputs[0])
+            if out is None:
+                return None
+            # weight: (C_out, C_in / group, k...); each output element costs C_in/group * k MACs
+            return math.prod(out) * weight[1] * kernel
+        source = static_shape(node.inputs[0])
+        if source is None:
+            return None
+        # ConvTranspose weight: (C_in, C_out / group, k...); each input element scatters to
+        # C_out/group * k outputs
+        return math.prod(source) * weight[1] * kernel
+    if op == "Gemm":
+        a = static_shape(node.inputs[0])
+        b = static_shape(node.inputs[1])
+        if a is None or b is None:
+            return None
+        trans_a = node.attributes.get_int("transA", 0)
+        trans_b = node.attributes.get_int("transB", 0)
+        m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+        n = b[0] if trans_b else b[1]
+        return m * k * n
+    if op == "MatMul":
+        a = static_shape(node.inputs[0])
+        b = static_shape(node.inputs[1])
+        out = static_shape(node.outputs[0])
+        if a is None or b is None or out is None:
+            return None
+        k = a[-1] if len(a) >= 1 else 1
+        return math.prod(out) * k
+    return None
+
+
+def model_macs(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> dict[str, int]:
+    """MACs per node name (Conv, ConvTranspose, Gemm, MatMul) after shape inference.
+
+    Nodes whose shapes stay unknown after inference are left out.
+    """
+    shaped = with_static_shapes(model, dim_values)
+    result: dict[str, int] = {}
+    for index, node in enumerate(shaped.graph):
+        macs = node_macs(node)
+        if macs is not None:
+            result[node.name or f"{node.op_type}#{index}"] = macs
+    return result

@@ -1,0 +1,27 @@
+"""Every metadata key slimgraph reads or writes, in one place.
+
+Keys in `metadata_props` (strings that survive saving) start with `pkg.slimgraph.`; keys in an IR
+object's `.meta` (in-memory analysis, never saved) start with `slimgraph.`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TORCH_NAME_SCOPES",
+    "LAYER",
+    "SOURCE_PATH",
+    "SOURCE_FILES",
+]
+
+# Written by torch.onnx.export(dynamo=True) on every node: the module path, one entry per level,
+# ending with the FX node's own name (e.g. "['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']").
+TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+# metadata_props of a node: the torch module path the node came from (e.g. "layer1.0.conv1").
+LAYER = "pkg.slimgraph.layer"
+
+# Model.meta: the resolved path the model was loaded from (save() refuses to write over it).
+SOURCE_PATH = "slimgraph.source_path"
+
+# Model.meta: resolved paths of the external-data files the loaded model reads from.
+SOURCE_FILES = "slimgraph.source_files"

@@ -1,0 +1,1 @@
+"""Graph passes, one module per family, all built on `onnx_ir.passes`."""

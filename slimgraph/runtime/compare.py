@@ -1,0 +1,186 @@
+"""Output fidelity of a candidate model against a reference, both run on onnxruntime.
+
+Statistics accumulate over all samples (sums, not stored outputs), so comparing on many samples
+costs no more memory than on one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph.errors import BadDataError
+from slimgraph.runtime.feeds import iter_feeds
+from slimgraph.runtime.session import create_session, run
+
+__all__ = ["OutputFidelity", "Fidelity", "compare", "compare_outputs", "FidelityAccumulator"]
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    """How close one output of the candidate is to the reference's.
+
+    `sqnr_db` is 10*log10(sum(ref^2) / sum((ref - cand)^2)), infinite for identical outputs.
+    `top1_agreement` is the share of rows whose argmax agrees, for class-score outputs (float,
+    rank 2, more than one class); None otherwise.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    mean_abs_error: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+    reference_max_abs: float
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Per-output fidelity over `samples` runs."""
+
+    outputs: tuple[OutputFidelity, ...]
+    samples: int
+
+    @property
+    def worst_cosine(self) -> float:
+        return min(output.cosine for output in self.outputs)
+
+    @property
+    def worst_sqnr_db(self) -> float:
+        return min(output.sqnr_db for output in self.outputs)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"samples": self.samples, "outputs": [asdict(o) for o in self.outputs]}
+
+
+@dataclass
+class _Sums:
+    shape: tuple[int, ...] = ()
+    count: int = 0
+    abs_sum: float = 0.0
+    max_abs: float = 0.0
+    ref_max_abs: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    err_sq: float = 0.0
+    dot: float = 0.0
+    rows: int = 0
+    rows_agree: int = 0
+    class_scores: bool = False
+
+
+@dataclass
+class FidelityAccumulator:
+    """Streams pairs of outputs into fidelity statistics (used by `compare` and by passes)."""
+
+    sums: dict[str, _Sums] = field(default_factory=dict)
+    samples: int = 0
+
+    def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
+        self.samples += 1
+        for name, ref_array in reference.items():
+            if name not in candidate:
+                raise BadDataError(f"the candidate model has no output '{name}'")
+            ref = np.asarray(ref_array)
+            cand = np.asarray(candidate[name])
+            if ref.shape != cand.shape:
+                raise BadDataError(
+                    f"output '{name}' has shape {list(cand.shape)} in the candidate and "
+                    f"{list(ref.shape)} in the reference"
+                )
+            sums = self.sums.setdefault(name, _Sums(shape=ref.shape))
+            ref64 = ref.astype(np.float64).ravel()
+            cand64 = cand.astype(np.float64).ravel()
+            err = ref64 - cand64
+            sums.count += ref64.size
+            if ref64.size:
+                sums.abs_sum += float(np.abs(err).sum())
+                sums.max_abs = max(sums.max_abs, float(np.abs(err).max()))
+                sums.ref_max_abs = max(sums.ref_max_abs, float(np.abs(ref64).max()))
+            sums.ref_sq += float(ref64 @ ref64)
+            sums.cand_sq += float(cand64 @ cand64)
+            sums.err_sq += float(err @ err)
+            sums.dot += float(ref64 @ cand64)
+            if ref.dtype.kind == "f" and ref.ndim == 2 and ref.shape[1] > 1:
+                sums.class_scores = True
+                sums.rows += ref.shape[0]
+                sums.rows_agree += int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
+
+    def result(self) -> Fidelity:
+        if not self.samples:
+            raise BadDataError("no samples were compared")
+        outputs = []
+        for name, s in self.sums.items():
+            norm = math.sqrt(s.ref_sq) * math.sqrt(s.cand_sq)
+            if norm > 0:
+                cosine = s.dot / norm
+            else:
+                cosine = 1.0 if s.ref_sq == s.cand_sq else 0.0
+            if s.err_sq == 0:
+                sqnr = math.inf
+            elif s.ref_sq == 0:
+                sqnr = -math.inf
+            else:
+                sqnr = 10 * math.log10(s.ref_sq / s.err_sq)
+            outputs.append(
+                OutputFidelity(
+                    name=name,
+                    shape=s.shape,
+                    max_abs_error=s.max_abs,
+                    mean_abs_error=s.abs_sum / s.count if s.count else 0.0,
+                    cosine=cosine,
+                    sqnr_db=sqnr,
+                    top1_agreement=s.rows_agree / s.rows if s.class_scores and s.rows else None,
+                    reference_max_abs=s.ref_max_abs,
+                )
+            )
+        return Fidelity(tuple(outputs), self.samples)
+
+
+def compare_outputs(
+    reference: Iterable[Mapping[str, np.ndarray]], candidate: Iterable[Mapping[str, np.ndarray]]
+) -> Fidelity:
+    """Fidelity of already-computed outputs, paired in order."""
+    accumulator = FidelityAccumulator()
+    for ref, cand in zip(reference, candidate, strict=True):
+        accumulator.add(ref, cand)
+    return accumulator.result()
+
+
+def compare(
+    reference: ir.Model | ort.InferenceSession,
+    candidate: ir.Model | ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+) -> Fidelity:
+    """Run both models on every feed and measure how close the candidate's outputs are.
+
+    Args:
+        reference: the model before a transformation (or its session).
+        candidate: the model after it (or its session); it must have the same output names.
+        feeds: one feed dict or an iterable of them.
+        threads: intra-op threads for sessions created here.
+
+    Example:
+        >>> fidelity = compare(model, quantized, random_feeds(model))  # doctest: +SKIP
+        >>> fidelity.worst_cosine > 0.99  # doctest: +SKIP
+    """
+    ref_session = _session(reference, threads)
+    cand_session = _session(candidate, threads)
+    accumulator = FidelityAccumulator()
+    for feed in iter_feeds(feeds):
+        accumulator.add(run(ref_session, feed), run(cand_session, feed))
+    return accumulator.result()
+
+
+def _session(model: ir.Model | ort.InferenceSession, threads: int | None) -> ort.InferenceSession:
+    if isinstance(model, ort.InferenceSession):
+        return model
+    return create_session(model, threads=threads)

@@ -1,0 +1,199 @@
+"""Model inputs: specs from the graph, generated sample feeds, and `.npz` data checked against them.
+
+Data files follow DESIGN.md section 7: an `.npz` whose keys are the model's input names, each
+array stacked on axis 0 (one row per sample).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BadDataError
+
+__all__ = [
+    "InputSpec",
+    "input_specs",
+    "describe_inputs",
+    "random_feeds",
+    "load_npz",
+    "check_feeds",
+    "sample_count",
+    "iter_batches",
+    "iter_feeds",
+]
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (ints, symbolic names, or None if unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else ", ".join(str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype.name}[{dims}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs by old exporters are left out)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer() or value.name is None:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value or None) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+    return specs
+
+
+def describe_inputs(specs: Iterable[InputSpec]) -> str:
+    return "; ".join(spec.describe() for spec in specs)
+
+
+def random_feeds(
+    model: ir.Model,
+    *,
+    batch: int = 1,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs that fit the model's input spec.
+
+    Symbolic dimensions take their value from `dims` (by name); the first one of each input, if
+    not named there, is the batch; other unknown dimensions are 1. Floats are standard normal;
+    integers are 0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name
+    contains "mask"; booleans are True.
+    """
+    rng = np.random.default_rng(seed)
+    dims = dict(dims or {})
+    feeds: dict[str, np.ndarray] = {}
+    for spec in input_specs(model):
+        shape = []
+        for axis, dim in enumerate(spec.shape or (batch,)):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif isinstance(dim, str) and dim in dims:
+                shape.append(dims[dim])
+            else:
+                shape.append(batch if axis == 0 else 1)
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif "mask" in spec.name.lower():
+            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return feeds
+
+
+def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
+    """Read sample data from an `.npz` and check it against the model's inputs.
+
+    Raises:
+        BadDataError: unreadable file, pickled objects, names, dtypes or shapes that do not fit
+            (the message lists what the model expects), or no samples.
+    """
+    file = Path(path)
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            data = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise BadDataError(f"{file}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise BadDataError(f"{file}: not a readable .npz file ({error})") from None
+    check_feeds(model, data, source=str(file))
+    return data
+
+
+def check_feeds(
+    model: ir.Model, data: Mapping[str, np.ndarray], *, source: str = "data"
+) -> None:
+    """Check names, dtypes, ranks, fixed dimensions and finiteness of stacked sample data."""
+    specs = input_specs(model)
+    expected = f"the model expects {describe_inputs(specs)}"
+    names = {spec.name for spec in specs}
+    missing = sorted(names - data.keys())
+    extra = sorted(data.keys() - names)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unknown {', '.join(extra)}")
+        raise BadDataError(f"{source}: input names do not match ({'; '.join(parts)}); {expected}")
+    counts = set()
+    for spec in specs:
+        array = np.asarray(data[spec.name])
+        if array.dtype != spec.dtype:
+            raise BadDataError(
+                f"{source}: '{spec.name}' is {array.dtype.name}, but {expected}"
+            )
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape):
+                raise BadDataError(
+                    f"{source}: '{spec.name}' has shape {list(array.shape)}, but {expected}"
+                )
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+                if axis > 0 and isinstance(want, int) and got != want:
+                    raise BadDataError(
+                        f"{source}: '{spec.name}' has shape {list(array.shape)}, but {expected}"
+                    )
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise BadDataError(f"{source}: '{spec.name}' holds no samples")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadDataError(f"{source}: '{spec.name}' contains NaN or Inf")
+        counts.add(array.shape[0])
+    if len(counts) > 1:
+        raise BadDataError(
+            f"{source}: inputs hold different numbers of samples ({sorted(counts)})"
+        )
+
+
+def sample_count(data: Mapping[str, np.ndarray]) -> int:
+    return next(iter(data.values())).shape[0] if data else 0
+
+
+def iter_batches(
+    data: Mapping[str, np.ndarray], batch_size: int, model: ir.Model | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Slices of stacked data along axis 0, `batch_size` rows at a time.
+
+    When `model` fixes an input's first dimension, batches have exactly that many rows.
+    """
+    if batch_size < 1:
+        raise BadDataError(f"batch size must be at least 1, got {batch_size}")
+    fixed: set[int] = set()
+    if model is not None:
+        fixed = {s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int)}
+    if fixed:
+        batch_size = min(fixed)
+    total = sample_count(data)
+    for start in range(0, total, batch_size):
+        batch = {name: array[start : start + batch_size] for name, array in data.items()}
+        if fixed and sample_count(batch) != batch_size:
+            return  # a model with a fixed batch cannot take the ragged tail
+        yield batch
+
+
+def iter_feeds(
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """One feed dict, or an iterable of them, as a stream of feed dicts (never copied whole)."""
+    if isinstance(feeds, Mapping):
+        yield feeds
+    else:
+        yield from feeds

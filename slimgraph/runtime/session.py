@@ -1,0 +1,95 @@
+"""onnxruntime sessions with explicit threads, optimization level and no spinning workers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph.errors import BadInputError
+from slimgraph.ir import save, tensor_bytes
+
+__all__ = ["OptLevel", "create_session", "run", "model_bytes"]
+
+OptLevel = Literal["disable", "basic", "extended", "all"]
+
+_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Sessions built from bytes must stay under protobuf's 2 GB; larger models go through a file.
+_IN_MEMORY_LIMIT = 1_500_000_000
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """The serialized model with every weight inline, for onnxruntime and size measurements.
+
+    External tensors (from a model loaded with external data) are read here and inlined, so the
+    bytes stand alone.
+    """
+    proto = ir.to_proto(model)
+    external = {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    if external:
+        for index, tensor in enumerate(proto.graph.initializer):
+            if tensor.name in external:
+                inline = ir.Tensor(external[tensor.name].numpy(), name=tensor.name)
+                proto.graph.initializer[index].CopyFrom(ir.serde.serialize_tensor(inline))
+    return proto.SerializeToString()
+
+
+def create_session(
+    model: ir.Model | str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    optimization: OptLevel = "all",
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an IR model or an ONNX file.
+
+    Args:
+        model: an `onnx_ir.Model` or a path.
+        threads: intra-op threads; None uses every core. Worker threads never spin
+            (`session.intra_op.allow_spinning = 0`), so sessions timed side by side do not steal
+            each other's cores (DESIGN.md section 8).
+        optimization: onnxruntime's graph optimization level.
+    """
+    if optimization not in _LEVELS:
+        raise BadInputError(
+            f"unknown optimization level '{optimization}' (choose from {', '.join(_LEVELS)})"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization]
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, ir.Model):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if tensor_bytes(model) < _IN_MEMORY_LIMIT:
+        return ort.InferenceSession(model_bytes(model), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="slimgraph-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        save(model, path, external_data=True)
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Run once and return outputs by name."""
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))

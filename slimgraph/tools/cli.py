@@ -1,0 +1,73 @@
+"""The `slimgraph` command line: one subcommand per module in `COMMAND_MODULES`.
+
+Exit codes (DESIGN.md section 7): 0 success; 2 bad usage or bad input (one line on stderr, no
+traceback unless `--debug`); 1 verification failure or internal error.
+
+A command module defines `register(subparsers)`, which adds its parser and sets `handler` to a
+function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from slimgraph.errors import SlimgraphError
+
+__all__ = ["main", "build_parser", "COMMAND_MODULES"]
+
+# Subcommands, in the order `slimgraph --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "slimgraph.tools.inspect_cmd",
+    "slimgraph.tools.diff_cmd",
+    "slimgraph.tools.compare_cmd",
+    "slimgraph.tools.bench_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimgraph",
+        description="Compress ONNX models (fuse, quantize, prune, factorize), every rewrite verified.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except SlimgraphError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"slimgraph {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"slimgraph {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # an internal error: one line, the traceback only with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"slimgraph {args.command}: internal error: {type(error).__name__}: {error} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
