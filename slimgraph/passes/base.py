@@ -1,0 +1,62 @@
+"""What every slimgraph pass shares, on top of `onnx_ir.passes`.
+
+A pass is an `onnx_ir.passes.InPlacePass` or `FunctionalPass` with keyword-only options and no
+state that survives between calls. It declares `exact`: True when outputs must not change (tested
+at fp32 rtol 1e-4 / atol 1e-5 of the output's scale), False when it approximates (it reports
+fidelity instead). A pass that produces data returns a `SlimgraphPassResult` subclass carrying it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import onnx_ir as ir
+
+from slimgraph.errors import SlimgraphError
+
+__all__ = ["Skipped", "SlimgraphPassResult", "SlimgraphPass", "SlimgraphFunctionalPass"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A node a pass left alone, and why (shown in reports and logs)."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclasses.dataclass
+class SlimgraphPassResult(ir.passes.PassResult):
+    """`PassResult` plus what the pass skipped; passes with more data subclass it."""
+
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+
+
+class _ErrorsPassThrough:
+    """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped.
+
+    `onnx_ir` wraps any exception from `requires` in a `PreconditionError`; a user who passed an
+    impossible option should see our one-line message (and the CLI its exit code 2), not the wrap.
+    """
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        try:
+            return super().__call__(model_or_result)  # type: ignore[misc]
+        except ir.passes.InvariantError as error:
+            if isinstance(error.__cause__, SlimgraphError):
+                raise error.__cause__ from None
+            raise
+
+
+class SlimgraphPass(_ErrorsPassThrough, ir.passes.InPlacePass):
+    """An in-place slimgraph pass. Subclasses set `exact` and implement `call`."""
+
+    exact: ClassVar[bool]
+
+
+class SlimgraphFunctionalPass(_ErrorsPassThrough, ir.passes.FunctionalPass):
+    """A slimgraph pass returning a new model. Subclasses set `exact` and implement `call`."""
+
+    exact: ClassVar[bool]
