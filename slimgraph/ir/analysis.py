@@ -143,10 +143,21 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     dim_values = dict(dim_values or {})
     proto = ir.to_proto(model)
     _initializers_to_inputs(proto.graph)
+    fixed: dict[str, int] = {}
     for value in proto.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value"):
-                dim.dim_value = dim_values.get(dim.dim_param, 1)
+                fixed[dim.dim_param] = dim_values.get(dim.dim_param, 1)
+                dim.dim_value = fixed[dim.dim_param]
+    # Symbolic dims recorded on other values (exporters write e.g. [batch, 64]) would survive
+    # inference: give the input names their values and forget the rest, so inference fills them.
+    for value in (*proto.graph.value_info, *proto.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                name = dim.dim_param
+                dim.Clear()
+                if name and (name in fixed or name in dim_values):
+                    dim.dim_value = fixed.get(name, dim_values.get(name, 1))
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
