@@ -1,0 +1,113 @@
+"""`slimgraph bench MODEL [MODEL ...] [--batch N] [--json]`: latency side by side.
+
+Models run interleaved in shuffled order each round (`slimgraph.runtime.benchmark`); the table
+gives each model's median and p90 per run and its median as a ratio to the first model's. Each
+model gets random inputs fit to its own input spec (symbolic batch dimensions take N), drawn with
+the same seed, so models with the same inputs see the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from slimgraph import ir as sg_ir
+from slimgraph import runtime
+from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
+from slimgraph.tools.tables import emit, format_ratio, format_shape, render_table, to_json
+
+__all__ = ["register"]
+
+_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="latency of one or more models, side by side",
+        description="Time models interleaved in the same rounds; ratios are to the first model.",
+    )
+    parser.add_argument(
+        "models", metavar="MODEL", nargs="+", help=".onnx files; the first is the baseline"
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=1, help="symbolic batch dimensions' value (default 1)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=20, help="measured rounds (default 20)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="unmeasured runs per model first (default 3)"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--opt-level",
+        choices=_LEVELS,
+        default="all",
+        help="onnxruntime graph optimization level (default all)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.warmup < 0:
+        raise BadOptionError(f"--warmup must be 0 or more, got {args.warmup}")
+    models = [sg_ir.load(path) for path in args.models]
+    labels = _labels(args.models)
+    feeds = [runtime.random_feeds(m, batch=args.batch, seed=args.seed) for m in models]
+    sessions = [
+        open_session(m, path, threads=args.threads, optimization=args.opt_level)
+        for m, path in zip(models, args.models, strict=True)
+    ]
+    try:
+        result = runtime.benchmark(
+            sessions,
+            feeds,
+            labels=labels,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+            optimization=args.opt_level,
+            seed=args.seed,
+        )
+    except ORT_ERRORS as error:  # e.g. a batch size a Reshape inside the model rejects
+        raise BadDataError(
+            f"onnxruntime could not run the models with batch {args.batch}: {first_line(error)}"
+        ) from None
+    shapes = [
+        "; ".join(f"{name}{format_shape(list(a.shape))}" for name, a in feed.items())
+        for feed in feeds
+    ]
+    if args.json:
+        data = result.to_dict()
+        for entry, path, shape in zip(data["models"], args.models, shapes, strict=True):
+            entry["path"] = path
+            entry["inputs"] = shape
+        data["batch"] = args.batch
+        emit(to_json(data))
+        return 0
+    rows = [
+        [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio), shape]
+        for t, shape in zip(result.timings, shapes, strict=True)
+    ]
+    headers = ["model", "median ms", "p90 ms", "ratio", "inputs"]
+    emit(
+        render_table(headers, rows, align="lrrrl")
+        + f"\n\n{result.rounds} interleaved rounds, {result.threads} threads, "
+        f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's median"
+    )
+    return 0
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """The paths as given; repeats get '#2', '#3', ... so every row is distinct."""
+    seen: dict[str, int] = {}
+    labels = []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        labels.append(path if seen[path] == 1 else f"{path}#{seen[path]}")
+    return labels

@@ -1,0 +1,147 @@
+"""`slimgraph compare REF CANDIDATE [--data DATA.npz] [--json]`: output fidelity on onnxruntime.
+
+With `--data`, the samples of the `.npz` (keys = input names, stacked on axis 0) run through both
+models in batches; without it, `--samples` random batches fit to the reference's input spec.
+Prints per output: max abs error, mean abs error, cosine, SQNR (dB), top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph import ir as sg_ir
+from slimgraph import runtime
+from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
+from slimgraph.tools.tables import emit, format_float, format_shape, render_table, to_json
+
+__all__ = ["register", "open_session", "positive_int", "ORT_ERRORS", "first_line"]
+
+# onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, ...): plain Exceptions.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    error
+    for error in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(error, type) and issubclass(error, Exception)
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="output fidelity of a candidate model against a reference",
+        description="Run two models on the same inputs and measure how close their outputs are.",
+    )
+    parser.add_argument("reference", metavar="REF", help="the reference .onnx model")
+    parser.add_argument("candidate", metavar="CANDIDATE", help="the candidate .onnx model")
+    parser.add_argument(
+        "--data", metavar="DATA.npz", help="samples: keys = input names, stacked on axis 0"
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=8, help="rows per run (default 8)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        default=4,
+        help="random batches when no --data is given (default 4)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    reference = sg_ir.load(args.reference)
+    candidate = sg_ir.load(args.candidate)
+    _check_same_inputs(reference, candidate, args.reference, args.candidate)
+    if args.data:
+        data = runtime.load_npz(args.data, reference)
+        feeds = runtime.iter_batches(data, args.batch, reference)
+        source = f"{args.data} ({runtime.sample_count(data)} samples)"
+    else:
+        feeds = [
+            runtime.random_feeds(reference, batch=args.batch, seed=args.seed + i)
+            for i in range(args.samples)
+        ]
+        source = f"random inputs ({args.samples} batches of {args.batch}, seed {args.seed})"
+    ref_session = open_session(reference, args.reference, threads=args.threads)
+    cand_session = open_session(candidate, args.candidate, threads=args.threads)
+    try:
+        fidelity = runtime.compare(ref_session, cand_session, feeds)
+    except ORT_ERRORS as error:  # e.g. a batch size a Reshape inside the model rejects
+        raise BadDataError(f"onnxruntime could not run the models: {first_line(error)}") from None
+    if args.json:
+        header = {"reference": args.reference, "candidate": args.candidate, "data": source}
+        emit(to_json({**header, **fidelity.to_dict()}))
+        return 0
+    rows = [
+        [
+            out.name,
+            format_shape(out.shape),
+            out.max_abs_error,
+            out.mean_abs_error,
+            out.cosine,
+            out.sqnr_db,
+            None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
+        ]
+        for out in fidelity.outputs
+    ]
+    headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
+    emit(
+        f"reference  {args.reference}\ncandidate  {args.candidate}\ndata       {source}\n\n"
+        + render_table(headers, rows, align="llrrrrr")
+        + f"\n\nworst cosine {format_float(fidelity.worst_cosine, 6)}, "
+        f"worst SQNR {format_float(fidelity.worst_sqnr_db)} dB"
+    )
+    return 0
+
+
+def open_session(
+    model: ir.Model,
+    label: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    optimization: runtime.OptLevel = "all",
+) -> ort.InferenceSession:
+    """An onnxruntime session, or one clear line naming the model onnxruntime cannot load."""
+    try:
+        return runtime.create_session(model, threads=threads, optimization=optimization)
+    except (RuntimeError, *ORT_ERRORS) as error:
+        raise UnsupportedModelError(
+            f"{label}: onnxruntime cannot load the model: {first_line(error)}"
+        ) from None
+
+
+def _check_same_inputs(
+    reference: ir.Model, candidate: ir.Model, ref_label: str, cand_label: str
+) -> None:
+    ref_specs = runtime.input_specs(reference)
+    cand_specs = runtime.input_specs(candidate)
+    ref_key = [(s.name, s.dtype) for s in ref_specs]
+    cand_key = [(s.name, s.dtype) for s in cand_specs]
+    if sorted(ref_key) != sorted(cand_key):
+        raise BadOptionError(
+            f"{cand_label} takes different inputs than {ref_label}: "
+            f"{runtime.feeds.describe_inputs(cand_specs)} vs "
+            f"{runtime.feeds.describe_inputs(ref_specs)}"
+        )
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
