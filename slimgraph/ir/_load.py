@@ -16,9 +16,9 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
 from slimgraph.errors import InvalidModelError, ModelLoadError, UnsafeModelError
 from slimgraph.ir import metadata
@@ -50,14 +50,15 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     """
     file = Path(path)
     proto = load_proto(file)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:  # onnx_ir raises many types on malformed protos; name it once
+        raise InvalidModelError(
+            f"{path}: not a valid ONNX model ({type(error).__name__}: {_first_line(error)})"
+        ) from None
     base_dir = str(file.resolve().parent)
-    ir.external_data.set_base_dir(model.graph, base_dir)
-    for function in model.functions.values():
-        for node in function:
-            for attr in node.attributes.values():
-                if not attr.is_ref() and isinstance(attr.value, ir.ExternalTensor):
-                    attr.value.base_dir = base_dir
+    for tensor in _external_tensors(model):
+        tensor.base_dir = base_dir
     model.meta[metadata.SOURCE_PATH] = str(file.resolve())
     model.meta[metadata.SOURCE_FILES] = sorted(
         {str(file.resolve().parent / loc) for loc in _external_locations(proto)}
@@ -65,17 +66,46 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     return model
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every external tensor of the model: initializers and attribute tensors, also those in
+    subgraphs and functions."""
+    graphs: list[ir.Graph | ir.Function] = [*model.graphs()]
+    for function in model.functions.values():
+        graphs.extend([function, *function.subgraphs()])
+    for graph in graphs:
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                items = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+                yield from (item for item in items if isinstance(item, ir.ExternalTensor))
+
+
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Parse and validate an ONNX file without reading its external data (see `load`)."""
+    """Parse and validate an ONNX file without reading its external data (see `load`).
+
+    Sparse tensors (sparse initializers, Constant `sparse_value`) come back dense: `onnx_ir`
+    cannot hold them, and the dense form computes the same.
+    """
     file = Path(path)
     label = str(path)
     data = _read_file(file, label)
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as error:
+    except Exception as error:  # DecodeError, or RuntimeError/ValueError from other backends
         raise ModelLoadError(
-            f"{label}: not a readable ONNX model (truncated or not a protobuf: {error})"
+            f"{label}: not a readable ONNX model (truncated or not a protobuf: "
+            f"{_first_line(error)})"
         ) from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{label}: not an ONNX model (no graph or no IR version)")
@@ -90,6 +120,7 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     _check_graph(proto.graph, frozenset(), label, "graph")
     for function in proto.functions:
         _check_function(function, label)
+    _densify_sparse(proto, base_dir, label)
     return proto
 
 
@@ -115,38 +146,39 @@ def _read_file(file: Path, label: str) -> bytes:
 
 def _iter_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
     """Every TensorProto in the model, with a description of where it sits."""
-    yield from _graph_tensors(proto.graph, "graph")
+    yield from _graph_tensors(proto.graph, "")
     for function in proto.functions:
         for node in function.node:
-            yield from _node_tensors(node, f"function '{function.name}'")
+            yield from _node_tensors(node, f" in function '{function.name}'")
 
 
 def _graph_tensors(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """`where` is "" for the main graph, else " in subgraph of node ..." (appended to names)."""
     for tensor in graph.initializer:
-        yield f"initializer '{tensor.name}'", tensor
+        yield f"initializer '{tensor.name}'{where}", tensor
     for sparse in graph.sparse_initializer:
-        yield f"sparse initializer '{sparse.values.name}'", sparse.values
-        yield f"sparse initializer '{sparse.values.name}' indices", sparse.indices
+        yield f"sparse initializer '{sparse.values.name}'{where}", sparse.values
+        yield f"sparse initializer '{sparse.values.name}'{where} (indices)", sparse.indices
     for node in graph.node:
         yield from _node_tensors(node, where)
 
 
 def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
-    who = f"{_node_label(node)} attribute"
+    who = f"{_node_label(node)}{where} attribute"
     for attr in node.attribute:
         if attr.HasField("t"):
             yield f"{who} '{attr.name}'", attr.t
         for tensor in attr.tensors:
             yield f"{who} '{attr.name}'", tensor
-        if attr.HasField("sparse_tensor"):
-            yield f"{who} '{attr.name}'", attr.sparse_tensor.values
-            yield f"{who} '{attr.name}' indices", attr.sparse_tensor.indices
-        for sparse in attr.sparse_tensors:
+        sparses = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+            attr.sparse_tensors
+        )
+        for sparse in sparses:
             yield f"{who} '{attr.name}'", sparse.values
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g, f"subgraph of {_node_label(node)}")
-        for graph in attr.graphs:
-            yield from _graph_tensors(graph, f"subgraph of {_node_label(node)}")
+            yield f"{who} '{attr.name}' (indices)", sparse.indices
+        inner = f" in subgraph of {_node_label(node)}{where}"
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield from _graph_tensors(graph, inner)
 
 
 def _external_locations(proto: onnx.ModelProto) -> set[str]:
@@ -161,43 +193,72 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _expected_nbytes(tensor: onnx.TensorProto, where: str, label: str) -> int | None:
-    """Bytes the tensor's data must take, or None for strings and unknown types."""
-    if any(d < 0 for d in tensor.dims):
-        raise InvalidModelError(f"{label}: {where} has a negative dimension {list(tensor.dims)}")
+def _bits(tensor: onnx.TensorProto, where: str, label: str) -> int | None:
+    """Bits per element, or None for strings and undefined types."""
     if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return None
     try:
-        bits = ir.DataType(tensor.data_type).bitwidth
+        return ir.DataType(tensor.data_type).bitwidth
     except (ValueError, TypeError):
         raise InvalidModelError(
             f"{label}: {where} has an unknown data type {tensor.data_type}"
         ) from None
-    return math.ceil(math.prod(tensor.dims) * bits / 8)
+
+
+# Which typed field holds the inline values of each data type (all others: int32_data).
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.COMPLEX64: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.COMPLEX128: "double_data",
+    onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data",
+    onnx.TensorProto.STRING: "string_data",
+}
+_COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
 
 
 def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, label: str) -> None:
-    expected = _expected_nbytes(tensor, where, label)
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        if tensor.HasField("raw_data") and expected is not None and len(tensor.raw_data) != expected:
+    """Shape against data: inline bytes or values, or the external file (checked by stat only)."""
+    if any(d < 0 for d in tensor.dims):
+        raise InvalidModelError(f"{label}: {where} has a negative dimension {list(tensor.dims)}")
+    bits = _bits(tensor, where, label)
+    elements = math.prod(tensor.dims)
+    expected = None if bits is None else math.ceil(elements * bits / 8)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        _check_external(tensor, where, base_dir, label, expected)
+        return
+    if tensor.HasField("raw_data"):
+        if expected is not None and len(tensor.raw_data) != expected:
             raise InvalidModelError(
                 f"{label}: {where} holds {len(tensor.raw_data)} bytes, but its shape "
                 f"{list(tensor.dims)} needs {expected}"
             )
         return
-    _check_external(tensor, where, base_dir, label, expected)
+    if bits is not None and bits < 8:
+        return  # 4-bit and 2-bit types pack several values per int32 entry
+    field = _TYPED_FIELDS.get(tensor.data_type, "int32_data")
+    count = len(getattr(tensor, field))
+    needed = elements * (2 if tensor.data_type in _COMPLEX else 1)
+    if count != needed:
+        raise InvalidModelError(
+            f"{label}: {where} holds {count} values, but its shape {list(tensor.dims)} "
+            f"needs {needed}"
+        )
 
 
 def _check_external(
     tensor: onnx.TensorProto, where: str, base_dir: Path, label: str, expected: int | None
 ) -> None:
+    """Validate an external-data reference with `lstat` only: the target is never opened."""
     fields = _external_fields(tensor)
     location = fields.get("location", "")
     prefix = f"{label}: {where} has external data '{location}'"
-    if expected is None:
-        raise UnsafeModelError(f"{prefix}, but string tensors cannot be stored externally")
     if not location:
         raise UnsafeModelError(f"{label}: {where} has external data without a location")
+    if expected is None:
+        raise UnsafeModelError(f"{prefix}, but string tensors cannot be stored externally")
     if "\\" in location or "\x00" in location:
         raise UnsafeModelError(f"{prefix}: backslashes and NUL are not allowed in a location")
     if os.path.isabs(location) or location.startswith("/"):
@@ -205,23 +266,30 @@ def _check_external(
     parts = Path(location).parts
     if ".." in parts:
         raise UnsafeModelError(f"{prefix}: '..' is not allowed (it leaves the model's folder)")
-    candidate = base_dir / location
-    resolved = candidate.resolve()
-    if resolved != candidate.absolute() or base_dir not in resolved.parents:
-        raise UnsafeModelError(f"{prefix}: resolves outside the model's folder or via a symlink")
-    try:
-        info = os.lstat(candidate)
-    except FileNotFoundError:
-        raise UnsafeModelError(f"{prefix}: the file does not exist") from None
-    except OSError as error:
-        raise UnsafeModelError(f"{prefix}: cannot stat ({error.strerror})") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise UnsafeModelError(f"{prefix}: symlinks are not allowed")
+    candidate = base_dir
+    for part in parts:  # every component, so a symlinked folder is caught too
+        candidate = candidate / part
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            raise UnsafeModelError(f"{prefix}: the file does not exist") from None
+        except OSError as error:
+            raise UnsafeModelError(f"{prefix}: cannot stat ({error.strerror})") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise UnsafeModelError(
+                f"{prefix}: '{candidate.relative_to(base_dir)}' is a symlink (not allowed)"
+            )
+    if base_dir not in candidate.resolve().parents:
+        raise UnsafeModelError(f"{prefix}: resolves outside the model's folder")
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeModelError(f"{prefix}: not a regular file")
     if info.st_nlink > 1:
         raise UnsafeModelError(f"{prefix}: hardlinked files are not allowed")
     offset = _non_negative_int(fields.get("offset", "0"), prefix, "offset")
+    if offset > info.st_size:
+        raise UnsafeModelError(
+            f"{prefix}: offset {offset} is past the end of the file ({info.st_size} bytes)"
+        )
     length = (
         _non_negative_int(fields["length"], prefix, "length")
         if "length" in fields
@@ -240,13 +308,69 @@ def _check_external(
 
 
 def _non_negative_int(text: str, prefix: str, field: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UnsafeModelError(f"{prefix}: {field} '{text}' is not an integer") from None
+    if not text.isdigit() and not (text.startswith("-") and text[1:].isdigit()):
+        raise UnsafeModelError(f"{prefix}: {field} '{text}' is not an integer")
+    value = int(text)
     if value < 0:
         raise UnsafeModelError(f"{prefix}: {field} {value} is negative")
     return value
+
+
+# ---------------------------------------------------------------- sparse tensors
+
+
+def _densify_sparse(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
+    """Replace sparse initializers and Constant `sparse_value` by dense tensors, in place."""
+    graphs = [proto.graph]
+    nodes: list[onnx.NodeProto] = []
+    while graphs:
+        graph = graphs.pop()
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(_dense(sparse, base_dir, label))
+        del graph.sparse_initializer[:]
+        for node in graph.node:
+            nodes.append(node)
+            for attr in node.attribute:
+                graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+    nodes.extend(node for function in proto.functions for node in function.node)
+    for node in nodes:
+        for index, attr in enumerate(node.attribute):
+            if attr.type not in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                continue
+            if node.op_type != "Constant" or attr.type != onnx.AttributeProto.SPARSE_TENSOR:
+                raise InvalidModelError(
+                    f"{label}: {_node_label(node)} has a sparse tensor attribute "
+                    f"'{attr.name}', which slimgraph cannot read (only Constant sparse_value)"
+                )
+            dense = _dense(attr.sparse_tensor, base_dir, label)
+            node.attribute[index].CopyFrom(onnx.helper.make_attribute("value", dense))
+
+
+def _dense(sparse: onnx.SparseTensorProto, base_dir: Path, label: str) -> onnx.TensorProto:
+    name = sparse.values.name
+    try:
+        values = onnx.numpy_helper.to_array(sparse.values, str(base_dir))
+        indices = onnx.numpy_helper.to_array(sparse.indices, str(base_dir)).astype(np.int64)
+    except Exception as error:  # onnx raises several types on malformed tensors
+        raise InvalidModelError(
+            f"{label}: sparse tensor '{name}' cannot be read ({_first_line(error)})"
+        ) from None
+    dims = tuple(sparse.dims)
+    size = math.prod(dims)
+    if indices.ndim == 2 and indices.shape[1] == len(dims) and len(dims) > 0:
+        if ((indices < 0) | (indices >= np.array(dims))).any():
+            raise InvalidModelError(f"{label}: sparse tensor '{name}' has indices out of range")
+        indices = np.ravel_multi_index(indices.T, dims)
+    if indices.ndim != 1 or values.ndim != 1 or indices.shape[0] != values.shape[0]:
+        raise InvalidModelError(
+            f"{label}: sparse tensor '{name}' has {values.size} values for indices of shape "
+            f"{list(indices.shape)} (dims {list(dims)})"
+        )
+    if indices.size and (indices.min() < 0 or indices.max() >= size):
+        raise InvalidModelError(f"{label}: sparse tensor '{name}' has indices out of range")
+    dense = np.zeros(size, dtype=values.dtype)
+    dense[indices] = values
+    return onnx.numpy_helper.from_array(dense.reshape(dims), name)
 
 
 # ---------------------------------------------------------------- opsets and graph structure
@@ -324,10 +448,15 @@ def _check_graph(
     input_names = {value.name for value in graph.input}
     for value in graph.input:
         define(value.name, "a graph input")
+    initializer_names: set[str] = set()
     for tensor in graph.initializer:
-        if tensor.name in input_names:  # IR < 4: initializers are also listed as inputs
-            continue
-        define(tensor.name, "an initializer")
+        if tensor.name in initializer_names:
+            raise InvalidModelError(
+                f"{label}: {where}: initializer name '{tensor.name}' is used twice"
+            )
+        initializer_names.add(tensor.name)
+        if tensor.name not in input_names:  # IR < 4 lists initializers as inputs too
+            define(tensor.name, "an initializer")
     for sparse in graph.sparse_initializer:
         define(sparse.values.name, "a sparse initializer")
     producers: dict[str, int] = {}

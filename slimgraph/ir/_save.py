@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx_ir as ir
@@ -13,7 +15,7 @@ import onnx_ir as ir
 from slimgraph.errors import OutputPathError
 from slimgraph.ir import metadata
 
-__all__ = ["save", "tensor_bytes", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["save", "tensor_bytes", "inlined_external_data", "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,10 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=".slimgraph-", dir=folder))
     try:
         staged_model = staging / target.name
-        ir.save(model, staged_model, external_data=data_name if external_data else None)
+        # Tensors still in the input's external-data file are read (memory-mapped) and written
+        # anew: their location strings are relative to the input's folder and never reused.
+        with inlined_external_data(model):
+            ir.save(model, staged_model, external_data=data_name if external_data else None)
         staged_data = staging / data_name
         if staged_data.exists():
             os.replace(staged_data, folder / data_name)
@@ -89,3 +94,54 @@ def _refuse_sources(model: ir.Model, target: Path, data_target: Path) -> None:
                 raise OutputPathError(
                     f"{candidate}: refusing to write over the model's own input file '{source}'"
                 )
+
+
+@contextlib.contextmanager
+def inlined_external_data(model: ir.Model) -> Iterator[ir.Model]:
+    """Temporarily replace every external tensor of `model` by an in-memory one.
+
+    Covers initializers and attribute tensors (Constant values), in subgraphs and functions too.
+    The data is memory-mapped, not copied, and the original tensors come back on exit, so the
+    model is unchanged afterwards. Used to serialize a model that stands alone.
+    """
+    restore: list[tuple[object, str, object]] = []
+    try:
+        graphs: list[ir.Graph | ir.Function] = [*model.graphs()]
+        for function in model.functions.values():
+            graphs.extend([function, *function.subgraphs()])
+        for graph in graphs:
+            if isinstance(graph, ir.Graph):
+                for value in graph.initializers.values():
+                    if isinstance(value.const_value, ir.ExternalTensor):
+                        restore.append((value, "const_value", value.const_value))
+                        value.const_value = _in_memory(value.const_value)
+            for node in graph:
+                for key, attr in list(node.attributes.items()):
+                    if attr.is_ref() or attr.type not in _TENSOR_ATTRS:
+                        continue
+                    items = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+                    if not any(isinstance(item, ir.ExternalTensor) for item in items):
+                        continue
+                    restore.append((node.attributes, key, attr))
+                    if attr.type == ir.AttributeType.TENSOR:
+                        node.attributes[key] = ir.AttrTensor(key, _in_memory(attr.value))
+                    else:
+                        node.attributes[key] = ir.AttrTensors(key, [_in_memory(t) for t in items])
+        yield model
+    finally:
+        for owner, key, original in reversed(restore):
+            if key == "const_value":
+                owner.const_value = original  # type: ignore[attr-defined]
+            else:
+                owner[key] = original  # type: ignore[index]
+
+
+_TENSOR_ATTRS = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(
+        tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string
+    )

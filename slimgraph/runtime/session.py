@@ -12,8 +12,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from slimgraph.errors import BadInputError
-from slimgraph.ir import save, tensor_bytes
+from slimgraph.errors import BadOptionError
+from slimgraph.ir import load_proto, save, tensor_bytes
+from slimgraph.ir._save import inlined_external_data
 
 __all__ = ["OptLevel", "create_session", "run", "model_bytes"]
 
@@ -33,21 +34,11 @@ _IN_MEMORY_LIMIT = 1_500_000_000
 def model_bytes(model: ir.Model) -> bytes:
     """The serialized model with every weight inline, for onnxruntime and size measurements.
 
-    External tensors (from a model loaded with external data) are read here and inlined, so the
-    bytes stand alone.
+    External tensors (from a model loaded with external data: initializers, Constant values, also
+    in subgraphs) are read here and inlined, so the bytes stand alone.
     """
-    proto = ir.to_proto(model)
-    external = {
-        name: value.const_value
-        for name, value in model.graph.initializers.items()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
-    if external:
-        for index, tensor in enumerate(proto.graph.initializer):
-            if tensor.name in external:
-                inline = ir.Tensor(external[tensor.name].numpy(), name=tensor.name)
-                proto.graph.initializer[index].CopyFrom(ir.serde.serialize_tensor(inline))
-    return proto.SerializeToString()
+    with inlined_external_data(model):
+        return ir.to_proto(model).SerializeToString()
 
 
 def create_session(
@@ -59,14 +50,15 @@ def create_session(
     """An onnxruntime CPU session for an IR model or an ONNX file.
 
     Args:
-        model: an `onnx_ir.Model` or a path.
+        model: an `onnx_ir.Model` or a path (checked by the safe loader before onnxruntime
+            reads it).
         threads: intra-op threads; None uses every core. Worker threads never spin
             (`session.intra_op.allow_spinning = 0`), so sessions timed side by side do not steal
             each other's cores (DESIGN.md section 8).
         optimization: onnxruntime's graph optimization level.
     """
     if optimization not in _LEVELS:
-        raise BadInputError(
+        raise BadOptionError(
             f"unknown optimization level '{optimization}' (choose from {', '.join(_LEVELS)})"
         )
     options = ort.SessionOptions()
@@ -78,6 +70,7 @@ def create_session(
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
+        load_proto(model)  # the safe loader's checks (external data, structure) come first
         return ort.InferenceSession(str(model), options, providers=providers)
     if tensor_bytes(model) < _IN_MEMORY_LIMIT:
         return ort.InferenceSession(model_bytes(model), options, providers=providers)

@@ -1,0 +1,179 @@
+"""Hand-built ONNX models for the IR tests (valid ones and broken ones)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 18)]
+W = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def write(folder: Path, proto: onnx.ModelProto, name: str = "model.onnx") -> Path:
+    """Serialize without any check (bad models must reach the loader as they are)."""
+    path = folder / name
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Names and content hashes of every entry under `folder` (symlinks not followed)."""
+    result = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                result[str(path)] = "link:" + os.readlink(path)
+            elif path.is_file():
+                result[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                result[str(path)] = "other"
+    return result
+
+
+def external_tensor(
+    name: str,
+    location: str | None,
+    offset: str | None = None,
+    length: str | None = None,
+    array: np.ndarray = W,
+) -> TensorProto:
+    """A float tensor whose data is declared to be in an external file."""
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        if value is not None:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return tensor
+
+
+def add_model(initializer: TensorProto, ir_version: int = 10) -> onnx.ModelProto:
+    """y = x + w with `w` an initializer of shape (2, 3)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", initializer.name], ["y"], name="add0")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [initializer],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=ir_version)
+
+
+def constant_model(tensor: TensorProto) -> onnx.ModelProto:
+    """y = x + Constant(value=tensor)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["c"], name="const0", value=tensor),
+            helper.make_node("Add", ["x", "c"], ["y"], name="add0"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def if_model(tensor: TensorProto) -> onnx.ModelProto:
+    """If(cond) then x + w (w an initializer of the then-branch, x from the outer scope) else x."""
+    then_graph = helper.make_graph(
+        [helper.make_node("Add", ["x", tensor.name], ["t"], name="then_add")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3])],
+        [tensor],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"], name="else_id")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If", ["cond"], ["y"], name="if0", then_branch=then_graph, else_branch=else_graph
+            )
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def loop_model(tensor: TensorProto) -> onnx.ModelProto:
+    """Loop 2 times: acc = acc + w (w an initializer of the body)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+            helper.make_node("Add", ["acc_in", tensor.name], ["acc_out"], name="body_add"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [2, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2, 3]),
+        ],
+        [tensor],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop0", body=body)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array(2, dtype=np.int64), "trips")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def function_model(tensor: TensorProto) -> onnx.ModelProto:
+    """y = AddConst(x), a local function whose body adds Constant(value=tensor)."""
+    function = helper.make_function(
+        "local",
+        "AddConst",
+        ["fx"],
+        ["fy"],
+        [
+            helper.make_node("Constant", [], ["fc"], name="fconst", value=tensor),
+            helper.make_node("Add", ["fx", "fc"], ["fy"], name="fadd"),
+        ],
+        OPSET,
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddConst", ["x"], ["y"], name="call0", domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[*OPSET, helper.make_opsetid("local", 1)],
+        functions=[function],
+        ir_version=10,
+    )
+
+
+def graph_model(nodes: list[onnx.NodeProto], inputs=("x",), outputs=("y",), **kwargs) -> onnx.ModelProto:
+    """A float model over [2, 3] values from a list of nodes (no checks)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in outputs],
+    )
+    kwargs.setdefault("opset_imports", OPSET)
+    kwargs.setdefault("ir_version", 10)
+    return helper.make_model(graph, **kwargs)
