@@ -11,6 +11,9 @@ __all__ = [
     "LAYER",
     "SOURCE_PATH",
     "SOURCE_FILES",
+    "FACTORIZE_REPORT",
+    "UNIT",
+    "QUANT_REPORT",
 ]
 
 # Written by torch.onnx.export(dynamo=True) on every node: the module path, one entry per level,
@@ -25,3 +28,13 @@ SOURCE_PATH = "slimgraph.source_path"
 
 # Model.meta: resolved paths of the external-data files the loaded model reads from.
 SOURCE_FILES = "slimgraph.source_files"
+
+# metadata_props of a node: the unit (layer + activation, e.g. Conv -> Relu) it belongs to, named
+# after the layer; quantization does not split a unit (written by the `mark-units` pass).
+UNIT = "pkg.slimgraph.unit"
+
+# Model.meta of a model returned by `factorize`: its `FactorizeReport` (per-layer ranks, errors).
+FACTORIZE_REPORT = "slimgraph.factorize_report"
+
+# Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration data).
+QUANT_REPORT = "slimgraph.quantize_report"

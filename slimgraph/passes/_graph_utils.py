@@ -1,0 +1,103 @@
+"""Small graph-editing helpers shared by the cleanup and fusion passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "is_onnx_op",
+    "constant_array",
+    "single_consumer",
+    "bypass",
+    "replace_output",
+    "opset_version",
+    "new_initializer",
+]
+
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
+    return node.domain in _ONNX_DOMAINS and node.op_type in op_types
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant input (initializer or folded constant), else None."""
+    if value is None or value.const_value is None:
+        return None
+    if value.is_graph_input():  # a default the user may override: not a constant
+        return None
+    try:
+        return value.const_value.numpy()
+    except Exception:  # noqa: BLE001 - unreadable external data, unsupported dtype
+        return None
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    """The only node reading `value` (exactly one use), unless `value` is also a graph output."""
+    if value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def opset_version(model_or_graph: ir.Model | ir.Graph, default: int = 1) -> int:
+    graph = model_or_graph.graph if isinstance(model_or_graph, ir.Model) else model_or_graph
+    return int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", default)))
+
+
+def replace_output(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of `old` (graph outputs included) read `new`.
+
+    When `old` is a graph output, `new` takes its name, so the model's outputs keep their names.
+    """
+    name = old.name
+    was_output = old.is_graph_output()
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output and name is not None and new.name != name and not new.is_initializer():
+        old.name = None
+        new.name = name
+
+
+def bypass(node: ir.Node, source: ir.Value, output_index: int = 0) -> None:
+    """Route the readers of `node.outputs[output_index]` to `source` and drop `node`.
+
+    If that output is a graph output and `source` is a graph input or initializer (whose name
+    cannot change), an Identity is kept in its place instead.
+    """
+    old = node.outputs[output_index]
+    graph = node.graph
+    assert graph is not None
+    if old.is_graph_output() and (source.is_graph_input() or source.is_initializer()):
+        identity = ir.node("Identity", [source], name=node.name)
+        graph.insert_after(node, identity)
+        replace_output(old, identity.outputs[0])
+    else:
+        replace_output(old, source)
+    graph.remove(node, safe=True)
+
+
+def new_initializer(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
+    """Register `array` as an initializer with a fresh name derived from `hint`."""
+    name = hint
+    index = 0
+    while name in graph.initializers:
+        index += 1
+        name = f"{hint}_{index}"
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def attr_value(node: ir.Node, name: str, default: Any = None) -> Any:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    return attr.value

@@ -1,0 +1,332 @@
+"""Graph cleanup: exact passes that remove work without changing what the model computes.
+
+Most of this exists already and is reused: onnx_ir's common passes (dead nodes and initializers,
+identity elimination, CSE, initializer deduplication, shape inference, topological sort) and
+onnxscript's constant folder and reshape/transpose rewrite rules. This module adds what they lack
+for real exports: weights built by `ConstantOfShape` (the old ONNX zoo files), initializers listed
+as graph inputs (IR version < 4, which blocks folding), and Dropout in inference graphs. `cleanup`
+runs them to a fixed point, like onnxscript's optimizer.
+
+Every pass here is exact (`exact = True`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import _constant_folding
+from onnxscript.rewriter import RewritePass
+from onnxscript.rewriter.rules import common as rules
+
+from slimgraph.passes._graph_utils import bypass, constant_array, is_onnx_op, opset_version
+from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass, register_preset
+
+__all__ = [
+    "InitializerInputsPass",
+    "MaterializeConstantOfShapePass",
+    "FoldConstantsPass",
+    "RemoveDropoutPass",
+    "SimplifyShapeChainsPass",
+    "IdentityEliminationPass",
+    "CsePass",
+    "DeduplicateInitializersPass",
+    "RemoveUnusedPass",
+    "ShapeInferencePass",
+    "TopologicalSortPass",
+    "CleanupPass",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("initializer-inputs")
+class InitializerInputsPass(SlimgraphPass):
+    """Stop listing initializers as graph inputs (IR version < 4 style); exact.
+
+    Old exporters list every weight as an optional graph input, which makes each weight
+    overridable and so blocks constant folding and fusion. The inputs go; the initializers stay,
+    and the IR version rises to 4 (the first that allows initializers outside the inputs).
+    """
+
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = common.RemoveInitializersFromInputsPass()(model)
+        if result.modified and (model.ir_version or 0) < 4:
+            model.ir_version = 4
+        return ir.passes.PassResult(model, result.modified)
+
+
+@register_pass("constant-of-shape")
+class MaterializeConstantOfShapePass(SlimgraphPass):
+    """Replace `ConstantOfShape(constant shape)` by an initializer holding the filled tensor; exact.
+
+    onnxscript's folder keeps ConstantOfShape on purpose (to keep files small), but old exports
+    (the ONNX zoo's `light_*` models) build every weight that way, so no fusion could see them.
+
+    Args:
+        size_limit: largest tensor (elements) to materialize; None for no limit.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def __init__(self, *, size_limit: int | None = None) -> None:
+        super().__init__()
+        if size_limit is not None and size_limit < 0:
+            raise ValueError(f"size_limit must be >= 0, got {size_limit}")
+        self.size_limit = size_limit
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        skipped: list[Skipped] = []
+        count = 0
+        for node in list(model.graph):
+            if not is_onnx_op(node, "ConstantOfShape"):
+                continue
+            shape = constant_array(node.inputs[0])
+            if shape is None:
+                continue
+            size = int(np.prod(shape))
+            if self.size_limit is not None and size > self.size_limit:
+                skipped.append(Skipped(node.name or "", node.op_type, f"{size} elements"))
+                continue
+            attr = node.attributes.get("value")
+            fill = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
+            array = np.full(tuple(int(d) for d in shape), fill.reshape(-1)[0], dtype=fill.dtype)
+            output = node.outputs[0]
+            name = output.name or f"{node.name}_value"
+            output.name = None
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            value.shape = ir.Shape(array.shape)
+            value.dtype = ir.DataType.from_numpy(array.dtype)
+            model.graph.register_initializer(value)
+            bypass(node, value)
+            count += 1
+        return SlimgraphPassResult(model, bool(count), skipped=skipped)
+
+
+@register_pass("fold-constants")
+class FoldConstantsPass(SlimgraphPass):
+    """Evaluate nodes whose inputs are all constant and store the results as initializers; exact.
+
+    onnxscript's constant folder (with per-node shape inference, so later passes see shapes), then
+    every `Constant` node lifted to an initializer. Q/DQ nodes are never folded (onnxscript's rule).
+
+    Args:
+        input_size_limit, output_size_limit: onnxscript's limits (elements); outputs larger than the
+            inputs they replace are not stored beyond `output_size_limit`.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        input_size_limit: int = 1 << 20,
+        output_size_limit: int = _constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+    ) -> None:
+        super().__init__()
+        self.input_size_limit = input_size_limit
+        self.output_size_limit = output_size_limit
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = _constant_folding.FoldConstantsPass(
+            shape_inference=True,
+            input_size_limit=self.input_size_limit,
+            output_size_limit=self.output_size_limit,
+        )(model)
+        lifted = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
+            model
+        )
+        return ir.passes.PassResult(model, folded.modified or lifted.modified)
+
+
+@register_pass("remove-dropout")
+class RemoveDropoutPass(SlimgraphPass):
+    """Remove inference-mode Dropout (an identity at inference); exact.
+
+    A Dropout goes when it cannot be in training mode: no `training_mode` input or a constant
+    false one (opset 12+), and `is_test` not 0 (opset < 7). One whose mask output is read stays
+    and is reported as skipped.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        opset = opset_version(model)
+        skipped: list[Skipped] = []
+        count = 0
+        for node in list(model.graph):
+            if not is_onnx_op(node, "Dropout"):
+                continue
+            label = node.name or ""
+            if len(node.outputs) > 1 and (
+                node.outputs[1].uses() or node.outputs[1].is_graph_output()
+            ):
+                skipped.append(Skipped(label, node.op_type, "its mask output is used"))
+                continue
+            if opset < 7 and node.attributes.get_int("is_test", 0) == 0:
+                skipped.append(Skipped(label, node.op_type, "is_test=0 (training mode)"))
+                continue
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                training = constant_array(node.inputs[2])
+                if training is None or bool(training.reshape(-1)[0]):
+                    skipped.append(Skipped(label, node.op_type, "training_mode may be true"))
+                    continue
+            bypass(node, node.inputs[0])
+            count += 1
+        return SlimgraphPassResult(model, bool(count), skipped=skipped)
+
+
+@register_pass("simplify-reshape-transpose")
+class SimplifyShapeChainsPass(SlimgraphPass):
+    """Collapse Reshape(Reshape(x)) into one Reshape and Transpose(Transpose(x)) into one or none.
+
+    onnxscript's rules (`reshape_reshape_rule`, `transpose_transpose_rule`, identity-permutation
+    Transpose removal); the matcher only rewrites when the inner value has no other reader and is
+    not a graph output. Exact: both only move data.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rewrite = RewritePass(
+            [rules.reshape_reshape_rule, rules.transpose_transpose_rule, rules.no_op_transpose_rule]
+        )
+        result = rewrite(model)
+        identities = common.IdentityEliminationPass()(model)
+        return ir.passes.PassResult(model, result.modified or identities.modified)
+
+
+def _wrap(
+    name: str, factory: type[ir.passes.PassBase], doc: str
+) -> type[SlimgraphPass]:
+    """A registered, exact SlimgraphPass running one of onnx_ir's common passes."""
+
+    def call(self: SlimgraphPass, model: ir.Model) -> ir.passes.PassResult:
+        result = factory()(model)
+        return ir.passes.PassResult(model, result.modified)
+
+    cls = type(
+        factory.__name__.removesuffix("Pass") + "Pass",
+        (SlimgraphPass,),
+        {"__doc__": doc, "exact": True, "call": call, "__module__": __name__},
+    )
+    return register_pass(name)(cls)
+
+
+IdentityEliminationPass = _wrap(
+    "eliminate-identity",
+    common.IdentityEliminationPass,
+    "Remove Identity nodes (onnx_ir's IdentityEliminationPass); exact.",
+)
+CsePass = _wrap(
+    "cse",
+    common.CommonSubexpressionEliminationPass,
+    "Merge nodes computing the same thing from the same inputs (onnx_ir's CSE); exact.",
+)
+DeduplicateInitializersPass = _wrap(
+    "dedupe-initializers",
+    common.DeduplicateInitializersPass,
+    "Merge initializers with equal dtype, shape and bytes (onnx_ir); exact.",
+)
+ShapeInferencePass = _wrap(
+    "shape-inference",
+    common.ShapeInferencePass,
+    "Annotate values with onnx's inferred types and shapes; exact (computation untouched).",
+)
+TopologicalSortPass = _wrap(
+    "topological-sort",
+    common.TopologicalSortPass,
+    "Order nodes so every producer comes before its readers; exact.",
+)
+
+
+@register_pass("remove-unused")
+class RemoveUnusedPass(SlimgraphPass):
+    """Remove dead nodes, unused initializers, functions and opset imports (onnx_ir); exact."""
+
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for inner in (
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        ):
+            modified = inner(model).modified or modified
+        return ir.passes.PassResult(model, modified)
+
+
+@dataclasses.dataclass
+class CleanupResult(SlimgraphPassResult):
+    """Which inner passes changed the model, and how many rounds the fixed point took."""
+
+    changed_by: dict[str, int] = dataclasses.field(default_factory=dict)
+    rounds: int = 0
+
+
+@register_pass("cleanup")
+class CleanupPass(SlimgraphPass):
+    """All cleanup passes, repeated until nothing changes (at most `max_rounds`); exact.
+
+    Order: initializers out of the inputs (unless `keep_initializer_inputs`), then rounds of
+    ConstantOfShape materialization, constant folding, Dropout removal, reshape/transpose chains,
+    identity elimination and dead-code removal; finally CSE, initializer deduplication, dead-code
+    removal and a topological sort.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def __init__(self, *, max_rounds: int = 4, keep_initializer_inputs: bool = False) -> None:
+        super().__init__()
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.max_rounds = max_rounds
+        self.keep_initializer_inputs = keep_initializer_inputs
+
+    def call(self, model: ir.Model) -> CleanupResult:
+        changed: dict[str, int] = {}
+        skipped: list[Skipped] = []
+
+        def apply(name: str, pass_: ir.passes.PassBase) -> bool:
+            result = pass_(model)
+            skipped.extend(getattr(result, "skipped", []))
+            if result.modified:
+                changed[name] = changed.get(name, 0) + 1
+            return bool(result.modified)
+
+        if not self.keep_initializer_inputs:
+            apply("initializer-inputs", InitializerInputsPass())
+        rounds = 0
+        for rounds in range(1, self.max_rounds + 1):  # noqa: B007
+            skipped.clear()
+            modified = False
+            for name, pass_ in (
+                ("constant-of-shape", MaterializeConstantOfShapePass()),
+                ("fold-constants", FoldConstantsPass()),
+                ("remove-dropout", RemoveDropoutPass()),
+                ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
+                ("eliminate-identity", IdentityEliminationPass()),
+                ("remove-unused", RemoveUnusedPass()),
+            ):
+                modified = apply(name, pass_) or modified
+            if not modified:
+                break
+        for name, pass_ in (
+            ("cse", CsePass()),
+            ("dedupe-initializers", DeduplicateInitializersPass()),
+            ("remove-unused", RemoveUnusedPass()),
+            ("topological-sort", TopologicalSortPass()),
+        ):
+            apply(name, pass_)
+        changed.pop("topological-sort", None)  # reordering alone is not a change worth verifying
+        return CleanupResult(
+            model, bool(changed), skipped=skipped, changed_by=changed, rounds=rounds
+        )

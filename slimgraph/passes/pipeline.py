@@ -1,0 +1,452 @@
+"""Pipelines built from data: named passes, instrumentation around each, verification on onnxruntime.
+
+A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
+that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
+the pass's keyword-only constructor (the key `min_cosine` is the pipeline's, see below). Recipes
+are the same list in a YAML or JSON file, either bare or under a `passes:` key.
+
+Every pass runs inside instrumentation that records its time, node counts before and after, whether
+it changed the model and which nodes it skipped. With `verify=True` the model runs on onnxruntime
+before the first pass and after every pass that changed it, on the same sample feeds; each pass's
+outputs are compared with the outputs of the model it received:
+
+- an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
+  (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
+- an approximate pass reports fidelity (cosine, SQNR, max abs error) and fails only when a
+  `min_cosine` is given and the worst output's cosine falls below it.
+
+Adding a pass to the registry is one line: `@register_pass("name")` on its class.
+
+Example:
+    >>> result = run_pipeline(model, ["cleanup", "fuse-batchnorm"], verify=True)  # doctest: +SKIP
+    >>> for record in result.records:  # doctest: +SKIP
+    ...     print(record.describe())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BadDataError, BadOptionError, SlimgraphError, VerificationError
+from slimgraph.passes.base import SlimgraphPassResult
+from slimgraph.runtime import Fidelity, compare_outputs, create_session, random_feeds, run
+
+__all__ = [
+    "PASSES",
+    "PRESETS",
+    "register_pass",
+    "register_preset",
+    "Step",
+    "build_pipeline",
+    "load_recipe",
+    "PassRecord",
+    "PipelineResult",
+    "run_pipeline",
+    "node_count",
+    "DEFAULT_RTOL",
+    "DEFAULT_ATOL",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5  # relative to max(1, max |reference output|)
+
+# Name -> pass class. Passes of every family register here with @register_pass("name").
+PASSES: dict[str, type[ir.passes.PassBase]] = {}
+
+# Name -> list of steps (names or option dicts). Presets may name other presets.
+PRESETS: dict[str, list[str | dict[str, Any]]] = {}
+
+_P = TypeVar("_P", bound=type[ir.passes.PassBase])
+
+# Step keys the pipeline reads itself; every other key is an option of the pass.
+_PIPELINE_KEYS = ("name", "min_cosine")
+
+
+def register_pass(name: str) -> Callable[[_P], _P]:
+    """Class decorator: make a pass available to pipelines and recipes under `name`."""
+
+    def decorate(cls: _P) -> _P:
+        if name in PASSES and PASSES[name] is not cls:
+            raise ValueError(f"pass name '{name}' is already registered to {PASSES[name]}")
+        if not isinstance(getattr(cls, "exact", None), bool):
+            raise TypeError(f"pass {cls.__name__} must declare `exact: ClassVar[bool]`")
+        PASSES[name] = cls
+        cls.pass_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def register_preset(name: str, steps: Sequence[str | dict[str, Any]]) -> None:
+    """Make a list of steps available as a preset (usable as a step or with `--preset`)."""
+    PRESETS[name] = list(steps)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One built pipeline step: a pass instance, its registered name and its options."""
+
+    name: str
+    pass_: ir.passes.PassBase
+    options: Mapping[str, Any]
+    min_cosine: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        return bool(getattr(self.pass_, "exact", False))
+
+
+def _known_names() -> str:
+    return (
+        f"passes: {', '.join(sorted(PASSES))}; presets: {', '.join(sorted(PRESETS)) or 'none'}"
+    )
+
+
+def build_pipeline(steps: Sequence[str | Mapping[str, Any]]) -> list[Step]:
+    """Instantiate the passes of a pipeline described as data.
+
+    Args:
+        steps: pass or preset names, or dicts `{"name": ..., **options}`.
+
+    Raises:
+        BadOptionError: an unknown name (the message lists the known ones), a malformed step, or
+            options the pass does not take.
+    """
+    _ensure_registered()
+    if isinstance(steps, (str, Mapping)) or not isinstance(steps, Sequence):
+        raise BadOptionError(f"a pipeline is a list of steps, got {type(steps).__name__}")
+    built: list[Step] = []
+    for step in steps:
+        built.extend(_build_step(step, depth=0))
+    if not built:
+        raise BadOptionError("the pipeline has no steps")
+    return built
+
+
+def _build_step(step: str | Mapping[str, Any], depth: int) -> list[Step]:
+    if depth > 8:
+        raise BadOptionError("presets nest too deeply (a preset that names itself?)")
+    if isinstance(step, str):
+        name, options, min_cosine = step, {}, None
+    elif isinstance(step, Mapping):
+        if not isinstance(step.get("name"), str):
+            raise BadOptionError(f"pipeline step {dict(step)!r} has no 'name'")
+        name = step["name"]
+        options = {k: v for k, v in step.items() if k not in _PIPELINE_KEYS}
+        min_cosine = step.get("min_cosine")
+        if min_cosine is not None and not isinstance(min_cosine, (int, float)):
+            raise BadOptionError(f"step '{name}': min_cosine must be a number, got {min_cosine!r}")
+    else:
+        raise BadOptionError(f"a pipeline step is a name or a dict, got {step!r}")
+    if name in PRESETS and name not in PASSES:
+        if options:
+            raise BadOptionError(f"preset '{name}' takes no options (got {sorted(options)})")
+        expanded: list[Step] = []
+        for inner in PRESETS[name]:
+            expanded.extend(_build_step(inner, depth + 1))
+        return expanded
+    cls = PASSES.get(name)
+    if cls is None:
+        raise BadOptionError(f"unknown pass '{name}' (known {_known_names()})")
+    try:
+        instance = cls(**options)
+    except TypeError as error:
+        raise BadOptionError(f"pass '{name}': bad options {sorted(options)} ({error})") from None
+    except SlimgraphError:
+        raise
+    except ValueError as error:
+        raise BadOptionError(f"pass '{name}': {error}") from None
+    return [Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine))]
+
+
+def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
+    """Read a recipe file (YAML or JSON): a list of steps, or a mapping with a `passes` list.
+
+    Raises:
+        BadOptionError: the file is missing, not YAML/JSON, or not a list of steps.
+    """
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadOptionError(f"recipe {file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadOptionError(f"recipe {file}: cannot read ({error})") from None
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadOptionError(f"recipe {file}: not valid YAML/JSON ({first})") from None
+    if isinstance(data, Mapping):
+        data = data.get("passes", data.get("steps"))
+    if not isinstance(data, list) or not data:
+        raise BadOptionError(
+            f"recipe {file}: expected a non-empty list of steps (or 'passes: [...]'); "
+            f"known {_known_names()}"
+        )
+    for step in data:
+        if not isinstance(step, (str, dict)):
+            raise BadOptionError(f"recipe {file}: step {step!r} is neither a name nor a mapping")
+    return data
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: timing, node counts, skipped nodes and (when verified) fidelity."""
+
+    name: str
+    exact: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    modified: bool
+    skipped: int
+    fidelity: Fidelity | None = None
+    verify_seconds: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for logs and the command line."""
+        kind = "exact" if self.exact else "approx"
+        line = (
+            f"{self.name:<24} {kind:<6} nodes {self.nodes_before:>5} -> {self.nodes_after:<5} "
+            f"{self.seconds * 1000:8.1f} ms"
+        )
+        if not self.modified:
+            line += "  (no change)"
+        elif self.fidelity is not None:
+            worst = max(self.fidelity.outputs, key=lambda o: o.max_abs_error)
+            line += (
+                f"  verified: max abs err {worst.max_abs_error:.2e}, "
+                f"cosine {self.fidelity.worst_cosine:.6f}"
+            )
+        if self.skipped:
+            line += f"  skipped {self.skipped}"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "exact": self.exact,
+            "seconds": self.seconds,
+            "verify_seconds": self.verify_seconds,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "modified": self.modified,
+            "skipped": self.skipped,
+            "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+            "details": dict(self.details),
+        }
+
+
+@dataclass
+class PipelineResult(SlimgraphPassResult):
+    """The final model, one record per pass, and the fidelity of the end result to the input."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modified": self.modified,
+            "passes": [record.to_dict() for record in self.records],
+            "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+        }
+
+
+def node_count(model: ir.Model) -> int:
+    """Nodes of the main graph and all subgraphs (functions not included)."""
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+class _Verifier:
+    """Runs each version of the model once on fixed feeds and checks it against the previous one.
+
+    Only the latest outputs are kept (the reference of the next pass), plus the very first ones,
+    so a pipeline of N passes costs N sessions, not 2N.
+    """
+
+    def __init__(
+        self, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], rtol: float, atol: float
+    ) -> None:
+        self.feeds = feeds
+        self.rtol = rtol
+        self.atol = atol
+        self.original = self._outputs(model, "the input model")
+        self.reference = self.original
+
+    def _outputs(self, model: ir.Model, who: str) -> list[dict[str, np.ndarray]]:
+        try:
+            session = create_session(model, optimization="disable")
+            return [run(session, feed) for feed in self.feeds]
+        except SlimgraphError:
+            raise
+        except Exception as error:  # onnxruntime reports invalid graphs with many types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise VerificationError(
+                f"{who} does not run on onnxruntime: {type(error).__name__}: {first}"
+            ) from error
+
+    def check(self, model: ir.Model, name: str, exact: bool, min_cosine: float | None) -> Fidelity:
+        outputs = self._outputs(model, f"the model after pass '{name}'")
+        fidelity = compare_outputs(self.reference, outputs)
+        if exact:
+            for ref, cand in zip(self.reference, outputs, strict=True):
+                for output, expected in ref.items():
+                    self._check_close(name, output, expected, cand[output])
+        if min_cosine is not None and fidelity.worst_cosine < min_cosine:
+            raise VerificationError(
+                f"pass '{name}' lowered the output cosine to {fidelity.worst_cosine:.6f}, "
+                f"below the required {min_cosine}"
+            )
+        self.reference = outputs
+        return fidelity
+
+    def _check_close(self, name: str, output: str, expected: np.ndarray, got: np.ndarray) -> None:
+        if expected.shape != got.shape or expected.dtype != got.dtype:
+            raise VerificationError(
+                f"exact pass '{name}' changed output '{output}' from {expected.dtype}"
+                f"{list(expected.shape)} to {got.dtype}{list(got.shape)}"
+            )
+        if expected.dtype.kind not in "fc":
+            if not np.array_equal(expected, got):
+                raise VerificationError(f"exact pass '{name}' changed output '{output}'")
+            return
+        ref = expected.astype(np.float64)
+        cand = got.astype(np.float64)
+        finite = np.isfinite(ref)
+        scale = float(np.abs(ref[finite]).max()) if finite.any() else 0.0
+        atol = self.atol * max(1.0, scale)
+        if not np.allclose(cand, ref, rtol=self.rtol, atol=atol, equal_nan=True):
+            err = np.abs(cand - ref)
+            worst = float(np.nanmax(err)) if err.size else 0.0
+            raise VerificationError(
+                f"exact pass '{name}' changed output '{output}': max abs error {worst:.3g} "
+                f"exceeds rtol {self.rtol:g} / atol {atol:.3g} (output scale {scale:.3g})"
+            )
+
+
+def _feed_list(
+    model: ir.Model,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None,
+) -> list[Mapping[str, np.ndarray]]:
+    if feeds is None:
+        return [random_feeds(model, seed=0)]
+    if isinstance(feeds, Mapping):
+        return [feeds]
+    listed = list(feeds)
+    if not listed:
+        raise BadDataError("verification feeds are empty")
+    return listed
+
+
+def run_pipeline(
+    model: ir.Model,
+    steps: Sequence[str | Mapping[str, Any]] | Sequence[Step],
+    *,
+    verify: bool = False,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    tolerance: tuple[float, float] | None = None,
+    min_cosine: float | None = None,
+) -> PipelineResult:
+    """Run passes in order on a copy of `model`, instrumented and optionally verified.
+
+    Args:
+        model: the input; it is not modified (the pipeline works on a clone).
+        steps: names/dicts (see `build_pipeline`) or already built `Step`s.
+        verify: run the model on onnxruntime before and after each modifying pass.
+        feeds: one feed dict or several (default: `random_feeds(model, seed=0)`).
+        tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
+        min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
+            own `min_cosine`); None only reports fidelity.
+
+    Returns:
+        `PipelineResult` with the final model and one `PassRecord` per pass.
+
+    Raises:
+        VerificationError: a pass broke its promise; the message names the pass.
+        BadOptionError: unknown pass or preset names, bad options.
+    """
+    built = [s for s in steps if isinstance(s, Step)]
+    if len(built) != len(steps):
+        if built:
+            raise BadOptionError("mix of built steps and step descriptions in one pipeline")
+        built = build_pipeline(steps)  # type: ignore[arg-type]
+    rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
+    current = model.clone()
+    verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
+    records: list[PassRecord] = []
+    any_modified = False
+    for step in built:
+        before = node_count(current)
+        start = time.perf_counter()
+        result = step.pass_(current)
+        seconds = time.perf_counter() - start
+        current = result.model
+        skipped = list(getattr(result, "skipped", []) or [])
+        for item in skipped:
+            logger.info("%s skipped %s (%s): %s", step.name, item.node, item.op_type, item.reason)
+        fidelity = None
+        verify_seconds = 0.0
+        annotates_only = bool(getattr(step.pass_, "annotates_only", False))
+        if verifier is not None and result.modified and not annotates_only:
+            start = time.perf_counter()
+            cosine = step.min_cosine if step.min_cosine is not None else min_cosine
+            fidelity = verifier.check(current, step.name, step.exact, None if step.exact else cosine)
+            verify_seconds = time.perf_counter() - start
+        record = PassRecord(
+            name=step.name,
+            exact=step.exact,
+            seconds=seconds,
+            nodes_before=before,
+            nodes_after=node_count(current),
+            modified=bool(result.modified),
+            skipped=len(skipped),
+            fidelity=fidelity,
+            verify_seconds=verify_seconds,
+            details=_details(result),
+        )
+        logger.info("%s", record.describe())
+        records.append(record)
+        any_modified = any_modified or record.modified
+    overall = None
+    if verifier is not None:
+        overall = compare_outputs(verifier.original, verifier.reference)
+    return PipelineResult(current, any_modified, records=records, fidelity=overall)
+
+
+def _details(result: ir.passes.PassResult) -> dict[str, Any]:
+    """Extra scalar fields of a pass's result dataclass (counts per rewrite, ...), for reports."""
+    details: dict[str, Any] = {}
+    for key, value in vars(result).items():
+        if key in ("model", "modified", "skipped"):
+            continue
+        if isinstance(value, (int, float, str, bool)):
+            details[key] = value
+        elif isinstance(value, Mapping) and all(
+            isinstance(v, (int, float, str, bool)) for v in value.values()
+        ):
+            details[key] = dict(value)
+    return details
+
+
+def _ensure_registered() -> None:
+    """Import the modules whose passes register themselves (explicit, no import *)."""
+    from slimgraph.passes import cleanup, fuse, opset  # noqa: F401
