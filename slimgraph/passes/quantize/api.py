@@ -1,0 +1,227 @@
+"""`sg.quantize`: one call from a float model to a quantized one.
+
+Static (calibration data given): prepare (fold constants and BatchNorm into Conv, verified),
+annotate (`policy`), calibrate the planned values on onnxruntime (`runtime.calibrate`), insert
+Q/DQ (`qdq`), optionally lower to QOperator (`qoperator`), and measure per-tensor SQNR
+(`report`). Dynamic and weight-only modes call their own passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
+from slimgraph.ir import metadata
+from slimgraph.passes.quantize.policy import ActivationDtype, annotate
+from slimgraph.passes.quantize.qdq import QDQPass, activation_params
+from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
+from slimgraph.runtime.histogram import METHODS
+
+__all__ = ["quantize", "quantize_static", "prepare", "report_of"]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["static", "dynamic", "weight-only"]
+_FORMATS = ("qdq", "qoperator")
+_PREPARE_RTOL = 1e-4
+
+
+def quantize(
+    model: ir.Model,
+    *,
+    calibration: CalibrationData | None = None,
+    mode: Mode | None = None,
+    method: str = "minmax",
+    per_channel: bool = True,
+    fmt: str = "qdq",
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    activation_dtype: ActivationDtype = "auto",
+    report: bool = False,
+    bits: int = 4,
+    block_size: int = 32,
+    batch_size: int = 32,
+    progress: bool | None = None,
+    percentile: float = 99.99,
+) -> ir.Model:
+    """Quantize a float model to int8 (a new model; the input is not modified).
+
+    Args:
+        model: the float model.
+        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
+        mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
+            "weight-only".
+        method: static calibrator: minmax, moving-average, percentile, entropy or mse.
+        per_channel: per-channel weight scales.
+        fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs) or "qoperator" (QLinearConv, ...).
+        exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
+        exclude_ops: op types left float.
+        activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
+        report: measure per-tensor SQNR on the calibration data (static); read it back with
+            `report_of(model)`.
+        bits, block_size: weight-only options.
+        batch_size: calibration rows per onnxruntime run.
+        progress: progress bar on stderr (default: when stderr is a terminal).
+        percentile: for method="percentile".
+
+    Example:
+        >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
+        >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
+    """
+    mode = mode or ("static" if calibration is not None else "dynamic")
+    if fmt not in _FORMATS:
+        raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
+    if mode == "static":
+        if calibration is None:
+            raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
+        return quantize_static(
+            model, calibration, method=method, per_channel=per_channel, fmt=fmt,
+            exclude=exclude, exclude_ops=exclude_ops, activation_dtype=activation_dtype,
+            report=report, batch_size=batch_size, progress=progress, percentile=percentile,
+        )
+    if mode == "dynamic":
+        from slimgraph.passes.quantize.dynamic import quantize_dynamic
+
+        return quantize_dynamic(
+            model, per_channel=per_channel, exclude=tuple(exclude),
+            op_types=None,
+        )
+    if mode == "weight-only":
+        from slimgraph.passes.quantize.weight_only import quantize_weight_only
+
+        return quantize_weight_only(
+            model, bits=bits, block_size=block_size,
+            fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
+        )
+    raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def quantize_static(
+    model: ir.Model,
+    calibration: CalibrationData,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    fmt: str = "qdq",
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    activation_dtype: ActivationDtype = "auto",
+    report: bool = False,
+    batch_size: int = 32,
+    progress: bool | None = None,
+    percentile: float = 99.99,
+    activation_matmul: bool = False,
+) -> ir.Model:
+    """Calibrated static quantization (see `quantize`)."""
+    if method not in METHODS:
+        raise BadOptionError(f"unknown calibration method '{method}' (choose {', '.join(METHODS)})")
+    if not 0 < percentile <= 100:
+        raise BadOptionError(f"percentile must be in (0, 100], got {percentile}")
+    batches = calibration_batches(model, calibration, batch_size=batch_size)
+    prepared = prepare(model, next(iter(batches)))
+    plan = annotate(
+        prepared, per_channel=per_channel, exclude=exclude, exclude_ops=exclude_ops,
+        activation_dtype=activation_dtype, activation_matmul=activation_matmul,
+    )
+    if not plan.weights and not plan.activations:
+        raise UnsupportedModelError(
+            "nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul with a "
+            "float32 constant weight" + (" outside the exclusions" if exclude or exclude_ops else "")
+        )
+    needs_histogram = method in ("percentile", "entropy", "mse")
+    names = [a.value for a in plan.activations]
+    stats = calibrate(prepared, batches, names, histogram=needs_histogram, progress=progress)
+    params = activation_params(plan, stats, method, percentile=percentile)
+    result = QDQPass(plan, params)(prepared)
+    quantized = result.model
+    if report:
+        from slimgraph.passes.quantize.report import measure
+
+        quantized.meta[metadata.QUANT_REPORT] = measure(
+            prepared, quantized, plan, result, batches, method=method, progress=progress
+        )
+    if fmt == "qoperator":
+        from slimgraph.passes.quantize.qoperator import QOperatorPass
+
+        lowered = QOperatorPass()(quantized).model
+        lowered.meta[metadata.QUANT_REPORT] = quantized.meta.get(metadata.QUANT_REPORT)
+        quantized = lowered
+    return quantized
+
+
+def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
+    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None."""
+    return model.meta.get(metadata.QUANT_REPORT)
+
+
+def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Model:
+    """A copy with constants folded and BatchNorm folded into Conv/ConvTranspose/Gemm, verified.
+
+    Uses the pipeline's lossless passes when present, else onnxscript's optimizer (constant
+    folding plus its default rewrite rules, which fold BatchNorm). The result is compared with
+    the model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
+    """
+    source = ir.from_proto(ir.to_proto(model))
+    try:
+        from slimgraph.passes.pipeline import lossless
+    except ImportError:
+        lossless = None
+    if lossless is not None:
+        prepared = lossless(source, verify=False)
+    else:
+        prepared = _optimize(source)
+    _lift_constants(prepared)
+    _name_nodes(prepared)
+    if feed is not None:
+        _verify(model, prepared, feed)
+    return prepared
+
+
+def _optimize(model: ir.Model) -> ir.Model:
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import RemoveInitializersFromInputsPass
+
+    RemoveInitializersFromInputsPass()(model)
+    optimized = onnxscript.optimizer.optimize(model)
+    # The folded Conv carries the BatchNorm's layer; its weight names the real layer.
+    for node in optimized.graph:
+        node.metadata_props.pop(metadata.LAYER, None)
+    from slimgraph.ir import annotate_layers
+
+    annotate_layers(optimized)
+    return optimized
+
+
+def _lift_constants(model: ir.Model) -> None:
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
+def _name_nodes(model: ir.Model) -> None:
+    used: set[str] = set()
+    for index, node in enumerate(model.graph):
+        if not node.name or node.name in used:
+            node.name = f"{node.op_type}_{index}"
+        used.add(node.name)
+
+
+def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]) -> None:
+    from slimgraph.runtime import create_session, run
+
+    ref = run(create_session(reference, optimization="disable"), feed)
+    got = run(create_session(prepared, optimization="disable"), feed)
+    for name, expected in ref.items():
+        actual = got.get(name)
+        tolerance = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0.0)))
+        if actual is None or actual.shape != expected.shape or not np.allclose(
+            actual, expected, rtol=_PREPARE_RTOL, atol=tolerance
+        ):
+            raise VerificationError(
+                f"folding BatchNorm/constants before quantization changed output '{name}'"
+            )

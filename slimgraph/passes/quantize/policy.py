@@ -1,0 +1,448 @@
+"""Quantization policy: decide WHAT to quantize and how, before anything is inserted.
+
+As in PT2E, deciding is separate from rewriting: `annotate` reads the float graph and returns a
+`QuantPlan` of frozen annotations (value, dtype, symmetric or not, per-tensor or per-channel axis,
+shared-with); `qdq.materialize` later inserts QuantizeLinear/DequantizeLinear from the plan and the
+calibrated ranges. The placement rules follow what makes the result accurate and what onnxruntime
+fuses into integer kernels:
+
+- Conv/ConvTranspose/Gemm/MatMul with a constant weight are quantized: weights int8 symmetric,
+  per-channel on the output-channel axis (Conv 0, ConvTranspose 1, Gemm 0 with transB else 1,
+  MatMul 1); biases int32 with scale s_input * s_weight (onnxruntime's QLinearConv/QGemm need it);
+- activations uint8 asymmetric by default (on x86 onnxruntime's U8S8 kernels are fast, S8S8 fall
+  back to slow paths; DESIGN.md section 8);
+- a Relu/Clip that is the only consumer of a quantized op's output is absorbed: the value after
+  it is quantized (onnxruntime drops the Relu in front of a QuantizeLinear with zero point qmin);
+- Concat inputs and output share one scale; data-movement ops keep their input's scale;
+- a residual Add of two quantized values is quantized (onnxruntime fuses it to QLinearAdd), any
+  other Add stays float; masks, Where, comparisons, Softmax, normalizations, Erf/Gelu and every op
+  not listed stay float;
+- a tied weight gets one quantized copy; nodes are excluded by name/layer/output pattern or type.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import platform
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx_ir as ir
+
+from slimgraph.errors import BadOptionError
+from slimgraph.ir import layer_name
+from slimgraph.passes.base import Skipped
+
+__all__ = [
+    "QuantSpec",
+    "ActivationAnnotation",
+    "WeightAnnotation",
+    "BiasAnnotation",
+    "QuantPlan",
+    "annotate",
+    "default_activation_dtype",
+    "WEIGHT_OPS",
+    "DATA_MOVEMENT_OPS",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops that only move or select values: their output keeps the input's scale and zero point.
+DATA_MOVEMENT_OPS = (
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
+    "Resize", "Identity", "DepthToSpace", "SpaceToDepth",
+)
+_ABSORBED = ("Relu", "Clip")
+_INT8 = ir.DataType.INT8
+_UINT8 = ir.DataType.UINT8
+_INT32 = ir.DataType.INT32
+
+ActivationDtype = Literal["auto", "uint8", "int8"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: integer type, symmetric or not, per-channel axis (or None)."""
+
+    dtype: ir.DataType
+    symmetric: bool
+    axis: int | None = None
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.dtype == _UINT8:
+            return 0, 255
+        if self.dtype == _INT8:
+            return (-127, 127) if self.symmetric else (-128, 127)
+        return -(2**31) + 1, 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ActivationAnnotation:
+    """An activation (or graph input) to quantize; `shared_with` names its scale group's root."""
+
+    value: str
+    spec: QuantSpec
+    node: str  # the node that produces it (or, for graph inputs, the first quantized consumer)
+    layer: str
+    op_type: str
+    shared_with: str
+
+
+@dataclass(frozen=True)
+class WeightAnnotation:
+    """A constant weight, quantized once however many nodes read it."""
+
+    value: str
+    spec: QuantSpec
+    uses: tuple[tuple[str, int], ...]  # (node name, input index)
+    node: str
+    layer: str
+    op_type: str
+
+
+@dataclass(frozen=True)
+class BiasAnnotation:
+    """A bias stored as int32 with scale s_input * s_weight (zero point 0)."""
+
+    value: str
+    node: str
+    index: int
+    activation: str
+    weight: str
+    spec: QuantSpec = QuantSpec(_INT32, True)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything `materialize` needs besides calibrated ranges."""
+
+    activations: tuple[ActivationAnnotation, ...]
+    weights: tuple[WeightAnnotation, ...]
+    biases: tuple[BiasAnnotation, ...]
+    nodes: tuple[str, ...]
+    skipped: tuple[Skipped, ...] = field(default=())
+
+    def groups(self) -> dict[str, list[str]]:
+        """Scale groups: root value -> its member values (calibrated ranges are merged)."""
+        groups: dict[str, list[str]] = {}
+        for annotation in self.activations:
+            groups.setdefault(annotation.shared_with, []).append(annotation.value)
+        return groups
+
+
+def default_activation_dtype() -> ir.DataType:
+    """uint8 on x86 (onnxruntime's fast U8S8 kernels), int8 elsewhere (ARM's S8S8 dot kernels)."""
+    machine = platform.machine().lower()
+    return _UINT8 if machine in ("x86_64", "amd64", "i386", "i686", "x86") else _INT8
+
+
+def annotate(
+    model: ir.Model,
+    *,
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    activation_dtype: ActivationDtype = "auto",
+    activation_matmul: bool = False,
+) -> QuantPlan:
+    """Decide what to quantize in `model` (not modified).
+
+    Args:
+        model: a float model with BatchNorm already folded and constants as initializers.
+        per_channel: per-channel weight scales (else one scale per weight).
+        exclude: fnmatch patterns; a node whose name, torch layer or output name matches is float.
+        exclude_ops: op types to leave float.
+        activation_dtype: "uint8", "int8" or "auto" (`default_activation_dtype`).
+        activation_matmul: also quantize MatMuls of two activations (attention scores).
+    """
+    act_dtype = {"uint8": _UINT8, "int8": _INT8}.get(activation_dtype)
+    if activation_dtype == "auto":
+        act_dtype = default_activation_dtype()
+    if act_dtype is None:
+        raise BadOptionError(
+            f"unknown activation dtype '{activation_dtype}' (choose auto, uint8 or int8)"
+        )
+    return _Planner(model, per_channel, list(exclude), set(exclude_ops), act_dtype,
+                    activation_matmul).plan()
+
+
+class _Planner:
+    def __init__(
+        self,
+        model: ir.Model,
+        per_channel: bool,
+        exclude: list[str],
+        exclude_ops: set[str],
+        act_dtype: ir.DataType,
+        activation_matmul: bool,
+    ) -> None:
+        self.graph = model.graph
+        self.per_channel = per_channel
+        self.exclude = exclude
+        self.exclude_ops = exclude_ops
+        self.act_spec = QuantSpec(act_dtype, symmetric=False)
+        self.activation_matmul = activation_matmul
+        self.skipped: list[Skipped] = []
+        self.quantized: dict[int, ir.Node] = {}  # id(node) -> node
+        self.absorbed: dict[int, ir.Node] = {}  # id(quantized node) -> its absorbed Relu/Clip
+        self.parent: dict[str, str] = {}  # union-find of shared scales, by value name
+
+    # --- helpers -------------------------------------------------------------------------
+    def _excluded(self, node: ir.Node) -> bool:
+        if node.op_type in self.exclude_ops:
+            return True
+        names = [node.name or "", layer_name(node)] + [v.name or "" for v in node.outputs]
+        return any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names if n)
+
+    def _find(self, name: str) -> str:
+        root = name
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        self.parent[name] = root
+        return root
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def _out(self, node: ir.Node) -> ir.Value:
+        """The value quantized at a quantized node's output (after an absorbed Relu/Clip)."""
+        absorbed = self.absorbed.get(id(node))
+        return (absorbed or node).outputs[0]
+
+    def _in_q_domain(self, value: ir.Value | None) -> bool:
+        if value is None or _is_constant(value):
+            return False
+        source = value.producer()
+        if source is None:
+            return False
+        if id(source) in self.quantized:
+            return self._out(source) is value
+        for node in self.quantized.values():  # an absorbed Relu/Clip's output
+            if self.absorbed.get(id(node)) is source:
+                return True
+        return False
+
+    # --- phase 1: which nodes are quantized ----------------------------------------------
+    def plan(self) -> QuantPlan:
+        nodes = list(self.graph)
+        for node in nodes:
+            if node.domain not in ("", "ai.onnx") or not node.outputs:
+                continue
+            op = node.op_type
+            if op not in WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS:
+                continue
+            if self._excluded(node):
+                self.skipped.append(Skipped(node.name or "", op, "excluded"))
+                continue
+            if op in WEIGHT_OPS:
+                ok, reason = self._weight_op_ok(node)
+            elif op == "Add":
+                ok, reason = self._add_ok(node)
+            elif op == "Concat":
+                ok = all(self._in_q_domain(v) for v in node.inputs)
+                reason = "not every input is quantized"
+            else:
+                ok = self._movement_ok(node)
+                reason = "input not quantized"
+            if not ok:
+                if op in WEIGHT_OPS:
+                    self.skipped.append(Skipped(node.name or "", op, reason))
+                continue
+            self.quantized[id(node)] = node
+            if op in WEIGHT_OPS + ("Add",):
+                self._absorb(node)
+        self._drop_dangling_movement(nodes)
+        return self._annotations(nodes)
+
+    def _weight_op_ok(self, node: ir.Node) -> tuple[bool, str]:
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+            return False, "missing inputs"
+        x, w = node.inputs[0], node.inputs[1]
+        if not _is_float(x):
+            return False, "input is not float32"
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0) != 0:
+                return False, "Gemm with transA"
+        if _is_constant(w):
+            if w.const_value.dtype != ir.DataType.FLOAT or _is_constant(x):
+                return False, "weight is not float32"
+            return True, ""
+        if node.op_type == "MatMul" and self.activation_matmul and _is_float(w):
+            return True, ""
+        return False, "weight is not a constant"
+
+    def _add_ok(self, node: ir.Node) -> tuple[bool, str]:
+        inputs = [v for v in node.inputs if v is not None]
+        if len(inputs) != 2 or not all(self._in_q_domain(v) for v in inputs):
+            return False, "not a residual Add of two quantized values"
+        a, b = (v.shape for v in inputs)
+        if a is None or b is None or len(a) != len(b):
+            return False, "operand ranks differ"
+        return True, ""
+
+    def _movement_ok(self, node: ir.Node) -> bool:
+        if len(node.outputs) != 1:
+            return False
+        if node.op_type == "Resize" and _attr(node, "mode", "nearest") != "nearest":
+            return False
+        if node.op_type == "MaxPool" and len(node.outputs) > 1:
+            return False
+        return self._in_q_domain(node.inputs[0])
+
+    def _absorb(self, node: ir.Node) -> None:
+        users = node.outputs[0].consumers()
+        if len(users) != 1 or node.outputs[0].is_graph_output():
+            return
+        user = users[0]
+        if user.op_type not in _ABSORBED or self._excluded(user):
+            return
+        if user.op_type == "Clip" and not _clip_starts_at_zero(user):
+            return
+        self.absorbed[id(node)] = user
+
+    def _drop_dangling_movement(self, nodes: list[ir.Node]) -> None:
+        """Data-movement ops only stay quantized if a quantized node reads their output."""
+        for node in reversed(nodes):
+            if id(node) in self.quantized and node.op_type in DATA_MOVEMENT_OPS:
+                if not any(id(u) in self.quantized for u in node.outputs[0].consumers()):
+                    del self.quantized[id(node)]
+
+    # --- phase 2: annotations ----------------------------------------------------------------
+    def _annotations(self, nodes: list[ir.Node]) -> QuantPlan:
+        act_values: dict[str, tuple[ir.Value, ir.Node]] = {}  # value name -> (value, owner node)
+        weights: dict[str, dict] = {}
+        biases: list[BiasAnnotation] = []
+
+        def want(value: ir.Value, owner: ir.Node) -> None:
+            if value.name not in act_values:
+                act_values[value.name] = (value, owner)
+                self.parent.setdefault(value.name, value.name)
+
+        for node in nodes:
+            if id(node) not in self.quantized:
+                continue
+            op = node.op_type
+            if op in WEIGHT_OPS:
+                x, w = node.inputs[0], node.inputs[1]
+                want(x, x.producer() or node)
+                if _is_constant(w):
+                    axis = _weight_axis(node, w) if self.per_channel else None
+                    entry = weights.setdefault(
+                        w.name, {"axis": axis, "uses": [], "node": node, "conflict": False}
+                    )
+                    if entry["uses"] and entry["axis"] != axis:
+                        entry["conflict"] = True
+                    entry["uses"].append((node.name, 1))
+                    bias = node.inputs[2] if len(node.inputs) > 2 else None
+                    if (
+                        op in ("Conv", "ConvTranspose", "Gemm")
+                        and bias is not None
+                        and _is_constant(bias)
+                        and bias.const_value.dtype == ir.DataType.FLOAT
+                        and (op != "Gemm" or (_attr(node, "alpha", 1.0) == 1.0
+                                              and _attr(node, "beta", 1.0) == 1.0))
+                    ):
+                        biases.append(BiasAnnotation(bias.name, node.name, 2, x.name, w.name))
+                else:
+                    want(w, w.producer() or node)
+            elif op in ("Add", "Concat"):
+                for value in node.inputs:
+                    want(value, value.producer() or node)
+                if op == "Concat":
+                    for value in node.inputs:
+                        self._union(node.inputs[0].name, value.name)
+            else:  # data movement: output shares the input's scale
+                want(node.inputs[0], node.inputs[0].producer() or node)
+                out = node.outputs[0]
+                want(out, node)
+                self._union(node.inputs[0].name, out.name)
+                continue
+            out = self._out(node)
+            consumers_quantized = any(id(u) in self.quantized for u in out.consumers())
+            needs_q = op in ("Conv", "ConvTranspose", "Add", "Concat")
+            if consumers_quantized or (needs_q and not out.is_graph_output()):
+                want(out, node)
+                if op == "Concat":
+                    self._union(node.inputs[0].name, out.name)
+
+        activations = []
+        for name, (value, owner) in act_values.items():
+            activations.append(
+                ActivationAnnotation(
+                    value=name,
+                    spec=self.act_spec,
+                    node=owner.name or "",
+                    layer=layer_name(owner),
+                    op_type=owner.op_type,
+                    shared_with=self._find(name),
+                )
+            )
+        weight_annotations = []
+        for name, entry in weights.items():
+            axis = None if entry["conflict"] else entry["axis"]
+            node = entry["node"]
+            weight_annotations.append(
+                WeightAnnotation(
+                    value=name,
+                    spec=QuantSpec(_INT8, symmetric=True, axis=axis),
+                    uses=tuple(entry["uses"]),
+                    node=node.name or "",
+                    layer=layer_name(node),
+                    op_type=node.op_type,
+                )
+            )
+        quantized_names = tuple(n.name or "" for n in nodes if id(n) in self.quantized)
+        logger.info(
+            "quantization plan: %d nodes, %d activations, %d weights, %d biases",
+            len(quantized_names), len(activations), len(weight_annotations), len(biases),
+        )
+        return QuantPlan(
+            tuple(activations), tuple(weight_annotations), tuple(biases), quantized_names,
+            tuple(self.skipped),
+        )
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (ir.DataType.FLOAT, None)
+
+
+def _attr(node: ir.Node, name: str, default: object) -> object:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
+
+
+def _clip_starts_at_zero(node: ir.Node) -> bool:
+    low = node.inputs[1] if len(node.inputs) > 1 else None
+    if low is None:
+        return _attr(node, "min", None) == 0.0
+    return low.const_value is not None and float(low.const_value.numpy()) == 0.0
+
+
+def _weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
+    """The output-channel axis of a weight (None: per-tensor)."""
+    rank = len(weight.const_value.shape)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if _attr(node, "group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    if node.op_type == "MatMul" and rank == 2:
+        return 1
+    return None
+
+
+def matches(patterns: Iterable[str], names: Iterable[str]) -> bool:
+    """Whether any name matches any fnmatch pattern."""
+    names = [n for n in names if n]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)

@@ -1,0 +1,304 @@
+"""Materialize a `QuantPlan`: QuantizeLinear/DequantizeLinear pairs from calibrated ranges.
+
+Activations get a Q->DQ pair right after the value (every consumer reads the DQ output; a graph
+output keeps the float value). Weights become int8 initializers read through a DequantizeLinear
+(per-channel `axis` where the plan says so), biases int32 with scale s_input * s_weight. This is
+the QDQ format onnxruntime fuses into QLinearConv, QLinearMatMul, QLinearAdd, QGemm, ...
+
+The pass is approximate (`exact = False`): quantization changes outputs; `report.py` measures by
+how much.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BadDataError
+from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
+from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
+
+__all__ = ["QParams", "activation_params", "weight_params", "QDQPass", "QDQResult", "DQ_SUFFIX"]
+
+logger = logging.getLogger(__name__)
+
+DQ_SUFFIX = "_dq"
+_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale (float32) and zero point of one tensor; arrays are 1-D when per-channel."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    spec: QuantSpec
+
+
+def activation_params(
+    plan: QuantPlan,
+    stats: Mapping[str, TensorStats],
+    method: str,
+    *,
+    percentile: float = 99.99,
+) -> dict[str, QParams]:
+    """Scales and zero points of every planned activation; a scale group shares one range.
+
+    Raises:
+        BadDataError: a calibrated range that is not finite (named).
+    """
+    params: dict[str, QParams] = {}
+    for root, members in plan.groups().items():
+        spec = next(a.spec for a in plan.activations if a.value == root)
+        qmin, qmax = spec.qrange
+        low, high = 0.0, 0.0
+        for name in members:
+            if name not in stats or stats[name].count == 0:
+                continue
+            rmin, rmax = calibrated_range(
+                stats[name], method, qmin=qmin, qmax=qmax, percentile=percentile
+            )
+            if not (np.isfinite(rmin) and np.isfinite(rmax)):
+                raise BadDataError(f"tensor '{name}' has a non-finite calibrated range")
+            low, high = min(low, rmin), max(high, rmax)
+        scale, zero_point = quant_params(low, high, qmin=qmin, qmax=qmax, symmetric=spec.symmetric)
+        for name in members:
+            params[name] = QParams(scale, zero_point, spec)
+    return params
+
+
+def weight_params(array: np.ndarray, spec: QuantSpec) -> QParams:
+    """Symmetric scales of a weight, per channel along `spec.axis` or per tensor."""
+    if not np.isfinite(array).all():
+        raise BadDataError("contains NaN or Inf")
+    qmin, qmax = spec.qrange
+    if spec.axis is None:
+        bound = np.abs(array).max(initial=0.0)
+    else:
+        axes = tuple(i for i in range(array.ndim) if i != spec.axis % array.ndim)
+        bound = np.abs(array).max(axis=axes, initial=0.0)
+    scale, zero_point = quant_params(-bound, bound, qmin=qmin, qmax=qmax, symmetric=True)
+    return QParams(scale, zero_point, spec)
+
+
+def quantize_array(array: np.ndarray, params: QParams) -> np.ndarray:
+    """round(x / scale) + zero_point, saturated, in the spec's integer type."""
+    qmin, qmax = params.spec.qrange
+    scale, zero_point = params.scale, params.zero_point
+    if params.spec.axis is not None and scale.ndim == 1:
+        shape = [1] * array.ndim
+        shape[params.spec.axis % array.ndim] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    q = np.clip(np.rint(array / scale.astype(np.float64)) + zero_point, qmin, qmax)
+    return q.astype(params.spec.dtype.numpy())
+
+
+@dataclass
+class QDQResult(SlimgraphPassResult):
+    """The QDQ model plus, per quantized tensor, the parameters used (for the report)."""
+
+    activations: dict[str, QParams] = field(default_factory=dict)
+    weights: dict[str, QParams] = field(default_factory=dict)
+    weight_sqnr_db: dict[str, float] = field(default_factory=dict)
+
+
+class QDQPass(SlimgraphFunctionalPass):
+    """Insert QuantizeLinear/DequantizeLinear pairs as `plan` says (approximate).
+
+    Args:
+        plan: from `policy.annotate`.
+        activations: from `activation_params`.
+    """
+
+    exact = False
+
+    def __init__(self, plan: QuantPlan, activations: Mapping[str, QParams]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.activations = dict(activations)
+
+    def call(self, model: ir.Model) -> QDQResult:
+        model = ir.from_proto(ir.to_proto(model))
+        graph = model.graph
+        _ensure_opset(model)
+        names = _Names(graph)
+        nodes = {node.name: node for node in graph}
+        values = {v.name: v for v in graph.inputs}
+        values.update({v.name: v for n in graph for v in n.outputs})
+        result = QDQResult(model, modified=True, skipped=list(self.plan.skipped))
+
+        # Weights first: biases need their (possibly raised) scales.
+        bias_by_weight: dict[str, list] = {}
+        for bias in self.plan.biases:
+            bias_by_weight.setdefault(bias.weight, []).append(bias)
+        for annotation in self.plan.weights:
+            initializer = graph.initializers[annotation.value]
+            array = initializer.const_value.numpy().astype(np.float32)
+            try:
+                params = weight_params(array, annotation.spec)
+            except BadDataError as error:
+                raise BadDataError(f"weight '{annotation.value}' {error}") from None
+            params = _fit_biases(params, bias_by_weight.get(annotation.value, []), graph,
+                                 self.activations)
+            quantized = quantize_array(array, params)
+            dequantized = _dequantize(quantized, params)
+            result.weights[annotation.value] = params
+            result.weight_sqnr_db[annotation.value] = _sqnr(array, dequantized)
+            q_init = _initializer(graph, names.new(f"{annotation.value}_quantized"), quantized)
+            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
+            for node_name, index in annotation.uses:
+                dq = _dq_node(names, q_init, scale_init, zp_init, params.spec.axis,
+                              f"{annotation.value}{DQ_SUFFIX}")
+                graph.append(dq)
+                nodes[node_name].replace_input_with(index, dq.outputs[0])
+            _drop_if_unused(graph, annotation.value)
+
+        for bias in self.plan.biases:
+            node = nodes[bias.node]
+            initializer = graph.initializers[bias.value]
+            array = initializer.const_value.numpy().astype(np.float32)
+            act = self.activations[bias.activation]
+            weight = result.weights[bias.weight]
+            scale = (act.scale.astype(np.float64) * weight.scale.astype(np.float64))
+            scale = np.maximum(scale.astype(np.float32), MIN_SCALE).astype(np.float32)
+            axis = 0 if scale.ndim == 1 and scale.size > 1 else None
+            if axis is None:
+                scale = scale.reshape(()) if scale.size == 1 else scale
+            params = QParams(scale, np.zeros(scale.shape, np.int32), QuantSpec(
+                ir.DataType.INT32, True, axis))
+            quantized = quantize_array(array, params)
+            q_init = _initializer(graph, names.new(f"{bias.value}_quantized"), quantized)
+            scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params)
+            dq = _dq_node(names, q_init, scale_init, zp_init, axis, f"{bias.value}{DQ_SUFFIX}")
+            graph.append(dq)
+            node.replace_input_with(bias.index, dq.outputs[0])
+            _drop_if_unused(graph, bias.value)
+
+        for annotation in self.plan.activations:
+            value = values[annotation.value]
+            params = self.activations[annotation.value]
+            result.activations[annotation.value] = params
+            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
+            q = ir.node(
+                "QuantizeLinear", [value, scale_init, zp_init],
+                name=names.new(f"{annotation.value}_QuantizeLinear"),
+            )
+            q.outputs[0].name = names.new(f"{annotation.value}_quantized")
+            dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
+                          f"{annotation.value}{DQ_SUFFIX}")
+            uses = [u for u in value.uses() if u.node is not q]
+            for use in uses:
+                use.node.replace_input_with(use.idx, dq.outputs[0])
+            graph.append(q)
+            graph.append(dq)
+        graph.sort()
+        return result
+
+
+class _Names:
+    """Fresh, unique value and node names."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        for node in graph:
+            self.used.add(node.name)
+            self.used.update(v.name for v in node.outputs)
+
+    def new(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.used:
+            name, index = f"{base}_{index}", index + 1
+        self.used.add(name)
+        return name
+
+
+def _ensure_opset(model: ir.Model) -> None:
+    opset = model.opset_imports.get("", 0)
+    if opset < _MIN_OPSET:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, _MIN_OPSET)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _qparam_initializers(
+    graph: ir.Graph, names: _Names, base: str, params: QParams
+) -> tuple[ir.Value, ir.Value]:
+    scale = np.asarray(params.scale, dtype=np.float32)
+    zero_point = np.asarray(params.zero_point).astype(params.spec.dtype.numpy())
+    if params.spec.axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return (
+        _initializer(graph, names.new(f"{base}_scale"), scale),
+        _initializer(graph, names.new(f"{base}_zero_point"), zero_point),
+    )
+
+
+def _dq_node(
+    names: _Names, source: ir.Value, scale: ir.Value, zero_point: ir.Value, axis: int | None,
+    output: str,
+) -> ir.Node:
+    attributes = {"axis": axis} if axis is not None else {}
+    node = ir.node(
+        "DequantizeLinear", [source, scale, zero_point], attributes=attributes,
+        name=names.new(f"{output}_DequantizeLinear"),
+    )
+    node.outputs[0].name = names.new(output)
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    return node
+
+
+def _drop_if_unused(graph: ir.Graph, name: str) -> None:
+    value = graph.initializers.get(name)
+    if value is not None and not value.uses() and not value.is_graph_output():
+        if value.is_graph_input():
+            graph.inputs.remove(value)
+        del graph.initializers[name]
+
+
+def _dequantize(quantized: np.ndarray, params: QParams) -> np.ndarray:
+    scale, zero_point = params.scale, params.zero_point
+    if params.spec.axis is not None and scale.ndim == 1:
+        shape = [1] * quantized.ndim
+        shape[params.spec.axis % quantized.ndim] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return (quantized.astype(np.float64) - zero_point) * scale
+
+
+def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    noise = float(np.sum((reference - approx) ** 2))
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10 * float(np.log10(signal / noise))
+
+
+def _fit_biases(params: QParams, biases: list, graph: ir.Graph,
+                activations: Mapping[str, QParams]) -> QParams:
+    """Raise weight scales where an int32 bias with scale s_in * s_w would overflow."""
+    scale = params.scale.astype(np.float64)
+    for bias in biases:
+        if bias.activation not in activations:
+            continue
+        b = np.abs(graph.initializers[bias.value].const_value.numpy().astype(np.float64))
+        s_in = float(np.asarray(activations[bias.activation].scale))
+        needed = b / (s_in * (_INT32_MAX // 2))
+        if scale.ndim == 0:
+            needed = needed.max(initial=0.0)
+        scale = np.maximum(scale, needed)
+    return QParams(scale.astype(np.float32), params.zero_point, params.spec)

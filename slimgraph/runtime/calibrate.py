@@ -1,0 +1,211 @@
+"""Calibration: run a model on onnxruntime over the user's data and stream tensor statistics.
+
+The values to observe become extra graph outputs of a copy of the model; the data goes through in
+batches and each batch only updates fixed-size statistics (`TensorStats`), so memory does not grow
+with the number of samples. Data is an `.npz` path, a mapping of stacked arrays (one row per
+sample), or an iterable of feed dicts; every batch is checked against the model's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import BadDataError
+from slimgraph.runtime.feeds import check_feeds, iter_batches, load_npz, sample_count
+from slimgraph.runtime.histogram import TensorStats
+from slimgraph.runtime.session import create_session, run
+
+__all__ = [
+    "CalibrationData",
+    "Batches",
+    "calibration_batches",
+    "with_outputs",
+    "stream_values",
+    "calibrate",
+]
+
+logger = logging.getLogger(__name__)
+
+CalibrationData = (
+    str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+)
+
+# How many batches of one-shot data (a generator) are kept for a second pass (the report).
+_KEPT_BATCHES = 8
+
+
+@dataclass
+class Batches:
+    """Checked feed batches; iterable again when the source allows it (else the first few)."""
+
+    model: ir.Model
+    source: CalibrationData
+    batch_size: int
+    total: int | None = None
+    _stacked: Mapping[str, np.ndarray] | None = None
+    _kept: list[dict[str, np.ndarray]] | None = None
+    _consumed: bool = False
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._stacked is not None:
+            yield from iter_batches(self._stacked, self.batch_size, self.model)
+            return
+        if self._consumed:  # a generator: replay the batches kept on the first pass
+            yield from self._kept or []
+            return
+        kept: list[dict[str, np.ndarray]] = []
+        one_shot = iter(self.source) is self.source  # type: ignore[arg-type]
+        seen = 0
+        for index, feed in enumerate(self.source):  # type: ignore[union-attr]
+            if not isinstance(feed, Mapping):
+                raise BadDataError(
+                    f"calibration data item {index} is a {type(feed).__name__}, not a dict of "
+                    "input name to array"
+                )
+            batch = {name: np.asarray(array) for name, array in feed.items()}
+            check_feeds(self.model, batch, source=f"calibration batch {index}")
+            seen += 1
+            if one_shot and len(kept) < _KEPT_BATCHES:
+                kept.append(batch)
+            yield batch
+        if seen == 0:
+            raise BadDataError("calibration data is empty (no batches)")
+        if one_shot:
+            self._kept, self._consumed = kept, True
+
+
+def calibration_batches(
+    model: ir.Model, data: CalibrationData, *, batch_size: int = 32
+) -> Batches:
+    """Wrap calibration data as checked batches.
+
+    Raises:
+        BadDataError: unreadable file, empty data, names/dtypes/shapes that do not fit the model
+            (the message lists what the model expects), NaN or Inf.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        stacked = load_npz(data, model)
+        return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
+    if isinstance(data, Mapping):
+        stacked = {name: np.asarray(array) for name, array in data.items()}
+        if not stacked:
+            raise BadDataError("calibration data is empty (no inputs)")
+        check_feeds(model, stacked, source="calibration data")
+        return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
+    if data is None or not isinstance(data, Iterable):
+        raise BadDataError(
+            f"calibration data must be an .npz path, a dict of arrays or an iterable of feed "
+            f"dicts, got {type(data).__name__}"
+        )
+    total = len(data) if isinstance(data, Sequence) else None
+    if total == 0:
+        raise BadDataError("calibration data is empty (no batches)")
+    return Batches(model, data, batch_size, total)
+
+
+def _batches_in(stacked: Mapping[str, np.ndarray], batch_size: int) -> int:
+    return -(-sample_count(stacked) // batch_size)
+
+
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of `model` whose graph also outputs the values `names` (in that order)."""
+    copy = ir.from_proto(ir.to_proto(model))
+    values = _values_by_name(copy.graph)
+    present = {value.name for value in copy.graph.outputs}
+    for name in names:
+        if name in present:
+            continue
+        if name not in values:
+            raise BadDataError(f"the model has no value named '{name}'")
+        copy.graph.outputs.append(values[name])
+        present.add(name)
+    return copy
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {value.name: value for value in graph.inputs if value.name}
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                values[value.name] = value
+    return values
+
+
+def stream_values(
+    model: ir.Model,
+    names: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    progress: bool | None = None,
+    total: int | None = None,
+    description: str = "calibrating",
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run `model` on each batch and yield the values `names` (graph outputs included)."""
+    session = create_session(with_outputs(model, names), threads=threads, optimization="basic")
+    wanted = list(dict.fromkeys(names))
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, disable=not show,
+              leave=False) as bar:
+        for feed in batches:
+            outputs = session.run(wanted, dict(feed))
+            bar.update(1)
+            yield dict(zip(wanted, outputs, strict=True))
+
+
+def calibrate(
+    model: ir.Model,
+    data: CalibrationData | Batches,
+    names: Sequence[str],
+    *,
+    histogram: bool = True,
+    batch_size: int = 32,
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, TensorStats]:
+    """Statistics of the values `names` over all calibration data (fixed memory per value).
+
+    Args:
+        model: the float model.
+        data: an `.npz` path, stacked arrays, an iterable of feed dicts, or `Batches`.
+        names: values to observe (activations, graph inputs or outputs).
+        histogram: keep histograms (for percentile, entropy and MSE calibrators).
+        batch_size: rows per run for stacked data.
+        threads: onnxruntime intra-op threads.
+        progress: show a progress bar on stderr (default: when stderr is a terminal).
+
+    Raises:
+        BadDataError: bad or empty data, or a value that becomes NaN/Inf (named).
+    """
+    batches = data if isinstance(data, Batches) else calibration_batches(
+        model, data, batch_size=batch_size
+    )
+    stats = {name: TensorStats(histogram=histogram) for name in names}
+    count = 0
+    for index, values in enumerate(
+        stream_values(model, list(names), batches, threads=threads, progress=progress,
+                      total=batches.total)
+    ):
+        count += 1
+        for name, array in values.items():
+            if array.dtype.kind != "f":
+                continue
+            if not np.isfinite(array).all():
+                raise BadDataError(
+                    f"tensor '{name}' contains NaN or Inf on calibration batch {index} "
+                    "(check the data and the model's weights)"
+                )
+            stats[name].update(array)
+    if count == 0:
+        raise BadDataError("calibration data is empty (no batches)")
+    logger.info("calibrated %d values over %d batches", len(stats), count)
+    return stats

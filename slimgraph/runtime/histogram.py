@@ -1,0 +1,228 @@
+"""Streaming statistics of one tensor, and the range calibrators that read them.
+
+A `TensorStats` sees a tensor batch by batch and keeps a fixed amount of state: exact min/max, a
+moving average of per-batch min/max, and a histogram of fixed bin count whose range grows by
+re-binning (merging) when new values fall outside it. Memory therefore does not depend on the
+number of samples (DESIGN.md section 4), unlike calibrators that keep every value.
+
+Calibrators turn the statistics into a clipping range `(rmin, rmax)`:
+- `minmax`: the exact range; `moving-average`: the average of per-batch min/max;
+- `percentile`: the two-sided percentile (default 99.99) of the histogram;
+- `entropy`: the range whose quantized histogram is closest in KL divergence to the clipped one
+  (TensorRT's method, generalized to asymmetric ranges by shrinking both ends towards zero);
+- `mse`: the range minimizing the expected squared quantization error (rounding + clipping).
+All of them keep zero inside the range and work on constant and tiny ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["METHODS", "TensorStats", "calibrated_range", "quant_params", "MIN_SCALE"]
+
+METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+
+# The smallest scale slimgraph writes: a zero range (an all-zero tensor) still needs a valid,
+# positive scale; this one is tiny but its reciprocal stays far inside float32.
+MIN_SCALE = 1e-30
+
+_BINS = 2048
+_GROWTH = 1.5  # a histogram whose range must grow grows at least this much, so re-binning is rare
+_EMA = 0.01  # weight of a new batch in the moving average of min/max
+
+
+@dataclass
+class TensorStats:
+    """Streaming statistics of one tensor (fixed memory).
+
+    Args:
+        histogram: also keep a histogram (percentile, entropy and MSE need it).
+        bins: histogram bins.
+    """
+
+    histogram: bool = True
+    bins: int = _BINS
+    count: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    ema_min: float = math.nan
+    ema_max: float = math.nan
+    lo: float = 0.0
+    hi: float = 0.0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def update(self, values: np.ndarray) -> None:
+        """Add a batch of values (already checked finite by the caller)."""
+        data = np.asarray(values, dtype=np.float32).ravel()
+        if data.size == 0:
+            return
+        batch_min, batch_max = float(data.min()), float(data.max())
+        if self.count == 0:
+            self.ema_min, self.ema_max = batch_min, batch_max
+        else:
+            self.ema_min += _EMA * (batch_min - self.ema_min)
+            self.ema_max += _EMA * (batch_max - self.ema_max)
+        self.min, self.max = min(self.min, batch_min), max(self.max, batch_max)
+        self.count += data.size
+        if self.histogram:
+            self._add_to_histogram(data, batch_min, batch_max)
+
+    def _add_to_histogram(self, data: np.ndarray, batch_min: float, batch_max: float) -> None:
+        if self.counts.size == 0:
+            self.lo, self.hi = batch_min, batch_max
+            if self.hi <= self.lo:  # a constant so far: give it a tiny width around the value
+                self.hi = self.lo + max(abs(self.lo), 1e-30) * 2.0**-20
+            self.counts = np.zeros(self.bins)
+        elif batch_min < self.lo or batch_max > self.hi:
+            self._grow(batch_min, batch_max)
+        hist, _ = np.histogram(data, bins=self.bins, range=(self.lo, self.hi))
+        self.counts += hist
+
+    def _grow(self, batch_min: float, batch_max: float) -> None:
+        """Re-bin onto a wider range that holds the new values (counts spread linearly)."""
+        width = self.hi - self.lo
+        lo, hi = min(self.lo, batch_min), max(self.hi, batch_max)
+        extra = max(0.0, _GROWTH * width - (hi - lo))
+        if batch_min < self.lo:
+            lo -= extra if batch_max <= self.hi else extra / 2
+        if batch_max > self.hi:
+            hi += extra if batch_min >= self.lo else extra / 2
+        new_edges = np.linspace(lo, hi, self.bins + 1)
+        self.counts = np.diff(self.cdf(new_edges))
+        self.lo, self.hi = lo, hi
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, self.bins + 1)
+
+    def cdf(self, points: np.ndarray) -> np.ndarray:
+        """Number of values below each point (uniform within a bin)."""
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        return np.interp(points, self.edges(), cumulative, left=0.0, right=cumulative[-1])
+
+    def quantile(self, q: float) -> float:
+        """The value below which a share q of the values lies (from the histogram)."""
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        total = cumulative[-1]
+        if total <= 0:
+            return 0.0
+        value = float(np.interp(q * total, cumulative, self.edges()))
+        return min(max(value, self.min), self.max)
+
+
+def calibrated_range(
+    stats: TensorStats,
+    method: str,
+    *,
+    qmin: int = 0,
+    qmax: int = 255,
+    percentile: float = 99.99,
+) -> tuple[float, float]:
+    """The clipping range a calibrator picks, always containing zero.
+
+    Args:
+        stats: the tensor's statistics.
+        method: one of `METHODS`.
+        qmin, qmax: the integer grid the range will map to (entropy and MSE need its size).
+        percentile: for `percentile`, the share of values kept on each side, in percent.
+    """
+    if stats.count == 0:
+        return 0.0, 0.0
+    rmin, rmax = min(stats.min, 0.0), max(stats.max, 0.0)
+    if method == "minmax":
+        return rmin, rmax
+    if method == "moving-average":
+        return min(stats.ema_min, 0.0), max(stats.ema_max, 0.0)
+    if rmax - rmin <= 0 or not stats.histogram or stats.counts.size == 0:
+        return rmin, rmax
+    if method == "percentile":
+        tail = (100.0 - percentile) / 100.0
+        low = stats.quantile(tail) if stats.min < 0 else 0.0
+        high = stats.quantile(1.0 - tail) if stats.max > 0 else 0.0
+        return min(low, 0.0), max(high, 0.0)
+    if method in ("entropy", "mse"):
+        levels = qmax - qmin
+        factors = _candidate_factors(stats, rmin, rmax, levels)
+        errors = [
+            _kl_divergence(stats, rmin * f, rmax * f, levels)
+            if method == "entropy"
+            else _expected_squared_error(stats, rmin * f, rmax * f, levels)
+            for f in factors
+        ]
+        best = float(factors[int(np.argmin(errors))])
+        return rmin * best, rmax * best
+    raise ValueError(f"unknown calibration method '{method}'")
+
+
+def _candidate_factors(stats: TensorStats, rmin: float, rmax: float, levels: int) -> np.ndarray:
+    """Shrink factors of the full range: from the full range down to `levels` histogram bins."""
+    bin_width = (stats.hi - stats.lo) / stats.bins
+    smallest = min(1.0, max(levels * bin_width / (rmax - rmin), 1.0 / 64))
+    return np.linspace(1.0, smallest, 128)
+
+
+def _kl_divergence(stats: TensorStats, lo: float, hi: float, levels: int) -> float:
+    """KL(P || Q): P the histogram clipped to [lo, hi] at native resolution (outliers added to the
+    edge bins), Q the same after merging into `levels` quantization bins (mass spread uniformly
+    over each level's non-empty bins), as in TensorRT's entropy calibration."""
+    bin_width = (stats.hi - stats.lo) / stats.bins
+    n = max(levels, int(round((hi - lo) / bin_width)))
+    edges = np.linspace(lo, hi, n + 1)
+    cumulative = stats.cdf(edges)
+    p = np.diff(cumulative)
+    p[0] += cumulative[0]
+    p[-1] += stats.counts.sum() - cumulative[-1]
+    group = (np.arange(n) * levels) // n
+    mass = np.bincount(group, weights=p, minlength=levels)
+    nonzero = np.bincount(group, weights=(p > 0).astype(float), minlength=levels)
+    q = np.where(p > 0, mass[group] / np.maximum(nonzero[group], 1), 0.0)
+    keep = p > 0
+    p_norm = p[keep] / p.sum()
+    q_norm = q[keep] / q.sum()
+    return float(np.sum(p_norm * np.log(p_norm / q_norm)))
+
+
+def _expected_squared_error(stats: TensorStats, lo: float, hi: float, levels: int) -> float:
+    """Rounding noise (scale^2 / 12 per value inside the range) plus clipping error outside."""
+    scale = (hi - lo) / levels
+    edges = stats.edges()
+    centers = (edges[:-1] + edges[1:]) / 2
+    below = centers < lo
+    above = centers > hi
+    inside = ~(below | above)
+    rounding = stats.counts[inside].sum() * scale**2 / 12
+    clipping = (stats.counts[below] * (centers[below] - lo) ** 2).sum()
+    clipping += (stats.counts[above] * (centers[above] - hi) ** 2).sum()
+    return float(rounding + clipping)
+
+
+def quant_params(
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    *,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) mapping [rmin, rmax] onto [qmin, qmax].
+
+    Zero is always exactly representable. Symmetric ranges use zero point 0 for signed grids
+    (the middle of the grid for unsigned ones) and scale max|r| / (half the grid). A zero range
+    gets `MIN_SCALE`, so the result is always valid.
+    """
+    low = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    high = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if symmetric:
+        bound = np.maximum(-low, high)
+        half = (qmax - qmin) / 2
+        scale = np.maximum(bound / half, MIN_SCALE)
+        zero_point = np.full(scale.shape, int(math.ceil((qmin + qmax) / 2)), dtype=np.int64)
+        if qmin < 0:
+            zero_point[...] = 0
+            scale = np.maximum(bound / qmax, MIN_SCALE)
+        return scale.astype(np.float32), zero_point
+    scale = np.maximum((high - low) / (qmax - qmin), MIN_SCALE)
+    zero_point = np.clip(np.round(qmin - low / scale), qmin, qmax).astype(np.int64)
+    return scale.astype(np.float32), zero_point
