@@ -47,8 +47,9 @@ def save(
     Args:
         model: the model to write; it is not changed.
         path: the target `.onnx` file.
-        external_data: store weights in `<file name>.data` beside the model. `None` (default)
-            does so only when the weights exceed what one protobuf can hold (2 GB).
+        external_data: store weights in `<file name>.data` beside the model (tensors of 256
+            bytes or less stay inline; no file when none is larger). `None` (default) does so
+            only when the weights exceed what one protobuf can hold (2 GB).
 
     Returns:
         The path written.
@@ -75,7 +76,7 @@ def save(
         with inlined_external_data(model):
             ir.save(model, staged_model, external_data=data_name if external_data else None)
         staged_data = staging / data_name
-        if staged_data.exists():
+        if staged_data.exists() and staged_data.stat().st_size > 0:  # all tensors may be tiny
             os.replace(staged_data, folder / data_name)
         os.replace(staged_model, target)
     finally:
