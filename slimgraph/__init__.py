@@ -20,6 +20,7 @@ from slimgraph.errors import (
     VerificationError,
 )
 from slimgraph.ir import from_torch, load, save
+from slimgraph.passes.pipeline import optimize
 from slimgraph.runtime import benchmark, compare, random_feeds
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "compare",
     "benchmark",
     "random_feeds",
+    "optimize",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

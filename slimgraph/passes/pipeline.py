@@ -53,6 +53,8 @@ __all__ = [
     "PipelineResult",
     "run_pipeline",
     "node_count",
+    "optimize",
+    "optimize_report",
     "DEFAULT_RTOL",
     "DEFAULT_ATOL",
 ]
@@ -430,6 +432,77 @@ def run_pipeline(
     if verifier is not None:
         overall = compare_outputs(verifier.original, verifier.reference)
     return PipelineResult(current, any_modified, records=records, fidelity=overall)
+
+
+def optimize_report(
+    model: ir.Model,
+    *,
+    preset: str | None = "lossless",
+    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
+    verify: bool = True,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    opset: int | None = None,
+    tolerance: tuple[float, float] | None = None,
+    min_cosine: float | None = None,
+) -> PipelineResult:
+    """`optimize`, returning the whole `PipelineResult` (what the command line prints)."""
+    if recipe is not None:
+        steps: list[str | Mapping[str, Any]] = (
+            list(recipe) if isinstance(recipe, Sequence) and not isinstance(recipe, str)
+            else list(load_recipe(recipe))
+        )
+    elif preset is not None:
+        _ensure_registered()
+        if preset not in PRESETS:
+            raise BadOptionError(
+                f"unknown preset '{preset}' (known presets: {', '.join(sorted(PRESETS))})"
+            )
+        steps = [preset]
+    else:
+        raise BadOptionError("give a preset or a recipe")
+    if opset is not None:
+        steps = [{"name": "convert-opset", "opset": opset}, *steps]
+    result = run_pipeline(
+        model, steps, verify=verify, feeds=feeds, tolerance=tolerance, min_cosine=min_cosine
+    )
+    result.model.meta.update(model.meta)  # keeps save() from writing over the input file
+    return result
+
+
+def optimize(
+    model: ir.Model,
+    *,
+    preset: str | None = "lossless",
+    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
+    verify: bool = True,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    opset: int | None = None,
+) -> ir.Model:
+    """Optimize a copy of `model` with a preset or a recipe, each pass verified.
+
+    Args:
+        model: the input; never modified.
+        preset: a registered preset ("lossless": exact cleanup + fusion; "cleanup-only").
+        recipe: a recipe file (YAML/JSON) or a list of steps; replaces `preset` when given.
+        verify: run every modifying pass's check on onnxruntime (see `run_pipeline`).
+        feeds: sample inputs for verification (default: seeded random feeds).
+        opset: convert the default-domain opset first (onnx's version converter, verified);
+            None keeps the model's opset.
+
+    Returns:
+        The optimized model.
+
+    Raises:
+        BadOptionError: unknown preset or pass names, a bad recipe file (lists the known names).
+        VerificationError: a pass changed the outputs beyond its tolerance (names the pass).
+
+    Example:
+        >>> import slimgraph as sg
+        >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
+    """
+    return optimize_report(
+        model, preset=preset, recipe=recipe, verify=verify, feeds=feeds, opset=opset
+    ).model
 
 
 def _details(result: ir.passes.PassResult) -> dict[str, Any]:

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.diff_cmd",
     "slimgraph.tools.compare_cmd",
     "slimgraph.tools.bench_cmd",
+    "slimgraph.tools.optimize_cmd",
 )
 
 

@@ -1,0 +1,126 @@
+"""`slimgraph optimize MODEL -o OUT [--preset NAME | --recipe FILE] [--opset N] [--no-verify]`.
+
+Runs a preset (default `lossless`: exact cleanup + fusion) or a recipe on the model, verifying
+every pass on onnxruntime, prints one line per pass (name, exact or approximate, nodes before ->
+after, time, fidelity) and writes OUT atomically, only when every pass succeeded. The input keeps
+its opset unless `--opset N` asks for onnx's version converter (verified like a pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimgraph import ir as sg_ir
+from slimgraph import runtime
+from slimgraph.errors import OutputPathError
+from slimgraph.passes.pipeline import PipelineResult, node_count, optimize_report
+from slimgraph.tools.tables import emit, render_table, to_json
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "optimize",
+        help="run a preset or recipe of verified passes (default: lossless cleanup + fusion)",
+        description=(
+            "Optimize a model with a preset or a recipe of passes. Every pass that changes the "
+            "model is checked on onnxruntime; an exact pass that changes the outputs stops the run "
+            "with exit code 1 and nothing is written."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    parser.add_argument(
+        "--preset", default="lossless", help="preset name (default: lossless)"
+    )
+    parser.add_argument(
+        "--recipe", metavar="FILE", help="YAML/JSON list of passes (replaces --preset)"
+    )
+    parser.add_argument(
+        "--opset", type=int, default=None, help="convert to this opset first (verified)"
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DATA.npz",
+        help="verification inputs: keys = input names, stacked on axis 0 (default: random)",
+    )
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip onnxruntime checks"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    source = Path(args.model)
+    target = Path(args.output)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise OutputPathError(f"{target}: refusing to write over the input model")
+    model = sg_ir.load(source)
+    feeds = None
+    if args.data:
+        data = runtime.load_npz(args.data, model)
+        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data, 8, model))]
+    before = node_count(model)
+    result = optimize_report(
+        model,
+        preset=None if args.recipe else args.preset,
+        recipe=args.recipe,
+        verify=args.verify,
+        feeds=feeds,
+        opset=args.opset,
+    )
+    sg_ir.save(result.model, target)
+    after = node_count(result.model)
+    if args.json:
+        data_out = result.to_dict()
+        data_out.update(
+            {"input": str(source), "output": str(target), "nodes_before": before,
+             "nodes_after": after, "verified": args.verify}
+        )
+        emit(to_json(data_out))
+    else:
+        emit(_render(result, before, after, target, args.verify))
+    return 0
+
+
+def _render(result: PipelineResult, before: int, after: int, target: Path, verify: bool) -> str:
+    rows = []
+    for record in result.records:
+        if not record.modified:
+            fidelity = "no change"
+        elif record.fidelity is None:
+            fidelity = "not verified" if not verify or not _annotates(record.name) else "metadata"
+        else:
+            worst = max(record.fidelity.outputs, key=lambda o: o.max_abs_error)
+            fidelity = (
+                f"max err {worst.max_abs_error:.2e}  cos {record.fidelity.worst_cosine:.6f}"
+            )
+        rows.append(
+            [
+                record.name,
+                "exact" if record.exact else "approx",
+                f"{record.nodes_before} -> {record.nodes_after}",
+                f"{(record.seconds + record.verify_seconds) * 1000:.0f} ms",
+                fidelity,
+            ]
+        )
+    table = render_table(["pass", "kind", "nodes", "time", "fidelity"], rows, align="llrrl")
+    summary = f"nodes {before} -> {after}"
+    if result.fidelity is not None:
+        worst = max(result.fidelity.outputs, key=lambda o: o.max_abs_error)
+        summary += (
+            f"; outputs vs input model: max abs err {worst.max_abs_error:.2e}, "
+            f"cosine {result.fidelity.worst_cosine:.6f}"
+        )
+    elif not verify:
+        summary += "; not verified (--no-verify)"
+    return f"{table}\n{summary}\nwrote {target}"
+
+
+def _annotates(name: str) -> bool:
+    from slimgraph.passes.pipeline import PASSES
+
+    return bool(getattr(PASSES.get(name), "annotates_only", False))
