@@ -1,0 +1,111 @@
+"""from_torch: every node keeps the torch module path it came from; dynamic batch; bad arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from torch import nn
+
+from slimgraph.errors import BadInputError, UnsupportedModelError
+from slimgraph.ir import from_torch, layer_name, load, metadata, save
+from slimgraph.runtime import create_session, run
+from tests import models as test_models
+from tests.conftest import exported_model
+
+
+def _modules_of(module: nn.Module, kind: type) -> list[str]:
+    return [name for name, m in module.named_modules() if isinstance(m, kind)]
+
+
+def _layers(model: ir.Model, op_type: str) -> list[str]:
+    return [layer_name(n) for n in model.graph if n.op_type == op_type]
+
+
+def test_resnet_layer_names_follow_torch_modules() -> None:
+    module = test_models.build("resnet")
+    model = exported_model("resnet")
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    assert len(convs) == len(_modules_of(module, nn.Conv2d))
+    parameters = dict(module.named_parameters())
+    for node in convs:
+        weight = node.inputs[1]
+        assert weight.name in parameters and weight.name.endswith(".weight")
+        assert layer_name(node) == weight.name.removesuffix(".weight")
+        assert node.metadata_props[metadata.LAYER] == layer_name(node)
+    assert sorted(_layers(model, "Conv")) == sorted(_modules_of(module, nn.Conv2d))
+    assert "layer1.0.conv1" in _layers(model, "Conv")
+    assert sorted(_layers(model, "BatchNormalization")) == sorted(
+        _modules_of(module, nn.BatchNorm2d)
+    )
+    blocks = _modules_of(module, test_models.BasicBlock)
+    assert _layers(model, "Add") == blocks  # one residual Add per block, in order
+    assert _layers(model, "Gemm") == ["fc"]
+
+
+def test_layer_names_survive_save_and_load(tmp_path: Path) -> None:
+    model = exported_model("resnet")
+    loaded = load(save(model, tmp_path / "resnet.onnx"))
+    before = {n.name: n.metadata_props.get(metadata.LAYER) for n in model.graph}
+    after = {n.name: n.metadata_props.get(metadata.LAYER) for n in loaded.graph}
+    assert after == before
+    assert sum(1 for layer in after.values() if layer) > len(after) // 2
+
+
+def test_layer_name_rules() -> None:
+    node = ir.node("Relu", [ir.val("x")])
+    assert layer_name(node) == ""
+    node.metadata_props[metadata.TORCH_NAME_SCOPES] = "['', 'block', 'block.act', 'relu']"
+    assert layer_name(node) == "block.act"
+    node.metadata_props[metadata.TORCH_NAME_SCOPES] = "not a list ["
+    assert layer_name(node) == ""
+    node.metadata_props[metadata.LAYER] = "stored.name"
+    assert layer_name(node) == "stored.name"
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch(batch: int, dynamic_resnet: ir.Model) -> None:
+    module = test_models.build("resnet")
+    (x,) = test_models.example_input("resnet", batch=batch)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = run(create_session(dynamic_resnet), {"x": x.numpy()})
+    (output,) = got.values()
+    assert output.shape == (batch, 10)
+    np.testing.assert_allclose(
+        output, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(expected).max()))
+    )
+
+
+@pytest.fixture(scope="module")
+def dynamic_resnet() -> ir.Model:
+    model = from_torch(
+        test_models.build("resnet"),
+        test_models.example_input("resnet", batch=2),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}},
+    )
+    first = model.graph.inputs[0].shape[0]
+    assert not isinstance(first, int) and first.value, "the batch dimension must be symbolic"
+    assert list(model.graph.inputs[0].shape)[1:] == [3, 32, 32]
+    return model
+
+
+def test_not_a_module() -> None:
+    with pytest.raises(UnsupportedModelError, match="from_torch needs a torch.nn.Module, got function"):
+        from_torch(lambda x: x, (torch.zeros(1),))
+    assert issubclass(UnsupportedModelError, BadInputError)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # control flow on values: torch.export cannot trace it
+            return x
+        return -x
+
+
+def test_export_failure_is_one_clear_error() -> None:
+    with pytest.raises(UnsupportedModelError, match="torch.onnx.export could not export _DataDependent"):
+        from_torch(_DataDependent(), (torch.ones(2),))
