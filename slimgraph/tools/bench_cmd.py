@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     headers = ["model", "median ms", "p90 ms", "ratio", "inputs"]
     emit(
         render_table(headers, rows, align="lrrrl")
-        + f"\n\n{result.rounds} interleaved rounds, {result.threads} threads, "
+        + f"\n\n{result.rounds} interleaved rounds, {result.threads} intra-op thread(s), "
         f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's median"
     )
     return 0
