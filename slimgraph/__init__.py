@@ -21,6 +21,7 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import from_torch, load, save
 from slimgraph.passes.pipeline import optimize
+from slimgraph.passes.quantize import quantize
 from slimgraph.runtime import benchmark, compare, random_feeds
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "benchmark",
     "random_feeds",
     "optimize",
+    "quantize",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

@@ -46,6 +46,7 @@ class TensorStats:
     histogram: bool = True
     bins: int = _BINS
     count: int = 0
+    zeros: int = 0  # exact zeros (after a Relu, often half the values): representable exactly
     min: float = math.inf
     max: float = -math.inf
     ema_min: float = math.nan
@@ -67,6 +68,7 @@ class TensorStats:
             self.ema_max += _EMA * (batch_max - self.ema_max)
         self.min, self.max = min(self.min, batch_min), max(self.max, batch_max)
         self.count += data.size
+        self.zeros += int(np.count_nonzero(data == 0))
         if self.histogram:
             self._add_to_histogram(data, batch_min, batch_max)
 
@@ -144,6 +146,7 @@ def calibrated_range(
         return min(low, 0.0), max(high, 0.0)
     if method in ("entropy", "mse"):
         levels = qmax - qmin
+        stats = _nonzero_part(stats)
         factors = _candidate_factors(stats, rmin, rmax, levels)
         errors = [
             _kl_divergence(stats, rmin * f, rmax * f, levels)
@@ -163,6 +166,20 @@ def _candidate_factors(stats: TensorStats, rmin: float, rmax: float, levels: int
     return np.linspace(1.0, smallest, 128)
 
 
+def _nonzero_part(stats: TensorStats) -> TensorStats:
+    """The statistics without the exact zeros (they quantize without error, and a spike of them
+    at one bin would otherwise decide the KL search: it favours ranges as small as possible)."""
+    if stats.zeros == 0 or not stats.lo <= 0.0 <= stats.hi:
+        return stats
+    counts = stats.counts.copy()
+    index = min(int((0.0 - stats.lo) / (stats.hi - stats.lo) * stats.bins), stats.bins - 1)
+    counts[index] = max(0.0, counts[index] - stats.zeros)
+    if counts.sum() <= 0:
+        return stats
+    return TensorStats(histogram=True, bins=stats.bins, count=stats.count - stats.zeros,
+                       min=stats.min, max=stats.max, lo=stats.lo, hi=stats.hi, counts=counts)
+
+
 def _kl_divergence(stats: TensorStats, lo: float, hi: float, levels: int) -> float:
     """KL(P || Q): P the histogram clipped to [lo, hi] at native resolution (outliers added to the
     edge bins), Q the same after merging into `levels` quantization bins (mass spread uniformly
@@ -171,16 +188,20 @@ def _kl_divergence(stats: TensorStats, lo: float, hi: float, levels: int) -> flo
     n = max(levels, int(round((hi - lo) / bin_width)))
     edges = np.linspace(lo, hi, n + 1)
     cumulative = stats.cdf(edges)
-    p = np.diff(cumulative)
+    inside = np.diff(cumulative)
+    p = inside.copy()
     p[0] += cumulative[0]
     p[-1] += stats.counts.sum() - cumulative[-1]
+    # Q quantizes the clipped histogram without the outliers: clipping is what KL then charges.
     group = (np.arange(n) * levels) // n
-    mass = np.bincount(group, weights=p, minlength=levels)
-    nonzero = np.bincount(group, weights=(p > 0).astype(float), minlength=levels)
-    q = np.where(p > 0, mass[group] / np.maximum(nonzero[group], 1), 0.0)
+    mass = np.bincount(group, weights=inside, minlength=levels)
+    occupied = np.bincount(group, weights=(inside > 0).astype(float), minlength=levels)
+    q = np.where(inside > 0, mass[group] / np.maximum(occupied[group], 1), 0.0)
     keep = p > 0
+    if q.sum() <= 0:
+        return math.inf
     p_norm = p[keep] / p.sum()
-    q_norm = q[keep] / q.sum()
+    q_norm = np.maximum(q[keep] / q.sum(), 1e-12)
     return float(np.sum(p_norm * np.log(p_norm / q_norm)))
 
 

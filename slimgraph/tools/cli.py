@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.compare_cmd",
     "slimgraph.tools.bench_cmd",
     "slimgraph.tools.optimize_cmd",
+    "slimgraph.tools.quantize_cmd",
+    "slimgraph.tools.demo_cmd",
 )
 
 

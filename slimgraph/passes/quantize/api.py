@@ -168,15 +168,16 @@ def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Mo
     """
     source = ir.from_proto(ir.to_proto(model))
     try:
-        from slimgraph.passes.pipeline import lossless
-    except ImportError:
+        from slimgraph.passes import lossless
+    except ImportError:  # the pipeline is optional here: onnxscript's optimizer folds BN too
         lossless = None
     if lossless is not None:
-        prepared = lossless(source, verify=False)
+        prepared = lossless(source, verify=False).model
     else:
         prepared = _optimize(source)
     _lift_constants(prepared)
     _name_nodes(prepared)
+    _weight_layers(prepared)
     if feed is not None:
         _verify(model, prepared, feed)
     return prepared
@@ -201,6 +202,16 @@ def _lift_constants(model: ir.Model) -> None:
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
+def _weight_layers(model: ir.Model) -> None:
+    """A Conv with a BatchNorm folded in belongs to the conv's layer (its weight's name), not
+    the BatchNorm's the fusion may have left on it."""
+    for node in model.graph:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            if weight is not None and weight.is_initializer() and weight.name.endswith(".weight"):
+                node.metadata_props[metadata.LAYER] = weight.name[: -len(".weight")]
 
 
 def _name_nodes(model: ir.Model) -> None:

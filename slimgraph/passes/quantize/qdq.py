@@ -106,6 +106,7 @@ class QDQResult(SlimgraphPassResult):
     activations: dict[str, QParams] = field(default_factory=dict)
     weights: dict[str, QParams] = field(default_factory=dict)
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
+    dequantized: dict[str, str] = field(default_factory=dict)  # activation -> its DQ output
 
 
 class QDQPass(SlimgraphFunctionalPass):
@@ -192,6 +193,7 @@ class QDQPass(SlimgraphFunctionalPass):
             q.outputs[0].name = names.new(f"{annotation.value}_quantized")
             dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
                           f"{annotation.value}{DQ_SUFFIX}")
+            result.dequantized[annotation.value] = dq.outputs[0].name
             uses = [u for u in value.uses() if u.node is not q]
             for use in uses:
                 use.node.replace_input_with(use.idx, dq.outputs[0])

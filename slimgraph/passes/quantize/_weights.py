@@ -1,0 +1,147 @@
+"""Graph helpers for the weight quantizers: constant weights, exclusion patterns, new initializers.
+
+A dynamo export reads a Linear's weight through `Transpose(initializer)` (the exporter's optimizer
+is off), so "constant weight" means a value computed from initializers by data-movement nodes
+only; `constant_array` follows such chains and returns the weight as the consumer sees it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from slimgraph.ir import layer_name
+
+__all__ = [
+    "constant_array",
+    "excluded_by",
+    "add_initializer",
+    "unique_name",
+    "bias_add_after",
+    "bias_of",
+    "is_float32",
+]
+
+# Ops through which a constant weight may reach its consumer (all inputs constant).
+_MOVERS = frozenset(
+    {"Constant", "Identity", "Transpose", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape",
+     "Split", "Gather", "Cast", "Flatten", "Expand", "Shape", "Mul", "Add", "Sub", "Div"}
+)
+_MAX_CHAIN = 8
+
+
+def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
+    """The numpy value of `value` if it is computed from constants only, else None.
+
+    Follows initializers, Constant nodes and chains of up to 8 data-movement ops over them
+    (Transpose, Identity, Slice, Concat, ...; the dynamo exporter reorders LSTM gates that way),
+    evaluated with onnx's reference implementation.
+    """
+    if value is None or _depth > _MAX_CHAIN:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
+        return None
+    if node.op_type == "Constant":
+        attr = node.attributes.get("value")
+        return None if attr is None else attr.as_tensor().numpy()
+    if node.op_type == "Shape" and node.inputs[0] is not None:
+        shape = node.inputs[0].shape
+        if shape is not None and shape.is_static() and not node.attributes:
+            return np.asarray(shape.numpy(), np.int64)
+    arrays = [constant_array(v, _depth + 1) if v is not None else None for v in node.inputs]
+    if any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
+        return None
+    if node.op_type == "Identity":
+        return arrays[0]
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm")
+        return np.transpose(arrays[0], perm)
+    return _evaluate(node, arrays, value)
+
+
+def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -> np.ndarray | None:
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(arrays)]
+    proto = onnx.helper.make_node(
+        node.op_type, names, [f"o{k}" for k in range(len(node.outputs))],
+        **{name: attr.value for name, attr in node.attributes.items()},
+    )
+    try:
+        outputs = ReferenceEvaluator(proto).run(
+            None, {n: a for n, a in zip(names, arrays, strict=True) if n}
+        )
+    except Exception:  # an op the reference cannot evaluate: not a constant we can use
+        return None
+    return np.asarray(outputs[value.index()])
+
+
+def excluded_by(node: ir.Node, patterns: Sequence[str]) -> str | None:
+    """The first pattern (fnmatch) matching the node's layer name or node name, else None."""
+    names = [n for n in (layer_name(node), node.name or "") if n]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return pattern
+    return None
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """A value name not used in the graph (`taken` caches names already handed out)."""
+    if not taken:
+        taken.update(graph.initializers)
+        for node in graph:
+            taken.update(v.name for v in node.outputs if v.name)
+        taken.update(v.name for v in graph.inputs if v.name)
+    name, index = base, 1
+    while name in taken:
+        name = f"{base}_{index}"
+        index += 1
+    taken.add(name)
+    return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer and return its value."""
+    tensor = array if not isinstance(array, np.ndarray) else ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:
+    """The Add right after `node` that adds a constant [N] bias (fused into the int8 kernel)."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    bias = constant_array(other)
+    if bias is None or bias.dtype != np.float32 or bias.shape != (columns,):
+        return None
+    if add.outputs[0].shape is not None and out.shape is not None:
+        if add.outputs[0].shape != out.shape:  # the bias must not broadcast the result up
+            return None
+    return add
+
+
+def bias_of(add: ir.Node, node: ir.Node) -> np.ndarray:
+    """The constant bias operand of a bias Add found by `bias_add_after`."""
+    other = add.inputs[0] if add.inputs[1] is node.outputs[0] else add.inputs[1]
+    array = constant_array(other)
+    assert array is not None
+    return array
+
+
+def is_float32(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT

@@ -1,0 +1,355 @@
+"""Weight-only int4/int8 quantization of MatMul weights with block-wise scales.
+
+Approximate pass (seed 002, "granularity: group / sub-channel"): each MatMul weight W [K, N] is
+cut into blocks of `block_size` consecutive rows along K (the reduction axis) per column, and
+every block gets its own scale (and zero point when asymmetric). Activations stay float: the
+weight is dequantized (by the kernel or by a DequantizeLinear node) and the MatMul runs in float,
+so this shrinks files (about 1/8 for int4 weights) rather than speeding up compute-bound models.
+
+Two output formats:
+- "matmulnbits": onnxruntime's `com.microsoft.MatMulNBits` (weight transposed to [N, K], packed
+  into per-block blobs, the bias Add fused). The default: faster on this CPU at batch 1 and 8
+  (benchmarks/quantize_modes.py prints both side by side).
+- "dq": standard ONNX, `DequantizeLinear(axis=0, block_size=B)` on an int4/int8 initializer
+  feeding the unchanged MatMul; needs opset 21, so `quantize_weight_only` upgrades older models
+  with `onnx.version_converter` and checks the upgrade changed nothing.
+
+Symmetric (default): codes in [-(2^(b-1) - 1), 2^(b-1) - 1], scale max|block| / (2^(b-1) - 1).
+Asymmetric: unsigned codes over [min(block, 0), max(block, 0)] with a zero point per block.
+4-bit values are packed two per byte, the first in the low nibble (ONNX INT4 / MatMulNBits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import layer_name, metadata
+from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
+from slimgraph.passes.quantize._weights import (
+    add_initializer,
+    bias_add_after,
+    bias_of,
+    constant_array,
+    excluded_by,
+    is_float32,
+    unique_name,
+)
+from slimgraph.passes.quantize.dynamic import QuantizedNode
+
+__all__ = [
+    "FORMATS",
+    "DEFAULT_FORMAT",
+    "WeightOnlyResult",
+    "WeightOnlyQuantizePass",
+    "quantize_weight_only",
+    "upgrade_opset",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("matmulnbits", "dq")
+DEFAULT_FORMAT = "matmulnbits"
+_DQ_BLOCK_OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class WeightOnlyResult(SlimgraphPassResult):
+    """What `WeightOnlyQuantizePass` quantized (and, in `skipped`, what it left float and why)."""
+
+    quantized: list[QuantizedNode] = field(default_factory=list)
+
+
+def _check_options(bits: int, block_size: int, fmt: str) -> None:
+    if bits not in (4, 8):
+        raise BadOptionError(f"weight-only quantization supports bits 4 or 8 (got {bits})")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise BadOptionError(
+            f"block_size must be a power of two >= 16 (got {block_size})"
+        )
+    if fmt not in FORMATS:
+        raise BadOptionError(f"unknown weight-only format '{fmt}' (choose from {', '.join(FORMATS)})")
+
+
+class WeightOnlyQuantizePass(SlimgraphPass):
+    """Block-wise int4/int8 weights for MatMul with a constant [K, N] weight (`exact = False`).
+
+    Args:
+        bits: 4 or 8.
+        block_size: rows of K per block; a power of two >= 16.
+        fmt: "matmulnbits" (default) or "dq" (needs opset >= 21; see `quantize_weight_only`).
+        symmetric: symmetric codes without zero points (True) or asymmetric with zero points.
+        exclude: fnmatch patterns over layer names and node names to leave in float.
+    """
+
+    exact = False
+
+    def __init__(
+        self,
+        *,
+        bits: int = 4,
+        block_size: int = 32,
+        fmt: str = DEFAULT_FORMAT,
+        symmetric: bool = True,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.block_size = block_size
+        self.fmt = fmt
+        self.symmetric = symmetric
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+    def requires(self, model: ir.Model) -> None:
+        _check_options(self.bits, self.block_size, self.fmt)
+        opset = _opset(model)
+        if self.fmt == "dq" and opset < _DQ_BLOCK_OPSET:
+            raise UnsupportedModelError(
+                f"block-wise DequantizeLinear needs opset >= {_DQ_BLOCK_OPSET} and the model has "
+                f"opset {opset}; quantize_weight_only() upgrades it first"
+            )
+
+    def call(self, model: ir.Model) -> WeightOnlyResult:
+        graph = model.graph
+        skipped: list[Skipped] = []
+        plan: list[tuple[ir.Node, np.ndarray, ir.Node | None]] = []
+        candidates = 0
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            candidates += 1
+            reason = None
+            weight = constant_array(node.inputs[1])
+            if (pattern := excluded_by(node, self.exclude)) is not None:
+                reason = f"excluded by pattern '{pattern}'"
+            elif weight is None:
+                reason = "both inputs are activations (no constant weight)"
+            elif weight.ndim != 2 or weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+                reason = "weight is not a float32 [K, N] matrix"
+            if reason is not None:
+                skipped.append(Skipped(node.name or "", node.op_type, reason))
+                continue
+            assert weight is not None
+            fused = bias_add_after(node, weight.shape[1]) if self.fmt == "matmulnbits" else None
+            plan.append((node, weight, fused))
+        if not plan:
+            reasons = "; ".join(sorted({s.reason for s in skipped})) or "no MatMul nodes"
+            raise UnsupportedModelError(
+                f"nothing to quantize weight-only: no MatMul with a constant float weight "
+                f"({candidates} MatMul node(s): {reasons})"
+            )
+        writer = _Writer(graph, self.bits, self.block_size, self.symmetric)
+        rewrite = writer.matmulnbits if self.fmt == "matmulnbits" else writer.dequantize_linear
+        quantized = [rewrite(node, weight, fused) for node, weight, fused in plan]
+        for entry in skipped:
+            logger.info("weight-only quantization skipped %s: %s", entry.node, entry.reason)
+        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
+        if self.fmt == "matmulnbits":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return WeightOnlyResult(model, modified=True, skipped=skipped, quantized=quantized)
+
+
+def quantize_weight_only(
+    model: ir.Model,
+    *,
+    bits: int = 4,
+    block_size: int = 32,
+    fmt: str = DEFAULT_FORMAT,
+    symmetric: bool = True,
+    exclude: Sequence[str] = (),
+) -> ir.Model:
+    """Weight-only block-wise quantization of a copy of `model` (the input is left untouched).
+
+    Example:
+        >>> q = quantize_weight_only(model, bits=4, block_size=32)  # doctest: +SKIP
+    """
+    _check_options(bits, block_size, fmt)
+    if fmt == "dq" and _opset(model) < _DQ_BLOCK_OPSET:
+        copy = upgrade_opset(model, _DQ_BLOCK_OPSET)
+    else:
+        copy = model.clone()
+    step = WeightOnlyQuantizePass(
+        bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude
+    )
+    return step(copy).model
+
+
+def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
+    """A copy of `model` converted to ONNX opset `version` by `onnx.version_converter`.
+
+    Node metadata (layer names) is carried over by node name. The converted model must pass
+    `onnx.checker` and produce the same outputs on onnxruntime (fp32, rtol 1e-4) as the original
+    on random inputs; otherwise `UnsupportedModelError`.
+    """
+    from slimgraph.runtime import create_session, random_feeds, run
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
+        onnx.checker.check_model(proto)
+    except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
+        raise UnsupportedModelError(
+            f"cannot upgrade the model from opset {_opset(model)} to {version}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
+    upgraded = ir.from_proto(proto)
+    props = {node.name: dict(node.metadata_props) for node in model.graph if node.name}
+    for node in upgraded.graph:
+        for key, text in props.get(node.name or "", {}).items():
+            node.metadata_props.setdefault(key, text)
+    feeds = random_feeds(model)
+    before = run(create_session(model), feeds)
+    after = run(create_session(upgraded), feeds)
+    for name, expected in before.items():
+        got = after.get(name)
+        scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+        if got is None or got.shape != expected.shape or not np.allclose(
+            got, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True
+        ):
+            raise UnsupportedModelError(
+                f"upgrading the model to opset {version} changed output '{name}'"
+            )
+    return upgraded
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+class _Writer:
+    """Writes the quantized initializers and nodes for one model."""
+
+    def __init__(self, graph: ir.Graph, bits: int, block_size: int, symmetric: bool) -> None:
+        self.graph = graph
+        self.bits = bits
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.names: set[str] = set()
+        self.cache: dict[int, tuple[ir.Value | None, ...]] = {}
+
+    def _name(self, base: str) -> str:
+        return unique_name(self.graph, base, self.names)
+
+    def _props(self, node: ir.Node) -> dict[str, str] | None:
+        return {metadata.LAYER: layer_name(node)} if layer_name(node) else None
+
+    def _record(self, node: ir.Node, kernel: str) -> QuantizedNode:
+        source = node.inputs[1]
+        granularity = f"int{self.bits} blocks of {self.block_size}"
+        granularity += "" if self.symmetric else " with zero points"
+        return QuantizedNode(
+            node.name or "", node.op_type, layer_name(node),
+            source.name if source is not None and source.name else "", kernel, granularity,
+        )
+
+    def matmulnbits(
+        self, node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None
+    ) -> QuantizedNode:
+        k, n = weight.shape
+        source = node.inputs[1]
+        assert source is not None
+        key = id(source)
+        if key not in self.cache:
+            q = quantize_blockwise(
+                weight, block_size=self.block_size, bits=self.bits, symmetric=self.symmetric
+            )
+            blocks = q.scale.shape[0]
+            offset = 2 ** (self.bits - 1)
+            codes = q.codes.astype(np.int16) + (offset if self.symmetric else 0)  # unsigned
+            per_row = codes.T.reshape(n, blocks, self.block_size).astype(np.uint8)
+            blob = pack_4bit(per_row) if self.bits == 4 else per_row
+            base = source.name or "weight"
+            zero_value = None
+            if q.zero_point is not None:
+                zeros = q.zero_point.T  # [N, blocks]
+                packed = pack_4bit(zeros) if self.bits == 4 else zeros.astype(np.uint8)
+                zero_value = add_initializer(
+                    self.graph, self._name(f"{base}_zero_point"), packed.reshape(-1)
+                )
+            self.cache[key] = (
+                add_initializer(self.graph, self._name(f"{base}_q{self.bits}"), blob),
+                add_initializer(
+                    self.graph, self._name(f"{base}_scale"),
+                    np.ascontiguousarray(q.scale.T.reshape(-1), dtype=np.float32),
+                ),
+                zero_value,
+            )
+        packed_value, scale_value, zero_value = self.cache[key]
+        replaced = [node]
+        bias_value = None
+        if bias_add is not None:
+            bias_value = add_initializer(
+                self.graph, self._name(f"{node.name or 'matmul'}_bias"),
+                bias_of(bias_add, node).astype(np.float32),
+            )
+            replaced.append(bias_add)
+        inputs: list[ir.Value | None] = [
+            node.inputs[0], packed_value, scale_value, zero_value, None, bias_value
+        ]
+        while inputs[-1] is None:
+            inputs.pop()
+        new = ir.node(
+            "MatMulNBits", inputs,
+            {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size},
+            domain=MS_DOMAIN, name=self._name(f"{node.name or 'matmul'}_nbits"),
+            metadata_props=self._props(node),
+        )
+        ir.convenience.replace_nodes_and_values(
+            self.graph, replaced[-1], replaced, [new], [replaced[-1].outputs[0]], [new.outputs[0]]
+        )
+        return self._record(node, "MatMulNBits")
+
+    def dequantize_linear(
+        self, node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None
+    ) -> QuantizedNode:
+        del bias_add  # the MatMul and its Add stay as they are
+        k, n = weight.shape
+        source = node.inputs[1]
+        assert source is not None
+        key = id(source)
+        if key not in self.cache:
+            q = quantize_blockwise(
+                weight, block_size=self.block_size, bits=self.bits, symmetric=self.symmetric
+            )
+            codes = q.codes[:k]
+            base = source.name or "weight"
+            signed = q.zero_point is None
+            if self.bits == 4:
+                dtype = ir.DataType.INT4 if signed else ir.DataType.UINT4
+                tensor: ir.TensorProtocol = ir.PackedTensor(
+                    pack_4bit(codes.reshape(-1)), dtype, shape=codes.shape
+                )
+            else:
+                tensor = ir.tensor(codes.astype(np.int8 if signed else np.uint8))
+            inputs: list[ir.Value | None] = [
+                add_initializer(self.graph, self._name(f"{base}_q{self.bits}"), tensor),
+                add_initializer(self.graph, self._name(f"{base}_scale"), q.scale),
+            ]
+            if q.zero_point is not None:
+                zeros = q.zero_point
+                zero_tensor: ir.TensorProtocol = (
+                    ir.PackedTensor(pack_4bit(zeros.reshape(-1)), ir.DataType.UINT4,
+                                    shape=zeros.shape)
+                    if self.bits == 4 else ir.tensor(zeros.astype(np.uint8))
+                )
+                inputs.append(
+                    add_initializer(self.graph, self._name(f"{base}_zero_point"), zero_tensor)
+                )
+            dq = ir.node(
+                "DequantizeLinear", inputs, {"axis": 0, "block_size": self.block_size},
+                name=self._name(f"{node.name or 'matmul'}_dq"), metadata_props=self._props(node),
+            )
+            dq.outputs[0].name = self._name(f"{base}_dequantized")
+            self.graph.insert_before(node, dq)
+            self.cache[key] = (dq.outputs[0],)
+        (dequantized,) = self.cache[key]
+        node.replace_input_with(1, dequantized)
+        return self._record(node, "DequantizeLinear")

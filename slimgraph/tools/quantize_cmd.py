@@ -1,0 +1,113 @@
+"""`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization (DESIGN.md s. 7).
+
+Static when `--calib` is given (calibrated QDQ or QOperator, with the per-tensor SQNR report),
+else dynamic, unless `--mode` says otherwise. Prints sizes and the report's summary; `--json`
+prints one object instead. The output is written atomically, never over the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimgraph import ir as sg_ir
+from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph.passes.quantize import quantize, report_of
+from slimgraph.runtime import model_bytes
+from slimgraph.runtime.histogram import METHODS
+from slimgraph.tools.tables import emit, format_bytes, to_json
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="int8 quantization: static (with --calib), dynamic or weight-only",
+        description=(
+            "Quantize a float ONNX model. With --calib the model is calibrated on the data and "
+            "quantized statically (QDQ by default), and the worst tensors by SQNR are printed; "
+            "their node names can be passed to --exclude."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the float .onnx model")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
+                        help="default: static with --calib, else dynamic")
+    parser.add_argument("--calib", metavar="DATA.npz",
+                        help="calibration data: keys = input names, stacked on axis 0")
+    parser.add_argument("--method", choices=METHODS, default="minmax",
+                        help="activation range calibrator (default minmax)")
+    parser.add_argument("--percentile", type=float, default=99.99,
+                        help="for --method percentile (default 99.99)")
+    granularity = parser.add_mutually_exclusive_group()
+    granularity.add_argument("--per-channel", dest="per_channel", action="store_true",
+                             default=True, help="per-channel weight scales (default)")
+    granularity.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                             help="one scale per weight")
+    parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator"), default="qdq",
+                        help="QDQ pairs (default) or QLinearConv/QLinearMatMul/MatMulInteger")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME_OR_PATTERN",
+                        help="node, layer or tensor names (fnmatch patterns) left in float")
+    parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[],
+                        metavar="OP", help="op types left in float")
+    parser.add_argument("--activations", dest="activation_dtype", default="auto",
+                        choices=("auto", "uint8", "int8"),
+                        help="activation type (auto: uint8 on x86, where it runs fastest)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="weight-only: bits (default 4)")
+    parser.add_argument("--block-size", type=int, default=32, help="weight-only: block size")
+    parser.add_argument("--batch", type=int, default=32, help="calibration rows per run")
+    parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    source, target = Path(args.model), Path(args.output)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise OutputPathError(f"{target}: refusing to write over the input model")
+    if args.batch < 1:
+        raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
+    mode = args.mode or ("static" if args.calib else "dynamic")
+    if mode != "static" and args.calib:
+        raise BadOptionError(f"--calib is only used by static quantization, not --mode {mode}")
+    model = sg_ir.load(source)
+    quantized = quantize(
+        model,
+        calibration=args.calib,
+        mode=mode,
+        method=args.method,
+        per_channel=args.per_channel,
+        fmt=args.fmt,
+        exclude=args.exclude,
+        exclude_ops=args.exclude_ops,
+        activation_dtype=args.activation_dtype,
+        report=mode == "static",
+        bits=args.bits,
+        block_size=args.block_size,
+        batch_size=args.batch,
+        progress=False if args.no_progress or args.json else None,
+        percentile=args.percentile,
+    )
+    sg_ir.save(quantized, target)
+    size_in, size_out = len(model_bytes(model)), len(model_bytes(quantized))
+    report = report_of(quantized)
+    if args.json:
+        out: dict[str, object] = {
+            "input": str(source), "output": str(target), "mode": mode, "format": args.fmt,
+            "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
+        }
+        if report is not None:
+            out["report"] = report.to_dict()
+        emit(to_json(out))
+        return 0
+    lines = [
+        f"wrote {target} ({mode}, {args.fmt}): {format_bytes(size_out)}, "
+        f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
+    ]
+    if report is not None:
+        lines.append(report.summary(top=args.top))
+    emit("\n".join(lines))
+    return 0
