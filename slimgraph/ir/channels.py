@@ -1,0 +1,832 @@
+"""Channel-dependency groups: which channels of an ONNX graph must be removed together.
+
+Every channel of every traced tensor is an element of a union-find. Tracing starts at each
+prunable producer (Conv/ConvTranspose with group 1, Gemm, MatMul with a constant 2-D weight): its
+output channels are new elements. Forward through the consumers, each op either
+
+- *passes* the channels on (elementwise ops, BatchNormalization, pools, Resize, Transpose, ...):
+  output position q is united with input position p, possibly with an offset (Concat, Split,
+  Slice) or several positions per channel (Flatten/Reshape into a Gemm: each channel owns H*W
+  features); two computed operands of Add/Mul/Sub/... are united position by position (residuals);
+  depthwise and grouped Conv unite all input and output channels of one conv group;
+- *consumes* them (the next Conv/Gemm/MatMul: its weight's input axis is sliced);
+- or *blocks* them, with the reason (graph outputs, excluded layers, ops not understood: never
+  guess). Blocks at a consumer edge can be padded back instead (`pad=True`), blocks inside the
+  traced structure cannot.
+
+A connected component is one removable channel (it may span many tensors and positions); the
+components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
+Concepts follow Torch-Pruning's dependency groups; this is an independent implementation on the IR.
+
+Example:
+    >>> analysis = analyze_channels(model.graph)  # doctest: +SKIP
+    >>> [g.size for g in analysis.groups if g.prunable]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.ir.analysis import consumers as value_consumers
+
+__all__ = [
+    "WeightUse",
+    "Rewrite",
+    "Block",
+    "Slot",
+    "Member",
+    "ChannelGroup",
+    "ChannelAnalysis",
+    "analyze_channels",
+    "reshape_channel_map",
+]
+
+logger = logging.getLogger(__name__)
+
+# Ops that act on every element alone: channels pass unchanged through input 0.
+_UNARY = frozenset(
+    {
+        "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Tanh",
+        "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Swish", "ThresholdedRelu", "Abs",
+        "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin",
+        "Cos", "Identity", "Cast", "Not", "IsNaN", "IsInf", "Shrink",
+    }
+)  # fmt: skip
+# Elementwise ops with broadcasting over several operands.
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu"})
+# Ops that keep channel axis 1 and only touch the spatial axes.
+_SPATIAL = frozenset(
+    {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+)
+_REDUCE = frozenset(
+    {
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+        "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+    }
+)  # fmt: skip
+# Reduce ops whose axes moved from an attribute to input 1 at this opset.
+_REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """A constant input of a node whose `axis` indexes the positions of slot `slot`.
+
+    `role`: "producer" (weights that compute the channel: importance reads them), "bias",
+    "bn_scale" (BatchNormalization gamma), "param" (other per-channel constants), "consumer"
+    (the next layer's input channels).
+    """
+
+    node: ir.Node
+    input_index: int
+    axis: int
+    slot: int
+    role: str
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """An attribute or shape constant that depends on how many positions of `slot` stay.
+
+    kind: "conv_group" (data: out channels per group), "reshape" (data: output axis, positions
+    per channel), "split" (data: output index), "slice" (data: axis position in `axes`),
+    "resize_sizes" (data: axis).
+    """
+
+    kind: str
+    node: ir.Node
+    slot: int
+    data: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Block:
+    """Why the channels of `slot` cannot shrink; `padable` ones sit at a consumer edge.
+
+    A padable block names the edge: input `index` of `node`, or graph output `index` when `node`
+    is None. Padding the pruned tensor back to its full size at that edge removes the block.
+    """
+
+    slot: int
+    reason: str
+    padable: bool
+    node: ir.Node | None = None
+    index: int = -1
+
+
+@dataclass
+class Slot:
+    """One traced tensor axis: `size` positions, elements `base .. base+size-1`."""
+
+    id: int
+    value: ir.Value
+    axis: int
+    size: int
+    base: int
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
+class Member:
+    """A tensor axis in a group; `index_map[position]` is the group channel there, or -1."""
+
+    value: ir.Value
+    axis: int
+    index_map: np.ndarray
+
+
+@dataclass
+class ChannelGroup:
+    """Channels removed together, with the tensors, producers and consumers they touch."""
+
+    id: int
+    roots: list[int]  # union-find root of each group channel, in channel order
+    members: list[Member]
+    producers: list[ir.Node]
+    consumers: list[ir.Node]
+    reasons: list[str] = field(default_factory=list)  # why it cannot be pruned ([] = prunable)
+    pads: list[Block] = field(default_factory=list)  # edges padded back (pad mode)
+
+    @property
+    def size(self) -> int:
+        return len(self.roots)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons and self.size > 1 and bool(self.producers)
+
+    def describe(self) -> str:
+        names = ", ".join(node_label(n) for n in self.producers[:4])
+        more = f" +{len(self.producers) - 4}" if len(self.producers) > 4 else ""
+        return f"group {self.id} ({self.size} ch): {names}{more}"
+
+
+def node_label(node: ir.Node) -> str:
+    """The name shown for a node: its torch layer when known, else its node name."""
+    from slimgraph.ir._torch import layer_name
+
+    return layer_name(node) or node.name or node.op_type
+
+
+@dataclass
+class ChannelAnalysis:
+    """The result of `analyze_channels`: slots, union-find, weight uses, rewrites, groups."""
+
+    slots: list[Slot]
+    parent: list[int]
+    weight_uses: list[WeightUse]
+    rewrites: list[Rewrite]
+    blocks: list[Block]
+    groups: list[ChannelGroup]
+    pad: bool
+
+    def slot_index_of(self, value: ir.Value, axis: int | None) -> int | None:
+        """The slot id of (value, axis); any axis of `value` when `axis` is None."""
+        for slot in self.slots:
+            if slot.value is value and (axis is None or slot.axis == axis):
+                return slot.id
+        return None
+
+    def find(self, element: int) -> int:
+        parent = self.parent
+        while parent[element] != element:
+            parent[element] = parent[parent[element]]
+            element = parent[element]
+        return element
+
+    def roots_of(self, slot: Slot) -> np.ndarray:
+        """The component root of every position of `slot`."""
+        return np.array([self.find(slot.base + p) for p in range(slot.size)], dtype=np.int64)
+
+    def kept_positions(self, slot: Slot, removed: set[int]) -> np.ndarray:
+        """Positions of `slot` that stay when the components `removed` go."""
+        roots = self.roots_of(slot)
+        return np.array([p for p, r in enumerate(roots) if int(r) not in removed], dtype=np.int64)
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+
+def _static_dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return [int(d) for d in dims]
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
+
+
+def _dim(value: ir.Value | None, axis: int) -> int | None:
+    if value is None or value.shape is None or axis < 0 or axis >= len(value.shape):
+        return None
+    d = value.shape[axis]
+    return int(d) if isinstance(d, int) else None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _int_list(node: ir.Node, attr: str, input_index: int | None) -> list[int] | None:
+    """An int list given either as attribute `attr` or as constant input `input_index`."""
+    if attr in node.attributes:
+        return [int(x) for x in node.attributes.get_ints(attr, [])]
+    if input_index is not None and input_index < len(node.inputs):
+        array = _const(node.inputs[input_index])
+        if array is not None:
+            return [int(x) for x in np.asarray(array).reshape(-1)]
+    return None
+
+
+def reshape_channel_map(in_dims: Sequence[int], axis: int, out_dims: Sequence[int]):
+    """How channel axis `axis` of a tensor with `in_dims` lands in a reshape to `out_dims`.
+
+    Returns (out_axis, positions) where positions[c] lists the positions on `out_axis` that hold
+    channel c, or None when the reshape splits the channel axis (channel shuffle, attention heads)
+    or mixes it with an axis in front of it.
+    """
+    outer = math.prod(in_dims[:axis])
+    prefix = 1
+    out_axis = 0
+    while out_axis < len(out_dims) and prefix < outer:
+        prefix *= out_dims[out_axis]
+        out_axis += 1
+    # skip size-1 output axes that still sit before the channel axis boundary
+    while out_axis < len(out_dims) and prefix == outer and out_dims[out_axis] == 1 and (
+        in_dims[axis] != 1
+    ):
+        out_axis += 1
+    if prefix != outer or out_axis >= len(out_dims):
+        return None
+    width = out_dims[out_axis]
+    channels = in_dims[axis]
+    if width % channels:
+        return None
+    # the output axis covers in_dims[axis:axis+m] exactly for some m
+    covered, end = 1, axis
+    while end < len(in_dims) and covered < width:
+        covered *= in_dims[end]
+        end += 1
+    if covered != width:
+        return None
+    inner = width // channels
+    positions = np.arange(width, dtype=np.int64).reshape(channels, inner)
+    return out_axis, positions
+
+
+class _Stop(Exception):
+    """A consumer edge the channels cannot be followed through (message: the reason)."""
+
+
+class _Tracer:
+    """Builds the union-find over channel positions by a forward walk from the producers."""
+
+    def __init__(
+        self, graph: ir.Graph, excluded: Callable[[ir.Node], bool], opset: int, pad: bool
+    ) -> None:
+        self.graph = graph
+        self.excluded = excluded
+        self.opset = opset
+        self.pad = pad
+        self.slots: list[Slot] = []
+        self.slot_index: dict[tuple[int, int], int] = {}
+        self.parent: list[int] = []
+        self.weight_uses: list[WeightUse] = []
+        self.rewrites: list[Rewrite] = []
+        self.blocks: list[Block] = []
+        self.queue: list[int] = []
+        self.producer_of_slot: dict[int, ir.Node] = {}
+        self.outputs = {id(v): i for i, v in enumerate(graph.outputs)}
+
+    # -- union-find -------------------------------------------------------------------------
+    def find(self, element: int) -> int:
+        parent = self.parent
+        while parent[element] != element:
+            parent[element] = parent[parent[element]]
+            element = parent[element]
+        return element
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    # -- slots --------------------------------------------------------------------------------
+    def slot(self, value: ir.Value, axis: int, size: int, origin: str | None) -> Slot:
+        """The slot of (value, axis), created and queued when new; origin set when known."""
+        key = (id(value), axis)
+        if key in self.slot_index:
+            existing = self.slots[self.slot_index[key]]
+            if existing.origin is None and origin is not None:
+                existing.origin = origin
+            if existing.size != size:
+                self.block(existing, f"{value.name} traced with {size} and {existing.size} ch")
+            return existing
+        slot = Slot(len(self.slots), value, axis, size, len(self.parent), origin)
+        self.parent.extend(range(slot.base, slot.base + size))
+        self.slots.append(slot)
+        self.slot_index[key] = slot.id
+        self.queue.append(slot.id)
+        return slot
+
+    def block(self, slot: Slot, reason: str, node: ir.Node | None = None, index: int = -1,
+              padable: bool = False) -> None:  # fmt: skip
+        self.blocks.append(Block(slot.id, reason, padable, node, index))
+
+    def unite(self, a: Slot, b: Slot, positions: np.ndarray | None = None, offset: int = 0) -> None:
+        """Unite position p of `a` with `positions[p]` (or p + offset) of `b`."""
+        for p in range(a.size):
+            if positions is None:
+                self.union(a.base + p, b.base + p + offset)
+            else:
+                for q in np.atleast_1d(positions[p]):
+                    self.union(a.base + p, b.base + int(q))
+
+    def passthrough(self, slot: Slot, node: ir.Node, out: ir.Value, axis: int) -> Slot:
+        """Output `out` holds the same channels at `axis` (raises `_Stop` on a mismatch)."""
+        size = _dim(out, axis)
+        if size is not None and size != slot.size:
+            raise _Stop(f"{node.op_type} {node.name} changes the channel count")
+        target = self.slot(out, axis, slot.size, f"{node.op_type} {node.name}")
+        self.unite(slot, target)
+        return target
+
+    def use(self, node: ir.Node, index: int, axis: int, slot: Slot, role: str) -> None:
+        self.weight_uses.append(WeightUse(node, index, axis, slot.id, role))
+
+    # -- walk -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.graph:
+            self.start(node)
+        while self.queue:
+            slot = self.slots[self.queue.pop(0)]
+            self.visit(slot)
+        for slot in self.slots:
+            if slot.origin is None:
+                source = slot.value.producer()
+                where = f"{source.op_type} {source.name}" if source else "a graph input"
+                self.block(slot, f"{slot.value.name} comes from {where}, which is not traced")
+
+    def start(self, node: ir.Node) -> None:
+        """Open a slot for the output channels of a prunable producer."""
+        if node.domain not in ("", "ai.onnx") or self.excluded(node):
+            return
+        op = node.op_type
+        inputs = list(node.inputs)
+        weight = _const(inputs[1]) if len(inputs) > 1 else None
+        if weight is None or not node.outputs:
+            return
+        out = node.outputs[0]
+        label = f"{op} {node.name}"
+        if op in ("Conv", "ConvTranspose") and node.attributes.get_int("group", 1) == 1:
+            if weight.ndim < 3:
+                return
+            axis = 0 if op == "Conv" else 1
+            slot = self.slot(out, 1, weight.shape[axis], label)
+            self.use(node, 1, axis, slot, "producer")
+            if len(inputs) > 2 and inputs[2] is not None:
+                self.bias(node, 2, slot)
+        elif op == "Gemm" and weight.ndim == 2:
+            trans_b = node.attributes.get_int("transB", 0)
+            axis = 0 if trans_b else 1
+            slot = self.slot(out, 1, weight.shape[axis], label)
+            self.use(node, 1, axis, slot, "producer")
+            if len(inputs) > 2 and inputs[2] is not None:
+                self.bias(node, 2, slot)
+        elif op == "MatMul" and weight.ndim == 2:
+            rank = _rank(out) or _rank(inputs[0])
+            if rank is None or rank < 2:
+                return
+            slot = self.slot(out, rank - 1, weight.shape[1], label)
+            self.use(node, 1, 1, slot, "producer")
+        else:
+            return
+        self.producer_of_slot[slot.id] = node
+
+    def bias(self, node: ir.Node, index: int, slot: Slot) -> None:
+        bias = _const(node.inputs[index])
+        if bias is None:
+            self.block(slot, f"{node.op_type} {node.name} has a computed bias")
+        elif bias.ndim >= 1 and bias.shape[-1] == slot.size:
+            self.use(node, index, bias.ndim - 1, slot, "bias")
+        elif bias.size != 1 and (bias.ndim == 0 or bias.shape[-1] != 1):
+            self.block(slot, f"{node.op_type} {node.name} has a bias of shape {bias.shape}")
+
+    def visit(self, slot: Slot) -> None:
+        value = slot.value
+        if value.is_graph_output():
+            self.block(slot, f"{value.name} is a graph output", None,
+                       self.outputs.get(id(value), -1), padable=True)  # fmt: skip
+        for use in value.uses():
+            node, index = use.node, use.idx
+            if node.graph is not self.graph:
+                self.block(slot, f"{value.name} is read inside a subgraph", node, index)
+                continue
+            if self.excluded(node):
+                self.block(slot, f"{node_label(node)} is excluded", node, index, padable=True)
+                continue
+            try:
+                reason = self.follow(slot, node, index)
+            except _Stop as stop:
+                reason = str(stop)
+            if reason:
+                self.block(slot, reason, node, index, padable=True)
+
+    def follow(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Handle one consumer edge; returns a reason when the channels cannot be followed."""
+        op = node.op_type
+        where = f"{op} {node.name}"
+        if node.domain not in ("", "ai.onnx"):
+            return f"{where} ({node.domain}) is not understood"
+        axis = slot.axis
+        inputs = list(node.inputs)
+        out = node.outputs[0] if node.outputs else None
+        if out is None:
+            return f"{where} has no output"
+        if op in _UNARY or op in ("Dropout", "Clip", "LeakyRelu"):
+            if index != 0:
+                return f"{where} reads the channels as a parameter"
+            if op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
+                return f"{where} uses its mask"
+            self.passthrough(slot, node, out, axis)
+            return None
+        if op in _BINARY:
+            return self.elementwise(slot, node, index)
+        if op in ("BatchNormalization", "InstanceNormalization"):
+            if index != 0 or axis != 1:
+                return f"{where} normalizes another axis"
+            if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+                return f"{where} runs in training mode"
+            target = self.passthrough(slot, node, out, axis)
+            last = 5 if op == "BatchNormalization" else 3
+            for i in range(1, min(last, len(inputs))):
+                if _const(inputs[i]) is None:
+                    return f"{where} has computed parameters"
+                role = "bn_scale" if i == 1 else "param"
+                self.use(node, i, 0, target, role)
+            return None
+        if op in _SPATIAL:
+            if index != 0 or axis != 1:
+                return f"{where} pools over the channel axis"
+            if len(node.outputs) > 1 and node.outputs[1].uses():
+                return f"{where} uses its indices output"
+            self.passthrough(slot, node, out, axis)
+            return None
+        if op in ("Resize", "Upsample"):
+            if index != 0:
+                return f"{where} reads the channels as scales"
+            target = self.passthrough(slot, node, out, axis)
+            if op == "Resize" and len(inputs) > 3 and inputs[3] is not None:
+                if _const(inputs[3]) is None:
+                    return f"{where} has computed sizes"
+                self.rewrites.append(Rewrite("resize_sizes", node, target.id, (axis,)))
+            return None
+        if op in ("Conv", "ConvTranspose"):
+            return self.conv_input(slot, node, index)
+        if op == "Gemm":
+            if index != 0:
+                return f"{where} multiplies two computed tensors"
+            weight = _const(inputs[1])
+            if weight is None:
+                return f"{where} has a computed weight"
+            trans_a = node.attributes.get_int("transA", 0)
+            if axis != (0 if trans_a else 1):
+                return f"{where} reads the channels on its M axis"
+            trans_b = node.attributes.get_int("transB", 0)
+            self.use(node, 1, 1 if trans_b else 0, slot, "consumer")
+            return None
+        if op == "MatMul":
+            weight = _const(inputs[1]) if len(inputs) > 1 else None
+            rank = _rank(inputs[0])
+            if index != 0 or weight is None or weight.ndim != 2 or rank is None:
+                return f"{where} multiplies two computed tensors"
+            if axis == rank - 1:
+                self.use(node, 1, 0, slot, "consumer")
+                return None
+            if axis < rank - 2 or (axis == rank - 2 and rank > 2):
+                self.passthrough(slot, node, out, axis)
+                return None
+            return f"{where} reads the channels on its row axis"
+        if op == "Concat":
+            return self.concat(slot, node, index)
+        if op == "Split":
+            return self.split(slot, node, index)
+        if op == "Slice":
+            return self.slice(slot, node, index)
+        if op == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            rank = _rank(inputs[0])
+            if perm is None:
+                if rank is None:
+                    return f"{where} has an unknown rank"
+                perm = list(reversed(range(rank)))
+            self.passthrough(slot, node, out, list(perm).index(axis))
+            return None
+        if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+            if index != 0:
+                return f"{where} reads the channels as a shape"
+            return self.reshape(slot, node)
+        if op in _REDUCE:
+            return self.reduce(slot, node, index)
+        if op in ("Softmax", "LogSoftmax", "Hardmax"):
+            rank = _rank(inputs[0])
+            default = -1 if self.opset >= 13 else 1
+            softmax_axis = node.attributes.get_int("axis", default)
+            if rank is None:
+                return f"{where} has an unknown rank"
+            softmax_axis %= rank
+            if self.opset < 13 and softmax_axis <= axis:
+                return f"{where} normalizes over the channels"
+            if softmax_axis == axis:
+                return f"{where} normalizes over the channels"
+            self.passthrough(slot, node, out, axis)
+            return None
+        return f"{where} is not understood"
+
+    def elementwise(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Broadcasting ops: constants sliced per channel, computed operands coupled."""
+        where = f"{node.op_type} {node.name}"
+        out = node.outputs[0]
+        out_rank = _rank(out)
+        in_rank = _rank(node.inputs[index])
+        if out_rank is None or in_rank is None:
+            return f"{where} has unknown ranks"
+        out_axis = slot.axis + out_rank - in_rank
+        if node.op_type == "Pow" and index != 0:
+            return f"{where} uses the channels as exponents"
+        target = self.passthrough(slot, node, out, out_axis)
+        for other_index, other in enumerate(node.inputs):
+            if other_index == index or other is None:
+                continue
+            if other is node.inputs[index]:
+                continue
+            rank = _rank(other)
+            if rank is None:
+                return f"{where} has an operand of unknown rank"
+            other_axis = out_axis - (out_rank - rank)
+            if other_axis < 0:
+                continue  # broadcast over the channel axis
+            array = _const(other)
+            size = array.shape[other_axis] if array is not None else _dim(other, other_axis)
+            if size == 1:
+                continue
+            if size != slot.size:
+                return f"{where} broadcasts {other.name} against {slot.size} channels"
+            if array is not None:
+                self.use(node, other_index, other_axis, target, "param")
+            else:
+                self.unite(target, self.slot(other, other_axis, slot.size, None))
+        return None
+
+    def conv_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        where = f"{node.op_type} {node.name}"
+        inputs = list(node.inputs)
+        weight = _const(inputs[1]) if len(inputs) > 1 else None
+        if index != 0 or weight is None:
+            return f"{where} has a computed weight"
+        if slot.axis != 1:
+            return f"{where} reads the channels on a non-channel axis"
+        group = node.attributes.get_int("group", 1)
+        if group == 1:
+            self.use(node, 1, 1 if node.op_type == "Conv" else 0, slot, "consumer")
+            return None
+        if node.op_type != "Conv":
+            return f"{where} is a grouped ConvTranspose"
+        out = node.outputs[0]
+        c_out = weight.shape[0]
+        if slot.size % group or c_out % group:
+            return f"{where} has {group} groups for {slot.size} channels"
+        in_per, out_per = slot.size // group, c_out // group
+        target = self.slot(out, 1, c_out, f"{node.op_type} {node.name}")
+        for g in range(group):
+            first = slot.base + g * in_per
+            for p in range(in_per):
+                self.union(first, slot.base + g * in_per + p)
+            for q in range(out_per):
+                self.union(first, target.base + g * out_per + q)
+        self.use(node, 1, 0, target, "producer")
+        if len(inputs) > 2 and inputs[2] is not None:
+            self.bias(node, 2, target)
+        self.rewrites.append(Rewrite("conv_group", node, target.id, (out_per,)))
+        return None
+
+    def concat(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        where = f"Concat {node.name}"
+        out = node.outputs[0]
+        rank = _rank(out)
+        if rank is None:
+            return f"{where} has an unknown rank"
+        concat_axis = node.attributes.get_int("axis", 0) % rank
+        if concat_axis != slot.axis:
+            target = self.passthrough(slot, node, out, slot.axis)
+            for other in node.inputs:
+                if other is not None and other is not slot.value:
+                    self.unite(target, self.slot(other, slot.axis, slot.size, None))
+            return None
+        sizes = [_dim(v, concat_axis) for v in node.inputs]
+        total = _dim(out, concat_axis)
+        if any(s is None for s in sizes) or total is None:
+            return f"{where} has inputs of unknown size on the channel axis"
+        target = self.slot(out, concat_axis, total, f"Concat {node.name}")
+        offsets = np.cumsum([0, *sizes])
+        for i, value in enumerate(node.inputs):
+            if value is slot.value:
+                self.unite(slot, target, offset=int(offsets[i]))
+        return None
+
+    def split(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        where = f"Split {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as split sizes"
+        rank = _rank(node.inputs[0])
+        if rank is None:
+            return f"{where} has an unknown rank"
+        split_axis = node.attributes.get_int("axis", 0) % rank
+        if split_axis != slot.axis:
+            for out in node.outputs:
+                self.passthrough(slot, node, out, slot.axis)
+            return None
+        sizes = [_dim(o, split_axis) for o in node.outputs]
+        if any(s is None for s in sizes) or sum(sizes) != slot.size:  # type: ignore[arg-type]
+            return f"{where} has outputs of unknown size"
+        start = 0
+        for k, (out, size) in enumerate(zip(node.outputs, sizes)):
+            target = self.slot(out, split_axis, size, where)  # type: ignore[arg-type]
+            for q in range(size):  # type: ignore[arg-type]
+                self.union(slot.base + start + q, target.base + q)
+            self.rewrites.append(Rewrite("split", node, target.id, (k,)))
+            start += size  # type: ignore[operator]
+        return None
+
+    def slice(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        where = f"Slice {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as bounds"
+        out = node.outputs[0]
+        rank = _rank(node.inputs[0])
+        if rank is None:
+            return f"{where} has an unknown rank"
+        if self.opset >= 10:
+            starts, ends = _int_list(node, "", 1), _int_list(node, "", 2)
+            axes = _int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] else None
+            steps = _int_list(node, "", 4) if len(node.inputs) > 4 and node.inputs[4] else None
+        else:
+            starts, ends = _int_list(node, "starts", None), _int_list(node, "ends", None)
+            axes, steps = _int_list(node, "axes", None), None
+        if starts is None or ends is None:
+            return f"{where} has computed bounds"
+        axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
+        if slot.axis not in axes:
+            self.passthrough(slot, node, out, slot.axis)
+            return None
+        k = axes.index(slot.axis)
+        if steps is not None and steps[k] != 1:
+            return f"{where} slices the channels with a step"
+        begin, stop, _ = slice(starts[k], ends[k]).indices(slot.size)
+        size = max(0, stop - begin)
+        target = self.slot(out, slot.axis, size, where)
+        for q in range(size):
+            self.union(slot.base + begin + q, target.base + q)
+        self.rewrites.append(Rewrite("slice", node, slot.id, (k,)))
+        return None
+
+    def reshape(self, slot: Slot, node: ir.Node) -> str | None:
+        where = f"{node.op_type} {node.name}"
+        in_dims = _static_dims(node.inputs[0])
+        out = node.outputs[0]
+        out_dims = _static_dims(out)
+        if in_dims is None or out_dims is None:
+            return f"{where} has unknown shapes"
+        if node.op_type == "Reshape" and _const(node.inputs[1]) is None:
+            return f"{where} has a computed shape"
+        mapped = reshape_channel_map(in_dims, slot.axis, out_dims)
+        if mapped is None:
+            return f"{where} splits or mixes the channel axis (channel shuffle or heads)"
+        out_axis, positions = mapped
+        target = self.slot(out, out_axis, out_dims[out_axis], where)
+        self.unite(slot, target, positions)
+        if node.op_type == "Reshape":
+            self.rewrites.append(Rewrite("reshape", node, target.id, (out_axis,)))
+        return None
+
+    def reduce(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        where = f"{node.op_type} {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as axes"
+        rank = _rank(node.inputs[0])
+        if rank is None:
+            return f"{where} has an unknown rank"
+        since = _REDUCE_AXES_INPUT_SINCE.get(node.op_type, 18)
+        axes = _int_list(node, "axes", 1 if self.opset >= since else None)
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            return f"{where} has computed axes"
+        if not axes:
+            if node.attributes.get_int("noop_with_empty_axes", 0):
+                self.passthrough(slot, node, node.outputs[0], slot.axis)
+                return None
+            return f"{where} reduces over all axes"
+        axes = [a % rank for a in axes]
+        if slot.axis in axes:
+            return f"{where} reduces over the channels"
+        keep = node.attributes.get_int("keepdims", 1)
+        out_axis = slot.axis if keep else slot.axis - sum(a < slot.axis for a in axes)
+        self.passthrough(slot, node, node.outputs[0], out_axis)
+        return None
+
+
+def analyze_channels(
+    graph: ir.Graph,
+    *,
+    excluded: Callable[[ir.Node], bool] | None = None,
+    pad: bool = False,
+    opset: int | None = None,
+) -> ChannelAnalysis:
+    """Trace channel-dependency groups through `graph` (shapes must be inferred first).
+
+    Args:
+        graph: the main graph; constants the tracing relies on must be folded (weights, shapes).
+        excluded: nodes whose channels must not change (their edges block, or pad in pad mode).
+        pad: whether blocks at consumer edges (graph outputs, excluded or unknown consumers) are
+            padded back to full size instead of blocking the group.
+        opset: the default-domain opset (decides Slice/Reduce/Softmax conventions).
+    """
+    if opset is None:
+        opset = graph.opset_imports.get("", 13)
+    tracer = _Tracer(graph, excluded or (lambda node: False), opset, pad)
+    tracer.run()
+    analysis = ChannelAnalysis(
+        tracer.slots, tracer.parent, tracer.weight_uses, tracer.rewrites, tracer.blocks, [], pad
+    )
+    analysis.groups = _build_groups(analysis, tracer.producer_of_slot)
+    return analysis
+
+
+def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node]) -> list[ChannelGroup]:
+    """Group the components by the set of slots they touch."""
+    slot_roots = [analysis.roots_of(slot) for slot in analysis.slots]
+    touched: dict[int, set[int]] = {}
+    first: dict[int, int] = {}
+    for slot, roots in zip(analysis.slots, slot_roots):
+        for p, root in enumerate(roots.tolist()):
+            touched.setdefault(root, set()).add(slot.id)
+            first.setdefault(root, slot.base + p)
+    by_key: dict[frozenset[int], list[int]] = {}
+    for root, slots in touched.items():
+        by_key.setdefault(frozenset(slots), []).append(root)
+    blocks_by_slot: dict[int, list[Block]] = {}
+    for block in analysis.blocks:
+        blocks_by_slot.setdefault(block.slot, []).append(block)
+    uses_by_slot: dict[int, list[WeightUse]] = {}
+    for use in analysis.weight_uses:
+        uses_by_slot.setdefault(use.slot, []).append(use)
+    groups: list[ChannelGroup] = []
+    for key, roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
+        roots.sort(key=lambda r: first[r])
+        channel = {r: i for i, r in enumerate(roots)}
+        members, producers, consumer_nodes = [], [], []
+        reasons: list[str] = []
+        pads: list[Block] = []
+        for slot_id in sorted(key):
+            slot = analysis.slots[slot_id]
+            index_map = np.array([channel.get(r, -1) for r in slot_roots[slot_id].tolist()])
+            members.append(Member(slot.value, slot.axis, index_map))
+            if slot_id in producer_of_slot:
+                producers.append(producer_of_slot[slot_id])
+            for use in uses_by_slot.get(slot_id, []):
+                if use.role == "producer" and use.node not in producers:
+                    producers.append(use.node)
+                if use.role == "consumer" and use.node not in consumer_nodes:
+                    consumer_nodes.append(use.node)
+            for block in blocks_by_slot.get(slot_id, []):
+                if block.padable and analysis.pad:
+                    pads.append(block)
+                elif block.reason not in reasons:
+                    reasons.append(block.reason)
+        groups.append(
+            ChannelGroup(len(groups), roots, members, producers, consumer_nodes, reasons, pads)
+        )
+    return groups
+
+
+def iter_edges(analysis: ChannelAnalysis) -> Iterable[tuple[Slot, Block]]:
+    """Each block with its slot (for reports)."""
+    for block in analysis.blocks:
+        yield analysis.slots[block.slot], block

@@ -1,0 +1,658 @@
+"""Structured pruning that physically removes channels from the ONNX graph, and magnitude pruning.
+
+Structured (approximate in general, exact for channels whose producing weights are zero):
+1. prepare a copy: constants folded (weights built by ConstantOfShape, transposed weights, shape
+   constants), initializers dropped from the graph inputs, shapes inferred;
+2. trace channel-dependency groups (`slimgraph.ir.channels`);
+3. score each group channel (L1/L2 of the producing weights summed over the group, BatchNorm
+   |gamma|, or random) and choose what to remove, per group (local) or with one threshold over
+   normalized scores (global), keeping a multiple of `round_to` and at least one channel;
+4. slice the producers' weights and biases, BatchNorm and per-channel constants, the consumers'
+   input channels, Reshape/Split/Slice/Resize constants and conv group counts; in pad mode scatter
+   pruned tensors back to full size with zeros (Pad + constant-index Gather) where they meet a
+   graph output or a consumer that must keep its channel count (seed 001);
+5. re-infer shapes.
+
+Unstructured (`unstructured=True`): zero the smallest-magnitude weights of Conv, ConvTranspose,
+Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report per layer.
+
+Example:
+    >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
+    >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import analysis as ir_analysis
+from slimgraph.ir import layer_name
+from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
+from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+
+__all__ = [
+    "CRITERIA",
+    "SCOPES",
+    "GroupReport",
+    "LayerChannels",
+    "LayerSparsity",
+    "PruneReport",
+    "PruneResult",
+    "PrunePass",
+    "prepare_for_pruning",
+    "channel_scores",
+    "kept_count",
+    "select_channels",
+    "remove_channels",
+    "prune",
+    "prune_with_report",
+]
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("l1", "l2", "bn", "random")
+SCOPES = ("local", "global")
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_FOLD_LIMIT = 1 << 40  # fold weights of any size (zoo models build theirs with ConstantOfShape)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupReport:
+    """One channel group: its size, what stays, and why it could not shrink (if so)."""
+
+    id: int
+    channels: int
+    kept: int
+    producers: tuple[str, ...]
+    reason: str = ""
+    padded: int = 0  # edges padded back to full size
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChannels:
+    """Output channels of one producing layer before and after."""
+
+    layer: str
+    op_type: str
+    before: int
+    after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSparsity:
+    """Unstructured pruning of one weight: elements and zeros after."""
+
+    layer: str
+    op_type: str
+    elements: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.elements if self.elements else 0.0
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What `prune` did: groups, channels per layer, parameters and MACs before/after."""
+
+    ratio: float
+    criterion: str
+    scope: str
+    pad: bool
+    unstructured: bool
+    groups: list[GroupReport] = dataclasses.field(default_factory=list)
+    layers: list[LayerChannels] = dataclasses.field(default_factory=list)
+    sparsity: list[LayerSparsity] = dataclasses.field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for row, layer in zip(data["sparsity"], self.sparsity):
+            row["sparsity"] = layer.sparsity
+        return data
+
+
+@dataclasses.dataclass
+class PruneResult(SlimgraphPassResult):
+    """`PassResult` plus the `PruneReport`."""
+
+    report: PruneReport | None = None
+
+
+# -- preparation ------------------------------------------------------------------------------
+
+
+def prepare_for_pruning(model: ir.Model) -> ir.Model:
+    """A copy of `model` with constants folded and lifted to initializers and shapes inferred.
+
+    Exact: only constant subgraphs are evaluated. Pruning needs weights, Reshape shapes and axes
+    as initializers, and static channel counts.
+    """
+    import onnxscript.optimizer
+
+    prepared = model.clone()
+    ir_common.RemoveInitializersFromInputsPass()(prepared)
+    onnxscript.optimizer.fold_constants(
+        prepared, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT
+    )
+    ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(prepared)
+    ir_common.RemoveUnusedNodesPass()(prepared)
+    ir_common.ShapeInferencePass(strict_mode=False)(prepared)
+    return prepared
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.graph.opset_imports.get("", 13))
+
+
+def _excluded_predicate(graph: ir.Graph, exclude: Sequence[str], exclude_ops: Sequence[str]):
+    """A node predicate for the exclusions; every pattern must match some node."""
+    nodes = list(graph)
+    for pattern in exclude:
+        if not any(_matches(node, pattern) for node in nodes):
+            raise BadOptionError(f"--exclude {pattern!r} matches no layer or node of the model")
+    present = {node.op_type for node in nodes}
+    for op in exclude_ops:
+        if op not in present:
+            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
+
+    def excluded(node: ir.Node) -> bool:
+        return node.op_type in exclude_ops or any(_matches(node, p) for p in exclude)
+
+    return excluded
+
+
+def _matches(node: ir.Node, pattern: str) -> bool:
+    names = (layer_name(node), node.name or "")
+    return any(name and fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
+# -- importance and selection -----------------------------------------------------------------
+
+
+def channel_scores(
+    analysis: ChannelAnalysis, group: ChannelGroup, criterion: str, rng: np.random.Generator
+) -> np.ndarray:
+    """Importance of each channel of `group` (higher = keep)."""
+    if criterion == "random":
+        return rng.random(group.size)
+    channel = {root: i for i, root in enumerate(group.roots)}
+    roles = ("bn_scale",) if criterion == "bn" else ("producer",)
+    scores = np.zeros(group.size)
+    found = False
+    slot_ids = {analysis.slot_index_of(m.value, m.axis) for m in group.members}
+    for use in analysis.weight_uses:
+        if use.role not in roles or use.slot not in slot_ids:
+            continue
+        array = np.asarray(use.node.inputs[use.input_index].const_value.numpy(), np.float64)
+        rows = np.moveaxis(array, use.axis, 0).reshape(array.shape[use.axis], -1)
+        norms = np.abs(rows).sum(1) if criterion in ("l1", "bn") else (rows**2).sum(1)
+        for position, root in enumerate(analysis.roots_of(analysis.slots[use.slot]).tolist()):
+            if root in channel:
+                scores[channel[root]] += norms[position]
+                found = True
+    if not found and criterion == "bn":
+        logger.info("%s has no BatchNormalization; scoring it by L1", group.describe())
+        return channel_scores(analysis, group, "l1", rng)
+    return np.sqrt(scores) if criterion == "l2" else scores
+
+
+def kept_count(channels: int, ratio: float, round_to: int | None = None) -> int:
+    """Channels a group keeps at `ratio`: at least one, a multiple of `round_to` when given.
+
+    With `round_to` N the count is rounded to the nearest multiple of N, at least N (or all
+    channels when the group has N or fewer).
+    """
+    keep = max(1, int(round(channels * (1.0 - ratio))))
+    if round_to and round_to > 1:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(channels, keep)
+
+
+def select_channels(
+    analysis: ChannelAnalysis,
+    *,
+    ratio: float,
+    criterion: str = "l1",
+    scope: str = "local",
+    round_to: int | None = None,
+    seed: int = 0,
+) -> dict[int, np.ndarray]:
+    """Channels to remove per prunable group id (indices into `group.roots`)."""
+    rng = np.random.default_rng(seed)
+    groups = analysis.prunable_groups
+    scores = {g.id: channel_scores(analysis, g, criterion, rng) for g in groups}
+    if scope == "local":
+        keep = {g.id: kept_count(g.size, ratio, round_to) for g in groups}
+    else:
+        keep = _global_keep(groups, scores, ratio, round_to)
+    removed = {}
+    for group in groups:
+        order = np.argsort(scores[group.id], kind="stable")
+        removed[group.id] = np.sort(order[: group.size - keep[group.id]])
+    return removed
+
+
+def _global_keep(
+    groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float, round_to: int | None
+) -> dict[int, int]:
+    """One threshold over scores normalized by each group's mean."""
+    entries = []
+    for group in groups:
+        mean = float(np.mean(scores[group.id]))
+        normalized = scores[group.id] / mean if mean > 0 else np.zeros(group.size)
+        entries += [(float(s), group.id) for s in normalized]
+    entries.sort()
+    keep = {g.id: g.size for g in groups}
+    floor = {g.id: min(g.size, round_to or 1) for g in groups}
+    target = int(len(entries) * ratio)
+    removed = 0
+    for _, group_id in entries:
+        if removed >= target:
+            break
+        if keep[group_id] > floor[group_id]:
+            keep[group_id] -= 1
+            removed += 1
+    if round_to and round_to > 1:
+        sizes = {g.id: g.size for g in groups}
+        for group_id, count in keep.items():
+            rounded = max(round_to, int(round(count / round_to)) * round_to)
+            keep[group_id] = min(sizes[group_id], rounded)
+    return keep
+
+
+# -- physical removal -------------------------------------------------------------------------
+
+
+def remove_channels(
+    model: ir.Model, analysis: ChannelAnalysis, removed_roots: set[int]
+) -> dict[int, np.ndarray]:
+    """Remove the channel components `removed_roots` from `model` (in place; the one analysed).
+
+    Returns the kept positions of every slot that shrank. Shapes are cleared and re-inferred.
+    """
+    graph = model.graph
+    kept: dict[int, np.ndarray] = {}
+    for slot in analysis.slots:
+        positions = analysis.kept_positions(slot, removed_roots)
+        if len(positions) < slot.size:
+            kept[slot.id] = positions
+    plans: dict[tuple[ir.Node, int], dict[int, np.ndarray]] = {}
+    for use in analysis.weight_uses:
+        if use.slot in kept:
+            plans.setdefault((use.node, use.input_index), {})[use.axis] = kept[use.slot]
+    for (node, index), axes in plans.items():
+        array = node.inputs[index].const_value.numpy()
+        for axis, positions in axes.items():
+            array = np.take(array, positions, axis=axis)
+        _set_constant(graph, node, index, array)
+    for rewrite in analysis.rewrites:
+        if rewrite.slot in kept:
+            _apply_rewrite(graph, rewrite, analysis, kept)
+    if analysis.pad:
+        _insert_pads(model, analysis, kept)
+    _reinfer_shapes(model)
+    return kept
+
+
+def _set_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Give input `index` of `node` the constant `array` (a private copy if the value is shared)."""
+    value = node.inputs[index]
+    if value.is_initializer() and len(list(value.uses())) == 1 and not value.is_graph_output():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    name = _unique_name(graph, f"{value.name}_pruned")
+    fresh = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type,
+                     const_value=ir.tensor(array, name=name))  # fmt: skip
+    graph.register_initializer(fresh)
+    node.replace_input_with(index, fresh)
+    if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
+        graph.initializers.pop(value.name, None)
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    taken |= {v.name for v in graph.inputs}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _apply_rewrite(graph, rewrite, analysis: ChannelAnalysis, kept) -> None:
+    node = rewrite.node
+    count = len(kept[rewrite.slot])
+    if rewrite.kind == "conv_group":
+        (out_per,) = rewrite.data
+        node.attributes["group"] = ir.AttrInt64("group", count // out_per)
+    elif rewrite.kind == "reshape":
+        (axis,) = rewrite.data
+        shape = node.inputs[1].const_value.numpy().copy()
+        if shape[axis] != -1:
+            shape[axis] = count
+        _set_constant(graph, node, 1, shape)
+    elif rewrite.kind == "resize_sizes":
+        (axis,) = rewrite.data
+        sizes = node.inputs[3].const_value.numpy().copy()
+        sizes[axis] = count
+        _set_constant(graph, node, 3, sizes)
+    elif rewrite.kind == "slice":
+        (k,) = rewrite.data
+        slot = analysis.slots[rewrite.slot]
+        positions = kept[rewrite.slot]
+        starts = node.inputs[1].const_value.numpy().copy()
+        ends = node.inputs[2].const_value.numpy().copy()
+        begin, stop, _ = slice(int(starts[k]), int(ends[k])).indices(slot.size)
+        starts[k] = int(np.sum(positions < begin))
+        ends[k] = int(np.sum(positions < stop))
+        _set_constant(graph, node, 1, starts)
+        _set_constant(graph, node, 2, ends)
+    elif rewrite.kind == "split":
+        _rewrite_split(graph, node, analysis, kept)
+
+
+def _rewrite_split(graph: ir.Graph, node: ir.Node, analysis: ChannelAnalysis, kept) -> None:
+    sizes = []
+    for out in node.outputs:
+        slot_id = analysis.slot_index_of(out, None)
+        if slot_id is None:
+            raise UnsupportedModelError(f"Split {node.name}: an output is not traced")
+        sizes.append(len(kept.get(slot_id, range(analysis.slots[slot_id].size))))
+    opset = graph.opset_imports.get("", 13)
+    array = np.array(sizes, dtype=np.int64)
+    if opset >= 13:
+        if "num_outputs" in node.attributes:
+            del node.attributes["num_outputs"]
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            _set_constant(graph, node, 1, array)
+        else:
+            name = _unique_name(graph, f"{node.name}_split")
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
+                             shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64))  # fmt: skip
+            graph.register_initializer(value)
+            node.resize_inputs(2)
+            node.replace_input_with(1, value)
+    else:
+        node.attributes["split"] = ir.AttrInt64s("split", sizes)
+
+
+def _insert_pads(model: ir.Model, analysis: ChannelAnalysis, kept) -> None:
+    """Scatter pruned tensors back to full size at padable edges: Pad by one zero, then Gather."""
+    graph = model.graph
+    opset = _opset(model)
+    padded: dict[int, ir.Value] = {}
+    for block in analysis.blocks:
+        if not block.padable or block.slot not in kept:
+            continue
+        slot = analysis.slots[block.slot]
+        if block.slot not in padded:
+            padded[block.slot] = _pad_value(graph, slot, kept[block.slot], opset)
+        full = padded[block.slot]
+        if block.node is None:
+            original = slot.value.name
+            slot.value.name = _unique_name(graph, f"{original}_pruned")
+            full.name = original
+            full.type = slot.value.type
+            graph.outputs[block.index] = full
+        else:
+            for index, value in enumerate(block.node.inputs):
+                if value is slot.value:
+                    block.node.replace_input_with(index, full)
+
+
+def _pad_value(graph: ir.Graph, slot, positions: np.ndarray, opset: int) -> ir.Value:
+    value = slot.value
+    rank = len(value.shape)
+    pads = [0] * (2 * rank)
+    pads[rank + slot.axis] = 1
+    name = value.name or "pruned"
+    if opset >= 11:
+        pads_value = ir.Value(name=_unique_name(graph, f"{name}_pads"),
+                              const_value=ir.tensor(np.array(pads, dtype=np.int64)))  # fmt: skip
+        pads_value.const_value.name = pads_value.name
+        pads_value.shape = ir.Shape([2 * rank])
+        pads_value.type = ir.TensorType(ir.DataType.INT64)
+        graph.register_initializer(pads_value)
+        pad = ir.Node("", "Pad", [value, pads_value], name=_unique_name(graph, f"{name}_pad"))
+    else:
+        pad = ir.Node("", "Pad", [value], [ir.AttrInt64s("pads", pads)],
+                      name=_unique_name(graph, f"{name}_pad"))  # fmt: skip
+    pad.outputs[0].name = _unique_name(graph, f"{name}_padded_zero")
+    index = np.full(slot.size, len(positions), dtype=np.int64)
+    index[positions] = np.arange(len(positions))
+    index_value = ir.Value(name=_unique_name(graph, f"{name}_scatter"),
+                           const_value=ir.tensor(index))  # fmt: skip
+    index_value.const_value.name = index_value.name
+    index_value.shape = ir.Shape([slot.size])
+    index_value.type = ir.TensorType(ir.DataType.INT64)
+    graph.register_initializer(index_value)
+    gather = ir.Node("", "Gather", [pad.outputs[0], index_value],
+                     [ir.AttrInt64("axis", slot.axis)], name=_unique_name(graph, f"{name}_unprune"))  # fmt: skip
+    gather.outputs[0].name = _unique_name(graph, f"{name}_full")
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [pad, gather])
+    else:
+        graph.insert_before(next(iter(graph)), [pad, gather])
+    return gather.outputs[0]
+
+
+def _reinfer_shapes(model: ir.Model) -> None:
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    for node in graph:
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.shape = None
+    for value in graph.outputs:
+        if value.producer() is not None:
+            value.shape = None
+    ir_common.RemoveUnusedNodesPass()(model)
+    ir_common.ShapeInferencePass(strict_mode=False)(model)
+
+
+# -- unstructured -----------------------------------------------------------------------------
+
+
+def _unstructured(
+    model: ir.Model, ratio: float, scope: str, excluded
+) -> list[LayerSparsity]:
+    graph = model.graph
+    weights = []
+    for node, found in ir_analysis.node_weights(graph).items():
+        if node.op_type in _WEIGHT_OPS and not excluded(node) and found.weight is not None:
+            index = list(node.inputs).index(found.weight)
+            weights.append((node, index, found.weight.const_value.numpy()))
+    if not weights:
+        raise UnsupportedModelError("nothing to prune: no Conv, Gemm or MatMul with constant weights")
+    threshold = None
+    if scope == "global":
+        magnitudes = np.concatenate([np.abs(w).ravel() for _, _, w in weights])
+        count = int(magnitudes.size * ratio)
+        threshold = np.partition(magnitudes, count - 1)[count - 1] if count else -1.0
+    report = []
+    for node, index, array in weights:
+        magnitude = np.abs(array)
+        if scope == "global":
+            mask = magnitude <= threshold
+        else:
+            count = int(array.size * ratio)
+            mask = np.zeros(array.size, bool)
+            mask[np.argsort(magnitude.ravel(), kind="stable")[:count]] = True
+            mask = mask.reshape(array.shape)
+        pruned = np.where(mask, np.zeros_like(array), array)
+        _set_constant(graph, node, index, pruned)
+        report.append(
+            LayerSparsity(node_label(node), node.op_type, int(array.size), int((pruned == 0).sum()))
+        )
+    return report
+
+
+# -- the pass ---------------------------------------------------------------------------------
+
+
+class PrunePass(SlimgraphFunctionalPass):
+    """Structured channel pruning (or unstructured magnitude pruning) on a copy of the model.
+
+    Approximate in general (`exact = False`); exact when the removed channels' producing weights
+    are zero. See the module docstring for the steps.
+    """
+
+    exact = False
+
+    def __init__(
+        self,
+        *,
+        ratio: float,
+        criterion: str = "l1",
+        scope: str = "local",
+        round_to: int | None = None,
+        pad: bool = False,
+        exclude: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        unstructured: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.criterion = criterion
+        self.scope = scope
+        self.round_to = round_to
+        self.pad = pad
+        self.exclude = tuple(exclude)
+        self.exclude_ops = tuple(exclude_ops)
+        self.unstructured = unstructured
+        self.seed = seed
+
+    def requires(self, model: ir.Model) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise BadOptionError(f"ratio must be strictly between 0 and 1, got {ratio!r}")
+        if self.criterion not in CRITERIA:
+            raise BadOptionError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.scope not in SCOPES:
+            raise BadOptionError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
+
+    def call(self, model: ir.Model) -> PruneResult:
+        report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured)
+        report.params_before = ir_analysis.parameter_count(model)
+        report.macs_before = sum(ir_analysis.model_macs(model).values())
+        pruned = prepare_for_pruning(model)
+        excluded = _excluded_predicate(pruned.graph, self.exclude, self.exclude_ops)
+        if self.unstructured:
+            report.sparsity = _unstructured(pruned, self.ratio, self.scope, excluded)
+        else:
+            self._structured(pruned, excluded, report)
+        report.params_after = ir_analysis.parameter_count(pruned)
+        report.macs_after = sum(ir_analysis.model_macs(pruned).values())
+        return PruneResult(pruned, modified=True, report=report)
+
+    def _structured(self, model: ir.Model, excluded, report: PruneReport) -> None:
+        analysis = analyze_channels(model.graph, excluded=excluded, pad=self.pad, opset=_opset(model))
+        groups = analysis.prunable_groups
+        if not groups:
+            reasons = sorted({r for g in analysis.groups for r in g.reasons})
+            hint = f" ({'; '.join(reasons[:3])})" if reasons else ""
+            raise UnsupportedModelError(f"nothing to prune: no channel group can shrink{hint}")
+        removed = select_channels(
+            analysis, ratio=self.ratio, criterion=self.criterion, scope=self.scope,
+            round_to=self.round_to, seed=self.seed,
+        )  # fmt: skip
+        removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
+        before = _producer_channels(analysis)
+        kept = remove_channels(model, analysis, removed_roots)
+        for group in analysis.groups:
+            count = len(removed.get(group.id, ()))
+            report.groups.append(
+                GroupReport(
+                    group.id, group.size, group.size - count,
+                    tuple(node_label(n) for n in group.producers),
+                    "; ".join(group.reasons) if not group.prunable else "",
+                    sum(1 for b in group.pads if b.slot in kept),
+                )
+            )  # fmt: skip
+        for (node, slot_id), size in before.items():
+            after = len(kept[slot_id]) if slot_id in kept else size
+            report.layers.append(LayerChannels(node_label(node), node.op_type, size, after))
+
+
+def _producer_channels(analysis: ChannelAnalysis) -> dict[tuple[ir.Node, int], int]:
+    found = {}
+    for use in analysis.weight_uses:
+        if use.role == "producer":
+            found[(use.node, use.slot)] = analysis.slots[use.slot].size
+    return found
+
+
+def prune_with_report(
+    model: ir.Model,
+    *,
+    ratio: float,
+    criterion: str = "l1",
+    scope: str = "local",
+    round_to: int | None = None,
+    pad: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    unstructured: bool = False,
+    seed: int = 0,
+) -> tuple[ir.Model, PruneReport]:
+    """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs)."""
+    result = PrunePass(
+        ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
+        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+    )(model)  # fmt: skip
+    assert result.report is not None
+    return result.model, result.report
+
+
+def prune(
+    model: ir.Model,
+    *,
+    ratio: float,
+    criterion: str = "l1",
+    scope: str = "local",
+    round_to: int | None = None,
+    pad: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    unstructured: bool = False,
+    seed: int = 0,
+) -> ir.Model:
+    """Prune a copy of `model` (the input is untouched); see the module docstring.
+
+    Args:
+        ratio: fraction of channels (or weights, with `unstructured`) to remove, in (0, 1).
+        criterion: "l1" | "l2" (norm of the producing weights summed over the group), "bn"
+            (BatchNorm |gamma|), "random" (seeded by `seed`).
+        scope: "local" (the same ratio in every group) or "global" (one threshold over scores
+            normalized per group).
+        round_to: keep a multiple of this many channels per group (at least this many).
+        pad: scatter pruned tensors back to full size where shapes must stay (graph outputs,
+            excluded or unknown consumers), so the model's output shapes never change.
+        exclude: fnmatch patterns of layer (torch module path) or node names to leave unchanged.
+        exclude_ops: op types to leave unchanged.
+        unstructured: zero the smallest weights instead of removing channels.
+
+    Use `prune_with_report` for the report.
+    """
+    return prune_with_report(
+        model, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
+        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+    )[0]  # fmt: skip
