@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common import _fuse_batchnorm, _matmul_add_to_gemm
@@ -67,6 +68,13 @@ class FusionResult(SlimgraphPassResult):
     """How many patterns each fusion rewrote."""
 
     fused: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _tidy(result: FusionResult) -> FusionResult:
+    """Drop what a fusion left dead (old weights, replaced nodes), so cleanup has less to redo."""
+    if result.modified:
+        common.RemoveUnusedNodesPass()(result.model)
+    return result
 
 
 def _label(node: ir.Node) -> str:
@@ -169,7 +177,7 @@ class FuseBatchNormPass(SlimgraphPass):
             for n in model.graph
             if id(n) in before and _bn_has_layer_before(n)
         ]
-        return FusionResult(model, bool(fused), skipped=skipped, fused=fused)
+        return _tidy(FusionResult(model, bool(fused), skipped=skipped, fused=fused))
 
     def _fold_into_matmul(self, model: ir.Model) -> int:
         count = 0
@@ -303,7 +311,7 @@ class FoldAffinePass(SlimgraphPass):
             if not count:
                 break
         fused = {"mul/add": total} if total else {}
-        return FusionResult(model, bool(total), fused=fused)
+        return _tidy(FusionResult(model, bool(total), fused=fused))
 
     def _try(self, node: ir.Node) -> int:
         for layer_index in (0, 1):
@@ -455,7 +463,7 @@ class BatchNormToAffinePass(SlimgraphPass):
             graph.remove(bn, safe=True)
             count += 1
         fused = {"batchnorm": count} if count else {}
-        return FusionResult(model, bool(count), skipped=skipped, fused=fused)
+        return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
 
 
 # ---------------------------------------------------------------- Pad into Conv
@@ -487,7 +495,7 @@ class FusePadPass(SlimgraphPass):
             else:
                 count += 1
         fused = {"pad": count} if count else {}
-        return FusionResult(model, bool(count), skipped=skipped, fused=fused)
+        return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
 
     def _fold(self, pad: ir.Node, conv: ir.Node) -> str | None:
         if pad.attributes.get_string("mode", "constant") != "constant":
@@ -559,7 +567,7 @@ class SumToAddPass(SlimgraphPass):
                 continue
             count += 1
         fused = {"sum": count} if count else {}
-        return FusionResult(model, bool(count), fused=fused)
+        return _tidy(FusionResult(model, bool(count), fused=fused))
 
 
 class _CheckedGemmMixin:
@@ -611,7 +619,7 @@ class MatMulAddToGemmPass(SlimgraphPass):
     def call(self, model: ir.Model) -> FusionResult:
         count = RewriteRuleSet(_gemm_rules()).apply_to_model(model)
         fused = {"matmul+add": count} if count else {}
-        return FusionResult(model, bool(count), fused=fused)
+        return _tidy(FusionResult(model, bool(count), fused=fused))
 
 
 # ---------------------------------------------------------------- activation units
