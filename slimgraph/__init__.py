@@ -21,6 +21,7 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import from_torch, load, save
 from slimgraph.passes.pipeline import optimize
+from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime import benchmark, compare, random_feeds
 
@@ -36,6 +37,8 @@ __all__ = [
     "random_feeds",
     "optimize",
     "quantize",
+    "prune",
+    "prune_with_report",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.bench_cmd",
     "slimgraph.tools.optimize_cmd",
     "slimgraph.tools.quantize_cmd",
+    "slimgraph.tools.prune_cmd",
     "slimgraph.tools.demo_cmd",
 )
 
