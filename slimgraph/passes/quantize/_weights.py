@@ -49,12 +49,15 @@ def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None
     if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
         return None
     if node.op_type == "Constant":
-        attr = node.attributes.get("value")
-        return None if attr is None else attr.as_tensor().numpy()
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
     if node.op_type == "Shape" and node.inputs[0] is not None:
         shape = node.inputs[0].shape
-        if shape is not None and shape.is_static() and not node.attributes:
-            return np.asarray(shape.numpy(), np.int64)
+        if shape is not None and shape.is_static():
+            dims = np.asarray(shape.numpy(), np.int64)
+            start = node.attributes.get_int("start", 0)
+            end = node.attributes.get_int("end", len(dims))
+            return dims[start:end]
     arrays = [constant_array(v, _depth + 1) if v is not None else None for v in node.inputs]
     if any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
         return None

@@ -400,14 +400,15 @@ class _Builder:
             )
             main = self._node(node, "Add", [main.outputs[0], other], suffix="bias")
             new_nodes.append(main)
+        record = QuantizedNode(
+            node.name or "", node.op_type, layer_name(node), source.name or "", kernel,
+            self._granularity(),
+        )
         ir.convenience.replace_nodes_and_values(
             self.graph, replaced[-1], replaced, new_nodes, [replaced[-1].outputs[0]],
             [main.outputs[0]],
         )
-        return QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), source.name or "", kernel,
-            self._granularity(),
-        )
+        return record
 
     def _quantized_activation(
         self, like: ir.Node, activation: ir.Value, new_nodes: list[ir.Node]
@@ -444,11 +445,12 @@ class _Builder:
             node, "GatherBlockQuantized", [codes_value, node.inputs[1], scale], domain=MS_DOMAIN,
             attributes={"bits": 8, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
         )
-        self._replace(node, [main], [main.outputs[0]])
-        return QuantizedNode(
+        record = QuantizedNode(
             node.name or "", node.op_type, layer_name(node), source.name or "",
             "GatherBlockQuantized", "per-row",
         )
+        self._replace(node, [main], [main.outputs[0]])
+        return record
 
     def rewrite_lstm(
         self, node: ir.Node, weight: np.ndarray, *, recurrence: np.ndarray
@@ -485,11 +487,12 @@ class _Builder:
             num_outputs=len(node.outputs), name=self._name(f"{node.name or 'lstm'}_int8"),
             metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
         )
-        self._replace(node, [main], list(main.outputs))
-        return QuantizedNode(
+        record = QuantizedNode(
             node.name or "", node.op_type, layer_name(node), node.inputs[1].name or "",  # type: ignore[union-attr]
             "DynamicQuantizeLSTM", self._granularity(),
         )
+        self._replace(node, [main], list(main.outputs))
+        return record
 
     def rewrite_conv(self, node: ir.Node, weight: np.ndarray) -> QuantizedNode:
         """DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul(scales per output channel) (+ bias)."""
@@ -533,11 +536,12 @@ class _Builder:
                 bias_value = reshape.outputs[0]
             main = self._node(node, "Add", [main.outputs[0], bias_value], suffix="bias")
             new_nodes.append(main)
-        self._replace(node, new_nodes, [main.outputs[0]])
-        return QuantizedNode(
+        record = QuantizedNode(
             node.name or "", node.op_type, layer_name(node), base, "ConvInteger",
             self._granularity(),
         )
+        self._replace(node, new_nodes, [main.outputs[0]])
+        return record
 
 
 def _remove_unused(model: ir.Model) -> None:

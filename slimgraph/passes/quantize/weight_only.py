@@ -296,6 +296,7 @@ class _Writer:
         ]
         while inputs[-1] is None:
             inputs.pop()
+        record = self._record(node, "MatMulNBits")
         new = ir.node(
             "MatMulNBits", inputs,
             {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size},
@@ -305,7 +306,7 @@ class _Writer:
         ir.convenience.replace_nodes_and_values(
             self.graph, replaced[-1], replaced, [new], [replaced[-1].outputs[0]], [new.outputs[0]]
         )
-        return self._record(node, "MatMulNBits")
+        return record
 
     def dequantize_linear(
         self, node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None
@@ -351,5 +352,6 @@ class _Writer:
             self.graph.insert_before(node, dq)
             self.cache[key] = (dq.outputs[0],)
         (dequantized,) = self.cache[key]
+        record = self._record(node, "DequantizeLinear")
         node.replace_input_with(1, dequantized)
-        return self._record(node, "DequantizeLinear")
+        return record
