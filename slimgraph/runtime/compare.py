@@ -83,17 +83,19 @@ class FidelityAccumulator:
     samples: int = 0
 
     def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
-        self.samples += 1
+        """Add one run's outputs (by name); only running sums are kept, never the arrays."""
         for name, ref_array in reference.items():
             if name not in candidate:
                 raise BadDataError(f"the candidate model has no output '{name}'")
+            if np.shape(ref_array) != np.shape(candidate[name]):
+                raise BadDataError(
+                    f"output '{name}' has shape {list(np.shape(candidate[name]))} in the "
+                    f"candidate and {list(np.shape(ref_array))} in the reference"
+                )
+        self.samples += 1
+        for name, ref_array in reference.items():
             ref = np.asarray(ref_array)
             cand = np.asarray(candidate[name])
-            if ref.shape != cand.shape:
-                raise BadDataError(
-                    f"output '{name}' has shape {list(cand.shape)} in the candidate and "
-                    f"{list(ref.shape)} in the reference"
-                )
             sums = self.sums.setdefault(name, _Sums(shape=ref.shape))
             ref64 = ref.astype(np.float64).ravel()
             cand64 = cand.astype(np.float64).ravel()
@@ -118,7 +120,9 @@ class FidelityAccumulator:
         outputs = []
         for name, s in self.sums.items():
             norm = math.sqrt(s.ref_sq) * math.sqrt(s.cand_sq)
-            if norm > 0:
+            if s.err_sq == 0:
+                cosine = 1.0  # identical outputs (rounding would give 0.9999999999999998)
+            elif norm > 0:
                 cosine = s.dot / norm
             else:
                 cosine = 1.0 if s.ref_sq == s.cand_sq else 0.0

@@ -6,6 +6,7 @@ array stacked on axis 0 (one row per sample).
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,6 +32,8 @@ __all__ = [
 
 Dim = int | str | None
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -41,7 +44,10 @@ class InputSpec:
     shape: tuple[Dim, ...] | None
 
     def describe(self) -> str:
-        dims = "?" if self.shape is None else ", ".join(str(d) for d in self.shape)
+        if self.shape is None:
+            dims = "?"
+        else:
+            dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype.name}[{dims}]"
 
 
@@ -108,15 +114,32 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
             (the message lists what the model expects), or no samples.
     """
     file = Path(path)
+    expected = f"the model expects {describe_inputs(input_specs(model))}"
     try:
-        with np.load(file, allow_pickle=False) as archive:
+        archive = np.load(file, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an archive of named arrays")
+        with archive:
             data = {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise BadDataError(f"{file}: no such file") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise BadDataError(f"{file}: not a readable .npz file ({error})") from None
+        if "allow_pickle" in str(error) and _is_zip(file):  # an object array inside the .npz
+            raise BadDataError(
+                f"{file}: holds pickled Python objects, which slimgraph never loads; save plain "
+                f"numeric arrays; {expected}"
+            ) from None
+        raise BadDataError(f"{file}: not a readable .npz file ({error}); {expected}") from None
     check_feeds(model, data, source=str(file))
     return data
+
+
+def _is_zip(file: Path) -> bool:
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def check_feeds(
@@ -135,7 +158,7 @@ def check_feeds(
         if extra:
             parts.append(f"unknown {', '.join(extra)}")
         raise BadDataError(f"{source}: input names do not match ({'; '.join(parts)}); {expected}")
-    counts = set()
+    counts: dict[str, int] = {}
     for spec in specs:
         array = np.asarray(data[spec.name])
         if array.dtype != spec.dtype:
@@ -153,13 +176,16 @@ def check_feeds(
                         f"{source}: '{spec.name}' has shape {list(array.shape)}, but {expected}"
                     )
         if array.ndim == 0 or array.shape[0] == 0:
-            raise BadDataError(f"{source}: '{spec.name}' holds no samples")
+            raise BadDataError(
+                f"{source}: '{spec.name}' holds no samples (axis 0 stacks them); {expected}"
+            )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadDataError(f"{source}: '{spec.name}' contains NaN or Inf")
-        counts.add(array.shape[0])
-    if len(counts) > 1:
+            raise BadDataError(f"{source}: '{spec.name}' contains NaN or Inf; {expected}")
+        counts[spec.name] = array.shape[0]
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name}: {count}" for name, count in counts.items())
         raise BadDataError(
-            f"{source}: inputs hold different numbers of samples ({sorted(counts)})"
+            f"{source}: inputs hold different numbers of samples ({listed}); {expected}"
         )
 
 
@@ -185,7 +211,13 @@ def iter_batches(
     for start in range(0, total, batch_size):
         batch = {name: array[start : start + batch_size] for name, array in data.items()}
         if fixed and sample_count(batch) != batch_size:
-            return  # a model with a fixed batch cannot take the ragged tail
+            # a model with a fixed batch cannot take the ragged tail
+            logger.warning(
+                "the model takes batches of exactly %d: the last %d samples are left out",
+                batch_size,
+                sample_count(batch),
+            )
+            return
         yield batch
 
 
