@@ -1,0 +1,81 @@
+"""Helpers for the pruning tests: zero chosen channels exactly, run and compare on onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from slimgraph import runtime
+from slimgraph.ir.channels import ChannelAnalysis, analyze_channels
+from slimgraph.passes.prune import kept_count, prepare_for_pruning
+
+# Roles whose entries must be zero for a channel to be exactly zero everywhere in its group:
+# producing weights and biases, BatchNorm gamma and beta, per-channel constants added.
+_ZEROED_ROLES = ("producer", "bias", "bn_scale")
+
+
+def _must_zero(use) -> bool:
+    if use.role in _ZEROED_ROLES:
+        return True
+    if use.role != "param":
+        return False
+    if use.node.op_type == "BatchNormalization":
+        return use.input_index == 2  # beta; mean and variance do not matter once gamma is 0
+    return use.node.op_type in ("Add", "Sub")
+
+
+def zero_channels(
+    model: ir.Model, ratio: float, *, pad: bool, seed: int = 0
+) -> tuple[ir.Model, ChannelAnalysis, int]:
+    """A prepared copy of `model` where, in every prunable group, as many random channels as
+    `ratio` removes (local scope) produce exact zeros. Returns (model, analysis, zeroed count).
+    """
+    prepared = prepare_for_pruning(model)
+    analysis = analyze_channels(prepared.graph, pad=pad)
+    rng = np.random.default_rng(seed)
+    roots: set[int] = set()
+    for group in analysis.prunable_groups:
+        count = group.size - kept_count(group.size, ratio)
+        chosen = rng.choice(group.size, count, replace=False)
+        roots |= {group.roots[i] for i in chosen.tolist()}
+    arrays: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+    for use in analysis.weight_uses:
+        if not _must_zero(use):
+            continue
+        slot = analysis.slots[use.slot]
+        positions = [p for p, r in enumerate(analysis.roots_of(slot).tolist()) if r in roots]
+        if not positions:
+            continue
+        key = (id(use.node), use.input_index)
+        if key not in arrays:
+            value = use.node.inputs[use.input_index]
+            arrays[key] = (use.node, use.input_index, value.const_value.numpy().copy())
+        array = arrays[key][2]
+        index = [slice(None)] * array.ndim
+        index[use.axis] = positions
+        array[tuple(index)] = 0
+    for node, index, array in arrays.values():
+        value = node.inputs[index]
+        fresh = ir.Value(name=f"{value.name}_zeroed", shape=ir.Shape(array.shape),
+                         type=value.type, const_value=ir.tensor(array, name=f"{value.name}_zeroed"))
+        prepared.graph.register_initializer(fresh)
+        node.replace_input_with(index, fresh)
+    return prepared, analysis, len(roots)
+
+
+def outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runtime.run(runtime.create_session(model, threads=1), feeds)
+
+
+def assert_same_outputs(ref: ir.Model, cand: ir.Model, feeds: dict[str, np.ndarray]) -> None:
+    expected, actual = outputs(ref, feeds), outputs(cand, feeds)
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        assert actual[name].shape == value.shape, name
+        scale = max(1.0, float(np.abs(value).max()))
+        np.testing.assert_allclose(actual[name], value, rtol=1e-4, atol=1e-5 * scale)
+
+
+def check_valid(model: ir.Model) -> None:
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
