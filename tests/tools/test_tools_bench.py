@@ -47,7 +47,8 @@ def test_bench_text_table(cli) -> None:
     first = next(line for line in lines if line.startswith(str(DIGITS)))
     assert first.split()[3] == "1.00x"
     assert any(line.startswith(str(zoo("squeezenet"))) for line in lines)
-    assert "3 interleaved rounds, 1 intra-op thread(s), onnxruntime optimization 'basic'" in result.out
+    footer = "3 interleaved rounds, 1 intra-op thread(s), onnxruntime optimization 'basic'"
+    assert footer in result.out
 
 
 @pytest.mark.parametrize("level", ["disable", "extended"])
