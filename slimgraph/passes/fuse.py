@@ -137,6 +137,19 @@ class _CheckedBnMixin:
         return result
 
 
+    def rewrite(self, op, x, inbound_out: ir.Value, batchnorm_out: ir.Value):  # type: ignore[no-untyped-def]
+        """onnxscript's rewrite, keeping the layer's name and metadata (torch layer names)."""
+        inbound = inbound_out.producer()
+        assert inbound is not None
+        value = super().rewrite(op, x, inbound_out, batchnorm_out)  # type: ignore[misc]
+        fused = value.producer()
+        if fused is not None:
+            fused.name = inbound.name
+            fused.doc_string = inbound.doc_string
+            fused.metadata_props.update(inbound.metadata_props)
+        return value
+
+
 class _BnConv(_CheckedBnMixin, _fuse_batchnorm.FuseBatchNormIntoConv):
     pass
 

@@ -35,6 +35,7 @@ def make_model(
     opset: int = 17,
     ir_version: int | None = None,
     initializers_as_inputs: bool = False,
+    output_types: Mapping[str, int] | None = None,
 ) -> ir.Model:
     """A float32 model from onnx.helper nodes; output types are left to shape inference."""
     graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
@@ -46,7 +47,10 @@ def make_model(
         list(nodes),
         "test",
         graph_inputs,
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [
+            helper.make_tensor_value_info(n, (output_types or {}).get(n, TensorProto.FLOAT), None)
+            for n in outputs
+        ],
         list(initializers),
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
