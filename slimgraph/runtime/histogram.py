@@ -74,9 +74,7 @@ class TensorStats:
 
     def _add_to_histogram(self, data: np.ndarray, batch_min: float, batch_max: float) -> None:
         if self.counts.size == 0:
-            self.lo, self.hi = batch_min, batch_max
-            if self.hi <= self.lo:  # a constant so far: give it a tiny width around the value
-                self.hi = self.lo + max(abs(self.lo), 1e-30) * 2.0**-20
+            self.lo, self.hi = batch_min, _min_width_above(batch_min, batch_max)
             self.counts = np.zeros(self.bins)
         elif batch_min < self.lo or batch_max > self.hi:
             self._grow(batch_min, batch_max)
@@ -87,6 +85,7 @@ class TensorStats:
         """Re-bin onto a wider range that holds the new values (counts spread linearly)."""
         width = self.hi - self.lo
         lo, hi = min(self.lo, batch_min), max(self.hi, batch_max)
+        hi = _min_width_above(lo, hi)
         extra = max(0.0, _GROWTH * width - (hi - lo))
         if batch_min < self.lo:
             lo -= extra if batch_max <= self.hi else extra / 2
@@ -112,6 +111,13 @@ class TensorStats:
             return 0.0
         value = float(np.interp(q * total, cumulative, self.edges()))
         return min(max(value, self.min), self.max)
+
+
+def _min_width_above(lo: float, hi: float) -> float:
+    """An upper edge that gives [lo, hi] float32-distinct bin edges (a constant tensor has zero
+    width; numpy's histogram refuses ranges narrower than its bins can resolve)."""
+    magnitude = max(abs(lo), abs(hi), 1e-30)
+    return max(hi, lo + magnitude * 2.0**-8)
 
 
 def calibrated_range(
@@ -145,25 +151,29 @@ def calibrated_range(
         high = stats.quantile(1.0 - tail) if stats.max > 0 else 0.0
         return min(low, 0.0), max(high, 0.0)
     if method in ("entropy", "mse"):
-        levels = qmax - qmin
-        stats = _nonzero_part(stats)
-        factors = _candidate_factors(stats, rmin, rmax, levels)
-        errors = [
-            _kl_divergence(stats, rmin * f, rmax * f, levels)
-            if method == "entropy"
-            else _expected_squared_error(stats, rmin * f, rmax * f, levels)
-            for f in factors
-        ]
-        best = float(factors[int(np.argmin(errors))])
-        return rmin * best, rmax * best
+        objective = _kl_divergence if method == "entropy" else _expected_squared_error
+        return _search_range(_nonzero_part(stats), rmin, rmax, qmax - qmin, objective)
     raise ValueError(f"unknown calibration method '{method}'")
 
 
-def _candidate_factors(stats: TensorStats, rmin: float, rmax: float, levels: int) -> np.ndarray:
-    """Shrink factors of the full range: from the full range down to `levels` histogram bins."""
+def _search_range(
+    stats: TensorStats, rmin: float, rmax: float, levels: int, objective
+) -> tuple[float, float]:  # noqa: ANN001
+    """Minimize `objective(stats, lo, hi, levels)` by shrinking each end towards zero in turn
+    (coordinate descent, two sweeps), keeping the range at least `levels` histogram bins wide."""
     bin_width = (stats.hi - stats.lo) / stats.bins
-    smallest = min(1.0, max(levels * bin_width / (rmax - rmin), 1.0 / 64))
-    return np.linspace(1.0, smallest, 128)
+    lo, hi = rmin, rmax
+    factors = np.linspace(1.0, 1.0 / 64, 128)
+    for _ in range(2):
+        if hi > 0:
+            candidates = [rmax * f for f in factors if rmax * f - lo >= levels * bin_width]
+            if candidates:
+                hi = min(candidates, key=lambda h: objective(stats, lo, h, levels))
+        if lo < 0:
+            candidates = [rmin * f for f in factors if hi - rmin * f >= levels * bin_width]
+            if candidates:
+                lo = min(candidates, key=lambda v: objective(stats, v, hi, levels))
+    return float(lo), float(hi)
 
 
 def _nonzero_part(stats: TensorStats) -> TensorStats:
@@ -185,7 +195,9 @@ def _kl_divergence(stats: TensorStats, lo: float, hi: float, levels: int) -> flo
     edge bins), Q the same after merging into `levels` quantization bins (mass spread uniformly
     over each level's non-empty bins), as in TensorRT's entropy calibration."""
     bin_width = (stats.hi - stats.lo) / stats.bins
-    n = max(levels, int(round((hi - lo) / bin_width)))
+    # Native resolution, but never more than twice the histogram's bins (a narrow histogram
+    # inside a wide clipping range, e.g. a constant, would otherwise ask for millions).
+    n = max(levels, min(int(round((hi - lo) / bin_width)), 2 * stats.bins))
     edges = np.linspace(lo, hi, n + 1)
     cumulative = stats.cdf(edges)
     inside = np.diff(cumulative)
