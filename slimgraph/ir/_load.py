@@ -56,6 +56,8 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         raise InvalidModelError(
             f"{path}: not a valid ONNX model ({type(error).__name__}: {_first_line(error)})"
         ) from None
+    if not all(_is_sorted(graph) for graph in model.graphs()):
+        model.graph.sort()  # ONNX requires topological order; passes and the checker rely on it
     base_dir = str(file.resolve().parent)
     for tensor in _external_tensors(model):
         tensor.base_dir = base_dir
@@ -64,6 +66,18 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         {str(file.resolve().parent / loc) for loc in _external_locations(proto)}
     )
     return model
+
+
+def _is_sorted(graph: ir.Graph) -> bool:
+    """Whether every node comes after the producers of its inputs (within this graph)."""
+    seen: set[ir.Node] = set()
+    for node in graph:
+        for value in node.inputs:
+            source = value.producer() if value is not None else None
+            if source is not None and source.graph is graph and source not in seen:
+                return False
+        seen.add(node)
+    return True
 
 
 def _first_line(error: BaseException) -> str:

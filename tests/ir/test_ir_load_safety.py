@@ -444,3 +444,20 @@ def test_sparse_indices_out_of_range(tmp_path: Path) -> None:
     path = b.write(tmp_path, proto)
     with pytest.raises(InvalidModelError, match="sparse tensor 'c' has indices out of range"):
         load(path)
+
+
+def test_unsorted_graph_is_sorted_on_load(tmp_path: Path) -> None:
+    proto = b.graph_model(
+        [_node("Neg", ["a"], ["y"], "second"), _node("Relu", ["x"], ["a"], "first")]
+    )
+    path = b.write(tmp_path, proto)
+    model = load(path)
+    assert [n.name for n in model.graph] == ["first", "second"]
+    _run_both(path, {"x": np.full((2, 3), -2.0, np.float32)})
+    sorted_proto = b.graph_model(
+        [_node("Relu", ["x"], ["a"], "first"), _node("Neg", ["a"], ["y"], "second")]
+    )
+    assert [n.name for n in load(b.write(tmp_path, sorted_proto, "s.onnx")).graph] == [
+        "first",
+        "second",
+    ]

@@ -42,11 +42,10 @@ def test_zoo_model_outputs_match_original(zoo_path: Path, tmp_path: Path) -> Non
     reference = ort.InferenceSession(str(zoo_path), options, providers=["CPUExecutionProvider"])
     expected = reference.run(None, feeds)
     saved = run(create_session(out, threads=2), feeds)
-    in_memory = run(create_session(model, threads=2), feeds)
-    for ref, got, mem in zip(expected, saved.values(), in_memory.values(), strict=True):
+    assert list(saved) == [o.name for o in reference.get_outputs()]
+    for ref, got in zip(expected, saved.values(), strict=True):
         assert got.shape == ref.shape
         _close(got, ref, rtol=1e-5)
-        _close(mem, ref, rtol=1e-5)
 
 
 def test_torch_model_matches_eager_after_save_and_load(
