@@ -202,7 +202,7 @@ def summarize(
         opset=dict(sorted(model.opset_imports.items())),
         ir_version=int(model.ir_version),
         producer=" ".join(filter(None, (model.producer_name, model.producer_version))),
-        top_layers=_top_layers(macs_by_node, total_macs),
+        top_layers=_top_layers(graph, macs_by_node, total_macs),
         initializer_bytes=_dtype_groups(model),
         initializers=initializers,
         external_data=tuple(
@@ -255,11 +255,15 @@ def _macs_by_node(model: ir.Model, dims: Mapping[str, int]) -> tuple[dict[ir.Nod
     return found, unknown
 
 
-def _top_layers(macs_by_node: Mapping[ir.Node, int], total: int) -> tuple[LayerMacs, ...]:
+def _top_layers(
+    graph: ir.Graph, macs_by_node: Mapping[ir.Node, int], total: int
+) -> tuple[LayerMacs, ...]:
+    """Layers by MACs: nodes of one torch module add up; other nodes stand alone by name."""
     layers: dict[str, list[ir.Node]] = {}
-    for node in macs_by_node:
-        name = layer_name(node) or node.name or node.op_type
-        layers.setdefault(name, []).append(node)
+    for index, node in enumerate(graph):
+        if node in macs_by_node:
+            name = layer_name(node) or node.name or f"{node.op_type}#{index}"
+            layers.setdefault(name, []).append(node)
     rows = []
     for name, nodes in layers.items():
         macs = sum(macs_by_node[node] for node in nodes)

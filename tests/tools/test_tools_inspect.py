@@ -188,6 +188,14 @@ def test_inspect_zoo_models(cli, name) -> None:
     assert data["parameters"] == onnx_parameters(proto)
     assert data["macs"] == onnx_macs(proto)
     assert data["size_bytes"] == path.stat().st_size
+    # No torch names here: each node is its own layer, listed by MACs.
+    top = data["top_layers"]
+    mac_nodes = sum(count for op, count in data["ops"].items() if op in ("Conv", "Gemm", "MatMul"))
+    assert len(top) == min(TOP_LAYERS, mac_nodes) == len({layer["layer"] for layer in top})
+    assert [layer["macs"] for layer in top] == sorted((layer["macs"] for layer in top), reverse=True)
+    assert sum(layer["share"] for layer in top) == pytest.approx(
+        sum(layer["macs"] for layer in top) / data["macs"]
+    )
 
 
 def test_inspect_macs_match_published_figures(cli) -> None:
