@@ -1,0 +1,391 @@
+"""fp16 conversion: float32 weights and internal values to float16, float32 where fp16 fails.
+
+Approximate pass (seed 003, "precision formats, mixed precision"): every float32 initializer and
+intermediate value becomes float16 (half the file size) except where half precision overflows or
+loses too much. The rules:
+
+- Model inputs and outputs stay float32 (`keep_io_types`, default): Casts at the boundaries.
+- Ops in `keep_ops` run in float32 with Casts around them. The defaults (DEFAULT_KEEP_OPS) are the
+  ops whose fp16 results overflow or drift: Pow (x^2 > 65504 once |x| > 256, e.g. a decomposed
+  variance), Exp (overflows for x > 11), ReduceMean / ReduceSum / ReduceSumSquare / ReduceL2 /
+  ReduceLogSumExp (sums over large axes leave fp16's range or lose the low bits) and
+  Softmax/LogSoftmax (they exponentiate). LayerNormalization is converted (its spec computes the
+  statistics in float32: `stash_type` = 1). See benchmarks/quantize_modes.py for the fidelity
+  measured with and without them.
+- Nodes computing shapes (anything feeding a Reshape/Expand/Slice/Tile/ConstantOfShape/Range/
+  Resize shape-like input, back to Shape/Size) keep their dtypes, and so do Range, Resize's roi
+  and scales, and ops from other domains or with subgraphs.
+- Constants are converted at build time, not by Casts at run time (out-of-range values are
+  clipped to +-65504; a Cast of a constant is folded), and Casts to float32 inside the fp16
+  region become Casts to float16.
+
+onnxruntime's CPU provider runs fp16 only for a few ops and casts around the rest itself, so
+on this CPU fp16 shrinks files but does not speed models up (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import layer_name, metadata
+from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+
+__all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEEP_OPS: tuple[str, ...] = (
+    "Pow",
+    "Exp",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "Softmax",
+    "LogSoftmax",
+)
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+# Ops that always keep their dtypes (float32-only kernels or value ranges fp16 cannot index).
+_ALWAYS_FLOAT = frozenset(
+    {"Range", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
+     "RandomUniformLike", "Multinomial", "If", "Loop", "Scan"}
+)
+
+# Input positions that must keep their dtype even in fp16 nodes (float32-only by the spec).
+_KEEP_POSITIONS: dict[str, frozenset[int]] = {
+    "Resize": frozenset({1, 2}),
+    "Upsample": frozenset({1}),
+}
+
+# Inputs that are shapes, sizes, indices or axes: what computes them is shape arithmetic.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Slice": (1, 2, 3, 4),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Pad": (1, 3),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "TopK": (1,),
+    "OneHot": (1,),
+    "Split": (1,),
+    "ReduceMean": (1,),
+    "ReduceSum": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceL2": (1,),
+    "ReduceSumSquare": (1,),
+}
+# Shape sources: shape arithmetic stops here (their data input is not part of it).
+_SHAPE_SOURCES = frozenset({"Shape", "Size"})
+
+
+@dataclass
+class Fp16Result(SlimgraphPassResult):
+    """What `Fp16Pass` converted: node and initializer counts, Casts inserted, clipped values."""
+
+    converted_nodes: int = 0
+    kept_nodes: list[str] = field(default_factory=list)
+    converted_initializers: int = 0
+    casts_inserted: int = 0
+    clipped_values: int = 0
+
+
+class Fp16Pass(SlimgraphPass):
+    """Convert float32 to float16 except I/O and `keep_ops` (approximate: `exact = False`).
+
+    Args:
+        keep_io_types: keep float32 model inputs and outputs (Casts at the boundaries).
+        keep_ops: op types that run in float32 (default DEFAULT_KEEP_OPS).
+    """
+
+    exact = False
+
+    def __init__(
+        self, *, keep_io_types: bool = True, keep_ops: Sequence[str] = DEFAULT_KEEP_OPS
+    ) -> None:
+        super().__init__()
+        if isinstance(keep_ops, str):
+            keep_ops = (keep_ops,)
+        self.keep_io_types = keep_io_types
+        self.keep_ops = frozenset(keep_ops)
+
+    def requires(self, model: ir.Model) -> None:
+        bad = [op for op in self.keep_ops if not op or not op[0].isupper() or not op.isalnum()]
+        if bad:
+            raise BadOptionError(f"keep_ops takes ONNX op types such as Softmax (got {bad[0]!r})")
+        if not any(
+            v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+            for v in model.graph.initializers.values()
+        ) and not any(v.dtype == ir.DataType.FLOAT for n in model.graph for v in n.outputs):
+            raise UnsupportedModelError("nothing to convert to fp16: the model has no float32 values")
+
+    def call(self, model: ir.Model) -> Fp16Result:
+        return _Converter(model, self.keep_io_types, self.keep_ops).run()
+
+
+def convert_fp16(
+    model: ir.Model,
+    *,
+    keep_io_types: bool = True,
+    keep_ops: Sequence[str] = DEFAULT_KEEP_OPS,
+) -> ir.Model:
+    """A float16 copy of `model` (the input is left untouched); see the module docstring.
+
+    Example:
+        >>> half = convert_fp16(model)  # doctest: +SKIP
+    """
+    return Fp16Pass(keep_io_types=keep_io_types, keep_ops=keep_ops)(model.clone()).model
+
+
+class _Converter:
+    def __init__(self, model: ir.Model, keep_io_types: bool, keep_ops: frozenset[str]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.keep_io_types = keep_io_types
+        self.keep_ops = keep_ops
+        self.half: set[int] = set()  # ids of values this pass turned float16
+        self.to_half: dict[int, ir.Value] = {}
+        self.to_float: dict[int, ir.Value] = {}
+        self.names: set[str] = set(self.graph.initializers)
+        for node in self.graph:
+            self.names.update(v.name for v in node.outputs if v.name)
+        self.names.update(v.name for v in self.graph.inputs if v.name)
+        self.result = Fp16Result(model, modified=False)
+
+    def _name(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.names:
+            name = f"{base}_{index}"
+            index += 1
+        self.names.add(name)
+        return name
+
+    def run(self) -> Fp16Result:
+        graph = self.graph
+        _infer_types(self.model)
+        shape_nodes = _shape_nodes(graph)
+        if not self.keep_io_types:
+            for value in graph.inputs:
+                if value.dtype == ir.DataType.FLOAT:
+                    value.type = ir.TensorType(ir.DataType.FLOAT16)
+                    self.half.add(id(value))
+        for node in list(graph):
+            reason = self._float_reason(node, shape_nodes)
+            if reason is None:
+                self._convert(node)
+            else:
+                self._keep(node, reason)
+        self._fix_outputs()
+        self._shape_readers_to_half()
+        onnx_ir.passes.common.RemoveUnusedNodesPass()(self.model)
+        self.result.modified = bool(self.half)
+        return self.result
+
+    def _float_reason(self, node: ir.Node, shape_nodes: set[int]) -> str | None:
+        if node.domain not in ("", "ai.onnx"):
+            return f"domain {node.domain}"
+        if node.op_type in self.keep_ops:
+            return "kept in float32 (keep_ops)"
+        if node.op_type in _ALWAYS_FLOAT or any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
+            return "float32-only op or subgraph"
+        if id(node) in shape_nodes:
+            return "computes a shape"
+        return None
+
+    def _keep(self, node: ir.Node, reason: str) -> None:
+        touches_float = False
+        for index, value in enumerate(node.inputs):
+            if value is not None and id(value) in self.half:
+                node.replace_input_with(index, self._float_version(value, node))
+                touches_float = True
+        if touches_float or any(v.dtype == ir.DataType.FLOAT for v in node.outputs):
+            self.result.kept_nodes.append(node.name or node.op_type)
+            if reason.startswith("kept"):
+                self.result.skipped.append(Skipped(node.name or "", node.op_type, reason))
+
+    def _convert(self, node: ir.Node) -> None:
+        keep = _KEEP_POSITIONS.get(node.op_type, frozenset())
+        changed = False
+        if node.op_type == "Cast":
+            if node.attributes.get_int("to") == ir.DataType.FLOAT:
+                node.attributes["to"] = ir.Attr("to", ir.AttributeType.INT, ir.DataType.FLOAT16)
+                changed = True
+        elif node.op_type == "Constant":
+            changed = self._convert_constant_node(node)
+        else:
+            for index, value in enumerate(node.inputs):
+                if value is None or index in keep or id(value) in self.half:
+                    continue
+                if value.dtype == ir.DataType.FLOAT:
+                    node.replace_input_with(index, self._half_version(value, node))
+                    changed = True
+            if node.op_type == "ConstantOfShape" and (attr := node.attributes.get("value")):
+                tensor = attr.as_tensor()
+                if tensor.dtype == ir.DataType.FLOAT:
+                    node.attributes["value"] = ir.Attr(
+                        "value", ir.AttributeType.TENSOR, self._half_tensor(tensor.numpy(), "value")
+                    )
+        for value in node.outputs:
+            if value.dtype == ir.DataType.FLOAT:
+                value.type = ir.TensorType(ir.DataType.FLOAT16)
+                self.half.add(id(value))
+                changed = True
+        if changed:
+            self.result.converted_nodes += 1
+        if node.op_type == "Cast" and changed:
+            self._fold_cast(node)
+
+    def _convert_constant_node(self, node: ir.Node) -> bool:
+        value = node.outputs[0]
+        if value.dtype != ir.DataType.FLOAT:
+            return False
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is None:
+            return False
+        for name in list(node.attributes):
+            del node.attributes[name]
+        node.attributes["value"] = ir.Attr(
+            "value", ir.AttributeType.TENSOR, self._half_tensor(tensor.numpy(), value.name or "c")
+        )
+        return True
+
+    def _fold_cast(self, node: ir.Node) -> None:
+        """Cast(constant) to float16 becomes a float16 initializer."""
+        source = node.inputs[0]
+        if source is None or source.const_value is None:
+            return
+        out = node.outputs[0]
+        initializer = self._initializer(source.const_value.numpy(), out.name or "cast")
+        ir.convenience.replace_all_uses_with(out, initializer, replace_graph_outputs=False)
+        if not out.is_graph_output():
+            self.graph.remove(node, safe=True)
+
+    def _half_tensor(self, array: np.ndarray, name: str) -> ir.Tensor:
+        array = np.asarray(array, np.float32)
+        finite = np.isfinite(array)
+        clipped = finite & (np.abs(array) > _FP16_MAX)
+        self.result.clipped_values += int(clipped.sum())
+        array = np.where(clipped, np.clip(array, -_FP16_MAX, _FP16_MAX), array)
+        return ir.tensor(array.astype(np.float16), name=name)
+
+    def _initializer(self, array: np.ndarray, base: str) -> ir.Value:
+        name = self._name(f"{base}_fp16")
+        tensor = self._half_tensor(array, name)
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+        value.const_value = tensor
+        self.graph.register_initializer(value)
+        self.half.add(id(value))
+        self.result.converted_initializers += 1
+        return value
+
+    def _half_version(self, value: ir.Value, consumer: ir.Node) -> ir.Value:
+        key = id(value)
+        if key not in self.to_half:
+            if value.const_value is not None:
+                self.to_half[key] = self._initializer(value.const_value.numpy(), value.name or "w")
+            else:
+                self.to_half[key] = self._cast(value, ir.DataType.FLOAT16, consumer)
+                self.half.add(id(self.to_half[key]))
+        return self.to_half[key]
+
+    def _float_version(self, value: ir.Value, consumer: ir.Node) -> ir.Value:
+        key = id(value)
+        if key not in self.to_float:
+            self.to_float[key] = self._cast(value, ir.DataType.FLOAT, consumer)
+        return self.to_float[key]
+
+    def _cast(self, value: ir.Value, dtype: ir.DataType, before: ir.Node) -> ir.Value:
+        suffix = "fp16" if dtype == ir.DataType.FLOAT16 else "fp32"
+        props = {metadata.LAYER: layer_name(before)} if layer_name(before) else None
+        cast = ir.node(
+            "Cast", [value], {"to": dtype}, name=self._name(f"{value.name or 'v'}_to_{suffix}"),
+            metadata_props=props,
+        )
+        out = cast.outputs[0]
+        out.name = self._name(f"{value.name or 'v'}_{suffix}")
+        out.type = ir.TensorType(dtype)
+        out.shape = value.shape
+        producer = value.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, cast)
+        else:
+            self.graph.insert_before(before, cast)
+        self.result.casts_inserted += 1
+        return out
+
+    def _shape_readers_to_half(self) -> None:
+        """Shape/Size of a float32 weight read its float16 copy, so the float32 one can go."""
+        for node in self.graph:
+            if node.op_type in _SHAPE_SOURCES and node.inputs and node.inputs[0] is not None:
+                half = self.to_half.get(id(node.inputs[0]))
+                if half is not None and node.inputs[0].const_value is not None:
+                    node.replace_input_with(0, half)
+
+    def _fix_outputs(self) -> None:
+        """float16 graph outputs get a Cast back to float32 that takes over their name."""
+        if not self.keep_io_types:
+            return
+        for index, value in enumerate(self.graph.outputs):
+            if id(value) not in self.half:
+                continue
+            name = value.name
+            value.name = self._name(f"{name}_fp16")
+            cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=self._name(f"{name}_to_fp32"))
+            out = cast.outputs[0]
+            out.name = name
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            out.shape = value.shape
+            self.graph.append(cast)
+            self.graph.outputs[index] = out
+            self.result.casts_inserted += 1
+
+
+def _infer_types(model: ir.Model) -> None:
+    """Fill in value types the exporter left out (a float value without a type would be missed)."""
+    try:
+        onnx_ir.passes.common.ShapeInferencePass()(model)
+    except Exception as error:  # inference is a help here, not a requirement
+        logger.warning("type inference failed before fp16 conversion: %s", error)
+    untyped = [n.name for n in model.graph for v in n.outputs if v.type is None]
+    if untyped:
+        logger.warning("%d node outputs have no type after inference (e.g. %s); they keep "
+                       "their dtype", len(untyped), untyped[0])
+
+
+def _shape_nodes(graph: ir.Graph) -> set[int]:
+    """Ids of nodes whose results only feed shape-like inputs (walking back to Shape/Size)."""
+    marked: set[int] = set()
+    stack: list[ir.Value] = []
+    for node in graph:
+        for index in _SHAPE_INPUTS.get(node.op_type, ()):
+            if index < len(node.inputs) and node.inputs[index] is not None:
+                stack.append(node.inputs[index])  # type: ignore[arg-type]
+    while stack:
+        value = stack.pop()
+        producer = value.producer()
+        if producer is None or id(producer) in marked or producer.graph is not graph:
+            continue
+        marked.add(id(producer))
+        if producer.op_type in _SHAPE_SOURCES:
+            continue
+        stack.extend(v for v in producer.inputs if v is not None)
+    return marked
