@@ -192,7 +192,8 @@ def test_inspect_zoo_models(cli, name) -> None:
     top = data["top_layers"]
     mac_nodes = sum(count for op, count in data["ops"].items() if op in ("Conv", "Gemm", "MatMul"))
     assert len(top) == min(TOP_LAYERS, mac_nodes) == len({layer["layer"] for layer in top})
-    assert [layer["macs"] for layer in top] == sorted((layer["macs"] for layer in top), reverse=True)
+    macs = [layer["macs"] for layer in top]
+    assert macs == sorted(macs, reverse=True)
     assert sum(layer["share"] for layer in top) == pytest.approx(
         sum(layer["macs"] for layer in top) / data["macs"]
     )
