@@ -349,7 +349,7 @@ def _densify_sparse(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
     nodes.extend(node for function in proto.functions for node in function.node)
     for node in nodes:
         for index, attr in enumerate(node.attribute):
-            if attr.type not in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+            if attr.type not in _SPARSE_ATTRS:
                 continue
             if node.op_type != "Constant" or attr.type != onnx.AttributeProto.SPARSE_TENSOR:
                 raise InvalidModelError(
@@ -358,6 +358,9 @@ def _densify_sparse(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
                 )
             dense = _dense(attr.sparse_tensor, base_dir, label)
             node.attribute[index].CopyFrom(onnx.helper.make_attribute("value", dense))
+
+
+_SPARSE_ATTRS = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
 
 
 def _dense(sparse: onnx.SparseTensorProto, base_dir: Path, label: str) -> onnx.TensorProto:
@@ -455,7 +458,8 @@ def _check_graph(
             return
         if name in defined:
             raise InvalidModelError(
-                f"{label}: {where}: value name '{name}' is defined twice ({defined[name]} and {what})"
+                f"{label}: {where}: value name '{name}' is defined twice "
+                f"({defined[name]} and {what})"
             )
         defined[name] = what
 

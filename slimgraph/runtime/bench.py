@@ -94,7 +94,9 @@ def benchmark(
         else create_session(m, threads=threads, optimization=optimization)
         for m in models
     ]
-    runners = [_runner(session, dict(feed)) for session, feed in zip(sessions, per_model, strict=True)]
+    runners = [
+        _runner(session, dict(feed)) for session, feed in zip(sessions, per_model, strict=True)
+    ]
     repeats = []
     for runner in runners:
         for _ in range(warmup):

@@ -11,8 +11,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.ir import load_proto, save, tensor_bytes
 from slimgraph.ir._save import inlined_external_data
 
@@ -83,6 +84,23 @@ def create_session(
 def run(
     session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Run once and return outputs by name."""
+    """Run once and return outputs by name.
+
+    Raises:
+        BadDataError: onnxruntime rejected the feeds (missing or unknown names, wrong dtype or
+            shape); the message lists what the session expects.
+    """
     names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+    try:
+        outputs = session.run(names, dict(feeds))
+    except (InvalidArgument, ValueError) as error:
+        expected = "; ".join(
+            f"{i.name}: {i.type}{i.shape}".replace("'", "") for i in session.get_inputs()
+        )
+        detail = " ".join(str(error).split()).replace(
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ", ""
+        )
+        raise BadDataError(
+            f"the inputs do not fit the model ({detail}); it expects {expected}"
+        ) from None
+    return dict(zip(names, outputs, strict=True))

@@ -166,7 +166,9 @@ def function_model(tensor: TensorProto) -> onnx.ModelProto:
     )
 
 
-def graph_model(nodes: list[onnx.NodeProto], inputs=("x",), outputs=("y",), **kwargs) -> onnx.ModelProto:
+def graph_model(
+    nodes: list[onnx.NodeProto], inputs=("x",), outputs=("y",), **kwargs
+) -> onnx.ModelProto:
     """A float model over [2, 3] values from a list of nodes (no checks)."""
     graph = helper.make_graph(
         nodes,

@@ -204,7 +204,8 @@ def test_valid_external_data_loads_lazily_and_runs(
 
 
 def test_missing_empty_folder_and_text_files(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=f"^{re.escape(str(tmp_path / 'no.onnx'))}: no such file"):
+    missing = re.escape(str(tmp_path / "no.onnx"))
+    with pytest.raises(ModelLoadError, match=f"^{missing}: no such file"):
         load(tmp_path / "no.onnx")
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
@@ -328,11 +329,15 @@ INVALID = {
         "initializer name 'w' is used twice",
     ),
     "raw_data_too_short": (
-        b.add_model(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], raw_data=b"\0" * 20)),
+        b.add_model(
+            TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], raw_data=b"\0" * 20)
+        ),
         r"initializer 'w' holds 20 bytes, but its shape \[2, 3\] needs 24",
     ),
     "float_data_too_short": (
-        b.add_model(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], float_data=[1, 2])),
+        b.add_model(
+            TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], float_data=[1, 2])
+        ),
         r"initializer 'w' holds 2 values, but its shape \[2, 3\] needs 6",
     ),
     "negative_dim": (

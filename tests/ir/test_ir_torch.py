@@ -94,7 +94,8 @@ def dynamic_resnet() -> ir.Model:
 
 
 def test_not_a_module() -> None:
-    with pytest.raises(UnsupportedModelError, match="from_torch needs a torch.nn.Module, got function"):
+    message = "from_torch needs a torch.nn.Module, got function"
+    with pytest.raises(UnsupportedModelError, match=message):
         from_torch(lambda x: x, (torch.zeros(1),))
     assert issubclass(UnsupportedModelError, BadInputError)
 
@@ -107,5 +108,6 @@ class _DataDependent(nn.Module):
 
 
 def test_export_failure_is_one_clear_error() -> None:
-    with pytest.raises(UnsupportedModelError, match="torch.onnx.export could not export _DataDependent"):
+    message = "torch.onnx.export could not export _DataDependent"
+    with pytest.raises(UnsupportedModelError, match=message):
         from_torch(_DataDependent(), (torch.ones(2),))

@@ -120,7 +120,8 @@ def test_mismatched_outputs_are_errors() -> None:
     accumulator = FidelityAccumulator()
     with pytest.raises(BadDataError, match="the candidate model has no output 'y'"):
         accumulator.add({"y": np.zeros(3)}, {"z": np.zeros(3)})
-    with pytest.raises(BadDataError, match=r"output 'y' has shape \[4\] in the candidate and \[3\]"):
+    message = r"output 'y' has shape \[4\] in the candidate and \[3\]"
+    with pytest.raises(BadDataError, match=message):
         accumulator.add({"y": np.zeros(3)}, {"y": np.zeros(4)})
     assert accumulator.samples == 0
     with pytest.raises(BadDataError, match="no samples were compared"):

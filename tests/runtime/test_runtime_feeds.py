@@ -196,7 +196,8 @@ def test_pickled_objects_are_never_loaded(
     data = _good_data()
     data["input_ids"] = np.array([{"evil": 1}] * 6, dtype=object)
     path = _save_npz(tmp_path, data)
-    with pytest.raises(BadDataError, match=f"^{re.escape(str(path))}: holds pickled Python objects.*{EXPECTS}"):
+    message = f"^{re.escape(str(path))}: holds pickled Python objects.*{EXPECTS}"
+    with pytest.raises(BadDataError, match=message):
         load_npz(path, typed_model)
     raw_pickle = tmp_path / "raw.npz"
     raw_pickle.write_bytes(pickle.dumps({"image": [1, 2]}))
@@ -214,7 +215,8 @@ def test_unreadable_data_files(typed_model: ir.Model, tmp_path: Path) -> None:
         load_npz(text, typed_model)
     single = tmp_path / "single.npy"
     np.save(single, np.zeros((2, 3), np.float32))
-    with pytest.raises(BadDataError, match=r"single\.npy: not a readable \.npz file \(a single array"):
+    message = r"single\.npy: not a readable \.npz file \(a single array"
+    with pytest.raises(BadDataError, match=message):
         load_npz(single, typed_model)
     assert issubclass(BadDataError, BadInputError)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph.runtime.session as session_module
-from slimgraph.errors import BadInputError, BadOptionError, UnsafeModelError
+from slimgraph.errors import BadDataError, BadInputError, BadOptionError, UnsafeModelError
 from slimgraph.ir import load, save
 from slimgraph.runtime import BenchmarkResult, Timing, benchmark, create_session, run
 from slimgraph.runtime.session import model_bytes
@@ -86,6 +87,23 @@ def test_session_options() -> None:
         out = run(create_session(_chain_model(2), optimization=level), X)["y"]
         weight = np.eye(96, dtype=np.float32) * 0.5 + 0.01
         np.testing.assert_allclose(out, X["x"] @ weight @ weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "feeds,message",
+    [
+        ({"x": np.zeros((96, 96))}, r"Unexpected input data type. Actual: \(tensor\(double\)\)"),
+        ({"x": np.zeros((5, 96), np.float32)}, "Got invalid dimensions for input: x"),
+        ({}, r"Required inputs \(\['x'\]\) are missing"),
+        ({**X, "z": np.zeros(1)}, "Invalid input name: z"),
+    ],
+)
+def test_run_rejects_bad_feeds(feeds: dict, message: str) -> None:
+    session = create_session(_chain_model(1))
+    expects = re.escape("it expects x: tensor(float)[96, 96]")
+    pattern = f"^the inputs do not fit the model \\(.*{message}.*{expects}$"
+    with pytest.raises(BadDataError, match=pattern):
+        run(session, feeds)
 
 
 def test_unknown_optimization_level() -> None:
