@@ -1,0 +1,33 @@
+"""Low-rank factorization: SVD split of Gemm/MatMul layers, Tucker-2 of convolutions.
+
+Approximate passes (`exact = False`): they report each layer's weight error and, with sample
+feeds, the output SQNR. See DESIGN.md section 5 and seed 001 ("Low Rank Matrix Factorization").
+"""
+
+from __future__ import annotations
+
+from slimgraph.passes.lowrank._api import (
+    FactorizeReport,
+    factorize,
+    factorize_with_report,
+    fold_weights,
+)
+from slimgraph.passes.lowrank._base import LayerReport, LowRankResult
+from slimgraph.passes.lowrank._linear import LowRankLinear
+from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
+from slimgraph.passes.lowrank._tucker import TuckerConv, tucker2
+
+__all__ = [
+    "LowRankLinear",
+    "TuckerConv",
+    "LayerReport",
+    "LowRankResult",
+    "FactorizeReport",
+    "RankPolicy",
+    "AUTO_MAX_MACS_RATIO",
+    "AUTO_MIN_SAVED_MACS",
+    "factorize",
+    "factorize_with_report",
+    "fold_weights",
+    "tucker2",
+]

@@ -1,0 +1,367 @@
+"""What both factorization passes share: options, the per-layer report, shapes, new nodes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import UnsupportedModelError
+from slimgraph.ir import analysis, metadata
+from slimgraph.passes.base import SlimgraphPass, SlimgraphPassResult, Skipped
+from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
+from slimgraph.passes.lowrank._select import LayerFilter, display_name
+from slimgraph.runtime import Fidelity, compare, input_specs, iter_feeds
+
+__all__ = [
+    "LayerReport",
+    "LowRankResult",
+    "FactorizationPass",
+    "Layer",
+    "dims_from_feeds",
+    "measure_fidelity",
+]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One factorized layer.
+
+    `shape` is the weight's stored shape; `rank` is `(k,)` for an SVD split and
+    `(r_in, r_out)` for Tucker-2. Parameters count the weight and a constant bias. MACs are per
+    run at the shapes the model was analysed with (symbolic dimensions from the sample feeds,
+    else 1); None when unknown. `weight_error` is ||W - W_k||_F / ||W||_F of the factors as
+    stored. `output_sqnr_db` is the SQNR of this layer's output in the factorized model against
+    the original (so it includes the error of factorized layers before it); None without feeds.
+    `shared_with` names the layer whose factors this one reuses (a tied weight).
+    """
+
+    layer: str
+    node: str
+    op_type: str
+    method: Literal["svd", "tucker2"]
+    shape: tuple[int, ...]
+    rank: tuple[int, ...]
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    weight_error: float
+    output: str = ""
+    output_sqnr_db: float | None = None
+    shared_with: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "node": self.node,
+            "op_type": self.op_type,
+            "method": self.method,
+            "shape": list(self.shape),
+            "rank": list(self.rank),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "weight_error": self.weight_error,
+            "output_sqnr_db": self.output_sqnr_db,
+            "shared_with": self.shared_with,
+        }
+
+
+@dataclass
+class LowRankResult(SlimgraphPassResult):
+    """`PassResult` plus the factorized layers and, with feeds, the whole model's fidelity."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    fidelity: Fidelity | None = None
+
+
+@dataclass
+class Layer:
+    """A candidate node with what the passes need to know about it."""
+
+    node: ir.Node
+    name: str
+    twin: ir.Node | None  # the same node in a shape-inferred copy (for MACs), if found
+    explicit: bool
+
+
+def dims_from_feeds(
+    model: ir.Model, feeds: Mapping[str, np.ndarray] | None
+) -> dict[str, int]:
+    """Values of the model's symbolic input dimensions, read from one feed dict."""
+    dims: dict[str, int] = {}
+    if not feeds:
+        return dims
+    for spec in input_specs(model):
+        array = feeds.get(spec.name)
+        if array is None or spec.shape is None or len(spec.shape) != np.ndim(array):
+            continue
+        for dim, size in zip(spec.shape, np.shape(array), strict=True):
+            if isinstance(dim, str):
+                dims.setdefault(dim, int(size))
+    return dims
+
+
+class _Names:
+    """Fresh value, node and initializer names that do not clash with the graph's."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used: set[str] = set(graph.initializers)
+        for value in graph.inputs:
+            self.used.add(value.name or "")
+        for node in graph.all_nodes():
+            self.used.add(node.name or "")
+            self.used.update(value.name or "" for value in node.outputs)
+
+    def fresh(self, base: str) -> str:
+        name, count = base, 1
+        while name in self.used:
+            name = f"{base}_{count}"
+            count += 1
+        self.used.add(name)
+        return name
+
+
+class FactorizationPass(SlimgraphPass):
+    """Shared driver: select layers, decide each one, rewrite, then measure on sample feeds.
+
+    Subclasses implement `factorize_layer`, which returns a `LayerReport` (the node was replaced)
+    or a reason string (it was left alone).
+    """
+
+    exact: ClassVar[bool] = False
+    default_ops: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        *,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        error_budget: float | None = None,
+        rank: int | Literal["auto"] | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        op_types: str | Sequence[str] | None = None,
+        allow_growth: bool = False,
+        feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+        dims: Mapping[str, int] | None = None,
+        check_names: bool = True,
+    ) -> None:
+        super().__init__()
+        self.check_names = check_names
+        self.policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
+        ops = self.default_ops if op_types is None else op_types
+        self.filter = LayerFilter.create(include, exclude, ops)
+        self.feeds = list(iter_feeds(feeds)) if feeds is not None else None
+        self.dims = dict(dims) if dims is not None else None
+
+    def requires(self, model: ir.Model) -> None:
+        if self.check_names:
+            self.filter.check_names(model.graph)
+
+    def call(self, model: ir.Model) -> LowRankResult:
+        reference = model.clone() if self.feeds else None
+        graph = model.graph
+        dims = self.dims
+        if dims is None:
+            dims = dims_from_feeds(model, self.feeds[0] if self.feeds else None)
+        layers = self._layers(model, dims)
+        self.graph = graph
+        self.names = _Names(graph)
+        # tied weights: (kind, id(weight), ...) -> the first layer's report and factors
+        self.cache: dict[tuple[Any, ...], tuple[LayerReport, tuple[ir.Value, ...]]] = {}
+        reports: list[LayerReport] = []
+        skipped: list[Skipped] = []
+        replaced_weights: list[ir.Value] = []
+        for layer in layers:
+            weight = layer.node.inputs[1] if len(layer.node.inputs) > 1 else None
+            outcome = self.factorize_layer(graph, layer)
+            if isinstance(outcome, LayerReport):
+                reports.append(outcome)
+                if weight is not None:
+                    replaced_weights.append(weight)
+                logger.info(
+                    "%s %s: rank %s, weight error %.4f",
+                    outcome.method, outcome.layer, outcome.rank, outcome.weight_error,
+                )
+            else:
+                skipped.append(Skipped(layer.node.name or layer.name, layer.node.op_type, outcome))
+                logger.info("skipped %s (%s): %s", layer.name, layer.node.op_type, outcome)
+        _drop_unused(graph, replaced_weights)
+        fidelity = None
+        if reference is not None and reports and self.feeds:
+            fidelity, reports = measure_fidelity(reference, model, self.feeds, reports)
+        return LowRankResult(model, bool(reports), skipped, reports, fidelity)
+
+    def factorize_layer(self, graph: ir.Graph, layer: Layer) -> LayerReport | str:
+        raise NotImplementedError
+
+    # -- helpers for subclasses ------------------------------------------------------------
+
+    def _layers(self, model: ir.Model, dims: Mapping[str, int]) -> list[Layer]:
+        nodes = list(model.graph)
+        chosen = [i for i, node in enumerate(nodes) if self.filter.selects(node)]
+        if not chosen:
+            return []
+        twins: list[ir.Node] | None = None
+        try:
+            shaped = list(analysis.with_static_shapes(model, dims).graph)
+            if len(shaped) == len(nodes):
+                twins = shaped
+        except Exception as error:  # shapes only feed the MACs estimate
+            logger.warning("shape analysis failed (%s); MACs unknown", error)
+        return [
+            Layer(
+                nodes[i],
+                display_name(nodes[i]),
+                twins[i] if twins is not None else None,
+                self.filter.explicit(nodes[i]),
+            )
+            for i in chosen
+        ]
+
+    def constant_weight(self, layer: Layer, value: ir.Value | None, what: str) -> np.ndarray | str:
+        """The weight as an array, or why it cannot be factorized (an error if included)."""
+        reason = None
+        if value is None:
+            reason = f"has no {what}"
+        elif value.const_value is None:
+            reason = f"{what} '{value.name}' is not a constant"
+        elif value.is_graph_input():
+            reason = f"{what} '{value.name}' is also a graph input (it can change at run time)"
+        if reason is not None:
+            if layer.explicit:
+                raise UnsupportedModelError(
+                    f"layer '{layer.name}' ({layer.node.op_type}) was included but its {reason}"
+                )
+            return reason
+        assert value is not None and value.const_value is not None
+        if value.const_value.dtype not in _FLOAT_TYPES:
+            return f"{what} has data type {value.const_value.dtype.name}, not a float"
+        return value.const_value.numpy()
+
+    def gate(
+        self,
+        params_before: int,
+        params_after: int,
+        macs_before: int | None,
+        macs_after: int | None,
+    ) -> str | None:
+        """Why a factorization does not pay (None when it does)."""
+        if params_after >= params_before and not self.policy.allow_growth:
+            return (
+                f"factors would hold {params_after} parameters, not fewer than {params_before}"
+            )
+        if not self.policy.auto:
+            return None
+        if macs_before is None or macs_after is None:
+            macs_before, macs_after = params_before, params_after  # same ratio for SVD splits
+            if macs_after > AUTO_MAX_MACS_RATIO * macs_before:
+                return f"auto: parameters fall only to {macs_after / macs_before:.2f}x (MACs unknown)"
+            return None
+        if macs_after > AUTO_MAX_MACS_RATIO * macs_before:
+            return f"auto: MACs fall only to {macs_after / macs_before:.2f}x, likely not faster"
+        if macs_before - macs_after < AUTO_MIN_SAVED_MACS:
+            return f"auto: saves only {macs_before - macs_after} MACs, too few to be faster"
+        return None
+
+    def initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.names.fresh(base)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(np.ascontiguousarray(array), name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def new_node(
+        self,
+        original: ir.Node,
+        suffix: str,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        attributes: Mapping[str, Any] | None = None,
+    ) -> ir.Node:
+        """A node derived from `original`: same layer metadata, a fresh name and output name."""
+        base = original.name or original.op_type
+        node = ir.node(
+            op_type,
+            inputs,
+            attributes=dict(attributes or {}),
+            name=self.names.fresh(f"{base}/{suffix}"),
+            metadata_props=dict(original.metadata_props),
+        )
+        layer = display_name(original)
+        if layer and layer != original.name:
+            node.metadata_props[metadata.LAYER] = layer
+        node.outputs[0].name = self.names.fresh(f"{base}/{suffix}_out")
+        return node
+
+    @staticmethod
+    def replace(graph: ir.Graph, original: ir.Node, new_nodes: Sequence[ir.Node]) -> None:
+        """Put `new_nodes` in place of `original`; the last one's output takes over its output."""
+        last = new_nodes[-1].outputs[0]
+        old = original.outputs[0]
+        ir.convenience.replace_nodes_and_values(graph, original, [original], new_nodes, [old], [last])
+
+
+def _drop_unused(graph: ir.Graph, weights: Iterable[ir.Value]) -> None:
+    """Remove replaced weight initializers nothing reads any more."""
+    for value in weights:
+        name = value.name
+        if (
+            name in graph.initializers
+            and graph.initializers[name] is value
+            and not value.uses()
+            and not value.is_graph_output()
+            and not value.is_graph_input()
+        ):
+            del graph.initializers[name]
+
+
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of `model` that also outputs the named intermediate values."""
+    copy = model.clone()
+    values = {
+        value.name: value for node in copy.graph for value in node.outputs if value.name
+    }
+    present = {value.name for value in copy.graph.outputs}
+    for name in names:
+        if name in values and name not in present:
+            copy.graph.outputs.append(values[name])
+            present.add(name)
+    return copy
+
+
+def measure_fidelity(
+    reference: ir.Model,
+    candidate: ir.Model,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    layers: Sequence[LayerReport],
+) -> tuple[Fidelity, list[LayerReport]]:
+    """Whole-model fidelity of `candidate`, and each layer's output SQNR, on onnxruntime."""
+    names = [layer.output for layer in layers if layer.output]
+    fidelity = compare(_with_outputs(reference, names), _with_outputs(candidate, names), feeds)
+    by_name = {output.name: output for output in fidelity.outputs}
+    model_outputs = tuple(
+        by_name[value.name] for value in reference.graph.outputs if value.name in by_name
+    )
+    measured = [
+        replace(layer, output_sqnr_db=by_name[layer.output].sqnr_db)
+        if layer.output in by_name
+        else layer
+        for layer in layers
+    ]
+    return Fidelity(model_outputs, fidelity.samples), measured

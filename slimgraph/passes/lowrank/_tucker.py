@@ -1,0 +1,328 @@
+"""`TuckerConv`: a k x k convolution becomes 1x1 -> k x k core -> 1x1 (Tucker-2).
+
+For a weight W of shape (C_out, C_in, kh, kw), HOSVD on the two channel modes takes U_out, the
+first r_out left singular vectors of the mode-0 unfolding W_(0) (C_out x C_in*kh*kw), and U_in,
+the first r_in of the mode-1 unfolding W_(1) (C_in x C_out*kh*kw). The core is
+G = W x_0 U_out^T x_1 U_in^T, of shape (r_out, r_in, kh, kw), and
+
+    W ~ G x_0 U_out x_1 U_in,   ||W - W~||_F^2 <= sum(dropped s_(0)^2) + sum(dropped s_(1)^2)
+
+(De Lathauwer et al., 2000). As convolutions: a 1x1 conv with weight U_in^T (C_in -> r_in, no
+bias), the core conv G (r_in -> r_out, the original strides, pads, dilations, auto_pad), and a
+1x1 conv with weight U_out (r_out -> C_out, the original bias). Zero padding commutes with the
+first 1x1 conv because it has no bias, so the chain equals the conv with weight W~ exactly.
+
+A 1x1 conv has no spatial core; with `pointwise=True` it is split by SVD into two 1x1 convs
+(the first keeps strides and pads), as a linear layer would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.ir import analysis
+from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
+from slimgraph.passes.lowrank._linear import blas_threads, relative_error, svd_factors
+
+__all__ = ["TuckerConv", "tucker2", "mode_basis"]
+
+# Attributes of the original Conv that only the spatial (core) conv keeps.
+_SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
+
+
+def tucker2(
+    weight: np.ndarray, r_out: int, r_in: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HOSVD factors (U_out: C_out x r_out, core: r_out x r_in x k..., U_in: C_in x r_in)."""
+    w = np.asarray(weight, dtype=np.float64)
+    u_out = mode_basis(w, 0)[0][:, :r_out]
+    u_in = mode_basis(w, 1)[0][:, :r_in]
+    return u_out, _mode_products(w, u_out.T, u_in.T), u_in
+
+
+def mode_basis(weight: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and singular values of the mode-`mode` unfolding (descending).
+
+    Computed from the eigen-decomposition of the small Gram matrix W_(mode) W_(mode)^T
+    (C x C) rather than an SVD of the wide unfolding (C x everything else).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    unfolding = np.moveaxis(w, mode, 0).reshape(w.shape[mode], -1)
+    with blas_threads(1):
+        values, vectors = np.linalg.eigh(unfolding @ unfolding.T)
+    order = np.argsort(values)[::-1]
+    singular = np.sqrt(np.clip(values[order], 0.0, None))
+    return vectors[:, order], singular
+
+
+def _mode_products(tensor: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """tensor x_0 left x_1 right: (a, b, k...) with left (o, a) and right (i, b) -> (o, i, k...)."""
+    first = np.tensordot(left, tensor, axes=(1, 0))  # (o, b, k...)
+    return np.moveaxis(np.tensordot(right, first, axes=(1, 1)), 0, 1)  # (o, i, k...)
+
+
+def _reconstruct(u_out: np.ndarray, core: np.ndarray, u_in: np.ndarray) -> np.ndarray:
+    return _mode_products(core, u_out, u_in)
+
+
+class TuckerConv(FactorizationPass):
+    """Replace group-1 Conv layers by a Tucker-2 chain of three convs (approximate).
+
+    See the module docstring for the algebra. Ranks (r_in, r_out) come from the same rules as
+    `LowRankLinear` applied to each channel mode: `rank_ratio` of C_in and C_out, `energy` of each
+    unfolding, `error_budget` split evenly over the two modes' squared errors (so the bound
+    above keeps the weight's relative error within the budget), a fixed `rank` for both, or
+    "auto". Skipped with the reason: grouped and depthwise convs, non-constant weights (an error
+    for a layer named by `include`), 1x1 convs unless `pointwise=True`, and layers whose factors
+    would not be smaller (or, with "auto", not faster). Tied weights are factorized once.
+
+    Example:
+        >>> result = TuckerConv(rank_ratio=0.5)(model)  # doctest: +SKIP
+    """
+
+    default_ops = ("Conv",)
+
+    def __init__(self, *, pointwise: bool = False, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.pointwise = pointwise
+
+    def factorize_layer(self, graph: ir.Graph, layer: Layer) -> LayerReport | str:
+        node = layer.node
+        if node.op_type != "Conv":
+            return f"{node.op_type} is not a convolution"
+        inputs = list(node.inputs)
+        group = node.attributes.get_int("group", 1)
+        if group != 1:
+            c_in_group = _weight_dim(inputs, 1)
+            kind = "depthwise" if c_in_group == 1 else "grouped"
+            return f"{kind} conv (group={group}): channel factors would mix the groups"
+        weight = self.constant_weight(layer, inputs[1] if len(inputs) > 1 else None, "weight")
+        if isinstance(weight, str):
+            return weight
+        if weight.ndim < 3:
+            return f"weight has {weight.ndim} dimensions; a Conv weight needs at least 3"
+        kernel = math.prod(weight.shape[2:])
+        if kernel == 1 and not self.pointwise:
+            return "1x1 (pointwise) conv: no spatial core; pass pointwise=True to split it by SVD"
+        weight_value = inputs[1]
+        assert weight_value is not None
+        bias = inputs[2] if len(inputs) > 2 else None
+        bias_params = 0 if bias is None or bias.const_value is None else bias.const_value.size
+        shapes = self._spatial(layer, weight.shape[:2])
+        key = ("conv", id(weight_value))
+        cached = self.cache.get(key)
+        if cached is not None:
+            first_report, factors = cached
+            return self._rewrite(
+                graph, layer, weight, factors, first_report, bias, first_report.layer
+            )
+        if kernel == 1:
+            return self._pointwise(graph, layer, weight, bias, bias_params, shapes)
+        return self._tucker(graph, layer, weight, bias, bias_params, shapes)
+
+    # -- Tucker-2 ---------------------------------------------------------------------------
+
+    def _tucker(
+        self,
+        graph: ir.Graph,
+        layer: Layer,
+        weight: np.ndarray,
+        bias: ir.Value | None,
+        bias_params: int,
+        shapes: tuple[int | None, int | None, int | None],
+    ) -> LayerReport | str:
+        c_out, c_in = weight.shape[:2]
+        kernel = math.prod(weight.shape[2:])
+        w = weight.astype(np.float64)
+        s_out = mode_basis(w, 0)[1][: min(c_out, c_in * kernel)]
+        s_in = mode_basis(w, 1)[1][: min(c_in, c_out * kernel)]
+        macs_before, rows_in, rows_out = shapes
+
+        def cost(r_in: int, r_out: int) -> tuple[int, int | None]:
+            params = r_in * c_in + r_out * r_in * kernel + c_out * r_out + bias_params
+            macs = None
+            if rows_in is not None and rows_out is not None:
+                macs = rows_in * c_in * r_in + rows_out * (r_in * r_out * kernel + r_out * c_out)
+            return params, macs
+
+        params_before = c_out * c_in * kernel + bias_params
+        if self.policy.auto_only:
+            ranks = None
+            for r_out in range(len(s_out), 0, -1):
+                r_in = min(len(s_in), max(1, math.floor(r_out * c_in / c_out + 0.5)))
+                params, macs = cost(r_in, r_out)
+                if self.gate(params_before, params, macs_before, macs) is None:
+                    ranks = (r_in, r_out)
+                    break
+            if ranks is None:
+                return "auto: no ranks make this conv cheaper by the auto margin"
+            r_in, r_out = ranks
+        else:
+            r_out = self.policy.keep(s_out, budget_share=0.5)
+            r_in = self.policy.keep(s_in, budget_share=0.5)
+        params_after, macs_after = cost(r_in, r_out)
+        reason = self.gate(params_before, params_after, macs_before, macs_after)
+        if reason is not None:
+            return reason
+        u_out, core, u_in = tucker2(w, r_out, r_in)
+        dtype = weight.dtype
+        factors = (
+            np.swapaxes(u_in, 0, 1).reshape(r_in, c_in, *([1] * (weight.ndim - 2))).astype(dtype),
+            core.astype(dtype),
+            u_out.reshape(c_out, r_out, *([1] * (weight.ndim - 2))).astype(dtype),
+        )
+        approx = _reconstruct(
+            factors[2].reshape(c_out, r_out).astype(np.float64),
+            factors[1].astype(np.float64),
+            factors[0].reshape(r_in, c_in).T.astype(np.float64),
+        )
+        report = LayerReport(
+            layer=layer.name,
+            node=layer.node.name or "",
+            op_type="Conv",
+            method="tucker2",
+            shape=tuple(weight.shape),
+            rank=(r_in, r_out),
+            params_before=params_before,
+            params_after=params_after,
+            macs_before=macs_before,
+            macs_after=macs_after,
+            weight_error=relative_error(w, approx),
+            output=layer.node.outputs[0].name or "",
+        )
+        return self._rewrite(graph, layer, weight, factors, report, bias, None)
+
+    # -- 1x1 convs by SVD -------------------------------------------------------------------
+
+    def _pointwise(
+        self,
+        graph: ir.Graph,
+        layer: Layer,
+        weight: np.ndarray,
+        bias: ir.Value | None,
+        bias_params: int,
+        shapes: tuple[int | None, int | None, int | None],
+    ) -> LayerReport | str:
+        c_out, c_in = weight.shape[:2]
+        matrix = weight.reshape(c_out, c_in).astype(np.float64)
+        u, s, vt = svd_factors(matrix)
+        macs_before, _, rows_out = shapes
+        if self.policy.auto_only:
+            k = min(len(s), math.floor(0.8 * c_out * c_in / (c_out + c_in)))
+            if k < 1:
+                return "auto: no rank makes this conv cheaper by the auto margin"
+        else:
+            k = self.policy.keep(s)
+        params_before = c_out * c_in + bias_params
+        params_after = k * (c_out + c_in) + bias_params
+        macs_after = rows_out * k * (c_in + c_out) if rows_out is not None else None
+        reason = self.gate(params_before, params_after, macs_before, macs_after)
+        if reason is not None:
+            return reason
+        root = np.sqrt(s[:k])
+        ones = [1] * (weight.ndim - 2)
+        first = (root[:, None] * vt[:k]).reshape(k, c_in, *ones).astype(weight.dtype)
+        second = (u[:, :k] * root).reshape(c_out, k, *ones).astype(weight.dtype)
+        approx = second.reshape(c_out, k).astype(np.float64) @ first.reshape(k, c_in)
+        report = LayerReport(
+            layer=layer.name,
+            node=layer.node.name or "",
+            op_type="Conv",
+            method="svd",
+            shape=tuple(weight.shape),
+            rank=(k,),
+            params_before=params_before,
+            params_after=params_after,
+            macs_before=macs_before,
+            macs_after=macs_after,
+            weight_error=relative_error(matrix, approx),
+            output=layer.node.outputs[0].name or "",
+        )
+        return self._rewrite(graph, layer, weight, (first, second), report, bias, None)
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def _rewrite(
+        self,
+        graph: ir.Graph,
+        layer: Layer,
+        weight: np.ndarray,
+        factors: tuple[np.ndarray | ir.Value, ...],
+        report: LayerReport,
+        bias: ir.Value | None,
+        shared_with: str | None,
+    ) -> LayerReport:
+        """Insert the chain of convs for `factors` (arrays, or values of a tied weight)."""
+        node = layer.node
+        weight_value = node.inputs[1]
+        assert weight_value is not None
+        base = weight_value.name or f"{node.name}.weight"
+        suffixes = ("tucker_in", "tucker_core", "tucker_out") if len(factors) == 3 else (
+            "lowrank_a", "lowrank_b"
+        )
+        values = tuple(
+            f if isinstance(f, ir.Value) else self.initializer(f"{base}.{suffix}", f)
+            for f, suffix in zip(factors, suffixes, strict=True)
+        )
+        ones = [1] * (weight.ndim - 2)
+        spatial = {
+            name: attr.value for name, attr in node.attributes.items() if name in _SPATIAL_ATTRIBUTES
+        }
+        spatial["kernel_shape"] = list(weight.shape[2:])
+        current = node.inputs[0]
+        new_nodes = []
+        for index, (value, suffix) in enumerate(zip(values, suffixes, strict=True)):
+            last = index == len(values) - 1
+            inputs: list[ir.Value | None] = [current, value]
+            if last and bias is not None:
+                inputs.append(bias)
+            if len(values) == 3:
+                attributes = spatial if index == 1 else {"kernel_shape": ones}
+            else:  # pointwise: the first conv keeps strides and pads
+                attributes = {**spatial, "kernel_shape": ones} if index == 0 else {
+                    "kernel_shape": ones
+                }
+            conv = self.new_node(node, suffix, "Conv", inputs, attributes)
+            new_nodes.append(conv)
+            current = conv.outputs[0]
+        if shared_with is not None:
+            macs_before = self._spatial(layer, weight.shape[:2])[0]
+            same_cost = macs_before == report.macs_before
+            report = dataclasses.replace(
+                report,
+                layer=layer.name,
+                node=node.name or "",
+                output=node.outputs[0].name or "",
+                macs_before=macs_before,
+                macs_after=report.macs_after if same_cost else None,
+                shared_with=shared_with,
+            )
+        self.replace(graph, node, new_nodes)
+        if shared_with is None:
+            self.cache[("conv", id(weight_value))] = (report, values)
+        return report
+
+    def _spatial(
+        self, layer: Layer, channels: tuple[int, ...]
+    ) -> tuple[int | None, int | None, int | None]:
+        """MACs of the conv, and rows (batch x spatial positions) of its input and output."""
+        twin = layer.twin
+        if twin is None:
+            return None, None, None
+        source = analysis.static_shape(twin.inputs[0])
+        result = analysis.static_shape(twin.outputs[0])
+        macs = analysis.node_macs(twin)
+        rows_in = math.prod(source) // channels[1] if source and channels[1] else None
+        rows_out = math.prod(result) // channels[0] if result and channels[0] else None
+        return macs, rows_in, rows_out
+
+
+def _weight_dim(inputs: list[ir.Value | None], axis: int) -> int | None:
+    if len(inputs) < 2 or inputs[1] is None or inputs[1].shape is None:
+        return None
+    dim = inputs[1].shape[axis]
+    return dim if isinstance(dim, int) else None
