@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.quantize_cmd",
     "slimgraph.tools.prune_cmd",
     "slimgraph.tools.demo_cmd",
+    "slimgraph.tools.convert_cmd",
 )
 
 
