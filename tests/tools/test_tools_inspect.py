@@ -330,3 +330,23 @@ def test_inspect_external_weights_in_numpy_are_untouched(external_model) -> None
     inline = {t.name: numpy_helper.to_array(t) for t in onnx.load(DIGITS).graph.initializer}
     for tensor in proto.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), inline[tensor.name])
+
+
+def test_inspect_custom_domain_ops(cli, tmp_path) -> None:
+    """Ops outside the default domain are keyed domain::Op, and the opset lists the domain."""
+    nodes = [
+        onnx.helper.make_node("Relu", ["x"], ["r"]),
+        onnx.helper.make_node("Gelu", ["r"], ["y"], domain="com.microsoft"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+    )
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets)
+    data = cli("inspect", save_proto(proto, tmp_path / "ms.onnx"), "--json").json()
+    assert data["ops"] == {"Relu": 1, "com.microsoft::Gelu": 1}
+    assert data["opset"] == {"": 17, "com.microsoft": 1}
+    assert data["parameters"] == 0 and data["macs"] == 0 and data["top_layers"] == []
