@@ -169,8 +169,9 @@ def summarize(
 
     Args:
         model: the model, e.g. from `slimgraph.ir.load`.
-        path: the file it was loaded from (for the path shown; sizes come from the model's
-            source files when it was loaded with `slimgraph.ir.load`).
+        path: the file it was loaded from; its size plus that of its external-data files
+            (known when loaded with `slimgraph.ir.load`) is `size_bytes`. None: the size of
+            the serialized model.
         dims: values for symbolic dimensions when counting MACs (default 1 each).
 
     Example:
