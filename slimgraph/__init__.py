@@ -20,6 +20,7 @@ from slimgraph.errors import (
     VerificationError,
 )
 from slimgraph.ir import from_torch, load, save
+from slimgraph.passes.lowrank import factorize, factorize_with_report
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize
@@ -39,6 +40,8 @@ __all__ = [
     "quantize",
     "prune",
     "prune_with_report",
+    "factorize",
+    "factorize_with_report",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.prune_cmd",
     "slimgraph.tools.demo_cmd",
     "slimgraph.tools.convert_cmd",
+    "slimgraph.tools.factorize_cmd",
 )
 
 

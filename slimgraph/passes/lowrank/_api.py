@@ -64,69 +64,6 @@ class FactorizeReport:
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
         }
 
-    def table(self) -> str:
-        """The per-layer table and totals, as text."""
-        header = (
-            f"{'layer':<32} {'op':<6} {'shape':<18} {'rank':<10} {'params':>19} "
-            f"{'MACs':>23} {'W err':>7} {'SQNR dB':>8}"
-        )
-        lines = [header, "-" * len(header)]
-        for r in self.layers:
-            shape = "x".join(str(d) for d in r.shape)
-            rank = "/".join(str(k) for k in r.rank) + ("*" if r.shared_with else "")
-            macs = f"{_num(r.macs_before)} -> {_num(r.macs_after)}"
-            sqnr = "" if r.output_sqnr_db is None else f"{r.output_sqnr_db:.1f}"
-            lines.append(
-                f"{_cut(r.layer, 32):<32} {r.op_type:<6} {shape:<18} {rank:<10} "
-                f"{_num(r.params_before) + ' -> ' + _num(r.params_after):>19} {macs:>23} "
-                f"{r.weight_error:>7.4f} {sqnr:>8}"
-            )
-        lines.append("")
-        lines.append(
-            f"factorized {len(self.layers)} layers, skipped {len(self.skipped)}"
-            + (f", folded {self.folded} computed weights/biases first" if self.folded else "")
-        )
-        lines.append(
-            f"parameters {_num(self.params_before)} -> {_num(self.params_after)} "
-            f"({_ratio(self.params_after, self.params_before)})"
-        )
-        lines.append(
-            f"MACs       {_num(self.macs_before)} -> {_num(self.macs_after)} "
-            f"({_ratio(self.macs_after, self.macs_before)})"
-        )
-        if self.fidelity is not None:
-            lines.append(
-                f"outputs    worst cosine {self.fidelity.worst_cosine:.6f}, worst SQNR "
-                f"{self.fidelity.worst_sqnr_db:.1f} dB over {self.fidelity.samples} samples"
-            )
-        if any(r.shared_with for r in self.layers):
-            lines.append("* reuses the factors of a tied weight")
-        reasons: dict[str, int] = {}
-        for s in self.skipped:
-            reasons[s.reason] = reasons.get(s.reason, 0) + 1
-        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
-            lines.append(f"skipped {count:>3}: {reason}")
-        return "\n".join(lines)
-
-
-def _num(value: int | None) -> str:
-    if value is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(value)
-
-
-def _ratio(after: int | None, before: int | None) -> str:
-    if after is None or not before:
-        return "?"
-    return f"{after / before:.3f}x"
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
-
 
 def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> int:
     """Fold the constant subgraphs that compute weights and biases of `op_types` nodes, in place.
@@ -227,6 +164,7 @@ def factorize_with_report(
         work.ir_version = 4
     folded = fold_weights(work, layer_filter.op_types) if fold else 0
     layer_filter.check_names(work.graph)
+    params_before = analysis.parameter_count(work)  # after folding: weights are initializers
     reference = work.clone() if samples else None
     dims = dims_from_feeds(work, samples[0] if samples else None)
     options: dict[str, Any] = dict(
@@ -254,13 +192,13 @@ def factorize_with_report(
     fidelity = None
     if reference is not None and samples:
         fidelity, layers = measure_fidelity(reference, work, samples, layers)
-    macs_before = _total_macs(model, dims)
+    macs_before = _total_macs(reference if reference is not None else model, dims)
     macs_after = _total_macs(work, dims)
     report = FactorizeReport(
         layers=tuple(layers),
         skipped=tuple(skipped),
         folded=folded,
-        params_before=analysis.parameter_count(model),
+        params_before=params_before,
         params_after=analysis.parameter_count(work),
         macs_before=macs_before,
         macs_after=macs_after,
