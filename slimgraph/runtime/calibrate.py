@@ -71,10 +71,12 @@ class Batches:
                 )
             batch = {name: np.asarray(array) for name, array in feed.items()}
             check_feeds(self.model, batch, source=f"calibration batch {index}")
-            seen += 1
-            if one_shot and len(kept) < _KEPT_BATCHES:
-                kept.append(batch)
-            yield batch
+            # A model with a fixed batch dimension takes each feed in slices of that size.
+            for piece in iter_batches(batch, max(1, sample_count(batch)), self.model):
+                seen += 1
+                if one_shot and len(kept) < _KEPT_BATCHES:
+                    kept.append(piece)
+                yield piece
         if seen == 0:
             raise BadDataError("calibration data is empty (no batches)")
         if one_shot:

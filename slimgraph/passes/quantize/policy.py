@@ -55,6 +55,8 @@ DATA_MOVEMENT_OPS = (
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
     "Resize", "Identity", "DepthToSpace", "SpaceToDepth",
 )
+# Ops onnxruntime runs on int8 with their own output scale (QLinearAveragePool, ...).
+POOLING_OPS = ("AveragePool", "GlobalAveragePool")
 _ABSORBED = ("Relu", "Clip")
 _INT8 = ir.DataType.INT8
 _UINT8 = ir.DataType.UINT8
@@ -235,7 +237,7 @@ class _Planner:
             if node.domain not in ("", "ai.onnx") or not node.outputs:
                 continue
             op = node.op_type
-            if op not in WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS:
+            if op not in WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS + POOLING_OPS:
                 continue
             if self._excluded(node):
                 self.skipped.append(Skipped(node.name or "", op, "excluded"))
@@ -245,8 +247,10 @@ class _Planner:
             elif op == "Add":
                 ok, reason = self._add_ok(node)
             elif op == "Concat":
-                ok = all(self._in_q_domain(v) for v in node.inputs)
-                reason = "not every input is quantized"
+                ok = any(self._in_q_domain(v) for v in node.inputs) and all(
+                    v is not None and _is_float(v) and not _is_constant(v) for v in node.inputs
+                )
+                reason = "no quantized input"
             else:
                 ok = self._movement_ok(node)
                 reason = "input not quantized"
@@ -309,7 +313,7 @@ class _Planner:
     def _drop_dangling_movement(self, nodes: list[ir.Node]) -> None:
         """Data-movement ops only stay quantized if a quantized node reads their output."""
         for node in reversed(nodes):
-            if id(node) in self.quantized and node.op_type in DATA_MOVEMENT_OPS:
+            if id(node) in self.quantized and node.op_type in DATA_MOVEMENT_OPS + POOLING_OPS:
                 if not any(id(u) in self.quantized for u in node.outputs[0].consumers()):
                     del self.quantized[id(node)]
 
@@ -357,6 +361,10 @@ class _Planner:
                 if op == "Concat":
                     for value in node.inputs:
                         self._union(node.inputs[0].name, value.name)
+            elif op in POOLING_OPS:
+                want(node.inputs[0], node.inputs[0].producer() or node)
+                want(node.outputs[0], node)
+                continue
             else:  # data movement: output shares the input's scale
                 want(node.inputs[0], node.inputs[0].producer() or node)
                 out = node.outputs[0]
