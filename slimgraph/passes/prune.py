@@ -146,12 +146,20 @@ def prepare_for_pruning(model: ir.Model) -> ir.Model:
     prepared = model.clone()
     ir_common.RemoveInitializersFromInputsPass()(prepared)
     onnxscript.optimizer.fold_constants(
-        prepared, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT
+        prepared,
+        input_size_limit=_FOLD_LIMIT,
+        output_size_limit=_FOLD_LIMIT,
+        should_fold=_fold_constant_of_shape,
     )
     ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(prepared)
     ir_common.RemoveUnusedNodesPass()(prepared)
     ir_common.ShapeInferencePass(strict_mode=False)(prepared)
     return prepared
+
+
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    """onnxscript keeps ConstantOfShape by default; pruning needs those weights as tensors."""
+    return True if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") else None
 
 
 def _opset(model: ir.Model) -> int:
@@ -184,30 +192,50 @@ def _matches(node: ir.Node, pattern: str) -> bool:
 
 
 def channel_scores(
-    analysis: ChannelAnalysis, group: ChannelGroup, criterion: str, rng: np.random.Generator
-) -> np.ndarray:
-    """Importance of each channel of `group` (higher = keep)."""
+    analysis: ChannelAnalysis,
+    groups: Sequence[ChannelGroup],
+    criterion: str,
+    rng: np.random.Generator,
+) -> dict[int, np.ndarray]:
+    """Importance of each channel of each group, by group id (higher = keep).
+
+    l1/l2: norm of the producing weights' slices, summed over all producers of the group; bn:
+    |gamma| of the group's BatchNormalizations (l1 for groups without one); random: uniform.
+    """
     if criterion == "random":
-        return rng.random(group.size)
-    channel = {root: i for i, root in enumerate(group.roots)}
+        return {g.id: rng.random(g.size) for g in groups}
+    channel_of = {root: (g.id, i) for g in groups for i, root in enumerate(g.roots)}
+    scores = {g.id: np.zeros(g.size) for g in groups}
+    found: set[int] = set()
     roles = ("bn_scale",) if criterion == "bn" else ("producer",)
-    scores = np.zeros(group.size)
-    found = False
-    slot_ids = {analysis.slot_index_of(m.value, m.axis) for m in group.members}
+    roots_cache: dict[int, list[int]] = {}
     for use in analysis.weight_uses:
-        if use.role not in roles or use.slot not in slot_ids:
+        if use.role not in roles:
             continue
-        array = np.asarray(use.node.inputs[use.input_index].const_value.numpy(), np.float64)
+        if use.slot not in roots_cache:
+            roots_cache[use.slot] = analysis.roots_of(analysis.slots[use.slot]).tolist()
+        roots = roots_cache[use.slot]
+        if not any(root in channel_of for root in roots):
+            continue
+        array = use.node.inputs[use.input_index].const_value.numpy()
         rows = np.moveaxis(array, use.axis, 0).reshape(array.shape[use.axis], -1)
-        norms = np.abs(rows).sum(1) if criterion in ("l1", "bn") else (rows**2).sum(1)
-        for position, root in enumerate(analysis.roots_of(analysis.slots[use.slot]).tolist()):
-            if root in channel:
-                scores[channel[root]] += norms[position]
-                found = True
-    if not found and criterion == "bn":
-        logger.info("%s has no BatchNormalization; scoring it by L1", group.describe())
-        return channel_scores(analysis, group, "l1", rng)
-    return np.sqrt(scores) if criterion == "l2" else scores
+        if criterion == "l2":
+            norms = np.square(rows, dtype=np.float64).sum(1)
+        else:
+            norms = np.abs(rows).sum(1, dtype=np.float64)
+        for position, root in enumerate(roots):
+            if root in channel_of:
+                group_id, index = channel_of[root]
+                scores[group_id][index] += norms[position]
+                found.add(group_id)
+    if criterion == "bn":
+        missing = [g for g in groups if g.id not in found]
+        if missing:
+            logger.info("%d groups have no BatchNormalization; scoring them by L1", len(missing))
+            scores.update(channel_scores(analysis, missing, "l1", rng))
+    if criterion == "l2":
+        scores = {k: np.sqrt(v) for k, v in scores.items()}
+    return scores
 
 
 def kept_count(channels: int, ratio: float, round_to: int | None = None) -> int:
@@ -234,7 +262,7 @@ def select_channels(
     """Channels to remove per prunable group id (indices into `group.roots`)."""
     rng = np.random.default_rng(seed)
     groups = analysis.prunable_groups
-    scores = {g.id: channel_scores(analysis, g, criterion, rng) for g in groups}
+    scores = channel_scores(analysis, groups, criterion, rng)
     if scope == "local":
         keep = {g.id: kept_count(g.size, ratio, round_to) for g in groups}
     else:
@@ -551,14 +579,16 @@ class PrunePass(SlimgraphFunctionalPass):
 
     def call(self, model: ir.Model) -> PruneResult:
         report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured)
-        report.params_before = ir_analysis.parameter_count(model)
-        report.macs_before = sum(ir_analysis.model_macs(model).values())
         pruned = prepare_for_pruning(model)
+        report.params_before = ir_analysis.parameter_count(pruned)
+        report.macs_before = sum(ir_analysis.model_macs(pruned).values())
         excluded = _excluded_predicate(pruned.graph, self.exclude, self.exclude_ops)
         if self.unstructured:
             report.sparsity = _unstructured(pruned, self.ratio, self.scope, excluded)
         else:
             self._structured(pruned, excluded, report)
+        if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
+            ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
         report.macs_after = sum(ir_analysis.model_macs(pruned).values())
         return PruneResult(pruned, modified=True, report=report)
