@@ -8,6 +8,7 @@ sample), or an iterable of feed dicts; every batch is checked against the model'
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -52,6 +53,16 @@ class Batches:
     _stacked: Mapping[str, np.ndarray] | None = None
     _kept: list[dict[str, np.ndarray]] | None = None
     _consumed: bool = False
+
+    def first(self) -> dict[str, np.ndarray]:
+        """The first checked batch, without using up one-shot data (a generator)."""
+        if self._stacked is None and not self._consumed:
+            iterator = iter(self.source)  # type: ignore[arg-type]
+            if iterator is self.source:
+                head = list(itertools.islice(iterator, 1))
+                self.source = itertools.chain(head, iterator)
+                return next(iter(Batches(self.model, head, self.batch_size)))
+        return next(iter(self))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._stacked is not None:

@@ -39,10 +39,16 @@ class QuantizedWeight:
     scale: np.ndarray
     zero_point: np.ndarray | None
     bits: int
+    block_size: int = 0  # rows per block along axis 0 (block-wise), 0 otherwise
 
     def dequantize(self) -> np.ndarray:
-        zero = 0 if self.zero_point is None else self.zero_point.astype(np.float32)
-        return (self.codes.astype(np.float32) - zero) * self.scale
+        """Float values of the codes (padded rows included for block-wise weights)."""
+        scale, zero = self.scale, self.zero_point
+        if self.block_size:
+            scale = np.repeat(scale, self.block_size, axis=0)
+            zero = None if zero is None else np.repeat(zero, self.block_size, axis=0)
+        offset = 0 if zero is None else zero.astype(np.float32)
+        return (self.codes.astype(np.float32) - offset) * scale
 
 
 def _scale_and_zero(
@@ -108,7 +114,7 @@ def quantize_blockwise(
         None if zero is None else zero[:, None, :],
         bits,
     ).reshape(blocks * block_size, n)
-    return QuantizedWeight(codes, scale, zero, bits)
+    return QuantizedWeight(codes, scale, zero, bits, block_size)
 
 
 def pack_4bit(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,93 @@
+"""`slimgraph quantize` and `slimgraph demo` end to end, in process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import slimgraph as sg
+from slimgraph.tools.cli import main
+from tests.quantize.quant_helpers import DIGITS, DIGITS_CALIB, accuracy, digits, digits_test
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_quantize_static_writes_model_and_prints_report(tmp_path, capsys) -> None:
+    out = tmp_path / "digits.int8.onnx"
+    code, stdout, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", DIGITS_CALIB)
+    assert code == 0, stderr
+    assert f"wrote {out} (static, qdq)" in stdout
+    assert "worst tensors" in stdout and "output linear: cosine 0.99" in stdout
+    images, labels = digits_test()
+    assert accuracy(sg.load(out), images, labels) >= accuracy(digits(), images, labels) - 0.003
+
+
+def test_quantize_json_and_exclude_from_printed_names(tmp_path, capsys) -> None:
+    out = tmp_path / "q.onnx"
+    code, stdout, _ = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", DIGITS_CALIB,
+                           "--json", "--method", "percentile")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["mode"] == "static" and result["size_ratio"] < 0.3
+    worst = next(t for t in result["report"]["tensors"] if t["kind"] == "weight")
+    code, stdout, _ = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", DIGITS_CALIB,
+                           "--json", "--exclude", worst["node"])
+    assert code == 0
+    names = {t["node"] for t in json.loads(stdout)["report"]["tensors"] if t["kind"] == "weight"}
+    assert worst["node"] not in names
+
+
+def test_quantize_bad_calibration_data_exits_2_with_one_line(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((3, 1, 8, 8), np.float32))
+    out = tmp_path / "q.onnx"
+    code, stdout, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", bad)
+    assert code == 2 and not out.exists()
+    assert stderr.strip().splitlines() == [
+        f"slimgraph quantize: error: {bad}: input names do not match (missing image; unknown "
+        "pixels); the model expects image: float32[batch, 1, 8, 8]"
+    ]
+
+
+def test_quantize_refuses_to_overwrite_its_input(tmp_path, capsys) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    code, _, stderr = _run(capsys, "quantize", model, "-o", model, "--calib", DIGITS_CALIB)
+    assert code == 2 and "refusing to write over the input model" in stderr
+    assert model.read_bytes() == DIGITS.read_bytes()
+
+
+def test_quantize_static_without_calibration_data_is_an_error(tmp_path, capsys) -> None:
+    code, _, stderr = _run(capsys, "quantize", DIGITS, "-o", tmp_path / "q.onnx", "--mode",
+                           "static")
+    assert code == 2 and "static quantization needs calibration data" in stderr
+
+
+def test_demo_prints_size_latency_and_accuracy_and_writes_nothing(tmp_path, capsys,
+                                                                    monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = _run(capsys, "demo", "--rounds", "2", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["samples"] == 450
+    assert result["int8"]["accuracy"] >= result["fp32"]["accuracy"] - 0.003
+    assert result["int8"]["size_bytes"] < 0.3 * result["fp32"]["size_bytes"]
+    assert result["int8"]["latency_ratio_batch1"] > 0 and result["written"] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_table_and_output_folder(tmp_path, capsys) -> None:
+    code, stdout, _ = _run(capsys, "demo", "--rounds", "1", "-o", tmp_path)
+    assert code == 0
+    for label in ("size", "latency, batch 1", "latency, batch 450", "test accuracy"):
+        assert label in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits_cnn.fp32.onnx", "digits_cnn.int8.onnx"
+    ]
