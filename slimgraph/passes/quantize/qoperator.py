@@ -1,0 +1,231 @@
+"""Lower a QDQ model to QOperator form: integer operators instead of DQ -> op -> Q groups.
+
+- DQ(x), DQ(w)[, DQ(b int32)] -> Conv -> Q       becomes QLinearConv
+- DQ(x), DQ(w)[, DQ(b)] -> Conv (float output)    becomes ConvInteger -> Cast -> Mul(s_x * s_w)
+                                                   [-> Add(b)]
+- DQ(x), DQ(w) -> MatMul -> Q                      becomes QLinearMatMul
+- DQ(x), DQ(w) -> MatMul (float output)            becomes MatMulInteger -> Cast -> Mul(s_x * s_w)
+- DQ(x), DQ(w)[, DQ(b)] -> Gemm (alpha = beta = 1) becomes MatMulInteger (weight transposed for
+  transB) -> Cast -> Mul(s_x * s_w) [-> Add(b)]
+Everything else (QDQ around Add, pooling, data movement) stays QDQ, which onnxruntime runs as it
+is. The integer arithmetic is the one the QDQ model describes, so the pass is exact up to the
+rounding of the fused requantization (`exact = False`, like every quantization pass).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+
+__all__ = ["QOperatorPass"]
+
+logger = logging.getLogger(__name__)
+
+
+class QOperatorPass(SlimgraphFunctionalPass):
+    """Replace DQ -> Conv/MatMul/Gemm [-> Q] groups by QLinear*/​*Integer operators."""
+
+    exact = False
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        model = ir.from_proto(ir.to_proto(model))
+        graph = model.graph
+        self.counter = 0
+        modified = False
+        for node in list(graph):
+            if node.op_type == "Conv":
+                modified |= self._conv(graph, node)
+            elif node.op_type == "MatMul":
+                modified |= self._matmul(graph, node)
+            elif node.op_type == "Gemm":
+                modified |= self._gemm(graph, node)
+        RemoveUnusedNodesPass()(model)
+        graph.sort()
+        return SlimgraphPassResult(model, modified)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _name(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}_qop{self.counter}"
+
+    def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        name = self._name(base)
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        graph.register_initializer(value)
+        return value
+
+    def _replace(self, graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node],
+                 old_output: ir.Value, new_output: ir.Value) -> None:
+        for new in new_nodes:
+            graph.insert_before(old, new)
+        name = old_output.name
+        old_output.replace_all_uses_with(new_output, replace_graph_outputs=True)
+        old_output.name = self._name(f"{name}_replaced")
+        new_output.name = name  # graph outputs and readers keep their names
+        if old_output.type is not None:
+            new_output.type = old_output.type
+        # `old` and whatever only fed it (DQs of weights, an absorbed Relu, the Q) are dead now:
+        # RemoveUnusedNodesPass drops them at the end.
+
+    def _scaled(self, graph: ir.Graph, node: ir.Node, integer: ir.Value, x: _DQ, w: _DQ,
+                channel_axis: int, rank: int | None, bias: np.ndarray | None) -> list[ir.Node]:
+        """int32 -> float32 * (s_x * s_w) [+ bias], broadcasting per-channel scales."""
+        scale = np.asarray(x.scale, np.float32) * np.asarray(w.scale, np.float32)
+        if scale.ndim == 1 and channel_axis != -1:
+            shape = [1] * (rank or 4)
+            shape[channel_axis] = -1
+            scale = scale.reshape(shape)
+        cast = ir.node("Cast", [integer], attributes={"to": ir.DataType.FLOAT},
+                       name=self._name(f"{node.name}_cast"))
+        mul = ir.node("Mul", [cast.outputs[0], self._const(graph, f"{node.name}_scale", scale)],
+                      name=self._name(f"{node.name}_rescale"))
+        nodes = [cast, mul]
+        if bias is not None:
+            if channel_axis != -1:
+                shape = [1] * (rank or 4)
+                shape[channel_axis] = -1
+                bias = bias.reshape(shape)
+            add = ir.node("Add", [mul.outputs[0], self._const(graph, f"{node.name}_bias", bias)],
+                          name=self._name(f"{node.name}_bias_add"))
+            nodes.append(add)
+        return nodes
+
+    # --- patterns --------------------------------------------------------------------------
+    def _conv(self, graph: ir.Graph, node: ir.Node) -> bool:
+        x, w = _dq(node.inputs[0]), _dq(node.inputs[1])
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        b = _dq(bias_value)
+        if x is None or w is None or (bias_value is not None and b is None):
+            return False
+        if w.axis not in (None, 0) or w.quantized.const_value is None:
+            return False
+        q = _only_q_consumer(node.outputs[0])
+        if q is not None and (b is None or b.quantized.dtype == ir.DataType.INT32):
+            inputs = [x.quantized, x.scale_value, x.zp_value, w.quantized, w.scale_value,
+                      w.zp_value, q.inputs[1], q.inputs[2]]
+            if b is not None:
+                inputs.append(b.quantized)
+            fused = ir.node("QLinearConv", inputs, attributes=dict(node.attributes),
+                            name=self._name(node.name))
+            self._replace(graph, node, [fused], q.outputs[0], fused.outputs[0])
+            return True
+        w_zero_point = w.zp_value.const_value.numpy()
+        if np.any(w_zero_point != w_zero_point.flat[0]):
+            return False  # onnxruntime's ConvInteger takes one weight zero point
+        scalar_zp = self._const(graph, f"{w.quantized.name}_zero_point",
+                                np.asarray(w_zero_point.flat[0], dtype=w_zero_point.dtype))
+        integer = ir.node("ConvInteger", [x.quantized, w.quantized, x.zp_value, scalar_zp],
+                          attributes=dict(node.attributes), name=self._name(node.name))
+        bias = None if b is None else b.dequantized()
+        rank = len(w.quantized.const_value.shape)
+        tail = self._scaled(graph, node, integer.outputs[0], x, w, 1, rank, bias)
+        self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
+        return True
+
+    def _matmul(self, graph: ir.Graph, node: ir.Node) -> bool:
+        x, w = _dq(node.inputs[0]), _dq(node.inputs[1])
+        if x is None or w is None or w.axis not in (None, 1):
+            return False
+        q = _only_q_consumer(node.outputs[0])
+        if q is not None:
+            fused = ir.node(
+                "QLinearMatMul",
+                [x.quantized, x.scale_value, x.zp_value, w.quantized, w.scale_value, w.zp_value,
+                 q.inputs[1], q.inputs[2]],
+                name=self._name(node.name),
+            )
+            self._replace(graph, node, [fused], q.outputs[0], fused.outputs[0])
+            return True
+        integer = ir.node("MatMulInteger", [x.quantized, w.quantized, x.zp_value, w.zp_value],
+                          name=self._name(node.name))
+        tail = self._scaled(graph, node, integer.outputs[0], x, w, -1, None, None)
+        self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
+        return True
+
+    def _gemm(self, graph: ir.Graph, node: ir.Node) -> bool:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return False
+        x, w = _dq(node.inputs[0]), _dq(node.inputs[1])
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        b = _dq(bias_value)
+        if x is None or w is None or w.quantized.const_value is None:
+            return False
+        weight = w.quantized.const_value.numpy()
+        zero_point = np.asarray(w.zp_value.const_value.numpy())
+        if attrs.get("transB", 0):
+            if w.axis not in (None, 0):
+                return False
+            weight = np.ascontiguousarray(weight.T)
+        elif w.axis not in (None, 1):
+            return False
+        w_init = self._const(graph, f"{w.quantized.name}_kn", weight)
+        zp_init = self._const(graph, f"{w.quantized.name}_kn_zero_point", zero_point)
+        integer = ir.node("MatMulInteger", [x.quantized, w_init, x.zp_value, zp_init],
+                          name=self._name(node.name))
+        if bias_value is not None and b is None:
+            bias = None if bias_value.const_value is None else bias_value.const_value.numpy()
+            if bias is None:
+                return False
+        else:
+            bias = None if b is None else b.dequantized()
+        tail = self._scaled(graph, node, integer.outputs[0], x, w, -1, None, bias)
+        self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
+        return True
+
+
+class _DQ:
+    """The inputs of a DequantizeLinear with constant scale and zero point."""
+
+    def __init__(self, node: ir.Node) -> None:
+        self.node = node
+        self.quantized = node.inputs[0]
+        self.scale_value = node.inputs[1]
+        self.zp_value = node.inputs[2]
+        axis = node.attributes.get("axis")
+        self.scale = self.scale_value.const_value.numpy()
+        self.axis = axis.value if axis is not None and self.scale.ndim == 1 else None
+
+    def dequantized(self) -> np.ndarray:
+        q = self.quantized.const_value.numpy().astype(np.float64)
+        zp = self.zp_value.const_value.numpy().astype(np.float64)
+        return ((q - zp) * self.scale).astype(np.float32)
+
+
+def _dq(value: ir.Value | None) -> _DQ | None:
+    source = value.producer() if value is not None else None
+    if source is None or source.op_type != "DequantizeLinear" or len(source.inputs) < 3:
+        return None
+    if source.inputs[1].const_value is None or source.inputs[2] is None:
+        return None
+    if source.inputs[2].const_value is None:
+        return None
+    return _DQ(source)
+
+
+def _only_q_consumer(value: ir.Value) -> ir.Node | None:
+    """The QuantizeLinear that alone reads `value`, directly or through a Relu that the
+    quantized range makes redundant (its zero point is the grid's minimum)."""
+    users = value.consumers()
+    if len(users) != 1 or value.is_graph_output():
+        return None
+    user = users[0]
+    if user.op_type == "Relu":
+        q = _only_q_consumer(user.outputs[0])
+        if q is None:
+            return None
+        zero_point = q.inputs[2].const_value.numpy()
+        qmin = np.iinfo(zero_point.dtype).min
+        return q if np.all(zero_point == qmin) else None
+    if user.op_type == "QuantizeLinear":
+        if user.inputs[1].const_value is not None and user.inputs[2] is not None:
+            if user.inputs[2].const_value is not None:
+                return user
+    return None

@@ -1,0 +1,60 @@
+"""QOperator output: QLinearConv / QLinearMatMul / MatMulInteger / ConvInteger in the saved graph."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import slimgraph as sg
+from slimgraph.passes.quantize.qoperator import QOperatorPass
+from onnx import TensorProto, helper
+
+from slimgraph.runtime import compare
+from tests.quantize.quant_helpers import (
+    DIGITS_CALIB,
+    accuracy,
+    digits,
+    digits_test,
+    linear_feeds,
+    linear_model,
+    make_model,
+    ops,
+)
+
+
+def test_digits_qoperator_has_qlinearconv_and_matches_qdq() -> None:
+    qdq = sg.quantize(digits(), calibration=DIGITS_CALIB, progress=False)
+    qop = sg.quantize(digits(), calibration=DIGITS_CALIB, fmt="qoperator", progress=False)
+    counts = ops(qop)
+    assert counts["QLinearConv"] == 6 and "Conv" not in counts
+    assert counts["MatMulInteger"] == 1 and "Gemm" not in counts
+    images, labels = digits_test()
+    assert compare(qdq, qop, {"image": images}).worst_cosine > 0.9999
+    assert accuracy(qop, images, labels) >= accuracy(digits(), images, labels) - 0.003
+
+
+def test_linear_model_gets_qlinearmatmul_and_matmulinteger() -> None:
+    model = linear_model()
+    calib = linear_feeds(count=16)
+    qdq = sg.quantize(model, calibration=calib, progress=False)
+    qop = QOperatorPass()(qdq).model
+    counts = ops(qop)
+    # mm0 -> Relu -> Q: QLinearMatMul; the Gemms (float outputs) become MatMulInteger + rescale
+    assert counts["QLinearMatMul"] == 1 and counts["MatMulInteger"] == 2
+    assert not {"MatMul", "Gemm", "Relu"} & set(counts)
+    feeds = linear_feeds(count=2, seed=3)
+    np.testing.assert_array_less(0.9999, compare(qdq, qop, feeds).worst_cosine)
+
+
+def test_conv_with_float_output_becomes_convinteger() -> None:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(
+        nodes, [("x", TensorProto.FLOAT, ["n", 3, 8, 8])], [("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+         "b": rng.standard_normal(4).astype(np.float32)},
+    )
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    qop = sg.quantize(model, calibration=feeds, fmt="qoperator", progress=False)
+    counts = ops(qop)
+    assert counts["ConvInteger"] == 1 and "Conv" not in counts  # the output is a graph output
+    assert compare(model, qop, feeds[:2]).worst_cosine > 0.999
