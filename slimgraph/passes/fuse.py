@@ -88,7 +88,8 @@ def _bn_fail(context: Any, bn_out: ir.Value, channels: int) -> str | None:
     """Why a BN cannot be folded by the onnxscript rules beyond their own checks, or None."""
     bn = bn_out.producer()
     assert bn is not None
-    if bn.attributes.get_int("training_mode", 0):
+    if bn.attributes.get_int("training_mode", 0) or len(bn.outputs) > 1:
+        # before opset 14, asking for the running statistics outputs means training mode
         return "BatchNormalization in training mode"
     if bn.attributes.get_int("spatial", 1) != 1:
         return "BatchNormalization with spatial=0"
@@ -584,12 +585,14 @@ class SumToAddPass(SlimgraphPass):
 
 
 class _CheckedGemmMixin:
-    """Gemm needs C unidirectionally broadcastable to (M, N) and a float type."""
+    """Gemm needs C unidirectionally broadcastable to (M, N) and a float type; the Gemm keeps the
+    MatMul's name and metadata."""
 
     def check(self, context, input_a, input_b, input_c=None, **kwargs) -> MatchResult:  # type: ignore[no-untyped-def]
         result = super().check(context, input_a, input_b, **kwargs)  # type: ignore[misc]
         if not result:
             return result
+        self._matmul = next((n for n in context.nodes if n.op_type == "MatMul"), None)
         if input_a.dtype not in _FLOAT_TYPES:
             return result.fail("not a float MatMul")
         if input_c is None or input_c.shape is None or input_c.dtype != input_a.dtype:
@@ -604,6 +607,15 @@ class _CheckedGemmMixin:
             if c_dim != 1 and c_dim != o_dim:
                 return result.fail("the bias does not broadcast to the MatMul output")
         return result
+
+
+    def rewrite(self, op, *args, **kwargs):  # type: ignore[no-untyped-def]
+        value = super().rewrite(op, *args, **kwargs)  # type: ignore[misc]
+        gemm, matmul = value.producer(), getattr(self, "_matmul", None)
+        if gemm is not None and matmul is not None:
+            gemm.name = matmul.name
+            gemm.metadata_props.update(matmul.metadata_props)
+        return value
 
 
 def _gemm_rules() -> list[Any]:

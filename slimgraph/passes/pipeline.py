@@ -308,6 +308,11 @@ class _Verifier:
 
     def check(self, model: ir.Model, name: str, exact: bool, min_cosine: float | None) -> Fidelity:
         outputs = self._outputs(model, f"the model after pass '{name}'")
+        if outputs and set(outputs[0]) != set(self.reference[0]):
+            raise VerificationError(
+                f"pass '{name}' changed the model's output names from "
+                f"{sorted(self.reference[0])} to {sorted(outputs[0])}"
+            )
         fidelity = compare_outputs(self.reference, outputs)
         if exact:
             for ref, cand in zip(self.reference, outputs, strict=True):

@@ -321,3 +321,37 @@ def test_mark_units_records_layer_and_activation() -> None:
     ]
     assert units["Conv:conv2"] is None  # two readers: not a unit
     assert not fuse.MarkUnitsPass()(model).modified  # idempotent
+
+
+def test_bn_with_statistics_outputs_is_training_mode_and_stays() -> None:
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node(
+                "BatchNormalization",
+                ["c", "bn_g", "bn_b", "bn_m", "bn_v"],
+                ["y", "mean", "var", "saved_mean", "saved_var"],
+            ),
+        ],
+        [("x", [2, 3, 4, 4])],
+        ["y"],
+        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", 4)],
+        opset=9,
+    )
+    assert not fuse.FuseBatchNormPass()(model).modified
+    assert not fuse.BatchNormToAffinePass()(model).modified
+
+
+def test_gemm_from_matmul_add_keeps_the_matmul_name() -> None:
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+            helper.make_node("Add", ["m", "b"], ["y"]),
+        ],
+        [("x", [3, 6])],
+        ["y"],
+        [initializer("w", rand(6, 5)), initializer("b", rand(5))],
+    )
+    fuse.MatMulAddToGemmPass()(model)
+    assert [(n.op_type, n.name) for n in model.graph] == [("Gemm", "fc")]
+    assert model.graph.outputs[0].name == "y"

@@ -215,3 +215,20 @@ def test_opset_is_kept_unless_asked_and_conversion_is_verified(tmp_path: Path) -
     assert_same_outputs(model, converted)
     with pytest.raises(UnsupportedModelError, match="cannot convert opset 17 to 11: .*Batch"):
         sg.optimize(model, opset=11)  # onnx has no BatchNormalization down-adapter
+
+
+class _RenameOutput(SlimgraphPass):
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.graph.outputs[0].name = "renamed"
+        return ir.passes.PassResult(model, True)
+
+
+def test_a_pass_renaming_outputs_is_caught() -> None:
+    register_pass("test-rename")(_RenameOutput)
+    try:
+        with pytest.raises(VerificationError, match="pass 'test-rename' changed the model's output"):
+            run_pipeline(conv_bn_model(), ["test-rename"], verify=True)
+    finally:
+        del PASSES["test-rename"]

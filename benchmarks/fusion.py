@@ -1,0 +1,130 @@
+"""Does `--preset lossless` make models faster on onnxruntime? Nodes before/after and latency ratio.
+
+For each model of the ONNX zoo set shipped in the onnx package (+ a torch ResNet-18-style export),
+runs `slimgraph.passes.lossless` (verified) and times the model before and after side by side
+(`slimgraph.runtime.benchmark`: interleaved shuffled rounds, medians), once with onnxruntime's own
+graph optimizations off ("disable") and once fully on ("all").
+
+Baseline: the zoo files build their weights with ConstantOfShape at run time; timing that would
+flatter us, so "before" is the input with only those weights materialized as initializers (the
+`constant-of-shape` + `initializer-inputs` passes), i.e. the same weights, the original graph.
+The torch model is exported with `slimgraph.from_torch` (dynamo, exporter optimizer off).
+
+Verdict: PASS when after/before <= 1 + NOISE_MARGIN (3%) for every model and level: our output
+must never be slower.
+
+Usage:
+    python benchmarks/fusion.py [--rounds 20] [--models resnet50 densenet121 ...] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import onnx_ir as ir  # noqa: E402
+
+import slimgraph as sg  # noqa: E402
+from slimgraph.passes import lossless, run_pipeline  # noqa: E402
+from slimgraph.passes.pipeline import node_count  # noqa: E402
+from slimgraph.runtime import benchmark, random_feeds  # noqa: E402
+from slimgraph.tools.tables import render_table  # noqa: E402
+
+NOISE_MARGIN = 0.03
+
+
+def zoo_models() -> dict[str, Path]:
+    import onnx
+
+    folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    return {p.stem.removeprefix("light_"): p for p in sorted(folder.glob("*.onnx"))}
+
+
+def torch_resnet() -> ir.Model:
+    import torch
+
+    from tests.models import _randomize_batchnorm, resnet18_style
+
+    torch.manual_seed(0)
+    module = _randomize_batchnorm(resnet18_style()).eval()
+    return sg.from_torch(module, (torch.randn(1, 3, 64, 64),))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--models", nargs="*", help="subset of model names")
+    args = parser.parse_args()
+
+    sources: dict[str, Path | None] = {**zoo_models(), "torch_resnet18_style": None}
+    names = args.models or list(sources)
+    rows = []
+    verdict = True
+    for name in names:
+        start = time.perf_counter()
+        original = torch_resnet() if sources[name] is None else sg.load(sources[name])
+        baseline = run_pipeline(original, ["initializer-inputs", "constant-of-shape"]).model
+        result = lossless(baseline, verify=True)
+        optimized = result.model
+        seconds = time.perf_counter() - start
+        feeds = random_feeds(baseline, seed=0)
+        ratios = {}
+        for level in ("disable", "all"):
+            timing = benchmark(
+                [baseline, optimized],
+                feeds,
+                labels=["before", "after"],
+                rounds=args.rounds,
+                warmup=2,
+                threads=args.threads,
+                optimization=level,
+            )
+            ratios[level] = timing.timings[1].ratio
+            base_ms = timing.timings[0].median_ms
+            ratios[f"{level}_ms"] = base_ms
+        ok = all(ratios[level] <= 1 + NOISE_MARGIN for level in ("disable", "all"))
+        verdict = verdict and ok
+        rows.append(
+            [
+                name,
+                node_count(original),
+                node_count(baseline),
+                node_count(optimized),
+                f"{ratios['disable']:.3f}",
+                f"{ratios['all']:.3f}",
+                f"{seconds:.1f} s",
+                "ok" if ok else "SLOWER",
+            ]
+        )
+        print(f"  done {name}", file=sys.stderr, flush=True)
+    headers = [
+        "model",
+        "nodes file",
+        "nodes before",
+        "nodes after",
+        "after/before ORT off",
+        "after/before ORT all",
+        "optimize",
+        "",
+    ]
+    print(render_table(headers, rows, align="lrrrrrrl"))
+    print(
+        f"\nlatency: median of {args.rounds} interleaved rounds, ratio of medians (lower is "
+        f"faster); 'optimize' = lossless with verification, wall time."
+    )
+    print(
+        f"never slower (after/before <= {1 + NOISE_MARGIN:.2f} for every model and level, "
+        f"{NOISE_MARGIN:.0%} noise margin): {'PASS' if verdict else 'FAIL'}"
+    )
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
