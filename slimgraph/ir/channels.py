@@ -223,6 +223,31 @@ def _static_dims(value: ir.Value | None) -> list[int] | None:
     return [int(d) for d in dims]
 
 
+def _static_dims_from(value: ir.Value | None, start: int) -> list[int] | None:
+    """The dims of `value` from axis `start` on, if all are known integers."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)[start:]
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def _common_prefix_dims(source: ir.Value | None, target: ir.Value | None, axis: int):
+    """Static dims of `source` and `target` after their common leading dims (symbolic batch).
+
+    Returns (source dims, target dims, number of dims skipped); dims are None when unknown.
+    """
+    if source is None or target is None or source.shape is None or target.shape is None:
+        return None, None, 0
+    a, b = list(source.shape), list(target.shape)
+    skip = 0
+    while skip < min(len(a), len(b), axis) and a[skip] == b[skip]:
+        skip += 1
+    rest_a, rest_b = a[skip:], b[skip:]
+    if not all(isinstance(d, int) for d in rest_a + rest_b):
+        return None, None, skip
+    return [int(d) for d in rest_a], [int(d) for d in rest_b], skip
+
+
 def _rank(value: ir.Value | None) -> int | None:
     if value is None or value.shape is None:
         return None
@@ -710,18 +735,29 @@ class _Tracer:
 
     def reshape(self, slot: Slot, node: ir.Node) -> str | None:
         where = f"{node.op_type} {node.name}"
-        in_dims = _static_dims(node.inputs[0])
         out = node.outputs[0]
-        out_dims = _static_dims(out)
-        if in_dims is None or out_dims is None:
-            return f"{where} has unknown shapes"
         if node.op_type == "Reshape" and _const(node.inputs[1]) is None:
             return f"{where} has a computed shape"
-        mapped = reshape_channel_map(in_dims, slot.axis, out_dims)
+        in_dims, out_dims, skip = _common_prefix_dims(node.inputs[0], out, slot.axis)
+        if node.op_type == "Flatten":
+            rank = _rank(node.inputs[0])
+            start = node.attributes.get_int("axis", 1) % (rank or 1) if rank else None
+            tail = _static_dims_from(node.inputs[0], start) if start is not None else None
+            if start is not None and tail is not None and slot.axis >= start:
+                in_dims, out_dims, skip = tail, [math.prod(tail)], start
+                out_skip = 1
+            else:
+                out_skip = skip
+        else:
+            out_skip = skip
+        if in_dims is None or out_dims is None:
+            return f"{where} has unknown shapes"
+        mapped = reshape_channel_map(in_dims, slot.axis - skip, out_dims)
         if mapped is None:
             return f"{where} splits or mixes the channel axis (channel shuffle or heads)"
         out_axis, positions = mapped
-        target = self.slot(out, out_axis, out_dims[out_axis], where)
+        out_axis += out_skip
+        target = self.slot(out, out_axis, int(positions.size), where)
         self.unite(slot, target, positions)
         if node.op_type == "Reshape":
             self.rewrites.append(Rewrite("reshape", node, target.id, (out_axis,)))
@@ -780,7 +816,10 @@ def analyze_channels(
 
 
 def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node]) -> list[ChannelGroup]:
-    """Group the components by the set of slots they touch."""
+    """Group the components by the producer outputs they touch (all touched slots if none)."""
+    producing = set(producer_of_slot) | {
+        use.slot for use in analysis.weight_uses if use.role == "producer"
+    }
     slot_roots = [analysis.roots_of(slot) for slot in analysis.slots]
     touched: dict[int, set[int]] = {}
     first: dict[int, int] = {}
@@ -790,7 +829,8 @@ def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node
             first.setdefault(root, slot.base + p)
     by_key: dict[frozenset[int], list[int]] = {}
     for root, slots in touched.items():
-        by_key.setdefault(frozenset(slots), []).append(root)
+        key = frozenset(slots & producing) or frozenset(slots)
+        by_key.setdefault(key, []).append(root)
     blocks_by_slot: dict[int, list[Block]] = {}
     for block in analysis.blocks:
         blocks_by_slot.setdefault(block.slot, []).append(block)
@@ -804,7 +844,8 @@ def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node
         members, producers, consumer_nodes = [], [], []
         reasons: list[str] = []
         pads: list[Block] = []
-        for slot_id in sorted(key):
+        group_slots = sorted(set().union(*(touched[r] for r in roots)))
+        for slot_id in group_slots:
             slot = analysis.slots[slot_id]
             index_map = np.array([channel.get(r, -1) for r in slot_roots[slot_id].tolist()])
             members.append(Member(slot.value, slot.axis, index_map))
