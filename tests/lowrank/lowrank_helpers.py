@@ -95,7 +95,7 @@ def conv_model(
     return _model(
         [node],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * len(x_shape))],
         initializers,
         opset,
     )

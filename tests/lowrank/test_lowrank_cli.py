@@ -1,0 +1,91 @@
+"""`slimgraph factorize`: table and JSON output, atomic write, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import slimgraph as sg
+from slimgraph.tools.cli import main
+from tests.conftest import exported_model
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("lowrank_cli")
+    path = folder / "mlp.onnx"
+    sg.save(exported_model("mlp"), path)
+    rng = np.random.default_rng(0)
+    np.savez(folder / "data.npz", x=rng.standard_normal((3, 8, 32)).astype(np.float32))
+    return path
+
+
+def test_table_with_data_and_the_written_model(
+    mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = mlp_file.read_bytes()
+    out = tmp_path / "small.onnx"
+    data = mlp_file.parent / "data.npz"
+    code = main(["factorize", str(mlp_file), "-o", str(out), "--rank-ratio", "0.25",
+                 "--include", "blocks.*", "--data", str(data)])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text
+    for layer in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"):
+        assert layer in text
+    assert "factorized 4 layers, skipped 0" in text
+    assert "worst cosine" in text and "(3 samples)" in text
+    assert mlp_file.read_bytes() == before  # input untouched
+    written = sg.load(out)
+    ops = [node.op_type for node in written.graph if node.op_type == "MatMul"]
+    assert len(ops) == 9  # 4 layers split in two, the head kept
+
+
+def test_json_report(mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "small.onnx"
+    code = main(["factorize", str(mlp_file), "-o", str(out), "--rank", "8", "--json",
+                 "--exclude", "head", "--op-types", "MatMul"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["factorized"] == 4 and report["skipped_count"] == 0
+    assert {layer["rank"][0] for layer in report["layers"]} == {8}
+    assert all(layer["params_after"] == 8 * (32 + 128) for layer in report["layers"])
+    assert report["params_after"] < report["params_before"]
+    assert report["options"]["rank"] == 8
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--rank-ratio", "0"], r"rank_ratio must be in \(0, 1\], got 0.0"),
+        (["--energy", "1.2"], r"energy must be in \(0, 1\], got 1.2"),
+        (["--rank", "many"], "--rank must be 'auto' or an integer, got 'many'"),
+        (["--rank", "auto", "--include", "encoder.*"], "include pattern 'encoder.*' matches no"),
+        (["--rank-ratio", "0.5", "--op-types", "LSTM"], "cannot factorize op type 'LSTM'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(
+    mlp_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "never.onnx"
+    assert main(["factorize", str(mlp_file), "-o", str(out), *arguments]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slimgraph factorize: error: ")
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err)
+    assert not out.exists()
+
+
+def test_refuses_to_write_over_the_input(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = mlp_file.read_bytes()
+    assert main(["factorize", str(mlp_file), "-o", str(mlp_file), "--rank-ratio", "0.5"]) == 2
+    assert "refusing to write over the input model" in capsys.readouterr().err
+    assert mlp_file.read_bytes() == before
