@@ -127,15 +127,43 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InvalidModelError(
             f"{label}: IR version {proto.ir_version} is newer than this onnx ({onnx.IR_VERSION})"
         )
+    _check_utf8(proto, label)
     base_dir = file.resolve().parent
-    for where, tensor in _iter_tensors(proto):
-        _check_tensor(tensor, where, base_dir, label)
-    _check_opsets(proto, label)
-    _check_graph(proto.graph, frozenset(), label, "graph")
-    for function in proto.functions:
-        _check_function(function, label)
-    _densify_sparse(proto, base_dir, label)
+    try:
+        for where, tensor in _iter_tensors(proto):
+            _check_tensor(tensor, where, base_dir, label)
+        _check_opsets(proto, label)
+        _check_graph(proto.graph, frozenset(), label, "graph")
+        for function in proto.functions:
+            _check_function(function, label)
+        _densify_sparse(proto, base_dir, label)
+    except UnicodeDecodeError:  # protobuf checks UTF-8 only when a string field is read
+        raise ModelLoadError(
+            f"{label}: not a valid ONNX model (a name or text field is not valid UTF-8)"
+        ) from None
     return proto
+
+
+def _check_utf8(proto: onnx.ModelProto, label: str) -> None:
+    """Every string field must be UTF-8 (protobuf hands back invalid ones as bytes, silently)."""
+    string_type = onnx.NodeProto.DESCRIPTOR.fields_by_name["name"].type
+    message_type = onnx.NodeProto.DESCRIPTOR.fields_by_name["attribute"].type
+    stack: list[object] = [proto]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():  # type: ignore[attr-defined]
+            if field.type not in (string_type, message_type):
+                continue
+            items = value if field.is_repeated else [value]
+            if field.type == message_type:
+                stack.extend(items)
+                continue
+            for item in items:
+                if isinstance(item, bytes):
+                    raise ModelLoadError(
+                        f"{label}: not a valid ONNX model (the {field.name} {item!r} is not "
+                        "valid UTF-8)"
+                    )
 
 
 def _read_file(file: Path, label: str) -> bytes:

@@ -254,6 +254,46 @@ def test_random_bytes(tmp_path: Path, blob: bytes, as_graph: bool) -> None:
     # a random graph can be valid (e.g. empty); then it must simply have loaded
 
 
+_MUTATION_SOURCES = [
+    REAL_MODELS[0].read_bytes(),
+    b.function_model(numpy_helper.from_array(b.W, "w")).SerializeToString(),
+    b.if_model(numpy_helper.from_array(b.W, "w")).SerializeToString(),
+]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    source=st.sampled_from(range(len(_MUTATION_SOURCES))),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+)
+def test_corrupted_bytes(tmp_path: Path, source: int, edits: list[tuple[float, int]]) -> None:
+    """A few bytes of a valid model overwritten (names turned into invalid UTF-8, lengths and
+    tags broken): loading succeeds or fails with ModelLoadError, never another exception."""
+    data = bytearray(_MUTATION_SOURCES[source])
+    for where, byte in edits:
+        data[int(where * len(data))] = byte
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(bytes(data))
+    try:
+        load(path)
+    except ModelLoadError as error:
+        assert str(error).startswith(str(path))
+
+
+@pytest.mark.parametrize("name", [b"fconst", b"AddConst", b"fx"])
+def test_invalid_utf8_names(tmp_path: Path, name: bytes) -> None:
+    data = b.function_model(numpy_helper.from_array(b.W, "w")).SerializeToString()
+    assert name in data
+    path = tmp_path / "utf8.onnx"
+    path.write_bytes(data.replace(name, b"\xff\xfe" + name[2:]))
+    with pytest.raises(ModelLoadError, match="is not valid UTF-8"):
+        load(path)
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
