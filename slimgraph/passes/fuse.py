@@ -119,7 +119,9 @@ def _output_channels(node: ir.Node) -> int | None:
 class _CheckedBnMixin:
     """Extra checks on top of onnxscript's BN-fusion rules (training mode, parameter shapes)."""
 
-    def check(self, context, x, inbound_out: ir.Value, batchnorm_out: ir.Value) -> MatchResult:  # type: ignore[no-untyped-def]
+    def check(  # type: ignore[no-untyped-def]
+        self, context, x, inbound_out: ir.Value, batchnorm_out: ir.Value
+    ) -> MatchResult:
         result = super().check(context, x, inbound_out, batchnorm_out)  # type: ignore[misc]
         if not result:
             return result
@@ -138,7 +140,9 @@ class _CheckedBnMixin:
         return result
 
 
-    def rewrite(self, op, x, inbound_out: ir.Value, batchnorm_out: ir.Value):  # type: ignore[no-untyped-def]
+    def rewrite(  # type: ignore[no-untyped-def]
+        self, op, x, inbound_out: ir.Value, batchnorm_out: ir.Value
+    ):
         """onnxscript's rewrite, keeping the layer's name and metadata (torch layer names)."""
         inbound = inbound_out.producer()
         assert inbound is not None
@@ -210,15 +214,16 @@ class FuseBatchNormPass(SlimgraphPass):
             if len(x.shape) != 2 or _bn_fail(None, bn.outputs[0], weight.shape[1]):
                 continue
             gamma, beta, mean, var = (constant_array(v) for v in bn.inputs[1:5])
-            scale, shift = batchnorm_affine(
-                gamma, beta, mean, var, bn.attributes.get_float("epsilon", 1e-5)  # type: ignore[arg-type]
-            )
+            eps = bn.attributes.get_float("epsilon", 1e-5)
+            scale, shift = batchnorm_affine(gamma, beta, mean, var, eps)  # type: ignore[arg-type]
             graph = bn.graph
             new_w = new_initializer(
                 graph, scale_output_channels(weight, scale, "MatMul"), f"{w_value.name}_bn"
             )
             new_b = new_initializer(graph, shift.astype(weight.dtype), f"{w_value.name}_bn_bias")
-            gemm = ir.node("Gemm", [x, new_w, new_b], name=source.name, doc_string=source.doc_string)
+            gemm = ir.node(
+                "Gemm", [x, new_w, new_b], name=source.name, doc_string=source.doc_string
+            )
             gemm.metadata_props.update(source.metadata_props)
             graph.insert_after(bn, gemm)
             gemm.outputs[0].dtype = bn.outputs[0].dtype
@@ -281,7 +286,9 @@ def _bn_skip_reason(bn: ir.Node) -> str:
 # ---------------------------------------------------------------- per-channel Mul/Add folding
 
 
-def _channel_vector(const: np.ndarray, rank: int, channel_axis: int, channels: int) -> np.ndarray | None:
+def _channel_vector(
+    const: np.ndarray, rank: int, channel_axis: int, channels: int
+) -> np.ndarray | None:
     """`const` as one value per channel if broadcasting it over the output only varies along
     `channel_axis` and does not grow the output's shape; else None."""
     if const.ndim > rank:
@@ -294,7 +301,9 @@ def _channel_vector(const: np.ndarray, rank: int, channel_axis: int, channels: i
         elif dim != 1:
             return None
     flat = const.reshape(-1)
-    return np.broadcast_to(flat, (channels,)).astype(np.float64) if flat.size in (1, channels) else None
+    if flat.size not in (1, channels):
+        return None
+    return np.broadcast_to(flat, (channels,)).astype(np.float64)
 
 
 @register_pass("fold-affine")
@@ -356,7 +365,9 @@ class FoldAffinePass(SlimgraphPass):
             rank = len(layer.inputs[0].shape)
             gamma = constant_array(layer.inputs[1])
             beta = constant_array(layer.inputs[2])
-            if gamma is None or beta is None or rank < 2 or _bn_fail(None, layer.outputs[0], gamma.size):
+            if gamma is None or beta is None or rank < 2:
+                return False
+            if _bn_fail(None, layer.outputs[0], gamma.size):
                 return False
             k = _channel_vector(const, rank, 1, gamma.size)
             if k is None:
@@ -366,8 +377,9 @@ class FoldAffinePass(SlimgraphPass):
             else:
                 beta = beta + (k if node.op_type == "Add" else -k)
             dtype = constant_array(layer.inputs[1]).dtype  # type: ignore[union-attr]
-            layer.replace_input_with(1, new_initializer(graph, gamma.astype(dtype), f"{layer.inputs[1].name}_k"))
-            layer.replace_input_with(2, new_initializer(graph, beta.astype(dtype), f"{layer.inputs[2].name}_k"))
+            for index, array in ((1, gamma), (2, beta)):
+                hint = f"{layer.inputs[index].name}_k"
+                layer.replace_input_with(index, new_initializer(graph, array.astype(dtype), hint))
         else:
             weight = constant_array(layer.inputs[1])
             channels = _output_channels(layer)
@@ -393,9 +405,9 @@ class FoldAffinePass(SlimgraphPass):
             else:
                 bias64 = np.zeros(channels) if bias is None else bias.astype(np.float64)
             if node.op_type == "Mul":
-                new_weight = scale_output_channels(
-                    weight, k, op, group=attrs.get_int("group", 1), trans_b=bool(attrs.get_int("transB", 0))
-                )
+                group = attrs.get_int("group", 1)
+                trans_b = bool(attrs.get_int("transB", 0))
+                new_weight = scale_output_channels(weight, k, op, group=group, trans_b=trans_b)
                 bias64 = bias64 * k
             else:
                 new_weight = weight
@@ -546,7 +558,8 @@ class FusePadPass(SlimgraphPass):
         if spatial is None:
             return "pads touch the batch/channel axes, crop, or do not fit the rank"
         old = list(conv.attributes.get_ints("pads", [0] * len(spatial)))
-        conv.attributes["pads"] = ir.AttrInt64s("pads", [a + b for a, b in zip(old, spatial, strict=True)])
+        summed = [a + b for a, b in zip(old, spatial, strict=True)]
+        conv.attributes["pads"] = ir.AttrInt64s("pads", summed)
         conv.replace_input_with(0, pad.inputs[0])
         pad.graph.remove(pad, safe=True)  # type: ignore[union-attr]
         return None
@@ -588,7 +601,9 @@ class _CheckedGemmMixin:
     """Gemm needs C unidirectionally broadcastable to (M, N) and a float type; the Gemm keeps the
     MatMul's name and metadata."""
 
-    def check(self, context, input_a, input_b, input_c=None, **kwargs) -> MatchResult:  # type: ignore[no-untyped-def]
+    def check(  # type: ignore[no-untyped-def]
+        self, context, input_a, input_b, input_c=None, **kwargs
+    ) -> MatchResult:
         result = super().check(context, input_a, input_b, **kwargs)  # type: ignore[misc]
         if not result:
             return result

@@ -1,4 +1,4 @@
-"""Pipelines built from data: named passes, instrumentation around each, verification on onnxruntime.
+"""Pipelines built from data: named passes, instrumented, each verified on onnxruntime.
 
 A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
 that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
@@ -416,7 +416,8 @@ def run_pipeline(
         if verifier is not None and result.modified and not annotates_only:
             start = time.perf_counter()
             cosine = step.min_cosine if step.min_cosine is not None else min_cosine
-            fidelity = verifier.check(current, step.name, step.exact, None if step.exact else cosine)
+            cosine = None if step.exact else cosine
+            fidelity = verifier.check(current, step.name, step.exact, cosine)
             verify_seconds = time.perf_counter() - start
         record = PassRecord(
             name=step.name,
