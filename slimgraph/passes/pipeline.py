@@ -404,7 +404,15 @@ def run_pipeline(
     for step in built:
         before = node_count(current)
         start = time.perf_counter()
-        result = step.pass_(current)
+        try:
+            result = step.pass_(current)
+        except SlimgraphError:
+            raise
+        except Exception as error:  # a bug in a pass: say which one, keep the cause for --debug
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ir.passes.PassError(
+                f"pass '{step.name}' failed: {type(error).__name__}: {first}"
+            ) from error
         seconds = time.perf_counter() - start
         current = result.model
         skipped = list(getattr(result, "skipped", []) or [])

@@ -232,3 +232,26 @@ def test_a_pass_renaming_outputs_is_caught() -> None:
             run_pipeline(conv_bn_model(), ["test-rename"], verify=True)
     finally:
         del PASSES["test-rename"]
+
+
+class _Crash(SlimgraphPass):
+    exact: ClassVar[bool] = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        raise KeyError("boom")
+
+
+def test_a_crashing_pass_is_named(tmp_path: Path, capsys) -> None:
+    register_pass("test-crash")(_Crash)
+    try:
+        with pytest.raises(ir.passes.PassError, match="pass 'test-crash' failed: KeyError"):
+            run_pipeline(conv_bn_model(), ["cleanup", "test-crash"])
+        source = save_proto(conv_bn_model(), tmp_path / "in.onnx")
+        recipe = tmp_path / "crash.json"
+        recipe.write_text('["test-crash"]')
+        out = tmp_path / "out.onnx"
+        assert main(["optimize", str(source), "-o", str(out), "--recipe", str(recipe)]) == 1
+        assert "pass 'test-crash' failed" in capsys.readouterr().err
+        assert not out.exists()
+    finally:
+        del PASSES["test-crash"]
