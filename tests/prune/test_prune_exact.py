@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
+import torch
 
 from slimgraph import runtime
+from slimgraph.ir import from_torch
 from slimgraph.ir.analysis import model_macs
 from slimgraph.passes.prune import prune, prune_with_report
 from tests.conftest import exported_model
+from tests.models import _randomize_batchnorm
 from tests.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
 
 CASES = [
@@ -51,3 +57,86 @@ def test_prune_resnet_macs_ratio() -> None:
     pruned = prune(model, ratio=0.5)
     before, after = sum(model_macs(model).values()), sum(model_macs(pruned).values())
     assert 0.25 <= after / before <= 0.35
+
+
+class _GroupedBlock(torch.nn.Module):
+    """conv -> BN -> ReLU -> grouped conv (4 groups) -> BN -> ReLU -> 1x1 conv -> GAP -> fc:
+    the grouped conv can only lose whole groups, coupled with the channels feeding them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.gconv = torch.nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.bn2 = torch.nn.BatchNorm2d(32)
+        self.head = torch.nn.Conv2d(32, 8, 1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.stem(x)))
+        x = torch.relu(self.bn2(self.gconv(x)))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def test_prune_grouped_conv_removes_whole_groups() -> None:
+    torch.manual_seed(0)
+    module = _randomize_batchnorm(_GroupedBlock()).eval()
+    model = from_torch(module, (torch.randn(1, 3, 16, 16),))
+    zeroed, analysis, count = zero_channels(model, 0.5, pad=False, seed=2)
+    grouped = next(
+        g for g in analysis.groups if any(n.attributes.get_int("group", 1) == 4 for n in g.producers)
+    )
+    assert grouped.size == 4
+    assert grouped.prunable  # 4 conv groups, each = 4 stem channels + 8 grouped-conv channels
+    pruned = prune(zeroed, ratio=0.5)
+    gconv = next(n for n in pruned.graph if n.op_type == "Conv" and n.attributes.get_int("group", 1) > 1)
+    assert gconv.attributes.get_int("group") == 2
+    assert gconv.inputs[1].const_value.shape == (16, 4, 3, 3)
+    check_valid(pruned)
+    assert_same_outputs(zeroed, pruned, runtime.random_feeds(zeroed, batch=2))
+
+
+def _decomposed_gelu_mlp(seed: int = 0) -> ir.Model:
+    """x -> MatMul -> Add bias -> x*0.5*(1+erf(x/sqrt2)) -> MatMul -> Add: the GELU spelled out
+    as older exporters write it (Div/Erf/Add/Mul with scalar constants)."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    inits = [
+        init("w1", rng.standard_normal((16, 32))), init("b1", rng.standard_normal(32)),
+        init("w2", rng.standard_normal((32, 16))), init("b2", rng.standard_normal(16)),
+        init("sqrt2", np.sqrt(2.0)), init("one", 1.0), init("half", 0.5),
+    ]  # fmt: skip
+    make = onnx.helper.make_node
+    nodes = [
+        make("MatMul", ["x", "w1"], ["h0"]), make("Add", ["h0", "b1"], ["h"]),
+        make("Div", ["h", "sqrt2"], ["d"]), make("Erf", ["d"], ["e"]),
+        make("Add", ["e", "one"], ["e1"]), make("Mul", ["h", "e1"], ["m"]),
+        make("Mul", ["m", "half"], ["g"]),
+        make("MatMul", ["g", "w2"], ["y0"]), make("Add", ["y0", "b2"], ["y"]),
+    ]  # fmt: skip
+    graph = onnx.helper.make_graph(
+        nodes, "mlp",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8, 16])],
+        inits,
+    )  # fmt: skip
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8
+    )
+    return ir.from_proto(proto)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_prune_transformer_mlp_with_decomposed_gelu(pad: bool) -> None:
+    zeroed, analysis, count = zero_channels(_decomposed_gelu_mlp(), 0.5, pad=pad, seed=4)
+    hidden = [g for g in analysis.prunable_groups if g.size == 32]
+    assert len(hidden) == 1 and count == (16 + 8 if pad else 16)
+    pruned = prune(zeroed, ratio=0.5, pad=pad)
+    weights = {tuple(v.const_value.shape) for v in pruned.graph.initializers.values()}
+    assert {(16, 16), (16, 8) if pad else (16, 16)} <= weights
+    check_valid(pruned)
+    x = np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)
+    assert_same_outputs(zeroed, pruned, {"x": x})
