@@ -223,6 +223,7 @@ class PassRecord:
     fidelity: Fidelity | None = None
     verify_seconds: float = 0.0
     details: Mapping[str, Any] = field(default_factory=dict)
+    metadata_only: bool = False
 
     def describe(self) -> str:
         """One line for logs and the command line."""
@@ -233,6 +234,8 @@ class PassRecord:
         )
         if not self.modified:
             line += "  (no change)"
+        elif self.metadata_only:
+            line += "  (metadata only)"
         elif self.fidelity is not None:
             worst = max(self.fidelity.outputs, key=lambda o: o.max_abs_error)
             line += (
@@ -255,6 +258,7 @@ class PassRecord:
             "skipped": self.skipped,
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
             "details": dict(self.details),
+            "metadata_only": self.metadata_only,
         }
 
 
@@ -438,6 +442,7 @@ def run_pipeline(
             fidelity=fidelity,
             verify_seconds=verify_seconds,
             details=_details(result),
+            metadata_only=annotates_only,
         )
         logger.info("%s", record.describe())
         records.append(record)

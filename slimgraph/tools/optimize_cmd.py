@@ -91,8 +91,10 @@ def _render(result: PipelineResult, before: int, after: int, target: Path, verif
     for record in result.records:
         if not record.modified:
             fidelity = "no change"
+        elif record.metadata_only:
+            fidelity = "metadata only"
         elif record.fidelity is None:
-            fidelity = "not verified" if not verify or not _annotates(record.name) else "metadata"
+            fidelity = "not verified"
         else:
             worst = max(record.fidelity.outputs, key=lambda o: o.max_abs_error)
             fidelity = (
@@ -118,9 +120,3 @@ def _render(result: PipelineResult, before: int, after: int, target: Path, verif
     elif not verify:
         summary += "; not verified (--no-verify)"
     return f"{table}\n{summary}\nwrote {target}"
-
-
-def _annotates(name: str) -> bool:
-    from slimgraph.passes.pipeline import PASSES
-
-    return bool(getattr(PASSES.get(name), "annotates_only", False))
