@@ -117,7 +117,10 @@ def test_reshape_and_transpose_chains_collapse() -> None:
         ],
         [("x", [6, 4])],
         ["y", "z"],
-        [initializer("s1", np.array([24], np.int64)), initializer("s2", np.array([2, 3, 4], np.int64))],
+        [
+            initializer("s1", np.array([24], np.int64)),
+            initializer("s2", np.array([2, 3, 4], np.int64)),
+        ],
     )
     reference = model.clone()
     result = cleanup.SimplifyShapeChainsPass()(model)

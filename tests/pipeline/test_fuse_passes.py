@@ -314,7 +314,7 @@ def test_mark_units_records_layer_and_activation() -> None:
     )
     result = fuse.MarkUnitsPass()(model)
     assert result.modified
-    units = {n.op_type + ":" + (n.name or ""): n.metadata_props.get(metadata.UNIT) for n in model.graph}
+    units = {f"{n.op_type}:{n.name}": n.metadata_props.get(metadata.UNIT) for n in model.graph}
     assert units["Conv:conv1"] == "conv1"
     assert [n.metadata_props.get(metadata.UNIT) for n in model.graph if n.op_type == "Relu"] == [
         "conv1"

@@ -44,10 +44,13 @@ eps_values = st.sampled_from([1e-5, 1e-3, 0.1])
     bias=st.booleans(),
     eps=eps_values,
 )
-def test_bn_into_conv_any_shape(seed, group, per_group_in, per_group_out, kernel, bias, eps) -> None:
+def test_bn_into_conv_any_shape(
+    seed, group, per_group_in, per_group_out, kernel, bias, eps
+) -> None:
     rng = np.random.default_rng(seed)
     c_in, c_out = group * per_group_in, group * per_group_out
-    inits = [initializer("w", rng.standard_normal((c_out, per_group_in, kernel, kernel)).astype(np.float32))]
+    weight = rng.standard_normal((c_out, per_group_in, kernel, kernel)).astype(np.float32)
+    inits = [initializer("w", weight)]
     inputs = ["x", "w"]
     if bias:
         inits.append(initializer("cb", rng.standard_normal(c_out).astype(np.float32)))
@@ -73,7 +76,9 @@ def test_bn_into_conv_any_shape(seed, group, per_group_in, per_group_out, kernel
     stride=st.integers(1, 2),
     eps=eps_values,
 )
-def test_bn_into_grouped_conv_transpose(seed, group, per_group_in, per_group_out, stride, eps) -> None:
+def test_bn_into_grouped_conv_transpose(
+    seed, group, per_group_in, per_group_out, stride, eps
+) -> None:
     rng = np.random.default_rng(seed)
     c_in, c_out = group * per_group_in, group * per_group_out
     weight = rng.standard_normal((c_in, per_group_out, 3, 3)).astype(np.float32)
@@ -183,7 +188,7 @@ def test_pad_folding_on_onnxruntime(seed, pads, conv_pads, opset) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 5).flatmap(lambda r: st.tuples(st.permutations(range(r)), st.permutations(range(r)))))
+@given(st.integers(1, 5).flatmap(lambda r: st.tuples(*[st.permutations(range(r))] * 2)))
 def test_transpose_composition(perms) -> None:
     first, second = perms
     x = np.arange(int(np.prod([2 + i for i in range(len(first))]))).reshape(
@@ -194,7 +199,7 @@ def test_transpose_composition(perms) -> None:
 
 
 @ORT_SETTINGS
-@given(st.integers(2, 4).flatmap(lambda r: st.tuples(st.permutations(range(r)), st.permutations(range(r)))))
+@given(st.integers(2, 4).flatmap(lambda r: st.tuples(*[st.permutations(range(r))] * 2)))
 def test_transpose_chain_rewrite_on_onnxruntime(perms) -> None:
     first, second = perms
     rank = len(first)

@@ -96,7 +96,8 @@ def test_lossless_records_every_pass_and_leaves_the_input_alone() -> None:
 
 def test_a_wrong_exact_rewrite_is_caught_with_the_pass_name(wrong_passes: None) -> None:
     model = conv_bn_model()
-    with pytest.raises(VerificationError, match="exact pass 'test-scale-weight' changed output 'y'"):
+    message = "exact pass 'test-scale-weight' changed output 'y'"
+    with pytest.raises(VerificationError, match=message):
         run_pipeline(model, ["cleanup", "test-scale-weight", "fuse-batchnorm"], verify=True)
     # the same pass without verification goes through: the check is what catches it
     result = run_pipeline(model, ["test-scale-weight"], verify=False)
@@ -128,7 +129,8 @@ def test_tolerance_and_user_feeds() -> None:
 
 
 def test_unknown_names_and_bad_options_list_what_is_known() -> None:
-    with pytest.raises(BadOptionError, match=r"unknown pass 'nope' \(known passes: .*fuse-batchnorm"):
+    known = r"unknown pass 'nope' \(known passes: .*fuse-batchnorm"
+    with pytest.raises(BadOptionError, match=known):
         build_pipeline(["cleanup", "nope"])
     with pytest.raises(BadOptionError, match="presets: cleanup-only, lossless"):
         build_pipeline([{"name": "nope"}])
@@ -194,7 +196,8 @@ def test_cli_errors_exit_codes_and_no_partial_output(
     source = save_proto(conv_bn_model(), tmp_path / "in.onnx")
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(source), "-o", str(out), "--preset", "nope"]) == 2
-    assert "unknown preset 'nope' (known presets: cleanup-only, lossless)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "unknown preset 'nope' (known presets: cleanup-only, lossless)" in error
     recipe = tmp_path / "wrong.yaml"
     recipe.write_text("- cleanup\n- test-scale-weight\n")
     assert main(["optimize", str(source), "-o", str(out), "--recipe", str(recipe)]) == 1
@@ -228,7 +231,8 @@ class _RenameOutput(SlimgraphPass):
 def test_a_pass_renaming_outputs_is_caught() -> None:
     register_pass("test-rename")(_RenameOutput)
     try:
-        with pytest.raises(VerificationError, match="pass 'test-rename' changed the model's output"):
+        message = "pass 'test-rename' changed the model's output"
+        with pytest.raises(VerificationError, match=message):
             run_pipeline(conv_bn_model(), ["test-rename"], verify=True)
     finally:
         del PASSES["test-rename"]

@@ -19,7 +19,7 @@ from slimgraph.runtime import create_session, random_feeds, run
 from slimgraph.tools.cli import main
 from slimgraph.ir import from_torch
 from tests import models as test_models
-from tests.conftest import exported_model
+from tests.conftest import ZOO_FILES, exported_model
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,6 @@ def test_torch_export_at_opset_18_kept_and_converted_to_21(
 
 
 def test_zoo_opset_9_converted_to_13(tmp_path: Path, capsys) -> None:
-    source = next(p for p in Path(onnx.__file__).parent.glob("backend/test/data/light/*squeezenet*.onnx"))
+    source = next(p for p in ZOO_FILES if "squeezenet" in p.name)
     result = check_optimized(source, tmp_path / "out.onnx", capsys, ["--opset", "13"])
     assert result["after"].opset_imports[""] == 13
