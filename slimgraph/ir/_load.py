@@ -2,9 +2,14 @@
 
 The protobuf is parsed without its external data; every external-data reference (initializers,
 attribute tensors, sparse tensors, subgraphs, functions) is checked against the file system with
-`stat` only; the graph structure is checked (cycles, dangling inputs, duplicate value names, opset
-imports). Only then is the model turned into an `onnx_ir.Model`, whose external tensors stay lazy
-(memory-mapped on first use), so loading and inspecting read no weight bytes.
+`stat` only (the target is never opened, so a FIFO or a device cannot hang the loader); the graph
+structure is checked (cycles, dangling inputs, duplicate value names, opset imports, UTF-8 names).
+Only then is the model turned into an `onnx_ir.Model`, whose external tensors stay lazy
+(memory-mapped on first use), so loading and inspecting read no weight bytes. Sparse tensors become
+dense (onnx_ir cannot hold them) and graphs out of topological order are sorted.
+
+Known limit: the external-data checks run at load time; a file swapped for a symlink between load
+and the first read of the tensor is not caught (onnx_ir opens the path without O_NOFOLLOW).
 """
 
 from __future__ import annotations
