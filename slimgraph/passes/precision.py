@@ -36,6 +36,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.quantize._weights import constant_node_array
 
 __all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
 
@@ -180,6 +181,7 @@ class _Converter:
         graph = self.graph
         _infer_types(self.model)
         shape_nodes = _shape_nodes(graph)
+        self.range_nodes = _paths_to_sqrt(graph, self.keep_ops)
         if not self.keep_io_types:
             for value in graph.inputs:
                 if value.dtype == ir.DataType.FLOAT:
@@ -209,6 +211,8 @@ class _Converter:
             return "float32-only op or subgraph"
         if id(node) in shape_nodes:
             return "computes a shape"
+        if id(node) in self.range_nodes:
+            return "kept in float32 (between a kept op and its Sqrt)"
         return None
 
     def _keep(self, node: ir.Node, reason: str) -> None:
@@ -258,13 +262,13 @@ class _Converter:
         value = node.outputs[0]
         if value.dtype != ir.DataType.FLOAT:
             return False
-        tensor = ir.convenience.get_const_tensor(value)
-        if tensor is None:
+        array = constant_node_array(node)
+        if array is None:
             return False
         for name in list(node.attributes):
             del node.attributes[name]
         node.attributes["value"] = ir.Attr(
-            "value", ir.AttributeType.TENSOR, self._half_tensor(tensor.numpy(), value.name or "c")
+            "value", ir.AttributeType.TENSOR, self._half_tensor(array, value.name or "c")
         )
         return True
 
@@ -369,6 +373,41 @@ def _infer_types(model: ir.Model) -> None:
     if untyped:
         logger.warning("%d node outputs have no type after inference (e.g. %s); they keep "
                        "their dtype", len(untyped), untyped[0])
+
+
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+_RANGE_RESTORING = frozenset({"Sqrt", "Reciprocal"})
+
+
+def _paths_to_sqrt(graph: ir.Graph, keep_ops: frozenset[str]) -> set[int]:
+    """Ids of elementwise nodes between a kept op and the Sqrt that brings its range back.
+
+    In a decomposed normalization, Pow -> ReduceMean -> Add(eps) -> Sqrt, the variance exceeds
+    fp16's range long before the Sqrt: the Add (and the Sqrt) must stay float32 too. Follows
+    single-consumer chains of Add/Sub/Mul/Div for up to 4 nodes; no Sqrt, nothing is marked.
+    """
+    marked: set[int] = set()
+    for node in graph:
+        if node.op_type not in keep_ops or not node.outputs:
+            continue
+        path: list[ir.Node] = []
+        value = node.outputs[0]
+        for _ in range(4):
+            uses = list(value.uses())
+            if len(uses) != 1:
+                break
+            successor = uses[0].node
+            if successor.op_type in keep_ops:
+                value = successor.outputs[0]
+                continue
+            if successor.op_type not in _ELEMENTWISE | _RANGE_RESTORING:
+                break
+            path.append(successor)
+            if successor.op_type in _RANGE_RESTORING:
+                marked.update(id(n) for n in path)
+                break
+            value = successor.outputs[0]
+    return marked
 
 
 def _shape_nodes(graph: ir.Graph) -> set[int]:

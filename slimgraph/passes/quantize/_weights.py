@@ -18,6 +18,7 @@ from slimgraph.ir import layer_name
 
 __all__ = [
     "constant_array",
+    "constant_node_array",
     "excluded_by",
     "add_initializer",
     "unique_name",
@@ -49,8 +50,7 @@ def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None
     if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
         return None
     if node.op_type == "Constant":
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
+        return constant_node_array(node)
     if node.op_type == "Shape" and node.inputs[0] is not None:
         shape = node.inputs[0].shape
         if shape is not None and shape.is_static():
@@ -67,6 +67,18 @@ def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None
         perm = node.attributes.get_ints("perm")
         return np.transpose(arrays[0], perm)
     return _evaluate(node, arrays, value)
+
+
+def constant_node_array(node: ir.Node) -> np.ndarray | None:
+    """The value of a Constant node, read without touching the node (models may share tensors)."""
+    for name, attr in node.attributes.items():
+        if name == "value":
+            return attr.as_tensor().numpy()
+        if name in ("value_float", "value_floats"):
+            return np.asarray(attr.value, np.float32)
+        if name in ("value_int", "value_ints"):
+            return np.asarray(attr.value, np.int64)
+    return None
 
 
 def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -> np.ndarray | None:

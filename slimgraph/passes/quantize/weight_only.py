@@ -77,7 +77,9 @@ def _check_options(bits: int, block_size: int, fmt: str) -> None:
             f"block_size must be a power of two >= 16 (got {block_size})"
         )
     if fmt not in FORMATS:
-        raise BadOptionError(f"unknown weight-only format '{fmt}' (choose from {', '.join(FORMATS)})")
+        raise BadOptionError(
+            f"unknown weight-only format '{fmt}' (choose from {', '.join(FORMATS)})"
+        )
 
 
 class WeightOnlyQuantizePass(SlimgraphPass):
@@ -89,6 +91,8 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         fmt: "matmulnbits" (default) or "dq" (needs opset >= 21; see `quantize_weight_only`).
         symmetric: symmetric codes without zero points (True) or asymmetric with zero points.
         exclude: fnmatch patterns over layer names and node names to leave in float.
+        accuracy_level: MatMulNBits' `accuracy_level` (0: onnxruntime's default, float
+            activations; 4: int8 activations, as onnxruntime runs the "dq" format).
     """
 
     exact = False
@@ -101,8 +105,10 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         fmt: str = DEFAULT_FORMAT,
         symmetric: bool = True,
         exclude: Sequence[str] = (),
+        accuracy_level: int = 0,
     ) -> None:
         super().__init__()
+        self.accuracy_level = accuracy_level
         self.bits = bits
         self.block_size = block_size
         self.fmt = fmt
@@ -147,7 +153,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
                 f"nothing to quantize weight-only: no MatMul with a constant float weight "
                 f"({candidates} MatMul node(s): {reasons})"
             )
-        writer = _Writer(graph, self.bits, self.block_size, self.symmetric)
+        writer = _Writer(graph, self.bits, self.block_size, self.symmetric, self.accuracy_level)
         rewrite = writer.matmulnbits if self.fmt == "matmulnbits" else writer.dequantize_linear
         quantized = [rewrite(node, weight, fused) for node, weight, fused in plan]
         for entry in skipped:
@@ -166,6 +172,7 @@ def quantize_weight_only(
     fmt: str = DEFAULT_FORMAT,
     symmetric: bool = True,
     exclude: Sequence[str] = (),
+    accuracy_level: int = 0,
 ) -> ir.Model:
     """Weight-only block-wise quantization of a copy of `model` (the input is left untouched).
 
@@ -178,7 +185,8 @@ def quantize_weight_only(
     else:
         copy = model.clone()
     step = WeightOnlyQuantizePass(
-        bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude
+        bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude,
+        accuracy_level=accuracy_level,
     )
     return step(copy).model
 
@@ -227,8 +235,11 @@ def _opset(model: ir.Model) -> int:
 class _Writer:
     """Writes the quantized initializers and nodes for one model."""
 
-    def __init__(self, graph: ir.Graph, bits: int, block_size: int, symmetric: bool) -> None:
+    def __init__(
+        self, graph: ir.Graph, bits: int, block_size: int, symmetric: bool, accuracy_level: int
+    ) -> None:
         self.graph = graph
+        self.accuracy_level = accuracy_level
         self.bits = bits
         self.block_size = block_size
         self.symmetric = symmetric
@@ -299,7 +310,8 @@ class _Writer:
         record = self._record(node, "MatMulNBits")
         new = ir.node(
             "MatMulNBits", inputs,
-            {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size},
+            {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size,
+             **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {})},
             domain=MS_DOMAIN, name=self._name(f"{node.name or 'matmul'}_nbits"),
             metadata_props=self._props(node),
         )

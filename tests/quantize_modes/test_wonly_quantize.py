@@ -1,0 +1,182 @@
+"""Weight-only int4/int8 block quantization: packing, per-block error bounds, both formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import layer_name
+from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise, unpack_4bit
+from slimgraph.passes.quantize._weights import constant_array
+from slimgraph.passes.quantize.weight_only import (
+    WeightOnlyQuantizePass,
+    quantize_weight_only,
+)
+from slimgraph.runtime import compare, create_session, random_feeds, run
+from tests.conftest import exported_model
+
+_shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), signed=st.booleans())
+def test_pack_unpack_round_trip_and_onnx_layout(data: st.DataObject, signed: bool) -> None:
+    low, high = (-8, 7) if signed else (0, 15)
+    values = data.draw(
+        hnp.arrays(np.int8 if signed else np.uint8, _shapes, elements=st.integers(low, high))
+    )
+    packed = pack_4bit(values)
+    assert packed.dtype == np.uint8 and packed.shape[-1] == (values.shape[-1] + 1) // 2
+    np.testing.assert_array_equal(unpack_4bit(packed, values.shape[-1], signed=signed), values)
+    # The ONNX spec: element 2i in the low nibble of byte i, element 2i + 1 in the high nibble.
+    flat = values.reshape(-1)
+    proto = onnx.TensorProto(
+        data_type=onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4,
+        dims=[flat.size], raw_data=pack_4bit(flat).tobytes(),
+    )  # fmt: skip
+    decoded = onnx.numpy_helper.to_array(proto)
+    np.testing.assert_array_equal(decoded.astype(np.int16), flat.astype(np.int16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weight=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 70), st.integers(1, 6)),
+        elements=st.floats(-100, 100, width=32),
+    ),
+    bits=st.sampled_from([4, 8]),
+    block_size=st.sampled_from([16, 32]),
+    symmetric=st.booleans(),
+)
+def test_blockwise_dequantized_within_half_a_step(
+    weight: np.ndarray, bits: int, block_size: int, symmetric: bool
+) -> None:
+    q = quantize_blockwise(weight, block_size=block_size, bits=bits, symmetric=symmetric)
+    k = weight.shape[0]
+    blocks = -(-k // block_size)
+    assert q.scale.shape == (blocks, weight.shape[1])
+    step = np.repeat(q.scale, block_size, axis=0)[:k]
+    error = np.abs(q.dequantize()[:k] - weight)
+    assert np.all(error <= step / 2 * (1 + 1e-4) + 1e-30)
+    if symmetric:
+        assert q.zero_point is None and np.abs(q.codes).max() <= 2 ** (bits - 1) - 1
+    else:
+        assert q.codes.max() <= 2**bits - 1 and q.zero_point is not None
+
+
+def _weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {
+        layer_name(n): constant_array(n.inputs[1])
+        for n in model.graph
+        if n.op_type == "MatMul" and constant_array(n.inputs[1]) is not None
+    }
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmulnbits_blobs_decode_to_the_weight_within_half_a_step(
+    bits: int, symmetric: bool
+) -> None:
+    model = exported_model("mlp")
+    originals = _weights(model)
+    quantized = quantize_weight_only(model, bits=bits, block_size=16, symmetric=symmetric)
+    nodes = [n for n in quantized.graph if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 5
+    for node in nodes:
+        weight = originals[layer_name(node)]
+        k, n = weight.shape
+        attrs = node.attributes
+        assert (attrs.get_int("K"), attrs.get_int("N"), attrs.get_int("bits")) == (k, n, bits)
+        blob = node.inputs[1].const_value.numpy()
+        blocks = -(-k // 16)
+        assert blob.shape == (n, blocks, 16 * bits // 8)
+        codes = unpack_4bit(blob, 16, signed=False) if bits == 4 else blob
+        codes = codes.reshape(n, blocks * 16)[:, :k].astype(np.float32)
+        scale = node.inputs[2].const_value.numpy().reshape(n, blocks)
+        if symmetric:
+            assert len(node.inputs) < 4 or node.inputs[3] is None
+            zero = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+        else:
+            packed = node.inputs[3].const_value.numpy().reshape(n, -1)
+            zero = unpack_4bit(packed, blocks, signed=False) if bits == 4 else packed
+        step = np.repeat(scale, 16, axis=1)[:, :k]
+        dequantized = (codes - np.repeat(zero, 16, axis=1)[:, :k]) * step
+        assert np.all(np.abs(dequantized - weight.T) <= step / 2 * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_both_formats_run_and_agree(bits: int) -> None:
+    model = exported_model("bert")
+    feeds = {
+        "input_ids": np.random.default_rng(0).integers(0, 1000, (1, 16)).astype(np.int64),
+        "attention_mask": np.ones((1, 16), np.int64),
+    }
+    nbits = quantize_weight_only(model, bits=bits, fmt="matmulnbits")
+    dq = quantize_weight_only(model, bits=bits, fmt="dq")
+    assert [n.op_type for n in nbits.graph].count("MatMulNBits") == 12
+    assert [n.op_type for n in dq.graph].count("DequantizeLinear") == 12
+    assert dq.opset_imports[""] == 21 and model.opset_imports[""] == 20
+    dq_node = next(n for n in dq.graph if n.op_type == "DequantizeLinear")
+    expected = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    assert dq_node.inputs[0].const_value.dtype == expected
+    assert dq_node.attributes.get_int("block_size") == 32
+    minimum = 0.995 if bits == 4 else 0.9999
+    for candidate in (nbits, dq):
+        assert compare(model, candidate, feeds).worst_cosine >= minimum
+    # Same weights: without graph fusions the two formats compute the same float MatMuls. (At
+    # level "all" onnxruntime turns DQ -> MatMul into MatMulNBits with int8 activations.)
+    a = run(create_session(nbits, optimization="basic"), feeds)
+    b = run(create_session(dq, optimization="basic"), feeds)
+    for name, value in a.items():
+        np.testing.assert_allclose(b[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max())
+
+
+def test_asymmetric_dq_has_uint4_zero_points() -> None:
+    model = exported_model("mlp")
+    quantized = quantize_weight_only(model, fmt="dq", symmetric=False)
+    node = next(n for n in quantized.graph if n.op_type == "DequantizeLinear")
+    assert node.inputs[0].const_value.dtype == ir.DataType.UINT4
+    assert node.inputs[2].const_value.dtype == ir.DataType.UINT4
+    assert compare(model, quantized, random_feeds(model, seed=1)).worst_cosine >= 0.995
+
+
+def test_exclusions_and_untouched_input() -> None:
+    model = exported_model("mlp")
+    before = ir.to_proto(model).SerializeToString()
+    result = WeightOnlyQuantizePass(exclude=["head"])(model.clone())
+    assert {q.layer for q in result.quantized} == {
+        "blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"
+    }
+    assert [s.reason for s in result.skipped] == ["excluded by pattern 'head'"]
+    quantize_weight_only(model, fmt="dq")
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 3}, r"supports bits 4 or 8 \(got 3\)"),
+        ({"block_size": 24}, r"block_size must be a power of two >= 16 \(got 24\)"),
+        ({"block_size": 8}, r"block_size must be a power of two >= 16 \(got 8\)"),
+        ({"fmt": "gptq"}, r"unknown weight-only format 'gptq'"),
+    ],
+)
+def test_bad_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(BadOptionError, match=message):
+        quantize_weight_only(exported_model("mlp"), **options)  # type: ignore[arg-type]
+    with pytest.raises(BadOptionError, match=message):
+        WeightOnlyQuantizePass(**options)(exported_model("mlp"))  # type: ignore[arg-type]
+
+
+def test_nothing_to_quantize_and_old_opset_for_dq() -> None:
+    with pytest.raises(UnsupportedModelError, match="nothing to quantize weight-only"):
+        quantize_weight_only(exported_model("resnet"))  # Conv and Gemm only
+    with pytest.raises(UnsupportedModelError, match="needs opset >= 21"):
+        WeightOnlyQuantizePass(fmt="dq")(exported_model("mlp"))
