@@ -94,8 +94,8 @@ class WeightUse:
 class Rewrite:
     """An attribute or shape constant that depends on how many positions of `slot` stay.
 
-    kind: "conv_group" (data: out channels per group), "reshape" (data: output axis, positions
-    per channel), "split" (data: output index), "slice" (data: axis position in `axes`),
+    kind: "conv_group" (data: out channels per group), "reshape" (data: output axis),
+    "reshape_static" (data: output axis, leading dims copied, the static dims after them), "split" (data: output index), "slice" (data: axis position in `axes`),
     "resize_sizes" (data: axis).
     """
 
@@ -736,8 +736,6 @@ class _Tracer:
     def reshape(self, slot: Slot, node: ir.Node) -> str | None:
         where = f"{node.op_type} {node.name}"
         out = node.outputs[0]
-        if node.op_type == "Reshape" and _const(node.inputs[1]) is None:
-            return f"{where} has a computed shape"
         in_dims, out_dims, skip = _common_prefix_dims(node.inputs[0], out, slot.axis)
         if node.op_type == "Flatten":
             rank = _rank(node.inputs[0])
@@ -759,8 +757,14 @@ class _Tracer:
         out_axis += out_skip
         target = self.slot(out, out_axis, int(positions.size), where)
         self.unite(slot, target, positions)
-        if node.op_type == "Reshape":
+        if node.op_type == "Reshape" and _const(node.inputs[1]) is not None:
             self.rewrites.append(Rewrite("reshape", node, target.id, (out_axis,)))
+        elif node.op_type == "Reshape":
+            # a computed shape (dynamic batch): rewritten as a constant that copies the common
+            # leading dims (0 with allowzero=0) and spells out the static rest
+            self.rewrites.append(
+                Rewrite("reshape_static", node, target.id, (out_axis, skip, *out_dims))
+            )
         return None
 
     def reduce(self, slot: Slot, node: ir.Node, index: int) -> str | None:

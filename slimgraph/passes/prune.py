@@ -373,6 +373,16 @@ def _apply_rewrite(graph, rewrite, analysis: ChannelAnalysis, kept) -> None:
         if shape[axis] != -1:
             shape[axis] = count
         _set_constant(graph, node, 1, shape)
+    elif rewrite.kind == "reshape_static":
+        axis, skip, *dims = rewrite.data
+        shape = np.array([0] * skip + list(dims), dtype=np.int64)
+        shape[axis] = count
+        name = _unique_name(graph, f"{node.name}_shape")
+        value = ir.Value(name=name, const_value=ir.tensor(shape, name=name),
+                         shape=ir.Shape(shape.shape), type=ir.TensorType(ir.DataType.INT64))  # fmt: skip
+        graph.register_initializer(value)
+        node.replace_input_with(1, value)
+        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
     elif rewrite.kind == "resize_sizes":
         (axis,) = rewrite.data
         sizes = node.inputs[3].const_value.numpy().copy()

@@ -140,3 +140,20 @@ def test_prune_transformer_mlp_with_decomposed_gelu(pad: bool) -> None:
     check_valid(pruned)
     x = np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)
     assert_same_outputs(zeroed, pruned, {"x": x})
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_prune_exact_with_dynamic_batch(name: str) -> None:
+    """A symbolic batch makes the flatten's Reshape shape computed; it becomes a constant."""
+    from tests import models as test_models
+
+    batch = torch.export.Dim("batch")
+    model = from_torch(
+        test_models.build(name), test_models.example_input(name, 2), {"x": {0: batch}}
+    )
+    zeroed, _, _ = zero_channels(model, 0.5, pad=False, seed=5)
+    pruned, report = prune_with_report(zeroed, ratio=0.5)
+    assert all(g.kept < g.channels for g in report.groups if "graph output" not in g.reason)
+    check_valid(pruned)
+    for rows in (1, 3):
+        assert_same_outputs(zeroed, pruned, runtime.random_feeds(zeroed, batch=rows))
