@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.errors import BadOptionError
-from slimgraph.runtime.session import OptLevel, create_session
+from slimgraph.runtime.session import OptLevel, create_session, run
 
 __all__ = ["Timing", "BenchmarkResult", "benchmark"]
 
@@ -94,6 +94,8 @@ def benchmark(
         else create_session(m, threads=threads, optimization=optimization)
         for m in models
     ]
+    for session, feed in zip(sessions, per_model, strict=True):
+        run(session, feed)  # feeds that do not fit fail here with a clear BadDataError
     runners = [
         _runner(session, dict(feed)) for session, feed in zip(sessions, per_model, strict=True)
     ]

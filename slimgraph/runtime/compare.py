@@ -27,7 +27,9 @@ class OutputFidelity:
 
     `sqnr_db` is 10*log10(sum(ref^2) / sum((ref - cand)^2)), infinite for identical outputs.
     `top1_agreement` is the share of rows whose argmax agrees, for class-score outputs (float,
-    rank 2, more than one class); None otherwise.
+    rank 2, more than one class); None otherwise. `nonfinite` counts candidate values that are
+    NaN or Inf where the reference is finite; any such value makes the errors infinite, the
+    cosine -1 and the SQNR -inf, so that every threshold check fails (NaN would pass them).
     """
 
     name: str
@@ -38,6 +40,7 @@ class OutputFidelity:
     sqnr_db: float
     top1_agreement: float | None
     reference_max_abs: float
+    nonfinite: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class _Sums:
     rows: int = 0
     rows_agree: int = 0
     class_scores: bool = False
+    nonfinite: int = 0
 
 
 @dataclass
@@ -99,6 +103,10 @@ class FidelityAccumulator:
             sums = self.sums.setdefault(name, _Sums(shape=ref.shape))
             ref64 = ref.astype(np.float64).ravel()
             cand64 = cand.astype(np.float64).ravel()
+            broken = np.isfinite(ref64) & ~np.isfinite(cand64)
+            if broken.any():
+                sums.nonfinite += int(broken.sum())
+                cand64 = np.where(broken, 0.0, cand64)  # keep the other sums meaningful
             err = ref64 - cand64
             sums.count += ref64.size
             if ref64.size:
@@ -120,13 +128,17 @@ class FidelityAccumulator:
         outputs = []
         for name, s in self.sums.items():
             norm = math.sqrt(s.ref_sq) * math.sqrt(s.cand_sq)
-            if s.err_sq == 0:
+            if s.nonfinite:
+                cosine = -1.0
+            elif s.err_sq == 0:
                 cosine = 1.0  # identical outputs (rounding would give 0.9999999999999998)
             elif norm > 0:
                 cosine = s.dot / norm
             else:
                 cosine = 1.0 if s.ref_sq == s.cand_sq else 0.0
-            if s.err_sq == 0:
+            if s.nonfinite:
+                sqnr = -math.inf
+            elif s.err_sq == 0:
                 sqnr = math.inf
             elif s.ref_sq == 0:
                 sqnr = -math.inf
@@ -136,12 +148,15 @@ class FidelityAccumulator:
                 OutputFidelity(
                     name=name,
                     shape=s.shape,
-                    max_abs_error=s.max_abs,
-                    mean_abs_error=s.abs_sum / s.count if s.count else 0.0,
+                    max_abs_error=math.inf if s.nonfinite else s.max_abs,
+                    mean_abs_error=(
+                        math.inf if s.nonfinite else s.abs_sum / s.count if s.count else 0.0
+                    ),
                     cosine=cosine,
                     sqnr_db=sqnr,
                     top1_agreement=s.rows_agree / s.rows if s.class_scores and s.rows else None,
                     reference_max_abs=s.ref_max_abs,
+                    nonfinite=s.nonfinite,
                 )
             )
         return Fidelity(tuple(outputs), self.samples)

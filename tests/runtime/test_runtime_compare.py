@@ -116,6 +116,18 @@ def test_zero_outputs() -> None:
     assert (off.cosine, off.sqnr_db, off.max_abs_error) == (0.0, -math.inf, 1.0)
 
 
+def test_nonfinite_candidate_fails_every_threshold() -> None:
+    ref = {"y": np.ones((2, 3), np.float32)}
+    cand = {"y": np.array([[1, np.nan, 1], [np.inf, 1, 1]], np.float32)}
+    out = compare_outputs([ref, ref], [ref, cand]).outputs[0]
+    assert out.nonfinite == 2
+    assert (out.cosine, out.sqnr_db) == (-1.0, -math.inf)
+    assert out.max_abs_error == math.inf and out.mean_abs_error == math.inf
+    assert not out.cosine > 0.99 and not out.sqnr_db > 20
+    clean = compare_outputs([ref], [ref]).outputs[0]
+    assert clean.nonfinite == 0
+
+
 def test_mismatched_outputs_are_errors() -> None:
     accumulator = FidelityAccumulator()
     with pytest.raises(BadDataError, match="the candidate model has no output 'y'"):

@@ -168,6 +168,11 @@ def test_benchmark_defaults_and_inputs(tmp_path: Path) -> None:
     assert [t.label for t in result.timings] == ["model 0", "model 1"]
 
 
+def test_benchmark_rejects_feeds_that_do_not_fit() -> None:
+    with pytest.raises(BadDataError, match="Invalid input name: z"):
+        benchmark([_chain_model(1)], {**X, "z": np.zeros(1)}, rounds=1)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
