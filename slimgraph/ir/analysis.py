@@ -228,12 +228,15 @@ def node_macs(node: ir.Node) -> int | None:
 def model_macs(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> dict[str, int]:
     """MACs per node name (Conv, ConvTranspose, Gemm, MatMul) after shape inference.
 
-    Nodes whose shapes stay unknown after inference are left out.
+    Nodes whose shapes stay unknown after inference are left out. Unnamed nodes, and a name
+    already used by an earlier node, are keyed `<name or op type>#<node index>`, so no node's
+    MACs overwrite another's.
     """
     shaped = with_static_shapes(model, dim_values)
     result: dict[str, int] = {}
     for index, node in enumerate(shaped.graph):
         macs = node_macs(node)
         if macs is not None:
-            result[node.name or f"{node.op_type}#{index}"] = macs
+            key = node.name if node.name and node.name not in result else None
+            result[key or f"{node.name or node.op_type}#{index}"] = macs
     return result

@@ -261,6 +261,20 @@ def test_macs_unknown_for_other_ops_and_missing_shapes() -> None:
     assert analysis.node_macs(unshaped.graph.node(0)) is None
 
 
+def test_model_macs_keys_are_unique() -> None:
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+            helper.make_node("MatMul", ["a", "w"], ["b"], name="mm"),  # same name again
+            helper.make_node("MatMul", ["b", "w"], ["y"]),  # no name
+        ],
+        [("x", [2, 4])],
+        [("y", [2, 4])],
+        [_init("w", (4, 4))],
+    )
+    assert analysis.model_macs(model) == {"mm": 32, "mm#1": 32, "MatMul#2": 32}
+
+
 def test_with_static_shapes_fixes_symbolic_dims() -> None:
     model = _model(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
