@@ -393,6 +393,9 @@ def _densify_sparse(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
             node.attribute[index].CopyFrom(onnx.helper.make_attribute("value", dense))
 
 
+# Sparse tensors are made dense on load; a tiny file must not allocate more than this.
+_MAX_DENSE_BYTES = 1 << 31
+
 _SPARSE_ATTRS = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
 
 
@@ -407,6 +410,11 @@ def _dense(sparse: onnx.SparseTensorProto, base_dir: Path, label: str) -> onnx.T
         ) from None
     dims = tuple(sparse.dims)
     size = math.prod(dims)
+    if any(d < 0 for d in dims) or size * values.dtype.itemsize > _MAX_DENSE_BYTES:
+        raise InvalidModelError(
+            f"{label}: sparse tensor '{name}' has dims {list(dims)}: slimgraph makes sparse "
+            f"tensors dense and does not do so above {_MAX_DENSE_BYTES} bytes"
+        )
     if indices.ndim == 2 and indices.shape[1] == len(dims) and len(dims) > 0:
         if ((indices < 0) | (indices >= np.array(dims))).any():
             raise InvalidModelError(f"{label}: sparse tensor '{name}' has indices out of range")

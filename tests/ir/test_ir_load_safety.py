@@ -506,3 +506,19 @@ def test_unsorted_graph_is_sorted_on_load(tmp_path: Path) -> None:
         "first",
         "second",
     ]
+
+
+def test_huge_sparse_tensor_is_not_densified(tmp_path: Path) -> None:
+    sparse = _sparse("c")
+    del sparse.dims[:]
+    sparse.dims.extend([1 << 20, 1 << 20])  # 4 TB dense from a few bytes
+    sparse.indices.CopyFrom(numpy_helper.from_array(np.array([1, 5], np.int64), "c_idx"))
+    proto = b.graph_model(
+        [
+            _node("Constant", [], ["c"], "const0", sparse_value=sparse),
+            _node("Add", ["x", "c"], ["y"], "add0"),
+        ]
+    )
+    path = b.write(tmp_path, proto)
+    with pytest.raises(InvalidModelError, match=r"sparse tensor 'c' has dims \[1048576, 1048576\]"):
+        load(path)
