@@ -213,13 +213,18 @@ def test_auto_keeps_only_layers_that_save_enough_macs() -> None:
     big = matmul_model(_weight(256, 256), (64, 256))
     result = LowRankLinear(rank="auto")(big)
     (layer,) = result.layers
-    assert layer.rank == (math.floor(0.8 * 256 * 256 / 512),)  # the largest k under 0.8x MACs
+    # the largest multiple of 16 under 0.8 * nm / (n + m) = 102.4
+    assert layer.rank == (96,)
     assert layer.macs_after <= 0.8 * layer.macs_before
-    # k = round(0.45 * 256) = 115: 115 * 512 / 256^2 = 0.90x the MACs, fewer parameters
+    # round(0.45 * 256) = 115, aligned to 112: 112 * 512 / 256^2 = 0.875x the MACs
     gated = LowRankLinear(rank="auto", rank_ratio=0.45)(matmul_model(_weight(256, 256), (64, 256)))
-    assert not gated.layers and "MACs fall only to 0.90x" in gated.skipped[0].reason
-    tiny = LowRankLinear(rank="auto", rank_ratio=0.25)(matmul_model(_weight(16, 16), (1, 16)))
+    assert not gated.layers and "MACs fall only to 0.88x" in gated.skipped[0].reason
+    aligned = LowRankLinear(rank="auto", rank_ratio=0.2)(matmul_model(_weight(256, 256), (64, 256)))
+    assert aligned.layers[0].rank == (48,)  # round(51.2) = 51 -> 48
+    tiny = LowRankLinear(rank="auto", rank_ratio=0.25)(matmul_model(_weight(64, 64), (1, 64)))
     assert not tiny.layers and "too few to be faster" in tiny.skipped[0].reason
+    small = LowRankLinear(rank="auto")(matmul_model(_weight(16, 16), (1, 16)))
+    assert not small.layers and "multiple of 16" in small.skipped[0].reason
 
 
 def test_factorize_leaves_the_input_model_untouched() -> None:

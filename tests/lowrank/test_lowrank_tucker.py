@@ -136,3 +136,19 @@ def test_non_constant_weight_skips_or_fails_when_included() -> None:
         UnsupportedModelError, match=r"layer 'conv' \(Conv\) was included but its weight 'W'"
     ):
         TuckerConv(rank_ratio=0.5, include=["conv"])(model)
+
+
+def test_auto_ranks_are_aligned_and_cheap_enough() -> None:
+    weight = _w(64, 64, 3, 3)
+    result = TuckerConv(rank="auto")(conv_model(weight, (1, 64, 32, 32), pads=[1, 1, 1, 1]))
+    (layer,) = result.layers
+    assert all(rank % 16 == 0 for rank in layer.rank)
+    assert layer.macs_after <= 0.8 * layer.macs_before
+    # the next aligned ranks up would not be cheap enough
+    r_in, r_out = layer.rank[0] + 16, layer.rank[1] + 16
+    rows = 32 * 32
+    assert rows * (64 * r_in + r_in * r_out * 9 + r_out * 64) > 0.8 * layer.macs_before
+    stem = TuckerConv(rank="auto", rank_ratio=0.5)(
+        conv_model(_w(64, 3, 3, 3), (1, 3, 32, 32), pads=[1, 1, 1, 1])
+    )
+    assert not stem.layers and stem.skipped[0].reason.startswith("auto: MACs fall only to")

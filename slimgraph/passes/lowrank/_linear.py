@@ -22,9 +22,14 @@ import onnx_ir as ir
 
 from slimgraph.ir import analysis
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
-from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO
+from slimgraph.passes.lowrank._rank import (
+    AUTO_MAX_MACS_RATIO,
+    AUTO_RANK_MULTIPLE,
+    RankPolicy,
+    aligned_rank,
+)
 
-__all__ = ["LowRankLinear", "svd_factors", "relative_error", "blas_threads"]
+__all__ = ["LowRankLinear", "svd_factors", "relative_error", "blas_threads", "auto_rank"]
 
 
 def svd_factors(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,13 +208,20 @@ class LowRankLinear(FactorizationPass):
     def _rank(
         self, singular: np.ndarray, n: int, m: int, rows: int | None, bias_params: int
     ) -> int | str:
-        if not self.policy.auto_only:
-            return self.policy.keep(singular)
-        # the largest k whose MACs (and parameters) stay within the auto margin
-        k = min(len(singular), math.floor(AUTO_MAX_MACS_RATIO * n * m / (n + m)))
-        if k < 1:
-            return f"auto: no rank keeps the MACs under {AUTO_MAX_MACS_RATIO}x"
-        return k
+        return auto_rank(self.policy, singular, n, m)
+
+
+def auto_rank(policy: RankPolicy, singular: np.ndarray, n: int, m: int) -> int | str:
+    """The rank for an n x m matrix; with "auto" aligned for fast kernels (or why none fits)."""
+    if not policy.auto:
+        return policy.keep(singular)
+    if not policy.auto_only:
+        return aligned_rank(policy.keep(singular), len(singular))
+    # the largest aligned k whose MACs (and parameters) stay within the auto margin
+    k = math.floor(AUTO_MAX_MACS_RATIO * n * m / (n + m))
+    if k < AUTO_RANK_MULTIPLE:
+        return f"auto: no rank that is a multiple of {AUTO_RANK_MULTIPLE} saves enough MACs"
+    return aligned_rank(k, len(singular), down=True)
 
 
 def _size(value: ir.Value | None) -> int:

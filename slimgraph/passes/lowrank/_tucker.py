@@ -26,7 +26,8 @@ import onnx_ir as ir
 
 from slimgraph.ir import analysis
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
-from slimgraph.passes.lowrank._linear import blas_threads, relative_error, svd_factors
+from slimgraph.passes.lowrank._linear import auto_rank, blas_threads, relative_error, svd_factors
+from slimgraph.passes.lowrank._rank import AUTO_RANK_MULTIPLE, aligned_rank
 
 __all__ = ["TuckerConv", "tucker2", "mode_basis"]
 
@@ -138,8 +139,10 @@ class TuckerConv(FactorizationPass):
         c_out, c_in = weight.shape[:2]
         kernel = math.prod(weight.shape[2:])
         w = weight.astype(np.float64)
-        s_out = mode_basis(w, 0)[1][: min(c_out, c_in * kernel)]
-        s_in = mode_basis(w, 1)[1][: min(c_in, c_out * kernel)]
+        basis_out, s_out = mode_basis(w, 0)
+        basis_in, s_in = mode_basis(w, 1)
+        s_out = s_out[: min(c_out, c_in * kernel)]
+        s_in = s_in[: min(c_in, c_out * kernel)]
         macs_before, rows_in, rows_out = shapes
 
         def cost(r_in: int, r_out: int) -> tuple[int, int | None]:
@@ -152,8 +155,9 @@ class TuckerConv(FactorizationPass):
         params_before = c_out * c_in * kernel + bias_params
         if self.policy.auto_only:
             ranks = None
-            for r_out in range(len(s_out), 0, -1):
-                r_in = min(len(s_in), max(1, math.floor(r_out * c_in / c_out + 0.5)))
+            step = AUTO_RANK_MULTIPLE
+            for r_out in range(len(s_out) // step * step, 0, -step):
+                r_in = aligned_rank(r_out * c_in / c_out, len(s_in))
                 params, macs = cost(r_in, r_out)
                 if self.gate(params_before, params, macs_before, macs) is None:
                     ranks = (r_in, r_out)
@@ -164,11 +168,14 @@ class TuckerConv(FactorizationPass):
         else:
             r_out = self.policy.keep(s_out, budget_share=0.5)
             r_in = self.policy.keep(s_in, budget_share=0.5)
+            if self.policy.auto:
+                r_out, r_in = aligned_rank(r_out, len(s_out)), aligned_rank(r_in, len(s_in))
         params_after, macs_after = cost(r_in, r_out)
         reason = self.gate(params_before, params_after, macs_before, macs_after)
         if reason is not None:
             return reason
-        u_out, core, u_in = tucker2(w, r_out, r_in)
+        u_out, u_in = basis_out[:, :r_out], basis_in[:, :r_in]
+        core = _mode_products(w, u_out.T, u_in.T)
         dtype = weight.dtype
         factors = (
             np.swapaxes(u_in, 0, 1).reshape(r_in, c_in, *([1] * (weight.ndim - 2))).astype(dtype),
@@ -211,12 +218,10 @@ class TuckerConv(FactorizationPass):
         matrix = weight.reshape(c_out, c_in).astype(np.float64)
         u, s, vt = svd_factors(matrix)
         macs_before, _, rows_out = shapes
-        if self.policy.auto_only:
-            k = min(len(s), math.floor(0.8 * c_out * c_in / (c_out + c_in)))
-            if k < 1:
-                return "auto: no rank makes this conv cheaper by the auto margin"
-        else:
-            k = self.policy.keep(s)
+        k_or_reason = auto_rank(self.policy, s, c_out, c_in)
+        if isinstance(k_or_reason, str):
+            return k_or_reason
+        k = k_or_reason
         params_before = c_out * c_in + bias_params
         params_after = k * (c_out + c_in) + bias_params
         macs_after = rows_out * k * (c_in + c_out) if rows_out is not None else None
