@@ -55,8 +55,8 @@ def save(
         The path written.
 
     Raises:
-        OutputPathError: `path` is the file the model (or its external data) was loaded from, or
-            its folder does not exist.
+        OutputPathError: `path` is the file the model (or its external data) was loaded from,
+            its folder does not exist, or the folder is not writable.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -68,7 +68,10 @@ def save(
     _refuse_sources(model, target.resolve(), (folder / data_name).resolve())
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    staging = Path(tempfile.mkdtemp(prefix=".slimgraph-", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".slimgraph-", dir=folder))
+    except OSError as error:
+        raise OutputPathError(f"{target}: cannot write in '{folder}' ({error.strerror})") from None
     try:
         staged_model = staging / target.name
         # Tensors still in the input's external-data file are read (memory-mapped) and written

@@ -156,6 +156,17 @@ def test_missing_folder_and_folder_target(tmp_path: Path) -> None:
         save(model, tmp_path / "dir.onnx")
 
 
+def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(save_module.tempfile, "mkdtemp", refuse)
+    message = r"m\.onnx: cannot write in '.*' \(Permission denied\)"
+    with pytest.raises(OutputPathError, match=message):
+        save(load(SQUEEZENET), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- never over the input
 
 
