@@ -37,7 +37,8 @@ def from_torch(
 
     Args:
         module: the model, in eval mode for inference export.
-        args: example inputs (a tuple, as for `torch.onnx.export`).
+        args: example inputs (a tuple, as for `torch.onnx.export`; a single tensor is taken as
+            the only input).
         dynamic_shapes: as for `torch.export` (e.g. `{"x": {0: "batch"}}`).
         input_names, output_names, opset_version: passed to the exporter.
 
@@ -50,6 +51,8 @@ def from_torch(
         raise UnsupportedModelError(
             f"from_torch needs a torch.nn.Module, got {type(module).__name__}"
         )
+    if isinstance(args, torch.Tensor):
+        args = (args,)  # tuple(tensor) would split the batch into separate arguments
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     previous_level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" is noise here

@@ -93,6 +93,17 @@ def dynamic_resnet() -> ir.Model:
     return model
 
 
+def test_single_tensor_argument() -> None:
+    module = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    model = from_torch(module, x)
+    assert [list(v.shape) for v in model.graph.inputs] == [[2, 4]]
+    (got,) = run(create_session(model), {model.graph.inputs[0].name: x.numpy()}).values()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert [layer_name(n) for n in model.graph if n.op_type == "Gemm"] == ["0"]
+
+
 def test_not_a_module() -> None:
     message = "from_torch needs a torch.nn.Module, got function"
     with pytest.raises(UnsupportedModelError, match=message):
