@@ -7,11 +7,13 @@ so no calibration data is needed. What each op becomes:
 
 - MatMul / Gemm with a constant weight: the standard-ONNX form DynamicQuantizeLinear ->
   MatMulInteger -> Cast -> Mul(activation scale x per-column weight scales), one
-  DynamicQuantizeLinear shared by all MatMuls reading the same activation (Q, K, V). onnxruntime
-  fuses it into its MatMulIntegerToFloat kernel. Measured side by side on the BERT-style encoder
-  (6 x 384, seq 128) it ran faster than onnxruntime's `com.microsoft.DynamicQuantizeMatMul`
-  (bias fused, but each MatMul re-quantizes its input): 0.27x vs 0.32x fp32 latency at batch 1,
-  0.43x vs 0.53x at batch 8. The fused form stays available as `matmul_kernel="fused"`.
+  DynamicQuantizeLinear shared by all MatMuls reading the same activation (Q, K, V); onnxruntime
+  fuses it into its MatMulIntegerToFloat kernel. onnxruntime's `com.microsoft.DynamicQuantizeMatMul`
+  (bias fused, each MatMul quantizes its own input) is available as `matmul_kernel="fused"`.
+  Side by side on the BERT-style encoder (6 x 384, seq 128, 2 threads) the two tie within the
+  noise of this shared machine (30 rounds: 0.48x vs 0.48x fp32 latency at batch 1, 0.49x vs 0.47x
+  at batch 8; benchmarks/quantize_modes.py prints both), so the portable standard form is the
+  default.
 - Gather with a constant float table (embeddings): the table is stored as int8 codes with one
   scale per row and read by `com.microsoft.GatherBlockQuantized`, which dequantizes only the
   gathered rows.

@@ -1,0 +1,203 @@
+"""Dynamic int8, weight-only int4 and fp16 on a BERT-style encoder, side by side with onnxruntime.
+
+Model: tests/models.BertStyleEncoder(dim=384, heads=12, hidden=1536, layers=6, vocab=30522),
+random weights (seed 0), exported with `slimgraph.from_torch` (dynamo, exporter optimizer off,
+batch dynamic, seq 128); inputs: random token ids, attention mask with the last 28 positions
+padded. Baseline: that fp32 export on onnxruntime, optimization level "all", 2 threads, no
+spinning; every ratio is measured in the same interleaved rounds (`slimgraph.runtime.benchmark`).
+
+Rows:
+- ours: dynamic int8 (MatMulInteger, the default) and the same with DynamicQuantizeMatMul;
+  weight-only int4 (MatMulNBits, the default; DequantizeLinear blocks, opset 21); fp16 with the
+  default kept ops and with none kept.
+- onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8) on the same
+  file, and on a copy whose weights onnxruntime folded first (its "basic" optimization saved to
+  disk): on the raw dynamo export the weights sit behind Transpose nodes and onnxruntime's tool
+  finds no constant MatMul weight to quantize.
+
+Columns: file size ratio, latency ratio at batch 1 and 8, cosine of the pooled output vs fp32
+(batch 8), quantize wall time. A last table times Conv -> ConvInteger on a ResNet-18-style CNN.
+
+Target (PASS/FAIL): our dynamic int8 cosine >= 0.995 and its latency <= the faster onnxruntime
+dynamic output at batch 1 and at batch 8 (within 3% noise).
+
+Usage:
+    python benchmarks/quantize_modes.py [--rounds 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+
+import slimgraph as sg  # noqa: E402
+from slimgraph.passes.precision import convert_fp16  # noqa: E402
+from slimgraph.passes.quantize.dynamic import DynamicQuantizePass, quantize_dynamic  # noqa: E402
+from slimgraph.passes.quantize.weight_only import quantize_weight_only  # noqa: E402
+from slimgraph.runtime import benchmark, compare, model_bytes  # noqa: E402
+from slimgraph.tools.tables import render_table  # noqa: E402
+
+NOISE_MARGIN = 0.03
+SEQ = 128
+
+
+def export_bert(folder: Path) -> Path:
+    import torch
+
+    from tests.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    net = BertStyleEncoder(dim=384, heads=12, hidden=1536, layers=6, vocab=30522).eval()
+    ids = torch.randint(0, 30522, (8, SEQ))
+    mask = torch.ones(8, SEQ, dtype=torch.int64)
+    batch = torch.export.Dim("batch")
+    model = sg.from_torch(
+        net, (ids, mask), dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}}
+    )
+    path = folder / "bert.onnx"
+    sg.save(model, path)
+    return path
+
+
+def feeds(batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    mask = np.ones((batch, SEQ), np.int64)
+    mask[:, SEQ - 28 :] = 0
+    return {"input_ids": rng.integers(0, 30522, (batch, SEQ)).astype(np.int64),
+            "attention_mask": mask}  # fmt: skip
+
+
+def timed(fn):  # noqa: ANN001, ANN201
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def onnxruntime_dynamic(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    ort_quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def onnxruntime_folded(source: Path, target: Path) -> None:
+    """The model after onnxruntime's "basic" optimization (constant folding), saved to disk."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def conv_integer_table(rounds: int, threads: int) -> str:
+    import torch
+
+    from tests.models import _randomize_batchnorm, resnet18_style
+
+    torch.manual_seed(0)
+    module = _randomize_batchnorm(resnet18_style()).eval()
+    model = sg.from_torch(module, (torch.randn(1, 3, 64, 64),))
+    conv = quantize_dynamic(model, op_types=["Conv", "Gemm"])
+    image = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    sample = {model.graph.inputs[0].name: image}  # the export's batch is static (1)
+    result = benchmark([model, conv], sample, labels=["fp32", "ConvInteger"], rounds=rounds,
+                       threads=threads)  # fmt: skip
+    cosine = compare(model, conv, sample).worst_cosine
+    return render_table(
+        ["ResNet-18-style (64x64, batch 1)", "latency ratio", "cosine"],
+        [["fp32", "1.000", "1.0000"],
+         ["dynamic int8 with Conv -> ConvInteger", f"{result.timings[1].ratio:.3f}",
+          f"{cosine:.4f}"]],
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-conv", action="store_true", help="skip the ConvInteger table")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="slimgraph-bench-") as tmp:
+        folder = Path(tmp)
+        source = export_bert(folder)
+        fp32 = sg.load(source)
+        rows: dict[str, tuple[ir.Model, float]] = {"fp32": (fp32, 0.0)}
+        rows["ours: dynamic int8 (MatMulInteger)"] = timed(lambda: quantize_dynamic(fp32))
+        rows["ours: dynamic int8 (DynamicQuantizeMatMul)"] = timed(
+            lambda: DynamicQuantizePass(matmul_kernel="fused")(fp32.clone()).model
+        )
+        _, seconds = timed(lambda: onnxruntime_dynamic(source, folder / "ort_dynamic.onnx"))
+        rows["onnxruntime dynamic (raw export)"] = (sg.load(folder / "ort_dynamic.onnx"), seconds)
+        _, fold_seconds = timed(lambda: onnxruntime_folded(source, folder / "folded.onnx"))
+        _, seconds = timed(
+            lambda: onnxruntime_dynamic(folder / "folded.onnx", folder / "ort_folded.onnx")
+        )
+        rows["onnxruntime dynamic (folded first)"] = (
+            sg.load(folder / "ort_folded.onnx"), seconds + fold_seconds
+        )
+        rows["ours: weight-only int4 (MatMulNBits)"] = timed(
+            lambda: quantize_weight_only(fp32, bits=4, fmt="matmulnbits")
+        )
+        rows["ours: weight-only int4 (DQ block, opset 21)"] = timed(
+            lambda: quantize_weight_only(fp32, bits=4, fmt="dq")
+        )
+        rows["ours: fp16 (default kept ops)"] = timed(lambda: convert_fp16(fp32))
+        rows["ours: fp16 (nothing kept)"] = timed(lambda: convert_fp16(fp32, keep_ops=()))
+
+        labels = list(rows)
+        models = [rows[label][0] for label in labels]
+        size = len(model_bytes(fp32))
+        batch8 = feeds(8)
+        cosines = [compare(fp32, m, batch8).worst_cosine for m in models]
+        latency = {}
+        for batch in (1, 8):
+            result = benchmark(models, feeds(batch), labels=labels, rounds=args.rounds,
+                               threads=args.threads)  # fmt: skip
+            latency[batch] = [t.ratio for t in result.timings]
+        table = [
+            [label, f"{len(model_bytes(m)) / size:.3f}", f"{latency[1][i]:.3f}",
+             f"{latency[8][i]:.3f}", f"{cosines[i]:.5f}", f"{rows[label][1]:.1f}"]
+            for i, (label, m) in enumerate(zip(labels, models, strict=True))
+        ]  # fmt: skip
+        print(
+            "BERT-style encoder 6 x 384 (ffn 1536, vocab 30522, seq 128); onnxruntime "
+            f"'all', {args.threads} threads, {args.rounds} rounds"
+        )
+        print(render_table(
+            ["model", "size", "latency b1", "latency b8", "cosine b8", "quantize s"], table,
+        ))  # fmt: skip
+
+        ours = labels.index("ours: dynamic int8 (MatMulInteger)")
+        theirs = [labels.index("onnxruntime dynamic (raw export)"),
+                  labels.index("onnxruntime dynamic (folded first)")]  # fmt: skip
+        checks = []
+        for batch in (1, 8):
+            best = min(latency[batch][i] for i in theirs)
+            ok = latency[batch][ours] <= best * (1 + NOISE_MARGIN)
+            checks.append((f"latency b{batch} {latency[batch][ours]:.3f} <= ort {best:.3f}", ok))
+        checks.append((f"cosine {cosines[ours]:.5f} >= 0.995", cosines[ours] >= 0.995))
+        verdict = all(ok for _, ok in checks)
+        for text, ok in checks:
+            print(f"  {'ok  ' if ok else 'FAIL'} {text}")
+        print(f"{'PASS' if verdict else 'FAIL'}: dynamic int8 cosine >= 0.995 and latency <= "
+              "onnxruntime's dynamic output")  # fmt: skip
+    if not args.skip_conv:
+        print()
+        print(conv_integer_table(args.rounds, args.threads))
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
