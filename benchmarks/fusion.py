@@ -56,6 +56,22 @@ def torch_resnet() -> ir.Model:
     return sg.from_torch(module, (torch.randn(1, 3, 64, 64),))
 
 
+def measure(
+    baseline: ir.Model, optimized: ir.Model, feeds: dict, level: str, args: argparse.Namespace
+) -> tuple[float, float]:
+    """(after/before, before-copy/before) latency ratios from one interleaved benchmark."""
+    timing = benchmark(
+        [baseline, baseline, optimized],
+        feeds,
+        labels=["before", "before (A/A)", "after"],
+        rounds=args.rounds,
+        warmup=2,
+        threads=args.threads,
+        optimization=level,  # type: ignore[arg-type]
+    )
+    return timing.timings[2].ratio, timing.timings[1].ratio
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -75,21 +91,15 @@ def main() -> int:
         optimized = result.model
         seconds = time.perf_counter() - start
         feeds = random_feeds(baseline, seed=0)
-        ratios = {}
+        cells = []
+        ok = True
         for level in ("disable", "all"):
-            timing = benchmark(
-                [baseline, optimized],
-                feeds,
-                labels=["before", "after"],
-                rounds=args.rounds,
-                warmup=2,
-                threads=args.threads,
-                optimization=level,
-            )
-            ratios[level] = timing.timings[1].ratio
-            base_ms = timing.timings[0].median_ms
-            ratios[f"{level}_ms"] = base_ms
-        ok = all(ratios[level] <= 1 + NOISE_MARGIN for level in ("disable", "all"))
+            after, control = measure(baseline, optimized, feeds, level, args)
+            if after > 1 + NOISE_MARGIN and abs(control - 1) > NOISE_MARGIN:
+                after, control = measure(baseline, optimized, feeds, level, args)  # noisy: again
+            level_ok = after <= 1 + NOISE_MARGIN
+            ok = ok and level_ok
+            cells += [f"{after:.3f}", f"{control:.3f}"]
         verdict = verdict and ok
         rows.append(
             [
@@ -97,8 +107,7 @@ def main() -> int:
                 node_count(original),
                 node_count(baseline),
                 node_count(optimized),
-                f"{ratios['disable']:.3f}",
-                f"{ratios['all']:.3f}",
+                *cells,
                 f"{seconds:.1f} s",
                 "ok" if ok else "SLOWER",
             ]
@@ -110,14 +119,19 @@ def main() -> int:
         "nodes before",
         "nodes after",
         "after/before ORT off",
+        "A/A",
         "after/before ORT all",
+        "A/A",
         "optimize",
         "",
     ]
-    print(render_table(headers, rows, align="lrrrrrrl"))
+    print(render_table(headers, rows, align="lrrrrrrrrl"))
     print(
-        f"\nlatency: median of {args.rounds} interleaved rounds, ratio of medians (lower is "
-        f"faster); 'optimize' = lossless with verification, wall time."
+        f"\nlatency: median of {args.rounds} interleaved rounds, ratio of medians to 'before' "
+        f"(lower is faster), {args.threads} intra-op thread(s); A/A = a second copy of 'before' "
+        "timed in the same rounds (the noise floor; a level whose A/A is off by more than the "
+        "margin and whose ratio fails is measured once more); 'optimize' = lossless with "
+        "verification, wall time."
     )
     print(
         f"never slower (after/before <= {1 + NOISE_MARGIN:.2f} for every model and level, "
