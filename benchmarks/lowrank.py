@@ -9,7 +9,8 @@ Two models, each timed with its factorized variants in one `slimgraph.runtime.be
 Variants: rank ratio 0.25 and 0.5, `--rank auto` alone, and auto gating each ratio.
 
 Then a per-layer check of `--rank auto`: every distinct layer auto factorized is rebuilt as a
-one-layer model with the same weight and input shape, and timed against its original. Verdict:
+one-layer model with the same weight and input shape, and timed against its original (a reading
+above the margin is re-measured with twice the rounds before it counts as slower). Verdict:
 PASS when no auto model and no auto layer is slower than its original by more than the noise
 margin (3%).
 
@@ -203,12 +204,18 @@ def check_auto_layers(
         feeds = {"x": np.random.default_rng(0).standard_normal(source).astype(np.float32)}
         timed = benchmark([single, small], feeds, labels=["original", "factorized"],
                           rounds=rounds, threads=threads).timings[1]  # fmt: skip
+        note = ""
+        if timed.ratio > 1 + NOISE_MARGIN:  # confirm a slow reading before calling it slower
+            first = timed.ratio
+            timed = benchmark([single, small], feeds, labels=["original", "factorized"],
+                              rounds=2 * rounds, threads=threads, seed=1).timings[1]  # fmt: skip
+            note = f" (re-measured; first {first:.2f}x)"
         good = timed.ratio <= 1 + NOISE_MARGIN
         ok &= good
         rows.append([name, node_name, label, op, "x".join(map(str, shape)),
                      "x".join(map(str, source)), "/".join(map(str, layer.rank)),
                      f"{(layer.macs_after or 0) / (layer.macs_before or 1):.2f}x",
-                     f"{timed.ratio:.2f}x", "ok" if good else "SLOWER"])  # fmt: skip
+                     f"{timed.ratio:.2f}x", ("ok" if good else "SLOWER") + note])  # fmt: skip
     print(render_table(
         ["model", "node", "variant", "op", "weight", "input", "rank", "MACs", "latency", ""], rows
     ))  # fmt: skip

@@ -1,4 +1,4 @@
-"""`slimgraph factorize MODEL -o OUT [--rank-ratio R | --energy E | --error-budget B] [--rank auto]`.
+"""`slimgraph factorize MODEL -o OUT [--rank-ratio R | --energy E | --rank auto] ...`.
 
 Low-rank factorization (DESIGN.md sections 5, 7): Gemm/MatMul layers split by SVD, Conv layers
 by Tucker-2. Prints one row per factorized layer (rank, parameters, MACs, weight error, output

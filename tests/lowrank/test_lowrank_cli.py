@@ -84,7 +84,9 @@ def test_bad_options_exit_2_with_one_line(
     assert not out.exists()
 
 
-def test_refuses_to_write_over_the_input(mlp_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_to_write_over_the_input(
+    mlp_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = mlp_file.read_bytes()
     assert main(["factorize", str(mlp_file), "-o", str(mlp_file), "--rank-ratio", "0.5"]) == 2
     assert "refusing to write over the input model" in capsys.readouterr().err

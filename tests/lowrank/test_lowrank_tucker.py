@@ -96,7 +96,8 @@ def test_tucker2_matches_the_hosvd_definition() -> None:
 
 
 @pytest.mark.parametrize(
-    ("group", "weight_shape", "kind"), [(4, (16, 4, 3, 3), "grouped"), (16, (16, 1, 3, 3), "depthwise")]
+    ("group", "weight_shape", "kind"),
+    [(4, (16, 4, 3, 3), "grouped"), (16, (16, 1, 3, 3), "depthwise")],
 )
 def test_grouped_and_depthwise_convs_are_skipped_with_the_reason(
     group: int, weight_shape: tuple[int, ...], kind: str

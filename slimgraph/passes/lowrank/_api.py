@@ -73,7 +73,8 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
     transpose Linear weights and compute zero Conv biases from the weight's Shape at run time;
     old zoo files build weights with ConstantOfShape. Initializers feeding them that are also
     listed as graph inputs (old exporters) stop being inputs, since a weight that can be
-    overridden at run time cannot be factorized. Returns how many weight and bias inputs became constants.
+    overridden at run time cannot be factorized. Returns how many weight and bias inputs became
+    constants.
     """
     graph = model.graph
     candidates = [

@@ -176,10 +176,23 @@ class FactorizationPass(SlimgraphPass):
         if dims is None:
             dims = dims_from_feeds(model, self.feeds[0] if self.feeds else None)
         layers = self._layers(model, dims)
+        # per-call state for the helpers below; cleared on the way out
         self.graph = graph
         self.names = _Names(graph)
         # tied weights: (kind, id(weight), ...) -> the first layer's report and factors
         self.cache: dict[tuple[Any, ...], tuple[LayerReport, tuple[ir.Value, ...]]] = {}
+        try:
+            reports, skipped = self._run(graph, layers)
+        finally:
+            del self.graph, self.names, self.cache
+        fidelity = None
+        if reference is not None and reports and self.feeds:
+            fidelity, reports = measure_fidelity(reference, model, self.feeds, reports)
+        return LowRankResult(model, bool(reports), skipped, reports, fidelity)
+
+    def _run(
+        self, graph: ir.Graph, layers: Sequence[Layer]
+    ) -> tuple[list[LayerReport], list[Skipped]]:
         reports: list[LayerReport] = []
         skipped: list[Skipped] = []
         replaced_weights: list[ir.Value] = []
@@ -198,10 +211,7 @@ class FactorizationPass(SlimgraphPass):
                 skipped.append(Skipped(layer.node.name or layer.name, layer.node.op_type, outcome))
                 logger.info("skipped %s (%s): %s", layer.name, layer.node.op_type, outcome)
         _drop_unused(graph, replaced_weights)
-        fidelity = None
-        if reference is not None and reports and self.feeds:
-            fidelity, reports = measure_fidelity(reference, model, self.feeds, reports)
-        return LowRankResult(model, bool(reports), skipped, reports, fidelity)
+        return reports, skipped
 
     def factorize_layer(self, graph: ir.Graph, layer: Layer) -> LayerReport | str:
         raise NotImplementedError
@@ -267,7 +277,8 @@ class FactorizationPass(SlimgraphPass):
         if macs_before is None or macs_after is None:
             macs_before, macs_after = params_before, params_after  # same ratio for SVD splits
             if macs_after > AUTO_MAX_MACS_RATIO * macs_before:
-                return f"auto: parameters fall only to {macs_after / macs_before:.2f}x (MACs unknown)"
+                share = macs_after / macs_before
+                return f"auto: parameters fall only to {share:.2f}x (MACs unknown)"
             return None
         if macs_after > AUTO_MAX_MACS_RATIO * macs_before:
             return f"auto: MACs fall only to {macs_after / macs_before:.2f}x, likely not faster"
@@ -314,7 +325,9 @@ class FactorizationPass(SlimgraphPass):
         """Put `new_nodes` in place of `original`; the last one's output takes over its output."""
         last = new_nodes[-1].outputs[0]
         old = original.outputs[0]
-        ir.convenience.replace_nodes_and_values(graph, original, [original], new_nodes, [old], [last])
+        ir.convenience.replace_nodes_and_values(
+            graph, original, [original], new_nodes, [old], [last]
+        )
 
 
 def _drop_unused(graph: ir.Graph, weights: Iterable[ir.Value]) -> None:

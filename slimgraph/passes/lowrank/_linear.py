@@ -191,7 +191,8 @@ class LowRankLinear(FactorizationPass):
         if trans_a:
             inputs: list[ir.Value | None] = [x, a_value]
             if old_gemm:
-                zero = np.zeros((1,), dtype=a_value.const_value.numpy().dtype)  # type: ignore[union-attr]
+                dtype = a_value.dtype.numpy() if a_value.dtype is not None else np.float32
+                zero = np.zeros((1,), dtype=dtype)
                 inputs.append(self.initializer(f"{a_value.name}.zero", zero))
             first = self.new_node(node, "lowrank_a", "Gemm", inputs, {"transA": 1})
         else:

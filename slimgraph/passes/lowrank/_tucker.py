@@ -275,7 +275,9 @@ class TuckerConv(FactorizationPass):
         )
         ones = [1] * (weight.ndim - 2)
         spatial = {
-            name: attr.value for name, attr in node.attributes.items() if name in _SPATIAL_ATTRIBUTES
+            name: attr.value
+            for name, attr in node.attributes.items()
+            if name in _SPATIAL_ATTRIBUTES
         }
         spatial["kernel_shape"] = list(weight.shape[2:])
         current = node.inputs[0]
