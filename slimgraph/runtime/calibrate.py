@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -212,12 +213,15 @@ def calibrate(
         for name, array in values.items():
             if array.dtype.kind != "f":
                 continue
-            if not np.isfinite(array).all():
+            if array.size == 0:
+                continue
+            low, high = float(array.min()), float(array.max())  # NaN propagates into both
+            if not (math.isfinite(low) and math.isfinite(high)):
                 raise BadDataError(
                     f"tensor '{name}' contains NaN or Inf on calibration batch {index} "
                     "(check the data and the model's weights)"
                 )
-            stats[name].update(array)
+            stats[name].update(array, (low, high))
     if count == 0:
         raise BadDataError("calibration data is empty (no batches)")
     logger.info("calibrated %d values over %d batches", len(stats), count)

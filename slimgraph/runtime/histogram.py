@@ -55,12 +55,13 @@ class TensorStats:
     hi: float = 0.0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-    def update(self, values: np.ndarray) -> None:
-        """Add a batch of values (already checked finite by the caller)."""
+    def update(self, values: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
+        """Add a batch of values (finite: the caller checks; `bounds` = its min and max if known)."""
         data = np.asarray(values, dtype=np.float32).ravel()
         if data.size == 0:
             return
-        batch_min, batch_max = float(data.min()), float(data.max())
+        batch_min, batch_max = bounds if bounds is not None else (float(data.min()),
+                                                                  float(data.max()))
         if self.count == 0:
             self.ema_min, self.ema_max = batch_min, batch_max
         else:
@@ -68,8 +69,8 @@ class TensorStats:
             self.ema_max += _EMA * (batch_max - self.ema_max)
         self.min, self.max = min(self.min, batch_min), max(self.max, batch_max)
         self.count += data.size
-        self.zeros += int(np.count_nonzero(data == 0))
         if self.histogram:
+            self.zeros += int(np.count_nonzero(data == 0))
             self._add_to_histogram(data, batch_min, batch_max)
 
     def _add_to_histogram(self, data: np.ndarray, batch_min: float, batch_max: float) -> None:

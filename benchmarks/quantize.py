@@ -1,0 +1,380 @@
+"""slimgraph int8 quantization side by side with onnxruntime.quantization, in one run.
+
+For each model (ResNet-18-style and MobileNetV2-style CNNs at 224x224 with random weights and
+randomized BatchNorm statistics, the bundled digits CNN, a BERT-style encoder with 6 layers,
+hidden 384 and an attention mask):
+
+- fp32: the exported model after slimgraph's lossless passes (BatchNorm folded); every tool
+  quantizes this same file, so nobody is charged for a missing fold;
+- slimgraph static: `sg.quantize(model, calibration=...)` (QDQ, per-channel, minmax, uint8
+  activations chosen for this x86 CPU);
+- ort static: `onnxruntime.quantization.quantize_static` (QDQ, per_channel=True, its defaults
+  otherwise: QInt8 activations and weights, MinMax), the same calibration batches;
+- slimgraph dynamic / ort dynamic: `sg.quantize(model)` / `quantize_dynamic(per_channel=True)`.
+
+Columns: file size as a ratio of fp32, latency ratio to fp32 at batch 1 and 8 (all candidates of a
+model timed together by `slimgraph.runtime.benchmark`: interleaved shuffled rounds, medians, no
+spinning threads, onnxruntime optimization level "all", all cores), fidelity (test accuracy for
+digits, top-1 agreement + cosine of logits for the random-weight CNNs, mean per-sentence cosine of
+the pooled embedding for BERT) and quantize wall time. Then peak memory of calibration at 100 and
+1000 samples (peak RSS from resource.getrusage of a fresh subprocess per run, data generated batch
+by batch, so the data itself never sits in memory), and PASS/FAIL lines for the targets of the
+quantization issue.
+
+Run: python benchmarks/quantize.py [--quick] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import slimgraph as sg  # noqa: E402
+from slimgraph import runtime  # noqa: E402
+
+
+@dataclass
+class Candidate:
+    label: str
+    model: object | None = None
+    seconds: float = float("nan")
+    error: str = ""
+    size: int = 0
+    fidelity: str = ""
+    score: float = float("nan")  # the number a target checks (accuracy or cosine)
+    ratio1: float = float("nan")
+    ratio8: float = float("nan")
+
+
+@dataclass
+class Case:
+    name: str
+    fp32: object
+    calib: list[dict[str, np.ndarray]]
+    evaluate: Callable[[object], tuple[str, float]]
+    feeds1: dict[str, np.ndarray]
+    feeds8: dict[str, np.ndarray]
+    kind: str  # "cnn" or "transformer"
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def _export(net, args, dynamic) -> object:  # noqa: ANN001
+    model = sg.from_torch(net.eval(), args, dynamic_shapes=dynamic)
+    return sg.passes.lossless(model, verify=True).model
+
+
+def _cnn_case(name: str, net, size: int, calib_n: int, seed: int) -> Case:  # noqa: ANN001
+    import torch
+
+    from tests.models import _randomize_batchnorm
+
+    torch.manual_seed(seed)
+    net = _randomize_batchnorm(net.eval())
+    example = torch.randn(2, 3, size, size)
+    fp32 = _export(net, (example,), ({0: "batch"},))
+    input_name = runtime.input_specs(fp32)[0].name
+    rng = np.random.default_rng(seed)
+
+    def images(n: int) -> np.ndarray:
+        return rng.standard_normal((n, 3, size, size)).astype(np.float32)
+
+    calib = [{input_name: images(8)} for _ in range(calib_n // 8)]
+    evaluation = [{input_name: images(8)} for _ in range(4)]
+
+    def evaluate(model) -> tuple[str, float]:  # noqa: ANN001
+        fid = runtime.compare(fp32, model, evaluation)
+        out = fid.outputs[0]
+        return f"top-1 agree {out.top1_agreement:.3f}, cos {out.cosine:.4f}", out.cosine
+
+    return Case(name, fp32, calib, evaluate, {input_name: images(1)}, {input_name: images(8)},
+                "cnn")
+
+
+def _digits_case() -> Case:
+    fp32 = sg.passes.lossless(sg.load(ROOT / "slimgraph/data/digits_cnn.onnx")).model
+    calib_data = np.load(ROOT / "slimgraph/data/digits_calib.npz")["image"]
+    test = np.load(ROOT / "slimgraph/data/digits_test.npz")
+    calib = [{"image": calib_data[i:i + 8]} for i in range(0, len(calib_data), 8)]
+
+    def evaluate(model) -> tuple[str, float]:  # noqa: ANN001
+        session = runtime.create_session(model)
+        scores = runtime.run(session, {"image": test["image"]})
+        acc = float((next(iter(scores.values())).argmax(1) == test["label"]).mean())
+        return f"test accuracy {acc:.4f}", acc
+
+    return Case("digits CNN", fp32, calib, evaluate, {"image": test["image"][:1]},
+                {"image": test["image"][:8]}, "cnn")
+
+
+def _bert_case(calib_n: int, seq: int) -> Case:
+    import torch
+
+    from tests.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    net = BertStyleEncoder(vocab=1000, dim=384, heads=6, hidden=1536, layers=6, max_len=seq)
+    ids = torch.randint(0, 1000, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    dims = {0: "batch", 1: "seq"}
+    fp32 = _export(net, (ids, mask), (dims, dims))
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        ids = rng.integers(0, 1000, (n, seq)).astype(np.int64)
+        mask = np.ones((n, seq), np.int64)
+        for row in range(n):
+            mask[row, rng.integers(seq // 4, seq + 1):] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    calib = [batch(8) for _ in range(calib_n // 8)]
+    evaluation = [batch(8) for _ in range(4)]
+    reference = runtime.create_session(fp32)
+
+    def evaluate(model) -> tuple[str, float]:  # noqa: ANN001
+        session = runtime.create_session(model)
+        cosines = []
+        for feed in evaluation:
+            a = next(iter(runtime.run(reference, feed).values()))
+            b = next(iter(runtime.run(session, feed).values()))
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cosines.extend(cos.tolist())
+        mean = float(np.mean(cosines))
+        return f"mean sentence cos {mean:.4f} (min {min(cosines):.4f})", mean
+
+    return Case("BERT-style 6x384", fp32, calib, evaluate, batch(1), batch(8), "transformer")
+
+
+# --- quantizers --------------------------------------------------------------------------------
+
+def _ort_static(case: Case, folder: Path) -> object:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(case.calib)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.items, None)
+
+    source, target = folder / "fp32.onnx", folder / "ort_static.onnx"
+    sg.save(case.fp32, source)
+    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    return sg.load(target)
+
+
+def _ort_dynamic(case: Case, folder: Path) -> object:
+    from onnxruntime.quantization import quantize_dynamic
+
+    source, target = folder / "fp32.onnx", folder / "ort_dynamic.onnx"
+    sg.save(case.fp32, source)
+    quantize_dynamic(str(source), str(target), per_channel=True)
+    return sg.load(target)
+
+
+def _quantize_all(case: Case, folder: Path) -> None:
+    makers: list[tuple[str, Callable[[], object]]] = [
+        ("slimgraph static", lambda: sg.quantize(case.fp32, calibration=case.calib,
+                                                 progress=False)),
+        ("ort static", lambda: _ort_static(case, folder)),
+        ("slimgraph dynamic", lambda: sg.quantize(case.fp32, mode="dynamic")),
+        ("ort dynamic", lambda: _ort_dynamic(case, folder)),
+    ]
+    case.candidates = [Candidate("fp32", case.fp32, 0.0)]
+    for label, make in makers:
+        candidate = Candidate(label)
+        start = time.perf_counter()
+        try:
+            candidate.model = make()
+        except Exception as error:  # a tool that fails is a result, not a crash of the table
+            candidate.error = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        candidate.seconds = time.perf_counter() - start
+        case.candidates.append(candidate)
+    for candidate in case.candidates:
+        if candidate.model is None:
+            continue
+        candidate.size = len(runtime.model_bytes(candidate.model))
+        try:
+            candidate.fidelity, candidate.score = case.evaluate(candidate.model)
+        except Exception as error:
+            candidate.error = f"evaluation failed: {str(error).splitlines()[0][:80]}"
+            candidate.model = None
+
+
+def _time_all(case: Case, rounds: int) -> None:
+    ok = [c for c in case.candidates if c.model is not None]
+    for feeds, attr in ((case.feeds1, "ratio1"), (case.feeds8, "ratio8")):
+        result = runtime.benchmark([c.model for c in ok], feeds, labels=[c.label for c in ok],
+                                   rounds=rounds)
+        for candidate, timing in zip(ok, result.timings, strict=True):
+            setattr(candidate, attr, timing.ratio)
+
+
+# --- calibration memory ------------------------------------------------------------------------
+
+def _memory_child(model_path: str, samples: int, method: str) -> None:
+    """Run in a fresh process: calibrate on `samples` generated images, print peak RSS (KiB)."""
+    model = sg.load(model_path)
+    name = runtime.input_specs(model)[0].name
+    shape = [d if isinstance(d, int) else 1 for d in runtime.input_specs(model)[0].shape[1:]]
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(0)
+        for start in range(0, samples, 10):
+            yield {name: rng.standard_normal((min(10, samples - start), *shape)).astype(np.float32)}
+
+    start = time.perf_counter()
+    sg.quantize(model, calibration=batches(), method=method, progress=False)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"samples": samples, "maxrss_kib": rss,
+                      "seconds": time.perf_counter() - start}))
+
+
+def _memory(model_path: Path, samples: int, method: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(model_path), str(samples), method],
+        check=True, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def _table(case: Case) -> str:
+    fp32_size = case.candidates[0].size
+    lines = [f"\n## {case.name}  (fp32 {fp32_size / 1e6:.2f} MB)", ""]
+    header = f"{'candidate':<18} {'size':>6} {'lat b1':>7} {'lat b8':>7} {'quantize s':>10}  fidelity"
+    lines += [header, "-" * len(header)]
+    for c in case.candidates:
+        if c.model is None:
+            lines.append(f"{c.label:<18} failed: {c.error}")
+            continue
+        lines.append(
+            f"{c.label:<18} {c.size / fp32_size:>5.3f}x {c.ratio1:>6.2f}x {c.ratio8:>6.2f}x "
+            f"{c.seconds:>10.2f}  {c.fidelity}"
+        )
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'}  {text}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer rounds")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "SAMPLES", "METHOD"))
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
+        return 0
+
+    import onnxruntime as ort
+    import torch
+
+    from tests.models import MobileNetV2Tiny, resnet18_style
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    size = 112 if args.quick else 224
+    rounds = 5 if args.quick else args.rounds
+    print(f"slimgraph {sg.__version__}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
+          f"{os.cpu_count()} cores; CNN inputs {size}x{size}; {rounds} rounds")
+    cases = [
+        _cnn_case("ResNet-18-style", resnet18_style(1000), size, 64, 0),
+        _cnn_case("MobileNetV2-style", MobileNetV2Tiny(width=1.0, classes=1000), size, 64, 1),
+        _digits_case(),
+        _bert_case(64 if not args.quick else 16, 128 if not args.quick else 64),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for case in cases:
+            _quantize_all(case, folder)
+            _time_all(case, rounds)
+            print(_table(case), flush=True)
+        memory = {}
+        if not args.skip_memory:
+            path = folder / "mobilenet_fp32.onnx"
+            _memory_model = _cnn_case("MobileNetV2-style 96px", MobileNetV2Tiny(width=1.0), 96,
+                                      8, 2).fp32
+            sg.save(_memory_model, path)
+            for samples in (100, 1000):
+                memory[samples] = _memory(path, samples, "entropy")
+            print("\n## calibration peak memory (MobileNetV2-style at 96x96, entropy histograms, "
+                  "peak RSS of a fresh process incl. model and onnxruntime)")
+            for samples, result in memory.items():
+                print(f"{samples:>5} samples: {result['maxrss_kib'] / 1024:.0f} MiB "
+                      f"({result['seconds']:.1f} s)")
+
+    print("\n## targets")
+    verdicts = []
+    by_name = {case.name: case for case in cases}
+
+    def get(case: Case, label: str) -> Candidate:
+        return next(c for c in case.candidates if c.label == label)
+
+    for case in cases:
+        ours, theirs = get(case, "slimgraph static"), get(case, "ort static")
+        if case.kind == "cnn" and ours.model is not None and theirs.model is not None:
+            verdicts.append(_verdict(
+                ours.ratio8 <= theirs.ratio8,
+                f"{case.name}: int8 latency at batch 8 {ours.ratio8:.2f}x fp32 <= onnxruntime "
+                f"static {theirs.ratio8:.2f}x"))
+    digits = by_name["digits CNN"]
+    fp32_acc, int8_acc = get(digits, "fp32").score, get(digits, "slimgraph static").score
+    verdicts.append(_verdict(int8_acc >= fp32_acc - 0.003,
+                             f"digits: int8 accuracy {int8_acc:.4f} within 0.3 pts of fp32 "
+                             f"{fp32_acc:.4f}"))
+    bert = by_name["BERT-style 6x384"]
+    ort_dyn = get(bert, "ort dynamic")
+    for label in ("slimgraph static", "slimgraph dynamic"):
+        c = get(bert, label)
+        if c.model is None:
+            verdicts.append(_verdict(False, f"BERT {label}: failed ({c.error})"))
+            continue
+        verdicts.append(_verdict(c.score >= 0.995, f"BERT {label}: cosine {c.score:.4f} >= 0.995"))
+        verdicts.append(_verdict(
+            c.ratio8 <= ort_dyn.ratio8,
+            f"BERT {label}: latency at batch 8 {c.ratio8:.2f}x <= onnxruntime dynamic "
+            f"{ort_dyn.ratio8:.2f}x"))
+    for case in cases:
+        c = get(case, "slimgraph static")
+        if c.model is not None:
+            ratio = c.size / get(case, "fp32").size
+            verdicts.append(_verdict(ratio <= 0.27, f"{case.name}: int8 file {ratio:.3f}x fp32 "
+                                     "<= 0.27x"))
+        for mode in ("static", "dynamic"):
+            ours, theirs = get(case, f"slimgraph {mode}"), get(case, f"ort {mode}")
+            if ours.model is not None and theirs.model is not None:
+                verdicts.append(_verdict(
+                    ours.seconds <= theirs.seconds,
+                    f"{case.name}: {mode} quantize wall time {ours.seconds:.2f} s <= onnxruntime "
+                    f"{theirs.seconds:.2f} s"))
+    if memory:
+        small, large = memory[100]["maxrss_kib"], memory[1000]["maxrss_kib"]
+        verdicts.append(_verdict(large <= 1.1 * small,
+                                 f"calibration peak memory at 1000 samples {large / 1024:.0f} MiB "
+                                 f"within 10% of 100 samples {small / 1024:.0f} MiB"))
+    print("\n".join(verdicts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
