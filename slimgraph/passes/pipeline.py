@@ -401,7 +401,7 @@ def run_pipeline(
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
         built = build_pipeline(steps)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
-    current = model.clone()
+    current = _copy(model)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
     records: list[PassRecord] = []
     any_modified = False
@@ -522,6 +522,17 @@ def optimize(
     return optimize_report(
         model, preset=preset, recipe=recipe, verify=verify, feeds=feeds, opset=opset
     ).model
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    """A copy sharing the weight tensors; through a protobuf when cloning fails (unsorted graph)."""
+    try:
+        copy = model.clone()
+    except Exception:  # noqa: BLE001 - onnx_ir cannot clone a graph that is not sorted
+        logger.debug("model.clone() failed; copying through a protobuf")
+        copy = ir.from_proto(ir.to_proto(model))
+    copy.meta.update(model.meta)
+    return copy
 
 
 def _details(result: ir.passes.PassResult) -> dict[str, Any]:

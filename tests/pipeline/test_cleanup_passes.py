@@ -173,3 +173,40 @@ def test_fold_constants_cse_identity_and_unused_initializers() -> None:
 def test_cleanup_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="max_rounds must be >= 1"):
         cleanup.CleanupPass(max_rounds=0)
+
+
+def test_wrapped_onnx_ir_passes_dedupe_shape_inference_and_sort() -> None:
+    import onnx_ir as ir
+
+    from slimgraph.passes import run_pipeline
+
+    same = rand(3)
+    model = make_model(
+        [
+            helper.make_node("Add", ["x", "a"], ["s"]),
+            helper.make_node("Mul", ["s", "b"], ["y"]),
+        ],
+        [("x", [2, 3])],
+        ["y"],
+        [initializer("a", same), initializer("b", same.copy())],
+    )
+    # shuffle the nodes out of order and forget the intermediate shape
+    nodes = list(model.graph)
+    for node in nodes:
+        model.graph.remove(node)
+    model.graph.extend(reversed(nodes))
+    nodes[0].outputs[0].shape = None
+    result = run_pipeline(
+        model, ["topological-sort", "shape-inference", "dedupe-initializers"], verify=True
+    )
+    optimized = result.model
+    assert [n.op_type for n in optimized.graph] == ["Add", "Mul"]
+    assert next(iter(optimized.graph)).outputs[0].shape == ir.Shape([2, 3])
+    assert len(optimized.graph.initializers) == 1
+    assert [r.modified for r in result.records] == [True, True, True]
+    assert_same_outputs(make_model(
+        [helper.make_node("Add", ["x", "a"], ["s"]), helper.make_node("Mul", ["s", "a"], ["y"])],
+        [("x", [2, 3])],
+        ["y"],
+        [initializer("a", same)],
+    ), optimized)
