@@ -99,3 +99,17 @@ def test_zoo_shufflenet_folded_then_factorized() -> None:
     reference = run(create_session(model, threads=1), feeds)
     for key, value in reference.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_passes_run_as_pipeline_steps() -> None:
+    from slimgraph.passes.pipeline import run_pipeline
+
+    model = exported_model("mlp")
+    result = run_pipeline(
+        model,
+        ["fold-constants", {"name": "lowrank-linear", "rank_ratio": 0.25, "include": "blocks.*"}],
+        verify=True,
+    )
+    record = result.records[-1]
+    assert record.name == "lowrank-linear" and record.modified
+    assert sum(node.op_type == "MatMul" for node in result.model.graph) == 9

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import analysis
+from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
 from slimgraph.passes.lowrank._rank import (
     AUTO_MAX_MACS_RATIO,
@@ -60,6 +61,7 @@ def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     return float(np.linalg.norm(ref - np.asarray(approximation, dtype=np.float64)) / norm)
 
 
+@register_pass("lowrank-linear")
 class LowRankLinear(FactorizationPass):
     """Split Gemm/MatMul layers with a constant weight into two rank-k products (approximate).
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import analysis
+from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
 from slimgraph.passes.lowrank._linear import auto_rank, blas_threads, relative_error, svd_factors
 from slimgraph.passes.lowrank._rank import AUTO_RANK_MULTIPLE, aligned_rank
@@ -70,6 +71,7 @@ def _reconstruct(u_out: np.ndarray, core: np.ndarray, u_in: np.ndarray) -> np.nd
     return _mode_products(core, u_out, u_in)
 
 
+@register_pass("tucker-conv")
 class TuckerConv(FactorizationPass):
     """Replace group-1 Conv layers by a Tucker-2 chain of three convs (approximate).
 
