@@ -37,7 +37,13 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, BadOptionError, SlimgraphError, VerificationError
+from slimgraph.errors import (
+    BadDataError,
+    BadOptionError,
+    SlimgraphError,
+    UnsupportedModelError,
+    VerificationError,
+)
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.runtime import Fidelity, compare_outputs, create_session, random_feeds, run
 
@@ -295,10 +301,12 @@ class _Verifier:
         self.feeds = feeds
         self.rtol = rtol
         self.atol = atol
-        self.original = self._outputs(model, "the input model")
+        self.original = self._outputs(model, "the input model", is_input=True)
         self.reference = self.original
 
-    def _outputs(self, model: ir.Model, who: str) -> list[dict[str, np.ndarray]]:
+    def _outputs(
+        self, model: ir.Model, who: str, *, is_input: bool = False
+    ) -> list[dict[str, np.ndarray]]:
         try:
             session = create_session(model, optimization="disable")
             return [run(session, feed) for feed in self.feeds]
@@ -306,9 +314,12 @@ class _Verifier:
             raise
         except Exception as error:  # onnxruntime reports invalid graphs with many types
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise VerificationError(
-                f"{who} does not run on onnxruntime: {type(error).__name__}: {first}"
-            ) from error
+            message = f"{who} does not run on onnxruntime: {type(error).__name__}: {first}"
+            if is_input:
+                raise UnsupportedModelError(
+                    f"{message} (verification needs it; skip with verify=False / --no-verify)"
+                ) from error
+            raise VerificationError(message) from error
 
     def check(self, model: ir.Model, name: str, exact: bool, min_cosine: float | None) -> Fidelity:
         outputs = self._outputs(model, f"the model after pass '{name}'")

@@ -259,3 +259,14 @@ def test_a_crashing_pass_is_named(tmp_path: Path, capsys) -> None:
         assert not out.exists()
     finally:
         del PASSES["test-crash"]
+
+
+def test_an_input_model_onnxruntime_cannot_run_is_a_clear_input_error() -> None:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], ["y"]
+    )
+    next(iter(model.graph)).domain = "com.example"
+    model.opset_imports["com.example"] = 1
+    with pytest.raises(UnsupportedModelError, match="the input model does not run on onnxruntime"):
+        lossless(model)
+    assert ops(lossless(model, verify=False).model) == {"Relu": 1}
