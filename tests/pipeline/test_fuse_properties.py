@@ -220,3 +220,64 @@ def test_transpose_chain_rewrite_on_onnxruntime(perms) -> None:
         assert ops(model) == {"Transpose": 1}
         assert list(next(iter(model.graph)).attributes.get_ints("perm")) == composed
     assert_same_outputs(reference, model)
+
+
+@ORT_SETTINGS
+@given(
+    seed=st.integers(0, 2**16),
+    layer=st.sampled_from(["Conv", "ConvTranspose", "Gemm"]),
+    group=st.sampled_from([1, 2]),
+    op=st.sampled_from(["Mul", "Add", "Sub"]),
+    const_shape=st.sampled_from(["scalar", "1", "C", "1C11", "C11", "C1", "11HW", "CHW"]),
+    const_left=st.booleans(),
+)
+def test_fold_affine_broadcast_logic(seed, layer, group, op, const_shape, const_left) -> None:
+    """Whatever the constant's shape, the pass either folds exactly or leaves the graph alone;
+    it folds exactly when the constant is per-channel (or scalar) and on the right of a Sub."""
+    rng = np.random.default_rng(seed)
+    # spatial size = rows = channels, so every constant shape below broadcasts validly and
+    # a vector of C values may sit on a non-channel axis
+    c_in, channels = 2 * group, 2 * group
+    size = channels
+    if layer == "Gemm":
+        group = 1
+        weight = rng.standard_normal((c_in, channels)).astype(np.float32)
+        x_shape, out_rank = [channels, c_in], 2
+        node = helper.make_node("Gemm", ["x", "w"], ["l"])
+    elif layer == "Conv":
+        weight = rng.standard_normal((channels, c_in // group, 1, 1)).astype(np.float32)
+        x_shape, out_rank = [1, c_in, size, size], 4
+        node = helper.make_node("Conv", ["x", "w"], ["l"], group=group)
+    else:
+        weight = rng.standard_normal((c_in, channels // group, 1, 1)).astype(np.float32)
+        x_shape, out_rank = [1, c_in, size, size], 4
+        node = helper.make_node("ConvTranspose", ["x", "w"], ["l"], group=group)
+    shapes = {
+        "scalar": (),
+        "1": (1,),
+        "C": (channels,),
+        "1C11": (1, channels, 1, 1),
+        "C11": (channels, 1, 1),
+        "C1": (channels, 1),
+        "11HW": (1, 1, size, size),
+        "CHW": (channels, size, size),
+    }
+    shape = shapes[const_shape]
+    const = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    inputs = ["k", "l"] if const_left else ["l", "k"]
+    model = make_model(
+        [node, helper.make_node(op, inputs, ["y"])],
+        [("x", x_shape)],
+        ["y"],
+        [initializer("w", weight), initializer("k", const)],
+    )
+    padded = (1,) * (out_rank - len(shape)) + shape if len(shape) <= out_rank else None
+    per_channel = padded is not None and all(
+        d == 1 or (axis == 1 and d == channels) for axis, d in enumerate(padded)
+    )
+    reference = model.clone()
+    result = fuse.FoldAffinePass()(model)
+    assert result.modified == (per_channel and not (op == "Sub" and const_left))
+    if result.modified:
+        assert ops(model) == {layer: 1}
+    assert_same_outputs(reference, model)
