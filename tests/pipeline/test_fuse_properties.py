@@ -281,3 +281,40 @@ def test_fold_affine_broadcast_logic(seed, layer, group, op, const_shape, const_
     if result.modified:
         assert ops(model) == {layer: 1}
     assert_same_outputs(reference, model)
+
+
+_FACTORIZATIONS_24 = [[24], [2, 12], [4, 6], [6, 4], [2, 3, 4], [3, 2, 4], [1, 24], [2, 2, 6], [4, 3, 2]]
+
+
+@ORT_SETTINGS
+@given(
+    middle=st.sampled_from(_FACTORIZATIONS_24),
+    final=st.sampled_from(_FACTORIZATIONS_24),
+    zeros=st.lists(st.booleans(), min_size=3, max_size=3),
+    infer=st.integers(-1, 2),
+    dynamic_batch=st.booleans(),
+)
+def test_reshape_chain_rewrite_with_zero_and_minus_one(
+    middle, final, zeros, infer, dynamic_batch
+) -> None:
+    """Reshape(Reshape(x, a), b) == Reshape(x, b') for targets using 0 (copy) and -1 (infer)."""
+    spec = list(final)
+    for i in range(len(spec)):
+        if i < len(middle) and zeros[i] and middle[i] == final[i]:
+            spec[i] = 0
+    if 0 <= infer < len(spec) and spec[infer] != 0 and 0 not in spec:
+        spec[infer] = -1
+    model = make_model(
+        [
+            helper.make_node("Reshape", ["x", "a"], ["m"]),
+            helper.make_node("Reshape", ["m", "b"], ["y"]),
+        ],
+        [("x", ["n" if dynamic_batch else 2, 3, 4])],
+        ["y"],
+        [initializer("a", np.array(middle, np.int64)), initializer("b", np.array(spec, np.int64))],
+    )
+    reference = model.clone()
+    SimplifyShapeChainsPass()(model)
+    assert ops(model) == {"Reshape": 1}
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    assert_same_outputs(reference, model, feeds)
