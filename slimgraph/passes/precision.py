@@ -36,6 +36,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._weights import constant_node_array
 
 __all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
@@ -107,6 +108,7 @@ class Fp16Result(SlimgraphPassResult):
     clipped_values: int = 0
 
 
+@register_pass("fp16")
 class Fp16Pass(SlimgraphPass):
     """Convert float32 to float16 except I/O and `keep_ops` (approximate: `exact = False`).
 

@@ -41,6 +41,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import quantize_per_channel
 from slimgraph.passes.quantize._weights import (
     add_initializer,
@@ -90,6 +91,7 @@ class DynamicQuantizeResult(SlimgraphPassResult):
     quantized: list[QuantizedNode] = field(default_factory=list)
 
 
+@register_pass("quantize-dynamic")
 class DynamicQuantizePass(SlimgraphPass):
     """Dynamic int8 quantization of weights (approximate: `exact = False`).
 

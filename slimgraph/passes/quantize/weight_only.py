@@ -36,6 +36,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
 from slimgraph.passes.quantize._weights import (
     add_initializer,
@@ -85,6 +86,7 @@ def _check_options(bits: int, block_size: int, fmt: str) -> None:
         )
 
 
+@register_pass("quantize-weight-only")
 class WeightOnlyQuantizePass(SlimgraphPass):
     """Block-wise int4/int8 weights for MatMul with a constant [K, N] weight (`exact = False`).
 
