@@ -103,11 +103,23 @@ def run_model(name: str, rounds: int, threads: int) -> tuple[list[list[object]],
         print(f"   {label}: {len(report.layers)} layers factorized, "
               f"{len(report.skipped)} skipped ({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
         candidates.append((label, small, report))
-    print(f"   timing {1 + len(candidates)} models side by side ({rounds} rounds)...", flush=True)
+    # variants that produce the very same model (auto gating let every layer through) are
+    # timed once: timing copies would only show the noise between identical models
+    unique: dict[bytes, int] = {}
+    timed_index: list[int] = []
+    distinct: list[tuple[str, ir.Model]] = []
+    for label, small, _ in candidates:
+        key = ir.to_proto(small).SerializeToString(deterministic=True)
+        if key not in unique:
+            unique[key] = len(distinct)
+            distinct.append((label, small))
+        timed_index.append(unique[key])
+    print(f"   timing {1 + len(distinct)} distinct models side by side ({rounds} rounds)...",
+          flush=True)  # fmt: skip
     timing = benchmark(
-        [baseline, *(small for _, small, _ in candidates)],
+        [baseline, *(small for _, small in distinct)],
         feeds,
-        labels=["original", *(label for label, _, _ in candidates)],
+        labels=["original", *(label for label, _ in distinct)],
         rounds=rounds,
         threads=threads,
     )
@@ -117,13 +129,16 @@ def run_model(name: str, rounds: int, threads: int) -> tuple[list[list[object]],
         [name, "original", "-", _count(params0), _count(macs0), "1.00x", f"{timing.timings[0].median_ms:.1f}", 1.0, ""]
     ]  # fmt: skip
     all_ok = True
-    for (label, small, report), timed in zip(candidates, timing.timings[1:], strict=True):
+    for (label, small, report), index in zip(candidates, timed_index, strict=True):
+        timed = timing.timings[1 + index]
         cosine = compare(baseline, small, feeds, threads=threads).worst_cosine
         verdict = ""
         if label.startswith("auto"):
             ok = timed.ratio <= 1 + NOISE_MARGIN
             all_ok &= ok
             verdict = "ok" if ok else "SLOWER"
+        if distinct[index][0] != label:
+            verdict += f" (same model as {distinct[index][0]})"
         rows.append(
             [
                 name,

@@ -235,3 +235,14 @@ def test_factorize_leaves_the_input_model_untouched() -> None:
     assert ir.to_proto(model).SerializeToString() == before
     assert [node.op_type for node in factorized.graph] == ["MatMul", "MatMul"]
     assert report.params_before == 32 * 24 and report.params_after == 6 * (32 + 24)
+
+
+def test_symbolic_dimensions_take_their_size_from_the_feeds() -> None:
+    weight = _weight(32, 24)
+    model = matmul_model(weight, ("batch", 32))  # type: ignore[arg-type]
+    feeds = {"x": _x((5, 32))}
+    result = LowRankLinear(rank=4, feeds=feeds)(model.clone())
+    (layer,) = result.layers
+    assert (layer.macs_before, layer.macs_after) == (5 * 32 * 24, 5 * 4 * (32 + 24))
+    without = LowRankLinear(rank=4)(model.clone()).layers[0]
+    assert without.macs_before == 32 * 24  # symbolic dimensions count as 1
