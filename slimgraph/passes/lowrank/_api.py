@@ -243,14 +243,16 @@ def factorize(
 
     Weights computed by constant subgraphs (torch exports transpose Linear weights; old zoo files
     build weights with ConstantOfShape) are folded to initializers first (`fold=False` leaves
-    them, and such layers are skipped as non-constant).
+    them, and such layers are skipped as non-constant). IR version 3 models come out as IR 4,
+    which lets initializers stay out of the graph inputs.
 
     Args:
         model: the model.
         rank_ratio: keep round(ratio * min(n, m)) singular values (Tucker: of C_in and C_out).
         energy: keep the fewest singular values holding this share of the squared sum.
-        rank: a fixed rank, or "auto": factorize only where the estimated MACs fall to 0.8x or
-            less (alone: the largest such rank; with another rule: that rule's rank).
+        rank: a fixed rank, or "auto": ranks rounded to multiples of 16 (fast kernels), and
+            only layers whose estimated MACs fall to 0.8x or less are factorized (alone: the
+            largest such rank; with another rule: that rule's rank, rounded).
         error_budget: per layer, the largest relative Frobenius error of the weight.
         include, exclude: fnmatch patterns on layer names (torch module paths) or node names;
             each must match some node.
