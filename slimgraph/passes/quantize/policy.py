@@ -92,6 +92,9 @@ class ActivationAnnotation:
     layer: str
     op_type: str
     shared_with: str
+    # Produced by a float op (or a graph input): only quantized consumers read the Q/DQ copy,
+    # float consumers (a residual branch, say) keep the exact value.
+    float_producer: bool = False
 
 
 @dataclass(frozen=True)
@@ -389,6 +392,7 @@ class _Planner:
                     layer=layer_name(owner),
                     op_type=owner.op_type,
                     shared_with=self._find(name),
+                    float_producer=value.producer() is None or id(owner) not in self.quantized,
                 )
             )
         weight_annotations = []

@@ -133,6 +133,7 @@ class QDQPass(SlimgraphFunctionalPass):
         values = {v.name: v for v in graph.inputs}
         values.update({v.name: v for n in graph for v in n.outputs})
         result = QDQResult(model, modified=True, skipped=list(self.plan.skipped))
+        quantized_nodes = set(self.plan.nodes)
 
         # Weights first: biases need their (possibly raised) scales.
         bias_by_weight: dict[str, list] = {}
@@ -195,6 +196,8 @@ class QDQPass(SlimgraphFunctionalPass):
                           f"{annotation.value}{DQ_SUFFIX}")
             result.dequantized[annotation.value] = dq.outputs[0].name
             uses = [u for u in value.uses() if u.node is not q]
+            if annotation.float_producer:
+                uses = [u for u in uses if u.node.name in quantized_nodes]
             for use in uses:
                 use.node.replace_input_with(use.idx, dq.outputs[0])
             graph.append(q)
