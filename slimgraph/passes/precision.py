@@ -184,9 +184,15 @@ class _Converter:
         _infer_types(self.model)
         shape_nodes = _shape_nodes(graph)
         self.range_nodes = _paths_to_sqrt(graph, self.keep_ops)
+        for value in graph.inputs:  # weights listed as inputs too (opset < 9 style): weights
+            if value.const_value is not None and value.dtype == ir.DataType.FLOAT:
+                value.const_value = self._half_tensor(value.const_value.numpy(), value.name or "w")
+                value.type = ir.TensorType(ir.DataType.FLOAT16)
+                self.half.add(id(value))
+                self.result.converted_initializers += 1
         if not self.keep_io_types:
             for value in graph.inputs:
-                if value.dtype == ir.DataType.FLOAT:
+                if value.dtype == ir.DataType.FLOAT and id(value) not in self.half:
                     value.type = ir.TensorType(ir.DataType.FLOAT16)
                     self.half.add(id(value))
         for node in list(graph):

@@ -212,3 +212,23 @@ def test_convert_command(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "say which precision" in capsys.readouterr().err
     assert main(["convert", str(source), "-o", str(source), "--fp16"]) == 2
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", ["light_squeezenet", "light_resnet50", "light_inception_v1"])
+def test_fp16_zoo_models_run_with_cosine(stem: str) -> None:
+    from tests.conftest import ZOO_DIR
+
+    from slimgraph.ir import load
+
+    model = load(ZOO_DIR / f"{stem}.onnx")
+    half = convert_fp16(model)
+    floats = {
+        v.name for v in model.graph.inputs
+        if v.const_value is not None and v.dtype == ir.DataType.FLOAT
+    }  # fmt: skip
+    weights = [v for v in half.graph.inputs if v.name in floats]
+    assert weights and all(v.dtype == ir.DataType.FLOAT16 for v in weights)
+    data = [v for v in half.graph.inputs if v.const_value is None]
+    assert all(v.dtype == ir.DataType.FLOAT for v in data)
+    assert compare(model, half, random_feeds(model)).worst_cosine >= 0.999
