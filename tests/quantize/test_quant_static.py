@@ -216,4 +216,9 @@ def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None
             assert not any(u.op_type == "QuantizeLinear" for u in node.outputs[0].consumers())
     assert ops(quantized)["DequantizeLinear"] > 0
     assert ort_optimized_ops(quantized)["MatMulIntegerToFloat"] >= 8
+    # the token embedding is stored int8; its rows are dequantized after the Gather
+    (table,) = [v for v in quantized.graph.initializers.values() if v.shape == (1000, 64)]
+    assert table.dtype == ir.DataType.INT8
+    gather = next(u for u in table.consumers() if u.op_type == "Gather")
+    assert gather.outputs[0].consumers()[0].op_type == "DequantizeLinear"
     assert compare(model, quantized, [batch() for _ in range(3)]).worst_cosine >= 0.99

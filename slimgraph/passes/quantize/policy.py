@@ -17,6 +17,8 @@ fuses into integer kernels:
 - a residual Add of two quantized values is quantized (onnxruntime fuses it to QLinearAdd), any
   other Add stays float; masks, Where, comparisons, Softmax, normalizations, Erf/Gelu and every op
   not listed stay float;
+- embedding tables (Gather from a constant 2-D table) are stored int8 with one scale, the
+  DequantizeLinear after the Gather (only the gathered rows are dequantized);
 - a tied weight gets one quantized copy; nodes are excluded by name/layer/output pattern or type.
 """
 
@@ -195,6 +197,7 @@ class _Planner:
         self.quantized: dict[int, ir.Node] = {}  # id(node) -> node
         self.absorbed: dict[int, ir.Node] = {}  # id(quantized node) -> its absorbed Relu/Clip
         self.parent: dict[str, str] = {}  # union-find of shared scales, by value name
+        self.embeddings: list[ir.Node] = []  # Gathers from constant tables, stored int8
 
     # --- helpers -------------------------------------------------------------------------
     def _excluded(self, node: ir.Node) -> bool:
@@ -244,6 +247,9 @@ class _Planner:
                 continue
             if self._excluded(node):
                 self.skipped.append(Skipped(node.name or "", op, "excluded"))
+                continue
+            if op == "Gather" and _is_embedding(node):
+                self.embeddings.append(node)
                 continue
             if op in WEIGHT_OPS:
                 ok, reason = self._weight_op_ok(node)
@@ -382,6 +388,15 @@ class _Planner:
                 if op == "Concat":
                     self._union(node.inputs[0].name, out.name)
 
+        for node in self.embeddings:  # per-tensor: the scale must survive the Gather
+            table = node.inputs[0]
+            entry = weights.setdefault(
+                table.name, {"axis": None, "uses": [], "node": node, "conflict": False}
+            )
+            if entry["uses"] and entry["axis"] is not None:
+                entry["conflict"] = True
+            entry["uses"].append((node.name, 0))
+
         activations = []
         for name, (value, owner) in act_values.items():
             activations.append(
@@ -418,6 +433,16 @@ class _Planner:
             tuple(activations), tuple(weight_annotations), tuple(biases), quantized_names,
             tuple(self.skipped),
         )
+
+
+def _is_embedding(node: ir.Node) -> bool:
+    """A Gather of rows from a float32 constant table by runtime indices (an embedding)."""
+    table, indices = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if not _is_constant(table) or indices is None or _is_constant(indices):
+        return False
+    if table.const_value.dtype != ir.DataType.FLOAT or len(table.const_value.shape) != 2:
+        return False
+    return _attr(node, "axis", 0) == 0 and not node.outputs[0].is_graph_output()
 
 
 def _is_constant(value: ir.Value | None) -> bool:

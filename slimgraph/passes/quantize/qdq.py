@@ -155,10 +155,14 @@ class QDQPass(SlimgraphFunctionalPass):
             q_init = _initializer(graph, names.new(f"{annotation.value}_quantized"), quantized)
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
             for node_name, index in annotation.uses:
+                node = nodes[node_name]
+                if node.op_type == "Gather" and index == 0 and params.spec.axis is None:
+                    _gather_then_dequantize(graph, names, node, q_init, scale_init, zp_init)
+                    continue
                 dq = _dq_node(names, q_init, scale_init, zp_init, params.spec.axis,
                               f"{annotation.value}{DQ_SUFFIX}")
                 graph.append(dq)
-                nodes[node_name].replace_input_with(index, dq.outputs[0])
+                node.replace_input_with(index, dq.outputs[0])
             _drop_if_unused(graph, annotation.value)
 
         for bias in self.plan.biases:
@@ -264,6 +268,22 @@ def _dq_node(
     node.outputs[0].name = names.new(output)
     node.outputs[0].dtype = ir.DataType.FLOAT
     return node
+
+
+def _gather_then_dequantize(
+    graph: ir.Graph, names: _Names, gather: ir.Node, table: ir.Value, scale: ir.Value,
+    zero_point: ir.Value,
+) -> None:
+    """Gather int8 rows, then dequantize only those (not the whole table on every run)."""
+    rows = gather.outputs[0]
+    users = list(rows.uses())
+    gather.replace_input_with(0, table)
+    dq = _dq_node(names, rows, scale, zero_point, None, f"{rows.name}{DQ_SUFFIX}")
+    dq.outputs[0].shape = rows.shape
+    for use in users:
+        use.node.replace_input_with(use.idx, dq.outputs[0])
+    rows.dtype = ir.DataType.INT8
+    graph.append(dq)
 
 
 def _drop_if_unused(graph: ir.Graph, name: str) -> None:
