@@ -16,7 +16,8 @@ Rows:
   finds no constant MatMul weight to quantize.
 
 Columns: file size ratio, latency ratio at batch 1 and 8, cosine of the pooled output vs fp32
-(batch 8), quantize wall time. A last table times Conv -> ConvInteger on a ResNet-18-style CNN.
+(batch 8), quantize wall time. Then: Conv -> ConvInteger timed on a ResNet-18-style CNN, and the
+fp16 keep-op choices compared in true fp16 arithmetic (onnx's reference evaluator) on small models.
 
 Target (PASS/FAIL): our dynamic int8 cosine >= 0.995 and its latency <= the faster onnxruntime
 dynamic output at batch 1 and at batch 8 (within 3% noise).
@@ -122,6 +123,49 @@ def conv_integer_table(rounds: int, threads: int) -> str:
     )  # fmt: skip
 
 
+def fp16_keep_table() -> str:
+    """1 - cosine vs fp32 of fp16 variants computed in true fp16 arithmetic.
+
+    onnxruntime's CPU provider has fp16 kernels for few ops and casts the rest to float32, which
+    hides fp16 overflow; onnx's reference evaluator computes in the declared dtypes, as fp16
+    kernels do. Small tests/models (the evaluator is slow); CNN inputs scaled x8.
+    """
+    import warnings
+
+    from onnx.reference import ReferenceEvaluator
+
+    from slimgraph.passes.precision import DEFAULT_KEEP_OPS
+    from slimgraph.runtime import create_session, run
+    from tests import models as test_models
+    from tests.conftest import exported_model
+
+    variants = {
+        "default keep": DEFAULT_KEEP_OPS,
+        "nothing kept": (),
+        "default - Softmax": tuple(o for o in DEFAULT_KEEP_OPS if "Softmax" not in o),
+        "default + LayerNorm": (*DEFAULT_KEEP_OPS, "LayerNormalization"),
+    }
+    rows = []
+    for name in ("bert", "mlp", "resnet", "mobilenetv2"):
+        model = exported_model(name)
+        names = [v.name for v in model.graph.inputs]
+        sample = {n: t.numpy() for n, t in zip(names, test_models.example_input(name), strict=True)}
+        if name != "bert":
+            sample = {n: v * 8 for n, v in sample.items()}
+        reference = next(iter(run(create_session(model), sample).values())).astype(np.float64)
+        row = [name]
+        for keep in variants.values():
+            half = ir.to_proto(convert_fp16(model, keep_ops=keep))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = ReferenceEvaluator(half).run(None, sample)[0].astype(np.float64).ravel()
+            ref = reference.ravel()
+            cosine = ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)
+            row.append(f"{1 - cosine:.2e}")
+        rows.append(row)
+    return render_table(["fp16 in fp16 arithmetic: 1 - cosine", *variants], rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -196,6 +240,8 @@ def main() -> int:
     if not args.skip_conv:
         print()
         print(conv_integer_table(args.rounds, args.threads))
+    print()
+    print(fp16_keep_table())
     return 0 if verdict else 1
 
 

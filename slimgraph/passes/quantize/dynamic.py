@@ -10,10 +10,11 @@ so no calibration data is needed. What each op becomes:
   DynamicQuantizeLinear shared by all MatMuls reading the same activation (Q, K, V); onnxruntime
   fuses it into its MatMulIntegerToFloat kernel. onnxruntime's `com.microsoft.DynamicQuantizeMatMul`
   (bias fused, each MatMul quantizes its own input) is available as `matmul_kernel="fused"`.
-  Side by side on the BERT-style encoder (6 x 384, seq 128, 2 threads) the two tie within the
-  noise of this shared machine (30 rounds: 0.48x vs 0.48x fp32 latency at batch 1, 0.49x vs 0.47x
-  at batch 8; benchmarks/quantize_modes.py prints both), so the portable standard form is the
-  default.
+  Side by side on the BERT-style encoder (6 x 384, seq 128, 2 threads, fp32 latency = 1) the
+  standard form was as fast or faster in three of four runs on this shared machine: batch 1
+  0.27 vs 0.32, 0.28 vs 0.43, 0.48 vs 0.48, 0.57 vs 0.29 (2 rounds only); batch 8 0.43 vs 0.53,
+  0.40 vs 0.54, 0.49 vs 0.47, 0.47 vs 0.35 (benchmarks/quantize_modes.py prints both). The
+  portable standard form is the default.
 - Gather with a constant float table (embeddings): the table is stored as int8 codes with one
   scale per row and read by `com.microsoft.GatherBlockQuantized`, which dequantizes only the
   gathered rows.
