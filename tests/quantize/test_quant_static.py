@@ -222,3 +222,17 @@ def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None
     gather = next(u for u in table.consumers() if u.op_type == "Gather")
     assert gather.outputs[0].consumers()[0].op_type == "DequantizeLinear"
     assert compare(model, quantized, [batch() for _ in range(3)]).worst_cosine >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
+def test_model_zoo_opset_9_models_quantize_and_fuse(name: str) -> None:
+    from tests.conftest import ZOO_DIR
+
+    model = sg.load(ZOO_DIR / f"light_{name}.onnx")
+    feeds = [random_feeds(model, seed=i) for i in range(2)]
+    quantized = sg.quantize(model, calibration=feeds, progress=False)
+    assert quantized.opset_imports[""] >= 13  # converted for per-channel QDQ
+    fused = ort_optimized_ops(quantized)
+    assert fused["QLinearConv"] >= ops(model)["Conv"] // 2
+    assert compare(model, quantized, feeds).worst_cosine > 0.98

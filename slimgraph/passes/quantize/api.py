@@ -18,7 +18,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.ir import metadata
 from slimgraph.passes.quantize.policy import ActivationDtype, annotate
-from slimgraph.passes.quantize.qdq import QDQPass, activation_params
+from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
 
@@ -175,6 +175,10 @@ def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Mo
         prepared = lossless(source, verify=False).model
     else:
         prepared = _optimize(source)
+    if prepared.opset_imports.get("", 0) < MIN_OPSET:
+        from slimgraph.passes.opset import ConvertOpsetPass
+
+        prepared = ConvertOpsetPass(opset=MIN_OPSET)(prepared).model
     _lift_constants(prepared)
     _name_nodes(prepared)
     _weight_layers(prepared)

@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError
+from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
 from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
 
-__all__ = ["QParams", "activation_params", "weight_params", "QDQPass", "QDQResult", "DQ_SUFFIX"]
+__all__ = ["MIN_OPSET", "QParams", "activation_params", "weight_params", "QDQPass", "QDQResult", "DQ_SUFFIX"]
 
 logger = logging.getLogger(__name__)
 
 DQ_SUFFIX = "_dq"
-_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
+MIN_OPSET = _MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis)
 _INT32_MAX = 2**31 - 1
 
 
@@ -229,10 +229,10 @@ class _Names:
 
 def _ensure_opset(model: ir.Model) -> None:
     opset = model.opset_imports.get("", 0)
-    if opset < _MIN_OPSET:
-        from onnxscript import version_converter
-
-        version_converter.convert_version(model, _MIN_OPSET)
+    if opset < _MIN_OPSET:  # `api.prepare` converts older models first
+        raise UnsupportedModelError(
+            f"QDQ with per-channel scales needs opset {_MIN_OPSET} or newer; the model has {opset}"
+        )
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
