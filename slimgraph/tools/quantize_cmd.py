@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         emit(to_json(out))
         return 0
     lines = [
-        f"wrote {target} ({mode}, {args.fmt}): {format_bytes(size_out)}, "
+        f"wrote {target} ({mode}{', ' + args.fmt if mode != 'dynamic' else ''}): "
+        f"{format_bytes(size_out)}, "
         f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
     ]
     if report is not None:
