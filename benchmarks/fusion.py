@@ -11,7 +11,8 @@ flatter us, so "before" is the input with only those weights materialized as ini
 The torch model is exported with `slimgraph.from_torch` (dynamo, exporter optimizer off).
 
 Verdict: PASS when after/before <= 1 + NOISE_MARGIN (3%) for every model and level: our output
-must never be slower.
+must never be slower. Each benchmark also times a second copy of "before" (A/A) to show the noise
+floor of the run; a ratio above the margin is measured twice more and the median of three counts.
 
 Usage:
     python benchmarks/fusion.py [--rounds 20] [--models resnet50 densenet121 ...] [--threads N]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,12 +96,15 @@ def main() -> int:
         cells = []
         ok = True
         for level in ("disable", "all"):
-            after, control = measure(baseline, optimized, feeds, level, args)
-            if after > 1 + NOISE_MARGIN and abs(control - 1) > NOISE_MARGIN:
-                after, control = measure(baseline, optimized, feeds, level, args)  # noisy: again
+            runs = [measure(baseline, optimized, feeds, level, args)]
+            if runs[0][0] > 1 + NOISE_MARGIN:  # confirm before calling it slower
+                runs += [measure(baseline, optimized, feeds, level, args) for _ in range(2)]
+            after = statistics.median(r[0] for r in runs)
+            control = statistics.median(r[1] for r in runs)
             level_ok = after <= 1 + NOISE_MARGIN
             ok = ok and level_ok
-            cells += [f"{after:.3f}", f"{control:.3f}"]
+            mark = f" ({len(runs)}x)" if len(runs) > 1 else ""
+            cells += [f"{after:.3f}{mark}", f"{control:.3f}"]
         verdict = verdict and ok
         rows.append(
             [
@@ -129,8 +134,8 @@ def main() -> int:
     print(
         f"\nlatency: median of {args.rounds} interleaved rounds, ratio of medians to 'before' "
         f"(lower is faster), {args.threads} intra-op thread(s); A/A = a second copy of 'before' "
-        "timed in the same rounds (the noise floor; a level whose A/A is off by more than the "
-        "margin and whose ratio fails is measured once more); 'optimize' = lossless with "
+        "timed in the same rounds (the noise floor); a ratio above the margin is measured twice "
+        "more and the median of the three is shown, marked (3x); 'optimize' = lossless with "
         "verification, wall time."
     )
     print(
