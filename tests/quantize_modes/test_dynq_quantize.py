@@ -227,3 +227,55 @@ def test_conv_integer_only_when_asked() -> None:
     assert _ops(with_conv).count("ConvInteger") == _ops(model).count("Conv")
     feeds = random_feeds(model, seed=4)
     assert compare(model, with_conv, feeds).worst_cosine >= 0.99
+
+
+def _tied_model() -> ir.Model:
+    """Two MatMuls reading one initializer through two different Transpose nodes."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    graph = h.make_graph(
+        [
+            h.make_node("Transpose", ["w"], ["wt1"], perm=[1, 0]),
+            h.make_node("Transpose", ["w"], ["wt2"], perm=[1, 0]),
+            h.make_node("MatMul", ["x", "wt1"], ["a"]),
+            h.make_node("Relu", ["a"], ["r"]),
+            h.make_node("MatMul", ["x", "wt2"], ["b"]),
+            h.make_node("Add", ["r", "b"], ["y"]),
+        ],
+        "tied",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")],
+    )
+    return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=9))
+
+
+def test_tied_weights_are_quantized_once() -> None:
+    from slimgraph.passes.quantize.weight_only import quantize_weight_only
+
+    model = _tied_model()
+    quantized = quantize_dynamic(model)
+    matmuls = [n for n in quantized.graph if n.op_type == "MatMulInteger"]
+    assert len(matmuls) == 2 and matmuls[0].inputs[1] is matmuls[1].inputs[1]
+    assert len(quantized.graph.initializers) == 2  # one int8 weight, one scale vector
+    assert compare(model, quantized, random_feeds(model)).worst_cosine >= 0.995
+    nbits = quantize_weight_only(model, block_size=16)
+    blobs = {id(n.inputs[1]) for n in nbits.graph if n.op_type == "MatMulNBits"}
+    assert len(blobs) == 1
+
+
+def test_old_opset_is_upgraded_by_the_function_and_refused_by_the_pass() -> None:
+    h = onnx.helper
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w"], ["y"])], "old",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 9)], ir_version=4))
+    with pytest.raises(UnsupportedModelError, match="needs ONNX opset >= 11"):
+        DynamicQuantizePass()(model.clone())
+    quantized = quantize_dynamic(model)
+    assert quantized.opset_imports[""] == 13 and model.opset_imports[""] == 9
+    assert compare(model, quantized, random_feeds(model)).worst_cosine >= 0.995

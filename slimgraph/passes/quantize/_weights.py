@@ -8,12 +8,14 @@ only; `constant_array` follows such chains and returns the weight as the consume
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import layer_name
 
 __all__ = [
@@ -24,7 +26,10 @@ __all__ = [
     "unique_name",
     "bias_add_after",
     "bias_of",
+    "content_key",
     "is_float32",
+    "opset_version",
+    "upgrade_opset",
 ]
 
 # Ops through which a constant weight may reach its consumer (all inputs constant).
@@ -158,5 +163,54 @@ def bias_of(add: ir.Node, node: ir.Node) -> np.ndarray:
     return array
 
 
+def content_key(kind: str, array: np.ndarray) -> tuple[str, tuple[int, ...], str, bytes]:
+    """A key equal for equal weights: tied weights (the same values reached through different
+    nodes, e.g. two Transposes of one initializer) are quantized once and stored once."""
+    data = np.ascontiguousarray(array)
+    return kind, data.shape, str(data.dtype), hashlib.sha256(data.tobytes()).digest()
+
+
 def is_float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def opset_version(model: ir.Model) -> int:
+    """The model's default-domain ONNX opset."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
+    """A copy of `model` converted to ONNX opset `version` by `onnx.version_converter`.
+
+    Node metadata (layer names) is carried over by node name. The converted model must pass
+    `onnx.checker` and produce the same outputs on onnxruntime (fp32, rtol 1e-4) as the original
+    on random inputs; otherwise `UnsupportedModelError`.
+    """
+    from slimgraph.runtime import create_session, random_feeds, run
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
+        onnx.checker.check_model(proto)
+    except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
+        raise UnsupportedModelError(
+            f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
+    upgraded = ir.from_proto(proto)
+    props = {node.name: dict(node.metadata_props) for node in model.graph if node.name}
+    for node in upgraded.graph:
+        for key, text in props.get(node.name or "", {}).items():
+            node.metadata_props.setdefault(key, text)
+    feeds = random_feeds(model)
+    before = run(create_session(model), feeds)
+    after = run(create_session(upgraded), feeds)
+    for name, expected in before.items():
+        got = after.get(name)
+        scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+        if got is None or got.shape != expected.shape or not np.allclose(
+            got, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True
+        ):
+            raise UnsupportedModelError(
+                f"upgrading the model to opset {version} changed output '{name}'"
+            )
+    return upgraded

@@ -49,9 +49,12 @@ from slimgraph.passes.quantize._weights import (
     bias_add_after,
     bias_of,
     constant_array,
+    content_key,
     excluded_by,
     is_float32,
+    opset_version,
     unique_name,
+    upgrade_opset,
 )
 
 __all__ = [
@@ -69,6 +72,8 @@ DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", 
 SUPPORTED_OP_TYPES: tuple[str, ...] = (*DEFAULT_OP_TYPES, "Conv")
 
 MS_DOMAIN = "com.microsoft"
+_MIN_OPSET = 11  # DynamicQuantizeLinear
+_UPGRADE_OPSET = 13  # what quantize_dynamic upgrades older models to
 
 MatMulKernel = Literal["fused", "integer"]
 
@@ -136,11 +141,11 @@ class DynamicQuantizePass(SlimgraphPass):
             raise BadOptionError(
                 f"unknown matmul kernel '{self.matmul_kernel}' (choose fused or integer)"
             )
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        if opset < 11:
+        opset = opset_version(model)
+        if opset < _MIN_OPSET:
             raise UnsupportedModelError(
-                f"dynamic quantization needs ONNX opset >= 11 (DynamicQuantizeLinear); the model "
-                f"has opset {opset}"
+                f"dynamic quantization needs ONNX opset >= {_MIN_OPSET} (DynamicQuantizeLinear); "
+                f"the model has opset {opset}; quantize_dynamic() upgrades it first"
             )
 
     def call(self, model: ir.Model) -> DynamicQuantizeResult:
@@ -191,7 +196,10 @@ def quantize_dynamic(
     Example:
         >>> q = quantize_dynamic(model, exclude=["layers.0.*"])  # doctest: +SKIP
     """
-    copy = model.clone()
+    if opset_version(model) < _MIN_OPSET:
+        copy = upgrade_opset(model, _UPGRADE_OPSET)
+    else:
+        copy = model.clone()
     return DynamicQuantizePass(per_channel=per_channel, exclude=exclude, op_types=op_types)(
         copy
     ).model
@@ -254,10 +262,7 @@ def _plan_gemm(node: ir.Node) -> _Rewrite | str:
             bias = node.inputs[2]
         else:
             return "Gemm with a non-constant C and beta != 1 is not quantized"
-    variant = f"transB={attrs.get_int('transB', 0)} alpha={attrs.get_float('alpha', 1.0)}"
-    return _Rewrite(
-        "matmul", np.ascontiguousarray(weight), bias=bias, source=node.inputs[1], variant=variant
-    )
+    return _Rewrite("matmul", np.ascontiguousarray(weight), bias=bias, source=node.inputs[1])
 
 
 def _plan_gather(node: ir.Node) -> _Rewrite | str:
@@ -320,7 +325,7 @@ class _Builder:
         self.per_channel = per_channel
         self.matmul_kernel = matmul_kernel
         self.names: set[str] = set()
-        self.weights: dict[tuple[int, str], tuple[ir.Value, ...]] = {}
+        self.weights: dict[tuple[object, ...], tuple[ir.Value, ...]] = {}
         self.activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def _name(self, base: str) -> str:
@@ -350,10 +355,10 @@ class _Builder:
         )
 
     def _matmul_weight(
-        self, source: ir.Value, weight: np.ndarray, variant: str
+        self, source: ir.Value, weight: np.ndarray
     ) -> tuple[ir.Value, ir.Value]:
-        """int8 weight [K, N] and its scale ([N] per channel, scalar per tensor), once per source."""
-        key = (id(source), f"matmul {variant}")
+        """int8 weight [K, N] and its scale ([N] per channel, scalar per tensor), once per weight."""
+        key = content_key(f"matmul {self.per_channel}", weight)
         if key not in self.weights:
             q = quantize_per_channel(weight, 1 if self.per_channel else None, bits=8)
             base = source.name or "weight"
@@ -368,9 +373,9 @@ class _Builder:
 
     def rewrite_matmul(
         self, node: ir.Node, weight: np.ndarray, *, bias: np.ndarray | ir.Value | None,
-        source: ir.Value, variant: str = "", bias_add: ir.Node | None = None,
+        source: ir.Value, bias_add: ir.Node | None = None,
     ) -> QuantizedNode:
-        codes, scale = self._matmul_weight(source, weight, variant)
+        codes, scale = self._matmul_weight(source, weight)
         replaced = [node]
         if bias_add is not None and self.matmul_kernel == "fused":
             bias = bias_of(bias_add, node)
@@ -434,7 +439,7 @@ class _Builder:
         uint8 codes with an implicit zero point of 128, so the symmetric int8 codes are stored
         offset by 128; one block spans the whole row (block size: the next power of two >= 16).
         """
-        key = (id(source), "gather")
+        key = content_key("gather", table)
         if key not in self.weights:
             q = quantize_per_channel(table, 0, bits=8)
             base = source.name or "table"

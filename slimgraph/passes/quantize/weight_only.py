@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -43,7 +42,10 @@ from slimgraph.passes.quantize._weights import (
     bias_add_after,
     bias_of,
     constant_array,
+    content_key,
     excluded_by,
+    opset_version,
+    upgrade_opset,
     is_float32,
     unique_name,
 )
@@ -127,7 +129,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
 
     def requires(self, model: ir.Model) -> None:
         _check_options(self.bits, self.block_size, self.fmt)
-        opset = _opset(model)
+        opset = opset_version(model)
         if self.fmt == "dq" and opset < _DQ_BLOCK_OPSET:
             raise UnsupportedModelError(
                 f"block-wise DequantizeLinear needs opset >= {_DQ_BLOCK_OPSET} and the model has "
@@ -218,7 +220,7 @@ def quantize_weight_only(
         >>> q = quantize_weight_only(model, bits=4, block_size=32)  # doctest: +SKIP
     """
     _check_options(bits, block_size, fmt)
-    if fmt == "dq" and _opset(model) < _DQ_BLOCK_OPSET:
+    if fmt == "dq" and opset_version(model) < _DQ_BLOCK_OPSET:
         copy = upgrade_opset(model, _DQ_BLOCK_OPSET)
     else:
         copy = model.clone()
@@ -227,47 +229,6 @@ def quantize_weight_only(
         accuracy_level=accuracy_level, embeddings=embeddings,
     )
     return step(copy).model
-
-
-def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
-    """A copy of `model` converted to ONNX opset `version` by `onnx.version_converter`.
-
-    Node metadata (layer names) is carried over by node name. The converted model must pass
-    `onnx.checker` and produce the same outputs on onnxruntime (fp32, rtol 1e-4) as the original
-    on random inputs; otherwise `UnsupportedModelError`.
-    """
-    from slimgraph.runtime import create_session, random_feeds, run
-
-    try:
-        proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
-        onnx.checker.check_model(proto)
-    except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
-        raise UnsupportedModelError(
-            f"cannot upgrade the model from opset {_opset(model)} to {version}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-        ) from error
-    upgraded = ir.from_proto(proto)
-    props = {node.name: dict(node.metadata_props) for node in model.graph if node.name}
-    for node in upgraded.graph:
-        for key, text in props.get(node.name or "", {}).items():
-            node.metadata_props.setdefault(key, text)
-    feeds = random_feeds(model)
-    before = run(create_session(model), feeds)
-    after = run(create_session(upgraded), feeds)
-    for name, expected in before.items():
-        got = after.get(name)
-        scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-        if got is None or got.shape != expected.shape or not np.allclose(
-            got, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True
-        ):
-            raise UnsupportedModelError(
-                f"upgrading the model to opset {version} changed output '{name}'"
-            )
-    return upgraded
-
-
-def _opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
 class _Writer:
@@ -282,7 +243,7 @@ class _Writer:
         self.block_size = block_size
         self.symmetric = symmetric
         self.names: set[str] = set()
-        self.cache: dict[int, tuple[ir.Value | None, ...]] = {}
+        self.cache: dict[tuple[object, ...], tuple[ir.Value | None, ...]] = {}
 
     def _name(self, base: str) -> str:
         return unique_name(self.graph, base, self.names)
@@ -306,7 +267,7 @@ class _Writer:
         k, n = weight.shape
         source = node.inputs[1]
         assert source is not None
-        key = id(source)
+        key = content_key("matmulnbits", weight)
         if key not in self.cache:
             q = quantize_blockwise(
                 weight, block_size=self.block_size, bits=self.bits, symmetric=self.symmetric
@@ -366,7 +327,7 @@ class _Writer:
         k, n = weight.shape
         source = node.inputs[1]
         assert source is not None
-        key = id(source)
+        key = content_key("dq", weight)
         if key not in self.cache:
             q = quantize_blockwise(
                 weight, block_size=self.block_size, bits=self.bits, symmetric=self.symmetric
