@@ -100,7 +100,12 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             array = np.full(tuple(int(d) for d in shape), fill.reshape(-1)[0], dtype=fill.dtype)
             output = node.outputs[0]
             name = output.name or f"{node.name}_value"
-            output.name = None
+            if output.is_graph_output():  # the output keeps its name (an Identity carries it)
+                name = f"{name}_value"
+                while name in model.graph.initializers:
+                    name += "_"
+            else:
+                output.name = None
             value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
             value.shape = ir.Shape(array.shape)
             value.dtype = ir.DataType.from_numpy(array.dtype)

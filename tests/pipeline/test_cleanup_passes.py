@@ -210,3 +210,21 @@ def test_wrapped_onnx_ir_passes_dedupe_shape_inference_and_sort() -> None:
         ["y"],
         [initializer("a", same)],
     ), optimized)
+
+
+def test_constant_of_shape_that_is_a_graph_output_keeps_its_name() -> None:
+    fill = helper.make_tensor("value", TensorProto.FLOAT, [1], [2.0])
+    model = make_model(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["c"], value=fill),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        [("x", [2, 3])],
+        ["y", "c"],
+        [initializer("shape", np.array([2, 3], np.int64))],
+    )
+    reference = model.clone()
+    assert cleanup.MaterializeConstantOfShapePass()(model).modified
+    assert [v.name for v in model.graph.outputs] == ["y", "c"]
+    assert ops(model) == {"Add": 1, "Identity": 1}
+    assert_same_outputs(reference, model)
