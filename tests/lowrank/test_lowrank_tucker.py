@@ -153,3 +153,25 @@ def test_auto_ranks_are_aligned_and_cheap_enough() -> None:
         conv_model(_w(64, 3, 3, 3), (1, 3, 32, 32), pads=[1, 1, 1, 1])
     )
     assert not stem.layers and stem.skipped[0].reason.startswith("auto: MACs fall only to")
+
+
+def test_tied_conv_weight_is_decomposed_once() -> None:
+    weight = _w(16, 16, 3, 3)
+    model = conv_model(weight, (1, 16, 8, 8), pads=[1, 1, 1, 1])
+    graph = model.graph
+    first = next(iter(graph))
+    bias = ir.Value(name="b2", shape=ir.Shape([16]), type=ir.TensorType(ir.DataType.FLOAT),
+                    const_value=ir.tensor(_w(16, seed=4), name="b2"))  # fmt: skip
+    graph.register_initializer(bias)
+    second = ir.node("Conv", [first.outputs[0], first.inputs[1], bias], name="conv2",
+                     attributes={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})  # fmt: skip
+    second.outputs[0].name = "y2"
+    graph.append(second)
+    graph.outputs[0] = second.outputs[0]
+    x = _w(1, 16, 8, 8, seed=1)
+    reference = outputs(model, {"x": x})["y2"]
+    full = TuckerConv(rank_ratio=1.0, allow_growth=True)(model.clone())
+    assert [layer.shared_with for layer in full.layers] == [None, "conv"]
+    factors = [name for name in full.model.graph.initializers if ".tucker_" in name]
+    assert len(factors) == 3 and "W" not in full.model.graph.initializers
+    assert_same(reference, outputs(full.model, {"x": x})["y2"])
