@@ -270,3 +270,15 @@ def test_an_input_model_onnxruntime_cannot_run_is_a_clear_input_error() -> None:
     with pytest.raises(UnsupportedModelError, match="the input model does not run on onnxruntime"):
         lossless(model)
     assert ops(lossless(model, verify=False).model) == {"Relu": 1}
+
+
+def test_cli_verifies_on_user_data_with_the_bundled_model(tmp_path: Path, capsys) -> None:
+    data_dir = Path(sg.__file__).parent / "data"
+    out = tmp_path / "digits.onnx"
+    args = ["optimize", str(data_dir / "digits_cnn.onnx"), "-o", str(out), "--json"]
+    assert main([*args, "--data", str(data_dir / "digits_calib.npz")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fidelity"]["samples"] == 4  # four batches of 8 calibration images
+    assert report["nodes_after"] < report["nodes_before"]
+    assert main([*args, "--data", str(data_dir / "digits_test.npz")]) == 2  # has 'label' too
+    assert "unknown label" in capsys.readouterr().err
