@@ -175,3 +175,22 @@ def test_tied_conv_weight_is_decomposed_once() -> None:
     factors = [name for name in full.model.graph.initializers if ".tucker_" in name]
     assert len(factors) == 3 and "W" not in full.model.graph.initializers
     assert_same(reference, outputs(full.model, {"x": x})["y2"])
+
+
+def test_a_mode_kept_whole_needs_no_1x1_conv() -> None:
+    """r_in = C_in: the identity basis on the input side, so only core + 1x1 out (Tucker-1)."""
+    weight = _w(32, 8, 3, 3)
+    bias = _w(32, seed=6)
+    x = _w(1, 8, 9, 9, seed=1)
+    model = conv_model(weight, (1, 8, 9, 9), bias=bias, pads=[1, 1, 1, 1])
+    result = TuckerConv(rank=8)(model.clone())
+    (layer,) = result.layers
+    assert layer.rank == (8, 8)
+    kernels = [list(n.attributes["kernel_shape"].value) for n in result.model.graph]
+    assert kernels == [[3, 3], [1, 1]]
+    assert layer.params_after == 8 * 8 * 9 + 32 * 8 + 32
+    assert layer.macs_after == 81 * (8 * 8 * 9 + 8 * 32)
+    u_out = initializer(result.model, ".tucker_out").reshape(32, 8).astype(np.float64)
+    projected = np.einsum("oa,pa,pihw->oihw", u_out, u_out, weight.astype(np.float64))
+    equivalent = conv_model(projected, (1, 8, 9, 9), bias=bias, pads=[1, 1, 1, 1])
+    assert_same(outputs(equivalent, {"x": x})["y"], outputs(result.model, {"x": x})["y"])

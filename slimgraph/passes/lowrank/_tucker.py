@@ -11,6 +11,8 @@ G = W x_0 U_out^T x_1 U_in^T, of shape (r_out, r_in, kh, kw), and
 bias), the core conv G (r_in -> r_out, the original strides, pads, dilations, auto_pad), and a
 1x1 conv with weight U_out (r_out -> C_out, the original bias). Zero padding commutes with the
 first 1x1 conv because it has no bias, so the chain equals the conv with weight W~ exactly.
+A mode kept at its full width (r_in = C_in or r_out = C_out) takes the identity basis, so its
+1x1 conv is left out (Tucker-1), unless both are full and `allow_growth` asks for the chain.
 
 A 1x1 conv has no spatial core; with `pointwise=True` it is split by SVD into two 1x1 convs
 (the first keeps strides and pads), as a linear layer would be.
@@ -147,11 +149,22 @@ class TuckerConv(FactorizationPass):
         s_in = s_in[: min(c_in, c_out * kernel)]
         macs_before, rows_in, rows_out = shapes
 
+        def modes(r_in: int, r_out: int) -> tuple[bool, bool]:
+            """Which 1x1 convs the chain needs: a mode kept at full width needs none."""
+            use_in, use_out = r_in < c_in, r_out < c_out
+            if not (use_in or use_out) and self.policy.allow_growth:
+                return True, True  # full ranks on request: the whole chain, as a check
+            return use_in, use_out
+
         def cost(r_in: int, r_out: int) -> tuple[int, int | None]:
-            params = r_in * c_in + r_out * r_in * kernel + c_out * r_out + bias_params
+            use_in, use_out = modes(r_in, r_out)
+            params = r_out * r_in * kernel + bias_params
+            params += (r_in * c_in if use_in else 0) + (c_out * r_out if use_out else 0)
             macs = None
             if rows_in is not None and rows_out is not None:
-                macs = rows_in * c_in * r_in + rows_out * (r_in * r_out * kernel + r_out * c_out)
+                macs = rows_out * r_in * r_out * kernel
+                macs += (rows_in * c_in * r_in if use_in else 0)
+                macs += (rows_out * r_out * c_out if use_out else 0)
             return params, macs
 
         params_before = c_out * c_in * kernel + bias_params
@@ -176,18 +189,20 @@ class TuckerConv(FactorizationPass):
         reason = self.gate(params_before, params_after, macs_before, macs_after)
         if reason is not None:
             return reason
-        u_out, u_in = basis_out[:, :r_out], basis_in[:, :r_in]
-        core = _mode_products(w, u_out.T, u_in.T)
+        use_in, use_out = modes(r_in, r_out)
         dtype = weight.dtype
+        ones = [1] * (weight.ndim - 2)
+        # a mode kept whole uses the identity basis: W itself along it, and no 1x1 conv
+        u_in = basis_in[:, :r_in].astype(dtype) if use_in else np.eye(c_in, dtype=dtype)
+        u_out = basis_out[:, :r_out].astype(dtype) if use_out else np.eye(c_out, dtype=dtype)
+        core = _mode_products(w, u_out.T.astype(np.float64), u_in.T.astype(np.float64))
         factors = (
-            np.swapaxes(u_in, 0, 1).reshape(r_in, c_in, *([1] * (weight.ndim - 2))).astype(dtype),
+            u_in.T.reshape(r_in, c_in, *ones) if use_in else None,
             core.astype(dtype),
-            u_out.reshape(c_out, r_out, *([1] * (weight.ndim - 2))).astype(dtype),
+            u_out.reshape(c_out, r_out, *ones) if use_out else None,
         )
         approx = _reconstruct(
-            factors[2].reshape(c_out, r_out).astype(np.float64),
-            factors[1].astype(np.float64),
-            factors[0].reshape(r_in, c_in).T.astype(np.float64),
+            u_out.astype(np.float64), factors[1].astype(np.float64), u_in.astype(np.float64)
         )
         report = LayerReport(
             layer=layer.name,
@@ -258,12 +273,16 @@ class TuckerConv(FactorizationPass):
         graph: ir.Graph,
         layer: Layer,
         weight: np.ndarray,
-        factors: tuple[np.ndarray | ir.Value, ...],
+        factors: tuple[np.ndarray | ir.Value | None, ...],
         report: LayerReport,
         bias: ir.Value | None,
         shared_with: str | None,
     ) -> LayerReport:
-        """Insert the chain of convs for `factors` (arrays, or values of a tied weight)."""
+        """Insert the chain of convs for `factors` (arrays, or values of a tied weight).
+
+        Tucker-2 factors are (in, core, out), where a None 1x1 factor is left out; an SVD split
+        of a 1x1 conv is (a, b), the first keeping strides and pads.
+        """
         node = layer.node
         weight_value = node.inputs[1]
         assert weight_value is not None
@@ -272,7 +291,8 @@ class TuckerConv(FactorizationPass):
             "lowrank_a", "lowrank_b"
         )
         values = tuple(
-            f if isinstance(f, ir.Value) else self.initializer(f"{base}.{suffix}", f)
+            f if f is None or isinstance(f, ir.Value)
+            else self.initializer(f"{base}.{suffix}", f)
             for f, suffix in zip(factors, suffixes, strict=True)
         )
         ones = [1] * (weight.ndim - 2)
@@ -284,17 +304,18 @@ class TuckerConv(FactorizationPass):
         spatial["kernel_shape"] = list(weight.shape[2:])
         current = node.inputs[0]
         new_nodes = []
-        for index, (value, suffix) in enumerate(zip(values, suffixes, strict=True)):
-            last = index == len(values) - 1
+        chain = [(v, s) for v, s in zip(values, suffixes, strict=True) if v is not None]
+        for index, (value, suffix) in enumerate(chain):
+            last = index == len(chain) - 1
             inputs: list[ir.Value | None] = [current, value]
             if last and bias is not None:
                 inputs.append(bias)
-            if len(values) == 3:
-                attributes = spatial if index == 1 else {"kernel_shape": ones}
-            else:  # pointwise: the first conv keeps strides and pads
-                attributes = {**spatial, "kernel_shape": ones} if index == 0 else {
-                    "kernel_shape": ones
-                }
+            if suffix == "tucker_core":
+                attributes = spatial
+            elif suffix == "lowrank_a":  # pointwise: the first conv keeps strides and pads
+                attributes = {**spatial, "kernel_shape": ones}
+            else:
+                attributes = {"kernel_shape": ones}
             conv = self.new_node(node, suffix, "Conv", inputs, attributes)
             new_nodes.append(conv)
             current = conv.outputs[0]
