@@ -141,7 +141,9 @@ class Fp16Pass(SlimgraphPass):
             v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
             for v in model.graph.initializers.values()
         ) and not any(v.dtype == ir.DataType.FLOAT for n in model.graph for v in n.outputs):
-            raise UnsupportedModelError("nothing to convert to fp16: the model has no float32 values")
+            raise UnsupportedModelError(
+                "nothing to convert to fp16: the model has no float32 values"
+            )
 
     def call(self, model: ir.Model) -> Fp16Result:
         return _Converter(model, self.keep_io_types, self.keep_ops).run()
@@ -366,7 +368,9 @@ class _Converter:
                 continue
             name = value.name
             value.name = self._name(f"{name}_fp16")
-            cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=self._name(f"{name}_to_fp32"))
+            cast = ir.node(
+                "Cast", [value], {"to": ir.DataType.FLOAT}, name=self._name(f"{name}_to_fp32")
+            )
             out = cast.outputs[0]
             out.name = name
             out.type = ir.TensorType(ir.DataType.FLOAT)

@@ -113,18 +113,18 @@ def test_embeddings_are_stored_int8_with_per_row_scales() -> None:
     assert _ops(quantized).count("MatMul") == 16  # op_types=["Gather"]: MatMuls untouched
     # the gathered rows are exactly the dequantized table rows
     ids = np.array([[0, 5, 999, 5]], np.int64)
-    probe = ir.from_proto(onnx.helper.make_model(
-        onnx.helper.make_graph(
-            [onnx.helper.make_node("GatherBlockQuantized", ["q", "ids", "s"], ["y"],
-                                   domain="com.microsoft", bits=8, gather_axis=0,
-                                   quantize_axis=1, block_size=embed.attributes.get_int("block_size"))],
-            "probe", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 4])],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-            [onnx.numpy_helper.from_array(codes, "q"), onnx.numpy_helper.from_array(scale, "s")],
-        ),
-        opset_imports=[onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid("com.microsoft", 1)],
-        ir_version=10,
-    ))  # fmt: skip
+    h = onnx.helper
+    gather = h.make_node(
+        "GatherBlockQuantized", ["q", "ids", "s"], ["y"], domain="com.microsoft", bits=8,
+        gather_axis=0, quantize_axis=1, block_size=embed.attributes.get_int("block_size"),
+    )  # fmt: skip
+    graph = h.make_graph(
+        [gather], "probe", [h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(codes, "q"), onnx.numpy_helper.from_array(scale, "s")],
+    )  # fmt: skip
+    opsets = [h.make_opsetid("", 20), h.make_opsetid("com.microsoft", 1)]
+    probe = ir.from_proto(h.make_model(graph, opset_imports=opsets, ir_version=10))
     got = run(create_session(probe), {"ids": ids})["y"]
     np.testing.assert_allclose(got[0], rows[ids[0]], rtol=1e-6, atol=1e-7)
 
@@ -279,3 +279,11 @@ def test_old_opset_is_upgraded_by_the_function_and_refused_by_the_pass() -> None
     quantized = quantize_dynamic(model)
     assert quantized.opset_imports[""] == 13 and model.opset_imports[""] == 9
     assert compare(model, quantized, random_feeds(model)).worst_cosine >= 0.995
+
+
+def test_exclude_ops() -> None:
+    result = DynamicQuantizePass(exclude_ops=["Gather"])(exported_model("bert"))
+    assert {q.op_type for q in result.quantized} == {"MatMul"}
+    assert [s.reason for s in result.skipped if s.op_type == "Gather"] == [
+        "op type Gather excluded", "op type Gather excluded"
+    ]

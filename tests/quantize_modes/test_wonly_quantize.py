@@ -210,3 +210,12 @@ def test_embeddings_can_be_left_float() -> None:
     result = WeightOnlyQuantizePass(embeddings=False)(model.clone())
     assert {q.kernel for q in result.quantized} == {"MatMulNBits"}
     assert "embed.weight" in result.model.graph.initializers
+
+
+def test_exclude_ops() -> None:
+    only_tables = quantize_weight_only(exported_model("bert"), exclude_ops=["MatMul"])
+    ops = [n.op_type for n in only_tables.graph]
+    assert ops.count("GatherBlockQuantized") == 2 and "MatMulNBits" not in ops
+    only_matmuls = quantize_weight_only(exported_model("bert"), exclude_ops=["Gather"])
+    ops = [n.op_type for n in only_matmuls.graph]
+    assert "GatherBlockQuantized" not in ops and ops.count("MatMulNBits") == 12

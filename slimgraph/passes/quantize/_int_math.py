@@ -78,15 +78,22 @@ def _codes(
 
 
 def quantize_per_channel(
-    weight: np.ndarray, axis: int | None, *, bits: int = 8, symmetric: bool = True
+    weight: np.ndarray,
+    axis: int | tuple[int, ...] | None,
+    *,
+    bits: int = 8,
+    symmetric: bool = True,
 ) -> QuantizedWeight:
-    """Quantize with one scale per index of `axis` (None: one scale for the whole tensor).
+    """Quantize with one scale per index of `axis` (several axes: per index tuple; None: one
+    scale for the whole tensor).
 
     The scale keeps the weight's rank (size 1 on reduced axes) so it broadcasts against it.
     Symmetric codes are int8 values; asymmetric codes are uint8 values (also for 4 bits).
     """
     w = np.asarray(weight, dtype=np.float32)
-    reduce = tuple(i for i in range(w.ndim) if axis is None or i != axis % w.ndim)
+    axes = () if axis is None else (axis,) if isinstance(axis, int) else axis
+    kept = {a % w.ndim for a in axes}
+    reduce = tuple(i for i in range(w.ndim) if i not in kept)
     lo = w.min(axis=reduce, keepdims=True) if w.size else np.zeros([1] * w.ndim, np.float32)
     hi = w.max(axis=reduce, keepdims=True) if w.size else np.zeros([1] * w.ndim, np.float32)
     scale, zero = _scale_and_zero(lo, hi, bits, symmetric)

@@ -106,6 +106,7 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude: fnmatch patterns over layer names and node names to leave in float.
         op_types: op types to quantize (default `DEFAULT_OP_TYPES`; add "Conv" for ConvInteger).
         matmul_kernel: "integer" (MatMulInteger, default) or "fused" (DynamicQuantizeMatMul).
+        exclude_ops: op types to leave in float (recorded as skipped).
     """
 
     exact = False
@@ -117,8 +118,10 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude: Sequence[str] = (),
         op_types: Sequence[str] | None = None,
         matmul_kernel: MatMulKernel = "integer",
+        exclude_ops: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        self.exclude_ops = (exclude_ops,) if isinstance(exclude_ops, str) else tuple(exclude_ops)
         if isinstance(exclude, str):
             exclude = (exclude,)
         if op_types is not None and isinstance(op_types, str):
@@ -159,6 +162,9 @@ class DynamicQuantizePass(SlimgraphPass):
             if node.op_type not in self.op_types:
                 continue
             candidates += 1
+            if node.op_type in self.exclude_ops:
+                skipped.append(_skip(node, f"op type {node.op_type} excluded"))
+                continue
             if (pattern := excluded_by(node, self.exclude)) is not None:
                 skipped.append(_skip(node, f"excluded by pattern '{pattern}'"))
                 continue
@@ -190,8 +196,11 @@ def quantize_dynamic(
     per_channel: bool = True,
     exclude: Sequence[str] = (),
     op_types: Sequence[str] | None = None,
+    exclude_ops: Sequence[str] = (),
 ) -> ir.Model:
     """Dynamic int8 quantization of a copy of `model` (the input is left untouched).
+
+    See `DynamicQuantizePass` for the options.
 
     Example:
         >>> q = quantize_dynamic(model, exclude=["layers.0.*"])  # doctest: +SKIP
@@ -200,9 +209,10 @@ def quantize_dynamic(
         copy = upgrade_opset(model, _UPGRADE_OPSET)
     else:
         copy = model.clone()
-    return DynamicQuantizePass(per_channel=per_channel, exclude=exclude, op_types=op_types)(
-        copy
-    ).model
+    step = DynamicQuantizePass(
+        per_channel=per_channel, exclude=exclude, op_types=op_types, exclude_ops=exclude_ops
+    )
+    return step(copy).model
 
 
 # --- planning: decide per node, without touching the graph -----------------------------------
@@ -235,7 +245,8 @@ def _plan_matmul(node: ir.Node) -> _Rewrite | str:
         return f"weight has rank {weight.ndim}, not 2"
     if weight.dtype != np.float32 or not is_float32(a):
         return "not a float32 MatMul"
-    return _Rewrite("matmul", weight, bias=None, source=b, bias_add=bias_add_after(node, weight.shape[1]))
+    fused_bias = bias_add_after(node, weight.shape[1])
+    return _Rewrite("matmul", weight, bias=None, source=b, bias_add=fused_bias)
 
 
 def _plan_gemm(node: ir.Node) -> _Rewrite | str:
@@ -357,7 +368,7 @@ class _Builder:
     def _matmul_weight(
         self, source: ir.Value, weight: np.ndarray
     ) -> tuple[ir.Value, ir.Value]:
-        """int8 weight [K, N] and its scale ([N] per channel, scalar per tensor), once per weight."""
+        """int8 weight [K, N] and scale ([N] per channel, scalar per tensor), once per weight."""
         key = content_key(f"matmul {self.per_channel}", weight)
         if key not in self.weights:
             q = quantize_per_channel(weight, 1 if self.per_channel else None, bits=8)
@@ -396,7 +407,9 @@ class _Builder:
         else:
             quantized, a_scale, a_zero = self._quantized_activation(node, activation, new_nodes)
             integer = self._node(node, "MatMulInteger", [quantized, codes, a_zero])
-            as_float = self._node(node, "Cast", integer.outputs, attributes={"to": ir.DataType.FLOAT})
+            as_float = self._node(
+                node, "Cast", integer.outputs, attributes={"to": ir.DataType.FLOAT}
+            )
             both = self._node(node, "Mul", [a_scale, scale], suffix="scales")
             main = self._node(node, "Mul", [as_float.outputs[0], both.outputs[0]])
             new_nodes += [integer, as_float, both, main]
@@ -431,7 +444,9 @@ class _Builder:
             self.activations[key] = (dql.outputs[0], dql.outputs[1], dql.outputs[2])
         return self.activations[key]
 
-    def rewrite_gather(self, node: ir.Node, table: np.ndarray, *, source: ir.Value) -> QuantizedNode:
+    def rewrite_gather(
+        self, node: ir.Node, table: np.ndarray, *, source: ir.Value
+    ) -> QuantizedNode:
         """int8 rows with one scale per row, read by `com.microsoft.GatherBlockQuantized`.
 
         The kernel gathers the rows and dequantizes only them (dequantizing the whole table with
@@ -470,22 +485,18 @@ class _Builder:
         quantized: list[ir.Value] = []
         for array, label in ((weight, "W"), (recurrence, "R")):
             transposed = np.ascontiguousarray(np.transpose(array, (0, 2, 1)))  # [dirs, in, 4h]
-            axis = 2 if self.per_channel else None
-            if axis is None:  # one scale per direction
-                q = quantize_per_channel(transposed, 0, bits=8)
-                scale, zero = q.scale.reshape(-1), np.zeros(transposed.shape[0], np.int8)
-            else:
-                per_dir = [quantize_per_channel(t, 1, bits=8) for t in transposed]
-                codes = np.stack([p.codes for p in per_dir])
-                scale = np.stack([p.scale.reshape(-1) for p in per_dir])
-                zero = np.zeros(scale.shape, np.int8)
-                q = type(per_dir[0])(codes, scale, None, 8)
+            # per direction and gate column, or one scale per direction
+            q = quantize_per_channel(transposed, (0, 2) if self.per_channel else 0, bits=8)
+            scale = q.scale.reshape(transposed.shape[0], -1)
+            if not self.per_channel:
+                scale = scale.reshape(-1)
             base = f"{node.name or 'lstm'}_{label}"
             quantized += [
                 add_initializer(self.graph, self._name(f"{base}_int8"), q.codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"),
-                                np.asarray(scale, np.float32)),
-                add_initializer(self.graph, self._name(f"{base}_zero_point"), zero),
+                add_initializer(self.graph, self._name(f"{base}_scale"), scale),
+                add_initializer(
+                    self.graph, self._name(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)
+                ),
             ]
         inputs = [new_inputs[0], quantized[0], quantized[3], *new_inputs[3:8],
                   quantized[1], quantized[2], quantized[4], quantized[5]]
@@ -497,15 +508,16 @@ class _Builder:
             num_outputs=len(node.outputs), name=self._name(f"{node.name or 'lstm'}_int8"),
             metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
         )
+        weight_name = node.inputs[1].name if node.inputs[1] is not None else ""
         record = QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), node.inputs[1].name or "",  # type: ignore[union-attr]
+            node.name or "", node.op_type, layer_name(node), weight_name or "",
             "DynamicQuantizeLSTM", self._granularity(),
         )
         self._replace(node, [main], list(main.outputs))
         return record
 
     def rewrite_conv(self, node: ir.Node, weight: np.ndarray) -> QuantizedNode:
-        """DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul(scales per output channel) (+ bias)."""
+        """DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul(per-output-channel scales) + bias."""
         axis = 0 if self.per_channel else None
         q = quantize_per_channel(weight, axis, bits=8)
         base = node.inputs[1].name or "conv_weight"  # type: ignore[union-attr]

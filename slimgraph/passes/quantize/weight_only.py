@@ -100,6 +100,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         exclude: fnmatch patterns over layer names and node names to leave in float.
         accuracy_level: MatMulNBits' `accuracy_level` (0: onnxruntime's default, float
             activations; 4: int8 activations, as onnxruntime runs the "dq" format).
+        exclude_ops: op types to leave in float: "MatMul" and/or "Gather" (embeddings).
         embeddings: also quantize embedding tables (Gather of a constant [V, D] table) in blocks
             along D: `com.microsoft.GatherBlockQuantized` ("matmulnbits" format) or
             DequantizeLinear -> Gather ("dq").
@@ -117,8 +118,10 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         exclude: Sequence[str] = (),
         accuracy_level: int = 0,
         embeddings: bool = True,
+        exclude_ops: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        self.exclude_ops = (exclude_ops,) if isinstance(exclude_ops, str) else tuple(exclude_ops)
         self.accuracy_level = accuracy_level
         self.embeddings = embeddings
         self.bits = bits
@@ -147,7 +150,9 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         elif table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0):
             reason = "only float32 2-D tables gathered on axis 0 (embeddings) are quantized"
         elif table.shape[1] % self.block_size:
-            reason = f"row length {table.shape[1]} is not a multiple of block_size {self.block_size}"
+            reason = (
+                f"row length {table.shape[1]} is not a multiple of block_size {self.block_size}"
+            )
         if reason is not None:
             skipped.append(Skipped(node.name or "", node.op_type, reason))
             return None
@@ -162,7 +167,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         for node in list(graph):
             if node.domain not in ("", "ai.onnx"):
                 continue
-            if node.op_type == "Gather" and self.embeddings:
+            if node.op_type == "Gather" and self.embeddings and "Gather" not in self.exclude_ops:
                 table = self._embedding_table(node, skipped)
                 if table is not None:
                     tables.append((node, table))
@@ -172,7 +177,9 @@ class WeightOnlyQuantizePass(SlimgraphPass):
             candidates += 1
             reason = None
             weight = constant_array(node.inputs[1])
-            if (pattern := excluded_by(node, self.exclude)) is not None:
+            if "MatMul" in self.exclude_ops:
+                reason = "op type MatMul excluded"
+            elif (pattern := excluded_by(node, self.exclude)) is not None:
                 reason = f"excluded by pattern '{pattern}'"
             elif weight is None:
                 reason = "both inputs are activations (no constant weight)"
@@ -213,6 +220,7 @@ def quantize_weight_only(
     exclude: Sequence[str] = (),
     accuracy_level: int = 0,
     embeddings: bool = True,
+    exclude_ops: Sequence[str] = (),
 ) -> ir.Model:
     """Weight-only block-wise quantization of a copy of `model` (the input is left untouched).
 
@@ -226,7 +234,7 @@ def quantize_weight_only(
         copy = model.clone()
     step = WeightOnlyQuantizePass(
         bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude,
-        accuracy_level=accuracy_level, embeddings=embeddings,
+        accuracy_level=accuracy_level, embeddings=embeddings, exclude_ops=exclude_ops,
     )
     return step(copy).model
 
