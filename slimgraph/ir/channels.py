@@ -500,13 +500,12 @@ class _Tracer:
                 return f"{where} normalizes another axis"
             if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
                 return f"{where} runs in training mode"
+            params = range(1, min(5 if op == "BatchNormalization" else 3, len(inputs)))
+            if any(_const(inputs[i]) is None for i in params):
+                return f"{where} has computed parameters"
             target = self.passthrough(slot, node, out, axis)
-            last = 5 if op == "BatchNormalization" else 3
-            for i in range(1, min(last, len(inputs))):
-                if _const(inputs[i]) is None:
-                    return f"{where} has computed parameters"
-                role = "bn_scale" if i == 1 else "param"
-                self.use(node, i, 0, target, role)
+            for i in params:
+                self.use(node, i, 0, target, "bn_scale" if i == 1 else "param")
             return None
         if op in _SPATIAL:
             if index != 0 or axis != 1:
@@ -518,10 +517,11 @@ class _Tracer:
         if op in ("Resize", "Upsample"):
             if index != 0:
                 return f"{where} reads the channels as scales"
+            sizes = op == "Resize" and len(inputs) > 3 and inputs[3] is not None
+            if sizes and _const(inputs[3]) is None:
+                return f"{where} has computed sizes"
             target = self.passthrough(slot, node, out, axis)
-            if op == "Resize" and len(inputs) > 3 and inputs[3] is not None:
-                if _const(inputs[3]) is None:
-                    return f"{where} has computed sizes"
+            if sizes:
                 self.rewrites.append(Rewrite("resize_sizes", node, target.id, (axis,)))
             return None
         if op in ("Conv", "ConvTranspose"):
@@ -597,11 +597,9 @@ class _Tracer:
         out_axis = slot.axis + out_rank - in_rank
         if node.op_type == "Pow" and index != 0:
             return f"{where} uses the channels as exponents"
-        target = self.passthrough(slot, node, out, out_axis)
+        constants, coupled = [], []  # decide every operand first: a refusal changes nothing
         for other_index, other in enumerate(node.inputs):
-            if other_index == index or other is None:
-                continue
-            if other is node.inputs[index]:
+            if other_index == index or other is None or other is node.inputs[index]:
                 continue
             rank = _rank(other)
             if rank is None:
@@ -616,9 +614,14 @@ class _Tracer:
             if size != slot.size:
                 return f"{where} broadcasts {other.name} against {slot.size} channels"
             if array is not None:
-                self.use(node, other_index, other_axis, target, "param")
+                constants.append((other_index, other_axis))
             else:
-                self.unite(target, self.slot(other, other_axis, slot.size, None))
+                coupled.append((other, other_axis))
+        target = self.passthrough(slot, node, out, out_axis)
+        for other_index, other_axis in constants:
+            self.use(node, other_index, other_axis, target, "param")
+        for other, other_axis in coupled:
+            self.unite(target, self.slot(other, other_axis, slot.size, None))
         return None
 
     def conv_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:

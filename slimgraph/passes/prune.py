@@ -241,10 +241,11 @@ def channel_scores(
 def kept_count(channels: int, ratio: float, round_to: int | None = None) -> int:
     """Channels a group keeps at `ratio`: at least one, a multiple of `round_to` when given.
 
+    floor(channels * (1 - ratio)), as Torch-Pruning counts, so equal ratios give equal widths.
     With `round_to` N the count is rounded to the nearest multiple of N, at least N (or all
     channels when the group has N or fewer).
     """
-    keep = max(1, int(round(channels * (1.0 - ratio))))
+    keep = max(1, int(channels * (1.0 - ratio) + 1e-9))
     if round_to and round_to > 1:
         keep = max(round_to, int(round(keep / round_to)) * round_to)
     return min(channels, keep)

@@ -88,7 +88,9 @@ def format_report(report: PruneReport) -> str:
     rows = []
     for g in report.groups:
         producers = ", ".join(g.producers[:3]) + (" ..." if len(g.producers) > 3 else "")
-        note = g.reason or (f"padded at {g.padded} edge(s)" if g.padded else "")
+        reasons = g.reason.split("; ") if g.reason else []
+        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        note = reasons[0] + more if reasons else (f"padded at {g.padded} edge(s)" if g.padded else "")
         rows.append([g.id, g.channels, g.kept, producers, note])
     lines += ["", "groups:", render_table(["id", "channels", "kept", "producers", "note"], rows,
                                           align="rrrll")]  # fmt: skip
