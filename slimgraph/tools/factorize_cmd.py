@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--error-budget", dest="error_budget", type=float, metavar="B",
                       help="largest relative Frobenius error of each weight, B in [0, 1)")  # fmt: skip
     parser.add_argument("--rank", metavar="auto|K",
-                        help="'auto' (only where it is faster) or a fixed rank K")  # fmt: skip
+                        help="'auto' (ranks in multiples of 16, only where the MACs drop to "
+                             "0.8x or less) or a fixed rank K")  # fmt: skip
     parser.add_argument("--include", nargs="+", default=None, metavar="PAT",
                         help="only these layer or node names (fnmatch patterns)")  # fmt: skip
     parser.add_argument("--exclude", nargs="+", default=None, metavar="PAT",
