@@ -64,8 +64,8 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 # Ops that always keep their dtypes (float32-only kernels or value ranges fp16 cannot index).
 _ALWAYS_FLOAT = frozenset(
-    {"Range", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
-     "RandomUniformLike", "Multinomial", "If", "Loop", "Scan"}
+    {"Range", "DynamicQuantizeLinear", "NonMaxSuppression", "RandomNormal", "RandomUniform",
+     "RandomNormalLike", "RandomUniformLike", "Multinomial", "If", "Loop", "Scan"}
 )
 
 # Input positions that must keep their dtype even in fp16 nodes (float32-only by the spec).
