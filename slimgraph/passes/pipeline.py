@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -125,11 +126,15 @@ def _known_names() -> str:
     )
 
 
-def build_pipeline(steps: Sequence[str | Mapping[str, Any]]) -> list[Step]:
+def build_pipeline(
+    steps: Sequence[str | Mapping[str, Any]], *, context: Mapping[str, Any] | None = None
+) -> list[Step]:
     """Instantiate the passes of a pipeline described as data.
 
     Args:
         steps: pass or preset names, or dicts `{"name": ..., **options}`.
+        context: run-time values (e.g. `calibration` data) given to every pass whose constructor
+            takes a keyword of that name, unless the step sets it itself.
 
     Raises:
         BadOptionError: an unknown name (the message lists the known ones), a malformed step, or
@@ -140,13 +145,15 @@ def build_pipeline(steps: Sequence[str | Mapping[str, Any]]) -> list[Step]:
         raise BadOptionError(f"a pipeline is a list of steps, got {type(steps).__name__}")
     built: list[Step] = []
     for step in steps:
-        built.extend(_build_step(step, depth=0))
+        built.extend(_build_step(step, depth=0, context=context or {}))
     if not built:
         raise BadOptionError("the pipeline has no steps")
     return built
 
 
-def _build_step(step: str | Mapping[str, Any], depth: int) -> list[Step]:
+def _build_step(
+    step: str | Mapping[str, Any], depth: int, context: Mapping[str, Any]
+) -> list[Step]:
     if depth > 8:
         raise BadOptionError("presets nest too deeply (a preset that names itself?)")
     if isinstance(step, str):
@@ -166,13 +173,15 @@ def _build_step(step: str | Mapping[str, Any], depth: int) -> list[Step]:
             raise BadOptionError(f"preset '{name}' takes no options (got {sorted(options)})")
         expanded: list[Step] = []
         for inner in PRESETS[name]:
-            expanded.extend(_build_step(inner, depth + 1))
+            expanded.extend(_build_step(inner, depth + 1, context))
         return expanded
     cls = PASSES.get(name)
     if cls is None:
         raise BadOptionError(f"unknown pass '{name}' (known {_known_names()})")
+    accepted = inspect.signature(cls.__init__).parameters
+    given = {k: v for k, v in context.items() if k in accepted and k not in options}
     try:
-        instance = cls(**options)
+        instance = cls(**options, **given)
     except TypeError as error:
         raise BadOptionError(f"pass '{name}': bad options {sorted(options)} ({error})") from None
     except SlimgraphError:
@@ -390,6 +399,7 @@ def run_pipeline(
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> PipelineResult:
     """Run passes in order on a copy of `model`, instrumented and optionally verified.
 
@@ -401,6 +411,7 @@ def run_pipeline(
         tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
+        context: run-time values for passes that take them (see `build_pipeline`).
 
     Returns:
         `PipelineResult` with the final model and one `PassRecord` per pass.
@@ -413,7 +424,7 @@ def run_pipeline(
     if len(built) != len(steps):
         if built:
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
-        built = build_pipeline(steps)  # type: ignore[arg-type]
+        built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     current = _copy(model)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
@@ -477,6 +488,7 @@ def optimize_report(
     opset: int | None = None,
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
+    calibration: Any = None,
 ) -> PipelineResult:
     """`optimize`, returning the whole `PipelineResult` (what the command line prints)."""
     if recipe is not None:
@@ -495,8 +507,15 @@ def optimize_report(
         raise BadOptionError("give a preset or a recipe")
     if opset is not None:
         steps = [{"name": "convert-opset", "opset": opset}, *steps]
+    context = {"calibration": calibration} if calibration is not None else None
     result = run_pipeline(
-        model, steps, verify=verify, feeds=feeds, tolerance=tolerance, min_cosine=min_cosine
+        model,
+        steps,
+        verify=verify,
+        feeds=feeds,
+        tolerance=tolerance,
+        min_cosine=min_cosine,
+        context=context,
     )
     result.model.meta.update(model.meta)  # keeps save() from writing over the input file
     return result
@@ -510,6 +529,7 @@ def optimize(
     verify: bool = True,
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
     opset: int | None = None,
+    calibration: Any = None,
 ) -> ir.Model:
     """Optimize a copy of `model` with a preset or a recipe, each pass verified.
 
@@ -521,6 +541,8 @@ def optimize(
         feeds: sample inputs for verification (default: seeded random feeds).
         opset: convert the default-domain opset first (onnx's version converter, verified);
             None keeps the model's opset.
+        calibration: data for the passes that take a `calibration` keyword (quantization);
+            the exact passes do not use it.
 
     Returns:
         The optimized model.
@@ -534,7 +556,13 @@ def optimize(
         >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
     """
     return optimize_report(
-        model, preset=preset, recipe=recipe, verify=verify, feeds=feeds, opset=opset
+        model,
+        preset=preset,
+        recipe=recipe,
+        verify=verify,
+        feeds=feeds,
+        opset=opset,
+        calibration=calibration,
     ).model
 
 

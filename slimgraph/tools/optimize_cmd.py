@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="verification inputs: keys = input names, stacked on axis 0 (default: random)",
     )
     parser.add_argument(
+        "--calib",
+        metavar="DATA.npz",
+        help="calibration data for passes that take it (quantization in a recipe)",
+    )
+    parser.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip onnxruntime checks"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         data = runtime.load_npz(args.data, model)
         feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data, 8, model))]
+    calibration = runtime.load_npz(args.calib, model) if args.calib else None
     before = node_count(model)
     result = optimize_report(
         model,
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
         feeds=feeds,
         opset=args.opset,
+        calibration=calibration,
     )
     sg_ir.save(result.model, target)
     after = node_count(result.model)

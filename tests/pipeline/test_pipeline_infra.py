@@ -282,3 +282,27 @@ def test_cli_verifies_on_user_data_with_the_bundled_model(tmp_path: Path, capsys
     assert report["nodes_after"] < report["nodes_before"]
     assert main([*args, "--data", str(data_dir / "digits_test.npz")]) == 2  # has 'label' too
     assert "unknown label" in capsys.readouterr().err
+
+
+class _NeedsCalibration(_ScaleFirstWeight):
+    exact: ClassVar[bool] = False
+
+    def __init__(self, *, calibration=None, factor: float = 1.0) -> None:
+        super().__init__(factor=factor)
+        self.calibration = calibration
+
+
+def test_run_time_context_reaches_passes_that_take_it() -> None:
+    register_pass("test-calibrated")(_NeedsCalibration)
+    try:
+        data = {"x": np.zeros((2, 3, 8, 8), np.float32)}
+        steps = build_pipeline(["cleanup", "test-calibrated"], context={"calibration": data})
+        assert steps[-1].pass_.calibration is data  # cleanup does not take it: not given
+        own = build_pipeline(
+            [{"name": "test-calibrated", "calibration": "mine"}], context={"calibration": data}
+        )
+        assert own[0].pass_.calibration == "mine"
+        model = sg.optimize(conv_bn_model(), recipe=["test-calibrated"], calibration=data)
+        assert ops(model)["Conv"] == 1
+    finally:
+        del PASSES["test-calibrated"]
