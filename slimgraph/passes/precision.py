@@ -209,6 +209,7 @@ class _Converter:
             else:
                 self._keep(node, reason)
         self._fix_outputs()
+        self._fix_subgraph_reads()
         self._shape_readers_to_half()
         onnx_ir.passes.common.RemoveUnusedNodesPass()(self.model)
         self.result.modified = bool(self.half)
@@ -346,10 +347,24 @@ class _Converter:
         producer = value.producer()
         if producer is not None and producer.graph is self.graph:
             self.graph.insert_after(producer, cast)
-        else:
+        elif before.graph is self.graph:
             self.graph.insert_before(before, cast)
+        else:  # an outer input read by a subgraph: cast it first thing
+            self.graph.insert_before(next(iter(self.graph)), cast)
         self.result.casts_inserted += 1
         return out
+
+    def _fix_subgraph_reads(self) -> None:
+        """Subgraphs (If/Loop/Scan bodies, left float32) that read an outer value turned float16
+        get a float32 Cast of it."""
+        values = [*self.graph.inputs, *self.graph.initializers.values()]
+        values += [v for node in self.graph for v in node.outputs]
+        for value in values:
+            if id(value) not in self.half:
+                continue
+            for use in list(value.uses()):
+                if use.node.graph is not self.graph:
+                    use.node.replace_input_with(use.idx, self._float_version(value, use.node))
 
     def _shape_readers_to_half(self) -> None:
         """Shape/Size of a float32 weight read its float16 copy, so the float32 one can go."""

@@ -232,3 +232,35 @@ def test_fp16_zoo_models_run_with_cosine(stem: str) -> None:
     data = [v for v in half.graph.inputs if v.const_value is None]
     assert all(v.dtype == ir.DataType.FLOAT for v in data)
     assert compare(model, half, random_feeds(model)).worst_cosine >= 0.999
+
+
+def test_subgraphs_reading_outer_values_get_float32() -> None:
+    then_graph = h.make_graph(
+        [h.make_node("Mul", ["a", "two"], ["t"])], "then", [],
+        [h.make_tensor_value_info("t", FLOAT, [3])],
+        [onnx.numpy_helper.from_array(np.full(3, 2.0, np.float32), "two")],
+    )  # fmt: skip
+    else_graph = h.make_graph(
+        [h.make_node("Neg", ["x"], ["e"])], "else", [], [h.make_tensor_value_info("e", FLOAT, [3])]
+    )
+    model = _model(
+        [
+            h.make_node("Add", ["x", "bias"], ["a"]),
+            h.make_node("If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph),
+        ],
+        [h.make_tensor_value_info("x", FLOAT, [3]),
+         h.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("y", FLOAT, [3])],
+        [onnx.numpy_helper.from_array(np.array([0.5, 1.0, 1.5], np.float32), "bias")],
+    )  # fmt: skip
+    half = convert_fp16(model)
+    assert next(n for n in half.graph if n.op_type == "Add").outputs[0].dtype == (
+        ir.DataType.FLOAT16
+    )
+    x = np.array([1.0, -2.0, 3.0], np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "flag": np.array(flag)}
+        np.testing.assert_allclose(
+            run(create_session(half), feeds)["y"], run(create_session(model), feeds)["y"],
+            rtol=1e-3,
+        )
