@@ -219,3 +219,26 @@ def test_exclude_ops() -> None:
     only_matmuls = quantize_weight_only(exported_model("bert"), exclude_ops=["Gather"])
     ops = [n.op_type for n in only_matmuls.graph]
     assert "GatherBlockQuantized" not in ops and ops.count("MatMulNBits") == 12
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
+def test_k_not_a_multiple_of_the_block_size(fmt: str) -> None:
+    h = onnx.helper
+    w = np.random.default_rng(0).standard_normal((40, 24)).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 40])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 24])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)],
+                                       ir_version=10))  # fmt: skip
+    quantized = quantize_weight_only(model, fmt=fmt, bits=8, block_size=32)
+    feeds = random_feeds(model, seed=5)
+    ref = run(create_session(model), feeds)["y"]
+    got = run(create_session(quantized), feeds)["y"]
+    # int8 blocks: error per output <= sum_k |x_k| * step_k / 2
+    q = quantize_blockwise(w, block_size=32, bits=8)
+    step = np.repeat(q.scale, 32, axis=0)[:40]
+    bound = np.abs(feeds["x"]) @ (step / 2)
+    assert np.all(np.abs(got - ref) <= bound * 1.01 + 1e-5)
