@@ -17,8 +17,11 @@ randomized): the channels each tool removes differ, so only cost is compared, no
 Verdict per model and ratio: PASS when our MACs and both latency ratios are within 10% of
 Torch-Pruning's or better.
 
+With --int8 the two 0.5-pruned models are also quantized by `sg.quantize` (static QDQ, uint8
+activations, per-channel int8 weights, min-max on 16 random samples) and timed in the same run.
+
 Usage:
-    python benchmarks/prune.py [--rounds 20] [--size 224] [--threads N]
+    python benchmarks/prune.py [--rounds 20] [--size 224] [--threads N] [--models NAME ...] [--int8]
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def export(net: torch.nn.Module, size: int) -> ir.Model:
     return prepare_for_pruning(sg.from_torch(net, example, {"x": {0: batch}}))
 
 
-def prune_with_torch_pruning(net: torch.nn.Module, head: str, ratio: float, size: int) -> torch.nn.Module:
+def prune_with_torch_pruning(
+    net: torch.nn.Module, head: str, ratio: float, size: int
+) -> torch.nn.Module:
     import torch_pruning as tp
 
     pruned = copy.deepcopy(net)
@@ -87,13 +92,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--models", nargs="+", default=None, help="architectures to run")
+    parser.add_argument("--int8", action="store_true",
+                        help="add both 0.5-pruned models after sg.quantize (static, 16 samples)")
     args = parser.parse_args()
     import torch_pruning as tp_package
 
     print(f"torch {torch.__version__}, torch-pruning {tp_package.__version__}, input "
-          f"3x{args.size}x{args.size}, onnxruntime optimization 'all', rounds {args.rounds}")  # fmt: skip
+          f"3x{args.size}x{args.size}, onnxruntime 'all', rounds {args.rounds}")  # fmt: skip
     rows, verdicts = [], []
     for name, (net, head) in architectures().items():
+        if args.models and name not in args.models:
+            continue
         base = export(net, args.size)
         models, labels = [base], ["unpruned"]
         for ratio in RATIOS:
@@ -101,6 +111,12 @@ def main() -> int:
             labels.append(f"ours {ratio}")
             models.append(export(prune_with_torch_pruning(net, head, ratio, args.size), args.size))
             labels.append(f"torch-pruning {ratio}")
+        if args.int8:
+            calibration = {"x": np.random.default_rng(1).standard_normal(
+                (16, 3, args.size, args.size)).astype(np.float32)}  # fmt: skip
+            for k in (3, 4):  # the 0.5 models
+                models.append(sg.quantize(models[k], calibration=calibration))
+                labels.append(f"{labels[k]} + int8")
         latency: dict[int, list[float]] = {}
         for batch in BATCHES:
             feeds = {"x": np.random.default_rng(0).standard_normal(

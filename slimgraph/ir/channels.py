@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir.analysis import consumers as value_consumers
 
 __all__ = [
     "WeightUse",
@@ -95,7 +94,8 @@ class Rewrite:
     """An attribute or shape constant that depends on how many positions of `slot` stay.
 
     kind: "conv_group" (data: out channels per group), "reshape" (data: output axis),
-    "reshape_static" (data: output axis, leading dims copied, the static dims after them), "split" (data: output index), "slice" (data: axis position in `axes`),
+    "reshape_static" (data: output axis, leading dims copied, the static dims after them),
+    "split" (data: output index), "slice" (data: axis position in `axes`),
     "resize_sizes" (data: axis).
     """
 
@@ -822,7 +822,9 @@ def analyze_channels(
     return analysis
 
 
-def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node]) -> list[ChannelGroup]:
+def _build_groups(
+    analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node]
+) -> list[ChannelGroup]:
     """Group the components by the producer outputs they touch (all touched slots if none)."""
     producing = set(producer_of_slot) | {
         use.slot for use in analysis.weight_uses if use.role == "producer"
@@ -873,8 +875,3 @@ def _build_groups(analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node
         )
     return groups
 
-
-def iter_edges(analysis: ChannelAnalysis) -> Iterable[tuple[Slot, Block]]:
-    """Each block with its slot (for reports)."""
-    for block in analysis.blocks:
-        yield analysis.slots[block.slot], block

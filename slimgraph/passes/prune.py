@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -344,13 +343,19 @@ def _set_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray)
         value.const_value = ir.tensor(array, name=value.name)
         value.shape = ir.Shape(array.shape)
         return
-    name = _unique_name(graph, f"{value.name}_pruned")
-    fresh = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type,
-                     const_value=ir.tensor(array, name=name))  # fmt: skip
-    graph.register_initializer(fresh)
-    node.replace_input_with(index, fresh)
+    node.replace_input_with(index, _initializer(graph, f"{value.name}_pruned", array))
     if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
         graph.initializers.pop(value.name, None)
+
+
+def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array`, under a name not yet used in `graph`."""
+    name = _unique_name(graph, base)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=tensor)
+    value.type = ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
 
 
 def _unique_name(graph: ir.Graph, base: str) -> str:
@@ -378,11 +383,7 @@ def _apply_rewrite(graph, rewrite, analysis: ChannelAnalysis, kept) -> None:
         axis, skip, *dims = rewrite.data
         shape = np.array([0] * skip + list(dims), dtype=np.int64)
         shape[axis] = count
-        name = _unique_name(graph, f"{node.name}_shape")
-        value = ir.Value(name=name, const_value=ir.tensor(shape, name=name),
-                         shape=ir.Shape(shape.shape), type=ir.TensorType(ir.DataType.INT64))  # fmt: skip
-        graph.register_initializer(value)
-        node.replace_input_with(1, value)
+        node.replace_input_with(1, _initializer(graph, f"{node.name}_shape", shape))
         node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
     elif rewrite.kind == "resize_sizes":
         (axis,) = rewrite.data
@@ -419,12 +420,8 @@ def _rewrite_split(graph: ir.Graph, node: ir.Node, analysis: ChannelAnalysis, ke
         if len(node.inputs) > 1 and node.inputs[1] is not None:
             _set_constant(graph, node, 1, array)
         else:
-            name = _unique_name(graph, f"{node.name}_split")
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
-                             shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64))  # fmt: skip
-            graph.register_initializer(value)
             node.resize_inputs(2)
-            node.replace_input_with(1, value)
+            node.replace_input_with(1, _initializer(graph, f"{node.name}_split", array))
     else:
         node.attributes["split"] = ir.AttrInt64s("split", sizes)
 
@@ -460,12 +457,7 @@ def _pad_value(graph: ir.Graph, slot, positions: np.ndarray, opset: int) -> ir.V
     pads[rank + slot.axis] = 1
     name = value.name or "pruned"
     if opset >= 11:
-        pads_value = ir.Value(name=_unique_name(graph, f"{name}_pads"),
-                              const_value=ir.tensor(np.array(pads, dtype=np.int64)))  # fmt: skip
-        pads_value.const_value.name = pads_value.name
-        pads_value.shape = ir.Shape([2 * rank])
-        pads_value.type = ir.TensorType(ir.DataType.INT64)
-        graph.register_initializer(pads_value)
+        pads_value = _initializer(graph, f"{name}_pads", np.array(pads, dtype=np.int64))
         pad = ir.Node("", "Pad", [value, pads_value], name=_unique_name(graph, f"{name}_pad"))
     else:
         pad = ir.Node("", "Pad", [value], [ir.AttrInt64s("pads", pads)],
@@ -473,14 +465,11 @@ def _pad_value(graph: ir.Graph, slot, positions: np.ndarray, opset: int) -> ir.V
     pad.outputs[0].name = _unique_name(graph, f"{name}_padded_zero")
     index = np.full(slot.size, len(positions), dtype=np.int64)
     index[positions] = np.arange(len(positions))
-    index_value = ir.Value(name=_unique_name(graph, f"{name}_scatter"),
-                           const_value=ir.tensor(index))  # fmt: skip
-    index_value.const_value.name = index_value.name
-    index_value.shape = ir.Shape([slot.size])
-    index_value.type = ir.TensorType(ir.DataType.INT64)
-    graph.register_initializer(index_value)
-    gather = ir.Node("", "Gather", [pad.outputs[0], index_value],
-                     [ir.AttrInt64("axis", slot.axis)], name=_unique_name(graph, f"{name}_unprune"))  # fmt: skip
+    index_value = _initializer(graph, f"{name}_scatter", index)
+    gather = ir.Node(
+        "", "Gather", [pad.outputs[0], index_value], [ir.AttrInt64("axis", slot.axis)],
+        name=_unique_name(graph, f"{name}_unprune"),
+    )  # fmt: skip
     gather.outputs[0].name = _unique_name(graph, f"{name}_full")
     producer = value.producer()
     if producer is not None:
@@ -517,7 +506,9 @@ def _unstructured(
             index = list(node.inputs).index(found.weight)
             weights.append((node, index, found.weight.const_value.numpy()))
     if not weights:
-        raise UnsupportedModelError("nothing to prune: no Conv, Gemm or MatMul with constant weights")
+        raise UnsupportedModelError(
+            "nothing to prune: no Conv, Gemm or MatMul with constant weights"
+        )
     threshold = None
     if scope == "global":
         magnitudes = np.concatenate([np.abs(w).ravel() for _, _, w in weights])
@@ -582,7 +573,9 @@ class PrunePass(SlimgraphFunctionalPass):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise BadOptionError(f"ratio must be strictly between 0 and 1, got {ratio!r}")
         if self.criterion not in CRITERIA:
-            raise BadOptionError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+            raise BadOptionError(
+                f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}"
+            )
         if self.scope not in SCOPES:
             raise BadOptionError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
@@ -605,7 +598,9 @@ class PrunePass(SlimgraphFunctionalPass):
         return PruneResult(pruned, modified=True, report=report)
 
     def _structured(self, model: ir.Model, excluded, report: PruneReport) -> None:
-        analysis = analyze_channels(model.graph, excluded=excluded, pad=self.pad, opset=_opset(model))
+        analysis = analyze_channels(
+            model.graph, excluded=excluded, pad=self.pad, opset=_opset(model)
+        )
         groups = analysis.prunable_groups
         if not groups:
             reasons = sorted({r for g in analysis.groups for r in g.reasons})

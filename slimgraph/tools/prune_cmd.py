@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--criterion", choices=CRITERIA, default="l1",
                         help="channel importance (default l1)")  # fmt: skip
     parser.add_argument("--scope", choices=SCOPES, default="local",
-                        help="same ratio per group (local, default) or one threshold (global)")  # fmt: skip
+                        help="same ratio per group (local, default) or one threshold")  # fmt: skip
     parser.add_argument("--round-to", dest="round_to", type=int, default=None, metavar="N",
                         help="keep a multiple of N channels per group")  # fmt: skip
     parser.add_argument("--pad", action="store_true",
@@ -90,7 +90,8 @@ def format_report(report: PruneReport) -> str:
         producers = ", ".join(g.producers[:3]) + (" ..." if len(g.producers) > 3 else "")
         reasons = g.reason.split("; ") if g.reason else []
         more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        note = reasons[0] + more if reasons else (f"padded at {g.padded} edge(s)" if g.padded else "")
+        padded = f"padded at {g.padded} edge(s)" if g.padded else ""
+        note = reasons[0] + more if reasons else padded
         rows.append([g.id, g.channels, g.kept, producers, note])
     lines += ["", "groups:", render_table(["id", "channels", "kept", "producers", "note"], rows,
                                           align="rrrll")]  # fmt: skip

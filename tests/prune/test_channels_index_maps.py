@@ -93,7 +93,10 @@ def test_channels_index_maps_concat_split_flatten(case) -> None:
     group_a, group_b = _group_of(groups, "convA"), _group_of(groups, "convB")
     assert (group_a.size, group_b.size) == (a, b)
     assert group_a.prunable and group_b.prunable
-    concat = {"A": np.r_[np.arange(a), -np.ones(b, int)], "B": np.r_[-np.ones(a, int), np.arange(b)]}
+    concat = {
+        "A": np.r_[np.arange(a), -np.ones(b, int)],
+        "B": np.r_[-np.ones(a, int), np.arange(b)],
+    }
     for group, name in ((group_a, "A"), (group_b, "B")):
         np.testing.assert_array_equal(_map(group, name), np.arange(group.size))
         np.testing.assert_array_equal(_map(group, "C"), concat[name])
@@ -145,4 +148,5 @@ def test_channels_reshape_map_merges_trailing_axes(lead, channels, trail) -> Non
     for c in range(channels):
         assert (taken[positions[c]] == c).all()
     # splitting the channel axis (a channel shuffle, attention heads) is refused
-    assert reshape_channel_map([*lead, channels * 2, *trail], axis, [*lead, 2, channels, *trail]) is None
+    split = [*lead, 2, channels, *trail]
+    assert reshape_channel_map([*lead, channels * 2, *trail], axis, split) is None

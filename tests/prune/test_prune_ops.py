@@ -27,7 +27,8 @@ def _ops_model(seed: int = 0) -> ir.Model:
         "gamma": f32(rng.random(8) + 0.5), "beta": f32(rng.standard_normal(8)),
         "mean": f32(rng.standard_normal(8) * 0.1), "var": f32(rng.random(8) + 0.5),
         "lo": f32(0.0), "hi": f32(6.0), "scale": f32(rng.random((1, 8, 1, 1)) + 0.5),
-        "shift": f32(rng.standard_normal((8, 1, 1))), "two": f32(2.0), "roi": f32([]), "scales": f32([1, 1, 2, 2]),
+        "shift": f32(rng.standard_normal((8, 1, 1))), "two": f32(2.0), "roi": f32([]),
+        "scales": f32([1, 1, 2, 2]),
         "w2": f32(rng.standard_normal((6, 8, 1, 1))),
         "axes23": np.array([2, 3], np.int64), "wfc": f32(rng.standard_normal((4, 6))),
         "bfc": f32(rng.standard_normal(4)),
@@ -72,7 +73,8 @@ def test_prune_ops_groups_traced_through_every_op() -> None:
     assert sizes == [6, 8]
     first = next(g for g in groups if g.size == 8)
     names = {m.value.name for m in first.members}
-    assert {"bn", "clip", "mul", "add", "div", "pool", "up", "nhwc", "nchw"} <= names  # Dropout is folded away
+    # (Dropout is folded away by the preparation)
+    assert {"bn", "clip", "mul", "add", "div", "pool", "up", "nhwc", "nchw"} <= names
     nhwc = next(m for m in first.members if m.value.name == "nhwc")
     assert nhwc.axis == 3
     second = next(g for g in groups if g.size == 6)

@@ -28,8 +28,8 @@ def _conv_out_channels(model) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("channels", "ratio", "round_to", "expected"),
-    [(64, 0.5, None, 32), (10, 0.3, None, 7), (64, 0.3, None, 44), (3, 0.9, None, 1), (64, 0.3, 8, 48),
-     (64, 0.9, 8, 8), (6, 0.5, 8, 6), (100, 0.5, 16, 48)],
+    [(64, 0.5, None, 32), (10, 0.3, None, 7), (64, 0.3, None, 44), (3, 0.9, None, 1),
+     (64, 0.3, 8, 48), (64, 0.9, 8, 8), (6, 0.5, 8, 6), (100, 0.5, 16, 48)],
 )  # fmt: skip
 def test_prune_kept_count(channels: int, ratio: float, round_to: int | None, expected: int) -> None:
     assert kept_count(channels, ratio, round_to) == expected

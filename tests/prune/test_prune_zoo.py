@@ -1,4 +1,4 @@
-"""Ratio 0.5 on the third-party architectures shipped with onnx (opset 9, ConstantOfShape weights)."""
+"""Ratio 0.5 on the architectures shipped with onnx (opset 9, weights from ConstantOfShape)."""
 
 from __future__ import annotations
 
