@@ -27,12 +27,19 @@ _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def bn_after_layer(model: ir.Model) -> list[str]:
+    """BatchNormalizations that read a Conv/ConvTranspose/Gemm/MatMul output nothing else reads.
+
+    (A BN whose layer output also feeds something else, like DenseNet's Concat, cannot be folded
+    without computing the layer twice; fuse-batchnorm reports it as skipped.)
+    """
     found = []
     for node in model.graph:
         if node.op_type != "BatchNormalization":
             continue
-        source = node.inputs[0].producer()
-        if source is not None and source.op_type in _LAYERS:
+        value = node.inputs[0]
+        source = value.producer()
+        alone = len(value.uses()) == 1 and not value.is_graph_output()
+        if source is not None and source.op_type in _LAYERS and alone:
             found.append(node.name or "?")
     return found
 
