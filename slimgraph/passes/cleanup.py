@@ -38,6 +38,7 @@ __all__ = [
     "DeduplicateInitializersPass",
     "RemoveUnusedPass",
     "ShapeInferencePass",
+    "InlineFunctionsPass",
     "TopologicalSortPass",
     "CleanupPass",
 ]
@@ -245,6 +246,11 @@ ShapeInferencePass = _wrap(
     common.ShapeInferencePass,
     "Annotate values with onnx's inferred types and shapes; exact (computation untouched).",
 )
+InlineFunctionsPass = _wrap(
+    "inline-functions",
+    common.InlinePass,
+    "Inline calls to model-local functions, so folding and fusion see their nodes; exact.",
+)
 TopologicalSortPass = _wrap(
     "topological-sort",
     common.TopologicalSortPass,
@@ -281,7 +287,8 @@ class CleanupResult(SlimgraphPassResult):
 class CleanupPass(SlimgraphPass):
     """All cleanup passes, repeated until nothing changes (at most `max_rounds`); exact.
 
-    Order: initializers out of the inputs (unless `keep_initializer_inputs`), then rounds of
+    Order: model-local functions inlined, initializers out of the inputs (unless
+    `keep_initializer_inputs`), then rounds of
     ConstantOfShape materialization, constant folding, Dropout removal, reshape/transpose chains,
     identity elimination and dead-code removal; finally CSE, initializer deduplication, dead-code
     removal and a topological sort.
@@ -307,6 +314,7 @@ class CleanupPass(SlimgraphPass):
                 changed[name] = changed.get(name, 0) + 1
             return bool(result.modified)
 
+        apply("inline-functions", InlineFunctionsPass())
         if not self.keep_initializer_inputs:
             apply("initializer-inputs", InitializerInputsPass())
         rounds = 0

@@ -4,7 +4,7 @@ Each pass replaces a pattern by fewer nodes computing the same function (up to f
 each is `exact = True` and verified at rtol 1e-4). A fold only happens where the intermediate
 value has exactly one reader and is not a graph output (onnxscript's matcher guarantees this for
 the rules reused here; the hand-written folds check it with `single_consumer`). The algebra is in
-`slimgraph.passes.fuse_math`.
+`slimgraph.passes.fuse_math`. The fusions work on the main graph (not inside If/Loop bodies).
 
 - `fuse-batchnorm`: BN after Conv, ConvTranspose (groups included) or Gemm (onnxscript's rules,
   with extra checks), and after a 2-D MatMul with a constant weight (becomes a Gemm).

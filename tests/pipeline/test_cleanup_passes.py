@@ -228,3 +228,36 @@ def test_constant_of_shape_that_is_a_graph_output_keeps_its_name() -> None:
     assert [v.name for v in model.graph.outputs] == ["y", "c"]
     assert ops(model) == {"Add": 1, "Identity": 1}
     assert_same_outputs(reference, model)
+
+
+def test_cleanup_inlines_local_functions_so_their_nodes_can_be_cleaned() -> None:
+    import onnx
+    import onnx_ir as ir
+
+    function = helper.make_function(
+        "local",
+        "AddThenIdentity",
+        ["a", "b"],
+        ["c"],
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Identity", ["s"], ["c"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddThenIdentity", ["x", "x"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    proto = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    model = ir.from_proto(proto)
+    reference = model.clone()
+    result = cleanup.CleanupPass()(model)
+    assert "inline-functions" in result.changed_by
+    assert ops(model) == {"Add": 1} and not model.functions
+    assert_same_outputs(reference, model)
