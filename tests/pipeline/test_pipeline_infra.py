@@ -306,3 +306,11 @@ def test_run_time_context_reaches_passes_that_take_it() -> None:
         assert ops(model)["Conv"] == 1
     finally:
         del PASSES["test-calibrated"]
+
+
+def test_optimize_is_functional() -> None:
+    model = conv_bn_model()
+    before = ir.to_proto(model).SerializeToString()
+    optimized = sg.optimize(model, opset=21)
+    assert ir.to_proto(model).SerializeToString() == before
+    assert optimized is not model and ops(optimized) == {"Conv": 1, "Relu": 1}
