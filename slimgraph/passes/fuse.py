@@ -440,9 +440,19 @@ class BatchNormToAffinePass(SlimgraphPass):
     `s = gamma / sqrt(var + eps)`, `t = beta - mean * s`, shaped `(C, 1, ...)` to broadcast over
     the input's spatial axes; needs the input's rank (skipped, with the reason, when unknown).
     Quantizers handle Mul/Add; they do not handle a bare BatchNormalization.
+
+    Args:
+        form: "mul-add" (default), or "conv": one depthwise 1x1 Conv (`group=C`, weight `s`,
+            bias `t`) for inputs with spatial axes (rank >= 3).
     """
 
     exact: ClassVar[bool] = True
+
+    def __init__(self, *, form: str = "mul-add") -> None:
+        super().__init__()
+        if form not in ("mul-add", "conv"):
+            raise ValueError(f"form must be 'mul-add' or 'conv', got {form!r}")
+        self.form = form
 
     def call(self, model: ir.Model) -> FusionResult:
         skipped: list[Skipped] = []
@@ -462,6 +472,8 @@ class BatchNormToAffinePass(SlimgraphPass):
             x = bn.inputs[0]
             if reason is None and (x is None or x.shape is None or len(x.shape) < 2):
                 reason = "input rank unknown"
+            if reason is None and self.form == "conv" and len(x.shape) < 3:  # type: ignore[union-attr]
+                reason = "a depthwise Conv needs spatial axes"
             if reason:
                 skipped.append(Skipped(_label(bn), bn.op_type, reason))
                 continue
@@ -474,18 +486,25 @@ class BatchNormToAffinePass(SlimgraphPass):
             graph = bn.graph
             assert graph is not None
             base = bn.inputs[1].name or "bn"
-            s = new_initializer(graph, scale.reshape(shape).astype(gamma.dtype), f"{base}_scale")
-            t = new_initializer(graph, shift.reshape(shape).astype(gamma.dtype), f"{base}_shift")
-            mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
-            add = ir.node("Add", [mul.outputs[0], t], name=f"{bn.name}_add" if bn.name else None)
-            for new in (mul, add):
+            if self.form == "conv":
+                kernel = (gamma.size, 1) + (1,) * (len(x.shape) - 2)
+                w = new_initializer(graph, scale.reshape(kernel).astype(gamma.dtype), f"{base}_dw")
+                b = new_initializer(graph, shift.astype(gamma.dtype), f"{base}_dw_bias")
+                new_nodes = [ir.node("Conv", [x, w, b], attributes={"group": gamma.size})]
+            else:
+                s = new_initializer(graph, scale.reshape(shape).astype(gamma.dtype), f"{base}_scale")
+                t = new_initializer(graph, shift.reshape(shape).astype(gamma.dtype), f"{base}_shift")
+                mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
+                mul.outputs[0].dtype = x.dtype
+                mul.outputs[0].shape = x.shape
+                new_nodes = [mul, ir.node("Add", [mul.outputs[0], t])]
+            new_nodes[-1].name = bn.name
+            for new in new_nodes:
                 new.metadata_props.update(bn.metadata_props)
-            mul.outputs[0].dtype = x.dtype
-            mul.outputs[0].shape = x.shape
-            add.outputs[0].dtype = bn.outputs[0].dtype
-            add.outputs[0].shape = bn.outputs[0].shape
-            graph.insert_after(bn, [mul, add])
-            replace_output(bn.outputs[0], add.outputs[0])
+            new_nodes[-1].outputs[0].dtype = bn.outputs[0].dtype
+            new_nodes[-1].outputs[0].shape = bn.outputs[0].shape
+            graph.insert_after(bn, new_nodes)
+            replace_output(bn.outputs[0], new_nodes[-1].outputs[0])
             graph.remove(bn, safe=True)
             count += 1
         fused = {"batchnorm": count} if count else {}

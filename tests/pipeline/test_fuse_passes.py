@@ -355,3 +355,19 @@ def test_gemm_from_matmul_add_keeps_the_matmul_name() -> None:
     fuse.MatMulAddToGemmPass()(model)
     assert [(n.op_type, n.name) for n in model.graph] == [("Gemm", "fc")]
     assert model.graph.outputs[0].name == "y"
+
+
+def test_standalone_batchnorm_as_depthwise_conv() -> None:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "y", "bn")],
+        [("x", [2, 4, 5, 5])],
+        ["y"],
+        bn_params("bn", 4),
+    )
+    reference, result = run_pass(fuse.BatchNormToAffinePass(form="conv"), model)
+    assert ops(result.model) == {"Relu": 1, "Conv": 1}
+    conv = [n for n in result.model.graph if n.op_type == "Conv"][0]
+    assert conv.attributes.get_int("group") == 4 and conv.inputs[1].shape == [4, 1, 1, 1]
+    assert_same_outputs(reference, result.model)
+    with pytest.raises(ValueError, match="form must be"):
+        fuse.BatchNormToAffinePass(form="dw")
