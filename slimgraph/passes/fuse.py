@@ -472,7 +472,8 @@ class BatchNormToAffinePass(SlimgraphPass):
             x = bn.inputs[0]
             if reason is None and (x is None or x.shape is None or len(x.shape) < 2):
                 reason = "input rank unknown"
-            if reason is None and self.form == "conv" and len(x.shape) < 3:  # type: ignore[union-attr]
+            rank = len(x.shape) if x is not None and x.shape is not None else 0
+            if reason is None and self.form == "conv" and rank < 3:
                 reason = "a depthwise Conv needs spatial axes"
             if reason:
                 skipped.append(Skipped(_label(bn), bn.op_type, reason))
@@ -492,8 +493,10 @@ class BatchNormToAffinePass(SlimgraphPass):
                 b = new_initializer(graph, shift.astype(gamma.dtype), f"{base}_dw_bias")
                 new_nodes = [ir.node("Conv", [x, w, b], attributes={"group": gamma.size})]
             else:
-                s = new_initializer(graph, scale.reshape(shape).astype(gamma.dtype), f"{base}_scale")
-                t = new_initializer(graph, shift.reshape(shape).astype(gamma.dtype), f"{base}_shift")
+                s_array = scale.reshape(shape).astype(gamma.dtype)
+                t_array = shift.reshape(shape).astype(gamma.dtype)
+                s = new_initializer(graph, s_array, f"{base}_scale")
+                t = new_initializer(graph, t_array, f"{base}_shift")
                 mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
                 mul.outputs[0].dtype = x.dtype
                 mul.outputs[0].shape = x.shape

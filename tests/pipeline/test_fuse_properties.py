@@ -283,7 +283,9 @@ def test_fold_affine_broadcast_logic(seed, layer, group, op, const_shape, const_
     assert_same_outputs(reference, model)
 
 
-_FACTORIZATIONS_24 = [[24], [2, 12], [4, 6], [6, 4], [2, 3, 4], [3, 2, 4], [1, 24], [2, 2, 6], [4, 3, 2]]
+_FACTORIZATIONS_24 = [
+    [24], [2, 12], [4, 6], [6, 4], [2, 3, 4], [3, 2, 4], [1, 24], [2, 2, 6], [4, 3, 2]
+]
 
 
 @ORT_SETTINGS
