@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,10 +241,24 @@ def _memory_child(model_path: str, samples: int, method: str) -> None:
             yield {name: rng.standard_normal((min(10, samples - start), *shape)).astype(np.float32)}
 
     start = time.perf_counter()
+    tracemalloc.start()
     sg.quantize(model, calibration=batches(), method=method, progress=False)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"samples": samples, "maxrss_kib": rss,
+    _, python_peak = tracemalloc.get_traced_memory()
+    print(json.dumps({"samples": samples, "maxrss_kib": _peak_rss_kib(),
+                      "python_peak_kib": python_peak / 1024,
                       "seconds": time.perf_counter() - start}))
+
+
+def _peak_rss_kib() -> float:
+    """Peak resident memory of this process: VmHWM (reset by exec, unlike ru_maxrss, which a
+    child started by fork+exec inherits from its parent), ru_maxrss where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _memory(model_path: Path, samples: int, method: str) -> dict[str, float]:
@@ -252,6 +267,22 @@ def _memory(model_path: Path, samples: int, method: str) -> dict[str, float]:
         check=True, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_section(folder: Path) -> tuple[list[str], dict[int, dict[str, float]]]:
+    from tests.models import MobileNetV2Tiny
+
+    path = folder / "mobilenet_fp32.onnx"
+    sg.save(_cnn_case("memory", MobileNetV2Tiny(width=1.0), 96, 8, 2).fp32, path)
+    memory = {samples: _memory(path, samples, "entropy") for samples in (100, 1000)}
+    lines = ["\n## calibration peak memory (MobileNetV2-style at 96x96, entropy histograms; "
+             "peak RSS = VmHWM of a fresh process incl. Python, model and onnxruntime; "
+             "Python heap peak by tracemalloc)"]
+    for samples, result in memory.items():
+        lines.append(f"{samples:>5} samples: peak RSS {result['maxrss_kib'] / 1024:.0f} MiB, "
+                     f"Python heap peak {result['python_peak_kib'] / 1024:.1f} MiB "
+                     f"({result['seconds']:.1f} s)")
+    return lines, memory
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -282,6 +313,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "SAMPLES", "METHOD"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true")
     args = parser.parse_args()
     if args.memory_child:
         _memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
@@ -297,6 +329,11 @@ def main() -> int:
     rounds = 5 if args.quick else args.rounds
     print(f"slimgraph {sg.__version__}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
           f"{os.cpu_count()} cores; CNN inputs {size}x{size}; {rounds} rounds")
+    if args.only_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            for line in _memory_section(Path(tmp))[0]:
+                print(line)
+        return 0
     cases = [
         _cnn_case("ResNet-18-style", resnet18_style(1000), size, 64, 0),
         _cnn_case("MobileNetV2-style", MobileNetV2Tiny(width=1.0, classes=1000), size, 64, 1),
@@ -309,19 +346,10 @@ def main() -> int:
             _quantize_all(case, folder)
             _time_all(case, rounds)
             print(_table(case), flush=True)
-        memory = {}
+        memory: dict[int, dict[str, float]] = {}
         if not args.skip_memory:
-            path = folder / "mobilenet_fp32.onnx"
-            _memory_model = _cnn_case("MobileNetV2-style 96px", MobileNetV2Tiny(width=1.0), 96,
-                                      8, 2).fp32
-            sg.save(_memory_model, path)
-            for samples in (100, 1000):
-                memory[samples] = _memory(path, samples, "entropy")
-            print("\n## calibration peak memory (MobileNetV2-style at 96x96, entropy histograms, "
-                  "peak RSS of a fresh process incl. model and onnxruntime)")
-            for samples, result in memory.items():
-                print(f"{samples:>5} samples: {result['maxrss_kib'] / 1024:.0f} MiB "
-                      f"({result['seconds']:.1f} s)")
+            lines, memory = _memory_section(folder)
+            print("\n".join(lines))
 
     print("\n## targets")
     verdicts = []
