@@ -16,8 +16,9 @@ Rows:
   finds no constant MatMul weight to quantize.
 
 Columns: file size ratio, latency ratio at batch 1 and 8, cosine of the pooled output vs fp32
-(batch 8), quantize wall time. Then: Conv -> ConvInteger timed on a ResNet-18-style CNN, and the
-fp16 keep-op choices compared in true fp16 arithmetic (onnx's reference evaluator) on small models.
+(batch 8), quantize wall time. Then: Conv -> ConvInteger timed on a ResNet-18-style CNN, ways to
+read an int8 embedding table, and the fp16 keep-op choices compared in true fp16 arithmetic
+(onnx's reference evaluator) on small models.
 
 Target (PASS/FAIL): our dynamic int8 cosine >= 0.995 and its latency <= each onnxruntime
 dynamic output (same file, and folded first) at batch 1 and at batch 8 (within 3% noise),
@@ -122,6 +123,54 @@ def conv_integer_table(rounds: int, threads: int) -> str:
          ["dynamic int8 with Conv -> ConvInteger", f"{result.timings[1].ratio:.3f}",
           f"{cosine:.4f}"]],
     )  # fmt: skip
+
+
+def embedding_table(rounds: int, threads: int) -> str:
+    """Ways to read an int8 embedding table (30522 x 384, ids [8, 128]), timed side by side."""
+    import onnx
+    from onnx import helper as h
+
+    vocab, dim = 30522, 384
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((vocab, dim)) * 0.05).astype(np.float32)
+    scale = (np.abs(table).max(axis=1, keepdims=True) / 127).astype(np.float32)
+    codes = np.round(table / scale).astype(np.int8)
+    ids = {"ids": rng.integers(0, vocab, (8, 128)).astype(np.int64)}
+
+    def build(nodes: list, inits: dict[str, np.ndarray]) -> ir.Model:  # type: ignore[type-arg]
+        graph = h.make_graph(
+            nodes, "embedding", [h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [8, 128])],
+            [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )  # fmt: skip
+        opsets = [h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)]
+        return ir.from_proto(h.make_model(graph, opset_imports=opsets, ir_version=10))
+
+    variants = {
+        "fp32 Gather": build([h.make_node("Gather", ["w", "ids"], ["y"])], {"w": table}),
+        "GatherBlockQuantized (ours)": build(
+            [h.make_node("GatherBlockQuantized", ["q", "ids", "s"], ["y"], domain="com.microsoft",
+                         bits=8, block_size=512, gather_axis=0, quantize_axis=1)],
+            {"q": (codes.astype(np.int16) + 128).astype(np.uint8), "s": scale},
+        ),  # fmt: skip
+        "int8 Gather + scale Gather + Mul": build(
+            [h.make_node("Gather", ["q", "ids"], ["r"]), h.make_node("Gather", ["s", "ids"], ["c"]),
+             h.make_node("Cast", ["r"], ["f"], to=onnx.TensorProto.FLOAT),
+             h.make_node("Mul", ["f", "c"], ["y"])],
+            {"q": codes, "s": scale},
+        ),  # fmt: skip
+        "DequantizeLinear(table) + Gather": build(
+            [h.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0),
+             h.make_node("Gather", ["w", "ids"], ["y"])],
+            {"q": codes, "s": scale.reshape(-1)},
+        ),  # fmt: skip
+    }
+    result = benchmark(list(variants.values()), ids, labels=list(variants), rounds=rounds,
+                       threads=threads)  # fmt: skip
+    return render_table(
+        ["int8 embedding read (30522 x 384)", "latency ratio"],
+        [[t.label, f"{t.ratio:.2f}"] for t in result.timings],
+    )
 
 
 def fp16_keep_table() -> str:
@@ -251,6 +300,8 @@ def main() -> int:
     if not args.skip_conv:
         print()
         print(conv_integer_table(args.rounds, args.threads))
+    print()
+    print(embedding_table(args.rounds, args.threads))
     print()
     print(fp16_keep_table())
     return 0 if verdict else 1
