@@ -17,11 +17,13 @@ randomized): the channels each tool removes differ, so only cost is compared, no
 Verdict per model and ratio: PASS when our MACs and both latency ratios are within 10% of
 Torch-Pruning's or better.
 
+With --round-to N our models pruned with `round_to=N` are timed in the same run (extra rows).
 With --int8 the two 0.5-pruned models are also quantized by `sg.quantize` (static QDQ, uint8
 activations, per-channel int8 weights, min-max on 16 random samples) and timed in the same run.
 
 Usage:
-    python benchmarks/prune.py [--rounds 20] [--size 224] [--threads N] [--models NAME ...] [--int8]
+    python benchmarks/prune.py [--rounds 20] [--size 224] [--threads N] [--models NAME ...]
+        [--round-to N] [--int8]
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=None, help="architectures to run")
+    parser.add_argument("--round-to", dest="round_to", type=int, default=None,
+                        help="also time ours with this round_to (kept channels multiple of N)")
     parser.add_argument("--int8", action="store_true",
                         help="add both 0.5-pruned models after sg.quantize (static, 16 samples)")
     args = parser.parse_args()
@@ -111,6 +115,10 @@ def main() -> int:
             labels.append(f"ours {ratio}")
             models.append(export(prune_with_torch_pruning(net, head, ratio, args.size), args.size))
             labels.append(f"torch-pruning {ratio}")
+        if args.round_to:
+            for ratio in RATIOS:
+                models.append(sg.prune(base, ratio=ratio, round_to=args.round_to))
+                labels.append(f"ours {ratio} round_to {args.round_to}")
         if args.int8:
             calibration = {"x": np.random.default_rng(1).standard_normal(
                 (16, 3, args.size, args.size)).astype(np.float32)}  # fmt: skip

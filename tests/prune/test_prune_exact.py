@@ -20,7 +20,7 @@ CASES = [
     (name, pad)
     for name in ("resnet", "densenet", "mobilenetv2", "mlp", "convtranspose")
     for pad in (False, True)
-] + [("grouped", True)]
+] + [("grouped", True), ("bert", False), ("bert", True)]
 
 
 @pytest.mark.parametrize(("name", "pad"), CASES)

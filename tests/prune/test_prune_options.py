@@ -170,6 +170,20 @@ def test_prune_cli_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "channels per layer:" in text and "padded at 1 edge(s)" in text
 
 
+def test_prune_cli_unstructured_prints_sparsity(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = _save(tmp_path, "mlp")
+    target = tmp_path / "sparse.onnx"
+    args = ["prune", str(source), "-o", str(target), "--ratio", "0.7", "--unstructured"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "sparsity" in text and "70.0%" in text
+    weights = [n.inputs[1].const_value.numpy() for n in sg.load(target).graph
+               if n.op_type == "MatMul"]  # fmt: skip
+    assert weights and all(abs((w == 0).mean() - 0.7) < 0.01 for w in weights)
+
+
 @pytest.mark.parametrize(
     ("name", "extra", "message"),
     [
