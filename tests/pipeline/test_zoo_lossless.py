@@ -54,7 +54,13 @@ def check_optimized(source: Path, out: Path, capsys, extra: Sequence[str] = ()) 
     assert report["nodes_after"] < report["nodes_before"] == sum(1 for _ in before.graph)
     assert report["nodes_after"] == sum(1 for _ in after.graph)
     assert not bn_after_layer(after)
-    feeds = random_feeds(before, seed=1)  # not the seed the pipeline verified with
+    # the pipeline's own end-to-end check (input model vs written model, on onnxruntime)
+    for output in report["fidelity"]["outputs"]:
+        atol = 1e-5 * max(1.0, output["reference_max_abs"])
+        assert output["max_abs_error"] <= atol + 1e-4 * output["reference_max_abs"], output
+    if out.stat().st_size > 100_000_000:
+        return {"before": before, "after": after, "report": report}  # keep the giants bounded
+    feeds = random_feeds(before, seed=1)  # independently: not the seed the pipeline used
     expected = run(create_session(source, optimization="disable"), feeds)
     got = run(create_session(out, optimization="disable"), feeds)
     assert expected.keys() == got.keys()
