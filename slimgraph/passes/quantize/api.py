@@ -236,8 +236,8 @@ def _first_rows(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.nd
 def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]) -> None:
     from slimgraph.runtime import create_session, run
 
-    ref = run(create_session(reference, optimization="disable"), feed)
-    got = run(create_session(prepared, optimization="disable"), feed)
+    ref = run(create_session(reference), feed)
+    got = run(create_session(prepared), feed)
     for name, expected in ref.items():
         actual = got.get(name)
         tolerance = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0.0)))
