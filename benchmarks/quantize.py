@@ -261,6 +261,44 @@ def _peak_rss_kib() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def _ort_memory_child(model_path: str, samples: int) -> None:
+    """Same measurement for onnxruntime's quantize_static with its entropy calibrator."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        quantize_static,
+    )
+
+    model = sg.load(model_path)
+    spec = runtime.input_specs(model)[0]
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.items = ({spec.name: rng.standard_normal((min(10, samples - s), *shape))
+                           .astype(np.float32)} for s in range(0, samples, 10))
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.items, None)
+
+    start = time.perf_counter()
+    tracemalloc.start()
+    error = ""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            quantize_static(model_path, str(Path(folder) / "q.onnx"), Reader(),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            calibrate_method=CalibrationMethod.Entropy)
+        except Exception as failure:  # reported, not raised: the table shows it
+            error = f"{type(failure).__name__}: {str(failure).splitlines()[0][:80]}"
+    _, python_peak = tracemalloc.get_traced_memory()
+    print(json.dumps({"samples": samples, "maxrss_kib": _peak_rss_kib(),
+                      "python_peak_kib": python_peak / 1024, "error": error,
+                      "seconds": time.perf_counter() - start}))
+
+
 def _memory(model_path: Path, samples: int, method: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(model_path), str(samples), method],
@@ -279,9 +317,15 @@ def _memory_section(folder: Path) -> tuple[list[str], dict[int, dict[str, float]
              "peak RSS = VmHWM of a fresh process incl. Python, model and onnxruntime; "
              "Python heap peak by tracemalloc)"]
     for samples, result in memory.items():
-        lines.append(f"{samples:>5} samples: peak RSS {result['maxrss_kib'] / 1024:.0f} MiB, "
-                     f"Python heap peak {result['python_peak_kib'] / 1024:.1f} MiB "
+        lines.append(f"slimgraph  {samples:>5} samples: peak RSS {result['maxrss_kib'] / 1024:.0f} "
+                     f"MiB, Python heap peak {result['python_peak_kib'] / 1024:.1f} MiB "
                      f"({result['seconds']:.1f} s)")
+    for samples in (100, 1000):
+        result = _memory(path, samples, "ort-entropy")
+        failed = f", failed: {result['error']}" if result["error"] else ""
+        lines.append(f"ort static {samples:>5} samples: peak RSS {result['maxrss_kib'] / 1024:.0f} "
+                     f"MiB, Python heap peak {result['python_peak_kib'] / 1024:.1f} MiB "
+                     f"({result['seconds']:.1f} s{failed})")
     return lines, memory
 
 
@@ -316,7 +360,11 @@ def main() -> int:
     parser.add_argument("--only-memory", action="store_true")
     args = parser.parse_args()
     if args.memory_child:
-        _memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
+        model_path, samples, method = args.memory_child
+        if method == "ort-entropy":
+            _ort_memory_child(model_path, int(samples))
+        else:
+            _memory_child(model_path, int(samples), method)
         return 0
 
     import onnxruntime as ort
