@@ -359,6 +359,7 @@ class _Planner:
                         and bias is not None
                         and _is_constant(bias)
                         and bias.const_value.dtype == ir.DataType.FLOAT
+                        and tuple(bias.const_value.shape) == (_out_channels(node, w),)
                         and (op != "Gemm" or (_attr(node, "alpha", 1.0) == 1.0
                                               and _attr(node, "beta", 1.0) == 1.0))
                     ):
@@ -464,6 +465,16 @@ def _clip_starts_at_zero(node: ir.Node) -> bool:
     if low is None:
         return _attr(node, "min", None) == 0.0
     return low.const_value is not None and float(low.const_value.numpy()) == 0.0
+
+
+def _out_channels(node: ir.Node, weight: ir.Value) -> int:
+    """Output channels of a Conv/ConvTranspose/Gemm (the length its bias must have)."""
+    shape = weight.const_value.shape
+    if node.op_type == "ConvTranspose":
+        return shape[1] * int(_attr(node, "group", 1))
+    if node.op_type == "Gemm" and not _attr(node, "transB", 0):
+        return shape[1]
+    return shape[0]
 
 
 def _weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
