@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -334,7 +335,7 @@ class _Tracer:
         self.weight_uses: list[WeightUse] = []
         self.rewrites: list[Rewrite] = []
         self.blocks: list[Block] = []
-        self.queue: list[int] = []
+        self.queue: deque[int] = deque()
         self.producer_of_slot: dict[int, ir.Node] = {}
         self.outputs = {id(v): i for i, v in enumerate(graph.outputs)}
 
@@ -402,7 +403,7 @@ class _Tracer:
         for node in self.graph:
             self.start(node)
         while self.queue:
-            slot = self.slots[self.queue.pop(0)]
+            slot = self.slots[self.queue.popleft()]
             self.visit(slot)
         for slot in self.slots:
             if slot.origin is None:
