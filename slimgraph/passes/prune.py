@@ -619,13 +619,26 @@ class PrunePass(SlimgraphFunctionalPass):
                 GroupReport(
                     group.id, group.size, group.size - count,
                     tuple(node_label(n) for n in group.producers),
-                    "; ".join(group.reasons) if not group.prunable else "",
+                    _why_not(group),
                     sum(1 for b in group.pads if b.slot in kept),
                 )
             )  # fmt: skip
+        logger.info(
+            "pruned %d of %d channel groups (%d channels removed)",
+            len(groups), len(analysis.groups), len(removed_roots),
+        )  # fmt: skip
         for (node, slot_id), size in before.items():
             after = len(kept[slot_id]) if slot_id in kept else size
             report.layers.append(LayerChannels(node_label(node), node.op_type, size, after))
+
+
+def _why_not(group: ChannelGroup) -> str:
+    """Why a group kept all its channels ('' when it was pruned)."""
+    if group.prunable:
+        return ""
+    if group.reasons:
+        return "; ".join(group.reasons)
+    return "a single channel" if group.size <= 1 else "no prunable producer"
 
 
 def _producer_channels(analysis: ChannelAnalysis) -> dict[tuple[ir.Node, int], int]:
