@@ -22,6 +22,7 @@ from slimgraph.errors import (
 from slimgraph.ir import from_torch, load, save
 from slimgraph.passes.lowrank import factorize, factorize_with_report
 from slimgraph.passes.pipeline import optimize
+from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime import benchmark, compare, random_feeds
@@ -42,6 +43,7 @@ __all__ = [
     "prune_with_report",
     "factorize",
     "factorize_with_report",
+    "convert_fp16",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

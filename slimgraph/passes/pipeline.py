@@ -598,6 +598,11 @@ PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
     "slimgraph.passes.opset",
+    "slimgraph.passes.lowrank",
+    "slimgraph.passes.prune",
+    "slimgraph.passes.precision",
+    "slimgraph.passes.quantize.dynamic",
+    "slimgraph.passes.quantize.weight_only",
 )
 
 

@@ -37,6 +37,7 @@ from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import layer_name
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass
 
 __all__ = [
     "CRITERIA",
@@ -535,6 +536,7 @@ def _unstructured(
 # -- the pass ---------------------------------------------------------------------------------
 
 
+@register_pass("prune")
 class PrunePass(SlimgraphFunctionalPass):
     """Structured channel pruning (or unstructured magnitude pruning) on a copy of the model.
 
