@@ -1,6 +1,7 @@
 """Every pass family is reachable from a recipe, and a mixed recipe runs verified end to end."""
 
 from __future__ import annotations
+
 import pytest
 
 from slimgraph import runtime
