@@ -38,6 +38,3 @@ FACTORIZE_REPORT = "slimgraph.factorize_report"
 
 # Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration data).
 QUANT_REPORT = "slimgraph.quantize_report"
-
-# Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration data).
-QUANT_REPORT = "slimgraph.quantize_report"
