@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from collections.abc import Sequence
 
@@ -34,8 +33,8 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir import layer_name
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
+from slimgraph.ir.select import matching_pattern
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 
@@ -120,7 +119,7 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        for row, layer in zip(data["sparsity"], self.sparsity):
+        for row, layer in zip(data["sparsity"], self.sparsity, strict=True):
             row["sparsity"] = layer.sparsity
         return data
 
@@ -184,8 +183,7 @@ def _excluded_predicate(graph: ir.Graph, exclude: Sequence[str], exclude_ops: Se
 
 
 def _matches(node: ir.Node, pattern: str) -> bool:
-    names = (layer_name(node), node.name or "")
-    return any(name and fnmatch.fnmatchcase(name, pattern) for name in names)
+    return matching_pattern(node, (pattern,)) is not None
 
 
 # -- importance and selection -----------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
+from slimgraph.ir.select import matching_pattern
 
 __all__ = ["SUPPORTED_OPS", "LayerFilter", "display_name"]
 
@@ -64,8 +64,7 @@ class LayerFilter:
 
     @staticmethod
     def _matches(node: ir.Node, pattern: str) -> bool:
-        names = {node.name or "", layer_name(node)}
-        return any(name and fnmatch.fnmatchcase(name, pattern) for name in names)
+        return matching_pattern(node, (pattern,)) is not None
 
     def explicit(self, node: ir.Node) -> bool:
         return self.include is not None and any(self._matches(node, p) for p in self.include)

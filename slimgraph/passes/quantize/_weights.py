@@ -7,7 +7,6 @@ only; `constant_array` follows such chains and returns the weight as the consume
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from collections.abc import Sequence
 
@@ -16,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir import layer_name
+from slimgraph.ir.select import matching_pattern
 
 __all__ = [
     "constant_array",
@@ -105,11 +104,7 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -
 
 def excluded_by(node: ir.Node, patterns: Sequence[str]) -> str | None:
     """The first pattern (fnmatch) matching the node's layer name or node name, else None."""
-    names = [n for n in (layer_name(node), node.name or "") if n]
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            return pattern
-    return None
+    return matching_pattern(node, patterns)
 
 
 def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
