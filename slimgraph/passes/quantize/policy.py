@@ -28,7 +28,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
+from slimgraph.ir.select import matching_pattern
 from slimgraph.passes.base import Skipped
 
 __all__ = [
@@ -202,10 +203,14 @@ class _Planner:
 
     # --- helpers -------------------------------------------------------------------------
     def _excluded(self, node: ir.Node) -> bool:
+        """Excluded by op type, by the shared name rule (layer or node name, `ir.select`), or by
+        the name of a tensor it outputs (the report prints tensor names too)."""
         if node.op_type in self.exclude_ops:
             return True
-        names = [node.name or "", layer_name(node)] + [v.name or "" for v in node.outputs]
-        return any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names if n)
+        if matching_pattern(node, self.exclude) is not None:
+            return True
+        outputs = [v.name for v in node.outputs if v.name]
+        return any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in outputs)
 
     def _find(self, name: str) -> str:
         root = name
@@ -489,9 +494,3 @@ def _weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
     if node.op_type == "MatMul" and rank == 2:
         return 1
     return None
-
-
-def matches(patterns: Iterable[str], names: Iterable[str]) -> bool:
-    """Whether any name matches any fnmatch pattern."""
-    names = [n for n in names if n]
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
