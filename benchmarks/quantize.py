@@ -302,7 +302,8 @@ def _ort_memory_child(model_path: str, samples: int) -> None:
 def _memory(model_path: Path, samples: int, method: str) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(model_path), str(samples), method],
-        check=True, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -334,7 +335,8 @@ def _memory_section(folder: Path) -> tuple[list[str], dict[int, dict[str, float]
 def _table(case: Case) -> str:
     fp32_size = case.candidates[0].size
     lines = [f"\n## {case.name}  (fp32 {fp32_size / 1e6:.2f} MB)", ""]
-    header = f"{'candidate':<18} {'size':>6} {'lat b1':>7} {'lat b8':>7} {'quantize s':>10}  fidelity"
+    header = (f"{'candidate':<18} {'size':>6} {'lat b1':>7} {'lat b8':>7} {'quantize s':>10}"
+              "  fidelity")
     lines += [header, "-" * len(header)]
     for c in case.candidates:
         if c.model is None:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.feeds import check_feeds, iter_batches, load_npz, sample_count
 from slimgraph.runtime.histogram import TensorStats
-from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.session import create_session
 
 __all__ = [
     "CalibrationData",

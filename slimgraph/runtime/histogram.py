@@ -56,7 +56,7 @@ class TensorStats:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def update(self, values: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
-        """Add a batch of values (finite: the caller checks; `bounds` = its min and max if known)."""
+        """Add a batch of finite values (the caller checks); `bounds`: their min and max."""
         data = np.asarray(values, dtype=np.float32).ravel()
         if data.size == 0:
             return

@@ -1,13 +1,12 @@
-"""QOperator output: QLinearConv / QLinearMatMul / MatMulInteger / ConvInteger in the saved graph."""
+"""QOperator output: QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger in the graph."""
 
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto, helper
 
 import slimgraph as sg
 from slimgraph.passes.quantize.qoperator import QOperatorPass
-from onnx import TensorProto, helper
-
 from slimgraph.runtime import compare
 from tests.quantize.quant_helpers import (
     DIGITS_CALIB,
@@ -49,7 +48,9 @@ def test_conv_with_float_output_becomes_convinteger() -> None:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])]
     model = make_model(
-        nodes, [("x", TensorProto.FLOAT, ["n", 3, 8, 8])], [("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        nodes,
+        [("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
         {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
          "b": rng.standard_normal(4).astype(np.float32)},
     )

@@ -131,7 +131,8 @@ def quantize_static(
     if not plan.weights and not plan.activations:
         raise UnsupportedModelError(
             "nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul with a "
-            "float32 constant weight" + (" outside the exclusions" if exclude or exclude_ops else "")
+            "float32 constant weight"
+            + (" outside the exclusions" if exclude or exclude_ops else "")
         )
     needs_histogram = method in ("percentile", "entropy", "mse")
     names = [a.value for a in plan.activations]

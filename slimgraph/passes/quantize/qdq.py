@@ -23,7 +23,15 @@ from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
 from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
 
-__all__ = ["MIN_OPSET", "QParams", "activation_params", "weight_params", "QDQPass", "QDQResult", "DQ_SUFFIX"]
+__all__ = [
+    "MIN_OPSET",
+    "QParams",
+    "activation_params",
+    "weight_params",
+    "QDQPass",
+    "QDQResult",
+    "DQ_SUFFIX",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -151,7 +151,8 @@ class QOperatorPass(SlimgraphFunctionalPass):
 
     def _gemm(self, graph: ir.Graph, node: ir.Node) -> bool:
         attrs = {k: a.value for k, a in node.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        scaled = attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+        if attrs.get("transA", 0) or scaled:
             return False
         x, w = _dq(node.inputs[0]), _dq(node.inputs[1])
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None

@@ -60,12 +60,14 @@ class QuantReport:
             f"calibration '{self.method}' on {out.samples} batches",
         ]
         for o in out.outputs:
-            top1 = f", top-1 agreement {o.top1_agreement:.4f}" if o.top1_agreement is not None else ""
+            top1 = ""
+            if o.top1_agreement is not None:
+                top1 = f", top-1 agreement {o.top1_agreement:.4f}"
             lines.append(
                 f"output {o.name}: cosine {o.cosine:.5f}, SQNR {_db(o.sqnr_db)}{top1}"
             )
         if self.rows:
-            lines.append(f"worst tensors (own SQNR dB / accumulated dB; --exclude takes the node):")
+            lines.append("worst tensors (own SQNR dB / accumulated dB; --exclude takes the node):")
             width = max(len(r.node) for r in self.rows[:top])
             for row in self.rows[:top]:
                 layer = f"  [{row.layer}]" if row.layer else ""
