@@ -45,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              default=True, help="per-channel weight scales (default)")
     granularity.add_argument("--per-tensor", dest="per_channel", action="store_false",
                              help="one scale per weight")
-    parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator"), default="qdq",
-                        help="QDQ pairs (default) or QLinearConv/QLinearMatMul/MatMulInteger")
+    parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator"), default=None,
+                        help="QDQ pairs (default) or QLinearConv/QLinearMatMul/MatMulInteger; "
+                        "weight-only: MatMulNBits (default) or qdq (DequantizeLinear block_size)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME_OR_PATTERN",
                         help="node, layer or tensor names (fnmatch patterns) left in float")
     parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[],
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("static" if args.calib else "dynamic")
     if mode != "static" and args.calib:
         raise BadOptionError(f"--calib is only used by static quantization, not --mode {mode}")
+    fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
+    fmt_label = "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt
     model = sg_ir.load(source)
     quantized = quantize(
         model,
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         mode=mode,
         method=args.method,
         per_channel=args.per_channel,
-        fmt=args.fmt,
+        fmt=fmt,
         exclude=args.exclude,
         exclude_ops=args.exclude_ops,
         activation_dtype=args.activation_dtype,
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     report = report_of(quantized)
     if args.json:
         out: dict[str, object] = {
-            "input": str(source), "output": str(target), "mode": mode, "format": args.fmt,
+            "input": str(source), "output": str(target), "mode": mode, "format": fmt_label,
             "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
         }
         if report is not None:
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         emit(to_json(out))
         return 0
     lines = [
-        f"wrote {target} ({mode}{', ' + args.fmt if mode != 'dynamic' else ''}): "
+        f"wrote {target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
         f"{format_bytes(size_out)}, "
         f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
     ]

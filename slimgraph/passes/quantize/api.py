@@ -38,7 +38,7 @@ def quantize(
     mode: Mode | None = None,
     method: str = "minmax",
     per_channel: bool = True,
-    fmt: str = "qdq",
+    fmt: str | None = None,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     activation_dtype: ActivationDtype = "auto",
@@ -59,6 +59,8 @@ def quantize(
         method: static calibrator: minmax, moving-average, percentile, entropy or mse.
         per_channel: per-channel weight scales.
         fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs) or "qoperator" (QLinearConv, ...).
+            Default: "qdq" for static; for weight-only, MatMulNBits ("qoperator"), measured
+            faster on CPU than the standard DequantizeLinear-with-block_size form ("qdq").
         exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
         exclude_ops: op types left float.
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
@@ -74,6 +76,8 @@ def quantize(
         >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
     """
     mode = mode or ("static" if calibration is not None else "dynamic")
+    if fmt is None:
+        fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
     if mode == "static":
@@ -88,8 +92,7 @@ def quantize(
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
         return quantize_dynamic(
-            model, per_channel=per_channel, exclude=tuple(exclude),
-            op_types=None,
+            model, per_channel=per_channel, exclude=tuple(exclude), exclude_ops=tuple(exclude_ops)
         )
     if mode == "weight-only":
         from slimgraph.passes.quantize.weight_only import quantize_weight_only
@@ -97,6 +100,7 @@ def quantize(
         return quantize_weight_only(
             model, bits=bits, block_size=block_size,
             fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
+            exclude_ops=tuple(exclude_ops),
         )
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
 
