@@ -17,12 +17,14 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.ir import metadata
+from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.policy import ActivationDtype, annotate
 from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
 
-__all__ = ["quantize", "quantize_static", "prepare", "report_of"]
+__all__ = ["quantize", "quantize_static", "prepare", "report_of", "StaticQuantizePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,3 +254,46 @@ def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]
             raise VerificationError(
                 f"folding BatchNorm/constants before quantization changed output '{name}'"
             )
+
+
+@register_pass("quantize")
+class StaticQuantizePass(SlimgraphFunctionalPass):
+    """Calibrated static int8 quantization as a pipeline step (approximate: fidelity reported).
+
+    Takes its calibration data from the pipeline's context (`optimize(..., calibration=...)`,
+    `slimgraph optimize --calib DATA.npz`) unless given directly; see `quantize_static`.
+    """
+
+    exact = False
+
+    def __init__(
+        self,
+        *,
+        calibration: CalibrationData | None = None,
+        method: str = "minmax",
+        per_channel: bool = True,
+        fmt: str = "qdq",
+        exclude: Sequence[str] = (),
+        exclude_ops: Sequence[str] = (),
+        activation_dtype: ActivationDtype = "auto",
+    ) -> None:
+        super().__init__()
+        self.calibration = calibration
+        self.options = {
+            "method": method, "per_channel": per_channel, "fmt": fmt, "exclude": tuple(exclude),
+            "exclude_ops": tuple(exclude_ops), "activation_dtype": activation_dtype,
+        }
+
+    def requires(self, model: ir.Model) -> None:
+        if self.calibration is None:
+            raise BadOptionError(
+                "the 'quantize' step needs calibration data (--calib DATA.npz, or calibration=)"
+            )
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        quantized = quantize_static(model, self.calibration, progress=False, **self.options)
+        return SlimgraphPassResult(quantized, modified=True)
+
+
+# Exact cleanup and fusion, then calibrated static int8: `slimgraph optimize --preset int8 --calib`.
+register_preset("int8", ["lossless", "quantize"])
