@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-
 __all__ = [
     "WeightUse",
     "Rewrite",

@@ -25,7 +25,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.passes._graph_utils import bypass, constant_array, is_onnx_op, opset_version
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass, register_preset
+from slimgraph.passes.pipeline import register_pass
 
 __all__ = [
     "InitializerInputsPass",

@@ -10,11 +10,11 @@ import argparse
 from slimgraph import ir as sg_ir
 from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 from slimgraph.tools.tables import (
+    emit,
     format_bytes,
     format_count,
     format_shape,
     render_fields,
-    emit,
     render_table,
     to_json,
 )

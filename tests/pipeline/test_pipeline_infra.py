@@ -132,7 +132,7 @@ def test_unknown_names_and_bad_options_list_what_is_known() -> None:
     known = r"unknown pass 'nope' \(known passes: .*fuse-batchnorm"
     with pytest.raises(BadOptionError, match=known):
         build_pipeline(["cleanup", "nope"])
-    with pytest.raises(BadOptionError, match="presets: cleanup-only, lossless"):
+    with pytest.raises(BadOptionError, match="presets: cleanup-only, int8, lossless"):
         build_pipeline([{"name": "nope"}])
     with pytest.raises(BadOptionError, match="pass 'cleanup': bad options"):
         build_pipeline([{"name": "cleanup", "rounds": 3}])
@@ -197,7 +197,7 @@ def test_cli_errors_exit_codes_and_no_partial_output(
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(source), "-o", str(out), "--preset", "nope"]) == 2
     error = capsys.readouterr().err
-    assert "unknown preset 'nope' (known presets: cleanup-only, lossless)" in error
+    assert "unknown preset 'nope' (known presets: cleanup-only, int8, lossless)" in error
     recipe = tmp_path / "wrong.yaml"
     recipe.write_text("- cleanup\n- test-scale-weight\n")
     assert main(["optimize", str(source), "-o", str(out), "--recipe", str(recipe)]) == 1

@@ -15,9 +15,9 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.ir import from_torch
 from slimgraph.runtime import create_session, random_feeds, run
 from slimgraph.tools.cli import main
-from slimgraph.ir import from_torch
 from tests import models as test_models
 from tests.conftest import ZOO_FILES, exported_model
 

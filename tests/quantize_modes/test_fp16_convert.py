@@ -217,9 +217,8 @@ def test_convert_command(tmp_path, capsys) -> None:  # noqa: ANN001
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["light_squeezenet", "light_resnet50", "light_inception_v1"])
 def test_fp16_zoo_models_run_with_cosine(stem: str) -> None:
-    from tests.conftest import ZOO_DIR
-
     from slimgraph.ir import load
+    from tests.conftest import ZOO_DIR
 
     model = load(ZOO_DIR / f"{stem}.onnx")
     half = convert_fp16(model)

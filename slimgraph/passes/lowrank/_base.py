@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis, metadata
-from slimgraph.passes.base import SlimgraphPass, SlimgraphPassResult, Skipped
+from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._select import LayerFilter, display_name
 from slimgraph.runtime import Fidelity, compare, input_specs, iter_feeds

@@ -21,7 +21,6 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import analysis
-from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
 from slimgraph.passes.lowrank._rank import (
     AUTO_MAX_MACS_RATIO,
@@ -29,6 +28,7 @@ from slimgraph.passes.lowrank._rank import (
     RankPolicy,
     aligned_rank,
 )
+from slimgraph.passes.pipeline import register_pass
 
 __all__ = ["LowRankLinear", "svd_factors", "relative_error", "blas_threads", "auto_rank"]
 

@@ -27,10 +27,10 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import analysis
-from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
 from slimgraph.passes.lowrank._linear import auto_rank, blas_threads, relative_error, svd_factors
 from slimgraph.passes.lowrank._rank import AUTO_RANK_MULTIPLE, aligned_rank
+from slimgraph.passes.pipeline import register_pass
 
 __all__ = ["TuckerConv", "tucker2", "mode_basis"]
 

@@ -44,10 +44,10 @@ from slimgraph.passes.quantize._weights import (
     constant_array,
     content_key,
     excluded_by,
-    opset_version,
-    upgrade_opset,
     is_float32,
+    opset_version,
     unique_name,
+    upgrade_opset,
 )
 from slimgraph.passes.quantize.dynamic import QuantizedNode
 
