@@ -23,6 +23,7 @@ from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
+from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, constant_array, is_onnx_op, opset_version
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
@@ -256,6 +257,24 @@ TopologicalSortPass = _wrap(
     common.TopologicalSortPass,
     "Order nodes so every producer comes before its readers; exact.",
 )
+
+
+@register_pass("strip-debug-metadata")
+class StripDebugMetadataPass(SlimgraphPass):
+    """Drop the exporter's per-node debug metadata (`metadata.EXPORTER_DEBUG_KEYS`).
+
+    Exact: only `metadata_props` change; layer names and name scopes stay for reports.
+    """
+
+    exact = True
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        modified = False
+        for node in model.graph.all_nodes():
+            for key in metadata.EXPORTER_DEBUG_KEYS:
+                if node.metadata_props.pop(key, None) is not None:
+                    modified = True
+        return SlimgraphPassResult(model, modified)
 
 
 @register_pass("remove-unused")

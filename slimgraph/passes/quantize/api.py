@@ -85,26 +85,33 @@ def quantize(
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
-        return quantize_static(
+        return _deployable(quantize_static(
             model, calibration, method=method, per_channel=per_channel, fmt=fmt,
             exclude=exclude, exclude_ops=exclude_ops, activation_dtype=activation_dtype,
             report=report, batch_size=batch_size, progress=progress, percentile=percentile,
-        )
+        ))
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
-        return quantize_dynamic(
+        return _deployable(quantize_dynamic(
             model, per_channel=per_channel, exclude=tuple(exclude), exclude_ops=tuple(exclude_ops)
-        )
+        ))
     if mode == "weight-only":
         from slimgraph.passes.quantize.weight_only import quantize_weight_only
 
-        return quantize_weight_only(
+        return _deployable(quantize_weight_only(
             model, bits=bits, block_size=block_size,
             fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
             exclude_ops=tuple(exclude_ops),
-        )
+        ))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _deployable(model: ir.Model) -> ir.Model:
+    """The quantized model is a deployment artifact: drop the exporter's debug metadata."""
+    from slimgraph.passes.cleanup import StripDebugMetadataPass
+
+    return StripDebugMetadataPass()(model).model
 
 
 def quantize_static(
