@@ -1,4 +1,4 @@
-"""`slimgraph optimize MODEL -o OUT [--preset NAME | --recipe FILE] [--opset N] [--no-verify]`.
+"""`slimgraph optimize MODEL -o OUT [--preset NAME | --recipe FILE] [--opset N] [--report DIR]`.
 
 Runs a preset (default `lossless`: exact cleanup + fusion) or a recipe on the model, verifying
 every pass on onnxruntime, prints one line per pass (name, exact or approximate, nodes before ->
@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip onnxruntime checks"
     )
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write report.json and report.txt (what each pass did) into DIR",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     feeds = None
     if args.data:
         data = runtime.load_npz(args.data, model)
-        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data, 8, model))]
+        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data, 8, model), strict=False)]
     calibration = runtime.load_npz(args.calib, model) if args.calib else None
     before = node_count(model)
     result = optimize_report(
@@ -79,17 +84,22 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         calibration=calibration,
     )
+    report_dir = Path(args.report) if args.report else None
+    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+        raise OutputPathError(f"--report {report_dir}: exists and is not a folder")
     sg_ir.save(result.model, target)
     after = node_count(result.model)
-    if args.json:
-        data_out = result.to_dict()
-        data_out.update(
-            {"input": str(source), "output": str(target), "nodes_before": before,
-             "nodes_after": after, "verified": args.verify}
-        )
-        emit(to_json(data_out))
-    else:
-        emit(_render(result, before, after, target, args.verify))
+    data_out = result.to_dict()
+    data_out.update(
+        {"input": str(source), "output": str(target), "nodes_before": before,
+         "nodes_after": after, "verified": args.verify}
+    )
+    text = _render(result, before, after, target, args.verify)
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "report.json").write_text(to_json(data_out) + "\n")
+        (report_dir / "report.txt").write_text(text + "\n")
+    emit(to_json(data_out) if args.json else text)
     return 0
 
 

@@ -83,3 +83,21 @@ def test_int8_preset_without_calibration_is_bad_input(tmp_path: Path, capsys) ->
     assert code == 2
     assert "'quantize' step needs calibration data" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_optimize_report_dir(tmp_path: Path, capsys) -> None:
+    out, report = tmp_path / "o.onnx", tmp_path / "rep"
+    source = str(DATA / "digits_cnn.onnx")
+    code = main(["optimize", source, "-o", str(out), "--report", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    data = json.loads((report / "report.json").read_text())
+    assert [p["name"] for p in data["passes"]][:2] == ["cleanup", "fuse-pad"]
+    assert data["nodes_after"] < data["nodes_before"] and data["output"] == str(out)
+    assert (report / "report.txt").read_text().strip() == printed.strip()
+    clash = tmp_path / "file"
+    clash.write_text("x")
+    assert main(["optimize", str(DATA / "digits_cnn.onnx"), "-o", str(tmp_path / "p.onnx"),
+                 "--report", str(clash)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "p.onnx").exists()
