@@ -31,3 +31,30 @@ def test_dynamic_honours_exclude_ops() -> None:
     assert _ops(sg.quantize(model, mode="dynamic")) & {"MatMulInteger", "DynamicQuantizeMatMul"}
     with pytest.raises(sg.UnsupportedModelError, match="op type MatMul excluded"):
         sg.quantize(model, mode="dynamic", exclude_ops=["MatMul"])
+
+
+def test_dynamic_folds_weights_built_at_run_time() -> None:
+    """Old exports build weights with ConstantOfShape; dynamic mode folds them, then quantizes."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.25])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["w_shape"], ["w"], value=value),
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="fc"),
+        ],
+        "run_time_weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor("w_shape", TensorProto.INT64, [2], [16, 32])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = ir.from_proto(proto)
+    onnx.checker.check_model(ir.to_proto(model))
+    quantized = sg.quantize(model, mode="dynamic")
+    assert _ops(quantized) & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert "ConstantOfShape" not in _ops(quantized)
+    feeds = runtime.random_feeds(model)
+    assert sg.compare(model, quantized, feeds).worst_cosine > 0.999

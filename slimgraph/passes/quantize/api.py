@@ -90,6 +90,12 @@ def quantize(
             exclude=exclude, exclude_ops=exclude_ops, activation_dtype=activation_dtype,
             report=report, batch_size=batch_size, progress=progress, percentile=percentile,
         ))
+    if mode in ("dynamic", "weight-only"):
+        # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
+        # dynamo exports) become constants first, as for static mode; checked on random inputs.
+        from slimgraph.runtime import random_feeds
+
+        model = prepare(model, random_feeds(model))
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
@@ -176,19 +182,12 @@ def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerl
 def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Model:
     """A copy with constants folded and BatchNorm folded into Conv/ConvTranspose/Gemm, verified.
 
-    Uses the pipeline's lossless passes when present, else onnxscript's optimizer (constant
-    folding plus its default rewrite rules, which fold BatchNorm). The result is compared with
-    the model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
+    Uses the pipeline's lossless passes (exact). With `feed`, the result is compared with the
+    model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
     """
-    source = ir.from_proto(ir.to_proto(model))
-    try:
-        from slimgraph.passes import lossless
-    except ImportError:  # the pipeline is optional here: onnxscript's optimizer folds BN too
-        lossless = None
-    if lossless is not None:
-        prepared = lossless(source, verify=False).model
-    else:
-        prepared = _optimize(source)
+    from slimgraph.passes import lossless
+
+    prepared = lossless(ir.from_proto(ir.to_proto(model)), verify=False).model
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 
@@ -199,21 +198,6 @@ def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Mo
     if feed is not None:
         _verify(model, prepared, _first_rows(model, feed))
     return prepared
-
-
-def _optimize(model: ir.Model) -> ir.Model:
-    import onnxscript.optimizer
-    from onnx_ir.passes.common import RemoveInitializersFromInputsPass
-
-    RemoveInitializersFromInputsPass()(model)
-    optimized = onnxscript.optimizer.optimize(model)
-    # The folded Conv carries the BatchNorm's layer; its weight names the real layer.
-    for node in optimized.graph:
-        node.metadata_props.pop(metadata.LAYER, None)
-    from slimgraph.ir import annotate_layers
-
-    annotate_layers(optimized)
-    return optimized
 
 
 def _lift_constants(model: ir.Model) -> None:
