@@ -35,6 +35,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
 from slimgraph.ir.select import matching_pattern
+from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 
@@ -159,10 +160,6 @@ def prepare_for_pruning(model: ir.Model) -> ir.Model:
 def _fold_constant_of_shape(node: ir.Node) -> bool | None:
     """onnxscript keeps ConstantOfShape by default; pruning needs those weights as tensors."""
     return True if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") else None
-
-
-def _opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.graph.opset_imports.get("", 13))
 
 
 def _excluded_predicate(graph: ir.Graph, exclude: Sequence[str], exclude_ops: Sequence[str]):
@@ -428,7 +425,7 @@ def _rewrite_split(graph: ir.Graph, node: ir.Node, analysis: ChannelAnalysis, ke
 def _insert_pads(model: ir.Model, analysis: ChannelAnalysis, kept) -> None:
     """Scatter pruned tensors back to full size at padable edges: Pad by one zero, then Gather."""
     graph = model.graph
-    opset = _opset(model)
+    opset = opset_version(model, default=13)
     padded: dict[int, ir.Value] = {}
     for block in analysis.blocks:
         if not block.padable or block.slot not in kept:
@@ -599,7 +596,7 @@ class PrunePass(SlimgraphFunctionalPass):
 
     def _structured(self, model: ir.Model, excluded, report: PruneReport) -> None:
         analysis = analyze_channels(
-            model.graph, excluded=excluded, pad=self.pad, opset=_opset(model)
+            model.graph, excluded=excluded, pad=self.pad, opset=opset_version(model, default=13)
         )
         groups = analysis.prunable_groups
         if not groups:

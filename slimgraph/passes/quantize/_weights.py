@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir.select import matching_pattern
+from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
 
 __all__ = [
     "constant_array",
@@ -170,8 +171,8 @@ def is_float32(value: ir.Value | None) -> bool:
 
 
 def opset_version(model: ir.Model) -> int:
-    """The model's default-domain ONNX opset."""
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    """The model's default-domain ONNX opset (0 when it imports none)."""
+    return _graph_opset_version(model, default=0)
 
 
 def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
