@@ -62,16 +62,26 @@ class TensorStats:
             return
         batch_min, batch_max = bounds if bounds is not None else (float(data.min()),
                                                                   float(data.max()))
-        if self.count == 0:
-            self.ema_min, self.ema_max = batch_min, batch_max
-        else:
-            self.ema_min += _EMA * (batch_min - self.ema_min)
-            self.ema_max += _EMA * (batch_max - self.ema_max)
-        self.min, self.max = min(self.min, batch_min), max(self.max, batch_max)
-        self.count += data.size
+        self._add_range(batch_min, batch_max, data.size)
         if self.histogram:
             self.zeros += int(np.count_nonzero(data == 0))
             self._add_to_histogram(data, batch_min, batch_max)
+
+    def update_bounds(self, low: float, high: float, size: int) -> None:
+        """Add a batch known only by its finite min, max and element count (no histogram)."""
+        if self.histogram:
+            raise ValueError("a histogram needs the values, not only their bounds")
+        if size:
+            self._add_range(low, high, size)
+
+    def _add_range(self, low: float, high: float, size: int) -> None:
+        if self.count == 0:
+            self.ema_min, self.ema_max = low, high
+        else:
+            self.ema_min += _EMA * (low - self.ema_min)
+            self.ema_max += _EMA * (high - self.ema_max)
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        self.count += size
 
     def _add_to_histogram(self, data: np.ndarray, batch_min: float, batch_max: float) -> None:
         if self.counts.size == 0:

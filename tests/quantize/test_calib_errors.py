@@ -64,7 +64,11 @@ def test_nan_or_inf_in_data_names_the_input(bad: float) -> None:
         sg.quantize(digits(), calibration=[{"image": images}])
 
 
-def test_nan_inside_the_model_names_the_tensor() -> None:
+@pytest.mark.parametrize("method", ["minmax", "moving-average", "entropy"])
+@pytest.mark.parametrize("position", [0, 2, 3])
+def test_nan_inside_the_model_names_the_tensor(method: str, position: int) -> None:
+    # minmax reduces ranges inside onnxruntime, whose ReduceMin/ReduceMax skip a NaN that is
+    # not the first element: every position must still be caught, on both calibration paths.
     nodes = [
         helper.make_node("Log", ["x"], ["logged"], name="log"),
         helper.make_node("MatMul", ["logged", "w"], ["y"], name="mm"),
@@ -72,9 +76,12 @@ def test_nan_inside_the_model_names_the_tensor() -> None:
     model = make_model(nodes, [("x", TensorProto.FLOAT, ["n", 4])],
                        [("y", TensorProto.FLOAT, ["n", 2])],
                        {"w": np.ones((4, 2), np.float32)})
-    feeds = [{"x": np.array([[1.0, 2.0, -1.0, 3.0]], np.float32)}]  # log(-1) = NaN
-    with pytest.raises(BadDataError, match="tensor 'logged' contains NaN or Inf on calibration"):
-        sg.quantize(model, calibration=feeds)
+    row = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    row[0, position] = -1.0  # log(-1) = NaN
+    feeds = [{"x": np.ones((1, 4), np.float32)}, {"x": row}]
+    with pytest.raises(BadDataError,
+                       match="tensor 'logged' contains NaN or Inf on calibration batch 1"):
+        sg.quantize(model, calibration=feeds, method=method)
 
 
 def test_not_a_feed_dict_is_an_error() -> None:
@@ -115,3 +122,17 @@ def test_calibrate_streams_statistics_of_named_values() -> None:
     assert stats["h0"].min < 0 and stats["r0"].min == 0.0
     assert stats["r0"].count == 5 * 8 * 8
     assert stats["h0"].counts.shape == (2048,)
+
+
+def test_in_graph_ranges_match_the_values_copied_out() -> None:
+    # Ranges-only calibration reduces inside onnxruntime; the histogram path copies the values
+    # out and reduces in numpy: same min, max, moving average and count.
+    feeds = linear_feeds(count=5)
+    names = ["x", "h0", "r0", "h1", "y"]
+    ranges = calibrate(linear_model(), feeds, names, histogram=False, progress=False)
+    full = calibrate(linear_model(), feeds, names, histogram=True, progress=False)
+    for name in names:
+        got, want = ranges[name], full[name]
+        assert (got.min, got.max, got.count) == (want.min, want.max, want.count), name
+        assert got.ema_min == pytest.approx(want.ema_min, rel=1e-6), name
+        assert got.ema_max == pytest.approx(want.ema_max, rel=1e-6), name
