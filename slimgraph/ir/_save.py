@@ -15,7 +15,13 @@ import onnx_ir as ir
 from slimgraph.errors import OutputPathError
 from slimgraph.ir import metadata
 
-__all__ = ["save", "tensor_bytes", "inlined_external_data", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = [
+    "save",
+    "tensor_bytes",
+    "inlined_external_data",
+    "without_initializer_value_info",
+    "EXTERNAL_DATA_THRESHOLD",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ def save(
         staged_model = staging / target.name
         # Tensors still in the input's external-data file are read (memory-mapped) and written
         # anew: their location strings are relative to the input's folder and never reused.
-        with inlined_external_data(model):
+        with inlined_external_data(model), without_initializer_value_info(model):
             ir.save(model, staged_model, external_data=data_name if external_data else None)
         staged_data = staging / data_name
         if staged_data.exists() and staged_data.stat().st_size > 0:  # all tensors may be tiny
@@ -141,6 +147,34 @@ def inlined_external_data(model: ir.Model) -> Iterator[ir.Model]:
 
 
 _TENSOR_ATTRS = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
+
+
+@contextlib.contextmanager
+def without_initializer_value_info(model: ir.Model) -> Iterator[ir.Model]:
+    """Temporarily clear the type and shape of initializers that only repeat their tensor's.
+
+    onnx_ir writes a `value_info` entry for every typed initializer, although the tensor itself
+    carries its dtype and dims: pure repetition (about 40 bytes per weight, scale and bias,
+    which adds up on a quantized model). Graph inputs and values with a doc string or metadata
+    keep theirs. The model is unchanged afterwards.
+    """
+    restore: list[tuple[ir.Value, ir.TypeProtocol | None, ir.Shape | None]] = []
+    try:
+        for graph in model.graphs():
+            inputs = set(graph.inputs)
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if (
+                    tensor is None or value in inputs or value.doc_string or value.metadata_props
+                    or value.dtype != tensor.dtype or value.shape != tensor.shape
+                ):
+                    continue
+                restore.append((value, value.type, value.shape))
+                value.type, value.shape = None, None
+        yield model
+    finally:
+        for value, type_, shape in restore:
+            value.type, value.shape = type_, shape
 
 
 def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:

@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "EXPORTER_DEBUG_KEYS",
+    "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
 
 # Written by torch.onnx.export(dynamo=True) on every node: the module path, one entry per level,
@@ -41,11 +42,22 @@ FACTORIZE_REPORT = "slimgraph.factorize_report"
 QUANT_REPORT = "slimgraph.quantize_report"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
-# classes): useful while exporting, dead weight in a deployed file (about 9% of a small CNN's
-# bytes). The layer name and `TORCH_NAME_SCOPES` are kept; reports need them.
+# classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,
+# dead weight in a deployed file (about 9% of a small CNN's bytes). The layer name is kept; reports
+# need it (`TORCH_NAME_SCOPES` too, where no layer name was derived from it).
 EXPORTER_DEBUG_KEYS = (
     "pkg.torch.onnx.stack_trace",
     "pkg.torch.onnx.fx_node",
     "pkg.torch.onnx.class_hierarchy",
     "namespace",
+    "pkg.onnxscript.rewriter.rule_name",
+)
+
+# The same kind of information on values (graph inputs and outputs, initializers, intermediate
+# values): torch.export's graph signature, the FX node a value came from, the constants onnxscript
+# folded into it. Keys equal to or starting with one of these.
+EXPORTER_DEBUG_VALUE_PREFIXES = (
+    "pkg.torch.export.graph_signature.",
+    "pkg.torch.onnx.original_node_name",
+    "pkg.onnxscript.optimizer.folded_from",
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -261,20 +262,50 @@ TopologicalSortPass = _wrap(
 
 @register_pass("strip-debug-metadata")
 class StripDebugMetadataPass(SlimgraphPass):
-    """Drop the exporter's per-node debug metadata (`metadata.EXPORTER_DEBUG_KEYS`).
+    """Drop the exporter's debug metadata on nodes (`metadata.EXPORTER_DEBUG_KEYS`) and values
+    (`metadata.EXPORTER_DEBUG_VALUE_PREFIXES`), and the torch name scopes of nodes that already
+    carry the layer name derived from them.
 
-    Exact: only `metadata_props` change; layer names and name scopes stay for reports.
+    Exact: only `metadata_props` change; layer names stay for reports.
+
+    Args:
+        working_marks: also drop slimgraph's own working annotations (`metadata.UNIT`), which
+            only later passes of the same run read: for a finished, deployed model.
     """
 
     exact = True
 
+    def __init__(self, *, working_marks: bool = False) -> None:
+        super().__init__()
+        self.working_marks = working_marks
+
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         modified = False
         for node in model.graph.all_nodes():
-            for key in metadata.EXPORTER_DEBUG_KEYS:
-                if node.metadata_props.pop(key, None) is not None:
+            props = node.metadata_props
+            keys = list(metadata.EXPORTER_DEBUG_KEYS)
+            if props.get(metadata.LAYER):
+                keys.append(metadata.TORCH_NAME_SCOPES)
+            if self.working_marks:
+                keys.append(metadata.UNIT)
+            for key in keys:
+                if props.pop(key, None) is not None:
                     modified = True
+        for value in _all_values(model):
+            for key in [k for k in value.metadata_props
+                        if k.startswith(metadata.EXPORTER_DEBUG_VALUE_PREFIXES)]:
+                del value.metadata_props[key]
+                modified = True
         return SlimgraphPassResult(model, modified)
+
+
+def _all_values(model: ir.Model) -> Iterator[ir.Value]:
+    """Every value of every graph: inputs, initializers, node outputs (outputs are among them)."""
+    for graph in model.graphs():
+        yield from graph.inputs
+        yield from graph.initializers.values()
+        for node in graph:
+            yield from node.outputs
 
 
 @register_pass("remove-unused")

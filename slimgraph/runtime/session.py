@@ -15,7 +15,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.ir import load_proto, save, tensor_bytes
-from slimgraph.ir._save import inlined_external_data
+from slimgraph.ir._save import inlined_external_data, without_initializer_value_info
 
 __all__ = ["OptLevel", "create_session", "run", "model_bytes"]
 
@@ -38,7 +38,7 @@ def model_bytes(model: ir.Model) -> bytes:
     External tensors (from a model loaded with external data: initializers, Constant values, also
     in subgraphs) are read here and inlined, so the bytes stand alone.
     """
-    with inlined_external_data(model):
+    with inlined_external_data(model), without_initializer_value_info(model):
         return ir.to_proto(model).SerializeToString()
 
 

@@ -96,6 +96,27 @@ def test_round_trip_torch_model_keeps_metadata(tmp_path: Path) -> None:
     assert "layer1.0.conv1" in layers
 
 
+def test_initializer_value_info_that_repeats_the_tensor_is_not_written(tmp_path: Path) -> None:
+    from slimgraph.passes.cleanup import StripDebugMetadataPass
+
+    # The exporter's per-weight metadata is not a repetition: strip it first.
+    model = StripDebugMetadataPass()(exported_model("resnet")).model
+    model.graph.initializers["fc.weight"].metadata_props["note"] = "kept"
+    before = _proto_bytes(model)
+    proto = onnx.load(save(model, tmp_path / "resnet.onnx"))
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    assert {info.name for info in proto.graph.value_info} & initializers == {"fc.weight"}
+    assert {value.name for value in proto.graph.input} == {"x"}  # inputs keep their types
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert _proto_bytes(model) == before  # the in-memory model still has every type
+    loaded = load(tmp_path / "resnet.onnx")  # types come back from the tensors on load
+    weight = loaded.graph.initializers["layer1.0.conv1.weight"]
+    assert weight.dtype == ir.DataType.FLOAT and weight.shape == weight.const_value.shape
+    feeds = random_feeds(model)
+    for name, value in run(create_session(model), feeds).items():
+        np.testing.assert_array_equal(run(create_session(loaded), feeds)[name], value)
+
+
 def test_save_does_not_change_the_model(external_model: Path, tmp_path: Path) -> None:
     model = load(external_model)
     before_init = model.graph.initializers["w"].const_value

@@ -63,6 +63,8 @@ def test_digits_weights_int8_per_channel_axis_0_biases_int32(digits_int8) -> Non
             const(bias_dq.inputs[1]), const(act_dq.inputs[1]) * scales, rtol=1e-6
         )
         assert const(act_dq.inputs[2]).dtype == np.uint8
+        # Symmetric weights and biases have all-zero zero points: left out (the ONNX default).
+        assert len(weight_dq.inputs) == 2 and len(bias_dq.inputs) == 2
 
 
 def test_digits_symbolic_batch_still_works(digits_int8) -> None:

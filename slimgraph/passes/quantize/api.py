@@ -114,10 +114,11 @@ def quantize(
 
 
 def _deployable(model: ir.Model) -> ir.Model:
-    """The quantized model is a deployment artifact: drop the exporter's debug metadata."""
+    """The quantized model is a deployment artifact: drop the exporter's debug metadata and
+    slimgraph's working marks."""
     from slimgraph.passes.cleanup import StripDebugMetadataPass
 
-    return StripDebugMetadataPass()(model).model
+    return StripDebugMetadataPass(working_marks=True)(model).model
 
 
 def quantize_static(

@@ -4,6 +4,8 @@ Activations get a Q->DQ pair right after the value (every consumer reads the DQ 
 output keeps the float value). Weights become int8 initializers read through a DequantizeLinear
 (per-channel `axis` where the plan says so), biases int32 with scale s_input * s_weight. This is
 the QDQ format onnxruntime fuses into QLinearConv, QLinearMatMul, QLinearAdd, QGemm, ...
+A weight's or bias's DequantizeLinear omits its zero point when it is all zero (symmetric
+signed: the ONNX default): 5 bytes per output channel that would otherwise be stored as zeros.
 
 The pass is approximate (`exact = False`): quantization changes outputs; `report.py` measures by
 how much.
@@ -161,7 +163,8 @@ class QDQPass(SlimgraphFunctionalPass):
             result.weights[annotation.value] = params
             result.weight_sqnr_db[annotation.value] = _sqnr(array, dequantized)
             q_init = _initializer(graph, names.new(f"{annotation.value}_quantized"), quantized)
-            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
+            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params,
+                                                       dequantize_only=True)
             for node_name, index in annotation.uses:
                 node = nodes[node_name]
                 if node.op_type == "Gather" and index == 0 and params.spec.axis is None:
@@ -188,7 +191,8 @@ class QDQPass(SlimgraphFunctionalPass):
                 ir.DataType.INT32, True, axis))
             quantized = quantize_array(array, params)
             q_init = _initializer(graph, names.new(f"{bias.value}_quantized"), quantized)
-            scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params)
+            scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params,
+                                                       dequantize_only=True)
             dq = _dq_node(names, q_init, scale_init, zp_init, axis, f"{bias.value}{DQ_SUFFIX}")
             graph.append(dq)
             node.replace_input_with(bias.index, dq.outputs[0])
@@ -199,11 +203,8 @@ class QDQPass(SlimgraphFunctionalPass):
             params = self.activations[annotation.value]
             result.activations[annotation.value] = params
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
-            q = ir.node(
-                "QuantizeLinear", [value, scale_init, zp_init],
-                name=names.new(f"{annotation.value}_QuantizeLinear"),
-            )
-            q.outputs[0].name = names.new(f"{annotation.value}_quantized")
+            q = ir.node("QuantizeLinear", [value, scale_init, zp_init])
+            q.outputs[0].name = q.name = names.new(f"{annotation.value}_quantized")
             dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
                           f"{annotation.value}{DQ_SUFFIX}")
             result.dequantized[annotation.value] = dq.outputs[0].name
@@ -252,35 +253,35 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _qparam_initializers(
-    graph: ir.Graph, names: _Names, base: str, params: QParams
-) -> tuple[ir.Value, ir.Value]:
+    graph: ir.Graph, names: _Names, base: str, params: QParams, *, dequantize_only: bool = False
+) -> tuple[ir.Value, ir.Value | None]:
+    """Scale and zero-point initializers. With `dequantize_only` (a constant read only through
+    DequantizeLinear, whose integer type comes from the data), an all-zero zero point of a
+    signed type is left out: ONNX defines a missing one as 0."""
     scale = np.asarray(params.scale, dtype=np.float32)
     zero_point = np.asarray(params.zero_point).astype(params.spec.dtype.numpy())
     if params.spec.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    return (
-        _initializer(graph, names.new(f"{base}_scale"), scale),
-        _initializer(graph, names.new(f"{base}_zero_point"), zero_point),
-    )
+    scale_init = _initializer(graph, names.new(f"{base}_scale"), scale)
+    if dequantize_only and params.spec.dtype.is_signed() and not zero_point.any():
+        return scale_init, None
+    return scale_init, _initializer(graph, names.new(f"{base}_zero_point"), zero_point)
 
 
 def _dq_node(
-    names: _Names, source: ir.Value, scale: ir.Value, zero_point: ir.Value, axis: int | None,
-    output: str,
+    names: _Names, source: ir.Value, scale: ir.Value, zero_point: ir.Value | None,
+    axis: int | None, output: str,
 ) -> ir.Node:
     attributes = {"axis": axis} if axis is not None else {}
-    node = ir.node(
-        "DequantizeLinear", [source, scale, zero_point], attributes=attributes,
-        name=names.new(f"{output}_DequantizeLinear"),
-    )
-    node.outputs[0].name = names.new(output)
-    node.outputs[0].dtype = ir.DataType.FLOAT
+    inputs = [source, scale] if zero_point is None else [source, scale, zero_point]
+    node = ir.node("DequantizeLinear", inputs, attributes=attributes)
+    node.outputs[0].name = node.name = names.new(output)  # nodes and values: two namespaces
     return node
 
 
 def _gather_then_dequantize(
     graph: ir.Graph, names: _Names, gather: ir.Node, table: ir.Value, scale: ir.Value,
-    zero_point: ir.Value,
+    zero_point: ir.Value | None,
 ) -> None:
     """Gather int8 rows, then dequantize only those (not the whole table on every run)."""
     rows = gather.outputs[0]

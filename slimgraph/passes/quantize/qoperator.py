@@ -36,6 +36,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
         model = ir.from_proto(ir.to_proto(model))
         graph = model.graph
         self.counter = 0
+        self._fill_zero_points(graph)
         modified = False
         for node in list(graph):
             if node.op_type == "Conv":
@@ -60,6 +61,19 @@ class QOperatorPass(SlimgraphFunctionalPass):
         value.dtype = ir.DataType.from_numpy(array.dtype)
         graph.register_initializer(value)
         return value
+
+    def _fill_zero_points(self, graph: ir.Graph) -> None:
+        """Give every constant DequantizeLinear an explicit zero point (QDQ leaves out all-zero
+        ones; QLinearConv and the *Integer operators take them as inputs)."""
+        for node in graph:
+            if node.op_type != "DequantizeLinear" or (len(node.inputs) > 2 and node.inputs[2]):
+                continue
+            data, scale = node.inputs[0], node.inputs[1]
+            if data is None or data.dtype is None or scale is None or scale.const_value is None:
+                continue
+            zeros = np.zeros(scale.const_value.shape.numpy(), data.dtype.numpy())
+            node.resize_inputs(3)
+            node.replace_input_with(2, self._const(graph, f"{data.name}_zero_point", zeros))
 
     def _replace(self, graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node],
                  old_output: ir.Value, new_output: ir.Value) -> None:
