@@ -1,7 +1,7 @@
 """slimgraph int8 quantization side by side with onnxruntime.quantization, in one run.
 
-For each model (ResNet-18-style and MobileNetV2-style CNNs at 224x224 with random weights and
-randomized BatchNorm statistics, the bundled digits CNN, a BERT-style encoder with 6 layers,
+For each model (ResNet-18 and MobileNetV2 in torchvision's layouts, tests/models.resnet18 and
+mobilenet_v2, at 224x224 with random weights and randomized BatchNorm statistics, the bundled digits CNN, a BERT-style encoder with 6 layers,
 hidden 384 and an attention mask):
 
 - fp32: the exported model after slimgraph's lossless passes (BatchNorm folded); every tool
@@ -372,7 +372,7 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from tests.models import MobileNetV2Tiny, resnet18_style
+    from tests.models import mobilenet_v2, resnet18
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     size = 112 if args.quick else 224
@@ -385,8 +385,8 @@ def main() -> int:
                 print(line)
         return 0
     cases = [
-        _cnn_case("ResNet-18-style", resnet18_style(1000), size, 64, 0),
-        _cnn_case("MobileNetV2-style", MobileNetV2Tiny(width=1.0, classes=1000), size, 64, 1),
+        _cnn_case("ResNet-18", resnet18(1000), size, 64, 0),
+        _cnn_case("MobileNetV2", mobilenet_v2(1000), size, 64, 1),
         _digits_case(),
         _bert_case(64 if not args.quick else 16, 128 if not args.quick else 64),
     ]

@@ -15,8 +15,10 @@ __all__ = [
     "BasicBlock",
     "ResNetTiny",
     "resnet18_style",
+    "resnet18",
     "DenseNetTiny",
     "MobileNetV2Tiny",
+    "mobilenet_v2",
     "GroupedConvNet",
     "TransformerMLP",
     "BertStyleEncoder",
@@ -50,10 +52,16 @@ class ResNetTiny(nn.Module):
     """ResNet-18 layout (stem, 4 stages of 2 basic blocks, GAP, FC) with configurable widths."""
 
     def __init__(
-        self, widths: tuple[int, ...] = (8, 16, 32, 64), blocks: int = 2, classes: int = 10
+        self, widths: tuple[int, ...] = (8, 16, 32, 64), blocks: int = 2, classes: int = 10,
+        imagenet_stem: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        if imagenet_stem:  # 7x7 stride-2 conv, then 3x3 stride-2 max pooling: 224 -> 56
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.pool: nn.Module = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.pool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
         c_in = widths[0]
@@ -66,15 +74,22 @@ class ResNetTiny(nn.Module):
         self.fc = nn.Linear(widths[-1], classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
 
 
 def resnet18_style(classes: int = 1000) -> ResNetTiny:
-    """Real ResNet-18 widths (64..512), for benchmarks."""
+    """Real ResNet-18 widths (64..512) on a stride-1 3x3 stem (no downsampling before stage 1:
+    27 GMACs at 224x224), for benchmarks."""
     return ResNetTiny((64, 128, 256, 512), 2, classes)
+
+
+def resnet18(classes: int = 1000) -> ResNetTiny:
+    """torchvision's ResNet-18 layout: 7x7 stride-2 stem and max pooling, widths 64..512
+    (11.7 M parameters, 1.8 GMACs at 224x224)."""
+    return ResNetTiny((64, 128, 256, 512), 2, classes, imagenet_stem=True)
 
 
 class _DenseLayer(nn.Module):
@@ -113,14 +128,18 @@ class DenseNetTiny(nn.Module):
 
 
 class _InvertedResidual(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, expand: int, unit_expansion: bool = True
+    ) -> None:
         super().__init__()
         hidden = c_in * expand
         self.use_residual = stride == 1 and c_in == c_out
+        expansion: list[nn.Module] = []
+        if expand != 1 or unit_expansion:  # torchvision has no 1x1 conv when expand == 1
+            expansion = [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                         nn.ReLU6()]
         self.conv = nn.Sequential(
-            nn.Conv2d(c_in, hidden, 1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(),
+            *expansion,
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU6(),
@@ -136,13 +155,20 @@ class _InvertedResidual(nn.Module):
 class MobileNetV2Tiny(nn.Module):
     """MobileNetV2 layout: inverted residuals with depthwise 3x3, ReLU6, linear bottlenecks."""
 
-    def __init__(self, width: float = 0.25, classes: int = 10) -> None:
+    def __init__(
+        self,
+        width: float = 0.25,
+        classes: int = 10,
+        settings: tuple[tuple[int, int, int, int], ...] = (
+            (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 2), (6, 96, 1, 1)
+        ),
+        last_channels: int = 320,
+        unit_expansion: bool = True,
+    ) -> None:
         super().__init__()
 
         def c(n: int) -> int:
             return max(8, int(n * width) // 8 * 8)
-
-        settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 2), (6, 96, 1, 1)]
         layers: list[nn.Module] = [
             nn.Conv2d(3, c(32), 3, 2, 1, bias=False),
             nn.BatchNorm2d(c(32)),
@@ -151,15 +177,25 @@ class MobileNetV2Tiny(nn.Module):
         c_in = c(32)
         for expand, channels, repeats, stride in settings:
             for i in range(repeats):
-                layers.append(_InvertedResidual(c_in, c(channels), stride if i == 0 else 1, expand))
+                layers.append(_InvertedResidual(c_in, c(channels), stride if i == 0 else 1, expand,
+                                                unit_expansion))
                 c_in = c(channels)
-        layers += [nn.Conv2d(c_in, c(320), 1, bias=False), nn.BatchNorm2d(c(320)), nn.ReLU6()]
+        last = c(last_channels)
+        layers += [nn.Conv2d(c_in, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c(320), classes)
+        self.classifier = nn.Linear(last, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).mean((2, 3))
         return self.classifier(x)
+
+
+def mobilenet_v2(classes: int = 1000) -> MobileNetV2Tiny:
+    """torchvision's MobileNetV2 layout at width 1.0: 17 inverted residual blocks up to 320
+    channels, a 1280-channel head (3.5 M parameters, 0.3 GMACs at 224x224)."""
+    settings = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+    return MobileNetV2Tiny(1.0, classes, settings, last_channels=1280, unit_expansion=False)
 
 
 class GroupedConvNet(nn.Module):
