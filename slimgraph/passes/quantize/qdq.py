@@ -288,7 +288,7 @@ def _gather_then_dequantize(
     users = list(rows.uses())
     gather.replace_input_with(0, table)
     dq = _dq_node(names, rows, scale, zero_point, None, f"{rows.name}{DQ_SUFFIX}")
-    dq.outputs[0].shape = rows.shape
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, rows.shape
     for use in users:
         use.node.replace_input_with(use.idx, dq.outputs[0])
     rows.dtype = ir.DataType.INT8
