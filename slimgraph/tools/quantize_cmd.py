@@ -52,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="node, layer or tensor names (fnmatch patterns) left in float")
     parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[],
                         metavar="OP", help="op types left in float")
+    parser.add_argument("--include-op", dest="include_ops", nargs="+", default=[],
+                        metavar="OP", help="static: op types left float by default to quantize "
+                        "anyway (Softmax, Where, LayerNormalization, ...; MatMul adds the "
+                        "attention MatMuls of two activations); usually less accurate")
     parser.add_argument("--activations", dest="activation_dtype", default="auto",
                         choices=("auto", "uint8", "int8"),
                         help="activation type (auto: uint8 on x86, where it runs fastest)")
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         fmt=fmt,
         exclude=args.exclude,
         exclude_ops=args.exclude_ops,
+        include_ops=args.include_ops,
         activation_dtype=args.activation_dtype,
         report=mode == "static",
         bits=args.bits,

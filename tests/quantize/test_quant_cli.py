@@ -91,3 +91,34 @@ def test_demo_table_and_output_folder(tmp_path, capsys) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "digits_cnn.fp32.onnx", "digits_cnn.int8.onnx"
     ]
+
+
+def test_include_op_quantizes_an_op_left_float_by_default(tmp_path, capsys) -> None:
+    from tests.conftest import exported_model
+
+    source, data = tmp_path / "bert.onnx", tmp_path / "calib.npz"
+    sg.save(exported_model("bert"), source)
+    rng = np.random.default_rng(0)
+    np.savez(data, input_ids=rng.integers(0, 1000, (16, 16)).astype(np.int64),
+             attention_mask=np.ones((16, 16), np.int64))
+
+    def softmax_outputs_quantized(path) -> list[bool]:
+        model = sg.load(path)
+        return [any(u.op_type == "QuantizeLinear" for u in n.outputs[0].consumers())
+                for n in model.graph if n.op_type == "Softmax"]
+
+    out = tmp_path / "q.onnx"
+    code, _, stderr = _run(capsys, "quantize", source, "-o", out, "--calib", data)
+    assert code == 0, stderr
+    assert softmax_outputs_quantized(out) == [False, False]
+    code, _, stderr = _run(capsys, "quantize", source, "-o", out, "--calib", data,
+                           "--include-op", "Softmax")
+    assert code == 0, stderr
+    assert softmax_outputs_quantized(out) == [True, True]
+    code, _, stderr = _run(capsys, "quantize", source, "-o", tmp_path / "r.onnx", "--calib",
+                           data, "--include-op", "Conv")
+    assert code == 2 and not (tmp_path / "r.onnx").exists()
+    assert stderr.strip().splitlines() == [
+        "slimgraph quantize: error: --include-op Conv: quantized by default already (include-op "
+        "asks for ops left float: Softmax, Where, LayerNormalization, Mul, ...)"
+    ]

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import slimgraph as sg
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import report_of
 from slimgraph.runtime import compare, random_feeds
 from tests.conftest import exported_model
@@ -197,17 +198,20 @@ def bert_dynamic():
     return sg.from_torch(test_models.build("bert"), (ids, mask), dynamic_shapes=(dims, dims))
 
 
-def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None:
-    model = ir.from_proto(ir.to_proto(bert_dynamic))
-    rng = np.random.default_rng(0)
-
-    def batch() -> dict[str, np.ndarray]:
+def _bert_batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
         ids = rng.integers(0, 1000, (4, 16)).astype(np.int64)
         mask = np.ones((4, 16), np.int64)
         mask[:, rng.integers(6, 16):] = 0
-        return {"input_ids": ids, "attention_mask": mask}
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
-    calib = [batch() for _ in range(6)]
+
+def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None:
+    model = ir.from_proto(ir.to_proto(bert_dynamic))
+    calib = _bert_batches(6)
     quantized = sg.quantize(model, calibration=calib, progress=False)
     float_ops = ("Where", "Greater", "Softmax", "LayerNormalization", "Cast", "Gelu", "Div")
     for node in quantized.graph:
@@ -223,7 +227,37 @@ def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None
     assert table.dtype == ir.DataType.INT8
     gather = next(u for u in table.consumers() if u.op_type == "Gather")
     assert gather.outputs[0].consumers()[0].op_type == "DequantizeLinear"
-    assert compare(model, quantized, [batch() for _ in range(3)]).worst_cosine >= 0.99
+    assert compare(model, quantized, _bert_batches(3, seed=1)).worst_cosine >= 0.99
+
+
+def test_softmax_and_attention_matmuls_quantized_when_asked(bert_dynamic) -> None:
+    model = ir.from_proto(ir.to_proto(bert_dynamic))
+    quantized = sg.quantize(model, calibration=_bert_batches(6), include_ops=["Softmax", "MatMul"],
+                            progress=False)
+    softmaxes = [n for n in quantized.graph if n.op_type == "Softmax"]
+    assert len(softmaxes) == 2  # one per encoder layer
+    for node in softmaxes:
+        assert dq_feeding(quantized, node, 0) is not None
+        assert node.outputs[0].consumers()[0].op_type == "QuantizeLinear"
+    # the attention products (two activations) read DQ outputs on both sides
+    dqs = {n.name: [dq_feeding(quantized, n, i) for i in (0, 1)]
+           for n in quantized.graph if n.op_type == "MatMul"}
+    attention = [name for name, (a, b) in dqs.items()
+                 if a is not None and b is not None and b.inputs[0].const_value is None]
+    assert len(attention) == 4
+    assert ort_optimized_ops(quantized)["QLinearSoftmax"] == 2
+    # the mask path itself stays float: only the ops asked for changed
+    for node in quantized.graph:
+        if node.op_type in ("Where", "Greater", "LayerNormalization"):
+            assert dq_feeding(quantized, node, 0) is None, node.name
+    assert compare(model, quantized, _bert_batches(3, seed=1)).worst_cosine >= 0.95
+
+
+def test_include_op_refuses_what_is_quantized_already_and_other_modes() -> None:
+    with pytest.raises(BadOptionError, match="^--include-op Conv: quantized by default already"):
+        sg.quantize(digits(), calibration=DIGITS_CALIB, include_ops=["Conv"])
+    with pytest.raises(BadOptionError, match="applies to static quantization .* not to dynamic"):
+        sg.quantize(digits(), include_ops=["Softmax"])
 
 
 @pytest.mark.slow

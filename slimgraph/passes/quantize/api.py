@@ -43,6 +43,7 @@ def quantize(
     fmt: str | None = None,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
+    include_ops: Sequence[str] = (),
     activation_dtype: ActivationDtype = "auto",
     report: bool = False,
     bits: int = 4,
@@ -65,6 +66,8 @@ def quantize(
             faster on CPU than the standard DequantizeLinear-with-block_size form ("qdq").
         exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
         exclude_ops: op types left float.
+        include_ops: static: op types left float by default to quantize anyway (Softmax, Where,
+            LayerNormalization, ...; "MatMul" adds the MatMuls of two activations).
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
         report: measure per-tensor SQNR on the calibration data (static); read it back with
             `report_of(model)`.
@@ -82,13 +85,18 @@ def quantize(
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
+    if include_ops and mode != "static":
+        raise BadOptionError(
+            f"--include-op applies to static quantization (with --calib), not to {mode} mode"
+        )
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
         return _deployable(quantize_static(
             model, calibration, method=method, per_channel=per_channel, fmt=fmt,
-            exclude=exclude, exclude_ops=exclude_ops, activation_dtype=activation_dtype,
-            report=report, batch_size=batch_size, progress=progress, percentile=percentile,
+            exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
+            activation_dtype=activation_dtype, report=report, batch_size=batch_size,
+            progress=progress, percentile=percentile,
         ))
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
@@ -130,12 +138,12 @@ def quantize_static(
     fmt: str = "qdq",
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
+    include_ops: Sequence[str] = (),
     activation_dtype: ActivationDtype = "auto",
     report: bool = False,
     batch_size: int = 32,
     progress: bool | None = None,
     percentile: float = 99.99,
-    activation_matmul: bool = False,
 ) -> ir.Model:
     """Calibrated static quantization (see `quantize`)."""
     if method not in METHODS:
@@ -146,7 +154,7 @@ def quantize_static(
     prepared = prepare(model, batches.first())
     plan = annotate(
         prepared, per_channel=per_channel, exclude=exclude, exclude_ops=exclude_ops,
-        activation_dtype=activation_dtype, activation_matmul=activation_matmul,
+        activation_dtype=activation_dtype, include_ops=include_ops,
     )
     if not plan.weights and not plan.activations:
         raise UnsupportedModelError(
@@ -267,13 +275,15 @@ class StaticQuantizePass(SlimgraphFunctionalPass):
         fmt: str = "qdq",
         exclude: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
+        include_ops: Sequence[str] = (),
         activation_dtype: ActivationDtype = "auto",
     ) -> None:
         super().__init__()
         self.calibration = calibration
         self.options = {
             "method": method, "per_channel": per_channel, "fmt": fmt, "exclude": tuple(exclude),
-            "exclude_ops": tuple(exclude_ops), "activation_dtype": activation_dtype,
+            "exclude_ops": tuple(exclude_ops), "include_ops": tuple(include_ops),
+            "activation_dtype": activation_dtype,
         }
 
     def requires(self, model: ir.Model) -> None:

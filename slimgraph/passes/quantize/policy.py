@@ -17,7 +17,9 @@ fuses into integer kernels:
 - Concat inputs and output share one scale; data-movement ops keep their input's scale;
 - a residual Add of two quantized values is quantized (onnxruntime fuses it to QLinearAdd), any
   other Add stays float; masks, Where, comparisons, Softmax, normalizations, Erf/Gelu and every op
-  not listed stay float;
+  not listed stay float, unless asked (`include_ops`: the op's float inputs and output get Q/DQ;
+  "MatMul" there also quantizes MatMuls of two activations, the attention products; onnxruntime
+  fuses a quantized Softmax into QLinearSoftmax);
 - embedding tables (Gather from a constant 2-D table) are stored int8 with one scale, the
   DequantizeLinear after the Gather (only the gathered rows are dequantized);
 - a tied weight gets one quantized copy; nodes are excluded by name/layer/output pattern or type.
@@ -156,7 +158,7 @@ def annotate(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     activation_dtype: ActivationDtype = "auto",
-    activation_matmul: bool = False,
+    include_ops: Sequence[str] = (),
 ) -> QuantPlan:
     """Decide what to quantize in `model` (not modified).
 
@@ -166,7 +168,9 @@ def annotate(
         exclude: fnmatch patterns; a node whose name, torch layer or output name matches is float.
         exclude_ops: op types to leave float.
         activation_dtype: "uint8", "int8" or "auto" (`default_activation_dtype`).
-        activation_matmul: also quantize MatMuls of two activations (attention scores).
+        include_ops: op types left float by default to quantize anyway (Softmax, Where, Add,
+            LayerNormalization, ...: Q/DQ on their float inputs and output; MatMul: also the
+            MatMuls of two activations). Usually less accurate: the report says by how much.
     """
     act_dtype = {"uint8": _UINT8, "int8": _INT8}.get(activation_dtype)
     if activation_dtype == "auto":
@@ -175,8 +179,15 @@ def annotate(
         raise BadOptionError(
             f"unknown activation dtype '{activation_dtype}' (choose auto, uint8 or int8)"
         )
+    standard = set(WEIGHT_OPS) | {"Add", "Concat"} | set(DATA_MOVEMENT_OPS) | set(POOLING_OPS)
+    already = sorted((set(include_ops) & standard) - {"MatMul", "Add"})
+    if already:
+        raise BadOptionError(
+            f"--include-op {', '.join(already)}: quantized by default already (include-op asks "
+            "for ops left float: Softmax, Where, LayerNormalization, Mul, ...)"
+        )
     return _Planner(model, per_channel, list(exclude), set(exclude_ops), act_dtype,
-                    activation_matmul).plan()
+                    set(include_ops)).plan()
 
 
 class _Planner:
@@ -187,14 +198,16 @@ class _Planner:
         exclude: list[str],
         exclude_ops: set[str],
         act_dtype: ir.DataType,
-        activation_matmul: bool,
+        include_ops: set[str],
     ) -> None:
         self.graph = model.graph
         self.per_channel = per_channel
         self.exclude = exclude
         self.exclude_ops = exclude_ops
         self.act_spec = QuantSpec(act_dtype, symmetric=False)
-        self.activation_matmul = activation_matmul
+        self.include_ops = include_ops
+        self.activation_matmul = "MatMul" in include_ops
+        self.generic: set[int] = set()  # id(node): quantized because the user asked for its type
         self.skipped: list[Skipped] = []
         self.quantized: dict[int, ir.Node] = {}  # id(node) -> node
         self.absorbed: dict[int, ir.Node] = {}  # id(quantized node) -> its absorbed Relu/Clip
@@ -249,7 +262,8 @@ class _Planner:
             if node.domain not in ("", "ai.onnx") or not node.outputs:
                 continue
             op = node.op_type
-            if op not in WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS + POOLING_OPS:
+            standard = WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS + POOLING_OPS
+            if op not in standard and op not in self.include_ops:
                 continue
             if self._excluded(node):
                 self.skipped.append(Skipped(node.name or "", op, "excluded"))
@@ -261,6 +275,13 @@ class _Planner:
                 ok, reason = self._weight_op_ok(node)
             elif op == "Add":
                 ok, reason = self._add_ok(node)
+                if not ok and op in self.include_ops and self._generic_ok(node):
+                    ok = True
+                    self.generic.add(id(node))
+            elif op not in standard:
+                ok, reason = self._generic_ok(node), "no float input and output"
+                if ok:
+                    self.generic.add(id(node))
             elif op == "Concat":
                 ok = any(self._in_q_domain(v) for v in node.inputs) and all(
                     v is not None and _is_float(v) and not _is_constant(v) for v in node.inputs
@@ -305,6 +326,15 @@ class _Planner:
             return False, "operand ranks differ"
         return True, ""
 
+    def _generic_ok(self, node: ir.Node) -> bool:
+        """An op quantized on request: one float output and at least one float activation in."""
+        if len(node.outputs) != 1 or not _is_float(node.outputs[0]):
+            return False
+        return any(
+            v is not None and not _is_constant(v) and v.dtype == ir.DataType.FLOAT
+            for v in node.inputs
+        )
+
     def _movement_ok(self, node: ir.Node) -> bool:
         if len(node.outputs) != 1:
             return False
@@ -347,6 +377,15 @@ class _Planner:
             if id(node) not in self.quantized:
                 continue
             op = node.op_type
+            if id(node) in self.generic:
+                for value in node.inputs:
+                    if value is not None and not _is_constant(value) and (
+                        value.dtype == ir.DataType.FLOAT
+                    ):
+                        want(value, value.producer() or node)
+                if not node.outputs[0].is_graph_output():
+                    want(node.outputs[0], node)
+                continue
             if op in WEIGHT_OPS:
                 x, w = node.inputs[0], node.inputs[1]
                 want(x, x.producer() or node)
