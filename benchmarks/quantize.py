@@ -1,8 +1,9 @@
 """slimgraph int8 quantization side by side with onnxruntime.quantization, in one run.
 
 For each model (ResNet-18 and MobileNetV2 in torchvision's layouts, tests/models.resnet18 and
-mobilenet_v2, at 224x224 with random weights and randomized BatchNorm statistics, the bundled digits CNN, a BERT-style encoder with 6 layers,
-hidden 384 and an attention mask):
+mobilenet_v2, at 224x224 with random weights and BatchNorm statistics fitted on random images so
+every layer's output stays normalized as in a trained network; the bundled digits CNN; a
+BERT-style encoder with 6 layers, hidden 384 and an attention mask):
 
 - fp32: the exported model after slimgraph's lossless passes (BatchNorm folded); every tool
   quantizes this same file, so nobody is charged for a missing fold;
@@ -83,10 +84,11 @@ def _export(net, args, dynamic) -> object:  # noqa: ANN001
 def _cnn_case(name: str, net, size: int, calib_n: int, seed: int) -> Case:  # noqa: ANN001
     import torch
 
-    from tests.models import _randomize_batchnorm
+    from tests.models import _randomize_batchnorm, fit_batchnorm
 
     torch.manual_seed(seed)
     net = _randomize_batchnorm(net.eval())
+    net = fit_batchnorm(net, [torch.randn(8, 3, size, size) for _ in range(4)])
     example = torch.randn(2, 3, size, size)
     fp32 = _export(net, (example,), ({0: "batch"},))
     input_name = runtime.input_specs(fp32)[0].name

@@ -25,6 +25,7 @@ __all__ = [
     "ConvTransposeNet",
     "TORCH_MODELS",
     "example_input",
+    "fit_batchnorm",
 ]
 
 
@@ -343,6 +344,28 @@ def _randomize_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
                 layer.running_mean.copy_(torch.randn(layer.num_features, generator=generator) * 0.1)
                 layer.running_var.copy_(torch.rand(layer.num_features, generator=generator) + 0.5)
     return module
+
+
+def fit_batchnorm(module: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Set BatchNorm running statistics from `batches`, as training would, then eval mode.
+
+    Random conv weights shrink or grow the signal layer after layer; with statistics that do
+    not match, a deep random network (MobileNetV2's 52 convs) outputs nearly the same logits
+    for every input and top-1 agreement measures noise. Fitted statistics keep every layer's
+    output normalized, like a trained network's.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches
+    module.train()
+    with torch.no_grad():
+        for batch in batches:
+            module(batch)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    return module.eval()
 
 
 def build(name: str) -> nn.Module:
