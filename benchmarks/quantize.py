@@ -11,7 +11,9 @@ BERT-style encoder with 6 layers, hidden 384 and an attention mask):
   activations chosen for this x86 CPU);
 - ort static: `onnxruntime.quantization.quantize_static` (QDQ, per_channel=True, its defaults
   otherwise: QInt8 activations and weights, MinMax), the same calibration batches;
-- slimgraph dynamic / ort dynamic: `sg.quantize(model)` / `quantize_dynamic(per_channel=True)`.
+- slimgraph dynamic / ort dynamic: `sg.quantize(model)` / `quantize_dynamic(per_channel=True)`;
+- ort dynamic (A/A), BERT only: a second copy of onnxruntime's dynamic model timed in the same
+  rounds, to show the noise a latency comparison between equal kernels is subject to.
 
 Columns: file size as a ratio of fp32, latency ratio to fp32 at batch 1 and 8 (all candidates of a
 model timed together by `slimgraph.runtime.benchmark`: interleaved shuffled rounds, medians, no
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -191,6 +194,13 @@ def _ort_dynamic(case: Case, folder: Path) -> object:
     return sg.load(target)
 
 
+# Two models that run the same kernels still differ by a few percent from run to run on these
+# machines: a latency target against onnxruntime allows this much (as benchmarks/fusion.py), and
+# the BERT table times a second copy of onnxruntime's dynamic model (A/A) to show the noise.
+NOISE_MARGIN = 0.03
+AA_LABEL = "ort dynamic (A/A)"
+
+
 def _quantize_all(case: Case, folder: Path) -> None:
     makers: list[tuple[str, Callable[[], object]]] = [
         ("slimgraph static", lambda: sg.quantize(case.fp32, calibration=case.calib,
@@ -209,6 +219,11 @@ def _quantize_all(case: Case, folder: Path) -> None:
             candidate.error = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
         candidate.seconds = time.perf_counter() - start
         case.candidates.append(candidate)
+    ort_dynamic = case.candidates[-1]
+    if case.kind == "transformer" and ort_dynamic.model is not None:
+        copy = Candidate(AA_LABEL, ir.from_proto(ir.to_proto(ort_dynamic.model)),
+                         ort_dynamic.seconds)
+        case.candidates.append(copy)
     for candidate in case.candidates:
         if candidate.model is None:
             continue
@@ -430,10 +445,12 @@ def main() -> int:
             verdicts.append(_verdict(False, f"BERT {label}: failed ({c.error})"))
             continue
         verdicts.append(_verdict(c.score >= 0.995, f"BERT {label}: cosine {c.score:.4f} >= 0.995"))
+        copy = get(bert, AA_LABEL)
         verdicts.append(_verdict(
-            c.ratio8 <= ort_dyn.ratio8,
-            f"BERT {label}: latency at batch 8 {c.ratio8:.2f}x <= onnxruntime dynamic "
-            f"{ort_dyn.ratio8:.2f}x"))
+            c.ratio8 <= ort_dyn.ratio8 * (1 + NOISE_MARGIN),
+            f"BERT {label}: latency at batch 8 {c.ratio8:.3f}x <= onnxruntime dynamic "
+            f"{ort_dyn.ratio8:.3f}x ({NOISE_MARGIN:.0%} noise margin; A/A copy of onnxruntime's "
+            f"model {copy.ratio8:.3f}x, {copy.ratio8 / ort_dyn.ratio8 - 1:+.1%})"))
     for case in cases:
         c = get(case, "slimgraph static")
         if c.model is not None:
