@@ -1,4 +1,4 @@
-"""QOperator output: QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger in the graph."""
+"""QOperator output: QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ConvInteger in the graph."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_digits_qoperator_has_qlinearconv_and_matches_qdq() -> None:
     qop = sg.quantize(digits(), calibration=DIGITS_CALIB, fmt="qoperator", progress=False)
     counts = ops(qop)
     assert counts["QLinearConv"] == 6 and "Conv" not in counts
-    assert counts["MatMulInteger"] == 1 and "Gemm" not in counts
+    assert counts["MatMulIntegerToFloat"] == 1 and "Gemm" not in counts
     images, labels = digits_test()
     assert compare(qdq, qop, {"image": images}).worst_cosine > 0.9999
     assert accuracy(qop, images, labels) >= accuracy(digits(), images, labels) - 0.003
@@ -37,8 +37,8 @@ def test_linear_model_gets_qlinearmatmul_and_matmulinteger() -> None:
     qdq = sg.quantize(model, calibration=calib, progress=False)
     qop = QOperatorPass()(qdq).model
     counts = ops(qop)
-    # mm0 -> Relu -> Q: QLinearMatMul; the Gemms (float outputs) become MatMulInteger + rescale
-    assert counts["QLinearMatMul"] == 1 and counts["MatMulInteger"] == 2
+    # mm0 -> Relu -> Q: QLinearMatMul; the Gemms (float outputs) become MatMulIntegerToFloat
+    assert counts["QLinearMatMul"] == 1 and counts["MatMulIntegerToFloat"] == 2
     assert not {"MatMul", "Gemm", "Relu"} & set(counts)
     feeds = linear_feeds(count=2, seed=3)
     np.testing.assert_array_less(0.9999, compare(qdq, qop, feeds).worst_cosine)

@@ -4,9 +4,10 @@
 - DQ(x), DQ(w)[, DQ(b)] -> Conv (float output)    becomes ConvInteger -> Cast -> Mul(s_x * s_w)
                                                    [-> Add(b)]
 - DQ(x), DQ(w) -> MatMul -> Q                      becomes QLinearMatMul
-- DQ(x), DQ(w) -> MatMul (float output)            becomes MatMulInteger -> Cast -> Mul(s_x * s_w)
-- DQ(x), DQ(w)[, DQ(b)] -> Gemm (alpha = beta = 1) becomes MatMulInteger (weight transposed for
-  transB) -> Cast -> Mul(s_x * s_w) [-> Add(b)]
+- DQ(x), DQ(w) -> MatMul [-> Add(b)] (float out)   becomes MatMulIntegerToFloat (com.microsoft:
+                                                   onnxruntime's kernel, rescale and bias inside)
+- DQ(x), DQ(w)[, DQ(b)] -> Gemm (alpha = beta = 1) becomes MatMulIntegerToFloat (weight
+                                                   transposed for transB, bias inside)
 Everything else (QDQ around Add, pooling, data movement) stays QDQ, which onnxruntime runs as it
 is. The integer arithmetic is the one the QDQ model describes, so the pass is exact up to the
 rounding of the fused requantization (`exact = False`, like every quantization pass).
@@ -157,10 +158,8 @@ class QOperatorPass(SlimgraphFunctionalPass):
             )
             self._replace(graph, node, [fused], q.outputs[0], fused.outputs[0])
             return True
-        integer = ir.node("MatMulInteger", [x.quantized, w.quantized, x.zp_value, w.zp_value],
-                          name=self._name(node.name))
-        tail = self._scaled(graph, node, integer.outputs[0], x, w, -1, None, None)
-        self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
+        add, bias = _bias_add(node, w)
+        self._to_float(graph, node if add is None else add, x, w.quantized, w, bias)
         return True
 
     def _gemm(self, graph: ir.Graph, node: ir.Node) -> bool:
@@ -174,26 +173,57 @@ class QOperatorPass(SlimgraphFunctionalPass):
         if x is None or w is None or w.quantized.const_value is None:
             return False
         weight = w.quantized.const_value.numpy()
-        zero_point = np.asarray(w.zp_value.const_value.numpy())
         if attrs.get("transB", 0):
             if w.axis not in (None, 0):
                 return False
             weight = np.ascontiguousarray(weight.T)
         elif w.axis not in (None, 1):
             return False
-        w_init = self._const(graph, f"{w.quantized.name}_kn", weight)
-        zp_init = self._const(graph, f"{w.quantized.name}_kn_zero_point", zero_point)
-        integer = ir.node("MatMulInteger", [x.quantized, w_init, x.zp_value, zp_init],
-                          name=self._name(node.name))
         if bias_value is not None and b is None:
             bias = None if bias_value.const_value is None else bias_value.const_value.numpy()
-            if bias is None:
+            if bias is None or bias.ndim != 1:
                 return False
         else:
             bias = None if b is None else b.dequantized()
-        tail = self._scaled(graph, node, integer.outputs[0], x, w, -1, None, bias)
-        self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
+        w_init = self._const(graph, f"{w.quantized.name}_kn", weight)
+        self._to_float(graph, node, x, w_init, w, bias)
         return True
+
+    def _to_float(self, graph: ir.Graph, last: ir.Node, x: _DQ, weight: ir.Value, w: _DQ,
+                  bias: np.ndarray | None) -> None:
+        """x_q @ w_q (+ bias) with a float output: onnxruntime's MatMulIntegerToFloat, which
+        rescales and adds the bias inside the integer kernel. (MatMulInteger -> Cast -> Mul
+        -> Add in standard ops is not fused by onnxruntime when the scales are constants:
+        BERT-style 6x384 ran 67.5 ms against 58.5 ms for the QDQ model.)"""
+        graph.opset_imports[_MS_DOMAIN] = 1  # onnx_ir: the model's imports live on its graph
+        inputs = [x.quantized, weight, x.scale_value, w.scale_value, x.zp_value, w.zp_value]
+        if bias is not None:
+            inputs.append(self._const(graph, f"{last.name}_bias", bias.astype(np.float32)))
+        fused = ir.node("MatMulIntegerToFloat", inputs, domain=_MS_DOMAIN,
+                        name=self._name(last.name))
+        self._replace(graph, last, [fused], last.outputs[0], fused.outputs[0])
+
+
+_MS_DOMAIN = "com.microsoft"
+
+
+def _bias_add(node: ir.Node, w: _DQ) -> tuple[ir.Node | None, np.ndarray | None]:
+    """The Add that alone reads a MatMul's output and adds a constant 1-D bias of its width."""
+    out = node.outputs[0]
+    users = out.consumers()
+    if len(users) != 1 or out.is_graph_output():
+        return None, None
+    add = users[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is None or other.const_value is None:
+        return None, None
+    bias = other.const_value.numpy()
+    width = w.quantized.const_value.shape[-1] if w.quantized.const_value is not None else None
+    if bias.dtype != np.float32 or bias.ndim != 1 or bias.shape[0] != width:
+        return None, None
+    return add, bias
 
 
 class _DQ:
