@@ -11,6 +11,8 @@ BERT-style encoder with 6 layers, hidden 384 and an attention mask):
   activations chosen for this x86 CPU);
 - ort static: `onnxruntime.quantization.quantize_static` (QDQ, per_channel=True, its defaults
   otherwise: QInt8 activations and weights, MinMax), the same calibration batches;
+- slimgraph static qop: the same with `fmt="qoperator"` (QLinearConv, QLinearMatMul, and
+  onnxruntime's MatMulIntegerToFloat with the bias inside for MatMuls with a float output);
 - slimgraph dynamic / ort dynamic: `sg.quantize(model)` / `quantize_dynamic(per_channel=True)`;
 - ort dynamic (A/A), BERT only: a second copy of onnxruntime's dynamic model timed in the same
   rounds, to show the noise a latency comparison between equal kernels is subject to.
@@ -199,12 +201,15 @@ def _ort_dynamic(case: Case, folder: Path) -> object:
 # the BERT table times a second copy of onnxruntime's dynamic model (A/A) to show the noise.
 NOISE_MARGIN = 0.03
 AA_LABEL = "ort dynamic (A/A)"
+QOP_LABEL = "slimgraph static qop"
 
 
 def _quantize_all(case: Case, folder: Path) -> None:
     makers: list[tuple[str, Callable[[], object]]] = [
         ("slimgraph static", lambda: sg.quantize(case.fp32, calibration=case.calib,
                                                  progress=False)),
+        (QOP_LABEL, lambda: sg.quantize(case.fp32, calibration=case.calib, fmt="qoperator",
+                                        progress=False)),
         ("ort static", lambda: _ort_static(case, folder)),
         ("slimgraph dynamic", lambda: sg.quantize(case.fp32, mode="dynamic")),
         ("ort dynamic", lambda: _ort_dynamic(case, folder)),
@@ -352,15 +357,15 @@ def _memory_section(folder: Path) -> tuple[list[str], dict[int, dict[str, float]
 def _table(case: Case) -> str:
     fp32_size = case.candidates[0].size
     lines = [f"\n## {case.name}  (fp32 {fp32_size / 1e6:.2f} MB)", ""]
-    header = (f"{'candidate':<18} {'size':>6} {'lat b1':>7} {'lat b8':>7} {'quantize s':>10}"
+    header = (f"{'candidate':<20} {'size':>6} {'lat b1':>7} {'lat b8':>7} {'quantize s':>10}"
               "  fidelity")
     lines += [header, "-" * len(header)]
     for c in case.candidates:
         if c.model is None:
-            lines.append(f"{c.label:<18} failed: {c.error}")
+            lines.append(f"{c.label:<20} failed: {c.error}")
             continue
         lines.append(
-            f"{c.label:<18} {c.size / fp32_size:>5.3f}x {c.ratio1:>6.2f}x {c.ratio8:>6.2f}x "
+            f"{c.label:<20} {c.size / fp32_size:>5.3f}x {c.ratio1:>6.2f}x {c.ratio8:>6.2f}x "
             f"{c.seconds:>10.2f}  {c.fidelity}"
         )
     return "\n".join(lines)
@@ -439,7 +444,7 @@ def main() -> int:
                              f"{fp32_acc:.4f}"))
     bert = by_name["BERT-style 6x384"]
     ort_dyn = get(bert, "ort dynamic")
-    for label in ("slimgraph static", "slimgraph dynamic"):
+    for label in ("slimgraph static", QOP_LABEL, "slimgraph dynamic"):
         c = get(bert, label)
         if c.model is None:
             verdicts.append(_verdict(False, f"BERT {label}: failed ({c.error})"))
