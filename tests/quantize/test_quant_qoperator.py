@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
 import slimgraph as sg
@@ -59,3 +60,47 @@ def test_conv_with_float_output_becomes_convinteger() -> None:
     counts = ops(qop)
     assert counts["ConvInteger"] == 1 and "Conv" not in counts  # the output is a graph output
     assert compare(model, qop, feeds[:2]).worst_cosine > 0.999
+
+
+def test_relu6_clip_is_absorbed_into_qlinearconv() -> None:
+    # MobileNetV2's Conv -> Clip(0, 6) -> Q: the quantized range [0, r <= 6] makes the Clip
+    # redundant, so every conv becomes QLinearConv (ConvInteger would run several times slower
+    # than float32), and the result matches the QDQ model.
+    from tests.conftest import exported_model
+
+    model = exported_model("mobilenetv2")
+    feeds = [sg.runtime.random_feeds(model, batch=4, seed=s) for s in range(4)]
+    qdq = sg.quantize(model, calibration=feeds, progress=False)
+    qop = QOperatorPass()(qdq).model
+    counts = ops(qop)
+    assert counts["QLinearConv"] == ops(model)["Conv"]
+    assert not {"ConvInteger", "Clip", "Conv"} & set(counts)
+    assert compare(qdq, qop, feeds[:2]).worst_cosine > 0.9999
+
+
+def test_clip_below_the_quantized_range_stays() -> None:
+    # Clip(0, 1) in front of a QuantizeLinear whose range reaches 6 is not redundant: the
+    # QOperator form must keep it (a float-output ConvInteger path), not drop it.
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip"),
+        helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2"),
+    ]
+    model = make_model(
+        nodes,
+        [("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [("z", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+         "w2": rng.standard_normal((4, 4, 3, 3)).astype(np.float32),
+         "lo": np.array(0.0, np.float32), "hi": np.array(1.0, np.float32)},
+    )
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    qdq = sg.quantize(model, calibration=feeds, progress=False)
+    # Widen the Clip's output range as a coarser calibration would: scale * 255 = 6 > 1.
+    (q,) = [n for n in qdq.graph if n.op_type == "QuantizeLinear"
+            and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Clip"]
+    q.inputs[1].const_value = ir.tensor(np.array(6.0 / 255, np.float32))
+    qop = QOperatorPass()(qdq).model
+    assert ops(qop)["Clip"] == 1
+    assert compare(qdq, qop, feeds[:2]).worst_cosine > 0.9999

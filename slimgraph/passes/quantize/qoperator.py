@@ -256,21 +256,43 @@ def _dq(value: ir.Value | None) -> _DQ | None:
 
 
 def _only_q_consumer(value: ir.Value) -> ir.Node | None:
-    """The QuantizeLinear that alone reads `value`, directly or through a Relu that the
-    quantized range makes redundant (its zero point is the grid's minimum)."""
+    """The QuantizeLinear that alone reads `value`, directly or through a Relu or Clip that the
+    quantized range makes redundant: the zero point is the grid's minimum (the range starts at
+    0) and, for a Clip, the range ends at or below its maximum (ReLU6 in MobileNets)."""
     users = value.consumers()
     if len(users) != 1 or value.is_graph_output():
         return None
     user = users[0]
-    if user.op_type == "Relu":
+    if user.op_type in ("Relu", "Clip"):
         q = _only_q_consumer(user.outputs[0])
-        if q is None:
+        if q is None or q.inputs[1].const_value is None:
             return None
         zero_point = q.inputs[2].const_value.numpy()
-        qmin = np.iinfo(zero_point.dtype).min
-        return q if np.all(zero_point == qmin) else None
+        info = np.iinfo(zero_point.dtype)
+        if not np.all(zero_point == info.min):
+            return None
+        if user.op_type == "Clip":
+            low, high = _clip_bounds(user)
+            top = float(np.max(q.inputs[1].const_value.numpy())) * (info.max - info.min)
+            if low != 0.0 or high is None or top > high * (1 + 1e-6):
+                return None
+        return q
     if user.op_type == "QuantizeLinear":
         if user.inputs[1].const_value is not None and user.inputs[2] is not None:
             if user.inputs[2].const_value is not None:
                 return user
     return None
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's constant min and max (inputs from opset 11, attributes before); None: unknown."""
+    bounds: list[float | None] = []
+    for index, name in ((1, "min"), (2, "max")):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is not None:
+            const = value.const_value
+            bounds.append(None if const is None else float(const.numpy()))
+            continue
+        attribute = node.attributes.get(name)
+        bounds.append(None if attribute is None else float(attribute.value))
+    return bounds[0], bounds[1]
