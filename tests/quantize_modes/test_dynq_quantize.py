@@ -10,7 +10,7 @@ import torch
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import from_torch, layer_name
-from slimgraph.passes.quantize._weights import constant_array
+from slimgraph.passes.quantize._weights import traced_constant
 from slimgraph.passes.quantize.dynamic import DynamicQuantizePass, quantize_dynamic
 from slimgraph.runtime import compare, create_session, random_feeds, run
 from tests import models as test_models
@@ -33,7 +33,7 @@ def _weights_by_layer(model: ir.Model) -> dict[str, np.ndarray]:
     found = {}
     for node in model.graph:
         if node.op_type == "MatMul":
-            weight = constant_array(node.inputs[1])
+            weight = traced_constant(node.inputs[1])
             if weight is not None:
                 found[layer_name(node)] = weight
     return found

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise, unpack_4bit
-from slimgraph.passes.quantize._weights import constant_array
+from slimgraph.passes.quantize._weights import traced_constant
 from slimgraph.passes.quantize.weight_only import (
     WeightOnlyQuantizePass,
     quantize_weight_only,
@@ -73,9 +73,9 @@ def test_blockwise_dequantized_within_half_a_step(
 
 def _weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {
-        layer_name(n): constant_array(n.inputs[1])
+        layer_name(n): traced_constant(n.inputs[1])
         for n in model.graph
-        if n.op_type == "MatMul" and constant_array(n.inputs[1]) is not None
+        if n.op_type == "MatMul" and traced_constant(n.inputs[1]) is not None
     }
 
 

@@ -2,7 +2,7 @@
 
 A dynamo export reads a Linear's weight through `Transpose(initializer)` (the exporter's optimizer
 is off), so "constant weight" means a value computed from initializers by data-movement nodes
-only; `constant_array` follows such chains and returns the weight as the consumer sees it.
+only; `traced_constant` follows such chains and returns the weight as the consumer sees it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir.select import matching_pattern
+from slimgraph.passes._graph_utils import constant_array
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
 
 __all__ = [
-    "constant_array",
+    "traced_constant",
     "constant_node_array",
     "excluded_by",
     "add_initializer",
@@ -40,7 +41,7 @@ _MOVERS = frozenset(
 _MAX_CHAIN = 8
 
 
-def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
+def traced_constant(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
     """The numpy value of `value` if it is computed from constants only, else None.
 
     Follows initializers, Constant nodes and chains of up to 8 data-movement ops over them
@@ -50,7 +51,7 @@ def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None
     if value is None or _depth > _MAX_CHAIN:
         return None
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return constant_array(value)  # None for an overridable graph input's default
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
         return None
@@ -63,7 +64,7 @@ def constant_array(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None
             start = node.attributes.get_int("start", 0)
             end = node.attributes.get_int("end", len(dims))
             return dims[start:end]
-    arrays = [constant_array(v, _depth + 1) if v is not None else None for v in node.inputs]
+    arrays = [traced_constant(v, _depth + 1) if v is not None else None for v in node.inputs]
     if any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
         return None
     if node.op_type == "Identity":
@@ -142,7 +143,7 @@ def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None
     other = add.inputs[1 - uses[0].idx]
-    bias = constant_array(other)
+    bias = traced_constant(other)
     if bias is None or bias.dtype != np.float32 or bias.shape != (columns,):
         return None
     if add.outputs[0].shape is not None and out.shape is not None:
@@ -154,7 +155,7 @@ def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:
 def bias_of(add: ir.Node, node: ir.Node) -> np.ndarray:
     """The constant bias operand of a bias Add found by `bias_add_after`."""
     other = add.inputs[0] if add.inputs[1] is node.outputs[0] else add.inputs[1]
-    array = constant_array(other)
+    array = traced_constant(other)
     assert array is not None
     return array
 

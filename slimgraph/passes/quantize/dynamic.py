@@ -50,11 +50,11 @@ from slimgraph.passes.quantize._weights import (
     add_initializer,
     bias_add_after,
     bias_of,
-    constant_array,
     content_key,
     excluded_by,
     is_float32,
     opset_version,
+    traced_constant,
     unique_name,
     upgrade_opset,
 )
@@ -238,9 +238,9 @@ def _skip(node: ir.Node, reason: str) -> Skipped:
 
 def _plan_matmul(node: ir.Node) -> _Rewrite | str:
     a, b = node.inputs[0], node.inputs[1]
-    weight = constant_array(b)
+    weight = traced_constant(b)
     if weight is None:
-        if constant_array(a) is not None:
+        if traced_constant(a) is not None:
             return "the constant is the left operand (W @ x); only x @ W is quantized"
         return "both inputs are activations (no constant weight)"
     if weight.ndim != 2:
@@ -255,7 +255,7 @@ def _plan_gemm(node: ir.Node) -> _Rewrite | str:
     attrs = node.attributes
     if attrs.get_int("transA", 0):
         return "Gemm with transA=1 is not quantized"
-    weight = constant_array(node.inputs[1])
+    weight = traced_constant(node.inputs[1])
     if weight is None:
         return "B is not constant"
     if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
@@ -265,7 +265,7 @@ def _plan_gemm(node: ir.Node) -> _Rewrite | str:
     weight = weight * np.float32(attrs.get_float("alpha", 1.0))
     bias: np.ndarray | ir.Value | None = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = constant_array(node.inputs[2])
+        c = traced_constant(node.inputs[2])
         beta = np.float32(attrs.get_float("beta", 1.0))
         if c is not None and c.size == weight.shape[1]:
             bias = (c.reshape(-1) * beta).astype(np.float32)
@@ -279,7 +279,7 @@ def _plan_gemm(node: ir.Node) -> _Rewrite | str:
 
 
 def _plan_gather(node: ir.Node) -> _Rewrite | str:
-    table = constant_array(node.inputs[0])
+    table = traced_constant(node.inputs[0])
     if table is None:
         return "data is not constant (Gather on activations stays float)"
     if table.dtype != np.float32:
@@ -291,7 +291,7 @@ def _plan_gather(node: ir.Node) -> _Rewrite | str:
 
 def _plan_lstm(node: ir.Node) -> _Rewrite | str:
     inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
-    w, r = constant_array(inputs[1]), constant_array(inputs[2])
+    w, r = traced_constant(inputs[1]), traced_constant(inputs[2])
     if w is None or r is None:
         return "W or R is not constant"
     if inputs[7] is not None:
@@ -308,7 +308,7 @@ def _plan_no_kernel(node: ir.Node) -> str:
 
 
 def _plan_conv(node: ir.Node) -> _Rewrite | str:
-    weight = constant_array(node.inputs[1])
+    weight = traced_constant(node.inputs[1])
     if weight is None:
         return "weight is not constant"
     if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
@@ -544,7 +544,7 @@ class _Builder:
         main = self._node(node, "Mul", [as_float.outputs[0], both.outputs[0]])
         new_nodes += [integer, as_float, both, main]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = constant_array(node.inputs[2])
+            bias = traced_constant(node.inputs[2])
             bias_value = (
                 add_initializer(self.graph, self._name(f"{base}_bias"),
                                 bias.reshape(out_channels, *([1] * (weight.ndim - 2))))

@@ -41,11 +41,11 @@ from slimgraph.passes.quantize._weights import (
     add_initializer,
     bias_add_after,
     bias_of,
-    constant_array,
     content_key,
     excluded_by,
     is_float32,
     opset_version,
+    traced_constant,
     unique_name,
     upgrade_opset,
 )
@@ -141,7 +141,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
 
     def _embedding_table(self, node: ir.Node, skipped: list[Skipped]) -> np.ndarray | None:
         """The constant [V, D] table of an embedding Gather, or None (a reason is recorded)."""
-        table = constant_array(node.inputs[0])
+        table = traced_constant(node.inputs[0])
         if table is None:
             return None  # a Gather on activations: nothing to say
         reason = None
@@ -176,7 +176,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
                 continue
             candidates += 1
             reason = None
-            weight = constant_array(node.inputs[1])
+            weight = traced_constant(node.inputs[1])
             if "MatMul" in self.exclude_ops:
                 reason = "op type MatMul excluded"
             elif (pattern := excluded_by(node, self.exclude)) is not None:
