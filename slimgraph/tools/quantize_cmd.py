@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     granularity.add_argument("--per-tensor", dest="per_channel", action="store_false",
                              help="one scale per weight")
     parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator"), default=None,
-                        help="QDQ pairs (default) or QLinearConv/QLinearMatMul/MatMulInteger; "
+                        help="QDQ pairs (default, portable) or QLinearConv/QLinearMatMul and "
+                        "onnxruntime's MatMulIntegerToFloat (faster on transformers: bias fused); "
                         "weight-only: MatMulNBits (default) or qdq (DequantizeLinear block_size)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME_OR_PATTERN",
                         help="node, layer or tensor names (fnmatch patterns) left in float")

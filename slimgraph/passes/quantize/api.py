@@ -61,7 +61,10 @@ def quantize(
             "weight-only".
         method: static calibrator: minmax, moving-average, percentile, entropy or mse.
         per_channel: per-channel weight scales.
-        fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs) or "qoperator" (QLinearConv, ...).
+        fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs, portable) or "qoperator"
+            (QLinearConv, QLinearMatMul, onnxruntime's MatMulIntegerToFloat with the bias inside:
+            BERT-style 0.46x fp32 latency against 0.50x for QDQ, whose MatMul biases onnxruntime
+            leaves unfused).
             Default: "qdq" for static; for weight-only, MatMulNBits ("qoperator"), measured
             faster on CPU than the standard DequantizeLinear-with-block_size form ("qdq").
         exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
