@@ -185,6 +185,19 @@ def test_report_lists_every_quantized_tensor_worst_first(digits_int8) -> None:
     assert "worst tensors" in report.summary()
 
 
+def test_report_runs_on_the_first_rows_only_and_matches_float64_sums() -> None:
+    from slimgraph.passes.quantize import report as report_module
+
+    feeds = linear_feeds(count=40)  # 320 rows in batches of 8
+    quantized = sg.quantize(linear_model(), calibration=feeds, report=True, progress=False)
+    report = report_of(quantized)
+    assert report.outputs.samples == report_module.REPORT_SAMPLES // 8  # batches of 8 rows
+    assert f"errors measured on {report.outputs.samples} batches" in report.summary()
+    values = np.random.default_rng(0).standard_normal(3_000_000).astype(np.float32) * 7
+    exact = float(np.sum(values.astype(np.float64) ** 2))
+    assert report_module._square_sum(values) == pytest.approx(exact, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def bert_dynamic():
     """The small BERT-style encoder with symbolic batch and sequence (as real exports have).

@@ -1,6 +1,8 @@
 """Per-tensor fidelity of a quantized model: SQNR (dB) of every quantized tensor against fp32.
 
-For each quantized activation two figures, both streamed over the calibration data:
+For each quantized activation two figures, both streamed over the calibration data (its first
+`REPORT_SAMPLES` rows: the estimates settle long before, and the report runs two models with
+every activation exposed, which would otherwise cost several times the calibration itself):
 - `sqnr_db`: the fp32 model's value against the quantized model's dequantized value (the error
   accumulated up to that point);
 - `own_sqnr_db`: the quantized model's float value against its own Q/DQ round trip (the error this
@@ -12,7 +14,7 @@ table prints.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,8 +24,12 @@ from slimgraph.passes.quantize.policy import QuantPlan
 from slimgraph.passes.quantize.qdq import QDQResult
 from slimgraph.runtime.calibrate import stream_values
 from slimgraph.runtime.compare import Fidelity, FidelityAccumulator
+from slimgraph.runtime.feeds import sample_count
 
-__all__ = ["TensorError", "QuantReport", "measure"]
+__all__ = ["TensorError", "QuantReport", "measure", "REPORT_SAMPLES"]
+
+# Rows of calibration data the report runs on (whole batches: at least this many when there are).
+REPORT_SAMPLES = 128
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class QuantReport:
         out = self.outputs
         lines = [
             f"quantized {self.quantized_nodes} nodes ({self.float_nodes} left float), "
-            f"calibration '{self.method}' on {out.samples} batches",
+            f"calibration '{self.method}', errors measured on {out.samples} batches",
         ]
         for o in out.outputs:
             top1 = ""
@@ -115,8 +121,11 @@ def measure(
     *,
     method: str,
     progress: bool | None = None,
+    max_samples: int = REPORT_SAMPLES,
 ) -> QuantReport:
-    """Run the fp32 and the quantized model side by side on `batches` and build the report."""
+    """Run the fp32 and the quantized model side by side on the first `max_samples` rows of
+    `batches` (whole batches) and build the report."""
+    batches = _FirstRows(batches, max_samples)
     activations = [a for a in plan.activations if a.value in result.dequantized]
     outputs = [v.name for v in reference.graph.outputs]
     ref_names = outputs + [a.value for a in activations]
@@ -134,13 +143,12 @@ def measure(
     for ref, got in zip(ref_stream, q_stream, strict=True):
         fidelity.add({k: ref[k] for k in outputs}, {k: got[k] for k in outputs})
         for a in activations:
-            fp = ref[a.value].astype(np.float64)
-            own = got[a.value].astype(np.float64)
-            dq = got[result.dequantized[a.value]].astype(np.float64)
-            signal[a.value] += float(np.sum(fp * fp))
-            noise[a.value] += float(np.sum((fp - dq) ** 2))
-            own_signal[a.value] += float(np.sum(own * own))
-            own_noise[a.value] += float(np.sum((own - dq) ** 2))
+            fp, own = _flat(ref[a.value]), _flat(got[a.value])
+            dq = _flat(got[result.dequantized[a.value]])
+            signal[a.value] += _square_sum(fp)
+            noise[a.value] += _square_sum(fp - dq)
+            own_signal[a.value] += _square_sum(own)
+            own_noise[a.value] += _square_sum(own - dq)
     rows = [
         TensorError(
             a.value, "activation", a.node, a.layer, a.op_type,
@@ -155,3 +163,28 @@ def measure(
     total = sum(1 for _ in reference.graph)
     return QuantReport(tuple(rows), fidelity.result(), method, len(plan.nodes),
                        total - len(plan.nodes))
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32).ravel()
+
+
+def _square_sum(values: np.ndarray) -> float:
+    """Sum of squares by BLAS (blocked float32 accumulation: relative error ~1e-6 on the millions
+    of values of an activation, far below what a dB figure shows; 4x faster than float64)."""
+    return float(np.dot(values, values))
+
+
+class _FirstRows:
+    """The first batches of `batches` holding at least `rows` rows; iterable again."""
+
+    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]], rows: int) -> None:
+        self.batches, self.rows = batches, rows
+
+    def __iter__(self) -> Iterator[Mapping[str, np.ndarray]]:
+        seen = 0
+        for batch in self.batches:
+            yield batch
+            seen += max(1, sample_count(batch))
+            if seen >= self.rows:
+                return
