@@ -170,15 +170,29 @@ def stream_values(
     """Run `model` on each batch and yield the values `names` (graph outputs included)."""
     session = create_session(with_outputs(model, names), threads=threads, optimization="basic")
     wanted = list(dict.fromkeys(names))
+    for outputs in _runs(session, wanted, batches, progress, total, description):
+        yield dict(zip(wanted, outputs, strict=True))
+
+
+def _runs(
+    session: object,
+    output_names: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    progress: bool | None,
+    total: int | None,
+    description: str,
+) -> Iterator[list[np.ndarray]]:
+    """`session.run(output_names, feed)` for each batch, behind a progress bar on stderr
+    (default: when stderr is a terminal)."""
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
     with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, disable=not show,
               leave=False) as bar:
         for feed in batches:
-            outputs = session.run(wanted, dict(feed))
+            outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
             bar.update(1)
-            yield dict(zip(wanted, outputs, strict=True))
+            yield outputs
 
 
 def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:
@@ -244,19 +258,12 @@ def stream_bounds(
     extra = augmented.graph.outputs[len(model.graph.outputs):]
     output_names = [value.name for value in extra]
     session = create_session(augmented, threads=threads, optimization="all")
-    show = sys.stderr.isatty() if progress is None else progress
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="calibrating", unit="batch", file=sys.stderr, disable=not show,
-              leave=False) as bar:
-        for feed in batches:
-            outputs = session.run(output_names, dict(feed))
-            bar.update(1)
-            it = iter(outputs)
-            yield {
-                name: Bounds(float(next(it)), float(next(it)), float(next(it)), int(next(it)))
-                for name in wanted
-            }
+    for outputs in _runs(session, output_names, batches, progress, total, "calibrating"):
+        it = iter(outputs)
+        yield {
+            name: Bounds(float(next(it)), float(next(it)), float(next(it)), int(next(it)))
+            for name in wanted
+        }
 
 
 def _float_values(model: ir.Model, names: Sequence[str]) -> bool:
@@ -318,10 +325,7 @@ def calibrate(
                 continue
             low, high = float(array.min()), float(array.max())  # NaN propagates into both
             if not (math.isfinite(low) and math.isfinite(high)):
-                raise BadDataError(
-                    f"tensor '{name}' contains NaN or Inf on calibration batch {index} "
-                    "(check the data and the model's weights)"
-                )
+                raise _non_finite(name, index)
             stats[name].update(array, (low, high))
     if count == 0:
         raise BadDataError("calibration data is empty (no batches)")
@@ -350,12 +354,16 @@ def _calibrate_bounds(
             if not (math.isfinite(bound.low) and math.isfinite(bound.high)) or math.isnan(
                 bound.total
             ):
-                raise BadDataError(
-                    f"tensor '{name}' contains NaN or Inf on calibration batch {index} "
-                    "(check the data and the model's weights)"
-                )
+                raise _non_finite(name, index)
             stats[name].update_bounds(bound.low, bound.high, bound.size)
     if count == 0:
         raise BadDataError("calibration data is empty (no batches)")
     logger.info("calibrated %d values over %d batches (in-graph ranges)", len(stats), count)
     return stats
+
+
+def _non_finite(name: str, batch: int) -> BadDataError:
+    return BadDataError(
+        f"tensor '{name}' contains NaN or Inf on calibration batch {batch} "
+        "(check the data and the model's weights)"
+    )
