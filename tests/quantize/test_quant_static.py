@@ -196,6 +196,8 @@ def test_report_runs_on_the_first_rows_only_and_matches_float64_sums() -> None:
     values = np.random.default_rng(0).standard_normal(3_000_000).astype(np.float32) * 7
     exact = float(np.sum(values.astype(np.float64) ** 2))
     assert report_module._square_sum(values) == pytest.approx(exact, rel=1e-5)
+    masked = np.array([1.0, -3.4e38, 2.0], np.float32)  # a float32 square would overflow
+    assert report_module._square_sum(masked) == pytest.approx(3.4e38**2 + 5.0, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

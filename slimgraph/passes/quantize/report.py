@@ -171,8 +171,14 @@ def _flat(array: np.ndarray) -> np.ndarray:
 
 def _square_sum(values: np.ndarray) -> float:
     """Sum of squares by BLAS (blocked float32 accumulation: relative error ~1e-6 on the millions
-    of values of an activation, far below what a dB figure shows; 4x faster than float64)."""
-    return float(np.dot(values, values))
+    of values of an activation, far below what a dB figure shows; 4x faster than float64). Values
+    beyond 1.8e19 (a -3.4e38 attention mask, say) overflow float32 squares: float64 then."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.dot(values, values))
+    if not math.isfinite(total):
+        wide = values.astype(np.float64)
+        total = float(np.dot(wide, wide))
+    return total
 
 
 class _FirstRows:
