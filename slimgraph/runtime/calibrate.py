@@ -267,8 +267,8 @@ def stream_bounds(
 
 
 def _float_values(model: ir.Model, names: Sequence[str]) -> bool:
-    """Whether every value in `names` is float (the in-graph reductions need it); types the
-    model does not record are inferred on a structural copy."""
+    """Whether every value in `names` is float32/float64 (the in-graph reductions need it; a
+    float16 sum would overflow); types the model does not record are inferred on a copy."""
     values = _values_by_name(model.graph)
     if any(name in values and values[name].dtype is None for name in names):
         from slimgraph.ir.analysis import with_static_shapes
@@ -277,7 +277,7 @@ def _float_values(model: ir.Model, names: Sequence[str]) -> bool:
     for name in names:
         value = values.get(name)
         dtype = value.dtype if value is not None else None
-        if dtype is None or not dtype.is_floating_point():
+        if dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):  # fp16 sums overflow early
             return False
     return True
 
