@@ -273,6 +273,8 @@ def test_include_op_refuses_what_is_quantized_already_and_other_modes() -> None:
         sg.quantize(digits(), calibration=DIGITS_CALIB, include_ops=["Conv"])
     with pytest.raises(BadOptionError, match="applies to static quantization .* not to dynamic"):
         sg.quantize(digits(), include_ops=["Softmax"])
+    with pytest.raises(BadOptionError, match="^--include-op Softmx: the model has no such node$"):
+        sg.quantize(digits(), calibration=DIGITS_CALIB, include_ops=["Softmx"])
 
 
 @pytest.mark.slow

@@ -63,6 +63,8 @@ DATA_MOVEMENT_OPS = (
 )
 # Ops onnxruntime runs on int8 with their own output scale (QLinearAveragePool, ...).
 POOLING_OPS = ("AveragePool", "GlobalAveragePool")
+# Everything the default rules may quantize.
+_STANDARD_OPS = WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS + POOLING_OPS
 _ABSORBED = ("Relu", "Clip")
 _INT8 = ir.DataType.INT8
 _UINT8 = ir.DataType.UINT8
@@ -179,13 +181,16 @@ def annotate(
         raise BadOptionError(
             f"unknown activation dtype '{activation_dtype}' (choose auto, uint8 or int8)"
         )
-    standard = set(WEIGHT_OPS) | {"Add", "Concat"} | set(DATA_MOVEMENT_OPS) | set(POOLING_OPS)
-    already = sorted((set(include_ops) & standard) - {"MatMul", "Add"})
+    already = sorted((set(include_ops) & set(_STANDARD_OPS)) - {"MatMul", "Add"})
     if already:
         raise BadOptionError(
             f"--include-op {', '.join(already)}: quantized by default already (include-op asks "
             "for ops left float: Softmax, Where, LayerNormalization, Mul, ...)"
         )
+    present = {node.op_type for node in model.graph}
+    absent = sorted(set(include_ops) - present)
+    if absent:
+        raise BadOptionError(f"--include-op {', '.join(absent)}: the model has no such node")
     return _Planner(model, per_channel, list(exclude), set(exclude_ops), act_dtype,
                     set(include_ops)).plan()
 
@@ -262,8 +267,7 @@ class _Planner:
             if node.domain not in ("", "ai.onnx") or not node.outputs:
                 continue
             op = node.op_type
-            standard = WEIGHT_OPS + ("Add", "Concat") + DATA_MOVEMENT_OPS + POOLING_OPS
-            if op not in standard and op not in self.include_ops:
+            if op not in _STANDARD_OPS and op not in self.include_ops:
                 continue
             if self._excluded(node):
                 self.skipped.append(Skipped(node.name or "", op, "excluded"))
@@ -278,7 +282,7 @@ class _Planner:
                 if not ok and op in self.include_ops and self._generic_ok(node):
                     ok = True
                     self.generic.add(id(node))
-            elif op not in standard:
+            elif op not in _STANDARD_OPS:
                 ok, reason = self._generic_ok(node), "no float input and output"
                 if ok:
                     self.generic.add(id(node))
