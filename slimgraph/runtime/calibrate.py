@@ -201,7 +201,7 @@ def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """
     copy = ir.from_proto(ir.to_proto(model))
     values = _values_by_name(copy.graph)
-    taken = set(values)
+    taken = set(values) | set(copy.graph.initializers)
     for name in dict.fromkeys(names):
         if name not in values:
             raise BadDataError(f"the model has no value named '{name}'")
