@@ -106,3 +106,24 @@ def linear_model() -> ir.Model:
 def linear_feeds(count: int = 4, batch: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((batch, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def bert_model() -> ir.Model:
+    """The small BERT-style encoder with symbolic batch and sequence (as real exports have)."""
+    from tests import models as test_models
+
+    ids, mask = test_models.example_input("bert", batch=2)
+    dims = {0: "batch", 1: "seq"}
+    return sg.from_torch(test_models.build("bert"), (ids, mask), dynamic_shapes=(dims, dims))
+
+
+def bert_batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` feeds of 4 sentences of 16 tokens, each padded after a random length."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        ids = rng.integers(0, 1000, (4, 16)).astype(np.int64)
+        mask = np.ones((4, 16), np.int64)
+        mask[:, rng.integers(6, 16):] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

@@ -12,6 +12,8 @@ from slimgraph.runtime import compare
 from tests.quantize.quant_helpers import (
     DIGITS_CALIB,
     accuracy,
+    bert_batches,
+    bert_model,
     digits,
     digits_test,
     linear_feeds,
@@ -104,3 +106,16 @@ def test_clip_below_the_quantized_range_stays() -> None:
     qop = QOperatorPass()(qdq).model
     assert ops(qop)["Clip"] == 1
     assert compare(qdq, qop, feeds[:2]).worst_cosine > 0.9999
+
+
+def test_transformer_linears_become_matmulintegertofloat_with_their_bias() -> None:
+    qdq = sg.quantize(bert_model(), calibration=bert_batches(6), progress=False)
+    qop = QOperatorPass()(qdq).model
+    linears = [n for n in qdq.graph if n.op_type == "MatMul"
+               and n.inputs[1].producer() is not None
+               and n.inputs[1].producer().op_type == "DequantizeLinear"]
+    fused = [n for n in qop.graph if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(linears) == 12  # 2 layers x (q, k, v, out, ffn1, ffn2)
+    assert all(n.domain == "com.microsoft" and len(n.inputs) == 7 for n in fused)  # + bias
+    assert ops(qop)["Add"] == ops(qdq)["Add"] - 12  # every bias Add went into its kernel
+    assert compare(qdq, qop, bert_batches(2, seed=1)).worst_cosine > 0.9999

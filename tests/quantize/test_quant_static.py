@@ -15,6 +15,8 @@ from tests.conftest import exported_model
 from tests.quantize.quant_helpers import (
     DIGITS_CALIB,
     accuracy,
+    bert_batches,
+    bert_model,
     const,
     digits,
     digits_test,
@@ -206,27 +208,12 @@ def bert_dynamic():
 
     With fully static shapes onnxruntime's fp32 MatMul+Add->Gemm fusion runs before its QDQ
     fusion and the int8 MatMuls stay simulated (correct, not faster)."""
-    from tests import models as test_models
-
-    ids, mask = test_models.example_input("bert", batch=2)
-    dims = {0: "batch", 1: "seq"}
-    return sg.from_torch(test_models.build("bert"), (ids, mask), dynamic_shapes=(dims, dims))
-
-
-def _bert_batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        ids = rng.integers(0, 1000, (4, 16)).astype(np.int64)
-        mask = np.ones((4, 16), np.int64)
-        mask[:, rng.integers(6, 16):] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
+    return bert_model()
 
 
 def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None:
     model = ir.from_proto(ir.to_proto(bert_dynamic))
-    calib = _bert_batches(6)
+    calib = bert_batches(6)
     quantized = sg.quantize(model, calibration=calib, progress=False)
     float_ops = ("Where", "Greater", "Softmax", "LayerNormalization", "Cast", "Gelu", "Div")
     for node in quantized.graph:
@@ -242,12 +229,12 @@ def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None
     assert table.dtype == ir.DataType.INT8
     gather = next(u for u in table.consumers() if u.op_type == "Gather")
     assert gather.outputs[0].consumers()[0].op_type == "DequantizeLinear"
-    assert compare(model, quantized, _bert_batches(3, seed=1)).worst_cosine >= 0.99
+    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.99
 
 
 def test_softmax_and_attention_matmuls_quantized_when_asked(bert_dynamic) -> None:
     model = ir.from_proto(ir.to_proto(bert_dynamic))
-    quantized = sg.quantize(model, calibration=_bert_batches(6), include_ops=["Softmax", "MatMul"],
+    quantized = sg.quantize(model, calibration=bert_batches(6), include_ops=["Softmax", "MatMul"],
                             progress=False)
     softmaxes = [n for n in quantized.graph if n.op_type == "Softmax"]
     assert len(softmaxes) == 2  # one per encoder layer
@@ -265,7 +252,7 @@ def test_softmax_and_attention_matmuls_quantized_when_asked(bert_dynamic) -> Non
     for node in quantized.graph:
         if node.op_type in ("Where", "Greater", "LayerNormalization"):
             assert dq_feeding(quantized, node, 0) is None, node.name
-    assert compare(model, quantized, _bert_batches(3, seed=1)).worst_cosine >= 0.95
+    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.95
 
 
 def test_include_op_refuses_what_is_quantized_already_and_other_modes() -> None:
