@@ -296,7 +296,10 @@ class StaticQuantizePass(SlimgraphFunctionalPass):
             )
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
-        quantized = quantize_static(model, self.calibration, progress=False, **self.options)
+        # Through `quantize`, so a pipeline's int8 output is the same deployable model (debug
+        # metadata and working marks dropped) as `sg.quantize` and `slimgraph quantize` write.
+        quantized = quantize(model, calibration=self.calibration, mode="static", progress=False,
+                             **self.options)
         return SlimgraphPassResult(quantized, modified=True)
 
 
