@@ -229,7 +229,7 @@ def test_bert_static_keeps_mask_path_float_and_cosine_high(bert_dynamic) -> None
     assert table.dtype == ir.DataType.INT8
     gather = next(u for u in table.consumers() if u.op_type == "Gather")
     assert gather.outputs[0].consumers()[0].op_type == "DequantizeLinear"
-    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.99
+    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.9995
 
 
 def test_softmax_and_attention_matmuls_quantized_when_asked(bert_dynamic) -> None:
@@ -252,7 +252,7 @@ def test_softmax_and_attention_matmuls_quantized_when_asked(bert_dynamic) -> Non
     for node in quantized.graph:
         if node.op_type in ("Where", "Greater", "LayerNormalization"):
             assert dq_feeding(quantized, node, 0) is None, node.name
-    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.95
+    assert compare(model, quantized, bert_batches(3, seed=1)).worst_cosine >= 0.997
 
 
 def test_include_op_refuses_what_is_quantized_already_and_other_modes() -> None:
