@@ -7,6 +7,7 @@ read-only analysis (dataflow view, weights, MACs). It imports nothing of slimgra
 from __future__ import annotations
 
 from slimgraph.ir import analysis, metadata
+from slimgraph.ir._copy import copy_model
 from slimgraph.ir._load import load, load_proto
 from slimgraph.ir._save import save, tensor_bytes
 from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
@@ -14,6 +15,7 @@ from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
 __all__ = [
     "analysis",
     "metadata",
+    "copy_model",
     "load",
     "load_proto",
     "save",

@@ -14,6 +14,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
 from slimgraph.passes.pipeline import register_pass
@@ -51,7 +52,7 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         current = opset_version(model, default=0)
         if current == self.opset:
-            return ir.passes.PassResult(model.clone(), False)
+            return ir.passes.PassResult(copy_model(model), False)
         proto = ir.to_proto(model)
         try:
             converted = onnx.version_converter.convert_version(proto, self.opset)

@@ -47,6 +47,7 @@ from slimgraph.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from slimgraph.ir import copy_model
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.runtime import (
     Fidelity,
@@ -434,7 +435,7 @@ def run_pipeline(
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
-    current = _copy(model)
+    current = copy_model(model)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
     records: list[PassRecord] = []
     any_modified = False
@@ -451,6 +452,9 @@ def run_pipeline(
                 f"pass '{step.name}' failed: {type(error).__name__}: {first}"
             ) from error
         seconds = time.perf_counter() - start
+        if result.model is not current:  # a new model: keep knowing the source files
+            for key, value in current.meta.items():
+                result.model.meta.setdefault(key, value)
         current = result.model
         skipped = list(getattr(result, "skipped", []) or [])
         for item in skipped:
@@ -527,7 +531,6 @@ def optimize_report(
         min_cosine=min_cosine,
         context=context,
     )
-    result.model.meta.update(model.meta)  # keeps save() from writing over the input file
     return result
 
 
@@ -596,17 +599,6 @@ def optimize(
         opset=opset,
         calibration=calibration,
     ).model
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    """A copy sharing the weight tensors; through a protobuf when cloning fails (unsorted graph)."""
-    try:
-        copy = model.clone()
-    except Exception:  # noqa: BLE001 - onnx_ir cannot clone a graph that is not sorted
-        logger.debug("model.clone() failed; copying through a protobuf")
-        copy = ir.from_proto(ir.to_proto(model))
-    copy.meta.update(model.meta)
-    return copy
 
 
 def _details(result: ir.passes.PassResult) -> dict[str, Any]:

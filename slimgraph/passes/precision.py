@@ -39,7 +39,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import layer_name, metadata
+from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._weights import constant_node_array
@@ -160,7 +160,7 @@ def convert_fp16(
     Example:
         >>> half = convert_fp16(model)  # doctest: +SKIP
     """
-    return Fp16Pass(keep_io_types=keep_io_types, keep_ops=keep_ops)(model.clone()).model
+    return Fp16Pass(keep_io_types=keep_io_types, keep_ops=keep_ops)(copy_model(model)).model
 
 
 class _Converter:

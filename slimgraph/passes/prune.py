@@ -33,6 +33,7 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
+from slimgraph.ir import copy_model
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
 from slimgraph.ir.select import matching_pattern
 from slimgraph.passes._graph_utils import opset_version
@@ -143,7 +144,7 @@ def prepare_for_pruning(model: ir.Model) -> ir.Model:
     """
     import onnxscript.optimizer
 
-    prepared = model.clone()
+    prepared = copy_model(model)
     ir_common.RemoveInitializersFromInputsPass()(prepared)
     onnxscript.optimizer.fold_constants(
         prepared,

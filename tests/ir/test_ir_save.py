@@ -20,6 +20,7 @@ from tests.conftest import ZOO_DIR, exported_model
 from tests.ir import ir_builders as b
 
 SQUEEZENET = ZOO_DIR / "light_squeezenet.onnx"
+DIGITS = Path(__file__).resolve().parents[2] / "slimgraph" / "data" / "digits_cnn.onnx"
 
 
 def _proto_bytes(model: ir.Model) -> bytes:
@@ -202,6 +203,28 @@ def test_refuses_to_overwrite_input(tmp_path: Path) -> None:
             save(model, target)
     assert source.read_bytes() == SQUEEZENET.read_bytes()
     assert _leftovers(tmp_path) == []
+
+
+def test_results_of_every_transform_still_refuse_to_overwrite_the_input(tmp_path: Path) -> None:
+    # Copies drop onnx_ir's Model.meta, where load records the source: every public transform
+    # must carry it, or sg.save(sg.factorize(sg.load(p)), p) would write over p.
+    import slimgraph as sg
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(DIGITS.read_bytes())
+    model = load(source)
+    results = {
+        "optimize": sg.optimize(model),
+        "quantize static": sg.quantize(model, calibration=random_feeds(model, batch=4)),
+        "quantize dynamic": sg.quantize(model),
+        "prune": sg.prune(model, ratio=0.25),
+        "factorize": sg.factorize(model, rank_ratio=0.5),
+        "fp16": sg.convert_fp16(model),
+    }
+    for name, result in results.items():
+        with pytest.raises(OutputPathError, match="refusing to write over the model's own input"):
+            save(result, source)
+        assert source.read_bytes() == DIGITS.read_bytes(), name
 
 
 def test_refuses_to_overwrite_input_external_data(external_model: Path) -> None:

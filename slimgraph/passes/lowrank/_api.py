@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from slimgraph.ir import analysis, metadata
+from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import LayerReport, dims_from_feeds, measure_fidelity
 from slimgraph.passes.lowrank._linear import LowRankLinear
@@ -158,7 +158,7 @@ def factorize_with_report(
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
     layer_filter = LayerFilter.create(include, exclude, op_types)
     samples = list(iter_feeds(feeds)) if feeds is not None else None
-    work = model.clone()
+    work = copy_model(model)
     if work.ir_version is not None and work.ir_version < 4:
         # IR 3 requires every initializer to be a graph input, which would make new factors
         # (and folded weights) overridable at run time; IR 4 lifts that rule, nothing else.

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir import analysis, metadata
+from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._select import LayerFilter, display_name
@@ -346,7 +346,7 @@ def _drop_unused(graph: ir.Graph, weights: Iterable[ir.Value]) -> None:
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A copy of `model` that also outputs the named intermediate values."""
-    copy = model.clone()
+    copy = copy_model(model)
     values = {
         value.name: value for node in copy.graph for value in node.outputs if value.name
     }

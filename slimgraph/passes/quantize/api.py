@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
-from slimgraph.ir import metadata
+from slimgraph.ir import copy_model, metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.policy import ActivationDtype, annotate
@@ -199,7 +199,7 @@ def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Mo
     """
     from slimgraph.passes import lossless
 
-    prepared = lossless(ir.from_proto(ir.to_proto(model)), verify=False).model
+    prepared = lossless(copy_model(model), verify=False).model
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 

@@ -42,7 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import layer_name, metadata
+from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import quantize_per_channel
@@ -210,7 +210,7 @@ def quantize_dynamic(
     if opset_version(model) < _MIN_OPSET:
         copy = upgrade_opset(model, _UPGRADE_OPSET)
     else:
-        copy = model.clone()
+        copy = copy_model(model)
     step = DynamicQuantizePass(
         per_channel=per_channel, exclude=exclude, op_types=op_types, exclude_ops=exclude_ops
     )

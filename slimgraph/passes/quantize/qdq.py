@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
+from slimgraph.ir import copy_model
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
 from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
@@ -135,7 +136,7 @@ class QDQPass(SlimgraphFunctionalPass):
         self.activations = dict(activations)
 
     def call(self, model: ir.Model) -> QDQResult:
-        model = ir.from_proto(ir.to_proto(model))
+        model = copy_model(model)
         graph = model.graph
         _ensure_opset(model)
         names = _Names(graph)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from slimgraph.ir import copy_model
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 
 __all__ = ["QOperatorPass"]
@@ -34,7 +35,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
     exact = False
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
-        model = ir.from_proto(ir.to_proto(model))
+        model = copy_model(model)
         graph = model.graph
         self.counter = 0
         self._fill_zero_points(graph)

@@ -33,7 +33,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import layer_name, metadata
+from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
@@ -231,7 +231,7 @@ def quantize_weight_only(
     if fmt == "dq" and opset_version(model) < _DQ_BLOCK_OPSET:
         copy = upgrade_opset(model, _DQ_BLOCK_OPSET)
     else:
-        copy = model.clone()
+        copy = copy_model(model)
     step = WeightOnlyQuantizePass(
         bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude,
         accuracy_level=accuracy_level, embeddings=embeddings, exclude_ops=exclude_ops,
