@@ -20,6 +20,9 @@ def copy_model(model: ir.Model) -> ir.Model:
     """A copy sharing the weight tensors, with `model.meta` (source files) carried over.
 
     Copies through a protobuf when cloning fails (onnx_ir cannot clone an unsorted graph).
+    The copy's values share their type objects with the original: to change an existing
+    value's type assign `value.type = ir.TensorType(...)`; setting `value.dtype` would change
+    the original model as well.
     """
     try:
         copy = model.clone()

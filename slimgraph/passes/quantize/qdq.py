@@ -292,7 +292,9 @@ def _gather_then_dequantize(
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, rows.shape
     for use in users:
         use.node.replace_input_with(use.idx, dq.outputs[0])
-    rows.dtype = ir.DataType.INT8
+    # A new type object: a clone shares its values' types with the original model, and
+    # setting `dtype` would change the float model too.
+    rows.type = ir.TensorType(ir.DataType.INT8)
     graph.append(dq)
 
 
