@@ -65,7 +65,8 @@ def test_mlp_both_matmul_kernels_run_and_agree() -> None:
     a = run(create_session(integer), feeds)
     b = run(create_session(fused), feeds)
     for name, value in a.items():
-        np.testing.assert_allclose(b[name], value, rtol=0, atol=0.05 * np.abs(value).max())
+        # The same integer arithmetic in two kernels: equal up to float rounding (measured 0.0).
+        np.testing.assert_allclose(b[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -48,7 +48,7 @@ def test_torch_models_run_in_fp16_with_float32_io(name: str) -> None:
     assert len(model_bytes(half)) < 0.9 * len(model_bytes(model))
     names = [v.name for v in model.graph.inputs]
     feeds = {n: t.numpy() for n, t in zip(names, test_models.example_input(name), strict=True)}
-    assert compare(model, half, feeds).worst_cosine >= 0.999
+    assert compare(model, half, feeds).worst_cosine >= 1 - 1e-5  # measured 1 - cosine <= 4e-7
 
 
 def _decomposed_layer_norm() -> ir.Model:
@@ -90,7 +90,7 @@ def test_default_kept_ops_stay_float32_and_prevent_overflow() -> None:
         assert node.outputs[0].dtype == ir.DataType.FLOAT16
     out = run(create_session(half), feeds)["y"]
     assert np.isfinite(out).all()
-    assert compare(model, half, feeds).worst_cosine >= 0.999
+    assert compare(model, half, feeds).worst_cosine >= 1 - 1e-5  # measured 1 - cosine <= 4e-7
     # onnxruntime's CPU provider has no fp16 kernels for these ops and computes them in float32,
     # which hides the overflow; onnx's reference evaluator computes in the declared dtypes, as
     # fp16 kernels do. There the naive conversion (nothing kept) overflows: x^2 > 65504.
@@ -230,7 +230,7 @@ def test_fp16_zoo_models_run_with_cosine(stem: str) -> None:
     assert weights and all(v.dtype == ir.DataType.FLOAT16 for v in weights)
     data = [v for v in half.graph.inputs if v.const_value is None]
     assert all(v.dtype == ir.DataType.FLOAT for v in data)
-    assert compare(model, half, random_feeds(model)).worst_cosine >= 0.999
+    assert compare(model, half, random_feeds(model)).worst_cosine >= 1 - 1e-5
 
 
 def test_subgraphs_reading_outer_values_get_float32() -> None:
