@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
@@ -100,9 +101,9 @@ def test_prune_exclude_op_blocks_or_pads_its_inputs(pad: bool) -> None:
 
 def test_prune_input_model_untouched() -> None:
     model = exported_model("resnet")
-    before = sg.ir.analysis.parameter_count(model), len(list(model.graph))
+    before = ir.to_proto(model).SerializeToString()  # every weight byte and attribute
     sg.prune(model, ratio=0.5)
-    assert (sg.ir.analysis.parameter_count(model), len(list(model.graph))) == before
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
@@ -111,9 +112,11 @@ def test_prune_unstructured_sparsity(scope: str) -> None:
     pruned, report = prune_with_report(model, ratio=0.6, unstructured=True, scope=scope)
     total = sum(s.elements for s in report.sparsity)
     zeros = sum(s.zeros for s in report.sparsity)
-    assert abs(zeros / total - 0.6) < 0.01
+    # random float weights have no ties and no zeros: exactly the smallest 60% become zero
     if scope == "local":
-        assert all(abs(s.sparsity - 0.6) < 0.05 for s in report.sparsity)
+        assert all(s.zeros == int(s.elements * 0.6) for s in report.sparsity)
+    else:
+        assert zeros == int(total * 0.6)
     assert report.params_after == report.params_before
     check_valid(pruned)
 

@@ -246,7 +246,7 @@ def test_summary_of_in_memory_model_uses_serialized_size() -> None:
     in_memory = summarize(model)
     assert from_file.size_bytes == DIGITS.stat().st_size
     proto_size = len(onnx.load(DIGITS).SerializeToString())
-    assert in_memory.size_bytes == pytest.approx(proto_size, rel=0.01)
+    assert in_memory.size_bytes == proto_size
     assert in_memory.path is None and in_memory.parameters == from_file.parameters
 
 
