@@ -1,7 +1,8 @@
 """Opset conversion with onnx's version converter, as a pass (so pipelines verify it like any).
 
 Exact: the converter rewrites ops to their definitions in the target opset, which compute the same
-function. The model goes through a protobuf (the converter works on protos), weights included.
+function. The model goes through a protobuf (the converter works on protos), weights included;
+node metadata, which the converter drops, is carried over by node name.
 """
 
 from __future__ import annotations
@@ -65,4 +66,14 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
             converted.ir_version = proto.ir_version
         result = ir.from_proto(converted)
         result.meta.update(model.meta)
+        _carry_node_metadata(model, result)
         return ir.passes.PassResult(result, True)
+
+
+def _carry_node_metadata(source: ir.Model, target: ir.Model) -> None:
+    """The converter drops every node's `metadata_props` (layer names, marks): copy them back
+    by node name, so exclusions by layer still match after a conversion."""
+    props = {node.name: node.metadata_props for node in source.graph.all_nodes() if node.name}
+    for node in target.graph.all_nodes():
+        for key, text in props.get(node.name or "", {}).items():
+            node.metadata_props.setdefault(key, text)

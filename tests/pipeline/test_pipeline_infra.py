@@ -314,3 +314,17 @@ def test_optimize_is_functional() -> None:
     optimized = sg.optimize(model, opset=21)
     assert ir.to_proto(model).SerializeToString() == before
     assert optimized is not model and ops(optimized) == {"Conv": 1, "Relu": 1}
+
+
+def test_opset_conversion_keeps_layer_names() -> None:
+    # onnx's version converter drops node metadata; exclusions by layer rely on it.
+    from tests.conftest import exported_model
+
+    model = exported_model("resnet")
+    layers = {n.name: n.metadata_props.get(sg.ir.metadata.LAYER) for n in model.graph}
+    assert sum(1 for layer in layers.values() if layer) > 10
+    opset = model.opset_imports[""]
+    result = run_pipeline(model, [{"name": "convert-opset", "opset": opset + 1}], verify=True)
+    converted = result.model
+    assert converted.opset_imports[""] == opset + 1
+    assert {n.name: n.metadata_props.get(sg.ir.metadata.LAYER) for n in converted.graph} == layers

@@ -177,27 +177,22 @@ def opset_version(model: ir.Model) -> int:
 
 
 def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
-    """A copy of `model` converted to ONNX opset `version` by `onnx.version_converter`.
+    """A copy of `model` converted to ONNX opset `version` (`ConvertOpsetPass`).
 
-    Node metadata (layer names) is carried over by node name. The converted model must pass
-    `onnx.checker` and produce the same outputs on onnxruntime (fp32, rtol 1e-4) as the original
-    on random inputs; otherwise `UnsupportedModelError`.
+    The converted model must pass `onnx.checker` and produce the same outputs on onnxruntime
+    (fp32, rtol 1e-4) as the original on random inputs; otherwise `UnsupportedModelError`.
     """
+    from slimgraph.passes.opset import ConvertOpsetPass
     from slimgraph.runtime import create_session, random_feeds, run
 
     try:
-        proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
-        onnx.checker.check_model(proto)
+        upgraded = ConvertOpsetPass(opset=version)(model).model
+        onnx.checker.check_model(ir.to_proto(upgraded))
     except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
-    upgraded = ir.from_proto(proto)
-    props = {node.name: dict(node.metadata_props) for node in model.graph if node.name}
-    for node in upgraded.graph:
-        for key, text in props.get(node.name or "", {}).items():
-            node.metadata_props.setdefault(key, text)
     feeds = random_feeds(model)
     before = run(create_session(model), feeds)
     after = run(create_session(upgraded), feeds)

@@ -57,7 +57,6 @@ __all__ = [
     "WeightOnlyResult",
     "WeightOnlyQuantizePass",
     "quantize_weight_only",
-    "upgrade_opset",
 ]
 
 logger = logging.getLogger(__name__)
