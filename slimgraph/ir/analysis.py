@@ -136,13 +136,13 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     """A structural copy of `model` with symbolic input dimensions fixed and shapes inferred.
 
     Symbolic dimensions take their value from `dim_values` (by name), else 1. Weight bytes are
-    never read: initializers stored externally or larger than 1 KiB become typed graph inputs of
-    the copy (shape inference needs their shapes, not their values), so the copy is for analysis
-    only. Small initializers (Reshape shapes, axes) stay for onnx's data propagation.
+    neither read nor copied: initializers stored externally or larger than 1 KiB become typed
+    graph inputs of the copy (shape inference needs their shapes, not their values), so the copy
+    is for analysis only. Small initializers (Reshape shapes, axes) stay for onnx's data
+    propagation.
     """
     dim_values = dict(dim_values or {})
-    proto = ir.to_proto(model)
-    _initializers_to_inputs(proto.graph)
+    proto = _proto_without_weights(model)
     fixed: dict[str, int] = {}
     for value in proto.graph.input:
         for dim in value.type.tensor_type.shape.dim:
@@ -165,20 +165,43 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     return ir.from_proto(proto)
 
 
-def _initializers_to_inputs(graph: onnx.GraphProto) -> None:
-    kept = []
-    declared = {value.name for value in graph.input}
-    for tensor in graph.initializer:
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if not external and tensor.ByteSize() <= 1024:
-            kept.append(tensor)
-            continue
-        if tensor.name not in declared:
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+# Initializers above this many bytes leave the analysis copy (shape inference needs their shapes,
+# not their values); smaller ones (Reshape shapes, axes) stay for onnx's data propagation.
+_SMALL_TENSOR_BYTES = 1024
+
+
+def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
+    """`model` as a protobuf whose external or large initializers are typed graph inputs instead.
+
+    Done on the IR, so the weight bytes are never copied into the protobuf (as onnx_ir's own
+    shape inference pass does); the model is restored exactly, even when serializing fails.
+    """
+    graph = model.graph
+    inputs = list(graph.inputs)
+    initializers = list(graph.initializers.values())
+    types = [(value, value.type, value.shape) for value in initializers]
+    try:
+        for value in initializers:
+            tensor = value.const_value
+            small = tensor is not None and not isinstance(tensor, ir.ExternalTensor) and (
+                tensor.nbytes <= _SMALL_TENSOR_BYTES
             )
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+            if small:
+                continue
+            if tensor is not None:
+                value.type, value.shape = ir.TensorType(tensor.dtype), tensor.shape
+            graph.initializers.pop(value.name)
+            if value not in inputs:
+                graph.inputs.append(value)
+        return ir.to_proto(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        for value in list(graph.initializers.values()):
+            graph.initializers.pop(value.name)
+        for value, type_, shape in types:
+            value.type, value.shape = type_, shape
+            graph.initializers.add(value)
 
 
 def node_macs(node: ir.Node) -> int | None:

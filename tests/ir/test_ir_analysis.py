@@ -307,3 +307,16 @@ def test_model_macs_reads_no_external_data(tmp_path: Path) -> None:
     # the convolutions: each equals the formula on the torch model's shapes
     conv = next(n for n in model.graph if n.op_type == "Conv")
     assert analysis.model_macs(model)[conv.name] == _conv_macs(1, 3, 32, 32, 8, 3, 1, 1, 1, 1)
+
+
+def test_static_shape_copy_leaves_weights_out_and_the_model_unchanged() -> None:
+    from tests.conftest import exported_model
+
+    model = exported_model("resnet")
+    before = ir.to_proto(model).SerializeToString()
+    copy = analysis.with_static_shapes(model)
+    assert ir.to_proto(model).SerializeToString() == before  # order, types, tensors: all back
+    large = [v for v in model.graph.initializers.values() if v.const_value.nbytes > 1024]
+    inputs = {v.name: v for v in copy.graph.inputs}
+    assert large and all(v.name in inputs and v.name not in copy.graph.initializers for v in large)
+    assert all(inputs[v.name].shape == v.const_value.shape for v in large)
