@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from slimgraph.errors import BadOptionError
-from slimgraph.runtime.session import OptLevel, create_session, run
+from slimgraph.runtime.session import _LEVELS, OptLevel, create_session, run
 
 __all__ = ["Timing", "BenchmarkResult", "benchmark"]
 
@@ -123,8 +123,12 @@ def benchmark(
         Timing(label, median, _percentile(s, 90), median / medians[0])
         for label, median, s in zip(labels, medians, samples, strict=True)
     )
-    used_threads = threads or (os.cpu_count() or 1)
-    return BenchmarkResult(timings, rounds, used_threads, optimization)
+    # What the sessions were built with (a caller may pass ready sessions), not the arguments.
+    options = sessions[0].get_session_options()
+    used_threads = options.intra_op_num_threads or (os.cpu_count() or 1)
+    level = next((name for name, value in _LEVELS.items()
+                  if value == options.graph_optimization_level), optimization)
+    return BenchmarkResult(timings, rounds, used_threads, level)
 
 
 def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray]):  # noqa: ANN202

@@ -166,6 +166,10 @@ def test_benchmark_defaults_and_inputs(tmp_path: Path) -> None:
     session = create_session(_chain_model(2))
     result = benchmark([path, session], [X, X], rounds=2, warmup=0)
     assert [t.label for t in result.timings] == ["model 0", "model 1"]
+    # ready sessions: the result reports what they were built with, not the defaults
+    ready = [create_session(_chain_model(1), threads=1, optimization="basic")] * 2
+    result = benchmark(ready, X, rounds=1, warmup=0)
+    assert (result.threads, result.optimization) == (1, "basic")
 
 
 def test_benchmark_rejects_feeds_that_do_not_fit() -> None:
