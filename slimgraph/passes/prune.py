@@ -241,7 +241,11 @@ def kept_count(channels: int, ratio: float, round_to: int | None = None) -> int:
     With `round_to` N the count is rounded to the nearest multiple of N, at least N (or all
     channels when the group has N or fewer).
     """
-    keep = max(1, int(channels * (1.0 - ratio) + 1e-9))
+    return _rounded(max(1, int(channels * (1.0 - ratio) + 1e-9)), channels, round_to)
+
+
+def _rounded(keep: int, channels: int, round_to: int | None) -> int:
+    """`keep` to the nearest multiple of `round_to` (at least one multiple), at most `channels`."""
     if round_to and round_to > 1:
         keep = max(round_to, int(round(keep / round_to)) * round_to)
     return min(channels, keep)
@@ -291,12 +295,7 @@ def _global_keep(
         if keep[group_id] > floor[group_id]:
             keep[group_id] -= 1
             removed += 1
-    if round_to and round_to > 1:
-        sizes = {g.id: g.size for g in groups}
-        for group_id, count in keep.items():
-            rounded = max(round_to, int(round(count / round_to)) * round_to)
-            keep[group_id] = min(sizes[group_id], rounded)
-    return keep
+    return {g.id: _rounded(keep[g.id], g.size, round_to) for g in groups}
 
 
 # -- physical removal -------------------------------------------------------------------------
@@ -477,14 +476,9 @@ def _pad_value(graph: ir.Graph, slot, positions: np.ndarray, opset: int) -> ir.V
 
 
 def _reinfer_shapes(model: ir.Model) -> None:
-    graph = model.graph
-    outputs = {id(v) for v in graph.outputs}
-    for node in graph:
+    # onnx_ir's shape inference only writes the shapes it finds: clear the stale ones first.
+    for node in model.graph:
         for value in node.outputs:
-            if id(value) not in outputs:
-                value.shape = None
-    for value in graph.outputs:
-        if value.producer() is not None:
             value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
     ir_common.ShapeInferencePass(strict_mode=False)(model)
