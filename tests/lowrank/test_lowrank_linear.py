@@ -246,3 +246,26 @@ def test_symbolic_dimensions_take_their_size_from_the_feeds() -> None:
     assert (layer.macs_before, layer.macs_after) == (5 * 32 * 24, 5 * 4 * (32 + 24))
     without = LowRankLinear(rank=4)(model.clone()).layers[0]
     assert without.macs_before == 32 * 24  # symbolic dimensions count as 1
+
+
+def test_a_bias_cast_at_run_time_is_folded_into_a_constant() -> None:
+    # torch exports may give a Gemm a float64 bias through CastLike(bias, x); onnxscript's folder
+    # turns the CastLike into a new Cast node, which must still fold.
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as h
+
+    from slimgraph.passes.lowrank import fold_weights
+
+    rng = np.random.default_rng(0)
+    graph = h.make_graph(
+        [h.make_node("CastLike", ["b64", "x"], ["b"]),
+         h.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+        "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(3), "b64")],
+    )
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]))
+    assert fold_weights(model) == 1
+    (gemm,) = list(model.graph)
+    assert gemm.inputs[2].const_value.dtype == ir.DataType.FLOAT

@@ -68,8 +68,9 @@ class FactorizeReport:
 def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> int:
     """Fold the constant subgraphs that compute weights and biases of `op_types` nodes, in place.
 
-    Uses onnxscript's constant folder on exactly the nodes upstream of those inputs (nothing
-    else in the model changes), with no size limit and ConstantOfShape included. torch exports
+    Uses onnxscript's constant folder, with no size limit and ConstantOfShape included, folding
+    only the nodes upstream of those inputs (its exact op-level simplifications, Identity or
+    shape arithmetic, may still apply elsewhere). torch exports
     transpose Linear weights and compute zero Conv biases from the weight's Shape at run time;
     old zoo files build weights with ConstantOfShape. Initializers feeding them that are also
     listed as graph inputs (old exporters) stop being inputs, since a weight that can be
@@ -103,7 +104,9 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
             for value in inputs
         ):
             static.add(id(node))
-    cone: set[int] = set()
+    # The cone is kept by output names: onnxscript replaces some nodes while folding (CastLike
+    # becomes a new Cast) and the replacements keep their outputs' names.
+    cone: set[str] = set()
     cone_inputs: set[int] = set()
     stack = [node.inputs[index] for node, index in waiting]
     while stack:
@@ -113,9 +116,9 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
             if value is not None:
                 cone_inputs.add(id(value))
             continue
-        if id(source) in cone or id(source) not in static:
+        if value.name in cone or id(source) not in static:
             continue
-        cone.add(id(source))
+        cone.update(output.name for output in source.outputs if output.name)
         stack.extend(source.inputs)
     if not cone:
         return 0
@@ -126,7 +129,7 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
         model,
         input_size_limit=2**62,
         output_size_limit=2**62,
-        should_fold=lambda node: id(node) in cone,
+        should_fold=lambda node: any(output.name in cone for output in node.outputs),
     )
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return sum(
@@ -168,6 +171,7 @@ def factorize_with_report(
     params_before = analysis.parameter_count(work)  # after folding: weights are initializers
     reference = work.clone() if samples else None
     dims = dims_from_feeds(work, samples[0] if samples else None)
+    macs_before = _total_macs(work, dims)  # the same folded model as params_before
     options: dict[str, Any] = dict(
         rank_ratio=policy.rank_ratio,
         energy=policy.energy,
@@ -193,7 +197,6 @@ def factorize_with_report(
     fidelity = None
     if reference is not None and samples:
         fidelity, layers = measure_fidelity(reference, work, samples, layers)
-    macs_before = _total_macs(reference if reference is not None else model, dims)
     macs_after = _total_macs(work, dims)
     report = FactorizeReport(
         layers=tuple(layers),
