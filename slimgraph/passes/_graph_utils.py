@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "Names",
     "is_onnx_op",
     "constant_array",
     "single_consumer",
@@ -80,6 +81,27 @@ def bypass(node: ir.Node, source: ir.Value, output_index: int = 0) -> None:
     else:
         replace_output(old, source)
     graph.remove(node, safe=True)
+
+
+class Names:
+    """Fresh value, node and initializer names for `graph`: none clashes with a name already in
+    the graph, its subgraphs (ONNX forbids an inner name shadowing an outer one) or handed out."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used: set[str] = set(graph.initializers)
+        self.used.update(value.name for value in graph.inputs if value.name)
+        for node in graph.all_nodes():
+            if node.name:
+                self.used.add(node.name)
+            self.used.update(value.name for value in node.outputs if value.name)
+
+    def fresh(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`, ... : the first one not used yet (now used)."""
+        name, index = base, 1
+        while name in self.used:
+            name, index = f"{base}_{index}", index + 1
+        self.used.add(name)
+        return name
 
 
 def new_initializer(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:

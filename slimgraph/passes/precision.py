@@ -40,6 +40,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._weights import constant_node_array
@@ -172,19 +173,11 @@ class _Converter:
         self.half: set[int] = set()  # ids of values this pass turned float16
         self.to_half: dict[int, ir.Value] = {}
         self.to_float: dict[int, ir.Value] = {}
-        self.names: set[str] = set(self.graph.initializers)
-        for node in self.graph:
-            self.names.update(v.name for v in node.outputs if v.name)
-        self.names.update(v.name for v in self.graph.inputs if v.name)
+        self.names = Names(self.graph)
         self.result = Fp16Result(model, modified=False)
 
     def _name(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.names:
-            name = f"{base}_{index}"
-            index += 1
-        self.names.add(name)
-        return name
+        return self.names.fresh(base)
 
     def run(self) -> Fp16Result:
         graph = self.graph

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, metadata
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._select import LayerFilter, display_name
@@ -112,26 +113,6 @@ def dims_from_feeds(
     return dims
 
 
-class _Names:
-    """Fresh value, node and initializer names that do not clash with the graph's."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used: set[str] = set(graph.initializers)
-        for value in graph.inputs:
-            self.used.add(value.name or "")
-        for node in graph.all_nodes():
-            self.used.add(node.name or "")
-            self.used.update(value.name or "" for value in node.outputs)
-
-    def fresh(self, base: str) -> str:
-        name, count = base, 1
-        while name in self.used:
-            name = f"{base}_{count}"
-            count += 1
-        self.used.add(name)
-        return name
-
-
 class FactorizationPass(SlimgraphPass):
     """Shared driver: select layers, decide each one, rewrite, then measure on sample feeds.
 
@@ -178,7 +159,7 @@ class FactorizationPass(SlimgraphPass):
         layers = self._layers(model, dims)
         # per-call state for the helpers below; cleared on the way out
         self.graph = graph
-        self.names = _Names(graph)
+        self.names = Names(graph)
         # tied weights: (kind, id(weight), ...) -> the first layer's report and factors
         self.cache: dict[tuple[Any, ...], tuple[LayerReport, tuple[ir.Value, ...]]] = {}
         try:

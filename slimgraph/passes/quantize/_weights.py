@@ -24,7 +24,6 @@ __all__ = [
     "constant_node_array",
     "excluded_by",
     "add_initializer",
-    "unique_name",
     "bias_add_after",
     "bias_of",
     "content_key",
@@ -107,21 +106,6 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -
 def excluded_by(node: ir.Node, patterns: Sequence[str]) -> str | None:
     """The first pattern (fnmatch) matching the node's layer name or node name, else None."""
     return matching_pattern(node, patterns)
-
-
-def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    """A value name not used in the graph (`taken` caches names already handed out)."""
-    if not taken:
-        taken.update(graph.initializers)
-        for node in graph:
-            taken.update(v.name for v in node.outputs if v.name)
-        taken.update(v.name for v in graph.inputs if v.name)
-    name, index = base, 1
-    while name in taken:
-        name = f"{base}_{index}"
-        index += 1
-    taken.add(name)
-    return name
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

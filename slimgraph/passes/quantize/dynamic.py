@@ -43,6 +43,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import quantize_per_channel
@@ -55,7 +56,6 @@ from slimgraph.passes.quantize._weights import (
     is_float32,
     opset_version,
     traced_constant,
-    unique_name,
     upgrade_opset,
 )
 
@@ -337,12 +337,12 @@ class _Builder:
         self.graph = graph
         self.per_channel = per_channel
         self.matmul_kernel = matmul_kernel
-        self.names: set[str] = set()
+        self.names = Names(self.graph)
         self.weights: dict[tuple[object, ...], tuple[ir.Value, ...]] = {}
         self.activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def _name(self, base: str) -> str:
-        return unique_name(self.graph, base, self.names)
+        return self.names.fresh(base)
 
     def _granularity(self) -> str:
         return "per-channel" if self.per_channel else "per-tensor"

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
 from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
@@ -139,7 +140,7 @@ class QDQPass(SlimgraphFunctionalPass):
         model = copy_model(model)
         graph = model.graph
         _ensure_opset(model)
-        names = _Names(graph)
+        names = Names(graph)
         nodes = {node.name: node for node in graph}
         values = {v.name: v for v in graph.inputs}
         values.update({v.name: v for n in graph for v in n.outputs})
@@ -163,7 +164,7 @@ class QDQPass(SlimgraphFunctionalPass):
             dequantized = _dequantize(quantized, params)
             result.weights[annotation.value] = params
             result.weight_sqnr_db[annotation.value] = _sqnr(array, dequantized)
-            q_init = _initializer(graph, names.new(f"{annotation.value}_quantized"), quantized)
+            q_init = _initializer(graph, names.fresh(f"{annotation.value}_quantized"), quantized)
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params,
                                                        dequantize_only=True)
             for node_name, index in annotation.uses:
@@ -191,7 +192,7 @@ class QDQPass(SlimgraphFunctionalPass):
             params = QParams(scale, np.zeros(scale.shape, np.int32), QuantSpec(
                 ir.DataType.INT32, True, axis))
             quantized = quantize_array(array, params)
-            q_init = _initializer(graph, names.new(f"{bias.value}_quantized"), quantized)
+            q_init = _initializer(graph, names.fresh(f"{bias.value}_quantized"), quantized)
             scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params,
                                                        dequantize_only=True)
             dq = _dq_node(names, q_init, scale_init, zp_init, axis, f"{bias.value}{DQ_SUFFIX}")
@@ -205,7 +206,7 @@ class QDQPass(SlimgraphFunctionalPass):
             result.activations[annotation.value] = params
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
             q = ir.node("QuantizeLinear", [value, scale_init, zp_init])
-            q.outputs[0].name = q.name = names.new(f"{annotation.value}_quantized")
+            q.outputs[0].name = q.name = names.fresh(f"{annotation.value}_quantized")
             dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
                           f"{annotation.value}{DQ_SUFFIX}")
             result.dequantized[annotation.value] = dq.outputs[0].name
@@ -218,23 +219,6 @@ class QDQPass(SlimgraphFunctionalPass):
             graph.append(dq)
         graph.sort()
         return result
-
-
-class _Names:
-    """Fresh, unique value and node names."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self.used.add(node.name)
-            self.used.update(v.name for v in node.outputs)
-
-    def new(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            name, index = f"{base}_{index}", index + 1
-        self.used.add(name)
-        return name
 
 
 def _ensure_opset(model: ir.Model) -> None:
@@ -254,7 +238,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _qparam_initializers(
-    graph: ir.Graph, names: _Names, base: str, params: QParams, *, dequantize_only: bool = False
+    graph: ir.Graph, names: Names, base: str, params: QParams, *, dequantize_only: bool = False
 ) -> tuple[ir.Value, ir.Value | None]:
     """Scale and zero-point initializers. With `dequantize_only` (a constant read only through
     DequantizeLinear, whose integer type comes from the data), an all-zero zero point of a
@@ -263,25 +247,25 @@ def _qparam_initializers(
     zero_point = np.asarray(params.zero_point).astype(params.spec.dtype.numpy())
     if params.spec.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    scale_init = _initializer(graph, names.new(f"{base}_scale"), scale)
+    scale_init = _initializer(graph, names.fresh(f"{base}_scale"), scale)
     if dequantize_only and params.spec.dtype.is_signed() and not zero_point.any():
         return scale_init, None
-    return scale_init, _initializer(graph, names.new(f"{base}_zero_point"), zero_point)
+    return scale_init, _initializer(graph, names.fresh(f"{base}_zero_point"), zero_point)
 
 
 def _dq_node(
-    names: _Names, source: ir.Value, scale: ir.Value, zero_point: ir.Value | None,
+    names: Names, source: ir.Value, scale: ir.Value, zero_point: ir.Value | None,
     axis: int | None, output: str,
 ) -> ir.Node:
     attributes = {"axis": axis} if axis is not None else {}
     inputs = [source, scale] if zero_point is None else [source, scale, zero_point]
     node = ir.node("DequantizeLinear", inputs, attributes=attributes)
-    node.outputs[0].name = node.name = names.new(output)  # nodes and values: two namespaces
+    node.outputs[0].name = node.name = names.fresh(output)  # nodes and values: two namespaces
     return node
 
 
 def _gather_then_dequantize(
-    graph: ir.Graph, names: _Names, gather: ir.Node, table: ir.Value, scale: ir.Value,
+    graph: ir.Graph, names: Names, gather: ir.Node, table: ir.Value, scale: ir.Value,
     zero_point: ir.Value | None,
 ) -> None:
     """Gather int8 rows, then dequantize only those (not the whole table on every run)."""

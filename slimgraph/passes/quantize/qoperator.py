@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from slimgraph.ir import copy_model
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 
 __all__ = ["QOperatorPass"]
@@ -37,7 +38,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         model = copy_model(model)
         graph = model.graph
-        self.counter = 0
+        self.names = Names(graph)
         self._fill_zero_points(graph)
         modified = False
         for node in list(graph):
@@ -53,8 +54,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
 
     # --- helpers ---------------------------------------------------------------------------
     def _name(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}_qop{self.counter}"
+        return self.names.fresh(f"{base}_qop")
 
     def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         name = self._name(base)

@@ -34,6 +34,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
@@ -46,7 +47,6 @@ from slimgraph.passes.quantize._weights import (
     is_float32,
     opset_version,
     traced_constant,
-    unique_name,
     upgrade_opset,
 )
 from slimgraph.passes.quantize.dynamic import QuantizedNode
@@ -249,11 +249,11 @@ class _Writer:
         self.bits = bits
         self.block_size = block_size
         self.symmetric = symmetric
-        self.names: set[str] = set()
+        self.names = Names(self.graph)
         self.cache: dict[tuple[object, ...], tuple[ir.Value | None, ...]] = {}
 
     def _name(self, base: str) -> str:
-        return unique_name(self.graph, base, self.names)
+        return self.names.fresh(base)
 
     def _props(self, node: ir.Node) -> dict[str, str] | None:
         return {metadata.LAYER: layer_name(node)} if layer_name(node) else None
