@@ -49,7 +49,7 @@ from slimgraph.passes.quantize._weights import (
     traced_constant,
     upgrade_opset,
 )
-from slimgraph.passes.quantize.dynamic import QuantizedNode
+from slimgraph.passes.quantize.dynamic import MS_DOMAIN, QuantizedNode
 
 __all__ = [
     "FORMATS",
@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 FORMATS: tuple[str, ...] = ("matmulnbits", "dq")
 DEFAULT_FORMAT = "matmulnbits"
 _DQ_BLOCK_OPSET = 21
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass
@@ -341,25 +340,13 @@ class _Writer:
             )
             codes = q.codes[:k]
             base = source.name or "weight"
-            signed = q.zero_point is None
-            if self.bits == 4:
-                dtype = ir.DataType.INT4 if signed else ir.DataType.UINT4
-                tensor: ir.TensorProtocol = ir.PackedTensor(
-                    pack_4bit(codes.reshape(-1)), dtype, shape=codes.shape
-                )
-            else:
-                tensor = ir.tensor(codes.astype(np.int8 if signed else np.uint8))
+            tensor = self._int_tensor(codes, signed=q.zero_point is None)
             inputs: list[ir.Value | None] = [
                 add_initializer(self.graph, self._name(f"{base}_q{self.bits}"), tensor),
                 add_initializer(self.graph, self._name(f"{base}_scale"), q.scale),
             ]
             if q.zero_point is not None:
-                zeros = q.zero_point
-                zero_tensor: ir.TensorProtocol = (
-                    ir.PackedTensor(pack_4bit(zeros.reshape(-1)), ir.DataType.UINT4,
-                                    shape=zeros.shape)
-                    if self.bits == 4 else ir.tensor(zeros.astype(np.uint8))
-                )
+                zero_tensor = self._int_tensor(q.zero_point, signed=False)
                 inputs.append(
                     add_initializer(self.graph, self._name(f"{base}_zero_point"), zero_tensor)
                 )
