@@ -104,16 +104,20 @@ class Names:
         return name
 
 
-def new_initializer(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
-    """Register `array` as an initializer with a fresh name derived from `hint`."""
+def new_initializer(
+    graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, hint: str
+) -> ir.Value:
+    """Register `array` (or a tensor, shared, not copied) as an initializer with a fresh name
+    derived from `hint`."""
     name = hint
     index = 0
     while name in graph.initializers:
         index += 1
         name = f"{hint}_{index}"
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
+    tensor = ir.tensor(array, name=name) if isinstance(array, np.ndarray) else array
+    value = ir.Value(name=name, const_value=tensor)
+    value.shape = ir.Shape(tensor.shape)
+    value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)
     return value
 

@@ -25,7 +25,13 @@ from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
-from slimgraph.passes._graph_utils import bypass, constant_array, is_onnx_op, opset_version
+from slimgraph.passes._graph_utils import (
+    bypass,
+    constant_array,
+    is_onnx_op,
+    new_initializer,
+    opset_version,
+)
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 
@@ -102,17 +108,12 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             fill = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
             array = np.full(tuple(int(d) for d in shape), fill.reshape(-1)[0], dtype=fill.dtype)
             output = node.outputs[0]
-            name = output.name or f"{node.name}_value"
+            hint = output.name or f"{node.name}_value"
             if output.is_graph_output():  # the output keeps its name (an Identity carries it)
-                name = f"{name}_value"
-                while name in model.graph.initializers:
-                    name += "_"
+                hint = f"{hint}_value"
             else:
-                output.name = None
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-            value.shape = ir.Shape(array.shape)
-            value.dtype = ir.DataType.from_numpy(array.dtype)
-            model.graph.register_initializer(value)
+                output.name = None  # the initializer takes it over
+            value = new_initializer(model.graph, array, hint)
             bypass(node, value)
             count += 1
         return SlimgraphPassResult(model, bool(count), skipped=skipped)

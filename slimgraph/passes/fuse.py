@@ -255,13 +255,7 @@ def _unshare_layer_params(model: ir.Model) -> None:
                 continue
             if value.is_graph_input() or all(use.node is layer for use in value.uses()):
                 continue
-            name = f"{value.name}_{layer.name or 'copy'}"
-            while name in graph.initializers:
-                name += "_"
-            copy = ir.Value(name=name, const_value=value.const_value)
-            copy.shape = value.shape
-            copy.dtype = value.dtype
-            graph.register_initializer(copy)
+            copy = new_initializer(graph, value.const_value, f"{value.name}_{layer.name or 'copy'}")
             layer.replace_input_with(index, copy)
 
 
