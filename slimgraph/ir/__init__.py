@@ -9,7 +9,7 @@ from __future__ import annotations
 from slimgraph.ir import analysis, metadata
 from slimgraph.ir._copy import copy_model
 from slimgraph.ir._load import load, load_proto
-from slimgraph.ir._save import save, tensor_bytes
+from slimgraph.ir._save import save, size_on_disk, tensor_bytes
 from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "load",
     "load_proto",
     "save",
+    "size_on_disk",
     "tensor_bytes",
     "from_torch",
     "annotate_layers",

@@ -20,6 +20,7 @@ __all__ = [
     "tensor_bytes",
     "inlined_external_data",
     "without_initializer_value_info",
+    "size_on_disk",
     "EXTERNAL_DATA_THRESHOLD",
 ]
 
@@ -92,6 +93,17 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("saved %s%s", target, " with external data" if external_data else "")
     return target
+
+
+def size_on_disk(path: str | os.PathLike[str], model: ir.Model | None = None) -> int:
+    """Bytes of a model file plus its external data: the data files `load` recorded when `model`
+    was read from `path`, else `<file name>.data` beside it, as `save` writes it."""
+    file = Path(path).resolve()
+    if model is not None and model.meta.get(metadata.SOURCE_PATH) == str(file):
+        data = [Path(f) for f in model.meta.get(metadata.SOURCE_FILES, [])]
+    else:
+        data = [f for f in (file.parent / f"{file.name}.data",) if f.is_file()]
+    return sum(f.stat().st_size for f in (file, *data))
 
 
 def _refuse_sources(model: ir.Model, target: Path, data_target: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass
-from slimgraph.runtime import model_bytes
 from slimgraph.tools.tables import emit, format_bytes, render_fields, to_json
 
 __all__ = ["register", "run"]
@@ -52,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
         names = [name for entry in args.keep_ops for name in entry.split(",") if name]
         keep_ops = () if [n.lower() for n in names] == ["none"] else tuple(names)
     model = sg_ir.load(source)
-    size_before = len(model_bytes(model))
+    size_before = sg_ir.size_on_disk(source, model)
     result = Fp16Pass(keep_io_types=not args.fp16_io, keep_ops=keep_ops)(model)
-    size_after = len(model_bytes(result.model))
     sg_ir.save(result.model, target)
+    size_after = sg_ir.size_on_disk(target)
     summary = {
         "input": str(source),
         "output": str(target),

@@ -13,7 +13,6 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.quantize import quantize, report_of
-from slimgraph.runtime import model_bytes
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.tools.tables import emit, format_bytes, to_json
 
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         percentile=args.percentile,
     )
     sg_ir.save(quantized, target)
-    size_in, size_out = len(model_bytes(model)), len(model_bytes(quantized))
+    size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
     if args.json:
         out: dict[str, object] = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir import analysis, layer_name, metadata
+from slimgraph.ir import analysis, layer_name, metadata, size_on_disk
 
 __all__ = [
     "IOSpec",
@@ -296,10 +296,7 @@ def _dtype_groups(model: ir.Model) -> tuple[DtypeBytes, ...]:
 def _size_bytes(model: ir.Model, path: str | os.PathLike[str] | None) -> int:
     """The file plus its external-data files when `path` is given, else the serialized size."""
     if path is not None:
-        files = [Path(path).resolve()]
-        if model.meta.get(metadata.SOURCE_PATH) == str(files[0]):
-            files += [Path(f) for f in model.meta.get(metadata.SOURCE_FILES, [])]
-        return sum(f.stat().st_size for f in files)
+        return size_on_disk(path, model)
     proto = ir.to_proto(model)  # external tensors stay references: count their bytes apart
     external = sum(
         value.const_value.nbytes

@@ -36,6 +36,9 @@ def test_quantize_json_and_exclude_from_printed_names(tmp_path, capsys) -> None:
     assert code == 0
     result = json.loads(stdout)
     assert result["mode"] == "static" and result["size_ratio"] < 0.3
+    # sizes are the files on disk, written and read, not re-serialized models
+    assert (result["size_bytes"], result["input_size_bytes"]) == (
+        out.stat().st_size, DIGITS.stat().st_size)
     worst = next(t for t in result["report"]["tensors"] if t["kind"] == "weight")
     code, stdout, _ = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", DIGITS_CALIB,
                            "--json", "--exclude", worst["node"])
