@@ -30,7 +30,14 @@ from slimgraph.passes.lowrank._rank import (
 )
 from slimgraph.passes.pipeline import register_pass
 
-__all__ = ["LowRankLinear", "svd_factors", "relative_error", "blas_threads", "auto_rank"]
+__all__ = [
+    "LowRankLinear",
+    "svd_factors",
+    "split_factors",
+    "relative_error",
+    "blas_threads",
+    "auto_rank",
+]
 
 
 def svd_factors(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,6 +57,20 @@ def blas_threads(limit: int) -> contextlib.AbstractContextManager[object]:
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(limits=limit, user_api="blas")
+
+
+def split_factors(
+    matrix: np.ndarray, svd: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The rank-`k` factors A (m x k) and B (k x n) of `matrix` from its `svd` (U, S, Vt), with
+    sqrt(S) on each side (equal norms keep both well scaled in low precision), cast to `dtype`,
+    and the relative error of A @ B against `matrix`."""
+    u, s, vt = svd
+    root = np.sqrt(s[:k])
+    a = (u[:, :k] * root).astype(dtype)
+    b = (root[:, None] * vt[:k]).astype(dtype)
+    error = relative_error(matrix, a.astype(np.float64) @ b.astype(np.float64))
+    return a, b, error
 
 
 def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
@@ -138,10 +159,7 @@ class LowRankLinear(FactorizationPass):
             )
             if reason is not None:
                 return reason
-            root = np.sqrt(s[:k])
-            a = (u[:, :k] * root).astype(weight.dtype)
-            b = (root[:, None] * vt[:k]).astype(weight.dtype)
-            error = relative_error(matrix, a.astype(np.float64) @ b.astype(np.float64))
+            a, b, error = split_factors(matrix, (u, s, vt), k, weight.dtype)
             base = weight_value.name or f"{node.name}.weight"
             a_value = self.initializer(f"{base}.lowrank_a", a)
             b_value = self.initializer(f"{base}.lowrank_b", b)

@@ -28,7 +28,13 @@ import onnx_ir as ir
 
 from slimgraph.ir import analysis
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
-from slimgraph.passes.lowrank._linear import auto_rank, blas_threads, relative_error, svd_factors
+from slimgraph.passes.lowrank._linear import (
+    auto_rank,
+    blas_threads,
+    relative_error,
+    split_factors,
+    svd_factors,
+)
 from slimgraph.passes.lowrank._rank import AUTO_RANK_MULTIPLE, aligned_rank
 from slimgraph.passes.pipeline import register_pass
 
@@ -245,11 +251,9 @@ class TuckerConv(FactorizationPass):
         reason = self.gate(params_before, params_after, macs_before, macs_after)
         if reason is not None:
             return reason
-        root = np.sqrt(s[:k])
+        second, first, error = split_factors(matrix, (u, s, vt), k, weight.dtype)
         ones = [1] * (weight.ndim - 2)
-        first = (root[:, None] * vt[:k]).reshape(k, c_in, *ones).astype(weight.dtype)
-        second = (u[:, :k] * root).reshape(c_out, k, *ones).astype(weight.dtype)
-        approx = second.reshape(c_out, k).astype(np.float64) @ first.reshape(k, c_in)
+        first, second = first.reshape(k, c_in, *ones), second.reshape(c_out, k, *ones)
         report = LayerReport(
             layer=layer.name,
             node=layer.node.name or "",
@@ -261,7 +265,7 @@ class TuckerConv(FactorizationPass):
             params_after=params_after,
             macs_before=macs_before,
             macs_after=macs_after,
-            weight_error=relative_error(matrix, approx),
+            weight_error=error,
             output=layer.node.outputs[0].name or "",
         )
         return self._rewrite(graph, layer, weight, (first, second), report, bias, None)
