@@ -88,11 +88,18 @@ def test_error_budget_holds_for_the_weight() -> None:
 
 
 def test_tucker2_matches_the_hosvd_definition() -> None:
+    # Truncated ranks: any orthonormal bases would reconstruct W at full rank, so check that
+    # each basis spans the leading left singular vectors of its unfolding (numpy's SVD), and
+    # that the core is W projected on both.
     weight = _w(8, 6, 3, 3).astype(np.float64)
-    u_out, core, u_in = tucker2(weight, 8, 6)
-    np.testing.assert_allclose(u_out.T @ u_out, np.eye(8), atol=1e-10)
-    np.testing.assert_allclose(u_in.T @ u_in, np.eye(6), atol=1e-10)
-    np.testing.assert_allclose(np.einsum("abhw,oa,ib->oihw", core, u_out, u_in), weight, atol=1e-10)
+    u_out, core, u_in = tucker2(weight, 5, 4)
+    for basis, mode, k in ((u_out, 0, 5), (u_in, 1, 4)):
+        np.testing.assert_allclose(basis.T @ basis, np.eye(k), atol=1e-10)
+        unfolding = np.moveaxis(weight, mode, 0).reshape(weight.shape[mode], -1)
+        leading = np.linalg.svd(unfolding)[0][:, :k]
+        np.testing.assert_allclose(basis @ basis.T, leading @ leading.T, atol=1e-8)
+    expected = np.einsum("oihw,oa,ib->abhw", weight, u_out, u_in)
+    np.testing.assert_allclose(core, expected, atol=1e-10)
 
 
 @pytest.mark.parametrize(
