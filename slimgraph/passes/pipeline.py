@@ -439,8 +439,9 @@ def run_pipeline(
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
     records: list[PassRecord] = []
     any_modified = False
+    after = node_count(current)
     for step in built:
-        before = node_count(current)
+        before = after
         start = time.perf_counter()
         try:
             result = step.pass_(current)
@@ -468,12 +469,13 @@ def run_pipeline(
             cosine = None if step.exact else cosine
             fidelity = verifier.check(current, step.name, step.exact, cosine)
             verify_seconds = time.perf_counter() - start
+        after = node_count(current)
         record = PassRecord(
             name=step.name,
             exact=step.exact,
             seconds=seconds,
             nodes_before=before,
-            nodes_after=node_count(current),
+            nodes_after=after,
             modified=bool(result.modified),
             skipped=len(skipped),
             fidelity=fidelity,
