@@ -61,28 +61,17 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         raise InvalidModelError(
             f"{path}: not a valid ONNX model ({type(error).__name__}: {_first_line(error)})"
         ) from None
-    if not all(_is_sorted(graph) for graph in model.graphs()):
-        model.graph.sort()  # ONNX requires topological order; passes and the checker rely on it
-    base_dir = str(file.resolve().parent)
+    # ONNX requires topological order; passes and the checker rely on it. onnx_ir's sort is
+    # stable (a sorted graph keeps its order) and sorts subgraphs too.
+    model.graph.sort()
+    folder = file.resolve().parent
+    data_files = set()
     for tensor in _external_tensors(model):
-        tensor.base_dir = base_dir
+        tensor.base_dir = str(folder)
+        data_files.add(str(folder / tensor.location))
     model.meta[metadata.SOURCE_PATH] = str(file.resolve())
-    model.meta[metadata.SOURCE_FILES] = sorted(
-        {str(file.resolve().parent / loc) for loc in _external_locations(proto)}
-    )
+    model.meta[metadata.SOURCE_FILES] = sorted(data_files)
     return model
-
-
-def _is_sorted(graph: ir.Graph) -> bool:
-    """Whether every node comes after the producers of its inputs (within this graph)."""
-    seen: set[ir.Node] = set()
-    for node in graph:
-        for value in node.inputs:
-            source = value.producer() if value is not None else None
-            if source is not None and source.graph is graph and source not in seen:
-                return False
-        seen.add(node)
-    return True
 
 
 def _first_line(error: BaseException) -> str:
@@ -226,14 +215,6 @@ def _node_tensors(node: onnx.NodeProto, where: str) -> Iterator[tuple[str, onnx.
         inner = f" in subgraph of {_node_label(node)}{where}"
         for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
             yield from _graph_tensors(graph, inner)
-
-
-def _external_locations(proto: onnx.ModelProto) -> set[str]:
-    locations = set()
-    for _, tensor in _iter_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.add(_external_fields(tensor).get("location", ""))
-    return locations
 
 
 def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
