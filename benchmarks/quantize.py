@@ -124,7 +124,7 @@ def _digits_case() -> Case:
     def evaluate(model) -> tuple[str, float]:  # noqa: ANN001
         session = runtime.create_session(model)
         scores = runtime.run(session, {"image": test["image"]})
-        acc = float((next(iter(scores.values())).argmax(1) == test["label"]).mean())
+        acc = float((next(iter(scores.values())).argmax(1) == test["labels"]).mean())
         return f"test accuracy {acc:.4f}", acc
 
     return Case("digits CNN", fp32, calib, evaluate, {"image": test["image"][:1]},

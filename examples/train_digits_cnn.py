@@ -5,7 +5,8 @@ stratified, with a fixed seed; the CNN (BatchNorm, two residual blocks) trains o
 exported with slimgraph's torch frontend (dynamic batch). Writes, into slimgraph/data/:
 
 - digits_cnn.onnx: the fp32 model, input `image` float32[batch, 1, 8, 8] (pixels / 16)
-- digits_test.npz: the held-out 25%: `image` and `label` (int64)
+- digits_train.npz: the training 75%: `image` and `labels` (int64), for fine-tuning
+- digits_test.npz: the held-out 25%: `image` and `labels` (int64)
 - digits_calib.npz: 200 training images for calibration (`image` only)
 
 Run: python examples/train_digits_cnn.py
@@ -97,10 +98,11 @@ def main() -> None:
     )
     DATA.mkdir(parents=True, exist_ok=True)
     sg.save(onnx_model, DATA / "digits_cnn.onnx")
-    np.savez_compressed(DATA / "digits_test.npz", image=x_test, label=y_test)
+    np.savez_compressed(DATA / "digits_train.npz", image=x_train, labels=y_train)
+    np.savez_compressed(DATA / "digits_test.npz", image=x_test, labels=y_test)
     calib = np.random.default_rng(SEED).choice(len(x_train), 200, replace=False)
     np.savez_compressed(DATA / "digits_calib.npz", image=x_train[calib])
-    print(f"wrote {DATA / 'digits_cnn.onnx'}, digits_test.npz, digits_calib.npz")
+    print(f"wrote {DATA / 'digits_cnn.onnx'}, digits_train.npz, digits_test.npz, digits_calib.npz")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_test(model) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     with np.load(bundled("digits_test.npz"), allow_pickle=False) as archive:
-        images, labels = archive["image"], archive["label"]
+        images, labels = archive["image"], archive["labels"]
     runtime.check_feeds(model, {"image": images}, source="digits_test.npz")
     return images, labels
 

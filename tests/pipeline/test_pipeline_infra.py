@@ -280,7 +280,7 @@ def test_cli_verifies_on_user_data_with_the_bundled_model(tmp_path: Path, capsys
     report = json.loads(capsys.readouterr().out)
     assert report["fidelity"]["samples"] == 4  # four batches of 8 calibration images
     assert report["nodes_after"] < report["nodes_before"]
-    assert main([*args, "--data", str(data_dir / "digits_test.npz")]) == 2  # has 'label' too
+    assert main([*args, "--data", str(data_dir / "digits_test.npz")]) == 2  # has 'labels' too
     assert "unknown label" in capsys.readouterr().err
 
 

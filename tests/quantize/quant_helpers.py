@@ -29,7 +29,7 @@ def digits() -> ir.Model:
 
 def digits_test() -> tuple[np.ndarray, np.ndarray]:
     with np.load(DIGITS_TEST) as archive:
-        return archive["image"], archive["label"]
+        return archive["image"], archive["labels"]
 
 
 def accuracy(model: ir.Model, images: np.ndarray, labels: np.ndarray) -> float:

@@ -1,0 +1,204 @@
+"""Labelled data and the metric every approximate step is judged by.
+
+A data file (`.npz`) holds the model's inputs stacked on axis 0 and, optionally, a labels key
+(default `labels`) of class indices, one per row, that is never fed to the model. With labels the
+metric is top-1 accuracy of the first output (class scores on its last axis); without them it is
+the worst output cosine against a reference model (the model before compression).
+
+Example:
+    >>> data = load_data("val.npz", model)  # doctest: +SKIP
+    >>> evaluate(pruned, data, reference=model).metric  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph.errors import BadDataError
+from slimgraph.runtime.compare import FidelityAccumulator
+from slimgraph.runtime.feeds import check_feeds, input_specs, iter_batches, sample_count
+from slimgraph.runtime.session import create_session, run
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "LabelledData",
+    "Evaluation",
+    "load_data",
+    "split_labels",
+    "top1_correct",
+    "evaluate",
+]
+
+DEFAULT_LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """Model inputs stacked on axis 0 and, when the file had them, one class index per row.
+
+    Attributes:
+        feeds: input name -> array [N, ...] in the model's dtype.
+        labels: int64 [N] class indices, or None.
+        source: where the data came from (a path, or "data"), for messages.
+    """
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str = "data"
+
+    @property
+    def samples(self) -> int:
+        return sample_count(self.feeds)
+
+    def batches(self, batch_size: int, model: ir.Model | None = None) -> Iterator[
+        tuple[dict[str, np.ndarray], np.ndarray | None]
+    ]:
+        """(feeds, labels) slices of `batch_size` rows, labels sliced alongside."""
+        start = 0
+        for feed in iter_batches(self.feeds, batch_size, model):
+            rows = sample_count(feed)
+            labels = None if self.labels is None else self.labels[start : start + rows]
+            start += rows
+            yield feed, labels
+
+
+def split_labels(
+    data: Mapping[str, np.ndarray],
+    model: ir.Model,
+    *,
+    labels: str = DEFAULT_LABELS,
+    source: str = "data",
+) -> LabelledData:
+    """Separate the labels key from model inputs and check both.
+
+    A labels key that is also one of the model's input names is fed, not taken as labels.
+
+    Raises:
+        BadDataError: inputs that do not fit the model (see `check_feeds`), labels that are not
+            one integer per row, or a count that differs from the inputs'.
+    """
+    names = {spec.name for spec in input_specs(model)}
+    feeds = {key: value for key, value in data.items() if key != labels or key in names}
+    label_array = None
+    if labels in data and labels not in names:
+        label_array = np.asarray(data[labels])
+        if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
+            raise BadDataError(
+                f"{source}: labels '{labels}' must be one integer class index per row, got "
+                f"{label_array.dtype.name} {list(label_array.shape)}"
+            )
+        label_array = label_array.astype(np.int64, copy=False)
+    check_feeds(model, feeds, source=source)
+    if label_array is not None and label_array.shape[0] != sample_count(feeds):
+        raise BadDataError(
+            f"{source}: {label_array.shape[0]} labels for {sample_count(feeds)} samples"
+        )
+    return LabelledData(feeds, label_array, source)
+
+
+def load_data(
+    path: str | os.PathLike[str], model: ir.Model, *, labels: str = DEFAULT_LABELS
+) -> LabelledData:
+    """Read an `.npz` of inputs (and optional labels) and check it against the model.
+
+    Raises:
+        BadDataError: unreadable file, pickled objects, or data that does not fit (`split_labels`).
+    """
+    file = Path(path)
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("a single array (.npy), not an archive of named arrays")
+            data = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise BadDataError(f"{file}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as error:
+        raise BadDataError(f"{file}: not a readable .npz file ({error})") from None
+    return split_labels(data, model, labels=labels, source=str(file))
+
+
+def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:
+    """Rows whose highest score (last axis) is the label. scores [N, ..., C], labels [N]."""
+    scores = np.asarray(scores)
+    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
+    return int((flat.argmax(axis=-1) == labels).sum())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's metric on data.
+
+    Attributes:
+        samples: rows evaluated.
+        accuracy: top-1 accuracy (fraction, 0..1) of the first output when labels were given.
+        cosine: worst output cosine against the reference model, when one was given.
+        sqnr_db: worst output SQNR (dB) against the reference, when one was given.
+    """
+
+    samples: int
+    accuracy: float | None
+    cosine: float | None
+    sqnr_db: float | None
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.accuracy is not None else "cosine"
+
+    @property
+    def metric(self) -> float:
+        """Accuracy when labels were given, else the output cosine to the reference."""
+        value = self.accuracy if self.accuracy is not None else self.cosine
+        if value is None:
+            raise BadDataError("no metric: the data has no labels and no reference model was given")
+        return value
+
+    def to_dict(self) -> dict[str, object]:
+        return {"samples": self.samples, "accuracy": self.accuracy, "cosine": self.cosine,
+                "sqnr_db": self.sqnr_db}
+
+
+def evaluate(
+    model: ir.Model | ort.InferenceSession,
+    data: LabelledData,
+    *,
+    reference: ir.Model | ort.InferenceSession | None = None,
+    batch_size: int = 256,
+) -> Evaluation:
+    """Top-1 accuracy (with labels) and fidelity to `reference` (when given) on `data`.
+
+    Raises:
+        BadDataError: neither labels nor a reference, so there is nothing to measure.
+    """
+    if data.labels is None and reference is None:
+        raise BadDataError(
+            f"{data.source}: has no labels and no reference model was given: nothing to measure"
+        )
+    session = model if isinstance(model, ort.InferenceSession) else create_session(model)
+    ref_session = None
+    if reference is not None:
+        ref_session = (reference if isinstance(reference, ort.InferenceSession)
+                       else create_session(reference))
+    fixed = model if isinstance(model, ir.Model) else None
+    correct = rows = 0
+    fidelity = FidelityAccumulator()
+    for feed, labels in data.batches(batch_size, fixed):
+        outputs = run(session, feed)
+        rows += sample_count(feed)
+        if labels is not None:
+            correct += top1_correct(next(iter(outputs.values())), labels)
+        if ref_session is not None:
+            fidelity.add(run(ref_session, feed), outputs)
+    accuracy = correct / rows if data.labels is not None and rows else None
+    cosine = sqnr = None
+    if ref_session is not None:
+        result = fidelity.result()
+        cosine, sqnr = result.worst_cosine, result.worst_sqnr_db
+    return Evaluation(rows, accuracy, cosine, sqnr)
