@@ -199,7 +199,7 @@ def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Mo
     """
     from slimgraph.passes import lossless
 
-    prepared = lossless(copy_model(model), verify=False).model
+    prepared = lossless(copy_model(model), verify=False, compact=False).model
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 
