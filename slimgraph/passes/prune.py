@@ -655,6 +655,7 @@ def prune_with_report(
     seed: int = 0,
 ) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs)."""
+    ir_analysis.check_finite_weights(model)
     result = PrunePass(
         ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
