@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError
+from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.runtime.feeds import check_feeds, iter_batches, load_npz, sample_count
 from slimgraph.runtime.histogram import TensorStats
 from slimgraph.runtime.session import create_session
@@ -189,10 +189,42 @@ def _runs(
 
     with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, disable=not show,
               leave=False) as bar:
+        one_row = False
         for feed in batches:
-            outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
+            if not one_row:
+                try:
+                    outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
+                except Exception as error:  # onnxruntime's own classes
+                    if sample_count(feed) <= 1:
+                        raise _run_failure(error) from None
+                    one_row = True  # retried below, one row per run
+                    logger.warning(
+                        "the model declares a dynamic batch but fails on %d rows at once (%s): "
+                        "running one row per run",
+                        sample_count(feed), _first_line(error),
+                    )
+                else:
+                    bar.update(1)
+                    yield outputs
+                    continue
+            for row in iter_batches(feed, 1):
+                try:
+                    yield session.run(output_names, dict(row))  # type: ignore[attr-defined]
+                except Exception as error:  # onnxruntime's own classes
+                    raise _run_failure(error) from None
             bar.update(1)
-            yield outputs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().replace("[ONNXRuntimeError] : ", "")
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _run_failure(error: BaseException) -> UnsupportedModelError:
+    """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
+    return UnsupportedModelError(
+        f"onnxruntime cannot run the model on the calibration data: {_first_line(error)}"
+    )
 
 
 def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:

@@ -68,7 +68,7 @@ def create_session(
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors reach the user once, as our message
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         load_proto(model)  # the safe loader's checks (external data, structure) come first

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
     parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
                         help="default: static with --calib, else dynamic")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="dynamic/weight-only: do not run the model on onnxruntime to check "
+                             "the folding before quantization (models with custom ops)")
     parser.add_argument("--calib", metavar="DATA.npz",
                         help="calibration data: keys = input names, stacked on axis 0")
     parser.add_argument("--method", choices=METHODS, default="minmax",
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
+        verify=args.verify,
     )
     sg_ir.save(quantized, target)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
