@@ -160,13 +160,13 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
     if len(graph.outputs) != len(signature):
         return False  # a pass that changed the outputs on purpose (none does today)
     changed = False
-    claimed: set[int] = set()
+    claimed: dict[int, str] = {}  # value id -> the output name it carries
     for index, (name, type_, shape) in enumerate(signature):
         value = graph.outputs[index]
         if name is None:
             continue
-        if value.name == name and id(value) not in claimed:
-            claimed.add(id(value))
+        if value.name == name and claimed.get(id(value), name) == name:
+            claimed[id(value)] = name  # (a model may list one value twice under one name)
             _restore_type(value, type_, shape)
             continue
         renamable = (
@@ -183,7 +183,7 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
             holder.name = Names(graph).fresh(f"{name}_inner")
         if renamable:
             value.name = name
-            claimed.add(id(value))
+            claimed[id(value)] = name
             _restore_type(value, type_, shape)
         else:
             identity = ir.node("Identity", [value])
