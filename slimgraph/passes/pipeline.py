@@ -332,7 +332,7 @@ class _Verifier:
         try:
             session = create_session(model, optimization="disable")
             return [run(session, feed) for feed in self.feeds]
-        except SlimgraphError:
+        except BadDataError:
             raise
         except Exception as error:  # onnxruntime reports invalid graphs with many types
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
