@@ -59,6 +59,7 @@ class Batches:
     _stacked: Mapping[str, np.ndarray] | None = None
     _kept: list[dict[str, np.ndarray]] | None = None
     _consumed: bool = False
+    _check_each: bool = False  # rows read from a file on demand: check each batch as it comes
 
     def first(self) -> dict[str, np.ndarray]:
         """The first checked batch, without using up one-shot data (a generator)."""
@@ -72,7 +73,12 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._stacked is not None:
-            yield from iter_batches(self._stacked, self.batch_size, self.model)
+            for index, batch in enumerate(
+                iter_batches(self._stacked, self.batch_size, self.model)  # type: ignore[arg-type]
+            ):
+                if self._check_each:
+                    check_feeds(self.model, batch, source=f"{self.source} (batch {index})")
+                yield batch
             return
         if self._consumed:  # a generator: replay the batches kept on the first pass
             yield from self._kept or []
@@ -110,8 +116,10 @@ def calibration_batches(
             (the message lists what the model expects), NaN or Inf.
     """
     if isinstance(data, (str, os.PathLike)):
-        stacked = load_npz(data, model)
-        return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
+        rows = _npz_rows(data, model)
+        return Batches(
+            model, data, batch_size, _batches_in(rows, batch_size), rows, _check_each=True
+        )
     if isinstance(data, Mapping):
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
@@ -127,6 +135,24 @@ def calibration_batches(
     if total == 0:
         raise BadDataError("calibration data is empty (no batches)")
     return Batches(model, data, batch_size, total)
+
+
+def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
+    """The `.npz` as row-sliceable arrays (read batch by batch, memory flat in the sample
+    count), checked on its first row and sample counts; finiteness is checked per batch."""
+    from slimgraph.runtime.npz_rows import open_npz_rows
+
+    try:
+        rows = open_npz_rows(path)
+    except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
+        return load_npz(path, model)
+    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
+        return load_npz(path, model)
+    counts = {name: array.shape[0] for name, array in rows.items()}
+    if len(set(counts.values())) > 1 or 0 in counts.values():
+        return load_npz(path, model)  # the reader's message names the problem
+    check_feeds(model, {name: array[0:1] for name, array in rows.items()}, source=str(path))
+    return rows  # type: ignore[return-value]
 
 
 def _batches_in(stacked: Mapping[str, np.ndarray], batch_size: int) -> int:
