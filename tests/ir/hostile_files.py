@@ -27,7 +27,9 @@ def _save(proto: onnx.ModelProto, folder: Path, name: str) -> Path:
     return path
 
 
-def _linear(weight: np.ndarray | None = None, dims: list[int | str] | None = None) -> onnx.ModelProto:
+def _linear(
+    weight: np.ndarray | None = None, dims: list[int | str] | None = None
+) -> onnx.ModelProto:
     """x[N, 4] -> MatMul(W[4, 4]) -> y."""
     w = weight if weight is not None else np.ones((4, 4), np.float32)
     graph = helper.make_graph(
@@ -217,9 +219,9 @@ def inf_weight(folder: Path) -> Path:
 HOSTILE: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (
-        non_ascii_offset, arabic_offset, unknown_external_key, huge_sparse_initializer, huge_sparse_2d, huge_input,
-        huge_batch, negative_dim, negative_output_dim, recursive_function,
-        mutually_recursive_functions, empty_graph, no_outputs, huge_op_type, huge_name,
+        non_ascii_offset, arabic_offset, unknown_external_key, huge_sparse_initializer,
+        huge_sparse_2d, huge_input, huge_batch, negative_dim, negative_output_dim,
+        recursive_function, mutually_recursive_functions, empty_graph, no_outputs, huge_op_type, huge_name,
         terabyte_sparse_file, nan_weight, inf_weight,
     )
 }

@@ -137,7 +137,8 @@ def test_matmul_add_becomes_gemm_only_when_valid(
     add_inputs = ["B", "m"] if bias_left else ["m", "B"]
     model = make_model(
         [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", add_inputs, ["y"])],
-        [("x", x_shape)], ["y"], [initializer("W", rand(3, 5)), initializer("B", rand(*bias_shape))],
+        [("x", x_shape)], ["y"],
+        [initializer("W", rand(3, 5)), initializer("B", rand(*bias_shape))],
     )
     for verify in (True, False):
         out = sg.optimize(model, verify=verify)

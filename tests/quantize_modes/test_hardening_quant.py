@@ -111,7 +111,9 @@ def test_fixed_batch_model_is_calibrated_one_row_per_run(
     assert cosine > 0.99
 
 
-def test_fixed_batch_model_through_the_cli(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_fixed_batch_model_through_the_cli(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     source, out, calib = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "c.npz"
     sg.save(fixed_batch_model(), source)
     np.savez(calib, x=rand(64, 3, 8, 8))
