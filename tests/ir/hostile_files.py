@@ -221,8 +221,8 @@ HOSTILE: dict[str, Callable[[Path], Path]] = {
     for f in (
         non_ascii_offset, arabic_offset, unknown_external_key, huge_sparse_initializer,
         huge_sparse_2d, huge_input, huge_batch, negative_dim, negative_output_dim,
-        recursive_function, mutually_recursive_functions, empty_graph, no_outputs, huge_op_type, huge_name,
-        terabyte_sparse_file, nan_weight, inf_weight,
+        recursive_function, mutually_recursive_functions, empty_graph, no_outputs, huge_op_type,
+        huge_name, terabyte_sparse_file, nan_weight, inf_weight,
     )
 }
 
