@@ -661,8 +661,10 @@ def _time(
 
 
 def _mark_fronts(results: list[CandidateResult]) -> None:
-    def points(first: Callable[[CandidateResult], float | None]) -> list[tuple[float, float] | None]:
-        out: list[tuple[float, float] | None] = []
+    Point = tuple[float, float] | None
+
+    def points(first: Callable[[CandidateResult], float | None]) -> list[Point]:
+        out: list[Point] = []
         for r in results:
             x = first(r)
             out.append(None if r.status != "ok" or x is None or r.metric is None

@@ -14,8 +14,14 @@ from pathlib import Path
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.sweep import SweepResult, sweep
-from slimgraph.tools.tables import emit, format_bytes, format_count, format_ratio, render_table
-from slimgraph.tools.tables import to_json
+from slimgraph.tools.tables import (
+    emit,
+    format_bytes,
+    format_count,
+    format_ratio,
+    render_table,
+    to_json,
+)
 
 __all__ = ["register", "run", "format_result", "report_page"]
 
