@@ -16,8 +16,10 @@ step's name (run with defaults), a mapping of options, or a scalar for the step'
 Each candidate is an independent job submitted with `concurrent.futures` semantics
 (`client.submit`, `as_completed`) to dask.distributed: a `LocalCluster` of N single-threaded
 worker processes, or an existing cluster at a scheduler address. Jobs receive the model and data
-as bytes (serialized ONNX, the .npz files' bytes), never pickled IR objects, and return the
-candidate's bytes and figures: size, parameters, MACs, and the metric of
+as file paths (local cluster: same machine) or bytes (a scheduler, whose workers may be on other
+machines: serialized ONNX, the .npz files' bytes) inside each task, so a retry never depends on
+data held by a worker that died; never pickled IR objects. They return the candidate's bytes and
+figures: size, parameters, MACs, and the metric of
 `slimgraph.runtime.metrics` (top-1 accuracy with labels, else worst output cosine to the input
 model). Latency is measured afterwards in this process, serially, side by side with the input
 model (`slimgraph.runtime.benchmark`: interleaved shuffled rounds, medians, ratios), so parallel
@@ -390,20 +392,33 @@ def pareto_flags(points: Sequence[tuple[float, float] | None]) -> list[bool]:
 # -- the job one worker runs ----------------------------------------------------------------------
 
 
-def _load_npz_bytes(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
+def _load_npz(source: bytes | str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                 allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
 
+def _load_model(source: bytes | str) -> ir.Model:
+    if isinstance(source, str):
+        return sg_ir.load(source)  # the safe loader (external data checked and read)
+    return ir.from_proto(onnx.load_model_from_string(source))
+
+
 def build_candidate(
-    model_blob: bytes,
+    model: bytes | str,
     steps: Sequence[Mapping[str, Any]],
-    data_blob: bytes,
-    calib_blob: bytes | None,
+    data: bytes | str,
+    calibration: bytes | str | None,
     labels: str = DEFAULT_LABELS,
 ) -> dict[str, Any]:
     """Build one candidate and evaluate it (runs on a dask worker; everything in and out is
-    bytes or plain values).
+    bytes, paths or plain values, never IR objects).
+
+    Args:
+        model: the input model as serialized ONNX bytes or a file path the worker can read.
+        steps: the candidate's pipeline steps.
+        data, calibration: the .npz files' bytes or paths.
+        labels: the labels key of `data`.
 
     Returns:
         {"model": serialized candidate, "size_bytes", "parameters", "macs", "accuracy",
@@ -412,15 +427,15 @@ def build_candidate(
     """
     start = time.perf_counter()
     try:
-        reference = ir.from_proto(onnx.load_model_from_string(model_blob))
-        context = {"calibration": _load_npz_bytes(calib_blob)} if calib_blob else None
-        model = reference
+        reference = _load_model(model)
+        context = {"calibration": _load_npz(calibration)} if calibration is not None else None
+        built = reference
         if steps:
-            model = run_pipeline(reference, list(steps), verify=False, context=context).model
-        data = split_labels(_load_npz_bytes(data_blob), reference, labels=labels, source="data")
-        evaluation = evaluate(model, data, reference=reference)
-        blob = model_bytes(model)
-        summary = summarize(model)
+            built = run_pipeline(reference, list(steps), verify=False, context=context).model
+        values = split_labels(_load_npz(data), reference, labels=labels, source="data")
+        evaluation = evaluate(built, values, reference=reference)
+        blob = model_bytes(built)
+        summary = summarize(built)
         return {"model": blob, "size_bytes": len(blob), "parameters": summary.parameters,
                 "macs": summary.macs, "accuracy": evaluation.accuracy,
                 "cosine": evaluation.cosine, "metric": evaluation.metric,
@@ -464,7 +479,7 @@ def _client(scheduler: str | None, workers: int | None, timeout: float) -> tuple
         raise BadOptionError(f"--workers must be at least 1, got {count}")
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True,
-                               dashboard_address=None, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", host="127.0.0.1",
                                silence_logs=logging.ERROR)
     return Client(cluster), cluster, f"local cluster of {count} worker process(es)"
 
@@ -535,17 +550,23 @@ def sweep(
         load_data(calibration, input_model, labels=labels)
     grid_map = load_grid(grid) if isinstance(grid, (str, os.PathLike)) else dict(grid)
     candidates = parse_grid(grid_map, calibration=calibration is not None, model=input_model)
-    model_blob = model_bytes(input_model)
-    data_blob = _file_bytes(data, "data")
-    calib_blob = _file_bytes(calibration, "calibration") if calibration is not None else None
+    # Inputs travel inside each task, so a retry never depends on a worker that died: paths for
+    # a local cluster (same machine), bytes for a scheduler that may sit on other machines.
+    inputs: tuple[bytes | str, bytes | str, bytes | str | None]
+    if scheduler is None:
+        inputs = (str(source.resolve()), str(Path(data).resolve()),
+                  None if calibration is None else str(Path(calibration).resolve()))
+    else:
+        inputs = (model_bytes(input_model), _file_bytes(data, "data"),
+                  None if calibration is None else _file_bytes(calibration, "calibration"))
 
     results = [CandidateResult(c) for c in candidates]
     client, cluster, where = _client(scheduler, workers, timeout)
     with tempfile.TemporaryDirectory(prefix="slimgraph-sweep-") as scratch:
         paths: dict[int, Path] = {}
         try:
-            _run_jobs(client, candidates, results, paths, Path(scratch), model_blob, data_blob,
-                      calib_blob, labels, progress)
+            _run_jobs(client, candidates, results, paths, Path(scratch), inputs, labels,
+                      progress)
         finally:
             client.close()
             if cluster is not None:
@@ -567,9 +588,7 @@ def _run_jobs(
     results: list[CandidateResult],
     paths: dict[int, Path],
     scratch: Path,
-    model_blob: bytes,
-    data_blob: bytes,
-    calib_blob: bytes | None,
+    inputs: tuple[bytes | str, bytes | str, bytes | str | None],
     labels: str,
     progress: bool | None,
 ) -> None:
@@ -578,11 +597,10 @@ def _run_jobs(
     from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
-    shared = client.scatter([model_blob, data_blob, calib_blob], broadcast=False)
     futures = {}
     for candidate in candidates:
-        future = client.submit(build_candidate, shared[0], list(candidate.steps), shared[1],
-                               shared[2], labels, pure=False,
+        future = client.submit(build_candidate, inputs[0], list(candidate.steps), inputs[1],
+                               inputs[2], labels, pure=False,
                                key=f"slimgraph-candidate-{candidate.index}-{os.urandom(4).hex()}")
         futures[future.key] = (future, candidate.index)
     show = sys.stderr.isatty() if progress is None else progress

@@ -23,18 +23,21 @@ STEP = "test-kill-worker-once"
 
 
 class KillWorkerOnce(SlimgraphPass):
-    """Exits the process the first time (no marker yet); later runs change nothing."""
+    """Exits the process the first `times` runs (counted as lines of `marker`); later runs change
+    nothing."""
 
     exact: ClassVar[bool] = True
 
-    def __init__(self, *, marker: str) -> None:
+    def __init__(self, *, marker: str, times: int = 1) -> None:
         super().__init__()
         self.marker = marker
+        self.times = times
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         marker = Path(self.marker)
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
+        deaths = marker.read_text().splitlines() if marker.exists() else []
+        if len(deaths) < self.times:
+            marker.write_text("".join(f"{line}\n" for line in [*deaths, str(os.getpid())]))
             os._exit(1)
         return SlimgraphPassResult(model, modified=False)
 
