@@ -10,7 +10,8 @@ Step names are the pipeline's registered passes and presets (`slimgraph.passes.p
 the command names `prune` (main option `ratio`; ratio 0 skips the step), `quantize` (main option
 `mode`: `int8`/`static` -> calibrated static int8, needs calibration data; `dynamic`;
 `weight-only`), `factorize` (main option `rank_ratio`: SVD of Gemm/MatMul then Tucker-2 of Conv)
-and `finetune` (when a pass of that name is registered). A value is `none` (skip), `true` or the
+and `finetune` (main option `epochs`; its `data`, `val` and `teacher` paths are made absolute;
+needs the registered `finetune` pass). A value is `none` (skip), `true` or the
 step's name (run with defaults), a mapping of options, or a scalar for the step's main option.
 
 Each candidate is an independent job submitted with `concurrent.futures` semantics
@@ -94,6 +95,8 @@ class _Command:
     skip: Callable[[Mapping[str, Any]], bool] = lambda options: False
     # `mode` values of `quantize`: the pass each one runs
     modes: Mapping[str, str] = field(default_factory=dict)
+    # options naming files: made absolute here, so workers started elsewhere find them
+    paths: tuple[str, ...] = ()
 
 
 _QUANTIZE_MODES = {"int8": "quantize", "static": "quantize", "dynamic": "quantize-dynamic",
@@ -103,6 +106,8 @@ _COMMANDS: dict[str, _Command] = {
     "prune": _Command(("prune",), "ratio", skip=lambda options: options.get("ratio") == 0),
     "factorize": _Command(("lowrank-linear", "tucker-conv"), "rank_ratio"),
     "quantize": _Command(("quantize",), "mode", modes=_QUANTIZE_MODES),
+    # the `finetune` pass (registered by slimgraph.passes.finetune where it is installed)
+    "finetune": _Command(("finetune",), "epochs", paths=("data", "val", "teacher")),
 }
 
 
@@ -276,6 +281,10 @@ def _pipeline_steps(step: str, options: Mapping[str, Any] | None) -> list[dict[s
     options = dict(options)
     if command.skip(options):
         return []
+    for key in command.paths:
+        value = options.get(key)
+        if isinstance(value, str) and value != "input":
+            options[key] = str(Path(value).resolve())
     passes = command.passes
     if command.modes:
         mode = str(options.pop(command.main, "int8"))

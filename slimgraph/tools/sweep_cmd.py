@@ -118,7 +118,7 @@ def report_page(result: SweepResult, command: str, model_name: str) -> dict[str,
     ok = [c for c in result.candidates if c.status == "ok" and c.latency_ratio is not None]
     metric = result.metric_name
     base = result.baseline
-    best = max(ok, key=lambda c: c.metric or 0.0, default=None)
+    best = max(ok, key=lambda c: (c.metric or 0.0, -(c.latency_ratio or 0.0)), default=None)
     fastest = min(ok, key=lambda c: c.latency_ratio or 0.0, default=None)
     summary: dict[str, object] = {
         "candidates": len(result.candidates),
@@ -154,11 +154,13 @@ def report_page(result: SweepResult, command: str, model_name: str) -> dict[str,
                      + (f": {c.error}" if c.error else ""),
                      None if c.size_bytes is None else format_bytes(c.size_bytes),
                      None if c.macs is None else format_count(c.macs),
-                     None if c.metric is None else round(c.metric, 4),
+                     None if c.metric is None else f"{c.metric:.4f}",
                      None if c.latency_ratio is None else format_ratio(c.latency_ratio),
-                     interval, c.pareto, c.pareto_size, c.path])
+                     interval, " + ".join(name for name, flag in (("latency", c.pareto),
+                                          ("size", c.pareto_size)) if flag),
+                     None if c.path is None else Path(c.path).name])
     table = {"title": "Candidates", "columns": ["#", "candidate", "status", "size", "MACs",
-             metric, "latency", "90% interval", "Pareto (latency)", "Pareto (size)", "written to"],
+             metric, "latency", "90% interval", "Pareto front", "written to"],
              "rows": rows, "highlight": [c.pareto for c in result.candidates]}
     return {"title": f"Sweep of {model_name}", "command": command, "summary": summary,
             "notes": [f"{metric} on {base['samples']} rows; latency measured in one process "
