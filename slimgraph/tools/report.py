@@ -351,7 +351,7 @@ def _plot_svg(plot: Mapping[str, Any], prefix: str) -> str:
     rc = {"svg.fonttype": "none", "svg.hashsalt": "slimgraph", "font.size": 10,
           "font.family": ["DejaVu Sans", "sans-serif"], "axes.edgecolor": "#9ca3af",
           "axes.spines.top": False, "axes.spines.right": False}
-    with matplotlib.rc_context(rc):
+    with matplotlib.rc_context(rc):  # type: ignore[arg-type]
         figure = Figure(figsize=(width, height), dpi=96)
         axes = figure.add_subplot()
         axes.set_axisbelow(True)
