@@ -18,7 +18,8 @@ nothing loaded from the network. The page is built from these optional keys:
   "description": str? (a line under the plot)}]. Bar and barh x values are category names
   (torch layer names where there are some); several series draw grouped bars. Line plots draw
   one line per series (training curves); scatter plots one set of points per series, with
-  `labels` written next to the points.
+  `labels` written next to the points. A bar chart draws at most its first 120 categories
+  (commands sort them, worst first; the tables keep every row).
 
 Everything else in the dict is kept in report.json as data.
 
@@ -64,8 +65,10 @@ __all__ = [
 # The optional dependency group that carries the plotting library (`pip install slimgraph[report]`).
 REPORT_EXTRA = "report"
 
-# Most categories one bar chart shows; commands pick the rows that matter (worst first).
+# Most categories a command puts in one bar chart; it picks the rows that matter (worst first).
 MAX_BARS = 60
+# Most categories the page draws in one bar chart, whatever it is given (the rest: tables).
+_MAX_DRAWN = 120
 
 _PALETTE = ("#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04")
 
@@ -345,6 +348,12 @@ def _plot_svg(plot: Mapping[str, Any], prefix: str) -> str:
             raise ValueError(f"plot '{plot.get('title')}': series '{item.get('name')}' has "
                              f"{len(item.get('x', []))} x and {len(item.get('y', []))} y values")
     categories = len(series[0]["x"]) if series and kind in ("bar", "barh") else 0
+    title = str(plot.get("title", ""))
+    if categories > _MAX_DRAWN:  # a page, not a poster: the first rows (commands sort them)
+        series = [{**item, "x": list(item["x"])[:_MAX_DRAWN], "y": list(item["y"])[:_MAX_DRAWN]}
+                  for item in series]
+        title += f" (first {_MAX_DRAWN} of {categories})"
+        categories = _MAX_DRAWN
     width, height = 9.0, 3.0 if kind == "bar" else 4.2
     if kind == "barh":
         height = max(2.4, 0.26 * categories * max(1, len(series)) ** 0.5 + 1.3)
@@ -367,7 +376,7 @@ def _plot_svg(plot: Mapping[str, Any], prefix: str) -> str:
         else:
             _scatter(axes, series, plot.get("pareto"))
             _reference(axes, plot.get("reference"), horizontal=False)
-        axes.set_title(str(plot.get("title", "")), loc="left", fontsize=12, fontweight="bold")
+        axes.set_title(title, loc="left", fontsize=12, fontweight="bold")
         axes.set_xlabel(str(plot.get("x_label", "")))
         axes.set_ylabel(str(plot.get("y_label", "")))
         named = [item for item in series if item.get("name")]

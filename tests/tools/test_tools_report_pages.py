@@ -154,3 +154,11 @@ def test_report_without_matplotlib_names_the_extra(cli, tmp_path: Path, monkeypa
         "installed: pip install 'slimgraph[report]'"
     ]
     assert not out.exists() and not (tmp_path / "r").exists()
+
+
+def test_long_bar_charts_draw_their_first_rows() -> None:
+    names = [f"layers.{i}.conv" for i in range(300)]
+    page = render_html({"plots": [{"kind": "barh", "title": "SQNR", "series": [
+        {"name": "s", "x": names, "y": list(range(300))}]}]})
+    assert "SQNR (first 120 of 300)" in page
+    assert "layers.119.conv" in page and "layers.120.conv" not in page

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import slimgraph
 from slimgraph import runtime
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PASSES
 from slimgraph.tools.sweep import pareto_flags, parse_grid
 from tests.tools import sweep_kill_step
@@ -297,3 +298,13 @@ def test_worker_killed_every_time_fails_only_that_candidate(
         ("ok", None), ("failed", "its worker died twice (retried once)")]
     assert candidates[1]["pareto"] is False and candidates[1]["path"] is None
     assert candidates[0]["pareto"] and Path(candidates[0]["path"]).exists()
+
+
+def test_unreachable_scheduler_is_bad_input(tmp_path: Path) -> None:
+    from slimgraph.tools.sweep import sweep
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(BadOptionError, match=rf"--scheduler {address}: cannot connect"):
+        sweep(DIGITS, {"prune": [0.0, 0.5]}, DIGITS_TEST, scheduler=address, timeout=2,
+              out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
