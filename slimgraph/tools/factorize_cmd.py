@@ -136,13 +136,14 @@ def _page(
     # Tucker-2 (whose rank is (r_in, r_out); r_out is the one the next layer sees)
     kept = [r.rank[-1] for r in rows]
     full = [min(r.shape[:2]) if r.method == "svd" else r.shape[0] for r in rows]
-    plots: list[dict[str, object]] = [{
+    plots: list[dict[str, object]] = [] if not rows else [{
         "kind": "barh", "title": "Rank per layer", "x_label": "rank",
         "series": [{"name": "full rank", "x": names, "y": full},
                    {"name": "rank kept", "x": names, "y": kept}],
         "description": "Torch layer names; SVD: rank k of W (n x m) against min(n, m); Tucker-2: "
                        "output rank against the output channels.",
-    }, ratio_plot]
+    }]
+    plots.append(ratio_plot)
     table = {"title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
              "params before", "params after", "weight error", "output SQNR dB"],
              "rows": [[r.layer, r.op_type, r.method, "x".join(str(d) for d in r.shape),
