@@ -10,8 +10,9 @@ Step names are the pipeline's registered passes and presets (`slimgraph.passes.p
 the command names `prune` (main option `ratio`; ratio 0 skips the step), `quantize` (main option
 `mode`: `int8`/`static` -> calibrated static int8, needs calibration data; `dynamic`;
 `weight-only`), `factorize` (main option `rank_ratio`: SVD of Gemm/MatMul then Tucker-2 of Conv)
-and `finetune` (main option `epochs`; its `data`, `val` and `teacher` paths are made absolute;
-needs the registered `finetune` pass). A value is `none` (skip), `true` or the
+and `finetune` (main option `epochs`, 0 skips the step; its `data`, `val` and `teacher` paths are
+made absolute; needs the registered `finetune` pass). A candidate's name shows the options that
+vary in the grid. A value is `none` (skip), `true` or the
 step's name (run with defaults), a mapping of options, or a scalar for the step's main option.
 
 Each candidate is an independent job submitted with `concurrent.futures` semantics
@@ -107,7 +108,8 @@ _COMMANDS: dict[str, _Command] = {
     "factorize": _Command(("lowrank-linear", "tucker-conv"), "rank_ratio"),
     "quantize": _Command(("quantize",), "mode", modes=_QUANTIZE_MODES),
     # the `finetune` pass (registered by slimgraph.passes.finetune where it is installed)
-    "finetune": _Command(("finetune",), "epochs", paths=("data", "val", "teacher")),
+    "finetune": _Command(("finetune",), "epochs", skip=lambda options: options.get("epochs") == 0,
+                         paths=("data", "val", "teacher")),
 }
 
 
@@ -299,15 +301,32 @@ def _pipeline_steps(step: str, options: Mapping[str, Any] | None) -> list[dict[s
     return [{"name": name, **options} for name in passes]
 
 
-def _setting_text(step: str, options: Mapping[str, Any] | None) -> str:
+def _varying(values: Sequence[Mapping[str, Any] | None]) -> set[str]:
+    """Option names whose value differs between a step's values (the ones a name must show)."""
+    given = [v for v in values if v is not None]
+    keys = {key for v in given for key in v}
+    return {key for key in keys
+            if len({json.dumps(v.get(key, "<unset>"), default=str) for v in given}) > 1}
+
+
+def _show(value: Any) -> str:
+    return Path(value).name if isinstance(value, str) and os.sep in value else str(value)
+
+
+def _setting_text(
+    step: str, options: Mapping[str, Any] | None, shown: set[str] | None = None
+) -> str:
+    """`prune=0.3`, `finetune.epochs=3`, `quantize=int8`; only the options in `shown` (the ones
+    that vary in the grid; all when None)."""
     if options is None:
         return f"{step}=none"
-    if not options:
-        return step
+    keys = [key for key in options if shown is None or key in shown]
     command = _COMMANDS.get(step)
-    if command is not None and list(options) == [command.main]:
-        return f"{step}={options[command.main]}"
-    return " ".join(f"{step}.{key}={value}" for key, value in options.items())
+    if not keys:
+        return step
+    if command is not None and keys == [command.main]:
+        return f"{step}={_show(options[command.main])}"
+    return " ".join(f"{step}.{key}={_show(options[key])}" for key in keys)
 
 
 def parse_grid(
@@ -335,14 +354,21 @@ def parse_grid(
             if step not in PASSES and step not in PRESETS:
                 raise BadOptionError(f"unknown step '{step}' (known: {known})")
         per_step.append([(step, options) for options in _step_values(step, spec)])
+    shown = []
+    for values in per_step:  # the options that vary, and a command's main option always
+        keys = _varying([options for _, options in values])
+        command = _COMMANDS.get(values[0][0])
+        shown.append(keys | ({command.main} if command else set()))
     candidates = []
     for index, combo in enumerate(itertools.product(*per_step)):
         steps = [s for step, options in combo for s in _pipeline_steps(step, options)]
         settings = {step: options for step, options in combo}
-        name = " ".join(_setting_text(step, options) for step, options in combo
-                        if options is not None) or "input model"
+        name = " ".join(_setting_text(step, options, keys) for (step, options), keys
+                        in zip(combo, shown, strict=True) if options is not None) or "input model"
         if steps:
-            _check_steps(steps, name, calibration, model)
+            full = " ".join(_setting_text(step, options) for step, options in combo
+                            if options is not None)
+            _check_steps(steps, full, calibration, model)
         candidates.append(Candidate(index, name, _json_safe(settings), tuple(steps)))
     return candidates
 
