@@ -54,7 +54,7 @@ class RowArray:
         if rows:
             with open(self.path, "rb") as handle:
                 handle.seek(self.offset + start * self.row_bytes)
-                handle.readinto(memoryview(out).cast("B"))
+                handle.readinto(out.data.cast("B"))
         return out
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:

@@ -231,7 +231,8 @@ def _gemms_as_matmuls(graph: ir.Graph) -> int:
             continue
         if attrs.get_int("transB", 0):
             weight = np.ascontiguousarray(weight.T)
-        b = new_initializer(graph, weight, f"{node.inputs[1].name or node.name}_kn")
+        source = node.inputs[1]
+        b = new_initializer(graph, weight, f"{(source.name if source else None) or node.name}_kn")
         matmul = ir.node("MatMul", [node.inputs[0], b], name=node.name)
         matmul.metadata_props.update(node.metadata_props)
         graph.insert_before(node, matmul)
