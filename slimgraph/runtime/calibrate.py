@@ -60,6 +60,7 @@ class Batches:
     _kept: list[dict[str, np.ndarray]] | None = None
     _consumed: bool = False
     _check_each: bool = False  # rows read from a file on demand: check each batch as it comes
+    one_row: bool = False  # the model was found to run one row at a time (see `_runs`)
 
     def first(self) -> dict[str, np.ndarray]:
         """The first checked batch, without using up one-shot data (a generator)."""
@@ -215,7 +216,8 @@ def _runs(
 
     with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, disable=not show,
               leave=False) as bar:
-        one_row = False
+        source = _batches_of(batches)
+        one_row = source is not None and source.one_row  # known from an earlier pass
         for feed in batches:
             if not one_row:
                 try:
@@ -224,6 +226,8 @@ def _runs(
                     if sample_count(feed) <= 1:
                         raise _run_failure(error) from None
                     one_row = True  # retried below, one row per run
+                    if source is not None:
+                        source.one_row = True  # later passes over the data: no second warning
                     logger.warning(
                         "the model declares a dynamic batch but fails on %d rows at once (%s): "
                         "running one row per run",
@@ -239,6 +243,14 @@ def _runs(
                 except Exception as error:  # onnxruntime's own classes
                     raise _run_failure(error) from None
             bar.update(1)
+
+
+def _batches_of(batches: object) -> Batches | None:
+    """The `Batches` behind `batches`, also through a wrapper that keeps it as `.batches`."""
+    for candidate in (batches, getattr(batches, "batches", None)):
+        if isinstance(candidate, Batches):
+            return candidate
+    return None
 
 
 def _first_line(error: BaseException) -> str:
