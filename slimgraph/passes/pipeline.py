@@ -47,7 +47,7 @@ from slimgraph.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from slimgraph.ir import copy_model
+from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.runtime import (
     Fidelity,
@@ -559,7 +559,7 @@ def _verification_feeds(
 
 
 def optimize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     preset: str | None = "lossless",
     recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
@@ -592,6 +592,7 @@ def optimize(
         >>> import slimgraph as sg
         >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
     """
+    model = as_model(model)
     return optimize_report(
         model,
         preset=preset,

@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models", metavar="MODEL", nargs="+", help=".onnx files; the first is the baseline"
     )
     parser.add_argument(
-        "--batch", type=positive_int, default=1, help="symbolic batch dimensions' value (default 1)"
-    )
+        "--batch", type=positive_int, default=None,
+        help="rows per run: the symbolic batch dimension's value (default 1); an error for a "
+        "model with a fixed batch",
+    )  # fmt: skip
     parser.add_argument(
         "--rounds", type=positive_int, default=20, help="measured rounds (default 20)"
     )
@@ -57,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise BadOptionError(f"--warmup must be 0 or more, got {args.warmup}")
     models = [sg_ir.load(path) for path in args.models]
+    if args.batch is not None:
+        for model, path in zip(models, args.models, strict=True):
+            runtime.check_batch(model, args.batch, label=path)
+    else:
+        args.batch = 1
     labels = _labels(args.models)
     feeds = [runtime.random_feeds(m, batch=args.batch, seed=args.seed) for m in models]
     sessions = [

@@ -51,8 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", metavar="DATA.npz", help="samples: keys = input names, stacked on axis 0"
     )
     parser.add_argument(
-        "--batch", type=positive_int, default=8, help="rows per run (default 8)"
-    )
+        "--batch", type=positive_int, default=None,
+        help="rows per run (default 8, or the model's fixed batch); an error for a model with "
+        "another fixed batch",
+    )  # fmt: skip
     parser.add_argument(
         "--samples",
         type=positive_int,
@@ -69,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
     reference = sg_ir.load(args.reference)
     candidate = sg_ir.load(args.candidate)
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
+    if args.batch is not None:
+        runtime.check_batch(reference, args.batch, label=args.reference)
+        runtime.check_batch(candidate, args.batch, label=args.candidate)
+    else:  # 8 rows, or the reference's fixed batch
+        fixed = [s.shape[0] for s in runtime.input_specs(reference)
+                 if s.shape and isinstance(s.shape[0], int)]  # fmt: skip
+        args.batch = fixed[0] if fixed else 8
     if args.data:
         data = runtime.load_npz(args.data, reference)
         feeds = runtime.iter_batches(data, args.batch, reference)

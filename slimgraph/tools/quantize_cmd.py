@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         percentile=args.percentile,
     )
     sg_ir.save(quantized, target)
+    fmt_label = _written_format(quantized, fmt_label)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
     if args.json:
@@ -120,3 +121,21 @@ def run(args: argparse.Namespace) -> int:
         lines.append(report.summary(top=args.top))
     emit("\n".join(lines))
     return 0
+
+
+_INTEGER_OPS = frozenset(
+    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat"}
+)
+
+
+def _written_format(model, requested: str) -> str:
+    """The format the written graph is in, read from its ops (dynamic mode writes integer ops:
+    DynamicQuantizeLinear + MatMulInteger/ConvInteger, the QOperator form, whatever was asked)."""
+    ops = {node.op_type for node in model.graph.all_nodes()}
+    if "MatMulNBits" in ops:
+        return "matmulnbits"
+    if ops & _INTEGER_OPS:
+        return "qoperator"
+    if "DequantizeLinear" in ops:
+        return "qdq"
+    return requested

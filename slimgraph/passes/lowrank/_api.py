@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from slimgraph.ir import analysis, copy_model, metadata
+from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import LayerReport, dims_from_feeds, measure_fidelity
 from slimgraph.passes.lowrank._linear import LowRankLinear
@@ -140,7 +140,7 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
 
 
 def factorize_with_report(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -158,6 +158,7 @@ def factorize_with_report(
 
     Args: as for `factorize`.
     """
+    model = as_model(model)
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
     layer_filter = LayerFilter.create(include, exclude, op_types)
     samples = list(iter_feeds(feeds)) if feeds is not None else None
@@ -223,7 +224,7 @@ def factorize_with_report(
 
 
 def factorize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -274,6 +275,7 @@ def factorize(
         >>> import slimgraph as sg
         >>> small = sg.factorize(model, rank_ratio=0.5, include=["*fc*"])  # doctest: +SKIP
     """
+    model = as_model(model)
     result, _ = factorize_with_report(
         model,
         rank_ratio=rank_ratio,

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
-from slimgraph.ir import copy_model, metadata
+from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.policy import ActivationDtype, annotate
@@ -34,7 +34,7 @@ _PREPARE_RTOL = 1e-4
 
 
 def quantize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     calibration: CalibrationData | None = None,
     mode: Mode | None = None,
@@ -83,6 +83,7 @@ def quantize(
         >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
         >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
     """
+    model = as_model(model)
     mode = mode or ("static" if calibration is not None else "dynamic")
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
