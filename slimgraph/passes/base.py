@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir import io_shapes, restore_dim_names
 
 __all__ = ["Skipped", "SlimgraphPassResult", "SlimgraphPass", "SlimgraphFunctionalPass"]
 
@@ -35,19 +36,25 @@ class SlimgraphPassResult(ir.passes.PassResult):
 
 
 class _ErrorsPassThrough:
-    """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped.
+    """Let slimgraph's own errors reach the user unwrapped; keep symbolic dimension names.
 
     `onnx_ir` wraps any exception from `requires` in a `PreconditionError`; a user who passed an
     impossible option should see our one-line message (and the CLI its exit code 2), not the wrap.
     """
 
     def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        source = model_or_result if isinstance(model_or_result, ir.Model) else (
+            model_or_result.model
+        )
+        shapes = io_shapes(source)
         try:
-            return super().__call__(model_or_result)  # type: ignore[misc]
+            result = super().__call__(model_or_result)  # type: ignore[misc]
         except ir.passes.InvariantError as error:
             if isinstance(error.__cause__, SlimgraphError):
                 raise error.__cause__ from None
             raise
+        restore_dim_names(result.model, shapes)  # `batch` stays `batch`, never `unk__25`
+        return result
 
 
 class SlimgraphPass(_ErrorsPassThrough, ir.passes.InPlacePass):

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from slimgraph._tables import format_ratio, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.runtime.session import _LEVELS, OptLevel, create_session, run
 
@@ -51,6 +52,28 @@ class BenchmarkResult:
             "optimization": self.optimization,
             "models": [asdict(t) for t in self.timings],
         }
+
+    def table(self, inputs: Sequence[str] | None = None) -> str:
+        """The table `slimgraph bench` prints; `inputs` adds a column (one text per model)."""
+        headers = ["model", "median ms", "p90 ms", "ratio"]
+        rows: list[list[object]] = [
+            [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio)]
+            for t in self.timings
+        ]
+        align = "lrrr"
+        if inputs is not None:
+            headers.append("inputs")
+            rows = [[*row, text] for row, text in zip(rows, inputs, strict=True)]
+            align += "l"
+        return (
+            render_table(headers, rows, align=align)
+            + f"\n\n{self.rounds} interleaved rounds, {self.threads} intra-op thread(s), "
+            f"onnxruntime optimization '{self.optimization}'; ratio = median / first model's "
+            "median"
+        )
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 def benchmark(

@@ -24,7 +24,13 @@ import onnxruntime as ort
 
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
-from slimgraph.runtime.feeds import cast_floats, check_feeds, input_specs, iter_batches, sample_count
+from slimgraph.runtime.feeds import (
+    cast_floats,
+    check_feeds,
+    input_specs,
+    iter_batches,
+    sample_count,
+)
 from slimgraph.runtime.session import create_session, run
 
 __all__ = [

@@ -14,7 +14,7 @@ from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
-from slimgraph.tools.tables import emit, format_ratio, format_shape, render_table, to_json
+from slimgraph.tools.tables import emit, format_shape, to_json
 
 __all__ = ["register"]
 
@@ -97,16 +97,7 @@ def run(args: argparse.Namespace) -> int:
         data["batch"] = args.batch
         emit(to_json(data))
         return 0
-    rows = [
-        [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio), shape]
-        for t, shape in zip(result.timings, shapes, strict=True)
-    ]
-    headers = ["model", "median ms", "p90 ms", "ratio", "inputs"]
-    emit(
-        render_table(headers, rows, align="lrrrl")
-        + f"\n\n{result.rounds} interleaved rounds, {result.threads} intra-op thread(s), "
-        f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's median"
-    )
+    emit(result.table(shapes))
     return 0
 
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
-from slimgraph.tools.tables import emit, format_float, format_shape, render_table, to_json
+from slimgraph.tools.tables import emit, to_json
 
 __all__ = ["register", "open_session", "positive_int", "ORT_ERRORS", "first_line"]
 
@@ -98,24 +98,9 @@ def run(args: argparse.Namespace) -> int:
         header = {"reference": args.reference, "candidate": args.candidate, "data": source}
         emit(to_json({**header, **fidelity.to_dict()}))
         return 0
-    rows = [
-        [
-            out.name,
-            format_shape(out.shape),
-            out.max_abs_error,
-            out.mean_abs_error,
-            out.cosine,
-            out.sqnr_db,
-            None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
-        ]
-        for out in fidelity.outputs
-    ]
-    headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
     emit(
         f"reference  {args.reference}\ncandidate  {args.candidate}\ndata       {source}\n\n"
-        + render_table(headers, rows, align="llrrrrr")
-        + f"\n\nworst cosine {format_float(fidelity.worst_cosine, 6)}, "
-        f"worst SQNR {format_float(fidelity.worst_sqnr_db)} dB"
+        + fidelity.table()
     )
     return 0
 
