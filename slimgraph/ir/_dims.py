@@ -4,7 +4,8 @@ A pass that clears and re-infers shapes gets fresh names from onnx's shape infer
 (`unk__25`) where it cannot relate a dimension to the inputs' symbols; the user's names must
 survive every pass. `io_shapes` records the graph inputs' and outputs' shapes before a pass,
 `restore_dim_names` puts the recorded names back where the new shape has an anonymous or
-`unk__` symbol at the same axis, and renames that symbol everywhere in the graph.
+`unk__` symbol at the same axis, renames that symbol everywhere in the graph, and leaves any other
+`unk__N` anonymous (a name nobody chose).
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ __all__ = ["io_shapes", "restore_dim_names"]
 _ANONYMOUS_PREFIX = "unk__"
 
 
+def _values(model: ir.Model) -> list[ir.Value]:
+    graph = model.graph
+    return [*graph.inputs, *graph.outputs, *(v for n in graph.all_nodes() for v in n.outputs)]
+
+
 def io_shapes(model: ir.Model) -> dict[str, tuple[object, ...]]:
-    """Shapes of the graph inputs and outputs by value name (dims as ints or symbol names)."""
+    """Shapes of the graph's values (inputs, outputs, node outputs) by name; dims as ints or
+    symbol names."""
     shapes: dict[str, tuple[object, ...]] = {}
-    for value in (*model.graph.inputs, *model.graph.outputs):
+    for value in _values(model):
         if value.name and value.shape is not None:
             shapes[value.name] = tuple(
                 d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
@@ -35,15 +42,15 @@ def _anonymous(dim: object) -> bool:
 
 
 def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) -> int:
-    """Give `model`'s inputs and outputs back the symbol names recorded in `before`.
+    """Give `model`'s values back the symbol names recorded in `before`.
 
-    Where a graph input or output of the same name and rank now has an anonymous or `unk__N`
-    dimension and had a named symbol at that axis, the symbol is restored, and `unk__N` is
-    renamed to it on every value of the graph. Returns the number of dimensions renamed.
+    Where a value of the same name and rank now has an anonymous or `unk__N` dimension and had a
+    named symbol at that axis, the symbol is restored, and `unk__N` is renamed to it on every
+    other value of the graph. Returns the number of dimensions renamed.
     """
     renames: dict[str, str] = {}
     changed = 0
-    for value in (*model.graph.inputs, *model.graph.outputs):
+    for value in _values(model):
         old = before.get(value.name or "")
         if old is None or value.shape is None or len(value.shape) != len(old):
             continue
@@ -58,16 +65,16 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
         if fixed:
             value.shape = ir.Shape(dims)
             changed += fixed
-    if renames:
-        for node in model.graph.all_nodes():
-            for value in node.outputs:
-                if value.shape is None or not any(
-                    not isinstance(d, int) and d.value in renames for d in value.shape
-                ):
-                    continue
-                value.shape = ir.Shape(
-                    [renames.get(d.value, d.value) if not isinstance(d, int) else d
-                     for d in value.shape]  # fmt: skip
-                )
-                changed += 1
+    # an `unk__N` that maps to no name of the user's is an invented name: make it anonymous
+    for value in _values(model):
+        if value.shape is None or not any(
+            not isinstance(d, int) and str(d.value or "").startswith(_ANONYMOUS_PREFIX)
+            for d in value.shape
+        ):
+            continue
+        value.shape = ir.Shape(
+            [d if isinstance(d, int) else renames.get(d.value, None if _anonymous(d) else d.value)
+             for d in value.shape]  # fmt: skip
+        )
+        changed += 1
     return changed

@@ -101,6 +101,18 @@ def benchmark(
         warmup: unmeasured runs of each model before the first round.
         threads: intra-op threads per session (None: all cores).
         optimization: onnxruntime graph optimization level for sessions created here.
+
+    Returns:
+        A `BenchmarkResult`; `print()` shows the table `slimgraph bench` prints.
+
+    Raises:
+        BadOptionError: rounds < 1 or warmup < 0, or as many labels or feed dicts as models
+            not given.
+        BadDataError: feeds that do not fit a model.
+        ModelLoadError: a path that cannot be loaded.
+
+    Example:
+        >>> print(benchmark([model, quantized], random_feeds(model, batch=8)))  # doctest: +SKIP
     """
     if not models:
         raise BadOptionError("benchmark needs at least one model")

@@ -203,10 +203,17 @@ def compare(
     """Run both models on every feed and measure how close the candidate's outputs are.
 
     Args:
-        reference: the model before a transformation (or its session).
-        candidate: the model after it (or its session); it must have the same output names.
+        reference: the model before a transformation: an `onnx_ir.Model`, a path or a session.
+        candidate: the model after it (same kinds); it must have the same output names.
         feeds: one feed dict or an iterable of them.
         threads: intra-op threads for sessions created here.
+
+    Returns:
+        A `Fidelity`; `print()` shows the table `slimgraph compare` prints.
+
+    Raises:
+        BadDataError: feeds that do not fit the models, or output names that differ.
+        ModelLoadError: a path that cannot be loaded.
 
     Example:
         >>> fidelity = compare(model, quantized, random_feeds(model))  # doctest: +SKIP

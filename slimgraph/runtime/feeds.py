@@ -85,6 +85,19 @@ def random_feeds(
     not named there, is the batch; other unknown dimensions are 1. Floats are standard normal;
     integers are 0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name
     contains "mask"; booleans are True.
+
+    Args:
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
+        batch: the value of each input's leading symbolic dimension.
+        dims: values of other symbolic dimensions, by name.
+        seed: numpy seed.
+
+    Returns:
+        One array per graph input, by input name.
+
+    Raises:
+        BadOptionError: `model` is neither a model nor a path.
+        ModelLoadError: `model` is a path that cannot be loaded.
     """
     model = as_model(model)
     rng = np.random.default_rng(seed)
@@ -228,7 +241,7 @@ def check_feeds(
             bad_rows = np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
             raise BadDataError(
                 f"{source}: '{spec.name}' contains NaN or Inf in row {int(bad_rows[0])} "
-                f"({len(bad_rows)} of {array.shape[0]} rows; rows are stacked on axis 0)"
+                f"({len(bad_rows)} of {array.shape[0]} rows, stacked on axis 0); {expected}"
             )
         counts[spec.name] = array.shape[0]
     if len(set(counts.values())) > 1:

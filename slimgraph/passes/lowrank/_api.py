@@ -157,6 +157,11 @@ def factorize_with_report(
     """`factorize`, returning the new model and its `FactorizeReport`.
 
     Args: as for `factorize`.
+
+    Returns:
+        (factorized model, `FactorizeReport` with per-layer ranks, parameters and MACs).
+
+    Raises: as for `factorize`.
     """
     model = as_model(model)
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
@@ -251,7 +256,7 @@ def factorize(
     which lets initializers stay out of the graph inputs.
 
     Args:
-        model: the model.
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
         rank_ratio: keep round(ratio * min(n, m)) singular values (Tucker: of C_in and C_out).
         energy: keep the fewest singular values holding this share of the squared sum.
         rank: a fixed rank, or "auto": ranks rounded to multiples of 16 (fast kernels), and
@@ -270,6 +275,7 @@ def factorize(
         BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
             matches no node, an unknown op type.
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
+        ModelLoadError: `model` is a path that cannot be loaded.
 
     Example:
         >>> import slimgraph as sg

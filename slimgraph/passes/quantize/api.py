@@ -52,10 +52,14 @@ def quantize(
     progress: bool | None = None,
     percentile: float = 99.99,
 ) -> ir.Model:
-    """Quantize a float model to int8 (a new model; the input is not modified).
+    """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
+
+    Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
+    (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
+    weight-only.
 
     Args:
-        model: the float model.
+        model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
         calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
         mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
             "weight-only".
@@ -73,15 +77,31 @@ def quantize(
             LayerNormalization, ...; "MatMul" adds the MatMuls of two activations).
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
         report: measure per-tensor SQNR on the calibration data (static); read it back with
-            `report_of(model)`.
+            `slimgraph.report_of(quantized)`.
         bits, block_size: weight-only options.
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
 
+    Returns:
+        The quantized model (float inputs and outputs).
+
+    Raises:
+        BadOptionError: an unknown mode, format or method, static mode without calibration
+            data, an option that does not apply to the mode, or `model` neither a model nor a
+            path.
+        BadDataError: calibration data that does not fit the model's inputs (named), or holds
+            NaN/Inf.
+        UnsupportedModelError: nothing in the model can be quantized in this mode.
+        VerificationError: the float model prepared for quantization (constants and BatchNorm
+            folded) no longer matches the input model.
+        ModelLoadError: `model` is a path that cannot be loaded.
+
     Example:
-        >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
-        >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
+        >>> import slimgraph as sg
+        >>> q = sg.quantize("model.onnx", calibration="calib.npz")  # doctest: +SKIP
+        >>> q = sg.quantize(model, calibration=feeds, report=True)  # doctest: +SKIP
+        >>> print(sg.report_of(q).summary())  # doctest: +SKIP
     """
     model = as_model(model)
     mode = mode or ("static" if calibration is not None else "dynamic")
@@ -188,7 +208,18 @@ def quantize_static(
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
-    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None."""
+    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None.
+
+    Args:
+        model: the model `quantize` returned.
+
+    Returns:
+        The report (per-tensor SQNR, worst tensors; `.summary()` is the text the CLI prints),
+        or None when the model was not quantized with `report=True`.
+
+    Raises:
+        Nothing: any model is accepted.
+    """
     return model.meta.get(metadata.QUANT_REPORT)
 
 
