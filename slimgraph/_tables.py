@@ -1,7 +1,7 @@
 """Plain-text tables and number formats (stdlib only; importable from every layer).
 
-The command line prints with these, and so do the results of the Python API (`print(sg.compare(...))`
-shows the same table as `slimgraph compare`).
+The command line prints with these, and so do the results of the Python API
+(`print(sg.compare(...))` shows the same table as `slimgraph compare`).
 
 Example:
     >>> print(render_table(["op", "count"], [["Conv", 3], ["Relu", 12]]))

@@ -54,12 +54,14 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
         old = before.get(value.name or "")
         if old is None or value.shape is None or len(value.shape) != len(old):
             continue
-        dims = list(value.shape)
+        dims: list[int | str | None] = [
+            d if isinstance(d, int) else d.value for d in value.shape
+        ]
         fixed = 0
-        for axis, (dim, was) in enumerate(zip(dims, old, strict=True)):
+        for axis, (dim, was) in enumerate(zip(value.shape, old, strict=True)):
             if isinstance(was, str) and _anonymous(dim):
-                if getattr(dim, "value", None):
-                    renames[str(dim.value)] = was
+                if dims[axis]:
+                    renames[str(dims[axis])] = was
                 dims[axis] = was
                 fixed += 1
         if fixed:
@@ -72,9 +74,14 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
             for d in value.shape
         ):
             continue
-        value.shape = ir.Shape(
-            [d if isinstance(d, int) else renames.get(d.value, None if _anonymous(d) else d.value)
-             for d in value.shape]  # fmt: skip
-        )
+        new_dims: list[int | str | None] = []
+        for d in value.shape:
+            if isinstance(d, int):
+                new_dims.append(d)
+            elif d.value is not None and d.value in renames:
+                new_dims.append(renames[d.value])
+            else:
+                new_dims.append(None if _anonymous(d) else d.value)
+        value.shape = ir.Shape(new_dims)
         changed += 1
     return changed

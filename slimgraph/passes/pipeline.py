@@ -377,13 +377,13 @@ def _build_step(
 ) -> list[Step]:
     if depth > 8:
         raise BadOptionError("presets nest too deeply (a preset that names itself?)")
+    options: dict[str, Any] = {}
     if isinstance(step, str):
-        name, options, min_cosine = step, {}, None
+        name, min_cosine = step, None
     elif isinstance(step, Mapping):
         if not isinstance(step.get("name"), str):
             raise BadOptionError(f"pipeline step {dict(step)!r} has no 'name'")
         name = step["name"]
-        options = {}
         for key, value in step.items():
             key = str(key).replace("-", "_")
             if key not in _PIPELINE_KEYS:

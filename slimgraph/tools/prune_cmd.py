@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "width (never at a graph output)")  # fmt: skip
     parser.add_argument("--prune-output", dest="prune_outputs", nargs="+", default=[],
                         metavar="NAME", help="graph outputs whose channels may be pruned too "
-                        "(by default an output's channels, e.g. class logits, are kept)")  # fmt: skip
+                        "(by default an output's channels, e.g. logits, are kept)")  # fmt: skip
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left unchanged")  # fmt: skip
     parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[], metavar="OP",
