@@ -94,3 +94,20 @@ def test_benchmark_prints_the_cli_table() -> None:
     assert [line.split()[0] for line in lines[2:4]] == ["a", "b"]
     assert lines[2].split()[3] == "1.00x"
     assert lines[-1].startswith("3 interleaved rounds, 1 intra-op thread(s)")
+
+
+def test_float64_calibration_is_cast(caplog: pytest.LogCaptureFixture) -> None:
+    import numpy as np
+
+    with np.load(CALIB) as archive:
+        images = archive["image"]
+    as32 = sg.quantize(DIGITS, calibration={"image": images})
+    as64 = sg.quantize(DIGITS, calibration={"image": images.astype(np.float64)})
+    assert "note: calibration data: 'image' is float64; cast to float32, the model's input " \
+        "type" in caplog.messages
+    scales = [
+        [v.const_value.numpy().tolist() for v in m.graph.initializers.values()
+         if v.name and v.name.endswith("_scale")]
+        for m in (as32, as64)
+    ]  # fmt: skip
+    assert scales[0] == scales[1] and scales[0]

@@ -35,7 +35,8 @@ def from_torch(
     The leading (batch) dimension is exported as symbolic by default, named `batch`, when the
     model allows it: every tensor argument's axis 0 is marked `torch.export.Dim.AUTO`, which
     torch keeps dynamic unless the model's code fixes it (then it stays the example's size, as
-    it does when the dynamic export fails: the export is retried static, with a logged note).
+    it does when the dynamic export fails or its outputs do not carry the batch: the export is
+    then retried static, with a logged note).
     So a model exported from a batch-1 example runs at any batch. Opt out with
     `dynamic_batch=False` (every dimension as in the example), or give `dynamic_shapes`
     yourself (then nothing is added).
@@ -93,20 +94,34 @@ def from_torch(
                 "example's batch instead", type(module).__name__, error,
             )  # fmt: skip
         else:
-            _name_batch_dim(model)
-            return model
+            if _name_batch_dim(model):
+                return model
+            logger.warning(
+                "note: %s does not keep the batch dimension symbolic (its outputs do not carry "
+                "it); exported with the example's batch", type(module).__name__,
+            )  # fmt: skip
     return _export(module, args, dynamic_shapes, input_names, output_names, opset_version)
 
 
-def _name_batch_dim(model: ir.Model) -> None:
-    """Rename the exporter's symbol for axis 0 of the inputs (`s31`) to `batch` everywhere."""
+def _name_batch_dim(model: ir.Model) -> bool:
+    """Rename the exporter's symbol for axis 0 of the inputs (`s31`) to `batch` everywhere.
+
+    Returns False when the export is not batch-dynamic after all: no single input symbol, or no
+    graph output carrying it (torch kept the input symbolic but baked the example's batch into
+    the graph, as RNN exports over a time-first axis do).
+    """
     symbols = {
         str(v.shape[0]) for v in model.graph.inputs
         if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
     }  # fmt: skip
     if len(symbols) != 1:
-        return
+        return False
     (symbol,) = symbols
+    if not any(
+        v.shape is not None and any(str(d) == symbol for d in v.shape)
+        for v in model.graph.outputs
+    ):
+        return False
     values = list(model.graph.inputs) + [o for n in model.graph.all_nodes() for o in n.outputs]
     for value in values:
         if value.shape is None or not any(str(d) == symbol for d in value.shape):
@@ -115,6 +130,7 @@ def _name_batch_dim(model: ir.Model) -> None:
             "batch" if not isinstance(d, int) and str(d) == symbol else d for d in value.shape
         ]
         value.shape = ir.Shape(dims)
+    return True
 
 
 def _export(

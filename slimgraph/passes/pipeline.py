@@ -110,8 +110,8 @@ RECIPE_VERSION = 1
 # (`- name: factorize` with `rank-ratio: 0.5`): each runs the passes its command runs.
 COMMAND_STEPS: dict[str, str] = {
     "factorize": "lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)",
-    "quantize": "quantize (static, with calibration data), quantize-dynamic (no data, or "
-    "mode: dynamic) or quantize-weight-only (mode: weight-only)",
+    "quantize": "quantize (static: needs --calib / calibration=), quantize-dynamic (mode: "
+    "dynamic) or quantize-weight-only (mode: weight-only)",
     "convert": "fp16 (convert --fp16)",
     "prune": "prune",
 }
@@ -297,10 +297,7 @@ def _command_steps(
         return [("lowrank-linear", linear), ("tucker-conv", conv)]
     if name == "quantize":
         rest = {k: v for k, v in options.items() if k != "mode"}
-        mode = options.get("mode") or (
-            "static" if "calibration" in options or context.get("calibration") is not None
-            else "dynamic"
-        )  # fmt: skip
+        mode = options.get("mode") or "static"  # as the `quantize` pass (and the int8 preset)
         passes = {"static": "quantize", "dynamic": "quantize-dynamic",
                   "weight-only": "quantize-weight-only"}  # fmt: skip
         if mode not in passes:

@@ -42,13 +42,14 @@ def test_from_torch_opt_out_keeps_the_example_batch() -> None:
 
 
 def test_from_torch_keeps_a_batch_the_model_fixes() -> None:
-    """A model whose code needs the example's batch is still exported (the batch stays)."""
+    """A model whose code needs the example's batch is still exported, with that batch."""
 
     class Fixed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.reshape(2, 6) * 2
 
     model = from_torch(Fixed(), (torch.randn(2, 3, 2),))
+    assert _dims(model.graph.inputs[0]) == ["2", "3", "2"]  # outputs lost the batch: static
     x = np.ones((2, 3, 2), np.float32)
     (got,) = run(create_session(model), {model.graph.inputs[0].name: x}).values()
     np.testing.assert_array_equal(got, np.full((2, 6), 2, np.float32))
@@ -98,3 +99,16 @@ def test_restore_dim_names_puts_the_users_names_back() -> None:
     assert restore_dim_names(model, before) == 3
     assert _dims(y) == _dims(z) == ["batch", "4"]
     assert extra.outputs[0].shape[0].value is None
+
+
+def test_from_torch_falls_back_when_outputs_lose_the_batch() -> None:
+    """A time-first GRU: torch keeps axis 0 symbolic on the input but bakes its size into the
+    graph; the export is redone with the example's shapes instead of a model that cannot run."""
+    module = nn.GRU(4, 3).eval()
+    model = from_torch(module, (torch.randn(6, 2, 4),))
+    assert _dims(model.graph.inputs[0]) == ["6", "2", "4"]
+    x = np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)
+    got = run(create_session(model), {model.graph.inputs[0].name: x})
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(next(iter(got.values())), expected, rtol=1e-4, atol=1e-5)
