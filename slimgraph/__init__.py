@@ -26,6 +26,7 @@ from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.runtime import benchmark, compare, random_feeds
+from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "factorize",
     "factorize_with_report",
     "convert_fp16",
+    "sweep",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

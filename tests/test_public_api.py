@@ -90,7 +90,7 @@ def test_benchmark_prints_the_cli_table() -> None:
     result = sg.benchmark([DIGITS, model], sg.random_feeds(model, batch=4), labels=["a", "b"],
                           rounds=3, warmup=1, threads=1)  # fmt: skip
     lines = str(result).splitlines()
-    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio"]
+    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio", "90%", "interval"]
     assert [line.split()[0] for line in lines[2:4]] == ["a", "b"]
     assert lines[2].split()[3] == "1.00x"
     assert lines[-1].startswith("3 interleaved rounds, 1 intra-op thread(s)")

@@ -97,8 +97,22 @@ def run(args: argparse.Namespace) -> int:
         data["batch"] = args.batch
         emit(to_json(data))
         return 0
-    emit(result.table(shapes))
+    emit(result.table(shapes) + _noise_lines(result))
     return 0
+
+
+def _noise_lines(result: runtime.BenchmarkResult) -> str:
+    """Which pairs of models are within noise of each other (their ratio's interval holds 1)."""
+    if len(result.timings) < 2:
+        return ""
+    close = [c for c in result.comparisons if c.within_noise]
+    if not close:
+        return "\nno two models are within noise of each other"
+    lines = [
+        f"within noise: {c.a} and {c.b} (ratio {c.ratio:.2f}, interval {c.low:.2f}-{c.high:.2f})"
+        for c in close
+    ]
+    return "\n" + "\n".join(lines)
 
 
 def _labels(paths: list[str]) -> list[str]:
