@@ -24,7 +24,7 @@ from slimgraph.passes.lowrank import factorize, factorize_with_report
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
-from slimgraph.passes.quantize import quantize
+from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.runtime import benchmark, compare, random_feeds
 from slimgraph.tools.sweep import sweep
 
@@ -40,6 +40,7 @@ __all__ = [
     "random_feeds",
     "optimize",
     "quantize",
+    "report_of",
     "prune",
     "prune_with_report",
     "factorize",

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
-from slimgraph.runtime.feeds import check_feeds, iter_batches, load_npz, sample_count
+from slimgraph.runtime.feeds import cast_floats, check_feeds, iter_batches, load_npz, sample_count
 from slimgraph.runtime.histogram import TensorStats
 from slimgraph.runtime.session import create_session
 
@@ -125,6 +125,7 @@ def calibration_batches(
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
             raise BadDataError("calibration data is empty (no inputs)")
+        stacked = cast_floats(model, stacked, source="calibration data")
         check_feeds(model, stacked, source="calibration data")
         return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
     if data is None or not isinstance(data, Iterable):
