@@ -158,6 +158,7 @@ class EpochRecord:
     val: float | None
     seconds: float
     steps: int
+    metric: str | None = None
 
 
 @dataclass
@@ -533,7 +534,7 @@ def train(
 
     def record(epoch: int, loss: float | None, seconds: float, steps: int) -> None:
         val = validation.evaluate(student) if validation is not None else None
-        entry = EpochRecord(epoch, loss, val, seconds, steps)
+        entry = EpochRecord(epoch, loss, val, seconds, steps, history.metric)
         history.records.append(entry)
         logger.info("epoch %d: loss %s, val %s", epoch, loss, val)
         if on_epoch is not None:
