@@ -151,6 +151,7 @@ class LoweredModel(nn.Module):
         self._qweights: list[QWeightInfo] = []
         self._stats: list[WeightInfo] = []  # BatchNormalization running mean/var
         self._scales: list[WeightInfo] = []  # learned activation scales
+        self._output_casts: dict[str, torch.dtype] = {}  # QuantizeLinear codes leaving the graph
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self.input_names):
@@ -169,6 +170,9 @@ class LoweredModel(nn.Module):
             for name, out in zip(step.outputs, outputs, strict=False):
                 if name:
                     env[name] = out
+        if self._output_casts:
+            for name, dtype in self._output_casts.items():
+                env[name] = env[name].to(dtype)
         return tuple(env[name] for name in self.output_names)
 
     def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -357,6 +361,8 @@ def lower(
                     static[name] = getattr(module.constants, path)
             continue
         module._steps.append(_Step(kernel, inputs, outputs, node.name or node.op_type))
+        if node.op_type == "QuantizeLinear" and node.outputs[0].name in module.output_names:
+            module._output_casts[node.outputs[0].name] = _ops.TORCH_DTYPES[_ops.q_dtype(node)]
     module.eval()
     logger.debug(
         "lowered %d nodes (%d evaluated once), %d parameters",

@@ -41,6 +41,7 @@ __all__ = [
     "QOPERATOR_OPS",
     "TORCH_DTYPES",
     "qrange",
+    "q_dtype",
     "fake_quantize",
     "quantize_values",
 ]
@@ -1152,7 +1153,7 @@ def qrange(dtype: ir.DataType) -> QRange | None:
     return None if bounds is None else QRange(dtype, *bounds)
 
 
-def _q_dtype(node: ir.Node) -> ir.DataType:
+def q_dtype(node: ir.Node) -> ir.DataType:
     """The integer type a QuantizeLinear produces or a DequantizeLinear reads."""
     if node.op_type == "DequantizeLinear" and node.inputs[0] is not None:
         if node.inputs[0].dtype is not None:
@@ -1223,14 +1224,15 @@ def fake_quantize(
 
 def _lsq_factor(x: Tensor, scale: Tensor, r: QRange) -> float:
     per_step = x.numel() / max(scale.numel(), 1)
-    return 1.0 / math.sqrt(per_step * max(abs(r.qmax), abs(r.qmin), 1))
+    positive_levels = max((r.qmax - r.qmin) // 2, 1)  # Q_P of the paper: 127 for 8 bits
+    return 1.0 / math.sqrt(per_step * positive_levels)
 
 
 @op("QuantizeLinear")
 def _quantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    r = qrange(_q_dtype(node))
+    r = qrange(q_dtype(node))
     if r is None:
-        raise _unsupported(node, f"quantization to {_q_dtype(node).name}")
+        raise _unsupported(node, f"quantization to {q_dtype(node).name}")
     axis, block = attr(node, "axis", 1), attr(node, "block_size", 0)
     learned = node.inputs[1] is not None and node.inputs[1].name in ctx.learned_scales
 
@@ -1246,9 +1248,9 @@ def _quantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
 @op("DequantizeLinear")
 def _dequantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    r = qrange(_q_dtype(node))
+    r = qrange(q_dtype(node))
     if r is None:
-        raise _unsupported(node, f"dequantization of {_q_dtype(node).name}")
+        raise _unsupported(node, f"dequantization of {q_dtype(node).name}")
     axis, block = attr(node, "axis", 1), attr(node, "block_size", 0)
     source = node.inputs[0]
     weight = source is not None and source.name in ctx.weight_values

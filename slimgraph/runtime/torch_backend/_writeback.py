@@ -54,13 +54,10 @@ def write_back(model: ir.Model, lowered: LoweredModel) -> ir.Model:
                 f"{tuple(old.shape)} in the model"
             )
         old_array = old.numpy()
-        if old_array.dtype == array.dtype and np.array_equal(
-            old_array.view(np.uint8) if old_array.dtype.itemsize else old_array,
-            array.view(np.uint8) if array.dtype.itemsize else array,
-        ):
+        if old_array.dtype == array.dtype and old_array.tobytes() == array.tobytes():
             continue
         value.const_value = ir.Tensor(
-            np.ascontiguousarray(array), dtype=old.dtype, name=name,
+            np.array(array, order="C"), dtype=old.dtype, name=name,
             doc_string=old.doc_string, metadata_props=dict(old.metadata_props),
         )
         changed += 1
