@@ -341,6 +341,15 @@ def lower(
         inputs = [v.name if v is not None else None for v in node.inputs]
         outputs = [v.name for v in node.outputs]
         shape_of_weight = node.op_type in ("Shape", "Size") and inputs[0] in trainable_values
+        like = node.inputs[1] if node.op_type == "CastLike" else None
+        if like is not None and inputs[0] in static and like.dtype in _ops.TORCH_DTYPES:
+            # CastLike reads only its second input's dtype, known from the graph
+            result = static[inputs[0]].to(_ops.TORCH_DTYPES[like.dtype])
+            path = _path(outputs[0], taken)
+            module.constants.register_buffer(path, result)
+            module._sources.append((outputs[0], "constants", path))
+            static[outputs[0]] = getattr(module.constants, path)
+            continue
         if node.op_type not in _NOT_FOLDED and (
             shape_of_weight
             or all(n is None or n in static for n in inputs) and not graph_inputs & set(inputs)
