@@ -282,13 +282,11 @@ def _clip(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        lo = xs[1] if len(xs) > 1 else None
-        hi = xs[2] if len(xs) > 2 else None
-        if lo is not None:
-            x = torch.maximum(x, lo.to(x.dtype))
-        if hi is not None:
-            x = torch.minimum(x, hi.to(x.dtype))
-        return [x]
+        lo = xs[1].item() if len(xs) > 1 and xs[1] is not None else None
+        hi = xs[2].item() if len(xs) > 2 and xs[2] is not None else None
+        if lo is None and hi is None:
+            return [x]
+        return [torch.clamp(x, lo, hi)]
 
     return run
 
