@@ -43,7 +43,7 @@ def require_torch() -> Any:
         import torch
     except ImportError as error:
         raise UnsupportedModelError(
-            "training needs torch: pip install 'slimgraph[torch]'"
+            "the torch backend needs torch: pip install torch"
         ) from error
     return torch
 
