@@ -14,7 +14,7 @@ together, deep mutual learning), "self" (the student's own EMA as teacher).
 Values for feature and relation KD are named by torch layer (`block1`, `layers.0.fc1`: the last
 float output of that module's nodes) or by ONNX value name; both survive pruning and low-rank.
 
-torch is imported only when training starts (`pip install 'slimgraph[torch]'`).
+torch is imported only when training starts, so `import slimgraph` stays light.
 
 Example:
     >>> import slimgraph as sg
