@@ -351,7 +351,8 @@ def finetune_with_report(
     options = TrainOptions(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, seed=seed, temperature=temperature,
-        alpha=alpha, feature_weight=feature_weight, relation_weights=tuple(relation_weights),
+        alpha=alpha, feature_weight=feature_weight,
+        relation_weights=(float(relation_weights[0]), float(relation_weights[1])),
         ema_decay=ema_decay, progress=progress,
     )  # fmt: skip
     options.check()

@@ -88,9 +88,9 @@ def response_loss(
     Raises:
         BadOptionError: neither a teacher nor labels (nothing to learn from).
     """
-    if teacher is None and labels is None:
-        raise BadOptionError("nothing to learn from: no labels and no teacher")
     if teacher is None:
+        if labels is None:
+            raise BadOptionError("nothing to learn from: no labels and no teacher")
         return F.cross_entropy(class_rows(student).float(), labels.reshape(-1))
     kd = kd_divergence(student, teacher, temperature=temperature)
     if labels is None:

@@ -178,12 +178,12 @@ class History:
 
 
 class Batch(NamedTuple):
-    """One mini-batch: inputs in the student's input order, labels [N] or None, and the rows'
-    indices into in-memory data (None for streamed data)."""
+    """One mini-batch: inputs by name, labels [N] or None, and the rows' indices into in-memory
+    data (None for streamed data)."""
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor | None
-    index: np.ndarray | None
+    rows: np.ndarray | None
 
 
 class ArrayBatches:
@@ -329,8 +329,8 @@ class OrtTeacher:
                        in parts.items()}  # fmt: skip
 
     def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.cached is not None and batch.index is not None:
-            rows = torch.from_numpy(batch.index)
+        if self.cached is not None and batch.rows is not None:
+            rows = torch.from_numpy(batch.rows)
             return {name: value[rows] for name, value in self.cached.items()}
         feeds = {name: tensor.numpy() for name, tensor in batch.inputs.items()}
         return {name: torch.from_numpy(value) for name, value in self.run_numpy(feeds).items()}
@@ -346,8 +346,11 @@ class OrtTeacher:
 
 
 def _forward(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    outputs = module(*(inputs[name] for name in module.input_names))
-    return dict(zip(module.output_names, outputs, strict=True))
+    """Run a lowered model on named inputs; its outputs by name."""
+    input_names: list[str] = list(getattr(module, "input_names"))  # noqa: B009
+    output_names: list[str] = list(getattr(module, "output_names"))  # noqa: B009
+    outputs = module(*(inputs[name] for name in input_names))
+    return dict(zip(output_names, outputs, strict=True))
 
 
 class ModuleTeacher:
@@ -395,8 +398,8 @@ class EmaTeacher:
     def after_step(self, student: nn.Module) -> None:
         for ema, current in zip(self.module.parameters(), student.parameters(), strict=True):
             ema.mul_(self.decay).add_(current.detach(), alpha=1.0 - self.decay)
-        for ema, current in zip(self.module.buffers(), student.buffers(), strict=True):
-            ema.copy_(current)
+        for ema_buffer, buffer in zip(self.module.buffers(), student.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return iter(())
@@ -548,7 +551,9 @@ def train(
     use_relation = teacher is not None and "relation" in kd and taps.relation is not None
     use_response = teacher is not None and "response" in kd
     first = next(iter(batches.epoch(np.random.default_rng(options.seed))))
-    distiller = _feature_distiller(student, teacher, taps, first) if use_feature else None
+    distiller = None
+    if use_feature and teacher is not None:
+        distiller = _feature_distiller(student, teacher, taps, first)
     parameters = [p for p in student.parameters() if p.requires_grad]
     if distiller is not None:
         parameters += list(distiller.parameters())

@@ -177,7 +177,7 @@ def test_cached_and_streamed_teacher_outputs_agree(digits) -> None:  # noqa: ANN
     cached.cache(data)
     batch = next(ArrayBatches(data, 32).epoch(np.random.default_rng(0)))
     np.testing.assert_allclose(cached.outputs(batch)[name].numpy(),
-                               live.outputs(batch._replace(index=None))[name].numpy(),
+                               live.outputs(batch._replace(rows=None))[name].numpy(),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
