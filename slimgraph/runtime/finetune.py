@@ -52,6 +52,7 @@ __all__ = [
     "finetune_with_report",
     "resolve_value",
     "parse_kd",
+    "biases_before_batchnorm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,31 @@ def _is_qdq(model: ir.Model) -> bool:
                for n in model.graph.all_nodes())  # fmt: skip
 
 
+def biases_before_batchnorm(model: ir.Model) -> list[str]:
+    """Float bias initializers of Conv/ConvTranspose/Gemm whose output feeds only BatchNorm.
+
+    In training mode BatchNormalization subtracts each channel's batch mean, so such a bias gets
+    exactly zero gradient: it is left out of training (torch's conv backward with a trainable
+    bias is also markedly slower). Its value is kept as it is.
+    """
+    names: list[str] = []
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or not bias.is_initializer() or not bias.name:
+            continue
+        if node.op_type == "Gemm" and bias.shape is not None and len(bias.shape) != 1:
+            continue
+        consumers = [(user, index) for user, index in node.outputs[0].uses()]
+        if consumers and all(user.op_type == "BatchNormalization" and index == 0
+                             for user, index in consumers) and node.outputs[0] not in \
+                model.graph.outputs:  # fmt: skip
+            if len(bias.uses()) == 1:
+                names.append(bias.name)
+    return names
+
+
 def _check_same_inputs(model: ir.Model, teacher: ir.Model) -> None:
     mine = [(s.name, s.dtype) for s in input_specs(model)]
     theirs = [(s.name, s.dtype) for s in input_specs(teacher)]
@@ -300,6 +326,18 @@ def _reference_outputs(
             parts[i].append(outputs[i])
     return {v.name: np.concatenate(p) for v, p in zip(student.graph.outputs, parts, strict=True)
             if v.name}  # fmt: skip
+
+
+def _freeze(module: Any, initializers: Sequence[str]) -> None:
+    """Leave the parameters holding these initializers out of training."""
+    frozen = set(initializers)
+    if not frozen:
+        return
+    paths = {path for path, name in module.weight_names().items() if name in frozen}
+    for path, parameter in module.named_parameters():
+        if path in paths:
+            parameter.requires_grad_(False)
+    logger.info("not trained (bias before BatchNorm, zero gradient): %s", sorted(frozen))
 
 
 def finetune_with_report(
@@ -405,6 +443,7 @@ def finetune_with_report(
         extra.append(relation[0])
     extra = list(dict.fromkeys(extra))
     student = lower(student_model, extra_outputs=extra, learn_scales=learn_scales)
+    _freeze(student, biases_before_batchnorm(student_model))
     teacher_runner: Teacher | None = None
     if scheme == "offline" and teacher_model is not None:
         ort_teacher = OrtTeacher(teacher_model, taps.teacher_names())
@@ -415,7 +454,9 @@ def finetune_with_report(
         assert teacher_model is not None
         peer_graph = [v.name or "" for v in teacher_model.graph.outputs]
         peer_extra = [t for t in taps.teacher_names() if t not in peer_graph]
-        teacher_runner = ModuleTeacher(lower(teacher_model, extra_outputs=peer_extra))
+        peer_module = lower(teacher_model, extra_outputs=peer_extra)
+        _freeze(peer_module, biases_before_batchnorm(teacher_model))
+        teacher_runner = ModuleTeacher(peer_module)
     elif scheme == "self":
         teacher_runner = EmaTeacher(student, ema_decay)
     validation = None

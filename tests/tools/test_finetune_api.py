@@ -112,3 +112,18 @@ def test_finetune_does_not_import_torch_until_called() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)  # fmt: skip
     assert result.stdout.strip() == "False"
+
+
+def test_biases_feeding_batchnorm_are_not_trained(setup) -> None:  # noqa: ANN001
+    from slimgraph.runtime.finetune import biases_before_batchnorm
+
+    pruned = setup["pruned"]
+    # prune folds the exporter's zero Conv biases into initializers; each feeds a BatchNorm
+    frozen = biases_before_batchnorm(pruned)
+    assert frozen == ["val_5", "val_18", "val_29", "val_40", "val_51", "val_62"]
+    assert biases_before_batchnorm(setup["model"]) == []  # there they are computed, not weights
+    before = _weights(pruned)
+    trained = sg.finetune(pruned, setup["small"], epochs=1, lr=3e-3, progress=False)
+    after = _weights(trained)
+    assert all(np.array_equal(before[name], after[name]) for name in frozen)
+    assert {"fc.weight", "fc.bias", "stem.0.weight"} <= set(_moved(before, after))
