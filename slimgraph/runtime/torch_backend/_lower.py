@@ -228,19 +228,37 @@ def _graph_inputs(graph: ir.Graph) -> list[ir.Value]:
     return [v for v in graph.inputs if v.name not in graph.initializers]
 
 
-def _qweight_dq(value: ir.Value) -> ir.Node | None:
-    """The DequantizeLinear reading integer initializer `value` (its only kind of reader)."""
-    uses = list(value.uses())
-    if not uses or value.is_graph_output():
+def _qweight_dq(value: ir.Value) -> tuple[ir.Node, list[str]] | None:
+    """The DequantizeLinear that reads integer initializer `value`, and the Gather outputs on the
+    way (a quantized embedding table: Gather rows, then dequantize them per tensor), or None
+    when `value` has any other kind of reader or its readers disagree on the scale."""
+    if value.is_graph_output():
         return None
-    nodes = {id(u.node): u for u in uses}
-    first = None
-    for use in nodes.values():
-        if use.node.op_type != "DequantizeLinear" or use.idx != 0:
+    dqs: list[ir.Node] = []
+    rows: list[str] = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "DequantizeLinear" and use.idx == 0:
+            dqs.append(node)
+        elif node.op_type == "Gather" and use.idx == 0 and not node.outputs[0].is_graph_output():
+            for inner in node.outputs[0].uses():
+                if inner.node.op_type != "DequantizeLinear" or inner.idx != 0:
+                    return None
+                scale = inner.node.inputs[1]
+                if scale is None or scale.const_value is None or scale.const_value.size != 1:
+                    return None  # per-axis after a Gather: the axis would move
+                dqs.append(inner.node)
+            rows.append(node.outputs[0].name)
+        else:
             return None
-        first = first or use.node
-    scale_names = {u.node.inputs[1].name for u in uses if u.node.inputs[1] is not None}
-    return first if len(scale_names) == 1 else None
+    if not dqs:
+        return None
+    params = {
+        tuple(v.name if v is not None else None for v in dq.inputs[1:3]) for dq in dqs
+    }
+    if len(params) != 1:
+        return None
+    return dqs[0], rows
 
 
 def lower(
@@ -297,11 +315,13 @@ def lower(
         slots = {(u.node.op_type, u.idx) for u in value.uses()}
         path = _path(name, taken)
         if not _is_float(dtype):
-            dq = _qweight_dq(value)
+            found = _qweight_dq(value)
+            dq = found[0] if found is not None else None
             if dq is not None and dq.inputs[1] is not None and dq.inputs[1].const_value is not None:
                 module._qweights.append(_qweight(module, dq, name, path, array, dtype))
                 module._sources.append((name, "weights", path))
                 ctx.weight_values.add(name)
+                ctx.weight_values.update(found[1])  # gathered rows of a quantized table
                 continue
             module.constants.register_buffer(path, _ops.to_torch(array))
             module._sources.append((name, "constants", path))

@@ -243,3 +243,38 @@ def test_qat_steps_requantize_weights_and_keep_the_graph(digits_qdq):
     got = ort_outputs(out, feeds, "disable")["linear"]
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.99
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.01 * np.abs(want).max())
+
+
+def test_quantized_embedding_table_trains_through_gather_then_dequantize():
+    from tests import models
+    from tests.conftest import exported_model
+
+    ids, mask = models.example_input("bert", 2)
+    feeds = {"input_ids": ids.numpy()[:1], "attention_mask": mask.numpy()[:1]}
+    model = sg.quantize(exported_model("bert"), calibration=[feeds], progress=False)
+    gather = next(
+        n for n in model.graph
+        if n.op_type == "Gather" and n.inputs[0].const_value is not None
+        and n.inputs[0].const_value.dtype == ir.DataType.INT8
+    )
+    table = gather.inputs[0].name
+    lowered = lower(model)
+    assert table in lowered.weight_names().values()
+    lowered.train()
+    optimizer = torch.optim.SGD(lowered.parameters(), lr=0.5)
+    out = lowered(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+    out[0].pow(2).sum().backward()
+    optimizer.step()
+    lowered.eval()
+    written = write_back(model, lowered)
+    before = model.graph.initializers[table].const_value.numpy()
+    after = written.graph.initializers[table].const_value.numpy()
+    assert after.dtype == before.dtype and (after != before).any()
+    rows = np.unique(feeds["input_ids"])
+    untouched = np.setdiff1d(np.arange(before.shape[0]), rows)
+    np.testing.assert_array_equal(after[untouched], before[untouched])  # only gathered rows move
+    want = torch_outputs(lowered, feeds)
+    got = ort_outputs(written, feeds, "disable")
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-4,
+                                   atol=0.01 * np.abs(value).max())
