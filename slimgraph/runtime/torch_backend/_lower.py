@@ -80,6 +80,10 @@ class _Step:
     node: str
 
 
+def _name(value: ir.Value) -> str:
+    return value.name or ""
+
+
 def _domain_name(domain: str) -> str:
     return domain if domain not in ("", "ai.onnx") else "ai.onnx"
 
@@ -248,7 +252,7 @@ def _qweight_dq(value: ir.Value) -> tuple[ir.Node, list[str]] | None:
                 if scale is None or scale.const_value is None or scale.const_value.size != 1:
                     return None  # per-axis after a Gather: the axis would move
                 dqs.append(inner.node)
-            rows.append(node.outputs[0].name)
+            rows.append(_name(node.outputs[0]))
         else:
             return None
     if not dqs:
@@ -287,7 +291,7 @@ def lower(
             if out.name:
                 values[out.name] = out
     for v in graph.inputs:
-        values[v.name] = v
+        values[_name(v)] = v
     for name, v in graph.initializers.items():
         values[name] = v
     unknown = [name for name in extra_outputs if name not in values]
@@ -295,8 +299,8 @@ def lower(
         raise BadOptionError(f"extra output '{unknown[0]}' is not a value of the graph")
 
     module = LoweredModel()
-    module.input_names = [v.name for v in _graph_inputs(graph)]
-    module.output_names = [v.name for v in graph.outputs] + list(extra_outputs)
+    module.input_names = [_name(v) for v in _graph_inputs(graph)]
+    module.output_names = [_name(v) for v in graph.outputs] + list(extra_outputs)
     ctx = _ops.LowerContext()
     taken: set[str] = set()
     static: dict[str, torch.Tensor] = {}  # values known at lowering time (buffers)
@@ -317,7 +321,8 @@ def lower(
         if not _is_float(dtype):
             found = _qweight_dq(value)
             dq = found[0] if found is not None else None
-            if dq is not None and dq.inputs[1] is not None and dq.inputs[1].const_value is not None:
+            if (found is not None and dq is not None and dq.inputs[1] is not None
+                    and dq.inputs[1].const_value is not None):
                 module._qweights.append(_qweight(module, dq, name, path, array, dtype))
                 module._sources.append((name, "weights", path))
                 ctx.weight_values.add(name)
@@ -359,7 +364,7 @@ def lower(
         assert builder is not None  # checked above
         kernel = builder(node, opset, ctx)
         inputs = [v.name if v is not None else None for v in node.inputs]
-        outputs = [v.name for v in node.outputs]
+        outputs = [_name(v) for v in node.outputs]
         shape_of_weight = node.op_type in ("Shape", "Size") and inputs[0] in trainable_values
         like = node.inputs[1] if node.op_type == "CastLike" else None
         if like is not None and inputs[0] in static and like.dtype in _ops.TORCH_DTYPES:
@@ -407,6 +412,7 @@ def _qweight(
 ) -> QWeightInfo:
     """Register integer weight `name` as a float parameter holding its dequantized value."""
     scale_value = dq.inputs[1]
+    assert scale_value is not None and scale_value.const_value is not None  # checked by lower
     zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
     axis = _ops.attr(dq, "axis", 1)
     block = _ops.attr(dq, "block_size", 0)
@@ -418,6 +424,6 @@ def _qweight(
     weight = _ops.dequantize_values(ints, scale, zp, axis, block)
     module.weights.register_parameter(path, nn.Parameter(weight))
     return QWeightInfo(
-        name, path, dtype, scale_value.name, zp_value.name if zp_value is not None else None,
+        name, path, dtype, _name(scale_value), _name(zp_value) if zp_value is not None else None,
         axis, block,
     )

@@ -127,7 +127,11 @@ def attr(node: ir.Node, name: str, default: Any = None) -> Any:
 
 
 def _ints(t: Tensor | None) -> list[int] | None:
-    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+    return None if t is None else _list(t)
+
+
+def _list(t: Tensor) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
 
 
 def _unsupported(node: ir.Node, what: str) -> UnsupportedModelError:
@@ -206,9 +210,10 @@ def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[list[Tensor]]
 
 @op("Sum", "Max", "Min", "Mean")
 def _nary(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    fn = {"Sum": torch.add, "Max": torch.maximum, "Min": torch.minimum, "Mean": torch.add}[
-        node.op_type
-    ]
+    fns: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "Sum": torch.add, "Max": torch.maximum, "Min": torch.minimum, "Mean": torch.add,
+    }
+    fn = fns[node.op_type]
     run = _variadic(fn)
     if node.op_type == "Mean":
         return lambda m, xs: [run(xs) / len(xs)]
@@ -353,7 +358,7 @@ def _constant_of_shape(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     fill = to_torch(np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(1))
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
-        return [fill.expand(_ints(xs[0])).clone()]
+        return [fill.expand(_list(xs[0])).clone()]
 
     return run
 
@@ -374,7 +379,7 @@ def _reshape(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        shape = list(fixed) if fixed is not None else _ints(xs[1])
+        shape = list(fixed) if fixed is not None else _list(xs[1])
         if not allowzero:
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
@@ -494,7 +499,7 @@ def _slice(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
         def params(xs: list[Any]) -> tuple[list[int], list[int], Any, Any]:
             get = lambda i: _ints(xs[i]) if len(xs) > i and xs[i] is not None else None  # noqa: E731
-            return get(1), get(2), get(3), get(4)
+            return _list(xs[1]), _list(xs[2]), get(3), get(4)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
@@ -539,7 +544,7 @@ def _gather_elements(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 @op("Expand")
 def _expand(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     def run(m: Any, xs: list[Any]) -> list[Any]:
-        x, shape = xs[0], _ints(xs[1])
+        x, shape = xs[0], _list(xs[1])
         return [x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))]
 
     return run
@@ -547,7 +552,7 @@ def _expand(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
 @op("Tile")
 def _tile(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    return lambda m, xs: [xs[0].repeat(_ints(xs[1]))]
+    return lambda m, xs: [xs[0].repeat(_list(xs[1]))]
 
 
 @op("Pad")
@@ -563,7 +568,7 @@ def _pad(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
         if opset < 11:
             pads, value = attr(node, "pads", attr(node, "paddings")), attr(node, "value", 0.0)
         else:
-            pads = _ints(xs[1])
+            pads = _list(xs[1])
             value = xs[2].item() if len(xs) > 2 and xs[2] is not None and xs[2].numel() else 0
             axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else None
         axes = [a % x.dim() for a in axes] if axes is not None else list(range(x.dim()))
@@ -981,13 +986,14 @@ _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 @op("MaxPool")
 def _max_pool(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     window = _Window(node, attr(node, "kernel_shape"))
+    pool_kernel: list[int] = list(attr(node, "kernel_shape"))
     ceil = bool(attr(node, "ceil_mode", 0))
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
         raise _unsupported(node, "the Indices output")
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        kernel = window.kernel
+        kernel = pool_kernel
         rank = len(kernel)
         strides, dilations, pads = window.resolve(x, kernel)
         if pads[:rank] == pads[rank:] and all(
@@ -1011,6 +1017,7 @@ def _sum_pool(x: Tensor, kernel: list[int], strides: list[int], ceil: bool) -> T
 @op("AveragePool")
 def _avg_pool(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     window = _Window(node, attr(node, "kernel_shape"))
+    pool_kernel: list[int] = list(attr(node, "kernel_shape"))
     ceil = bool(attr(node, "ceil_mode", 0))
     include_pad = bool(attr(node, "count_include_pad", 0))
     if window.dilations and any(d != 1 for d in window.dilations):
@@ -1018,7 +1025,7 @@ def _avg_pool(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        kernel = window.kernel
+        kernel = pool_kernel
         rank = len(kernel)
         strides, _, pads = window.resolve(x, kernel)
         if not any(pads) and not ceil:
@@ -1089,6 +1096,8 @@ def _resize(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
+        scales: list[Any] | None
+        sizes: list[int] | None
         if scales_attr is not None:
             scales, sizes = list(scales_attr), None
         elif legacy:
@@ -1097,13 +1106,16 @@ def _resize(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
             scales_t = xs[2] if len(xs) > 2 else None
             sizes_t = xs[3] if len(xs) > 3 else None
             given = scales_t is not None and scales_t.numel()
-            scales = scales_t.reshape(-1).tolist() if given else None
+            scales = scales_t.reshape(-1).tolist() if given and scales_t is not None else None
             sizes = _ints(sizes_t) if sizes_t is not None and sizes_t.numel() else None
+        if scales is None and sizes is None:
+            raise _unsupported(node, "neither scales nor sizes")
         for axis in range(x.dim()):
             size = x.shape[axis]
             if sizes is not None:
                 out, scale = sizes[axis], sizes[axis] / size
             else:
+                assert scales is not None
                 scale = float(scales[axis])
                 out = int(math.floor(size * scale))
             if out == size and scale == 1.0:

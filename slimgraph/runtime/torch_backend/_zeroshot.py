@@ -85,10 +85,12 @@ def zero_shot_calibration(
     for node in graph:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
-        mean, var = node.inputs[3], node.inputs[4]
-        if mean is None or var is None or mean.const_value is None or var.const_value is None:
+        source, mean_value, var_value = node.inputs[0], node.inputs[3], node.inputs[4]
+        if (source is None or mean_value is None or var_value is None
+                or mean_value.const_value is None or var_value.const_value is None):
             continue
-        layers.append((node.inputs[0].name, mean.const_value.numpy(), var.const_value.numpy()))
+        layers.append((source.name or "", mean_value.const_value.numpy(),
+                       var_value.const_value.numpy()))
     if not layers:
         raise UnsupportedModelError(
             "zero-shot calibration needs BatchNormalization layers (their running statistics); "
@@ -150,6 +152,8 @@ def zero_shot_calibration(
         samples, steps, len(names), f"{start:.4g}" if start is not None else "-", final,
     )
     return {
-        value.name: x.detach().numpy().astype(value.dtype.numpy())
+        value.name or "": x.detach().numpy().astype(
+            value.dtype.numpy() if value.dtype is not None else np.float32
+        )
         for value, x in zip(inputs, xs, strict=True)
     }
