@@ -27,6 +27,7 @@ from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime import benchmark, compare, random_feeds
 from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
+from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "finetune",
     "finetune_with_report",
     "FinetuneReport",
+    "sweep",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

@@ -18,7 +18,12 @@ from typing import Any
 from slimgraph import ir as sg_ir
 from slimgraph.errors import OutputPathError
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
-from slimgraph.tools.report import check_report_dir, write_report
+from slimgraph.tools.report import (
+    add_report_option,
+    check_report_dir,
+    command_line,
+    write_report,
+)
 from slimgraph.tools.tables import emit, render_table, to_json
 
 __all__ = ["register", "run", "format_report", "report_dict"]
@@ -76,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bar (it shows only on a terminal anyway)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--report", metavar="DIR", help="write report.json/report.txt into DIR")
+    add_report_option(parser, "the training curves")
     parser.set_defaults(handler=run)
 
 
@@ -118,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, learn_scales=args.learn_scales, progress=args.progress,
         on_epoch=on_epoch,
     )  # fmt: skip
-    sg_ir.save(trained, target)
     data = {"input": str(source), "output": str(target), "data": str(args.data),
             "teacher": args.teacher, **report.to_dict()}  # fmt: skip
     text = f"wrote {target}\n" + format_report(report)
-    if report_dir is not None:
-        write_report(report_dir, report_dict(report, data), text=text)
+    if report_dir is not None:  # the page renders before anything is written
+        write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
+    sg_ir.save(trained, target)
     emit(to_json(data) if args.json else text)
     return 0
 
@@ -164,7 +169,9 @@ def format_report(report: FinetuneReport) -> str:
     return "\n".join(lines)
 
 
-def report_dict(report: FinetuneReport, data: dict[str, Any]) -> dict[str, Any]:
+def report_dict(
+    report: FinetuneReport, data: dict[str, Any], command: str = "slimgraph finetune"
+) -> dict[str, Any]:
     """The `--report` dict (tools.report schema): summary, epoch table, training curves."""
     history = report.history
     records = history.records if history is not None else []
@@ -183,7 +190,7 @@ def report_dict(report: FinetuneReport, data: dict[str, Any]) -> dict[str, Any]:
                                         records[-1].epoch], "y": [report.teacher_val] * 2})
     return {
         "title": f"slimgraph finetune: {Path(str(data['input'])).name}",
-        "command": "finetune",
+        "command": command,
         "summary": {
             "scheme": report.scheme, "knowledge": ", ".join(report.kd) or "labels only",
             "epochs": report.epochs, "QAT": report.qat, f"val {report.metric} before":

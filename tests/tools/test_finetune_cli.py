@@ -86,6 +86,8 @@ def test_distilling_the_pruned_model_recovers_accuracy(files, tmp_path, cli) -> 
     assert [p["kind"] for p in page["plots"]] == ["line", "line"]
     assert page["plots"][1]["series"][0]["y"][-1] == data["val_after"]
     assert (report / "report.txt").read_text().startswith(f"wrote {out}\n")
+    assert page["command"].startswith("slimgraph finetune ")
+    assert "<svg" in (report / "report.html").read_text()  # the curves, drawn
 
 
 @pytest.mark.parametrize("learn_scales", [False, True])
