@@ -10,12 +10,13 @@ function taking the parsed arguments and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from slimgraph.errors import SlimgraphError
 
@@ -39,10 +40,33 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), not the whole usage block."""
+    """argparse, but a usage error is one line on stderr (exit 2), not the whole usage block,
+    and options are never abbreviated (`--rat 0.5` is not silently `--ratio 0.5`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: Sequence[str]) -> str:
+    """One line naming arguments the command does not take, with the closest option it does."""
+    sub = next(
+        action.choices[command] for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )  # fmt: skip
+    known = [option for action in sub._actions for option in action.option_strings]
+    hints = []
+    for item in extra:
+        if item.startswith("-"):
+            close = difflib.get_close_matches(item.split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{item.split('=')[0]}: did you mean {close[0]}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    listed = " ".join(extra)
+    return f"{sub.prog}: error: unrecognized arguments: {listed}{hint} (see {sub.prog} --help)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(_unrecognized(parser, args.command, extra), file=sys.stderr)
+        return 2
     args.argv = argv  # the command as typed, for reports
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -200,3 +200,21 @@ def test_recipe_schema_is_json_and_matches_the_reader(tmp_path: Path) -> None:
     schema = json.loads((Path(__file__).parents[2] / "docs" / "recipe.schema.json").read_text())
     assert schema == json.loads(json.dumps(RECIPE_SCHEMA))
     assert schema["oneOf"][1]["properties"]["version"] == {"const": RECIPE_VERSION}
+
+
+def test_a_misspelt_option_is_named_with_the_closest_one(cli, tmp_path) -> None:
+    out = tmp_path / "p.onnx"
+    result = cli("prune", str(DIGITS), "-o", str(out), "--ratio", "0.5", "--round-too", "8")
+    assert result.code == 2 and not out.exists()
+    assert result.err.strip() == (
+        "slimgraph prune: error: unrecognized arguments: --round-too 8 (--round-too: did you "
+        "mean --round-to?) (see slimgraph prune --help)"
+    )
+
+
+def test_options_are_never_abbreviated(capsys, tmp_path) -> None:
+    out = tmp_path / "p.onnx"
+    with pytest.raises(SystemExit) as stop:
+        main(["prune", str(DIGITS), "-o", str(out), "--rat", "0.5"])
+    assert stop.value.code == 2 and not out.exists()
+    assert "the following arguments are required: --ratio" in capsys.readouterr().err
