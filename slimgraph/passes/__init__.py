@@ -36,6 +36,7 @@ __all__ = [
     "lossless",
     "LOSSLESS_STEPS",
     "CLEANUP_STEPS",
+    "TRANSFORMER_STEPS",
 ]
 
 # Cleanup only: folding, dead code, identities, dropout, reshape/transpose chains, CSE.
@@ -57,8 +58,21 @@ LOSSLESS_STEPS: list[str | dict[str, object]] = [
     "mark-units",
 ]
 
+# `lossless`, then the transformer fusions into onnxruntime's contrib ops (MultiHeadAttention,
+# SkipLayerNormalization, BiasGelu). A preset of its own, not part of `lossless`: its output runs
+# only on onnxruntime (com.microsoft domain), while `lossless` keeps standard ONNX.
+TRANSFORMER_STEPS: list[str | dict[str, object]] = [
+    *LOSSLESS_STEPS[:-1],
+    "fuse-attention",
+    "fuse-skip-layernorm",
+    "fuse-bias-gelu",
+    "cleanup",
+    LOSSLESS_STEPS[-1],
+]
+
 register_preset("cleanup-only", CLEANUP_STEPS)
 register_preset("lossless", LOSSLESS_STEPS)
+register_preset("transformer", TRANSFORMER_STEPS)
 
 
 def lossless(

@@ -623,6 +623,7 @@ def _details(result: ir.passes.PassResult) -> dict[str, Any]:
 PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
+    "slimgraph.passes.fuse_attention",
     "slimgraph.passes.opset",
     "slimgraph.passes.lowrank",
     "slimgraph.passes.prune",
