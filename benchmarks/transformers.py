@@ -149,6 +149,8 @@ def main() -> int:
     calib = [batch(8) for _ in range(8)]
     evaluation = [batch(8) for _ in range(4)]
     candidates: dict[str, object] = {"fp32": fp32, "sg fused fp32": fused}
+    candidates["sg packed fp32"] = sg.passes.run_pipeline(fused, ["pack-attention"],
+                                                          verify=True).model
     candidates["sg dynamic"] = sg.quantize(fused, mode="dynamic")
     if args.static:
         candidates["sg static"] = sg.quantize(fused, calibration=calib, progress=False)

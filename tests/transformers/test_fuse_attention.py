@@ -1,0 +1,115 @@
+"""fuse-attention / fuse-skip-layernorm / fuse-bias-gelu / pack-attention (issue 16): exact on
+dynamo exports of a BERT-style encoder (padding masks) and a GPT-style causal decoder, at batch
+and sequence lengths other than the export's, and composable with quantization."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import slimgraph as sg
+from slimgraph.passes import fuse_attention
+from slimgraph.passes.pipeline import run_pipeline
+from tests.transformers.helpers import assert_close, cosine, export, feeds, outputs
+
+SHAPES = [(3, 11), (1, 37), (5, 16)]  # the export used (2, 16)
+
+
+def ops(model) -> Counter:  # noqa: ANN001
+    return Counter(n.op_type for n in model.graph)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_transformer_preset_fuses_every_layer_exactly(name: str) -> None:
+    model = export(name)
+    result = run_pipeline(model, ["transformer"], verify=True)
+    fused = result.model
+    counts = ops(fused)
+    assert counts["MultiHeadAttention"] == 2
+    assert counts["SkipLayerNormalization"] == 4
+    assert counts["BiasGelu"] == 2
+    assert counts["Softmax"] == 0 and counts["Transpose"] == 0
+    # the projections stay MatMuls (quantizable): q, k, v (or packed qkv), out, fc1, fc2
+    assert counts["MatMul"] == (12 if name == "bert" else 9)
+    for batch, seq in SHAPES:
+        assert_close(model, fused, feeds(name, batch, seq))
+
+
+def test_padding_mask_is_reduced_to_key_padding_mask() -> None:
+    fused = run_pipeline(export("bert"), ["transformer"], verify=False).model
+    mhas = [n for n in fused.graph if n.op_type == "MultiHeadAttention"]
+    for mha in mhas:
+        assert len(mha.inputs) == 5 and mha.inputs[3] is None  # key_padding_mask, no bias
+        assert mha.inputs[4].dtype.name == "INT32"
+        assert mha.attributes["num_heads"].value == 4
+        assert mha.attributes["scale"].value == pytest.approx(1 / 4)  # 1/sqrt(16)
+        assert mha.attributes["mask_filter_value"].value == float(np.finfo(np.float32).min)
+    assert mhas[0].inputs[4] is mhas[1].inputs[4]  # one mask for all layers
+    counts = ops(fused)
+    assert counts["Where"] == 0 and counts["Expand"] == 0
+
+
+def test_causal_mask_becomes_attention_bias() -> None:
+    fused = run_pipeline(export("gpt"), ["transformer"], verify=False).model
+    for mha in (n for n in fused.graph if n.op_type == "MultiHeadAttention"):
+        assert len(mha.inputs) == 6 and mha.inputs[4] is None
+        assert mha.inputs[5].producer().op_type == "Unsqueeze"
+
+
+def test_fully_padded_rows_and_single_tokens_stay_exact() -> None:
+    model = export("bert")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    feed = feeds("bert", 4, 9)
+    feed["attention_mask"][1:3, 1:] = 0  # rows with one token
+    assert_close(model, fused, feed)
+    assert_close(model, fused, feeds("bert", 2, 1))  # sequence length 1
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_pack_attention_is_exact(name: str) -> None:
+    model = export(name)
+    result = run_pipeline(model, ["transformer", "pack-attention"], verify=True)
+    counts = ops(result.model)
+    assert counts["Attention"] == 2 and counts["MultiHeadAttention"] == 0
+    assert counts["Split"] == 0
+    for batch, seq in SHAPES[:2]:
+        assert_close(model, result.model, feeds(name, batch, seq))
+
+
+def test_unmatched_attention_is_reported_not_fused() -> None:
+    model = export("bert")
+    for node in model.graph:  # break the head split: the scores no longer come from one head
+        if node.op_type == "Softmax":
+            node.attributes["axis"] = __import__("onnx_ir").AttrInt64("axis", 2)
+    result = fuse_attention.FuseAttentionPass()(model)
+    assert not result.modified
+    assert {s.reason for s in result.skipped} == {"softmax axis is not the key axis"}
+
+
+def test_dynamic_int8_of_fused_bert_uses_qattention_and_keeps_fidelity() -> None:
+    model = export("bert")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    quantized = sg.quantize(fused, mode="dynamic")
+    counts = ops(quantized)
+    assert counts["QAttention"] == 2 and counts["MultiHeadAttention"] == 0
+    assert counts["MatMulInteger"] == 6  # out, fc1, fc2 of 2 layers
+    plain = sg.quantize(model, mode="dynamic")
+    feed = feeds("bert", 4, 23)
+    want = outputs(model, feed)[0]
+    fused_cos = cosine(want, outputs(quantized, feed)[0])
+    assert fused_cos > 0.999
+    assert fused_cos >= cosine(want, outputs(plain, feed)[0]) - 1e-4
+
+
+def test_static_int8_of_fused_gpt_quantizes_the_projections() -> None:
+    model = export("gpt")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    calib = [feeds("gpt", 4, 16, seed=s) for s in range(4)]
+    quantized = sg.quantize(fused, calibration=calib, progress=False)
+    counts = ops(quantized)
+    assert counts["MultiHeadAttention"] == 2
+    assert counts["DequantizeLinear"] >= 9  # the 9 weights at least
+    feed = feeds("gpt", 2, 12)
+    assert cosine(outputs(model, feed)[0], outputs(quantized, feed)[0]) > 0.99
