@@ -627,6 +627,7 @@ PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.opset",
     "slimgraph.passes.lowrank",
     "slimgraph.passes.prune",
+    "slimgraph.passes.prune_heads",
     "slimgraph.passes.precision",
     "slimgraph.passes.quantize.api",
     "slimgraph.passes.quantize.dynamic",

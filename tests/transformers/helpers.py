@@ -10,10 +10,12 @@ from slimgraph import runtime
 _CACHE: dict[str, object] = {}
 
 
-def export(name: str) -> ir.Model:
+def export(name: str, dead_heads: tuple[int, ...] = ()) -> ir.Model:
     """A fresh copy of a 2-layer, 64-wide transformer (4 heads) exported by dynamo with dynamic
-    batch and sequence: "bert" (padding mask input) or "gpt" (causal)."""
-    if name not in _CACHE:
+    batch and sequence: "bert" (padding mask input) or "gpt" (causal). `dead_heads`: heads whose
+    value columns and output-projection rows are zeroed in every layer (they contribute nothing)."""
+    key = f"{name}{dead_heads}"
+    if key not in _CACHE:
         import torch
 
         from slimgraph.ir import from_torch
@@ -24,13 +26,28 @@ def export(name: str) -> ir.Model:
         ids = torch.randint(0, 500, (2, 16))
         if name == "bert":
             net = BertStyleEncoder(vocab=500, dim=64, heads=4, hidden=256, layers=2).eval()
+            for layer in net.layers:
+                _kill(layer.value, layer.out, dead_heads, 0)
             mask = torch.ones(2, 16, dtype=torch.int64)
             model = from_torch(net, (ids, mask), dynamic_shapes=(dims, dims))
         else:
             net = GPTStyleDecoder(vocab=500, dim=64, heads=4, hidden=256, layers=2).eval()
+            for block in net.blocks:
+                _kill(block.qkv, block.proj, dead_heads, 128)
             model = from_torch(net, (ids,), dynamic_shapes=(dims,))
-        _CACHE[name] = ir.to_proto(model)
-    return ir.from_proto(_CACHE[name])  # type: ignore[arg-type]
+        _CACHE[key] = ir.to_proto(model)
+    return ir.from_proto(_CACHE[key])  # type: ignore[arg-type]
+
+
+def _kill(value, out, heads: tuple[int, ...], offset: int, size: int = 16) -> None:  # noqa: ANN001
+    import torch
+
+    with torch.no_grad():
+        for head in heads:
+            rows = slice(offset + head * size, offset + (head + 1) * size)
+            value.weight[rows] = 0.0
+            value.bias[rows] = 0.0
+            out.weight[:, head * size:(head + 1) * size] = 0.0
 
 
 def feeds(name: str, batch: int, seq: int, seed: int = 1) -> dict[str, np.ndarray]:
