@@ -51,6 +51,7 @@ def quantize(
     batch_size: int = 32,
     progress: bool | None = None,
     percentile: float = 99.99,
+    smooth_quant: float | str | bool | None = None,
 ) -> ir.Model:
     """Quantize a float model to int8 (a new model; the input is not modified).
 
@@ -78,6 +79,8 @@ def quantize(
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
+        smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
+            smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
 
     Example:
         >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
@@ -95,12 +98,22 @@ def quantize(
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
-        return _deployable(quantize_static(
-            model, calibration, method=method, per_channel=per_channel, fmt=fmt,
-            exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
-            activation_dtype=activation_dtype, report=report, batch_size=batch_size,
-            progress=progress, percentile=percentile,
-        ))
+        def run_static(float_model: ir.Model, data: object) -> ir.Model:
+            return quantize_static(
+                float_model, data, method=method, per_channel=per_channel, fmt=fmt,  # type: ignore[arg-type]
+                exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
+                activation_dtype=activation_dtype, report=report, batch_size=batch_size,
+                progress=progress, percentile=percentile,
+            )
+
+        if smooth_quant is not None and smooth_quant is not False:
+            from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
+
+            return _deployable(smooth_and_quantize(model, calibration, smooth_quant, run_static,
+                                                   batch_size=batch_size))
+        return _deployable(run_static(model, calibration))
+    if smooth_quant is not None and smooth_quant is not False:
+        raise BadOptionError(f"--smooth-quant applies to static quantization, not to {mode} mode")
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
