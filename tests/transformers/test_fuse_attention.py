@@ -113,3 +113,28 @@ def test_static_int8_of_fused_gpt_quantizes_the_projections() -> None:
     assert counts["DequantizeLinear"] >= 9  # the 9 weights at least
     feed = feeds("gpt", 2, 12)
     assert cosine(outputs(model, feed)[0], outputs(quantized, feed)[0]) > 0.99
+
+
+@pytest.mark.slow
+def test_fusion_is_exact_on_the_6x384_encoder_with_12_heads() -> None:
+    """The benchmark's encoder size (6 layers, 384 wide, 12 heads, FFN 1536)."""
+    import torch
+
+    from slimgraph.ir import from_torch
+    from tests.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    net = BertStyleEncoder(vocab=1000, dim=384, heads=12, hidden=1536, layers=6, max_len=128)
+    dims = {0: "batch", 1: "seq"}
+    ids = torch.randint(0, 1000, (2, 64))
+    model = from_torch(net.eval(), (ids, torch.ones(2, 64, dtype=torch.int64)),
+                       dynamic_shapes=(dims, dims))
+    fused = run_pipeline(model, ["transformer"], verify=True).model
+    assert ops(fused)["MultiHeadAttention"] == 6
+    heads = {n.attributes["num_heads"].value for n in fused.graph
+             if n.op_type == "MultiHeadAttention"}
+    assert heads == {12}
+    for batch, seq in [(3, 37), (1, 128)]:
+        feed = feeds("bert", batch, seq)
+        feed["input_ids"] = np.random.default_rng(2).integers(0, 1000, (batch, seq))
+        assert_close(model, fused, feed)
