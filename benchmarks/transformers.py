@@ -113,6 +113,35 @@ def _cosine(reference: object, model: object, evaluation: list[dict[str, np.ndar
     return float(np.mean(cosines))
 
 
+def _cpu_ratios(models: dict[str, object], feeds: dict[str, np.ndarray], rounds: int,
+                seed: int = 0) -> dict[str, float]:
+    """Median process CPU time per run with one intra-op thread, as a ratio to the first model.
+
+    Wall time on a machine shared by other jobs swings with their load (2-thread kernels wait at
+    barriers for a descheduled thread); CPU time of a single-threaded session counts only the
+    time this process computed, so it tracks the work each model does.
+    """
+    import random
+    import time
+
+    sessions = {k: runtime.create_session(m, threads=1) for k, m in models.items()}
+    for session in sessions.values():
+        for _ in range(2):
+            runtime.run(session, feeds)
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    shuffler = random.Random(seed)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for label in order:
+            start = time.process_time()
+            runtime.run(sessions[label], feeds)
+            samples[label].append(time.process_time() - start)
+    medians = {k: float(np.median(v)) for k, v in samples.items()}
+    first = next(iter(medians.values()))
+    return {k: v / first for k, v in medians.items()}
+
+
 def _ops(model: object) -> str:
     counts = collections.Counter(n.op_type for n in model.graph)  # type: ignore[attr-defined]
     keep = ("MultiHeadAttention", "Attention", "QAttention", "SkipLayerNormalization",
@@ -172,6 +201,17 @@ def main() -> int:
         for label in candidates:
             print(f"  {label:18s} {ms[label]:8.2f} {ratios[size][label]:7.3f} "
                   f"{cosines[label]:8.5f}")
+    cpu: dict[int, dict[str, float]] = {}
+    for size in (8, 1):
+        cpu[size] = _cpu_ratios(candidates, batch(size), max(5, rounds // 2))
+    print("\nCPU time per run, 1 intra-op thread, x fp32 (robust to the machine's load):")
+    print(f"  {'candidate':18s} {'batch 8':>8s} {'batch 1':>8s}")
+    for label in candidates:
+        print(f"  {label:18s} {cpu[8][label]:8.3f} {cpu[1][label]:8.3f}")
+    for size in (8, 1):
+        ort_label = min(("ort dynamic", "ort dynamic per-ch"), key=lambda k: cpu[size][k])
+        print(f"  batch {size}: sg dynamic / {ort_label} CPU time = "
+              f"{cpu[size]['sg dynamic'] / cpu[size][ort_label]:.3f}")
     print()
     ok_all = True
     for size in (8, 1):
