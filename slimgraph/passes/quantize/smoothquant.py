@@ -14,7 +14,8 @@ otherwise (post-LN BERT, where X is also the residual) a `Mul(X, 1/s)` is insert
 the MatMuls only. Either way the rewrite is exact in float (tested at rtol 1e-4); the
 quantization after it is what approximates. alpha (0 = leave activations, 1 = all difficulty to
 the weights) is a float, or "auto": a small search over `ALPHAS`, each candidate quantized and
-scored by output cosine against the float model on the first calibration batches.
+scored by output cosine against the float model on the first calibration batches (no smoothing
+is a candidate too, so "auto" never scores below plain static quantization there).
 
 Targets: outputs of LayerNormalization (axis -1, constant gain/bias) and of
 com.microsoft.SkipLayerNormalization (output 0) read by at least one such MatMul.
@@ -200,8 +201,8 @@ def smooth_and_quantize(
 ) -> ir.Model:
     """SmoothQuant then `quantize(smoothed, batches)` (static quantization with the caller's
     options); with alpha "auto", the alpha in `ALPHAS` whose quantized model has the highest
-    output cosine on the first calibration batches. The chosen alpha is logged and stored in the
-    result's `model.meta["slimgraph.smooth_quant_alpha"]`.
+    output cosine on the first calibration batches, or no smoothing if that scores best. The chosen
+    alpha (None: no smoothing) is logged and stored in `model.meta["slimgraph.smooth_quant_alpha"]`.
 
     Raises:
         BadOptionError: bad alpha. BadDataError: calibration data that does not fit the model.
@@ -220,16 +221,19 @@ def smooth_and_quantize(
         logger.warning("smooth-quant: no LayerNorm output feeds a MatMul; quantizing as is")
         return quantize(model, batches)
     absmax = channel_absmax(model, [t.value for t in targets], batches)
-    candidates = ALPHAS if chosen == "auto" else (float(chosen),)
-    best: tuple[float, float, ir.Model] | None = None
+    # "auto" also tries no smoothing: the search never returns worse than plain quantization
+    candidates: tuple[float | None, ...] = (None, *ALPHAS) if chosen == "auto" else (
+        float(chosen),)
+    best: tuple[float, float | None, ir.Model] | None = None
     search = [feed for _, feed in zip(range(_SEARCH_BATCHES), batches, strict=False)]
     for candidate in candidates:
-        quantized = quantize(apply_smoothing(model, absmax, candidate), batches)
+        smoothed = model if candidate is None else apply_smoothing(model, absmax, candidate)
+        quantized = quantize(smoothed, batches)
         score = _score(model, quantized, search) if len(candidates) > 1 else 1.0
-        logger.info("smooth-quant alpha %.2f: output cosine %.6f", candidate, score)
+        logger.info("smooth-quant alpha %s: output cosine %.6f", candidate, score)
         if best is None or score > best[0]:
             best = (score, candidate, quantized)
     assert best is not None
-    logger.info("smooth-quant: alpha %.2f over %d activation(s)", best[1], len(targets))
+    logger.info("smooth-quant: alpha %s over %d activation(s)", best[1], len(targets))
     best[2].meta["slimgraph.smooth_quant_alpha"] = best[1]
     return best[2]
