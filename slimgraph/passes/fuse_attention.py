@@ -202,6 +202,10 @@ def _mask(scores_in: ir.Value, match_nodes: list[ir.Node]) -> tuple[ir.Value, di
                     if cond is not None and vb == 0.0 and va is not None:
                         return scores, _mask_fields(cond, keep=False, fill=va, additive=True,
                                                     bias=bias)
+                dims = _dims(bias)
+                if dims is None or len(dims) != 2:
+                    raise _NoMatch(f"additive mask of shape {dims} is not [S, T] nor a "
+                                   "Where(keep, 0, c) padding mask")
                 return scores, {"mask_kind": "bias", "mask_value": bias}
         raise _NoMatch("Add before Softmax does not add a mask to the scores")
     return scores_in, {"mask_kind": "none"}
@@ -214,6 +218,8 @@ def _mask_fields(cond: ir.Value, *, keep: bool, fill: float, additive: bool,
         return {"mask_kind": "padding", "mask_value": cond, "mask_keep": keep, "fill": fill}
     if dims is not None and len(dims) == 2:
         if additive:
+            if _dims(bias) is None or len(_dims(bias)) != 2:  # type: ignore[arg-type]
+                raise _NoMatch("additive mask is not [S, T]")
             return {"mask_kind": "bias", "mask_value": bias}
         return {"mask_kind": "fill", "mask_value": cond, "mask_keep": keep, "fill": fill}
     raise _NoMatch(f"mask of shape {dims} is neither [B, 1, 1, T] nor [S, T]")

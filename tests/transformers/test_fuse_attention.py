@@ -138,3 +138,37 @@ def test_fusion_is_exact_on_the_6x384_encoder_with_12_heads() -> None:
         feed = feeds("bert", batch, seq)
         feed["input_ids"] = np.random.default_rng(2).integers(0, 1000, (batch, seq))
         assert_close(model, fused, feed)
+
+
+def test_hf_style_float_mask_is_left_alone_not_miscompiled() -> None:
+    """`(1 - mask[:, None, None, :]) * -10000` is an arbitrary float bias [B, 1, 1, T]: neither the
+    Where padding form nor [S, T]; the attention stays unfused and the outputs unchanged."""
+    import torch
+    from torch import nn
+
+    from slimgraph.ir import from_torch
+
+    class HFStyle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            n, s, _ = x.shape
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(n, s, 2, 8).transpose(1, 2)
+
+            bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+            scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) / 8**0.5 + bias
+            return (scores.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(n, s, 16)
+
+    torch.manual_seed(0)
+    dims = {0: "batch", 1: "seq"}
+    model = from_torch(HFStyle().eval(), (torch.randn(2, 5, 16), torch.ones(2, 5)),
+                       dynamic_shapes=(dims, dims))
+    result = run_pipeline(model, ["transformer"], verify=True)
+    assert ops(result.model)["MultiHeadAttention"] == 0
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32),
+            "mask": np.array([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6], np.float32)}
+    assert_close(model, result.model, feed)
