@@ -22,13 +22,17 @@ passes rewrite it into the fused forms onnxruntime's CPU kernels run in one go:
   Patterns whose head split, scale or mask do not have one of these forms are left alone.
 - `fuse-skip-layernorm`: residual Add (+ bias) + LayerNormalization becomes
   `com.microsoft.SkipLayerNormalization` (onnxscript's rules, `onnxscript.rewriter.ort_fusions`).
+  Not in the `transformer` preset: onnxruntime 1.32's CPU kernel for it is several times slower
+  than Add + LayerNormalization (measured, see `slimgraph.passes.TRANSFORMER_STEPS`); for other
+  execution providers or versions, add it to a recipe.
 - `fuse-bias-gelu`: Add(bias) + Gelu (erf form) becomes `com.microsoft.BiasGelu` (onnxscript's).
 
 onnxscript's own SDPA/MHA rules (`ort_fusions.sdpa`, `mha`) cover the padding-mask form only
 with an expanded [B, 1, S, T] float bias and do not match masked_fill or a packed QKV Split (GPT);
 the matcher here covers the three forms above with one walk. All three passes are exact: the fused
 kernels compute the same arithmetic up to float rounding (verified at rtol 1e-4). The output is
-onnxruntime-only (contrib ops), which is why they form the `transformer` preset, not `lossless`.
+onnxruntime-only (contrib ops), which is why fuse-attention and fuse-bias-gelu form the
+`transformer` preset, not `lossless`.
 
 Source: onnxruntime contrib op specs (MultiHeadAttention, SkipLayerNormalization, BiasGelu);
 Vaswani et al. 2017 for the attention arithmetic.
