@@ -64,11 +64,14 @@ LOSSLESS_STEPS: list[str | dict[str, object]] = [
 # `fuse-skip-layernorm` is not here: onnxruntime 1.32's CPU SkipLayerNormalization is slower
 # than the Add + Add + LayerNormalization it replaces (a [8, 128, 384] tensor: 2.1 ms vs 0.35 ms
 # CPU time on one thread, 11-14 ms vs 0.33 ms wall on two threads, machine loaded); BiasGelu is
-# as fast on one thread and faster on two (4.6 ms vs 7.0 ms for [8, 128, 1536]).
+# as fast on one thread and faster on two (4.6 ms vs 7.0 ms for [8, 128, 1536]). onnxruntime's
+# own optimizer would fuse Add + LayerNormalization into SkipLayerNormalization at session
+# creation anyway: `residual-sum` writes the residual Add as Sum, which it does not match.
 TRANSFORMER_STEPS: list[str | dict[str, object]] = [
     *LOSSLESS_STEPS[:-1],
     "fuse-attention",
     "fuse-bias-gelu",
+    "residual-sum",
     "cleanup",
     LOSSLESS_STEPS[-1],
 ]

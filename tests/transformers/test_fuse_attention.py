@@ -31,6 +31,11 @@ def test_transformer_preset_fuses_every_layer_exactly(name: str) -> None:
     assert counts["SkipLayerNormalization"] == 0  # slower than Add + LayerNorm on ORT's CPU EP
     assert counts["BiasGelu"] == 2
     assert counts["Softmax"] == 0 and counts["Transpose"] == 0
+    # residual Adds before LayerNorms written as Sum (onnxruntime would fuse Add + LayerNorm into
+    # its slower SkipLayerNormalization): embedding + 2 per layer (bert), 2 per block + final (gpt)
+    assert counts["Sum"] == 5
+    assert not [n for n in fused.graph if n.op_type == "Add"
+                and any(u.node.op_type == "LayerNormalization" for u in n.outputs[0].uses())]
     # the projections stay MatMuls (quantizable): q, k, v (or packed qkv), out, fc1, fc2
     assert counts["MatMul"] == (12 if name == "bert" else 9)
     for batch, seq in SHAPES:
@@ -70,7 +75,7 @@ def test_fully_padded_rows_and_single_tokens_stay_exact() -> None:
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 def test_skip_layernorm_fusion_is_exact(name: str) -> None:
     model = export(name)
-    result = run_pipeline(model, ["transformer", "fuse-skip-layernorm"], verify=True)
+    result = run_pipeline(model, ["lossless", "fuse-skip-layernorm"], verify=True)
     assert ops(result.model)["SkipLayerNormalization"] == 4
     for batch, seq in SHAPES[:2]:
         assert_close(model, result.model, feeds(name, batch, seq))
@@ -103,6 +108,7 @@ def test_dynamic_int8_of_fused_bert_uses_qattention_and_keeps_fidelity() -> None
     quantized = sg.quantize(fused, mode="dynamic")
     counts = ops(quantized)
     assert counts["QAttention"] == 2 and counts["MultiHeadAttention"] == 0
+    assert counts["Sum"] == 5  # the preset's residual Sums survive quantization
     assert counts["MatMulInteger"] == 6  # out, fc1, fc2 of 2 layers
     plain = sg.quantize(model, mode="dynamic")
     feed = feeds("bert", 4, 23)

@@ -30,7 +30,8 @@ DATA = Path(sg.__file__).parent / "data"
 def test_smoothing_is_exact_in_float(name: str, fused: bool) -> None:
     model = export(name)
     if fused:  # SkipLayerNormalization targets too
-        model = run_pipeline(model, ["transformer", "fuse-skip-layernorm"], verify=False).model
+        model = run_pipeline(model, ["lossless", "fuse-attention", "fuse-skip-layernorm"],
+                             verify=False).model
     model = prepare(model)
     targets = smooth_targets(model)
     # bert (post-LN): each LayerNorm output is also the next residual -> Mul; gpt (pre-LN): folded

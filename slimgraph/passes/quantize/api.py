@@ -86,6 +86,15 @@ def quantize(
         >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
         >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
     """
+    from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
+
+    keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
+
+    def _finish(quantized: ir.Model) -> ir.Model:
+        if keep_sums:
+            quantized = ResidualSumPass()(quantized).model
+        return _deployable(quantized)
+
     mode = mode or ("static" if calibration is not None else "dynamic")
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
@@ -109,9 +118,9 @@ def quantize(
         if smooth_quant is not None and smooth_quant is not False:
             from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
 
-            return _deployable(smooth_and_quantize(model, calibration, smooth_quant, run_static,
+            return _finish(smooth_and_quantize(model, calibration, smooth_quant, run_static,
                                                    batch_size=batch_size))
-        return _deployable(run_static(model, calibration))
+        return _finish(run_static(model, calibration))
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError(f"--smooth-quant applies to static quantization, not to {mode} mode")
     if mode in ("dynamic", "weight-only"):
@@ -123,13 +132,13 @@ def quantize(
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
-        return _deployable(quantize_dynamic(
+        return _finish(quantize_dynamic(
             model, per_channel=per_channel, exclude=tuple(exclude), exclude_ops=tuple(exclude_ops)
         ))
     if mode == "weight-only":
         from slimgraph.passes.quantize.weight_only import quantize_weight_only
 
-        return _deployable(quantize_weight_only(
+        return _finish(quantize_weight_only(
             model, bits=bits, block_size=block_size,
             fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
             exclude_ops=tuple(exclude_ops),
