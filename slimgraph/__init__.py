@@ -24,8 +24,9 @@ from slimgraph.passes.lowrank import factorize, factorize_with_report
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
-from slimgraph.passes.quantize import quantize
+from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.runtime import benchmark, compare, random_feeds
+from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -39,11 +40,13 @@ __all__ = [
     "random_feeds",
     "optimize",
     "quantize",
+    "report_of",
     "prune",
     "prune_with_report",
     "factorize",
     "factorize_with_report",
     "convert_fp16",
+    "sweep",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

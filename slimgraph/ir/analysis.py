@@ -8,8 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import networkx as nx
+import numpy as np
 import onnx
 import onnx_ir as ir
+
+from slimgraph.errors import InvalidModelError
 
 __all__ = [
     "dataflow_graph",
@@ -23,6 +26,7 @@ __all__ = [
     "node_macs",
     "model_macs",
     "WEIGHT_INPUTS",
+    "check_finite_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,11 +162,50 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
                 dim.Clear()
                 if name and (name in fixed or name in dim_values):
                     dim.dim_value = fixed.get(name, dim_values.get(name, 1))
+    proto = _fold_shape_arithmetic(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
         logger.warning("shape inference failed (%s); MACs may be incomplete", error)
     return ir.from_proto(proto)
+
+
+def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold Shape -> Gather -> Mul -> Concat chains now that the input dims are fixed.
+
+    Exporters compute Reshape targets from the symbolic batch (`x.view(b * h, ...)`); onnx's data
+    propagation gives up on the arithmetic, the Reshape's output shape stays unknown and every
+    MatMul after it would be left out of the MACs. onnxscript's constant folding evaluates those
+    chains (the copy's weights are graph inputs, so no weight is read).
+    The folded graph has fewer nodes; only its inferred shapes come back, as `value_info` of the
+    unfolded copy (callers pair nodes of the copy with the model's by position).
+    """
+    import onnxscript.optimizer
+
+    try:
+        model = ir.from_proto(proto)
+        onnxscript.optimizer.fold_constants(model)
+        folded = onnx.shape_inference.infer_shapes(
+            ir.to_proto(model), strict_mode=False, data_prop=True
+        )
+    except Exception as error:  # folding is an aid: analysis goes on with the unfolded copy
+        logger.debug("constant folding for shape analysis failed (%s)", error)
+        return proto
+    def static(info: onnx.ValueInfoProto) -> bool:
+        shape = info.type.tensor_type.shape
+        return info.type.tensor_type.HasField("shape") and all(
+            d.HasField("dim_value") for d in shape.dim
+        )
+
+    found = {info.name: info for info in folded.graph.value_info if static(info)}
+    for info in proto.graph.value_info:
+        if not static(info) and info.name in found:
+            info.CopyFrom(found.pop(info.name))
+    inputs = {v.name for v in proto.graph.input}
+    for info in proto.graph.value_info:
+        found.pop(info.name, None)
+    proto.graph.value_info.extend(v for k, v in found.items() if k not in inputs)
+    return proto
 
 
 # Initializers above this many bytes leave the analysis copy (shape inference needs their shapes,
@@ -263,3 +306,62 @@ def model_macs(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> 
             key = node.name if node.name and node.name not in result else None
             result[key or f"{node.name or node.op_type}#{index}"] = macs
     return result
+
+
+# Elements checked at a time for NaN/Inf (bounds the temporary boolean array: 16 MiB).
+_FINITE_CHUNK = 1 << 24
+
+
+def _first_nonfinite(array: np.ndarray, *, inf_too: bool) -> tuple[int, int] | None:
+    """(count, first flat index) of NaN (and Inf when `inf_too`) in `array`, chunk by chunk so a
+    memory-mapped multi-GB weight is never copied whole; None when there is none."""
+    flat = array.reshape(-1)
+    count, first = 0, -1
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start : start + _FINITE_CHUNK]
+        bad = ~np.isfinite(chunk) if inf_too else np.isnan(chunk)
+        hits = int(np.count_nonzero(bad))
+        if hits:
+            if first < 0:
+                first = start + int(np.argmax(bad))
+            count += hits
+    return (count, first) if count else None
+
+
+def check_finite_weights(model: ir.Model) -> None:
+    """Refuse a model whose weights hold NaN or Inf, naming the tensor.
+
+    Every float initializer is checked for NaN (never a meaningful weight); the weights and
+    biases of layers with learned parameters (`WEIGHT_INPUTS`) also for ±Inf. Other constants
+    may hold ±Inf on purpose (attention masks). Compressing such a model would hide the fault:
+    quantization turns NaN into a finite integer, so the result answers where the model gives NaN.
+
+    Raises:
+        InvalidModelError: one line naming the tensor, the count and the first bad index.
+    """
+    graphs = (model.graph, *model.graph.subgraphs())
+    weights: set[int] = set()
+    for graph in graphs:
+        for entry in node_weights(graph).values():
+            weights.update(id(v) for v in (entry.weight, entry.bias) if v is not None)
+    for graph in graphs:
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or not tensor.dtype.is_floating_point():
+                continue
+            try:
+                array = tensor.numpy()
+            except Exception:  # noqa: BLE001 - unreadable data is the loader's to report
+                continue
+            if array.dtype.kind != "f":
+                continue  # bfloat16/float8 come back as ml_dtypes: NaN checks need a cast
+            found = _first_nonfinite(array, inf_too=id(value) in weights)
+            if found is None:
+                continue
+            count, first = found
+            index = tuple(int(i) for i in np.unravel_index(first, array.shape))
+            what = "NaN" if np.isnan(array.reshape(-1)[first]) else "Inf"
+            raise InvalidModelError(
+                f"weight '{name}' holds {count} NaN/Inf value(s) of {array.size} (first: {what} "
+                f"at index {list(index)}): fix the model before compressing it"
+            )

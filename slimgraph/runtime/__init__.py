@@ -12,6 +12,8 @@ from slimgraph.runtime.compare import (
 )
 from slimgraph.runtime.feeds import (
     InputSpec,
+    cast_floats,
+    check_batch,
     check_feeds,
     input_specs,
     iter_batches,
@@ -32,6 +34,8 @@ __all__ = [
     "compare",
     "compare_outputs",
     "InputSpec",
+    "cast_floats",
+    "check_batch",
     "check_feeds",
     "input_specs",
     "iter_batches",

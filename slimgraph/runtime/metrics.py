@@ -24,7 +24,13 @@ import onnxruntime as ort
 
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
-from slimgraph.runtime.feeds import check_feeds, input_specs, iter_batches, sample_count
+from slimgraph.runtime.feeds import (
+    cast_floats,
+    check_feeds,
+    input_specs,
+    iter_batches,
+    sample_count,
+)
 from slimgraph.runtime.session import create_session, run
 
 __all__ = [
@@ -96,6 +102,7 @@ def split_labels(
                 f"{label_array.dtype.name} {list(label_array.shape)}"
             )
         label_array = label_array.astype(np.int64, copy=False)
+    feeds = cast_floats(model, feeds, source=source)
     check_feeds(model, feeds, source=source)
     if label_array is not None and label_array.shape[0] != sample_count(feeds):
         raise BadDataError(

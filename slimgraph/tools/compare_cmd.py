@@ -16,7 +16,7 @@ import onnxruntime as ort
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
-from slimgraph.tools.tables import emit, format_float, format_shape, render_table, to_json
+from slimgraph.tools.tables import emit, to_json
 
 __all__ = ["register", "open_session", "positive_int", "ORT_ERRORS", "first_line"]
 
@@ -51,8 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", metavar="DATA.npz", help="samples: keys = input names, stacked on axis 0"
     )
     parser.add_argument(
-        "--batch", type=positive_int, default=8, help="rows per run (default 8)"
-    )
+        "--batch", type=positive_int, default=None,
+        help="rows per run (default 8, or the model's fixed batch); an error for a model with "
+        "another fixed batch",
+    )  # fmt: skip
     parser.add_argument(
         "--samples",
         type=positive_int,
@@ -69,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
     reference = sg_ir.load(args.reference)
     candidate = sg_ir.load(args.candidate)
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
+    if args.batch is not None:
+        runtime.check_batch(reference, args.batch, label=args.reference)
+        runtime.check_batch(candidate, args.batch, label=args.candidate)
+    else:  # 8 rows, or the reference's fixed batch
+        fixed = [s.shape[0] for s in runtime.input_specs(reference)
+                 if s.shape and isinstance(s.shape[0], int)]  # fmt: skip
+        args.batch = fixed[0] if fixed else 8
     if args.data:
         data = runtime.load_npz(args.data, reference)
         feeds = runtime.iter_batches(data, args.batch, reference)
@@ -89,24 +98,9 @@ def run(args: argparse.Namespace) -> int:
         header = {"reference": args.reference, "candidate": args.candidate, "data": source}
         emit(to_json({**header, **fidelity.to_dict()}))
         return 0
-    rows = [
-        [
-            out.name,
-            format_shape(out.shape),
-            out.max_abs_error,
-            out.mean_abs_error,
-            out.cosine,
-            out.sqnr_db,
-            None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
-        ]
-        for out in fidelity.outputs
-    ]
-    headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
     emit(
         f"reference  {args.reference}\ncandidate  {args.candidate}\ndata       {source}\n\n"
-        + render_table(headers, rows, align="llrrrrr")
-        + f"\n\nworst cosine {format_float(fidelity.worst_cosine, 6)}, "
-        f"worst SQNR {format_float(fidelity.worst_sqnr_db)} dB"
+        + fidelity.table()
     )
     return 0
 

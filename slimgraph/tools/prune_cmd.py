@@ -13,7 +13,16 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import OutputPathError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
-from slimgraph.tools.tables import emit, format_count, render_table, to_json
+from slimgraph.tools.report import (
+    MAX_BARS,
+    add_report_option,
+    before_after,
+    check_report_dir,
+    command_line,
+    model_figures,
+    write_report,
+)
+from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
 
 __all__ = ["register", "run", "format_report"]
 
@@ -25,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Remove the least important channels of every channel-dependency group (tensors "
             "coupled by residual adds, concats, depthwise convs, flatten into a Gemm) from the "
-            "graph. --pad scatters pruned tensors back to full size where shapes must stay."
+            "graph. The channels of graph outputs (class logits) are kept unless named with "
+            "--prune-output. --pad scatters pruned tensors back to full size where an inner "
+            "consumer needs the full width."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="the .onnx model")
@@ -38,7 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", dest="round_to", type=int, default=None, metavar="N",
                         help="keep a multiple of N channels per group")  # fmt: skip
     parser.add_argument("--pad", action="store_true",
-                        help="zero-pad pruned tensors back where shapes must stay")  # fmt: skip
+                        help="zero-pad pruned tensors back where an inner consumer needs the full "
+                             "width (never at a graph output)")  # fmt: skip
+    parser.add_argument("--prune-output", dest="prune_outputs", nargs="+", default=[],
+                        metavar="NAME", help="graph outputs whose channels may be pruned too "
+                        "(by default an output's channels, e.g. logits, are kept)")  # fmt: skip
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left unchanged")  # fmt: skip
     parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[], metavar="OP",
@@ -47,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="zero the smallest weights instead of removing channels")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(parser, "channels kept per layer, size, parameters and MACs before/after")
     parser.set_defaults(handler=run)
 
 
@@ -54,18 +70,67 @@ def run(args: argparse.Namespace) -> int:
     source, target = Path(args.model), Path(args.output)
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise OutputPathError(f"{target}: refusing to write over the input model")
+    report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     pruned, report = prune_with_report(
         model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
         round_to=args.round_to, pad=args.pad, exclude=args.exclude,
-        exclude_ops=args.exclude_ops, unstructured=args.unstructured, seed=args.seed,
+        exclude_ops=args.exclude_ops, unstructured=args.unstructured,
+        prune_outputs=args.prune_outputs, seed=args.seed,
     )  # fmt: skip
     sg_ir.save(pruned, target)
-    if args.json:
-        emit(to_json({"input": str(source), "output": str(target), **report.to_dict()}))
-    else:
-        emit(f"wrote {target}\n" + format_report(report))
+    data = {"input": str(source), "output": str(target), **report.to_dict()}
+    text = f"wrote {target}\n" + format_report(report)
+    if report_dir is not None:
+        page = _page(args, data, report, model_figures(model, source),
+                     model_figures(pruned, target))
+        write_report(report_dir, page, text=text)
+    emit(to_json(data) if args.json else text)
     return 0
+
+
+def _page(
+    args: argparse.Namespace,
+    data: dict[str, object],
+    report: PruneReport,
+    before: dict[str, int],
+    after: dict[str, int],
+) -> dict[str, object]:
+    """The report dict (tools.report schema): channels kept per layer, figures before/after."""
+    figures, ratio_plot = before_after(before, after)
+    summary: dict[str, object] = {
+        "ratio": f"{report.ratio:g} ({report.criterion}, {report.scope})", **figures}
+    plots: list[dict[str, object]] = []
+    tables: list[dict[str, object]] = []
+    if report.unstructured:
+        rows = report.sparsity[:MAX_BARS]
+        plots.append({"kind": "barh", "title": "Sparsity per layer (zeroed weights)",
+                      "x_label": "fraction of weights that are zero",
+                      "series": [{"name": "sparsity", "x": [s.layer for s in rows],
+                                  "y": [s.sparsity for s in rows]}]})
+        tables.append({"title": "Sparsity per layer", "columns": ["layer", "op", "weights",
+                       "zeros", "sparsity"], "rows": [[s.layer, s.op_type, s.elements, s.zeros,
+                       s.sparsity] for s in report.sparsity]})
+    else:
+        rows = report.layers[:MAX_BARS]
+        names = [layer.layer for layer in rows]
+        plots.append({
+            "kind": "barh", "title": "Output channels per layer", "x_label": "channels",
+            "series": [{"name": "before", "x": names, "y": [layer.before for layer in rows]},
+                       {"name": "kept", "x": names, "y": [layer.after for layer in rows]}],
+            "description": "Torch layer names; channels coupled by residual adds, concats or "
+                           "depthwise convs are kept or removed together.",
+        })
+        tables.append({"title": "Channels per layer", "columns": ["layer", "op", "before",
+                       "kept", "kept / before"], "rows": [[x.layer, x.op_type, x.before, x.after,
+                       format_ratio(x.after / x.before if x.before else None)]
+                       for x in report.layers]})
+        tables.append({"title": "Channel groups", "columns": ["id", "channels", "kept",
+                       "producers", "note"], "rows": [[g.id, g.channels, g.kept,
+                       ", ".join(g.producers), g.reason or ""] for g in report.groups]})
+    plots.append(ratio_plot)
+    return {"title": f"Prune {Path(args.model).name}", "command": command_line(args),
+            "summary": summary, "plots": plots, "tables": tables, "result": data}
 
 
 def format_report(report: PruneReport) -> str:
@@ -80,6 +145,7 @@ def format_report(report: PruneReport) -> str:
         f"MACs:       {format_count(report.macs_before)} -> "
         f"{format_count(report.macs_after)} ({ratio(report.macs_after, report.macs_before)})",
     ]
+    lines += report.notes
     if report.unstructured:
         rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]
                 for s in report.sparsity]  # fmt: skip

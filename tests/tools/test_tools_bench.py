@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.tools.tools_helpers import DIGITS, save_proto, single_op_model, zoo
@@ -26,24 +27,35 @@ def test_bench_json_two_models(cli) -> None:
 
 
 def test_bench_models_with_different_inputs(cli, tmp_path) -> None:
-    """Each model gets random inputs fit to its own spec; a fixed batch stays fixed."""
+    """Each model gets random inputs fit to its own spec; a fixed batch stays fixed, and an
+    explicit --batch that a fixed-batch model cannot run is an error that says why (issue 11)."""
     matmul = save_proto(single_op_model("MatMul", [2, 16], [16, 4]), tmp_path / "mm.onnx")
-    data = cli("bench", DIGITS, matmul, zoo("squeezenet"), "--batch", "3", "--json", *QUICK).json()
+    refused = cli("bench", DIGITS, matmul, "--batch", "3", *QUICK)
+    assert (refused.code, refused.out) == (2, "")
+    assert refused.err == (
+        f"slimgraph bench: error: --batch 3: {matmul} has a fixed batch of 2 (input 'x' is "
+        "[2, 16]), so it cannot run 3 rows; export it with a symbolic batch (slimgraph.from_torch "
+        "does by default) or leave out --batch\n"
+    )
+    data = cli("bench", DIGITS, matmul, zoo("squeezenet"), "--json", *QUICK).json()
     assert [m["inputs"] for m in data["models"]] == [
-        "image[3, 1, 8, 8]",
+        "image[1, 1, 8, 8]",
         "x[2, 16]",
         "data_0[1, 3, 224, 224]",
     ]
     medians = [m["median_ms"] for m in data["models"]]
     assert [m["ratio"] for m in data["models"]] == pytest.approx([x / medians[0] for x in medians])
     assert data["models"][2]["ratio"] > 1  # squeezenet at 224x224 is slower than an 8x8 CNN
+    data = cli("bench", DIGITS, "--batch", "3", "--json", *QUICK).json()
+    assert [m["inputs"] for m in data["models"]] == ["image[3, 1, 8, 8]"]
 
 
 def test_bench_text_table(cli) -> None:
     result = cli("bench", DIGITS, zoo("squeezenet"), "--opt-level", "basic", *QUICK)
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio", "inputs"]
+    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio", "90%", "interval",
+                                "inputs"]
     first = next(line for line in lines if line.startswith(str(DIGITS)))
     assert first.split()[3] == "1.00x"
     assert any(line.startswith(str(zoo("squeezenet"))) for line in lines)
@@ -86,3 +98,32 @@ def test_bench_negative_warmup(cli) -> None:
     result = cli("bench", DIGITS, "--warmup", "-1")
     assert result.code == 2 and result.out == ""
     assert result.err == "slimgraph bench: error: --warmup must be 0 or more, got -1\n"
+
+
+def test_bench_reports_noise(cli) -> None:
+    """Each ratio carries its bootstrap interval; pairs whose interval holds 1 are called out."""
+    data = cli("bench", DIGITS, DIGITS, "--json", "--rounds", "8", "--warmup", "1").json()
+    first, second = data["models"]
+    assert first["ratio_low"] == first["ratio_high"] == 1.0
+    assert second["ratio_low"] <= second["ratio"] <= second["ratio_high"]
+    assert second["within_noise_of_first"] == (second["ratio_low"] <= 1 <= second["ratio_high"])
+    (pair,) = data["comparisons"]
+    assert (pair["a"], pair["b"]) == (str(DIGITS), f"{DIGITS}#2")
+    assert pair["within_noise"] == (pair["low"] <= 1 <= pair["high"])
+    text = cli("bench", DIGITS, DIGITS, "--rounds", "8", "--warmup", "1").out
+    assert "interval: 90% paired bootstrap over the rounds" in text
+    assert ("within noise: " in text) != ("no two models are within noise" in text)
+
+
+def test_bootstrap_interval_separates_real_differences() -> None:
+    from slimgraph.runtime.bench import _bootstrap_medians, bootstrap_ratio
+
+    rng = np.random.default_rng(0)
+    base = 10 + rng.normal(0, 1, 30)  # shared round-to-round drift
+    same = base * (1 + rng.normal(0, 0.05, 30))
+    fast = base * 0.5 * (1 + rng.normal(0, 0.05, 30))
+    boot = _bootstrap_medians([base, same, fast], seed=0)
+    low, high = bootstrap_ratio(boot[1], boot[0])
+    assert low <= 1.0 <= high and high - low < 0.2
+    low, high = bootstrap_ratio(boot[2], boot[0])
+    assert 0.4 < low <= high < 0.6

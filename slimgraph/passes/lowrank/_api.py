@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from slimgraph.ir import analysis, copy_model, metadata
+from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import LayerReport, dims_from_feeds, measure_fidelity
 from slimgraph.passes.lowrank._linear import LowRankLinear
@@ -140,7 +140,7 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
 
 
 def factorize_with_report(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -157,7 +157,13 @@ def factorize_with_report(
     """`factorize`, returning the new model and its `FactorizeReport`.
 
     Args: as for `factorize`.
+
+    Returns:
+        (factorized model, `FactorizeReport` with per-layer ranks, parameters and MACs).
+
+    Raises: as for `factorize`.
     """
+    model = as_model(model)
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
     layer_filter = LayerFilter.create(include, exclude, op_types)
     samples = list(iter_feeds(feeds)) if feeds is not None else None
@@ -167,6 +173,7 @@ def factorize_with_report(
         # (and folded weights) overridable at run time; IR 4 lifts that rule, nothing else.
         work.ir_version = 4
     folded = fold_weights(work, layer_filter.op_types) if fold else 0
+    analysis.check_finite_weights(work)  # an SVD of NaN fails deep inside LAPACK
     layer_filter.check_names(work.graph)
     params_before = analysis.parameter_count(work)  # after folding: weights are initializers
     reference = work.clone() if samples else None
@@ -223,7 +230,7 @@ def factorize_with_report(
 
 
 def factorize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -250,7 +257,7 @@ def factorize(
     which lets initializers stay out of the graph inputs.
 
     Args:
-        model: the model.
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
         rank_ratio: keep round(ratio * min(n, m)) singular values (Tucker: of C_in and C_out).
         energy: keep the fewest singular values holding this share of the squared sum.
         rank: a fixed rank, or "auto": ranks rounded to multiples of 16 (fast kernels), and
@@ -269,11 +276,13 @@ def factorize(
         BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
             matches no node, an unknown op type.
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
+        ModelLoadError: `model` is a path that cannot be loaded.
 
     Example:
         >>> import slimgraph as sg
         >>> small = sg.factorize(model, rank_ratio=0.5, include=["*fc*"])  # doctest: +SKIP
     """
+    model = as_model(model)
     result, _ = factorize_with_report(
         model,
         rank_ratio=rank_ratio,

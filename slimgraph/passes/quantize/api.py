@@ -15,8 +15,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
-from slimgraph.ir import copy_model, metadata
+from slimgraph.errors import (
+    BadOptionError,
+    SlimgraphError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.policy import ActivationDtype, annotate
@@ -34,7 +39,7 @@ _PREPARE_RTOL = 1e-4
 
 
 def quantize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     calibration: CalibrationData | None = None,
     mode: Mode | None = None,
@@ -51,12 +56,17 @@ def quantize(
     batch_size: int = 32,
     progress: bool | None = None,
     percentile: float = 99.99,
+    verify: bool = True,
     smooth_quant: float | str | bool | None = None,
 ) -> ir.Model:
-    """Quantize a float model to int8 (a new model; the input is not modified).
+    """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
+
+    Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
+    (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
+    weight-only.
 
     Args:
-        model: the float model.
+        model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
         calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
         mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
             "weight-only".
@@ -74,18 +84,40 @@ def quantize(
             LayerNormalization, ...; "MatMul" adds the MatMuls of two activations).
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
         report: measure per-tensor SQNR on the calibration data (static); read it back with
-            `report_of(model)`.
+            `slimgraph.report_of(quantized)`.
         bits, block_size: weight-only options.
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
+        verify: dynamic/weight-only: check the exact folding before quantization on
+            onnxruntime (random inputs). False quantizes without running the model at all
+            (models with ops onnxruntime does not have); static mode always runs it.
         smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
             smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
 
+    Returns:
+        The quantized model (float inputs and outputs).
+
+    Raises:
+        BadOptionError: an unknown mode, format or method, static mode without calibration
+            data, an option that does not apply to the mode, or `model` neither a model nor a
+            path.
+        BadDataError: calibration data that does not fit the model's inputs (named), or holds
+            NaN/Inf.
+        UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
+            does not run on onnxruntime where it must (the message says to pass verify=False /
+            --no-verify for dynamic and weight-only).
+        VerificationError: the float model prepared for quantization (constants and BatchNorm
+            folded) no longer matches the input model.
+        ModelLoadError: `model` is a path that cannot be loaded.
+
     Example:
-        >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
-        >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
+        >>> import slimgraph as sg
+        >>> q = sg.quantize("model.onnx", calibration="calib.npz")  # doctest: +SKIP
+        >>> q = sg.quantize(model, calibration=feeds, report=True)  # doctest: +SKIP
+        >>> print(sg.report_of(q).summary())  # doctest: +SKIP
     """
+    model = as_model(model)
     from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
 
     keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
@@ -107,6 +139,7 @@ def quantize(
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
+
         def run_static(float_model: ir.Model, data: object) -> ir.Model:
             return quantize_static(
                 float_model, data, method=method, per_channel=per_channel, fmt=fmt,  # type: ignore[arg-type]
@@ -128,7 +161,9 @@ def quantize(
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
         from slimgraph.runtime import random_feeds
 
-        model = prepare(model, random_feeds(model))
+        model = prepare(
+            model, random_feeds(model) if verify else None, matmul_to_gemm=mode != "weight-only"
+        )
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
@@ -209,19 +244,38 @@ def quantize_static(
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
-    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None."""
+    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None.
+
+    Args:
+        model: the model `quantize` returned.
+
+    Returns:
+        The report (per-tensor SQNR, worst tensors; `.summary()` is the text the CLI prints),
+        or None when the model was not quantized with `report=True`.
+
+    Raises:
+        Nothing: any model is accepted.
+    """
     return model.meta.get(metadata.QUANT_REPORT)
 
 
-def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Model:
+def prepare(
+    model: ir.Model, feed: dict[str, np.ndarray] | None = None, *, matmul_to_gemm: bool = True
+) -> ir.Model:
     """A copy with constants folded and BatchNorm folded into Conv/ConvTranspose/Gemm, verified.
 
     Uses the pipeline's lossless passes (exact). With `feed`, the result is compared with the
     model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
+    `matmul_to_gemm=False` keeps MatMul+Add apart (weight-only quantizes MatMuls only: a Linear
+    with bias must stay a MatMul).
     """
-    from slimgraph.passes import lossless
+    from slimgraph.passes import LOSSLESS_STEPS, run_pipeline
 
-    prepared = lossless(copy_model(model), verify=False).model
+    steps = [
+        step for step in LOSSLESS_STEPS
+        if step != "compact-constants" and (matmul_to_gemm or step != "matmul-add-to-gemm")
+    ]
+    prepared = run_pipeline(copy_model(model), steps).model
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 
@@ -268,7 +322,18 @@ def _first_rows(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.nd
 def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]) -> None:
     from slimgraph.runtime import create_session, run
 
-    ref = run(create_session(reference), feed)
+    try:
+        session = create_session(reference)
+    except SlimgraphError:
+        raise
+    except Exception as error:  # onnxruntime's own classes: custom ops, invalid graphs
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = text.replace("[ONNXRuntimeError] : ", "")
+        raise UnsupportedModelError(
+            f"the model does not run on onnxruntime ({text}); dynamic and weight-only "
+            "quantization do not need to run it: pass --no-verify (verify=False)"
+        ) from None
+    ref = run(session, feed)
     got = run(create_session(prepared), feed)
     for name, expected in ref.items():
         actual = got.get(name)
