@@ -69,13 +69,14 @@ LOSSLESS_STEPS: list[str | dict[str, object]] = [
 # as fast on one thread and faster on two (4.6 ms vs 7.0 ms for [8, 128, 1536]). onnxruntime's
 # own optimizer would fuse Add + LayerNormalization into SkipLayerNormalization at session
 # creation anyway: `residual-sum` writes the residual Add as Sum, which it does not match.
+_LOSSLESS_TAIL = ("mark-units", "compact-constants")  # these stay last
 TRANSFORMER_STEPS: list[str | dict[str, object]] = [
-    *LOSSLESS_STEPS[:-1],
+    *(step for step in LOSSLESS_STEPS if step not in _LOSSLESS_TAIL),
     "fuse-attention",
     "fuse-bias-gelu",
     "residual-sum",
     "cleanup",
-    LOSSLESS_STEPS[-1],
+    *(step for step in LOSSLESS_STEPS if step in _LOSSLESS_TAIL),
 ]
 
 register_preset("cleanup-only", CLEANUP_STEPS)
