@@ -26,6 +26,7 @@ from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.runtime import benchmark, compare, random_feeds
+from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
 from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
@@ -46,6 +47,9 @@ __all__ = [
     "factorize",
     "factorize_with_report",
     "convert_fp16",
+    "finetune",
+    "finetune_with_report",
+    "FinetuneReport",
     "sweep",
     "SlimgraphError",
     "BadInputError",

@@ -665,7 +665,8 @@ def run_pipeline(
         tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
-        context: run-time values for passes that take them (see `build_pipeline`).
+        context: run-time values for passes that take them (see `build_pipeline`); the
+            pipeline adds `input_model` (this `model`, untouched: finetune's default teacher).
 
     Returns:
         `PipelineResult` with the final model and one `PassRecord` per pass.
@@ -679,6 +680,8 @@ def run_pipeline(
     if len(built) != len(steps):
         if built:
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
+        # Passes taking `input_model` (finetune's default teacher) get the pipeline's input.
+        context = {"input_model": model, **(context or {})}
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     check_finite_weights(model)
@@ -880,6 +883,7 @@ PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.quantize.api",
     "slimgraph.passes.quantize.dynamic",
     "slimgraph.passes.quantize.weight_only",
+    "slimgraph.passes.finetune",
 )
 
 

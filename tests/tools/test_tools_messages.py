@@ -122,7 +122,7 @@ def test_list_passes_shows_options_presets_and_commands(cli) -> None:
         "exclude=(), exclude-ops=(), unstructured=False, prune-output=(), seed=0"
     )
     assert "  lossless: cleanup, fuse-pad, sum-to-add, fuse-batchnorm, fold-affine, " \
-        "matmul-add-to-gemm, cleanup, mark-units" in lines
+        "matmul-add-to-gemm, cleanup, mark-units, compact-constants" in lines
     assert "  factorize: lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)" in (
         lines
     )
