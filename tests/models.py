@@ -408,3 +408,59 @@ class DigitsTransformer(nn.Module):
             x = layer(x, no_mask)
         return self.head(x.mean(1))
 
+
+# --- transformer models added for issue 16 (attention fusion, head pruning, SmoothQuant) -------
+
+
+class _CausalBlock(nn.Module):
+    """A pre-LayerNorm GPT-2 block: causal self-attention (one packed QKV Linear, as nanoGPT and
+    GPT-2's `c_attn`), then a GELU MLP, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, max_len: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, d = x.shape
+        h = self.heads
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (t.view(n, s, h, d // h).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / (d // h) ** 0.5)
+        scores = scores.masked_fill(~self.causal[:s, :s], float("-inf"))
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, s, d)
+        x = x + self.proj(context)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPTStyleDecoder(nn.Module):
+    """GPT-style causal decoder: token + position embeddings, N pre-LN causal blocks, final
+    LayerNorm and a tied LM head. Input `input_ids` (int64, [batch, seq]); output logits
+    [batch, seq, vocab]."""
+
+    def __init__(
+        self, vocab: int = 500, dim: int = 64, heads: int = 4, hidden: int = 256,
+        layers: int = 2, max_len: int = 64,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(
+            _CausalBlock(dim, heads, hidden, max_len) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.position(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.T
+
+
+__all__ += ["GPTStyleDecoder"]

@@ -881,9 +881,11 @@ def _details(result: ir.passes.PassResult) -> dict[str, Any]:
 PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
+    "slimgraph.passes.fuse_attention",
     "slimgraph.passes.opset",
     "slimgraph.passes.lowrank",
     "slimgraph.passes.prune",
+    "slimgraph.passes.prune_heads",
     "slimgraph.passes.precision",
     "slimgraph.passes.quantize.api",
     "slimgraph.passes.quantize.dynamic",

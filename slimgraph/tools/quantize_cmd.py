@@ -72,6 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--activations", dest="activation_dtype", default="auto",
                         choices=("auto", "uint8", "int8"),
                         help="activation type (auto: uint8 on x86, where it runs fastest)")
+    parser.add_argument("--smooth-quant", dest="smooth_quant", nargs="?", const="auto",
+                        default=None, metavar="ALPHA|auto",
+                        help="static: SmoothQuant (activation outliers moved into the weights) "
+                        "before quantizing; alpha in [0, 1] or auto (searched on --calib)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="weight-only: bits (default 4)")
     parser.add_argument("--block-size", type=int, default=32, help="weight-only: block size")
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
         verify=args.verify,
+        smooth_quant=args.smooth_quant,
     )
     sg_ir.save(quantized, target)
     fmt_label = _written_format(quantized, fmt_label)

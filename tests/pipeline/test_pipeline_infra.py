@@ -202,7 +202,8 @@ def test_cli_errors_exit_codes_and_no_partial_output(
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(source), "-o", str(out), "--preset", "nope"]) == 2
     error = capsys.readouterr().err
-    assert "unknown preset 'nope' (known presets: cleanup-only, int8, lossless)" in error
+    known = "cleanup-only, int8, lossless, transformer"
+    assert f"unknown preset 'nope' (known presets: {known})" in error
     recipe = tmp_path / "wrong.yaml"
     recipe.write_text("- cleanup\n- test-scale-weight\n")
     assert main(["optimize", str(source), "-o", str(out), "--recipe", str(recipe)]) == 1

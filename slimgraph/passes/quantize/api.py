@@ -57,6 +57,7 @@ def quantize(
     progress: bool | None = None,
     percentile: float = 99.99,
     verify: bool = True,
+    smooth_quant: float | str | bool | None = None,
 ) -> ir.Model:
     """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
 
@@ -91,6 +92,8 @@ def quantize(
         verify: dynamic/weight-only: check the exact folding before quantization on
             onnxruntime (random inputs). False quantizes without running the model at all
             (models with ops onnxruntime does not have); static mode always runs it.
+        smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
+            smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
 
     Returns:
         The quantized model (float inputs and outputs).
@@ -115,6 +118,15 @@ def quantize(
         >>> print(sg.report_of(q).summary())  # doctest: +SKIP
     """
     model = as_model(model)
+    from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
+
+    keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
+
+    def _finish(quantized: ir.Model) -> ir.Model:
+        if keep_sums:
+            quantized = ResidualSumPass()(quantized).model
+        return _deployable(quantized)
+
     mode = mode or ("static" if calibration is not None else "dynamic")
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
@@ -127,12 +139,23 @@ def quantize(
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
-        return _deployable(quantize_static(
-            model, calibration, method=method, per_channel=per_channel, fmt=fmt,
-            exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
-            activation_dtype=activation_dtype, report=report, batch_size=batch_size,
-            progress=progress, percentile=percentile,
-        ))
+
+        def run_static(float_model: ir.Model, data: object) -> ir.Model:
+            return quantize_static(
+                float_model, data, method=method, per_channel=per_channel, fmt=fmt,  # type: ignore[arg-type]
+                exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
+                activation_dtype=activation_dtype, report=report, batch_size=batch_size,
+                progress=progress, percentile=percentile,
+            )
+
+        if smooth_quant is not None and smooth_quant is not False:
+            from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
+
+            return _finish(smooth_and_quantize(model, calibration, smooth_quant, run_static,
+                                                   batch_size=batch_size))
+        return _finish(run_static(model, calibration))
+    if smooth_quant is not None and smooth_quant is not False:
+        raise BadOptionError(f"--smooth-quant applies to static quantization, not to {mode} mode")
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
@@ -144,13 +167,13 @@ def quantize(
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
-        return _deployable(quantize_dynamic(
+        return _finish(quantize_dynamic(
             model, per_channel=per_channel, exclude=tuple(exclude), exclude_ops=tuple(exclude_ops)
         ))
     if mode == "weight-only":
         from slimgraph.passes.quantize.weight_only import quantize_weight_only
 
-        return _deployable(quantize_weight_only(
+        return _finish(quantize_weight_only(
             model, bits=bits, block_size=block_size,
             fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
             exclude_ops=tuple(exclude_ops),

@@ -159,9 +159,12 @@ class DynamicQuantizePass(SlimgraphPass):
         plan: list[tuple[ir.Node, _Rewrite]] = []
         candidates = 0
         for node in list(graph):
-            if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OP_TYPES:
+            if node.domain == MS_DOMAIN and node.op_type == "Attention":
+                if "MatMul" not in self.op_types:  # its weight is the Q/K/V projections'
+                    continue
+            elif node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OP_TYPES:
                 continue
-            if node.op_type not in self.op_types:
+            elif node.op_type not in self.op_types:
                 continue
             candidates += 1
             if node.op_type in self.exclude_ops:
@@ -170,7 +173,8 @@ class DynamicQuantizePass(SlimgraphPass):
             if (pattern := excluded_by(node, self.exclude)) is not None:
                 skipped.append(_skip(node, f"excluded by pattern '{pattern}'"))
                 continue
-            planned = _PLANNERS[node.op_type](node)
+            planned = (_plan_attention(node) if node.domain == MS_DOMAIN
+                       else _PLANNERS[node.op_type](node))
             if isinstance(planned, str):
                 skipped.append(_skip(node, planned))
             else:
@@ -211,6 +215,14 @@ def quantize_dynamic(
         copy = upgrade_opset(model, _UPGRADE_OPSET)
     else:
         copy = copy_model(model)
+    if not exclude and "MatMul" in (op_types or DEFAULT_OP_TYPES) and any(
+        n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN for n in copy.graph
+    ):
+        # Q/K/V projections into one packed Attention, then QAttention (exact rewrite; only
+        # when no layer is excluded, since the projections stop being separate nodes)
+        from slimgraph.passes.fuse_attention import PackAttentionPass
+
+        copy = PackAttentionPass(with_bias=False)(copy).model
     step = DynamicQuantizePass(
         per_channel=per_channel, exclude=exclude, op_types=op_types, exclude_ops=exclude_ops
     )
@@ -301,6 +313,18 @@ def _plan_lstm(node: ir.Node) -> _Rewrite | str:
     if w.dtype != np.float32 or not is_float32(node.inputs[0]):
         return "not a float32 LSTM"
     return _Rewrite("lstm", w, recurrence=r)
+
+
+def _plan_attention(node: ir.Node) -> _Rewrite | str:
+    """com.microsoft.Attention (packed Q/K/V weight [D, 3*N*H]) -> QAttention, issue 16."""
+    weight = traced_constant(node.inputs[1])
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        return "Attention weight is not a constant float32 matrix"
+    if not is_float32(node.inputs[0]) or node.attributes.get("qkv_hidden_sizes") is not None:
+        return "Attention with float16 input or unequal q/k/v sizes is not quantized"
+    if len(node.inputs) > 4 and any(v is not None for v in list(node.inputs)[4:]):
+        return "QAttention takes no attention_bias (Attention with a bias input stays float)"
+    return _Rewrite("attention", weight, source=node.inputs[1])
 
 
 def _plan_no_kernel(node: ir.Node) -> str:
@@ -445,6 +469,29 @@ class _Builder:
             new_nodes.append(dql)
             self.activations[key] = (dql.outputs[0], dql.outputs[1], dql.outputs[2])
         return self.activations[key]
+
+    def rewrite_attention(
+        self, node: ir.Node, weight: np.ndarray, *, source: ir.Value
+    ) -> QuantizedNode:
+        """Attention -> DynamicQuantizeLinear(x) + com.microsoft.QAttention (int8 weight,
+        per-column scales when per-channel; uint8 input shared with other readers of x)."""
+        codes, scale = self._matmul_weight(source, weight)
+        activation = node.inputs[0]
+        assert activation is not None
+        new_nodes: list[ir.Node] = []
+        quantized, a_scale, a_zero = self._quantized_activation(node, activation, new_nodes)
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        main = self._node(
+            node, "QAttention",
+            [quantized, codes, node.inputs[2], a_scale, scale, mask, a_zero],
+            domain=MS_DOMAIN, attributes=attrs,
+        )
+        new_nodes.append(main)
+        main.outputs[0].dtype, main.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        self._replace(node, new_nodes, [main.outputs[0]])
+        return QuantizedNode(node.name or "", node.op_type, layer_name(node), source.name or "",
+                             "QAttention", self._granularity())
 
     def rewrite_gather(
         self, node: ir.Node, table: np.ndarray, *, source: ir.Value

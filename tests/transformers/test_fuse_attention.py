@@ -1,0 +1,189 @@
+"""fuse-attention / fuse-skip-layernorm / fuse-bias-gelu / pack-attention (issue 16): exact on
+dynamo exports of a BERT-style encoder (padding masks) and a GPT-style causal decoder, at batch
+and sequence lengths other than the export's, and composable with quantization."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import slimgraph as sg
+from slimgraph.passes import fuse_attention
+from slimgraph.passes.pipeline import run_pipeline
+from tests.transformers.helpers import assert_close, cosine, export, feeds, outputs
+
+SHAPES = [(3, 11), (1, 37), (5, 16)]  # the export used (2, 16)
+
+
+def ops(model) -> Counter:  # noqa: ANN001
+    return Counter(n.op_type for n in model.graph)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_transformer_preset_fuses_every_layer_exactly(name: str) -> None:
+    model = export(name)
+    result = run_pipeline(model, ["transformer"], verify=True)
+    fused = result.model
+    counts = ops(fused)
+    assert counts["MultiHeadAttention"] == 2
+    assert counts["SkipLayerNormalization"] == 0  # slower than Add + LayerNorm on ORT's CPU EP
+    assert counts["BiasGelu"] == 2
+    assert counts["Softmax"] == 0 and counts["Transpose"] == 0
+    # residual Adds before LayerNorms written as Sum (onnxruntime would fuse Add + LayerNorm into
+    # its slower SkipLayerNormalization): embedding + 2 per layer (bert), 2 per block + final (gpt)
+    assert counts["Sum"] == 5
+    assert not [n for n in fused.graph if n.op_type == "Add"
+                and any(u.node.op_type == "LayerNormalization" for u in n.outputs[0].uses())]
+    # the projections stay MatMuls (quantizable): q, k, v (or packed qkv), out, fc1, fc2
+    assert counts["MatMul"] == (12 if name == "bert" else 9)
+    for batch, seq in SHAPES:
+        assert_close(model, fused, feeds(name, batch, seq))
+
+
+def test_padding_mask_is_reduced_to_key_padding_mask() -> None:
+    fused = run_pipeline(export("bert"), ["transformer"], verify=False).model
+    mhas = [n for n in fused.graph if n.op_type == "MultiHeadAttention"]
+    for mha in mhas:
+        assert len(mha.inputs) == 5 and mha.inputs[3] is None  # key_padding_mask, no bias
+        assert mha.inputs[4].dtype.name == "INT32"
+        assert mha.attributes["num_heads"].value == 4
+        assert mha.attributes["scale"].value == pytest.approx(1 / 4)  # 1/sqrt(16)
+        assert mha.attributes["mask_filter_value"].value == float(np.finfo(np.float32).min)
+    assert mhas[0].inputs[4] is mhas[1].inputs[4]  # one mask for all layers
+    counts = ops(fused)
+    assert counts["Where"] == 0 and counts["Expand"] == 0
+
+
+def test_causal_mask_becomes_attention_bias() -> None:
+    fused = run_pipeline(export("gpt"), ["transformer"], verify=False).model
+    for mha in (n for n in fused.graph if n.op_type == "MultiHeadAttention"):
+        assert len(mha.inputs) == 6 and mha.inputs[4] is None
+        assert mha.inputs[5].producer().op_type == "Unsqueeze"
+
+
+def test_fully_padded_rows_and_single_tokens_stay_exact() -> None:
+    model = export("bert")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    feed = feeds("bert", 4, 9)
+    feed["attention_mask"][1:3, 1:] = 0  # rows with one token
+    assert_close(model, fused, feed)
+    assert_close(model, fused, feeds("bert", 2, 1))  # sequence length 1
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_skip_layernorm_fusion_is_exact(name: str) -> None:
+    model = export(name)
+    result = run_pipeline(model, ["lossless", "fuse-skip-layernorm"], verify=True)
+    assert ops(result.model)["SkipLayerNormalization"] == 4
+    for batch, seq in SHAPES[:2]:
+        assert_close(model, result.model, feeds(name, batch, seq))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_pack_attention_is_exact(name: str) -> None:
+    model = export(name)
+    result = run_pipeline(model, ["transformer", "pack-attention"], verify=True)
+    counts = ops(result.model)
+    assert counts["Attention"] == 2 and counts["MultiHeadAttention"] == 0
+    assert counts["Split"] == 0
+    for batch, seq in SHAPES[:2]:
+        assert_close(model, result.model, feeds(name, batch, seq))
+
+
+def test_unmatched_attention_is_reported_not_fused() -> None:
+    model = export("bert")
+    for node in model.graph:  # break the head split: the scores no longer come from one head
+        if node.op_type == "Softmax":
+            node.attributes["axis"] = __import__("onnx_ir").AttrInt64("axis", 2)
+    result = fuse_attention.FuseAttentionPass()(model)
+    assert not result.modified
+    assert {s.reason for s in result.skipped} == {"softmax axis is not the key axis"}
+
+
+def test_dynamic_int8_of_fused_bert_uses_qattention_and_keeps_fidelity() -> None:
+    model = export("bert")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    quantized = sg.quantize(fused, mode="dynamic")
+    counts = ops(quantized)
+    assert counts["QAttention"] == 2 and counts["MultiHeadAttention"] == 0
+    assert counts["Sum"] == 5  # the preset's residual Sums survive quantization
+    assert counts["MatMulInteger"] == 6  # out, fc1, fc2 of 2 layers
+    plain = sg.quantize(model, mode="dynamic")
+    feed = feeds("bert", 4, 23)
+    want = outputs(model, feed)[0]
+    fused_cos = cosine(want, outputs(quantized, feed)[0])
+    assert fused_cos > 0.999
+    assert fused_cos >= cosine(want, outputs(plain, feed)[0]) - 1e-4
+
+
+def test_static_int8_of_fused_gpt_quantizes_the_projections() -> None:
+    model = export("gpt")
+    fused = run_pipeline(model, ["transformer"], verify=False).model
+    calib = [feeds("gpt", 4, 16, seed=s) for s in range(4)]
+    quantized = sg.quantize(fused, calibration=calib, progress=False)
+    counts = ops(quantized)
+    assert counts["MultiHeadAttention"] == 2
+    assert counts["DequantizeLinear"] >= 9  # the 9 weights at least
+    feed = feeds("gpt", 2, 12)
+    assert cosine(outputs(model, feed)[0], outputs(quantized, feed)[0]) > 0.99
+
+
+@pytest.mark.slow
+def test_fusion_is_exact_on_the_6x384_encoder_with_12_heads() -> None:
+    """The benchmark's encoder size (6 layers, 384 wide, 12 heads, FFN 1536)."""
+    import torch
+
+    from slimgraph.ir import from_torch
+    from tests.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    net = BertStyleEncoder(vocab=1000, dim=384, heads=12, hidden=1536, layers=6, max_len=128)
+    dims = {0: "batch", 1: "seq"}
+    ids = torch.randint(0, 1000, (2, 64))
+    model = from_torch(net.eval(), (ids, torch.ones(2, 64, dtype=torch.int64)),
+                       dynamic_shapes=(dims, dims))
+    fused = run_pipeline(model, ["transformer"], verify=True).model
+    assert ops(fused)["MultiHeadAttention"] == 6
+    heads = {n.attributes["num_heads"].value for n in fused.graph
+             if n.op_type == "MultiHeadAttention"}
+    assert heads == {12}
+    for batch, seq in [(3, 37), (1, 128)]:
+        feed = feeds("bert", batch, seq)
+        feed["input_ids"] = np.random.default_rng(2).integers(0, 1000, (batch, seq))
+        assert_close(model, fused, feed)
+
+
+def test_hf_style_float_mask_is_left_alone_not_miscompiled() -> None:
+    """`(1 - mask[:, None, None, :]) * -10000` is an arbitrary float bias [B, 1, 1, T]: neither the
+    Where padding form nor [S, T]; the attention stays unfused and the outputs unchanged."""
+    import torch
+    from torch import nn
+
+    from slimgraph.ir import from_torch
+
+    class HFStyle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            n, s, _ = x.shape
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(n, s, 2, 8).transpose(1, 2)
+
+            bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+            scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) / 8**0.5 + bias
+            return (scores.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(n, s, 16)
+
+    torch.manual_seed(0)
+    dims = {0: "batch", 1: "seq"}
+    model = from_torch(HFStyle().eval(), (torch.randn(2, 5, 16), torch.ones(2, 5)),
+                       dynamic_shapes=(dims, dims))
+    result = run_pipeline(model, ["transformer"], verify=True)
+    assert ops(result.model)["MultiHeadAttention"] == 0
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32),
+            "mask": np.array([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6], np.float32)}
+    assert_close(model, result.model, feed)
