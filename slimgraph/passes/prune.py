@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -35,7 +35,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import copy_model
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
-from slimgraph.ir.select import matching_pattern
+from slimgraph.ir.select import check_patterns, matching_pattern, node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
@@ -56,6 +56,7 @@ __all__ = [
     "remove_channels",
     "prune",
     "prune_with_report",
+    "group_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,9 +167,7 @@ def _fold_constant_of_shape(node: ir.Node) -> bool | None:
 def _excluded_predicate(graph: ir.Graph, exclude: Sequence[str], exclude_ops: Sequence[str]):
     """A node predicate for the exclusions; every pattern must match some node."""
     nodes = list(graph)
-    for pattern in exclude:
-        if not any(_matches(node, pattern) for node in nodes):
-            raise BadOptionError(f"--exclude {pattern!r} matches no layer or node of the model")
+    check_patterns(nodes, exclude)
     present = {node.op_type for node in nodes}
     for op in exclude_ops:
         if op not in present:
@@ -259,12 +258,23 @@ def select_channels(
     scope: str = "local",
     round_to: int | None = None,
     seed: int = 0,
+    ratios: Mapping[int, float] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Channels to remove per prunable group id (indices into `group.roots`)."""
+    """Channels to remove per prunable group id (indices into `group.roots`).
+
+    `ratios` (group id -> ratio, local scope) overrides `ratio` per group; a ratio of 0 keeps
+    every channel of the group.
+    """
     rng = np.random.default_rng(seed)
     groups = analysis.prunable_groups
     scores = channel_scores(analysis, groups, criterion, rng)
-    if scope == "local":
+    if ratios is not None:
+        keep = {
+            g.id: g.size if ratios.get(g.id, ratio) <= 0
+            else kept_count(g.size, ratios.get(g.id, ratio), round_to)
+            for g in groups
+        }
+    elif scope == "local":
         keep = {g.id: kept_count(g.size, ratio, round_to) for g in groups}
     else:
         keep = _global_keep(groups, scores, ratio, round_to)
@@ -539,7 +549,7 @@ class PrunePass(SlimgraphFunctionalPass):
     def __init__(
         self,
         *,
-        ratio: float,
+        ratio: float | None = None,
         criterion: str = "l1",
         scope: str = "local",
         round_to: int | None = None,
@@ -548,9 +558,11 @@ class PrunePass(SlimgraphFunctionalPass):
         exclude_ops: Sequence[str] = (),
         unstructured: bool = False,
         seed: int = 0,
+        layer_ratios: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        self.ratio = ratio
+        self.layer_ratios = dict(layer_ratios) if layer_ratios is not None else None
+        self.ratio = ratio if ratio is not None or layer_ratios is None else 0.0
         self.criterion = criterion
         self.scope = scope
         self.round_to = round_to
@@ -562,7 +574,13 @@ class PrunePass(SlimgraphFunctionalPass):
 
     def requires(self, model: ir.Model) -> None:
         ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        if self.layer_ratios is not None:
+            if self.unstructured or self.scope != "local":
+                raise BadOptionError("per-layer ratios apply to structured, local pruning")
+            bad = {k: v for k, v in self.layer_ratios.items() if not 0 <= v < 1}
+            if bad or not 0 <= (ratio or 0.0) < 1:
+                raise BadOptionError(f"per-layer ratios must be in [0, 1), got {bad or ratio}")
+        elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise BadOptionError(f"ratio must be strictly between 0 and 1, got {ratio!r}")
         if self.criterion not in CRITERIA:
             raise BadOptionError(
@@ -600,7 +618,7 @@ class PrunePass(SlimgraphFunctionalPass):
             raise UnsupportedModelError(f"nothing to prune: no channel group can shrink{hint}")
         removed = select_channels(
             analysis, ratio=self.ratio, criterion=self.criterion, scope=self.scope,
-            round_to=self.round_to, seed=self.seed,
+            round_to=self.round_to, seed=self.seed, ratios=self._group_ratios(groups),
         )  # fmt: skip
         removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
         before = _producer_channels(analysis)
@@ -622,6 +640,32 @@ class PrunePass(SlimgraphFunctionalPass):
         for (node, slot_id), size in before.items():
             after = len(kept[slot_id]) if slot_id in kept else size
             report.layers.append(LayerChannels(node_label(node), node.op_type, size, after))
+
+
+    def _group_ratios(self, groups: Sequence[ChannelGroup]) -> dict[int, float] | None:
+        """`layer_ratios` (by a producer's node or layer name) as group id -> ratio."""
+        if self.layer_ratios is None:
+            return None
+        ratios: dict[int, float] = {}
+        named: set[str] = set()
+        for group in groups:
+            for producer in group.producers:
+                for name in node_names(producer):
+                    if name in self.layer_ratios:
+                        ratios[group.id] = self.layer_ratios[name]
+                        named.add(name)
+        unknown = sorted(set(self.layer_ratios) - named)
+        if unknown:
+            raise BadOptionError(
+                f"per-layer ratio for {unknown[0]!r}: no prunable channel group has that producer"
+            )
+        return ratios
+
+
+def group_key(group: ChannelGroup) -> str:
+    """The name a channel group goes by in per-layer ratios and sensitivity tables: its first
+    producer's node name (what `--exclude` selects)."""
+    return group.producers[0].name or node_label(group.producers[0])
 
 
 def _why_not(group: ChannelGroup) -> str:

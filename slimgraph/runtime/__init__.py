@@ -12,6 +12,7 @@ from slimgraph.runtime.compare import (
 )
 from slimgraph.runtime.feeds import (
     InputSpec,
+    calibrated_ranges,
     check_feeds,
     input_specs,
     iter_batches,
@@ -32,6 +33,7 @@ __all__ = [
     "compare",
     "compare_outputs",
     "InputSpec",
+    "calibrated_ranges",
     "check_feeds",
     "input_specs",
     "iter_batches",

@@ -17,14 +17,18 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.ir import copy_model, metadata
+from slimgraph.ir.select import check_patterns
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
-from slimgraph.passes.quantize.policy import ActivationDtype, annotate
+from slimgraph.passes.quantize.policy import ActivationDtype, QuantPlan, annotate
 from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
 
-__all__ = ["quantize", "quantize_static", "prepare", "report_of", "StaticQuantizePass"]
+__all__ = [
+    "quantize", "quantize_static", "prepare", "report_of", "check_exclusions",
+    "StaticQuantizePass",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ def quantize(
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
+    check_exclusions(model, exclude, exclude_ops)
     if include_ops and mode != "static":
         raise BadOptionError(
             f"--include-op applies to static quantization (with --calib), not to {mode} mode"
@@ -153,6 +158,7 @@ def quantize_static(
         raise BadOptionError(f"unknown calibration method '{method}' (choose {', '.join(METHODS)})")
     if not 0 < percentile <= 100:
         raise BadOptionError(f"percentile must be in (0, 100], got {percentile}")
+    check_exclusions(model, exclude, exclude_ops)
     batches = calibration_batches(model, calibration, batch_size=batch_size)
     prepared = prepare(model, batches.first())
     plan = annotate(
@@ -174,8 +180,16 @@ def quantize_static(
     if report:
         from slimgraph.passes.quantize.report import measure
 
+        def replan(extra: Sequence[str]) -> QuantPlan:
+            return annotate(
+                prepared, per_channel=per_channel, exclude=[*exclude, *extra],
+                exclude_ops=exclude_ops, activation_dtype=activation_dtype,
+                include_ops=include_ops,
+            )
+
         quantized.meta[metadata.QUANT_REPORT] = measure(
-            prepared, quantized, plan, result, batches, method=method, progress=progress
+            prepared, quantized, plan, result, batches, method=method, progress=progress,
+            replan=replan,
         )
     if fmt == "qoperator":
         from slimgraph.passes.quantize.qoperator import QOperatorPass
@@ -184,6 +198,23 @@ def quantize_static(
         lowered.meta[metadata.QUANT_REPORT] = quantized.meta.get(metadata.QUANT_REPORT)
         quantized = lowered
     return quantized
+
+
+def check_exclusions(
+    model: ir.Model, exclude: Sequence[str], exclude_ops: Sequence[str] = ()
+) -> None:
+    """Every `--exclude` pattern must select a node (by layer, node or output tensor name: the
+    report prints all three) and every `--exclude-op` must be an op type of the model.
+
+    Raises:
+        BadOptionError: a pattern or op type that matches nothing (it would be a silent no-op).
+    """
+    nodes = list(model.graph.all_nodes())
+    check_patterns(nodes, exclude, tensors=True)
+    present = {node.op_type for node in nodes}
+    for op in exclude_ops:
+        if op not in present:
+            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
