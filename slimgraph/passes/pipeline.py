@@ -2,7 +2,8 @@
 
 A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
 that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
-the pass's keyword-only constructor (the key `min_cosine` is the pipeline's, see below). Recipes
+the pass's keyword-only constructor (the keys `min_cosine` and `max_drop` are the pipeline's, see
+below). Recipes
 are the same list in a YAML or JSON file, either bare or under a `passes:` key.
 
 Every pass runs inside instrumentation that records its time, node counts before and after, whether
@@ -13,7 +14,9 @@ outputs are compared with the outputs of the model it received:
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
   (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
 - an approximate pass reports fidelity (cosine, SQNR, max abs error) and fails only when a
-  `min_cosine` is given and the worst output's cosine falls below it.
+  `min_cosine` is given and the worst output's cosine falls below it, or when a `max_drop` is
+  given (with labelled `data`) and the metric on `data` (top-1 accuracy) has dropped by more
+  than that since the pipeline's input model (`runtime.budget`).
 
 Adding a pass to the registry is one line: `@register_pass("name")` on its class (and its module
 in `PASS_MODULES`, once per family).
@@ -54,10 +57,11 @@ from slimgraph.runtime import (
     compare_outputs,
     create_session,
     iter_batches,
-    load_npz,
     random_feeds,
     run,
 )
+from slimgraph.runtime.budget import Budget, DataLike, Evaluator, as_data, budget_judge
+from slimgraph.runtime.metrics import LabelledData
 
 __all__ = [
     "PASSES",
@@ -92,7 +96,7 @@ PRESETS: dict[str, list[str | dict[str, Any]]] = {}
 _P = TypeVar("_P", bound=type[ir.passes.PassBase])
 
 # Step keys the pipeline reads itself; every other key is an option of the pass.
-_PIPELINE_KEYS = ("name", "min_cosine")
+_PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
 
 
 def register_pass(name: str) -> Callable[[_P], _P]:
@@ -123,6 +127,7 @@ class Step:
     pass_: ir.passes.PassBase
     options: Mapping[str, Any]
     min_cosine: float | None = None
+    max_drop: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -166,7 +171,7 @@ def _build_step(
     if depth > 8:
         raise BadOptionError("presets nest too deeply (a preset that names itself?)")
     if isinstance(step, str):
-        name, options, min_cosine = step, {}, None
+        name, options, min_cosine, max_drop = step, {}, None, None
     elif isinstance(step, Mapping):
         if not isinstance(step.get("name"), str):
             raise BadOptionError(f"pipeline step {dict(step)!r} has no 'name'")
@@ -175,6 +180,9 @@ def _build_step(
         min_cosine = step.get("min_cosine")
         if min_cosine is not None and not isinstance(min_cosine, (int, float)):
             raise BadOptionError(f"step '{name}': min_cosine must be a number, got {min_cosine!r}")
+        max_drop = step.get("max_drop")
+        if max_drop is not None and not isinstance(max_drop, (int, float)):
+            raise BadOptionError(f"step '{name}': max_drop must be a number, got {max_drop!r}")
     else:
         raise BadOptionError(f"a pipeline step is a name or a dict, got {step!r}")
     if name in PRESETS and name not in PASSES:
@@ -197,7 +205,8 @@ def _build_step(
         raise
     except ValueError as error:
         raise BadOptionError(f"pass '{name}': {error}") from None
-    return [Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine))]
+    return [Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine),
+                 None if max_drop is None else float(max_drop))]
 
 
 def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
@@ -295,12 +304,14 @@ class PipelineResult(SlimgraphPassResult):
 
     records: list[PassRecord] = field(default_factory=list)
     fidelity: Fidelity | None = None
+    evaluation: Any = None  # `metrics.Evaluation` of the end result when a budget was checked
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "modified": self.modified,
             "passes": [record.to_dict() for record in self.records],
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+            "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
         }
 
 
@@ -409,6 +420,8 @@ def run_pipeline(
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
     context: Mapping[str, Any] | None = None,
+    data: LabelledData | None = None,
+    max_drop: float | None = None,
 ) -> PipelineResult:
     """Run passes in order on a copy of `model`, instrumented and optionally verified.
 
@@ -421,6 +434,9 @@ def run_pipeline(
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
         context: run-time values for passes that take them (see `build_pipeline`).
+        data: labelled validation data for `max_drop` (global or per step).
+        max_drop: largest drop of top-1 accuracy on `data` since the input model (a fraction)
+            allowed after any approximate pass (steps may set their own `max_drop`).
 
     Returns:
         `PipelineResult` with the final model and one `PassRecord` per pass.
@@ -436,6 +452,7 @@ def run_pipeline(
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     current = copy_model(model)
+    judge = _drop_judge(current, built, data, max_drop)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
     records: list[PassRecord] = []
     any_modified = False
@@ -469,6 +486,18 @@ def run_pipeline(
             cosine = None if step.exact else cosine
             fidelity = verifier.check(current, step.name, step.exact, cosine)
             verify_seconds = time.perf_counter() - start
+        details = _details(result)
+        limit = step.max_drop if step.max_drop is not None else max_drop
+        if judge is not None and result.modified and not step.exact and not annotates_only:
+            evaluation = judge.evaluate(current)
+            details.update(accuracy=evaluation.metric, drop=evaluation.drop)
+            if limit is not None and (evaluation.drop or 0.0) > limit:
+                raise VerificationError(
+                    f"pass '{step.name}' dropped {evaluation.metric_name} on {judge.data.source} "
+                    f"to {evaluation.metric:.4f} from the input model's "
+                    f"{evaluation.reference_metric:.4f} (drop {evaluation.drop:.4f} > max_drop "
+                    f"{limit:g})"
+                )
         after = node_count(current)
         record = PassRecord(
             name=step.name,
@@ -480,7 +509,7 @@ def run_pipeline(
             skipped=len(skipped),
             fidelity=fidelity,
             verify_seconds=verify_seconds,
-            details=_details(result),
+            details=details,
             metadata_only=annotates_only,
         )
         logger.info("%s", record.describe())
@@ -490,6 +519,19 @@ def run_pipeline(
     if verifier is not None:
         overall = compare_outputs(verifier.original, verifier.reference)
     return PipelineResult(current, any_modified, records=records, fidelity=overall)
+
+
+def _drop_judge(
+    model: ir.Model, steps: Sequence[Step], data: LabelledData | None, max_drop: float | None
+) -> Evaluator | None:
+    """The evaluator of `max_drop` limits (None when no step has one and there is no global)."""
+    wanted = max_drop is not None or any(s.max_drop is not None for s in steps)
+    if not wanted:
+        return None
+    if data is None or data.labels is None:
+        raise BadOptionError("max_drop needs labelled validation data (--data VAL.npz with a "
+                             "labels key)")
+    return Evaluator(model, data)
 
 
 def optimize_report(
@@ -503,8 +545,18 @@ def optimize_report(
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
     calibration: Any = None,
+    data: DataLike | None = None,
+    max_drop: float | None = None,
+    budget: Budget | None = None,
 ) -> PipelineResult:
-    """`optimize`, returning the whole `PipelineResult` (what the command line prints)."""
+    """`optimize`, returning the whole `PipelineResult` (what the command line prints).
+
+    `data` (labelled validation data) serves per-step `max_drop` keys, `max_drop` (every
+    approximate pass, against the input model) and `budget` (the end result against the input
+    model, `runtime.budget`; a miss raises `VerificationError`).
+    """
+    labelled = None if data is None else as_data(data, model)
+    judge = budget_judge(model, labelled, budget=budget)
     if recipe is not None:
         steps: list[str | Mapping[str, Any]] = (
             list(recipe) if isinstance(recipe, Sequence) and not isinstance(recipe, str)
@@ -532,7 +584,11 @@ def optimize_report(
         tolerance=tolerance,
         min_cosine=min_cosine,
         context=context,
+        data=labelled,
+        max_drop=max_drop,
     )
+    if judge is not None:
+        result.evaluation = judge.check(result.model, what="the optimized model")
     return result
 
 
@@ -549,7 +605,7 @@ def _verification_feeds(
     outside the calibrated ranges are clipped. One-shot iterables are left to calibration alone.
     """
     if isinstance(calibration, (str, os.PathLike)):
-        data: Mapping[str, np.ndarray] = load_npz(calibration, model)
+        data: Mapping[str, np.ndarray] = as_data(calibration, model).feeds  # labels ignored
     elif isinstance(calibration, Mapping):
         data = calibration
     else:
@@ -567,6 +623,10 @@ def optimize(
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
     opset: int | None = None,
     calibration: Any = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
 ) -> ir.Model:
     """Optimize a copy of `model` with a preset or a recipe, each pass verified.
 
@@ -580,6 +640,10 @@ def optimize(
             None keeps the model's opset.
         calibration: data for the passes that take a `calibration` keyword (quantization);
             the exact passes do not use it.
+        data: validation data (an .npz path, stacked arrays with an optional labels key, or
+            `LabelledData`) for the budget and for recipe steps with a `max_drop` key.
+        budget, max_drop, min_cosine: the accuracy budget of the end result against `model` on
+            `data` (`runtime.budget`); a result that misses it raises `VerificationError`.
 
     Returns:
         The optimized model.
@@ -600,6 +664,8 @@ def optimize(
         feeds=feeds,
         opset=opset,
         calibration=calibration,
+        data=data,
+        budget=budget or Budget.of(max_drop, min_cosine),
     ).model
 
 

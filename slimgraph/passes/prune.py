@@ -39,6 +39,8 @@ from slimgraph.ir.select import check_patterns, matching_pattern, node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
+from slimgraph.runtime.budget import Budget, DataLike, budget_judge
+from slimgraph.runtime.metrics import Evaluation, Metric
 
 __all__ = [
     "CRITERIA",
@@ -57,6 +59,7 @@ __all__ = [
     "prune",
     "prune_with_report",
     "group_key",
+    "prunable_units",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,11 +122,14 @@ class PruneReport:
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
+    layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for row, layer in zip(data["sparsity"], self.sparsity, strict=True):
             row["sparsity"] = layer.sparsity
+        data["evaluation"] = None if self.evaluation is None else self.evaluation.to_dict()
         return data
 
 
@@ -592,7 +598,8 @@ class PrunePass(SlimgraphFunctionalPass):
             raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
 
     def call(self, model: ir.Model) -> PruneResult:
-        report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured)
+        report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured,
+                             layer_ratios=dict(self.layer_ratios or {}))
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
         report.macs_before = sum(ir_analysis.model_macs(pruned).values())
@@ -685,10 +692,32 @@ def _producer_channels(analysis: ChannelAnalysis) -> dict[tuple[ir.Node, int], i
     return found
 
 
+def prunable_units(
+    model: ir.Model,
+    *,
+    pad: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    **_: object,
+) -> list[tuple[str, str, str]]:
+    """(node, layer, op type) of the first producer of each prunable channel group: the names
+    `layer_ratios` and `--exclude` take, in graph order."""
+    prepared = prepare_for_pruning(model)
+    excluded = _excluded_predicate(prepared.graph, exclude, exclude_ops)
+    analysis = analyze_channels(
+        prepared.graph, excluded=excluded, pad=pad, opset=opset_version(prepared, default=13)
+    )
+    units = []
+    for group in analysis.prunable_groups:
+        first = group.producers[0]
+        units.append((group_key(group), node_label(first), first.op_type))
+    return units
+
+
 def prune_with_report(
     model: ir.Model,
     *,
-    ratio: float,
+    ratio: float | None = None,
     criterion: str = "l1",
     scope: str = "local",
     round_to: int | None = None,
@@ -697,20 +726,46 @@ def prune_with_report(
     exclude_ops: Sequence[str] = (),
     unstructured: bool = False,
     seed: int = 0,
+    layer_ratios: Mapping[str, float] | None = None,
+    target_macs: float | None = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> tuple[ir.Model, PruneReport]:
-    """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs)."""
+    """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs and, with
+    a budget, the evaluation on `data`)."""
+    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
+                         metric=metric)
+    if target_macs is not None:
+        if ratio is not None or layer_ratios is not None:
+            raise BadOptionError("give --target-macs or --ratio, not both")
+        if data is None:
+            raise BadOptionError("--target-macs needs --data VAL.npz (per-layer sensitivity)")
+        from slimgraph.passes.budgeted import allocate_prune_ratios
+
+        layer_ratios = allocate_prune_ratios(
+            model, data, target_macs, metric=metric, criterion=criterion, round_to=round_to,
+            pad=pad, exclude=exclude, exclude_ops=exclude_ops, seed=seed,
+        ).ratios
+    if ratio is None and layer_ratios is None:
+        raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
     result = PrunePass(
         ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+        layer_ratios=layer_ratios,
     )(model)  # fmt: skip
     assert result.report is not None
+    if judge is not None:
+        result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report
 
 
 def prune(
     model: ir.Model,
     *,
-    ratio: float,
+    ratio: float | None = None,
     criterion: str = "l1",
     scope: str = "local",
     round_to: int | None = None,
@@ -719,6 +774,13 @@ def prune(
     exclude_ops: Sequence[str] = (),
     unstructured: bool = False,
     seed: int = 0,
+    layer_ratios: Mapping[str, float] | None = None,
+    target_macs: float | None = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> ir.Model:
     """Prune a copy of `model` (the input is untouched); see the module docstring.
 
@@ -734,10 +796,26 @@ def prune(
         exclude: fnmatch patterns of layer (torch module path) or node names to leave unchanged.
         exclude_ops: op types to leave unchanged.
         unstructured: zero the smallest weights instead of removing channels.
+        layer_ratios: a ratio per channel group, by a producer's node or layer name (groups not
+            named keep `ratio`, or all their channels without one); see `prunable_units`.
+        target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
+            0.6x); per-group ratios are allocated from sensitivity on `data`, least loss first
+            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
+        data: validation data (an .npz path, stacked arrays with optional labels, or
+            `LabelledData`) for `target_macs` and the budget.
+        budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that
+            misses it raises `VerificationError`.
+        metric: a user `Metric` instead of top-1 accuracy.
 
     Use `prune_with_report` for the report.
+
+    Raises:
+        BadOptionError: bad ratios or options, a pattern that matches nothing.
+        VerificationError: the pruned model misses the budget (measured figure in the message).
     """
     return prune_with_report(
         model, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+        layer_ratios=layer_ratios, target_macs=target_macs, data=data, budget=budget,
+        max_drop=max_drop, min_cosine=min_cosine, metric=metric,
     )[0]  # fmt: skip

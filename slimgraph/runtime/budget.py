@@ -36,7 +36,9 @@ from slimgraph.runtime.metrics import (
 )
 from slimgraph.runtime.session import create_session
 
-__all__ = ["Budget", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget"]
+__all__ = [
+    "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget",
+]
 
 # Validation data as the public functions take it: a LabelledData, an .npz path, or a mapping of
 # stacked arrays (with an optional labels key).
@@ -57,7 +59,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.max_drop is None and self.min_cosine is None:
-            raise BadOptionError("a budget needs max_drop (--max-drop) or min_cosine (--min-cosine)")
+            raise BadOptionError(
+                "a budget needs max_drop (--max-drop) or min_cosine (--min-cosine)"
+            )
         if self.max_drop is not None and not (
             math.isfinite(self.max_drop) and 0 <= self.max_drop < 1
         ):
@@ -91,15 +95,47 @@ class Budget:
         return {"max_drop": self.max_drop, "min_cosine": self.min_cosine}
 
 
-class BudgetJudge:
-    """Measures the reference model once on `data`, then judges candidates against a `Budget`.
+class Evaluator:
+    """Measures the reference model once on `data`, then any number of candidates against it.
 
     Args:
         reference: the model before compression.
-        data: validation data (labels needed for `max_drop` unless `metric` is given).
-        budget: the limits.
-        metric: a user `Metric` replacing top-1 accuracy for `max_drop`.
+        data: validation data.
+        metric: a user `Metric` replacing top-1 accuracy.
         batch_size: rows per onnxruntime run.
+    """
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        data: LabelledData,
+        *,
+        metric: Metric | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        self.data = data
+        self.metric = metric
+        self.batch_size = batch_size
+        self.reference_session = create_session(reference)
+        # against itself: cosine 1, so `reference.metric` exists without labels too
+        self.reference = evaluate(self.reference_session, data, batch_size=batch_size,
+                                  metric=metric, reference=self.reference_session)
+
+    def evaluate(self, candidate: ir.Model | ort.InferenceSession) -> Evaluation:
+        """The candidate's metric, cosine and SQNR against the reference, and its drop."""
+        result = evaluate(candidate, self.data, reference=self.reference_session,
+                          batch_size=self.batch_size, metric=self.metric)
+        return result.with_reference(self.reference)
+
+    __call__ = evaluate
+
+    def change(self, evaluation: Evaluation) -> float:
+        """evaluation's metric - the reference's (negative: worse)."""
+        return evaluation.metric - self.reference.metric
+
+
+class BudgetJudge(Evaluator):
+    """An `Evaluator` that judges candidates against a `Budget`.
 
     Raises:
         BadOptionError: `max_drop` with data that has no labels and no `metric`.
@@ -119,20 +155,8 @@ class BudgetJudge:
                 f"--max-drop needs labels: {data.source} has no labels key (pass --labels KEY, "
                 "or use --min-cosine)"
             )
-        self.data = data
         self.budget = budget
-        self.metric = metric
-        self.batch_size = batch_size
-        self.reference_session = create_session(reference)
-        self.reference = evaluate(
-            self.reference_session, data, batch_size=batch_size, metric=metric
-        ) if (data.labels is not None or metric is not None) else None
-
-    def evaluate(self, candidate: ir.Model | ort.InferenceSession) -> Evaluation:
-        """The candidate's metric, cosine and SQNR against the reference, and its drop."""
-        result = evaluate(candidate, self.data, reference=self.reference_session,
-                          batch_size=self.batch_size, metric=self.metric)
-        return result.with_reference(self.reference) if self.reference is not None else result
+        super().__init__(reference, data, metric=metric, batch_size=batch_size)
 
     def holds(self, evaluation: Evaluation) -> bool:
         """Whether a measured candidate is within the budget."""

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError
-from slimgraph.runtime.feeds import check_feeds, iter_batches, load_npz, sample_count
+from slimgraph.runtime.feeds import check_feeds, iter_batches, sample_count
 from slimgraph.runtime.histogram import TensorStats
 from slimgraph.runtime.session import create_session
 
@@ -110,13 +110,17 @@ def calibration_batches(
             (the message lists what the model expects), NaN or Inf.
     """
     if isinstance(data, (str, os.PathLike)):
-        stacked = load_npz(data, model)
+        from slimgraph.runtime.metrics import load_data  # a labels key is ignored, never fed
+
+        stacked = load_data(data, model).feeds
         return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
     if isinstance(data, Mapping):
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
             raise BadDataError("calibration data is empty (no inputs)")
-        check_feeds(model, stacked, source="calibration data")
+        from slimgraph.runtime.metrics import split_labels
+
+        stacked = split_labels(stacked, model, source="calibration data").feeds  # labels ignored
         return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
     if data is None or not isinstance(data, Iterable):
         raise BadDataError(

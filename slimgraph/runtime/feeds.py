@@ -25,6 +25,7 @@ __all__ = [
     "random_feeds",
     "calibrated_ranges",
     "load_npz",
+    "read_npz",
     "check_feeds",
     "sample_count",
     "iter_batches",
@@ -162,6 +163,17 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
         BadDataError: unreadable file, pickled objects, names, dtypes or shapes that do not fit
             (the message lists what the model expects), or no samples.
     """
+    data = read_npz(path, model)
+    check_feeds(model, data, source=str(path))
+    return data
+
+
+def read_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
+    """Read every array of an `.npz` (not checked; `load_npz` and `metrics.load_data` check).
+
+    Raises:
+        BadDataError: a missing or unreadable file, or pickled objects (never loaded).
+    """
     file = Path(path)
     expected = f"the model expects {describe_inputs(input_specs(model))}"
     try:
@@ -179,7 +191,6 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
                 f"numeric arrays; {expected}"
             ) from None
         raise BadDataError(f"{file}: not a readable .npz file ({error}); {expected}") from None
-    check_feeds(model, data, source=str(file))
     return data
 
 

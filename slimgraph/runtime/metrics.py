@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,13 @@ import onnxruntime as ort
 
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
-from slimgraph.runtime.feeds import check_feeds, input_specs, iter_batches, sample_count
+from slimgraph.runtime.feeds import (
+    check_feeds,
+    input_specs,
+    iter_batches,
+    read_npz,
+    sample_count,
+)
 from slimgraph.runtime.session import create_session, run
 
 __all__ = [
@@ -118,15 +123,7 @@ def load_data(
         BadDataError: unreadable file, pickled objects, or data that does not fit (`split_labels`).
     """
     file = Path(path)
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single array (.npy), not an archive of named arrays")
-            data = {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise BadDataError(f"{file}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as error:
-        raise BadDataError(f"{file}: not a readable .npz file ({error})") from None
+    data = read_npz(file, model)
     return split_labels(data, model, labels=labels, source=str(file))
 
 

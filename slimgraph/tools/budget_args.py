@@ -12,6 +12,7 @@ import argparse
 
 import onnx_ir as ir
 
+from slimgraph.errors import BadOptionError
 from slimgraph.runtime.budget import BudgetJudge, budget_judge
 from slimgraph.runtime.metrics import DEFAULT_LABELS, Evaluation
 
@@ -33,14 +34,22 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, data: bool = True) 
                        help="lowest output cosine to the input model on --data")
 
 
-def judge_from_args(args: argparse.Namespace, model: ir.Model) -> BudgetJudge | None:
+def judge_from_args(
+    args: argparse.Namespace, model: ir.Model, *, data_for_budget: bool = True
+) -> BudgetJudge | None:
     """The budget judge the options ask for (None without `--max-drop`/`--min-cosine`).
+
+    With `data_for_budget` (the command's `--data` exists for the budget alone), `--data`
+    without a limit is an error rather than a silent no-op.
 
     Raises:
         BadOptionError: a limit without `--data`, a limit out of range, `--max-drop` on data
             without labels.
         BadDataError: `--data` that does not fit the model.
     """
+    if data_for_budget and args.data and args.max_drop is None and args.min_cosine is None:
+        raise BadOptionError("--data VAL.npz is the accuracy budget's data: add --max-drop D "
+                             "or --min-cosine C")
     return budget_judge(model, args.data, max_drop=args.max_drop, min_cosine=args.min_cosine,
                         labels=args.labels)
 

@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.demo_cmd",
     "slimgraph.tools.convert_cmd",
     "slimgraph.tools.factorize_cmd",
+    "slimgraph.tools.sensitivity_cmd",
 )
 
 

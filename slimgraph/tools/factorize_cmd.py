@@ -14,7 +14,9 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
-from slimgraph.runtime import iter_batches, load_npz
+from slimgraph.runtime import iter_batches
+from slimgraph.runtime.metrics import load_data
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
 
 __all__ = ["register", "run", "format_report"]
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, default=8, metavar="N",
                         help="use at most N samples of --data (default 8)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
 
@@ -79,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
     rank = _rank(args.rank)
     model = sg_ir.load(source)
     feeds = None
+    judge = judge_from_args(args, model, data_for_budget=False)
     if args.data is not None:
-        data = load_npz(args.data, model)
-        feeds = [batch for _, batch in zip(range(args.samples), iter_batches(data, 1, model))]
+        data = judge.data if judge is not None else load_data(args.data, model,
+                                                               labels=args.labels)
+        feeds = [batch for _, batch in zip(range(args.samples),
+                                           iter_batches(data.feeds, 1, model), strict=False)]
     factorized, report = factorize_with_report(
         model,
         rank_ratio=args.rank_ratio,
@@ -93,12 +99,18 @@ def run(args: argparse.Namespace) -> int:
         op_types=tuple(args.op_types) if args.op_types else ("Gemm", "MatMul", "Conv"),
         feeds=feeds,
         pointwise_convs=args.pointwise_convs,
+        data=None if judge is None else judge.data,
+        budget=None if judge is None else judge.budget,
     )
     sg_ir.save(factorized, target)
     if args.json:
         emit(to_json({"input": str(source), "output": str(target), **report.to_dict()}))
     else:
-        emit(f"wrote {target}\n" + format_report(report))
+        text = f"wrote {target}\n" + format_report(report)
+        if report.budget_search is not None and judge is not None and report.evaluation:
+            text += "\n" + report.budget_search.summary()
+            text += "\n" + describe_evaluation(report.evaluation, judge)
+        emit(text)
     return 0
 
 

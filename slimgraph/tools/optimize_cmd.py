@@ -15,6 +15,8 @@ from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import OutputPathError
 from slimgraph.passes.pipeline import PipelineResult, node_count, optimize_report
+from slimgraph.runtime.metrics import load_data
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.tables import emit, render_table, to_json
 
 __all__ = ["register"]
@@ -60,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write report.json and report.txt (what each pass did) into DIR",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
 
@@ -70,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
         raise OutputPathError(f"{target}: refusing to write over the input model")
     model = sg_ir.load(source)
     feeds = None
+    judge = judge_from_args(args, model, data_for_budget=False)
+    data = None
     if args.data:
-        data = runtime.load_npz(args.data, model)
-        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data, 8, model), strict=False)]
-    calibration = runtime.load_npz(args.calib, model) if args.calib else None
+        data = judge.data if judge is not None else load_data(args.data, model,
+                                                               labels=args.labels)
+        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data.feeds, 8, model),
+                                           strict=False)]
+    calibration = load_data(args.calib, model).feeds if args.calib else None  # labels ignored
     before = node_count(model)
     result = optimize_report(
         model,
@@ -83,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         feeds=feeds,
         opset=args.opset,
         calibration=calibration,
+        data=data,
+        budget=None if judge is None else judge.budget,
     )
     report_dir = Path(args.report) if args.report else None
     if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
@@ -95,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
          "nodes_after": after, "verified": args.verify}
     )
     text = _render(result, before, after, target, args.verify)
+    if result.evaluation is not None and judge is not None:
+        text += "\n" + describe_evaluation(result.evaluation, judge)
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "report.json").write_text(to_json(data_out) + "\n")

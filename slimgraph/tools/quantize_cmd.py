@@ -13,7 +13,9 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.quantize import quantize, report_of
+from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.runtime.histogram import METHODS
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.tables import emit, format_bytes, to_json
 
 __all__ = ["register", "run"]
@@ -66,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     fmt_label = "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt
     model = sg_ir.load(source)
+    judge = judge_from_args(args, model)
     quantized = quantize(
         model,
         calibration=args.calib,
@@ -98,8 +102,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
+        data=None if judge is None else judge.data,
+        budget=None if judge is None else judge.budget,
     )
     sg_ir.save(quantized, target)
+    search = budget_search_of(quantized)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
     if args.json:
@@ -109,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         }
         if report is not None:
             out["report"] = report.to_dict()
+        if search is not None:
+            out["budget"] = search.to_dict()
         emit(to_json(out))
         return 0
     lines = [
@@ -118,5 +127,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if report is not None:
         lines.append(report.summary(top=args.top))
+    if search is not None and judge is not None and search.evaluation is not None:
+        lines.append(search.summary())
+        lines.append(describe_evaluation(search.evaluation, judge))
     emit("\n".join(lines))
     return 0
