@@ -537,7 +537,6 @@ def main() -> int:
         return 0
     budget_lines = _budget_lines(args.quick, rounds)
     if args.only_budget:
-        print("\n".join(budget_lines))
         return 0
     cases = [
         _cnn_case("ResNet-18", resnet18(1000), size, 64, 0),

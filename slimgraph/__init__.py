@@ -25,7 +25,9 @@ from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize
+from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime import benchmark, compare, random_feeds
+from slimgraph.runtime.budget import check_budget
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,8 @@ __all__ = [
     "factorize",
     "factorize_with_report",
     "convert_fp16",
+    "sensitivity",
+    "check_budget",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

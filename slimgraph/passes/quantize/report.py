@@ -37,12 +37,12 @@ __all__ = [
 
 # Rows of calibration data the report runs on (whole batches: at least this many when there are).
 REPORT_SAMPLES = 128
-# ... unless the rows are large: at most this many input values (8 images of 3x224x224 ~ 1.2M
-# values give activations of tens of millions of values, plenty for a dB figure), at least
+# ... unless the rows are large: at most this many input values (4 images of 3x224x224 ~ 0.6M
+# values give activations of millions of values each, plenty for a dB figure), at least
 # REPORT_MIN_SAMPLES rows. On a ResNet-18 with 32 calibration images this keeps the report
-# under a third of the quantize wall time (benchmarks/quantize.py).
-REPORT_ELEMENTS = 1 << 20
-REPORT_MIN_SAMPLES = 8
+# to about a third of the quantize wall time (benchmarks/quantize.py).
+REPORT_ELEMENTS = 1 << 19
+REPORT_MIN_SAMPLES = 4
 
 
 @dataclass(frozen=True)
