@@ -568,7 +568,9 @@ class PrunePass(SlimgraphFunctionalPass):
     ) -> None:
         super().__init__()
         self.layer_ratios = dict(layer_ratios) if layer_ratios is not None else None
-        self.ratio = ratio if ratio is not None or layer_ratios is None else 0.0
+        # without a ratio, groups not named in layer_ratios keep their channels (ratio 0)
+        self.ratio: float = 0.0 if ratio is None else ratio
+        self.ratio_given = ratio
         self.criterion = criterion
         self.scope = scope
         self.round_to = round_to
@@ -579,7 +581,7 @@ class PrunePass(SlimgraphFunctionalPass):
         self.seed = seed
 
     def requires(self, model: ir.Model) -> None:
-        ratio = self.ratio
+        ratio = self.ratio_given
         if self.layer_ratios is not None:
             if self.unstructured or self.scope != "local":
                 raise BadOptionError("per-layer ratios apply to structured, local pruning")
@@ -756,7 +758,7 @@ def prune_with_report(
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
         layer_ratios=layer_ratios,
     )(model)  # fmt: skip
-    assert result.report is not None
+    assert isinstance(result, PruneResult) and result.report is not None
     if judge is not None:
         result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
     data = None
     random_note = ""
+    feeds: Iterable[Any]
     if args.data:
         data = metrics.load_data(args.data, reference, labels=args.labels)
         feeds = data.batches(args.batch, reference)

@@ -166,7 +166,8 @@ def test_pipeline_step_max_drop_stops_the_run(tmp_path) -> None:
     model = sg.load(DIGITS)
     recipe = [{"name": "prune", "ratio": 0.5, "max_drop": 0.01}]
     with pytest.raises(VerificationError, match=r"pass 'prune' dropped accuracy on .* to "
-                       r"0\.\d{4} from the input model's 0\.9956 \(drop 0\.\d{4} > max_drop 0.01\)"):
+                       r"0\.\d{4} from the input model's 0\.9956 \(drop 0\.\d{4} > "
+                       r"max_drop 0.01\)"):
         sg.optimize(model, recipe=recipe, data=str(TEST))
     fine = sg.optimize(model, recipe=[{"name": "prune", "ratio": 0.05, "max_drop": 0.5}],
                        data=str(TEST))

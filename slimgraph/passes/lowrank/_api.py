@@ -181,13 +181,13 @@ def factorize_with_report(
         whole, search = factorize_with_budget(model, judge, **rule)
         excluded = [*([exclude] if isinstance(exclude, str) else exclude or ()),
                     *map(exact_pattern, whole)]
-        result, report = factorize_with_report(
+        factorized, found = factorize_with_report(
             model, **{**rule, "exclude": excluded or None}, feeds=feeds,  # type: ignore[arg-type]
         )
-        search.evaluation = judge.check(result, what="the factorized model")
-        report = replace(report, evaluation=search.evaluation, budget_search=search)
-        result.meta[metadata.FACTORIZE_REPORT] = report
-        return result, report
+        search.evaluation = judge.check(factorized, what="the factorized model")
+        found = replace(found, evaluation=search.evaluation, budget_search=search)
+        factorized.meta[metadata.FACTORIZE_REPORT] = found
+        return factorized, found
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
     layer_filter = LayerFilter.create(include, exclude, op_types)
     samples = list(iter_feeds(feeds)) if feeds is not None else None

@@ -395,7 +395,7 @@ class StaticQuantizePass(SlimgraphFunctionalPass):
     ) -> None:
         super().__init__()
         self.calibration = calibration
-        self.options = {
+        self.options: dict[str, Any] = {
             "method": method, "per_channel": per_channel, "fmt": fmt, "exclude": tuple(exclude),
             "exclude_ops": tuple(exclude_ops), "include_ops": tuple(include_ops),
             "activation_dtype": activation_dtype,

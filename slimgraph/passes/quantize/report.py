@@ -89,7 +89,9 @@ class QuantReport:
                 f"output {o.name}: cosine {o.cosine:.5f}, SQNR {_db(o.sqnr_db)}{top1}"
             )
         if self.rows:
-            lines.append("worst tensors (own SQNR dB / accumulated dB; --exclude takes the nodes listed):")
+            lines.append(
+                "worst tensors (own SQNR dB / accumulated dB; --exclude takes the nodes listed):"
+            )
             width = max(len(" ".join(r.exclude or (r.node,))) for r in self.rows[:top])
             for row in self.rows[:top]:
                 layer = f"  [{row.layer}]" if row.layer else ""
@@ -216,14 +218,15 @@ def _deciding_nodes(
     found: dict[str, tuple[tuple[str, ...], str, str]] = {}
     left: dict[tuple[str, ...], set[str]] = {}  # excluded nodes -> activations still quantized
     for annotation in plan.activations:
-        value = values.get(annotation.value)
-        if value is None:
+        found_value = values.get(annotation.value)
+        if found_value is None:
             continue
         candidates: list[ir.Node] = []
         owner = nodes.get(annotation.node)
-        if computes(owner):
+        if owner is not None and computes(owner):
             candidates.append(owner)
-        stack, seen = [value], set()
+        stack: list[ir.Value] = [found_value]
+        seen: set[int] = set()
         while stack:
             current = stack.pop(0)
             if id(current) in seen:
@@ -233,7 +236,7 @@ def _deciding_nodes(
                 if computes(user) and user not in candidates:
                     candidates.append(user)
                 elif (user.name or "") in quantized and user.outputs:
-                    stack.append(user.outputs[0])
+                    stack.append(user.outputs[0])  # a quantized move: follow it
         if not candidates:
             continue
         chosen: list[ir.Node] = candidates[:1]
