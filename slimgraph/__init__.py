@@ -28,6 +28,7 @@ from slimgraph.passes.quantize import quantize
 from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime import benchmark, compare, random_feeds
 from slimgraph.runtime.budget import check_budget
+from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "convert_fp16",
     "sensitivity",
     "check_budget",
+    "sweep",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",

@@ -2,10 +2,16 @@
 
 This is how every performance figure in slimgraph is measured (DESIGN.md section 8): absolute
 times on a shared 2-core machine drift, ratios measured in the same rounds hold.
+
+Each ratio comes with its noise: a 90% paired bootstrap interval (rounds resampled with
+replacement, the same rounds for both models, 1000 times; the 5th and 95th percentiles of the
+ratio of medians; Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13). Two
+models whose interval contains 1.0 are within noise of each other.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import statistics
@@ -20,21 +26,52 @@ import onnxruntime as ort
 from slimgraph.errors import BadOptionError
 from slimgraph.runtime.session import _LEVELS, OptLevel, create_session, run
 
-__all__ = ["Timing", "BenchmarkResult", "benchmark"]
+__all__ = ["Timing", "Comparison", "BenchmarkResult", "benchmark", "bootstrap_ratio"]
 
 # One measurement repeats a model's run until it takes at least this long, so that timer and
 # scheduling noise stay small next to tiny models' run times.
 _MIN_MEASUREMENT_S = 0.005
 
+# Bootstrap resamples and the interval's coverage.
+_BOOTSTRAP = 1000
+_COVERAGE = 0.90
+
 
 @dataclass(frozen=True)
 class Timing:
-    """Latency of one model: median and 90th percentile in ms, median as a ratio to the first."""
+    """Latency of one model: median and 90th percentile in ms, median as a ratio to the first,
+    and the ratio's 90% bootstrap interval (`ratio_low`, `ratio_high`; 1.0 for the first)."""
 
     label: str
     median_ms: float
     p90_ms: float
     ratio: float
+    ratio_low: float = math.nan
+    ratio_high: float = math.nan
+
+    @property
+    def ratio_interval(self) -> tuple[float, float]:
+        return (self.ratio_low, self.ratio_high)
+
+    @property
+    def within_noise(self) -> bool:
+        """The ratio to the first model is within noise of 1.0 (its interval contains 1)."""
+        return self.ratio_low <= 1.0 <= self.ratio_high
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Model `a` against model `b` (labels): ratio of medians a/b and its bootstrap interval."""
+
+    a: str
+    b: str
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        return self.low <= 1.0 <= self.high
 
 
 @dataclass(frozen=True)
@@ -43,13 +80,21 @@ class BenchmarkResult:
     rounds: int
     threads: int
     optimization: str
+    comparisons: tuple[Comparison, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
             "rounds": self.rounds,
             "threads": self.threads,
             "optimization": self.optimization,
-            "models": [asdict(t) for t in self.timings],
+            "interval": f"{_COVERAGE:.0%} paired bootstrap of the ratio of medians",
+            "models": [
+                {**asdict(t), "within_noise_of_first": t.within_noise}
+                for t in self.timings
+            ],
+            "comparisons": [
+                {**asdict(c), "within_noise": c.within_noise} for c in self.comparisons
+            ],
         }
 
 
@@ -119,16 +164,43 @@ def benchmark(
                 runner()
             samples[index].append((time.perf_counter() - start) / count * 1000)
     medians = [statistics.median(s) for s in samples]
+    boot = _bootstrap_medians(samples, seed)
     timings = tuple(
-        Timing(label, median, _percentile(s, 90), median / medians[0])
-        for label, median, s in zip(labels, medians, samples, strict=True)
+        Timing(label, median, _percentile(s, 90), median / medians[0],
+               *bootstrap_ratio(boot[i], boot[0]))
+        for i, (label, median, s) in enumerate(zip(labels, medians, samples, strict=True))
+    )
+    comparisons = tuple(
+        Comparison(labels[i], labels[j], medians[i] / medians[j], *bootstrap_ratio(boot[i],
+                   boot[j]))
+        for i in range(len(labels)) for j in range(i + 1, len(labels))
     )
     # What the sessions were built with (a caller may pass ready sessions), not the arguments.
     options = sessions[0].get_session_options()
     used_threads = options.intra_op_num_threads or (os.cpu_count() or 1)
     level = next((name for name, value in _LEVELS.items()
                   if value == options.graph_optimization_level), optimization)
-    return BenchmarkResult(timings, rounds, used_threads, level)
+    return BenchmarkResult(timings, rounds, used_threads, level, comparisons)
+
+
+def _bootstrap_medians(samples: Sequence[Sequence[float]], seed: int) -> np.ndarray:
+    """Medians of each model's rounds under `_BOOTSTRAP` resamplings of the rounds: [models, B].
+
+    The same resampled rounds for every model (they ran interleaved: a slow round is slow for
+    all), so ratios keep the pairing.
+    """
+    times = np.asarray(samples, dtype=np.float64)  # [models, rounds]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, times.shape[1], size=(_BOOTSTRAP, times.shape[1]))
+    return np.median(times[:, picks], axis=2)
+
+
+def bootstrap_ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """The central `_COVERAGE` interval of the bootstrap ratios a/b (arrays of medians [B])."""
+    ratios = np.asarray(a) / np.asarray(b)
+    tail = (1 - _COVERAGE) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray]):  # noqa: ANN202

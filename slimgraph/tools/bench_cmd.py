@@ -91,16 +91,33 @@ def run(args: argparse.Namespace) -> int:
         emit(to_json(data))
         return 0
     rows = [
-        [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio), shape]
-        for t, shape in zip(result.timings, shapes, strict=True)
+        [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio),
+         "-" if i == 0 else f"{t.ratio_low:.2f}-{t.ratio_high:.2f}", shape]
+        for i, (t, shape) in enumerate(zip(result.timings, shapes, strict=True))
     ]
-    headers = ["model", "median ms", "p90 ms", "ratio", "inputs"]
+    headers = ["model", "median ms", "p90 ms", "ratio", "90% interval", "inputs"]
     emit(
-        render_table(headers, rows, align="lrrrl")
+        render_table(headers, rows, align="lrrrrl")
         + f"\n\n{result.rounds} interleaved rounds, {result.threads} intra-op thread(s), "
-        f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's median"
+        f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's "
+        "median; interval: 90% paired bootstrap over the rounds"
+        + _noise_lines(result)
     )
     return 0
+
+
+def _noise_lines(result: runtime.BenchmarkResult) -> str:
+    """Which pairs of models are within noise of each other (their ratio's interval holds 1)."""
+    if len(result.timings) < 2:
+        return ""
+    close = [c for c in result.comparisons if c.within_noise]
+    if not close:
+        return "\nno two models are within noise of each other"
+    lines = [
+        f"within noise: {c.a} and {c.b} (ratio {c.ratio:.2f}, interval {c.low:.2f}-{c.high:.2f})"
+        for c in close
+    ]
+    return "\n" + "\n".join(lines)
 
 
 def _labels(paths: list[str]) -> list[str]:

@@ -33,13 +33,16 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.convert_cmd",
     "slimgraph.tools.factorize_cmd",
     "slimgraph.tools.sensitivity_cmd",
+    "slimgraph.tools.sweep_cmd",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slimgraph",
-        description="Compress ONNX models (fuse, quantize, prune, factorize), every rewrite verified.",
+        description=(
+            "Compress ONNX models (fuse, quantize, prune, factorize), every rewrite verified."
+        ),
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for reports
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

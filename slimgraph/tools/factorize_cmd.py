@@ -17,6 +17,15 @@ from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
 from slimgraph.runtime import iter_batches
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
+from slimgraph.tools.report import (
+    MAX_BARS,
+    add_report_option,
+    before_after,
+    check_report_dir,
+    command_line,
+    model_figures,
+    write_report,
+)
 from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
 
 __all__ = ["register", "run", "format_report"]
@@ -41,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--rank-ratio", dest="rank_ratio", type=float, metavar="R",
                       help="keep round(R * min(n, m)) singular values, R in (0, 1]")  # fmt: skip
     rule.add_argument("--energy", type=float, metavar="E",
-                      help="keep the fewest singular values holding E of the squared sum")  # fmt: skip
+                      help="keep the fewest singular values holding E of the squared sum")
     rule.add_argument("--error-budget", dest="error_budget", type=float, metavar="B",
-                      help="largest relative Frobenius error of each weight, B in [0, 1)")  # fmt: skip
+                      help="largest relative Frobenius error of each weight, B in [0, 1)")
     parser.add_argument("--rank", metavar="auto|K",
                         help="'auto' (ranks in multiples of 16, only where the MACs drop to "
                              "0.8x or less) or a fixed rank K")  # fmt: skip
@@ -56,10 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pointwise-convs", dest="pointwise_convs", action="store_true",
                         help="also split 1x1 convs by SVD")  # fmt: skip
     parser.add_argument("--data", metavar="DATA.npz", default=None,
-                        help="sample inputs: report output fidelity and per-layer SQNR")  # fmt: skip
+                        help="sample inputs: report output fidelity and per-layer SQNR")
     parser.add_argument("--samples", type=int, default=8, metavar="N",
                         help="use at most N samples of --data (default 8)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(parser, "per-layer ranks, size, parameters and MACs before/after")
     add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
@@ -80,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise BadOptionError(f"--samples must be >= 1, got {args.samples}")
     rank = _rank(args.rank)
+    report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     feeds = None
     judge = judge_from_args(args, model, data_for_budget=False)
@@ -103,15 +114,55 @@ def run(args: argparse.Namespace) -> int:
         budget=None if judge is None else judge.budget,
     )
     sg_ir.save(factorized, target)
-    if args.json:
-        emit(to_json({"input": str(source), "output": str(target), **report.to_dict()}))
-    else:
-        text = f"wrote {target}\n" + format_report(report)
-        if report.budget_search is not None and judge is not None and report.evaluation:
-            text += "\n" + report.budget_search.summary()
-            text += "\n" + describe_evaluation(report.evaluation, judge)
-        emit(text)
+    result = {"input": str(source), "output": str(target), **report.to_dict()}
+    text = f"wrote {target}\n" + format_report(report)
+    if report.budget_search is not None and judge is not None and report.evaluation:
+        text += "\n" + report.budget_search.summary()
+        text += "\n" + describe_evaluation(report.evaluation, judge)
+    if report_dir is not None:
+        page = _page(args, result, report, model_figures(model, source),
+                     model_figures(factorized, target))
+        write_report(report_dir, page, text=text)
+    emit(to_json(result) if args.json else text)
     return 0
+
+
+def _page(
+    args: argparse.Namespace,
+    data: dict[str, object],
+    report: FactorizeReport,
+    before: dict[str, int],
+    after: dict[str, int],
+) -> dict[str, object]:
+    """The report dict (tools.report schema): per-layer ranks, figures before/after."""
+    figures, ratio_plot = before_after(before, after)
+    summary: dict[str, object] = {"factorized layers": len(report.layers),
+                                  "skipped layers": len(report.skipped), **figures}
+    if report.fidelity is not None:
+        summary["output cosine"] = f"{report.fidelity.worst_cosine:.5f}"
+    rows = report.layers[:MAX_BARS]
+    names = [f"{r.layer or r.node} [{r.method}]" for r in rows]
+    # the rank kept against the full rank: min(n, m) for an SVD split, the output channels for
+    # Tucker-2 (whose rank is (r_in, r_out); r_out is the one the next layer sees)
+    kept = [r.rank[-1] for r in rows]
+    full = [min(r.shape[:2]) if r.method == "svd" else r.shape[0] for r in rows]
+    plots: list[dict[str, object]] = [] if not rows else [{
+        "kind": "barh", "title": "Rank per layer", "x_label": "rank",
+        "series": [{"name": "full rank", "x": names, "y": full},
+                   {"name": "rank kept", "x": names, "y": kept}],
+        "description": "Torch layer names; SVD: rank k of W (n x m) against min(n, m); Tucker-2: "
+                       "output rank against the output channels.",
+    }]
+    plots.append(ratio_plot)
+    table = {"title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
+             "params before", "params after", "weight error", "output SQNR dB"],
+             "rows": [[r.layer, r.op_type, r.method, "x".join(str(d) for d in r.shape),
+                       "/".join(str(k) for k in r.rank), r.params_before, r.params_after,
+                       r.weight_error, r.output_sqnr_db] for r in report.layers]}
+    skipped = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
+               "rows": [[s.node, s.op_type, s.reason] for s in report.skipped]}
+    return {"title": f"Factorize {Path(args.model).name}", "command": command_line(args),
+            "summary": summary, "plots": plots, "tables": [table, skipped], "result": data}
 
 
 def _count(value: int | None) -> str:

@@ -17,6 +17,14 @@ from slimgraph.errors import OutputPathError
 from slimgraph.passes.pipeline import PipelineResult, node_count, optimize_report
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
+from slimgraph.tools.report import (
+    add_report_option,
+    before_after,
+    check_report_dir,
+    command_line,
+    model_figures,
+    write_report,
+)
 from slimgraph.tools.tables import emit, render_table, to_json
 
 __all__ = ["register"]
@@ -56,11 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false", help="skip onnxruntime checks"
     )
-    parser.add_argument(
-        "--report",
-        metavar="DIR",
-        help="also write report.json and report.txt (what each pass did) into DIR",
-    )
+    add_report_option(parser, "what each pass did: time, nodes, fidelity")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise OutputPathError(f"{target}: refusing to write over the input model")
+    report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     feeds = None
     judge = judge_from_args(args, model, data_for_budget=False)
@@ -93,9 +98,6 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         budget=None if judge is None else judge.budget,
     )
-    report_dir = Path(args.report) if args.report else None
-    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
-        raise OutputPathError(f"--report {report_dir}: exists and is not a folder")
     sg_ir.save(result.model, target)
     after = node_count(result.model)
     data_out = result.to_dict()
@@ -107,11 +109,53 @@ def run(args: argparse.Namespace) -> int:
     if result.evaluation is not None and judge is not None:
         text += "\n" + describe_evaluation(result.evaluation, judge)
     if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / "report.json").write_text(to_json(data_out) + "\n")
-        (report_dir / "report.txt").write_text(text + "\n")
+        figures = before_after(model_figures(model, source), model_figures(result.model, target))
+        write_report(report_dir, _page(args, data_out, result, figures), text=text)
     emit(to_json(data_out) if args.json else text)
     return 0
+
+
+def _page(
+    args: argparse.Namespace,
+    data: dict[str, object],
+    result: PipelineResult,
+    figures: tuple[dict[str, str], dict[str, object]],
+) -> dict[str, object]:
+    """The report dict (tools.report schema): time and nodes per pass, figures before/after.
+
+    The pipeline's own fields (`passes`, `fidelity`, ...) stay at the top level of report.json,
+    as before the page existed.
+    """
+    summary, ratio_plot = figures
+    names = [f"{i + 1}. {r.name}" for i, r in enumerate(result.records)]
+    page: dict[str, object] = dict(data)
+    page.update({
+        "title": f"Optimize {Path(args.model).name}",
+        "command": command_line(args),
+        "summary": {"nodes": f"{data['nodes_before']} → {data['nodes_after']}",
+                    "passes": len(result.records),
+                    "changed the model": sum(r.modified for r in result.records), **summary},
+        "plots": [
+            {"kind": "barh", "title": "Time per pass", "x_label": "ms",
+             "series": [{"name": "pass", "x": names, "y": [r.seconds * 1000 for r in
+                         result.records]},
+                        {"name": "verification", "x": names,
+                         "y": [r.verify_seconds * 1000 for r in result.records]}]},
+            {"kind": "barh", "title": "Nodes after each pass", "x_label": "nodes",
+             "reference": data["nodes_before"],
+             "series": [{"name": "nodes", "x": names,
+                         "y": [r.nodes_after for r in result.records]}],
+             "description": "The dashed line is the input model's node count."},
+            ratio_plot,
+        ],
+        "tables": [{"title": "Passes", "columns": ["pass", "kind", "nodes before",
+                    "nodes after", "ms", "changed", "worst cosine"],
+                    "rows": [[r.name, "exact" if r.exact else "approx", r.nodes_before,
+                              r.nodes_after, (r.seconds + r.verify_seconds) * 1000, r.modified,
+                              None if r.fidelity is None else r.fidelity.worst_cosine]
+                             for r in result.records]}],
+    })
+    return page
 
 
 def _render(result: PipelineResult, before: int, after: int, target: Path, verify: bool) -> str:

@@ -15,7 +15,16 @@ from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
-from slimgraph.tools.tables import emit, format_count, render_table, to_json
+from slimgraph.tools.report import (
+    MAX_BARS,
+    add_report_option,
+    before_after,
+    check_report_dir,
+    command_line,
+    model_figures,
+    write_report,
+)
+from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
 
 __all__ = ["register", "run", "format_report"]
 
@@ -53,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="zero the smallest weights instead of removing channels")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(parser, "channels kept per layer, size, parameters and MACs before/after")
     add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -63,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise OutputPathError(f"{target}: refusing to write over the input model")
     if args.ratio is None and args.target_macs is None:
         raise BadOptionError("give --ratio R or --target-macs R")
+    report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     judge = judge_from_args(args, model, data_for_budget=args.target_macs is None)
     pruned, report = prune_with_report(
@@ -75,14 +86,60 @@ def run(args: argparse.Namespace) -> int:
         budget=None if judge is None else judge.budget,
     )  # fmt: skip
     sg_ir.save(pruned, target)
-    if args.json:
-        emit(to_json({"input": str(source), "output": str(target), **report.to_dict()}))
-    else:
-        text = f"wrote {target}\n" + format_report(report)
-        if report.evaluation is not None and judge is not None:
-            text += "\n" + describe_evaluation(report.evaluation, judge)
-        emit(text)
+    data = {"input": str(source), "output": str(target), **report.to_dict()}
+    text = f"wrote {target}\n" + format_report(report)
+    if report.evaluation is not None and judge is not None:
+        text += "\n" + describe_evaluation(report.evaluation, judge)
+    if report_dir is not None:
+        page = _page(args, data, report, model_figures(model, source),
+                     model_figures(pruned, target))
+        write_report(report_dir, page, text=text)
+    emit(to_json(data) if args.json else text)
     return 0
+
+
+def _page(
+    args: argparse.Namespace,
+    data: dict[str, object],
+    report: PruneReport,
+    before: dict[str, int],
+    after: dict[str, int],
+) -> dict[str, object]:
+    """The report dict (tools.report schema): channels kept per layer, figures before/after."""
+    figures, ratio_plot = before_after(before, after)
+    summary: dict[str, object] = {
+        "ratio": f"{report.ratio:g} ({report.criterion}, {report.scope})", **figures}
+    plots: list[dict[str, object]] = []
+    tables: list[dict[str, object]] = []
+    if report.unstructured:
+        rows = report.sparsity[:MAX_BARS]
+        plots.append({"kind": "barh", "title": "Sparsity per layer (zeroed weights)",
+                      "x_label": "fraction of weights that are zero",
+                      "series": [{"name": "sparsity", "x": [s.layer for s in rows],
+                                  "y": [s.sparsity for s in rows]}]})
+        tables.append({"title": "Sparsity per layer", "columns": ["layer", "op", "weights",
+                       "zeros", "sparsity"], "rows": [[s.layer, s.op_type, s.elements, s.zeros,
+                       s.sparsity] for s in report.sparsity]})
+    else:
+        rows = report.layers[:MAX_BARS]
+        names = [layer.layer for layer in rows]
+        plots.append({
+            "kind": "barh", "title": "Output channels per layer", "x_label": "channels",
+            "series": [{"name": "before", "x": names, "y": [layer.before for layer in rows]},
+                       {"name": "kept", "x": names, "y": [layer.after for layer in rows]}],
+            "description": "Torch layer names; channels coupled by residual adds, concats or "
+                           "depthwise convs are kept or removed together.",
+        })
+        tables.append({"title": "Channels per layer", "columns": ["layer", "op", "before",
+                       "kept", "kept / before"], "rows": [[x.layer, x.op_type, x.before, x.after,
+                       format_ratio(x.after / x.before if x.before else None)]
+                       for x in report.layers]})
+        tables.append({"title": "Channel groups", "columns": ["id", "channels", "kept",
+                       "producers", "note"], "rows": [[g.id, g.channels, g.kept,
+                       ", ".join(g.producers), g.reason or ""] for g in report.groups]})
+    plots.append(ratio_plot)
+    return {"title": f"Prune {Path(args.model).name}", "command": command_line(args),
+            "summary": summary, "plots": plots, "tables": tables, "result": data}
 
 
 def format_report(report: PruneReport) -> str:

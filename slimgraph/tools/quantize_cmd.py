@@ -14,8 +14,18 @@ from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
+from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
+from slimgraph.tools.report import (
+    MAX_BARS,
+    add_report_option,
+    before_after,
+    check_report_dir,
+    command_line,
+    model_figures,
+    write_report,
+)
 from slimgraph.tools.tables import emit, format_bytes, to_json
 
 __all__ = ["register", "run"]
@@ -68,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(parser, "per-tensor SQNR, size before and after")
     add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -78,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise OutputPathError(f"{target}: refusing to write over the input model")
     if args.batch < 1:
         raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
+    report_dir = check_report_dir(args.report)
     mode = args.mode or ("static" if args.calib else "dynamic")
     if mode != "static" and args.calib:
         raise BadOptionError(f"--calib is only used by static quantization, not --mode {mode}")
@@ -109,17 +121,14 @@ def run(args: argparse.Namespace) -> int:
     search = budget_search_of(quantized)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
-    if args.json:
-        out: dict[str, object] = {
-            "input": str(source), "output": str(target), "mode": mode, "format": fmt_label,
-            "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
-        }
-        if report is not None:
-            out["report"] = report.to_dict()
-        if search is not None:
-            out["budget"] = search.to_dict()
-        emit(to_json(out))
-        return 0
+    out: dict[str, object] = {
+        "input": str(source), "output": str(target), "mode": mode, "format": fmt_label,
+        "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
+    }
+    if report is not None:
+        out["report"] = report.to_dict()
+    if search is not None:
+        out["budget"] = search.to_dict()
     lines = [
         f"wrote {target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
         f"{format_bytes(size_out)}, "
@@ -130,5 +139,51 @@ def run(args: argparse.Namespace) -> int:
     if search is not None and judge is not None and search.evaluation is not None:
         lines.append(search.summary())
         lines.append(describe_evaluation(search.evaluation, judge))
-    emit("\n".join(lines))
+    text = "\n".join(lines)
+    if report_dir is not None:
+        page = _page(args, out, report, model_figures(model, source),
+                     model_figures(quantized, target))
+        write_report(report_dir, page, text=text)
+    emit(to_json(out) if args.json else text)
     return 0
+
+
+def _page(
+    args: argparse.Namespace,
+    out: dict[str, object],
+    report: QuantReport | None,
+    before: dict[str, int],
+    after: dict[str, int],
+) -> dict[str, object]:
+    """The report dict (tools.report schema): sizes before/after and per-tensor SQNR bars."""
+    figures, ratio_plot = before_after(before, after)
+    summary: dict[str, object] = {"mode": f"{out['mode']} ({out['format']})", **figures}
+    plots: list[dict[str, object]] = [ratio_plot]
+    tables = []
+    if report is not None:
+        summary["quantized nodes"] = f"{report.quantized_nodes} ({report.float_nodes} float)"
+        summary["output cosine"] = f"{report.outputs.worst_cosine:.5f}"
+        summary["output SQNR"] = f"{report.outputs.worst_sqnr_db:.1f} dB"
+        rows = report.rows[:MAX_BARS]
+        names = [f"{r.layer or r.node} [{'weight' if r.kind == 'weight' else 'act'}]"
+                 for r in rows]
+        plots.insert(0, {
+            "kind": "barh", "title": f"Per-tensor SQNR, worst {len(rows)} of {len(report.rows)}",
+            "x_label": "SQNR (dB, higher is better)",
+            "series": [
+                {"name": "own (this tensor's quantization)", "x": names,
+                 "y": [r.own_sqnr_db for r in rows]},
+                {"name": "accumulated (vs fp32 model)", "x": names,
+                 "y": [r.sqnr_db for r in rows]},
+            ],
+            "description": "Torch layer names; [act] is the layer's output activation, [weight] "
+                           "its weight. --exclude takes the node names listed in the table.",
+        })
+        tables.append({
+            "title": "Tensors by SQNR (worst first)",
+            "columns": ["layer", "node", "kind", "op", "own SQNR dB", "accumulated SQNR dB"],
+            "rows": [[r.layer, r.node, r.kind, r.op_type, r.own_sqnr_db, r.sqnr_db]
+                     for r in report.rows],
+        })
+    return {"title": f"Quantize {Path(str(out['input'])).name}", "command": command_line(args),
+            "summary": summary, "plots": plots, "tables": tables, "result": out}

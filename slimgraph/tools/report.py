@@ -1,31 +1,138 @@
 """`--report DIR`: one place that writes a command's report (data first, page second).
 
 A report is a JSON-safe dict. Every command builds its own and hands it to `write_report`, which
-writes `DIR/report.json` (the data, always) and `DIR/report.txt` (the text the command printed,
-when given). The page (`report.html`) is rendered from the same dict, from these optional keys:
+writes `DIR/report.json` (the data, always), `DIR/report.txt` (the text the command printed, when
+given) and `DIR/report.html`, a self-contained page rendered from the same dict: inline SVG drawn
+by matplotlib (Agg backend, text kept as text in the page's own sans-serif font), inline CSS,
+nothing loaded from the network. The page is built from these optional keys:
 
 - `"title"`: str, the page heading; `"command"`: the slimgraph command that made it.
-- `"summary"`: {label: value} shown as a table of figures.
+- `"summary"`: {label: value} shown as a grid of figures (values are shown as given; numbers
+  are formatted like the command line's tables).
+- `"notes"`: [str], short paragraphs under the figures (what was measured, on what data).
 - `"tables"`: [{"title": str, "columns": [str], "rows": [[cell, ...]]}].
 - `"plots"`: [{"kind": "bar" | "barh" | "line" | "scatter", "title": str, "x_label": str,
   "y_label": str, "series": [{"name": str, "x": [..], "y": [..], "labels": [str]?}],
-  "pareto": [bool]? (scatter: points on the Pareto front)}]. Bar x values are category names
-  (torch layer names where there are some).
+  "pareto": [bool]? (scatter: points on the Pareto front, one per point of the first series),
+  "reference": float? (a dashed line at this value of the value axis, e.g. 1.0 for ratios),
+  "description": str? (a line under the plot)}]. Bar and barh x values are category names
+  (torch layer names where there are some); several series draw grouped bars. Line plots draw
+  one line per series (training curves); scatter plots one set of points per series, with
+  `labels` written next to the points. A bar chart draws at most its first 120 categories
+  (commands sort them, worst first; the tables keep every row).
 
 Everything else in the dict is kept in report.json as data.
+
+Example:
+    >>> write_report("out", {"title": "prune", "summary": {"MACs": "0.52x"},
+    ...     "plots": [{"kind": "barh", "title": "channels kept", "series": [
+    ...         {"name": "kept", "x": ["features.0", "features.3"], "y": [12, 24]}]}]})
+    ...     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import argparse
+import html
+import io
+import math
 import os
-from collections.abc import Mapping
+import re
+import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimgraph.errors import OutputPathError
-from slimgraph.tools.tables import to_json
+import onnx_ir as ir
 
-__all__ = ["check_report_dir", "write_report"]
+from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph.tools.summary import summarize
+from slimgraph.tools.tables import format_bytes, format_count, format_float, format_ratio, to_json
+
+__all__ = [
+    "REPORT_EXTRA",
+    "MAX_BARS",
+    "add_report_option",
+    "command_line",
+    "model_figures",
+    "before_after",
+    "check_report_dir",
+    "require_plotting",
+    "render_html",
+    "write_report",
+]
+
+# The optional dependency group that carries the plotting library (`pip install slimgraph[report]`).
+REPORT_EXTRA = "report"
+
+# Most categories a command puts in one bar chart; it picks the rows that matter (worst first).
+MAX_BARS = 60
+# Most categories the page draws in one bar chart, whatever it is given (the rest: tables).
+_MAX_DRAWN = 120
+
+_PALETTE = ("#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04")
+
+
+def require_plotting() -> None:
+    """Check that matplotlib (the `report` extra) can be imported.
+
+    Raises:
+        BadOptionError: it is missing; the message names the extra to install.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadOptionError(
+            "--report draws its plots with matplotlib, which is not installed: "
+            f"pip install 'slimgraph[{REPORT_EXTRA}]'"
+        ) from None
+
+
+def add_report_option(parser: argparse.ArgumentParser, what: str = "what the command did") -> None:
+    """Add `--report DIR` (report.json, report.txt and report.html) to a command's parser."""
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        default=None,
+        help=f"also write report.json, report.txt and a self-contained report.html ({what}) "
+        "into DIR",
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (`slimgraph quantize m.onnx -o q.onnx ...`), for the page heading."""
+    argv = getattr(args, "argv", None) or [str(getattr(args, "command", ""))]
+    return "slimgraph " + " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def model_figures(model: ir.Model, path: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """Size (bytes on disk, or serialized), parameters and MACs of a model (`summarize`)."""
+    summary = summarize(model, path)
+    return {"size_bytes": summary.size_bytes, "parameters": summary.parameters,
+            "macs": summary.macs}
+
+
+def before_after(
+    before: Mapping[str, int], after: Mapping[str, int]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Summary figures ("size": "1.2 MB -> 0.3 MB (0.25x)") and a bar plot of after/before
+    ratios for the keys of `model_figures`."""
+    names = {"size_bytes": "size", "parameters": "parameters", "macs": "MACs"}
+    summary: dict[str, str] = {}
+    labels, ratios = [], []
+    for key, label in names.items():
+        if key not in before or key not in after:
+            continue
+        fmt = format_bytes if key == "size_bytes" else format_count
+        ratio = after[key] / before[key] if before[key] else None
+        summary[label] = f"{fmt(before[key])} → {fmt(after[key])} ({format_ratio(ratio)})"
+        if ratio is not None:
+            labels.append(label)
+            ratios.append(ratio)
+    plot = {"kind": "bar", "title": "After / before", "x_label": "", "y_label": "after / before",
+            "reference": 1.0, "series": [{"name": "after / before", "x": labels, "y": ratios}],
+            "description": "Below the dashed line: smaller than the input model."}
+    return summary, plot
 
 
 def check_report_dir(directory: str | os.PathLike[str] | None) -> Path | None:
@@ -33,6 +140,7 @@ def check_report_dir(directory: str | os.PathLike[str] | None) -> Path | None:
 
     Raises:
         OutputPathError: DIR exists and is not a folder, or its parent folder does not exist.
+        BadOptionError: matplotlib (the `report` extra) is not installed.
     """
     if directory is None:
         return None
@@ -41,6 +149,7 @@ def check_report_dir(directory: str | os.PathLike[str] | None) -> Path | None:
         raise OutputPathError(f"--report {folder}: exists and is not a folder")
     if not folder.exists() and not folder.resolve().parent.is_dir():
         raise OutputPathError(f"--report {folder}: its parent folder does not exist")
+    require_plotting()
     return folder
 
 
@@ -53,19 +162,309 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_report(
     directory: str | os.PathLike[str], report: Mapping[str, Any], *, text: str | None = None
 ) -> list[Path]:
-    """Write `report.json` (and `report.txt` when `text` is given) into `directory`.
+    """Write `report.json`, `report.html` (and `report.txt` when `text` is given) into `directory`.
 
     Returns the paths written.
 
     Raises:
         OutputPathError: the folder cannot be used (see `check_report_dir`).
+        BadOptionError: matplotlib (the `report` extra) is not installed.
     """
     folder = check_report_dir(directory)
     assert folder is not None
+    page = render_html(report)  # before writing anything: a bad plot leaves no partial report
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "report.json"]
     _write_atomic(written[0], to_json(dict(report)) + "\n")
     if text is not None:
         written.append(folder / "report.txt")
-        _write_atomic(written[1], text + "\n")
+        _write_atomic(written[-1], text + "\n")
+    written.append(folder / "report.html")
+    _write_atomic(written[-1], page)
     return written
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+_CSS = """
+:root { --ink: #1f2937; --muted: #6b7280; --line: #e5e7eb; --accent: #2563eb; --bg: #f8fafc; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 15px/1.5 "DejaVu Sans", "Liberation Sans", Arial, Helvetica, sans-serif; }
+main { max-width: 1040px; margin: 0 auto; padding: 28px 24px 48px; }
+header { border-bottom: 3px solid var(--accent); margin-bottom: 20px; padding-bottom: 10px; }
+h1 { font-size: 26px; margin: 0 0 6px; }
+h2 { font-size: 19px; margin: 30px 0 10px; }
+.brand { color: var(--accent); font-weight: bold; letter-spacing: .04em; font-size: 13px;
+  text-transform: uppercase; }
+code.command { display: block; background: #0f172a; color: #e2e8f0; padding: 10px 14px;
+  border-radius: 6px; font: 13px/1.45 "DejaVu Sans Mono", monospace; white-space: pre-wrap;
+  word-break: break-all; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr));
+  gap: 12px; margin: 18px 0 6px; }
+.figure { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 10px 14px; }
+.figure .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
+  letter-spacing: .04em; }
+.figure .value { font-size: 19px; font-weight: bold; margin-top: 2px; overflow-wrap: anywhere; }
+p.note { color: var(--muted); margin: 6px 0; }
+figure.plot { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  margin: 14px 0; padding: 12px; }
+figure.plot svg { display: block; max-width: 100%; height: auto; margin: 0 auto; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; text-align: center; }
+.table-wrap { display: inline-block; max-width: 100%; overflow-x: auto; background: #fff;
+  border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; font-size: 13.5px; }
+th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: left;
+  white-space: nowrap; }
+th { background: #f1f5f9; font-weight: bold; position: sticky; top: 0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafafa; }
+tr.pareto td { background: #ecfdf5; }
+footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
+"""
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return format_float(value)
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The self-contained page for a report dict (see the module docstring for the keys).
+
+    Raises:
+        BadOptionError: matplotlib is missing (see `require_plotting`).
+        ValueError: a plot whose kind is unknown or whose series do not line up.
+    """
+    title = str(report.get("title") or "slimgraph report")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
+        f'<header><div class="brand">slimgraph report</div><h1>{html.escape(title)}</h1>',
+    ]
+    if report.get("command"):
+        parts.append(f'<code class="command">{html.escape(str(report["command"]))}</code>')
+    parts.append("</header>")
+    summary = report.get("summary") or {}
+    if summary:
+        parts.append('<section class="figures">')
+        for label, value in summary.items():
+            parts.append(
+                f'<div class="figure"><div class="label">{html.escape(str(label))}</div>'
+                f'<div class="value">{html.escape(_cell(value))}</div></div>'
+            )
+        parts.append("</section>")
+    for note in report.get("notes") or ():
+        parts.append(f'<p class="note">{html.escape(str(note))}</p>')
+    plots = list(report.get("plots") or ())
+    if plots:
+        parts.append("<section><h2>Plots</h2>" if len(plots) > 1 else "<section>")
+        for index, plot in enumerate(plots):
+            parts.append(_figure(plot, index))
+        parts.append("</section>")
+    for table in report.get("tables") or ():
+        if table.get("rows"):
+            parts.append(_table(table))
+    parts.append(
+        "<footer>Written by slimgraph. The same figures are in report.json beside this page."
+        "</footer></main></body></html>"
+    )
+    return "\n".join(parts) + "\n"
+
+
+def _table(table: Mapping[str, Any]) -> str:
+    columns = [str(c) for c in table.get("columns", [])]
+    rows = table.get("rows", [])
+    highlight = table.get("highlight")  # optional [bool] per row (sweep: Pareto members)
+    out = [f"<h2>{html.escape(str(table.get('title', '')))}</h2>", '<div class="table-wrap">',
+           "<table><thead><tr>"]
+    out += [f"<th>{html.escape(c)}</th>" for c in columns]
+    out.append("</tr></thead><tbody>")
+    for index, row in enumerate(rows):
+        marked = bool(highlight and index < len(highlight) and highlight[index])
+        out.append('<tr class="pareto">' if marked else "<tr>")
+        for value in row:
+            css = ' class="num"' if _is_number(value) else ""
+            out.append(f"<td{css}>{html.escape(_cell(value))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _figure(plot: Mapping[str, Any], index: int) -> str:
+    title = str(plot.get("title", ""))
+    svg = _plot_svg(plot, prefix=f"p{index}-")
+    caption = plot.get("description")
+    out = [f'<figure class="plot" aria-label="{html.escape(title)}">', svg]
+    if caption:
+        out.append(f"<figcaption>{html.escape(str(caption))}</figcaption>")
+    out.append("</figure>")
+    return "\n".join(out)
+
+
+def _numbers(values: Sequence[Any]) -> list[float]:
+    out = []
+    for value in values:
+        if value is None or value == "inf" or value == "-inf":
+            out.append({"inf": math.inf, "-inf": -math.inf}.get(value, math.nan))  # type: ignore[arg-type]
+        else:
+            out.append(float(value))
+    return out
+
+
+def _finite(values: list[float]) -> list[float]:
+    """Infinite values (a lossless tensor's SQNR) drawn at the largest finite value."""
+    finite = [v for v in values if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    bottom = min(finite, default=0.0)
+    return [top if v == math.inf else bottom if v == -math.inf else v for v in values]
+
+
+def _plot_svg(plot: Mapping[str, Any], prefix: str) -> str:
+    require_plotting()
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    kind = plot.get("kind")
+    series = list(plot.get("series") or ())
+    if kind not in ("bar", "barh", "line", "scatter"):
+        raise ValueError(f"plot '{plot.get('title')}': unknown kind {kind!r}")
+    for item in series:
+        if len(item.get("x", [])) != len(item.get("y", [])):
+            raise ValueError(f"plot '{plot.get('title')}': series '{item.get('name')}' has "
+                             f"{len(item.get('x', []))} x and {len(item.get('y', []))} y values")
+    categories = len(series[0]["x"]) if series and kind in ("bar", "barh") else 0
+    title = str(plot.get("title", ""))
+    if categories > _MAX_DRAWN:  # a page, not a poster: the first rows (commands sort them)
+        series = [{**item, "x": list(item["x"])[:_MAX_DRAWN], "y": list(item["y"])[:_MAX_DRAWN]}
+                  for item in series]
+        title += f" (first {_MAX_DRAWN} of {categories})"
+        categories = _MAX_DRAWN
+    width, height = 9.0, 3.0 if kind == "bar" else 4.2
+    if kind == "barh":
+        height = max(2.4, 0.26 * categories * max(1, len(series)) ** 0.5 + 1.3)
+    rc = {"svg.fonttype": "none", "svg.hashsalt": "slimgraph", "font.size": 10,
+          "font.family": ["DejaVu Sans", "sans-serif"], "axes.edgecolor": "#9ca3af",
+          "axes.spines.top": False, "axes.spines.right": False}
+    with matplotlib.rc_context(rc):  # type: ignore[arg-type]
+        figure = Figure(figsize=(width, height), dpi=96)
+        axes = figure.add_subplot()
+        axes.set_axisbelow(True)
+        if kind in ("bar", "barh"):
+            _bars(axes, series, horizontal=kind == "barh", reference=plot.get("reference"))
+        elif kind == "line":
+            for n, item in enumerate(series):
+                axes.plot(_numbers(item["x"]), _finite(_numbers(item["y"])), marker="o",
+                          markersize=3.5, linewidth=2, color=_PALETTE[n % len(_PALETTE)],
+                          label=item.get("name"))
+            axes.grid(True, color="#e5e7eb")
+            _reference(axes, plot.get("reference"), horizontal=False)
+        else:
+            _scatter(axes, series, plot.get("pareto"))
+            _reference(axes, plot.get("reference"), horizontal=False)
+        axes.set_title(title, loc="left", fontsize=12, fontweight="bold")
+        axes.set_xlabel(str(plot.get("x_label", "")))
+        axes.set_ylabel(str(plot.get("y_label", "")))
+        named = [item for item in series if item.get("name")]
+        if len(named) > 1 or (kind == "scatter" and plot.get("pareto")):
+            axes.legend(frameon=False, fontsize=9, loc="lower right", bbox_to_anchor=(1.0, 1.0),
+                        ncols=min(3, len(series) + (1 if kind == "scatter" else 0)),
+                        borderaxespad=0.2)
+        figure.tight_layout()
+        buffer = io.StringIO()
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    return _clean_svg(buffer.getvalue(), prefix)
+
+
+def _bars(axes: Any, series: list[Mapping[str, Any]], *, horizontal: bool,
+          reference: float | None) -> None:
+    names = [str(x) for x in series[0]["x"]] if series else []
+    count = max(1, len(series))
+    thickness = 0.8 / count
+    positions = list(range(len(names)))
+    for n, item in enumerate(series):
+        values = _finite(_numbers(item["y"]))
+        offset = (n - (count - 1) / 2) * thickness
+        where = [p + offset for p in positions]
+        color = _PALETTE[n % len(_PALETTE)]
+        if horizontal:
+            axes.barh(where, values, height=thickness, color=color, label=item.get("name"))
+        else:
+            axes.bar(where, values, width=thickness, color=color, label=item.get("name"))
+    if horizontal:
+        axes.set_yticks(positions, names)
+        axes.invert_yaxis()  # first category on top, as in the tables
+        axes.grid(True, axis="x", color="#e5e7eb")
+        axes.tick_params(axis="y", labelsize=9 if len(names) < 30 else 7.5)
+    else:
+        rotate = len(names) > 6 or max((len(n) for n in names), default=0) > 12
+        axes.set_xticks(positions, names, rotation=35 if rotate else 0,
+                        ha="right" if rotate else "center")
+        axes.grid(True, axis="y", color="#e5e7eb")
+    _reference(axes, reference, horizontal=horizontal)
+
+
+def _reference(axes: Any, value: float | None, *, horizontal: bool) -> None:
+    if value is None:
+        return
+    if horizontal:
+        axes.axvline(float(value), color="#6b7280", linestyle="--", linewidth=1)
+    else:
+        axes.axhline(float(value), color="#6b7280", linestyle="--", linewidth=1)
+
+
+def _scatter(axes: Any, series: list[Mapping[str, Any]], pareto: Sequence[bool] | None) -> None:
+    for n, item in enumerate(series):
+        xs, ys = _numbers(item["x"]), _finite(_numbers(item["y"]))
+        labels = [str(label) for label in item.get("labels") or []]
+        flags = list(pareto) if (pareto and n == 0) else [False] * len(xs)
+        color = _PALETTE[n % len(_PALETTE)]
+        rest = [(x, y) for x, y, f in zip(xs, ys, flags, strict=False) if not f]
+        name = str(item.get("name") or "")
+        if rest:
+            axes.scatter([p[0] for p in rest], [p[1] for p in rest], s=36, color="#9ca3af"
+                         if any(flags) else color, label=f"{name} (dominated)" if any(flags)
+                         else name or None, zorder=3)
+        front = sorted((x, y) for x, y, f in zip(xs, ys, flags, strict=False) if f)
+        if front:
+            axes.step([p[0] for p in front], [p[1] for p in front], where="post", color=color,
+                      linewidth=1.5, alpha=0.7, zorder=2)
+            axes.scatter([p[0] for p in front], [p[1] for p in front], s=64, color=color,
+                         edgecolor="#1e3a8a", label=f"{name} (Pareto front)" if name
+                         else "Pareto front", zorder=4)
+        for x, y, label in zip(xs, ys, labels, strict=False):
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                          color="#374151")
+    axes.grid(True, color="#e5e7eb")
+    axes.margins(x=0.12, y=0.12)
+
+
+_ID = re.compile(r'\bid="([^"]+)"')
+
+
+def _clean_svg(svg: str, prefix: str) -> str:
+    """Inline-ready SVG: no XML prolog, DOCTYPE or RDF metadata (they name URLs), ids made unique
+    on the page by `prefix`, size left to the CSS (the viewBox keeps the aspect ratio)."""
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = _ID.sub(lambda m: f'id="{prefix}{m.group(1)}"', svg)
+    svg = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})", svg)
+    svg = re.sub(r'<svg ([^>]*?)width="([\d.]+)pt" height="([\d.]+)pt"',
+                 lambda m: f'<svg {m.group(1)}width="{float(m.group(2)) * 4 / 3:.0f}" '
+                 f'height="{float(m.group(3)) * 4 / 3:.0f}"', svg, count=1)
+    return svg.strip()

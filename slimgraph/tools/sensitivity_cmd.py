@@ -14,7 +14,7 @@ from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
-from slimgraph.tools.report import check_report_dir, write_report
+from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.tables import emit, to_json
 
 __all__ = ["register", "run"]
@@ -45,8 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="factorize: rank ratio of a layer (default 0.25)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left out")
-    parser.add_argument("--report", metavar="DIR", default=None,
-                        help="write report.json, report.txt and the per-layer chart into DIR")
+    add_report_option(parser, "the per-layer sensitivity table and bar chart")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -66,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     )
     text = table.render()
     if folder is not None:
-        report = {"command": "sensitivity", "model": args.model, "data": args.data,
-                  **table.report()}
+        report = {**table.report(), "command": command_line(args), "model": args.model,
+                  "data": args.data}
         write_report(folder, report, text=text)
     emit(to_json({"model": args.model, "data": args.data, **table.to_dict()}) if args.json
          else text)

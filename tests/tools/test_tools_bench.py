@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.tools.tools_helpers import DIGITS, save_proto, single_op_model, zoo
@@ -43,7 +44,8 @@ def test_bench_text_table(cli) -> None:
     result = cli("bench", DIGITS, zoo("squeezenet"), "--opt-level", "basic", *QUICK)
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio", "inputs"]
+    assert lines[0].split() == ["model", "median", "ms", "p90", "ms", "ratio", "90%", "interval",
+                                "inputs"]
     first = next(line for line in lines if line.startswith(str(DIGITS)))
     assert first.split()[3] == "1.00x"
     assert any(line.startswith(str(zoo("squeezenet"))) for line in lines)
@@ -86,3 +88,32 @@ def test_bench_negative_warmup(cli) -> None:
     result = cli("bench", DIGITS, "--warmup", "-1")
     assert result.code == 2 and result.out == ""
     assert result.err == "slimgraph bench: error: --warmup must be 0 or more, got -1\n"
+
+
+def test_bench_reports_noise(cli) -> None:
+    """Each ratio carries its bootstrap interval; pairs whose interval holds 1 are called out."""
+    data = cli("bench", DIGITS, DIGITS, "--json", "--rounds", "8", "--warmup", "1").json()
+    first, second = data["models"]
+    assert first["ratio_low"] == first["ratio_high"] == 1.0
+    assert second["ratio_low"] <= second["ratio"] <= second["ratio_high"]
+    assert second["within_noise_of_first"] == (second["ratio_low"] <= 1 <= second["ratio_high"])
+    (pair,) = data["comparisons"]
+    assert (pair["a"], pair["b"]) == (str(DIGITS), f"{DIGITS}#2")
+    assert pair["within_noise"] == (pair["low"] <= 1 <= pair["high"])
+    text = cli("bench", DIGITS, DIGITS, "--rounds", "8", "--warmup", "1").out
+    assert "interval: 90% paired bootstrap over the rounds" in text
+    assert ("within noise: " in text) != ("no two models are within noise" in text)
+
+
+def test_bootstrap_interval_separates_real_differences() -> None:
+    from slimgraph.runtime.bench import _bootstrap_medians, bootstrap_ratio
+
+    rng = np.random.default_rng(0)
+    base = 10 + rng.normal(0, 1, 30)  # shared round-to-round drift
+    same = base * (1 + rng.normal(0, 0.05, 30))
+    fast = base * 0.5 * (1 + rng.normal(0, 0.05, 30))
+    boot = _bootstrap_medians([base, same, fast], seed=0)
+    low, high = bootstrap_ratio(boot[1], boot[0])
+    assert low <= 1.0 <= high and high - low < 0.2
+    low, high = bootstrap_ratio(boot[2], boot[0])
+    assert 0.4 < low <= high < 0.6
