@@ -127,9 +127,13 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
         for where, tensor in _iter_tensors(proto):
             _check_tensor(tensor, where, base_dir, label)
         _check_opsets(proto, label)
+        if not proto.graph.output:
+            raise InvalidModelError(f"{label}: invalid model: the graph has no outputs")
+        _check_value_infos(proto.graph, label)
         _check_graph(proto.graph, frozenset(), label, "graph")
         for function in proto.functions:
             _check_function(function, label)
+        _check_function_calls(proto, label)
         _densify_sparse(proto, base_dir, label)
     except UnicodeDecodeError:  # protobuf checks UTF-8 only when a string field is read
         raise ModelLoadError(
@@ -276,10 +280,23 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base_dir: Path, label: s
         )
 
 
+# The external-data keys onnx defines; others are dropped on load (onnx would warn about each).
+_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
 def _check_external(
     tensor: onnx.TensorProto, where: str, base_dir: Path, label: str, expected: int | None
 ) -> None:
-    """Validate an external-data reference with `lstat` only: the target is never opened."""
+    """Validate an external-data reference with `lstat` only: the target is never opened.
+
+    Keys onnx does not define are removed (logged), so no Python warning reaches the user.
+    """
+    unknown = [e.key for e in tensor.external_data if e.key not in _EXTERNAL_KEYS]
+    if unknown:
+        logger.info("%s: %s: ignoring unknown external-data keys %s", label, where, unknown)
+        kept = [e for e in tensor.external_data if e.key in _EXTERNAL_KEYS]
+        del tensor.external_data[:]
+        tensor.external_data.extend(kept)
     fields = _external_fields(tensor)
     location = fields.get("location", "")
     prefix = f"{label}: {where} has external data '{location}'"
@@ -333,10 +350,22 @@ def _check_external(
             f"{prefix}: length {length} does not match its shape {list(tensor.dims)} "
             f"({expected} bytes)"
         )
+    on_disk = getattr(info, "st_blocks", None)
+    if on_disk is not None and length > _SPARSE_FILE_MIN and on_disk * 512 < length // 2:
+        raise UnsafeModelError(
+            f"{prefix}: a sparse file ({info.st_size} bytes declared, {on_disk * 512} on disk): "
+            "weights are never holes; refusing to read it"
+        )
+
+
+# External data larger than this whose file is mostly holes (st_blocks) is refused: a weight file
+# is written in full, a sparse one is a way to make a tiny download claim terabytes.
+_SPARSE_FILE_MIN = 1 << 26
 
 
 def _non_negative_int(text: str, prefix: str, field: str) -> int:
-    if not text.isdigit() and not (text.startswith("-") and text[1:].isdigit()):
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise UnsafeModelError(f"{prefix}: {field} '{text}' is not an integer")
     value = int(text)
     if value < 0:
@@ -374,8 +403,9 @@ def _densify_sparse(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
             node.attribute[index].CopyFrom(onnx.helper.make_attribute("value", dense))
 
 
-# Sparse tensors are made dense on load; a tiny file must not allocate more than this.
-_MAX_DENSE_BYTES = 1 << 31
+# Sparse tensors are made dense on load; a tiny file must not allocate more than this (and a dense
+# tensor must stay well below protobuf's 2 GiB message limit).
+_MAX_DENSE_BYTES = 1 << 28
 
 _SPARSE_ATTRS = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
 
@@ -501,6 +531,7 @@ def _check_graph(
         define(sparse.values.name, "a sparse initializer")
     producers: dict[str, int] = {}
     for index, node in enumerate(graph.node):
+        _check_names(node, label)
         for output in node.output:
             define(output, _node_label(node, index))
             if output:
@@ -561,6 +592,82 @@ def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
         for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
             for inner in _iter_nodes(sub):
                 yield from inner.input
+
+
+def _check_value_infos(graph: onnx.GraphProto, label: str) -> None:
+    """Declared shapes of the graph's inputs, outputs and value infos: no negative dimension."""
+    for kind, values in (
+        ("input", graph.input), ("output", graph.output), ("value", graph.value_info)
+    ):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                continue
+            tensor_type = value.type.tensor_type
+            if not tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value for d in tensor_type.shape.dim if d.HasField("dim_value")]
+            if any(d < 0 for d in dims):
+                raise InvalidModelError(
+                    f"{label}: invalid model: graph {kind} '{_short(value.name)}' has a "
+                    f"negative dimension {dims}"
+                )
+
+
+# Longest op type, domain or value/node name accepted (real exports stay far below).
+_MAX_NAME = 4096
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 80 else f"{name[:40]}...({len(name)} characters)"
+
+
+def _check_names(node: onnx.NodeProto, label: str) -> None:
+    for what, text in (
+        ("op type", node.op_type), ("domain", node.domain), ("name", node.name),
+        *(("input", n) for n in node.input), *(("output", n) for n in node.output),
+    ):
+        if len(text) > _MAX_NAME:
+            raise InvalidModelError(
+                f"{label}: invalid model: the {what} of a {_short(node.op_type)} node is "
+                f"{len(text)} characters long (limit {_MAX_NAME})"
+            )
+
+
+def _check_function_calls(proto: onnx.ModelProto, label: str) -> None:
+    """Model-local functions must not call themselves, directly or through others (inlining
+    and onnxruntime would recurse forever)."""
+    functions = {(f.domain, f.name): f for f in proto.functions}
+    calls = {
+        key: {
+            (n.domain, n.op_type) for n in _function_nodes(f) if (n.domain, n.op_type) in functions
+        }
+        for key, f in functions.items()
+    }
+    state: dict[tuple[str, str], int] = {}  # 1: on the current path, 2: done
+
+    def visit(key: tuple[str, str], path: list[str]) -> None:
+        state[key] = 1
+        for callee in sorted(calls[key]):
+            if state.get(callee) == 1:
+                cycle = " -> ".join([*path, callee[1]])
+                raise InvalidModelError(
+                    f"{label}: invalid model: function '{callee[1]}' calls itself ({cycle})"
+                )
+            if callee not in state:
+                visit(callee, [*path, callee[1]])
+        state[key] = 2
+
+    for key in sorted(functions):
+        if key not in state:
+            visit(key, [key[1]])
+
+
+def _function_nodes(function: onnx.FunctionProto) -> Iterator[onnx.NodeProto]:
+    for node in function.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _iter_nodes(sub)
 
 
 def _check_function(function: onnx.FunctionProto, label: str) -> None:

@@ -8,8 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import networkx as nx
+import numpy as np
 import onnx
 import onnx_ir as ir
+
+from slimgraph.errors import InvalidModelError
 
 __all__ = [
     "dataflow_graph",
@@ -23,6 +26,7 @@ __all__ = [
     "node_macs",
     "model_macs",
     "WEIGHT_INPUTS",
+    "check_finite_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,3 +267,62 @@ def model_macs(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> 
             key = node.name if node.name and node.name not in result else None
             result[key or f"{node.name or node.op_type}#{index}"] = macs
     return result
+
+
+# Elements checked at a time for NaN/Inf (bounds the temporary boolean array: 16 MiB).
+_FINITE_CHUNK = 1 << 24
+
+
+def _first_nonfinite(array: np.ndarray, *, inf_too: bool) -> tuple[int, int] | None:
+    """(count, first flat index) of NaN (and Inf when `inf_too`) in `array`, chunk by chunk so a
+    memory-mapped multi-GB weight is never copied whole; None when there is none."""
+    flat = array.reshape(-1)
+    count, first = 0, -1
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start : start + _FINITE_CHUNK]
+        bad = ~np.isfinite(chunk) if inf_too else np.isnan(chunk)
+        hits = int(np.count_nonzero(bad))
+        if hits:
+            if first < 0:
+                first = start + int(np.argmax(bad))
+            count += hits
+    return (count, first) if count else None
+
+
+def check_finite_weights(model: ir.Model) -> None:
+    """Refuse a model whose weights hold NaN or Inf, naming the tensor.
+
+    Every float initializer is checked for NaN (never a meaningful weight); the weights and
+    biases of layers with learned parameters (`WEIGHT_INPUTS`) also for ±Inf. Other constants
+    may hold ±Inf on purpose (attention masks). Compressing such a model would hide the fault:
+    quantization turns NaN into a finite integer, so the result answers where the model gives NaN.
+
+    Raises:
+        InvalidModelError: one line naming the tensor, the count and the first bad index.
+    """
+    graphs = (model.graph, *model.graph.subgraphs())
+    weights: set[int] = set()
+    for graph in graphs:
+        for entry in node_weights(graph).values():
+            weights.update(id(v) for v in (entry.weight, entry.bias) if v is not None)
+    for graph in graphs:
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or not tensor.dtype.is_floating_point():
+                continue
+            try:
+                array = tensor.numpy()
+            except Exception:  # noqa: BLE001 - unreadable data is the loader's to report
+                continue
+            if array.dtype.kind != "f":
+                continue  # bfloat16/float8 come back as ml_dtypes: NaN checks need a cast
+            found = _first_nonfinite(array, inf_too=id(value) in weights)
+            if found is None:
+                continue
+            count, first = found
+            index = tuple(int(i) for i in np.unravel_index(first, array.shape))
+            what = "NaN" if np.isnan(array.reshape(-1)[first]) else "Inf"
+            raise InvalidModelError(
+                f"weight '{name}' holds {count} NaN/Inf value(s) of {array.size} (first: {what} "
+                f"at index {list(index)}): fix the model before compressing it"
+            )

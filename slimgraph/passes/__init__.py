@@ -45,7 +45,8 @@ CLEANUP_STEPS: list[str | dict[str, object]] = ["cleanup"]
 # fusions left dead, then the activation units for quantization. `batchnorm-to-affine` is not
 # here: a lone BatchNormalization is one onnxruntime kernel, Mul + Add are two (measured on
 # DenseNet-121: 0.77x latency without it, 0.95x with it, ORT optimizations on); append it to a
-# recipe when a later pass needs Mul/Add instead of BatchNormalization.
+# recipe when a later pass needs Mul/Add instead of BatchNormalization. `compact-constants` last:
+# uniform weights materialized from ConstantOfShape go back to it, so the file never grows.
 LOSSLESS_STEPS: list[str | dict[str, object]] = [
     "cleanup",
     "fuse-pad",
@@ -55,6 +56,7 @@ LOSSLESS_STEPS: list[str | dict[str, object]] = [
     "matmul-add-to-gemm",
     "cleanup",
     "mark-units",
+    "compact-constants",
 ]
 
 register_preset("cleanup-only", CLEANUP_STEPS)
@@ -66,6 +68,7 @@ def lossless(
     *,
     verify: bool = True,
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    compact: bool = True,
 ) -> PipelineResult:
     """Run the exact cleanup + fusion passes on a copy of `model` (BN folded into Conv, ...).
 
@@ -73,6 +76,7 @@ def lossless(
         model: the input (not modified).
         verify: check each pass on onnxruntime (exact: rtol 1e-4, atol 1e-5 of output scale).
         feeds: sample inputs for verification (default: seeded random feeds).
+        compact: end with `compact-constants` (False where a later pass needs the weights).
 
     Returns:
         `PipelineResult`; `.model` is the optimized model, `.records` what each pass did.
@@ -80,4 +84,5 @@ def lossless(
     Example:
         >>> folded = lossless(model).model  # doctest: +SKIP
     """
-    return run_pipeline(model, LOSSLESS_STEPS, verify=verify, feeds=feeds)
+    steps = LOSSLESS_STEPS if compact else [s for s in LOSSLESS_STEPS if s != "compact-constants"]
+    return run_pipeline(model, steps, verify=verify, feeds=feeds)

@@ -16,6 +16,9 @@ __all__ = [
     "replace_output",
     "opset_version",
     "new_initializer",
+    "OutputSignature",
+    "output_signature",
+    "restore_outputs",
 ]
 
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -127,3 +130,100 @@ def attr_value(node: ir.Node, name: str, default: Any = None) -> Any:
     if attr is None:
         return default
     return attr.value
+
+
+# A graph output as the user sees it: its name, and its type and shape when they were known.
+OutputSignature = tuple[str | None, ir.TypeProtocol | None, ir.Shape | None]
+
+
+def output_signature(graph: ir.Graph) -> list[OutputSignature]:
+    """The names, types and shapes of `graph`'s outputs, in order (see `restore_outputs`)."""
+    return [(value.name, value.type, value.shape) for value in graph.outputs]
+
+
+def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
+    """Give `graph`'s outputs back the names (and, where lost, types) listed in `signature`.
+
+    Exact rewrites (identity elimination, CSE, Dropout or one-input Sum removal, ...) may leave
+    one value behind two outputs, or a graph input or initializer as an output, or a renamed
+    value. Each output position gets its original name back: the value is renamed when nothing
+    else needs its name, otherwise an Identity carries the name (two outputs stay two names).
+    Types and shapes the rewrite dropped (values made by If/Loop, say) are copied back.
+
+    Args:
+        graph: the graph after a pass, edited in place.
+        signature: `output_signature(graph)` taken before the pass.
+
+    Returns:
+        True when something was changed.
+    """
+    if len(graph.outputs) != len(signature):
+        return False  # a pass that changed the outputs on purpose (none does today)
+    changed = False
+    claimed: dict[int, str] = {}  # value id -> the output name it carries
+    for index, (name, type_, shape) in enumerate(signature):
+        value = graph.outputs[index]
+        if name is None:
+            continue
+        if value.name == name and claimed.get(id(value), name) == name:
+            claimed[id(value)] = name  # (a model may list one value twice under one name)
+            _restore_type(value, type_, shape)
+            continue
+        renamable = (
+            id(value) not in claimed
+            and not value.is_graph_input()
+            and not value.is_initializer()
+            and not _needed_elsewhere(signature, value, index)
+        )
+        holder = _value_named(graph, name)
+        if holder is not None and holder is not value:
+            # Another value took the name (an inner value renamed by a rewrite): move it aside.
+            if holder.is_graph_input() or holder.is_initializer():
+                continue  # cannot happen in a valid graph; leave it for the checker to name
+            holder.name = Names(graph).fresh(f"{name}_inner")
+        if renamable:
+            value.name = name
+            claimed[id(value)] = name
+            _restore_type(value, type_, shape)
+        else:
+            identity = ir.node("Identity", [value])
+            identity.outputs[0].name = name
+            producer = value.producer()
+            if producer is not None and producer.graph is graph:
+                graph.insert_after(producer, identity)
+            elif len(graph):
+                graph.insert_before(graph[0], identity)
+            else:
+                graph.append(identity)
+            graph.outputs[index] = identity.outputs[0]
+            _restore_type(identity.outputs[0], type_ or value.type, shape or value.shape)
+        changed = True
+    return changed
+
+
+def _needed_elsewhere(signature: list[OutputSignature], value: ir.Value, index: int) -> bool:
+    """Whether `value`'s current name is the original name of another output position."""
+    for other, (name, _, _) in enumerate(signature):
+        if other != index and name == value.name:
+            return True
+    return False
+
+
+def _value_named(graph: ir.Graph, name: str) -> ir.Value | None:
+    for value in graph.inputs:
+        if value.name == name:
+            return value
+    if name in graph.initializers:
+        return graph.initializers[name]
+    for node in graph:
+        for value in node.outputs:
+            if value.name == name:
+                return value
+    return None
+
+
+def _restore_type(value: ir.Value, type_: ir.TypeProtocol | None, shape: ir.Shape | None) -> None:
+    if value.type is None and type_ is not None:
+        value.type = type_
+    if value.shape is None and shape is not None:
+        value.shape = shape

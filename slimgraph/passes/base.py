@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.passes._graph_utils import output_signature, restore_outputs
 
 __all__ = ["Skipped", "SlimgraphPassResult", "SlimgraphPass", "SlimgraphFunctionalPass"]
 
@@ -35,19 +36,30 @@ class SlimgraphPassResult(ir.passes.PassResult):
 
 
 class _ErrorsPassThrough:
-    """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped.
+    """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped, and keep
+    the graph's outputs: every pass returns a model whose outputs have the names (all of them, in
+    order) and types they had before (`restore_outputs`).
 
     `onnx_ir` wraps any exception from `requires` in a `PreconditionError`; a user who passed an
     impossible option should see our one-line message (and the CLI its exit code 2), not the wrap.
     """
 
     def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        model = (
+            model_or_result.model
+            if isinstance(model_or_result, ir.passes.PassResult)
+            else model_or_result
+        )
+        signature = output_signature(model.graph)
         try:
-            return super().__call__(model_or_result)  # type: ignore[misc]
+            result = super().__call__(model_or_result)  # type: ignore[misc]
         except ir.passes.InvariantError as error:
             if isinstance(error.__cause__, SlimgraphError):
                 raise error.__cause__ from None
             raise
+        if restore_outputs(result.model.graph, signature) and not result.modified:
+            result.modified = True
+        return result
 
 
 class SlimgraphPass(_ErrorsPassThrough, ir.passes.InPlacePass):

@@ -38,6 +38,7 @@ from slimgraph.passes.pipeline import register_pass
 __all__ = [
     "InitializerInputsPass",
     "MaterializeConstantOfShapePass",
+    "CompactConstantsPass",
     "FoldConstantsPass",
     "RemoveDropoutPass",
     "SimplifyShapeChainsPass",
@@ -72,24 +73,69 @@ class InitializerInputsPass(SlimgraphPass):
         return ir.passes.PassResult(model, result.modified)
 
 
+# Weight slots of the layers the fusion, quantization, pruning and low-rank passes rewrite: a
+# ConstantOfShape feeding one of these is a weight those passes need as an initializer.
+_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1,),
+    "BatchNormalization": (1, 2, 3, 4),
+}
+
+# Defaults of `MaterializeConstantOfShapePass` (elements).
+SMALL_CONSTANT_ELEMENTS = 1 << 16
+WEIGHT_CONSTANT_ELEMENTS = 1 << 26
+
+
+def _feeds_weight_slot(value: ir.Value) -> bool:
+    for use in value.uses():
+        node, index = use.node, use.idx
+        if node.domain in ("", "ai.onnx") and index in _WEIGHT_SLOTS.get(node.op_type, ()):
+            return True
+    return False
+
+
+def _declared_size(shape: np.ndarray) -> int | None:
+    """Elements of a tensor of `shape` (Python ints: no overflow), None for a negative dim."""
+    dims = [int(d) for d in shape.reshape(-1)]
+    if any(d < 0 for d in dims):
+        return None
+    size = 1
+    for d in dims:
+        size *= d
+    return size
+
+
 @register_pass("constant-of-shape")
 class MaterializeConstantOfShapePass(SlimgraphPass):
     """Replace `ConstantOfShape(constant shape)` by an initializer holding the filled tensor; exact.
 
     onnxscript's folder keeps ConstantOfShape on purpose (to keep files small), but old exports
     (the ONNX zoo's `light_*` models) build every weight that way, so no fusion could see them.
+    Only small tensors (`size_limit`) and weights of Conv/Gemm/MatMul/BatchNormalization
+    (`weight_limit`, logged) are materialized: a run-time-cheap fill of an activation-sized tensor
+    stays a node, so the file does not grow (`compact-constants` stores uniform weights back).
 
     Args:
         size_limit: largest tensor (elements) to materialize; None for no limit.
+        weight_limit: largest weight (elements) to materialize; None for `size_limit`.
     """
 
     exact: ClassVar[bool] = True
 
-    def __init__(self, *, size_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        size_limit: int | None = SMALL_CONSTANT_ELEMENTS,
+        weight_limit: int | None = WEIGHT_CONSTANT_ELEMENTS,
+    ) -> None:
         super().__init__()
-        if size_limit is not None and size_limit < 0:
-            raise ValueError(f"size_limit must be >= 0, got {size_limit}")
+        for name, limit in (("size_limit", size_limit), ("weight_limit", weight_limit)):
+            if limit is not None and limit < 0:
+                raise ValueError(f"{name} must be >= 0, got {limit}")
         self.size_limit = size_limit
+        self.weight_limit = size_limit if weight_limit is None else weight_limit
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         skipped: list[Skipped] = []
@@ -100,14 +146,25 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             shape = constant_array(node.inputs[0])
             if shape is None:
                 continue
-            size = int(np.prod(shape))
-            if self.size_limit is not None and size > self.size_limit:
+            size = _declared_size(shape)
+            if size is None:
+                skipped.append(Skipped(node.name or "", node.op_type, "negative dimension"))
+                continue
+            output = node.outputs[0]
+            weight = _feeds_weight_slot(output)
+            limit = self.weight_limit if weight else self.size_limit
+            if limit is not None and size > limit:
                 skipped.append(Skipped(node.name or "", node.op_type, f"{size} elements"))
                 continue
+            if weight and self.size_limit is not None and size > self.size_limit:
+                logger.info(
+                    "materializing the weight %s (%d elements) built by ConstantOfShape: the "
+                    "fusion and compression passes need it as an initializer",
+                    output.name, size,
+                )
             attr = node.attributes.get("value")
             fill = attr.as_tensor().numpy() if attr is not None else np.zeros(1, np.float32)
             array = np.full(tuple(int(d) for d in shape), fill.reshape(-1)[0], dtype=fill.dtype)
-            output = node.outputs[0]
             hint = output.name or f"{node.name}_value"
             if output.is_graph_output():  # the output keeps its name (an Identity carries it)
                 hint = f"{hint}_value"
@@ -117,6 +174,86 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             bypass(node, value)
             count += 1
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
+
+
+@register_pass("compact-constants")
+class CompactConstantsPass(SlimgraphPass):
+    """Store large initializers whose elements are all equal as `ConstantOfShape`, and those
+    whose rows are (one value per output channel) as `Expand` of the row values; exact (the
+    same bits come back: no arithmetic).
+
+    The counterpart of `constant-of-shape` for the file: weights an old export built with
+    ConstantOfShape, materialized so fusions could rewrite them, are written back the compact way
+    (onnxruntime folds them again when it loads the model), so a lossless run never inflates a
+    file. Initializers that are graph inputs or graph outputs stay.
+
+    Args:
+        min_elements: smallest initializer (elements) worth replacing.
+    """
+
+    exact: ClassVar[bool] = True
+
+    def __init__(self, *, min_elements: int = 16) -> None:
+        super().__init__()
+        if min_elements < 1:
+            raise ValueError(f"min_elements must be >= 1, got {min_elements}")
+        self.min_elements = min_elements
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        graph = model.graph
+        count = 0
+        if opset_version(model) < 9:  # ConstantOfShape is opset 9
+            return SlimgraphPassResult(model, False)
+        for name, value in list(graph.initializers.items()):
+            tensor = value.const_value
+            if (
+                tensor is None
+                or value.is_graph_input()
+                or value.is_graph_output()
+                or not value.uses()
+                or tensor.size < self.min_elements
+            ):
+                continue
+            try:
+                array = tensor.numpy()
+            except Exception:  # noqa: BLE001 - unreadable external data: leave it
+                continue
+            if array.dtype.kind not in "fiub" or array.dtype.kind == "f" and np.isnan(array).any():
+                continue
+            rows = _uniform_rows(array)
+            if rows is None:
+                continue
+            shape = new_initializer(
+                graph, np.array(array.shape, dtype=np.int64), f"{name}_shape"
+            )
+            if rows.size == 1:
+                fill = ir.tensor(rows.reshape(1))
+                node = ir.node("ConstantOfShape", [shape], attributes={"value": fill})
+            else:  # one value per output channel (a uniform weight times a folded BN scale)
+                values = new_initializer(graph, rows, f"{name}_rows")
+                node = ir.node("Expand", [values, shape])
+            graph.insert_before(graph[0], node)  # it has readers, so the graph has nodes
+            out = node.outputs[0]
+            out.type, out.shape = value.type, value.shape
+            value.replace_all_uses_with(out)
+            graph.initializers.pop(name)
+            out.name = name
+            count += 1
+        return SlimgraphPassResult(model, bool(count))
+
+
+def _uniform_rows(array: np.ndarray) -> np.ndarray | None:
+    """The one value of a uniform array (shape [1]), or the values of an array uniform along
+    every axis but the first (shape [rows, 1, ..., 1]); None otherwise. Bitwise equality."""
+    flat = array.reshape(-1)
+    if (flat == flat[0]).all():
+        return flat[:1].copy()
+    if array.ndim < 2 or array.shape[0] * 8 > array.size:
+        return None
+    by_row = array.reshape(array.shape[0], -1)
+    if (by_row == by_row[:, :1]).all():
+        return by_row[:, :1].reshape((array.shape[0],) + (1,) * (array.ndim - 1)).copy()
+    return None
 
 
 @register_pass("fold-constants")

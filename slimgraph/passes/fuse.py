@@ -226,7 +226,7 @@ class FuseBatchNormPass(SlimgraphPass):
             )
             gemm.metadata_props.update(source.metadata_props)
             graph.insert_after(bn, gemm)
-            gemm.outputs[0].dtype = bn.outputs[0].dtype
+            gemm.outputs[0].type = bn.outputs[0].type
             gemm.outputs[0].shape = bn.outputs[0].shape
             replace_output(bn.outputs[0], gemm.outputs[0])
             graph.remove(bn, safe=True)
@@ -492,13 +492,13 @@ class BatchNormToAffinePass(SlimgraphPass):
                 s = new_initializer(graph, s_array, f"{base}_scale")
                 t = new_initializer(graph, t_array, f"{base}_shift")
                 mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
-                mul.outputs[0].dtype = x.dtype
+                mul.outputs[0].type = x.type
                 mul.outputs[0].shape = x.shape
                 new_nodes = [mul, ir.node("Add", [mul.outputs[0], t])]
             new_nodes[-1].name = bn.name
             for new in new_nodes:
                 new.metadata_props.update(bn.metadata_props)
-            new_nodes[-1].outputs[0].dtype = bn.outputs[0].dtype
+            new_nodes[-1].outputs[0].type = bn.outputs[0].type
             new_nodes[-1].outputs[0].shape = bn.outputs[0].shape
             graph.insert_after(bn, new_nodes)
             replace_output(bn.outputs[0], new_nodes[-1].outputs[0])
@@ -601,7 +601,7 @@ class SumToAddPass(SlimgraphPass):
             elif len(inputs) == 2:
                 add = ir.node("Add", inputs, name=node.name, doc_string=node.doc_string)
                 add.metadata_props.update(node.metadata_props)
-                add.outputs[0].dtype = node.outputs[0].dtype
+                add.outputs[0].type = node.outputs[0].type
                 add.outputs[0].shape = node.outputs[0].shape
                 node.graph.insert_after(node, add)
                 replace_output(node.outputs[0], add.outputs[0])
@@ -630,13 +630,19 @@ class _CheckedGemmMixin:
             return result.fail("the bias's shape or type is unknown")
         if len(input_c.shape) > 2:
             return result.fail("the bias has rank > 2 (the Add broadcasts the output)")
-        out = context.output_values[0].shape if context.output_values else None
-        if out is None or len(out) != 2:
-            return result.fail("output shape unknown")
+        if self._matmul is None or input_c is self._matmul.outputs[0] or any(
+            input_c is node.outputs[0] for node in context.nodes
+        ):
+            return result.fail("the bias is the MatMul's own output (Add(m, m))")
+        if input_a.shape is None or input_b.shape is None:
+            return result.fail("the MatMul's input shapes are unknown")
+        rows = input_a.shape[1 if self.trans_a else 0]  # type: ignore[attr-defined]
+        cols = input_b.shape[0 if self.trans_b else 1]  # type: ignore[attr-defined]
         c_dims = (1,) * (2 - len(input_c.shape)) + tuple(input_c.shape)
-        for c_dim, o_dim in zip(c_dims, out, strict=True):
+        for c_dim, o_dim in zip(c_dims, (rows, cols), strict=True):
             if c_dim != 1 and c_dim != o_dim:
-                return result.fail("the bias does not broadcast to the MatMul output")
+                # Gemm's output is the MatMul's (M, N): a bias that grows it cannot move inside.
+                return result.fail("the bias does not broadcast to the MatMul's output (M, N)")
         return result
 
 

@@ -51,6 +51,7 @@ from slimgraph.errors import (
     VerificationError,
 )
 from slimgraph.ir import copy_model
+from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.runtime import (
     Fidelity,
@@ -342,7 +343,7 @@ class _Verifier:
         try:
             session = create_session(model, optimization="disable")
             return [run(session, feed) for feed in self.feeds]
-        except SlimgraphError:
+        except BadDataError:
             raise
         except Exception as error:  # onnxruntime reports invalid graphs with many types
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -444,6 +445,7 @@ def run_pipeline(
     Raises:
         VerificationError: a pass broke its promise; the message names the pass.
         BadOptionError: unknown pass or preset names, bad options.
+        InvalidModelError: a weight holds NaN/Inf (`check_finite_weights`).
     """
     built = [s for s in steps if isinstance(s, Step)]
     if len(built) != len(steps):
@@ -451,6 +453,7 @@ def run_pipeline(
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
+    check_finite_weights(model)
     current = copy_model(model)
     judge = _drop_judge(current, built, data, max_drop)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None

@@ -40,6 +40,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
@@ -147,6 +148,7 @@ class Fp16Pass(SlimgraphPass):
             )
 
     def call(self, model: ir.Model) -> Fp16Result:
+        check_finite_weights(model)  # NaN/Inf weights: refused, naming the tensor
         return _Converter(model, self.keep_io_types, self.keep_ops).run()
 
 

@@ -738,6 +738,7 @@ def prune_with_report(
 ) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs and, with
     a budget, the evaluation on `data`)."""
+    ir_analysis.check_finite_weights(model)
     judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
                          metric=metric)
     if target_macs is not None:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError
-from slimgraph.runtime.feeds import check_feeds, iter_batches, sample_count
+from slimgraph.errors import BadDataError, UnsupportedModelError
+from slimgraph.runtime.feeds import check_feeds, input_specs, iter_batches, sample_count
 from slimgraph.runtime.histogram import TensorStats
+from slimgraph.runtime.metrics import DEFAULT_LABELS
 from slimgraph.runtime.session import create_session
 
 __all__ = [
@@ -59,6 +60,8 @@ class Batches:
     _stacked: Mapping[str, np.ndarray] | None = None
     _kept: list[dict[str, np.ndarray]] | None = None
     _consumed: bool = False
+    _check_each: bool = False  # rows read from a file on demand: check each batch as it comes
+    one_row: bool = False  # the model was found to run one row at a time (see `_runs`)
 
     def first(self) -> dict[str, np.ndarray]:
         """The first checked batch, without using up one-shot data (a generator)."""
@@ -72,7 +75,12 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._stacked is not None:
-            yield from iter_batches(self._stacked, self.batch_size, self.model)
+            for index, batch in enumerate(
+                iter_batches(self._stacked, self.batch_size, self.model)  # type: ignore[arg-type]
+            ):
+                if self._check_each:
+                    check_feeds(self.model, batch, source=f"{self.source} (batch {index})")
+                yield batch
             return
         if self._consumed:  # a generator: replay the batches kept on the first pass
             yield from self._kept or []
@@ -110,10 +118,10 @@ def calibration_batches(
             (the message lists what the model expects), NaN or Inf.
     """
     if isinstance(data, (str, os.PathLike)):
-        from slimgraph.runtime.metrics import load_data  # a labels key is ignored, never fed
-
-        stacked = load_data(data, model).feeds
-        return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
+        rows = _npz_rows(data, model)
+        return Batches(
+            model, data, batch_size, _batches_in(rows, batch_size), rows, _check_each=True
+        )
     if isinstance(data, Mapping):
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
@@ -131,6 +139,34 @@ def calibration_batches(
     if total == 0:
         raise BadDataError("calibration data is empty (no batches)")
     return Batches(model, data, batch_size, total)
+
+
+def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
+    """The `.npz` as row-sliceable arrays (read batch by batch, memory flat in the sample
+    count), checked on its first row and sample counts; finiteness is checked per batch."""
+    from slimgraph.runtime.npz_rows import open_npz_rows
+
+    try:
+        rows = open_npz_rows(path)
+    except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
+        return _load_whole(path, model)
+    names = {spec.name for spec in input_specs(model)}
+    if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
+        rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
+    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
+        return _load_whole(path, model)
+    counts = {name: array.shape[0] for name, array in rows.items()}
+    if len(set(counts.values())) > 1 or 0 in counts.values():
+        return _load_whole(path, model)  # the reader's message names the problem
+    check_feeds(model, {name: array[0:1] for name, array in rows.items()}, source=str(path))
+    return rows  # type: ignore[return-value]
+
+
+def _load_whole(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
+    """The `.npz` read whole and checked; a labels key is left out (never fed)."""
+    from slimgraph.runtime.metrics import load_data
+
+    return load_data(path, model).feeds
 
 
 def _batches_in(stacked: Mapping[str, np.ndarray], batch_size: int) -> int:
@@ -193,10 +229,53 @@ def _runs(
 
     with tqdm(total=total, desc=description, unit="batch", file=sys.stderr, disable=not show,
               leave=False) as bar:
+        source = _batches_of(batches)
+        one_row = source is not None and source.one_row  # known from an earlier pass
         for feed in batches:
-            outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
+            if not one_row:
+                try:
+                    outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
+                except Exception as error:  # onnxruntime's own classes
+                    if sample_count(feed) <= 1:
+                        raise _run_failure(error) from None
+                    one_row = True  # retried below, one row per run
+                    if source is not None:
+                        source.one_row = True  # later passes over the data: no second warning
+                    logger.warning(
+                        "the model declares a dynamic batch but fails on %d rows at once (%s): "
+                        "running one row per run",
+                        sample_count(feed), _first_line(error),
+                    )
+                else:
+                    bar.update(1)
+                    yield outputs
+                    continue
+            for row in iter_batches(feed, 1):
+                try:
+                    yield session.run(output_names, dict(row))  # type: ignore[attr-defined]
+                except Exception as error:  # onnxruntime's own classes
+                    raise _run_failure(error) from None
             bar.update(1)
-            yield outputs
+
+
+def _batches_of(batches: object) -> Batches | None:
+    """The `Batches` behind `batches`, also through a wrapper that keeps it as `.batches`."""
+    for candidate in (batches, getattr(batches, "batches", None)):
+        if isinstance(candidate, Batches):
+            return candidate
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().replace("[ONNXRuntimeError] : ", "")
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _run_failure(error: BaseException) -> UnsupportedModelError:
+    """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
+    return UnsupportedModelError(
+        f"onnxruntime cannot run the model on the calibration data: {_first_line(error)}"
+    )
 
 
 def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:

@@ -7,6 +7,7 @@ array stacked on axis 0 (one row per sample).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -71,6 +72,10 @@ def describe_inputs(specs: Iterable[InputSpec]) -> str:
     return "; ".join(spec.describe() for spec in specs)
 
 
+# Largest sample input `random_feeds` makes (elements; 1 GiB of float32).
+MAX_SAMPLE_ELEMENTS = 1 << 28
+
+
 def random_feeds(
     model: ir.Model,
     *,
@@ -86,6 +91,9 @@ def random_feeds(
     or uniform in `ranges[name]` (low, high) when given (see `calibrated_ranges`); integers are
     0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name contains "mask";
     booleans are True.
+
+    Raises:
+        BadDataError: an input declares more than `MAX_SAMPLE_ELEMENTS` elements.
     """
     ranges = ranges or {}
     rng = np.random.default_rng(seed)
@@ -100,6 +108,12 @@ def random_feeds(
                 shape.append(dims[dim])
             else:
                 shape.append(batch if axis == 0 else 1)
+        elements = math.prod(shape)
+        if elements > MAX_SAMPLE_ELEMENTS:
+            raise BadDataError(
+                f"input '{spec.name}' declares shape {shape} ({elements:,} elements): too large "
+                "to make sample inputs for; give real data or skip verification (--no-verify)"
+            )
         if spec.dtype.kind == "f" and spec.name in ranges:
             low, high = ranges[spec.name]
             feeds[spec.name] = rng.uniform(low, high, size=shape).astype(spec.dtype)

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.ir import load_proto, save, tensor_bytes
 from slimgraph.ir._save import inlined_external_data, without_initializer_value_info
 
@@ -68,7 +68,7 @@ def create_session(
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors reach the user once, as our message
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         load_proto(model)  # the safe loader's checks (external data, structure) come first
@@ -89,6 +89,8 @@ def run(
     Raises:
         BadDataError: onnxruntime rejected the feeds (missing or unknown names, wrong dtype or
             shape); the message lists what the session expects.
+        UnsupportedModelError: onnxruntime failed while running (a shape the model cannot take);
+            its own exception classes never reach the caller.
     """
     names = [output.name for output in session.get_outputs()]
     try:
@@ -102,5 +104,10 @@ def run(
         )
         raise BadDataError(
             f"the inputs do not fit the model ({detail}); it expects {expected}"
+        ) from None
+    except Exception as error:  # onnxruntime's own classes (Fail, RuntimeException, ...)
+        text = " ".join(str(error).split()).replace("[ONNXRuntimeError] : ", "")
+        raise UnsupportedModelError(
+            f"onnxruntime cannot run the model on these inputs: {text[:500]}"
         ) from None
     return dict(zip(names, outputs, strict=True))

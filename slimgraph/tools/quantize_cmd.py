@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
     parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
                         help="default: static with --calib, else dynamic")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="dynamic/weight-only: do not run the model on onnxruntime to check "
+                             "the folding before quantization (models with custom ops)")
     parser.add_argument("--calib", metavar="DATA.npz",
                         help="calibration data: keys = input names, stacked on axis 0")
     parser.add_argument("--method", choices=METHODS, default="minmax",
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         data=None if judge is None else judge.data,
         budget=None if judge is None else judge.budget,
+        verify=args.verify,
     )
     sg_ir.save(quantized, target)
     search = budget_search_of(quantized)

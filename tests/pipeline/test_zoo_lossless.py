@@ -76,8 +76,15 @@ def test_zoo_model_lossless(zoo_path: Path, tmp_path: Path, capsys) -> None:
     assert after.opset_imports[""] == before.opset_imports[""] == 9
     ops_before = Counter(n.op_type for n in before.graph)
     ops_after = Counter(n.op_type for n in after.graph)
-    assert ops_after["ConstantOfShape"] == 0 and ops_after["Dropout"] == 0
+    assert ops_after["Dropout"] == 0
     assert ops_after["Conv"] == ops_before["Conv"]
+    # weights built by ConstantOfShape were folded (no BN left above) and stored compactly again:
+    # a lossless run never inflates the file (light_resnet50 went from 78 KiB to 97 MiB). Only
+    # the inferred shapes and unit annotations may add a little to the smallest files.
+    size_before, size_after = zoo_path.stat().st_size, (tmp_path / "out.onnx").stat().st_size
+    assert size_after <= 1.25 * size_before + 2048, (size_before, size_after)
+    if "resnet50" in zoo_path.name:
+        assert size_after <= size_before
 
 
 def test_torch_model_lossless(torch_model_name: str, tmp_path: Path, capsys) -> None:

@@ -177,8 +177,20 @@ def test_bad_options(options: dict[str, object], message: str) -> None:
 
 
 def test_nothing_to_quantize_and_old_opset_for_dq() -> None:
+    # the exported ResNet's classifier is a Gemm (a Linear with bias): quantized as a MatMul now
+    ops = [n.op_type for n in quantize_weight_only(exported_model("resnet")).graph]
+    assert "Gemm" not in ops and "MatMulNBits" in ops
+    conv_only = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "conv",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
     with pytest.raises(UnsupportedModelError, match="nothing to quantize weight-only"):
-        quantize_weight_only(exported_model("resnet"))  # Conv and Gemm only
+        quantize_weight_only(ir.from_proto(conv_only))  # Conv only
     with pytest.raises(UnsupportedModelError, match="needs opset >= 21"):
         WeightOnlyQuantizePass(fmt="dq")(exported_model("mlp"))
 

@@ -197,6 +197,7 @@ def factorize_with_report(
         # (and folded weights) overridable at run time; IR 4 lifts that rule, nothing else.
         work.ir_version = 4
     folded = fold_weights(work, layer_filter.op_types) if fold else 0
+    analysis.check_finite_weights(work)  # an SVD of NaN fails deep inside LAPACK
     layer_filter.check_names(work.graph)
     params_before = analysis.parameter_count(work)  # after folding: weights are initializers
     reference = work.clone() if samples else None

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
+from slimgraph.errors import (
+    BadOptionError,
+    SlimgraphError,
+    UnsupportedModelError,
+    VerificationError,
+)
 from slimgraph.ir import copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
@@ -63,6 +68,7 @@ def quantize(
     max_drop: float | None = None,
     min_cosine: float | None = None,
     metric: Metric | None = None,
+    verify: bool = True,
 ) -> ir.Model:
     """Quantize a float model to int8 (a new model; the input is not modified).
 
@@ -97,10 +103,15 @@ def quantize(
             sensitive layers float until it holds (`passes.budgeted.quantize_with_budget`; the
             search is in `budget_search_of(result)`); other modes only check it.
         metric: a user `Metric` (higher is better) replacing top-1 accuracy for `max_drop`.
+        verify: dynamic/weight-only: check the exact folding before quantization on
+            onnxruntime (random inputs). False quantizes without running the model at all
+            (models with ops onnxruntime does not have); static mode always runs it.
 
     Raises:
         BadOptionError: bad options, an `--exclude` that matches nothing, a budget without data.
         VerificationError: the result misses the budget (the measured figure is in the message).
+        UnsupportedModelError: the model does not run on onnxruntime where it must (the
+            message says to pass verify=False / --no-verify for dynamic and weight-only).
 
     Example:
         >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
@@ -115,7 +126,7 @@ def quantize(
                                 exclude_ops=exclude_ops, include_ops=include_ops,
                                 activation_dtype=activation_dtype, report=report, bits=bits,
                                 block_size=block_size, batch_size=batch_size, progress=progress,
-                                percentile=percentile)
+                                percentile=percentile, verify=verify)
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
@@ -139,7 +150,9 @@ def quantize(
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
         from slimgraph.runtime import random_feeds
 
-        model = prepare(model, random_feeds(model))
+        model = prepare(
+            model, random_feeds(model) if verify else None, matmul_to_gemm=mode != "weight-only"
+        )
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
@@ -185,7 +198,8 @@ def _quantize_within(
             result = _deployable(search.candidate)
             result.meta[metadata.BUDGET_SEARCH] = search
             return result
-        static = {k: v for k, v in options.items() if k not in ("bits", "block_size", "fmt")}
+        static = {k: v for k, v in options.items()
+                  if k not in ("bits", "block_size", "fmt", "verify")}
         result = _deployable(quantize_static(
             model, calibration, keep_float=keep_float, fmt=options["fmt"] or "qdq", **static
         ))
@@ -303,15 +317,23 @@ def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerl
     return model.meta.get(metadata.QUANT_REPORT)
 
 
-def prepare(model: ir.Model, feed: dict[str, np.ndarray] | None = None) -> ir.Model:
+def prepare(
+    model: ir.Model, feed: dict[str, np.ndarray] | None = None, *, matmul_to_gemm: bool = True
+) -> ir.Model:
     """A copy with constants folded and BatchNorm folded into Conv/ConvTranspose/Gemm, verified.
 
     Uses the pipeline's lossless passes (exact). With `feed`, the result is compared with the
     model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
+    `matmul_to_gemm=False` keeps MatMul+Add apart (weight-only quantizes MatMuls only: a Linear
+    with bias must stay a MatMul).
     """
-    from slimgraph.passes import lossless
+    from slimgraph.passes import LOSSLESS_STEPS, run_pipeline
 
-    prepared = lossless(copy_model(model), verify=False).model
+    steps = [
+        step for step in LOSSLESS_STEPS
+        if step != "compact-constants" and (matmul_to_gemm or step != "matmul-add-to-gemm")
+    ]
+    prepared = run_pipeline(copy_model(model), steps).model
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 
@@ -358,7 +380,18 @@ def _first_rows(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.nd
 def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]) -> None:
     from slimgraph.runtime import create_session, run
 
-    ref = run(create_session(reference), feed)
+    try:
+        session = create_session(reference)
+    except SlimgraphError:
+        raise
+    except Exception as error:  # onnxruntime's own classes: custom ops, invalid graphs
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = text.replace("[ONNXRuntimeError] : ", "")
+        raise UnsupportedModelError(
+            f"the model does not run on onnxruntime ({text}); dynamic and weight-only "
+            "quantization do not need to run it: pass --no-verify (verify=False)"
+        ) from None
+    ref = run(session, feed)
     got = run(create_session(prepared), feed)
     for name, expected in ref.items():
         actual = got.get(name)

@@ -35,7 +35,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.ir.select import check_patterns
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._graph_utils import Names, new_initializer, replace_output
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
@@ -160,6 +160,8 @@ class WeightOnlyQuantizePass(SlimgraphPass):
 
     def call(self, model: ir.Model) -> WeightOnlyResult:
         graph = model.graph
+        if "MatMul" not in self.exclude_ops and "Gemm" not in self.exclude_ops:
+            _gemms_as_matmuls(graph)
         skipped: list[Skipped] = []
         plan: list[tuple[ir.Node, np.ndarray, ir.Node | None]] = []
         candidates = 0
@@ -208,6 +210,45 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         if self.fmt == "matmulnbits":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return WeightOnlyResult(model, modified=True, skipped=skipped, quantized=quantized)
+
+
+def _gemms_as_matmuls(graph: ir.Graph) -> int:
+    """Rewrite `Gemm(a, B, c)` with a constant float32 B (alpha = beta = 1, transA = 0) as
+    `Add(MatMul(a, B'), c)` (B' = B or its transpose): a Linear exported as Gemm, or folded to one
+    by `matmul-add-to-gemm`, is a MatMul to this mode (whose MatMulNBits takes the bias). Exact.
+    """
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = node.attributes
+        if (
+            attrs.get_float("alpha", 1.0) != 1.0
+            or attrs.get_float("beta", 1.0) != 1.0
+            or attrs.get_int("transA", 0) != 0
+        ):
+            continue
+        weight = traced_constant(node.inputs[1])
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+            continue
+        if attrs.get_int("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        source = node.inputs[1]
+        b = new_initializer(graph, weight, f"{(source.name if source else None) or node.name}_kn")
+        matmul = ir.node("MatMul", [node.inputs[0], b], name=node.name)
+        matmul.metadata_props.update(node.metadata_props)
+        graph.insert_before(node, matmul)
+        result = matmul.outputs[0]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None:
+            add = ir.node("Add", [result, bias], name=f"{node.name}_bias" if node.name else None)
+            graph.insert_before(node, add)
+            result = add.outputs[0]
+        result.type, result.shape = node.outputs[0].type, node.outputs[0].shape
+        replace_output(node.outputs[0], result)
+        graph.remove(node, safe=True)
+        count += 1
+    return count
 
 
 def quantize_weight_only(
