@@ -24,10 +24,11 @@ from slimgraph.passes.lowrank import factorize, factorize_with_report
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
-from slimgraph.passes.quantize import quantize
+from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime import benchmark, compare, random_feeds
 from slimgraph.runtime.budget import check_budget
+from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
 from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "random_feeds",
     "optimize",
     "quantize",
+    "report_of",
     "prune",
     "prune_with_report",
     "factorize",
@@ -49,6 +51,9 @@ __all__ = [
     "convert_fp16",
     "sensitivity",
     "check_budget",
+    "finetune",
+    "finetune_with_report",
+    "FinetuneReport",
     "sweep",
     "SlimgraphError",
     "BadInputError",

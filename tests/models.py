@@ -23,6 +23,7 @@ __all__ = [
     "TransformerMLP",
     "BertStyleEncoder",
     "ConvTransposeNet",
+    "DigitsTransformer",
     "TORCH_MODELS",
     "example_input",
     "fit_batchnorm",
@@ -383,3 +384,27 @@ TORCH_MODELS = {
     "bert": BertStyleEncoder,
     "convtranspose": ConvTransposeNet,
 }
+
+
+class DigitsTransformer(nn.Module):
+    """A transformer classifier for 8x8 digits: each image row is a token of 8 features.
+
+    Linear token embedding plus learned positions, `layers` encoder layers (multi-head attention
+    and a GELU MLP, post-LayerNorm, as `BertStyleEncoder`'s), mean pooling, linear head. Input
+    `image` float32 [N, 1, 8, 8] (the bundled digits files), output [N, 10] class scores.
+    """
+
+    def __init__(self, dim: int = 32, heads: int = 4, hidden: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.position = nn.Parameter(torch.zeros(1, 8, dim))
+        self.layers = nn.ModuleList(_EncoderLayer(dim, heads, hidden) for _ in range(layers))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.embed(image.reshape(image.shape[0], 8, 8)) + self.position
+        no_mask = torch.zeros((), dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(x, no_mask)
+        return self.head(x.mean(1))
+

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from slimgraph.ir import analysis, metadata
 from slimgraph.ir._copy import copy_model
-from slimgraph.ir._load import load, load_proto
+from slimgraph.ir._dims import io_shapes, restore_dim_names
+from slimgraph.ir._load import ModelLike, as_model, load, load_proto
 from slimgraph.ir._save import save, size_on_disk, tensor_bytes
 from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
 
@@ -16,6 +17,10 @@ __all__ = [
     "analysis",
     "metadata",
     "copy_model",
+    "io_shapes",
+    "restore_dim_names",
+    "ModelLike",
+    "as_model",
     "load",
     "load_proto",
     "save",

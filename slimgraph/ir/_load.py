@@ -20,20 +20,56 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimgraph.errors import InvalidModelError, ModelLoadError, UnsafeModelError
+from slimgraph.errors import (
+    BadOptionError,
+    InvalidModelError,
+    ModelLoadError,
+    UnsafeModelError,
+)
 from slimgraph.ir import metadata
 
-__all__ = ["load", "load_proto"]
+__all__ = ["ModelLike", "as_model", "load", "load_proto"]
+
+# What public functions accept as a model: the IR object or the path of an .onnx file.
+ModelLike = Union[ir.Model, str, "os.PathLike[str]"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEFAULT_OPSET = onnx.defs.onnx_opset_version()
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def as_model(model: ModelLike) -> ir.Model:
+    """`model` itself, or the model loaded (safely, by `load`) from a path.
+
+    Every public function that takes a model accepts either form through this one helper.
+
+    Args:
+        model: an `onnx_ir.Model`, or the path of an `.onnx` file.
+
+    Returns:
+        The `onnx_ir.Model` (the same object when one was given).
+
+    Raises:
+        BadOptionError: `model` is neither a model nor a path.
+        ModelLoadError, UnsafeModelError, InvalidModelError: as `load` raises them for a path.
+
+    Example:
+        >>> model = as_model("model.onnx")  # doctest: +SKIP
+    """
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    raise BadOptionError(
+        f"expected an onnx_ir.Model or the path of an .onnx file, got {type(model).__name__}"
+    )
 
 
 def load(path: str | os.PathLike[str]) -> ir.Model:

@@ -25,11 +25,21 @@ def from_torch(
     args: Sequence[Any],
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
     *,
+    dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset_version: int | None = None,
 ) -> ir.Model:
     """Export a `torch.nn.Module` with `torch.onnx.export(dynamo=True, optimize=False)`.
+
+    The leading (batch) dimension is exported as symbolic by default, named `batch`, when the
+    model allows it: every tensor argument's axis 0 is marked `torch.export.Dim.AUTO`, which
+    torch keeps dynamic unless the model's code fixes it (then it stays the example's size, as
+    it does when the dynamic export fails or its outputs do not carry the batch: the export is
+    then retried static, with a logged note).
+    So a model exported from a batch-1 example runs at any batch. Opt out with
+    `dynamic_batch=False` (every dimension as in the example), or give `dynamic_shapes`
+    yourself (then nothing is added).
 
     The exporter's optimizer is off on purpose: it folds BatchNormalization into Conv and the fused
     node then carries the BatchNorm's scope; slimgraph's own passes do that fusion, verified.
@@ -39,11 +49,25 @@ def from_torch(
         module: the model, in eval mode for inference export.
         args: example inputs (a tuple, as for `torch.onnx.export`; a single tensor is taken as
             the only input).
-        dynamic_shapes: as for `torch.export` (e.g. `{"x": {0: "batch"}}`).
+        dynamic_shapes: as for `torch.export` (e.g. `{"x": {0: torch.export.Dim("batch")}}`);
+            replaces the default dynamic batch.
+        dynamic_batch: export axis 0 of every tensor argument as symbolic `batch` (default)
+            when `dynamic_shapes` is None; False exports the example's shapes as they are.
         input_names, output_names, opset_version: passed to the exporter.
+
+    Returns:
+        The model as an `onnx_ir.Model`, inputs and outputs `[batch, ...]` by default.
+
+    Raises:
+        UnsupportedModelError: `module` is not a `torch.nn.Module`, or torch cannot export it
+            (the exporter's first line is quoted).
 
     Example:
         >>> model = from_torch(net.eval(), (torch.randn(1, 3, 32, 32),))  # doctest: +SKIP
+        >>> [str(d) for d in model.graph.inputs[0].shape]  # doctest: +SKIP
+        ['batch', '3', '32', '32']
+        >>> fixed = from_torch(net.eval(), (torch.randn(1, 3, 32, 32),), dynamic_batch=False)
+        ... # doctest: +SKIP
     """
     import torch
 
@@ -53,6 +77,72 @@ def from_torch(
         )
     if isinstance(args, torch.Tensor):
         args = (args,)  # tuple(tensor) would split the batch into separate arguments
+    auto_batch = None
+    if dynamic_shapes is None and dynamic_batch:
+        auto_batch = tuple(
+            {0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.ndim >= 1 else None
+            for a in args
+        )
+        if all(spec is None for spec in auto_batch):
+            auto_batch = None
+    if auto_batch is not None:
+        try:
+            model = _export(module, args, auto_batch, input_names, output_names, opset_version)
+        except UnsupportedModelError as error:
+            logger.warning(
+                "note: exporting %s with a dynamic batch failed (%s); exported with the "
+                "example's batch instead", type(module).__name__, error,
+            )  # fmt: skip
+        else:
+            if _name_batch_dim(model):
+                return model
+            logger.warning(
+                "note: %s does not keep the batch dimension symbolic (its outputs do not carry "
+                "it); exported with the example's batch", type(module).__name__,
+            )  # fmt: skip
+    return _export(module, args, dynamic_shapes, input_names, output_names, opset_version)
+
+
+def _name_batch_dim(model: ir.Model) -> bool:
+    """Rename the exporter's symbol for axis 0 of the inputs (`s31`) to `batch` everywhere.
+
+    Returns False when the export is not batch-dynamic after all: no single input symbol, or no
+    graph output carrying it (torch kept the input symbolic but baked the example's batch into
+    the graph, as RNN exports over a time-first axis do).
+    """
+    symbols = {
+        str(v.shape[0]) for v in model.graph.inputs
+        if v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
+    }  # fmt: skip
+    if len(symbols) != 1:
+        return False
+    (symbol,) = symbols
+    if not any(
+        v.shape is not None and any(str(d) == symbol for d in v.shape)
+        for v in model.graph.outputs
+    ):
+        return False
+    values = list(model.graph.inputs) + [o for n in model.graph.all_nodes() for o in n.outputs]
+    for value in values:
+        if value.shape is None or not any(str(d) == symbol for d in value.shape):
+            continue
+        dims = [
+            "batch" if not isinstance(d, int) and str(d) == symbol else d for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+    return True
+
+
+def _export(
+    module: Any,
+    args: Sequence[Any],
+    dynamic_shapes: Any,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    opset_version: int | None,
+) -> ir.Model:
+    import torch
+
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     previous_level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" is noise here

@@ -162,11 +162,50 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
                 dim.Clear()
                 if name and (name in fixed or name in dim_values):
                     dim.dim_value = fixed.get(name, dim_values.get(name, 1))
+    proto = _fold_shape_arithmetic(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
         logger.warning("shape inference failed (%s); MACs may be incomplete", error)
     return ir.from_proto(proto)
+
+
+def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold Shape -> Gather -> Mul -> Concat chains now that the input dims are fixed.
+
+    Exporters compute Reshape targets from the symbolic batch (`x.view(b * h, ...)`); onnx's data
+    propagation gives up on the arithmetic, the Reshape's output shape stays unknown and every
+    MatMul after it would be left out of the MACs. onnxscript's constant folding evaluates those
+    chains (the copy's weights are graph inputs, so no weight is read).
+    The folded graph has fewer nodes; only its inferred shapes come back, as `value_info` of the
+    unfolded copy (callers pair nodes of the copy with the model's by position).
+    """
+    import onnxscript.optimizer
+
+    try:
+        model = ir.from_proto(proto)
+        onnxscript.optimizer.fold_constants(model)
+        folded = onnx.shape_inference.infer_shapes(
+            ir.to_proto(model), strict_mode=False, data_prop=True
+        )
+    except Exception as error:  # folding is an aid: analysis goes on with the unfolded copy
+        logger.debug("constant folding for shape analysis failed (%s)", error)
+        return proto
+    def static(info: onnx.ValueInfoProto) -> bool:
+        shape = info.type.tensor_type.shape
+        return info.type.tensor_type.HasField("shape") and all(
+            d.HasField("dim_value") for d in shape.dim
+        )
+
+    found = {info.name: info for info in folded.graph.value_info if static(info)}
+    for info in proto.graph.value_info:
+        if not static(info) and info.name in found:
+            info.CopyFrom(found.pop(info.name))
+    inputs = {v.name for v in proto.graph.input}
+    for info in proto.graph.value_info:
+        found.pop(info.name, None)
+    proto.graph.value_info.extend(v for k, v in found.items() if k not in inputs)
+    return proto
 
 
 # Initializers above this many bytes leave the analysis copy (shape inference needs their shapes,

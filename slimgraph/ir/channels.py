@@ -12,7 +12,9 @@ output channels are new elements. Forward through the consumers, each op either
 - *consumes* them (the next Conv/Gemm/MatMul: its weight's input axis is sliced);
 - or *blocks* them, with the reason (graph outputs, excluded layers, ops not understood: never
   guess). Blocks at a consumer edge can be padded back instead (`pad=True`), blocks inside the
-  traced structure cannot.
+  traced structure cannot. A graph output is never padded unless it is named in
+  `prunable_outputs`: a zero put back stands for a channel that is gone, and the channels of an
+  output (class logits) mean something to the user.
 
 A connected component is one removable channel (it may span many tensors and positions); the
 components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
@@ -33,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
+from slimgraph.errors import BadOptionError
 
 __all__ = [
     "WeightUse",
@@ -322,9 +326,15 @@ class _Tracer:
     """Builds the union-find over channel positions by a forward walk from the producers."""
 
     def __init__(
-        self, graph: ir.Graph, excluded: Callable[[ir.Node], bool], opset: int, pad: bool
+        self,
+        graph: ir.Graph,
+        excluded: Callable[[ir.Node], bool],
+        opset: int,
+        pad: bool,
+        prunable_outputs: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
+        self.prunable_outputs = prunable_outputs
         self.excluded = excluded
         self.opset = opset
         self.pad = pad
@@ -457,8 +467,13 @@ class _Tracer:
 
     def visit(self, slot: Slot) -> None:
         value = slot.value
-        if value.is_graph_output():
+        if value.is_graph_output() and value.name not in self.prunable_outputs:
+            # the channels of a graph output mean something to the user (class logits, an
+            # embedding): never pruned, and never padded back as zeros, unless named explicitly
             self.block(slot, f"{value.name} is a graph output", None,
+                       self.outputs.get(id(value), -1), padable=False)  # fmt: skip
+        elif value.is_graph_output() and self.pad:
+            self.block(slot, f"{value.name} is a graph output named to prune", None,
                        self.outputs.get(id(value), -1), padable=True)  # fmt: skip
         for use in value.uses():
             node, index = use.node, use.idx
@@ -801,19 +816,32 @@ def analyze_channels(
     excluded: Callable[[ir.Node], bool] | None = None,
     pad: bool = False,
     opset: int | None = None,
+    prunable_outputs: Sequence[str] = (),
 ) -> ChannelAnalysis:
     """Trace channel-dependency groups through `graph` (shapes must be inferred first).
 
     Args:
         graph: the main graph; constants the tracing relies on must be folded (weights, shapes).
         excluded: nodes whose channels must not change (their edges block, or pad in pad mode).
-        pad: whether blocks at consumer edges (graph outputs, excluded or unknown consumers) are
-            padded back to full size instead of blocking the group.
+        pad: whether blocks at consumer edges (excluded or unknown consumers, graph outputs named
+            in `prunable_outputs`) are padded back to full size instead of blocking the group.
         opset: the default-domain opset (decides Slice/Reduce/Softmax conventions).
+        prunable_outputs: names of graph outputs whose channels may be pruned (shrunk, or padded
+            back with zeros in pad mode). Every other graph output blocks its group: its channels
+            mean something to the user (class logits, embedding dimensions).
     """
     if opset is None:
         opset = graph.opset_imports.get("", 13)
-    tracer = _Tracer(graph, excluded or (lambda node: False), opset, pad)
+    outputs = {v.name for v in graph.outputs}
+    unknown = [name for name in prunable_outputs if name not in outputs]
+    if unknown:
+        raise BadOptionError(
+            f"--prune-output {unknown[0]!r} is not a graph output"
+            f" (outputs: {', '.join(sorted(n for n in outputs if n))})"
+        )
+    tracer = _Tracer(
+        graph, excluded or (lambda node: False), opset, pad, frozenset(prunable_outputs)
+    )
     tracer.run()
     analysis = ChannelAnalysis(
         tracer.slots, tracer.parent, tracer.weight_uses, tracer.rewrites, tracer.blocks, [], pad

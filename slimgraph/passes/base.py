@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.ir import io_shapes, restore_dim_names
 from slimgraph.passes._graph_utils import output_signature, restore_outputs
 
 __all__ = ["Skipped", "SlimgraphPassResult", "SlimgraphPass", "SlimgraphFunctionalPass"]
@@ -38,7 +39,8 @@ class SlimgraphPassResult(ir.passes.PassResult):
 class _ErrorsPassThrough:
     """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped, and keep
     the graph's outputs: every pass returns a model whose outputs have the names (all of them, in
-    order) and types they had before (`restore_outputs`).
+    order) and types they had before (`restore_outputs`), and whose symbolic dimensions keep their
+    names (`restore_dim_names`).
 
     `onnx_ir` wraps any exception from `requires` in a `PreconditionError`; a user who passed an
     impossible option should see our one-line message (and the CLI its exit code 2), not the wrap.
@@ -51,6 +53,7 @@ class _ErrorsPassThrough:
             else model_or_result
         )
         signature = output_signature(model.graph)
+        shapes = io_shapes(model)
         try:
             result = super().__call__(model_or_result)  # type: ignore[misc]
         except ir.passes.InvariantError as error:
@@ -59,6 +62,7 @@ class _ErrorsPassThrough:
             raise
         if restore_outputs(result.model.graph, signature) and not result.modified:
             result.modified = True
+        restore_dim_names(result.model, shapes)  # `batch` stays `batch`, never `unk__25`
         return result
 
 

@@ -2,9 +2,12 @@
 
 A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
 that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
-the pass's keyword-only constructor (the keys `min_cosine` and `max_drop` are the pipeline's, see
-below). Recipes
-are the same list in a YAML or JSON file, either bare or under a `passes:` key.
+the pass's keyword-only constructor (the keys `min_cosine` and `max_drop`
+are the pipeline's, see below). Recipes
+are the same list in a YAML or JSON file, either bare or under a `steps:` (or `passes:`) key next to
+`version: 1` (`RECIPE_SCHEMA`). Command names work as step names (`factorize`, `quantize`,
+`convert`, `prune`) and options may be spelt as on the command line (`rank-ratio: 0.5`); an
+unknown option is named with what the pass takes. `describe_passes()` lists everything.
 
 Every pass runs inside instrumentation that records its time, node counts before and after, whether
 it changed the model and which nodes it skipped. With `verify=True` the model runs on onnxruntime
@@ -29,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -50,7 +54,7 @@ from slimgraph.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from slimgraph.ir import copy_model
+from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.runtime import (
@@ -70,6 +74,11 @@ __all__ = [
     "PRESETS",
     "register_pass",
     "register_preset",
+    "COMMAND_STEPS",
+    "RECIPE_SCHEMA",
+    "RECIPE_VERSION",
+    "pass_options",
+    "describe_passes",
     "Step",
     "build_pipeline",
     "load_recipe",
@@ -98,6 +107,71 @@ _P = TypeVar("_P", bound=type[ir.passes.PassBase])
 
 # Step keys the pipeline reads itself; every other key is an option of the pass.
 _PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
+
+# The recipe format this version reads (`version:` at the top of a recipe file).
+RECIPE_VERSION = 1
+
+# Command names accepted as step names, so a recipe reads like the command line
+# (`- name: factorize` with `rank-ratio: 0.5`): each runs the passes its command runs.
+COMMAND_STEPS: dict[str, str] = {
+    "factorize": "lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)",
+    "quantize": "quantize (static: needs --calib / calibration=), quantize-dynamic (mode: "
+    "dynamic) or quantize-weight-only (mode: weight-only)",
+    "convert": "fp16 (convert --fp16)",
+    "prune": "prune",
+}
+
+# Option spellings of the command line that differ from the pass's keyword.
+_OPTION_SYNONYMS = {
+    "format": "fmt",
+    "exclude_op": "exclude_ops",
+    "include_op": "include_ops",
+    "prune_output": "prune_outputs",
+}
+
+# A recipe file, as JSON Schema (draft 2020-12); `load_recipe` checks the same rules and names the
+# offending step in command-line terms. docs/recipes.md describes it.
+RECIPE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "slimgraph recipe",
+    "oneOf": [
+        {"$ref": "#/$defs/steps"},
+        {
+            "type": "object",
+            "properties": {
+                "version": {"const": RECIPE_VERSION},
+                "description": {"type": "string"},
+                "steps": {"$ref": "#/$defs/steps"},
+                "passes": {"$ref": "#/$defs/steps"},
+            },
+            "oneOf": [{"required": ["steps"]}, {"required": ["passes"]}],
+            "additionalProperties": False,
+        },
+    ],
+    "$defs": {
+        "steps": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "oneOf": [
+                    {"type": "string", "description": "a pass, preset or command name"},
+                    {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "min_cosine": {"type": "number"},
+                            "max_drop": {"type": "number"},
+                        },
+                        "additionalProperties": {
+                            "description": "options of the pass (dashes or underscores)"
+                        },
+                    },
+                ]
+            },
+        }
+    },
+}
 
 
 def register_pass(name: str) -> Callable[[_P], _P]:
@@ -137,8 +211,144 @@ class Step:
 
 def _known_names() -> str:
     return (
-        f"passes: {', '.join(sorted(PASSES))}; presets: {', '.join(sorted(PRESETS)) or 'none'}"
+        f"passes: {', '.join(sorted(PASSES))}; presets: {', '.join(sorted(PRESETS)) or 'none'}; "
+        f"commands: {', '.join(COMMAND_STEPS)}"
     )
+
+
+def pass_options(cls: type[ir.passes.PassBase]) -> dict[str, Any] | None:
+    """The keyword options of a pass class and their defaults (`inspect.Parameter.empty` when
+    required), following `**options` into the base classes; None when the class takes any
+    keywords it does not name (a wrapped onnx_ir pass)."""
+    options: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        named = {
+            k: p.default for k, p in params.items()
+            if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }  # fmt: skip
+        for key, default in named.items():
+            options.setdefault(key, default)
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return options
+        if not named and not options:
+            return None
+    return options
+
+
+# Keywords the pipeline fills in itself: not recipe options.
+_INTERNAL_OPTIONS = ("feeds", "dims", "check_names", "calibration")
+
+
+def _cli(name: str) -> str:
+    """An option's command-line spelling (`rank_ratio` -> `rank-ratio`, `fmt` -> `format`)."""
+    reverse = {v: k for k, v in _OPTION_SYNONYMS.items() if k != "exclude_op"}
+    return reverse.get(name, name).replace("_", "-")
+
+
+def _summary(cls: type) -> str:
+    """The first sentence of a class docstring, on one line."""
+    paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def describe_passes() -> str:
+    """Every registered pass with its kind and options, the presets and the command steps
+    (what `slimgraph optimize --list-passes` prints)."""
+    _ensure_registered()
+    lines = ["passes (recipe step `name: PASS`, options as `key: value`):"]
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        kind = "exact" if getattr(cls, "exact", False) else "approximate"
+        lines.append(f"  {name} ({kind}): {_summary(cls)}")
+        options = pass_options(cls)
+        if options:
+            described = []
+            for key, default in options.items():
+                if key in _INTERNAL_OPTIONS:
+                    continue  # given by the pipeline, not by a recipe
+                shown = "required" if default is inspect.Parameter.empty else repr(default)
+                described.append(f"{_cli(key)}={shown}")
+            if described:
+                lines.append(f"      options: {', '.join(described)}")
+    lines.append("presets (a step that expands to its steps):")
+    for name, steps in sorted(PRESETS.items()):
+        shown = ", ".join(step if isinstance(step, str) else step["name"] for step in steps)
+        lines.append(f"  {name}: {shown}")
+    lines.append("commands (step names as on the command line, with the command's options):")
+    for name, runs in COMMAND_STEPS.items():
+        lines.append(f"  {name}: {runs}")
+    return "\n".join(lines)
+
+
+def _command_steps(
+    name: str, options: dict[str, Any], context: Mapping[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """A command name used as a step: the passes it runs, with their share of the options."""
+    if name == "factorize":
+        _check_options(
+            "factorize", PASSES["lowrank-linear"], options, extra={"pointwise_convs": False}
+        )
+        linear = {k: v for k, v in options.items() if k != "pointwise_convs"}
+        conv = dict(linear)
+        if "pointwise_convs" in options:
+            conv["pointwise"] = options["pointwise_convs"]
+        if not any(k in options for k in ("rank_ratio", "energy", "error_budget", "rank")):
+            raise BadOptionError(
+                "recipe step 'factorize': give a rank rule: rank-ratio, energy, error-budget or "
+                "rank (auto or an integer)"
+            )
+        return [("lowrank-linear", linear), ("tucker-conv", conv)]
+    if name == "quantize":
+        rest = {k: v for k, v in options.items() if k != "mode"}
+        mode = options.get("mode") or "static"  # as the `quantize` pass (and the int8 preset)
+        passes = {"static": "quantize", "dynamic": "quantize-dynamic",
+                  "weight-only": "quantize-weight-only"}  # fmt: skip
+        if mode not in passes:
+            raise BadOptionError(
+                f"recipe step 'quantize': mode must be static, dynamic or weight-only, got "
+                f"{mode!r}"
+            )
+        return [(passes[mode], rest)]
+    if name == "convert":
+        rest = {k: v for k, v in options.items() if k != "fp16"}
+        if options.get("fp16", True) is not True:
+            raise BadOptionError("recipe step 'convert': only fp16 conversion exists (fp16: true)")
+        return [("fp16", rest)]
+    return [(name, options)]
+
+
+def _check_options(
+    name: str,
+    cls: type[ir.passes.PassBase],
+    options: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Unknown or missing options, named in command-line spelling with what the pass takes."""
+    accepted = pass_options(cls)
+    if accepted is None:
+        return
+    accepted = {**accepted, **(extra or {})}
+    where = name if name.startswith("'") else f"'{name}'"
+    shown = ", ".join(_cli(k) for k in accepted if k not in _INTERNAL_OPTIONS) or "no options"
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f" (did you mean '{_cli(close[0])}'?)" if close else ""
+            raise BadOptionError(
+                f"recipe step {where}: unknown option '{_cli(key)}'{hint}; it takes: {shown}"
+            )
+    missing = [
+        k for k, default in accepted.items()
+        if default is inspect.Parameter.empty and k not in options
+    ]  # fmt: skip
+    if missing:
+        raise BadOptionError(
+            f"recipe step {where}: option '{_cli(missing[0])}' is required; it takes: {shown}"
+        )
 
 
 def build_pipeline(
@@ -171,13 +381,17 @@ def _build_step(
 ) -> list[Step]:
     if depth > 8:
         raise BadOptionError("presets nest too deeply (a preset that names itself?)")
+    options: dict[str, Any] = {}
     if isinstance(step, str):
-        name, options, min_cosine, max_drop = step, {}, None, None
+        name, min_cosine, max_drop = step, None, None
     elif isinstance(step, Mapping):
         if not isinstance(step.get("name"), str):
             raise BadOptionError(f"pipeline step {dict(step)!r} has no 'name'")
         name = step["name"]
-        options = {k: v for k, v in step.items() if k not in _PIPELINE_KEYS}
+        for key, value in step.items():
+            key = str(key).replace("-", "_")
+            if key not in _PIPELINE_KEYS:
+                options[_OPTION_SYNONYMS.get(key, key)] = value
         min_cosine = step.get("min_cosine")
         if min_cosine is not None and not isinstance(min_cosine, (int, float)):
             raise BadOptionError(f"step '{name}': min_cosine must be a number, got {min_cosine!r}")
@@ -193,9 +407,29 @@ def _build_step(
         for inner in PRESETS[name]:
             expanded.extend(_build_step(inner, depth + 1, context))
         return expanded
+    if name in COMMAND_STEPS and (name not in PASSES or name == "quantize"):
+        resolved = _command_steps(name, options, context)
+    else:
+        resolved = [(name, options)]
+    built = []
+    for pass_name, pass_options_ in resolved:
+        label = f"'{name}'" if pass_name == name else f"'{name}' (pass '{pass_name}')"
+        built.append(_instantiate(pass_name, pass_options_, context, min_cosine, label, max_drop))
+    return built
+
+
+def _instantiate(
+    name: str,
+    options: dict[str, Any],
+    context: Mapping[str, Any],
+    min_cosine: Any,
+    label: str | None = None,
+    max_drop: Any = None,
+) -> Step:
     cls = PASSES.get(name)
     if cls is None:
         raise BadOptionError(f"unknown pass '{name}' (known {_known_names()})")
+    _check_options(label or name, cls, options)
     accepted = inspect.signature(cls.__init__).parameters
     given = {k: v for k, v in context.items() if k in accepted and k not in options}
     try:
@@ -206,8 +440,8 @@ def _build_step(
         raise
     except ValueError as error:
         raise BadOptionError(f"pass '{name}': {error}") from None
-    return [Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine),
-                 None if max_drop is None else float(max_drop))]
+    return Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine),
+                None if max_drop is None else float(max_drop))
 
 
 def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
@@ -234,6 +468,18 @@ def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadOptionError(f"recipe {file}: not valid YAML/JSON ({first})") from None
     if isinstance(data, Mapping):
+        allowed = ("version", "description", "steps", "passes")
+        unknown = [str(k) for k in data if k not in allowed]
+        if unknown:
+            raise BadOptionError(
+                f"recipe {file}: unknown key '{unknown[0]}' (a recipe has {', '.join(allowed)})"
+            )
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise BadOptionError(
+                f"recipe {file}: version {version!r} is not supported (this slimgraph reads "
+                f"version {RECIPE_VERSION})"
+            )
         data = data.get("passes", data.get("steps"))
     if not isinstance(data, list) or not data:
         raise BadOptionError(
@@ -434,7 +680,8 @@ def run_pipeline(
         tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
-        context: run-time values for passes that take them (see `build_pipeline`).
+        context: run-time values for passes that take them (see `build_pipeline`); the
+            pipeline adds `input_model` (this `model`, untouched: finetune's default teacher).
         data: labelled validation data for `max_drop` (global or per step).
         max_drop: largest drop of top-1 accuracy on `data` since the input model (a fraction)
             allowed after any approximate pass (steps may set their own `max_drop`).
@@ -451,6 +698,8 @@ def run_pipeline(
     if len(built) != len(steps):
         if built:
             raise BadOptionError("mix of built steps and step descriptions in one pipeline")
+        # Passes taking `input_model` (finetune's default teacher) get the pipeline's input.
+        context = {"input_model": model, **(context or {})}
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     check_finite_weights(model)
@@ -618,7 +867,7 @@ def _verification_feeds(
 
 
 def optimize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     preset: str | None = "lossless",
     recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
@@ -659,6 +908,7 @@ def optimize(
         >>> import slimgraph as sg
         >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
     """
+    model = as_model(model)
     return optimize_report(
         model,
         preset=preset,
@@ -699,6 +949,7 @@ PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.quantize.api",
     "slimgraph.passes.quantize.dynamic",
     "slimgraph.passes.quantize.weight_only",
+    "slimgraph.passes.finetune",
 )
 
 

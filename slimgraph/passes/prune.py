@@ -32,8 +32,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir import copy_model
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
 from slimgraph.ir.select import check_patterns, matching_pattern, node_names
 from slimgraph.passes._graph_utils import opset_version
@@ -67,6 +67,11 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+UNSTRUCTURED_NOTE = (
+    "note: unstructured pruning only zeroes weights: they are still stored densely, so the file "
+    "does not shrink and onnxruntime runs the model no faster (it has no sparse kernels); "
+    "structured pruning (without --unstructured) removes channels and does both"
+)
 _FOLD_LIMIT = 1 << 40  # fold weights of any size (zoo models build theirs with ConstantOfShape)
 
 
@@ -84,12 +89,16 @@ class GroupReport:
 
 @dataclasses.dataclass(frozen=True)
 class LayerChannels:
-    """Output channels of one producing layer before and after."""
+    """Output channels of one producing layer before and after.
+
+    `kept` lists the indices (into the layer's original output channels, ascending) that stay.
+    """
 
     layer: str
     op_type: str
     before: int
     after: int
+    kept: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +133,7 @@ class PruneReport:
     macs_after: int = 0
     layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -547,7 +557,7 @@ class PrunePass(SlimgraphFunctionalPass):
     """Structured channel pruning (or unstructured magnitude pruning) on a copy of the model.
 
     Approximate in general (`exact = False`); exact when the removed channels' producing weights
-    are zero. See the module docstring for the steps.
+    are zero. Options as for `prune`.
     """
 
     exact = False
@@ -563,6 +573,7 @@ class PrunePass(SlimgraphFunctionalPass):
         exclude: Sequence[str] = (),
         exclude_ops: Sequence[str] = (),
         unstructured: bool = False,
+        prune_outputs: Sequence[str] = (),
         seed: int = 0,
         layer_ratios: Mapping[str, float] | None = None,
     ) -> None:
@@ -578,6 +589,7 @@ class PrunePass(SlimgraphFunctionalPass):
         self.exclude = tuple(exclude)
         self.exclude_ops = tuple(exclude_ops)
         self.unstructured = unstructured
+        self.prune_outputs = tuple(prune_outputs)
         self.seed = seed
 
     def requires(self, model: ir.Model) -> None:
@@ -608,6 +620,7 @@ class PrunePass(SlimgraphFunctionalPass):
         excluded = _excluded_predicate(pruned.graph, self.exclude, self.exclude_ops)
         if self.unstructured:
             report.sparsity = _unstructured(pruned, self.ratio, self.scope, excluded)
+            report.notes.append(UNSTRUCTURED_NOTE)
         else:
             self._structured(pruned, excluded, report)
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
@@ -618,8 +631,9 @@ class PrunePass(SlimgraphFunctionalPass):
 
     def _structured(self, model: ir.Model, excluded, report: PruneReport) -> None:
         analysis = analyze_channels(
-            model.graph, excluded=excluded, pad=self.pad, opset=opset_version(model, default=13)
-        )
+            model.graph, excluded=excluded, pad=self.pad, opset=opset_version(model, default=13),
+            prunable_outputs=self.prune_outputs,
+        )  # fmt: skip
         groups = analysis.prunable_groups
         if not groups:
             reasons = sorted({r for g in analysis.groups for r in g.reasons})
@@ -630,6 +644,15 @@ class PrunePass(SlimgraphFunctionalPass):
             round_to=self.round_to, seed=self.seed, ratios=self._group_ratios(groups),
         )  # fmt: skip
         removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
+        if not removed_roots:
+            largest = max(g.size for g in groups)
+            how = f"--ratio {self.ratio:g}" + (
+                f" --round-to {self.round_to}" if self.round_to and self.round_to > 1 else ""
+            )
+            raise BadOptionError(
+                f"{how} removes no channel (the largest prunable group has {largest}); "
+                "nothing written: use a larger --ratio or a smaller --round-to"
+            )
         before = _producer_channels(analysis)
         kept = remove_channels(model, analysis, removed_roots)
         for group in analysis.groups:
@@ -647,8 +670,11 @@ class PrunePass(SlimgraphFunctionalPass):
             len(groups), len(analysis.groups), len(removed_roots),
         )  # fmt: skip
         for (node, slot_id), size in before.items():
-            after = len(kept[slot_id]) if slot_id in kept else size
-            report.layers.append(LayerChannels(node_label(node), node.op_type, size, after))
+            positions = kept[slot_id].tolist() if slot_id in kept else list(range(size))
+            report.layers.append(
+                LayerChannels(node_label(node), node.op_type, size, len(positions),
+                              tuple(int(p) for p in positions))
+            )  # fmt: skip
 
 
     def _group_ratios(self, groups: Sequence[ChannelGroup]) -> dict[int, float] | None:
@@ -717,7 +743,7 @@ def prunable_units(
 
 
 def prune_with_report(
-    model: ir.Model,
+    model: ModelLike,
     *,
     ratio: float | None = None,
     criterion: str = "l1",
@@ -727,6 +753,7 @@ def prune_with_report(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     unstructured: bool = False,
+    prune_outputs: Sequence[str] = (),
     seed: int = 0,
     layer_ratios: Mapping[str, float] | None = None,
     target_macs: float | None = None,
@@ -736,8 +763,26 @@ def prune_with_report(
     min_cosine: float | None = None,
     metric: Metric | None = None,
 ) -> tuple[ir.Model, PruneReport]:
-    """Like `prune`, also returning the `PruneReport` (groups, channels, params, MACs and, with
-    a budget, the evaluation on `data`)."""
+    """Like `prune`, also returning the `PruneReport`.
+
+    The report lists every channel group (size, kept, why it could not shrink), every producing
+    layer's output channels before and after with the kept channel indices
+    (`report.layers[i].kept`, indices into the original channels), parameters and MACs before
+    and after (both counted on the same input shapes: symbolic dimensions as 1) and notes.
+
+    Args: as for `prune`.
+
+    Returns:
+        (pruned model, `PruneReport`).
+
+    Raises: as for `prune`.
+
+    Example:
+        >>> pruned, report = prune_with_report(model, ratio=0.5)  # doctest: +SKIP
+        >>> report.layers[0].kept  # doctest: +SKIP
+        (0, 2, 3, 5)
+    """
+    model = as_model(model)
     ir_analysis.check_finite_weights(model)
     judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
                          metric=metric)
@@ -756,7 +801,8 @@ def prune_with_report(
         raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
     result = PrunePass(
         ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
-        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured,
+        prune_outputs=prune_outputs, seed=seed,
         layer_ratios=layer_ratios,
     )(model)  # fmt: skip
     assert isinstance(result, PruneResult) and result.report is not None
@@ -766,7 +812,7 @@ def prune_with_report(
 
 
 def prune(
-    model: ir.Model,
+    model: ModelLike,
     *,
     ratio: float | None = None,
     criterion: str = "l1",
@@ -776,6 +822,7 @@ def prune(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     unstructured: bool = False,
+    prune_outputs: Sequence[str] = (),
     seed: int = 0,
     layer_ratios: Mapping[str, float] | None = None,
     target_macs: float | None = None,
@@ -785,20 +832,35 @@ def prune(
     min_cosine: float | None = None,
     metric: Metric | None = None,
 ) -> ir.Model:
-    """Prune a copy of `model` (the input is untouched); see the module docstring.
+    """Prune a copy of `model` (the input is untouched). Approximate.
+
+    Structured (default): channels that must go together (coupled by residual adds, concats,
+    depthwise convs, a flatten into a Gemm) form groups; each group's channels are scored and the
+    least important removed physically: the producers' weights and biases, BatchNorm parameters,
+    the next layers' input channels and Reshape/Split/Slice constants shrink. The channels of a
+    graph output (class logits, embeddings) are never pruned unless named in `prune_outputs`.
+    Method: structured pruning as in seed 001; dependency groups after Torch-Pruning (Fang et
+    al., 2023), implemented on the ONNX graph. Unstructured: zeroes the smallest weights; the file
+    does not shrink and onnxruntime runs it no faster.
 
     Args:
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
         ratio: fraction of channels (or weights, with `unstructured`) to remove, in (0, 1).
         criterion: "l1" | "l2" (norm of the producing weights summed over the group), "bn"
             (BatchNorm |gamma|), "random" (seeded by `seed`).
         scope: "local" (the same ratio in every group) or "global" (one threshold over scores
             normalized per group).
         round_to: keep a multiple of this many channels per group (at least this many).
-        pad: scatter pruned tensors back to full size where shapes must stay (graph outputs,
-            excluded or unknown consumers), so the model's output shapes never change.
+        pad: scatter pruned tensors back to full size (zeros at the removed positions) where an
+            inner consumer needs the full width (an excluded or unsupported op), so more groups
+            can shrink. It never pads a graph output that is not in `prune_outputs`.
         exclude: fnmatch patterns of layer (torch module path) or node names to leave unchanged.
         exclude_ops: op types to leave unchanged.
         unstructured: zero the smallest weights instead of removing channels.
+        prune_outputs: names of graph outputs whose channels may be pruned too (shrunk; padded
+            back with zeros with `pad`).
+        seed: seed of `criterion="random"`.
+
         layer_ratios: a ratio per channel group, by a producer's node or layer name (groups not
             named keep `ratio`, or all their channels without one); see `prunable_units`.
         target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
@@ -810,15 +872,25 @@ def prune(
             misses it raises `VerificationError`.
         metric: a user `Metric` instead of top-1 accuracy.
 
-    Use `prune_with_report` for the report.
+    Returns:
+        The pruned model. `prune_with_report` also returns what was removed.
 
     Raises:
-        BadOptionError: bad ratios or options, a pattern that matches nothing.
+        BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
+            `prune_outputs` name is not a graph output, or the options remove no channel at all
+            (for example `round_to` at least as large as every group), a budget without data.
+        UnsupportedModelError: no channel group can shrink (the reasons are named).
+        ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: the pruned model misses the budget (measured figure in the message).
+
+    Example:
+        >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
     """
+    model = as_model(model)
     return prune_with_report(
         model, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
-        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured, seed=seed,
+        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured,
+        prune_outputs=prune_outputs, seed=seed,
         layer_ratios=layer_ratios, target_macs=target_macs, data=data, budget=budget,
         max_drop=max_drop, min_cosine=min_cosine, metric=metric,
     )[0]  # fmt: skip

@@ -13,6 +13,8 @@ from slimgraph.runtime.compare import (
 from slimgraph.runtime.feeds import (
     InputSpec,
     calibrated_ranges,
+    cast_floats,
+    check_batch,
     check_feeds,
     input_specs,
     iter_batches,
@@ -34,6 +36,8 @@ __all__ = [
     "compare_outputs",
     "InputSpec",
     "calibrated_ranges",
+    "cast_floats",
+    "check_batch",
     "check_feeds",
     "input_specs",
     "iter_batches",

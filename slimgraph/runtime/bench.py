@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from slimgraph._tables import format_ratio, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.runtime.session import _LEVELS, OptLevel, create_session, run
 
@@ -97,6 +98,29 @@ class BenchmarkResult:
             ],
         }
 
+    def table(self, inputs: Sequence[str] | None = None) -> str:
+        """The table `slimgraph bench` prints; `inputs` adds a column (one text per model)."""
+        headers = ["model", "median ms", "p90 ms", "ratio", "90% interval"]
+        rows: list[list[object]] = [
+            [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio),
+             "-" if i == 0 else f"{t.ratio_low:.2f}-{t.ratio_high:.2f}"]
+            for i, t in enumerate(self.timings)
+        ]  # fmt: skip
+        align = "lrrrr"
+        if inputs is not None:
+            headers.append("inputs")
+            rows = [[*row, text] for row, text in zip(rows, inputs, strict=True)]
+            align += "l"
+        return (
+            render_table(headers, rows, align=align)
+            + f"\n\n{self.rounds} interleaved rounds, {self.threads} intra-op thread(s), "
+            f"onnxruntime optimization '{self.optimization}'; ratio = median / first model's "
+            "median; interval: 90% paired bootstrap over the rounds"
+        )
+
+    def __str__(self) -> str:
+        return self.table()
+
 
 def benchmark(
     models: Sequence[ir.Model | str | os.PathLike[str] | ort.InferenceSession],
@@ -123,6 +147,18 @@ def benchmark(
         warmup: unmeasured runs of each model before the first round.
         threads: intra-op threads per session (None: all cores).
         optimization: onnxruntime graph optimization level for sessions created here.
+
+    Returns:
+        A `BenchmarkResult`; `print()` shows the table `slimgraph bench` prints.
+
+    Raises:
+        BadOptionError: rounds < 1 or warmup < 0, or as many labels or feed dicts as models
+            not given.
+        BadDataError: feeds that do not fit a model.
+        ModelLoadError: a path that cannot be loaded.
+
+    Example:
+        >>> print(benchmark([model, quantized], random_feeds(model, batch=8)))  # doctest: +SKIP
     """
     if not models:
         raise BadOptionError("benchmark needs at least one model")

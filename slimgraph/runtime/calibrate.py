@@ -24,7 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
-from slimgraph.runtime.feeds import check_feeds, input_specs, iter_batches, sample_count
+from slimgraph.runtime.feeds import (
+    check_feeds,
+    input_specs,
+    iter_batches,
+    sample_count,
+)
 from slimgraph.runtime.histogram import TensorStats
 from slimgraph.runtime.metrics import DEFAULT_LABELS
 from slimgraph.runtime.session import create_session

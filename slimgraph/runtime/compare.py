@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from slimgraph._tables import format_float, format_shape, render_table
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.feeds import iter_feeds
 from slimgraph.runtime.session import create_session, run
@@ -60,6 +61,26 @@ class Fidelity:
 
     def to_dict(self) -> dict[str, object]:
         return {"samples": self.samples, "outputs": [asdict(o) for o in self.outputs]}
+
+    def table(self) -> str:
+        """The table `slimgraph compare` prints: one row per output, then the worst figures."""
+        rows = [
+            [
+                out.name, format_shape(out.shape), out.max_abs_error, out.mean_abs_error,
+                out.cosine, out.sqnr_db,
+                None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
+            ]
+            for out in self.outputs
+        ]  # fmt: skip
+        headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
+        return (
+            render_table(headers, rows, align="llrrrrr")
+            + f"\n\nworst cosine {format_float(self.worst_cosine, 6)}, "
+            f"worst SQNR {format_float(self.worst_sqnr_db)} dB"
+        )
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 @dataclass
@@ -182,10 +203,17 @@ def compare(
     """Run both models on every feed and measure how close the candidate's outputs are.
 
     Args:
-        reference: the model before a transformation (or its session).
-        candidate: the model after it (or its session); it must have the same output names.
+        reference: the model before a transformation: an `onnx_ir.Model`, a path or a session.
+        candidate: the model after it (same kinds); it must have the same output names.
         feeds: one feed dict or an iterable of them.
         threads: intra-op threads for sessions created here.
+
+    Returns:
+        A `Fidelity`; `print()` shows the table `slimgraph compare` prints.
+
+    Raises:
+        BadDataError: feeds that do not fit the models, or output names that differ.
+        ModelLoadError: a path that cannot be loaded.
 
     Example:
         >>> fidelity = compare(model, quantized, random_feeds(model))  # doctest: +SKIP

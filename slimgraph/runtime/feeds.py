@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError
+from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.ir import ModelLike, as_model
 
 __all__ = [
     "InputSpec",
@@ -27,6 +28,8 @@ __all__ = [
     "calibrated_ranges",
     "load_npz",
     "read_npz",
+    "cast_floats",
+    "check_batch",
     "check_feeds",
     "sample_count",
     "iter_batches",
@@ -77,7 +80,7 @@ MAX_SAMPLE_ELEMENTS = 1 << 28
 
 
 def random_feeds(
-    model: ir.Model,
+    model: ModelLike,
     *,
     batch: int = 1,
     dims: Mapping[str, int] | None = None,
@@ -92,9 +95,21 @@ def random_feeds(
     0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name contains "mask";
     booleans are True.
 
+    Args:
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
+        batch: the value of each input's leading symbolic dimension.
+        dims: values of other symbolic dimensions, by name.
+        seed: numpy seed.
+
+    Returns:
+        One array per graph input, by input name.
+
     Raises:
         BadDataError: an input declares more than `MAX_SAMPLE_ELEMENTS` elements.
+        BadOptionError: `model` is neither a model nor a path.
+        ModelLoadError: `model` is a path that cannot be loaded.
     """
+    model = as_model(model)
     ranges = ranges or {}
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
@@ -168,6 +183,20 @@ def _quantize_range(node: ir.Node) -> tuple[float, float] | None:
         qmin, qmax, point = int(info.min), int(info.max), float(zeros.ravel()[0])
     step = float(scales.ravel()[0])
     return (qmin - point) * step, (qmax - point) * step
+def check_batch(model: ir.Model, batch: int, *, label: str = "the model") -> None:
+    """Check that `model` can run `batch` rows: every input's axis 0 is symbolic or `batch`.
+
+    Raises:
+        BadOptionError: an input has a fixed leading dimension other than `batch` (a model
+            exported with a fixed batch); the message says which input and how to fix it.
+    """
+    for spec in input_specs(model):
+        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] != batch:
+            raise BadOptionError(
+                f"--batch {batch}: {label} has a fixed batch of {spec.shape[0]} (input "
+                f"'{spec.name}' is {list(spec.shape)}), so it cannot run {batch} rows; export it "
+                "with a symbolic batch (slimgraph.from_torch does by default) or leave out --batch"
+            )
 
 
 def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
@@ -177,7 +206,7 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
         BadDataError: unreadable file, pickled objects, names, dtypes or shapes that do not fit
             (the message lists what the model expects), or no samples.
     """
-    data = read_npz(path, model)
+    data = cast_floats(model, read_npz(path, model), source=str(path))
     check_feeds(model, data, source=str(path))
     return data
 
@@ -206,6 +235,30 @@ def read_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
             ) from None
         raise BadDataError(f"{file}: not a readable .npz file ({error}); {expected}") from None
     return data
+
+
+def cast_floats(
+    model: ir.Model, data: Mapping[str, np.ndarray], *, source: str = "data"
+) -> dict[str, np.ndarray]:
+    """`data` with float arrays of another width cast to the float type the model's input takes.
+
+    numpy and scikit-learn make float64 by default; a float32 model input takes them cast, with a
+    logged note (float64 to float32 loses nothing a float32 model could use). Other dtypes are left
+    for `check_feeds` to judge.
+    """
+    out = dict(data)
+    for spec in input_specs(model):
+        array = out.get(spec.name)
+        if array is None:
+            continue
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and spec.dtype.kind == "f" and array.dtype != spec.dtype:
+            logger.warning(
+                "note: %s: '%s' is %s; cast to %s, the model's input type",
+                source, spec.name, array.dtype.name, spec.dtype.name,
+            )  # fmt: skip
+            out[spec.name] = array.astype(spec.dtype)
+    return out
 
 
 def _is_zip(file: Path) -> bool:
@@ -254,7 +307,11 @@ def check_feeds(
                 f"{source}: '{spec.name}' holds no samples (axis 0 stacks them); {expected}"
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadDataError(f"{source}: '{spec.name}' contains NaN or Inf; {expected}")
+            bad_rows = np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
+            raise BadDataError(
+                f"{source}: '{spec.name}' contains NaN or Inf in row {int(bad_rows[0])} "
+                f"({len(bad_rows)} of {array.shape[0]} rows, stacked on axis 0); {expected}"
+            )
         counts[spec.name] = array.shape[0]
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name}: {count}" for name, count in counts.items())

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
 from slimgraph.runtime.feeds import (
+    cast_floats,
     check_feeds,
     input_specs,
     iter_batches,
@@ -106,6 +107,7 @@ def split_labels(
                 f"{label_array.dtype.name} {list(label_array.shape)}"
             )
         label_array = label_array.astype(np.int64, copy=False)
+    feeds = cast_floats(model, feeds, source=source)
     check_feeds(model, feeds, source=source)
     if label_array is not None and label_array.shape[0] != sample_count(feeds):
         raise BadDataError(

@@ -14,7 +14,7 @@ from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
-from slimgraph.tools.tables import emit, format_ratio, format_shape, render_table, to_json
+from slimgraph.tools.tables import emit, format_shape, to_json
 
 __all__ = ["register"]
 
@@ -31,8 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models", metavar="MODEL", nargs="+", help=".onnx files; the first is the baseline"
     )
     parser.add_argument(
-        "--batch", type=positive_int, default=1, help="symbolic batch dimensions' value (default 1)"
-    )
+        "--batch", type=positive_int, default=None,
+        help="rows per run: the symbolic batch dimension's value (default 1); an error for a "
+        "model with a fixed batch",
+    )  # fmt: skip
     parser.add_argument(
         "--rounds", type=positive_int, default=20, help="measured rounds (default 20)"
     )
@@ -57,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise BadOptionError(f"--warmup must be 0 or more, got {args.warmup}")
     models = [sg_ir.load(path) for path in args.models]
+    if args.batch is not None:
+        for model, path in zip(models, args.models, strict=True):
+            runtime.check_batch(model, args.batch, label=path)
+    else:
+        args.batch = 1
     labels = _labels(args.models)
     feeds = [runtime.random_feeds(m, batch=args.batch, seed=args.seed) for m in models]
     sessions = [
@@ -90,19 +97,7 @@ def run(args: argparse.Namespace) -> int:
         data["batch"] = args.batch
         emit(to_json(data))
         return 0
-    rows = [
-        [t.label, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", format_ratio(t.ratio),
-         "-" if i == 0 else f"{t.ratio_low:.2f}-{t.ratio_high:.2f}", shape]
-        for i, (t, shape) in enumerate(zip(result.timings, shapes, strict=True))
-    ]
-    headers = ["model", "median ms", "p90 ms", "ratio", "90% interval", "inputs"]
-    emit(
-        render_table(headers, rows, align="lrrrrl")
-        + f"\n\n{result.rounds} interleaved rounds, {result.threads} intra-op thread(s), "
-        f"onnxruntime optimization '{result.optimization}'; ratio = median / first model's "
-        "median; interval: 90% paired bootstrap over the rounds"
-        + _noise_lines(result)
-    )
+    emit(result.table(shapes) + _noise_lines(result))
     return 0
 
 

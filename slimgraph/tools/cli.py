@@ -15,6 +15,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from slimgraph.errors import SlimgraphError
 
@@ -33,12 +34,20 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.convert_cmd",
     "slimgraph.tools.factorize_cmd",
     "slimgraph.tools.sensitivity_cmd",
+    "slimgraph.tools.finetune_cmd",
     "slimgraph.tools.sweep_cmd",
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="slimgraph",
         description=(
             "Compress ONNX models (fuse, quantize, prune, factorize), every rewrite verified."

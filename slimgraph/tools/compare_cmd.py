@@ -24,7 +24,7 @@ from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime import metrics
-from slimgraph.tools.tables import emit, format_float, format_shape, render_table, to_json
+from slimgraph.tools.tables import emit, to_json
 
 __all__ = [
     "register", "open_session", "positive_int", "ORT_ERRORS", "first_line", "random_data_note",
@@ -66,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="key of the class labels in --data (default 'labels'): top-1 accuracy and drop",
     )
     parser.add_argument(
-        "--batch", type=positive_int, default=8, help="rows per run (default 8)"
-    )
+        "--batch", type=positive_int, default=None,
+        help="rows per run (default 8, or the model's fixed batch); an error for a model with "
+        "another fixed batch",
+    )  # fmt: skip
     parser.add_argument(
         "--samples",
         type=positive_int,
@@ -84,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
     reference = sg_ir.load(args.reference)
     candidate = sg_ir.load(args.candidate)
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
+    if args.batch is not None:
+        runtime.check_batch(reference, args.batch, label=args.reference)
+        runtime.check_batch(candidate, args.batch, label=args.candidate)
+    else:  # 8 rows, or the reference's fixed batch
+        fixed = [s.shape[0] for s in runtime.input_specs(reference)
+                 if s.shape and isinstance(s.shape[0], int)]  # fmt: skip
+        args.batch = fixed[0] if fixed else 8
     data = None
     random_note = ""
     feeds: Iterable[Any]
@@ -117,32 +126,15 @@ def run(args: argparse.Namespace) -> int:
             header["accuracy"] = accuracy.to_dict()
         emit(to_json({**header, **fidelity.to_dict()}))
         return 0
-    rows = [
-        [
-            out.name,
-            format_shape(out.shape),
-            out.max_abs_error,
-            out.mean_abs_error,
-            out.cosine,
-            out.sqnr_db,
-            None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
-        ]
-        for out in fidelity.outputs
-    ]
-    headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
     lines = [f"reference  {args.reference}\ncandidate  {args.candidate}\ndata       {source}"]
     if random_note:
         lines.append(f"note       {random_note}")
-    lines += ["", render_table(headers, rows, align="llrrrrr"), ""]
+    lines += ["", fidelity.table()]
     if accuracy.rows:
         lines.append(
             f"top-1 accuracy ('{args.labels}', {accuracy.rows} samples): reference "
             f"{accuracy.reference:.2%}, candidate {accuracy.candidate:.2%}, drop "
             f"{(accuracy.reference - accuracy.candidate) * 100:.2f} points"
-        )
-    lines.append(
-        f"worst cosine {format_float(fidelity.worst_cosine, 6)}, "
-        f"worst SQNR {format_float(fidelity.worst_sqnr_db)} dB"
     )
     emit("\n".join(lines))
     return 0

@@ -90,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise BadOptionError(f"--samples must be >= 1, got {args.samples}")
     rank = _rank(args.rank)
+    if rank is None and all(
+        getattr(args, name) is None for name in ("rank_ratio", "energy", "error_budget")
+    ):
+        raise BadOptionError(
+            "give a rank rule: --rank-ratio R, --energy E, --error-budget B or --rank auto|K"
+        )
     report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     feeds = None

@@ -13,8 +13,13 @@ from pathlib import Path
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
-from slimgraph.errors import OutputPathError
-from slimgraph.passes.pipeline import PipelineResult, node_count, optimize_report
+from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph.passes.pipeline import (
+    PipelineResult,
+    describe_passes,
+    node_count,
+    optimize_report,
+)
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
@@ -40,14 +45,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "with exit code 1 and nothing is written."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
     parser.add_argument(
-        "--preset", default="lossless", help="preset name (default: lossless)"
+        "model", metavar="MODEL", nargs="?", help="the input .onnx model (never modified)"
     )
+    parser.add_argument("-o", "--output", metavar="OUT", help="the output .onnx (required)")
     parser.add_argument(
-        "--recipe", metavar="FILE", help="YAML/JSON list of passes (replaces --preset)"
-    )
+        "--list-passes", dest="list_passes", action="store_true",
+        help="list the passes (with their options), presets and command steps, then exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preset", default="lossless",
+        help="preset name: lossless (default), cleanup-only, int8 (see --list-passes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recipe", metavar="FILE",
+        help="a YAML/JSON recipe (replaces --preset): `version: 1` and `steps:`, a list of pass, "
+        "preset or command names (factorize, quantize, convert, prune) or mappings "
+        "`name: ...` with options as on the command line (rank-ratio: 0.5); --list-passes "
+        "shows them all, docs/recipes.md the format",
+    )  # fmt: skip
     parser.add_argument(
         "--opset", type=int, default=None, help="convert to this opset first (verified)"
     )
@@ -71,6 +87,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_passes:
+        emit(describe_passes())
+        return 0
+    if args.model is None or args.output is None:
+        missing = [n for n, v in (("MODEL", args.model), ("-o/--output", args.output)) if not v]
+        raise BadOptionError(f"the following arguments are required: {', '.join(missing)}")
     source = Path(args.model)
     target = Path(args.output)
     if target.exists() and source.exists() and target.resolve() == source.resolve():

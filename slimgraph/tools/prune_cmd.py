@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Remove the least important channels of every channel-dependency group (tensors "
             "coupled by residual adds, concats, depthwise convs, flatten into a Gemm) from the "
-            "graph. --pad scatters pruned tensors back to full size where shapes must stay."
+            "graph. The channels of graph outputs (class logits) are kept unless named with "
+            "--prune-output. --pad scatters pruned tensors back to full size where an inner "
+            "consumer needs the full width."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="the .onnx model")
@@ -53,7 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", dest="round_to", type=int, default=None, metavar="N",
                         help="keep a multiple of N channels per group")  # fmt: skip
     parser.add_argument("--pad", action="store_true",
-                        help="zero-pad pruned tensors back where shapes must stay")  # fmt: skip
+                        help="zero-pad pruned tensors back where an inner consumer needs the full "
+                             "width (never at a graph output)")  # fmt: skip
+    parser.add_argument("--prune-output", dest="prune_outputs", nargs="+", default=[],
+                        metavar="NAME", help="graph outputs whose channels may be pruned too "
+                        "(by default an output's channels, e.g. logits, are kept)")  # fmt: skip
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left unchanged")  # fmt: skip
     parser.add_argument("--exclude-op", dest="exclude_ops", nargs="+", default=[], metavar="OP",
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     pruned, report = prune_with_report(
         model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
         round_to=args.round_to, pad=args.pad, exclude=args.exclude,
-        exclude_ops=args.exclude_ops, unstructured=args.unstructured, seed=args.seed,
+        exclude_ops=args.exclude_ops, unstructured=args.unstructured,
+        prune_outputs=args.prune_outputs, seed=args.seed,
         target_macs=args.target_macs,
         data=judge.data if judge is not None else (
             load_data(args.data, model, labels=args.labels) if args.data else None),
@@ -157,6 +164,7 @@ def format_report(report: PruneReport) -> str:
     if report.layer_ratios:
         lines.append("ratios per group (first producer): " + ", ".join(
             f"{name} {ratio:g}" for name, ratio in report.layer_ratios.items()))
+    lines += report.notes
     if report.unstructured:
         rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]
                 for s in report.sparsity]  # fmt: skip

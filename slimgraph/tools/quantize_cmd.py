@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
     )
     sg_ir.save(quantized, target)
+    fmt_label = _written_format(quantized, fmt_label)
     search = budget_search_of(quantized)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
@@ -150,6 +151,24 @@ def run(args: argparse.Namespace) -> int:
         write_report(report_dir, page, text=text)
     emit(to_json(out) if args.json else text)
     return 0
+
+
+_INTEGER_OPS = frozenset(
+    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat"}
+)
+
+
+def _written_format(model, requested: str) -> str:
+    """The format the written graph is in, read from its ops (dynamic mode writes integer ops:
+    DynamicQuantizeLinear + MatMulInteger/ConvInteger, the QOperator form, whatever was asked)."""
+    ops = {node.op_type for node in model.graph.all_nodes()}
+    if "MatMulNBits" in ops:
+        return "matmulnbits"
+    if ops & _INTEGER_OPS:
+        return "qoperator"
+    if "DequantizeLinear" in ops:
+        return "qdq"
+    return requested
 
 
 def _page(

@@ -549,7 +549,9 @@ def sweep(
 
     Args:
         model: the input .onnx (never modified).
-        grid: a grid file (YAML/JSON) or mapping (see the module docstring).
+        grid: a grid file (YAML/JSON) or mapping: pipeline steps in the order they run, each
+            with the values to try, e.g. `{"prune": {"ratio": [0.3, 0.5]}, "quantize":
+            ["none", "int8"]}` (`none` skips the step; a scalar sets the step's main option).
         data: validation .npz: the model's inputs, plus `labels` (class indices) for accuracy;
             without labels the metric is the worst output cosine to the input model.
         calibration: .npz for steps that calibrate (static int8).

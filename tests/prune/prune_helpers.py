@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -26,13 +28,14 @@ def _must_zero(use) -> bool:
 
 
 def zero_channels(
-    model: ir.Model, ratio: float, *, pad: bool, seed: int = 0
+    model: ir.Model, ratio: float, *, pad: bool, seed: int = 0, prune_outputs: Sequence[str] = ()
 ) -> tuple[ir.Model, ChannelAnalysis, int]:
     """A prepared copy of `model` where, in every prunable group, as many random channels as
     `ratio` removes (local scope) produce exact zeros. Returns (model, analysis, zeroed count).
+    `prune_outputs` names graph outputs whose channels may be pruned (as `prune` takes them).
     """
     prepared = prepare_for_pruning(model)
-    analysis = analyze_channels(prepared.graph, pad=pad)
+    analysis = analyze_channels(prepared.graph, pad=pad, prunable_outputs=prune_outputs)
     rng = np.random.default_rng(seed)
     roots: set[int] = set()
     for group in analysis.prunable_groups:

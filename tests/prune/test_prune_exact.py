@@ -25,9 +25,14 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "pad"), CASES)
 def test_prune_exact_on_zeroed_channels(name: str, pad: bool) -> None:
-    zeroed, analysis, count = zero_channels(exported_model(name), 0.5, pad=pad, seed=1)
+    model = exported_model(name)
+    # pad mode pads graph outputs only when they are named (the explicit path)
+    outputs = [v.name for v in model.graph.outputs] if pad else []
+    zeroed, analysis, count = zero_channels(model, 0.5, pad=pad, seed=1, prune_outputs=outputs)
     assert count > 0
-    pruned, report = prune_with_report(zeroed, ratio=0.5, criterion="l1", pad=pad)
+    pruned, report = prune_with_report(
+        zeroed, ratio=0.5, criterion="l1", pad=pad, prune_outputs=outputs
+    )
     assert sum(g.channels - g.kept for g in report.groups) == count
     assert report.params_after < report.params_before
     check_valid(pruned)
@@ -36,11 +41,12 @@ def test_prune_exact_on_zeroed_channels(name: str, pad: bool) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet", "mobilenetv2", "mlp"])
-def test_prune_pad_keeps_output_shapes_and_prunes_heads(name: str) -> None:
+def test_prune_pad_keeps_output_shapes_and_prunes_named_heads(name: str) -> None:
     model = exported_model(name)
+    outputs = [v.name for v in model.graph.outputs]
     plain, plain_report = prune_with_report(model, ratio=0.5)
-    padded, pad_report = prune_with_report(model, ratio=0.5, pad=True)
-    # pad mode also shrinks the group ending at the graph output, then pads it back
+    padded, pad_report = prune_with_report(model, ratio=0.5, pad=True, prune_outputs=outputs)
+    # a named graph output's group shrinks too, and is padded back
     assert any(g.padded for g in pad_report.groups)
     assert pad_report.params_after < plain_report.params_after
     assert [tuple(v.shape) for v in padded.graph.outputs] == [
@@ -132,10 +138,13 @@ def _decomposed_gelu_mlp(seed: int = 0) -> ir.Model:
 
 @pytest.mark.parametrize("pad", [False, True])
 def test_prune_transformer_mlp_with_decomposed_gelu(pad: bool) -> None:
-    zeroed, analysis, count = zero_channels(_decomposed_gelu_mlp(), 0.5, pad=pad, seed=4)
+    outputs = ["y"] if pad else []
+    zeroed, analysis, count = zero_channels(
+        _decomposed_gelu_mlp(), 0.5, pad=pad, seed=4, prune_outputs=outputs
+    )
     hidden = [g for g in analysis.prunable_groups if g.size == 32]
     assert len(hidden) == 1 and count == (16 + 8 if pad else 16)
-    pruned = prune(zeroed, ratio=0.5, pad=pad)
+    pruned = prune(zeroed, ratio=0.5, pad=pad, prune_outputs=outputs)
     weights = {tuple(v.const_value.shape) for v in pruned.graph.initializers.values()}
     assert {(16, 16), (16, 8) if pad else (16, 16)} <= weights
     check_valid(pruned)

@@ -168,7 +168,13 @@ def test_prune_cli_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixt
     assert {g["kept"] for g in data["groups"] if not g["reason"]} == {4, 8, 16, 32}
     assert any(layer["layer"] == "conv1" and layer["after"] == 4 for layer in data["layers"])
     check_valid(sg.load(target))
+    output = sg.load(source).graph.outputs[0].name
     assert main(["prune", str(source), "-o", str(target), "--ratio", "0.5", "--pad"]) == 0
+    text = capsys.readouterr().out  # the logits are never padded unless named
+    assert "channels per layer:" in text and "padded at" not in text
+    assert "is a graph output" in text
+    argv = ["prune", str(source), "-o", str(target), "--ratio", "0.5", "--pad", "--prune-output"]
+    assert main([*argv, output]) == 0
     text = capsys.readouterr().out
     assert "channels per layer:" in text and "padded at 1 edge(s)" in text
 

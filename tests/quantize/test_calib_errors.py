@@ -47,8 +47,8 @@ def test_wrong_input_name_lists_what_the_model_expects() -> None:
 
 
 def test_wrong_dtype_lists_what_the_model_expects() -> None:
-    with pytest.raises(BadDataError, match=r"'image' is float64, but " + EXPECTS):
-        sg.quantize(digits(), calibration={"image": _images(dtype=np.float64)})
+    with pytest.raises(BadDataError, match=r"'image' is int32, but " + EXPECTS):
+        sg.quantize(digits(), calibration={"image": _images(dtype=np.int32)})
 
 
 def test_wrong_shape_lists_what_the_model_expects() -> None:

@@ -73,26 +73,35 @@ def test_quantize_static_without_calibration_data_is_an_error(tmp_path, capsys) 
     assert code == 2 and "static quantization needs calibration data" in stderr
 
 
-def test_demo_prints_size_latency_and_accuracy_and_writes_nothing(tmp_path, capsys,
-                                                                    monkeypatch) -> None:
+@pytest.mark.slow
+def test_demo_tells_the_whole_story_and_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = _run(capsys, "demo", "--rounds", "2", "--json")
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["samples"] == 450
-    assert result["int8"]["accuracy"] >= result["fp32"]["accuracy"] - 0.003
+    fp32 = result["fp32"]["accuracy"]
+    assert result["int8"]["accuracy"] >= fp32 - 0.003
     assert result["int8"]["size_bytes"] < 0.3 * result["fp32"]["size_bytes"]
+    assert result["pruned"]["accuracy"] < 0.5  # pruning alone collapses
+    assert result["distilled"]["accuracy"] >= fp32 - 0.01  # distillation brings it back
+    assert result["distilled_int8"]["accuracy"] >= fp32 - 0.01
+    assert result["distilled_int8"]["size_bytes"] < 0.1 * result["fp32"]["size_bytes"]
     assert result["int8"]["latency_ratio_batch1"] > 0 and result["written"] == []
+    assert result["qat"]["qat"] is True and result["distillation"]["epochs"] == 5
     assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_table_and_output_folder(tmp_path, capsys) -> None:
-    code, stdout, _ = _run(capsys, "demo", "--rounds", "1", "-o", tmp_path)
+    code, stdout, _ = _run(capsys, "demo", "--rounds", "1", "--epochs", "1", "--qat-epochs", "0",
+                           "-o", tmp_path)  # fmt: skip
     assert code == 0
-    for label in ("size", "latency, batch 1", "latency, batch 450", "test accuracy"):
+    for label in ("fp32", "int8", "pruned 0.5", "pruned + distilled",
+                  "pruned + distilled + int8 QAT", "batch 1", "batch 450", "accuracy"):
         assert label in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "digits_cnn.fp32.onnx", "digits_cnn.int8.onnx"
+        "digits_cnn.distilled.int8.onnx", "digits_cnn.distilled.onnx", "digits_cnn.fp32.onnx",
+        "digits_cnn.int8.onnx", "digits_cnn.pruned.onnx",
     ]
 
 

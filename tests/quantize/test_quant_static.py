@@ -141,8 +141,10 @@ def test_concat_inputs_and_output_share_one_scale() -> None:
     model = exported_model("densenet")
     feeds = [random_feeds(model, seed=i) for i in range(4)]
     quantized = sg.quantize(model, calibration=feeds, progress=False)
-    concats = [n for n in quantized.graph if n.op_type == "Concat"]
-    assert concats
+    # activation concats; the symbolic batch adds a Concat of int64 shape values (never quantized)
+    concats = [n for n in quantized.graph
+               if n.op_type == "Concat" and n.outputs[0].dtype != ir.DataType.INT64]  # fmt: skip
+    assert len(concats) == 5
     for concat in concats:
         scales = set()
         for index in range(len(concat.inputs)):

@@ -148,7 +148,7 @@ def _broken(change: str) -> dict[str, np.ndarray]:
     elif change == "extra":
         data["labels"] = np.zeros(6, np.int64)
     elif change == "dtype":
-        data["image"] = data["image"].astype(np.float64)
+        data["image"] = data["image"].astype(np.int32)  # float64 is cast (test_float64_is_cast)
     elif change == "rank":
         data["input_ids"] = data["input_ids"][:, :, None]
     elif change == "fixed_dim":
@@ -167,12 +167,12 @@ def _broken(change: str) -> dict[str, np.ndarray]:
 BROKEN = {
     "missing": r"input names do not match \(missing flag\)",
     "extra": r"input names do not match \(unknown labels\)",
-    "dtype": "'image' is float64, but",
+    "dtype": "'image' is int32, but",
     "rank": r"'input_ids' has shape \[6, 7, 1\], but",
     "fixed_dim": r"'image' has shape \[6, 3, 5, 4\], but",
     "zero_samples": "'image' holds no samples",
-    "nan": "'image' contains NaN or Inf",
-    "inf": "'half' contains NaN or Inf",
+    "nan": r"'image' contains NaN or Inf in row 2 \(1 of 6 rows, stacked on axis 0\)",
+    "inf": r"'half' contains NaN or Inf in row 1 \(1 of 6 rows, stacked on axis 0\)",
     "counts": r"inputs hold different numbers of samples \(.*input_ids: 4.*\)",
 }
 

@@ -27,17 +27,27 @@ def test_bench_json_two_models(cli) -> None:
 
 
 def test_bench_models_with_different_inputs(cli, tmp_path) -> None:
-    """Each model gets random inputs fit to its own spec; a fixed batch stays fixed."""
+    """Each model gets random inputs fit to its own spec; a fixed batch stays fixed, and an
+    explicit --batch that a fixed-batch model cannot run is an error that says why (issue 11)."""
     matmul = save_proto(single_op_model("MatMul", [2, 16], [16, 4]), tmp_path / "mm.onnx")
-    data = cli("bench", DIGITS, matmul, zoo("squeezenet"), "--batch", "3", "--json", *QUICK).json()
+    refused = cli("bench", DIGITS, matmul, "--batch", "3", *QUICK)
+    assert (refused.code, refused.out) == (2, "")
+    assert refused.err == (
+        f"slimgraph bench: error: --batch 3: {matmul} has a fixed batch of 2 (input 'x' is "
+        "[2, 16]), so it cannot run 3 rows; export it with a symbolic batch (slimgraph.from_torch "
+        "does by default) or leave out --batch\n"
+    )
+    data = cli("bench", DIGITS, matmul, zoo("squeezenet"), "--json", *QUICK).json()
     assert [m["inputs"] for m in data["models"]] == [
-        "image[3, 1, 8, 8]",
+        "image[1, 1, 8, 8]",
         "x[2, 16]",
         "data_0[1, 3, 224, 224]",
     ]
     medians = [m["median_ms"] for m in data["models"]]
     assert [m["ratio"] for m in data["models"]] == pytest.approx([x / medians[0] for x in medians])
     assert data["models"][2]["ratio"] > 1  # squeezenet at 224x224 is slower than an 8x8 CNN
+    data = cli("bench", DIGITS, "--batch", "3", "--json", *QUICK).json()
+    assert [m["inputs"] for m in data["models"]] == ["image[3, 1, 8, 8]"]
 
 
 def test_bench_text_table(cli) -> None:

@@ -96,8 +96,9 @@ def test_grid_is_a_cartesian_product_in_step_order(monkeypatch) -> None:
          "slimgraph sweep: error: step 'quantize': unknown mode 'int3' (known: none, int8, "
          "static, dynamic, weight-only, int4)"),
         ("prune: {ratio: [0.3], colour: [red]}\n",
-         "slimgraph sweep: error: candidate 'prune.ratio=0.3 prune.colour=red': pass 'prune': "
-         "bad options ['colour', 'ratio']"),
+         "slimgraph sweep: error: candidate 'prune.ratio=0.3 prune.colour=red': recipe step "
+         "'prune': unknown option 'colour'; it takes: ratio, criterion, scope, round-to, pad, "
+         "exclude, exclude-ops, unstructured, prune-output, seed"),
         ("fuse-batchnorm: [3]\n", "slimgraph sweep: error: step 'fuse-batchnorm': bad value 3"),
         ("- prune\n", "slimgraph sweep: error: grid GRID: expected a mapping of steps"),
         ("prune: [0.3\n", "slimgraph sweep: error: grid GRID: not valid YAML/JSON"),

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from slimgraph.ir import analysis, copy_model, metadata
+from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import LayerReport, dims_from_feeds, measure_fidelity
 from slimgraph.passes.lowrank._linear import LowRankLinear
@@ -146,7 +146,7 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
 
 
 def factorize_with_report(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -168,7 +168,13 @@ def factorize_with_report(
     """`factorize`, returning the new model and its `FactorizeReport`.
 
     Args: as for `factorize`.
+
+    Returns:
+        (factorized model, `FactorizeReport` with per-layer ranks, parameters and MACs).
+
+    Raises: as for `factorize`.
     """
+    model = as_model(model)
     judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
                          metric=metric)
     if judge is not None:
@@ -254,7 +260,7 @@ def factorize_with_report(
 
 
 def factorize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     rank_ratio: float | None = None,
     energy: float | None = None,
@@ -286,7 +292,7 @@ def factorize(
     which lets initializers stay out of the graph inputs.
 
     Args:
-        model: the model.
+        model: an `onnx_ir.Model` or the path of an `.onnx` file.
         rank_ratio: keep round(ratio * min(n, m)) singular values (Tucker: of C_in and C_out).
         energy: keep the fewest singular values holding this share of the squared sum.
         rank: a fixed rank, or "auto": ranks rounded to multiples of 16 (fast kernels), and
@@ -313,11 +319,13 @@ def factorize(
         VerificationError: no choice of layers meets the budget (measured figure in the
             message).
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
+        ModelLoadError: `model` is a path that cannot be loaded.
 
     Example:
         >>> import slimgraph as sg
         >>> small = sg.factorize(model, rank_ratio=0.5, include=["*fc*"])  # doctest: +SKIP
     """
+    model = as_model(model)
     result, _ = factorize_with_report(
         model,
         rank_ratio=rank_ratio,

@@ -21,7 +21,7 @@ from slimgraph.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from slimgraph.ir import copy_model, metadata
+from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
@@ -46,7 +46,7 @@ _PREPARE_RTOL = 1e-4
 
 
 def quantize(
-    model: ir.Model,
+    model: ModelLike,
     *,
     calibration: CalibrationData | None = None,
     mode: Mode | None = None,
@@ -70,10 +70,14 @@ def quantize(
     metric: Metric | None = None,
     verify: bool = True,
 ) -> ir.Model:
-    """Quantize a float model to int8 (a new model; the input is not modified).
+    """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
+
+    Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
+    (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
+    weight-only.
 
     Args:
-        model: the float model.
+        model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
         calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
         mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
             "weight-only".
@@ -91,7 +95,7 @@ def quantize(
             LayerNormalization, ...; "MatMul" adds the MatMuls of two activations).
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
         report: measure per-tensor SQNR on the calibration data (static); read it back with
-            `report_of(model)`.
+            `slimgraph.report_of(quantized)`.
         bits, block_size: weight-only options.
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
@@ -107,16 +111,31 @@ def quantize(
             onnxruntime (random inputs). False quantizes without running the model at all
             (models with ops onnxruntime does not have); static mode always runs it.
 
+    Returns:
+        The quantized model (float inputs and outputs).
+
     Raises:
-        BadOptionError: bad options, an `--exclude` that matches nothing, a budget without data.
-        VerificationError: the result misses the budget (the measured figure is in the message).
-        UnsupportedModelError: the model does not run on onnxruntime where it must (the
-            message says to pass verify=False / --no-verify for dynamic and weight-only).
+        BadOptionError: an unknown mode, format or method, static mode without calibration
+            data, an option that does not apply to the mode, or `model` neither a model nor a
+            path, an `--exclude` that matches nothing, a budget without data.
+        BadDataError: calibration data that does not fit the model's inputs (named), or holds
+            NaN/Inf.
+        UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
+            does not run on onnxruntime where it must (the message says to pass verify=False /
+            --no-verify for dynamic and weight-only).
+        VerificationError: the float model prepared for quantization (constants and BatchNorm
+            folded) no longer matches the input model.
+        ModelLoadError: `model` is a path that cannot be loaded.
+        VerificationError: the result misses the accuracy budget (the measured figure is in
+            the message).
 
     Example:
-        >>> q = quantize(model, calibration="calib.npz")  # doctest: +SKIP
-        >>> report_of(quantize(model, calibration=feeds, report=True)).summary()  # doctest: +SKIP
+        >>> import slimgraph as sg
+        >>> q = sg.quantize("model.onnx", calibration="calib.npz")  # doctest: +SKIP
+        >>> q = sg.quantize(model, calibration=feeds, report=True)  # doctest: +SKIP
+        >>> print(sg.report_of(q).summary())  # doctest: +SKIP
     """
+    model = as_model(model)
     mode = mode or ("static" if calibration is not None else "dynamic")
     judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
                          metric=metric)
@@ -313,7 +332,18 @@ def check_exclusions(
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
-    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None."""
+    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None.
+
+    Args:
+        model: the model `quantize` returned.
+
+    Returns:
+        The report (per-tensor SQNR, worst tensors; `.summary()` is the text the CLI prints),
+        or None when the model was not quantized with `report=True`.
+
+    Raises:
+        Nothing: any model is accepted.
+    """
     return model.meta.get(metadata.QUANT_REPORT)
 
 

@@ -1,0 +1,87 @@
+"""Symbolic dimension names (`batch`, `sequence`) kept across a rewrite.
+
+A pass that clears and re-infers shapes gets fresh names from onnx's shape inference
+(`unk__25`) where it cannot relate a dimension to the inputs' symbols; the user's names must
+survive every pass. `io_shapes` records the graph inputs' and outputs' shapes before a pass,
+`restore_dim_names` puts the recorded names back where the new shape has an anonymous or
+`unk__` symbol at the same axis, renames that symbol everywhere in the graph, and leaves any other
+`unk__N` anonymous (a name nobody chose).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+__all__ = ["io_shapes", "restore_dim_names"]
+
+_ANONYMOUS_PREFIX = "unk__"
+
+
+def _values(model: ir.Model) -> list[ir.Value]:
+    graph = model.graph
+    return [*graph.inputs, *graph.outputs, *(v for n in graph.all_nodes() for v in n.outputs)]
+
+
+def io_shapes(model: ir.Model) -> dict[str, tuple[object, ...]]:
+    """Shapes of the graph's values (inputs, outputs, node outputs) by name; dims as ints or
+    symbol names."""
+    shapes: dict[str, tuple[object, ...]] = {}
+    for value in _values(model):
+        if value.name and value.shape is not None:
+            shapes[value.name] = tuple(
+                d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+            )
+    return shapes
+
+
+def _anonymous(dim: object) -> bool:
+    if isinstance(dim, int):
+        return False
+    name = getattr(dim, "value", None)
+    return name is None or str(name).startswith(_ANONYMOUS_PREFIX)
+
+
+def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) -> int:
+    """Give `model`'s values back the symbol names recorded in `before`.
+
+    Where a value of the same name and rank now has an anonymous or `unk__N` dimension and had a
+    named symbol at that axis, the symbol is restored, and `unk__N` is renamed to it on every
+    other value of the graph. Returns the number of dimensions renamed.
+    """
+    renames: dict[str, str] = {}
+    changed = 0
+    for value in _values(model):
+        old = before.get(value.name or "")
+        if old is None or value.shape is None or len(value.shape) != len(old):
+            continue
+        dims: list[int | str | None] = [
+            d if isinstance(d, int) else d.value for d in value.shape
+        ]
+        fixed = 0
+        for axis, (dim, was) in enumerate(zip(value.shape, old, strict=True)):
+            if isinstance(was, str) and _anonymous(dim):
+                if dims[axis]:
+                    renames[str(dims[axis])] = was
+                dims[axis] = was
+                fixed += 1
+        if fixed:
+            value.shape = ir.Shape(dims)
+            changed += fixed
+    # an `unk__N` that maps to no name of the user's is an invented name: make it anonymous
+    for value in _values(model):
+        if value.shape is None or not any(
+            not isinstance(d, int) and str(d.value or "").startswith(_ANONYMOUS_PREFIX)
+            for d in value.shape
+        ):
+            continue
+        new_dims: list[int | str | None] = []
+        for d in value.shape:
+            if isinstance(d, int):
+                new_dims.append(d)
+            elif d.value is not None and d.value in renames:
+                new_dims.append(renames[d.value])
+            else:
+                new_dims.append(None if _anonymous(d) else d.value)
+        value.shape = ir.Shape(new_dims)
+        changed += 1
+    return changed

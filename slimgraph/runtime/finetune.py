@@ -1,0 +1,548 @@
+"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself (DESIGN.md section 6).
+
+`finetune` lowers the model to torch (`torch_backend.lower`), trains it on labelled data and/or
+a teacher, and writes the trained values back into the same initializers (`write_back`): names,
+metadata, opsets and op multiset are untouched, so a QDQ model is quantization-aware trained as
+exactly the graph that is deployed, and `epochs=0` gives back identical initializer bytes.
+
+Knowledge kinds (`kd`, seeds 001 and 002): "response" (softened outputs, T^2-scaled KL, mixed with
+the label cross-entropy by `alpha`), "feature" (MSE on named intermediate values, 1x1 adapters
+where a pruned student has fewer channels), "relation" (RKD distance + angle over a batch).
+Schemes: "offline" (frozen teacher in onnxruntime), "online" (teacher and student trained
+together, deep mutual learning), "self" (the student's own EMA as teacher).
+
+Values for feature and relation KD are named by torch layer (`block1`, `layers.0.fc1`: the last
+float output of that module's nodes) or by ONNX value name; both survive pruning and low-rank.
+
+torch is imported only when training starts, so `import slimgraph` stays light.
+
+Example:
+    >>> import slimgraph as sg
+    >>> pruned = sg.prune(sg.load("model.onnx"), ratio=0.5)  # doctest: +SKIP
+    >>> recovered = sg.finetune(pruned, "train.npz", teacher="model.onnx", epochs=10,
+    ...                         kd=("response", "feature"), val="val.npz")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph import ir as sg_ir
+from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.runtime.feeds import input_specs
+from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
+from slimgraph.runtime.session import create_session, run
+
+if TYPE_CHECKING:
+    from slimgraph.runtime.torch_backend._train import EpochRecord, History
+
+__all__ = [
+    "KD_KINDS",
+    "SCHEMES",
+    "FinetuneReport",
+    "finetune",
+    "finetune_with_report",
+    "resolve_value",
+    "parse_kd",
+    "biases_before_batchnorm",
+]
+
+logger = logging.getLogger(__name__)
+
+# Kept here too (without importing torch) so options are checked before torch loads.
+KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
+SCHEMES: tuple[str, ...] = ("offline", "online", "self")
+
+ModelLike = ir.Model | str | os.PathLike[str]
+DataLike = (
+    str | os.PathLike[str] | LabelledData | Mapping[str, np.ndarray]
+    | Iterable[Mapping[str, np.ndarray]]
+)
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did, for the command line and `--report`.
+
+    Attributes:
+        scheme: offline, online or self.
+        kd: the knowledge kinds that were used (empty: labels only).
+        epochs: epochs trained.
+        samples: training rows per epoch (None for streamed data of unknown length).
+        features: (student value, teacher value) pairs of feature KD.
+        relation: (student value, teacher value) of relation KD, or None.
+        qat: the model had QuantizeLinear/DequantizeLinear (quantization-aware training).
+        learn_scales: activation scales were learned (LSQ).
+        teacher_val: the teacher's metric on the validation data (offline/online), or None.
+        history: per-epoch loss and validation metric (epoch 0: before training).
+        seconds: wall time of the whole run (lowering, teacher, training, write-back).
+    """
+
+    scheme: str
+    kd: tuple[str, ...]
+    epochs: int
+    samples: int | None
+    features: list[tuple[str, str]] = field(default_factory=list)
+    relation: tuple[str, str] | None = None
+    qat: bool = False
+    learn_scales: bool = False
+    teacher_val: float | None = None
+    history: History | None = None
+    seconds: float = 0.0
+
+    @property
+    def metric(self) -> str | None:
+        return None if self.history is None else self.history.metric
+
+    @property
+    def before(self) -> float | None:
+        if self.history is None or not self.history.records:
+            return None
+        return self.history.records[0].val
+
+    @property
+    def after(self) -> float | None:
+        if self.history is None or not self.history.records:
+            return None
+        return self.history.records[-1].val
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        return None if self.history is None else self.history.seconds_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "kd": list(self.kd),
+            "epochs": self.epochs,
+            "samples": self.samples,
+            "features": [list(pair) for pair in self.features],
+            "relation": None if self.relation is None else list(self.relation),
+            "qat": self.qat,
+            "learn_scales": self.learn_scales,
+            "metric": self.metric,
+            "val_before": self.before,
+            "val_after": self.after,
+            "teacher_val": self.teacher_val,
+            "seconds": self.seconds,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "history": None if self.history is None else self.history.to_dict()["epochs"],
+        }
+
+
+def parse_kd(kd: str | Sequence[str]) -> tuple[str, ...]:
+    """Knowledge kinds from "response,feature" or a sequence; duplicates dropped, order kept.
+
+    Raises:
+        BadOptionError: an unknown kind (the message lists the known ones).
+    """
+    items = kd.split(",") if isinstance(kd, str) else list(kd)
+    kinds = tuple(dict.fromkeys(k.strip() for k in items if k.strip()))
+    for kind in kinds:
+        if kind not in KD_KINDS:
+            raise BadOptionError(
+                f"unknown knowledge kind '{kind}' (choose from {', '.join(KD_KINDS)})"
+            )
+    return kinds
+
+
+def _as_model(model: ModelLike, role: str) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return sg_ir.load(model)
+    raise BadOptionError(f"{role}: expected an onnx_ir.Model or a path, got {type(model).__name__}")
+
+
+def _is_float(value: ir.Value) -> bool:
+    dtype = value.dtype
+    return dtype is None or dtype.is_floating_point()
+
+
+def resolve_value(model: ir.Model, spec: str, *, role: str = "model") -> str:
+    """The value a feature/relation spec names: a value name, or a torch layer's output.
+
+    A torch layer `block1` (or `layers.0.fc1`) names the last float output, in graph order, of
+    the nodes that layer (or any module inside it) produced.
+
+    Raises:
+        BadOptionError: no value and no layer of that name (the message lists top-level layers).
+    """
+    graph = model.graph
+    for value in graph.inputs:
+        if value.name == spec:
+            return spec
+    found: str | None = None
+    for node in graph:
+        for output in node.outputs:
+            if output.name == spec:
+                return spec
+        layer = sg_ir.layer_name(node)
+        if layer == spec or layer.startswith(spec + "."):
+            for output in node.outputs:
+                if output.name and _is_float(output):
+                    found = output.name
+    if found is None:
+        layers = sorted({sg_ir.layer_name(n).split(".")[0] for n in graph} - {""})
+        raise BadOptionError(
+            f"{role}: no value or torch layer named '{spec}' (top-level layers: "
+            f"{', '.join(layers) or 'none recorded'})"
+        )
+    return found
+
+
+def _default_feature_layers(model: ir.Model, teacher: ir.Model) -> list[str]:
+    """Top-level torch layers of the student (in graph order) whose output is not a graph
+    output and that the teacher also has."""
+    outputs = {v.name for v in model.graph.outputs}
+    teacher_layers = {sg_ir.layer_name(n).split(".")[0] for n in teacher.graph}
+    layers: list[str] = []
+    for node in model.graph:
+        top = sg_ir.layer_name(node).split(".")[0]
+        if top and top not in layers and top in teacher_layers:
+            layers.append(top)
+    chosen = [
+        layer for layer in layers
+        if resolve_value(model, layer) not in outputs
+    ]  # fmt: skip
+    if not chosen:
+        raise BadOptionError(
+            "feature KD: the model records no torch layers to match; name values with "
+            "feature_layers (--feature-layers)"
+        )
+    return chosen
+
+
+def _is_qdq(model: ir.Model) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx")
+               for n in model.graph.all_nodes())  # fmt: skip
+
+
+def biases_before_batchnorm(model: ir.Model) -> list[str]:
+    """Float bias initializers of Conv/ConvTranspose/Gemm whose output feeds only BatchNorm.
+
+    In training mode BatchNormalization subtracts each channel's batch mean, so such a bias gets
+    exactly zero gradient: it is left out of training (torch's conv backward with a trainable
+    bias is also markedly slower). Its value is kept as it is.
+    """
+    names: list[str] = []
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or not bias.is_initializer() or not bias.name:
+            continue
+        if node.op_type == "Gemm" and bias.shape is not None and len(bias.shape) != 1:
+            continue
+        consumers = [(user, index) for user, index in node.outputs[0].uses()]
+        if consumers and all(user.op_type == "BatchNormalization" and index == 0
+                             for user, index in consumers) and node.outputs[0] not in \
+                model.graph.outputs:  # fmt: skip
+            if len(bias.uses()) == 1:
+                names.append(bias.name)
+    return names
+
+
+def _check_same_inputs(model: ir.Model, teacher: ir.Model) -> None:
+    mine = [(s.name, s.dtype) for s in input_specs(model)]
+    theirs = [(s.name, s.dtype) for s in input_specs(teacher)]
+    if sorted(mine, key=str) != sorted(theirs, key=str):
+        def text(specs: list[tuple[str, Any]]) -> str:
+            return ", ".join(f"{n} ({np.dtype(d).name})" for n, d in specs)
+
+        raise BadOptionError(
+            f"the teacher's inputs ({text(theirs)}) differ from the model's ({text(mine)})"
+        )
+
+
+def _training_data(
+    data: DataLike, model: ir.Model, labels: str, epochs: int
+) -> tuple[LabelledData | None, Iterable[Mapping[str, np.ndarray]] | None]:
+    if isinstance(data, LabelledData):
+        return data, None
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(data, model, labels=labels), None
+    if isinstance(data, Mapping):
+        return split_labels(data, model, labels=labels), None
+    if isinstance(data, Iterable):
+        if isinstance(data, Iterator) and epochs > 1:
+            raise BadOptionError(
+                "data: a one-shot iterator feeds one epoch only; give a list of feed dicts, "
+                "a re-iterable or an .npz file"
+            )
+        return None, data
+    raise BadDataError(
+        f"data: expected an .npz path, stacked arrays or an iterable of feed dicts, got "
+        f"{type(data).__name__}"
+    )
+
+
+def _validation_data(val: DataLike | None, model: ir.Model, labels: str) -> LabelledData | None:
+    if val is None:
+        return None
+    if isinstance(val, LabelledData):
+        return val
+    if isinstance(val, (str, os.PathLike)):
+        return load_data(val, model, labels=labels)
+    if isinstance(val, Mapping):
+        return split_labels(val, model, labels=labels, source="val")
+    raise BadDataError(
+        f"val: expected an .npz path or stacked arrays, got {type(val).__name__}"
+    )
+
+
+def _check_labels(data: LabelledData | None, model: ir.Model, source: str) -> None:
+    """Labels must index the model's classes (last axis of the first output, when static)."""
+    if data is None or data.labels is None:
+        return
+    shape = model.graph.outputs[0].shape
+    classes = shape[-1] if shape is not None and len(shape) else None
+    if isinstance(classes, int) and data.labels.size:
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= classes:
+            raise BadDataError(
+                f"{source}: labels range over {low}..{high}, but the model outputs {classes} "
+                "class scores"
+            )
+
+
+def _reference_outputs(
+    reference: ir.Model, student: ir.Model, data: LabelledData
+) -> dict[str, np.ndarray]:
+    """The reference model's graph outputs on `data`, keyed by the student's output names."""
+    session = create_session(reference)
+    parts: list[list[np.ndarray]] = [[] for _ in student.graph.outputs]
+    for feed, _ in data.batches(256):
+        outputs = list(run(session, feed).values())
+        for i in range(len(parts)):
+            parts[i].append(outputs[i])
+    return {v.name: np.concatenate(p) for v, p in zip(student.graph.outputs, parts, strict=True)
+            if v.name}  # fmt: skip
+
+
+def _freeze(module: Any, initializers: Sequence[str]) -> None:
+    """Leave the parameters holding these initializers out of training."""
+    frozen = set(initializers)
+    if not frozen:
+        return
+    paths = {path for path, name in module.weight_names().items() if name in frozen}
+    for path, parameter in module.named_parameters():
+        if path in paths:
+            parameter.requires_grad_(False)
+    logger.info("not trained (bias before BatchNorm, zero gradient): %s", sorted(frozen))
+
+
+def finetune_with_report(
+    model: ModelLike,
+    data: DataLike,
+    *,
+    labels: str = DEFAULT_LABELS,
+    teacher: ModelLike | None = None,
+    kd: str | Sequence[str] = ("response",),
+    scheme: str = "offline",
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    weight_decay: float = 1e-4,
+    schedule: str = "cosine",
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    feature_layers: Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    relation_layer: str | None = None,
+    relation_weights: tuple[float, float] = (1.0, 2.0),
+    ema_decay: float = 0.99,
+    val: DataLike | None = None,
+    seed: int = 0,
+    learn_scales: bool = False,
+    progress: bool | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> tuple[ir.Model, FinetuneReport]:
+    """`finetune`, also returning the `FinetuneReport` (history, metrics, what was matched)."""
+    start = time.perf_counter()
+    kinds = parse_kd(kd)
+    if scheme not in SCHEMES:
+        raise BadOptionError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
+    from slimgraph.runtime.torch_backend import lower, write_back
+    from slimgraph.runtime.torch_backend._train import (
+        ArrayBatches,
+        EmaTeacher,
+        ModuleTeacher,
+        OrtTeacher,
+        StreamBatches,
+        Taps,
+        Teacher,
+        TrainOptions,
+        Validation,
+        train,
+    )
+
+    options = TrainOptions(
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, schedule=schedule, seed=seed, temperature=temperature,
+        alpha=alpha, feature_weight=feature_weight,
+        relation_weights=(float(relation_weights[0]), float(relation_weights[1])),
+        ema_decay=ema_decay, progress=progress,
+    )  # fmt: skip
+    options.check()
+    student_model = _as_model(model, "model")
+    teacher_model = None if teacher is None else _as_model(teacher, "teacher")
+    if scheme == "online" and teacher_model is None:
+        raise BadOptionError("scheme 'online' trains a teacher alongside: give a teacher model")
+    if scheme == "self" and teacher_model is not None:
+        raise BadOptionError(
+            "scheme 'self' distils from the model's own moving average: give no teacher"
+        )
+    if teacher_model is None and scheme == "offline":
+        extra = [k for k in kinds if k != "response"]
+        if extra:
+            raise BadOptionError(
+                f"kd '{extra[0]}' needs a teacher (give one, or use scheme 'self')"
+            )
+    if teacher_model is not None:
+        _check_same_inputs(student_model, teacher_model)
+    arrays, stream = _training_data(data, student_model, labels, epochs)
+    _check_labels(arrays, student_model, arrays.source if arrays is not None else "data")
+    val_data = _validation_data(val, student_model, labels)
+    _check_labels(val_data, student_model, val_data.source if val_data is not None else "val")
+    batches = (ArrayBatches(arrays, batch_size) if arrays is not None
+               else StreamBatches(stream, student_model, labels))  # type: ignore[arg-type]
+    if teacher_model is None and not batches.has_labels:
+        source = arrays.source if arrays is not None else "data"
+        raise BadOptionError(
+            f"nothing to learn from: {source} has no labels ('{labels}') and there is no teacher"
+        )
+    used = kinds if (teacher_model is not None or scheme == "self") else ()
+    # What the losses read, in the student and in the teacher.
+    peer = teacher_model if teacher_model is not None else student_model
+    logits = (student_model.graph.outputs[0].name or "", peer.graph.outputs[0].name or "")
+    features: list[tuple[str, str]] = []
+    if "feature" in used:
+        specs = list(feature_layers) if feature_layers else _default_feature_layers(
+            student_model, peer)  # fmt: skip
+        features = [(resolve_value(student_model, s, role="model"),
+                     resolve_value(peer, s, role="teacher")) for s in specs]  # fmt: skip
+    relation = None
+    if "relation" in used:
+        relation = ((resolve_value(student_model, relation_layer, role="model"),
+                     resolve_value(peer, relation_layer, role="teacher"))
+                    if relation_layer else logits)  # fmt: skip
+    taps = Taps(logits, tuple(features), relation)
+    graph_outputs = [v.name or "" for v in student_model.graph.outputs]
+    extra = [s for s, _ in features if s not in graph_outputs]
+    if relation is not None and relation[0] not in graph_outputs:
+        extra.append(relation[0])
+    extra = list(dict.fromkeys(extra))
+    student = lower(student_model, extra_outputs=extra, learn_scales=learn_scales)
+    _freeze(student, biases_before_batchnorm(student_model))
+    teacher_runner: Teacher | None = None
+    if scheme == "offline" and teacher_model is not None:
+        ort_teacher = OrtTeacher(teacher_model, taps.teacher_names())
+        if arrays is not None and epochs > 0:
+            ort_teacher.cache(arrays)
+        teacher_runner = ort_teacher
+    elif scheme == "online":
+        assert teacher_model is not None
+        peer_graph = [v.name or "" for v in teacher_model.graph.outputs]
+        peer_extra = [t for t in taps.teacher_names() if t not in peer_graph]
+        peer_module = lower(teacher_model, extra_outputs=peer_extra)
+        _freeze(peer_module, biases_before_batchnorm(teacher_model))
+        teacher_runner = ModuleTeacher(peer_module)
+    elif scheme == "self":
+        teacher_runner = EmaTeacher(student, ema_decay)
+    validation = None
+    teacher_val = None
+    if val_data is not None:
+        reference = None
+        if val_data.labels is None:
+            reference = _reference_outputs(peer, student_model, val_data)
+        elif teacher_model is not None:
+            from slimgraph.runtime.metrics import evaluate
+
+            teacher_val = evaluate(teacher_model, val_data).accuracy
+        validation = Validation(val_data, graph_outputs, reference)
+    history = train(student, batches, options, taps=taps, kd=used, teacher=teacher_runner,
+                    validation=validation, on_epoch=on_epoch)  # fmt: skip
+    trained = write_back(student_model, student)
+    report = FinetuneReport(
+        scheme=scheme,
+        kd=tuple(k for k in used if k != "feature" or features),
+        epochs=epochs,
+        samples=arrays.samples if arrays is not None else None,
+        features=features,
+        relation=relation,
+        qat=_is_qdq(student_model),
+        learn_scales=learn_scales,
+        teacher_val=teacher_val,
+        history=history,
+        seconds=time.perf_counter() - start,
+    )
+    return trained, report
+
+
+def finetune(
+    model: ModelLike,
+    data: DataLike,
+    *,
+    labels: str = DEFAULT_LABELS,
+    teacher: ModelLike | None = None,
+    kd: str | Sequence[str] = ("response",),
+    scheme: str = "offline",
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    val: DataLike | None = None,
+    seed: int = 0,
+    learn_scales: bool = False,
+    **options: Any,
+) -> ir.Model:
+    """Train a copy of `model` on labels and/or a teacher and return it (the input is untouched).
+
+    Args:
+        model: an `onnx_ir.Model` or an .onnx path; a QDQ model is trained quantization-aware
+            (fake quantization, straight-through gradient) and keeps its op multiset.
+        data: an .npz path of the model's inputs (+ `labels`), stacked arrays, a `LabelledData`,
+            or a re-iterable of feed dicts (one batch each, labels under the same key).
+        labels: the labels key (int class indices, one per row); optional with a teacher.
+        teacher: a model or path with the same inputs (offline: run in onnxruntime; online:
+            trained alongside). None: labels only, or the model's own EMA with scheme "self".
+        kd: knowledge kinds, any of "response", "feature", "relation" (or "response,feature").
+        scheme: "offline", "online" or "self".
+        epochs, batch_size, lr: optimization (AdamW, cosine decay; `optimizer="sgd"` in options).
+        val: held-out data (path or arrays): accuracy, or output cosine to the teacher (or to the
+            input model) without labels, before training and after every epoch.
+        seed: same seed, same result.
+        learn_scales: learn activation quantization scales (LSQ) in QAT.
+        **options: optimizer, weight_decay, schedule, temperature, alpha, feature_layers,
+            feature_weight, relation_layer, relation_weights, ema_decay, progress, on_epoch
+            (see `finetune_with_report`).
+
+    Returns:
+        The trained model: same graph, names, metadata and op multiset; new initializer values.
+
+    Raises:
+        BadOptionError: impossible options, nothing to learn from (no labels, no teacher), a
+            feature layer that is not there, a teacher with other inputs, a NaN loss (naming
+            the epoch and step).
+        BadDataError: data that does not fit the model, labels outside its classes.
+        UnsupportedModelError: torch is missing, an op the backend cannot lower, a QOperator
+            model (train the QDQ form).
+
+    Example:
+        >>> recovered = sg.finetune(pruned, "train.npz", teacher=original, epochs=10)
+        ... # doctest: +SKIP
+    """
+    trained, _ = finetune_with_report(
+        model, data, labels=labels, teacher=teacher, kd=kd, scheme=scheme, epochs=epochs,
+        batch_size=batch_size, lr=lr, val=val, seed=seed, learn_scales=learn_scales, **options,
+    )  # fmt: skip
+    return trained

@@ -1,0 +1,84 @@
+"""The torch backend: lower an ONNX graph to a trainable torch module and write weights back.
+
+`lower(model)` turns an `onnx_ir.Model` into a `LoweredModel` (a `torch.nn.Module` that runs the
+graph, weights as parameters, QuantizeLinear/DequantizeLinear as fake quantization with a
+straight-through gradient); `write_back(model, lowered)` puts the trained values into a copy of the
+model's initializers. DESIGN.md section 6. torch is imported only when these are called.
+
+Example:
+    >>> from slimgraph.runtime.torch_backend import lower, write_back  # doctest: +SKIP
+    >>> lowered = lower(model)  # doctest: +SKIP
+    >>> trained = write_back(model, lowered)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from slimgraph.runtime.torch_backend._lower import LoweredModel
+
+__all__ = [
+    "require_torch",
+    "lower",
+    "write_back",
+    "LoweredModel",
+    "zero_shot_calibration",
+]
+
+
+def require_torch() -> Any:
+    """The `torch` module.
+
+    Raises:
+        UnsupportedModelError: torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError as error:
+        raise UnsupportedModelError(
+            "the torch backend needs torch: pip install torch"
+        ) from error
+    return torch
+
+
+def lower(
+    model: ir.Model, *, extra_outputs: Sequence[str] = (), learn_scales: bool = False
+) -> LoweredModel:
+    """Lower `model` to a trainable torch module (see `_lower.lower`)."""
+    require_torch()
+    from slimgraph.runtime.torch_backend import _lower
+
+    return _lower.lower(model, extra_outputs=extra_outputs, learn_scales=learn_scales)
+
+
+def write_back(model: ir.Model, lowered: LoweredModel) -> ir.Model:
+    """A copy of `model` holding `lowered`'s trained values (see `_writeback.write_back`)."""
+    from slimgraph.runtime.torch_backend._writeback import write_back as _write_back
+
+    return _write_back(model, lowered)
+
+
+def zero_shot_calibration(
+    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Synthetic calibration inputs matching the model's BatchNorm statistics (see `_zeroshot`)."""
+    require_torch()
+    from slimgraph.runtime.torch_backend import _zeroshot
+
+    return _zeroshot.zero_shot_calibration(model, samples=samples, steps=steps, seed=seed)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LoweredModel":
+        require_torch()
+        from slimgraph.runtime.torch_backend._lower import LoweredModel
+
+        return LoweredModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

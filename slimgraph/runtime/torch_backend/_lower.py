@@ -1,0 +1,429 @@
+"""Lowering: an `onnx_ir.Model` becomes a trainable `torch.nn.Module` that runs its graph.
+
+The module walks the graph's nodes in topological order, each through the kernel the op table
+(`_ops`) built for it. Float weight initializers are `nn.Parameter`s; an integer weight read only by
+DequantizeLinear is a float parameter holding its dequantized value (fake-quantized in the
+forward pass); everything else constant is a buffer. Nodes whose inputs are all constants (shape
+arithmetic on weights, Constant nodes) are evaluated once here and kept as buffers, so a forward
+pass runs only the nodes that depend on the inputs or the trainable values.
+
+This module imports torch; `slimgraph.runtime.torch_backend` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.runtime.torch_backend import _ops
+
+__all__ = ["LoweredModel", "lower", "WeightInfo", "QWeightInfo"]
+
+logger = logging.getLogger(__name__)
+
+# Inputs that are weights (trainable even when they hold a single value).
+_WEIGHT_SLOTS = {
+    ("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 1),
+    ("Gemm", 2), ("BatchNormalization", 1), ("BatchNormalization", 2),
+    ("LayerNormalization", 1), ("LayerNormalization", 2), ("InstanceNormalization", 1),
+    ("InstanceNormalization", 2), ("PRelu", 1), ("MatMul", 0), ("MatMul", 1),
+}
+# Inputs that are never trained (running statistics, quantization and shape parameters, bounds).
+_FROZEN_SLOTS = {
+    ("BatchNormalization", 3), ("BatchNormalization", 4), ("QuantizeLinear", 1),
+    ("QuantizeLinear", 2), ("DequantizeLinear", 1), ("DequantizeLinear", 2), ("Clip", 1),
+    ("Clip", 2), ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1),
+    ("Pad", 2), ("Pad", 3), ("Range", 0), ("Range", 1), ("Range", 2), ("ConstantOfShape", 0),
+    ("Dropout", 1), ("Dropout", 2),
+}
+# Ops never evaluated at lowering time even when their inputs are constant.
+_NOT_FOLDED = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike",
+               "RandomUniformLike", "Multinomial", "BatchNormalization"}
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """A trainable float initializer: its parameter path and original dtype and shape."""
+
+    initializer: str
+    path: str
+    dtype: ir.DataType
+
+
+@dataclass(frozen=True)
+class QWeightInfo:
+    """An integer weight read by DequantizeLinear, trained in float and re-quantized."""
+
+    initializer: str
+    path: str
+    dtype: ir.DataType
+    scale: str
+    zero_point: str | None
+    axis: int
+    block: int
+
+
+@dataclass
+class _Step:
+    kernel: _ops.Kernel
+    inputs: list[str | None]
+    outputs: list[str]
+    node: str
+
+
+def _name(value: ir.Value) -> str:
+    return value.name or ""
+
+
+def _domain_name(domain: str) -> str:
+    return domain if domain not in ("", "ai.onnx") else "ai.onnx"
+
+
+def _qoperator_error(node: ir.Node) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"QOperator model ({_domain_name(node.domain)}::{node.op_type} node '{node.name}'): the "
+        "torch backend trains the QDQ form; quantize with --format qdq and train that model"
+    )
+
+
+def _unknown_op_error(node: ir.Node) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"the torch backend cannot lower {_domain_name(node.domain)}::{node.op_type} "
+        f"(node '{node.name}')"
+    )
+
+
+def check_lowerable(model: ir.Model) -> None:
+    """Raise for a QOperator node or an op the table does not know, before anything runs.
+
+    Raises:
+        UnsupportedModelError: naming the first such op (domain::type) and its node.
+    """
+    nodes = list(model.graph)
+    for node in nodes:
+        if node.op_type in _ops.QOPERATOR_OPS:
+            raise _qoperator_error(node)
+    for node in nodes:
+        if _ops.lookup(node.domain, node.op_type) is None:
+            raise _unknown_op_error(node)
+        for attribute in node.attributes.values():
+            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                raise _unknown_op_error(node)
+
+
+def _path(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", name) or "v"
+    if base[0].isdigit():
+        base = "v_" + base
+    path, i = base, 1
+    while path in taken:
+        path, i = f"{base}_{i}", i + 1
+    taken.add(path)
+    return path
+
+
+def _is_float(dtype: ir.DataType | None) -> bool:
+    return dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
+
+
+class LoweredModel(nn.Module):
+    """An ONNX graph as a torch module (built by `lower`).
+
+    Attributes:
+        input_names: the graph inputs `forward` takes, in order.
+        output_names: the graph outputs, then the requested extra outputs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+        self.weights = nn.Module()
+        self.constants = nn.Module()
+        self._steps: list[_Step] = []
+        self._sources: list[tuple[str, str, str]] = []  # (value, "weights"|"constants", path)
+        self._float_weights: list[WeightInfo] = []
+        self._qweights: list[QWeightInfo] = []
+        self._stats: list[WeightInfo] = []  # BatchNormalization running mean/var
+        self._scales: list[WeightInfo] = []  # learned activation scales
+        self._output_casts: dict[str, torch.dtype] = {}  # QuantizeLinear codes leaving the graph
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(tensors) != len(self.input_names):
+            raise BadOptionError(
+                f"the model takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(tensors)}"
+            )
+        env: dict[str, Any] = dict(zip(self.input_names, tensors, strict=True))
+        for value, kind, path in self._sources:
+            env[value] = getattr(self.weights if kind == "weights" else self.constants, path)
+        for step in self._steps:
+            inputs = [env[name] if name is not None else None for name in step.inputs]
+            while inputs and inputs[-1] is None:
+                inputs.pop()
+            outputs = step.kernel(self, inputs)
+            for name, out in zip(step.outputs, outputs, strict=False):
+                if name:
+                    env[name] = out
+        if self._output_casts:
+            for name, dtype in self._output_casts.items():
+                env[name] = env[name].to(dtype)
+        return tuple(env[name] for name in self.output_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on named feeds (numpy arrays or tensors); outputs by name."""
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise BadOptionError(f"missing model inputs: {', '.join(missing)}")
+        tensors = [
+            feeds[n] if isinstance(feeds[n], torch.Tensor) else _ops.to_torch(np.asarray(feeds[n]))
+            for n in self.input_names
+        ]
+        return dict(zip(self.output_names, self(*tensors), strict=True))
+
+    def weight_names(self) -> dict[str, str]:
+        """Each parameter's module path (as in `named_parameters()`) -> its initializer name."""
+        names = {f"weights.{w.path}": w.initializer for w in self._float_weights}
+        names.update({f"weights.{w.path}": w.initializer for w in self._qweights})
+        names.update({f"weights.{w.path}": w.initializer for w in self._scales})
+        return names
+
+    def trained_values(self) -> dict[str, np.ndarray]:
+        """Initializer name -> its value now, in the initializer's own dtype (for `write_back`)."""
+        values: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for w in self._float_weights + self._scales:
+                values[w.initializer] = _numpy(getattr(self.weights, w.path), w.dtype)
+            for w in self._stats:
+                values[w.initializer] = _numpy(getattr(self.constants, w.path), w.dtype)
+            for q in self._qweights:
+                values[q.initializer] = self._requantize(q)
+        return values
+
+    def _value(self, name: str) -> torch.Tensor:
+        for value, kind, path in self._sources:
+            if value == name:
+                return getattr(self.weights if kind == "weights" else self.constants, path)
+        raise KeyError(name)
+
+    def _requantize(self, q: QWeightInfo) -> np.ndarray:
+        r = _ops.qrange(q.dtype)
+        assert r is not None
+        weight = getattr(self.weights, q.path)
+        zp = self._value(q.zero_point) if q.zero_point else None
+        ints = _ops.quantize_values(weight, self._value(q.scale), zp, r, q.axis, q.block)
+        return ints.to(torch.int64).numpy().astype(q.dtype.numpy())
+
+
+def _numpy(t: torch.Tensor, dtype: ir.DataType) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype.numpy(), copy=False)
+
+
+def _graph_inputs(graph: ir.Graph) -> list[ir.Value]:
+    return [v for v in graph.inputs if v.name not in graph.initializers]
+
+
+def _qweight_dq(value: ir.Value) -> tuple[ir.Node, list[str]] | None:
+    """The DequantizeLinear that reads integer initializer `value`, and the Gather outputs on the
+    way (a quantized embedding table: Gather rows, then dequantize them per tensor), or None
+    when `value` has any other kind of reader or its readers disagree on the scale."""
+    if value.is_graph_output():
+        return None
+    dqs: list[ir.Node] = []
+    rows: list[str] = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "DequantizeLinear" and use.idx == 0:
+            dqs.append(node)
+        elif node.op_type == "Gather" and use.idx == 0 and not node.outputs[0].is_graph_output():
+            for inner in node.outputs[0].uses():
+                if inner.node.op_type != "DequantizeLinear" or inner.idx != 0:
+                    return None
+                scale = inner.node.inputs[1]
+                if scale is None or scale.const_value is None or scale.const_value.size != 1:
+                    return None  # per-axis after a Gather: the axis would move
+                dqs.append(inner.node)
+            rows.append(_name(node.outputs[0]))
+        else:
+            return None
+    if not dqs:
+        return None
+    params = {
+        tuple(v.name if v is not None else None for v in dq.inputs[1:3]) for dq in dqs
+    }
+    if len(params) != 1:
+        return None
+    return dqs[0], rows
+
+
+def lower(
+    model: ir.Model, *, extra_outputs: Sequence[str] = (), learn_scales: bool = False
+) -> LoweredModel:
+    """Lower `model` to a trainable torch module that runs its graph.
+
+    Args:
+        model: the model (not modified).
+        extra_outputs: names of intermediate values to return after the graph outputs.
+        learn_scales: make the scales of activation QuantizeLinear nodes parameters (LSQ).
+
+    Returns:
+        A `LoweredModel` in eval mode (BatchNormalization uses its running statistics).
+
+    Raises:
+        UnsupportedModelError: a QOperator model, or an op the table does not know (naming it and
+            its node), or a dtype torch cannot hold; raised before anything runs.
+        BadOptionError: an extra output that is not a value of the graph.
+    """
+    graph = model.graph
+    check_lowerable(model)
+    values: dict[str, ir.Value] = {}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    for v in graph.inputs:
+        values[_name(v)] = v
+    for name, v in graph.initializers.items():
+        values[name] = v
+    unknown = [name for name in extra_outputs if name not in values]
+    if unknown:
+        raise BadOptionError(f"extra output '{unknown[0]}' is not a value of the graph")
+
+    module = LoweredModel()
+    module.input_names = [_name(v) for v in _graph_inputs(graph)]
+    module.output_names = [_name(v) for v in graph.outputs] + list(extra_outputs)
+    ctx = _ops.LowerContext()
+    taken: set[str] = set()
+    static: dict[str, torch.Tensor] = {}  # values known at lowering time (buffers)
+
+    # Initializers: parameters, integer weights, scales, running statistics or buffers.
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        dtype = tensor.dtype
+        if dtype not in _ops.TORCH_DTYPES:
+            raise UnsupportedModelError(
+                f"the torch backend cannot hold initializer '{name}' of type {dtype.name}"
+            )
+        array = tensor.numpy()
+        slots = {(u.node.op_type, u.idx) for u in value.uses()}
+        path = _path(name, taken)
+        if not _is_float(dtype):
+            found = _qweight_dq(value)
+            dq = found[0] if found is not None else None
+            if (found is not None and dq is not None and dq.inputs[1] is not None
+                    and dq.inputs[1].const_value is not None):
+                module._qweights.append(_qweight(module, dq, name, path, array, dtype))
+                module._sources.append((name, "weights", path))
+                ctx.weight_values.add(name)
+                ctx.weight_values.update(found[1])  # gathered rows of a quantized table
+                continue
+            module.constants.register_buffer(path, _ops.to_torch(array))
+            module._sources.append((name, "constants", path))
+            continue
+        learned = learn_scales and ("QuantizeLinear", 1) in slots
+        frozen = bool(slots & _FROZEN_SLOTS)
+        trainable = learned or (
+            bool(slots)
+            and not frozen
+            and (array.size > 1 or bool(slots & _WEIGHT_SLOTS))
+        )
+        if trainable:
+            module.weights.register_parameter(path, nn.Parameter(_ops.to_torch(array)))
+            module._sources.append((name, "weights", path))
+            info = WeightInfo(name, path, dtype)
+            (module._scales if learned else module._float_weights).append(info)
+            if learned:
+                ctx.learned_scales.add(name)
+            continue
+        module.constants.register_buffer(path, _ops.to_torch(array))
+        module._sources.append((name, "constants", path))
+        if slots & {("BatchNormalization", 3), ("BatchNormalization", 4)}:
+            module._stats.append(WeightInfo(name, path, dtype))
+        else:
+            static[name] = getattr(module.constants, path)
+
+    # Nodes: build kernels; evaluate the ones that read only constants now.
+    graph_inputs = set(module.input_names)
+    trainable_values = {name for name, kind, _ in module._sources if kind == "weights"}
+    for node in graph:
+        opset = model.opset_imports.get(node.domain or "", model.opset_imports.get("ai.onnx", 1))
+        if node.domain not in ("", "ai.onnx"):
+            opset = model.opset_imports.get(node.domain, 1)
+        builder = _ops.lookup(node.domain, node.op_type)
+        assert builder is not None  # checked above
+        kernel = builder(node, opset, ctx)
+        inputs = [v.name if v is not None else None for v in node.inputs]
+        outputs = [_name(v) for v in node.outputs]
+        shape_of_weight = node.op_type in ("Shape", "Size") and inputs[0] in trainable_values
+        like = node.inputs[1] if node.op_type == "CastLike" else None
+        if like is not None and inputs[0] in static and like.dtype in _ops.TORCH_DTYPES:
+            # CastLike reads only its second input's dtype, known from the graph
+            result = static[inputs[0]].to(_ops.TORCH_DTYPES[like.dtype])
+            path = _path(outputs[0], taken)
+            module.constants.register_buffer(path, result)
+            module._sources.append((outputs[0], "constants", path))
+            static[outputs[0]] = getattr(module.constants, path)
+            continue
+        if node.op_type not in _NOT_FOLDED and (
+            shape_of_weight
+            or all(n is None or n in static for n in inputs) and not graph_inputs & set(inputs)
+        ):
+            with torch.no_grad():
+                args = [
+                    (module._value(n) if shape_of_weight else static[n]) if n is not None else None
+                    for n in inputs
+                ]
+                while args and args[-1] is None:
+                    args.pop()
+                results = kernel(module, args)
+            for name, result in zip(outputs, results, strict=False):
+                if name and isinstance(result, torch.Tensor):
+                    path = _path(name, taken)
+                    module.constants.register_buffer(path, result.detach().clone())
+                    module._sources.append((name, "constants", path))
+                    static[name] = getattr(module.constants, path)
+            continue
+        module._steps.append(_Step(kernel, inputs, outputs, node.name or node.op_type))
+        if node.op_type == "QuantizeLinear" and node.outputs[0].name in module.output_names:
+            module._output_casts[node.outputs[0].name] = _ops.TORCH_DTYPES[_ops.q_dtype(node)]
+    module.eval()
+    logger.debug(
+        "lowered %d nodes (%d evaluated once), %d parameters",
+        len(module._steps), len(list(graph)) - len(module._steps),
+        len(list(module.parameters())),
+    )
+    return module
+
+
+def _qweight(
+    module: LoweredModel, dq: ir.Node, name: str, path: str, array: np.ndarray,
+    dtype: ir.DataType,
+) -> QWeightInfo:
+    """Register integer weight `name` as a float parameter holding its dequantized value."""
+    scale_value = dq.inputs[1]
+    assert scale_value is not None and scale_value.const_value is not None  # checked by lower
+    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    axis = _ops.attr(dq, "axis", 1)
+    block = _ops.attr(dq, "block_size", 0)
+    ints = _ops.to_torch(array)
+    scale = _ops.to_torch(scale_value.const_value.numpy())
+    zp = None
+    if zp_value is not None and zp_value.const_value is not None:
+        zp = _ops.to_torch(zp_value.const_value.numpy())
+    weight = _ops.dequantize_values(ints, scale, zp, axis, block)
+    module.weights.register_parameter(path, nn.Parameter(weight))
+    return QWeightInfo(
+        name, path, dtype, _name(scale_value), _name(zp_value) if zp_value is not None else None,
+        axis, block,
+    )

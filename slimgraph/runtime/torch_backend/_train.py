@@ -1,0 +1,632 @@
+"""The training loop: fine-tuning and knowledge distillation of a lowered graph (DESIGN.md s. 6).
+
+The student is a lowered model (see `lower`): an `nn.Module` with `input_names`, `output_names`
+and a positional `forward` returning a tuple in `output_names` order. Mini-batches come from
+in-memory stacked arrays (shuffled each epoch) or from any re-iterable of feed dicts (in order).
+
+The loss of one step (seeds 001, 002):
+    response KD (or cross-entropy alone without a teacher)
+    + feature_weight * MSE(adapter(student value), teacher value)      (kd "feature")
+    + RKD-D * w_d + RKD-A * w_a on a chosen value                      (kd "relation")
+
+Teachers, by scheme:
+- offline: a frozen teacher, run in onnxruntime (`OrtTeacher`); with in-memory data its outputs
+  are computed once for every row and indexed per batch.
+- online (deep mutual learning, Zhang et al. 2018): a second lowered model trained alongside,
+  itself learning from the student's softened outputs and the labels.
+- self: an exponential moving average of the student's own weights (mean teacher).
+
+Example:
+    >>> history = train(student, ArrayBatches(data, student.input_names, 64),  # doctest: +SKIP
+    ...                 TrainOptions(epochs=10), logits="linear", teacher=OrtTeacher(t, ["linear"]))
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from slimgraph.errors import BadOptionError
+from slimgraph.runtime.calibrate import with_outputs
+from slimgraph.runtime.compare import FidelityAccumulator
+from slimgraph.runtime.feeds import sample_count
+from slimgraph.runtime.metrics import LabelledData, split_labels
+from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.torch_backend._losses import (
+    FeatureDistiller,
+    class_rows,
+    relation_loss,
+    response_loss,
+)
+
+__all__ = [
+    "KD_KINDS",
+    "SCHEMES",
+    "OPTIMIZERS",
+    "TrainOptions",
+    "EpochRecord",
+    "History",
+    "Batch",
+    "ArrayBatches",
+    "StreamBatches",
+    "Taps",
+    "Teacher",
+    "OrtTeacher",
+    "ModuleTeacher",
+    "EmaTeacher",
+    "Validation",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+KD_KINDS = ("response", "feature", "relation")
+SCHEMES = ("offline", "online", "self")
+OPTIMIZERS = ("adamw", "sgd")
+
+# Cache the offline teacher's outputs for in-memory data up to this many bytes.
+_CACHE_LIMIT = 1 << 30
+_TEACHER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimization and distillation settings.
+
+    Attributes:
+        epochs: passes over the data (0 trains nothing).
+        batch_size: rows per step (in-memory data; streamed feed dicts keep their own size).
+        lr: peak learning rate; a cosine schedule decays it to 0 over the run unless
+            `schedule="constant"`.
+        optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
+        weight_decay: decoupled (AdamW) or L2 (SGD) decay on weights with 2+ axes only.
+        seed: seeds shuffling, dropout and adapter initialization: same seed, same result.
+        temperature: softening temperature T of response KD.
+        alpha: weight of the KD term against the label cross-entropy, in [0, 1].
+        feature_weight: weight of the feature-KD term.
+        relation_weights: (distance, angle) weights of relation KD (Park et al.: 1, 2).
+        ema_decay: decay of the self-distillation teacher's moving average, in [0, 1).
+        progress: tqdm bar with the running loss; None shows it only on a terminal.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.5
+    feature_weight: float = 1.0
+    relation_weights: tuple[float, float] = (1.0, 2.0)
+    ema_decay: float = 0.99
+    progress: bool | None = None
+
+    def check(self) -> None:
+        """Refuse impossible values before anything runs.
+
+        Raises:
+            BadOptionError: naming the option and the allowed range.
+        """
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be >= 0, got "
+             f"{self.epochs}"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch size must be >= 1, got {self.batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.schedule in ("cosine", "constant"),
+             f"unknown schedule '{self.schedule}' (choose from cosine, constant)"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0, got {self.temperature}"),
+            (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
+            (all(w >= 0 for w in self.relation_weights),
+             f"relation weights must be >= 0, got {self.relation_weights}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema decay must be in [0, 1), got {self.ema_decay}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise BadOptionError(message)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch: mean training loss and the validation metric after it.
+
+    Epoch 0 is the state before training (no loss). `val` is top-1 accuracy (0..1) or the worst
+    output cosine to the reference, as `History.metric` says; None without validation data.
+    """
+
+    epoch: int
+    loss: float | None
+    val: float | None
+    seconds: float
+    steps: int
+    metric: str | None = None
+
+
+@dataclass
+class History:
+    """Per-epoch figures of a run (the report's training curves)."""
+
+    metric: str | None
+    records: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        trained = [r.seconds for r in self.records if r.epoch > 0]
+        return float(np.median(trained)) if trained else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "epochs": [asdict(r) for r in self.records]}
+
+
+class Batch(NamedTuple):
+    """One mini-batch: inputs by name, labels [N] or None, and the rows' indices into in-memory
+    data (None for streamed data)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None
+    rows: np.ndarray | None
+
+
+class ArrayBatches:
+    """Shuffled mini-batches of in-memory data; a trailing single row is dropped (BatchNorm)."""
+
+    def __init__(self, data: LabelledData, batch_size: int) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.inputs = {name: torch.from_numpy(np.ascontiguousarray(array))
+                       for name, array in data.feeds.items()}  # fmt: skip
+        self.labels = None if data.labels is None else torch.from_numpy(data.labels)
+        rows = data.samples
+        full, rest = divmod(rows, batch_size)
+        self.steps = full + (1 if rest > 1 or (rest and not full) else 0)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+        order = rng.permutation(self.data.samples)
+        for step in range(self.steps):
+            index = np.sort(order[step * self.batch_size : (step + 1) * self.batch_size])
+            rows = torch.from_numpy(index)
+            yield Batch(
+                {name: tensor[rows] for name, tensor in self.inputs.items()},
+                None if self.labels is None else self.labels[rows],
+                index,
+            )
+
+
+class StreamBatches:
+    """Feed dicts from a re-iterable, each one batch (inputs plus an optional labels key).
+
+    Each feed dict is checked against the model as it arrives (`split_labels`).
+    """
+
+    def __init__(
+        self, items: Iterable[Mapping[str, np.ndarray]], model: ir.Model, labels: str
+    ) -> None:
+        self.items = items
+        self.model = model
+        self.labels_key = labels
+        self.first = self._convert(next(iter(items), None), 0)
+
+    def _convert(self, item: Mapping[str, np.ndarray] | None, step: int) -> Batch:
+        if item is None:
+            raise BadOptionError("data: the iterable of feed dicts is empty")
+        data = split_labels(item, self.model, labels=self.labels_key,
+                            source=f"data batch {step}")  # fmt: skip
+        return Batch(
+            {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in data.feeds.items()},
+            None if data.labels is None else torch.from_numpy(data.labels),
+            None,
+        )
+
+    @property
+    def has_labels(self) -> bool:
+        return self.first.labels is not None
+
+    def __len__(self) -> int:
+        try:
+            return len(self.items)  # type: ignore[arg-type]
+        except TypeError:
+            return 0
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+        del rng  # streamed batches keep their order
+        for step, item in enumerate(self.items):
+            yield self._convert(item, step)
+
+
+Batches = ArrayBatches | StreamBatches
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Which values the losses read, by value name, in the student and in the teacher.
+
+    Attributes:
+        logits: (student, teacher) names of the class scores (the first graph output).
+        features: (student, teacher) pairs for feature KD.
+        relation: (student, teacher) for relation KD, or None.
+    """
+
+    logits: tuple[str, str]
+    features: tuple[tuple[str, str], ...] = ()
+    relation: tuple[str, str] | None = None
+
+    def teacher_names(self) -> list[str]:
+        names = [self.logits[1], *(t for _, t in self.features)]
+        if self.relation is not None:
+            names.append(self.relation[1])
+        return list(dict.fromkeys(names))
+
+
+class Teacher(Protocol):
+    """Targets for a batch, by value name."""
+
+    trainable: bool
+
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]: ...
+
+    def after_step(self, student: nn.Module) -> None: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+class OrtTeacher:
+    """A frozen teacher run by onnxruntime, exposing intermediate values as extra outputs.
+
+    With in-memory data its outputs for every row are computed once (`cache`), in batches of
+    256 rows, and then indexed per mini-batch.
+    """
+
+    trainable = False
+
+    def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.session = create_session(with_outputs(model, self.names))
+        self.cached: dict[str, torch.Tensor] | None = None
+
+    def run_numpy(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = run(self.session, feeds)
+        return {name: outputs[name] for name in self.names}
+
+    def cache(self, data: LabelledData) -> None:
+        """Compute the outputs for every row of `data` once (skipped above 1 GiB)."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        total = 0
+        for feed, _ in data.batches(_TEACHER_BATCH):
+            for name, value in self.run_numpy(feed).items():
+                parts[name].append(value)
+                total += value.nbytes
+            if total > _CACHE_LIMIT:
+                return
+        self.cached = {name: torch.from_numpy(np.concatenate(arrays)) for name, arrays
+                       in parts.items()}  # fmt: skip
+
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.cached is not None and batch.rows is not None:
+            rows = torch.from_numpy(batch.rows)
+            return {name: value[rows] for name, value in self.cached.items()}
+        feeds = {name: tensor.numpy() for name, tensor in batch.inputs.items()}
+        return {name: torch.from_numpy(value) for name, value in self.run_numpy(feeds).items()}
+
+    def after_step(self, student: nn.Module) -> None:
+        del student
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def train(self, mode: bool = True) -> OrtTeacher:
+        return self
+
+
+def _forward(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run a lowered model on named inputs; its outputs by name."""
+    input_names: list[str] = list(getattr(module, "input_names"))  # noqa: B009
+    output_names: list[str] = list(getattr(module, "output_names"))  # noqa: B009
+    outputs = module(*(inputs[name] for name in input_names))
+    return dict(zip(output_names, outputs, strict=True))
+
+
+class ModuleTeacher:
+    """A lowered teacher trained alongside the student (online scheme)."""
+
+    trainable = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return _forward(self.module, batch.inputs)
+
+    def after_step(self, student: nn.Module) -> None:
+        del student
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.module.parameters()
+
+    def train(self, mode: bool = True) -> ModuleTeacher:
+        self.module.train(mode)
+        return self
+
+
+class EmaTeacher:
+    """The student's own exponential moving average (self scheme), always in eval mode.
+
+    After each step: `p_ema = decay * p_ema + (1 - decay) * p`; buffers (BatchNorm statistics)
+    are copied.
+    """
+
+    trainable = False
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(student).eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.decay = decay
+
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return _forward(self.module, batch.inputs)
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module) -> None:
+        for ema, current in zip(self.module.parameters(), student.parameters(), strict=True):
+            ema.mul_(self.decay).add_(current.detach(), alpha=1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), student.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def train(self, mode: bool = True) -> EmaTeacher:
+        return self
+
+
+@dataclass
+class Validation:
+    """Held-out data and what the student is judged by after each epoch.
+
+    With labels: top-1 accuracy of the first of `outputs` (the graph outputs' names). Without:
+    the worst cosine of those outputs against `reference` (the teacher's, or the input model's,
+    outputs on the same rows).
+    """
+
+    data: LabelledData
+    outputs: list[str]
+    reference: dict[str, np.ndarray] | None = None
+    batch_size: int = 256
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.data.labels is not None else "cosine"
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module) -> float:
+        outputs = self.outputs
+        was_training = module.training
+        module.eval()
+        correct = 0
+        fidelity = FidelityAccumulator()
+        start = 0
+        try:
+            for feed, labels in self.data.batches(self.batch_size):
+                rows = sample_count(feed)
+                got = _forward(module, {n: torch.from_numpy(a) for n, a in feed.items()})
+                if labels is not None:
+                    scores = class_rows(got[outputs[0]]).numpy()
+                    correct += int((scores.argmax(-1) == labels).sum())
+                elif self.reference is not None:
+                    fidelity.add({n: self.reference[n][start : start + rows] for n in outputs},
+                                 {n: got[n].numpy() for n in outputs})  # fmt: skip
+                start += rows
+        finally:
+            module.train(was_training)
+        if self.data.labels is not None:
+            return correct / max(1, start)
+        return float(fidelity.result().worst_cosine)
+
+
+def _optimizer(
+    parameters: list[nn.Parameter], options: TrainOptions
+) -> torch.optim.Optimizer:
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": options.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=options.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=options.lr)
+
+
+def _progress(total: int, epoch: int, epochs: int, enabled: bool | None) -> Any:
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total or None, desc=f"epoch {epoch}/{epochs}", leave=False,
+                file=sys.stderr, unit="step")  # fmt: skip
+
+
+def _feature_distiller(
+    student: nn.Module, teacher: Teacher, taps: Taps, batch: Batch
+) -> FeatureDistiller | None:
+    """Adapters sized from one forward pass (eval mode, no gradient) of student and teacher."""
+    if not taps.features:
+        return None
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        got = _forward(student, batch.inputs)
+        targets = teacher.outputs(batch)
+    student.train(was_training)
+    return FeatureDistiller(
+        [f"{s} -> {t}" if s != t else s for s, t in taps.features],
+        [tuple(got[s].shape) for s, _ in taps.features],
+        [tuple(targets[t].shape) for _, t in taps.features],
+    )
+
+
+def train(
+    student: nn.Module,
+    batches: Batches,
+    options: TrainOptions,
+    *,
+    taps: Taps,
+    kd: Sequence[str] = ("response",),
+    teacher: Teacher | None = None,
+    validation: Validation | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> History:
+    """Train `student` in place and return the per-epoch history.
+
+    Args:
+        student: a lowered model (input_names, output_names, positional forward). Trained in
+            train mode (BatchNorm batch statistics, dropout) and left in eval mode.
+        batches: the training data.
+        options: optimization settings (checked here).
+        taps: the value names the losses read.
+        kd: knowledge kinds used with a teacher: any of "response", "feature", "relation".
+        teacher: targets (offline, online or self); None trains on labels alone.
+        validation: held-out data evaluated before training and after every epoch.
+        on_epoch: called with each epoch's record as it completes (for printing).
+
+    Raises:
+        BadOptionError: bad options; nothing to learn from (no labels and no teacher); the loss
+            became NaN or infinite (the message names epoch and step).
+    """
+    options.check()
+    unknown = [k for k in kd if k not in KD_KINDS]
+    if unknown:
+        raise BadOptionError(
+            f"unknown knowledge kind '{unknown[0]}' (choose from {', '.join(KD_KINDS)})"
+        )
+    if teacher is None and not batches.has_labels:
+        raise BadOptionError(
+            "nothing to learn from: the data has no labels and there is no teacher"
+        )
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    history = History(validation.metric if validation is not None else None)
+
+    def record(epoch: int, loss: float | None, seconds: float, steps: int) -> None:
+        val = validation.evaluate(student) if validation is not None else None
+        entry = EpochRecord(epoch, loss, val, seconds, steps, history.metric)
+        history.records.append(entry)
+        logger.info("epoch %d: loss %s, val %s", epoch, loss, val)
+        if on_epoch is not None:
+            on_epoch(entry)
+
+    record(0, None, 0.0, 0)
+    if options.epochs == 0:
+        student.eval()
+        return history
+    use_feature = teacher is not None and "feature" in kd and bool(taps.features)
+    use_relation = teacher is not None and "relation" in kd and taps.relation is not None
+    use_response = teacher is not None and "response" in kd
+    first = next(iter(batches.epoch(np.random.default_rng(options.seed))))
+    distiller = None
+    if use_feature and teacher is not None:
+        distiller = _feature_distiller(student, teacher, taps, first)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    if distiller is not None:
+        parameters += list(distiller.parameters())
+    if teacher is not None and teacher.trainable:
+        parameters += [p for p in teacher.parameters() if p.requires_grad]
+    if not parameters:
+        raise BadOptionError("the model has no float weights to train")
+    optimizer = _optimizer(parameters, options)
+    steps_per_epoch = len(batches) or 1
+    total = max(1, options.epochs * steps_per_epoch)
+    scheduler = None
+    if options.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        )
+    student.train()
+    teacher_train = teacher is not None and teacher.trainable
+    if teacher is not None:
+        teacher.train(teacher_train)
+    for epoch in range(1, options.epochs + 1):
+        start = time.perf_counter()
+        losses: list[float] = []
+        bar = _progress(len(batches), epoch, options.epochs, options.progress)
+        for step, batch in enumerate(batches.epoch(rng), start=1):
+            got = _forward(student, batch.inputs)
+            targets = teacher.outputs(batch) if teacher is not None else {}
+            s_logits = got[taps.logits[0]]
+            t_logits = targets.get(taps.logits[1]) if use_response else None
+            if t_logits is None and batch.labels is None:
+                raise BadOptionError(
+                    f"nothing to learn from: batch {step} of epoch {epoch} has no labels and "
+                    "response KD is off"
+                )
+            loss = response_loss(s_logits, t_logits, batch.labels,
+                                 temperature=options.temperature, alpha=options.alpha)  # fmt: skip
+            if distiller is not None:
+                loss = loss + options.feature_weight * distiller(
+                    [got[s] for s, _ in taps.features], [targets[t] for _, t in taps.features]
+                )
+            if use_relation and taps.relation is not None:
+                w_d, w_a = options.relation_weights
+                loss = loss + relation_loss(got[taps.relation[0]], targets[taps.relation[1]],
+                                            distance_weight=w_d, angle_weight=w_a)  # fmt: skip
+            if teacher_train:  # deep mutual learning: the peer learns from the student too
+                loss = loss + response_loss(
+                    targets[taps.logits[1]], s_logits.detach(), batch.labels,
+                    temperature=options.temperature, alpha=options.alpha,
+                )
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if bar is not None:
+                    bar.close()
+                raise BadOptionError(
+                    f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
+                    "nothing was written (try a lower learning rate)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if teacher is not None:
+                teacher.after_step(student)
+            losses.append(value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        record(epoch, float(np.mean(losses)) if losses else None, seconds, len(losses))
+        student.train()
+    student.eval()
+    if teacher is not None:
+        teacher.train(False)
+    return history

@@ -1,0 +1,204 @@
+"""`slimgraph finetune MODEL -o OUT --data TRAIN.npz ...`: recover accuracy (DESIGN.md s. 6, 7).
+
+Trains the ONNX graph itself through the torch backend: fine-tuning on labels, knowledge
+distillation from a teacher (response, feature, relation; offline, online or self), and
+quantization-aware training when MODEL is a QDQ model (same op multiset out). Prints one line per
+epoch on stderr (loss, validation metric) and a summary; `--json` prints one object, `--report DIR`
+writes report.json/report.txt with the training curves. OUT is written atomically, only on
+success, never over MODEL or the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from slimgraph import ir as sg_ir
+from slimgraph.errors import OutputPathError
+from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
+from slimgraph.tools.report import (
+    add_report_option,
+    check_report_dir,
+    command_line,
+    write_report,
+)
+from slimgraph.tools.tables import emit, render_table, to_json
+
+__all__ = ["register", "run", "format_report", "report_dict"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="recover accuracy: fine-tune, distil from a teacher, or QAT a QDQ model",
+        description=(
+            "Train the ONNX graph itself (torch backend) on labelled data and/or a teacher "
+            "model, then write the trained weights back into the same graph. A pruned or "
+            "factorized model distils from the original (--teacher); a QDQ int8 model is "
+            "trained quantization-aware and keeps its op types and counts."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="the .onnx model to train")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    parser.add_argument("--data", required=True, metavar="TRAIN.npz",
+                        help="training data: the model's inputs (+ labels) stacked on axis 0")
+    parser.add_argument("--labels", default="labels", metavar="KEY",
+                        help="labels key in the .npz files (default labels)")
+    parser.add_argument("--teacher", metavar="T.onnx",
+                        help="teacher model with the same inputs (e.g. the unpruned model)")
+    parser.add_argument("--kd", default="response", metavar="KINDS",
+                        help="knowledge kinds, comma-separated: response,feature,relation "
+                             "(default response; used with a teacher or --scheme self)")
+    parser.add_argument("--feature-layers", dest="feature_layers", nargs="+", metavar="NAME",
+                        help="torch layer or value names matched for feature KD (default: "
+                             "every top-level layer)")
+    parser.add_argument("--relation-layer", dest="relation_layer", metavar="NAME",
+                        help="layer or value for relation KD (default: the first output)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="offline",
+                        help="offline: frozen teacher (default); online: teacher trained "
+                             "alongside; self: the model's own moving average")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs (default 10; 0 trains "
+                                                               "nothing)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+                        help="rows per step (default 64)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default "
+                                                               "1e-3, cosine decay)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="optimizer (default adamw)")
+    parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4,
+                        help="weight decay (default 1e-4)")
+    parser.add_argument("--temperature", type=float, default=4.0,
+                        help="response-KD temperature (default 4)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the KD term against the label loss (default 0.5)")
+    parser.add_argument("--val", metavar="VAL.npz",
+                        help="validation data: accuracy (or cosine to the teacher) per epoch")
+    parser.add_argument("--learn-scales", dest="learn_scales", action="store_true",
+                        help="QAT: learn activation quantization scales (LSQ)")
+    parser.add_argument("--seed", type=int, default=0, help="seed: same seed, same result")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bar (it shows only on a terminal anyway)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_report_option(parser, "the training curves")
+    parser.set_defaults(handler=run)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def run(args: argparse.Namespace) -> int:
+    source, target = Path(args.model), Path(args.output)
+    for other, what in ((source, "the input model"),
+                        (Path(args.teacher) if args.teacher else None, "the teacher")):
+        if other is not None and _same_file(target, other):
+            raise OutputPathError(f"{target}: refusing to write over {what}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"{target}: the folder '{folder}' does not exist")
+    report_dir = check_report_dir(args.report)
+    kinds = parse_kd(args.kd)
+    model = sg_ir.load(source)
+    teacher = sg_ir.load(args.teacher) if args.teacher else None
+
+    def on_epoch(record: Any) -> None:
+        if args.json or record.epoch == 0 and record.val is None:
+            return
+        parts = [f"epoch {record.epoch}/{args.epochs}"]
+        if record.loss is not None:
+            parts.append(f"loss {record.loss:.4f}")
+        if record.val is not None:
+            parts.append(f"val {_metric(record.val, record.metric)}")
+        if record.epoch:
+            parts.append(f"{record.seconds:.1f} s")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+    trained, report = finetune_with_report(
+        model, args.data, labels=args.labels, teacher=teacher, kd=kinds, scheme=args.scheme,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, temperature=args.temperature, alpha=args.alpha,
+        feature_layers=args.feature_layers, relation_layer=args.relation_layer, val=args.val,
+        seed=args.seed, learn_scales=args.learn_scales, progress=args.progress,
+        on_epoch=on_epoch,
+    )  # fmt: skip
+    data = {"input": str(source), "output": str(target), "data": str(args.data),
+            "teacher": args.teacher, **report.to_dict()}  # fmt: skip
+    text = f"wrote {target}\n" + format_report(report)
+    if report_dir is not None:  # the page renders before anything is written
+        write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
+    sg_ir.save(trained, target)
+    emit(to_json(data) if args.json else text)
+    return 0
+
+
+def _metric(value: float | None, name: str | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if name == "accuracy" else f"cosine {value:.5f}"
+
+
+def format_report(report: FinetuneReport) -> str:
+    """The run as text: what was trained how, the per-epoch table and before/after."""
+    kinds = ", ".join(report.kd) if report.kd else "labels only"
+    lines = [f"{'QAT of the QDQ graph' if report.qat else 'fine-tuning'}: scheme {report.scheme}, "
+             f"knowledge {kinds}, {report.epochs} epochs"
+             + (f" on {report.samples} samples" if report.samples else "")]  # fmt: skip
+    if report.features:
+        pairs = ", ".join(s if s == t else f"{s}->{t}" for s, t in report.features)
+        lines.append(f"feature KD on: {pairs}")
+    if report.relation is not None:
+        lines.append(f"relation KD on: {report.relation[0]}")
+    history = report.history
+    if history is not None and history.records:
+        name = history.metric
+        rows = [[r.epoch, "-" if r.loss is None else f"{r.loss:.4f}", _metric(r.val, name),
+                 f"{r.seconds:.2f}" if r.epoch else "-"] for r in history.records]  # fmt: skip
+        header = ["epoch", "loss", f"val {name}" if name else "val", "seconds"]
+        lines += ["", render_table(header, rows, align="rrrr")]
+    if report.before is not None and report.after is not None:
+        summary = f"val {report.metric}: {_metric(report.before, report.metric)} -> " \
+                  f"{_metric(report.after, report.metric)}"
+        if report.teacher_val is not None:
+            summary += f" (teacher {_metric(report.teacher_val, report.metric)})"
+        lines += ["", summary]
+    if report.seconds_per_epoch is not None:
+        lines.append(f"{report.seconds_per_epoch:.2f} s per epoch (median), "
+                     f"{report.seconds:.1f} s in all")  # fmt: skip
+    return "\n".join(lines)
+
+
+def report_dict(
+    report: FinetuneReport, data: dict[str, Any], command: str = "slimgraph finetune"
+) -> dict[str, Any]:
+    """The `--report` dict (tools.report schema): summary, epoch table, training curves."""
+    history = report.history
+    records = history.records if history is not None else []
+    trained = [r for r in records if r.epoch > 0]
+    plots: list[dict[str, Any]] = []
+    if trained:
+        plots.append({"kind": "line", "title": "training loss", "x_label": "epoch",
+                      "y_label": "loss", "series": [{"name": "loss", "x": [r.epoch for r in
+                      trained], "y": [r.loss for r in trained]}]})  # fmt: skip
+    if any(r.val is not None for r in records):
+        plots.append({"kind": "line", "title": f"validation {report.metric}", "x_label": "epoch",
+                      "y_label": report.metric, "series": [{"name": "model", "x": [r.epoch for r
+                      in records], "y": [r.val for r in records]}]})  # fmt: skip
+        if report.teacher_val is not None:
+            plots[-1]["series"].append({"name": "teacher", "x": [records[0].epoch,
+                                        records[-1].epoch], "y": [report.teacher_val] * 2})
+    return {
+        "title": f"slimgraph finetune: {Path(str(data['input'])).name}",
+        "command": command,
+        "summary": {
+            "scheme": report.scheme, "knowledge": ", ".join(report.kd) or "labels only",
+            "epochs": report.epochs, "QAT": report.qat, f"val {report.metric} before":
+            report.before, f"val {report.metric} after": report.after,
+            "teacher val": report.teacher_val, "seconds per epoch": report.seconds_per_epoch,
+        },
+        "tables": [{"title": "epochs", "columns": ["epoch", "loss", "val", "seconds"],
+                    "rows": [[r.epoch, r.loss, r.val, r.seconds] for r in records]}],
+        "plots": plots,
+        **data,
+    }
