@@ -25,6 +25,7 @@ from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize, report_of
+from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime import benchmark, compare, random_feeds
 from slimgraph.runtime.budget import check_budget
@@ -51,6 +52,7 @@ __all__ = [
     "convert_fp16",
     "sensitivity",
     "check_budget",
+    "budget_search_of",
     "finetune",
     "finetune_with_report",
     "FinetuneReport",

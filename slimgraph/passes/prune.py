@@ -565,7 +565,7 @@ class PrunePass(SlimgraphFunctionalPass):
     def __init__(
         self,
         *,
-        ratio: float | None = None,
+        ratio: float | None,
         criterion: str = "l1",
         scope: str = "local",
         round_to: int | None = None,

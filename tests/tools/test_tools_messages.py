@@ -119,7 +119,8 @@ def test_list_passes_shows_options_presets_and_commands(cli) -> None:
     )
     assert lines[prune + 1] == (
         "      options: ratio=required, criterion='l1', scope='local', round-to=None, pad=False, "
-        "exclude=(), exclude-ops=(), unstructured=False, prune-output=(), seed=0"
+        "exclude=(), exclude-ops=(), unstructured=False, prune-output=(), seed=0, "
+        "layer-ratios=None"
     )
     assert "  lossless: cleanup, fuse-pad, sum-to-add, fuse-batchnorm, fold-affine, " \
         "matmul-add-to-gemm, cleanup, mark-units, compact-constants" in lines

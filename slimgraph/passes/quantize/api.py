@@ -233,7 +233,15 @@ def _quantize_within(
 
 
 def budget_search_of(model: ir.Model):  # noqa: ANN201 - avoids importing budgeted eagerly
-    """The `BudgetSearch` a `quantize(..., max_drop=/min_cosine=)` call attached, or None."""
+    """The `BudgetSearch` a `quantize(..., max_drop=/min_cosine=)` call attached, or None.
+
+    Returns:
+        The search record (layers kept float and why, evaluations tried), or None for a model
+        quantized without a budget.
+
+    Raises:
+        Nothing: a model without the record gives None.
+    """
     return model.meta.get(metadata.BUDGET_SEARCH)
 
 
