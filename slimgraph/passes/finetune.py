@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 
@@ -65,6 +65,9 @@ class FinetunePass(SlimgraphFunctionalPass):
     """
 
     exact = False
+    # The keywords of `finetune_with_report` are this pass's `**options` (recipes are checked
+    # against them).
+    options_from: ClassVar[Callable[..., Any]] = staticmethod(finetune_with_report)
 
     def __init__(
         self,

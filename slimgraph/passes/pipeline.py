@@ -218,8 +218,9 @@ def _known_names() -> str:
 
 def pass_options(cls: type[ir.passes.PassBase]) -> dict[str, Any] | None:
     """The keyword options of a pass class and their defaults (`inspect.Parameter.empty` when
-    required), following `**options` into the base classes; None when the class takes any
-    keywords it does not name (a wrapped onnx_ir pass)."""
+    required), following `**options` into the base classes, or into the function a class names
+    as `options_from` (its keyword-only parameters); None when the class takes any keywords it
+    does not name (a wrapped onnx_ir pass)."""
     options: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -234,13 +235,19 @@ def pass_options(cls: type[ir.passes.PassBase]) -> dict[str, Any] | None:
             options.setdefault(key, default)
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             return options
+        forwarded = klass.__dict__.get("options_from")  # `**options` handed to this function
+        if forwarded is not None:
+            for key, param in inspect.signature(forwarded).parameters.items():
+                if param.kind == param.KEYWORD_ONLY:
+                    options.setdefault(key, param.default)
+            return options
         if not named and not options:
             return None
     return options
 
 
 # Keywords the pipeline fills in itself: not recipe options.
-_INTERNAL_OPTIONS = ("feeds", "dims", "check_names", "calibration")
+_INTERNAL_OPTIONS = ("feeds", "dims", "check_names", "calibration", "input_model", "on_epoch")
 
 
 def _cli(name: str) -> str:

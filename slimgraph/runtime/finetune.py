@@ -367,7 +367,15 @@ def finetune_with_report(
     progress: bool | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[ir.Model, FinetuneReport]:
-    """`finetune`, also returning the `FinetuneReport` (history, metrics, what was matched)."""
+    """`finetune`, also returning the `FinetuneReport` (history, metrics, what was matched).
+
+    Args: as for `finetune`, plus `on_epoch`, called with each epoch's `EpochRecord`.
+
+    Returns:
+        (trained model, `FinetuneReport`).
+
+    Raises: as for `finetune`.
+    """
     start = time.perf_counter()
     kinds = parse_kd(kd)
     if scheme not in SCHEMES:

@@ -88,6 +88,9 @@ def test_demo_tells_the_whole_story_and_writes_nothing(tmp_path, capsys, monkeyp
     assert result["distilled_int8"]["accuracy"] >= fp32 - 0.01
     assert result["distilled_int8"]["size_bytes"] < 0.1 * result["fp32"]["size_bytes"]
     assert result["int8"]["latency_ratio_batch1"] > 0 and result["written"] == []
+    # the baseline is the lossless fp32 model: the raw export is the same function, not faster
+    assert result["exported"]["accuracy"] == fp32
+    assert result["exported"]["latency_ratio_batch1"] > 1.0
     assert result["qat"]["qat"] is True and result["distillation"]["epochs"] == 5
     assert list(tmp_path.iterdir()) == []
 
@@ -96,12 +99,12 @@ def test_demo_table_and_output_folder(tmp_path, capsys) -> None:
     code, stdout, _ = _run(capsys, "demo", "--rounds", "1", "--epochs", "1", "--qat-epochs", "0",
                            "-o", tmp_path)  # fmt: skip
     assert code == 0
-    for label in ("fp32", "int8", "pruned 0.5", "pruned + distilled",
+    for label in ("fp32 (lossless)", "fp32 as exported", "int8", "pruned 0.5", "pruned + distilled",
                   "pruned + distilled + int8 QAT", "batch 1", "batch 450", "accuracy"):
         assert label in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "digits_cnn.distilled.int8.onnx", "digits_cnn.distilled.onnx", "digits_cnn.fp32.onnx",
-        "digits_cnn.int8.onnx", "digits_cnn.pruned.onnx",
+        "digits_cnn.distilled.int8.onnx", "digits_cnn.distilled.onnx", "digits_cnn.exported.onnx",
+        "digits_cnn.fp32.onnx", "digits_cnn.int8.onnx", "digits_cnn.pruned.onnx",
     ]
 
 

@@ -44,9 +44,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(folder / "small.npz", image=image[:256], labels=labels[:256])
     np.savez(folder / "nolabels.npz", image=image[:256])
     np.savez(folder / "badlabels.npz", image=image[:8], labels=np.arange(8) + 5)
-    np.savez(folder / "float64.npz", image=image[:8].astype(np.float64), labels=labels[:8])
+    np.savez(folder / "int32.npz", image=(image[:8] * 16).astype(np.int32), labels=labels[:8])
     (folder / "notnpz.npz").write_text("hello")
-    for key in ("small", "nolabels", "badlabels", "float64", "notnpz"):
+    for key in ("small", "nolabels", "badlabels", "int32", "notnpz"):
         paths[key] = folder / f"{key}.npz"
     return paths
 
@@ -122,7 +122,7 @@ def _nothing_written(folder: Path, before: set[str]) -> None:
         (["{missing}", "--data", "{small}"], "{missing}: no such file"),
         (["{pruned}", "--data", "{missing}"], "{missing}: no such file"),
         (["{pruned}", "--data", "{notnpz}"], "{notnpz}: not a readable .npz file"),
-        (["{pruned}", "--data", "{float64}"], "{float64}: 'image' is float64, but the model "
+        (["{pruned}", "--data", "{int32}"], "{int32}: 'image' is int32, but the model "
                                               "expects image: float32[batch, 1, 8, 8]"),
         (["{pruned}", "--data", "{nolabels}"], "nothing to learn from: {nolabels} has no labels "
                                                "('labels') and there is no teacher"),
@@ -147,8 +147,8 @@ def _nothing_written(folder: Path, before: set[str]) -> None:
         (["{pruned}", "--data", "{small}", "--batch-size", "0"], "batch size must be >= 1, got 0"),
         (["{pruned}", "--data", "{small}", "--lr", "0"], "learning rate must be > 0, got 0.0"),
         (["{pruned}", "--data", "{small}", "--alpha", "2"], "alpha must be in [0, 1], got 2.0"),
-        (["{pruned}", "--data", "{small}", "--val", "{float64}"],
-         "{float64}: 'image' is float64, but the model expects image: float32[batch, 1, 8, 8]"),
+        (["{pruned}", "--data", "{small}", "--val", "{int32}"],
+         "{int32}: 'image' is int32, but the model expects image: float32[batch, 1, 8, 8]"),
         (["{pruned}", "--data", "{small}", "--lr", "1e30"],
          "training diverged: the loss is nan at epoch 1, step 2; nothing was written (try a "
          "lower learning rate)"),

@@ -214,6 +214,6 @@ def test_streamed_feed_dicts_are_checked_and_used_in_order(digits) -> None:  # n
              for i in range(0, 128, 32)]  # fmt: skip
     history = train(TinyNet(), StreamBatches(items, model, "labels"), FAST, taps=TAPS)
     assert history.records[1].steps == 4
-    bad = [{"image": data.feeds["image"][:4].astype(np.float64)}]
-    with pytest.raises(sg.BadDataError, match="^data batch 0: 'image' is float64"):
+    bad = [{"image": data.feeds["image"][:4].astype(np.int32)}]
+    with pytest.raises(sg.BadDataError, match="^data batch 0: 'image' is int32"):
         StreamBatches(bad, model, "labels")
