@@ -176,7 +176,7 @@ def test_recipe_with_command_names_runs(cli, tmp_path: Path) -> None:
          "(auto or an integer)"),
         ("steps:\n  - name: prune\n    criterion: l1\n",
          "recipe step 'prune': option 'ratio' is required; it takes: ratio, criterion, scope, "
-         "round-to, pad, exclude, exclude-ops, unstructured, prune-output, seed"),
+         "round-to, pad, exclude, exclude-ops, unstructured, prune-output, seed, layer-ratios"),
         ("steps:\n  - name: quantize\n    mode: dynamic\n    format: qdq\n",
          "recipe step 'quantize' (pass 'quantize-dynamic'): unknown option 'format'; it takes: "
          "per-channel, exclude, op-types, matmul-kernel, exclude-ops"),
