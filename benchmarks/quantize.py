@@ -26,7 +26,18 @@ than a second, at most 5, median). Then peak memory of calibration at 100 and 10
 RSS, /proc's VmHWM, of a fresh subprocess per run, data generated batch by batch, so the data
 itself never sits in memory), and PASS/FAIL lines for the targets of the quantization issue.
 
-Run: python benchmarks/quantize.py [--quick] [--rounds N]
+Accuracy budgets (issue 14), each measured side by side:
+- MiniLM-style encoder (tests/models.BertStyleEncoder at all-MiniLM-L6-v2's size: 6 layers,
+  hidden 384, 12 heads, FFN 1536, sequence 128; random weights, not trained, with four FFN units
+  per layer scaled by 40 (fc1 rows up, fc2 columns down: the same function) to reproduce the
+  activation outliers of trained BERTs that make plain int8 miss 0.995): `sg.quantize(...,
+  data=VAL, min_cosine=0.995)` against fp32, plain int8 and an fp16 copy; output cosine on
+  held-out rows (neither calibration nor validation) and latency at batch 8;
+- ResNet-18 (torchvision layout) with 32 calibration images: `sg.quantize(..., report=True)`
+  (what `slimgraph quantize --calib` runs) against `quantize_static`, interleaved runs, medians,
+  and the report's share of the wall time.
+
+Run: python benchmarks/quantize.py [--quick] [--rounds N] [--only-budget]
 """
 
 from __future__ import annotations
@@ -364,6 +375,131 @@ def _memory_section(folder: Path) -> tuple[list[str], dict[int, dict[str, float]
 
 # --- report ----------------------------------------------------------------------------------
 
+# --- accuracy budgets (issue 14) --------------------------------------------------------------
+
+OUTLIER_SCALE = 40.0
+OUTLIER_UNITS = [7, 300, 900, 1400]
+
+
+def _minilm_budget(rounds: int, seq: int) -> list[str]:
+    """Mixed precision under --min-cosine 0.995 on a MiniLM-sized encoder with FFN outliers."""
+    import torch
+
+    from slimgraph.passes.precision import convert_fp16
+    from slimgraph.passes.quantize.api import budget_search_of
+    from slimgraph.runtime.metrics import evaluate, split_labels
+    from tests.models import BertStyleEncoder
+
+    torch.manual_seed(0)
+    net = BertStyleEncoder(vocab=1000, dim=384, heads=12, hidden=1536, layers=6,
+                           max_len=seq).eval()
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.fc1.weight[OUTLIER_UNITS] *= OUTLIER_SCALE
+            layer.fc1.bias[OUTLIER_UNITS] = OUTLIER_SCALE
+            layer.fc2.weight[:, OUTLIER_UNITS] /= OUTLIER_SCALE
+    ids = torch.randint(0, 1000, (2, seq))
+    mask = torch.ones(2, seq, dtype=torch.int64)
+    dims = {0: "batch", 1: "seq"}
+    fp32 = _export(net, (ids, mask), (dims, dims))
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        ids = rng.integers(0, 1000, (n, seq)).astype(np.int64)
+        mask = np.ones((n, seq), np.int64)
+        for row in range(n):
+            mask[row, rng.integers(seq // 4, seq + 1):] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    calib, val, held_out = batch(32), batch(32), split_labels(batch(32), fp32)
+    plain = sg.quantize(fp32, calibration=calib, progress=False)
+    start = time.perf_counter()
+    mixed = sg.quantize(fp32, calibration=calib, data=val, min_cosine=0.995, progress=False)
+    seconds = time.perf_counter() - start
+    search = budget_search_of(mixed)
+    half = convert_fp16(fp32)
+    models = [fp32, plain, mixed, half]
+    labels = ["fp32", "int8", "int8 + float (budget)", "fp16"]
+    cosines = [evaluate(m, held_out, reference=fp32).cosine for m in models]
+    timing = runtime.benchmark(models, batch(8), labels=labels, rounds=rounds)
+    ratios = [t.ratio for t in timing.timings]
+    lines = [f"\n## MiniLM-style 6x384 encoder (FFN outliers x{OUTLIER_SCALE:g}), seq {seq}",
+             f"budget search {seconds:.1f} s; " + search.summary().replace("\n", "\n  "), "",
+             f"{'candidate':<24} {'lat b8':>7}  held-out output cosine"]
+    for label, ratio, cosine in zip(labels, ratios, cosines, strict=True):
+        lines.append(f"{label:<24} {ratio:>6.3f}x  {cosine:.6f}")
+    lines.append(_verdict(cosines[2] >= 0.995 and ratios[2] <= 0.8,
+                          f"MiniLM-style --min-cosine 0.995: held-out cosine {cosines[2]:.5f} "
+                          f">= 0.995 at {ratios[2]:.3f}x fp32 latency (batch 8) <= 0.8x (plain "
+                          f"int8 {cosines[1]:.5f}, {ratios[1]:.3f}x; layers kept float "
+                          f"{len(search.kept)}; fp16 {ratios[3]:.3f}x, so float stays fp32)"))
+    return lines
+
+
+def _resnet_wall_time(size: int, repeats: int) -> list[str]:
+    """slimgraph static quantization with its report against onnxruntime's, 32 images."""
+    import torch
+
+    from tests.models import _randomize_batchnorm, fit_batchnorm, resnet18
+
+    torch.manual_seed(0)
+    net = _randomize_batchnorm(resnet18(1000).eval())
+    net = fit_batchnorm(net, [torch.randn(8, 3, size, size) for _ in range(2)])
+    fp32 = _export(net, (torch.randn(2, 3, size, size),), ({0: "batch"},))
+    name = runtime.input_specs(fp32)[0].name
+    rng = np.random.default_rng(0)
+    calib = [{name: rng.standard_normal((8, 3, size, size)).astype(np.float32)}
+             for _ in range(4)]
+    case = Case("ResNet-18", fp32, calib, lambda m: ("", 0.0), {}, {}, "cnn")
+    from slimgraph.passes.quantize import report as report_module
+
+    measure, report_seconds = report_module.measure, []
+
+    def timed_measure(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return measure(*args, **kwargs)
+        finally:
+            report_seconds.append(time.perf_counter() - start)
+
+    def with_report() -> object:
+        report_module.measure = timed_measure  # the report's own time, inside the same run
+        try:
+            return sg.quantize(fp32, calibration=calib, report=True, progress=False)
+        finally:
+            report_module.measure = measure
+
+    makers = {
+        "slimgraph + report": with_report,
+        "slimgraph, no report": lambda: sg.quantize(fp32, calibration=calib, progress=False),
+    }
+    times: dict[str, list[float]] = {label: [] for label in [*makers, "ort static"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        makers["ort static"] = lambda: _ort_static(case, Path(tmp))
+        order = list(makers)
+        for round_ in range(repeats):
+            np.random.default_rng(round_).shuffle(order)
+            for label in order:
+                gc.collect()
+                start = time.perf_counter()
+                makers[label]()
+                times[label].append(time.perf_counter() - start)
+    median = {label: float(np.median(values)) for label, values in times.items()}
+    ours, theirs = median["slimgraph + report"], median["ort static"]
+    shares = [seconds / total for seconds, total in
+              zip(report_seconds, times["slimgraph + report"], strict=True)]
+    share = float(np.median(shares))
+    lines = [f"\n## ResNet-18 quantize wall time, 32 calibration images at {size}px, "
+             f"{repeats} interleaved rounds (medians)"]
+    lines += [f"{label:<22} {value:6.2f} s" for label, value in median.items()]
+    lines.append(_verdict(ours <= 1.2 * theirs,
+                          f"ResNet-18: static quantize with report {ours:.2f} s <= 1.2x "
+                          f"onnxruntime quantize_static {theirs:.2f} s ({ours / theirs:.2f}x)"))
+    lines.append(_verdict(share <= 0.34, f"ResNet-18: the report is {share:.0%} of the quantize "
+                          "wall time, timed inside the same runs (<= about a third)"))
+    return lines
+
+
 def _table(case: Case) -> str:
     fp32_size = case.candidates[0].size
     lines = [f"\n## {case.name}  (fp32 {fp32_size / 1e6:.2f} MB)", ""]
@@ -392,6 +528,8 @@ def main() -> int:
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "SAMPLES", "METHOD"))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--only-memory", action="store_true")
+    parser.add_argument("--only-budget", action="store_true",
+                        help="only the accuracy-budget lines (MiniLM-style, ResNet-18 wall time)")
     args = parser.parse_args()
     if args.memory_child:
         model_path, samples, method = args.memory_child
@@ -415,6 +553,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for line in _memory_section(Path(tmp))[0]:
                 print(line)
+        return 0
+    budget_lines = _budget_lines(args.quick, rounds)
+    if args.only_budget:
         return 0
     cases = [
         _cnn_case("ResNet-18", resnet18(1000), size, 64, 0),
@@ -485,7 +626,16 @@ def main() -> int:
                                  f"calibration peak memory at 1000 samples {large / 1024:.0f} MiB "
                                  f"within 10% of 100 samples {small / 1024:.0f} MiB"))
     print("\n".join(verdicts))
+    print("\n".join(line for line in budget_lines if line.startswith(("PASS", "FAIL"))))
     return 0
+
+
+def _budget_lines(quick: bool, rounds: int) -> list[str]:
+    lines = _minilm_budget(rounds, 64 if quick else 128)
+    print("\n".join(lines), flush=True)
+    wall = _resnet_wall_time(112 if quick else 224, 3)
+    print("\n".join(wall), flush=True)
+    return lines + wall
 
 
 if __name__ == "__main__":

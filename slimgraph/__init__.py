@@ -25,7 +25,10 @@ from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.precision import convert_fp16
 from slimgraph.passes.prune import prune, prune_with_report
 from slimgraph.passes.quantize import quantize, report_of
+from slimgraph.passes.quantize.api import budget_search_of
+from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime import benchmark, compare, random_feeds
+from slimgraph.runtime.budget import check_budget
 from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
 from slimgraph.tools.sweep import sweep
 
@@ -47,6 +50,9 @@ __all__ = [
     "factorize",
     "factorize_with_report",
     "convert_fp16",
+    "sensitivity",
+    "check_budget",
+    "budget_search_of",
     "finetune",
     "finetune_with_report",
     "FinetuneReport",

@@ -14,6 +14,7 @@ __all__ = [
     "FACTORIZE_REPORT",
     "UNIT",
     "QUANT_REPORT",
+    "BUDGET_SEARCH",
     "EXPORTER_DEBUG_KEYS",
     "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
@@ -40,6 +41,10 @@ FACTORIZE_REPORT = "slimgraph.factorize_report"
 
 # Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration data).
 QUANT_REPORT = "slimgraph.quantize_report"
+
+# Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
+# uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
+BUDGET_SEARCH = "slimgraph.budget_search"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
 # classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,

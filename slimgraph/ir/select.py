@@ -1,7 +1,8 @@
 """Selecting nodes by user-given name patterns: one rule for every pass's include/exclude.
 
 A pattern (fnmatch, case-sensitive) selects a node when it matches the node's torch layer name
-(`layer1.0.conv1`, see `layer_name`) or its ONNX node name (`node_conv2d_3`).
+(`layer1.0.conv1`, see `layer_name`) or its ONNX node name (`node_conv2d_3`). Every pattern a
+user gives must select something (`check_patterns`): a typo is an error, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from slimgraph.errors import BadOptionError
 from slimgraph.ir._torch import layer_name
 
-__all__ = ["node_names", "matching_pattern"]
+__all__ = ["node_names", "matching_pattern", "check_patterns", "exact_pattern"]
 
 
 def node_names(node: ir.Node) -> tuple[str, ...]:
@@ -28,3 +30,34 @@ def matching_pattern(node: ir.Node, patterns: Iterable[str]) -> str | None:
         if any(fnmatch.fnmatchcase(name, pattern) for name in names):
             return pattern
     return None
+
+
+def check_patterns(
+    nodes: Iterable[ir.Node],
+    patterns: Iterable[str],
+    *,
+    label: str = "--exclude",
+    tensors: bool = False,
+) -> None:
+    """Raise when a pattern selects no node (by layer or node name, or, with `tensors`, by the
+    name of a value a node outputs: quantization's report prints tensor names).
+
+    Raises:
+        BadOptionError: "<label> '<pattern>' matches no layer or node of the model".
+    """
+    listed = list(nodes)
+    for pattern in patterns:
+        if any(matching_pattern(node, (pattern,)) is not None for node in listed):
+            continue
+        if tensors and any(
+            value.name and fnmatch.fnmatchcase(value.name, pattern)
+            for node in listed
+            for value in node.outputs
+        ):
+            continue
+        raise BadOptionError(f"{label} {pattern!r} matches no layer or node of the model")
+
+
+def exact_pattern(name: str) -> str:
+    """A pattern that matches exactly `name` (fnmatch's special characters escaped)."""
+    return "".join(f"[{char}]" if char in "*?[" else char for char in name)

@@ -2,7 +2,8 @@
 
 A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
 that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
-the pass's keyword-only constructor (the key `min_cosine` is the pipeline's, see below). Recipes
+the pass's keyword-only constructor (the keys `min_cosine` and `max_drop`
+are the pipeline's, see below). Recipes
 are the same list in a YAML or JSON file, either bare or under a `steps:` (or `passes:`) key next to
 `version: 1` (`RECIPE_SCHEMA`). Command names work as step names (`factorize`, `quantize`,
 `convert`, `prune`) and options may be spelt as on the command line (`rank-ratio: 0.5`); an
@@ -16,7 +17,9 @@ outputs are compared with the outputs of the model it received:
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
   (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
 - an approximate pass reports fidelity (cosine, SQNR, max abs error) and fails only when a
-  `min_cosine` is given and the worst output's cosine falls below it.
+  `min_cosine` is given and the worst output's cosine falls below it, or when a `max_drop` is
+  given (with labelled `data`) and the metric on `data` (top-1 accuracy) has dropped by more
+  than that since the pipeline's input model (`runtime.budget`).
 
 Adding a pass to the registry is one line: `@register_pass("name")` on its class (and its module
 in `PASS_MODULES`, once per family).
@@ -59,10 +62,11 @@ from slimgraph.runtime import (
     compare_outputs,
     create_session,
     iter_batches,
-    load_npz,
     random_feeds,
     run,
 )
+from slimgraph.runtime.budget import Budget, DataLike, Evaluator, as_data, budget_judge
+from slimgraph.runtime.metrics import LabelledData
 
 __all__ = [
     "PASSES",
@@ -102,7 +106,7 @@ PRESETS: dict[str, list[str | dict[str, Any]]] = {}
 _P = TypeVar("_P", bound=type[ir.passes.PassBase])
 
 # Step keys the pipeline reads itself; every other key is an option of the pass.
-_PIPELINE_KEYS = ("name", "min_cosine")
+_PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
 
 # The recipe format this version reads (`version:` at the top of a recipe file).
 RECIPE_VERSION = 1
@@ -157,6 +161,7 @@ RECIPE_SCHEMA: dict[str, Any] = {
                         "properties": {
                             "name": {"type": "string"},
                             "min_cosine": {"type": "number"},
+                            "max_drop": {"type": "number"},
                         },
                         "additionalProperties": {
                             "description": "options of the pass (dashes or underscores)"
@@ -197,6 +202,7 @@ class Step:
     pass_: ir.passes.PassBase
     options: Mapping[str, Any]
     min_cosine: float | None = None
+    max_drop: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -384,7 +390,7 @@ def _build_step(
         raise BadOptionError("presets nest too deeply (a preset that names itself?)")
     options: dict[str, Any] = {}
     if isinstance(step, str):
-        name, min_cosine = step, None
+        name, min_cosine, max_drop = step, None, None
     elif isinstance(step, Mapping):
         if not isinstance(step.get("name"), str):
             raise BadOptionError(f"pipeline step {dict(step)!r} has no 'name'")
@@ -396,6 +402,9 @@ def _build_step(
         min_cosine = step.get("min_cosine")
         if min_cosine is not None and not isinstance(min_cosine, (int, float)):
             raise BadOptionError(f"step '{name}': min_cosine must be a number, got {min_cosine!r}")
+        max_drop = step.get("max_drop")
+        if max_drop is not None and not isinstance(max_drop, (int, float)):
+            raise BadOptionError(f"step '{name}': max_drop must be a number, got {max_drop!r}")
     else:
         raise BadOptionError(f"a pipeline step is a name or a dict, got {step!r}")
     if name in PRESETS and name not in PASSES:
@@ -412,7 +421,7 @@ def _build_step(
     built = []
     for pass_name, pass_options_ in resolved:
         label = f"'{name}'" if pass_name == name else f"'{name}' (pass '{pass_name}')"
-        built.append(_instantiate(pass_name, pass_options_, context, min_cosine, label))
+        built.append(_instantiate(pass_name, pass_options_, context, min_cosine, label, max_drop))
     return built
 
 
@@ -422,6 +431,7 @@ def _instantiate(
     context: Mapping[str, Any],
     min_cosine: Any,
     label: str | None = None,
+    max_drop: Any = None,
 ) -> Step:
     cls = PASSES.get(name)
     if cls is None:
@@ -437,7 +447,8 @@ def _instantiate(
         raise
     except ValueError as error:
         raise BadOptionError(f"pass '{name}': {error}") from None
-    return Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine))
+    return Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine),
+                None if max_drop is None else float(max_drop))
 
 
 def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
@@ -547,12 +558,14 @@ class PipelineResult(SlimgraphPassResult):
 
     records: list[PassRecord] = field(default_factory=list)
     fidelity: Fidelity | None = None
+    evaluation: Any = None  # `metrics.Evaluation` of the end result when a budget was checked
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "modified": self.modified,
             "passes": [record.to_dict() for record in self.records],
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+            "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
         }
 
 
@@ -661,6 +674,8 @@ def run_pipeline(
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
     context: Mapping[str, Any] | None = None,
+    data: LabelledData | None = None,
+    max_drop: float | None = None,
 ) -> PipelineResult:
     """Run passes in order on a copy of `model`, instrumented and optionally verified.
 
@@ -674,6 +689,9 @@ def run_pipeline(
             own `min_cosine`); None only reports fidelity.
         context: run-time values for passes that take them (see `build_pipeline`); the
             pipeline adds `input_model` (this `model`, untouched: finetune's default teacher).
+        data: labelled validation data for `max_drop` (global or per step).
+        max_drop: largest drop of top-1 accuracy on `data` since the input model (a fraction)
+            allowed after any approximate pass (steps may set their own `max_drop`).
 
     Returns:
         `PipelineResult` with the final model and one `PassRecord` per pass.
@@ -693,6 +711,7 @@ def run_pipeline(
     rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     check_finite_weights(model)
     current = copy_model(model)
+    judge = _drop_judge(current, built, data, max_drop)
     verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
     records: list[PassRecord] = []
     any_modified = False
@@ -726,6 +745,18 @@ def run_pipeline(
             cosine = None if step.exact else cosine
             fidelity = verifier.check(current, step.name, step.exact, cosine)
             verify_seconds = time.perf_counter() - start
+        details = _details(result)
+        limit = step.max_drop if step.max_drop is not None else max_drop
+        if judge is not None and result.modified and not step.exact and not annotates_only:
+            evaluation = judge.evaluate(current)
+            details.update(accuracy=evaluation.metric, drop=evaluation.drop)
+            if limit is not None and (evaluation.drop or 0.0) > limit:
+                raise VerificationError(
+                    f"pass '{step.name}' dropped {evaluation.metric_name} on {judge.data.source} "
+                    f"to {evaluation.metric:.4f} from the input model's "
+                    f"{evaluation.reference_metric:.4f} (drop {evaluation.drop:.4f} > max_drop "
+                    f"{limit:g})"
+                )
         after = node_count(current)
         record = PassRecord(
             name=step.name,
@@ -737,7 +768,7 @@ def run_pipeline(
             skipped=len(skipped),
             fidelity=fidelity,
             verify_seconds=verify_seconds,
-            details=_details(result),
+            details=details,
             metadata_only=annotates_only,
         )
         logger.info("%s", record.describe())
@@ -747,6 +778,19 @@ def run_pipeline(
     if verifier is not None:
         overall = compare_outputs(verifier.original, verifier.reference)
     return PipelineResult(current, any_modified, records=records, fidelity=overall)
+
+
+def _drop_judge(
+    model: ir.Model, steps: Sequence[Step], data: LabelledData | None, max_drop: float | None
+) -> Evaluator | None:
+    """The evaluator of `max_drop` limits (None when no step has one and there is no global)."""
+    wanted = max_drop is not None or any(s.max_drop is not None for s in steps)
+    if not wanted:
+        return None
+    if data is None or data.labels is None:
+        raise BadOptionError("max_drop needs labelled validation data (--data VAL.npz with a "
+                             "labels key)")
+    return Evaluator(model, data)
 
 
 def optimize_report(
@@ -760,8 +804,18 @@ def optimize_report(
     tolerance: tuple[float, float] | None = None,
     min_cosine: float | None = None,
     calibration: Any = None,
+    data: DataLike | None = None,
+    max_drop: float | None = None,
+    budget: Budget | None = None,
 ) -> PipelineResult:
-    """`optimize`, returning the whole `PipelineResult` (what the command line prints)."""
+    """`optimize`, returning the whole `PipelineResult` (what the command line prints).
+
+    `data` (labelled validation data) serves per-step `max_drop` keys, `max_drop` (every
+    approximate pass, against the input model) and `budget` (the end result against the input
+    model, `runtime.budget`; a miss raises `VerificationError`).
+    """
+    labelled = None if data is None else as_data(data, model)
+    judge = budget_judge(model, labelled, budget=budget)
     if recipe is not None:
         steps: list[str | Mapping[str, Any]] = (
             list(recipe) if isinstance(recipe, Sequence) and not isinstance(recipe, str)
@@ -789,7 +843,11 @@ def optimize_report(
         tolerance=tolerance,
         min_cosine=min_cosine,
         context=context,
+        data=labelled,
+        max_drop=max_drop,
     )
+    if judge is not None:
+        result.evaluation = judge.check(result.model, what="the optimized model")
     return result
 
 
@@ -806,7 +864,7 @@ def _verification_feeds(
     outside the calibrated ranges are clipped. One-shot iterables are left to calibration alone.
     """
     if isinstance(calibration, (str, os.PathLike)):
-        data: Mapping[str, np.ndarray] = load_npz(calibration, model)
+        data: Mapping[str, np.ndarray] = as_data(calibration, model).feeds  # labels ignored
     elif isinstance(calibration, Mapping):
         data = calibration
     else:
@@ -824,6 +882,10 @@ def optimize(
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
     opset: int | None = None,
     calibration: Any = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
 ) -> ir.Model:
     """Optimize a copy of `model` with a preset or a recipe, each pass verified.
 
@@ -837,6 +899,10 @@ def optimize(
             None keeps the model's opset.
         calibration: data for the passes that take a `calibration` keyword (quantization);
             the exact passes do not use it.
+        data: validation data (an .npz path, stacked arrays with an optional labels key, or
+            `LabelledData`) for the budget and for recipe steps with a `max_drop` key.
+        budget, max_drop, min_cosine: the accuracy budget of the end result against `model` on
+            `data` (`runtime.budget`); a result that misses it raises `VerificationError`.
 
     Returns:
         The optimized model.
@@ -858,6 +924,8 @@ def optimize(
         feeds=feeds,
         opset=opset,
         calibration=calibration,
+        data=data,
+        budget=budget or Budget.of(max_drop, min_cosine),
     ).model
 
 

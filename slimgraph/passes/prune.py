@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -35,10 +35,12 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels, node_label
-from slimgraph.ir.select import matching_pattern
+from slimgraph.ir.select import check_patterns, matching_pattern, node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
+from slimgraph.runtime.budget import Budget, DataLike, budget_judge
+from slimgraph.runtime.metrics import Evaluation, Metric
 
 __all__ = [
     "CRITERIA",
@@ -56,6 +58,8 @@ __all__ = [
     "remove_channels",
     "prune",
     "prune_with_report",
+    "group_key",
+    "prunable_units",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,12 +131,15 @@ class PruneReport:
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
+    layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for row, layer in zip(data["sparsity"], self.sparsity, strict=True):
             row["sparsity"] = layer.sparsity
+        data["evaluation"] = None if self.evaluation is None else self.evaluation.to_dict()
         return data
 
 
@@ -176,9 +183,7 @@ def _fold_constant_of_shape(node: ir.Node) -> bool | None:
 def _excluded_predicate(graph: ir.Graph, exclude: Sequence[str], exclude_ops: Sequence[str]):
     """A node predicate for the exclusions; every pattern must match some node."""
     nodes = list(graph)
-    for pattern in exclude:
-        if not any(_matches(node, pattern) for node in nodes):
-            raise BadOptionError(f"--exclude {pattern!r} matches no layer or node of the model")
+    check_patterns(nodes, exclude)
     present = {node.op_type for node in nodes}
     for op in exclude_ops:
         if op not in present:
@@ -269,12 +274,23 @@ def select_channels(
     scope: str = "local",
     round_to: int | None = None,
     seed: int = 0,
+    ratios: Mapping[int, float] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Channels to remove per prunable group id (indices into `group.roots`)."""
+    """Channels to remove per prunable group id (indices into `group.roots`).
+
+    `ratios` (group id -> ratio, local scope) overrides `ratio` per group; a ratio of 0 keeps
+    every channel of the group.
+    """
     rng = np.random.default_rng(seed)
     groups = analysis.prunable_groups
     scores = channel_scores(analysis, groups, criterion, rng)
-    if scope == "local":
+    if ratios is not None:
+        keep = {
+            g.id: g.size if ratios.get(g.id, ratio) <= 0
+            else kept_count(g.size, ratios.get(g.id, ratio), round_to)
+            for g in groups
+        }
+    elif scope == "local":
         keep = {g.id: kept_count(g.size, ratio, round_to) for g in groups}
     else:
         keep = _global_keep(groups, scores, ratio, round_to)
@@ -549,7 +565,7 @@ class PrunePass(SlimgraphFunctionalPass):
     def __init__(
         self,
         *,
-        ratio: float,
+        ratio: float | None,
         criterion: str = "l1",
         scope: str = "local",
         round_to: int | None = None,
@@ -559,9 +575,13 @@ class PrunePass(SlimgraphFunctionalPass):
         unstructured: bool = False,
         prune_outputs: Sequence[str] = (),
         seed: int = 0,
+        layer_ratios: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        self.ratio = ratio
+        self.layer_ratios = dict(layer_ratios) if layer_ratios is not None else None
+        # without a ratio, groups not named in layer_ratios keep their channels (ratio 0)
+        self.ratio: float = 0.0 if ratio is None else ratio
+        self.ratio_given = ratio
         self.criterion = criterion
         self.scope = scope
         self.round_to = round_to
@@ -573,8 +593,14 @@ class PrunePass(SlimgraphFunctionalPass):
         self.seed = seed
 
     def requires(self, model: ir.Model) -> None:
-        ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        ratio = self.ratio_given
+        if self.layer_ratios is not None:
+            if self.unstructured or self.scope != "local":
+                raise BadOptionError("per-layer ratios apply to structured, local pruning")
+            bad = {k: v for k, v in self.layer_ratios.items() if not 0 <= v < 1}
+            if bad or not 0 <= (ratio or 0.0) < 1:
+                raise BadOptionError(f"per-layer ratios must be in [0, 1), got {bad or ratio}")
+        elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise BadOptionError(f"ratio must be strictly between 0 and 1, got {ratio!r}")
         if self.criterion not in CRITERIA:
             raise BadOptionError(
@@ -586,7 +612,8 @@ class PrunePass(SlimgraphFunctionalPass):
             raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
 
     def call(self, model: ir.Model) -> PruneResult:
-        report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured)
+        report = PruneReport(self.ratio, self.criterion, self.scope, self.pad, self.unstructured,
+                             layer_ratios=dict(self.layer_ratios or {}))
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
         report.macs_before = sum(ir_analysis.model_macs(pruned).values())
@@ -614,7 +641,7 @@ class PrunePass(SlimgraphFunctionalPass):
             raise UnsupportedModelError(f"nothing to prune: no channel group can shrink{hint}")
         removed = select_channels(
             analysis, ratio=self.ratio, criterion=self.criterion, scope=self.scope,
-            round_to=self.round_to, seed=self.seed,
+            round_to=self.round_to, seed=self.seed, ratios=self._group_ratios(groups),
         )  # fmt: skip
         removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
         if not removed_roots:
@@ -650,6 +677,32 @@ class PrunePass(SlimgraphFunctionalPass):
             )  # fmt: skip
 
 
+    def _group_ratios(self, groups: Sequence[ChannelGroup]) -> dict[int, float] | None:
+        """`layer_ratios` (by a producer's node or layer name) as group id -> ratio."""
+        if self.layer_ratios is None:
+            return None
+        ratios: dict[int, float] = {}
+        named: set[str] = set()
+        for group in groups:
+            for producer in group.producers:
+                for name in node_names(producer):
+                    if name in self.layer_ratios:
+                        ratios[group.id] = self.layer_ratios[name]
+                        named.add(name)
+        unknown = sorted(set(self.layer_ratios) - named)
+        if unknown:
+            raise BadOptionError(
+                f"per-layer ratio for {unknown[0]!r}: no prunable channel group has that producer"
+            )
+        return ratios
+
+
+def group_key(group: ChannelGroup) -> str:
+    """The name a channel group goes by in per-layer ratios and sensitivity tables: its first
+    producer's node name (what `--exclude` selects)."""
+    return group.producers[0].name or node_label(group.producers[0])
+
+
 def _why_not(group: ChannelGroup) -> str:
     """Why a group kept all its channels ('' when it was pruned)."""
     if group.prunable:
@@ -667,10 +720,32 @@ def _producer_channels(analysis: ChannelAnalysis) -> dict[tuple[ir.Node, int], i
     return found
 
 
+def prunable_units(
+    model: ir.Model,
+    *,
+    pad: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    **_: object,
+) -> list[tuple[str, str, str]]:
+    """(node, layer, op type) of the first producer of each prunable channel group: the names
+    `layer_ratios` and `--exclude` take, in graph order."""
+    prepared = prepare_for_pruning(model)
+    excluded = _excluded_predicate(prepared.graph, exclude, exclude_ops)
+    analysis = analyze_channels(
+        prepared.graph, excluded=excluded, pad=pad, opset=opset_version(prepared, default=13)
+    )
+    units = []
+    for group in analysis.prunable_groups:
+        first = group.producers[0]
+        units.append((group_key(group), node_label(first), first.op_type))
+    return units
+
+
 def prune_with_report(
     model: ModelLike,
     *,
-    ratio: float,
+    ratio: float | None = None,
     criterion: str = "l1",
     scope: str = "local",
     round_to: int | None = None,
@@ -680,6 +755,13 @@ def prune_with_report(
     unstructured: bool = False,
     prune_outputs: Sequence[str] = (),
     seed: int = 0,
+    layer_ratios: Mapping[str, float] | None = None,
+    target_macs: float | None = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport`.
 
@@ -702,19 +784,37 @@ def prune_with_report(
     """
     model = as_model(model)
     ir_analysis.check_finite_weights(model)
+    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
+                         metric=metric)
+    if target_macs is not None:
+        if ratio is not None or layer_ratios is not None:
+            raise BadOptionError("give --target-macs or --ratio, not both")
+        if data is None:
+            raise BadOptionError("--target-macs needs --data VAL.npz (per-layer sensitivity)")
+        from slimgraph.passes.budgeted import allocate_prune_ratios
+
+        layer_ratios = allocate_prune_ratios(
+            model, data, target_macs, metric=metric, criterion=criterion, round_to=round_to,
+            pad=pad, exclude=exclude, exclude_ops=exclude_ops, seed=seed,
+        ).ratios
+    if ratio is None and layer_ratios is None:
+        raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
     result = PrunePass(
         ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured,
         prune_outputs=prune_outputs, seed=seed,
+        layer_ratios=layer_ratios,
     )(model)  # fmt: skip
-    assert result.report is not None
+    assert isinstance(result, PruneResult) and result.report is not None
+    if judge is not None:
+        result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report
 
 
 def prune(
     model: ModelLike,
     *,
-    ratio: float,
+    ratio: float | None = None,
     criterion: str = "l1",
     scope: str = "local",
     round_to: int | None = None,
@@ -724,6 +824,13 @@ def prune(
     unstructured: bool = False,
     prune_outputs: Sequence[str] = (),
     seed: int = 0,
+    layer_ratios: Mapping[str, float] | None = None,
+    target_macs: float | None = None,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> ir.Model:
     """Prune a copy of `model` (the input is untouched). Approximate.
 
@@ -754,15 +861,27 @@ def prune(
             back with zeros with `pad`).
         seed: seed of `criterion="random"`.
 
+        layer_ratios: a ratio per channel group, by a producer's node or layer name (groups not
+            named keep `ratio`, or all their channels without one); see `prunable_units`.
+        target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
+            0.6x); per-group ratios are allocated from sensitivity on `data`, least loss first
+            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
+        data: validation data (an .npz path, stacked arrays with optional labels, or
+            `LabelledData`) for `target_macs` and the budget.
+        budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that
+            misses it raises `VerificationError`.
+        metric: a user `Metric` instead of top-1 accuracy.
+
     Returns:
         The pruned model. `prune_with_report` also returns what was removed.
 
     Raises:
         BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
             `prune_outputs` name is not a graph output, or the options remove no channel at all
-            (for example `round_to` at least as large as every group).
+            (for example `round_to` at least as large as every group), a budget without data.
         UnsupportedModelError: no channel group can shrink (the reasons are named).
         ModelLoadError: `model` is a path that cannot be loaded.
+        VerificationError: the pruned model misses the budget (measured figure in the message).
 
     Example:
         >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
@@ -772,4 +891,6 @@ def prune(
         model, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
         exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured,
         prune_outputs=prune_outputs, seed=seed,
+        layer_ratios=layer_ratios, target_macs=target_macs, data=data, budget=budget,
+        max_drop=max_drop, min_cosine=min_cosine, metric=metric,
     )[0]  # fmt: skip

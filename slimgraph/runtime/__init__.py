@@ -12,6 +12,7 @@ from slimgraph.runtime.compare import (
 )
 from slimgraph.runtime.feeds import (
     InputSpec,
+    calibrated_ranges,
     cast_floats,
     check_batch,
     check_feeds,
@@ -34,6 +35,7 @@ __all__ = [
     "compare",
     "compare_outputs",
     "InputSpec",
+    "calibrated_ranges",
     "cast_floats",
     "check_batch",
     "check_feeds",

@@ -24,8 +24,14 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
-from slimgraph.runtime.feeds import cast_floats, check_feeds, iter_batches, load_npz, sample_count
+from slimgraph.runtime.feeds import (
+    check_feeds,
+    input_specs,
+    iter_batches,
+    sample_count,
+)
 from slimgraph.runtime.histogram import TensorStats
+from slimgraph.runtime.metrics import DEFAULT_LABELS
 from slimgraph.runtime.session import create_session
 
 __all__ = [
@@ -125,8 +131,9 @@ def calibration_batches(
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
             raise BadDataError("calibration data is empty (no inputs)")
-        stacked = cast_floats(model, stacked, source="calibration data")
-        check_feeds(model, stacked, source="calibration data")
+        from slimgraph.runtime.metrics import split_labels
+
+        stacked = split_labels(stacked, model, source="calibration data").feeds  # labels ignored
         return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
     if data is None or not isinstance(data, Iterable):
         raise BadDataError(
@@ -147,14 +154,24 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
     try:
         rows = open_npz_rows(path)
     except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
-        return load_npz(path, model)
+        return _load_whole(path, model)
+    names = {spec.name for spec in input_specs(model)}
+    if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
+        rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
     if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
-        return load_npz(path, model)
+        return _load_whole(path, model)
     counts = {name: array.shape[0] for name, array in rows.items()}
     if len(set(counts.values())) > 1 or 0 in counts.values():
-        return load_npz(path, model)  # the reader's message names the problem
+        return _load_whole(path, model)  # the reader's message names the problem
     check_feeds(model, {name: array[0:1] for name, array in rows.items()}, source=str(path))
     return rows  # type: ignore[return-value]
+
+
+def _load_whole(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
+    """The `.npz` read whole and checked; a labels key is left out (never fed)."""
+    from slimgraph.runtime.metrics import load_data
+
+    return load_data(path, model).feeds
 
 
 def _batches_in(stacked: Mapping[str, np.ndarray], batch_size: int) -> int:

@@ -25,7 +25,9 @@ __all__ = [
     "input_specs",
     "describe_inputs",
     "random_feeds",
+    "calibrated_ranges",
     "load_npz",
+    "read_npz",
     "cast_floats",
     "check_batch",
     "check_feeds",
@@ -83,13 +85,15 @@ def random_feeds(
     batch: int = 1,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs that fit the model's input spec.
 
     Symbolic dimensions take their value from `dims` (by name); the first one of each input, if
-    not named there, is the batch; other unknown dimensions are 1. Floats are standard normal;
-    integers are 0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name
-    contains "mask"; booleans are True.
+    not named there, is the batch; other unknown dimensions are 1. Floats are standard normal,
+    or uniform in `ranges[name]` (low, high) when given (see `calibrated_ranges`); integers are
+    0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name contains "mask";
+    booleans are True.
 
     Args:
         model: an `onnx_ir.Model` or the path of an `.onnx` file.
@@ -106,6 +110,7 @@ def random_feeds(
         ModelLoadError: `model` is a path that cannot be loaded.
     """
     model = as_model(model)
+    ranges = ranges or {}
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
     feeds: dict[str, np.ndarray] = {}
@@ -124,7 +129,10 @@ def random_feeds(
                 f"input '{spec.name}' declares shape {shape} ({elements:,} elements): too large "
                 "to make sample inputs for; give real data or skip verification (--no-verify)"
             )
-        if spec.dtype.kind == "f":
+        if spec.dtype.kind == "f" and spec.name in ranges:
+            low, high = ranges[spec.name]
+            feeds[spec.name] = rng.uniform(low, high, size=shape).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
@@ -135,6 +143,46 @@ def random_feeds(
     return feeds
 
 
+def calibrated_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:
+    """The calibrated range of each float input a quantized model carries, by input name.
+
+    A static (QDQ or QOperator) model quantizes its float inputs with a QuantizeLinear whose
+    constant scale s and zero point z were calibrated: the range it represents without clipping is
+    ((qmin - z) * s, (qmax - z) * s). Inputs without such a consumer are left out.
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+    for value in model.graph.inputs:
+        if value.is_initializer() or value.name is None:
+            continue
+        for node in value.consumers():
+            if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+                continue
+            found = _quantize_range(node)
+            if found is not None:
+                ranges[value.name] = found
+                break
+    return ranges
+
+
+def _quantize_range(node: ir.Node) -> tuple[float, float] | None:
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    if scale is None or scale.const_value is None:
+        return None
+    scales = np.asarray(scale.const_value.numpy(), dtype=np.float64)
+    if scales.size != 1:
+        return None
+    qmin, qmax, point = 0, 255, 0.0  # no zero point: uint8, zero point 0
+    if zero is not None:
+        if zero.const_value is None:
+            return None
+        zeros = zero.const_value.numpy()
+        if zeros.size != 1 or zeros.dtype not in (np.uint8, np.int8):
+            return None
+        info = np.iinfo(zeros.dtype)
+        qmin, qmax, point = int(info.min), int(info.max), float(zeros.ravel()[0])
+    step = float(scales.ravel()[0])
+    return (qmin - point) * step, (qmax - point) * step
 def check_batch(model: ir.Model, batch: int, *, label: str = "the model") -> None:
     """Check that `model` can run `batch` rows: every input's axis 0 is symbolic or `batch`.
 
@@ -158,6 +206,17 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
         BadDataError: unreadable file, pickled objects, names, dtypes or shapes that do not fit
             (the message lists what the model expects), or no samples.
     """
+    data = cast_floats(model, read_npz(path, model), source=str(path))
+    check_feeds(model, data, source=str(path))
+    return data
+
+
+def read_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndarray]:
+    """Read every array of an `.npz` (not checked; `load_npz` and `metrics.load_data` check).
+
+    Raises:
+        BadDataError: a missing or unreadable file, or pickled objects (never loaded).
+    """
     file = Path(path)
     expected = f"the model expects {describe_inputs(input_specs(model))}"
     try:
@@ -175,8 +234,6 @@ def load_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
                 f"numeric arrays; {expected}"
             ) from None
         raise BadDataError(f"{file}: not a readable .npz file ({error}); {expected}") from None
-    data = cast_floats(model, data, source=str(file))
-    check_feeds(model, data, source=str(file))
     return data
 
 

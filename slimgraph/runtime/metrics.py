@@ -13,9 +13,8 @@ Example:
 from __future__ import annotations
 
 import os
-import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,14 @@ from slimgraph.runtime.feeds import (
     check_feeds,
     input_specs,
     iter_batches,
+    read_npz,
     sample_count,
 )
 from slimgraph.runtime.session import create_session, run
 
 __all__ = [
     "DEFAULT_LABELS",
+    "Metric",
     "LabelledData",
     "Evaluation",
     "load_data",
@@ -44,6 +45,10 @@ __all__ = [
 ]
 
 DEFAULT_LABELS = "labels"
+
+# A user metric: the model's outputs (name -> array [N, ...]) on all of the data and the labels
+# (int64 [N], or None) -> one number, higher is better (e.g. F1, or minus a loss).
+Metric = Callable[[dict[str, np.ndarray], "np.ndarray | None"], float]
 
 
 @dataclass(frozen=True)
@@ -120,15 +125,7 @@ def load_data(
         BadDataError: unreadable file, pickled objects, or data that does not fit (`split_labels`).
     """
     file = Path(path)
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single array (.npy), not an archive of named arrays")
-            data = {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise BadDataError(f"{file}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as error:
-        raise BadDataError(f"{file}: not a readable .npz file ({error})") from None
+    data = read_npz(file, model)
     return split_labels(data, model, labels=labels, source=str(file))
 
 
@@ -148,28 +145,55 @@ class Evaluation:
         accuracy: top-1 accuracy (fraction, 0..1) of the first output when labels were given.
         cosine: worst output cosine against the reference model, when one was given.
         sqnr_db: worst output SQNR (dB) against the reference, when one was given.
+        custom: the value of the user's `Metric`, when one was given (it is then the metric).
+        reference_metric: the same metric for the reference model, when it was measured (a
+            budget check does); `drop` is the difference.
     """
 
     samples: int
     accuracy: float | None
     cosine: float | None
     sqnr_db: float | None
+    custom: float | None = None
+    reference_metric: float | None = None
 
     @property
     def metric_name(self) -> str:
+        if self.custom is not None:
+            return "metric"
         return "accuracy" if self.accuracy is not None else "cosine"
 
     @property
     def metric(self) -> float:
-        """Accuracy when labels were given, else the output cosine to the reference."""
-        value = self.accuracy if self.accuracy is not None else self.cosine
+        """The user's metric, else accuracy when labels were given, else the output cosine."""
+        value = self.custom if self.custom is not None else self.accuracy
+        value = value if value is not None else self.cosine
         if value is None:
             raise BadDataError("no metric: the data has no labels and no reference model was given")
         return value
 
+    @property
+    def drop(self) -> float | None:
+        """reference metric - this metric (accuracy: a fraction, 0.01 is one point), if known."""
+        if self.reference_metric is None or self.metric_name == "cosine":
+            return None
+        return self.reference_metric - self.metric
+
+    def with_reference(self, reference: Evaluation) -> Evaluation:
+        """This evaluation with the reference model's metric attached (for `drop`)."""
+        return replace(self, reference_metric=reference.metric)
+
     def to_dict(self) -> dict[str, object]:
-        return {"samples": self.samples, "accuracy": self.accuracy, "cosine": self.cosine,
-                "sqnr_db": self.sqnr_db}
+        data: dict[str, object] = {
+            "samples": self.samples, "accuracy": self.accuracy, "cosine": self.cosine,
+            "sqnr_db": self.sqnr_db,
+        }
+        if self.custom is not None:
+            data["metric"] = self.custom
+        if self.reference_metric is not None:
+            data["reference_" + self.metric_name] = self.reference_metric
+            data["drop"] = self.drop
+        return data
 
 
 def evaluate(
@@ -178,13 +202,22 @@ def evaluate(
     *,
     reference: ir.Model | ort.InferenceSession | None = None,
     batch_size: int = 256,
+    metric: Metric | None = None,
 ) -> Evaluation:
     """Top-1 accuracy (with labels) and fidelity to `reference` (when given) on `data`.
 
+    Args:
+        model: the model (or its session) to measure.
+        data: inputs and optional labels.
+        reference: the model before compression, for output cosine/SQNR.
+        batch_size: rows per onnxruntime run.
+        metric: a user `Metric`, called once with the outputs of all rows concatenated
+            (memory grows with the data: meant for validation sets, not calibration streams).
+
     Raises:
-        BadDataError: neither labels nor a reference, so there is nothing to measure.
+        BadDataError: neither labels, a reference nor a metric: there is nothing to measure.
     """
-    if data.labels is None and reference is None:
+    if data.labels is None and reference is None and metric is None:
         raise BadDataError(
             f"{data.source}: has no labels and no reference model was given: nothing to measure"
         )
@@ -196,6 +229,7 @@ def evaluate(
     fixed = model if isinstance(model, ir.Model) else None
     correct = rows = 0
     fidelity = FidelityAccumulator()
+    kept: dict[str, list[np.ndarray]] = {}
     for feed, labels in data.batches(batch_size, fixed):
         outputs = run(session, feed)
         rows += sample_count(feed)
@@ -203,9 +237,17 @@ def evaluate(
             correct += top1_correct(next(iter(outputs.values())), labels)
         if ref_session is not None:
             fidelity.add(run(ref_session, feed), outputs)
+        if metric is not None:
+            for name, array in outputs.items():
+                kept.setdefault(name, []).append(array)
     accuracy = correct / rows if data.labels is not None and rows else None
     cosine = sqnr = None
     if ref_session is not None:
         result = fidelity.result()
         cosine, sqnr = result.worst_cosine, result.worst_sqnr_db
-    return Evaluation(rows, accuracy, cosine, sqnr)
+    custom = None
+    if metric is not None:
+        joined = {name: np.concatenate(parts) for name, parts in kept.items()}
+        labels_used = None if data.labels is None else data.labels[:rows]
+        custom = float(metric(joined, labels_used))
+    return Evaluation(rows, accuracy, cosine, sqnr, custom)

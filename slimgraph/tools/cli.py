@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.demo_cmd",
     "slimgraph.tools.convert_cmd",
     "slimgraph.tools.factorize_cmd",
+    "slimgraph.tools.sensitivity_cmd",
     "slimgraph.tools.finetune_cmd",
     "slimgraph.tools.sweep_cmd",
 )

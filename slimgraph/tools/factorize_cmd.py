@@ -14,7 +14,9 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
-from slimgraph.runtime import iter_batches, load_npz
+from slimgraph.runtime import iter_batches
+from slimgraph.runtime.metrics import load_data
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     MAX_BARS,
     add_report_option,
@@ -68,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="use at most N samples of --data (default 8)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_report_option(parser, "per-layer ranks, size, parameters and MACs before/after")
+    add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
 
@@ -96,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     feeds = None
+    judge = judge_from_args(args, model, data_for_budget=False)
     if args.data is not None:
-        data = load_npz(args.data, model)
-        batches = iter_batches(data, 1, model)
-        feeds = [batch for _, batch in zip(range(args.samples), batches, strict=False)]
+        data = judge.data if judge is not None else load_data(args.data, model,
+                                                               labels=args.labels)
+        feeds = [batch for _, batch in zip(range(args.samples),
+                                           iter_batches(data.feeds, 1, model), strict=False)]
     factorized, report = factorize_with_report(
         model,
         rank_ratio=args.rank_ratio,
@@ -111,15 +116,20 @@ def run(args: argparse.Namespace) -> int:
         op_types=tuple(args.op_types) if args.op_types else ("Gemm", "MatMul", "Conv"),
         feeds=feeds,
         pointwise_convs=args.pointwise_convs,
+        data=None if judge is None else judge.data,
+        budget=None if judge is None else judge.budget,
     )
     sg_ir.save(factorized, target)
-    data = {"input": str(source), "output": str(target), **report.to_dict()}
+    result = {"input": str(source), "output": str(target), **report.to_dict()}
     text = f"wrote {target}\n" + format_report(report)
+    if report.budget_search is not None and judge is not None and report.evaluation:
+        text += "\n" + report.budget_search.summary()
+        text += "\n" + describe_evaluation(report.evaluation, judge)
     if report_dir is not None:
-        page = _page(args, data, report, model_figures(model, source),
+        page = _page(args, result, report, model_figures(model, source),
                      model_figures(factorized, target))
         write_report(report_dir, page, text=text)
-    emit(to_json(data) if args.json else text)
+    emit(to_json(result) if args.json else text)
     return 0
 
 

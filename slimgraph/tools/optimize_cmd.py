@@ -20,6 +20,8 @@ from slimgraph.passes.pipeline import (
     node_count,
     optimize_report,
 )
+from slimgraph.runtime.metrics import load_data
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     add_report_option,
     before_after,
@@ -80,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_report_option(parser, "what each pass did: time, nodes, fidelity")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
 
@@ -97,11 +100,14 @@ def run(args: argparse.Namespace) -> int:
     report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
     feeds = None
+    judge = judge_from_args(args, model, data_for_budget=False)
+    data = None
     if args.data:
-        data = runtime.load_npz(args.data, model)
-        batches = runtime.iter_batches(data, 8, model)
-        feeds = [batch for _, batch in zip(range(4), batches, strict=False)]
-    calibration = runtime.load_npz(args.calib, model) if args.calib else None
+        data = judge.data if judge is not None else load_data(args.data, model,
+                                                               labels=args.labels)
+        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data.feeds, 8, model),
+                                           strict=False)]
+    calibration = load_data(args.calib, model).feeds if args.calib else None  # labels ignored
     before = node_count(model)
     result = optimize_report(
         model,
@@ -111,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         feeds=feeds,
         opset=args.opset,
         calibration=calibration,
+        data=data,
+        budget=None if judge is None else judge.budget,
     )
     sg_ir.save(result.model, target)
     after = node_count(result.model)
@@ -120,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
          "nodes_after": after, "verified": args.verify}
     )
     text = _render(result, before, after, target, args.verify)
+    if result.evaluation is not None and judge is not None:
+        text += "\n" + describe_evaluation(result.evaluation, judge)
     if report_dir is not None:
         figures = before_after(model_figures(model, source), model_figures(result.model, target))
         write_report(report_dir, _page(args, data_out, result, figures), text=text)

@@ -11,8 +11,10 @@ import argparse
 from pathlib import Path
 
 from slimgraph import ir as sg_ir
-from slimgraph.errors import OutputPathError
+from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
+from slimgraph.runtime.metrics import load_data
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     MAX_BARS,
     add_report_option,
@@ -41,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="the .onnx model")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
-    parser.add_argument("--ratio", type=float, required=True, help="fraction to remove, in (0, 1)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="fraction to remove, in (0, 1)")  # fmt: skip
+    parser.add_argument("--target-macs", dest="target_macs", type=float, default=None,
+                        metavar="R", help="instead of --ratio: reach R x the MACs with per-group "
+                        "ratios allocated from sensitivity on --data (least loss first)")
     parser.add_argument("--criterion", choices=CRITERIA, default="l1",
                         help="channel importance (default l1)")  # fmt: skip
     parser.add_argument("--scope", choices=SCOPES, default="local",
@@ -63,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_report_option(parser, "channels kept per layer, size, parameters and MACs before/after")
+    add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -70,17 +77,26 @@ def run(args: argparse.Namespace) -> int:
     source, target = Path(args.model), Path(args.output)
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise OutputPathError(f"{target}: refusing to write over the input model")
+    if args.ratio is None and args.target_macs is None:
+        raise BadOptionError("give --ratio R or --target-macs R")
     report_dir = check_report_dir(args.report)
     model = sg_ir.load(source)
+    judge = judge_from_args(args, model, data_for_budget=args.target_macs is None)
     pruned, report = prune_with_report(
         model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
         round_to=args.round_to, pad=args.pad, exclude=args.exclude,
         exclude_ops=args.exclude_ops, unstructured=args.unstructured,
         prune_outputs=args.prune_outputs, seed=args.seed,
+        target_macs=args.target_macs,
+        data=judge.data if judge is not None else (
+            load_data(args.data, model, labels=args.labels) if args.data else None),
+        budget=None if judge is None else judge.budget,
     )  # fmt: skip
     sg_ir.save(pruned, target)
     data = {"input": str(source), "output": str(target), **report.to_dict()}
     text = f"wrote {target}\n" + format_report(report)
+    if report.evaluation is not None and judge is not None:
+        text += "\n" + describe_evaluation(report.evaluation, judge)
     if report_dir is not None:
         page = _page(args, data, report, model_figures(model, source),
                      model_figures(pruned, target))
@@ -145,6 +161,9 @@ def format_report(report: PruneReport) -> str:
         f"MACs:       {format_count(report.macs_before)} -> "
         f"{format_count(report.macs_after)} ({ratio(report.macs_after, report.macs_before)})",
     ]
+    if report.layer_ratios:
+        lines.append("ratios per group (first producer): " + ", ".join(
+            f"{name} {ratio:g}" for name, ratio in report.layer_ratios.items()))
     lines += report.notes
     if report.unstructured:
         rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]

@@ -13,8 +13,10 @@ from pathlib import Path
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.quantize import quantize, report_of
+from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.runtime.histogram import METHODS
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     MAX_BARS,
     add_report_option,
@@ -84,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_report_option(parser, "per-tensor SQNR, size before and after")
+    add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     fmt_label = "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt
     model = sg_ir.load(source)
+    judge = judge_from_args(args, model)
     quantized = quantize(
         model,
         calibration=args.calib,
@@ -117,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
+        data=None if judge is None else judge.data,
+        budget=None if judge is None else judge.budget,
         verify=args.verify,
         smooth_quant=args.smooth_quant,
     )
     sg_ir.save(quantized, target)
     fmt_label = _written_format(quantized, fmt_label)
+    search = budget_search_of(quantized)
     size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
     report = report_of(quantized)
     out: dict[str, object] = {
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if report is not None:
         out["report"] = report.to_dict()
+    if search is not None:
+        out["budget"] = search.to_dict()
     lines = [
         f"wrote {target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
         f"{format_bytes(size_out)}, "
@@ -137,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     if report is not None:
         lines.append(report.summary(top=args.top))
+    if search is not None and judge is not None and search.evaluation is not None:
+        lines.append(search.summary())
+        lines.append(describe_evaluation(search.evaluation, judge))
     text = "\n".join(lines)
     if report_dir is not None:
         page = _page(args, out, report, model_figures(model, source),

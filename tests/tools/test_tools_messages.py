@@ -119,7 +119,8 @@ def test_list_passes_shows_options_presets_and_commands(cli) -> None:
     )
     assert lines[prune + 1] == (
         "      options: ratio=required, criterion='l1', scope='local', round-to=None, pad=False, "
-        "exclude=(), exclude-ops=(), unstructured=False, prune-output=(), seed=0"
+        "exclude=(), exclude-ops=(), unstructured=False, prune-output=(), seed=0, "
+        "layer-ratios=None"
     )
     assert "  lossless: cleanup, fuse-pad, sum-to-add, fuse-batchnorm, fold-affine, " \
         "matmul-add-to-gemm, cleanup, mark-units, compact-constants" in lines
@@ -175,7 +176,7 @@ def test_recipe_with_command_names_runs(cli, tmp_path: Path) -> None:
          "(auto or an integer)"),
         ("steps:\n  - name: prune\n    criterion: l1\n",
          "recipe step 'prune': option 'ratio' is required; it takes: ratio, criterion, scope, "
-         "round-to, pad, exclude, exclude-ops, unstructured, prune-output, seed"),
+         "round-to, pad, exclude, exclude-ops, unstructured, prune-output, seed, layer-ratios"),
         ("steps:\n  - name: quantize\n    mode: dynamic\n    format: qdq\n",
          "recipe step 'quantize' (pass 'quantize-dynamic'): unknown option 'format'; it takes: "
          "per-channel, exclude, op-types, matmul-kernel, exclude-ops"),

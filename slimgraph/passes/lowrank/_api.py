@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +18,8 @@ from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS, LayerFilter
 from slimgraph.passes.lowrank._tucker import TuckerConv
 from slimgraph.runtime import Fidelity, iter_feeds
+from slimgraph.runtime.budget import Budget, DataLike, budget_judge
+from slimgraph.runtime.metrics import Evaluation, Metric
 
 __all__ = ["FactorizeReport", "factorize", "factorize_with_report", "fold_weights"]
 
@@ -46,9 +48,13 @@ class FactorizeReport:
     macs_after: int | None
     fidelity: Fidelity | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
+    budget_search: Any = None  # the `passes.budgeted.BudgetSearch` (layers left whole, why)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
+            "budget": None if self.budget_search is None else self.budget_search.to_dict(),
             "options": self.options,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [
@@ -153,6 +159,11 @@ def factorize_with_report(
     pointwise_convs: bool = False,
     allow_growth: bool = False,
     fold: bool = True,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> tuple[ir.Model, FactorizeReport]:
     """`factorize`, returning the new model and its `FactorizeReport`.
 
@@ -164,6 +175,25 @@ def factorize_with_report(
     Raises: as for `factorize`.
     """
     model = as_model(model)
+    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
+                         metric=metric)
+    if judge is not None:
+        from slimgraph.ir.select import exact_pattern
+        from slimgraph.passes.budgeted import factorize_with_budget
+
+        rule = dict(rank_ratio=rank_ratio, energy=energy, rank=rank, error_budget=error_budget,
+                    include=include, exclude=exclude, op_types=op_types,
+                    pointwise_convs=pointwise_convs, allow_growth=allow_growth, fold=fold)
+        whole, search = factorize_with_budget(model, judge, **rule)
+        excluded = [*([exclude] if isinstance(exclude, str) else exclude or ()),
+                    *map(exact_pattern, whole)]
+        factorized, found = factorize_with_report(
+            model, **{**rule, "exclude": excluded or None}, feeds=feeds,  # type: ignore[arg-type]
+        )
+        search.evaluation = judge.check(factorized, what="the factorized model")
+        found = replace(found, evaluation=search.evaluation, budget_search=search)
+        factorized.meta[metadata.FACTORIZE_REPORT] = found
+        return factorized, found
     policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
     layer_filter = LayerFilter.create(include, exclude, op_types)
     samples = list(iter_feeds(feeds)) if feeds is not None else None
@@ -243,6 +273,11 @@ def factorize(
     pointwise_convs: bool = False,
     allow_growth: bool = False,
     fold: bool = True,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
 ) -> ir.Model:
     """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2) layers.
 
@@ -271,10 +306,18 @@ def factorize(
         pointwise_convs: also split 1x1 convs by SVD (skipped by default).
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first.
+        data: validation data for the budget (an .npz path, stacked arrays with an optional
+            labels key, or `LabelledData`).
+        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): when the rule's
+            result misses it, the most sensitive layers are left whole until it holds
+            (`passes.budgeted.factorize_with_budget`); the report records which and why.
+        metric: a user `Metric` replacing top-1 accuracy for `max_drop`.
 
     Raises:
         BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
-            matches no node, an unknown op type.
+            matches no node, an unknown op type, a budget without data.
+        VerificationError: no choice of layers meets the budget (measured figure in the
+            message).
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
         ModelLoadError: `model` is a path that cannot be loaded.
 
@@ -296,6 +339,11 @@ def factorize(
         pointwise_convs=pointwise_convs,
         allow_growth=allow_growth,
         fold=fold,
+        data=data,
+        budget=budget,
+        max_drop=max_drop,
+        min_cosine=min_cosine,
+        metric=metric,
     )
     return result
 

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
-from slimgraph.ir.select import matching_pattern
+from slimgraph.ir.select import check_patterns, matching_pattern
 
 __all__ = ["SUPPORTED_OPS", "LayerFilter", "display_name"]
 
@@ -80,8 +80,4 @@ class LayerFilter:
         """Every include/exclude pattern must name at least one node of the graph."""
         nodes = list(graph)
         for kind, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
-            for pattern in patterns:
-                if not any(self._matches(node, pattern) for node in nodes):
-                    raise BadOptionError(
-                        f"{kind} pattern '{pattern}' matches no layer or node of the model"
-                    )
+            check_patterns(nodes, patterns, label=f"{kind} pattern")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -22,14 +22,21 @@ from slimgraph.errors import (
     VerificationError,
 )
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
+from slimgraph.ir.select import check_patterns, exact_pattern
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
-from slimgraph.passes.quantize.policy import ActivationDtype, annotate
+from slimgraph.passes.quantize.policy import ActivationDtype, QuantPlan, annotate
 from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
+from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
+from slimgraph.runtime.metrics import Metric
 
-__all__ = ["quantize", "quantize_static", "prepare", "report_of", "StaticQuantizePass"]
+__all__ = [
+    "quantize", "quantize_static", "prepare", "report_of", "budget_search_of",
+    "check_exclusions",
+    "StaticQuantizePass",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,11 @@ def quantize(
     batch_size: int = 32,
     progress: bool | None = None,
     percentile: float = 99.99,
+    data: DataLike | None = None,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
     verify: bool = True,
     smooth_quant: float | str | bool | None = None,
 ) -> ir.Model:
@@ -89,6 +101,13 @@ def quantize(
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
+        data: validation data for the budget (an .npz path, stacked arrays with an optional
+            `labels` key, or `LabelledData`).
+        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`; `max_drop` is the
+            absolute top-1 drop as a fraction and needs labels). Static mode keeps the most
+            sensitive layers float until it holds (`passes.budgeted.quantize_with_budget`; the
+            search is in `budget_search_of(result)`); other modes only check it.
+        metric: a user `Metric` (higher is better) replacing top-1 accuracy for `max_drop`.
         verify: dynamic/weight-only: check the exact folding before quantization on
             onnxruntime (random inputs). False quantizes without running the model at all
             (models with ops onnxruntime does not have); static mode always runs it.
@@ -101,7 +120,7 @@ def quantize(
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
             data, an option that does not apply to the mode, or `model` neither a model nor a
-            path.
+            path, an `--exclude` that matches nothing, a budget without data.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
         UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
@@ -110,6 +129,8 @@ def quantize(
         VerificationError: the float model prepared for quantization (constants and BatchNorm
             folded) no longer matches the input model.
         ModelLoadError: `model` is a path that cannot be loaded.
+        VerificationError: the result misses the accuracy budget (the measured figure is in
+            the message).
 
     Example:
         >>> import slimgraph as sg
@@ -128,10 +149,20 @@ def quantize(
         return _deployable(quantized)
 
     mode = mode or ("static" if calibration is not None else "dynamic")
+    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
+                         metric=metric)
+    if judge is not None:
+        return _quantize_within(model, judge, calibration=calibration, mode=mode, method=method,
+                                per_channel=per_channel, fmt=fmt, exclude=exclude,
+                                exclude_ops=exclude_ops, include_ops=include_ops,
+                                activation_dtype=activation_dtype, report=report, bits=bits,
+                                block_size=block_size, batch_size=batch_size, progress=progress,
+                                percentile=percentile, verify=verify)
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
+    check_exclusions(model, exclude, exclude_ops)
     if include_ops and mode != "static":
         raise BadOptionError(
             f"--include-op applies to static quantization (with --calib), not to {mode} mode"
@@ -181,6 +212,62 @@ def quantize(
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
 
 
+def _quantize_within(
+    model: ir.Model, judge: BudgetJudge, *, calibration: CalibrationData | None, mode: Mode,
+    **options: Any,
+) -> ir.Model:
+    """`quantize` under an accuracy budget: static mode searches the float layers, the others
+    are checked; the search record goes in the result's meta."""
+    from slimgraph.passes.budgeted import BudgetSearch, quantize_with_budget
+
+    keep_float: list[str] = []
+    search = BudgetSearch(f"{mode} quantization", judge.budget.describe())
+    if mode == "static" and calibration is not None:
+        check_exclusions(model, options["exclude"], options["exclude_ops"])
+        keep_float, search = quantize_with_budget(
+            model, calibration, judge, method=options["method"],
+            per_channel=options["per_channel"], exclude=options["exclude"],
+            exclude_ops=options["exclude_ops"], include_ops=options["include_ops"],
+            activation_dtype=options["activation_dtype"], batch_size=options["batch_size"],
+            percentile=options["percentile"],
+        )
+        if options["fmt"] not in (None, *_FORMATS):
+            raise BadOptionError(f"unknown format '{options['fmt']}' (choose qdq or qoperator)")
+        if options["fmt"] in (None, "qdq") and not options["report"] and (
+            search.candidate is not None
+        ):
+            # the very model the search measured: no second calibration, no second evaluation
+            result = _deployable(search.candidate)
+            result.meta[metadata.BUDGET_SEARCH] = search
+            return result
+        static = {k: v for k, v in options.items()
+                  if k not in ("bits", "block_size", "fmt", "verify")}
+        result = _deployable(quantize_static(
+            model, calibration, keep_float=keep_float, fmt=options["fmt"] or "qdq", **static
+        ))
+    else:
+        result = quantize(model, calibration=calibration, mode=mode, **options)
+    report = result.meta.get(metadata.QUANT_REPORT)
+    search.evaluation = judge.check(result, what="the quantized model")
+    result.meta[metadata.BUDGET_SEARCH] = search
+    if report is not None:
+        result.meta[metadata.QUANT_REPORT] = report
+    return result
+
+
+def budget_search_of(model: ir.Model):  # noqa: ANN201 - avoids importing budgeted eagerly
+    """The `BudgetSearch` a `quantize(..., max_drop=/min_cosine=)` call attached, or None.
+
+    Returns:
+        The search record (layers kept float and why, evaluations tried), or None for a model
+        quantized without a budget.
+
+    Raises:
+        Nothing: a model without the record gives None.
+    """
+    return model.meta.get(metadata.BUDGET_SEARCH)
+
+
 def _deployable(model: ir.Model) -> ir.Model:
     """The quantized model is a deployment artifact: drop the exporter's debug metadata and
     slimgraph's working marks."""
@@ -204,14 +291,21 @@ def quantize_static(
     batch_size: int = 32,
     progress: bool | None = None,
     percentile: float = 99.99,
+    keep_float: Sequence[str] = (),
 ) -> ir.Model:
-    """Calibrated static quantization (see `quantize`)."""
+    """Calibrated static quantization (see `quantize`).
+
+    `keep_float` names nodes of the prepared model (BatchNorm folded) left float, exactly (as a
+    sensitivity table or budget search names them); unlike `exclude` they are not patterns.
+    """
     if method not in METHODS:
         raise BadOptionError(f"unknown calibration method '{method}' (choose {', '.join(METHODS)})")
     if not 0 < percentile <= 100:
         raise BadOptionError(f"percentile must be in (0, 100], got {percentile}")
+    check_exclusions(model, exclude, exclude_ops)
     batches = calibration_batches(model, calibration, batch_size=batch_size)
     prepared = prepare(model, batches.first())
+    exclude = [*exclude, *map(exact_pattern, keep_float)]
     plan = annotate(
         prepared, per_channel=per_channel, exclude=exclude, exclude_ops=exclude_ops,
         activation_dtype=activation_dtype, include_ops=include_ops,
@@ -231,8 +325,16 @@ def quantize_static(
     if report:
         from slimgraph.passes.quantize.report import measure
 
+        def replan(extra: Sequence[str]) -> QuantPlan:
+            return annotate(
+                prepared, per_channel=per_channel, exclude=[*exclude, *extra],
+                exclude_ops=exclude_ops, activation_dtype=activation_dtype,
+                include_ops=include_ops,
+            )
+
         quantized.meta[metadata.QUANT_REPORT] = measure(
-            prepared, quantized, plan, result, batches, method=method, progress=progress
+            prepared, quantized, plan, result, batches, method=method, progress=progress,
+            replan=replan,
         )
     if fmt == "qoperator":
         from slimgraph.passes.quantize.qoperator import QOperatorPass
@@ -241,6 +343,23 @@ def quantize_static(
         lowered.meta[metadata.QUANT_REPORT] = quantized.meta.get(metadata.QUANT_REPORT)
         quantized = lowered
     return quantized
+
+
+def check_exclusions(
+    model: ir.Model, exclude: Sequence[str], exclude_ops: Sequence[str] = ()
+) -> None:
+    """Every `--exclude` pattern must select a node (by layer, node or output tensor name: the
+    report prints all three) and every `--exclude-op` must be an op type of the model.
+
+    Raises:
+        BadOptionError: a pattern or op type that matches nothing (it would be a silent no-op).
+    """
+    nodes = list(model.graph.all_nodes())
+    check_patterns(nodes, exclude, tensors=True)
+    present = {node.op_type for node in nodes}
+    for op in exclude_ops:
+        if op not in present:
+            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
@@ -370,7 +489,7 @@ class StaticQuantizePass(SlimgraphFunctionalPass):
     ) -> None:
         super().__init__()
         self.calibration = calibration
-        self.options = {
+        self.options: dict[str, Any] = {
             "method": method, "per_channel": per_channel, "fmt": fmt, "exclude": tuple(exclude),
             "exclude_ops": tuple(exclude_ops), "include_ops": tuple(include_ops),
             "activation_dtype": activation_dtype,

@@ -43,6 +43,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.ir.select import check_patterns
 from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
@@ -134,6 +135,7 @@ class DynamicQuantizePass(SlimgraphPass):
         self.matmul_kernel = matmul_kernel
 
     def requires(self, model: ir.Model) -> None:
+        check_patterns(model.graph.all_nodes(), self.exclude)  # a typo is an error
         unknown = [op for op in self.op_types if op not in SUPPORTED_OP_TYPES]
         if unknown:
             raise BadOptionError(

@@ -34,6 +34,7 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.ir.select import check_patterns
 from slimgraph.passes._graph_utils import Names, new_initializer, replace_output
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
@@ -129,6 +130,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     def requires(self, model: ir.Model) -> None:
+        check_patterns(model.graph.all_nodes(), self.exclude)  # a typo is an error
         _check_options(self.bits, self.block_size, self.fmt)
         opset = opset_version(model)
         if self.fmt == "dq" and opset < _DQ_BLOCK_OPSET:

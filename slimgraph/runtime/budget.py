@@ -1,0 +1,273 @@
+"""Accuracy budgets: the one check every approximate command and step runs before writing.
+
+A budget is an absolute drop of the metric (`max_drop`: top-1 accuracy with labels, or the user's
+`Metric`; 0.01 is one point of accuracy) and/or a lowest output cosine against the model before
+compression (`min_cosine`), measured on validation data (DESIGN.md section 4). A candidate that
+misses it raises `VerificationError` with the measured figure: the caller writes nothing.
+
+`BudgetJudge` measures the reference once and then judges any number of candidates (the searches
+of accuracy-aware quantization, pruning and low-rank); `check_budget` is the one-shot form.
+
+Example:
+    >>> data = load_data("val.npz", model)  # doctest: +SKIP
+    >>> check_budget(pruned, model, data, max_drop=0.01).accuracy  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from slimgraph.errors import BadOptionError, VerificationError
+from slimgraph.runtime.metrics import (
+    DEFAULT_LABELS,
+    Evaluation,
+    LabelledData,
+    Metric,
+    evaluate,
+    load_data,
+    split_labels,
+)
+from slimgraph.runtime.session import create_session
+
+__all__ = [
+    "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget",
+]
+
+# Validation data as the public functions take it: a LabelledData, an .npz path, or a mapping of
+# stacked arrays (with an optional labels key).
+DataLike = LabelledData | str | os.PathLike[str] | Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a compressed model must keep.
+
+    Attributes:
+        max_drop: largest absolute drop of the metric (accuracy as a fraction: 0.01 = 1 point).
+        min_cosine: lowest worst-output cosine against the reference model, in [-1, 1].
+    """
+
+    max_drop: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is None and self.min_cosine is None:
+            raise BadOptionError(
+                "a budget needs max_drop (--max-drop) or min_cosine (--min-cosine)"
+            )
+        if self.max_drop is not None and not (
+            math.isfinite(self.max_drop) and 0 <= self.max_drop < 1
+        ):
+            raise BadOptionError(
+                f"max_drop is an absolute drop as a fraction in [0, 1) (0.01 is one point), "
+                f"got {self.max_drop}"
+            )
+        if self.min_cosine is not None and not (
+            math.isfinite(self.min_cosine) and -1 <= self.min_cosine <= 1
+        ):
+            raise BadOptionError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+
+    @classmethod
+    def of(
+        cls, max_drop: float | None = None, min_cosine: float | None = None
+    ) -> Budget | None:
+        """A budget when either limit is given, else None."""
+        if max_drop is None and min_cosine is None:
+            return None
+        return cls(max_drop, min_cosine)
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_drop is not None:
+            parts.append(f"drop <= {self.max_drop:g}")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine:g}")
+        return " and ".join(parts)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"max_drop": self.max_drop, "min_cosine": self.min_cosine}
+
+
+class Evaluator:
+    """Measures the reference model once on `data`, then any number of candidates against it.
+
+    Args:
+        reference: the model before compression.
+        data: validation data.
+        metric: a user `Metric` replacing top-1 accuracy.
+        batch_size: rows per onnxruntime run.
+    """
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        data: LabelledData,
+        *,
+        metric: Metric | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        self.data = data
+        self.metric = metric
+        self.batch_size = batch_size
+        self.reference_session = create_session(reference)
+        # against itself: cosine 1, so `reference.metric` exists without labels too
+        self.reference = evaluate(self.reference_session, data, batch_size=batch_size,
+                                  metric=metric, reference=self.reference_session)
+
+    def evaluate(self, candidate: ir.Model | ort.InferenceSession) -> Evaluation:
+        """The candidate's metric, cosine and SQNR against the reference, and its drop."""
+        result = evaluate(candidate, self.data, reference=self.reference_session,
+                          batch_size=self.batch_size, metric=self.metric)
+        return result.with_reference(self.reference)
+
+    __call__ = evaluate
+
+    def change(self, evaluation: Evaluation) -> float:
+        """evaluation's metric - the reference's (negative: worse)."""
+        return evaluation.metric - self.reference.metric
+
+
+class BudgetJudge(Evaluator):
+    """An `Evaluator` that judges candidates against a `Budget`.
+
+    Raises:
+        BadOptionError: `max_drop` with data that has no labels and no `metric`.
+    """
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        data: LabelledData,
+        budget: Budget,
+        *,
+        metric: Metric | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        if budget.max_drop is not None and data.labels is None and metric is None:
+            raise BadOptionError(
+                f"--max-drop needs labels: {data.source} has no labels key (pass --labels KEY, "
+                "or use --min-cosine)"
+            )
+        self.budget = budget
+        super().__init__(reference, data, metric=metric, batch_size=batch_size)
+
+    def holds(self, evaluation: Evaluation) -> bool:
+        """Whether a measured candidate is within the budget."""
+        return not self.misses(evaluation)
+
+    def misses(self, evaluation: Evaluation) -> list[str]:
+        """What the candidate misses (empty when it holds), with the measured figures."""
+        missed = []
+        drop = evaluation.drop
+        if self.budget.max_drop is not None and drop is not None and drop > self.budget.max_drop:
+            missed.append(
+                f"{evaluation.metric_name} {_fmt(evaluation.metric)} vs "
+                f"{_fmt(evaluation.reference_metric)} before: drop {_fmt(drop)} > "
+                f"--max-drop {self.budget.max_drop:g}"
+            )
+        cosine = evaluation.cosine
+        if self.budget.min_cosine is not None and (
+            cosine is None or not cosine >= self.budget.min_cosine
+        ):
+            missed.append(
+                f"output cosine {_fmt(cosine, 6)} < --min-cosine {self.budget.min_cosine:g}"
+            )
+        return missed
+
+    def check(self, candidate: ir.Model | ort.InferenceSession, *, what: str = "the result"
+              ) -> Evaluation:
+        """Evaluate and raise `VerificationError` (nothing is to be written) when it misses.
+
+        Raises:
+            VerificationError: the message names each missed limit with the measured figure.
+        """
+        evaluation = self.evaluate(candidate)
+        missed = self.misses(evaluation)
+        if missed:
+            raise VerificationError(
+                f"{what} misses the accuracy budget on {self.data.source} "
+                f"({evaluation.samples} samples): {'; '.join(missed)}; nothing written"
+            )
+        return evaluation
+
+
+def check_budget(
+    candidate: ir.Model | ort.InferenceSession,
+    reference: ir.Model,
+    data: LabelledData,
+    *,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
+    what: str = "the result",
+) -> Evaluation:
+    """Measure `candidate` against `reference` on `data`; raise when it misses the budget.
+
+    Returns:
+        The candidate's `Evaluation` (accuracy or metric with the reference's for `drop`, cosine
+        and SQNR against the reference).
+
+    Raises:
+        BadOptionError: no limit given, a limit out of range, or `max_drop` without labels.
+        VerificationError: the candidate misses the budget (message has the measured figure).
+    """
+    budget = Budget(max_drop, min_cosine)
+    return BudgetJudge(reference, data, budget, metric=metric).check(candidate, what=what)
+
+
+def as_data(data: DataLike, model: ir.Model, *, labels: str = DEFAULT_LABELS) -> LabelledData:
+    """`data` as checked `LabelledData` (an .npz path is read, a mapping split into inputs and
+    labels).
+
+    Raises:
+        BadDataError: data that does not fit the model (see `metrics.split_labels`).
+    """
+    if isinstance(data, LabelledData):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(data, model, labels=labels)
+    if isinstance(data, Mapping):
+        return split_labels(data, model, labels=labels)
+    raise BadOptionError(
+        f"data must be an .npz path, a dict of arrays or LabelledData, got {type(data).__name__}"
+    )
+
+
+def budget_judge(
+    reference: ir.Model,
+    data: DataLike | None,
+    *,
+    budget: Budget | None = None,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
+    metric: Metric | None = None,
+    labels: str = DEFAULT_LABELS,
+) -> BudgetJudge | None:
+    """The judge the public functions' `budget=`/`max_drop=`/`min_cosine=` + `data=` options ask
+    for, or None when no limit is given.
+
+    Raises:
+        BadOptionError: a limit without data, both `budget` and a limit, or `max_drop` on data
+            without labels.
+    """
+    if budget is not None and (max_drop is not None or min_cosine is not None):
+        raise BadOptionError("give budget= or max_drop=/min_cosine=, not both")
+    budget = budget or Budget.of(max_drop, min_cosine)
+    if budget is None:
+        return None
+    if data is None:
+        raise BadOptionError(
+            f"an accuracy budget ({budget.describe()}) needs validation data (--data VAL.npz)"
+        )
+    return BudgetJudge(reference, as_data(data, reference, labels=labels), budget, metric=metric)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
