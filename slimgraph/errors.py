@@ -42,7 +42,8 @@ class UnsafeModelError(ModelLoadError):
 
 
 class InvalidModelError(ModelLoadError):
-    """A model parses but its graph is not valid: cycles, dangling inputs, duplicate names, opsets."""
+    """A model parses but its graph is not valid: cycles, dangling inputs, duplicate names,
+    opsets."""
 
 
 class BadDataError(BadInputError):

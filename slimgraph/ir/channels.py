@@ -711,7 +711,7 @@ class _Tracer:
         if any(s is None for s in sizes) or sum(sizes) != slot.size:  # type: ignore[arg-type]
             return f"{where} has outputs of unknown size"
         start = 0
-        for k, (out, size) in enumerate(zip(node.outputs, sizes)):
+        for k, (out, size) in enumerate(zip(node.outputs, sizes, strict=True)):
             target = self.slot(out, split_axis, size, where)  # type: ignore[arg-type]
             for q in range(size):  # type: ignore[arg-type]
                 self.union(slot.base + start + q, target.base + q)
@@ -860,7 +860,7 @@ def _build_groups(
     slot_roots = [analysis.roots_of(slot) for slot in analysis.slots]
     touched: dict[int, set[int]] = {}
     first: dict[int, int] = {}
-    for slot, roots in zip(analysis.slots, slot_roots):
+    for slot, roots in zip(analysis.slots, slot_roots, strict=True):
         for p, root in enumerate(roots.tolist()):
             touched.setdefault(root, set()).add(slot.id)
             first.setdefault(root, slot.base + p)
@@ -875,7 +875,7 @@ def _build_groups(
     for use in analysis.weight_uses:
         uses_by_slot.setdefault(use.slot, []).append(use)
     groups: list[ChannelGroup] = []
-    for key, roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
+    for _, roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
         roots.sort(key=lambda r: first[r])
         channel = {r: i for i, r in enumerate(roots)}
         members, producers, consumer_nodes = [], [], []

@@ -20,7 +20,8 @@ __all__ = [
 ]
 
 # Written by torch.onnx.export(dynamo=True) on every node: the module path, one entry per level,
-# ending with the FX node's own name (e.g. "['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']").
+# ending with the FX node's own name
+# (e.g. "['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']").
 TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 # metadata_props of a node: the torch module path the node came from (e.g. "layer1.0.conv1").
@@ -39,7 +40,8 @@ UNIT = "pkg.slimgraph.unit"
 # Model.meta of a model returned by `factorize`: its `FactorizeReport` (per-layer ranks, errors).
 FACTORIZE_REPORT = "slimgraph.factorize_report"
 
-# Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration data).
+# Model.meta: the QuantReport of sg.quantize(..., report=True) (per-tensor SQNR on calibration
+# data).
 QUANT_REPORT = "slimgraph.quantize_report"
 
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept

@@ -163,7 +163,15 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
     counts = {name: array.shape[0] for name, array in rows.items()}
     if len(set(counts.values())) > 1 or 0 in counts.values():
         return _load_whole(path, model)  # the reader's message names the problem
-    check_feeds(model, {name: array[0:1] for name, array in rows.items()}, source=str(path))
+    first = {name: array[0:1] for name, array in rows.items()}
+    dtypes = {spec.name: spec.dtype for spec in input_specs(model)}
+    if any(
+        name in dtypes and array.dtype.kind == dtypes[name].kind == "f"
+        and array.dtype != dtypes[name]
+        for name, array in first.items()
+    ):  # fmt: skip
+        return _load_whole(path, model)  # float64 data (numpy's default): read whole, cast once
+    check_feeds(model, first, source=str(path))
     return rows  # type: ignore[return-value]
 
 

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         progress=False,
     )  # fmt: skip
     seconds["distilled_int8"] = time.perf_counter() - start
-    models: dict[str, ir.Model] = {"fp32": optimize(model), "exported": model, "int8": int8, "pruned": pruned,
+    models: dict[str, ir.Model] = {"fp32": optimize(model), "exported": model, "int8": int8,
+                                   "pruned": pruned,
                                    "distilled": distilled, "distilled_int8": distilled_int8}
     sessions = [runtime.create_session(models[key]) for key, _, _ in STAGES]
     accuracy = {key: _accuracy(s, images, labels) for (key, _, _), s in zip(STAGES, sessions,

@@ -78,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default=None, metavar="ALPHA|auto",
                         help="static: SmoothQuant (activation outliers moved into the weights) "
                         "before quantizing; alpha in [0, 1] or auto (searched on --calib)")
+    parser.add_argument("--zero-shot", dest="zero_shot", action="store_true",
+                        help="static int8 without data: calibrate on inputs synthesized to match "
+                        "the model's BatchNorm statistics (needs BatchNorm nodes and torch)")
+    parser.add_argument("--zero-shot-samples", dest="zero_shot_samples", type=int, default=64,
+                        help="synthesized calibration rows for --zero-shot (default 64)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="weight-only: bits (default 4)")
     parser.add_argument("--block-size", type=int, default=32, help="weight-only: block size")
@@ -97,16 +102,24 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
     report_dir = check_report_dir(args.report)
-    mode = args.mode or ("static" if args.calib else "dynamic")
-    if mode != "static" and args.calib:
-        raise BadOptionError(f"--calib is only used by static quantization, not --mode {mode}")
+    if args.zero_shot and args.calib:
+        raise BadOptionError("--zero-shot synthesizes the calibration data: leave out --calib")
+    mode = args.mode or ("static" if args.calib or args.zero_shot else "dynamic")
+    if mode != "static" and (args.calib or args.zero_shot):
+        option = "--calib" if args.calib else "--zero-shot"
+        raise BadOptionError(f"{option} is only used by static quantization, not --mode {mode}")
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     fmt_label = "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt
     model = sg_ir.load(source)
     judge = judge_from_args(args, model)
+    calibration: object = args.calib
+    if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
+        from slimgraph.runtime.torch_backend import zero_shot_calibration
+
+        calibration = zero_shot_calibration(model, samples=args.zero_shot_samples)
     quantized = quantize(
         model,
-        calibration=args.calib,
+        calibration=calibration,  # type: ignore[arg-type]
         mode=mode,
         method=args.method,
         per_channel=args.per_channel,

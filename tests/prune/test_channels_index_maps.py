@@ -20,7 +20,7 @@ def concat_split_flatten(draw):
     h, w = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     total = a + b
     cuts = sorted(draw(st.sets(st.integers(1, total - 1), max_size=2)))
-    sizes = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, total])]
+    sizes = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, total], strict=True)]
     lo = draw(st.integers(0, total - 1))
     hi = draw(st.integers(lo + 1, total))
     return a, b, h, w, sizes, (lo, hi)

@@ -137,3 +137,41 @@ def test_include_op_quantizes_an_op_left_float_by_default(tmp_path, capsys) -> N
         "slimgraph quantize: error: --include-op Conv: quantized by default already (include-op "
         "asks for ops left float: Softmax, Where, LayerNormalization, Mul, ...)"
     ]
+
+
+def test_zero_shot_quantizes_without_data_and_keeps_accuracy(tmp_path, capsys) -> None:
+    out = tmp_path / "zs.onnx"
+    code, stdout, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--zero-shot",
+                                "--zero-shot-samples", "32", "--no-progress")  # fmt: skip
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote {out} (static, qdq)")
+    images, labels = digits_test()
+    fp32 = accuracy(sg.load(DIGITS), images, labels)
+    assert accuracy(sg.load(out), images, labels) >= fp32 - 0.01
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--calib", DIGITS_CALIB],
+         "--zero-shot synthesizes the calibration data: leave out --calib"),
+        (["--mode", "dynamic"], "--zero-shot is only used by static quantization, not --mode "
+                                "dynamic"),
+    ],
+)
+def test_zero_shot_bad_options(tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "zs.onnx"
+    code, _, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--zero-shot", *extra)
+    assert code == 2 and not out.exists()
+    assert stderr.strip() == f"slimgraph quantize: error: {message}"
+
+
+def test_zero_shot_without_batchnorm_is_one_line(tmp_path, capsys) -> None:
+    folded = tmp_path / "folded.onnx"
+    sg.save(sg.optimize(sg.load(DIGITS)), folded)  # BatchNorm folded into the convolutions
+    code, _, stderr = _run(capsys, "quantize", folded, "-o", tmp_path / "zs.onnx", "--zero-shot")
+    assert code == 2 and not (tmp_path / "zs.onnx").exists()
+    assert stderr.strip() == (
+        "slimgraph quantize: error: zero-shot calibration needs BatchNormalization layers (their "
+        "running statistics); the model has none (calibrate with data instead)"
+    )

@@ -219,3 +219,15 @@ def test_options_are_never_abbreviated(capsys, tmp_path) -> None:
         main(["prune", str(DIGITS), "-o", str(out), "--rat", "0.5"])
     assert stop.value.code == 2 and not out.exists()
     assert "the following arguments are required: --ratio" in capsys.readouterr().err
+
+
+def test_float64_calibration_file_is_cast_like_float32(cli, tmp_path) -> None:
+    with np.load(DIGITS_CALIB) as archive:
+        images = archive["image"]
+    np.savez(tmp_path / "c64.npz", image=images.astype(np.float64))
+    np.savez(tmp_path / "c32.npz", image=images)
+    for name in ("c64", "c32"):
+        result = cli("quantize", str(DIGITS), "-o", str(tmp_path / f"{name}.onnx"), "--calib",
+                     str(tmp_path / f"{name}.npz"))  # fmt: skip
+        assert result.code == 0, result.err
+    assert (tmp_path / "c64.onnx").read_bytes() == (tmp_path / "c32.onnx").read_bytes()
