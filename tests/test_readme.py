@@ -66,3 +66,10 @@ def test_readme_pass_table_lists_every_registered_pass() -> None:
     table = README[README.index("| step | kind |") : README.index("| presets |")]
     names = re.findall(r"`([a-z0-9-]+)`", table)
     assert set(names) == set(PASSES), "the README's pass table and the registry differ"
+
+
+def test_recipes_doc_lists_the_passes_as_the_cli_does() -> None:
+    from slimgraph.passes.pipeline import describe_passes
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    assert f"```\n{describe_passes()}\n```" in doc, "regenerate with slimgraph optimize --list-passes"
