@@ -70,6 +70,15 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: Sequence
     return f"{sub.prog}: error: unrecognized arguments: {listed}{hint} (see {sub.prog} --help)"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slimgraph")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="slimgraph",
@@ -77,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Compress ONNX models (fuse, quantize, prune, factorize), every rewrite verified."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"slimgraph {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
