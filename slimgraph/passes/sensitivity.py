@@ -103,7 +103,7 @@ class SensitivityTable:
 
     def render(self) -> str:
         """A plain-text table (most sensitive first)."""
-        from slimgraph.tools.tables import render_table
+        from slimgraph._tables import render_table
 
         rows = [
             [r.layer or "-", r.node, r.op_type, f"{r.metric:.4f}", f"{r.change:+.4f}",
