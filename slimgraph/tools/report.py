@@ -381,8 +381,8 @@ def _plot_svg(plot: Mapping[str, Any], prefix: str) -> str:
         axes.set_ylabel(str(plot.get("y_label", "")))
         named = [item for item in series if item.get("name")]
         if len(named) > 1 or (kind == "scatter" and plot.get("pareto")):
-            axes.legend(frameon=False, fontsize=9, loc="lower right", bbox_to_anchor=(1.0, 1.0),
-                        ncols=min(3, len(series) + (1 if kind == "scatter" else 0)),
+            # beside the axes, top right: never over the title or the bars
+            axes.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                         borderaxespad=0.2)
         figure.tight_layout()
         buffer = io.StringIO()
