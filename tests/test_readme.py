@@ -72,4 +72,5 @@ def test_recipes_doc_lists_the_passes_as_the_cli_does() -> None:
     from slimgraph.passes.pipeline import describe_passes
 
     doc = (ROOT / "docs" / "recipes.md").read_text()
-    assert f"```\n{describe_passes()}\n```" in doc, "regenerate with slimgraph optimize --list-passes"
+    block = f"```\n{describe_passes()}\n```"
+    assert block in doc, "regenerate it with slimgraph optimize --list-passes"

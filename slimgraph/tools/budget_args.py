@@ -19,19 +19,24 @@ from slimgraph.runtime.metrics import DEFAULT_LABELS, Evaluation
 __all__ = ["add_budget_arguments", "judge_from_args", "describe_evaluation"]
 
 
-def add_budget_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
-    """Add `--labels`, `--max-drop`, `--min-cosine` (and `--data` unless the command has it)."""
+def add_budget_arguments(
+    parser: argparse.ArgumentParser, *, data: bool = True, labels: bool = True,
+    data_flag: str = "--data", reference: str = "the input model",
+) -> None:
+    """Add `--max-drop`, `--min-cosine` (and `--data`, `--labels` unless the command has them;
+    `data_flag` names the command's validation-data option in the help)."""
     group = parser.add_argument_group("accuracy budget (a result that misses it is not written)")
     if data:
         group.add_argument("--data", metavar="VAL.npz", default=None,
                            help="validation data: input names stacked on axis 0, plus labels")
-    group.add_argument("--labels", metavar="KEY", default=DEFAULT_LABELS,
-                       help="key of the class labels in --data (default 'labels'), never fed")
+    if labels:
+        group.add_argument("--labels", metavar="KEY", default=DEFAULT_LABELS,
+                           help="key of the class labels in --data (default 'labels'), never fed")
     group.add_argument("--max-drop", dest="max_drop", type=float, default=None, metavar="D",
-                       help="largest top-1 accuracy drop on --data, a fraction (0.01 = 1 point); "
-                       "needs labels")
+                       help=f"largest top-1 accuracy drop on {data_flag} against {reference}, a "
+                       "fraction (0.01 = 1 point); needs labels")
     group.add_argument("--min-cosine", dest="min_cosine", type=float, default=None, metavar="C",
-                       help="lowest output cosine to the input model on --data")
+                       help=f"lowest output cosine to {reference} on {data_flag}")
 
 
 def judge_from_args(

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph import ir as sg_ir
-from slimgraph.errors import OutputPathError
+from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
+from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
 from slimgraph.tools.report import (
     add_report_option,
     check_report_dir,
@@ -81,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bar (it shows only on a terminal anyway)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_budget_arguments(parser, data=False, labels=False, data_flag="--val",
+                         reference="the teacher (else the input model)")
     add_report_option(parser, "the training curves")
     parser.set_defaults(handler=run)
 
@@ -102,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
     kinds = parse_kd(args.kd)
     model = sg_ir.load(source)
     teacher = sg_ir.load(args.teacher) if args.teacher else None
+    judge = None
+    if args.max_drop is not None or args.min_cosine is not None:
+        if args.val is None:
+            raise BadOptionError("an accuracy budget (--max-drop/--min-cosine) is measured on "
+                                 "--val VAL.npz: give it")
+        judge = budget_judge(teacher or model, args.val, max_drop=args.max_drop,
+                             min_cosine=args.min_cosine, labels=args.labels)
 
     def on_epoch(record: Any) -> None:
         if args.json or record.epoch == 0 and record.val is None:
@@ -126,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     data = {"input": str(source), "output": str(target), "data": str(args.data),
             "teacher": args.teacher, **report.to_dict()}  # fmt: skip
     text = f"wrote {target}\n" + format_report(report)
+    if judge is not None:  # a model that misses the budget is never written
+        evaluation = judge.check(trained, what="the fine-tuned model")
+        data["budget"] = evaluation.to_dict()
+        text += "\n" + describe_evaluation(evaluation, judge)
     if report_dir is not None:  # the page renders before anything is written
         write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
     sg_ir.save(trained, target)

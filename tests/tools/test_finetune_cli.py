@@ -203,3 +203,37 @@ def test_same_seed_same_bytes(files, tmp_path, cli) -> None:  # noqa: ANN001
                                      "response, feature, 1 epochs on 256 samples")  # fmt: skip
         outs.append(_initializers(sg.load(out)))
     assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_a_budget_missed_on_val_exits_1_and_writes_nothing(cli, files, tmp_path) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli("finetune", files["pruned"], "-o", out, "--data", files["small"], "--teacher",
+                 DIGITS, "--epochs", "1", "--lr", "1e-5", "--val", TEST, "--max-drop", "0.01",
+                 "--no-progress", "--report", tmp_path / "report")  # fmt: skip
+    assert result.code == 1 and not out.exists() and not (tmp_path / "report").exists()
+    message = result.err.strip().splitlines()[-1]
+    assert message.startswith(
+        f"slimgraph finetune: error: the fine-tuned model misses the accuracy budget on {TEST} "
+        "(450 samples): accuracy "
+    )
+    assert message.endswith("> --max-drop 0.01; nothing written")
+
+
+def test_a_budget_held_is_reported_and_the_model_written(cli, tmp_path) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli("finetune", DIGITS, "-o", out, "--data", TRAIN, "--teacher", DIGITS, "--epochs",
+                 "0", "--val", TEST, "--max-drop", "0.01", "--no-progress")  # fmt: skip
+    assert result.code == 0, result.err
+    assert out.exists()
+    assert "budget held (drop <= 0.01)" in result.out and "drop +0.0000" in result.out
+
+
+def test_a_budget_needs_val(cli, files, tmp_path) -> None:
+    out = tmp_path / "out.onnx"
+    result = cli("finetune", files["pruned"], "-o", out, "--data", files["small"], "--max-drop",
+                 "0.01")  # fmt: skip
+    assert result.code == 2 and not out.exists()
+    assert result.err.strip() == (
+        "slimgraph finetune: error: an accuracy budget (--max-drop/--min-cosine) is measured on "
+        "--val VAL.npz: give it"
+    )
