@@ -220,22 +220,17 @@ def _nary(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return lambda m, xs: [run(xs)]
 
 
-@op("LeakyRelu")
-def _leaky(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    alpha = attr(node, "alpha", 0.01)
-    return lambda m, xs: [F.leaky_relu(xs[0], alpha)]
+# Activations with one `alpha` attribute: op type -> (torch function, ONNX default alpha).
+_ALPHA_ACTIVATIONS: dict[str, tuple[Callable[..., Any], float]] = {
+    "LeakyRelu": (F.leaky_relu, 0.01), "Elu": (F.elu, 1.0), "Celu": (F.celu, 1.0),
+}
 
 
-@op("Elu")
-def _elu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    alpha = attr(node, "alpha", 1.0)
-    return lambda m, xs: [F.elu(xs[0], alpha)]
-
-
-@op("Celu")
-def _celu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    alpha = attr(node, "alpha", 1.0)
-    return lambda m, xs: [F.celu(xs[0], alpha)]
+@op(*_ALPHA_ACTIVATIONS)
+def _alpha_activation(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    fn, default = _ALPHA_ACTIVATIONS[node.op_type]
+    alpha = attr(node, "alpha", default)
+    return lambda m, xs: [fn(xs[0], alpha)]
 
 
 @op("Selu")
