@@ -16,7 +16,7 @@ loses too much. The rules:
   most fp16 ops to float32 and hides the difference) on the BERT-style encoder, 1 - cosine vs
   fp32: 3.0e-7 with the defaults, 4.1e-7 with nothing kept, 3.9e-7 without Softmax, 2.8e-7 with
   LayerNormalization added; on the CNNs and the MLP the list makes no difference (no such ops).
-  On a decomposed LayerNorm with |x| ~ 1000, nothing kept overflows (tests/quantize_modes).
+  On a decomposed LayerNorm with |x| ~ 1000, nothing kept overflows (tests/passes/quantize).
 - Nodes computing shapes (anything feeding a Reshape/Expand/Slice/Tile/ConstantOfShape/Range/
   Resize shape-like input, back to Shape/Size) keep their dtypes, and so do Range, Resize's roi
   and scales, and ops from other domains or with subgraphs.

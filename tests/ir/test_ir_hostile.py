@@ -138,7 +138,7 @@ def test_onnxruntime_failures_print_one_line(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A custom op onnxruntime does not have: its own '[E:onnxruntime:...]' log line is gone."""
-    from tests.quantize_modes.test_hardening_quant import fancy_model
+    from tests.passes.quantize.test_hardening_quant import fancy_model
 
     source = tmp_path / "fancy.onnx"
     sg.save(fancy_model(), source)

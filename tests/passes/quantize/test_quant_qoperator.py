@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 import slimgraph as sg
 from slimgraph.passes.quantize.qoperator import QOperatorPass
 from slimgraph.runtime import compare
-from tests.quantize.quant_helpers import (
+from tests.passes.quantize.quant_helpers import (
     DIGITS_CALIB,
     accuracy,
     bert_batches,

@@ -9,7 +9,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.tools.cli import main
-from tests.quantize.quant_helpers import DIGITS, DIGITS_CALIB, accuracy, digits, digits_test
+from tests.passes.quantize.quant_helpers import DIGITS, DIGITS_CALIB, accuracy, digits, digits_test
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from slimgraph.errors import BadOptionError
 from slimgraph.passes._graph_utils import constant_array
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.prune_heads import prune_heads
-from tests.transformers.helpers import assert_close, cosine, export, feeds, outputs
+from tests.passes.transformer.helpers import assert_close, cosine, export, feeds, outputs
 
 
 def _model(name: str, fused: bool, dead: tuple[int, ...] = ()):  # noqa: ANN202

@@ -15,7 +15,7 @@ from slimgraph.ir import analysis, metadata
 from slimgraph.passes.lowrank import FactorizeReport
 from slimgraph.runtime import create_session, random_feeds, run
 from tests.conftest import ZOO_DIR, exported_model
-from tests.lowrank.lowrank_helpers import assert_same
+from tests.passes.lowrank.lowrank_helpers import assert_same
 
 
 def _check_runs(model: ir.Model) -> None:

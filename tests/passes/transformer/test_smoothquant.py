@@ -20,7 +20,7 @@ from slimgraph.passes.quantize.smoothquant import (
     channel_absmax,
     smooth_targets,
 )
-from tests.transformers.helpers import assert_close, export, feeds
+from tests.passes.transformer.helpers import assert_close, export, feeds
 
 DATA = Path(sg.__file__).parent / "data"
 

@@ -14,7 +14,7 @@ from slimgraph.ir.analysis import model_macs
 from slimgraph.passes.prune import prune, prune_with_report
 from tests.conftest import exported_model
 from tests.models import _randomize_batchnorm
-from tests.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
 
 CASES = [
     (name, pad)

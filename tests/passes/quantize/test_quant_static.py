@@ -12,7 +12,7 @@ from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import report_of
 from slimgraph.runtime import compare, random_feeds
 from tests.conftest import exported_model
-from tests.quantize.quant_helpers import (
+from tests.passes.quantize.quant_helpers import (
     DIGITS_CALIB,
     accuracy,
     bert_batches,

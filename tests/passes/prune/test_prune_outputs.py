@@ -23,7 +23,7 @@ from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import UNSTRUCTURED_NOTE
 from slimgraph.tools.cli import main
-from tests.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
 
 
 def _classifier(seed: int = 0) -> ir.Model:

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from slimgraph.passes import cleanup
-from tests.pipeline.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
+from tests.passes.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
 
 RNG = np.random.default_rng(1)
 

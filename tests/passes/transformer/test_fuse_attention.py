@@ -12,7 +12,7 @@ import pytest
 import slimgraph as sg
 from slimgraph.passes import fuse_attention
 from slimgraph.passes.pipeline import run_pipeline
-from tests.transformers.helpers import assert_close, cosine, export, feeds, outputs
+from tests.passes.transformer.helpers import assert_close, cosine, export, feeds, outputs
 
 SHAPES = [(3, 11), (1, 37), (5, 16)]  # the export used (2, 16)
 

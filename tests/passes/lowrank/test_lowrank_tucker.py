@@ -9,7 +9,7 @@ import pytest
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes.lowrank import TuckerConv, tucker2
-from tests.lowrank.lowrank_helpers import assert_same, conv_model, initializer, outputs
+from tests.passes.lowrank.lowrank_helpers import assert_same, conv_model, initializer, outputs
 
 
 def _w(*shape: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ from onnx import helper
 
 from slimgraph.ir import metadata
 from slimgraph.passes import fuse
-from tests.pipeline.pipeline_helpers import (
+from tests.passes.pipeline_helpers import (
     assert_same_outputs,
     initializer,
     make_model,

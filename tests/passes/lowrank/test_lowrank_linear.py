@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimgraph.passes.lowrank import LowRankLinear, factorize_with_report
-from tests.lowrank.lowrank_helpers import (
+from tests.passes.lowrank.lowrank_helpers import (
     assert_same,
     gemm_model,
     initializer,

@@ -20,7 +20,7 @@ from slimgraph.passes import PASSES, lossless, run_pipeline
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.pipeline import build_pipeline, load_recipe, register_pass
 from slimgraph.tools.cli import main
-from tests.pipeline.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
+from tests.passes.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
 
 RNG = np.random.default_rng(2)
 

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 import slimgraph as sg
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime.calibrate import calibrate
-from tests.quantize.quant_helpers import (
+from tests.passes.quantize.quant_helpers import (
     DIGITS_CALIB,
     digits,
     linear_feeds,
