@@ -17,6 +17,7 @@ __all__ = [
     "BadOptionError",
     "UnsupportedModelError",
     "OutputPathError",
+    "MissingExtraError",
     "VerificationError",
 ]
 
@@ -60,6 +61,21 @@ class UnsupportedModelError(BadInputError):
 
 class OutputPathError(BadInputError):
     """The output path cannot be written (it is the input model, or its folder is missing)."""
+
+
+class MissingExtraError(BadInputError):
+    """An optional dependency is not installed: the message names the extra that brings it.
+
+    The core (load, optimize, quantize, prune, factorize, inspect) needs no extra; `from_torch`,
+    training and zero-shot calibration need `slimgraph[torch]` (see `slimgraph._optional`).
+
+    Attributes:
+        extra: the extra to install, e.g. "torch".
+    """
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class VerificationError(SlimgraphError):

@@ -22,8 +22,10 @@ def _block(text: str, after: str, lang: str) -> str:
 def test_readme_starts_with_the_two_set_up_commands() -> None:
     commands = re.findall(r"```\n(python -m pip install[^\n]*)\n```", README)
     assert commands == [
-        "python -m pip install -e . && slimgraph demo",
-        "python -m pip install -e '.[test]' && python -m pytest",
+        "python -m pip install torch==2.13.0 && python -m pip install -e '.[torch]' "
+        "&& slimgraph demo",
+        "python -m pip install torch==2.13.0 && python -m pip install -e '.[torch,test]' "
+        "&& python -m pytest",
     ]
     assert README.index(commands[1]) < README.index("## Python")
 

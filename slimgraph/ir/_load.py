@@ -274,7 +274,7 @@ def _bits(tensor: onnx.TensorProto, where: str, label: str) -> int | None:
 
 
 # Which typed field holds the inline values of each data type (all others: int32_data).
-_TYPED_FIELDS = {
+_TYPED_FIELDS: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float_data",
     onnx.TensorProto.COMPLEX64: "float_data",
     onnx.TensorProto.DOUBLE: "double_data",
@@ -465,7 +465,7 @@ def _dense(sparse: onnx.SparseTensorProto, base_dir: Path, label: str) -> onnx.T
     if indices.ndim == 2 and indices.shape[1] == len(dims) and len(dims) > 0:
         if ((indices < 0) | (indices >= np.array(dims))).any():
             raise InvalidModelError(f"{label}: sparse tensor '{name}' has indices out of range")
-        indices = np.ravel_multi_index(indices.T, dims)
+        indices = np.asarray(np.ravel_multi_index(indices.T, dims), dtype=np.int64)
     if indices.ndim != 1 or values.ndim != 1 or indices.shape[0] != values.shape[0]:
         raise InvalidModelError(
             f"{label}: sparse tensor '{name}' has {values.size} values for indices of shape "

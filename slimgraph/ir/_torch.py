@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph._optional import require_torch
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import metadata
 
@@ -59,6 +60,8 @@ def from_torch(
         The model as an `onnx_ir.Model`, inputs and outputs `[batch, ...]` by default.
 
     Raises:
+        MissingExtraError: torch is not installed ("torch is not installed: pip install
+            'slimgraph[torch]'").
         UnsupportedModelError: `module` is not a `torch.nn.Module`, or torch cannot export it
             (the exporter's first line is quoted).
 
@@ -69,6 +72,7 @@ def from_torch(
         >>> fixed = from_torch(net.eval(), (torch.randn(1, 3, 32, 32),), dynamic_batch=False)
         ... # doctest: +SKIP
     """
+    require_torch()
     import torch
 
     if not isinstance(module, torch.nn.Module):
@@ -167,6 +171,10 @@ def _export(
             ) from error
         finally:
             registration_log.setLevel(previous_level)
+    if program is None:  # only when given a file to write to, which this call never is
+        raise UnsupportedModelError(
+            f"torch.onnx.export returned no program for {type(module).__name__}"
+        )
     model = program.model
     annotate_layers(model)
     return model

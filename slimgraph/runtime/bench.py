@@ -18,14 +18,17 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from slimgraph._tables import format_ratio, render_table
 from slimgraph.errors import BadOptionError
-from slimgraph.runtime.session import _LEVELS, OptLevel, create_session, run
+from slimgraph.runtime.session import OptLevel, create_session, is_session, level_name, run
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["Timing", "Comparison", "BenchmarkResult", "benchmark", "bootstrap_ratio"]
 
@@ -171,7 +174,7 @@ def benchmark(
     if len(per_model) != len(models):
         raise BadOptionError(f"{len(per_model)} feed dicts given for {len(models)} models")
     sessions = [
-        m if isinstance(m, ort.InferenceSession)
+        m if is_session(m)
         else create_session(m, threads=threads, optimization=optimization)
         for m in models
     ]
@@ -214,8 +217,7 @@ def benchmark(
     # What the sessions were built with (a caller may pass ready sessions), not the arguments.
     options = sessions[0].get_session_options()
     used_threads = options.intra_op_num_threads or (os.cpu_count() or 1)
-    level = next((name for name, value in _LEVELS.items()
-                  if value == options.graph_optimization_level), optimization)
+    level = level_name(options.graph_optimization_level) or optimization
     return BenchmarkResult(timings, rounds, used_threads, level, comparisons)
 
 

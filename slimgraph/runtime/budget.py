@@ -19,10 +19,10 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from slimgraph.errors import BadOptionError, VerificationError
 from slimgraph.runtime.metrics import (
@@ -35,6 +35,9 @@ from slimgraph.runtime.metrics import (
     split_labels,
 )
 from slimgraph.runtime.session import create_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget",

@@ -9,15 +9,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from slimgraph._tables import format_float, format_shape, render_table
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.feeds import iter_feeds
-from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.session import create_session, is_session, run
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["OutputFidelity", "Fidelity", "compare", "compare_outputs", "FidelityAccumulator"]
 
@@ -228,6 +231,6 @@ def compare(
 
 
 def _session(model: ir.Model | ort.InferenceSession, threads: int | None) -> ort.InferenceSession:
-    if isinstance(model, ort.InferenceSession):
+    if is_session(model):
         return model
     return create_session(model, threads=threads)

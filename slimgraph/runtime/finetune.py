@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
+from slimgraph._optional import require_torch
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.runtime.feeds import input_specs
 from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
@@ -380,6 +381,7 @@ def finetune_with_report(
     kinds = parse_kd(kd)
     if scheme not in SCHEMES:
         raise BadOptionError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
+    require_torch()
     from slimgraph.runtime.torch_backend import lower, write_back
     from slimgraph.runtime.torch_backend._train import (
         ArrayBatches,
@@ -542,8 +544,9 @@ def finetune(
             feature layer that is not there, a teacher with other inputs, a NaN loss (naming
             the epoch and step).
         BadDataError: data that does not fit the model, labels outside its classes.
-        UnsupportedModelError: torch is missing, an op the backend cannot lower, a QOperator
-            model (train the QDQ form).
+        MissingExtraError: torch is not installed (`pip install 'slimgraph[torch]'`).
+        UnsupportedModelError: an op the backend cannot lower, a QOperator model (train the QDQ
+            form).
 
     Example:
         >>> recovered = sg.finetune(pruned, "train.npz", teacher=original, epochs=10)

@@ -16,10 +16,10 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
@@ -31,7 +31,10 @@ from slimgraph.runtime.feeds import (
     read_npz,
     sample_count,
 )
-from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.session import create_session, is_session, run
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "DEFAULT_LABELS",
@@ -221,10 +224,10 @@ def evaluate(
         raise BadDataError(
             f"{data.source}: has no labels and no reference model was given: nothing to measure"
         )
-    session = model if isinstance(model, ort.InferenceSession) else create_session(model)
+    session = model if is_session(model) else create_session(model)
     ref_session = None
     if reference is not None:
-        ref_session = (reference if isinstance(reference, ort.InferenceSession)
+        ref_session = (reference if is_session(reference)
                        else create_session(reference))
     fixed = model if isinstance(model, ir.Model) else None
     correct = rows = 0

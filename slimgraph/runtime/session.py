@@ -1,32 +1,79 @@
-"""onnxruntime sessions with explicit threads, optimization level and no spinning workers."""
+"""onnxruntime sessions with explicit threads, optimization level and no spinning workers.
+
+This module is the one home of "an onnxruntime session": it imports onnxruntime on first use
+(`onnxruntime_module()`), so importing slimgraph, a pass or the runtime package imports no
+onnxruntime until a session is created. `is_session` tells a session apart without importing it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.ir import load_proto, save, tensor_bytes
 from slimgraph.ir._save import inlined_external_data, without_initializer_value_info
 
-__all__ = ["OptLevel", "create_session", "run", "model_bytes"]
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = [
+    "OptLevel",
+    "create_session",
+    "run",
+    "model_bytes",
+    "onnxruntime_module",
+    "is_session",
+    "level_name",
+]
 
 OptLevel = Literal["disable", "basic", "extended", "all"]
 
-_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+# slimgraph's level names -> members of onnxruntime's GraphOptimizationLevel (looked up on use).
+_LEVELS: dict[OptLevel, str] = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
 }
+
+
+def onnxruntime_module() -> ModuleType:
+    """The `onnxruntime` module, imported on first use (a dependency of the core, not an extra).
+
+    Returns:
+        The imported module.
+    """
+    return importlib.import_module("onnxruntime")
+
+
+def is_session(value: object) -> TypeGuard[ort.InferenceSession]:
+    """True when `value` is an `onnxruntime.InferenceSession`; never imports onnxruntime.
+
+    No object can be a session before onnxruntime was imported, so an unimported onnxruntime
+    answers False without loading it.
+    """
+    module = sys.modules.get("onnxruntime")
+    return module is not None and isinstance(value, module.InferenceSession)
+
+
+def level_name(level: ort.GraphOptimizationLevel) -> OptLevel | None:
+    """slimgraph's name ("disable", "basic", "extended", "all") of an onnxruntime level, or None."""
+    members = onnxruntime_module().GraphOptimizationLevel
+    for name, member in _LEVELS.items():
+        if getattr(members, member) == level:
+            return name
+    return None
+
 
 # Sessions built from bytes must stay under protobuf's 2 GB; larger models go through a file.
 _IN_MEMORY_LIMIT = 1_500_000_000
@@ -62,8 +109,11 @@ def create_session(
         raise BadOptionError(
             f"unknown optimization level '{optimization}' (choose from {', '.join(_LEVELS)})"
         )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _LEVELS[optimization]
+    onnxruntime = onnxruntime_module()
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = getattr(
+        onnxruntime.GraphOptimizationLevel, _LEVELS[optimization]
+    )
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -72,13 +122,13 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         load_proto(model)  # the safe loader's checks (external data, structure) come first
-        return ort.InferenceSession(str(model), options, providers=providers)
+        return onnxruntime.InferenceSession(str(model), options, providers=providers)
     if tensor_bytes(model) < _IN_MEMORY_LIMIT:
-        return ort.InferenceSession(model_bytes(model), options, providers=providers)
+        return onnxruntime.InferenceSession(model_bytes(model), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="slimgraph-session-") as folder:
         path = Path(folder) / "model.onnx"
         save(model, path, external_data=True)
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
 
 
 def run(
@@ -92,6 +142,8 @@ def run(
         UnsupportedModelError: onnxruntime failed while running (a shape the model cannot take);
             its own exception classes never reach the caller.
     """
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
     names = [output.name for output in session.get_outputs()]
     try:
         outputs = session.run(names, dict(feeds))

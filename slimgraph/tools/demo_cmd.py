@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._optional import require_torch
 from slimgraph.errors import OutputPathError
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.prune import prune_with_report
@@ -77,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_torch()  # distillation and QAT train through torch: say so before the first step
     folder = Path(args.output) if args.output else None
     if folder is not None and not folder.is_dir():
         raise OutputPathError(f"{folder}: no such folder")

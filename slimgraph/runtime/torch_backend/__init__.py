@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import UnsupportedModelError
+from slimgraph._optional import require_torch  # the one check, naming slimgraph[torch]
 
 if TYPE_CHECKING:
     from slimgraph.runtime.torch_backend._lower import LoweredModel
@@ -31,21 +31,6 @@ __all__ = [
     "LoweredModel",
     "zero_shot_calibration",
 ]
-
-
-def require_torch() -> Any:
-    """The `torch` module.
-
-    Raises:
-        UnsupportedModelError: torch is not installed.
-    """
-    try:
-        import torch
-    except ImportError as error:
-        raise UnsupportedModelError(
-            "the torch backend needs torch: pip install torch"
-        ) from error
-    return torch
 
 
 def lower(
