@@ -33,6 +33,7 @@ from slimgraph.errors import (
     UnsafeModelError,
 )
 from slimgraph.ir import metadata
+from slimgraph.ir._tensors import tensor_sites
 
 __all__ = ["ModelLike", "as_model", "load", "load_proto"]
 
@@ -118,20 +119,8 @@ def _first_line(error: BaseException) -> str:
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of the model: initializers and attribute tensors, also those in
     subgraphs and functions."""
-    graphs: list[ir.Graph | ir.Function] = [*model.graphs()]
-    for function in model.functions.values():
-        graphs.extend([function, *function.subgraphs()])
-    for graph in graphs:
-        if isinstance(graph, ir.Graph):
-            for value in graph.initializers.values():
-                if isinstance(value.const_value, ir.ExternalTensor):
-                    yield value.const_value
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.is_ref():
-                    continue
-                items = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
-                yield from (item for item in items if isinstance(item, ir.ExternalTensor))
+    for site in tensor_sites(model):
+        yield from (t for t in site.tensors if isinstance(t, ir.ExternalTensor))
 
 
 def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import OutputPathError
 from slimgraph.ir import metadata
+from slimgraph.ir._tensors import tensor_sites
 
 __all__ = [
     "save",
@@ -126,39 +127,29 @@ def inlined_external_data(model: ir.Model) -> Iterator[ir.Model]:
     The data is memory-mapped, not copied, and the original tensors come back on exit, so the
     model is unchanged afterwards. Used to serialize a model that stands alone.
     """
-    restore: list[tuple[object, str, object]] = []
+    values: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
+    attributes: list[tuple[ir.Node, str, ir.Attr]] = []
     try:
-        graphs: list[ir.Graph | ir.Function] = [*model.graphs()]
-        for function in model.functions.values():
-            graphs.extend([function, *function.subgraphs()])
-        for graph in graphs:
-            if isinstance(graph, ir.Graph):
-                for value in graph.initializers.values():
-                    if isinstance(value.const_value, ir.ExternalTensor):
-                        restore.append((value, "const_value", value.const_value))
-                        value.const_value = _in_memory(value.const_value)
-            for node in graph:
-                for key, attr in list(node.attributes.items()):
-                    if attr.is_ref() or attr.type not in _TENSOR_ATTRS:
-                        continue
-                    items = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
-                    if not any(isinstance(item, ir.ExternalTensor) for item in items):
-                        continue
-                    restore.append((node.attributes, key, attr))
-                    if attr.type == ir.AttributeType.TENSOR:
-                        node.attributes[key] = ir.AttrTensor(key, _in_memory(attr.value))
-                    else:
-                        node.attributes[key] = ir.AttrTensors(key, [_in_memory(t) for t in items])
+        for site in tensor_sites(model):
+            if not any(isinstance(t, ir.ExternalTensor) for t in site.tensors):
+                continue
+            inline = [_in_memory(t) for t in site.tensors]
+            if site.value is not None:
+                values.append((site.value, site.value.const_value))
+                site.value.const_value = inline[0]
+            elif site.node is not None and site.key is not None:
+                attr = site.node.attributes[site.key]
+                attributes.append((site.node, site.key, attr))
+                site.node.attributes[site.key] = (
+                    ir.AttrTensor(site.key, inline[0]) if attr.type == ir.AttributeType.TENSOR
+                    else ir.AttrTensors(site.key, inline)
+                )  # fmt: skip
         yield model
     finally:
-        for owner, key, original in reversed(restore):
-            if key == "const_value":
-                owner.const_value = original  # type: ignore[attr-defined]
-            else:
-                owner[key] = original  # type: ignore[index]
-
-
-_TENSOR_ATTRS = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS)
+        for value, tensor in reversed(values):
+            value.const_value = tensor
+        for node, key, attr in reversed(attributes):
+            node.attributes[key] = attr
 
 
 @contextlib.contextmanager

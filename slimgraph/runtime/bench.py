@@ -80,6 +80,16 @@ class Comparison:
 
 @dataclass(frozen=True)
 class BenchmarkResult:
+    """What `benchmark` measured; `print()` shows the table `slimgraph bench` prints.
+
+    Attributes:
+        timings: one `Timing` per model, in the order given (the first is the baseline).
+        rounds: measured rounds (each ran every model once, in a shuffled order).
+        threads: intra-op threads of the sessions.
+        optimization: onnxruntime's graph optimization level of the sessions ("all", ...).
+        comparisons: every pair of models (a before b in the order given), ratio a/b.
+    """
+
     timings: tuple[Timing, ...]
     rounds: int
     threads: int
