@@ -56,7 +56,7 @@ from slimgraph.passes._graph_utils import (
     replace_output,
 )
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "AttentionMatch",
@@ -364,7 +364,7 @@ def _rewrite(graph: ir.Graph, match: AttentionMatch, masks: _MaskCache, names: N
     replace_output(match.output, out)
 
 
-@register_pass("fuse-attention")
+@register_pass("fuse-attention", exact=True)
 class FuseAttentionPass(SlimgraphPass):
     """Rewrite each attention core into `com.microsoft.MultiHeadAttention`; exact.
 
@@ -404,7 +404,7 @@ def _onnxscript_fusion(model: ir.Model, rules: object, label: str) -> Transforme
     return TransformerFusionResult(model, bool(count), fused={label: count} if count else {})
 
 
-@register_pass("fuse-skip-layernorm")
+@register_pass("fuse-skip-layernorm", exact=True)
 class FuseSkipLayerNormPass(SlimgraphPass):
     """Residual Add (+ bias Add) + LayerNormalization over the last axis becomes
     `com.microsoft.SkipLayerNormalization`; exact. onnxscript's rules (they check [B, S, D]
@@ -420,7 +420,7 @@ class FuseSkipLayerNormPass(SlimgraphPass):
         return _onnxscript_fusion(model, skip_layer_normalization_ruleset, "skip_layernorm")
 
 
-@register_pass("fuse-bias-gelu")
+@register_pass("fuse-bias-gelu", exact=True)
 class FuseBiasGeluPass(SlimgraphPass):
     """Add(x, bias[D]) + Gelu (exact erf form) becomes `com.microsoft.BiasGelu`; exact.
     onnxscript's rule (`approximate="tanh"` is left alone)."""
@@ -509,7 +509,7 @@ def _private(projection: _Projection, mha: ir.Node) -> bool:
     )
 
 
-@register_pass("pack-attention")
+@register_pass("pack-attention", exact=True)
 class PackAttentionPass(SlimgraphPass):
     """Fold the Q/K/V projections into the fused op: `MultiHeadAttention(q, k, v)` whose q, k, v
     are MatMul (+ bias Add) of one input (separately, or one packed MatMul + Split as in GPT-2)
@@ -592,7 +592,7 @@ def has_residual_sums(model: ir.Model) -> bool:
                                             for u in n.outputs[0].uses()) for n in model.graph)
 
 
-@register_pass("residual-sum")
+@register_pass("residual-sum", exact=True)
 class ResidualSumPass(SlimgraphPass):
     """The residual `Add(a, b)` in front of a LayerNormalization becomes `Sum(a, b)`; exact.
 

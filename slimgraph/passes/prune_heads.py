@@ -37,7 +37,7 @@ from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import Names, constant_array, is_onnx_op, new_initializer
 from slimgraph.passes.base import Skipped, SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.fuse_attention import MS_DOMAIN, _NoMatch, match_attention
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = ["HeadReport", "PruneHeadsResult", "PruneHeadsPass", "prune_heads", "CRITERIA"]
 
@@ -291,7 +291,7 @@ def _fix_shapes(site: _Site, heads: int) -> None:
                 _with_dim(out, axis, heads)
 
 
-@register_pass("prune-heads")
+@register_pass("prune-heads", exact=False)
 class PruneHeadsPass(SlimgraphFunctionalPass):
     """Remove the least important `ratio` of the heads of every attention block (see the module
     docstring); approximate, exact for dead heads.
