@@ -318,7 +318,11 @@ class RemoveDropoutPass(SlimgraphPass):
                 if training is None or bool(training.reshape(-1)[0]):
                     skipped.append(Skipped(label, node.op_type, "training_mode may be true"))
                     continue
-            bypass(node, node.inputs[0])
+            data = node.inputs[0]
+            if data is None:  # not a valid Dropout: leave it to the checker
+                skipped.append(Skipped(label, node.op_type, "no data input"))
+                continue
+            bypass(node, data)
             count += 1
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
 
@@ -353,34 +357,33 @@ class _GuardedPass(SlimgraphPass):
         return ir.passes.PassResult(model, self.upstream()(model).modified)
 
 
-@register_pass("eliminate-identity", exact=True)
-class GuardedIdentityEliminationPass(_GuardedPass):
-    """Remove Identity nodes (onnx_ir's IdentityEliminationPass); exact."""
-
-    upstream = common.IdentityEliminationPass
-
-
-@register_pass("cse", exact=True)
-class GuardedCommonSubexpressionEliminationPass(_GuardedPass):
-    """Merge nodes computing the same thing from the same inputs (onnx_ir's CSE); exact."""
-
-    upstream = common.CommonSubexpressionEliminationPass
+def _guarded(name: str, upstream: type[ir.passes.PassBase], doc: str) -> type[_GuardedPass]:
+    """Register `Guarded<upstream name>`, `upstream` inside the guard, as the exact pass `name`."""
+    cls = type(f"Guarded{upstream.__name__}", (_GuardedPass,),
+               {"__doc__": doc, "upstream": upstream, "__module__": __name__})
+    return register_pass(name, exact=True)(cls)
 
 
-@register_pass("dedupe-initializers", exact=True)
-class GuardedDeduplicateInitializersPass(_GuardedPass):
-    """Merge initializers with equal dtype, shape and bytes (onnx_ir); exact."""
-
-    upstream = common.DeduplicateInitializersPass
-
-
-@register_pass("shape-inference", exact=True)
-class GuardedShapeInferencePass(_GuardedPass):
-    """Annotate values with onnx's inferred types and shapes; exact (computation untouched)."""
-
-    upstream = common.ShapeInferencePass
-
-
+GuardedIdentityEliminationPass = _guarded(
+    "eliminate-identity",
+    common.IdentityEliminationPass,
+    "Remove Identity nodes (onnx_ir's IdentityEliminationPass); exact.",
+)
+GuardedCommonSubexpressionEliminationPass = _guarded(
+    "cse",
+    common.CommonSubexpressionEliminationPass,
+    "Merge nodes computing the same thing from the same inputs (onnx_ir's CSE); exact.",
+)
+GuardedDeduplicateInitializersPass = _guarded(
+    "dedupe-initializers",
+    common.DeduplicateInitializersPass,
+    "Merge initializers with equal dtype, shape and bytes (onnx_ir); exact.",
+)
+GuardedShapeInferencePass = _guarded(
+    "shape-inference",
+    common.ShapeInferencePass,
+    "Annotate values with onnx's inferred types and shapes; exact (computation untouched).",
+)
 # Upstream passes whose contract is slimgraph's (outputs untouched), registered as they are.
 register_pass("inline-functions", exact=True)(common.InlinePass)
 register_pass("topological-sort", exact=True)(common.TopologicalSortPass)
@@ -488,26 +491,28 @@ class CleanupPass(SlimgraphPass):
         if not self.keep_initializer_inputs:
             apply("initializer-inputs", InitializerInputsPass())
         rounds = 0
-        for rounds in range(1, self.max_rounds + 1):  # noqa: B007
-            skipped.clear()
-            modified = False
-            for name, pass_ in (
-                ("constant-of-shape", MaterializeConstantOfShapePass()),
-                ("fold-constants", FoldAndLiftConstantsPass()),
-                ("remove-dropout", RemoveDropoutPass()),
-                ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
-                ("eliminate-identity", GuardedIdentityEliminationPass()),
-                ("remove-unused", RemoveUnusedPass()),
-            ):
-                modified = apply(name, pass_) or modified
-            if not modified:
-                break
-        for name, pass_ in (
+        each_round: tuple[tuple[str, ir.passes.PassBase], ...] = (
+            ("constant-of-shape", MaterializeConstantOfShapePass()),
+            ("fold-constants", FoldAndLiftConstantsPass()),
+            ("remove-dropout", RemoveDropoutPass()),
+            ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
+            ("eliminate-identity", GuardedIdentityEliminationPass()),
+            ("remove-unused", RemoveUnusedPass()),
+        )
+        finally_: tuple[tuple[str, ir.passes.PassBase], ...] = (
             ("cse", GuardedCommonSubexpressionEliminationPass()),
             ("dedupe-initializers", GuardedDeduplicateInitializersPass()),
             ("remove-unused", RemoveUnusedPass()),
             ("topological-sort", common.TopologicalSortPass()),
-        ):
+        )
+        for rounds in range(1, self.max_rounds + 1):  # noqa: B007
+            skipped.clear()
+            modified = False
+            for name, pass_ in each_round:
+                modified = apply(name, pass_) or modified
+            if not modified:
+                break
+        for name, pass_ in finally_:
             apply(name, pass_)
         changed.pop("topological-sort", None)  # reordering alone is not a change worth verifying
         return CleanupResult(
