@@ -45,6 +45,7 @@ PURE_MODULES = (
     "slimgraph.passes.base",
     "slimgraph.passes.recipe",
     "slimgraph.passes.pipeline",
+    "slimgraph.passes._verify",
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
     "slimgraph.passes.fuse_math",
