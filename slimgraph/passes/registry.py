@@ -268,9 +268,9 @@ def _declared(
     options: Callable[..., Any] | type | None,
 ) -> PassInfo:
     """The `PassInfo` of a registration. Traits not given fall back to the class's own
-    `exact` / `annotates_only` attributes (the pre-registry spelling, read once, here); a trait
-    given both ways must agree."""
-    stated = cls.__dict__.get("exact", getattr(cls, "exact", None))
+    `exact` / `annotates_only` attributes (the pre-registry spelling, read once, here); an
+    `exact` given both ways must agree."""
+    stated = getattr(cls, "exact", None)
     if exact is None:
         if not isinstance(stated, bool):
             raise TypeError(
