@@ -13,7 +13,7 @@ from slimgraph import runtime
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.registry import PASSES, ensure_registered
 from slimgraph.tools.cli import main
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def test_every_family_is_registered() -> None:
