@@ -19,7 +19,7 @@ from slimgraph.passes import registry
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.registry import PASSES, REQUIRED, PassTable, ensure_registered, register_pass
-from tests.passes.pipeline_helpers import initializer, make_model
+from tests.kit.graphs import initializer, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSES_DIR = ROOT / "slimgraph" / "passes"
