@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import BadOptionError
-from slimgraph.passes._graph_utils import constant_array
+from slimgraph.passes._kit import constant_array
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.prune_heads import prune_heads
 from tests.kit.asserts import assert_same_outputs, cosine, output_list
