@@ -353,4 +353,6 @@ def prune_heads(model: ir.Model, ratio: float = 0.5, *, criterion: str = "l2",
         >>> result = prune_heads(model, 0.5)  # doctest: +SKIP
         >>> [(b.heads, b.kept) for b in result.blocks]  # doctest: +SKIP
     """
-    return PruneHeadsPass(ratio=ratio, criterion=criterion, dead_only=dead_only)(model)
+    result = PruneHeadsPass(ratio=ratio, criterion=criterion, dead_only=dead_only)(model)
+    assert isinstance(result, PruneHeadsResult)
+    return result
