@@ -38,17 +38,18 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
+from slimgraph.ir.layout import LAYOUTS, layout
 
 __all__ = [
+    "LAYER_OPS",
     "Role",
     "WeightUse",
     "Rewrite",
     "ConvGroupRewrite",
-    "ReshapeRewrite",
+    "ShapeEntryRewrite",
     "StaticReshapeRewrite",
     "SplitRewrite",
     "SliceRewrite",
-    "ResizeSizesRewrite",
     "Block",
     "Slot",
     "Member",
@@ -75,12 +76,19 @@ _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "P
 _SPATIAL = frozenset(
     {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 )
+# What the second output of an op that keeps the channels in place is (it must be unused).
+_SECOND_OUTPUT = {"Dropout": "mask", "MaxPool": "indices output"}
 _REDUCE = frozenset(
     {
         "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
         "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
     }
 )  # fmt: skip
+# Layers: ops whose weight has an output- and an input-channel axis (Conv, ConvTranspose, Gemm,
+# MatMul). The tracer opens their output channels and consumes their input channels.
+LAYER_OPS = frozenset(
+    op for op, found in LAYOUTS.items() if found.out_axis is not None and found.in_axis is not None
+)
 # Reduce ops whose axes moved from an attribute to input 1 at this opset.
 _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
 
@@ -124,7 +132,12 @@ class WeightUse:
 class Rewrite:
     """An attribute or shape constant of `node` that depends on how many positions of slot
     `slot` stay. The subclasses below say which one; the pruning surgery applies each by type
-    (`slimgraph.passes.prune`)."""
+    (`slimgraph.passes.prune`).
+
+    Attributes:
+        node: the node to rewrite.
+        slot: the traced tensor axis whose kept count the new value follows.
+    """
 
     node: ir.Node
     slot: int
@@ -132,22 +145,33 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class ConvGroupRewrite(Rewrite):
-    """A grouped Conv: `group` becomes kept channels // `out_per_group`."""
+    """A grouped Conv whose conv groups go whole: `group` becomes the kept count of its output
+    channels divided by `out_per_group` (output channels per group, unchanged)."""
 
     out_per_group: int
 
 
 @dataclass(frozen=True)
-class ReshapeRewrite(Rewrite):
-    """A Reshape with a constant shape: entry `axis` becomes the kept count (unless -1)."""
+class ShapeEntryRewrite(Rewrite):
+    """A constant shape-like input (Reshape's `shape`, Resize's `sizes`) whose entry `axis`
+    counts the channels: it becomes the kept count (a Reshape's -1 stays -1).
 
+    Attributes:
+        input: the input index of the constant (Reshape 1, Resize 3).
+        axis: the entry that holds the channel count.
+    """
+
+    input: int
     axis: int
 
 
 @dataclass(frozen=True)
 class StaticReshapeRewrite(Rewrite):
-    """A Reshape with a computed shape (dynamic batch), rewritten as a constant: `skip` leading
-    zeros (copy the input's dims, allowzero=0), then `dims`, with entry `axis` the kept count."""
+    """A Reshape with a computed shape (dynamic batch), rewritten as a constant.
+
+    The new shape is `skip` zeros (copy the input's leading dims; allowzero=0) then `dims`, with
+    entry `axis` set to the kept count.
+    """
 
     axis: int
     skip: int
@@ -156,23 +180,18 @@ class StaticReshapeRewrite(Rewrite):
 
 @dataclass(frozen=True)
 class SplitRewrite(Rewrite):
-    """Output `output` of a Split on the channel axis: the split sizes follow every output."""
+    """Output `output` of a Split on the channel axis: the split sizes become every output's
+    kept count (one record per output; applying any of them sets all sizes)."""
 
     output: int
 
 
 @dataclass(frozen=True)
 class SliceRewrite(Rewrite):
-    """A Slice of the channel axis (`slot` is its input): bounds at `position` of `axes`."""
+    """A Slice of the channel axis (`slot` is its input): the bounds at `position` of its `axes`
+    become the kept positions' bounds."""
 
     position: int
-
-
-@dataclass(frozen=True)
-class ResizeSizesRewrite(Rewrite):
-    """A Resize with constant `sizes`: entry `axis` becomes the kept count."""
-
-    axis: int
 
 
 @dataclass(frozen=True)
@@ -264,11 +283,8 @@ class ChannelAnalysis:
         return None
 
     def find(self, element: int) -> int:
-        parent = self.parent
-        while parent[element] != element:
-            parent[element] = parent[parent[element]]
-            element = parent[element]
-        return element
+        """The component root of position element `element`."""
+        return _find(self.parent, element)
 
     def roots_of(self, slot: Slot) -> np.ndarray:
         """The component root of every position of `slot`."""
@@ -282,6 +298,14 @@ class ChannelAnalysis:
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
+
+
+def _find(parent: list[int], element: int) -> int:
+    """The root of `element` in the union-find forest `parent`, halving the path on the way."""
+    while parent[element] != element:
+        parent[element] = parent[parent[element]]
+        element = parent[element]
+    return element
 
 
 def _known(dims: Sequence[int | ir.SymbolicDim]) -> list[int] | None:
@@ -399,30 +423,17 @@ def _data_rank(node: ir.Node, index: int, what: str) -> int:
     return rank
 
 
-@dataclass(frozen=True)
-class _WeightAxes:
-    """The axes of a layer's weight (input 1) holding its output and its input channels."""
-
-    output: int
-    input: int
-
-
-def _weight_axes(node: ir.Node) -> _WeightAxes | None:
-    """Output/input channel axes of the constant weight of a Conv, ConvTranspose, Gemm
-    (transB aware) or MatMul (2-D weight); None for other ops or a computed weight."""
-    weight = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None:
+def _weight_axes(node: ir.Node) -> tuple[int, int] | None:
+    """(output, input) channel axes of the constant weight of a Conv, ConvTranspose, Gemm or
+    MatMul (2-D weight), from `slimgraph.ir.layout`; None for other ops or a computed weight."""
+    found = layout(node)
+    if found is None or node.op_type not in LAYER_OPS or found.weight >= len(node.inputs):
         return None
-    op = node.op_type
-    if op == "Conv":
-        return _WeightAxes(0, 1)
-    if op == "ConvTranspose":
-        return _WeightAxes(1, 0)
-    if op == "Gemm":
-        return _WeightAxes(0, 1) if node.attributes.get_int("transB", 0) else _WeightAxes(1, 0)
-    if op == "MatMul" and weight.ndim == 2:
-        return _WeightAxes(1, 0)
-    return None
+    weight = _const(node.inputs[found.weight])
+    if weight is None or (node.op_type == "MatMul" and weight.ndim != 2):
+        return None
+    assert found.out_axis is not None and found.in_axis is not None
+    return found.out_axis, found.in_axis
 
 
 class _Tracer:
@@ -453,11 +464,7 @@ class _Tracer:
 
     # -- union-find -------------------------------------------------------------------------
     def find(self, element: int) -> int:
-        parent = self.parent
-        while parent[element] != element:
-            parent[element] = parent[parent[element]]
-            element = parent[element]
-        return element
+        return _find(self.parent, element)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -550,8 +557,8 @@ class _Tracer:
             if rank is None or rank < 2:
                 return
             out_axis = rank - 1
-        slot = self.slot(out, out_axis, weight.shape[axes.output], label)
-        self.use(node, 1, axes.output, slot, Role.PRODUCER)
+        slot = self.slot(out, out_axis, weight.shape[axes[0]], label)
+        self.use(node, 1, axes[0], slot, Role.PRODUCER)
         if op != "MatMul" and len(inputs) > 2 and inputs[2] is not None:
             self.bias(node, 2, slot)
         self.producer_of_slot[slot.id] = node
@@ -606,13 +613,17 @@ class _Tracer:
         return handler(self, slot, node, index)
 
     # -- channel handlers, one per op family (registered in `_HANDLERS`) ---------------------------
-    def unary(self, slot: Slot, node: ir.Node, index: int) -> str | None:
-        """Elementwise on input 0 (activations, Clip, Dropout): the channels pass unchanged."""
+    def in_place(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Ops that keep the channels where they are: elementwise on input 0 (activations,
+        Clip, Dropout) and pools (channel axis 1, only the spatial axes change). A second output
+        (Dropout's mask, MaxPool's indices) must be unused."""
         where = f"{node.op_type} {node.name}"
         if index != 0:
             return f"{where} reads the channels as a parameter"
-        if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
-            return f"{where} uses its mask"
+        if node.op_type in _SPATIAL and slot.axis != 1:
+            return f"{where} pools over the channel axis"
+        if len(node.outputs) > 1 and node.outputs[1].uses():
+            return f"{where} uses its {_SECOND_OUTPUT.get(node.op_type, 'second output')}"
         self.passthrough(slot, node, node.outputs[0], slot.axis)
         return None
 
@@ -632,16 +643,6 @@ class _Tracer:
             self.use(node, i, 0, target, Role.BN_SCALE if i == 1 else Role.PARAM)
         return None
 
-    def pool(self, slot: Slot, node: ir.Node, index: int) -> str | None:
-        """Pools keep channel axis 1 and only touch the spatial axes."""
-        where = f"{node.op_type} {node.name}"
-        if index != 0 or slot.axis != 1:
-            return f"{where} pools over the channel axis"
-        if len(node.outputs) > 1 and node.outputs[1].uses():
-            return f"{where} uses its indices output"
-        self.passthrough(slot, node, node.outputs[0], slot.axis)
-        return None
-
     def resize(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         """Resize/Upsample: channels pass; constant `sizes` get the kept count."""
         where = f"{node.op_type} {node.name}"
@@ -653,7 +654,7 @@ class _Tracer:
             return f"{where} has computed sizes"
         target = self.passthrough(slot, node, node.outputs[0], slot.axis)
         if sizes:
-            self.rewrites.append(ResizeSizesRewrite(node, target.id, slot.axis))
+            self.rewrites.append(ShapeEntryRewrite(node, target.id, 3, slot.axis))
         return None
 
     def gemm_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
@@ -667,7 +668,7 @@ class _Tracer:
         trans_a = node.attributes.get_int("transA", 0)
         if slot.axis != (0 if trans_a else 1):
             return f"{where} reads the channels on its M axis"
-        self.use(node, 1, axes.input, slot, Role.CONSUMER)
+        self.use(node, 1, axes[1], slot, Role.CONSUMER)
         return None
 
     def matmul_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
@@ -678,7 +679,7 @@ class _Tracer:
         if index != 0 or axes is None or rank is None:
             return f"{where} multiplies two computed tensors"
         if slot.axis == rank - 1:
-            self.use(node, 1, axes.input, slot, Role.CONSUMER)
+            self.use(node, 1, axes[1], slot, Role.CONSUMER)
             return None
         if slot.axis < rank - 2 or (slot.axis == rank - 2 and rank > 2):
             self.passthrough(slot, node, node.outputs[0], slot.axis)
@@ -766,7 +767,7 @@ class _Tracer:
             return f"{where} reads the channels on a non-channel axis"
         group = node.attributes.get_int("group", 1)
         if group == 1:
-            self.use(node, 1, axes.input, slot, Role.CONSUMER)
+            self.use(node, 1, axes[1], slot, Role.CONSUMER)
             return None
         if node.op_type != "Conv":
             return f"{where} is a grouped ConvTranspose"
@@ -782,7 +783,7 @@ class _Tracer:
                 self.union(first, slot.base + g * in_per + p)
             for q in range(out_per):
                 self.union(first, target.base + g * out_per + q)
-        self.use(node, 1, axes.output, target, Role.PRODUCER)
+        self.use(node, 1, axes[0], target, Role.PRODUCER)
         if len(inputs) > 2 and inputs[2] is not None:
             self.bias(node, 2, target)
         self.rewrites.append(ConvGroupRewrite(node, target.id, out_per))
@@ -886,7 +887,7 @@ class _Tracer:
         target = self.slot(out, out_axis, int(positions.size), where)
         self.unite(slot, target, positions)
         if node.op_type == "Reshape" and _const(node.inputs[1]) is not None:
-            self.rewrites.append(ReshapeRewrite(node, target.id, out_axis))
+            self.rewrites.append(ShapeEntryRewrite(node, target.id, 1, out_axis))
         elif node.op_type == "Reshape":
             # a computed shape (dynamic batch): rewritten as a constant that copies the common
             # leading dims (0 with allowzero=0) and spells out the static rest
@@ -919,10 +920,9 @@ class _Tracer:
 # How the channels cross each op: a `_Tracer` method per op type (an op without one blocks).
 _Handler = Callable[[_Tracer, Slot, ir.Node, int], str | None]
 _HANDLERS: dict[str, _Handler] = {
-    **dict.fromkeys(_UNARY | {"Dropout", "Clip"}, _Tracer.unary),
+    **dict.fromkeys(_UNARY | {"Dropout", "Clip"} | _SPATIAL, _Tracer.in_place),
     **dict.fromkeys(_BINARY, _Tracer.elementwise),
     **dict.fromkeys(("BatchNormalization", "InstanceNormalization"), _Tracer.normalization),
-    **dict.fromkeys(_SPATIAL, _Tracer.pool),
     **dict.fromkeys(("Resize", "Upsample"), _Tracer.resize),
     **dict.fromkeys(("Conv", "ConvTranspose"), _Tracer.conv_input),
     "Gemm": _Tracer.gemm_input,

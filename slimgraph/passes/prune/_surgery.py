@@ -18,18 +18,18 @@ from slimgraph.ir.channels import (
     Block,
     ChannelAnalysis,
     ConvGroupRewrite,
-    ReshapeRewrite,
-    ResizeSizesRewrite,
     Rewrite,
+    ShapeEntryRewrite,
     SliceRewrite,
     Slot,
     SplitRewrite,
     StaticReshapeRewrite,
 )
 from slimgraph.passes._graph_utils import opset_version
+from slimgraph.passes._kit import Names, add_initializer, set_constant
 from slimgraph.passes.prune._prepare import reinfer_shapes
 
-__all__ = ["remove_channels", "set_constant"]
+__all__ = ["remove_channels", "replace_constant"]
 
 
 def remove_channels(
@@ -57,36 +57,17 @@ def remove_channels(
     return kept
 
 
-def set_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    """Give input `index` of `node` the constant `array` (a private copy if the value is shared)."""
-    value = node.inputs[index]
-    assert value is not None
-    if value.is_initializer() and len(list(value.uses())) == 1 and not value.is_graph_output():
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-        return
-    node.replace_input_with(index, _initializer(graph, f"{value.name}_pruned", array))
-    if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
-        graph.initializers.pop(value.name or "", None)
-
-
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding `array`, under a name not yet used in `graph`."""
-    name = _unique_name(graph, base)
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=tensor)
-    value.type = ir.TensorType(tensor.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    taken |= {v.name for v in graph.inputs}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
+def replace_constant(node: ir.Node, index: int, array: np.ndarray, names: Names) -> None:
+    """Give input `index` of `node` the constant `array` (the kit's copy-on-share
+    `set_constant`: a shared value gets a private `<name>_pruned` copy) and drop the old
+    initializer when nothing reads it any more."""
+    old = node.inputs[index]
+    base = f"{old.name}_pruned" if old is not None else None
+    new = set_constant(node, index, array, base=base, names=names)
+    graph = node.graph
+    if old is not None and old is not new and graph is not None and old.name is not None:
+        if old.is_initializer() and not old.uses() and not old.is_graph_output():
+            graph.initializers.pop(old.name, None)
 
 
 def _constant(node: ir.Node, index: int) -> np.ndarray:
@@ -107,6 +88,7 @@ class _Surgery:
         self.graph = model.graph
         self.analysis = analysis
         self.kept = kept
+        self.names = Names(model.graph)  # every new value, node and initializer name
 
     def slice_weights(self) -> None:
         """Keep the kept positions of every weight use on a shrunk slot (all axes at once)."""
@@ -118,7 +100,7 @@ class _Surgery:
             array = _constant(node, index)
             for axis, positions in axes.items():
                 array = np.take(array, positions, axis=axis)
-            set_constant(self.graph, node, index, array)
+            replace_constant(node, index, array, self.names)
 
     def apply(self, rewrite: Rewrite) -> None:
         """Make the attribute or shape constant named by `rewrite` follow the kept count."""
@@ -127,20 +109,19 @@ class _Surgery:
         match rewrite:
             case ConvGroupRewrite(out_per_group=out_per_group):
                 node.attributes["group"] = ir.AttrInt64("group", count // out_per_group)
-            case ReshapeRewrite(axis=axis):
-                shape = _constant(node, 1)
+            case ShapeEntryRewrite(input=index, axis=axis):
+                shape = _constant(node, index)
                 if shape[axis] != -1:
                     shape[axis] = count
-                set_constant(self.graph, node, 1, shape)
+                replace_constant(node, index, shape, self.names)
             case StaticReshapeRewrite(axis=axis, skip=skip, dims=dims):
                 shape = np.array([0] * skip + list(dims), dtype=np.int64)
                 shape[axis] = count
-                node.replace_input_with(1, _initializer(self.graph, f"{node.name}_shape", shape))
+                constant = add_initializer(
+                    self.graph, f"{node.name}_shape", shape, names=self.names
+                )
+                node.replace_input_with(1, constant)
                 node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
-            case ResizeSizesRewrite(axis=axis):
-                sizes = _constant(node, 3)
-                sizes[axis] = count
-                set_constant(self.graph, node, 3, sizes)
             case SliceRewrite(position=k):
                 positions = self.kept[rewrite.slot]
                 starts, ends = _constant(node, 1), _constant(node, 2)
@@ -148,8 +129,8 @@ class _Surgery:
                 begin, stop, _ = slice(int(starts[k]), int(ends[k])).indices(size)
                 starts[k] = int(np.sum(positions < begin))
                 ends[k] = int(np.sum(positions < stop))
-                set_constant(self.graph, node, 1, starts)
-                set_constant(self.graph, node, 2, ends)
+                replace_constant(node, 1, starts, self.names)
+                replace_constant(node, 2, ends, self.names)
             case SplitRewrite():
                 self._split_sizes(node)
             case _:
@@ -170,10 +151,13 @@ class _Surgery:
             if "num_outputs" in node.attributes:
                 del node.attributes["num_outputs"]
             if len(node.inputs) > 1 and node.inputs[1] is not None:
-                set_constant(graph, node, 1, array)
+                replace_constant(node, 1, array, self.names)
             else:
                 node.resize_inputs(2)
-                node.replace_input_with(1, _initializer(graph, f"{node.name}_split", array))
+                sizes_value = add_initializer(
+                    graph, f"{node.name}_split", array, names=self.names
+                )
+                node.replace_input_with(1, sizes_value)
         else:
             node.attributes["split"] = ir.AttrInt64s("split", sizes)
 
@@ -193,7 +177,7 @@ class _Surgery:
         """Let the edge of `block` read `full` instead of `pruned` (a graph output: by name)."""
         if block.node is None:
             original = pruned.name
-            pruned.name = _unique_name(self.graph, f"{original}_pruned")
+            pruned.name = self.names.fresh(f"{original}_pruned")
             full.name = original
             full.type = pruned.type
             self.graph.outputs[block.index] = full
@@ -212,20 +196,21 @@ class _Surgery:
         pads[rank + slot.axis] = 1
         name = value.name or "pruned"
         if opset >= 11:
-            pads_value = _initializer(graph, f"{name}_pads", np.array(pads, dtype=np.int64))
-            pad = ir.Node("", "Pad", [value, pads_value], name=_unique_name(graph, f"{name}_pad"))
+            pads_array = np.array(pads, dtype=np.int64)
+            pads_value = add_initializer(graph, f"{name}_pads", pads_array, names=self.names)
+            pad = ir.Node("", "Pad", [value, pads_value], name=self.names.fresh(f"{name}_pad"))
         else:
             pad = ir.Node("", "Pad", [value], [ir.AttrInt64s("pads", pads)],
-                          name=_unique_name(graph, f"{name}_pad"))  # fmt: skip
-        pad.outputs[0].name = _unique_name(graph, f"{name}_padded_zero")
+                          name=self.names.fresh(f"{name}_pad"))  # fmt: skip
+        pad.outputs[0].name = self.names.fresh(f"{name}_padded_zero")
         index = np.full(slot.size, len(positions), dtype=np.int64)
         index[positions] = np.arange(len(positions))
-        index_value = _initializer(graph, f"{name}_scatter", index)
+        index_value = add_initializer(graph, f"{name}_scatter", index, names=self.names)
         gather = ir.Node(
             "", "Gather", [pad.outputs[0], index_value], [ir.AttrInt64("axis", slot.axis)],
-            name=_unique_name(graph, f"{name}_unprune"),
+            name=self.names.fresh(f"{name}_unprune"),
         )  # fmt: skip
-        gather.outputs[0].name = _unique_name(graph, f"{name}_full")
+        gather.outputs[0].name = self.names.fresh(f"{name}_full")
         producer = value.producer()
         if producer is not None:
             graph.insert_after(producer, [pad, gather])

@@ -9,13 +9,12 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir.channels import node_label
+from slimgraph.ir.channels import LAYER_OPS, node_label
+from slimgraph.passes._kit import Names
 from slimgraph.passes.prune._report import LayerSparsity
-from slimgraph.passes.prune._surgery import set_constant
+from slimgraph.passes.prune._surgery import replace_constant
 
 __all__ = ["zero_smallest_weights"]
-
-_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def zero_smallest_weights(
@@ -33,7 +32,7 @@ def zero_smallest_weights(
     graph = model.graph
     weights = []
     for node, found in ir_analysis.node_weights(graph).items():
-        if node.op_type in _WEIGHT_OPS and not excluded(node) and found.weight is not None:
+        if node.op_type in LAYER_OPS and not excluded(node) and found.weight is not None:
             assert found.weight.const_value is not None
             index = list(node.inputs).index(found.weight)
             weights.append((node, index, found.weight.const_value.numpy()))
@@ -47,6 +46,7 @@ def zero_smallest_weights(
         count = int(magnitudes.size * ratio)
         threshold = np.partition(magnitudes, count - 1)[count - 1] if count else -1.0
     report = []
+    names = Names(graph)
     for node, index, array in weights:
         magnitude = np.abs(array)
         if threshold is not None:
@@ -57,7 +57,7 @@ def zero_smallest_weights(
             mask[np.argsort(magnitude.ravel(), kind="stable")[:count]] = True
             mask = mask.reshape(array.shape)
         pruned = np.where(mask, np.zeros_like(array), array)
-        set_constant(graph, node, index, pruned)
+        replace_constant(node, index, pruned, names)
         report.append(
             LayerSparsity(node_label(node), node.op_type, int(array.size), int((pruned == 0).sum()))
         )

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from slimgraph.errors import BadOptionError
 from slimgraph.ir.channels import (
     ConvGroupRewrite,
-    ReshapeRewrite,
     Role,
+    ShapeEntryRewrite,
     SplitRewrite,
     analyze_channels,
 )
@@ -103,9 +103,11 @@ def test_grouped_conv_and_reshape_records_are_applied() -> None:
     inits = {"w1": w1, "wg": wg, "w2": w2, "shape": np.array([1, 8, 3, 12], np.int64)}
     model = _model(nodes, inits, [1, 4, 3, 12])
     analysis = analyze_channels(prepare_for_pruning(model).graph)
-    assert {type(r) for r in analysis.rewrites} == {ConvGroupRewrite, ReshapeRewrite}
+    assert {type(r) for r in analysis.rewrites} == {ConvGroupRewrite, ShapeEntryRewrite}
     conv_group = next(r for r in analysis.rewrites if isinstance(r, ConvGroupRewrite))
     assert (conv_group.node.name, conv_group.out_per_group) == ("gconv", 2)
+    shape_entry = next(r for r in analysis.rewrites if isinstance(r, ShapeEntryRewrite))
+    assert (shape_entry.node.name, shape_entry.input, shape_entry.axis) == ("reshape", 1, 1)
     zeroed, _, count = zero_channels(model, 0.5, pad=False, seed=0)
     assert count == 2  # two of the four conv groups, two channels each
     pruned = PrunePass(PruneOptions(ratio=0.5))(zeroed).model
