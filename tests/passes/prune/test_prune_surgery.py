@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir.channels import (
@@ -17,17 +17,14 @@ from slimgraph.ir.channels import (
     analyze_channels,
 )
 from slimgraph.passes.prune import PruneOptions, PrunePass, prepare_for_pruning, prune_with_report
-from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.kit.asserts import assert_fed_by, assert_rewired, assert_same_outputs, check_valid
+from tests.kit.graphs import make_model, node_named
+from tests.passes.prune.prune_helpers import zero_channels
 
 
-def _model(nodes, inits: dict[str, np.ndarray], out_shape: list) -> ir.Model:
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )  # fmt: skip
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+def _model(nodes, inits: dict[str, np.ndarray]) -> ir.Model:  # noqa: ANN001
+    """A graph `x [1, 4, 6, 6] -> ... -> y` of `nodes` (onnx.helper) and initializers."""
+    return make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], inits)
 
 
 def _weights(*shapes: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
@@ -47,7 +44,7 @@ def _conv_relu_conv(unknown: str | None = None) -> ir.Model:
         nodes.append(helper.make_node(unknown, ["r"], ["u"], name="odd"))
         source = "u"
     nodes.append(helper.make_node("Conv", [source, "w2"], ["y"], name="c2"))
-    return _model(nodes, {"w1": w1, "w2": w2}, [1, 4, 6, 6])
+    return _model(nodes, {"w1": w1, "w2": w2})
 
 
 def test_uses_carry_typed_roles_and_the_weight_axes() -> None:
@@ -77,14 +74,11 @@ def test_pad_rewires_the_excluded_consumer_to_the_scatter() -> None:
     pruned, report = prune_with_report(zeroed, ratio=0.5, pad=True, exclude=["c2"])
     (group,) = [g for g in report.groups if g.producers == ("c1",)]
     assert (group.channels, group.kept, group.padded) == (8, 4, 1)
-    nodes = {n.name: n for n in pruned.graph}
-    relu, c2 = nodes["relu"], nodes["c2"]
-    gather = c2.inputs[0].producer()
-    assert gather is not None and gather.op_type == "Gather"
-    assert c2.inputs[0] is gather.outputs[0]
-    pad = gather.inputs[0].producer()
-    assert pad is not None and pad.op_type == "Pad" and pad.inputs[0] is relu.outputs[0]
-    assert nodes["c1"].inputs[1].const_value.shape == (4, 4, 3, 3)
+    relu, c2 = node_named(pruned, "relu"), node_named(pruned, "c2")
+    gather = assert_fed_by(c2, 0, "Gather")  # the excluded conv reads the scatter back
+    pad = assert_fed_by(gather, 0, "Pad")
+    assert_rewired(pad, 0, relu.outputs[0])
+    assert node_named(pruned, "c1").inputs[1].const_value.shape == (4, 4, 3, 3)
     assert c2.inputs[1].const_value.shape == (4, 8, 1, 1)  # excluded: keeps its width
     check_valid(pruned)
     x = np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)
@@ -101,7 +95,7 @@ def test_grouped_conv_and_reshape_records_are_applied() -> None:
         helper.make_node("Conv", ["r", "w2"], ["y"], name="c2"),
     ]
     inits = {"w1": w1, "wg": wg, "w2": w2, "shape": np.array([1, 8, 3, 12], np.int64)}
-    model = _model(nodes, inits, [1, 4, 3, 12])
+    model = _model(nodes, inits)
     analysis = analyze_channels(prepare_for_pruning(model).graph)
     assert {type(r) for r in analysis.rewrites} == {ConvGroupRewrite, ShapeEntryRewrite}
     conv_group = next(r for r in analysis.rewrites if isinstance(r, ConvGroupRewrite))
@@ -115,8 +109,8 @@ def test_grouped_conv_and_reshape_records_are_applied() -> None:
     assert after["gconv"].attributes.get_int("group") == 2
     assert after["gconv"].inputs[1].const_value.shape == (4, 2, 1, 1)
     assert after["reshape"].inputs[1].const_value.numpy().tolist() == [1, 4, 3, 12]
-    assert after["gconv"].inputs[0] is after["c1"].outputs[0]
-    assert after["reshape"].inputs[0] is after["gconv"].outputs[0]
+    assert_rewired(after["gconv"], 0, after["c1"].outputs[0])
+    assert_rewired(after["reshape"], 0, after["gconv"].outputs[0])
     check_valid(pruned)
     x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)
     assert_same_outputs(zeroed, pruned, {"x": x})
@@ -131,8 +125,7 @@ def test_split_record_sets_the_sizes_of_both_halves() -> None:
         helper.make_node("Concat", ["s1", "s0"], ["cat"], axis=1, name="cat"),
         helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2"),
     ]
-    model = _model(nodes, {"w1": w1, "w2": w2, "split": np.array([4, 4], np.int64)},
-                   [1, 4, 6, 6])  # fmt: skip
+    model = _model(nodes, {"w1": w1, "w2": w2, "split": np.array([4, 4], np.int64)})
     analysis = analyze_channels(prepare_for_pruning(model).graph)
     splits = sorted(r.output for r in analysis.rewrites if isinstance(r, SplitRewrite))
     assert splits == [0, 1]
@@ -143,8 +136,8 @@ def test_split_record_sets_the_sizes_of_both_halves() -> None:
     expected = [sum(k < 4 for k in kept), sum(k >= 4 for k in kept)]
     after = {n.name: n for n in pruned.graph}
     assert after["split"].inputs[1].const_value.numpy().tolist() == expected
-    assert after["cat"].inputs[0] is after["split"].outputs[1]
-    assert after["cat"].inputs[1] is after["split"].outputs[0]
+    assert_rewired(after["cat"], 0, after["split"].outputs[1])
+    assert_rewired(after["cat"], 1, after["split"].outputs[0])
     check_valid(pruned)
     x = np.random.default_rng(2).standard_normal((1, 4, 6, 6)).astype(np.float32)
     assert_same_outputs(zeroed, pruned, {"x": x})
