@@ -16,8 +16,8 @@ Structured (approximate in general, exact for channels whose producing weights a
 
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
-per layer. Options: one `PruneOptions` (`_options`); reports: `_report`; the pass and the public
-functions: `_api`.
+per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
+`_options`; reports: `_report`; the pass and the public functions: `_api`.
 
 Example:
     >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
-from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneOptions
+from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -53,6 +53,7 @@ __all__ = [
     "LayerChannels",
     "LayerSparsity",
     "PruneOptions",
+    "PruneCallOptions",
     "PruneReport",
     "PruneResult",
     "PrunePass",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
@@ -15,9 +14,10 @@ from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.channels import analyze_channels, node_label
 from slimgraph.passes._graph_utils import opset_version
+from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import SlimgraphFunctionalPass
 from slimgraph.passes.pipeline import register_pass
-from slimgraph.passes.prune._options import PruneOptions
+from slimgraph.passes.prune._options import PruneCallOptions, PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -36,16 +36,9 @@ from slimgraph.passes.prune._select import (
 from slimgraph.passes.prune._surgery import remove_channels
 from slimgraph.passes.prune._unstructured import zero_smallest_weights
 
-if TYPE_CHECKING:
-    from slimgraph.runtime.budget import Budget, DataLike
-    from slimgraph.runtime.metrics import Metric
-
 __all__ = ["PrunePass", "prunable_units", "prune", "prune_with_report"]
 
 logger = logging.getLogger(__name__)
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 
 
 @register_pass("prune")
@@ -168,27 +161,8 @@ def prunable_units(
     return units
 
 
-def prune_with_report(
-    model: ModelLike,
-    *,
-    ratio: float | None = None,
-    criterion: str = "l1",
-    scope: str = "local",
-    round_to: int | None = None,
-    pad: bool = False,
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    unstructured: bool = False,
-    prune_outputs: Sequence[str] = (),
-    seed: int = 0,
-    layer_ratios: Mapping[str, float] | None = None,
-    target_macs: float | None = None,
-    data: DataLike | None = None,
-    budget: Budget | None = None,
-    max_drop: float | None = None,
-    min_cosine: float | None = None,
-    metric: Metric | None = None,
-) -> tuple[ir.Model, PruneReport]:
+@takes_options(PruneCallOptions)
+def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport`.
 
     The report lists every channel group (size, kept, why it could not shrink), every producing
@@ -208,53 +182,39 @@ def prune_with_report(
         >>> report.layers[0].kept  # doctest: +SKIP
         (0, 2, 3, 5)
     """
-    from slimgraph.runtime.budget import budget_judge
+    return _prune(model, options)
 
+
+def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
+    """The pass run once on `model` with the ratios `options` give (a MAC target is turned into
+    per-group ratios first), and the result checked against the budget."""
     model = as_model(model)
     ir_analysis.check_finite_weights(model)
-    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
-                         metric=metric)
-    if target_macs is not None:
-        if ratio is not None or layer_ratios is not None:
+    judge = options.judge(model)
+    layer_ratios = options.layer_ratios
+    if options.target_macs is not None:
+        if options.ratio is not None or layer_ratios is not None:
             raise BadOptionError("give --target-macs or --ratio, not both")
-        if data is None:
+        if options.data is None:
             raise BadOptionError("--target-macs needs --data VAL.npz (per-layer sensitivity)")
         from slimgraph.passes.budgeted import allocate_prune_ratios
 
         layer_ratios = allocate_prune_ratios(
-            model, data, target_macs, metric=metric, criterion=criterion, round_to=round_to,
-            pad=pad, exclude=exclude, exclude_ops=exclude_ops, seed=seed,
-        ).ratios
-    if ratio is None and layer_ratios is None:
+            model, options.data, options.target_macs, metric=options.metric,
+            criterion=options.criterion, round_to=options.round_to, pad=options.pad,
+            exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
+        ).ratios  # fmt: skip
+    if options.ratio is None and layer_ratios is None:
         raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
-    options = PruneOptions(
-        ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, pad=pad,
-        exclude=exclude, exclude_ops=exclude_ops, unstructured=unstructured,
-        prune_outputs=prune_outputs, seed=seed, layer_ratios=layer_ratios,
-    )  # fmt: skip
-    result = PrunePass(options)(model)
+    result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
     assert isinstance(result, PruneResult) and result.report is not None
     if judge is not None:
         result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report
 
 
-def _keywords_of(full: Callable[_P, object]) -> Callable[[Callable[..., _T]], Callable[_P, _T]]:
-    """Give the decorated function the parameters of `full`: its signature (what `help` and
-    `inspect.signature` show) and, for type checkers, its parameter types."""
-
-    def give(thin: Callable[..., _T]) -> Callable[_P, _T]:
-        returns = inspect.signature(thin).return_annotation
-        thin.__signature__ = inspect.signature(full).replace(  # type: ignore[attr-defined]
-            return_annotation=returns
-        )
-        return thin
-
-    return give
-
-
-@_keywords_of(prune_with_report)
-def prune(model: ModelLike, **options: Any) -> ir.Model:
+@takes_options(PruneCallOptions)
+def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
     """Prune a copy of `model` (the input is untouched). Approximate.
 
     Structured (default): channels that must go together (coupled by residual adds, concats,
@@ -309,4 +269,4 @@ def prune(model: ModelLike, **options: Any) -> ir.Model:
     Example:
         >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
     """
-    return prune_with_report(model, **options)[0]
+    return _prune(model, options)[0]

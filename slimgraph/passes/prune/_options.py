@@ -1,4 +1,6 @@
-"""`PruneOptions`: the one list of `prune` options, shared by the pass and the public functions."""
+"""The `prune` options, written once: `PruneOptions` (what `PrunePass` takes) and
+`PruneCallOptions` (what `prune` and `prune_with_report` take: those, a MAC target instead of a
+ratio, and the accuracy budget)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from slimgraph.errors import BadOptionError
+from slimgraph.passes._options import BudgetOptions
 
-__all__ = ["CRITERIA", "SCOPES", "PruneOptions"]
+__all__ = ["CRITERIA", "SCOPES", "PruneOptions", "MacTarget", "PruneCallOptions"]
 
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")
@@ -73,3 +76,30 @@ class PruneOptions:
             raise BadOptionError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MacTarget:
+    """A MAC target instead of a ratio.
+
+    Attributes:
+        target_macs: the MACs to reach as a fraction of the model's (0.6: 0.6x); per-group
+            ratios are then allocated from sensitivity on the budget's `data`
+            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
+    """
+
+    target_macs: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruneCallOptions(BudgetOptions, MacTarget, PruneOptions):
+    """The keywords of `prune` and `prune_with_report`, in their order: the `PruneOptions`,
+    `target_macs`, then the budget (`BudgetOptions`). `ratio` may be left out when
+    `target_macs` or `layer_ratios` gives the ratios."""
+
+    ratio: float | None = None
+
+    def pass_options(self, **changes: object) -> PruneOptions:
+        """The `PruneOptions` part (what `PrunePass` takes), with `changes` applied."""
+        own = {field.name: getattr(self, field.name) for field in dataclasses.fields(PruneOptions)}
+        return PruneOptions(**{**own, **changes})  # type: ignore[arg-type]
