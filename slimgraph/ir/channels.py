@@ -16,6 +16,13 @@ output channels are new elements. Forward through the consumers, each op either
   `prunable_outputs`: a zero put back stands for a channel that is gone, and the channels of an
   output (class logits) mean something to the user.
 
+How each op passes, consumes or blocks the channels is one `_Tracer` method per op family, looked
+up in a table by op type (`_HANDLERS`; an op without an entry blocks). The weight axes of the
+layers come from the one layout table (`slimgraph.ir.layout`). What the pruning surgery must
+change besides the weights is recorded as typed rewrite records (frozen dataclasses:
+`ConvGroupRewrite`, `ShapeEntryRewrite`, `StaticReshapeRewrite`, `SplitRewrite`, `SliceRewrite`)
+and every constant a channel axis indexes as a `WeightUse` with a `Role`.
+
 A connected component is one removable channel (it may span many tensors and positions); the
 components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
 Concepts follow Torch-Pruning's dependency groups; this is an independent implementation on the IR.
