@@ -32,7 +32,6 @@ import logging
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import onnx_ir as ir
 
@@ -40,6 +39,8 @@ from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import matching_pattern
 from slimgraph.passes.base import Skipped
+from slimgraph.passes.quantize.options import ActivationDtype
+from slimgraph.runtime.quant_math import QuantSpec
 
 __all__ = [
     "QuantSpec",
@@ -69,25 +70,6 @@ _ABSORBED = ("Relu", "Clip")
 _INT8 = ir.DataType.INT8
 _UINT8 = ir.DataType.UINT8
 _INT32 = ir.DataType.INT32
-
-ActivationDtype = Literal["auto", "uint8", "int8"]
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized: integer type, symmetric or not, per-channel axis (or None)."""
-
-    dtype: ir.DataType
-    symmetric: bool
-    axis: int | None = None
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        if self.dtype == _UINT8:
-            return 0, 255
-        if self.dtype == _INT8:
-            return (-127, 127) if self.symmetric else (-128, 127)
-        return -(2**31) + 1, 2**31 - 1
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,16 @@ from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
-from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
+from slimgraph.passes.quantize.policy import BiasAnnotation, QuantPlan
+from slimgraph.runtime.histogram import TensorStats, calibrated_range
+from slimgraph.runtime.quant_math import (
+    QuantSpec,
+    dequantize_values,
+    quant_params,
+    quantize_values,
+    sqnr_db,
+    valid_scale,
+)
 
 __all__ = [
     "MIN_OPSET",
@@ -101,14 +109,18 @@ def weight_params(array: np.ndarray, spec: QuantSpec) -> QParams:
 
 def quantize_array(array: np.ndarray, params: QParams) -> np.ndarray:
     """round(x / scale) + zero_point, saturated, in the spec's integer type."""
-    qmin, qmax = params.spec.qrange
+    scale, zero_point = _broadcast(params, array.ndim)
+    return quantize_values(array, scale, zero_point, params.spec)
+
+
+def _broadcast(params: QParams, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point shaped to broadcast against a rank-`rank` tensor."""
     scale, zero_point = params.scale, params.zero_point
     if params.spec.axis is not None and scale.ndim == 1:
-        shape = [1] * array.ndim
-        shape[params.spec.axis % array.ndim] = -1
+        shape = [1] * rank
+        shape[params.spec.axis % rank] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    q = np.clip(np.rint(array / scale.astype(np.float64)) + zero_point, qmin, qmax)
-    return q.astype(params.spec.dtype.numpy())
+    return scale, zero_point
 
 
 @dataclass
@@ -148,7 +160,7 @@ class QDQPass(SlimgraphFunctionalPass):
         quantized_nodes = set(self.plan.nodes)
 
         # Weights first: biases need their (possibly raised) scales.
-        bias_by_weight: dict[str, list] = {}
+        bias_by_weight: dict[str, list[BiasAnnotation]] = {}
         for bias in self.plan.biases:
             bias_by_weight.setdefault(bias.weight, []).append(bias)
         for annotation in self.plan.weights:
@@ -163,7 +175,7 @@ class QDQPass(SlimgraphFunctionalPass):
             quantized = quantize_array(array, params)
             dequantized = _dequantize(quantized, params)
             result.weights[annotation.value] = params
-            result.weight_sqnr_db[annotation.value] = _sqnr(array, dequantized)
+            result.weight_sqnr_db[annotation.value] = _weight_sqnr(array, dequantized)
             q_init = _initializer(graph, names.fresh(f"{annotation.value}_quantized"), quantized)
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params,
                                                        dequantize_only=True)
@@ -185,7 +197,7 @@ class QDQPass(SlimgraphFunctionalPass):
             act = self.activations[bias.activation]
             weight = result.weights[bias.weight]
             scale = (act.scale.astype(np.float64) * weight.scale.astype(np.float64))
-            scale = np.maximum(scale.astype(np.float32), MIN_SCALE).astype(np.float32)
+            scale = valid_scale(scale)
             axis = 0 if scale.ndim == 1 and scale.size > 1 else None
             if axis is None:
                 scale = scale.reshape(()) if scale.size == 1 else scale
@@ -291,25 +303,16 @@ def _drop_if_unused(graph: ir.Graph, name: str) -> None:
 
 
 def _dequantize(quantized: np.ndarray, params: QParams) -> np.ndarray:
-    scale, zero_point = params.scale, params.zero_point
-    if params.spec.axis is not None and scale.ndim == 1:
-        shape = [1] * quantized.ndim
-        shape[params.spec.axis % quantized.ndim] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return (quantized.astype(np.float64) - zero_point) * scale
+    scale, zero_point = _broadcast(params, quantized.ndim)
+    return dequantize_values(quantized, scale, zero_point)
 
 
-def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    noise = float(np.sum((reference - approx) ** 2))
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 10 * float(np.log10(signal / noise))
+def _weight_sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
+    reference = reference.astype(np.float64)
+    return sqnr_db(float(np.sum(reference**2)), float(np.sum((reference - approx) ** 2)))
 
 
-def _fit_biases(params: QParams, biases: list, graph: ir.Graph,
+def _fit_biases(params: QParams, biases: list[BiasAnnotation], graph: ir.Graph,
                 activations: Mapping[str, QParams]) -> QParams:
     """Raise weight scales where an int32 bias with scale s_in * s_w would overflow."""
     scale = params.scale.astype(np.float64)
