@@ -8,22 +8,17 @@ only; `traced_constant` follows such chains and returns the weight as the consum
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir.select import matching_pattern
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
-from slimgraph.passes._kit import constant_array
+from slimgraph.passes._kit import Names, add_initializer, traced_constant
 
 __all__ = [
-    "traced_constant",
-    "constant_node_array",
-    "excluded_by",
-    "add_initializer",
+    "new_constant",
     "bias_add_after",
     "bias_of",
     "content_key",
@@ -32,89 +27,14 @@ __all__ = [
     "upgrade_opset",
 ]
 
-# Ops through which a constant weight may reach its consumer (all inputs constant).
-_MOVERS = frozenset(
-    {"Constant", "Identity", "Transpose", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape",
-     "Split", "Gather", "Cast", "Flatten", "Expand", "Shape", "Mul", "Add", "Sub", "Div"}
-)
-_MAX_CHAIN = 8
-
-
-def traced_constant(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
-    """The numpy value of `value` if it is computed from constants only, else None.
-
-    Follows initializers, Constant nodes and chains of up to 8 data-movement ops over them
-    (Transpose, Identity, Slice, Concat, ...; the dynamo exporter reorders LSTM gates that way),
-    evaluated with onnx's reference implementation.
-    """
-    if value is None or _depth > _MAX_CHAIN:
-        return None
-    if value.const_value is not None:
-        return constant_array(value)  # None for an overridable graph input's default
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
-        return None
-    if node.op_type == "Constant":
-        return constant_node_array(node)
-    if node.op_type == "Shape" and node.inputs[0] is not None:
-        shape = node.inputs[0].shape
-        if shape is not None and shape.is_static():
-            dims = np.asarray(shape.numpy(), np.int64)
-            start = node.attributes.get_int("start", 0)
-            end = node.attributes.get_int("end", len(dims))
-            return dims[start:end]
-    arrays = [traced_constant(v, _depth + 1) if v is not None else None for v in node.inputs]
-    if any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
-        return None
-    if node.op_type == "Identity":
-        return arrays[0]
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm")
-        return np.transpose(arrays[0], perm)
-    return _evaluate(node, arrays, value)
-
-
-def constant_node_array(node: ir.Node) -> np.ndarray | None:
-    """The value of a Constant node, read without touching the node (models may share tensors)."""
-    for name, attr in node.attributes.items():
-        if name == "value":
-            return attr.as_tensor().numpy()
-        if name in ("value_float", "value_floats"):
-            return np.asarray(attr.value, np.float32)
-        if name in ("value_int", "value_ints"):
-            return np.asarray(attr.value, np.int64)
-    return None
-
-
-def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -> np.ndarray | None:
-    from onnx.reference import ReferenceEvaluator
-
-    names = [f"i{k}" if a is not None else "" for k, a in enumerate(arrays)]
-    proto = onnx.helper.make_node(
-        node.op_type, names, [f"o{k}" for k in range(len(node.outputs))],
-        **{name: attr.value for name, attr in node.attributes.items()},
-    )
-    try:
-        outputs = ReferenceEvaluator(proto).run(
-            None, {n: a for n, a in zip(names, arrays, strict=True) if n}
-        )
-    except Exception:  # an op the reference cannot evaluate: not a constant we can use
-        return None
-    return np.asarray(outputs[value.index()])
-
-
-def excluded_by(node: ir.Node, patterns: Sequence[str]) -> str | None:
-    """The first pattern (fnmatch) matching the node's layer name or node name, else None."""
-    return matching_pattern(node, patterns)
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    """Register a new initializer and return its value."""
-    tensor = array if not isinstance(array, np.ndarray) else ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
+def new_constant(
+    graph: ir.Graph, base: str, array: np.ndarray | ir.TensorProtocol, names: Names
+) -> ir.Value:
+    """`_kit.add_initializer` for quantization parameters, which are often 0-d (a per-tensor
+    scale): the array is wrapped as a tensor as it is (the kit's own copy through
+    `np.ascontiguousarray` turns a 0-d array into shape [1], which changes the model)."""
+    tensor = ir.tensor(array) if isinstance(array, np.ndarray) else array
+    return add_initializer(graph, base, tensor, names=names)
 
 
 def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:

@@ -24,6 +24,7 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
+from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.options import (
@@ -32,7 +33,7 @@ from slimgraph.passes.quantize.options import (
     QuantizeOptions,
     StaticOptions,
 )
-from slimgraph.passes.quantize.policy import QuantPlan, annotate
+from slimgraph.passes.quantize.policy import WEIGHT_OPS, QuantPlan, annotate
 from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
@@ -452,6 +453,8 @@ def prepare(
         if step != "compact-constants" and (matmul_to_gemm or step != "matmul-add-to-gemm")
     ]
     prepared = run_pipeline(copy_model(model), steps).model
+    # weights computed at run time that the cleanup did not fold (above its size limits)
+    PrepareWeightsPass(scope=WEIGHT_OPS)(prepared)
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 

@@ -43,19 +43,17 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
-from slimgraph.ir.select import check_patterns
-from slimgraph.passes._kit import Names
+from slimgraph.ir.select import check_patterns, matching_pattern
+from slimgraph.passes._kit import Names, traced_constant
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._weights import (
-    add_initializer,
     bias_add_after,
     bias_of,
     content_key,
-    excluded_by,
     is_float32,
+    new_constant,
     opset_version,
-    traced_constant,
     upgrade_opset,
 )
 from slimgraph.runtime.quant_math import QuantSpec, quantize_tensor, weight_spec
@@ -281,7 +279,7 @@ def plan_dynamic(
         if node.op_type in exclude_ops:
             skipped.append(_skip(node, f"op type {node.op_type} excluded"))
             continue
-        if (pattern := excluded_by(node, exclude)) is not None:
+        if (pattern := matching_pattern(node, exclude)) is not None:
             skipped.append(_skip(node, f"excluded by pattern '{pattern}'"))
             continue
         planned = planner(node, per_channel)
@@ -428,6 +426,9 @@ class _Builder:
     def _name(self, base: str) -> str:
         return self.names.fresh(base)
 
+    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        return new_constant(self.graph, base, array, self.names)
+
     @staticmethod
     def _granularity(spec: QuantSpec) -> str:
         return "per-tensor" if spec.axis is None else "per-channel"
@@ -461,8 +462,8 @@ class _Builder:
             base = (rewrite.source.name if rewrite.source is not None else None) or "weight"
             scale = q.scale.reshape(-1) if spec.axis is not None else q.scale.reshape(())
             self.weights[key] = (
-                add_initializer(self.graph, self._name(f"{base}_int8"), q.codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), scale),
+                self._initializer(f"{base}_int8", q.codes),
+                self._initializer(f"{base}_scale", scale),
             )
         codes, scale = self.weights[key]
         return codes, scale
@@ -478,7 +479,7 @@ class _Builder:
             replaced.append(bias_add)
         bias_value: ir.Value | None = None
         if isinstance(bias, np.ndarray) and bias.ndim == 1:
-            bias_value = add_initializer(self.graph, self._name(f"{node.name}_bias"), bias)
+            bias_value = self._initializer(f"{node.name}_bias", bias)
         activation = node.inputs[0]
         assert activation is not None
         new_nodes: list[ir.Node] = []
@@ -503,9 +504,8 @@ class _Builder:
                 new_nodes.append(main)
             kernel = "MatMulInteger"
         if bias is not None and bias_value is None:  # a full [M, N] bias, added as it was
-            other = bias if isinstance(bias, ir.Value) else add_initializer(
-                self.graph, self._name(f"{node.name}_bias"), bias
-            )
+            other = (bias if isinstance(bias, ir.Value)
+                     else self._initializer(f"{node.name}_bias", bias))
             main = self._node(node, "Add", [main.outputs[0], other], suffix="bias")
             new_nodes.append(main)
         record = _record(rewrite, kernel, self._granularity(rewrite.weight_spec))
@@ -562,8 +562,8 @@ class _Builder:
             base = (rewrite.source.name if rewrite.source is not None else None) or "table"
             codes = (q.codes.astype(np.int16) + 128).astype(np.uint8)
             self.weights[key] = (
-                add_initializer(self.graph, self._name(f"{base}_int8"), codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), q.scale),
+                self._initializer(f"{base}_int8", codes),
+                self._initializer(f"{base}_scale", q.scale),
             )
         codes_value, scale = self.weights[key]
         block = max(16, 1 << (table.shape[1] - 1).bit_length())
@@ -585,11 +585,9 @@ class _Builder:
             codes, scale = _lstm_codes(np.transpose(array, (0, 2, 1)), spec)  # [dirs, in, 4h]
             base = f"{node.name or 'lstm'}_{label}"
             quantized += [
-                add_initializer(self.graph, self._name(f"{base}_int8"), codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), scale),
-                add_initializer(
-                    self.graph, self._name(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)
-                ),
+                self._initializer(f"{base}_int8", codes),
+                self._initializer(f"{base}_scale", scale),
+                self._initializer(f"{base}_zero_point", np.zeros(scale.shape, np.int8)),
             ]
         inputs = [new_inputs[0], quantized[0], quantized[3], *new_inputs[3:8],
                   quantized[1], quantized[2], quantized[4], quantized[5]]
@@ -610,11 +608,11 @@ class _Builder:
         node, weight, spec = rewrite.node, rewrite.weight, rewrite.weight_spec
         q = quantize_tensor(weight, spec)
         base = (rewrite.source.name if rewrite.source is not None else None) or "conv_weight"
-        codes = add_initializer(self.graph, self._name(f"{base}_int8"), q.codes)
+        codes = self._initializer(f"{base}_int8", q.codes)
         out_channels = weight.shape[0]
         broadcast = (q.scale.reshape(-1, *([1] * (weight.ndim - 2))) if spec.axis is not None
                      else q.scale.reshape(()))
-        scale = add_initializer(self.graph, self._name(f"{base}_scale"), broadcast)
+        scale = self._initializer(f"{base}_scale", broadcast)
         new_nodes: list[ir.Node] = []
         activation = node.inputs[0]
         assert activation is not None
@@ -632,16 +630,13 @@ class _Builder:
         new_nodes += [integer, as_float, both, main]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = traced_constant(node.inputs[2])
+            channels = [out_channels] + [1] * (weight.ndim - 2)
             bias_value = (
-                add_initializer(self.graph, self._name(f"{base}_bias"),
-                                bias.reshape(out_channels, *([1] * (weight.ndim - 2))))
+                self._initializer(f"{base}_bias", bias.reshape(channels))
                 if bias is not None else None
             )
             if bias_value is None:
-                shape = add_initializer(
-                    self.graph, self._name(f"{base}_bias_shape"),
-                    np.array([out_channels] + [1] * (weight.ndim - 2), np.int64),
-                )
+                shape = self._initializer(f"{base}_bias_shape", np.array(channels, np.int64))
                 reshape = self._node(node, "Reshape", [node.inputs[2], shape], suffix="bias_shape")
                 new_nodes.append(reshape)
                 bias_value = reshape.outputs[0]

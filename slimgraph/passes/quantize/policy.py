@@ -38,6 +38,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import matching_pattern
+from slimgraph.passes._kit import layout
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.quantize.options import ActivationDtype
 from slimgraph.runtime.quant_math import QuantSpec
@@ -497,25 +498,26 @@ def _clip_starts_at_zero(node: ir.Node) -> bool:
     return low.const_value is not None and float(low.const_value.numpy()) == 0.0
 
 
-def _out_channels(node: ir.Node, weight: ir.Value) -> int:
+def _out_channels(node: ir.Node, weight: ir.Value) -> int | None:
     """Output channels of a Conv/ConvTranspose/Gemm (the length its bias must have)."""
-    shape = weight.const_value.shape
-    if node.op_type == "ConvTranspose":
-        return shape[1] * int(_attr(node, "group", 1))
-    if node.op_type == "Gemm" and not _attr(node, "transB", 0):
-        return shape[1]
-    return shape[0]
+    found = layout(node)
+    const = weight.const_value
+    return None if found is None or const is None else found.out_channels(const.shape.numpy())
 
 
 def _weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
-    """The output-channel axis of a weight (None: per-tensor)."""
-    rank = len(weight.const_value.shape)
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if _attr(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul" and rank == 2:
-        return 1
-    return None
+    """The output-channel axis of a weight (the kit's layout table; None: per-tensor).
+
+    A grouped ConvTranspose holds one group's output channels on axis 1 (one scale per index
+    there would be shared across groups) and a MatMul weight of rank other than 2 has batch
+    axes: both get one scale.
+    """
+    found = layout(node)
+    const = weight.const_value
+    if found is None or const is None:
+        return None
+    if node.op_type == "ConvTranspose" and found.group != 1:
+        return None
+    if node.op_type == "MatMul" and len(const.shape) != 2:
+        return None
+    return found.out_axis

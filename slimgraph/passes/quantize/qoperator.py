@@ -24,6 +24,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from slimgraph.ir import copy_model
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.quantize._weights import new_constant
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN
 
 __all__ = ["QOperatorPass"]
@@ -58,12 +59,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
         return self.names.fresh(f"{base}_qop")
 
     def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name = self._name(base)
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-        return value
+        return new_constant(graph, f"{base}_qop", array, self.names)
 
     def _fill_zero_points(self, graph: ir.Graph) -> None:
         """Give every constant DequantizeLinear an explicit zero point (QDQ leaves out all-zero

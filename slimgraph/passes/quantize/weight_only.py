@@ -35,19 +35,18 @@ import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
-from slimgraph.ir.select import check_patterns
+from slimgraph.ir.select import check_patterns, matching_pattern
 from slimgraph.passes._graph_utils import replace_output
-from slimgraph.passes._kit import Names, add_initializer
+from slimgraph.passes._kit import Names, add_initializer, traced_constant
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._weights import (
     bias_add_after,
     bias_of,
     content_key,
-    excluded_by,
     is_float32,
+    new_constant,
     opset_version,
-    traced_constant,
     upgrade_opset,
 )
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN, QuantizedNode
@@ -231,7 +230,7 @@ def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyP
         weight = traced_constant(node.inputs[1])
         if "MatMul" in options.exclude_ops:
             reason = "op type MatMul excluded"
-        elif (pattern := excluded_by(node, options.exclude)) is not None:
+        elif (pattern := matching_pattern(node, options.exclude)) is not None:
             reason = f"excluded by pattern '{pattern}'"
         elif weight is None:
             reason = "both inputs are activations (no constant weight)"
@@ -253,7 +252,7 @@ def _embedding_table(
     if table is None:
         return None  # a Gather on activations: nothing to say
     reason = None
-    if (pattern := excluded_by(node, options.exclude)) is not None:
+    if (pattern := matching_pattern(node, options.exclude)) is not None:
         reason = f"excluded by pattern '{pattern}'"
     elif table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0):
         reason = "only float32 2-D tables gathered on axis 0 (embeddings) are quantized"
@@ -347,6 +346,9 @@ class _Writer:
     def _name(self, base: str) -> str:
         return self.names.fresh(base)
 
+    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        return new_constant(self.graph, base, array, self.names)
+
     def _props(self, node: ir.Node) -> dict[str, str] | None:
         return {metadata.LAYER: layer_name(node)} if layer_name(node) else None
 
@@ -381,14 +383,11 @@ class _Writer:
             if q.zero_point is not None:
                 zeros = q.zero_point.T  # [N, blocks]
                 packed = pack_4bit(zeros) if spec.bits == 4 else zeros.astype(np.uint8)
-                zero_value = add_initializer(
-                    self.graph, self._name(f"{base}_zero_point"), packed.reshape(-1)
-                )
+                zero_value = self._initializer(f"{base}_zero_point", packed.reshape(-1))
             self.cache[key] = (
-                add_initializer(self.graph, self._name(f"{base}_q{spec.bits}"), blob),
-                add_initializer(
-                    self.graph, self._name(f"{base}_scale"),
-                    np.ascontiguousarray(q.scale.T.reshape(-1), dtype=np.float32),
+                self._initializer(f"{base}_q{spec.bits}", blob),
+                self._initializer(
+                    f"{base}_scale", np.ascontiguousarray(q.scale.T.reshape(-1), dtype=np.float32)
                 ),
                 zero_value,
             )
@@ -396,10 +395,8 @@ class _Writer:
         replaced = [node]
         bias_value = None
         if bias_add is not None:
-            bias_value = add_initializer(
-                self.graph, self._name(f"{node.name or 'matmul'}_bias"),
-                bias_of(bias_add, node).astype(np.float32),
-            )
+            bias = bias_of(bias_add, node).astype(np.float32)
+            bias_value = self._initializer(f"{node.name or 'matmul'}_bias", bias)
             replaced.append(bias_add)
         inputs: list[ir.Value | None] = [
             node.inputs[0], packed_value, scale_value, zero_value, None, bias_value
@@ -432,14 +429,12 @@ class _Writer:
             base = source.name or "weight"
             tensor = self._int_tensor(codes, spec, signed=q.zero_point is None)
             inputs: list[ir.Value | None] = [
-                add_initializer(self.graph, self._name(f"{base}_q{spec.bits}"), tensor),
-                add_initializer(self.graph, self._name(f"{base}_scale"), q.scale),
+                self._initializer(f"{base}_q{spec.bits}", tensor),
+                self._initializer(f"{base}_scale", q.scale),
             ]
             if q.zero_point is not None:
                 zero_tensor = self._int_tensor(q.zero_point, spec, signed=False)
-                inputs.append(
-                    add_initializer(self.graph, self._name(f"{base}_zero_point"), zero_tensor)
-                )
+                inputs.append(self._initializer(f"{base}_zero_point", zero_tensor))
             dq = ir.node(
                 "DequantizeLinear", inputs, {"axis": 0, "block_size": spec.block_size},
                 name=self._name(f"{node.name or 'matmul'}_dq"), metadata_props=self._props(node),
@@ -470,13 +465,13 @@ class _Writer:
         stored = stored.astype(np.uint8)
         data = pack_4bit(stored) if spec.bits == 4 else stored
         inputs: list[ir.Value | None] = [
-            add_initializer(self.graph, self._name(f"{base}_q{spec.bits}"), data),
+            self._initializer(f"{base}_q{spec.bits}", data),
             node.inputs[1],
-            add_initializer(self.graph, self._name(f"{base}_scale"), scale),
+            self._initializer(f"{base}_scale", scale),
         ]
         if zero is not None:
             packed = pack_4bit(zero) if spec.bits == 4 else zero.astype(np.uint8)
-            inputs.append(add_initializer(self.graph, self._name(f"{base}_zero_point"), packed))
+            inputs.append(self._initializer(f"{base}_zero_point", packed))
         record = self._record(node, "GatherBlockQuantized", spec, weight=base)
         new = ir.node(
             "GatherBlockQuantized", inputs,
@@ -496,14 +491,14 @@ class _Writer:
         codes, scale, zero = self._table(rewrite.weight, spec)
         base = node.inputs[0].name or "table"  # type: ignore[union-attr]
         inputs = [
-            add_initializer(self.graph, self._name(f"{base}_q{spec.bits}"),
+            self._initializer(f"{base}_q{spec.bits}",
                             self._int_tensor(codes, spec, signed=zero is None)),
-            add_initializer(self.graph, self._name(f"{base}_scale"), scale),
+            self._initializer(f"{base}_scale", scale),
         ]  # fmt: skip
         if zero is not None:
             zero_tensor = self._int_tensor(zero, spec, signed=False)
             inputs.append(
-                add_initializer(self.graph, self._name(f"{base}_zero_point"), zero_tensor)
+                self._initializer(f"{base}_zero_point", zero_tensor)
             )
         record = self._record(node, "DequantizeLinear", spec, weight=base)
         dq = ir.node(

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.runtime.quant_math import pack_4bit, quantize_tensor, unpack_4bit, weight_spec
-from slimgraph.passes.quantize._weights import traced_constant
+from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.quantize.weight_only import (
     WeightOnlyQuantizePass,
     quantize_weight_only,
