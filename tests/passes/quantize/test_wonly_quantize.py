@@ -12,13 +12,13 @@ from hypothesis.extra import numpy as hnp
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
-from slimgraph.runtime.quant_math import pack_4bit, quantize_tensor, unpack_4bit, weight_spec
 from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.quantize.weight_only import (
     WeightOnlyQuantizePass,
     quantize_weight_only,
 )
 from slimgraph.runtime import compare, create_session, random_feeds, run
+from slimgraph.runtime.quant_math import pack_4bit, quantize_tensor, unpack_4bit, weight_spec
 from tests.conftest import exported_model
 
 _shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
