@@ -71,12 +71,16 @@ class Batches:
     def first(self) -> dict[str, np.ndarray]:
         """The first checked batch, without using up one-shot data (a generator)."""
         if self._stacked is None and not self._consumed:
-            iterator = iter(self.source)  # type: ignore[arg-type]
+            iterator: Iterator[Mapping[str, np.ndarray]] = iter(self._feeds())
             if iterator is self.source:
                 head = list(itertools.islice(iterator, 1))
                 self.source = itertools.chain(head, iterator)
                 return next(iter(Batches(self.model, head, self.batch_size)))
         return next(iter(self))
+
+    def _feeds(self) -> Iterable[Mapping[str, np.ndarray]]:
+        """The source as an iterable of feed dicts (what it is unless stacked or a file)."""
+        return self.source  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._stacked is not None:
@@ -91,9 +95,9 @@ class Batches:
             yield from self._kept or []
             return
         kept: list[dict[str, np.ndarray]] = []
-        one_shot = iter(self.source) is self.source  # type: ignore[arg-type]
+        one_shot = iter(self._feeds()) is self.source
         seen = 0
-        for index, feed in enumerate(self.source):  # type: ignore[union-attr]
+        for index, feed in enumerate(self._feeds()):
             if not isinstance(feed, Mapping):
                 raise BadDataError(
                     f"calibration data item {index} is a {type(feed).__name__}, not a dict of "
@@ -149,13 +153,14 @@ def calibration_batches(
 def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
     """The `.npz` as row-sliceable arrays (read batch by batch, memory flat in the sample
     count), checked on its first row and sample counts; finiteness is checked per batch."""
-    from slimgraph.runtime.npz_rows import open_npz_rows
+    from slimgraph.runtime.npz_rows import RowArray, open_npz_rows
 
     try:
-        rows = open_npz_rows(path)
+        opened = open_npz_rows(path)
     except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
         return _load_whole(path, model)
     names = {spec.name for spec in input_specs(model)}
+    rows: Mapping[str, RowArray | np.ndarray] = opened
     if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
         rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
     if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
@@ -311,7 +316,7 @@ def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return copy
 
 
-_BOUND_OPS = (
+_BOUND_OPS: tuple[tuple[str, str, dict[str, int]], ...] = (
     ("min", "ReduceMin", {"keepdims": 0}),
     ("max", "ReduceMax", {"keepdims": 0}),
     # onnxruntime's ReduceMin/ReduceMax skip a NaN unless it comes first; a sum does not.
@@ -352,7 +357,7 @@ def stream_bounds(
     wanted = list(dict.fromkeys(names))
     augmented = with_bounds(model, wanted)
     extra = augmented.graph.outputs[len(model.graph.outputs):]
-    output_names = [value.name for value in extra]
+    output_names = [value.name or "" for value in extra]
     session = create_session(augmented, threads=threads, optimization="all")
     for outputs in _runs(session, output_names, batches, progress, total, "calibrating"):
         it = iter(outputs)

@@ -34,7 +34,7 @@ from slimgraph.passes.quantize.options import (
     StaticOptions,
 )
 from slimgraph.passes.quantize.policy import WEIGHT_OPS, QuantPlan, annotate
-from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
+from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, QDQResult, activation_params
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
@@ -386,6 +386,7 @@ def _quantize_static(
     stats = calibrate(prepared, batches, names, histogram=needs_histogram, progress=progress)
     params = activation_params(plan, stats, method, percentile=percentile)
     result = QDQPass(plan, params)(prepared)
+    assert isinstance(result, QDQResult)
     quantized = result.model
     if options.report:
         from slimgraph.passes.quantize.report import measure
@@ -479,8 +480,9 @@ def _weight_layers(model: ir.Model) -> None:
     for node in model.graph:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
             weight = node.inputs[1]
-            if weight is not None and weight.is_initializer() and weight.name.endswith(".weight"):
-                node.metadata_props[metadata.LAYER] = weight.name[: -len(".weight")]
+            name = weight.name if weight is not None and weight.is_initializer() else None
+            if name is not None and name.endswith(".weight"):
+                node.metadata_props[metadata.LAYER] = name[: -len(".weight")]
 
 
 def _name_nodes(model: ir.Model) -> None:

@@ -33,9 +33,9 @@ torch layer name (`slimgraph.ir.layer_name`) and node name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -268,7 +268,7 @@ def plan_dynamic(
         if node.domain == MS_DOMAIN and node.op_type == "Attention":
             if "MatMul" not in op_types:  # its weight is the Q/K/V projections'
                 continue
-            planner = _plan_attention
+            planner: _Planner = _plan_attention
         elif node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OP_TYPES:
             continue
         elif node.op_type not in op_types:
@@ -435,7 +435,8 @@ class _Builder:
 
     def _node(
         self, like: ir.Node, op_type: str, inputs: Sequence[ir.Value | None], *,
-        domain: str = "", attributes: dict[str, object] | None = None, outputs: int = 1,
+        domain: str = "", attributes: Mapping[str, Any] | None = None,
+        outputs: int = 1,
         suffix: str = "",
     ) -> ir.Node:
         props = {metadata.LAYER: layer_name(like)} if layer_name(like) else {}
@@ -460,10 +461,10 @@ class _Builder:
         if key not in self.weights:
             q = quantize_tensor(weight, spec)
             base = (rewrite.source.name if rewrite.source is not None else None) or "weight"
-            scale = q.scale.reshape(-1) if spec.axis is not None else q.scale.reshape(())
+            scales = q.scale.reshape(-1) if spec.axis is not None else q.scale.reshape(())
             self.weights[key] = (
                 self._initializer(f"{base}_int8", q.codes),
-                self._initializer(f"{base}_scale", scale),
+                self._initializer(f"{base}_scale", scales),
             )
         codes, scale = self.weights[key]
         return codes, scale
@@ -543,7 +544,9 @@ class _Builder:
             domain=MS_DOMAIN, attributes=attrs,
         )
         new_nodes.append(main)
-        main.outputs[0].dtype, main.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        if node.outputs[0].dtype is not None:
+            main.outputs[0].dtype = node.outputs[0].dtype
+        main.outputs[0].shape = node.outputs[0].shape
         self._replace(node, new_nodes, [main.outputs[0]])
         return _record(rewrite, "QAttention", self._granularity(rewrite.weight_spec))
 

@@ -165,8 +165,7 @@ class QDQPass(SlimgraphFunctionalPass):
         for bias in self.plan.biases:
             bias_by_weight.setdefault(bias.weight, []).append(bias)
         for annotation in self.plan.weights:
-            initializer = graph.initializers[annotation.value]
-            array = initializer.const_value.numpy().astype(np.float32)
+            array = _initializer_array(graph, annotation.value).astype(np.float32)
             try:
                 params = weight_params(array, annotation.spec)
             except BadDataError as error:
@@ -193,8 +192,7 @@ class QDQPass(SlimgraphFunctionalPass):
 
         for bias in self.plan.biases:
             node = nodes[bias.node]
-            initializer = graph.initializers[bias.value]
-            array = initializer.const_value.numpy().astype(np.float32)
+            array = _initializer_array(graph, bias.value).astype(np.float32)
             act = self.activations[bias.activation]
             weight = result.weights[bias.weight]
             scale = (act.scale.astype(np.float64) * weight.scale.astype(np.float64))
@@ -213,18 +211,18 @@ class QDQPass(SlimgraphFunctionalPass):
             node.replace_input_with(bias.index, dq.outputs[0])
             _drop_if_unused(graph, bias.value)
 
-        for annotation in self.plan.activations:
-            value = values[annotation.value]
-            params = self.activations[annotation.value]
-            result.activations[annotation.value] = params
-            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
+        for activation in self.plan.activations:
+            value = values[activation.value]
+            params = self.activations[activation.value]
+            result.activations[activation.value] = params
+            scale_init, zp_init = _qparam_initializers(graph, names, activation.value, params)
             q = ir.node("QuantizeLinear", [value, scale_init, zp_init])
-            q.outputs[0].name = q.name = names.fresh(f"{annotation.value}_quantized")
+            q.outputs[0].name = q.name = names.fresh(f"{activation.value}_quantized")
             dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
-                          f"{annotation.value}{DQ_SUFFIX}")
-            result.dequantized[annotation.value] = dq.outputs[0].name
+                          f"{activation.value}{DQ_SUFFIX}")
+            result.dequantized[activation.value] = dq.outputs[0].name or ""
             uses = [u for u in value.uses() if u.node is not q]
-            if annotation.float_producer:
+            if activation.float_producer:
                 uses = [u for u in uses if u.node.name in quantized_nodes]
             for use in uses:
                 use.node.replace_input_with(use.idx, dq.outputs[0])
@@ -240,6 +238,12 @@ def _ensure_opset(model: ir.Model) -> None:
         raise UnsupportedModelError(
             f"QDQ with per-channel scales needs opset {_MIN_OPSET} or newer; the model has {opset}"
         )
+
+
+def _initializer_array(graph: ir.Graph, name: str) -> np.ndarray:
+    tensor = graph.initializers[name].const_value
+    assert tensor is not None  # an initializer always has its tensor
+    return tensor.numpy()
 
 
 def _qparam_initializers(
@@ -312,7 +316,7 @@ def _fit_biases(params: QParams, biases: list[BiasAnnotation], graph: ir.Graph,
     for bias in biases:
         if bias.activation not in activations:
             continue
-        b = np.abs(graph.initializers[bias.value].const_value.numpy().astype(np.float64))
+        b = np.abs(_initializer_array(graph, bias.value).astype(np.float64))
         s_in = float(np.asarray(activations[bias.activation].scale))
         needed = b / (s_in * (_INT32_MAX // 2))
         if scale.ndim == 0:

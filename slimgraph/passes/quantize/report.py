@@ -140,7 +140,7 @@ def measure(
     `batches` (whole batches) and build the report."""
     batches = _FirstRows(batches, max_samples)
     activations = [a for a in plan.activations if a.value in result.dequantized]
-    outputs = [v.name for v in reference.graph.outputs]
+    outputs = [v.name or "" for v in reference.graph.outputs]  # graph outputs are named
     ref_names = outputs + [a.value for a in activations]
     q_names = outputs + [a.value for a in activations]
     q_names += [result.dequantized[a.value] for a in activations]

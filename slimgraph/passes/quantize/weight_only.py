@@ -254,7 +254,7 @@ def _embedding_table(
     reason = None
     if (pattern := matching_pattern(node, options.exclude)) is not None:
         reason = f"excluded by pattern '{pattern}'"
-    elif table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0):
+    elif table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0) != 0:
         reason = "only float32 2-D tables gathered on axis 0 (embeddings) are quantized"
     elif table.shape[1] % options.block_size:
         reason = (
