@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -42,25 +42,24 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
-from slimgraph.passes._kit import Names, traced_constant
-from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes._kit import traced_constant
+from slimgraph.passes.base import Skipped
 from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.quantize import _weights
 from slimgraph.passes.quantize._weights import (
-    bias_add_after,
-    bias_of,
-    content_key,
-    is_float32,
-    new_constant,
-    opset_version,
-    upgrade_opset,
+    MS_DOMAIN,
+    QuantizedNode,
+    WeightPlan,
+    WeightQuantizePass,
 )
 from slimgraph.runtime.quant_math import QuantSpec, quantize_tensor, weight_spec
 
 __all__ = [
     "DEFAULT_OP_TYPES",
     "SUPPORTED_OP_TYPES",
+    "MS_DOMAIN",
     "QuantizedNode",
     "DynamicQuantizeResult",
     "DynamicRewrite",
@@ -77,34 +76,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
 SUPPORTED_OP_TYPES: tuple[str, ...] = (*DEFAULT_OP_TYPES, "Conv")
 
-MS_DOMAIN = "com.microsoft"
 _MIN_OPSET = 11  # DynamicQuantizeLinear
 _UPGRADE_OPSET = 13  # what quantize_dynamic upgrades older models to
 
 MatMulKernel = Literal["fused", "integer"]
 
 
-@dataclass(frozen=True)
-class QuantizedNode:
-    """One node the pass quantized: what it became and how its weight is stored."""
-
-    node: str
-    op_type: str
-    layer: str
-    weight: str
-    kernel: str
-    granularity: str
-
-
 @dataclass
-class DynamicQuantizeResult(SlimgraphPassResult):
+class DynamicQuantizeResult(_weights.WeightQuantizeResult):
     """What `DynamicQuantizePass` quantized (and, in `skipped`, what it left float and why)."""
-
-    quantized: list[QuantizedNode] = field(default_factory=list)
 
 
 @register_pass("quantize-dynamic")
-class DynamicQuantizePass(SlimgraphPass):
+class DynamicQuantizePass(WeightQuantizePass["DynamicRewrite"]):
     """Dynamic int8 quantization of weights (approximate: `exact = False`).
 
     Args:
@@ -115,7 +99,7 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude_ops: op types to leave in float (recorded as skipped).
     """
 
-    exact = False
+    mode = "dynamic"
 
     def __init__(
         self,
@@ -127,15 +111,11 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude_ops: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        self.exclude_ops = (exclude_ops,) if isinstance(exclude_ops, str) else tuple(exclude_ops)
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        if op_types is not None and isinstance(op_types, str):
-            op_types = (op_types,)
         self.per_channel = per_channel
-        self.exclude = tuple(exclude)
-        self.op_types = tuple(DEFAULT_OP_TYPES if op_types is None else op_types)
+        self.exclude = _weights.as_tuple(exclude)
+        self.op_types = _weights.as_tuple(DEFAULT_OP_TYPES if op_types is None else op_types)
         self.matmul_kernel = matmul_kernel
+        self.exclude_ops = _weights.as_tuple(exclude_ops)
 
     def requires(self, model: ir.Model) -> None:
         check_patterns(model.graph.all_nodes(), self.exclude)  # a typo is an error
@@ -151,33 +131,34 @@ class DynamicQuantizePass(SlimgraphPass):
             raise BadOptionError(
                 f"unknown matmul kernel '{self.matmul_kernel}' (choose fused or integer)"
             )
-        opset = opset_version(model)
+        opset = _weights.opset_version(model)
         if opset < _MIN_OPSET:
             raise UnsupportedModelError(
                 f"dynamic quantization needs ONNX opset >= {_MIN_OPSET} (DynamicQuantizeLinear); "
                 f"the model has opset {opset}; quantize_dynamic() upgrades it first"
             )
 
-    def call(self, model: ir.Model) -> DynamicQuantizeResult:
-        graph = model.graph
-        plan = plan_dynamic(graph, per_channel=self.per_channel, op_types=self.op_types,
+    def _plan(self, graph: ir.Graph) -> DynamicPlan:
+        return plan_dynamic(graph, per_channel=self.per_channel, op_types=self.op_types,
                             exclude=self.exclude, exclude_ops=self.exclude_ops)
-        if not plan.rewrites:
-            reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no candidate ops"
-            raise UnsupportedModelError(
-                f"nothing to quantize dynamically: no {'/'.join(self.op_types)} node with a "
-                f"constant float weight ({plan.candidates} candidate(s): {reasons})"
-            )
+
+    def _nothing(self, plan: WeightPlan[DynamicRewrite], reasons: str) -> str:
+        return (
+            f"nothing to quantize dynamically: no {'/'.join(self.op_types)} node with a "
+            f"constant float weight ({plan.candidates} candidate(s): "
+            f"{reasons or 'no candidate ops'})"
+        )
+
+    def _materialize(
+        self, graph: ir.Graph, plan: WeightPlan[DynamicRewrite]
+    ) -> list[QuantizedNode]:
         builder = _Builder(graph, self.matmul_kernel)
-        quantized = [MATERIALIZERS[rewrite.kind](builder, rewrite) for rewrite in plan.rewrites]
-        for entry in plan.skipped:
-            logger.info("dynamic quantization skipped %s (%s): %s", entry.node, entry.op_type,
-                        entry.reason)
-        _remove_unused(model)
-        if any(n.domain == MS_DOMAIN for n in graph):
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-        return DynamicQuantizeResult(model, modified=True, skipped=list(plan.skipped),
-                                     quantized=quantized)
+        return [MATERIALIZERS[rewrite.kind](builder, rewrite) for rewrite in plan.rewrites]
+
+    def _result(
+        self, model: ir.Model, skipped: list[Skipped], quantized: list[QuantizedNode]
+    ) -> DynamicQuantizeResult:
+        return DynamicQuantizeResult(model, modified=True, skipped=skipped, quantized=quantized)
 
 
 def quantize_dynamic(
@@ -195,10 +176,7 @@ def quantize_dynamic(
     Example:
         >>> q = quantize_dynamic(model, exclude=["layers.0.*"])  # doctest: +SKIP
     """
-    if opset_version(model) < _MIN_OPSET:
-        copy = upgrade_opset(model, _UPGRADE_OPSET)
-    else:
-        copy = copy_model(model)
+    copy = _weights.working_copy(model, _MIN_OPSET, _UPGRADE_OPSET)
     if not exclude and "MatMul" in (op_types or DEFAULT_OP_TYPES) and any(
         n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN for n in copy.graph
     ):
@@ -243,13 +221,9 @@ class DynamicRewrite:
 
 
 @dataclass(frozen=True)
-class DynamicPlan:
+class DynamicPlan(WeightPlan[DynamicRewrite]):
     """What dynamic quantization will do to a graph: rewrites in graph order, nodes left float
     (with the reason) and how many candidate nodes were looked at."""
-
-    rewrites: tuple[DynamicRewrite, ...]
-    skipped: tuple[Skipped, ...]
-    candidates: int
 
 
 def plan_dynamic(
@@ -307,9 +281,9 @@ def _plan_matmul(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
         return "both inputs are activations (no constant weight)"
     if weight.ndim != 2:
         return f"weight has rank {weight.ndim}, not 2"
-    if weight.dtype != np.float32 or not is_float32(a):
+    if weight.dtype != np.float32 or not _weights.is_float32(a):
         return "not a float32 MatMul"
-    fused_bias = bias_add_after(node, weight.shape[1])
+    fused_bias = _weights.bias_add_after(node, weight.shape[1])
     return DynamicRewrite(node, "matmul", weight, _int8(1 if per_channel else None), source=b,
                           bias_add=fused_bias)
 
@@ -321,7 +295,7 @@ def _plan_gemm(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     weight = traced_constant(node.inputs[1])
     if weight is None:
         return "B is not constant"
-    if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if weight.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 Gemm"
     if attrs.get_int("transB", 0):
         weight = weight.T
@@ -364,7 +338,7 @@ def _plan_lstm(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
         return "LSTM with peepholes (P) is not quantized"
     if node.attributes.get_int("layout", 0):
         return "LSTM with layout=1 is not quantized (DynamicQuantizeLSTM is seq-first)"
-    if w.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if w.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 LSTM"
     return DynamicRewrite(node, "lstm", w, _int8(1 if per_channel else 0), source=inputs[1],
                           recurrence=r)
@@ -375,7 +349,8 @@ def _plan_attention(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     weight = traced_constant(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
         return "Attention weight is not a constant float32 matrix"
-    if not is_float32(node.inputs[0]) or node.attributes.get("qkv_hidden_sizes") is not None:
+    unequal = node.attributes.get("qkv_hidden_sizes") is not None
+    if not _weights.is_float32(node.inputs[0]) or unequal:
         return "Attention with float16 input or unequal q/k/v sizes is not quantized"
     if len(node.inputs) > 4 and any(v is not None for v in list(node.inputs)[4:]):
         return "QAttention takes no attention_bias (Attention with a bias input stays float)"
@@ -392,7 +367,7 @@ def _plan_conv(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     weight = traced_constant(node.inputs[1])
     if weight is None:
         return "weight is not constant"
-    if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if weight.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 Conv"
     return DynamicRewrite(node, "conv", weight, _int8(0 if per_channel else None),
                           source=node.inputs[1])
@@ -413,21 +388,14 @@ _PLANNERS: dict[str, _Planner] = {
 # --- rewriting ---------------------------------------------------------------------------------
 
 
-class _Builder:
+class _Builder(_weights.WeightWriter):
     """Creates the quantized initializers and nodes; caches tied weights and shared activations."""
 
     def __init__(self, graph: ir.Graph, matmul_kernel: MatMulKernel) -> None:
-        self.graph = graph
+        super().__init__(graph)
         self.matmul_kernel = matmul_kernel
-        self.names = Names(self.graph)
         self.weights: dict[tuple[object, ...], tuple[ir.Value, ...]] = {}
         self.activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
-
-    def _name(self, base: str) -> str:
-        return self.names.fresh(base)
-
-    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-        return new_constant(self.graph, base, array, self.names)
 
     @staticmethod
     def _granularity(spec: QuantSpec) -> str:
@@ -439,7 +407,7 @@ class _Builder:
         outputs: int = 1,
         suffix: str = "",
     ) -> ir.Node:
-        props = {metadata.LAYER: layer_name(like)} if layer_name(like) else {}
+        props = self._props(like)
         base = like.name or op_type
         node = ir.node(
             op_type, list(inputs), attributes or {}, domain=domain, num_outputs=outputs,
@@ -457,7 +425,7 @@ class _Builder:
     def _matmul_weight(self, rewrite: DynamicRewrite) -> tuple[ir.Value, ir.Value]:
         """int8 weight [K, N] and scale ([N] per channel, scalar per tensor), once per weight."""
         weight, spec = rewrite.weight, rewrite.weight_spec
-        key = content_key(f"matmul {spec.axis is not None}", weight)
+        key = _weights.content_key(f"matmul {spec.axis is not None}", weight)
         if key not in self.weights:
             q = quantize_tensor(weight, spec)
             base = (rewrite.source.name if rewrite.source is not None else None) or "weight"
@@ -476,7 +444,7 @@ class _Builder:
         codes, scale = self._matmul_weight(rewrite)
         replaced = [node]
         if bias_add is not None and self.matmul_kernel == "fused":
-            bias = bias_of(bias_add, node)
+            bias = _weights.bias_of(bias_add, node)
             replaced.append(bias_add)
         bias_value: ir.Value | None = None
         if isinstance(bias, np.ndarray) and bias.ndim == 1:
@@ -559,7 +527,7 @@ class _Builder:
         offset by 128; one block spans the whole row (block size: the next power of two >= 16).
         """
         node, table = rewrite.node, rewrite.weight
-        key = content_key("gather", table)
+        key = _weights.content_key("gather", table)
         if key not in self.weights:
             q = quantize_tensor(table, rewrite.weight_spec)
             base = (rewrite.source.name if rewrite.source is not None else None) or "table"
@@ -600,7 +568,7 @@ class _Builder:
         main = ir.Node(
             MS_DOMAIN, "DynamicQuantizeLSTM", inputs, attributes.values(),
             num_outputs=len(node.outputs), name=self._name(f"{node.name or 'lstm'}_int8"),
-            metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
+            metadata_props=self._props(node),
         )
         record = _record(rewrite, "DynamicQuantizeLSTM", self._granularity(spec))
         self._replace(node, [main], list(main.outputs))
@@ -624,7 +592,7 @@ class _Builder:
         integer = ir.Node(
             "", "ConvInteger", [quantized, codes, a_zero], attributes.values(),
             name=self._name(f"{node.name or 'conv'}_ConvInteger"),
-            metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
+            metadata_props=self._props(node),
         )
         integer.outputs[0].name = self._name(f"{node.name or 'conv'}_int32")
         as_float = self._node(node, "Cast", integer.outputs, attributes={"to": ir.DataType.FLOAT})
@@ -679,8 +647,3 @@ def _lstm_codes(weight: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     q = quantize_tensor(columns, spec)
     codes = np.transpose(q.codes.reshape(inputs, dirs, gates), (1, 0, 2))
     return np.ascontiguousarray(codes), q.scale.reshape(dirs, gates)
-
-
-def _remove_unused(model: ir.Model) -> None:
-    """Drop the float weights (and their Transpose nodes) nothing reads any more."""
-    ir.passes.common.RemoveUnusedNodesPass()(model)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -34,22 +34,22 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import copy_model, layer_name, metadata
+from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
 from slimgraph.passes._graph_utils import replace_output
-from slimgraph.passes._kit import Names, add_initializer, traced_constant
-from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes._kit import add_initializer, traced_constant
+from slimgraph.passes.base import Skipped
 from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.quantize import _weights
 from slimgraph.passes.quantize._weights import (
-    bias_add_after,
-    bias_of,
-    content_key,
-    is_float32,
-    new_constant,
-    opset_version,
-    upgrade_opset,
+    QuantizedNode,
+    WeightPlan,
+    WeightQuantizePass,
+    WeightQuantizeResult,
+    WeightWriter,
+    as_tuple,
+    working_copy,
 )
-from slimgraph.passes.quantize.dynamic import MS_DOMAIN, QuantizedNode
 from slimgraph.runtime.quant_math import QuantSpec, pack_4bit, quantize_tensor, weight_spec
 
 __all__ = [
@@ -73,10 +73,8 @@ _DQ_BLOCK_OPSET = 21
 
 
 @dataclass
-class WeightOnlyResult(SlimgraphPassResult):
+class WeightOnlyResult(WeightQuantizeResult):
     """What `WeightOnlyQuantizePass` quantized (and, in `skipped`, what it left float and why)."""
-
-    quantized: list[QuantizedNode] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,9 +91,8 @@ class WeightOnlyOptions:
     exclude_ops: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        for name in ("exclude", "exclude_ops"):  # one pattern or op type given as a string
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        object.__setattr__(self, "exclude", as_tuple(self.exclude))
+        object.__setattr__(self, "exclude_ops", as_tuple(self.exclude_ops))
 
     def check(self) -> None:
         """Raises:
@@ -137,17 +134,13 @@ class WeightOnlyRewrite:
 
 
 @dataclass(frozen=True)
-class WeightOnlyPlan:
+class WeightOnlyPlan(WeightPlan[WeightOnlyRewrite]):
     """Rewrites (MatMuls first, then tables, each in graph order), nodes left float and why,
     and how many MatMul nodes were looked at."""
 
-    rewrites: tuple[WeightOnlyRewrite, ...]
-    skipped: tuple[Skipped, ...]
-    candidates: int
-
 
 @register_pass("quantize-weight-only")
-class WeightOnlyQuantizePass(SlimgraphPass):
+class WeightOnlyQuantizePass(WeightQuantizePass[WeightOnlyRewrite]):
     """Block-wise int4/int8 weights for MatMul with a constant [K, N] weight (`exact = False`).
 
     Args:
@@ -164,7 +157,7 @@ class WeightOnlyQuantizePass(SlimgraphPass):
             DequantizeLinear -> Gather ("dq").
     """
 
-    exact = False
+    mode = "weight-only"
 
     options_from = WeightOnlyOptions
 
@@ -175,36 +168,35 @@ class WeightOnlyQuantizePass(SlimgraphPass):
     def requires(self, model: ir.Model) -> None:
         check_patterns(model.graph.all_nodes(), self.options.exclude)  # a typo is an error
         self.options.check()
-        opset = opset_version(model)
+        opset = _weights.opset_version(model)
         if self.options.fmt == "dq" and opset < _DQ_BLOCK_OPSET:
             raise UnsupportedModelError(
                 f"block-wise DequantizeLinear needs opset >= {_DQ_BLOCK_OPSET} and the model has "
                 f"opset {opset}; quantize_weight_only() upgrades it first"
             )
 
-    def call(self, model: ir.Model) -> WeightOnlyResult:
-        graph = model.graph
-        options = self.options
-        if "MatMul" not in options.exclude_ops and "Gemm" not in options.exclude_ops:
+    def _plan(self, graph: ir.Graph) -> WeightOnlyPlan:
+        if "MatMul" not in self.options.exclude_ops and "Gemm" not in self.options.exclude_ops:
             _gemms_as_matmuls(graph)
-        plan = plan_weight_only(graph, options)
-        if not plan.rewrites:
-            reasons = "; ".join(sorted({s.reason for s in plan.skipped})) or "no MatMul nodes"
-            raise UnsupportedModelError(
-                f"nothing to quantize weight-only: no MatMul with a constant float weight "
-                f"({plan.candidates} MatMul node(s): {reasons})"
-            )
-        writer = _Writer(graph, options.accuracy_level)
-        quantized = [
-            MATERIALIZERS[options.fmt, rewrite.kind](writer, rewrite) for rewrite in plan.rewrites
-        ]
-        for entry in plan.skipped:
-            logger.info("weight-only quantization skipped %s: %s", entry.node, entry.reason)
-        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
-        if options.fmt == "matmulnbits":
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-        return WeightOnlyResult(model, modified=True, skipped=list(plan.skipped),
-                                quantized=quantized)
+        return plan_weight_only(graph, self.options)
+
+    def _nothing(self, plan: WeightPlan[WeightOnlyRewrite], reasons: str) -> str:
+        return (
+            f"nothing to quantize weight-only: no MatMul with a constant float weight "
+            f"({plan.candidates} MatMul node(s): {reasons or 'no MatMul nodes'})"
+        )
+
+    def _materialize(
+        self, graph: ir.Graph, plan: WeightPlan[WeightOnlyRewrite]
+    ) -> list[QuantizedNode]:
+        writer = _Writer(graph, self.options.accuracy_level)
+        fmt = self.options.fmt
+        return [MATERIALIZERS[fmt, rewrite.kind](writer, rewrite) for rewrite in plan.rewrites]
+
+    def _result(
+        self, model: ir.Model, skipped: list[Skipped], quantized: list[QuantizedNode]
+    ) -> WeightOnlyResult:
+        return WeightOnlyResult(model, modified=True, skipped=skipped, quantized=quantized)
 
 
 def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyPlan:
@@ -234,12 +226,16 @@ def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyP
             reason = f"excluded by pattern '{pattern}'"
         elif weight is None:
             reason = "both inputs are activations (no constant weight)"
-        elif weight.ndim != 2 or weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+        elif weight.ndim != 2 or weight.dtype != np.float32 or (
+            not _weights.is_float32(node.inputs[0])
+        ):
             reason = "weight is not a float32 [K, N] matrix"
         if reason is not None or weight is None:
             skipped.append(Skipped(node.name or "", node.op_type, reason or ""))
             continue
-        fused = bias_add_after(node, weight.shape[1]) if options.fmt == "matmulnbits" else None
+        fused = None
+        if options.fmt == "matmulnbits":
+            fused = _weights.bias_add_after(node, weight.shape[1])
         matmuls.append(WeightOnlyRewrite(node, "matmul", weight, options.spec, fused))
     return WeightOnlyPlan(tuple(matmuls + tables), tuple(skipped), candidates)
 
@@ -326,31 +322,18 @@ def quantize_weight_only(
         bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude,
         accuracy_level=accuracy_level, embeddings=embeddings, exclude_ops=exclude_ops,
     )
-    options.check()
-    if fmt == "dq" and opset_version(model) < _DQ_BLOCK_OPSET:
-        copy = upgrade_opset(model, _DQ_BLOCK_OPSET)
-    else:
-        copy = copy_model(model)
+    minimum = _DQ_BLOCK_OPSET if fmt == "dq" else 0
+    copy = working_copy(model, minimum, _DQ_BLOCK_OPSET, check=options.check)
     return WeightOnlyQuantizePass(**vars(options))(copy).model
 
 
-class _Writer:
+class _Writer(WeightWriter):
     """Writes the quantized initializers and nodes for one model."""
 
     def __init__(self, graph: ir.Graph, accuracy_level: int) -> None:
-        self.graph = graph
+        super().__init__(graph)
         self.accuracy_level = accuracy_level
-        self.names = Names(self.graph)
         self.cache: dict[tuple[object, ...], tuple[ir.Value | None, ...]] = {}
-
-    def _name(self, base: str) -> str:
-        return self.names.fresh(base)
-
-    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-        return new_constant(self.graph, base, array, self.names)
-
-    def _props(self, node: ir.Node) -> dict[str, str] | None:
-        return {metadata.LAYER: layer_name(node)} if layer_name(node) else None
 
     def _record(
         self, node: ir.Node, kernel: str, spec: QuantSpec, weight: str | None = None
@@ -370,7 +353,7 @@ class _Writer:
         k, n = weight.shape
         source = node.inputs[1]
         assert source is not None
-        key = content_key("matmulnbits", weight)
+        key = _weights.content_key("matmulnbits", weight)
         if key not in self.cache:
             q = quantize_tensor(weight, spec)
             blocks = q.scale.shape[0]
@@ -395,7 +378,7 @@ class _Writer:
         replaced = [node]
         bias_value = None
         if bias_add is not None:
-            bias = bias_of(bias_add, node).astype(np.float32)
+            bias = _weights.bias_of(bias_add, node).astype(np.float32)
             bias_value = self._initializer(f"{node.name or 'matmul'}_bias", bias)
             replaced.append(bias_add)
         inputs: list[ir.Value | None] = [
@@ -408,7 +391,7 @@ class _Writer:
             "MatMulNBits", inputs,
             {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size,
              **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {})},
-            domain=MS_DOMAIN, name=self._name(f"{node.name or 'matmul'}_nbits"),
+            domain=_weights.MS_DOMAIN, name=self._name(f"{node.name or 'matmul'}_nbits"),
             metadata_props=self._props(node),
         )
         ir.convenience.replace_nodes_and_values(
@@ -422,7 +405,7 @@ class _Writer:
         node, weight, spec = rewrite.node, rewrite.weight, rewrite.spec
         source = node.inputs[1]
         assert source is not None
-        key = content_key("dq", weight)
+        key = _weights.content_key("dq", weight)
         if key not in self.cache:
             q = quantize_tensor(weight, spec)
             codes = q.codes[: weight.shape[0]]
@@ -477,7 +460,7 @@ class _Writer:
             "GatherBlockQuantized", inputs,
             {"bits": spec.bits, "block_size": spec.block_size, "gather_axis": 0,
              "quantize_axis": 1},
-            domain=MS_DOMAIN, name=self._name(f"{node.name or 'gather'}_nbits"),
+            domain=_weights.MS_DOMAIN, name=self._name(f"{node.name or 'gather'}_nbits"),
             metadata_props=self._props(node),
         )  # fmt: skip
         ir.convenience.replace_nodes_and_values(
