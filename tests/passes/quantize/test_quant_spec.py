@@ -34,7 +34,8 @@ from slimgraph.runtime.quant_math import (
     valid_scale,
     weight_spec,
 )
-from tests.passes.quantize.quant_helpers import linear_feeds, linear_model, make_model
+from tests.kit.data import linear_feeds
+from tests.kit.graphs import linear_model, make_model
 
 INT8, UINT8, INT4, UINT4 = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4,
                             ir.DataType.UINT4)
