@@ -4,6 +4,10 @@ Static (calibration data given): prepare (fold constants and BatchNorm into Conv
 annotate (`policy`), calibrate the planned values on onnxruntime (`runtime.calibrate`), insert
 Q/DQ (`qdq`), optionally lower to QOperator (`qoperator`), and measure per-tensor SQNR
 (`report`). Dynamic and weight-only modes call their own passes.
+
+`quantize` is thin: it gathers its keywords into one `QuantizeOptions` and runs `QuantizePass`
+once; the pipeline's `quantize` step (`StaticQuantizePass`) is the same pass with
+`StaticOptions`.
 """
 
 from __future__ import annotations
