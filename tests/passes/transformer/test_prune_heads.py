@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import BadOptionError
-from slimgraph.passes._graph_utils import constant_array
+from slimgraph.passes._kit import constant_array
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.prune_heads import prune_heads
 from tests.passes.transformer.helpers import assert_close, cosine, export, feeds, outputs
