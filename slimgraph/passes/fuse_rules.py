@@ -107,7 +107,7 @@ class FusionRule(RewriteRuleClassBase):
     write weights through the kit.
     """
 
-    label: ClassVar[str] = "fused"
+    label: str = "fused"
     report_shared: ClassVar[bool] = False
 
     def __init__(self, edit: RuleEdit, name: str | None = None) -> None:
@@ -195,7 +195,9 @@ class BatchNormIntoLayer(FusionRule):
         layer = getattr(op, self.layer_op)(x, _allow_other_inputs=True, _outputs=["layer_out"])
         return op.BatchNormalization(layer, _allow_other_inputs=True, _outputs=["bn_out"])
 
-    def check(self, context: Any, *args: Any, **bindings: Any) -> MatchResult:
+    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
+        self, context: Any, *args: Any, **bindings: Any
+    ) -> MatchResult:
         result = MatchResult()
         x: ir.Value = bindings["x"]
         layer, bn = _producer(bindings["layer_out"]), _producer(bindings["bn_out"])
@@ -269,7 +271,9 @@ class FoldAffineIntoLayer(FusionRule):
         layer = getattr(op, self.layer_op)(_allow_other_inputs=True, _outputs=["layer_out"])
         return getattr(op, self.affine_op)(layer, k)
 
-    def check(self, context: Any, *args: Any, **bindings: Any) -> MatchResult:
+    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
+        self, context: Any, *args: Any, **bindings: Any
+    ) -> MatchResult:
         result = MatchResult()
         const = constant_array(bindings["k"])
         layer_out: ir.Value = bindings["layer_out"]
@@ -375,7 +379,9 @@ class PadIntoConv(FusionRule):
         padded = op.Pad(x, _allow_other_inputs=True, _outputs=["padded"])
         return op.Conv(padded, _allow_other_inputs=True, _outputs=["conv_out"])
 
-    def check(self, context: Any, *args: Any, **bindings: Any) -> MatchResult:
+    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
+        self, context: Any, *args: Any, **bindings: Any
+    ) -> MatchResult:
         pad, conv = _producer(bindings["padded"]), _producer(bindings["conv_out"])
         found = self._summed_pads(pad, conv)
         if isinstance(found, str):
@@ -459,14 +465,16 @@ class _CheckedGemmMixin:
     trans_a: ClassVar[bool]
     trans_b: ClassVar[bool]
     edit: RuleEdit
-    label: ClassVar[str] = "matmul+add"
+    label: str = "matmul+add"
 
     def __init__(self, edit: RuleEdit) -> None:
         super().__init__()  # type: ignore[call-arg]
         self.edit = edit
         self._matmul: ir.Node | None = None
 
-    def check(self, context: Any, *args: Any, **bindings: Any) -> MatchResult:
+    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
+        self, context: Any, *args: Any, **bindings: Any
+    ) -> MatchResult:
         input_a, input_b = bindings["input_a"], bindings["input_b"]
         input_c: ir.Value | None = bindings.get("input_c")
         result = MatchResult()
@@ -508,7 +516,9 @@ def _gemm_rules(edit: RuleEdit) -> list[RewriteRule]:
         _matmul_add_to_gemm.TransBMatMulAddToGemm,
         _matmul_add_to_gemm.MatMulAddToGemm,
     ):
-        checked = type(f"Checked{base.__name__}", (_CheckedGemmMixin, base), {})
+        checked: type[RewriteRuleClassBase] = type(
+            f"Checked{base.__name__}", (_CheckedGemmMixin, base), {}
+        )
         rules.extend(checked.rule(edit).commute())
     return rules
 
