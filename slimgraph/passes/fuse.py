@@ -10,7 +10,8 @@ the intermediate value has exactly one reader and is not a graph output. The alg
 - `fuse-batchnorm`: BN after Conv, ConvTranspose (groups included), Gemm, and after a 2-D MatMul
   with a constant weight (becomes a Gemm).
 - `fold-affine`: Mul/Add/Sub by per-channel constants after Conv, ConvTranspose, Gemm or BN.
-- `batchnorm-to-affine`: a BN left alone (nothing to fold it into) becomes Mul + Add.
+- `batchnorm-to-affine`: a BN left alone (nothing to fold it into) becomes Mul + Add (or a
+  depthwise Conv).
 - `fuse-pad`: a constant-zero Pad of the spatial axes folded into the next Conv's pads.
 - `sum-to-add`: Sum of two inputs becomes Add (one input: removed).
 - `matmul-add-to-gemm`: Add(MatMul(a, b), c) with 2-D a, b becomes Gemm (onnxscript's rules, with
@@ -18,9 +19,8 @@ the intermediate value has exactly one reader and is not a graph output. The alg
 - `mark-units`: Conv/ConvTranspose/Gemm/MatMul followed by Relu/Clip/HardSwish recorded as one
   unit in node metadata (`pkg.slimgraph.unit`), so quantization keeps them together.
 
-`batchnorm-to-affine` and `mark-units` stay plain loops: the first rewrites every BN with one of
-two replacement forms chosen by an option and reports every BN it leaves (not only near-matches),
-the second only annotates.
+`mark-units` stays a plain loop: it only annotates, nothing is replaced. The one-input Sum of
+`sum-to-add` is removed by `bypass`, not a rule (see `SumToAddPass`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,16 @@ from typing import ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnxscript.rewriter.pattern import RewriteRuleSet
 
 from slimgraph.ir import metadata
-from slimgraph.passes._graph_utils import bypass, is_onnx_op, replace_output, single_consumer
-from slimgraph.passes._kit import Names, add_initializer, constant_array
-from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes._graph_utils import bypass, is_onnx_op, single_consumer
+from slimgraph.passes._kit import Names
+from slimgraph.passes.base import SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.fuse_rules import (
+    BatchNormToAffine,
     RuleEdit,
-    batchnorm_refusal,
-    batchnorm_scale_shift,
     fusion_rules,
-    node_label,
     run_rules,
 )
 from slimgraph.passes.pipeline import register_pass
@@ -76,12 +75,19 @@ def _tidy(result: FusionResult) -> FusionResult:
     return result
 
 
-def _fuse(model: ir.Model, family: str, *, max_rounds: int = 1) -> FusionResult:
-    """Apply the rules of `family` (a pass name) and collect counts and skip reasons."""
-    edit = RuleEdit(Names(model.graph))
-    count, skipped = run_rules(
-        model, fusion_rules(edit, family), edit=edit, max_rounds=max_rounds
-    )
+def _fuse(
+    model: ir.Model, family: str | RewriteRuleSet, edit: RuleEdit | None = None,
+    *, max_rounds: int = 1,
+) -> FusionResult:
+    """Apply the rules of `family` (a pass name; or a rule set built with `edit`) and collect
+    the counts and the skip reasons."""
+    if isinstance(family, str):
+        edit = RuleEdit(Names(model.graph))
+        rules = fusion_rules(edit, family)
+    else:
+        rules = family
+    assert edit is not None
+    count, skipped = run_rules(model, rules, edit=edit, max_rounds=max_rounds)
     fused = {label: n for label, n in edit.fused.items() if n}
     return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
 
@@ -149,65 +155,9 @@ class BatchNormToAffinePass(SlimgraphPass):
         self.form = form
 
     def call(self, model: ir.Model) -> FusionResult:
-        skipped: list[Skipped] = []
-        count = 0
-        for bn in list(model.graph):
-            if not is_onnx_op(bn, "BatchNormalization"):
-                continue
-            gamma = constant_array(bn.inputs[1])
-            if gamma is None:
-                skipped.append(Skipped(node_label(bn), bn.op_type, "parameters not constant"))
-                continue
-            reason = batchnorm_refusal(bn, gamma.size)
-            if reason is None and any(
-                o.uses() or o.is_graph_output() for o in bn.outputs[1:]
-            ):
-                reason = "its running statistics outputs are used"
-            x = bn.inputs[0]
-            if reason is None and (x is None or x.shape is None or len(x.shape) < 2):
-                reason = "input rank unknown"
-            rank = len(x.shape) if x is not None and x.shape is not None else 0
-            if reason is None and self.form == "conv" and rank < 3:
-                reason = "a depthwise Conv needs spatial axes"
-            if reason:
-                skipped.append(Skipped(node_label(bn), bn.op_type, reason))
-                continue
-            assert x is not None and x.shape is not None
-            scale, shift = batchnorm_scale_shift(bn)
-            shape = (gamma.size,) + (1,) * (len(x.shape) - 2)
-            graph = bn.graph
-            assert graph is not None
-            base = (bn.inputs[1].name if bn.inputs[1] is not None else None) or "bn"
-            names = Names(graph)
-            if self.form == "conv":
-                kernel = (gamma.size, 1) + (1,) * (len(x.shape) - 2)
-                w = add_initializer(
-                    graph, f"{base}_dw", scale.reshape(kernel).astype(gamma.dtype), names=names
-                )
-                b = add_initializer(
-                    graph, f"{base}_dw_bias", shift.astype(gamma.dtype), names=names
-                )
-                new_nodes = [ir.node("Conv", [x, w, b], attributes={"group": gamma.size})]
-            else:
-                s_array = scale.reshape(shape).astype(gamma.dtype)
-                t_array = shift.reshape(shape).astype(gamma.dtype)
-                s = add_initializer(graph, f"{base}_scale", s_array, names=names)
-                t = add_initializer(graph, f"{base}_shift", t_array, names=names)
-                mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
-                mul.outputs[0].type = x.type
-                mul.outputs[0].shape = x.shape
-                new_nodes = [mul, ir.node("Add", [mul.outputs[0], t])]
-            new_nodes[-1].name = bn.name
-            for new in new_nodes:
-                new.metadata_props.update(bn.metadata_props)
-            new_nodes[-1].outputs[0].type = bn.outputs[0].type
-            new_nodes[-1].outputs[0].shape = bn.outputs[0].shape
-            graph.insert_after(bn, new_nodes)
-            replace_output(bn.outputs[0], new_nodes[-1].outputs[0])
-            graph.remove(bn, safe=True)
-            count += 1
-        fused = {"batchnorm": count} if count else {}
-        return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
+        edit = RuleEdit(Names(model.graph))
+        rules = RewriteRuleSet([BatchNormToAffine.rule(edit, self.form)])
+        return _fuse(model, rules, edit)
 
 
 # ---------------------------------------------------------------- Pad into Conv, Sum, Gemm

@@ -56,6 +56,7 @@ __all__ = [
     "RuleEdit",
     "FusionRule",
     "BatchNormIntoLayer",
+    "BatchNormToAffine",
     "FoldAffineIntoLayer",
     "PadIntoConv",
     "SumOfTwoToAdd",
@@ -244,6 +245,66 @@ class BatchNormIntoLayer(FusionRule):
         attributes = {k: v for k, v in layer.attributes.items() if k != "beta"}
         op_type = "Gemm" if layer.op_type == "MatMul" else layer.op_type
         return _adopt(op.op(op_type, bindings["x"], new_weight, new_bias, **attributes), layer)
+
+
+class BatchNormToAffine(FusionRule):
+    """A BatchNormalization with nothing to fold into -> `Mul(x, s) + t` (`s`, `t` shaped
+    `(C, 1, ...)` over the input's spatial axes; needs the input's rank), or with
+    `form="conv"` one depthwise 1x1 Conv (`group=C`, weight `s`, bias `t`) for inputs with
+    spatial axes. Every BatchNormalization left is a skip with its reason."""
+
+    label = "batchnorm"
+    report_shared = True
+
+    def __init__(self, edit: RuleEdit, form: str = "mul-add") -> None:
+        super().__init__(edit, name=f"batchnorm-to-affine:{form}")
+        self.form = form
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
+
+    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
+        self, context: Any, *args: Any, **bindings: Any
+    ) -> MatchResult:
+        result = MatchResult()
+        x: ir.Value = bindings["x"]
+        bn = _producer(bindings["bn_out"])
+        gamma = constant_array(bn.inputs[1]) if len(bn.inputs) > 1 else None
+        if gamma is None:
+            return result.fail("parameters not constant")
+        reason = batchnorm_refusal(bn, gamma.size)
+        if reason is None and (x.shape is None or len(x.shape) < 2):
+            reason = "input rank unknown"
+        if reason is None and self.form == "conv" and len(x.shape or ()) < 3:
+            reason = "a depthwise Conv needs spatial axes"
+        return result.fail(reason) if reason else result
+
+    def replace(self, op: Any, **bindings: Any) -> ir.Value:
+        x: ir.Value = bindings["x"]
+        bn = _producer(bindings["bn_out"])
+        graph, names = bn.graph, self.edit.names
+        assert graph is not None and x.shape is not None and bn.inputs[1] is not None
+        dtype = bn.inputs[1].dtype
+        scale, shift = batchnorm_scale_shift(bn)
+        channels, spatial = scale.size, (1,) * (len(x.shape) - 2)
+        numpy_dtype = dtype.numpy() if dtype is not None else np.float32
+        base = bn.inputs[1].name or "bn"
+        if self.form == "conv":
+            kernel = (scale.reshape((channels, 1) + spatial)).astype(numpy_dtype)
+            weight = add_initializer(graph, f"{base}_dw", kernel, names=names)
+            bias = add_initializer(
+                graph, f"{base}_dw_bias", shift.astype(numpy_dtype), names=names
+            )
+            return _adopt(op.Conv(x, weight, bias, group=channels), bn)
+        factor = scale.reshape((channels,) + spatial).astype(numpy_dtype)
+        offset = shift.reshape((channels,) + spatial).astype(numpy_dtype)
+        s = add_initializer(graph, f"{base}_scale", factor, names=names)
+        t = add_initializer(graph, f"{base}_shift", offset, names=names)
+        scaled = op.Mul(x, s, _name=f"{bn.name}_mul" if bn.name else None)
+        scaled.type, scaled.shape = x.type, x.shape
+        mul = _producer(scaled)
+        mul.metadata_props.update(bn.metadata_props)
+        return _adopt(op.Add(scaled, t), bn)
 
 
 # ---------------------------------------------------------------- per-channel Mul/Add/Sub folding
@@ -541,6 +602,7 @@ _FAMILIES: dict[str, Callable[[RuleEdit], list[RewriteRule]]] = {
             else FoldAffineIntoLayer.rule(edit, layer, affine).commute()
         )
     ],
+    "batchnorm-to-affine": lambda edit: [BatchNormToAffine.rule(edit)],
     "fuse-pad": lambda edit: [PadIntoConv.rule(edit)],
     "sum-to-add": lambda edit: [SumOfTwoToAdd.rule(edit)],
     "matmul-add-to-gemm": _gemm_rules,
@@ -606,6 +668,8 @@ class SkipRecorder(MatchingTracer):
 
 def _shared_reason(root: ir.Node, match: MatchResult) -> str:
     inside = set(match.nodes)
+    if any(value.uses() or value.is_graph_output() for value in root.outputs[1:]):
+        return f"the {root.op_type} outputs after the first are read"
     for node in match.nodes:
         if node is root:
             continue

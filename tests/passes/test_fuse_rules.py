@@ -172,7 +172,68 @@ def test_bias_gelu_reason_comes_from_onnxscripts_check() -> None:
     assert result.skipped == [Skipped("gelu", "Gelu", "bias is not of shape 1D tensor")]
 
 
+def test_batchnorm_to_affine_reports_every_batchnorm_it_leaves() -> None:
+    model = make_model(
+        [
+            bn_node("x", "y", "bn", training_mode=1),
+            helper.make_node(
+                "BatchNormalization", ["x", "g", "bn_b", "bn_m", "bn_v"], ["z"], name="bn_in"
+            ),
+            helper.make_node("Relu", ["x2"], ["r"], name="relu"),
+            bn_node("r", "w", "bn2"),
+        ],
+        [("x", [2, 4, 3, 3]), ("g", [4]), ("x2", [2, 4])],
+        ["y", "z", "w"],
+        [*bn_params("bn", 4), *bn_params("bn2", 4)],
+    )
+    result = fuse.BatchNormToAffinePass(form="conv")(model)
+    assert not result.modified
+    assert result.skipped == [
+        Skipped("bn", "BatchNormalization", "BatchNormalization in training mode"),
+        Skipped("bn_in", "BatchNormalization", "parameters not constant"),
+        Skipped("bn2", "BatchNormalization", "a depthwise Conv needs spatial axes"),
+    ]
+
+
+def test_batchnorm_with_its_statistics_read_is_skipped_with_the_reason() -> None:
+    model = make_model(
+        [
+            helper.make_node(
+                "BatchNormalization", ["x", "bn_g", "bn_b", "bn_m", "bn_v"],
+                ["y", "mean", "var", "saved_mean", "saved_var"], name="bn",
+            ),
+        ],
+        [("x", [2, 4, 3, 3])],
+        ["y", "mean"],
+        bn_params("bn", 4),
+        opset=9,
+    )
+    result = fuse.BatchNormToAffinePass()(model)
+    assert not result.modified
+    reason = "the BatchNormalization outputs after the first are read"
+    assert result.skipped == [Skipped("bn", "BatchNormalization", reason)]
+
+
 # ---------------------------------------------------------------- rewired edges by identity
+
+
+def test_batchnorm_to_affine_rewires_by_identity() -> None:
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "y", "bn")],
+        [("x", [2, 4, 5, 5])],
+        ["y"],
+        bn_params("bn", 4),
+    )
+    reference = model.clone()
+    relu = node(model, "relu")
+    result = fuse.BatchNormToAffinePass()(model)
+    assert result.fused == {"batchnorm": 1} and result.skipped == []
+    mul, add = node(model, "bn_mul"), node(model, "bn")
+    assert (mul.op_type, add.op_type) == ("Mul", "Add")
+    assert mul.inputs[0] is relu.outputs[0] and add.inputs[0] is mul.outputs[0]
+    assert mul.inputs[1].name == "bn_g_scale" and add.inputs[1].name == "bn_g_shift"
+    assert model.graph.outputs[0] is add.outputs[0] and add.outputs[0].name == "y"
+    assert_same_outputs(reference, model)
 
 
 def test_bn_fold_rewires_by_identity_and_writes_a_private_weight_in_place() -> None:
@@ -315,7 +376,9 @@ def test_one_rule_set_holds_every_family_and_names_its_rules() -> None:
     for family in ("fuse-batchnorm", "fold-affine", "fuse-pad", "sum-to-add"):
         assert any(name.startswith(f"{family}:") for name in names), family
     assert any("MatMulAddToGemm" in name for name in names)
-    assert edit.report_shared == {f"fuse-batchnorm:{op}" for op in
-                                  ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    assert edit.report_shared == {
+        *(f"fuse-batchnorm:{op}" for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")),
+        "batchnorm-to-affine:mul-add",
+    }
     with pytest.raises(KeyError):
         fusion_rules(edit, "no-such-family")
