@@ -19,7 +19,8 @@ reader, else a new initializer for the new node; copy-on-share), so a weight sha
 node is never changed. Rewrites run only on a committed match: in the tracing sweep `rewrite`
 declines (`RuleEdit.dry_run`), so tracing has no side effects.
 
-The rules see every graph onnxscript's rewriter visits (the main graph and If/Loop bodies).
+The rules see every graph onnxscript's rewriter visits (the main graph and If/Loop bodies; the
+rules that add initializers leave model-local functions alone, which cannot hold any).
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class BatchNormIntoLayer(FusionRule):
         self, context: Any, *args: Any, **bindings: Any
     ) -> MatchResult:
         result = MatchResult()
+        if isinstance(context.graph_or_function, ir.Function):
+            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         x: ir.Value = bindings["x"]
         layer, bn = _producer(bindings["layer_out"]), _producer(bindings["bn_out"])
         weight = constant_array(layer.inputs[1]) if len(layer.inputs) > 1 else None
@@ -267,6 +270,8 @@ class BatchNormToAffine(FusionRule):
         self, context: Any, *args: Any, **bindings: Any
     ) -> MatchResult:
         result = MatchResult()
+        if isinstance(context.graph_or_function, ir.Function):
+            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         x: ir.Value = bindings["x"]
         bn = _producer(bindings["bn_out"])
         gamma = constant_array(bn.inputs[1]) if len(bn.inputs) > 1 else None
@@ -336,6 +341,8 @@ class FoldAffineIntoLayer(FusionRule):
         self, context: Any, *args: Any, **bindings: Any
     ) -> MatchResult:
         result = MatchResult()
+        if isinstance(context.graph_or_function, ir.Function):
+            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         const = constant_array(bindings["k"])
         layer_out: ir.Value = bindings["layer_out"]
         layer = _producer(layer_out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from slimgraph.passes import fuse, fuse_attention
 from slimgraph.passes._kit import Names
@@ -382,3 +382,36 @@ def test_one_rule_set_holds_every_family_and_names_its_rules() -> None:
     }
     with pytest.raises(KeyError):
         fusion_rules(edit, "no-such-family")
+
+
+def test_rules_fold_inside_if_branches_too() -> None:
+    body = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        bn_node("c", "then_out", "bn"),
+    ]
+    then = helper.make_graph(
+        body, "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["else_out"])], "else", [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    model = make_model(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["positive"]),
+            helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other),
+        ],
+        [("x", [1, 3, 4, 4])],
+        ["y"],
+        [initializer("zero", np.array(0, np.float32)), initializer("w", rand(3, 3, 1, 1)),
+         *bn_params("bn", 3)],
+    )
+    reference = model.clone()
+    result = fuse.FuseBatchNormPass()(model)
+    assert result.fused == {"conv/convtranspose/gemm": 1}
+    branch = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"].value
+    assert [n.op_type for n in branch] == ["Conv"]
+    x = np.abs(rand(1, 3, 4, 4))
+    for sign in (1.0, -1.0):  # both branches
+        assert_same_outputs(reference, model, {"x": sign * x})
