@@ -1,9 +1,10 @@
 """The fusions as onnxscript rewrite rules: one rule table, one driver, a reason for every skip.
 
 Each fusion is a `onnxscript.rewriter.pattern.RewriteRuleClassBase` subclass: `pattern` is the
-subgraph, `check` returns a `MatchResult` that says why a match is refused, `rewrite` builds the
-replacement (the algebra is in `slimgraph.passes.fuse_math`). `fusion_rules(edit, family)` is the
-one table: a family is the name of the pass that applies those rules. `run_rules` applies a rule
+subgraph, `check` returns a `MatchResult` that says why a match is refused (each rule's
+`verdict`), `rewrite` builds the replacement (the algebra is in `slimgraph.passes.fuse_math`).
+`fusion_rules(edit, family)` is the one table: a family is the name of the pass that applies
+those rules. `run_rules` applies a rule
 set (to a fixed point, at most `max_rounds` sweeps) and then sweeps once more with a
 `MatchingTracer` that changes nothing, to collect why each candidate left in the graph was not
 rewritten; those reasons become the pass's `Skipped` records.
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchContext
 from onnxscript.rewriter.pattern import (
     MatchingTracer,
     MatchResult,
@@ -102,21 +104,34 @@ class RuleEdit:
 
 
 class FusionRule(RewriteRuleClassBase):
-    """A slimgraph fusion: subclasses define `pattern`, `check` and `replace`.
+    """A slimgraph fusion: subclasses define `pattern`, `verdict` and `replace`.
 
-    `rewrite` counts the rewrite under `label` and calls `replace`; in the tracing sweep it
-    declines instead. `replace` runs only for a match that is committed right after, so it may
-    write weights through the kit.
+    `check` (onnxscript's hook) returns the rule's `verdict`: a `MatchResult` that failed with
+    the reason the match is refused. It refuses model-local functions for rules that add
+    initializers (a function holds none). `rewrite` counts the rewrite under `label` and calls
+    `replace`; in the tracing sweep it declines instead. `replace` runs only for a match that is
+    committed right after, so it may write weights through the kit.
     """
 
     label: str = "fused"
     report_shared: ClassVar[bool] = False
+    adds_initializers: ClassVar[bool] = True
 
     def __init__(self, edit: RuleEdit, name: str | None = None) -> None:
         super().__init__(name=name)
         self.edit = edit
         if self.report_shared:
             edit.report_shared.add(self.name)
+
+    def check(self, op: Any, *args: Any, **bindings: Any) -> MatchResult:
+        # onnxscript passes the MatchContext as `op`
+        if self.adds_initializers and isinstance(op.graph_or_function, ir.Function):
+            return MatchResult().fail(NOT_A_CANDIDATE)
+        return self.verdict(op, **bindings)
+
+    def verdict(self, context: MatchContext, **bindings: Any) -> MatchResult:
+        """Success, or a failure whose reason says why the match is refused."""
+        return MatchResult()
 
     def rewrite(self, op: Any, *args: Any, **bindings: Any) -> Any:
         if self.edit.dry_run:
@@ -197,12 +212,8 @@ class BatchNormIntoLayer(FusionRule):
         layer = getattr(op, self.layer_op)(x, _allow_other_inputs=True, _outputs=["layer_out"])
         return op.BatchNormalization(layer, _allow_other_inputs=True, _outputs=["bn_out"])
 
-    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
-        self, context: Any, *args: Any, **bindings: Any
-    ) -> MatchResult:
+    def verdict(self, context: MatchContext, **bindings: Any) -> MatchResult:
         result = MatchResult()
-        if isinstance(context.graph_or_function, ir.Function):
-            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         x: ir.Value = bindings["x"]
         layer, bn = _producer(bindings["layer_out"]), _producer(bindings["bn_out"])
         weight = constant_array(layer.inputs[1]) if len(layer.inputs) > 1 else None
@@ -266,12 +277,8 @@ class BatchNormToAffine(FusionRule):
     def pattern(self, op: Any, x: Any) -> Any:
         return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
 
-    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
-        self, context: Any, *args: Any, **bindings: Any
-    ) -> MatchResult:
+    def verdict(self, context: MatchContext, **bindings: Any) -> MatchResult:
         result = MatchResult()
-        if isinstance(context.graph_or_function, ir.Function):
-            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         x: ir.Value = bindings["x"]
         bn = _producer(bindings["bn_out"])
         gamma = constant_array(bn.inputs[1]) if len(bn.inputs) > 1 else None
@@ -337,12 +344,8 @@ class FoldAffineIntoLayer(FusionRule):
         layer = getattr(op, self.layer_op)(_allow_other_inputs=True, _outputs=["layer_out"])
         return getattr(op, self.affine_op)(layer, k)
 
-    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
-        self, context: Any, *args: Any, **bindings: Any
-    ) -> MatchResult:
+    def verdict(self, context: MatchContext, **bindings: Any) -> MatchResult:
         result = MatchResult()
-        if isinstance(context.graph_or_function, ir.Function):
-            return result.fail(NOT_A_CANDIDATE)  # no initializers in a function
         const = constant_array(bindings["k"])
         layer_out: ir.Value = bindings["layer_out"]
         layer = _producer(layer_out)
@@ -438,6 +441,7 @@ class PadIntoConv(FusionRule):
     reflect/edge modes are refused. Skips name the Pad."""
 
     label = "pad"
+    adds_initializers = False
 
     def __init__(self, edit: RuleEdit) -> None:
         super().__init__(edit, name="fuse-pad:Conv")
@@ -447,9 +451,7 @@ class PadIntoConv(FusionRule):
         padded = op.Pad(x, _allow_other_inputs=True, _outputs=["padded"])
         return op.Conv(padded, _allow_other_inputs=True, _outputs=["conv_out"])
 
-    def check(  # type: ignore[override]  # onnxscript calls the MatchContext `op`
-        self, context: Any, *args: Any, **bindings: Any
-    ) -> MatchResult:
+    def verdict(self, context: MatchContext, **bindings: Any) -> MatchResult:
         pad, conv = _producer(bindings["padded"]), _producer(bindings["conv_out"])
         found = self._summed_pads(pad, conv)
         if isinstance(found, str):
@@ -510,6 +512,7 @@ class SumOfTwoToAdd(FusionRule):
     """`Sum(a, b)` -> `Add(a, b)` (same arithmetic; quantizers and fusions know Add)."""
 
     label = "sum"
+    adds_initializers = False
 
     def __init__(self, edit: RuleEdit) -> None:
         super().__init__(edit, name="sum-to-add:Sum")
