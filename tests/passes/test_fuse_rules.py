@@ -424,3 +424,34 @@ def test_rules_fold_inside_if_branches_too() -> None:
     x = np.abs(rand(1, 3, 4, 4))
     for sign in (1.0, -1.0):  # both branches
         assert_same_outputs(reference, model, {"x": sign * x})
+
+
+def test_a_refused_fold_leaves_the_model_and_its_source_proto_alone() -> None:
+    """As in a dynamo export: the Conv weight is also read by a Shape and the Conv bias is
+    computed. The fold is refused; nothing may change, and serializing the model must not
+    rename tensors it shares with the proto it was read from (the old pre-pass gave the Conv a
+    copy of the weight sharing the tensor, and saving renamed the source's TensorProto)."""
+    model = make_model(
+        [
+            helper.make_node("Identity", ["cb0"], ["cb"], name="bias"),
+            helper.make_node("Conv", ["x", "w", "cb"], ["c"], name="conv"),
+            bn_node("c", "y", "bn"),
+            helper.make_node("Shape", ["w"], ["s"], name="shape"),
+        ],
+        [("x", [1, 3, 4, 4])],
+        ["y", ("s", TensorProto.INT64, [4])],
+        [initializer("w", rand(2, 3, 1, 1)), initializer("cb0", rand(2)), *bn_params("bn", 2)],
+    )
+    proto = ir.to_proto(model)
+    source = ir.from_proto(proto)
+    names = [t.name for t in proto.graph.initializer]
+    result = fuse.FuseBatchNormPass()(source)
+    assert not result.modified
+    reason = "the Conv bias is not a constant"
+    assert result.skipped == [Skipped("bn", "BatchNormalization", reason)]
+    assert sorted(source.graph.initializers) == sorted(names)
+    ir.to_proto(source)
+    assert [t.name for t in proto.graph.initializer] == names
+    w = source.graph.initializers["w"]
+    assert_rewired(node_named(source, "conv"), 1, w)
+    assert_rewired(node_named(source, "shape"), 0, w)
