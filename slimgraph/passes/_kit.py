@@ -376,7 +376,7 @@ class PrepareWeightsPass(SlimgraphPass):
             output_size_limit=_FOLD_LIMIT,
             should_fold=_fold_constant_of_shape,
         )
-        modified |= bool(getattr(result, "modified", True))
+        modified |= result.modified
         lift = ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
         modified |= lift(model).modified
         modified |= ir_common.RemoveUnusedNodesPass()(model).modified
@@ -405,19 +405,21 @@ class PrepareWeightsPass(SlimgraphPass):
             stack.extend(source.inputs)
         if not cone:
             return False
+        modified = False
         for value in list(graph.inputs):
             if id(value) in cone_inputs and value.is_initializer():
                 graph.inputs.remove(value)
+                modified = True
         import onnxscript.optimizer
 
-        onnxscript.optimizer.fold_constants(
+        result = onnxscript.optimizer.fold_constants(
             model,
             input_size_limit=_FOLD_LIMIT,
             output_size_limit=_FOLD_LIMIT,
             should_fold=lambda node: any(output.name in cone for output in node.outputs),
         )
-        ir_common.RemoveUnusedNodesPass()(model)
-        return True
+        modified |= result.modified
+        return ir_common.RemoveUnusedNodesPass()(model).modified or modified
 
 
 def _static_nodes(graph: ir.Graph) -> set[int]:

@@ -316,7 +316,7 @@ class _Converter:
         if not out.is_graph_output():
             self.graph.remove(node, safe=True)
 
-    def _half_tensor(self, array: np.ndarray, name: str) -> ir.Tensor:
+    def _half_tensor(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
         array = np.asarray(array, np.float32)
         finite = np.isfinite(array)
         clipped = finite & (np.abs(array) > _FP16_MAX)

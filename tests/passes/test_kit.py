@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -19,7 +18,8 @@ from slimgraph.passes._kit import (
     set_constant,
     traced_constant,
 )
-from slimgraph.runtime import create_session, run
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.graphs import make_model
 
 RNG = np.random.default_rng(0)
 
@@ -101,23 +101,12 @@ def test_grouped_and_depthwise_conv_transpose_channels() -> None:
 # ---------------------------------------------------------------------------------- constants
 
 
-def _model(nodes, inputs, outputs, initializers=(), opset: int = 19) -> ir.Model:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 9
-    return ir.serde.deserialize_model(proto)
-
-
-def _info(name: str, shape) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
 def test_constant_array_reads_initializers_not_overridable_inputs() -> None:
     w = RNG.standard_normal((3, 4)).astype(np.float32)
-    model = _model(
+    model = make_model(
         [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "d"], ["z"])],
-        [_info("x", [2, 3]), _info("d", [4])],
-        [_info("z", [2, 4])],
+        [("x", [2, 3]), ("d", [4])],
+        ["z"],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(4, np.float32), "d")],
     )
     matmul, add = model.graph
@@ -130,15 +119,15 @@ def test_constant_array_reads_initializers_not_overridable_inputs() -> None:
 def test_traced_constant_follows_transpose_and_optionally_dequantize() -> None:
     w = RNG.standard_normal((4, 3)).astype(np.float32)
     q = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
-    model = _model(
+    model = make_model(
         [
             helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
             helper.make_node("DequantizeLinear", ["q", "s"], ["dq"]),
             helper.make_node("MatMul", ["x", "wt"], ["y"]),
             helper.make_node("MatMul", ["x", "dq"], ["z"]),
         ],
-        [_info("x", [2, 3])],
-        [_info("y", [2, 4]), _info("z", [2, 4])],
+        [("x", [2, 3])],
+        ["y", "z"],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(q, "q"),
          numpy_helper.from_array(np.float32(0.5), "s")],
     )
@@ -157,9 +146,9 @@ def test_traced_constant_follows_transpose_and_optionally_dequantize() -> None:
 
 
 def test_names_are_fresh_across_values_nodes_and_subgraph_free_graphs() -> None:
-    model = _model(
+    model = make_model(
         [helper.make_node("Relu", ["x"], ["y"], name="r")],
-        [_info("x", [2])], [_info("y", [2])],
+        [("x", [2])], ["y"],
         [numpy_helper.from_array(np.ones(2, np.float32), "w")],
     )
     names = Names(model.graph)
@@ -172,8 +161,8 @@ def test_names_are_fresh_across_values_nodes_and_subgraph_free_graphs() -> None:
 
 
 def test_add_initializer_registers_a_unique_name_with_shape_and_type() -> None:
-    model = _model(
-        [helper.make_node("Relu", ["x"], ["y"])], [_info("x", [2])], [_info("y", [2])],
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [("x", [2])], ["y"],
         [numpy_helper.from_array(np.ones(2, np.float32), "w")],
     )
     graph = model.graph
@@ -191,13 +180,13 @@ def test_add_initializer_registers_a_unique_name_with_shape_and_type() -> None:
 def _shared_weight_model() -> ir.Model:
     w = RNG.standard_normal((3, 4)).astype(np.float32)
     v = RNG.standard_normal((4, 2)).astype(np.float32)
-    return _model(
+    return make_model(
         [
             helper.make_node("MatMul", ["x", "w"], ["a"], name="m0"),
             helper.make_node("MatMul", ["x", "w"], ["b"], name="m1"),
             helper.make_node("MatMul", ["a", "v"], ["y"], name="m2"),
         ],
-        [_info("x", [2, 3])], [_info("y", [2, 2]), _info("b", [2, 4])],
+        [("x", [2, 3])], ["y", "b"],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")],
     )
 
@@ -274,11 +263,8 @@ def _computed_weights_model() -> tuple[ir.Model, dict[str, np.ndarray]]:
         numpy_helper.from_array(m, "m"),
         numpy_helper.from_array(np.array([3, 20], np.int64), "m_shape"),
     ]
-    model = _model(
-        nodes,
-        [_info("x", [2, 3, 3, 3]), _info("x2", [2, 3])],
-        [_info("h", [2, 5]), _info("y", [2, 20])],
-        initializers,
+    model = make_model(
+        nodes, [("x", [2, 3, 3, 3]), ("x2", [2, 3])], ["h", "y"], initializers, opset=19
     )
     feeds = {
         "x": RNG.standard_normal((2, 3, 3, 3)).astype(np.float32),
@@ -287,19 +273,14 @@ def _computed_weights_model() -> tuple[ir.Model, dict[str, np.ndarray]]:
     return model, feeds
 
 
-def _outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return run(create_session(model), feeds)
-
-
 @pytest.mark.parametrize("scope", [("Conv", "Gemm", "MatMul"), "all"])
 def test_prepare_weights_is_exact_on_onnxruntime(scope) -> None:
     model, feeds = _computed_weights_model()
-    expected = _outputs(model, feeds)
+    reference = model.clone()
     result = PrepareWeightsPass(scope=scope)(model)
     prepared = result.model
-    got = _outputs(prepared, feeds)
-    for name, array in expected.items():
-        np.testing.assert_allclose(got[name], array, rtol=1e-6, atol=1e-6)
+    assert prepared is model  # in place
+    assert_same_outputs(reference, prepared, feeds)
     by_name = {node.name: node for node in prepared.graph}
     conv, gemm, matmul = by_name["conv"], by_name["gemm"], by_name["matmul"]
     assert gemm.inputs[1].const_value is not None
