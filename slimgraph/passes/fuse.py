@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import ClassVar
 
 import onnx_ir as ir
@@ -76,17 +77,16 @@ def _tidy(result: FusionResult) -> FusionResult:
 
 
 def _fuse(
-    model: ir.Model, family: str | RewriteRuleSet, edit: RuleEdit | None = None,
-    *, max_rounds: int = 1,
+    model: ir.Model,
+    family: str,
+    *,
+    max_rounds: int = 1,
+    build: Callable[[RuleEdit], RewriteRuleSet] | None = None,
 ) -> FusionResult:
-    """Apply the rules of `family` (a pass name; or a rule set built with `edit`) and collect
-    the counts and the skip reasons."""
-    if isinstance(family, str):
-        edit = RuleEdit(Names(model.graph))
-        rules = fusion_rules(edit, family)
-    else:
-        rules = family
-    assert edit is not None
+    """Apply the rules of `family` (a pass name in the rule table, or the set `build` makes for
+    this run) and collect the counts and the skip reasons."""
+    edit = RuleEdit(Names(model.graph))
+    rules = build(edit) if build is not None else fusion_rules(edit, family)
     count, skipped = run_rules(model, rules, edit=edit, max_rounds=max_rounds)
     fused = {label: n for label, n in edit.fused.items() if n}
     return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
@@ -155,9 +155,12 @@ class BatchNormToAffinePass(SlimgraphPass):
         self.form = form
 
     def call(self, model: ir.Model) -> FusionResult:
-        edit = RuleEdit(Names(model.graph))
-        rules = RewriteRuleSet([BatchNormToAffine.rule(edit, self.form)])
-        return _fuse(model, rules, edit)
+        form = self.form
+        return _fuse(
+            model,
+            "batchnorm-to-affine",
+            build=lambda edit: RewriteRuleSet([BatchNormToAffine.rule(edit, form)]),
+        )
 
 
 # ---------------------------------------------------------------- Pad into Conv, Sum, Gemm
