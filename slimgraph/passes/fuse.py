@@ -44,7 +44,7 @@ from slimgraph.passes.fuse_rules import (
     fusion_rules,
     run_rules,
 )
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "FuseBatchNormPass",
@@ -92,7 +92,7 @@ def _fuse(
     return _tidy(FusionResult(model, bool(count), skipped=skipped, fused=fused))
 
 
-@register_pass("fuse-batchnorm")
+@register_pass("fuse-batchnorm", exact=True)
 class FuseBatchNormPass(SlimgraphPass):
     """Fold BatchNormalization into the Conv, ConvTranspose, Gemm or 2-D MatMul before it; exact.
 
@@ -109,7 +109,7 @@ class FuseBatchNormPass(SlimgraphPass):
         return _fuse(model, "fuse-batchnorm")
 
 
-@register_pass("fold-affine")
+@register_pass("fold-affine", exact=True)
 class FoldAffinePass(SlimgraphPass):
     """Fold `Mul`/`Add`/`Sub` by per-channel constants into the Conv, ConvTranspose, Gemm or
     BatchNormalization before them; exact.
@@ -133,7 +133,7 @@ class FoldAffinePass(SlimgraphPass):
 # ---------------------------------------------------------------- standalone BatchNorm
 
 
-@register_pass("batchnorm-to-affine")
+@register_pass("batchnorm-to-affine", exact=True)
 class BatchNormToAffinePass(SlimgraphPass):
     """Turn a BatchNormalization with nothing to fold into into `Mul(x, s) + t`; exact.
 
@@ -166,7 +166,7 @@ class BatchNormToAffinePass(SlimgraphPass):
 # ---------------------------------------------------------------- Pad into Conv, Sum, Gemm
 
 
-@register_pass("fuse-pad")
+@register_pass("fuse-pad", exact=True)
 class FusePadPass(SlimgraphPass):
     """Fold a constant-zero Pad of the spatial axes into the Conv that reads it; exact.
 
@@ -181,7 +181,7 @@ class FusePadPass(SlimgraphPass):
         return _fuse(model, "fuse-pad")
 
 
-@register_pass("sum-to-add")
+@register_pass("sum-to-add", exact=True)
 class SumToAddPass(SlimgraphPass):
     """Sum with two inputs becomes Add; Sum with one input is removed; exact.
 
@@ -206,7 +206,7 @@ class SumToAddPass(SlimgraphPass):
         return result
 
 
-@register_pass("matmul-add-to-gemm")
+@register_pass("matmul-add-to-gemm", exact=True)
 class MatMulAddToGemmPass(SlimgraphPass):
     """Add(MatMul(a, b), c) with 2-D a and b becomes Gemm(a, b, c); exact.
 
@@ -226,7 +226,7 @@ _UNIT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _UNIT_ACTIVATIONS = ("Relu", "Clip", "HardSwish")
 
 
-@register_pass("mark-units")
+@register_pass("mark-units", exact=True, metadata_only=True)
 class MarkUnitsPass(SlimgraphPass):
     """Record Conv/ConvTranspose/Gemm/MatMul followed by Relu, Clip or HardSwish as one unit.
 
