@@ -224,7 +224,7 @@ def add_initializer(
             index += 1
             name = f"{base}_{index}"
     if isinstance(array, np.ndarray):
-        tensor: ir.TensorProtocol = ir.tensor(np.ascontiguousarray(array), name=name)
+        tensor: ir.TensorProtocol = ir.tensor(np.require(array, requirements="C"), name=name)
     else:
         tensor = array
     value = ir.Value(

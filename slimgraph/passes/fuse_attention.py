@@ -29,7 +29,17 @@ passes rewrite it into the fused forms onnxruntime's CPU kernels run in one go:
 
 onnxscript's own SDPA/MHA rules (`ort_fusions.sdpa`, `mha`) cover the padding-mask form only
 with an expanded [B, 1, S, T] float bias and do not match masked_fill or a packed QKV Split (GPT);
-the matcher here covers the three forms above with one walk. All three passes are exact: the fused
+the matcher here covers the three forms above with one walk. It stays a walk, not a rewrite
+rule of `slimgraph.passes.fuse_rules`: the core has optional parts (the scale, a second k
+Transpose) and three mask forms, so one pattern would be sixteen, each with the same checks
+across the whole core (q, k, v and mask shapes agree, no intermediate read elsewhere); the walk
+reports every Softmax it leaves with the step that failed, where a pattern's structural
+mismatches carry no reason; and `prune-heads` reuses the match (`match_attention`) without
+rewriting.
+`pack-attention` (three projections or one packed MatMul + Split) and `residual-sum` (an Add
+chosen by who reads it, a LayerNormalization, while the residual stream reads it too) are loops
+for the same reasons. fuse-skip-layernorm and fuse-bias-gelu apply onnxscript's rule sets through
+`fuse_rules.run_rules`, so their checks' reasons are recorded too. All passes are exact: the fused
 kernels compute the same arithmetic up to float rounding (verified at rtol 1e-4). The output is
 onnxruntime-only (contrib ops), which is why fuse-attention and fuse-bias-gelu form the
 `transformer` preset, not `lossless`.
@@ -42,15 +52,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnxscript.rewriter.pattern import RewriteRuleSet
 
 from slimgraph.passes._graph_utils import is_onnx_op, replace_output
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.fuse_rules import run_rules
 from slimgraph.passes.registry import register_pass
 
 __all__ = [
@@ -292,10 +304,6 @@ def match_attention(softmax: ir.Node) -> AttentionMatch:
                           nodes=nodes, **fields)  # type: ignore[arg-type]
 
 
-def _const(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
-    return add_initializer(graph, hint, array)
-
-
 class _MaskCache:
     """One reduced mask per source mask (layers sharing a mask share its reduction)."""
 
@@ -303,7 +311,10 @@ class _MaskCache:
         self.graph, self.names = graph, names
         self.done: dict[tuple[str, int, bool, float], ir.Value] = {}
 
-    def _add(self, before: ir.Node, op: str, inputs: list[ir.Value], **attrs: object) -> ir.Value:
+    def _const(self, base: str, array: np.ndarray) -> ir.Value:
+        return add_initializer(self.graph, base, array, names=self.names)
+
+    def _add(self, before: ir.Node, op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
         node = ir.node(op, inputs, attributes=attrs, name=self.names.fresh(f"attention_mask_{op}"))
         node.outputs[0].name = self.names.fresh(f"attention_mask_{op.lower()}")
         self.graph.insert_before(before, node)
@@ -315,7 +326,7 @@ class _MaskCache:
         assert cond is not None
         key = ("padding", id(cond), match.mask_keep, match.fill)
         if key not in self.done:
-            shape = _const(self.graph, np.array([0, -1], np.int64), "attention_mask_2d")
+            shape = self._const("attention_mask_2d", np.array([0, -1], np.int64))
             flat = self._add(first, "Reshape", [cond, shape])
             if not match.mask_keep:
                 flat = self._add(first, "Not", [flat])
@@ -332,10 +343,10 @@ class _MaskCache:
         if key not in self.done:
             if match.mask_kind == "fill":
                 dtype = match.q.dtype.numpy() if match.q.dtype is not None else np.float32
-                fill = _const(self.graph, np.array(match.fill, dtype), "attention_mask_fill")
-                zero = _const(self.graph, np.array(0, dtype), "attention_mask_zero")
+                fill = self._const("attention_mask_fill", np.array(match.fill, dtype))
+                zero = self._const("attention_mask_zero", np.array(0, dtype))
                 source = self._add(first, "Where", [source, fill, zero])
-            axes = _const(self.graph, np.array([0, 1], np.int64), "attention_mask_axes")
+            axes = self._const("attention_mask_axes", np.array([0, 1], np.int64))
             self.done[key] = self._add(first, "Unsqueeze", [source, axes])  # type: ignore[index]
         return self.done[key]  # type: ignore[index]
 
@@ -343,7 +354,7 @@ class _MaskCache:
 def _rewrite(graph: ir.Graph, match: AttentionMatch, masks: _MaskCache, names: Names) -> None:
     first = match.nodes[-1]  # insert just before the head-merge Reshape: all inputs exist there
     inputs: list[ir.Value | None] = [match.q, match.k, match.v]
-    attrs: dict[str, object] = {"num_heads": match.heads, "scale": float(match.scale)}
+    attrs: dict[str, Any] = {"num_heads": match.heads, "scale": float(match.scale)}
     if match.mask_kind == "padding":
         inputs += [None, masks.padding(match, first)]
         attrs["mask_filter_value"] = float(match.fill)
@@ -354,7 +365,7 @@ def _rewrite(graph: ir.Graph, match: AttentionMatch, masks: _MaskCache, names: N
                    name=names.fresh(f"{merge.name or 'attention'}_mha"))
     node.metadata_props.update(match.softmax.metadata_props)
     out = node.outputs[0]
-    out.dtype, out.shape = match.output.dtype, match.output.shape
+    out.type, out.shape = match.output.type, match.output.shape
     graph.insert_before(first, node)
     replace_output(match.output, out)
 
@@ -391,12 +402,16 @@ class FuseAttentionPass(SlimgraphPass):
         return TransformerFusionResult(model, bool(count), skipped=skipped, fused=fused)
 
 
-def _onnxscript_fusion(model: ir.Model, rules: object, label: str) -> TransformerFusionResult:
-    count = rules.apply_to_model(model)  # type: ignore[attr-defined]
+def _onnxscript_fusion(
+    model: ir.Model, rules: RewriteRuleSet, label: str
+) -> TransformerFusionResult:
+    """Apply one of onnxscript's rule sets; its checks' reasons become the skipped records."""
+    count, skipped = run_rules(model, rules)
     if count:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         common.RemoveUnusedNodesPass()(model)
-    return TransformerFusionResult(model, bool(count), fused={label: count} if count else {})
+    fused = {label: count} if count else {}
+    return TransformerFusionResult(model, bool(count), skipped=skipped, fused=fused)
 
 
 @register_pass("fuse-skip-layernorm", exact=True)
@@ -558,7 +573,7 @@ class PackAttentionPass(SlimgraphPass):
                            name=names.fresh(f"{mha.name or 'attention'}_packed"))
             node.metadata_props.update(mha.metadata_props)
             out = node.outputs[0]
-            out.dtype, out.shape = mha.outputs[0].dtype, mha.outputs[0].shape
+            out.type, out.shape = mha.outputs[0].type, mha.outputs[0].shape
             graph.insert_before(mha, node)
             replace_output(mha.outputs[0], node.outputs[0])
             count += 1
@@ -607,7 +622,7 @@ class ResidualSumPass(SlimgraphPass):
         for node in [n for n in graph if _residual_add(n)]:
             total = ir.node("Sum", list(node.inputs), name=node.name, doc_string=node.doc_string)
             total.metadata_props.update(node.metadata_props)
-            total.outputs[0].dtype = node.outputs[0].dtype
+            total.outputs[0].type = node.outputs[0].type
             total.outputs[0].shape = node.outputs[0].shape
             graph.insert_before(node, total)
             replace_output(node.outputs[0], total.outputs[0])

@@ -3,14 +3,11 @@
 BatchNormalization is an affine map per channel: `BN(y) = s * y + t` with
 `s = gamma / sqrt(var + eps)` and `t = beta - mean * s`. A layer `y = W x + b` followed by a
 per-channel affine map `s * y + t` is the layer with `W' = s (per output channel) * W` and
-`b' = s * b + t`. Where the output channels sit in W depends on the op:
+`b' = s * b + t`. Where the output channels sit in W is the op's `OpLayout` (the one per-op table,
+`slimgraph.ir.layout`): Conv axis 0; ConvTranspose axis 1 within each group; Gemm axis 1 of B
+(axis 0 with transB=1); a 2-D MatMul's constant right operand axis 1.
 
-- Conv: weight `(C_out, C_in / group, k...)`: axis 0.
-- ConvTranspose: weight `(C_in, C_out / group, k...)`: output channel `g * (C_out/group) + j`
-  is column `j` of the rows of group `g` (axis 1 within each group).
-- Gemm: `Y = alpha * A' B' + beta * C` with `B' = B^T if transB`: axis 1 of B, or axis 0 of B when
-  transB=1.
-- MatMul (2-D, constant right operand B of shape (K, N)): axis 1.
+Everything is computed in float64 and cast back to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -19,8 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from slimgraph.ir.layout import OpLayout
+
 __all__ = [
     "batchnorm_affine",
+    "channel_vector",
     "scale_output_channels",
     "pad_to_conv_pads",
     "compose_permutations",
@@ -36,37 +36,63 @@ def batchnorm_affine(
     return scale, shift
 
 
+def channel_vector(
+    const: np.ndarray, rank: int, channel_axis: int, channels: int
+) -> np.ndarray | None:
+    """`const` as one float64 value per channel, or None.
+
+    None unless broadcasting `const` against a rank-`rank` output varies only along
+    `channel_axis` (or not at all) and does not grow the output's shape.
+    """
+    if const.ndim > rank:
+        return None
+    shape = (1,) * (rank - const.ndim) + const.shape
+    for axis, dim in enumerate(shape):
+        if axis == channel_axis:
+            if dim not in (1, channels):
+                return None
+        elif dim != 1:
+            return None
+    flat = const.reshape(-1)
+    if flat.size not in (1, channels):
+        return None
+    return np.broadcast_to(flat, (channels,)).astype(np.float64)
+
+
 def scale_output_channels(
-    weight: np.ndarray, scale: np.ndarray, op_type: str, *, group: int = 1, trans_b: bool = False
+    weight: np.ndarray, scale: np.ndarray, op_layout: OpLayout
 ) -> np.ndarray:
     """`weight` with output channel `c` multiplied by `scale[c]`, in the weight's dtype.
 
+    Args:
+        weight: the op's weight, laid out as `op_layout` says (group and transB resolved, as
+            `slimgraph.ir.layout.layout(node)` returns it).
+        scale: one factor per output channel.
+        op_layout: where the output channels are.
+
     Raises:
-        ValueError: `scale` does not have one entry per output channel.
+        ValueError: the layout has no output-channel axis, or `scale` does not have one entry
+            per output channel, or a grouped weight's rows do not split into the groups.
     """
     scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    axis, group = op_layout.out_axis, op_layout.group
+    channels = op_layout.out_channels(weight.shape)
+    if axis is None or channels is None or scale.size != channels:
+        raise ValueError(
+            f"{scale.size} scales for a {op_layout.op_type} weight {list(weight.shape)}"
+            + (f" with group {group}" if group != 1 else "")
+        )
     w = weight.astype(np.float64)
-    if op_type == "Conv":
-        if scale.size != w.shape[0]:
-            raise ValueError(f"{scale.size} scales for {w.shape[0]} output channels")
-        out = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif op_type == "ConvTranspose":
-        c_in, per_group = w.shape[0], w.shape[1]
-        if group < 1 or c_in % group or scale.size != per_group * group:
-            raise ValueError(
-                f"{scale.size} scales for a ConvTranspose weight {list(w.shape)} with group {group}"
-            )
-        kernel = w.shape[2:]
-        grouped = w.reshape((group, c_in // group, per_group) + kernel)
-        factors = scale.reshape((group, 1, per_group) + (1,) * len(kernel))
+    if group > 1 and axis != 0:
+        # ConvTranspose (C_in, C_out / group, k...): group g's rows own channels g * C_out/group...
+        if w.shape[0] % group:
+            raise ValueError(f"a {op_layout.op_type} weight {list(w.shape)} with group {group}")
+        grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+        spread = tuple(-1 if a == axis else 1 for a in range(1, w.ndim))
+        factors = scale.reshape((group, 1) + spread)
         out = (grouped * factors).reshape(w.shape)
-    elif op_type in ("Gemm", "MatMul"):
-        axis = 0 if (op_type == "Gemm" and trans_b) else 1
-        if w.ndim != 2 or scale.size != w.shape[axis]:
-            raise ValueError(f"{scale.size} scales for a {op_type} weight {list(w.shape)}")
-        out = w * (scale.reshape(-1, 1) if axis == 0 else scale.reshape(1, -1))
     else:
-        raise ValueError(f"no output-channel layout known for {op_type}")
+        out = w * scale.reshape(tuple(-1 if a == axis else 1 for a in range(w.ndim)))
     return out.astype(weight.dtype)
 
 

@@ -35,7 +35,6 @@ __all__ = [
     "WeightQuantizePass",
     "WeightWriter",
     "working_copy",
-    "new_constant",
     "bias_add_after",
     "bias_of",
     "content_key",
@@ -132,7 +131,7 @@ class WeightWriter:
         return self.names.fresh(base)
 
     def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-        return new_constant(self.graph, base, array, self.names)
+        return add_initializer(self.graph, base, array, names=self.names)
 
     @staticmethod
     def _props(node: ir.Node) -> dict[str, str] | None:
@@ -151,16 +150,6 @@ def working_copy(
     if opset_version(model) < minimum:
         return upgrade_opset(model, target)
     return copy_model(model)
-
-
-def new_constant(
-    graph: ir.Graph, base: str, array: np.ndarray | ir.TensorProtocol, names: Names
-) -> ir.Value:
-    """`_kit.add_initializer` for quantization parameters, which are often 0-d (a per-tensor
-    scale): the array is wrapped as a tensor as it is (the kit's own copy through
-    `np.ascontiguousarray` turns a 0-d array into shape [1], which changes the model)."""
-    tensor = ir.tensor(array) if isinstance(array, np.ndarray) else array
-    return add_initializer(graph, base, tensor, names=names)
 
 
 def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:

@@ -22,9 +22,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
-from slimgraph.passes._kit import Names
+from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize._weights import new_constant
 from slimgraph.passes.quantize.policy import BiasAnnotation, QuantPlan
 from slimgraph.runtime.histogram import TensorStats, calibrated_range
 from slimgraph.runtime.quant_math import (
@@ -176,7 +175,7 @@ class QDQPass(SlimgraphFunctionalPass):
             dequantized = _dequantize(quantized, params)
             result.weights[annotation.value] = params
             result.weight_sqnr_db[annotation.value] = _weight_sqnr(array, dequantized)
-            q_init = new_constant(graph, f"{annotation.value}_quantized", quantized, names)
+            q_init = add_initializer(graph, f"{annotation.value}_quantized", quantized, names=names)
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params,
                                                        dequantize_only=True)
             for node_name, index in annotation.uses:
@@ -203,7 +202,7 @@ class QDQPass(SlimgraphFunctionalPass):
             params = QParams(scale, np.zeros(scale.shape, np.int32), QuantSpec(
                 ir.DataType.INT32, True, axis))
             quantized = quantize_array(array, params)
-            q_init = new_constant(graph, f"{bias.value}_quantized", quantized, names)
+            q_init = add_initializer(graph, f"{bias.value}_quantized", quantized, names=names)
             scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params,
                                                        dequantize_only=True)
             dq = _dq_node(names, q_init, scale_init, zp_init, axis, f"{bias.value}{DQ_SUFFIX}")
@@ -256,10 +255,10 @@ def _qparam_initializers(
     zero_point = np.asarray(params.zero_point).astype(params.spec.dtype.numpy())
     if params.spec.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    scale_init = new_constant(graph, f"{base}_scale", scale, names)
+    scale_init = add_initializer(graph, f"{base}_scale", scale, names=names)
     if dequantize_only and params.spec.dtype.is_signed() and not zero_point.any():
         return scale_init, None
-    return scale_init, new_constant(graph, f"{base}_zero_point", zero_point, names)
+    return scale_init, add_initializer(graph, f"{base}_zero_point", zero_point, names=names)
 
 
 def _dq_node(

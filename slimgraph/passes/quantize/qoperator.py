@@ -23,9 +23,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from slimgraph.ir import copy_model
-from slimgraph.passes._kit import Names
+from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize._weights import new_constant
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN
 
 __all__ = ["QOperatorPass"]
@@ -60,7 +59,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
         return self.names.fresh(f"{base}_qop")
 
     def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        return new_constant(graph, f"{base}_qop", array, self.names)
+        return add_initializer(graph, f"{base}_qop", array, names=self.names)
 
     def _fill_zero_points(self, graph: ir.Graph) -> None:
         """Give every constant DequantizeLinear an explicit zero point (QDQ leaves out all-zero
