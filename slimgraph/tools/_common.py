@@ -26,7 +26,7 @@ import onnx_ir as ir
 from slimgraph import ir as sg_ir
 from slimgraph._tables import emit, to_json
 from slimgraph.errors import OutputPathError
-from slimgraph.runtime.budget import Budget, BudgetJudge
+from slimgraph.runtime.budget import Budget
 from slimgraph.runtime.metrics import Evaluation, LabelledData, load_data
 from slimgraph.tools.budget_args import describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
@@ -41,8 +41,6 @@ __all__ = [
     "add_model_arguments",
     "add_json_option",
     "output_paths",
-    "budget_lines",
-    "report_page",
     "Compression",
     "Figures",
 ]
@@ -89,31 +87,6 @@ def output_paths(
         if path is not None and _same_file(target, Path(path)):
             raise OutputPathError(f"{target}: refusing to write over {what}")
     return source, target
-
-
-def budget_lines(
-    judge: BudgetJudge | None, evaluation: Evaluation | None, search: Any = None
-) -> list[str]:
-    """The lines a command prints when the accuracy budget held: the search's summary (when a
-    search ran) and the measured figures; none without a budget or an evaluation."""
-    if judge is None or evaluation is None:
-        return []
-    return ([] if search is None else [search.summary()]) + [describe_evaluation(evaluation, judge)]
-
-
-def report_page(
-    args: argparse.Namespace,
-    title: str,
-    *,
-    summary: dict[str, object],
-    plots: Sequence[dict[str, object]],
-    tables: Sequence[dict[str, object]],
-    result: dict[str, object],
-) -> dict[str, object]:
-    """The `--report` dict (tools.report schema): `title` plus MODEL's file name as heading, the
-    command as typed, and the command's figures, plots, tables and JSON result."""
-    return {"title": f"{title} {Path(args.model).name}", "command": command_line(args),
-            "summary": summary, "plots": list(plots), "tables": list(tables), "result": result}
 
 
 class Compression:
@@ -191,3 +164,26 @@ class Compression:
             write_report(self.report_dir, page(figures), text=text)
         emit(to_json(data) if self.args.json else text)
         return 0
+
+    def budget_lines(self, evaluation: Evaluation | None, search: Any = None) -> list[str]:
+        """The lines a command prints when the accuracy budget held: the search's summary (when
+        a search ran) and the measured figures; none without a budget or an evaluation."""
+        if self.judge is None or evaluation is None:
+            return []
+        searched = [] if search is None else [search.summary()]
+        return searched + [describe_evaluation(evaluation, self.judge)]
+
+    def page(
+        self,
+        title: str,
+        *,
+        summary: dict[str, object],
+        plots: Sequence[dict[str, object]],
+        tables: Sequence[dict[str, object]],
+        result: dict[str, object],
+    ) -> dict[str, object]:
+        """The `--report` dict (tools.report schema): `title` and MODEL's file name as heading,
+        the command as typed, and the command's figures, plots, tables and JSON result."""
+        return {"title": f"{title} {self.source.name}", "command": command_line(self.args),
+                "summary": summary, "plots": list(plots), "tables": list(tables),
+                "result": result}

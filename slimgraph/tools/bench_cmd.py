@@ -12,9 +12,9 @@ import argparse
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._tables import emit, format_shape, to_json
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
-from slimgraph.tools.tables import emit, format_shape, to_json
 
 __all__ = ["register"]
 

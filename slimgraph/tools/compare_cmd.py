@@ -22,9 +22,9 @@ import onnxruntime as ort
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime import metrics
-from slimgraph.tools.tables import emit, to_json
 
 __all__ = [
     "register", "open_session", "positive_int", "ORT_ERRORS", "first_line", "random_data_note",

@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 from slimgraph import ir as sg_ir
+from slimgraph._tables import emit, format_bytes, render_fields, to_json
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass
-from slimgraph.tools.tables import emit, format_bytes, render_fields, to_json
 
 __all__ = ["register", "run"]
 

@@ -29,12 +29,12 @@ import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._tables import emit, format_bytes, render_table, to_json
 from slimgraph.errors import OutputPathError
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.prune import prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime.finetune import finetune_with_report
-from slimgraph.tools.tables import emit, format_bytes, render_table, to_json
 
 __all__ = ["register", "run", "bundled", "STAGES"]
 

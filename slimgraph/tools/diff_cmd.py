@@ -10,8 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from slimgraph import ir as sg_ir
-from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
-from slimgraph.tools.tables import (
+from slimgraph._tables import (
     emit,
     format_bytes,
     format_count,
@@ -20,6 +19,7 @@ from slimgraph.tools.tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
 

@@ -15,14 +15,7 @@ from slimgraph._tables import format_count, format_ratio, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
 from slimgraph.runtime import iter_batches
-from slimgraph.tools._common import (
-    Compression,
-    Figures,
-    add_json_option,
-    add_model_arguments,
-    budget_lines,
-    report_page,
-)
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -121,13 +114,13 @@ def run(args: argparse.Namespace) -> int:
     search = report.budget_search
     lines = [f"wrote {job.target}", format_report(report)]
     if search is not None and report.evaluation:
-        lines += budget_lines(job.judge, report.evaluation, search)
-    return job.finish(result, "\n".join(lines), lambda figures: _page(args, result, report,
+        lines += job.budget_lines(report.evaluation, search)
+    return job.finish(result, "\n".join(lines), lambda figures: _page(job, result, report,
                                                                      figures))
 
 
 def _page(
-    args: argparse.Namespace, data: dict[str, object], report: FactorizeReport, figures: Figures
+    job: Compression, data: dict[str, object], report: FactorizeReport, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): per-layer ranks, figures before/after."""
     summary: dict[str, object] = {"factorized layers": len(report.layers),
@@ -155,7 +148,7 @@ def _page(
                        r.weight_error, r.output_sqnr_db] for r in report.layers]}
     skipped = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
                "rows": [[s.node, s.op_type, s.reason] for s in report.skipped]}
-    return report_page(args, "Factorize", summary=summary, plots=plots,
+    return job.page("Factorize", summary=summary, plots=plots,
                        tables=[table, skipped], result=data)  # fmt: skip
 
 

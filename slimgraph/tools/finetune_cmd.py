@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph import ir as sg_ir
+from slimgraph._tables import emit, render_table, to_json
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
@@ -26,7 +27,6 @@ from slimgraph.tools.report import (
     command_line,
     write_report,
 )
-from slimgraph.tools.tables import emit, render_table, to_json
 
 __all__ = ["register", "run", "format_report", "report_dict"]
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 
 from slimgraph import ir as sg_ir
-from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
-from slimgraph.tools.tables import (
+from slimgraph._tables import (
     emit,
     format_bytes,
     format_count,
@@ -18,6 +17,7 @@ from slimgraph.tools.tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "render_summary"]
 

@@ -16,7 +16,7 @@ from slimgraph._tables import emit, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count, optimize_report
 from slimgraph.runtime.metrics import load_data
-from slimgraph.tools._common import Compression, Figures, add_json_option, budget_lines
+from slimgraph.tools._common import Compression, Figures, add_json_option
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import add_report_option, command_line
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
          "nodes_after": after, "verified": args.verify}
     )
     text = "\n".join([_render(result, before, after, job.target, args.verify),
-                      *budget_lines(job.judge, result.evaluation)])  # fmt: skip
+                      *job.budget_lines(result.evaluation)])  # fmt: skip
     return job.finish(data_out, text, lambda figures: _page(args, data_out, result, figures))
 
 

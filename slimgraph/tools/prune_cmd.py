@@ -12,14 +12,7 @@ import argparse
 from slimgraph._tables import format_count, format_ratio, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
-from slimgraph.tools._common import (
-    Compression,
-    Figures,
-    add_json_option,
-    add_model_arguments,
-    budget_lines,
-    report_page,
-)
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -85,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
     job.write(pruned)
     data = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
     text = "\n".join([f"wrote {job.target}", format_report(report),
-                      *budget_lines(job.judge, report.evaluation)])  # fmt: skip
-    return job.finish(data, text, lambda figures: _page(args, data, report, figures))
+                      *job.budget_lines(report.evaluation)])  # fmt: skip
+    return job.finish(data, text, lambda figures: _page(job, data, report, figures))
 
 
 def _page(
-    args: argparse.Namespace, data: dict[str, object], report: PruneReport, figures: Figures
+    job: Compression, data: dict[str, object], report: PruneReport, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): channels kept per layer, figures before/after."""
     summary: dict[str, object] = {
@@ -124,7 +117,7 @@ def _page(
                        "producers", "note"], "rows": [[g.id, g.channels, g.kept,
                        ", ".join(g.producers), g.reason or ""] for g in report.groups]})
     plots.append(figures[1])
-    return report_page(args, "Prune", summary=summary, plots=plots, tables=tables, result=data)
+    return job.page("Prune", summary=summary, plots=plots, tables=tables, result=data)
 
 
 def format_report(report: PruneReport) -> str:

@@ -19,14 +19,7 @@ from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.runtime.histogram import METHODS
-from slimgraph.tools._common import (
-    Compression,
-    Figures,
-    add_json_option,
-    add_model_arguments,
-    budget_lines,
-    report_page,
-)
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -163,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if report is not None:
         lines.append(report.summary(top=args.top))
     if search is not None:
-        lines += budget_lines(job.judge, search.evaluation, search)
-    return job.finish(out, "\n".join(lines), lambda figures: _page(args, out, report, figures))
+        lines += job.budget_lines(search.evaluation, search)
+    return job.finish(out, "\n".join(lines), lambda figures: _page(job, out, report, figures))
 
 
 def _mode(args: argparse.Namespace) -> Mode:
@@ -191,7 +184,7 @@ def _written_format(model: ir.Model, requested: str) -> str:
 
 
 def _page(
-    args: argparse.Namespace, out: dict[str, object], report: QuantReport | None, figures: Figures
+    job: Compression, out: dict[str, object], report: QuantReport | None, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): sizes before/after and per-tensor SQNR bars."""
     summary: dict[str, object] = {"mode": f"{out['mode']} ({out['format']})", **figures[0]}
@@ -222,4 +215,4 @@ def _page(
             "rows": [[r.layer, r.node, r.kind, r.op_type, r.own_sqnr_db, r.sqnr_db]
                      for r in report.rows],
         })
-    return report_page(args, "Quantize", summary=summary, plots=plots, tables=tables, result=out)
+    return job.page("Quantize", summary=summary, plots=plots, tables=tables, result=out)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 from slimgraph import ir as sg_ir
+from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
-from slimgraph.tools.tables import emit, to_json
 
 __all__ = ["register", "run"]
 

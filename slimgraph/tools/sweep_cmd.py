@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph.tools.compare_cmd import positive_int
-from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
-from slimgraph.tools.sweep import SweepResult, sweep
-from slimgraph.tools.tables import (
+from slimgraph._tables import (
     emit,
     format_bytes,
     format_count,
@@ -22,6 +19,9 @@ from slimgraph.tools.tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools.compare_cmd import positive_int
+from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
+from slimgraph.tools.sweep import SweepResult, sweep
 
 __all__ = ["register", "run", "format_result", "report_page"]
 
