@@ -84,7 +84,7 @@ def output_paths(
     """
     source, target = Path(args.model), Path(args.output)
     for path, what in (str(source), "the input model"), *inputs:
-        if path is not None and _same_file(target, Path(path)):
+        if path and _same_file(target, Path(path)):
             raise OutputPathError(f"{target}: refusing to write over {what}")
     return source, target
 

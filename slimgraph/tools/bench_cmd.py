@@ -9,11 +9,13 @@ the same seed, so models with the same inputs see the same values.
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph._tables import emit, format_shape, to_json
 from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.tools._common import add_json_option
 from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
 
 __all__ = ["register"]
@@ -51,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="onnxruntime graph optimization level (default all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.json:
         data = result.to_dict()
-        for entry, path, shape in zip(data["models"], args.models, shapes, strict=True):
+        entries = cast(list[dict[str, object]], data["models"])
+        for entry, path, shape in zip(entries, args.models, shapes, strict=True):
             entry["path"] = path
             entry["inputs"] = shape
         data["batch"] = args.batch

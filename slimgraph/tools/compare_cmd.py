@@ -25,6 +25,7 @@ from slimgraph import runtime
 from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime import metrics
+from slimgraph.tools._common import add_json_option
 
 __all__ = [
     "register", "open_session", "positive_int", "ORT_ERRORS", "first_line", "random_data_note",
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -196,7 +197,7 @@ def open_session(
     """An onnxruntime session, or one clear line naming the model onnxruntime cannot load."""
     try:
         return runtime.create_session(model, threads=threads, optimization=optimization)
-    except (RuntimeError, *ORT_ERRORS) as error:
+    except (RuntimeError, *ORT_ERRORS) as error:  # type: ignore[misc]  # mypy: star in a tuple
         raise UnsupportedModelError(
             f"{label}: onnxruntime cannot load the model: {first_line(error)}"
         ) from None

@@ -35,6 +35,7 @@ from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.prune import prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime.finetune import finetune_with_report
+from slimgraph.tools._common import add_json_option
 
 __all__ = ["register", "run", "bundled", "STAGES"]
 
@@ -72,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="distillation epochs for the pruned model (default 5)")
     parser.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=1,
                         help="quantization-aware training epochs (default 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

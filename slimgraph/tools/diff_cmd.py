@@ -19,6 +19,7 @@ from slimgraph._tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools._common import add_json_option
 from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
@@ -95,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("a", metavar="A", help="the model before")
     parser.add_argument("b", metavar="B", help="the model after")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.add_argument(
         "--dim", action="append", metavar="NAME=VALUE", help="symbolic dimension value for MACs"
     )
@@ -124,7 +125,7 @@ def diff_summaries(a: ModelSummary, b: ModelSummary) -> ModelDiff:
         if a.opset.get(domain) != b.opset.get(domain)
     }
     before, after = a.initializers, b.initializers
-    initializers = {
+    initializers: dict[str, list] = {
         "added": [
             (n, after[n].dtype, after[n].shape) for n in sorted(after.keys() - before.keys())
         ],

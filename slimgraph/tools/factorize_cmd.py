@@ -141,12 +141,13 @@ def _page(
                        "output rank against the output channels.",
     }]
     plots.append(figures[1])
-    table = {"title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
+    table: dict[str, object] = {
+             "title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
              "params before", "params after", "weight error", "output SQNR dB"],
              "rows": [[r.layer, r.op_type, r.method, "x".join(str(d) for d in r.shape),
                        "/".join(str(k) for k in r.rank), r.params_before, r.params_after,
                        r.weight_error, r.output_sqnr_db] for r in report.layers]}
-    skipped = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
+    skipped: dict[str, object] = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
                "rows": [[s.node, s.op_type, s.reason] for s in report.skipped]}
     return job.page("Factorize", summary=summary, plots=plots,
                        tables=[table, skipped], result=data)  # fmt: skip

@@ -20,6 +20,7 @@ from slimgraph._tables import emit, render_table, to_json
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
+from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
 from slimgraph.tools.report import (
     add_report_option,
@@ -42,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trained quantization-aware and keeps its op types and counts."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model to train")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser, "the .onnx model to train")
     parser.add_argument("--data", required=True, metavar="TRAIN.npz",
                         help="training data: the model's inputs (+ labels) stacked on axis 0")
     parser.add_argument("--labels", default="labels", metavar="KEY",
@@ -82,23 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed: same seed, same result")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bar (it shows only on a terminal anyway)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_budget_arguments(parser, data=False, labels=False, data_flag="--val",
                          reference="the teacher (else the input model)")
     add_report_option(parser, "the training curves")
     parser.set_defaults(handler=run)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
-
-
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.output)
-    for other, what in ((source, "the input model"),
-                        (Path(args.teacher) if args.teacher else None, "the teacher")):
-        if other is not None and _same_file(target, other):
-            raise OutputPathError(f"{target}: refusing to write over {what}")
+    source, target = output_paths(args, [(args.teacher, "the teacher")])
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{target}: the folder '{folder}' does not exist")

@@ -17,6 +17,7 @@ from slimgraph._tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools._common import add_json_option, add_model_arguments
 from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "render_summary"]
@@ -28,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="nodes, op histogram, parameters, size, MACs, inputs/outputs, opset",
         description="Summarize an ONNX model without reading its weights.",
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx file")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_model_arguments(parser, "the .onnx file", output=False)
+    add_json_option(parser)
     parser.add_argument(
         "--dim",
         action="append",

@@ -189,7 +189,7 @@ def _page(
     """The report dict (tools.report schema): sizes before/after and per-tensor SQNR bars."""
     summary: dict[str, object] = {"mode": f"{out['mode']} ({out['format']})", **figures[0]}
     plots: list[dict[str, object]] = [figures[1]]
-    tables = []
+    tables: list[dict[str, object]] = []
     if report is not None:
         summary["quantized nodes"] = f"{report.quantized_nodes} ({report.float_nodes} float)"
         summary["output cosine"] = f"{report.outputs.worst_cosine:.5f}"

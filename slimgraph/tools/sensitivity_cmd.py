@@ -15,6 +15,7 @@ from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
+from slimgraph.tools._common import add_json_option, add_model_arguments
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
 __all__ = ["register", "run"]
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Layers are listed most sensitive first; the node column is what --exclude takes."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the float .onnx model")
+    add_model_arguments(parser, "the float .onnx model", output=False)
     parser.add_argument("--data", metavar="VAL.npz", required=True,
                         help="validation data: input names stacked on axis 0, optional labels")
     parser.add_argument("--labels", metavar="KEY", default=DEFAULT_LABELS,
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left out")
     add_report_option(parser, "the per-layer sensitivity table and bar chart")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

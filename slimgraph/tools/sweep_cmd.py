@@ -19,6 +19,7 @@ from slimgraph._tables import (
     render_table,
     to_json,
 )
+from slimgraph.tools._common import add_json_option, add_model_arguments
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.sweep import SweepResult, sweep
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "metric (accuracy with labels, else output cosine)."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
+    add_model_arguments(parser, "the input .onnx model (never modified)", output=False)
     parser.add_argument("--grid", required=True, metavar="GRID.yaml",
                         help="step -> values to try, in the order the steps run")
     parser.add_argument("--data", required=True, metavar="VAL.npz",
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=positive_int, default=32,
                         help="rows of --data per timed run (default 32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_report_option(parser, "every candidate and a plot of the Pareto front")
     parser.set_defaults(handler=run)
 
