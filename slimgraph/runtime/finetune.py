@@ -42,6 +42,7 @@ from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.runtime.feeds import input_specs
 from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
 from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.torch_backend._options import KD_KINDS, SCHEMES, TrainOptions
 
 if TYPE_CHECKING:
     from slimgraph.runtime.torch_backend._train import EpochRecord, History
@@ -59,10 +60,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Kept here too (without importing torch) so options are checked before torch loads.
-KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
-SCHEMES: tuple[str, ...] = ("offline", "online", "self")
 
 ModelLike = ir.Model | str | os.PathLike[str]
 DataLike = (
@@ -367,23 +364,23 @@ class FinetuneOptions:
     teacher: ModelLike | None = None
     kd: str | Sequence[str] = ("response",)
     scheme: str = "offline"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    temperature: float = 4.0
-    alpha: float = 0.5
+    epochs: int = TrainOptions.epochs
+    batch_size: int = TrainOptions.batch_size
+    lr: float = TrainOptions.lr
+    optimizer: str = TrainOptions.optimizer
+    weight_decay: float = TrainOptions.weight_decay
+    schedule: str = TrainOptions.schedule
+    temperature: float = TrainOptions.temperature
+    alpha: float = TrainOptions.alpha
     feature_layers: Sequence[str] | None = None
-    feature_weight: float = 1.0
+    feature_weight: float = TrainOptions.feature_weight
     relation_layer: str | None = None
-    relation_weights: tuple[float, float] = (1.0, 2.0)
-    ema_decay: float = 0.99
+    relation_weights: tuple[float, float] = TrainOptions.relation_weights
+    ema_decay: float = TrainOptions.ema_decay
     val: DataLike | None = None
-    seed: int = 0
+    seed: int = TrainOptions.seed
     learn_scales: bool = False
-    progress: bool | None = None
+    progress: bool | None = TrainOptions.progress
     on_epoch: Callable[[EpochRecord], None] | None = None
 
     @classmethod
@@ -449,18 +446,13 @@ def _finetune(
         StreamBatches,
         Taps,
         Teacher,
-        TrainOptions,
         Validation,
         train,
     )
 
-    options = TrainOptions(
-        epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, optimizer=o.optimizer,
-        weight_decay=o.weight_decay, schedule=o.schedule, seed=o.seed, temperature=o.temperature,
-        alpha=o.alpha, feature_weight=o.feature_weight,
-        relation_weights=(float(o.relation_weights[0]), float(o.relation_weights[1])),
-        ema_decay=o.ema_decay, progress=o.progress,
-    )  # fmt: skip
+    trained_by = {f.name: getattr(o, f.name) for f in dataclasses.fields(TrainOptions)}
+    trained_by["relation_weights"] = (float(o.relation_weights[0]), float(o.relation_weights[1]))
+    options = TrainOptions(**trained_by)
     options.check()
     student_model = _as_model(model, "model")
     teacher_model = None if o.teacher is None else _as_model(o.teacher, "teacher")
