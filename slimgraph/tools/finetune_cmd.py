@@ -22,12 +22,7 @@ from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
 from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
-from slimgraph.tools.report import (
-    add_report_option,
-    check_report_dir,
-    command_line,
-    write_report,
-)
+from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
 __all__ = ["register", "run", "format_report", "report_dict"]
 

@@ -11,14 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph._tables import (
-    emit,
-    format_bytes,
-    format_count,
-    format_ratio,
-    render_table,
-    to_json,
-)
+from slimgraph._tables import emit, format_bytes, format_count, format_ratio, render_table, to_json
 from slimgraph.tools._common import add_json_option, add_model_arguments
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
