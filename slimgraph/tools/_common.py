@@ -40,6 +40,7 @@ from slimgraph.tools.report import (
 __all__ = [
     "add_model_arguments",
     "add_json_option",
+    "print_result",
     "output_paths",
     "Compression",
     "Figures",
@@ -62,6 +63,12 @@ def add_model_arguments(
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """Add `--json`: print one JSON object instead of the text."""
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def print_result(args: argparse.Namespace, data: object, text: str) -> int:
+    """Print `data` as one JSON object with `--json`, else `text`; returns the exit code 0."""
+    emit(to_json(data) if args.json else text)
+    return 0
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -162,8 +169,7 @@ class Compression:
             figures = before_after(model_figures(self.model, self.source),
                                    model_figures(after, self.target))  # fmt: skip
             write_report(self.report_dir, page(figures), text=text)
-        emit(to_json(data) if self.args.json else text)
-        return 0
+        return print_result(self.args, data, text)
 
     def budget_lines(self, evaluation: Evaluation | None, search: Any = None) -> list[str]:
         """The lines a command prints when the accuracy budget held: the search's summary (when

@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 from slimgraph import ir as sg_ir
 from slimgraph._tables import (
-    emit,
     format_bytes,
     format_count,
     format_ratio,
     format_shape,
     render_table,
-    to_json,
 )
-from slimgraph.tools._common import add_json_option
+from slimgraph.tools._common import add_json_option, print_result
 from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
@@ -108,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     a = summarize(sg_ir.load(args.a), args.a, dims=dims)
     b = summarize(sg_ir.load(args.b), args.b, dims=dims)
     result = diff_summaries(a, b)
-    emit(to_json(result.to_dict()) if args.json else render_diff(result))
-    return 0
+    return print_result(args, result.to_dict(), render_diff(result))
 
 
 def diff_summaries(a: ModelSummary, b: ModelSummary) -> ModelDiff:

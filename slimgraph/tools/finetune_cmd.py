@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph import ir as sg_ir
-from slimgraph._tables import emit, render_table, to_json
+from slimgraph._tables import render_table
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
-from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths
+from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths, print_result
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
@@ -131,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if report_dir is not None:  # the page renders before anything is written
         write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
     sg_ir.save(trained, target)
-    emit(to_json(data) if args.json else text)
-    return 0
+    return print_result(args, data, text)
 
 
 def _metric(value: float | None, name: str | None) -> str:

@@ -9,15 +9,13 @@ import argparse
 
 from slimgraph import ir as sg_ir
 from slimgraph._tables import (
-    emit,
     format_bytes,
     format_count,
     format_shape,
     render_fields,
     render_table,
-    to_json,
 )
-from slimgraph.tools._common import add_json_option, add_model_arguments
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "render_summary"]
@@ -44,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     model = sg_ir.load(args.model)
     summary = summarize(model, args.model, dims=dims)
-    emit(to_json(summary.to_dict()) if args.json else render_summary(summary))
-    return 0
+    return print_result(args, summary.to_dict(), render_summary(summary))
 
 
 def render_summary(summary: ModelSummary) -> str:

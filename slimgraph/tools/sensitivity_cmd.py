@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 
 from slimgraph import ir as sg_ir
-from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
-from slimgraph.tools._common import add_json_option, add_model_arguments
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
 __all__ = ["register", "run"]
@@ -69,6 +68,4 @@ def run(args: argparse.Namespace) -> int:
         report = {**table.report(), "command": command_line(args), "model": args.model,
                   "data": args.data}
         write_report(folder, report, text=text)
-    emit(to_json({"model": args.model, "data": args.data, **table.to_dict()}) if args.json
-         else text)
-    return 0
+    return print_result(args, {"model": args.model, "data": args.data, **table.to_dict()}, text)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph._tables import emit, format_bytes, format_count, format_ratio, render_table, to_json
-from slimgraph.tools._common import add_json_option, add_model_arguments
+from slimgraph._tables import format_bytes, format_count, format_ratio, render_table
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.sweep import SweepResult, sweep
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if report_dir is not None:
         page = report_page(result, command_line(args), Path(args.model).name)
         write_report(report_dir, {**page, "result": data}, text=text)
-    emit(to_json(data) if args.json else text)
+    print_result(args, data, text)
     failed = sum(c.status != "ok" for c in result.candidates)
     return 1 if failed == len(result.candidates) else 0
 
