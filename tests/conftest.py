@@ -1,34 +1,16 @@
-"""Shared fixtures: third-party ONNX architectures and torch models exported once per session."""
+"""Shared fixtures: the onnx package's light zoo and the torch models of `tests.models`.
+
+Builders and assertions live in `tests.kit`; fixtures only parametrize over them.
+"""
 
 from __future__ import annotations
 
-import glob
-import os
 from pathlib import Path
 
-import onnx
-import onnx_ir as ir
 import pytest
 
 from tests import models as test_models
-
-ZOO_DIR = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data" / "light"
-ZOO_FILES = sorted(Path(p) for p in glob.glob(str(ZOO_DIR / "*.onnx")))
-ZOO_IDS = [p.stem.removeprefix("light_") for p in ZOO_FILES]
-
-
-def exported_model(name: str) -> ir.Model:
-    """A fresh copy of the torch model `name` exported to ONNX (exported once per session)."""
-    if name not in _EXPORTED:
-        from slimgraph.ir import from_torch
-
-        _EXPORTED[name] = ir.to_proto(
-            from_torch(test_models.build(name), test_models.example_input(name))
-        )
-    return ir.from_proto(_EXPORTED[name])
-
-
-_EXPORTED: dict[str, object] = {}
+from tests.kit.data import ZOO_FILES, ZOO_IDS
 
 
 @pytest.fixture(params=ZOO_FILES, ids=ZOO_IDS)
@@ -39,4 +21,5 @@ def zoo_path(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(params=sorted(test_models.TORCH_MODELS))
 def torch_model_name(request: pytest.FixtureRequest) -> str:
+    """The name of each torch model of `tests.models.TORCH_MODELS`."""
     return request.param

@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import InvalidModelError
+from slimgraph.ir.layout import layout
 
 __all__ = [
     "dataflow_graph",
@@ -25,24 +26,10 @@ __all__ = [
     "with_static_shapes",
     "node_macs",
     "model_macs",
-    "WEIGHT_INPUTS",
     "check_finite_weights",
 ]
 
 logger = logging.getLogger(__name__)
-
-# For ops with learned parameters: which inputs are the weight and the bias.
-WEIGHT_INPUTS: dict[str, tuple[int, int | None]] = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "Gemm": (1, 2),
-    "MatMul": (1, None),
-    "BatchNormalization": (1, 2),
-    "InstanceNormalization": (1, 2),
-    "LayerNormalization": (1, 2),
-    "Gather": (0, None),
-}
-
 
 def dataflow_graph(graph: ir.Graph) -> nx.MultiDiGraph:
     """A frozen networkx view of the dataflow: nodes are `ir.Node` objects, one edge per value use.
@@ -98,10 +85,10 @@ def node_weights(graph: ir.Graph) -> dict[ir.Node, NodeWeights]:
     """
     found: dict[ir.Node, NodeWeights] = {}
     for node in graph:
-        slots = WEIGHT_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if slots is None:
+        found_layout = layout(node)
+        if found_layout is None:
             continue
-        weight_index, bias_index = slots
+        weight_index, bias_index = found_layout.weight, found_layout.bias
         inputs = list(node.inputs)
         weight = _constant(inputs[weight_index]) if weight_index < len(inputs) else None
         if weight is None and node.op_type == "MatMul":
@@ -130,10 +117,8 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The value's shape if every dimension is a known integer, else None."""
     if value is None or value.shape is None:
         return None
-    dims = list(value.shape)
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
+    dims = [d for d in value.shape if isinstance(d, int)]
+    return tuple(dims) if len(dims) == len(value.shape) else None
 
 
 def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> ir.Model:
@@ -232,8 +217,9 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
             if small:
                 continue
             if tensor is not None:
-                value.type, value.shape = ir.TensorType(tensor.dtype), tensor.shape
-            graph.initializers.pop(value.name)
+                value.type = ir.TensorType(tensor.dtype)
+                value.shape = ir.Shape(tensor.shape.numpy())
+            graph.initializers.pop(_name(value))
             if value not in inputs:
                 graph.inputs.append(value)
         return ir.to_proto(model)
@@ -241,10 +227,16 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
         graph.inputs.clear()
         graph.inputs.extend(inputs)
         for value in list(graph.initializers.values()):
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(_name(value))
         for value, type_, shape in types:
             value.type, value.shape = type_, shape
             graph.initializers.add(value)
+
+
+def _name(initializer: ir.Value) -> str:
+    """An initializer's name (onnx_ir requires one to register it)."""
+    assert initializer.name is not None
+    return initializer.name
 
 
 def node_macs(node: ir.Node) -> int | None:
@@ -276,10 +268,10 @@ def node_macs(node: ir.Node) -> int | None:
         if a is None or b is None:
             return None
         trans_a = node.attributes.get_int("transA", 0)
-        trans_b = node.attributes.get_int("transB", 0)
         m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
-        n = b[0] if trans_b else b[1]
-        return m * k * n
+        gemm = layout(node)
+        n = gemm.out_channels(b) if gemm is not None else None  # B' = B^T with transB
+        return None if n is None else m * k * n
     if op == "MatMul":
         a = static_shape(node.inputs[0])
         b = static_shape(node.inputs[1])
@@ -332,9 +324,10 @@ def check_finite_weights(model: ir.Model) -> None:
     """Refuse a model whose weights hold NaN or Inf, naming the tensor.
 
     Every float initializer is checked for NaN (never a meaningful weight); the weights and
-    biases of layers with learned parameters (`WEIGHT_INPUTS`) also for ±Inf. Other constants
-    may hold ±Inf on purpose (attention masks). Compressing such a model would hide the fault:
-    quantization turns NaN into a finite integer, so the result answers where the model gives NaN.
+    biases of layers with learned parameters (`slimgraph.ir.layout.LAYOUTS`) also for ±Inf.
+    Other constants may hold ±Inf on purpose (attention masks). Compressing such a model would
+    hide the fault: quantization turns NaN into a finite integer, so the result answers where the
+    model gives NaN.
 
     Raises:
         InvalidModelError: one line naming the tensor, the count and the first bad index.

@@ -1,21 +1,19 @@
-"""Small graph-editing helpers shared by the cleanup and fusion passes."""
+"""Small graph-rewiring helpers: op tests, bypassing a node, and the output-signature guard.
+
+Weight and constant mechanics (layouts, constants, names, initializers) live in
+`slimgraph.passes._kit`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import onnx_ir as ir
 
 __all__ = [
-    "Names",
     "is_onnx_op",
-    "constant_array",
     "single_consumer",
     "bypass",
     "replace_output",
     "opset_version",
-    "new_initializer",
     "OutputSignature",
     "output_signature",
     "restore_outputs",
@@ -26,18 +24,6 @@ _ONNX_DOMAINS = ("", "ai.onnx")
 
 def is_onnx_op(node: ir.Node, *op_types: str) -> bool:
     return node.domain in _ONNX_DOMAINS and node.op_type in op_types
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant input (initializer or folded constant), else None."""
-    if value is None or value.const_value is None:
-        return None
-    if value.is_graph_input():  # a default the user may override: not a constant
-        return None
-    try:
-        return value.const_value.numpy()
-    except Exception:  # noqa: BLE001 - unreadable external data, unsupported dtype
-        return None
 
 
 def single_consumer(value: ir.Value) -> ir.Node | None:
@@ -84,52 +70,6 @@ def bypass(node: ir.Node, source: ir.Value, output_index: int = 0) -> None:
     else:
         replace_output(old, source)
     graph.remove(node, safe=True)
-
-
-class Names:
-    """Fresh value, node and initializer names for `graph`: none clashes with a name already in
-    the graph, its subgraphs (ONNX forbids an inner name shadowing an outer one) or handed out."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used: set[str] = set(graph.initializers)
-        self.used.update(value.name for value in graph.inputs if value.name)
-        for node in graph.all_nodes():
-            if node.name:
-                self.used.add(node.name)
-            self.used.update(value.name for value in node.outputs if value.name)
-
-    def fresh(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`, ... : the first one not used yet (now used)."""
-        name, index = base, 1
-        while name in self.used:
-            name, index = f"{base}_{index}", index + 1
-        self.used.add(name)
-        return name
-
-
-def new_initializer(
-    graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, hint: str
-) -> ir.Value:
-    """Register `array` (or a tensor, shared, not copied) as an initializer with a fresh name
-    derived from `hint`."""
-    name = hint
-    index = 0
-    while name in graph.initializers:
-        index += 1
-        name = f"{hint}_{index}"
-    tensor = ir.tensor(array, name=name) if isinstance(array, np.ndarray) else array
-    value = ir.Value(name=name, const_value=tensor)
-    value.shape = ir.Shape(tensor.shape)
-    value.type = ir.TensorType(tensor.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def attr_value(node: ir.Node, name: str, default: Any = None) -> Any:
-    attr = node.attributes.get(name)
-    if attr is None:
-        return default
-    return attr.value
 
 
 # A graph output as the user sees it: its name, and its type and shape when they were known.
@@ -180,6 +120,9 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
             # Another value took the name (an inner value renamed by a rewrite): move it aside.
             if holder.is_graph_input() or holder.is_initializer():
                 continue  # cannot happen in a valid graph; leave it for the checker to name
+            # (imported here: the kit's pass imports `passes.base`, which imports this module)
+            from slimgraph.passes._kit import Names
+
             holder.name = Names(graph).fresh(f"{name}_inner")
         if renamable:
             value.name = name

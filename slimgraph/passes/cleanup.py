@@ -25,13 +25,8 @@ from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
-from slimgraph.passes._graph_utils import (
-    bypass,
-    constant_array,
-    is_onnx_op,
-    new_initializer,
-    opset_version,
-)
+from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
+from slimgraph.passes._kit import add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 
@@ -170,7 +165,7 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
                 hint = f"{hint}_value"
             else:
                 output.name = None  # the initializer takes it over
-            value = new_initializer(model.graph, array, hint)
+            value = add_initializer(model.graph, hint, array)
             bypass(node, value)
             count += 1
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
@@ -223,14 +218,14 @@ class CompactConstantsPass(SlimgraphPass):
             rows = _uniform_rows(array)
             if rows is None:
                 continue
-            shape = new_initializer(
-                graph, np.array(array.shape, dtype=np.int64), f"{name}_shape"
+            shape = add_initializer(
+                graph, f"{name}_shape", np.array(array.shape, dtype=np.int64)
             )
             if rows.size == 1:
                 fill = ir.tensor(rows.reshape(1))
                 node = ir.node("ConstantOfShape", [shape], attributes={"value": fill})
             else:  # one value per output channel (a uniform weight times a folded BN scale)
-                values = new_initializer(graph, rows, f"{name}_rows")
+                values = add_initializer(graph, f"{name}_rows", rows)
                 node = ir.node("Expand", [values, shape])
             graph.insert_before(graph[0], node)  # it has readers, so the graph has nodes
             out = node.outputs[0]

@@ -31,14 +31,8 @@ from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common import _fuse_batchnorm, _matmul_add_to_gemm
 
 from slimgraph.ir import metadata
-from slimgraph.passes._graph_utils import (
-    bypass,
-    constant_array,
-    is_onnx_op,
-    new_initializer,
-    replace_output,
-    single_consumer,
-)
+from slimgraph.passes._graph_utils import bypass, is_onnx_op, replace_output, single_consumer
+from slimgraph.passes._kit import add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.fuse_math import (
     batchnorm_affine,
@@ -217,10 +211,10 @@ class FuseBatchNormPass(SlimgraphPass):
             eps = bn.attributes.get_float("epsilon", 1e-5)
             scale, shift = batchnorm_affine(gamma, beta, mean, var, eps)  # type: ignore[arg-type]
             graph = bn.graph
-            new_w = new_initializer(
-                graph, scale_output_channels(weight, scale, "MatMul"), f"{w_value.name}_bn"
+            new_w = add_initializer(
+                graph, f"{w_value.name}_bn", scale_output_channels(weight, scale, "MatMul")
             )
-            new_b = new_initializer(graph, shift.astype(weight.dtype), f"{w_value.name}_bn_bias")
+            new_b = add_initializer(graph, f"{w_value.name}_bn_bias", shift.astype(weight.dtype))
             gemm = ir.node(
                 "Gemm", [x, new_w, new_b], name=source.name, doc_string=source.doc_string
             )
@@ -255,7 +249,7 @@ def _unshare_layer_params(model: ir.Model) -> None:
                 continue
             if value.is_graph_input() or all(use.node is layer for use in value.uses()):
                 continue
-            copy = new_initializer(graph, value.const_value, f"{value.name}_{layer.name or 'copy'}")
+            copy = add_initializer(graph, f"{value.name}_{layer.name or 'copy'}", value.const_value)
             layer.replace_input_with(index, copy)
 
 
@@ -373,7 +367,7 @@ class FoldAffinePass(SlimgraphPass):
             dtype = constant_array(layer.inputs[1]).dtype  # type: ignore[union-attr]
             for index, array in ((1, gamma), (2, beta)):
                 hint = f"{layer.inputs[index].name}_k"
-                layer.replace_input_with(index, new_initializer(graph, array.astype(dtype), hint))
+                layer.replace_input_with(index, add_initializer(graph, hint, array.astype(dtype)))
         else:
             weight = constant_array(layer.inputs[1])
             channels = _output_channels(layer)
@@ -408,8 +402,8 @@ class FoldAffinePass(SlimgraphPass):
                 bias64 = bias64 + (k if node.op_type == "Add" else -k)
             w_name = layer.inputs[1].name or "weight"
             if new_weight is not weight:
-                layer.replace_input_with(1, new_initializer(graph, new_weight, f"{w_name}_k"))
-            new_bias = new_initializer(graph, bias64.astype(weight.dtype), f"{w_name}_bias_k")
+                layer.replace_input_with(1, add_initializer(graph, f"{w_name}_k", new_weight))
+            new_bias = add_initializer(graph, f"{w_name}_bias_k", bias64.astype(weight.dtype))
             if len(layer.inputs) > 2:
                 layer.replace_input_with(2, new_bias)
             else:
@@ -483,14 +477,14 @@ class BatchNormToAffinePass(SlimgraphPass):
             base = bn.inputs[1].name or "bn"
             if self.form == "conv":
                 kernel = (gamma.size, 1) + (1,) * (len(x.shape) - 2)
-                w = new_initializer(graph, scale.reshape(kernel).astype(gamma.dtype), f"{base}_dw")
-                b = new_initializer(graph, shift.astype(gamma.dtype), f"{base}_dw_bias")
+                w = add_initializer(graph, f"{base}_dw", scale.reshape(kernel).astype(gamma.dtype))
+                b = add_initializer(graph, f"{base}_dw_bias", shift.astype(gamma.dtype))
                 new_nodes = [ir.node("Conv", [x, w, b], attributes={"group": gamma.size})]
             else:
                 s_array = scale.reshape(shape).astype(gamma.dtype)
                 t_array = shift.reshape(shape).astype(gamma.dtype)
-                s = new_initializer(graph, s_array, f"{base}_scale")
-                t = new_initializer(graph, t_array, f"{base}_shift")
+                s = add_initializer(graph, f"{base}_scale", s_array)
+                t = add_initializer(graph, f"{base}_shift", t_array)
                 mul = ir.node("Mul", [x, s], name=f"{bn.name}_mul" if bn.name else None)
                 mul.outputs[0].type = x.type
                 mul.outputs[0].shape = x.shape

@@ -48,13 +48,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from slimgraph.passes._graph_utils import (
-    Names,
-    constant_array,
-    is_onnx_op,
-    new_initializer,
-    replace_output,
-)
+from slimgraph.passes._graph_utils import is_onnx_op, replace_output
+from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 
@@ -298,7 +293,7 @@ def match_attention(softmax: ir.Node) -> AttentionMatch:
 
 
 def _const(graph: ir.Graph, array: np.ndarray, hint: str) -> ir.Value:
-    return new_initializer(graph, array, hint)
+    return add_initializer(graph, hint, array)
 
 
 class _MaskCache:
@@ -548,8 +543,8 @@ class PackAttentionPass(SlimgraphPass):
                 skipped.append(Skipped(mha.name or "", mha.op_type, str(reason)))
                 continue
             base = mha.name or "attention"
-            weight = new_initializer(graph, projection.weight, names.fresh(f"{base}_qkv_weight"))
-            bias = new_initializer(graph, projection.bias, names.fresh(f"{base}_qkv_bias"))
+            weight = add_initializer(graph, names.fresh(f"{base}_qkv_weight"), projection.weight)
+            bias = add_initializer(graph, names.fresh(f"{base}_qkv_bias"), projection.bias)
             mask = mha.inputs[4] if len(mha.inputs) > 4 else None
             attention_bias = mha.inputs[5] if len(mha.inputs) > 5 else None
             inputs: list[ir.Value | None] = [projection.source, weight, bias, mask]

@@ -41,10 +41,9 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, copy_model, layer_name, metadata
 from slimgraph.ir.analysis import check_finite_weights
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._kit import Names, add_initializer, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
-from slimgraph.passes.quantize._weights import constant_node_array
 
 __all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
 
@@ -317,7 +316,7 @@ class _Converter:
         if not out.is_graph_output():
             self.graph.remove(node, safe=True)
 
-    def _half_tensor(self, array: np.ndarray, name: str) -> ir.Tensor:
+    def _half_tensor(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
         array = np.asarray(array, np.float32)
         finite = np.isfinite(array)
         clipped = finite & (np.abs(array) > _FP16_MAX)
@@ -327,10 +326,7 @@ class _Converter:
 
     def _initializer(self, array: np.ndarray, base: str) -> ir.Value:
         name = self._name(f"{base}_fp16")
-        tensor = self._half_tensor(array, name)
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-        value.const_value = tensor
-        self.graph.register_initializer(value)
+        value = add_initializer(self.graph, name, self._half_tensor(array, name))
         self.half.add(id(value))
         self.result.converted_initializers += 1
         return value

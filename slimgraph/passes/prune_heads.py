@@ -34,7 +34,8 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import copy_model
-from slimgraph.passes._graph_utils import Names, constant_array, is_onnx_op, new_initializer
+from slimgraph.passes._graph_utils import is_onnx_op
+from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.fuse_attention import MS_DOMAIN, _NoMatch, match_attention
 from slimgraph.passes.pipeline import register_pass
@@ -215,13 +216,13 @@ def _slice(graph: ir.Graph, names: Names, w: _Weight, keep: np.ndarray) -> None:
     old = w.node.inputs[w.index]
     assert old is not None
     base = old.name or "weight"
-    new = new_initializer(graph, np.ascontiguousarray(np.take(array, keep, axis=w.axis)),
-                          names.fresh(f"{base}_heads"))
+    new = add_initializer(graph, names.fresh(f"{base}_heads"),
+                          np.ascontiguousarray(np.take(array, keep, axis=w.axis)))
     w.node.replace_input_with(w.index, new)
 
 
 def _shape_constant(graph: ir.Graph, names: Names, node: ir.Node, dims: list[int]) -> None:
-    value = new_initializer(graph, np.array(dims, np.int64), names.fresh("heads_shape"))
+    value = add_initializer(graph, names.fresh("heads_shape"), np.array(dims, np.int64))
     node.replace_input_with(1, value)
     node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
 
@@ -241,7 +242,7 @@ def _rewrite(graph: ir.Graph, names: Names, site: _Site, kept_heads: list[int]) 
         for w in {(id(w.node), w.index): w for w in site.qkv}.values():
             _slice(graph, names, dataclasses.replace(w, offset=0), packed)
         kept = len(keep)
-        sizes = new_initializer(graph, np.array([kept] * 3, np.int64), names.fresh("heads_split"))
+        sizes = add_initializer(graph, names.fresh("heads_split"), np.array([kept] * 3, np.int64))
         if len(site.split.inputs) > 1:
             site.split.replace_input_with(1, sizes)
         else:

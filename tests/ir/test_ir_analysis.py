@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.ir import analysis, load, save
-from tests.conftest import ZOO_DIR, exported_model
+from tests.kit.data import ZOO_DIR
+from tests.kit.exports import exported_model
 
 OPSET = [helper.make_opsetid("", 18)]
 
@@ -310,7 +311,7 @@ def test_model_macs_reads_no_external_data(tmp_path: Path) -> None:
 
 
 def test_static_shape_copy_leaves_weights_out_and_the_model_unchanged() -> None:
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     model = exported_model("resnet")
     before = ir.to_proto(model).SerializeToString()

@@ -15,7 +15,7 @@ from torch import nn
 import slimgraph as sg
 from slimgraph.ir import from_torch, io_shapes, restore_dim_names
 from slimgraph.runtime import create_session, run
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _dims(value: ir.Value) -> list[str]:

@@ -21,8 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from slimgraph.errors import BadInputError, InvalidModelError, ModelLoadError, UnsafeModelError
 from slimgraph.ir import load
 from slimgraph.runtime import create_session, run
-from tests.conftest import ZOO_DIR
-from tests.ir import ir_builders as b
+from tests.kit import protos
+from tests.kit.data import ZOO_DIR
+from tests.kit.files import folder_state, write
 
 REAL_MODELS = [
     ZOO_DIR / "light_squeezenet.onnx",
@@ -129,12 +130,12 @@ ATTACKS = {
 
 # name -> (model builder, how the message names the tensor)
 PLACEMENTS = {
-    "initializer": (b.add_model, "initializer 'w'"),
-    "constant": (b.constant_model, r"node 'const0' \(Constant\) attribute 'value'"),
-    "if_branch": (b.if_model, r"initializer 'w' in subgraph of node 'if0' \(If\)"),
-    "loop_body": (b.loop_model, r"initializer 'w' in subgraph of node 'loop0' \(Loop\)"),
+    "initializer": (protos.add_model, "initializer 'w'"),
+    "constant": (protos.constant_model, r"node 'const0' \(Constant\) attribute 'value'"),
+    "if_branch": (protos.if_model, r"initializer 'w' in subgraph of node 'if0' \(If\)"),
+    "loop_body": (protos.loop_model, r"initializer 'w' in subgraph of node 'loop0' \(Loop\)"),
     "function": (
-        b.function_model,
+        protos.function_model,
         r"node 'fconst' \(Constant\) in function 'AddConst' attribute 'value'",
     ),
 }
@@ -145,8 +146,8 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     """(model folder with w.bin and big.bin, the folder above it with secret.bin)."""
     folder = tmp_path / "model"
     folder.mkdir()
-    (tmp_path / "secret.bin").write_bytes(b.W.tobytes())
-    (folder / "w.bin").write_bytes(b.W.tobytes())
+    (tmp_path / "secret.bin").write_bytes(protos.W.tobytes())
+    (folder / "w.bin").write_bytes(protos.W.tobytes())
     (folder / "big.bin").write_bytes(np.zeros(12, np.float32).tobytes())
     return folder, tmp_path
 
@@ -163,13 +164,13 @@ def test_external_data_attack_is_refused(
     if setup is not None:
         setup(folder, outside)
     builder, where = PLACEMENTS[placement]
-    path = b.write(folder, builder(b.external_tensor("w", location, offset, length)))
-    before = b.snapshot(outside)
+    path = write(folder, builder(protos.external_tensor("w", location, offset, length)))
+    before = folder_state(outside)
     opened.clear()
     with pytest.raises(UnsafeModelError, match=f"^{re.escape(str(path))}: {where}.*{message}"):
         load_bounded(path)
     assert opened == [str(path)], "only the model file may be opened"
-    assert b.snapshot(outside) == before
+    assert folder_state(outside) == before
 
 
 def test_unsafe_model_error_is_bad_input_exit_2() -> None:
@@ -185,9 +186,9 @@ def test_valid_external_data_loads_lazily_and_runs(
     folder, _ = folders
     junk = b"\x00" * 8
     (folder / "sub").mkdir()
-    (folder / "sub" / "packed.bin").write_bytes(junk + b.W.tobytes() + junk)
+    (folder / "sub" / "packed.bin").write_bytes(junk + protos.W.tobytes() + junk)
     builder, _ = PLACEMENTS[placement]
-    path = b.write(folder, builder(b.external_tensor("w", "sub/packed.bin", "8", "24")))
+    path = write(folder, builder(protos.external_tensor("w", "sub/packed.bin", "8", "24")))
     opened.clear()
     model = load(path)
     assert opened == [str(path)], "loading must read no weight bytes"
@@ -195,7 +196,7 @@ def test_valid_external_data_loads_lazily_and_runs(
     feeds = {"x": x}
     if placement == "if_branch":
         feeds["cond"] = np.array(True)
-    expected = x + b.W * (2 if placement == "loop_body" else 1)
+    expected = x + protos.W * (2 if placement == "loop_body" else 1)
     got = run(create_session(model), feeds)["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
@@ -256,8 +257,8 @@ def test_random_bytes(tmp_path: Path, blob: bytes, as_graph: bool) -> None:
 
 _MUTATION_SOURCES = [
     REAL_MODELS[0].read_bytes(),
-    b.function_model(numpy_helper.from_array(b.W, "w")).SerializeToString(),
-    b.if_model(numpy_helper.from_array(b.W, "w")).SerializeToString(),
+    protos.function_model(numpy_helper.from_array(protos.W, "w")).SerializeToString(),
+    protos.if_model(numpy_helper.from_array(protos.W, "w")).SerializeToString(),
 ]
 
 
@@ -286,7 +287,7 @@ def test_corrupted_bytes(tmp_path: Path, source: int, edits: list[tuple[float, i
 
 @pytest.mark.parametrize("name", [b"fconst", b"AddConst", b"fx"])
 def test_invalid_utf8_names(tmp_path: Path, name: bytes) -> None:
-    data = b.function_model(numpy_helper.from_array(b.W, "w")).SerializeToString()
+    data = protos.function_model(numpy_helper.from_array(protos.W, "w")).SerializeToString()
     assert name in data
     path = tmp_path / "utf8.onnx"
     path.write_bytes(data.replace(name, b"\xff\xfe" + name[2:]))
@@ -313,7 +314,7 @@ def _node(op: str, inputs: list[str], outputs: list[str], name: str, **kwargs) -
 
 INVALID = {
     "cycle": (
-        b.graph_model(
+        protos.graph_model(
             [
                 _node("Add", ["x", "d"], ["c"], "a"),
                 _node("Relu", ["c"], ["d"], "b"),
@@ -323,41 +324,41 @@ INVALID = {
         r"graph: the graph has a cycle through node '(a|b)'",
     ),
     "self_loop": (
-        b.graph_model([_node("Add", ["x", "y"], ["y"], "a")]),
+        protos.graph_model([_node("Add", ["x", "y"], ["y"], "a")]),
         r"cycle through node 'a' \(Add\)",
     ),
     "dangling_input": (
-        b.graph_model([_node("Add", ["x", "ghost"], ["y"], "add0")]),
+        protos.graph_model([_node("Add", ["x", "ghost"], ["y"], "add0")]),
         r"node 'add0' \(Add\) reads 'ghost', which no node, initializer or graph input produces",
     ),
     "two_producers": (
-        b.graph_model([_node("Relu", ["x"], ["y"], "r1"), _node("Neg", ["x"], ["y"], "r2")]),
+        protos.graph_model([_node("Relu", ["x"], ["y"], "r1"), _node("Neg", ["x"], ["y"], "r2")]),
         r"value name 'y' is defined twice \(node 'r1' \(Relu\) and node 'r2' \(Neg\)\)",
     ),
     "output_is_graph_input": (
-        b.graph_model([_node("Relu", ["x"], ["x"], "r1"), _node("Neg", ["x"], ["y"], "r2")]),
+        protos.graph_model([_node("Relu", ["x"], ["x"], "r1"), _node("Neg", ["x"], ["y"], "r2")]),
         r"value name 'x' is defined twice \(a graph input and node 'r1' \(Relu\)\)",
     ),
     "unnamed_node_duplicate": (
-        b.graph_model([_node("Relu", ["x"], ["y"], ""), _node("Neg", ["x"], ["y"], "")]),
+        protos.graph_model([_node("Relu", ["x"], ["y"], ""), _node("Neg", ["x"], ["y"], "")]),
         r"'y' is defined twice \(node #0 \(Relu\) and node #1 \(Neg\)\)",
     ),
     "output_not_produced": (
-        b.graph_model([_node("Relu", ["x"], ["z"], "r1")]),
+        protos.graph_model([_node("Relu", ["x"], ["z"], "r1")]),
         "output 'y' is not produced by any node",
     ),
     "no_opset": (
-        b.graph_model([_node("Relu", ["x"], ["y"], "r1")], opset_imports=[]),
+        protos.graph_model([_node("Relu", ["x"], ["y"], "r1")], opset_imports=[]),
         "the model imports no opset",
     ),
     "opset_999": (
-        b.graph_model(
+        protos.graph_model(
             [_node("Relu", ["x"], ["y"], "r1")], opset_imports=[helper.make_opsetid("", 999)]
         ),
         "opset 999 of the default domain is unknown",
     ),
     "unimported_domain": (
-        b.graph_model([_node("Foo", ["x"], ["y"], "f0", domain="com.example")]),
+        protos.graph_model([_node("Foo", ["x"], ["y"], "f0", domain="com.example")]),
         r"node 'f0' \(Foo\) uses domain 'com.example', which the model does not import",
     ),
     "subgraph_dangling": (
@@ -365,32 +366,32 @@ INVALID = {
         r"subgraph of node 'if0' \(If\): node 'then_add' \(Add\) reads 'ghost'",
     ),
     "duplicate_initializer": (
-        b.add_model(numpy_helper.from_array(b.W, "w")),  # second copy added below
+        protos.add_model(numpy_helper.from_array(protos.W, "w")),  # second copy added below
         "initializer name 'w' is used twice",
     ),
     "raw_data_too_short": (
-        b.add_model(
+        protos.add_model(
             TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], raw_data=b"\0" * 20)
         ),
         r"initializer 'w' holds 20 bytes, but its shape \[2, 3\] needs 24",
     ),
     "float_data_too_short": (
-        b.add_model(
+        protos.add_model(
             TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2, 3], float_data=[1, 2])
         ),
         r"initializer 'w' holds 2 values, but its shape \[2, 3\] needs 6",
     ),
     "negative_dim": (
-        b.add_model(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[-1, 3])),
+        protos.add_model(TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[-1, 3])),
         r"initializer 'w' has a negative dimension \[-1, 3\]",
     ),
     "future_ir_version": (
-        b.graph_model([_node("Relu", ["x"], ["y"], "r1")], ir_version=onnx.IR_VERSION + 5),
+        protos.graph_model([_node("Relu", ["x"], ["y"], "r1")], ir_version=onnx.IR_VERSION + 5),
         "is newer than this onnx",
     ),
 }
-INVALID["duplicate_initializer"][0].graph.initializer.append(numpy_helper.from_array(b.W, "w"))
-_sub = b.if_model(numpy_helper.from_array(b.W, "w"))
+INVALID["duplicate_initializer"][0].graph.initializer.append(numpy_helper.from_array(protos.W, "w"))
+_sub = protos.if_model(numpy_helper.from_array(protos.W, "w"))
 _sub.graph.node[0].attribute[1].g.node[0].input[1] = "ghost"
 INVALID["subgraph_dangling"] = (_sub, INVALID["subgraph_dangling"][1])
 
@@ -398,11 +399,11 @@ INVALID["subgraph_dangling"] = (_sub, INVALID["subgraph_dangling"][1])
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_invalid_graph(tmp_path: Path, case: str) -> None:
     proto, message = INVALID[case]
-    path = b.write(tmp_path, proto)
-    before = b.snapshot(tmp_path)
+    path = write(tmp_path, proto)
+    before = folder_state(tmp_path)
     with pytest.raises(InvalidModelError, match=f"^{re.escape(str(path))}: .*{message}"):
         load(path)
-    assert b.snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 # ---------------------------------------------------------------- valid corner cases
@@ -417,10 +418,10 @@ def _run_both(path: Path, feeds: dict[str, np.ndarray]) -> None:
 
 
 def test_ir3_initializers_listed_as_inputs(tmp_path: Path) -> None:
-    proto = b.add_model(numpy_helper.from_array(b.W, "w"), ir_version=3)
+    proto = protos.add_model(numpy_helper.from_array(protos.W, "w"), ir_version=3)
     proto.opset_import[0].version = 9
     proto.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3]))
-    path = b.write(tmp_path, proto)
+    path = write(tmp_path, proto)
     model = load(path)
     assert model.graph.initializers["w"].is_graph_input()
     _run_both(path, {"x": np.ones((2, 3), np.float32)})
@@ -428,13 +429,13 @@ def test_ir3_initializers_listed_as_inputs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cond", [True, False])
 def test_subgraph_reads_outer_scope(tmp_path: Path, cond: bool) -> None:
-    path = b.write(tmp_path, b.if_model(numpy_helper.from_array(b.W, "w")))
+    path = write(tmp_path, protos.if_model(numpy_helper.from_array(protos.W, "w")))
     _run_both(path, {"cond": np.array(cond), "x": np.ones((2, 3), np.float32)})
 
 
 def test_loop_and_function_models(tmp_path: Path) -> None:
-    for builder in (b.loop_model, b.function_model):
-        path = b.write(tmp_path, builder(numpy_helper.from_array(b.W, "w")))
+    for builder in (protos.loop_model, protos.function_model):
+        path = write(tmp_path, builder(numpy_helper.from_array(protos.W, "w")))
         _run_both(path, {"x": np.full((2, 3), 0.5, np.float32)})
 
 
@@ -454,7 +455,7 @@ def test_constant_sparse_value(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
-    path = b.write(tmp_path, helper.make_model(graph, opset_imports=b.OPSET, ir_version=10))
+    path = write(tmp_path, helper.make_model(graph, opset_imports=protos.OPSET, ir_version=10))
     model = load(path)
     dense = model.graph.node(0).attributes["value"].value.numpy()
     np.testing.assert_array_equal(dense, [[0, 5, 0], [0, 0, -2]])
@@ -469,7 +470,7 @@ def test_sparse_initializer_becomes_dense(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         sparse_initializer=[_sparse("s")],
     )
-    path = b.write(tmp_path, helper.make_model(graph, opset_imports=b.OPSET, ir_version=10))
+    path = write(tmp_path, helper.make_model(graph, opset_imports=protos.OPSET, ir_version=10))
     model = load(path)
     np.testing.assert_array_equal(
         model.graph.initializers["s"].const_value.numpy(), [[0, 5, 0], [0, 0, -2]]
@@ -480,29 +481,29 @@ def test_sparse_initializer_becomes_dense(tmp_path: Path) -> None:
 def test_sparse_indices_out_of_range(tmp_path: Path) -> None:
     sparse = _sparse("c")
     sparse.indices.CopyFrom(numpy_helper.from_array(np.array([1, 6], np.int64), "c_idx"))
-    proto = b.graph_model(
+    proto = protos.graph_model(
         [
             _node("Constant", [], ["c"], "const0", sparse_value=sparse),
             _node("Add", ["x", "c"], ["y"], "add0"),
         ]
     )
-    path = b.write(tmp_path, proto)
+    path = write(tmp_path, proto)
     with pytest.raises(InvalidModelError, match="sparse tensor 'c' has indices out of range"):
         load(path)
 
 
 def test_unsorted_graph_is_sorted_on_load(tmp_path: Path) -> None:
-    proto = b.graph_model(
+    proto = protos.graph_model(
         [_node("Neg", ["a"], ["y"], "second"), _node("Relu", ["x"], ["a"], "first")]
     )
-    path = b.write(tmp_path, proto)
+    path = write(tmp_path, proto)
     model = load(path)
     assert [n.name for n in model.graph] == ["first", "second"]
     _run_both(path, {"x": np.full((2, 3), -2.0, np.float32)})
-    sorted_proto = b.graph_model(
+    sorted_proto = protos.graph_model(
         [_node("Relu", ["x"], ["a"], "first"), _node("Neg", ["a"], ["y"], "second")]
     )
-    assert [n.name for n in load(b.write(tmp_path, sorted_proto, "s.onnx")).graph] == [
+    assert [n.name for n in load(write(tmp_path, sorted_proto, "s.onnx")).graph] == [
         "first",
         "second",
     ]
@@ -513,12 +514,12 @@ def test_huge_sparse_tensor_is_not_densified(tmp_path: Path) -> None:
     del sparse.dims[:]
     sparse.dims.extend([1 << 20, 1 << 20])  # 4 TB dense from a few bytes
     sparse.indices.CopyFrom(numpy_helper.from_array(np.array([1, 5], np.int64), "c_idx"))
-    proto = b.graph_model(
+    proto = protos.graph_model(
         [
             _node("Constant", [], ["c"], "const0", sparse_value=sparse),
             _node("Add", ["x", "c"], ["y"], "add0"),
         ]
     )
-    path = b.write(tmp_path, proto)
+    path = write(tmp_path, proto)
     with pytest.raises(InvalidModelError, match=r"sparse tensor 'c' has dims \[1048576, 1048576\]"):
         load(path)

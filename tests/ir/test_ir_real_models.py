@@ -14,7 +14,7 @@ import torch
 from slimgraph.ir import load, save
 from slimgraph.runtime import create_session, random_feeds, run
 from tests import models as test_models
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _close(got: np.ndarray, ref: np.ndarray, rtol: float) -> None:

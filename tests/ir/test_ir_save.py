@@ -16,8 +16,10 @@ import slimgraph.ir._save as save_module
 from slimgraph.errors import OutputPathError
 from slimgraph.ir import load, metadata, save
 from slimgraph.runtime import create_session, random_feeds, run
-from tests.conftest import ZOO_DIR, exported_model
-from tests.ir import ir_builders as b
+from tests.kit import protos
+from tests.kit.data import ZOO_DIR
+from tests.kit.exports import exported_model
+from tests.kit.files import write
 
 SQUEEZENET = ZOO_DIR / "light_squeezenet.onnx"
 DIGITS = Path(__file__).resolve().parents[2] / "slimgraph" / "data" / "digits_cnn.onnx"
@@ -47,14 +49,14 @@ def external_model(tmp_path: Path) -> Path:
     (folder / "weights").mkdir(parents=True)
     big = np.arange(128, dtype=np.float32).reshape(2, 64) / 7
     (folder / "weights" / "w.bin").write_bytes(big.tobytes() + (big * 3).tobytes())
-    proto = b.graph_model(
+    proto = protos.graph_model(
         [
             onnx.helper.make_node(
                 "Constant",
                 [],
                 ["c"],
                 name="const0",
-                value=b.external_tensor("c", "weights/w.bin", "512", "512", big),
+                value=protos.external_tensor("c", "weights/w.bin", "512", "512", big),
             ),
             onnx.helper.make_node("Add", ["x", "w"], ["t"], name="add0"),
             onnx.helper.make_node("Mul", ["t", "c"], ["y"], name="mul0"),
@@ -62,8 +64,8 @@ def external_model(tmp_path: Path) -> Path:
     )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[1].dim_value = 64
-    proto.graph.initializer.append(b.external_tensor("w", "weights/w.bin", "0", "512", big))
-    return b.write(folder, proto)
+    proto.graph.initializer.append(protos.external_tensor("w", "weights/w.bin", "0", "512", big))
+    return write(folder, proto)
 
 
 def _expected(x: np.ndarray) -> np.ndarray:
@@ -124,7 +126,7 @@ def test_save_does_not_change_the_model(external_model: Path, tmp_path: Path) ->
     before_attr = model.graph.node(0).attributes["value"]
     before = _proto_bytes(model)
     save(model, tmp_path / "a.onnx")
-    save(model, tmp_path / "b.onnx", external_data=True)
+    save(model, tmp_path / "onnx", external_data=True)
     assert model.graph.initializers["w"].const_value is before_init
     assert model.graph.node(0).attributes["value"] is before_attr
     assert isinstance(before_init, ir.ExternalTensor)
@@ -249,7 +251,7 @@ def _relocated(path: Path, location: str) -> Path:
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = location
-    return b.write(path.parent, proto, "relocated.onnx")
+    return write(path.parent, proto, "relocated.onnx")
 
 
 # ---------------------------------------------------------------- external data
@@ -328,5 +330,5 @@ def test_external_data_false_overrides_threshold(
 
 
 def test_tensor_bytes_counts_subgraph_initializers() -> None:
-    proto = b.if_model(numpy_helper.from_array(b.W, "w"))
-    assert save_module.tensor_bytes(ir.from_proto(proto)) == b.W.nbytes
+    proto = protos.if_model(numpy_helper.from_array(protos.W, "w"))
+    assert save_module.tensor_bytes(ir.from_proto(proto)) == protos.W.nbytes

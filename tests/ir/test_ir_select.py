@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimgraph.ir.select import matching_pattern, node_names
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def test_patterns_match_layer_or_node_name() -> None:

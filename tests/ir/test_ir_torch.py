@@ -14,7 +14,7 @@ from slimgraph.errors import BadInputError, UnsupportedModelError
 from slimgraph.ir import from_torch, layer_name, load, metadata, save
 from slimgraph.runtime import create_session, run
 from tests import models as test_models
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _modules_of(module: nn.Module, kind: type) -> list[str]:

@@ -8,7 +8,7 @@ import slimgraph as sg
 from slimgraph import runtime
 from slimgraph.ir import layer_name, metadata
 from slimgraph.passes.cleanup import StripDebugMetadataPass
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _keys(model) -> set[str]:

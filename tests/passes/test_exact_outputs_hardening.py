@@ -15,7 +15,8 @@ import slimgraph as sg
 from slimgraph.passes import cleanup
 from slimgraph.runtime import create_session, random_feeds, run
 from slimgraph.tools.cli import main
-from tests.passes.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.graphs import initializer, make_model, ops
 
 RNG = np.random.default_rng(10)
 ZOO = Path(onnx.__file__).parent / "backend/test/data/light"

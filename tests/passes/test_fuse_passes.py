@@ -8,12 +8,8 @@ from onnx import helper
 
 from slimgraph.ir import metadata
 from slimgraph.passes import fuse
-from tests.passes.pipeline_helpers import (
-    assert_same_outputs,
-    initializer,
-    make_model,
-    ops,
-)
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.graphs import initializer, make_model, ops
 
 RNG = np.random.default_rng(0)
 

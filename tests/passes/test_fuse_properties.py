@@ -11,7 +11,8 @@ from onnx import helper
 from slimgraph.passes import fuse
 from slimgraph.passes.cleanup import SimplifyShapeChainsPass
 from slimgraph.passes.fuse_math import compose_permutations, pad_to_conv_pads
-from tests.passes.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.graphs import initializer, make_model, ops
 
 ORT_SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -12,7 +12,7 @@ import slimgraph
 from slimgraph import runtime
 from slimgraph.passes.pipeline import PASSES, _ensure_registered, run_pipeline
 from slimgraph.tools.cli import main
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def test_every_family_is_registered() -> None:

@@ -20,7 +20,8 @@ from slimgraph.passes import PASSES, lossless, run_pipeline
 from slimgraph.passes.base import SlimgraphPass
 from slimgraph.passes.pipeline import build_pipeline, load_recipe, register_pass
 from slimgraph.tools.cli import main
-from tests.passes.pipeline_helpers import assert_same_outputs, initializer, make_model, ops
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.graphs import initializer, make_model, ops
 
 RNG = np.random.default_rng(2)
 
@@ -325,7 +326,7 @@ def test_optimize_is_functional() -> None:
 
 def test_opset_conversion_keeps_layer_names() -> None:
     # onnx's version converter drops node metadata; exclusions by layer rely on it.
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     model = exported_model("resnet")
     layers = {n.name: n.metadata_props.get(sg.ir.metadata.LAYER) for n in model.graph}

@@ -19,7 +19,8 @@ from slimgraph.ir import from_torch
 from slimgraph.runtime import create_session, random_feeds, run
 from slimgraph.tools.cli import main
 from tests import models as test_models
-from tests.conftest import ZOO_FILES, exported_model
+from tests.kit.data import ZOO_FILES
+from tests.kit.exports import exported_model
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from slimgraph.errors import BadDataError, BadInputError, BadOptionError, Unsafe
 from slimgraph.ir import load, save
 from slimgraph.runtime import BenchmarkResult, Timing, benchmark, create_session, run
 from slimgraph.runtime.session import model_bytes
-from tests.ir import ir_builders as b
+from tests.kit import protos
+from tests.kit.files import write
 
 OPSET = [helper.make_opsetid("", 18)]
 
@@ -49,11 +50,11 @@ def external_model(tmp_path: Path) -> Path:
     """y = (x + w) * Constant, w and the Constant in an external-data file."""
     big = np.arange(128, dtype=np.float32).reshape(2, 64) / 9
     (tmp_path / "w.bin").write_bytes(big.tobytes() + (big + 1).tobytes())
-    proto = b.graph_model(
+    proto = protos.graph_model(
         [
             helper.make_node(
                 "Constant", [], ["c"], name="const0",
-                value=b.external_tensor("c", "w.bin", "512", "512", big),
+                value=protos.external_tensor("c", "w.bin", "512", "512", big),
             ),
             helper.make_node("Add", ["x", "w"], ["t"], name="add0"),
             helper.make_node("Mul", ["t", "c"], ["y"], name="mul0"),
@@ -61,8 +62,8 @@ def external_model(tmp_path: Path) -> Path:
     )
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[1].dim_value = 64
-    proto.graph.initializer.append(b.external_tensor("w", "w.bin", "0", "512", big))
-    return b.write(tmp_path, proto)
+    proto.graph.initializer.append(protos.external_tensor("w", "w.bin", "0", "512", big))
+    return write(tmp_path, proto)
 
 
 def _external_expected(x: np.ndarray) -> np.ndarray:
@@ -133,9 +134,9 @@ def test_large_model_session_goes_through_a_file(
 
 
 def test_session_from_path_uses_the_safe_loader(tmp_path: Path) -> None:
-    (tmp_path.parent / f"{tmp_path.name}-secret.bin").write_bytes(b.W.tobytes())
-    proto = b.add_model(b.external_tensor("w", f"../{tmp_path.name}-secret.bin"))
-    path = b.write(tmp_path, proto)
+    (tmp_path.parent / f"{tmp_path.name}-secret.bin").write_bytes(protos.W.tobytes())
+    proto = protos.add_model(protos.external_tensor("w", f"../{tmp_path.name}-secret.bin"))
+    path = write(tmp_path, proto)
     message = r"initializer 'w' has external data .*'\.\.' is not allowed"
     with pytest.raises(UnsafeModelError, match=message):
         create_session(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimgraph.tools.cli import main
-from tests.tools.tools_helpers import Result
+from tests.kit.cli import Result
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 
 import slimgraph as sg  # noqa: E402
 from slimgraph.runtime.metrics import evaluate, load_data  # noqa: E402
-from tests.tools.tools_helpers import DIGITS  # noqa: E402
+from tests.kit.data import DIGITS  # noqa: E402
 
 TRAIN = DIGITS.with_name("digits_train.npz")
 TEST = DIGITS.with_name("digits_test.npz")

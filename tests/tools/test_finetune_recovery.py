@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 
 import slimgraph as sg  # noqa: E402
 from slimgraph.runtime.metrics import evaluate, load_data  # noqa: E402
+from tests.kit.data import DIGITS  # noqa: E402
 from tests.models import DigitsTransformer  # noqa: E402
-from tests.tools.tools_helpers import DIGITS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.tools.tools_helpers import DIGITS, save_proto, single_op_model, zoo
+from tests.kit.data import DIGITS, zoo
+from tests.kit.files import save_proto
+from tests.kit.graphs import single_op_model
 
 QUICK = ("--rounds", "3", "--warmup", "1", "--threads", "1")
 

@@ -13,15 +13,10 @@ from onnx import numpy_helper
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
-from tests.conftest import exported_model
-from tests.tools.tools_helpers import (
-    DIGITS,
-    DIGITS_CALIB,
-    save_ir,
-    save_proto,
-    single_op_model,
-    zoo,
-)
+from tests.kit.data import DIGITS, DIGITS_CALIB, zoo
+from tests.kit.exports import exported_model
+from tests.kit.files import save_ir, save_proto
+from tests.kit.graphs import single_op_model
 
 
 def perturbed_digits(tmp_path: Path, scale: float) -> Path:

@@ -11,8 +11,10 @@ import pytest
 from onnx import numpy_helper
 
 from slimgraph import ir as sg_ir
-from tests.conftest import exported_model
-from tests.tools.tools_helpers import DIGITS, save_ir, save_proto, single_op_model, zoo
+from tests.kit.data import DIGITS, zoo
+from tests.kit.exports import exported_model
+from tests.kit.files import save_ir, save_proto
+from tests.kit.graphs import single_op_model
 
 NO_IO_CHANGE = {"added": [], "removed": [], "changed": []}
 NO_INIT_CHANGE = {"added": [], "removed": [], "reshaped": []}

@@ -11,7 +11,9 @@ import onnx
 import pytest
 
 from slimgraph import ir as sg_ir
-from tests.tools.tools_helpers import DIGITS, DIGITS_CALIB, folder_state, run_script, save_ir
+from tests.kit.cli import run_script
+from tests.kit.data import DIGITS, DIGITS_CALIB
+from tests.kit.files import folder_state, save_ir
 
 EXPECTS = "the model expects image: float32[batch, 1, 8, 8]"
 

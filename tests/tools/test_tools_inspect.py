@@ -18,8 +18,10 @@ from onnx import numpy_helper, shape_inference
 from slimgraph import ir as sg_ir
 from slimgraph.tools.summary import TOP_LAYERS, summarize
 from tests import models as test_models
-from tests.conftest import exported_model
-from tests.tools.tools_helpers import DIGITS, save_ir, save_proto, single_op_model, zoo
+from tests.kit.data import DIGITS, zoo
+from tests.kit.exports import exported_model
+from tests.kit.files import save_ir, save_proto
+from tests.kit.graphs import single_op_model
 
 
 def onnx_parameters(proto: onnx.ModelProto) -> int:

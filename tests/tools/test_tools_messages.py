@@ -15,7 +15,8 @@ import torch
 
 import slimgraph as sg
 from slimgraph.tools.cli import main
-from tests.tools.tools_helpers import DIGITS, DIGITS_CALIB, folder_state
+from tests.kit.data import DIGITS, DIGITS_CALIB
+from tests.kit.files import folder_state
 
 
 def test_bad_number_is_one_line_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import pytest
 from slimgraph.tools.report import render_html, write_report
 from slimgraph.tools.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.sweep_cmd import report_page
+from tests.kit.data import DIGITS, DIGITS_CALIB
 from tests.tools.chromium import remote_references, render
-from tests.tools.tools_helpers import DIGITS, DIGITS_CALIB
 
 # command -> (arguments after MODEL -o OUT, text the page must show: titles and torch layer names)
 COMMANDS = {

@@ -25,9 +25,9 @@ from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PASSES
 from slimgraph.tools.sweep import pareto_flags, parse_grid
+from tests.kit.data import DIGITS, DIGITS_CALIB
 from tests.tools import sweep_kill_step
 from tests.tools.chromium import remote_references, render
-from tests.tools.tools_helpers import DIGITS, DIGITS_CALIB
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_TEST = DIGITS.with_name("digits_test.npz")

@@ -7,6 +7,7 @@ feeds, the output SQNR. See DESIGN.md section 5 and seed 001 ("Low Rank Matrix F
 from __future__ import annotations
 
 from slimgraph.passes.lowrank._api import (
+    FactorizeOptions,
     FactorizeReport,
     factorize,
     factorize_with_report,
@@ -22,6 +23,7 @@ __all__ = [
     "TuckerConv",
     "LayerReport",
     "LowRankResult",
+    "FactorizeOptions",
     "FactorizeReport",
     "RankPolicy",
     "AUTO_MAX_MACS_RATIO",

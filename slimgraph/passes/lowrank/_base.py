@@ -12,10 +12,11 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, metadata
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
-from slimgraph.passes.lowrank._select import LayerFilter, display_name
+from slimgraph.passes.lowrank._options import FactorizeOptions
+from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS
+from slimgraph.passes.lowrank._select import display_name
 from slimgraph.runtime import Fidelity, compare, input_specs, iter_feeds
 
 __all__ = [
@@ -140,9 +141,13 @@ class FactorizationPass(SlimgraphPass):
     ) -> None:
         super().__init__()
         self.check_names = check_names
-        self.policy = RankPolicy(rank_ratio, energy, error_budget, rank, allow_growth)
-        ops = self.default_ops if op_types is None else op_types
-        self.filter = LayerFilter.create(include, exclude, ops)
+        self.options = FactorizeOptions(
+            rank_ratio=rank_ratio, energy=energy, error_budget=error_budget, rank=rank,
+            include=include, exclude=exclude, allow_growth=allow_growth,
+            op_types=self.default_ops if op_types is None else op_types,
+        )
+        self.policy = self.options.policy()
+        self.filter = self.options.layer_filter()
         self.feeds = list(iter_feeds(feeds)) if feeds is not None else None
         self.dims = dict(dims) if dims is not None else None
 
@@ -161,7 +166,7 @@ class FactorizationPass(SlimgraphPass):
         self.graph = graph
         self.names = Names(graph)
         # tied weights: (kind, id(weight), ...) -> the first layer's report and factors
-        self.cache: dict[tuple[Any, ...], tuple[LayerReport, tuple[ir.Value, ...]]] = {}
+        self.cache: dict[tuple[Any, ...], tuple[LayerReport, tuple[ir.Value | None, ...]]] = {}
         try:
             reports, skipped = self._run(graph, layers)
         finally:
@@ -268,15 +273,37 @@ class FactorizationPass(SlimgraphPass):
         return None
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name = self.names.fresh(base)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(np.ascontiguousarray(array), name=name),
+        """A new initializer holding `array`, named from `base` by this call's allocator."""
+        return add_initializer(self.graph, base, array, names=self.names)
+
+    @staticmethod
+    def layer_report(
+        layer: Layer,
+        method: Literal["svd", "tucker2"],
+        shape: Sequence[int],
+        rank: tuple[int, ...],
+        params: tuple[int, int],
+        macs: tuple[int | None, int | None],
+        weight_error: float,
+        shared_with: str | None = None,
+    ) -> LayerReport:
+        """The `LayerReport` of `layer` replaced by factors: parameters and MACs are
+        (before, after)."""
+        return LayerReport(
+            layer=layer.name,
+            node=layer.node.name or "",
+            op_type=layer.node.op_type,
+            method=method,
+            shape=tuple(shape),
+            rank=rank,
+            params_before=params[0],
+            params_after=params[1],
+            macs_before=macs[0],
+            macs_after=macs[1],
+            weight_error=weight_error,
+            output=layer.node.outputs[0].name or "",
+            shared_with=shared_with,
         )
-        self.graph.register_initializer(value)
-        return value
 
     def new_node(
         self,
@@ -316,7 +343,8 @@ def _drop_unused(graph: ir.Graph, weights: Iterable[ir.Value]) -> None:
     for value in weights:
         name = value.name
         if (
-            name in graph.initializers
+            name is not None
+            and name in graph.initializers
             and graph.initializers[name] is value
             and not value.uses()
             and not value.is_graph_output()

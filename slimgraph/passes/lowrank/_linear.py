@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import analysis
+from slimgraph.passes._kit import layout
 from slimgraph.passes.lowrank._base import FactorizationPass, Layer, LayerReport
 from slimgraph.passes.lowrank._rank import (
     AUTO_MAX_MACS_RATIO,
@@ -128,7 +129,7 @@ class LowRankLinear(FactorizationPass):
             return f"weight has {weight.ndim} dimensions, not 2"
         gemm = node.op_type == "Gemm"
         trans_a = node.attributes.get_int("transA", 0) if gemm else 0
-        trans_b = node.attributes.get_int("transB", 0) if gemm else 0
+        trans_b = found.trans_b if (found := layout(node)) is not None else 0
         alpha = node.attributes.get_float("alpha", 1.0) if gemm else 1.0
         beta = node.attributes.get_float("beta", 1.0) if gemm else 1.0
         bias = inputs[2] if gemm and len(inputs) > 2 else None
@@ -141,7 +142,9 @@ class LowRankLinear(FactorizationPass):
         key = ("svd", id(weight_value), trans_b, alpha)
         cached = self.cache.get(key)
         if cached is not None:
-            first_report, (a_value, b_value) = cached
+            first_report, (cached_a, cached_b) = cached
+            assert cached_a is not None and cached_b is not None  # an SVD caches both factors
+            a_value, b_value = cached_a, cached_b
             k = first_report.rank[0]
             error = first_report.weight_error
             shared_with: str | None = first_report.layer
@@ -170,21 +173,11 @@ class LowRankLinear(FactorizationPass):
         else:
             first = self.new_node(node, "lowrank_a", "MatMul", [x, a_value])
             second = self.new_node(node, "lowrank_b", "MatMul", [first.outputs[0], b_value])
-        output_name = node.outputs[0].name or ""
-        report = LayerReport(
-            layer=layer.name,
-            node=node.name or "",
-            op_type=node.op_type,
-            method="svd",
-            shape=tuple(weight.shape),
-            rank=(k,),
-            params_before=n * m + bias_params,
-            params_after=k * (n + m) + bias_params,
-            macs_before=macs_before,
-            macs_after=rows * k * (n + m) if rows is not None else None,
-            weight_error=error,
-            output=output_name,
-            shared_with=shared_with,
+        report = self.layer_report(
+            layer, "svd", weight.shape, (k,),
+            (n * m + bias_params, k * (n + m) + bias_params),
+            (macs_before, rows * k * (n + m) if rows is not None else None),
+            error, shared_with,
         )
         self.replace(graph, node, [first, second])
         if shared_with is None:

@@ -123,29 +123,21 @@ class TuckerConv(FactorizationPass):
         assert weight_value is not None
         bias = inputs[2] if len(inputs) > 2 else None
         bias_params = 0 if bias is None or bias.const_value is None else bias.const_value.size
-        shapes = self._spatial(layer, weight.shape[:2])
-        key = ("conv", id(weight_value))
-        cached = self.cache.get(key)
+        cached = self.cache.get(("conv", id(weight_value)))
         if cached is not None:
             first_report, factors = cached
             return self._rewrite(
                 graph, layer, weight, factors, first_report, bias, first_report.layer
             )
+        site = _ConvSite(layer, weight, bias, bias_params, self._spatial(layer, weight.shape[:2]))
         if kernel == 1:
-            return self._pointwise(graph, layer, weight, bias, bias_params, shapes)
-        return self._tucker(graph, layer, weight, bias, bias_params, shapes)
+            return self._pointwise(graph, site)
+        return self._tucker(graph, site)
 
     # -- Tucker-2 ---------------------------------------------------------------------------
 
-    def _tucker(
-        self,
-        graph: ir.Graph,
-        layer: Layer,
-        weight: np.ndarray,
-        bias: ir.Value | None,
-        bias_params: int,
-        shapes: tuple[int | None, int | None, int | None],
-    ) -> LayerReport | str:
+    def _tucker(self, graph: ir.Graph, site: _ConvSite) -> LayerReport | str:
+        layer, weight, bias_params = site.layer, site.weight, site.bias_params
         c_out, c_in = weight.shape[:2]
         kernel = math.prod(weight.shape[2:])
         w = weight.astype(np.float64)
@@ -153,7 +145,7 @@ class TuckerConv(FactorizationPass):
         basis_in, s_in = mode_basis(w, 1)
         s_out = s_out[: min(c_out, c_in * kernel)]
         s_in = s_in[: min(c_in, c_out * kernel)]
-        macs_before, rows_in, rows_out = shapes
+        macs_before, rows_in, rows_out = site.shapes
 
         def modes(r_in: int, r_out: int) -> tuple[bool, bool]:
             """Which 1x1 convs the chain needs: a mode kept at full width needs none."""
@@ -210,37 +202,20 @@ class TuckerConv(FactorizationPass):
         approx = _reconstruct(
             u_out.astype(np.float64), factors[1].astype(np.float64), u_in.astype(np.float64)
         )
-        report = LayerReport(
-            layer=layer.name,
-            node=layer.node.name or "",
-            op_type="Conv",
-            method="tucker2",
-            shape=tuple(weight.shape),
-            rank=(r_in, r_out),
-            params_before=params_before,
-            params_after=params_after,
-            macs_before=macs_before,
-            macs_after=macs_after,
-            weight_error=relative_error(w, approx),
-            output=layer.node.outputs[0].name or "",
+        report = self.layer_report(
+            layer, "tucker2", weight.shape, (r_in, r_out), (params_before, params_after),
+            (macs_before, macs_after), relative_error(w, approx),
         )
-        return self._rewrite(graph, layer, weight, factors, report, bias, None)
+        return self._rewrite(graph, layer, weight, factors, report, site.bias, None)
 
     # -- 1x1 convs by SVD -------------------------------------------------------------------
 
-    def _pointwise(
-        self,
-        graph: ir.Graph,
-        layer: Layer,
-        weight: np.ndarray,
-        bias: ir.Value | None,
-        bias_params: int,
-        shapes: tuple[int | None, int | None, int | None],
-    ) -> LayerReport | str:
+    def _pointwise(self, graph: ir.Graph, site: _ConvSite) -> LayerReport | str:
+        layer, weight, bias_params = site.layer, site.weight, site.bias_params
         c_out, c_in = weight.shape[:2]
         matrix = weight.reshape(c_out, c_in).astype(np.float64)
         u, s, vt = svd_factors(matrix)
-        macs_before, _, rows_out = shapes
+        macs_before, _, rows_out = site.shapes
         k_or_reason = auto_rank(self.policy, s, c_out, c_in)
         if isinstance(k_or_reason, str):
             return k_or_reason
@@ -254,21 +229,11 @@ class TuckerConv(FactorizationPass):
         second, first, error = split_factors(matrix, (u, s, vt), k, weight.dtype)
         ones = [1] * (weight.ndim - 2)
         first, second = first.reshape(k, c_in, *ones), second.reshape(c_out, k, *ones)
-        report = LayerReport(
-            layer=layer.name,
-            node=layer.node.name or "",
-            op_type="Conv",
-            method="svd",
-            shape=tuple(weight.shape),
-            rank=(k,),
-            params_before=params_before,
-            params_after=params_after,
-            macs_before=macs_before,
-            macs_after=macs_after,
-            weight_error=error,
-            output=layer.node.outputs[0].name or "",
+        report = self.layer_report(
+            layer, "svd", weight.shape, (k,), (params_before, params_after),
+            (macs_before, macs_after), error,
         )
-        return self._rewrite(graph, layer, weight, (first, second), report, bias, None)
+        return self._rewrite(graph, layer, weight, (first, second), report, site.bias, None)
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -353,6 +318,18 @@ class TuckerConv(FactorizationPass):
         rows_in = math.prod(source) // channels[1] if source and channels[1] else None
         rows_out = math.prod(result) // channels[0] if result and channels[0] else None
         return macs, rows_in, rows_out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvSite:
+    """A conv to factorize: its layer, constant weight (C_out, C_in, k...), bias, the bias's
+    parameter count, and (MACs, input rows, output rows) at the analysed shapes."""
+
+    layer: Layer
+    weight: np.ndarray
+    bias: ir.Value | None
+    bias_params: int
+    shapes: tuple[int | None, int | None, int | None]
 
 
 def _weight_dim(inputs: list[ir.Value | None], axis: int) -> int | None:

@@ -16,8 +16,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir.select import matching_pattern
-from slimgraph.passes._graph_utils import constant_array
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
+from slimgraph.passes._kit import constant_array
 
 __all__ = [
     "traced_constant",

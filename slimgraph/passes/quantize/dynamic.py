@@ -44,7 +44,7 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.ir.select import check_patterns
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import quantize_per_channel

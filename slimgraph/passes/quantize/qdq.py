@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._kit import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
 from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from slimgraph.ir import copy_model
-from slimgraph.passes._graph_utils import Names
+from slimgraph.passes._kit import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN
 

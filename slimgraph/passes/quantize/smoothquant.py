@@ -32,7 +32,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import copy_model
-from slimgraph.passes._graph_utils import Names, constant_array, is_onnx_op, new_initializer
+from slimgraph.passes._graph_utils import is_onnx_op
+from slimgraph.passes._kit import Names, add_initializer, constant_array
 
 __all__ = ["ALPHAS", "SmoothTarget", "smooth_targets", "channel_absmax", "apply_smoothing",
            "smooth_and_quantize", "parse_alpha"]
@@ -159,7 +160,7 @@ def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
             weight = constant_array(matmul.inputs[1])
             assert weight is not None
             hint = names.fresh(f"{matmul.inputs[1].name or 'weight'}_smooth")  # type: ignore[union-attr]
-            matmul.replace_input_with(1, new_initializer(graph, weight * s[:, None], hint))
+            matmul.replace_input_with(1, add_initializer(graph, hint, weight * s[:, None]))
         norm = target.norm
         if target.foldable:
             indices = [target.gain_index] + ([target.bias_index] if target.bias_index else [])
@@ -167,11 +168,11 @@ def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
                 array = constant_array(norm.inputs[index])
                 assert array is not None
                 hint = names.fresh(f"{norm.inputs[index].name or 'norm'}_smooth")  # type: ignore[union-attr]
-                norm.replace_input_with(index, new_initializer(graph, (array / s).astype(
-                    array.dtype), hint))
+                norm.replace_input_with(index, add_initializer(graph, hint, (array / s).astype(
+                    array.dtype)))
         else:
-            inverse = new_initializer(graph, (1.0 / s).astype(np.float32),
-                                      names.fresh(f"{target.value}_smooth_inv"))
+            inverse = add_initializer(graph, names.fresh(f"{target.value}_smooth_inv"),
+                                      (1.0 / s).astype(np.float32))
             mul = ir.node("Mul", [norm.outputs[0], inverse], name=names.fresh(
                 f"{norm.name or 'norm'}_smooth"))
             mul.outputs[0].name = names.fresh(f"{target.value}_smoothed")

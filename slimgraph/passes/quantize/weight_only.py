@@ -35,12 +35,12 @@ import onnx_ir.passes.common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.ir.select import check_patterns
-from slimgraph.passes._graph_utils import Names, new_initializer, replace_output
+from slimgraph.passes._graph_utils import replace_output
+from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
 from slimgraph.passes.quantize._weights import (
-    add_initializer,
     bias_add_after,
     bias_of,
     content_key,
@@ -234,7 +234,7 @@ def _gemms_as_matmuls(graph: ir.Graph) -> int:
         if attrs.get_int("transB", 0):
             weight = np.ascontiguousarray(weight.T)
         source = node.inputs[1]
-        b = new_initializer(graph, weight, f"{(source.name if source else None) or node.name}_kn")
+        b = add_initializer(graph, f"{(source.name if source else None) or node.name}_kn", weight)
         matmul = ir.node("MatMul", [node.inputs[0], b], name=node.name)
         matmul.metadata_props.update(node.metadata_props)
         graph.insert_before(node, matmul)

@@ -11,7 +11,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.tools.cli import main
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 @pytest.fixture(scope="module")

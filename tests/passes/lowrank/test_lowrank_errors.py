@@ -8,7 +8,7 @@ import pytest
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.passes.lowrank import LowRankLinear, TuckerConv
-from tests.passes.lowrank.lowrank_helpers import matmul_model
+from tests.kit.graphs import matmul_model
 
 
 def _model():  # noqa: ANN202

@@ -12,13 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimgraph.passes.lowrank import LowRankLinear, factorize_with_report
-from tests.passes.lowrank.lowrank_helpers import (
-    assert_same,
-    gemm_model,
-    initializer,
-    matmul_model,
-    outputs,
-)
+from tests.kit.asserts import assert_close, outputs_of
+from tests.kit.graphs import gemm_model, initializer_array, matmul_model
 
 
 def _weight(n: int, m: int, seed: int = 0) -> np.ndarray:
@@ -36,8 +31,8 @@ def test_matmul_becomes_two_matmuls_with_the_svd_factors() -> None:
     assert result.modified
     ops = [node.op_type for node in result.model.graph]
     assert ops == ["MatMul", "MatMul"]
-    a = initializer(result.model, ".lowrank_a")
-    b = initializer(result.model, ".lowrank_b")
+    a = initializer_array(result.model, ".lowrank_a")
+    b = initializer_array(result.model, ".lowrank_b")
     assert a.shape == (24, 6) and b.shape == (6, 40)
     assert "W" not in result.model.graph.initializers  # the dense weight is gone
     # A = U_k sqrt(S_k), B = sqrt(S_k) V_k^T: A^T A = B B^T = S_k
@@ -58,10 +53,10 @@ def test_full_rank_matmul_reproduces_the_model_for_any_batch_shape(
     weight = _weight(24, 16)
     model = matmul_model(weight, x_shape)
     x = _x(x_shape)
-    reference = outputs(model, {"x": x})["y"]
+    reference = outputs_of(model, {"x": x})["y"]
     result = LowRankLinear(rank_ratio=1.0, allow_growth=True)(model)
     assert result.layers[0].rank == (16,)
-    assert_same(reference, outputs(result.model, {"x": x})["y"])
+    assert_close(reference, outputs_of(result.model, {"x": x})["y"])
 
 
 @pytest.mark.parametrize(
@@ -95,10 +90,10 @@ def test_full_rank_gemm_reproduces_transposes_scales_and_any_bias(
         opset=opset,
     )  # fmt: skip
     x = _x(x_shape)
-    reference = outputs(model, {"x": x})["y"]
+    reference = outputs_of(model, {"x": x})["y"]
     result = LowRankLinear(rank_ratio=1.0, allow_growth=True)(model)
     assert len(result.layers) == 1
-    assert_same(reference, outputs(result.model, {"x": x})["y"])
+    assert_close(reference, outputs_of(result.model, {"x": x})["y"])
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     bias_params = 0 if bias is None else bias.size
     assert result.layers[0].params_after == 12 * (20 + 12) + bias_params
@@ -127,8 +122,8 @@ def test_output_error_is_bounded_by_the_dropped_singular_values(
     (layer,) = result.layers
     assert layer.rank == (k,)
     assert layer.params_after == k * (n + m)  # exactly k(n+m)
-    y = outputs(model, {"x": x})["y"].astype(np.float64)
-    y_k = outputs(result.model, {"x": x})["y"].astype(np.float64)
+    y = outputs_of(model, {"x": x})["y"].astype(np.float64)
+    y_k = outputs_of(result.model, {"x": x})["y"].astype(np.float64)
     s = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
     tail = float(np.sqrt(np.sum(s[k:] ** 2)))
     # the reported weight error is the Eckart-Young optimum
@@ -184,12 +179,12 @@ def test_tied_weight_is_factorized_once_and_its_factors_shared() -> None:
     graph.append(second)
     graph.outputs.append(second.outputs[0])
     feeds = {"x": _x((4, 32))}
-    reference = outputs(model, feeds)
+    reference = outputs_of(model, feeds)
     result = LowRankLinear(rank=4)(model)
     assert [layer.shared_with for layer in result.layers] == [None, "mm"]
     factors = [n for n in result.model.graph.initializers if ".lowrank_" in n]
     assert len(factors) == 2 and "W" not in result.model.graph.initializers
-    got = outputs(result.model, feeds)
+    got = outputs_of(result.model, feeds)
     np.testing.assert_allclose(got["y"], got["y2"], rtol=0, atol=0)
     assert np.linalg.norm(got["y"] - reference["y"]) > 0  # rank 4 of 24 is approximate
 
@@ -203,8 +198,8 @@ def test_measures_layer_sqnr_and_model_fidelity_with_feeds() -> None:
     assert result.fidelity is not None and result.fidelity.samples == 3
     # the layer output is the model output here: both SQNRs are the same measurement
     assert layer.output_sqnr_db == pytest.approx(result.fidelity.worst_sqnr_db)
-    ref = np.concatenate([outputs(model, f)["y"].ravel() for f in feeds]).astype(np.float64)
-    got = np.concatenate([outputs(result.model, f)["y"].ravel() for f in feeds])
+    ref = np.concatenate([outputs_of(model, f)["y"].ravel() for f in feeds]).astype(np.float64)
+    got = np.concatenate([outputs_of(result.model, f)["y"].ravel() for f in feeds])
     sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
     assert layer.output_sqnr_db == pytest.approx(sqnr, abs=0.01)
 

@@ -14,8 +14,9 @@ import slimgraph as sg
 from slimgraph.ir import analysis, metadata
 from slimgraph.passes.lowrank import FactorizeReport
 from slimgraph.runtime import create_session, random_feeds, run
-from tests.conftest import ZOO_DIR, exported_model
-from tests.passes.lowrank.lowrank_helpers import assert_same
+from tests.kit.asserts import assert_close
+from tests.kit.data import ZOO_DIR
+from tests.kit.exports import exported_model
 
 
 def _check_runs(model: ir.Model) -> None:
@@ -35,7 +36,7 @@ def test_full_rank_reproduces_the_torch_model(name: str) -> None:
     _check_runs(full)
     got = run(create_session(full, threads=1), feeds)
     for key, value in reference.items():
-        assert_same(value, got[key])
+        assert_close(value, got[key])
 
 
 def test_bert_feed_forward_at_half_rank() -> None:

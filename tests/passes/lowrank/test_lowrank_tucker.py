@@ -9,7 +9,8 @@ import pytest
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes.lowrank import TuckerConv, tucker2
-from tests.passes.lowrank.lowrank_helpers import assert_same, conv_model, initializer, outputs
+from tests.kit.asserts import assert_close, outputs_of
+from tests.kit.graphs import conv_model, initializer_array
 
 
 def _w(*shape: int, seed: int = 0) -> np.ndarray:
@@ -34,7 +35,7 @@ def test_full_rank_tucker_reproduces_the_conv(
     bias = _w(weight_shape[0], seed=5)
     model = conv_model(weight, x_shape, bias=bias, **attributes)
     x = _w(*x_shape, seed=1)
-    reference = outputs(model, {"x": x})["y"]
+    reference = outputs_of(model, {"x": x})["y"]
     result = TuckerConv(rank_ratio=1.0, allow_growth=True)(model)
     (layer,) = result.layers
     assert layer.method == "tucker2" and layer.rank == (weight_shape[1], weight_shape[0])
@@ -44,7 +45,7 @@ def test_full_rank_tucker_reproduces_the_conv(
     assert list(core.attributes["kernel_shape"].value) == list(weight_shape[2:])
     assert len(last.inputs) == 3 and last.inputs[2].name == "b"  # the bias moves to the last
     assert layer.weight_error < 1e-6
-    assert_same(reference, outputs(result.model, {"x": x})["y"])
+    assert_close(reference, outputs_of(result.model, {"x": x})["y"])
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
 
 
@@ -60,12 +61,12 @@ def test_truncated_tucker_chain_equals_the_conv_with_the_reconstructed_weight() 
     assert layer.rank == (8, 12)
     assert layer.params_after == 8 * 16 + 12 * 8 * 9 + 24 * 12 + 24
     assert layer.params_before == 24 * 16 * 9 + 24
-    u_in_t = initializer(result.model, ".tucker_in").reshape(8, 16).astype(np.float64)
-    core = initializer(result.model, ".tucker_core").astype(np.float64)
-    u_out = initializer(result.model, ".tucker_out").reshape(24, 12).astype(np.float64)
+    u_in_t = initializer_array(result.model, ".tucker_in").reshape(8, 16).astype(np.float64)
+    core = initializer_array(result.model, ".tucker_core").astype(np.float64)
+    u_out = initializer_array(result.model, ".tucker_out").reshape(24, 12).astype(np.float64)
     approx = np.einsum("abhw,oa,bi->oihw", core, u_out, u_in_t)
     equivalent = conv_model(approx, (2, 16, 10, 10), bias=bias, pads=[1, 1, 1, 1], strides=[2, 2])
-    assert_same(outputs(equivalent, {"x": x})["y"], outputs(result.model, {"x": x})["y"])
+    assert_close(outputs_of(equivalent, {"x": x})["y"], outputs_of(result.model, {"x": x})["y"])
     w = weight.astype(np.float64)
     s0 = np.linalg.svd(w.reshape(24, -1), compute_uv=False)
     s1 = np.linalg.svd(np.swapaxes(w, 0, 1).reshape(16, -1), compute_uv=False)
@@ -123,11 +124,11 @@ def test_pointwise_convs_are_skipped_unless_asked_then_split_by_svd() -> None:
     model = conv_model(weight, (1, 24, 9, 9), bias=bias, strides=[2, 2], pads=[1, 1, 1, 1])
     skipped = TuckerConv(rank_ratio=0.25)(model.clone())
     assert "pointwise=True" in skipped.skipped[0].reason
-    reference = outputs(model, {"x": x})["y"]
+    reference = outputs_of(model, {"x": x})["y"]
     full = TuckerConv(rank_ratio=1.0, pointwise=True, allow_growth=True)(model.clone())
     assert [n.op_type for n in full.model.graph] == ["Conv", "Conv"]
     assert full.layers[0].method == "svd" and full.layers[0].rank == (24,)
-    assert_same(reference, outputs(full.model, {"x": x})["y"])
+    assert_close(reference, outputs_of(full.model, {"x": x})["y"])
     low = TuckerConv(rank=6, pointwise=True)(model.clone())
     assert low.layers[0].params_after == 6 * (32 + 24) + 32
 
@@ -176,12 +177,12 @@ def test_tied_conv_weight_is_decomposed_once() -> None:
     graph.append(second)
     graph.outputs[0] = second.outputs[0]
     x = _w(1, 16, 8, 8, seed=1)
-    reference = outputs(model, {"x": x})["y2"]
+    reference = outputs_of(model, {"x": x})["y2"]
     full = TuckerConv(rank_ratio=1.0, allow_growth=True)(model.clone())
     assert [layer.shared_with for layer in full.layers] == [None, "conv"]
     factors = [name for name in full.model.graph.initializers if ".tucker_" in name]
     assert len(factors) == 3 and "W" not in full.model.graph.initializers
-    assert_same(reference, outputs(full.model, {"x": x})["y2"])
+    assert_close(reference, outputs_of(full.model, {"x": x})["y2"])
 
 
 def test_a_mode_kept_whole_needs_no_1x1_conv() -> None:
@@ -197,7 +198,7 @@ def test_a_mode_kept_whole_needs_no_1x1_conv() -> None:
     assert kernels == [[3, 3], [1, 1]]
     assert layer.params_after == 8 * 8 * 9 + 32 * 8 + 32
     assert layer.macs_after == 81 * (8 * 8 * 9 + 8 * 32)
-    u_out = initializer(result.model, ".tucker_out").reshape(32, 8).astype(np.float64)
+    u_out = initializer_array(result.model, ".tucker_out").reshape(32, 8).astype(np.float64)
     projected = np.einsum("oa,pa,pihw->oihw", u_out, u_out, weight.astype(np.float64))
     equivalent = conv_model(projected, (1, 8, 9, 9), bias=bias, pads=[1, 1, 1, 1])
-    assert_same(outputs(equivalent, {"x": x})["y"], outputs(result.model, {"x": x})["y"])
+    assert_close(outputs_of(equivalent, {"x": x})["y"], outputs_of(result.model, {"x": x})["y"])

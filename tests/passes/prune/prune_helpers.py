@@ -1,16 +1,16 @@
-"""Helpers for the pruning tests: zero chosen channels exactly, run and compare on onnxruntime."""
+"""Pruning-specific helper: zero chosen channels exactly (outputs and checks: `tests.kit`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from slimgraph import runtime
 from slimgraph.ir.channels import ChannelAnalysis, analyze_channels
 from slimgraph.passes.prune import kept_count, prepare_for_pruning
+
+__all__ = ["zero_channels"]
 
 # Roles whose entries must be zero for a channel to be exactly zero everywhere in its group:
 # producing weights and biases, BatchNorm gamma and beta, per-channel constants added.
@@ -65,20 +65,3 @@ def zero_channels(
         prepared.graph.register_initializer(fresh)
         node.replace_input_with(index, fresh)
     return prepared, analysis, len(roots)
-
-
-def outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return runtime.run(runtime.create_session(model, threads=1), feeds)
-
-
-def assert_same_outputs(ref: ir.Model, cand: ir.Model, feeds: dict[str, np.ndarray]) -> None:
-    expected, actual = outputs(ref, feeds), outputs(cand, feeds)
-    assert expected.keys() == actual.keys()
-    for name, value in expected.items():
-        assert actual[name].shape == value.shape, name
-        scale = max(1.0, float(np.abs(value).max()))
-        np.testing.assert_allclose(actual[name], value, rtol=1e-4, atol=1e-5 * scale)
-
-
-def check_valid(model: ir.Model) -> None:
-    onnx.checker.check_model(ir.to_proto(model), full_check=True)

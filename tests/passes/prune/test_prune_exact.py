@@ -12,9 +12,10 @@ from slimgraph import runtime
 from slimgraph.ir import from_torch
 from slimgraph.ir.analysis import model_macs
 from slimgraph.passes.prune import prune, prune_with_report
-from tests.conftest import exported_model
+from tests.kit.asserts import assert_same_outputs, check_valid
+from tests.kit.exports import exported_model
 from tests.models import _randomize_batchnorm
-from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.passes.prune.prune_helpers import zero_channels
 
 CASES = [
     (name, pad)

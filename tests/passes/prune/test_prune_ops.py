@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.ir.channels import analyze_channels
 from slimgraph.passes.prune import prepare_for_pruning, prune_with_report
-from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.kit.asserts import assert_same_outputs, check_valid
+from tests.passes.prune.prune_helpers import zero_channels
 
 
 def _ops_model(seed: int = 0) -> ir.Model:

@@ -15,8 +15,8 @@ from slimgraph.ir import layer_name
 from slimgraph.ir.channels import analyze_channels
 from slimgraph.passes.prune import kept_count, prepare_for_pruning, prune_with_report
 from slimgraph.tools.cli import main
-from tests.conftest import exported_model
-from tests.passes.prune.prune_helpers import check_valid
+from tests.kit.asserts import check_valid
+from tests.kit.exports import exported_model
 
 
 def _conv_out_channels(model) -> dict[str, int]:

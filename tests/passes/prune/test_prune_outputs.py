@@ -23,7 +23,8 @@ from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import UNSTRUCTURED_NOTE
 from slimgraph.tools.cli import main
-from tests.passes.prune.prune_helpers import assert_same_outputs, check_valid, zero_channels
+from tests.kit.asserts import assert_same_outputs, check_valid
+from tests.passes.prune.prune_helpers import zero_channels
 
 
 def _classifier(seed: int = 0) -> ir.Model:

@@ -10,7 +10,7 @@ from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes.prune import prune, prune_with_report
-from tests.passes.prune.prune_helpers import check_valid
+from tests.kit.asserts import check_valid
 
 
 @pytest.mark.slow

@@ -9,13 +9,8 @@ from onnx import TensorProto, helper
 import slimgraph as sg
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime.calibrate import calibrate
-from tests.passes.quantize.quant_helpers import (
-    DIGITS_CALIB,
-    digits,
-    linear_feeds,
-    linear_model,
-    make_model,
-)
+from tests.kit.data import DIGITS_CALIB, digits, linear_feeds
+from tests.kit.graphs import linear_model, make_model
 
 EXPECTS = r"the model expects image: float32\[batch, 1, 8, 8\]"
 

@@ -14,7 +14,7 @@ from slimgraph.passes.quantize._weights import traced_constant
 from slimgraph.passes.quantize.dynamic import DynamicQuantizePass, quantize_dynamic
 from slimgraph.runtime import compare, create_session, random_feeds, run
 from tests import models as test_models
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _feeds(name: str, model: ir.Model, batch: int = 1) -> dict[str, np.ndarray]:

@@ -9,7 +9,8 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.tools.cli import main
-from tests.passes.quantize.quant_helpers import DIGITS, DIGITS_CALIB, accuracy, digits, digits_test
+from tests.kit.asserts import accuracy
+from tests.kit.data import DIGITS, DIGITS_CALIB, digits, digits_test
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -109,7 +110,7 @@ def test_demo_table_and_output_folder(tmp_path, capsys) -> None:
 
 
 def test_include_op_quantizes_an_op_left_float_by_default(tmp_path, capsys) -> None:
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     source, data = tmp_path / "bert.onnx", tmp_path / "calib.npz"
     sg.save(exported_model("bert"), source)

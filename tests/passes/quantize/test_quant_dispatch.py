@@ -6,7 +6,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph import runtime
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 
 def _ops(model) -> set[str]:

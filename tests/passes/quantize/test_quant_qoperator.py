@@ -9,18 +9,10 @@ from onnx import TensorProto, helper
 import slimgraph as sg
 from slimgraph.passes.quantize.qoperator import QOperatorPass
 from slimgraph.runtime import compare
-from tests.passes.quantize.quant_helpers import (
-    DIGITS_CALIB,
-    accuracy,
-    bert_batches,
-    bert_model,
-    digits,
-    digits_test,
-    linear_feeds,
-    linear_model,
-    make_model,
-    ops,
-)
+from tests.kit.asserts import accuracy
+from tests.kit.data import DIGITS_CALIB, bert_batches, digits, digits_test, linear_feeds
+from tests.kit.exports import bert_model
+from tests.kit.graphs import linear_model, make_model, ops
 
 
 def test_digits_qoperator_has_qlinearconv_and_matches_qdq() -> None:
@@ -68,7 +60,7 @@ def test_relu6_clip_is_absorbed_into_qlinearconv() -> None:
     # MobileNetV2's Conv -> Clip(0, 6) -> Q: the quantized range [0, r <= 6] makes the Clip
     # redundant, so every conv becomes QLinearConv (ConvInteger would run several times slower
     # than float32), and the result matches the QDQ model.
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     model = exported_model("mobilenetv2")
     feeds = [sg.runtime.random_feeds(model, batch=4, seed=s) for s in range(4)]

@@ -11,22 +11,10 @@ import slimgraph as sg
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import report_of
 from slimgraph.runtime import compare, random_feeds
-from tests.conftest import exported_model
-from tests.passes.quantize.quant_helpers import (
-    DIGITS_CALIB,
-    accuracy,
-    bert_batches,
-    bert_model,
-    const,
-    digits,
-    digits_test,
-    dq_feeding,
-    linear_feeds,
-    linear_model,
-    make_model,
-    ops,
-    ort_optimized_ops,
-)
+from tests.kit.asserts import accuracy, ort_optimized_ops
+from tests.kit.data import DIGITS_CALIB, bert_batches, digits, digits_test, linear_feeds
+from tests.kit.exports import bert_model, exported_model
+from tests.kit.graphs import const, dq_feeding, linear_model, make_model, ops
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +257,7 @@ def test_include_op_refuses_what_is_quantized_already_and_other_modes() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
 def test_model_zoo_opset_9_models_quantize_and_fuse(name: str) -> None:
-    from tests.conftest import ZOO_DIR
+    from tests.kit.data import ZOO_DIR
 
     model = sg.load(ZOO_DIR / f"light_{name}.onnx")
     feeds = [random_feeds(model, seed=i) for i in range(2)]

@@ -19,7 +19,7 @@ from slimgraph.passes.quantize.weight_only import (
     quantize_weight_only,
 )
 from slimgraph.runtime import compare, create_session, random_feeds, run
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 _shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
 

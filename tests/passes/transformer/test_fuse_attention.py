@@ -12,7 +12,9 @@ import pytest
 import slimgraph as sg
 from slimgraph.passes import fuse_attention
 from slimgraph.passes.pipeline import run_pipeline
-from tests.passes.transformer.helpers import assert_close, cosine, export, feeds, outputs
+from tests.kit.asserts import assert_same_outputs, cosine, output_list
+from tests.kit.data import transformer_feeds
+from tests.kit.exports import export_transformer
 
 SHAPES = [(3, 11), (1, 37), (5, 16)]  # the export used (2, 16)
 
@@ -23,7 +25,7 @@ def ops(model) -> Counter:  # noqa: ANN001
 
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 def test_transformer_preset_fuses_every_layer_exactly(name: str) -> None:
-    model = export(name)
+    model = export_transformer(name)
     result = run_pipeline(model, ["transformer"], verify=True)
     fused = result.model
     counts = ops(fused)
@@ -39,11 +41,11 @@ def test_transformer_preset_fuses_every_layer_exactly(name: str) -> None:
     # the projections stay MatMuls (quantizable): q, k, v (or packed qkv), out, fc1, fc2
     assert counts["MatMul"] == (12 if name == "bert" else 9)
     for batch, seq in SHAPES:
-        assert_close(model, fused, feeds(name, batch, seq))
+        assert_same_outputs(model, fused, transformer_feeds(name, batch, seq))
 
 
 def test_padding_mask_is_reduced_to_key_padding_mask() -> None:
-    fused = run_pipeline(export("bert"), ["transformer"], verify=False).model
+    fused = run_pipeline(export_transformer("bert"), ["transformer"], verify=False).model
     mhas = [n for n in fused.graph if n.op_type == "MultiHeadAttention"]
     for mha in mhas:
         assert len(mha.inputs) == 5 and mha.inputs[3] is None  # key_padding_mask, no bias
@@ -57,43 +59,43 @@ def test_padding_mask_is_reduced_to_key_padding_mask() -> None:
 
 
 def test_causal_mask_becomes_attention_bias() -> None:
-    fused = run_pipeline(export("gpt"), ["transformer"], verify=False).model
+    fused = run_pipeline(export_transformer("gpt"), ["transformer"], verify=False).model
     for mha in (n for n in fused.graph if n.op_type == "MultiHeadAttention"):
         assert len(mha.inputs) == 6 and mha.inputs[4] is None
         assert mha.inputs[5].producer().op_type == "Unsqueeze"
 
 
 def test_fully_padded_rows_and_single_tokens_stay_exact() -> None:
-    model = export("bert")
+    model = export_transformer("bert")
     fused = run_pipeline(model, ["transformer"], verify=False).model
-    feed = feeds("bert", 4, 9)
+    feed = transformer_feeds("bert", 4, 9)
     feed["attention_mask"][1:3, 1:] = 0  # rows with one token
-    assert_close(model, fused, feed)
-    assert_close(model, fused, feeds("bert", 2, 1))  # sequence length 1
+    assert_same_outputs(model, fused, feed)
+    assert_same_outputs(model, fused, transformer_feeds("bert", 2, 1))  # sequence length 1
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 def test_skip_layernorm_fusion_is_exact(name: str) -> None:
-    model = export(name)
+    model = export_transformer(name)
     result = run_pipeline(model, ["lossless", "fuse-skip-layernorm"], verify=True)
     assert ops(result.model)["SkipLayerNormalization"] == 4
     for batch, seq in SHAPES[:2]:
-        assert_close(model, result.model, feeds(name, batch, seq))
+        assert_same_outputs(model, result.model, transformer_feeds(name, batch, seq))
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 def test_pack_attention_is_exact(name: str) -> None:
-    model = export(name)
+    model = export_transformer(name)
     result = run_pipeline(model, ["transformer", "pack-attention"], verify=True)
     counts = ops(result.model)
     assert counts["Attention"] == 2 and counts["MultiHeadAttention"] == 0
     assert counts["Split"] == 0
     for batch, seq in SHAPES[:2]:
-        assert_close(model, result.model, feeds(name, batch, seq))
+        assert_same_outputs(model, result.model, transformer_feeds(name, batch, seq))
 
 
 def test_unmatched_attention_is_reported_not_fused() -> None:
-    model = export("bert")
+    model = export_transformer("bert")
     for node in model.graph:  # break the head split: the scores no longer come from one head
         if node.op_type == "Softmax":
             node.attributes["axis"] = __import__("onnx_ir").AttrInt64("axis", 2)
@@ -103,7 +105,7 @@ def test_unmatched_attention_is_reported_not_fused() -> None:
 
 
 def test_dynamic_int8_of_fused_bert_uses_qattention_and_keeps_fidelity() -> None:
-    model = export("bert")
+    model = export_transformer("bert")
     fused = run_pipeline(model, ["transformer"], verify=False).model
     quantized = sg.quantize(fused, mode="dynamic")
     counts = ops(quantized)
@@ -111,23 +113,23 @@ def test_dynamic_int8_of_fused_bert_uses_qattention_and_keeps_fidelity() -> None
     assert counts["Sum"] == 5  # the preset's residual Sums survive quantization
     assert counts["MatMulInteger"] == 6  # out, fc1, fc2 of 2 layers
     plain = sg.quantize(model, mode="dynamic")
-    feed = feeds("bert", 4, 23)
-    want = outputs(model, feed)[0]
-    fused_cos = cosine(want, outputs(quantized, feed)[0])
+    feed = transformer_feeds("bert", 4, 23)
+    want = output_list(model, feed)[0]
+    fused_cos = cosine(want, output_list(quantized, feed)[0])
     assert fused_cos > 0.999
-    assert fused_cos >= cosine(want, outputs(plain, feed)[0]) - 1e-4
+    assert fused_cos >= cosine(want, output_list(plain, feed)[0]) - 1e-4
 
 
 def test_static_int8_of_fused_gpt_quantizes_the_projections() -> None:
-    model = export("gpt")
+    model = export_transformer("gpt")
     fused = run_pipeline(model, ["transformer"], verify=False).model
-    calib = [feeds("gpt", 4, 16, seed=s) for s in range(4)]
+    calib = [transformer_feeds("gpt", 4, 16, seed=s) for s in range(4)]
     quantized = sg.quantize(fused, calibration=calib, progress=False)
     counts = ops(quantized)
     assert counts["MultiHeadAttention"] == 2
     assert counts["DequantizeLinear"] >= 9  # the 9 weights at least
-    feed = feeds("gpt", 2, 12)
-    assert cosine(outputs(model, feed)[0], outputs(quantized, feed)[0]) > 0.99
+    feed = transformer_feeds("gpt", 2, 12)
+    assert cosine(output_list(model, feed)[0], output_list(quantized, feed)[0]) > 0.99
 
 
 @pytest.mark.slow
@@ -150,9 +152,9 @@ def test_fusion_is_exact_on_the_6x384_encoder_with_12_heads() -> None:
              if n.op_type == "MultiHeadAttention"}
     assert heads == {12}
     for batch, seq in [(3, 37), (1, 128)]:
-        feed = feeds("bert", batch, seq)
+        feed = transformer_feeds("bert", batch, seq)
         feed["input_ids"] = np.random.default_rng(2).integers(0, 1000, (batch, seq))
-        assert_close(model, fused, feed)
+        assert_same_outputs(model, fused, feed)
 
 
 def test_hf_style_float_mask_is_left_alone_not_miscompiled() -> None:
@@ -186,4 +188,4 @@ def test_hf_style_float_mask_is_left_alone_not_miscompiled() -> None:
     assert ops(result.model)["MultiHeadAttention"] == 0
     feed = {"x": np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32),
             "mask": np.array([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6], np.float32)}
-    assert_close(model, result.model, feed)
+    assert_same_outputs(model, result.model, feed)

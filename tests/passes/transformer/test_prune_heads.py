@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 
 from slimgraph.errors import BadOptionError
-from slimgraph.passes._graph_utils import constant_array
+from slimgraph.passes._kit import constant_array
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.prune_heads import prune_heads
-from tests.passes.transformer.helpers import assert_close, cosine, export, feeds, outputs
+from tests.kit.asserts import assert_same_outputs, cosine, output_list
+from tests.kit.data import transformer_feeds
+from tests.kit.exports import export_transformer
 
 
 def _model(name: str, fused: bool, dead: tuple[int, ...] = ()):  # noqa: ANN202
-    model = export(name, dead)
+    model = export_transformer(name, dead)
     return run_pipeline(model, ["transformer"], verify=False).model if fused else model
 
 
@@ -48,8 +50,8 @@ def test_half_the_heads_go_with_head_counts_updated(name: str, fused: bool) -> N
                           and len(constant_array(n.inputs[1])) in (3, 4))
         assert [0, 0, 2, 16] in reshapes and [0, 0, 32] in reshapes
     for batch, seq in [(3, 11), (1, 29)]:
-        feed = feeds(name, batch, seq)
-        want, got = outputs(model, feed)[0], outputs(pruned, feed)[0]
+        feed = transformer_feeds(name, batch, seq)
+        want, got = output_list(model, feed)[0], output_list(pruned, feed)[0]
         assert got.shape == want.shape
         assert cosine(want, got) > 0.8  # half the heads of random weights: approximate
 
@@ -62,29 +64,29 @@ def test_zero_weight_heads_are_removed_exactly(name: str, fused: bool) -> None:
     assert [b.removed for b in result.blocks] == [(1, 2)] * 2
     assert all(b.scores[1] == b.scores[2] == 0.0 for b in result.blocks)
     for batch, seq in [(3, 11), (2, 30)]:
-        assert_close(model, result.model, feeds(name, batch, seq))
+        assert_same_outputs(model, result.model, transformer_feeds(name, batch, seq))
 
 
 def test_dead_only_removes_just_the_dead_heads() -> None:
     model = _model("bert", False, dead=(3,))
     result = prune_heads(model, 0.0, dead_only=True)
     assert [b.kept for b in result.blocks] == [3, 3]
-    assert_close(model, result.model, feeds("bert", 2, 13))
+    assert_same_outputs(model, result.model, transformer_feeds("bert", 2, 13))
 
 
 def test_bad_ratio_is_one_clear_error() -> None:
     with pytest.raises(BadOptionError, match=r"head ratio must be in \[0, 1\) \(got 1.0\)"):
-        prune_heads(export("bert"), 1.0)
+        prune_heads(export_transformer("bert"), 1.0)
 
 
 def test_head_pruned_model_still_fuses_and_quantizes() -> None:
-    model = export("bert")
+    model = export_transformer("bert")
     pruned = prune_heads(model, 0.5).model
     fused = run_pipeline(pruned, ["transformer"], verify=True).model
     assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph) == 2
     import slimgraph as sg
 
     quantized = sg.quantize(fused, mode="dynamic")
-    feed = feeds("bert", 2, 15)
-    assert np.isfinite(outputs(quantized, feed)[0]).all()
-    assert cosine(outputs(pruned, feed)[0], outputs(quantized, feed)[0]) > 0.999
+    feed = transformer_feeds("bert", 2, 15)
+    assert np.isfinite(output_list(quantized, feed)[0]).all()
+    assert cosine(output_list(pruned, feed)[0], output_list(quantized, feed)[0]) > 0.999

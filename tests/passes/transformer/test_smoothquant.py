@@ -20,7 +20,9 @@ from slimgraph.passes.quantize.smoothquant import (
     channel_absmax,
     smooth_targets,
 )
-from tests.passes.transformer.helpers import assert_close, export, feeds
+from tests.kit.asserts import assert_same_outputs
+from tests.kit.data import transformer_feeds
+from tests.kit.exports import export_transformer
 
 DATA = Path(sg.__file__).parent / "data"
 
@@ -28,7 +30,7 @@ DATA = Path(sg.__file__).parent / "data"
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("name", ["bert", "gpt"])
 def test_smoothing_is_exact_in_float(name: str, fused: bool) -> None:
-    model = export(name)
+    model = export_transformer(name)
     if fused:  # SkipLayerNormalization targets too
         model = run_pipeline(model, ["lossless", "fuse-attention", "fuse-skip-layernorm"],
                              verify=False).model
@@ -36,7 +38,7 @@ def test_smoothing_is_exact_in_float(name: str, fused: bool) -> None:
     targets = smooth_targets(model)
     # bert (post-LN): each LayerNorm output is also the next residual -> Mul; gpt (pre-LN): folded
     assert targets and all(t.foldable == (name == "gpt") for t in targets)
-    calib = [feeds(name, 4, 16, seed=s) for s in range(2)]
+    calib = [transformer_feeds(name, 4, 16, seed=s) for s in range(2)]
     absmax = channel_absmax(model, [t.value for t in targets], calib)
     for alpha in (0.5, 0.8):
         smoothed = apply_smoothing(model, absmax, alpha)
@@ -44,7 +46,7 @@ def test_smoothing_is_exact_in_float(name: str, fused: bool) -> None:
             n.op_type == "Mul" for n in model.graph)
         assert muls == (0 if name == "gpt" else len(targets))
         for batch, seq in [(3, 11), (1, 30)]:
-            assert_close(model, smoothed, feeds(name, batch, seq))
+            assert_same_outputs(model, smoothed, transformer_feeds(name, batch, seq))
 
 
 def _outlier_model():  # noqa: ANN202

@@ -7,7 +7,8 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
-from tests.runtime.torch_backend.backend_helpers import DATA, assert_matches_ort, digits
+from tests.kit.data import DATA, digits_arrays
+from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
 
 torch = pytest.importorskip("torch")
 
@@ -21,7 +22,7 @@ def model():
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_digits_matches_onnxruntime_at_any_batch(model, batch):
-    assert_matches_ort(model, {"image": digits(rows=batch)["image"]})
+    assert_matches_ort(model, {"image": digits_arrays(rows=batch)["image"]})
 
 
 def test_digits_parameters_are_the_float_weights(model):
@@ -45,7 +46,7 @@ def test_digits_parameters_are_the_float_weights(model):
 
 def test_forward_is_positional_and_returns_a_tuple(model):
     lowered = lower(model, extra_outputs=["relu"])
-    x = torch.from_numpy(digits(rows=3)["image"])
+    x = torch.from_numpy(digits_arrays(rows=3)["image"])
     out = lowered(x)
     assert isinstance(out, tuple) and len(out) == 2
     assert lowered.output_names[1] == "relu"

@@ -17,8 +17,9 @@ from onnx import TensorProto, helper
 import slimgraph as sg
 from slimgraph.errors import UnsupportedModelError
 from tests import models
-from tests.conftest import ZOO_FILES, ZOO_IDS, exported_model
-from tests.runtime.torch_backend.backend_helpers import DATA, assert_matches_ort, digits
+from tests.kit.data import DATA, ZOO_FILES, ZOO_IDS, digits_arrays
+from tests.kit.exports import exported_model
+from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
 
 torch = pytest.importorskip("torch")
 
@@ -84,7 +85,7 @@ def test_zoo_matches_onnxruntime(path, form):
 def test_digits_forms_match_onnxruntime(form):
     """(The digits QDQ form on real data: test_qat_lowering.py.)"""
     model = _form(sg.load(DATA / "digits_cnn.onnx"), form, {})
-    assert_matches_ort(model, {"image": digits(rows=100)["image"]})
+    assert_matches_ort(model, {"image": digits_arrays(rows=100)["image"]})
 
 
 @pytest.mark.parametrize("name", ["grouped", "bert"])
@@ -137,7 +138,7 @@ def test_unknown_onnx_op_names_the_default_domain():
 
 def test_qoperator_model_is_refused_saying_to_train_the_qdq_form():
     model = sg.load(DATA / "digits_cnn.onnx")
-    qop = sg.quantize(model, calibration=digits("digits_calib.npz"), fmt="qoperator",
+    qop = sg.quantize(model, calibration=digits_arrays("digits_calib.npz"), fmt="qoperator",
                       progress=False)
     first = next(n for n in qop.graph if n.op_type.startswith(("QLinear", "MatMulInteger")))
     with pytest.raises(UnsupportedModelError) as error:

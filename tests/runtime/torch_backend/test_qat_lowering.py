@@ -12,12 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
-from tests.runtime.torch_backend.backend_helpers import (
-    DATA,
-    digits,
-    ort_outputs,
-    torch_outputs,
-)
+from tests.kit.asserts import outputs_of
+from tests.kit.data import DATA, digits_arrays
+from tests.runtime.torch_backend.backend_helpers import torch_outputs
 
 torch = pytest.importorskip("torch")
 
@@ -74,7 +71,7 @@ def test_per_tensor_ties_and_saturation_equal_onnxruntime(dtype, zp, bounds):
     scale = 0.25
     x = _ties(scale, *bounds, zp)
     model = _qdq_model([x.size], np.array(scale), np.array(zp), dtype)
-    want = ort_outputs(model, {"x": x}, "disable")["y"]
+    want = outputs_of(model, {"x": x}, "disable")["y"]
     got = torch_outputs(lower(model), {"x": x})["y"]
     np.testing.assert_array_equal(got, want)
     # Half to even, as ONNX defines it: 0.5 -> 0, 1.5 -> 2, -0.5 -> 0, -2.5 -> -2 (then + zp).
@@ -89,7 +86,7 @@ def test_quantize_codes_leaving_the_graph_equal_onnxruntime(dtype, zp, bounds):
     x = _ties(scale, *bounds, zp)
     model = _qdq_model([x.size], np.array(scale), np.array(zp), dtype, opset=13)
     model.graph.outputs.append(next(n for n in model.graph if n.name == "quant").outputs[0])
-    want = ort_outputs(model, {"x": x}, "disable")["q"]
+    want = outputs_of(model, {"x": x}, "disable")["q"]
     got = torch_outputs(lower(model), {"x": x})["q"]
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
@@ -103,12 +100,12 @@ def test_per_axis_and_blocked_equal_onnxruntime(dtype, zp, bounds):
     # [2, 3, 20]: channel c holds the ties of scales[c]
     x = np.ascontiguousarray(x.T.reshape(2, 20, 3).transpose(0, 2, 1)).astype(np.float32)
     per_axis = _qdq_model(list(x.shape), scales, np.full(3, zp), dtype, axis=1)
-    want = ort_outputs(per_axis, {"x": x}, "disable")["y"]
+    want = outputs_of(per_axis, {"x": x}, "disable")["y"]
     np.testing.assert_array_equal(torch_outputs(lower(per_axis), {"x": x})["y"], want)
     block_scales = np.abs(rng.standard_normal((2, 3, 5))).astype(np.float32) + 0.1
     blocked = _qdq_model(list(x.shape), block_scales, np.full((2, 3, 5), zp), dtype, axis=2,
                          block=4)
-    want = ort_outputs(blocked, {"x": x}, "disable")["y"]
+    want = outputs_of(blocked, {"x": x}, "disable")["y"]
     np.testing.assert_array_equal(torch_outputs(lower(blocked), {"x": x})["y"], want)
 
 
@@ -159,7 +156,7 @@ def test_learned_scale_gets_the_lsq_gradient_and_is_written_back():
 @pytest.fixture(scope="module")
 def digits_qdq():
     model = sg.load(DATA / "digits_cnn.onnx")
-    return sg.quantize(model, calibration=digits("digits_calib.npz"), progress=False)
+    return sg.quantize(model, calibration=digits_arrays("digits_calib.npz"), progress=False)
 
 
 def test_quantize_nodes_reproduce_onnxruntime_codes_on_real_activations(digits_qdq):
@@ -173,8 +170,8 @@ def test_quantize_nodes_reproduce_onnxruntime_codes_on_real_activations(digits_q
         for v in (by_name[q.name].inputs[0], by_name[q.name].outputs[0]):
             if not v.is_graph_output() and not v.is_graph_input():
                 probe.graph.outputs.append(v)
-    feeds = {"image": digits(rows=450)["image"]}
-    ref = ort_outputs(probe, feeds, "disable")
+    feeds = {"image": digits_arrays(rows=450)["image"]}
+    ref = outputs_of(probe, feeds, "disable")
     lowered = lower(digits_qdq, extra_outputs=[q.outputs[0].name for q in quants])
     full = torch_outputs(lowered, feeds)
     differing = total = 0
@@ -194,8 +191,8 @@ def test_quantize_nodes_reproduce_onnxruntime_codes_on_real_activations(digits_q
 
 
 def test_qdq_digits_outputs_agree_with_onnxruntime(digits_qdq):
-    feeds = {"image": digits(rows=450)["image"]}
-    want = ort_outputs(digits_qdq, feeds, "disable")["linear"]
+    feeds = {"image": digits_arrays(rows=450)["image"]}
+    want = outputs_of(digits_qdq, feeds, "disable")["linear"]
     got = torch_outputs(lower(digits_qdq), feeds)["linear"]
     assert (got.argmax(1) == want.argmax(1)).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.01 * np.abs(want).max())
@@ -217,7 +214,7 @@ def test_qat_steps_requantize_weights_and_keep_the_graph(digits_qdq):
                                       and u.idx == 0
                                       for u in digits_qdq.graph.initializers[n].uses())
     }
-    batch = digits("digits_train.npz", rows=128)
+    batch = digits_arrays("digits_train.npz", rows=128)
     x, y = torch.from_numpy(batch["image"]), torch.from_numpy(batch["labels"]).long()
     optimizer = torch.optim.SGD(lowered.parameters(), lr=0.02)
     lowered.train()
@@ -238,16 +235,16 @@ def test_qat_steps_requantize_weights_and_keep_the_graph(digits_qdq):
     changed = [n for n in int_weights if out.graph.initializers[n].const_value.tobytes()
                != digits_qdq.graph.initializers[n].const_value.tobytes()]
     assert changed
-    feeds = {"image": digits(rows=200)["image"]}
+    feeds = {"image": digits_arrays(rows=200)["image"]}
     want = torch_outputs(lowered, feeds)["linear"]
-    got = ort_outputs(out, feeds, "disable")["linear"]
+    got = outputs_of(out, feeds, "disable")["linear"]
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.99
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.01 * np.abs(want).max())
 
 
 def test_quantized_embedding_table_trains_through_gather_then_dequantize():
     from tests import models
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     ids, mask = models.example_input("bert", 2)
     feeds = {"input_ids": ids.numpy()[:1], "attention_mask": mask.numpy()[:1]}
@@ -274,7 +271,7 @@ def test_quantized_embedding_table_trains_through_gather_then_dequantize():
     untouched = np.setdiff1d(np.arange(before.shape[0]), rows)
     np.testing.assert_array_equal(after[untouched], before[untouched])  # only gathered rows move
     want = torch_outputs(lowered, feeds)
-    got = ort_outputs(written, feeds, "disable")
+    got = outputs_of(written, feeds, "disable")
     for name, value in got.items():
         np.testing.assert_allclose(value, want[name], rtol=1e-4,
                                    atol=0.01 * np.abs(value).max())

@@ -7,7 +7,9 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
-from tests.runtime.torch_backend.backend_helpers import DATA, digits, ort_outputs, torch_outputs
+from tests.kit.asserts import outputs_of
+from tests.kit.data import DATA, digits_arrays
+from tests.runtime.torch_backend.backend_helpers import torch_outputs
 
 torch = pytest.importorskip("torch")
 
@@ -53,7 +55,7 @@ def test_round_trip_is_exact(model):
 def test_trained_values_are_written_with_names_dtypes_shapes(model):
     lowered = lower(model)
     lowered.train()
-    batch = digits("digits_train.npz", rows=64)
+    batch = digits_arrays("digits_train.npz", rows=64)
     optimizer = torch.optim.SGD(lowered.parameters(), lr=0.05)
     x = torch.from_numpy(batch["image"])
     y = torch.from_numpy(batch["labels"]).long()
@@ -74,7 +76,7 @@ def test_trained_values_are_written_with_names_dtypes_shapes(model):
     assert any("running_mean" in n for n in changed)  # BN statistics updated in train mode
     assert all(old[n][:2] == new[n][:2] for n in old)
     assert _structure(out) == _structure(model)
-    feeds = {"image": digits(rows=50)["image"]}
+    feeds = {"image": digits_arrays(rows=50)["image"]}
     want = torch_outputs(lowered, feeds)
-    got = ort_outputs(out, feeds)
+    got = outputs_of(out, feeds, "all")
     np.testing.assert_allclose(got["linear"], want["linear"], rtol=1e-4, atol=1e-5)

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
 from slimgraph.runtime.metrics import evaluate, load_data
-from tests.conftest import exported_model
-from tests.runtime.torch_backend.backend_helpers import DATA
+from tests.kit.data import DATA
+from tests.kit.exports import exported_model
 
 pytest.importorskip("torch")
 

@@ -1,39 +1,28 @@
-"""Hand-built ONNX models for the IR tests (valid ones and broken ones)."""
+"""Raw `ModelProto`s for the loader and session tests: valid ones and broken ones.
+
+Nothing here runs the onnx checker or shape inference: a bad model must reach the loader as it is.
+"""
 
 from __future__ import annotations
-
-import hashlib
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+__all__ = [
+    "OPSET",
+    "W",
+    "external_tensor",
+    "add_model",
+    "constant_model",
+    "if_model",
+    "loop_model",
+    "function_model",
+    "graph_model",
+]
+
 OPSET = [helper.make_opsetid("", 18)]
 W = np.arange(6, dtype=np.float32).reshape(2, 3)
-
-
-def write(folder: Path, proto: onnx.ModelProto, name: str = "model.onnx") -> Path:
-    """Serialize without any check (bad models must reach the loader as they are)."""
-    path = folder / name
-    path.write_bytes(proto.SerializeToString())
-    return path
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Names and content hashes of every entry under `folder` (symlinks not followed)."""
-    result = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root) / name
-            if path.is_symlink():
-                result[str(path)] = "link:" + os.readlink(path)
-            elif path.is_file():
-                result[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                result[str(path)] = "other"
-    return result
 
 
 def external_tensor(

@@ -14,7 +14,7 @@ from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass, convert_fp16
 from slimgraph.runtime import compare, create_session, model_bytes, random_feeds, run
 from slimgraph.tools.cli import main
 from tests import models as test_models
-from tests.conftest import exported_model
+from tests.kit.exports import exported_model
 
 h = onnx.helper
 FLOAT = onnx.TensorProto.FLOAT
@@ -218,7 +218,7 @@ def test_convert_command(tmp_path, capsys) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("stem", ["light_squeezenet", "light_resnet50", "light_inception_v1"])
 def test_fp16_zoo_models_run_with_cosine(stem: str) -> None:
     from slimgraph.ir import load
-    from tests.conftest import ZOO_DIR
+    from tests.kit.data import ZOO_DIR
 
     model = load(ZOO_DIR / f"{stem}.onnx")
     half = convert_fp16(model)

@@ -13,7 +13,7 @@ import slimgraph as sg  # noqa: E402
 from slimgraph.errors import BadOptionError  # noqa: E402
 from slimgraph.passes.pipeline import build_pipeline, run_pipeline  # noqa: E402
 from slimgraph.runtime.metrics import evaluate, load_data  # noqa: E402
-from tests.tools.tools_helpers import DIGITS  # noqa: E402
+from tests.kit.data import DIGITS  # noqa: E402
 
 TRAIN = DIGITS.with_name("digits_train.npz")
 TEST = DIGITS.with_name("digits_test.npz")

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 import slimgraph as sg  # noqa: E402
 from slimgraph.errors import BadOptionError  # noqa: E402
 from slimgraph.runtime.metrics import evaluate, load_data  # noqa: E402
-from tests.tools.tools_helpers import DIGITS  # noqa: E402
+from tests.kit.data import DIGITS  # noqa: E402
 
 TRAIN = DIGITS.with_name("digits_train.npz")
 TEST = DIGITS.with_name("digits_test.npz")
@@ -95,7 +95,7 @@ def test_iterables_of_feed_dicts(setup) -> None:  # noqa: ANN001
 
 
 def test_teacher_with_other_inputs_is_refused(setup) -> None:  # noqa: ANN001
-    from tests.conftest import exported_model
+    from tests.kit.exports import exported_model
 
     other = exported_model("mlp")
     with pytest.raises(BadOptionError) as caught:

@@ -1,0 +1,71 @@
+"""`FactorizeOptions`: the keywords of `factorize` and `factorize_with_report`, written once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from slimgraph.passes._options import BudgetOptions
+from slimgraph.passes.lowrank._rank import RankPolicy
+from slimgraph.passes.lowrank._select import SUPPORTED_OPS, LayerFilter
+
+__all__ = ["FactorizeOptions", "Feeds"]
+
+Feeds = Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FactorizeOptions(BudgetOptions):
+    """What `factorize` splits and how (see `factorize` for each keyword).
+
+    Attributes:
+        rank_ratio, energy, rank, error_budget: the rank rule (one of them, or "auto" with one).
+        include, exclude: fnmatch patterns on layer or node names.
+        op_types: which of Gemm, MatMul, Conv to factorize.
+        feeds: sample inputs to measure fidelity.
+        pointwise_convs: also split 1x1 convs by SVD.
+        allow_growth: factorize even where the factors are larger than the weight.
+        fold: fold constant weight subgraphs first (`PrepareWeightsPass`).
+        data, budget, max_drop, min_cosine, metric: the accuracy budget (`BudgetOptions`).
+    """
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    rank: int | Literal["auto"] | None = None
+    error_budget: float | None = None
+    include: str | Iterable[str] | None = None
+    exclude: str | Iterable[str] | None = None
+    op_types: str | Sequence[str] = SUPPORTED_OPS
+    feeds: Feeds | None = None
+    pointwise_convs: bool = False
+    allow_growth: bool = False
+    fold: bool = True
+
+    def rule(self) -> dict[str, Any]:
+        """The options that decide the factorized model (no feeds, no budget), as keywords."""
+        return {
+            name: getattr(self, name)
+            for name in ("rank_ratio", "energy", "rank", "error_budget", "include", "exclude",
+                         "op_types", "pointwise_convs", "allow_growth", "fold")
+        }
+
+    def policy(self) -> RankPolicy:
+        """The rank rule.
+
+        Raises:
+            BadOptionError: no rule or several, or a value out of range.
+        """
+        return RankPolicy(
+            self.rank_ratio, self.energy, self.error_budget, self.rank, self.allow_growth
+        )
+
+    def layer_filter(self) -> LayerFilter:
+        """Which layers are candidates.
+
+        Raises:
+            BadOptionError: an unsupported or empty `op_types`.
+        """
+        return LayerFilter.create(self.include, self.exclude, self.op_types)
