@@ -19,7 +19,7 @@ from slimgraph.runtime.finetune import FinetuneOptions
 from slimgraph.runtime.torch_backend._options import TrainOptions
 from slimgraph.tools._common import output_paths, print_result
 from slimgraph.tools.compare_cmd import checked_batch
-from tests.tools.tools_helpers import DIGITS
+from tests.kit.data import DIGITS
 
 # The keywords of finetune/finetune_with_report before they had one home, in their order.
 FINETUNE_KEYWORDS = [
