@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from slimgraph.passes.pipeline import PASSES, _ensure_registered, build_pipeline, load_recipe
+from slimgraph.passes import registry
+from slimgraph.passes.pipeline import build_pipeline, load_recipe
+from slimgraph.passes.registry import PASSES, ensure_registered
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -61,10 +63,12 @@ def test_documented_recipe_builds(source: str, tmp_path: Path) -> None:
     ]
 
 
-def _slimgraph_passes() -> dict[str, type]:
+def _slimgraph_passes() -> registry.PassTable:
     """The registry without passes that tests register for themselves (the sweep's test steps)."""
-    _ensure_registered()
-    return {name: cls for name, cls in PASSES.items() if cls.__module__.startswith("slimgraph.")}
+    ensure_registered()
+    return registry.PassTable(
+        info for info in PASSES.infos() if not info.cls.__module__.startswith("tests.")
+    )
 
 
 def test_readme_pass_table_lists_every_registered_pass() -> None:
@@ -74,9 +78,7 @@ def test_readme_pass_table_lists_every_registered_pass() -> None:
 
 
 def test_recipes_doc_lists_the_passes_as_the_cli_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimgraph.passes import pipeline
-
-    monkeypatch.setattr(pipeline, "PASSES", _slimgraph_passes())
+    monkeypatch.setattr(registry, "PASSES", _slimgraph_passes())
     doc = (ROOT / "docs" / "recipes.md").read_text()
-    block = f"```\n{pipeline.describe_passes()}\n```"
+    block = f"```\n{registry.describe_passes()}\n```"
     assert block in doc, "regenerate it with slimgraph optimize --list-passes"

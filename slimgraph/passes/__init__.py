@@ -1,7 +1,9 @@
 """Graph passes, one module per family, all built on `onnx_ir.passes`.
 
-`run_pipeline` runs named passes (or presets) from data, instrumented and verified; `lossless`
-is the preset of exact cleanup and fusion passes that quantization, pruning and low-rank run first.
+Passes register into `registry` (a leaf: importing a pass imports no onnxruntime) with their
+traits declared. `run_pipeline` runs named passes (or presets) from data through onnx_ir's
+`PassManager`, instrumented and verified; `lossless` is the preset of exact cleanup and fusion
+passes that quantization, pruning and low-rank run first.
 """
 
 from __future__ import annotations
@@ -12,20 +14,30 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.passes.pipeline import (
-    PASSES,
-    PRESETS,
     PassRecord,
     PipelineResult,
     build_pipeline,
     load_recipe,
+    run_pipeline,
+)
+from slimgraph.passes.registry import (
+    PASSES,
+    PRESETS,
+    PassInfo,
+    describe_passes,
+    options_from,
+    pass_options,
     register_pass,
     register_preset,
-    run_pipeline,
 )
 
 __all__ = [
     "PASSES",
     "PRESETS",
+    "PassInfo",
+    "describe_passes",
+    "options_from",
+    "pass_options",
     "PassRecord",
     "PipelineResult",
     "build_pipeline",

@@ -1,15 +1,15 @@
 """What every slimgraph pass shares, on top of `onnx_ir.passes`.
 
 A pass is an `onnx_ir.passes.InPlacePass` or `FunctionalPass` with keyword-only options and no
-state that survives between calls. It declares `exact`: True when outputs must not change (tested
-at fp32 rtol 1e-4 / atol 1e-5 of the output's scale), False when it approximates (it reports
-fidelity instead). A pass that produces data returns a `SlimgraphPassResult` subclass carrying it.
+state that survives between calls. Its traits are declared where it registers
+(`passes.registry.register_pass(name, exact=...)`): exact when outputs must not change (tested
+at fp32 rtol 1e-4 / atol 1e-5 of the output's scale), approximate when it reports fidelity
+instead. A pass that produces data returns a `SlimgraphPassResult` subclass carrying it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import onnx_ir as ir
 
@@ -67,12 +67,9 @@ class _ErrorsPassThrough:
 
 
 class SlimgraphPass(_ErrorsPassThrough, ir.passes.InPlacePass):
-    """An in-place slimgraph pass. Subclasses set `exact` and implement `call`."""
-
-    exact: ClassVar[bool]
+    """An in-place slimgraph pass. Subclasses implement `call` (traits: `register_pass`)."""
 
 
 class SlimgraphFunctionalPass(_ErrorsPassThrough, ir.passes.FunctionalPass):
-    """A slimgraph pass returning a new model. Subclasses set `exact` and implement `call`."""
-
-    exact: ClassVar[bool]
+    """A slimgraph pass returning a new model. Subclasses implement `call` (traits:
+    `register_pass`)."""

@@ -165,21 +165,44 @@ def _kept_layers(table: SensitivityTable, count: int) -> list[FloatLayer]:
             for r in table.rows[:count]]
 
 
+def _search_units(units: QuantizeUnits | FactorizeUnits, judge: BudgetJudge,
+                  search: BudgetSearch) -> list[str]:
+    """The search both methods share: every unit compressed; when that misses the budget, the
+    sensitivity table and the fewest most-sensitive units kept uncompressed (`search_kept`).
+    Fills `search` (its `candidate` is the model its `evaluation` measured).
+
+    Returns:
+        The nodes left uncompressed, as exact node names.
+
+    Raises:
+        VerificationError: no choice of units meets the budget.
+    """
+    candidate = units.build(())
+    evaluation = judge.evaluate(candidate)
+    search.tried.append((0, evaluation.metric, evaluation.cosine))
+    if not judge.holds(evaluation):
+        table = table_of(units, judge)
+        search.table = table
+        candidate, evaluation, count = search_kept(table, judge, units.build, search,
+                                                   most=len(units.units) - 1)
+        search.kept = _kept_layers(table, count)
+    search.evaluation, search.candidate = evaluation, candidate
+    return [k.node for k in search.kept]
+
+
 def quantize_with_budget(
-    model: ir.Model,
-    calibration: Any,
-    judge: BudgetJudge,
-    *,
-    method: str = "minmax",
-    per_channel: bool = True,
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    include_ops: Sequence[str] = (),
-    activation_dtype: str = "auto",
-    batch_size: int = 32,
-    percentile: float = 99.99,
+    model: ir.Model, calibration: Any, judge: BudgetJudge, *, method: str = "minmax",
+    **options: Any,
 ) -> tuple[list[str], BudgetSearch]:
     """The nodes static quantization must leave float for `judge`'s budget to hold.
+
+    Args:
+        model: the float model (not modified).
+        calibration: calibration data, as `quantize` takes it.
+        judge: the budget and the validation data.
+        method: the calibration method (minmax, percentile, entropy, mse).
+        options: the other `QuantizeUnits` keywords (per_channel, exclude, exclude_ops,
+            include_ops, activation_dtype, batch_size, percentile).
 
     Returns:
         (float nodes, as exact `--exclude` names; the search record, whose `candidate` is the
@@ -189,26 +212,12 @@ def quantize_with_budget(
     Raises:
         VerificationError: no mix of float and int8 layers meets the budget.
     """
-    units = QuantizeUnits(
-        model, calibration, calib_method=method, per_channel=per_channel, exclude=exclude,
-        exclude_ops=exclude_ops, include_ops=include_ops, activation_dtype=activation_dtype,
-        batch_size=batch_size, percentile=percentile,
-    )
+    units = QuantizeUnits(model, calibration, calib_method=method, **options)
     search = BudgetSearch("int8 quantization", judge.budget.describe())
-    candidate = units.build(())
-    evaluation = judge.evaluate(candidate)
-    search.tried.append((0, evaluation.metric, evaluation.cosine))
-    if judge.holds(evaluation):
-        search.evaluation, search.candidate = evaluation, candidate
-        return [], search
-    table = table_of(units, judge)
-    search.table = table
-    candidate, evaluation, count = search_kept(table, judge, units.build, search,
-                                               most=len(units.units) - 1)
-    search.evaluation, search.kept = evaluation, _kept_layers(table, count)
-    search.candidate = candidate
-    logger.info("mixed precision: %d of %d layers float", count, len(units.units))
-    return [k.node for k in search.kept], search
+    kept = _search_units(units, judge, search)
+    if kept:
+        logger.info("mixed precision: %d of %d layers float", len(kept), len(units.units))
+    return kept, search
 
 
 def factorize_with_budget(
@@ -226,17 +235,7 @@ def factorize_with_budget(
     """
     units = FactorizeUnits(model, **rule)
     search = BudgetSearch("low-rank factorization", judge.budget.describe())
-    evaluation = judge.evaluate(units.build(()))
-    search.tried.append((0, evaluation.metric, evaluation.cosine))
-    if judge.holds(evaluation):
-        search.evaluation = evaluation
-        return [], search
-    table = table_of(units, judge)
-    search.table = table
-    _, evaluation, count = search_kept(table, judge, units.build, search,
-                                       most=len(units.units) - 1)
-    search.evaluation, search.kept = evaluation, _kept_layers(table, count)
-    return [k.node for k in search.kept], search
+    return _search_units(units, judge, search), search
 
 
 @dataclass(frozen=True)

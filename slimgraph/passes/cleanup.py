@@ -7,7 +7,9 @@ for real exports: weights built by `ConstantOfShape` (the old ONNX zoo files), i
 as graph inputs (IR version < 4, which blocks folding), and Dropout in inference graphs. `cleanup`
 runs them to a fixed point, like onnxscript's optimizer.
 
-Every pass here is exact (`exact = True`).
+Every pass here is exact (registered with `exact=True`). onnx_ir's passes whose contract is
+slimgraph's (inlining, topological sort) are registered as they are; those that may move a graph
+output run inside `SlimgraphPass`'s output guard, as `Guarded<upstream name>`.
 """
 
 from __future__ import annotations
@@ -28,29 +30,29 @@ from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
 from slimgraph.passes._kit import add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "InitializerInputsPass",
     "MaterializeConstantOfShapePass",
     "CompactConstantsPass",
-    "FoldConstantsPass",
+    "FoldAndLiftConstantsPass",
     "RemoveDropoutPass",
     "SimplifyShapeChainsPass",
-    "IdentityEliminationPass",
-    "CsePass",
-    "DeduplicateInitializersPass",
+    "GuardedIdentityEliminationPass",
+    "GuardedCommonSubexpressionEliminationPass",
+    "GuardedDeduplicateInitializersPass",
+    "GuardedShapeInferencePass",
     "RemoveUnusedPass",
-    "ShapeInferencePass",
-    "InlineFunctionsPass",
-    "TopologicalSortPass",
+    "StripDebugMetadataPass",
+    "CleanupResult",
     "CleanupPass",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-@register_pass("initializer-inputs")
+@register_pass("initializer-inputs", exact=True)
 class InitializerInputsPass(SlimgraphPass):
     """Stop listing initializers as graph inputs (IR version < 4 style); exact.
 
@@ -58,8 +60,6 @@ class InitializerInputsPass(SlimgraphPass):
     overridable and so blocks constant folding and fusion. The inputs go; the initializers stay,
     and the IR version rises to 4 (the first that allows initializers outside the inputs).
     """
-
-    exact: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = common.RemoveInitializersFromInputsPass()(model)
@@ -102,7 +102,7 @@ def _declared_size(shape: np.ndarray) -> int | None:
     return size
 
 
-@register_pass("constant-of-shape")
+@register_pass("constant-of-shape", exact=True)
 class MaterializeConstantOfShapePass(SlimgraphPass):
     """Replace `ConstantOfShape(constant shape)` by an initializer holding the filled tensor; exact.
 
@@ -116,8 +116,6 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
         size_limit: largest tensor (elements) to materialize; None for no limit.
         weight_limit: largest weight (elements) to materialize; None for `size_limit`.
     """
-
-    exact: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -171,7 +169,7 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
 
 
-@register_pass("compact-constants")
+@register_pass("compact-constants", exact=True)
 class CompactConstantsPass(SlimgraphPass):
     """Store large initializers whose elements are all equal as `ConstantOfShape`, and those
     whose rows are (one value per output channel) as `Expand` of the row values; exact (the
@@ -185,8 +183,6 @@ class CompactConstantsPass(SlimgraphPass):
     Args:
         min_elements: smallest initializer (elements) worth replacing.
     """
-
-    exact: ClassVar[bool] = True
 
     def __init__(self, *, min_elements: int = 16) -> None:
         super().__init__()
@@ -251,19 +247,19 @@ def _uniform_rows(array: np.ndarray) -> np.ndarray | None:
     return None
 
 
-@register_pass("fold-constants")
-class FoldConstantsPass(SlimgraphPass):
+@register_pass("fold-constants", exact=True)
+class FoldAndLiftConstantsPass(SlimgraphPass):
     """Evaluate nodes whose inputs are all constant and store the results as initializers; exact.
 
-    onnxscript's constant folder (with per-node shape inference, so later passes see shapes), then
-    every `Constant` node lifted to an initializer. Q/DQ nodes are never folded (onnxscript's rule).
+    onnxscript's constant folder (`onnxscript.optimizer.FoldConstantsPass`, with per-node shape
+    inference, so later passes see shapes), then every `Constant` node lifted to an initializer
+    (`onnx_ir.passes.common.LiftConstantsToInitializersPass`). Q/DQ nodes are never folded
+    (onnxscript's rule).
 
     Args:
         input_size_limit, output_size_limit: onnxscript's limits (elements); outputs larger than the
             inputs they replace are not stored beyond `output_size_limit`.
     """
-
-    exact: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -287,7 +283,7 @@ class FoldConstantsPass(SlimgraphPass):
         return ir.passes.PassResult(model, folded.modified or lifted.modified)
 
 
-@register_pass("remove-dropout")
+@register_pass("remove-dropout", exact=True)
 class RemoveDropoutPass(SlimgraphPass):
     """Remove inference-mode Dropout (an identity at inference); exact.
 
@@ -295,8 +291,6 @@ class RemoveDropoutPass(SlimgraphPass):
     false one (opset 12+), and `is_test` not 0 (opset < 7). One whose mask output is read stays
     and is reported as skipped.
     """
-
-    exact: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         opset = opset_version(model)
@@ -319,12 +313,16 @@ class RemoveDropoutPass(SlimgraphPass):
                 if training is None or bool(training.reshape(-1)[0]):
                     skipped.append(Skipped(label, node.op_type, "training_mode may be true"))
                     continue
-            bypass(node, node.inputs[0])
+            data = node.inputs[0]
+            if data is None:  # not a valid Dropout: leave it to the checker
+                skipped.append(Skipped(label, node.op_type, "no data input"))
+                continue
+            bypass(node, data)
             count += 1
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
 
 
-@register_pass("simplify-reshape-transpose")
+@register_pass("simplify-reshape-transpose", exact=True)
 class SimplifyShapeChainsPass(SlimgraphPass):
     """Collapse Reshape(Reshape(x)) into one Reshape and Transpose(Transpose(x)) into one or none.
 
@@ -332,8 +330,6 @@ class SimplifyShapeChainsPass(SlimgraphPass):
     Transpose removal); the matcher only rewrites when the inner value has no other reader and is
     not a graph output. Exact: both only move data.
     """
-
-    exact: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewrite = RewritePass(
@@ -344,56 +340,51 @@ class SimplifyShapeChainsPass(SlimgraphPass):
         return ir.passes.PassResult(model, result.modified or identities.modified)
 
 
-def _wrap(
-    name: str, factory: type[ir.passes.PassBase], doc: str
-) -> type[SlimgraphPass]:
-    """A registered, exact SlimgraphPass running one of onnx_ir's common passes."""
+class _GuardedPass(SlimgraphPass):
+    """One of onnx_ir's common passes (`upstream`), run with its defaults inside
+    `SlimgraphPass`'s guard: the graph's output names, types and symbolic dimension names come
+    back as they were (an upstream rewrite may leave one value behind two outputs, or a graph
+    input as an output). `Guarded` + the upstream name: it is not the upstream class."""
 
-    def call(self: SlimgraphPass, model: ir.Model) -> ir.passes.PassResult:
-        result = factory()(model)
-        return ir.passes.PassResult(model, result.modified)
+    upstream: ClassVar[type[ir.passes.PassBase]]
 
-    cls = type(
-        factory.__name__.removesuffix("Pass") + "Pass",
-        (SlimgraphPass,),
-        {"__doc__": doc, "exact": True, "call": call, "__module__": __name__},
-    )
-    return register_pass(name)(cls)
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, self.upstream()(model).modified)
 
 
-IdentityEliminationPass = _wrap(
+def _guarded(name: str, upstream: type[ir.passes.PassBase], doc: str) -> type[_GuardedPass]:
+    """Register `Guarded<upstream name>`, `upstream` inside the guard, as the exact pass `name`."""
+    cls = type(f"Guarded{upstream.__name__}", (_GuardedPass,),
+               {"__doc__": doc, "upstream": upstream, "__module__": __name__})
+    return register_pass(name, exact=True)(cls)
+
+
+GuardedIdentityEliminationPass = _guarded(
     "eliminate-identity",
     common.IdentityEliminationPass,
     "Remove Identity nodes (onnx_ir's IdentityEliminationPass); exact.",
 )
-CsePass = _wrap(
+GuardedCommonSubexpressionEliminationPass = _guarded(
     "cse",
     common.CommonSubexpressionEliminationPass,
     "Merge nodes computing the same thing from the same inputs (onnx_ir's CSE); exact.",
 )
-DeduplicateInitializersPass = _wrap(
+GuardedDeduplicateInitializersPass = _guarded(
     "dedupe-initializers",
     common.DeduplicateInitializersPass,
     "Merge initializers with equal dtype, shape and bytes (onnx_ir); exact.",
 )
-ShapeInferencePass = _wrap(
+GuardedShapeInferencePass = _guarded(
     "shape-inference",
     common.ShapeInferencePass,
     "Annotate values with onnx's inferred types and shapes; exact (computation untouched).",
 )
-InlineFunctionsPass = _wrap(
-    "inline-functions",
-    common.InlinePass,
-    "Inline calls to model-local functions, so folding and fusion see their nodes; exact.",
-)
-TopologicalSortPass = _wrap(
-    "topological-sort",
-    common.TopologicalSortPass,
-    "Order nodes so every producer comes before its readers; exact.",
-)
+# Upstream passes whose contract is slimgraph's (outputs untouched), registered as they are.
+register_pass("inline-functions", exact=True)(common.InlinePass)
+register_pass("topological-sort", exact=True)(common.TopologicalSortPass)
 
 
-@register_pass("strip-debug-metadata")
+@register_pass("strip-debug-metadata", exact=True)
 class StripDebugMetadataPass(SlimgraphPass):
     """Drop the exporter's debug metadata on nodes (`metadata.EXPORTER_DEBUG_KEYS`) and values
     (`metadata.EXPORTER_DEBUG_VALUE_PREFIXES`), and the torch name scopes of nodes that already
@@ -405,8 +396,6 @@ class StripDebugMetadataPass(SlimgraphPass):
         working_marks: also drop slimgraph's own working annotations (`metadata.UNIT`), which
             only later passes of the same run read: for a finished, deployed model.
     """
-
-    exact = True
 
     def __init__(self, *, working_marks: bool = False) -> None:
         super().__init__()
@@ -441,11 +430,9 @@ def _all_values(model: ir.Model) -> Iterator[ir.Value]:
             yield from node.outputs
 
 
-@register_pass("remove-unused")
+@register_pass("remove-unused", exact=True)
 class RemoveUnusedPass(SlimgraphPass):
     """Remove dead nodes, unused initializers, functions and opset imports (onnx_ir); exact."""
-
-    exact: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -466,7 +453,7 @@ class CleanupResult(SlimgraphPassResult):
     rounds: int = 0
 
 
-@register_pass("cleanup")
+@register_pass("cleanup", exact=True)
 class CleanupPass(SlimgraphPass):
     """All cleanup passes, repeated until nothing changes (at most `max_rounds`); exact.
 
@@ -476,8 +463,6 @@ class CleanupPass(SlimgraphPass):
     identity elimination and dead-code removal; finally CSE, initializer deduplication, dead-code
     removal and a topological sort.
     """
-
-    exact: ClassVar[bool] = True
 
     def __init__(self, *, max_rounds: int = 4, keep_initializer_inputs: bool = False) -> None:
         super().__init__()
@@ -497,30 +482,32 @@ class CleanupPass(SlimgraphPass):
                 changed[name] = changed.get(name, 0) + 1
             return bool(result.modified)
 
-        apply("inline-functions", InlineFunctionsPass())
+        apply("inline-functions", common.InlinePass())
         if not self.keep_initializer_inputs:
             apply("initializer-inputs", InitializerInputsPass())
         rounds = 0
+        each_round: tuple[tuple[str, ir.passes.PassBase], ...] = (
+            ("constant-of-shape", MaterializeConstantOfShapePass()),
+            ("fold-constants", FoldAndLiftConstantsPass()),
+            ("remove-dropout", RemoveDropoutPass()),
+            ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
+            ("eliminate-identity", GuardedIdentityEliminationPass()),
+            ("remove-unused", RemoveUnusedPass()),
+        )
+        finally_: tuple[tuple[str, ir.passes.PassBase], ...] = (
+            ("cse", GuardedCommonSubexpressionEliminationPass()),
+            ("dedupe-initializers", GuardedDeduplicateInitializersPass()),
+            ("remove-unused", RemoveUnusedPass()),
+            ("topological-sort", common.TopologicalSortPass()),
+        )
         for rounds in range(1, self.max_rounds + 1):  # noqa: B007
             skipped.clear()
             modified = False
-            for name, pass_ in (
-                ("constant-of-shape", MaterializeConstantOfShapePass()),
-                ("fold-constants", FoldConstantsPass()),
-                ("remove-dropout", RemoveDropoutPass()),
-                ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
-                ("eliminate-identity", IdentityEliminationPass()),
-                ("remove-unused", RemoveUnusedPass()),
-            ):
+            for name, pass_ in each_round:
                 modified = apply(name, pass_) or modified
             if not modified:
                 break
-        for name, pass_ in (
-            ("cse", CsePass()),
-            ("dedupe-initializers", DeduplicateInitializersPass()),
-            ("remove-unused", RemoveUnusedPass()),
-            ("topological-sort", TopologicalSortPass()),
-        ):
+        for name, pass_ in finally_:
             apply(name, pass_)
         changed.pop("topological-sort", None)  # reordering alone is not a change worth verifying
         return CleanupResult(

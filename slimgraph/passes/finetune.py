@@ -10,7 +10,7 @@ A recipe can say prune -> finetune -> quantize -> finetune (QAT):
 
 The teacher defaults to "input": the model the pipeline started from (before pruning), which
 `run_pipeline` hands to every pass taking an `input_model` keyword. `teacher: null` trains on the
-labels alone; a path names another model. Approximate (`exact = False`): the pipeline reports the
+labels alone; a path names another model. Approximate (`exact=False`): the pipeline reports the
 step's output fidelity; the result carries the validation metric before and after.
 
 torch is imported only when the step runs (`slimgraph.runtime.finetune`).
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 from slimgraph.runtime.finetune import SCHEMES, finetune_with_report, parse_kd
 
 __all__ = ["FinetunePass", "FinetuneResult"]
@@ -45,7 +45,7 @@ class FinetuneResult(SlimgraphPassResult):
     seconds_per_epoch: float | None = None
 
 
-@register_pass("finetune")
+@register_pass("finetune", exact=False, options=finetune_with_report)
 class FinetunePass(SlimgraphFunctionalPass):
     """Train the model's weights on data and/or a teacher (see `slimgraph.finetune`).
 
@@ -58,16 +58,12 @@ class FinetunePass(SlimgraphFunctionalPass):
             path to a teacher model.
         input_model: given by the pipeline (its input model); not set in recipes.
         **options: the keywords of `slimgraph.finetune` (labels, kd, scheme, epochs, batch_size,
-            lr, val, seed, learn_scales, temperature, alpha, feature_layers, ...).
+            lr, val, seed, learn_scales, temperature, alpha, feature_layers, ...); declared at
+            registration (`options=`), so recipes are checked against them.
 
     Raises:
         BadOptionError: no data, a teacher "input" without a pipeline input model, bad options.
     """
-
-    exact = False
-    # The keywords of `finetune_with_report` are this pass's `**options` (recipes are checked
-    # against them).
-    options_from: ClassVar[Callable[..., Any]] = staticmethod(finetune_with_report)
 
     def __init__(
         self,

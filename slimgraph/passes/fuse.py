@@ -39,7 +39,7 @@ from slimgraph.passes.fuse_math import (
     pad_to_conv_pads,
     scale_output_channels,
 )
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "FuseBatchNormPass",
@@ -161,7 +161,7 @@ class _BnGemm(_CheckedBnMixin, _fuse_batchnorm.FuseBatchNormIntoGemm):
     pass
 
 
-@register_pass("fuse-batchnorm")
+@register_pass("fuse-batchnorm", exact=True)
 class FuseBatchNormPass(SlimgraphPass):
     """Fold BatchNormalization into the Conv, ConvTranspose, Gemm or 2-D MatMul before it; exact.
 
@@ -294,7 +294,7 @@ def _channel_vector(
     return np.broadcast_to(flat, (channels,)).astype(np.float64)
 
 
-@register_pass("fold-affine")
+@register_pass("fold-affine", exact=True)
 class FoldAffinePass(SlimgraphPass):
     """Fold `Mul`/`Add`/`Sub` by per-channel constants into the Conv, ConvTranspose, Gemm or
     BatchNormalization before them; exact.
@@ -421,7 +421,7 @@ class FoldAffinePass(SlimgraphPass):
 # ---------------------------------------------------------------- standalone BatchNorm
 
 
-@register_pass("batchnorm-to-affine")
+@register_pass("batchnorm-to-affine", exact=True)
 class BatchNormToAffinePass(SlimgraphPass):
     """Turn a BatchNormalization with nothing to fold into into `Mul(x, s) + t`; exact.
 
@@ -505,7 +505,7 @@ class BatchNormToAffinePass(SlimgraphPass):
 # ---------------------------------------------------------------- Pad into Conv
 
 
-@register_pass("fuse-pad")
+@register_pass("fuse-pad", exact=True)
 class FusePadPass(SlimgraphPass):
     """Fold a constant-zero Pad of the spatial axes into the Conv that reads it; exact.
 
@@ -578,7 +578,7 @@ class FusePadPass(SlimgraphPass):
 # ---------------------------------------------------------------- Sum -> Add, MatMul+Add -> Gemm
 
 
-@register_pass("sum-to-add")
+@register_pass("sum-to-add", exact=True)
 class SumToAddPass(SlimgraphPass):
     """Sum with two inputs becomes Add; Sum with one input is removed; exact."""
 
@@ -662,7 +662,7 @@ def _gemm_rules() -> list[Any]:
     return rules
 
 
-@register_pass("matmul-add-to-gemm")
+@register_pass("matmul-add-to-gemm", exact=True)
 class MatMulAddToGemmPass(SlimgraphPass):
     """Add(MatMul(a, b), c) with 2-D a and b becomes Gemm(a, b, c); exact.
 
@@ -684,7 +684,7 @@ _UNIT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _UNIT_ACTIVATIONS = ("Relu", "Clip", "HardSwish")
 
 
-@register_pass("mark-units")
+@register_pass("mark-units", exact=True, metadata_only=True)
 class MarkUnitsPass(SlimgraphPass):
     """Record Conv/ConvTranspose/Gemm/MatMul followed by Relu, Clip or HardSwish as one unit.
 

@@ -51,7 +51,7 @@ import onnx_ir.passes.common as common
 from slimgraph.passes._graph_utils import is_onnx_op, replace_output
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "AttentionMatch",
@@ -359,7 +359,7 @@ def _rewrite(graph: ir.Graph, match: AttentionMatch, masks: _MaskCache, names: N
     replace_output(match.output, out)
 
 
-@register_pass("fuse-attention")
+@register_pass("fuse-attention", exact=True)
 class FuseAttentionPass(SlimgraphPass):
     """Rewrite each attention core into `com.microsoft.MultiHeadAttention`; exact.
 
@@ -399,7 +399,7 @@ def _onnxscript_fusion(model: ir.Model, rules: object, label: str) -> Transforme
     return TransformerFusionResult(model, bool(count), fused={label: count} if count else {})
 
 
-@register_pass("fuse-skip-layernorm")
+@register_pass("fuse-skip-layernorm", exact=True)
 class FuseSkipLayerNormPass(SlimgraphPass):
     """Residual Add (+ bias Add) + LayerNormalization over the last axis becomes
     `com.microsoft.SkipLayerNormalization`; exact. onnxscript's rules (they check [B, S, D]
@@ -415,7 +415,7 @@ class FuseSkipLayerNormPass(SlimgraphPass):
         return _onnxscript_fusion(model, skip_layer_normalization_ruleset, "skip_layernorm")
 
 
-@register_pass("fuse-bias-gelu")
+@register_pass("fuse-bias-gelu", exact=True)
 class FuseBiasGeluPass(SlimgraphPass):
     """Add(x, bias[D]) + Gelu (exact erf form) becomes `com.microsoft.BiasGelu`; exact.
     onnxscript's rule (`approximate="tanh"` is left alone)."""
@@ -504,7 +504,7 @@ def _private(projection: _Projection, mha: ir.Node) -> bool:
     )
 
 
-@register_pass("pack-attention")
+@register_pass("pack-attention", exact=True)
 class PackAttentionPass(SlimgraphPass):
     """Fold the Q/K/V projections into the fused op: `MultiHeadAttention(q, k, v)` whose q, k, v
     are MatMul (+ bias Add) of one input (separately, or one packed MatMul + Split as in GPT-2)
@@ -587,7 +587,7 @@ def has_residual_sums(model: ir.Model) -> bool:
                                             for u in n.outputs[0].uses()) for n in model.graph)
 
 
-@register_pass("residual-sum")
+@register_pass("residual-sum", exact=True)
 class ResidualSumPass(SlimgraphPass):
     """The residual `Add(a, b)` in front of a LayerNormalization becomes `Sum(a, b)`; exact.
 

@@ -8,7 +8,6 @@ node metadata, which the converter drops, is carried over by node name.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
 
 import onnx
 import onnx.version_converter
@@ -18,7 +17,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = ["ConvertOpsetPass", "MIN_OPSET", "MAX_OPSET"]
 
@@ -28,7 +27,7 @@ MIN_OPSET = 7
 MAX_OPSET = onnx.defs.onnx_opset_version()
 
 
-@register_pass("convert-opset")
+@register_pass("convert-opset", exact=True)
 class ConvertOpsetPass(SlimgraphFunctionalPass):
     """Convert the default-domain opset to `opset` with `onnx.version_converter`; exact.
 
@@ -39,8 +38,6 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
         BadOptionError: `opset` is out of range.
         UnsupportedModelError: the converter cannot convert one of the model's ops.
     """
-
-    exact: ClassVar[bool] = True
 
     def __init__(self, *, opset: int) -> None:
         super().__init__()

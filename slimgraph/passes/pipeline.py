@@ -1,18 +1,21 @@
-"""Pipelines built from data: named passes, instrumented, each verified on onnxruntime.
+"""Pipelines built from data: named passes, run by onnx_ir's `PassManager`, each verified.
 
 A pipeline is a list of steps; a step is a registered pass name (`"fuse-batchnorm"`), a preset name
 that expands to its steps (`"lossless"`), or a dict `{"name": ..., **options}` whose options go to
 the pass's keyword-only constructor (the keys `min_cosine` and `max_drop`
 are the pipeline's, see below). Recipes
 are the same list in a YAML or JSON file, either bare or under a `steps:` (or `passes:`) key next to
-`version: 1` (`RECIPE_SCHEMA`). Command names work as step names (`factorize`, `quantize`,
-`convert`, `prune`) and options may be spelt as on the command line (`rank-ratio: 0.5`); an
-unknown option is named with what the pass takes. `describe_passes()` lists everything.
+`version: 1` (`RECIPE_SCHEMA`, `passes.recipe`). Command names work as step names (`factorize`,
+`quantize`, `convert`, `prune`) and options may be spelt as on the command line
+(`rank-ratio: 0.5`); an unknown option is named with what the pass takes. `describe_passes()`
+lists everything.
 
-Every pass runs inside instrumentation that records its time, node counts before and after, whether
-it changed the model and which nodes it skipped. With `verify=True` the model runs on onnxruntime
-before the first pass and after every pass that changed it, on the same sample feeds; each pass's
-outputs are compared with the outputs of the model it received:
+The built steps run inside one `onnx_ir.passes.PassManager`, each wrapped in an instrumentation
+pass that records its time, node counts before and after, whether it changed the model and which
+nodes it skipped. With `verify=True` the model runs on onnxruntime before the first pass and
+after every pass that changed it, on the same sample feeds; each pass's outputs are compared with
+the outputs of the model it received; whether a pass is exact comes from its registration
+(`passes.registry.PassInfo`); `passes._verify` compares the outputs:
 
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
   (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
@@ -21,8 +24,10 @@ outputs are compared with the outputs of the model it received:
   given (with labelled `data`) and the metric on `data` (top-1 accuracy) has dropped by more
   than that since the pipeline's input model (`runtime.budget`).
 
-Adding a pass to the registry is one line: `@register_pass("name")` on its class (and its module
-in `PASS_MODULES`, once per family).
+onnxruntime (`slimgraph.runtime`) is imported only when a pipeline verifies or judges.
+
+Adding a pass to the registry is one line: `@register_pass("name", exact=...)` on its class (and
+its module in `registry.PASS_MODULES`, once per family).
 
 Example:
     >>> result = run_pipeline(model, ["cleanup", "fuse-batchnorm"], verify=True)  # doctest: +SKIP
@@ -33,40 +38,46 @@ Example:
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import (
-    BadDataError,
-    BadOptionError,
-    SlimgraphError,
-    UnsupportedModelError,
-    VerificationError,
-)
+from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
 from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.ir.analysis import check_finite_weights
+from slimgraph.passes._verify import Verifier, feed_list
 from slimgraph.passes.base import SlimgraphPassResult
-from slimgraph.runtime import (
-    Fidelity,
-    compare_outputs,
-    create_session,
-    iter_batches,
-    random_feeds,
-    run,
+from slimgraph.passes.recipe import RECIPE_SCHEMA, RECIPE_VERSION, known_names, load_recipe
+from slimgraph.passes.registry import (
+    COMMAND_STEPS,
+    FACTORIZE_PASSES,
+    INTERNAL_OPTIONS,
+    OPTION_SYNONYMS,
+    PASS_MODULES,
+    PASSES,
+    PRESETS,
+    QUANTIZE_MODES,
+    REQUIRED,
+    PassInfo,
+    cli_option,
+    describe_passes,
+    ensure_registered,
+    pass_options,
+    register_pass,
+    register_preset,
 )
-from slimgraph.runtime.budget import Budget, DataLike, Evaluator, as_data, budget_judge
-from slimgraph.runtime.metrics import LabelledData
+
+if TYPE_CHECKING:
+    from slimgraph.runtime import Fidelity
+    from slimgraph.runtime.budget import Budget, DataLike, Evaluator
+    from slimgraph.runtime.metrics import LabelledData
 
 __all__ = [
     "PASSES",
@@ -97,198 +108,36 @@ logger = logging.getLogger(__name__)
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5  # relative to max(1, max |reference output|)
 
-# Name -> pass class. Passes of every family register here with @register_pass("name").
-PASSES: dict[str, type[ir.passes.PassBase]] = {}
-
-# Name -> list of steps (names or option dicts). Presets may name other presets.
-PRESETS: dict[str, list[str | dict[str, Any]]] = {}
-
-_P = TypeVar("_P", bound=type[ir.passes.PassBase])
-
 # Step keys the pipeline reads itself; every other key is an option of the pass.
 _PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
-
-# The recipe format this version reads (`version:` at the top of a recipe file).
-RECIPE_VERSION = 1
-
-# Command names accepted as step names, so a recipe reads like the command line
-# (`- name: factorize` with `rank-ratio: 0.5`): each runs the passes its command runs.
-COMMAND_STEPS: dict[str, str] = {
-    "factorize": "lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)",
-    "quantize": "quantize (static: needs --calib / calibration=), quantize-dynamic (mode: "
-    "dynamic) or quantize-weight-only (mode: weight-only)",
-    "convert": "fp16 (convert --fp16)",
-    "prune": "prune",
-}
-
-# Option spellings of the command line that differ from the pass's keyword.
-_OPTION_SYNONYMS = {
-    "format": "fmt",
-    "exclude_op": "exclude_ops",
-    "include_op": "include_ops",
-    "prune_output": "prune_outputs",
-}
-
-# A recipe file, as JSON Schema (draft 2020-12); `load_recipe` checks the same rules and names the
-# offending step in command-line terms. docs/recipes.md describes it.
-RECIPE_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "slimgraph recipe",
-    "oneOf": [
-        {"$ref": "#/$defs/steps"},
-        {
-            "type": "object",
-            "properties": {
-                "version": {"const": RECIPE_VERSION},
-                "description": {"type": "string"},
-                "steps": {"$ref": "#/$defs/steps"},
-                "passes": {"$ref": "#/$defs/steps"},
-            },
-            "oneOf": [{"required": ["steps"]}, {"required": ["passes"]}],
-            "additionalProperties": False,
-        },
-    ],
-    "$defs": {
-        "steps": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "oneOf": [
-                    {"type": "string", "description": "a pass, preset or command name"},
-                    {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "min_cosine": {"type": "number"},
-                            "max_drop": {"type": "number"},
-                        },
-                        "additionalProperties": {
-                            "description": "options of the pass (dashes or underscores)"
-                        },
-                    },
-                ]
-            },
-        }
-    },
-}
-
-
-def register_pass(name: str) -> Callable[[_P], _P]:
-    """Class decorator: make a pass available to pipelines and recipes under `name`."""
-
-    def decorate(cls: _P) -> _P:
-        if name in PASSES and PASSES[name] is not cls:
-            raise ValueError(f"pass name '{name}' is already registered to {PASSES[name]}")
-        if not isinstance(getattr(cls, "exact", None), bool):
-            raise TypeError(f"pass {cls.__name__} must declare `exact: ClassVar[bool]`")
-        PASSES[name] = cls
-        cls.pass_name = name  # type: ignore[attr-defined]
-        return cls
-
-    return decorate
-
-
-def register_preset(name: str, steps: Sequence[str | dict[str, Any]]) -> None:
-    """Make a list of steps available as a preset (usable as a step or with `--preset`)."""
-    PRESETS[name] = list(steps)
 
 
 @dataclass(frozen=True)
 class Step:
-    """One built pipeline step: a pass instance, its registered name and its options."""
+    """One built pipeline step: a pass instance, its registered name and its options.
+
+    `info` holds the traits the pass was registered with (looked up by `name` when not given).
+    """
 
     name: str
     pass_: ir.passes.PassBase
     options: Mapping[str, Any]
     min_cosine: float | None = None
     max_drop: float | None = None
+    info: PassInfo | None = None
+
+    @property
+    def traits(self) -> PassInfo:
+        """The registration of this step's pass."""
+        return self.info if self.info is not None else PASSES.info(self.name)
 
     @property
     def exact(self) -> bool:
-        return bool(getattr(self.pass_, "exact", False))
+        return self.traits.exact
 
-
-def _known_names() -> str:
-    return (
-        f"passes: {', '.join(sorted(PASSES))}; presets: {', '.join(sorted(PRESETS)) or 'none'}; "
-        f"commands: {', '.join(COMMAND_STEPS)}"
-    )
-
-
-def pass_options(cls: type[ir.passes.PassBase]) -> dict[str, Any] | None:
-    """The keyword options of a pass class and their defaults (`inspect.Parameter.empty` when
-    required), following `**options` into the base classes, or into the function a class names
-    as `options_from` (its keyword-only parameters); None when the class takes any keywords it
-    does not name (a wrapped onnx_ir pass)."""
-    options: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters
-        named = {
-            k: p.default for k, p in params.items()
-            if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }  # fmt: skip
-        for key, default in named.items():
-            options.setdefault(key, default)
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            return options
-        forwarded = klass.__dict__.get("options_from")  # `**options` handed to this function
-        if forwarded is not None:
-            for key, param in inspect.signature(forwarded).parameters.items():
-                if param.kind == param.KEYWORD_ONLY:
-                    options.setdefault(key, param.default)
-            return options
-        if not named and not options:
-            return None
-    return options
-
-
-# Keywords the pipeline fills in itself: not recipe options.
-_INTERNAL_OPTIONS = ("feeds", "dims", "check_names", "calibration", "input_model", "on_epoch")
-
-
-def _cli(name: str) -> str:
-    """An option's command-line spelling (`rank_ratio` -> `rank-ratio`, `fmt` -> `format`)."""
-    reverse = {v: k for k, v in _OPTION_SYNONYMS.items() if k != "exclude_op"}
-    return reverse.get(name, name).replace("_", "-")
-
-
-def _summary(cls: type) -> str:
-    """The first sentence of a class docstring, on one line."""
-    paragraph = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
-    return paragraph.split(". ")[0].rstrip(".") + "."
-
-
-def describe_passes() -> str:
-    """Every registered pass with its kind and options, the presets and the command steps
-    (what `slimgraph optimize --list-passes` prints)."""
-    _ensure_registered()
-    lines = ["passes (recipe step `name: PASS`, options as `key: value`):"]
-    for name in sorted(PASSES):
-        cls = PASSES[name]
-        kind = "exact" if getattr(cls, "exact", False) else "approximate"
-        lines.append(f"  {name} ({kind}): {_summary(cls)}")
-        options = pass_options(cls)
-        if options:
-            described = []
-            for key, default in options.items():
-                if key in _INTERNAL_OPTIONS:
-                    continue  # given by the pipeline, not by a recipe
-                shown = "required" if default is inspect.Parameter.empty else repr(default)
-                described.append(f"{_cli(key)}={shown}")
-            if described:
-                lines.append(f"      options: {', '.join(described)}")
-    lines.append("presets (a step that expands to its steps):")
-    for name, steps in sorted(PRESETS.items()):
-        shown = ", ".join(step if isinstance(step, str) else step["name"] for step in steps)
-        lines.append(f"  {name}: {shown}")
-    lines.append("commands (step names as on the command line, with the command's options):")
-    for name, runs in COMMAND_STEPS.items():
-        lines.append(f"  {name}: {runs}")
-    return "\n".join(lines)
+    @property
+    def metadata_only(self) -> bool:
+        return self.traits.metadata_only
 
 
 def _command_steps(
@@ -297,7 +146,8 @@ def _command_steps(
     """A command name used as a step: the passes it runs, with their share of the options."""
     if name == "factorize":
         _check_options(
-            "factorize", PASSES["lowrank-linear"], options, extra={"pointwise_convs": False}
+            "factorize", PASSES.info(FACTORIZE_PASSES[0]), options,
+            extra={"pointwise_convs": False},
         )
         linear = {k: v for k, v in options.items() if k != "pointwise_convs"}
         conv = dict(linear)
@@ -308,18 +158,17 @@ def _command_steps(
                 "recipe step 'factorize': give a rank rule: rank-ratio, energy, error-budget or "
                 "rank (auto or an integer)"
             )
-        return [("lowrank-linear", linear), ("tucker-conv", conv)]
+        linear_pass, conv_pass = FACTORIZE_PASSES
+        return [(linear_pass, linear), (conv_pass, conv)]
     if name == "quantize":
         rest = {k: v for k, v in options.items() if k != "mode"}
         mode = options.get("mode") or "static"  # as the `quantize` pass (and the int8 preset)
-        passes = {"static": "quantize", "dynamic": "quantize-dynamic",
-                  "weight-only": "quantize-weight-only"}  # fmt: skip
-        if mode not in passes:
+        if mode not in QUANTIZE_MODES:
             raise BadOptionError(
                 f"recipe step 'quantize': mode must be static, dynamic or weight-only, got "
                 f"{mode!r}"
             )
-        return [(passes[mode], rest)]
+        return [(QUANTIZE_MODES[mode], rest)]
     if name == "convert":
         rest = {k: v for k, v in options.items() if k != "fp16"}
         if options.get("fp16", True) is not True:
@@ -330,31 +179,34 @@ def _command_steps(
 
 def _check_options(
     name: str,
-    cls: type[ir.passes.PassBase],
+    info: PassInfo,
     options: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Unknown or missing options, named in command-line spelling with what the pass takes."""
-    accepted = pass_options(cls)
-    if accepted is None:
+    if info.options is None:
         return
-    accepted = {**accepted, **(extra or {})}
+    accepted = {**info.options, **(extra or {})}
     where = name if name.startswith("'") else f"'{name}'"
-    shown = ", ".join(_cli(k) for k in accepted if k not in _INTERNAL_OPTIONS) or "no options"
+    shown = ", ".join(cli_option(k) for k in accepted if k not in INTERNAL_OPTIONS) or (
+        "no options"
+    )
     for key in options:
         if key not in accepted:
             close = difflib.get_close_matches(key, list(accepted), n=1)
-            hint = f" (did you mean '{_cli(close[0])}'?)" if close else ""
+            hint = f" (did you mean '{cli_option(close[0])}'?)" if close else ""
             raise BadOptionError(
-                f"recipe step {where}: unknown option '{_cli(key)}'{hint}; it takes: {shown}"
+                f"recipe step {where}: unknown option '{cli_option(key)}'{hint}; it takes: "
+                f"{shown}"
             )
     missing = [
         k for k, default in accepted.items()
-        if default is inspect.Parameter.empty and k not in options
+        if default is REQUIRED and k not in options
     ]  # fmt: skip
     if missing:
         raise BadOptionError(
-            f"recipe step {where}: option '{_cli(missing[0])}' is required; it takes: {shown}"
+            f"recipe step {where}: option '{cli_option(missing[0])}' is required; it takes: "
+            f"{shown}"
         )
 
 
@@ -372,7 +224,7 @@ def build_pipeline(
         BadOptionError: an unknown name (the message lists the known ones), a malformed step, or
             options the pass does not take.
     """
-    _ensure_registered()
+    ensure_registered()
     if isinstance(steps, (str, Mapping)) or not isinstance(steps, Sequence):
         raise BadOptionError(f"a pipeline is a list of steps, got {type(steps).__name__}")
     built: list[Step] = []
@@ -398,7 +250,7 @@ def _build_step(
         for key, value in step.items():
             key = str(key).replace("-", "_")
             if key not in _PIPELINE_KEYS:
-                options[_OPTION_SYNONYMS.get(key, key)] = value
+                options[OPTION_SYNONYMS.get(key, key)] = value
         min_cosine = step.get("min_cosine")
         if min_cosine is not None and not isinstance(min_cosine, (int, float)):
             raise BadOptionError(f"step '{name}': min_cosine must be a number, got {min_cosine!r}")
@@ -433,10 +285,11 @@ def _instantiate(
     label: str | None = None,
     max_drop: Any = None,
 ) -> Step:
-    cls = PASSES.get(name)
-    if cls is None:
-        raise BadOptionError(f"unknown pass '{name}' (known {_known_names()})")
-    _check_options(label or name, cls, options)
+    if name not in PASSES:
+        raise BadOptionError(f"unknown pass '{name}' (known {known_names()})")
+    info = PASSES.info(name)
+    cls = info.cls
+    _check_options(label or name, info, options)
     accepted = inspect.signature(cls.__init__).parameters
     given = {k: v for k, v in context.items() if k in accepted and k not in options}
     try:
@@ -448,55 +301,7 @@ def _instantiate(
     except ValueError as error:
         raise BadOptionError(f"pass '{name}': {error}") from None
     return Step(name, instance, dict(options), None if min_cosine is None else float(min_cosine),
-                None if max_drop is None else float(max_drop))
-
-
-def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
-    """Read a recipe file (YAML or JSON): a list of steps, or a mapping with a `passes` list.
-
-    Raises:
-        BadOptionError: the file is missing, not YAML/JSON, or not a list of steps.
-    """
-    import yaml
-
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadOptionError(f"recipe {file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadOptionError(f"recipe {file}: cannot read ({error})") from None
-    try:
-        if file.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadOptionError(f"recipe {file}: not valid YAML/JSON ({first})") from None
-    if isinstance(data, Mapping):
-        allowed = ("version", "description", "steps", "passes")
-        unknown = [str(k) for k in data if k not in allowed]
-        if unknown:
-            raise BadOptionError(
-                f"recipe {file}: unknown key '{unknown[0]}' (a recipe has {', '.join(allowed)})"
-            )
-        version = data.get("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise BadOptionError(
-                f"recipe {file}: version {version!r} is not supported (this slimgraph reads "
-                f"version {RECIPE_VERSION})"
-            )
-        data = data.get("passes", data.get("steps"))
-    if not isinstance(data, list) or not data:
-        raise BadOptionError(
-            f"recipe {file}: expected a non-empty list of steps (or 'passes: [...]'); "
-            f"known {_known_names()}"
-        )
-    for step in data:
-        if not isinstance(step, (str, dict)):
-            raise BadOptionError(f"recipe {file}: step {step!r} is neither a name nor a mapping")
-    return data
+                None if max_drop is None else float(max_drop), info)
 
 
 @dataclass(frozen=True)
@@ -574,97 +379,6 @@ def node_count(model: ir.Model) -> int:
     return sum(1 for _ in model.graph.all_nodes())
 
 
-class _Verifier:
-    """Runs each version of the model once on fixed feeds and checks it against the previous one.
-
-    Only the latest outputs are kept (the reference of the next pass), plus the very first ones,
-    so a pipeline of N passes costs N sessions, not 2N.
-    """
-
-    def __init__(
-        self, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], rtol: float, atol: float
-    ) -> None:
-        self.feeds = feeds
-        self.rtol = rtol
-        self.atol = atol
-        self.original = self._outputs(model, "the input model", is_input=True)
-        self.reference = self.original
-
-    def _outputs(
-        self, model: ir.Model, who: str, *, is_input: bool = False
-    ) -> list[dict[str, np.ndarray]]:
-        try:
-            session = create_session(model, optimization="disable")
-            return [run(session, feed) for feed in self.feeds]
-        except BadDataError:
-            raise
-        except Exception as error:  # onnxruntime reports invalid graphs with many types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            message = f"{who} does not run on onnxruntime: {type(error).__name__}: {first}"
-            if is_input:
-                raise UnsupportedModelError(
-                    f"{message} (verification needs it; skip with verify=False / --no-verify)"
-                ) from error
-            raise VerificationError(message) from error
-
-    def check(self, model: ir.Model, name: str, exact: bool, min_cosine: float | None) -> Fidelity:
-        outputs = self._outputs(model, f"the model after pass '{name}'")
-        if outputs and set(outputs[0]) != set(self.reference[0]):
-            raise VerificationError(
-                f"pass '{name}' changed the model's output names from "
-                f"{sorted(self.reference[0])} to {sorted(outputs[0])}"
-            )
-        fidelity = compare_outputs(self.reference, outputs)
-        if exact:
-            for ref, cand in zip(self.reference, outputs, strict=True):
-                for output, expected in ref.items():
-                    self._check_close(name, output, expected, cand[output])
-        if min_cosine is not None and fidelity.worst_cosine < min_cosine:
-            raise VerificationError(
-                f"pass '{name}' lowered the output cosine to {fidelity.worst_cosine:.6f}, "
-                f"below the required {min_cosine}"
-            )
-        self.reference = outputs
-        return fidelity
-
-    def _check_close(self, name: str, output: str, expected: np.ndarray, got: np.ndarray) -> None:
-        if expected.shape != got.shape or expected.dtype != got.dtype:
-            raise VerificationError(
-                f"exact pass '{name}' changed output '{output}' from {expected.dtype}"
-                f"{list(expected.shape)} to {got.dtype}{list(got.shape)}"
-            )
-        if expected.dtype.kind not in "fc":
-            if not np.array_equal(expected, got):
-                raise VerificationError(f"exact pass '{name}' changed output '{output}'")
-            return
-        ref = expected.astype(np.float64)
-        cand = got.astype(np.float64)
-        finite = np.isfinite(ref)
-        scale = float(np.abs(ref[finite]).max()) if finite.any() else 0.0
-        atol = self.atol * max(1.0, scale)
-        if not np.allclose(cand, ref, rtol=self.rtol, atol=atol, equal_nan=True):
-            err = np.abs(cand - ref)
-            worst = float(np.nanmax(err)) if err.size else 0.0
-            raise VerificationError(
-                f"exact pass '{name}' changed output '{output}': max abs error {worst:.3g} "
-                f"exceeds rtol {self.rtol:g} / atol {atol:.3g} (output scale {scale:.3g})"
-            )
-
-
-def _feed_list(
-    model: ir.Model,
-    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None,
-) -> list[Mapping[str, np.ndarray]]:
-    if feeds is None:
-        return [random_feeds(model, seed=0)]
-    if isinstance(feeds, Mapping):
-        return [feeds]
-    listed = list(feeds)
-    if not listed:
-        raise BadDataError("verification feeds are empty")
-    return listed
-
-
 def run_pipeline(
     model: ir.Model,
     steps: Sequence[str | Mapping[str, Any]] | Sequence[Step],
@@ -712,15 +426,52 @@ def run_pipeline(
     check_finite_weights(model)
     current = copy_model(model)
     judge = _drop_judge(current, built, data, max_drop)
-    verifier = _Verifier(current, _feed_list(current, feeds), rtol, atol) if verify else None
-    records: list[PassRecord] = []
-    any_modified = False
-    after = node_count(current)
-    for step in built:
-        before = after
+    verifier = Verifier(current, feed_list(current, feeds), rtol, atol) if verify else None
+    run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))
+    if built:
+        manager = ir.passes.PassManager([_Instrumented(step, run) for step in built], steps=1)
+        try:
+            current = manager(current).model
+        except ir.passes.PassError:
+            if run.failure is None:  # not raised by a step: the manager's own error
+                raise
+        if run.failure is not None:  # the step's own error, not the manager's wrapping of it
+            raise run.failure
+    overall = None
+    if verifier is not None:
+        from slimgraph.runtime import compare_outputs
+
+        overall = compare_outputs(verifier.original, verifier.reference)
+    any_modified = any(record.modified for record in run.records)
+    return PipelineResult(current, any_modified, records=run.records, fidelity=overall)
+
+
+class _Run:
+    """What the steps of one `run_pipeline` share: the verifier, the judge of `max_drop`, the
+    pipeline-wide limits, the records so far, and the error that stopped the run."""
+
+    def __init__(
+        self,
+        verifier: Verifier | None,
+        judge: Evaluator | None,
+        min_cosine: float | None,
+        max_drop: float | None,
+        nodes: int,
+    ) -> None:
+        self.verifier = verifier
+        self.judge = judge
+        self.min_cosine = min_cosine
+        self.max_drop = max_drop
+        self.nodes = nodes  # node count of the current model
+        self.records: list[PassRecord] = []
+        self.failure: Exception | None = None
+
+    def step(self, step: Step, model: ir.Model) -> ir.passes.PassResult:
+        """Run one step's pass on `model`, then verify, judge and record it."""
+        before = self.nodes
         start = time.perf_counter()
         try:
-            result = step.pass_(current)
+            result = step.pass_(model)
         except SlimgraphError:
             raise
         except Exception as error:  # a bug in a pass: say which one, keep the cause for --debug
@@ -729,25 +480,26 @@ def run_pipeline(
                 f"pass '{step.name}' failed: {type(error).__name__}: {first}"
             ) from error
         seconds = time.perf_counter() - start
-        if result.model is not current:  # a new model: keep knowing the source files
-            for key, value in current.meta.items():
+        if result.model is not model:  # a new model: keep knowing the source files
+            for key, value in model.meta.items():
                 result.model.meta.setdefault(key, value)
         current = result.model
-        skipped = list(getattr(result, "skipped", []) or [])
+        skipped = list(result.skipped) if isinstance(result, SlimgraphPassResult) else []
         for item in skipped:
             logger.info("%s skipped %s (%s): %s", step.name, item.node, item.op_type, item.reason)
         fidelity = None
         verify_seconds = 0.0
-        annotates_only = bool(getattr(step.pass_, "annotates_only", False))
-        if verifier is not None and result.modified and not annotates_only:
+        checked = result.modified and not step.metadata_only
+        if self.verifier is not None and checked:
             start = time.perf_counter()
-            cosine = step.min_cosine if step.min_cosine is not None else min_cosine
+            cosine = step.min_cosine if step.min_cosine is not None else self.min_cosine
             cosine = None if step.exact else cosine
-            fidelity = verifier.check(current, step.name, step.exact, cosine)
+            fidelity = self.verifier.check(current, step.name, step.exact, cosine)
             verify_seconds = time.perf_counter() - start
         details = _details(result)
-        limit = step.max_drop if step.max_drop is not None else max_drop
-        if judge is not None and result.modified and not step.exact and not annotates_only:
+        limit = step.max_drop if step.max_drop is not None else self.max_drop
+        judge = self.judge
+        if judge is not None and checked and not step.exact:
             evaluation = judge.evaluate(current)
             details.update(accuracy=evaluation.metric, drop=evaluation.drop)
             if limit is not None and (evaluation.drop or 0.0) > limit:
@@ -757,27 +509,53 @@ def run_pipeline(
                     f"{evaluation.reference_metric:.4f} (drop {evaluation.drop:.4f} > max_drop "
                     f"{limit:g})"
                 )
-        after = node_count(current)
+        self.nodes = node_count(current)
         record = PassRecord(
             name=step.name,
             exact=step.exact,
             seconds=seconds,
             nodes_before=before,
-            nodes_after=after,
+            nodes_after=self.nodes,
             modified=bool(result.modified),
             skipped=len(skipped),
             fidelity=fidelity,
             verify_seconds=verify_seconds,
             details=details,
-            metadata_only=annotates_only,
+            metadata_only=step.metadata_only,
         )
         logger.info("%s", record.describe())
-        records.append(record)
-        any_modified = any_modified or record.modified
-    overall = None
-    if verifier is not None:
-        overall = compare_outputs(verifier.original, verifier.reference)
-    return PipelineResult(current, any_modified, records=records, fidelity=overall)
+        self.records.append(record)
+        return result
+
+
+class _Instrumented(ir.passes.PassBase):
+    """A pipeline step as a pass of the `PassManager`: its pass, instrumented by `_Run.step`.
+
+    In place exactly when the step's pass is. An error it raises is kept in `run.failure`, so
+    `run_pipeline` raises it as it was, not wrapped in the manager's `PassError`s.
+    """
+
+    def __init__(self, step: Step, run: _Run) -> None:
+        self.step = step
+        self.run = run
+
+    @property
+    def in_place(self) -> bool:
+        return self.step.pass_.in_place
+
+    @property
+    def changes_input(self) -> bool:
+        return self.step.pass_.changes_input
+
+    def __str__(self) -> str:
+        return self.step.name
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            return self.run.step(self.step, model)
+        except Exception as error:
+            self.run.failure = error
+            raise
 
 
 def _drop_judge(
@@ -790,6 +568,8 @@ def _drop_judge(
     if data is None or data.labels is None:
         raise BadOptionError("max_drop needs labelled validation data (--data VAL.npz with a "
                              "labels key)")
+    from slimgraph.runtime.budget import Evaluator
+
     return Evaluator(model, data)
 
 
@@ -814,6 +594,8 @@ def optimize_report(
     approximate pass, against the input model) and `budget` (the end result against the input
     model, `runtime.budget`; a miss raises `VerificationError`).
     """
+    from slimgraph.runtime.budget import as_data, budget_judge
+
     labelled = None if data is None else as_data(data, model)
     judge = budget_judge(model, labelled, budget=budget)
     if recipe is not None:
@@ -822,7 +604,7 @@ def optimize_report(
             else list(load_recipe(recipe))
         )
     elif preset is not None:
-        _ensure_registered()
+        ensure_registered()
         if preset not in PRESETS:
             raise BadOptionError(
                 f"unknown preset '{preset}' (known presets: {', '.join(sorted(PRESETS))})"
@@ -864,12 +646,16 @@ def _verification_feeds(
     outside the calibrated ranges are clipped. One-shot iterables are left to calibration alone.
     """
     if isinstance(calibration, (str, os.PathLike)):
+        from slimgraph.runtime.budget import as_data
+
         data: Mapping[str, np.ndarray] = as_data(calibration, model).feeds  # labels ignored
     elif isinstance(calibration, Mapping):
         data = calibration
     else:
         return None
     rows = {name: np.asarray(array)[:_VERIFY_ROWS] for name, array in data.items()}
+    from slimgraph.runtime import iter_batches
+
     return list(iter_batches(rows, 16, model))
 
 
@@ -915,6 +701,8 @@ def optimize(
         >>> import slimgraph as sg
         >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
     """
+    from slimgraph.runtime.budget import Budget
+
     model = as_model(model)
     return optimize_report(
         model,
@@ -942,26 +730,3 @@ def _details(result: ir.passes.PassResult) -> dict[str, Any]:
         ):
             details[key] = dict(value)
     return details
-
-
-# Modules whose passes register themselves with @register_pass, imported on first use of the
-# registry (explicitly listed: no import-time discovery). A new family of passes is one line here.
-PASS_MODULES: tuple[str, ...] = (
-    "slimgraph.passes.cleanup",
-    "slimgraph.passes.fuse",
-    "slimgraph.passes.fuse_attention",
-    "slimgraph.passes.opset",
-    "slimgraph.passes.lowrank",
-    "slimgraph.passes.prune",
-    "slimgraph.passes.prune_heads",
-    "slimgraph.passes.precision",
-    "slimgraph.passes.quantize.api",
-    "slimgraph.passes.quantize.dynamic",
-    "slimgraph.passes.quantize.weight_only",
-    "slimgraph.passes.finetune",
-)
-
-
-def _ensure_registered() -> None:
-    for module in PASS_MODULES:
-        importlib.import_module(module)

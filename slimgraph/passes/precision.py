@@ -43,7 +43,7 @@ from slimgraph.ir import ModelLike, as_model, copy_model, layer_name, metadata
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._kit import Names, add_initializer, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
 
@@ -114,7 +114,7 @@ class Fp16Result(SlimgraphPassResult):
     clipped_values: int = 0
 
 
-@register_pass("fp16")
+@register_pass("fp16", exact=False)
 class Fp16Pass(SlimgraphPass):
     """Convert float32 to float16 except I/O and `keep_ops` (approximate: `exact = False`).
 

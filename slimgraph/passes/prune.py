@@ -38,7 +38,7 @@ from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channel
 from slimgraph.ir.select import check_patterns, matching_pattern, node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 from slimgraph.runtime.budget import Budget, DataLike, budget_judge
 from slimgraph.runtime.metrics import Evaluation, Metric
 
@@ -552,7 +552,7 @@ def _unstructured(
 # -- the pass ---------------------------------------------------------------------------------
 
 
-@register_pass("prune")
+@register_pass("prune", exact=False)
 class PrunePass(SlimgraphFunctionalPass):
     """Structured channel pruning (or unstructured magnitude pruning) on a copy of the model.
 

@@ -38,7 +38,7 @@ from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.fuse_attention import MS_DOMAIN, _NoMatch, match_attention
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = ["HeadReport", "PruneHeadsResult", "PruneHeadsPass", "prune_heads", "CRITERIA"]
 
@@ -292,7 +292,7 @@ def _fix_shapes(site: _Site, heads: int) -> None:
                 _with_dim(out, axis, heads)
 
 
-@register_pass("prune-heads")
+@register_pass("prune-heads", exact=False)
 class PruneHeadsPass(SlimgraphFunctionalPass):
     """Remove the least important `ratio` of the heads of every attention block (see the module
     docstring); approximate, exact for dead heads.

@@ -45,27 +45,8 @@ def _leftovers(folder: Path) -> list[str]:
 @pytest.fixture
 def external_model(tmp_path: Path) -> Path:
     """A model whose initializer 'w' and Constant value live in weights/w.bin (external data)."""
-    folder = tmp_path / "src"
-    (folder / "weights").mkdir(parents=True)
     big = np.arange(128, dtype=np.float32).reshape(2, 64) / 7
-    (folder / "weights" / "w.bin").write_bytes(big.tobytes() + (big * 3).tobytes())
-    proto = protos.graph_model(
-        [
-            onnx.helper.make_node(
-                "Constant",
-                [],
-                ["c"],
-                name="const0",
-                value=protos.external_tensor("c", "weights/w.bin", "512", "512", big),
-            ),
-            onnx.helper.make_node("Add", ["x", "w"], ["t"], name="add0"),
-            onnx.helper.make_node("Mul", ["t", "c"], ["y"], name="mul0"),
-        ]
-    )
-    for value in (*proto.graph.input, *proto.graph.output):
-        value.type.tensor_type.shape.dim[1].dim_value = 64
-    proto.graph.initializer.append(protos.external_tensor("w", "weights/w.bin", "0", "512", big))
-    return write(folder, proto)
+    return protos.external_add_mul(tmp_path / "src", "weights/w.bin", big, big * 3)
 
 
 def _expected(x: np.ndarray) -> np.ndarray:

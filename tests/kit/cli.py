@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["Result", "console_script", "run_script"]
+__all__ = ["Result", "installed_command", "console_script", "run_script"]
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,19 @@ class Result:
         return json.loads(self.out, parse_constant=reject)
 
 
-def console_script() -> str:
-    """The installed `slimgraph` console script (next to this Python first)."""
-    beside = Path(sys.executable).with_name("slimgraph")
-    found = str(beside) if beside.exists() else shutil.which("slimgraph")
+def installed_command(name: str, install: str) -> str:
+    """The path of the command-line program `name`, next to this Python first, then on PATH;
+    fails the test with the `install` hint when it is not installed."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
     if found is None:
-        pytest.fail("the slimgraph console script is not installed (pip install -e .)")
+        pytest.fail(f"the {name} command line is not installed ({install})")
     return found
+
+
+def console_script() -> str:
+    """The installed `slimgraph` console script."""
+    return installed_command("slimgraph", "pip install -e .")
 
 
 def run_script(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "initializer",
+    "batchnorm",
     "make_model",
     "matmul_model",
     "gemm_model",
@@ -40,6 +41,24 @@ OutputSpec = str | tuple[str, int, Dims | None]  # name (float32, shape inferred
 def initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     """A `TensorProto` named `name` holding `array` (its dtype kept)."""
     return numpy_helper.from_array(np.asarray(array), name)
+
+
+def batchnorm(
+    x: str, y: str, prefix: str, channels: int, rng: np.random.Generator, *, epsilon: float = 1e-5
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """An inference BatchNormalization `y = BN(x)` named `prefix` and its four parameters
+    `<prefix>_{g,b,m,v}` (float32 [channels]: scale and variance uniform in [0.5, 1.5), bias and
+    mean standard normal)."""
+    params = [
+        initializer(f"{prefix}_g", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+        initializer(f"{prefix}_b", rng.standard_normal(channels).astype(np.float32)),
+        initializer(f"{prefix}_m", rng.standard_normal(channels).astype(np.float32)),
+        initializer(f"{prefix}_v", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+    ]
+    node = helper.make_node(
+        "BatchNormalization", [x, *(t.name for t in params)], [y], name=prefix, epsilon=epsilon
+    )
+    return node, params
 
 
 def _input(spec: InputSpec) -> onnx.ValueInfoProto:

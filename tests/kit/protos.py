@@ -5,9 +5,13 @@ Nothing here runs the onnx checker or shape inference: a bad model must reach th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.kit.files import write
 
 __all__ = [
     "OPSET",
@@ -19,6 +23,7 @@ __all__ = [
     "loop_model",
     "function_model",
     "graph_model",
+    "external_add_mul",
 ]
 
 OPSET = [helper.make_opsetid("", 18)]
@@ -168,3 +173,27 @@ def graph_model(
     kwargs.setdefault("opset_imports", OPSET)
     kwargs.setdefault("ir_version", 10)
     return helper.make_model(graph, **kwargs)
+
+
+def external_add_mul(folder: Path, location: str, w: np.ndarray, c: np.ndarray) -> Path:
+    """Write `folder/model.onnx`: y = (x + w) * Constant(c), x and y [2, 64] float32, with `w`
+    (an initializer) then `c` (the Constant's value), both [2, 64] float32, stored back to back
+    in the external-data file `folder/location`. Returns the model's path."""
+    assert w.shape == c.shape == (2, 64) and w.dtype == c.dtype == np.float32
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    (folder / location).write_bytes(w.tobytes() + c.tobytes())
+    size = str(w.nbytes)
+    proto = graph_model(
+        [
+            helper.make_node(
+                "Constant", [], ["c"], name="const0",
+                value=external_tensor("c", location, size, size, c),
+            ),
+            helper.make_node("Add", ["x", "w"], ["t"], name="add0"),
+            helper.make_node("Mul", ["t", "c"], ["y"], name="mul0"),
+        ]
+    )  # fmt: skip
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[1].dim_value = 64
+    proto.graph.initializer.append(external_tensor("w", location, "0", size, w))
+    return write(folder, proto)

@@ -10,13 +10,14 @@ import pytest
 
 import slimgraph
 from slimgraph import runtime
-from slimgraph.passes.pipeline import PASSES, _ensure_registered, run_pipeline
+from slimgraph.passes.pipeline import run_pipeline
+from slimgraph.passes.registry import PASSES, ensure_registered
 from slimgraph.tools.cli import main
 from tests.kit.exports import exported_model
 
 
 def test_every_family_is_registered() -> None:
-    _ensure_registered()
+    ensure_registered()
     for name in ("cleanup", "fuse-batchnorm", "prune", "lowrank-linear", "tucker-conv", "fp16",
                  "quantize-dynamic", "quantize-weight-only", "convert-opset"):
         assert name in PASSES, name

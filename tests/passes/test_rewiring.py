@@ -17,7 +17,15 @@ import slimgraph as sg
 from slimgraph.passes import run_pipeline
 from tests.kit.asserts import assert_fed_by, assert_rewired, assert_same_outputs, check_valid
 from tests.kit.data import linear_feeds
-from tests.kit.graphs import initializer, linear_model, make_model, node_named, only_node, ops
+from tests.kit.graphs import (
+    batchnorm,
+    initializer,
+    linear_model,
+    make_model,
+    node_named,
+    only_node,
+    ops,
+)
 
 RNG = np.random.default_rng(12)
 
@@ -138,27 +146,17 @@ def test_cse_gives_both_readers_one_value() -> None:
 # -- fusions ---------------------------------------------------------------------------------
 
 
-def _bn(prefix: str, channels: int) -> list:
-    return [
-        initializer(f"{prefix}_g", RNG.uniform(0.5, 1.5, channels).astype(np.float32)),
-        initializer(f"{prefix}_b", rand(channels)),
-        initializer(f"{prefix}_m", rand(channels)),
-        initializer(f"{prefix}_v", RNG.uniform(0.5, 1.5, channels).astype(np.float32)),
-    ]
-
-
 def test_conv_batchnorm_fusion_reader_of_the_bn_reads_the_conv() -> None:
+    bn, params = batchnorm("c", "n", "bn", 4, RNG)
     model = make_model(
         [
             helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-            helper.make_node(
-                "BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"], ["n"], name="bn"
-            ),
+            bn,
             helper.make_node("Relu", ["n"], ["y"], name="relu"),
         ],
         [("x", [1, 3, 6, 6])],
         ["y"],
-        [initializer("w", rand(4, 3, 3, 3)), *_bn("bn", 4)],
+        [initializer("w", rand(4, 3, 3, 3)), *params],
     )
     result = run(model, "fuse-batchnorm")
     assert "BatchNormalization" not in ops(result)
@@ -170,16 +168,12 @@ def test_conv_batchnorm_fusion_reader_of_the_bn_reads_the_conv() -> None:
 
 
 def test_conv_batchnorm_fusion_conv_output_becomes_the_graph_output() -> None:
+    bn, params = batchnorm("c", "y", "bn", 2, RNG)
     model = make_model(
-        [
-            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-            helper.make_node(
-                "BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"], ["y"], name="bn"
-            ),
-        ],
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn],
         [("x", [1, 3, 5, 5])],
         ["y"],
-        [initializer("w", rand(2, 3, 1, 1)), *_bn("bn", 2)],
+        [initializer("w", rand(2, 3, 1, 1)), *params],
     )
     result = run(model, "fuse-batchnorm")
     assert result.graph.outputs[0] is only_node(result, "Conv").outputs[0]

@@ -49,21 +49,7 @@ X = {"x": np.random.default_rng(0).standard_normal((96, 96)).astype(np.float32)}
 def external_model(tmp_path: Path) -> Path:
     """y = (x + w) * Constant, w and the Constant in an external-data file."""
     big = np.arange(128, dtype=np.float32).reshape(2, 64) / 9
-    (tmp_path / "w.bin").write_bytes(big.tobytes() + (big + 1).tobytes())
-    proto = protos.graph_model(
-        [
-            helper.make_node(
-                "Constant", [], ["c"], name="const0",
-                value=protos.external_tensor("c", "w.bin", "512", "512", big),
-            ),
-            helper.make_node("Add", ["x", "w"], ["t"], name="add0"),
-            helper.make_node("Mul", ["t", "c"], ["y"], name="mul0"),
-        ]
-    )
-    for value in (*proto.graph.input, *proto.graph.output):
-        value.type.tensor_type.shape.dim[1].dim_value = 64
-    proto.graph.initializer.append(protos.external_tensor("w", "w.bin", "0", "512", big))
-    return write(tmp_path, proto)
+    return protos.external_add_mul(tmp_path, "w.bin", big, big + 1)
 
 
 def _external_expected(x: np.ndarray) -> np.ndarray:

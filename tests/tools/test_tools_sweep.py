@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PASSES
 from slimgraph.tools.sweep import pareto_flags, parse_grid
+from tests.kit.cli import installed_command
 from tests.kit.data import DIGITS, DIGITS_CALIB
 from tests.tools import sweep_kill_step
 from tests.tools.chromium import remote_references, render
@@ -152,11 +152,7 @@ def _free_port() -> int:
 
 
 def _dask() -> str:
-    beside = Path(sys.executable).with_name("dask")
-    found = str(beside) if beside.exists() else shutil.which("dask")
-    if found is None:
-        pytest.fail("the dask command line is not installed (pip install 'slimgraph[sweep]')")
-    return found
+    return installed_command("dask", "pip install 'slimgraph[sweep]'")
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -29,7 +29,7 @@ from slimgraph.passes.lowrank._rank import (
     RankPolicy,
     aligned_rank,
 )
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "LowRankLinear",
@@ -83,7 +83,7 @@ def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
     return float(np.linalg.norm(ref - np.asarray(approximation, dtype=np.float64)) / norm)
 
 
-@register_pass("lowrank-linear")
+@register_pass("lowrank-linear", exact=False)
 class LowRankLinear(FactorizationPass):
     """Split Gemm/MatMul layers with a constant weight into two rank-k products (approximate).
 

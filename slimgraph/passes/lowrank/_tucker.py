@@ -36,7 +36,7 @@ from slimgraph.passes.lowrank._linear import (
     svd_factors,
 )
 from slimgraph.passes.lowrank._rank import AUTO_RANK_MULTIPLE, aligned_rank
-from slimgraph.passes.pipeline import register_pass
+from slimgraph.passes.registry import register_pass
 
 __all__ = ["TuckerConv", "tucker2", "mode_basis"]
 
@@ -79,7 +79,7 @@ def _reconstruct(u_out: np.ndarray, core: np.ndarray, u_in: np.ndarray) -> np.nd
     return _mode_products(core, u_out, u_in)
 
 
-@register_pass("tucker-conv")
+@register_pass("tucker-conv", exact=False)
 class TuckerConv(FactorizationPass):
     """Replace group-1 Conv layers by a Tucker-2 chain of three convs (approximate).
 

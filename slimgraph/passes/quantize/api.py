@@ -24,9 +24,9 @@ from slimgraph.errors import (
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass, register_preset
 from slimgraph.passes.quantize.policy import ActivationDtype, QuantPlan, annotate
 from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
+from slimgraph.passes.registry import register_pass, register_preset
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
 from slimgraph.runtime.histogram import METHODS
@@ -465,7 +465,7 @@ def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]
             )
 
 
-@register_pass("quantize")
+@register_pass("quantize", exact=False)
 class StaticQuantizePass(SlimgraphFunctionalPass):
     """Calibrated static int8 quantization as a pipeline step (approximate: fidelity reported).
 

@@ -46,7 +46,6 @@ from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.ir.select import check_patterns
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import quantize_per_channel
 from slimgraph.passes.quantize._weights import (
     add_initializer,
@@ -59,6 +58,7 @@ from slimgraph.passes.quantize._weights import (
     traced_constant,
     upgrade_opset,
 )
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "DEFAULT_OP_TYPES",
@@ -100,7 +100,7 @@ class DynamicQuantizeResult(SlimgraphPassResult):
     quantized: list[QuantizedNode] = field(default_factory=list)
 
 
-@register_pass("quantize-dynamic")
+@register_pass("quantize-dynamic", exact=False)
 class DynamicQuantizePass(SlimgraphPass):
     """Dynamic int8 quantization of weights (approximate: `exact = False`).
 

@@ -38,7 +38,6 @@ from slimgraph.ir.select import check_patterns
 from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.pipeline import register_pass
 from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise
 from slimgraph.passes.quantize._weights import (
     bias_add_after,
@@ -51,6 +50,7 @@ from slimgraph.passes.quantize._weights import (
     upgrade_opset,
 )
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN, QuantizedNode
+from slimgraph.passes.registry import register_pass
 
 __all__ = [
     "FORMATS",
@@ -87,7 +87,7 @@ def _check_options(bits: int, block_size: int, fmt: str) -> None:
         )
 
 
-@register_pass("quantize-weight-only")
+@register_pass("quantize-weight-only", exact=False)
 class WeightOnlyQuantizePass(SlimgraphPass):
     """Block-wise int4/int8 weights for MatMul with a constant [K, N] weight (`exact = False`).
 
