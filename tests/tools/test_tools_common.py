@@ -14,7 +14,7 @@ import pytest
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.passes.finetune import FinetunePass
-from slimgraph.passes.pipeline import pass_options
+from slimgraph.passes.registry import pass_options
 from slimgraph.runtime.finetune import FinetuneOptions
 from slimgraph.runtime.torch_backend._options import TrainOptions
 from slimgraph.tools._common import output_paths, print_result
