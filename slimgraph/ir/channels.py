@@ -16,6 +16,13 @@ output channels are new elements. Forward through the consumers, each op either
   `prunable_outputs`: a zero put back stands for a channel that is gone, and the channels of an
   output (class logits) mean something to the user.
 
+How each op passes, consumes or blocks the channels is one `_Tracer` method per op family, looked
+up in a table by op type (`_HANDLERS`; an op without an entry blocks). The weight axes of the
+layers come from the one layout table (`slimgraph.ir.layout`). What the pruning surgery must
+change besides the weights is recorded as typed rewrite records (frozen dataclasses:
+`ConvGroupRewrite`, `ShapeEntryRewrite`, `StaticReshapeRewrite`, `SplitRewrite`, `SliceRewrite`)
+and every constant a channel axis indexes as a `WeightUse` with a `Role`.
+
 A connected component is one removable channel (it may span many tensors and positions); the
 components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
 Concepts follow Torch-Pruning's dependency groups; this is an independent implementation on the IR.
@@ -32,15 +39,24 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
+from slimgraph.ir.layout import LAYOUTS, layout
 
 __all__ = [
+    "LAYER_OPS",
+    "Role",
     "WeightUse",
     "Rewrite",
+    "ConvGroupRewrite",
+    "ShapeEntryRewrite",
+    "StaticReshapeRewrite",
+    "SplitRewrite",
+    "SliceRewrite",
     "Block",
     "Slot",
     "Member",
@@ -67,46 +83,122 @@ _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "P
 _SPATIAL = frozenset(
     {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 )
+# What the second output of an op that keeps the channels in place is (it must be unused).
+_SECOND_OUTPUT = {"Dropout": "mask", "MaxPool": "indices output"}
 _REDUCE = frozenset(
     {
         "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
         "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
     }
 )  # fmt: skip
+# Layers: ops whose weight has an output- and an input-channel axis (Conv, ConvTranspose, Gemm,
+# MatMul). The tracer opens their output channels and consumes their input channels.
+LAYER_OPS = frozenset(
+    op for op, found in LAYOUTS.items() if found.out_axis is not None and found.in_axis is not None
+)
 # Reduce ops whose axes moved from an attribute to input 1 at this opset.
 _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
+
+
+class Role(StrEnum):
+    """What a constant input does for the channels its axis indexes (a `WeightUse`)."""
+
+    PRODUCER = "producer"  # weights that compute the channel: importance reads them
+    BIAS = "bias"
+    BN_SCALE = "bn_scale"  # BatchNormalization gamma
+    PARAM = "param"  # other per-channel constants (BatchNorm beta/mean/var, Add/Mul operands)
+    CONSUMER = "consumer"  # the next layer's input channels
 
 
 @dataclass(frozen=True)
 class WeightUse:
     """A constant input of a node whose `axis` indexes the positions of slot `slot`.
 
-    `role`: "producer" (weights that compute the channel: importance reads them), "bias",
-    "bn_scale" (BatchNormalization gamma), "param" (other per-channel constants), "consumer"
-    (the next layer's input channels).
+    `role` is a `Role` (a `str`: it compares equal to "producer", "bias", ...).
     """
 
     node: ir.Node
     input_index: int
     axis: int
     slot: int
-    role: str
+    role: Role
+
+    def array(self) -> np.ndarray:
+        """The constant this use indexes, as numpy.
+
+        Raises:
+            ValueError: the input is no longer a constant (the graph changed since tracing).
+        """
+        found = _const(self.node.inputs[self.input_index])
+        if found is None:
+            raise ValueError(f"input {self.input_index} of {self.node.name} is not a constant")
+        return found
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    """An attribute or shape constant that depends on how many positions of `slot` stay.
+    """An attribute or shape constant of `node` that depends on how many positions of slot
+    `slot` stay. The subclasses below say which one; the pruning surgery applies each by type
+    (`slimgraph.passes.prune`).
 
-    kind: "conv_group" (data: out channels per group), "reshape" (data: output axis),
-    "reshape_static" (data: output axis, leading dims copied, the static dims after them),
-    "split" (data: output index), "slice" (data: axis position in `axes`),
-    "resize_sizes" (data: axis).
+    Attributes:
+        node: the node to rewrite.
+        slot: the traced tensor axis whose kept count the new value follows.
     """
 
-    kind: str
     node: ir.Node
     slot: int
-    data: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConvGroupRewrite(Rewrite):
+    """A grouped Conv whose conv groups go whole: `group` becomes the kept count of its output
+    channels divided by `out_per_group` (output channels per group, unchanged)."""
+
+    out_per_group: int
+
+
+@dataclass(frozen=True)
+class ShapeEntryRewrite(Rewrite):
+    """A constant shape-like input (Reshape's `shape`, Resize's `sizes`) whose entry `axis`
+    counts the channels: it becomes the kept count (a Reshape's -1 stays -1).
+
+    Attributes:
+        input: the input index of the constant (Reshape 1, Resize 3).
+        axis: the entry that holds the channel count.
+    """
+
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class StaticReshapeRewrite(Rewrite):
+    """A Reshape with a computed shape (dynamic batch), rewritten as a constant.
+
+    The new shape is `skip` zeros (copy the input's leading dims; allowzero=0) then `dims`, with
+    entry `axis` set to the kept count.
+    """
+
+    axis: int
+    skip: int
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SplitRewrite(Rewrite):
+    """Output `output` of a Split on the channel axis: the split sizes become every output's
+    kept count (one record per output; applying any of them sets all sizes)."""
+
+    output: int
+
+
+@dataclass(frozen=True)
+class SliceRewrite(Rewrite):
+    """A Slice of the channel axis (`slot` is its input): the bounds at `position` of its `axes`
+    become the kept positions' bounds."""
+
+    position: int
 
 
 @dataclass(frozen=True)
@@ -198,11 +290,8 @@ class ChannelAnalysis:
         return None
 
     def find(self, element: int) -> int:
-        parent = self.parent
-        while parent[element] != element:
-            parent[element] = parent[parent[element]]
-            element = parent[element]
-        return element
+        """The component root of position element `element`."""
+        return _find(self.parent, element)
 
     def roots_of(self, slot: Slot) -> np.ndarray:
         """The component root of every position of `slot`."""
@@ -218,21 +307,25 @@ class ChannelAnalysis:
         return [g for g in self.groups if g.prunable]
 
 
-def _static_dims(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.shape is None:
-        return None
-    dims = list(value.shape)
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return [int(d) for d in dims]
+def _find(parent: list[int], element: int) -> int:
+    """The root of `element` in the union-find forest `parent`, halving the path on the way."""
+    while parent[element] != element:
+        parent[element] = parent[parent[element]]
+        element = parent[element]
+    return element
+
+
+def _known(dims: Sequence[int | ir.SymbolicDim]) -> list[int] | None:
+    """`dims` as integers, or None when any of them is symbolic."""
+    known = [d for d in dims if isinstance(d, int)]
+    return known if len(known) == len(dims) else None
 
 
 def _static_dims_from(value: ir.Value | None, start: int) -> list[int] | None:
     """The dims of `value` from axis `start` on, if all are known integers."""
     if value is None or value.shape is None:
         return None
-    dims = list(value.shape)[start:]
-    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+    return _known(list(value.shape)[start:])
 
 
 def _common_prefix_dims(source: ir.Value | None, target: ir.Value | None, axis: int):
@@ -246,10 +339,10 @@ def _common_prefix_dims(source: ir.Value | None, target: ir.Value | None, axis: 
     skip = 0
     while skip < min(len(a), len(b), axis) and a[skip] == b[skip]:
         skip += 1
-    rest_a, rest_b = a[skip:], b[skip:]
-    if not all(isinstance(d, int) for d in rest_a + rest_b):
+    rest_a, rest_b = _known(a[skip:]), _known(b[skip:])
+    if rest_a is None or rest_b is None:
         return None, None, skip
-    return [int(d) for d in rest_a], [int(d) for d in rest_b], skip
+    return rest_a, rest_b, skip
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -322,6 +415,34 @@ class _Stop(Exception):
     """A consumer edge the channels cannot be followed through (message: the reason)."""
 
 
+def _data_rank(node: ir.Node, index: int, what: str) -> int:
+    """The rank of input 0 of `node` (Split, Slice, Reduce*), which must carry the channels.
+
+    Raises:
+        _Stop: the channels arrive on another input (read as `what`), or the rank is unknown.
+    """
+    where = f"{node.op_type} {node.name}"
+    if index != 0:
+        raise _Stop(f"{where} reads the channels as {what}")
+    rank = _rank(node.inputs[0])
+    if rank is None:
+        raise _Stop(f"{where} has an unknown rank")
+    return rank
+
+
+def _weight_axes(node: ir.Node) -> tuple[int, int] | None:
+    """(output, input) channel axes of the constant weight of a Conv, ConvTranspose, Gemm or
+    MatMul (2-D weight), from `slimgraph.ir.layout`; None for other ops or a computed weight."""
+    found = layout(node)
+    if found is None or node.op_type not in LAYER_OPS or found.weight >= len(node.inputs):
+        return None
+    weight = _const(node.inputs[found.weight])
+    if weight is None or (node.op_type == "MatMul" and weight.ndim != 2):
+        return None
+    assert found.out_axis is not None and found.in_axis is not None
+    return found.out_axis, found.in_axis
+
+
 class _Tracer:
     """Builds the union-find over channel positions by a forward walk from the producers."""
 
@@ -350,11 +471,7 @@ class _Tracer:
 
     # -- union-find -------------------------------------------------------------------------
     def find(self, element: int) -> int:
-        parent = self.parent
-        while parent[element] != element:
-            parent[element] = parent[parent[element]]
-            element = parent[element]
-        return element
+        return _find(self.parent, element)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -404,7 +521,7 @@ class _Tracer:
         self.unite(slot, target)
         return target
 
-    def use(self, node: ir.Node, index: int, axis: int, slot: Slot, role: str) -> None:
+    def use(self, node: ir.Node, index: int, axis: int, slot: Slot, role: Role) -> None:
         self.weight_uses.append(WeightUse(node, index, axis, slot.id, role))
 
     # -- walk -----------------------------------------------------------------------------------
@@ -431,29 +548,26 @@ class _Tracer:
             return
         out = node.outputs[0]
         label = f"{op} {node.name}"
-        if op in ("Conv", "ConvTranspose") and node.attributes.get_int("group", 1) == 1:
-            if weight.ndim < 3:
+        axes = _weight_axes(node)
+        if axes is None:
+            return
+        if op in ("Conv", "ConvTranspose"):
+            if node.attributes.get_int("group", 1) != 1 or weight.ndim < 3:
                 return
-            axis = 0 if op == "Conv" else 1
-            slot = self.slot(out, 1, weight.shape[axis], label)
-            self.use(node, 1, axis, slot, "producer")
-            if len(inputs) > 2 and inputs[2] is not None:
-                self.bias(node, 2, slot)
-        elif op == "Gemm" and weight.ndim == 2:
-            trans_b = node.attributes.get_int("transB", 0)
-            axis = 0 if trans_b else 1
-            slot = self.slot(out, 1, weight.shape[axis], label)
-            self.use(node, 1, axis, slot, "producer")
-            if len(inputs) > 2 and inputs[2] is not None:
-                self.bias(node, 2, slot)
-        elif op == "MatMul" and weight.ndim == 2:
+            out_axis = 1
+        elif weight.ndim != 2:
+            return
+        elif op == "Gemm":
+            out_axis = 1
+        else:  # MatMul: the channels are the last axis of the product
             rank = _rank(out) or _rank(inputs[0])
             if rank is None or rank < 2:
                 return
-            slot = self.slot(out, rank - 1, weight.shape[1], label)
-            self.use(node, 1, 1, slot, "producer")
-        else:
-            return
+            out_axis = rank - 1
+        slot = self.slot(out, out_axis, weight.shape[axes[0]], label)
+        self.use(node, 1, axes[0], slot, Role.PRODUCER)
+        if op != "MatMul" and len(inputs) > 2 and inputs[2] is not None:
+            self.bias(node, 2, slot)
         self.producer_of_slot[slot.id] = node
 
     def bias(self, node: ir.Node, index: int, slot: Slot) -> None:
@@ -461,7 +575,7 @@ class _Tracer:
         if bias is None:
             self.block(slot, f"{node.op_type} {node.name} has a computed bias")
         elif bias.ndim >= 1 and bias.shape[-1] == slot.size:
-            self.use(node, index, bias.ndim - 1, slot, "bias")
+            self.use(node, index, bias.ndim - 1, slot, Role.BIAS)
         elif bias.size != 1 and (bias.ndim == 0 or bias.shape[-1] != 1):
             self.block(slot, f"{node.op_type} {node.name} has a bias of shape {bias.shape}")
 
@@ -491,115 +605,124 @@ class _Tracer:
                 self.block(slot, reason, node, index, padable=True)
 
     def follow(self, slot: Slot, node: ir.Node, index: int) -> str | None:
-        """Handle one consumer edge; returns a reason when the channels cannot be followed."""
-        op = node.op_type
-        where = f"{op} {node.name}"
+        """Handle one consumer edge; returns a reason when the channels cannot be followed.
+
+        The op's handler comes from `_HANDLERS`; an op without one blocks the channels.
+        """
+        where = f"{node.op_type} {node.name}"
         if node.domain not in ("", "ai.onnx"):
             return f"{where} ({node.domain}) is not understood"
-        axis = slot.axis
-        inputs = list(node.inputs)
-        out = node.outputs[0] if node.outputs else None
-        if out is None:
+        if not node.outputs:
             return f"{where} has no output"
-        if op in _UNARY or op in ("Dropout", "Clip", "LeakyRelu"):
-            if index != 0:
-                return f"{where} reads the channels as a parameter"
-            if op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
-                return f"{where} uses its mask"
-            self.passthrough(slot, node, out, axis)
+        handler = _HANDLERS.get(node.op_type)
+        if handler is None:
+            return f"{where} is not understood"
+        return handler(self, slot, node, index)
+
+    # -- channel handlers, one per op family (registered in `_HANDLERS`) ---------------------------
+    def in_place(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Ops that keep the channels where they are: elementwise on input 0 (activations,
+        Clip, Dropout) and pools (channel axis 1, only the spatial axes change). A second output
+        (Dropout's mask, MaxPool's indices) must be unused."""
+        where = f"{node.op_type} {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as a parameter"
+        if node.op_type in _SPATIAL and slot.axis != 1:
+            return f"{where} pools over the channel axis"
+        if len(node.outputs) > 1 and node.outputs[1].uses():
+            return f"{where} uses its {_SECOND_OUTPUT.get(node.op_type, 'second output')}"
+        self.passthrough(slot, node, node.outputs[0], slot.axis)
+        return None
+
+    def normalization(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """BatchNormalization/InstanceNormalization on axis 1: per-channel parameters sliced."""
+        where = f"{node.op_type} {node.name}"
+        inputs = list(node.inputs)
+        if index != 0 or slot.axis != 1:
+            return f"{where} normalizes another axis"
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+            return f"{where} runs in training mode"
+        params = range(1, min(5 if node.op_type == "BatchNormalization" else 3, len(inputs)))
+        if any(_const(inputs[i]) is None for i in params):
+            return f"{where} has computed parameters"
+        target = self.passthrough(slot, node, node.outputs[0], slot.axis)
+        for i in params:
+            self.use(node, i, 0, target, Role.BN_SCALE if i == 1 else Role.PARAM)
+        return None
+
+    def resize(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Resize/Upsample: channels pass; constant `sizes` get the kept count."""
+        where = f"{node.op_type} {node.name}"
+        inputs = list(node.inputs)
+        if index != 0:
+            return f"{where} reads the channels as scales"
+        sizes = node.op_type == "Resize" and len(inputs) > 3 and inputs[3] is not None
+        if sizes and _const(inputs[3]) is None:
+            return f"{where} has computed sizes"
+        target = self.passthrough(slot, node, node.outputs[0], slot.axis)
+        if sizes:
+            self.rewrites.append(ShapeEntryRewrite(node, target.id, 3, slot.axis))
+        return None
+
+    def gemm_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Gemm reading the channels on its K axis: the weight's input axis is sliced."""
+        where = f"{node.op_type} {node.name}"
+        if index != 0:
+            return f"{where} multiplies two computed tensors"
+        axes = _weight_axes(node)
+        if axes is None:
+            return f"{where} has a computed weight"
+        trans_a = node.attributes.get_int("transA", 0)
+        if slot.axis != (0 if trans_a else 1):
+            return f"{where} reads the channels on its M axis"
+        self.use(node, 1, axes[1], slot, Role.CONSUMER)
+        return None
+
+    def matmul_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """MatMul by a constant matrix: K axis consumed, batch axes passed through."""
+        where = f"{node.op_type} {node.name}"
+        axes = _weight_axes(node)
+        rank = _rank(node.inputs[0])
+        if index != 0 or axes is None or rank is None:
+            return f"{where} multiplies two computed tensors"
+        if slot.axis == rank - 1:
+            self.use(node, 1, axes[1], slot, Role.CONSUMER)
             return None
-        if op in _BINARY:
-            return self.elementwise(slot, node, index)
-        if op in ("BatchNormalization", "InstanceNormalization"):
-            if index != 0 or axis != 1:
-                return f"{where} normalizes another axis"
-            if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
-                return f"{where} runs in training mode"
-            params = range(1, min(5 if op == "BatchNormalization" else 3, len(inputs)))
-            if any(_const(inputs[i]) is None for i in params):
-                return f"{where} has computed parameters"
-            target = self.passthrough(slot, node, out, axis)
-            for i in params:
-                self.use(node, i, 0, target, "bn_scale" if i == 1 else "param")
+        if slot.axis < rank - 2 or (slot.axis == rank - 2 and rank > 2):
+            self.passthrough(slot, node, node.outputs[0], slot.axis)
             return None
-        if op in _SPATIAL:
-            if index != 0 or axis != 1:
-                return f"{where} pools over the channel axis"
-            if len(node.outputs) > 1 and node.outputs[1].uses():
-                return f"{where} uses its indices output"
-            self.passthrough(slot, node, out, axis)
-            return None
-        if op in ("Resize", "Upsample"):
-            if index != 0:
-                return f"{where} reads the channels as scales"
-            sizes = op == "Resize" and len(inputs) > 3 and inputs[3] is not None
-            if sizes and _const(inputs[3]) is None:
-                return f"{where} has computed sizes"
-            target = self.passthrough(slot, node, out, axis)
-            if sizes:
-                self.rewrites.append(Rewrite("resize_sizes", node, target.id, (axis,)))
-            return None
-        if op in ("Conv", "ConvTranspose"):
-            return self.conv_input(slot, node, index)
-        if op == "Gemm":
-            if index != 0:
-                return f"{where} multiplies two computed tensors"
-            weight = _const(inputs[1])
-            if weight is None:
-                return f"{where} has a computed weight"
-            trans_a = node.attributes.get_int("transA", 0)
-            if axis != (0 if trans_a else 1):
-                return f"{where} reads the channels on its M axis"
-            trans_b = node.attributes.get_int("transB", 0)
-            self.use(node, 1, 1 if trans_b else 0, slot, "consumer")
-            return None
-        if op == "MatMul":
-            weight = _const(inputs[1]) if len(inputs) > 1 else None
-            rank = _rank(inputs[0])
-            if index != 0 or weight is None or weight.ndim != 2 or rank is None:
-                return f"{where} multiplies two computed tensors"
-            if axis == rank - 1:
-                self.use(node, 1, 0, slot, "consumer")
-                return None
-            if axis < rank - 2 or (axis == rank - 2 and rank > 2):
-                self.passthrough(slot, node, out, axis)
-                return None
-            return f"{where} reads the channels on its row axis"
-        if op == "Concat":
-            return self.concat(slot, node, index)
-        if op == "Split":
-            return self.split(slot, node, index)
-        if op == "Slice":
-            return self.slice(slot, node, index)
-        if op == "Transpose":
-            perm = node.attributes.get_ints("perm", None)
-            rank = _rank(inputs[0])
-            if perm is None:
-                if rank is None:
-                    return f"{where} has an unknown rank"
-                perm = list(reversed(range(rank)))
-            self.passthrough(slot, node, out, list(perm).index(axis))
-            return None
-        if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
-            if index != 0:
-                return f"{where} reads the channels as a shape"
-            return self.reshape(slot, node)
-        if op in _REDUCE:
-            return self.reduce(slot, node, index)
-        if op in ("Softmax", "LogSoftmax", "Hardmax"):
-            rank = _rank(inputs[0])
-            default = -1 if self.opset >= 13 else 1
-            softmax_axis = node.attributes.get_int("axis", default)
+        return f"{where} reads the channels on its row axis"
+
+    def transpose(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        perm = node.attributes.get_ints("perm", None)
+        if perm is None:
+            rank = _rank(node.inputs[0])
             if rank is None:
-                return f"{where} has an unknown rank"
-            softmax_axis %= rank
-            if self.opset < 13 and softmax_axis <= axis:
-                return f"{where} normalizes over the channels"
-            if softmax_axis == axis:
-                return f"{where} normalizes over the channels"
-            self.passthrough(slot, node, out, axis)
-            return None
-        return f"{where} is not understood"
+                return f"{node.op_type} {node.name} has an unknown rank"
+            perm = list(reversed(range(rank)))
+        self.passthrough(slot, node, node.outputs[0], list(perm).index(slot.axis))
+        return None
+
+    def reshape_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        if index != 0:
+            return f"{node.op_type} {node.name} reads the channels as a shape"
+        return self.reshape(slot, node)
+
+    def softmax(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Softmax-like ops: channels pass unless they are the normalized axis."""
+        where = f"{node.op_type} {node.name}"
+        rank = _rank(node.inputs[0])
+        default = -1 if self.opset >= 13 else 1
+        softmax_axis = node.attributes.get_int("axis", default)
+        if rank is None:
+            return f"{where} has an unknown rank"
+        softmax_axis %= rank
+        if self.opset < 13 and softmax_axis <= slot.axis:
+            return f"{where} normalizes over the channels"
+        if softmax_axis == slot.axis:
+            return f"{where} normalizes over the channels"
+        self.passthrough(slot, node, node.outputs[0], slot.axis)
+        return None
 
     def elementwise(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         """Broadcasting ops: constants sliced per channel, computed operands coupled."""
@@ -634,22 +757,24 @@ class _Tracer:
                 coupled.append((other, other_axis))
         target = self.passthrough(slot, node, out, out_axis)
         for other_index, other_axis in constants:
-            self.use(node, other_index, other_axis, target, "param")
+            self.use(node, other_index, other_axis, target, Role.PARAM)
         for other, other_axis in coupled:
             self.unite(target, self.slot(other, other_axis, slot.size, None))
         return None
 
     def conv_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Conv/ConvTranspose input: consumed (group 1) or coupled per conv group (grouped)."""
         where = f"{node.op_type} {node.name}"
         inputs = list(node.inputs)
         weight = _const(inputs[1]) if len(inputs) > 1 else None
-        if index != 0 or weight is None:
+        axes = _weight_axes(node)
+        if index != 0 or weight is None or axes is None:
             return f"{where} has a computed weight"
         if slot.axis != 1:
             return f"{where} reads the channels on a non-channel axis"
         group = node.attributes.get_int("group", 1)
         if group == 1:
-            self.use(node, 1, 1 if node.op_type == "Conv" else 0, slot, "consumer")
+            self.use(node, 1, axes[1], slot, Role.CONSUMER)
             return None
         if node.op_type != "Conv":
             return f"{where} is a grouped ConvTranspose"
@@ -665,10 +790,10 @@ class _Tracer:
                 self.union(first, slot.base + g * in_per + p)
             for q in range(out_per):
                 self.union(first, target.base + g * out_per + q)
-        self.use(node, 1, 0, target, "producer")
+        self.use(node, 1, axes[0], target, Role.PRODUCER)
         if len(inputs) > 2 and inputs[2] is not None:
             self.bias(node, 2, target)
-        self.rewrites.append(Rewrite("conv_group", node, target.id, (out_per,)))
+        self.rewrites.append(ConvGroupRewrite(node, target.id, out_per))
         return None
 
     def concat(self, slot: Slot, node: ir.Node, index: int) -> str | None:
@@ -697,36 +822,29 @@ class _Tracer:
 
     def split(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         where = f"Split {node.name}"
-        if index != 0:
-            return f"{where} reads the channels as split sizes"
-        rank = _rank(node.inputs[0])
-        if rank is None:
-            return f"{where} has an unknown rank"
+        rank = _data_rank(node, index, "split sizes")
         split_axis = node.attributes.get_int("axis", 0) % rank
         if split_axis != slot.axis:
             for out in node.outputs:
                 self.passthrough(slot, node, out, slot.axis)
             return None
-        sizes = [_dim(o, split_axis) for o in node.outputs]
-        if any(s is None for s in sizes) or sum(sizes) != slot.size:  # type: ignore[arg-type]
+        found = [_dim(o, split_axis) for o in node.outputs]
+        sizes = [size for size in found if size is not None]
+        if len(sizes) < len(found) or sum(sizes) != slot.size:
             return f"{where} has outputs of unknown size"
         start = 0
         for k, (out, size) in enumerate(zip(node.outputs, sizes, strict=True)):
-            target = self.slot(out, split_axis, size, where)  # type: ignore[arg-type]
-            for q in range(size):  # type: ignore[arg-type]
+            target = self.slot(out, split_axis, size, where)
+            for q in range(size):
                 self.union(slot.base + start + q, target.base + q)
-            self.rewrites.append(Rewrite("split", node, target.id, (k,)))
-            start += size  # type: ignore[operator]
+            self.rewrites.append(SplitRewrite(node, target.id, k))
+            start += size
         return None
 
     def slice(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         where = f"Slice {node.name}"
-        if index != 0:
-            return f"{where} reads the channels as bounds"
+        rank = _data_rank(node, index, "bounds")
         out = node.outputs[0]
-        rank = _rank(node.inputs[0])
-        if rank is None:
-            return f"{where} has an unknown rank"
         if self.opset >= 10:
             starts, ends = _int_list(node, "", 1), _int_list(node, "", 2)
             axes = _int_list(node, "", 3) if len(node.inputs) > 3 and node.inputs[3] else None
@@ -748,7 +866,7 @@ class _Tracer:
         target = self.slot(out, slot.axis, size, where)
         for q in range(size):
             self.union(slot.base + begin + q, target.base + q)
-        self.rewrites.append(Rewrite("slice", node, slot.id, (k,)))
+        self.rewrites.append(SliceRewrite(node, slot.id, k))
         return None
 
     def reshape(self, slot: Slot, node: ir.Node) -> str | None:
@@ -776,22 +894,18 @@ class _Tracer:
         target = self.slot(out, out_axis, int(positions.size), where)
         self.unite(slot, target, positions)
         if node.op_type == "Reshape" and _const(node.inputs[1]) is not None:
-            self.rewrites.append(Rewrite("reshape", node, target.id, (out_axis,)))
+            self.rewrites.append(ShapeEntryRewrite(node, target.id, 1, out_axis))
         elif node.op_type == "Reshape":
             # a computed shape (dynamic batch): rewritten as a constant that copies the common
             # leading dims (0 with allowzero=0) and spells out the static rest
             self.rewrites.append(
-                Rewrite("reshape_static", node, target.id, (out_axis, skip, *out_dims))
+                StaticReshapeRewrite(node, target.id, out_axis, skip, tuple(out_dims))
             )
         return None
 
     def reduce(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         where = f"{node.op_type} {node.name}"
-        if index != 0:
-            return f"{where} reads the channels as axes"
-        rank = _rank(node.inputs[0])
-        if rank is None:
-            return f"{where} has an unknown rank"
+        rank = _data_rank(node, index, "axes")
         since = _REDUCE_AXES_INPUT_SINCE.get(node.op_type, 18)
         axes = _int_list(node, "axes", 1 if self.opset >= since else None)
         if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -808,6 +922,26 @@ class _Tracer:
         out_axis = slot.axis if keep else slot.axis - sum(a < slot.axis for a in axes)
         self.passthrough(slot, node, node.outputs[0], out_axis)
         return None
+
+
+# How the channels cross each op: a `_Tracer` method per op type (an op without one blocks).
+_Handler = Callable[[_Tracer, Slot, ir.Node, int], str | None]
+_HANDLERS: dict[str, _Handler] = {
+    **dict.fromkeys(_UNARY | {"Dropout", "Clip"} | _SPATIAL, _Tracer.in_place),
+    **dict.fromkeys(_BINARY, _Tracer.elementwise),
+    **dict.fromkeys(("BatchNormalization", "InstanceNormalization"), _Tracer.normalization),
+    **dict.fromkeys(("Resize", "Upsample"), _Tracer.resize),
+    **dict.fromkeys(("Conv", "ConvTranspose"), _Tracer.conv_input),
+    "Gemm": _Tracer.gemm_input,
+    "MatMul": _Tracer.matmul_input,
+    "Concat": _Tracer.concat,
+    "Split": _Tracer.split,
+    "Slice": _Tracer.slice,
+    "Transpose": _Tracer.transpose,
+    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), _Tracer.reshape_input),
+    **dict.fromkeys(_REDUCE, _Tracer.reduce),
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _Tracer.softmax),
+}
 
 
 def analyze_channels(
@@ -855,7 +989,7 @@ def _build_groups(
 ) -> list[ChannelGroup]:
     """Group the components by the producer outputs they touch (all touched slots if none)."""
     producing = set(producer_of_slot) | {
-        use.slot for use in analysis.weight_uses if use.role == "producer"
+        use.slot for use in analysis.weight_uses if use.role is Role.PRODUCER
     }
     slot_roots = [analysis.roots_of(slot) for slot in analysis.slots]
     touched: dict[int, set[int]] = {}
@@ -875,13 +1009,13 @@ def _build_groups(
     for use in analysis.weight_uses:
         uses_by_slot.setdefault(use.slot, []).append(use)
     groups: list[ChannelGroup] = []
-    for _, roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
-        roots.sort(key=lambda r: first[r])
-        channel = {r: i for i, r in enumerate(roots)}
+    for _, group_roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
+        group_roots.sort(key=lambda r: first[r])
+        channel = {r: i for i, r in enumerate(group_roots)}
         members, producers, consumer_nodes = [], [], []
         reasons: list[str] = []
         pads: list[Block] = []
-        group_slots = sorted(set().union(*(touched[r] for r in roots)))
+        group_slots = sorted(set().union(*(touched[r] for r in group_roots)))
         for slot_id in group_slots:
             slot = analysis.slots[slot_id]
             index_map = np.array([channel.get(r, -1) for r in slot_roots[slot_id].tolist()])
@@ -889,17 +1023,17 @@ def _build_groups(
             if slot_id in producer_of_slot:
                 producers.append(producer_of_slot[slot_id])
             for use in uses_by_slot.get(slot_id, []):
-                if use.role == "producer" and use.node not in producers:
+                if use.role is Role.PRODUCER and use.node not in producers:
                     producers.append(use.node)
-                if use.role == "consumer" and use.node not in consumer_nodes:
+                if use.role is Role.CONSUMER and use.node not in consumer_nodes:
                     consumer_nodes.append(use.node)
             for block in blocks_by_slot.get(slot_id, []):
                 if block.padable and analysis.pad:
                     pads.append(block)
                 elif block.reason not in reasons:
                     reasons.append(block.reason)
-        groups.append(
-            ChannelGroup(len(groups), roots, members, producers, consumer_nodes, reasons, pads)
-        )
+        groups.append(ChannelGroup(
+            len(groups), group_roots, members, producers, consumer_nodes, reasons, pads
+        ))
     return groups
 

@@ -33,11 +33,11 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 from slimgraph.passes.base import Skipped, SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.fuse_attention import MS_DOMAIN, _NoMatch, match_attention
+from slimgraph.passes.prune import prepare_for_pruning
 from slimgraph.passes.registry import register_pass
 
 __all__ = ["HeadReport", "PruneHeadsResult", "PruneHeadsPass", "prune_heads", "CRITERIA"]
@@ -318,9 +318,7 @@ class PruneHeadsPass(SlimgraphFunctionalPass):
                 f"unknown head importance '{self.criterion}' (choose {', '.join(CRITERIA)})")
 
     def call(self, model: ir.Model) -> PruneHeadsResult:
-        from slimgraph.passes.prune import prepare_for_pruning
-
-        pruned = prepare_for_pruning(copy_model(model))
+        pruned = prepare_for_pruning(model)  # a copy
         graph = pruned.graph
         names = Names(graph)
         sites, skipped = _sites(graph)
@@ -354,4 +352,6 @@ def prune_heads(model: ir.Model, ratio: float = 0.5, *, criterion: str = "l2",
         >>> result = prune_heads(model, 0.5)  # doctest: +SKIP
         >>> [(b.heads, b.kept) for b in result.blocks]  # doctest: +SKIP
     """
-    return PruneHeadsPass(ratio=ratio, criterion=criterion, dead_only=dead_only)(model)
+    result = PruneHeadsPass(ratio=ratio, criterion=criterion, dead_only=dead_only)(model)
+    assert isinstance(result, PruneHeadsResult)
+    return result

@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import onnx_ir as ir
@@ -32,7 +33,7 @@ from slimgraph.runtime.feeds import (
 )
 from slimgraph.runtime.histogram import TensorStats
 from slimgraph.runtime.metrics import DEFAULT_LABELS
-from slimgraph.runtime.session import create_session
+from slimgraph.runtime.session import OptLevel, create_session
 
 __all__ = [
     "CalibrationData",
@@ -41,6 +42,7 @@ __all__ = [
     "with_outputs",
     "stream_values",
     "stream_bounds",
+    "RunOptions",
     "calibrate",
 ]
 
@@ -71,12 +73,16 @@ class Batches:
     def first(self) -> dict[str, np.ndarray]:
         """The first checked batch, without using up one-shot data (a generator)."""
         if self._stacked is None and not self._consumed:
-            iterator = iter(self.source)  # type: ignore[arg-type]
+            iterator: Iterator[Mapping[str, np.ndarray]] = iter(self._feeds())
             if iterator is self.source:
                 head = list(itertools.islice(iterator, 1))
                 self.source = itertools.chain(head, iterator)
                 return next(iter(Batches(self.model, head, self.batch_size)))
         return next(iter(self))
+
+    def _feeds(self) -> Iterable[Mapping[str, np.ndarray]]:
+        """The source as an iterable of feed dicts (what it is unless stacked or a file)."""
+        return self.source  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self._stacked is not None:
@@ -91,9 +97,9 @@ class Batches:
             yield from self._kept or []
             return
         kept: list[dict[str, np.ndarray]] = []
-        one_shot = iter(self.source) is self.source  # type: ignore[arg-type]
+        one_shot = iter(self._feeds()) is self.source
         seen = 0
-        for index, feed in enumerate(self.source):  # type: ignore[union-attr]
+        for index, feed in enumerate(self._feeds()):
             if not isinstance(feed, Mapping):
                 raise BadDataError(
                     f"calibration data item {index} is a {type(feed).__name__}, not a dict of "
@@ -149,13 +155,14 @@ def calibration_batches(
 def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
     """The `.npz` as row-sliceable arrays (read batch by batch, memory flat in the sample
     count), checked on its first row and sample counts; finiteness is checked per batch."""
-    from slimgraph.runtime.npz_rows import open_npz_rows
+    from slimgraph.runtime.npz_rows import RowArray, open_npz_rows
 
     try:
-        rows = open_npz_rows(path)
+        opened = open_npz_rows(path)
     except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
         return _load_whole(path, model)
     names = {spec.name for spec in input_specs(model)}
+    rows: Mapping[str, RowArray | np.ndarray] = opened
     if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
         rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
     if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
@@ -210,33 +217,47 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+class RunOptions(TypedDict, total=False):
+    """How the streaming functions run onnxruntime.
+
+    Attributes:
+        threads: onnxruntime intra-op threads (None: its default).
+        progress: progress bar on stderr (None: when stderr is a terminal).
+        total: the number of batches, for the progress bar (None: unknown).
+    """
+
+    threads: int | None
+    progress: bool | None
+    total: int | None
+
+
 def stream_values(
     model: ir.Model,
     names: Sequence[str],
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
-    threads: int | None = None,
-    progress: bool | None = None,
-    total: int | None = None,
     description: str = "calibrating",
+    **run: Unpack[RunOptions],
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run `model` on each batch and yield the values `names` (graph outputs included)."""
-    session = create_session(with_outputs(model, names), threads=threads, optimization="basic")
+    augmented = with_outputs(model, names)
     wanted = list(dict.fromkeys(names))
-    for outputs in _runs(session, wanted, batches, progress, total, description):
+    for outputs in _runs(augmented, wanted, batches, "basic", run, description):
         yield dict(zip(wanted, outputs, strict=True))
 
 
 def _runs(
-    session: object,
+    model: ir.Model,
     output_names: list[str],
     batches: Iterable[Mapping[str, np.ndarray]],
-    progress: bool | None,
-    total: int | None,
+    optimization: OptLevel,
+    run: RunOptions,
     description: str,
 ) -> Iterator[list[np.ndarray]]:
-    """`session.run(output_names, feed)` for each batch, behind a progress bar on stderr
-    (default: when stderr is a terminal)."""
+    """`session.run(output_names, feed)` for each batch on a session of `model`, behind a
+    progress bar on stderr (default: when stderr is a terminal)."""
+    session = create_session(model, threads=run.get("threads"), optimization=optimization)
+    progress, total = run.get("progress"), run.get("total")
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
 
@@ -311,7 +332,7 @@ def with_bounds(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return copy
 
 
-_BOUND_OPS = (
+_BOUND_OPS: tuple[tuple[str, str, dict[str, int]], ...] = (
     ("min", "ReduceMin", {"keepdims": 0}),
     ("max", "ReduceMax", {"keepdims": 0}),
     # onnxruntime's ReduceMin/ReduceMax skip a NaN unless it comes first; a sum does not.
@@ -343,18 +364,14 @@ def stream_bounds(
     model: ir.Model,
     names: Sequence[str],
     batches: Iterable[Mapping[str, np.ndarray]],
-    *,
-    threads: int | None = None,
-    progress: bool | None = None,
-    total: int | None = None,
+    **run: Unpack[RunOptions],
 ) -> Iterator[dict[str, Bounds]]:
     """Run `model` on each batch and yield each float value's `Bounds` (reduced in the graph)."""
     wanted = list(dict.fromkeys(names))
     augmented = with_bounds(model, wanted)
     extra = augmented.graph.outputs[len(model.graph.outputs):]
-    output_names = [value.name for value in extra]
-    session = create_session(augmented, threads=threads, optimization="all")
-    for outputs in _runs(session, output_names, batches, progress, total, "calibrating"):
+    output_names = [value.name or "" for value in extra]
+    for outputs in _runs(augmented, output_names, batches, "all", run, "calibrating"):
         it = iter(outputs)
         yield {
             name: Bounds(float(next(it)), float(next(it)), float(next(it)), int(next(it)))
@@ -406,56 +423,51 @@ def calibrate(
         model, data, batch_size=batch_size
     )
     stats = {name: TensorStats(histogram=histogram) for name in names}
+    run = RunOptions(threads=threads, progress=progress, total=batches.total)
     if not histogram and _float_values(model, names):
-        return _calibrate_bounds(model, batches, stats, threads=threads, progress=progress)
-    count = 0
-    for index, values in enumerate(
-        stream_values(model, list(names), batches, threads=threads, progress=progress,
-                      total=batches.total)
-    ):
-        count += 1
-        for name, array in values.items():
-            if array.dtype.kind != "f":
-                continue
-            if array.size == 0:
-                continue
-            low, high = float(array.min()), float(array.max())  # NaN propagates into both
-            if not (math.isfinite(low) and math.isfinite(high)):
-                raise _non_finite(name, index)
-            stats[name].update(array, (low, high))
+        # min-max only: ranges reduced inside onnxruntime (no activation copied out)
+        bounds = stream_bounds(model, list(names), batches, **run)
+        count, how = _observe(bounds, stats, _observe_bounds), " (in-graph ranges)"
+    else:
+        values = stream_values(model, list(names), batches, **run)
+        count, how = _observe(values, stats, _observe_values), ""
     if count == 0:
         raise BadDataError("calibration data is empty (no batches)")
-    logger.info("calibrated %d values over %d batches", len(stats), count)
+    logger.info("calibrated %d values over %d batches%s", len(stats), count, how)
     return stats
 
 
-def _calibrate_bounds(
-    model: ir.Model,
-    batches: Batches,
-    stats: dict[str, TensorStats],
-    *,
-    threads: int | None,
-    progress: bool | None,
-) -> dict[str, TensorStats]:
-    """Min-max statistics from ranges reduced inside onnxruntime (no activation copied out)."""
+def _observe(
+    stream: Iterable[Mapping[str, Any]],
+    stats: Mapping[str, TensorStats],
+    observe: Callable[[TensorStats, Any, str, int], None],
+) -> int:
+    """Feed every batch of `stream` to `observe`; the number of batches."""
     count = 0
-    for index, bounds in enumerate(
-        stream_bounds(model, list(stats), batches, threads=threads, progress=progress,
-                      total=batches.total)
-    ):
+    for index, observed in enumerate(stream):
         count += 1
-        for name, bound in bounds.items():
-            if bound.size == 0:
-                continue
-            if not (math.isfinite(bound.low) and math.isfinite(bound.high)) or math.isnan(
-                bound.total
-            ):
-                raise _non_finite(name, index)
-            stats[name].update_bounds(bound.low, bound.high, bound.size)
-    if count == 0:
-        raise BadDataError("calibration data is empty (no batches)")
-    logger.info("calibrated %d values over %d batches (in-graph ranges)", len(stats), count)
-    return stats
+        for name, item in observed.items():
+            observe(stats[name], item, name, index)
+    return count
+
+
+def _observe_values(stats: TensorStats, array: Any, name: str, batch: int) -> None:
+    """Add one batch of a value (non-float and empty values are left out)."""
+    if array.dtype.kind != "f" or array.size == 0:
+        return
+    low, high = float(array.min()), float(array.max())  # NaN propagates into both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise _non_finite(name, batch)
+    stats.update(array, (low, high))
+
+
+def _observe_bounds(stats: TensorStats, bound: Any, name: str, batch: int) -> None:
+    """Add one batch of a value known by its in-graph `Bounds`."""
+    if bound.size == 0:
+        return
+    if not (math.isfinite(bound.low) and math.isfinite(bound.high)) or math.isnan(bound.total):
+        raise _non_finite(name, batch)
+    stats.update_bounds(bound.low, bound.high, bound.size)
 
 
 def _non_finite(name: str, batch: int) -> BadDataError:

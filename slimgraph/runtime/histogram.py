@@ -11,7 +11,8 @@ Calibrators turn the statistics into a clipping range `(rmin, rmax)`:
 - `entropy`: the range whose quantized histogram is closest in KL divergence to the clipped one
   (TensorRT's method, generalized to asymmetric ranges by shrinking both ends towards zero);
 - `mse`: the range minimizing the expected squared quantization error (rounding + clipping).
-All of them keep zero inside the range and work on constant and tiny ranges.
+All of them keep zero inside the range and work on constant and tiny ranges; the scale and zero
+point of a range come from `runtime.quant_math.quant_params`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["METHODS", "TensorStats", "calibrated_range", "quant_params", "MIN_SCALE"]
+from slimgraph.runtime.quant_math import RANGE_METHODS
 
-METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+__all__ = ["METHODS", "TensorStats", "calibrated_range"]
 
-# The smallest scale slimgraph writes: a zero range (an all-zero tensor) still needs a valid,
-# positive scale; this one is tiny but its reciprocal stays far inside float32.
-MIN_SCALE = 1e-30
+METHODS = RANGE_METHODS
 
 _BINS = 2048
 _GROWTH = 1.5  # a histogram whose range must grow grows at least this much, so re-binning is rare
@@ -240,33 +239,3 @@ def _expected_squared_error(stats: TensorStats, lo: float, hi: float, levels: in
     clipping = (stats.counts[below] * (centers[below] - lo) ** 2).sum()
     clipping += (stats.counts[above] * (centers[above] - hi) ** 2).sum()
     return float(rounding + clipping)
-
-
-def quant_params(
-    rmin: np.ndarray | float,
-    rmax: np.ndarray | float,
-    *,
-    qmin: int,
-    qmax: int,
-    symmetric: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (int64) mapping [rmin, rmax] onto [qmin, qmax].
-
-    Zero is always exactly representable. Symmetric ranges use zero point 0 for signed grids
-    (the middle of the grid for unsigned ones) and scale max|r| / (half the grid). A zero range
-    gets `MIN_SCALE`, so the result is always valid.
-    """
-    low = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
-    high = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
-    if symmetric:
-        bound = np.maximum(-low, high)
-        half = (qmax - qmin) / 2
-        scale = np.maximum(bound / half, MIN_SCALE)
-        zero_point = np.full(scale.shape, int(math.ceil((qmin + qmax) / 2)), dtype=np.int64)
-        if qmin < 0:
-            zero_point[...] = 0
-            scale = np.maximum(bound / qmax, MIN_SCALE)
-        return scale.astype(np.float32), zero_point
-    scale = np.maximum((high - low) / (qmax - qmin), MIN_SCALE)
-    zero_point = np.clip(np.round(qmin - low / scale), qmin, qmax).astype(np.int64)
-    return scale.astype(np.float32), zero_point

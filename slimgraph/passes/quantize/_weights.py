@@ -1,120 +1,166 @@
-"""Graph helpers for the weight quantizers: constant weights, exclusion patterns, new initializers.
+"""What the two weight quantizers (dynamic, weight-only) share: the pass skeleton that plans,
+materializes and cleans up, the writer base (fresh names, new constants, tied weights quantized
+once), the working copy at a supported opset, and the bias/dtype helpers.
 
 A dynamo export reads a Linear's weight through `Transpose(initializer)` (the exporter's optimizer
 is off), so "constant weight" means a value computed from initializers by data-movement nodes
-only; `traced_constant` follows such chains and returns the weight as the consumer sees it.
+only; the kit's `traced_constant` follows such chains and returns the weight as the consumer
+sees it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir.select import matching_pattern
+from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
-from slimgraph.passes._kit import constant_array
+from slimgraph.passes._kit import Names, add_initializer, traced_constant
+from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 
 __all__ = [
-    "traced_constant",
-    "constant_node_array",
-    "excluded_by",
-    "add_initializer",
+    "MS_DOMAIN",
+    "QuantizedNode",
+    "WeightPlan",
+    "WeightQuantizeResult",
+    "WeightQuantizePass",
+    "WeightWriter",
+    "working_copy",
+    "new_constant",
     "bias_add_after",
     "bias_of",
     "content_key",
+    "as_tuple",
     "is_float32",
     "opset_version",
     "upgrade_opset",
 ]
 
-# Ops through which a constant weight may reach its consumer (all inputs constant).
-_MOVERS = frozenset(
-    {"Constant", "Identity", "Transpose", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape",
-     "Split", "Gather", "Cast", "Flatten", "Expand", "Shape", "Mul", "Add", "Sub", "Div"}
-)
-_MAX_CHAIN = 8
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+_R = TypeVar("_R")
 
 
-def traced_constant(value: ir.Value | None, _depth: int = 0) -> np.ndarray | None:
-    """The numpy value of `value` if it is computed from constants only, else None.
+@dataclass(frozen=True)
+class QuantizedNode:
+    """One node a weight quantizer quantized: what it became and how its weight is stored."""
 
-    Follows initializers, Constant nodes and chains of up to 8 data-movement ops over them
-    (Transpose, Identity, Slice, Concat, ...; the dynamo exporter reorders LSTM gates that way),
-    evaluated with onnx's reference implementation.
-    """
-    if value is None or _depth > _MAX_CHAIN:
-        return None
-    if value.const_value is not None:
-        return constant_array(value)  # None for an overridable graph input's default
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _MOVERS:
-        return None
-    if node.op_type == "Constant":
-        return constant_node_array(node)
-    if node.op_type == "Shape" and node.inputs[0] is not None:
-        shape = node.inputs[0].shape
-        if shape is not None and shape.is_static():
-            dims = np.asarray(shape.numpy(), np.int64)
-            start = node.attributes.get_int("start", 0)
-            end = node.attributes.get_int("end", len(dims))
-            return dims[start:end]
-    arrays = [traced_constant(v, _depth + 1) if v is not None else None for v in node.inputs]
-    if any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
-        return None
-    if node.op_type == "Identity":
-        return arrays[0]
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm")
-        return np.transpose(arrays[0], perm)
-    return _evaluate(node, arrays, value)
+    node: str
+    op_type: str
+    layer: str
+    weight: str
+    kernel: str
+    granularity: str
 
 
-def constant_node_array(node: ir.Node) -> np.ndarray | None:
-    """The value of a Constant node, read without touching the node (models may share tensors)."""
-    for name, attr in node.attributes.items():
-        if name == "value":
-            return attr.as_tensor().numpy()
-        if name in ("value_float", "value_floats"):
-            return np.asarray(attr.value, np.float32)
-        if name in ("value_int", "value_ints"):
-            return np.asarray(attr.value, np.int64)
-    return None
+@dataclass(frozen=True)
+class WeightPlan(Generic[_R]):
+    """What a weight quantizer will do to a graph: rewrites (frozen records, in the order they
+    are applied), nodes left float with the reason, and how many candidate nodes it looked at."""
+
+    rewrites: tuple[_R, ...]
+    skipped: tuple[Skipped, ...]
+    candidates: int
 
 
-def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -> np.ndarray | None:
-    from onnx.reference import ReferenceEvaluator
+@dataclass
+class WeightQuantizeResult(SlimgraphPassResult):
+    """What a weight quantizer quantized (and, in `skipped`, what it left float and why)."""
 
-    names = [f"i{k}" if a is not None else "" for k, a in enumerate(arrays)]
-    proto = onnx.helper.make_node(
-        node.op_type, names, [f"o{k}" for k in range(len(node.outputs))],
-        **{name: attr.value for name, attr in node.attributes.items()},
-    )
-    try:
-        outputs = ReferenceEvaluator(proto).run(
-            None, {n: a for n, a in zip(names, arrays, strict=True) if n}
-        )
-    except Exception:  # an op the reference cannot evaluate: not a constant we can use
-        return None
-    return np.asarray(outputs[value.index()])
+    quantized: list[QuantizedNode] = field(default_factory=list)
 
 
-def excluded_by(node: ir.Node, patterns: Sequence[str]) -> str | None:
-    """The first pattern (fnmatch) matching the node's layer name or node name, else None."""
-    return matching_pattern(node, patterns)
+class WeightQuantizePass(SlimgraphPass, Generic[_R]):
+    """The skeleton of dynamic and weight-only quantization (approximate): plan (`_plan`, a
+    frozen `WeightPlan`), refuse an empty plan (`_nothing`), apply each rewrite through the
+    subclass's dispatch table (`_materialize`), then drop the float weights nothing reads."""
+
+    exact = False
+    mode = ""  # "dynamic", "weight-only": names the mode in logs
+
+    def _plan(self, graph: ir.Graph) -> WeightPlan[_R]:
+        raise NotImplementedError
+
+    def _nothing(self, plan: WeightPlan[_R], reasons: str) -> str:
+        """The message of the error for a plan without rewrites (`reasons`: why, or "")."""
+        raise NotImplementedError
+
+    def _materialize(self, graph: ir.Graph, plan: WeightPlan[_R]) -> list[QuantizedNode]:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> WeightQuantizeResult:
+        plan = self._plan(model.graph)
+        if not plan.rewrites:
+            reasons = "; ".join(sorted({entry.reason for entry in plan.skipped}))
+            raise UnsupportedModelError(self._nothing(plan, reasons))
+        quantized = self._materialize(model.graph, plan)
+        for entry in plan.skipped:
+            logger.info("%s quantization skipped %s (%s): %s", self.mode, entry.node,
+                        entry.op_type, entry.reason)
+        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)  # the float weights, Transposes
+        if any(node.domain == MS_DOMAIN for node in model.graph):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return self._result(model, list(plan.skipped), quantized)
+
+    def _result(
+        self, model: ir.Model, skipped: list[Skipped], quantized: list[QuantizedNode]
+    ) -> WeightQuantizeResult:
+        return WeightQuantizeResult(model, modified=True, skipped=skipped, quantized=quantized)
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
-    """Register a new initializer and return its value."""
-    tensor = array if not isinstance(array, np.ndarray) else ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
+class WeightWriter:
+    """Base of the materializers: fresh names, new constants, the layer tag of new nodes, and a
+    cache so that tied weights (equal `content_key`) are quantized and stored once."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.names = Names(graph)
+        self.cache: dict[tuple[object, ...], tuple[ir.Value | None, ...]] = {}
+
+    def _name(self, base: str) -> str:
+        return self.names.fresh(base)
+
+    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        return new_constant(self.graph, base, array, self.names)
+
+    @staticmethod
+    def _props(node: ir.Node) -> dict[str, str] | None:
+        """The metadata of a node that replaces `node`: its torch layer."""
+        return {metadata.LAYER: layer_name(node)} if layer_name(node) else None
+
+
+def working_copy(
+    model: ir.Model, minimum: int, target: int, check: Callable[[], None] | None = None
+) -> ir.Model:
+    """The copy a weight quantizer rewrites: `model` upgraded to opset `target` (checked, see
+    `upgrade_opset`) when its opset is below `minimum`, else a plain copy. `check` (the
+    options' own check) runs first, so a bad option never costs an upgrade."""
+    if check is not None:
+        check()
+    if opset_version(model) < minimum:
+        return upgrade_opset(model, target)
+    return copy_model(model)
+
+
+def new_constant(
+    graph: ir.Graph, base: str, array: np.ndarray | ir.TensorProtocol, names: Names
+) -> ir.Value:
+    """`_kit.add_initializer` for quantization parameters, which are often 0-d (a per-tensor
+    scale): the array is wrapped as a tensor as it is (the kit's own copy through
+    `np.ascontiguousarray` turns a 0-d array into shape [1], which changes the model)."""
+    tensor = ir.tensor(array) if isinstance(array, np.ndarray) else array
+    return add_initializer(graph, base, tensor, names=names)
 
 
 def bias_add_after(node: ir.Node, columns: int) -> ir.Node | None:
@@ -142,6 +188,11 @@ def bias_of(add: ir.Node, node: ir.Node) -> np.ndarray:
     array = traced_constant(other)
     assert array is not None
     return array
+
+
+def as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
+    """One pattern or op type given as a string, or several, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def content_key(kind: str, array: np.ndarray) -> tuple[str, tuple[int, ...], str, bytes]:

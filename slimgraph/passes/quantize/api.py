@@ -4,13 +4,18 @@ Static (calibration data given): prepare (fold constants and BatchNorm into Conv
 annotate (`policy`), calibrate the planned values on onnxruntime (`runtime.calibrate`), insert
 Q/DQ (`qdq`), optionally lower to QOperator (`qoperator`), and measure per-tensor SQNR
 (`report`). Dynamic and weight-only modes call their own passes.
+
+`quantize` is thin: it gathers its keywords into one `QuantizeOptions` and runs `QuantizePass`
+once; the pipeline's `quantize` step (`StaticQuantizePass`) is the same pass with
+`StaticOptions`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,9 +28,16 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
+from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize.policy import ActivationDtype, QuantPlan, annotate
-from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, activation_params
+from slimgraph.passes.quantize.options import (
+    ActivationDtype,
+    Mode,
+    QuantizeOptions,
+    StaticOptions,
+)
+from slimgraph.passes.quantize.policy import WEIGHT_OPS, QuantPlan, annotate
+from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, QDQResult, activation_params
 from slimgraph.passes.registry import register_pass, register_preset
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
 from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
@@ -35,12 +47,12 @@ from slimgraph.runtime.metrics import Metric
 __all__ = [
     "quantize", "quantize_static", "prepare", "report_of", "budget_search_of",
     "check_exclusions",
+    "QuantizePass",
     "StaticQuantizePass",
 ]
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["static", "dynamic", "weight-only"]
 _FORMATS = ("qdq", "qoperator")
 _PREPARE_RTOL = 1e-4
 
@@ -138,7 +150,47 @@ def quantize(
         >>> q = sg.quantize(model, calibration=feeds, report=True)  # doctest: +SKIP
         >>> print(sg.report_of(q).summary())  # doctest: +SKIP
     """
-    model = as_model(model)
+    options = QuantizeOptions(
+        mode=mode, method=method, per_channel=per_channel, fmt=fmt, exclude=exclude,
+        exclude_ops=exclude_ops, include_ops=include_ops, activation_dtype=activation_dtype,
+        report=report, bits=bits, block_size=block_size, batch_size=batch_size,
+        progress=progress, percentile=percentile, data=data, budget=budget, max_drop=max_drop,
+        min_cosine=min_cosine, metric=metric, verify=verify, smooth_quant=smooth_quant,
+    )
+    return QuantizePass(options, calibration=calibration)(as_model(model)).model
+
+
+class QuantizePass(SlimgraphFunctionalPass):
+    """Quantize a float model in any mode, as `slimgraph.quantize` describes (approximate).
+
+    The one place the modes are chosen and run: static (calibrated QDQ or QOperator, optionally
+    after SmoothQuant or under an accuracy budget), dynamic, weight-only. The result is the
+    deployable model (exporter debug metadata and working marks dropped; a `transformer`
+    preset's residual Sums kept).
+
+    Args:
+        options: what to do (`QuantizeOptions`).
+        calibration: calibration data (static mode).
+    """
+
+    exact = False
+
+    def __init__(
+        self, options: QuantizeOptions | None = None, *, calibration: CalibrationData | None = None
+    ) -> None:
+        super().__init__()
+        self.options = options or QuantizeOptions()
+        self.calibration = calibration
+
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        return SlimgraphPassResult(_quantize(model, self.calibration, self.options),
+                                   modified=True)
+
+
+def _quantize(
+    model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions
+) -> ir.Model:
+    """`QuantizePass`'s work: the mode's default, the budget, then the mode."""
     from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
 
     keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
@@ -148,42 +200,36 @@ def quantize(
             quantized = ResidualSumPass()(quantized).model
         return _deployable(quantized)
 
-    mode = mode or ("static" if calibration is not None else "dynamic")
-    judge = budget_judge(model, data, budget=budget, max_drop=max_drop, min_cosine=min_cosine,
-                         metric=metric)
+    mode = options.mode or ("static" if calibration is not None else "dynamic")
+    options = replace(options, mode=mode)
+    judge = budget_judge(model, options.data, budget=options.budget, max_drop=options.max_drop,
+                         min_cosine=options.min_cosine, metric=options.metric)
     if judge is not None:
-        return _quantize_within(model, judge, calibration=calibration, mode=mode, method=method,
-                                per_channel=per_channel, fmt=fmt, exclude=exclude,
-                                exclude_ops=exclude_ops, include_ops=include_ops,
-                                activation_dtype=activation_dtype, report=report, bits=bits,
-                                block_size=block_size, batch_size=batch_size, progress=progress,
-                                percentile=percentile, verify=verify)
+        return _quantize_within(model, judge, calibration, options)
+    fmt = options.fmt
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
-    check_exclusions(model, exclude, exclude_ops)
-    if include_ops and mode != "static":
+    options = replace(options, fmt=fmt)
+    check_exclusions(model, options.exclude, options.exclude_ops)
+    if options.include_ops and mode != "static":
         raise BadOptionError(
             f"--include-op applies to static quantization (with --calib), not to {mode} mode"
         )
+    smooth_quant = options.smooth_quant
     if mode == "static":
         if calibration is None:
             raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
 
         def run_static(float_model: ir.Model, data: object) -> ir.Model:
-            return quantize_static(
-                float_model, data, method=method, per_channel=per_channel, fmt=fmt,  # type: ignore[arg-type]
-                exclude=exclude, exclude_ops=exclude_ops, include_ops=include_ops,
-                activation_dtype=activation_dtype, report=report, batch_size=batch_size,
-                progress=progress, percentile=percentile,
-            )
+            return _quantize_static(float_model, data, options)  # type: ignore[arg-type]
 
         if smooth_quant is not None and smooth_quant is not False:
             from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
 
             return _finish(smooth_and_quantize(model, calibration, smooth_quant, run_static,
-                                                   batch_size=batch_size))
+                                                   batch_size=options.batch_size))
         return _finish(run_static(model, calibration))
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError(f"--smooth-quant applies to static quantization, not to {mode} mode")
@@ -193,60 +239,64 @@ def quantize(
         from slimgraph.runtime import random_feeds
 
         model = prepare(
-            model, random_feeds(model) if verify else None, matmul_to_gemm=mode != "weight-only"
+            model, random_feeds(model) if options.verify else None,
+            matmul_to_gemm=mode != "weight-only",
         )
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
         return _finish(quantize_dynamic(
-            model, per_channel=per_channel, exclude=tuple(exclude), exclude_ops=tuple(exclude_ops)
+            model, per_channel=options.per_channel, exclude=tuple(options.exclude),
+            exclude_ops=tuple(options.exclude_ops),
         ))
     if mode == "weight-only":
         from slimgraph.passes.quantize.weight_only import quantize_weight_only
 
         return _finish(quantize_weight_only(
-            model, bits=bits, block_size=block_size,
-            fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(exclude),
-            exclude_ops=tuple(exclude_ops),
+            model, bits=options.bits, block_size=options.block_size,
+            fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(options.exclude),
+            exclude_ops=tuple(options.exclude_ops),
         ))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
 
 
 def _quantize_within(
-    model: ir.Model, judge: BudgetJudge, *, calibration: CalibrationData | None, mode: Mode,
-    **options: Any,
+    model: ir.Model, judge: BudgetJudge, calibration: CalibrationData | None,
+    options: QuantizeOptions,
 ) -> ir.Model:
     """`quantize` under an accuracy budget: static mode searches the float layers, the others
     are checked; the search record goes in the result's meta."""
     from slimgraph.passes.budgeted import BudgetSearch, quantize_with_budget
 
     keep_float: list[str] = []
+    mode = options.mode
     search = BudgetSearch(f"{mode} quantization", judge.budget.describe())
     if mode == "static" and calibration is not None:
-        check_exclusions(model, options["exclude"], options["exclude_ops"])
+        check_exclusions(model, options.exclude, options.exclude_ops)
         keep_float, search = quantize_with_budget(
-            model, calibration, judge, method=options["method"],
-            per_channel=options["per_channel"], exclude=options["exclude"],
-            exclude_ops=options["exclude_ops"], include_ops=options["include_ops"],
-            activation_dtype=options["activation_dtype"], batch_size=options["batch_size"],
-            percentile=options["percentile"],
+            model, calibration, judge, method=options.method,
+            per_channel=options.per_channel, exclude=options.exclude,
+            exclude_ops=options.exclude_ops, include_ops=options.include_ops,
+            activation_dtype=options.activation_dtype, batch_size=options.batch_size,
+            percentile=options.percentile,
         )
-        if options["fmt"] not in (None, *_FORMATS):
-            raise BadOptionError(f"unknown format '{options['fmt']}' (choose qdq or qoperator)")
-        if options["fmt"] in (None, "qdq") and not options["report"] and (
+        if options.fmt not in (None, *_FORMATS):
+            raise BadOptionError(f"unknown format '{options.fmt}' (choose qdq or qoperator)")
+        if options.fmt in (None, "qdq") and not options.report and (
             search.candidate is not None
         ):
             # the very model the search measured: no second calibration, no second evaluation
             result = _deployable(search.candidate)
             result.meta[metadata.BUDGET_SEARCH] = search
             return result
-        static = {k: v for k, v in options.items()
-                  if k not in ("bits", "block_size", "fmt", "verify")}
-        result = _deployable(quantize_static(
-            model, calibration, keep_float=keep_float, fmt=options["fmt"] or "qdq", **static
+        result = _deployable(_quantize_static(
+            model, calibration, replace(options, fmt=options.fmt or "qdq"), keep_float
         ))
     else:
-        result = quantize(model, calibration=calibration, mode=mode, **options)
+        # checked, not searched; SmoothQuant is not applied under a budget (as before issue 12)
+        unjudged = replace(options, data=None, budget=None, max_drop=None, min_cosine=None,
+                           metric=None, smooth_quant=None)
+        result = _quantize(model, calibration, unjudged)
     report = result.meta.get(metadata.QUANT_REPORT)
     search.evaluation = judge.check(result, what="the quantized model")
     result.meta[metadata.BUDGET_SEARCH] = search
@@ -298,45 +348,58 @@ def quantize_static(
     `keep_float` names nodes of the prepared model (BatchNorm folded) left float, exactly (as a
     sensitivity table or budget search names them); unlike `exclude` they are not patterns.
     """
+    options = QuantizeOptions(
+        method=method, per_channel=per_channel, fmt=fmt, exclude=exclude,
+        exclude_ops=exclude_ops, include_ops=include_ops, activation_dtype=activation_dtype,
+        report=report, batch_size=batch_size, progress=progress, percentile=percentile,
+    )
+    return _quantize_static(model, calibration, options, keep_float)
+
+
+def _quantize_static(
+    model: ir.Model, calibration: CalibrationData, options: QuantizeOptions,
+    keep_float: Sequence[str] = (),
+) -> ir.Model:
+    """Prepare, plan (`policy.annotate`), calibrate, insert Q/DQ, report, lower to QOperator."""
+    method, percentile, progress = options.method, options.percentile, options.progress
     if method not in METHODS:
         raise BadOptionError(f"unknown calibration method '{method}' (choose {', '.join(METHODS)})")
     if not 0 < percentile <= 100:
         raise BadOptionError(f"percentile must be in (0, 100], got {percentile}")
-    check_exclusions(model, exclude, exclude_ops)
-    batches = calibration_batches(model, calibration, batch_size=batch_size)
+    check_exclusions(model, options.exclude, options.exclude_ops)
+    batches = calibration_batches(model, calibration, batch_size=options.batch_size)
     prepared = prepare(model, batches.first())
-    exclude = [*exclude, *map(exact_pattern, keep_float)]
-    plan = annotate(
-        prepared, per_channel=per_channel, exclude=exclude, exclude_ops=exclude_ops,
-        activation_dtype=activation_dtype, include_ops=include_ops,
-    )
+    exclude = [*options.exclude, *map(exact_pattern, keep_float)]
+
+    def replan(extra: Sequence[str] = ()) -> QuantPlan:
+        return annotate(
+            prepared, per_channel=options.per_channel, exclude=[*exclude, *extra],
+            exclude_ops=options.exclude_ops, activation_dtype=options.activation_dtype,
+            include_ops=options.include_ops,
+        )
+
+    plan = replan()
     if not plan.weights and not plan.activations:
         raise UnsupportedModelError(
             "nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul with a "
             "float32 constant weight"
-            + (" outside the exclusions" if exclude or exclude_ops else "")
+            + (" outside the exclusions" if exclude or options.exclude_ops else "")
         )
     needs_histogram = method in ("percentile", "entropy", "mse")
     names = [a.value for a in plan.activations]
     stats = calibrate(prepared, batches, names, histogram=needs_histogram, progress=progress)
     params = activation_params(plan, stats, method, percentile=percentile)
     result = QDQPass(plan, params)(prepared)
+    assert isinstance(result, QDQResult)
     quantized = result.model
-    if report:
+    if options.report:
         from slimgraph.passes.quantize.report import measure
-
-        def replan(extra: Sequence[str]) -> QuantPlan:
-            return annotate(
-                prepared, per_channel=per_channel, exclude=[*exclude, *extra],
-                exclude_ops=exclude_ops, activation_dtype=activation_dtype,
-                include_ops=include_ops,
-            )
 
         quantized.meta[metadata.QUANT_REPORT] = measure(
             prepared, quantized, plan, result, batches, method=method, progress=progress,
             replan=replan,
         )
-    if fmt == "qoperator":
+    if options.fmt == "qoperator":
         from slimgraph.passes.quantize.qoperator import QOperatorPass
 
         lowered = QOperatorPass()(quantized).model
@@ -395,6 +458,8 @@ def prepare(
         if step != "compact-constants" and (matmul_to_gemm or step != "matmul-add-to-gemm")
     ]
     prepared = run_pipeline(copy_model(model), steps).model
+    # weights computed at run time that the cleanup did not fold (above its size limits)
+    PrepareWeightsPass(scope=WEIGHT_OPS)(prepared)
     if prepared.opset_imports.get("", 0) < MIN_OPSET:
         from slimgraph.passes.opset import ConvertOpsetPass
 
@@ -419,8 +484,9 @@ def _weight_layers(model: ir.Model) -> None:
     for node in model.graph:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
             weight = node.inputs[1]
-            if weight is not None and weight.is_initializer() and weight.name.endswith(".weight"):
-                node.metadata_props[metadata.LAYER] = weight.name[: -len(".weight")]
+            name = weight.name if weight is not None and weight.is_initializer() else None
+            if name is not None and name.endswith(".weight"):
+                node.metadata_props[metadata.LAYER] = name[: -len(".weight")]
 
 
 def _name_nodes(model: ir.Model) -> None:
@@ -466,47 +532,29 @@ def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]
 
 
 @register_pass("quantize", exact=False)
-class StaticQuantizePass(SlimgraphFunctionalPass):
+class StaticQuantizePass(QuantizePass):
     """Calibrated static int8 quantization as a pipeline step (approximate: fidelity reported).
 
     Takes its calibration data from the pipeline's context (`optimize(..., calibration=...)`,
-    `slimgraph optimize --calib DATA.npz`) unless given directly; see `quantize_static`.
+    `slimgraph optimize --calib DATA.npz`) unless given directly; the options are
+    `StaticOptions`' (see `quantize_static`). The result is the same deployable model as
+    `sg.quantize` and `slimgraph quantize` write (it runs the same `QuantizePass` work).
     """
 
-    exact = False
+    options_from = StaticOptions
 
-    def __init__(
-        self,
-        *,
-        calibration: CalibrationData | None = None,
-        method: str = "minmax",
-        per_channel: bool = True,
-        fmt: str = "qdq",
-        exclude: Sequence[str] = (),
-        exclude_ops: Sequence[str] = (),
-        include_ops: Sequence[str] = (),
-        activation_dtype: ActivationDtype = "auto",
-    ) -> None:
-        super().__init__()
-        self.calibration = calibration
-        self.options: dict[str, Any] = {
-            "method": method, "per_channel": per_channel, "fmt": fmt, "exclude": tuple(exclude),
-            "exclude_ops": tuple(exclude_ops), "include_ops": tuple(include_ops),
-            "activation_dtype": activation_dtype,
-        }
+    def __init__(self, *, calibration: CalibrationData | None = None, **options: Any) -> None:
+        static = StaticOptions(**options)
+        super().__init__(
+            QuantizeOptions(mode="static", progress=False, **vars(static)),
+            calibration=calibration,
+        )
 
     def requires(self, model: ir.Model) -> None:
         if self.calibration is None:
             raise BadOptionError(
                 "the 'quantize' step needs calibration data (--calib DATA.npz, or calibration=)"
             )
-
-    def call(self, model: ir.Model) -> SlimgraphPassResult:
-        # Through `quantize`, so a pipeline's int8 output is the same deployable model (debug
-        # metadata and working marks dropped) as `sg.quantize` and `slimgraph quantize` write.
-        quantized = quantize(model, calibration=self.calibration, mode="static", progress=False,
-                             **self.options)
-        return SlimgraphPassResult(quantized, modified=True)
 
 
 # Exact cleanup and fusion, then calibrated static int8: `slimgraph optimize --preset int8 --calib`.

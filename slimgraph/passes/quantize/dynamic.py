@@ -33,38 +33,40 @@ torch layer name (`slimgraph.ir.layer_name`) and node name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import copy_model, layer_name, metadata
-from slimgraph.ir.select import check_patterns
-from slimgraph.passes._kit import Names
-from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
-from slimgraph.passes.quantize._int_math import quantize_per_channel
+from slimgraph.ir import layer_name
+from slimgraph.ir.select import check_patterns, matching_pattern
+from slimgraph.passes._kit import traced_constant
+from slimgraph.passes.base import Skipped
+from slimgraph.passes.quantize import _weights
 from slimgraph.passes.quantize._weights import (
-    add_initializer,
-    bias_add_after,
-    bias_of,
-    content_key,
-    excluded_by,
-    is_float32,
-    opset_version,
-    traced_constant,
-    upgrade_opset,
+    MS_DOMAIN,
+    QuantizedNode,
+    WeightPlan,
+    WeightQuantizePass,
 )
 from slimgraph.passes.registry import register_pass
+from slimgraph.runtime.quant_math import QuantSpec, quantize_tensor, weight_spec
 
 __all__ = [
     "DEFAULT_OP_TYPES",
     "SUPPORTED_OP_TYPES",
+    "MS_DOMAIN",
     "QuantizedNode",
     "DynamicQuantizeResult",
+    "DynamicRewrite",
+    "DynamicPlan",
+    "plan_dynamic",
+    "MATERIALIZERS",
+    "ACTIVATION_SPEC",
     "DynamicQuantizePass",
     "quantize_dynamic",
 ]
@@ -74,34 +76,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
 SUPPORTED_OP_TYPES: tuple[str, ...] = (*DEFAULT_OP_TYPES, "Conv")
 
-MS_DOMAIN = "com.microsoft"
 _MIN_OPSET = 11  # DynamicQuantizeLinear
 _UPGRADE_OPSET = 13  # what quantize_dynamic upgrades older models to
 
 MatMulKernel = Literal["fused", "integer"]
 
 
-@dataclass(frozen=True)
-class QuantizedNode:
-    """One node the pass quantized: what it became and how its weight is stored."""
-
-    node: str
-    op_type: str
-    layer: str
-    weight: str
-    kernel: str
-    granularity: str
-
-
 @dataclass
-class DynamicQuantizeResult(SlimgraphPassResult):
+class DynamicQuantizeResult(_weights.WeightQuantizeResult):
     """What `DynamicQuantizePass` quantized (and, in `skipped`, what it left float and why)."""
-
-    quantized: list[QuantizedNode] = field(default_factory=list)
 
 
 @register_pass("quantize-dynamic", exact=False)
-class DynamicQuantizePass(SlimgraphPass):
+class DynamicQuantizePass(WeightQuantizePass["DynamicRewrite"]):
     """Dynamic int8 quantization of weights (approximate: `exact = False`).
 
     Args:
@@ -112,7 +99,7 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude_ops: op types to leave in float (recorded as skipped).
     """
 
-    exact = False
+    mode = "dynamic"
 
     def __init__(
         self,
@@ -124,15 +111,11 @@ class DynamicQuantizePass(SlimgraphPass):
         exclude_ops: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        self.exclude_ops = (exclude_ops,) if isinstance(exclude_ops, str) else tuple(exclude_ops)
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        if op_types is not None and isinstance(op_types, str):
-            op_types = (op_types,)
         self.per_channel = per_channel
-        self.exclude = tuple(exclude)
-        self.op_types = tuple(DEFAULT_OP_TYPES if op_types is None else op_types)
+        self.exclude = _weights.as_tuple(exclude)
+        self.op_types = _weights.as_tuple(DEFAULT_OP_TYPES if op_types is None else op_types)
         self.matmul_kernel = matmul_kernel
+        self.exclude_ops = _weights.as_tuple(exclude_ops)
 
     def requires(self, model: ir.Model) -> None:
         check_patterns(model.graph.all_nodes(), self.exclude)  # a typo is an error
@@ -148,53 +131,33 @@ class DynamicQuantizePass(SlimgraphPass):
             raise BadOptionError(
                 f"unknown matmul kernel '{self.matmul_kernel}' (choose fused or integer)"
             )
-        opset = opset_version(model)
+        opset = _weights.opset_version(model)
         if opset < _MIN_OPSET:
             raise UnsupportedModelError(
                 f"dynamic quantization needs ONNX opset >= {_MIN_OPSET} (DynamicQuantizeLinear); "
                 f"the model has opset {opset}; quantize_dynamic() upgrades it first"
             )
 
-    def call(self, model: ir.Model) -> DynamicQuantizeResult:
-        graph = model.graph
-        skipped: list[Skipped] = []
-        plan: list[tuple[ir.Node, _Rewrite]] = []
-        candidates = 0
-        for node in list(graph):
-            if node.domain == MS_DOMAIN and node.op_type == "Attention":
-                if "MatMul" not in self.op_types:  # its weight is the Q/K/V projections'
-                    continue
-            elif node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OP_TYPES:
-                continue
-            elif node.op_type not in self.op_types:
-                continue
-            candidates += 1
-            if node.op_type in self.exclude_ops:
-                skipped.append(_skip(node, f"op type {node.op_type} excluded"))
-                continue
-            if (pattern := excluded_by(node, self.exclude)) is not None:
-                skipped.append(_skip(node, f"excluded by pattern '{pattern}'"))
-                continue
-            planned = (_plan_attention(node) if node.domain == MS_DOMAIN
-                       else _PLANNERS[node.op_type](node))
-            if isinstance(planned, str):
-                skipped.append(_skip(node, planned))
-            else:
-                plan.append((node, planned))
-        if not plan:
-            reasons = "; ".join(sorted({s.reason for s in skipped})) or "no candidate ops"
-            raise UnsupportedModelError(
-                f"nothing to quantize dynamically: no {'/'.join(self.op_types)} node with a "
-                f"constant float weight ({candidates} candidate(s): {reasons})"
-            )
-        builder = _Builder(graph, self.per_channel, self.matmul_kernel)
-        quantized = [rewrite(builder, node) for node, rewrite in plan]
-        for entry in skipped:
-            logger.info("dynamic quantization skipped %s (%s): %s", entry.node, entry.op_type,
-                        entry.reason)
-        _remove_unused(model)
-        if any(n.domain == MS_DOMAIN for n in graph):
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
+    def _plan(self, graph: ir.Graph) -> DynamicPlan:
+        return plan_dynamic(graph, per_channel=self.per_channel, op_types=self.op_types,
+                            exclude=self.exclude, exclude_ops=self.exclude_ops)
+
+    def _nothing(self, plan: WeightPlan[DynamicRewrite], reasons: str) -> str:
+        return (
+            f"nothing to quantize dynamically: no {'/'.join(self.op_types)} node with a "
+            f"constant float weight ({plan.candidates} candidate(s): "
+            f"{reasons or 'no candidate ops'})"
+        )
+
+    def _materialize(
+        self, graph: ir.Graph, plan: WeightPlan[DynamicRewrite]
+    ) -> list[QuantizedNode]:
+        builder = _Builder(graph, self.matmul_kernel)
+        return [MATERIALIZERS[rewrite.kind](builder, rewrite) for rewrite in plan.rewrites]
+
+    def _result(
+        self, model: ir.Model, skipped: list[Skipped], quantized: list[QuantizedNode]
+    ) -> DynamicQuantizeResult:
         return DynamicQuantizeResult(model, modified=True, skipped=skipped, quantized=quantized)
 
 
@@ -213,10 +176,7 @@ def quantize_dynamic(
     Example:
         >>> q = quantize_dynamic(model, exclude=["layers.0.*"])  # doctest: +SKIP
     """
-    if opset_version(model) < _MIN_OPSET:
-        copy = upgrade_opset(model, _UPGRADE_OPSET)
-    else:
-        copy = copy_model(model)
+    copy = _weights.working_copy(model, _MIN_OPSET, _UPGRADE_OPSET)
     if not exclude and "MatMul" in (op_types or DEFAULT_OP_TYPES) and any(
         n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN for n in copy.graph
     ):
@@ -231,26 +191,88 @@ def quantize_dynamic(
     return step(copy).model
 
 
-# --- planning: decide per node, without touching the graph -----------------------------------
+# --- policy: decide per node, without touching the graph ---------------------------------------
+
+RewriteKind = Literal["matmul", "attention", "gather", "lstm", "conv"]
+
+# DynamicQuantizeLinear: uint8, asymmetric, range measured on every run.
+ACTIVATION_SPEC = QuantSpec(ir.DataType.UINT8, symmetric=False, dynamic=True)
 
 
-class _Rewrite:
-    """A planned rewrite of one node; calling it with the builder applies it."""
+@dataclass(frozen=True, eq=False)
+class DynamicRewrite:
+    """One planned rewrite: the node, what it becomes (`kind`, a key of `MATERIALIZERS`), its
+    constant weight as the node reads it and how that weight and the activation are quantized.
 
-    def __init__(self, kind: str, weight: np.ndarray, **extra: object) -> None:
-        self.kind = kind
-        self.weight = weight
-        self.extra = extra
+    `weight_spec.axis` is the per-channel axis of `weight` (None: per tensor); for an LSTM, whose
+    W and R are transposed to [dirs, in, 4 * hidden], 0 means one scale per direction and 1 one
+    scale per direction and gate column.
+    """
 
-    def __call__(self, builder: _Builder, node: ir.Node) -> QuantizedNode:
-        return getattr(builder, f"rewrite_{self.kind}")(node, self.weight, **self.extra)
+    node: ir.Node
+    kind: RewriteKind
+    weight: np.ndarray
+    weight_spec: QuantSpec
+    activation_spec: QuantSpec | None = ACTIVATION_SPEC
+    source: ir.Value | None = None  # the weight's value (names the new initializers)
+    bias: np.ndarray | ir.Value | None = None  # Gemm: C (times beta)
+    bias_add: ir.Node | None = None  # MatMul: the Add of a constant bias after it
+    recurrence: np.ndarray | None = None  # LSTM: R
+
+
+@dataclass(frozen=True)
+class DynamicPlan(WeightPlan[DynamicRewrite]):
+    """What dynamic quantization will do to a graph: rewrites in graph order, nodes left float
+    (with the reason) and how many candidate nodes were looked at."""
+
+
+def plan_dynamic(
+    graph: ir.Graph,
+    *,
+    per_channel: bool = True,
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+) -> DynamicPlan:
+    """The frozen plan of dynamic quantization for `graph` (not modified)."""
+    skipped: list[Skipped] = []
+    rewrites: list[DynamicRewrite] = []
+    candidates = 0
+    for node in list(graph):
+        if node.domain == MS_DOMAIN and node.op_type == "Attention":
+            if "MatMul" not in op_types:  # its weight is the Q/K/V projections'
+                continue
+            planner: _Planner = _plan_attention
+        elif node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OP_TYPES:
+            continue
+        elif node.op_type not in op_types:
+            continue
+        else:
+            planner = _PLANNERS[node.op_type]
+        candidates += 1
+        if node.op_type in exclude_ops:
+            skipped.append(_skip(node, f"op type {node.op_type} excluded"))
+            continue
+        if (pattern := matching_pattern(node, exclude)) is not None:
+            skipped.append(_skip(node, f"excluded by pattern '{pattern}'"))
+            continue
+        planned = planner(node, per_channel)
+        if isinstance(planned, str):
+            skipped.append(_skip(node, planned))
+        else:
+            rewrites.append(planned)
+    return DynamicPlan(tuple(rewrites), tuple(skipped), candidates)
 
 
 def _skip(node: ir.Node, reason: str) -> Skipped:
     return Skipped(node.name or "", node.op_type, reason)
 
 
-def _plan_matmul(node: ir.Node) -> _Rewrite | str:
+def _int8(axis: int | None) -> QuantSpec:
+    return weight_spec(8, axis=axis)
+
+
+def _plan_matmul(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     a, b = node.inputs[0], node.inputs[1]
     weight = traced_constant(b)
     if weight is None:
@@ -259,20 +281,21 @@ def _plan_matmul(node: ir.Node) -> _Rewrite | str:
         return "both inputs are activations (no constant weight)"
     if weight.ndim != 2:
         return f"weight has rank {weight.ndim}, not 2"
-    if weight.dtype != np.float32 or not is_float32(a):
+    if weight.dtype != np.float32 or not _weights.is_float32(a):
         return "not a float32 MatMul"
-    fused_bias = bias_add_after(node, weight.shape[1])
-    return _Rewrite("matmul", weight, bias=None, source=b, bias_add=fused_bias)
+    fused_bias = _weights.bias_add_after(node, weight.shape[1])
+    return DynamicRewrite(node, "matmul", weight, _int8(1 if per_channel else None), source=b,
+                          bias_add=fused_bias)
 
 
-def _plan_gemm(node: ir.Node) -> _Rewrite | str:
+def _plan_gemm(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     attrs = node.attributes
     if attrs.get_int("transA", 0):
         return "Gemm with transA=1 is not quantized"
     weight = traced_constant(node.inputs[1])
     if weight is None:
         return "B is not constant"
-    if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if weight.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 Gemm"
     if attrs.get_int("transB", 0):
         weight = weight.T
@@ -289,10 +312,12 @@ def _plan_gemm(node: ir.Node) -> _Rewrite | str:
             bias = node.inputs[2]
         else:
             return "Gemm with a non-constant C and beta != 1 is not quantized"
-    return _Rewrite("matmul", np.ascontiguousarray(weight), bias=bias, source=node.inputs[1])
+    return DynamicRewrite(node, "matmul", np.ascontiguousarray(weight),
+                          _int8(1 if per_channel else None), source=node.inputs[1], bias=bias)
 
 
-def _plan_gather(node: ir.Node) -> _Rewrite | str:
+def _plan_gather(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
+    del per_channel  # GatherBlockQuantized: one scale per row whatever the option says
     table = traced_constant(node.inputs[0])
     if table is None:
         return "data is not constant (Gather on activations stays float)"
@@ -300,10 +325,11 @@ def _plan_gather(node: ir.Node) -> _Rewrite | str:
         return f"table dtype {table.dtype} is not float32"
     if table.ndim != 2 or node.attributes.get_int("axis", 0) != 0:
         return "only 2-D tables gathered on axis 0 (embeddings) are quantized"
-    return _Rewrite("gather", table, source=node.inputs[0])
+    return DynamicRewrite(node, "gather", table, _int8(0), activation_spec=None,
+                          source=node.inputs[0])
 
 
-def _plan_lstm(node: ir.Node) -> _Rewrite | str:
+def _plan_lstm(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
     w, r = traced_constant(inputs[1]), traced_constant(inputs[2])
     if w is None or r is None:
@@ -312,37 +338,43 @@ def _plan_lstm(node: ir.Node) -> _Rewrite | str:
         return "LSTM with peepholes (P) is not quantized"
     if node.attributes.get_int("layout", 0):
         return "LSTM with layout=1 is not quantized (DynamicQuantizeLSTM is seq-first)"
-    if w.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if w.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 LSTM"
-    return _Rewrite("lstm", w, recurrence=r)
+    return DynamicRewrite(node, "lstm", w, _int8(1 if per_channel else 0), source=inputs[1],
+                          recurrence=r)
 
 
-def _plan_attention(node: ir.Node) -> _Rewrite | str:
+def _plan_attention(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     """com.microsoft.Attention (packed Q/K/V weight [D, 3*N*H]) -> QAttention, issue 16."""
     weight = traced_constant(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
         return "Attention weight is not a constant float32 matrix"
-    if not is_float32(node.inputs[0]) or node.attributes.get("qkv_hidden_sizes") is not None:
+    unequal = node.attributes.get("qkv_hidden_sizes") is not None
+    if not _weights.is_float32(node.inputs[0]) or unequal:
         return "Attention with float16 input or unequal q/k/v sizes is not quantized"
     if len(node.inputs) > 4 and any(v is not None for v in list(node.inputs)[4:]):
         return "QAttention takes no attention_bias (Attention with a bias input stays float)"
-    return _Rewrite("attention", weight, source=node.inputs[1])
+    return DynamicRewrite(node, "attention", weight, _int8(1 if per_channel else None),
+                          source=node.inputs[1])
 
 
-def _plan_no_kernel(node: ir.Node) -> str:
+def _plan_no_kernel(node: ir.Node, per_channel: bool) -> str:
+    del per_channel
     return f"onnxruntime has no dynamic int8 kernel for {node.op_type}"
 
 
-def _plan_conv(node: ir.Node) -> _Rewrite | str:
+def _plan_conv(node: ir.Node, per_channel: bool) -> DynamicRewrite | str:
     weight = traced_constant(node.inputs[1])
     if weight is None:
         return "weight is not constant"
-    if weight.dtype != np.float32 or not is_float32(node.inputs[0]):
+    if weight.dtype != np.float32 or not _weights.is_float32(node.inputs[0]):
         return "not a float32 Conv"
-    return _Rewrite("conv", weight)
+    return DynamicRewrite(node, "conv", weight, _int8(0 if per_channel else None),
+                          source=node.inputs[1])
 
 
-_PLANNERS = {
+_Planner = Callable[[ir.Node, bool], "DynamicRewrite | str"]
+_PLANNERS: dict[str, _Planner] = {
     "MatMul": _plan_matmul,
     "Gemm": _plan_gemm,
     "Gather": _plan_gather,
@@ -356,29 +388,26 @@ _PLANNERS = {
 # --- rewriting ---------------------------------------------------------------------------------
 
 
-class _Builder:
+class _Builder(_weights.WeightWriter):
     """Creates the quantized initializers and nodes; caches tied weights and shared activations."""
 
-    def __init__(self, graph: ir.Graph, per_channel: bool, matmul_kernel: MatMulKernel) -> None:
-        self.graph = graph
-        self.per_channel = per_channel
+    def __init__(self, graph: ir.Graph, matmul_kernel: MatMulKernel) -> None:
+        super().__init__(graph)
         self.matmul_kernel = matmul_kernel
-        self.names = Names(self.graph)
         self.weights: dict[tuple[object, ...], tuple[ir.Value, ...]] = {}
         self.activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
-    def _name(self, base: str) -> str:
-        return self.names.fresh(base)
-
-    def _granularity(self) -> str:
-        return "per-channel" if self.per_channel else "per-tensor"
+    @staticmethod
+    def _granularity(spec: QuantSpec) -> str:
+        return "per-tensor" if spec.axis is None else "per-channel"
 
     def _node(
         self, like: ir.Node, op_type: str, inputs: Sequence[ir.Value | None], *,
-        domain: str = "", attributes: dict[str, object] | None = None, outputs: int = 1,
+        domain: str = "", attributes: Mapping[str, Any] | None = None,
+        outputs: int = 1,
         suffix: str = "",
     ) -> ir.Node:
-        props = {metadata.LAYER: layer_name(like)} if layer_name(like) else {}
+        props = self._props(like)
         base = like.name or op_type
         node = ir.node(
             op_type, list(inputs), attributes or {}, domain=domain, num_outputs=outputs,
@@ -393,35 +422,33 @@ class _Builder:
             self.graph, old, [old], new_nodes, list(old.outputs), new_outputs
         )
 
-    def _matmul_weight(
-        self, source: ir.Value, weight: np.ndarray
-    ) -> tuple[ir.Value, ir.Value]:
+    def _matmul_weight(self, rewrite: DynamicRewrite) -> tuple[ir.Value, ir.Value]:
         """int8 weight [K, N] and scale ([N] per channel, scalar per tensor), once per weight."""
-        key = content_key(f"matmul {self.per_channel}", weight)
+        weight, spec = rewrite.weight, rewrite.weight_spec
+        key = _weights.content_key(f"matmul {spec.axis is not None}", weight)
         if key not in self.weights:
-            q = quantize_per_channel(weight, 1 if self.per_channel else None, bits=8)
-            base = source.name or "weight"
-            scale = q.scale.reshape(-1) if self.per_channel else q.scale.reshape(())
+            q = quantize_tensor(weight, spec)
+            base = (rewrite.source.name if rewrite.source is not None else None) or "weight"
+            scales = q.scale.reshape(-1) if spec.axis is not None else q.scale.reshape(())
             self.weights[key] = (
-                add_initializer(self.graph, self._name(f"{base}_int8"), q.codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), scale),
-                source,
+                self._initializer(f"{base}_int8", q.codes),
+                self._initializer(f"{base}_scale", scales),
             )
-        codes, scale, _ = self.weights[key]
+        codes, scale = self.weights[key]
         return codes, scale
 
-    def rewrite_matmul(
-        self, node: ir.Node, weight: np.ndarray, *, bias: np.ndarray | ir.Value | None,
-        source: ir.Value, bias_add: ir.Node | None = None,
-    ) -> QuantizedNode:
-        codes, scale = self._matmul_weight(source, weight)
+    def rewrite_matmul(self, rewrite: DynamicRewrite) -> QuantizedNode:
+        """MatMul/Gemm -> DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul [-> Add], or
+        DynamicQuantizeMatMul (`matmul_kernel="fused"`, a bias Add after it fused)."""
+        node, bias, bias_add = rewrite.node, rewrite.bias, rewrite.bias_add
+        codes, scale = self._matmul_weight(rewrite)
         replaced = [node]
         if bias_add is not None and self.matmul_kernel == "fused":
-            bias = bias_of(bias_add, node)
+            bias = _weights.bias_of(bias_add, node)
             replaced.append(bias_add)
         bias_value: ir.Value | None = None
         if isinstance(bias, np.ndarray) and bias.ndim == 1:
-            bias_value = add_initializer(self.graph, self._name(f"{node.name}_bias"), bias)
+            bias_value = self._initializer(f"{node.name}_bias", bias)
         activation = node.inputs[0]
         assert activation is not None
         new_nodes: list[ir.Node] = []
@@ -446,15 +473,11 @@ class _Builder:
                 new_nodes.append(main)
             kernel = "MatMulInteger"
         if bias is not None and bias_value is None:  # a full [M, N] bias, added as it was
-            other = bias if isinstance(bias, ir.Value) else add_initializer(
-                self.graph, self._name(f"{node.name}_bias"), bias
-            )
+            other = (bias if isinstance(bias, ir.Value)
+                     else self._initializer(f"{node.name}_bias", bias))
             main = self._node(node, "Add", [main.outputs[0], other], suffix="bias")
             new_nodes.append(main)
-        record = QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), source.name or "", kernel,
-            self._granularity(),
-        )
+        record = _record(rewrite, kernel, self._granularity(rewrite.weight_spec))
         ir.convenience.replace_nodes_and_values(
             self.graph, replaced[-1], replaced, new_nodes, [replaced[-1].outputs[0]],
             [main.outputs[0]],
@@ -472,12 +495,11 @@ class _Builder:
             self.activations[key] = (dql.outputs[0], dql.outputs[1], dql.outputs[2])
         return self.activations[key]
 
-    def rewrite_attention(
-        self, node: ir.Node, weight: np.ndarray, *, source: ir.Value
-    ) -> QuantizedNode:
+    def rewrite_attention(self, rewrite: DynamicRewrite) -> QuantizedNode:
         """Attention -> DynamicQuantizeLinear(x) + com.microsoft.QAttention (int8 weight,
         per-column scales when per-channel; uint8 input shared with other readers of x)."""
-        codes, scale = self._matmul_weight(source, weight)
+        node = rewrite.node
+        codes, scale = self._matmul_weight(rewrite)
         activation = node.inputs[0]
         assert activation is not None
         new_nodes: list[ir.Node] = []
@@ -490,14 +512,13 @@ class _Builder:
             domain=MS_DOMAIN, attributes=attrs,
         )
         new_nodes.append(main)
-        main.outputs[0].dtype, main.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        if node.outputs[0].dtype is not None:
+            main.outputs[0].dtype = node.outputs[0].dtype
+        main.outputs[0].shape = node.outputs[0].shape
         self._replace(node, new_nodes, [main.outputs[0]])
-        return QuantizedNode(node.name or "", node.op_type, layer_name(node), source.name or "",
-                             "QAttention", self._granularity())
+        return _record(rewrite, "QAttention", self._granularity(rewrite.weight_spec))
 
-    def rewrite_gather(
-        self, node: ir.Node, table: np.ndarray, *, source: ir.Value
-    ) -> QuantizedNode:
+    def rewrite_gather(self, rewrite: DynamicRewrite) -> QuantizedNode:
         """int8 rows with one scale per row, read by `com.microsoft.GatherBlockQuantized`.
 
         The kernel gathers the rows and dequantizes only them (dequantizing the whole table with
@@ -505,49 +526,39 @@ class _Builder:
         uint8 codes with an implicit zero point of 128, so the symmetric int8 codes are stored
         offset by 128; one block spans the whole row (block size: the next power of two >= 16).
         """
-        key = content_key("gather", table)
+        node, table = rewrite.node, rewrite.weight
+        key = _weights.content_key("gather", table)
         if key not in self.weights:
-            q = quantize_per_channel(table, 0, bits=8)
-            base = source.name or "table"
+            q = quantize_tensor(table, rewrite.weight_spec)
+            base = (rewrite.source.name if rewrite.source is not None else None) or "table"
             codes = (q.codes.astype(np.int16) + 128).astype(np.uint8)
             self.weights[key] = (
-                add_initializer(self.graph, self._name(f"{base}_int8"), codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), q.scale),
-                source,
+                self._initializer(f"{base}_int8", codes),
+                self._initializer(f"{base}_scale", q.scale),
             )
-        codes_value, scale, _ = self.weights[key]
+        codes_value, scale = self.weights[key]
         block = max(16, 1 << (table.shape[1] - 1).bit_length())
         main = self._node(
             node, "GatherBlockQuantized", [codes_value, node.inputs[1], scale], domain=MS_DOMAIN,
             attributes={"bits": 8, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
         )
-        record = QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), source.name or "",
-            "GatherBlockQuantized", "per-row",
-        )
+        record = _record(rewrite, "GatherBlockQuantized", "per-row")
         self._replace(node, [main], [main.outputs[0]])
         return record
 
-    def rewrite_lstm(
-        self, node: ir.Node, weight: np.ndarray, *, recurrence: np.ndarray
-    ) -> QuantizedNode:
+    def rewrite_lstm(self, rewrite: DynamicRewrite) -> QuantizedNode:
         """DynamicQuantizeLSTM takes W [dirs, input, 4*hidden] and R [dirs, hidden, 4*hidden]."""
+        node, spec = rewrite.node, rewrite.weight_spec
+        assert rewrite.recurrence is not None
         new_inputs: list[ir.Value | None] = list(node.inputs) + [None] * (8 - len(node.inputs))
         quantized: list[ir.Value] = []
-        for array, label in ((weight, "W"), (recurrence, "R")):
-            transposed = np.ascontiguousarray(np.transpose(array, (0, 2, 1)))  # [dirs, in, 4h]
-            # per direction and gate column, or one scale per direction
-            q = quantize_per_channel(transposed, (0, 2) if self.per_channel else 0, bits=8)
-            scale = q.scale.reshape(transposed.shape[0], -1)
-            if not self.per_channel:
-                scale = scale.reshape(-1)
+        for array, label in ((rewrite.weight, "W"), (rewrite.recurrence, "R")):
+            codes, scale = _lstm_codes(np.transpose(array, (0, 2, 1)), spec)  # [dirs, in, 4h]
             base = f"{node.name or 'lstm'}_{label}"
             quantized += [
-                add_initializer(self.graph, self._name(f"{base}_int8"), q.codes),
-                add_initializer(self.graph, self._name(f"{base}_scale"), scale),
-                add_initializer(
-                    self.graph, self._name(f"{base}_zero_point"), np.zeros(scale.shape, np.int8)
-                ),
+                self._initializer(f"{base}_int8", codes),
+                self._initializer(f"{base}_scale", scale),
+                self._initializer(f"{base}_zero_point", np.zeros(scale.shape, np.int8)),
             ]
         inputs = [new_inputs[0], quantized[0], quantized[3], *new_inputs[3:8],
                   quantized[1], quantized[2], quantized[4], quantized[5]]
@@ -557,26 +568,22 @@ class _Builder:
         main = ir.Node(
             MS_DOMAIN, "DynamicQuantizeLSTM", inputs, attributes.values(),
             num_outputs=len(node.outputs), name=self._name(f"{node.name or 'lstm'}_int8"),
-            metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
+            metadata_props=self._props(node),
         )
-        weight_name = node.inputs[1].name if node.inputs[1] is not None else ""
-        record = QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), weight_name or "",
-            "DynamicQuantizeLSTM", self._granularity(),
-        )
+        record = _record(rewrite, "DynamicQuantizeLSTM", self._granularity(spec))
         self._replace(node, [main], list(main.outputs))
         return record
 
-    def rewrite_conv(self, node: ir.Node, weight: np.ndarray) -> QuantizedNode:
+    def rewrite_conv(self, rewrite: DynamicRewrite) -> QuantizedNode:
         """DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul(per-output-channel scales) + bias."""
-        axis = 0 if self.per_channel else None
-        q = quantize_per_channel(weight, axis, bits=8)
-        base = node.inputs[1].name or "conv_weight"  # type: ignore[union-attr]
-        codes = add_initializer(self.graph, self._name(f"{base}_int8"), q.codes)
+        node, weight, spec = rewrite.node, rewrite.weight, rewrite.weight_spec
+        q = quantize_tensor(weight, spec)
+        base = (rewrite.source.name if rewrite.source is not None else None) or "conv_weight"
+        codes = self._initializer(f"{base}_int8", q.codes)
         out_channels = weight.shape[0]
-        broadcast = (q.scale.reshape(-1, *([1] * (weight.ndim - 2))) if self.per_channel
+        broadcast = (q.scale.reshape(-1, *([1] * (weight.ndim - 2))) if spec.axis is not None
                      else q.scale.reshape(()))
-        scale = add_initializer(self.graph, self._name(f"{base}_scale"), broadcast)
+        scale = self._initializer(f"{base}_scale", broadcast)
         new_nodes: list[ir.Node] = []
         activation = node.inputs[0]
         assert activation is not None
@@ -585,7 +592,7 @@ class _Builder:
         integer = ir.Node(
             "", "ConvInteger", [quantized, codes, a_zero], attributes.values(),
             name=self._name(f"{node.name or 'conv'}_ConvInteger"),
-            metadata_props={metadata.LAYER: layer_name(node)} if layer_name(node) else None,
+            metadata_props=self._props(node),
         )
         integer.outputs[0].name = self._name(f"{node.name or 'conv'}_int32")
         as_float = self._node(node, "Cast", integer.outputs, attributes={"to": ir.DataType.FLOAT})
@@ -594,29 +601,49 @@ class _Builder:
         new_nodes += [integer, as_float, both, main]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = traced_constant(node.inputs[2])
+            channels = [out_channels] + [1] * (weight.ndim - 2)
             bias_value = (
-                add_initializer(self.graph, self._name(f"{base}_bias"),
-                                bias.reshape(out_channels, *([1] * (weight.ndim - 2))))
+                self._initializer(f"{base}_bias", bias.reshape(channels))
                 if bias is not None else None
             )
             if bias_value is None:
-                shape = add_initializer(
-                    self.graph, self._name(f"{base}_bias_shape"),
-                    np.array([out_channels] + [1] * (weight.ndim - 2), np.int64),
-                )
+                shape = self._initializer(f"{base}_bias_shape", np.array(channels, np.int64))
                 reshape = self._node(node, "Reshape", [node.inputs[2], shape], suffix="bias_shape")
                 new_nodes.append(reshape)
                 bias_value = reshape.outputs[0]
             main = self._node(node, "Add", [main.outputs[0], bias_value], suffix="bias")
             new_nodes.append(main)
-        record = QuantizedNode(
-            node.name or "", node.op_type, layer_name(node), base, "ConvInteger",
-            self._granularity(),
-        )
+        record = _record(rewrite, "ConvInteger", self._granularity(spec))
         self._replace(node, new_nodes, [main.outputs[0]])
         return record
 
 
-def _remove_unused(model: ir.Model) -> None:
-    """Drop the float weights (and their Transpose nodes) nothing reads any more."""
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+# The one dispatch from a planned rewrite to the code that applies it (no names built at run time).
+MATERIALIZERS: dict[RewriteKind, Callable[[_Builder, DynamicRewrite], QuantizedNode]] = {
+    "matmul": _Builder.rewrite_matmul,
+    "attention": _Builder.rewrite_attention,
+    "gather": _Builder.rewrite_gather,
+    "lstm": _Builder.rewrite_lstm,
+    "conv": _Builder.rewrite_conv,
+}
+
+
+def _record(rewrite: DynamicRewrite, kernel: str, granularity: str) -> QuantizedNode:
+    node = rewrite.node
+    weight = rewrite.source.name if rewrite.source is not None else None
+    return QuantizedNode(node.name or "", node.op_type, layer_name(node), weight or "", kernel,
+                         granularity)
+
+
+def _lstm_codes(weight: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes of an LSTM weight [dirs, in, 4h] and its scales: [dirs, 4h] per direction and
+    gate column (`spec.axis` 1), [dirs] per direction (`spec.axis` 0)."""
+    dirs, inputs, gates = weight.shape
+    if spec.axis == 0:
+        q = quantize_tensor(np.ascontiguousarray(weight), spec)
+        return q.codes, q.scale.reshape(-1)
+    # one column per (direction, gate column): [in, dirs * 4h], one scale per column
+    columns = np.ascontiguousarray(np.transpose(weight, (1, 0, 2)).reshape(inputs, -1))
+    q = quantize_tensor(columns, spec)
+    codes = np.transpose(q.codes.reshape(inputs, dirs, gates), (1, 0, 2))
+    return np.ascontiguousarray(codes), q.scale.reshape(dirs, gates)

@@ -32,14 +32,16 @@ import logging
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import matching_pattern
+from slimgraph.passes._kit import layout
 from slimgraph.passes.base import Skipped
+from slimgraph.passes.quantize.options import ActivationDtype
+from slimgraph.runtime.quant_math import QuantSpec
 
 __all__ = [
     "QuantSpec",
@@ -69,25 +71,6 @@ _ABSORBED = ("Relu", "Clip")
 _INT8 = ir.DataType.INT8
 _UINT8 = ir.DataType.UINT8
 _INT32 = ir.DataType.INT32
-
-ActivationDtype = Literal["auto", "uint8", "int8"]
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized: integer type, symmetric or not, per-channel axis (or None)."""
-
-    dtype: ir.DataType
-    symmetric: bool
-    axis: int | None = None
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        if self.dtype == _UINT8:
-            return 0, 255
-        if self.dtype == _INT8:
-            return (-127, 127) if self.symmetric else (-128, 127)
-        return -(2**31) + 1, 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -313,8 +296,9 @@ class _Planner:
         if node.op_type == "Gemm":
             if _attr(node, "transA", 0) != 0:
                 return False, "Gemm with transA"
-        if _is_constant(w):
-            if w.const_value.dtype != ir.DataType.FLOAT or _is_constant(x):
+        weight = _constant(w)
+        if weight is not None:
+            if weight.dtype != ir.DataType.FLOAT or _is_constant(x):
                 return False, "weight is not float32"
             return True, ""
         if node.op_type == "MatMul" and self.activation_matmul and _is_float(w):
@@ -369,13 +353,17 @@ class _Planner:
     # --- phase 2: annotations ----------------------------------------------------------------
     def _annotations(self, nodes: list[ir.Node]) -> QuantPlan:
         act_values: dict[str, tuple[ir.Value, ir.Node]] = {}  # value name -> (value, owner node)
-        weights: dict[str, dict] = {}
+        weights: dict[str, _WeightUses] = {}
         biases: list[BiasAnnotation] = []
 
-        def want(value: ir.Value, owner: ir.Node) -> None:
-            if value.name not in act_values:
-                act_values[value.name] = (value, owner)
-                self.parent.setdefault(value.name, value.name)
+        def want(value: ir.Value | None, owner: ir.Node | None = None) -> None:
+            """Quantize `value`; its owner is `owner`, else its producer, else `node`."""
+            if value is None:  # phase 1 only quantizes nodes whose inputs are present
+                return
+            name = _name(value)
+            if name not in act_values:
+                act_values[name] = (value, owner or value.producer() or node)
+                self.parent.setdefault(name, name)
 
         for node in nodes:
             if id(node) not in self.quantized:
@@ -386,49 +374,47 @@ class _Planner:
                     if value is not None and not _is_constant(value) and (
                         value.dtype == ir.DataType.FLOAT
                     ):
-                        want(value, value.producer() or node)
+                        want(value)
                 if not node.outputs[0].is_graph_output():
                     want(node.outputs[0], node)
                 continue
             if op in WEIGHT_OPS:
                 x, w = node.inputs[0], node.inputs[1]
-                want(x, x.producer() or node)
-                if _is_constant(w):
+                want(x)
+                weight = _constant(w)
+                if weight is not None and w is not None:
                     axis = _weight_axis(node, w) if self.per_channel else None
-                    entry = weights.setdefault(
-                        w.name, {"axis": axis, "uses": [], "node": node, "conflict": False}
-                    )
-                    if entry["uses"] and entry["axis"] != axis:
-                        entry["conflict"] = True
-                    entry["uses"].append((node.name, 1))
+                    entry = weights.setdefault(_name(w), _WeightUses(axis, node))
+                    entry.add(node, 1, axis)
                     bias = node.inputs[2] if len(node.inputs) > 2 else None
+                    bias_tensor = _constant(bias)
                     if (
                         op in ("Conv", "ConvTranspose", "Gemm")
-                        and bias is not None
-                        and _is_constant(bias)
-                        and bias.const_value.dtype == ir.DataType.FLOAT
-                        and tuple(bias.const_value.shape) == (_out_channels(node, w),)
+                        and bias_tensor is not None
+                        and bias_tensor.dtype == ir.DataType.FLOAT
+                        and tuple(bias_tensor.shape) == (_out_channels(node, w),)
                         and (op != "Gemm" or (_attr(node, "alpha", 1.0) == 1.0
                                               and _attr(node, "beta", 1.0) == 1.0))
                     ):
-                        biases.append(BiasAnnotation(bias.name, node.name, 2, x.name, w.name))
+                        biases.append(BiasAnnotation(_name(bias), node.name or "", 2, _name(x),
+                                                     _name(w)))
                 else:
-                    want(w, w.producer() or node)
+                    want(w)
             elif op in ("Add", "Concat"):
                 for value in node.inputs:
-                    want(value, value.producer() or node)
+                    want(value)
                 if op == "Concat":
                     for value in node.inputs:
-                        self._union(node.inputs[0].name, value.name)
+                        self._union(_name(node.inputs[0]), _name(value))
             elif op in POOLING_OPS:
-                want(node.inputs[0], node.inputs[0].producer() or node)
+                want(node.inputs[0])
                 want(node.outputs[0], node)
                 continue
             else:  # data movement: output shares the input's scale
-                want(node.inputs[0], node.inputs[0].producer() or node)
+                want(node.inputs[0])
                 out = node.outputs[0]
                 want(out, node)
-                self._union(node.inputs[0].name, out.name)
+                self._union(_name(node.inputs[0]), _name(out))
                 continue
             out = self._out(node)
             consumers_quantized = any(id(u) in self.quantized for u in out.consumers())
@@ -436,16 +422,11 @@ class _Planner:
             if consumers_quantized or (needs_q and not out.is_graph_output()):
                 want(out, node)
                 if op == "Concat":
-                    self._union(node.inputs[0].name, out.name)
+                    self._union(_name(node.inputs[0]), _name(out))
 
         for node in self.embeddings:  # per-tensor: the scale must survive the Gather
-            table = node.inputs[0]
-            entry = weights.setdefault(
-                table.name, {"axis": None, "uses": [], "node": node, "conflict": False}
-            )
-            if entry["uses"] and entry["axis"] is not None:
-                entry["conflict"] = True
-            entry["uses"].append((node.name, 0))
+            entry = weights.setdefault(_name(node.inputs[0]), _WeightUses(None, node))
+            entry.add(node, 0, None)
 
         activations = []
         for name, (value, owner) in act_values.items():
@@ -462,16 +443,15 @@ class _Planner:
             )
         weight_annotations = []
         for name, entry in weights.items():
-            axis = None if entry["conflict"] else entry["axis"]
-            node = entry["node"]
+            axis = None if entry.conflict else entry.axis
             weight_annotations.append(
                 WeightAnnotation(
                     value=name,
                     spec=QuantSpec(_INT8, symmetric=True, axis=axis),
-                    uses=tuple(entry["uses"]),
-                    node=node.name or "",
-                    layer=layer_name(node),
-                    op_type=node.op_type,
+                    uses=tuple(entry.uses),
+                    node=entry.node.name or "",
+                    layer=layer_name(entry.node),
+                    op_type=entry.node.op_type,
                 )
             )
         quantized_names = tuple(n.name or "" for n in nodes if id(n) in self.quantized)
@@ -485,12 +465,38 @@ class _Planner:
         )
 
 
+@dataclass
+class _WeightUses:
+    """The nodes reading one constant weight; per-tensor when they disagree on the axis."""
+
+    axis: int | None
+    node: ir.Node  # the first reader (names the weight's row in the report)
+    uses: list[tuple[str, int]] = field(default_factory=list)  # (node name, input index)
+    conflict: bool = False
+
+    def add(self, node: ir.Node, index: int, axis: int | None) -> None:
+        if self.uses and self.axis != axis:
+            self.conflict = True
+        self.uses.append((node.name or "", index))
+
+
+def _name(value: ir.Value | None) -> str:
+    """A value's name ("" for none: every value the policy plans is named)."""
+    return (value.name or "") if value is not None else ""
+
+
+def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of a constant (not an overridable graph input), else None."""
+    return value.const_value if value is not None and _is_constant(value) else None
+
+
 def _is_embedding(node: ir.Node) -> bool:
     """A Gather of rows from a float32 constant table by runtime indices (an embedding)."""
-    table, indices = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-    if not _is_constant(table) or indices is None or _is_constant(indices):
+    table = _constant(node.inputs[0])
+    indices = node.inputs[1] if len(node.inputs) > 1 else None
+    if table is None or indices is None or _is_constant(indices):
         return False
-    if table.const_value.dtype != ir.DataType.FLOAT or len(table.const_value.shape) != 2:
+    if table.dtype != ir.DataType.FLOAT or len(table.shape) != 2:
         return False
     return _attr(node, "axis", 0) == 0 and not node.outputs[0].is_graph_output()
 
@@ -515,25 +521,26 @@ def _clip_starts_at_zero(node: ir.Node) -> bool:
     return low.const_value is not None and float(low.const_value.numpy()) == 0.0
 
 
-def _out_channels(node: ir.Node, weight: ir.Value) -> int:
+def _out_channels(node: ir.Node, weight: ir.Value) -> int | None:
     """Output channels of a Conv/ConvTranspose/Gemm (the length its bias must have)."""
-    shape = weight.const_value.shape
-    if node.op_type == "ConvTranspose":
-        return shape[1] * int(_attr(node, "group", 1))
-    if node.op_type == "Gemm" and not _attr(node, "transB", 0):
-        return shape[1]
-    return shape[0]
+    found = layout(node)
+    const = weight.const_value
+    return None if found is None or const is None else found.out_channels(const.shape.numpy())
 
 
 def _weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
-    """The output-channel axis of a weight (None: per-tensor)."""
-    rank = len(weight.const_value.shape)
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if _attr(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul" and rank == 2:
-        return 1
-    return None
+    """The output-channel axis of a weight (the kit's layout table; None: per-tensor).
+
+    A grouped ConvTranspose holds one group's output channels on axis 1 (one scale per index
+    there would be shared across groups) and a MatMul weight of rank other than 2 has batch
+    axes: both get one scale.
+    """
+    found = layout(node)
+    const = weight.const_value
+    if found is None or const is None:
+        return None
+    if node.op_type == "ConvTranspose" and found.group != 1:
+        return None
+    if node.op_type == "MatMul" and len(const.shape) != 2:
+        return None
+    return found.out_axis

@@ -24,8 +24,17 @@ from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize.policy import QuantPlan, QuantSpec
-from slimgraph.runtime.histogram import MIN_SCALE, TensorStats, calibrated_range, quant_params
+from slimgraph.passes.quantize._weights import new_constant
+from slimgraph.passes.quantize.policy import BiasAnnotation, QuantPlan
+from slimgraph.runtime.histogram import TensorStats, calibrated_range
+from slimgraph.runtime.quant_math import (
+    QuantSpec,
+    dequantize_values,
+    quant_params,
+    quantize_values,
+    sqnr_db,
+    valid_scale,
+)
 
 __all__ = [
     "MIN_OPSET",
@@ -101,14 +110,18 @@ def weight_params(array: np.ndarray, spec: QuantSpec) -> QParams:
 
 def quantize_array(array: np.ndarray, params: QParams) -> np.ndarray:
     """round(x / scale) + zero_point, saturated, in the spec's integer type."""
-    qmin, qmax = params.spec.qrange
+    scale, zero_point = _broadcast(params, array.ndim)
+    return quantize_values(array, scale, zero_point, params.spec)
+
+
+def _broadcast(params: QParams, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point shaped to broadcast against a rank-`rank` tensor."""
     scale, zero_point = params.scale, params.zero_point
     if params.spec.axis is not None and scale.ndim == 1:
-        shape = [1] * array.ndim
-        shape[params.spec.axis % array.ndim] = -1
+        shape = [1] * rank
+        shape[params.spec.axis % rank] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    q = np.clip(np.rint(array / scale.astype(np.float64)) + zero_point, qmin, qmax)
-    return q.astype(params.spec.dtype.numpy())
+    return scale, zero_point
 
 
 @dataclass
@@ -148,12 +161,11 @@ class QDQPass(SlimgraphFunctionalPass):
         quantized_nodes = set(self.plan.nodes)
 
         # Weights first: biases need their (possibly raised) scales.
-        bias_by_weight: dict[str, list] = {}
+        bias_by_weight: dict[str, list[BiasAnnotation]] = {}
         for bias in self.plan.biases:
             bias_by_weight.setdefault(bias.weight, []).append(bias)
         for annotation in self.plan.weights:
-            initializer = graph.initializers[annotation.value]
-            array = initializer.const_value.numpy().astype(np.float32)
+            array = _initializer_array(graph, annotation.value).astype(np.float32)
             try:
                 params = weight_params(array, annotation.spec)
             except BadDataError as error:
@@ -163,8 +175,8 @@ class QDQPass(SlimgraphFunctionalPass):
             quantized = quantize_array(array, params)
             dequantized = _dequantize(quantized, params)
             result.weights[annotation.value] = params
-            result.weight_sqnr_db[annotation.value] = _sqnr(array, dequantized)
-            q_init = _initializer(graph, names.fresh(f"{annotation.value}_quantized"), quantized)
+            result.weight_sqnr_db[annotation.value] = _weight_sqnr(array, dequantized)
+            q_init = new_constant(graph, f"{annotation.value}_quantized", quantized, names)
             scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params,
                                                        dequantize_only=True)
             for node_name, index in annotation.uses:
@@ -180,19 +192,18 @@ class QDQPass(SlimgraphFunctionalPass):
 
         for bias in self.plan.biases:
             node = nodes[bias.node]
-            initializer = graph.initializers[bias.value]
-            array = initializer.const_value.numpy().astype(np.float32)
+            array = _initializer_array(graph, bias.value).astype(np.float32)
             act = self.activations[bias.activation]
             weight = result.weights[bias.weight]
             scale = (act.scale.astype(np.float64) * weight.scale.astype(np.float64))
-            scale = np.maximum(scale.astype(np.float32), MIN_SCALE).astype(np.float32)
+            scale = valid_scale(scale)
             axis = 0 if scale.ndim == 1 and scale.size > 1 else None
             if axis is None:
                 scale = scale.reshape(()) if scale.size == 1 else scale
             params = QParams(scale, np.zeros(scale.shape, np.int32), QuantSpec(
                 ir.DataType.INT32, True, axis))
             quantized = quantize_array(array, params)
-            q_init = _initializer(graph, names.fresh(f"{bias.value}_quantized"), quantized)
+            q_init = new_constant(graph, f"{bias.value}_quantized", quantized, names)
             scale_init, zp_init = _qparam_initializers(graph, names, bias.value, params,
                                                        dequantize_only=True)
             dq = _dq_node(names, q_init, scale_init, zp_init, axis, f"{bias.value}{DQ_SUFFIX}")
@@ -200,18 +211,18 @@ class QDQPass(SlimgraphFunctionalPass):
             node.replace_input_with(bias.index, dq.outputs[0])
             _drop_if_unused(graph, bias.value)
 
-        for annotation in self.plan.activations:
-            value = values[annotation.value]
-            params = self.activations[annotation.value]
-            result.activations[annotation.value] = params
-            scale_init, zp_init = _qparam_initializers(graph, names, annotation.value, params)
+        for activation in self.plan.activations:
+            value = values[activation.value]
+            params = self.activations[activation.value]
+            result.activations[activation.value] = params
+            scale_init, zp_init = _qparam_initializers(graph, names, activation.value, params)
             q = ir.node("QuantizeLinear", [value, scale_init, zp_init])
-            q.outputs[0].name = q.name = names.fresh(f"{annotation.value}_quantized")
+            q.outputs[0].name = q.name = names.fresh(f"{activation.value}_quantized")
             dq = _dq_node(names, q.outputs[0], scale_init, zp_init, None,
-                          f"{annotation.value}{DQ_SUFFIX}")
-            result.dequantized[annotation.value] = dq.outputs[0].name
+                          f"{activation.value}{DQ_SUFFIX}")
+            result.dequantized[activation.value] = dq.outputs[0].name or ""
             uses = [u for u in value.uses() if u.node is not q]
-            if annotation.float_producer:
+            if activation.float_producer:
                 uses = [u for u in uses if u.node.name in quantized_nodes]
             for use in uses:
                 use.node.replace_input_with(use.idx, dq.outputs[0])
@@ -229,12 +240,10 @@ def _ensure_opset(model: ir.Model) -> None:
         )
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
+def _initializer_array(graph: ir.Graph, name: str) -> np.ndarray:
+    tensor = graph.initializers[name].const_value
+    assert tensor is not None  # an initializer always has its tensor
+    return tensor.numpy()
 
 
 def _qparam_initializers(
@@ -247,10 +256,10 @@ def _qparam_initializers(
     zero_point = np.asarray(params.zero_point).astype(params.spec.dtype.numpy())
     if params.spec.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    scale_init = _initializer(graph, names.fresh(f"{base}_scale"), scale)
+    scale_init = new_constant(graph, f"{base}_scale", scale, names)
     if dequantize_only and params.spec.dtype.is_signed() and not zero_point.any():
         return scale_init, None
-    return scale_init, _initializer(graph, names.fresh(f"{base}_zero_point"), zero_point)
+    return scale_init, new_constant(graph, f"{base}_zero_point", zero_point, names)
 
 
 def _dq_node(
@@ -291,32 +300,23 @@ def _drop_if_unused(graph: ir.Graph, name: str) -> None:
 
 
 def _dequantize(quantized: np.ndarray, params: QParams) -> np.ndarray:
-    scale, zero_point = params.scale, params.zero_point
-    if params.spec.axis is not None and scale.ndim == 1:
-        shape = [1] * quantized.ndim
-        shape[params.spec.axis % quantized.ndim] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return (quantized.astype(np.float64) - zero_point) * scale
+    scale, zero_point = _broadcast(params, quantized.ndim)
+    return dequantize_values(quantized, scale, zero_point)
 
 
-def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    noise = float(np.sum((reference - approx) ** 2))
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 10 * float(np.log10(signal / noise))
+def _weight_sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
+    reference = reference.astype(np.float64)
+    return sqnr_db(float(np.sum(reference**2)), float(np.sum((reference - approx) ** 2)))
 
 
-def _fit_biases(params: QParams, biases: list, graph: ir.Graph,
+def _fit_biases(params: QParams, biases: list[BiasAnnotation], graph: ir.Graph,
                 activations: Mapping[str, QParams]) -> QParams:
     """Raise weight scales where an int32 bias with scale s_in * s_w would overflow."""
     scale = params.scale.astype(np.float64)
     for bias in biases:
         if bias.activation not in activations:
             continue
-        b = np.abs(graph.initializers[bias.value].const_value.numpy().astype(np.float64))
+        b = np.abs(_initializer_array(graph, bias.value).astype(np.float64))
         s_in = float(np.asarray(activations[bias.activation].scale))
         needed = b / (s_in * (_INT32_MAX // 2))
         if scale.ndim == 0:

@@ -16,6 +16,7 @@ rounding of the fused requantization (`exact = False`, like every quantization p
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +25,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from slimgraph.ir import copy_model
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.quantize._weights import new_constant
 from slimgraph.passes.quantize.dynamic import MS_DOMAIN
 
 __all__ = ["QOperatorPass"]
@@ -58,12 +60,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
         return self.names.fresh(f"{base}_qop")
 
     def _const(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name = self._name(base)
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-        return value
+        return new_constant(graph, f"{base}_qop", array, self.names)
 
     def _fill_zero_points(self, graph: ir.Graph) -> None:
         """Give every constant DequantizeLinear an explicit zero point (QDQ leaves out all-zero
@@ -121,27 +118,28 @@ class QOperatorPass(SlimgraphFunctionalPass):
         b = _dq(bias_value)
         if x is None or w is None or (bias_value is not None and b is None):
             return False
-        if w.axis not in (None, 0) or w.quantized.const_value is None:
+        codes = w.codes
+        if w.axis not in (None, 0) or codes is None:
             return False
         q = _only_q_consumer(node.outputs[0])
         if q is not None and (b is None or b.quantized.dtype == ir.DataType.INT32):
             inputs = [x.quantized, x.scale_value, x.zp_value, w.quantized, w.scale_value,
-                      w.zp_value, q.inputs[1], q.inputs[2]]
+                      w.zp_value, q.scale_value, q.zp_value]
             if b is not None:
                 inputs.append(b.quantized)
             fused = ir.node("QLinearConv", inputs, attributes=dict(node.attributes),
-                            name=self._name(node.name))
-            self._replace(graph, node, [fused], q.outputs[0], fused.outputs[0])
+                            name=self._name(_node_name(node)))
+            self._replace(graph, node, [fused], q.node.outputs[0], fused.outputs[0])
             return True
-        w_zero_point = w.zp_value.const_value.numpy()
+        w_zero_point = w.zero_point
         if np.any(w_zero_point != w_zero_point.flat[0]):
             return False  # onnxruntime's ConvInteger takes one weight zero point
         scalar_zp = self._const(graph, f"{w.quantized.name}_zero_point",
                                 np.asarray(w_zero_point.flat[0], dtype=w_zero_point.dtype))
         integer = ir.node("ConvInteger", [x.quantized, w.quantized, x.zp_value, scalar_zp],
-                          attributes=dict(node.attributes), name=self._name(node.name))
+                          attributes=dict(node.attributes), name=self._name(_node_name(node)))
         bias = None if b is None else b.dequantized()
-        rank = len(w.quantized.const_value.shape)
+        rank = codes.ndim
         tail = self._scaled(graph, node, integer.outputs[0], x, w, 1, rank, bias)
         self._replace(graph, node, [integer, *tail], node.outputs[0], tail[-1].outputs[0])
         return True
@@ -155,10 +153,10 @@ class QOperatorPass(SlimgraphFunctionalPass):
             fused = ir.node(
                 "QLinearMatMul",
                 [x.quantized, x.scale_value, x.zp_value, w.quantized, w.scale_value, w.zp_value,
-                 q.inputs[1], q.inputs[2]],
-                name=self._name(node.name),
+                 q.scale_value, q.zp_value],
+                name=self._name(_node_name(node)),
             )
-            self._replace(graph, node, [fused], q.outputs[0], fused.outputs[0])
+            self._replace(graph, node, [fused], q.node.outputs[0], fused.outputs[0])
             return True
         add, bias = _bias_add(node, w)
         self._to_float(graph, node if add is None else add, x, w.quantized, w, bias)
@@ -172,9 +170,9 @@ class QOperatorPass(SlimgraphFunctionalPass):
         x, w = _dq(node.inputs[0]), _dq(node.inputs[1])
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         b = _dq(bias_value)
-        if x is None or w is None or w.quantized.const_value is None:
+        weight = None if w is None else w.codes
+        if x is None or w is None or weight is None:
             return False
-        weight = w.quantized.const_value.numpy()
         if attrs.get("transB", 0):
             if w.axis not in (None, 0):
                 return False
@@ -202,7 +200,7 @@ class QOperatorPass(SlimgraphFunctionalPass):
         if bias is not None:
             inputs.append(self._const(graph, f"{last.name}_bias", bias.astype(np.float32)))
         fused = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN,
-                        name=self._name(last.name))
+                        name=self._name(_node_name(last)))
         self._replace(graph, last, [fused], last.outputs[0], fused.outputs[0])
 
 
@@ -220,27 +218,35 @@ def _bias_add(node: ir.Node, w: _DQ) -> tuple[ir.Node | None, np.ndarray | None]
     if other is None or other.const_value is None:
         return None, None
     bias = other.const_value.numpy()
-    width = w.quantized.const_value.shape[-1] if w.quantized.const_value is not None else None
+    width = w.codes.shape[-1] if w.codes is not None else None
     if bias.dtype != np.float32 or bias.ndim != 1 or bias.shape[0] != width:
         return None, None
     return add, bias
 
 
+@dataclass(frozen=True)
 class _DQ:
-    """The inputs of a DequantizeLinear with constant scale and zero point."""
+    """A DequantizeLinear with constant scale and zero point: its inputs and their arrays."""
 
-    def __init__(self, node: ir.Node) -> None:
-        self.node = node
-        self.quantized = node.inputs[0]
-        self.scale_value = node.inputs[1]
-        self.zp_value = node.inputs[2]
-        axis = node.attributes.get("axis")
-        self.scale = self.scale_value.const_value.numpy()
-        self.axis = axis.value if axis is not None and self.scale.ndim == 1 else None
+    node: ir.Node
+    quantized: ir.Value
+    scale_value: ir.Value
+    zp_value: ir.Value
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None  # per-channel axis (None: per tensor)
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """The integer data when it is a constant (a weight or bias), else None."""
+        const = self.quantized.const_value
+        return None if const is None else const.numpy()
 
     def dequantized(self) -> np.ndarray:
-        q = self.quantized.const_value.numpy().astype(np.float64)
-        zp = self.zp_value.const_value.numpy().astype(np.float64)
+        """The float values of a constant (call only when `codes` is not None)."""
+        codes = self.codes
+        assert codes is not None
+        q, zp = codes.astype(np.float64), self.zero_point.astype(np.float64)
         return ((q - zp) * self.scale).astype(np.float32)
 
 
@@ -248,14 +254,43 @@ def _dq(value: ir.Value | None) -> _DQ | None:
     source = value.producer() if value is not None else None
     if source is None or source.op_type != "DequantizeLinear" or len(source.inputs) < 3:
         return None
-    if source.inputs[1].const_value is None or source.inputs[2] is None:
+    data, scale, zero = source.inputs[0], source.inputs[1], source.inputs[2]
+    if data is None or scale is None or zero is None:
         return None
-    if source.inputs[2].const_value is None:
+    if scale.const_value is None or zero.const_value is None:
         return None
-    return _DQ(source)
+    scale_array = scale.const_value.numpy()
+    axis = source.attributes.get("axis")
+    per_channel = axis is not None and scale_array.ndim == 1
+    return _DQ(source, data, scale, zero, scale_array, zero.const_value.numpy(),
+               axis.value if per_channel and axis is not None else None)
 
 
-def _only_q_consumer(value: ir.Value) -> ir.Node | None:
+@dataclass(frozen=True)
+class _Q:
+    """A QuantizeLinear with constant scale and zero point."""
+
+    node: ir.Node
+    scale_value: ir.Value
+    zp_value: ir.Value
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+def _q(node: ir.Node) -> _Q | None:
+    if node.op_type != "QuantizeLinear" or len(node.inputs) < 3:
+        return None
+    scale, zero = node.inputs[1], node.inputs[2]
+    if scale is None or zero is None or scale.const_value is None or zero.const_value is None:
+        return None
+    return _Q(node, scale, zero, scale.const_value.numpy(), zero.const_value.numpy())
+
+
+def _node_name(node: ir.Node) -> str:
+    return node.name or node.op_type
+
+
+def _only_q_consumer(value: ir.Value) -> _Q | None:
     """The QuantizeLinear that alone reads `value`, directly or through a Relu or Clip that the
     quantized range makes redundant: the zero point is the grid's minimum (the range starts at
     0) and, for a Clip, the range ends at or below its maximum (ReLU6 in MobileNets)."""
@@ -265,23 +300,18 @@ def _only_q_consumer(value: ir.Value) -> ir.Node | None:
     user = users[0]
     if user.op_type in ("Relu", "Clip"):
         q = _only_q_consumer(user.outputs[0])
-        if q is None or q.inputs[1].const_value is None:
+        if q is None:
             return None
-        zero_point = q.inputs[2].const_value.numpy()
-        info = np.iinfo(zero_point.dtype)
-        if not np.all(zero_point == info.min):
+        info = np.iinfo(q.zero_point.dtype)
+        if not np.all(q.zero_point == info.min):
             return None
         if user.op_type == "Clip":
             low, high = _clip_bounds(user)
-            top = float(np.max(q.inputs[1].const_value.numpy())) * (info.max - info.min)
+            top = float(np.max(q.scale)) * (info.max - info.min)
             if low != 0.0 or high is None or top > high * (1 + 1e-6):
                 return None
         return q
-    if user.op_type == "QuantizeLinear":
-        if user.inputs[1].const_value is not None and user.inputs[2] is not None:
-            if user.inputs[2].const_value is not None:
-                return user
-    return None
+    return _q(user)
 
 
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:

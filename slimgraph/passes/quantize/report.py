@@ -29,6 +29,7 @@ from slimgraph.passes.quantize.qdq import QDQResult
 from slimgraph.runtime.calibrate import stream_values
 from slimgraph.runtime.compare import Fidelity, FidelityAccumulator
 from slimgraph.runtime.feeds import sample_count
+from slimgraph.runtime.quant_math import sqnr_db
 
 __all__ = [
     "TensorError", "QuantReport", "measure", "REPORT_SAMPLES", "REPORT_ELEMENTS",
@@ -123,14 +124,6 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
 def measure(
     reference: ir.Model,
     quantized: ir.Model,
@@ -147,7 +140,7 @@ def measure(
     `batches` (whole batches) and build the report."""
     batches = _FirstRows(batches, max_samples)
     activations = [a for a in plan.activations if a.value in result.dequantized]
-    outputs = [v.name for v in reference.graph.outputs]
+    outputs = [v.name or "" for v in reference.graph.outputs]  # graph outputs are named
     ref_names = outputs + [a.value for a in activations]
     q_names = outputs + [a.value for a in activations]
     q_names += [result.dequantized[a.value] for a in activations]
@@ -175,7 +168,8 @@ def measure(
         exclude, layer, op_type = deciders.get(a.value, ((a.node,), a.layer, a.op_type))
         rows.append(TensorError(
             a.value, "activation", exclude[0], layer, op_type,
-            _sqnr(signal[a.value], noise[a.value]), _sqnr(own_signal[a.value], own_noise[a.value]),
+            sqnr_db(signal[a.value], noise[a.value]),
+            sqnr_db(own_signal[a.value], own_noise[a.value]),
             exclude,
         ))
     for w in plan.weights:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +35,9 @@ from slimgraph.errors import BadOptionError
 from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import Names, add_initializer, constant_array
+
+if TYPE_CHECKING:
+    from slimgraph.runtime.calibrate import CalibrationData
 
 __all__ = ["ALPHAS", "SmoothTarget", "smooth_targets", "channel_absmax", "apply_smoothing",
            "smooth_and_quantize", "parse_alpha"]
@@ -138,7 +142,7 @@ def channel_absmax(model: ir.Model, names: Sequence[str],
 
 def _factors(target: SmoothTarget, absmax: np.ndarray, alpha: float) -> np.ndarray:
     weights = [constant_array(m.inputs[1]) for m in target.matmuls]
-    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # type: ignore[union-attr]
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights if w is not None], axis=0)
     x_max = absmax.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.power(x_max, alpha) / np.power(w_max.astype(np.float64), 1.0 - alpha)
@@ -176,7 +180,8 @@ def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
             mul = ir.node("Mul", [norm.outputs[0], inverse], name=names.fresh(
                 f"{norm.name or 'norm'}_smooth"))
             mul.outputs[0].name = names.fresh(f"{target.value}_smoothed")
-            mul.outputs[0].dtype = norm.outputs[0].dtype
+            if norm.outputs[0].dtype is not None:
+                mul.outputs[0].dtype = norm.outputs[0].dtype
             mul.outputs[0].shape = norm.outputs[0].shape
             mul.metadata_props.update(norm.metadata_props)
             graph.insert_after(norm, mul)
@@ -194,8 +199,8 @@ def _score(reference: ir.Model, model: ir.Model, feeds: list[dict[str, np.ndarra
 
 def smooth_and_quantize(
     model: ir.Model,
-    calibration: object,
-    alpha: float | str,
+    calibration: CalibrationData,
+    alpha: float | str | bool,
     quantize: Callable[[ir.Model, object], ir.Model],
     *,
     batch_size: int = 32,

@@ -23,7 +23,7 @@ from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import UNSTRUCTURED_NOTE
 from slimgraph.tools.cli import main
-from tests.kit.asserts import assert_same_outputs, check_valid
+from tests.kit.asserts import assert_fed_by, assert_rewired, assert_same_outputs, check_valid
 from tests.passes.prune.prune_helpers import zero_channels
 
 
@@ -118,6 +118,13 @@ def test_named_output_is_pruned_and_padded_back_exactly() -> None:
     pruned, report = sg.prune_with_report(zeroed, ratio=0.5, pad=True, prune_outputs=["logits"])
     head = next(g for g in report.groups if g.producers == ("fc",))
     assert (head.kept, head.padded) == (5, 1)
+    # the output is the scatter back to full size: Gather(Pad(fc's pruned output))
+    fc = next(n for n in pruned.graph if n.name == "fc")
+    gather = pruned.graph.outputs[0].producer()
+    assert gather is not None and gather.op_type == "Gather"
+    pad = assert_fed_by(gather, 0, "Pad")
+    assert_rewired(pad, 0, fc.outputs[0])
+    assert pruned.graph.outputs[0].name == "logits" and fc.outputs[0].name != "logits"
     check_valid(pruned)
     x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     assert_same_outputs(zeroed, pruned, {"x": x})

@@ -10,7 +10,7 @@ import torch
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import from_torch, layer_name
-from slimgraph.passes.quantize._weights import traced_constant
+from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.quantize.dynamic import DynamicQuantizePass, quantize_dynamic
 from slimgraph.runtime import compare, create_session, random_feeds, run
 from tests import models as test_models

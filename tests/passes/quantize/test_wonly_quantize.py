@@ -12,13 +12,13 @@ from hypothesis.extra import numpy as hnp
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
-from slimgraph.passes.quantize._int_math import pack_4bit, quantize_blockwise, unpack_4bit
-from slimgraph.passes.quantize._weights import traced_constant
+from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.quantize.weight_only import (
     WeightOnlyQuantizePass,
     quantize_weight_only,
 )
 from slimgraph.runtime import compare, create_session, random_feeds, run
+from slimgraph.runtime.quant_math import pack_4bit, quantize_tensor, unpack_4bit, weight_spec
 from tests.kit.exports import exported_model
 
 _shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
@@ -58,7 +58,7 @@ def test_pack_unpack_round_trip_and_onnx_layout(data: st.DataObject, signed: boo
 def test_blockwise_dequantized_within_half_a_step(
     weight: np.ndarray, bits: int, block_size: int, symmetric: bool
 ) -> None:
-    q = quantize_blockwise(weight, block_size=block_size, bits=bits, symmetric=symmetric)
+    q = quantize_tensor(weight, weight_spec(bits, symmetric, block_size=block_size))
     k = weight.shape[0]
     blocks = -(-k // block_size)
     assert q.scale.shape == (blocks, weight.shape[1])
@@ -210,7 +210,7 @@ def test_embedding_rows_equal_the_dequantized_table(fmt: str, bits: int, symmetr
     ids = np.array([[3, 999, 0, 3, 512, 7, 8, 9, 1, 2, 4, 5, 6, 10, 11, 12]], np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones((1, 16), np.int64)}
     rows = run(create_session(quantized), feeds)[embed.outputs[0].name][0]
-    q = quantize_blockwise(table.T, block_size=32, bits=bits, symmetric=symmetric)
+    q = quantize_tensor(table.T, weight_spec(bits, symmetric, block_size=32))
     expected = q.dequantize().T[ids[0]]
     np.testing.assert_allclose(rows, expected, rtol=1e-6, atol=1e-7)
     step = np.repeat(q.scale.T, 32, axis=1)[ids[0]]
@@ -250,7 +250,7 @@ def test_k_not_a_multiple_of_the_block_size(fmt: str) -> None:
     ref = run(create_session(model), feeds)["y"]
     got = run(create_session(quantized), feeds)["y"]
     # int8 blocks: error per output <= sum_k |x_k| * step_k / 2
-    q = quantize_blockwise(w, block_size=32, bits=8)
+    q = quantize_tensor(w, weight_spec(8, block_size=32))
     step = np.repeat(q.scale, 32, axis=0)[:40]
     bound = np.abs(feeds["x"]) @ (step / 2)
     assert np.all(np.abs(got - ref) <= bound * 1.01 + 1e-5)

@@ -40,6 +40,8 @@ def test_half_the_heads_go_with_head_counts_updated(name: str, fused: bool) -> N
         assert shapes.count((64, 96)) == 2 and shapes.count((32, 64)) == 2
         sizes = [constant_array(n.inputs[1]).tolist() for n in pruned.graph if n.op_type == "Split"]
         assert sizes == [[32, 32, 32]] * 2
+        for split in (n for n in pruned.graph if n.op_type == "Split"):  # rewired to the new sizes
+            assert split.inputs[1] is pruned.graph.initializers[split.inputs[1].name]
     if fused:
         heads = [n.attributes["num_heads"].value for n in pruned.graph
                  if n.op_type == "MultiHeadAttention"]
@@ -49,6 +51,11 @@ def test_half_the_heads_go_with_head_counts_updated(name: str, fused: bool) -> N
                           if n.op_type == "Reshape" and constant_array(n.inputs[1]) is not None
                           and len(constant_array(n.inputs[1])) in (3, 4))
         assert [0, 0, 2, 16] in reshapes and [0, 0, 32] in reshapes
+        rewired = [n.inputs[1] for n in pruned.graph if n.op_type == "Reshape"
+                   and constant_array(n.inputs[1]) is not None
+                   and constant_array(n.inputs[1]).tolist() in ([0, 0, 2, 16], [0, 0, 32])]
+        assert len(rewired) >= 4  # the head split and merge of both layers read new shapes
+        assert all(v is pruned.graph.initializers.get(v.name) for v in rewired)
     for batch, seq in [(3, 11), (1, 29)]:
         feed = transformer_feeds(name, batch, seq)
         want, got = output_list(model, feed)[0], output_list(pruned, feed)[0]

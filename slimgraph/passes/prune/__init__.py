@@ -1,0 +1,69 @@
+"""Structured pruning that physically removes channels from the ONNX graph, and magnitude pruning.
+
+Structured (approximate in general, exact for channels whose producing weights are zero):
+1. prepare a copy (`_prepare`): constants folded (weights built by ConstantOfShape, transposed
+   weights, shape constants), initializers dropped from the graph inputs, shapes inferred;
+2. trace channel-dependency groups (`slimgraph.ir.channels`);
+3. score each group channel (L1/L2 of the producing weights summed over the group, BatchNorm
+   |gamma|, or random) and choose what to remove, per group (local) or with one threshold over
+   normalized scores (global), keeping a multiple of `round_to` and at least one channel
+   (`_select`);
+4. slice the producers' weights and biases, BatchNorm and per-channel constants, the consumers'
+   input channels, Reshape/Split/Slice/Resize constants and conv group counts; in pad mode scatter
+   pruned tensors back to full size with zeros (Pad + constant-index Gather) where they meet a
+   graph output or a consumer that must keep its channel count (seed 001) (`_surgery`);
+5. re-infer shapes.
+
+Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
+ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
+per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
+`_options`; reports: `_report`; the pass and the public functions: `_api`.
+
+Example:
+    >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
+    >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
+from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
+from slimgraph.passes.prune._prepare import prepare_for_pruning
+from slimgraph.passes.prune._report import (
+    UNSTRUCTURED_NOTE,
+    GroupReport,
+    LayerChannels,
+    LayerSparsity,
+    PruneReport,
+    PruneResult,
+)
+from slimgraph.passes.prune._select import (
+    channel_scores,
+    group_key,
+    kept_count,
+    select_channels,
+)
+from slimgraph.passes.prune._surgery import remove_channels
+
+__all__ = [
+    "CRITERIA",
+    "SCOPES",
+    "UNSTRUCTURED_NOTE",
+    "GroupReport",
+    "LayerChannels",
+    "LayerSparsity",
+    "PruneOptions",
+    "PruneCallOptions",
+    "PruneReport",
+    "PruneResult",
+    "PrunePass",
+    "prepare_for_pruning",
+    "channel_scores",
+    "kept_count",
+    "select_channels",
+    "remove_channels",
+    "prune",
+    "prune_with_report",
+    "group_key",
+    "prunable_units",
+]

@@ -1,0 +1,81 @@
+"""The options of quantization, written once: one frozen dataclass per entry point.
+
+`StaticOptions` is what the pipeline's `quantize` step takes (`StaticQuantizePass`);
+`QuantizeOptions` adds what `sg.quantize` / `slimgraph quantize` take on top (mode, report,
+weight-only bits, budget...). The public functions keep their keyword signatures and build one of
+these; the passes read them. Values are checked where they are used (the messages name the CLI
+flags), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from slimgraph.runtime.budget import Budget, DataLike
+    from slimgraph.runtime.metrics import Metric
+
+__all__ = ["ActivationDtype", "Mode", "StaticOptions", "QuantizeOptions"]
+
+ActivationDtype = Literal["auto", "uint8", "int8"]
+Mode = Literal["static", "dynamic", "weight-only"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticOptions:
+    """Calibrated static quantization (see `slimgraph.quantize` for each option).
+
+    Attributes:
+        method: the calibrator choosing activation ranges (`runtime.histogram.METHODS`).
+        per_channel: per-channel weight scales (else one per weight).
+        fmt: "qdq" or "qoperator".
+        exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
+        exclude_ops: op types left float.
+        include_ops: op types left float by default to quantize anyway.
+        activation_dtype: "auto" (uint8 on x86), "uint8" or "int8".
+    """
+
+    method: str = "minmax"
+    per_channel: bool = True
+    fmt: str | None = "qdq"
+    exclude: Sequence[str] = ()
+    exclude_ops: Sequence[str] = ()
+    include_ops: Sequence[str] = ()
+    activation_dtype: ActivationDtype = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions(StaticOptions):
+    """Everything `slimgraph.quantize` takes besides the model and calibration data.
+
+    Attributes:
+        mode: "static", "dynamic", "weight-only"; None: static with calibration data, else
+            dynamic.
+        fmt: None picks the mode's default ("qdq"; weight-only: "qoperator", MatMulNBits).
+        report: measure per-tensor SQNR (static).
+        bits, block_size: weight-only.
+        batch_size: calibration rows per onnxruntime run.
+        progress: progress bar on stderr (None: when stderr is a terminal).
+        percentile: for method "percentile".
+        data, budget, max_drop, min_cosine, metric: an accuracy budget and its data.
+        verify: dynamic/weight-only: check the exact folding before quantization.
+        smooth_quant: static: SmoothQuant alpha, "auto"/True, or None/False.
+    """
+
+    mode: Mode | None = None
+    fmt: str | None = None
+    report: bool = False
+    bits: int = 4
+    block_size: int = 32
+    batch_size: int = 32
+    progress: bool | None = None
+    percentile: float = 99.99
+    data: DataLike | None = None
+    budget: Budget | None = None
+    max_drop: float | None = None
+    min_cosine: float | None = None
+    metric: Metric | None = None
+    verify: bool = True
+    smooth_quant: float | str | bool | None = None

@@ -1,0 +1,286 @@
+"""The one quantization vocabulary (`QuantSpec`) and the one integer-math module of slimgraph.
+
+Uniform affine quantization (seed 000): q = clip(round(x / s) + z, qmin, qmax), x' = (q - z) * s,
+rounding half to even (numpy's `rint`, ONNX QuantizeLinear's rule). Every planner (static,
+dynamic, weight-only) describes a tensor with a frozen `QuantSpec`; every materializer turns
+ranges into scales and zero points with `quant_params` and values into codes with
+`quantize_values`, so the passes and calibration agree on every edge case:
+
+- Zero is always exactly representable: a range is widened to contain 0 first.
+- Symmetric signed grids use zero point 0 and s = max|r| / qmax, with qmax = 2^(b-1) - 1 (127 for
+  int8, 7 for int4): the most negative code is left unused, as onnxruntime's quantizer does for
+  weights. Symmetric unsigned grids put the zero point in the middle of the grid.
+- A zero range (an all-zero tensor, or a range whose scale would be below float32's smallest
+  normal number) gets scale 1 and zero point 0, as onnxruntime's `quant_utils.compute_scale_zp`
+  does (`scale < numpy.finfo(float32).tiny -> 1.0, zero_point 0`). A tiny scale such as 1e-30
+  would saturate any non-zero run-time value and make the int32 bias scale s_x * s_w underflow.
+- Scales are computed in float64 and stored as float32; codes are computed from the float64
+  quotient x / s.
+
+4-bit packing follows the ONNX spec for INT4/UINT4 (and onnxruntime's MatMulNBits blobs): two
+elements per byte, the first in the low nibble.
+
+This module imports only numpy and onnx_ir: calibration (`runtime`), the quantization passes
+and a training backend's fake quantization can all import it (ir <- runtime <- passes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "RANGE_METHODS",
+    "QuantSpec",
+    "QuantizedTensor",
+    "quant_params",
+    "quantize_values",
+    "dequantize_values",
+    "quantize_tensor",
+    "valid_scale",
+    "weight_spec",
+    "pack_4bit",
+    "unpack_4bit",
+    "sqnr_db",
+]
+
+# How a range is chosen: the calibrators of `runtime.histogram` (weights always use minmax).
+RANGE_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+
+_TINY = float(np.finfo(np.float32).tiny)
+_SIGNED_GRIDS = {ir.DataType.INT8: 8, ir.DataType.INT4: 4}
+_UNSIGNED_GRIDS = {ir.DataType.UINT8: 8, ir.DataType.UINT4: 4}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Attributes:
+        dtype: the integer type (INT8, UINT8, INT4, UINT4 or INT32 for biases).
+        symmetric: zero point 0 (signed) / mid-grid (unsigned), range symmetric around 0.
+        axis: per-channel axis (one scale per index along it); None: per tensor.
+        block_size: consecutive elements along `axis` sharing one scale (block-wise); 0: none.
+        dynamic: the range is measured at run time (DynamicQuantizeLinear), not calibrated.
+        method: how a calibrated range is chosen (`RANGE_METHODS`).
+    """
+
+    dtype: ir.DataType
+    symmetric: bool
+    axis: int | None = None
+    block_size: int = 0
+    dynamic: bool = False
+    method: str = "minmax"
+
+    @property
+    def bits(self) -> int:
+        """Bits per code (32 for INT32)."""
+        return _SIGNED_GRIDS.get(self.dtype) or _UNSIGNED_GRIDS.get(self.dtype) or 32
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """(qmin, qmax) of the integer grid; symmetric signed grids leave the lowest code out."""
+        if self.dtype in _UNSIGNED_GRIDS:
+            return 0, 2**self.bits - 1
+        top = 2 ** (self.bits - 1) - 1
+        if self.dtype in _SIGNED_GRIDS and not self.symmetric:
+            return -top - 1, top
+        return -top, top
+
+    @property
+    def storage(self) -> np.dtype:
+        """The numpy type codes are held in (4-bit codes: one per int8/uint8 before packing)."""
+        if self.dtype in _UNSIGNED_GRIDS:
+            return np.dtype(np.uint8)
+        return np.dtype(np.int8 if self.dtype in _SIGNED_GRIDS else np.int32)
+
+
+def weight_spec(
+    bits: int, symmetric: bool = True, *, axis: int | None = None, block_size: int = 0,
+    dynamic: bool = False,
+) -> QuantSpec:
+    """The spec of a constant quantized to `bits` (4 or 8) by min-max: signed codes without
+    zero point when symmetric, unsigned codes with zero points otherwise.
+
+    Raises:
+        ValueError: `bits` other than 4 or 8.
+    """
+    grids = _SIGNED_GRIDS if symmetric else _UNSIGNED_GRIDS
+    dtype = next((t for t, b in grids.items() if b == bits), None)
+    if dtype is None:
+        raise ValueError(f"no {bits}-bit integer grid (4 or 8)")
+    return QuantSpec(dtype, symmetric, axis, block_size, dynamic)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes with their scales (and zero points when asymmetric).
+
+    `codes` has the tensor's shape (padded along axis 0 for block-wise quantization); `scale`
+    and `zero_point` keep its rank with the reduced axes of size 1 (block-wise: shape
+    [K_padded / block_size, ...]). `zero_point` is None for a symmetric signed spec.
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    spec: QuantSpec
+
+    def dequantize(self) -> np.ndarray:
+        """Float values of the codes (padded rows included for block-wise tensors)."""
+        scale, zero = self.scale, self.zero_point
+        if self.spec.block_size:
+            scale = np.repeat(scale, self.spec.block_size, axis=0)
+            zero = None if zero is None else np.repeat(zero, self.spec.block_size, axis=0)
+        offset = 0 if zero is None else zero.astype(np.float32)
+        return (self.codes.astype(np.float32) - offset) * scale
+
+
+def quant_params(
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    *,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) mapping [rmin, rmax] onto [qmin, qmax].
+
+    Args:
+        rmin, rmax: the range, scalars or arrays of one shape (one range per channel/block).
+        qmin, qmax: the integer grid (`QuantSpec.qrange`).
+        symmetric: zero point 0 on signed grids (mid-grid on unsigned ones), s = max|r| / qmax.
+
+    Returns:
+        (scale, zero_point) of the ranges' shape. A zero range gets scale 1 and zero point 0
+        (onnxruntime's rule), so the result is always valid.
+    """
+    low = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    high = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if symmetric:
+        bound = np.maximum(-low, high)
+        if qmin < 0:
+            scale = bound / qmax
+            zero_point = np.zeros(scale.shape, np.int64)
+        else:
+            scale = bound / ((qmax - qmin) / 2)
+            zero_point = np.full(scale.shape, math.ceil((qmin + qmax) / 2), np.int64)
+    else:
+        scale = (high - low) / (qmax - qmin)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_point = np.clip(np.round(qmin - low / scale), qmin, qmax)
+    empty = scale < _TINY
+    return valid_scale(scale), np.where(empty, 0, zero_point).astype(np.int64)
+
+
+def valid_scale(scale: np.ndarray | float) -> np.ndarray:
+    """float32 scales with the zero-range rule applied: below float32's smallest normal number
+    (zero range, or an underflowed product such as an int32 bias's s_x * s_w) -> 1."""
+    scale = np.asarray(scale, dtype=np.float64)
+    return np.where(scale < _TINY, 1.0, scale).astype(np.float32)
+
+
+def quantize_values(
+    values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec
+) -> np.ndarray:
+    """Codes round(x / scale) + zero_point saturated to the spec's grid, in `spec.storage`.
+
+    `scale` and `zero_point` must broadcast against `values` (keep the reduced axes).
+    """
+    qmin, qmax = spec.qrange
+    q = np.rint(np.asarray(values) / np.asarray(scale).astype(np.float64))
+    if zero_point is not None:
+        q = q + zero_point
+    return np.clip(q, qmin, qmax).astype(spec.storage)
+
+
+def dequantize_values(
+    codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None
+) -> np.ndarray:
+    """(codes - zero_point) * scale in float64 (`scale`/`zero_point` broadcast against codes)."""
+    shifted = codes.astype(np.float64)
+    if zero_point is not None:
+        shifted = shifted - zero_point
+    return shifted * scale
+
+
+def quantize_tensor(tensor: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
+    """Min-max quantization of a constant by `spec`: per tensor, per `axis`, or in blocks.
+
+    Per-axis: one scale per index of `spec.axis` (scale shape keeps the rank, size 1 on the
+    other axes). Block-wise (`spec.block_size > 0`, a [K, N] matrix): blocks of `block_size`
+    rows along K per column; K is zero-padded to a multiple of the block size, `codes` has
+    shape [K_padded, N] and `scale` [K_padded / block_size, N].
+
+    Symmetric specs give int8-held codes and no zero point; asymmetric ones uint8-held codes and
+    a uint8 zero point per group.
+    """
+    w = np.asarray(tensor, dtype=np.float32)
+    if spec.block_size:
+        k, n = w.shape
+        blocks = -(-k // spec.block_size)
+        padded = np.zeros((blocks * spec.block_size, n), np.float32)
+        padded[:k] = w
+        grouped = padded.reshape(blocks, spec.block_size, n)
+        scale, zero = _params(grouped.min(axis=1), grouped.max(axis=1), spec)
+        codes = quantize_values(
+            grouped, scale[:, None, :], None if zero is None else zero[:, None, :], spec
+        ).reshape(blocks * spec.block_size, n)
+        return QuantizedTensor(codes, scale, zero, spec)
+    kept = set() if spec.axis is None else {spec.axis % w.ndim}
+    reduce = tuple(i for i in range(w.ndim) if i not in kept)
+    if w.size:
+        lo, hi = w.min(axis=reduce, keepdims=True), w.max(axis=reduce, keepdims=True)
+    else:
+        lo = hi = np.zeros([1] * w.ndim, np.float32)
+    scale, zero = _params(lo, hi, spec)
+    return QuantizedTensor(quantize_values(w, scale, zero, spec), scale, zero, spec)
+
+
+def _params(
+    lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    qmin, qmax = spec.qrange
+    scale, zero = quant_params(lo, hi, qmin=qmin, qmax=qmax, symmetric=spec.symmetric)
+    if spec.symmetric and qmin < 0:
+        return scale, None
+    return scale, zero.astype(spec.storage)
+
+
+def pack_4bit(values: np.ndarray) -> np.ndarray:
+    """Pack 4-bit values (int or uint, any shape) along the last axis: first in the low nibble.
+
+    An odd last axis is padded with a zero nibble. Returns uint8 of shape [..., ceil(n / 2)].
+    """
+    nibbles = np.asarray(values).astype(np.int16) & 0x0F
+    if nibbles.shape[-1] % 2:
+        pad = [(0, 0)] * (nibbles.ndim - 1) + [(0, 1)]
+        nibbles = np.pad(nibbles, pad)
+    low = nibbles[..., 0::2]
+    high = nibbles[..., 1::2]
+    return (low | (high << 4)).astype(np.uint8)
+
+
+def unpack_4bit(packed: np.ndarray, count: int, *, signed: bool) -> np.ndarray:
+    """Inverse of `pack_4bit`: `count` values along the last axis, int8 (signed) or uint8."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    nibbles = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    nibbles[..., 0::2] = packed & 0x0F
+    nibbles[..., 1::2] = packed >> 4
+    nibbles = nibbles[..., :count]
+    if signed:
+        return ((nibbles.astype(np.int8) ^ 8) - 8).astype(np.int8)
+    return nibbles
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(signal / noise) in dB, from powers (sums of
+    squares): +inf without noise, -inf for noise on a zero signal."""
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
