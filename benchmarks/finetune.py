@@ -55,8 +55,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import slimgraph as sg  # noqa: E402
+from slimgraph._tables import render_table  # noqa: E402
 from slimgraph.runtime.metrics import evaluate, load_data  # noqa: E402
-from slimgraph.tools.tables import render_table  # noqa: E402
 
 DATA = ROOT / "slimgraph" / "data"
 ACCURACY_MARGIN = 0.005  # 0.5 points

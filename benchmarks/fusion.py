@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx_ir as ir  # noqa: E402
 
 import slimgraph as sg  # noqa: E402
+from slimgraph._tables import render_table  # noqa: E402
 from slimgraph.passes import lossless, run_pipeline  # noqa: E402
 from slimgraph.passes.pipeline import node_count  # noqa: E402
 from slimgraph.runtime import benchmark, random_feeds  # noqa: E402
-from slimgraph.tools.tables import render_table  # noqa: E402
 
 NOISE_MARGIN = 0.03
 

@@ -42,10 +42,10 @@ import torch  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 import slimgraph as sg  # noqa: E402
+from slimgraph._tables import format_count, render_table  # noqa: E402
 from slimgraph.ir import analysis  # noqa: E402
 from slimgraph.passes.lowrank import FactorizeReport, fold_weights  # noqa: E402
 from slimgraph.runtime import benchmark, compare  # noqa: E402
-from slimgraph.tools.tables import format_count, render_table  # noqa: E402
 from tests import models as test_models  # noqa: E402
 
 NOISE_MARGIN = 0.03

@@ -42,10 +42,10 @@ import onnx_ir as ir  # noqa: E402
 import torch  # noqa: E402
 
 import slimgraph as sg  # noqa: E402
+from slimgraph._tables import format_count, render_table  # noqa: E402
 from slimgraph.ir import analysis  # noqa: E402
 from slimgraph.passes.prune import prepare_for_pruning  # noqa: E402
 from slimgraph.runtime import benchmark  # noqa: E402
-from slimgraph.tools.tables import format_count, render_table  # noqa: E402
 from tests import models as test_models  # noqa: E402
 
 RATIOS = (0.3, 0.5)

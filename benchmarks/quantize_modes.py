@@ -44,11 +44,11 @@ import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 
 import slimgraph as sg  # noqa: E402
+from slimgraph._tables import render_table  # noqa: E402
 from slimgraph.passes.precision import convert_fp16  # noqa: E402
 from slimgraph.passes.quantize.dynamic import DynamicQuantizePass, quantize_dynamic  # noqa: E402
 from slimgraph.passes.quantize.weight_only import quantize_weight_only  # noqa: E402
 from slimgraph.runtime import benchmark, compare, model_bytes  # noqa: E402
-from slimgraph.tools.tables import render_table  # noqa: E402
 
 NOISE_MARGIN = 0.03
 SEQ = 128

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
 import time
@@ -41,6 +43,7 @@ from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.runtime.feeds import input_specs
 from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
 from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.torch_backend._options import KD_KINDS, SCHEMES, TrainOptions
 
 if TYPE_CHECKING:
     from slimgraph.runtime.torch_backend._train import EpochRecord, History
@@ -49,6 +52,7 @@ __all__ = [
     "KD_KINDS",
     "SCHEMES",
     "FinetuneReport",
+    "FinetuneOptions",
     "finetune",
     "finetune_with_report",
     "resolve_value",
@@ -57,10 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Kept here too (without importing torch) so options are checked before torch loads.
-KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
-SCHEMES: tuple[str, ...] = ("offline", "online", "self")
 
 ModelLike = ir.Model | str | os.PathLike[str]
 DataLike = (
@@ -341,46 +341,103 @@ def _freeze(module: Any, initializers: Sequence[str]) -> None:
     logger.info("not trained (bias before BatchNorm, zero gradient): %s", sorted(frozen))
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions:
+    """The keywords of `finetune` and `finetune_with_report`: one list, one set of defaults.
+
+    Attributes:
+        labels, teacher, kd, scheme, epochs, batch_size, lr, val, seed, learn_scales: as
+            `finetune` describes them.
+        optimizer, weight_decay, schedule: "adamw" or "sgd", its weight decay, the learning-rate
+            schedule (see `torch_backend.TrainOptions`).
+        temperature, alpha: response KD: the softmax temperature, and the weight of the KD term
+            against the label loss.
+        feature_layers, feature_weight: feature KD: torch layer or value names (default every
+            top-level layer) and the loss weight.
+        relation_layer, relation_weights: relation KD: the layer or value (default the first
+            output) and the (distance, angle) weights.
+        ema_decay: the moving-average decay of scheme "self".
+        progress: a progress bar (None: only on a terminal).
+        on_epoch: called with each epoch's `EpochRecord`.
+    """
+
+    labels: str = DEFAULT_LABELS
+    teacher: ModelLike | None = None
+    kd: str | Sequence[str] = ("response",)
+    scheme: str = "offline"
+    epochs: int = TrainOptions.epochs
+    batch_size: int = TrainOptions.batch_size
+    lr: float = TrainOptions.lr
+    optimizer: str = TrainOptions.optimizer
+    weight_decay: float = TrainOptions.weight_decay
+    schedule: str = TrainOptions.schedule
+    temperature: float = TrainOptions.temperature
+    alpha: float = TrainOptions.alpha
+    feature_layers: Sequence[str] | None = None
+    feature_weight: float = TrainOptions.feature_weight
+    relation_layer: str | None = None
+    relation_weights: tuple[float, float] = TrainOptions.relation_weights
+    ema_decay: float = TrainOptions.ema_decay
+    val: DataLike | None = None
+    seed: int = TrainOptions.seed
+    learn_scales: bool = False
+    progress: bool | None = TrainOptions.progress
+    on_epoch: Callable[[EpochRecord], None] | None = None
+
+    @classmethod
+    def of(cls, function: str, keywords: Mapping[str, Any]) -> FinetuneOptions:
+        """The options from the keywords `function` was called with.
+
+        Raises:
+            TypeError: a keyword that is not an option (worded as Python words it).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in keywords:
+            if name not in known:
+                raise TypeError(f"{function}() got an unexpected keyword argument '{name}'")
+        return cls(**keywords)
+
+
+def _with_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Show the fields of `FinetuneOptions` as the keyword-only parameters of
+    `function(model, data, **options)` (`help()`, `inspect.signature`, recipe option checks)."""
+    signature = inspect.signature(function)
+    model_and_data = list(signature.parameters.values())[:2]
+    keywords = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type)
+        for f in dataclasses.fields(FinetuneOptions)
+    ]  # fmt: skip
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=model_and_data + keywords)
+    return function
+
+
+@_with_options
 def finetune_with_report(
-    model: ModelLike,
-    data: DataLike,
-    *,
-    labels: str = DEFAULT_LABELS,
-    teacher: ModelLike | None = None,
-    kd: str | Sequence[str] = ("response",),
-    scheme: str = "offline",
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    optimizer: str = "adamw",
-    weight_decay: float = 1e-4,
-    schedule: str = "cosine",
-    temperature: float = 4.0,
-    alpha: float = 0.5,
-    feature_layers: Sequence[str] | None = None,
-    feature_weight: float = 1.0,
-    relation_layer: str | None = None,
-    relation_weights: tuple[float, float] = (1.0, 2.0),
-    ema_decay: float = 0.99,
-    val: DataLike | None = None,
-    seed: int = 0,
-    learn_scales: bool = False,
-    progress: bool | None = None,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
+    model: ModelLike, data: DataLike, **options: Any
 ) -> tuple[ir.Model, FinetuneReport]:
     """`finetune`, also returning the `FinetuneReport` (history, metrics, what was matched).
 
-    Args: as for `finetune`, plus `on_epoch`, called with each epoch's `EpochRecord`.
+    Args: as for `finetune`; the keywords are the fields of `FinetuneOptions` (`on_epoch`
+    among them, called with each epoch's `EpochRecord`).
 
     Returns:
         (trained model, `FinetuneReport`).
 
-    Raises: as for `finetune`.
+    Raises: as for `finetune`, and TypeError for a keyword that is not an option.
     """
+    return _finetune(model, data, FinetuneOptions.of("finetune_with_report", options))
+
+
+def _finetune(
+    model: ModelLike, data: DataLike, o: FinetuneOptions
+) -> tuple[ir.Model, FinetuneReport]:
+    """`finetune_with_report` on parsed options."""
     start = time.perf_counter()
-    kinds = parse_kd(kd)
-    if scheme not in SCHEMES:
-        raise BadOptionError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
+    kinds = parse_kd(o.kd)
+    if o.scheme not in SCHEMES:
+        raise BadOptionError(f"unknown scheme '{o.scheme}' (choose from {', '.join(SCHEMES)})")
     require_torch()
     from slimgraph.runtime.torch_backend import lower, write_back
     from slimgraph.runtime.torch_backend._train import (
@@ -391,28 +448,23 @@ def finetune_with_report(
         StreamBatches,
         Taps,
         Teacher,
-        TrainOptions,
         Validation,
         train,
     )
 
-    options = TrainOptions(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, schedule=schedule, seed=seed, temperature=temperature,
-        alpha=alpha, feature_weight=feature_weight,
-        relation_weights=(float(relation_weights[0]), float(relation_weights[1])),
-        ema_decay=ema_decay, progress=progress,
-    )  # fmt: skip
+    trained_by = {f.name: getattr(o, f.name) for f in dataclasses.fields(TrainOptions)}
+    trained_by["relation_weights"] = (float(o.relation_weights[0]), float(o.relation_weights[1]))
+    options = TrainOptions(**trained_by)
     options.check()
     student_model = _as_model(model, "model")
-    teacher_model = None if teacher is None else _as_model(teacher, "teacher")
-    if scheme == "online" and teacher_model is None:
+    teacher_model = None if o.teacher is None else _as_model(o.teacher, "teacher")
+    if o.scheme == "online" and teacher_model is None:
         raise BadOptionError("scheme 'online' trains a teacher alongside: give a teacher model")
-    if scheme == "self" and teacher_model is not None:
+    if o.scheme == "self" and teacher_model is not None:
         raise BadOptionError(
             "scheme 'self' distils from the model's own moving average: give no teacher"
         )
-    if teacher_model is None and scheme == "offline":
+    if teacher_model is None and o.scheme == "offline":
         extra = [k for k in kinds if k != "response"]
         if extra:
             raise BadOptionError(
@@ -420,55 +472,55 @@ def finetune_with_report(
             )
     if teacher_model is not None:
         _check_same_inputs(student_model, teacher_model)
-    arrays, stream = _training_data(data, student_model, labels, epochs)
+    arrays, stream = _training_data(data, student_model, o.labels, o.epochs)
     _check_labels(arrays, student_model, arrays.source if arrays is not None else "data")
-    val_data = _validation_data(val, student_model, labels)
+    val_data = _validation_data(o.val, student_model, o.labels)
     _check_labels(val_data, student_model, val_data.source if val_data is not None else "val")
-    batches = (ArrayBatches(arrays, batch_size) if arrays is not None
-               else StreamBatches(stream, student_model, labels))  # type: ignore[arg-type]
+    batches = (ArrayBatches(arrays, o.batch_size) if arrays is not None
+               else StreamBatches(stream, student_model, o.labels))  # type: ignore[arg-type]
     if teacher_model is None and not batches.has_labels:
         source = arrays.source if arrays is not None else "data"
         raise BadOptionError(
-            f"nothing to learn from: {source} has no labels ('{labels}') and there is no teacher"
+            f"nothing to learn from: {source} has no labels ('{o.labels}') and there is no teacher"
         )
-    used = kinds if (teacher_model is not None or scheme == "self") else ()
+    used = kinds if (teacher_model is not None or o.scheme == "self") else ()
     # What the losses read, in the student and in the teacher.
     peer = teacher_model if teacher_model is not None else student_model
     logits = (student_model.graph.outputs[0].name or "", peer.graph.outputs[0].name or "")
     features: list[tuple[str, str]] = []
     if "feature" in used:
-        specs = list(feature_layers) if feature_layers else _default_feature_layers(
+        specs = list(o.feature_layers) if o.feature_layers else _default_feature_layers(
             student_model, peer)  # fmt: skip
         features = [(resolve_value(student_model, s, role="model"),
                      resolve_value(peer, s, role="teacher")) for s in specs]  # fmt: skip
     relation = None
     if "relation" in used:
-        relation = ((resolve_value(student_model, relation_layer, role="model"),
-                     resolve_value(peer, relation_layer, role="teacher"))
-                    if relation_layer else logits)  # fmt: skip
+        relation = ((resolve_value(student_model, o.relation_layer, role="model"),
+                     resolve_value(peer, o.relation_layer, role="teacher"))
+                    if o.relation_layer else logits)  # fmt: skip
     taps = Taps(logits, tuple(features), relation)
     graph_outputs = [v.name or "" for v in student_model.graph.outputs]
     extra = [s for s, _ in features if s not in graph_outputs]
     if relation is not None and relation[0] not in graph_outputs:
         extra.append(relation[0])
     extra = list(dict.fromkeys(extra))
-    student = lower(student_model, extra_outputs=extra, learn_scales=learn_scales)
+    student = lower(student_model, extra_outputs=extra, learn_scales=o.learn_scales)
     _freeze(student, biases_before_batchnorm(student_model))
     teacher_runner: Teacher | None = None
-    if scheme == "offline" and teacher_model is not None:
+    if o.scheme == "offline" and teacher_model is not None:
         ort_teacher = OrtTeacher(teacher_model, taps.teacher_names())
-        if arrays is not None and epochs > 0:
+        if arrays is not None and o.epochs > 0:
             ort_teacher.cache(arrays)
         teacher_runner = ort_teacher
-    elif scheme == "online":
+    elif o.scheme == "online":
         assert teacher_model is not None
         peer_graph = [v.name or "" for v in teacher_model.graph.outputs]
         peer_extra = [t for t in taps.teacher_names() if t not in peer_graph]
         peer_module = lower(teacher_model, extra_outputs=peer_extra)
         _freeze(peer_module, biases_before_batchnorm(teacher_model))
         teacher_runner = ModuleTeacher(peer_module)
-    elif scheme == "self":
-        teacher_runner = EmaTeacher(student, ema_decay)
+    elif o.scheme == "self":
+        teacher_runner = EmaTeacher(student, o.ema_decay)
     validation = None
     teacher_val = None
     if val_data is not None:
@@ -481,17 +533,17 @@ def finetune_with_report(
             teacher_val = evaluate(teacher_model, val_data).accuracy
         validation = Validation(val_data, graph_outputs, reference)
     history = train(student, batches, options, taps=taps, kd=used, teacher=teacher_runner,
-                    validation=validation, on_epoch=on_epoch)  # fmt: skip
+                    validation=validation, on_epoch=o.on_epoch)  # fmt: skip
     trained = write_back(student_model, student)
     report = FinetuneReport(
-        scheme=scheme,
+        scheme=o.scheme,
         kd=tuple(k for k in used if k != "feature" or features),
-        epochs=epochs,
+        epochs=o.epochs,
         samples=arrays.samples if arrays is not None else None,
         features=features,
         relation=relation,
         qat=_is_qdq(student_model),
-        learn_scales=learn_scales,
+        learn_scales=o.learn_scales,
         teacher_val=teacher_val,
         history=history,
         seconds=time.perf_counter() - start,
@@ -499,22 +551,8 @@ def finetune_with_report(
     return trained, report
 
 
-def finetune(
-    model: ModelLike,
-    data: DataLike,
-    *,
-    labels: str = DEFAULT_LABELS,
-    teacher: ModelLike | None = None,
-    kd: str | Sequence[str] = ("response",),
-    scheme: str = "offline",
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    val: DataLike | None = None,
-    seed: int = 0,
-    learn_scales: bool = False,
-    **options: Any,
-) -> ir.Model:
+@_with_options
+def finetune(model: ModelLike, data: DataLike, **options: Any) -> ir.Model:
     """Train a copy of `model` on labels and/or a teacher and return it (the input is untouched).
 
     Args:
@@ -532,9 +570,9 @@ def finetune(
             input model) without labels, before training and after every epoch.
         seed: same seed, same result.
         learn_scales: learn activation quantization scales (LSQ) in QAT.
-        **options: optimizer, weight_decay, schedule, temperature, alpha, feature_layers,
-            feature_weight, relation_layer, relation_weights, ema_decay, progress, on_epoch
-            (see `finetune_with_report`).
+        **options: also optimizer, weight_decay, schedule, temperature, alpha,
+            feature_layers, feature_weight, relation_layer, relation_weights, ema_decay,
+            progress, on_epoch: the fields of `FinetuneOptions`, where each is described.
 
     Returns:
         The trained model: same graph, names, metadata and op multiset; new initializer values.
@@ -552,8 +590,5 @@ def finetune(
         >>> recovered = sg.finetune(pruned, "train.npz", teacher=original, epochs=10)
         ... # doctest: +SKIP
     """
-    trained, _ = finetune_with_report(
-        model, data, labels=labels, teacher=teacher, kd=kd, scheme=scheme, epochs=epochs,
-        batch_size=batch_size, lr=lr, val=val, seed=seed, learn_scales=learn_scales, **options,
-    )  # fmt: skip
+    trained, _ = _finetune(model, data, FinetuneOptions.of("finetune", options))
     return trained

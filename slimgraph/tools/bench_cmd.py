@@ -9,12 +9,21 @@ the same seed, so models with the same inputs see the same values.
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._tables import emit, format_shape, to_json
 from slimgraph.errors import BadDataError, BadOptionError
-from slimgraph.tools.compare_cmd import ORT_ERRORS, first_line, open_session, positive_int
-from slimgraph.tools.tables import emit, format_shape, to_json
+from slimgraph.tools._common import add_json_option
+from slimgraph.tools.compare_cmd import (
+    ORT_ERRORS,
+    add_batch_option,
+    checked_batch,
+    first_line,
+    open_session,
+    positive_int,
+)
 
 __all__ = ["register"]
 
@@ -30,11 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "models", metavar="MODEL", nargs="+", help=".onnx files; the first is the baseline"
     )
-    parser.add_argument(
-        "--batch", type=positive_int, default=None,
-        help="rows per run: the symbolic batch dimension's value (default 1); an error for a "
-        "model with a fixed batch",
-    )  # fmt: skip
+    add_batch_option(parser, "rows per run: the symbolic batch dimension's value (default 1); an "
+                     "error for a model with a fixed batch")
     parser.add_argument(
         "--rounds", type=positive_int, default=20, help="measured rounds (default 20)"
     )
@@ -51,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="onnxruntime graph optimization level (default all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -59,11 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise BadOptionError(f"--warmup must be 0 or more, got {args.warmup}")
     models = [sg_ir.load(path) for path in args.models]
-    if args.batch is not None:
-        for model, path in zip(models, args.models, strict=True):
-            runtime.check_batch(model, args.batch, label=path)
-    else:
-        args.batch = 1
+    args.batch = checked_batch(args.batch, list(zip(models, args.models, strict=True)),
+                               lambda: 1)  # fmt: skip
     labels = _labels(args.models)
     feeds = [runtime.random_feeds(m, batch=args.batch, seed=args.seed) for m in models]
     sessions = [
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.json:
         data = result.to_dict()
-        for entry, path, shape in zip(data["models"], args.models, shapes, strict=True):
+        entries = cast(list[dict[str, object]], data["models"])
+        for entry, path, shape in zip(entries, args.models, shapes, strict=True):
             entry["path"] = path
             entry["inputs"] = shape
         data["batch"] = args.batch

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import onnx_ir as ir
@@ -22,12 +22,14 @@ import onnxruntime as ort
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError
 from slimgraph.runtime import metrics
-from slimgraph.tools.tables import emit, to_json
+from slimgraph.tools._common import add_json_option
 
 __all__ = [
-    "register", "open_session", "positive_int", "ORT_ERRORS", "first_line", "random_data_note",
+    "register", "open_session", "positive_int", "add_batch_option", "checked_batch", "ORT_ERRORS",
+    "first_line", "random_data_note",
 ]
 
 # onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, ...): plain Exceptions.
@@ -49,6 +51,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_batch_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """Add `--batch N` (rows per run, at least 1; default None: the command's own default)."""
+    parser.add_argument("--batch", type=positive_int, default=None, help=help)
+
+
+def checked_batch(
+    batch: int | None, models: Sequence[tuple[ir.Model, str]], default: Callable[[], int]
+) -> int:
+    """`--batch` when given, checked against each (model, label)'s fixed batch dimension;
+    else `default()`.
+
+    Raises:
+        BadOptionError: a model whose batch dimension is fixed to another size.
+    """
+    if batch is None:
+        return default()
+    for model, label in models:
+        runtime.check_batch(model, batch, label=label)
+    return batch
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compare",
@@ -65,11 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--labels", metavar="KEY", default=metrics.DEFAULT_LABELS,
         help="key of the class labels in --data (default 'labels'): top-1 accuracy and drop",
     )
-    parser.add_argument(
-        "--batch", type=positive_int, default=None,
-        help="rows per run (default 8, or the model's fixed batch); an error for a model with "
-        "another fixed batch",
-    )  # fmt: skip
+    add_batch_option(parser, "rows per run (default 8, or the model's fixed batch); an error for "
+                     "a model with another fixed batch")
     parser.add_argument(
         "--samples",
         type=positive_int,
@@ -78,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -86,13 +106,9 @@ def run(args: argparse.Namespace) -> int:
     reference = sg_ir.load(args.reference)
     candidate = sg_ir.load(args.candidate)
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
-    if args.batch is not None:
-        runtime.check_batch(reference, args.batch, label=args.reference)
-        runtime.check_batch(candidate, args.batch, label=args.candidate)
-    else:  # 8 rows, or the reference's fixed batch
-        fixed = [s.shape[0] for s in runtime.input_specs(reference)
-                 if s.shape and isinstance(s.shape[0], int)]  # fmt: skip
-        args.batch = fixed[0] if fixed else 8
+    args.batch = checked_batch(args.batch, [(reference, args.reference),
+                                            (candidate, args.candidate)],
+                               lambda: _fixed_batch(reference, 8))  # fmt: skip
     data = None
     random_note = ""
     feeds: Iterable[Any]
@@ -196,7 +212,7 @@ def open_session(
     """An onnxruntime session, or one clear line naming the model onnxruntime cannot load."""
     try:
         return runtime.create_session(model, threads=threads, optimization=optimization)
-    except (RuntimeError, *ORT_ERRORS) as error:
+    except (RuntimeError, *ORT_ERRORS) as error:  # type: ignore[misc]  # mypy: star in a tuple
         raise UnsupportedModelError(
             f"{label}: onnxruntime cannot load the model: {first_line(error)}"
         ) from None
@@ -215,6 +231,13 @@ def _check_same_inputs(
             f"{runtime.feeds.describe_inputs(cand_specs)} vs "
             f"{runtime.feeds.describe_inputs(ref_specs)}"
         )
+
+
+def _fixed_batch(model: ir.Model, otherwise: int) -> int:
+    """The batch size of the model's first input with a fixed one, else `otherwise`."""
+    fixed = [s.shape[0] for s in runtime.input_specs(model)
+             if s.shape and isinstance(s.shape[0], int)]  # fmt: skip
+    return fixed[0] if fixed else otherwise
 
 
 def first_line(error: BaseException) -> str:

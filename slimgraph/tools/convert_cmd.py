@@ -8,12 +8,13 @@ sizes and what was converted; `--json` prints one object. Written atomically, ne
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import cast
 
 from slimgraph import ir as sg_ir
-from slimgraph.errors import BadOptionError, OutputPathError
-from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass
-from slimgraph.tools.tables import emit, format_bytes, render_fields, to_json
+from slimgraph._tables import emit, format_bytes, render_fields, to_json
+from slimgraph.errors import BadOptionError
+from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass, Fp16Result
+from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths
 
 __all__ = ["register", "run"]
 
@@ -28,33 +29,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"{', '.join(DEFAULT_KEEP_OPS)} unless --keep-op names others."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser)
     parser.add_argument("--fp16", action="store_true", help="convert to float16 (required)")
     parser.add_argument("--keep-op", dest="keep_ops", action="append", default=None, metavar="OP",
                         help="op type kept in float32 (repeatable; replaces the default list; "
                              "--keep-op none keeps nothing)")  # fmt: skip
     parser.add_argument("--fp16-io", dest="fp16_io", action="store_true",
                         help="make float32 model inputs and outputs float16 too")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.fp16:
         raise BadOptionError("say which precision to convert to: --fp16")
-    source, target = Path(args.model), Path(args.output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise OutputPathError(f"{target}: refusing to write over the input model")
+    source, target = output_paths(args)
     keep_ops: tuple[str, ...] = DEFAULT_KEEP_OPS
     if args.keep_ops is not None:
         names = [name for entry in args.keep_ops for name in entry.split(",") if name]
         keep_ops = () if [n.lower() for n in names] == ["none"] else tuple(names)
     model = sg_ir.load(source)
     size_before = sg_ir.size_on_disk(source, model)
-    result = Fp16Pass(keep_io_types=not args.fp16_io, keep_ops=keep_ops)(model)
+    result = cast(Fp16Result, Fp16Pass(keep_io_types=not args.fp16_io, keep_ops=keep_ops)(model))
     sg_ir.save(result.model, target)
     size_after = sg_ir.size_on_disk(target)
+    kept = sorted(set(result.kept_nodes))
     summary = {
         "input": str(source),
         "output": str(target),
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         "size_ratio": size_after / size_before if size_before else None,
         "converted_nodes": result.converted_nodes,
         "converted_initializers": result.converted_initializers,
-        "kept_float32": sorted(set(result.kept_nodes)),
+        "kept_float32": kept,
         "keep_ops": list(keep_ops),
         "casts_inserted": result.casts_inserted,
         "clipped_values": result.clipped_values,
@@ -71,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit(to_json(summary))
         return 0
-    kept = summary["kept_float32"]
     emit(
         f"wrote {target}\n"
         + render_fields(

@@ -30,12 +30,13 @@ import onnx_ir as ir
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph._optional import require_torch
+from slimgraph._tables import emit, format_bytes, render_table, to_json
 from slimgraph.errors import OutputPathError
 from slimgraph.passes.pipeline import optimize
 from slimgraph.passes.prune import prune_with_report
 from slimgraph.passes.quantize import quantize
 from slimgraph.runtime.finetune import finetune_with_report
-from slimgraph.tools.tables import emit, format_bytes, render_table, to_json
+from slimgraph.tools._common import add_json_option
 
 __all__ = ["register", "run", "bundled", "STAGES"]
 
@@ -73,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="distillation epochs for the pruned model (default 5)")
     parser.add_argument("--qat-epochs", dest="qat_epochs", type=int, default=1,
                         help="quantization-aware training epochs (default 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 

@@ -10,16 +10,15 @@ import argparse
 from dataclasses import dataclass
 
 from slimgraph import ir as sg_ir
-from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
-from slimgraph.tools.tables import (
-    emit,
+from slimgraph._tables import (
     format_bytes,
     format_count,
     format_ratio,
     format_shape,
     render_table,
-    to_json,
 )
+from slimgraph.tools._common import add_json_option, print_result
+from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
 
@@ -95,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("a", metavar="A", help="the model before")
     parser.add_argument("b", metavar="B", help="the model after")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.add_argument(
         "--dim", action="append", metavar="NAME=VALUE", help="symbolic dimension value for MACs"
     )
@@ -107,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     a = summarize(sg_ir.load(args.a), args.a, dims=dims)
     b = summarize(sg_ir.load(args.b), args.b, dims=dims)
     result = diff_summaries(a, b)
-    emit(to_json(result.to_dict()) if args.json else render_diff(result))
-    return 0
+    return print_result(args, result.to_dict(), render_diff(result))
 
 
 def diff_summaries(a: ModelSummary, b: ModelSummary) -> ModelDiff:
@@ -124,7 +122,7 @@ def diff_summaries(a: ModelSummary, b: ModelSummary) -> ModelDiff:
         if a.opset.get(domain) != b.opset.get(domain)
     }
     before, after = a.initializers, b.initializers
-    initializers = {
+    initializers: dict[str, list] = {
         "added": [
             (n, after[n].dtype, after[n].shape) for n in sorted(after.keys() - before.keys())
         ],

@@ -9,24 +9,15 @@ atomically, never over the input.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Literal
 
-from slimgraph import ir as sg_ir
-from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph._tables import format_count, format_ratio, render_table
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
 from slimgraph.runtime import iter_batches
-from slimgraph.runtime.metrics import load_data
-from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
-from slimgraph.tools.report import (
-    MAX_BARS,
-    add_report_option,
-    before_after,
-    check_report_dir,
-    command_line,
-    model_figures,
-    write_report,
-)
-from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools.budget_args import add_budget_arguments
+from slimgraph.tools.report import MAX_BARS, add_report_option
 
 __all__ = ["register", "run", "format_report"]
 
@@ -44,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "their ranks."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser)
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--rank-ratio", dest="rank_ratio", type=float, metavar="R",
                       help="keep round(R * min(n, m)) singular values, R in (0, 1]")  # fmt: skip
@@ -68,15 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sample inputs: report output fidelity and per-layer SQNR")
     parser.add_argument("--samples", type=int, default=8, metavar="N",
                         help="use at most N samples of --data (default 8)")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_report_option(parser, "per-layer ranks, size, parameters and MACs before/after")
     add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
 
-def _rank(text: str | None) -> int | str | None:
-    if text is None or text == "auto":
-        return text
+def _rank(text: str | None) -> int | Literal["auto"] | None:
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
     try:
         return int(text)
     except ValueError:
@@ -84,66 +76,55 @@ def _rank(text: str | None) -> int | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise OutputPathError(f"{target}: refusing to write over the input model")
-    if args.samples < 1:
-        raise BadOptionError(f"--samples must be >= 1, got {args.samples}")
-    rank = _rank(args.rank)
-    if rank is None and all(
-        getattr(args, name) is None for name in ("rank_ratio", "energy", "error_budget")
-    ):
-        raise BadOptionError(
-            "give a rank rule: --rank-ratio R, --energy E, --error-budget B or --rank auto|K"
-        )
-    report_dir = check_report_dir(args.report)
-    model = sg_ir.load(source)
-    feeds = None
-    judge = judge_from_args(args, model, data_for_budget=False)
-    if args.data is not None:
-        data = judge.data if judge is not None else load_data(args.data, model,
-                                                               labels=args.labels)
-        feeds = [batch for _, batch in zip(range(args.samples),
-                                           iter_batches(data.feeds, 1, model), strict=False)]
+    rank: int | Literal["auto"] | None = None
+
+    def check() -> None:
+        nonlocal rank
+        if args.samples < 1:
+            raise BadOptionError(f"--samples must be >= 1, got {args.samples}")
+        rank = _rank(args.rank)
+        if rank is None and all(
+            getattr(args, name) is None for name in ("rank_ratio", "energy", "error_budget")
+        ):
+            raise BadOptionError(
+                "give a rank rule: --rank-ratio R, --energy E, --error-budget B or --rank auto|K"
+            )
+
+    job = Compression(args, check=check, data_for_budget=False)
+    data = job.data()
+    feeds = None if data is None else [
+        batch for _, batch in zip(range(args.samples), iter_batches(data.feeds, 1, job.model),
+                                  strict=False)]  # fmt: skip
     factorized, report = factorize_with_report(
-        model,
+        job.model,
         rank_ratio=args.rank_ratio,
         energy=args.energy,
         error_budget=args.error_budget,
-        rank=rank,  # type: ignore[arg-type]
+        rank=rank,
         include=args.include,
         exclude=args.exclude,
         op_types=tuple(args.op_types) if args.op_types else ("Gemm", "MatMul", "Conv"),
         feeds=feeds,
         pointwise_convs=args.pointwise_convs,
-        data=None if judge is None else judge.data,
-        budget=None if judge is None else judge.budget,
+        data=job.budget_data,
+        budget=job.budget,
     )
-    sg_ir.save(factorized, target)
-    result = {"input": str(source), "output": str(target), **report.to_dict()}
-    text = f"wrote {target}\n" + format_report(report)
-    if report.budget_search is not None and judge is not None and report.evaluation:
-        text += "\n" + report.budget_search.summary()
-        text += "\n" + describe_evaluation(report.evaluation, judge)
-    if report_dir is not None:
-        page = _page(args, result, report, model_figures(model, source),
-                     model_figures(factorized, target))
-        write_report(report_dir, page, text=text)
-    emit(to_json(result) if args.json else text)
-    return 0
+    job.write(factorized)
+    result = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
+    search = report.budget_search
+    lines = [f"wrote {job.target}", format_report(report)]
+    if search is not None and report.evaluation:
+        lines += job.budget_lines(report.evaluation, search)
+    return job.finish(result, "\n".join(lines), lambda figures: _page(job, result, report,
+                                                                     figures))
 
 
 def _page(
-    args: argparse.Namespace,
-    data: dict[str, object],
-    report: FactorizeReport,
-    before: dict[str, int],
-    after: dict[str, int],
+    job: Compression, data: dict[str, object], report: FactorizeReport, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): per-layer ranks, figures before/after."""
-    figures, ratio_plot = before_after(before, after)
     summary: dict[str, object] = {"factorized layers": len(report.layers),
-                                  "skipped layers": len(report.skipped), **figures}
+                                  "skipped layers": len(report.skipped), **figures[0]}
     if report.fidelity is not None:
         summary["output cosine"] = f"{report.fidelity.worst_cosine:.5f}"
     rows = report.layers[:MAX_BARS]
@@ -159,16 +140,17 @@ def _page(
         "description": "Torch layer names; SVD: rank k of W (n x m) against min(n, m); Tucker-2: "
                        "output rank against the output channels.",
     }]
-    plots.append(ratio_plot)
-    table = {"title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
+    plots.append(figures[1])
+    table: dict[str, object] = {
+             "title": "Factorized layers", "columns": ["layer", "op", "method", "weight", "rank",
              "params before", "params after", "weight error", "output SQNR dB"],
              "rows": [[r.layer, r.op_type, r.method, "x".join(str(d) for d in r.shape),
                        "/".join(str(k) for k in r.rank), r.params_before, r.params_after,
                        r.weight_error, r.output_sqnr_db] for r in report.layers]}
-    skipped = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
+    skipped: dict[str, object] = {"title": "Skipped layers", "columns": ["node", "op", "reason"],
                "rows": [[s.node, s.op_type, s.reason] for s in report.skipped]}
-    return {"title": f"Factorize {Path(args.model).name}", "command": command_line(args),
-            "summary": summary, "plots": plots, "tables": [table, skipped], "result": data}
+    return job.page("Factorize", summary=summary, plots=plots,
+                       tables=[table, skipped], result=data)  # fmt: skip
 
 
 def _count(value: int | None) -> str:

@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph import ir as sg_ir
+from slimgraph._tables import render_table
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
+from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths, print_result
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
-from slimgraph.tools.report import (
-    add_report_option,
-    check_report_dir,
-    command_line,
-    write_report,
-)
-from slimgraph.tools.tables import emit, render_table, to_json
+from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
 __all__ = ["register", "run", "format_report", "report_dict"]
 
@@ -42,8 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trained quantization-aware and keeps its op types and counts."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model to train")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser, "the .onnx model to train")
     parser.add_argument("--data", required=True, metavar="TRAIN.npz",
                         help="training data: the model's inputs (+ labels) stacked on axis 0")
     parser.add_argument("--labels", default="labels", metavar="KEY",
@@ -82,23 +77,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed: same seed, same result")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no progress bar (it shows only on a terminal anyway)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_budget_arguments(parser, data=False, labels=False, data_flag="--val",
                          reference="the teacher (else the input model)")
     add_report_option(parser, "the training curves")
     parser.set_defaults(handler=run)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
-
-
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.output)
-    for other, what in ((source, "the input model"),
-                        (Path(args.teacher) if args.teacher else None, "the teacher")):
-        if other is not None and _same_file(target, other):
-            raise OutputPathError(f"{target}: refusing to write over {what}")
+    source, target = output_paths(args, [(args.teacher, "the teacher")])
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{target}: the folder '{folder}' does not exist")
@@ -144,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if report_dir is not None:  # the page renders before anything is written
         write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
     sg_ir.save(trained, target)
-    emit(to_json(data) if args.json else text)
-    return 0
+    return print_result(args, data, text)
 
 
 def _metric(value: float | None, name: str | None) -> str:

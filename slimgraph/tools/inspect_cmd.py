@@ -8,16 +8,15 @@ from __future__ import annotations
 import argparse
 
 from slimgraph import ir as sg_ir
-from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
-from slimgraph.tools.tables import (
-    emit,
+from slimgraph._tables import (
     format_bytes,
     format_count,
     format_shape,
     render_fields,
     render_table,
-    to_json,
 )
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
+from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "render_summary"]
 
@@ -28,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="nodes, op histogram, parameters, size, MACs, inputs/outputs, opset",
         description="Summarize an ONNX model without reading its weights.",
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx file")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_model_arguments(parser, "the .onnx file", output=False)
+    add_json_option(parser)
     parser.add_argument(
         "--dim",
         action="append",
@@ -43,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     model = sg_ir.load(args.model)
     summary = summarize(model, args.model, dims=dims)
-    emit(to_json(summary.to_dict()) if args.json else render_summary(summary))
-    return 0
+    return print_result(args, summary.to_dict(), render_summary(summary))
 
 
 def render_summary(summary: ModelSummary) -> str:

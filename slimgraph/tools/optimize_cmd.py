@@ -11,26 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph import ir as sg_ir
 from slimgraph import runtime
-from slimgraph.errors import BadOptionError, OutputPathError
-from slimgraph.passes.pipeline import (
-    PipelineResult,
-    describe_passes,
-    node_count,
-    optimize_report,
-)
+from slimgraph._tables import emit, render_table
+from slimgraph.errors import BadOptionError
+from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count, optimize_report
 from slimgraph.runtime.metrics import load_data
-from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
-from slimgraph.tools.report import (
-    add_report_option,
-    before_after,
-    check_report_dir,
-    command_line,
-    model_figures,
-    write_report,
-)
-from slimgraph.tools.tables import emit, render_table, to_json
+from slimgraph.tools._common import Compression, Figures, add_json_option
+from slimgraph.tools.budget_args import add_budget_arguments
+from slimgraph.tools.report import add_report_option, command_line
 
 __all__ = ["register"]
 
@@ -81,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-verify", dest="verify", action="store_false", help="skip onnxruntime checks"
     )
     add_report_option(parser, "what each pass did: time, nodes, fidelity")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_budget_arguments(parser, data=False)
     parser.set_defaults(handler=run)
 
@@ -93,20 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None or args.output is None:
         missing = [n for n, v in (("MODEL", args.model), ("-o/--output", args.output)) if not v]
         raise BadOptionError(f"the following arguments are required: {', '.join(missing)}")
-    source = Path(args.model)
-    target = Path(args.output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise OutputPathError(f"{target}: refusing to write over the input model")
-    report_dir = check_report_dir(args.report)
-    model = sg_ir.load(source)
-    feeds = None
-    judge = judge_from_args(args, model, data_for_budget=False)
-    data = None
-    if args.data:
-        data = judge.data if judge is not None else load_data(args.data, model,
-                                                               labels=args.labels)
-        feeds = [batch for _, batch in zip(range(4), runtime.iter_batches(data.feeds, 8, model),
-                                           strict=False)]
+    job = Compression(args, data_for_budget=False)
+    model = job.model
+    data = job.data()
+    feeds = None if data is None else [
+        batch for _, batch in zip(range(4), runtime.iter_batches(data.feeds, 8, model),
+                                  strict=False)]  # fmt: skip
     calibration = load_data(args.calib, model).feeds if args.calib else None  # labels ignored
     before = node_count(model)
     result = optimize_report(
@@ -118,30 +98,25 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         calibration=calibration,
         data=data,
-        budget=None if judge is None else judge.budget,
+        budget=job.budget,
     )
-    sg_ir.save(result.model, target)
+    job.write(result.model)
     after = node_count(result.model)
     data_out = result.to_dict()
     data_out.update(
-        {"input": str(source), "output": str(target), "nodes_before": before,
+        {"input": str(job.source), "output": str(job.target), "nodes_before": before,
          "nodes_after": after, "verified": args.verify}
     )
-    text = _render(result, before, after, target, args.verify)
-    if result.evaluation is not None and judge is not None:
-        text += "\n" + describe_evaluation(result.evaluation, judge)
-    if report_dir is not None:
-        figures = before_after(model_figures(model, source), model_figures(result.model, target))
-        write_report(report_dir, _page(args, data_out, result, figures), text=text)
-    emit(to_json(data_out) if args.json else text)
-    return 0
+    text = "\n".join([_render(result, before, after, job.target, args.verify),
+                      *job.budget_lines(result.evaluation)])  # fmt: skip
+    return job.finish(data_out, text, lambda figures: _page(args, data_out, result, figures))
 
 
 def _page(
     args: argparse.Namespace,
     data: dict[str, object],
     result: PipelineResult,
-    figures: tuple[dict[str, str], dict[str, object]],
+    figures: Figures,
 ) -> dict[str, object]:
     """The report dict (tools.report schema): time and nodes per pass, figures before/after.
 

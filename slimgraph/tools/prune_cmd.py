@@ -8,23 +8,13 @@ zeroes weights instead and prints the sparsity per layer. Written atomically, ne
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from slimgraph import ir as sg_ir
-from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph._tables import format_count, format_ratio, render_table
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
-from slimgraph.runtime.metrics import load_data
-from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
-from slimgraph.tools.report import (
-    MAX_BARS,
-    add_report_option,
-    before_after,
-    check_report_dir,
-    command_line,
-    model_figures,
-    write_report,
-)
-from slimgraph.tools.tables import emit, format_count, format_ratio, render_table, to_json
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools.budget_args import add_budget_arguments
+from slimgraph.tools.report import MAX_BARS, add_report_option
 
 __all__ = ["register", "run", "format_report"]
 
@@ -41,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "consumer needs the full width."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser)
     parser.add_argument("--ratio", type=float, default=None,
                         help="fraction to remove, in (0, 1)")  # fmt: skip
     parser.add_argument("--target-macs", dest="target_macs", type=float, default=None,
@@ -67,73 +56,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unstructured", action="store_true",
                         help="zero the smallest weights instead of removing channels")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_report_option(parser, "channels kept per layer, size, parameters and MACs before/after")
     add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise OutputPathError(f"{target}: refusing to write over the input model")
-    if args.ratio is None and args.target_macs is None:
-        raise BadOptionError("give --ratio R or --target-macs R")
-    report_dir = check_report_dir(args.report)
-    model = sg_ir.load(source)
-    judge = judge_from_args(args, model, data_for_budget=args.target_macs is None)
+    def check() -> None:
+        if args.ratio is None and args.target_macs is None:
+            raise BadOptionError("give --ratio R or --target-macs R")
+
+    job = Compression(args, check=check, data_for_budget=args.target_macs is None)
     pruned, report = prune_with_report(
-        model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
+        job.model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
         round_to=args.round_to, pad=args.pad, exclude=args.exclude,
         exclude_ops=args.exclude_ops, unstructured=args.unstructured,
         prune_outputs=args.prune_outputs, seed=args.seed,
-        target_macs=args.target_macs,
-        data=judge.data if judge is not None else (
-            load_data(args.data, model, labels=args.labels) if args.data else None),
-        budget=None if judge is None else judge.budget,
+        target_macs=args.target_macs, data=job.data(), budget=job.budget,
     )  # fmt: skip
-    sg_ir.save(pruned, target)
-    data = {"input": str(source), "output": str(target), **report.to_dict()}
-    text = f"wrote {target}\n" + format_report(report)
-    if report.evaluation is not None and judge is not None:
-        text += "\n" + describe_evaluation(report.evaluation, judge)
-    if report_dir is not None:
-        page = _page(args, data, report, model_figures(model, source),
-                     model_figures(pruned, target))
-        write_report(report_dir, page, text=text)
-    emit(to_json(data) if args.json else text)
-    return 0
+    job.write(pruned)
+    data = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
+    text = "\n".join([f"wrote {job.target}", format_report(report),
+                      *job.budget_lines(report.evaluation)])  # fmt: skip
+    return job.finish(data, text, lambda figures: _page(job, data, report, figures))
 
 
 def _page(
-    args: argparse.Namespace,
-    data: dict[str, object],
-    report: PruneReport,
-    before: dict[str, int],
-    after: dict[str, int],
+    job: Compression, data: dict[str, object], report: PruneReport, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): channels kept per layer, figures before/after."""
-    figures, ratio_plot = before_after(before, after)
     summary: dict[str, object] = {
-        "ratio": f"{report.ratio:g} ({report.criterion}, {report.scope})", **figures}
+        "ratio": f"{report.ratio:g} ({report.criterion}, {report.scope})", **figures[0]}
     plots: list[dict[str, object]] = []
     tables: list[dict[str, object]] = []
     if report.unstructured:
-        rows = report.sparsity[:MAX_BARS]
+        sparsity = report.sparsity[:MAX_BARS]
         plots.append({"kind": "barh", "title": "Sparsity per layer (zeroed weights)",
                       "x_label": "fraction of weights that are zero",
-                      "series": [{"name": "sparsity", "x": [s.layer for s in rows],
-                                  "y": [s.sparsity for s in rows]}]})
+                      "series": [{"name": "sparsity", "x": [s.layer for s in sparsity],
+                                  "y": [s.sparsity for s in sparsity]}]})
         tables.append({"title": "Sparsity per layer", "columns": ["layer", "op", "weights",
                        "zeros", "sparsity"], "rows": [[s.layer, s.op_type, s.elements, s.zeros,
                        s.sparsity] for s in report.sparsity]})
     else:
-        rows = report.layers[:MAX_BARS]
-        names = [layer.layer for layer in rows]
+        layers = report.layers[:MAX_BARS]
+        names = [layer.layer for layer in layers]
         plots.append({
             "kind": "barh", "title": "Output channels per layer", "x_label": "channels",
-            "series": [{"name": "before", "x": names, "y": [layer.before for layer in rows]},
-                       {"name": "kept", "x": names, "y": [layer.after for layer in rows]}],
+            "series": [{"name": "before", "x": names, "y": [layer.before for layer in layers]},
+                       {"name": "kept", "x": names, "y": [layer.after for layer in layers]}],
             "description": "Torch layer names; channels coupled by residual adds, concats or "
                            "depthwise convs are kept or removed together.",
         })
@@ -144,9 +116,8 @@ def _page(
         tables.append({"title": "Channel groups", "columns": ["id", "channels", "kept",
                        "producers", "note"], "rows": [[g.id, g.channels, g.kept,
                        ", ".join(g.producers), g.reason or ""] for g in report.groups]})
-    plots.append(ratio_plot)
-    return {"title": f"Prune {Path(args.model).name}", "command": command_line(args),
-            "summary": summary, "plots": plots, "tables": tables, "result": data}
+    plots.append(figures[1])
+    return job.page("Prune", summary=summary, plots=plots, tables=tables, result=data)
 
 
 def format_report(report: PruneReport) -> str:

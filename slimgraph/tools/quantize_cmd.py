@@ -8,25 +8,20 @@ prints one object instead. The output is written atomically, never over the inpu
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Literal, cast
+
+import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
-from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph._tables import format_bytes
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.runtime.histogram import METHODS
-from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation, judge_from_args
-from slimgraph.tools.report import (
-    MAX_BARS,
-    add_report_option,
-    before_after,
-    check_report_dir,
-    command_line,
-    model_figures,
-    write_report,
-)
-from slimgraph.tools.tables import emit, format_bytes, to_json
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools.budget_args import add_budget_arguments
+from slimgraph.tools.report import MAX_BARS, add_report_option
 
 __all__ = ["register", "run"]
 
@@ -41,8 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "their node names can be passed to --exclude."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the float .onnx model")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the output .onnx")
+    add_model_arguments(parser, "the float .onnx model")
     parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
                         help="default: static with --calib, else dynamic")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -89,36 +83,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=32, help="calibration rows per run")
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_report_option(parser, "per-tensor SQNR, size before and after")
     add_budget_arguments(parser)
     parser.set_defaults(handler=run)
 
 
+Mode = Literal["static", "dynamic", "weight-only"]
+
+
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve():
-        raise OutputPathError(f"{target}: refusing to write over the input model")
-    if args.batch < 1:
-        raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
-    report_dir = check_report_dir(args.report)
-    if args.zero_shot and args.calib:
-        raise BadOptionError("--zero-shot synthesizes the calibration data: leave out --calib")
-    mode = args.mode or ("static" if args.calib or args.zero_shot else "dynamic")
-    if mode != "static" and (args.calib or args.zero_shot):
-        option = "--calib" if args.calib else "--zero-shot"
-        raise BadOptionError(f"{option} is only used by static quantization, not --mode {mode}")
+    def check() -> None:
+        if args.batch < 1:
+            raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
+        if args.zero_shot and args.calib:
+            raise BadOptionError("--zero-shot synthesizes the calibration data: leave out --calib")
+        if _mode(args) != "static" and (args.calib or args.zero_shot):
+            option = "--calib" if args.calib else "--zero-shot"
+            raise BadOptionError(
+                f"{option} is only used by static quantization, not --mode {_mode(args)}"
+            )
+
+    job = Compression(args, check=check)
+    mode = _mode(args)
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
-    fmt_label = "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt
-    model = sg_ir.load(source)
-    judge = judge_from_args(args, model)
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
         from slimgraph.runtime.torch_backend import zero_shot_calibration
 
-        calibration = zero_shot_calibration(model, samples=args.zero_shot_samples)
+        calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
     quantized = quantize(
-        model,
+        job.model,
         calibration=calibration,  # type: ignore[arg-type]
         mode=mode,
         method=args.method,
@@ -134,18 +129,19 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
-        data=None if judge is None else judge.data,
-        budget=None if judge is None else judge.budget,
+        data=job.budget_data,
+        budget=job.budget,
         verify=args.verify,
         smooth_quant=args.smooth_quant,
     )
-    sg_ir.save(quantized, target)
-    fmt_label = _written_format(quantized, fmt_label)
+    job.write(quantized)
+    fmt_label = _written_format(
+        quantized, "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt)
     search = budget_search_of(quantized)
-    size_in, size_out = sg_ir.size_on_disk(source, model), sg_ir.size_on_disk(target)
+    size_in, size_out = sg_ir.size_on_disk(job.source, job.model), sg_ir.size_on_disk(job.target)
     report = report_of(quantized)
     out: dict[str, object] = {
-        "input": str(source), "output": str(target), "mode": mode, "format": fmt_label,
+        "input": str(job.source), "output": str(job.target), "mode": mode, "format": fmt_label,
         "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
     }
     if report is not None:
@@ -153,22 +149,20 @@ def run(args: argparse.Namespace) -> int:
     if search is not None:
         out["budget"] = search.to_dict()
     lines = [
-        f"wrote {target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
+        f"wrote {job.target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
         f"{format_bytes(size_out)}, "
         f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
     ]
     if report is not None:
         lines.append(report.summary(top=args.top))
-    if search is not None and judge is not None and search.evaluation is not None:
-        lines.append(search.summary())
-        lines.append(describe_evaluation(search.evaluation, judge))
-    text = "\n".join(lines)
-    if report_dir is not None:
-        page = _page(args, out, report, model_figures(model, source),
-                     model_figures(quantized, target))
-        write_report(report_dir, page, text=text)
-    emit(to_json(out) if args.json else text)
-    return 0
+    if search is not None:
+        lines += job.budget_lines(search.evaluation, search)
+    return job.finish(out, "\n".join(lines), lambda figures: _page(job, out, report, figures))
+
+
+def _mode(args: argparse.Namespace) -> Mode:
+    """`--mode`, else static with `--calib` or `--zero-shot`, else dynamic."""
+    return cast(Mode, args.mode or ("static" if args.calib or args.zero_shot else "dynamic"))
 
 
 _INTEGER_OPS = frozenset(
@@ -176,7 +170,7 @@ _INTEGER_OPS = frozenset(
 )
 
 
-def _written_format(model, requested: str) -> str:
+def _written_format(model: ir.Model, requested: str) -> str:
     """The format the written graph is in, read from its ops (dynamic mode writes integer ops:
     DynamicQuantizeLinear + MatMulInteger/ConvInteger, the QOperator form, whatever was asked)."""
     ops = {node.op_type for node in model.graph.all_nodes()}
@@ -190,17 +184,12 @@ def _written_format(model, requested: str) -> str:
 
 
 def _page(
-    args: argparse.Namespace,
-    out: dict[str, object],
-    report: QuantReport | None,
-    before: dict[str, int],
-    after: dict[str, int],
+    job: Compression, out: dict[str, object], report: QuantReport | None, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): sizes before/after and per-tensor SQNR bars."""
-    figures, ratio_plot = before_after(before, after)
-    summary: dict[str, object] = {"mode": f"{out['mode']} ({out['format']})", **figures}
-    plots: list[dict[str, object]] = [ratio_plot]
-    tables = []
+    summary: dict[str, object] = {"mode": f"{out['mode']} ({out['format']})", **figures[0]}
+    plots: list[dict[str, object]] = [figures[1]]
+    tables: list[dict[str, object]] = []
     if report is not None:
         summary["quantized nodes"] = f"{report.quantized_nodes} ({report.float_nodes} float)"
         summary["output cosine"] = f"{report.outputs.worst_cosine:.5f}"
@@ -226,5 +215,4 @@ def _page(
             "rows": [[r.layer, r.node, r.kind, r.op_type, r.own_sqnr_db, r.sqnr_db]
                      for r in report.rows],
         })
-    return {"title": f"Quantize {Path(str(out['input'])).name}", "command": command_line(args),
-            "summary": summary, "plots": plots, "tables": tables, "result": out}
+    return job.page("Quantize", summary=summary, plots=plots, tables=tables, result=out)

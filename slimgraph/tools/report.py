@@ -45,9 +45,9 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph._tables import format_bytes, format_count, format_float, format_ratio, to_json
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.tools.summary import summarize
-from slimgraph.tools.tables import format_bytes, format_count, format_float, format_ratio, to_json
 
 __all__ = [
     "REPORT_EXTRA",

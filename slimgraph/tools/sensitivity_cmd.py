@@ -14,8 +14,8 @@ from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
-from slimgraph.tools.tables import emit, to_json
 
 __all__ = ["register", "run"]
 
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Layers are listed most sensitive first; the node column is what --exclude takes."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the float .onnx model")
+    add_model_arguments(parser, "the float .onnx model", output=False)
     parser.add_argument("--data", metavar="VAL.npz", required=True,
                         help="validation data: input names stacked on axis 0, optional labels")
     parser.add_argument("--labels", metavar="KEY", default=DEFAULT_LABELS,
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PAT",
                         help="layer or node names (fnmatch patterns) left out")
     add_report_option(parser, "the per-layer sensitivity table and bar chart")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -68,6 +68,4 @@ def run(args: argparse.Namespace) -> int:
         report = {**table.report(), "command": command_line(args), "model": args.model,
                   "data": args.data}
         write_report(folder, report, text=text)
-    emit(to_json({"model": args.model, "data": args.data, **table.to_dict()}) if args.json
-         else text)
-    return 0
+    return print_result(args, {"model": args.model, "data": args.data, **table.to_dict()}, text)

@@ -58,6 +58,7 @@ import onnx_ir as ir
 from slimgraph import ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError
 from slimgraph.passes.pipeline import PASSES, PRESETS, build_pipeline, run_pipeline
+from slimgraph.passes.recipe import read_document
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, evaluate, load_data, split_labels
 from slimgraph.runtime.session import model_bytes
@@ -204,20 +205,8 @@ def load_grid(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         BadOptionError: missing or unreadable file, not YAML/JSON, or not a mapping.
     """
-    import yaml
-
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadOptionError(f"grid {file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadOptionError(f"grid {file}: cannot read ({error})") from None
-    try:
-        data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadOptionError(f"grid {file}: not valid YAML/JSON ({first})") from None
+    data = read_document(file, "grid")
     if not isinstance(data, Mapping) or not data:
         raise BadOptionError(
             f"grid {file}: expected a mapping of steps to values, e.g. "

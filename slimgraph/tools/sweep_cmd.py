@@ -11,17 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slimgraph._tables import format_bytes, format_count, format_ratio, render_table
+from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.sweep import SweepResult, sweep
-from slimgraph.tools.tables import (
-    emit,
-    format_bytes,
-    format_count,
-    format_ratio,
-    render_table,
-    to_json,
-)
 
 __all__ = ["register", "run", "format_result", "report_page"]
 
@@ -37,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "metric (accuracy with labels, else output cosine)."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
+    add_model_arguments(parser, "the input .onnx model (never modified)", output=False)
     parser.add_argument("--grid", required=True, metavar="GRID.yaml",
                         help="step -> values to try, in the order the steps run")
     parser.add_argument("--data", required=True, metavar="VAL.npz",
@@ -56,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=positive_int, default=32,
                         help="rows of --data per timed run (default 32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_option(parser)
     add_report_option(parser, "every candidate and a plot of the Pareto front")
     parser.set_defaults(handler=run)
 
@@ -74,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if report_dir is not None:
         page = report_page(result, command_line(args), Path(args.model).name)
         write_report(report_dir, {**page, "result": data}, text=text)
-    emit(to_json(data) if args.json else text)
+    print_result(args, data, text)
     failed = sum(c.status != "ok" for c in result.candidates)
     return 1 if failed == len(result.candidates) else 0
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from slimgraph.tools.tables import (
+from slimgraph._tables import (
     format_bytes,
     format_count,
     format_float,

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -177,6 +177,24 @@ def _normalized_distances(rows: torch.Tensor) -> torch.Tensor:
     return distances / mean
 
 
+def _relation_mismatch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    relation: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    min_rows: int,
+) -> torch.Tensor:
+    """Huber(relation(student) - relation(teacher)) averaged over its entries (Park et al. 2019,
+    RKD): each sample flattened to one row, no gradient through the teacher; 0 (float32 scalar)
+    for fewer than `min_rows` samples."""
+    if student.shape[0] < min_rows:
+        return student.new_zeros((), dtype=torch.float32)
+    related = relation(_rows(student))
+    with torch.no_grad():
+        target = relation(_rows(teacher.detach()))
+    return F.smooth_l1_loss(related, target, reduction="mean", beta=1.0)
+
+
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Distance-wise RKD: Huber(d_s(i, j) - d_t(i, j)) averaged over all N x N pairs.
 
@@ -187,12 +205,7 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
         student: [N, ...] values, N >= 2.
         teacher: [N, ...] values (any width: only relations are compared).
     """
-    if student.shape[0] < 2:
-        return student.new_zeros((), dtype=torch.float32)
-    d_s = _normalized_distances(_rows(student))
-    with torch.no_grad():
-        d_t = _normalized_distances(_rows(teacher.detach()))
-    return F.smooth_l1_loss(d_s, d_t, reduction="mean", beta=1.0)
+    return _relation_mismatch(student, teacher, _normalized_distances, min_rows=2)
 
 
 def _angles(rows: torch.Tensor) -> torch.Tensor:
@@ -207,12 +220,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
     `cos(i, j, k) = <e(x_j - x_i), e(x_k - x_i)>` with `e(v) = v / ||v||` (0 for v = 0).
     """
-    if student.shape[0] < 3:
-        return student.new_zeros((), dtype=torch.float32)
-    a_s = _angles(_rows(student))
-    with torch.no_grad():
-        a_t = _angles(_rows(teacher.detach()))
-    return F.smooth_l1_loss(a_s, a_t, reduction="mean", beta=1.0)
+    return _relation_mismatch(student, teacher, _angles, min_rows=3)
 
 
 def relation_loss(

@@ -508,6 +508,12 @@ def _slice(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return run
 
 
+def _nonnegative(indices: Tensor, size: int) -> Tensor:
+    """Gather-style int64 indices with the negative ones counted from the end of the axis."""
+    indices = indices.to(torch.int64)
+    return torch.where(indices < 0, indices + size, indices)
+
+
 @op("Gather")
 def _gather(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     axis = attr(node, "axis", 0)
@@ -515,8 +521,7 @@ def _gather(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x, idx = xs
         a = axis % x.dim()
-        idx = idx.to(torch.int64)
-        idx = torch.where(idx < 0, idx + x.shape[a], idx)
+        idx = _nonnegative(idx, x.shape[a])
         out = x.index_select(a, idx.reshape(-1))
         return [out.reshape(*x.shape[:a], *idx.shape, *x.shape[a + 1:])]
 
@@ -526,14 +531,7 @@ def _gather(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 @op("GatherElements")
 def _gather_elements(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     axis = attr(node, "axis", 0)
-
-    def run(m: Any, xs: list[Any]) -> list[Any]:
-        x, idx = xs
-        idx = idx.to(torch.int64)
-        idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-        return [torch.gather(x, axis, idx)]
-
-    return run
+    return lambda m, xs: [torch.gather(xs[0], axis, _nonnegative(xs[1], xs[0].shape[axis]))]
 
 
 @op("Expand")
@@ -641,31 +639,24 @@ def _trilu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return run
 
 
-@op("DepthToSpace")
-def _depth_to_space(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+@op("DepthToSpace", "SpaceToDepth")
+def _depth_space(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    """Blocks of `blocksize` x `blocksize` pixels moved into channels (SpaceToDepth, in the
+    depth-column-row order) or back (DepthToSpace, DCR or CRD order)."""
     b, mode = attr(node, "blocksize"), attr(node, "mode", "DCR")
+    to_depth = node.op_type == "SpaceToDepth"
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
         n, c, h, w = x.shape
+        if to_depth:
+            y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+            return [y.reshape(n, c * b * b, h // b, w // b)]
         if mode == "DCR":
             y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
         else:
             y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
         return [y.reshape(n, c // (b * b), h * b, w * b)]
-
-    return run
-
-
-@op("SpaceToDepth")
-def _space_to_depth(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    b = attr(node, "blocksize")
-
-    def run(m: Any, xs: list[Any]) -> list[Any]:
-        x = xs[0]
-        n, c, h, w = x.shape
-        y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
-        return [y.reshape(n, c * b * b, h // b, w // b)]
 
     return run
 
@@ -703,10 +694,6 @@ def _argmax(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 # --- reductions --------------------------------------------------------------------------------
 
 _REDUCE_SINCE = {"ReduceSum": 13}  # the others take axes as an input from opset 18
-
-
-def _reduce_all(fn: Callable[[Tensor, list[int], bool], Tensor]) -> Callable[..., Tensor]:
-    return fn
 
 
 _REDUCERS: dict[str, Callable[[Tensor, list[int], bool], Tensor]] = {
@@ -975,22 +962,34 @@ def _conv_transpose(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return run
 
 
+class _PoolWindow(_Window):
+    """The window of a pooling node: its kernel is the `kernel_shape` attribute (a Conv's is its
+    weight's shape), and `ceil_mode` rounds the output size up."""
+
+    def __init__(self, node: ir.Node) -> None:
+        super().__init__(node, attr(node, "kernel_shape"))
+        self.pool_kernel: list[int] = list(attr(node, "kernel_shape"))
+        self.ceil = bool(attr(node, "ceil_mode", 0))
+
+    def resolve_pool(self, x: Tensor) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Kernel, strides, dilations and ONNX pads for input `x`."""
+        return self.pool_kernel, *self.resolve(x, self.pool_kernel)
+
+
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 @op("MaxPool")
 def _max_pool(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    window = _Window(node, attr(node, "kernel_shape"))
-    pool_kernel: list[int] = list(attr(node, "kernel_shape"))
-    ceil = bool(attr(node, "ceil_mode", 0))
+    window = _PoolWindow(node)
+    ceil = window.ceil
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
         raise _unsupported(node, "the Indices output")
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        kernel = pool_kernel
+        kernel, strides, dilations, pads = window.resolve_pool(x)
         rank = len(kernel)
-        strides, dilations, pads = window.resolve(x, kernel)
         if pads[:rank] == pads[rank:] and all(
             p <= (k - 1) * d // 2 for p, k, d in zip(pads[:rank], kernel, dilations, strict=True)
         ):
@@ -1011,18 +1010,16 @@ def _sum_pool(x: Tensor, kernel: list[int], strides: list[int], ceil: bool) -> T
 
 @op("AveragePool")
 def _avg_pool(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    window = _Window(node, attr(node, "kernel_shape"))
-    pool_kernel: list[int] = list(attr(node, "kernel_shape"))
-    ceil = bool(attr(node, "ceil_mode", 0))
+    window = _PoolWindow(node)
+    ceil = window.ceil
     include_pad = bool(attr(node, "count_include_pad", 0))
     if window.dilations and any(d != 1 for d in window.dilations):
         raise _unsupported(node, "dilations")
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x = xs[0]
-        kernel = pool_kernel
+        kernel, strides, _, pads = window.resolve_pool(x)
         rank = len(kernel)
-        strides, _, pads = window.resolve(x, kernel)
         if not any(pads) and not ceil:
             pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[rank]
             return [pool(x, kernel, strides)]
@@ -1233,32 +1230,19 @@ def _lsq_factor(x: Tensor, scale: Tensor, r: QRange) -> float:
     return 1.0 / math.sqrt(per_step * positive_levels)
 
 
-@op("QuantizeLinear")
-def _quantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+@op("QuantizeLinear", "DequantizeLinear")
+def _quantize_or_dequantize(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    """QuantizeLinear: `quantize_values`; DequantizeLinear: `dequantize_values`, or fake
+    quantization when it reads a weight lowered to a float parameter. A learned scale (LSQ)
+    gets its gradient scaled in training."""
+    quantize = node.op_type == "QuantizeLinear"
     r = qrange(q_dtype(node))
     if r is None:
-        raise _unsupported(node, f"quantization to {q_dtype(node).name}")
-    axis, block = attr(node, "axis", 1), attr(node, "block_size", 0)
-    learned = node.inputs[1] is not None and node.inputs[1].name in ctx.learned_scales
-
-    def run(m: Any, xs: list[Any]) -> list[Any]:
-        x, scale = xs[0], xs[1]
-        zp = xs[2] if len(xs) > 2 else None
-        if learned and m.training:
-            scale = _grad_scale(scale, _lsq_factor(x, scale, r))
-        return [quantize_values(x, scale, zp, r, axis, block)]
-
-    return run
-
-
-@op("DequantizeLinear")
-def _dequantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
-    r = qrange(q_dtype(node))
-    if r is None:
-        raise _unsupported(node, f"dequantization of {q_dtype(node).name}")
+        what = "quantization to" if quantize else "dequantization of"
+        raise _unsupported(node, f"{what} {q_dtype(node).name}")
     axis, block = attr(node, "axis", 1), attr(node, "block_size", 0)
     source = node.inputs[0]
-    weight = source is not None and source.name in ctx.weight_values
+    weight = not quantize and source is not None and source.name in ctx.weight_values
     learned = node.inputs[1] is not None and node.inputs[1].name in ctx.learned_scales
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
@@ -1266,6 +1250,8 @@ def _dequantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
         zp = xs[2] if len(xs) > 2 else None
         if learned and m.training:
             scale = _grad_scale(scale, _lsq_factor(x, scale, r))
+        if quantize:
+            return [quantize_values(x, scale, zp, r, axis, block)]
         if weight:  # a float parameter holding the dequantized weight: fake-quantize it
             return [fake_quantize(x, scale, zp, r, axis, block)]
         return [dequantize_values(x, scale, zp, axis, block)]

@@ -1,0 +1,84 @@
+"""Training options and knowledge-distillation vocabulary, without torch.
+
+`slimgraph.finetune` checks its options against these before torch is imported; the training loop
+(`_train`) reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from slimgraph.errors import BadOptionError
+
+__all__ = ["KD_KINDS", "SCHEMES", "OPTIMIZERS", "TrainOptions"]
+
+# Knowledge kinds of distillation, the teacher schemes, and the optimizers.
+KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
+SCHEMES: tuple[str, ...] = ("offline", "online", "self")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimization and distillation settings.
+
+    Attributes:
+        epochs: passes over the data (0 trains nothing).
+        batch_size: rows per step (in-memory data; streamed feed dicts keep their own size).
+        lr: peak learning rate; a cosine schedule decays it to 0 over the run unless
+            `schedule="constant"`.
+        optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
+        weight_decay: decoupled (AdamW) or L2 (SGD) decay on weights with 2+ axes only.
+        seed: seeds shuffling, dropout and adapter initialization: same seed, same result.
+        temperature: softening temperature T of response KD.
+        alpha: weight of the KD term against the label cross-entropy, in [0, 1].
+        feature_weight: weight of the feature-KD term.
+        relation_weights: (distance, angle) weights of relation KD (Park et al.: 1, 2).
+        ema_decay: decay of the self-distillation teacher's moving average, in [0, 1).
+        progress: tqdm bar with the running loss; None shows it only on a terminal.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.5
+    feature_weight: float = 1.0
+    relation_weights: tuple[float, float] = (1.0, 2.0)
+    ema_decay: float = 0.99
+    progress: bool | None = None
+
+    def check(self) -> None:
+        """Refuse impossible values before anything runs.
+
+        Raises:
+            BadOptionError: naming the option and the allowed range.
+        """
+        checks = [
+            (isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be >= 0, got "
+             f"{self.epochs}"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch size must be >= 1, got {self.batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.schedule in ("cosine", "constant"),
+             f"unknown schedule '{self.schedule}' (choose from cosine, constant)"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0, got {self.temperature}"),
+            (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
+            (all(w >= 0 for w in self.relation_weights),
+             f"relation weights must be >= 0, got {self.relation_weights}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema decay must be in [0, 1), got {self.ema_decay}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise BadOptionError(message)
