@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -52,6 +53,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
 from slimgraph.ir import ModelLike, as_model, copy_model
 from slimgraph.ir.analysis import check_finite_weights
+from slimgraph.passes._options import BudgetOptions, takes_options
 from slimgraph.passes._verify import Verifier, feed_list
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.passes.recipe import RECIPE_SCHEMA, RECIPE_VERSION, known_names, load_recipe
@@ -76,7 +78,7 @@ from slimgraph.passes.registry import (
 
 if TYPE_CHECKING:
     from slimgraph.runtime import Fidelity
-    from slimgraph.runtime.budget import Budget, DataLike, Evaluator
+    from slimgraph.runtime.budget import Evaluator
     from slimgraph.runtime.metrics import LabelledData
 
 __all__ = [
@@ -573,31 +575,44 @@ def _drop_judge(
     return Evaluator(model, data)
 
 
-def optimize_report(
-    model: ir.Model,
-    *,
-    preset: str | None = "lossless",
-    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
-    verify: bool = True,
-    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
-    opset: int | None = None,
-    tolerance: tuple[float, float] | None = None,
-    min_cosine: float | None = None,
-    calibration: Any = None,
-    data: DataLike | None = None,
-    max_drop: float | None = None,
-    budget: Budget | None = None,
-) -> PipelineResult:
+@dataclass(frozen=True, kw_only=True)
+class OptimizeOptions(BudgetOptions):
+    """The keywords of `optimize` and `optimize_report`, written once; each is documented on
+    `optimize`. The budget keywords (`data`, `budget`, `max_drop`, `min_cosine`, `metric`) judge
+    the end result against the input model; `data` also serves recipe steps' `max_drop` keys."""
+
+    preset: str | None = "lossless"
+    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None
+    verify: bool = True
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None
+    opset: int | None = None
+    calibration: Any = None
+
+
+@takes_options(OptimizeOptions)
+def optimize_report(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
     """`optimize`, returning the whole `PipelineResult` (what the command line prints).
 
-    `data` (labelled validation data) serves per-step `max_drop` keys, `max_drop` (every
-    approximate pass, against the input model) and `budget` (the end result against the input
-    model, `runtime.budget`; a miss raises `VerificationError`).
-    """
-    from slimgraph.runtime.budget import as_data, budget_judge
+    Takes the keywords of `OptimizeOptions`. `data` (labelled validation data) serves per-step
+    `max_drop` keys and the budget of the end result against the input model
+    (`runtime.budget`; a miss raises `VerificationError`).
 
-    labelled = None if data is None else as_data(data, model)
-    judge = budget_judge(model, labelled, budget=budget)
+    Raises:
+        BadOptionError: unknown preset or pass names, a bad recipe file, an impossible budget.
+        VerificationError: a pass changed the outputs beyond its tolerance, or the result
+            missed the budget.
+    """
+    return _optimize(model, options)
+
+
+def _optimize(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
+    from slimgraph.runtime.budget import as_data
+
+    model = as_model(model)
+    preset, recipe, opset, feeds = options.preset, options.recipe, options.opset, options.feeds
+    calibration = options.calibration
+    labelled = None if options.data is None else as_data(options.data, model)
+    judge = dataclasses.replace(options, data=labelled).judge(model)
     if recipe is not None:
         steps: list[str | Mapping[str, Any]] = (
             list(recipe) if isinstance(recipe, Sequence) and not isinstance(recipe, str)
@@ -615,18 +630,10 @@ def optimize_report(
     if opset is not None:
         steps = [{"name": "convert-opset", "opset": opset}, *steps]
     context = {"calibration": calibration} if calibration is not None else None
-    if feeds is None and verify and calibration is not None:
+    if feeds is None and options.verify and calibration is not None:
         feeds = _verification_feeds(model, calibration)
     result = run_pipeline(
-        model,
-        steps,
-        verify=verify,
-        feeds=feeds,
-        tolerance=tolerance,
-        min_cosine=min_cosine,
-        context=context,
-        data=labelled,
-        max_drop=max_drop,
+        model, steps, verify=options.verify, feeds=feeds, context=context, data=labelled
     )
     if judge is not None:
         result.evaluation = judge.check(result.model, what="the optimized model")
@@ -659,20 +666,8 @@ def _verification_feeds(
     return list(iter_batches(rows, 16, model))
 
 
-def optimize(
-    model: ModelLike,
-    *,
-    preset: str | None = "lossless",
-    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None,
-    verify: bool = True,
-    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
-    opset: int | None = None,
-    calibration: Any = None,
-    data: DataLike | None = None,
-    budget: Budget | None = None,
-    max_drop: float | None = None,
-    min_cosine: float | None = None,
-) -> ir.Model:
+@takes_options(OptimizeOptions)
+def optimize(model: ModelLike, options: OptimizeOptions) -> ir.Model:
     """Optimize a copy of `model` with a preset or a recipe, each pass verified.
 
     Args:
@@ -687,8 +682,9 @@ def optimize(
             the exact passes do not use it.
         data: validation data (an .npz path, stacked arrays with an optional labels key, or
             `LabelledData`) for the budget and for recipe steps with a `max_drop` key.
-        budget, max_drop, min_cosine: the accuracy budget of the end result against `model` on
-            `data` (`runtime.budget`); a result that misses it raises `VerificationError`.
+        budget, max_drop, min_cosine, metric: the accuracy budget of the end result against
+            `model` on `data` (`runtime.budget`); a result that misses it raises
+            `VerificationError`.
 
     Returns:
         The optimized model.
@@ -701,20 +697,7 @@ def optimize(
         >>> import slimgraph as sg
         >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
     """
-    from slimgraph.runtime.budget import Budget
-
-    model = as_model(model)
-    return optimize_report(
-        model,
-        preset=preset,
-        recipe=recipe,
-        verify=verify,
-        feeds=feeds,
-        opset=opset,
-        calibration=calibration,
-        data=data,
-        budget=budget or Budget.of(max_drop, min_cosine),
-    ).model
+    return _optimize(model, options).model
 
 
 def _details(result: ir.passes.PassResult) -> dict[str, Any]:
