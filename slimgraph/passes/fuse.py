@@ -235,7 +235,6 @@ class MarkUnitsPass(SlimgraphPass):
     """
 
     exact: ClassVar[bool] = True
-    annotates_only: ClassVar[bool] = True
 
     def call(self, model: ir.Model) -> FusionResult:
         count = 0

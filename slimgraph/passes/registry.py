@@ -268,8 +268,8 @@ def _declared(
     options: Callable[..., Any] | type | None,
 ) -> PassInfo:
     """The `PassInfo` of a registration. Traits not given fall back to the class's own
-    `exact` / `annotates_only` attributes (the pre-registry spelling, read once, here); an
-    `exact` given both ways must agree."""
+    `exact` attribute (the pre-registry spelling, read once, here); an `exact` given both ways
+    must agree."""
     stated = getattr(cls, "exact", None)
     if exact is None:
         if not isinstance(stated, bool):
@@ -279,9 +279,7 @@ def _declared(
         exact = stated
     elif isinstance(stated, bool) and stated != exact:
         raise TypeError(f"pass {cls.__name__} says exact={stated}, registered with exact={exact}")
-    if metadata_only is None:
-        metadata_only = bool(getattr(cls, "annotates_only", False))
-    return PassInfo(name, cls, exact, metadata_only, pass_options(cls, options))
+    return PassInfo(name, cls, exact, bool(metadata_only), pass_options(cls, options))
 
 
 def register_pass(
@@ -297,7 +295,7 @@ def register_pass(
         name: the step name.
         exact: the pass keeps outputs (verified as exact); False: approximate. None reads the
             class's `exact` attribute (for passes registered the pre-registry way).
-        metadata_only: the pass only annotates; None reads `annotates_only` (default False).
+        metadata_only: the pass only annotates (`metadata_props`, `.meta`): not verified.
         options: where the constructor's `**options` go (a function or dataclass), so recipes
             are checked against them.
 

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from slimgraph._tables import format_float, format_shape, render_table
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.feeds import iter_feeds
+from slimgraph.runtime.quant_math import sqnr_db
 from slimgraph.runtime.session import create_session, is_session, run
 
 if TYPE_CHECKING:
@@ -160,14 +161,7 @@ class FidelityAccumulator:
                 cosine = s.dot / norm
             else:
                 cosine = 1.0 if s.ref_sq == s.cand_sq else 0.0
-            if s.nonfinite:
-                sqnr = -math.inf
-            elif s.err_sq == 0:
-                sqnr = math.inf
-            elif s.ref_sq == 0:
-                sqnr = -math.inf
-            else:
-                sqnr = 10 * math.log10(s.ref_sq / s.err_sq)
+            sqnr = -math.inf if s.nonfinite else sqnr_db(s.ref_sq, s.err_sq)
             outputs.append(
                 OutputFidelity(
                     name=name,
