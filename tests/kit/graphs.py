@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 __all__ = [
     "initializer",
     "batchnorm",
+    "batchnorm_params",
     "make_model",
     "matmul_model",
     "gemm_model",
@@ -43,18 +44,26 @@ def initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
+def batchnorm_params(
+    prefix: str, channels: int, rng: np.random.Generator
+) -> list[onnx.TensorProto]:
+    """The four parameters `<prefix>_{g,b,m,v}` of an inference BatchNormalization (float32
+    [channels]: scale and variance uniform in [0.5, 1.5), bias and mean standard normal)."""
+    return [
+        initializer(f"{prefix}_g", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+        initializer(f"{prefix}_b", rng.standard_normal(channels).astype(np.float32)),
+        initializer(f"{prefix}_m", rng.standard_normal(channels).astype(np.float32)),
+        initializer(f"{prefix}_v", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
+    ]
+
+
 def batchnorm(
     x: str, y: str, prefix: str, channels: int, rng: np.random.Generator, *, epsilon: float = 1e-5
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """An inference BatchNormalization `y = BN(x)` named `prefix` and its four parameters
     `<prefix>_{g,b,m,v}` (float32 [channels]: scale and variance uniform in [0.5, 1.5), bias and
     mean standard normal)."""
-    params = [
-        initializer(f"{prefix}_g", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
-        initializer(f"{prefix}_b", rng.standard_normal(channels).astype(np.float32)),
-        initializer(f"{prefix}_m", rng.standard_normal(channels).astype(np.float32)),
-        initializer(f"{prefix}_v", rng.uniform(0.5, 1.5, channels).astype(np.float32)),
-    ]
+    params = batchnorm_params(prefix, channels, rng)
     node = helper.make_node(
         "BatchNormalization", [x, *(t.name for t in params)], [y], name=prefix, epsilon=epsilon
     )

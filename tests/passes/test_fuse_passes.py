@@ -9,22 +9,13 @@ from onnx import helper
 from slimgraph.ir import metadata
 from slimgraph.passes import fuse
 from tests.kit.asserts import assert_same_outputs
-from tests.kit.graphs import initializer, make_model, ops
+from tests.kit.graphs import batchnorm_params, initializer, make_model, ops
 
 RNG = np.random.default_rng(0)
 
 
 def rand(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def bn_params(prefix: str, c: int) -> list:
-    return [
-        initializer(f"{prefix}_g", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
-        initializer(f"{prefix}_b", rand(c)),
-        initializer(f"{prefix}_m", rand(c)),
-        initializer(f"{prefix}_v", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
-    ]
 
 
 def bn_node(x: str, y: str, prefix: str, eps: float = 1e-5):
@@ -45,7 +36,7 @@ def test_bn_folds_into_conv_and_keeps_output_name() -> None:
         [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "y", "bn")],
         [("x", [1, 3, 8, 8])],
         ["y"],
-        [initializer("w", rand(4, 3, 3, 3)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 3, 3)), *batchnorm_params("bn", 4, RNG)],
     )
     reference, result = run_pass(fuse.FuseBatchNormPass(), model)
     assert result.modified
@@ -64,7 +55,8 @@ def test_bn_folds_into_grouped_conv_transpose_on_weight_axis_1() -> None:
         ],
         [("x", [1, 4, 5, 5])],
         ["y"],
-        [initializer("w", rand(4, 3, 3, 3)), initializer("b", rand(6)), *bn_params("bn", 6)],
+        [initializer("w", rand(4, 3, 3, 3)), initializer("b", rand(6)),
+         *batchnorm_params("bn", 6, RNG)],
     )
     reference, result = run_pass(fuse.FuseBatchNormPass(), model)
     assert ops(result.model) == {"ConvTranspose": 1}
@@ -81,7 +73,7 @@ def test_bn_folds_into_gemm(trans_b: int) -> None:
         ],
         [("x", [3, 6])],
         ["y"],
-        [initializer("w", weight), initializer("b", rand(5)), *bn_params("bn", 5)],
+        [initializer("w", weight), initializer("b", rand(5)), *batchnorm_params("bn", 5, RNG)],
     )
     reference, result = run_pass(fuse.FuseBatchNormPass(), model)
     assert ops(result.model) == {"Gemm": 1}
@@ -93,7 +85,7 @@ def test_bn_folds_into_2d_matmul_as_gemm() -> None:
         [helper.make_node("MatMul", ["x", "w"], ["m"]), bn_node("m", "y", "bn")],
         [("x", [3, 6])],
         ["y"],
-        [initializer("w", rand(6, 5)), *bn_params("bn", 5)],
+        [initializer("w", rand(6, 5)), *batchnorm_params("bn", 5, RNG)],
     )
     reference, result = run_pass(fuse.FuseBatchNormPass(), model)
     assert ops(result.model) == {"Gemm": 1}
@@ -110,7 +102,7 @@ def test_bn_not_folded_when_conv_output_has_another_reader() -> None:
         ],
         [("x", [1, 3, 6, 6])],
         ["y", "z"],
-        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 1, 1)), *batchnorm_params("bn", 4, RNG)],
     )
     result = fuse.FuseBatchNormPass()(model)
     assert not result.modified
@@ -123,7 +115,7 @@ def test_bn_not_folded_when_conv_output_is_graph_output() -> None:
         [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y", "bn")],
         [("x", [1, 3, 6, 6])],
         ["y", "c"],
-        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 1, 1)), *batchnorm_params("bn", 4, RNG)],
     )
     assert not fuse.FuseBatchNormPass()(model).modified
 
@@ -137,7 +129,8 @@ def test_bn_with_shared_conv_bias_is_folded_without_touching_the_other_conv() ->
         ],
         [("x", [1, 3, 6, 6])],
         ["y", "z"],
-        [initializer("w", rand(4, 3, 1, 1)), initializer("b", rand(4)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 1, 1)), initializer("b", rand(4)),
+         *batchnorm_params("bn", 4, RNG)],
     )
     reference, result = run_pass(fuse.FuseBatchNormPass(), model)
     assert ops(result.model) == {"Conv": 2}
@@ -181,7 +174,7 @@ def test_fold_affine_after_gemm_and_batchnorm() -> None:
         [
             initializer("w", rand(5, 6)),
             initializer("k", rand(5)),
-            *bn_params("bn", 4),
+            *batchnorm_params("bn", 4, RNG),
             initializer("k4", rand(4, 1, 1)),
             initializer("t4", rand(4, 1, 1)),
         ],
@@ -207,7 +200,7 @@ def test_standalone_batchnorm_becomes_mul_add() -> None:
         [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "y", "bn")],
         [("x", [2, 4, 5, 5])],
         ["y"],
-        bn_params("bn", 4),
+        batchnorm_params("bn", 4, RNG),
     )
     reference, result = run_pass(fuse.BatchNormToAffinePass(), model)
     assert ops(result.model) == {"Relu": 1, "Mul": 1, "Add": 1}
@@ -331,7 +324,7 @@ def test_bn_with_statistics_outputs_is_training_mode_and_stays() -> None:
         ],
         [("x", [2, 3, 4, 4])],
         ["y"],
-        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 1, 1)), *batchnorm_params("bn", 4, RNG)],
         opset=9,
     )
     assert not fuse.FuseBatchNormPass()(model).modified
@@ -358,7 +351,7 @@ def test_standalone_batchnorm_as_depthwise_conv() -> None:
         [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "y", "bn")],
         [("x", [2, 4, 5, 5])],
         ["y"],
-        bn_params("bn", 4),
+        batchnorm_params("bn", 4, RNG),
     )
     reference, result = run_pass(fuse.BatchNormToAffinePass(form="conv"), model)
     assert ops(result.model) == {"Relu": 1, "Conv": 1}

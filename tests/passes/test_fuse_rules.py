@@ -13,22 +13,13 @@ from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.fuse_rules import RuleEdit, fusion_rules
 from tests.kit.asserts import assert_rewired, assert_same_outputs
-from tests.kit.graphs import initializer, make_model, node_named, ops
+from tests.kit.graphs import batchnorm_params, initializer, make_model, node_named, ops
 
 RNG = np.random.default_rng(1)
 
 
 def rand(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
-
-
-def bn_params(prefix: str, c: int) -> list:
-    return [
-        initializer(f"{prefix}_g", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
-        initializer(f"{prefix}_b", rand(c)),
-        initializer(f"{prefix}_m", rand(c)),
-        initializer(f"{prefix}_v", RNG.uniform(0.5, 1.5, c).astype(np.float32)),
-    ]
 
 
 def bn_node(x: str, y: str, prefix: str, **attrs: object):
@@ -48,7 +39,7 @@ def test_bn_after_a_conv_read_twice_is_skipped_with_the_reason() -> None:
         ],
         [("x", [1, 3, 6, 6])],
         ["y", "z"],
-        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 1, 1)), *batchnorm_params("bn", 4, RNG)],
     )
     result = fuse.FuseBatchNormPass()(model)
     assert not result.modified and result.fused == {}
@@ -68,7 +59,7 @@ def test_bn_refused_by_the_check_says_why(attrs: dict, params: int | None, reaso
         [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y", "bn", **attrs)],
         [("x", [1, 3, 6, 6])],
         ["y"],
-        [initializer("w", rand(4, 3, 1, 1)), *bn_params("bn", params or 4)],
+        [initializer("w", rand(4, 3, 1, 1)), *batchnorm_params("bn", params or 4, RNG)],
         opset=17 if params is None else 13,
         check=False,  # training-mode outputs have no inferred shape
     )
@@ -87,7 +78,8 @@ def test_bn_after_a_3d_matmul_is_skipped_and_a_bn_after_relu_is_not_a_candidate(
         ],
         [("x", [2, 5, 6]), ("x2", [2, 5, 3])],
         ["y", "z"],
-        [initializer("w", rand(6, 5)), *bn_params("bn", 5), *bn_params("bn2", 5)],
+        [initializer("w", rand(6, 5)),
+         *batchnorm_params("bn", 5, RNG), *batchnorm_params("bn2", 5, RNG)],
     )
     result = fuse.FuseBatchNormPass()(model)
     assert result.skipped == [
@@ -182,7 +174,7 @@ def test_batchnorm_to_affine_reports_every_batchnorm_it_leaves() -> None:
         ],
         [("x", [2, 4, 3, 3]), ("g", [4]), ("x2", [2, 4])],
         ["y", "z", "w"],
-        [*bn_params("bn", 4), *bn_params("bn2", 4)],
+        [*batchnorm_params("bn", 4, RNG), *batchnorm_params("bn2", 4, RNG)],
         check=False,  # training-mode outputs have no inferred shape
     )
     result = fuse.BatchNormToAffinePass(form="conv")(model)
@@ -204,7 +196,7 @@ def test_batchnorm_with_its_statistics_read_is_skipped_with_the_reason() -> None
         ],
         [("x", [2, 4, 3, 3])],
         ["y", "mean"],
-        bn_params("bn", 4),
+        batchnorm_params("bn", 4, RNG),
         opset=9,
         check=False,  # the running statistics outputs have no inferred shape
     )
@@ -222,7 +214,7 @@ def test_batchnorm_to_affine_rewires_by_identity() -> None:
         [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "y", "bn")],
         [("x", [2, 4, 5, 5])],
         ["y"],
-        bn_params("bn", 4),
+        batchnorm_params("bn", 4, RNG),
     )
     reference = model.clone()
     relu = node_named(model, "relu")
@@ -242,7 +234,8 @@ def test_bn_fold_rewires_by_identity_and_writes_a_private_weight_in_place() -> N
         [helper.make_node("Conv", ["x", "w", "cb"], ["c"], name="conv"), bn_node("c", "y", "bn")],
         [("x", [1, 3, 5, 5])],
         ["y"],
-        [initializer("w", rand(4, 3, 3, 3)), initializer("cb", rand(4)), *bn_params("bn", 4)],
+        [initializer("w", rand(4, 3, 3, 3)), initializer("cb", rand(4)),
+         *batchnorm_params("bn", 4, RNG)],
     )
     reference = model.clone()
     x, w, cb = model.graph.inputs[0], model.graph.initializers["w"], model.graph.initializers["cb"]
@@ -266,7 +259,7 @@ def test_bn_fold_copies_a_shared_weight_and_leaves_the_other_reader_alone() -> N
         ],
         [("x", [1, 3, 6, 6])],
         ["y", "z"],
-        [initializer("w", weight), *bn_params("bn", 4)],
+        [initializer("w", weight), *batchnorm_params("bn", 4, RNG)],
     )
     reference = model.clone()
     w = model.graph.initializers["w"]
@@ -284,7 +277,7 @@ def test_matmul_bn_becomes_gemm_with_the_matmul_name_and_input() -> None:
         [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), bn_node("m", "y", "bn")],
         [("x", [3, 6])],
         ["y"],
-        [initializer("w", rand(6, 5)), *bn_params("bn", 5)],
+        [initializer("w", rand(6, 5)), *batchnorm_params("bn", 5, RNG)],
     )
     reference = model.clone()
     x = model.graph.inputs[0]
@@ -414,7 +407,7 @@ def test_rules_fold_inside_if_branches_too() -> None:
         [("x", [1, 3, 4, 4])],
         ["y"],
         [initializer("zero", np.array(0, np.float32)), initializer("w", rand(3, 3, 1, 1)),
-         *bn_params("bn", 3)],
+         *batchnorm_params("bn", 3, RNG)],
     )
     reference = model.clone()
     result = fuse.FuseBatchNormPass()(model)
@@ -440,7 +433,8 @@ def test_a_refused_fold_leaves_the_model_and_its_source_proto_alone() -> None:
         ],
         [("x", [1, 3, 4, 4])],
         ["y", ("s", TensorProto.INT64, [4])],
-        [initializer("w", rand(2, 3, 1, 1)), initializer("cb0", rand(2)), *bn_params("bn", 2)],
+        [initializer("w", rand(2, 3, 1, 1)), initializer("cb0", rand(2)),
+         *batchnorm_params("bn", 2, RNG)],
     )
     proto = ir.to_proto(model)
     source = ir.from_proto(proto)
