@@ -151,11 +151,12 @@ def search_kept(
         else:
             lo = mid + 1
     if best is None:
-        missed = "; ".join(judge.misses(last)) if last is not None else "no candidate"
-        raise VerificationError(
-            f"no mix meets the accuracy budget on {judge.data.source}: even with the "
-            f"{top} most sensitive layer(s) left uncompressed by {search.method}: {missed}; "
-            "nothing written"
+        missed = judge.misses(last) if last is not None else [("no candidate",) * 2]
+        raise VerificationError.worded(
+            "no mix meets the accuracy budget on {source}: even with the {top} most sensitive "
+            "layer(s) left uncompressed by {method}: {missed}; nothing written",
+            source=judge.data.source, top=str(top), method=search.method,
+            missed=("; ".join(m[0] for m in missed), "; ".join(m[1] for m in missed)),
         )
     return best
 
@@ -281,8 +282,9 @@ def allocate_prune_ratios(
         UnsupportedModelError: the groups cannot reach the target even at the largest ratio.
     """
     if not 0 < target_macs < 1:
-        raise BadOptionError(f"--target-macs is a fraction of the model's MACs in (0, 1), got "
-                             f"{target_macs}")
+        raise BadOptionError.worded("{macs} is a fraction of the model's MACs in (0, 1), got "
+                                    "{value}", macs=("target_macs", "--target-macs"),
+                                    value=f"{target_macs}")
     labelled = as_data(data, model)
     scorer = Evaluator(model, labelled, metric=metric)
     units = PruneUnits(model, **options)

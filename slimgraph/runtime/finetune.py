@@ -40,8 +40,8 @@ import onnx_ir as ir
 from slimgraph import ir as sg_ir
 from slimgraph._optional import require_torch
 from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, as_data, split_labels
 from slimgraph.runtime.feeds import input_specs
-from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
 from slimgraph.runtime.session import create_session, run
 from slimgraph.runtime.torch_backend._options import KD_KINDS, SCHEMES, TrainOptions
 
@@ -267,12 +267,8 @@ def _check_same_inputs(model: ir.Model, teacher: ir.Model) -> None:
 def _training_data(
     data: DataLike, model: ir.Model, labels: str, epochs: int
 ) -> tuple[LabelledData | None, Iterable[Mapping[str, np.ndarray]] | None]:
-    if isinstance(data, LabelledData):
-        return data, None
-    if isinstance(data, (str, os.PathLike)):
-        return load_data(data, model, labels=labels), None
-    if isinstance(data, Mapping):
-        return split_labels(data, model, labels=labels), None
+    if isinstance(data, (LabelledData, str, os.PathLike, Mapping)):
+        return as_data(data, model, labels=labels), None
     if isinstance(data, Iterable):
         if isinstance(data, Iterator) and epochs > 1:
             raise BadOptionError(
@@ -289,12 +285,10 @@ def _training_data(
 def _validation_data(val: DataLike | None, model: ir.Model, labels: str) -> LabelledData | None:
     if val is None:
         return None
-    if isinstance(val, LabelledData):
-        return val
-    if isinstance(val, (str, os.PathLike)):
-        return load_data(val, model, labels=labels)
-    if isinstance(val, Mapping):
+    if isinstance(val, Mapping) and not isinstance(val, LabelledData):
         return split_labels(val, model, labels=labels, source="val")
+    if isinstance(val, (LabelledData, str, os.PathLike)):
+        return as_data(val, model, labels=labels)
     raise BadDataError(
         f"val: expected an .npz path or stacked arrays, got {type(val).__name__}"
     )

@@ -194,9 +194,13 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
     layer_ratios = options.layer_ratios
     if options.target_macs is not None:
         if options.ratio is not None or layer_ratios is not None:
-            raise BadOptionError("give --target-macs or --ratio, not both")
+            raise BadOptionError.worded("give {macs} or {ratio}, not both",
+                                        macs=("target_macs=", "--target-macs"),
+                                        ratio=("ratio=", "--ratio"))
         if options.data is None:
-            raise BadOptionError("--target-macs needs --data VAL.npz (per-layer sensitivity)")
+            raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
+                                        macs=("target_macs=", "--target-macs"),
+                                        data=("data=", "--data VAL.npz"))
         from slimgraph.passes.budgeted import allocate_prune_ratios
 
         layer_ratios = allocate_prune_ratios(
@@ -205,7 +209,9 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
             exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
         ).ratios  # fmt: skip
     if options.ratio is None and layer_ratios is None:
-        raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
+        raise BadOptionError.worded("give a ratio ({ratio}) or a MAC target ({macs})",
+                                    ratio=("ratio=", "--ratio R"),
+                                    macs=("target_macs=", "--target-macs R"))
     result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
     assert isinstance(result, PruneResult) and result.report is not None
     if judge is not None:
