@@ -449,10 +449,10 @@ def random_data_note(ranges: Mapping[str, tuple[float, float]]) -> str:
     if ranges:
         spans = ", ".join(f"{name} in [{low:.4g}, {high:.4g}]" for name, (low, high) in
                           ranges.items())
-        return (f"figures come from random inputs drawn uniformly from the calibrated input "
-                f"range of the quantized model ({spans}), not from real data")
-    return ("figures come from random inputs (standard normal), which may lie far outside the "
-            "range the model was calibrated or trained on, not from real data")
+        return (f"figures come from random data, drawn uniformly from the calibrated input "
+                f"range of the quantized model ({spans}), not from real inputs")
+    return ("figures come from random data: standard-normal inputs may lie far outside the "
+            "range the model was calibrated or trained on, not real inputs")
 
 
 def _session(

@@ -142,16 +142,16 @@ def split_labels(
         # every input is there, plus keys the model does not take: the labels key is misnamed
         listed = ", ".join(f"'{key}'" for key in unknown)
         if len(unknown) == 1:
-            what, option = f"{listed} is not an input", (f"labels={unknown[0]!r}",
-                                                         f"--labels {unknown[0]}")
-            hint = f"if {listed} holds the labels, pass {{option}}"
+            what = f"{listed} is not an input of the model: if it holds the labels, pass {{option}}"
+            option = (f"labels={unknown[0]!r}", f"--labels {unknown[0]}")
         else:
-            what, option = f"{listed} are not inputs", ("labels=KEY", "--labels KEY")
-            hint = "name the key that holds the labels with {option}"
+            what = (f"{listed} are not inputs of the model: name the one that holds the labels "
+                    "with {option}")
+            option = ("labels=KEY", "--labels KEY")
         raise BadDataError.worded(
-            "{source}: no labels key '{labels}' (its keys: {keys}), and {what} of the model "
-            "({inputs}); " + hint,
-            source=source, labels=labels, keys=", ".join(sorted(data)), what=what,
+            "{source}: no labels key '{labels}' (its keys: {keys}), and " + what
+            + "; the model expects {inputs}",
+            source=source, labels=labels, keys=", ".join(sorted(data)),
             inputs=describe_inputs(specs), option=option,
         )
     feeds = {key: value for key, value in data.items() if key != labels or key in names}

@@ -50,8 +50,8 @@ def test_compare_with_labels_prints_both_accuracies_and_the_drop(int8_path, caps
     code, out, _ = _run(capsys, "compare", DIGITS, int8_path, "--data", TEST, "--json")
     result = json.loads(out)
     assert result["random_data"] is False
-    assert result["accuracy"] == {"samples": 450, "reference": ref_acc, "candidate": cand_acc,
-                                  "drop": pytest.approx(ref_acc - cand_acc)}
+    assert result["accuracy"] == {"labels": "labels", "samples": 450, "reference": ref_acc,
+                                  "candidate": cand_acc, "drop": pytest.approx(ref_acc - cand_acc)}
 
 
 def test_compare_without_labels_key_reports_fidelity_only(int8_path, tmp_path, capsys) -> None:
@@ -75,7 +75,7 @@ def test_compare_on_random_feeds_says_so_and_uses_the_calibrated_range(int8_path
     assert high - low <= float(images.max() - images.min()) * (1 + 2 / 255) + 1e-6
     code, out, _ = _run(capsys, "compare", DIGITS, int8_path)
     assert code == 0
-    assert re.search(r"note +figures come from random data \(no --data\), drawn uniformly from "
+    assert re.search(r"note +figures come from random data, drawn uniformly from "
                      r"the calibrated input range of the quantized model \(image in \[", out)
     result = json.loads(_run(capsys, "compare", DIGITS, int8_path, "--json")[1])
     assert result["random_data"] is True and "figures come from random data" in result["note"]
@@ -115,9 +115,9 @@ def test_quantize_within_the_budget_exits_0_and_says_so(tmp_path, capsys) -> Non
     [
         (["--max-drop", "0.01", "--data", CALIB], "--max-drop needs labels: .*digits_calib.npz "
          "has no labels key"),
-        (["--max-drop", "0.01"], r"needs validation data \(--data VAL.npz\)"),
+        (["--max-drop", "0.01"], r"needs validation data: --data VAL.npz$"),
         (["--data", TEST], "--data VAL.npz is the accuracy budget's data"),
-        (["--max-drop", "2", "--data", TEST], r"max_drop is an absolute drop as a fraction"),
+        (["--max-drop", "2", "--data", TEST], r"--max-drop is an absolute drop as a fraction"),
     ],
 )
 def test_budget_options_that_cannot_work_exit_2(tmp_path, capsys, args, message) -> None:
@@ -137,7 +137,7 @@ def test_check_budget_returns_the_evaluation_or_raises_with_the_figure() -> None
     model = sg.load(DIGITS)
     data = load_data(TEST, model)
     pruned = sg.prune(model, ratio=0.5)
-    with pytest.raises(VerificationError, match=r"output cosine 0\.\d{6} < --min-cosine 0.9"):
+    with pytest.raises(VerificationError, match=r"output cosine 0\.\d{6} < min_cosine=0.9"):
         check_budget(pruned, model, data, min_cosine=0.9)
     evaluation = check_budget(model, model, data, max_drop=0.0, min_cosine=1.0)
     assert evaluation.drop == 0.0 and evaluation.cosine == 1.0
