@@ -36,6 +36,8 @@ __all__ = [
     "format_percent",
     "format_points",
     "format_macs",
+    "format_metric",
+    "format_metric_change",
     "format_shape",
     "to_json",
     "emit",
@@ -180,6 +182,30 @@ def format_macs(value: int | float | None) -> str:
     if value is None:
         return "-"
     return f"{format_count(value)} MACs"
+
+
+def format_metric(value: float | None, name: str | None) -> str:
+    """A model's metric by its name: accuracy in percent, a cosine with six decimals, anything
+    else (a user's metric) as a short float."""
+    if value is None:
+        return "-"
+    if name == "accuracy":
+        return format_percent(value)
+    if name == "cosine":
+        return format_cosine(value)
+    return format_float(value)
+
+
+def format_metric_change(value: float | None, name: str | None) -> str:
+    """A change of a metric, signed: accuracy in points ('-1.23 points'), a cosine with six
+    decimals ('-0.000123'), anything else as a short float."""
+    if value is None:
+        return "-"
+    if name == "accuracy":
+        return f"{round(value * 100, 2) + 0.0:+.2f} points"  # + 0.0: never "-0.00"
+    if name == "cosine":
+        return f"{round(value, 6) + 0.0:+.6f}"
+    return ("+" if value >= 0 else "") + format_float(value)
 
 
 def format_shape(shape: Sequence[int | str | None] | None) -> str:

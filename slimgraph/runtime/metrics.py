@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph._tables import format_cosine, format_db, format_metric, format_metric_change
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
 from slimgraph.runtime.data import (
@@ -96,6 +97,22 @@ class Evaluation:
     def with_reference(self, reference: Evaluation) -> Evaluation:
         """This evaluation with the reference model's metric attached (for `drop`)."""
         return replace(self, reference_metric=reference.metric)
+
+    def __str__(self) -> str:
+        """One line: the metric (and the reference's with the drop), cosine and SQNR."""
+        name = self.metric_name
+        parts = [f"{name} {format_metric(self.metric, name)}"]
+        if self.reference_metric is not None and self.drop is not None:
+            parts[0] += (f" (before {format_metric(self.reference_metric, name)}, change "
+                         f"{format_metric_change(-self.drop, name)})")
+        if self.cosine is not None and name != "cosine":
+            parts.append(f"output cosine {format_cosine(self.cosine)}")
+        if self.sqnr_db is not None:
+            parts.append(f"SQNR {format_db(self.sqnr_db)} dB")
+        return ", ".join(parts) + f" on {self.samples} samples"
+
+    def __repr__(self) -> str:
+        return f"<Evaluation: {self}>"
 
     def to_dict(self) -> dict[str, object]:
         data: dict[str, object] = {

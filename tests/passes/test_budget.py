@@ -116,7 +116,6 @@ def test_quantize_within_the_budget_exits_0_and_says_so(tmp_path, capsys) -> Non
         (["--max-drop", "0.01", "--data", CALIB], "--max-drop needs labels: .*digits_calib.npz "
          "has no labels key"),
         (["--max-drop", "0.01"], r"needs validation data: --data VAL.npz$"),
-        (["--data", TEST], "--data VAL.npz is the accuracy budget's data"),
         (["--max-drop", "2", "--data", TEST], r"--max-drop is an absolute drop as a fraction"),
     ],
 )
@@ -124,6 +123,15 @@ def test_budget_options_that_cannot_work_exit_2(tmp_path, capsys, args, message)
     out = tmp_path / "q.onnx"
     code, _, err = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", CALIB, *args)
     assert code == 2 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_data_without_a_budget_is_an_error_where_nothing_else_reads_it(tmp_path,
+                                                                       capsys) -> None:
+    """prune reads --data only for a budget (quantize also measures fidelity on it)."""
+    out = tmp_path / "p.onnx"
+    code, _, err = _run(capsys, "prune", DIGITS, "-o", out, "--ratio", "0.5", "--data", TEST)
+    assert code == 2 and "--data VAL.npz is the accuracy budget's data" in err, err
     assert not out.exists()
 
 

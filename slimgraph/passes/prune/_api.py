@@ -13,6 +13,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.channels import analyze_channels, node_label
+from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -111,6 +112,12 @@ def _remove_channels(
         round_to=options.round_to, seed=options.seed,
         ratios=group_ratios(groups, options.layer_ratios),
     )  # fmt: skip
+    if options.layer_ratios:  # the report names groups by layer, as every other table does
+        report.layer_ratios = {
+            names[0]: options.layer_ratios[name] for group in groups
+            for names in map(node_names, group.producers) for name in names
+            if name in options.layer_ratios
+        }  # fmt: skip
     removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
     if not removed_roots:
         largest = max(g.size for g in groups)
