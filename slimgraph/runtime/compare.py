@@ -28,7 +28,7 @@ from slimgraph._tables import (
 )
 from slimgraph.errors import BadDataError, BadOptionError, SlimgraphError, UnsupportedModelError
 from slimgraph.ir import as_model, metadata
-from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, as_data, top1_correct
+from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
 from slimgraph.runtime.quant_math import sqnr_db
 from slimgraph.runtime.session import create_session, is_session, run
@@ -41,6 +41,10 @@ __all__ = [
     "FidelityAccumulator", "random_data_note", "DATA_BATCH", "RANDOM_BATCH", "RANDOM_BATCHES",
 ]
 
+# What `compare` runs the models on: data as `data=` takes it, feed dicts (or (feeds, labels)
+# pairs), or None for random inputs.
+CompareData = DataLike | Iterable[Any] | None
+
 # Rows per run when comparing on data; rows per random batch and how many random batches.
 DATA_BATCH = 64
 RANDOM_BATCH = 8
@@ -51,6 +55,8 @@ RANDOM_BATCHES = 4
 class OutputFidelity:
     """How close one output of the candidate is to the reference's.
 
+    `shape` is the output's over every run, stacked on axis 0 ([450, 10] for 450 samples of 10
+    class scores; one run's shape when runs differ beyond axis 0).
     `sqnr_db` is 10*log10(sum(ref^2) / sum((ref - cand)^2)), infinite for identical outputs.
     `top1_agreement` is the share of rows whose argmax agrees, for class-score outputs (float,
     rank 2, more than one class); None otherwise. `nonfinite` counts candidate values that are
@@ -320,7 +326,7 @@ def compare_outputs(
 def compare(
     reference: ir.Model | str | os.PathLike[str] | ort.InferenceSession,
     candidate: ir.Model | str | os.PathLike[str] | ort.InferenceSession,
-    data: Any = None,
+    data: CompareData = None,
     *,
     labels: str = DEFAULT_LABELS,
     batch_size: int | None = None,
@@ -386,7 +392,7 @@ def compare(
 
 
 def _batches(
-    data: Any,
+    data: CompareData,
     model: ir.Model | None,
     candidate: ir.Model | None,
     *,
@@ -406,8 +412,7 @@ def _batches(
                  for i in range(random_batches)]
         source = f"random inputs ({random_batches} batches of {size}, seed {seed})"
         return feeds, source, random_data_note(ranges)
-    readable = isinstance(data, (LabelledData, str, os.PathLike, Mapping))
-    if readable and model is not None:
+    if isinstance(data, (LabelledData, str, os.PathLike, Mapping)) and model is not None:
         checked = as_data(data, model, labels=labels)
         runs = checked.batches(batch_size or DATA_BATCH, model)
         return runs, f"{checked.source} ({checked.samples} samples)", None

@@ -504,22 +504,28 @@ def _scatter(
 def _zoom(values: Sequence[float]) -> float | None:
     """The lowest value the value axis must show, or None to show every point.
 
-    When one gap between the sorted values holds more than half of their span and at least two
-    distinct values lie above it, the points above are the ones worth comparing (the others
-    collapsed) and the axis zooms to them.
+    When one gap between the sorted values holds more than half of their span (and a tenth of
+    the whole span) and at least two distinct values lie above it, the points above are the ones
+    worth comparing (the others collapsed) and the axis zooms to them; the rule applies again to
+    the points kept, so accuracies of 99.6, 99.3, 74 and 23% zoom to the first two.
 
     Example:
         >>> _zoom([0.99, 0.985, 0.97, 0.12, 0.1])
         0.97
+        >>> _zoom([0.9956, 0.9933, 0.7444, 0.7422, 0.34, 0.2267])
+        0.9933
     """
     ordered = sorted({v for v in values if math.isfinite(v)}, reverse=True)
-    if len(ordered) < 3:
-        return None
-    span = ordered[0] - ordered[-1]
-    gap, index = max((ordered[i] - ordered[i + 1], i) for i in range(len(ordered) - 1))
-    if span <= 0 or index == 0 or gap <= span / 2:
-        return None
-    return ordered[index]
+    whole = ordered[0] - ordered[-1] if ordered else 0.0
+    cut = None
+    while len(ordered) >= 3:
+        span = ordered[0] - ordered[-1]
+        gap, index = max((ordered[i] - ordered[i + 1], i) for i in range(len(ordered) - 1))
+        if span <= 0 or index == 0 or gap <= span / 2 or gap <= whole / 10:
+            break
+        ordered = ordered[: index + 1]
+        cut = ordered[-1]
+    return cut
 
 
 def _place_labels(figure: Any, axes: Any, labels: Sequence[_Label]) -> None:

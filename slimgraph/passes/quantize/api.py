@@ -425,7 +425,9 @@ def check_exclusions(
     present = {node.op_type for node in nodes}
     for op in exclude_ops:
         if op not in present:
-            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
+            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
+                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
+                                        name=op)
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
