@@ -87,7 +87,7 @@ def _trained_digits_cnn() -> tuple[object, dict[str, np.ndarray]]:
     torch = pytest.importorskip("torch")
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]  # [1797, 1, 8, 8]
+    x = (digits.images / 16.0)[:, None]  # float64 [1797, 1, 8, 8], as scikit-learn gives it
     y = digits.target.astype(np.int64)
     torch.manual_seed(0)
 
@@ -105,7 +105,7 @@ def _trained_digits_cnn() -> tuple[object, dict[str, np.ndarray]]:
 
     net = Net()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    inputs, targets = torch.from_numpy(x[:1200]), torch.from_numpy(y[:1200])
+    inputs, targets = torch.as_tensor(x[:1200], dtype=torch.float32), torch.from_numpy(y[:1200])
     for _ in range(40):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(net(inputs), targets).backward()

@@ -72,6 +72,15 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: Sequence
     return f"{sub.prog}: error: unrecognized arguments: {listed}{hint} (see {sub.prog} --help)"
 
 
+class _UserFormatter(logging.Formatter):
+    """Without -v/--debug: a note reads "note: ...", anything else "warning: ...", no logger
+    names (those come with -v)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if message.startswith("note:") else f"warning: {message}"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -117,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.argv = argv  # the command as typed, for reports
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # notes and warnings for the user; a log with -v/--debug
+    handler.setFormatter(_UserFormatter() if level == logging.WARNING
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return int(args.handler(args) or 0)
     except SlimgraphError as error:
