@@ -186,8 +186,9 @@ def test_report_objects_print_tables_and_short_reprs() -> None:
     evaluation = sg.check_budget(model, model, data, max_drop=0.01)
     quantized = sg.quantize(model, calibration=CALIB, report=True, max_drop=0.01, data=data)
     fidelity = sg.compare(model, quantized, data)
+    timed = sg.benchmark([model, quantized], sg.random_feeds(model), rounds=3, warmup=1)
     reports = [pruned, factorized, table, evaluation, sg.report_of(quantized),
-               sg.budget_search_of(quantized), fidelity, data]
+               sg.budget_search_of(quantized), fidelity, data, timed]
     for report in reports:
         assert len(repr(report)) < 160, repr(report)
         assert "=" not in repr(report).split(":")[0]  # not a dataclass dump of fields

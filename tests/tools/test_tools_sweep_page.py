@@ -1,17 +1,22 @@
 """The sweep's report.html at a 1280 px window, measured in headless Chromium: the accuracy axis
 zoomed to the candidates worth comparing, point labels that overlap neither each other nor a
-point, and a candidates table that fits (nothing cut off, no sideways scrolling)."""
+point, and a candidates table that fits (nothing cut off, no sideways scrolling); and the sweep's
+notes about its data said once."""
 
 from __future__ import annotations
 
 import re
 from itertools import combinations
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slimgraph.tools.report import _zoom, write_report
 from slimgraph.tools.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.sweep_cmd import report_page
+from tests.kit.cli import run_script
+from tests.kit.data import DIGITS, DIGITS_TEST
 from tests.tools.chromium import layout, overlap
 
 # (latency ratio, accuracy, size in bytes): a sweep as users run it, with fine-tuning between
@@ -102,3 +107,24 @@ def test_zoom_keeps_every_point_unless_a_few_fall_far_below() -> None:
     assert _zoom([0.99, 0.95, 0.90, 0.85, 0.80]) is None  # evenly spread: all of them
     assert _zoom([0.99, 0.2, 0.1]) is None  # one point above the gap: nothing to zoom to
     assert _zoom([0.5, 0.5]) is None
+
+
+def test_a_float64_note_is_said_once_per_file_naming_it_as_given(tmp_path: Path) -> None:
+    """float64 data (numpy's and scikit-learn's default) for the sweep's data and a finetune
+    step's training data: one note each, from the calling process, with the path as typed;
+    the jobs on the workers (which read the training data by its absolute path) say nothing."""
+    pytest.importorskip("torch")
+    with np.load(DIGITS_TEST) as archive:
+        images, labels = archive["image"].astype(np.float64), archive["labels"]
+    np.savez(tmp_path / "val64.npz", image=images[:200], labels=labels[:200])
+    np.savez(tmp_path / "train64.npz", image=images[200:], labels=labels[200:])
+    (tmp_path / "grid.yaml").write_text(
+        "prune: {ratio: [0.2]}\nfinetune: {data: train64.npz, epochs: [1]}\n")
+    done = run_script("sweep", DIGITS, "--grid", "grid.yaml", "--data", "val64.npz",
+                      "--workers", "1", "--rounds", "2", "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "float64" in line]
+    assert notes == [
+        "note: val64.npz: 'image' is float64; cast to float32, the model's input type",
+        "note: train64.npz: 'image' is float64; cast to float32, the model's input type",
+    ], done.stderr
