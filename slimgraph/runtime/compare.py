@@ -456,8 +456,9 @@ def random_data_note(ranges: Mapping[str, tuple[float, float]]) -> str:
                           ranges.items())
         return (f"figures come from random data, drawn uniformly from the calibrated input "
                 f"range of the quantized model ({spans}), not from real inputs")
-    return ("figures come from random data: standard-normal inputs may lie far outside the "
-            "range the model was calibrated or trained on, not real inputs")
+    return ("figures come from random data (standard-normal floats, integer inputs 0 or 1), "
+            "which may lie far outside what the model was calibrated or trained on, not real "
+            "inputs")
 
 
 def _session(

@@ -81,7 +81,7 @@ def test_compare_on_random_feeds_says_so_and_uses_the_calibrated_range(int8_path
     assert result["random_data"] is True and "figures come from random data" in result["note"]
     # float against float: no calibrated range, standard normal, said too
     code, out, _ = _run(capsys, "compare", DIGITS, DIGITS)
-    assert "standard-normal inputs may lie far outside" in out
+    assert "(standard-normal floats, integer inputs 0 or 1), which may lie far outside" in out
     # on the calibrated range the int8 model's fidelity is that of real data, not noise
     assert sg.compare(sg.load(DIGITS), quantized, sg.runtime.random_feeds(
         sg.load(DIGITS), batch=32, ranges=calibrated_ranges(quantized))).worst_cosine > 0.999
