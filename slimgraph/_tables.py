@@ -1,7 +1,11 @@
 """Plain-text tables and number formats (stdlib only; importable from every layer).
 
-The command line prints with these, and so do the results of the Python API
-(`print(sg.compare(...))` shows the same table as `slimgraph compare`).
+The one home of how figures read: the command line prints with these, and so do the results of
+the Python API (`print(sg.compare(...))` shows the same table as `slimgraph compare`). One figure
+reads the same everywhere: a cosine with six decimals (`format_cosine`: 0.999955, never "1"
+beside "0.999987"), SQNR in dB with one (`format_db`), accuracy and agreement in percent with
+two (`format_percent`), an accuracy change in points (`format_points`), MACs with their unit
+(`format_macs`: "1.67 M MACs").
 
 Example:
     >>> print(render_table(["op", "count"], [["Conv", 3], ["Relu", 12]]))
@@ -27,6 +31,13 @@ __all__ = [
     "format_bytes",
     "format_ratio",
     "format_float",
+    "format_cosine",
+    "format_db",
+    "format_percent",
+    "format_points",
+    "format_macs",
+    "format_metric",
+    "format_metric_change",
     "format_shape",
     "to_json",
     "emit",
@@ -130,6 +141,71 @@ def format_float(value: float, digits: int = 4) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
         return f"{value:.{digits - 1}e}"
     return f"{value:.{digits}g}"
+
+
+def format_cosine(value: float | None) -> str:
+    """A cosine with six decimals, enough to tell 0.99995 from 1: '0.999955', '1.000000'."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return format_float(value)
+    return f"{value:.6f}"
+
+
+def format_db(value: float | None) -> str:
+    """A signal-to-noise ratio in dB with one decimal: '40.4', 'inf' (identical outputs)."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return format_float(value)
+    return f"{value:.1f}"
+
+
+def format_percent(value: float | None) -> str:
+    """A fraction in [0, 1] as a percentage with two decimals: 0.99556 -> '99.56%'."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return format_float(value)
+    return f"{value:.2%}"
+
+
+def format_points(value: float | None) -> str:
+    """A change of a fraction in percentage points: 0.0123 -> '1.23 points'."""
+    if value is None:
+        return "-"
+    return f"{value * 100:.2f} points"
+
+
+def format_macs(value: int | float | None) -> str:
+    """Multiply-accumulates with their unit: 1672704 -> '1.67 M MACs'."""
+    if value is None:
+        return "-"
+    return f"{format_count(value)} MACs"
+
+
+def format_metric(value: float | None, name: str | None) -> str:
+    """A model's metric by its name: accuracy in percent, a cosine with six decimals, anything
+    else (a user's metric) as a short float."""
+    if value is None:
+        return "-"
+    if name == "accuracy":
+        return format_percent(value)
+    if name == "cosine":
+        return format_cosine(value)
+    return format_float(value)
+
+
+def format_metric_change(value: float | None, name: str | None) -> str:
+    """A change of a metric, signed: accuracy in points ('-1.23 points'), a cosine with six
+    decimals ('-0.000123'), anything else as a short float."""
+    if value is None:
+        return "-"
+    if name == "accuracy":
+        return f"{round(value * 100, 2) + 0.0:+.2f} points"  # + 0.0: never "-0.00"
+    if name == "cosine":
+        return f"{round(value, 6) + 0.0:+.6f}"
+    return ("+" if value >= 0 else "") + format_float(value)
 
 
 def format_shape(shape: Sequence[int | str | None] | None) -> str:

@@ -3,11 +3,23 @@
 The command line maps the two branches to exit codes (DESIGN.md section 7): `BadInputError`
 (the user's model, data or options are wrong) exits 2 with its one-line message; everything else
 (`VerificationError`, an unexpected failure) exits 1.
+
+A message that names an option is worded for where it is read: `str(error)` in Python terms
+(`data=`), `error.cli_message` in command-line terms (`--data VAL.npz`), which the command line
+prints. `SlimgraphError.worded` builds both from one template:
+
+    >>> error = BadOptionError.worded("a budget needs {data}", data=("data=", "--data VAL.npz"))
+    >>> str(error), error.cli_message
+    ('a budget needs data=', 'a budget needs --data VAL.npz')
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Self
+
 __all__ = [
+    "Term",
     "SlimgraphError",
     "BadInputError",
     "ModelLoadError",
@@ -22,10 +34,41 @@ __all__ = [
 ]
 
 
+# An option as a message names it: (Python wording, command-line wording), e.g.
+# ("max_drop=0.01", "--max-drop 0.01").
+Term = tuple[str, str]
+
+
 class SlimgraphError(Exception):
-    """Base class of all errors raised on purpose by slimgraph."""
+    """Base class of all errors raised on purpose by slimgraph.
+
+    Args:
+        message: the message in Python terms (what `str(error)` gives).
+        cli: the same message in command-line terms, when it names options; None: `message`
+            reads the same on both sides.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *args: object, cli: str | None = None) -> None:
+        super().__init__(message, *args)
+        self._cli = cli
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the command line prints it (option names as flags)."""
+        return self._cli if self._cli is not None else str(self)
+
+    @classmethod
+    def worded(cls, template: str, **terms: str | Term) -> Self:
+        """The error with `template` filled twice: a `Term` pair gives its first wording to
+        `str(error)` and its second to `cli_message`; a plain string fills both.
+
+        Example:
+            >>> BadOptionError.worded("{opt} needs labels", opt=("max_drop=", "--max-drop"))
+            BadOptionError('max_drop= needs labels')
+        """
+        return cls(_fill(template, terms, 0), cli=_fill(template, terms, 1))
 
 
 class BadInputError(SlimgraphError):
@@ -76,6 +119,10 @@ class MissingExtraError(BadInputError):
     def __init__(self, message: str, *, extra: str) -> None:
         super().__init__(message)
         self.extra = extra
+
+
+def _fill(template: str, terms: Mapping[str, str | Term], side: int) -> str:
+    return template.format(**{k: v if isinstance(v, str) else v[side] for k, v in terms.items()})
 
 
 class VerificationError(SlimgraphError):

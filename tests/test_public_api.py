@@ -111,3 +111,109 @@ def test_float64_calibration_is_cast(caplog: pytest.LogCaptureFixture) -> None:
         for m in (as32, as64)
     ]  # fmt: skip
     assert scales[0] == scales[1] and scales[0]
+
+
+# -- issue 22: the Python compare reads data like every other function, reports print readably --
+
+TEST = DIGITS.with_name("digits_test.npz")
+
+
+def test_compare_takes_an_npz_path_with_labels_and_reports_accuracy() -> None:
+    import numpy as np
+
+    from slimgraph.runtime.metrics import evaluate, load_data
+
+    model = sg.load(DIGITS)
+    quantized = sg.quantize(model, calibration=CALIB)
+    fidelity = sg.compare(model, quantized, TEST)
+    data = load_data(TEST, model)
+    assert fidelity.samples == 450 and fidelity.accuracy is not None
+    assert fidelity.accuracy.samples == 450 and fidelity.accuracy.labels == "labels"
+    assert fidelity.accuracy.reference == evaluate(model, data).accuracy
+    assert fidelity.accuracy.candidate == evaluate(quantized, data).accuracy
+    assert f"top-1 accuracy ('labels', 450 samples): reference {fidelity.accuracy.reference:.2%}" \
+        in str(fidelity)
+    # the same figures from stacked arrays (float64, as numpy makes them) under another key
+    with np.load(TEST) as archive:
+        arrays = {"image": archive["image"].astype(np.float64), "y": archive["labels"]}
+    again = sg.compare(DIGITS, quantized, arrays, labels="y")
+    assert again.accuracy is not None and again.accuracy.to_dict() == {
+        **fidelity.accuracy.to_dict(), "labels": "y"}
+    assert again.outputs[0].cosine == pytest.approx(fidelity.outputs[0].cosine, rel=1e-9)
+    assert sg.compare(model, quantized, {"image": arrays["image"]}).accuracy is None
+
+
+def test_compare_reads_data_through_the_same_reader_as_data_keywords(tmp_path: Path) -> None:
+    """One reader for every function that takes data: the same file, the same message."""
+    import numpy as np
+
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, image=np.zeros((10, 64), np.float32), labels=np.zeros(10, np.int64))
+    messages = []
+    for call in (lambda: sg.compare(DIGITS, DIGITS, flat),
+                 lambda: sg.quantize(DIGITS, mode="dynamic", data=flat, min_cosine=0.9),
+                 lambda: sg.prune(DIGITS, ratio=0.5, data=flat, min_cosine=0.9),
+                 lambda: sg.sensitivity(sg.load(DIGITS), flat)):
+        with pytest.raises(sg.BadDataError) as error:
+            call()
+        messages.append(str(error.value))
+    assert len(set(messages)) == 1, messages
+    assert messages[0] == (f"{flat}: 'image' has shape [10, 64], but the model takes [N, 1, 8, "
+                           "8] for it (samples stacked on axis 0); the model expects image: "
+                           "float32[batch, 1, 8, 8]")
+
+
+def test_python_messages_use_python_names() -> None:
+    with pytest.raises(sg.BadDataError) as error:
+        sg.compare(DIGITS, DIGITS, TEST, labels="label")
+    assert "pass labels='labels'" in str(error.value) and "--labels" not in str(error.value)
+    assert "pass --labels labels" in error.value.cli_message
+    with pytest.raises(sg.VerificationError) as missed:
+        sg.check_budget(sg.prune(DIGITS, ratio=0.5), sg.load(DIGITS),
+                        sg.runtime.metrics.load_data(TEST, sg.load(DIGITS)), min_cosine=0.99)
+    assert "< min_cosine=0.99" in str(missed.value)
+    assert "< --min-cosine 0.99" in missed.value.cli_message
+
+
+def test_report_objects_print_tables_and_short_reprs() -> None:
+    from slimgraph.runtime.metrics import load_data
+
+    model = sg.load(DIGITS)
+    data = load_data(TEST, model)
+    _, pruned = sg.prune_with_report(model, ratio=0.5, round_to=8)
+    _, factorized = sg.factorize_with_report(model, rank_ratio=0.5)
+    table = sg.sensitivity(model, data, method="prune")
+    evaluation = sg.check_budget(model, model, data, max_drop=0.01)
+    quantized = sg.quantize(model, calibration=CALIB, report=True, max_drop=0.01, data=data)
+    fidelity = sg.compare(model, quantized, data)
+    timed = sg.benchmark([model, quantized], sg.random_feeds(model), rounds=3, warmup=1)
+    reports = [pruned, factorized, table, evaluation, sg.report_of(quantized),
+               sg.budget_search_of(quantized), fidelity, data, timed]
+    for report in reports:
+        assert len(repr(report)) < 160, repr(report)
+        assert "=" not in repr(report).split(":")[0]  # not a dataclass dump of fields
+        assert "array(" not in str(report) and "Report(" not in str(report)
+    assert "channels per layer:" in str(pruned) and "block1.conv1" in str(pruned)
+    assert str(factorized).splitlines()[0].split()[:3] == ["layer", "op", "method"]
+    assert "accuracy 99.56%" in str(evaluation)
+    assert re.search(r"\d+(\.\d+)? [KM] MACs", str(table))
+
+
+def test_finetune_report_and_the_command_line_say_accuracy_in_percent(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import numpy as np
+
+    with np.load(TEST) as archive:
+        small = {"image": archive["image"][:64], "labels": archive["labels"][:64]}
+    pruned = sg.prune(DIGITS, ratio=0.5)
+    _, report = sg.finetune_with_report(pruned, small, epochs=1, val=small, progress=False)
+    before, after = report.before, report.after
+    assert before is not None and after is not None
+    text = str(report)
+    assert f"val accuracy: {before:.2%} -> {after:.2%}" in text
+    assert f"{before:.4f}" not in text  # never a fraction beside the CLI's percent
+    assert repr(report).startswith("<FinetuneReport: offline, 1 epochs, val accuracy ")
+    from slimgraph.tools.finetune_cmd import report_dict
+
+    page = report_dict(report, {"input": "p.onnx"})
+    assert page["summary"]["val accuracy before"] == f"{before:.2%}"

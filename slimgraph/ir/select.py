@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, Term
 from slimgraph.ir._torch import layer_name
 
 __all__ = ["node_names", "matching_pattern", "check_patterns", "exact_pattern"]
@@ -36,14 +36,15 @@ def check_patterns(
     nodes: Iterable[ir.Node],
     patterns: Iterable[str],
     *,
-    label: str = "--exclude",
+    label: str | Term = ("exclude pattern", "--exclude"),
     tensors: bool = False,
 ) -> None:
     """Raise when a pattern selects no node (by layer or node name, or, with `tensors`, by the
     name of a value a node outputs: quantization's report prints tensor names).
 
     Raises:
-        BadOptionError: "<label> '<pattern>' matches no layer or node of the model".
+        BadOptionError: "<label> '<pattern>' matches no layer or node of the model" (a `Term`
+            label: its Python wording in `str(error)`, its flag in `error.cli_message`).
     """
     listed = list(nodes)
     for pattern in patterns:
@@ -55,7 +56,8 @@ def check_patterns(
             for value in node.outputs
         ):
             continue
-        raise BadOptionError(f"{label} {pattern!r} matches no layer or node of the model")
+        raise BadOptionError.worded("{label} {pattern} matches no layer or node of the model",
+                                    label=label, pattern=repr(pattern))
 
 
 def exact_pattern(name: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph._tables import format_cosine, format_metric, format_metric_change
 from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.passes.sensitivity import (
     FactorizeUnits,
@@ -67,8 +68,10 @@ class FloatLayer:
     cosine_alone: float | None = None  # the output cosine with only this layer compressed
 
     def reason(self, metric_name: str) -> str:
-        cosine = "" if self.cosine_alone is None else f", output cosine {self.cosine_alone:.6f}"
-        return (f"{metric_name} {self.metric_alone:.4f} ({self.change_alone:+.4f}){cosine} "
+        cosine = ("" if self.cosine_alone is None
+                  else f", output cosine {format_cosine(self.cosine_alone)}")
+        return (f"{metric_name} {format_metric(self.metric_alone, metric_name)} "
+                f"({format_metric_change(self.change_alone, metric_name)}){cosine} "
                 "with only this layer compressed: among the most sensitive")
 
 
@@ -101,11 +104,18 @@ class BudgetSearch:
                          f"{layer.op_type}: {layer.reason(name)}")
         if self.tried:
             steps = ", ".join(
-                f"{k} kept -> {m:.4f}" + ("" if c is None else f" (cos {c:.6f})")
+                f"{k} kept -> {format_metric(m, name)}" + (
+                    "" if c is None else f" (cosine {format_cosine(c)})")
                 for k, m, c in self.tried
             )
             lines.append(f"  search ({name}): {steps}")
         return "\n".join(lines)
+
+    __str__ = summary
+
+    def __repr__(self) -> str:
+        return (f"<BudgetSearch: {self.method}, {self.budget}, {len(self.kept)} layer(s) "
+                f"{self.kept_label}, {len(self.tried)} tried>")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,11 +161,12 @@ def search_kept(
         else:
             lo = mid + 1
     if best is None:
-        missed = "; ".join(judge.misses(last)) if last is not None else "no candidate"
-        raise VerificationError(
-            f"no mix meets the accuracy budget on {judge.data.source}: even with the "
-            f"{top} most sensitive layer(s) left uncompressed by {search.method}: {missed}; "
-            "nothing written"
+        missed = judge.misses(last) if last is not None else [("no candidate",) * 2]
+        raise VerificationError.worded(
+            "no mix meets the accuracy budget on {source}: even with the {top} most sensitive "
+            "layer(s) left uncompressed by {method}: {missed}; nothing written",
+            source=judge.data.source, top=str(top), method=search.method,
+            missed=("; ".join(m[0] for m in missed), "; ".join(m[1] for m in missed)),
         )
     return best
 
@@ -281,8 +292,9 @@ def allocate_prune_ratios(
         UnsupportedModelError: the groups cannot reach the target even at the largest ratio.
     """
     if not 0 < target_macs < 1:
-        raise BadOptionError(f"--target-macs is a fraction of the model's MACs in (0, 1), got "
-                             f"{target_macs}")
+        raise BadOptionError.worded("{macs} is a fraction of the model's MACs in (0, 1), got "
+                                    "{value}", macs=("target_macs", "--target-macs"),
+                                    value=f"{target_macs}")
     labelled = as_data(data, model)
     scorer = Evaluator(model, labelled, metric=metric)
     units = PruneUnits(model, **options)

@@ -568,8 +568,9 @@ def _drop_judge(
     if not wanted:
         return None
     if data is None or data.labels is None:
-        raise BadOptionError("max_drop needs labelled validation data (--data VAL.npz with a "
-                             "labels key)")
+        raise BadOptionError.worded("max_drop needs labelled validation data ({data})",
+                                    data=("data= with a labels key",
+                                          "--data VAL.npz with a labels key"))
     from slimgraph.runtime.budget import Evaluator
 
     return Evaluator(model, data)

@@ -26,6 +26,13 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph._tables import (
+    format_cosine,
+    format_macs,
+    format_metric,
+    format_metric_change,
+    render_table,
+)
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import exact_pattern
@@ -103,16 +110,15 @@ class SensitivityTable:
 
     def render(self) -> str:
         """A plain-text table (most sensitive first)."""
-        from slimgraph._tables import render_table
-
+        name = self.metric_name
         rows = [
-            [r.layer or "-", r.node, r.op_type, f"{r.metric:.4f}", f"{r.change:+.4f}",
-             "-" if r.cosine is None else f"{r.cosine:.6f}",
-             "-" if r.macs_saved is None else str(r.macs_saved)]
+            [r.layer or "-", r.node, r.op_type, format_metric(r.metric, name),
+             format_metric_change(r.change, name), format_cosine(r.cosine),
+             format_macs(r.macs_saved)]
             for r in self.rows
         ]
         head = (f"sensitivity to {self.method} ({self.setting}) on {self.samples} samples: "
-                f"{self.metric_name} of the input model {self.reference_metric:.4f}; "
+                f"{name} of the input model {format_metric(self.reference_metric, name)}; "
                 "one layer compressed at a time, most sensitive first")
         table = render_table(
             ["layer", "node (--exclude)", "op", self.metric_name, "change", "cosine",
@@ -120,18 +126,29 @@ class SensitivityTable:
         )
         return f"{head}\n{table}"
 
+    __str__ = render
+
+    def __repr__(self) -> str:
+        return (f"<SensitivityTable: {self.method} ({self.setting}), {len(self.rows)} layers, "
+                f"{self.metric_name} {format_metric(self.reference_metric, self.metric_name)} "
+                f"on {self.samples} samples>")
+
     def report(self) -> dict[str, Any]:
         """The dict `tools.report.write_report` takes: a summary, the table, a barh plot."""
         labels = [r.layer or r.node for r in self.rows]
         return {
             "title": f"Sensitivity to {self.method}",
             "summary": {"method": self.method, "setting": self.setting,
-                        "metric": self.metric_name, "input model": self.reference_metric,
+                        "metric": self.metric_name,
+                        "input model": format_metric(self.reference_metric, self.metric_name),
                         "samples": self.samples, "layers": len(self.rows)},
             "tables": [{
                 "title": "one layer compressed at a time, most sensitive first",
-                "columns": ["layer", "node", "op", self.metric_name, "change", "cosine"],
-                "rows": [[r.layer, r.node, r.op_type, r.metric, r.change, r.cosine]
+                "columns": ["layer", "node", "op", self.metric_name, "change", "cosine",
+                            "MACs saved"],
+                "rows": [[r.layer, r.node, r.op_type, format_metric(r.metric, self.metric_name),
+                          format_metric_change(r.change, self.metric_name),
+                          format_cosine(r.cosine), format_macs(r.macs_saved)]
                          for r in self.rows],
             }],
             "plots": [{

@@ -134,6 +134,10 @@ class BenchmarkResult:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        ratios = ", ".join(f"{t.label} {t.ratio:.2f}x" for t in self.timings)
+        return f"<BenchmarkResult: {self.rounds} rounds, {ratios}>"
+
 
 def benchmark(
     models: Sequence[ir.Model | str | os.PathLike[str] | ort.InferenceSession],

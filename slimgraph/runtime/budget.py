@@ -16,24 +16,14 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, VerificationError
-from slimgraph.runtime.metrics import (
-    DEFAULT_LABELS,
-    Evaluation,
-    LabelledData,
-    Metric,
-    evaluate,
-    load_data,
-    split_labels,
-)
+from slimgraph.errors import BadOptionError, Term, VerificationError
+from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data
+from slimgraph.runtime.metrics import Evaluation, Metric, evaluate
 from slimgraph.runtime.session import create_session
 
 if TYPE_CHECKING:
@@ -43,10 +33,7 @@ __all__ = [
     "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget",
 ]
 
-# Validation data as the public functions take it: a LabelledData, an .npz path, or a mapping of
-# stacked arrays (with an optional labels key).
-DataLike = LabelledData | str | os.PathLike[str] | Mapping[str, np.ndarray]
-
+# `DataLike` and `as_data` (the one reader of `data=`) live in `runtime.data`.
 
 @dataclass(frozen=True)
 class Budget:
@@ -62,20 +49,19 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.max_drop is None and self.min_cosine is None:
-            raise BadOptionError(
-                "a budget needs max_drop (--max-drop) or min_cosine (--min-cosine)"
-            )
+            raise BadOptionError.worded("a budget needs {max_drop} or {min_cosine}",
+                                        max_drop=_MAX_DROP, min_cosine=_MIN_COSINE)
         if self.max_drop is not None and not (
             math.isfinite(self.max_drop) and 0 <= self.max_drop < 1
         ):
-            raise BadOptionError(
-                f"max_drop is an absolute drop as a fraction in [0, 1) (0.01 is one point), "
-                f"got {self.max_drop}"
-            )
+            raise BadOptionError.worded(
+                "{max_drop} is an absolute drop as a fraction in [0, 1) (0.01 is one point), "
+                "got {value}", max_drop=_MAX_DROP, value=f"{self.max_drop}")
         if self.min_cosine is not None and not (
             math.isfinite(self.min_cosine) and -1 <= self.min_cosine <= 1
         ):
-            raise BadOptionError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+            raise BadOptionError.worded("{min_cosine} must be in [-1, 1], got {value}",
+                                        min_cosine=_MIN_COSINE, value=f"{self.min_cosine}")
 
     @classmethod
     def of(
@@ -154,10 +140,10 @@ class BudgetJudge(Evaluator):
         batch_size: int = 256,
     ) -> None:
         if budget.max_drop is not None and data.labels is None and metric is None:
-            raise BadOptionError(
-                f"--max-drop needs labels: {data.source} has no labels key (pass --labels KEY, "
-                "or use --min-cosine)"
-            )
+            raise BadOptionError.worded(
+                "{max_drop} needs labels: {source} has no labels key (name it with {labels}, or "
+                "use {min_cosine})", max_drop=_MAX_DROP, source=data.source,
+                labels=("labels=KEY", "--labels KEY"), min_cosine=_MIN_COSINE)
         self.budget = budget
         super().__init__(reference, data, metric=metric, batch_size=batch_size)
 
@@ -165,23 +151,23 @@ class BudgetJudge(Evaluator):
         """Whether a measured candidate is within the budget."""
         return not self.misses(evaluation)
 
-    def misses(self, evaluation: Evaluation) -> list[str]:
-        """What the candidate misses (empty when it holds), with the measured figures."""
-        missed = []
+    def misses(self, evaluation: Evaluation) -> list[Term]:
+        """What the candidate misses (empty when it holds), with the measured figures, worded
+        for Python and for the command line."""
+        missed: list[Term] = []
         drop = evaluation.drop
         if self.budget.max_drop is not None and drop is not None and drop > self.budget.max_drop:
-            missed.append(
-                f"{evaluation.metric_name} {_fmt(evaluation.metric)} vs "
-                f"{_fmt(evaluation.reference_metric)} before: drop {_fmt(drop)} > "
-                f"--max-drop {self.budget.max_drop:g}"
-            )
+            measured = (f"{evaluation.metric_name} {_fmt(evaluation.metric)} vs "
+                        f"{_fmt(evaluation.reference_metric)} before: drop {_fmt(drop)} > ")
+            missed.append((f"{measured}max_drop={self.budget.max_drop:g}",
+                           f"{measured}--max-drop {self.budget.max_drop:g}"))
         cosine = evaluation.cosine
         if self.budget.min_cosine is not None and (
             cosine is None or not cosine >= self.budget.min_cosine
         ):
-            missed.append(
-                f"output cosine {_fmt(cosine, 6)} < --min-cosine {self.budget.min_cosine:g}"
-            )
+            measured = f"output cosine {_fmt(cosine, 6)} < "
+            missed.append((f"{measured}min_cosine={self.budget.min_cosine:g}",
+                           f"{measured}--min-cosine {self.budget.min_cosine:g}"))
         return missed
 
     def check(self, candidate: ir.Model | ort.InferenceSession, *, what: str = "the result"
@@ -194,10 +180,11 @@ class BudgetJudge(Evaluator):
         evaluation = self.evaluate(candidate)
         missed = self.misses(evaluation)
         if missed:
-            raise VerificationError(
-                f"{what} misses the accuracy budget on {self.data.source} "
-                f"({evaluation.samples} samples): {'; '.join(missed)}; nothing written"
-            )
+            raise VerificationError.worded(
+                "{what} misses the accuracy budget on {source} ({samples} samples): {missed}; "
+                "nothing written", what=what, source=self.data.source,
+                samples=str(evaluation.samples),
+                missed=("; ".join(m[0] for m in missed), "; ".join(m[1] for m in missed)))
         return evaluation
 
 
@@ -225,24 +212,6 @@ def check_budget(
     return BudgetJudge(reference, data, budget, metric=metric).check(candidate, what=what)
 
 
-def as_data(data: DataLike, model: ir.Model, *, labels: str = DEFAULT_LABELS) -> LabelledData:
-    """`data` as checked `LabelledData` (an .npz path is read, a mapping split into inputs and
-    labels).
-
-    Raises:
-        BadDataError: data that does not fit the model (see `metrics.split_labels`).
-    """
-    if isinstance(data, LabelledData):
-        return data
-    if isinstance(data, (str, os.PathLike)):
-        return load_data(data, model, labels=labels)
-    if isinstance(data, Mapping):
-        return split_labels(data, model, labels=labels)
-    raise BadOptionError(
-        f"data must be an .npz path, a dict of arrays or LabelledData, got {type(data).__name__}"
-    )
-
-
 def budget_judge(
     reference: ir.Model,
     data: DataLike | None,
@@ -266,10 +235,16 @@ def budget_judge(
     if budget is None:
         return None
     if data is None:
-        raise BadOptionError(
-            f"an accuracy budget ({budget.describe()}) needs validation data (--data VAL.npz)"
-        )
+        raise BadOptionError.worded(
+            "an accuracy budget ({budget}) needs validation data: {data}",
+            budget=budget.describe(), data=("pass data= (an .npz path or a dict of arrays, "
+                                            "with 'labels' for max_drop)", "--data VAL.npz"))
     return BudgetJudge(reference, as_data(data, reference, labels=labels), budget, metric=metric)
+
+
+# How messages name the budget options in Python and on the command line.
+_MAX_DROP: Term = ("max_drop", "--max-drop")
+_MIN_COSINE: Term = ("min_cosine", "--min-cosine")
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -178,7 +178,8 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
         for name, array in first.items()
     ):  # fmt: skip
         return _load_whole(path, model)  # float64 data (numpy's default): read whole, cast once
-    check_feeds(model, first, source=str(path))
+    check_feeds(model, first, source=str(path),
+                shapes={name: tuple(array.shape) for name, array in rows.items()})
     return rows  # type: ignore[return-value]
 
 

@@ -1,35 +1,62 @@
 """Output fidelity of a candidate model against a reference, both run on onnxruntime.
 
 Statistics accumulate over all samples (sums, not stored outputs), so comparing on many samples
-costs no more memory than on one.
+costs no more memory than on one. `compare` reads its data like every public function
+(`runtime.data.as_data`: an `.npz` path, stacked arrays, `LabelledData`), so a labels key adds
+both models' top-1 accuracy; without data it draws random inputs and says so.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph._tables import format_float, format_shape, render_table
-from slimgraph.errors import BadDataError
-from slimgraph.runtime.feeds import iter_feeds
+from slimgraph._tables import (
+    format_cosine,
+    format_db,
+    format_percent,
+    format_points,
+    format_shape,
+    render_fields,
+    render_table,
+)
+from slimgraph.errors import BadDataError, BadOptionError, SlimgraphError, UnsupportedModelError
+from slimgraph.ir import as_model, metadata
+from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
+from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
 from slimgraph.runtime.quant_math import sqnr_db
 from slimgraph.runtime.session import create_session, is_session, run
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["OutputFidelity", "Fidelity", "compare", "compare_outputs", "FidelityAccumulator"]
+__all__ = [
+    "OutputFidelity", "Fidelity", "Accuracy", "compare", "compare_outputs",
+    "FidelityAccumulator", "random_data_note", "DATA_BATCH", "RANDOM_BATCH", "RANDOM_BATCHES",
+]
+
+# What `compare` runs the models on: data as `data=` takes it, feed dicts (or (feeds, labels)
+# pairs), or None for random inputs.
+CompareData = DataLike | Iterable[Any] | None
+
+# Rows per run when comparing on data; rows per random batch and how many random batches.
+DATA_BATCH = 64
+RANDOM_BATCH = 8
+RANDOM_BATCHES = 4
 
 
 @dataclass(frozen=True)
 class OutputFidelity:
     """How close one output of the candidate is to the reference's.
 
+    `shape` is the output's over every run, stacked on axis 0 ([450, 10] for 450 samples of 10
+    class scores; one run's shape when runs differ beyond axis 0).
     `sqnr_db` is 10*log10(sum(ref^2) / sum((ref - cand)^2)), infinite for identical outputs.
     `top1_agreement` is the share of rows whose argmax agrees, for class-score outputs (float,
     rank 2, more than one class); None otherwise. `nonfinite` counts candidate values that are
@@ -49,11 +76,53 @@ class OutputFidelity:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    """Top-1 accuracy of the reference and the candidate on the same labelled rows.
+
+    Attributes:
+        labels: the labels key of the data.
+        samples: labelled rows.
+        reference, candidate: fractions in [0, 1]; `drop` = reference - candidate.
+    """
+
+    labels: str
+    samples: int
+    reference: float
+    candidate: float
+
+    @property
+    def drop(self) -> float:
+        return self.reference - self.candidate
+
+    def to_dict(self) -> dict[str, object]:
+        return {"labels": self.labels, "samples": self.samples, "reference": self.reference,
+                "candidate": self.candidate, "drop": self.drop}
+
+    def __str__(self) -> str:
+        return (f"top-1 accuracy ('{self.labels}', {self.samples} samples): reference "
+                f"{format_percent(self.reference)}, candidate {format_percent(self.candidate)}, "
+                f"drop {format_points(self.drop)}")
+
+
+@dataclass(frozen=True)
 class Fidelity:
-    """Per-output fidelity over `samples` runs."""
+    """Per-output fidelity over `samples` rows, and both models' accuracy with labels.
+
+    Attributes:
+        outputs: one `OutputFidelity` per output, in the reference's order.
+        samples: rows compared (axis 0 of the inputs; of the outputs for precomputed ones).
+        batches: onnxruntime runs they took.
+        accuracy: both models' top-1 accuracy when the data had labels, else None.
+        data: where the inputs came from ("val.npz (450 samples)", "random inputs (...)").
+        note: what the figures mean when they come from random inputs.
+    """
 
     outputs: tuple[OutputFidelity, ...]
     samples: int
+    batches: int | None = None
+    accuracy: Accuracy | None = None
+    data: str | None = None
+    note: str | None = None
 
     @property
     def worst_cosine(self) -> float:
@@ -64,27 +133,61 @@ class Fidelity:
         return min(output.sqnr_db for output in self.outputs)
 
     def to_dict(self) -> dict[str, object]:
-        return {"samples": self.samples, "outputs": [asdict(o) for o in self.outputs]}
+        data: dict[str, object] = {}
+        if self.data is not None:
+            data["data"] = self.data
+        if self.note is not None:
+            data["note"] = self.note
+        data.update(samples=self.samples, batches=self.batches,
+                    outputs=[asdict(o) for o in self.outputs])
+        if self.accuracy is not None:
+            data["accuracy"] = self.accuracy.to_dict()
+        return data
 
-    def table(self) -> str:
-        """The table `slimgraph compare` prints: one row per output, then the worst figures."""
+    def table(self, head: Sequence[tuple[str, str]] = ()) -> str:
+        """The table `slimgraph compare` prints: where the inputs came from (after the `head`
+        fields, e.g. the models' files), one row per output, the worst figures, and both
+        models' accuracy with labels."""
         rows = [
             [
                 out.name, format_shape(out.shape), out.max_abs_error, out.mean_abs_error,
-                out.cosine, out.sqnr_db,
-                None if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
+                format_cosine(out.cosine), format_db(out.sqnr_db),
+                None if out.top1_agreement is None else format_percent(out.top1_agreement),
             ]
             for out in self.outputs
         ]  # fmt: skip
         headers = ["output", "shape", "max abs", "mean abs", "cosine", "SQNR dB", "top-1"]
-        return (
-            render_table(headers, rows, align="llrrrrr")
-            + f"\n\nworst cosine {format_float(self.worst_cosine, 6)}, "
-            f"worst SQNR {format_float(self.worst_sqnr_db)} dB"
-        )
+        fields = [*head, *((k, v) for k, v in (("data", self.data), ("note", self.note))
+                           if v is not None)]
+        lines = [render_fields(fields), ""] if fields else []
+        lines += [render_table(headers, rows, align="llrrrrr"), "", self.worst()]
+        if self.accuracy is not None:
+            lines.append(str(self.accuracy))
+        return "\n".join(lines)
+
+    def worst(self) -> str:
+        """One line: the worst output's cosine and SQNR, on how many samples."""
+        runs = f" in {self.batches} run{'s' if self.batches > 1 else ''}" if self.batches else ""
+        return (f"worst cosine {format_cosine(self.worst_cosine)}, worst SQNR "
+                f"{format_db(self.worst_sqnr_db)} dB ({self.samples} samples{runs})")
+
+    def output_lines(self) -> list[str]:
+        """One line per output: cosine, SQNR and top-1 agreement (the quantize summaries)."""
+        lines = []
+        for out in self.outputs:
+            agreement = ("" if out.top1_agreement is None
+                         else f", top-1 agreement {format_percent(out.top1_agreement)}")
+            lines.append(f"output {out.name}: cosine {format_cosine(out.cosine)}, SQNR "
+                         f"{format_db(out.sqnr_db)} dB{agreement}")
+        return lines
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        accuracy = "" if self.accuracy is None else f", drop {format_points(self.accuracy.drop)}"
+        return (f"<Fidelity: {len(self.outputs)} output(s), {self.samples} samples, worst cosine "
+                f"{format_cosine(self.worst_cosine)}{accuracy}>")
 
 
 @dataclass
@@ -106,13 +209,25 @@ class _Sums:
 
 @dataclass
 class FidelityAccumulator:
-    """Streams pairs of outputs into fidelity statistics (used by `compare` and by passes)."""
+    """Streams pairs of outputs into fidelity statistics (used by `compare` and by passes).
+
+    `samples` counts rows (the `rows` given to `add`, else axis 0 of the first output), `batches`
+    the runs.
+    """
 
     sums: dict[str, _Sums] = field(default_factory=dict)
     samples: int = 0
+    batches: int = 0
 
-    def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
-        """Add one run's outputs (by name); only running sums are kept, never the arrays."""
+    def add(
+        self,
+        reference: Mapping[str, np.ndarray],
+        candidate: Mapping[str, np.ndarray],
+        *,
+        rows: int | None = None,
+    ) -> None:
+        """Add one run's outputs (by name); only running sums are kept, never the arrays.
+        `rows`: the samples this run fed (default: axis 0 of the first output, else 1)."""
         for name, ref_array in reference.items():
             if name not in candidate:
                 raise BadDataError(f"the candidate model has no output '{name}'")
@@ -121,11 +236,16 @@ class FidelityAccumulator:
                     f"output '{name}' has shape {list(np.shape(candidate[name]))} in the "
                     f"candidate and {list(np.shape(ref_array))} in the reference"
                 )
-        self.samples += 1
+        self.batches += 1
+        self.samples += rows if rows is not None else _leading_rows(reference)
         for name, ref_array in reference.items():
             ref = np.asarray(ref_array)
             cand = np.asarray(candidate[name])
-            sums = self.sums.setdefault(name, _Sums(shape=ref.shape))
+            if name in self.sums:
+                sums = self.sums[name]
+                sums.shape = _stacked_shape(sums.shape, ref.shape)
+            else:
+                sums = self.sums[name] = _Sums(shape=ref.shape)
             ref64 = ref.astype(np.float64).ravel()
             cand64 = cand.astype(np.float64).ravel()
             broken = np.isfinite(ref64) & ~np.isfinite(cand64)
@@ -148,7 +268,7 @@ class FidelityAccumulator:
                 sums.rows_agree += int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
 
     def result(self) -> Fidelity:
-        if not self.samples:
+        if not self.batches:
             raise BadDataError("no samples were compared")
         outputs = []
         for name, s in self.sums.items():
@@ -177,7 +297,20 @@ class FidelityAccumulator:
                     nonfinite=s.nonfinite,
                 )
             )
-        return Fidelity(tuple(outputs), self.samples)
+        return Fidelity(tuple(outputs), self.samples, self.batches)
+
+
+def _leading_rows(outputs: Mapping[str, np.ndarray]) -> int:
+    first = np.shape(next(iter(outputs.values()))) if outputs else ()
+    return int(first[0]) if first else 1
+
+
+def _stacked_shape(shape: tuple[int, ...], more: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of two runs' outputs stacked on axis 0 (the first shape when they differ
+    beyond axis 0: the column then shows one run's shape)."""
+    if shape and more and shape[1:] == more[1:]:
+        return (shape[0] + more[0], *shape[1:])
+    return shape
 
 
 def compare_outputs(
@@ -191,40 +324,158 @@ def compare_outputs(
 
 
 def compare(
-    reference: ir.Model | ort.InferenceSession,
-    candidate: ir.Model | ort.InferenceSession,
-    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+    reference: ir.Model | str | os.PathLike[str] | ort.InferenceSession,
+    candidate: ir.Model | str | os.PathLike[str] | ort.InferenceSession,
+    data: CompareData = None,
     *,
+    labels: str = DEFAULT_LABELS,
+    batch_size: int | None = None,
     threads: int | None = None,
+    random_batches: int = RANDOM_BATCHES,
+    seed: int = 0,
 ) -> Fidelity:
-    """Run both models on every feed and measure how close the candidate's outputs are.
+    """Run both models on the same inputs and measure how close the candidate's outputs are.
 
     Args:
         reference: the model before a transformation: an `onnx_ir.Model`, a path or a session.
         candidate: the model after it (same kinds); it must have the same output names.
-        feeds: one feed dict or an iterable of them.
+        data: what to run them on, read like every public function's `data=`: an `.npz` path
+            or a dict of arrays stacked on axis 0 (the model's input names, plus an optional
+            labels key that is never fed: with it both models' top-1 accuracy is reported), or
+            `LabelledData`; also an iterable of feed dicts (or of (feeds, labels) pairs). None:
+            `random_batches` random batches (uniform in the candidate's calibrated input range
+            when it is a statically quantized model, standard normal otherwise; the result's
+            `note` says so).
+        labels: the labels key of `data` (default "labels").
+        batch_size: rows per run (default `DATA_BATCH` for data, `RANDOM_BATCH` for random
+            inputs; a model with a fixed batch runs its own).
         threads: intra-op threads for sessions created here.
+        random_batches, seed: the random inputs without `data`.
 
     Returns:
-        A `Fidelity`; `print()` shows the table `slimgraph compare` prints.
+        A `Fidelity` (per output: cosine, SQNR, max/mean abs error, top-1 agreement; with labels
+        `accuracy`); `print()` shows the table `slimgraph compare` prints.
 
     Raises:
-        BadDataError: feeds that do not fit the models, or output names that differ.
+        BadDataError: data that does not fit the models (names, dtypes, shapes: the message
+            lists what the model expects), or output names that differ.
+        BadOptionError: no data and neither model given as a model (random inputs need its
+            input spec), or a `data` of another type.
         ModelLoadError: a path that cannot be loaded.
 
     Example:
-        >>> fidelity = compare(model, quantized, random_feeds(model))  # doctest: +SKIP
-        >>> fidelity.worst_cosine > 0.99  # doctest: +SKIP
+        >>> print(compare(model, quantized, "val.npz"))  # doctest: +SKIP
+        >>> compare(model, quantized, random_feeds(model)).worst_cosine > 0.99  # doctest: +SKIP
     """
-    ref_session = _session(reference, threads)
-    cand_session = _session(candidate, threads)
+    ref_model = None if is_session(reference) else as_model(reference)
+    cand_model = None if is_session(candidate) else as_model(candidate)
+    spec_model = ref_model if ref_model is not None else cand_model
+    batches, source, note = _batches(data, spec_model, cand_model, labels=labels,
+                                     batch_size=batch_size, random_batches=random_batches,
+                                     seed=seed)
+    ref_session = _session(reference if ref_model is None else ref_model, threads, "reference")
+    cand_session = _session(candidate if cand_model is None else cand_model, threads,
+                            "candidate")
     accumulator = FidelityAccumulator()
-    for feed in iter_feeds(feeds):
-        accumulator.add(run(ref_session, feed), run(cand_session, feed))
-    return accumulator.result()
+    rows = ref_correct = cand_correct = 0
+    for item in batches:
+        feed, truth = item if isinstance(item, tuple) else (item, None)
+        ref, cand = run(ref_session, feed), run(cand_session, feed)
+        accumulator.add(ref, cand, rows=_feed_rows(feed))
+        if truth is not None:
+            ref_correct += top1_correct(next(iter(ref.values())), truth)
+            cand_correct += top1_correct(next(iter(cand.values())), truth)
+            rows += len(truth)
+    fidelity = accumulator.result()
+    accuracy = Accuracy(labels, rows, ref_correct / rows, cand_correct / rows) if rows else None
+    return Fidelity(fidelity.outputs, fidelity.samples, fidelity.batches, accuracy, source, note)
 
 
-def _session(model: ir.Model | ort.InferenceSession, threads: int | None) -> ort.InferenceSession:
+def _batches(
+    data: CompareData,
+    model: ir.Model | None,
+    candidate: ir.Model | None,
+    *,
+    labels: str,
+    batch_size: int | None,
+    random_batches: int,
+    seed: int,
+) -> tuple[Iterable[Any], str | None, str | None]:
+    """The runs `compare` makes, where they come from, and the random-data note."""
+    if data is None:
+        if model is None:
+            raise BadOptionError("compare: give data (random inputs need a model, not a session)")
+        size = batch_size or _fixed_batch(model) or RANDOM_BATCH
+        ranges = (calibrated_ranges(candidate) if candidate is not None else {}) or (
+            calibrated_ranges(model))
+        feeds = [random_feeds(model, batch=size, seed=seed + i, ranges=ranges)
+                 for i in range(random_batches)]
+        source = f"random inputs ({random_batches} batches of {size}, seed {seed})"
+        return feeds, source, random_data_note(ranges)
+    if isinstance(data, (LabelledData, str, os.PathLike, Mapping)) and model is not None:
+        checked = as_data(data, model, labels=labels)
+        runs = checked.batches(batch_size or DATA_BATCH, model)
+        return runs, f"{checked.source} ({checked.samples} samples)", None
+    if isinstance(data, Mapping):  # sessions only: one feed dict, as given
+        return [data], None, None
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, os.PathLike)):
+        return _feed_stream(data), None, None
+    raise BadOptionError(
+        f"compare: data must be an .npz path, a dict of arrays, LabelledData or an iterable of "
+        f"feed dicts, got {type(data).__name__}"
+    )
+
+
+def _feed_stream(items: Iterable[Any]) -> Iterator[Any]:
+    for item in items:
+        if not isinstance(item, (Mapping, tuple)):
+            raise BadOptionError(
+                f"compare: an iterable of data must hold feed dicts or (feeds, labels) pairs, "
+                f"got {type(item).__name__}"
+            )
+        yield item
+
+
+def _feed_rows(feed: Mapping[str, np.ndarray]) -> int | None:
+    try:
+        return sample_count(feed) if feed else None
+    except (IndexError, TypeError):  # a scalar input: no rows to count
+        return None
+
+
+def _fixed_batch(model: ir.Model) -> int | None:
+    """The batch size of the model's first input with a fixed one, or None."""
+    fixed = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int)]
+    return fixed[0] if fixed else None
+
+
+def random_data_note(ranges: Mapping[str, tuple[float, float]]) -> str:
+    """What a comparison on random inputs means: said wherever one is reported."""
+    if ranges:
+        spans = ", ".join(f"{name} in [{low:.4g}, {high:.4g}]" for name, (low, high) in
+                          ranges.items())
+        return (f"figures come from random data, drawn uniformly from the calibrated input "
+                f"range of the quantized model ({spans}), not from real inputs")
+    return ("figures come from random data (standard-normal floats, integer inputs 0 or 1), "
+            "which may lie far outside what the model was calibrated or trained on, not real "
+            "inputs")
+
+
+def _session(
+    model: ir.Model | ort.InferenceSession, threads: int | None, role: str
+) -> ort.InferenceSession:
+    """A session for `model`; one that onnxruntime cannot load is an `UnsupportedModelError`
+    naming the model's file (or its role)."""
     if is_session(model):
         return model
-    return create_session(model, threads=threads)
+    try:
+        return create_session(model, threads=threads)
+    except SlimgraphError:
+        raise
+    except Exception as error:  # onnxruntime's own classes (Fail, InvalidGraph, ...)
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        name = model.meta.get(metadata.SOURCE_PATH) or f"the {role} model"
+        raise UnsupportedModelError(
+            f"{name}: onnxruntime cannot load the model: "
+            f"{text.replace('[ONNXRuntimeError] : ', '')}"
+        ) from None

@@ -270,9 +270,17 @@ def _is_zip(file: Path) -> bool:
 
 
 def check_feeds(
-    model: ir.Model, data: Mapping[str, np.ndarray], *, source: str = "data"
+    model: ir.Model,
+    data: Mapping[str, np.ndarray],
+    *,
+    source: str = "data",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
-    """Check names, dtypes, ranks, fixed dimensions and finiteness of stacked sample data."""
+    """Check names, dtypes, ranks, fixed dimensions and finiteness of stacked sample data.
+
+    `shapes`: the whole arrays' shapes when `data` holds only their first rows (a streamed
+    `.npz`), so that a message reports the array the user saved, not the slice checked.
+    """
     specs = input_specs(model)
     expected = f"the model expects {describe_inputs(specs)}"
     names = {spec.name for spec in specs}
@@ -283,25 +291,31 @@ def check_feeds(
         if missing:
             parts.append(f"missing {', '.join(missing)}")
         if extra:
-            parts.append(f"unknown {', '.join(extra)}")
-        raise BadDataError(f"{source}: input names do not match ({'; '.join(parts)}); {expected}")
+            parts.append(f"not inputs of the model: {', '.join(extra)}")
+        raise BadDataError(
+            f"{source}: its keys ({', '.join(sorted(data)) or 'none'}) do not match the model's "
+            f"input names ({'; '.join(parts)}); {expected}"
+        )
     counts: dict[str, int] = {}
     for spec in specs:
         array = np.asarray(data[spec.name])
+        shape = list((shapes or {}).get(spec.name, array.shape))
         if array.dtype != spec.dtype:
             raise BadDataError(
                 f"{source}: '{spec.name}' is {array.dtype.name}, but {expected}"
             )
         if spec.shape is not None:
-            if array.ndim != len(spec.shape):
+            wrong = array.ndim != len(spec.shape) or any(
+                axis > 0 and isinstance(want, int) and got != want
+                for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True))
+            )
+            if wrong:
+                rows = "[" + ", ".join(["N", *map(_dim_text, spec.shape[1:])]) + "]"
                 raise BadDataError(
-                    f"{source}: '{spec.name}' has shape {list(array.shape)}, but {expected}"
+                    f"{source}: '{spec.name}' has shape {shape}, but the model takes "
+                    f"{rows if spec.shape else 'a scalar'} for it (samples stacked on axis 0); "
+                    f"{expected}"
                 )
-            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-                if axis > 0 and isinstance(want, int) and got != want:
-                    raise BadDataError(
-                        f"{source}: '{spec.name}' has shape {list(array.shape)}, but {expected}"
-                    )
         if array.ndim == 0 or array.shape[0] == 0:
             raise BadDataError(
                 f"{source}: '{spec.name}' holds no samples (axis 0 stacks them); {expected}"
@@ -318,6 +332,10 @@ def check_feeds(
         raise BadDataError(
             f"{source}: inputs hold different numbers of samples ({listed}); {expected}"
         )
+
+
+def _dim_text(dim: Dim) -> str:
+    return "?" if dim is None else str(dim)
 
 
 def sample_count(data: Mapping[str, np.ndarray]) -> int:

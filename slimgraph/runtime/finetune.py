@@ -39,9 +39,10 @@ import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
 from slimgraph._optional import require_torch
+from slimgraph._tables import format_metric, render_table
 from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, as_data, split_labels
 from slimgraph.runtime.feeds import input_specs
-from slimgraph.runtime.metrics import DEFAULT_LABELS, LabelledData, load_data, split_labels
 from slimgraph.runtime.session import create_session, run
 from slimgraph.runtime.torch_backend._options import KD_KINDS, SCHEMES, TrainOptions
 
@@ -53,6 +54,7 @@ __all__ = [
     "SCHEMES",
     "FinetuneReport",
     "FinetuneOptions",
+    "metric_text",
     "finetune",
     "finetune_with_report",
     "resolve_value",
@@ -119,6 +121,43 @@ class FinetuneReport:
     def seconds_per_epoch(self) -> float | None:
         return None if self.history is None else self.history.seconds_per_epoch
 
+    def __str__(self) -> str:
+        """The run as text (what `slimgraph finetune` prints): what was trained how, the
+        per-epoch table and the validation metric before and after."""
+        kinds = ", ".join(self.kd) if self.kd else "labels only"
+        lines = [f"{'QAT of the QDQ graph' if self.qat else 'fine-tuning'}: scheme {self.scheme}, "
+                 f"knowledge {kinds}, {self.epochs} epochs"
+                 + (f" on {self.samples} samples" if self.samples else "")]  # fmt: skip
+        if self.features:
+            pairs = ", ".join(s if s == t else f"{s}->{t}" for s, t in self.features)
+            lines.append(f"feature KD on: {pairs}")
+        if self.relation is not None:
+            lines.append(f"relation KD on: {self.relation[0]}")
+        history = self.history
+        if history is not None and history.records:
+            name = history.metric
+            rows = [[r.epoch, "-" if r.loss is None else f"{r.loss:.4f}",
+                     metric_text(r.val, name), f"{r.seconds:.2f}" if r.epoch else "-"]
+                    for r in history.records]  # fmt: skip
+            header = ["epoch", "loss", f"val {name}" if name else "val", "seconds"]
+            lines += ["", render_table(header, rows, align="rrrr")]
+        if self.before is not None and self.after is not None:
+            summary = (f"val {self.metric}: {metric_text(self.before, self.metric)} -> "
+                       f"{metric_text(self.after, self.metric)}")
+            if self.teacher_val is not None:
+                summary += f" (teacher {metric_text(self.teacher_val, self.metric)})"
+            lines += ["", summary]
+        if self.seconds_per_epoch is not None:
+            lines.append(f"{self.seconds_per_epoch:.2f} s per epoch (median), "
+                         f"{self.seconds:.1f} s in all")  # fmt: skip
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        change = ("" if self.before is None or self.after is None else
+                  f", val {self.metric} {metric_text(self.before, self.metric)} -> "
+                  f"{metric_text(self.after, self.metric)}")
+        return f"<FinetuneReport: {self.scheme}, {self.epochs} epochs{change}>"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "scheme": self.scheme,
@@ -137,6 +176,12 @@ class FinetuneReport:
             "seconds_per_epoch": self.seconds_per_epoch,
             "history": None if self.history is None else self.history.to_dict()["epochs"],
         }
+
+
+def metric_text(value: float | None, name: str | None) -> str:
+    """A validation figure as every report prints it (`_tables.format_metric`): accuracy in
+    percent ('12.32%'), the output cosine with six decimals ('0.999871'); '-' when not measured."""
+    return format_metric(value, name)
 
 
 def parse_kd(kd: str | Sequence[str]) -> tuple[str, ...]:
@@ -267,12 +312,8 @@ def _check_same_inputs(model: ir.Model, teacher: ir.Model) -> None:
 def _training_data(
     data: DataLike, model: ir.Model, labels: str, epochs: int
 ) -> tuple[LabelledData | None, Iterable[Mapping[str, np.ndarray]] | None]:
-    if isinstance(data, LabelledData):
-        return data, None
-    if isinstance(data, (str, os.PathLike)):
-        return load_data(data, model, labels=labels), None
-    if isinstance(data, Mapping):
-        return split_labels(data, model, labels=labels), None
+    if isinstance(data, (LabelledData, str, os.PathLike, Mapping)):
+        return as_data(data, model, labels=labels), None
     if isinstance(data, Iterable):
         if isinstance(data, Iterator) and epochs > 1:
             raise BadOptionError(
@@ -289,12 +330,10 @@ def _training_data(
 def _validation_data(val: DataLike | None, model: ir.Model, labels: str) -> LabelledData | None:
     if val is None:
         return None
-    if isinstance(val, LabelledData):
-        return val
-    if isinstance(val, (str, os.PathLike)):
-        return load_data(val, model, labels=labels)
-    if isinstance(val, Mapping):
+    if isinstance(val, Mapping) and not isinstance(val, LabelledData):
         return split_labels(val, model, labels=labels, source="val")
+    if isinstance(val, (LabelledData, str, os.PathLike)):
+        return as_data(val, model, labels=labels)
     raise BadDataError(
         f"val: expected an .npz path or stacked arrays, got {type(val).__name__}"
     )

@@ -1,9 +1,9 @@
-"""Labelled data and the metric every approximate step is judged by.
+"""The metric every approximate step is judged by, on data read by `runtime.data`.
 
-A data file (`.npz`) holds the model's inputs stacked on axis 0 and, optionally, a labels key
-(default `labels`) of class indices, one per row, that is never fed to the model. With labels the
-metric is top-1 accuracy of the first output (class scores on its last axis); without them it is
-the worst output cosine against a reference model (the model before compression).
+With a labels key in the data the metric is top-1 accuracy of the first output (class scores on
+its last axis); without it, the worst output cosine against a reference model (the model before
+compression). `LabelledData`, `load_data`, `split_labels` and `top1_correct` live in
+`runtime.data` and are re-exported here.
 
 Example:
     >>> data = load_data("val.npz", model)  # doctest: +SKIP
@@ -12,25 +12,24 @@ Example:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph._tables import format_cosine, format_db, format_metric, format_metric_change
 from slimgraph.errors import BadDataError
 from slimgraph.runtime.compare import FidelityAccumulator
-from slimgraph.runtime.feeds import (
-    cast_floats,
-    check_feeds,
-    input_specs,
-    iter_batches,
-    read_npz,
-    sample_count,
+from slimgraph.runtime.data import (
+    DEFAULT_LABELS,
+    LabelledData,
+    load_data,
+    split_labels,
+    top1_correct,
 )
+from slimgraph.runtime.feeds import sample_count
 from slimgraph.runtime.session import create_session, is_session, run
 
 if TYPE_CHECKING:
@@ -47,96 +46,9 @@ __all__ = [
     "evaluate",
 ]
 
-DEFAULT_LABELS = "labels"
-
 # A user metric: the model's outputs (name -> array [N, ...]) on all of the data and the labels
 # (int64 [N], or None) -> one number, higher is better (e.g. F1, or minus a loss).
 Metric = Callable[[dict[str, np.ndarray], "np.ndarray | None"], float]
-
-
-@dataclass(frozen=True)
-class LabelledData:
-    """Model inputs stacked on axis 0 and, when the file had them, one class index per row.
-
-    Attributes:
-        feeds: input name -> array [N, ...] in the model's dtype.
-        labels: int64 [N] class indices, or None.
-        source: where the data came from (a path, or "data"), for messages.
-    """
-
-    feeds: dict[str, np.ndarray]
-    labels: np.ndarray | None
-    source: str = "data"
-
-    @property
-    def samples(self) -> int:
-        return sample_count(self.feeds)
-
-    def batches(self, batch_size: int, model: ir.Model | None = None) -> Iterator[
-        tuple[dict[str, np.ndarray], np.ndarray | None]
-    ]:
-        """(feeds, labels) slices of `batch_size` rows, labels sliced alongside."""
-        start = 0
-        for feed in iter_batches(self.feeds, batch_size, model):
-            rows = sample_count(feed)
-            labels = None if self.labels is None else self.labels[start : start + rows]
-            start += rows
-            yield feed, labels
-
-
-def split_labels(
-    data: Mapping[str, np.ndarray],
-    model: ir.Model,
-    *,
-    labels: str = DEFAULT_LABELS,
-    source: str = "data",
-) -> LabelledData:
-    """Separate the labels key from model inputs and check both.
-
-    A labels key that is also one of the model's input names is fed, not taken as labels.
-
-    Raises:
-        BadDataError: inputs that do not fit the model (see `check_feeds`), labels that are not
-            one integer per row, or a count that differs from the inputs'.
-    """
-    names = {spec.name for spec in input_specs(model)}
-    feeds = {key: value for key, value in data.items() if key != labels or key in names}
-    label_array = None
-    if labels in data and labels not in names:
-        label_array = np.asarray(data[labels])
-        if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
-            raise BadDataError(
-                f"{source}: labels '{labels}' must be one integer class index per row, got "
-                f"{label_array.dtype.name} {list(label_array.shape)}"
-            )
-        label_array = label_array.astype(np.int64, copy=False)
-    feeds = cast_floats(model, feeds, source=source)
-    check_feeds(model, feeds, source=source)
-    if label_array is not None and label_array.shape[0] != sample_count(feeds):
-        raise BadDataError(
-            f"{source}: {label_array.shape[0]} labels for {sample_count(feeds)} samples"
-        )
-    return LabelledData(feeds, label_array, source)
-
-
-def load_data(
-    path: str | os.PathLike[str], model: ir.Model, *, labels: str = DEFAULT_LABELS
-) -> LabelledData:
-    """Read an `.npz` of inputs (and optional labels) and check it against the model.
-
-    Raises:
-        BadDataError: unreadable file, pickled objects, or data that does not fit (`split_labels`).
-    """
-    file = Path(path)
-    data = read_npz(file, model)
-    return split_labels(data, model, labels=labels, source=str(file))
-
-
-def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:
-    """Rows whose highest score (last axis) is the label. scores [N, ..., C], labels [N]."""
-    scores = np.asarray(scores)
-    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
-    return int((flat.argmax(axis=-1) == labels).sum())
 
 
 @dataclass(frozen=True)
@@ -185,6 +97,22 @@ class Evaluation:
     def with_reference(self, reference: Evaluation) -> Evaluation:
         """This evaluation with the reference model's metric attached (for `drop`)."""
         return replace(self, reference_metric=reference.metric)
+
+    def __str__(self) -> str:
+        """One line: the metric (and the reference's with the drop), cosine and SQNR."""
+        name = self.metric_name
+        parts = [f"{name} {format_metric(self.metric, name)}"]
+        if self.reference_metric is not None and self.drop is not None:
+            parts[0] += (f" (before {format_metric(self.reference_metric, name)}, change "
+                         f"{format_metric_change(-self.drop, name)})")
+        if self.cosine is not None and name != "cosine":
+            parts.append(f"output cosine {format_cosine(self.cosine)}")
+        if self.sqnr_db is not None:
+            parts.append(f"SQNR {format_db(self.sqnr_db)} dB")
+        return ", ".join(parts) + f" on {self.samples} samples"
+
+    def __repr__(self) -> str:
+        return f"<Evaluation: {self}>"
 
     def to_dict(self) -> dict[str, object]:
         data: dict[str, object] = {

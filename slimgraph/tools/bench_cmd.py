@@ -13,7 +13,7 @@ from typing import cast
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
-from slimgraph._tables import emit, format_shape, to_json
+from slimgraph._tables import emit, format_ratio, format_shape, to_json
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.tools._common import add_json_option
 from slimgraph.tools.compare_cmd import (
@@ -112,8 +112,10 @@ def _noise_lines(result: runtime.BenchmarkResult) -> str:
     close = [c for c in result.comparisons if c.within_noise]
     if not close:
         return "\nno two models are within noise of each other"
+    # the later model against the earlier, as the table's ratios read (b / a = 1 / (a / b))
     lines = [
-        f"within noise: {c.a} and {c.b} (ratio {c.ratio:.2f}, interval {c.low:.2f}-{c.high:.2f})"
+        f"within noise: {c.b} against {c.a} ({format_ratio(1 / c.ratio)}, interval "
+        f"{1 / c.high:.2f}-{1 / c.low:.2f})"
         for c in close
     ]
     return "\n" + "\n".join(lines)

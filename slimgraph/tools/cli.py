@@ -4,7 +4,9 @@ Exit codes (DESIGN.md section 7): 0 success; 2 bad usage or bad input (one line 
 traceback unless `--debug`); 1 verification failure or internal error.
 
 A command module defines `register(subparsers)`, which adds its parser and sets `handler` to a
-function taking the parsed arguments and returning an exit code.
+function taking the parsed arguments and returning an exit code. The global options (`--debug`,
+`-v/--verbose`) are accepted before or after the command's name: every command's parser takes
+them too (`add_global_options`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: Sequence
     return f"{sub.prog}: error: unrecognized arguments: {listed}{hint} (see {sub.prog} --help)"
 
 
+class _UserFormatter(logging.Formatter):
+    """Without -v/--debug: a note reads "note: ...", anything else "warning: ...", no logger
+    names (those come with -v)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if message.startswith("note:") else f"warning: {message}"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -77,6 +88,15 @@ def _version() -> str:
         return version("slimgraph")
     except PackageNotFoundError:  # run from a source tree that is not installed
         return "unknown"
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, default: object = False) -> None:
+    """`--debug` and `-v/--verbose`. A command's parser gets them with `default=SUPPRESS`, so a
+    flag given before the command's name is not reset by the command's own defaults."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log what each step does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"slimgraph {_version()}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for command in subparsers.choices.values():
+        add_global_options(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -105,13 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.argv = argv  # the command as typed, for reports
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # notes and warnings for the user; a log with -v/--debug
+    handler.setFormatter(_UserFormatter() if level == logging.WARNING
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return int(args.handler(args) or 0)
     except SlimgraphError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"slimgraph {args.command}: error: {error}", file=sys.stderr)
+        print(f"slimgraph {args.command}: error: {error.cli_message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"slimgraph {args.command}: interrupted", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
-from slimgraph._tables import format_count, format_ratio, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
 from slimgraph.runtime import iter_batches
@@ -19,7 +18,7 @@ from slimgraph.tools._common import Compression, Figures, add_json_option, add_m
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
-__all__ = ["register", "run", "format_report"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     job.write(factorized)
     result = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
     search = report.budget_search
-    lines = [f"wrote {job.target}", format_report(report)]
+    lines = [f"wrote {job.target}", str(report)]
     if search is not None and report.evaluation:
         lines += job.budget_lines(report.evaluation, search)
     return job.finish(result, "\n".join(lines), lambda figures: _page(job, result, report,
@@ -151,65 +150,3 @@ def _page(
                "rows": [[s.node, s.op_type, s.reason] for s in report.skipped]}
     return job.page("Factorize", summary=summary, plots=plots,
                        tables=[table, skipped], result=data)  # fmt: skip
-
-
-def _count(value: int | None) -> str:
-    return "?" if value is None else format_count(value)
-
-
-def _ratio(after: int | None, before: int | None) -> str:
-    return format_ratio(after / before if after is not None and before else None)
-
-
-def format_report(report: FactorizeReport) -> str:
-    """The per-layer table, totals and skip reasons as plain text."""
-    rows = []
-    for r in report.layers:
-        rows.append(
-            [
-                r.layer,
-                r.op_type,
-                r.method,
-                "x".join(str(d) for d in r.shape),
-                "/".join(str(k) for k in r.rank) + (" *" if r.shared_with else ""),
-                f"{_count(r.params_before)} -> {_count(r.params_after)}",
-                f"{_count(r.macs_before)} -> {_count(r.macs_after)}",
-                f"{r.weight_error:.4f}",
-                None if r.output_sqnr_db is None else f"{r.output_sqnr_db:.1f}",
-            ]
-        )
-    lines = []
-    if rows:
-        lines.append(
-            render_table(
-                ["layer", "op", "method", "weight", "rank", "params", "MACs", "W err", "SQNR dB"],
-                rows,
-                align="lllllrrrr",
-            )
-        )
-        lines.append("")
-    lines.append(
-        f"factorized {len(report.layers)} layers, skipped {len(report.skipped)}"
-        + (f"; folded {report.folded} computed weights/biases first" if report.folded else "")
-    )
-    lines.append(
-        f"parameters: {_count(report.params_before)} -> {_count(report.params_after)} "
-        f"({_ratio(report.params_after, report.params_before)})"
-    )
-    lines.append(
-        f"MACs:       {_count(report.macs_before)} -> {_count(report.macs_after)} "
-        f"({_ratio(report.macs_after, report.macs_before)})"
-    )
-    if report.fidelity is not None:
-        lines.append(
-            f"outputs:    worst cosine {report.fidelity.worst_cosine:.6f}, worst SQNR "
-            f"{report.fidelity.worst_sqnr_db:.1f} dB ({report.fidelity.samples} samples)"
-        )
-    if any(r.shared_with for r in report.layers):
-        lines.append("* reuses the factors of a tied weight")
-    reasons: dict[str, int] = {}
-    for skipped in report.skipped:
-        reasons[skipped.reason] = reasons.get(skipped.reason, 0) + 1
-    for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
-        lines.append(f"skipped {count:>3}: {reason}")
-    return "\n".join(lines)

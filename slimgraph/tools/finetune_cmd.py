@@ -16,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph import ir as sg_ir
-from slimgraph._tables import render_table
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
-from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, finetune_with_report, parse_kd
+from slimgraph.runtime.finetune import (
+    SCHEMES,
+    FinetuneReport,
+    finetune_with_report,
+    metric_text,
+    parse_kd,
+)
 from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths, print_result
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 
-__all__ = ["register", "run", "format_report", "report_dict"]
+__all__ = ["register", "run", "report_dict"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if record.loss is not None:
             parts.append(f"loss {record.loss:.4f}")
         if record.val is not None:
-            parts.append(f"val {_metric(record.val, record.metric)}")
+            parts.append(f"val {record.metric} {metric_text(record.val, record.metric)}")
         if record.epoch:
             parts.append(f"{record.seconds:.1f} s")
         print("  ".join(parts), file=sys.stderr, flush=True)
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     data = {"input": str(source), "output": str(target), "data": str(args.data),
             "teacher": args.teacher, **report.to_dict()}  # fmt: skip
-    text = f"wrote {target}\n" + format_report(report)
+    text = f"wrote {target}\n{report}"
     if judge is not None:  # a model that misses the budget is never written
         evaluation = judge.check(trained, what="the fine-tuned model")
         data["budget"] = evaluation.to_dict()
@@ -132,42 +137,6 @@ def run(args: argparse.Namespace) -> int:
         write_report(report_dir, report_dict(report, data, command_line(args)), text=text)
     sg_ir.save(trained, target)
     return print_result(args, data, text)
-
-
-def _metric(value: float | None, name: str | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2%}" if name == "accuracy" else f"cosine {value:.5f}"
-
-
-def format_report(report: FinetuneReport) -> str:
-    """The run as text: what was trained how, the per-epoch table and before/after."""
-    kinds = ", ".join(report.kd) if report.kd else "labels only"
-    lines = [f"{'QAT of the QDQ graph' if report.qat else 'fine-tuning'}: scheme {report.scheme}, "
-             f"knowledge {kinds}, {report.epochs} epochs"
-             + (f" on {report.samples} samples" if report.samples else "")]  # fmt: skip
-    if report.features:
-        pairs = ", ".join(s if s == t else f"{s}->{t}" for s, t in report.features)
-        lines.append(f"feature KD on: {pairs}")
-    if report.relation is not None:
-        lines.append(f"relation KD on: {report.relation[0]}")
-    history = report.history
-    if history is not None and history.records:
-        name = history.metric
-        rows = [[r.epoch, "-" if r.loss is None else f"{r.loss:.4f}", _metric(r.val, name),
-                 f"{r.seconds:.2f}" if r.epoch else "-"] for r in history.records]  # fmt: skip
-        header = ["epoch", "loss", f"val {name}" if name else "val", "seconds"]
-        lines += ["", render_table(header, rows, align="rrrr")]
-    if report.before is not None and report.after is not None:
-        summary = f"val {report.metric}: {_metric(report.before, report.metric)} -> " \
-                  f"{_metric(report.after, report.metric)}"
-        if report.teacher_val is not None:
-            summary += f" (teacher {_metric(report.teacher_val, report.metric)})"
-        lines += ["", summary]
-    if report.seconds_per_epoch is not None:
-        lines.append(f"{report.seconds_per_epoch:.2f} s per epoch (median), "
-                     f"{report.seconds:.1f} s in all")  # fmt: skip
-    return "\n".join(lines)
 
 
 def report_dict(
@@ -194,9 +163,11 @@ def report_dict(
         "command": command,
         "summary": {
             "scheme": report.scheme, "knowledge": ", ".join(report.kd) or "labels only",
-            "epochs": report.epochs, "QAT": report.qat, f"val {report.metric} before":
-            report.before, f"val {report.metric} after": report.after,
-            "teacher val": report.teacher_val, "seconds per epoch": report.seconds_per_epoch,
+            "epochs": report.epochs, "QAT": report.qat,
+            f"val {report.metric} before": metric_text(report.before, report.metric),
+            f"val {report.metric} after": metric_text(report.after, report.metric),
+            "teacher val": metric_text(report.teacher_val, report.metric),
+            "seconds per epoch": report.seconds_per_epoch,
         },
         "tables": [{"title": "epochs", "columns": ["epoch", "loss", "val", "seconds"],
                     "rows": [[r.epoch, r.loss, r.val, r.seconds] for r in records]}],

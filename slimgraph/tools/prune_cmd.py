@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from slimgraph._tables import format_count, format_ratio, render_table
+from slimgraph._tables import format_ratio
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
-__all__ = ["register", "run", "format_report"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     job.write(pruned)
     data = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
-    text = "\n".join([f"wrote {job.target}", format_report(report),
+    text = "\n".join([f"wrote {job.target}", str(report),
                       *job.budget_lines(report.evaluation)])  # fmt: skip
     return job.finish(data, text, lambda figures: _page(job, data, report, figures))
 
@@ -118,41 +118,3 @@ def _page(
                        ", ".join(g.producers), g.reason or ""] for g in report.groups]})
     plots.append(figures[1])
     return job.page("Prune", summary=summary, plots=plots, tables=tables, result=data)
-
-
-def format_report(report: PruneReport) -> str:
-    """The report as plain-text tables."""
-
-    def ratio(after: int, before: int) -> str:
-        return f"{after / before:.3f}x" if before else "-"
-
-    lines = [
-        f"parameters: {format_count(report.params_before)} -> "
-        f"{format_count(report.params_after)} ({ratio(report.params_after, report.params_before)})",
-        f"MACs:       {format_count(report.macs_before)} -> "
-        f"{format_count(report.macs_after)} ({ratio(report.macs_after, report.macs_before)})",
-    ]
-    if report.layer_ratios:
-        lines.append("ratios per group (first producer): " + ", ".join(
-            f"{name} {ratio:g}" for name, ratio in report.layer_ratios.items()))
-    lines += report.notes
-    if report.unstructured:
-        rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]
-                for s in report.sparsity]  # fmt: skip
-        lines += ["", render_table(["layer", "op", "weights", "zeros", "sparsity"], rows)]
-        return "\n".join(lines)
-    rows = []
-    for g in report.groups:
-        producers = ", ".join(g.producers[:3]) + (" ..." if len(g.producers) > 3 else "")
-        reasons = g.reason.split("; ") if g.reason else []
-        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        padded = f"padded at {g.padded} edge(s)" if g.padded else ""
-        note = reasons[0] + more if reasons else padded
-        rows.append([g.id, g.channels, g.kept, producers, note])
-    lines += ["", "groups:", render_table(["id", "channels", "kept", "producers", "note"], rows,
-                                          align="rrrll")]  # fmt: skip
-    layer_rows = [[layer.layer, layer.op_type, layer.before, layer.after]
-                  for layer in report.layers]  # fmt: skip
-    lines += ["", "channels per layer:",
-              render_table(["layer", "op", "before", "after"], layer_rows)]  # fmt: skip
-    return "\n".join(lines)

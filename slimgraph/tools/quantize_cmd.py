@@ -1,13 +1,19 @@
 """`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization (DESIGN.md s. 7).
 
 Static when `--calib` is given (calibrated QDQ or QOperator, with the per-tensor SQNR report),
-else dynamic, unless `--mode` says otherwise. Prints sizes and the report's summary; `--json`
-prints one object instead. The output is written atomically, never over the input.
+else dynamic, unless `--mode` says otherwise. Every mode prints the output fidelity (cosine, SQNR,
+top-1 agreement) against the input model: on `--data` when given (with both models' accuracy when
+it has labels), else static mode on its calibration data and the other modes on random inputs,
+which the output says. `--json` prints one object instead, whose `format` is the form the written
+graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`). The output is written atomically,
+never over the input.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from dataclasses import replace
 from typing import Literal, cast
 
 import onnx_ir as ir
@@ -18,6 +24,7 @@ from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
+from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
@@ -104,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{option} is only used by static quantization, not --mode {_mode(args)}"
             )
 
-    job = Compression(args, check=check)
+    # --data is the budget's data and, with or without a budget, where fidelity is measured
+    job = Compression(args, check=check, data_for_budget=False)
     mode = _mode(args)
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     calibration: object = args.calib
@@ -135,29 +143,61 @@ def run(args: argparse.Namespace) -> int:
         smooth_quant=args.smooth_quant,
     )
     job.write(quantized)
-    fmt_label = _written_format(
-        quantized, "matmulnbits" if mode == "weight-only" and fmt == "qoperator" else fmt)
+    fmt_label, quantized_ops = _written_format(quantized, mode, fmt)
     search = budget_search_of(quantized)
     size_in, size_out = sg_ir.size_on_disk(job.source, job.model), sg_ir.size_on_disk(job.target)
     report = report_of(quantized)
+    fidelity = _fidelity(job, quantized, report, verify=args.verify)
     out: dict[str, object] = {
         "input": str(job.source), "output": str(job.target), "mode": mode, "format": fmt_label,
-        "size_bytes": size_out, "input_size_bytes": size_in, "size_ratio": size_out / size_in,
+        "quantized_ops": quantized_ops, "size_bytes": size_out, "input_size_bytes": size_in,
+        "size_ratio": size_out / size_in,
+        "fidelity": None if fidelity is None else fidelity.to_dict(),
     }
     if report is not None:
         out["report"] = report.to_dict()
     if search is not None:
         out["budget"] = search.to_dict()
     lines = [
-        f"wrote {job.target} ({mode}{', ' + fmt_label if mode != 'dynamic' else ''}): "
+        f"wrote {job.target} ({mode}{'' if fmt_label == mode else ', ' + fmt_label}): "
         f"{format_bytes(size_out)}, "
         f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
     ]
     if report is not None:
         lines.append(report.summary(top=args.top))
+    if fidelity is not None and (report is None or args.data):
+        lines += _fidelity_lines(fidelity)
+    elif fidelity is None:
+        lines.append("fidelity not measured: --no-verify does not run the model")
     if search is not None:
         lines += job.budget_lines(search.evaluation, search)
     return job.finish(out, "\n".join(lines), lambda figures: _page(job, out, report, figures))
+
+
+def _fidelity(
+    job: Compression, quantized: ir.Model, report: QuantReport | None, *, verify: bool
+) -> Fidelity | None:
+    """The output fidelity to MODEL: on --data when given; else the static report's (the
+    calibration data), or random inputs for the modes that have no data; None with
+    --no-verify (a model onnxruntime may not run)."""
+    data = job.data()
+    if data is not None:
+        return compare(job.model, quantized, data)
+    if report is not None:
+        return replace(report.outputs, data=f"the calibration data ({report.outputs.samples} "
+                                            "samples)")
+    return compare(job.model, quantized) if verify else None
+
+
+def _fidelity_lines(fidelity: Fidelity) -> list[str]:
+    """`fidelity on DATA:` and one line per output, then both models' accuracy with labels."""
+    lines = [f"fidelity on {fidelity.data}:"]
+    if fidelity.note is not None:
+        lines.append(f"  note: {fidelity.note}")
+    lines += [f"  {line}" for line in fidelity.output_lines()]
+    if fidelity.accuracy is not None:
+        lines.append(f"  {fidelity.accuracy}")
+    return lines
 
 
 def _mode(args: argparse.Namespace) -> Mode:
@@ -165,22 +205,35 @@ def _mode(args: argparse.Namespace) -> Mode:
     return cast(Mode, args.mode or ("static" if args.calib or args.zero_shot else "dynamic"))
 
 
-_INTEGER_OPS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat"}
-)
+# The ops each written form is recognized by (its quantized ops, counted in `quantized_ops`).
+_DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention",
+                          "DynamicQuantizeLSTM"})
+_INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                          "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
+                          "QLinearConcat", "QLinearGlobalAveragePool", "QLinearSigmoid"})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
-def _written_format(model: ir.Model, requested: str) -> str:
-    """The format the written graph is in, read from its ops (dynamic mode writes integer ops:
-    DynamicQuantizeLinear + MatMulInteger/ConvInteger, the QOperator form, whatever was asked)."""
-    ops = {node.op_type for node in model.graph.all_nodes()}
+def _written_format(model: ir.Model, mode: str, requested: str) -> tuple[str, dict[str, int]]:
+    """The form the written graph is in, read from its ops, and its quantization ops by count:
+    `matmulnbits` (MatMulNBits), `dynamic` (activations quantized at run time:
+    DynamicQuantizeLinear + MatMulInteger/ConvInteger, or onnxruntime's DynamicQuantizeMatMul /
+    QAttention), `qoperator` (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...), `qdq`
+    (QuantizeLinear/DequantizeLinear pairs, or DequantizeLinear with block_size for weight-only);
+    the requested format when the graph has none of these (nothing was quantized)."""
+    ops = Counter(node.op_type for node in model.graph.all_nodes())
+    quantized = {op: count for op, count in sorted(ops.items())
+                 if op in _DYNAMIC_OPS | _INTEGER_OPS | _QDQ_OPS | {"MatMulNBits"}}
     if "MatMulNBits" in ops:
-        return "matmulnbits"
-    if ops & _INTEGER_OPS:
-        return "qoperator"
-    if "DequantizeLinear" in ops:
-        return "qdq"
-    return requested
+        return "matmulnbits", quantized
+    if ops.keys() & _DYNAMIC_OPS:
+        return "dynamic", quantized
+    if ops.keys() & _INTEGER_OPS:
+        return "qoperator", quantized
+    if ops.keys() & _QDQ_OPS:
+        return "qdq", quantized
+    return ("matmulnbits" if mode == "weight-only" and requested == "qoperator" else requested,
+            quantized)
 
 
 def _page(

@@ -6,7 +6,8 @@ values to try for each; the candidates are the cartesian product::
     prune: {ratio: [0.0, 0.3, 0.5]}     # options of the step: every combination
     quantize: [none, int8]              # values: `none` skips the step
 
-Step names are the pipeline's registered passes and presets (`slimgraph.passes.pipeline`) plus
+Grids are read and expanded by `slimgraph.tools.sweep_grid`. Step names are the pipeline's
+registered passes and presets (`slimgraph.passes.pipeline`) plus
 the command names `prune` (main option `ratio`; ratio 0 skips the step), `quantize` (main option
 `mode`: `int8`/`static` -> calibrated static int8, needs calibration data; `dynamic`;
 `weight-only`), `factorize` (main option `rank_ratio`: SVD of Gemm/MatMul then Tucker-2 of Conv)
@@ -38,7 +39,6 @@ against the metric (`pareto_size`); with `out` those models are written there.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import os
@@ -47,7 +47,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,21 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph import ir as sg_ir
+from slimgraph._tables import (
+    format_bytes,
+    format_count,
+    format_macs,
+    format_metric,
+    format_ratio,
+    render_table,
+)
 from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError
-from slimgraph.passes.pipeline import PASSES, PRESETS, build_pipeline, run_pipeline
-from slimgraph.passes.recipe import read_document
+from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, evaluate, load_data, split_labels
 from slimgraph.runtime.session import model_bytes
 from slimgraph.tools.summary import summarize
+from slimgraph.tools.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 
 __all__ = [
     "SWEEP_EXTRA",
@@ -79,58 +87,6 @@ logger = logging.getLogger(__name__)
 
 # The optional dependency group that carries dask.distributed (`pip install slimgraph[sweep]`).
 SWEEP_EXTRA = "sweep"
-
-_SKIP = ("none", "skip")
-
-
-def _is_skip(value: Any) -> bool:
-    """`none`/`skip`/null/false: the step does not run in this candidate."""
-    return value is None or value is False or (isinstance(value, str) and value.lower() in _SKIP)
-
-
-@dataclass(frozen=True)
-class _Command:
-    """A command name usable as a grid step: the passes it runs and its main option."""
-
-    passes: tuple[str, ...]
-    main: str
-    skip: Callable[[Mapping[str, Any]], bool] = lambda options: False
-    # `mode` values of `quantize`: the pass each one runs
-    modes: Mapping[str, str] = field(default_factory=dict)
-    # options naming files: made absolute here, so workers started elsewhere find them
-    paths: tuple[str, ...] = ()
-
-
-_QUANTIZE_MODES = {"int8": "quantize", "static": "quantize", "dynamic": "quantize-dynamic",
-                   "weight-only": "quantize-weight-only", "int4": "quantize-weight-only"}
-
-_COMMANDS: dict[str, _Command] = {
-    "prune": _Command(("prune",), "ratio", skip=lambda options: options.get("ratio") == 0),
-    "factorize": _Command(("lowrank-linear", "tucker-conv"), "rank_ratio"),
-    "quantize": _Command(("quantize",), "mode", modes=_QUANTIZE_MODES),
-    # the `finetune` pass (registered by slimgraph.passes.finetune where it is installed)
-    "finetune": _Command(("finetune",), "epochs", skip=lambda options: options.get("epochs") == 0,
-                         paths=("data", "val", "teacher")),
-}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One combination of the grid: its settings and the pipeline steps that build it.
-
-    Attributes:
-        index: position in the grid's cartesian product (0-based).
-        name: the settings as text, e.g. "prune.ratio=0.3 quantize=int8" ("input model" when
-            every step is skipped).
-        settings: grid step -> the value chosen (None when skipped), JSON-safe.
-        steps: pipeline steps (`{"name": pass, **options}`), in the grid's order.
-    """
-
-    index: int
-    name: str
-    settings: dict[str, Any]
-    steps: tuple[dict[str, Any], ...]
-
 
 @dataclass
 class CandidateResult:
@@ -162,6 +118,10 @@ class CandidateResult:
     pareto: bool = False
     pareto_size: bool = False
     path: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"<CandidateResult {self.candidate.index} {self.candidate.name!r}: {self.status}"
+                f", metric {self.metric}, latency {format_ratio(self.latency_ratio)}>")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,196 +155,37 @@ class SweepResult:
                 "latency_rounds": self.rounds,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
-
-# -- the grid -------------------------------------------------------------------------------------
-
-
-def load_grid(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a grid file (YAML or JSON): a mapping of step name to values.
-
-    Raises:
-        BadOptionError: missing or unreadable file, not YAML/JSON, or not a mapping.
-    """
-    file = Path(path)
-    data = read_document(file, "grid")
-    if not isinstance(data, Mapping) or not data:
-        raise BadOptionError(
-            f"grid {file}: expected a mapping of steps to values, e.g. "
-            "'prune: {ratio: [0.3, 0.5]}' and 'quantize: [none, int8]'"
+    def __str__(self) -> str:
+        """One row per candidate (what `slimgraph sweep` prints), Pareto members marked, then
+        the input model's figures and the cluster."""
+        name, rows = self.metric_name, []
+        for c in self.candidates:
+            mark = ("*" if c.pareto else "") + ("s" if c.pareto_size else "")
+            latency = format_ratio(c.latency_ratio)
+            if c.latency_interval:
+                latency += f" [{c.latency_interval[0]:.2f}-{c.latency_interval[1]:.2f}]"
+            if c.status != "ok":
+                rows.append([c.candidate.index, c.candidate.name, f"failed: {c.error}", "", "",
+                             "", "", ""])
+                continue
+            rows.append([c.candidate.index, c.candidate.name,
+                         "ok (retried)" if c.retried else "ok", format_bytes(c.size_bytes or 0),
+                         format_count(c.macs or 0), format_metric(c.metric, name), latency, mark])
+        base = self.baseline
+        table = render_table(["#", "candidate", "status", "size", "MACs", name, "latency",
+                              "pareto"], rows, align="rllrrrrl")
+        return (
+            f"{table}\n\ninput model: {format_bytes(base['size_bytes'])}, "
+            f"{format_macs(base['macs'])}, {name} {format_metric(base['metric'], name)} on "
+            f"{base['samples']} samples\n"
+            f"latency = median / the input model's, {self.rounds} interleaved rounds after the "
+            f"builds [90% bootstrap interval]; pareto: * latency vs {name}, s size vs {name}\n"
+            f"built on {self.cluster}"
         )
-    return dict(data)
 
-
-def _known_steps() -> str:
-    build_pipeline(["cleanup"])  # registers every pass family
-    names = sorted({*PASSES, *PRESETS, *_COMMANDS})
-    return ", ".join(names)
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _step_values(step: str, spec: Any) -> list[dict[str, Any] | None]:
-    """The option dicts to try for one grid step (None: the step is skipped)."""
-    command = _COMMANDS.get(step)
-    values: list[Any]
-    if isinstance(spec, Mapping):
-        keys = list(spec)
-        for key in keys:
-            if not isinstance(key, str):
-                raise BadOptionError(f"step '{step}': option names must be text, got {key!r}")
-        combos = itertools.product(*(_as_list(spec[key]) for key in keys))
-        values = [dict(zip(keys, combo, strict=True)) for combo in combos]
-    else:
-        values = _as_list(spec)
-    if not values:
-        raise BadOptionError(f"step '{step}': no values to try")
-    out: list[dict[str, Any] | None] = []
-    for value in values:
-        if _is_skip(value):
-            out.append(None)
-        elif value is True or value == step:
-            out.append({})
-        elif isinstance(value, Mapping):
-            out.append(dict(value))
-        elif command is not None and isinstance(value, (str, int, float)):
-            out.append({command.main: value})
-        else:
-            raise BadOptionError(
-                f"step '{step}': bad value {value!r} (use none, true, a mapping of options"
-                + (f", or a value of its '{command.main}'" if command else "") + ")"
-            )
-    return out
-
-
-def _pipeline_steps(step: str, options: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """Pipeline steps for one grid step's chosen options ([] when skipped)."""
-    if options is None:
-        return []
-    command = _COMMANDS.get(step)
-    if command is None:
-        if step in PRESETS and step not in PASSES:
-            if options:
-                raise BadOptionError(f"step '{step}' is a preset and takes no options")
-            return [{"name": step}]
-        return [{"name": step, **options}]
-    options = dict(options)
-    if command.skip(options):
-        return []
-    for key in command.paths:
-        value = options.get(key)
-        if isinstance(value, str) and value != "input":
-            options[key] = str(Path(value).resolve())
-    passes = command.passes
-    if command.modes:
-        mode = str(options.pop(command.main, "int8"))
-        if _is_skip(mode):
-            return []
-        if mode not in command.modes:
-            raise BadOptionError(
-                f"step '{step}': unknown {command.main} '{mode}' "
-                f"(known: none, {', '.join(command.modes)})"
-            )
-        passes = (command.modes[mode],)
-    return [{"name": name, **options} for name in passes]
-
-
-def _varying(values: Sequence[Mapping[str, Any] | None]) -> set[str]:
-    """Option names whose value differs between a step's values (the ones a name must show)."""
-    given = [v for v in values if v is not None]
-    keys = {key for v in given for key in v}
-    return {key for key in keys
-            if len({json.dumps(v.get(key, "<unset>"), default=str) for v in given}) > 1}
-
-
-def _show(value: Any) -> str:
-    return Path(value).name if isinstance(value, str) and os.sep in value else str(value)
-
-
-def _setting_text(
-    step: str, options: Mapping[str, Any] | None, shown: set[str] | None = None
-) -> str:
-    """`prune=0.3`, `finetune.epochs=3`, `quantize=int8`; only the options in `shown` (the ones
-    that vary in the grid; all when None)."""
-    if options is None:
-        return f"{step}=none"
-    keys = [key for key in options if shown is None or key in shown]
-    command = _COMMANDS.get(step)
-    if not keys:
-        return step
-    if command is not None and keys == [command.main]:
-        return f"{step}={_show(options[command.main])}"
-    return " ".join(f"{step}.{key}={_show(options[key])}" for key in keys)
-
-
-def parse_grid(
-    grid: Mapping[str, Any], *, calibration: bool = False, model: ir.Model | None = None
-) -> list[Candidate]:
-    """Expand a grid into candidates (cartesian product, steps in the grid's order) and check
-    every candidate's steps against the pipeline registry and the passes' options.
-
-    Args:
-        grid: step name -> values (see the module docstring).
-        calibration: whether calibration data will be given (static int8 needs it).
-        model: when given, each pass's option checks (`requires`) run against it too.
-
-    Raises:
-        BadOptionError: an unknown step (the message lists the known ones), a bad value, options
-            a pass does not take, or a step that needs calibration data without it.
-    """
-    known = None
-    per_step: list[list[tuple[str, dict[str, Any] | None]]] = []
-    for step, spec in grid.items():
-        if not isinstance(step, str):
-            raise BadOptionError(f"grid step names must be text, got {step!r}")
-        if step not in _COMMANDS:
-            known = known or _known_steps()
-            if step not in PASSES and step not in PRESETS:
-                raise BadOptionError(f"unknown step '{step}' (known: {known})")
-        per_step.append([(step, options) for options in _step_values(step, spec)])
-    shown = []
-    for values in per_step:  # the options that vary, and a command's main option always
-        keys = _varying([options for _, options in values])
-        command = _COMMANDS.get(values[0][0])
-        shown.append(keys | ({command.main} if command else set()))
-    candidates = []
-    for index, combo in enumerate(itertools.product(*per_step)):
-        steps = [s for step, options in combo for s in _pipeline_steps(step, options)]
-        settings = {step: options for step, options in combo}
-        name = " ".join(_setting_text(step, options, keys) for (step, options), keys
-                        in zip(combo, shown, strict=True) if options is not None) or "input model"
-        if steps:
-            full = " ".join(_setting_text(step, options) for step, options in combo
-                            if options is not None)
-            _check_steps(steps, full, calibration, model)
-        candidates.append(Candidate(index, name, _json_safe(settings), tuple(steps)))
-    return candidates
-
-
-def _check_steps(
-    steps: list[dict[str, Any]], name: str, calibration: bool, model: ir.Model | None
-) -> None:
-    try:
-        built = build_pipeline(steps, context={"calibration": {}} if calibration else None)
-    except BadOptionError as error:
-        raise BadOptionError(f"candidate '{name}': {error}") from None
-    for step in built:
-        if not calibration and getattr(step.pass_, "calibration", "unused") is None:
-            raise BadOptionError(
-                f"candidate '{name}': step '{step.name}' needs calibration data (--calib)"
-            )
-        if model is not None and step.name != "quantize":
-            try:
-                step.pass_.requires(model)
-            except BadOptionError as error:
-                raise BadOptionError(f"candidate '{name}': step '{step.name}': {error}") from None
-            except SlimgraphError:
-                pass  # about the model, not the options: the build reports it per candidate
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    def __repr__(self) -> str:
+        return (f"<SweepResult: {len(self.candidates)} candidates, {len(self.pareto)} on the "
+                f"latency front, {self.metric_name}>")
 
 
 # -- Pareto ---------------------------------------------------------------------------------------
@@ -450,6 +251,8 @@ def build_candidate(
         raised.
     """
     start = time.perf_counter()
+    quiet = _CastNotes()  # the calling process has said them, once per file
+    logging.getLogger(_FEEDS_LOGGER).addFilter(quiet)
     try:
         reference = _load_model(model)
         context = {"calibration": _load_npz(calibration)} if calibration is not None else None
@@ -468,6 +271,19 @@ def build_candidate(
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         kind = "" if isinstance(error, SlimgraphError) else f"{type(error).__name__}: "
         return {"error": f"{kind}{first}", "seconds": time.perf_counter() - start}
+    finally:
+        logging.getLogger(_FEEDS_LOGGER).removeFilter(quiet)
+
+
+# The logger of `runtime.feeds.cast_floats`'s note (float64 data cast to the model's float32).
+_FEEDS_LOGGER = "slimgraph.runtime.feeds"
+
+
+class _CastNotes(logging.Filter):
+    """Drops `cast_floats`' notes inside a job: the sweep said them once before the jobs ran."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "cast_floats"
 
 
 def _suspicious(keys: Sequence[str], dask_scheduler: Any = None) -> dict[str, int]:
@@ -571,10 +387,14 @@ def sweep(
         raise OutputPathError(f"--out {out_dir}: exists and is not a folder")
     source = Path(model)
     input_model = sg_ir.load(source)
-    values = load_data(data, input_model, labels=labels)  # checks the data before any job
+    # Every data file is read and checked here once, before any job (so a note about it, such
+    # as float64 cast to float32, is said once, naming the file as given); jobs say nothing more.
+    values = load_data(data, input_model, labels=labels)
     if calibration is not None:
         load_data(calibration, input_model, labels=labels)
     grid_map = load_grid(grid) if isinstance(grid, (str, os.PathLike)) else dict(grid)
+    for path in grid_files(grid_map):
+        load_data(path, input_model, labels=labels)
     candidates = parse_grid(grid_map, calibration=calibration is not None, model=input_model)
     # Inputs travel inside each task, so a retry never depends on a worker that died: paths for
     # a local cluster (same machine), bytes for a scheduler that may sit on other machines.

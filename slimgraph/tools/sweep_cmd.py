@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph._tables import format_bytes, format_count, format_ratio, render_table
+from slimgraph._tables import format_bytes, format_count, format_metric, format_ratio
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
 from slimgraph.tools.sweep import SweepResult, sweep
 
-__all__ = ["register", "run", "format_result", "report_page"]
+__all__ = ["register", "run", "report_page"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,47 +64,13 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress or args.json else None,
     )
     data = {"input": args.model, **result.to_dict()}
-    text = format_result(result)
+    text = str(result)
     if report_dir is not None:
         page = report_page(result, command_line(args), Path(args.model).name)
         write_report(report_dir, {**page, "result": data}, text=text)
     print_result(args, data, text)
     failed = sum(c.status != "ok" for c in result.candidates)
     return 1 if failed == len(result.candidates) else 0
-
-
-def _metric(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def format_result(result: SweepResult) -> str:
-    """One row per candidate, Pareto members starred, then the baseline and the cluster."""
-    rows = []
-    for c in result.candidates:
-        mark = ("*" if c.pareto else "") + ("s" if c.pareto_size else "")
-        interval = c.latency_interval
-        latency = format_ratio(c.latency_ratio)
-        if interval:
-            latency += f" [{interval[0]:.2f}-{interval[1]:.2f}]"
-        if c.status != "ok":
-            rows.append([c.candidate.index, c.candidate.name, f"failed: {c.error}", "", "", "",
-                         "", ""])
-            continue
-        rows.append([c.candidate.index, c.candidate.name,
-                     "ok (retried)" if c.retried else "ok", format_bytes(c.size_bytes or 0),
-                     format_count(c.macs or 0), _metric(c.metric), latency, mark])
-    base = result.baseline
-    table = render_table(["#", "candidate", "status", "size", "MACs", result.metric_name,
-                          "latency", "pareto"], rows, align="rllrrrrl")
-    return (
-        f"{table}\n\ninput model: {format_bytes(base['size_bytes'])}, "
-        f"{format_count(base['macs'])} MACs, {result.metric_name} {_metric(base['metric'])} "
-        f"on {base['samples']} rows\n"
-        f"latency = median / the input model's, {result.rounds} interleaved rounds after the "
-        "builds [90% bootstrap interval]; pareto: * latency vs "
-        f"{result.metric_name}, s size vs {result.metric_name}\n"
-        f"built on {result.cluster}"
-    )
 
 
 def report_page(result: SweepResult, command: str, model_name: str) -> dict[str, object]:
@@ -119,12 +85,13 @@ def report_page(result: SweepResult, command: str, model_name: str) -> dict[str,
         "failed": sum(c.status != "ok" for c in result.candidates),
         "Pareto front": f"{sum(c.pareto for c in ok)} (latency), "
                         f"{sum(c.pareto_size for c in ok)} (size)",
-        f"input {metric}": _metric(base["metric"]),
+        f"input {metric}": format_metric(base["metric"], metric),
     }
     if best is not None:
-        summary[f"best {metric}"] = f"{_metric(best.metric)} ({best.candidate.name})"
+        summary[f"best {metric}"] = (f"{format_metric(best.metric, metric)} "
+                                     f"(#{best.candidate.index})")
     if fastest is not None:
-        summary["fastest"] = f"{format_ratio(fastest.latency_ratio)} ({fastest.candidate.name})"
+        summary["fastest"] = f"{format_ratio(fastest.latency_ratio)} (#{fastest.candidate.index})"
     plots = [
         {"kind": "scatter", "title": f"Latency against {metric}",
          "x_label": "latency / input model (lower is better)",
@@ -148,7 +115,7 @@ def report_page(result: SweepResult, command: str, model_name: str) -> dict[str,
                      + (f": {c.error}" if c.error else ""),
                      None if c.size_bytes is None else format_bytes(c.size_bytes),
                      None if c.macs is None else format_count(c.macs),
-                     None if c.metric is None else f"{c.metric:.4f}",
+                     None if c.metric is None else format_metric(c.metric, metric),
                      None if c.latency_ratio is None else format_ratio(c.latency_ratio),
                      interval, " + ".join(name for name, flag in (("latency", c.pareto),
                                           ("size", c.pareto_size)) if flag),
@@ -157,7 +124,7 @@ def report_page(result: SweepResult, command: str, model_name: str) -> dict[str,
              metric, "latency", "90% interval", "Pareto front", "written to"],
              "rows": rows, "highlight": [c.pareto for c in result.candidates]}
     return {"title": f"Sweep of {model_name}", "command": command, "summary": summary,
-            "notes": [f"{metric} on {base['samples']} rows; latency measured in one process "
+            "notes": [f"{metric} on {base['samples']} samples; latency measured in one process "
                       f"after the builds, {result.rounds} interleaved rounds, medians; built on "
                       f"{result.cluster}."],
             "plots": plots, "tables": [table]}

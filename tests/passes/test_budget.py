@@ -50,8 +50,8 @@ def test_compare_with_labels_prints_both_accuracies_and_the_drop(int8_path, caps
     code, out, _ = _run(capsys, "compare", DIGITS, int8_path, "--data", TEST, "--json")
     result = json.loads(out)
     assert result["random_data"] is False
-    assert result["accuracy"] == {"samples": 450, "reference": ref_acc, "candidate": cand_acc,
-                                  "drop": pytest.approx(ref_acc - cand_acc)}
+    assert result["accuracy"] == {"labels": "labels", "samples": 450, "reference": ref_acc,
+                                  "candidate": cand_acc, "drop": pytest.approx(ref_acc - cand_acc)}
 
 
 def test_compare_without_labels_key_reports_fidelity_only(int8_path, tmp_path, capsys) -> None:
@@ -75,13 +75,13 @@ def test_compare_on_random_feeds_says_so_and_uses_the_calibrated_range(int8_path
     assert high - low <= float(images.max() - images.min()) * (1 + 2 / 255) + 1e-6
     code, out, _ = _run(capsys, "compare", DIGITS, int8_path)
     assert code == 0
-    assert re.search(r"note +figures come from random data \(no --data\), drawn uniformly from "
+    assert re.search(r"note +figures come from random data, drawn uniformly from "
                      r"the calibrated input range of the quantized model \(image in \[", out)
     result = json.loads(_run(capsys, "compare", DIGITS, int8_path, "--json")[1])
     assert result["random_data"] is True and "figures come from random data" in result["note"]
     # float against float: no calibrated range, standard normal, said too
     code, out, _ = _run(capsys, "compare", DIGITS, DIGITS)
-    assert "standard-normal inputs may lie far outside" in out
+    assert "(standard-normal floats, integer inputs 0 or 1), which may lie far outside" in out
     # on the calibrated range the int8 model's fidelity is that of real data, not noise
     assert sg.compare(sg.load(DIGITS), quantized, sg.runtime.random_feeds(
         sg.load(DIGITS), batch=32, ranges=calibrated_ranges(quantized))).worst_cosine > 0.999
@@ -115,15 +115,23 @@ def test_quantize_within_the_budget_exits_0_and_says_so(tmp_path, capsys) -> Non
     [
         (["--max-drop", "0.01", "--data", CALIB], "--max-drop needs labels: .*digits_calib.npz "
          "has no labels key"),
-        (["--max-drop", "0.01"], r"needs validation data \(--data VAL.npz\)"),
-        (["--data", TEST], "--data VAL.npz is the accuracy budget's data"),
-        (["--max-drop", "2", "--data", TEST], r"max_drop is an absolute drop as a fraction"),
+        (["--max-drop", "0.01"], r"needs validation data: --data VAL.npz$"),
+        (["--max-drop", "2", "--data", TEST], r"--max-drop is an absolute drop as a fraction"),
     ],
 )
 def test_budget_options_that_cannot_work_exit_2(tmp_path, capsys, args, message) -> None:
     out = tmp_path / "q.onnx"
     code, _, err = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", CALIB, *args)
     assert code == 2 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_data_without_a_budget_is_an_error_where_nothing_else_reads_it(tmp_path,
+                                                                       capsys) -> None:
+    """prune reads --data only for a budget (quantize also measures fidelity on it)."""
+    out = tmp_path / "p.onnx"
+    code, _, err = _run(capsys, "prune", DIGITS, "-o", out, "--ratio", "0.5", "--data", TEST)
+    assert code == 2 and "--data VAL.npz is the accuracy budget's data" in err, err
     assert not out.exists()
 
 
@@ -137,7 +145,7 @@ def test_check_budget_returns_the_evaluation_or_raises_with_the_figure() -> None
     model = sg.load(DIGITS)
     data = load_data(TEST, model)
     pruned = sg.prune(model, ratio=0.5)
-    with pytest.raises(VerificationError, match=r"output cosine 0\.\d{6} < --min-cosine 0.9"):
+    with pytest.raises(VerificationError, match=r"output cosine 0\.\d{6} < min_cosine=0.9"):
         check_budget(pruned, model, data, min_cosine=0.9)
     evaluation = check_budget(model, model, data, max_drop=0.0, min_cosine=1.0)
     assert evaluation.drop == 0.0 and evaluation.cosine == 1.0
@@ -187,8 +195,8 @@ def _recipe(folder: Path) -> Path:
 @pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
 def test_quantize_exclude_that_matches_nothing_is_an_error(mode) -> None:
     calibration = str(CALIB) if mode == "static" else None
-    with pytest.raises(BadOptionError, match=r"^--exclude 'block9\.\*' matches no layer or node "
-                       "of the model$"):
+    with pytest.raises(BadOptionError, match=r"^exclude pattern 'block9\.\*' matches no layer "
+                       "or node of the model$"):
         sg.quantize(sg.load(DIGITS), calibration=calibration, mode=mode, exclude=["block9.*"])
 
 

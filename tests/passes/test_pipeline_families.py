@@ -65,7 +65,7 @@ def test_int8_preset_quantizes_verified_on_calibration_data(tmp_path: Path, caps
     assert quantize_record["name"] == "quantize" and quantize_record["exact"] is False
     # verified on the calibration images, not on random noise the ranges were never fit to
     fidelity = quantize_record["fidelity"]
-    assert fidelity["samples"] == 4  # 64 calibration rows in batches of 16
+    assert (fidelity["samples"], fidelity["batches"]) == (64, 4)  # 64 rows in batches of 16
     assert min(o["cosine"] for o in fidelity["outputs"]) > 0.999
     test = np.load(DATA / "digits_test.npz")
     fp32 = runtime.run(runtime.create_session(slimgraph.load(DATA / "digits_cnn.onnx")),

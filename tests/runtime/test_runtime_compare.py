@@ -61,7 +61,8 @@ def test_metrics_match_numpy() -> None:
     noisy = W + RNG.standard_normal(W.shape).astype(np.float32) * 0.3
     candidate = _scores_model(noisy, feature_scale=1.1)
     fidelity = compare(reference, candidate, FEEDS)
-    assert fidelity.samples == len(FEEDS)
+    assert fidelity.batches == len(FEEDS)  # runs; samples counts rows
+    assert fidelity.samples == sum(feed["x"].shape[0] for feed in FEEDS)
     ref, cand = _outputs(reference), _outputs(candidate)
     by_name = {o.name: o for o in fidelity.outputs}
     assert set(by_name) == {"scores", "features"}
@@ -81,11 +82,12 @@ def test_metrics_match_numpy() -> None:
     assert 0 < top1 < 1, "the noise must flip some but not all predictions for this test"
     assert by_name["scores"].top1_agreement == pytest.approx(top1, rel=1e-12)
     assert by_name["features"].top1_agreement is None  # rank 3: not class scores
-    assert by_name["scores"].shape == (4, 5)
+    assert by_name["scores"].shape == (24, 5)  # every run's rows, stacked on axis 0
     assert fidelity.worst_cosine == min(o.cosine for o in fidelity.outputs)
     assert fidelity.worst_sqnr_db == min(o.sqnr_db for o in fidelity.outputs)
     as_dict = fidelity.to_dict()
-    assert as_dict["samples"] == 4 and len(as_dict["outputs"]) == 2
+    assert as_dict["samples"] == 24 and as_dict["batches"] == 4
+    assert len(as_dict["outputs"]) == 2
 
 
 def test_identical_models() -> None:
@@ -100,7 +102,7 @@ def test_identical_models() -> None:
 
 def test_one_feed_dict() -> None:
     fidelity = compare(_scores_model(W), _scores_model(W * 2), FEEDS[0])
-    assert fidelity.samples == 1
+    assert fidelity.samples == 4 and fidelity.batches == 1  # the dict's 4 rows, one run
     # scaling keeps direction: cosine 1, SQNR 0 dB (error as large as the signal)
     scores = next(o for o in fidelity.outputs if o.name == "scores")
     assert scores.cosine == pytest.approx(1.0, abs=1e-7)
@@ -158,7 +160,7 @@ def test_accumulator_memory_does_not_grow() -> None:
     finally:
         tracemalloc.stop()
     assert grown - baseline < 100_000
-    assert accumulator.samples == 401
+    assert accumulator.batches == 401 and accumulator.samples == 401 * 100  # runs, rows
     for value in vars(accumulator.sums["y"]).values():
         assert isinstance(value, (int, float, bool, tuple))
     assert accumulator.result().outputs[0].mean_abs_error == pytest.approx(0.01, rel=1e-3)

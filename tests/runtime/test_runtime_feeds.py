@@ -165,8 +165,9 @@ def _broken(change: str) -> dict[str, np.ndarray]:
 
 
 BROKEN = {
-    "missing": r"input names do not match \(missing flag\)",
-    "extra": r"input names do not match \(unknown labels\)",
+    "missing": r"its keys \(.*\) do not match the model's input names \(missing flag\)",
+    "extra": r"its keys \(.*, labels, small\) do not match the model's input names \(not "
+             r"inputs of the model: labels\)",
     "dtype": "'image' is int32, but",
     "rank": r"'input_ids' has shape \[6, 7, 1\], but",
     "fixed_dim": r"'image' has shape \[6, 3, 5, 4\], but",

@@ -8,6 +8,7 @@ updates, time checks) runs under other keys and is ignored.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Rendered", "render", "remote_references"]
+__all__ = ["Rendered", "render", "remote_references", "Layout", "layout", "overlap"]
 
 FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -93,3 +94,67 @@ def remote_references(html: str) -> list[str]:
     parser.feed(html)
     css = re.findall(r"(?:url\(\s*['\"]?|@import\s+['\"]?)((?:https?:)?//[^)'\"\s]+)", html)
     return parser.found + css
+
+
+# Run at the end of the page's body: boxes (left, top, right, bottom, in CSS pixels) of every
+# text drawn in the plots (SVG <text>, with the plot's title and whether it is a tick label or
+# in the legend), of the points (matplotlib's marker <use> elements), and of each table and its
+# scrolling wrapper.
+_MEASURE = """<script>
+(() => {
+  const box = (e) => {
+    const r = e.getBoundingClientRect();
+    return [r.left, r.top, r.right, r.bottom];
+  };
+  const all = (selector) => [...document.querySelectorAll(selector)];
+  const out = {
+    viewport: window.innerWidth, page: document.documentElement.scrollWidth,
+    texts: all('figure.plot svg text').map(e => ({text: e.textContent, box: box(e),
+      plot: e.closest('figure').getAttribute('aria-label'),
+      tick: !!e.closest('g[id*="tick"]'), legend: !!e.closest('g[id*="legend"]')})),
+    points: all('g[id*="PathCollection"] use').map(e => ({box: box(e),
+      plot: e.closest('figure').getAttribute('aria-label')})),
+    tables: all('.table-wrap').map(e => ({box: box(e), table: box(e.querySelector('table')),
+      scroll: e.scrollWidth, client: e.clientWidth})),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'slimgraph-layout';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+})();
+</script>"""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things landed on a page rendered at a given window width (CSS pixels)."""
+
+    viewport: int
+    page: int  # the document's scroll width: above `viewport`, the page scrolls sideways
+    texts: list[dict]  # {"text", "box": [l, t, r, b], "plot": the figure's aria-label,
+    #                     "tick", "legend": whether it is a tick label or in the legend}
+    points: list[dict]  # {"box", "plot"}
+    tables: list[dict]  # {"box" (the wrapper), "table", "scroll", "client"}
+
+
+def layout(page: Path, work: Path, *, width: int = 1280) -> Layout:
+    """Render a copy of `page` at `width` px in headless Chromium and measure its boxes."""
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / "measured.html"
+    copy.write_text(page.read_text().replace("</body>", _MEASURE + "</body>"))
+    flags = [flag for flag in FLAGS if not flag.startswith("--window-size")]
+    command = [_chromium(), *flags, f"--window-size={width},1800",
+               f"--user-data-dir={work / 'profile-layout'}", "--dump-dom", copy.resolve().as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r'<pre id="slimgraph-layout">(.*?)</pre>', done.stdout, re.S)
+    assert found, "the measuring script did not run"
+    data = json.loads(html.unescape(found.group(1)))
+    return Layout(data["viewport"], data["page"], data["texts"], data["points"], data["tables"])
+
+
+def overlap(a: list[float], b: list[float]) -> float:
+    """The area two boxes (left, top, right, bottom) share."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return width * height if width > 0 and height > 0 else 0.0

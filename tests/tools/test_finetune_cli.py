@@ -127,7 +127,8 @@ def _nothing_written(folder: Path, before: set[str]) -> None:
         (["{pruned}", "--data", "{nolabels}"], "nothing to learn from: {nolabels} has no labels "
                                                "('labels') and there is no teacher"),
         (["{pruned}", "--data", "{small}", "--labels", "y"],
-         "{small}: input names do not match (unknown labels); the model expects image: "
+         "{small}: no labels key 'y' (its keys: image, labels), and 'labels' is not an input "
+         "of the model: if it holds the labels, pass --labels labels; the model expects image: "
          "float32[batch, 1, 8, 8]"),
         (["{pruned}", "--data", "{badlabels}"], "{badlabels}: labels range over 5..12, but the "
                                                 "model outputs 10 class scores"),

@@ -59,16 +59,16 @@ def test_compare_model_with_itself(cli) -> None:
     result = cli("compare", DIGITS, DIGITS, "--json")
     assert result.code == 0 and result.err == ""
     data = result.json()
-    assert data["samples"] == 4  # default: 4 random batches of 8
+    assert data["samples"] == 32 and data["batches"] == 4  # default: 4 random batches of 8
     (output,) = data["outputs"]
-    assert output["name"] == "linear" and output["shape"] == [8, 10]
+    assert output["name"] == "linear" and output["shape"] == [32, 10]  # all rows, stacked
     assert output["sqnr_db"] == "inf"  # strict JSON: no Infinity token
     assert output["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert output["max_abs_error"] == 0.0 and output["mean_abs_error"] == 0.0
     assert output["top1_agreement"] == 1.0
     text = cli("compare", DIGITS, DIGITS).out
     row = next(line for line in text.splitlines() if line.startswith("linear"))
-    assert row.split() == ["linear", "[8,", "10]", "0", "0", "1", "inf", "100.00%"]
+    assert row.split() == ["linear", "[32,", "10]", "0", "0", "1.000000", "inf", "100.00%"]
 
 
 def test_compare_perturbed_weight_on_data_matches_numpy(cli, tmp_path) -> None:
@@ -77,7 +77,7 @@ def test_compare_perturbed_weight_on_data_matches_numpy(cli, tmp_path) -> None:
     result = cli("compare", DIGITS, noisy, "--data", data_path, "--batch", "16", "--json")
     assert result.code == 0, result.err
     data = result.json()
-    assert data["samples"] == 4  # 64 samples in batches of 16
+    assert data["samples"] == 64 and data["batches"] == 4  # 64 samples in batches of 16
     (output,) = data["outputs"]
     expected = expected_fidelity(DIGITS, noisy, images)
     for key, value in expected.items():
@@ -144,6 +144,7 @@ def test_compare_text_reports_worst_values(cli, tmp_path) -> None:
     expected = expected_fidelity(DIGITS, noisy, images)
     assert f"data       {data_path} (64 samples)" in text
     worst = text.strip().splitlines()[-1]
+    assert worst.endswith("(64 samples in 1 run)")  # default batch: 64 rows per run
     assert worst.startswith("worst cosine ")
     reported_sqnr = float(worst.split("worst SQNR ")[1].split()[0])
     assert reported_sqnr == pytest.approx(expected["sqnr_db"], rel=1e-3)

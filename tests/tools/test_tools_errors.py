@@ -104,14 +104,17 @@ def with_value(value: float) -> np.ndarray:
 
 
 BAD_DATA = {
-    "wrong-name": (lambda: {"img": images()}, ["input names do not match", "missing image", "img"]),
-    "extra-name": (
+    "wrong-name": (lambda: {"img": images()},
+                   ["its keys (img) do not match the model's input names", "missing image"]),
+    "extra-name": (  # a misnamed labels key: said so, with the option that names it
         lambda: {"image": images(), "label": np.zeros(10, np.int64)},
-        ["input names do not match", "unknown label"],
+        ["no labels key 'labels' (its keys: image, label)", "pass --labels label"],
     ),
     "wrong-dtype": (lambda: {"image": images().astype(np.int32)}, ["'image' is int32"]),
-    "wrong-shape": (lambda: {"image": images()[:, :, :4, :]}, ["'image' has shape [10, 1, 4, 8]"]),
-    "wrong-rank": (lambda: {"image": images()[:, 0]}, ["'image' has shape [10, 8, 8]"]),
+    "wrong-shape": (lambda: {"image": images()[:, :, :4, :]},
+                    ["'image' has shape [10, 1, 4, 8], but the model takes [N, 1, 8, 8]"]),
+    "wrong-rank": (lambda: {"image": images()[:, 0]},
+                   ["'image' has shape [10, 8, 8], but the model takes [N, 1, 8, 8]"]),
     "nan": (lambda: {"image": with_value(np.nan)}, ["'image' contains NaN or Inf in row 3 "]),
     "inf": (lambda: {"image": with_value(-np.inf)}, ["'image' contains NaN or Inf in row 3 "]),
 }

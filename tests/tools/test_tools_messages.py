@@ -43,9 +43,10 @@ def test_factorize_without_a_rank_rule_names_the_flags(cli, tmp_path: Path) -> N
 def test_dynamic_quantize_json_reports_the_written_format(cli, tmp_path: Path) -> None:
     target = tmp_path / "dq.onnx"
     data = cli("quantize", DIGITS, "-o", target, "--mode", "dynamic", "--json").json()
-    ops = {node.op_type for node in sg.load(target).graph}
+    ops = [node.op_type for node in sg.load(target).graph]
     assert "MatMulInteger" in ops and "QuantizeLinear" not in ops
-    assert (data["mode"], data["format"]) == ("dynamic", "qoperator")
+    assert (data["mode"], data["format"]) == ("dynamic", "dynamic")
+    assert data["quantized_ops"]["MatMulInteger"] == sum(op == "MatMulInteger" for op in ops)
 
 
 def test_float64_data_is_cast_with_a_note(cli, tmp_path: Path, caplog) -> None:

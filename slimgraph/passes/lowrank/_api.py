@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from slimgraph._tables import format_count, format_db, format_ratio, render_table
 from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
 from slimgraph.passes._options import takes_options
@@ -57,6 +58,43 @@ class FactorizeReport:
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     budget_search: Any = None  # the `passes.budgeted.BudgetSearch` (layers left whole, why)
 
+    def __str__(self) -> str:
+        """The per-layer table, totals, fidelity and skip reasons `slimgraph factorize` prints."""
+        rows = [
+            [r.layer, r.op_type, r.method, "x".join(str(d) for d in r.shape),
+             "/".join(str(k) for k in r.rank) + (" *" if r.shared_with else ""),
+             f"{_count(r.params_before)} -> {_count(r.params_after)}",
+             f"{_count(r.macs_before)} -> {_count(r.macs_after)}", f"{r.weight_error:.4f}",
+             format_db(r.output_sqnr_db)]
+            for r in self.layers
+        ]  # fmt: skip
+        lines = []
+        if rows:
+            lines += [render_table(["layer", "op", "method", "weight", "rank", "params", "MACs",
+                                    "W err", "SQNR dB"], rows, align="lllllrrrr"), ""]
+        lines.append(
+            f"factorized {len(self.layers)} layers, skipped {len(self.skipped)}"
+            + (f"; folded {self.folded} computed weights/biases first" if self.folded else "")
+        )
+        lines.append(f"parameters: {_count(self.params_before)} -> {_count(self.params_after)} "
+                     f"({_ratio(self.params_after, self.params_before)})")
+        lines.append(f"MACs:       {_count(self.macs_before)} -> {_count(self.macs_after)} "
+                     f"({_ratio(self.macs_after, self.macs_before)})")
+        if self.fidelity is not None:
+            lines.append(f"outputs:    {self.fidelity.worst()}")
+        if any(r.shared_with for r in self.layers):
+            lines.append("* reuses the factors of a tied weight")
+        reasons: dict[str, int] = {}
+        for skipped in self.skipped:
+            reasons[skipped.reason] = reasons.get(skipped.reason, 0) + 1
+        for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
+            lines.append(f"skipped {count:>3}: {reason}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"<FactorizeReport: {len(self.layers)} layers factorized, {len(self.skipped)} "
+                f"skipped, parameters {_ratio(self.params_after, self.params_before)}>")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
@@ -75,6 +113,14 @@ class FactorizeReport:
             "macs_after": self.macs_after,
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
         }
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else format_count(value)
+
+
+def _ratio(after: int | None, before: int | None) -> str:
+    return format_ratio(after / before if after is not None and before else None)
 
 
 def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> int:

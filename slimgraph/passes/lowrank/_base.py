@@ -386,4 +386,4 @@ def measure_fidelity(
         else layer
         for layer in layers
     ]
-    return Fidelity(model_outputs, fidelity.samples), measured
+    return replace(fidelity, outputs=model_outputs), measured

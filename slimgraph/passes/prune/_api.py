@@ -13,6 +13,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.channels import analyze_channels, node_label
+from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -111,6 +112,12 @@ def _remove_channels(
         round_to=options.round_to, seed=options.seed,
         ratios=group_ratios(groups, options.layer_ratios),
     )  # fmt: skip
+    if options.layer_ratios:  # the report names groups by layer, as every other table does
+        report.layer_ratios = {
+            names[0]: options.layer_ratios[name] for group in groups
+            for names in map(node_names, group.producers) for name in names
+            if name in options.layer_ratios
+        }  # fmt: skip
     removed_roots = {g.roots[i] for g in groups for i in removed[g.id].tolist()}
     if not removed_roots:
         largest = max(g.size for g in groups)
@@ -194,9 +201,13 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
     layer_ratios = options.layer_ratios
     if options.target_macs is not None:
         if options.ratio is not None or layer_ratios is not None:
-            raise BadOptionError("give --target-macs or --ratio, not both")
+            raise BadOptionError.worded("give {macs} or {ratio}, not both",
+                                        macs=("target_macs=", "--target-macs"),
+                                        ratio=("ratio=", "--ratio"))
         if options.data is None:
-            raise BadOptionError("--target-macs needs --data VAL.npz (per-layer sensitivity)")
+            raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
+                                        macs=("target_macs=", "--target-macs"),
+                                        data=("data=", "--data VAL.npz"))
         from slimgraph.passes.budgeted import allocate_prune_ratios
 
         layer_ratios = allocate_prune_ratios(
@@ -205,7 +216,9 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
             exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
         ).ratios  # fmt: skip
     if options.ratio is None and layer_ratios is None:
-        raise BadOptionError("give a ratio (--ratio R) or a MAC target (--target-macs R)")
+        raise BadOptionError.worded("give a ratio ({ratio}) or a MAC target ({macs})",
+                                    ratio=("ratio=", "--ratio R"),
+                                    macs=("target_macs=", "--target-macs R"))
     result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
     assert isinstance(result, PruneResult) and result.report is not None
     if judge is not None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from slimgraph._tables import format_count, render_table
 from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, Role, node_label
 from slimgraph.passes.base import SlimgraphPassResult
 
@@ -92,6 +93,45 @@ class PruneReport:
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     notes: list[str] = dataclasses.field(default_factory=list)
 
+    def __str__(self) -> str:
+        """The plain-text tables `slimgraph prune` prints (groups, channels per layer)."""
+        lines = [
+            f"parameters: {format_count(self.params_before)} -> "
+            f"{format_count(self.params_after)} ({_ratio(self.params_after, self.params_before)})",
+            f"MACs:       {format_count(self.macs_before)} -> "
+            f"{format_count(self.macs_after)} ({_ratio(self.macs_after, self.macs_before)})",
+        ]
+        if self.layer_ratios:
+            lines.append("ratios per group (first producer's layer): " + ", ".join(
+                f"{name} {ratio:g}" for name, ratio in self.layer_ratios.items()))
+        lines += self.notes
+        if self.unstructured:
+            rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]
+                    for s in self.sparsity]  # fmt: skip
+            lines += ["", render_table(["layer", "op", "weights", "zeros", "sparsity"], rows)]
+            return "\n".join(lines)
+        rows = []
+        for g in self.groups:
+            producers = ", ".join(g.producers[:3]) + (" ..." if len(g.producers) > 3 else "")
+            reasons = g.reason.split("; ") if g.reason else []
+            more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            padded = f"padded at {g.padded} edge(s)" if g.padded else ""
+            note = reasons[0] + more if reasons else padded
+            rows.append([g.id, g.channels, g.kept, producers, note])
+        lines += ["", "groups:", render_table(["id", "channels", "kept", "producers", "note"],
+                                              rows, align="rrrll")]  # fmt: skip
+        layer_rows = [[layer.layer, layer.op_type, layer.before, layer.after]
+                      for layer in self.layers]  # fmt: skip
+        lines += ["", "channels per layer:",
+                  render_table(["layer", "op", "before", "after"], layer_rows)]  # fmt: skip
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        kind = "unstructured" if self.unstructured else f"{len(self.layers)} layers"
+        return (f"<PruneReport: ratio {self.ratio:g}, {kind}, MACs "
+                f"{_ratio(self.macs_after, self.macs_before)}, parameters "
+                f"{_ratio(self.params_after, self.params_before)}>")
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (sparsity per layer included)."""
         data = dataclasses.asdict(self)
@@ -99,6 +139,10 @@ class PruneReport:
             row["sparsity"] = layer.sparsity
         data["evaluation"] = None if self.evaluation is None else self.evaluation.to_dict()
         return data
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}x" if before else "-"
 
 
 @dataclasses.dataclass

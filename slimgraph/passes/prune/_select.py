@@ -37,7 +37,9 @@ def excluded_predicate(
     present = {node.op_type for node in nodes}
     for op in exclude_ops:
         if op not in present:
-            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
+            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
+                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
+                                        name=op)
     patterns = tuple(exclude)
 
     def excluded(node: ir.Node) -> bool:

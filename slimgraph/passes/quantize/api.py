@@ -214,13 +214,15 @@ def _quantize(
     options = replace(options, fmt=fmt)
     check_exclusions(model, options.exclude, options.exclude_ops)
     if options.include_ops and mode != "static":
-        raise BadOptionError(
-            f"--include-op applies to static quantization (with --calib), not to {mode} mode"
-        )
+        raise BadOptionError.worded(
+            "{include} applies to static quantization (with {calib}), not to {mode} mode",
+            include=("include_ops=", "--include-op"), calib=("calibration=", "--calib"),
+            mode=mode)
     smooth_quant = options.smooth_quant
     if mode == "static":
         if calibration is None:
-            raise BadOptionError("static quantization needs calibration data (--calib DATA.npz)")
+            raise BadOptionError.worded("static quantization needs calibration data ({calib})",
+                                        calib=("calibration=", "--calib DATA.npz"))
 
         def run_static(float_model: ir.Model, data: object) -> ir.Model:
             return _quantize_static(float_model, data, options)  # type: ignore[arg-type]
@@ -232,7 +234,8 @@ def _quantize(
                                                    batch_size=options.batch_size))
         return _finish(run_static(model, calibration))
     if smooth_quant is not None and smooth_quant is not False:
-        raise BadOptionError(f"--smooth-quant applies to static quantization, not to {mode} mode")
+        raise BadOptionError.worded("{smooth} applies to static quantization, not to {mode} mode",
+                                    smooth=("smooth_quant=", "--smooth-quant"), mode=mode)
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
@@ -422,7 +425,9 @@ def check_exclusions(
     present = {node.op_type for node in nodes}
     for op in exclude_ops:
         if op not in present:
-            raise BadOptionError(f"--exclude-op {op!r}: the model has no {op} node")
+            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
+                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
+                                        name=op)
 
 
 def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly

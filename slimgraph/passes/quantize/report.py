@@ -80,15 +80,9 @@ class QuantReport:
         out = self.outputs
         lines = [
             f"quantized {self.quantized_nodes} nodes ({self.float_nodes} left float), "
-            f"calibration '{self.method}', errors measured on {out.samples} batches",
+            f"calibration '{self.method}', errors measured on {out.samples} calibration samples",
+            *out.output_lines(),
         ]
-        for o in out.outputs:
-            top1 = ""
-            if o.top1_agreement is not None:
-                top1 = f", top-1 agreement {o.top1_agreement:.4f}"
-            lines.append(
-                f"output {o.name}: cosine {o.cosine:.5f}, SQNR {_db(o.sqnr_db)}{top1}"
-            )
         if self.rows:
             lines.append(
                 "worst tensors (own SQNR dB / accumulated dB; --exclude takes the nodes listed):"
@@ -102,6 +96,13 @@ class QuantReport:
                     f"{_db(row.sqnr_db):>8}  {row.tensor}{layer}"
                 )
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (f"<QuantReport: {self.quantized_nodes} nodes quantized, {self.float_nodes} "
+                f"float, {len(self.rows)} tensors, worst cosine {self.outputs.worst_cosine:.6f}>")
 
     def to_dict(self) -> dict[str, object]:
         return {

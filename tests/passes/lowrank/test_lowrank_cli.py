@@ -38,7 +38,7 @@ def test_table_with_data_and_the_written_model(
     for layer in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"):
         assert layer in text
     assert "factorized 4 layers, skipped 0" in text
-    assert "worst cosine" in text and "(3 samples)" in text
+    assert "worst cosine" in text and "(3 samples in 3 runs)" in text
     assert mlp_file.read_bytes() == before  # input untouched
     written = sg.load(out)
     ops = [node.op_type for node in written.graph if node.op_type == "MatMul"]

@@ -195,7 +195,8 @@ def test_measures_layer_sqnr_and_model_fidelity_with_feeds() -> None:
     feeds = [{"x": _x((4, 32), seed)} for seed in range(3)]
     result = LowRankLinear(rank=8, feeds=feeds)(model.clone())  # in place: keep the original
     (layer,) = result.layers
-    assert result.fidelity is not None and result.fidelity.samples == 3
+    assert result.fidelity is not None and result.fidelity.batches == 3  # runs of 4 rows
+    assert result.fidelity.samples == 12
     # the layer output is the model output here: both SQNRs are the same measurement
     assert layer.output_sqnr_db == pytest.approx(result.fidelity.worst_sqnr_db)
     ref = np.concatenate([outputs_of(model, f)["y"].ravel() for f in feeds]).astype(np.float64)

@@ -131,7 +131,7 @@ def test_prune_unstructured_sparsity(scope: str) -> None:
         ({"ratio": 0.5, "scope": "layer"}, BadOptionError, r"scope must be one of"),
         ({"ratio": 0.5, "round_to": 0}, BadOptionError, r"round_to must be a positive integer"),
         ({"ratio": 0.5, "exclude": ["nolayer*"]}, BadOptionError,
-         r"--exclude 'nolayer\*' matches no layer or node of the model"),
+         r"exclude pattern 'nolayer\*' matches no layer or node of the model"),
         ({"ratio": 0.5, "exclude_ops": ["LSTM"]}, BadOptionError, r"the model has no LSTM node"),
     ],
 )  # fmt: skip

@@ -37,7 +37,8 @@ def test_zero_rows_is_an_error(tmp_path) -> None:
 
 
 def test_wrong_input_name_lists_what_the_model_expects() -> None:
-    with pytest.raises(BadDataError, match=r"missing image; unknown pixels\); " + EXPECTS):
+    with pytest.raises(BadDataError, match=r"missing image; not inputs of the model: pixels\); "
+                       + EXPECTS):
         sg.quantize(digits(), calibration=[{"pixels": _images()}])
 
 
@@ -47,7 +48,8 @@ def test_wrong_dtype_lists_what_the_model_expects() -> None:
 
 
 def test_wrong_shape_lists_what_the_model_expects() -> None:
-    with pytest.raises(BadDataError, match=r"'image' has shape \[4, 1, 9, 9\], but " + EXPECTS):
+    with pytest.raises(BadDataError, match=r"'image' has shape \[4, 1, 9, 9\], but the model takes "
+                       r"\[N, 1, 8, 8\] for it \(samples stacked on axis 0\); " + EXPECTS):
         sg.quantize(digits(), calibration=[{"image": np.zeros((4, 1, 9, 9), np.float32)}])
 
 
@@ -109,7 +111,8 @@ def test_generator_data_streams_once_and_feeds_the_report() -> None:
     feeds = linear_feeds(count=6)
     quantized = sg.quantize(model, calibration=(f for f in feeds), report=True, progress=False)
     report = sg.passes.quantize.report_of(quantized)
-    assert report.outputs.samples == 6 and report.outputs.worst_cosine > 0.99
+    assert report.outputs.batches == 6 and report.outputs.samples == 6 * 8  # runs, rows
+    assert report.outputs.worst_cosine > 0.99
 
 
 def test_calibrate_streams_statistics_of_named_values() -> None:

@@ -55,8 +55,9 @@ def test_quantize_bad_calibration_data_exits_2_with_one_line(tmp_path, capsys) -
     code, stdout, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--calib", bad)
     assert code == 2 and not out.exists()
     assert stderr.strip().splitlines() == [
-        f"slimgraph quantize: error: {bad}: input names do not match (missing image; unknown "
-        "pixels); the model expects image: float32[batch, 1, 8, 8]"
+        f"slimgraph quantize: error: {bad}: its keys (pixels) do not match the model's input "
+        "names (missing image; not inputs of the model: pixels); the model expects image: "
+        "float32[batch, 1, 8, 8]"
     ]
 
 

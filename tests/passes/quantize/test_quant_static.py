@@ -183,8 +183,10 @@ def test_report_runs_on_the_first_rows_only_and_matches_float64_sums() -> None:
     feeds = linear_feeds(count=40)  # 320 rows in batches of 8
     quantized = sg.quantize(linear_model(), calibration=feeds, report=True, progress=False)
     report = report_of(quantized)
-    assert report.outputs.samples == report_module.REPORT_SAMPLES // 8  # batches of 8 rows
-    assert f"errors measured on {report.outputs.samples} batches" in report.summary()
+    assert report.outputs.samples == report_module.REPORT_SAMPLES  # rows
+    assert report.outputs.batches == report_module.REPORT_SAMPLES // 8  # in batches of 8 rows
+    assert f"errors measured on {report_module.REPORT_SAMPLES} calibration samples" in (
+        report.summary())
     values = np.random.default_rng(0).standard_normal(3_000_000).astype(np.float32) * 7
     exact = float(np.sum(values.astype(np.float64) ** 2))
     assert report_module._square_sum(values) == pytest.approx(exact, rel=1e-5)
