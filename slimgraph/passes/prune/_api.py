@@ -67,9 +67,11 @@ class PrunePass(SlimgraphFunctionalPass):
         options = self.options
         report = PruneReport(options.base_ratio, options.criterion, options.scope, options.pad,
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
+        # MACs as `inspect` counts them on the input and on the written file; parameters on the
+        # prepared copy (the exporter's Constant nodes are initializers there, as when written)
+        report.macs_before = _total_macs(model)
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
-        report.macs_before = sum(ir_analysis.model_macs(pruned).values())
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
         if options.unstructured:
             report.sparsity = zero_smallest_weights(
@@ -81,8 +83,13 @@ class PrunePass(SlimgraphFunctionalPass):
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
             ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
-        report.macs_after = sum(ir_analysis.model_macs(pruned).values())
+        report.macs_after = _total_macs(pruned)
         return PruneResult(pruned, modified=True, report=report)
+
+
+def _total_macs(model: ir.Model) -> int:
+    """The model's MACs as `inspect` reports them (symbolic dimensions as 1)."""
+    return sum(ir_analysis.macs_by_node(model)[0].values())
 
 
 def _remove_channels(
