@@ -30,8 +30,9 @@ def prepare_for_pruning(
     """
     prepared = copy_model(model)
     ir_common.CommonSubexpressionEliminationPass()(prepared)
-    PrepareWeightsPass(scope="all")(prepared)
-    ir_common.ShapeInferencePass(strict_mode=False)(prepared)
+    for _ in range(2):  # again once shapes are known: `Reshape(x, Shape(y))` of equal shapes
+        PrepareWeightsPass(scope="all")(prepared)  # (GroupNorm as exported) becomes Identity
+        ir_common.ShapeInferencePass(strict_mode=False)(prepared)
     annotate_static_shapes(prepared, dim_values)
     return prepared
 
