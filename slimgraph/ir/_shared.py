@@ -35,29 +35,25 @@ def shared_constant_ties(
         one constant), and (slot id, reason) for slots whose constant is also read where the
         channels are not traced.
     """
-    by_value: dict[int, tuple[ir.Value, list[tuple[ir.Node, int, int, int]]]] = {}
-    for use in uses:
-        value = use[0].inputs[use[1]]
+    by_axis: dict[tuple[int, int], tuple[ir.Value, list[tuple[ir.Node, int, int]]]] = {}
+    for node, index, axis, slot in uses:
+        value = node.inputs[index]
         if value is not None:
-            by_value.setdefault(id(value), (value, []))[1].append(use)
+            by_axis.setdefault((id(value), axis), (value, []))[1].append((node, index, slot))
     ties: list[tuple[int, int]] = []
     blocks: list[tuple[int, str]] = []
-    for value, traced in by_value.values():
+    for value, traced in by_axis.values():
         readers = {(u.node, u.idx) for u in value.uses()}
         if len(readers) < 2 and not value.is_graph_output():
             continue
-        untraced = readers - {(node, index) for node, index, _, _ in traced}
+        # every reader must index this axis with traced channels, or it cannot shrink
+        untraced = readers - {(node, index) for node, index, _ in traced}
         if untraced or value.is_graph_output():
-            other = next(iter(untraced))[0] if untraced else None
+            other = min(untraced, key=lambda r: r[0].name or "")[0] if untraced else None
             where = "a graph output" if other is None else layer_name(other) or other.name
-            blocks += [
-                (slot, f"{value.name} is shared with {where}, which is not pruned with it")
-                for _, _, _, slot in traced
-            ]
+            reason = f"{value.name} is shared with {where}, which is not pruned with it"
+            blocks += [(slot, reason) for _, _, slot in traced]
             continue
-        first_by_axis: dict[int, int] = {}
-        for _, _, axis, slot in traced:
-            first = first_by_axis.setdefault(axis, slot)
-            if first != slot:
-                ties.append((first, slot))
+        first = traced[0][2]
+        ties += [(first, slot) for _, _, slot in traced[1:] if slot != first]
     return ties, blocks
