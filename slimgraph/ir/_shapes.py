@@ -13,6 +13,7 @@ cannot be read from those shapes, and its shape constant cannot be rewritten as 
 - `shape_entry` follows one entry of a shape tensor back through Concat, Unsqueeze, Squeeze,
   Reshape, Cast, Gather and Slice to a constant (which a rewrite can change without fixing the
   other entries), to a dimension read by `Shape`, or names the op that computes it.
+- `reshape_channel_map`: where the channels of one axis land in a reshape of static dims.
 
 Example:
     >>> annotate_static_shapes(model)  # doctest: +SKIP

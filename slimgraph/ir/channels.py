@@ -20,8 +20,11 @@ How each op passes, consumes or blocks the channels is one `_Tracer` method per 
 up in a table by op type (`_HANDLERS`; an op without an entry blocks). The weight axes of the
 layers come from the one layout table (`slimgraph.ir.layout`). What the pruning surgery must
 change besides the weights is recorded as typed rewrite records (frozen dataclasses:
-`ConvGroupRewrite`, `ShapeEntryRewrite`, `StaticReshapeRewrite`, `SplitRewrite`, `SliceRewrite`)
-and every constant a channel axis indexes as a `WeightUse` with a `Role`.
+`ConvGroupRewrite`, `ShapeEntryRewrite`, `ShapeChainRewrite`, `StaticReshapeRewrite`,
+`SplitRewrite`, `SliceRewrite`) and every constant a channel axis indexes as a `WeightUse` with a
+`Role`. Shapes are read at fixed symbolic sizes where the graph's own are symbolic
+(`slimgraph.ir._shapes`); a constant several traced nodes read is one set of channels per axis
+across its readers, or blocks them (`slimgraph.ir._shared`).
 
 A connected component is one removable channel (it may span many tensors and positions); the
 components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.

@@ -174,8 +174,9 @@ def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.M
 
     The report lists every channel group (size, kept, why it could not shrink), every producing
     layer's output channels before and after with the kept channel indices
-    (`report.layers[i].kept`, indices into the original channels), parameters and MACs before
-    and after (both counted on the same input shapes: symbolic dimensions as 1) and notes.
+    (`report.layers[i].kept`, indices into the original channels), parameters before and after
+    (on the prepared copy: the exporter's Constant nodes count as when written), MACs before and
+    after as `inspect` counts them (symbolic dimensions as 1) and notes.
 
     Args: as for `prune`.
 
