@@ -38,6 +38,7 @@ __all__ = [
     "annotate_static_shapes",
     "forget_static_shapes",
     "dims",
+    "static_dim",
     "shape_entry",
     "reshape_channel_map",
 ]
@@ -95,6 +96,19 @@ def dims(value: ir.Value | None) -> list[int | ir.SymbolicDim] | None:
     if recorded is not None and (shape is None or len(shape) == len(recorded)):
         return list(recorded)
     return None if shape is None else list(shape)
+
+
+def static_dim(value: ir.Value | None, axis: int) -> int | None:
+    """Dimension `axis` of `value` when it is static: its own, or the recorded one where its own
+    is unknown, except a recorded 1 (a symbolic dimension fixed to 1 looks the same)."""
+    found = dims(value)
+    if value is None or found is None or not 0 <= axis < len(found):
+        return None
+    own = value.shape[axis] if value.shape is not None and len(value.shape) > axis else None
+    dim = found[axis]
+    if not isinstance(dim, int) or (dim == 1 and not isinstance(own, int)):
+        return None
+    return dim
 
 
 @dataclass(frozen=True)

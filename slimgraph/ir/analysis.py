@@ -176,7 +176,7 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     try:
         model = ir.from_proto(proto)
-        onnxscript.optimizer.fold_constants(model)
+        onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
         folded = onnx.shape_inference.infer_shapes(
             ir.to_proto(model), strict_mode=False, data_prop=True
         )

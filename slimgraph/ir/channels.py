@@ -48,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir._shapes import dims, reshape_channel_map, shape_entry
+from slimgraph.ir._shapes import dims, reshape_channel_map, shape_entry, static_dim
 from slimgraph.ir._shared import shared_constant_ties
 from slimgraph.ir.layout import LAYOUTS, layout
 
@@ -373,11 +373,7 @@ def _rank(value: ir.Value | None) -> int | None:
 
 
 def _dim(value: ir.Value | None, axis: int) -> int | None:
-    found = dims(value)
-    if found is None or axis < 0 or axis >= len(found):
-        return None
-    d = found[axis]
-    return int(d) if isinstance(d, int) else None
+    return static_dim(value, axis)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:

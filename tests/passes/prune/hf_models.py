@@ -24,6 +24,7 @@ FFN_LAYERS = {
     "bert": ("intermediate.dense",),
     "albert": ("ffn",),
     "distilbert": ("ffn.lin1",),
+    "distilbert-torchscript": ("ffn.lin1",),
     "llama": ("mlp.gate_proj", "mlp.up_proj"),
     "vit": ("mlp.fc1",),
     "whisper": ("fc1", "conv1"),
@@ -64,7 +65,7 @@ def _build(name: str):  # noqa: ANN202 - (torch module, example args, dynamic_sh
         config = hf.AlbertConfig(vocab_size=100, embedding_size=16, max_position_embeddings=32,
                                  **sizes)  # fmt: skip
         return hf.AlbertModel(config), (ids,), None
-    if name == "distilbert":
+    if name.startswith("distilbert"):
         config = hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2,
                                      hidden_dim=FFN, max_position_embeddings=32)  # fmt: skip
         return hf.DistilBertModel(config), (ids,), None
@@ -94,7 +95,9 @@ def _build(name: str):  # noqa: ANN202 - (torch module, example args, dynamic_sh
 
 def hf_model(name: str) -> ir.Model:
     """The tiny `name` model (a key of `FFN_LAYERS`) exported with `sg.from_torch` (symbolic
-    batch; "gpt2-dynamic": symbolic batch and sequence). A fresh copy each call."""
+    batch; "gpt2-dynamic": symbolic batch and sequence), or "...-torchscript" with torch's
+    TorchScript exporter (symbolic batch and sequence: Shape -> Gather -> Unsqueeze -> Concat
+    views). A fresh copy each call."""
     if name not in _CACHE:
         import transformers
 
@@ -102,8 +105,36 @@ def hf_model(name: str) -> ir.Model:
 
         transformers.logging.set_verbosity_error()
         module, args, dims = _build(name)
-        _CACHE[name] = ir.to_proto(from_torch(module.eval(), args, dynamic_shapes=dims))
+        if name.endswith("-torchscript"):
+            _CACHE[name] = _torchscript(module.eval(), args)
+        else:
+            _CACHE[name] = ir.to_proto(from_torch(module.eval(), args, dynamic_shapes=dims))
     return ir.from_proto(_CACHE[name])
+
+
+def _torchscript(module, args) -> onnx.ModelProto:  # noqa: ANN001 - a transformers model
+    import io
+    import warnings
+
+    import torch
+
+    class FirstOutput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = module
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(ids)[0]
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            FirstOutput(), args, buffer, dynamo=False, input_names=["input_ids"],
+            output_names=["hidden"], opset_version=17,
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "hidden": {0: "batch", 1: "seq"}},
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def hf_feeds(model: ir.Model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:

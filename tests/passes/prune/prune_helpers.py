@@ -60,8 +60,12 @@ def zero_channels(
         index[use.axis] = positions
         array[tuple(index)] = 0
     for value, readers, array in arrays.values():
-        fresh = ir.Value(name=f"{value.name}_zeroed", shape=ir.Shape(array.shape),
-                         type=value.type, const_value=ir.tensor(array, name=f"{value.name}_zeroed"))
+        fresh = ir.Value(
+            name=f"{value.name}_zeroed",
+            shape=ir.Shape(array.shape),
+            type=value.type,
+            const_value=ir.tensor(array, name=f"{value.name}_zeroed"),
+        )
         prepared.graph.register_initializer(fresh)
         for node, index in readers:
             node.replace_input_with(index, fresh)

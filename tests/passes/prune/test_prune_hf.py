@@ -29,15 +29,18 @@ from tests.passes.prune.prune_helpers import zero_channels
 
 # Exporting costs seconds each: three architectures run by default, the rest with -m slow.
 FAST = ("gpt2", "albert", "wav2vec2")
-SLOW = ("bert", "llama", "distilbert", "vit", "whisper", "gpt2-dynamic")
+SLOW = ("bert", "llama", "distilbert", "vit", "whisper", "gpt2-dynamic", "distilbert-torchscript")
 MODELS = [*FAST, *(pytest.param(name, marks=pytest.mark.slow) for name in SLOW)]
 KEPT = kept_count(FFN, 0.3)
 
 
 def _ffn_rows(report: sg.passes.prune.PruneReport, name: str) -> list[tuple[int, int]]:
+    """(before, after) of the FFN layers (node names like `/model/.../ffn/lin1/MatMul` when the
+    exporter kept no module path)."""
     return [
         (layer.before, layer.after) for layer in report.layers
-        if layer.layer.endswith(FFN_LAYERS[name]) and layer.before == FFN
+        if any(part in layer.layer.replace("/", ".") for part in FFN_LAYERS[name])
+        and layer.before == FFN
     ]  # fmt: skip
 
 
@@ -65,6 +68,19 @@ def test_prune_hf_exact_on_zeroed_channels(name: str) -> None:
     pruned, report = prune_with_report(zeroed, ratio=0.3)
     assert sum(g.channels - g.kept for g in report.groups) == count > 0
     assert_same_outputs(zeroed, pruned, hf_feeds(zeroed, batch=2, seed=4))
+
+
+@pytest.mark.parametrize(
+    ("name", "conv", "channels"),
+    [
+        ("wav2vec2", "feature_extractor.conv_layers.0.conv", 16),  # GroupNorm after it
+        pytest.param("whisper", "conv1", 32, marks=pytest.mark.slow),
+    ],
+)
+def test_prune_hf_audio_front_convs(name: str, conv: str, channels: int) -> None:
+    _, report = prune_with_report(hf_model(name), ratio=0.3)
+    (row,) = [layer for layer in report.layers if layer.layer == conv]
+    assert (row.before, row.after) == (channels, kept_count(channels, 0.3))
 
 
 def test_prune_albert_keeps_shared_weights_shared() -> None:
