@@ -635,9 +635,7 @@ class _Tracer:
     def layer_norm(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         """LayerNormalization: channels pass when they sit before the normalized axes."""
         where = f"{node.op_type} {node.name}"
-        rank = _rank(node.inputs[0])
-        if index != 0 or rank is None:
-            return f"{where} reads the channels as a parameter"
+        rank = _data_rank(node, index, "a scale or bias")
         if slot.axis >= node.attributes.get_int("axis", -1) % rank:
             return f"{where} normalizes over the channels"
         if any(o.uses() for o in node.outputs[1:]):

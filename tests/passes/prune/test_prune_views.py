@@ -136,3 +136,33 @@ def test_prune_shared_weight_with_an_excluded_reader_is_left_alone() -> None:
     )
     with raises_exactly(UnsupportedModelError, message):
         prune_with_report(model, ratio=0.5, exclude=["up2"])
+
+
+def _layer_norm_model(axis: int) -> object:
+    """conv(4 -> 8, k1) -> LayerNormalization(axis) -> conv(8 -> 5, k1), over [batch, C, 6]."""
+    rng = np.random.default_rng(6)
+    arrays = {
+        "w1": rng.standard_normal((8, 4, 1)).astype(np.float32),
+        "w2": rng.standard_normal((5, 8, 1)).astype(np.float32),
+        "g": rng.uniform(0.5, 1.5, 6 if axis == -1 else (8, 6)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+        helper.make_node("LayerNormalization", ["c", "g"], ["n"], axis=axis, name="norm"),
+        helper.make_node("Conv", ["n", "w2"], ["y"], name="conv2"),
+    ]
+    return make_model(nodes, [("x", ["batch", 4, 6])], ["y"], arrays)
+
+
+def test_prune_layer_norm_passes_channels_before_its_axes_only() -> None:
+    pruned, _ = prune_with_report(_layer_norm_model(-1), ratio=0.5)
+    assert node_named(pruned, "conv2").inputs[1].shape == (5, 4, 1)
+    assert node_named(pruned, "norm").inputs[1].shape == (6,)  # over time: not per channel
+    out = runtime.run(runtime.create_session(pruned, threads=1), {"x": np.ones((2, 4, 6), "f")})
+    assert out["y"].shape == (2, 5, 6)
+    message = (
+        "nothing to prune: no channel group can shrink (LayerNormalization norm normalizes over "
+        "the channels; y is a graph output)"
+    )
+    with raises_exactly(UnsupportedModelError, message):
+        prune_with_report(_layer_norm_model(1), ratio=0.5)
