@@ -70,6 +70,17 @@ def test_prune_hf_exact_on_zeroed_channels(name: str) -> None:
     assert_same_outputs(zeroed, pruned, hf_feeds(zeroed, batch=2, seed=4))
 
 
+def test_prune_gpt2_follows_the_packed_qkv_split_to_the_heads() -> None:
+    _, report = prune_with_report(hf_model("gpt2"), ratio=0.3)
+    heads = {("h.0.attn.c_attn",), ("h.1.attn.c_attn",)}
+    qkv = [g for g in report.groups if g.producers in heads]
+    assert len(qkv) == 2
+    for group in qkv:  # traced through the Split into q, k and v; stopped at the head split
+        assert (group.channels, group.kept) == (96, 96)
+        assert "splits or mixes the channel axis (channel shuffle or heads)" in group.reason
+        assert "Split" not in group.reason
+
+
 @pytest.mark.parametrize(
     ("name", "conv", "channels"),
     [
