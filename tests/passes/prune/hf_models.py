@@ -99,11 +99,11 @@ def hf_model(name: str) -> ir.Model:
     TorchScript exporter (symbolic batch and sequence: Shape -> Gather -> Unsqueeze -> Concat
     views). A fresh copy each call."""
     if name not in _CACHE:
-        import transformers
+        from transformers.utils import logging as hf_logging
 
         from slimgraph.ir import from_torch
 
-        transformers.logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
         module, args, dims = _build(name)
         if name.endswith("-torchscript"):
             _CACHE[name] = _torchscript(module.eval(), args)
