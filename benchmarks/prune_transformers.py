@@ -4,8 +4,8 @@ Every model of `tests/passes/prune/hf_models.py` (2 layers, hidden 32, FFN 64, r
 weights, exported with `sg.from_torch`; "gpt2-dynamic" with a symbolic sequence too,
 "distilbert-torchscript" by torch's TorchScript exporter) is written to a temporary folder and
 pruned with the command line, no user inputs. Columns: parameters of the input and output files
-as `inspect --json` counts them (initializers) and as the prune report counts them (initializers
-and Constant nodes), the prune report's MACs before and after next to `inspect`'s on the two
+as `inspect --json` counts them and as the prune report counts them (on the prepared copy:
+constant subgraphs folded), the prune report's MACs before and after next to `inspect`'s on the two
 files, the FFN widths before -> after, and whether
 onnxruntime runs the pruned file at batch 3 with the original's output shapes.
 
