@@ -59,7 +59,8 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
         ]
         fixed = 0
         for axis, (dim, was) in enumerate(zip(value.shape, old, strict=True)):
-            if isinstance(was, str) and _anonymous(dim):
+            # an old `unk__N` is no name of the user's (and may be one inference gives anew)
+            if isinstance(was, str) and not was.startswith(_ANONYMOUS_PREFIX) and _anonymous(dim):
                 if dims[axis]:
                     renames[str(dims[axis])] = was
                 dims[axis] = was

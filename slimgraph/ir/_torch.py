@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,7 +64,8 @@ def from_torch(
         MissingExtraError: torch is not installed ("torch is not installed: pip install
             'slimgraph[torch]'").
         UnsupportedModelError: `module` is not a `torch.nn.Module`, or torch cannot export it
-            (the exporter's first line is quoted).
+            (the cause is quoted: the first line of the innermost exception, colour codes
+            stripped).
 
     Example:
         >>> model = from_torch(net.eval(), (torch.randn(1, 3, 32, 32),))  # doctest: +SKIP
@@ -166,8 +168,7 @@ def _export(
             )
         except Exception as error:  # the exporter raises many types; name the cause once
             raise UnsupportedModelError(
-                f"torch.onnx.export could not export {type(module).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                f"torch.onnx.export could not export {type(module).__name__}: {_cause(error)}"
             ) from error
         finally:
             registration_log.setLevel(previous_level)
@@ -178,6 +179,28 @@ def _export(
     model = program.model
     annotate_layers(model)
     return model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the innermost exception that says something, as one clean line.
+
+    The exporter wraps the real failure (torch.export's "Could not guard on data-dependent
+    expression ...") in an error whose first line is its own banner, with terminal colour codes
+    ("Failed to export the model with torch.export. \\x1b[96mThis is step 1/3\\x1b[0m ...").
+    """
+    chain: list[BaseException] = []
+    found: BaseException | None = error
+    while found is not None and found not in chain:
+        chain.append(found)
+        found = found.__cause__ or found.__context__
+    for inner in reversed(chain):
+        lines = [_ANSI.sub("", line).strip() for line in str(inner).splitlines()]
+        if first := next((line for line in lines if line), ""):
+            return " ".join(first.split())
+    return type(chain[-1]).__name__
 
 
 def annotate_layers(model: ir.Model) -> None:

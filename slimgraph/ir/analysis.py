@@ -25,11 +25,14 @@ __all__ = [
     "static_shape",
     "with_static_shapes",
     "node_macs",
+    "MAC_OPS",
+    "macs_by_node",
     "model_macs",
     "check_finite_weights",
 ]
 
 logger = logging.getLogger(__name__)
+
 
 def dataflow_graph(graph: ir.Graph) -> nx.MultiDiGraph:
     """A frozen networkx view of the dataflow: nodes are `ir.Node` objects, one edge per value use.
@@ -101,8 +104,13 @@ def node_weights(graph: ir.Graph) -> dict[ir.Node, NodeWeights]:
     return found
 
 
-def parameter_count(model: ir.Model) -> int:
-    """Elements in all numeric (float, int, bool) initializers of the model and its subgraphs."""
+def parameter_count(model: ir.Model, *, constant_nodes: bool = False) -> int:
+    """Elements in all numeric (float, int, bool) initializers of the model and its subgraphs.
+
+    With `constant_nodes`, the tensors of Constant nodes count too: what the file stores, however
+    it stores it (old zoo files keep their weights in Constant nodes; a rewrite that lifts them
+    to initializers then stores no more).
+    """
     total = 0
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
@@ -110,7 +118,24 @@ def parameter_count(model: ir.Model) -> int:
             if tensor is None or tensor.dtype == ir.DataType.STRING:
                 continue
             total += math.prod(tensor.shape.numpy())
+        if constant_nodes:
+            total += sum(_constant_node_size(n) for n in graph if n.op_type == "Constant")
     return total
+
+
+def _constant_node_size(node: ir.Node) -> int:
+    """Elements of a Constant node's numeric value (0 for strings, sparse tensors, other ops)."""
+    if node.domain not in ("", "ai.onnx") or not node.attributes:
+        return 0
+    attr = next(iter(node.attributes.values()))
+    if attr.name in ("value_float", "value_int"):
+        return 1
+    if attr.name in ("value_floats", "value_ints"):
+        return len(attr.value)
+    tensor = attr.value if attr.name == "value" else None
+    if tensor is None or tensor.dtype == ir.DataType.STRING:
+        return 0
+    return math.prod(tensor.shape.numpy())
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -140,13 +165,17 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
                 dim.dim_value = fixed[dim.dim_param]
     # Symbolic dims recorded on other values (exporters write e.g. [batch, 64]) would survive
     # inference: give the input names their values and forget the rest, so inference fills them.
+    # A symbol no input carries (`unk__3` after a rewrite re-inferred shapes) would survive too:
+    # such a value's recorded shape is dropped whole, so inference computes it again.
     for value in (*proto.graph.value_info, *proto.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
+        tensor_type = value.type.tensor_type
+        names = [d.dim_param for d in tensor_type.shape.dim if d.HasField("dim_param")]
+        if any(name not in fixed and name not in dim_values for name in names):
+            tensor_type.ClearField("shape")
+            continue
+        for dim in tensor_type.shape.dim:
             if dim.HasField("dim_param"):
-                name = dim.dim_param
-                dim.Clear()
-                if name and (name in fixed or name in dim_values):
-                    dim.dim_value = fixed.get(name, dim_values.get(name, 1))
+                dim.dim_value = fixed.get(dim.dim_param, dim_values.get(dim.dim_param, 1))
     proto = _fold_shape_arithmetic(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
@@ -169,13 +198,14 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     try:
         model = ir.from_proto(proto)
-        onnxscript.optimizer.fold_constants(model)
+        onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
         folded = onnx.shape_inference.infer_shapes(
             ir.to_proto(model), strict_mode=False, data_prop=True
         )
     except Exception as error:  # folding is an aid: analysis goes on with the unfolded copy
         logger.debug("constant folding for shape analysis failed (%s)", error)
         return proto
+
     def static(info: onnx.ValueInfoProto) -> bool:
         shape = info.type.tensor_type.shape
         return info.type.tensor_type.HasField("shape") and all(
@@ -211,8 +241,10 @@ def _proto_without_weights(model: ir.Model) -> onnx.ModelProto:
     try:
         for value in initializers:
             tensor = value.const_value
-            small = tensor is not None and not isinstance(tensor, ir.ExternalTensor) and (
-                tensor.nbytes <= _SMALL_TENSOR_BYTES
+            small = (
+                tensor is not None
+                and not isinstance(tensor, ir.ExternalTensor)
+                and (tensor.nbytes <= _SMALL_TENSOR_BYTES)
             )
             if small:
                 continue
@@ -283,20 +315,53 @@ def node_macs(node: ir.Node) -> int | None:
     return None
 
 
+# Ops whose multiply-accumulates `node_macs` counts.
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def macs_by_node(
+    model: ir.Model, dim_values: Mapping[str, int] | None = None
+) -> tuple[dict[ir.Node, int], int]:
+    """MACs of each Conv, ConvTranspose, Gemm and MatMul of `model`'s main graph, and how many of
+    them stayed without static shapes (left out). The one MAC count: `inspect`, `prune` and
+    `factorize` all report it.
+
+    Symbolic dimensions take their value from `dim_values` (by name), else 1; shapes come from
+    `with_static_shapes`, a structural copy with the same nodes in the same order, so nodes pair
+    by position (names may repeat or be empty).
+    """
+    counted = [node for node in model.graph if node.op_type in MAC_OPS and not node.domain]
+    if not counted:
+        return {}, 0
+    shaped = with_static_shapes(model, dim_values)
+    found: dict[ir.Node, int] = {}
+    unknown = 0
+    for original, copy in zip(model.graph, shaped.graph, strict=True):
+        if original.op_type not in MAC_OPS or original.domain:
+            continue
+        macs = node_macs(copy)
+        if macs is None:
+            unknown += 1
+        else:
+            found[original] = int(macs)
+    if unknown:
+        logger.info("%d MAC-counting nodes have unknown shapes and are left out", unknown)
+    return found, unknown
+
+
 def model_macs(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> dict[str, int]:
-    """MACs per node name (Conv, ConvTranspose, Gemm, MatMul) after shape inference.
+    """MACs per node name (Conv, ConvTranspose, Gemm, MatMul), as `macs_by_node` counts them.
 
     Nodes whose shapes stay unknown after inference are left out. Unnamed nodes, and a name
     already used by an earlier node, are keyed `<name or op type>#<node index>`, so no node's
     MACs overwrite another's.
     """
-    shaped = with_static_shapes(model, dim_values)
+    found, _ = macs_by_node(model, dim_values)
     result: dict[str, int] = {}
-    for index, node in enumerate(shaped.graph):
-        macs = node_macs(node)
-        if macs is not None:
+    for index, node in enumerate(model.graph):
+        if node in found:
             key = node.name if node.name and node.name not in result else None
-            result[key or f"{node.name or node.op_type}#{index}"] = macs
+            result[key or f"{node.name or node.op_type}#{index}"] = found[node]
     return result
 
 

@@ -20,8 +20,11 @@ How each op passes, consumes or blocks the channels is one `_Tracer` method per 
 up in a table by op type (`_HANDLERS`; an op without an entry blocks). The weight axes of the
 layers come from the one layout table (`slimgraph.ir.layout`). What the pruning surgery must
 change besides the weights is recorded as typed rewrite records (frozen dataclasses:
-`ConvGroupRewrite`, `ShapeEntryRewrite`, `StaticReshapeRewrite`, `SplitRewrite`, `SliceRewrite`)
-and every constant a channel axis indexes as a `WeightUse` with a `Role`.
+`ConvGroupRewrite`, `ShapeEntryRewrite`, `ShapeChainRewrite`, `StaticReshapeRewrite`,
+`SplitRewrite`, `SliceRewrite`) and every constant a channel axis indexes as a `WeightUse` with a
+`Role`. Shapes are read at fixed symbolic sizes where the graph's own are symbolic
+(`slimgraph.ir._shapes`); a constant several traced nodes read is one set of channels per axis
+across its readers, or blocks them (`slimgraph.ir._shared`).
 
 A connected component is one removable channel (it may span many tensors and positions); the
 components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
@@ -45,6 +48,8 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
+from slimgraph.ir._shapes import dims, reshape_channel_map, shape_entry, static_dim
+from slimgraph.ir._shared import shared_constant_ties
 from slimgraph.ir.layout import LAYOUTS, layout
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "ConvGroupRewrite",
     "ShapeEntryRewrite",
     "StaticReshapeRewrite",
+    "ShapeChainRewrite",
     "SplitRewrite",
     "SliceRewrite",
     "Block",
@@ -183,6 +189,17 @@ class StaticReshapeRewrite(Rewrite):
     axis: int
     skip: int
     dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShapeChainRewrite(Rewrite):
+    """A Reshape with a computed shape (`x.view(-1, c)` on a symbolic batch) whose channel entry
+    is a constant reached through `path` ((node, input index) hops from the Reshape's shape input,
+    `slimgraph.ir._shapes.shape_entry`): element `index` of the last hop's constant becomes the
+    kept count; nodes on the path that others read too are copied first."""
+
+    path: tuple[tuple[ir.Node, int], ...]
+    index: int
 
 
 @dataclass(frozen=True)
@@ -323,19 +340,24 @@ def _known(dims: Sequence[int | ir.SymbolicDim]) -> list[int] | None:
 
 def _static_dims_from(value: ir.Value | None, start: int) -> list[int] | None:
     """The dims of `value` from axis `start` on, if all are known integers."""
-    if value is None or value.shape is None:
-        return None
-    return _known(list(value.shape)[start:])
+    found = dims(value)
+    return None if found is None else _known(found[start:])
 
 
-def _common_prefix_dims(source: ir.Value | None, target: ir.Value | None, axis: int):
+def _common_prefix_dims(
+    source: ir.Value | None, target: ir.Value | None, axis: int, *, own: bool = False
+):
     """Static dims of `source` and `target` after their common leading dims (symbolic batch).
 
-    Returns (source dims, target dims, number of dims skipped); dims are None when unknown.
+    Dims are those `slimgraph.ir._shapes.dims` reads (static at fixed symbolic sizes where
+    recorded), or with `own` the values' own shapes. Returns (source dims, target dims, number
+    of dims skipped); dims are None when unknown.
     """
-    if source is None or target is None or source.shape is None or target.shape is None:
+    shape_of = (lambda v: None if v.shape is None else list(v.shape)) if own else dims
+    a = shape_of(source) if source is not None else None
+    b = shape_of(target) if target is not None else None
+    if a is None or b is None:
         return None, None, 0
-    a, b = list(source.shape), list(target.shape)
     skip = 0
     while skip < min(len(a), len(b), axis) and a[skip] == b[skip]:
         skip += 1
@@ -346,16 +368,12 @@ def _common_prefix_dims(source: ir.Value | None, target: ir.Value | None, axis: 
 
 
 def _rank(value: ir.Value | None) -> int | None:
-    if value is None or value.shape is None:
-        return None
-    return len(value.shape)
+    found = dims(value)
+    return None if found is None else len(found)
 
 
 def _dim(value: ir.Value | None, axis: int) -> int | None:
-    if value is None or value.shape is None or axis < 0 or axis >= len(value.shape):
-        return None
-    d = value.shape[axis]
-    return int(d) if isinstance(d, int) else None
+    return static_dim(value, axis)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -373,42 +391,6 @@ def _int_list(node: ir.Node, attr: str, input_index: int | None) -> list[int] | 
         if array is not None:
             return [int(x) for x in np.asarray(array).reshape(-1)]
     return None
-
-
-def reshape_channel_map(in_dims: Sequence[int], axis: int, out_dims: Sequence[int]):
-    """How channel axis `axis` of a tensor with `in_dims` lands in a reshape to `out_dims`.
-
-    Returns (out_axis, positions) where positions[c] lists the positions on `out_axis` that hold
-    channel c, or None when the reshape splits the channel axis (channel shuffle, attention heads)
-    or mixes it with an axis in front of it.
-    """
-    outer = math.prod(in_dims[:axis])
-    prefix = 1
-    out_axis = 0
-    while out_axis < len(out_dims) and prefix < outer:
-        prefix *= out_dims[out_axis]
-        out_axis += 1
-    # skip size-1 output axes that still sit before the channel axis boundary
-    while out_axis < len(out_dims) and prefix == outer and out_dims[out_axis] == 1 and (
-        in_dims[axis] != 1
-    ):
-        out_axis += 1
-    if prefix != outer or out_axis >= len(out_dims):
-        return None
-    width = out_dims[out_axis]
-    channels = in_dims[axis]
-    if width % channels:
-        return None
-    # the output axis covers in_dims[axis:axis+m] exactly for some m
-    covered, end = 1, axis
-    while end < len(in_dims) and covered < width:
-        covered *= in_dims[end]
-        end += 1
-    if covered != width:
-        return None
-    inner = width // channels
-    positions = np.arange(width, dtype=np.int64).reshape(channels, inner)
-    return out_axis, positions
 
 
 class _Stop(Exception):
@@ -648,6 +630,17 @@ class _Tracer:
         target = self.passthrough(slot, node, node.outputs[0], slot.axis)
         for i in params:
             self.use(node, i, 0, target, Role.BN_SCALE if i == 1 else Role.PARAM)
+        return None
+
+    def layer_norm(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """LayerNormalization: channels pass when they sit before the normalized axes."""
+        where = f"{node.op_type} {node.name}"
+        rank = _data_rank(node, index, "a scale or bias")
+        if slot.axis >= node.attributes.get_int("axis", -1) % rank:
+            return f"{where} normalizes over the channels"
+        if any(o.uses() for o in node.outputs[1:]):
+            return f"{where} uses its mean or inverse deviation"
+        self.passthrough(slot, node, node.outputs[0], slot.axis)
         return None
 
     def resize(self, slot: Slot, node: ir.Node, index: int) -> str | None:
@@ -891,17 +884,50 @@ class _Tracer:
             return f"{where} splits or mixes the channel axis (channel shuffle or heads)"
         out_axis, positions = mapped
         out_axis += out_skip
-        target = self.slot(out, out_axis, int(positions.size), where)
+        width = int(positions.size)
+        own = out.shape[out_axis] if out.shape is not None and len(out.shape) > out_axis else None
+        if isinstance(own, ir.SymbolicDim) and own.value and not own.value.startswith("unk__"):
+            return f"{where} gives the channel axis the symbolic size {own.value}"
+        record: Callable[[int], Rewrite | None] = lambda target: None  # noqa: E731
+        if node.op_type == "Reshape":
+            found = self.shape_rewrite(slot, node, out_axis, width)
+            if isinstance(found, str):
+                return found
+            record = found
+        target = self.slot(out, out_axis, width, where)
         self.unite(slot, target, positions)
-        if node.op_type == "Reshape" and _const(node.inputs[1]) is not None:
-            self.rewrites.append(ShapeEntryRewrite(node, target.id, 1, out_axis))
-        elif node.op_type == "Reshape":
-            # a computed shape (dynamic batch): rewritten as a constant that copies the common
-            # leading dims (0 with allowzero=0) and spells out the static rest
-            self.rewrites.append(
-                StaticReshapeRewrite(node, target.id, out_axis, skip, tuple(out_dims))
-            )
+        if (rewrite := record(target.id)) is not None:
+            self.rewrites.append(rewrite)
         return None
+
+    def shape_rewrite(
+        self, slot: Slot, node: ir.Node, out_axis: int, width: int
+    ) -> Callable[[int], Rewrite | None] | str:
+        """How the shape of Reshape `node` follows the kept count at `out_axis` (a maker of the
+        rewrite record, given the target slot), or why it cannot: a constant shape's entry is
+        rewritten; a computed shape's entry is followed to its source (`shape_entry`)."""
+        where = f"Reshape {node.name}"
+        if _const(node.inputs[1]) is not None:
+            return lambda target: ShapeEntryRewrite(node, target, 1, out_axis)
+        entry = shape_entry(node, 1, out_axis)
+        copies = slot.axis == out_axis and width == slot.size  # the input's dim is the count
+        if entry.constant == width:
+            return lambda target: ShapeChainRewrite(node, target, entry.path, entry.index)
+        copied = entry.constant == 0 and not node.attributes.get_int("allowzero", 0)
+        if entry.constant == -1 or (copied and copies):
+            return lambda target: None  # inferred or copied: follows the kept count
+        if entry.source is node.inputs[0] and entry.axis == slot.axis and copies:
+            return lambda target: None
+        # a computed entry: spell the static rest out as a constant (copying the common
+        # leading dims, 0 with allowzero=0), when the shapes are static after the batch
+        _, rest, skip = _common_prefix_dims(node.inputs[0], node.outputs[0], slot.axis, own=True)
+        if rest is not None and skip <= out_axis:
+            return lambda target: StaticReshapeRewrite(node, target, out_axis, skip, tuple(rest))
+        if entry.constant is not None:
+            return f"{where} states {entry.constant} for {width} channels"
+        if entry.source is not None:
+            return f"{where} takes its channel count from {entry.source.name}"
+        return f"{where} computes its channel count ({entry.reason})"
 
     def reduce(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         where = f"{node.op_type} {node.name}"
@@ -931,6 +957,7 @@ _HANDLERS: dict[str, _Handler] = {
     **dict.fromkeys(_BINARY, _Tracer.elementwise),
     **dict.fromkeys(("BatchNormalization", "InstanceNormalization"), _Tracer.normalization),
     **dict.fromkeys(("Resize", "Upsample"), _Tracer.resize),
+    "LayerNormalization": _Tracer.layer_norm,
     **dict.fromkeys(("Conv", "ConvTranspose"), _Tracer.conv_input),
     "Gemm": _Tracer.gemm_input,
     "MatMul": _Tracer.matmul_input,
@@ -977,6 +1004,14 @@ def analyze_channels(
         graph, excluded or (lambda node: False), opset, pad, frozenset(prunable_outputs)
     )
     tracer.run()
+    ties, shared_blocks = shared_constant_ties(
+        [(use.node, use.input_index, use.axis, use.slot) for use in tracer.weight_uses]
+    )
+    for a, b in ties:  # a shared constant: one kept set for all its readers
+        if tracer.slots[a].size == tracer.slots[b].size:
+            tracer.unite(tracer.slots[a], tracer.slots[b])
+    for slot_id, reason in shared_blocks:
+        tracer.block(tracer.slots[slot_id], reason)
     analysis = ChannelAnalysis(
         tracer.slots, tracer.parent, tracer.weight_uses, tracer.rewrites, tracer.blocks, [], pad
     )

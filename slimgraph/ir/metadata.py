@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
+    "STATIC_SHAPE",
     "EXPORTER_DEBUG_KEYS",
     "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
@@ -47,6 +48,10 @@ QUANT_REPORT = "slimgraph.quantize_report"
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
 # uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
 BUDGET_SEARCH = "slimgraph.budget_search"
+
+# Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
+# for channel tracing (`slimgraph.ir._shapes.annotate_static_shapes`); stale once the graph changes.
+STATIC_SHAPE = "slimgraph.static_shape"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
 # classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,

@@ -33,8 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Ops whose MACs analysis.node_macs counts.
-MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+MAC_OPS = analysis.MAC_OPS  # ops whose MACs are counted
 
 # How many layers the summary lists by MACs.
 TOP_LAYERS = 10
@@ -181,7 +180,7 @@ def summarize(
     dims = dict(dims or {})
     graph = model.graph
     ops = Counter(op_key(node) for node in graph)
-    macs_by_node, unknown = _macs_by_node(model, dims)
+    macs_by_node, unknown = analysis.macs_by_node(model, dims)
     total_macs = sum(macs_by_node.values())
     initializers = {
         name: InitializerSpec(_dtype_name(tensor.dtype), tuple(tensor.shape.numpy()))
@@ -229,31 +228,6 @@ def op_key(node: ir.Node) -> str:
     if node.domain in ("", "ai.onnx"):
         return node.op_type
     return f"{node.domain}::{node.op_type}"
-
-
-def _macs_by_node(model: ir.Model, dims: Mapping[str, int]) -> tuple[dict[ir.Node, int], int]:
-    """MACs per node of `model`, and how many MAC-counting nodes stayed without shapes.
-
-    `analysis.with_static_shapes` returns a structural copy with the same nodes in the same
-    order, so nodes pair by position (names may repeat or be empty).
-    """
-    counted = [node for node in model.graph if node.op_type in MAC_OPS and not node.domain]
-    if not counted:
-        return {}, 0
-    shaped = analysis.with_static_shapes(model, dims)
-    found: dict[ir.Node, int] = {}
-    unknown = 0
-    for original, copy in zip(model.graph, shaped.graph, strict=True):
-        if original.op_type not in MAC_OPS or original.domain:
-            continue
-        macs = analysis.node_macs(copy)
-        if macs is None:
-            unknown += 1
-        else:
-            found[original] = int(macs)
-    if unknown:
-        logger.info("%d MAC-counting nodes have unknown shapes and are left out", unknown)
-    return found, unknown
 
 
 def _top_layers(

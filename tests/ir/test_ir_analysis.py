@@ -291,6 +291,25 @@ def test_with_static_shapes_fixes_symbolic_dims() -> None:
     assert not isinstance(model.graph.inputs[0].shape[0], int), "the input model is unchanged"
 
 
+def test_with_static_shapes_reinfers_symbols_no_input_carries() -> None:
+    # after a rewrite re-inferred shapes, values carry `unk__N` for the batch: the count must
+    # infer them again, not leave them out (issue 21: prune reported "MACs ... -> 0")
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+            helper.make_node("MatMul", ["h", "v"], ["y"], name="mm2"),
+        ],
+        [("x", ["batch", 8])],
+        [("y", ["unk__4", 2])],
+        [_init("w", (8, 4)), _init("v", (4, 2))],
+    )
+    model.graph.node(0).outputs[0].shape = ir.Shape(["unk__3", 4])
+    assert analysis.macs_by_node(model) == (
+        {model.graph.node(0): 8 * 4, model.graph.node(1): 4 * 2}, 0
+    )
+    assert analysis.model_macs(model, {"batch": 3}) == {"mm1": 3 * 8 * 4, "mm2": 3 * 4 * 2}
+
+
 def test_model_macs_resnet50_zoo() -> None:
     macs = analysis.model_macs(load(ZOO_DIR / "light_resnet50.onnx"))
     total = sum(macs.values())

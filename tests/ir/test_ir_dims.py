@@ -101,6 +101,27 @@ def test_restore_dim_names_puts_the_users_names_back() -> None:
     assert extra.outputs[0].shape[0].value is None
 
 
+def test_restore_dim_names_takes_no_old_unk_name_for_a_users_name() -> None:
+    # y = reshape(x) is [batch * 2, 4]: inference named its first dim unk__1 before a rewrite,
+    # and a fresh inference after it names z's batch unk__1 (issue 21: y became "batch" and
+    # onnxruntime planned y's buffer as z's, then failed at batch 2)
+    x = ir.Value(name="x", shape=ir.Shape(["batch", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    shape = ir.Value(name="shape", const_value=ir.tensor(np.array([-1, 4], np.int64)))
+    reshape = ir.Node("", "Reshape", [x, shape], name="reshape")
+    relu = ir.Node("", "Relu", [x], name="relu")
+    y, z = reshape.outputs[0], relu.outputs[0]
+    y.name, y.shape = "y", ir.Shape(["unk__1", 4])
+    z.name, z.shape = "z", ir.Shape(["batch", 8])
+    graph = ir.Graph([x], [y, z], nodes=[reshape, relu], initializers=[shape],
+                     opset_imports={"": 18})  # fmt: skip
+    model = ir.Model(graph, ir_version=9)
+    before = io_shapes(model)
+    y.shape, z.shape = ir.Shape(["unk__0", 4]), ir.Shape(["unk__1", 8])  # after the rewrite
+    restore_dim_names(model, before)
+    assert _dims(z) == ["batch", "8"]
+    assert y.shape[0].value is None  # anonymous: never "batch"
+
+
 def test_from_torch_falls_back_when_outputs_lose_the_batch() -> None:
     """A time-first GRU: torch keeps axis 0 symbolic on the input but bakes its size into the
     graph; the export is redone with the example's shapes instead of a model that cannot run."""

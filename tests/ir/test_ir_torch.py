@@ -14,6 +14,7 @@ from slimgraph.errors import BadInputError, UnsupportedModelError
 from slimgraph.ir import from_torch, layer_name, load, metadata, save
 from slimgraph.runtime import create_session, run
 from tests import models as test_models
+from tests.kit.asserts import raises_exactly
 from tests.kit.exports import exported_model
 
 
@@ -119,6 +120,23 @@ class _DataDependent(nn.Module):
 
 
 def test_export_failure_is_one_clear_error() -> None:
-    message = "torch.onnx.export could not export _DataDependent"
-    with pytest.raises(UnsupportedModelError, match=message):
+    # the cause, not the exporter's banner ("Failed to export the model with torch.export.
+    # \x1b[96mThis is step 1/3\x1b[0m of exporting ...", issue 21)
+    message = (
+        "torch.onnx.export could not export _DataDependent: Could not guard on data-dependent "
+        "expression Eq(u0, 1) (unhinted: Eq(u0, 1)). (Size-like symbols: none)"
+    )
+    with raises_exactly(UnsupportedModelError, message):
         from_torch(_DataDependent(), (torch.ones(2),))
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("\x1b[91mno kernel for this layer\x1b[0m\n  (details on this line)")
+
+
+def test_export_failure_quotes_the_cause_without_colour_codes() -> None:
+    message = "torch.onnx.export could not export _Raises: no kernel for this layer"
+    with raises_exactly(UnsupportedModelError, message) as caught:
+        from_torch(_Raises(), (torch.ones(2),))
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)

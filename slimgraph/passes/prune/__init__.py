@@ -1,8 +1,10 @@
 """Structured pruning that physically removes channels from the ONNX graph, and magnitude pruning.
 
 Structured (approximate in general, exact for channels whose producing weights are zero):
-1. prepare a copy (`_prepare`): constants folded (weights built by ConstantOfShape, transposed
-   weights, shape constants), initializers dropped from the graph inputs, shapes inferred;
+1. prepare a copy (`_prepare`): common subexpressions merged (a shared weight transposed per use
+   folds to one initializer), constants folded (weights built by ConstantOfShape, transposed
+   weights, shape constants), initializers dropped from the graph inputs, shapes inferred, and
+   shapes at fixed symbolic sizes recorded for the tracing;
 2. trace channel-dependency groups (`slimgraph.ir.channels`);
 3. score each group channel (L1/L2 of the producing weights summed over the group, BatchNorm
    |gamma|, or random) and choose what to remove, per group (local) or with one threshold over

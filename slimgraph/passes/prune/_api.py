@@ -68,9 +68,11 @@ class PrunePass(SlimgraphFunctionalPass):
         options = self.options
         report = PruneReport(options.base_ratio, options.criterion, options.scope, options.pad,
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
+        # parameters as pruning sees them (constants folded; a shared weight once), MACs as
+        # `inspect` counts them on the input and on the result
+        report.macs_before = _total_macs(model)
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
-        report.macs_before = sum(ir_analysis.model_macs(pruned).values())
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
         if options.unstructured:
             report.sparsity = zero_smallest_weights(
@@ -82,8 +84,20 @@ class PrunePass(SlimgraphFunctionalPass):
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
             ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
-        report.macs_after = sum(ir_analysis.model_macs(pruned).values())
+        report.macs_after = _total_macs(pruned)
+        stored = ir_analysis.parameter_count(model, constant_nodes=True)
+        if report.params_after > stored:  # the ratio above would hide that the file grew
+            report.notes.append(
+                f"note: the result stores {report.params_after:,} parameters, the input "
+                f"{stored:,}: the input builds weights at run time (ConstantOfShape, Expand, "
+                "...), the result stores them as folded constants"
+            )
         return PruneResult(pruned, modified=True, report=report)
+
+
+def _total_macs(model: ir.Model) -> int:
+    """The model's MACs as `inspect` reports them (symbolic dimensions as 1)."""
+    return sum(ir_analysis.macs_by_node(model)[0].values())
 
 
 def _remove_channels(
@@ -174,8 +188,10 @@ def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.M
 
     The report lists every channel group (size, kept, why it could not shrink), every producing
     layer's output channels before and after with the kept channel indices
-    (`report.layers[i].kept`, indices into the original channels), parameters and MACs before
-    and after (both counted on the same input shapes: symbolic dimensions as 1) and notes.
+    (`report.layers[i].kept`, indices into the original channels), parameters before and after
+    as pruning sees them (constants folded, a shared weight once; a note says so when the result
+    stores more than the input did), MACs before and after as `inspect` counts them (symbolic
+    dimensions as 1) and notes.
 
     Args: as for `prune`.
 

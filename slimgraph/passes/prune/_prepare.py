@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
+from slimgraph.ir._shapes import annotate_static_shapes, forget_static_shapes
 from slimgraph.passes._kit import PrepareWeightsPass
 
 __all__ = ["prepare_for_pruning", "reinfer_shapes"]
 
 
-def prepare_for_pruning(model: ir.Model) -> ir.Model:
+def prepare_for_pruning(
+    model: ir.Model, dim_values: Mapping[str, int] | None = None
+) -> ir.Model:
     """A copy of `model` with constants folded and lifted to initializers and shapes inferred.
 
-    Exact: only constant subgraphs are evaluated (`PrepareWeightsPass(scope="all")`: every
-    constant subgraph, ConstantOfShape included, no initializer left as a graph input). Pruning
-    needs weights, Reshape shapes and axes as initializers, and static channel counts.
+    Exact: common subexpressions merged first (the exporter transposes a weight shared across
+    layers once per use; merged, it folds to one shared initializer, not one copy per use), then
+    only constant subgraphs are evaluated (`PrepareWeightsPass(scope="all")`: every constant
+    subgraph, ConstantOfShape included, no initializer left as a graph input). Pruning needs
+    weights, Reshape shapes and axes as initializers, and static channel counts. Every value's
+    shape at fixed symbolic sizes (`dim_values` by name, else 1) is recorded for the channel
+    tracing (`slimgraph.ir._shapes.annotate_static_shapes`): views computed from the symbolic
+    batch have no static shape of their own.
     """
     prepared = copy_model(model)
-    PrepareWeightsPass(scope="all")(prepared)
-    ir_common.ShapeInferencePass(strict_mode=False)(prepared)
+    ir_common.CommonSubexpressionEliminationPass()(prepared)
+    for _ in range(2):  # again once shapes are known: `Reshape(x, Shape(y))` of equal shapes
+        PrepareWeightsPass(scope="all")(prepared)  # (GroupNorm as exported) becomes Identity
+        ir_common.ShapeInferencePass(strict_mode=False)(prepared)
+    annotate_static_shapes(prepared, dim_values)
     return prepared
 
 
@@ -29,6 +42,7 @@ def reinfer_shapes(model: ir.Model) -> None:
 
     onnx_ir's shape inference only writes the shapes it finds: the stale ones are cleared first.
     """
+    forget_static_shapes(model.graph)
     for node in model.graph:
         for value in node.outputs:
             value.shape = None

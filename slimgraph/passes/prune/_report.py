@@ -157,7 +157,7 @@ def group_report(group: ChannelGroup, removed: int, padded: int) -> GroupReport:
     edges were padded back."""
     return GroupReport(
         group.id, group.size, group.size - removed,
-        tuple(node_label(n) for n in group.producers), _why_not(group), padded,
+        tuple(dict.fromkeys(node_label(n) for n in group.producers)), _why_not(group), padded,
     )  # fmt: skip
 
 

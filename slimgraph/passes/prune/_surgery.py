@@ -10,6 +10,8 @@ channels whose producing weights are zero.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_ir as ir
 
@@ -19,6 +21,7 @@ from slimgraph.ir.channels import (
     ChannelAnalysis,
     ConvGroupRewrite,
     Rewrite,
+    ShapeChainRewrite,
     ShapeEntryRewrite,
     SliceRewrite,
     Slot,
@@ -28,6 +31,9 @@ from slimgraph.ir.channels import (
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._kit import Names, add_initializer, set_constant
 from slimgraph.passes.prune._prepare import reinfer_shapes
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["remove_channels", "replace_constant"]
 
@@ -57,17 +63,27 @@ def remove_channels(
     return kept
 
 
-def replace_constant(node: ir.Node, index: int, array: np.ndarray, names: Names) -> None:
-    """Give input `index` of `node` the constant `array` (the kit's copy-on-share
-    `set_constant`: a shared value gets a private `<name>_pruned` copy) and drop the old
-    initializer when nothing reads it any more."""
+def replace_constant(
+    node: ir.Node,
+    index: int,
+    array: np.ndarray,
+    names: Names,
+    also: Sequence[tuple[ir.Node, int]] = (),
+) -> ir.Value:
+    """Give input `index` of `node`, and each (node, input) of `also` (other readers of the same
+    constant: a shared weight stays one tensor), the constant `array` (the kit's copy-on-share
+    `set_constant`: a value read elsewhere too gets a `<name>_pruned` copy) and drop the old
+    initializer when nothing reads it any more. Returns the value they read now."""
     old = node.inputs[index]
     base = f"{old.name}_pruned" if old is not None else None
     new = set_constant(node, index, array, base=base, names=names)
+    for reader, reader_index in also:
+        reader.replace_input_with(reader_index, new)
     graph = node.graph
     if old is not None and old is not new and graph is not None and old.name is not None:
         if old.is_initializer() and not old.uses() and not old.is_graph_output():
             graph.initializers.pop(old.name, None)
+    return new
 
 
 def _constant(node: ir.Node, index: int) -> np.ndarray:
@@ -91,16 +107,23 @@ class _Surgery:
         self.names = Names(model.graph)  # every new value, node and initializer name
 
     def slice_weights(self) -> None:
-        """Keep the kept positions of every weight use on a shrunk slot (all axes at once)."""
-        plans: dict[tuple[ir.Node, int], dict[int, np.ndarray]] = {}
+        """Keep the kept positions of every weight use on a shrunk slot (all axes at once). A
+        constant several traced nodes read (a shared weight) is sliced once and stays shared:
+        the analysis gave all its readers one kept set per axis."""
+        plans: dict[int, tuple[list[tuple[ir.Node, int]], dict[int, np.ndarray]]] = {}
         for use in self.analysis.weight_uses:
             if use.slot in self.kept:
-                plans.setdefault((use.node, use.input_index), {})[use.axis] = self.kept[use.slot]
-        for (node, index), axes in plans.items():
+                key = id(use.node.inputs[use.input_index])
+                readers, axes = plans.setdefault(key, ([], {}))
+                if (use.node, use.input_index) not in readers:
+                    readers.append((use.node, use.input_index))
+                axes[use.axis] = self.kept[use.slot]
+        for readers, axes in plans.values():
+            (node, index), *others = readers
             array = _constant(node, index)
             for axis, positions in axes.items():
                 array = np.take(array, positions, axis=axis)
-            replace_constant(node, index, array, self.names)
+            replace_constant(node, index, array, self.names, others)
 
     def apply(self, rewrite: Rewrite) -> None:
         """Make the attribute or shape constant named by `rewrite` follow the kept count."""
@@ -133,8 +156,34 @@ class _Surgery:
                 replace_constant(node, 2, ends, self.names)
             case SplitRewrite():
                 self._split_sizes(node)
+            case ShapeChainRewrite(path=path, index=entry):
+                holder, holder_index = self._private_chain(path)
+                shape = _constant(holder, holder_index)
+                shape.reshape(-1)[entry] = count
+                replace_constant(holder, holder_index, shape, self.names)
             case _:
                 raise TypeError(f"no surgery for {type(rewrite).__name__}")
+
+    def _private_chain(self, path: Sequence[tuple[ir.Node, int]]) -> tuple[ir.Node, int]:
+        """The node and input holding the constant at the end of `path` (the hops of a
+        `ShapeChainRewrite`), after copying every node on it whose output others read too, so
+        that changing the constant changes this Reshape's shape only."""
+        reader, index = path[0]
+        for hop, hop_index in path[1:]:
+            value = reader.inputs[index]
+            assert value is not None and value.producer() is hop
+            if len(value.uses()) > 1:  # a shape computation CSE shared: this reader's own copy
+                copy = ir.Node(
+                    hop.domain, hop.op_type, list(hop.inputs), list(hop.attributes.values()),
+                    name=self.names.fresh(f"{hop.name}_pruned"), version=hop.version,
+                )  # fmt: skip
+                copy.outputs[0].name = self.names.fresh(f"{value.name}_pruned")
+                copy.outputs[0].type, copy.outputs[0].shape = value.type, value.shape
+                self.graph.insert_after(hop, copy)
+                reader.replace_input_with(index, copy.outputs[0])
+                hop = copy
+            reader, index = hop, hop_index
+        return reader, index
 
     def _split_sizes(self, node: ir.Node) -> None:
         """The sizes of a Split on the channel axis: each output's kept count."""

@@ -42,7 +42,8 @@ def zero_channels(
         count = group.size - kept_count(group.size, ratio)
         chosen = rng.choice(group.size, count, replace=False)
         roots |= {group.roots[i] for i in chosen.tolist()}
-    arrays: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
+    # by constant: a weight several nodes share is zeroed once and stays shared
+    arrays: dict[int, tuple[ir.Value, list[tuple[ir.Node, int]], np.ndarray]] = {}
     for use in analysis.weight_uses:
         if not _must_zero(use):
             continue
@@ -50,18 +51,22 @@ def zero_channels(
         positions = [p for p, r in enumerate(analysis.roots_of(slot).tolist()) if r in roots]
         if not positions:
             continue
-        key = (id(use.node), use.input_index)
-        if key not in arrays:
-            value = use.node.inputs[use.input_index]
-            arrays[key] = (use.node, use.input_index, value.const_value.numpy().copy())
-        array = arrays[key][2]
+        value = use.node.inputs[use.input_index]
+        entry = arrays.setdefault(id(value), (value, [], value.const_value.numpy().copy()))
+        if (use.node, use.input_index) not in entry[1]:
+            entry[1].append((use.node, use.input_index))
+        array = entry[2]
         index = [slice(None)] * array.ndim
         index[use.axis] = positions
         array[tuple(index)] = 0
-    for node, index, array in arrays.values():
-        value = node.inputs[index]
-        fresh = ir.Value(name=f"{value.name}_zeroed", shape=ir.Shape(array.shape),
-                         type=value.type, const_value=ir.tensor(array, name=f"{value.name}_zeroed"))
+    for value, readers, array in arrays.values():
+        fresh = ir.Value(
+            name=f"{value.name}_zeroed",
+            shape=ir.Shape(array.shape),
+            type=value.type,
+            const_value=ir.tensor(array, name=f"{value.name}_zeroed"),
+        )
         prepared.graph.register_initializer(fresh)
-        node.replace_input_with(index, fresh)
+        for node, index in readers:
+            node.replace_input_with(index, fresh)
     return prepared, analysis, len(roots)
