@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
-from tests.runtime.torch_backend.node_models import F, MS, node_model
+from tests.runtime.torch_backend.node_models import MS, F, node_model
 
 pytest.importorskip("torch")
 
@@ -29,6 +29,7 @@ def i32(*values: int) -> np.ndarray:
 
 
 KEEP = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)  # row 1 padded at the end
+KEEP_4D = np.broadcast_to(KEEP.astype(bool).reshape(B, 1, 1, S), (B, 1, S, S)).copy()
 
 
 def _check(op_type, feeds, constants=(), outputs=(F,), *, domain=MS, opset=21, inputs=None,
@@ -238,8 +239,7 @@ ATTENTION23_CASES = {
     "causal_scale_softcap": ({"q": x(B, N, S, H), "k": x(B, N, S, H), "v": x(B, N, S, H)},
                              {"is_causal": 1, "scale": 0.5, "softcap": 3.0}),
     "bool_mask": ({"q": x(B, N, S, H), "k": x(B, N, S, H), "v": x(B, N, S, H),
-                   "m": np.broadcast_to(KEEP.astype(bool).reshape(B, 1, 1, S), (B, 1, S, S)).copy()},
-                  {}),
+                   "m": KEEP_4D}, {}),
     "float_mask": ({"q": x(B, N, S, H), "k": x(B, N, S, H), "v": x(B, N, S, H),
                     "m": x(S, S)}, {}),
 }

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
-from tests.runtime.torch_backend.node_models import F, I32, I64, MS, U8, node_model
+from tests.runtime.torch_backend.node_models import I32, I64, MS, U8, F, node_model
 
 pytest.importorskip("torch")
 
@@ -88,6 +88,25 @@ CASES = [
      [np.array(4, np.int64)], [I64], {}),
     ("where_broadcast", "Where", "", 13,
      {"c": RNG.random((2, 1, 4)) > 0.5, "a": x(3, 1)}, [np.float32(-1e4)], [F], {}),
+    ("swish", "Swish", "", 24, {"a": x(3, 4)}, [], [F], {"alpha": 1.3}),
+    ("shrink", "Shrink", "", 13, {"a": x(3, 4)}, [], [F], {"bias": 0.2, "lambd": 0.4}),
+    ("lp_norm_l1", "LpNormalization", "", 22, {"a": x(3, 4)}, [], [F], {"axis": 0, "p": 1}),
+    ("lp_norm_l2", "LpNormalization", "", 22, {"a": x(2, 3, 4)}, [], [F], {}),
+    ("mean_variance_norm", "MeanVarianceNormalization", "", 13, {"a": x(2, 3, 4, 4)}, [], [F],
+     {}),
+    ("eye_like", "EyeLike", "", 22, {"a": x(3, 5)}, [], [F], {"k": 1}),
+    ("grid_sample_border", "GridSample", "", 22, {"a": x(1, 2, 5, 6)},
+     [np.clip(x(1, 3, 4, 2), -1.2, 1.2)], [F], {"padding_mode": "border"}),
+    ("grid_sample_cubic_corners", "GridSample", "", 22, {"a": x(1, 2, 5, 6)},
+     [np.clip(x(1, 3, 4, 2), -1.0, 1.0)], [F], {"mode": "cubic", "align_corners": 1}),
+    ("resize_cubic_half_pixel", "Resize", "", 19, {"a": x(1, 2, 4, 5)},
+     [None, np.array([1, 1, 2, 1.5], np.float32)], [F], {"mode": "cubic"}),
+    ("resize_cubic_align_corners_down", "Resize", "", 19, {"a": x(1, 2, 7, 6)},
+     [None, None, i64(1, 2, 4, 9)], [F],
+     {"mode": "cubic", "coordinate_transformation_mode": "align_corners"}),
+    ("resize_cubic_exclude_outside", "Resize", "", 19, {"a": x(1, 1, 4, 4)},
+     [None, np.array([1, 1, 2, 2], np.float32)], [F],
+     {"mode": "cubic", "exclude_outside": 1, "cubic_coeff_a": -0.5}),
     ("dynamic_quantize_linear", "DynamicQuantizeLinear", "", 13, {"a": x(4, 6) + 0.5}, [],
      [U8, F, U8], {}),
     ("matmul_integer_per_column_zero_points", "MatMulInteger", "", 13,

@@ -267,7 +267,8 @@ def _quantized_attention(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel
 def _group_query_attention(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     heads, kv_heads = attr(node, "num_heads"), attr(node, "kv_num_heads")
     window = attr(node, "local_window_size", -1)
-    rotary, interleaved = bool(attr(node, "do_rotary", 0)), bool(attr(node, "rotary_interleaved", 0))
+    rotary = bool(attr(node, "do_rotary", 0))
+    interleaved = bool(attr(node, "rotary_interleaved", 0))
     softcap = attr(node, "softcap", 0.0)
     if attr(node, "smooth_softmax", 0) or attr(node, "qk_output", 0) or not attr(node, "causal", 1):
         raise unsupported(node, "smooth_softmax, qk_output or causal=0")

@@ -259,13 +259,65 @@ _NEAREST = {
 }
 
 
+def _cubic(x: Tensor, axis: int, c: Tensor, a: float, exclude_outside: bool) -> Tensor:
+    """Cubic convolution (Keys, 1981) along `axis` at source coordinates `c`: four taps around
+    floor(c), indices clamped to the edge (or, with `exclude_outside`, taps outside dropped and
+    the weights renormalized)."""
+    size = x.shape[axis]
+    base = torch.floor(c)
+    t = c - base
+    taps = [base.to(torch.int64) + k for k in (-1, 0, 1, 2)]
+    distances = [1 + t, t, 1 - t, 2 - t]
+
+    def weight(d: Tensor) -> Tensor:
+        d = d.abs()
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return torch.where(d <= 1, near, far)
+
+    weights = [weight(d) for d in distances]
+    if exclude_outside:
+        weights = [torch.where((i >= 0) & (i < size), w, 0.0) for i, w in zip(taps, weights,
+                                                                              strict=True)]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    shape = [1] * x.dim()
+    shape[axis] = c.shape[0]
+    out = None
+    for index, w in zip(taps, weights, strict=True):
+        term = x.index_select(axis, index.clamp(0, size - 1)) * w.to(x.dtype).reshape(shape)
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+@op("GridSample")
+def _grid_sample(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    """4-D GridSample (bilinear/linear, nearest, bicubic/cubic; zeros, border or reflection
+    padding) by torch's grid_sample, which follows the same definition."""
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(attr(node, "mode", "bilinear"),
+                                                          attr(node, "mode", "bilinear"))
+    padding, corners = attr(node, "padding_mode", "zeros"), bool(attr(node, "align_corners", 0))
+    if mode not in ("bilinear", "nearest", "bicubic"):
+        raise unsupported(node, f"mode '{mode}'")
+
+    def run(m: Any, xs: list[Any]) -> list[Any]:
+        if xs[0].dim() != 4:
+            raise unsupported(node, "a grid of other than 2 spatial dimensions")
+        return [F.grid_sample(xs[0], xs[1], mode, padding, corners)]
+
+    return run
+
+
 @op("Resize", "Upsample")
 def _resize(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     mode = attr(node, "mode", "nearest")
     legacy = node.op_type == "Upsample" or opset < 11
     coord = "asymmetric" if legacy else attr(node, "coordinate_transformation_mode", "half_pixel")
     nearest = "floor" if legacy else attr(node, "nearest_mode", "round_prefer_floor")
-    if mode not in ("nearest", "linear", "bilinear") or coord not in (
+    cubic_a, exclude_outside = attr(node, "cubic_coeff_a", -0.75), attr(node, "exclude_outside", 0)
+    antialias = attr(node, "antialias", 0)
+    if mode not in ("nearest", "linear", "bilinear", "cubic") or coord not in (
         "half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn"
     ) or nearest not in _NEAREST:
         raise unsupported(node, f"mode '{mode}' with '{coord}' coordinates")
@@ -300,7 +352,12 @@ def _resize(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
                 out = int(math.floor(size * scale))
             if out == size and scale == 1.0:
                 continue
+            if antialias and scale < 1.0 and mode != "nearest":
+                raise unsupported(node, "antialiased downsampling")
             c = _source_coords(coord, out, size, scale)
+            if mode == "cubic":
+                x = _cubic(x, axis, c, cubic_a, bool(exclude_outside))
+                continue
             if mode == "nearest":
                 idx = _NEAREST[nearest](c).clamp(0, size - 1).to(torch.int64)
                 x = x.index_select(axis, idx)

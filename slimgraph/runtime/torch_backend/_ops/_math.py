@@ -143,6 +143,24 @@ def _thresholded_relu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return lambda m, xs: [torch.where(xs[0] > alpha, xs[0], torch.zeros_like(xs[0]))]
 
 
+@op("Swish")
+def _swish(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    alpha = attr(node, "alpha", 1.0)
+    return lambda m, xs: [xs[0] * torch.sigmoid(alpha * xs[0])]
+
+
+@op("Shrink")
+def _shrink(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    bias, lambd = attr(node, "bias", 0.0), attr(node, "lambd", 0.5)
+
+    def run(m: Any, xs: list[Any]) -> list[Any]:
+        x = xs[0]
+        zero = torch.zeros((), dtype=x.dtype)
+        return [torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero))]
+
+    return run
+
+
 @op("Gelu")
 def _gelu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     approximate = attr(node, "approximate", "none")

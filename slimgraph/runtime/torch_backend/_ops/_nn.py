@@ -209,6 +209,34 @@ def _skip_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return run
 
 
+@op("LpNormalization")
+def _lp_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    """x / ||x||_p along `axis` (p 1 or 2; a zero norm leaves zeros)."""
+    axis, p = attr(node, "axis", -1), attr(node, "p", 2)
+
+    def run(m: Any, xs: list[Any]) -> list[Any]:
+        x = xs[0]
+        norm = (x.abs().sum(axis, keepdim=True) if p == 1
+                else torch.sqrt((x * x).sum(axis, keepdim=True)))
+        return [torch.where(norm == 0, torch.zeros((), dtype=x.dtype), x / norm)]
+
+    return run
+
+
+@op("MeanVarianceNormalization")
+def _mean_variance_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    """(x - mean) / sqrt(variance + 1e-9) over `axes` (default 0, 2, 3)."""
+    axes = attr(node, "axes", [0, 2, 3])
+
+    def run(m: Any, xs: list[Any]) -> list[Any]:
+        x = xs[0]
+        mean = x.mean(axes, keepdim=True)
+        variance = (x * x).mean(axes, keepdim=True) - mean * mean
+        return [(x - mean) / torch.sqrt(variance + 1e-9)]
+
+    return run
+
+
 @op("LRN")
 def _lrn(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     size = attr(node, "size")

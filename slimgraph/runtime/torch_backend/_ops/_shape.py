@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from slimgraph.runtime.torch_backend._ops._registry import (
+    TORCH_DTYPES,
     Kernel,
     LowerContext,
     Tensor,
@@ -78,6 +79,19 @@ def _constant_of_shape(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         return [fill.expand(int_list(xs[0])).clone()]
+
+    return run
+
+
+@op("EyeLike")
+def _eye_like(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
+    k, dtype = attr(node, "k", 0), attr(node, "dtype")
+    to = TORCH_DTYPES.get(ir.DataType(dtype)) if dtype is not None else None
+
+    def run(m: Any, xs: list[Any]) -> list[Any]:
+        rows, cols = xs[0].shape
+        eye = torch.ones(rows, cols).triu(k).tril(k)
+        return [eye.to(to if to is not None else xs[0].dtype)]
 
     return run
 
