@@ -119,29 +119,30 @@ def _qoperator_error(node: ir.Node) -> UnsupportedModelError:
     )
 
 
-def _unknown_op_error(node: ir.Node) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"the torch backend cannot lower {_domain_name(node.domain)}::{node.op_type} "
-        f"(node '{node.name}')"
-    )
+def _unknown_ops_error(nodes: Sequence[ir.Node]) -> UnsupportedModelError:
+    named = ", ".join(f"{_domain_name(n.domain)}::{n.op_type} (node '{n.name}')" for n in nodes)
+    return UnsupportedModelError(f"the torch backend cannot lower {named}")
 
 
 def check_lowerable(model: ir.Model) -> None:
-    """Raise for a QOperator node or an op the table does not know, before anything runs.
+    """Raise for a QOperator node or ops the table does not know, before anything runs.
 
     Raises:
-        UnsupportedModelError: naming the first such op (domain::type) and its node.
+        UnsupportedModelError: naming the first QOperator op and its node, or every op without a
+            kernel (domain::type) with the first node of each.
     """
     nodes = list(model.graph)
     for node in nodes:
         if node.op_type in _ops.QOPERATOR_OPS:
             raise _qoperator_error(node)
+    unknown: dict[tuple[str, str], ir.Node] = {}
     for node in nodes:
-        if _ops.lookup(node.domain, node.op_type) is None:
-            raise _unknown_op_error(node)
-        for attribute in node.attributes.values():
-            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                raise _unknown_op_error(node)
+        subgraph = any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                       for a in node.attributes.values())
+        if _ops.lookup(node.domain, node.op_type) is None or subgraph:
+            unknown.setdefault((_domain_name(node.domain), node.op_type), node)
+    if unknown:
+        raise _unknown_ops_error(list(unknown.values()))
 
 
 def _path(name: str, taken: set[str]) -> str:

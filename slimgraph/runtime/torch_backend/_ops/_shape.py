@@ -208,13 +208,15 @@ def _split(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
 
 def _onnx_slice(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor:
+    """ONNX Slice on one axis: negative bounds count from the end, then clamp to [0, dim]
+    ([-1, dim - 1] for a negative step)."""
     dim = x.shape[axis]
-    if step > 0:
-        index = [slice(None)] * x.dim()
-        index[axis] = slice(start, end, step)
-        return x[tuple(index)]
     start = start + dim if start < 0 else start
     end = end + dim if end < 0 else end
+    if step > 0:
+        index = [slice(None)] * x.dim()
+        index[axis] = slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+        return x[tuple(index)]
     start = min(max(start, 0), dim - 1)
     end = min(max(end, -1), dim - 1)
     picks = torch.tensor(list(range(start, end, step)), dtype=torch.int64)

@@ -1,0 +1,79 @@
+"""Models users have: Hugging Face architectures from tiny configs (`hf_zoo`) and the torch models
+of `tests.models`, exported by `sg.from_torch`, lowered whole. Every op of every form (as
+exported, lossless, the `transformer` preset, dynamic int8) has a kernel, and eval mode equals
+onnxruntime at a batch and a sequence length other than the export's, with a padded row:
+rtol 1e-4 plus an absolute 1e-5 of each output's largest magnitude.
+
+Six architectures run in the default suite (BERT, GPT-2, Llama, ViT, Whisper encoder,
+Wav2Vec2, as exported); the sweep over all of them and every form is slow-marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import slimgraph as sg
+from slimgraph.errors import BadInputError
+from tests import models
+from tests.kit.exports import exported_model
+from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from slimgraph.runtime.torch_backend._lower import check_lowerable  # noqa: E402
+from tests.runtime.torch_backend import hf_zoo  # noqa: E402
+
+DEFAULT = ["bert", "gpt2", "llama", "vit", "whisper-encoder", "wav2vec2"]
+FORMS: dict[str, Callable[[ir.Model], ir.Model]] = {
+    "exported": lambda m: m,
+    "lossless": lambda m: sg.optimize(m, verify=False),
+    "transformer": lambda m: sg.optimize(m, preset="transformer", verify=False),
+    "dynamic": lambda m: sg.quantize(m, mode="dynamic", verify=False, progress=False),
+}
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_hugging_face_export_lowers_exactly(name: str) -> None:
+    model, case = hf_zoo.export(name)
+    assert_matches_ort(model, case.feeds(3, 7, 1))
+
+
+def _form(model: ir.Model, form: str) -> ir.Model | None:
+    try:
+        return FORMS[form](model)
+    except BadInputError:  # nothing to quantize dynamically (a model without MatMul)
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("name", list(hf_zoo.ZOO))
+def test_every_hugging_face_form_lowers_exactly(name: str, form: str) -> None:
+    model, case = hf_zoo.export(name)
+    formed = _form(model, form)
+    if formed is None:
+        pytest.skip(f"no {form} form")
+    check_lowerable(formed)
+    assert_matches_ort(formed, case.feeds(3, 7, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["transformer", "dynamic"])
+def test_every_torch_test_model_form_lowers_exactly(torch_model_name: str, form: str) -> None:
+    """(As exported, lossless and static int8: test_lower_models.py.)"""
+    model = exported_model(torch_model_name)
+    formed = _form(model, form)
+    if formed is None:
+        pytest.skip(f"no {form} form")
+    check_lowerable(formed)
+    if torch_model_name == "bert":
+        ids, mask = models.example_input("bert", 3)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    else:
+        feeds = sg.random_feeds(formed, batch=3, seed=1)
+    assert_matches_ort(formed, {k: np.asarray(v) for k, v in feeds.items()})
