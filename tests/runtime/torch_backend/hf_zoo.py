@@ -23,6 +23,8 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from slimgraph.ir import from_torch
+
 __all__ = ["ZooCase", "ZOO", "TEXT_MODELS", "build", "export"]
 
 VOCAB = 100
@@ -304,8 +306,6 @@ def build(name: str, seed: int = 0) -> ZooCase:
 def export(name: str) -> tuple[ir.Model, ZooCase]:
     """`name` exported by `slimgraph.from_torch` (once per session; a fresh copy each call)."""
     if name not in _CACHE:
-        from slimgraph.ir import from_torch
-
         case = build(name)
         model = from_torch(case.module, case.args, dynamic_shapes=case.dynamic_shapes)
         _CACHE[name] = (ir.to_proto(model), case)

@@ -9,6 +9,7 @@ integer outputs exactly."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -162,8 +163,6 @@ def test_split_to_sequence_and_sequence_ops():
         [helper.make_tensor("sizes", I64, [3], [2, 4, 1]),
          helper.make_tensor("one", I64, [], [-2])],
     )
-    import onnx_ir as ir
-
     model = ir.from_proto(helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
     assert_matches_ort(model, {"a": x(3, 7)})

@@ -71,7 +71,8 @@ def _reduce(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
             if noop:
                 return [x]
             axes = list(range(x.dim()))
-        return [fn(x, [a % max(x.dim(), 1) for a in axes], keepdims)]
+        y = fn(x, [a % max(x.dim(), 1) for a in axes], keepdims)
+        return [y if y.dtype == x.dtype else y.to(x.dtype)]  # torch sums integers as int64
 
     return run
 
