@@ -163,6 +163,8 @@ def _gqa(feeds, outputs=(F,), rotary=None, packed=False, **attributes):
         constants = [cos, sin]
         names += ["c0", "c1"]
         attributes["do_rotary"] = 1
+    if "bias" in feeds:
+        names += [None] * (9 - len(names)) + [None, "bias"]
     _check("GroupQueryAttention", feeds, constants, outputs, inputs=names, num_heads=N,
            kv_num_heads=KV, **attributes)
 
@@ -181,6 +183,12 @@ def test_group_query_attention_prefill_rotary_interleaved_and_window():
 
 def test_group_query_attention_partial_rotary_softcap_scale():
     _gqa(_gqa_feeds(B, S, 0, [S, S]), rotary=GH // 2, softcap=2.0, scale=0.4)
+
+
+def test_group_query_attention_attention_bias():
+    feeds = _gqa_feeds(B, S, 0, [S, 4])
+    feeds["bias"] = x(1, N, S, S)
+    _gqa(feeds)
 
 
 def test_group_query_attention_packed_qkv():
@@ -209,6 +217,12 @@ def test_contrib_rotary_3d_partial_with_position_ids(interleaved):
     _check("RotaryEmbedding", {"x": x(B, S, D), "p": positions}, [cos, sin],
            inputs=["x", "p", "c0", "c1"], interleaved=interleaved, num_heads=N,
            rotary_embedding_dim=4)
+
+
+def test_contrib_rotary_3d_heads_of_the_cache_width():
+    cos, sin = _caches(16, H // 2)  # no num_heads: heads of 2 * cos width channels
+    _check("RotaryEmbedding", {"x": x(B, S, D), "p": RNG.integers(0, 16, (B, S))}, [cos, sin],
+           inputs=["x", "p", "c0", "c1"])
 
 
 def test_contrib_rotary_4d_with_a_start_position():

@@ -38,9 +38,9 @@ import onnx_ir as ir
 import torch
 
 from slimgraph.runtime.torch_backend._ops._quant import (
-    _weight,
     integer_codes,
     integer_matmul,
+    quantized_weight,
 )
 from slimgraph.runtime.torch_backend._ops._registry import (
     MS_DOMAIN,
@@ -248,7 +248,7 @@ def _quantized_attention(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel
     """Attention whose projection is integer: ((input - input_zero_point) @ (weight -
     weight_zero_point)) * input_scale * weight_scale + bias, weight per tensor or per column."""
     attend = _packed_attention(node)
-    weight = _weight(ctx, node, 1)
+    weight = quantized_weight(ctx, node, 1)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x, w, bias, x_scale, w_scale, mask, x_zero, w_zero, past = _optional_inputs(xs, 9)

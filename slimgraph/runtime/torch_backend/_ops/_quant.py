@@ -22,6 +22,7 @@ integer), in float32 in training.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
@@ -52,16 +53,22 @@ __all__ = [
     "dynamic_quantize",
     "integer_codes",
     "integer_matmul",
+    "quantized_weight",
 ]
 
 UINT8 = ir.DataType.UINT8
 
 
+@dataclass(frozen=True)
 class QRange:
     """The integer type of a quantized value: its IR data type and range (`integer_range`)."""
 
-    def __init__(self, dtype: ir.DataType, qmin: int, qmax: int) -> None:
-        self.dtype, self.qmin, self.qmax = dtype, qmin, qmax
+    dtype: ir.DataType
+    qmin: int
+    qmax: int
+
+
+_UINT8_RANGE = QRange(UINT8, 0, 255)
 
 
 def qrange(dtype: ir.DataType) -> QRange | None:
@@ -192,9 +199,6 @@ def dynamic_quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return quantize_values(x, scale, zero_point, _UINT8_RANGE, 0, 0), scale, zero_point
 
 
-_UINT8_RANGE = QRange(UINT8, 0, 255)
-
-
 def integer_codes(m: Any, x: Tensor, weight: QuantizedWeight | None) -> Tensor:
     """An integer input as float codes: a trained weight's parameter re-quantized with its own
     scale and zero point (straight-through), any other value converted."""
@@ -240,7 +244,8 @@ def _row_zero(zero: Tensor, a: Tensor) -> Tensor:
     return zero.reshape(()) if zero.numel() == 1 else zero.reshape(-1, 1)
 
 
-def _weight(ctx: LowerContext, node: ir.Node, index: int) -> QuantizedWeight | None:
+def quantized_weight(ctx: LowerContext, node: ir.Node, index: int) -> QuantizedWeight | None:
+    """The trained integer weight read at input `index` of `node`, or None."""
     value = node.inputs[index] if len(node.inputs) > index else None
     return None if value is None else ctx.quantized_weights.get(value.name or "")
 
@@ -253,7 +258,7 @@ def _dynamic_quantize_linear(node: ir.Node, opset: int, ctx: LowerContext) -> Ke
 @op("MatMulInteger")
 def _matmul_integer(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     """int32 (a - a_zero_point) @ (b - b_zero_point), as a float tensor of integers."""
-    weight = _weight(ctx, node, 1)
+    weight = quantized_weight(ctx, node, 1)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         b = integer_codes(m, xs[1], weight)
@@ -266,7 +271,7 @@ def _matmul_integer(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 @op("MatMulIntegerToFloat", domain=MS_DOMAIN)
 def _matmul_integer_to_float(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     """(A - a_zero_point) @ (B - b_zero_point) * a_scale * b_scale (+ bias)."""
-    weight = _weight(ctx, node, 1)
+    weight = quantized_weight(ctx, node, 1)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         a_scale, b_scale = xs[2], xs[3]
@@ -286,7 +291,7 @@ def _scaled(acc: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype)
 @op("DynamicQuantizeMatMul", domain=MS_DOMAIN)
 def _dynamic_quantize_matmul(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     """A quantized to uint8 as DynamicQuantizeLinear does, then MatMulIntegerToFloat with B."""
-    weight = _weight(ctx, node, 1)
+    weight = quantized_weight(ctx, node, 1)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         a, a_scale, a_zero = dynamic_quantize(xs[0])
@@ -300,7 +305,7 @@ def _dynamic_quantize_matmul(node: ir.Node, opset: int, ctx: LowerContext) -> Ke
 @op("ConvInteger")
 def _conv_integer(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     """int32 Conv of (x - x_zero_point) with (w - w_zero_point), padding with the zero point."""
-    weight = _weight(ctx, node, 1)
+    weight = quantized_weight(ctx, node, 1)
     conv = conv_kernel(node, opset, ctx)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
@@ -321,7 +326,7 @@ def _gather_block_quantized(node: ir.Node, opset: int, ctx: LowerContext) -> Ker
     data = node.inputs[0]
     if bits != 8 or data is None or data.dtype != UINT8 or gather_axis != 0:
         raise unsupported(node, "data other than 8-bit uint8 codes gathered on axis 0")
-    weight = _weight(ctx, node, 0)
+    weight = quantized_weight(ctx, node, 0)
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         table, indices, scales, zero = xs[0], xs[1].to(torch.int64), xs[2], optional(xs, 3)
