@@ -1,6 +1,7 @@
 """Models users have: Hugging Face architectures from tiny configs (`hf_zoo`) and the torch models
 of `tests.models`, exported by `sg.from_torch`, lowered whole. Every op of every form (as
-exported, lossless, the `transformer` preset, dynamic int8) has a kernel, and eval mode equals
+exported, the `transformer` preset, dynamic int8; the lossless form adds no op to them and is
+covered for the torch models by test_lower_models.py) has a kernel, and eval mode equals
 onnxruntime at a batch and a sequence length other than the export's, with a padded row:
 rtol 1e-4 plus an absolute 1e-5 of each output's largest magnitude. Dynamic int8 forms are
 compared given onnxruntime's DynamicQuantizeLinear codes (`with_measured_codes` says why).
@@ -33,7 +34,6 @@ from tests.runtime.torch_backend import hf_zoo  # noqa: E402
 DEFAULT = ["bert", "gpt2", "llama", "vit", "whisper-encoder", "wav2vec2"]
 FORMS: dict[str, Callable[[ir.Model], ir.Model]] = {
     "exported": lambda m: m,
-    "lossless": lambda m: sg.optimize(m, verify=False),
     "transformer": lambda m: sg.optimize(m, preset="transformer", verify=False),
     "dynamic": lambda m: sg.quantize(m, mode="dynamic", verify=False, progress=False),
 }
