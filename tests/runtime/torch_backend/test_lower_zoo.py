@@ -73,8 +73,10 @@ def test_every_hugging_face_form_lowers_exactly(name: str, form: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["transformer", "dynamic"])
+@pytest.mark.parametrize("torch_model_name", ["bert", "mlp"])
 def test_every_torch_test_model_form_lowers_exactly(torch_model_name: str, form: str) -> None:
-    """(As exported, lossless and static int8: test_lower_models.py.)"""
+    """The torch test models with MatMuls (the CNNs have none to fuse or quantize dynamically;
+    as exported, lossless and static int8 they are in test_lower_models.py)."""
     model = exported_model(torch_model_name)
     formed = _form(model, form)
     if formed is None:
