@@ -14,9 +14,10 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.passes.quantize.dynamic import DynamicQuantizePass
 from tests import models
 from tests.kit.asserts import assert_close
-from tests.kit.data import DIGITS, transformer_feeds
+from tests.kit.data import DATA, DIGITS, digits_arrays, transformer_feeds
 from tests.kit.exports import export_transformer
 from tests.runtime.torch_backend.backend_helpers import (
     assert_lowers_exactly,
@@ -103,21 +104,37 @@ def test_finetune_runs_on_a_dynamic_int8_transformer_with_teacher_kd(bert_int8) 
     assert _op_counts(trained) == ops
 
 
-def test_trained_int8_weights_written_back_run_as_trained(bert_int8) -> None:
+def _dynamic(model: ir.Model, **options: object) -> ir.Model:
+    copy = ir.from_proto(ir.to_proto(model))
+    return DynamicQuantizePass(**options)(copy).model  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["QAttention", "DynamicQuantizeMatMul", "ConvInteger"])
+def test_trained_int8_weights_written_back_run_as_trained(
+    kind: str, bert_int8, digits_transformer
+) -> None:
     """A few steps on the lowered module, then write_back: the written-back model lowers to a
     module computing what the trained one computes (the int8 codes are its re-quantized
     parameters), and onnxruntime runs it as the backend does (given the same dynamic codes)."""
-    _, quantized = bert_int8
+    if kind == "QAttention":
+        quantized = bert_int8[1]
+        feeds = transformer_feeds("bert", 8, 10, seed=5)
+    elif kind == "DynamicQuantizeMatMul":
+        model, data = digits_transformer
+        quantized = _dynamic(model, matmul_kernel="fused")
+        feeds = {k: v[:8] for k, v in data.items() if k != "labels"}
+    else:
+        quantized = _dynamic(sg.load(DATA / "digits_cnn.onnx"), op_types=("Conv", "Gemm"))
+        feeds = {"image": digits_arrays(rows=8)["image"]}
+    assert any(n.op_type == kind for n in quantized.graph)
     lowered = lower(quantized)
-    feeds = transformer_feeds("bert", 8, 10, seed=5)
     inputs = [torch.from_numpy(feeds[name]) for name in lowered.input_names]
     optimizer = torch.optim.SGD(lowered.parameters(), lr=0.05)
     integer = {f"weights.{q.path}" for q in lowered._qweights}
-    assert len(integer) == sum(
-        v.const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
-        and any(u.node.op_type != "DequantizeLinear" for u in v.uses())
-        for v in quantized.graph.initializers.values()
-    )
+    assert {q.initializer for q in lowered._qweights} == {  # every int8 weight trains
+        k for k, v in quantized.graph.initializers.items()
+        if v.const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+    }
     lowered.train()
     for _ in range(3):
         optimizer.zero_grad()
