@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 __all__ = [
     "RANGE_METHODS",
+    "integer_range",
     "QuantSpec",
     "QuantizedTensor",
     "quant_params",
@@ -53,6 +54,24 @@ RANGE_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
 _TINY = float(np.finfo(np.float32).tiny)
 _SIGNED_GRIDS = {ir.DataType.INT8: 8, ir.DataType.INT4: 4}
 _UNSIGNED_GRIDS = {ir.DataType.UINT8: 8, ir.DataType.UINT4: 4}
+# Every integer type a quantized value can have: (bits, signed).
+_INTEGER_TYPES = {
+    ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
+    ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False),
+    ir.DataType.INT16: (16, True), ir.DataType.UINT16: (16, False),
+    ir.DataType.INT32: (32, True),
+}
+
+
+def integer_range(dtype: ir.DataType) -> tuple[int, int] | None:
+    """(min, max) of integer type `dtype`, the whole type (-128..127 for INT8, 0..255 for
+    UINT8): where ONNX QuantizeLinear saturates. None for a type that is not a quantized
+    integer type."""
+    found = _INTEGER_TYPES.get(dtype)
+    if found is None:
+        return None
+    bits, signed = found
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 @dataclass(frozen=True)
@@ -83,11 +102,11 @@ class QuantSpec:
     @property
     def qrange(self) -> tuple[int, int]:
         """(qmin, qmax) of the integer grid; symmetric signed grids leave the lowest code out."""
-        if self.dtype in _UNSIGNED_GRIDS:
-            return 0, 2**self.bits - 1
-        top = 2 ** (self.bits - 1) - 1
-        if self.dtype in _SIGNED_GRIDS and not self.symmetric:
-            return -top - 1, top
+        found = integer_range(self.dtype)
+        assert found is not None, self.dtype
+        low, top = found
+        if low == 0 or self.dtype in _SIGNED_GRIDS and not self.symmetric:
+            return low, top
         return -top, top
 
     @property

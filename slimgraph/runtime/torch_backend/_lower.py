@@ -3,7 +3,9 @@
 The module walks the graph's nodes in topological order, each through the kernel the op table
 (`_ops`) built for it. Float weight initializers are `nn.Parameter`s; an integer weight read only by
 DequantizeLinear is a float parameter holding its dequantized value (fake-quantized in the
-forward pass); everything else constant is a buffer. Nodes whose inputs are all constants (shape
+forward pass); so is an integer weight read by an integer op (MatMulInteger, ConvInteger,
+DynamicQuantizeMatMul, QAttention, ... see `_qweights`), which re-quantizes it; everything else
+constant is a buffer. Nodes whose inputs are all constants (shape
 arithmetic on weights, Constant nodes) are evaluated once here and kept as buffers, so a forward
 pass runs only the nodes that depend on the inputs or the trainable values.
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.runtime.torch_backend import _ops
+from slimgraph.runtime.torch_backend._qweights import WeightSource, weight_source
 
 __all__ = ["LoweredModel", "lower", "WeightInfo", "QWeightInfo"]
 
@@ -36,6 +39,13 @@ _WEIGHT_SLOTS = {
     ("Gemm", 2), ("BatchNormalization", 1), ("BatchNormalization", 2),
     ("LayerNormalization", 1), ("LayerNormalization", 2), ("InstanceNormalization", 1),
     ("InstanceNormalization", 2), ("PRelu", 1), ("MatMul", 0), ("MatMul", 1),
+    ("GroupNormalization", 1), ("GroupNormalization", 2), ("RMSNormalization", 1),
+    ("SimplifiedLayerNormalization", 1), ("SkipLayerNormalization", 2),
+    ("SkipLayerNormalization", 3), ("SkipLayerNormalization", 4),
+    ("SkipSimplifiedLayerNormalization", 2), ("SkipSimplifiedLayerNormalization", 3),
+    ("BiasGelu", 1), ("FastGelu", 1), ("Attention", 1), ("Attention", 2),
+    ("MultiHeadAttention", 3), ("QAttention", 2), ("MatMulIntegerToFloat", 6),
+    ("DynamicQuantizeMatMul", 4),
 }
 # Inputs that are never trained (running statistics, quantization and shape parameters, bounds).
 _FROZEN_SLOTS = {
@@ -44,10 +54,22 @@ _FROZEN_SLOTS = {
     ("Clip", 2), ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1),
     ("Pad", 2), ("Pad", 3), ("Range", 0), ("Range", 1), ("Range", 2), ("ConstantOfShape", 0),
     ("Dropout", 1), ("Dropout", 2),
+    # attention masks and rotary caches
+    ("MultiHeadAttention", 4), ("MultiHeadAttention", 5), ("GroupQueryAttention", 7),
+    ("GroupQueryAttention", 8), ("GroupQueryAttention", 10), ("RotaryEmbedding", 1),
+    ("RotaryEmbedding", 2), ("RotaryEmbedding", 3), ("Attention", 3), ("Attention", 5),
+    # scales and zero points of the integer ops
+    ("MatMulIntegerToFloat", 2), ("MatMulIntegerToFloat", 3), ("DynamicQuantizeMatMul", 2),
+    ("QAttention", 3), ("QAttention", 4), ("GatherBlockQuantized", 2),
 }
 # Ops never evaluated at lowering time even when their inputs are constant.
 _NOT_FOLDED = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike",
-               "RandomUniformLike", "Multinomial", "BatchNormalization"}
+               "RandomUniformLike", "Multinomial", "BatchNormalization",
+               *_ops.SEQUENCE_PRODUCERS}
+# Outputs that a kernel returns as float tensors holding integers (fake quantization): cast to
+# their ONNX type when they leave the graph.
+_INTEGER_OUTPUTS = {("QuantizeLinear", 0), ("DynamicQuantizeLinear", 0),
+                    ("DynamicQuantizeLinear", 2), ("MatMulInteger", 0), ("ConvInteger", 0)}
 
 
 @dataclass(frozen=True)
@@ -61,7 +83,8 @@ class WeightInfo:
 
 @dataclass(frozen=True)
 class QWeightInfo:
-    """An integer weight read by DequantizeLinear, trained in float and re-quantized."""
+    """An integer weight trained in float and re-quantized (its scale and zero point, else the
+    integer `zero_point_default`, along `axis` in blocks of `block`)."""
 
     initializer: str
     path: str
@@ -70,6 +93,7 @@ class QWeightInfo:
     zero_point: str | None
     axis: int
     block: int
+    zero_point_default: int = 0
 
 
 @dataclass
@@ -95,29 +119,30 @@ def _qoperator_error(node: ir.Node) -> UnsupportedModelError:
     )
 
 
-def _unknown_op_error(node: ir.Node) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"the torch backend cannot lower {_domain_name(node.domain)}::{node.op_type} "
-        f"(node '{node.name}')"
-    )
+def _unknown_ops_error(nodes: Sequence[ir.Node]) -> UnsupportedModelError:
+    named = ", ".join(f"{_domain_name(n.domain)}::{n.op_type} (node '{n.name}')" for n in nodes)
+    return UnsupportedModelError(f"the torch backend cannot lower {named}")
 
 
 def check_lowerable(model: ir.Model) -> None:
-    """Raise for a QOperator node or an op the table does not know, before anything runs.
+    """Raise for a QOperator node or ops the table does not know, before anything runs.
 
     Raises:
-        UnsupportedModelError: naming the first such op (domain::type) and its node.
+        UnsupportedModelError: naming the first QOperator op and its node, or every op without a
+            kernel (domain::type) with the first node of each.
     """
     nodes = list(model.graph)
     for node in nodes:
         if node.op_type in _ops.QOPERATOR_OPS:
             raise _qoperator_error(node)
+    unknown: dict[tuple[str, str], ir.Node] = {}
     for node in nodes:
-        if _ops.lookup(node.domain, node.op_type) is None:
-            raise _unknown_op_error(node)
-        for attribute in node.attributes.values():
-            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                raise _unknown_op_error(node)
+        subgraph = any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                       for a in node.attributes.values())
+        if _ops.lookup(node.domain, node.op_type) is None or subgraph:
+            unknown.setdefault((_domain_name(node.domain), node.op_type), node)
+    if unknown:
+        raise _unknown_ops_error(list(unknown.values()))
 
 
 def _path(name: str, taken: set[str]) -> str:
@@ -151,6 +176,7 @@ class LoweredModel(nn.Module):
         self.constants = nn.Module()
         self._steps: list[_Step] = []
         self._sources: list[tuple[str, str, str]] = []  # (value, "weights"|"constants", path)
+        self._where: dict[str, tuple[str, str]] = {}  # value -> (kind, path), as in _sources
         self._float_weights: list[WeightInfo] = []
         self._qweights: list[QWeightInfo] = []
         self._stats: list[WeightInfo] = []  # BatchNormalization running mean/var
@@ -209,18 +235,28 @@ class LoweredModel(nn.Module):
                 values[q.initializer] = self._requantize(q)
         return values
 
-    def _value(self, name: str) -> torch.Tensor:
-        for value, kind, path in self._sources:
-            if value == name:
-                return getattr(self.weights if kind == "weights" else self.constants, path)
-        raise KeyError(name)
+    def value(self, name: str) -> torch.Tensor:
+        """The current tensor of a constant or trained value of the graph (an initializer, or
+        a node output evaluated at lowering time).
+
+        Raises:
+            KeyError: `name` is computed at run time, or not a value of the graph.
+        """
+        kind, path = self._where[name]
+        return getattr(self.weights if kind == "weights" else self.constants, path)
+
+    def _add_source(self, name: str, kind: str, path: str) -> None:
+        self._sources.append((name, kind, path))
+        self._where[name] = (kind, path)
 
     def _requantize(self, q: QWeightInfo) -> np.ndarray:
         r = _ops.qrange(q.dtype)
         assert r is not None
         weight = getattr(self.weights, q.path)
-        zp = self._value(q.zero_point) if q.zero_point else None
-        ints = _ops.quantize_values(weight, self._value(q.scale), zp, r, q.axis, q.block)
+        zp = self.value(q.zero_point) if q.zero_point else None
+        if zp is None and q.zero_point_default:
+            zp = torch.tensor(float(q.zero_point_default))
+        ints = _ops.quantize_values(weight, self.value(q.scale), zp, r, q.axis, q.block)
         return ints.to(torch.int64).numpy().astype(q.dtype.numpy())
 
 
@@ -230,39 +266,6 @@ def _numpy(t: torch.Tensor, dtype: ir.DataType) -> np.ndarray:
 
 def _graph_inputs(graph: ir.Graph) -> list[ir.Value]:
     return [v for v in graph.inputs if v.name not in graph.initializers]
-
-
-def _qweight_dq(value: ir.Value) -> tuple[ir.Node, list[str]] | None:
-    """The DequantizeLinear that reads integer initializer `value`, and the Gather outputs on the
-    way (a quantized embedding table: Gather rows, then dequantize them per tensor), or None
-    when `value` has any other kind of reader or its readers disagree on the scale."""
-    if value.is_graph_output():
-        return None
-    dqs: list[ir.Node] = []
-    rows: list[str] = []
-    for use in value.uses():
-        node = use.node
-        if node.op_type == "DequantizeLinear" and use.idx == 0:
-            dqs.append(node)
-        elif node.op_type == "Gather" and use.idx == 0 and not node.outputs[0].is_graph_output():
-            for inner in node.outputs[0].uses():
-                if inner.node.op_type != "DequantizeLinear" or inner.idx != 0:
-                    return None
-                scale = inner.node.inputs[1]
-                if scale is None or scale.const_value is None or scale.const_value.size != 1:
-                    return None  # per-axis after a Gather: the axis would move
-                dqs.append(inner.node)
-            rows.append(_name(node.outputs[0]))
-        else:
-            return None
-    if not dqs:
-        return None
-    params = {
-        tuple(v.name if v is not None else None for v in dq.inputs[1:3]) for dq in dqs
-    }
-    if len(params) != 1:
-        return None
-    return dqs[0], rows
 
 
 def lower(
@@ -305,6 +308,19 @@ def lower(
     taken: set[str] = set()
     static: dict[str, torch.Tensor] = {}  # values known at lowering time (buffers)
 
+    # Integer weights that train (float parameters re-quantized by their readers); their scales
+    # and zero points stay constant.
+    sources: dict[str, WeightSource] = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and not _is_float(tensor.dtype) and _ops.qrange(tensor.dtype):
+            found = weight_source(value)
+            if found is not None:
+                sources[name] = found
+    quantization_parameters = {
+        v.name for s in sources.values() for v in (s.scale, s.zero_point) if v is not None
+    }
+
     # Initializers: parameters, integer weights, scales, running statistics or buffers.
     for name, value in graph.initializers.items():
         tensor = value.const_value
@@ -318,21 +334,24 @@ def lower(
         array = tensor.numpy()
         slots = {(u.node.op_type, u.idx) for u in value.uses()}
         path = _path(name, taken)
-        if not _is_float(dtype):
-            found = _qweight_dq(value)
-            dq = found[0] if found is not None else None
-            if (found is not None and dq is not None and dq.inputs[1] is not None
-                    and dq.inputs[1].const_value is not None):
-                module._qweights.append(_qweight(module, dq, name, path, array, dtype))
-                module._sources.append((name, "weights", path))
+        if name in sources:
+            source = sources[name]
+            module._qweights.append(_qweight(module, source, name, path, array, dtype))
+            module._add_source(name, "weights", path)
+            if source.dequantized_by == "DequantizeLinear":
                 ctx.weight_values.add(name)
-                ctx.weight_values.update(found[1])  # gathered rows of a quantized table
-                continue
+                ctx.weight_values.update(source.rows)  # gathered rows of a quantized table
+            else:
+                q = module._qweights[-1]
+                ctx.quantized_weights[name] = _ops.QuantizedWeight(
+                    dtype, q.scale, q.zero_point, q.zero_point_default, q.axis, q.block)
+            continue
+        if not _is_float(dtype):
             module.constants.register_buffer(path, _ops.to_torch(array))
-            module._sources.append((name, "constants", path))
+            module._add_source(name, "constants", path)
             continue
         learned = learn_scales and ("QuantizeLinear", 1) in slots
-        frozen = bool(slots & _FROZEN_SLOTS)
+        frozen = bool(slots & _FROZEN_SLOTS) or name in quantization_parameters
         trainable = learned or (
             bool(slots)
             and not frozen
@@ -340,14 +359,14 @@ def lower(
         )
         if trainable:
             module.weights.register_parameter(path, nn.Parameter(_ops.to_torch(array)))
-            module._sources.append((name, "weights", path))
+            module._add_source(name, "weights", path)
             info = WeightInfo(name, path, dtype)
             (module._scales if learned else module._float_weights).append(info)
             if learned:
                 ctx.learned_scales.add(name)
             continue
         module.constants.register_buffer(path, _ops.to_torch(array))
-        module._sources.append((name, "constants", path))
+        module._add_source(name, "constants", path)
         if slots & {("BatchNormalization", 3), ("BatchNormalization", 4)}:
             module._stats.append(WeightInfo(name, path, dtype))
         else:
@@ -372,7 +391,7 @@ def lower(
             result = static[inputs[0]].to(_ops.TORCH_DTYPES[like.dtype])
             path = _path(outputs[0], taken)
             module.constants.register_buffer(path, result)
-            module._sources.append((outputs[0], "constants", path))
+            module._add_source(outputs[0], "constants", path)
             static[outputs[0]] = getattr(module.constants, path)
             continue
         if node.op_type not in _NOT_FOLDED and (
@@ -381,7 +400,7 @@ def lower(
         ):
             with torch.no_grad():
                 args = [
-                    (module._value(n) if shape_of_weight else static[n]) if n is not None else None
+                    (module.value(n) if shape_of_weight else static[n]) if n is not None else None
                     for n in inputs
                 ]
                 while args and args[-1] is None:
@@ -391,12 +410,13 @@ def lower(
                 if name and isinstance(result, torch.Tensor):
                     path = _path(name, taken)
                     module.constants.register_buffer(path, result.detach().clone())
-                    module._sources.append((name, "constants", path))
+                    module._add_source(name, "constants", path)
                     static[name] = getattr(module.constants, path)
             continue
         module._steps.append(_Step(kernel, inputs, outputs, node.name or node.op_type))
-        if node.op_type == "QuantizeLinear" and node.outputs[0].name in module.output_names:
-            module._output_casts[node.outputs[0].name] = _ops.TORCH_DTYPES[_ops.q_dtype(node)]
+        for index, out in enumerate(node.outputs):
+            if (node.op_type, index) in _INTEGER_OUTPUTS and out.name in module.output_names:
+                module._output_casts[out.name] = _ops.TORCH_DTYPES[_integer_type(node, index)]
     module.eval()
     logger.debug(
         "lowered %d nodes (%d evaluated once), %d parameters",
@@ -406,24 +426,31 @@ def lower(
     return module
 
 
+def _integer_type(node: ir.Node, index: int) -> ir.DataType:
+    """The ONNX type of integer output `index` of `node` (QuantizeLinear: its zero point's)."""
+    if node.op_type == "QuantizeLinear":
+        return _ops.q_dtype(node)
+    if node.op_type == "DynamicQuantizeLinear":
+        return ir.DataType.UINT8
+    return ir.DataType.INT32
+
+
 def _qweight(
-    module: LoweredModel, dq: ir.Node, name: str, path: str, array: np.ndarray,
+    module: LoweredModel, source: WeightSource, name: str, path: str, array: np.ndarray,
     dtype: ir.DataType,
 ) -> QWeightInfo:
     """Register integer weight `name` as a float parameter holding its dequantized value."""
-    scale_value = dq.inputs[1]
-    assert scale_value is not None and scale_value.const_value is not None  # checked by lower
-    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-    axis = _ops.attr(dq, "axis", 1)
-    block = _ops.attr(dq, "block_size", 0)
-    ints = _ops.to_torch(array)
-    scale = _ops.to_torch(scale_value.const_value.numpy())
+    assert source.scale.const_value is not None  # weight_source checked it
+    scale = _ops.to_torch(source.scale.const_value.numpy())
+    zp_value = source.zero_point
     zp = None
     if zp_value is not None and zp_value.const_value is not None:
         zp = _ops.to_torch(zp_value.const_value.numpy())
-    weight = _ops.dequantize_values(ints, scale, zp, axis, block)
+    elif source.zero_point_default:
+        zp = torch.tensor(float(source.zero_point_default))
+    weight = _ops.dequantize_values(_ops.to_torch(array), scale, zp, source.axis, source.block)
     module.weights.register_parameter(path, nn.Parameter(weight))
     return QWeightInfo(
-        name, path, dtype, _name(scale_value), _name(zp_value) if zp_value is not None else None,
-        axis, block,
+        name, path, dtype, _name(source.scale), _name(zp_value) if zp_value is not None else None,
+        source.axis, source.block, source.zero_point_default,
     )

@@ -167,3 +167,20 @@ def test_dropout_is_identity_in_eval_and_active_in_train():
     torch.manual_seed(0)
     y = lowered(torch.ones(200, 3))[0]
     assert set(torch.unique(y).tolist()) == {0.0, 2.0}
+
+
+def test_every_op_without_a_kernel_is_named_once_before_training():
+    nodes = [helper.make_node("Mystery", ["x"], ["a"], name="odd0", domain="com.example"),
+             helper.make_node("Col2Im", ["a"], ["b"], name="c2i"),
+             helper.make_node("Mystery", ["b"], ["y"], name="odd1", domain="com.example")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = ir.from_proto(helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]))
+    with pytest.raises(UnsupportedModelError) as error:
+        lower(model)
+    assert str(error.value) == (
+        "the torch backend cannot lower com.example::Mystery (node 'odd0'), ai.onnx::Col2Im "
+        "(node 'c2i')"
+    )
