@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
+    "EXAMPLE_DIMS",
     "EXPORTER_DEBUG_KEYS",
     "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
@@ -47,6 +48,11 @@ QUANT_REPORT = "slimgraph.quantize_report"
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
 # uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
 BUDGET_SEARCH = "slimgraph.budget_search"
+
+# metadata_props of a model exported by `from_torch`: the sizes the example inputs gave each
+# symbolic dimension, as JSON by dimension name (`{"batch": 2, "sequence": 16}`). Sample inputs
+# (`runtime.feeds`) take them, so verification runs the model at the sizes it was exported for.
+EXAMPLE_DIMS = "pkg.slimgraph.example_dims"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
 # classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,

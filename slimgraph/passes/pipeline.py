@@ -101,14 +101,10 @@ __all__ = [
     "node_count",
     "optimize",
     "optimize_report",
-    "DEFAULT_RTOL",
-    "DEFAULT_ATOL",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-5  # relative to max(1, max |reference output|)
 
 # Step keys the pipeline reads itself; every other key is an option of the pass.
 _PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
@@ -399,8 +395,11 @@ def run_pipeline(
         model: the input; it is not modified (the pipeline works on a clone).
         steps: names/dicts (see `build_pipeline`) or already built `Step`s.
         verify: run the model on onnxruntime before and after each modifying pass.
-        feeds: one feed dict or several (default: `random_feeds(model, seed=0)`).
-        tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
+        feeds: one feed dict or several (default: inputs generated to drive the model,
+            `runtime.feeds.driving_feeds`).
+        tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|)
+            (default `runtime.exact.DEFAULT_RTOL` 1e-4 / `DEFAULT_ATOL` 1e-5; fp16 and bf16
+            outputs get at least a few ulps of their type, `runtime.exact.dtype_tolerance`).
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
         context: run-time values for passes that take them (see `build_pipeline`); the
@@ -424,11 +423,10 @@ def run_pipeline(
         # Passes taking `input_model` (finetune's default teacher) get the pipeline's input.
         context = {"input_model": model, **(context or {})}
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
-    rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     check_finite_weights(model)
     current = copy_model(model)
     judge = _drop_judge(current, built, data, max_drop)
-    verifier = Verifier(current, feed_list(current, feeds), rtol, atol) if verify else None
+    verifier = Verifier(current, feed_list(feeds), tolerance) if verify else None
     run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))
     if built:
         manager = ir.passes.PassManager([_Instrumented(step, run) for step in built], steps=1)
@@ -632,6 +630,8 @@ def _optimize(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
     context = {"calibration": calibration} if calibration is not None else None
     if feeds is None and options.verify and calibration is not None:
         feeds = _verification_feeds(model, calibration)
+    if feeds is None and options.verify and labelled is not None:
+        feeds = _verification_feeds(model, labelled.feeds)  # the user's data, labels left out
     result = run_pipeline(
         model, steps, verify=options.verify, feeds=feeds, context=context, data=labelled
     )
@@ -675,7 +675,8 @@ def optimize(model: ModelLike, options: OptimizeOptions) -> ir.Model:
         preset: a registered preset ("lossless": exact cleanup + fusion; "cleanup-only").
         recipe: a recipe file (YAML/JSON) or a list of steps; replaces `preset` when given.
         verify: run every modifying pass's check on onnxruntime (see `run_pipeline`).
-        feeds: sample inputs for verification (default: seeded random feeds).
+        feeds: sample inputs for verification (default: rows of `calibration` or `data` when
+            given, else inputs generated to drive the model: `runtime.feeds.driving_feeds`).
         opset: convert the default-domain opset first (onnx's version converter, verified);
             None keeps the model's opset.
         calibration: data for the passes that take a `calibration` keyword (quantization);

@@ -109,7 +109,10 @@ def test_random_feeds_follow_the_spec(typed_model: ir.Model) -> None:
     for spec in input_specs(typed_model):
         assert feeds[spec.name].dtype == spec.dtype
     assert set(np.unique(feeds["input_ids"])) <= {0, 1}
-    assert (feeds["attention_mask"] == 1).all()
+    # a padded batch: row b of 3 keeps the first 9 - floor(9 * b / 6) positions
+    np.testing.assert_array_equal(feeds["attention_mask"].sum(axis=1), [9, 8, 6])
+    np.testing.assert_array_equal(feeds["attention_mask"][2], [1] * 6 + [0] * 3)
+    assert (random_feeds(typed_model, batch=1, dims={"seq": 9})["attention_mask"] == 1).all()
     assert feeds["flag"].all()
     assert feeds["image"].std() > 0.5
     # named dims beat the batch rule, also on axis 0

@@ -13,7 +13,7 @@ once; the pipeline's `quantize` step (`StaticQuantizePass`) is the same pass wit
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -54,7 +54,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _FORMATS = ("qdq", "qoperator")
-_PREPARE_RTOL = 1e-4
 
 
 def quantize(
@@ -236,10 +235,8 @@ def _quantize(
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
-        from slimgraph.runtime import random_feeds
-
         model = prepare(
-            model, random_feeds(model) if options.verify else None,
+            model, _generated_feed(model) if options.verify else None,
             matmul_to_gemm=mode != "weight-only",
         )
     if mode == "dynamic":
@@ -504,8 +501,23 @@ def _first_rows(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.nd
     return next(iter_batches(feed, 1, model), feed)
 
 
-def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]) -> None:
+def _generated_feed(model: ir.Model) -> dict[str, Any]:
+    """Inputs that drive the model (`runtime.feeds.driving_feeds`), to check `prepare` in the
+    modes that need no data (dynamic, weight-only)."""
+    from slimgraph.runtime.feeds import driving_feeds
+
+    try:
+        return driving_feeds(model, who="the model")[0]
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(
+            f"{error}; dynamic and weight-only quantization do not need to run it: pass "
+            "--no-verify (verify=False)"
+        ) from None
+
+
+def _verify(reference: ir.Model, prepared: ir.Model, feed: Mapping[str, Any]) -> None:
     from slimgraph.runtime import create_session, run
+    from slimgraph.runtime.exact import exact_difference
 
     try:
         session = create_session(reference)
@@ -521,11 +533,7 @@ def _verify(reference: ir.Model, prepared: ir.Model, feed: dict[str, np.ndarray]
     ref = run(session, feed)
     got = run(create_session(prepared), feed)
     for name, expected in ref.items():
-        actual = got.get(name)
-        tolerance = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0.0)))
-        if actual is None or actual.shape != expected.shape or not np.allclose(
-            actual, expected, rtol=_PREPARE_RTOL, atol=tolerance, equal_nan=True
-        ):
+        if name not in got or exact_difference(expected, got[name]) is not None:
             raise VerificationError(
                 f"folding BatchNorm/constants before quantization changed output '{name}'"
             )
