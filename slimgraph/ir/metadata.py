@@ -16,6 +16,7 @@ __all__ = [
     "QUANT_REPORT",
     "BUDGET_SEARCH",
     "EXAMPLE_DIMS",
+    "MATERIALIZED",
     "EXPORTER_DEBUG_KEYS",
     "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
@@ -53,6 +54,11 @@ BUDGET_SEARCH = "slimgraph.budget_search"
 # symbolic dimension, as JSON by dimension name (`{"batch": 2, "sequence": 16}`). Sample inputs
 # (`runtime.feeds`) take them, so verification runs the model at the sizes it was exported for.
 EXAMPLE_DIMS = "pkg.slimgraph.example_dims"
+
+# Model.meta: how many ConstantOfShape nodes the `constant-of-shape` pass replaced by
+# initializers in this model, less those `compact-constants` wrote back: how many nodes
+# compaction may add without the model ending up with more nodes than it came with.
+MATERIALIZED = "slimgraph.materialized_constants"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
 # classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,

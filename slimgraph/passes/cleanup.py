@@ -167,6 +167,9 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             value = add_initializer(model.graph, hint, array)
             bypass(node, value)
             count += 1
+        if count:  # `compact-constants` may add back as many nodes
+            done = int(model.meta.get(metadata.MATERIALIZED, 0))
+            model.meta[metadata.MATERIALIZED] = done + count
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
 
 
@@ -179,24 +182,45 @@ class CompactConstantsPass(SlimgraphPass):
     The counterpart of `constant-of-shape` for the file: weights an old export built with
     ConstantOfShape, materialized so fusions could rewrite them, are written back the compact way
     (onnxruntime folds them again when it loads the model), so a lossless run never inflates a
-    file. Initializers that are graph inputs or graph outputs stay.
+    file. It never adds more nodes than `constant-of-shape` removed from the same model
+    (`metadata.MATERIALIZED`, counted in the model's `.meta`): a model that came in with its
+    tensors expanded keeps them expanded, and its node count. Only initializers whose compact
+    form saves at least `min_bytes` are stored again, the largest savings first. Initializers
+    that are graph inputs or graph outputs stay.
 
     Args:
         min_elements: smallest initializer (elements) worth replacing.
+        min_bytes: smallest saving (bytes of the tensor minus those of the compact form) worth
+            a node.
+        max_new_nodes: how many nodes the pass may add; None for as many as `constant-of-shape`
+            removed.
     """
 
-    def __init__(self, *, min_elements: int = 16) -> None:
+    def __init__(
+        self, *, min_elements: int = 16, min_bytes: int = 1024, max_new_nodes: int | None = None
+    ) -> None:
         super().__init__()
         if min_elements < 1:
             raise ValueError(f"min_elements must be >= 1, got {min_elements}")
+        if min_bytes < 0:
+            raise ValueError(f"min_bytes must be >= 0, got {min_bytes}")
+        if max_new_nodes is not None and max_new_nodes < 0:
+            raise ValueError(f"max_new_nodes must be >= 0, got {max_new_nodes}")
         self.min_elements = min_elements
+        self.min_bytes = min_bytes
+        self.max_new_nodes = max_new_nodes
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         graph = model.graph
-        count = 0
         if opset_version(model) < 9:  # ConstantOfShape is opset 9
             return SlimgraphPassResult(model, False)
-        for name, value in list(graph.initializers.items()):
+        budget = self.max_new_nodes
+        if budget is None:
+            budget = int(model.meta.get(metadata.MATERIALIZED, 0))
+        if budget <= 0:
+            return SlimgraphPassResult(model, False)
+        candidates: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        for name, value in graph.initializers.items():
             tensor = value.const_value
             if (
                 tensor is None
@@ -215,6 +239,13 @@ class CompactConstantsPass(SlimgraphPass):
             rows = _uniform_rows(array)
             if rows is None:
                 continue
+            saving = array.nbytes - (rows.nbytes if rows.size > 1 else 0) - 8 * array.ndim
+            if saving >= self.min_bytes:
+                candidates.append((saving, name, array, rows))
+        candidates.sort(key=lambda item: -item[0])
+        chosen = candidates[:budget]
+        for _, name, array, rows in chosen:
+            value = graph.initializers[name]
             shape = add_initializer(
                 graph, f"{name}_shape", np.array(array.shape, dtype=np.int64)
             )
@@ -230,8 +261,9 @@ class CompactConstantsPass(SlimgraphPass):
             value.replace_all_uses_with(out)
             graph.initializers.pop(name)
             out.name = name
-            count += 1
-        return SlimgraphPassResult(model, bool(count))
+        if chosen and self.max_new_nodes is None:
+            model.meta[metadata.MATERIALIZED] = budget - len(chosen)
+        return SlimgraphPassResult(model, bool(chosen))
 
 
 def _uniform_rows(array: np.ndarray) -> np.ndarray | None:

@@ -61,6 +61,10 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
         current = opset_version(model, default=0)
         if current == self.opset:
             return ir.passes.PassResult(copy_model(model), False)
+        if current == 0:  # no default-domain op to convert (an ai.onnx.ml model, say)
+            result = copy_model(model)
+            result.opset_imports[""] = self.opset
+            return ir.passes.PassResult(result, True)
         proto = ir.to_proto(model)
         try:
             converted = onnx.version_converter.convert_version(proto, self.opset)

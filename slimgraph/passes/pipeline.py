@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
-from slimgraph.ir import ModelLike, as_model, copy_model
+from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._options import BudgetOptions, takes_options
 from slimgraph.passes._verify import Verifier, feed_list
@@ -425,6 +425,7 @@ def run_pipeline(
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
     check_finite_weights(model)
     current = copy_model(model)
+    current.meta.pop(metadata.MATERIALIZED, None)  # counted per run: see `compact-constants`
     judge = _drop_judge(current, built, data, max_drop)
     verifier = Verifier(current, feed_list(feeds), tolerance) if verify else None
     run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))

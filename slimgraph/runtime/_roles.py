@@ -65,8 +65,7 @@ _SLOTS: dict[tuple[str, int], str] = {
     ("NonMaxSuppression", 3): "ratio",
     ("NonMaxSuppression", 4): "zeros",
     ("CenterCropPad", 1): "sizes",
-    ("Col2Im", 1): "image_shape",
-    ("Col2Im", 2): "block_shape",
+    ("AffineGrid", 1): "affine_size",
     **{
         (op, 1): "axes"
         for op in (
@@ -154,11 +153,28 @@ def _unit_axes(role: Role, count: int, shapes: dict[str, tuple[int, ...]]) -> li
 
 
 def _sizes(role: Role, count: int, shapes: dict[str, tuple[int, ...]]) -> list[int] | None:
+    """The result's declared shape, else the data's own (on the node's `axes` when it has
+    them: Resize-18 sizes for some axes only)."""
+    axes = list(role.node.attributes.get_ints("axes", []) or [])
     declared = _output_shape(role)
-    if declared is not None and len(declared) == count:
-        return declared
     data = _data_shape(role, shapes)
-    return data if data is not None and len(data) == count else None
+    for shape in (declared, data):
+        if shape is None:
+            continue
+        picked = [shape[a] for a in axes if -len(shape) <= a < len(shape)] if axes else shape
+        if len(picked) == count:
+            return picked
+    return None
+
+
+def _affine_size(
+    role: Role, count: int, shapes: dict[str, tuple[int, ...]]
+) -> list[int] | None:
+    """AffineGrid's output size [N, C, H, W(, D)]: N from theta [N, 2, 3] (or [N, 3, 4])."""
+    theta = _data_shape(role, shapes)
+    if theta is None or count < 3:
+        return None
+    return [theta[0], 1] + [4] * (count - 2)
 
 
 _Draw = Callable[[Role, int, dict[str, tuple[int, ...]]], "list[int] | list[float] | None"]
@@ -182,8 +198,7 @@ _DRAWS: dict[str, _Draw] = {
     "limit": lambda role, n, shapes: [4] * n,
     "ratio": lambda role, n, shapes: [0.5] * n,
     "roi": lambda role, n, shapes: [0.0] * (n // 2) + [1.0] * (n - n // 2),
-    "image_shape": lambda role, n, shapes: None,
-    "block_shape": lambda role, n, shapes: None,
+    "affine_size": _affine_size,
 }
 
 
@@ -207,11 +222,14 @@ def role_values(
     if role.kind == "divisor":
         if dtype.kind not in "iu":
             return None  # a float divisor drawn from a normal is never exactly zero
-        magnitude = rng.integers(1, 4, size=shape)
-        sign = rng.choice([-1, 1], size=shape) if dtype.kind == "i" else 1
-        return (magnitude * sign).astype(dtype)
+        magnitude = rng.integers(1, 4, size=tuple(shape))
+        sign = rng.choice([-1, 1], size=tuple(shape)) if dtype.kind == "i" else 1
+        return np.asarray(magnitude * sign).astype(dtype)
     count = int(np.prod(shape)) if len(shape) else 1
-    values = _DRAWS[role.kind](role, count, shapes)
+    if role.kind == "split" and not len(shape):
+        values: list[int] | list[float] | None = [1]  # a scalar split: chunks of 1 always fit
+    else:
+        values = _DRAWS[role.kind](role, count, shapes)
     if values is None or len(values) != count:
         return None
     if dtype.kind == "b":

@@ -220,7 +220,14 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
     feeds, before = driving_feeds(model)
-    after = run(create_session(upgraded, optimization="disable"), feeds)
+    try:
+        after = run(create_session(upgraded, optimization="disable"), feeds)
+    except Exception as error:  # the converter wrote a model onnxruntime refuses
+        text = str(error).strip()
+        raise UnsupportedModelError(
+            f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
+            f"onnxruntime cannot run the upgraded model ({text.splitlines()[0] if text else ''})"
+        ) from error
     for name, expected in before.items():
         if name not in after or exact_difference(expected, after[name]) is not None:
             raise UnsupportedModelError(

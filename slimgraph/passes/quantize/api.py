@@ -494,10 +494,17 @@ def _name_nodes(model: ir.Model) -> None:
         used.add(node.name)
 
 
-def _first_rows(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row of a batch (or the model's fixed batch): enough to check an exact rewrite."""
+def _first_rows(model: ir.Model, feed: Mapping[str, Any]) -> Mapping[str, Any]:
+    """One row of a batch (or the model's fixed batch): enough to check an exact rewrite. A
+    feed that is not a batch of rows (scalars, sequences, inputs of different lengths) is
+    checked whole."""
     from slimgraph.runtime import iter_batches
 
+    values = list(feed.values())
+    if not values or not all(isinstance(v, np.ndarray) and v.ndim >= 1 for v in values):
+        return feed
+    if len({v.shape[0] for v in values}) != 1 or values[0].shape[0] < 2:
+        return feed
     return next(iter_batches(feed, 1, model), feed)
 
 
