@@ -35,6 +35,11 @@ __all__ = [
     "data_cases",
     "all_cases",
     "frozen",
+    "with_frozen",
+    "Tally",
+    "optimize_verifier_off",
+    "optimize_default",
+    "dynamic_int8",
     "run_ort",
     "same_values",
     "valid_cases",
@@ -149,6 +154,19 @@ def data_cases(kinds: Sequence[str] = DATA_KINDS) -> list[BackendCase]:
 
 def all_cases() -> list[BackendCase]:
     return node_cases() + data_cases()
+
+
+def with_frozen(cases: Sequence[BackendCase]) -> list[BackendCase]:
+    """Each case, then its variants with all tensor inputs but the first, and all of them,
+    frozen into weights (`frozen`)."""
+    out = []
+    for case in cases:
+        out.append(case)
+        for keep_first in (True, False):
+            variant = frozen(case, keep_first)
+            if variant is not None:
+                out.append(variant)
+    return out
 
 
 def frozen(case: BackendCase, keep_first: bool) -> BackendCase | None:
@@ -289,3 +307,143 @@ def valid_cases(cases: Sequence[BackendCase]) -> Iterator[tuple[BackendCase, lis
         if any(same_values(a, b) is not None for a, b in zip(first, second, strict=True)):
             continue  # not deterministic (random ops, uninitialised memory)
         yield case, first
+
+
+# ---------------------------------------------------------------- the differential runs
+
+
+@dataclass
+class Tally:
+    """Outcomes of one differential run: a count per outcome and the first examples of each.
+
+    Outcomes: "ok" (written, runs, same outputs), "refused" (a one-line `BadInputError`, e.g.
+    NaN weights or nothing to quantize), "unverified" (the default call refused), "crash" (any
+    other exception), "invalid" (onnxruntime cannot run the written model), "mismatch" (it runs
+    with other outputs than the input model's), "verification" (the verifier refused an exact
+    pass on the case's own inputs).
+    """
+
+    counts: dict[str, int]
+    examples: dict[str, list[str]]
+
+    @classmethod
+    def new(cls) -> Tally:
+        return cls({}, {})
+
+    def add(self, outcome: str, case: BackendCase, detail: str = "") -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        shown = self.examples.setdefault(outcome, [])
+        if len(shown) < 20:
+            shown.append(f"{case}: {detail}"[:400])
+
+    def __getitem__(self, outcome: str) -> int:
+        return self.counts.get(outcome, 0)
+
+    def failures(self) -> list[str]:
+        return [
+            line for outcome in ("crash", "invalid", "mismatch", "verification")
+            for line in self.examples.get(outcome, [])
+        ]  # fmt: skip
+
+
+def _written(case: BackendCase, expected: Sequence[Any], model: Any, tally: Tally) -> None:
+    """Run the written model on the case's inputs and compare with the input model's outputs."""
+    from slimgraph.runtime.session import model_bytes
+
+    try:
+        got = run_ort(model_bytes(model), case.inputs)
+    except Exception as error:  # noqa: BLE001 - onnxruntime's many error types
+        tally.add("invalid", case, str(error).splitlines()[0] if str(error) else "")
+        return
+    for index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if (why := same_values(want, have)) is not None:
+            tally.add("mismatch", case, f"output {index}: {why}")
+            return
+    tally.add("ok", case)
+
+
+def optimize_verifier_off(pairs: Sequence[tuple[BackendCase, list[Any]]]) -> Tally:
+    """`optimize` (lossless) with `verify=False` on each case; the written model checked."""
+    import onnx_ir as ir
+
+    import slimgraph as sg
+
+    tally = Tally.new()
+    for case, expected in pairs:
+        try:
+            out = sg.optimize(ir.from_proto(case.model), verify=False)
+        except sg.BadInputError as error:
+            tally.add("refused", case, str(error))
+            continue
+        except Exception as error:  # noqa: BLE001 - every other error is a crash to report
+            tally.add("crash", case, f"{type(error).__name__}: {error}")
+            continue
+        _written(case, expected, out, tally)
+    return tally
+
+
+def optimize_default(pairs: Sequence[tuple[BackendCase, list[Any]]]) -> Tally:
+    """The default call (`optimize(model)`: verified on generated inputs) on each case; when it
+    cannot verify without inputs, the call with the case's inputs (the user's data). Counts
+    "verified" (the default call succeeded) besides the outcomes of the written model."""
+    import onnx_ir as ir
+
+    import slimgraph as sg
+
+    tally = Tally.new()
+    for case, expected in pairs:
+        model = ir.from_proto(case.model)
+        try:
+            out = sg.optimize(model)
+            tally.add("verified", case)
+        except sg.SlimgraphError as error:
+            tally.add("unverified", case, f"{type(error).__name__}: {error}")
+            try:
+                out = sg.optimize(model, feeds=dict(case.inputs))
+            except sg.VerificationError as inner:  # an exact pass changed the outputs
+                tally.add("verification", case, str(inner))
+                continue
+            except sg.BadInputError as inner:
+                tally.add("refused", case, str(inner))
+                continue
+            except Exception as inner:  # noqa: BLE001
+                tally.add("crash", case, f"{type(inner).__name__}: {inner}")
+                continue
+        except Exception as error:  # noqa: BLE001
+            tally.add("crash", case, f"{type(error).__name__}: {error}")
+            continue
+        _written(case, expected, out, tally)
+    return tally
+
+
+# Op types dynamic quantization rewrites (`quantize.dynamic.DEFAULT_OP_TYPES`).
+_DYNAMIC_OPS = {"MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN"}
+
+
+def dynamic_int8(pairs: Sequence[tuple[BackendCase, list[Any]]]) -> Tally:
+    """`quantize(mode="dynamic", verify=False)` on the cases with an op it rewrites; the
+    written model must run (its outputs are approximate: not compared)."""
+    import onnx_ir as ir
+
+    import slimgraph as sg
+    from slimgraph.runtime.session import model_bytes
+
+    tally = Tally.new()
+    for case, _ in pairs:
+        if not _DYNAMIC_OPS & {n.op_type for n in case.model.graph.node}:
+            continue
+        try:
+            out = sg.quantize(ir.from_proto(case.model), mode="dynamic", verify=False)
+        except sg.BadInputError as error:
+            tally.add("refused", case, str(error))
+            continue
+        except Exception as error:  # noqa: BLE001
+            tally.add("crash", case, f"{type(error).__name__}: {error}")
+            continue
+        try:
+            run_ort(model_bytes(out), case.inputs)
+        except Exception as error:  # noqa: BLE001
+            tally.add("invalid", case, str(error).splitlines()[0] if str(error) else "")
+            continue
+        tally.add("ok", case)
+    return tally
