@@ -272,3 +272,32 @@ def test_dynamic_int8_of_two_gemms_sharing_an_activation_and_a_weight() -> None:
     expected = run(create_session(model), feeds)["y"]
     got = run(create_session(quantized), feeds)["y"]
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_lossless_adds_no_node_to_a_model_that_came_with_expanded_tensors() -> None:
+    """DenseNet-121, ConvNeXt, MiniLM exports: uniform weights and LayerNorm scales that came in
+    as initializers stay initializers (compaction added a ConstantOfShape per tensor: 368 -> 430
+    nodes); an old export's ConstantOfShape weights still go back compact (the file does not
+    grow: `test_light_resnet50_does_not_grow`)."""
+    ones = np.ones((16, 8, 3, 3), np.float32)  # 4.6 KB, all equal
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("LayerNormalization", ["c", "scale", "bias"], ["y"], axis=-1),
+        ],
+        [("x", [1, 8, 6, 6])], ["y"],
+        {"w": ones, "scale": np.ones(6, np.float32), "bias": np.zeros(6, np.float32)},
+    )
+    out = sg.optimize(model)
+    assert sum(1 for _ in out.graph) <= sum(1 for _ in model.graph)
+    assert not {"ConstantOfShape", "Expand"} & set(ops(out))
+    fill = helper.make_tensor("value", TensorProto.FLOAT, [1], [0.5])
+    old = make_model(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["w"], value=fill),
+            helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [("x", [1, 8, 6, 6])], ["y"], {"shape": np.array([16, 8, 3, 3], np.int64)},
+    )
+    out = sg.optimize(old)
+    assert ops(out) == {"ConstantOfShape": 1, "Conv": 1}  # materialized, then written back
