@@ -280,12 +280,15 @@ def driving_feeds(
         graph optimizations).
 
     Raises:
+        BadDataError: an input declares more than `MAX_SAMPLE_ELEMENTS` elements even with every
+            symbolic dimension 1.
         UnsupportedModelError: onnxruntime cannot load the model, or runs it on none of the
             candidates; the message says what was tried, what onnxruntime said, and how to pass
             real inputs or skip verification.
     """
     from slimgraph.runtime.session import create_session, run
 
+    _sample_feeds(model, 1, {}, 1, seed, {})  # BadDataError: inputs too large at any size
     try:
         session = create_session(model, optimization="disable")
     except SlimgraphError:
