@@ -13,12 +13,15 @@ lists everything.
 The built steps run inside one `onnx_ir.passes.PassManager`, each wrapped in an instrumentation
 pass that records its time, node counts before and after, whether it changed the model and which
 nodes it skipped. With `verify=True` the model runs on onnxruntime before the first pass and
-after every pass that changed it, on the same sample feeds; each pass's outputs are compared with
+after every pass that changed it, on the same sample feeds (the user's, or inputs generated to
+drive the model: `runtime.feeds.driving_feeds`); each pass's outputs are compared with
 the outputs of the model it received; whether a pass is exact comes from its registration
 (`passes.registry.PassInfo`); `passes._verify` compares the outputs:
 
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
-  (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
+  (default rtol 1e-4, atol 1e-5; at least 4 ulps for fp16/bf16 outputs) and integer, bool and
+  string outputs equal, sequences element by element (`runtime.exact`), else
+  `VerificationError` names it;
 - an approximate pass reports fidelity (cosine, SQNR, max abs error) and fails only when a
   `min_cosine` is given and the worst output's cosine falls below it, or when a `max_drop` is
   given (with labelled `data`) and the metric on `data` (top-1 accuracy) has dropped by more

@@ -204,7 +204,8 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
     """A copy of `model` converted to ONNX opset `version` (`ConvertOpsetPass`).
 
     The converted model must pass `onnx.checker` and produce the same outputs on onnxruntime
-    (fp32, rtol 1e-4) as the original on random inputs; otherwise `UnsupportedModelError`.
+    (`runtime.exact`) as the original on inputs generated to drive it
+    (`runtime.feeds.driving_feeds`); otherwise `UnsupportedModelError`.
     """
     from slimgraph.passes.opset import ConvertOpsetPass
     from slimgraph.runtime import create_session, run
