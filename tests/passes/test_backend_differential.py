@@ -59,7 +59,7 @@ def test_the_default_call_verifies_almost_every_case(valid: list) -> None:
     assert tally.failures() == []
     assert tally["verified"] >= 0.98 * len(base), tally.examples.get("unverified")
     for line in tally.examples.get("unverified", []):  # says so, never blames the user's data
-        assert "cannot build sample inputs" in line and "feeds=" in line, line
+        assert ": UnsupportedModelError: cannot build sample inputs the input model runs" in line
 
 
 def test_dynamic_int8_writes_no_invalid_model(valid: list) -> None:
