@@ -77,6 +77,16 @@ def albert() -> ir.Model:
     return _text(transformers.AlbertModel(config))
 
 
+def bert() -> ir.Model:
+    """A MiniLM-shaped BertModel, much smaller (its LayerNorm scales are uniform at init)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64,
+    )
+    return _text(transformers.BertModel(config))
+
+
 def convnext() -> ir.Model:
     torch.manual_seed(0)
     config = transformers.ConvNextConfig(
@@ -97,7 +107,7 @@ def convnext() -> ir.Model:
 
 
 BUILDERS: dict[str, Callable[[], ir.Model]] = {
-    "wav2vec2": wav2vec2, "gpt2": gpt2, "albert": albert, "convnext": convnext,
+    "wav2vec2": wav2vec2, "gpt2": gpt2, "albert": albert, "bert": bert, "convnext": convnext,
 }
 _CACHE: dict[str, bytes] = {}
 
@@ -121,7 +131,7 @@ def _same_outputs(reference: ir.Model, candidate: ir.Model, feeds: dict) -> None
         assert exact_difference(expected, got[name]) is None, name
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "gpt2", "albert", "convnext"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_lossless_and_dynamic_int8_run_without_user_inputs(name: str, hf_model) -> None:
     model = hf_model(name)
     result = optimize_report(model)  # verified on generated inputs: no user data
