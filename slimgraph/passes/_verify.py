@@ -113,7 +113,10 @@ class Verifier:
                         )
         from slimgraph.runtime import compare_outputs
 
-        fidelity = compare_outputs(self.reference, outputs)
+        try:
+            fidelity = compare_outputs(self.reference, outputs)
+        except BadDataError as error:  # outputs of another shape: the pass's doing
+            raise VerificationError(f"pass '{name}' changed the model's outputs: {error}") from None
         if min_cosine is not None and fidelity.worst_cosine < min_cosine:
             raise VerificationError(
                 f"pass '{name}' lowered the output cosine to {fidelity.worst_cosine:.6f}, "

@@ -94,12 +94,27 @@ def test_a_pass_that_breaks_a_body_is_named_not_the_users_data() -> None:
             node.replace_input_with(0, reshape.outputs[0])
             return ir.passes.PassResult(model, True)
 
+    class Flatten(SlimgraphPass):  # an approximate pass whose output changes shape
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            output = model.graph.outputs[0]
+            flat = ir.node("Flatten", [output], attributes={"axis": 0})
+            model.graph.append(flat)
+            model.graph.outputs[0] = flat.outputs[0]
+            flat.outputs[0].name, output.name = output.name, "unflattened"
+            return ir.passes.PassResult(model, True)
+
     register_pass("test-rank", exact=True)(Rank)
+    register_pass("test-flatten", exact=False)(Flatten)
     try:
         with pytest.raises(VerificationError, match="the model after pass 'test-rank' does not"):
             sg.optimize(scan_sum([]), recipe=["test-rank"])
+        relu = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], ["y"])
+        with pytest.raises(VerificationError, match=(
+            r"pass 'test-flatten' changed the model's outputs: output 'y' has shape \[1, 6\]"
+        )):
+            sg.optimize(relu, recipe=["test-flatten"])
     finally:
-        del PASSES["test-rank"]
+        del PASSES["test-rank"], PASSES["test-flatten"]
 
 
 @pytest.mark.parametrize("opset", [9, 12])
