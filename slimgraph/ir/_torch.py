@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import re
 import warnings
@@ -101,12 +102,33 @@ def from_torch(
             )  # fmt: skip
         else:
             if _name_batch_dim(model):
-                return model
+                return _record_example_dims(model, args)
             logger.warning(
                 "note: %s does not keep the batch dimension symbolic (its outputs do not carry "
                 "it); exported with the example's batch", type(module).__name__,
             )  # fmt: skip
-    return _export(module, args, dynamic_shapes, input_names, output_names, opset_version)
+    model = _export(module, args, dynamic_shapes, input_names, output_names, opset_version)
+    return _record_example_dims(model, args)
+
+
+def _record_example_dims(model: ir.Model, args: Sequence[Any]) -> ir.Model:
+    """Record the size the example gave each symbolic input dimension, by name, in the model's
+    `metadata.EXAMPLE_DIMS` (sample inputs for verification take them); returns `model`."""
+    import torch
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    inputs = list(model.graph.inputs)
+    sizes: dict[str, int] = {}
+    if len(tensors) == len(inputs):
+        for value, tensor in zip(inputs, tensors, strict=True):
+            if value.shape is None or len(value.shape) != tensor.ndim:
+                continue
+            for dim, size in zip(value.shape, tensor.shape, strict=True):
+                if not isinstance(dim, int) and dim.value:
+                    sizes.setdefault(dim.value, int(size))
+    if sizes:
+        model.metadata_props[metadata.EXAMPLE_DIMS] = json.dumps(sizes)
+    return model
 
 
 def _name_batch_dim(model: ir.Model) -> bool:

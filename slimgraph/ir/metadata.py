@@ -16,6 +16,8 @@ __all__ = [
     "QUANT_REPORT",
     "BUDGET_SEARCH",
     "STATIC_SHAPE",
+    "EXAMPLE_DIMS",
+    "MATERIALIZED",
     "EXPORTER_DEBUG_KEYS",
     "EXPORTER_DEBUG_VALUE_PREFIXES",
 ]
@@ -52,6 +54,15 @@ BUDGET_SEARCH = "slimgraph.budget_search"
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
 # for channel tracing (`slimgraph.ir._shapes.annotate_static_shapes`); stale once the graph changes.
 STATIC_SHAPE = "slimgraph.static_shape"
+# metadata_props of a model exported by `from_torch`: the sizes the example inputs gave each
+# symbolic dimension, as JSON by dimension name (`{"batch": 2, "sequence": 16}`). Sample inputs
+# (`runtime.feeds`) take them, so verification runs the model at the sizes it was exported for.
+EXAMPLE_DIMS = "pkg.slimgraph.example_dims"
+
+# Model.meta: how many ConstantOfShape nodes the `constant-of-shape` pass replaced by
+# initializers in this model, less those `compact-constants` wrote back: how many nodes
+# compaction may add without the model ending up with more nodes than it came with.
+MATERIALIZED = "slimgraph.materialized_constants"
 
 # Debug information torch's exporter writes on every node (source stack traces, FX node text, module
 # classes) and the name of the onnxscript rewrite rule that made a node: useful while exporting,

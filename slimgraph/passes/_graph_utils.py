@@ -85,9 +85,10 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
     """Give `graph`'s outputs back the names (and, where lost, types) listed in `signature`.
 
     Exact rewrites (identity elimination, CSE, Dropout or one-input Sum removal, ...) may leave
-    one value behind two outputs, or a graph input or initializer as an output, or a renamed
-    value. Each output position gets its original name back: the value is renamed when nothing
-    else needs its name, otherwise an Identity carries the name (two outputs stay two names).
+    one value behind two outputs, or a graph input or initializer (or, in a Scan/Loop/If body, a
+    value of the enclosing graph) as an output, or a renamed value. Each output position gets
+    its original name back: the value is renamed when nothing else needs its name, otherwise an
+    Identity carries the name (two outputs stay two names).
     Types and shapes the rewrite dropped (values made by If/Loop, say) are copied back.
 
     Args:
@@ -109,10 +110,11 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
             claimed[id(value)] = name  # (a model may list one value twice under one name)
             _restore_type(value, type_, shape)
             continue
+        producer = value.producer()
         renamable = (
             id(value) not in claimed
-            and not value.is_graph_input()
-            and not value.is_initializer()
+            and producer is not None
+            and producer.graph is graph  # not a value of an enclosing graph (in a body)
             and not _needed_elsewhere(signature, value, index)
         )
         holder = _value_named(graph, name)

@@ -1,15 +1,19 @@
 """Verification of a pipeline's passes on onnxruntime: each model against the one before it.
 
 `Verifier` runs every version of the model once on fixed feeds: an exact pass must keep every
-output within `rtol * |ref| + atol * max(1, max|ref|)` and integer/bool outputs equal; an
-approximate one reports fidelity and fails only below a `min_cosine`. onnxruntime
-(`slimgraph.runtime`) is imported when a model runs, not with this module.
+output unchanged within the exact tolerance of its dtype (`runtime.exact.exact_difference`:
+`rtol * |ref| + atol * max(1, max|ref|)` for float32, a few ulps for fp16/bf16, equality for
+integers, booleans and strings; sequences element by element, empty optionals only equal to
+empty ones); an approximate one reports fidelity and fails only below a `min_cosine`. Without
+feeds of the user's, the inputs are generated to drive the model (`runtime.feeds.driving_feeds`:
+the export's example sizes, padded mask rows, divisors away from zero, shapes the model accepts).
+onnxruntime (`slimgraph.runtime`) is imported when a model runs, not with this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -21,56 +25,98 @@ if TYPE_CHECKING:
 
 __all__ = ["Verifier", "feed_list"]
 
+Feeds = Mapping[str, Any]
+
 
 class Verifier:
     """Runs each version of the model once on fixed feeds and checks it against the previous one.
 
     Only the latest outputs are kept (the reference of the next pass), plus the very first ones,
     so a pipeline of N passes costs N sessions, not 2N.
+
+    Args:
+        model: the pipeline's input model.
+        feeds: the user's feed dicts, or None to generate inputs that drive the model.
+        tolerance: `(rtol, atol)`, the float32 tolerance of exact passes (atol relative to the
+            output scale); None for `runtime.exact`'s defaults.
+
+    Raises:
+        BadDataError: the user's feeds do not fit the input model.
+        UnsupportedModelError: the input model does not run on onnxruntime, or no generated
+            inputs run it (the message says how to pass real ones).
     """
 
     def __init__(
-        self, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], rtol: float, atol: float
+        self,
+        model: ir.Model,
+        feeds: Sequence[Feeds] | None,
+        tolerance: tuple[float, float] | None = None,
     ) -> None:
-        self.feeds = feeds
-        self.rtol = rtol
-        self.atol = atol
-        self.original = self._outputs(model, "the input model", is_input=True)
+        self.tolerance: dict[str, float] = {}
+        if tolerance is not None:
+            self.tolerance = {"rtol": tolerance[0], "atol": tolerance[1]}
+        if feeds is None:
+            from slimgraph.runtime.feeds import driving_feeds
+
+            generated, outputs = driving_feeds(model)
+            self.feeds: Sequence[Feeds] = [generated]
+            self.original = [outputs]
+        else:
+            self.feeds = feeds
+            self.original = self._input_outputs(model)
         self.reference = self.original
 
-    def _outputs(
-        self, model: ir.Model, who: str, *, is_input: bool = False
-    ) -> list[dict[str, np.ndarray]]:
+    def _input_outputs(self, model: ir.Model) -> list[dict[str, Any]]:
+        from slimgraph.runtime import create_session, run
+
+        try:
+            session = create_session(model, optimization="disable")
+        except Exception as error:  # onnxruntime reports invalid graphs with many types
+            raise UnsupportedModelError(
+                f"the input model does not run on onnxruntime: {_first_line(error)} "
+                "(verification needs it; skip with verify=False / --no-verify)"
+            ) from error
+        return [run(session, feed) for feed in self.feeds]  # BadDataError: the user's feeds
+
+    def _outputs(self, model: ir.Model, name: str) -> list[dict[str, Any]]:
+        """The outputs of the model after pass `name`; any failure is the pass's."""
         from slimgraph.runtime import create_session, run
 
         try:
             session = create_session(model, optimization="disable")
             return [run(session, feed) for feed in self.feeds]
-        except BadDataError:
-            raise
-        except Exception as error:  # onnxruntime reports invalid graphs with many types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            message = f"{who} does not run on onnxruntime: {type(error).__name__}: {first}"
-            if is_input:
-                raise UnsupportedModelError(
-                    f"{message} (verification needs it; skip with verify=False / --no-verify)"
-                ) from error
-            raise VerificationError(message) from error
+        except Exception as error:  # not the inputs' fault: they ran the model before the pass
+            text = str(error) if isinstance(error, (BadDataError, UnsupportedModelError)) else (
+                _first_line(error)
+            )
+            raise VerificationError(
+                f"the model after pass '{name}' does not run on the inputs the model before it "
+                f"ran on: {text}"
+            ) from error
 
     def check(self, model: ir.Model, name: str, exact: bool, min_cosine: float | None) -> Fidelity:
-        outputs = self._outputs(model, f"the model after pass '{name}'")
+        outputs = self._outputs(model, name)
         if outputs and set(outputs[0]) != set(self.reference[0]):
             raise VerificationError(
                 f"pass '{name}' changed the model's output names from "
                 f"{sorted(self.reference[0])} to {sorted(outputs[0])}"
             )
-        from slimgraph.runtime import compare_outputs
-
-        fidelity = compare_outputs(self.reference, outputs)
         if exact:
+            from slimgraph.runtime.exact import exact_difference
+
             for ref, cand in zip(self.reference, outputs, strict=True):
                 for output, expected in ref.items():
-                    self._check_close(name, output, expected, cand[output])
+                    why = exact_difference(expected, cand[output], **self.tolerance)
+                    if why is not None:
+                        raise VerificationError(
+                            f"exact pass '{name}' changed output '{output}': {why}"
+                        )
+        from slimgraph.runtime import compare_outputs
+
+        try:
+            fidelity = compare_outputs(self.reference, outputs)
+        except BadDataError as error:  # outputs of another shape: the pass's doing
+            raise VerificationError(f"pass '{name}' changed the model's outputs: {error}") from None
         if min_cosine is not None and fidelity.worst_cosine < min_cosine:
             raise VerificationError(
                 f"pass '{name}' lowered the output cosine to {fidelity.worst_cosine:.6f}, "
@@ -79,38 +125,22 @@ class Verifier:
         self.reference = outputs
         return fidelity
 
-    def _check_close(self, name: str, output: str, expected: np.ndarray, got: np.ndarray) -> None:
-        if expected.shape != got.shape or expected.dtype != got.dtype:
-            raise VerificationError(
-                f"exact pass '{name}' changed output '{output}' from {expected.dtype}"
-                f"{list(expected.shape)} to {got.dtype}{list(got.shape)}"
-            )
-        if expected.dtype.kind not in "fc":
-            if not np.array_equal(expected, got):
-                raise VerificationError(f"exact pass '{name}' changed output '{output}'")
-            return
-        ref = expected.astype(np.float64)
-        cand = got.astype(np.float64)
-        finite = np.isfinite(ref)
-        scale = float(np.abs(ref[finite]).max()) if finite.any() else 0.0
-        atol = self.atol * max(1.0, scale)
-        if not np.allclose(cand, ref, rtol=self.rtol, atol=atol, equal_nan=True):
-            err = np.abs(cand - ref)
-            worst = float(np.nanmax(err)) if err.size else 0.0
-            raise VerificationError(
-                f"exact pass '{name}' changed output '{output}': max abs error {worst:.3g} "
-                f"exceeds rtol {self.rtol:g} / atol {atol:.3g} (output scale {scale:.3g})"
-            )
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def feed_list(
-    model: ir.Model,
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None,
-) -> list[Mapping[str, np.ndarray]]:
-    if feeds is None:
-        from slimgraph.runtime import random_feeds
+) -> list[Mapping[str, np.ndarray]] | None:
+    """The user's verification feeds as a list of feed dicts (None: generate them).
 
-        return [random_feeds(model, seed=0)]
+    Raises:
+        BadDataError: an empty iterable.
+    """
+    if feeds is None:
+        return None
     if isinstance(feeds, Mapping):
         return [feeds]
     listed = list(feeds)

@@ -40,7 +40,9 @@ class _ErrorsPassThrough:
     """Let slimgraph's own errors from `requires`/`ensures` reach the user unwrapped, and keep
     the graph's outputs: every pass returns a model whose outputs have the names (all of them, in
     order) and types they had before (`restore_outputs`), and whose symbolic dimensions keep their
-    names (`restore_dim_names`).
+    names (`restore_dim_names`). The outputs of Scan/Loop/If bodies are kept the same way by
+    in-place passes (a body whose two outputs became one value, or an input, gets an Identity
+    back: onnxruntime fills only one of two outputs that share a value).
 
     `onnx_ir` wraps any exception from `requires` in a `PreconditionError`; a user who passed an
     impossible option should see our one-line message (and the CLI its exit code 2), not the wrap.
@@ -53,6 +55,7 @@ class _ErrorsPassThrough:
             else model_or_result
         )
         signature = output_signature(model.graph)
+        bodies = [(g, output_signature(g)) for g in model.graphs() if g is not model.graph]
         shapes = io_shapes(model)
         try:
             result = super().__call__(model_or_result)  # type: ignore[misc]
@@ -60,7 +63,11 @@ class _ErrorsPassThrough:
             if isinstance(error.__cause__, SlimgraphError):
                 raise error.__cause__ from None
             raise
-        if restore_outputs(result.model.graph, signature) and not result.modified:
+        restored = restore_outputs(result.model.graph, signature)
+        if result.model is model:  # in place: the same body graphs, still in the model or gone
+            for body, outputs in bodies:
+                restored = restore_outputs(body, outputs) or restored
+        if restored and not result.modified:
             result.modified = True
         restore_dim_names(result.model, shapes)  # `batch` stays `batch`, never `unk__25`
         return result

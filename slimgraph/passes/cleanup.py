@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -28,8 +28,9 @@ from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
-from slimgraph.passes._kit import add_initializer, constant_array
+from slimgraph.passes._kit import add_initializer, constant_array, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.opset import legalize
 from slimgraph.passes.registry import register_pass
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "FoldAndLiftConstantsPass",
     "RemoveDropoutPass",
     "SimplifyShapeChainsPass",
-    "GuardedIdentityEliminationPass",
+    "EliminateIdentityPass",
     "GuardedCommonSubexpressionEliminationPass",
     "GuardedDeduplicateInitializersPass",
     "GuardedShapeInferencePass",
@@ -166,6 +167,9 @@ class MaterializeConstantOfShapePass(SlimgraphPass):
             value = add_initializer(model.graph, hint, array)
             bypass(node, value)
             count += 1
+        if count:  # `compact-constants` may add back as many nodes
+            done = int(model.meta.get(metadata.MATERIALIZED, 0))
+            model.meta[metadata.MATERIALIZED] = done + count
         return SlimgraphPassResult(model, bool(count), skipped=skipped)
 
 
@@ -178,24 +182,45 @@ class CompactConstantsPass(SlimgraphPass):
     The counterpart of `constant-of-shape` for the file: weights an old export built with
     ConstantOfShape, materialized so fusions could rewrite them, are written back the compact way
     (onnxruntime folds them again when it loads the model), so a lossless run never inflates a
-    file. Initializers that are graph inputs or graph outputs stay.
+    file. It never adds more nodes than `constant-of-shape` removed from the same model
+    (`metadata.MATERIALIZED`, counted in the model's `.meta`): a model that came in with its
+    tensors expanded keeps them expanded, and its node count. Only initializers whose compact
+    form saves at least `min_bytes` are stored again, the largest savings first. Initializers
+    that are graph inputs or graph outputs stay.
 
     Args:
         min_elements: smallest initializer (elements) worth replacing.
+        min_bytes: smallest saving (bytes of the tensor minus those of the compact form) worth
+            a node.
+        max_new_nodes: how many nodes the pass may add; None for as many as `constant-of-shape`
+            removed.
     """
 
-    def __init__(self, *, min_elements: int = 16) -> None:
+    def __init__(
+        self, *, min_elements: int = 16, min_bytes: int = 1024, max_new_nodes: int | None = None
+    ) -> None:
         super().__init__()
         if min_elements < 1:
             raise ValueError(f"min_elements must be >= 1, got {min_elements}")
+        if min_bytes < 0:
+            raise ValueError(f"min_bytes must be >= 0, got {min_bytes}")
+        if max_new_nodes is not None and max_new_nodes < 0:
+            raise ValueError(f"max_new_nodes must be >= 0, got {max_new_nodes}")
         self.min_elements = min_elements
+        self.min_bytes = min_bytes
+        self.max_new_nodes = max_new_nodes
 
     def call(self, model: ir.Model) -> SlimgraphPassResult:
         graph = model.graph
-        count = 0
         if opset_version(model) < 9:  # ConstantOfShape is opset 9
             return SlimgraphPassResult(model, False)
-        for name, value in list(graph.initializers.items()):
+        budget = self.max_new_nodes
+        if budget is None:
+            budget = int(model.meta.get(metadata.MATERIALIZED, 0))
+        if budget <= 0:
+            return SlimgraphPassResult(model, False)
+        candidates: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        for name, value in graph.initializers.items():
             tensor = value.const_value
             if (
                 tensor is None
@@ -214,6 +239,13 @@ class CompactConstantsPass(SlimgraphPass):
             rows = _uniform_rows(array)
             if rows is None:
                 continue
+            saving = array.nbytes - (rows.nbytes if rows.size > 1 else 0) - 8 * array.ndim
+            if saving >= self.min_bytes:
+                candidates.append((saving, name, array, rows))
+        candidates.sort(key=lambda item: -item[0])
+        chosen = candidates[:budget]
+        for _, name, array, rows in chosen:
+            value = graph.initializers[name]
             shape = add_initializer(
                 graph, f"{name}_shape", np.array(array.shape, dtype=np.int64)
             )
@@ -229,8 +261,9 @@ class CompactConstantsPass(SlimgraphPass):
             value.replace_all_uses_with(out)
             graph.initializers.pop(name)
             out.name = name
-            count += 1
-        return SlimgraphPassResult(model, bool(count))
+        if chosen and self.max_new_nodes is None:
+            model.meta[metadata.MATERIALIZED] = budget - len(chosen)
+        return SlimgraphPassResult(model, bool(chosen))
 
 
 def _uniform_rows(array: np.ndarray) -> np.ndarray | None:
@@ -254,7 +287,11 @@ class FoldAndLiftConstantsPass(SlimgraphPass):
     onnxscript's constant folder (`onnxscript.optimizer.FoldConstantsPass`, with per-node shape
     inference, so later passes see shapes), then every `Constant` node lifted to an initializer
     (`onnx_ir.passes.common.LiftConstantsToInitializersPass`). Q/DQ nodes are never folded
-    (onnxscript's rule).
+    (onnxscript's rule). Three guards make the folder safe on any model (`_SafeFolder`): a node
+    whose rewrite raises is left as it is (and reported as skipped), a rewrite is written only in
+    the form the model's opset defines (`passes.opset.legalize`), and the ops whose onnx
+    reference implementation computes something else than the operator in inference
+    (`_REFERENCE_DIFFERS`) are not evaluated.
 
     Args:
         input_size_limit, output_size_limit: onnxscript's limits (elements); outputs larger than the
@@ -271,16 +308,126 @@ class FoldAndLiftConstantsPass(SlimgraphPass):
         self.input_size_limit = input_size_limit
         self.output_size_limit = output_size_limit
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        folded = _constant_folding.FoldConstantsPass(
-            shape_inference=True,
-            input_size_limit=self.input_size_limit,
-            output_size_limit=self.output_size_limit,
-        )(model)
+    def call(self, model: ir.Model) -> SlimgraphPassResult:
+        folder = _SafeFolder(
+            input_size_limit=self.input_size_limit, output_size_limit=self.output_size_limit
+        )
+        folded = folder(model)
         lifted = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
             model
         )
-        return ir.passes.PassResult(model, folded.modified or lifted.modified)
+        return SlimgraphPassResult(
+            model, folded.modified or lifted.modified, skipped=list(folder.skipped)
+        )
+
+
+def _batchnorm_in_training(node: ir.Node, version: int) -> bool:
+    """Whether onnx's reference BatchNormalization would compute `node` with batch statistics.
+
+    Its opset-6 kernel (used up to opset 8) uses them unless `is_test`, its opset-9 kernel (up to
+    13) whenever a `momentum` attribute is present, its opset-14 kernel when `training_mode`; the
+    operator itself (and onnxruntime) is in inference up to opset 13 whatever `momentum` says.
+    """
+    if version >= 14:
+        return bool(node.attributes.get_int("training_mode", 0))
+    if version >= 9:
+        return "momentum" in node.attributes
+    return not node.attributes.get_int("is_test", 0)
+
+
+# Ops whose onnx reference implementation (the folder's evaluator) may compute another function
+# than the operator does in an inference graph: op type -> the test of a node it gets wrong.
+_REFERENCE_DIFFERS: dict[str, Callable[[ir.Node, int], bool]] = {
+    "BatchNormalization": _batchnorm_in_training,
+}
+
+
+class _SafeFolder(_constant_folding.FoldConstantsPass):
+    """onnxscript's constant folder, one node at a time made safe for models nobody designed.
+
+    - A node whose partial evaluator raises (onnxscript's SplitToSequence rewrite on a scalar
+      split, say) is skipped and recorded in `skipped`; the rest of the graph is still folded.
+    - A rewrite is written only when every new node has the form the model's opset defines
+      (`passes.opset.legalize`: Unsqueeze/Split with constant `axes`/`split` inputs move them into
+      attributes for opsets < 13); otherwise the node stays.
+    - The ops of `_REFERENCE_DIFFERS` are not evaluated where onnx's reference implementation
+      would compute them another way than onnxruntime does.
+    """
+
+    def __init__(self, *, input_size_limit: int, output_size_limit: int) -> None:
+        super().__init__(
+            shape_inference=True,
+            input_size_limit=input_size_limit,
+            output_size_limit=output_size_limit,
+            should_fold=self._should_fold,
+        )
+        self.skipped: list[Skipped] = []
+
+    def _should_fold(self, node: ir.Node) -> bool | None:
+        differs = _REFERENCE_DIFFERS.get(node.op_type)
+        if differs is not None and node.domain in ("", "ai.onnx"):
+            version = self._opset_imports.get("", self._opset_imports.get("ai.onnx", 1))
+            if differs(node, version):
+                self.skipped.append(Skipped(
+                    node.name or "", node.op_type,
+                    "onnx's reference implementation computes it in training mode",
+                ))  # fmt: skip
+                return False
+        return None
+
+    def process_node(
+        self, node: ir.Node, is_function: bool
+    ) -> _constant_folding.Replacement | None:
+        try:
+            replacement = super().process_node(node, is_function)
+        except RuntimeError as error:  # the evaluator of this one op failed: leave the node
+            cause = error.__cause__ if error.__cause__ is not None else error
+            self.skipped.append(Skipped(
+                node.name or "", node.op_type,
+                f"not folded: the folder failed on it ({type(cause).__name__}: {cause})",
+            ))  # fmt: skip
+            return None
+        if replacement is None or not replacement.new_nodes:
+            return replacement
+        if not _legal_nodes(replacement, self._opset_imports):
+            self.skipped.append(Skipped(
+                node.name or "", node.op_type,
+                "not rewritten: the rewrite needs a newer opset than the model's",
+            ))  # fmt: skip
+            return None
+        return replacement
+
+
+def _legal_nodes(
+    replacement: _constant_folding.Replacement, opset_imports: Mapping[str, int]
+) -> bool:
+    """Legalize the new nodes of `replacement` for `opset_imports` in place (`legalize`); drop
+    the Constant nodes nothing reads any more. False when one cannot be expressed."""
+    nodes = list(replacement.new_nodes)
+    made = {id(output): n for n in nodes for output in n.outputs}
+    imports = dict(opset_imports)
+    for node in nodes:
+        if is_onnx_op(node, "Constant"):
+            continue
+        constants = {}
+        for index, value in enumerate(node.inputs):
+            producer = made.get(id(value)) if value is not None else None
+            if producer is not None and is_onnx_op(producer, "Constant"):
+                array = constant_node_array(producer)
+            else:
+                array = constant_array(value)
+            if array is not None:
+                constants[index] = array
+        if not legalize(node, imports, constants):
+            return False
+    outputs = {id(v) for v in replacement.new_outputs}
+    kept = [
+        n for n in nodes
+        if not is_onnx_op(n, "Constant") or n.outputs[0].uses() or id(n.outputs[0]) in outputs
+    ]  # fmt: skip
+    if len(kept) != len(nodes):
+        replacement.new_nodes = kept  # type: ignore[misc]
+    return all(legalize(n, imports, {}) for n in kept if is_onnx_op(n, "Constant"))
 
 
 @register_pass("remove-dropout", exact=True)
@@ -336,7 +483,7 @@ class SimplifyShapeChainsPass(SlimgraphPass):
             [rules.reshape_reshape_rule, rules.transpose_transpose_rule, rules.no_op_transpose_rule]
         )
         result = rewrite(model)
-        identities = common.IdentityEliminationPass()(model)
+        identities = EliminateIdentityPass()(model)
         return ir.passes.PassResult(model, result.modified or identities.modified)
 
 
@@ -359,11 +506,52 @@ def _guarded(name: str, upstream: type[ir.passes.PassBase], doc: str) -> type[_G
     return register_pass(name, exact=True)(cls)
 
 
-GuardedIdentityEliminationPass = _guarded(
-    "eliminate-identity",
-    common.IdentityEliminationPass,
-    "Remove Identity nodes (onnx_ir's IdentityEliminationPass); exact.",
-)
+@register_pass("eliminate-identity", exact=True)
+class EliminateIdentityPass(SlimgraphPass):
+    """Remove Identity nodes in every graph, subgraphs and functions included; exact.
+
+    onnx_ir's `IdentityEliminationPass` rules (`y = Identity(x)`: readers of y read x; when y is
+    a graph output x takes its name), with one rule more, for Scan/Loop/If bodies: an Identity
+    whose output is an output of its graph stays unless its input is made by a node of that same
+    graph and is not already one of its outputs. Removing it otherwise would leave one value
+    behind two outputs of a body (onnxruntime then fills one of them and leaves the other
+    uninitialised: `test_scan9_sum`), list a body input as a body output, or rename a value of
+    the enclosing graph.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+        modified = False
+        for root in graphs:
+            for node in list(ir.traversal.RecursiveGraphIterator(root)):
+                modified = _eliminate_identity(node) or modified
+        return ir.passes.PassResult(model, modified)
+
+
+def _eliminate_identity(node: ir.Node) -> bool:
+    if not is_onnx_op(node, "Identity") or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return False
+    source, output = node.inputs[0], node.outputs[0]
+    graph = node.graph
+    if source is None or graph is None:
+        return False
+    if output.is_graph_output():
+        producer = source.producer()
+        if producer is None or producer.graph is not graph or source.is_graph_output():
+            return False  # a body input, an initializer, an outer value, or a second output
+    if source.shape is None:
+        source.shape = output.shape
+    if source.type is None:
+        source.type = output.type
+    name = output.name
+    was_output = output.is_graph_output()
+    output.replace_all_uses_with(source, replace_graph_outputs=True)
+    if was_output:
+        output.name = None
+        source.name = name
+    graph.remove(node, safe=True)
+    return True
+
 GuardedCommonSubexpressionEliminationPass = _guarded(
     "cse",
     common.CommonSubexpressionEliminationPass,
@@ -491,7 +679,7 @@ class CleanupPass(SlimgraphPass):
             ("fold-constants", FoldAndLiftConstantsPass()),
             ("remove-dropout", RemoveDropoutPass()),
             ("simplify-reshape-transpose", SimplifyShapeChainsPass()),
-            ("eliminate-identity", GuardedIdentityEliminationPass()),
+            ("eliminate-identity", EliminateIdentityPass()),
             ("remove-unused", RemoveUnusedPass()),
         )
         finally_: tuple[tuple[str, ir.passes.PassBase], ...] = (

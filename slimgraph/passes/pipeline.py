@@ -13,12 +13,15 @@ lists everything.
 The built steps run inside one `onnx_ir.passes.PassManager`, each wrapped in an instrumentation
 pass that records its time, node counts before and after, whether it changed the model and which
 nodes it skipped. With `verify=True` the model runs on onnxruntime before the first pass and
-after every pass that changed it, on the same sample feeds; each pass's outputs are compared with
+after every pass that changed it, on the same sample feeds (the user's, or inputs generated to
+drive the model: `runtime.feeds.driving_feeds`); each pass's outputs are compared with
 the outputs of the model it received; whether a pass is exact comes from its registration
 (`passes.registry.PassInfo`); `passes._verify` compares the outputs:
 
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
-  (default rtol 1e-4, atol 1e-5) and integer/bool outputs equal, else `VerificationError` names it;
+  (default rtol 1e-4, atol 1e-5; at least 4 ulps for fp16/bf16 outputs) and integer, bool and
+  string outputs equal, sequences element by element (`runtime.exact`), else
+  `VerificationError` names it;
 - an approximate pass reports fidelity (cosine, SQNR, max abs error) and fails only when a
   `min_cosine` is given and the worst output's cosine falls below it, or when a `max_drop` is
   given (with labelled `data`) and the metric on `data` (top-1 accuracy) has dropped by more
@@ -51,7 +54,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
-from slimgraph.ir import ModelLike, as_model, copy_model
+from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._options import BudgetOptions, takes_options
 from slimgraph.passes._verify import Verifier, feed_list
@@ -101,14 +104,10 @@ __all__ = [
     "node_count",
     "optimize",
     "optimize_report",
-    "DEFAULT_RTOL",
-    "DEFAULT_ATOL",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-5  # relative to max(1, max |reference output|)
 
 # Step keys the pipeline reads itself; every other key is an option of the pass.
 _PIPELINE_KEYS = ("name", "min_cosine", "max_drop")
@@ -399,8 +398,11 @@ def run_pipeline(
         model: the input; it is not modified (the pipeline works on a clone).
         steps: names/dicts (see `build_pipeline`) or already built `Step`s.
         verify: run the model on onnxruntime before and after each modifying pass.
-        feeds: one feed dict or several (default: `random_feeds(model, seed=0)`).
-        tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|).
+        feeds: one feed dict or several (default: inputs generated to drive the model,
+            `runtime.feeds.driving_feeds`).
+        tolerance: `(rtol, atol)` for exact passes; atol is relative to max(1, max|output|)
+            (default `runtime.exact.DEFAULT_RTOL` 1e-4 / `DEFAULT_ATOL` 1e-5; fp16 and bf16
+            outputs get at least a few ulps of their type, `runtime.exact.dtype_tolerance`).
         min_cosine: lowest acceptable output cosine for approximate passes (steps may set their
             own `min_cosine`); None only reports fidelity.
         context: run-time values for passes that take them (see `build_pipeline`); the
@@ -424,11 +426,11 @@ def run_pipeline(
         # Passes taking `input_model` (finetune's default teacher) get the pipeline's input.
         context = {"input_model": model, **(context or {})}
         built = build_pipeline(steps, context=context)  # type: ignore[arg-type]
-    rtol, atol = tolerance if tolerance is not None else (DEFAULT_RTOL, DEFAULT_ATOL)
     check_finite_weights(model)
     current = copy_model(model)
+    current.meta.pop(metadata.MATERIALIZED, None)  # counted per run: see `compact-constants`
     judge = _drop_judge(current, built, data, max_drop)
-    verifier = Verifier(current, feed_list(current, feeds), rtol, atol) if verify else None
+    verifier = Verifier(current, feed_list(feeds), tolerance) if verify else None
     run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))
     if built:
         manager = ir.passes.PassManager([_Instrumented(step, run) for step in built], steps=1)
@@ -633,6 +635,8 @@ def _optimize(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
     context = {"calibration": calibration} if calibration is not None else None
     if feeds is None and options.verify and calibration is not None:
         feeds = _verification_feeds(model, calibration)
+    if feeds is None and options.verify and labelled is not None:
+        feeds = _verification_feeds(model, labelled.feeds)  # the user's data, labels left out
     result = run_pipeline(
         model, steps, verify=options.verify, feeds=feeds, context=context, data=labelled
     )
@@ -676,7 +680,8 @@ def optimize(model: ModelLike, options: OptimizeOptions) -> ir.Model:
         preset: a registered preset ("lossless": exact cleanup + fusion; "cleanup-only").
         recipe: a recipe file (YAML/JSON) or a list of steps; replaces `preset` when given.
         verify: run every modifying pass's check on onnxruntime (see `run_pipeline`).
-        feeds: sample inputs for verification (default: seeded random feeds).
+        feeds: sample inputs for verification (default: rows of `calibration` or `data` when
+            given, else inputs generated to drive the model: `runtime.feeds.driving_feeds`).
         opset: convert the default-domain opset first (onnx's version converter, verified);
             None keeps the model's opset.
         calibration: data for the passes that take a `calibration` keyword (quantization);

@@ -221,33 +221,36 @@ class FidelityAccumulator:
 
     def add(
         self,
-        reference: Mapping[str, np.ndarray],
-        candidate: Mapping[str, np.ndarray],
+        reference: Mapping[str, Any],
+        candidate: Mapping[str, Any],
         *,
         rows: int | None = None,
     ) -> None:
         """Add one run's outputs (by name); only running sums are kept, never the arrays.
-        `rows`: the samples this run fed (default: axis 0 of the first output, else 1)."""
-        for name, ref_array in reference.items():
+        `rows`: the samples this run fed (default: axis 0 of the first output, else 1).
+
+        Outputs may be arrays, sequences (lists of arrays: their elements' values in order) or
+        empty optionals (None: no values); strings count as equal (error 0) or not (error 1).
+        """
+        for name, ref_value in reference.items():
             if name not in candidate:
                 raise BadDataError(f"the candidate model has no output '{name}'")
-            if np.shape(ref_array) != np.shape(candidate[name]):
+            ref_form, cand_form = _form(ref_value), _form(candidate[name])
+            if ref_form != cand_form:
                 raise BadDataError(
-                    f"output '{name}' has shape {list(np.shape(candidate[name]))} in the "
-                    f"candidate and {list(np.shape(ref_array))} in the reference"
+                    f"output '{name}' has shape {_show(cand_form)} in the candidate and "
+                    f"{_show(ref_form)} in the reference"
                 )
         self.batches += 1
         self.samples += rows if rows is not None else _leading_rows(reference)
-        for name, ref_array in reference.items():
-            ref = np.asarray(ref_array)
-            cand = np.asarray(candidate[name])
+        for name, ref_value in reference.items():
+            ref64, cand64 = _vectors(ref_value, candidate[name])
+            shape = _value_shape(ref_value)
             if name in self.sums:
                 sums = self.sums[name]
-                sums.shape = _stacked_shape(sums.shape, ref.shape)
+                sums.shape = _stacked_shape(sums.shape, shape)
             else:
-                sums = self.sums[name] = _Sums(shape=ref.shape)
-            ref64 = ref.astype(np.float64).ravel()
-            cand64 = cand.astype(np.float64).ravel()
+                sums = self.sums[name] = _Sums(shape=shape)
             broken = np.isfinite(ref64) & ~np.isfinite(cand64)
             if broken.any():
                 sums.nonfinite += int(broken.sum())
@@ -262,7 +265,11 @@ class FidelityAccumulator:
             sums.cand_sq += float(cand64 @ cand64)
             sums.err_sq += float(err @ err)
             sums.dot += float(ref64 @ cand64)
-            if ref.dtype.kind == "f" and ref.ndim == 2 and ref.shape[1] > 1:
+            ref = ref_value
+            if isinstance(ref, np.ndarray) and ref.dtype.kind == "f" and ref.ndim == 2 and (
+                ref.shape[1] > 1
+            ):
+                cand = np.asarray(candidate[name])
                 sums.class_scores = True
                 sums.rows += ref.shape[0]
                 sums.rows_agree += int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
@@ -300,9 +307,16 @@ class FidelityAccumulator:
         return Fidelity(tuple(outputs), self.samples, self.batches)
 
 
-def _leading_rows(outputs: Mapping[str, np.ndarray]) -> int:
-    first = np.shape(next(iter(outputs.values()))) if outputs else ()
+def _leading_rows(outputs: Mapping[str, Any]) -> int:
+    first = _value_shape(next(iter(outputs.values()))) if outputs else ()
     return int(first[0]) if first else 1
+
+
+def _value_shape(value: Any) -> tuple[int, ...]:
+    """An array's shape; a sequence's length as (n,); (0,) for an empty optional."""
+    if isinstance(value, (list, tuple)):
+        return (len(value),)
+    return tuple(np.shape(value)) if value is not None else (0,)
 
 
 def _stacked_shape(shape: tuple[int, ...], more: tuple[int, ...]) -> tuple[int, ...]:
@@ -313,8 +327,44 @@ def _stacked_shape(shape: tuple[int, ...], more: tuple[int, ...]) -> tuple[int, 
     return shape
 
 
+def _form(value: Any) -> object:
+    """The structure of an output value: an array's shape, a sequence's element forms, or None
+    for an empty optional (two values compare only when their forms are equal)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ("sequence", tuple(_form(v) for v in value))
+    return tuple(np.shape(value))
+
+
+def _show(form: object) -> str:
+    if form is None:
+        return "(empty optional)"
+    if isinstance(form, tuple) and form[:1] == ("sequence",):
+        return f"sequence of {len(form[1])}"  # type: ignore[arg-type]
+    return str(list(form))  # type: ignore[call-overload]
+
+
+def _vectors(reference: Any, candidate: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both values as flat float64 vectors of equal length (same `_form`): arrays raveled,
+    sequences concatenated, empty optionals empty; strings as 1 (reference) and 1 or 0
+    (candidate, equal or not)."""
+    if reference is None:
+        return np.zeros(0), np.zeros(0)
+    if isinstance(reference, (list, tuple)):
+        pairs = [_vectors(r, c) for r, c in zip(reference, candidate, strict=True)]
+        if not pairs:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    ref, cand = np.asarray(reference), np.asarray(candidate)
+    if ref.dtype.kind in "OSU" or cand.dtype.kind in "OSU":
+        same = (ref == cand).astype(np.float64).ravel()
+        return np.ones_like(same), same
+    return ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+
+
 def compare_outputs(
-    reference: Iterable[Mapping[str, np.ndarray]], candidate: Iterable[Mapping[str, np.ndarray]]
+    reference: Iterable[Mapping[str, Any]], candidate: Iterable[Mapping[str, Any]]
 ) -> Fidelity:
     """Fidelity of already-computed outputs, paired in order."""
     accumulator = FidelityAccumulator()

@@ -6,6 +6,7 @@ array stacked on axis 0 (one row per sample).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,18 +14,28 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, BadOptionError
-from slimgraph.ir import ModelLike, as_model
+from slimgraph.errors import (
+    BadDataError,
+    BadOptionError,
+    SlimgraphError,
+    UnsupportedModelError,
+)
+from slimgraph.ir import ModelLike, as_model, metadata
+from slimgraph.runtime._roles import input_role, role_values
 
 __all__ = [
     "InputSpec",
     "input_specs",
     "describe_inputs",
     "random_feeds",
+    "example_dims",
+    "driving_feeds",
+    "DRIVING_SIZES",
     "calibrated_ranges",
     "load_npz",
     "read_npz",
@@ -43,18 +54,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype and shape (ints, symbolic names, or None if unknown)."""
+    """A graph input: name, numpy dtype and shape (ints, symbolic names, or None if unknown).
+
+    `container` is "tensor", "sequence" (a list of tensors of `dtype`), "optional" (a tensor
+    that may be absent) or "optional sequence"; `shape` is None for the last three.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    container: str = "tensor"
 
     def describe(self) -> str:
         if self.shape is None:
             dims = "?"
         else:
             dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype.name}[{dims}]"
+        text = f"{self.dtype.name}[{dims}]"
+        if self.container != "tensor":
+            text = f"{self.container}({self.dtype.name})"
+        return f"{self.name}: {text}"
+
+
+def _container(type_: ir.TypeProtocol | None) -> str:
+    if isinstance(type_, ir.SequenceType):
+        return "sequence"
+    if isinstance(type_, ir.OptionalType):
+        inner = _container(type_.elem_type)
+        return "optional sequence" if inner == "sequence" else "optional"
+    return "tensor"
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -64,10 +92,11 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.is_initializer() or value.name is None:
             continue
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        container = _container(value.type)
         shape = None
-        if value.shape is not None:
+        if value.shape is not None and container == "tensor":
             shape = tuple(d if isinstance(d, int) else (d.value or None) for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(value.name, np.dtype(dtype), shape, container))
     return specs
 
 
@@ -79,6 +108,21 @@ def describe_inputs(specs: Iterable[InputSpec]) -> str:
 MAX_SAMPLE_ELEMENTS = 1 << 28
 
 
+def example_dims(model: ir.Model) -> dict[str, int]:
+    """The sizes the export's example inputs gave the symbolic dimensions, by name
+    (`metadata.EXAMPLE_DIMS`, written by `from_torch`); empty when not recorded."""
+    text = model.metadata_props.get(metadata.EXAMPLE_DIMS)
+    if not text:
+        return {}
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(k): int(v) for k, v in recorded.items() if isinstance(v, int) and v > 0}
+
+
 def random_feeds(
     model: ModelLike,
     *,
@@ -86,14 +130,19 @@ def random_feeds(
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
     ranges: Mapping[str, tuple[float, float]] | None = None,
-) -> dict[str, np.ndarray]:
-    """Random inputs that fit the model's input spec.
+) -> dict[str, Any]:
+    """Random inputs that fit the model's input spec and drive it.
 
     Symbolic dimensions take their value from `dims` (by name); the first one of each input, if
-    not named there, is the batch; other unknown dimensions are 1. Floats are standard normal,
+    not named there, is the batch; other unknown dimensions take the size the export's example
+    gave them (`example_dims`, recorded by `from_torch`), else 1. Floats are standard normal,
     or uniform in `ranges[name]` (low, high) when given (see `calibrated_ranges`); integers are
-    0 or 1 (valid token ids for any embedding), and all 1 for inputs whose name contains "mask";
-    booleans are True.
+    0 or 1 (valid token ids for any embedding); inputs whose name contains "mask" are 1 with the
+    last positions of every row but the first set to 0 (padded rows); booleans are True. An
+    input that feeds a slot with rules of its own gets values that slot accepts
+    (`runtime._roles`): integer divisors away from zero, a Reshape/Expand target read from the
+    shape the model declares, axes that exist, a Split that adds up, `training_mode` false.
+    Sequence inputs are lists of two 1-D tensors.
 
     Args:
         model: an `onnx_ir.Model` or the path of an `.onnx` file.
@@ -102,7 +151,7 @@ def random_feeds(
         seed: numpy seed.
 
     Returns:
-        One array per graph input, by input name.
+        One value per graph input, by input name: an array, or a list of arrays for a sequence.
 
     Raises:
         BadDataError: an input declares more than `MAX_SAMPLE_ELEMENTS` elements.
@@ -110,37 +159,207 @@ def random_feeds(
         ModelLoadError: `model` is a path that cannot be loaded.
     """
     model = as_model(model)
-    ranges = ranges or {}
+    return _sample_feeds(model, batch, dims or {}, 1, seed, ranges or {})
+
+
+def _sample_feeds(
+    model: ir.Model,
+    batch: int,
+    dims: Mapping[str, int],
+    default: int,
+    seed: int,
+    ranges: Mapping[str, tuple[float, float]],
+) -> dict[str, Any]:
+    """`random_feeds` with `default` for symbolic dimensions neither named in `dims` nor
+    recorded at export."""
     rng = np.random.default_rng(seed)
-    dims = dict(dims or {})
-    feeds: dict[str, np.ndarray] = {}
-    for spec in input_specs(model):
+    sizes = {**example_dims(model), **dims}
+    specs = input_specs(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        if spec.container != "tensor":
+            continue
         shape = []
-        for axis, dim in enumerate(spec.shape or (batch,)):
+        for axis, dim in enumerate(spec.shape if spec.shape is not None else (batch,)):
             if isinstance(dim, int):
                 shape.append(dim)
             elif isinstance(dim, str) and dim in dims:
                 shape.append(dims[dim])
+            elif axis == 0:
+                shape.append(batch)
+            elif isinstance(dim, str) and dim in sizes:
+                shape.append(sizes[dim])
             else:
-                shape.append(batch if axis == 0 else 1)
+                shape.append(default)
         elements = math.prod(shape)
         if elements > MAX_SAMPLE_ELEMENTS:
             raise BadDataError(
                 f"input '{spec.name}' declares shape {shape} ({elements:,} elements): too large "
                 "to make sample inputs for; give real data or skip verification (--no-verify)"
             )
-        if spec.dtype.kind == "f" and spec.name in ranges:
-            low, high = ranges[spec.name]
-            feeds[spec.name] = rng.uniform(low, high, size=shape).astype(spec.dtype)
-        elif spec.dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
-        elif "mask" in spec.name.lower():
-            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
-        else:
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+        shapes[spec.name] = tuple(shape)
+    values = {v.name: v for v in model.graph.inputs if v.name is not None}
+    feeds: dict[str, Any] = {}
+    for spec in specs:
+        if spec.container != "tensor":
+            element = _tensor_values(spec, (default,), rng, ranges)
+            if "sequence" in spec.container:
+                feeds[spec.name] = [element, _tensor_values(spec, (default,), rng, ranges)]
+            else:
+                feeds[spec.name] = element
+            continue
+        dims_of = shapes[spec.name]
+        role = input_role(values[spec.name])
+        drawn = None if role is None else role_values(role, dims_of, spec.dtype, rng, shapes)
+        feeds[spec.name] = (
+            drawn if drawn is not None else _tensor_values(spec, dims_of, rng, ranges)
+        )
     return feeds
+
+
+def _tensor_values(
+    spec: InputSpec,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    ranges: Mapping[str, tuple[float, float]],
+) -> np.ndarray:
+    if spec.dtype.kind == "f" and spec.name in ranges:
+        low, high = ranges[spec.name]
+        return rng.uniform(low, high, size=shape).astype(spec.dtype)
+    if spec.dtype.kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype.kind == "b":
+        return np.ones(shape, dtype=spec.dtype)
+    if spec.dtype.kind in "OSU":
+        return np.array(rng.choice(["a", "bc"], size=shape), dtype=object)
+    if "mask" in spec.name.lower():
+        return _padded_mask(shape, spec.dtype)
+    return rng.integers(0, 2, size=shape).astype(spec.dtype)
+
+
+def _padded_mask(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Ones, with the last positions of each row after the first zeroed (a padded batch): row
+    b of B keeps the first T - floor(T * b / 2B) positions, never fewer than one."""
+    mask = np.ones(shape, dtype=dtype)
+    if len(shape) < 2 or shape[-1] < 2:
+        return mask
+    rows, length = shape[0], shape[-1]
+    for row in range(1, rows):
+        padded = min(length - 1, (length * row) // (2 * rows))
+        if padded:
+            mask[row, ..., length - padded :] = 0
+    return mask
+
+
+# Sizes tried, in order, for the symbolic dimensions that are not the batch, when inputs are
+# generated for verification (`driving_feeds`): a text model at sequence 8, then longer until a
+# convolutional front end (audio: Wav2Vec2 needs 400 samples) takes them.
+DRIVING_SIZES = (8, 32, 128, 512, 2048, 16384)
+# Largest generated input `driving_feeds` tries (elements).
+_DRIVING_ELEMENTS = 1 << 22
+
+
+def driving_feeds(
+    model: ir.Model, *, seed: int = 0, who: str = "the input model"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Generated inputs that the model runs on, at realistic sizes, and its outputs on them.
+
+    Candidates are tried in order until onnxruntime runs the model: the export's example sizes
+    (`example_dims`), then batch 2 (padded mask rows) with every other symbolic dimension at 8,
+    batch 1 at 8, then batch 2 at each larger size of `DRIVING_SIZES`, then every symbolic
+    dimension 1. Values follow `random_feeds` (slots with rules of their own get values they
+    accept).
+
+    Args:
+        model: the model to drive.
+        seed: numpy seed of the values.
+        who: how messages name the model.
+
+    Returns:
+        `(feeds, outputs)`: the inputs by name and the model's outputs on them (session without
+        graph optimizations).
+
+    Raises:
+        BadDataError: an input declares more than `MAX_SAMPLE_ELEMENTS` elements even with every
+            symbolic dimension 1.
+        UnsupportedModelError: onnxruntime cannot load the model, or runs it on none of the
+            candidates; the message says what was tried, what onnxruntime said, and how to pass
+            real inputs or skip verification.
+    """
+    from slimgraph.runtime.session import create_session, run
+
+    _sample_feeds(model, 1, {}, 1, seed, {})  # BadDataError: inputs too large at any size
+    try:
+        session = create_session(model, optimization="disable")
+    except SlimgraphError:
+        raise
+    except Exception as error:  # onnxruntime reports invalid graphs with many types
+        raise UnsupportedModelError(
+            f"{who} does not run on onnxruntime: {_first_line(error)} (verification needs it; "
+            "skip with verify=False / --no-verify)"
+        ) from error
+    failures: list[str] = []
+    for batch, dims, default in _candidates(model):
+        try:
+            feeds = _sample_feeds(model, batch, dims, default, seed, {})
+        except BadDataError:
+            continue
+        if any(
+            isinstance(v, np.ndarray) and v.size > _DRIVING_ELEMENTS for v in feeds.values()
+        ):
+            continue
+        try:
+            return feeds, run(session, feeds)
+        except (BadDataError, UnsupportedModelError) as error:
+            failures.append(f"{_describe(feeds)}: {error}")
+    said = failures[0] if failures else "no candidate inputs could be built"
+    raise UnsupportedModelError(
+        f"cannot build sample inputs {who} runs on, to verify it: tried {len(failures)} "
+        f"sets of generated inputs, the first {said}; give real inputs (feeds= in Python, "
+        "--data DATA.npz on the command line) or skip verification (verify=False / --no-verify)"
+    )
+
+
+def _candidates(model: ir.Model) -> Iterator[tuple[int, dict[str, int], int]]:
+    """(batch, sizes by dimension name, size of other symbolic dimensions) to try, in order,
+    without repeats."""
+    recorded = example_dims(model)
+    leading = {
+        str(spec.shape[0]) for spec in input_specs(model)
+        if spec.shape and not isinstance(spec.shape[0], int)
+    }  # fmt: skip
+    symbolic = any(
+        spec.shape is None or any(not isinstance(d, int) for d in spec.shape[1:])
+        for spec in input_specs(model) if spec.container == "tensor"
+    ) or any(spec.container != "tensor" for spec in input_specs(model))  # fmt: skip
+    batches = (2, 1) if leading else (1,)
+    ordered: list[tuple[int, dict[str, int], int]] = []
+    if recorded:
+        given = [recorded[name] for name in leading if name in recorded]
+        ordered.append((given[0] if given else batches[0], recorded, DRIVING_SIZES[0]))
+    ordered += [(batch, {}, DRIVING_SIZES[0]) for batch in batches]
+    if symbolic:
+        ordered += [(batches[0], {}, size) for size in DRIVING_SIZES[1:]]
+    ordered.append((1, {}, 1))
+    tried: set[tuple[int, tuple[tuple[str, int], ...], int]] = set()
+    for batch, dims, default in ordered:
+        key = (batch, tuple(sorted(dims.items())), default if symbolic else 0)
+        if key not in tried:
+            tried.add(key)
+            yield batch, dims, default
+
+
+def _describe(feeds: Mapping[str, Any]) -> str:
+    shapes = ", ".join(
+        f"{name}{list(np.shape(value))}" if not isinstance(value, list) else f"{name}[seq]"
+        for name, value in feeds.items()
+    )
+    return f"inputs {shapes or '(none)'}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def calibrated_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:

@@ -146,7 +146,8 @@ def run(
 
     names = [output.name for output in session.get_outputs()]
     try:
-        outputs = session.run(names, dict(feeds))
+        # an empty optional input (None) is an input not given
+        outputs = session.run(names, {k: v for k, v in feeds.items() if v is not None})
     except (InvalidArgument, ValueError) as error:
         expected = "; ".join(
             f"{i.name}: {i.type}{i.shape}".replace("'", "") for i in session.get_inputs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,8 @@ def dynamic_resnet() -> ir.Model:
     first = model.graph.inputs[0].shape[0]
     assert not isinstance(first, int) and first.value, "the batch dimension must be symbolic"
     assert list(model.graph.inputs[0].shape)[1:] == [3, 32, 32]
+    # the example's size of each symbolic dimension, for sample inputs (verification)
+    assert json.loads(model.metadata_props[metadata.EXAMPLE_DIMS]) == {first.value: 2}
     return model
 
 
@@ -99,6 +102,7 @@ def test_single_tensor_argument() -> None:
     x = torch.randn(2, 4)
     model = from_torch(module, x)
     assert [[str(d) for d in v.shape] for v in model.graph.inputs] == [["batch", "4"]]
+    assert json.loads(model.metadata_props[metadata.EXAMPLE_DIMS]) == {"batch": 2}
     (got,) = run(create_session(model), {model.graph.inputs[0].name: x.numpy()}).values()
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-5, atol=1e-6)

@@ -293,7 +293,7 @@ def test_compact_constants_round_trips_bits() -> None:
         [initializer("w", rows), initializer("b", np.full(32, 0.25, np.float32)[:6])],
     )
     reference = model.clone()
-    result = cleanup.CompactConstantsPass(min_elements=4)(model)
+    result = cleanup.CompactConstantsPass(min_elements=4, min_bytes=0, max_new_nodes=2)(model)
     assert result.modified
     assert ops(model)["Expand"] == 1 and ops(model)["ConstantOfShape"] == 1
     assert_same_outputs(reference, model)

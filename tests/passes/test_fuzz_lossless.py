@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
-from slimgraph.passes.pipeline import DEFAULT_ATOL, DEFAULT_RTOL
 from slimgraph.runtime import create_session, run
+from slimgraph.runtime.exact import DEFAULT_ATOL, DEFAULT_RTOL
 
 C, H, W = 4, 5, 5
 SHAPE = [1, C, H, W]

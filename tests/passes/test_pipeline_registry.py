@@ -136,8 +136,8 @@ def test_upstream_passes_are_registered_as_they_are_and_never_shadowed() -> None
     for info in PASSES.infos():
         if info.cls.__module__.startswith("slimgraph."):
             assert info.cls.__name__ not in upstream, info.name
-    guarded = PASSES["eliminate-identity"]
-    assert guarded.__name__ == "GuardedIdentityEliminationPass"
+    guarded = PASSES["cse"]
+    assert guarded.__name__ == "GuardedCommonSubexpressionEliminationPass"
     assert issubclass(guarded, SlimgraphPass)
 
 

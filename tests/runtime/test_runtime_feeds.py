@@ -109,7 +109,10 @@ def test_random_feeds_follow_the_spec(typed_model: ir.Model) -> None:
     for spec in input_specs(typed_model):
         assert feeds[spec.name].dtype == spec.dtype
     assert set(np.unique(feeds["input_ids"])) <= {0, 1}
-    assert (feeds["attention_mask"] == 1).all()
+    # a padded batch: row b of 3 keeps the first 9 - floor(9 * b / 6) positions
+    np.testing.assert_array_equal(feeds["attention_mask"].sum(axis=1), [9, 8, 6])
+    np.testing.assert_array_equal(feeds["attention_mask"][2], [1] * 6 + [0] * 3)
+    assert (random_feeds(typed_model, batch=1, dims={"seq": 9})["attention_mask"] == 1).all()
     assert feeds["flag"].all()
     assert feeds["image"].std() > 0.5
     # named dims beat the batch rule, also on axis 0
@@ -249,3 +252,101 @@ def test_iter_feeds() -> None:
     assert list(iter_feeds(one)) == [one]
     many = [one, {"x": np.ones(2)}]
     assert list(iter_feeds(iter(many))) == many
+
+
+# ---------------------------------------------------------------- inputs that drive the model
+
+
+def _ints(*names_shapes: tuple[str, list]) -> list:
+    return [helper.make_tensor_value_info(n, TensorProto.INT64, s) for n, s in names_shapes]
+
+
+def _graph_model(nodes, inputs, outputs, opset: int = 18) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return ir.from_proto(proto)
+
+
+def test_inputs_get_values_their_slots_accept() -> None:
+    """Integer divisors away from zero, a Reshape target read from the declared result, axes
+    that exist, a Split that adds up, training_mode false: every draw runs, every seed."""
+    model = _graph_model(
+        [
+            helper.make_node("Div", ["a", "b"], ["q"]),
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
+            helper.make_node("Split", ["x", "split"], ["s0", "s1"], axis=1),
+            helper.make_node("Dropout", ["x", "ratio", "training"], ["d"]),
+            helper.make_node("Slice", ["x", "starts", "ends", "slice_axes", "steps"], ["sl"]),
+        ],
+        [
+            *_ints(("a", [6]), ("b", [6])),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+            *_ints(("shape", [2]), ("axes", [2]), ("split", [2])),
+            helper.make_tensor_value_info("ratio", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("training", TensorProto.BOOL, []),
+            *_ints(("starts", [2]), ("ends", [2]), ("slice_axes", [2]), ("steps", [2])),
+        ],
+        [
+            helper.make_tensor_value_info("q", TensorProto.INT64, [6]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 6]),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s0", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s1", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("sl", TensorProto.FLOAT, None),
+        ],
+    )
+    session = create_session(model)
+    for seed in range(5):
+        feeds = random_feeds(model, seed=seed)
+        assert (feeds["b"] != 0).all() and set(np.abs(feeds["b"])) <= {1, 2, 3}
+        np.testing.assert_array_equal(feeds["shape"], [2, 6])
+        np.testing.assert_array_equal(feeds["axes"], [0, 1])
+        assert feeds["split"].sum() == 4 and not feeds["training"]
+        outputs = run(session, feeds)
+        np.testing.assert_array_equal(outputs["sl"], feeds["x"])  # a neutral slice
+        np.testing.assert_array_equal(outputs["d"], feeds["x"])  # inference: no dropout
+
+
+def test_sequence_inputs_are_lists() -> None:
+    model = _graph_model(
+        [helper.make_node("SequenceLength", ["seq"], ["n"])],
+        [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+    )
+    assert input_specs(model)[0].describe() == "seq: sequence(float32)"
+    feeds = random_feeds(model)
+    assert isinstance(feeds["seq"], list) and len(feeds["seq"]) == 2
+    assert run(create_session(model), feeds)["n"] == 2
+
+
+def test_generated_inputs_that_cannot_run_the_model_say_so_and_how_to_pass_data() -> None:
+    """A Reshape with allowzero=1 to a target nothing declares: no generated target has the 12
+    elements of x. The error says what was tried, never that the user's data is wrong."""
+    import slimgraph as sg
+    from slimgraph.errors import UnsupportedModelError
+    from slimgraph.runtime.feeds import driving_feeds
+
+    model = _graph_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]), *_ints(("shape", [2]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    with pytest.raises(UnsupportedModelError) as caught:
+        driving_feeds(model)
+    message = str(caught.value)
+    assert message.startswith(
+        "cannot build sample inputs the input model runs on, to verify it: tried 1 sets of "
+        "generated inputs, the first inputs x[3, 4], shape[2]: "
+    )
+    assert message.endswith(
+        "; give real inputs (feeds= in Python, --data DATA.npz on the command line) or skip "
+        "verification (verify=False / --no-verify)"
+    )
+    assert not isinstance(caught.value, BadDataError)
+    with pytest.raises(UnsupportedModelError, match="cannot build sample inputs"):
+        sg.optimize(model)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert sg.optimize(model, feeds={"x": x, "shape": np.array([4, 3])}) is not None

@@ -441,6 +441,10 @@ class _Builder(_weights.WeightWriter):
         """MatMul/Gemm -> DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul [-> Add], or
         DynamicQuantizeMatMul (`matmul_kernel="fused"`, a bias Add after it fused)."""
         node, bias, bias_add = rewrite.node, rewrite.bias, rewrite.bias_add
+        if isinstance(bias, ir.Value):
+            # read now, not from the plan: an earlier rewrite may have replaced its producer
+            # (two Gemms reading one activation, the second adding the first's output)
+            bias = node.inputs[2]
         codes, scale = self._matmul_weight(rewrite)
         replaced = [node]
         if bias_add is not None and self.matmul_kernel == "fused":
