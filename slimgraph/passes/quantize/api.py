@@ -191,7 +191,7 @@ def _quantize(
     model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions
 ) -> ir.Model:
     """`QuantizePass`'s work: the mode's default, the budget, then the mode."""
-    from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
+    from slimgraph.passes.transformer import ResidualSumPass, has_residual_sums
 
     keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
 
