@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Case", "build", "export", "HF_MODELS", "TORCH_MODELS", "NO_ATTENTION", "ALL_MODELS"]
+__all__ = ["Case", "build", "export", "exported", "HF_MODELS", "TORCH_MODELS", "NO_ATTENTION",
+           "ALL_MODELS"]
 
 VOCAB = 100
 Feeds = dict[str, np.ndarray]
@@ -434,3 +435,24 @@ def export(case: Case):  # noqa: ANN201 - an onnx_ir.Model (onnx_ir imported by 
 
     return from_torch(case.module, case.args, dynamic_shapes=case.dynamic_shapes,
                       input_names=list(case.names))
+
+
+_EXPORTS: dict[str, tuple[Case, bytes]] = {}
+
+
+def exported(name: str):  # noqa: ANN201 - (Case, onnx_ir.Model)
+    """(`build(name)`, its export), exported once per session; the model is a fresh copy on
+    every call (tests may edit it)."""
+    import onnx_ir as ir
+
+    if name not in _EXPORTS:
+        case = build(name)
+        _EXPORTS[name] = (case, ir.to_proto(export(case)).SerializeToString())
+    case, data = _EXPORTS[name]
+    return case, ir.from_proto(_load(data))
+
+
+def _load(data: bytes):  # noqa: ANN202
+    import onnx
+
+    return onnx.load_model_from_string(data)

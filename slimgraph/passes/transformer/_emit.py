@@ -30,10 +30,11 @@ import onnx_ir as ir
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.transformer._layout import Atom, Layout
 from slimgraph.passes.transformer._match import AttentionMatch, BiasTerm, NoMatch, Operand
-from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo, scalar
+from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo, all_true, scalar
 
 __all__ = ["MS_DOMAIN", "Emitter", "BiasPlan", "bias_plan", "operand_input", "rotary_input",
-           "attention_bias", "key_padding_mask", "rebuild_output", "padding_term"]
+           "attention_bias", "key_padding_mask", "rebuild_output", "padding_term", "inert",
+           "check_rotary"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -281,6 +282,16 @@ def _z_form(em: Emitter, plan: BiasPlan, value: ir.Value, q_in: ir.Value, k_in: 
     return value
 
 
+def inert(term: BiasTerm) -> bool:
+    """Whether the term adds nothing: a mask that keeps everything."""
+    if term.fill is not None:
+        return not term.fill_if and all_true(term.value)
+    node = term.value.producer()
+    if node is None or node.op_type != "Where" or node.domain not in ("", "ai.onnx"):
+        return False
+    return scalar(node.inputs[1]) == 0.0 and all_true(node.inputs[0])
+
+
 def padding_term(terms: list[BiasTerm], shapes: ShapeInfo) -> tuple[BiasPlan, bool, float] | None:
     """(plan of the mask condition, True where kept, fill) when the only term masks keys per
     batch row ([B, 1, 1, T] after broadcasting): the fused op's key_padding_mask."""
@@ -300,6 +311,16 @@ def padding_term(terms: list[BiasTerm], shapes: ShapeInfo) -> tuple[BiasPlan, bo
                 cond, keep_if, fill = node.inputs[0], False, a * term.factor
     if cond is None or cond.dtype != ir.DataType.BOOL:
         return None
+    while (node := cond.producer()) is not None and node.domain in ("", "ai.onnx"):
+        a, b = (list(node.inputs) + [None])[:2]
+        if node.op_type == "Expand" and a is not None:  # broadcasting does the same
+            cond = a
+        elif node.op_type == "And" and keep_if and all_true(a) and b is not None:
+            cond = b  # `mask & always-true` is the mask (broadcast)
+        elif node.op_type == "And" and keep_if and all_true(b) and a is not None:
+            cond = a
+        else:
+            break
     try:
         plan = bias_plan(term, shapes, cond)
     except NoMatch:

@@ -139,7 +139,7 @@ def step(layout: Layout, node: ir.Node, value: ir.Value, shapes: ShapeInfo) -> L
         perm = node.attributes.get_ints("perm", list(reversed(range(layout.rank))))
         return layout.with_axes([layout.axes[p] for p in perm])
     if op == "Unsqueeze":
-        axes = constant_array(node.inputs[1])
+        axes = shapes.array(node.inputs[1])
         if axes is None:
             raise LayoutError("Unsqueeze axes not constant")
         rank = layout.rank + axes.size
@@ -148,7 +148,7 @@ def step(layout: Layout, node: ir.Node, value: ir.Value, shapes: ShapeInfo) -> L
             new.insert(axis, ())
         return layout.with_axes(new)
     if op == "Squeeze":
-        axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = shapes.array(node.inputs[1]) if len(node.inputs) > 1 else None
         if axes is None:
             drop = {i for i, a in enumerate(layout.axes) if not a}
         else:
@@ -159,11 +159,11 @@ def step(layout: Layout, node: ir.Node, value: ir.Value, shapes: ShapeInfo) -> L
     if op == "Expand":
         return _expand(layout, shapes.ints(node.inputs[1]))
     if op == "Slice":
-        return _slice(layout, node)
+        return _slice(layout, node, shapes)
     if op == "Split":
         return _split(layout, node, value)
     if op == "Gather":
-        return _gather(layout, node)
+        return _gather(layout, node, shapes)
     raise LayoutError(f"{op} is not a data movement")
 
 
@@ -232,8 +232,8 @@ def _ranged(layout: Layout, axis: int, start: int, size: Dim, step: int = 1) -> 
     return out.shifted(atom.axis, start * atom.stride.coef)
 
 
-def _slice(layout: Layout, node: ir.Node) -> Layout:
-    parts = [constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+def _slice(layout: Layout, node: ir.Node, shapes: ShapeInfo) -> Layout:
+    parts = [shapes.array(v) if v is not None else None for v in node.inputs[1:5]]
     parts += [None] * (4 - len(parts))
     if parts[0] is None or parts[1] is None:
         raise LayoutError("Slice bounds not constant")
@@ -266,8 +266,11 @@ def _split(layout: Layout, node: ir.Node, value: ir.Value) -> Layout:
     return _ranged(layout, axis, sum(sizes[:index]), Dim(sizes[index]))
 
 
-def _gather(layout: Layout, node: ir.Node) -> Layout:
+def _gather(layout: Layout, node: ir.Node, shapes: ShapeInfo) -> Layout:
     index = constant_array(node.inputs[1])
+    if index is None and (found := shapes.array(node.inputs[1])) is not None:
+        index = found.reshape(()) if found.size == 1 and shapes.rank(node.inputs[1]) == 0 \
+            else found
     if index is None or index.size != 1:
         raise LayoutError("Gather of a non-constant or multi-element index")
     axis = node.attributes.get_int("axis", 0) % layout.rank

@@ -262,13 +262,14 @@ def trace(value: ir.Value, shapes: ShapeInfo) -> list[Link]:
     return links
 
 
-def layout_along(links: list[Link], upto: int, shapes: ShapeInfo) -> Layout:
-    """Layout of the chain's end relative to the input of `links[upto - 1]` (upto=0: itself).
+def layout_along(value: ir.Value, links: list[Link], upto: int, shapes: ShapeInfo) -> Layout:
+    """Layout of `value` (the end of `links`) relative to the input of `links[upto - 1]`
+    (upto=0: relative to itself).
 
     Raises:
         LayoutError: a move the layout cannot express.
     """
-    start = links[upto - 1].source if upto else links[0].value
+    start = links[upto - 1].source if upto else value
     dims = shapes.shape(start)
     if dims is None:
         raise LayoutError("shape unknown")
@@ -355,7 +356,7 @@ def _operand(value: ir.Value, role: str, shapes: ShapeInfo) -> tuple[Operand, _R
     reasons: list[str] = []
     for upto in _candidates(links):
         try:
-            layout = layout_along(links, upto, shapes)
+            layout = layout_along(value, links, upto, shapes)
             source = links[upto - 1].source if upto else value
             dims = shapes.shape(source)
             assert dims is not None

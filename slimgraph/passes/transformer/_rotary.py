@@ -17,7 +17,6 @@ import dataclasses
 import onnx_ir as ir
 
 from slimgraph.passes._graph_utils import is_onnx_op
-from slimgraph.passes._kit import constant_array
 from slimgraph.passes.transformer._layout import Layout
 from slimgraph.passes.transformer._symbolic import ShapeInfo, scalar
 
@@ -50,7 +49,7 @@ def _slice_last(value: ir.Value | None, shapes: ShapeInfo) -> tuple[ir.Value, in
     node = value.producer() if value is not None else None
     if node is None or not is_onnx_op(node, "Slice"):
         return None
-    parts = [constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+    parts = [shapes.array(v) if v is not None else None for v in node.inputs[1:5]]
     parts += [None] * (4 - len(parts))
     x = node.inputs[0]
     rank = shapes.rank(x)

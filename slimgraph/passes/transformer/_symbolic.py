@@ -25,7 +25,7 @@ import onnx_ir as ir
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import constant_array, traced_constant
 
-__all__ = ["Dim", "ShapeInfo", "Shape", "dim_of", "product", "scalar", "ONE"]
+__all__ = ["Dim", "ShapeInfo", "Shape", "dim_of", "product", "scalar", "ONE", "all_true"]
 
 _INT_MAX = 2**62  # Slice ends above this mean "to the end"
 
@@ -171,7 +171,7 @@ class ShapeInfo:
                 return None
             return tuple(d for p in parts for d in p)  # type: ignore[union-attr]
         if op == "Gather":
-            vector, positions = self.ints(inputs[0]), constant_array(inputs[1])
+            vector, positions = self.ints(inputs[0]), self.array(inputs[1])
             if vector is None or positions is None:
                 return None
             try:
@@ -180,8 +180,8 @@ class ShapeInfo:
                 return None
         if op == "Slice":
             items = self.ints(inputs[0])
-            starts, ends = constant_array(inputs[1]), constant_array(inputs[2])
-            steps = constant_array(inputs[4]) if len(inputs) > 4 and inputs[4] else None
+            starts, ends = self.array(inputs[1]), self.array(inputs[2])
+            steps = self.array(inputs[4]) if len(inputs) > 4 and inputs[4] else None
             if items is None or starts is None or ends is None or starts.size != 1:
                 return None
             step = int(steps.reshape(-1)[0]) if steps is not None else 1
@@ -213,6 +213,17 @@ class ShapeInfo:
                     return None
             return tuple(out)
         return None
+
+    def array(self, value: ir.Value | None) -> np.ndarray | None:
+        """An integer input (Slice bounds, axes) as an int64 array when it is static: a
+        constant, or a shape computation whose elements are all known numbers."""
+        array = constant_array(value)
+        if array is not None:
+            return array if array.dtype.kind in "iu" else None
+        ints = self.ints(value)
+        if ints is None or not all(d.static for d in ints):
+            return None
+        return np.array([d.coef for d in ints], np.int64)
 
     # ------------------------------------------------------------------------ shapes
 
@@ -255,6 +266,15 @@ class ShapeInfo:
             return _broadcast(inputs)  # type: ignore[arg-type]
         return inputs[0] if node.op_type in _SAME_SHAPE else None
 
+    def _op_Constant(self, node: ir.Node, value: ir.Value) -> Shape | None:  # noqa: N802
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return tuple(Dim(int(d)) for d in attr.as_tensor().shape.numpy())
+        ints = node.attributes.get("value_ints") or node.attributes.get("value_floats")
+        if ints is not None:
+            return (Dim(len(ints.value)),)
+        return () if node.attributes else None
+
     def _op_Reshape(self, node: ir.Node, value: ir.Value) -> Shape | None:  # noqa: N802
         source, target = self.shape(node.inputs[0]), self.ints(node.inputs[1])
         if source is None or target is None:
@@ -288,7 +308,7 @@ class ShapeInfo:
         return tuple(shape[p] for p in perm)
 
     def _op_Unsqueeze(self, node: ir.Node, value: ir.Value) -> Shape | None:  # noqa: N802
-        shape, axes = self.shape(node.inputs[0]), constant_array(node.inputs[1])
+        shape, axes = self.shape(node.inputs[0]), self.array(node.inputs[1])
         if shape is None or axes is None:
             return None
         rank = len(shape) + axes.size
@@ -302,7 +322,7 @@ class ShapeInfo:
         shape = self.shape(node.inputs[0])
         if shape is None:
             return None
-        axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = self.array(node.inputs[1]) if len(node.inputs) > 1 else None
         if axes is None:
             return tuple(d for d in shape if d != ONE) if len(node.inputs) < 2 else None
         drop = {int(a) % len(shape) for a in axes.reshape(-1)}
@@ -344,7 +364,7 @@ class ShapeInfo:
 
     def _op_Slice(self, node: ir.Node, value: ir.Value) -> Shape | None:  # noqa: N802
         shape = self.shape(node.inputs[0])
-        parts = [constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+        parts = [self.array(v) if v is not None else None for v in node.inputs[1:5]]
         parts += [None] * (4 - len(parts))
         if shape is None or parts[0] is None or parts[1] is None:
             return None
@@ -378,19 +398,99 @@ class ShapeInfo:
         return (*shape[:axis], Dim(sizes[index]), *shape[axis + 1:])
 
 
-def scalar(value: ir.Value | None) -> float | None:
-    """The float of a one-element constant (traced through Expand/Cast/... of constants)."""
+def scalar(value: ir.Value | None, depth: int = 0) -> float | None:
+    """The number every element of a constant holds (None if not constant or not uniform):
+    initializers, Constant/ConstantOfShape, and the scalar arithmetic exporters leave unfolded
+    (`Sqrt(CastLike(c, x))`, `1 / c`, Expand and Reshape of a constant)."""
+    if value is None or depth > 12:
+        return None
     array = constant_array(value)
     if array is None:
-        array = traced_constant(value, through={"Expand", "Cast", "Identity", "Reshape",
-                                                "Constant", "Unsqueeze", "CastLike"})
-    if array is None or array.size != 1 or array.dtype.kind not in "fiub":
-        if array is not None and array.size > 1 and array.dtype.kind == "f":
-            flat = array.reshape(-1)
-            if np.all(flat == flat[0]):  # an Expand of one value
-                return float(flat[0])
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        op = node.op_type
+        if op in ("CastLike", "Cast", "Identity", "Expand", "Reshape", "Unsqueeze", "Squeeze"):
+            return scalar(node.inputs[0], depth + 1)
+        if op in ("Sqrt", "Reciprocal", "Neg"):
+            inner = scalar(node.inputs[0], depth + 1)
+            if inner is None or (op == "Sqrt" and inner < 0) or (op == "Reciprocal" and not inner):
+                return None
+            return float(np.sqrt(inner) if op == "Sqrt" else 1.0 / inner if op == "Reciprocal"
+                         else -inner)
+        if op in ("Mul", "Div") and len(node.inputs) == 2:
+            a, b = scalar(node.inputs[0], depth + 1), scalar(node.inputs[1], depth + 1)
+            if a is None or b is None or (op == "Div" and not b):
+                return None
+            return a * b if op == "Mul" else a / b
+        array = traced_constant(value, through={"Constant", "ConstantOfShape"})
+    if array is None or not array.size or array.dtype.kind not in "fiub":
         return None
-    return float(array.reshape(()))
+    flat = array.reshape(-1)
+    if not np.all(flat == flat[0]):
+        return None
+    return float(flat[0])
+
+
+_SAME_VALUES = ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Slice", "Transpose")
+
+
+def _lower_bound(value: ir.Value | None, depth: int = 0) -> float | None:
+    """A lower bound of every element of `value` when one is evident (ranges, constants)."""
+    if value is None or depth > 12:
+        return None
+    uniform = scalar(value)
+    if uniform is not None:
+        return uniform
+    array = constant_array(value)
+    if array is None:
+        array = traced_constant(value, through={"Constant", "ConstantOfShape"})
+    if array is not None:
+        return float(array.min()) if array.size and array.dtype.kind in "iuf" else None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Range":
+        start, delta = scalar(node.inputs[0]), scalar(node.inputs[2])
+        return start if start is not None and delta is not None and delta > 0 else None
+    if node.op_type == "Add":
+        bounds = [_lower_bound(v, depth + 1) for v in node.inputs]
+        return None if None in bounds else float(sum(b for b in bounds if b is not None))
+    if node.op_type in (*_SAME_VALUES, "Cast"):
+        return _lower_bound(node.inputs[0], depth + 1)
+    return None
+
+
+def all_true(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether a boolean tensor is evidently true everywhere (constants, `x >= c` for a range
+    starting at c or above, And/moves of such tensors)."""
+    if value is None or depth > 12:
+        return False
+    array = constant_array(value)
+    if array is not None:
+        return array.dtype == np.bool_ and bool(array.all())
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Constant":
+        array = traced_constant(value)
+        return array is not None and array.dtype == np.bool_ and bool(array.all())
+    if node.op_type == "ConstantOfShape":
+        attr = node.attributes.get("value")
+        fill = attr.as_tensor().numpy() if attr is not None else None
+        return fill is not None and fill.dtype == np.bool_ and bool(fill.all())
+    if node.op_type == "And":
+        return all(all_true(v, depth + 1) for v in node.inputs)
+    if node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.BOOL:
+        number = scalar(node.inputs[0])
+        return all_true(node.inputs[0], depth + 1) or (number is not None and number != 0)
+    if node.op_type in _SAME_VALUES:
+        return all_true(node.inputs[0], depth + 1)
+    if node.op_type in ("GreaterOrEqual", "LessOrEqual"):
+        big, small = node.inputs if node.op_type == "GreaterOrEqual" else node.inputs[::-1]
+        bound, limit = _lower_bound(big), scalar(small)
+        return bound is not None and limit is not None and bound >= limit
+    return False
 
 
 def slice_size(dim: Dim, start: int, end: int, step: int) -> Dim | None:
@@ -427,6 +527,6 @@ _SAME_SHAPE = frozenset({
     "LayerNormalization", "Dropout", "Gelu", "Floor", "Ceil", "Round", "Sign",
 })
 _PROPAGATED = frozenset({
-    *_ELEMENTWISE, *_SAME_SHAPE, "Where", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
-    "Expand", "MatMul", "Gemm", "Concat", "Slice", "Gather", "Split",
+    *_ELEMENTWISE, *_SAME_SHAPE, "Where", "Constant", "Reshape", "Transpose", "Unsqueeze",
+    "Squeeze", "Expand", "MatMul", "Gemm", "Concat", "Slice", "Gather", "Split",
 })

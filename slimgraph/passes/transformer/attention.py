@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
@@ -54,6 +54,7 @@ from slimgraph.passes.transformer._emit import (
     attention_bias,
     bias_plan,
     check_rotary,
+    inert,
     key_padding_mask,
     operand_input,
     padding_term,
@@ -85,8 +86,8 @@ class AttentionFusionResult(TransformerFusionResult):
     Attributes:
         fused: rewrites by kind ({"attention": n}; "grouped_query", "rotary" among them).
         blocks: attention blocks found (matched or attention-like Softmaxes that did not).
-        summary: "fuse-attention: 11 of 12 attention blocks fused; <layer>: <reason>" (empty
-            when the model has no attention).
+        summary: "fuse-attention: 11 of 12 attention blocks fused; <layer>: <reason>", or
+            "fuse-attention: no attention found".
     """
 
     blocks: int = 0
@@ -97,7 +98,7 @@ def fusion_summary(fused: int, skipped: list[Skipped], label: str = "fuse-attent
     """The one line the command line prints for an attention fusion."""
     total = fused + len(skipped)
     if not total:
-        return ""
+        return f"{label}: no attention found"
     line = f"{label}: {fused} of {total} attention blocks fused"
     if skipped:
         first = skipped[0]
@@ -121,13 +122,22 @@ class FuseAttentionPass(SlimgraphPass):
     See the module docstring. Args:
         gqa: grouped-query attention as "op" (GroupQueryAttention, default) or "repeat"
             (key/value heads repeated into MultiHeadAttention).
+        require: a model whose attention blocks none can be fused is an error (the
+            `transformer` preset and explicit steps); False where the fusion is a bonus
+            (quantization's transformer path). A model without attention is not an error:
+            the summary says none was found.
+
+    Raises:
+        UnsupportedModelError: `require` and the model has attention of which no block could
+            be fused (the message names the first block and why).
     """
 
     exact: ClassVar[bool] = True
 
-    def __init__(self, *, gqa: str = "op") -> None:
+    def __init__(self, *, gqa: str = "op", require: bool = True) -> None:
         super().__init__()
         self.gqa = gqa
+        self.require = require
 
     def requires(self, model: ir.Model) -> None:
         if self.gqa not in GQA_MODES:
@@ -144,6 +154,11 @@ class FuseAttentionPass(SlimgraphPass):
                 plans.append(self._plan(match, shapes))
             except NoMatch as reason:
                 skipped.append(Skipped(match.name, "Softmax", str(reason)))
+        if self.require and skipped and not plans:
+            first = skipped[0]
+            raise UnsupportedModelError(
+                f"fuse-attention: none of the {len(skipped)} attention blocks can be fused; "
+                f"{first.node}: {first.reason}")
         emitter = Emitter(graph, Names(graph), shapes)
         fused = {"attention": 0}
         for plan in plans:
@@ -153,12 +168,13 @@ class FuseAttentionPass(SlimgraphPass):
                 fused[extra] = fused.get(extra, 0) + 1
         for item in skipped:
             logger.info("attention %s not fused: %s", item.node, item.reason)
+        summary = fusion_summary(fused["attention"], skipped)
+        logger.info("%s", summary)
         count = fused["attention"]
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             common.RemoveUnusedNodesPass()(model)
             common.TopologicalSortPass()(model)
-        summary = fusion_summary(count, skipped)
         return AttentionFusionResult(model, bool(count), skipped=skipped,
                                      fused={k: v for k, v in fused.items() if v},
                                      blocks=count + len(skipped), summary=summary)
@@ -172,8 +188,9 @@ class FuseAttentionPass(SlimgraphPass):
             assert q_dims is not None and k_dims is not None
             if q_dims[match.q.seq_axis] != k_dims[match.k.seq_axis]:
                 grouped = False  # GroupQueryAttention needs self-attention: repeat instead
-        padding = padding_term(match.bias, shapes)
-        biases = [] if padding is not None else [bias_plan(t, shapes) for t in match.bias]
+        terms = [t for t in match.bias if not inert(t)]
+        padding = padding_term(terms, shapes)
+        biases = [] if padding is not None else [bias_plan(t, shapes) for t in terms]
         if match.v.head_size != match.head_size and grouped:
             raise NoMatch("grouped-query attention with a value head size unlike the key's")
         return _Plan(match, padding, biases, grouped and self.gqa == "op")

@@ -186,7 +186,8 @@ def _restate(graph: ir.Graph, names: Names, move: Move, site: HeadSite,
         dims = _reshape_dims(move, axis, mask)
         if dims is None:
             return
-        value = _shape_value(graph, names, node, move, dims)
+        value = _shape_value(graph, names, node, move, dims, new_sizes(move.before, axis, mask),
+                             new_sizes(move.after, axis, mask))
         node.replace_input_with(1, value)
         node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
     elif node.op_type == "Expand":
@@ -231,25 +232,80 @@ def _reshape_dims(move: Move, axis: int, mask: np.ndarray) -> list[int | None] |
 
 
 def _shape_value(graph: ir.Graph, names: Names, node: ir.Node, move: Move,
-                 dims: list[int | None]) -> ir.Value:
+                 dims: list[int | None], before_sizes: dict[int, int],
+                 after_sizes: dict[int, int]) -> ir.Value:
     if dims.count(None) <= 1:
         array = np.array([-1 if d is None else d for d in dims], np.int64)
         return add_initializer(graph, names.fresh("heads_shape"), array)
-    # several symbolic axes: each must be whole input axes, read at run time
+    # several symbolic axes: each symbolic size read at run time from the input's shape
     source = node.inputs[0]
     assert source is not None
+    plan = _runtime_dims(move, dims, before_sizes, after_sizes)
     pieces: list[ir.Value] = []
-    for out_axis, group in enumerate(_whole_axes(move, dims)):
+    for out_axis, parts in enumerate(plan):
         if dims[out_axis] is not None:
             pieces.append(add_initializer(graph, names.fresh("heads_dim"),
                                           np.array([dims[out_axis]], np.int64)))
             continue
-        value = _insert(graph, names, node, "Shape", [source], start=group[0],
-                        end=group[-1] + 1)
-        if len(group) > 1:
-            value = _insert(graph, names, node, "ReduceProd", [value], keepdims=1)
+        value: ir.Value | None = None
+        static = 1
+        for part in parts:
+            if isinstance(part, int):
+                static *= part
+                continue
+            axis, divisor = part
+            piece = _insert(graph, names, node, "Shape", [source], start=axis, end=axis + 1)
+            if divisor != 1:
+                piece = _insert(graph, names, node, "Div", [piece, add_initializer(
+                    graph, names.fresh("heads_divisor"), np.array([divisor], np.int64))])
+            value = piece if value is None else _insert(graph, names, node, "Mul",
+                                                        [value, piece])
+        assert value is not None
+        if static != 1:
+            value = _insert(graph, names, node, "Mul", [value, add_initializer(
+                graph, names.fresh("heads_factor"), np.array([static], np.int64))])
         pieces.append(value)
     return _insert(graph, names, node, "Concat", pieces, axis=0)
+
+
+def _runtime_dims(move: Move, dims: list[int | None], before_sizes: dict[int, int],
+                  after_sizes: dict[int, int]) -> list[list[int | tuple[int, int]]]:
+    """For each output axis, its size as parts: static ints, or (input axis, divisor): the
+    input's run-time size on that axis divided by the (new, static) sizes of the other atoms
+    sharing it.
+
+    Raises:
+        NoMatch: a symbolic size that no input axis holds with only static companions.
+    """
+    flat_before = move.before.flat()
+    index_of = {id(a): i for i, a in enumerate(flat_before)}
+    plan: list[list[int | tuple[int, int]]] = []
+    index = -1
+    for out_axis, atoms in enumerate(move.after.axes):
+        parts: list[int | tuple[int, int]] = []
+        for atom in atoms:
+            index += 1
+            if dims[out_axis] is not None:
+                continue
+            if atom.size.static:
+                parts.append(after_sizes.get(index, atom.size.coef))
+                continue
+            home = next((i for i, axis in enumerate(move.before.axes) if atom in axis), None)
+            if home is None:
+                raise NoMatch("a head split whose symbolic sizes cannot be restated")
+            divisor = 1
+            for other in move.before.axes[home]:
+                if other is atom or other == atom:
+                    continue
+                size = before_sizes.get(index_of.get(id(other), -1))
+                if size is None:
+                    if not other.size.static:
+                        raise NoMatch("a head split whose symbolic sizes cannot be restated")
+                    size = other.size.coef
+                divisor *= size
+            parts.append((home, divisor))
+        plan.append(parts)
+    return plan
 
 
 def _insert(graph: ir.Graph, names: Names, before: ir.Node, op: str, inputs: list[ir.Value],
@@ -321,29 +377,11 @@ def _check(site: HeadSite, removed_units: list[int]) -> None:
     kept = _kept_positions(site, removed_units)
     for move in site.moves:
         axis, _ = site.refs[move.ref]
-        new_sizes(move.before, axis, kept[move.ref])
+        before = new_sizes(move.before, axis, kept[move.ref])
         if move.node.op_type == "Reshape":
             dims = _reshape_dims(move, axis, kept[move.ref])
             if dims is not None and dims.count(None) > 1:
-                _whole_axes(move, dims)
-
-
-def _whole_axes(move: Move, dims: list[int | None]) -> list[list[int]]:
-    """For each symbolic output axis, the input axes it is made of (whole, in order)."""
-    groups = []
-    position = 0
-    before = list(move.before.axes)
-    for out_axis, atoms in enumerate(move.after.axes):
-        flat: list = []
-        group: list[int] = []
-        while len(flat) < len(atoms) and position < len(before):
-            flat += list(before[position])
-            group.append(position)
-            position += 1
-        if dims[out_axis] is None and (tuple(flat) != atoms or not group):
-            raise NoMatch("a head split whose symbolic sizes cannot be restated")
-        groups.append(group)
-    return groups
+                _runtime_dims(move, dims, before, new_sizes(move.after, axis, kept[move.ref]))
 
 
 def _rewrite(graph: ir.Graph, names: Names, site: HeadSite, removed_units: list[int],
