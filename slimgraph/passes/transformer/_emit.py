@@ -312,13 +312,13 @@ def padding_term(terms: list[BiasTerm], shapes: ShapeInfo) -> tuple[BiasPlan, bo
     if cond is None or cond.dtype != ir.DataType.BOOL:
         return None
     while (node := cond.producer()) is not None and node.domain in ("", "ai.onnx"):
-        a, b = (list(node.inputs) + [None])[:2]
-        if node.op_type == "Expand" and a is not None:  # broadcasting does the same
-            cond = a
-        elif node.op_type == "And" and keep_if and all_true(a) and b is not None:
-            cond = b  # `mask & always-true` is the mask (broadcast)
-        elif node.op_type == "And" and keep_if and all_true(b) and a is not None:
-            cond = a
+        first, second = (list(node.inputs) + [None])[:2]
+        if node.op_type == "Expand" and first is not None:  # broadcasting does the same
+            cond = first
+        elif node.op_type == "And" and keep_if and all_true(first) and second is not None:
+            cond = second  # `mask & always-true` is the mask (broadcast)
+        elif node.op_type == "And" and keep_if and all_true(second) and first is not None:
+            cond = first
         else:
             break
     try:
