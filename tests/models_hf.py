@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Case", "build", "export", "exported", "HF_MODELS", "TORCH_MODELS", "NO_ATTENTION",
-           "ALL_MODELS"]
+__all__ = ["Case", "build", "export", "exported", "wrap", "HF_MODELS", "TORCH_MODELS",
+           "NO_ATTENTION", "ALL_MODELS"]
 
 VOCAB = 100
 Feeds = dict[str, np.ndarray]
@@ -119,7 +119,9 @@ class _Two(_One):
         return self.model(**{self.names[0]: x, self.names[1]: mask}, **self.fixed)[0]
 
 
-def _hf(model: nn.Module, names: tuple[str, ...], **fixed: Any) -> nn.Module:
+def wrap(model: nn.Module, names: tuple[str, ...], **fixed: Any) -> nn.Module:
+    """`model` (a Hugging Face model) called with `names` as keyword inputs, in eval mode,
+    returning its first output: what `from_torch` exports with positional inputs."""
     wrapper = _One if len(names) == 1 else _Two
     return wrapper(model.eval(), names, **fixed).eval()
 
@@ -136,7 +138,7 @@ def _bert() -> Case:
     from transformers import BertConfig, BertModel
 
     model = BertModel(BertConfig(**TEXT, attn_implementation="sdpa"), add_pooling_layer=False)
-    return _text(_hf(model, ("input_ids", "attention_mask")), 2)
+    return _text(wrap(model, ("input_ids", "attention_mask")), 2)
 
 
 def _roberta() -> Case:
@@ -144,7 +146,7 @@ def _roberta() -> Case:
 
     config = RobertaConfig(**{**TEXT, "max_position_embeddings": 72}, attn_implementation="sdpa")
     model = RobertaModel(config, add_pooling_layer=False)
-    return _text(_hf(model, ("input_ids", "attention_mask")), 2)
+    return _text(wrap(model, ("input_ids", "attention_mask")), 2)
 
 
 def _distilbert() -> Case:
@@ -153,7 +155,7 @@ def _distilbert() -> Case:
     config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                               max_position_embeddings=64, initializer_range=INIT,
                               attn_implementation="sdpa")
-    return _text(_hf(DistilBertModel(config), ("input_ids", "attention_mask")), 2)
+    return _text(wrap(DistilBertModel(config), ("input_ids", "attention_mask")), 2)
 
 
 def _albert() -> Case:
@@ -161,14 +163,14 @@ def _albert() -> Case:
 
     config = AlbertConfig(**TEXT, embedding_size=16, attn_implementation="sdpa")
     model = AlbertModel(config, add_pooling_layer=False)
-    return _text(_hf(model, ("input_ids", "attention_mask")), 2)
+    return _text(wrap(model, ("input_ids", "attention_mask")), 2)
 
 
 def _electra() -> Case:
     from transformers import ElectraConfig, ElectraModel
 
     config = ElectraConfig(**TEXT, embedding_size=16, attn_implementation="sdpa")
-    return _text(_hf(ElectraModel(config), ("input_ids", "attention_mask")), 2)
+    return _text(wrap(ElectraModel(config), ("input_ids", "attention_mask")), 2)
 
 
 def _deberta() -> Case:
@@ -177,7 +179,7 @@ def _deberta() -> Case:
     config = DebertaV2Config(**TEXT, relative_attention=True, position_buckets=16,
                              pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
                              attn_implementation="eager")
-    return _text(_hf(DebertaV2Model(config), ("input_ids", "attention_mask")), 2)
+    return _text(wrap(DebertaV2Model(config), ("input_ids", "attention_mask")), 2)
 
 
 def _gpt2() -> Case:
@@ -185,14 +187,14 @@ def _gpt2() -> Case:
 
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                         initializer_range=INIT, attn_implementation="sdpa")
-    return _text(_hf(GPT2Model(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(GPT2Model(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 def _gpt_neox() -> Case:
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     config = GPTNeoXConfig(**TEXT, rotary_pct=0.5, attn_implementation="sdpa")
-    return _text(_hf(GPTNeoXModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(GPTNeoXModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 DECODER = {**TEXT, "hidden_size": 64, "intermediate_size": 128, "num_key_value_heads": 2}
@@ -202,21 +204,21 @@ def _llama() -> Case:
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(**DECODER, attn_implementation="sdpa")
-    return _text(_hf(LlamaModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(LlamaModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 def _mistral() -> Case:
     from transformers import MistralConfig, MistralModel
 
     config = MistralConfig(**DECODER, attn_implementation="sdpa")
-    return _text(_hf(MistralModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(MistralModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 def _qwen2() -> Case:
     from transformers import Qwen2Config, Qwen2Model
 
     config = Qwen2Config(**DECODER, attn_implementation="sdpa")
-    return _text(_hf(Qwen2Model(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(Qwen2Model(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 def _phi() -> Case:
@@ -224,7 +226,7 @@ def _phi() -> Case:
 
     config = PhiConfig(**{**DECODER, "num_key_value_heads": 4}, partial_rotary_factor=0.5,
                        attn_implementation="sdpa")
-    return _text(_hf(PhiModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+    return _text(wrap(PhiModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
 def _t5() -> Case:
@@ -233,7 +235,7 @@ def _t5() -> Case:
     config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=8, initializer_factor=3.0,
                       attn_implementation="eager")
-    return _text(_hf(T5EncoderModel(config), ("input_ids", "attention_mask")), 2)
+    return _text(wrap(T5EncoderModel(config), ("input_ids", "attention_mask")), 2)
 
 
 VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -244,14 +246,14 @@ def _vit() -> Case:
     from transformers import ViTConfig, ViTModel
 
     model = ViTModel(ViTConfig(**VISION, attn_implementation="sdpa"), add_pooling_layer=False)
-    return _image(_hf(model, ("pixel_values",)), 2, 32)
+    return _image(wrap(model, ("pixel_values",)), 2, 32)
 
 
 def _deit() -> Case:
     from transformers import DeiTConfig, DeiTModel
 
     model = DeiTModel(DeiTConfig(**VISION, attn_implementation="sdpa"), add_pooling_layer=False)
-    return _image(_hf(model, ("pixel_values",)), 2, 32)
+    return _image(wrap(model, ("pixel_values",)), 2, 32)
 
 
 def _swin() -> Case:
@@ -260,7 +262,7 @@ def _swin() -> Case:
     config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
                         num_heads=[2, 4], window_size=4, initializer_range=INIT,
                         attn_implementation="eager")
-    return _image(_hf(SwinModel(config, add_pooling_layer=False), ("pixel_values",)), 4, 32)
+    return _image(wrap(SwinModel(config, add_pooling_layer=False), ("pixel_values",)), 4, 32)
 
 
 def _mobilevit() -> Case:
@@ -270,7 +272,7 @@ def _mobilevit() -> Case:
         8, 8, 16, 16, 24, 24, 32], num_attention_heads=4, initializer_range=INIT,
         attn_implementation="eager")
     model = MobileViTModel(config, expand_output=False)
-    return _image(_hf(model, ("pixel_values",)), 9, 64)
+    return _image(wrap(model, ("pixel_values",)), 9, 64)
 
 
 def _whisper() -> Case:
@@ -281,7 +283,7 @@ def _whisper() -> Case:
                            encoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
                            init_std=INIT, attn_implementation="sdpa")
     frames = 2 * config.max_source_positions
-    module = _hf(WhisperEncoder(config), ("input_features",))
+    module = wrap(WhisperEncoder(config), ("input_features",))
 
     def feeds(batch: int, length: int, seed: int = 0) -> Feeds:
         del length
@@ -301,7 +303,7 @@ def _wav2vec2() -> Case:
                             num_conv_pos_embedding_groups=4, feat_extract_norm="layer",
                             do_stable_layer_norm=True, mask_time_prob=0.0,
                             initializer_range=INIT, attn_implementation="sdpa")
-    module = _hf(Wav2Vec2Model(config), ("input_values", "attention_mask"))
+    module = wrap(Wav2Vec2Model(config), ("input_values", "attention_mask"))
     samples = 400
 
     def feeds(batch: int, length: int, seed: int = 0) -> Feeds:
@@ -319,14 +321,14 @@ def _convnext() -> Case:
     from transformers import ConvNextConfig, ConvNextModel
 
     config = ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32)
-    return _image(_hf(ConvNextModel(config), ("pixel_values",)), 0, 32)
+    return _image(wrap(ConvNextModel(config), ("pixel_values",)), 0, 32)
 
 
 def _resnet() -> Case:
     from transformers import ResNetConfig, ResNetModel
 
     config = ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)
-    return _image(_hf(ResNetModel(config), ("pixel_values",)), 0, 32)
+    return _image(wrap(ResNetModel(config), ("pixel_values",)), 0, 32)
 
 
 # ------------------------------------------------------------------------- torch's own modules

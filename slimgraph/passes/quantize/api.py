@@ -282,7 +282,8 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     from slimgraph.runtime import random_feeds
 
     steps: list[str | dict[str, object]] = [
-        {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "residual-sum"]
+        {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "fuse-rms-norm",
+        "residual-sum"]
     result = run_pipeline(model, steps, verify=verify,
                           feeds=random_feeds(model) if verify else None)
     for record in result.records:

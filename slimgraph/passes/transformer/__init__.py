@@ -4,7 +4,7 @@
   (MultiHeadAttention, GroupQueryAttention, RotaryEmbedding), exact;
 - `pack-attention` (`packing`): Q/K/V projections into `com.microsoft.Attention` (QAttention
   after dynamic quantization), exact;
-- `fuse-bias-gelu`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
+- `fuse-bias-gelu`, `fuse-rms-norm`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
 - `prune-heads` (`heads`): whole attention heads (and key/value groups) removed.
 
 The matcher (`match_attention`, `find_attention`, `AttentionMatch`) follows the data from each
@@ -40,6 +40,7 @@ from slimgraph.passes.transformer.heads import (
 )
 from slimgraph.passes.transformer.norms import (
     FuseBiasGeluPass,
+    FuseRmsNormPass,
     FuseSkipLayerNormPass,
     ResidualSumPass,
     has_residual_sums,
@@ -66,6 +67,7 @@ __all__ = [
     "PruneHeadsResult",
     "prune_heads",
     "FuseBiasGeluPass",
+    "FuseRmsNormPass",
     "FuseSkipLayerNormPass",
     "ResidualSumPass",
     "has_residual_sums",
