@@ -5,7 +5,9 @@
 - `pack-attention` (`packing`): Q/K/V projections into `com.microsoft.Attention` (QAttention
   after dynamic quantization), exact;
 - `fuse-bias-gelu`, `fuse-rms-norm`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
-- `prune-heads` (`heads`): whole attention heads (and key/value groups) removed.
+- `prune-heads` (`heads`): whole attention heads (and key/value groups) removed;
+- SmoothQuant's rewrite (`smoothing`): normalization outputs' outlier channels moved into the
+  projections that read them (`slimgraph.passes.quantize.smoothquant` calibrates and searches).
 
 The matcher (`match_attention`, `find_attention`, `AttentionMatch`) follows the data from each
 Softmax to the projections and the head merge, whatever the exporter's spelling; its record

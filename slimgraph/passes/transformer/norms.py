@@ -8,9 +8,10 @@
   (measured, see `slimgraph.passes.TRANSFORMER_STEPS`); for other execution providers or
   versions, add it to a recipe.
 - `fuse-rms-norm`: RMS normalization as exporters write it (`x * 1/sqrt(mean(x^2) + eps) *
-  gamma`: Llama, Mistral, Qwen2, T5) becomes `com.microsoft.SimplifiedLayerNormalization`
-  (onnxscript's rules, `onnxscript.rewriter.ort_fusions.rms_normalization`): seven kernels
-  into one on onnxruntime's CPU, where the session optimizer leaves them apart.
+  gamma`: Llama, Mistral, Qwen2, T5) becomes onnxruntime's SimplifiedLayerNormalization
+  (registered in the default domain; onnxscript's rules,
+  `onnxscript.rewriter.ort_fusions.rms_normalization`): seven kernels into one on
+  onnxruntime's CPU, where the session optimizer leaves them apart.
 - `residual-sum`: the residual Add read by a LayerNormalization becomes Sum, which
   onnxruntime's session optimizer does not fuse into its slower SkipLayerNormalization.
 
@@ -84,7 +85,7 @@ class FuseBiasGeluPass(SlimgraphPass):
 @register_pass("fuse-rms-norm", exact=True)
 class FuseRmsNormPass(SlimgraphPass):
     """`Mul(x, Reciprocal(Sqrt(ReduceMean(Pow(x, 2)) + eps))) * gamma` (the RMS normalization of
-    the last axis) becomes `com.microsoft.SimplifiedLayerNormalization`; exact. onnxscript's
+    the last axis) becomes onnxruntime's SimplifiedLayerNormalization; exact. onnxscript's
     rules (they check a float epsilon and float input, scale and compute types)."""
 
     exact: ClassVar[bool] = True
