@@ -136,11 +136,6 @@ def operand_input(em: Emitter, match: AttentionMatch, operand: Operand) -> ir.Va
                             em.ints([operand.offset + operand.width]), em.ints([2])])
 
 
-def _same_source(match: AttentionMatch) -> list[Operand]:
-    ops = [match.q, match.k, match.v]
-    return [o for o in ops if o.source is ops[0].source or o.source is ops[1].source]
-
-
 def _packed_parts(match: AttentionMatch, operand: Operand) -> list[int] | None:
     """Sizes of a Split giving q, k, v (in feature order) when they tile one source."""
     sharing = [o for o in (match.q, match.k, match.v) if o.source is operand.source]

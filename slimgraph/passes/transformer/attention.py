@@ -43,6 +43,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.ir import layer_name
 from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
@@ -197,8 +198,6 @@ class FuseAttentionPass(SlimgraphPass):
 
 
 def _layer(node: ir.Node) -> str:
-    from slimgraph.ir import layer_name
-
     return layer_name(node) or node.name or "<unnamed Softmax>"
 
 
