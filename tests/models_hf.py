@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["Case", "build", "export", "exported", "wrap", "HF_MODELS", "TORCH_MODELS",
-           "NO_ATTENTION", "ALL_MODELS"]
+           "NO_ATTENTION", "EXTRA_MODELS", "ALL_MODELS"]
 
 VOCAB = 100
 Feeds = dict[str, np.ndarray]
@@ -229,6 +229,15 @@ def _phi() -> Case:
     return _text(wrap(PhiModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
+def _gptj() -> Case:
+    """GPT-J: interleaved rotary embeddings (pairs 2i, 2i+1) on the first 8 features per head."""
+    from transformers import GPTJConfig, GPTJModel
+
+    config = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        rotary_dim=4, initializer_range=INIT, attn_implementation="eager")
+    return _text(wrap(GPTJModel(config), ("input_ids", "attention_mask"), use_cache=False), 2)
+
+
 def _t5() -> Case:
     from transformers import T5Config, T5EncoderModel
 
@@ -414,11 +423,13 @@ HF_MODELS: dict[str, Callable[[], Case]] = {
     "whisper-encoder": _whisper, "wav2vec2": _wav2vec2,
 }
 NO_ATTENTION: dict[str, Callable[[], Case]] = {"convnext": _convnext, "resnet": _resnet}
+# beyond the issue's list: interleaved rotary embeddings
+EXTRA_MODELS: dict[str, Callable[[], Case]] = {"gptj": _gptj}
 TORCH_MODELS: dict[str, Callable[[], Case]] = {
     "torch-encoder": _encoder_layer, "torch-mha": _multihead, "sdpa": _sdpa("none"),
     "sdpa-causal": _sdpa("causal"), "sdpa-mask": _sdpa("mask"),
 }
-ALL_MODELS = {**HF_MODELS, **NO_ATTENTION, **TORCH_MODELS}
+ALL_MODELS = {**HF_MODELS, **NO_ATTENTION, **TORCH_MODELS, **EXTRA_MODELS}
 
 
 def build(name: str, seed: int = 0) -> Case:

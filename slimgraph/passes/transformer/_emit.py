@@ -165,9 +165,10 @@ def rotary_input(em: Emitter, match: AttentionMatch, operand: Operand,
     caches = []
     for table in (rotary.cos, rotary.sin):
         key = ("rotary", id(table))
-        if key not in em.cache:
-            half = em.one("Slice", [table, em.ints([0]), em.ints([rotary.dim // 2]),
-                                    em.ints([-1])])
+        if key not in em.cache:  # one value per rotated pair: the first half, or every other
+            half = em.one("Slice", [table, em.ints([0]), em.ints([
+                rotary.dim if rotary.interleaved else rotary.dim // 2]), em.ints([-1]),
+                em.ints([2 if rotary.interleaved else 1])])
             em.cache[key] = em.one("Reshape", [half, em.ints([-1, rotary.dim // 2])])
         caches.append(em.cache[key])
     positions = em.const("rotary_position_offset", np.array([0], np.int64))
@@ -195,10 +196,7 @@ def check_rotary(operand: Operand, shapes: ShapeInfo) -> None:
             if last:
                 if dim != Dim(rotary.dim):
                     raise NoMatch("rotary table width differs from the rotated features")
-            elif seq:
-                if axis != layout.rank - 2:
-                    raise NoMatch("rotary table rows are not the positions")
-            elif dim != ONE:
+            elif not seq and dim != ONE:
                 raise NoMatch("rotary tables that vary with the batch or the head")
 
 
