@@ -34,7 +34,7 @@ from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo, all_true
 
 __all__ = ["MS_DOMAIN", "Emitter", "BiasPlan", "bias_plan", "operand_input", "rotary_input",
            "attention_bias", "key_padding_mask", "rebuild_output", "padding_term", "inert",
-           "check_rotary"]
+           "check_rotary", "check_operand"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -93,14 +93,25 @@ class Emitter:
 # ------------------------------------------------------------------------------- operands
 
 
+def check_operand(operand: Operand) -> None:
+    """Raise NoMatch when `operand_input` cannot build the operand (checked before rewriting)."""
+    if operand.standard:
+        return
+    if len(operand.source_dims) != 3:
+        raise NoMatch(f"{operand.role} source of rank {len(operand.source_dims)} (expected 3)")
+    if operand.head_stride != operand.head_size:
+        width = operand.source_width
+        if width is None or width != operand.heads * operand.head_stride or (
+                operand.offset >= operand.head_stride):
+            raise NoMatch(f"{operand.role} heads interleaved in a way the fused op cannot take")
+
+
 def operand_input(em: Emitter, match: AttentionMatch, operand: Operand) -> ir.Value:
-    """`operand` as [B, S, heads * head_size] (see the module docstring)."""
+    """`operand` as [B, S, heads * head_size] (see the module docstring); `check_operand`
+    has accepted it."""
     source = operand.source
     if operand.standard:
         return source
-    rank = len(operand.source.shape or ())
-    if rank != 3:
-        raise NoMatch(f"{operand.role} source of rank {rank} (expected 3)")
     batch = operand.batch_axis
     if batch is None:
         batch = next(i for i in range(3) if i not in (operand.seq_axis, operand.feature_axis))
@@ -114,8 +125,6 @@ def operand_input(em: Emitter, match: AttentionMatch, operand: Operand) -> ir.Va
     width = operand.source_width
     if operand.head_stride != operand.head_size:  # heads interleaved with other heads' parts
         heads, stride = operand.heads, operand.head_stride
-        if width is None or width != heads * stride or operand.offset >= stride:
-            raise NoMatch(f"{operand.role} heads interleaved in a way the fused op cannot take")
         split = em.one("Reshape", [value, em.ints([0, 0, heads, stride])])
         part = em.one("Slice", [split, em.ints([operand.offset]),
                                 em.ints([operand.offset + operand.head_size]), em.ints([3])])

@@ -109,6 +109,7 @@ class Operand:
     chain: list[ir.Node] = dataclasses.field(default_factory=list)
     head_stride: int = 0
     links: list[Link] = dataclasses.field(default_factory=list)
+    source_dims: tuple[Dim, ...] = ()
 
     def __post_init__(self) -> None:
         self.head_stride = self.head_stride or self.head_size
@@ -131,11 +132,11 @@ class Operand:
 
     @property
     def source_width(self) -> int | None:
-        shape = self.source.shape
-        if shape is None or len(shape) <= self.feature_axis:
+        """The source's feature count (None when not static)."""
+        if len(self.source_dims) <= self.feature_axis:
             return None
-        dim = shape[self.feature_axis]
-        return dim if isinstance(dim, int) else None
+        dim = self.source_dims[self.feature_axis]
+        return dim.coef if dim.static else None
 
 
 @dataclasses.dataclass
@@ -378,7 +379,7 @@ def _operand(value: ir.Value, role: str, shapes: ShapeInfo) -> tuple[Operand, _R
             roles.offset, heads[0] if heads else 1, roles.head_size, scale=scale,
             rotary=rotaries[0] if rotaries else None,
             chain=[link.node for link in links[:upto]], head_stride=roles.head_stride,
-            links=links[:upto],
+            links=links[:upto], source_dims=tuple(dims),
         )
         return operand, roles
     why = reasons[0] if reasons else "no chain"

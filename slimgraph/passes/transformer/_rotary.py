@@ -261,7 +261,8 @@ def _rotary_core(value: ir.Value, shapes: ShapeInfo) -> tuple[ir.Value, Rotary] 
                 if not (_table_pairs(cos, shapes, interleaved)
                         and _table_pairs(sin, shapes, interleaved)):
                     return None
-                rotary = Rotary(cos, sin, found[1], interleaved, [node, *products])
+                nodes = [node, *(p for p in products if p is not None)]
+                rotary = Rotary(cos, sin, found[1], interleaved, nodes)
                 return x, rotary
     return None
 

@@ -54,6 +54,7 @@ from slimgraph.passes.transformer._emit import (
     Emitter,
     attention_bias,
     bias_plan,
+    check_operand,
     check_rotary,
     inert,
     key_padding_mask,
@@ -181,7 +182,9 @@ class FuseAttentionPass(SlimgraphPass):
                                      blocks=count + len(skipped), summary=summary)
 
     def _plan(self, match: AttentionMatch, shapes: ShapeInfo) -> _Plan:
-        for operand in (match.q, match.k):
+        """Everything that can refuse the block, before anything is written."""
+        for operand in (match.q, match.k, match.v):
+            check_operand(operand)
             check_rotary(operand, shapes)
         grouped = match.kv_heads != match.heads
         if grouped and self.gqa == "op":

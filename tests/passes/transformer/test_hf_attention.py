@@ -218,9 +218,10 @@ def test_head_pruning_removes_whole_key_value_groups(fused: bool) -> None:
 
 @pytest.mark.slow
 def test_every_architecture_of_the_zoo_fuses_exactly() -> None:
-    """The issue's sweep: 19 Hugging Face architectures, ConvNeXt and ResNet (no attention) and
-    torch's modules: at least 95% of the attention blocks fused (all are, today), every fused
-    graph exact with padded rows at sizes other than the export's."""
+    """The issue's sweep: 19 Hugging Face architectures, ConvNeXt and ResNet (no attention),
+    torch's modules, and GPT-J (interleaved rotary embeddings): at least 95% of the attention
+    blocks fused (all are, today), every fused graph exact with padded rows at sizes other than
+    the export's."""
     blocks = fused = 0
     for name in models_hf.ALL_MODELS:
         case, model = models_hf.exported(name)
@@ -230,5 +231,9 @@ def test_every_architecture_of_the_zoo_fuses_exactly() -> None:
         fused += record.details.get("fused", {}).get("attention", 0)
         assert record.details.get("blocks", 0) == case.blocks, name
         check_exact(name, model, result.model)
-    assert blocks == 53
+        if name == "gptj":
+            rotary = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
+            assert len(rotary) == 4
+            assert all(n.attributes["interleaved"].value == 1 for n in rotary)
+    assert blocks == 55
     assert fused / blocks >= 0.95
