@@ -37,7 +37,7 @@ from slimgraph.passes.transformer._match import AttentionMatch, NoMatch, Operand
 from slimgraph.passes.transformer._symbolic import ShapeInfo
 
 __all__ = ["Weight", "Projection", "Move", "HeadSite", "site_of_match", "site_of_fused",
-           "new_sizes", "FUSED_OPS"]
+           "new_sizes", "alive", "FUSED_OPS"]
 
 FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention")
 
@@ -195,6 +195,66 @@ def _out_weight(value: ir.Value) -> Weight:
     return Weight(node, 1, 0)
 
 
+def _between(start: ir.Value, end: ir.Value) -> set[int]:
+    """Ids of the nodes on some path from `start` to `end` (a rotary embedding's insides)."""
+    on_path: dict[int, bool] = {}
+
+    def reaches(value: ir.Value, depth: int = 0) -> bool:
+        if value is start:
+            return True
+        node = value.producer()
+        if node is None or depth > 40:
+            return False
+        if id(node) not in on_path:
+            on_path[id(node)] = False
+            hits = [reaches(v, depth + 1) for v in node.inputs if v is not None]  # no short cut
+            on_path[id(node)] = any(hits)
+        return on_path[id(node)]
+
+    reaches(end)
+    return {key for key, hit in on_path.items() if hit}
+
+
+def _nodes_of(end: ir.Value, ids: set[int]) -> list[ir.Node]:
+    """The nodes whose ids are in `ids`, found walking back from `end`."""
+    found: dict[int, ir.Node] = {}
+    frontier = [end]
+    while frontier:
+        node = frontier.pop().producer()
+        if node is None or id(node) in found or id(node) not in ids:
+            continue
+        found[id(node)] = node
+        frontier += [v for v in node.inputs if v is not None]
+    return list(found.values())
+
+
+def _shape_reader(node: ir.Node, index: int, depth: int = 0) -> bool:
+    """Whether `node` reads only the shape or type of its input `index` (Shape, CastLike's
+    target, moves and Splits feeding only such readers): it reads the pruned tensor's own
+    sizes at run time, which stay right."""
+    if node.op_type in ("Shape", "Size") or (node.op_type == "CastLike" and index == 1):
+        return True
+    # moves that state no size (a Reshape or Expand would keep the old head count and fail)
+    if depth > 6 or node.op_type not in ("Transpose", "Identity", "Unsqueeze", "Squeeze"):
+        return False
+    return all(not out.is_graph_output() and all(_shape_reader(u.node, u.idx, depth + 1)
+                                                 for u in out.uses()) for out in node.outputs)
+
+
+def _private(site: HeadSite, values: list[ir.Value], inside: set[int]) -> None:
+    """Raise NoMatch when a value the head counts flow through is also read elsewhere (a
+    relative-position term computed from the split heads, a cache output): pruning would
+    change its shape under that reader."""
+    del site
+    for value in values:
+        if value.is_graph_output():
+            raise NoMatch("a value carrying the heads is a graph output")
+        for use in value.uses():
+            if id(use.node) not in inside and not _shape_reader(use.node, use.idx):
+                raise NoMatch(f"the heads' values are also read outside the attention (by "
+                              f"{use.node.op_type})")
+
+
 def _core_moves(layout: Layout, nodes: list[ir.Node], ref: tuple[str, int],
                 shapes: ShapeInfo) -> list[Move]:
     moves = []
@@ -244,9 +304,28 @@ def site_of_match(match: AttentionMatch, shapes: ShapeInfo) -> HeadSite:
             raise NoMatch("a per-head bias merged with another axis")
         consumer = next(u for u in term.value.uses() if u.node in match.score_nodes)
         biases.append((consumer.node, consumer.idx, axes[0] - plan.pad))
-    return HeadSite(match.name, match.heads, match.kv_heads, match.head_size,
+    site = HeadSite(match.name, match.heads, match.kv_heads, match.head_size,
                     match.v.head_size, parts["q"], parts["k"], parts["v"],
                     _out_weight(match.output), moves, refs, head_biases=biases)
+    inside = {id(n) for n in match.nodes} | {id(m.node) for m in moves}
+    values = []
+    for operand in (match.q, match.k, match.v):
+        inside |= {id(link.node) for link in operand.links}
+        for link in operand.links:
+            values.append(link.source)
+            if link.rotary is not None:  # its insides, reached from any value before it
+                insides = _between(operand.source, link.value)
+                if any(n.op_type in ("Reshape", "Expand") for n in link.rotary.nodes) or any(
+                        node.op_type in ("Reshape", "Expand") and id(node) in insides
+                        and node not in {x.node for x in operand.links}
+                        for node in _nodes_of(link.value, insides)):
+                    raise NoMatch("a rotary embedding whose own Reshapes state the head count "
+                                  "(interleaved pairs): fuse first, then prune")
+                inside |= insides
+        values += [link.value for link in operand.links]
+        values.append(getattr(site, operand.role)[0].output)
+    _private(site, values, inside)
+    return site
 
 
 def site_of_fused(node: ir.Node, shapes: ShapeInfo) -> HeadSite:
@@ -316,10 +395,19 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo) -> HeadSite:
         dims = shapes.shape(node.inputs[bias_index])
         if dims is not None and len(dims) == 4 and dims[1].static and dims[1].coef == heads:
             biases.append((node, bias_index, 1))
-    return HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
+    site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
                     sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
                     _out_weight(output), moves, refs, fused=node, rotary_ops=rotary_ops,
                     head_biases=biases)
+    inside = {id(node)} | {id(m.node) for m in moves} | {id(r) for r, _ in rotary_ops}
+    values = [m.node.outputs[0] for m in moves if m.node.op_type != "Split"]
+    values += [out for m in moves if m.node.op_type == "Split" for out in m.node.outputs
+               if any(True for _ in out.uses())]
+    values += [r.outputs[0] for r, _ in rotary_ops]
+    values += [getattr(site, role)[0].output for role in ("q", "k", "v")]
+    _private(site, [v for v in values if v is not output], inside | {
+        id(u.node) for u in output.uses()})
+    return site
 
 
 def _output_toward(node: ir.Node, value: ir.Value) -> ir.Value:
@@ -359,9 +447,10 @@ def _feature_positions(layout: Layout, projection: Projection) -> list[int]:
 # ------------------------------------------------------------------------------- new sizes
 
 
-def new_sizes(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, int]:
-    """New sizes of the atoms of `layout` on the reference's head-bearing axis (by index in
-    `layout.flat()`), once only the `kept` positions of that axis remain.
+def alive(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, np.ndarray]:
+    """For each atom of `layout` on the reference's head-bearing axis (by index in
+    `layout.flat()`), which of its indices still hold a kept position once only the `kept`
+    positions of that axis remain.
 
     Raises:
         NoMatch: the kept positions are not a product of per-atom index sets (a move that
@@ -379,16 +468,18 @@ def new_sizes(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, int]
     for index in itertools.product(*grids):
         position = base + sum(a.stride.coef * i for (_, a), i in zip(mine, index, strict=True))
         mask[index] = position < kept.size and kept[position]
-    out = {}
-    projections = []
+    out: dict[int, np.ndarray] = {}
+    product = np.ones((), bool)
     for k, (i, _) in enumerate(mine):
         others = tuple(j for j in range(len(mine)) if j != k)
-        alive = mask.any(axis=others) if others else mask
-        projections.append(alive)
-        out[i] = int(alive.sum())
-    product = projections[0]
-    for alive in projections[1:]:
-        product = np.multiply.outer(product, alive)
+        out[i] = np.asarray(mask.any(axis=others) if others else mask)
+        product = np.multiply.outer(product, out[i])
     if not np.array_equal(product, mask):
         raise NoMatch("a data movement mixes pruned and kept heads")
     return out
+
+
+def new_sizes(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, int]:
+    """New sizes of the atoms of `layout` on the reference's head-bearing axis (by index in
+    `layout.flat()`); see `alive`."""
+    return {i: int(v.sum()) for i, v in alive(layout, ref_axis, kept).items()}

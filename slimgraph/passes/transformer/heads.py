@@ -48,6 +48,7 @@ from slimgraph.passes.transformer._headsites import (
     HeadSite,
     Move,
     Weight,
+    alive,
     new_sizes,
     site_of_fused,
     site_of_match,
@@ -331,10 +332,8 @@ def _restate_range(graph: ir.Graph, names: Names, move: Move, axis: int, mask: n
     if len(atoms) != 1 or atoms[0].axis != axis:
         return
     atom = atoms[0]
-    base, stride = layout.offsets[axis], atom.stride.coef
-    positions = [base + stride * i for i in range(atom.size.coef)]
-    alive = np.array([mask[p] for p in positions])
-    rank = np.concatenate([[0], np.cumsum(alive)])
+    index = next(i for i, a in enumerate(layout.flat()) if a is atom)
+    rank = np.concatenate([[0], np.cumsum(alive(layout, axis, mask)[index])])
     if node.op_type == "Split":
         if id(node) in done:
             return
