@@ -237,3 +237,15 @@ def test_every_architecture_of_the_zoo_fuses_exactly() -> None:
             assert all(n.attributes["interleaved"].value == 1 for n in rotary)
     assert blocks == 55
     assert fused / blocks >= 0.95
+
+
+def test_dynamic_int8_names_a_block_it_could_not_fuse(caplog: pytest.LogCaptureFixture) -> None:
+    _, model = models_hf.exported("bert")
+    softmax = [n for n in model.graph if n.op_type == "Softmax"][1]
+    model.graph.outputs.append(softmax.outputs[0])
+    with caplog.at_level("WARNING", logger="slimgraph"):
+        quantized = sg.quantize(model, mode="dynamic")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "quantize: fuse-attention: 1 of 2 attention blocks fused; "
+        "model.encoder.layer.1.attention.self: the attention probabilities are a graph output"]
+    assert ops(quantized)["QAttention"] == 1 and ops(quantized)["Softmax"] == 1
