@@ -9,9 +9,10 @@ Starting from each Softmax, the matcher walks the dataflow, not one exporter's s
   torch's sdpa decomposition writes it) read by one MatMul with the values, then forward through
   data movement to the head merge;
 - operands: q, k^T and v back from the two MatMuls through data movement (`_layout`), scalar
-  scales and rotary embeddings (rotate-half, optionally on the first `rotary_dim` features) to
-  their *source*: a value of shape [batch, sequence, features] (any axis order) whose features
-  hold the heads as `heads x head_size`, possibly a part of a packed projection. The layouts say
+  scales and rotary embeddings (`_rotary`: rotate-half or interleaved pairs, optionally on the
+  first `rotary_dim` features) to their *source*: a value of shape [batch, sequence, features]
+  (any axis order) whose features hold the heads as `heads x head_size`, possibly a part of a
+  packed projection. The layouts say
   which source axis is the batch, the sequence and the features, which feature columns each head
   owns, and how key/value heads are repeated (grouped-query attention: Expand + Reshape, or
   repeat_interleave; multi-query: broadcasting).
