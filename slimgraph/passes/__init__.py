@@ -86,6 +86,7 @@ TRANSFORMER_STEPS: list[str | dict[str, object]] = [
     *(step for step in LOSSLESS_STEPS if step not in _LOSSLESS_TAIL),
     "fuse-attention",
     "fuse-bias-gelu",
+    "fuse-rms-norm",
     "residual-sum",
     "cleanup",
     *(step for step in LOSSLESS_STEPS if step in _LOSSLESS_TAIL),

@@ -97,11 +97,10 @@ COMMAND_STEPS: Mapping[str, str] = {
 PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
-    "slimgraph.passes.fuse_attention",
+    "slimgraph.passes.transformer",
     "slimgraph.passes.opset",
     "slimgraph.passes.lowrank",
     "slimgraph.passes.prune",
-    "slimgraph.passes.prune_heads",
     "slimgraph.passes.precision",
     "slimgraph.passes.quantize.api",
     "slimgraph.passes.quantize.dynamic",

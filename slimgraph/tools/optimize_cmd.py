@@ -179,6 +179,10 @@ def _render(result: PipelineResult, before: int, after: int, target: Path, verif
             ]
         )
     table = render_table(["pass", "kind", "nodes", "time", "fidelity"], rows, align="llrrl")
+    # passes that report a one-line summary of their own (fuse-attention: blocks not fused, why)
+    notes = [str(r.details["summary"]) for r in result.records if r.details.get("summary")]
+    if notes:
+        table = "\n".join([table, *notes])
     summary = f"nodes {before} -> {after}"
     if result.fidelity is not None:
         worst = max(result.fidelity.outputs, key=lambda o: o.max_abs_error)

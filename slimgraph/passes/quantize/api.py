@@ -81,6 +81,7 @@ def quantize(
     metric: Metric | None = None,
     verify: bool = True,
     smooth_quant: float | str | bool | None = None,
+    transformer: bool = True,
 ) -> ir.Model:
     """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
 
@@ -124,6 +125,10 @@ def quantize(
             (models with ops onnxruntime does not have); static mode always runs it.
         smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
             smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
+        transformer: dynamic: a model with attention first gets the `transformer` preset's
+            exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
+            Adds as Sum), verified like `prepare`; blocks that cannot be fused are named in a
+            warning. False quantizes the graph's own ops.
 
     Returns:
         The quantized model (float inputs and outputs).
@@ -155,6 +160,7 @@ def quantize(
         report=report, bits=bits, block_size=block_size, batch_size=batch_size,
         progress=progress, percentile=percentile, data=data, budget=budget, max_drop=max_drop,
         min_cosine=min_cosine, metric=metric, verify=verify, smooth_quant=smooth_quant,
+        transformer=transformer,
     )
     return QuantizePass(options, calibration=calibration)(as_model(model)).model
 
@@ -190,7 +196,7 @@ def _quantize(
     model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions
 ) -> ir.Model:
     """`QuantizePass`'s work: the mode's default, the budget, then the mode."""
-    from slimgraph.passes.fuse_attention import ResidualSumPass, has_residual_sums
+    from slimgraph.passes.transformer import ResidualSumPass, has_residual_sums
 
     keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
 
@@ -245,6 +251,9 @@ def _quantize(
     if mode == "dynamic":
         from slimgraph.passes.quantize.dynamic import quantize_dynamic
 
+        if options.transformer:
+            model, fused = _transformer_rewrites(model, options.verify)
+            keep_sums = keep_sums or fused
         return _finish(quantize_dynamic(
             model, per_channel=options.per_channel, exclude=tuple(options.exclude),
             exclude_ops=tuple(options.exclude_ops),
@@ -258,6 +267,32 @@ def _quantize(
             exclude_ops=tuple(options.exclude_ops),
         ))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool]:
+    """The `transformer` preset's exact fusions on a model with unfused attention, for dynamic
+    int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums. Returns the
+    model and whether it changed; a summary of the attention fusion is logged (a warning naming
+    the first block left unfused and why)."""
+    from slimgraph.passes import run_pipeline
+    from slimgraph.passes.transformer import find_attention, has_fused_attention
+
+    if has_fused_attention(model) or not find_attention(model.graph)[0]:
+        return model, False
+    from slimgraph.runtime import random_feeds
+
+    steps: list[str | dict[str, object]] = [
+        {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "fuse-rms-norm",
+        "residual-sum"]
+    result = run_pipeline(model, steps, verify=verify,
+                          feeds=random_feeds(model) if verify else None)
+    for record in result.records:
+        summary = record.details.get("summary")
+        if summary:
+            unfused = record.details.get("blocks", 0) != record.details.get("fused", {}).get(
+                "attention", 0)
+            (logger.warning if unfused else logger.info)("quantize: %s", summary)
+    return result.model, result.modified
 
 
 def _quantize_within(

@@ -182,7 +182,7 @@ def quantize_dynamic(
     ):
         # Q/K/V projections into one packed Attention, then QAttention (exact rewrite; only
         # when no layer is excluded, since the projections stop being separate nodes)
-        from slimgraph.passes.fuse_attention import PackAttentionPass
+        from slimgraph.passes.transformer import PackAttentionPass
 
         copy = PackAttentionPass(with_bias=False)(copy).model
     step = DynamicQuantizePass(

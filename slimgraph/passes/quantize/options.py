@@ -62,6 +62,9 @@ class QuantizeOptions(StaticOptions):
         data, budget, max_drop, min_cosine, metric: an accuracy budget and its data.
         verify: dynamic/weight-only: check the exact folding before quantization.
         smooth_quant: static: SmoothQuant alpha, "auto"/True, or None/False.
+        transformer: dynamic: on a model with attention, first apply the `transformer`
+            preset's exact fusions (fused attention, BiasGelu, residual Sums; onnxruntime is the
+            target), so the attention becomes QAttention; False quantizes the graph as it is.
     """
 
     mode: Mode | None = None
@@ -79,3 +82,4 @@ class QuantizeOptions(StaticOptions):
     metric: Metric | None = None
     verify: bool = True
     smooth_quant: float | str | bool | None = None
+    transformer: bool = True

@@ -89,3 +89,21 @@ def test_smoothquant_options_are_checked() -> None:
         sg.quantize(model, calibration={name: calib}, smooth_quant=1.5)
     with pytest.raises(BadOptionError, match="applies to static quantization, not to dynamic"):
         sg.quantize(model, mode="dynamic", smooth_quant="auto")
+
+
+def test_smoothing_rms_norm_outputs_is_exact_in_float() -> None:
+    """Llama's RMSNorm, fused into SimplifiedLayerNormalization: its gain absorbs the factors
+    (pre-norm blocks: the projections are the only readers)."""
+    from tests import models_hf
+
+    case, model = models_hf.exported("llama")
+    model = prepare(run_pipeline(model, ["lossless", "fuse-rms-norm"], verify=False).model)
+    targets = smooth_targets(model)
+    kinds = {t.norm.op_type for t in targets}
+    assert kinds == {"SimplifiedLayerNormalization"} and all(t.foldable for t in targets)
+    assert len(targets) == 4  # before attention and before the MLP, 2 layers
+    calib = [case.feeds(4, 16, seed) for seed in range(2)]
+    absmax = channel_absmax(model, [t.value for t in targets], calib)
+    smoothed = apply_smoothing(model, absmax, 0.5)
+    for batch, seq in [(3, 11), (1, 30)]:
+        assert_same_outputs(model, smoothed, case.feeds(batch, seq, 1))
