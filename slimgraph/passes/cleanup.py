@@ -528,6 +528,16 @@ class EliminateIdentityPass(SlimgraphPass):
         return ir.passes.PassResult(model, modified)
 
 
+def _merged_shape(known: ir.Shape | None, other: ir.Shape | None) -> ir.Shape | None:
+    """`known` with each unknown dimension taken from `other` where it states one (both shapes
+    describe the same tensor: an Identity's input and output)."""
+    if known is None or other is None or len(known) != len(other):
+        return known if known is not None else other
+    dims = [b if (a is None or (isinstance(a, ir.SymbolicDim) and a.value is None)) else a
+            for a, b in zip(known.dims, other.dims, strict=True)]
+    return ir.Shape(dims)
+
+
 def _eliminate_identity(node: ir.Node) -> bool:
     if not is_onnx_op(node, "Identity") or len(node.inputs) != 1 or len(node.outputs) != 1:
         return False
@@ -539,8 +549,7 @@ def _eliminate_identity(node: ir.Node) -> bool:
         producer = source.producer()
         if producer is None or producer.graph is not graph or source.is_graph_output():
             return False  # a body input, an initializer, an outer value, or a second output
-    if source.shape is None:
-        source.shape = output.shape
+    source.shape = _merged_shape(source.shape, output.shape)
     if source.type is None:
         source.type = output.type
     name = output.name
