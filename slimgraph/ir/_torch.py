@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch
-from slimgraph.errors import UnsupportedModelError
+from slimgraph.errors import UnsupportedModelError, first_line, message_line
 from slimgraph.ir import metadata
 
 __all__ = ["from_torch", "layer_name"]
@@ -203,11 +202,9 @@ def _export(
     return model
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _cause(error: BaseException) -> str:
-    """The first line of the innermost exception that says something, as one clean line.
+    """The first line of the innermost exception that says something, as one clean line
+    (`errors.first_line`: colour codes stripped).
 
     The exporter wraps the real failure (torch.export's "Could not guard on data-dependent
     expression ...") in an error whose first line is its own banner, with terminal colour codes
@@ -218,11 +215,8 @@ def _cause(error: BaseException) -> str:
     while found is not None and found not in chain:
         chain.append(found)
         found = found.__cause__ or found.__context__
-    for inner in reversed(chain):
-        lines = [_ANSI.sub("", line).strip() for line in str(inner).splitlines()]
-        if first := next((line for line in lines if line), ""):
-            return " ".join(first.split())
-    return type(chain[-1]).__name__
+    inner = next((e for e in reversed(chain) if message_line(str(e))), chain[-1])
+    return first_line(inner)
 
 
 def annotate_layers(model: ir.Model) -> None:

@@ -23,7 +23,7 @@ import onnx.defs
 import onnx.version_converter
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
 from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -69,9 +69,9 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
         try:
             converted = onnx.version_converter.convert_version(proto, self.opset)
         except Exception as error:  # the converter raises RuntimeError/ValueError/C++ errors
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise UnsupportedModelError(
-                f"onnx's version converter cannot convert opset {current} to {self.opset}: {first}"
+                f"onnx's version converter cannot convert opset {current} to {self.opset}: "
+                f"{first_line(error)}"
             ) from error
         if converted.ir_version < proto.ir_version:
             converted.ir_version = proto.ir_version

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
+from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError, first_line
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._options import BudgetOptions, takes_options
@@ -479,9 +479,8 @@ class _Run:
         except SlimgraphError:
             raise
         except Exception as error:  # a bug in a pass: say which one, keep the cause for --debug
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ir.passes.PassError(
-                f"pass '{step.name}' failed: {type(error).__name__}: {first}"
+                f"pass '{step.name}' failed: {first_line(error, named=True)}"
             ) from error
         seconds = time.perf_counter() - start
         if result.model is not model:  # a new model: keep knowing the source files

@@ -24,7 +24,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, UnsupportedModelError
+from slimgraph.errors import BadDataError, UnsupportedModelError, first_line
 from slimgraph.runtime.feeds import (
     check_feeds,
     input_specs,
@@ -279,7 +279,7 @@ def _runs(
                     logger.warning(
                         "the model declares a dynamic batch but fails on %d rows at once (%s): "
                         "running one row per run",
-                        sample_count(feed), _first_line(error),
+                        sample_count(feed), first_line(error),
                     )
                 else:
                     bar.update(1)
@@ -301,15 +301,10 @@ def _batches_of(batches: object) -> Batches | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().replace("[ONNXRuntimeError] : ", "")
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _run_failure(error: BaseException) -> UnsupportedModelError:
     """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
     return UnsupportedModelError(
-        f"onnxruntime cannot run the model on the calibration data: {_first_line(error)}"
+        f"onnxruntime cannot run the model on the calibration data: {first_line(error)}"
     )
 
 

@@ -24,6 +24,7 @@ from slimgraph.errors import (
     BadOptionError,
     SlimgraphError,
     UnsupportedModelError,
+    first_line,
 )
 from slimgraph.ir import ModelLike, as_model, metadata
 from slimgraph.runtime._roles import input_role, role_values
@@ -295,8 +296,8 @@ def driving_feeds(
         raise
     except Exception as error:  # onnxruntime reports invalid graphs with many types
         raise UnsupportedModelError(
-            f"{who} does not run on onnxruntime: {_first_line(error)} (verification needs it; "
-            "skip with verify=False / --no-verify)"
+            f"{who} does not run on onnxruntime: {first_line(error, named=True)} (verification "
+            "needs it; skip with verify=False / --no-verify)"
         ) from error
     failures: list[str] = []
     for batch, dims, default in _candidates(model):
@@ -355,11 +356,6 @@ def _describe(feeds: Mapping[str, Any]) -> str:
         for name, value in feeds.items()
     )
     return f"inputs {shapes or '(none)'}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def calibrated_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:

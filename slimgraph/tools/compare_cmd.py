@@ -22,14 +22,13 @@ import onnxruntime as ort
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
 from slimgraph._tables import emit, to_json
-from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
 from slimgraph.runtime.compare import DATA_BATCH, RANDOM_BATCH, RANDOM_BATCHES
 from slimgraph.runtime.data import DEFAULT_LABELS
 from slimgraph.tools._common import add_json_option
 
 __all__ = [
     "register", "open_session", "positive_int", "add_batch_option", "checked_batch", "ORT_ERRORS",
-    "first_line",
 ]
 
 # onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, ...): plain Exceptions.
@@ -151,8 +150,3 @@ def _check_same_inputs(
             f"{runtime.feeds.describe_inputs(cand_specs)} vs "
             f"{runtime.feeds.describe_inputs(ref_specs)}"
         )
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

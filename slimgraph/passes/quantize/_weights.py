@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from slimgraph.errors import UnsupportedModelError
+from slimgraph.errors import UnsupportedModelError, first_line
 from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
 from slimgraph.passes._kit import Names, add_initializer, traced_constant
@@ -218,16 +218,15 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
     except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"{first_line(error)}"
         ) from error
     feeds, before = driving_feeds(model)
     try:
         after = run(create_session(upgraded, optimization="disable"), feeds)
     except Exception as error:  # the converter wrote a model onnxruntime refuses
-        text = str(error).strip()
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
-            f"onnxruntime cannot run the upgraded model ({text.splitlines()[0] if text else ''})"
+            f"onnxruntime cannot run the upgraded model ({first_line(error)})"
         ) from error
     for name, expected in before.items():
         if name not in after or exact_difference(expected, after[name]) is not None:
