@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import warnings
@@ -14,13 +13,11 @@ import onnx_ir as ir
 from slimgraph._optional import require_torch
 from slimgraph.errors import UnsupportedModelError, first_line, message_line
 from slimgraph.ir import metadata
+from slimgraph.ir.names import annotate_layers
 
-__all__ = ["from_torch", "layer_name"]
+__all__ = ["from_torch"]
 
 logger = logging.getLogger(__name__)
-
-_WEIGHT_SUFFIXES = (".weight", ".bias", ".running_mean", ".running_var", ".in_proj_weight")
-
 
 def from_torch(
     module: Any,
@@ -217,37 +214,3 @@ def _cause(error: BaseException) -> str:
         found = found.__cause__ or found.__context__
     inner = next((e for e in reversed(chain) if message_line(str(e))), chain[-1])
     return first_line(inner)
-
-
-def annotate_layers(model: ir.Model) -> None:
-    """Write each node's torch module path into metadata `pkg.slimgraph.layer`."""
-    for node in model.graph.all_nodes():
-        layer = layer_name(node)
-        if layer:
-            node.metadata_props[metadata.LAYER] = layer
-
-
-def layer_name(node: ir.Node) -> str:
-    """The torch module path a node came from, or '' when unknown.
-
-    Weights decide first: a node reading initializer `layer1.0.conv1.weight` belongs to
-    `layer1.0.conv1`. Otherwise the exporter's name scopes decide: the last module path before
-    the FX node's own name (`['', 'layer1', 'layer1.0', 'add']` gives `layer1.0`).
-    """
-    if stored := node.metadata_props.get(metadata.LAYER):
-        return stored
-    for value in node.inputs:
-        if value is not None and value.is_initializer() and value.name:
-            for suffix in _WEIGHT_SUFFIXES:
-                if value.name.endswith(suffix):
-                    return value.name[: -len(suffix)]
-    scopes_text = node.metadata_props.get(metadata.TORCH_NAME_SCOPES)
-    if not scopes_text:
-        return ""
-    try:
-        scopes = ast.literal_eval(scopes_text)
-    except (ValueError, SyntaxError):
-        return ""
-    if not isinstance(scopes, list) or len(scopes) < 2:
-        return ""
-    return str(scopes[-2])

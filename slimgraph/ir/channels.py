@@ -51,6 +51,7 @@ from slimgraph.errors import BadOptionError
 from slimgraph.ir._shapes import dims, reshape_channel_map, shape_entry, static_dim
 from slimgraph.ir._shared import shared_constant_ties
 from slimgraph.ir.layout import LAYOUTS, layout
+from slimgraph.ir.names import display_name
 
 __all__ = [
     "LAYER_OPS",
@@ -275,16 +276,9 @@ class ChannelGroup:
         return not self.reasons and self.size > 1 and bool(self.producers)
 
     def describe(self) -> str:
-        names = ", ".join(node_label(n) for n in self.producers[:4])
+        names = ", ".join(display_name(n) for n in self.producers[:4])
         more = f" +{len(self.producers) - 4}" if len(self.producers) > 4 else ""
         return f"group {self.id} ({self.size} ch): {names}{more}"
-
-
-def node_label(node: ir.Node) -> str:
-    """The name shown for a node: its torch layer when known, else its node name."""
-    from slimgraph.ir._torch import layer_name
-
-    return layer_name(node) or node.name or node.op_type
 
 
 @dataclass
@@ -577,7 +571,7 @@ class _Tracer:
                 self.block(slot, f"{value.name} is read inside a subgraph", node, index)
                 continue
             if self.excluded(node):
-                self.block(slot, f"{node_label(node)} is excluded", node, index, padable=True)
+                self.block(slot, f"{display_name(node)} is excluded", node, index, padable=True)
                 continue
             try:
                 reason = self.follow(slot, node, index)
