@@ -28,7 +28,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
-from slimgraph.passes._kit import add_initializer, constant_array, constant_node_array
+from slimgraph.passes._kit import LAYOUTS, add_initializer, constant_array, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.opset import legalize
 from slimgraph.passes.registry import register_pass
@@ -69,15 +69,10 @@ class InitializerInputsPass(SlimgraphPass):
         return ir.passes.PassResult(model, result.modified)
 
 
-# Weight slots of the layers the fusion, quantization, pruning and low-rank passes rewrite: a
-# ConstantOfShape feeding one of these is a weight those passes need as an initializer.
-_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "Gemm": (1, 2),
-    "MatMul": (1,),
-    "BatchNormalization": (1, 2, 3, 4),
-}
+# The layers the fusion, quantization, pruning and low-rank passes rewrite: a ConstantOfShape
+# feeding one of their parameter inputs (`OpLayout.params`) is a weight those passes need as an
+# initializer.
+_WEIGHT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 
 # Defaults of `MaterializeConstantOfShapePass` (elements).
 SMALL_CONSTANT_ELEMENTS = 1 << 16
@@ -87,7 +82,11 @@ WEIGHT_CONSTANT_ELEMENTS = 1 << 26
 def _feeds_weight_slot(value: ir.Value) -> bool:
     for use in value.uses():
         node, index = use.node, use.idx
-        if node.domain in ("", "ai.onnx") and index in _WEIGHT_SLOTS.get(node.op_type, ()):
+        if (
+            node.domain in ("", "ai.onnx")
+            and node.op_type in _WEIGHT_LAYERS
+            and index in LAYOUTS[node.op_type].params
+        ):
             return True
     return False
 
