@@ -28,6 +28,7 @@ from torch import nn
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir.layout import parameter_slot
+from slimgraph.runtime.quant_math import type_grid
 from slimgraph.runtime.torch_backend import _ops
 from slimgraph.runtime.torch_backend._qweights import WeightSource, weight_source
 
@@ -223,7 +224,7 @@ class LoweredModel(nn.Module):
         self._where[name] = (kind, path)
 
     def _requantize(self, q: QWeightInfo) -> np.ndarray:
-        r = _ops.qrange(q.dtype)
+        r = type_grid(q.dtype)
         assert r is not None
         weight = getattr(self.weights, q.path)
         zp = self.value(q.zero_point) if q.zero_point else None
@@ -286,7 +287,7 @@ def lower(
     sources: dict[str, WeightSource] = {}
     for name, value in graph.initializers.items():
         tensor = value.const_value
-        if tensor is not None and not _is_float(tensor.dtype) and _ops.qrange(tensor.dtype):
+        if tensor is not None and not _is_float(tensor.dtype) and type_grid(tensor.dtype):
             found = weight_source(value)
             if found is not None:
                 sources[name] = found
