@@ -24,6 +24,7 @@ from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
+from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser, "the float .onnx model")
-    parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
+    parser.add_argument("--mode", choices=tuple(COMMAND_STEPS["quantize"].modes), default=None,
                         help="default: static with --calib, else dynamic")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="dynamic/weight-only: do not run the model on onnxruntime to check "
