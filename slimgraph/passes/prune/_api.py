@@ -12,7 +12,6 @@ from onnx_ir.passes import common as ir_common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, display_name
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir.channels import analyze_channels
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._options import takes_options
@@ -35,6 +34,7 @@ from slimgraph.passes.prune._select import (
 )
 from slimgraph.passes.prune._surgery import remove_channels
 from slimgraph.passes.prune._unstructured import zero_smallest_weights
+from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
 
 __all__ = ["PrunePass", "prunable_units", "prune", "prune_with_report"]

@@ -9,8 +9,8 @@ import onnx_ir as ir
 
 from slimgraph._tables import format_count, render_table
 from slimgraph.ir import display_name
-from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, Role
 from slimgraph.passes.base import SlimgraphPassResult
+from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 
 if TYPE_CHECKING:
     from slimgraph.runtime.metrics import Evaluation

@@ -10,8 +10,8 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import display_name
-from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, Role
 from slimgraph.ir.select import check_patterns, matching_pattern, node_names
+from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 
 __all__ = [
     "channel_scores",

@@ -10,10 +10,10 @@ import onnx_ir as ir
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import display_name
-from slimgraph.ir.channels import LAYER_OPS
 from slimgraph.passes._kit import Names
 from slimgraph.passes.prune._report import LayerSparsity
 from slimgraph.passes.prune._surgery import replace_constant
+from slimgraph.passes.prune.channels import LAYER_OPS
 
 __all__ = ["zero_smallest_weights"]
 
