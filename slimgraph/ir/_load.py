@@ -33,8 +33,8 @@ from slimgraph.errors import (
     UnsafeModelError,
     first_line,
 )
-from slimgraph.ir import metadata
 from slimgraph.ir._tensors import tensor_sites
+from slimgraph.ir.metadata import SOURCE_FILES, SOURCE_PATH
 
 __all__ = ["ModelLike", "as_model", "load", "load_proto"]
 
@@ -107,8 +107,8 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     for tensor in _external_tensors(model):
         tensor.base_dir = str(folder)
         data_files.add(str(folder / tensor.location))
-    model.meta[metadata.SOURCE_PATH] = str(file.resolve())
-    model.meta[metadata.SOURCE_FILES] = sorted(data_files)
+    model.meta[SOURCE_PATH] = str(file.resolve())
+    model.meta[SOURCE_FILES] = sorted(data_files)
     return model
 
 

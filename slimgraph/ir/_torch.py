@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from slimgraph._optional import require_torch
 from slimgraph.errors import UnsupportedModelError, first_line, message_line
-from slimgraph.ir import metadata
+from slimgraph.ir.metadata import EXAMPLE_DIMS
 from slimgraph.ir.names import annotate_layers
 
 __all__ = ["from_torch"]
@@ -123,7 +123,7 @@ def _record_example_dims(model: ir.Model, args: Sequence[Any]) -> ir.Model:
                 if not isinstance(dim, int) and dim.value:
                     sizes.setdefault(dim.value, int(size))
     if sizes:
-        model.metadata_props[metadata.EXAMPLE_DIMS] = json.dumps(sizes)
+        model.metadata_props[EXAMPLE_DIMS] = json.dumps(sizes)
     return model
 
 

@@ -12,7 +12,7 @@ import ast
 
 import onnx_ir as ir
 
-from slimgraph.ir import metadata
+from slimgraph.ir.metadata import LAYER, TORCH_NAME_SCOPES
 
 __all__ = ["layer_name", "display_name", "annotate_layers"]
 
@@ -24,7 +24,7 @@ def annotate_layers(model: ir.Model) -> None:
     for node in model.graph.all_nodes():
         layer = layer_name(node)
         if layer:
-            node.metadata_props[metadata.LAYER] = layer
+            node.metadata_props[LAYER] = layer
 
 
 def display_name(node: ir.Node, index: int | None = None) -> str:
@@ -43,14 +43,14 @@ def layer_name(node: ir.Node) -> str:
     `layer1.0.conv1`. Otherwise the exporter's name scopes decide: the last module path before
     the FX node's own name (`['', 'layer1', 'layer1.0', 'add']` gives `layer1.0`).
     """
-    if stored := node.metadata_props.get(metadata.LAYER):
+    if stored := node.metadata_props.get(LAYER):
         return stored
     for value in node.inputs:
         if value is not None and value.is_initializer() and value.name:
             for suffix in _WEIGHT_SUFFIXES:
                 if value.name.endswith(suffix):
                     return value.name[: -len(suffix)]
-    scopes_text = node.metadata_props.get(metadata.TORCH_NAME_SCOPES)
+    scopes_text = node.metadata_props.get(TORCH_NAME_SCOPES)
     if not scopes_text:
         return ""
     try:

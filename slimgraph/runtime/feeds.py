@@ -28,6 +28,7 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import ModelLike, as_model, metadata
 from slimgraph.runtime._roles import input_role, role_values
+from slimgraph.runtime.session import create_session, run
 
 __all__ = [
     "InputSpec",
@@ -287,8 +288,6 @@ def driving_feeds(
             candidates; the message says what was tried, what onnxruntime said, and how to pass
             real inputs or skip verification.
     """
-    from slimgraph.runtime.session import create_session, run
-
     _sample_feeds(model, 1, {}, 1, seed, {})  # BadDataError: inputs too large at any size
     try:
         session = create_session(model, optimization="disable")

@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
 from slimgraph.errors import OutputPathError
 from slimgraph.runtime.budget import Budget

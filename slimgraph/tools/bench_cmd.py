@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import cast
 
-from slimgraph import ir as sg_ir
-from slimgraph import runtime
+import slimgraph.ir as sg_ir
+import slimgraph.runtime as runtime
 from slimgraph._tables import emit, format_ratio, format_shape, to_json
 from slimgraph.errors import BadDataError, BadOptionError, first_line
 from slimgraph.tools._common import add_json_option

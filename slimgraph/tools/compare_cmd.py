@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 import onnxruntime as ort
 
-from slimgraph import ir as sg_ir
-from slimgraph import runtime
+import slimgraph.ir as sg_ir
+import slimgraph.runtime as runtime
 from slimgraph._tables import emit, to_json
 from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
 from slimgraph.runtime.compare import DATA_BATCH, RANDOM_BATCH, RANDOM_BATCHES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import cast
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, format_bytes, render_fields, to_json
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass, Fp16Result

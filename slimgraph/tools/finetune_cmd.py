@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import (

@@ -18,7 +18,7 @@ from typing import Literal, cast
 
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import format_bytes
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import quantize, report_of
@@ -27,6 +27,7 @@ from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
+from slimgraph.runtime.torch_backend import zero_shot_calibration
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
@@ -118,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
-        from slimgraph.runtime.torch_backend import zero_shot_calibration
-
         calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
     quantized = quantize(
         job.model,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data

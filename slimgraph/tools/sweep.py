@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import (
     format_bytes,
     format_count,

@@ -26,6 +26,10 @@ from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
 from slimgraph.passes._kit import Names, add_initializer, traced_constant
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.opset import ConvertOpsetPass
+from slimgraph.runtime import create_session, run
+from slimgraph.runtime.exact import exact_difference
+from slimgraph.runtime.feeds import driving_feeds
 
 __all__ = [
     "MS_DOMAIN",
@@ -207,11 +211,6 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
     (`runtime.exact`) as the original on inputs generated to drive it
     (`runtime.feeds.driving_feeds`); otherwise `UnsupportedModelError`.
     """
-    from slimgraph.passes.opset import ConvertOpsetPass
-    from slimgraph.runtime import create_session, run
-    from slimgraph.runtime.exact import exact_difference
-    from slimgraph.runtime.feeds import driving_feeds
-
     try:
         upgraded = ConvertOpsetPass(opset=version)(model).model
         onnx.checker.check_model(ir.to_proto(upgraded))

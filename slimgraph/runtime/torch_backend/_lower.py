@@ -26,10 +26,10 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+import slimgraph.runtime.torch_backend._ops as _ops
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir.layout import parameter_slot
 from slimgraph.runtime.quant_math import type_grid
-from slimgraph.runtime.torch_backend import _ops
 from slimgraph.runtime.torch_backend._qweights import WeightSource, weight_source
 
 __all__ = ["LoweredModel", "lower", "WeightInfo", "QWeightInfo"]
