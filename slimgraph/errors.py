@@ -1,8 +1,8 @@
 """The exception hierarchy: every error slimgraph raises on purpose is a `SlimgraphError`.
 
-The command line maps the two branches to exit codes (DESIGN.md section 7): `BadInputError`
-(the user's model, data or options are wrong) exits 2 with its one-line message; everything else
-(`VerificationError`, an unexpected failure) exits 1.
+The command line maps the two branches to exit codes (docs/contract.md, "Command line"):
+`BadInputError` (the user's model, data or options are wrong) exits 2 with its one-line message;
+everything else (`VerificationError`, an unexpected failure) exits 1.
 
 A message that names an option is worded for where it is read: `str(error)` in Python terms
 (`data=`), `error.cli_message` in command-line terms (`--data VAL.npz`), which the command line

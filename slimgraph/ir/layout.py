@@ -1,4 +1,4 @@
-"""Where the learned parameters of an op sit: one per-op table of weight layouts.
+"""Where an op's parameters sit: its parameter inputs (learned or frozen) and weight layouts.
 
 For each ONNX op with a constant weight (Conv, ConvTranspose, Gemm, MatMul, the normalizations,
 Gather as an embedding), `LAYOUTS` names the weight and bias input indices, every input that is a

@@ -1,6 +1,6 @@
-"""How reports name a node: its torch module path (`layer_name`), else its node name
-(`display_name`).
+"""How reports name a node: its torch layer when known, else its node name.
 
+`layer_name` is the torch module path a node came from; `display_name` is what reports show.
 `from_torch` records each node's module path in metadata `pkg.slimgraph.layer`
 (`annotate_layers`); a model exported elsewhere is named from its weights' names and the
 exporter's name scopes. Every report, selection pattern and refusal names nodes through here.

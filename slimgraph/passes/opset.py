@@ -1,5 +1,7 @@
-"""Opset conversion with onnx's version converter, as a pass (so pipelines verify it like any),
-and the legality of a node in a model's opset (`legalize`).
+"""Opset conversion as a verified pass, and whether a new node is legal in a model's opset.
+
+`ConvertOpsetPass` runs onnx's version converter as a pass (so pipelines verify it like any);
+`legalize` checks a node a pass writes against the model's opset.
 
 Exact: the converter rewrites ops to their definitions in the target opset, which compute the same
 function. The model goes through a protobuf (the converter works on protos), weights included;

@@ -1,7 +1,7 @@
 """Model inputs: specs from the graph, generated sample feeds, and `.npz` data checked against them.
 
-Data files follow DESIGN.md section 7: an `.npz` whose keys are the model's input names, each
-array stacked on axis 0 (one row per sample).
+Data files follow docs/contract.md ("Data files"): an `.npz` whose keys are the model's input
+names, each array stacked on axis 0 (one row per sample).
 """
 
 from __future__ import annotations

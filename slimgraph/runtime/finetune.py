@@ -1,4 +1,4 @@
-"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself (DESIGN.md section 6).
+"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself.
 
 `finetune` lowers the model to torch (`torch_backend.lower`), trains it on labelled data and/or
 a teacher, and writes the trained values back into the same initializers (`write_back`): names,

@@ -1,5 +1,6 @@
-"""`slimgraph compare REF CANDIDATE [--data DATA.npz [--labels KEY]] [--json]`: fidelity on
-onnxruntime.
+"""`slimgraph compare`: the fidelity of a candidate model against a reference, on onnxruntime.
+
+`slimgraph compare REF CANDIDATE [--data DATA.npz [--labels KEY]] [--json]`.
 
 The command line of `slimgraph.runtime.compare` (`sg.compare`), which does the work and whose
 table it prints: with `--data`, the samples of the `.npz` (keys = input names, stacked on axis 0)

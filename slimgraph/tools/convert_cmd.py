@@ -1,4 +1,4 @@
-"""`slimgraph convert MODEL -o OUT --fp16 [--keep-op OP ...]`: precision conversion (DESIGN s. 7).
+"""`slimgraph convert MODEL -o OUT --fp16 [--keep-op OP ...]`: precision conversion.
 
 float32 weights and internal values become float16; model inputs and outputs stay float32 unless
 `--fp16-io`; ops that overflow in fp16 stay float32 (`--keep-op` replaces that list). Prints the

@@ -1,4 +1,4 @@
-"""`slimgraph finetune MODEL -o OUT --data TRAIN.npz ...`: recover accuracy (DESIGN.md s. 6, 7).
+"""`slimgraph finetune MODEL -o OUT --data TRAIN.npz ...`: recover accuracy.
 
 Trains the ONNX graph itself through the torch backend: fine-tuning on labels, knowledge
 distillation from a teacher (response, feature, relation; offline, online or self), and

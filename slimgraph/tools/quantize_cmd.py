@@ -1,4 +1,4 @@
-"""`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization (DESIGN.md s. 7).
+"""`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization.
 
 Static when `--calib` is given (calibrated QDQ or QOperator, with the per-tensor SQNR report),
 else dynamic, unless `--mode` says otherwise. Every mode prints the output fidelity (cosine, SQNR,

@@ -1,6 +1,8 @@
-"""What the two weight quantizers (dynamic, weight-only) share: the pass skeleton that plans,
-materializes and cleans up, the writer base (fresh names, new constants, tied weights quantized
-once), the working copy at a supported opset, and the bias/dtype helpers.
+"""What the two weight quantizers (dynamic, weight-only) share.
+
+The pass skeleton that plans, materializes and cleans up, the writer base (fresh names, new
+constants, tied weights quantized once), the working copy at a supported opset, and the
+bias/dtype helpers.
 
 A dynamo export reads a Linear's weight through `Transpose(initializer)` (the exporter's optimizer
 is off), so "constant weight" means a value computed from initializers by data-movement nodes

@@ -3,7 +3,8 @@
 `lower(model)` turns an `onnx_ir.Model` into a `LoweredModel` (a `torch.nn.Module` that runs the
 graph, weights as parameters, QuantizeLinear/DequantizeLinear as fake quantization with a
 straight-through gradient); `write_back(model, lowered)` puts the trained values into a copy of the
-model's initializers. DESIGN.md section 6. torch is imported only when these are called.
+model's initializers (docs/architecture.md, "The torch backend"). torch is imported only when
+these are called.
 
 Example:
     >>> from slimgraph.runtime.torch_backend import lower, write_back  # doctest: +SKIP

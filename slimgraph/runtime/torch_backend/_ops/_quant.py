@@ -1,6 +1,8 @@
-"""Quantization kernels of the op table: QuantizeLinear/DequantizeLinear and the dynamic int8 ops
-(DynamicQuantizeLinear, MatMulInteger, ConvInteger and onnxruntime's MatMulIntegerToFloat,
-DynamicQuantizeMatMul and GatherBlockQuantized).
+"""Quantization kernels of the op table: fake quantization that trains, and the int8 ops.
+
+QuantizeLinear/DequantizeLinear and the dynamic int8 ops (DynamicQuantizeLinear, MatMulInteger,
+ConvInteger and onnxruntime's MatMulIntegerToFloat, DynamicQuantizeMatMul and
+GatherBlockQuantized).
 
 Training semantics: fake quantization with a straight-through estimator (Bengio et al., 2013).
 QuantizeLinear is `q = clamp(round(x / s) + zp, qmin, qmax)` on the grid of
