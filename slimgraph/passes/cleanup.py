@@ -367,12 +367,12 @@ class _SafeFolder(_constant_folding.FoldConstantsPass):
         if differs is not None and node.domain in ("", "ai.onnx"):
             version = self._opset_imports.get("", self._opset_imports.get("ai.onnx", 1))
             if differs(node, version):
-                self.skipped.append(Skipped(
-                    node.name or "", node.op_type,
-                    "onnx's reference implementation computes it in training mode",
-                ))  # fmt: skip
+                self._skip(node, "onnx's reference implementation computes it in training mode")
                 return False
         return None
+
+    def _skip(self, node: ir.Node, reason: str) -> None:
+        self.skipped.append(Skipped(node.name or "", node.op_type, reason))
 
     def process_node(
         self, node: ir.Node, is_function: bool
@@ -381,18 +381,13 @@ class _SafeFolder(_constant_folding.FoldConstantsPass):
             replacement = super().process_node(node, is_function)
         except RuntimeError as error:  # the evaluator of this one op failed: leave the node
             cause = error.__cause__ if error.__cause__ is not None else error
-            self.skipped.append(Skipped(
-                node.name or "", node.op_type,
-                f"not folded: the folder failed on it ({type(cause).__name__}: {cause})",
-            ))  # fmt: skip
+            why = f"{type(cause).__name__}: {cause}"
+            self._skip(node, f"not folded: the folder failed on it ({why})")
             return None
         if replacement is None or not replacement.new_nodes:
             return replacement
         if not _legal_nodes(replacement, self._opset_imports):
-            self.skipped.append(Skipped(
-                node.name or "", node.op_type,
-                "not rewritten: the rewrite needs a newer opset than the model's",
-            ))  # fmt: skip
+            self._skip(node, "not rewritten: the rewrite needs a newer opset than the model's")
             return None
         return replacement
 

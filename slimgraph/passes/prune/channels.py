@@ -48,38 +48,24 @@ from slimgraph.passes.prune._channel_records import (
     Block,
     ChannelAnalysis,
     ChannelGroup,
-    ConvGroupRewrite,
     Member,
-    Rewrite,
     Role,
-    ShapeChainRewrite,
-    ShapeEntryRewrite,
-    SliceRewrite,
-    Slot,
-    SplitRewrite,
-    StaticReshapeRewrite,
     WeightUse,
 )
 from slimgraph.passes.prune._shapes import reshape_channel_map
 from slimgraph.passes.prune._shared import shared_constant_ties
 
+# The analysis and what it returns; the rewrite records the surgery applies are in
+# `_channel_records`.
 __all__ = [
-    "LAYER_OPS",
-    "Role",
-    "WeightUse",
-    "Rewrite",
-    "ConvGroupRewrite",
-    "ShapeEntryRewrite",
-    "StaticReshapeRewrite",
-    "ShapeChainRewrite",
-    "SplitRewrite",
-    "SliceRewrite",
-    "Block",
-    "Slot",
-    "Member",
-    "ChannelGroup",
-    "ChannelAnalysis",
     "analyze_channels",
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "Member",
+    "Block",
+    "WeightUse",
+    "Role",
+    "LAYER_OPS",
     "reshape_channel_map",
 ]
 
