@@ -1,6 +1,7 @@
-"""Attention kernels of the op table: onnxruntime's fused `com.microsoft` ops (MultiHeadAttention,
-Attention, QAttention, GroupQueryAttention, RotaryEmbedding) and the standard opset-23 Attention
-and RotaryEmbedding.
+"""Attention kernels of the op table: onnxruntime's fused attention ops and ONNX's own.
+
+The `com.microsoft` ops are MultiHeadAttention, Attention, QAttention, GroupQueryAttention and
+RotaryEmbedding; ONNX's are the opset-23 Attention and RotaryEmbedding.
 
 Every form computes scaled dot-product attention (Vaswani et al., 2017) per head:
 `softmax(scale * Q K^T + bias) V`, scale 1/sqrt(head_size) unless given. What differs is where
