@@ -386,7 +386,7 @@ def _minilm_budget(rounds: int, seq: int) -> list[str]:
     import torch
 
     from slimgraph.passes.precision import convert_fp16
-    from slimgraph.passes.quantize.api import budget_search_of
+    from slimgraph.passes.quantize.modes import budget_search_of
     from slimgraph.runtime.metrics import evaluate, split_labels
     from tests.models import BertStyleEncoder
 

@@ -29,18 +29,18 @@ from slimgraph.errors import (
 )
 
 if TYPE_CHECKING:
+    from slimgraph.api.sensitivity import sensitivity
+    from slimgraph.api.sweep import sweep
     from slimgraph.ir import from_torch, load, save
     from slimgraph.passes.lowrank import factorize, factorize_with_report
     from slimgraph.passes.pipeline import optimize
     from slimgraph.passes.precision import convert_fp16
     from slimgraph.passes.prune import prune, prune_with_report
     from slimgraph.passes.quantize import quantize, report_of
-    from slimgraph.passes.quantize.api import budget_search_of
-    from slimgraph.passes.sensitivity import sensitivity
+    from slimgraph.passes.quantize.modes import budget_search_of
     from slimgraph.runtime import benchmark, compare, random_feeds
     from slimgraph.runtime.budget import check_budget
     from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
-    from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -95,13 +95,13 @@ _LAZY: dict[str, str] = {
     "factorize": "slimgraph.passes.lowrank",
     "factorize_with_report": "slimgraph.passes.lowrank",
     "convert_fp16": "slimgraph.passes.precision",
-    "sensitivity": "slimgraph.passes.sensitivity",
+    "sensitivity": "slimgraph.api.sensitivity",
     "check_budget": "slimgraph.runtime.budget",
-    "budget_search_of": "slimgraph.passes.quantize.api",
+    "budget_search_of": "slimgraph.passes.quantize.modes",
     "finetune": "slimgraph.runtime.finetune",
     "finetune_with_report": "slimgraph.runtime.finetune",
     "FinetuneReport": "slimgraph.runtime.finetune",
-    "sweep": "slimgraph.tools.sweep",
+    "sweep": "slimgraph.api.sweep",
 }
 # Subpackages reachable as attributes (`sg.runtime.calibrated_ranges`) without importing them.
 _SUBPACKAGES = ("errors", "ir", "passes", "runtime", "tools")

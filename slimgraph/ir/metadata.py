@@ -48,7 +48,7 @@ FACTORIZE_REPORT = "slimgraph.factorize_report"
 QUANT_REPORT = "slimgraph.quantize_report"
 
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
-# uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
+# uncompressed and why, the evaluations tried; `slimgraph.api.budget`).
 BUDGET_SEARCH = "slimgraph.budget_search"
 
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded

@@ -53,11 +53,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.api._options import BudgetOptions, takes_options
 from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError, first_line
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
-from slimgraph.passes._options import BudgetOptions, takes_options
-from slimgraph.passes._verify import Verifier, feed_list
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.passes.recipe import RECIPE_SCHEMA, RECIPE_VERSION, known_names, load_recipe
 from slimgraph.passes.registry import (
@@ -81,6 +80,7 @@ if TYPE_CHECKING:
     from slimgraph.runtime import Fidelity
     from slimgraph.runtime.budget import Evaluator
     from slimgraph.runtime.metrics import LabelledData
+    from slimgraph.runtime.verify import Verifier
 
 __all__ = [
     "PASSES",
@@ -428,7 +428,11 @@ def run_pipeline(
     current = copy_model(model)
     current.meta.pop(metadata.MATERIALIZED, None)  # counted per run: see `compact-constants`
     judge = _drop_judge(current, built, data, max_drop)
-    verifier = Verifier(current, feed_list(feeds), tolerance) if verify else None
+    verifier = None
+    if verify:
+        from slimgraph.runtime.verify import Verifier, feed_list
+
+        verifier = Verifier(current, feed_list(feeds), tolerance)
     run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))
     if built:
         manager = ir.passes.PassManager([_Instrumented(step, run) for step in built], steps=1)

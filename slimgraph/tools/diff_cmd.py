@@ -17,8 +17,8 @@ from slimgraph._tables import (
     format_shape,
     render_table,
 )
+from slimgraph.ir.summary import IOSpec, ModelSummary, parse_dims, summarize
 from slimgraph.tools._common import add_json_option, print_result
-from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
 

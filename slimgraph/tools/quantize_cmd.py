@@ -22,7 +22,7 @@ import slimgraph.ir as sg_ir
 from slimgraph._tables import format_bytes
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.quantize import quantize, report_of
-from slimgraph.passes.quantize.api import budget_search_of
+from slimgraph.passes.quantize.modes import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare

@@ -7,14 +7,14 @@ Rank Matrix Factorization").
 
 from __future__ import annotations
 
-from slimgraph.passes.lowrank._api import (
+from slimgraph.passes.lowrank._base import LayerReport, LowRankResult
+from slimgraph.passes.lowrank._factorize import (
     FactorizeOptions,
     FactorizeReport,
     factorize,
     factorize_with_report,
     fold_weights,
 )
-from slimgraph.passes.lowrank._base import LayerReport, LowRankResult
 from slimgraph.passes.lowrank._linear import LowRankLinear
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._tucker import TuckerConv, tucker2

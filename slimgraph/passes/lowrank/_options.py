@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from slimgraph.passes._options import BudgetOptions
+from slimgraph.api._options import BudgetOptions
 from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS, LayerFilter
 

@@ -28,8 +28,8 @@ Example:
 
 from __future__ import annotations
 
-from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
 from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
+from slimgraph.passes.prune._pass import PrunePass, prunable_units, prune, prune_with_report
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,

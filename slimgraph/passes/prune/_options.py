@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from slimgraph.api._options import BudgetOptions
 from slimgraph.errors import BadOptionError
-from slimgraph.passes._options import BudgetOptions
 
 __all__ = ["CRITERIA", "SCOPES", "PruneOptions", "MacTarget", "PruneCallOptions"]
 
@@ -86,7 +86,7 @@ class MacTarget:
     Attributes:
         target_macs: the MACs to reach as a fraction of the model's (0.6: 0.6x); per-group
             ratios are then allocated from sensitivity on the budget's `data`
-            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
+            (`slimgraph.api.budget.allocate_prune_ratios`).
     """
 
     target_macs: float | None = None

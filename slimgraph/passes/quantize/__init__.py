@@ -5,6 +5,6 @@ quantization is driven by calibration; a per-tensor fidelity report says what it
 
 from __future__ import annotations
 
-from slimgraph.passes.quantize.api import prepare, quantize, quantize_static, report_of
+from slimgraph.passes.quantize.modes import prepare, quantize, quantize_static, report_of
 
 __all__ = ["quantize", "quantize_static", "prepare", "report_of"]

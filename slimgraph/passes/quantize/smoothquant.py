@@ -112,7 +112,7 @@ def smooth_and_quantize(
     chosen = parse_alpha(alpha)
     if chosen is None:
         return quantize(model, calibration)
-    from slimgraph.passes.quantize.api import prepare
+    from slimgraph.passes.quantize.modes import prepare
 
     batches = calibration_batches(model, calibration, batch_size=batch_size)
     model = prepare(model)  # weights as constants (the exporter transposes them at run time)

@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 import slimgraph as sg
-from slimgraph.passes._options import BudgetOptions
+from slimgraph.api._options import BudgetOptions
 from slimgraph.passes.lowrank import FactorizeOptions
 
 # The public keyword signature, as it was written out by hand before the options dataclass.

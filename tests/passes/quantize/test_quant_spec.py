@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from slimgraph.passes.quantize import api
+from slimgraph.passes.quantize import modes as api
 from slimgraph.passes.quantize.dynamic import (
     ACTIVATION_SPEC,
     MATERIALIZERS,

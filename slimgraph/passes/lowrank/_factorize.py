@@ -9,9 +9,9 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
+from slimgraph.api._options import takes_options
 from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
-from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import (
     LayerReport,
@@ -277,8 +277,8 @@ def _factorize_within_budget(
 ) -> tuple[ir.Model, FactorizeReport]:
     """The rule's factorization with the most sensitive layers left whole until the budget
     holds (`passes.budgeted.factorize_with_budget`); the report records which and why."""
+    from slimgraph.api.budget import factorize_with_budget
     from slimgraph.ir.select import exact_pattern
-    from slimgraph.passes.budgeted import factorize_with_budget
 
     whole, search = factorize_with_budget(model, judge, **options.rule())
     exclude = options.exclude

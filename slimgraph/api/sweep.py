@@ -6,7 +6,7 @@ values to try for each; the candidates are the cartesian product::
     prune: {ratio: [0.0, 0.3, 0.5]}     # options of the step: every combination
     quantize: [none, int8]              # values: `none` skips the step
 
-Grids are read and expanded by `slimgraph.tools.sweep_grid`. Step names are the pipeline's
+Grids are read and expanded by `slimgraph.api.sweep_grid`. Step names are the pipeline's
 registered passes and presets (`slimgraph.passes.pipeline`) plus
 the command names `prune` (main option `ratio`; ratio 0 skips the step), `quantize` (main option
 `mode`: `int8`/`static` -> calibrated static int8, needs calibration data; `dynamic`;
@@ -64,13 +64,13 @@ from slimgraph._tables import (
     format_ratio,
     render_table,
 )
+from slimgraph.api.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError, first_line
+from slimgraph.ir.summary import summarize
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, evaluate, load_data, split_labels
 from slimgraph.runtime.session import model_bytes
-from slimgraph.tools.summary import summarize
-from slimgraph.tools.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 
 __all__ = [
     "SWEEP_EXTRA",

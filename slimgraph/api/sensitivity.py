@@ -6,7 +6,7 @@ would split), the model is compressed at that layer alone and measured on valida
 accuracy with labels (or the user's `Metric`), else the output cosine to the input model. Rows
 are sorted most sensitive first (largest loss of the metric, ties broken by the lower cosine) and
 name the node `--exclude` selects. The searches of accuracy-aware quantization, pruning and
-low-rank (`slimgraph.passes.budgeted`) start from this table.
+low-rank (`slimgraph.api.budget`) start from this table.
 
 Quantization calibrates once and re-plans per layer (the policy is a graph walk; the calibrated
 ranges are reused), so a table costs one calibration plus one Q/DQ insertion and one evaluation
@@ -183,7 +183,7 @@ class QuantizeUnits:
         batch_size: int = 32,
         percentile: float = 99.99,
     ) -> None:
-        from slimgraph.passes.quantize.api import check_exclusions, prepare
+        from slimgraph.passes.quantize.modes import check_exclusions, prepare
         from slimgraph.passes.quantize.policy import WEIGHT_OPS
         from slimgraph.runtime.calibrate import calibrate, calibration_batches
 

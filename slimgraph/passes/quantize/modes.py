@@ -301,7 +301,7 @@ def _quantize_within(
 ) -> ir.Model:
     """`quantize` under an accuracy budget: static mode searches the float layers, the others
     are checked; the search record goes in the result's meta."""
-    from slimgraph.passes.budgeted import BudgetSearch, quantize_with_budget
+    from slimgraph.api.budget import BudgetSearch, quantize_with_budget
 
     keep_float: list[str] = []
     mode = options.mode

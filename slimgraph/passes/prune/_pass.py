@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from slimgraph.api._options import takes_options
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, display_name
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
-from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import SlimgraphFunctionalPass
 from slimgraph.passes.prune._options import PruneCallOptions, PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
@@ -224,7 +224,7 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
             raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
                                         macs=("target_macs=", "--target-macs"),
                                         data=("data=", "--data VAL.npz"))
-        from slimgraph.passes.budgeted import allocate_prune_ratios
+        from slimgraph.api.budget import allocate_prune_ratios
 
         layer_ratios = allocate_prune_ratios(
             model, options.data, options.target_macs, metric=options.metric,
@@ -277,7 +277,7 @@ def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
             named keep `ratio`, or all their channels without one); see `prunable_units`.
         target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
             0.6x); per-group ratios are allocated from sensitivity on `data`, least loss first
-            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
+            (`slimgraph.api.budget.allocate_prune_ratios`).
         data: validation data (an .npz path, stacked arrays with optional labels, or
             `LabelledData`) for `target_macs` and the budget.
         budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that

@@ -28,14 +28,14 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_cosine, format_metric, format_metric_change
-from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
-from slimgraph.passes.sensitivity import (
+from slimgraph.api.sensitivity import (
     FactorizeUnits,
     PruneUnits,
     QuantizeUnits,
     SensitivityTable,
     table_of,
 )
+from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.runtime.budget import BudgetJudge, DataLike, Evaluator, as_data
 from slimgraph.runtime.metrics import Evaluation, Metric
 

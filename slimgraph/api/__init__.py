@@ -1,0 +1,1 @@
+"""The public verbs: quantize, prune, factorize, optimize, finetune, sensitivity, sweep."""
