@@ -1,59 +1,210 @@
-"""Accuracy-aware compression: searches that spend an accuracy budget where it costs least.
+"""Spending an accuracy budget where it costs least, over any family's compression units.
 
-- `quantize_with_budget` (automatic mixed precision, as NNCF's `quantize_with_accuracy_control`):
-  quantize every layer; when the result misses the budget, rank the layers by sensitivity (the
-  metric with only that layer quantized, `passes.sensitivity`) and keep the k most sensitive in
-  float, k found by bisection (calibration done once and reused), then report which layers stayed
-  float and why. Float layers stay fp32: on onnxruntime's CPU provider an fp16 MatMul/Conv is not
-  faster than fp32 (no fp16 kernels; Cast nodes are added), so fp16 would only make the file
-  smaller at the cost of speed (benchmarks/quantize.py prints the measured ratio).
-- `allocate_prune_ratios`: per channel group, the loss (1 - output cosine, plus the accuracy drop
-  with labels) and the MACs saved at each ratio of a grid, measured with only that group pruned;
-  then greedily the step with the least loss per MAC saved until the pruned model (counted, not
-  estimated) reaches the MAC target: non-uniform ratios, sensitive groups pruned least.
-- `factorize_with_budget`: the rank rule on every layer; when the result misses the budget, the
-  k most sensitive layers keep their full rank (bisection on k).
+A family says what it compresses through `Units` (its own passes behind three calls):
+`units()` lists what it compresses one by one (a quantized layer, a pruned channel group, a
+factorized layer), `build(skip)` compresses every unit but those in `skip`, `only(unit)`
+compresses that unit alone. From that:
 
-Each search ends with the budget checked on the model it returns; one that no choice can meet
-raises `VerificationError` with the best figure measured.
+- `table_of` measures each unit compressed alone on validation data, most sensitive first (the
+  `SensitivityTable` behind `slimgraph sensitivity`): top-1 accuracy with labels (or the user's
+  `Metric`), else the output cosine to the input model;
+- `search_units` (as NNCF's `quantize_with_accuracy_control`): every unit compressed; when that
+  misses the budget, the table, then the fewest most sensitive units left uncompressed for the
+  budget to hold, found by bisection (`search_kept`); the record (`BudgetSearch`) says which
+  and why.
+
+Quantization keeps layers in float (fp32: onnxruntime's CPU provider has no faster fp16
+MatMul/Conv), factorization keeps layers at full rank; pruning's MAC target allocates per-group
+ratios from the same measurements (`slimgraph.api.prune`). A search that no choice can satisfy
+raises `VerificationError` with the best figure it measured; `check_budget` is the one-shot check.
+This module imports no family: each family's `Units` lives with its verb.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx_ir as ir
 
-from slimgraph._tables import format_cosine, format_metric, format_metric_change
-from slimgraph.api.sensitivity import (
-    FactorizeUnits,
-    PruneUnits,
-    QuantizeUnits,
-    SensitivityTable,
-    table_of,
+from slimgraph._tables import (
+    format_cosine,
+    format_macs,
+    format_metric,
+    format_metric_change,
+    render_table,
 )
-from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
-from slimgraph.runtime.budget import BudgetJudge, DataLike, Evaluator, as_data
-from slimgraph.runtime.metrics import Evaluation, Metric
+from slimgraph.errors import VerificationError
+from slimgraph.runtime.budget import Budget, BudgetJudge, Evaluator
+from slimgraph.runtime.metrics import Evaluation, LabelledData, Metric
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
-    "PRUNE_GRID",
+    "Unit",
+    "Units",
+    "LayerSensitivity",
+    "SensitivityTable",
+    "table_of",
     "FloatLayer",
     "BudgetSearch",
-    "Allocation",
     "search_kept",
-    "quantize_with_budget",
-    "factorize_with_budget",
-    "allocate_prune_ratios",
+    "search_units",
+    "check_budget",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Ratios each channel group is measured at when allocating toward a MAC target.
-PRUNE_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing a family compresses: the node `--exclude` selects, its torch layer, op type."""
+
+    node: str
+    layer: str
+    op_type: str
+
+
+class Units(Protocol):
+    """A family's compression, unit by unit, on its own passes (see the module docstring).
+
+    Attributes:
+        method: the family's name in tables ("quantize", "prune", "factorize").
+        setting: how each unit is compressed ("int8 static, minmax", "channel ratio 0.5").
+    """
+
+    method: str
+    setting: str
+
+    def units(self) -> Sequence[Unit]:
+        """What the family compresses one by one, in graph order."""
+        ...
+
+    def build(self, skip: Sequence[str] = ()) -> ir.Model:
+        """The model with every unit compressed but the nodes in `skip`."""
+        ...
+
+    def only(self, unit: Unit) -> tuple[ir.Model, int | None]:
+        """The model with only `unit` compressed, and the MACs that saves (None: not counted)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """The model's metric when only this layer is compressed.
+
+    Attributes:
+        node, layer, op_type: the layer (`node` is what `--exclude` takes).
+        metric: accuracy (fraction), the user's metric, or the output cosine.
+        change: metric - the input model's metric (negative: worse; for the cosine, cosine - 1).
+        cosine: worst output cosine to the input model.
+        macs_saved: MACs this compression saves (prune and factorize), else None.
+    """
+
+    node: str
+    layer: str
+    op_type: str
+    metric: float
+    change: float
+    cosine: float | None
+    macs_saved: int | None = None
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Per-layer sensitivity, most sensitive first."""
+
+    method: str
+    setting: str
+    metric_name: str
+    reference_metric: float
+    samples: int
+    rows: tuple[LayerSensitivity, ...]
+
+    def most_sensitive(self, count: int) -> list[str]:
+        """The nodes of the `count` most sensitive layers."""
+        return [row.node for row in self.rows[:count]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "setting": self.setting, "metric": self.metric_name,
+            "reference_metric": self.reference_metric, "samples": self.samples,
+            "layers": [asdict(row) for row in self.rows],
+        }
+
+    def _cells(self) -> list[list[str]]:
+        name = self.metric_name
+        return [
+            [r.layer or "-", r.node, r.op_type, format_metric(r.metric, name),
+             format_metric_change(r.change, name), format_cosine(r.cosine),
+             format_macs(r.macs_saved)]
+            for r in self.rows
+        ]
+
+    def render(self) -> str:
+        """A plain-text table (most sensitive first)."""
+        name = self.metric_name
+        head = (f"sensitivity to {self.method} ({self.setting}) on {self.samples} samples: "
+                f"{name} of the input model {format_metric(self.reference_metric, name)}; "
+                "one layer compressed at a time, most sensitive first")
+        table = render_table(
+            ["layer", "node (--exclude)", "op", self.metric_name, "change", "cosine",
+             "MACs saved"], self._cells(), align="lllrrrr",
+        )
+        return f"{head}\n{table}"
+
+    __str__ = render
+
+    def __repr__(self) -> str:
+        return (f"<SensitivityTable: {self.method} ({self.setting}), {len(self.rows)} layers, "
+                f"{self.metric_name} {format_metric(self.reference_metric, self.metric_name)} "
+                f"on {self.samples} samples>")
+
+    def report(self) -> dict[str, Any]:
+        """The dict `tools.report.write_report` takes: a summary, the table, a barh plot."""
+        labels = [r.layer or r.node for r in self.rows]
+        return {
+            "title": f"Sensitivity to {self.method}",
+            "summary": {"method": self.method, "setting": self.setting,
+                        "metric": self.metric_name,
+                        "input model": format_metric(self.reference_metric, self.metric_name),
+                        "samples": self.samples, "layers": len(self.rows)},
+            "tables": [{
+                "title": "one layer compressed at a time, most sensitive first",
+                "columns": ["layer", "node", "op", self.metric_name, "change", "cosine",
+                            "MACs saved"],
+                "rows": [[r.layer, *cells[1:]] for r, cells in zip(self.rows, self._cells(),
+                                                                   strict=True)],
+            }],
+            "plots": [{
+                "kind": "barh", "title": f"{self.metric_name} change per layer ({self.method})",
+                "x_label": f"{self.metric_name} change", "y_label": "layer",
+                "series": [{"name": self.method, "x": labels,
+                            "y": [r.change for r in self.rows], "labels": labels}],
+            }],
+            **self.to_dict(),
+        }
+
+
+def table_of(units: Units, scorer: Evaluator) -> SensitivityTable:
+    """Compress each unit alone, measure, and sort most sensitive first (largest loss of the
+    metric, ties broken by the lower cosine)."""
+    rows = []
+    for unit in units.units():
+        model, saved = units.only(unit)
+        evaluation = scorer(model)
+        rows.append(LayerSensitivity(
+            unit.node, unit.layer, unit.op_type, evaluation.metric, scorer.change(evaluation),
+            evaluation.cosine, saved,
+        ))
+        logger.info("%s %s: %s %.4f", units.method, unit.node, evaluation.metric_name,
+                    evaluation.metric)
+    rows.sort(key=lambda r: (r.change, r.cosine if r.cosine is not None else 1.0))
+    return SensitivityTable(units.method, units.setting, scorer.reference.metric_name,
+                            scorer.reference.metric, scorer.reference.samples, tuple(rows))
 
 
 @dataclass(frozen=True)
@@ -171,16 +322,10 @@ def search_kept(
     return best
 
 
-def _kept_layers(table: SensitivityTable, count: int) -> list[FloatLayer]:
-    return [FloatLayer(r.node, r.layer, r.op_type, r.metric, r.change, r.cosine)
-            for r in table.rows[:count]]
-
-
-def _search_units(units: QuantizeUnits | FactorizeUnits, judge: BudgetJudge,
-                  search: BudgetSearch) -> list[str]:
-    """The search both methods share: every unit compressed; when that misses the budget, the
-    sensitivity table and the fewest most-sensitive units kept uncompressed (`search_kept`).
-    Fills `search` (its `candidate` is the model its `evaluation` measured).
+def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list[str]:
+    """Every unit compressed; when that misses the budget, the sensitivity table and the fewest
+    most-sensitive units kept uncompressed (`search_kept`). Fills `search` (its `candidate` is
+    the model its `evaluation` measured).
 
     Returns:
         The nodes left uncompressed, as exact node names.
@@ -195,157 +340,32 @@ def _search_units(units: QuantizeUnits | FactorizeUnits, judge: BudgetJudge,
         table = table_of(units, judge)
         search.table = table
         candidate, evaluation, count = search_kept(table, judge, units.build, search,
-                                                   most=len(units.units) - 1)
-        search.kept = _kept_layers(table, count)
+                                                   most=len(units.units()) - 1)
+        search.kept = [FloatLayer(r.node, r.layer, r.op_type, r.metric, r.change, r.cosine)
+                       for r in table.rows[:count]]
     search.evaluation, search.candidate = evaluation, candidate
     return [k.node for k in search.kept]
 
 
-def quantize_with_budget(
-    model: ir.Model, calibration: Any, judge: BudgetJudge, *, method: str = "minmax",
-    **options: Any,
-) -> tuple[list[str], BudgetSearch]:
-    """The nodes static quantization must leave float for `judge`'s budget to hold.
-
-    Args:
-        model: the float model (not modified).
-        calibration: calibration data, as `quantize` takes it.
-        judge: the budget and the validation data.
-        method: the calibration method (minmax, percentile, entropy, mse).
-        options: the other `QuantizeUnits` keywords (per_channel, exclude, exclude_ops,
-            include_ops, activation_dtype, batch_size, percentile).
-
-    Returns:
-        (float nodes, as exact `--exclude` names; the search record, whose `candidate` is the
-        QDQ model its `evaluation` measured: `quantize_static(..., keep_float=nodes)` without
-        the report makes the same model).
-
-    Raises:
-        VerificationError: no mix of float and int8 layers meets the budget.
-    """
-    units = QuantizeUnits(model, calibration, calib_method=method, **options)
-    search = BudgetSearch("int8 quantization", judge.budget.describe())
-    kept = _search_units(units, judge, search)
-    if kept:
-        logger.info("mixed precision: %d of %d layers float", len(kept), len(units.units))
-    return kept, search
-
-
-def factorize_with_budget(
-    model: ir.Model, judge: BudgetJudge, **rule: Any
-) -> tuple[list[str], BudgetSearch]:
-    """The layers low-rank factorization must leave whole for the budget to hold.
-
-    `rule` holds `factorize`'s options (rank rule, include/exclude, op types, ...).
-
-    Returns:
-        (nodes to leave whole, as exact node names; the search record).
-
-    Raises:
-        VerificationError: no choice of layers meets the budget.
-    """
-    units = FactorizeUnits(model, **rule)
-    search = BudgetSearch("low-rank factorization", judge.budget.describe())
-    return _search_units(units, judge, search), search
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """Per-group pruning ratios toward a MAC target.
-
-    Attributes:
-        ratios: channel group (first producer's node name) -> ratio; groups not listed keep all
-            their channels.
-        macs_ratio: MACs after / before of the model pruned at `ratios` (counted).
-        target: the requested MAC ratio.
-        loss: (group, ratio) -> loss measured with only that group pruned at that ratio.
-    """
-
-    ratios: dict[str, float]
-    macs_ratio: float
-    target: float
-    loss: Mapping[tuple[str, float], float]
-
-
-def allocate_prune_ratios(
-    model: ir.Model,
-    data: DataLike,
-    target_macs: float,
+def check_budget(
+    candidate: ir.Model | ort.InferenceSession,
+    reference: ir.Model,
+    data: LabelledData,
     *,
+    max_drop: float | None = None,
+    min_cosine: float | None = None,
     metric: Metric | None = None,
-    grid: Sequence[float] = PRUNE_GRID,
-    **options: Any,
-) -> Allocation:
-    """Non-uniform per-group ratios that reach `target_macs` (MACs after / before) with the least
-    measured loss.
+    what: str = "the result",
+) -> Evaluation:
+    """Measure `candidate` against `reference` on `data`; raise when it misses the budget.
 
-    Args:
-        model: the model (not modified).
-        data: validation data; the loss is 1 - output cosine plus the top-1 drop with labels
-            (or the drop of `metric`).
-        target_macs: the MAC ratio to reach, in (0, 1).
-        grid: the ratios each group is measured at (only that group pruned).
-        options: `prune` options (criterion, round_to, pad, exclude, exclude_ops, seed).
+    Returns:
+        The candidate's `Evaluation` (accuracy or metric with the reference's for `drop`, cosine
+        and SQNR against the reference).
 
     Raises:
-        BadOptionError: a target outside (0, 1).
-        UnsupportedModelError: the groups cannot reach the target even at the largest ratio.
+        BadOptionError: no limit given, a limit out of range, or `max_drop` without labels.
+        VerificationError: the candidate misses the budget (message has the measured figure).
     """
-    if not 0 < target_macs < 1:
-        raise BadOptionError.worded("{macs} is a fraction of the model's MACs in (0, 1), got "
-                                    "{value}", macs=("target_macs", "--target-macs"),
-                                    value=f"{target_macs}")
-    labelled = as_data(data, model)
-    scorer = Evaluator(model, labelled, metric=metric)
-    units = PruneUnits(model, **options)
-    if not units.units:
-        raise UnsupportedModelError("nothing to prune: no channel group can shrink")
-    loss: dict[tuple[str, float], float] = {}
-    saved: dict[tuple[str, float], int] = {}
-    total = 0
-    for unit in units.units:
-        for ratio in grid:
-            pruned, before, after = units.build({unit.node: ratio})
-            total = before
-            loss[unit.node, ratio] = _loss(scorer, scorer(pruned))
-            saved[unit.node, ratio] = before - after
-    levels = {unit.node: -1 for unit in units.units}  # index into grid; -1: not pruned
-
-    def at(node: str, level: int) -> tuple[float, int]:
-        return (0.0, 0) if level < 0 else (loss[node, grid[level]], saved[node, grid[level]])
-
-    ratios: dict[str, float] = {}
-    while True:
-        best = None
-        for node, level in levels.items():
-            if level + 1 >= len(grid):
-                continue
-            (l0, s0), (l1, s1) = at(node, level), at(node, level + 1)
-            if s1 <= s0:
-                continue
-            cost = max(l1 - l0, 0.0) / (s1 - s0)
-            if best is None or cost < best[0]:
-                best = (cost, node)
-        if best is None:
-            break
-        levels[best[1]] += 1
-        ratios = {n: grid[lv] for n, lv in levels.items() if lv >= 0}
-        predicted = sum(at(n, lv)[1] for n, lv in levels.items())
-        if total and predicted >= (1 - target_macs) * total:
-            _, before, after = units.build(ratios)  # savings interact: count, do not add
-            if after <= target_macs * before:
-                logger.info("allocated ratios %s: %.3fx MACs", ratios, after / before)
-                return Allocation(ratios, after / before, target_macs, loss)
-    _, before, after = units.build(ratios)
-    raise UnsupportedModelError(
-        f"--target-macs {target_macs:g} is out of reach: pruning every group at ratio "
-        f"{grid[-1]:g} leaves {after / before:.3f}x of the MACs"
-    )
-
-
-def _loss(scorer: Evaluator, evaluation: Evaluation) -> float:
-    """1 - cosine, plus the drop of the metric when there is one (labels or a user metric)."""
-    value = 1.0 - (evaluation.cosine if evaluation.cosine is not None else 0.0)
-    if evaluation.metric_name != "cosine":
-        value += max(0.0, scorer.reference.metric - evaluation.metric)
-    return value
+    budget = Budget(max_drop, min_cosine)
+    return BudgetJudge(reference, data, budget, metric=metric).check(candidate, what=what)

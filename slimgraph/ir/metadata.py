@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
+    "SMOOTH_QUANT_ALPHA",
     "STATIC_SHAPE",
     "EXAMPLE_DIMS",
     "MATERIALIZED",
@@ -50,6 +51,10 @@ QUANT_REPORT = "slimgraph.quantize_report"
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
 # uncompressed and why, the evaluations tried; `slimgraph.api.budget`).
 BUDGET_SEARCH = "slimgraph.budget_search"
+
+# Model.meta: the alpha SmoothQuant chose (None: no smoothing scored best); `quantize(...,
+# smooth_quant=...)`.
+SMOOTH_QUANT_ALPHA = "slimgraph.smooth_quant_alpha"
 
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
 # for channel tracing (`slimgraph.passes.prune._shapes.annotate_static_shapes`); stale once the

@@ -18,18 +18,18 @@ Structured (approximate in general, exact for channels whose producing weights a
 
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
-per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
-`_options`; reports: `_report`; the pass and the public functions: `_api`.
+per layer. Options: `PruneOptions` (the pass), in `_options`; reports: `_report`; the pass:
+`_pass`. The public verb is `slimgraph.prune` (`slimgraph.api.prune`).
 
 Example:
-    >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
-    >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
+    >>> result = PrunePass(ratio=0.5)(model)  # doctest: +SKIP
+    >>> result.report.layers[0].kept  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
-from slimgraph.passes.prune._pass import PrunePass, prunable_units, prune, prune_with_report
+from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneOptions
+from slimgraph.passes.prune._pass import PrunePass, prunable_units
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -55,7 +55,6 @@ __all__ = [
     "LayerChannels",
     "LayerSparsity",
     "PruneOptions",
-    "PruneCallOptions",
     "PruneReport",
     "PruneResult",
     "PrunePass",
@@ -64,8 +63,6 @@ __all__ = [
     "kept_count",
     "select_channels",
     "remove_channels",
-    "prune",
-    "prune_with_report",
     "group_key",
     "prunable_units",
 ]

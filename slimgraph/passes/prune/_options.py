@@ -1,17 +1,16 @@
-"""The `prune` options, written once: what the pass takes and what the public functions take.
+"""`PruneOptions`: what `PrunePass` takes, written once.
 
-`PruneOptions` is what `PrunePass` takes; `PruneCallOptions` what `prune` and
-`prune_with_report` take: those, a MAC target instead of a ratio, and the accuracy budget."""
+The public `slimgraph.PruneOptions` (`slimgraph.api.prune`) adds a MAC target instead of a ratio
+and the accuracy budget."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from slimgraph.api._options import BudgetOptions
 from slimgraph.errors import BadOptionError
 
-__all__ = ["CRITERIA", "SCOPES", "PruneOptions", "MacTarget", "PruneCallOptions"]
+__all__ = ["CRITERIA", "SCOPES", "PruneOptions"]
 
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")
@@ -77,30 +76,3 @@ class PruneOptions:
             raise BadOptionError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MacTarget:
-    """A MAC target instead of a ratio.
-
-    Attributes:
-        target_macs: the MACs to reach as a fraction of the model's (0.6: 0.6x); per-group
-            ratios are then allocated from sensitivity on the budget's `data`
-            (`slimgraph.api.budget.allocate_prune_ratios`).
-    """
-
-    target_macs: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneCallOptions(BudgetOptions, MacTarget, PruneOptions):
-    """The keywords of `prune` and `prune_with_report`, in their order: the `PruneOptions`,
-    `target_macs`, then the budget (`BudgetOptions`). `ratio` may be left out when
-    `target_macs` or `layer_ratios` gives the ratios."""
-
-    ratio: float | None = None
-
-    def pass_options(self, **changes: object) -> PruneOptions:
-        """The `PruneOptions` part (what `PrunePass` takes), with `changes` applied."""
-        own = {field.name: getattr(self, field.name) for field in dataclasses.fields(PruneOptions)}
-        return PruneOptions(**{**own, **changes})  # type: ignore[arg-type]

@@ -1,4 +1,7 @@
-"""`PrunePass` and the public `prune` / `prune_with_report`: the pass run once on a copy."""
+"""`PrunePass`: structured channel (or unstructured magnitude) pruning of a copy of the model.
+
+The public `slimgraph.prune` (`slimgraph.api.prune`) runs it once; `prunable_units` names the
+channel groups it can shrink (what per-group ratios and sensitivity tables name)."""
 
 from __future__ import annotations
 
@@ -9,14 +12,13 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from slimgraph.api._options import takes_options
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import ModelLike, as_model, display_name
 from slimgraph.ir import analysis as ir_analysis
+from slimgraph.ir import display_name
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
-from slimgraph.passes.prune._options import PruneCallOptions, PruneOptions
+from slimgraph.passes.prune._options import PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -37,7 +39,7 @@ from slimgraph.passes.prune._unstructured import zero_smallest_weights
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
 
-__all__ = ["PrunePass", "prunable_units", "prune", "prune_with_report"]
+__all__ = ["PrunePass", "prunable_units"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class PrunePass(SlimgraphFunctionalPass):
     """Structured channel pruning (or unstructured magnitude pruning) on a copy of the model.
 
     Approximate in general (`exact = False`); exact when the removed channels' producing weights
-    are zero. Options as for `prune` (a `PruneOptions`, or its fields as keywords).
+    are zero. Options as for `slimgraph.prune` (a `PruneOptions`, or its fields as keywords).
 
     Example:
         >>> result = PrunePass(ratio=0.5, round_to=8)(model)  # doctest: +SKIP
@@ -180,122 +182,3 @@ def prunable_units(
         first = group.producers[0]
         units.append((group_key(group), display_name(first), first.op_type))
     return units
-
-
-@takes_options(PruneCallOptions)
-def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
-    """Like `prune`, also returning the `PruneReport`.
-
-    The report lists every channel group (size, kept, why it could not shrink), every producing
-    layer's output channels before and after with the kept channel indices
-    (`report.layers[i].kept`, indices into the original channels), parameters before and after
-    as pruning sees them (constants folded, a shared weight once; a note says so when the result
-    stores more than the input did), MACs before and after as `inspect` counts them (symbolic
-    dimensions as 1) and notes.
-
-    Args: as for `prune`.
-
-    Returns:
-        (pruned model, `PruneReport`).
-
-    Raises: as for `prune`.
-
-    Example:
-        >>> pruned, report = prune_with_report(model, ratio=0.5)  # doctest: +SKIP
-        >>> report.layers[0].kept  # doctest: +SKIP
-        (0, 2, 3, 5)
-    """
-    return _prune(model, options)
-
-
-def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
-    """The pass run once on `model` with the ratios `options` give (a MAC target is turned into
-    per-group ratios first), and the result checked against the budget."""
-    model = as_model(model)
-    ir_analysis.check_finite_weights(model)
-    judge = options.judge(model)
-    layer_ratios = options.layer_ratios
-    if options.target_macs is not None:
-        if options.ratio is not None or layer_ratios is not None:
-            raise BadOptionError.worded("give {macs} or {ratio}, not both",
-                                        macs=("target_macs=", "--target-macs"),
-                                        ratio=("ratio=", "--ratio"))
-        if options.data is None:
-            raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
-                                        macs=("target_macs=", "--target-macs"),
-                                        data=("data=", "--data VAL.npz"))
-        from slimgraph.api.budget import allocate_prune_ratios
-
-        layer_ratios = allocate_prune_ratios(
-            model, options.data, options.target_macs, metric=options.metric,
-            criterion=options.criterion, round_to=options.round_to, pad=options.pad,
-            exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
-        ).ratios  # fmt: skip
-    if options.ratio is None and layer_ratios is None:
-        raise BadOptionError.worded("give a ratio ({ratio}) or a MAC target ({macs})",
-                                    ratio=("ratio=", "--ratio R"),
-                                    macs=("target_macs=", "--target-macs R"))
-    result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
-    assert isinstance(result, PruneResult) and result.report is not None
-    if judge is not None:
-        result.report.evaluation = judge.check(result.model, what="the pruned model")
-    return result.model, result.report
-
-
-@takes_options(PruneCallOptions)
-def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
-    """Prune a copy of `model` (the input is untouched). Approximate.
-
-    Structured (default): channels that must go together (coupled by residual adds, concats,
-    depthwise convs, a flatten into a Gemm) form groups; each group's channels are scored and the
-    least important removed physically: the producers' weights and biases, BatchNorm parameters,
-    the next layers' input channels and Reshape/Split/Slice constants shrink. The channels of a
-    graph output (class logits, embeddings) are never pruned unless named in `prune_outputs`.
-    Method: structured pruning as in seed 001; dependency groups after Torch-Pruning (Fang et
-    al., 2023), implemented on the ONNX graph. Unstructured: zeroes the smallest weights; the file
-    does not shrink and onnxruntime runs it no faster.
-
-    Args:
-        model: an `onnx_ir.Model` or the path of an `.onnx` file.
-        ratio: fraction of channels (or weights, with `unstructured`) to remove, in (0, 1).
-        criterion: "l1" | "l2" (norm of the producing weights summed over the group), "bn"
-            (BatchNorm |gamma|), "random" (seeded by `seed`).
-        scope: "local" (the same ratio in every group) or "global" (one threshold over scores
-            normalized per group).
-        round_to: keep a multiple of this many channels per group (at least this many).
-        pad: scatter pruned tensors back to full size (zeros at the removed positions) where an
-            inner consumer needs the full width (an excluded or unsupported op), so more groups
-            can shrink. It never pads a graph output that is not in `prune_outputs`.
-        exclude: fnmatch patterns of layer (torch module path) or node names to leave unchanged.
-        exclude_ops: op types to leave unchanged.
-        unstructured: zero the smallest weights instead of removing channels.
-        prune_outputs: names of graph outputs whose channels may be pruned too (shrunk; padded
-            back with zeros with `pad`).
-        seed: seed of `criterion="random"`.
-
-        layer_ratios: a ratio per channel group, by a producer's node or layer name (groups not
-            named keep `ratio`, or all their channels without one); see `prunable_units`.
-        target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
-            0.6x); per-group ratios are allocated from sensitivity on `data`, least loss first
-            (`slimgraph.api.budget.allocate_prune_ratios`).
-        data: validation data (an .npz path, stacked arrays with optional labels, or
-            `LabelledData`) for `target_macs` and the budget.
-        budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that
-            misses it raises `VerificationError`.
-        metric: a user `Metric` instead of top-1 accuracy.
-
-    Returns:
-        The pruned model. `prune_with_report` also returns what was removed.
-
-    Raises:
-        BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
-            `prune_outputs` name is not a graph output, or the options remove no channel at all
-            (for example `round_to` at least as large as every group), a budget without data.
-        UnsupportedModelError: no channel group can shrink (the reasons are named).
-        ModelLoadError: `model` is a path that cannot be loaded.
-        VerificationError: the pruned model misses the budget (measured figure in the message).
-
-    Example:
-        >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
-    """
-    return _prune(model, options)[0]

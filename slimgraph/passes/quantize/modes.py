@@ -1,175 +1,59 @@
-"""`sg.quantize`: one call from a float model to a quantized one.
+"""The quantization modes, chosen and run: `QuantizePass` and the pipeline's `quantize` step.
 
-Static (calibration data given): prepare (fold constants and BatchNorm into Conv, verified),
-annotate (`policy`), calibrate the planned values on onnxruntime (`runtime.calibrate`), insert
-Q/DQ (`qdq`), optionally lower to QOperator (`qoperator`), and measure per-tensor SQNR
-(`report`). Dynamic and weight-only modes call their own passes.
-
-`quantize` is thin: it gathers its keywords into one `QuantizeOptions` and runs `QuantizePass`
-once; the pipeline's `quantize` step (`StaticQuantizePass`) is the same pass with
-`StaticOptions`.
+Static (calibration data given): a `StaticSession` prepares, plans, calibrates and inserts Q/DQ
+(`static`), after SmoothQuant when asked (`smoothquant`); dynamic and weight-only modes prepare
+(`prepare`) and call their own passes (`dynamic`, `weight_only`), dynamic mode after the
+`transformer` preset's fusions on a model with unfused attention. The result is the deployable
+model. The public `slimgraph.quantize` (`slimgraph.api.quantize`) runs `QuantizePass` once, or a
+budget search built on `StaticSession`; the pipeline's `quantize` step (`StaticQuantizePass`) is
+the same pass with `StaticOptions`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import (
-    BadOptionError,
-    SlimgraphError,
-    UnsupportedModelError,
-    VerificationError,
-)
-from slimgraph.ir import ModelLike, as_model, copy_model, metadata
-from slimgraph.ir.select import check_patterns, exact_pattern
-from slimgraph.passes._kit import PrepareWeightsPass
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize.options import (
-    ActivationDtype,
-    Mode,
-    QuantizeOptions,
-    StaticOptions,
-)
-from slimgraph.passes.quantize.policy import WEIGHT_OPS, QuantPlan, annotate
-from slimgraph.passes.quantize.qdq import MIN_OPSET, QDQPass, QDQResult, activation_params
+from slimgraph.passes.cleanup import StripDebugMetadataPass
+from slimgraph.passes.pipeline import run_pipeline
+from slimgraph.passes.quantize.dynamic import quantize_dynamic
+from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
+from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
+from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
+from slimgraph.passes.quantize.static import StaticSession
+from slimgraph.passes.quantize.weight_only import quantize_weight_only
 from slimgraph.passes.registry import register_pass, register_preset
-from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
-from slimgraph.runtime.calibrate import CalibrationData, calibrate, calibration_batches
-from slimgraph.runtime.histogram import METHODS
-from slimgraph.runtime.metrics import Metric
+from slimgraph.passes.transformer import (
+    ResidualSumPass,
+    find_attention,
+    has_fused_attention,
+    has_residual_sums,
+)
+from slimgraph.runtime.calibrate import CalibrationData
+from slimgraph.runtime.feeds import random_feeds
 
-__all__ = [
-    "quantize", "quantize_static", "prepare", "report_of", "budget_search_of",
-    "check_exclusions",
-    "QuantizePass",
-    "StaticQuantizePass",
-]
+__all__ = ["FORMATS", "QuantizePass", "StaticQuantizePass", "default_mode", "deployable"]
 
 logger = logging.getLogger(__name__)
 
-_FORMATS = ("qdq", "qoperator")
+FORMATS = ("qdq", "qoperator")
 
 
-def quantize(
-    model: ModelLike,
-    *,
-    calibration: CalibrationData | None = None,
-    mode: Mode | None = None,
-    method: str = "minmax",
-    per_channel: bool = True,
-    fmt: str | None = None,
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    include_ops: Sequence[str] = (),
-    activation_dtype: ActivationDtype = "auto",
-    report: bool = False,
-    bits: int = 4,
-    block_size: int = 32,
-    batch_size: int = 32,
-    progress: bool | None = None,
-    percentile: float = 99.99,
-    data: DataLike | None = None,
-    budget: Budget | None = None,
-    max_drop: float | None = None,
-    min_cosine: float | None = None,
-    metric: Metric | None = None,
-    verify: bool = True,
-    smooth_quant: float | str | bool | None = None,
-    transformer: bool = True,
-) -> ir.Model:
-    """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
-
-    Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
-    (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
-    weight-only.
-
-    Args:
-        model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
-        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
-        mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
-            "weight-only".
-        method: static calibrator: minmax, moving-average, percentile, entropy or mse.
-        per_channel: per-channel weight scales.
-        fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs, portable) or "qoperator"
-            (QLinearConv, QLinearMatMul, onnxruntime's MatMulIntegerToFloat with the bias inside:
-            BERT-style 0.46x fp32 latency against 0.50x for QDQ, whose MatMul biases onnxruntime
-            leaves unfused).
-            Default: "qdq" for static; for weight-only, MatMulNBits ("qoperator"), measured
-            faster on CPU than the standard DequantizeLinear-with-block_size form ("qdq").
-        exclude: name patterns (node, torch layer or tensor names, fnmatch) left float.
-        exclude_ops: op types left float.
-        include_ops: static: op types left float by default to quantize anyway (Softmax, Where,
-            LayerNormalization, ...; "MatMul" adds the MatMuls of two activations).
-        activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
-        report: measure per-tensor SQNR on the calibration data (static); read it back with
-            `slimgraph.report_of(quantized)`.
-        bits, block_size: weight-only options.
-        batch_size: calibration rows per onnxruntime run.
-        progress: progress bar on stderr (default: when stderr is a terminal).
-        percentile: for method="percentile".
-        data: validation data for the budget (an .npz path, stacked arrays with an optional
-            `labels` key, or `LabelledData`).
-        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`; `max_drop` is the
-            absolute top-1 drop as a fraction and needs labels). Static mode keeps the most
-            sensitive layers float until it holds (`passes.budgeted.quantize_with_budget`; the
-            search is in `budget_search_of(result)`); other modes only check it.
-        metric: a user `Metric` (higher is better) replacing top-1 accuracy for `max_drop`.
-        verify: dynamic/weight-only: check the exact folding before quantization on
-            onnxruntime (random inputs). False quantizes without running the model at all
-            (models with ops onnxruntime does not have); static mode always runs it.
-        smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
-            smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
-        transformer: dynamic: a model with attention first gets the `transformer` preset's
-            exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
-            Adds as Sum), verified like `prepare`; blocks that cannot be fused are named in a
-            warning. False quantizes the graph's own ops.
-
-    Returns:
-        The quantized model (float inputs and outputs).
-
-    Raises:
-        BadOptionError: an unknown mode, format or method, static mode without calibration
-            data, an option that does not apply to the mode, or `model` neither a model nor a
-            path, an `--exclude` that matches nothing, a budget without data.
-        BadDataError: calibration data that does not fit the model's inputs (named), or holds
-            NaN/Inf.
-        UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
-            does not run on onnxruntime where it must (the message says to pass verify=False /
-            --no-verify for dynamic and weight-only).
-        VerificationError: the float model prepared for quantization (constants and BatchNorm
-            folded) no longer matches the input model.
-        ModelLoadError: `model` is a path that cannot be loaded.
-        VerificationError: the result misses the accuracy budget (the measured figure is in
-            the message).
-
-    Example:
-        >>> import slimgraph as sg
-        >>> q = sg.quantize("model.onnx", calibration="calib.npz")  # doctest: +SKIP
-        >>> q = sg.quantize(model, calibration=feeds, report=True)  # doctest: +SKIP
-        >>> print(sg.report_of(q).summary())  # doctest: +SKIP
-    """
-    options = QuantizeOptions(
-        mode=mode, method=method, per_channel=per_channel, fmt=fmt, exclude=exclude,
-        exclude_ops=exclude_ops, include_ops=include_ops, activation_dtype=activation_dtype,
-        report=report, bits=bits, block_size=block_size, batch_size=batch_size,
-        progress=progress, percentile=percentile, data=data, budget=budget, max_drop=max_drop,
-        min_cosine=min_cosine, metric=metric, verify=verify, smooth_quant=smooth_quant,
-        transformer=transformer,
-    )
-    return QuantizePass(options, calibration=calibration)(as_model(model)).model
+def default_mode(options: QuantizeOptions, calibration: CalibrationData | None) -> str:
+    """The mode `options` ask for: theirs, else static with calibration data, else dynamic."""
+    return options.mode or ("static" if calibration is not None else "dynamic")
 
 
 class QuantizePass(SlimgraphFunctionalPass):
     """Quantize a float model in any mode, as `slimgraph.quantize` describes (approximate).
 
     The one place the modes are chosen and run: static (calibrated QDQ or QOperator, optionally
-    after SmoothQuant or under an accuracy budget), dynamic, weight-only. The result is the
+    after SmoothQuant), dynamic, weight-only. The result is the
     deployable model (exporter debug metadata and working marks dropped; a `transformer`
     preset's residual Sums kept).
 
@@ -195,26 +79,20 @@ class QuantizePass(SlimgraphFunctionalPass):
 def _quantize(
     model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions
 ) -> ir.Model:
-    """`QuantizePass`'s work: the mode's default, the budget, then the mode."""
-    from slimgraph.passes.transformer import ResidualSumPass, has_residual_sums
-
+    """`QuantizePass`'s work: the mode's default, then the mode."""
     keep_sums = has_residual_sums(model)  # `transformer` preset output: keep its residual Sums
 
     def _finish(quantized: ir.Model) -> ir.Model:
         if keep_sums:
             quantized = ResidualSumPass()(quantized).model
-        return _deployable(quantized)
+        return deployable(quantized)
 
-    mode = options.mode or ("static" if calibration is not None else "dynamic")
-    options = replace(options, mode=mode)
-    judge = budget_judge(model, options.data, budget=options.budget, max_drop=options.max_drop,
-                         min_cosine=options.min_cosine, metric=options.metric)
-    if judge is not None:
-        return _quantize_within(model, judge, calibration, options)
+    mode = default_mode(options, calibration)
+    options = replace(options, mode=mode)  # type: ignore[arg-type]
     fmt = options.fmt
     if fmt is None:
         fmt = "qoperator" if mode == "weight-only" else "qdq"
-    if fmt not in _FORMATS:
+    if fmt not in FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
     options = replace(options, fmt=fmt)
     check_exclusions(model, options.exclude, options.exclude_ops)
@@ -228,16 +106,11 @@ def _quantize(
         if calibration is None:
             raise BadOptionError.worded("static quantization needs calibration data ({calib})",
                                         calib=("calibration=", "--calib DATA.npz"))
-
-        def run_static(float_model: ir.Model, data: object) -> ir.Model:
-            return _quantize_static(float_model, data, options)  # type: ignore[arg-type]
-
+        session = StaticSession(model, calibration, options)
         if smooth_quant is not None and smooth_quant is not False:
-            from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
-
-            return _finish(smooth_and_quantize(model, calibration, smooth_quant, run_static,
-                                                   batch_size=options.batch_size))
-        return _finish(run_static(model, calibration))
+            return _finish(smooth_and_quantize(session, smooth_quant, report=options.report,
+                                               fmt=options.fmt))
+        return _finish(session.build(report=options.report, fmt=options.fmt))
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError.worded("{smooth} applies to static quantization, not to {mode} mode",
                                     smooth=("smooth_quant=", "--smooth-quant"), mode=mode)
@@ -245,12 +118,10 @@ def _quantize(
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
         model = prepare(
-            model, _generated_feed(model) if options.verify else None,
+            model, generated_feed(model) if options.verify else None,
             matmul_to_gemm=mode != "weight-only",
         )
     if mode == "dynamic":
-        from slimgraph.passes.quantize.dynamic import quantize_dynamic
-
         if options.transformer:
             model, fused = _transformer_rewrites(model, options.verify)
             keep_sums = keep_sums or fused
@@ -259,8 +130,6 @@ def _quantize(
             exclude_ops=tuple(options.exclude_ops),
         ))
     if mode == "weight-only":
-        from slimgraph.passes.quantize.weight_only import quantize_weight_only
-
         return _finish(quantize_weight_only(
             model, bits=options.bits, block_size=options.block_size,
             fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(options.exclude),
@@ -274,13 +143,8 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums. Returns the
     model and whether it changed; a summary of the attention fusion is logged (a warning naming
     the first block left unfused and why)."""
-    from slimgraph.passes import run_pipeline
-    from slimgraph.passes.transformer import find_attention, has_fused_attention
-
     if has_fused_attention(model) or not find_attention(model.graph)[0]:
         return model, False
-    from slimgraph.runtime import random_feeds
-
     steps: list[str | dict[str, object]] = [
         {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "fuse-rms-norm",
         "residual-sum"]
@@ -295,295 +159,10 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     return result.model, result.modified
 
 
-def _quantize_within(
-    model: ir.Model, judge: BudgetJudge, calibration: CalibrationData | None,
-    options: QuantizeOptions,
-) -> ir.Model:
-    """`quantize` under an accuracy budget: static mode searches the float layers, the others
-    are checked; the search record goes in the result's meta."""
-    from slimgraph.api.budget import BudgetSearch, quantize_with_budget
-
-    keep_float: list[str] = []
-    mode = options.mode
-    search = BudgetSearch(f"{mode} quantization", judge.budget.describe())
-    if mode == "static" and calibration is not None:
-        check_exclusions(model, options.exclude, options.exclude_ops)
-        keep_float, search = quantize_with_budget(
-            model, calibration, judge, method=options.method,
-            per_channel=options.per_channel, exclude=options.exclude,
-            exclude_ops=options.exclude_ops, include_ops=options.include_ops,
-            activation_dtype=options.activation_dtype, batch_size=options.batch_size,
-            percentile=options.percentile,
-        )
-        if options.fmt not in (None, *_FORMATS):
-            raise BadOptionError(f"unknown format '{options.fmt}' (choose qdq or qoperator)")
-        if options.fmt in (None, "qdq") and not options.report and (
-            search.candidate is not None
-        ):
-            # the very model the search measured: no second calibration, no second evaluation
-            result = _deployable(search.candidate)
-            result.meta[metadata.BUDGET_SEARCH] = search
-            return result
-        result = _deployable(_quantize_static(
-            model, calibration, replace(options, fmt=options.fmt or "qdq"), keep_float
-        ))
-    else:
-        # checked, not searched; SmoothQuant is not applied under a budget (as before issue 12)
-        unjudged = replace(options, data=None, budget=None, max_drop=None, min_cosine=None,
-                           metric=None, smooth_quant=None)
-        result = _quantize(model, calibration, unjudged)
-    report = result.meta.get(metadata.QUANT_REPORT)
-    search.evaluation = judge.check(result, what="the quantized model")
-    result.meta[metadata.BUDGET_SEARCH] = search
-    if report is not None:
-        result.meta[metadata.QUANT_REPORT] = report
-    return result
-
-
-def budget_search_of(model: ir.Model):  # noqa: ANN201 - avoids importing budgeted eagerly
-    """The `BudgetSearch` a `quantize(..., max_drop=/min_cosine=)` call attached, or None.
-
-    Returns:
-        The search record (layers kept float and why, evaluations tried), or None for a model
-        quantized without a budget.
-
-    Raises:
-        Nothing: a model without the record gives None.
-    """
-    return model.meta.get(metadata.BUDGET_SEARCH)
-
-
-def _deployable(model: ir.Model) -> ir.Model:
+def deployable(model: ir.Model) -> ir.Model:
     """The quantized model is a deployment artifact: drop the exporter's debug metadata and
     slimgraph's working marks."""
-    from slimgraph.passes.cleanup import StripDebugMetadataPass
-
     return StripDebugMetadataPass(working_marks=True)(model).model
-
-
-def quantize_static(
-    model: ir.Model,
-    calibration: CalibrationData,
-    *,
-    method: str = "minmax",
-    per_channel: bool = True,
-    fmt: str = "qdq",
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    include_ops: Sequence[str] = (),
-    activation_dtype: ActivationDtype = "auto",
-    report: bool = False,
-    batch_size: int = 32,
-    progress: bool | None = None,
-    percentile: float = 99.99,
-    keep_float: Sequence[str] = (),
-) -> ir.Model:
-    """Calibrated static quantization (see `quantize`).
-
-    `keep_float` names nodes of the prepared model (BatchNorm folded) left float, exactly (as a
-    sensitivity table or budget search names them); unlike `exclude` they are not patterns.
-    """
-    options = QuantizeOptions(
-        method=method, per_channel=per_channel, fmt=fmt, exclude=exclude,
-        exclude_ops=exclude_ops, include_ops=include_ops, activation_dtype=activation_dtype,
-        report=report, batch_size=batch_size, progress=progress, percentile=percentile,
-    )
-    return _quantize_static(model, calibration, options, keep_float)
-
-
-def _quantize_static(
-    model: ir.Model, calibration: CalibrationData, options: QuantizeOptions,
-    keep_float: Sequence[str] = (),
-) -> ir.Model:
-    """Prepare, plan (`policy.annotate`), calibrate, insert Q/DQ, report, lower to QOperator."""
-    method, percentile, progress = options.method, options.percentile, options.progress
-    if method not in METHODS:
-        raise BadOptionError(f"unknown calibration method '{method}' (choose {', '.join(METHODS)})")
-    if not 0 < percentile <= 100:
-        raise BadOptionError(f"percentile must be in (0, 100], got {percentile}")
-    check_exclusions(model, options.exclude, options.exclude_ops)
-    batches = calibration_batches(model, calibration, batch_size=options.batch_size)
-    prepared = prepare(model, batches.first())
-    exclude = [*options.exclude, *map(exact_pattern, keep_float)]
-
-    def replan(extra: Sequence[str] = ()) -> QuantPlan:
-        return annotate(
-            prepared, per_channel=options.per_channel, exclude=[*exclude, *extra],
-            exclude_ops=options.exclude_ops, activation_dtype=options.activation_dtype,
-            include_ops=options.include_ops,
-        )
-
-    plan = replan()
-    if not plan.weights and not plan.activations:
-        raise UnsupportedModelError(
-            "nothing to quantize: the model has no Conv, ConvTranspose, Gemm or MatMul with a "
-            "float32 constant weight"
-            + (" outside the exclusions" if exclude or options.exclude_ops else "")
-        )
-    needs_histogram = method in ("percentile", "entropy", "mse")
-    names = [a.value for a in plan.activations]
-    stats = calibrate(prepared, batches, names, histogram=needs_histogram, progress=progress)
-    params = activation_params(plan, stats, method, percentile=percentile)
-    result = QDQPass(plan, params)(prepared)
-    assert isinstance(result, QDQResult)
-    quantized = result.model
-    if options.report:
-        from slimgraph.passes.quantize.report import measure
-
-        quantized.meta[metadata.QUANT_REPORT] = measure(
-            prepared, quantized, plan, result, batches, method=method, progress=progress,
-            replan=replan,
-        )
-    if options.fmt == "qoperator":
-        from slimgraph.passes.quantize.qoperator import QOperatorPass
-
-        lowered = QOperatorPass()(quantized).model
-        lowered.meta[metadata.QUANT_REPORT] = quantized.meta.get(metadata.QUANT_REPORT)
-        quantized = lowered
-    return quantized
-
-
-def check_exclusions(
-    model: ir.Model, exclude: Sequence[str], exclude_ops: Sequence[str] = ()
-) -> None:
-    """Every `--exclude` pattern must select a node (by layer, node or output tensor name: the
-    report prints all three) and every `--exclude-op` must be an op type of the model.
-
-    Raises:
-        BadOptionError: a pattern or op type that matches nothing (it would be a silent no-op).
-    """
-    nodes = list(model.graph.all_nodes())
-    check_patterns(nodes, exclude, tensors=True)
-    present = {node.op_type for node in nodes}
-    for op in exclude_ops:
-        if op not in present:
-            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
-                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
-                                        name=op)
-
-
-def report_of(model: ir.Model):  # noqa: ANN201 - avoids importing report eagerly
-    """The `QuantReport` a `quantize(..., report=True)` call attached to its result, or None.
-
-    Args:
-        model: the model `quantize` returned.
-
-    Returns:
-        The report (per-tensor SQNR, worst tensors; `.summary()` is the text the CLI prints),
-        or None when the model was not quantized with `report=True`.
-
-    Raises:
-        Nothing: any model is accepted.
-    """
-    return model.meta.get(metadata.QUANT_REPORT)
-
-
-def prepare(
-    model: ir.Model, feed: dict[str, np.ndarray] | None = None, *, matmul_to_gemm: bool = True
-) -> ir.Model:
-    """A copy with constants folded and BatchNorm folded into Conv/ConvTranspose/Gemm, verified.
-
-    Uses the pipeline's lossless passes (exact). With `feed`, the result is compared with the
-    model on onnxruntime; a difference beyond fp32 tolerance raises `VerificationError`.
-    `matmul_to_gemm=False` keeps MatMul+Add apart (weight-only quantizes MatMuls only: a Linear
-    with bias must stay a MatMul).
-    """
-    from slimgraph.passes import LOSSLESS_STEPS, run_pipeline
-
-    steps = [
-        step for step in LOSSLESS_STEPS
-        if step != "compact-constants" and (matmul_to_gemm or step != "matmul-add-to-gemm")
-    ]
-    prepared = run_pipeline(copy_model(model), steps).model
-    # weights computed at run time that the cleanup did not fold (above its size limits)
-    PrepareWeightsPass(scope=WEIGHT_OPS)(prepared)
-    if prepared.opset_imports.get("", 0) < MIN_OPSET:
-        from slimgraph.passes.opset import ConvertOpsetPass
-
-        prepared = ConvertOpsetPass(opset=MIN_OPSET)(prepared).model
-    _lift_constants(prepared)
-    _name_nodes(prepared)
-    _weight_layers(prepared)
-    if feed is not None:
-        _verify(model, prepared, _first_rows(model, feed))
-    return prepared
-
-
-def _lift_constants(model: ir.Model) -> None:
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass
-
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-
-
-def _weight_layers(model: ir.Model) -> None:
-    """A Conv with a BatchNorm folded in belongs to the conv's layer (its weight's name), not
-    the BatchNorm's the fusion may have left on it."""
-    for node in model.graph:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.inputs) > 1:
-            weight = node.inputs[1]
-            name = weight.name if weight is not None and weight.is_initializer() else None
-            if name is not None and name.endswith(".weight"):
-                node.metadata_props[metadata.LAYER] = name[: -len(".weight")]
-
-
-def _name_nodes(model: ir.Model) -> None:
-    used: set[str] = set()
-    for index, node in enumerate(model.graph):
-        if not node.name or node.name in used:
-            node.name = f"{node.op_type}_{index}"
-        used.add(node.name)
-
-
-def _first_rows(model: ir.Model, feed: Mapping[str, Any]) -> Mapping[str, Any]:
-    """One row of a batch (or the model's fixed batch): enough to check an exact rewrite. A
-    feed that is not a batch of rows (scalars, sequences, inputs of different lengths) is
-    checked whole."""
-    from slimgraph.runtime import iter_batches
-
-    values = list(feed.values())
-    if not values or not all(isinstance(v, np.ndarray) and v.ndim >= 1 for v in values):
-        return feed
-    if len({v.shape[0] for v in values}) != 1 or values[0].shape[0] < 2:
-        return feed
-    return next(iter_batches(feed, 1, model), feed)
-
-
-def _generated_feed(model: ir.Model) -> dict[str, Any]:
-    """Inputs that drive the model (`runtime.feeds.driving_feeds`), to check `prepare` in the
-    modes that need no data (dynamic, weight-only)."""
-    from slimgraph.runtime.feeds import driving_feeds
-
-    try:
-        return driving_feeds(model, who="the model")[0]
-    except UnsupportedModelError as error:
-        raise UnsupportedModelError(
-            f"{error}; dynamic and weight-only quantization do not need to run it: pass "
-            "--no-verify (verify=False)"
-        ) from None
-
-
-def _verify(reference: ir.Model, prepared: ir.Model, feed: Mapping[str, Any]) -> None:
-    from slimgraph.runtime import create_session, run
-    from slimgraph.runtime.exact import exact_difference
-
-    try:
-        session = create_session(reference)
-    except SlimgraphError:
-        raise
-    except Exception as error:  # onnxruntime's own classes: custom ops, invalid graphs
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        text = text.replace("[ONNXRuntimeError] : ", "")
-        raise UnsupportedModelError(
-            f"the model does not run on onnxruntime ({text}); dynamic and weight-only "
-            "quantization do not need to run it: pass --no-verify (verify=False)"
-        ) from None
-    ref = run(session, feed)
-    got = run(create_session(prepared), feed)
-    for name, expected in ref.items():
-        if name not in got or exact_difference(expected, got[name]) is not None:
-            raise VerificationError(
-                f"folding BatchNorm/constants before quantization changed output '{name}'"
-            )
 
 
 @register_pass("quantize", exact=False)
@@ -592,7 +171,7 @@ class StaticQuantizePass(QuantizePass):
 
     Takes its calibration data from the pipeline's context (`optimize(..., calibration=...)`,
     `slimgraph optimize --calib DATA.npz`) unless given directly; the options are
-    `StaticOptions`' (see `quantize_static`). The result is the same deployable model as
+    `StaticOptions`' (see `static.quantize_static`). The result is the same deployable model as
     `sg.quantize` and `slimgraph quantize` write (it runs the same `QuantizePass` work).
     """
 
