@@ -17,14 +17,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
 from slimgraph.errors import (
-    BadOptionError,
     SlimgraphError,
     UnsupportedModelError,
     VerificationError,
     first_line,
 )
-from slimgraph.ir import copy_model, metadata
-from slimgraph.ir.select import check_patterns
+from slimgraph.ir import copy_model, metadata, select
 from slimgraph.passes import LOSSLESS_STEPS, run_pipeline
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.opset import ConvertOpsetPass
@@ -46,14 +44,7 @@ def check_exclusions(
     Raises:
         BadOptionError: a pattern or op type that matches nothing (it would be a silent no-op).
     """
-    nodes = list(model.graph.all_nodes())
-    check_patterns(nodes, exclude, tensors=True)
-    present = {node.op_type for node in nodes}
-    for op in exclude_ops:
-        if op not in present:
-            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
-                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
-                                        name=op)
+    select.check_exclusions(model.graph.all_nodes(), exclude, exclude_ops, tensors=True)
 
 
 def prepare(
