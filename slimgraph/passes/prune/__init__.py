@@ -29,6 +29,12 @@ Example:
 from __future__ import annotations
 
 from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
+from slimgraph.passes.prune._heads import (
+    HEAD_CRITERIA,
+    PruneHeadsPass,
+    PruneHeadsResult,
+    prune_heads,
+)
 from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
@@ -49,6 +55,10 @@ from slimgraph.passes.prune._surgery import remove_channels
 
 __all__ = [
     "CRITERIA",
+    "HEAD_CRITERIA",
+    "PruneHeadsPass",
+    "PruneHeadsResult",
+    "prune_heads",
     "SCOPES",
     "UNSTRUCTURED_NOTE",
     "GroupReport",
