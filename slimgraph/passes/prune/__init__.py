@@ -29,13 +29,14 @@ Example:
 from __future__ import annotations
 
 from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
-from slimgraph.passes.prune._heads import (
+from slimgraph.passes.prune._heads import PruneHeadsPass, PruneHeadsResult, prune_heads
+from slimgraph.passes.prune._options import (
+    CRITERIA,
     HEAD_CRITERIA,
-    PruneHeadsPass,
-    PruneHeadsResult,
-    prune_heads,
+    SCOPES,
+    PruneCallOptions,
+    PruneOptions,
 )
-from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,

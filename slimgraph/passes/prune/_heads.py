@@ -16,11 +16,9 @@ import onnx_ir as ir
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.registry import register_pass
-from slimgraph.passes.transformer.heads import CRITERIA, HeadReport, remove_heads
+from slimgraph.passes.transformer.heads import HeadReport, remove_heads
 
-__all__ = ["PruneHeadsPass", "PruneHeadsResult", "prune_heads", "HEAD_CRITERIA"]
-
-HEAD_CRITERIA = CRITERIA
+__all__ = ["PruneHeadsPass", "PruneHeadsResult", "prune_heads"]
 
 
 @dataclasses.dataclass
