@@ -16,6 +16,10 @@ Structured (approximate in general, exact for channels whose producing weights a
    graph output or a consumer that must keep its channel count (seed 001) (`_surgery`);
 5. re-infer shapes.
 
+Heads (`heads=`, `_heads`: the `prune-heads` pass): whole attention heads removed first, on the
+same prepared copy, by `slimgraph.passes.transformer.heads` (which knows where each head lives);
+channels after when a ratio is given too.
+
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
 per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
@@ -24,6 +28,7 @@ per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public
 Example:
     >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
     >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
+    >>> pruned = prune(model, heads=0.5, ratio=0.3)  # doctest: +SKIP
 """
 
 from __future__ import annotations
