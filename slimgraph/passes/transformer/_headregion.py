@@ -250,6 +250,9 @@ class _Walk:
                           f"{into[0].op_type})")
         got = self.frame.convert(*self.layouts[id(value)])
         want = self.frame.convert(*expected)
+        if got[0].rank < want[0].rank:  # broadcast against the scores from the right
+            got = (Layout(((),) * (want[0].rank - got[0].rank) + got[0].axes, got[0].offsets),
+                   got[1])
         if got[1] != want[1] or signature(got[0]) != signature(want[0]):
             raise NoMatch("a term computed from the heads is laid out unlike the attention's")
         self.region.joined.add(id(value))

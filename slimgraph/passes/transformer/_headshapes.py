@@ -379,9 +379,14 @@ def rewrite(graph: ir.Graph, names: Names, site: HeadSite, units: Sequence[int],
     _slice(graph, names, site.out, np.array(out_rows(site, kept_heads)), done)
     new_heads, new_kv = len(kept_heads), site.kv_heads - len(units)
     if site.fused is not None:
-        site.fused.attributes["num_heads"] = ir.AttrInt64("num_heads", new_heads)
-        if "kv_num_heads" in site.fused.attributes:
-            site.fused.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", new_kv)
+        attributes = site.fused.attributes
+        attributes["num_heads"] = ir.AttrInt64("num_heads", new_heads)
+        if "kv_num_heads" in attributes:
+            attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", new_kv)
+        if "qkv_hidden_sizes" in attributes:  # Attention's packed q, k, v widths
+            attributes["qkv_hidden_sizes"] = ir.AttrInt64s("qkv_hidden_sizes", [
+                new_heads * site.head_size, new_heads * site.head_size,
+                new_heads * site.v_head_size])
     for node, role in site.rotary_ops:
         node.attributes["num_heads"] = ir.AttrInt64("num_heads",
                                                     new_heads if role == "q" else new_kv)

@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Projection", "HeadSite", "site_of_match", "site_of_fused", "FUSED_OPS"]
 
-FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention")
+FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "QAttention")
 # the attention_bias input of each fused op
-_BIAS_INPUT = {"MultiHeadAttention": 5, "GroupQueryAttention": 10}
+_BIAS_INPUT = {"MultiHeadAttention": 5, "GroupQueryAttention": 10, "Attention": 5,
+               "QAttention": 9}
 
 
 @dataclasses.dataclass
@@ -318,15 +319,111 @@ def site_of_match(match: AttentionMatch, shapes: ShapeInfo, graph: ir.Graph) -> 
 
 
 def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite:
-    """The head site of a MultiHeadAttention / GroupQueryAttention written by fuse-attention.
+    """The head site of a fused attention op: MultiHeadAttention / GroupQueryAttention written
+    by fuse-attention (q, k, v from projections) or Attention written by pack-attention (the
+    projections packed into the op's own weight).
 
     Raises:
         NoMatch: a part head pruning cannot edit.
     """
+    if node.op_type == "QAttention":
+        raise NoMatch("int8 attention (QAttention): prune heads before quantizing")
     heads = node.attributes.get_int("num_heads", 0)
     kv_heads = node.attributes.get_int("kv_num_heads", heads) or heads
+    if not heads:
+        raise NoMatch(f"{node.op_type} without num_heads")
+    inputs = _packed_inputs(node, heads) if node.op_type == "Attention" else _separate_inputs(
+        node, heads, kv_heads, shapes)
+    parts, sizes = inputs.parts, inputs.sizes
+    kv_heads = len(parts["k"][1])
+    if len(parts["v"][1]) != kv_heads or heads % kv_heads:
+        raise NoMatch("key and value heads are not whole groups of the query heads")
+    refs = inputs.refs
+    y_ref, z_ref = ("Y", id(node)), ("Z", id(node))
+    refs[y_ref] = (2, heads * sizes["v"])
+    refs[z_ref] = (1, heads)
+    output = node.outputs[0]
+    query = node.inputs[0]
+    if output.shape is None and query is not None and query.shape is not None and len(
+            query.shape) == 3:  # onnx's shape inference knows no contrib op: [B, S, N * Hv]
+        output.shape = ir.Shape([query.shape[0], query.shape[1], heads * sizes["v"]])
+    out_nodes = []
+    while (uses := _data_uses(output)) and len(uses) == 1 and is_move(uses[0].node) and (
+            not output.is_graph_output()):
+        out_nodes.append(uses[0].node)
+        output = uses[0].node.outputs[0]
+    y_moves, _, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes],
+                                 y_ref, shapes)
+    moves = inputs.moves + y_moves
+    site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
+                    sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
+                    _out_weight(output), moves, refs, fused=node, rotary_ops=inputs.rotary_ops)
+    frame = _frame(id(node), parts, heads, kv_heads, sizes["v"], refs, z_ref, y_ref)
+    inside = {id(node)} | {id(m.node) for m in moves} | {id(r) for r, _ in inputs.rotary_ops}
+    joins: dict[int, tuple[Layout, Ref]] = {}
+    bias_index = _BIAS_INPUT[node.op_type]
+    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+    bias_dims = shapes.shape(bias)
+    per_head = bias is not None and bias_dims is not None and len(bias_dims) == 4 and (
+        bias_dims[1].static and bias_dims[1].coef == heads > 1)
+    if per_head:
+        assert bias is not None and bias_dims is not None
+        joins[id(bias)] = (Layout.identity(bias_dims), z_ref)
+    region = follow(graph, inputs.starts, inside, joins, frame, shapes)
+    _add_region(site, region.moves, region.edits, region.constants, region.derived,
+                region.refs)
+    if per_head and id(bias) not in region.joined:
+        site.head_biases.append((node, bias_index, 1))
+    site.changed = {id(v) for v, _, _ in inputs.starts} | region.values | {
+        id(o) for m in site.moves for o in m.node.outputs} | {id(node.outputs[0])}
+    return site
+
+
+@dataclasses.dataclass
+class _FusedInputs:
+    """Where a fused op's q, k and v come from (see `site_of_fused`)."""
+
+    parts: dict[str, tuple[Projection, list[list[int]]]]
+    sizes: dict[str, int]
+    moves: list[Move]
+    refs: dict[Ref, tuple[int, int]]
+    rotary_ops: list[tuple[ir.Node, str]]
+    starts: list[tuple[ir.Value, Layout, Ref]]
+
+
+def _packed_inputs(node: ir.Node, heads: int) -> _FusedInputs:
+    """`Attention(x, W [D, q + k + v], b)`: the projections are the op's own weight columns."""
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim != 2:
+        raise NoMatch("Attention whose packed weight is not a constant matrix")
+    hidden = node.attributes.get_ints("qkv_hidden_sizes", [weight.shape[1] // 3] * 3)
+    if len(hidden) != 3 or sum(hidden) != weight.shape[1] or any(h % heads for h in hidden):
+        raise NoMatch("Attention whose packed weight does not divide into the heads")
+    weights = [Weight(node, 1, 1)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if constant_array(node.inputs[2]) is None:
+            raise NoMatch("Attention whose packed bias is not constant")
+        weights.append(Weight(node, 2, 0))
+    value = node.inputs[1]
+    assert value is not None
+    projection = Projection(value, weights, int(weight.shape[1]))
+    parts, sizes = {}, {}
+    offset = 0
+    for role, width in zip(("q", "k", "v"), hidden, strict=True):
+        size = width // heads
+        parts[role] = (projection, [list(range(offset + h * size, offset + (h + 1) * size))
+                                    for h in range(heads)])
+        sizes[role] = size
+        offset += width
+    return _FusedInputs(parts, sizes, [], {("proj", id(value)): (1, projection.width)}, [], [])
+
+
+def _separate_inputs(node: ir.Node, heads: int, kv_heads: int,
+                     shapes: ShapeInfo) -> _FusedInputs:
+    """MultiHeadAttention / GroupQueryAttention: q, k, v each from a projection through moves
+    (and RotaryEmbedding ops)."""
     q3, k3, v3 = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
-    if not heads or q3 is None or k3 is None or v3 is None or (
+    if q3 is None or k3 is None or v3 is None or (
             node.op_type == "MultiHeadAttention" and len(node.inputs) > 3 and node.inputs[3]):
         raise NoMatch(f"{node.op_type} with packed inputs or a bias input")
     moves: list[Move] = []
@@ -334,7 +431,7 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
     parts: dict[str, tuple[Projection, list[list[int]]]] = {}
     rotary_ops: list[tuple[ir.Node, str]] = []
     sizes = {}
-    starts = []
+    starts: list[tuple[ir.Value, Layout, Ref]] = []
     for role, value in (("q", q3), ("k", k3), ("v", v3)):
         chain: list[ir.Node] = []
         current = value
@@ -345,7 +442,7 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
             assert producer.inputs[0] is not None
             current = producer.inputs[0]
         projection, pre = _projection(current)
-        ref = ("proj", id(projection.output))
+        ref: Ref = ("proj", id(projection.output))
         refs[ref] = (len(projection.output.shape or ()) - 1, projection.width)
         steps = [(n, n.outputs[0]) for n in reversed(pre)]
         chain_moves, layout, seen = _chain_moves(projection.output, steps, ref, shapes)
@@ -376,46 +473,7 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
                 distinct.append(columns[i:i + per_head])
         parts[role] = (projection, distinct)
         sizes[role] = per_head
-    kv_heads = len(parts["k"][1])
-    if len(parts["v"][1]) != kv_heads or heads % kv_heads:
-        raise NoMatch("key and value heads are not whole groups of the query heads")
-    y_ref, z_ref = ("Y", id(node)), ("Z", id(node))
-    refs[y_ref] = (2, heads * sizes["v"])
-    refs[z_ref] = (1, heads)
-    output = node.outputs[0]
-    if output.shape is None and q3.shape is not None and len(q3.shape) == 3:
-        # onnx's shape inference knows no contrib op: the output is [B, S, N * Hv]
-        output.shape = ir.Shape([q3.shape[0], q3.shape[1], heads * sizes["v"]])
-    out_nodes = []
-    while (uses := _data_uses(output)) and len(uses) == 1 and is_move(uses[0].node) and (
-            not output.is_graph_output()):
-        out_nodes.append(uses[0].node)
-        output = uses[0].node.outputs[0]
-    y_moves, _, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes],
-                                 y_ref, shapes)
-    moves += y_moves
-    site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
-                    sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
-                    _out_weight(output), moves, refs, fused=node, rotary_ops=rotary_ops)
-    frame = _frame(id(node), parts, heads, kv_heads, sizes["v"], refs, z_ref, y_ref)
-    inside = {id(node)} | {id(m.node) for m in moves} | {id(r) for r, _ in rotary_ops}
-    joins: dict[int, tuple[Layout, Ref]] = {}
-    bias_index = _BIAS_INPUT[node.op_type]
-    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
-    bias_dims = shapes.shape(bias)
-    per_head = bias is not None and bias_dims is not None and len(bias_dims) == 4 and (
-        bias_dims[1].static and bias_dims[1].coef == heads > 1)
-    if per_head:
-        assert bias is not None and bias_dims is not None
-        joins[id(bias)] = (Layout.identity(bias_dims), z_ref)
-    region = follow(graph, starts, inside, joins, frame, shapes)
-    _add_region(site, region.moves, region.edits, region.constants, region.derived,
-                region.refs)
-    if per_head and id(bias) not in region.joined:
-        site.head_biases.append((node, bias_index, 1))
-    site.changed = {id(v) for v, _, _ in starts} | region.values | {
-        id(o) for m in site.moves for o in m.node.outputs} | {id(node.outputs[0])}
-    return site
+    return _FusedInputs(parts, sizes, moves, refs, rotary_ops, starts)
 
 
 def _output_toward(node: ir.Node, value: ir.Value) -> ir.Value:

@@ -17,13 +17,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from slimgraph.passes._kit import Names, add_initializer, constant_array
+import slimgraph as sg
+from slimgraph.errors import UnsupportedModelError
+from slimgraph.passes._kit import constant_array
 from slimgraph.passes.pipeline import run_pipeline
-from slimgraph.passes.prune import PruneHeadsResult, prepare_for_pruning, prune_heads
-from slimgraph.passes.transformer import head_sites
-from slimgraph.passes.transformer._headshapes import out_rows, unit_columns
+from slimgraph.passes.prune import PruneHeadsResult, prune_heads
 from tests import models_hf
 from tests.kit.asserts import assert_same_outputs, output_list
+from tests.kit.heads import zero_heads
 
 FAST = ["bert", "gpt2", "llama", "deberta-v2", "vit", "torch-encoder"]
 SIZES = [(3, 11), (1, 21)]  # (batch, sequence) other than the export's (2, 8)
@@ -41,35 +42,6 @@ def formed(name: str, form: str) -> tuple[models_hf.Case, ir.Model]:
         fused = run_pipeline(model, ["transformer"], verify=False).model
         _FUSED_CACHE[name] = ir.to_proto(fused).SerializeToString()
     return case, ir.from_proto(onnx.load_model_from_string(_FUSED_CACHE[name]))
-
-
-def zero_heads(model: ir.Model, ratio: float = 0.5) -> ir.Model:
-    """A prepared copy of `model` in which the first `floor(ratio * units)` pruning units of
-    every attention block (heads, or key/value groups) have all-zero Q/K/V columns and biases
-    and output-projection rows: they contribute nothing."""
-    prepared = prepare_for_pruning(model)
-    names = Names(prepared.graph)
-    sites, skipped = head_sites(prepared.graph)
-    assert not skipped
-
-    def zero(weight, positions: list[int]) -> None:  # noqa: ANN001 - a _headtypes.Weight
-        array = weight.array().copy()
-        index = [slice(None)] * array.ndim
-        index[weight.axis] = positions
-        array[tuple(index)] = 0
-        weight.node.replace_input_with(weight.index, add_initializer(
-            prepared.graph, names.fresh("zeroed"), array))
-
-    for site in sites:
-        units = range(int(site.kv_heads * ratio))
-        for unit in units:
-            columns = unit_columns(site, unit)
-            for role in ("q", "k", "v"):
-                for weight in getattr(site, role)[0].weights:
-                    zero(weight, columns[role])
-        zero(site.out, out_rows(site, [h for u in units
-                                       for h in range(u * site.repeat, (u + 1) * site.repeat)]))
-    return prepared
 
 
 def check_half_the_heads_go(name: str, form: str) -> PruneHeadsResult:
@@ -165,6 +137,29 @@ def test_a_block_left_alone_is_named_with_its_reason() -> None:
     feed = case.feeds(2, 9, 1)
     assert [g.shape for g in output_list(result.model, feed)] == [
         w.shape for w in output_list(model, feed)]
+
+
+def test_packed_attention_loses_heads_exactly() -> None:
+    # pack-attention folds the projections into Attention(x, W [32, 96], b): its weight columns
+    # and qkv widths follow the heads
+    case, fused = formed("bert", "fused")
+    packed = run_pipeline(fused, ["pack-attention"], verify=False).model
+    dead = zero_heads(packed)
+    result = prune_heads(dead, 0.5)
+    attention = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert [n.attributes["num_heads"].value for n in attention] == [2, 2]
+    assert [n.inputs[1].const_value.shape for n in attention] == [(32, 48)] * 2
+    for batch, seq in SIZES:
+        assert_same_outputs(dead, result.model, case.feeds(batch, seq, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_attention_asks_for_heads_to_be_pruned_first() -> None:
+    _, model = models_hf.exported("vit")
+    quantized = sg.quantize(model, mode="dynamic", verify=False, progress=False)
+    with pytest.raises(UnsupportedModelError, match=r"^prune\(heads=0.5\): no attention block "
+                       r"could lose a head \(.*: int8 attention \(QAttention\): prune heads "
+                       r"before quantizing; "):
+        sg.prune(quantized, heads=0.5)
 
 
 @pytest.mark.slow
