@@ -110,9 +110,7 @@ def _page(
             tables.append({"title": "Attention blocks not pruned", "columns": ["block",
                            "reason"], "rows": [[s.node, s.reason]
                                                for s in report.heads_skipped]})
-    if not report.channels:
-        pass
-    elif report.unstructured:
+    if report.channels and report.unstructured:
         sparsity = report.sparsity[:MAX_BARS]
         plots.append({"kind": "barh", "title": "Sparsity per layer (zeroed weights)",
                       "x_label": "fraction of weights that are zero",
@@ -121,7 +119,7 @@ def _page(
         tables.append({"title": "Sparsity per layer", "columns": ["layer", "op", "weights",
                        "zeros", "sparsity"], "rows": [[s.layer, s.op_type, s.elements, s.zeros,
                        s.sparsity] for s in report.sparsity]})
-    else:
+    elif report.channels:
         layers = report.layers[:MAX_BARS]
         names = [layer.layer for layer in layers]
         plots.append({
