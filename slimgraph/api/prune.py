@@ -1,7 +1,10 @@
-"""`slimgraph.prune`: channel pruning of a copy of a model, at a ratio or toward a MAC target.
+"""`slimgraph.prune`: head and channel pruning of a copy of a model, at a ratio or toward a MAC
+target.
 
-The transformation is `PrunePass` (`slimgraph.passes.prune`). Here: the options (`PruneOptions`:
-the pass's, a MAC target instead of a ratio, and the accuracy budget), the budget check, and the
+The transformations are `PrunePass` (`slimgraph.passes.prune`) and head removal
+(`slimgraph.passes.transformer.heads`, heads first on the same prepared copy). Here: the options
+(`PruneOptions`: the pass's, a head ratio, a MAC target instead of a ratio, and the accuracy
+budget), the budget check, and the
 MAC target: per channel group, the loss (1 - output cosine, plus the accuracy drop with labels)
 and the MACs saved at each ratio of a grid, measured with only that group pruned (`PruneUnits`);
 then greedily the step with the least loss per MAC saved until the pruned model (counted, not
@@ -23,8 +26,18 @@ from slimgraph.api.budget import Unit
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir import analysis as ir_analysis
+from slimgraph.passes.prune import (
+    HEAD_CRITERIA,
+    PrunePass,
+    PruneReport,
+    PruneResult,
+    mac_dims,
+    prepare_for_pruning,
+    prunable_units,
+    total_macs,
+)
 from slimgraph.passes.prune import PruneOptions as PassOptions
-from slimgraph.passes.prune import PrunePass, PruneReport, PruneResult, prunable_units
+from slimgraph.passes.transformer.heads import HeadPruning, remove_heads
 from slimgraph.runtime.budget import DataLike, Evaluator, as_data
 from slimgraph.runtime.metrics import Evaluation, Metric
 
@@ -59,10 +72,15 @@ class MacTarget:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PruneOptions(BudgetOptions, MacTarget, PassOptions):
-    """The keywords of `prune` and `prune_with_report`, in their order: the pass's options
-    (`slimgraph.passes.prune.PruneOptions`), `target_macs`, then the budget (`BudgetOptions`).
-    `ratio` may be left out when `target_macs` or `layer_ratios` gives the ratios. Each is
-    described on `prune`.
+    """The keywords of `prune` and `prune_with_report`, in their order: `heads`, the pass's
+    options (`slimgraph.passes.prune.PruneOptions`), `target_macs`, then the budget
+    (`BudgetOptions`). `ratio` may be left out when `target_macs` or `layer_ratios` gives the
+    ratios, or when only heads are pruned. Each is described on `prune`.
+
+    Attributes:
+        heads: the fraction of each attention block's heads (key/value groups under
+            grouped-query attention) to remove before any channel pruning, in (0, 1);
+            `criterion` ("l1" or "l2") scores them.
 
     Example:
         >>> PruneOptions(ratio=0.5, exclude=["fc*"]).exclude
@@ -70,6 +88,34 @@ class PruneOptions(BudgetOptions, MacTarget, PassOptions):
     """
 
     ratio: float | None = None
+    heads: float | None = None
+
+    @property
+    def channels(self) -> bool:
+        """Whether channels are pruned too (a ratio, per-layer ratios or a MAC target)."""
+        return self.ratio is not None or self.layer_ratios is not None or (
+            self.target_macs is not None)
+
+    def check_heads(self) -> None:
+        """Raise on a head ratio out of range or a criterion that cannot score heads.
+
+        Raises:
+            BadOptionError: `heads` not in (0, 1), `criterion` not "l1" or "l2", or
+                `unstructured` with `heads`.
+        """
+        heads = self.heads
+        if isinstance(heads, bool) or not isinstance(heads, (int, float)) or not 0 < heads < 1:
+            raise BadOptionError.worded("{heads} must be strictly between 0 and 1, got {got}",
+                                        heads=("heads", "--heads"), got=repr(heads))
+        if self.criterion not in HEAD_CRITERIA:
+            raise BadOptionError.worded(
+                "{criterion} does not score attention heads: use l1 or l2 with {heads}",
+                criterion=(f"criterion={self.criterion!r}", f"--criterion {self.criterion}"),
+                heads=("heads=", "--heads"))
+        if self.unstructured:
+            raise BadOptionError.worded("{heads} removes whole heads: it does not combine with "
+                                        "{unstructured}", heads=("heads=", "--heads"),
+                                        unstructured=("unstructured=True", "--unstructured"))
 
     def pass_options(self, **changes: object) -> PassOptions:
         """The pass's part (what `PrunePass` takes), with `changes` applied."""
@@ -77,18 +123,24 @@ class PruneOptions(BudgetOptions, MacTarget, PassOptions):
         return PassOptions(**{**own, **changes})  # type: ignore[arg-type]
 
 
-@takes_options(PruneOptions)
+# `prune`'s keywords: `heads` first, as its signature has shown them since head pruning came.
+_ORDER = ("heads",)
+
+
+@takes_options(PruneOptions, order=_ORDER)
 def prune_with_report(
     model: ModelLike, *, options: PruneOptions
 ) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport`.
 
-    The report lists every channel group (size, kept, why it could not shrink), every producing
-    layer's output channels before and after with the kept channel indices
+    The report lists, with `heads`, every attention block's heads before and after and the kept
+    heads (`report.heads[i].kept_heads`), and the blocks left alone with the reason
+    (`report.heads_skipped`); every channel group (size, kept, why it could not shrink), every
+    producing layer's output channels before and after with the kept channel indices
     (`report.layers[i].kept`, indices into the original channels), parameters before and after
     as pruning sees them (constants folded, a shared weight once; a note says so when the result
-    stores more than the input did), MACs before and after as `inspect` counts them (symbolic
-    dimensions as 1) and notes.
+    stores more than the input did), MACs before and after as `inspect` counts them (at
+    `report.mac_dims`: the export's example sizes but the batch, else 1) and notes.
 
     Args: as for `prune`.
 
@@ -106,11 +158,86 @@ def prune_with_report(
 
 
 def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneReport]:
-    """The pass run once on `model` with the ratios `options` give (a MAC target is turned into
-    per-group ratios first), and the result checked against the budget."""
+    """Heads first (when asked), then the channel pass once with the ratios `options` give (a
+    MAC target is turned into per-group ratios first), and the result checked against the
+    budget."""
     model = as_model(model)
     ir_analysis.check_finite_weights(model)
     judge = options.judge(model)
+    if options.heads is None and not options.channels:
+        raise BadOptionError.worded("give a ratio ({ratio}), a MAC target ({macs}) or a head "
+                                    "ratio ({heads})", ratio=("ratio=", "--ratio R"),
+                                    macs=("target_macs=", "--target-macs R"),
+                                    heads=("heads=", "--heads R"))
+    found = None
+    if options.heads is not None:
+        options.check_heads()
+        dims = mac_dims(model)
+        macs = total_macs(model, dims)
+        model = prepare_for_pruning(model)  # a copy
+        before = (ir_analysis.parameter_count(model), macs)
+        found = _remove_heads(model, options)
+        if not options.channels:
+            report = PruneReport(0.0, options.criterion, options.scope, options.pad, False)
+            report.params_before, report.macs_before = before
+            report.params_after = ir_analysis.parameter_count(model)
+            report.macs_after = total_macs(model, dims)
+            report.mac_dims = dims
+            _add_heads(report, options, found)
+            if judge is not None:
+                report.evaluation = judge.check(model, what="the pruned model")
+            return model, report
+    pruned, report = _prune_channels(model, options)
+    if found is not None:
+        report.params_before, report.macs_before = before
+        _add_heads(report, options, found)
+    if judge is not None:
+        report.evaluation = judge.check(pruned, what="the pruned model")
+    return pruned, report
+
+
+def _remove_heads(prepared: ir.Model, options: PruneOptions) -> HeadPruning:
+    """Remove `options.heads` of every attention block's heads from `prepared`, in place.
+
+    Raises:
+        UnsupportedModelError: no attention block, or none head pruning can edit (the first
+            reasons named).
+        BadOptionError: the ratio removes no head from any block.
+    """
+    assert options.heads is not None
+    found = remove_heads(prepared, options.heads, criterion=options.criterion)
+    if found.pruned:
+        return found
+    what = (f"prune(heads={options.heads:g})", f"prune --heads {options.heads:g}")
+    if not found.blocks and not found.skipped:
+        raise UnsupportedModelError.worded("{what}: no attention block found", what=what)
+    if not found.blocks:
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:2])
+        more = f" (+{len(found.skipped) - 2} more)" if len(found.skipped) > 2 else ""
+        raise UnsupportedModelError.worded(
+            "{what}: no attention block could lose a head ({reasons}{more})", what=what,
+            reasons=reasons, more=more)
+    largest = max(found.blocks, key=lambda b: b.kv_heads)
+    if largest.kv_heads <= 1:
+        raise UnsupportedModelError.worded(
+            "{what}: every attention block has one head (or one key/value group), which must "
+            "stay", what=what)
+    unit = "heads" if largest.kv_heads == largest.heads else "key/value groups"
+    raise BadOptionError.worded(
+        "{what} removes no head (the largest block has {n} {unit}, one must stay); nothing "
+        "written: use a larger {heads}", what=what, n=str(largest.kv_heads), unit=unit,
+        heads=("heads", "--heads"))
+
+
+def _add_heads(report: PruneReport, options: PruneOptions, found: HeadPruning) -> None:
+    report.heads_ratio = options.heads
+    report.heads = list(found.blocks)
+    report.heads_skipped = list(found.skipped)
+
+
+def _prune_channels(model: ir.Model, options: PruneOptions) -> tuple[ir.Model, PruneReport]:
+    """The channel pass once on `model` with the ratios `options` give (a MAC target is turned
+    into per-group ratios first)."""
     layer_ratios = options.layer_ratios
     if options.target_macs is not None:
         if options.ratio is not None or layer_ratios is not None:
@@ -128,21 +255,19 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
         layer_ratios = allocate_prune_ratios(
             model, options.data, options.target_macs, metric=options.metric, options=measured,
         ).ratios
-    if options.ratio is None and layer_ratios is None:
-        raise BadOptionError.worded("give a ratio ({ratio}) or a MAC target ({macs})",
-                                    ratio=("ratio=", "--ratio R"),
-                                    macs=("target_macs=", "--target-macs R"))
     result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
     assert isinstance(result, PruneResult) and result.report is not None
-    if judge is not None:
-        result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report
 
 
-@takes_options(PruneOptions)
+@takes_options(PruneOptions, order=_ORDER)
 def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
     """Prune a copy of `model` (the input is untouched). Approximate.
 
+    Heads (`heads`): the least important fraction of every attention block's heads goes first
+    (whole key/value groups under grouped-query attention), with their Q/K/V columns, output
+    projection rows and every head count the graph states (`slimgraph.passes.transformer.heads`);
+    then channels, when a ratio or MAC target is given too.
     Structured (default): channels that must go together (coupled by residual adds, concats,
     depthwise convs, a flatten into a Gemm) form groups; each group's channels are scored and the
     least important removed physically: the producers' weights and biases, BatchNorm parameters,
@@ -155,6 +280,9 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
 
     Args:
         model: an `onnx_ir.Model` or the path of an `.onnx` file.
+        heads: fraction of each attention block's heads to remove, in (0, 1) (at least one
+            stays; per block, rounded down); scored by `criterion` "l1" or "l2" over the head's
+            Q/K/V columns and output rows. Given alone, only heads are pruned.
         ratio: fraction of channels (or weights, with `unstructured`) to remove, in (0, 1).
         criterion: "l1" | "l2" (norm of the producing weights summed over the group), "bn"
             (BatchNorm |gamma|), "random" (seeded by `seed`).
@@ -189,14 +317,17 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
     Raises:
         BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
             `prune_outputs` name is not a graph output, or the options remove no channel at all
-            (for example `round_to` at least as large as every group), a budget without data.
-        UnsupportedModelError: no channel group can shrink (the reasons are named).
+            (for example `round_to` at least as large as every group) or no head (`heads` too
+            small for every block), a budget without data.
+        UnsupportedModelError: no channel group can shrink, or with `heads` no attention block
+            is found or none can lose a head (the reasons are named).
         ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: the pruned model misses the budget (measured figure in the message).
         TypeError: an unknown keyword, or `options` that is not a `PruneOptions`.
 
     Example:
         >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
+        >>> pruned = prune("bert.onnx", heads=0.5, ratio=0.3)  # doctest: +SKIP
     """
     return _prune(model, options)[0]
 

@@ -16,6 +16,10 @@ Structured (approximate in general, exact for channels whose producing weights a
    graph output or a consumer that must keep its channel count (seed 001) (`_surgery`);
 5. re-infer shapes.
 
+Heads (`heads=`, `_heads`: the `prune-heads` pass): whole attention heads removed first, on the
+same prepared copy, by `slimgraph.passes.transformer.heads` (which knows where each head lives);
+channels after when a ratio is given too.
+
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
 per layer. Options: `PruneOptions` (the pass), in `_options`; reports: `_report`; the pass:
@@ -24,12 +28,14 @@ per layer. Options: `PruneOptions` (the pass), in `_options`; reports: `_report`
 Example:
     >>> result = PrunePass(ratio=0.5)(model)  # doctest: +SKIP
     >>> result.report.layers[0].kept  # doctest: +SKIP
+    >>> heads = prune_heads(model, 0.5)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneOptions
-from slimgraph.passes.prune._pass import PrunePass, prunable_units
+from slimgraph.passes.prune._heads import PruneHeadsPass, PruneHeadsResult, prune_heads
+from slimgraph.passes.prune._options import CRITERIA, HEAD_CRITERIA, SCOPES, PruneOptions
+from slimgraph.passes.prune._pass import PrunePass, mac_dims, prunable_units, total_macs
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -49,6 +55,10 @@ from slimgraph.passes.prune._surgery import remove_channels
 
 __all__ = [
     "CRITERIA",
+    "HEAD_CRITERIA",
+    "PruneHeadsPass",
+    "PruneHeadsResult",
+    "prune_heads",
     "SCOPES",
     "UNSTRUCTURED_NOTE",
     "GroupReport",
@@ -65,4 +75,6 @@ __all__ = [
     "remove_channels",
     "group_key",
     "prunable_units",
+    "mac_dims",
+    "total_macs",
 ]

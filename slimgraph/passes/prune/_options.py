@@ -9,8 +9,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from slimgraph.errors import BadOptionError
+from slimgraph.passes.transformer.heads import CRITERIA as HEAD_CRITERIA
 
-__all__ = ["CRITERIA", "SCOPES", "PruneOptions"]
+__all__ = ["CRITERIA", "HEAD_CRITERIA", "SCOPES", "PruneOptions"]
 
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")

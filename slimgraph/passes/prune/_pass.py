@@ -15,6 +15,7 @@ from onnx_ir.passes import common as ir_common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import display_name
+from slimgraph.ir._dims import example_dims
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -39,7 +40,7 @@ from slimgraph.passes.prune._unstructured import zero_smallest_weights
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
 
-__all__ = ["PrunePass", "prunable_units"]
+__all__ = ["PrunePass", "prunable_units", "mac_dims", "total_macs"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class PrunePass(SlimgraphFunctionalPass):
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
         # parameters as pruning sees them (constants folded; a shared weight once), MACs as
         # `inspect` counts them on the input and on the result
-        report.macs_before = _total_macs(model)
+        report.mac_dims = mac_dims(model)
+        report.macs_before = total_macs(model, report.mac_dims)
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
@@ -86,7 +88,7 @@ class PrunePass(SlimgraphFunctionalPass):
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
             ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
-        report.macs_after = _total_macs(pruned)
+        report.macs_after = total_macs(pruned, report.mac_dims)
         stored = ir_analysis.parameter_count(model, constant_nodes=True)
         if report.params_after > stored:  # the ratio above would hide that the file grew
             report.notes.append(
@@ -97,9 +99,20 @@ class PrunePass(SlimgraphFunctionalPass):
         return PruneResult(pruned, modified=True, report=report)
 
 
-def _total_macs(model: ir.Model) -> int:
-    """The model's MACs as `inspect` reports them (symbolic dimensions as 1)."""
-    return sum(ir_analysis.macs_by_node(model)[0].values())
+def mac_dims(model: ir.Model) -> dict[str, int]:
+    """The sizes prune counts MACs at: the export's example sizes (`from_torch` records them)
+    for symbolic dimensions other than the batch (a leading input axis), which counts as 1;
+    empty (all 1) when none are recorded. A sequence of 1 would hide what attention costs, and
+    an audio model's sample count of 1 gives its convolutions negative lengths."""
+    batch = {str(value.shape[0]) for value in model.graph.inputs
+             if value.shape is not None and len(value.shape) and not isinstance(value.shape[0],
+                                                                               int)}
+    return {name: size for name, size in example_dims(model).items() if name not in batch}
+
+
+def total_macs(model: ir.Model, dims: dict[str, int]) -> int:
+    """The model's MACs as `inspect --dim NAME=SIZE` reports them for `dims` (others 1)."""
+    return sum(ir_analysis.macs_by_node(model, dims)[0].values())
 
 
 def _remove_channels(
