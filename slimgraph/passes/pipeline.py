@@ -16,7 +16,7 @@ nodes it skipped. With `verify=True` the model runs on onnxruntime before the fi
 after every pass that changed it, on the same sample feeds (the user's, or inputs generated to
 drive the model: `runtime.feeds.driving_feeds`); each pass's outputs are compared with
 the outputs of the model it received; whether a pass is exact comes from its registration
-(`passes.registry.PassInfo`); `passes._verify` compares the outputs:
+(`passes.registry.PassInfo`); `runtime.verify` compares the outputs:
 
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
   (default rtol 1e-4, atol 1e-5; at least 4 ulps for fp16/bf16 outputs) and integer, bool and
