@@ -22,17 +22,17 @@ from slimgraph.tools.report import add_report_option, check_report_dir, command_
 __all__ = ["register", "run", "report_page"]
 
 
+_HELP = "try every combination of step settings on dask; keep the Pareto front"
+_DESCRIPTION = (
+    "Build and evaluate every candidate of a grid (e.g. 'prune: {ratio: [0.0, 0.3]}' and "
+    "'quantize: [none, int8]') as independent jobs on dask.distributed, time them side by side "
+    "with the input model, and mark the Pareto front of latency against the metric (accuracy "
+    "with labels, else output cosine)."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep",
-        help="try every combination of step settings on dask; keep the Pareto front",
-        description=(
-            "Build and evaluate every candidate of a grid (e.g. 'prune: {ratio: [0.0, 0.3]}' and "
-            "'quantize: [none, int8]') as independent jobs on dask.distributed, time them side "
-            "by side with the input model, and mark the Pareto front of latency against the "
-            "metric (accuracy with labels, else output cosine)."
-        ),
-    )
+    parser = subparsers.add_parser("sweep", help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser, "the input .onnx model (never modified)", output=False)
     parser.add_argument("--grid", required=True, metavar="GRID.yaml",
                         help="step -> values to try, in the order the steps run")
