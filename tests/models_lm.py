@@ -43,7 +43,7 @@ def _gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                        initializer_range=INIT, bos_token_id=0, eos_token_id=0)
+                        initializer_range=INIT, bos_token_id=None, eos_token_id=None)
     return GPT2LMHeadModel(config)
 
 

@@ -199,9 +199,10 @@ def _decoder(model: Any) -> DecoderIO:
             "past, head_size] that the graph concatenates with the new tokens' (export one with "
             "slimgraph.from_torch_causal_lm)")
     if io.ids is None or io.logits is None or len(io.present) != len(io.past):
-        missing = ("a token-id input" if io.ids is None else "a logits output"
-                   if io.logits is None else "a present output for every past input")
-        raise UnsupportedModelError(f"not a decode-step graph generation can run: no {missing}")
+        missing = ("token-id input" if io.ids is None else "logits output"
+                   if io.logits is None else "present output for every past input")
+        raise UnsupportedModelError(
+            f"not a decode-step graph generation can run: it has no {missing}")
     return io
 
 

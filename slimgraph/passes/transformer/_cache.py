@@ -66,14 +66,14 @@ def past_input(value: ir.Value | None) -> ir.Value | None:
 
 
 def past_concat(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
-    """(past, new) when `node` is `Concat(past, new)` with `past` a graph input: a cache
-    update. The caller checks that the axis is the sequence."""
+    """(past, new) when `node` is `Concat(past, new)` with `past` a graph input (through
+    Identity: then the graph input is returned): a cache update. The caller checks that the
+    axis is the sequence."""
     if not is_onnx_op(node, "Concat") or len(node.inputs) != 2:
         return None
-    past, new = node.inputs
-    if new is None or past_input(past) is None or past_input(new) is not None:
+    past, new = past_input(node.inputs[0]), node.inputs[1]
+    if past is None or new is None or past_input(new) is not None:
         return None
-    assert past is not None
     return past, new
 
 
