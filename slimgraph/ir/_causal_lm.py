@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -117,9 +118,10 @@ def from_torch_causal_lm(
         )
     model.eval()
     cache_arg = _cache_argument(model)
-    torch.manual_seed(0)
-    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 2) or 2)
-    ids = torch.randint(0, vocab, (batch, past + sequence))
+    config: Any = model.config
+    vocab = int(getattr(config.get_text_config(), "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (batch, past + sequence),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         prefix = model(input_ids=ids[:, :past], use_cache=True)
     cache = getattr(prefix, cache_arg, None)
@@ -159,7 +161,7 @@ def _cache_argument(model: Any) -> str:
     """The forward argument (and output attribute) naming the cache: `cache` in transformers
     5.x, `past_key_values` before."""
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters: Mapping[str, Any] = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         parameters = {}
     for name in ("cache", "past_key_values"):

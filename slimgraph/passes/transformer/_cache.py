@@ -106,9 +106,9 @@ def grow(layout: Layout, concat: ir.Node, shapes: ShapeInfo) -> tuple[Layout, in
 
 
 def check_cache_layout(cache: KVCache, feature_axis: int, head_size: int, heads: int,
-                       seq_axis: int) -> None:
-    """Raise LayoutError unless the present is [B, heads, T, head_size] of the source: what the
-    fused ops' past and present buffers hold (BNSH)."""
+                       seq_axis: int, head_stride: int) -> None:
+    """Raise LayoutError unless the present is [B, heads, T, head_size] of the source (heads
+    `head_stride` features apart): what the fused ops' past and present buffers hold (BNSH)."""
     axes = cache.layout.axes
     if len(axes) != 4:
         raise LayoutError("the cache is not of rank 4")
@@ -118,7 +118,7 @@ def check_cache_layout(cache: KVCache, feature_axis: int, head_size: int, heads:
     if cache.axis % 4 != 2 or [a.axis for a in seq] != [seq_axis]:
         raise LayoutError("the cache is not concatenated along its third axis")
     if heads > 1 and (len(head) != 1 or head[0].axis != feature_axis
-                      or head[0].stride != Dim(head_size) or head[0].size != Dim(heads)):
+                      or head[0].stride != Dim(head_stride) or head[0].size != Dim(heads)):
         raise LayoutError("the cache's second axis is not the heads")
     if heads == 1 and head:
         raise LayoutError("the cache's second axis is not the heads")

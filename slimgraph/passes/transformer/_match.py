@@ -308,7 +308,7 @@ def _operand(value: ir.Value, role: str, shapes: ShapeInfo,
             if kv_cache is not None:
                 heads = [a.size.coef for r, a in roles.batch if r == "N"]
                 check_cache_layout(kv_cache, roles.feature_axis, roles.head_size,
-                                   heads[0] if heads else 1, roles.seq_axis)
+                                   heads[0] if heads else 1, roles.seq_axis, roles.head_stride)
         except LayoutError as error:
             reasons.append(str(error))
             continue
