@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LM_MODELS", "VOCAB", "build", "exported", "step_feeds", "torch_step"]
+__all__ = ["LM_MODELS", "VOCAB", "build", "exported", "step_feeds", "torch_step",
+           "edit_causal_comparison"]
 
 VOCAB = 100
 INIT = 0.3
@@ -116,3 +117,19 @@ def torch_step(module: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
                      use_cache=True)
     present = [t.numpy() for layer in out.cache.layers for t in (layer.keys, layer.values)]
     return [out.logits.numpy(), *present]
+
+
+def edit_causal_comparison(model: Any, swap: bool) -> None:
+    """Rewrite the exported mask's `kv_idx <= q_idx` as `q_idx >= kv_idx` (the same mask,
+    spelled differently) or, with `swap`, as `q_idx <= kv_idx` (not causal), in place."""
+    import onnx_ir as ir
+
+    found = [n for n in model.graph if n.op_type == "LessOrEqual"]
+    assert len(found) == 1  # the causal comparison, shared by the layers
+    for node in found:
+        a, b = node.inputs
+        op = "LessOrEqual" if swap else "GreaterOrEqual"
+        other = ir.node(op, [b, a], name=f"{node.name}_edited")
+        model.graph.insert_after(node, other)
+        node.outputs[0].replace_all_uses_with(other.outputs[0])
+        model.graph.remove(node, safe=True)

@@ -117,3 +117,19 @@ def test_generate_refuses_what_it_cannot_run(cli, llama, tmp_path, capsys) -> No
     with raises_exactly(BadOptionError, "an empty prompt: every prompt needs at least one "
                                         "token id"):
         sg.generate(path, [[1, 2], []])
+
+
+def test_a_decode_step_nothing_can_be_fused_in_is_refused(cli, tmp_path) -> None:
+    """The transformer preset on a Llama step whose mask is not causal: GroupQueryAttention
+    cannot take it (and grouped keys need it), so nothing is fused: one line, exit 2, no file."""
+    _, model = models_lm.exported("llama")
+    models_lm.edit_causal_comparison(model, swap=True)
+    path = save_ir(model, tmp_path / "noncausal.onnx")
+    out = tmp_path / "fused.onnx"
+    result = cli("optimize", path, "--preset", "transformer", "-o", out)
+    assert (result.code, result.out) == (2, "")
+    assert result.err == (
+        "slimgraph optimize: error: fuse-attention: none of the 2 attention blocks can be fused; "
+        "model.layers.0.self_attn: grouped-query attention over a key/value cache needs "
+        "GroupQueryAttention, and the mask is not evidently causal (that op masks causally)\n")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["noncausal.onnx"]

@@ -8,11 +8,12 @@ onnxruntime's ops that take the past and write the present themselves:
   causal: `_causal.proves_causal`): `causal=1`; `seqlens_k = P + S - 1` and
   `query_seqlens = S` for every row and `total_sequence_length = P + S`, so each row's new
   keys go to positions P .. P + S - 1, as the Concat put them; padding and the model's causal
-  mask as `attention_bias` (exactly what the model adds; a query row whose keys are all masked
-  gives 0, as torch's guarded softmax does); the rotary embedding inside (`do_rotary`, cos/sin
-  caches the graph's own tables, `position_ids` indexing them, see `_emit.rotary_caches`) where
-  onnxruntime's CPU kernel takes it (head size and rotated features multiples of 16), else
-  `RotaryEmbedding` ops before;
+  mask as `attention_bias` (all the model adds, so a mask that keeps fewer keys than the
+  causal one stays exact; a query whose keys are all masked, a padding token, gets the mean
+  of the values in its causal window: the attention pass's limit); the rotary embedding
+  inside (`do_rotary`, cos/sin caches the graph's own tables, `position_ids` indexing them,
+  see `_emit.rotary_caches`) where onnxruntime's CPU kernel takes it (head size and rotated
+  features multiples of 16), else `RotaryEmbedding` ops before;
 - `MultiHeadAttention` with `past_key`/`past_value` (one key/value head per query head, no
   causal proof needed: the whole mask is the bias), its NaN rows (all keys masked) set to 0
   where the model's softmax was guarded the same way.

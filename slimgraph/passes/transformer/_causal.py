@@ -9,8 +9,9 @@ the result into a -inf bias or a masked fill. `proves_causal` follows one bias t
 back to such a comparison: it writes each side as an affine function of the query index i and
 the key index j (`IndexForm`: Range along an axis, symbolic sizes read from shapes, constants,
 Add/Sub, Unsqueeze, broadcasting, full Slices, Casts) and checks that the comparison keeps a key
-only where `j - i <= T - S`, with the Ranges spanning the scores' S and T axes. Anything else is
-not a proof (the block is then not fused into GroupQueryAttention).
+only where `j - i <= T - S`, with the key Range spanning the scores' T axis. A mask that keeps
+no more than that is exact under the op's own causal mask (the op then adds the whole mask as
+its bias). Anything else is not a proof (the block is then not fused into GroupQueryAttention).
 
 Nothing here changes the graph.
 """
@@ -120,11 +121,9 @@ def _index_form(value: ir.Value | None, shapes: ShapeInfo, depth: int = 0) -> In
                               {move[a]: d for a, d in inner.lengths})
     if op == "Slice" and _full_slice(node, shapes):
         return _index_form(node.inputs[0], shapes, depth + 1)
-    if op in ("Squeeze", "Reshape", "Unsqueeze") or shapes.rank(value) in (0, None) or (
-            shapes.rank(value) == 1):
-        ints = shapes.ints(value)
-        if ints is not None and len(ints) == 1:
-            return IndexForm.make({}, linear(ints[0]))
+    ints = shapes.ints(value)  # a size read from a shape (`past_length = Shape(past)[2]`)
+    if ints is not None and len(ints) == 1:
+        return IndexForm.make({}, linear(ints[0]))
     return None
 
 
@@ -193,14 +192,16 @@ def proves_causal(terms: list[BiasTerm], queries: Dim, keys: Dim, shapes: ShapeI
         if kept is None:
             continue
         for node, keep in _factors(kept[0], kept[1]):
-            if _causal_comparison(node, keep, offset, queries, keys, shapes):
+            if _causal_comparison(node, keep, offset, keys, shapes):
                 return True
     return False
 
 
-def _causal_comparison(node: ir.Node, keep: bool, offset: Linear, queries: Dim, keys: Dim,
+def _causal_comparison(node: ir.Node, keep: bool, offset: Linear, keys: Dim,
                        shapes: ShapeInfo) -> bool:
-    """Whether keeping where `node` is `keep` keeps exactly `j - i - offset <= 0`."""
+    """Whether keeping where `node` is `keep` keeps exactly `j - i - offset <= 0`, j running
+    over all `keys` (a query Range of length 1 broadcast over the queries keeps fewer keys,
+    which a causal op computes the same)."""
     a = _index_form(node.inputs[0], shapes)
     b = _index_form(node.inputs[1], shapes)
     if a is None or b is None:
@@ -222,8 +223,6 @@ def _causal_comparison(node: ir.Node, keep: bool, offset: Linear, queries: Dim, 
         diff = diff.plus(IndexForm.make({}, {"": 1}))
         if diff is None:
             return False
-    lengths = dict(diff.lengths)
-    if dict(diff.coefs) != {0: 1, 1: -1} or lengths.get(0) != keys or (
-            lengths.get(1) not in (queries, None)):
+    if dict(diff.coefs) != {0: 1, 1: -1} or dict(diff.lengths).get(0) != keys:
         return False
     return _add(dict(diff.offset), offset) == {}

@@ -230,7 +230,7 @@ class FuseAttentionPass(SlimgraphPass):
             raise NoMatch("grouped-query attention over a key/value cache needs "
                           "GroupQueryAttention, and "
                           + ("gqa='repeat' was asked" if self.gqa != "op" else
-                             "the mask is not evidently causal (it masks causally)"))
+                             "the mask is not evidently causal (that op masks causally)"))
         padding = padding_term(terms, shapes)
         biases = [] if padding is not None else [bias_plan(t, shapes) for t in terms]
         return _Plan(match, padding, biases, False, "mha")

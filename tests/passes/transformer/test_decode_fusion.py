@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -16,7 +17,7 @@ from slimgraph.passes.transformer import FuseAttentionPass
 from slimgraph.passes.transformer._causal import linear
 from slimgraph.passes.transformer._symbolic import Dim, sum_dim
 from tests import models_lm
-from tests.kit.asserts import assert_same_outputs
+from tests.kit.asserts import assert_same_outputs, output_list
 
 MS = "com.microsoft"
 # (model, fused op, its attributes that must hold)
@@ -70,42 +71,89 @@ def test_every_block_of_a_decode_step_is_fused_exactly(name: str) -> None:
         assert_same_outputs(model, fused, feeds)
 
 
-def test_transformer_preset_fuses_and_verifies_a_decode_step() -> None:
-    _, model = models_lm.exported("llama")
-    optimized = sg.optimize(model, preset="transformer")  # verified on generated decode inputs
-    assert _ops(optimized)["GroupQueryAttention"] == 2
+@pytest.mark.parametrize("name", _params(["llama", "gpt2", "qwen2"]))
+def test_transformer_preset_fuses_every_block_of_a_decode_step_exactly(name: str) -> None:
+    """The preset (verified on generated decode inputs) leaves no Softmax: both layers become
+    the fused op with past and present, exact on a one- and a four-token step at batch 2 after
+    five cached positions, one row padded."""
+    _, model = models_lm.exported(name)
+    optimized = sg.optimize(model, preset="transformer")
+    op = CASES[name][0]
+    fused = [n for n in optimized.graph if n.op_type == op and n.domain == MS]
+    assert len(fused) == 2 and _ops(optimized)["Softmax"] == 0
+    past = {v.name for n in fused for v in n.inputs if v is not None and v.is_graph_input()}
+    assert past == {v.name for v in model.graph.inputs if v.name.startswith("past_key_values.")}
     assert [v.name for v in optimized.graph.inputs] == [v.name for v in model.graph.inputs]
     assert [v.name for v in optimized.graph.outputs] == [v.name for v in model.graph.outputs]
-    assert_same_outputs(model, optimized, models_lm.step_feeds(model, 2, 5, 4, seed=3))
-
-
-def _edit_causal_comparison(model: ir.Model, swap: bool) -> None:
-    """Rewrite the mask's `kv_idx <= q_idx` as `q_idx >= kv_idx` (the same mask, spelled
-    differently) or, with `swap`, as `q_idx <= kv_idx` (not causal)."""
-    found = [n for n in model.graph if n.op_type == "LessOrEqual"]
-    assert len(found) == 1  # the causal comparison, shared by the layers
-    for node in found:
-        a, b = node.inputs
-        op = "LessOrEqual" if swap else "GreaterOrEqual"
-        other = ir.node(op, [b, a], name=f"{node.name}_edited")
-        model.graph.insert_after(node, other)
-        node.outputs[0].replace_all_uses_with(other.outputs[0])
-        model.graph.remove(node, safe=True)
+    for new in (1, 4):
+        assert_same_outputs(model, optimized, models_lm.step_feeds(model, 2, 5, new, seed=new))
 
 
 def test_causal_mask_spelled_otherwise_is_proven_and_a_non_causal_one_is_refused() -> None:
     _, model = models_lm.exported("llama")
-    _edit_causal_comparison(model, swap=False)
+    models_lm.edit_causal_comparison(model, swap=False)
     fused = copy_model(model)
     assert FuseAttentionPass()(fused).fused["cache"] == 2
     assert_same_outputs(model, fused, models_lm.step_feeds(model, 2, 5, 4))
     _, model = models_lm.exported("llama")
-    _edit_causal_comparison(model, swap=True)
+    models_lm.edit_causal_comparison(model, swap=True)
     result = FuseAttentionPass(require=False)(copy_model(model))
     assert result.summary == (
         "fuse-attention: 0 of 2 attention blocks fused; model.layers.0.self_attn: grouped-query "
         "attention over a key/value cache needs GroupQueryAttention, and the mask is not "
-        "evidently causal (it masks causally) (and 1 more)")
+        "evidently causal (that op masks causally) (and 1 more)")
+
+
+def _one_query_row(model: ir.Model, last: bool) -> None:
+    """Rebuild the mask from one query position broadcast over the queries: the first
+    (`arange(1)`: every query sees the past only, fewer keys than causal) or, with `last`, the
+    last (`arange(S - 1, S)`: every query sees all new tokens, more keys than causal)."""
+    queries = [n for n in model.graph if n.op_type == "Range"
+               and n.outputs[0].shape is not None and str(n.outputs[0].shape[0]) == "sequence"]
+    assert len(queries) == 1  # arange(S), shifted by the past length into the query positions
+    node = queries[0]
+    one = ir.Value(name="one_query", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
+                   const_value=ir.tensor(np.array(1, np.int64)))
+    model.graph.register_initializer(one)
+    if last:
+        start = ir.node("Sub", [node.inputs[1], one], name="last_query")
+        model.graph.insert_before(node, start)
+        node.replace_input_with(0, start.outputs[0])
+    else:
+        node.replace_input_with(1, one)
+    node.outputs[0].shape = ir.Shape([1])
+    todo = [node.outputs[0]]  # the recorded [S] shapes below no longer hold
+    while todo:
+        for user, _ in todo.pop().uses():
+            for out in user.outputs:
+                if out.shape is not None and not out.is_graph_output():
+                    out.shape = None
+                    todo.append(out)
+
+
+def test_a_mask_stricter_than_causal_is_fused_with_the_mask_as_bias() -> None:
+    """GroupQueryAttention masks causally and adds the model's whole mask as its bias, so a
+    mask that keeps fewer keys than the causal one is exact: proven on one query position
+    broadcast over four queries, whose logits differ from the causal model's. One that keeps
+    more is refused."""
+    _, causal = models_lm.exported("llama")
+    _, model = models_lm.exported("llama")
+    _one_query_row(model, last=False)
+    fused = copy_model(model)
+    assert FuseAttentionPass()(fused).fused["cache"] == 2
+    assert _ops(fused)["GroupQueryAttention"] == 2
+    for past, new in ((5, 1), (5, 4), (0, 3)):
+        feeds = models_lm.step_feeds(model, 2, past, new, pad=past > 0, seed=new)
+        assert_same_outputs(model, fused, feeds)
+    feeds = models_lm.step_feeds(model, 2, 5, 4, seed=4)
+    differ = np.abs(output_list(causal, feeds)[0] - output_list(model, feeds)[0])
+    assert differ[:, 1:].max() > 1.0 and differ[:, 0].max() < 1e-4  # query 0 is unchanged
+    _, model = models_lm.exported("llama")
+    _one_query_row(model, last=True)
+    result = FuseAttentionPass(require=False)(copy_model(model))
+    assert not result.modified
+    assert result.skipped[0].reason.endswith("the mask is not evidently causal "
+                                             "(that op masks causally)")
 
 
 def test_gqa_repeat_mode_refuses_a_grouped_cache() -> None:
