@@ -33,8 +33,8 @@ import onnx_ir as ir
 
 from slimgraph._optional import require_torch
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir import metadata
 from slimgraph.ir._torch import _export, _record_example_dims
+from slimgraph.ir.metadata import LAYER
 
 __all__ = ["from_torch_causal_lm", "past_name", "present_name"]
 
@@ -236,8 +236,8 @@ def _strip_prefix(model: ir.Model) -> None:
         if name.startswith(_PREFIX) and name[len(_PREFIX):] not in taken:
             value.name = name[len(_PREFIX):]
     for node in model.graph.all_nodes():
-        layer = node.metadata_props.get(metadata.LAYER)
+        layer = node.metadata_props.get(LAYER)
         if layer is not None and layer.startswith(_PREFIX):
-            node.metadata_props[metadata.LAYER] = layer[len(_PREFIX):]
+            node.metadata_props[LAYER] = layer[len(_PREFIX):]
         elif layer == _PREFIX[:-1]:
-            node.metadata_props[metadata.LAYER] = ""
+            node.metadata_props[LAYER] = ""

@@ -1,12 +1,11 @@
 """Model inputs: specs from the graph, generated sample feeds, and `.npz` data checked against them.
 
-Data files follow DESIGN.md section 7: an `.npz` whose keys are the model's input names, each
-array stacked on axis 0 (one row per sample).
+Data files follow docs/contract.md ("Data files"): an `.npz` whose keys are the model's input
+names, each array stacked on axis 0 (one row per sample).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,10 +23,13 @@ from slimgraph.errors import (
     BadOptionError,
     SlimgraphError,
     UnsupportedModelError,
+    first_line,
 )
-from slimgraph.ir import ModelLike, as_model, metadata
+from slimgraph.ir import ModelLike, as_model
+from slimgraph.ir._dims import example_dims
 from slimgraph.runtime._decoder import decoder_io, decoder_mask, expression_size, mask_positions
 from slimgraph.runtime._roles import input_role, role_values
+from slimgraph.runtime.session import create_session, run
 
 __all__ = [
     "InputSpec",
@@ -107,21 +109,6 @@ def describe_inputs(specs: Iterable[InputSpec]) -> str:
 
 # Largest sample input `random_feeds` makes (elements; 1 GiB of float32).
 MAX_SAMPLE_ELEMENTS = 1 << 28
-
-
-def example_dims(model: ir.Model) -> dict[str, int]:
-    """The sizes the export's example inputs gave the symbolic dimensions, by name
-    (`metadata.EXAMPLE_DIMS`, written by `from_torch`); empty when not recorded."""
-    text = model.metadata_props.get(metadata.EXAMPLE_DIMS)
-    if not text:
-        return {}
-    try:
-        recorded = json.loads(text)
-    except ValueError:
-        return {}
-    if not isinstance(recorded, dict):
-        return {}
-    return {str(k): int(v) for k, v in recorded.items() if isinstance(v, int) and v > 0}
 
 
 def random_feeds(
@@ -329,8 +316,6 @@ def driving_feeds(
             candidates; the message says what was tried, what onnxruntime said, and how to pass
             real inputs or skip verification.
     """
-    from slimgraph.runtime.session import create_session, run
-
     _sample_feeds(model, 1, {}, 1, seed, {})  # BadDataError: inputs too large at any size
     try:
         session = create_session(model, optimization="disable")
@@ -338,8 +323,8 @@ def driving_feeds(
         raise
     except Exception as error:  # onnxruntime reports invalid graphs with many types
         raise UnsupportedModelError(
-            f"{who} does not run on onnxruntime: {_first_line(error)} (verification needs it; "
-            "skip with verify=False / --no-verify)"
+            f"{who} does not run on onnxruntime: {first_line(error, named=True)} (verification "
+            "needs it; skip with verify=False / --no-verify)"
         ) from error
     failures: list[str] = []
     for batch, dims, default in _candidates(model):
@@ -398,11 +383,6 @@ def _describe(feeds: Mapping[str, Any]) -> str:
         for name, value in feeds.items()
     )
     return f"inputs {shapes or '(none)'}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def calibrated_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:

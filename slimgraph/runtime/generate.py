@@ -24,6 +24,7 @@ from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.runtime._decoder import DecoderIO, decoder_io, mask_positions
 from slimgraph.runtime.feeds import input_specs
+from slimgraph.runtime.session import create_session
 
 __all__ = ["generate", "GenerateResult"]
 
@@ -118,8 +119,6 @@ def generate(
         >>> result.tokens  # doctest: +SKIP
         [[17, 42, 42, 5, 90, 12, 3, 3]]
     """
-    from slimgraph.runtime.session import create_session
-
     prompts = _prompts(prompt_ids, batch)
     if max_new_tokens < 1:
         raise BadOptionError.worded("{opt} must be 1 or more, got {value}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph.runtime.generate import generate
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.compare_cmd import positive_int
