@@ -56,7 +56,17 @@ def _llama_head8() -> Any:
     return LlamaForCausalLM(LlamaConfig(**{**DECODER, "hidden_size": 32}))
 
 
-LM_MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "llama-head8": _llama_head8}
+def _phi() -> Any:
+    """Phi: one key/value head per query head, a quarter of each head rotated (8 features:
+    RotaryEmbedding ops before GroupQueryAttention)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    return PhiForCausalLM(PhiConfig(**{**DECODER, "num_key_value_heads": 4},
+                                    partial_rotary_factor=0.5))
+
+
+LM_MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "llama-head8": _llama_head8,
+             "phi": _phi}
 
 
 def build(name: str, seed: int = 0) -> Any:

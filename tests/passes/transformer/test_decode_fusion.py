@@ -26,8 +26,9 @@ CASES = {
     "gpt2": ("MultiHeadAttention", {}),
     "qwen2": ("GroupQueryAttention", {"kv_num_heads": 2, "do_rotary": 1, "causal": 1}),
     "llama-head8": ("GroupQueryAttention", {"kv_num_heads": 2, "do_rotary": 0, "causal": 1}),
+    "phi": ("GroupQueryAttention", {"kv_num_heads": 4, "do_rotary": 0, "causal": 1}),
 }
-SLOW = {"qwen2", "llama-head8"}
+SLOW = {"qwen2", "llama-head8", "phi"}
 
 
 def _params(names):
