@@ -49,13 +49,14 @@ if TYPE_CHECKING:
     )
     from slimgraph.api.sensitivity import SensitivityOptions, sensitivity
     from slimgraph.api.sweep import SweepOptions, SweepResult, sweep
-    from slimgraph.ir import from_torch, load, save
+    from slimgraph.ir import from_torch, from_torch_causal_lm, load, save
     from slimgraph.passes.lowrank import FactorizeReport
     from slimgraph.passes.pipeline import PipelineResult
     from slimgraph.passes.precision import convert_fp16
     from slimgraph.passes.prune import PruneReport
     from slimgraph.runtime import benchmark, compare, random_feeds
     from slimgraph.runtime.budget import Budget
+    from slimgraph.runtime.generate import GenerateResult, generate
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,9 @@ __all__ = [
     "load",
     "save",
     "from_torch",
+    "from_torch_causal_lm",
+    "generate",
+    "GenerateResult",
     "compare",
     "benchmark",
     "random_feeds",
@@ -115,6 +119,9 @@ _LAZY: dict[str, str] = {
     "load": "slimgraph.ir",
     "save": "slimgraph.ir",
     "from_torch": "slimgraph.ir",
+    "from_torch_causal_lm": "slimgraph.ir",
+    "generate": "slimgraph.runtime.generate",
+    "GenerateResult": "slimgraph.runtime.generate",
     "compare": "slimgraph.runtime",
     "benchmark": "slimgraph.runtime",
     "random_feeds": "slimgraph.runtime",

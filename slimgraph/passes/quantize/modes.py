@@ -143,7 +143,7 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums. Returns the
     model and whether it changed; a summary of the attention fusion is logged (a warning naming
     the first block left unfused and why)."""
-    if has_fused_attention(model) or not find_attention(model.graph)[0]:
+    if has_fused_attention(model) or not find_attention(model.graph, cache=True)[0]:
         return model, False
     steps: list[str | dict[str, object]] = [
         {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "fuse-rms-norm",
