@@ -128,8 +128,9 @@ def quantize(
         transformer: dynamic: a model with attention first gets the `transformer` preset's
             exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
             Adds as Sum), verified like `prepare`, and GELU in its faster tanh form (FastGelu;
-            approximate, within 4.74e-4 of the erf form); blocks that cannot be fused are named
-            in a warning. False quantizes the graph's own ops.
+            approximate, within 4.74e-4 of the erf form; also on a model the preset fused
+            already); blocks that cannot be fused are named in a warning. False quantizes the
+            graph's own ops.
 
     Returns:
         The quantized model (float inputs and outputs).
@@ -273,19 +274,21 @@ def _quantize(
 def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool]:
     """The `transformer` preset's exact fusions on a model with unfused attention, for dynamic
     int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums; and GELU in
-    its tanh form (`tanh-gelu`, approximate: 4.74e-4 at most, below the int8 noise). Returns the
-    model and whether it changed; a summary of the attention fusion is logged (a warning naming
-    the first block left unfused and why)."""
+    its tanh form (`tanh-gelu`, approximate: 4.74e-4 at most, below the int8 noise), also on a
+    model fused already. Returns the model and whether it changed; a summary of the attention
+    fusion is logged (a warning naming the first block left unfused and why)."""
     from slimgraph.passes import run_pipeline
     from slimgraph.passes.transformer import find_attention, has_fused_attention
-
-    if has_fused_attention(model) or not find_attention(model.graph)[0]:
-        return model, False
-    from slimgraph.runtime import random_feeds
 
     steps: list[str | dict[str, object]] = [
         {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "tanh-gelu",
         "fuse-rms-norm", "residual-sum"]
+    if has_fused_attention(model):  # the `transformer` preset ran: its GELUs are still erf
+        steps = ["tanh-gelu"]
+    elif not find_attention(model.graph)[0]:
+        return model, False
+    from slimgraph.runtime import random_feeds
+
     result = run_pipeline(model, steps, verify=verify,
                           feeds=random_feeds(model) if verify else None)
     for record in result.records:
