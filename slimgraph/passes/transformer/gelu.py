@@ -14,10 +14,11 @@ any input (the largest gap is near |x| = 2.70; far from 0 both are x or 0). What
 Why: onnxruntime 1.32's CPU kernels evaluate tanh faster than erf. On a [8, 128, 1536] tensor
 (the FFN of a 6 x 384 BERT at batch 8, sequence 128), one thread: BiasGelu 1.62 ms, FastGelu
 with the bias 1.18 ms; two threads on the shared machine: 4.0 ms and 2.1 ms. On the whole int8
-BERT that is 0.97x CPU time per run at batch 8 and 0.96x at batch 1, with the cosine to the fp32
-model unchanged to six digits (0.999939): int8 activations move each FFN value by about 1e-2 of
-its scale, twenty times the largest GELU difference. `slimgraph.quantize` applies it in dynamic
-mode on transformers (`transformer=True`); it is not in the exact `transformer` preset.
+BERT that is 0.97-0.98x CPU time per run at batch 8 and 0.96-0.98x at batch 1 (two runs), with
+the cosine to the fp32 model unchanged to six digits (0.999939): int8 activations move each FFN
+value by about 1e-2 of its scale, twenty times the largest GELU difference. `slimgraph.quantize`
+applies it in dynamic mode on transformers (`transformer=True`); it is not in the exact
+`transformer` preset.
 
 Source: Hendrycks and Gimpel 2016 (GELU and its tanh approximation); onnxruntime contrib op
 specs (FastGelu, BiasGelu).
