@@ -176,7 +176,7 @@ def _train_and_export(folder: Path) -> dict[str, float]:
     model.eval()
     example = torch.zeros((1, 16), dtype=torch.int64)
     exported = from_torch(
-        _logits_module(model), (example,), dynamic_shapes=({0: "batch", 1: "seq"},),
+        logits_module(model), (example,), dynamic_shapes=({0: "batch", 1: "seq"},),
         input_names=["input_ids"], output_names=["logits"],
     )
     save(exported, folder / "lm.onnx")
@@ -188,7 +188,9 @@ def _train_and_export(folder: Path) -> dict[str, float]:
     return {"train_seconds": seconds, "train_loss": float(np.mean(losses[-50:]))}
 
 
-def _logits_module(model):  # noqa: ANN001, ANN202 - torch types are imported lazily
+def logits_module(model):  # noqa: ANN001, ANN201 - torch types are imported lazily
+    """A Hugging Face causal LM as a module taking `input_ids` and returning only the logits
+    (no cache): what `from_torch` exports as `input_ids -> logits`."""
     import torch
 
     class Logits(torch.nn.Module):

@@ -47,12 +47,12 @@ def test_data_methods_without_calib_are_refused(cli, tmp_path: Path, lm_files, m
                     "(--calib DATA.npz)")
 
 
-def test_block_size_dividing_no_k_is_refused(cli, tmp_path: Path, lm_files) -> None:
-    model, _ = lm_files
+def test_block_size_dividing_no_k_is_refused(cli, tmp_path: Path) -> None:
+    model = save_ir(toy_lm(width=48), tmp_path / "lm48.onnx")
     line = _refused(cli, tmp_path, "quantize", model, "-o", tmp_path / "q.onnx", "--mode",
-                    "weight-only", "--block-size", "128")
-    assert line == ("slimgraph quantize: error: --block-size 128 does not divide K of any MatMul "
-                    "(K = 64): choose a block size that divides K")
+                    "weight-only", "--block-size", "32")
+    assert line == ("slimgraph quantize: error: --block-size 32 does not divide K of any MatMul "
+                    "(K = 48): choose a block size that divides K")
 
 
 def test_a_model_without_matmul_is_refused(cli, tmp_path: Path) -> None:

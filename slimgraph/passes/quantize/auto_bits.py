@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -75,7 +75,8 @@ class ShapeTiming:
 
     @property
     def choice(self) -> Form:
-        return min(self.times, key=lambda f: (self.times[f], _PREFERENCE[f]))  # type: ignore[return-value]
+        best = min(self.times, key=lambda f: (self.times[f], _PREFERENCE[f]))
+        return cast(Form, best)
 
 
 @dataclass(frozen=True)

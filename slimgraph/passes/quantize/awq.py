@@ -172,9 +172,9 @@ def awq_scale(
     order = {id(node): index for index, node in enumerate(graph)}
     groups: dict[str, list[AWQTarget]] = {}
     for target in targets:
-        value = target.node.inputs[0]
-        if value is not None and value.name in stats:
-            groups.setdefault(value.name, []).append(target)
+        name = _input_name(target.node)
+        if name is not None and name in stats:
+            groups.setdefault(name, []).append(target)
     scales: dict[str, np.ndarray] = {}
     # from the output backwards: a fold into a producer's columns precedes that producer's search
     for name, members in sorted(groups.items(),
@@ -194,16 +194,21 @@ def awq_scale(
                     error_rtn, error_awq, fold)
     for target in targets:
         weight = result.weights[target.node].astype(np.float32)
-        value = target.node.inputs[0]
-        if value is None or value.name not in stats:
+        name = _input_name(target.node)
+        if name is None or name not in scales:
             continue
-        sample = stats[value.name].sample
+        sample = stats[name].sample
         if options.clip and sample is not None and target.spec.block_size:
-            x = sample.astype(np.float64) / scales[value.name]
+            x = sample.astype(np.float64) / scales[name]
             result.quantized[target.node] = clipped(weight, x, target.spec, options)
         else:
             result.quantized[target.node] = quantize_tensor(weight, target.spec)
     return result
+
+
+def _input_name(node: ir.Node) -> str | None:
+    value = node.inputs[0]
+    return None if value is None else value.name
 
 
 def clipped(
@@ -260,7 +265,9 @@ def _fold(
         graph, names.fresh(f"{value.name}_awq_inv"), inverse.astype(np.float32), names=None)],
         name=names.fresh(f"{value.name}_awq"))
     mul.outputs[0].name = names.fresh(f"{value.name}_awq_scaled")
-    mul.outputs[0].dtype, mul.outputs[0].shape = value.dtype, value.shape
+    if value.dtype is not None:
+        mul.outputs[0].dtype = value.dtype
+    mul.outputs[0].shape = value.shape
     first = min(readers, key=lambda n: list(graph).index(n))
     graph.insert_before(first, mul)
     for reader in readers:
@@ -334,7 +341,8 @@ def _fold_plan(
                 other = node.inputs[1 - index]             # or into either activation
                 if operand is None or other is None or not _single_reader(operand):
                     continue
-                if scalars[1 - index] is not None and scalars[1 - index].size != 1:
+                factor = scalars[1 - index]
+                if factor is not None and factor.size != 1:
                     continue
                 inner = _fold_plan(operand, inverse, weights, depth + 1)
                 if inner is not None:

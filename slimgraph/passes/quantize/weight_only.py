@@ -318,14 +318,15 @@ def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyP
 
 
 def _check_block_size(matmuls: Sequence[WeightOnlyRewrite], block_size: int) -> None:
-    """A block size that divides the K of no MatMul is a mistake (K is padded where some
-    MatMuls' K is not a multiple of it and others' is).
+    """A block size that fits the K of no MatMul is a mistake. It fits a K it divides, or a K
+    smaller than itself (one block per column); where it fits some MatMuls and not others, the
+    others' K is zero-padded to a multiple of it.
 
     Raises:
         BadOptionError: naming the K values.
     """
     ks = sorted({r.weight.shape[0] for r in matmuls})
-    if ks and all(k % block_size for k in ks):
+    if ks and all(k % block_size and k > block_size for k in ks):
         shown = ", ".join(map(str, ks[:6])) + (", ..." if len(ks) > 6 else "")
         raise BadOptionError.worded(
             "{block} {size} does not divide K of any MatMul (K = {ks}): choose a block size "
