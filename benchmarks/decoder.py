@@ -49,7 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not this folder: its transformers.py
+# would shadow the package
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402

@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,27 +122,39 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+EXPORT_VERSION = 2  # the export's settings; a change re-exports the cached weights
+
+
 def trained_lm() -> TrainedLM:
-    """The trained LM's files, training and exporting it first if no cached copy exists."""
+    """The trained LM's files, training (once per key) and exporting it first when needed."""
     folder = cache_dir() / f"lm-{_key()}"
     done = folder / "done.json"
     with _locked(cache_dir() / f"lm-{_key()}.lock"):
-        if not done.exists():
+        if not (folder / "state.npz").exists():
             folder.mkdir(parents=True, exist_ok=True)
-            record = _train_and_export(folder)
+            _train(folder)
+        record = json.loads(done.read_text()) if done.exists() else {}
+        if record.get("export") != EXPORT_VERSION:
+            _export(folder)
+            record = {**json.loads((folder / "train.json").read_text()),
+                      "export": EXPORT_VERSION}
             temp = done.with_suffix(".tmp")
             temp.write_text(json.dumps(record))
             temp.replace(done)
-    record = json.loads(done.read_text())
     return TrainedLM(folder / "lm.onnx", folder / "eval.npz", folder / "calib.npz",
                      float(record["train_seconds"]), float(record["train_loss"]))
 
 
-def _train_and_export(folder: Path) -> dict[str, float]:
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    temp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write(temp)
+    temp.replace(path)
+
+
+def _train(folder: Path) -> None:
+    """Train the LM; its weights go to `state.npz`, the time and final loss to `train.json`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from slimgraph import from_torch, save
 
     seq, batch, steps = int(TRAINING["seq"]), int(TRAINING["batch"]), int(TRAINING["steps"])
     torch.manual_seed(int(TRAINING["seed"]))
@@ -173,19 +185,35 @@ def _train_and_export(folder: Path) -> dict[str, float]:
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    model.eval()
-    example = torch.zeros((1, 16), dtype=torch.int64)
+    state = {name: value.detach().numpy() for name, value in model.state_dict().items()}
+    _write_atomically(folder / "train.json", lambda p: p.write_text(json.dumps(
+        {"train_seconds": seconds, "train_loss": float(np.mean(losses[-50:]))})))
+    _write_atomically(folder / "state.npz", lambda p: np.savez(p, **state))
+
+
+def _export(folder: Path) -> None:
+    """Export the trained weights (`state.npz`) with batch and sequence symbolic, and write the
+    token files."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimgraph import from_torch, save
+
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()  # type: ignore[arg-type]
+    with np.load(folder / "state.npz") as state:
+        model.load_state_dict({name: torch.from_numpy(state[name]) for name in state.files})
+    example = torch.zeros((2, 16), dtype=torch.int64)  # batch 2: a batch of 1 is specialized
     exported = from_torch(
         logits_module(model), (example,), dynamic_shapes=({0: "batch", 1: "seq"},),
         input_names=["input_ids"], output_names=["logits"],
     )
     save(exported, folder / "lm.onnx")
+    seq = int(TRAINING["seq"])
     rows_eval, rows_calib = int(TRAINING["eval_rows"]), int(TRAINING["calib_rows"])
     np.savez(folder / "eval.npz",
              input_ids=token_windows(license_text(held_out=True), rows_eval, seq, 1))
     np.savez(folder / "calib.npz",
              input_ids=token_windows(license_text(held_out=False), rows_calib, seq, 2))
-    return {"train_seconds": seconds, "train_loss": float(np.mean(losses[-50:]))}
 
 
 def logits_module(model):  # noqa: ANN001, ANN201 - torch types are imported lazily
