@@ -1,8 +1,8 @@
 """The exception hierarchy: every error slimgraph raises on purpose is a `SlimgraphError`.
 
-The command line maps the two branches to exit codes (DESIGN.md section 7): `BadInputError`
-(the user's model, data or options are wrong) exits 2 with its one-line message; everything else
-(`VerificationError`, an unexpected failure) exits 1.
+The command line maps the two branches to exit codes (docs/contract.md, "Command line"):
+`BadInputError` (the user's model, data or options are wrong) exits 2 with its one-line message;
+everything else (`VerificationError`, an unexpected failure) exits 1.
 
 A message that names an option is worded for where it is read: `str(error)` in Python terms
 (`data=`), `error.cli_message` in command-line terms (`--data VAL.npz`), which the command line
@@ -15,6 +15,7 @@ prints. `SlimgraphError.worded` builds both from one template:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Self
 
@@ -31,6 +32,8 @@ __all__ = [
     "OutputPathError",
     "MissingExtraError",
     "VerificationError",
+    "first_line",
+    "message_line",
 ]
 
 
@@ -127,3 +130,39 @@ def _fill(template: str, terms: Mapping[str, str | Term], side: int) -> str:
 
 class VerificationError(SlimgraphError):
     """A rewrite changed the model's outputs beyond what it promised."""
+
+
+# Terminal colour codes (torch.export's banners are coloured) and onnxruntime's message prefix.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ORT_PREFIX = "[ONNXRuntimeError] : "
+
+
+def first_line(error: BaseException, *, named: bool = False) -> str:
+    """The first line of an error's message, as one clean line for a message of ours.
+
+    Terminal colour codes and onnxruntime's `[ONNXRuntimeError] : ` prefix are removed, runs of
+    white space become one space, and blank lines are passed over. A blank message gives the
+    exception's class name.
+
+    Args:
+        error: the exception (a library's: onnx, onnxruntime, torch.export, yaml, ...).
+        named: prefix the class name (`ValueError: bad shape`), for causes whose type says
+            something.
+
+    Example:
+        >>> first_line(ValueError("bad shape\\nTraceback ..."), named=True)
+        'ValueError: bad shape'
+    """
+    text = message_line(str(error))
+    name = type(error).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if named else text
+
+
+def message_line(text: str) -> str:
+    """The first non-blank line of `text`, cleaned as `first_line` cleans it ('' for none)."""
+    for line in _ANSI.sub("", text).replace(_ORT_PREFIX, "").splitlines():
+        if cleaned := " ".join(line.split()):
+            return cleaned
+    return ""

@@ -11,7 +11,8 @@ from slimgraph.ir._copy import copy_model
 from slimgraph.ir._dims import io_shapes, restore_dim_names
 from slimgraph.ir._load import ModelLike, as_model, load, load_proto
 from slimgraph.ir._save import save, size_on_disk, tensor_bytes
-from slimgraph.ir._torch import annotate_layers, from_torch, layer_name
+from slimgraph.ir._torch import from_torch
+from slimgraph.ir.names import annotate_layers, display_name, layer_name
 
 __all__ = [
     "analysis",
@@ -29,4 +30,5 @@ __all__ = [
     "from_torch",
     "annotate_layers",
     "layer_name",
+    "display_name",
 ]

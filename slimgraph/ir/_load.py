@@ -31,9 +31,10 @@ from slimgraph.errors import (
     InvalidModelError,
     ModelLoadError,
     UnsafeModelError,
+    first_line,
 )
-from slimgraph.ir import metadata
 from slimgraph.ir._tensors import tensor_sites
+from slimgraph.ir.metadata import SOURCE_FILES, SOURCE_PATH
 
 __all__ = ["ModelLike", "as_model", "load", "load_proto"]
 
@@ -96,7 +97,7 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:  # onnx_ir raises many types on malformed protos; name it once
         raise InvalidModelError(
-            f"{path}: not a valid ONNX model ({type(error).__name__}: {_first_line(error)})"
+            f"{path}: not a valid ONNX model ({first_line(error, named=True)})"
         ) from None
     # ONNX requires topological order; passes and the checker rely on it. onnx_ir's sort is
     # stable (a sorted graph keeps its order) and sorts subgraphs too.
@@ -106,14 +107,9 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
     for tensor in _external_tensors(model):
         tensor.base_dir = str(folder)
         data_files.add(str(folder / tensor.location))
-    model.meta[metadata.SOURCE_PATH] = str(file.resolve())
-    model.meta[metadata.SOURCE_FILES] = sorted(data_files)
+    model.meta[SOURCE_PATH] = str(file.resolve())
+    model.meta[SOURCE_FILES] = sorted(data_files)
     return model
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no detail"
 
 
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -138,7 +134,7 @@ def load_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except Exception as error:  # DecodeError, or RuntimeError/ValueError from other backends
         raise ModelLoadError(
             f"{label}: not a readable ONNX model (truncated or not a protobuf: "
-            f"{_first_line(error)})"
+            f"{first_line(error)})"
         ) from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{label}: not an ONNX model (no graph or no IR version)")
@@ -442,7 +438,7 @@ def _dense(sparse: onnx.SparseTensorProto, base_dir: Path, label: str) -> onnx.T
         indices = onnx.numpy_helper.to_array(sparse.indices, str(base_dir)).astype(np.int64)
     except Exception as error:  # onnx raises several types on malformed tensors
         raise InvalidModelError(
-            f"{label}: sparse tensor '{name}' cannot be read ({_first_line(error)})"
+            f"{label}: sparse tensor '{name}' cannot be read ({first_line(error)})"
         ) from None
     dims = tuple(sparse.dims)
     size = math.prod(dims)

@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from slimgraph.errors import OutputPathError
-from slimgraph.ir import metadata
 from slimgraph.ir._tensors import tensor_sites
+from slimgraph.ir.metadata import SOURCE_FILES, SOURCE_PATH
 
 __all__ = [
     "save",
@@ -100,15 +100,15 @@ def size_on_disk(path: str | os.PathLike[str], model: ir.Model | None = None) ->
     """Bytes of a model file plus its external data: the data files `load` recorded when `model`
     was read from `path`, else `<file name>.data` beside it, as `save` writes it."""
     file = Path(path).resolve()
-    if model is not None and model.meta.get(metadata.SOURCE_PATH) == str(file):
-        data = [Path(f) for f in model.meta.get(metadata.SOURCE_FILES, [])]
+    if model is not None and model.meta.get(SOURCE_PATH) == str(file):
+        data = [Path(f) for f in model.meta.get(SOURCE_FILES, [])]
     else:
         data = [f for f in (file.parent / f"{file.name}.data",) if f.is_file()]
     return sum(f.stat().st_size for f in (file, *data))
 
 
 def _refuse_sources(model: ir.Model, target: Path, data_target: Path) -> None:
-    sources = [model.meta.get(metadata.SOURCE_PATH), *model.meta.get(metadata.SOURCE_FILES, [])]
+    sources = [model.meta.get(SOURCE_PATH), *model.meta.get(SOURCE_FILES, [])]
     for source in filter(None, sources):
         for candidate in (target, data_target):
             if candidate == Path(source) or (

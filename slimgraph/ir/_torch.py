@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,15 +11,13 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch
-from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir import metadata
+from slimgraph.errors import UnsupportedModelError, first_line, message_line
+from slimgraph.ir.metadata import EXAMPLE_DIMS
+from slimgraph.ir.names import annotate_layers
 
-__all__ = ["from_torch", "layer_name"]
+__all__ = ["from_torch"]
 
 logger = logging.getLogger(__name__)
-
-_WEIGHT_SUFFIXES = (".weight", ".bias", ".running_mean", ".running_var", ".in_proj_weight")
-
 
 def from_torch(
     module: Any,
@@ -127,7 +123,7 @@ def _record_example_dims(model: ir.Model, args: Sequence[Any]) -> ir.Model:
                 if not isinstance(dim, int) and dim.value:
                     sizes.setdefault(dim.value, int(size))
     if sizes:
-        model.metadata_props[metadata.EXAMPLE_DIMS] = json.dumps(sizes)
+        model.metadata_props[EXAMPLE_DIMS] = json.dumps(sizes)
     return model
 
 
@@ -203,11 +199,9 @@ def _export(
     return model
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _cause(error: BaseException) -> str:
-    """The first line of the innermost exception that says something, as one clean line.
+    """The first line of the innermost exception that says something, as one clean line
+    (`errors.first_line`: colour codes stripped).
 
     The exporter wraps the real failure (torch.export's "Could not guard on data-dependent
     expression ...") in an error whose first line is its own banner, with terminal colour codes
@@ -218,42 +212,5 @@ def _cause(error: BaseException) -> str:
     while found is not None and found not in chain:
         chain.append(found)
         found = found.__cause__ or found.__context__
-    for inner in reversed(chain):
-        lines = [_ANSI.sub("", line).strip() for line in str(inner).splitlines()]
-        if first := next((line for line in lines if line), ""):
-            return " ".join(first.split())
-    return type(chain[-1]).__name__
-
-
-def annotate_layers(model: ir.Model) -> None:
-    """Write each node's torch module path into metadata `pkg.slimgraph.layer`."""
-    for node in model.graph.all_nodes():
-        layer = layer_name(node)
-        if layer:
-            node.metadata_props[metadata.LAYER] = layer
-
-
-def layer_name(node: ir.Node) -> str:
-    """The torch module path a node came from, or '' when unknown.
-
-    Weights decide first: a node reading initializer `layer1.0.conv1.weight` belongs to
-    `layer1.0.conv1`. Otherwise the exporter's name scopes decide: the last module path before
-    the FX node's own name (`['', 'layer1', 'layer1.0', 'add']` gives `layer1.0`).
-    """
-    if stored := node.metadata_props.get(metadata.LAYER):
-        return stored
-    for value in node.inputs:
-        if value is not None and value.is_initializer() and value.name:
-            for suffix in _WEIGHT_SUFFIXES:
-                if value.name.endswith(suffix):
-                    return value.name[: -len(suffix)]
-    scopes_text = node.metadata_props.get(metadata.TORCH_NAME_SCOPES)
-    if not scopes_text:
-        return ""
-    try:
-        scopes = ast.literal_eval(scopes_text)
-    except (ValueError, SyntaxError):
-        return ""
-    if not isinstance(scopes, list) or len(scopes) < 2:
-        return ""
-    return str(scopes[-2])
+    inner = next((e for e in reversed(chain) if message_line(str(e))), chain[-1])
+    return first_line(inner)

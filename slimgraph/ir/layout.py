@@ -1,4 +1,4 @@
-"""Where the learned parameters of an op sit: one per-op table of weight layouts.
+"""Where an op's parameters sit: its parameter inputs (learned or frozen) and weight layouts.
 
 For each ONNX op with a constant weight (Conv, ConvTranspose, Gemm, MatMul, the normalizations,
 Gather as an embedding), `LAYOUTS` names the weight and bias input indices, every input that is a
@@ -15,10 +15,19 @@ learned parameter, and the weight's output- and input-channel axes:
 - LayerNormalization: scale and bias over the normalized axes (no channel axis).
 - Gather: an embedding table `(vocabulary, dim)` read by row (input 0): output axis 1.
 
-`layout(node)` resolves the attributes (Gemm's transB, the group of a Conv/ConvTranspose). The
-table lives in `slimgraph.ir` because `ir.analysis` (parameter counts) and `ir.channels`
-(pruning) read it and `ir` imports nothing from `passes`; `slimgraph.passes._kit` re-exports it.
-Source: the ONNX operator specification (onnx.ai/onnx/operators).
+`layout(node)` resolves the attributes (Gemm's transB, the group of a Conv/ConvTranspose).
+
+`SLOTS` is the wider table of parameter inputs by op type, ONNX and onnxruntime's contrib ops
+alike (SkipLayerNormalization, Attention, MatMulIntegerToFloat, ...): every input that holds a
+parameter when it is a constant, each a `Slot` whose `frozen` field says whether training may
+move it (a weight, a bias, a norm's scale) or not (running statistics, quantization scales and
+zero points, clip bounds, pad and resize inputs, attention masks, rotary caches). `LAYOUTS`
+takes its `params` from it; the torch backend decides from it what becomes a parameter.
+
+The tables live in `slimgraph.ir` because `ir.analysis` (parameter counts) reads them and `ir`
+imports nothing from `passes`; `slimgraph.passes._kit` re-exports `LAYOUTS` and `layout`.
+Source: the ONNX operator specification (onnx.ai/onnx/operators) and onnxruntime's contrib
+operator specification (ContribOperators.md).
 """
 
 from __future__ import annotations
@@ -30,9 +39,87 @@ from types import MappingProxyType
 
 import onnx_ir as ir
 
-__all__ = ["OpLayout", "LAYOUTS", "layout"]
+__all__ = ["Slot", "SLOTS", "parameter_slot", "OpLayout", "LAYOUTS", "layout"]
 
 _ONNX_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An input of an op that holds a parameter when it is a constant.
+
+    Attributes:
+        index: the input index.
+        frozen: training never moves it (running statistics, scales and zero points, bounds,
+            shape-like inputs, masks); False for learned weights, biases and norm scales.
+        swapped: the weight only in the op's swapped form (MatMul's constant left operand,
+            `W @ x`); not one of `OpLayout.params`.
+    """
+
+    index: int
+    frozen: bool = False
+    swapped: bool = False
+
+
+def _slots(
+    learned: Sequence[int] = (), frozen: Sequence[int] = (), swapped: Sequence[int] = ()
+) -> tuple[Slot, ...]:
+    found = [Slot(i) for i in learned] + [Slot(i, frozen=True) for i in frozen]
+    found += [Slot(i, swapped=True) for i in swapped]
+    return tuple(sorted(found, key=lambda slot: slot.index))
+
+
+# Parameter inputs by op type (ONNX and com.microsoft ops: the op types do not collide).
+SLOTS: Mapping[str, tuple[Slot, ...]] = MappingProxyType(
+    {
+        # the layers of `LAYOUTS`
+        "Conv": _slots((1, 2)),
+        "ConvTranspose": _slots((1, 2)),
+        "Gemm": _slots((1, 2)),
+        "MatMul": _slots((1,), swapped=(0,)),
+        "BatchNormalization": _slots((1, 2), frozen=(3, 4)),
+        "InstanceNormalization": _slots((1, 2)),
+        "LayerNormalization": _slots((1, 2)),
+        "Gather": _slots((0,)),
+        # other learned parameters
+        "PRelu": _slots((1,)),
+        "GroupNormalization": _slots((1, 2)),
+        "RMSNormalization": _slots((1,)),
+        "SimplifiedLayerNormalization": _slots((1,)),
+        "SkipLayerNormalization": _slots((2, 3, 4)),
+        "SkipSimplifiedLayerNormalization": _slots((2, 3)),
+        "BiasGelu": _slots((1,)),
+        "FastGelu": _slots((1,)),
+        "Attention": _slots((1, 2), frozen=(3, 5)),  # mask index, attention bias
+        "MultiHeadAttention": _slots((3,), frozen=(4, 5)),  # key padding mask, attention bias
+        # integer ops: the float bias learns; scales and zero points stay
+        "QAttention": _slots((2,), frozen=(3, 4)),
+        "MatMulIntegerToFloat": _slots((6,), frozen=(2, 3)),
+        "DynamicQuantizeMatMul": _slots((4,), frozen=(2,)),
+        "GatherBlockQuantized": _slots(frozen=(2,)),
+        "QuantizeLinear": _slots(frozen=(1, 2)),
+        "DequantizeLinear": _slots(frozen=(1, 2)),
+        # bounds, shapes and caches
+        "Clip": _slots(frozen=(1, 2)),
+        "Resize": _slots(frozen=(1, 2, 3)),
+        "Upsample": _slots(frozen=(1,)),
+        "Pad": _slots(frozen=(1, 2, 3)),
+        "Range": _slots(frozen=(0, 1, 2)),
+        "ConstantOfShape": _slots(frozen=(0,)),
+        "Dropout": _slots(frozen=(1, 2)),
+        "GroupQueryAttention": _slots(frozen=(7, 8, 10)),  # rotary caches, attention bias
+        "RotaryEmbedding": _slots(frozen=(1, 2, 3)),  # position ids, cos and sin caches
+    }
+)
+
+
+def parameter_slot(op_type: str, index: int) -> Slot | None:
+    """The `Slot` of input `index` of `op_type`, None when that input holds no parameter."""
+    return next((slot for slot in SLOTS.get(op_type, ()) if slot.index == index), None)
+
+
+def _params(op_type: str) -> tuple[int, ...]:
+    return tuple(slot.index for slot in SLOTS[op_type] if not slot.swapped)
 
 
 @dataclass(frozen=True)
@@ -43,8 +130,8 @@ class OpLayout:
         op_type: the ONNX op type.
         weight: input index of the weight.
         bias: input index of the bias (None when the op has none).
-        params: every input index that holds a learned parameter (BatchNormalization's mean and
-            variance included), in input order.
+        params: every input index that holds a parameter (`SLOTS`, BatchNormalization's mean
+            and variance included, MatMul's swapped left operand not), in input order.
         out_axis: the weight axis of the output channels (None: no channel axis).
         in_axis: the weight axis of the input channels (None: no channel axis).
         grouped: the op has a `group` attribute (Conv, ConvTranspose): the channel axes then
@@ -89,22 +176,23 @@ class OpLayout:
 
 LAYOUTS: Mapping[str, OpLayout] = MappingProxyType(
     {
-        "Conv": OpLayout("Conv", 1, 2, (1, 2), out_axis=0, in_axis=1, grouped=True),
+        "Conv": OpLayout("Conv", 1, 2, _params("Conv"), out_axis=0, in_axis=1, grouped=True),
         "ConvTranspose": OpLayout(
-            "ConvTranspose", 1, 2, (1, 2), out_axis=1, in_axis=0, grouped=True
+            "ConvTranspose", 1, 2, _params("ConvTranspose"), out_axis=1, in_axis=0, grouped=True
         ),
-        "Gemm": OpLayout("Gemm", 1, 2, (1, 2), out_axis=1, in_axis=0),
-        "MatMul": OpLayout("MatMul", 1, None, (1,), out_axis=1, in_axis=0),
+        "Gemm": OpLayout("Gemm", 1, 2, _params("Gemm"), out_axis=1, in_axis=0),
+        "MatMul": OpLayout("MatMul", 1, None, _params("MatMul"), out_axis=1, in_axis=0),
         "BatchNormalization": OpLayout(
-            "BatchNormalization", 1, 2, (1, 2, 3, 4), out_axis=0, in_axis=None
+            "BatchNormalization", 1, 2, _params("BatchNormalization"), out_axis=0, in_axis=None
         ),
         "InstanceNormalization": OpLayout(
-            "InstanceNormalization", 1, 2, (1, 2), out_axis=0, in_axis=None
+            "InstanceNormalization", 1, 2, _params("InstanceNormalization"), out_axis=0,
+            in_axis=None,
         ),
         "LayerNormalization": OpLayout(
-            "LayerNormalization", 1, 2, (1, 2), out_axis=None, in_axis=None
+            "LayerNormalization", 1, 2, _params("LayerNormalization"), out_axis=None, in_axis=None
         ),
-        "Gather": OpLayout("Gather", 0, None, (0,), out_axis=1, in_axis=None),
+        "Gather": OpLayout("Gather", 0, None, _params("Gather"), out_axis=1, in_axis=None),
     }
 )
 

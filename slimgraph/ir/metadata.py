@@ -57,7 +57,8 @@ BUDGET_SEARCH = "slimgraph.budget_search"
 AUTO_BITS = "slimgraph.auto_bits"
 
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
-# for channel tracing (`slimgraph.ir._shapes.annotate_static_shapes`); stale once the graph changes.
+# for channel tracing (`slimgraph.passes.prune._shapes.annotate_static_shapes`); stale once the
+# graph changes.
 STATIC_SHAPE = "slimgraph.static_shape"
 # metadata_props of a model exported by `from_torch`: the sizes the example inputs gave each
 # symbolic dimension, as JSON by dimension name (`{"batch": 2, "sequence": 16}`). Sample inputs

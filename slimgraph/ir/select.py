@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, Term
-from slimgraph.ir._torch import layer_name
+from slimgraph.ir.names import layer_name
 
 __all__ = ["node_names", "matching_pattern", "check_patterns", "exact_pattern"]
 

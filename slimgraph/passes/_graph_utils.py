@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from slimgraph.passes._names import Names
+
 __all__ = [
     "is_onnx_op",
     "single_consumer",
@@ -122,9 +124,6 @@ def restore_outputs(graph: ir.Graph, signature: list[OutputSignature]) -> bool:
             # Another value took the name (an inner value renamed by a rewrite): move it aside.
             if holder.is_graph_input() or holder.is_initializer():
                 continue  # cannot happen in a valid graph; leave it for the checker to name
-            # (imported here: the kit's pass imports `passes.base`, which imports this module)
-            from slimgraph.passes._kit import Names
-
             holder.name = Names(graph).fresh(f"{name}_inner")
         if renamable:
             value.name = name

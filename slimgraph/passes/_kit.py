@@ -7,7 +7,8 @@ module is the one home of that mechanics:
   hold its channels (the table itself lives in `slimgraph.ir.layout`, which `ir` reads too);
 - `constant_array(value)`: the array of an initializer or folded constant;
   `traced_constant(value)`: the same through short chains of data-movement ops over constants;
-- `Names(graph).fresh(base)`: the one fresh-name allocator;
+- `Names(graph).fresh(base)`: the one fresh-name allocator (defined in `_names`, a leaf the
+  rewiring helpers import too);
 - `add_initializer(graph, base, array)`: a new initializer under a fresh name;
   `set_constant(node, index, array)`: a new constant for one input, copy-on-share;
 - `PrepareWeightsPass(scope=...)`: exact; folds the run-time computation of weights (Transpose,
@@ -29,6 +30,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir.layout import LAYOUTS, OpLayout, layout
+from slimgraph.passes._names import Names
 from slimgraph.passes.base import SlimgraphPass, SlimgraphPassResult
 
 __all__ = [
@@ -161,34 +163,6 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], value: ir.Value) -
 
 
 # -------------------------------------------------------------------------- names, initializers
-
-
-class Names:
-    """Fresh value, node and initializer names for `graph`: none clashes with a name already in
-    the graph, its subgraphs (ONNX forbids an inner name shadowing an outer one) or handed out.
-
-    Args:
-        graph: the graph whose names are taken.
-        node_names: also count node names as taken (default). Values and nodes have separate
-            namespaces in ONNX; an allocator that hands out both keeps them apart, one that
-            names only values (`add_initializer` without `names`) need not.
-    """
-
-    def __init__(self, graph: ir.Graph, *, node_names: bool = True) -> None:
-        self.used: set[str] = set(graph.initializers)
-        self.used.update(value.name for value in graph.inputs if value.name)
-        for node in graph.all_nodes():
-            if node.name and node_names:
-                self.used.add(node.name)
-            self.used.update(value.name for value in node.outputs if value.name)
-
-    def fresh(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`, ... : the first one not used yet (now used)."""
-        name, index = base, 1
-        while name in self.used:
-            name, index = f"{base}_{index}", index + 1
-        self.used.add(name)
-        return name
 
 
 def add_initializer(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, UnsupportedModelError, VerificationError
+from slimgraph.errors import BadDataError, UnsupportedModelError, VerificationError, first_line
 
 if TYPE_CHECKING:
     from slimgraph.runtime import Fidelity
@@ -73,7 +73,7 @@ class Verifier:
             session = create_session(model, optimization="disable")
         except Exception as error:  # onnxruntime reports invalid graphs with many types
             raise UnsupportedModelError(
-                f"the input model does not run on onnxruntime: {_first_line(error)} "
+                f"the input model does not run on onnxruntime: {first_line(error, named=True)} "
                 "(verification needs it; skip with verify=False / --no-verify)"
             ) from error
         return [run(session, feed) for feed in self.feeds]  # BadDataError: the user's feeds
@@ -87,7 +87,7 @@ class Verifier:
             return [run(session, feed) for feed in self.feeds]
         except Exception as error:  # not the inputs' fault: they ran the model before the pass
             text = str(error) if isinstance(error, (BadDataError, UnsupportedModelError)) else (
-                _first_line(error)
+                first_line(error, named=True)
             )
             raise VerificationError(
                 f"the model after pass '{name}' does not run on the inputs the model before it "
@@ -124,11 +124,6 @@ class Verifier:
             )
         self.reference = outputs
         return fidelity
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def feed_list(

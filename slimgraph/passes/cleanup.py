@@ -28,7 +28,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
-from slimgraph.passes._kit import add_initializer, constant_array, constant_node_array
+from slimgraph.passes._kit import LAYOUTS, add_initializer, constant_array, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.opset import legalize
 from slimgraph.passes.registry import register_pass
@@ -69,15 +69,10 @@ class InitializerInputsPass(SlimgraphPass):
         return ir.passes.PassResult(model, result.modified)
 
 
-# Weight slots of the layers the fusion, quantization, pruning and low-rank passes rewrite: a
-# ConstantOfShape feeding one of these is a weight those passes need as an initializer.
-_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "Gemm": (1, 2),
-    "MatMul": (1,),
-    "BatchNormalization": (1, 2, 3, 4),
-}
+# The layers the fusion, quantization, pruning and low-rank passes rewrite: a ConstantOfShape
+# feeding one of their parameter inputs (`OpLayout.params`) is a weight those passes need as an
+# initializer.
+_WEIGHT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
 
 # Defaults of `MaterializeConstantOfShapePass` (elements).
 SMALL_CONSTANT_ELEMENTS = 1 << 16
@@ -87,7 +82,11 @@ WEIGHT_CONSTANT_ELEMENTS = 1 << 26
 def _feeds_weight_slot(value: ir.Value) -> bool:
     for use in value.uses():
         node, index = use.node, use.idx
-        if node.domain in ("", "ai.onnx") and index in _WEIGHT_SLOTS.get(node.op_type, ()):
+        if (
+            node.domain in ("", "ai.onnx")
+            and node.op_type in _WEIGHT_LAYERS
+            and index in LAYOUTS[node.op_type].params
+        ):
             return True
     return False
 
@@ -368,12 +367,12 @@ class _SafeFolder(_constant_folding.FoldConstantsPass):
         if differs is not None and node.domain in ("", "ai.onnx"):
             version = self._opset_imports.get("", self._opset_imports.get("ai.onnx", 1))
             if differs(node, version):
-                self.skipped.append(Skipped(
-                    node.name or "", node.op_type,
-                    "onnx's reference implementation computes it in training mode",
-                ))  # fmt: skip
+                self._skip(node, "onnx's reference implementation computes it in training mode")
                 return False
         return None
+
+    def _skip(self, node: ir.Node, reason: str) -> None:
+        self.skipped.append(Skipped(node.name or "", node.op_type, reason))
 
     def process_node(
         self, node: ir.Node, is_function: bool
@@ -382,18 +381,13 @@ class _SafeFolder(_constant_folding.FoldConstantsPass):
             replacement = super().process_node(node, is_function)
         except RuntimeError as error:  # the evaluator of this one op failed: leave the node
             cause = error.__cause__ if error.__cause__ is not None else error
-            self.skipped.append(Skipped(
-                node.name or "", node.op_type,
-                f"not folded: the folder failed on it ({type(cause).__name__}: {cause})",
-            ))  # fmt: skip
+            why = f"{type(cause).__name__}: {cause}"
+            self._skip(node, f"not folded: the folder failed on it ({why})")
             return None
         if replacement is None or not replacement.new_nodes:
             return replacement
         if not _legal_nodes(replacement, self._opset_imports):
-            self.skipped.append(Skipped(
-                node.name or "", node.op_type,
-                "not rewritten: the rewrite needs a newer opset than the model's",
-            ))  # fmt: skip
+            self._skip(node, "not rewritten: the rewrite needs a newer opset than the model's")
             return None
         return replacement
 
@@ -528,6 +522,16 @@ class EliminateIdentityPass(SlimgraphPass):
         return ir.passes.PassResult(model, modified)
 
 
+def _merged_shape(known: ir.Shape | None, other: ir.Shape | None) -> ir.Shape | None:
+    """`known` with each unknown dimension taken from `other` where it states one (both shapes
+    describe the same tensor: an Identity's input and output)."""
+    if known is None or other is None or len(known) != len(other):
+        return known if known is not None else other
+    dims = [b if (a is None or (isinstance(a, ir.SymbolicDim) and a.value is None)) else a
+            for a, b in zip(known.dims, other.dims, strict=True)]
+    return ir.Shape(dims)
+
+
 def _eliminate_identity(node: ir.Node) -> bool:
     if not is_onnx_op(node, "Identity") or len(node.inputs) != 1 or len(node.outputs) != 1:
         return False
@@ -539,8 +543,7 @@ def _eliminate_identity(node: ir.Node) -> bool:
         producer = source.producer()
         if producer is None or producer.graph is not graph or source.is_graph_output():
             return False  # a body input, an initializer, an outer value, or a second output
-    if source.shape is None:
-        source.shape = output.shape
+    source.shape = _merged_shape(source.shape, output.shape)
     if source.type is None:
         source.type = output.type
     name = output.name

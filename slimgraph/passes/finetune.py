@@ -1,4 +1,4 @@
-"""The `finetune` pipeline step: recover accuracy inside a recipe (DESIGN.md section 6).
+"""The `finetune` pipeline step: recover accuracy inside a recipe.
 
 A recipe can say prune -> finetune -> quantize -> finetune (QAT):
 

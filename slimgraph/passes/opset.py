@@ -1,5 +1,7 @@
-"""Opset conversion with onnx's version converter, as a pass (so pipelines verify it like any),
-and the legality of a node in a model's opset (`legalize`).
+"""Opset conversion as a verified pass, and whether a new node is legal in a model's opset.
+
+`ConvertOpsetPass` runs onnx's version converter as a pass (so pipelines verify it like any);
+`legalize` checks a node a pass writes against the model's opset.
 
 Exact: the converter rewrites ops to their definitions in the target opset, which compute the same
 function. The model goes through a protobuf (the converter works on protos), weights included;
@@ -23,7 +25,7 @@ import onnx.defs
 import onnx.version_converter
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
 from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -69,9 +71,9 @@ class ConvertOpsetPass(SlimgraphFunctionalPass):
         try:
             converted = onnx.version_converter.convert_version(proto, self.opset)
         except Exception as error:  # the converter raises RuntimeError/ValueError/C++ errors
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise UnsupportedModelError(
-                f"onnx's version converter cannot convert opset {current} to {self.opset}: {first}"
+                f"onnx's version converter cannot convert opset {current} to {self.opset}: "
+                f"{first_line(error)}"
             ) from error
         if converted.ir_version < proto.ir_version:
             converted.ir_version = proto.ir_version

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError
+from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError, first_line
 from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
 from slimgraph.passes._options import BudgetOptions, takes_options
@@ -62,13 +62,11 @@ from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.passes.recipe import RECIPE_SCHEMA, RECIPE_VERSION, known_names, load_recipe
 from slimgraph.passes.registry import (
     COMMAND_STEPS,
-    FACTORIZE_PASSES,
     INTERNAL_OPTIONS,
     OPTION_SYNONYMS,
     PASS_MODULES,
     PASSES,
     PRESETS,
-    QUANTIZE_MODES,
     REQUIRED,
     PassInfo,
     cli_option,
@@ -145,10 +143,11 @@ def _command_steps(
     name: str, options: dict[str, Any], context: Mapping[str, Any]
 ) -> list[tuple[str, dict[str, Any]]]:
     """A command name used as a step: the passes it runs, with their share of the options."""
+    command = COMMAND_STEPS[name]
     if name == "factorize":
+        linear_pass, conv_pass = command.passes
         _check_options(
-            "factorize", PASSES.info(FACTORIZE_PASSES[0]), options,
-            extra={"pointwise_convs": False},
+            "factorize", PASSES.info(linear_pass), options, extra={"pointwise_convs": False}
         )
         linear = {k: v for k, v in options.items() if k != "pointwise_convs"}
         conv = dict(linear)
@@ -159,23 +158,22 @@ def _command_steps(
                 "recipe step 'factorize': give a rank rule: rank-ratio, energy, error-budget or "
                 "rank (auto or an integer)"
             )
-        linear_pass, conv_pass = FACTORIZE_PASSES
         return [(linear_pass, linear), (conv_pass, conv)]
     if name == "quantize":
         rest = {k: v for k, v in options.items() if k != "mode"}
         mode = options.get("mode") or "static"  # as the `quantize` pass (and the int8 preset)
-        if mode not in QUANTIZE_MODES:
+        if mode not in command.modes:
             raise BadOptionError(
                 f"recipe step 'quantize': mode must be static, dynamic or weight-only, got "
                 f"{mode!r}"
             )
-        return [(QUANTIZE_MODES[mode], rest)]
+        return [(command.modes[mode], rest)]
     if name == "convert":
         rest = {k: v for k, v in options.items() if k != "fp16"}
         if options.get("fp16", True) is not True:
             raise BadOptionError("recipe step 'convert': only fp16 conversion exists (fp16: true)")
-        return [("fp16", rest)]
-    return [(name, options)]
+        return [(pass_name, rest) for pass_name in command.passes]
+    return [(pass_name, options) for pass_name in command.passes]
 
 
 def _check_options(
@@ -479,9 +477,8 @@ class _Run:
         except SlimgraphError:
             raise
         except Exception as error:  # a bug in a pass: say which one, keep the cause for --debug
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ir.passes.PassError(
-                f"pass '{step.name}' failed: {type(error).__name__}: {first}"
+                f"pass '{step.name}' failed: {first_line(error, named=True)}"
             ) from error
         seconds = time.perf_counter() - start
         if result.model is not model:  # a new model: keep knowing the source files

@@ -25,7 +25,7 @@ loses too much. The rules:
   region become Casts to float16.
 
 onnxruntime's CPU provider runs fp16 only for a few ops and casts around the rest itself, so
-on this CPU fp16 shrinks files but does not speed models up (DESIGN.md section 8).
+on this CPU fp16 shrinks files but does not speed models up (docs/architecture.md, "Runtime").
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, first_line
 from slimgraph.passes.registry import COMMAND_STEPS, PASSES, PRESETS, ensure_registered
 
 __all__ = ["RECIPE_VERSION", "RECIPE_SCHEMA", "read_document", "load_recipe", "known_names"]
@@ -102,8 +102,7 @@ def read_document(path: str | os.PathLike[str], what: str) -> Any:
     try:
         return json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadOptionError(f"{what} {file}: not valid YAML/JSON ({first})") from None
+        raise BadOptionError(f"{what} {file}: not valid YAML/JSON ({first_line(error)})") from None
 
 
 def load_recipe(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:

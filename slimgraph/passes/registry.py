@@ -19,7 +19,8 @@ verifies it. A pass declares its traits where it registers, and the pipeline rea
   or a dataclass (its fields) where the constructor forwards `**options` to it.
 
 `PASSES` maps names to classes (a mutable mapping over the `PassInfo`s), `PRESETS` names lists of
-steps, `COMMAND_STEPS` the command names a recipe may use as steps. The pass families register
+steps, `COMMAND_STEPS` the command names a recipe or a sweep grid may use as steps and the passes
+each runs (the one table of them: the pipeline and the sweep read it). The pass families register
 when their module is imported; `ensure_registered()` imports every module of `PASS_MODULES`
 (explicitly listed: no import-time discovery).
 """
@@ -41,9 +42,8 @@ __all__ = [
     "PASSES",
     "PRESETS",
     "PASS_MODULES",
+    "CommandStep",
     "COMMAND_STEPS",
-    "QUANTIZE_MODES",
-    "FACTORIZE_PASSES",
     "INTERNAL_OPTIONS",
     "OPTION_SYNONYMS",
     "register_pass",
@@ -72,24 +72,41 @@ OPTION_SYNONYMS: Mapping[str, str] = {
     "prune_output": "prune_outputs",
 }
 
-# `quantize --mode`: the pass each mode runs (the command, recipes and sweeps share it).
-QUANTIZE_MODES: Mapping[str, str] = {
-    "static": "quantize",
-    "dynamic": "quantize-dynamic",
-    "weight-only": "quantize-weight-only",
-}
 
-# `factorize`: the passes it runs, in order (Gemm/MatMul by SVD, then Conv by Tucker-2).
-FACTORIZE_PASSES: tuple[str, ...] = ("lowrank-linear", "tucker-conv")
+@dataclasses.dataclass(frozen=True)
+class CommandStep:
+    """What a command name runs when a recipe or a sweep grid uses it as a step.
+
+    Attributes:
+        passes: the passes it runs, in order (the pipeline gives each its share of the options).
+        summary: how `--list-passes` describes it.
+        modes: for a command with `--mode` (quantize): the one pass each mode runs instead.
+    """
+
+    passes: tuple[str, ...]
+    summary: str
+    modes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
 
 # Command names accepted as step names, so a recipe reads like the command line
 # (`- name: factorize` with `rank-ratio: 0.5`): each runs the passes its command runs.
-COMMAND_STEPS: Mapping[str, str] = {
-    "factorize": "lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)",
-    "quantize": "quantize (static: needs --calib / calibration=), quantize-dynamic (mode: "
-    "dynamic) or quantize-weight-only (mode: weight-only)",
-    "convert": "fp16 (convert --fp16)",
-    "prune": "prune",
+COMMAND_STEPS: Mapping[str, CommandStep] = {
+    "factorize": CommandStep(
+        ("lowrank-linear", "tucker-conv"),
+        "lowrank-linear (Gemm/MatMul, SVD) then tucker-conv (Conv, Tucker-2)",
+    ),
+    "quantize": CommandStep(
+        ("quantize",),
+        "quantize (static: needs --calib / calibration=), quantize-dynamic (mode: dynamic) or "
+        "quantize-weight-only (mode: weight-only)",
+        modes={
+            "static": "quantize",
+            "dynamic": "quantize-dynamic",
+            "weight-only": "quantize-weight-only",
+        },
+    ),
+    "convert": CommandStep(("fp16",), "fp16 (convert --fp16)"),
+    "prune": CommandStep(("prune",), "prune"),
 }
 
 # Modules whose passes register themselves with @register_pass, imported on first use of the
@@ -364,6 +381,6 @@ def describe_passes() -> str:
         shown = ", ".join(step if isinstance(step, str) else step["name"] for step in steps)
         lines.append(f"  {name}: {shown}")
     lines.append("commands (step names as on the command line, with the command's options):")
-    for name, runs in COMMAND_STEPS.items():
-        lines.append(f"  {name}: {runs}")
+    for name, command in COMMAND_STEPS.items():
+        lines.append(f"  {name}: {command.summary}")
     return "\n".join(lines)

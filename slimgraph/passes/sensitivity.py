@@ -1,4 +1,4 @@
-"""Per-layer sensitivity: the metric change when only one layer is compressed (DESIGN.md s. 4).
+"""Per-layer sensitivity: the metric change when only one layer is compressed.
 
 For each layer a method can compress (quantize: Conv/Gemm/MatMul with a constant weight; prune:
 each channel group, named by its first producer; factorize: each Gemm/MatMul/Conv the rank rule

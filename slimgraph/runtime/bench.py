@@ -1,7 +1,7 @@
 """Side-by-side latency: models interleaved in a shuffled order each round, medians and ratios.
 
-This is how every performance figure in slimgraph is measured (DESIGN.md section 8): absolute
-times on a shared 2-core machine drift, ratios measured in the same rounds hold.
+This is how every performance figure in slimgraph is measured (docs/architecture.md, "Runtime"):
+absolute times on a shared 2-core machine drift, ratios measured in the same rounds hold.
 
 Each ratio comes with its noise: a 90% paired bootstrap interval (rounds resampled with
 replacement, the same rounds for both models, 1000 times; the 5th and 95th percentiles of the

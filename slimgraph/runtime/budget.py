@@ -2,8 +2,9 @@
 
 A budget is an absolute drop of the metric (`max_drop`: top-1 accuracy with labels, or the user's
 `Metric`; 0.01 is one point of accuracy) and/or a lowest output cosine against the model before
-compression (`min_cosine`), measured on validation data (DESIGN.md section 4). A candidate that
-misses it raises `VerificationError` with the measured figure: the caller writes nothing.
+compression (`min_cosine`), measured on validation data (docs/architecture.md, "Metrics,
+budgets, sensitivity and search"). A candidate that misses it raises `VerificationError` with the
+measured figure: the caller writes nothing.
 
 `BudgetJudge` measures the reference once and then judges any number of candidates (the searches
 of accuracy-aware quantization, pruning and low-rank); `check_budget` is the one-shot form.

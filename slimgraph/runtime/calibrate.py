@@ -24,7 +24,8 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, UnsupportedModelError
+from slimgraph.errors import BadDataError, UnsupportedModelError, first_line
+from slimgraph.ir.analysis import with_static_shapes
 from slimgraph.runtime.feeds import (
     check_feeds,
     input_specs,
@@ -32,7 +33,8 @@ from slimgraph.runtime.feeds import (
     sample_count,
 )
 from slimgraph.runtime.histogram import TensorStats
-from slimgraph.runtime.metrics import DEFAULT_LABELS
+from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data, split_labels
+from slimgraph.runtime.npz_rows import RowArray, open_npz_rows
 from slimgraph.runtime.session import OptLevel, create_session
 
 __all__ = [
@@ -137,8 +139,6 @@ def calibration_batches(
         stacked = {name: np.asarray(array) for name, array in data.items()}
         if not stacked:
             raise BadDataError("calibration data is empty (no inputs)")
-        from slimgraph.runtime.metrics import split_labels
-
         stacked = split_labels(stacked, model, source="calibration data").feeds  # labels ignored
         return Batches(model, data, batch_size, _batches_in(stacked, batch_size), stacked)
     if data is None or not isinstance(data, Iterable):
@@ -155,8 +155,6 @@ def calibration_batches(
 def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
     """The `.npz` as row-sliceable arrays (read batch by batch, memory flat in the sample
     count), checked on its first row and sample counts; finiteness is checked per batch."""
-    from slimgraph.runtime.npz_rows import RowArray, open_npz_rows
-
     try:
         opened = open_npz_rows(path)
     except Exception:  # noqa: BLE001 - let the reader that loads it whole say what is wrong
@@ -185,8 +183,6 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
 
 def _load_whole(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.ndarray]:
     """The `.npz` read whole and checked; a labels key is left out (never fed)."""
-    from slimgraph.runtime.metrics import load_data
-
     return load_data(path, model).feeds
 
 
@@ -279,7 +275,7 @@ def _runs(
                     logger.warning(
                         "the model declares a dynamic batch but fails on %d rows at once (%s): "
                         "running one row per run",
-                        sample_count(feed), _first_line(error),
+                        sample_count(feed), first_line(error),
                     )
                 else:
                     bar.update(1)
@@ -301,15 +297,10 @@ def _batches_of(batches: object) -> Batches | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().replace("[ONNXRuntimeError] : ", "")
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _run_failure(error: BaseException) -> UnsupportedModelError:
     """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
     return UnsupportedModelError(
-        f"onnxruntime cannot run the model on the calibration data: {_first_line(error)}"
+        f"onnxruntime cannot run the model on the calibration data: {first_line(error)}"
     )
 
 
@@ -385,8 +376,6 @@ def _float_values(model: ir.Model, names: Sequence[str]) -> bool:
     float16 sum would overflow); types the model does not record are inferred on a copy."""
     values = _values_by_name(model.graph)
     if any(name in values and values[name].dtype is None for name in names):
-        from slimgraph.ir.analysis import with_static_shapes
-
         values = _values_by_name(with_static_shapes(model).graph)
     for name in names:
         value = values.get(name)

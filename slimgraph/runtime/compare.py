@@ -28,7 +28,13 @@ from slimgraph._tables import (
     render_fields,
     render_table,
 )
-from slimgraph.errors import BadDataError, BadOptionError, SlimgraphError, UnsupportedModelError
+from slimgraph.errors import (
+    BadDataError,
+    BadOptionError,
+    SlimgraphError,
+    UnsupportedModelError,
+    first_line,
+)
 from slimgraph.ir import as_model, metadata
 from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
@@ -562,9 +568,7 @@ def _session(
     except SlimgraphError:
         raise
     except Exception as error:  # onnxruntime's own classes (Fail, InvalidGraph, ...)
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         name = model.meta.get(metadata.SOURCE_PATH) or f"the {role} model"
         raise UnsupportedModelError(
-            f"{name}: onnxruntime cannot load the model: "
-            f"{text.replace('[ONNXRuntimeError] : ', '')}"
+            f"{name}: onnxruntime cannot load the model: {first_line(error)}"
         ) from None

@@ -2,12 +2,12 @@
 
 The one home of that tolerance (the pipeline's verifier, quantization's preparation check and
 opset upgrades all call `exact_difference`). A float32 output must stay within
-`rtol * |ref| + atol * max(1, max|ref|)` (DESIGN.md section 3: rtol 1e-4, atol 1e-5); a narrower
-float type cannot hold that: fp16 has 11 significant bits, so a rewrite that rounds once more (a
-folded constant, a reordered sum) moves a value by an ulp of 2^-11 relative, five times the
-float32 rtol. Its bound is `ULPS` units in the last place of its own type instead, relative and
-at the output's scale. Integers, booleans and strings must be equal. Sequences (lists) compare
-element by element, optional values (None when empty) only equal None.
+`rtol * |ref| + atol * max(1, max|ref|)` (rtol 1e-4, atol 1e-5; docs/architecture.md, "Passes");
+a narrower float type cannot hold that: fp16 has 11 significant bits, so a rewrite that rounds
+once more (a folded constant, a reordered sum) moves a value by an ulp of 2^-11 relative, five
+times the float32 rtol. Its bound is `ULPS` units in the last place of its own type instead,
+relative and at the output's scale. Integers, booleans and strings must be equal. Sequences
+(lists) compare element by element, optional values (None when empty) only equal None.
 """
 
 from __future__ import annotations

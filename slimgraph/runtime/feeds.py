@@ -1,7 +1,7 @@
 """Model inputs: specs from the graph, generated sample feeds, and `.npz` data checked against them.
 
-Data files follow DESIGN.md section 7: an `.npz` whose keys are the model's input names, each
-array stacked on axis 0 (one row per sample).
+Data files follow docs/contract.md ("Data files"): an `.npz` whose keys are the model's input
+names, each array stacked on axis 0 (one row per sample).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from slimgraph.errors import (
     BadOptionError,
     SlimgraphError,
     UnsupportedModelError,
+    first_line,
 )
 from slimgraph.ir import ModelLike, as_model, metadata
 from slimgraph.runtime._roles import input_role, role_values
+from slimgraph.runtime.session import create_session, run
 
 __all__ = [
     "InputSpec",
@@ -286,8 +288,6 @@ def driving_feeds(
             candidates; the message says what was tried, what onnxruntime said, and how to pass
             real inputs or skip verification.
     """
-    from slimgraph.runtime.session import create_session, run
-
     _sample_feeds(model, 1, {}, 1, seed, {})  # BadDataError: inputs too large at any size
     try:
         session = create_session(model, optimization="disable")
@@ -295,8 +295,8 @@ def driving_feeds(
         raise
     except Exception as error:  # onnxruntime reports invalid graphs with many types
         raise UnsupportedModelError(
-            f"{who} does not run on onnxruntime: {_first_line(error)} (verification needs it; "
-            "skip with verify=False / --no-verify)"
+            f"{who} does not run on onnxruntime: {first_line(error, named=True)} (verification "
+            "needs it; skip with verify=False / --no-verify)"
         ) from error
     failures: list[str] = []
     for batch, dims, default in _candidates(model):
@@ -355,11 +355,6 @@ def _describe(feeds: Mapping[str, Any]) -> str:
         for name, value in feeds.items()
     )
     return f"inputs {shapes or '(none)'}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def calibrated_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:

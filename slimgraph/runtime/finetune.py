@@ -1,4 +1,4 @@
-"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself (DESIGN.md section 6).
+"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself.
 
 `finetune` lowers the model to torch (`torch_backend.lower`), trains it on labelled data and/or
 a teacher, and writes the trained values back into the same initializers (`write_back`): names,
@@ -37,13 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._optional import require_torch
 from slimgraph._tables import format_metric, render_table
 from slimgraph.errors import BadDataError, BadOptionError
 from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, as_data, split_labels
 from slimgraph.runtime.feeds import input_specs
+from slimgraph.runtime.metrics import evaluate
 from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.torch_backend import lower, write_back
 from slimgraph.runtime.torch_backend._options import KD_KINDS, SCHEMES, TrainOptions
 
 if TYPE_CHECKING:
@@ -478,7 +480,6 @@ def _finetune(
     if o.scheme not in SCHEMES:
         raise BadOptionError(f"unknown scheme '{o.scheme}' (choose from {', '.join(SCHEMES)})")
     require_torch()
-    from slimgraph.runtime.torch_backend import lower, write_back
     from slimgraph.runtime.torch_backend._train import (
         ArrayBatches,
         EmaTeacher,
@@ -567,8 +568,6 @@ def _finetune(
         if val_data.labels is None:
             reference = _reference_outputs(peer, student_model, val_data)
         elif teacher_model is not None:
-            from slimgraph.runtime.metrics import evaluate
-
             teacher_val = evaluate(teacher_model, val_data).accuracy
         validation = Validation(val_data, graph_outputs, reference)
     history = train(student, batches, options, taps=taps, kd=used, teacher=teacher_runner,

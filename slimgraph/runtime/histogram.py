@@ -3,7 +3,7 @@
 A `TensorStats` sees a tensor batch by batch and keeps a fixed amount of state: exact min/max, a
 moving average of per-batch min/max, and a histogram of fixed bin count whose range grows by
 re-binning (merging) when new values fall outside it. Memory therefore does not depend on the
-number of samples (DESIGN.md section 4), unlike calibrators that keep every value.
+number of samples (docs/architecture.md, "Runtime"), unlike calibrators that keep every value.
 
 Calibrators turn the statistics into a clipping range `(rmin, rmax)`:
 - `minmax`: the exact range; `moving-average`: the average of per-batch min/max;

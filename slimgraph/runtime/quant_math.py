@@ -36,6 +36,7 @@ __all__ = [
     "RANGE_METHODS",
     "integer_range",
     "QuantSpec",
+    "type_grid",
     "QuantizedTensor",
     "quant_params",
     "quantize_values",
@@ -100,17 +101,16 @@ class QuantSpec:
     @property
     def bits(self) -> int:
         """Bits per code (32 for INT32)."""
-        return _SIGNED_GRIDS.get(self.dtype) or _UNSIGNED_GRIDS.get(self.dtype) or 32
+        return _INTEGER_TYPES[self.dtype][0]
 
     @property
     def qrange(self) -> tuple[int, int]:
-        """(qmin, qmax) of the integer grid; symmetric signed grids leave the lowest code out."""
+        """(qmin, qmax) of the integer grid: the whole type, except that symmetric signed grids
+        leave the lowest code out."""
         found = integer_range(self.dtype)
         assert found is not None, self.dtype
         low, top = found
-        if low == 0 or self.dtype in _SIGNED_GRIDS and not self.symmetric:
-            return low, top
-        return -top, top
+        return (-top, top) if self.symmetric and low < 0 else (low, top)
 
     @property
     def storage(self) -> np.dtype:
@@ -118,6 +118,13 @@ class QuantSpec:
         if self.dtype in _UNSIGNED_GRIDS:
             return np.dtype(np.uint8)
         return np.dtype(np.int8 if self.dtype in _SIGNED_GRIDS else np.int32)
+
+
+def type_grid(dtype: ir.DataType) -> QuantSpec | None:
+    """The grid ONNX QuantizeLinear rounds to for integer type `dtype`: the whole type
+    (`integer_range`) as a spec that is not symmetric; None for a type that is not a quantized
+    integer type. The torch backend's fake quantization computes on it."""
+    return QuantSpec(dtype, symmetric=False) if dtype in _INTEGER_TYPES else None
 
 
 def weight_spec(

@@ -102,7 +102,7 @@ def create_session(
             reads it).
         threads: intra-op threads; None uses every core. Worker threads never spin
             (`session.intra_op.allow_spinning = 0`), so sessions timed side by side do not steal
-            each other's cores (DESIGN.md section 8).
+            each other's cores (docs/architecture.md, "Runtime").
         optimization: onnxruntime's graph optimization level.
     """
     if optimization not in _LEVELS:

@@ -1,5 +1,6 @@
-"""What the commands share: the MODEL/OUT arguments, `--json`, and the run of a command that
-rewrites a model (quantize, prune, factorize, optimize).
+"""What the commands share: their common arguments and the run of a command that rewrites a model.
+
+The MODEL/OUT arguments, `--json`, and the run of quantize, prune, factorize and optimize.
 
 `Compression` is that run, in one place: refuse to write over the input, check `--report DIR`,
 load MODEL, build the accuracy-budget judge (`budget_args`), then, once the command has made its
@@ -23,7 +24,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
 from slimgraph.errors import OutputPathError
 from slimgraph.runtime.budget import Budget

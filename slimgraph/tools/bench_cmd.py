@@ -11,16 +11,15 @@ from __future__ import annotations
 import argparse
 from typing import cast
 
-from slimgraph import ir as sg_ir
-from slimgraph import runtime
+import slimgraph.ir as sg_ir
+import slimgraph.runtime as runtime
 from slimgraph._tables import emit, format_ratio, format_shape, to_json
-from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.errors import BadDataError, BadOptionError, first_line
 from slimgraph.tools._common import add_json_option
 from slimgraph.tools.compare_cmd import (
     ORT_ERRORS,
     add_batch_option,
     checked_batch,
-    first_line,
     open_session,
     positive_int,
 )

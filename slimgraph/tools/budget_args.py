@@ -1,5 +1,7 @@
-"""`--data VAL.npz [--labels KEY] --max-drop D | --min-cosine C`: the accuracy budget options of
-every approximate command (quantize, prune, factorize, optimize), parsed in one place.
+"""The accuracy budget options of every approximate command, parsed in one place.
+
+`--data VAL.npz [--labels KEY] --max-drop D | --min-cosine C`, for quantize, prune, factorize and
+optimize.
 
 The judging itself is `slimgraph.runtime.budget`; a command builds its judge from the parsed
 arguments before compressing and calls `judge.check(result)` before writing: a result that misses

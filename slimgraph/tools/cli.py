@@ -1,6 +1,6 @@
 """The `slimgraph` command line: one subcommand per module in `COMMAND_MODULES`.
 
-Exit codes (DESIGN.md section 7): 0 success; 2 bad usage or bad input (one line on stderr, no
+Exit codes (docs/contract.md): 0 success; 2 bad usage or bad input (one line on stderr, no
 traceback unless `--debug`); 1 verification failure or internal error.
 
 A command module defines `register(subparsers)`, which adds its parser and sets `handler` to a

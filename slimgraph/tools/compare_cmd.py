@@ -1,5 +1,6 @@
-"""`slimgraph compare REF CANDIDATE [--data DATA.npz [--labels KEY]] [--json]`: fidelity on
-onnxruntime.
+"""`slimgraph compare`: the fidelity of a candidate model against a reference, on onnxruntime.
+
+`slimgraph compare REF CANDIDATE [--data DATA.npz [--labels KEY]] [--json]`.
 
 The command line of `slimgraph.runtime.compare` (`sg.compare`), which does the work and whose
 table it prints: with `--data`, the samples of the `.npz` (keys = input names, stacked on axis 0)
@@ -21,17 +22,16 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 import onnxruntime as ort
 
-from slimgraph import ir as sg_ir
-from slimgraph import runtime
+import slimgraph.ir as sg_ir
+import slimgraph.runtime as runtime
 from slimgraph._tables import emit, to_json
-from slimgraph.errors import BadOptionError, UnsupportedModelError
+from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
 from slimgraph.runtime.compare import DATA_BATCH, RANDOM_BATCH, RANDOM_BATCHES
 from slimgraph.runtime.data import DEFAULT_LABELS
 from slimgraph.tools._common import add_json_option
 
 __all__ = [
     "register", "open_session", "positive_int", "add_batch_option", "checked_batch", "ORT_ERRORS",
-    "first_line",
 ]
 
 # onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, ...): plain Exceptions.
@@ -162,8 +162,3 @@ def _check_same_inputs(
             f"{runtime.feeds.describe_inputs(cand_specs)} vs "
             f"{runtime.feeds.describe_inputs(ref_specs)}"
         )
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

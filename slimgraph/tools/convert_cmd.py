@@ -1,4 +1,4 @@
-"""`slimgraph convert MODEL -o OUT --fp16 [--keep-op OP ...]`: precision conversion (DESIGN s. 7).
+"""`slimgraph convert MODEL -o OUT --fp16 [--keep-op OP ...]`: precision conversion.
 
 float32 weights and internal values become float16; model inputs and outputs stay float32 unless
 `--fp16-io`; ops that overflow in fp16 stay float32 (`--keep-op` replaces that list). Prints the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import cast
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, format_bytes, render_fields, to_json
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.precision import DEFAULT_KEEP_OPS, Fp16Pass, Fp16Result

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
-from slimgraph import runtime
+import slimgraph.ir as sg_ir
+import slimgraph.runtime as runtime
 from slimgraph._optional import require_torch
 from slimgraph._tables import emit, format_bytes, render_table, to_json
 from slimgraph.errors import OutputPathError

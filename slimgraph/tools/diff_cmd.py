@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import (
     format_bytes,
     format_count,

@@ -1,6 +1,6 @@
 """`slimgraph factorize MODEL -o OUT [--rank-ratio R | --energy E | --rank auto] ...`.
 
-Low-rank factorization (DESIGN.md sections 5, 7): Gemm/MatMul layers split by SVD, Conv layers
+Low-rank factorization: Gemm/MatMul layers split by SVD, Conv layers
 by Tucker-2. Prints one row per factorized layer (rank, parameters, MACs, weight error, output
 SQNR with --data), the totals and why layers were skipped; `--json` prints one object. Written
 atomically, never over the input.

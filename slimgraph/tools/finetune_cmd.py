@@ -1,4 +1,4 @@
-"""`slimgraph finetune MODEL -o OUT --data TRAIN.npz ...`: recover accuracy (DESIGN.md s. 6, 7).
+"""`slimgraph finetune MODEL -o OUT --data TRAIN.npz ...`: recover accuracy.
 
 Trains the ONNX graph itself through the torch backend: fine-tuning on labels, knowledge
 distillation from a teacher (response, feature, relation; offline, online or self), and
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
 from slimgraph.runtime.finetune import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimgraph import runtime
+import slimgraph.runtime as runtime
 from slimgraph._tables import emit, render_table
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count, optimize_report

@@ -1,4 +1,4 @@
-"""`slimgraph prune MODEL -o OUT --ratio R ...`: structured channel pruning (DESIGN.md s. 5, 7).
+"""`slimgraph prune MODEL -o OUT --ratio R ...`: structured channel pruning.
 
 Prints the channel groups (size, kept, or why a group could not shrink), the channels kept per
 layer, parameters and MACs before/after; `--json` prints one object. With `--unstructured` it

@@ -1,4 +1,4 @@
-"""`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization (DESIGN.md s. 7).
+"""`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization.
 
 Static when `--calib` is given (calibrated QDQ or QOperator, with the per-tensor SQNR report),
 weight-only when `--method` names a weight-only method (rtn, hqq, gptq, awq; gptq and awq take
@@ -21,7 +21,7 @@ from typing import Literal, cast
 
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import format_bytes
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
@@ -29,8 +29,10 @@ from slimgraph.passes.quantize import quantize, report_of
 from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
+from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
+from slimgraph.runtime.torch_backend import zero_shot_calibration
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser, "the float .onnx model")
-    parser.add_argument("--mode", choices=("static", "dynamic", "weight-only"), default=None,
+    parser.add_argument("--mode", choices=tuple(COMMAND_STEPS["quantize"].modes), default=None,
                         help="default: static with --calib, else dynamic")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="dynamic/weight-only: do not run the model on onnxruntime to check "
@@ -160,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
     bits = args.bits if args.bits == "auto" else int(args.bits)
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
-        from slimgraph.runtime.torch_backend import zero_shot_calibration
-
         calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
     quantized = quantize(
         job.model,

@@ -1,5 +1,7 @@
-"""`slimgraph sensitivity MODEL --data D [--method quantize|prune|factorize] [--calib C] [--json]
-[--report DIR]`: per-layer sensitivity (DESIGN.md section 4).
+"""`slimgraph sensitivity`: how much the metric moves when one layer alone is compressed.
+
+`slimgraph sensitivity MODEL --data D [--method quantize|prune|factorize] [--calib C] [--json]
+[--report DIR]` (docs/architecture.md, "Metrics, budgets, sensitivity and search").
 
 Compresses one layer at a time and measures the model on `--data` (top-1 accuracy with labels,
 else the output cosine to MODEL); prints the layers most sensitive first, each with the node name
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data

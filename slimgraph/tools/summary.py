@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir import analysis, layer_name, metadata, size_on_disk
+from slimgraph.ir import analysis, display_name, metadata, size_on_disk
 
 __all__ = [
     "IOSpec",
@@ -237,7 +237,7 @@ def _top_layers(
     layers: dict[str, list[ir.Node]] = {}
     for index, node in enumerate(graph):
         if node in macs_by_node:
-            name = layer_name(node) or node.name or f"{node.op_type}#{index}"
+            name = display_name(node, index)
             layers.setdefault(name, []).append(node)
     rows = []
     for name, nodes in layers.items():

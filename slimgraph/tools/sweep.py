@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimgraph import ir as sg_ir
+import slimgraph.ir as sg_ir
 from slimgraph._tables import (
     format_bytes,
     format_count,
@@ -64,7 +64,7 @@ from slimgraph._tables import (
     format_ratio,
     render_table,
 )
-from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError
+from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError, first_line
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, evaluate, load_data, split_labels
@@ -268,9 +268,8 @@ def build_candidate(
                 "cosine": evaluation.cosine, "metric": evaluation.metric,
                 "seconds": time.perf_counter() - start}
     except Exception as error:  # reported as a failed candidate, one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        kind = "" if isinstance(error, SlimgraphError) else f"{type(error).__name__}: "
-        return {"error": f"{kind}{first}", "seconds": time.perf_counter() - start}
+        text = first_line(error, named=not isinstance(error, SlimgraphError))
+        return {"error": text, "seconds": time.perf_counter() - start}
     finally:
         logging.getLogger(_FEEDS_LOGGER).removeFilter(quiet)
 
@@ -489,8 +488,7 @@ def _job_error(error: BaseException) -> str:
     name = type(error).__name__
     if name == "KilledWorker":
         return "its worker died twice (retried once)"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{name}: {first}"
+    return first_line(error, named=True)
 
 
 def _baseline(model: ir.Model, source: Path, values: Any) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""`slimgraph sweep MODEL --grid GRID.yaml --data VAL.npz [--calib C] [--out DIR]
+"""`slimgraph sweep`: build and time every candidate of a grid, keep the Pareto-optimal models.
+
+`slimgraph sweep MODEL --grid GRID.yaml --data VAL.npz [--calib C] [--out DIR]
 [--scheduler tcp://HOST:PORT | --workers N] [--json] [--report DIR]`.
 
 Builds every candidate of the grid on dask.distributed, evaluates it on the data, times it side by

@@ -3,7 +3,8 @@
 A grid (YAML or JSON mapping, or a dict) names pipeline steps in the order they run and the
 values to try for each; the candidates are the cartesian product (see `slimgraph.tools.sweep`).
 Step names are the pipeline's registered passes and presets plus the command names `prune`,
-`quantize`, `factorize` and `finetune` (`_COMMANDS`).
+`quantize`, `factorize` and `finetune` (`_COMMANDS`: how a grid writes them; the passes a command
+runs are the registry's `COMMAND_STEPS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, SlimgraphError
 from slimgraph.passes.pipeline import PASSES, PRESETS, build_pipeline
 from slimgraph.passes.recipe import read_document
+from slimgraph.passes.registry import COMMAND_STEPS
 
 __all__ = ["Candidate", "load_grid", "parse_grid", "grid_files"]
 
@@ -34,26 +36,34 @@ def _is_skip(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Command:
-    """A command name usable as a grid step: the passes it runs and its main option."""
+    """A command name usable as a grid step: its main option (what a plain value sets) and when
+    it skips the step. It runs the passes `COMMAND_STEPS` gives it, else the pass of its name."""
 
-    passes: tuple[str, ...]
     main: str
     skip: Callable[[Mapping[str, Any]], bool] = lambda options: False
-    # `mode` values of `quantize`: the pass each one runs
+    # values of the main option that choose the command's mode (`COMMAND_STEPS[...].modes`)
     modes: Mapping[str, str] = field(default_factory=dict)
     # options naming files: made absolute here, so workers started elsewhere find them
     paths: tuple[str, ...] = ()
 
+    def passes(self, step: str, mode: str | None = None) -> tuple[str, ...]:
+        """The passes grid step `step` runs (in `mode`, for a command with modes)."""
+        command = COMMAND_STEPS.get(step)
+        if command is None:
+            return (step,)
+        return (command.modes[self.modes[mode]],) if mode is not None else command.passes
 
-_QUANTIZE_MODES = {"int8": "quantize", "static": "quantize", "dynamic": "quantize-dynamic",
-                   "weight-only": "quantize-weight-only", "int4": "quantize-weight-only"}
+
+# `quantize`'s modes as a grid writes them: `int8` (the default) is static, `int4` weight-only.
+_QUANTIZE_MODES = {"int8": "static", "static": "static", "dynamic": "dynamic",
+                   "weight-only": "weight-only", "int4": "weight-only"}
 
 _COMMANDS: dict[str, _Command] = {
-    "prune": _Command(("prune",), "ratio", skip=lambda options: options.get("ratio") == 0),
-    "factorize": _Command(("lowrank-linear", "tucker-conv"), "rank_ratio"),
-    "quantize": _Command(("quantize",), "mode", modes=_QUANTIZE_MODES),
+    "prune": _Command("ratio", skip=lambda options: options.get("ratio") == 0),
+    "factorize": _Command("rank_ratio"),
+    "quantize": _Command("mode", modes=_QUANTIZE_MODES),
     # the `finetune` pass (registered by slimgraph.passes.finetune where it is installed)
-    "finetune": _Command(("finetune",), "epochs", skip=lambda options: options.get("epochs") == 0,
+    "finetune": _Command("epochs", skip=lambda options: options.get("epochs") == 0,
                          paths=("data", "val", "teacher")),
 }
 
@@ -156,7 +166,7 @@ def _pipeline_steps(step: str, options: Mapping[str, Any] | None) -> list[dict[s
         value = options.get(key)
         if isinstance(value, str) and value != "input":
             options[key] = str(Path(value).resolve())
-    passes = command.passes
+    mode = None
     if command.modes:
         mode = str(options.pop(command.main, "int8"))
         if _is_skip(mode):
@@ -166,8 +176,7 @@ def _pipeline_steps(step: str, options: Mapping[str, Any] | None) -> list[dict[s
                 f"step '{step}': unknown {command.main} '{mode}' "
                 f"(known: none, {', '.join(command.modes)})"
             )
-        passes = (command.modes[mode],)
-    return [{"name": name, **options} for name in passes]
+    return [{"name": name, **options} for name in command.passes(step, mode)]
 
 
 def _varying(values: Sequence[Mapping[str, Any] | None]) -> set[str]:

@@ -77,6 +77,27 @@ def test_identity_elimination_keeps_a_scan_body_returning_one_value_twice(shape)
     _same(model, verified, feeds)
 
 
+def test_identity_elimination_keeps_the_shape_the_identity_stated() -> None:
+    """`y = Identity(x)` where only y's shape is known (the exporter's record): x takes it, per
+    dimension, so matchers reading shapes downstream (attention masks) still see them."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT),
+                 shape=ir.Shape([None, 1, None]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="g")
+    relu = ir.node("Relu", [x], num_outputs=1)
+    relu.outputs[0].shape = ir.Shape([None, None, None])
+    identity = ir.node("Identity", [relu.outputs[0]], num_outputs=1)
+    identity.outputs[0].shape = ir.Shape(["batch", 1, "seq"])
+    neg = ir.node("Neg", [identity.outputs[0]], num_outputs=1)
+    neg.outputs[0].name = "y"
+    graph.extend([relu, identity, neg])
+    graph.outputs.append(neg.outputs[0])
+    from slimgraph.passes.cleanup import EliminateIdentityPass
+
+    result = EliminateIdentityPass()(ir.Model(graph, ir_version=8))
+    assert result.modified and "Identity" not in ops(result.model)
+    assert [str(d) for d in relu.outputs[0].shape] == ["batch", "1", "seq"]
+
+
 def test_a_pass_that_breaks_a_body_is_named_not_the_users_data() -> None:
     """A pass whose result onnxruntime cannot run on the inputs the model before it ran on is a
     VerificationError naming the pass, never a BadDataError about the inputs."""

@@ -1,7 +1,8 @@
 """Low-rank factorization: SVD split of Gemm/MatMul layers, Tucker-2 of convolutions.
 
 Approximate passes (`exact = False`): they report each layer's weight error and, with sample
-feeds, the output SQNR. See DESIGN.md section 5 and seed 001 ("Low Rank Matrix Factorization").
+feeds, the output SQNR. See docs/architecture.md ("Low-rank factorization") and seed 001 ("Low
+Rank Matrix Factorization").
 """
 
 from __future__ import annotations

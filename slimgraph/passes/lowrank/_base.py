@@ -11,12 +11,11 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir import analysis, copy_model, metadata
+from slimgraph.ir import analysis, copy_model, display_name, metadata
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._options import FactorizeOptions
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS
-from slimgraph.passes.lowrank._select import display_name
 from slimgraph.runtime import Fidelity, compare, input_specs, iter_feeds
 
 __all__ = [

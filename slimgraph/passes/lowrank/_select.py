@@ -8,17 +8,11 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
 
-__all__ = ["SUPPORTED_OPS", "LayerFilter", "display_name"]
+__all__ = ["SUPPORTED_OPS", "LayerFilter"]
 
 SUPPORTED_OPS = ("Gemm", "MatMul", "Conv")
-
-
-def display_name(node: ir.Node) -> str:
-    """The name reports use: the torch layer path when known, else the node name."""
-    return layer_name(node) or node.name or node.op_type
 
 
 def _as_tuple(patterns: str | Iterable[str] | None) -> tuple[str, ...] | None:

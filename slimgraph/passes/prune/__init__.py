@@ -5,7 +5,7 @@ Structured (approximate in general, exact for channels whose producing weights a
    folds to one initializer), constants folded (weights built by ConstantOfShape, transposed
    weights, shape constants), initializers dropped from the graph inputs, shapes inferred, and
    shapes at fixed symbolic sizes recorded for the tracing;
-2. trace channel-dependency groups (`slimgraph.ir.channels`);
+2. trace channel-dependency groups (`slimgraph.passes.prune.channels`);
 3. score each group channel (L1/L2 of the producing weights summed over the group, BatchNorm
    |gamma|, or random) and choose what to remove, per group (local) or with one threshold over
    normalized scores (global), keeping a multiple of `round_to` and at least one channel

@@ -10,9 +10,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir import ModelLike, as_model
+from slimgraph.ir import ModelLike, as_model, display_name
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir.channels import analyze_channels, node_label
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._options import takes_options
@@ -35,6 +34,7 @@ from slimgraph.passes.prune._select import (
 )
 from slimgraph.passes.prune._surgery import remove_channels
 from slimgraph.passes.prune._unstructured import zero_smallest_weights
+from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
 
 __all__ = ["PrunePass", "prunable_units", "prune", "prune_with_report"]
@@ -155,7 +155,7 @@ def _remove_channels(
     for (node, slot_id), size in before.items():
         positions = kept[slot_id].tolist() if slot_id in kept else list(range(size))
         report.layers.append(
-            LayerChannels(node_label(node), node.op_type, size, len(positions),
+            LayerChannels(display_name(node), node.op_type, size, len(positions),
                           tuple(int(p) for p in positions))
         )  # fmt: skip
 
@@ -178,7 +178,7 @@ def prunable_units(
     units = []
     for group in analysis.prunable_groups:
         first = group.producers[0]
-        units.append((group_key(group), node_label(first), first.op_type))
+        units.append((group_key(group), display_name(first), first.op_type))
     return units
 
 

@@ -1,6 +1,7 @@
-"""The `prune` options, written once: `PruneOptions` (what `PrunePass` takes) and
-`PruneCallOptions` (what `prune` and `prune_with_report` take: those, a MAC target instead of a
-ratio, and the accuracy budget)."""
+"""The `prune` options, written once: what the pass takes and what the public functions take.
+
+`PruneOptions` is what `PrunePass` takes; `PruneCallOptions` what `prune` and
+`prune_with_report` take: those, a MAC target instead of a ratio, and the accuracy budget."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
-from slimgraph.ir._shapes import annotate_static_shapes, forget_static_shapes
 from slimgraph.passes._kit import PrepareWeightsPass
+from slimgraph.passes.prune._shapes import annotate_static_shapes, forget_static_shapes
 
 __all__ = ["prepare_for_pruning", "reinfer_shapes"]
 
@@ -25,8 +25,8 @@ def prepare_for_pruning(
     subgraph, ConstantOfShape included, no initializer left as a graph input). Pruning needs
     weights, Reshape shapes and axes as initializers, and static channel counts. Every value's
     shape at fixed symbolic sizes (`dim_values` by name, else 1) is recorded for the channel
-    tracing (`slimgraph.ir._shapes.annotate_static_shapes`): views computed from the symbolic
-    batch have no static shape of their own.
+    tracing (`_shapes.annotate_static_shapes`): views computed from the symbolic batch have no
+    static shape of their own.
     """
     prepared = copy_model(model)
     ir_common.CommonSubexpressionEliminationPass()(prepared)

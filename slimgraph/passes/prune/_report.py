@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, render_table
-from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, Role, node_label
+from slimgraph.ir import display_name
 from slimgraph.passes.base import SlimgraphPassResult
+from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 
 if TYPE_CHECKING:
     from slimgraph.runtime.metrics import Evaluation
@@ -157,7 +158,7 @@ def group_report(group: ChannelGroup, removed: int, padded: int) -> GroupReport:
     edges were padded back."""
     return GroupReport(
         group.id, group.size, group.size - removed,
-        tuple(dict.fromkeys(node_label(n) for n in group.producers)), _why_not(group), padded,
+        tuple(dict.fromkeys(display_name(n) for n in group.producers)), _why_not(group), padded,
     )  # fmt: skip
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir.channels import ChannelAnalysis, ChannelGroup, Role, node_label
+from slimgraph.ir import display_name
 from slimgraph.ir.select import check_patterns, matching_pattern, node_names
+from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 
 __all__ = [
     "channel_scores",
@@ -176,7 +177,7 @@ def _global_keep(
 def group_key(group: ChannelGroup) -> str:
     """The name a channel group goes by in per-layer ratios and sensitivity tables: its first
     producer's node name (what `--exclude` selects)."""
-    return group.producers[0].name or node_label(group.producers[0])
+    return group.producers[0].name or display_name(group.producers[0])
 
 
 def group_ratios(

@@ -2,7 +2,7 @@
 
 Given the channel components to remove, every traced tensor axis (slot) that shrinks keeps the
 positions whose component stays. Each `WeightUse` on such a slot is sliced along its axis; each
-rewrite record of `slimgraph.ir.channels` (conv groups, Reshape/Resize/Split/Slice constants) is
+rewrite record of `_channel_records` (conv groups, Reshape/Resize/Split/Slice constants) is
 applied by type; in pad mode the pruned tensor is scattered back to full size (Pad by one zero,
 then a constant-index Gather) at each padable edge (seed 001). Approximate in general, exact for
 channels whose producing weights are zero.
@@ -16,7 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.ir.channels import (
+from slimgraph.passes._graph_utils import opset_version
+from slimgraph.passes._kit import Names, add_initializer, set_constant
+from slimgraph.passes.prune._channel_records import (
     Block,
     ChannelAnalysis,
     ConvGroupRewrite,
@@ -28,8 +30,6 @@ from slimgraph.ir.channels import (
     SplitRewrite,
     StaticReshapeRewrite,
 )
-from slimgraph.passes._graph_utils import opset_version
-from slimgraph.passes._kit import Names, add_initializer, set_constant
 from slimgraph.passes.prune._prepare import reinfer_shapes
 
 if TYPE_CHECKING:

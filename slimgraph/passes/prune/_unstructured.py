@@ -9,10 +9,11 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
-from slimgraph.ir.channels import LAYER_OPS, node_label
+from slimgraph.ir import display_name
 from slimgraph.passes._kit import Names
 from slimgraph.passes.prune._report import LayerSparsity
 from slimgraph.passes.prune._surgery import replace_constant
+from slimgraph.passes.prune.channels import LAYER_OPS
 
 __all__ = ["zero_smallest_weights"]
 
@@ -58,7 +59,6 @@ def zero_smallest_weights(
             mask = mask.reshape(array.shape)
         pruned = np.where(mask, np.zeros_like(array), array)
         replace_constant(node, index, pruned, names)
-        report.append(
-            LayerSparsity(node_label(node), node.op_type, int(array.size), int((pruned == 0).sum()))
-        )
+        zeros = int((pruned == 0).sum())
+        report.append(LayerSparsity(display_name(node), node.op_type, int(array.size), zeros))
     return report

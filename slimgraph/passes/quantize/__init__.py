@@ -1,5 +1,7 @@
-"""Quantization passes: policy (what), QDQ/QOperator materialization (how), calibration-driven
-static quantization, per-tensor fidelity report, and the `quantize` entry point."""
+"""Quantization: int8 and int4 passes, their policies and materializers, and `quantize`.
+
+Policy decides what is quantized and how; QDQ/QOperator materialization writes it; static
+quantization is driven by calibration; a per-tensor fidelity report says what it cost."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""What the two weight quantizers (dynamic, weight-only) share: the pass skeleton that plans,
-materializes and cleans up, the writer base (fresh names, new constants, tied weights quantized
-once), the working copy at a supported opset, and the bias/dtype helpers.
+"""What the two weight quantizers (dynamic, weight-only) share.
+
+The pass skeleton that plans, materializes and cleans up, the writer base (fresh names, new
+constants, tied weights quantized once), the working copy at a supported opset, and the
+bias/dtype helpers.
 
 A dynamo export reads a Linear's weight through `Transpose(initializer)` (the exporter's optimizer
 is off), so "constant weight" means a value computed from initializers by data-movement nodes
@@ -21,11 +23,15 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from slimgraph.errors import UnsupportedModelError
+from slimgraph.errors import UnsupportedModelError, first_line
 from slimgraph.ir import copy_model, layer_name, metadata
 from slimgraph.passes._graph_utils import opset_version as _graph_opset_version
 from slimgraph.passes._kit import Names, add_initializer, traced_constant
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
+from slimgraph.passes.opset import ConvertOpsetPass
+from slimgraph.runtime import create_session, run
+from slimgraph.runtime.exact import exact_difference
+from slimgraph.runtime.feeds import driving_feeds
 
 __all__ = [
     "MS_DOMAIN",
@@ -212,27 +218,21 @@ def upgrade_opset(model: ir.Model, version: int) -> ir.Model:
     (`runtime.exact`) as the original on inputs generated to drive it
     (`runtime.feeds.driving_feeds`); otherwise `UnsupportedModelError`.
     """
-    from slimgraph.passes.opset import ConvertOpsetPass
-    from slimgraph.runtime import create_session, run
-    from slimgraph.runtime.exact import exact_difference
-    from slimgraph.runtime.feeds import driving_feeds
-
     try:
         upgraded = ConvertOpsetPass(opset=version)(model).model
         onnx.checker.check_model(ir.to_proto(upgraded))
     except Exception as error:  # the converter raises bare RuntimeErrors; name the cause once
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"{first_line(error)}"
         ) from error
     feeds, before = driving_feeds(model)
     try:
         after = run(create_session(upgraded, optimization="disable"), feeds)
     except Exception as error:  # the converter wrote a model onnxruntime refuses
-        text = str(error).strip()
         raise UnsupportedModelError(
             f"cannot upgrade the model from opset {opset_version(model)} to {version}: "
-            f"onnxruntime cannot run the upgraded model ({text.splitlines()[0] if text else ''})"
+            f"onnxruntime cannot run the upgraded model ({first_line(error)})"
         ) from error
     for name, expected in before.items():
         if name not in after or exact_difference(expected, after[name]) is not None:

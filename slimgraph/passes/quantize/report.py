@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph.ir import layer_name
+from slimgraph.ir.select import exact_pattern
 from slimgraph.passes.quantize.policy import DATA_MOVEMENT_OPS, QuantPlan
 from slimgraph.passes.quantize.qdq import QDQResult
 from slimgraph.runtime.calibrate import stream_values
@@ -194,9 +196,6 @@ def _deciding_nodes(
     leaves the value unquantized is chosen, else all of them together. Without `replan`, the
     computing producer, else the first computing consumer.
     """
-    from slimgraph.ir import layer_name
-    from slimgraph.ir.select import exact_pattern
-
     quantized = set(plan.nodes)
     values: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs if v.name}
     nodes = {node.name: node for node in model.graph if node.name}

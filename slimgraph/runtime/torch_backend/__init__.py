@@ -3,7 +3,8 @@
 `lower(model)` turns an `onnx_ir.Model` into a `LoweredModel` (a `torch.nn.Module` that runs the
 graph, weights as parameters, QuantizeLinear/DequantizeLinear as fake quantization with a
 straight-through gradient); `write_back(model, lowered)` puts the trained values into a copy of the
-model's initializers. DESIGN.md section 6. torch is imported only when these are called.
+model's initializers (docs/architecture.md, "The torch backend"). torch is imported only when
+these are called.
 
 Example:
     >>> from slimgraph.runtime.torch_backend import lower, write_back  # doctest: +SKIP
@@ -20,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch  # the one check, naming slimgraph[torch]
+from slimgraph.runtime.torch_backend._writeback import write_back  # needs no torch
 
 if TYPE_CHECKING:
     from slimgraph.runtime.torch_backend._lower import LoweredModel
@@ -41,13 +43,6 @@ def lower(
     from slimgraph.runtime.torch_backend import _lower
 
     return _lower.lower(model, extra_outputs=extra_outputs, learn_scales=learn_scales)
-
-
-def write_back(model: ir.Model, lowered: LoweredModel) -> ir.Model:
-    """A copy of `model` holding `lowered`'s trained values (see `_writeback.write_back`)."""
-    from slimgraph.runtime.torch_backend._writeback import write_back as _write_back
-
-    return _write_back(model, lowered)
 
 
 def zero_shot_calibration(

@@ -1,7 +1,8 @@
 """Lowering: an `onnx_ir.Model` becomes a trainable `torch.nn.Module` that runs its graph.
 
 The module walks the graph's nodes in topological order, each through the kernel the op table
-(`_ops`) built for it. Float weight initializers are `nn.Parameter`s; an integer weight read only by
+(`_ops`) built for it. Float weight initializers are `nn.Parameter`s (which inputs hold weights
+and which never train: `slimgraph.ir.layout.SLOTS`); an integer weight read only by
 DequantizeLinear is a float parameter holding its dequantized value (fake-quantized in the
 forward pass); so is an integer weight read by an integer op (MatMulInteger, ConvInteger,
 DynamicQuantizeMatMul, QAttention, ... see `_qweights`), which re-quantizes it; everything else
@@ -25,43 +26,16 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+import slimgraph.runtime.torch_backend._ops as _ops
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.runtime.torch_backend import _ops
+from slimgraph.ir.layout import parameter_slot
+from slimgraph.runtime.quant_math import type_grid
 from slimgraph.runtime.torch_backend._qweights import WeightSource, weight_source
 
 __all__ = ["LoweredModel", "lower", "WeightInfo", "QWeightInfo"]
 
 logger = logging.getLogger(__name__)
 
-# Inputs that are weights (trainable even when they hold a single value).
-_WEIGHT_SLOTS = {
-    ("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 1),
-    ("Gemm", 2), ("BatchNormalization", 1), ("BatchNormalization", 2),
-    ("LayerNormalization", 1), ("LayerNormalization", 2), ("InstanceNormalization", 1),
-    ("InstanceNormalization", 2), ("PRelu", 1), ("MatMul", 0), ("MatMul", 1),
-    ("GroupNormalization", 1), ("GroupNormalization", 2), ("RMSNormalization", 1),
-    ("SimplifiedLayerNormalization", 1), ("SkipLayerNormalization", 2),
-    ("SkipLayerNormalization", 3), ("SkipLayerNormalization", 4),
-    ("SkipSimplifiedLayerNormalization", 2), ("SkipSimplifiedLayerNormalization", 3),
-    ("BiasGelu", 1), ("FastGelu", 1), ("Attention", 1), ("Attention", 2),
-    ("MultiHeadAttention", 3), ("QAttention", 2), ("MatMulIntegerToFloat", 6),
-    ("DynamicQuantizeMatMul", 4),
-}
-# Inputs that are never trained (running statistics, quantization and shape parameters, bounds).
-_FROZEN_SLOTS = {
-    ("BatchNormalization", 3), ("BatchNormalization", 4), ("QuantizeLinear", 1),
-    ("QuantizeLinear", 2), ("DequantizeLinear", 1), ("DequantizeLinear", 2), ("Clip", 1),
-    ("Clip", 2), ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("Pad", 1),
-    ("Pad", 2), ("Pad", 3), ("Range", 0), ("Range", 1), ("Range", 2), ("ConstantOfShape", 0),
-    ("Dropout", 1), ("Dropout", 2),
-    # attention masks and rotary caches
-    ("MultiHeadAttention", 4), ("MultiHeadAttention", 5), ("GroupQueryAttention", 7),
-    ("GroupQueryAttention", 8), ("GroupQueryAttention", 10), ("RotaryEmbedding", 1),
-    ("RotaryEmbedding", 2), ("RotaryEmbedding", 3), ("Attention", 3), ("Attention", 5),
-    # scales and zero points of the integer ops
-    ("MatMulIntegerToFloat", 2), ("MatMulIntegerToFloat", 3), ("DynamicQuantizeMatMul", 2),
-    ("QAttention", 3), ("QAttention", 4), ("GatherBlockQuantized", 2),
-}
 # Ops never evaluated at lowering time even when their inputs are constant.
 _NOT_FOLDED = {"Dropout", "RandomNormal", "RandomUniform", "RandomNormalLike",
                "RandomUniformLike", "Multinomial", "BatchNormalization",
@@ -250,7 +224,7 @@ class LoweredModel(nn.Module):
         self._where[name] = (kind, path)
 
     def _requantize(self, q: QWeightInfo) -> np.ndarray:
-        r = _ops.qrange(q.dtype)
+        r = type_grid(q.dtype)
         assert r is not None
         weight = getattr(self.weights, q.path)
         zp = self.value(q.zero_point) if q.zero_point else None
@@ -313,7 +287,7 @@ def lower(
     sources: dict[str, WeightSource] = {}
     for name, value in graph.initializers.items():
         tensor = value.const_value
-        if tensor is not None and not _is_float(tensor.dtype) and _ops.qrange(tensor.dtype):
+        if tensor is not None and not _is_float(tensor.dtype) and type_grid(tensor.dtype):
             found = weight_source(value)
             if found is not None:
                 sources[name] = found
@@ -333,6 +307,9 @@ def lower(
             )
         array = tensor.numpy()
         slots = {(u.node.op_type, u.idx) for u in value.uses()}
+        # `ir.layout.SLOTS`: a learned slot makes even a single value a weight; a frozen one
+        # (statistics, scales, bounds, masks) keeps any value a constant
+        roles = [slot for op, index in slots if (slot := parameter_slot(op, index)) is not None]
         path = _path(name, taken)
         if name in sources:
             source = sources[name]
@@ -351,11 +328,11 @@ def lower(
             module._add_source(name, "constants", path)
             continue
         learned = learn_scales and ("QuantizeLinear", 1) in slots
-        frozen = bool(slots & _FROZEN_SLOTS) or name in quantization_parameters
+        frozen = any(slot.frozen for slot in roles) or name in quantization_parameters
         trainable = learned or (
             bool(slots)
             and not frozen
-            and (array.size > 1 or bool(slots & _WEIGHT_SLOTS))
+            and (array.size > 1 or any(not slot.frozen for slot in roles))
         )
         if trainable:
             module.weights.register_parameter(path, nn.Parameter(_ops.to_torch(array)))

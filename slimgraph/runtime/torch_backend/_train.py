@@ -1,4 +1,4 @@
-"""The training loop: fine-tuning and knowledge distillation of a lowered graph (DESIGN.md s. 6).
+"""The training loop: fine-tuning and knowledge distillation of a lowered graph.
 
 The student is a lowered model (see `lower`): an `nn.Module` with `input_names`, `output_names`
 and a positional `forward` returning a tuple in `output_names` order. Mini-batches come from

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir.channels import ChannelAnalysis, analyze_channels
 from slimgraph.passes.prune import kept_count, prepare_for_pruning
+from slimgraph.passes.prune.channels import ChannelAnalysis, analyze_channels
 
 __all__ = ["zero_channels"]
 

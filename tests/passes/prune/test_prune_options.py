@@ -12,8 +12,8 @@ import pytest
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
-from slimgraph.ir.channels import analyze_channels
 from slimgraph.passes.prune import kept_count, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.tools.cli import main
 from tests.kit.asserts import check_valid
 from tests.kit.exports import exported_model

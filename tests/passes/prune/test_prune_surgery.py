@@ -9,14 +9,13 @@ import pytest
 from onnx import helper
 
 from slimgraph.errors import BadOptionError
-from slimgraph.ir.channels import (
+from slimgraph.passes.prune import PruneOptions, PrunePass, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune._channel_records import (
     ConvGroupRewrite,
-    Role,
     ShapeEntryRewrite,
     SplitRewrite,
-    analyze_channels,
 )
-from slimgraph.passes.prune import PruneOptions, PrunePass, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune.channels import Role, analyze_channels
 from tests.kit.asserts import assert_fed_by, assert_rewired, assert_same_outputs, check_valid
 from tests.kit.graphs import make_model, node_named
 from tests.passes.prune.prune_helpers import zero_channels

@@ -191,6 +191,13 @@ def test_group_query_attention_attention_bias():
     _gqa(feeds)
 
 
+def test_group_query_attention_not_causal_with_a_bias_and_a_padded_row():
+    """causal=0 (what fuse-attention writes for an encoder-style block: the mask is the bias)."""
+    feeds = _gqa_feeds(B, S, 0, [S, 4])
+    feeds["bias"] = x(B, 1, S, S)
+    _gqa(feeds, outputs=(F, F, F), causal=0)
+
+
 def test_group_query_attention_packed_qkv():
     feeds = _gqa_feeds(B, S, 0, [S, S])
     feeds["q"] = x(B, S, (N + 2 * KV) * GH)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnx import helper
 
 import slimgraph as sg
 from tests.kit.data import DATA, digits_arrays
+from tests.kit.graphs import make_model
 from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
 
 torch = pytest.importorskip("torch")
@@ -51,3 +53,19 @@ def test_forward_is_positional_and_returns_a_tuple(model):
     assert isinstance(out, tuple) and len(out) == 2
     assert lowered.output_names[1] == "relu"
     assert out[1].shape[0] == 3 and out[1].shape[1] > 1
+
+
+def test_parameters_follow_the_slot_table():
+    """`ir.layout.SLOTS`: a learned slot trains even a single value (PRelu's slope), a frozen one
+    never (Clip's bounds); a constant in no slot trains when it holds more than one value."""
+    model = make_model(
+        [helper.make_node("PRelu", ["x", "slope"], ["p"]),
+         helper.make_node("Clip", ["p", "low", "high"], ["c"]),
+         helper.make_node("Mul", ["c", "gain"], ["m"]),
+         helper.make_node("Add", ["m", "shift"], ["y"])],
+        [("x", [2, 3])], ["y"],
+        {"slope": np.array([0.25], np.float32), "low": np.array(-1.0, np.float32),
+         "high": np.array(4.0, np.float32), "gain": np.array([2.0], np.float32),
+         "shift": np.array([0.5, 1.0, 1.5], np.float32)},
+    )
+    assert set(lower(model).weight_names().values()) == {"slope", "shift"}

@@ -12,6 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
+from slimgraph.runtime import quant_math
+from slimgraph.runtime.quant_math import type_grid
 from tests.kit.asserts import outputs_of
 from tests.kit.data import DATA, digits_arrays
 from tests.runtime.torch_backend.backend_helpers import torch_outputs
@@ -109,8 +111,26 @@ def test_per_axis_and_blocked_equal_onnxruntime(dtype, zp, bounds):
     np.testing.assert_array_equal(torch_outputs(lower(blocked), {"x": x})["y"], want)
 
 
+@pytest.mark.parametrize("dtype", [ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4,
+                                   ir.DataType.UINT4, ir.DataType.INT16, ir.DataType.UINT16])
+def test_fake_quantization_codes_are_quant_maths(dtype):
+    """The torch backend's QuantizeLinear gives `quant_math.quantize_values`'s codes on the grid
+    `type_grid` names (the whole type): ties round to even, both ends saturate. The scale is a
+    power of two, so x / scale is exact in float32 and float64 alike."""
+    spec = type_grid(dtype)
+    qmin, qmax = spec.qrange
+    assert (qmin, qmax) == quant_math.integer_range(dtype)
+    scale, zp = np.float32(0.25), (qmin + qmax + 1) // 2
+    steps = np.arange(2 * qmin - 8, 2 * qmax + 9, dtype=np.float64) / 2 - zp  # every half step
+    x = (steps * scale).astype(np.float32)
+    want = quant_math.quantize_values(x, scale, np.int64(zp), spec)
+    got = _ops.quantize_values(torch.from_numpy(x), torch.tensor(scale), torch.tensor(zp), spec)
+    np.testing.assert_array_equal(got.numpy().astype(np.int64), want.astype(np.int64))
+    assert got.min() == qmin and got.max() == qmax
+
+
 def test_straight_through_gradient_is_one_inside_and_zero_outside():
-    r = _ops.qrange(ir.DataType.INT8)
+    r = type_grid(ir.DataType.INT8)
     scale, zp = torch.tensor(0.1), torch.tensor(3)
     x = torch.tensor([-20.0, -13.0, -12.0, -5.04, 0.0, 0.05, 1.26, 12.0, 12.5, 30.0],
                      requires_grad=True)
@@ -178,7 +198,7 @@ def test_quantize_nodes_reproduce_onnxruntime_codes_on_real_activations(digits_q
     for q in quants:
         x = torch.from_numpy(ref[q.inputs[0].name] if q.inputs[0].name in ref else feeds["image"])
         zp_value = q.inputs[2]
-        r = _ops.qrange(zp_value.dtype)
+        r = type_grid(zp_value.dtype)
         codes = _ops.quantize_values(
             x, torch.from_numpy(q.inputs[1].const_value.numpy()),
             torch.from_numpy(zp_value.const_value.numpy().astype(np.int64)), r,

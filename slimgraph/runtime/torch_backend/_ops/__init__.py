@@ -37,11 +37,9 @@ from slimgraph.runtime.torch_backend._ops import (  # noqa: F401
     _shape,
 )
 from slimgraph.runtime.torch_backend._ops._quant import (
-    QRange,
     dequantize_values,
     fake_quantize,
     q_dtype,
-    qrange,
     quantize_values,
 )
 from slimgraph.runtime.torch_backend._ops._registry import (
@@ -65,14 +63,12 @@ __all__ = [
     "Builder",
     "LowerContext",
     "QuantizedWeight",
-    "QRange",
     "lookup",
     "known_ops",
     "attr",
     "QOPERATOR_OPS",
     "SEQUENCE_PRODUCERS",
     "TORCH_DTYPES",
-    "qrange",
     "q_dtype",
     "quantize_values",
     "dequantize_values",

@@ -1,6 +1,7 @@
-"""Attention kernels of the op table: onnxruntime's fused `com.microsoft` ops (MultiHeadAttention,
-Attention, QAttention, GroupQueryAttention, RotaryEmbedding) and the standard opset-23 Attention
-and RotaryEmbedding.
+"""Attention kernels of the op table: onnxruntime's fused attention ops and ONNX's own.
+
+The `com.microsoft` ops are MultiHeadAttention, Attention, QAttention, GroupQueryAttention and
+RotaryEmbedding; ONNX's are the opset-23 Attention and RotaryEmbedding.
 
 Every form computes scaled dot-product attention (Vaswani et al., 2017) per head:
 `softmax(scale * Q K^T + bias) V`, scale 1/sqrt(head_size) unless given. What differs is where
@@ -14,7 +15,8 @@ Q, K and V come from and how the bias is built; each kernel follows onnxruntime'
   `attention_bias` [B or 1, N or 1, S, T] is added on top;
 - GroupQueryAttention: query head h reads KV head h // (N / kv_num_heads); row b holds
   `seqlens_k[b] + 1` valid tokens (past and new); query s attends the valid keys up to its
-  own position (causal), only the last `local_window_size` of them when set (a padded query
+  own position (causal; with `causal=0` all valid keys), only the last `local_window_size` of
+  them when set (a padded query
   row attends all valid keys); masked keys get no
   weight at all (softmax over the allowed keys only); the new keys and values are written at
   each row's own past length; with `do_rotary` the rotary embedding is applied to the new Q and
@@ -270,8 +272,9 @@ def _group_query_attention(node: ir.Node, opset: int, ctx: LowerContext) -> Kern
     rotary = bool(attr(node, "do_rotary", 0))
     interleaved = bool(attr(node, "rotary_interleaved", 0))
     softcap = attr(node, "softcap", 0.0)
-    if attr(node, "smooth_softmax", 0) or attr(node, "qk_output", 0) or not attr(node, "causal", 1):
-        raise unsupported(node, "smooth_softmax, qk_output or causal=0")
+    causal = bool(attr(node, "causal", 1))
+    if attr(node, "smooth_softmax", 0) or attr(node, "qk_output", 0):
+        raise unsupported(node, "smooth_softmax or qk_output")
     if any(optional(list(node.inputs), i) is not None for i in range(11, 16)):
         raise unsupported(node, "a head sink, a quantized KV cache or Q/K norm weights")
 
@@ -297,9 +300,11 @@ def _group_query_attention(node: ir.Node, opset: int, ctx: LowerContext) -> Kern
         # query s of row b sits at position past_b + s: it sees keys j <= that (in its window)
         own = (pasts.reshape(batch, 1, 1) + torch.arange(queries).reshape(1, queries, 1))
         j = torch.arange(k.shape[2]).reshape(1, 1, -1)
-        allowed = (j <= own) & (j < lengths.reshape(batch, 1, 1))
+        allowed = (j < lengths.reshape(batch, 1, 1)).expand(batch, queries, -1)
+        if causal:
+            allowed = allowed & (j <= own)
         if window > 0:
-            allowed &= j > own - window
+            allowed = allowed & (j > own - window)
         masked = ~allowed.unsqueeze(1)  # [B, 1, S, T]
         scores_bias = torch.where(masked, -math.inf, 0.0).to(q.dtype)
         if bias is not None:

@@ -1,5 +1,7 @@
-"""Indexing ops of the op table: Gather, GatherElements, GatherND, ScatterND, ScatterElements,
-NonZero, OneHot, TopK, ArgMax/ArgMin, CumSum, Trilu, DepthToSpace/SpaceToDepth.
+"""Indexing kernels of the op table: gathers, scatters, selections and rearrangements.
+
+Gather, GatherElements, GatherND, ScatterND, ScatterElements, NonZero, OneHot, TopK,
+ArgMax/ArgMin, CumSum, Trilu, DepthToSpace/SpaceToDepth.
 
 Indices follow the ONNX rule: negative values count from the end of their axis.
 """

@@ -1,6 +1,7 @@
-"""Element-wise ops, activations and the linear-algebra ops of the op table (ONNX and the
-`com.microsoft` activations onnxruntime's transformer fusions write: Gelu, BiasGelu, FastGelu,
-QuickGelu).
+"""Element-wise, activation and linear-algebra kernels of the op table.
+
+ONNX's ops and the `com.microsoft` activations onnxruntime's transformer fusions write (Gelu,
+BiasGelu, FastGelu, QuickGelu).
 
 Semantics follow the ONNX operator specification and, for the contrib ops, onnxruntime's CPU
 kernels (docs/ContribOperators.md of onnxruntime).

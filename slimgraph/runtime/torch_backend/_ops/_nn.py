@@ -1,7 +1,9 @@
-"""Reductions, Softmax and the normalization ops of the op table (BatchNormalization,
-LayerNormalization, GroupNormalization, RMSNormalization, ...) and onnxruntime's fused forms of
-them (`com.microsoft` SkipLayerNormalization and SkipSimplifiedLayerNormalization, and
-SimplifiedLayerNormalization, which onnxruntime registers in the ONNX domain).
+"""Reduction, Softmax and normalization kernels of the op table, fused forms included.
+
+The normalizations are BatchNormalization, LayerNormalization, GroupNormalization,
+RMSNormalization, ... and onnxruntime's fused forms of them (`com.microsoft`
+SkipLayerNormalization and SkipSimplifiedLayerNormalization, and SimplifiedLayerNormalization,
+which onnxruntime registers in the ONNX domain).
 
 RMS normalization: y = x / sqrt(mean(x^2) + epsilon) * scale over the axes from `axis` on
 (Zhang and Sennrich, 2019). The "Skip" forms first add the residual and an optional bias and also

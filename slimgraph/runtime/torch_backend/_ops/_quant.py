@@ -1,11 +1,17 @@
-"""Quantization kernels of the op table: QuantizeLinear/DequantizeLinear and the dynamic int8 ops
-(DynamicQuantizeLinear, MatMulInteger, ConvInteger and onnxruntime's MatMulIntegerToFloat,
-DynamicQuantizeMatMul and GatherBlockQuantized).
+"""Quantization kernels of the op table: fake quantization that trains, and the int8 ops.
+
+QuantizeLinear/DequantizeLinear and the dynamic int8 ops (DynamicQuantizeLinear, MatMulInteger,
+ConvInteger and onnxruntime's MatMulIntegerToFloat, DynamicQuantizeMatMul and
+GatherBlockQuantized).
 
 Training semantics: fake quantization with a straight-through estimator (Bengio et al., 2013).
-QuantizeLinear is `q = clamp(round(x / s) + zp, qmin, qmax)` with torch's round-half-to-even
-rounding, gradient 1 through the rounding and 0 where the value saturates, so a quantized value
-is a float tensor holding integers and DequantizeLinear computes `(q - zp) * s`. When a scale is a
+QuantizeLinear is `q = clamp(round(x / s) + zp, qmin, qmax)` on the grid of
+`slimgraph.runtime.quant_math` (`type_grid`: the whole integer type, as ONNX saturates) with its
+rounding, half to even (torch's `round`, numpy's `rint`), gradient 1 through the rounding and 0
+where the value saturates, so a quantized value is a float tensor holding integers and
+DequantizeLinear computes `(q - zp) * s`. The quotient `x / s` is computed in the input's float
+type, as onnxruntime's kernel does (`quant_math.quantize_values` computes offline codes in
+float64). When a scale is a
 parameter the composition gives the LSQ gradient of Esser et al. (2020), "Learned Step Size
 Quantization", scaled by `1 / sqrt(numel * qmax)`.
 
@@ -22,13 +28,12 @@ integer), in float32 in training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
 import torch
 
-from slimgraph.runtime.quant_math import integer_range
+from slimgraph.runtime.quant_math import QuantSpec, type_grid
 from slimgraph.runtime.torch_backend._ops._conv import conv_kernel
 from slimgraph.runtime.torch_backend._ops._index import nonnegative
 from slimgraph.runtime.torch_backend._ops._registry import (
@@ -44,8 +49,6 @@ from slimgraph.runtime.torch_backend._ops._registry import (
 )
 
 __all__ = [
-    "QRange",
-    "qrange",
     "q_dtype",
     "quantize_values",
     "dequantize_values",
@@ -56,25 +59,8 @@ __all__ = [
     "quantized_weight",
 ]
 
-UINT8 = ir.DataType.UINT8
-
-
-@dataclass(frozen=True)
-class QRange:
-    """The integer type of a quantized value: its IR data type and range (`integer_range`)."""
-
-    dtype: ir.DataType
-    qmin: int
-    qmax: int
-
-
-_UINT8_RANGE = QRange(UINT8, 0, 255)
-
-
-def qrange(dtype: ir.DataType) -> QRange | None:
-    """The range of integer type `dtype` (None for a type that is not one)."""
-    bounds = integer_range(dtype)
-    return None if bounds is None else QRange(dtype, *bounds)
+# DynamicQuantizeLinear's and GatherBlockQuantized's codes
+_UINT8 = QuantSpec(ir.DataType.UINT8, symmetric=False)
 
 
 def q_dtype(node: ir.Node) -> ir.DataType:
@@ -113,19 +99,22 @@ def _grad_scale(s: Tensor, factor: float) -> Tensor:
 
 
 def quantize_values(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, r: QRange, axis: int = 1, block: int = 0
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, axis: int = 1,
+    block: int = 0,
 ) -> Tensor:
     """ONNX QuantizeLinear as a float tensor of integers, straight-through in its gradient.
 
-    `clamp(round_half_even(x / scale) + zp, qmin, qmax)`; the gradient is 1 through the rounding
-    and 0 where the value saturates (the clamp's gradient).
+    `clamp(round_half_even(x / scale) + zp, qmin, qmax)` with `(qmin, qmax) = spec.qrange` (the
+    codes `quant_math.quantize_values` gives where `x / scale` is exact in x's type); the
+    gradient is 1 through the rounding and 0 where the value saturates (the clamp's gradient).
     """
     s = _broadcast_param(scale.to(x.dtype), x, axis, block)
     v = x / s
     v = v + (torch.round(v) - v).detach()
     if zero_point is not None:
         v = v + _broadcast_param(zero_point.to(x.dtype), x, axis, block)
-    return torch.clamp(v, r.qmin, r.qmax)
+    qmin, qmax = spec.qrange
+    return torch.clamp(v, qmin, qmax)
 
 
 def dequantize_values(
@@ -141,16 +130,18 @@ def dequantize_values(
 
 
 def fake_quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, r: QRange, axis: int = 1, block: int = 0
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, axis: int = 1,
+    block: int = 0,
 ) -> Tensor:
     """QuantizeLinear then DequantizeLinear with the same parameters (straight-through)."""
-    q = quantize_values(x, scale, zero_point, r, axis, block)
+    q = quantize_values(x, scale, zero_point, spec, axis, block)
     return dequantize_values(q, scale, zero_point, axis, block, x.dtype)
 
 
-def _lsq_factor(x: Tensor, scale: Tensor, r: QRange) -> float:
+def _lsq_factor(x: Tensor, scale: Tensor, spec: QuantSpec) -> float:
     per_step = x.numel() / max(scale.numel(), 1)
-    positive_levels = max((r.qmax - r.qmin) // 2, 1)  # Q_P of the paper: 127 for 8 bits
+    qmin, qmax = spec.qrange
+    positive_levels = max((qmax - qmin) // 2, 1)  # Q_P of the paper: 127 for 8 bits
     return 1.0 / math.sqrt(per_step * positive_levels)
 
 
@@ -160,7 +151,7 @@ def _quantize_or_dequantize(node: ir.Node, opset: int, ctx: LowerContext) -> Ker
     quantization when it reads a weight lowered to a float parameter. A learned scale (LSQ)
     gets its gradient scaled in training."""
     quantize = node.op_type == "QuantizeLinear"
-    r = qrange(q_dtype(node))
+    r = type_grid(q_dtype(node))
     if r is None:
         what = "quantization to" if quantize else "dequantization of"
         raise unsupported(node, f"{what} {q_dtype(node).name}")
@@ -194,9 +185,11 @@ def dynamic_quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         zero = torch.zeros((), dtype=x.dtype)
         low = torch.minimum(flat.min(), zero) if flat.numel() else zero
         high = torch.maximum(flat.max(), zero) if flat.numel() else zero
-        scale = (high - low) / 255.0 if bool(high != low) else torch.ones((), dtype=x.dtype)
-        zero_point = torch.round(torch.clamp(0.0 - low / scale, 0.0, 255.0))
-    return quantize_values(x, scale, zero_point, _UINT8_RANGE, 0, 0), scale, zero_point
+        qmin, qmax = _UINT8.qrange
+        steps = float(qmax - qmin)
+        scale = (high - low) / steps if bool(high != low) else torch.ones((), dtype=x.dtype)
+        zero_point = torch.round(torch.clamp(float(qmin) - low / scale, float(qmin), float(qmax)))
+    return quantize_values(x, scale, zero_point, _UINT8, 0, 0), scale, zero_point
 
 
 def integer_codes(m: Any, x: Tensor, weight: QuantizedWeight | None) -> Tensor:
@@ -204,7 +197,7 @@ def integer_codes(m: Any, x: Tensor, weight: QuantizedWeight | None) -> Tensor:
     scale and zero point (straight-through), any other value converted."""
     if weight is None:
         return x if x.is_floating_point() else x.to(torch.float32)
-    r = qrange(weight.dtype)
+    r = type_grid(weight.dtype)
     assert r is not None  # checked when the weight was lowered
     return quantize_values(x, m.value(weight.scale), _zero_point(m, weight), r, weight.axis,
                            weight.block)
@@ -324,7 +317,7 @@ def _gather_block_quantized(node: ir.Node, opset: int, ctx: LowerContext) -> Ker
     bits, block = attr(node, "bits", 4), attr(node, "block_size", 128)
     gather_axis, quantize_axis = attr(node, "gather_axis", 0), attr(node, "quantize_axis", 1)
     data = node.inputs[0]
-    if bits != 8 or data is None or data.dtype != UINT8 or gather_axis != 0:
+    if bits != 8 or data is None or data.dtype != ir.DataType.UINT8 or gather_axis != 0:
         raise unsupported(node, "data other than 8-bit uint8 codes gathered on axis 0")
     weight = quantized_weight(ctx, node, 0)
 
@@ -336,7 +329,7 @@ def _gather_block_quantized(node: ir.Node, opset: int, ctx: LowerContext) -> Ker
         zero_rows = zero[picks] if zero is not None else torch.tensor(128.0)
         axis = quantize_axis % table.dim() - 1 + indices.dim()
         if weight is not None:  # the rows of a trained table, fake-quantized
-            out = fake_quantize(table[picks], scales[picks], zero_rows, _UINT8_RANGE, axis, block)
+            out = fake_quantize(table[picks], scales[picks], zero_rows, _UINT8, axis, block)
         else:
             out = dequantize_values(table[picks], scales[picks], zero_rows, axis, block,
                                     scales.dtype)

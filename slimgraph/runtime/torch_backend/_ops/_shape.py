@@ -1,6 +1,7 @@
-"""Shape ops of the op table: Shape, Reshape, Squeeze, Slice, Split, Pad, Concat, ... and the
-sequence ops exporters write for `torch.split` (SplitToSequence, SequenceAt, ...), whose values
-are Python lists of tensors.
+"""Shape and sequence kernels of the op table.
+
+Shape, Reshape, Squeeze, Slice, Split, Pad, Concat, ... and the sequence ops exporters write for
+`torch.split` (SplitToSequence, SequenceAt, ...), whose values are Python lists of tensors.
 """
 
 from __future__ import annotations

@@ -1,78 +1,41 @@
-"""Channel-dependency groups: which channels of an ONNX graph must be removed together.
+"""How channels cross each op: the tracer's walk from the producers and its per-op handlers.
 
-Every channel of every traced tensor is an element of a union-find. Tracing starts at each
-prunable producer (Conv/ConvTranspose with group 1, Gemm, MatMul with a constant 2-D weight): its
-output channels are new elements. Forward through the consumers, each op either
-
-- *passes* the channels on (elementwise ops, BatchNormalization, pools, Resize, Transpose, ...):
-  output position q is united with input position p, possibly with an offset (Concat, Split,
-  Slice) or several positions per channel (Flatten/Reshape into a Gemm: each channel owns H*W
-  features); two computed operands of Add/Mul/Sub/... are united position by position (residuals);
-  depthwise and grouped Conv unite all input and output channels of one conv group;
-- *consumes* them (the next Conv/Gemm/MatMul: its weight's input axis is sliced);
-- or *blocks* them, with the reason (graph outputs, excluded layers, ops not understood: never
-  guess). Blocks at a consumer edge can be padded back instead (`pad=True`), blocks inside the
-  traced structure cannot. A graph output is never padded unless it is named in
-  `prunable_outputs`: a zero put back stands for a channel that is gone, and the channels of an
-  output (class logits) mean something to the user.
-
-How each op passes, consumes or blocks the channels is one `_Tracer` method per op family, looked
-up in a table by op type (`_HANDLERS`; an op without an entry blocks). The weight axes of the
-layers come from the one layout table (`slimgraph.ir.layout`). What the pruning surgery must
-change besides the weights is recorded as typed rewrite records (frozen dataclasses:
-`ConvGroupRewrite`, `ShapeEntryRewrite`, `ShapeChainRewrite`, `StaticReshapeRewrite`,
-`SplitRewrite`, `SliceRewrite`) and every constant a channel axis indexes as a `WeightUse` with a
-`Role`. Shapes are read at fixed symbolic sizes where the graph's own are symbolic
-(`slimgraph.ir._shapes`); a constant several traced nodes read is one set of channels per axis
-across its readers, or blocks them (`slimgraph.ir._shared`).
-
-A connected component is one removable channel (it may span many tensors and positions); the
-components touching exactly the same tensors form a `ChannelGroup`, the unit a ratio applies to.
-Concepts follow Torch-Pruning's dependency groups; this is an independent implementation on the IR.
-
-Example:
-    >>> analysis = analyze_channels(model.graph)  # doctest: +SKIP
-    >>> [g.size for g in analysis.groups if g.prunable]  # doctest: +SKIP
+`ChannelTracer` builds the union-find over channel positions: it opens the output channels of
+each prunable producer (`LAYER_OPS` with a constant weight; axes from `slimgraph.ir.layout`) and
+follows the consumers, one method per op family looked up by op type in `_HANDLERS` (an op
+without an entry blocks). Each handler passes the channels on, consumes them, or returns why
+not. `slimgraph.passes.prune.channels.analyze_channels` runs it and builds the groups.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadOptionError
-from slimgraph.ir._shapes import dims, reshape_channel_map, shape_entry, static_dim
-from slimgraph.ir._shared import shared_constant_ties
+from slimgraph.ir import display_name
 from slimgraph.ir.layout import LAYOUTS, layout
+from slimgraph.passes.prune._channel_records import (
+    Block,
+    ConvGroupRewrite,
+    Rewrite,
+    Role,
+    ShapeChainRewrite,
+    ShapeEntryRewrite,
+    SliceRewrite,
+    Slot,
+    SplitRewrite,
+    StaticReshapeRewrite,
+    WeightUse,
+    constant_of,
+    find_root,
+)
+from slimgraph.passes.prune._shapes import dims, reshape_channel_map, shape_entry, static_dim
 
-__all__ = [
-    "LAYER_OPS",
-    "Role",
-    "WeightUse",
-    "Rewrite",
-    "ConvGroupRewrite",
-    "ShapeEntryRewrite",
-    "StaticReshapeRewrite",
-    "ShapeChainRewrite",
-    "SplitRewrite",
-    "SliceRewrite",
-    "Block",
-    "Slot",
-    "Member",
-    "ChannelGroup",
-    "ChannelAnalysis",
-    "analyze_channels",
-    "reshape_channel_map",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LAYER_OPS", "ChannelTracer"]
 
 # Ops that act on every element alone: channels pass unchanged through input 0.
 _UNARY = frozenset(
@@ -106,232 +69,6 @@ LAYER_OPS = frozenset(
 _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}
 
 
-class Role(StrEnum):
-    """What a constant input does for the channels its axis indexes (a `WeightUse`)."""
-
-    PRODUCER = "producer"  # weights that compute the channel: importance reads them
-    BIAS = "bias"
-    BN_SCALE = "bn_scale"  # BatchNormalization gamma
-    PARAM = "param"  # other per-channel constants (BatchNorm beta/mean/var, Add/Mul operands)
-    CONSUMER = "consumer"  # the next layer's input channels
-
-
-@dataclass(frozen=True)
-class WeightUse:
-    """A constant input of a node whose `axis` indexes the positions of slot `slot`.
-
-    `role` is a `Role` (a `str`: it compares equal to "producer", "bias", ...).
-    """
-
-    node: ir.Node
-    input_index: int
-    axis: int
-    slot: int
-    role: Role
-
-    def array(self) -> np.ndarray:
-        """The constant this use indexes, as numpy.
-
-        Raises:
-            ValueError: the input is no longer a constant (the graph changed since tracing).
-        """
-        found = _const(self.node.inputs[self.input_index])
-        if found is None:
-            raise ValueError(f"input {self.input_index} of {self.node.name} is not a constant")
-        return found
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """An attribute or shape constant of `node` that depends on how many positions of slot
-    `slot` stay. The subclasses below say which one; the pruning surgery applies each by type
-    (`slimgraph.passes.prune`).
-
-    Attributes:
-        node: the node to rewrite.
-        slot: the traced tensor axis whose kept count the new value follows.
-    """
-
-    node: ir.Node
-    slot: int
-
-
-@dataclass(frozen=True)
-class ConvGroupRewrite(Rewrite):
-    """A grouped Conv whose conv groups go whole: `group` becomes the kept count of its output
-    channels divided by `out_per_group` (output channels per group, unchanged)."""
-
-    out_per_group: int
-
-
-@dataclass(frozen=True)
-class ShapeEntryRewrite(Rewrite):
-    """A constant shape-like input (Reshape's `shape`, Resize's `sizes`) whose entry `axis`
-    counts the channels: it becomes the kept count (a Reshape's -1 stays -1).
-
-    Attributes:
-        input: the input index of the constant (Reshape 1, Resize 3).
-        axis: the entry that holds the channel count.
-    """
-
-    input: int
-    axis: int
-
-
-@dataclass(frozen=True)
-class StaticReshapeRewrite(Rewrite):
-    """A Reshape with a computed shape (dynamic batch), rewritten as a constant.
-
-    The new shape is `skip` zeros (copy the input's leading dims; allowzero=0) then `dims`, with
-    entry `axis` set to the kept count.
-    """
-
-    axis: int
-    skip: int
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ShapeChainRewrite(Rewrite):
-    """A Reshape with a computed shape (`x.view(-1, c)` on a symbolic batch) whose channel entry
-    is a constant reached through `path` ((node, input index) hops from the Reshape's shape input,
-    `slimgraph.ir._shapes.shape_entry`): element `index` of the last hop's constant becomes the
-    kept count; nodes on the path that others read too are copied first."""
-
-    path: tuple[tuple[ir.Node, int], ...]
-    index: int
-
-
-@dataclass(frozen=True)
-class SplitRewrite(Rewrite):
-    """Output `output` of a Split on the channel axis: the split sizes become every output's
-    kept count (one record per output; applying any of them sets all sizes)."""
-
-    output: int
-
-
-@dataclass(frozen=True)
-class SliceRewrite(Rewrite):
-    """A Slice of the channel axis (`slot` is its input): the bounds at `position` of its `axes`
-    become the kept positions' bounds."""
-
-    position: int
-
-
-@dataclass(frozen=True)
-class Block:
-    """Why the channels of `slot` cannot shrink; `padable` ones sit at a consumer edge.
-
-    A padable block names the edge: input `index` of `node`, or graph output `index` when `node`
-    is None. Padding the pruned tensor back to its full size at that edge removes the block.
-    """
-
-    slot: int
-    reason: str
-    padable: bool
-    node: ir.Node | None = None
-    index: int = -1
-
-
-@dataclass
-class Slot:
-    """One traced tensor axis: `size` positions, elements `base .. base+size-1`."""
-
-    id: int
-    value: ir.Value
-    axis: int
-    size: int
-    base: int
-    origin: str | None = None
-
-
-@dataclass(frozen=True)
-class Member:
-    """A tensor axis in a group; `index_map[position]` is the group channel there, or -1."""
-
-    value: ir.Value
-    axis: int
-    index_map: np.ndarray
-
-
-@dataclass
-class ChannelGroup:
-    """Channels removed together, with the tensors, producers and consumers they touch."""
-
-    id: int
-    roots: list[int]  # union-find root of each group channel, in channel order
-    members: list[Member]
-    producers: list[ir.Node]
-    consumers: list[ir.Node]
-    reasons: list[str] = field(default_factory=list)  # why it cannot be pruned ([] = prunable)
-    pads: list[Block] = field(default_factory=list)  # edges padded back (pad mode)
-
-    @property
-    def size(self) -> int:
-        return len(self.roots)
-
-    @property
-    def prunable(self) -> bool:
-        return not self.reasons and self.size > 1 and bool(self.producers)
-
-    def describe(self) -> str:
-        names = ", ".join(node_label(n) for n in self.producers[:4])
-        more = f" +{len(self.producers) - 4}" if len(self.producers) > 4 else ""
-        return f"group {self.id} ({self.size} ch): {names}{more}"
-
-
-def node_label(node: ir.Node) -> str:
-    """The name shown for a node: its torch layer when known, else its node name."""
-    from slimgraph.ir._torch import layer_name
-
-    return layer_name(node) or node.name or node.op_type
-
-
-@dataclass
-class ChannelAnalysis:
-    """The result of `analyze_channels`: slots, union-find, weight uses, rewrites, groups."""
-
-    slots: list[Slot]
-    parent: list[int]
-    weight_uses: list[WeightUse]
-    rewrites: list[Rewrite]
-    blocks: list[Block]
-    groups: list[ChannelGroup]
-    pad: bool
-
-    def slot_index_of(self, value: ir.Value, axis: int | None) -> int | None:
-        """The slot id of (value, axis); any axis of `value` when `axis` is None."""
-        for slot in self.slots:
-            if slot.value is value and (axis is None or slot.axis == axis):
-                return slot.id
-        return None
-
-    def find(self, element: int) -> int:
-        """The component root of position element `element`."""
-        return _find(self.parent, element)
-
-    def roots_of(self, slot: Slot) -> np.ndarray:
-        """The component root of every position of `slot`."""
-        return np.array([self.find(slot.base + p) for p in range(slot.size)], dtype=np.int64)
-
-    def kept_positions(self, slot: Slot, removed: set[int]) -> np.ndarray:
-        """Positions of `slot` that stay when the components `removed` go."""
-        roots = self.roots_of(slot)
-        return np.array([p for p, r in enumerate(roots) if int(r) not in removed], dtype=np.int64)
-
-    @property
-    def prunable_groups(self) -> list[ChannelGroup]:
-        return [g for g in self.groups if g.prunable]
-
-
-def _find(parent: list[int], element: int) -> int:
-    """The root of `element` in the union-find forest `parent`, halving the path on the way."""
-    while parent[element] != element:
-        parent[element] = parent[parent[element]]
-        element = parent[element]
-    return element
-
-
 def _known(dims: Sequence[int | ir.SymbolicDim]) -> list[int] | None:
     """`dims` as integers, or None when any of them is symbolic."""
     known = [d for d in dims if isinstance(d, int)]
@@ -349,7 +86,7 @@ def _common_prefix_dims(
 ):
     """Static dims of `source` and `target` after their common leading dims (symbolic batch).
 
-    Dims are those `slimgraph.ir._shapes.dims` reads (static at fixed symbolic sizes where
+    Dims are those `_shapes.dims` reads (static at fixed symbolic sizes where
     recorded), or with `own` the values' own shapes. Returns (source dims, target dims, number
     of dims skipped); dims are None when unknown.
     """
@@ -376,18 +113,12 @@ def _dim(value: ir.Value | None, axis: int) -> int | None:
     return static_dim(value, axis)
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _int_list(node: ir.Node, attr: str, input_index: int | None) -> list[int] | None:
     """An int list given either as attribute `attr` or as constant input `input_index`."""
     if attr in node.attributes:
         return [int(x) for x in node.attributes.get_ints(attr, [])]
     if input_index is not None and input_index < len(node.inputs):
-        array = _const(node.inputs[input_index])
+        array = constant_of(node.inputs[input_index])
         if array is not None:
             return [int(x) for x in np.asarray(array).reshape(-1)]
     return None
@@ -418,14 +149,14 @@ def _weight_axes(node: ir.Node) -> tuple[int, int] | None:
     found = layout(node)
     if found is None or node.op_type not in LAYER_OPS or found.weight >= len(node.inputs):
         return None
-    weight = _const(node.inputs[found.weight])
+    weight = constant_of(node.inputs[found.weight])
     if weight is None or (node.op_type == "MatMul" and weight.ndim != 2):
         return None
     assert found.out_axis is not None and found.in_axis is not None
     return found.out_axis, found.in_axis
 
 
-class _Tracer:
+class ChannelTracer:
     """Builds the union-find over channel positions by a forward walk from the producers."""
 
     def __init__(
@@ -453,7 +184,7 @@ class _Tracer:
 
     # -- union-find -------------------------------------------------------------------------
     def find(self, element: int) -> int:
-        return _find(self.parent, element)
+        return find_root(self.parent, element)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -525,7 +256,7 @@ class _Tracer:
             return
         op = node.op_type
         inputs = list(node.inputs)
-        weight = _const(inputs[1]) if len(inputs) > 1 else None
+        weight = constant_of(inputs[1]) if len(inputs) > 1 else None
         if weight is None or not node.outputs:
             return
         out = node.outputs[0]
@@ -553,7 +284,7 @@ class _Tracer:
         self.producer_of_slot[slot.id] = node
 
     def bias(self, node: ir.Node, index: int, slot: Slot) -> None:
-        bias = _const(node.inputs[index])
+        bias = constant_of(node.inputs[index])
         if bias is None:
             self.block(slot, f"{node.op_type} {node.name} has a computed bias")
         elif bias.ndim >= 1 and bias.shape[-1] == slot.size:
@@ -577,7 +308,7 @@ class _Tracer:
                 self.block(slot, f"{value.name} is read inside a subgraph", node, index)
                 continue
             if self.excluded(node):
-                self.block(slot, f"{node_label(node)} is excluded", node, index, padable=True)
+                self.block(slot, f"{display_name(node)} is excluded", node, index, padable=True)
                 continue
             try:
                 reason = self.follow(slot, node, index)
@@ -625,7 +356,7 @@ class _Tracer:
         if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
             return f"{where} runs in training mode"
         params = range(1, min(5 if node.op_type == "BatchNormalization" else 3, len(inputs)))
-        if any(_const(inputs[i]) is None for i in params):
+        if any(constant_of(inputs[i]) is None for i in params):
             return f"{where} has computed parameters"
         target = self.passthrough(slot, node, node.outputs[0], slot.axis)
         for i in params:
@@ -650,7 +381,7 @@ class _Tracer:
         if index != 0:
             return f"{where} reads the channels as scales"
         sizes = node.op_type == "Resize" and len(inputs) > 3 and inputs[3] is not None
-        if sizes and _const(inputs[3]) is None:
+        if sizes and constant_of(inputs[3]) is None:
             return f"{where} has computed sizes"
         target = self.passthrough(slot, node, node.outputs[0], slot.axis)
         if sizes:
@@ -738,7 +469,7 @@ class _Tracer:
             other_axis = out_axis - (out_rank - rank)
             if other_axis < 0:
                 continue  # broadcast over the channel axis
-            array = _const(other)
+            array = constant_of(other)
             size = array.shape[other_axis] if array is not None else _dim(other, other_axis)
             if size == 1:
                 continue
@@ -759,7 +490,7 @@ class _Tracer:
         """Conv/ConvTranspose input: consumed (group 1) or coupled per conv group (grouped)."""
         where = f"{node.op_type} {node.name}"
         inputs = list(node.inputs)
-        weight = _const(inputs[1]) if len(inputs) > 1 else None
+        weight = constant_of(inputs[1]) if len(inputs) > 1 else None
         axes = _weight_axes(node)
         if index != 0 or weight is None or axes is None:
             return f"{where} has a computed weight"
@@ -907,7 +638,7 @@ class _Tracer:
         rewrite record, given the target slot), or why it cannot: a constant shape's entry is
         rewritten; a computed shape's entry is followed to its source (`shape_entry`)."""
         where = f"Reshape {node.name}"
-        if _const(node.inputs[1]) is not None:
+        if constant_of(node.inputs[1]) is not None:
             return lambda target: ShapeEntryRewrite(node, target, 1, out_axis)
         entry = shape_entry(node, 1, out_axis)
         copies = slot.axis == out_axis and width == slot.size  # the input's dim is the count
@@ -950,125 +681,22 @@ class _Tracer:
         return None
 
 
-# How the channels cross each op: a `_Tracer` method per op type (an op without one blocks).
-_Handler = Callable[[_Tracer, Slot, ir.Node, int], str | None]
+# How the channels cross each op: a `ChannelTracer` method per op type (an op without one blocks).
+_Handler = Callable[[ChannelTracer, Slot, ir.Node, int], str | None]
 _HANDLERS: dict[str, _Handler] = {
-    **dict.fromkeys(_UNARY | {"Dropout", "Clip"} | _SPATIAL, _Tracer.in_place),
-    **dict.fromkeys(_BINARY, _Tracer.elementwise),
-    **dict.fromkeys(("BatchNormalization", "InstanceNormalization"), _Tracer.normalization),
-    **dict.fromkeys(("Resize", "Upsample"), _Tracer.resize),
-    "LayerNormalization": _Tracer.layer_norm,
-    **dict.fromkeys(("Conv", "ConvTranspose"), _Tracer.conv_input),
-    "Gemm": _Tracer.gemm_input,
-    "MatMul": _Tracer.matmul_input,
-    "Concat": _Tracer.concat,
-    "Split": _Tracer.split,
-    "Slice": _Tracer.slice,
-    "Transpose": _Tracer.transpose,
-    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), _Tracer.reshape_input),
-    **dict.fromkeys(_REDUCE, _Tracer.reduce),
-    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _Tracer.softmax),
+    **dict.fromkeys(_UNARY | {"Dropout", "Clip"} | _SPATIAL, ChannelTracer.in_place),
+    **dict.fromkeys(_BINARY, ChannelTracer.elementwise),
+    **dict.fromkeys(("BatchNormalization", "InstanceNormalization"), ChannelTracer.normalization),
+    **dict.fromkeys(("Resize", "Upsample"), ChannelTracer.resize),
+    "LayerNormalization": ChannelTracer.layer_norm,
+    **dict.fromkeys(("Conv", "ConvTranspose"), ChannelTracer.conv_input),
+    "Gemm": ChannelTracer.gemm_input,
+    "MatMul": ChannelTracer.matmul_input,
+    "Concat": ChannelTracer.concat,
+    "Split": ChannelTracer.split,
+    "Slice": ChannelTracer.slice,
+    "Transpose": ChannelTracer.transpose,
+    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), ChannelTracer.reshape_input),
+    **dict.fromkeys(_REDUCE, ChannelTracer.reduce),
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), ChannelTracer.softmax),
 }
-
-
-def analyze_channels(
-    graph: ir.Graph,
-    *,
-    excluded: Callable[[ir.Node], bool] | None = None,
-    pad: bool = False,
-    opset: int | None = None,
-    prunable_outputs: Sequence[str] = (),
-) -> ChannelAnalysis:
-    """Trace channel-dependency groups through `graph` (shapes must be inferred first).
-
-    Args:
-        graph: the main graph; constants the tracing relies on must be folded (weights, shapes).
-        excluded: nodes whose channels must not change (their edges block, or pad in pad mode).
-        pad: whether blocks at consumer edges (excluded or unknown consumers, graph outputs named
-            in `prunable_outputs`) are padded back to full size instead of blocking the group.
-        opset: the default-domain opset (decides Slice/Reduce/Softmax conventions).
-        prunable_outputs: names of graph outputs whose channels may be pruned (shrunk, or padded
-            back with zeros in pad mode). Every other graph output blocks its group: its channels
-            mean something to the user (class logits, embedding dimensions).
-    """
-    if opset is None:
-        opset = graph.opset_imports.get("", 13)
-    outputs = {v.name for v in graph.outputs}
-    unknown = [name for name in prunable_outputs if name not in outputs]
-    if unknown:
-        raise BadOptionError(
-            f"--prune-output {unknown[0]!r} is not a graph output"
-            f" (outputs: {', '.join(sorted(n for n in outputs if n))})"
-        )
-    tracer = _Tracer(
-        graph, excluded or (lambda node: False), opset, pad, frozenset(prunable_outputs)
-    )
-    tracer.run()
-    ties, shared_blocks = shared_constant_ties(
-        [(use.node, use.input_index, use.axis, use.slot) for use in tracer.weight_uses]
-    )
-    for a, b in ties:  # a shared constant: one kept set for all its readers
-        if tracer.slots[a].size == tracer.slots[b].size:
-            tracer.unite(tracer.slots[a], tracer.slots[b])
-    for slot_id, reason in shared_blocks:
-        tracer.block(tracer.slots[slot_id], reason)
-    analysis = ChannelAnalysis(
-        tracer.slots, tracer.parent, tracer.weight_uses, tracer.rewrites, tracer.blocks, [], pad
-    )
-    analysis.groups = _build_groups(analysis, tracer.producer_of_slot)
-    return analysis
-
-
-def _build_groups(
-    analysis: ChannelAnalysis, producer_of_slot: dict[int, ir.Node]
-) -> list[ChannelGroup]:
-    """Group the components by the producer outputs they touch (all touched slots if none)."""
-    producing = set(producer_of_slot) | {
-        use.slot for use in analysis.weight_uses if use.role is Role.PRODUCER
-    }
-    slot_roots = [analysis.roots_of(slot) for slot in analysis.slots]
-    touched: dict[int, set[int]] = {}
-    first: dict[int, int] = {}
-    for slot, roots in zip(analysis.slots, slot_roots, strict=True):
-        for p, root in enumerate(roots.tolist()):
-            touched.setdefault(root, set()).add(slot.id)
-            first.setdefault(root, slot.base + p)
-    by_key: dict[frozenset[int], list[int]] = {}
-    for root, slots in touched.items():
-        key = frozenset(slots & producing) or frozenset(slots)
-        by_key.setdefault(key, []).append(root)
-    blocks_by_slot: dict[int, list[Block]] = {}
-    for block in analysis.blocks:
-        blocks_by_slot.setdefault(block.slot, []).append(block)
-    uses_by_slot: dict[int, list[WeightUse]] = {}
-    for use in analysis.weight_uses:
-        uses_by_slot.setdefault(use.slot, []).append(use)
-    groups: list[ChannelGroup] = []
-    for _, group_roots in sorted(by_key.items(), key=lambda item: min(first[r] for r in item[1])):
-        group_roots.sort(key=lambda r: first[r])
-        channel = {r: i for i, r in enumerate(group_roots)}
-        members, producers, consumer_nodes = [], [], []
-        reasons: list[str] = []
-        pads: list[Block] = []
-        group_slots = sorted(set().union(*(touched[r] for r in group_roots)))
-        for slot_id in group_slots:
-            slot = analysis.slots[slot_id]
-            index_map = np.array([channel.get(r, -1) for r in slot_roots[slot_id].tolist()])
-            members.append(Member(slot.value, slot.axis, index_map))
-            if slot_id in producer_of_slot:
-                producers.append(producer_of_slot[slot_id])
-            for use in uses_by_slot.get(slot_id, []):
-                if use.role is Role.PRODUCER and use.node not in producers:
-                    producers.append(use.node)
-                if use.role is Role.CONSUMER and use.node not in consumer_nodes:
-                    consumer_nodes.append(use.node)
-            for block in blocks_by_slot.get(slot_id, []):
-                if block.padable and analysis.pad:
-                    pads.append(block)
-                elif block.reason not in reasons:
-                    reasons.append(block.reason)
-        groups.append(ChannelGroup(
-            len(groups), group_roots, members, producers, consumer_nodes, reasons, pads
-        ))
-    return groups
-

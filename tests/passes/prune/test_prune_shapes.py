@@ -7,7 +7,12 @@ import onnx_ir as ir
 from onnx import helper
 
 from slimgraph.ir import metadata
-from slimgraph.ir._shapes import annotate_static_shapes, dims, forget_static_shapes, shape_entry
+from slimgraph.passes.prune._shapes import (
+    annotate_static_shapes,
+    dims,
+    forget_static_shapes,
+    shape_entry,
+)
 from tests.kit.graphs import make_model, node_named
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from slimgraph.ir._torch import layer_name
+from slimgraph.ir.names import display_name
 
 __all__ = ["shared_constant_ties"]
 
@@ -50,7 +50,7 @@ def shared_constant_ties(
         untraced = readers - {(node, index) for node, index, _ in traced}
         if untraced or value.is_graph_output():
             other = min(untraced, key=lambda r: r[0].name or "")[0] if untraced else None
-            where = "a graph output" if other is None else layer_name(other) or other.name
+            where = "a graph output" if other is None else display_name(other)
             reason = f"{value.name} is shared with {where}, which is not pruned with it"
             blocks += [(slot, reason) for _, _, slot in traced]
             continue
