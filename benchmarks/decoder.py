@@ -4,11 +4,11 @@ Part 1, quality (`--part quality`): the small Llama-style LM trained on the mach
 (`tests/kit/lm.py`: byte vocabulary, hidden 128, 3 layers, grouped-query attention; trained once
 and cached), its fp32 export cleaned by `optimize --preset lossless` (weights folded to
 initializers: the one fp32 file every tool below reads). Each int4 model (blocks of 128) is
-scored by perplexity on the held-out license (`eval.npz`, input_ids [64, 128]):
+scored by perplexity on the whole held-out license (`eval.npz`, input_ids [201, 128]):
 
 - slimgraph with its defaults (MatMuls int4, the LM head and the embedding 8-bit, zero points,
-  accuracy level 4): rtn, gptq, awq, hqq (gptq and awq calibrated on `calib.npz`, 64 rows of
-  training text);
+  accuracy level 4): rtn, gptq (act order), awq, hqq (gptq and awq calibrated on `calib.npz`, 64
+  rows of training text); also gptq with its rows in order and rtn at accuracy level 0;
 - the same methods with onnxruntime's scope (every MatMul int4, the LM head too; the embedding
   left float), to compare with onnxruntime's `MatMulNBitsQuantizer` on equal terms: its default
   RTN (asymmetric, block 128) and `HQQWeightOnlyQuantConfig(block_size=128)` on the same file.
@@ -52,6 +52,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not this folder: its transformers.py
 # would shadow the package
 
+import logging  # noqa: E402
+
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
@@ -80,6 +82,8 @@ def cleaned(source: Path, target: Path) -> Path:
 def ort_rtn(source: Path, target: Path, accuracy_level: int | None = None) -> float:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    _quiet()
+
     def run() -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=BLOCK,
                                          is_symmetric=False, accuracy_level=accuracy_level)
@@ -95,6 +99,8 @@ def ort_hqq(source: Path, target: Path) -> float:
         MatMulNBitsQuantizer,
     )
 
+    _quiet()
+
     def run() -> None:
         config = HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4)
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
@@ -102,6 +108,12 @@ def ort_hqq(source: Path, target: Path) -> float:
         quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
     return timed(run)[1]
+
+
+def _quiet() -> None:
+    """onnxruntime's quantizer module sets the root logger to INFO when imported (a line per
+    node); only warnings from here on."""
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def ours(source: Path, target: Path, method: str, calib: Path | None, **options: object
@@ -136,8 +148,13 @@ def quality(folder: Path) -> tuple[str, list[str]]:
             ppl[key] = perplexity(path, evaluation)
     seconds["ort rtn"] = ort_rtn(fp32, folder / "lm.ort_rtn.onnx")
     ppl["ort rtn"] = perplexity(folder / "lm.ort_rtn.onnx", evaluation)
+    seconds["ort rtn level 4"] = ort_rtn(fp32, folder / "lm.ort_rtn4.onnx", accuracy_level=4)
+    ppl["ort rtn level 4"] = perplexity(folder / "lm.ort_rtn4.onnx", evaluation)
     seconds["ort hqq"] = ort_hqq(fp32, folder / "lm.ort_hqq.onnx")
     ppl["ort hqq"] = perplexity(folder / "lm.ort_hqq.onnx", evaluation)
+    seconds["gptq in order (default)"] = ours(fp32, folder / "lm.gptq_in_order.onnx", "gptq",
+                                              lm.calib_tokens, act_order=False)
+    ppl["gptq in order (default)"] = perplexity(folder / "lm.gptq_in_order.onnx", evaluation)
     seconds["rtn level 0 (default)"] = ours(fp32, folder / "lm.rtn0.onnx", "rtn", None,
                                             accuracy_level=0)
     ppl["rtn level 0 (default)"] = perplexity(folder / "lm.rtn0.onnx", evaluation)
@@ -152,9 +169,12 @@ def quality(folder: Path) -> tuple[str, list[str]]:
         for method in METHODS:
             key = f"{method} ({scope})"
             rows.append([key, f"{ppl[key]:.4f}", closed(key, scope), f"{seconds[key]:.1f}"])
-    for key in ("ort rtn", "ort hqq"):
+    for key in ("ort rtn", "ort rtn level 4", "ort hqq"):
         rows.append([f"onnxruntime {key[4:]} (ort scope)", f"{ppl[key]:.4f}",
                      closed(key, "ort scope"), f"{seconds[key]:.1f}"])
+    rows.append(["gptq, rows in order (default)", f"{ppl['gptq in order (default)']:.4f}",
+                 closed("gptq in order (default)", "default"),
+                 f"{seconds['gptq in order (default)']:.1f}"])
     rows.append(["rtn, accuracy level 0", f"{ppl['rtn level 0 (default)']:.4f}", "-",
                  f"{seconds['rtn level 0 (default)']:.1f}"])
     table = render_table(["trained LM, int4 blocks of 128", "perplexity", "gap closed",
@@ -170,8 +190,8 @@ def quality(folder: Path) -> tuple[str, list[str]]:
                ppl["hqq (ort scope)"] <= ppl["ort hqq"]),
         _check("slimgraph int4 (rtn, defaults) perplexity <= onnxruntime RTN's",
                ppl["rtn (default)"] <= ppl["ort rtn"]),
-        _check("slimgraph int4 (rtn, ort scope) perplexity <= onnxruntime RTN's",
-               ppl["rtn (ort scope)"] <= ppl["ort rtn"]),
+        _check("slimgraph int4 (rtn, ort scope) perplexity <= onnxruntime RTN's at level 4",
+               ppl["rtn (ort scope)"] <= ppl["ort rtn level 4"]),
         _check("quantizing the LM < 120 s (every method)",
                max(v for k, v in seconds.items() if not k.startswith("ort")) < 120),
     ]
@@ -193,7 +213,8 @@ def export_llama(folder: Path) -> Path:
                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
                          max_position_embeddings=512, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
-    exported = sg.from_torch(logits_module(model), (torch.zeros((1, 16), dtype=torch.int64),),
+    # batch 2 in the example: a batch of 1 is specialized by the exporter
+    exported = sg.from_torch(logits_module(model), (torch.zeros((2, 16), dtype=torch.int64),),
                              dynamic_shapes=({0: "batch", 1: "seq"},), input_names=["input_ids"],
                              output_names=["logits"])
     raw = folder / "llama.export.onnx"

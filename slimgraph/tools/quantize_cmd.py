@@ -108,8 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "output, e.g. an LM head; default 8)")
     parser.add_argument("--embedding-bits", type=int, choices=(4, 8), default=8,
                         help="weight-only: bits of embedding tables (default 8)")
-    parser.add_argument("--act-order", action="store_true",
-                        help="weight-only gptq: rows in order of decreasing Hessian diagonal")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="weight-only gptq: rows in order of decreasing Hessian diagonal "
+                        "(default; --no-act-order: in order)")
     parser.add_argument("--batch", type=int, default=None,
                         help="calibration rows per run (default 32); --bits auto: the batch "
                         "the layers are timed at (default 1)")

@@ -86,7 +86,7 @@ def quantize(
     accuracy_level: int | None = None,
     head_bits: int | None = 8,
     embedding_bits: int | None = 8,
-    act_order: bool = False,
+    act_order: bool = True,
     auto_batch: int = 1,
     auto_seq: int | None = None,
 ) -> ir.Model:
@@ -139,15 +139,17 @@ def quantize(
             (models with ops onnxruntime does not have); static mode always runs it.
         smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
             smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
-        transformer: dynamic: a model with attention first gets the `transformer` preset's
-            exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
+        transformer: dynamic and weight-only: a model with attention first gets the
+            `transformer` preset's exact fusions (attention into MultiHeadAttention or
+            GroupQueryAttention, then QAttention in dynamic mode; RMSNorm, BiasGelu; residual
             Adds as Sum), verified like `prepare`; blocks that cannot be fused are named in a
             warning. False quantizes the graph's own ops.
         accuracy_level: weight-only MatMulNBits' accuracy level (None: 4, int8 activations).
         head_bits, embedding_bits: weight-only bits of the head (a MatMul whose output is a
             graph output: an LM head, a classifier) and of embedding tables: 8 unless asked
             (None: `bits`).
-        act_order: weight-only GPTQ processes rows by decreasing Hessian diagonal.
+        act_order: weight-only GPTQ processes rows by decreasing Hessian diagonal (the
+            default; False: in order).
         auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
             (auto_seq None: the export's example sequence length, else 1).
 
@@ -274,12 +276,12 @@ def _quantize(
             model, _generated_feed(model) if options.verify else None,
             matmul_to_gemm=mode != "weight-only",
         )
-    if mode == "dynamic":
-        from slimgraph.passes.quantize.dynamic import quantize_dynamic
-
         if options.transformer:
             model, fused = _transformer_rewrites(model, options.verify)
             keep_sums = keep_sums or fused
+    if mode == "dynamic":
+        from slimgraph.passes.quantize.dynamic import quantize_dynamic
+
         return _finish(quantize_dynamic(
             model, per_channel=options.per_channel, exclude=tuple(options.exclude),
             exclude_ops=tuple(options.exclude_ops),
@@ -346,9 +348,9 @@ def _weight_only(
 
 def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool]:
     """The `transformer` preset's exact fusions on a model with unfused attention, for dynamic
-    int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums. Returns the
-    model and whether it changed; a summary of the attention fusion is logged (a warning naming
-    the first block left unfused and why)."""
+    int8 and weight-only on onnxruntime: fused attention (then QAttention in dynamic mode),
+    BiasGelu, residual Sums. Returns the model and whether it changed; a summary of the
+    attention fusion is logged (a warning naming the first block left unfused and why)."""
     from slimgraph.passes import run_pipeline
     from slimgraph.passes.transformer import find_attention, has_fused_attention
 

@@ -60,7 +60,7 @@ class QuantizeOptions(StaticOptions):
         accuracy_level: weight-only MatMulNBits' accuracy level (None: the default, 4).
         head_bits, embedding_bits: weight-only bits of the head MatMuls and embedding tables
             (default 8; None: `bits`).
-        act_order: weight-only GPTQ in order of decreasing Hessian diagonal.
+        act_order: weight-only GPTQ in order of decreasing Hessian diagonal (default).
         auto_batch, auto_seq: the shape `bits="auto"` times layers at (seq None: the export's
             example sequence length, else 1).
         batch_size: calibration rows per onnxruntime run.
@@ -82,7 +82,7 @@ class QuantizeOptions(StaticOptions):
     accuracy_level: int | None = None
     head_bits: int | None = 8
     embedding_bits: int | None = 8
-    act_order: bool = False
+    act_order: bool = True
     auto_batch: int = 1
     auto_seq: int | None = None
     batch_size: int = 32

@@ -126,7 +126,7 @@ class WeightOnlyOptions:
     method: str = "rtn"
     head_bits: int | None = 8
     embedding_bits: int | None = 8
-    act_order: bool = False
+    act_order: bool = True
     awq_clip: bool = True
 
     def __post_init__(self) -> None:
@@ -213,7 +213,8 @@ class WeightOnlyQuantizePass(WeightQuantizePass[WeightOnlyRewrite]):
         method: "rtn", "hqq", "gptq" or "awq" (`METHODS`; the last two need `calibration`).
         head_bits, embedding_bits: bits of the head MatMuls and of embedding tables (default 8;
             None: `bits`).
-        act_order: GPTQ processes rows by decreasing Hessian diagonal.
+        act_order: GPTQ processes rows by decreasing Hessian diagonal (default; False: in
+            order).
         awq_clip: AWQ also searches a clipping ratio per block.
         calibration: calibration data for "gptq" and "awq" (an `.npz` path, stacked arrays or
             feed dicts, as `runtime.calibrate.calibration_batches` reads them).
@@ -475,7 +476,7 @@ def quantize_weight_only(
     method: str = "rtn",
     head_bits: int | None = 8,
     embedding_bits: int | None = 8,
-    act_order: bool = False,
+    act_order: bool = True,
     awq_clip: bool = True,
     calibration: CalibrationData | None = None,
     batch_size: int = 32,
