@@ -1,14 +1,20 @@
-"""Hugging Face and torch attention models from tiny configs, for tests and benchmarks.
+"""Hugging Face and torch attention models from tiny configs: the one home of the test zoo
+(attention fusion, head pruning, the torch backend's lowering and training, benchmarks).
 
 `build(name)` returns a `Case`: the torch module (eval mode, seeded random weights, nothing
 downloaded), example inputs, the `dynamic_shapes` to export it with (batch and, where the
 model allows, sequence symbolic) and `feeds(batch, seq)`, inputs at other sizes with a padded row
-where the model takes a mask. `HF_MODELS` lists the Hugging Face architectures, `TORCH_MODELS`
-torch's own attention modules, `NO_ATTENTION` the ones without attention (ConvNeXt, ResNet).
+where the model takes a mask. `exported(name)` exports each model once per session (one cache
+for every test module) and returns a fresh copy. `HF_MODELS` lists the Hugging Face
+architectures, `TORCH_MODELS` torch's own attention modules, `NO_ATTENTION` the ones without
+attention (ConvNeXt, ResNet).
 
 Sizes: 2 layers, hidden 32-64, 4 heads (2 KV heads where the architecture has grouped-query
 attention), so an export takes a second or two. Attention is the default "sdpa" implementation
-except where the issue asks for "eager" (T5, Swin).
+except where the exporter or the architecture needs "eager" (DeBERTa, T5, Swin, MobileViT,
+GPT-J). Weights are drawn wide (`INIT`) so that a wrong mask or head order shows in the output,
+and normalization scales are redrawn (`build`): Hugging Face's initialization makes MobileViT's
+outputs all zero, which proves nothing.
 """
 
 from __future__ import annotations
@@ -186,7 +192,8 @@ def _gpt2() -> Case:
     from transformers import GPT2Config, GPT2Model
 
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                        initializer_range=INIT, attn_implementation="sdpa")
+                        initializer_range=INIT, bos_token_id=0, eos_token_id=0,
+                        attn_implementation="sdpa")
     return _text(wrap(GPT2Model(config), ("input_ids", "attention_mask"), use_cache=False), 2)
 
 
@@ -432,14 +439,27 @@ TORCH_MODELS: dict[str, Callable[[], Case]] = {
 ALL_MODELS = {**HF_MODELS, **NO_ATTENTION, **TORCH_MODELS, **EXTRA_MODELS}
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
 def build(name: str, seed: int = 0) -> Case:
     """The model `name` of `ALL_MODELS` with weights seeded by `seed`.
+
+    Normalization scales are drawn from U(0.5, 1.5) and shifts from N(0, 0.1): Hugging Face
+    initializes some of them near zero (MobileViT's BatchNorm scales), which makes deep tiny
+    models output zeros.
 
     Raises:
         KeyError: an unknown name.
     """
     torch.manual_seed(seed)
-    return ALL_MODELS[name]()
+    case = ALL_MODELS[name]()
+    with torch.no_grad():
+        for module in case.module.modules():
+            if isinstance(module, _NORMS) and module.weight is not None:
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+    return case
 
 
 def export(case: Case):  # noqa: ANN201 - an onnx_ir.Model (onnx_ir imported by the caller)

@@ -1,18 +1,24 @@
-"""Symbolic dimension names (`batch`, `sequence`) kept across a rewrite.
+"""Symbolic dimension names (`batch`, `sequence`) kept across a rewrite, and the sizes the
+export's example gave them.
 
 A pass that clears and re-infers shapes gets fresh names from onnx's shape inference
 (`unk__25`) where it cannot relate a dimension to the inputs' symbols; the user's names must
 survive every pass. `io_shapes` records the graph inputs' and outputs' shapes before a pass,
 `restore_dim_names` puts the recorded names back where the new shape has an anonymous or
 `unk__` symbol at the same axis, renames that symbol everywhere in the graph, and leaves any other
-`unk__N` anonymous (a name nobody chose).
+`unk__N` anonymous (a name nobody chose). `example_dims` reads the sizes `from_torch` recorded
+(`metadata.EXAMPLE_DIMS`): verification inputs and pruning's shape analysis use them.
 """
 
 from __future__ import annotations
 
+import json
+
 import onnx_ir as ir
 
-__all__ = ["io_shapes", "restore_dim_names"]
+from slimgraph.ir.metadata import EXAMPLE_DIMS
+
+__all__ = ["io_shapes", "restore_dim_names", "example_dims"]
 
 _ANONYMOUS_PREFIX = "unk__"
 
@@ -86,3 +92,18 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
         value.shape = ir.Shape(new_dims)
         changed += 1
     return changed
+
+
+def example_dims(model: ir.Model) -> dict[str, int]:
+    """The sizes the export's example inputs gave the symbolic dimensions, by name
+    (`metadata.EXAMPLE_DIMS`, written by `from_torch`); empty when not recorded."""
+    text = model.metadata_props.get(EXAMPLE_DIMS)
+    if not text:
+        return {}
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(k): int(v) for k, v in recorded.items() if isinstance(v, int) and v > 0}

@@ -196,6 +196,10 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     import onnxscript.optimizer
 
+    # the copy's weights are inputs: a node the folder cannot evaluate is expected, not news
+    folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
     try:
         model = ir.from_proto(proto)
         onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
@@ -205,6 +209,8 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as error:  # folding is an aid: analysis goes on with the unfolded copy
         logger.debug("constant folding for shape analysis failed (%s)", error)
         return proto
+    finally:
+        folder_log.setLevel(level)
 
     def static(info: onnx.ValueInfoProto) -> bool:
         shape = info.type.tensor_type.shape

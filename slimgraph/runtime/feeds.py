@@ -6,7 +6,6 @@ names, each array stacked on axis 0 (one row per sample).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,7 +25,8 @@ from slimgraph.errors import (
     UnsupportedModelError,
     first_line,
 )
-from slimgraph.ir import ModelLike, as_model, metadata
+from slimgraph.ir import ModelLike, as_model
+from slimgraph.ir._dims import example_dims
 from slimgraph.runtime._roles import input_role, role_values
 from slimgraph.runtime.session import create_session, run
 
@@ -108,21 +108,6 @@ def describe_inputs(specs: Iterable[InputSpec]) -> str:
 
 # Largest sample input `random_feeds` makes (elements; 1 GiB of float32).
 MAX_SAMPLE_ELEMENTS = 1 << 28
-
-
-def example_dims(model: ir.Model) -> dict[str, int]:
-    """The sizes the export's example inputs gave the symbolic dimensions, by name
-    (`metadata.EXAMPLE_DIMS`, written by `from_torch`); empty when not recorded."""
-    text = model.metadata_props.get(metadata.EXAMPLE_DIMS)
-    if not text:
-        return {}
-    try:
-        recorded = json.loads(text)
-    except ValueError:
-        return {}
-    if not isinstance(recorded, dict):
-        return {}
-    return {str(k): int(v) for k, v in recorded.items() if isinstance(v, int) and v > 0}
 
 
 def random_feeds(

@@ -1,8 +1,10 @@
 """`slimgraph prune MODEL -o OUT --ratio R ...`: structured channel pruning.
 
 Prints the channel groups (size, kept, or why a group could not shrink), the channels kept per
-layer, parameters and MACs before/after; `--json` prints one object. With `--unstructured` it
-zeroes weights instead and prints the sparsity per layer. Written atomically, never over the input.
+layer, parameters and MACs before/after; `--json` prints one object. With `--heads R` it removes
+attention heads first (per block: heads before and after, kept heads, blocks left alone and
+why); alone, only heads. With `--unstructured` it zeroes weights instead and prints the sparsity
+per layer. Written atomically, never over the input.
 """
 
 from __future__ import annotations
@@ -22,18 +24,24 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prune",
-        help="structured pruning: remove channels physically (or --unstructured: zero weights)",
+        help="structured pruning: remove channels or attention heads physically (or "
+             "--unstructured: zero weights)",
         description=(
             "Remove the least important channels of every channel-dependency group (tensors "
             "coupled by residual adds, concats, depthwise convs, flatten into a Gemm) from the "
             "graph. The channels of graph outputs (class logits) are kept unless named with "
             "--prune-output. --pad scatters pruned tensors back to full size where an inner "
-            "consumer needs the full width."
+            "consumer needs the full width. --heads removes whole attention heads first (whole "
+            "key/value groups under grouped-query attention), head counts restated in the "
+            "graph; with --ratio, channels are pruned after."
         ),
     )
     add_model_arguments(parser)
     parser.add_argument("--ratio", type=float, default=None,
                         help="fraction to remove, in (0, 1)")  # fmt: skip
+    parser.add_argument("--heads", type=float, default=None, metavar="R",
+                        help="fraction of each attention block's heads to remove, in (0, 1), "
+                        "before channels (scored by --criterion l1 or l2)")
     parser.add_argument("--target-macs", dest="target_macs", type=float, default=None,
                         metavar="R", help="instead of --ratio: reach R x the MACs with per-group "
                         "ratios allocated from sensitivity on --data (least loss first)")
@@ -64,12 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def check() -> None:
-        if args.ratio is None and args.target_macs is None:
-            raise BadOptionError("give --ratio R or --target-macs R")
+        if args.ratio is None and args.target_macs is None and args.heads is None:
+            raise BadOptionError("give --ratio R, --target-macs R or --heads R")
 
     job = Compression(args, check=check, data_for_budget=args.target_macs is None)
     pruned, report = prune_with_report(
-        job.model, ratio=args.ratio, criterion=args.criterion, scope=args.scope,
+        job.model, ratio=args.ratio, heads=args.heads, criterion=args.criterion, scope=args.scope,
         round_to=args.round_to, pad=args.pad, exclude=args.exclude,
         exclude_ops=args.exclude_ops, unstructured=args.unstructured,
         prune_outputs=args.prune_outputs, seed=args.seed,
@@ -86,11 +94,23 @@ def _page(
     job: Compression, data: dict[str, object], report: PruneReport, figures: Figures
 ) -> dict[str, object]:
     """The report dict (tools.report schema): channels kept per layer, figures before/after."""
-    summary: dict[str, object] = {
-        "ratio": f"{report.ratio:g} ({report.criterion}, {report.scope})", **figures[0]}
+    summary: dict[str, object] = {}
+    if report.heads_ratio is not None:
+        summary["heads"] = f"{report.heads_ratio:g} per block ({report.criterion})"
+    if report.channels:
+        summary["ratio"] = f"{report.ratio:g} ({report.criterion}, {report.scope})"
+    summary.update(figures[0])
     plots: list[dict[str, object]] = []
     tables: list[dict[str, object]] = []
-    if report.unstructured:
+    if report.heads_ratio is not None:
+        tables.append({"title": "Attention heads", "columns": ["block", "heads", "kept",
+                       "kept heads"], "rows": [[b.block, b.heads, b.kept, ",".join(
+                           map(str, b.kept_heads))] for b in report.heads]})
+        if report.heads_skipped:
+            tables.append({"title": "Attention blocks not pruned", "columns": ["block",
+                           "reason"], "rows": [[s.node, s.reason]
+                                               for s in report.heads_skipped]})
+    if report.channels and report.unstructured:
         sparsity = report.sparsity[:MAX_BARS]
         plots.append({"kind": "barh", "title": "Sparsity per layer (zeroed weights)",
                       "x_label": "fraction of weights that are zero",
@@ -99,7 +119,7 @@ def _page(
         tables.append({"title": "Sparsity per layer", "columns": ["layer", "op", "weights",
                        "zeros", "sparsity"], "rows": [[s.layer, s.op_type, s.elements, s.zeros,
                        s.sparsity] for s in report.sparsity]})
-    else:
+    elif report.channels:
         layers = report.layers[:MAX_BARS]
         names = [layer.layer for layer in layers]
         plots.append({

@@ -10,4 +10,5 @@
   output's scale, rewired edges by identity, exact error messages, model validity.
 - `tests.kit.files`: writing models and proving that a folder was left alone.
 - `tests.kit.cli`: running the installed console script.
+- `tests.kit.heads`: attention heads zeroed on purpose (removing them must be exact).
 """

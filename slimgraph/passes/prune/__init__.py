@@ -16,6 +16,10 @@ Structured (approximate in general, exact for channels whose producing weights a
    graph output or a consumer that must keep its channel count (seed 001) (`_surgery`);
 5. re-infer shapes.
 
+Heads (`heads=`, `_heads`: the `prune-heads` pass): whole attention heads removed first, on the
+same prepared copy, by `slimgraph.passes.transformer.heads` (which knows where each head lives);
+channels after when a ratio is given too.
+
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
 per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
@@ -24,12 +28,20 @@ per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public
 Example:
     >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
     >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
+    >>> pruned = prune(model, heads=0.5, ratio=0.3)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
-from slimgraph.passes.prune._options import CRITERIA, SCOPES, PruneCallOptions, PruneOptions
+from slimgraph.passes.prune._heads import PruneHeadsPass, PruneHeadsResult, prune_heads
+from slimgraph.passes.prune._options import (
+    CRITERIA,
+    HEAD_CRITERIA,
+    SCOPES,
+    PruneCallOptions,
+    PruneOptions,
+)
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -49,6 +61,10 @@ from slimgraph.passes.prune._surgery import remove_channels
 
 __all__ = [
     "CRITERIA",
+    "HEAD_CRITERIA",
+    "PruneHeadsPass",
+    "PruneHeadsResult",
+    "prune_heads",
     "SCOPES",
     "UNSTRUCTURED_NOTE",
     "GroupReport",

@@ -12,6 +12,7 @@ from onnx_ir.passes import common as ir_common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, display_name
 from slimgraph.ir import analysis as ir_analysis
+from slimgraph.ir._dims import example_dims
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._options import takes_options
@@ -36,6 +37,7 @@ from slimgraph.passes.prune._surgery import remove_channels
 from slimgraph.passes.prune._unstructured import zero_smallest_weights
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
+from slimgraph.passes.transformer.heads import HeadPruning, remove_heads
 
 __all__ = ["PrunePass", "prunable_units", "prune", "prune_with_report"]
 
@@ -70,7 +72,8 @@ class PrunePass(SlimgraphFunctionalPass):
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
         # parameters as pruning sees them (constants folded; a shared weight once), MACs as
         # `inspect` counts them on the input and on the result
-        report.macs_before = _total_macs(model)
+        report.mac_dims = mac_dims(model)
+        report.macs_before = _total_macs(model, report.mac_dims)
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
@@ -84,7 +87,7 @@ class PrunePass(SlimgraphFunctionalPass):
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
             ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
-        report.macs_after = _total_macs(pruned)
+        report.macs_after = _total_macs(pruned, report.mac_dims)
         stored = ir_analysis.parameter_count(model, constant_nodes=True)
         if report.params_after > stored:  # the ratio above would hide that the file grew
             report.notes.append(
@@ -95,9 +98,20 @@ class PrunePass(SlimgraphFunctionalPass):
         return PruneResult(pruned, modified=True, report=report)
 
 
-def _total_macs(model: ir.Model) -> int:
-    """The model's MACs as `inspect` reports them (symbolic dimensions as 1)."""
-    return sum(ir_analysis.macs_by_node(model)[0].values())
+def mac_dims(model: ir.Model) -> dict[str, int]:
+    """The sizes prune counts MACs at: the export's example sizes (`from_torch` records them)
+    for symbolic dimensions other than the batch (a leading input axis), which counts as 1;
+    empty (all 1) when none are recorded. A sequence of 1 would hide what attention costs, and
+    an audio model's sample count of 1 gives its convolutions negative lengths."""
+    batch = {str(value.shape[0]) for value in model.graph.inputs
+             if value.shape is not None and len(value.shape) and not isinstance(value.shape[0],
+                                                                               int)}
+    return {name: size for name, size in example_dims(model).items() if name not in batch}
+
+
+def _total_macs(model: ir.Model, dims: dict[str, int]) -> int:
+    """The model's MACs as `inspect --dim NAME=SIZE` reports them for `dims` (others 1)."""
+    return sum(ir_analysis.macs_by_node(model, dims)[0].values())
 
 
 def _remove_channels(
@@ -186,12 +200,14 @@ def prunable_units(
 def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
     """Like `prune`, also returning the `PruneReport`.
 
-    The report lists every channel group (size, kept, why it could not shrink), every producing
-    layer's output channels before and after with the kept channel indices
+    The report lists, with `heads`, every attention block's heads before and after and the kept
+    heads (`report.heads[i].kept_heads`), and the blocks left alone with the reason
+    (`report.heads_skipped`); every channel group (size, kept, why it could not shrink), every
+    producing layer's output channels before and after with the kept channel indices
     (`report.layers[i].kept`, indices into the original channels), parameters before and after
     as pruning sees them (constants folded, a shared weight once; a note says so when the result
-    stores more than the input did), MACs before and after as `inspect` counts them (symbolic
-    dimensions as 1) and notes.
+    stores more than the input did), MACs before and after as `inspect` counts them (at
+    `report.mac_dims`: the export's example sizes but the batch, else 1) and notes.
 
     Args: as for `prune`.
 
@@ -209,11 +225,86 @@ def prune_with_report(model: ModelLike, options: PruneCallOptions) -> tuple[ir.M
 
 
 def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
-    """The pass run once on `model` with the ratios `options` give (a MAC target is turned into
-    per-group ratios first), and the result checked against the budget."""
+    """Heads first (when asked), then the channel pass once with the ratios `options` give (a
+    MAC target is turned into per-group ratios first), and the result checked against the
+    budget."""
     model = as_model(model)
     ir_analysis.check_finite_weights(model)
     judge = options.judge(model)
+    if options.heads is None and not options.channels:
+        raise BadOptionError.worded("give a ratio ({ratio}), a MAC target ({macs}) or a head "
+                                    "ratio ({heads})", ratio=("ratio=", "--ratio R"),
+                                    macs=("target_macs=", "--target-macs R"),
+                                    heads=("heads=", "--heads R"))
+    found = None
+    if options.heads is not None:
+        options.check_heads()
+        dims = mac_dims(model)
+        macs = _total_macs(model, dims)
+        model = prepare_for_pruning(model)  # a copy
+        before = (ir_analysis.parameter_count(model), macs)
+        found = _remove_heads(model, options)
+        if not options.channels:
+            report = PruneReport(0.0, options.criterion, options.scope, options.pad, False)
+            report.params_before, report.macs_before = before
+            report.params_after = ir_analysis.parameter_count(model)
+            report.macs_after = _total_macs(model, dims)
+            report.mac_dims = dims
+            _add_heads(report, options, found)
+            if judge is not None:
+                report.evaluation = judge.check(model, what="the pruned model")
+            return model, report
+    pruned, report = _prune_channels(model, options)
+    if found is not None:
+        report.params_before, report.macs_before = before
+        _add_heads(report, options, found)
+    if judge is not None:
+        report.evaluation = judge.check(pruned, what="the pruned model")
+    return pruned, report
+
+
+def _remove_heads(prepared: ir.Model, options: PruneCallOptions) -> HeadPruning:
+    """Remove `options.heads` of every attention block's heads from `prepared`, in place.
+
+    Raises:
+        UnsupportedModelError: no attention block, or none head pruning can edit (the first
+            reasons named).
+        BadOptionError: the ratio removes no head from any block.
+    """
+    assert options.heads is not None
+    found = remove_heads(prepared, options.heads, criterion=options.criterion)
+    if found.pruned:
+        return found
+    what = (f"prune(heads={options.heads:g})", f"prune --heads {options.heads:g}")
+    if not found.blocks and not found.skipped:
+        raise UnsupportedModelError.worded("{what}: no attention block found", what=what)
+    if not found.blocks:
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:2])
+        more = f" (+{len(found.skipped) - 2} more)" if len(found.skipped) > 2 else ""
+        raise UnsupportedModelError.worded(
+            "{what}: no attention block could lose a head ({reasons}{more})", what=what,
+            reasons=reasons, more=more)
+    largest = max(found.blocks, key=lambda b: b.kv_heads)
+    if largest.kv_heads <= 1:
+        raise UnsupportedModelError.worded(
+            "{what}: every attention block has one head (or one key/value group), which must "
+            "stay", what=what)
+    unit = "heads" if largest.kv_heads == largest.heads else "key/value groups"
+    raise BadOptionError.worded(
+        "{what} removes no head (the largest block has {n} {unit}, one must stay); nothing "
+        "written: use a larger {heads}", what=what, n=str(largest.kv_heads), unit=unit,
+        heads=("heads", "--heads"))
+
+
+def _add_heads(report: PruneReport, options: PruneCallOptions, found: HeadPruning) -> None:
+    report.heads_ratio = options.heads
+    report.heads = list(found.blocks)
+    report.heads_skipped = list(found.skipped)
+
+
+def _prune_channels(model: ir.Model,
+                    options: PruneCallOptions) -> tuple[ir.Model, PruneReport]:
+    """The channel pass once on `model` with the ratios `options` give."""
     layer_ratios = options.layer_ratios
     if options.target_macs is not None:
         if options.ratio is not None or layer_ratios is not None:
@@ -231,14 +322,8 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
             criterion=options.criterion, round_to=options.round_to, pad=options.pad,
             exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
         ).ratios  # fmt: skip
-    if options.ratio is None and layer_ratios is None:
-        raise BadOptionError.worded("give a ratio ({ratio}) or a MAC target ({macs})",
-                                    ratio=("ratio=", "--ratio R"),
-                                    macs=("target_macs=", "--target-macs R"))
     result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
     assert isinstance(result, PruneResult) and result.report is not None
-    if judge is not None:
-        result.report.evaluation = judge.check(result.model, what="the pruned model")
     return result.model, result.report
 
 
@@ -246,6 +331,10 @@ def _prune(model: ModelLike, options: PruneCallOptions) -> tuple[ir.Model, Prune
 def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
     """Prune a copy of `model` (the input is untouched). Approximate.
 
+    Heads (`heads`): the least important fraction of every attention block's heads goes first
+    (whole key/value groups under grouped-query attention), with their Q/K/V columns, output
+    projection rows and every head count the graph states (`slimgraph.passes.transformer.heads`);
+    then channels, when a ratio or MAC target is given too.
     Structured (default): channels that must go together (coupled by residual adds, concats,
     depthwise convs, a flatten into a Gemm) form groups; each group's channels are scored and the
     least important removed physically: the producers' weights and biases, BatchNorm parameters,
@@ -258,6 +347,9 @@ def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
     Args:
         model: an `onnx_ir.Model` or the path of an `.onnx` file.
         ratio: fraction of channels (or weights, with `unstructured`) to remove, in (0, 1).
+        heads: fraction of each attention block's heads to remove, in (0, 1) (at least one
+            stays; per block, rounded down); scored by `criterion` "l1" or "l2" over the head's
+            Q/K/V columns and output rows. Given alone, only heads are pruned.
         criterion: "l1" | "l2" (norm of the producing weights summed over the group), "bn"
             (BatchNorm |gamma|), "random" (seeded by `seed`).
         scope: "local" (the same ratio in every group) or "global" (one threshold over scores
@@ -290,12 +382,15 @@ def prune(model: ModelLike, options: PruneCallOptions) -> ir.Model:
     Raises:
         BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
             `prune_outputs` name is not a graph output, or the options remove no channel at all
-            (for example `round_to` at least as large as every group), a budget without data.
-        UnsupportedModelError: no channel group can shrink (the reasons are named).
+            (for example `round_to` at least as large as every group) or no head (`heads` too
+            small for every block), a budget without data.
+        UnsupportedModelError: no channel group can shrink, or with `heads` no attention block
+            is found or none can lose a head (the reasons are named).
         ModelLoadError: `model` is a path that cannot be loaded.
         VerificationError: the pruned model misses the budget (measured figure in the message).
 
     Example:
         >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
+        >>> pruned = prune("bert.onnx", heads=0.5, ratio=0.3)  # doctest: +SKIP
     """
     return _prune(model, options)[0]

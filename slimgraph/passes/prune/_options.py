@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 
 from slimgraph.errors import BadOptionError
 from slimgraph.passes._options import BudgetOptions
+from slimgraph.passes.transformer.heads import CRITERIA as HEAD_CRITERIA
 
-__all__ = ["CRITERIA", "SCOPES", "PruneOptions", "MacTarget", "PruneCallOptions"]
+__all__ = ["CRITERIA", "HEAD_CRITERIA", "SCOPES", "PruneOptions", "MacTarget",
+           "PruneCallOptions"]
 
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")
@@ -94,11 +96,46 @@ class MacTarget:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PruneCallOptions(BudgetOptions, MacTarget, PruneOptions):
-    """The keywords of `prune` and `prune_with_report`, in their order: the `PruneOptions`,
-    `target_macs`, then the budget (`BudgetOptions`). `ratio` may be left out when
-    `target_macs` or `layer_ratios` gives the ratios."""
+    """The keywords of `prune` and `prune_with_report`, in their order: `ratio`, `heads`, the
+    other `PruneOptions`, `target_macs`, then the budget (`BudgetOptions`). `ratio` may be
+    left out when `target_macs` or `layer_ratios` gives the ratios, or when only heads are
+    pruned.
+
+    Attributes:
+        heads: the fraction of each attention block's heads (key/value groups under
+            grouped-query attention) to remove before any channel pruning, in (0, 1);
+            `criterion` ("l1" or "l2") scores them.
+    """
 
     ratio: float | None = None
+    heads: float | None = None
+
+    @property
+    def channels(self) -> bool:
+        """Whether channels are pruned too (a ratio, per-layer ratios or a MAC target)."""
+        return self.ratio is not None or self.layer_ratios is not None or (
+            self.target_macs is not None)
+
+    def check_heads(self) -> None:
+        """Raise on a head ratio out of range or a criterion that cannot score heads.
+
+        Raises:
+            BadOptionError: `heads` not in (0, 1), `criterion` not "l1" or "l2", or
+                `unstructured` with `heads`.
+        """
+        heads = self.heads
+        if isinstance(heads, bool) or not isinstance(heads, (int, float)) or not 0 < heads < 1:
+            raise BadOptionError.worded("{heads} must be strictly between 0 and 1, got {got}",
+                                        heads=("heads", "--heads"), got=repr(heads))
+        if self.criterion not in HEAD_CRITERIA:
+            raise BadOptionError.worded(
+                "{criterion} does not score attention heads: use l1 or l2 with {heads}",
+                criterion=(f"criterion={self.criterion!r}", f"--criterion {self.criterion}"),
+                heads=("heads=", "--heads"))
+        if self.unstructured:
+            raise BadOptionError.worded("{heads} removes whole heads: it does not combine with "
+                                        "{unstructured}", heads=("heads=", "--heads"),
+                                        unstructured=("unstructured=True", "--unstructured"))
 
     def pass_options(self, **changes: object) -> PruneOptions:
         """The `PruneOptions` part (what `PrunePass` takes), with `changes` applied."""

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
+from slimgraph.ir._dims import example_dims
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.prune._shapes import annotate_static_shapes, forget_static_shapes
 
@@ -24,16 +25,19 @@ def prepare_for_pruning(
     only constant subgraphs are evaluated (`PrepareWeightsPass(scope="all")`: every constant
     subgraph, ConstantOfShape included, no initializer left as a graph input). Pruning needs
     weights, Reshape shapes and axes as initializers, and static channel counts. Every value's
-    shape at fixed symbolic sizes (`dim_values` by name, else 1) is recorded for the channel
-    tracing (`_shapes.annotate_static_shapes`): views computed from the symbolic batch have no
-    static shape of their own.
+    shape at fixed symbolic sizes is recorded for the channel tracing
+    (`_shapes.annotate_static_shapes`): views computed from the symbolic batch have
+    no static shape of their own. The sizes are `dim_values` by name, else the export's example
+    sizes (`slimgraph.ir._dims.example_dims`, recorded by `from_torch`), else 1: an audio model's
+    sample count of 1 would make its convolutions' outputs negative.
     """
     prepared = copy_model(model)
     ir_common.CommonSubexpressionEliminationPass()(prepared)
     for _ in range(2):  # again once shapes are known: `Reshape(x, Shape(y))` of equal shapes
         PrepareWeightsPass(scope="all")(prepared)  # (GroupNorm as exported) becomes Identity
         ir_common.ShapeInferencePass(strict_mode=False)(prepared)
-    annotate_static_shapes(prepared, dim_values)
+    sizes = {**example_dims(model), **(dim_values or {})}
+    annotate_static_shapes(prepared, sizes)
     return prepared
 
 

@@ -9,8 +9,9 @@ import onnx_ir as ir
 
 from slimgraph._tables import format_count, render_table
 from slimgraph.ir import display_name
-from slimgraph.passes.base import SlimgraphPassResult
+from slimgraph.passes.base import Skipped, SlimgraphPassResult
 from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
+from slimgraph.passes.transformer.heads import HeadReport
 
 if TYPE_CHECKING:
     from slimgraph.runtime.metrics import Evaluation
@@ -76,7 +77,14 @@ class LayerSparsity:
 
 @dataclasses.dataclass
 class PruneReport:
-    """What `prune` did: groups, channels per layer, parameters and MACs before/after."""
+    """What `prune` did: attention heads per block, channel groups, channels per layer,
+    parameters and MACs before/after.
+
+    `heads` lists every attention block head pruning could edit (heads before and after, the
+    kept heads); `heads_skipped` the blocks it left alone, with the reason. `mac_dims`: the
+    sizes of symbolic dimensions the MACs are counted at (the export's example sizes, the batch
+    at 1; others 1), as `slimgraph inspect --dim NAME=SIZE` counts them.
+    """
 
     ratio: float
     criterion: str
@@ -93,19 +101,34 @@ class PruneReport:
     layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     notes: list[str] = dataclasses.field(default_factory=list)
+    heads_ratio: float | None = None
+    heads: list[HeadReport] = dataclasses.field(default_factory=list)
+    heads_skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    mac_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def channels(self) -> bool:
+        """Whether channels were pruned (or zeroed) too, not only heads."""
+        return bool(self.groups or self.unstructured)
 
     def __str__(self) -> str:
         """The plain-text tables `slimgraph prune` prints (groups, channels per layer)."""
+        at = ", ".join(f"{k}={v}" for k, v in self.mac_dims.items())
         lines = [
             f"parameters: {format_count(self.params_before)} -> "
             f"{format_count(self.params_after)} ({_ratio(self.params_after, self.params_before)})",
             f"MACs:       {format_count(self.macs_before)} -> "
-            f"{format_count(self.macs_after)} ({_ratio(self.macs_after, self.macs_before)})",
+            f"{format_count(self.macs_after)} ({_ratio(self.macs_after, self.macs_before)})"
+            + (f" at {at}" if at else ""),
         ]
         if self.layer_ratios:
             lines.append("ratios per group (first producer's layer): " + ", ".join(
                 f"{name} {ratio:g}" for name, ratio in self.layer_ratios.items()))
         lines += self.notes
+        if self.heads_ratio is not None:
+            lines += ["", *self._head_lines()]
+        if not self.channels:
+            return "\n".join(lines)
         if self.unstructured:
             rows = [[s.layer, s.op_type, s.elements, s.zeros, f"{s.sparsity:.1%}"]
                     for s in self.sparsity]  # fmt: skip
@@ -127,7 +150,24 @@ class PruneReport:
                   render_table(["layer", "op", "before", "after"], layer_rows)]  # fmt: skip
         return "\n".join(lines)
 
+    def _head_lines(self) -> list[str]:
+        kept = sum(b.kept for b in self.heads)
+        total = sum(b.heads for b in self.heads)
+        grouped = any(b.kv_heads != b.heads for b in self.heads)
+        headers = ["block", "heads", "kept", "kept heads"] + (["key/value heads"] * grouped)
+        rows = [[b.block, b.heads, b.kept, ",".join(map(str, b.kept_heads))]
+                + ([f"{b.kv_heads} -> {b.kv_kept}"] * grouped) for b in self.heads]
+        lines = [f"attention heads ({self.heads_ratio:g} per block, {self.criterion}): "
+                 f"{total} -> {kept}",
+                 render_table(headers, rows, align="lrrll"[: len(headers)])]
+        lines += [f"not pruned: {s.node}: {s.reason}" for s in self.heads_skipped]
+        return lines
+
     def __repr__(self) -> str:
+        if not self.channels:
+            return (f"<PruneReport: heads {self.heads_ratio:g}, MACs "
+                    f"{_ratio(self.macs_after, self.macs_before)}, parameters "
+                    f"{_ratio(self.params_after, self.params_before)}>")
         kind = "unstructured" if self.unstructured else f"{len(self.layers)} layers"
         return (f"<PruneReport: ratio {self.ratio:g}, {kind}, MACs "
                 f"{_ratio(self.macs_after, self.macs_before)}, parameters "
@@ -138,6 +178,7 @@ class PruneReport:
         data = dataclasses.asdict(self)
         for row, layer in zip(data["sparsity"], self.sparsity, strict=True):
             row["sparsity"] = layer.sparsity
+        data["heads"] = [block.to_dict() for block in self.heads]
         data["evaluation"] = None if self.evaluation is None else self.evaluation.to_dict()
         return data
 

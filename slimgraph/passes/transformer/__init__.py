@@ -5,7 +5,8 @@
 - `pack-attention` (`packing`): Q/K/V projections into `com.microsoft.Attention` (QAttention
   after dynamic quantization), exact;
 - `fuse-bias-gelu`, `fuse-rms-norm`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
-- `prune-heads` (`heads`): whole attention heads (and key/value groups) removed;
+- head pruning (`heads`): whole attention heads (and key/value groups) removed, head counts
+  restated (the `prune-heads` pass and `prune(heads=...)` run it from `slimgraph.passes.prune`);
 - SmoothQuant's rewrite (`smoothing`): normalization outputs' outlier channels moved into the
   projections that read them (`slimgraph.passes.quantize.smoothquant` calibrates and searches).
 
@@ -34,11 +35,11 @@ from slimgraph.passes.transformer.attention import (
     has_fused_attention,
 )
 from slimgraph.passes.transformer.heads import (
-    CRITERIA,
+    HeadPruning,
     HeadReport,
-    PruneHeadsPass,
-    PruneHeadsResult,
-    prune_heads,
+    head_scores,
+    head_sites,
+    remove_heads,
 )
 from slimgraph.passes.transformer.norms import (
     FuseBiasGeluPass,
@@ -63,11 +64,11 @@ __all__ = [
     "TransformerFusionResult",
     "fusion_summary",
     "has_fused_attention",
-    "CRITERIA",
+    "HeadPruning",
     "HeadReport",
-    "PruneHeadsPass",
-    "PruneHeadsResult",
-    "prune_heads",
+    "head_scores",
+    "head_sites",
+    "remove_heads",
     "FuseBiasGeluPass",
     "FuseRmsNormPass",
     "FuseSkipLayerNormPass",

@@ -9,13 +9,16 @@ wrote):
   for k and v), the projection columns it owns;
 - `out`: the output projection's weight and the rows each head's values feed;
 - `moves`: every data movement between the projections, the core and the output projection
-  whose shape constants state a head count (the head split and merge Reshapes, a packed Split,
-  the Expand that repeats key/value heads, a Reshape of the scores), each with its input and
-  output layout relative to a *reference*: a projection's output, the scores [B, N, S, T] or
-  the merged heads [B, S, N * Hv]; `restate` turns a layout into the new sizes once heads go;
+  whose shape constants may state a head count (the head split and merge Reshapes, a packed
+  Split, the Expand that repeats key/value heads, a Reshape of the scores), each with its input
+  and output layout relative to a *reference* (`_headtypes`);
+- what `_headregion` found beside the core (values carrying the heads read elsewhere:
+  relative-position terms, a rotary embedding's own ops, a mask built from the heads' shape):
+  more moves, shape-vector `edits`, `constants` sliced per head, `derived` references;
 - `fused`: the fused op whose `num_heads`/`kv_num_heads` follow; `rotary_ops`: RotaryEmbedding
-  ops and which heads they rotate; `head_biases`: per-head bias inputs (relative position
-  biases, [B|1, N, S, T]) to keep only the kept heads' rows of.
+  ops and which heads they rotate; `head_biases`: per-head bias inputs not computed from the
+  heads (T5's and Swin's relative position biases, [B|1, N, S, T]) to keep the kept heads' rows
+  of; `changed`: the values whose shapes change.
 
 A block that head pruning cannot edit raises `NoMatch` with the reason.
 """
@@ -23,37 +26,29 @@ A block that head pruning cannot edit raises `NoMatch` with the reason.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_ir as ir
 
 from slimgraph.ir import layer_name
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import constant_array
 from slimgraph.passes.transformer._emit import MS_DOMAIN, bias_plan
+from slimgraph.passes.transformer._headregion import HeadFrame, follow, shape_reader
+from slimgraph.passes.transformer._headtypes import Move, Ref, VectorEdit, Weight
 from slimgraph.passes.transformer._layout import Atom, Layout, LayoutError, is_move, step
 from slimgraph.passes.transformer._match import AttentionMatch, NoMatch, Operand
 from slimgraph.passes.transformer._symbolic import ShapeInfo
 
-__all__ = ["Weight", "Projection", "Move", "HeadSite", "site_of_match", "site_of_fused",
-           "new_sizes", "alive", "FUSED_OPS"]
+if TYPE_CHECKING:
+    from onnx_ir._core import Usage
 
-FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention")
+__all__ = ["Projection", "HeadSite", "site_of_match", "site_of_fused", "FUSED_OPS"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Weight:
-    """Input `index` of `node`, a constant whose `axis` runs over some feature positions."""
-
-    node: ir.Node
-    index: int
-    axis: int
-
-    def array(self) -> np.ndarray:
-        array = constant_array(self.node.inputs[self.index])
-        assert array is not None
-        return array
+FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "QAttention")
+# the attention_bias input of each fused op
+_BIAS_INPUT = {"MultiHeadAttention": 5, "GroupQueryAttention": 10, "Attention": 5,
+               "QAttention": 9}
 
 
 @dataclasses.dataclass
@@ -63,16 +58,6 @@ class Projection:
     output: ir.Value
     weights: list[Weight]
     width: int
-
-
-@dataclasses.dataclass
-class Move:
-    """A data movement whose shape constants follow the head count (see the module doc)."""
-
-    node: ir.Node
-    ref: tuple[str, int]
-    before: Layout
-    after: Layout
 
 
 @dataclasses.dataclass
@@ -87,10 +72,14 @@ class HeadSite:
     v: tuple[Projection, list[list[int]]]
     out: Weight
     moves: list[Move]
-    refs: dict[tuple[str, int], tuple[int, int]]  # ref -> (head-bearing axis, width)
+    refs: dict[Ref, tuple[int, int]]  # ref -> (head-bearing axis, width)
     fused: ir.Node | None = None
     rotary_ops: list[tuple[ir.Node, str]] = dataclasses.field(default_factory=list)
     head_biases: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)
+    edits: list[VectorEdit] = dataclasses.field(default_factory=list)
+    constants: list[tuple[Weight, Ref]] = dataclasses.field(default_factory=list)
+    derived: dict[Ref, tuple[Ref, Layout, int]] = dataclasses.field(default_factory=dict)
+    changed: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def repeat(self) -> int:
@@ -145,14 +134,15 @@ def _projection(value: ir.Value) -> tuple[Projection, list[ir.Node]]:
     return Projection(current, weights, width), moves
 
 
-def _chain_moves(start: ir.Value, steps: list[tuple[ir.Node, ir.Value]], ref: tuple[str, int],
-                 shapes: ShapeInfo) -> tuple[list[Move], Layout]:
+def _chain_moves(start: ir.Value, steps: list[tuple[ir.Node, ir.Value]], ref: Ref,
+                 shapes: ShapeInfo) -> tuple[list[Move], Layout, dict[int, Layout]]:
     """Moves of `steps` ((node, output) in data order from `start`), layouts relative to
-    `start`."""
+    `start`; also the layout of every value on the way (by id)."""
     dims = shapes.shape(start)
     if dims is None:
         raise NoMatch("shape unknown")
     layout = Layout.identity(dims)
+    seen = {id(start): layout}
     moves = []
     for node, out in steps:
         try:
@@ -160,30 +150,56 @@ def _chain_moves(start: ir.Value, steps: list[tuple[ir.Node, ir.Value]], ref: tu
         except LayoutError as error:
             raise NoMatch(f"cannot follow {node.op_type} ({error})") from None
         moves.append(Move(node, ref, layout, after))
-        layout = after
-    return moves, layout
+        layout = seen[id(out)] = after
+    return moves, layout, seen
 
 
-def _from_operand(operand: Operand, shapes: ShapeInfo) -> tuple[
-        tuple[Projection, list[list[int]]], list[Move]]:
+@dataclasses.dataclass
+class _Chain:
+    """One operand from its projection to the core: the moves, and every value on the way with
+    its layout relative to the projection's output."""
+
+    part: tuple[Projection, list[list[int]]]
+    moves: list[Move]
+    values: dict[int, tuple[ir.Value, Layout]]
+    rotary: list[tuple[ir.Value, Layout]]  # outputs of rotary embeddings in plain ops
+
+
+def _from_operand(operand: Operand, shapes: ShapeInfo) -> _Chain:
     projection, pre = _projection(operand.source)
     ref = ("proj", id(projection.output))
-    steps = [(n, n.outputs[0]) for n in reversed(pre)] + [
-        (link.node, link.value) for link in reversed(operand.links) if link.kind == "move"]
-    moves, _ = _chain_moves(projection.output, steps, ref, shapes)
+    steps = [(n, n.outputs[0]) for n in reversed(pre)]
+    moves, layout, seen = _chain_moves(projection.output, steps, ref, shapes)
+    values = {id(projection.output): (projection.output, seen[id(projection.output)])}
+    values.update({id(n.outputs[0]): (n.outputs[0], seen[id(n.outputs[0])]) for n in pre})
     # the source's feature axis must be the projection's features, unchanged
     if pre:
-        source_layout = moves[len(pre) - 1].after
-        atoms = source_layout.axes[operand.feature_axis]
+        atoms = layout.axes[operand.feature_axis]
         if len(atoms) != 1 or atoms[0].stride.coef != 1 or atoms[0].size.coef != (
-                projection.width) or any(source_layout.offsets):
+                projection.width) or any(layout.offsets):
             raise NoMatch("the projection's features are moved before the head split")
+    rotary = []
+    for link in reversed(operand.links):
+        if link.kind == "move":
+            try:
+                layout = step(layout, link.node, link.value, shapes)
+            except LayoutError as error:
+                raise NoMatch(f"cannot follow {link.node.op_type} ({error})") from None
+            moves.append(Move(link.node, ref, values[id(link.source)][1], layout))
+        elif link.kind == "rotary":
+            rotary.append((link.value, layout))
+        values[id(link.value)] = (link.value, layout)
     columns = [list(operand.columns(h)) for h in range(operand.heads)]
-    return (projection, columns), moves
+    return _Chain((projection, columns), moves, values, rotary)
+
+
+def _data_uses(value: ir.Value) -> list[Usage]:
+    """The uses of `value` that read its elements (not only its shape: `shape_reader`)."""
+    return [u for u in value.uses() if not shape_reader(u.node, u.idx)]
 
 
 def _out_weight(value: ir.Value) -> Weight:
-    uses = list(value.uses())
+    uses = _data_uses(value)
     if value.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
         raise NoMatch("attention output is not read by one output projection")
     node = uses[0].node
@@ -195,67 +211,7 @@ def _out_weight(value: ir.Value) -> Weight:
     return Weight(node, 1, 0)
 
 
-def _between(start: ir.Value, end: ir.Value) -> set[int]:
-    """Ids of the nodes on some path from `start` to `end` (a rotary embedding's insides)."""
-    on_path: dict[int, bool] = {}
-
-    def reaches(value: ir.Value, depth: int = 0) -> bool:
-        if value is start:
-            return True
-        node = value.producer()
-        if node is None or depth > 40:
-            return False
-        if id(node) not in on_path:
-            on_path[id(node)] = False
-            hits = [reaches(v, depth + 1) for v in node.inputs if v is not None]  # no short cut
-            on_path[id(node)] = any(hits)
-        return on_path[id(node)]
-
-    reaches(end)
-    return {key for key, hit in on_path.items() if hit}
-
-
-def _nodes_of(end: ir.Value, ids: set[int]) -> list[ir.Node]:
-    """The nodes whose ids are in `ids`, found walking back from `end`."""
-    found: dict[int, ir.Node] = {}
-    frontier = [end]
-    while frontier:
-        node = frontier.pop().producer()
-        if node is None or id(node) in found or id(node) not in ids:
-            continue
-        found[id(node)] = node
-        frontier += [v for v in node.inputs if v is not None]
-    return list(found.values())
-
-
-def _shape_reader(node: ir.Node, index: int, depth: int = 0) -> bool:
-    """Whether `node` reads only the shape or type of its input `index` (Shape, CastLike's
-    target, moves and Splits feeding only such readers): it reads the pruned tensor's own
-    sizes at run time, which stay right."""
-    if node.op_type in ("Shape", "Size") or (node.op_type == "CastLike" and index == 1):
-        return True
-    # moves that state no size (a Reshape or Expand would keep the old head count and fail)
-    if depth > 6 or node.op_type not in ("Transpose", "Identity", "Unsqueeze", "Squeeze"):
-        return False
-    return all(not out.is_graph_output() and all(_shape_reader(u.node, u.idx, depth + 1)
-                                                 for u in out.uses()) for out in node.outputs)
-
-
-def _private(site: HeadSite, values: list[ir.Value], inside: set[int]) -> None:
-    """Raise NoMatch when a value the head counts flow through is also read elsewhere (a
-    relative-position term computed from the split heads, a cache output): pruning would
-    change its shape under that reader."""
-    del site
-    for value in values:
-        if value.is_graph_output():
-            raise NoMatch("a value carrying the heads is a graph output")
-        for use in value.uses():
-            if id(use.node) not in inside and not _shape_reader(use.node, use.idx):
-                raise NoMatch(f"the heads' values are also read outside the attention (by "
-                              f"{use.node.op_type})")
-
-
-def _core_moves(layout: Layout, nodes: list[ir.Node], ref: tuple[str, int],
+def _core_moves(layout: Layout, nodes: list[ir.Node], ref: Ref,
                 shapes: ShapeInfo) -> list[Move]:
     moves = []
     for node in nodes:
@@ -266,7 +222,37 @@ def _core_moves(layout: Layout, nodes: list[ir.Node], ref: tuple[str, int],
     return moves
 
 
-def site_of_match(match: AttentionMatch, shapes: ShapeInfo) -> HeadSite:
+def _frame(token: int, parts: dict[str, tuple[Projection, list[list[int]]]], heads: int,
+           kv_heads: int, v_head_size: int, refs: dict[Ref, tuple[int, int]],
+           scores: Ref | None, merged: Ref) -> HeadFrame:
+    """How layouts relative to this block's references read as heads; adds the "H" refs."""
+    hq: Ref = ("H", token, "q")
+    hkv: Ref = hq if heads == kv_heads else ("H", token, "kv")
+    refs[hq] = (0, heads)
+    refs[hkv] = (0, kv_heads)
+    columns: dict[Ref, dict[int, tuple[str, int, int]]] = {}
+    for role, (projection, per_head) in parts.items():
+        owner = columns.setdefault(("proj", id(projection.output)), {})
+        for head, cols in enumerate(per_head):
+            owner.update({c: (role, head, j) for j, c in enumerate(cols)})
+    columns[merged] = {h * v_head_size + j: ("q", h, j) for h in range(heads)
+                       for j in range(v_head_size)}
+    axes = {ref: axis for ref, (axis, _) in refs.items()}
+    return HeadFrame(columns, scores, {"q": hq, "k": hkv, "v": hkv}, axes)
+
+
+def _add_region(site: HeadSite, region_moves: list[Move], edits: list[VectorEdit],
+                constants: list[tuple[Weight, Ref]], derived: dict[Ref, tuple[Ref, Layout, int]],
+                refs: dict[Ref, tuple[int, int]]) -> None:
+    known = {id(m.node) for m in site.moves}
+    site.moves += [m for m in region_moves if id(m.node) not in known]
+    site.edits += edits
+    site.constants += constants
+    site.derived.update(derived)
+    site.refs.update(refs)
+
+
+def site_of_match(match: AttentionMatch, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite:
     """The head site of an unfused attention.
 
     Raises:
@@ -274,13 +260,16 @@ def site_of_match(match: AttentionMatch, shapes: ShapeInfo) -> HeadSite:
     """
     moves: list[Move] = []
     parts = {}
-    refs: dict[tuple[str, int], tuple[int, int]] = {}
+    refs: dict[Ref, tuple[int, int]] = {}
+    chains = []
     for operand in (match.q, match.k, match.v):
-        part, chain = _from_operand(operand, shapes)
-        parts[operand.role] = part
-        refs[("proj", id(part[0].output))] = (len(part[0].output.shape or ()) - 1,
-                                              part[0].width)
-        moves += [m for m in chain if m.node not in {x.node for x in moves}]
+        chain = _from_operand(operand, shapes)
+        chains.append(chain)
+        parts[operand.role] = chain.part
+        projection = chain.part[0]
+        refs[("proj", id(projection.output))] = (len(projection.output.shape or ()) - 1,
+                                                 projection.width)
+        moves += [m for m in chain.moves if m.node not in {x.node for x in moves}]
     z_ref, y_ref = ("Z", id(match)), ("Y", id(match))
     refs[z_ref] = (1, match.heads)
     refs[y_ref] = (2, match.heads * match.v.head_size)
@@ -292,77 +281,186 @@ def site_of_match(match: AttentionMatch, shapes: ShapeInfo) -> HeadSite:
     if len(last) != 1 or last[0] != Atom(2, last[0].size, last[0].stride) or (
             last[0].stride.coef != 1 or last[0].size.coef != refs[y_ref][1]):
         raise NoMatch("the merged heads are not the last axis of the output projection's input")
-    biases = []
+    per_head = []
     for term in match.bias:
-        if term.fill is not None:
-            continue
+        if term.fill is None and bias_plan(term, shapes).z[1]:
+            per_head.append(term)
+    site = HeadSite(match.name, match.heads, match.kv_heads, match.head_size,
+                    match.v.head_size, parts["q"], parts["k"], parts["v"],
+                    _out_weight(match.output), moves, refs)
+    frame = _frame(id(match), parts, match.heads, match.kv_heads, match.v.head_size, refs,
+                   z_ref, y_ref)
+    inside = {id(n) for n in match.nodes} | {id(m.node) for m in moves}
+    starts = []
+    joins: dict[int, tuple[Layout, Ref]] = {}
+    for operand, chain in zip((match.q, match.k, match.v), chains, strict=True):
+        inside |= {id(link.node) for link in operand.links if link.kind != "rotary"}
+        ref = ("proj", id(chain.part[0].output))
+        starts += [(value, layout, ref) for value, layout in chain.values.values()]
+        joins.update({id(value): (layout, ref) for value, layout in chain.rotary})
+    for term in per_head:
+        joins[id(term.value)] = (term.layout, z_ref)
+    region = follow(graph, starts, inside, joins, frame, shapes)
+    _add_region(site, region.moves, region.edits, region.constants, region.derived,
+                region.refs)
+    for term in per_head:
+        if id(term.value) in region.joined:
+            continue  # computed from the heads: pruned with them
         plan = bias_plan(term, shapes)
-        if not plan.z[1]:
-            continue
         axes = [i for i, atoms in enumerate(term.layout.axes) if any(a.axis == 1 for a in atoms)]
         if len(axes) != 1 or len(term.layout.axes[axes[0]]) != 1:
             raise NoMatch("a per-head bias merged with another axis")
         consumer = next(u for u in term.value.uses() if u.node in match.score_nodes)
-        biases.append((consumer.node, consumer.idx, axes[0] - plan.pad))
-    site = HeadSite(match.name, match.heads, match.kv_heads, match.head_size,
-                    match.v.head_size, parts["q"], parts["k"], parts["v"],
-                    _out_weight(match.output), moves, refs, head_biases=biases)
-    inside = {id(n) for n in match.nodes} | {id(m.node) for m in moves}
-    values = []
-    for operand in (match.q, match.k, match.v):
-        inside |= {id(link.node) for link in operand.links}
-        for link in operand.links:
-            values.append(link.source)
-            if link.rotary is not None:  # its insides, reached from any value before it
-                insides = _between(operand.source, link.value)
-                if any(n.op_type in ("Reshape", "Expand") for n in link.rotary.nodes) or any(
-                        node.op_type in ("Reshape", "Expand") and id(node) in insides
-                        and node not in {x.node for x in operand.links}
-                        for node in _nodes_of(link.value, insides)):
-                    raise NoMatch("a rotary embedding whose own Reshapes state the head count "
-                                  "(interleaved pairs): fuse first, then prune")
-                inside |= insides
-        values += [link.value for link in operand.links]
-        values.append(getattr(site, operand.role)[0].output)
-    _private(site, values, inside)
+        site.head_biases.append((consumer.node, consumer.idx, axes[0] - plan.pad))
+    site.changed = {id(v) for c in chains for v, _ in c.values.values()} | region.values | {
+        id(o) for n in match.nodes for o in n.outputs} | {id(o) for m in site.moves
+                                                           for o in m.node.outputs}
     return site
 
 
-def site_of_fused(node: ir.Node, shapes: ShapeInfo) -> HeadSite:
-    """The head site of a MultiHeadAttention / GroupQueryAttention written by fuse-attention.
+def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite:
+    """The head site of a fused attention op: MultiHeadAttention / GroupQueryAttention written
+    by fuse-attention (q, k, v from projections) or Attention written by pack-attention (the
+    projections packed into the op's own weight).
 
     Raises:
         NoMatch: a part head pruning cannot edit.
     """
+    if node.op_type == "QAttention":
+        raise NoMatch("int8 attention (QAttention): prune heads before quantizing")
     heads = node.attributes.get_int("num_heads", 0)
     kv_heads = node.attributes.get_int("kv_num_heads", heads) or heads
+    if not heads:
+        raise NoMatch(f"{node.op_type} without num_heads")
+    inputs = _packed_inputs(node, heads) if node.op_type == "Attention" else _separate_inputs(
+        node, heads, kv_heads, shapes)
+    parts, sizes = inputs.parts, inputs.sizes
+    kv_heads = len(parts["k"][1])
+    if len(parts["v"][1]) != kv_heads or heads % kv_heads:
+        raise NoMatch("key and value heads are not whole groups of the query heads")
+    refs = inputs.refs
+    y_ref, z_ref = ("Y", id(node)), ("Z", id(node))
+    refs[y_ref] = (2, heads * sizes["v"])
+    refs[z_ref] = (1, heads)
+    output = node.outputs[0]
+    query = node.inputs[0]
+    if output.shape is None and query is not None and query.shape is not None and len(
+            query.shape) == 3:  # onnx's shape inference knows no contrib op: [B, S, N * Hv]
+        output.shape = ir.Shape([query.shape[0], query.shape[1], heads * sizes["v"]])
+    out_nodes = []
+    while (uses := _data_uses(output)) and len(uses) == 1 and is_move(uses[0].node) and (
+            not output.is_graph_output()):
+        out_nodes.append(uses[0].node)
+        output = uses[0].node.outputs[0]
+    y_moves, _, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes],
+                                 y_ref, shapes)
+    moves = inputs.moves + y_moves
+    site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
+                    sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
+                    _out_weight(output), moves, refs, fused=node, rotary_ops=inputs.rotary_ops)
+    frame = _frame(id(node), parts, heads, kv_heads, sizes["v"], refs, z_ref, y_ref)
+    inside = {id(node)} | {id(m.node) for m in moves} | {id(r) for r, _ in inputs.rotary_ops}
+    joins: dict[int, tuple[Layout, Ref]] = {}
+    bias_index = _BIAS_INPUT[node.op_type]
+    bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+    bias_dims = shapes.shape(bias)
+    per_head = bias is not None and bias_dims is not None and len(bias_dims) == 4 and (
+        bias_dims[1].static and bias_dims[1].coef == heads > 1)
+    if per_head:
+        assert bias is not None and bias_dims is not None
+        joins[id(bias)] = (Layout.identity(bias_dims), z_ref)
+    region = follow(graph, inputs.starts, inside, joins, frame, shapes)
+    _add_region(site, region.moves, region.edits, region.constants, region.derived,
+                region.refs)
+    if per_head and id(bias) not in region.joined:
+        site.head_biases.append((node, bias_index, 1))
+    site.changed = {id(v) for v, _, _ in inputs.starts} | region.values | {
+        id(o) for m in site.moves for o in m.node.outputs} | {id(node.outputs[0])}
+    return site
+
+
+@dataclasses.dataclass
+class _FusedInputs:
+    """Where a fused op's q, k and v come from (see `site_of_fused`)."""
+
+    parts: dict[str, tuple[Projection, list[list[int]]]]
+    sizes: dict[str, int]
+    moves: list[Move]
+    refs: dict[Ref, tuple[int, int]]
+    rotary_ops: list[tuple[ir.Node, str]]
+    starts: list[tuple[ir.Value, Layout, Ref]]
+
+
+def _packed_inputs(node: ir.Node, heads: int) -> _FusedInputs:
+    """`Attention(x, W [D, q + k + v], b)`: the projections are the op's own weight columns."""
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim != 2:
+        raise NoMatch("Attention whose packed weight is not a constant matrix")
+    hidden = node.attributes.get_ints("qkv_hidden_sizes", [weight.shape[1] // 3] * 3)
+    if len(hidden) != 3 or sum(hidden) != weight.shape[1] or any(h % heads for h in hidden):
+        raise NoMatch("Attention whose packed weight does not divide into the heads")
+    weights = [Weight(node, 1, 1)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if constant_array(node.inputs[2]) is None:
+            raise NoMatch("Attention whose packed bias is not constant")
+        weights.append(Weight(node, 2, 0))
+    value = node.inputs[1]
+    assert value is not None
+    projection = Projection(value, weights, int(weight.shape[1]))
+    parts, sizes = {}, {}
+    offset = 0
+    for role, width in zip(("q", "k", "v"), hidden, strict=True):
+        size = width // heads
+        parts[role] = (projection, [list(range(offset + h * size, offset + (h + 1) * size))
+                                    for h in range(heads)])
+        sizes[role] = size
+        offset += width
+    return _FusedInputs(parts, sizes, [], {("proj", id(value)): (1, projection.width)}, [], [])
+
+
+def _separate_inputs(node: ir.Node, heads: int, kv_heads: int,
+                     shapes: ShapeInfo) -> _FusedInputs:
+    """MultiHeadAttention / GroupQueryAttention: q, k, v each from a projection through moves
+    (and RotaryEmbedding ops)."""
     q3, k3, v3 = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
-    if not heads or q3 is None or k3 is None or v3 is None or (
+    if q3 is None or k3 is None or v3 is None or (
             node.op_type == "MultiHeadAttention" and len(node.inputs) > 3 and node.inputs[3]):
         raise NoMatch(f"{node.op_type} with packed inputs or a bias input")
     moves: list[Move] = []
-    refs: dict[tuple[str, int], tuple[int, int]] = {}
+    refs: dict[Ref, tuple[int, int]] = {}
     parts: dict[str, tuple[Projection, list[list[int]]]] = {}
     rotary_ops: list[tuple[ir.Node, str]] = []
     sizes = {}
+    starts: list[tuple[ir.Value, Layout, Ref]] = []
     for role, value in (("q", q3), ("k", k3), ("v", v3)):
         chain: list[ir.Node] = []
         current = value
         while (producer := current.producer()) is not None and (
                 is_move(producer) or (producer.domain == MS_DOMAIN
                                       and producer.op_type == "RotaryEmbedding")):
-            if producer.op_type == "RotaryEmbedding":
-                rotary_ops.append((producer, role))
-            else:
-                chain.append(producer)
+            chain.append(producer)
             assert producer.inputs[0] is not None
             current = producer.inputs[0]
         projection, pre = _projection(current)
-        ref = ("proj", id(projection.output))
+        ref: Ref = ("proj", id(projection.output))
         refs[ref] = (len(projection.output.shape or ()) - 1, projection.width)
-        steps = [(n, n.outputs[0]) for n in reversed(pre)] + [
-            (n, _output_toward(n, value)) for n in reversed(chain)]
-        chain_moves, layout = _chain_moves(projection.output, steps, ref, shapes)
+        steps = [(n, n.outputs[0]) for n in reversed(pre)]
+        chain_moves, layout, seen = _chain_moves(projection.output, steps, ref, shapes)
+        for link in reversed(chain):
+            out = _output_toward(link, value)
+            if link.op_type == "RotaryEmbedding":
+                rotary_ops.append((link, role))
+            else:
+                try:
+                    after = step(layout, link, out, shapes)
+                except LayoutError as error:
+                    raise NoMatch(f"cannot follow {link.op_type} ({error})") from None
+                chain_moves.append(Move(link, ref, layout, after))
+                layout = after
+            seen[id(out)] = layout
+            starts.append((out, layout, ref))
+        starts += [(projection.output, seen[id(projection.output)], ref)] + [
+            (n.outputs[0], seen[id(n.outputs[0])], ref) for n in pre]
         moves += [m for m in chain_moves if m.node not in {x.node for x in moves}]
         columns = _feature_positions(layout, projection)
         count = kv_heads if role != "q" and node.op_type == "GroupQueryAttention" else heads
@@ -375,39 +473,7 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo) -> HeadSite:
                 distinct.append(columns[i:i + per_head])
         parts[role] = (projection, distinct)
         sizes[role] = per_head
-    kv_heads = len(parts["k"][1])
-    if len(parts["v"][1]) != kv_heads or heads % kv_heads:
-        raise NoMatch("key and value heads are not whole groups of the query heads")
-    y_ref = ("Y", id(node))
-    refs[y_ref] = (2, heads * sizes["v"])
-    output = node.outputs[0]
-    out_nodes = []
-    while (uses := list(output.uses())) and len(uses) == 1 and is_move(uses[0].node) and (
-            not output.is_graph_output()):
-        out_nodes.append(uses[0].node)
-        output = uses[0].node.outputs[0]
-    y_moves, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes], y_ref,
-                              shapes)
-    moves += y_moves
-    biases = []
-    bias_index = 10 if node.op_type == "GroupQueryAttention" else 5
-    if len(node.inputs) > bias_index and node.inputs[bias_index] is not None:
-        dims = shapes.shape(node.inputs[bias_index])
-        if dims is not None and len(dims) == 4 and dims[1].static and dims[1].coef == heads:
-            biases.append((node, bias_index, 1))
-    site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
-                    sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
-                    _out_weight(output), moves, refs, fused=node, rotary_ops=rotary_ops,
-                    head_biases=biases)
-    inside = {id(node)} | {id(m.node) for m in moves} | {id(r) for r, _ in rotary_ops}
-    values = [m.node.outputs[0] for m in moves if m.node.op_type != "Split"]
-    values += [out for m in moves if m.node.op_type == "Split" for out in m.node.outputs
-               if any(True for _ in out.uses())]
-    values += [r.outputs[0] for r, _ in rotary_ops]
-    values += [getattr(site, role)[0].output for role in ("q", "k", "v")]
-    _private(site, [v for v in values if v is not output], inside | {
-        id(u.node) for u in output.uses()})
-    return site
+    return _FusedInputs(parts, sizes, moves, refs, rotary_ops, starts)
 
 
 def _output_toward(node: ir.Node, value: ir.Value) -> ir.Value:
@@ -442,44 +508,3 @@ def _feature_positions(layout: Layout, projection: Projection) -> list[int]:
     if any(a.axis not in (axis, None) for a in atoms):
         raise NoMatch("the fused op's input mixes features with other axes")
     return [offset + p for p in positions if offset + p < projection.width]
-
-
-# ------------------------------------------------------------------------------- new sizes
-
-
-def alive(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, np.ndarray]:
-    """For each atom of `layout` on the reference's head-bearing axis (by index in
-    `layout.flat()`), which of its indices still hold a kept position once only the `kept`
-    positions of that axis remain.
-
-    Raises:
-        NoMatch: the kept positions are not a product of per-atom index sets (a move that
-            mixes a pruned head with a kept one).
-    """
-    flat = layout.flat()
-    mine = [(i, a) for i, a in enumerate(flat) if a.axis == ref_axis]
-    if not mine:
-        return {}
-    if any(not a.size.static or not a.stride.static for _, a in mine):
-        raise NoMatch("symbolic head positions")
-    base = layout.offsets[ref_axis]
-    grids = [range(a.size.coef) for _, a in mine]
-    mask = np.zeros([a.size.coef for _, a in mine], bool)
-    for index in itertools.product(*grids):
-        position = base + sum(a.stride.coef * i for (_, a), i in zip(mine, index, strict=True))
-        mask[index] = position < kept.size and kept[position]
-    out: dict[int, np.ndarray] = {}
-    product = np.ones((), bool)
-    for k, (i, _) in enumerate(mine):
-        others = tuple(j for j in range(len(mine)) if j != k)
-        out[i] = np.asarray(mask.any(axis=others) if others else mask)
-        product = np.multiply.outer(product, out[i])
-    if not np.array_equal(product, mask):
-        raise NoMatch("a data movement mixes pruned and kept heads")
-    return out
-
-
-def new_sizes(layout: Layout, ref_axis: int, kept: np.ndarray) -> dict[int, int]:
-    """New sizes of the atoms of `layout` on the reference's head-bearing axis (by index in
-    `layout.flat()`); see `alive`."""
-    return {i: int(v.sum()) for i, v in alive(layout, ref_axis, kept).items()}

@@ -71,6 +71,19 @@ Shape = tuple[Dim, ...]
 ONE = Dim(1)
 
 
+def _named(text: str) -> Dim:
+    """A named dimension; a product the exporter wrote as text (`4*batch`, `batch*seq`) as that
+    monomial, so it equals the same product computed from a shape; anything else one opaque
+    symbol."""
+    factors = text.replace(" ", "").split("*")
+    if len(factors) > 1 and all(f.isdigit() or f.isidentifier() for f in factors):
+        out = ONE
+        for factor in factors:
+            out = out * (Dim(int(factor)) if factor.isdigit() else Dim(1, (factor,)))
+        return out
+    return Dim(1, (text,))
+
+
 def dim_of(value: Dim | int) -> Dim:
     return value if isinstance(value, Dim) else Dim(int(value))
 
@@ -116,7 +129,7 @@ class ShapeInfo:
             if isinstance(dim, int):
                 dims.append(Dim(dim))
             elif dim.value is not None:
-                dims.append(Dim(1, (str(dim.value),)))
+                dims.append(_named(str(dim.value)))
             else:
                 dims.append(Dim(1, (f"?{value.name}:{axis}",)))
         return tuple(dims)

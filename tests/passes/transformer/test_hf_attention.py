@@ -9,19 +9,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes.pipeline import run_pipeline
-from slimgraph.passes.transformer import (
-    FuseAttentionPass,
-    find_attention,
-    match_attention,
-    prune_heads,
-)
+from slimgraph.passes.transformer import FuseAttentionPass, find_attention, match_attention
 from tests import models_hf
 from tests.kit.asserts import assert_same_outputs, cosine, output_list
 from tests.kit.files import save_ir
@@ -191,29 +185,6 @@ def test_dynamic_int8_applies_the_transformer_rewrites_itself(name: str) -> None
     fused_cos = cosine(want, output_list(quantized, feed)[0])
     assert fused_cos > 0.999
     assert fused_cos >= cosine(want, output_list(plain, feed)[0]) - 1e-4
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_head_pruning_removes_whole_key_value_groups(fused: bool) -> None:
-    case, model = models_hf.exported("llama")
-    if fused:
-        model = FuseAttentionPass()(model).model
-    result = prune_heads(model, 0.5)
-    assert [(b.heads, b.kept, len(b.removed)) for b in result.blocks] == [(4, 2, 2)] * 2
-    for block in result.blocks:  # a group: two neighbouring query heads of one key/value head
-        assert block.removed in ((0, 1), (2, 3))
-    pruned = result.model
-    widths = sorted(n.inputs[1].const_value.shape[1] for n in pruned.graph
-                    if n.op_type == "MatMul" and n.inputs[1].const_value is not None
-                    and n.inputs[1].const_value.shape[0] == 64)
-    assert widths.count(16) == 4 and widths.count(32) == 2  # k, v halved; q [64, 32]
-    if fused:
-        for node in fused_nodes(pruned):
-            assert node.attributes["num_heads"].value == 2
-            assert node.attributes["kv_num_heads"].value == 1
-    feed = case.feeds(2, 9, 1)
-    want, got = output_list(model, feed)[0], output_list(pruned, feed)[0]
-    assert got.shape == want.shape and np.isfinite(got).all()
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""Models users have: Hugging Face architectures from tiny configs (`hf_zoo`) and the torch models
-of `tests.models`, exported by `sg.from_torch`, lowered whole. Every op of every form (as
-exported, the `transformer` preset, dynamic int8; the lossless form adds no op to them and is
-covered for the torch models by test_lower_models.py) has a kernel, and eval mode equals
+"""Models users have: Hugging Face architectures from tiny configs (`tests.models_hf`) and the
+torch models of `tests.models`, exported by `sg.from_torch`, lowered whole. Every op of every
+form (as exported, the `transformer` preset, dynamic int8; the lossless form adds no op to them
+and is covered for the torch models by test_lower_models.py) has a kernel, and eval mode equals
 onnxruntime at a batch and a sequence length other than the export's, with a padded row:
 rtol 1e-4 plus an absolute 1e-5 of each output's largest magnitude. Dynamic int8 forms are
 compared given onnxruntime's DynamicQuantizeLinear codes (`with_measured_codes` says why).
@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from slimgraph.runtime.torch_backend._lower import check_lowerable  # noqa: E402
-from tests.runtime.torch_backend import hf_zoo  # noqa: E402
+from tests import models_hf  # noqa: E402
 
 DEFAULT = ["bert", "gpt2", "llama", "vit", "whisper-encoder", "wav2vec2"]
 FORMS: dict[str, Callable[[ir.Model], ir.Model]] = {
@@ -41,12 +41,12 @@ FORMS: dict[str, Callable[[ir.Model], ir.Model]] = {
 
 @pytest.mark.parametrize("name", DEFAULT)
 def test_hugging_face_export_lowers_exactly(name: str) -> None:
-    model, case = hf_zoo.export(name)
+    case, model = models_hf.exported(name)
     assert_matches_ort(model, case.feeds(3, 7, 1))
 
 
 def test_hugging_face_bert_dynamic_int8_lowers_exactly_given_the_codes() -> None:
-    model, case = hf_zoo.export("bert")
+    case, model = models_hf.exported("bert")
     quantized = FORMS["dynamic"](model)
     assert any(n.op_type == "MatMulInteger" for n in quantized.graph)
     assert_lowers_exactly(quantized, case.feeds(3, 7, 1))
@@ -61,9 +61,9 @@ def _form(model: ir.Model, form: str) -> ir.Model | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("name", list(hf_zoo.ZOO))
+@pytest.mark.parametrize("name", [*models_hf.HF_MODELS, *models_hf.NO_ATTENTION])
 def test_every_hugging_face_form_lowers_exactly(name: str, form: str) -> None:
-    model, case = hf_zoo.export(name)
+    case, model = models_hf.exported(name)
     formed = _form(model, form)
     if formed is None:
         pytest.skip(f"no {form} form")

@@ -29,7 +29,7 @@ from tests.runtime.torch_backend.backend_helpers import (
 torch = pytest.importorskip("torch")
 
 from slimgraph.runtime.torch_backend import lower, write_back  # noqa: E402
-from tests.runtime.torch_backend import hf_zoo  # noqa: E402
+from tests import models_hf  # noqa: E402
 
 
 def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
@@ -157,7 +157,7 @@ def test_trained_int8_weights_written_back_run_as_trained(
 @pytest.mark.parametrize("form", ["transformer", "dynamic"])
 def test_finetune_runs_on_hugging_face_bert(form: str) -> None:
     pytest.importorskip("transformers")
-    teacher, case = hf_zoo.export("bert")
+    case, teacher = models_hf.exported("bert")
     if form == "transformer":
         student = sg.optimize(teacher, preset="transformer", verify=False)
     else:
