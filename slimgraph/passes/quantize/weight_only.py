@@ -347,7 +347,12 @@ def _is_head(node: ir.Node) -> bool:
             uses[0].node.domain not in ("", "ai.onnx")
         ):
             return False
-        value = uses[0].node.outputs[0]
+        user = uses[0].node
+        if user.op_type == "Add" and any(
+            v is not value and v is not None and traced_constant(v) is None for v in user.inputs
+        ):
+            return False  # a residual sum of two activations, not a bias
+        value = user.outputs[0]
     return False
 
 

@@ -273,3 +273,30 @@ def test_a_block_size_that_divides_no_k_is_an_error() -> None:
     with pytest.raises(BadOptionError, match=r"^block_size 32 does not divide K of any MatMul "
                        r"\(K = 40\): choose a block size that divides K$"):
         quantize_weight_only(_matmuls(40), block_size=32)
+
+
+def test_the_head_is_what_reaches_an_output_through_bias_adds_only() -> None:
+    """8 bits for the head (MatMul -> Add(bias) -> output); a MatMul whose output is summed with
+    another activation on the way (a residual) is a layer like the others: 4 bits."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["x", "w1"], ["a"], name="layer"),
+            h.make_node("Add", ["a", "x"], ["r"]),  # residual
+            h.make_node("MatMul", ["r", "w2"], ["b"], name="head"),
+            h.make_node("Add", ["b", "bias"], ["y"]),  # bias
+        ],
+        "heads",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32]),
+         h.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), name)
+         for name in ("w1", "w2")] + [onnx.numpy_helper.from_array(np.ones(32, np.float32),
+                                                                  "bias")],
+    )  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]))
+    quantized = quantize_weight_only(model, block_size=16)
+    bits = {n.name: n.attributes.get_int("bits") for n in quantized.graph
+            if n.op_type == "MatMulNBits"}
+    assert bits == {"layer_nbits": 4, "head_nbits": 8}
