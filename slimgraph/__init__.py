@@ -29,7 +29,7 @@ from slimgraph.errors import (
 )
 
 if TYPE_CHECKING:
-    from slimgraph.ir import from_torch, load, save
+    from slimgraph.ir import from_torch, from_torch_causal_lm, load, save
     from slimgraph.passes.lowrank import factorize, factorize_with_report
     from slimgraph.passes.pipeline import optimize
     from slimgraph.passes.precision import convert_fp16
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from slimgraph.runtime import benchmark, compare, random_feeds
     from slimgraph.runtime.budget import check_budget
     from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
+    from slimgraph.runtime.generate import GenerateResult, generate
     from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
@@ -49,6 +50,9 @@ __all__ = [
     "load",
     "save",
     "from_torch",
+    "from_torch_causal_lm",
+    "generate",
+    "GenerateResult",
     "compare",
     "benchmark",
     "random_feeds",
@@ -84,6 +88,9 @@ _LAZY: dict[str, str] = {
     "load": "slimgraph.ir",
     "save": "slimgraph.ir",
     "from_torch": "slimgraph.ir",
+    "from_torch_causal_lm": "slimgraph.ir",
+    "generate": "slimgraph.runtime.generate",
+    "GenerateResult": "slimgraph.runtime.generate",
     "compare": "slimgraph.runtime",
     "benchmark": "slimgraph.runtime",
     "random_feeds": "slimgraph.runtime",

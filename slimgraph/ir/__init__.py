@@ -7,6 +7,7 @@ read-only analysis (dataflow view, weights, MACs). It imports nothing of slimgra
 from __future__ import annotations
 
 from slimgraph.ir import analysis, metadata
+from slimgraph.ir._causal_lm import from_torch_causal_lm
 from slimgraph.ir._copy import copy_model
 from slimgraph.ir._dims import io_shapes, restore_dim_names
 from slimgraph.ir._load import ModelLike, as_model, load, load_proto
@@ -28,6 +29,7 @@ __all__ = [
     "size_on_disk",
     "tensor_bytes",
     "from_torch",
+    "from_torch_causal_lm",
     "annotate_layers",
     "layer_name",
     "display_name",

@@ -27,6 +27,7 @@ from slimgraph.errors import (
 )
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir._dims import example_dims
+from slimgraph.runtime._decoder import decoder_io, decoder_mask, expression_size, mask_positions
 from slimgraph.runtime._roles import input_role, role_values
 from slimgraph.runtime.session import create_session, run
 
@@ -160,8 +161,34 @@ def _sample_feeds(
     """`random_feeds` with `default` for symbolic dimensions neither named in `dims` nor
     recorded at export."""
     rng = np.random.default_rng(seed)
-    sizes = {**example_dims(model), **dims}
+    recorded = example_dims(model)
     specs = input_specs(model)
+    decoder = decoder_io(model)
+    resolved: dict[str, int] = {}
+    plain = {d for spec in specs if spec.shape for d in spec.shape
+             if isinstance(d, str) and d.isidentifier()}  # symbols an expression may name
+
+    def size(dim: str, axis: int) -> int:
+        """A symbolic dimension's size: given, the batch, past + new for a decoder's mask, an
+        expression of other sizes, recorded at export, else the default."""
+        if dim not in resolved:
+            resolved[dim] = default  # a cycle falls back to the default
+            if dim in dims:
+                found = dims[dim]
+            elif axis == 0:
+                found = batch
+            elif decoder is not None and dim == decoder.total_dim and (
+                    decoder.past_dim and decoder.seq_dim):
+                found = size(decoder.past_dim, 2) + size(decoder.seq_dim, 1)
+            elif (value := expression_size(
+                    dim, lambda name: size(name, 1) if name in plain else None)) is not None and (
+                    value > 0):
+                found = value
+            else:
+                found = recorded.get(dim, default)
+            resolved[dim] = found
+        return resolved[dim]
+
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs:
         if spec.container != "tensor":
@@ -170,12 +197,10 @@ def _sample_feeds(
         for axis, dim in enumerate(spec.shape if spec.shape is not None else (batch,)):
             if isinstance(dim, int):
                 shape.append(dim)
-            elif isinstance(dim, str) and dim in dims:
-                shape.append(dims[dim])
+            elif isinstance(dim, str):
+                shape.append(size(dim, axis))
             elif axis == 0:
                 shape.append(batch)
-            elif isinstance(dim, str) and dim in sizes:
-                shape.append(sizes[dim])
             else:
                 shape.append(default)
         elements = math.prod(shape)
@@ -201,7 +226,25 @@ def _sample_feeds(
         feeds[spec.name] = (
             drawn if drawn is not None else _tensor_values(spec, dims_of, rng, ranges)
         )
+    if decoder is not None:
+        _decoder_values(decoder, feeds, shapes)
     return feeds
+
+
+def _decoder_values(decoder: Any, feeds: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+                    ) -> None:
+    """A decode step's mask and positions as generation makes them: the mask over past and new
+    tokens padded in one row (`_decoder.decoder_mask`), positions counting the kept tokens."""
+    mask_shape = shapes.get(decoder.mask) if decoder.mask else None
+    new = shapes[decoder.ids][1] if decoder.ids in shapes and len(shapes[decoder.ids]) == 2 \
+        else None
+    if mask_shape is None or len(mask_shape) != 2 or new is None or mask_shape[1] < new:
+        return
+    mask = decoder_mask(mask_shape[0], mask_shape[1] - new, new, feeds[decoder.mask].dtype)
+    feeds[decoder.mask] = mask
+    if decoder.positions in feeds and shapes[decoder.positions] == (mask_shape[0], new):
+        feeds[decoder.positions] = mask_positions(mask, new).astype(
+            feeds[decoder.positions].dtype)
 
 
 def _tensor_values(

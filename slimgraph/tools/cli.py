@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.diff_cmd",
     "slimgraph.tools.compare_cmd",
     "slimgraph.tools.bench_cmd",
+    "slimgraph.tools.generate_cmd",
     "slimgraph.tools.optimize_cmd",
     "slimgraph.tools.quantize_cmd",
     "slimgraph.tools.prune_cmd",

@@ -354,7 +354,7 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     from slimgraph.passes import run_pipeline
     from slimgraph.passes.transformer import find_attention, has_fused_attention
 
-    if has_fused_attention(model) or not find_attention(model.graph)[0]:
+    if has_fused_attention(model) or not find_attention(model.graph, cache=True)[0]:
         return model, False
     from slimgraph.runtime import random_feeds
 

@@ -30,9 +30,11 @@ import onnx_ir as ir
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.transformer._layout import Atom, Layout
 from slimgraph.passes.transformer._match import AttentionMatch, BiasTerm, NoMatch, Operand
+from slimgraph.passes.transformer._rotary import Rotary
 from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo, all_true, scalar
 
 __all__ = ["MS_DOMAIN", "Emitter", "BiasPlan", "bias_plan", "operand_input", "rotary_input",
+           "rotary_caches", "rotary_positions",
            "attention_bias", "key_padding_mask", "rebuild_output", "padding_term", "inert",
            "check_rotary", "check_operand"]
 
@@ -164,6 +166,52 @@ def _packed_index(match: AttentionMatch, operand: Operand) -> int:
     return sharing.index(operand.offset)
 
 
+def rotary_caches(em: Emitter, rotary: Rotary,
+                  rows: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """The cos and sin caches [R, dim / 2] (one value per rotated pair) the fused ops index by
+    position id: the graph's own tables flattened, row `b * S + s` for batch row b and token s
+    of a table that varies with the batch (`Rotary.batched`), row s otherwise. `rows`: a
+    1-element int64 tensor; the caches are padded with zeros to at least that many rows
+    (GroupQueryAttention wants a row per key position)."""
+    caches = []
+    for table in (rotary.cos, rotary.sin):
+        key = ("rotary", id(table), id(rows))
+        if key not in em.cache:  # one value per rotated pair: the first half, or every other
+            half = em.one("Slice", [table, em.ints([0]), em.ints([
+                rotary.dim if rotary.interleaved else rotary.dim // 2]), em.ints([-1]),
+                em.ints([2 if rotary.interleaved else 1])])
+            flat = em.one("Reshape", [half, em.ints([-1, rotary.dim // 2])])
+            if rows is not None:
+                dtype = table.dtype.numpy() if table.dtype is not None else np.float32
+                zeros = em.one("ConstantOfShape", [em.shape_vector([rows, rotary.dim // 2])],
+                               value=ir.tensor(np.zeros(1, dtype)))
+                flat = em.one("Concat", [flat, zeros], axis=0)
+            em.cache[key] = flat
+        caches.append(em.cache[key])
+    return caches[0], caches[1]
+
+
+def rotary_positions(em: Emitter, rotary: Rotary, value: ir.Value, *,
+                     full: bool = False) -> ir.Value:
+    """Position ids into `rotary_caches` for `value` [B, S, ...]: [B, S] (`b * S + s` for a
+    table that varies with the batch, else s), or the offset [0] when the table does not vary
+    with the batch and `full` is not asked."""
+    if not rotary.batched and not full:
+        return em.const("rotary_position_offset", np.array([0], np.int64))
+    key = ("positions", id(rotary.cos), id(value), full)
+    if key not in em.cache:
+        seq = em.dim(value, 1)
+        rows = em.one("Mul", [em.dim(value, 0), seq]) if rotary.batched else seq
+        scalar_rows = em.one("Squeeze", [rows, em.ints([0])])
+        ids = em.one("Range", [em.const("attention_zero_i64", np.array(0, np.int64)),
+                               scalar_rows, em.const("attention_one_i64", np.array(1, np.int64))])
+        grid = em.one("Reshape", [ids, em.shape_vector([-1, seq])])
+        if not rotary.batched:
+            grid = em.one("Expand", [grid, em.shape_vector([em.dim(value, 0), seq])])
+        em.cache[key] = grid
+    return em.cache[key]
+
+
 def rotary_input(em: Emitter, match: AttentionMatch, operand: Operand,
                  value: ir.Value) -> ir.Value:
     """`com.microsoft.RotaryEmbedding` of `value` [B, S, heads * head_size] with the operand's
@@ -171,42 +219,43 @@ def rotary_input(em: Emitter, match: AttentionMatch, operand: Operand,
     rotary = operand.rotary
     if rotary is None:
         return value
-    caches = []
-    for table in (rotary.cos, rotary.sin):
-        key = ("rotary", id(table))
-        if key not in em.cache:  # one value per rotated pair: the first half, or every other
-            half = em.one("Slice", [table, em.ints([0]), em.ints([
-                rotary.dim if rotary.interleaved else rotary.dim // 2]), em.ints([-1]),
-                em.ints([2 if rotary.interleaved else 1])])
-            em.cache[key] = em.one("Reshape", [half, em.ints([-1, rotary.dim // 2])])
-        caches.append(em.cache[key])
-    positions = em.const("rotary_position_offset", np.array([0], np.int64))
-    return em.one("RotaryEmbedding", [value, positions, *caches], domain=MS_DOMAIN,
+    cos, sin = rotary_caches(em, rotary)
+    positions = rotary_positions(em, rotary, value)
+    return em.one("RotaryEmbedding", [value, positions, cos, sin], domain=MS_DOMAIN,
                   num_heads=operand.heads, rotary_embedding_dim=rotary.dim,
                   interleaved=int(rotary.interleaved))
 
 
 def check_rotary(operand: Operand, shapes: ShapeInfo) -> None:
-    """Raise NoMatch unless the rotary tables are [.., S, dim] with only the sequence varying
-    (1 on batch and heads): then row s of the reshaped table is position s."""
+    """Raise NoMatch unless the rotary tables are [.., S, dim] with only the sequence and the
+    batch varying (1 on the heads, the batch before the sequence): then row `b * S + s` of the
+    flattened table is batch row b's token s (`Rotary.batched` says whether the batch varies)."""
     rotary = operand.rotary
     if rotary is None:
         return
     layout = rotary.cos_layout
+    batched = False
     for table in (rotary.cos, rotary.sin):
         dims = shapes.shape(table)
         if layout is None or dims is None or len(dims) > layout.rank:
             raise NoMatch("rotary table shape unknown")
         pad = layout.rank - len(dims)
+        seen_seq = False
         for axis, atoms in enumerate(layout.axes):
             dim = dims[axis - pad] if axis >= pad else ONE
             seq = any(a.axis == operand.seq_axis for a in atoms)
-            last = axis == layout.rank - 1
-            if last:
+            batch = operand.batch_axis is not None and any(
+                a.axis == operand.batch_axis for a in atoms)
+            if axis == layout.rank - 1:
                 if dim != Dim(rotary.dim):
                     raise NoMatch("rotary table width differs from the rotated features")
-            elif not seq and dim != ONE:
-                raise NoMatch("rotary tables that vary with the batch or the head")
+            elif seq:
+                seen_seq = True
+            elif batch and dim != ONE and not seen_seq and len(atoms) == 1:
+                batched = True
+            elif dim != ONE:
+                raise NoMatch("rotary tables that vary with the head (or batch after sequence)")
+    rotary.batched = batched
 
 
 # ------------------------------------------------------------------------------- masks
@@ -266,20 +315,21 @@ def bias_plan(term: BiasTerm, shapes: ShapeInfo, value: ir.Value | None = None) 
     return BiasPlan(term, value, pad, (z[0], z[1], z[2], z[3]), not canonical)
 
 
-def _z_form(em: Emitter, plan: BiasPlan, value: ir.Value, q_in: ir.Value, k_in: ir.Value,
+def _z_form(em: Emitter, plan: BiasPlan, value: ir.Value, q_in: ir.Value, kv_len: ir.Value,
             heads: int, expand: bool = True) -> ir.Value:
-    """`value` (shaped like the plan's tensor) as [B|1, N|1, S, T] (S and T expanded)."""
+    """`value` (shaped like the plan's tensor) as [B|1, N|1, S, T] (S and T expanded); `kv_len`
+    is T, a 1-element int64 tensor."""
     if plan.pad and not plan.reshape:
         value = em.one("Unsqueeze", [value, em.ints(list(range(plan.pad)))])
     if plan.reshape:
         sizes: list[ir.Value | int] = [
             em.dim(q_in, 0) if plan.z[0] else 1, heads if plan.z[1] else 1,
-            em.dim(q_in, 1) if plan.z[2] else 1, em.dim(k_in, 1) if plan.z[3] else 1,
+            em.dim(q_in, 1) if plan.z[2] else 1, kv_len if plan.z[3] else 1,
         ]
         value = em.one("Reshape", [value, em.shape_vector(sizes)])
     if expand and not (plan.z[2] and plan.z[3]):
         sizes = [1, 1, em.dim(q_in, 1) if not plan.z[2] else 1,
-                 em.dim(k_in, 1) if not plan.z[3] else 1]
+                 kv_len if not plan.z[3] else 1]
         value = em.one("Expand", [value, em.shape_vector(sizes)])
     return value
 
@@ -333,12 +383,12 @@ def padding_term(terms: list[BiasTerm], shapes: ShapeInfo) -> tuple[BiasPlan, bo
 
 
 def key_padding_mask(em: Emitter, found: tuple[BiasPlan, bool, float], q_in: ir.Value,
-                     k_in: ir.Value, heads: int) -> ir.Value:
+                     kv_len: ir.Value, heads: int) -> ir.Value:
     """int32 [B, T], 1 where the key is kept."""
     plan, keep_if, _ = found
     key = ("padding", id(plan.value), keep_if)
     if key not in em.cache:
-        cond = _z_form(em, plan, plan.value, q_in, k_in, heads, expand=False)
+        cond = _z_form(em, plan, plan.value, q_in, kv_len, heads, expand=False)
         flat = em.one("Reshape", [cond, em.ints([0, -1])])
         if not keep_if:
             flat = em.one("Not", [flat])
@@ -346,14 +396,15 @@ def key_padding_mask(em: Emitter, found: tuple[BiasPlan, bool, float], q_in: ir.
     return em.cache[key]
 
 
-def attention_bias(em: Emitter, plans: list[BiasPlan], q_in: ir.Value, k_in: ir.Value,
+def attention_bias(em: Emitter, plans: list[BiasPlan], q_in: ir.Value, kv_len: ir.Value,
                    heads: int, dtype: np.dtype) -> ir.Value | None:
-    """The sum of the terms as one float [B|1, N|1, S, T] tensor (None without terms)."""
+    """The sum of the terms as one float [B|1, N|1, S, T] tensor (None without terms); `kv_len`
+    is T, a 1-element int64 tensor."""
     total = None
     for plan in plans:
         term = plan.term
         key = ("bias", id(term.value), term.fill, term.fill_if, term.factor, plan.reshape,
-               id(q_in) if plan.reshape or not (plan.z[2] and plan.z[3]) else 0)
+               (id(q_in), id(kv_len)) if plan.reshape or not (plan.z[2] and plan.z[3]) else 0)
         if key not in em.cache:
             value = term.value
             if term.fill is not None:
@@ -364,7 +415,7 @@ def attention_bias(em: Emitter, plans: list[BiasPlan], q_in: ir.Value, k_in: ir.
             elif term.factor != 1.0:
                 value = em.one("Mul", [value, em.const("attention_bias_scale",
                                                        np.array(term.factor, dtype))])
-            em.cache[key] = _z_form(em, plan, value, q_in, k_in, heads)
+            em.cache[key] = _z_form(em, plan, value, q_in, kv_len, heads)
         part = em.cache[key]
         total = part if total is None else em.one("Add", [total, part])
     return total

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from slimgraph.ir import layer_name
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import constant_array
+from slimgraph.passes.transformer._cache import KVCache, check_cache_layout
 from slimgraph.passes.transformer._layout import (
     Atom,
     Layout,
@@ -44,8 +45,9 @@ from slimgraph.passes.transformer._layout import (
     normalize,
     step,
 )
-from slimgraph.passes.transformer._rotary import Rotary, match_rotary
+from slimgraph.passes.transformer._rotary import Rotary
 from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo, scalar
+from slimgraph.passes.transformer._trace import Link, layout_along, trace
 
 __all__ = [
     "NoMatch",
@@ -93,6 +95,8 @@ class Operand:
         chain: the nodes between source and core (the head split); `links` the same as
             steps (nearest the core first).
         head_stride: features from one head's first to the next's.
+        cache: where past keys/values join the new ones (`Concat(past, new)`), if they do;
+            `source_dims` then has the source's sequence widened to past + new.
     """
 
     role: str
@@ -111,6 +115,7 @@ class Operand:
     head_stride: int = 0
     links: list[Link] = dataclasses.field(default_factory=list)
     source_dims: tuple[Dim, ...] = ()
+    cache: KVCache | None = None
 
     def __post_init__(self) -> None:
         self.head_stride = self.head_stride or self.head_size
@@ -207,82 +212,13 @@ class AttentionMatch:
     def head_size(self) -> int:
         return self.q.head_size
 
+    @property
+    def cached(self) -> bool:
+        """Keys and values come from a cache (past in, present out)."""
+        return self.k.cache is not None
+
 
 # ------------------------------------------------------------------------------- operands
-
-
-@dataclasses.dataclass
-class Link:
-    """One step of an operand's chain: a data movement ("move"), a scalar scale ("scale"), a
-    rotary embedding in plain ops ("rotary") or as onnxruntime's op ("rotary-op")."""
-
-    kind: str
-    node: ir.Node
-    value: ir.Value  # the link's output (toward the core)
-    source: ir.Value  # the link's data input (away from the core)
-    factor: float = 1.0
-    rotary: Rotary | None = None
-
-
-def trace(value: ir.Value, shapes: ShapeInfo) -> list[Link]:
-    """The links from `value` back toward its source, nearest first."""
-    links: list[Link] = []
-    current = value
-    for _ in range(_MAX_CHAIN):
-        node = current.producer()
-        if node is None:
-            break
-        if is_move(node) and node.inputs[0] is not None:
-            links.append(Link("move", node, current, node.inputs[0]))
-            current = node.inputs[0]
-            continue
-        if node.domain == "com.microsoft" and node.op_type == "RotaryEmbedding" and (
-                node.inputs[0] is not None):
-            links.append(Link("rotary-op", node, current, node.inputs[0]))
-            current = node.inputs[0]
-            continue
-        if is_onnx_op(node, "Mul", "Div"):
-            data = None
-            for i in ((0, 1) if node.op_type == "Mul" else (0,)):
-                factor = scalar(node.inputs[1 - i])
-                rank = shapes.rank(node.inputs[1 - i])
-                if factor is not None and node.inputs[i] is not None and (
-                        rank is None or rank <= (shapes.rank(node.inputs[i]) or 0)):
-                    data = node.inputs[i]
-                    factor = 1.0 / factor if node.op_type == "Div" else factor
-                    break
-            if data is not None and factor is not None:
-                links.append(Link("scale", node, current, data, factor=factor))
-                current = data
-                continue
-        rotated = match_rotary(current, shapes)
-        if rotated is not None:
-            links.append(Link("rotary", node, current, rotated[0], rotary=rotated[1]))
-            current = rotated[0]
-            continue
-        break
-    return links
-
-
-def layout_along(value: ir.Value, links: list[Link], upto: int, shapes: ShapeInfo) -> Layout:
-    """Layout of `value` (the end of `links`) relative to the input of `links[upto - 1]`
-    (upto=0: relative to itself).
-
-    Raises:
-        LayoutError: a move the layout cannot express.
-    """
-    start = links[upto - 1].source if upto else value
-    dims = shapes.shape(start)
-    if dims is None:
-        raise LayoutError("shape unknown")
-    layout = Layout.identity(dims)
-    for link in reversed(links[:upto]):
-        if link.kind == "move":
-            layout = step(layout, link.node, link.value, shapes)
-        elif link.kind == "rotary":
-            assert link.rotary is not None
-            link.rotary.cos_layout = layout
-    return layout
 
 
 @dataclasses.dataclass
@@ -352,17 +288,27 @@ def _candidates(links: list[Link]) -> Iterator[int]:
     return iter(range(len(links), -1, -1))
 
 
-def _operand(value: ir.Value, role: str, shapes: ShapeInfo) -> tuple[Operand, _Roles]:
+def _operand(value: ir.Value, role: str, shapes: ShapeInfo,
+             cache: bool = False) -> tuple[Operand, _Roles]:
     """The operand `value` of a core MatMul traced to its source (see the module docstring)."""
-    links = trace(value, shapes)
+    links = trace(value, shapes, cache=cache and role in ("k", "v"))
     reasons: list[str] = []
     for upto in _candidates(links):
+        kv_cache = None
         try:
             layout = layout_along(value, links, upto, shapes)
             source = links[upto - 1].source if upto else value
             dims = shapes.shape(source)
             assert dims is not None
+            kv_cache = next((link.cache for link in links[:upto] if link.cache), None)
+            if kv_cache is not None:  # the keys attended: past and new along the sequence
+                dims = tuple(kv_cache.total if i == kv_cache.source_axis else d
+                             for i, d in enumerate(dims))
             roles = _roles(layout, dims, transposed=role == "k")
+            if kv_cache is not None:
+                heads = [a.size.coef for r, a in roles.batch if r == "N"]
+                check_cache_layout(kv_cache, roles.feature_axis, roles.head_size,
+                                   heads[0] if heads else 1, roles.seq_axis, roles.head_stride)
         except LayoutError as error:
             reasons.append(str(error))
             continue
@@ -380,7 +326,7 @@ def _operand(value: ir.Value, role: str, shapes: ShapeInfo) -> tuple[Operand, _R
             roles.offset, heads[0] if heads else 1, roles.head_size, scale=scale,
             rotary=rotaries[0] if rotaries else None,
             chain=[link.node for link in links[:upto]], head_stride=roles.head_stride,
-            links=links[:upto], source_dims=tuple(dims),
+            links=links[:upto], source_dims=tuple(dims), cache=kv_cache,
         )
         return operand, roles
     why = reasons[0] if reasons else "no chain"
@@ -557,8 +503,14 @@ def _probabilities(softmax: ir.Node) -> tuple[ir.Value, list[ir.Node], bool]:
     return probs, [], False
 
 
-def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None) -> AttentionMatch:
+def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None, *,
+                    cache: bool = False) -> AttentionMatch:
     """Match the attention around `softmax` (see the module docstring).
+
+    With `cache`, keys and values may come through a key/value cache (`Concat(past, new)`,
+    `_cache`): the match then attends over past and new, and its k and v carry the `KVCache`.
+    Without it such a block is not matched (head pruning cannot shrink a cache it does not
+    write).
 
     Raises:
         NoMatch: with the reason, when the Softmax is not attention the fused ops can take.
@@ -568,29 +520,28 @@ def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None) -> Attent
         raise NoMatch("not a Softmax")
     scores_matmul = _scores_matmul(softmax)
     q, q_roles = _operand(scores_matmul.inputs[0], "q", shapes)  # type: ignore[arg-type]
-    k, k_roles = _operand(scores_matmul.inputs[1], "k", shapes)  # type: ignore[arg-type]
+    k, k_roles = _operand(scores_matmul.inputs[1], "k", shapes,  # type: ignore[arg-type]
+                          cache)
     if k.head_size != q.head_size:
         raise NoMatch(f"query head size {q.head_size} differs from the key's {k.head_size}")
     k.repeat = _pair(q_roles.batch, _label(k_roles, _align(q.layout, k.layout)), "key")
     k.heads = q.heads // k.repeat
-    k_dims = shapes.shape(k.source)
-    assert k_dims is not None
-    t_size = k_dims[k.seq_axis]
+    t_size = k.source_dims[k.seq_axis]
     z_layout = scores_layout = _z_layout(q.layout, q_roles, t_size)
     terms, factor, score_nodes, z_layout = _scores(scores_matmul, softmax, z_layout, t_size,
                                                     shapes)
     probs, guard, guarded = _probabilities(softmax)
     context, p_nodes, p_layout = _context(probs, z_layout, shapes)
-    v, v_roles = _operand(context.inputs[1], "v", shapes)  # type: ignore[arg-type]
+    v, v_roles = _operand(context.inputs[1], "v", shapes, cache)  # type: ignore[arg-type]
     p_roles = _z_roles(p_layout)
     v.repeat = _pair(p_roles, _label(v_roles, _align(p_layout, v.layout)), "value")
     v.heads = q.heads // v.repeat
     if k.heads != v.heads or k.repeat != v.repeat:
         raise NoMatch("key and value have different head counts")
-    v_dims = shapes.shape(v.source)
-    assert v_dims is not None
-    if v_dims[v.seq_axis] != t_size:
+    if v.source_dims[v.seq_axis] != t_size:
         raise NoMatch("key and value sequences differ")
+    if (k.cache is None) != (v.cache is None):
+        raise NoMatch("only one of key and value comes from a cache")
     if v.scale != 1.0 or v.rotary is not None:
         raise NoMatch("the values are scaled or rotated")
     output, output_layout, out_nodes, context_layout = _merge(context, p_layout, v.head_size,
@@ -758,17 +709,19 @@ def softmax_attention_like(softmax: ir.Node) -> bool:
                for u in softmax.outputs[0].uses())
 
 
-def find_attention(graph: ir.Graph, shapes: ShapeInfo | None = None) -> tuple[
+def find_attention(graph: ir.Graph, shapes: ShapeInfo | None = None, *,
+                   cache: bool = False) -> tuple[
         list[AttentionMatch], list[tuple[ir.Node, str]]]:
     """Every attention of `graph`: (matches, [(softmax, reason)] for attention-like Softmaxes
-    that did not match). Softmaxes that are not attention (classifier heads) are not listed."""
+    that did not match). Softmaxes that are not attention (classifier heads) are not listed.
+    `cache`: match blocks reading a key/value cache too (see `match_attention`)."""
     shapes = shapes or ShapeInfo()
     matches, failed = [], []
     for node in graph:
         if not is_onnx_op(node, "Softmax"):
             continue
         try:
-            matches.append(match_attention(node, shapes))
+            matches.append(match_attention(node, shapes, cache=cache))
         except NoMatch as reason:
             if softmax_attention_like(node):
                 failed.append((node, str(reason)))

@@ -36,6 +36,8 @@ class Rotary:
         dim: rotated features per head; interleaved: pairs (2i, 2i+1) rotate (GPT-J style)
             instead of (i, i + dim/2).
         nodes: the nodes computing the rotation.
+        batched: the tables vary with the batch (positions per row, as a decode step with
+            padded rows has them); set by the fusion's check.
     """
 
     cos: ir.Value
@@ -44,6 +46,7 @@ class Rotary:
     interleaved: bool
     nodes: list[ir.Node]
     cos_layout: Layout | None = None  # cos relative to the rotated tensor's layout
+    batched: bool = False
 
 
 def _slice_last(value: ir.Value | None, shapes: ShapeInfo) -> tuple[ir.Value, int, int, int] | None:

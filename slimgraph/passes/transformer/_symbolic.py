@@ -25,7 +25,7 @@ import onnx_ir as ir
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import constant_array, traced_constant
 
-__all__ = ["Dim", "ShapeInfo", "Shape", "dim_of", "product", "scalar", "ONE", "all_true"]
+__all__ = ["Dim", "ShapeInfo", "Shape", "dim_of", "sum_dim", "product", "scalar", "ONE", "all_true"]
 
 _INT_MAX = 2**62  # Slice ends above this mean "to the end"
 
@@ -69,6 +69,13 @@ class Dim:
 
 Shape = tuple[Dim, ...]
 ONE = Dim(1)
+
+
+def sum_dim(a: Dim, b: Dim) -> Dim:
+    """`a + b` as one opaque symbol named by the sum (`past_sequence + sequence`, the name
+    torch's exporter gives such a dimension): equal only to the same sum, never to a part."""
+    terms = sorted(t for d in (a, b) for t in str(d).split(" + ") if t != "0")
+    return Dim(1, (" + ".join(terms),))
 
 
 def _named(text: str) -> Dim:
@@ -222,6 +229,8 @@ class ShapeInfo:
                     out.append(x)
                 elif op == "Add" and x == Dim(0):
                     out.append(y)
+                elif op == "Add":
+                    out.append(sum_dim(x, y))
                 else:
                     return None
             return tuple(out)

@@ -48,6 +48,8 @@ from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.registry import register_pass
+from slimgraph.passes.transformer._cached import gqa_rotary, rewrite_cached
+from slimgraph.passes.transformer._causal import proves_causal
 from slimgraph.passes.transformer._emit import (
     MS_DOMAIN,
     BiasPlan,
@@ -63,7 +65,12 @@ from slimgraph.passes.transformer._emit import (
     rebuild_output,
     rotary_input,
 )
-from slimgraph.passes.transformer._match import AttentionMatch, NoMatch, find_attention
+from slimgraph.passes.transformer._match import (
+    AttentionMatch,
+    BiasTerm,
+    NoMatch,
+    find_attention,
+)
 from slimgraph.passes.transformer._symbolic import ShapeInfo
 
 __all__ = ["FuseAttentionPass", "AttentionFusionResult", "TransformerFusionResult", "GQA_MODES",
@@ -115,6 +122,8 @@ class _Plan:
     padding: tuple[BiasPlan, bool, float] | None
     biases: list[BiasPlan]
     grouped: bool
+    cache: str = ""  # a cached block: "gqa" (GroupQueryAttention) or "mha" (with past)
+    do_rotary: bool = False  # rotary inside GroupQueryAttention
 
 
 @register_pass("fuse-attention", exact=True)
@@ -148,7 +157,7 @@ class FuseAttentionPass(SlimgraphPass):
     def call(self, model: ir.Model) -> AttentionFusionResult:
         graph = model.graph
         shapes = ShapeInfo()
-        matches, failed = find_attention(graph, shapes)
+        matches, failed = find_attention(graph, shapes, cache=True)
         skipped = [Skipped(_layer(node), "Softmax", reason) for node, reason in failed]
         plans: list[_Plan] = []
         for match in matches:
@@ -186,18 +195,45 @@ class FuseAttentionPass(SlimgraphPass):
         for operand in (match.q, match.k, match.v):
             check_operand(operand)
             check_rotary(operand, shapes)
+        terms = [t for t in match.bias if not inert(t)]
+        if match.cached:
+            return self._plan_cached(match, terms, shapes)
         grouped = match.kv_heads != match.heads
         if grouped and self.gqa == "op":
             q_dims, k_dims = shapes.shape(match.q.source), shapes.shape(match.k.source)
             assert q_dims is not None and k_dims is not None
             if q_dims[match.q.seq_axis] != k_dims[match.k.seq_axis]:
                 grouped = False  # GroupQueryAttention needs self-attention: repeat instead
-        terms = [t for t in match.bias if not inert(t)]
         padding = padding_term(terms, shapes)
         biases = [] if padding is not None else [bias_plan(t, shapes) for t in terms]
         if match.v.head_size != match.head_size and grouped:
             raise NoMatch("grouped-query attention with a value head size unlike the key's")
         return _Plan(match, padding, biases, grouped and self.gqa == "op")
+
+    def _plan_cached(self, match: AttentionMatch, terms: list[BiasTerm],
+                     shapes: ShapeInfo) -> _Plan:
+        """A block over a key/value cache: GroupQueryAttention (causal, past and present
+        buffers, the mask as attention_bias) when its mask is evidently causal and its keys are
+        grouped or rotated, else MultiHeadAttention with past_key/past_value."""
+        q, k = match.q, match.k
+        if (q.rotary is None) != (k.rotary is None):
+            raise NoMatch("only one of query and key is rotated")
+        if match.v.head_size != match.head_size:
+            raise NoMatch("a cache whose value head size differs from the key's")
+        grouped = match.kv_heads != match.heads
+        assert k.cache is not None
+        causal = proves_causal(terms, q.source_dims[q.seq_axis], k.cache.total, shapes)
+        if (grouped or q.rotary is not None) and causal and self.gqa == "op":
+            return _Plan(match, None, [bias_plan(t, shapes) for t in terms], True, "gqa",
+                         gqa_rotary(match))
+        if grouped:
+            raise NoMatch("grouped-query attention over a key/value cache needs "
+                          "GroupQueryAttention, and "
+                          + ("gqa='repeat' was asked" if self.gqa != "op" else
+                             "the mask is not evidently causal (that op masks causally)"))
+        padding = padding_term(terms, shapes)
+        biases = [] if padding is not None else [bias_plan(t, shapes) for t in terms]
+        return _Plan(match, padding, biases, False, "mha")
 
 
 def _layer(node: ir.Node) -> str:
@@ -211,23 +247,27 @@ def _rewrite(em: Emitter, plan: _Plan) -> list[str]:
     assert anchor is not None
     em.anchor = anchor
     em.metadata = dict(match.softmax.metadata_props)
+    if plan.cache:
+        return rewrite_cached(em, plan.match, plan.cache, plan.biases, plan.padding,
+                              plan.do_rotary)
     dtype = match.q.source.dtype.numpy() if match.q.source.dtype is not None else np.float32
     inputs = {o.role: operand_input(em, match, o) for o in (match.q, match.k, match.v)}
     q_in, k_in = inputs["q"], inputs["k"]
+    kv_len = em.dim(k_in, 1)
     kinds = []
     q = rotary_input(em, match, match.q, q_in)
     k = rotary_input(em, match, match.k, k_in)
     v = inputs["v"]
     if match.q.rotary is not None or match.k.rotary is not None:
         kinds.append("rotary")
-    mask = key_padding_mask(em, plan.padding, q_in, k_in, match.heads) if plan.padding else None
-    bias = attention_bias(em, plan.biases, q_in, k_in, match.heads, np.dtype(dtype))
+    mask = key_padding_mask(em, plan.padding, q_in, kv_len, match.heads) if plan.padding else None
+    bias = attention_bias(em, plan.biases, q_in, kv_len, match.heads, np.dtype(dtype))
     attrs = {"num_heads": match.heads, "scale": float(match.scale)}
     if plan.grouped:
         kinds.append("grouped_query")
         if mask is not None:  # GroupQueryAttention takes no key padding mask: as a bias
             assert plan.padding is not None
-            bias = attention_bias(em, [_as_bias(plan.padding)], q_in, k_in, match.heads,
+            bias = attention_bias(em, [as_bias(plan.padding)], q_in, kv_len, match.heads,
                                   np.dtype(dtype))
         seqlens, total = _sequence_lengths(em, k_in)
         out = em.one("GroupQueryAttention",
@@ -253,7 +293,8 @@ def _rewrite(em: Emitter, plan: _Plan) -> list[str]:
     return kinds
 
 
-def _as_bias(found: tuple[BiasPlan, bool, float]) -> BiasPlan:
+def as_bias(found: tuple[BiasPlan, bool, float]) -> BiasPlan:
+    """A key padding mask (plan, kept where, fill) as a bias term's plan."""
     plan, keep_if, fill = found
     term = dataclasses.replace(plan.term, value=plan.value, fill=fill, fill_if=not keep_if,
                                factor=1.0)
