@@ -22,16 +22,22 @@ fusions it applies first).
 
 Part 2, speed (`--part speed`): a Llama-style model with random weights (hidden 1024, 4 layers,
 16 heads, 4 KV heads, SwiGLU 2816, vocab 32000; `transformers.LlamaConfig`), exported without a
-KV cache with batch and sequence symbolic (the decode step is timed on this graph at sequence 1:
-the KV-cache decode graph is another branch's work and not on main when this ran), cleaned the
-same way. Timed side by side (`slimgraph.runtime.benchmark`: interleaved shuffled rounds,
-medians, 2 threads, no spinning) on onnxruntime at level "all":
+KV cache with batch and sequence symbolic (a one-token step on it reads every weight once, as a
+decode step does, without the cache), cleaned the same way. Timed side by side
+(`slimgraph.runtime.benchmark`: interleaved shuffled rounds, medians, 2 threads, no spinning) on
+onnxruntime at level "all":
 
 - decode (batch 1, sequence 1): fp32, dynamic int8 (`mode="dynamic"`), slimgraph int4 (rtn,
   block 128, defaults), onnxruntime's MatMulNBitsQuantizer RTN int4 (block 128; its default
   accuracy level, and level 4), `bits="auto"` timed at batch 1 x 1;
 - prefill (batch 1, sequence 128): fp32, dynamic int8, slimgraph int4, `bits="auto"` timed at
   batch 1 x 128.
+
+Part 3, the KV-cache decode step (`--part kv`): the same Llama exported by
+`sg.from_torch_causal_lm` (past keys/values in, present out), timed at batch 1, one new token
+after a past of 127: fp32, dynamic int8, slimgraph int4 (both fuse the attention into
+GroupQueryAttention first), onnxruntime's RTN int4 of the same fp32 step (its default level,
+and level 4).
 
 Targets (PASS/FAIL): int4 decode <= 0.9x dynamic int8; auto at prefill <= 1.0x dynamic int8
 (within the 90% bootstrap interval); slimgraph int4 <= 1.0x onnxruntime's RTN int4 at decode and
@@ -40,7 +46,7 @@ onnxruntime's scope); GPTQ closes >= 50% of RTN's gap, AWQ >= 40%,
 HQQ's perplexity <= onnxruntime HQQ's; quantizing the trained LM < 120 s.
 
 Usage:
-    python benchmarks/decoder.py [--part quality|speed|all] [--rounds 20] [--threads 2]
+    python benchmarks/decoder.py [--part quality|speed|kv|all] [--rounds 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -308,9 +314,64 @@ def speed(folder: Path, rounds: int, threads: int) -> tuple[str, list[str]]:
     return "\n".join(lines), checks
 
 
+def kv_step(folder: Path, rounds: int, threads: int) -> tuple[str, list[str]]:
+    """The same Llama as a KV-cache decode step (`from_torch_causal_lm`), timed at batch 1, one
+    new token after a past of 127: dynamic int8 and slimgraph int4 (both fuse the attention into
+    GroupQueryAttention first) against onnxruntime's RTN int4 of the same fp32 step."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    step = sg.from_torch_causal_lm(LlamaForCausalLM(config).eval())
+    fp32 = cleaned_model(step, folder / "step.fp32.onnx")
+    model = sg.load(fp32)
+    paths = {"fp32": fp32}
+    for name, make in (("dynamic int8", lambda: sg.quantize(model, mode="dynamic")),
+                       ("int4 (slimgraph)", lambda: sg.quantize(model, mode="weight-only",
+                                                                block_size=BLOCK))):
+        paths[name] = folder / f"step.{len(paths)}.onnx"
+        sg.save(make(), paths[name])
+    paths["int4 (onnxruntime)"] = folder / "step.ort.onnx"
+    ort_rtn(fp32, paths["int4 (onnxruntime)"])
+    paths["int4 (onnxruntime, level 4)"] = folder / "step.ort4.onnx"
+    ort_rtn(fp32, paths["int4 (onnxruntime, level 4)"], accuracy_level=4)
+    feed = sg.random_feeds(model, batch=1, dims={"sequence": 1, "past_sequence": 127})
+    names = ["dynamic int8", "fp32", "int4 (slimgraph)", "int4 (onnxruntime)",
+             "int4 (onnxruntime, level 4)"]
+    result = benchmark([str(paths[n]) for n in names], feed, labels=names, rounds=rounds,
+                       threads=threads)
+    fused = {n: sum(node.op_type == "GroupQueryAttention" for node in sg.load(paths[n]).graph)
+             for n in names}
+    lines = ["KV-cache decode step (batch 1, 1 new token, past 127); ratios to dynamic int8",
+             result.table(), f"GroupQueryAttention nodes: {fused}"]
+    int4 = _ratio(result, "int4 (slimgraph)", "dynamic int8")
+    vs_ort = _ratio(result, "int4 (slimgraph)", "int4 (onnxruntime)")
+    lines.append(f"int4/int8 {int4:.3f}; slimgraph/onnxruntime int4 {vs_ort:.3f}")
+    return "\n".join(lines), [
+        _check("KV-cache decode step: int4 <= 0.9x dynamic int8", int4 <= 0.9),
+        _check("KV-cache decode step: slimgraph int4 <= 1.0x onnxruntime RTN int4",
+               vs_ort <= 1.0)]
+
+
+def _ratio(result: object, a: str, b: str) -> float:
+    """Median latency of `a` over `b` in a benchmark result."""
+    comparison = next(c for c in result.comparisons  # type: ignore[attr-defined]
+                      if {c.a, c.b} == {a, b})
+    return comparison.ratio if comparison.a == a else 1 / comparison.ratio
+
+
+def cleaned_model(model: object, target: Path) -> Path:
+    """`cleaned` for a model in memory."""
+    sg.save(sg.optimize(model, preset="lossless"), target)  # type: ignore[arg-type]
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("quality", "speed", "all"), default="all")
+    parser.add_argument("--part", choices=("quality", "speed", "kv", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -323,6 +384,10 @@ def main() -> None:
             checks += more
         if args.part in ("speed", "all"):
             text, more = speed(folder, args.rounds, args.threads)
+            print(text, "\n", flush=True)
+            checks += more
+        if args.part in ("kv", "all"):
+            text, more = kv_step(folder, args.rounds, args.threads)
             print(text, "\n", flush=True)
             checks += more
     print("\n".join(checks))
