@@ -71,7 +71,8 @@ class QuantizeOptions(StaticOptions):
         smooth_quant: static: SmoothQuant alpha, "auto"/True, or None/False.
         transformer: dynamic: on a model with attention, first apply the `transformer`
             preset's exact fusions (fused attention, BiasGelu, residual Sums; onnxruntime is the
-            target), so the attention becomes QAttention; False quantizes the graph as it is.
+            target), so the attention becomes QAttention, and GELU's tanh form (FastGelu,
+            approximate, `tanh-gelu`); False quantizes the graph as it is.
     """
 
     mode: Mode | None = None

@@ -5,6 +5,8 @@
 - `pack-attention` (`packing`): Q/K/V projections into `com.microsoft.Attention` (QAttention
   after dynamic quantization), exact;
 - `fuse-bias-gelu`, `fuse-rms-norm`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
+- `tanh-gelu` (`gelu`): GELU's erf form into its faster tanh form (FastGelu), approximate;
+  dynamic int8 quantization applies it to transformers;
 - head pruning (`heads`): whole attention heads (and key/value groups) removed, head counts
   restated (the `prune-heads` pass and `prune(heads=...)` run it from `slimgraph.passes.prune`);
 - SmoothQuant's rewrite (`smoothing`): normalization outputs' outlier channels moved into the
@@ -34,6 +36,7 @@ from slimgraph.passes.transformer.attention import (
     fusion_summary,
     has_fused_attention,
 )
+from slimgraph.passes.transformer.gelu import MAX_GELU_DIFFERENCE, TanhGeluPass
 from slimgraph.passes.transformer.heads import (
     HeadPruning,
     HeadReport,
@@ -64,6 +67,8 @@ __all__ = [
     "TransformerFusionResult",
     "fusion_summary",
     "has_fused_attention",
+    "MAX_GELU_DIFFERENCE",
+    "TanhGeluPass",
     "HeadPruning",
     "HeadReport",
     "head_scores",

@@ -177,7 +177,8 @@ def test_dynamic_int8_applies_the_transformer_rewrites_itself(name: str) -> None
     quantized = sg.quantize(model, mode="dynamic")
     counts = ops(quantized)
     assert counts["QAttention"] == case.blocks and counts["Softmax"] == 0
-    assert counts["BiasGelu"] == case.blocks  # one per layer
+    # one GELU per layer, fused with its bias and in its tanh form (approximate, tanh-gelu)
+    assert counts["FastGelu"] == case.blocks and counts["BiasGelu"] == 0
     plain = sg.quantize(model, mode="dynamic", transformer=False)
     assert ops(plain)["QAttention"] == 0 and ops(plain)["Softmax"] == case.blocks
     feed = case.feeds(3, 11, 2)
