@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
+    "AUTO_BITS",
     "STATIC_SHAPE",
     "EXAMPLE_DIMS",
     "MATERIALIZED",
@@ -50,6 +51,10 @@ QUANT_REPORT = "slimgraph.quantize_report"
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
 # uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
 BUDGET_SEARCH = "slimgraph.budget_search"
+
+# Model.meta: the AutoBitsResult of sg.quantize(..., bits="auto") (the form each MatMul took and
+# the timings it was chosen on; `slimgraph.passes.quantize.auto_bits`).
+AUTO_BITS = "slimgraph.auto_bits"
 
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
 # for channel tracing (`slimgraph.passes.prune._shapes.annotate_static_shapes`); stale once the

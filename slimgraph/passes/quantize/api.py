@@ -30,6 +30,7 @@ from slimgraph.ir import ModelLike, as_model, copy_model, metadata
 from slimgraph.ir.select import check_patterns, exact_pattern
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
+from slimgraph.passes.quantize import auto_bits, weight_only
 from slimgraph.passes.quantize.options import (
     ActivationDtype,
     Mode,
@@ -69,7 +70,7 @@ def quantize(
     include_ops: Sequence[str] = (),
     activation_dtype: ActivationDtype = "auto",
     report: bool = False,
-    bits: int = 4,
+    bits: int | str = 4,
     block_size: int = 32,
     batch_size: int = 32,
     progress: bool | None = None,
@@ -82,19 +83,29 @@ def quantize(
     verify: bool = True,
     smooth_quant: float | str | bool | None = None,
     transformer: bool = True,
+    accuracy_level: int | None = None,
+    head_bits: int | None = 8,
+    embedding_bits: int | None = 8,
+    act_order: bool = True,
+    auto_batch: int = 1,
+    auto_seq: int | None = None,
 ) -> ir.Model:
     """Quantize a float model to int8 (a new model; the input is not modified). Approximate.
 
     Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
     (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
-    weight-only.
+    weight-only int4/int8 whose codes come from round-to-nearest, HQQ, GPTQ or AWQ.
 
     Args:
         model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
-        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
+        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts
+            (static mode; weight-only methods "gptq" and "awq").
         mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
-            "weight-only".
-        method: static calibrator: minmax, moving-average, percentile, entropy or mse.
+            "weight-only" (the default when `method` is a weight-only method).
+        method: static calibrator: minmax, moving-average, percentile, entropy or mse;
+            weight-only: "rtn" (round-to-nearest, the default; "minmax" means the same), "hqq"
+            (half-quadratic fit of each block's grid, no data), "gptq" or "awq" (both need
+            calibration data; `passes.quantize.gptq`, `awq`, `hqq`).
         per_channel: per-channel weight scales.
         fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs, portable) or "qoperator"
             (QLinearConv, QLinearMatMul, onnxruntime's MatMulIntegerToFloat with the bias inside:
@@ -109,7 +120,10 @@ def quantize(
         activation_dtype: "auto" (uint8 on x86, the fast kernels), "uint8" or "int8".
         report: measure per-tensor SQNR on the calibration data (static); read it back with
             `slimgraph.report_of(quantized)`.
-        bits, block_size: weight-only options.
+        bits, block_size: weight-only options; bits 4, 8 or "auto": each MatMul becomes int4
+            weight-only, dynamic int8 or stays float32, whichever onnxruntime runs fastest on this
+            machine at `auto_batch` x `auto_seq` (`passes.quantize.auto_bits`; the choices are in
+            `model.meta[metadata.AUTO_BITS]`).
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
@@ -125,12 +139,21 @@ def quantize(
             (models with ops onnxruntime does not have); static mode always runs it.
         smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
             smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
-        transformer: dynamic: a model with attention first gets the `transformer` preset's
-            exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
+        transformer: dynamic and weight-only: a model with attention first gets the
+            `transformer` preset's exact fusions (attention into MultiHeadAttention or
+            GroupQueryAttention, then QAttention in dynamic mode; RMSNorm, BiasGelu; residual
             Adds as Sum), verified like `prepare`, and GELU in its faster tanh form (FastGelu;
-            approximate, within 4.74e-4 of the erf form; also on a model the preset fused
-            already); blocks that cannot be fused are named in a warning. False quantizes the
-            graph's own ops.
+            approximate, within 4.74e-4 of the erf form; in dynamic mode also on a model the
+            preset fused already); blocks that cannot be fused are named in a warning. False
+            quantizes the graph's own ops.
+        accuracy_level: weight-only MatMulNBits' accuracy level (None: 4, int8 activations).
+        head_bits, embedding_bits: weight-only bits of the head (a MatMul whose output is a
+            graph output: an LM head, a classifier) and of embedding tables: 8 unless asked
+            (None: `bits`).
+        act_order: weight-only GPTQ processes rows by decreasing Hessian diagonal (the
+            default; False: in order).
+        auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
+            (auto_seq None: the export's example sequence length, else 1).
 
     Returns:
         The quantized model (float inputs and outputs).
@@ -162,7 +185,9 @@ def quantize(
         report=report, bits=bits, block_size=block_size, batch_size=batch_size,
         progress=progress, percentile=percentile, data=data, budget=budget, max_drop=max_drop,
         min_cosine=min_cosine, metric=metric, verify=verify, smooth_quant=smooth_quant,
-        transformer=transformer,
+        transformer=transformer, accuracy_level=accuracy_level, head_bits=head_bits,
+        embedding_bits=embedding_bits, act_order=act_order, auto_batch=auto_batch,
+        auto_seq=auto_seq,
     )
     return QuantizePass(options, calibration=calibration)(as_model(model)).model
 
@@ -212,14 +237,16 @@ def _quantize(
             quantized = ResidualSumPass()(quantized).model
         return _deployable(quantized)
 
-    mode = options.mode or ("static" if calibration is not None else "dynamic")
+    mode = options.mode or (
+        "weight-only" if options.method in weight_only.METHODS
+        else "static" if calibration is not None else "dynamic")
     options = replace(options, mode=mode)
     judge = budget_judge(model, options.data, budget=options.budget, max_drop=options.max_drop,
                          min_cosine=options.min_cosine, metric=options.metric)
     if judge is not None:
         return _quantize_within(model, judge, calibration, options)
     fmt = options.fmt
-    if fmt is None:
+    if fmt is None or (fmt == "matmulnbits" and mode == "weight-only"):
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in _FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
@@ -248,6 +275,7 @@ def _quantize(
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError.worded("{smooth} applies to static quantization, not to {mode} mode",
                                     smooth=("smooth_quant=", "--smooth-quant"), mode=mode)
+    settings = _weight_only_settings(options, calibration) if mode == "weight-only" else None
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
@@ -255,35 +283,84 @@ def _quantize(
             model, _generated_feed(model) if options.verify else None,
             matmul_to_gemm=mode != "weight-only",
         )
-    if mode == "dynamic":
-        from slimgraph.passes.quantize.dynamic import quantize_dynamic
-
         if options.transformer:
             model, fused = _transformer_rewrites(model, options.verify)
             keep_sums = keep_sums or fused
-            if has_fused_attention(model):  # fused by the preset before: GELUs still in erf form
-                model = TanhGeluPass()(model).model
+    if mode == "dynamic":
+        from slimgraph.passes.quantize.dynamic import quantize_dynamic
+
+        if options.transformer and has_fused_attention(model):
+            model = TanhGeluPass()(model).model  # fused by the preset before: GELUs in erf form
         return _finish(quantize_dynamic(
             model, per_channel=options.per_channel, exclude=tuple(options.exclude),
             exclude_ops=tuple(options.exclude_ops),
         ))
-    if mode == "weight-only":
-        from slimgraph.passes.quantize.weight_only import quantize_weight_only
-
-        return _finish(quantize_weight_only(
-            model, bits=options.bits, block_size=options.block_size,
-            fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(options.exclude),
-            exclude_ops=tuple(options.exclude_ops),
-        ))
+    if settings is not None:
+        return _finish(_weight_only(model, calibration, options, settings))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _weight_only_settings(
+    options: QuantizeOptions, calibration: CalibrationData | None
+) -> weight_only.WeightOnlyOptions:
+    """The weight-only pass's options from `quantize`'s, checked (before anything runs).
+
+    Raises:
+        BadOptionError: a static calibrator as method, calibration data for a method that
+            uses none or none for one that needs it, bad bits or other weight-only options.
+    """
+    method = "rtn" if options.method == "minmax" else options.method
+    if method not in weight_only.METHODS:
+        kind = "is a static calibrator" if method in METHODS else "is unknown"
+        raise BadOptionError.worded(
+            "{method} {name} {kind}; weight-only methods: {choices}",
+            method=("method=", "--method"), name=method, kind=kind,
+            choices=", ".join(weight_only.METHODS))
+    if calibration is not None and method not in weight_only.DATA_METHODS:
+        raise BadOptionError.worded(
+            "weight-only {method} {name} uses no calibration data: leave out {calib} (gptq and "
+            "awq use it)", method=("method=", "--method"), name=method,
+            calib=("calibration=", "--calib"))
+    bits = options.bits
+    if bits not in (4, 8, "auto"):
+        raise BadOptionError(f"weight-only quantization supports bits 4, 8 or auto (got {bits})")
+    settings = weight_only.WeightOnlyOptions(
+        bits=4 if bits == "auto" else int(bits), block_size=options.block_size,
+        fmt="matmulnbits" if options.fmt == "qoperator" else "dq", method=method,
+        exclude=tuple(options.exclude), exclude_ops=tuple(options.exclude_ops),
+        accuracy_level=(weight_only.DEFAULT_ACCURACY_LEVEL if options.accuracy_level is None
+                        else options.accuracy_level),
+        head_bits=options.head_bits, embedding_bits=options.embedding_bits,
+        act_order=options.act_order,
+    )
+    settings.check()
+    weight_only.check_calibration(method, calibration)
+    return settings
+
+
+def _weight_only(
+    model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions,
+    settings: weight_only.WeightOnlyOptions,
+) -> ir.Model:
+    """Weight-only quantization of the prepared `model` (bits "auto": the form of each MatMul
+    timed first)."""
+    if options.bits != "auto":
+        return weight_only.quantize_weight_only(
+            model, calibration=calibration, batch_size=options.batch_size, **vars(settings))
+    quantized, chosen = auto_bits.quantize_auto(
+        model, settings, batch=options.auto_batch, seq=options.auto_seq,
+        calibration=calibration, batch_size=options.batch_size,
+        per_channel=options.per_channel)
+    quantized.meta[metadata.AUTO_BITS] = chosen
+    return quantized
 
 
 def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool]:
     """The `transformer` preset's exact fusions on a model with unfused attention, for dynamic
-    int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums; and GELU in
-    its tanh form (`tanh-gelu`, approximate: 4.74e-4 at most, below the int8 noise). Returns the
-    model and whether it changed; a summary of the attention fusion is logged (a warning naming
-    the first block left unfused and why)."""
+    int8 and weight-only on onnxruntime: fused attention (then QAttention in dynamic mode),
+    BiasGelu, residual Sums; and GELU in its tanh form (`tanh-gelu`, approximate: 4.74e-4 at
+    most, below the int8 noise). Returns the model and whether it changed; a summary of the
+    attention fusion is logged (a warning naming the first block left unfused and why)."""
     from slimgraph.passes import run_pipeline
     from slimgraph.passes.transformer import find_attention, has_fused_attention
 
