@@ -64,7 +64,8 @@ _ORDER = (
     "calibration", "mode", "method", "per_channel", "fmt", "exclude", "exclude_ops",
     "include_ops", "activation_dtype", "report", "bits", "block_size", "batch_size", "progress",
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
-    "smooth_quant", "transformer",
+    "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
+    "auto_batch", "auto_seq",
 )
 
 
@@ -148,15 +149,20 @@ def quantize(
 
     Method: affine int8 quantization (seeds 000, 002): static with calibrated activation ranges
     (QDQ pairs or integer operators), dynamic (activations quantized at run time), or block-wise
-    weight-only. Takes its options as keywords or as `options=` a `QuantizeOptions`; keywords
-    given with `options=` replace its fields.
+    weight-only int4/int8 whose codes come from round-to-nearest, HQQ, GPTQ or AWQ. Takes its
+    options as keywords or as `options=` a `QuantizeOptions`; keywords given with `options=`
+    replace its fields.
 
     Args:
         model: the float model: an `onnx_ir.Model` or the path of an `.onnx` file.
-        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts.
+        calibration: an `.npz` path, a dict of stacked arrays, or an iterable of feed dicts
+            (static mode; weight-only methods "gptq" and "awq").
         mode: "static" (default when calibration is given), "dynamic" (default otherwise) or
-            "weight-only".
-        method: static calibrator: minmax, moving-average, percentile, entropy or mse.
+            "weight-only" (the default when `method` is a weight-only method).
+        method: static calibrator: minmax, moving-average, percentile, entropy or mse;
+            weight-only: "rtn" (round-to-nearest, the default; "minmax" means the same), "hqq"
+            (half-quadratic fit of each block's grid, no data), "gptq" or "awq" (both need
+            calibration data; `passes.quantize.gptq`, `awq`, `hqq`).
         per_channel: per-channel weight scales.
         fmt: "qdq" (QuantizeLinear/DequantizeLinear pairs, portable) or "qoperator"
             (QLinearConv, QLinearMatMul, onnxruntime's MatMulIntegerToFloat with the bias inside:
@@ -172,7 +178,10 @@ def quantize(
         report: measure per-tensor SQNR on the calibration data (static); it is the
             `QuantizeReport`'s `tensors` (`quantize_with_report`; the deprecated
             `slimgraph.report_of(quantized)` still reads it).
-        bits, block_size: weight-only options.
+        bits, block_size: weight-only options; bits 4, 8 or "auto": each MatMul becomes int4
+            weight-only, dynamic int8 or stays float32, whichever onnxruntime runs fastest on this
+            machine at `auto_batch` x `auto_seq` (`passes.quantize.auto_bits`; the choices are in
+            `model.meta[metadata.AUTO_BITS]`).
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (default: when stderr is a terminal).
         percentile: for method="percentile".
@@ -188,12 +197,21 @@ def quantize(
             (models with ops onnxruntime does not have); static mode always runs it.
         smooth_quant: static: SmoothQuant before quantizing (`slimgraph.passes.quantize.
             smoothquant`): alpha in [0, 1], or "auto"/True to search alpha on the calibration data.
-        transformer: dynamic: a model with attention first gets the `transformer` preset's
-            exact fusions (attention into MultiHeadAttention, then QAttention; BiasGelu; residual
+        transformer: dynamic and weight-only: a model with attention first gets the
+            `transformer` preset's exact fusions (attention into MultiHeadAttention or
+            GroupQueryAttention, then QAttention in dynamic mode; RMSNorm, BiasGelu; residual
             Adds as Sum), verified like `prepare`, and GELU in its faster tanh form (FastGelu;
-            approximate, within 4.74e-4 of the erf form; also on a model the preset fused
-            already); blocks that cannot be fused are named in a warning. False quantizes the
-            graph's own ops.
+            approximate, within 4.74e-4 of the erf form; in dynamic mode also on a model the
+            preset fused already); blocks that cannot be fused are named in a warning. False
+            quantizes the graph's own ops.
+        accuracy_level: weight-only MatMulNBits' accuracy level (None: 4, int8 activations).
+        head_bits, embedding_bits: weight-only bits of the head (a MatMul whose output is a
+            graph output: an LM head, a classifier) and of embedding tables: 8 unless asked
+            (None: `bits`).
+        act_order: weight-only GPTQ processes rows by decreasing Hessian diagonal (the
+            default; False: in order).
+        auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
+            (auto_seq None: the export's example sequence length, else 1).
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -326,6 +344,7 @@ _INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "Conv
                           "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
                           "QLinearConcat", "QLinearGlobalAveragePool", "QLinearSigmoid"})
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 
 def written_format(model: ir.Model, mode: str, requested: str) -> tuple[str, dict[str, int]]:
@@ -337,7 +356,7 @@ def written_format(model: ir.Model, mode: str, requested: str) -> tuple[str, dic
     the requested format when the graph has none of these (nothing was quantized)."""
     ops = Counter(node.op_type for node in model.graph.all_nodes())
     quantized = {op: count for op, count in sorted(ops.items())
-                 if op in _DYNAMIC_OPS | _INTEGER_OPS | _QDQ_OPS | {"MatMulNBits"}}
+                 if op in _DYNAMIC_OPS | _INTEGER_OPS | _QDQ_OPS | _WEIGHT_ONLY_OPS}
     if "MatMulNBits" in ops:
         return "matmulnbits", quantized
     if ops.keys() & _DYNAMIC_OPS:

@@ -16,6 +16,7 @@ __all__ = [
     "QUANT_REPORT",
     "BUDGET_SEARCH",
     "SMOOTH_QUANT_ALPHA",
+    "AUTO_BITS",
     "STATIC_SHAPE",
     "EXAMPLE_DIMS",
     "MATERIALIZED",
@@ -55,6 +56,10 @@ BUDGET_SEARCH = "slimgraph.budget_search"
 # Model.meta: the alpha SmoothQuant chose (None: no smoothing scored best); `quantize(...,
 # smooth_quant=...)`.
 SMOOTH_QUANT_ALPHA = "slimgraph.smooth_quant_alpha"
+
+# Model.meta: the AutoBitsResult of sg.quantize(..., bits="auto") (the form each MatMul took and
+# the timings it was chosen on; `slimgraph.passes.quantize.auto_bits`).
+AUTO_BITS = "slimgraph.auto_bits"
 
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
 # for channel tracing (`slimgraph.passes.prune._shapes.annotate_static_shapes`); stale once the

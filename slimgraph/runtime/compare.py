@@ -3,7 +3,9 @@
 Statistics accumulate over all samples (sums, not stored outputs), so comparing on many samples
 costs no more memory than on one. `compare` reads its data like every public function
 (`runtime.data.as_data`: an `.npz` path, stacked arrays, `LabelledData`), so a labels key adds
-both models' top-1 accuracy; without data it draws random inputs and says so.
+both models' top-1 accuracy; without data it draws random inputs and says so. Two causal language
+models (token ids in, logits [batch, seq, vocab] out; `runtime.perplexity.lm_spec`) compared on
+data also get both perplexities and their next-token agreement (`LMScores`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from slimgraph.errors import (
 from slimgraph.ir import as_model, metadata
 from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
+from slimgraph.runtime.perplexity import LMAccumulator, LMScores, lm_spec
 from slimgraph.runtime.quant_math import sqnr_db
 from slimgraph.runtime.session import create_session, is_session, run
 
@@ -121,6 +124,8 @@ class Fidelity:
         accuracy: both models' top-1 accuracy when the data had labels, else None.
         data: where the inputs came from ("val.npz (450 samples)", "random inputs (...)").
         note: what the figures mean when they come from random inputs.
+        language_model: both models' perplexity and next-token agreement, for two causal
+            LMs compared on data; else None.
     """
 
     outputs: tuple[OutputFidelity, ...]
@@ -129,6 +134,7 @@ class Fidelity:
     accuracy: Accuracy | None = None
     data: str | None = None
     note: str | None = None
+    language_model: LMScores | None = None
 
     @property
     def worst_cosine(self) -> float:
@@ -148,6 +154,8 @@ class Fidelity:
                     outputs=[asdict(o) for o in self.outputs])
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy.to_dict()
+        if self.language_model is not None:
+            data["language_model"] = self.language_model.to_dict()
         return data
 
     def table(self, head: Sequence[tuple[str, str]] = ()) -> str:
@@ -169,6 +177,8 @@ class Fidelity:
         lines += [render_table(headers, rows, align="llrrrrr"), "", self.worst()]
         if self.accuracy is not None:
             lines.append(str(self.accuracy))
+        if self.language_model is not None:
+            lines += self.language_model.lines()
         return "\n".join(lines)
 
     def worst(self) -> str:
@@ -389,6 +399,7 @@ def compare(
     threads: int | None = None,
     random_batches: int = RANDOM_BATCHES,
     seed: int = 0,
+    language_model: bool | None = None,
 ) -> Fidelity:
     """Run both models on the same inputs and measure how close the candidate's outputs are.
 
@@ -407,16 +418,21 @@ def compare(
             inputs; a model with a fixed batch runs its own).
         threads: intra-op threads for sessions created here.
         random_batches, seed: the random inputs without `data`.
+        language_model: score both models as causal LMs (perplexity, next-token agreement;
+            `runtime.perplexity`): None does when both are models that look like one
+            (`lm_spec`) and `data` is given, True requires it, False never does.
 
     Returns:
         A `Fidelity` (per output: cosine, SQNR, max/mean abs error, top-1 agreement; with labels
-        `accuracy`); `print()` shows the table `slimgraph compare` prints.
+        `accuracy`; for two LMs `language_model`); `print()` shows the table `slimgraph
+        compare` prints.
 
     Raises:
         BadDataError: data that does not fit the models (names, dtypes, shapes: the message
             lists what the model expects), or output names that differ.
         BadOptionError: no data and neither model given as a model (random inputs need its
-            input spec), or a `data` of another type.
+            input spec), or a `data` of another type; `language_model=True` without data or
+            for models that are not causal LMs.
         ModelLoadError: a path that cannot be loaded.
 
     Example:
@@ -429,6 +445,7 @@ def compare(
     batches, source, note = _batches(data, spec_model, cand_model, labels=labels,
                                      batch_size=batch_size, random_batches=random_batches,
                                      seed=seed)
+    lm = _lm_accumulator(ref_model, cand_model, data, language_model)
     ref_session = _session(reference if ref_model is None else ref_model, threads, "reference")
     cand_session = _session(candidate if cand_model is None else cand_model, threads,
                             "candidate")
@@ -438,13 +455,35 @@ def compare(
         feed, truth = item if isinstance(item, tuple) else (item, None)
         ref, cand = run(ref_session, feed), run(cand_session, feed)
         accumulator.add(ref, cand, rows=_feed_rows(feed))
+        if lm is not None:
+            lm.add(feed, ref, cand)
         if truth is not None:
             ref_correct += top1_correct(next(iter(ref.values())), truth)
             cand_correct += top1_correct(next(iter(cand.values())), truth)
             rows += len(truth)
     fidelity = accumulator.result()
     accuracy = Accuracy(labels, rows, ref_correct / rows, cand_correct / rows) if rows else None
-    return Fidelity(fidelity.outputs, fidelity.samples, fidelity.batches, accuracy, source, note)
+    return Fidelity(fidelity.outputs, fidelity.samples, fidelity.batches, accuracy, source, note,
+                    None if lm is None else lm.result())
+
+
+def _lm_accumulator(
+    reference: ir.Model | None, candidate: ir.Model | None, data: CompareData,
+    wanted: bool | None,
+) -> LMAccumulator | None:
+    """The LM scores' accumulator when both models are causal LMs scored on data (see
+    `compare`'s `language_model`)."""
+    if wanted is False:
+        return None
+    specs = [lm_spec(m) if m is not None else None for m in (reference, candidate)]
+    spec = specs[0] if specs[0] is not None and specs[0] == specs[1] else None
+    if wanted and spec is None:
+        raise BadOptionError("perplexity needs two causal language models with the same "
+                             "inputs (integer token ids [batch, seq] in, logits [batch, seq, "
+                             "vocab] out)")
+    if wanted and data is None:
+        raise BadOptionError("perplexity needs token data (an .npz with input_ids [rows, seq])")
+    return LMAccumulator(spec) if spec is not None and data is not None else None
 
 
 def _batches(

@@ -42,6 +42,9 @@ __all__ = [
     "quantize_values",
     "dequantize_values",
     "quantize_tensor",
+    "weight_blocks",
+    "block_params",
+    "quantize_blocks",
     "valid_scale",
     "weight_spec",
     "pack_4bit",
@@ -246,16 +249,9 @@ def quantize_tensor(tensor: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
     """
     w = np.asarray(tensor, dtype=np.float32)
     if spec.block_size:
-        k, n = w.shape
-        blocks = -(-k // spec.block_size)
-        padded = np.zeros((blocks * spec.block_size, n), np.float32)
-        padded[:k] = w
-        grouped = padded.reshape(blocks, spec.block_size, n)
-        scale, zero = _params(grouped.min(axis=1), grouped.max(axis=1), spec)
-        codes = quantize_values(
-            grouped, scale[:, None, :], None if zero is None else zero[:, None, :], spec
-        ).reshape(blocks * spec.block_size, n)
-        return QuantizedTensor(codes, scale, zero, spec)
+        grouped = weight_blocks(w, spec.block_size)
+        scale, zero = block_params(grouped.min(axis=1), grouped.max(axis=1), spec)
+        return quantize_blocks(w, scale, zero, spec)
     kept = set() if spec.axis is None else {spec.axis % w.ndim}
     reduce = tuple(i for i in range(w.ndim) if i not in kept)
     if w.size:
@@ -264,6 +260,42 @@ def quantize_tensor(tensor: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
         lo = hi = np.zeros([1] * w.ndim, np.float32)
     scale, zero = _params(lo, hi, spec)
     return QuantizedTensor(quantize_values(w, scale, zero, spec), scale, zero, spec)
+
+
+def weight_blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """A [K, N] matrix as [blocks, block_size, N]: blocks of `block_size` consecutive rows
+    along K per column, K zero-padded to a multiple of `block_size` (the layout of block-wise
+    `QuantSpec`s, MatMulNBits and DequantizeLinear with `block_size`)."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), weight.dtype)
+    padded[:k] = weight
+    return padded.reshape(blocks, block_size, n)
+
+
+def block_params(
+    lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale and zero point (None for symmetric signed specs) of each group from its range
+    (`quant_params` on `spec`'s grid); zero points in `spec.storage`."""
+    return _params(lo, hi, spec)
+
+
+def quantize_blocks(
+    weight: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    spec: QuantSpec,
+) -> QuantizedTensor:
+    """Codes of a [K, N] matrix in blocks of `spec.block_size` rows along K with the given
+    per-block scale [blocks, N] and zero point ([blocks, N], or None): what a method that chose
+    its own scales (GPTQ, AWQ's clipping, HQQ) stores. Codes have shape [K_padded, N]."""
+    grouped = weight_blocks(np.asarray(weight, dtype=np.float32), spec.block_size)
+    blocks, size, n = grouped.shape
+    codes = quantize_values(
+        grouped, scale[:, None, :], None if zero_point is None else zero_point[:, None, :], spec
+    ).reshape(blocks * size, n)
+    return QuantizedTensor(codes, np.asarray(scale, np.float32), zero_point, spec)
 
 
 def _params(

@@ -8,7 +8,9 @@ run through both models in batches; a labels key (default `labels`, never fed to
 both models' top-1 accuracy and the drop. Without data, `--samples` random batches fit to the
 reference's input spec, drawn uniformly from the calibrated input range when the candidate is a
 statically quantized model, standard normal otherwise; the output says the figures come from
-random data. Prints per output: max abs error, mean abs error, cosine, SQNR (dB), top-1 agreement.
+random data. Prints per output: max abs error, mean abs error, cosine, SQNR (dB), top-1 agreement;
+for two causal language models on a token file (`.npz` with `input_ids` [rows, seq]) also both
+perplexities and their next-token agreement (`--lm` requires it, `--no-lm` leaves it out).
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads")
+    parser.add_argument(
+        "--lm", dest="language_model", action="store_const", const=True, default=None,
+        help="score both models as causal LMs on --data (perplexity, next-token agreement); "
+        "the default does so when both take token ids [batch, seq] and give logits "
+        "[batch, seq, vocab]",
+    )
+    parser.add_argument("--no-lm", dest="language_model", action="store_const", const=False,
+                        help="never score the models as LMs")
     add_json_option(parser)
     parser.set_defaults(handler=run)
 
@@ -112,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     fidelity = runtime.compare(
         reference, candidate, args.data, labels=args.labels, batch_size=batch,
         threads=args.threads, random_batches=args.samples, seed=args.seed,
+        language_model=args.language_model,
     )
     if args.json:
         header = {"reference": args.reference, "candidate": args.candidate,

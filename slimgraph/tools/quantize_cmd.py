@@ -1,12 +1,15 @@
 """`slimgraph quantize MODEL -o OUT [--calib DATA.npz] ...`: int8 quantization.
 
 Static when `--calib` is given (calibrated QDQ or QOperator, with the per-tensor SQNR report),
-else dynamic, unless `--mode` says otherwise. Every mode prints the output fidelity (cosine, SQNR,
-top-1 agreement) against the input model: on `--data` when given (with both models' accuracy when
-it has labels), else static mode on its calibration data and the other modes on random inputs,
-which the output says. `--json` prints one object instead, whose `format` is the form the written
-graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`). The output is written atomically,
-never over the input.
+weight-only when `--method` names a weight-only method (rtn, hqq, gptq, awq; gptq and awq take
+`--calib`) or `--bits auto` is asked, else dynamic, unless `--mode` says otherwise. `--bits auto`
+times each MatMul as int4, dynamic int8 and float32 at `--batch` x `--seq` and keeps the fastest.
+Every mode prints the output fidelity (cosine, SQNR, top-1 agreement) against the input model: on
+`--data` when given (with both models' accuracy when it has labels, their perplexity when they
+are language models), else static mode on its calibration data and the other modes on random
+inputs, which the output says. `--json` prints one object instead, whose `format` is the form the
+written graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`). The output is written
+atomically, never over the input.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import slimgraph.ir as sg_ir
 from slimgraph._tables import format_bytes
 from slimgraph.api.quantize import quantize_with_report
 from slimgraph.errors import BadOptionError
+from slimgraph.ir import metadata
 from slimgraph.passes.quantize.report import QuantReport
+from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
@@ -51,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "the folding before quantization (models with custom ops)")
     parser.add_argument("--calib", metavar="DATA.npz",
                         help="calibration data: keys = input names, stacked on axis 0")
-    parser.add_argument("--method", choices=METHODS, default="minmax",
-                        help="activation range calibrator (default minmax)")
+    parser.add_argument("--method", choices=(*METHODS, *WEIGHT_ONLY_METHODS), default=None,
+                        help="static: activation range calibrator (default minmax); "
+                        "weight-only: rtn (round-to-nearest, default), hqq (no data), gptq or "
+                        "awq (with --calib)")
     parser.add_argument("--percentile", type=float, default=99.99,
                         help="for --method percentile (default 99.99)")
     granularity = parser.add_mutually_exclusive_group()
@@ -60,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              default=True, help="per-channel weight scales (default)")
     granularity.add_argument("--per-tensor", dest="per_channel", action="store_false",
                              help="one scale per weight")
-    parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator"), default=None,
+    parser.add_argument("--format", dest="fmt", choices=("qdq", "qoperator", "matmulnbits"),
+                        default=None,
                         help="QDQ pairs (default, portable) or QLinearConv/QLinearMatMul and "
                         "onnxruntime's MatMulIntegerToFloat (faster on transformers: bias fused); "
                         "weight-only: MatMulNBits (default) or qdq (DequantizeLinear block_size)")
@@ -84,10 +92,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the model's BatchNorm statistics (needs BatchNorm nodes and torch)")
     parser.add_argument("--zero-shot-samples", dest="zero_shot_samples", type=int, default=64,
                         help="synthesized calibration rows for --zero-shot (default 64)")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
-                        help="weight-only: bits (default 4)")
-    parser.add_argument("--block-size", type=int, default=32, help="weight-only: block size")
-    parser.add_argument("--batch", type=int, default=32, help="calibration rows per run")
+    parser.add_argument("--bits", choices=("4", "8", "auto"), default="4",
+                        help="weight-only: bits (default 4); auto: each MatMul int4, dynamic "
+                        "int8 or float32, whichever onnxruntime runs fastest here at --batch x "
+                        "--seq")
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="weight-only: rows of K per scale (default 32)")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                        help="weight-only MatMulNBits: 4 (default) computes with int8 "
+                        "activations, 0 in float")
+    parser.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
+                        help="weight-only: bits of the head (a MatMul whose output is a graph "
+                        "output, e.g. an LM head; default 8)")
+    parser.add_argument("--embedding-bits", type=int, choices=(4, 8), default=8,
+                        help="weight-only: bits of embedding tables (default 8)")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="weight-only gptq: rows in order of decreasing Hessian diagonal "
+                        "(default; --no-act-order: in order)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="calibration rows per run (default 32); --bits auto: the batch "
+                        "the layers are timed at (default 1)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="--bits auto: the sequence length the layers are timed at "
+                        "(default: the export's example length, else 1)")
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
@@ -101,20 +128,37 @@ Mode = Literal["static", "dynamic", "weight-only"]
 
 def run(args: argparse.Namespace) -> int:
     def check() -> None:
-        if args.batch < 1:
+        if args.batch is not None and args.batch < 1:
             raise BadOptionError(f"--batch must be at least 1, got {args.batch}")
+        if args.seq is not None and args.seq < 1:
+            raise BadOptionError(f"--seq must be at least 1, got {args.seq}")
         if args.zero_shot and args.calib:
             raise BadOptionError("--zero-shot synthesizes the calibration data: leave out --calib")
-        if _mode(args) != "static" and (args.calib or args.zero_shot):
+        mode = _mode(args)
+        if mode == "dynamic" and (args.calib or args.zero_shot):
             option = "--calib" if args.calib else "--zero-shot"
             raise BadOptionError(
-                f"{option} is only used by static quantization, not --mode {_mode(args)}"
+                f"{option} is only used by static quantization, not --mode {mode}"
             )
+        if mode == "weight-only" and args.zero_shot:
+            raise BadOptionError("--zero-shot is only used by static quantization, not --mode "
+                                 "weight-only")
+        if mode != "weight-only" and args.method in WEIGHT_ONLY_METHODS:
+            raise BadOptionError(f"--method {args.method} is a weight-only method: not for "
+                                 f"--mode {mode}")
+        if mode == "weight-only" and args.method is not None and (
+            args.method not in WEIGHT_ONLY_METHODS
+        ):
+            raise BadOptionError(f"--method {args.method} is a static calibrator; weight-only "
+                                 f"methods: {', '.join(WEIGHT_ONLY_METHODS)}")
 
     # --data is the budget's data and, with or without a budget, where fidelity is measured
     job = Compression(args, check=check, data_for_budget=False)
     mode = _mode(args)
     fmt = args.fmt or ("qoperator" if mode == "weight-only" else "qdq")
+    if fmt == "matmulnbits" and mode == "weight-only":
+        fmt = "qoperator"
+    bits = args.bits if args.bits == "auto" else int(args.bits)
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
         calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
@@ -122,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         job.model,
         calibration=calibration,  # type: ignore[arg-type]
         mode=mode,
-        method=args.method,
+        method=args.method or ("rtn" if mode == "weight-only" else "minmax"),
         per_channel=args.per_channel,
         fmt=fmt,
         exclude=args.exclude,
@@ -130,15 +174,21 @@ def run(args: argparse.Namespace) -> int:
         include_ops=args.include_ops,
         activation_dtype=args.activation_dtype,
         report=mode == "static",
-        bits=args.bits,
+        bits=bits,
         block_size=args.block_size,
-        batch_size=args.batch,
+        batch_size=args.batch or 32,
         progress=False if args.no_progress or args.json else None,
         percentile=args.percentile,
         data=job.budget_data,
         budget=job.budget,
         verify=args.verify,
         smooth_quant=args.smooth_quant,
+        accuracy_level=args.accuracy_level,
+        head_bits=args.head_bits,
+        embedding_bits=args.embedding_bits,
+        act_order=args.act_order,
+        auto_batch=args.batch or 1,
+        auto_seq=args.seq,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
@@ -160,6 +210,13 @@ def run(args: argparse.Namespace) -> int:
         f"{format_bytes(size_out)}, "
         f"{size_out / size_in:.3f}x of {format_bytes(size_in)}",
     ]
+    chosen = quantized.meta.get(metadata.AUTO_BITS)
+    if chosen is not None:
+        out["auto_bits"] = {"batch": chosen.batch, "seq": chosen.seq, "forms": dict(chosen.forms),
+                            "timings": [{"k": t.k, "n": t.n, "m": t.m, "bits": t.nbits,
+                                         "median_ms": dict(t.times), "choice": t.choice}
+                                        for t in chosen.timings]}
+        lines.append(chosen.summary())
     if report is not None:
         lines.append(report.summary(top=args.top))
     if fidelity is not None and (report is None or args.data):
@@ -194,12 +251,19 @@ def _fidelity_lines(fidelity: Fidelity) -> list[str]:
     lines += [f"  {line}" for line in fidelity.output_lines()]
     if fidelity.accuracy is not None:
         lines.append(f"  {fidelity.accuracy}")
+    if fidelity.language_model is not None:
+        lines += [f"  {line}" for line in fidelity.language_model.lines()]
     return lines
 
 
 def _mode(args: argparse.Namespace) -> Mode:
-    """`--mode`, else static with `--calib` or `--zero-shot`, else dynamic."""
-    return cast(Mode, args.mode or ("static" if args.calib or args.zero_shot else "dynamic"))
+    """`--mode`, else weight-only with a weight-only `--method` or `--bits auto`, static with
+    `--calib` or `--zero-shot`, else dynamic."""
+    if args.mode:
+        return cast(Mode, args.mode)
+    if args.method in WEIGHT_ONLY_METHODS or args.bits == "auto":
+        return "weight-only"
+    return "static" if args.calib or args.zero_shot else "dynamic"
 
 
 def _page(

@@ -81,7 +81,7 @@ def test_every_command_runs_on_a_decode_step_without_data(cli, llama, tmp_path) 
         assert ([v.name for v in model.graph.inputs],
                 [v.name for v in model.graph.outputs]) == names, label
         ops = {n.op_type for n in model.graph}
-        assert ("GroupQueryAttention" in ops) == (label != "int4"), label
+        assert "GroupQueryAttention" in ops, label  # weight-only fuses first, as dynamic
     fused = cli("generate", tmp_path / "fused.onnx", "--prompt-ids", "5,17,42,8,9",
                 "--prompt-ids", "3,7,11", "--max-new-tokens", NEW)
     assert fused.code == 0 and fused.err == ""

@@ -97,6 +97,11 @@ class WeightQuantizePass(SlimgraphPass, Generic[_R]):
     def _plan(self, graph: ir.Graph) -> WeightPlan[_R]:
         raise NotImplementedError
 
+    def _plan_model(self, model: ir.Model) -> WeightPlan[_R]:
+        """The plan for `model` (default: `_plan` of its graph; a method that reads data on
+        onnxruntime needs the model)."""
+        return self._plan(model.graph)
+
     def _nothing(self, plan: WeightPlan[_R], reasons: str) -> str:
         """The message of the error for a plan without rewrites (`reasons`: why, or "")."""
         raise NotImplementedError
@@ -105,7 +110,7 @@ class WeightQuantizePass(SlimgraphPass, Generic[_R]):
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> WeightQuantizeResult:
-        plan = self._plan(model.graph)
+        plan = self._plan_model(model)
         if not plan.rewrites:
             reasons = "; ".join(sorted({entry.reason for entry in plan.skipped}))
             raise UnsupportedModelError(self._nothing(plan, reasons))

@@ -17,7 +17,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+import slimgraph.passes.quantize.auto_bits as auto_bits
+import slimgraph.passes.quantize.weight_only as weight_only
 from slimgraph.errors import BadOptionError
+from slimgraph.ir import metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.cleanup import StripDebugMetadataPass
 from slimgraph.passes.pipeline import run_pipeline
@@ -26,7 +29,6 @@ from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
 from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
 from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
 from slimgraph.passes.quantize.static import StaticSession
-from slimgraph.passes.quantize.weight_only import quantize_weight_only
 from slimgraph.passes.registry import register_pass, register_preset
 from slimgraph.passes.transformer import (
     ResidualSumPass,
@@ -37,6 +39,7 @@ from slimgraph.passes.transformer import (
 )
 from slimgraph.runtime.calibrate import CalibrationData
 from slimgraph.runtime.feeds import random_feeds
+from slimgraph.runtime.histogram import METHODS
 
 __all__ = ["FORMATS", "QuantizePass", "StaticQuantizePass", "default_mode", "deployable"]
 
@@ -46,8 +49,11 @@ FORMATS = ("qdq", "qoperator")
 
 
 def default_mode(options: QuantizeOptions, calibration: CalibrationData | None) -> str:
-    """The mode `options` ask for: theirs, else static with calibration data, else dynamic."""
-    return options.mode or ("static" if calibration is not None else "dynamic")
+    """The mode `options` ask for: theirs, else weight-only with a weight-only method, else
+    static with calibration data, else dynamic."""
+    return options.mode or (
+        "weight-only" if options.method in weight_only.METHODS
+        else "static" if calibration is not None else "dynamic")
 
 
 class QuantizePass(SlimgraphFunctionalPass):
@@ -91,7 +97,7 @@ def _quantize(
     mode = default_mode(options, calibration)
     options = replace(options, mode=mode)  # type: ignore[arg-type]
     fmt = options.fmt
-    if fmt is None:
+    if fmt is None or (fmt == "matmulnbits" and mode == "weight-only"):
         fmt = "qoperator" if mode == "weight-only" else "qdq"
     if fmt not in FORMATS:
         raise BadOptionError(f"unknown format '{fmt}' (choose qdq or qoperator)")
@@ -115,6 +121,7 @@ def _quantize(
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError.worded("{smooth} applies to static quantization, not to {mode} mode",
                                     smooth=("smooth_quant=", "--smooth-quant"), mode=mode)
+    settings = _weight_only_settings(options, calibration) if mode == "weight-only" else None
     if mode in ("dynamic", "weight-only"):
         # Weights built at run time (ConstantOfShape in old exports, Transpose/Cast chains in
         # dynamo exports) become constants first, as for static mode; checked on random inputs.
@@ -122,31 +129,82 @@ def _quantize(
             model, generated_feed(model) if options.verify else None,
             matmul_to_gemm=mode != "weight-only",
         )
-    if mode == "dynamic":
         if options.transformer:
             model, fused = _transformer_rewrites(model, options.verify)
             keep_sums = keep_sums or fused
-            if has_fused_attention(model):  # fused by the preset before: GELUs still in erf form
-                model = TanhGeluPass()(model).model
+    if mode == "dynamic":
+        if options.transformer and has_fused_attention(model):
+            model = TanhGeluPass()(model).model  # fused by the preset before: GELUs in erf form
         return _finish(quantize_dynamic(
             model, per_channel=options.per_channel, exclude=tuple(options.exclude),
             exclude_ops=tuple(options.exclude_ops),
         ))
-    if mode == "weight-only":
-        return _finish(quantize_weight_only(
-            model, bits=options.bits, block_size=options.block_size,
-            fmt="matmulnbits" if fmt == "qoperator" else "dq", exclude=tuple(options.exclude),
-            exclude_ops=tuple(options.exclude_ops),
-        ))
+    if settings is not None:
+        return _finish(_weight_only(model, calibration, options, settings))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _weight_only_settings(
+    options: QuantizeOptions, calibration: CalibrationData | None
+) -> weight_only.WeightOnlyOptions:
+    """The weight-only pass's options from `quantize`'s, checked (before anything runs).
+
+    Raises:
+        BadOptionError: a static calibrator as method, calibration data for a method that
+            uses none or none for one that needs it, bad bits or other weight-only options.
+    """
+    method = "rtn" if options.method == "minmax" else options.method
+    if method not in weight_only.METHODS:
+        kind = "is a static calibrator" if method in METHODS else "is unknown"
+        raise BadOptionError.worded(
+            "{method} {name} {kind}; weight-only methods: {choices}",
+            method=("method=", "--method"), name=method, kind=kind,
+            choices=", ".join(weight_only.METHODS))
+    if calibration is not None and method not in weight_only.DATA_METHODS:
+        raise BadOptionError.worded(
+            "weight-only {method} {name} uses no calibration data: leave out {calib} (gptq and "
+            "awq use it)", method=("method=", "--method"), name=method,
+            calib=("calibration=", "--calib"))
+    bits = options.bits
+    if bits not in (4, 8, "auto"):
+        raise BadOptionError(f"weight-only quantization supports bits 4, 8 or auto (got {bits})")
+    settings = weight_only.WeightOnlyOptions(
+        bits=4 if bits == "auto" else int(bits), block_size=options.block_size,
+        fmt="matmulnbits" if options.fmt == "qoperator" else "dq", method=method,
+        exclude=tuple(options.exclude), exclude_ops=tuple(options.exclude_ops),
+        accuracy_level=(weight_only.DEFAULT_ACCURACY_LEVEL if options.accuracy_level is None
+                        else options.accuracy_level),
+        head_bits=options.head_bits, embedding_bits=options.embedding_bits,
+        act_order=options.act_order,
+    )
+    settings.check()
+    weight_only.check_calibration(method, calibration)
+    return settings
+
+
+def _weight_only(
+    model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions,
+    settings: weight_only.WeightOnlyOptions,
+) -> ir.Model:
+    """Weight-only quantization of the prepared `model` (bits "auto": the form of each MatMul
+    timed first)."""
+    if options.bits != "auto":
+        return weight_only.quantize_weight_only(
+            model, calibration=calibration, batch_size=options.batch_size, **vars(settings))
+    quantized, chosen = auto_bits.quantize_auto(
+        model, settings, batch=options.auto_batch, seq=options.auto_seq,
+        calibration=calibration, batch_size=options.batch_size,
+        per_channel=options.per_channel)
+    quantized.meta[metadata.AUTO_BITS] = chosen
+    return quantized
 
 
 def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool]:
     """The `transformer` preset's exact fusions on a model with unfused attention, for dynamic
-    int8 on onnxruntime: fused attention (then QAttention), BiasGelu, residual Sums; and GELU in
-    its tanh form (`tanh-gelu`, approximate: 4.74e-4 at most, below the int8 noise). Returns the
-    model and whether it changed; a summary of the attention fusion is logged (a warning naming
-    the first block left unfused and why)."""
+    int8 and weight-only on onnxruntime: fused attention (then QAttention in dynamic mode),
+    BiasGelu, residual Sums; and GELU in its tanh form (`tanh-gelu`, approximate: 4.74e-4 at
+    most, below the int8 noise). Returns the model and whether it changed; a summary of the
+    attention fusion is logged (a warning naming the first block left unfused and why)."""
     if has_fused_attention(model) or not find_attention(model.graph, cache=True)[0]:
         return model, False
     steps: list[str | dict[str, object]] = [

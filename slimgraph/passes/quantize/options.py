@@ -52,7 +52,14 @@ class QuantizeOptions(StaticOptions):
             dynamic.
         fmt: None picks the mode's default ("qdq"; weight-only: "qoperator", MatMulNBits).
         report: measure per-tensor SQNR (static).
-        bits, block_size: weight-only.
+        bits, block_size: weight-only; bits 4, 8 or "auto" (each MatMul int4, dynamic int8 or
+            float32, whichever onnxruntime runs fastest at `auto_batch` x `auto_seq`).
+        accuracy_level: weight-only MatMulNBits' accuracy level (None: the default, 4).
+        head_bits, embedding_bits: weight-only bits of the head MatMuls and embedding tables
+            (default 8; None: `bits`).
+        act_order: weight-only GPTQ in order of decreasing Hessian diagonal (default).
+        auto_batch, auto_seq: the shape `bits="auto"` times layers at (seq None: the export's
+            example sequence length, else 1).
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (None: when stderr is a terminal).
         percentile: for method "percentile".
@@ -67,8 +74,14 @@ class QuantizeOptions(StaticOptions):
     mode: Mode | None = None
     fmt: str | None = None
     report: bool = False
-    bits: int = 4
+    bits: int | str = 4
     block_size: int = 32
+    accuracy_level: int | None = None
+    head_bits: int | None = 8
+    embedding_bits: int | None = 8
+    act_order: bool = True
+    auto_batch: int = 1
+    auto_seq: int | None = None
     batch_size: int = 32
     progress: bool | None = None
     percentile: float = 99.99

@@ -17,16 +17,29 @@ Two output formats:
   checks the upgrade changed nothing. onnxruntime fuses DQ -> MatMul into MatMulNBits with int8
   activations (accuracy level 4), so the two formats' outputs differ slightly at level "all".
 
-Symmetric (default): codes in [-(2^(b-1) - 1), 2^(b-1) - 1], scale max|block| / (2^(b-1) - 1).
-Asymmetric: unsigned codes over [min(block, 0), max(block, 0)] with a zero point per block.
+Asymmetric (default): unsigned codes over [min(block, 0), max(block, 0)] with a zero point per
+block (all 16 levels of int4; onnxruntime's MatMulNBits runs uint4 zero points as fast as none).
+Symmetric: codes in [-(2^(b-1) - 1), 2^(b-1) - 1], scale max|block| / (2^(b-1) - 1).
 4-bit values are packed two per byte, the first in the low nibble (ONNX INT4 / MatMulNBits).
+
+How the codes are chosen is the `method` (`METHODS`): round-to-nearest ("rtn", min-max per
+block), HQQ ("hqq", `hqq.py`: half-quadratic fit of each block's grid, no data), GPTQ ("gptq",
+`gptq.py`: error feedback through the inverse Hessian of the MatMul's calibration inputs) or AWQ
+("awq", `awq.py`: activation-aware channel scales folded exactly into the op before, then
+clipping searched on calibration inputs). The data-aware two read the MatMuls' inputs on
+onnxruntime (`_inputs.collect_inputs`). The plan carries each rewrite's codes; the materializers
+only write them.
+
+Embedding tables and the head (a MatMul whose output is a graph output through bias and data
+movement only: an LM head, a classifier) are quantized to `embedding_bits` / `head_bits`, 8 by
+default: they hold most of a small LM's error at 4 bits and little of its time.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +53,7 @@ from slimgraph.ir.select import check_patterns, matching_pattern
 from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import add_initializer, traced_constant
 from slimgraph.passes.base import Skipped
+from slimgraph.passes.quantize._inputs import collect_inputs
 from slimgraph.passes.quantize._weights import (
     QuantizedNode,
     WeightPlan,
@@ -49,10 +63,22 @@ from slimgraph.passes.quantize._weights import (
     as_tuple,
     working_copy,
 )
+from slimgraph.passes.quantize.awq import SAMPLE_ROWS, AWQOptions, AWQTarget, awq_scale
+from slimgraph.passes.quantize.gptq import GPTQOptions, gptq_quantize
+from slimgraph.passes.quantize.hqq import hqq_quantize
 from slimgraph.passes.registry import register_pass
-from slimgraph.runtime.quant_math import QuantSpec, pack_4bit, quantize_tensor, weight_spec
+from slimgraph.runtime.calibrate import CalibrationData, calibration_batches
+from slimgraph.runtime.quant_math import (
+    QuantizedTensor,
+    QuantSpec,
+    pack_4bit,
+    quantize_tensor,
+    weight_spec,
+)
 
 __all__ = [
+    "METHODS",
+    "DATA_METHODS",
     "FORMATS",
     "DEFAULT_FORMAT",
     "WeightOnlyOptions",
@@ -69,6 +95,14 @@ logger = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("matmulnbits", "dq")
 DEFAULT_FORMAT = "matmulnbits"
+METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq", "awq")
+DATA_METHODS: frozenset[str] = frozenset({"gptq", "awq"})  # need calibration data
+# The accuracy level MatMulNBits is written with: 4 computes with int8 activations (per block),
+# fastest on CPU; benchmarks/decoder.py measures its speed and perplexity against level 0.
+DEFAULT_ACCURACY_LEVEL = 4
+# Ops a head's output may pass through on its way to a graph output.
+_HEAD_PATH = frozenset({"Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast",
+                        "Flatten"})
 _DQ_BLOCK_OPSET = 21
 
 
@@ -84,11 +118,16 @@ class WeightOnlyOptions:
     bits: int = 4
     block_size: int = 32
     fmt: str = DEFAULT_FORMAT
-    symmetric: bool = True
+    symmetric: bool = False
     exclude: Sequence[str] = ()
-    accuracy_level: int = 0
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     embeddings: bool = True
     exclude_ops: Sequence[str] = ()
+    method: str = "rtn"
+    head_bits: int | None = 8
+    embedding_bits: int | None = 8
+    act_order: bool = True
+    awq_clip: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_tuple(self.exclude))
@@ -96,13 +135,21 @@ class WeightOnlyOptions:
 
     def check(self) -> None:
         """Raises:
-        BadOptionError: bits other than 4 or 8, a block size that is not a power of two >= 16,
-            an unknown format.
+        BadOptionError: bits other than 4 or 8 (also for the head and tables), a block size
+            that is not a power of two >= 16, an unknown format or method, HQQ without zero
+            points.
         """
-        if self.bits not in (4, 8):
-            raise BadOptionError(
-                f"weight-only quantization supports bits 4 or 8 (got {self.bits})"
-            )
+        for bits in (self.bits, self.head_bits, self.embedding_bits):
+            if bits is not None and bits not in (4, 8):
+                raise BadOptionError(
+                    f"weight-only quantization supports bits 4 or 8 (got {bits})"
+                )
+        if self.method not in METHODS:
+            raise BadOptionError.worded(
+                "unknown weight-only {method} '{name}' (choose {choices})",
+                method=("method", "--method"), name=self.method, choices=", ".join(METHODS))
+        if self.method == "hqq" and self.symmetric:
+            raise BadOptionError("HQQ fits each block's zero point: it needs symmetric=False")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise BadOptionError(
                 f"block_size must be a power of two >= 16 (got {self.block_size})"
@@ -115,7 +162,12 @@ class WeightOnlyOptions:
     @property
     def spec(self) -> QuantSpec:
         """The block-wise spec of every weight (blocks along K; tables: along D)."""
-        return weight_spec(self.bits, self.symmetric, axis=0, block_size=self.block_size)
+        return self.spec_for(self.bits)
+
+    def spec_for(self, bits: int | None) -> QuantSpec:
+        """The block-wise spec at `bits` (None: `bits`)."""
+        return weight_spec(bits or self.bits, self.symmetric, axis=0,
+                           block_size=self.block_size)
 
 
 WeightOnlyKind = Literal["matmul", "gather"]
@@ -124,13 +176,15 @@ WeightOnlyKind = Literal["matmul", "gather"]
 @dataclass(frozen=True, eq=False)
 class WeightOnlyRewrite:
     """One planned rewrite: a MatMul with its constant weight [K, N] (and the bias Add that
-    MatMulNBits takes in), or an embedding Gather with its table [V, D]."""
+    MatMulNBits takes in), or an embedding Gather with its table [V, D]; `quantized`: the codes
+    the method chose (None: round-to-nearest when written)."""
 
     node: ir.Node
     kind: WeightOnlyKind
     weight: np.ndarray
     spec: QuantSpec
     bias_add: ir.Node | None = None
+    quantized: QuantizedTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -147,27 +201,43 @@ class WeightOnlyQuantizePass(WeightQuantizePass[WeightOnlyRewrite]):
         bits: 4 or 8.
         block_size: rows of K per block; a power of two >= 16.
         fmt: "matmulnbits" (default) or "dq" (needs opset >= 21; see `quantize_weight_only`).
-        symmetric: symmetric codes without zero points (True) or asymmetric with zero points.
+        symmetric: symmetric codes without zero points (True) or asymmetric with zero points
+            (False, the default).
         exclude: fnmatch patterns over layer names and node names to leave in float.
-        accuracy_level: MatMulNBits' `accuracy_level` (0: onnxruntime's default, float
-            activations; 4: int8 activations, as onnxruntime runs the "dq" format).
+        accuracy_level: MatMulNBits' `accuracy_level` (4, the default: int8 activations, as
+            onnxruntime also runs the "dq" format; 0: float activations).
         exclude_ops: op types to leave in float: "MatMul" and/or "Gather" (embeddings).
         embeddings: also quantize embedding tables (Gather of a constant [V, D] table) in blocks
             along D: `com.microsoft.GatherBlockQuantized` ("matmulnbits" format) or
             DequantizeLinear -> Gather ("dq").
+        method: "rtn", "hqq", "gptq" or "awq" (`METHODS`; the last two need `calibration`).
+        head_bits, embedding_bits: bits of the head MatMuls and of embedding tables (default 8;
+            None: `bits`).
+        act_order: GPTQ processes rows by decreasing Hessian diagonal (default; False: in
+            order).
+        awq_clip: AWQ also searches a clipping ratio per block.
+        calibration: calibration data for "gptq" and "awq" (an `.npz` path, stacked arrays or
+            feed dicts, as `runtime.calibrate.calibration_batches` reads them).
+        batch_size: calibration rows per onnxruntime run.
     """
 
     mode = "weight-only"
 
     options_from = WeightOnlyOptions
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self, *, calibration: CalibrationData | None = None, batch_size: int = 32,
+        **options: Any,
+    ) -> None:
         super().__init__()
         self.options = WeightOnlyOptions(**options)
+        self.calibration = calibration
+        self.batch_size = batch_size
 
     def requires(self, model: ir.Model) -> None:
         check_patterns(model.graph.all_nodes(), self.options.exclude)  # a typo is an error
         self.options.check()
+        check_calibration(self.options.method, self.calibration)
         opset = _weights.opset_version(model)
         if self.options.fmt == "dq" and opset < _DQ_BLOCK_OPSET:
             raise UnsupportedModelError(
@@ -175,10 +245,15 @@ class WeightOnlyQuantizePass(WeightQuantizePass[WeightOnlyRewrite]):
                 f"opset {opset}; quantize_weight_only() upgrades it first"
             )
 
-    def _plan(self, graph: ir.Graph) -> WeightOnlyPlan:
+    def _plan_model(self, model: ir.Model) -> WeightOnlyPlan:
+        graph = model.graph
         if "MatMul" not in self.options.exclude_ops and "Gemm" not in self.options.exclude_ops:
             _gemms_as_matmuls(graph)
-        return plan_weight_only(graph, self.options)
+        plan = plan_weight_only(graph, self.options)
+        if not plan.rewrites:
+            return plan
+        return with_method(model, plan, self.options, self.calibration,
+                           batch_size=self.batch_size)
 
     def _nothing(self, plan: WeightPlan[WeightOnlyRewrite], reasons: str) -> str:
         return (
@@ -213,7 +288,8 @@ def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyP
         ):
             table = _embedding_table(node, options, skipped)
             if table is not None:
-                tables.append(WeightOnlyRewrite(node, "gather", table, options.spec))
+                spec = options.spec_for(options.embedding_bits)
+                tables.append(WeightOnlyRewrite(node, "gather", table, spec))
             continue
         if node.op_type != "MatMul":
             continue
@@ -236,8 +312,98 @@ def plan_weight_only(graph: ir.Graph, options: WeightOnlyOptions) -> WeightOnlyP
         fused = None
         if options.fmt == "matmulnbits":
             fused = _weights.bias_add_after(node, weight.shape[1])
-        matmuls.append(WeightOnlyRewrite(node, "matmul", weight, options.spec, fused))
+        spec = options.spec_for(options.head_bits if _is_head(node) else options.bits)
+        matmuls.append(WeightOnlyRewrite(node, "matmul", weight, spec, fused))
+    _check_block_size(matmuls, options.block_size)
     return WeightOnlyPlan(tuple(matmuls + tables), tuple(skipped), candidates)
+
+
+def _check_block_size(matmuls: Sequence[WeightOnlyRewrite], block_size: int) -> None:
+    """A block size that fits the K of no MatMul is a mistake. It fits a K it divides, or a K
+    smaller than itself (one block per column); where it fits some MatMuls and not others, the
+    others' K is zero-padded to a multiple of it.
+
+    Raises:
+        BadOptionError: naming the K values.
+    """
+    ks = sorted({r.weight.shape[0] for r in matmuls})
+    if ks and all(k % block_size and k > block_size for k in ks):
+        shown = ", ".join(map(str, ks[:6])) + (", ..." if len(ks) > 6 else "")
+        raise BadOptionError.worded(
+            "{block} {size} does not divide K of any MatMul (K = {ks}): choose a block size "
+            "that divides K", block=("block_size", "--block-size"), size=str(block_size),
+            ks=shown)
+
+
+def _is_head(node: ir.Node) -> bool:
+    """The MatMul's output is a graph output through bias Adds and data movement only (each
+    value on the way read once): an LM head or a classifier."""
+    value = node.outputs[0]
+    for _ in range(8):
+        if value.is_graph_output():
+            return True
+        uses = list(value.uses())
+        if len(uses) != 1 or uses[0].node.op_type not in _HEAD_PATH or (
+            uses[0].node.domain not in ("", "ai.onnx")
+        ):
+            return False
+        user = uses[0].node
+        if user.op_type == "Add" and any(
+            v is not value and v is not None and traced_constant(v) is None for v in user.inputs
+        ):
+            return False  # a residual sum of two activations, not a bias
+        value = user.outputs[0]
+    return False
+
+
+def check_calibration(method: str, calibration: object) -> None:
+    """Raises BadOptionError: a data-aware `method` without calibration data."""
+    if method in DATA_METHODS and calibration is None:
+        raise BadOptionError.worded(
+            "{method} {name} needs calibration data ({calib})", method=("method=", "--method"),
+            name=method, calib=("calibration=", "--calib DATA.npz"))
+
+
+def with_method(
+    model: ir.Model, plan: WeightOnlyPlan, options: WeightOnlyOptions,
+    calibration: CalibrationData | None, *, batch_size: int = 32,
+) -> WeightOnlyPlan:
+    """The plan with the codes of every MatMul rewrite chosen by `options.method` (tables stay
+    round-to-nearest). AWQ also rewrites the graph (its scales folded, exact in float) and
+    the rewrites' weights (scaled)."""
+    method = options.method
+    matmuls = [r for r in plan.rewrites if r.kind == "matmul"]
+    if method == "rtn" or not matmuls:
+        return plan
+    chosen: dict[int, WeightOnlyRewrite] = {}
+    if method == "hqq":
+        for r in matmuls:
+            chosen[id(r)] = replace(r, quantized=hqq_quantize(r.weight, r.spec))
+    else:
+        assert calibration is not None
+        names = list(dict.fromkeys(r.node.inputs[0].name for r in matmuls
+                                   if r.node.inputs[0] is not None and r.node.inputs[0].name))
+        batches = calibration_batches(model, calibration, batch_size=batch_size)
+        if method == "gptq":
+            stats = collect_inputs(model, names, batches, gram=True, keep=0,
+                                   total=batches.total)
+            gptq = GPTQOptions(act_order=options.act_order)
+            for r in matmuls:
+                record = stats.get(r.node.inputs[0].name)  # type: ignore[union-attr, arg-type]
+                if record is not None and record.gram is not None:
+                    chosen[id(r)] = replace(
+                        r, quantized=gptq_quantize(r.weight, record.gram, r.spec, gptq))
+        else:
+            stats = collect_inputs(model, names, batches, gram=False, keep=SAMPLE_ROWS,
+                                   total=batches.total)
+            result = awq_scale(model.graph, [AWQTarget(r.node, r.weight, r.spec)
+                                             for r in matmuls],
+                               stats, AWQOptions(clip=options.awq_clip))
+            for r in matmuls:
+                weight = result.weights[r.node].astype(np.float32)
+                chosen[id(r)] = replace(r, weight=weight, quantized=result.quantized.get(r.node))
+    rewrites = tuple(chosen.get(id(r), r) for r in plan.rewrites)
+    return WeightOnlyPlan(rewrites, plan.skipped, plan.candidates)
 
 
 def _embedding_table(
@@ -307,24 +473,57 @@ def quantize_weight_only(
     bits: int = 4,
     block_size: int = 32,
     fmt: str = DEFAULT_FORMAT,
-    symmetric: bool = True,
+    symmetric: bool = False,
     exclude: Sequence[str] = (),
-    accuracy_level: int = 0,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     embeddings: bool = True,
     exclude_ops: Sequence[str] = (),
+    method: str = "rtn",
+    head_bits: int | None = 8,
+    embedding_bits: int | None = 8,
+    act_order: bool = True,
+    awq_clip: bool = True,
+    calibration: CalibrationData | None = None,
+    batch_size: int = 32,
 ) -> ir.Model:
     """Weight-only block-wise quantization of a copy of `model` (the input is left untouched).
 
+    The options are `WeightOnlyQuantizePass`'s.
+
+    Raises:
+        BadOptionError: a bad option (see `WeightOnlyOptions.check`), or `method` "gptq" or
+            "awq" without calibration data.
+        UnsupportedModelError: nothing to quantize; a "dq" model that cannot be upgraded.
+        BadDataError: calibration data that does not fit the model.
+
     Example:
         >>> q = quantize_weight_only(model, bits=4, block_size=32)  # doctest: +SKIP
+        >>> q = quantize_weight_only(model, method="gptq", calibration="c.npz")  # doctest: +SKIP
     """
     options = WeightOnlyOptions(
         bits=bits, block_size=block_size, fmt=fmt, symmetric=symmetric, exclude=exclude,
         accuracy_level=accuracy_level, embeddings=embeddings, exclude_ops=exclude_ops,
+        method=method, head_bits=head_bits, embedding_bits=embedding_bits, act_order=act_order,
+        awq_clip=awq_clip,
     )
+
+    def check() -> None:
+        options.check()
+        check_calibration(method, calibration)
+
     minimum = _DQ_BLOCK_OPSET if fmt == "dq" else 0
-    copy = working_copy(model, minimum, _DQ_BLOCK_OPSET, check=options.check)
-    return WeightOnlyQuantizePass(**vars(options))(copy).model
+    copy = working_copy(model, minimum, _DQ_BLOCK_OPSET, check=check)
+    return WeightOnlyQuantizePass(calibration=calibration, batch_size=batch_size,
+                                  **vars(options))(copy).model
+
+
+def _codes(kind: str, rewrite: WeightOnlyRewrite) -> tuple[tuple[object, ...], QuantizedTensor]:
+    """The rewrite's codes (round-to-nearest unless its method chose them) and the key under
+    which equal results are stored once (tied weights)."""
+    q = rewrite.quantized or quantize_tensor(rewrite.weight, rewrite.spec)
+    key = (_weights.content_key(kind, rewrite.weight), rewrite.spec,
+           _weights.content_key("codes", q.codes), _weights.content_key("scale", q.scale))
+    return key, q
 
 
 class _Writer(WeightWriter):
@@ -353,9 +552,8 @@ class _Writer(WeightWriter):
         k, n = weight.shape
         source = node.inputs[1]
         assert source is not None
-        key = _weights.content_key("matmulnbits", weight)
+        key, q = _codes("matmulnbits", rewrite)
         if key not in self.cache:
-            q = quantize_tensor(weight, spec)
             blocks = q.scale.shape[0]
             offset = 2 ** (spec.bits - 1)
             codes = q.codes.astype(np.int16) + (offset if spec.symmetric else 0)  # unsigned
@@ -405,9 +603,8 @@ class _Writer(WeightWriter):
         node, weight, spec = rewrite.node, rewrite.weight, rewrite.spec
         source = node.inputs[1]
         assert source is not None
-        key = _weights.content_key("dq", weight)
+        key, q = _codes("dq", rewrite)
         if key not in self.cache:
-            q = quantize_tensor(weight, spec)
             codes = q.codes[: weight.shape[0]]
             base = source.name or "weight"
             tensor = self._int_tensor(codes, spec, signed=q.zero_point is None)

@@ -29,7 +29,9 @@ from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 
-__all__ = ["SmoothTarget", "smooth_targets", "apply_smoothing", "smooth", "S_RANGE"]
+__all__ = [
+    "SmoothTarget", "smooth_targets", "apply_smoothing", "smooth", "norm_params", "S_RANGE",
+]
 
 S_RANGE = (1e-5, 1e5)
 
@@ -64,6 +66,12 @@ def _norm_params(node: ir.Node) -> tuple[int, int | None] | None:
             return None
         return 1, None
     return None
+
+
+def norm_params(node: ir.Node) -> tuple[int, int | None] | None:
+    """The (gain, bias) input indices of a normalization over the last axis whose output
+    channels a per-channel factor can be folded into (bias None when it has none), else None."""
+    return _norm_params(node)
 
 
 def smooth_targets(model: ir.Model) -> list[SmoothTarget]:

@@ -198,12 +198,13 @@ def test_dispatch_tables_cover_every_rewrite_the_old_getattr_reached() -> None:
 
 def test_weight_only_plan_is_frozen_with_block_specs() -> None:
     model = _every_dynamic_op()
-    plan = plan_weight_only(model.graph, WeightOnlyOptions(block_size=16, bits=4))
+    # head_bits=None: "mm" feeds the graph output, a head, which stays 8-bit by default
+    plan = plan_weight_only(model.graph, WeightOnlyOptions(block_size=16, bits=4, head_bits=None))
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.rewrites = ()  # type: ignore[misc]
     assert [(r.node.name, r.kind) for r in plan.rewrites] == [("mm", "matmul")]  # not the Gemm:
     # the pass rewrites Gemms as MatMuls before it plans
-    assert plan.rewrites[0].spec == QuantSpec(INT4, True, axis=0, block_size=16)
+    assert plan.rewrites[0].spec == QuantSpec(UINT4, False, axis=0, block_size=16)  # zero points
     assert [(s.node, s.reason) for s in plan.skipped] == [
         ("gather", "row length 8 is not a multiple of block_size 16")
     ]

@@ -86,7 +86,8 @@ def test_matmulnbits_blobs_decode_to_the_weight_within_half_a_step(
 ) -> None:
     model = exported_model("mlp")
     originals = _weights(model)
-    quantized = quantize_weight_only(model, bits=bits, block_size=16, symmetric=symmetric)
+    quantized = quantize_weight_only(model, bits=bits, block_size=16, symmetric=symmetric,
+                                     head_bits=None)
     nodes = [n for n in quantized.graph if n.op_type == "MatMulNBits"]
     assert len(nodes) == 5
     for node in nodes:
@@ -118,14 +119,16 @@ def test_both_formats_run_and_agree(bits: int) -> None:
         "input_ids": np.random.default_rng(0).integers(0, 1000, (1, 16)).astype(np.int64),
         "attention_mask": np.ones((1, 16), np.int64),
     }
-    nbits = quantize_weight_only(model, bits=bits, fmt="matmulnbits")
+    # accuracy level 0: float activations, as the "dq" form computes without graph fusions
+    nbits = quantize_weight_only(model, bits=bits, fmt="matmulnbits", accuracy_level=0)
     dq = quantize_weight_only(model, bits=bits, fmt="dq")
     assert [n.op_type for n in nbits.graph].count("MatMulNBits") == 12
     assert [n.op_type for n in nbits.graph].count("GatherBlockQuantized") == 2  # embeddings
     assert [n.op_type for n in dq.graph].count("DequantizeLinear") == 14
     assert dq.opset_imports[""] == 21 and model.opset_imports[""] == 20
-    dq_node = next(n for n in dq.graph if n.op_type == "DequantizeLinear")
-    expected = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    dq_node = next(n for n in dq.graph if n.op_type == "DequantizeLinear" and any(
+        use.node.op_type == "MatMul" for use in n.outputs[0].uses()))
+    expected = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8  # zero points by default
     assert dq_node.inputs[0].const_value.dtype == expected
     assert dq_node.attributes.get_int("block_size") == 32
     minimum = 0.99 if bits == 4 else 0.9999
@@ -200,7 +203,8 @@ def test_nothing_to_quantize_and_old_opset_for_dq() -> None:
 def test_embedding_rows_equal_the_dequantized_table(fmt: str, bits: int, symmetric: bool) -> None:
     model = exported_model("bert")
     table = model.graph.initializers["embed.weight"].const_value.numpy()
-    quantized = quantize_weight_only(model, bits=bits, fmt=fmt, symmetric=symmetric)
+    quantized = quantize_weight_only(model, bits=bits, fmt=fmt, symmetric=symmetric,
+                                     embedding_bits=bits)
     assert "embed.weight" not in quantized.graph.initializers
     embed = next(
         n for n in quantized.graph
@@ -233,24 +237,66 @@ def test_exclude_ops() -> None:
     assert "GatherBlockQuantized" not in ops and ops.count("MatMulNBits") == 12
 
 
-@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
-def test_k_not_a_multiple_of_the_block_size(fmt: str) -> None:
+def _matmuls(*ks: int, n: int = 24) -> ir.Model:
+    """x [3, K0] -> MatMul(K0 x K1) -> ... : one MatMul per consecutive pair of sizes."""
     h = onnx.helper
-    w = np.random.default_rng(0).standard_normal((40, 24)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    sizes = [*ks, n]
+    for index, (k, out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        inits.append(onnx.numpy_helper.from_array(
+            rng.standard_normal((k, out)).astype(np.float32), f"w{index}"))
+        nodes.append(h.make_node("MatMul", ["x" if index == 0 else f"y{index - 1}", f"w{index}"],
+                                 [f"y{index}"]))
     graph = h.make_graph(
-        [h.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 40])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 24])],
-        [onnx.numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
-    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)],
-                                       ir_version=10))  # fmt: skip
-    quantized = quantize_weight_only(model, fmt=fmt, bits=8, block_size=32)
+        nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, ks[0]])],
+        [h.make_tensor_value_info(f"y{len(ks) - 1}", onnx.TensorProto.FLOAT, [3, n])], inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
+def test_k_not_a_multiple_of_the_block_size_is_padded(fmt: str) -> None:
+    model = _matmuls(64, 40)  # K = 64 and K = 40 with blocks of 32: the second one padded
+    quantized = quantize_weight_only(model, fmt=fmt, bits=8, block_size=32, head_bits=None)
+    if fmt == "matmulnbits":
+        padded = next(n for n in quantized.graph if n.op_type == "MatMulNBits"
+                      and n.attributes.get_int("K") == 40)
+        assert padded.inputs[1].const_value.shape == (24, 2, 32)  # [N, blocks, block bytes]
+    else:
+        assert [n.op_type for n in quantized.graph].count("DequantizeLinear") == 2
     feeds = random_feeds(model, seed=5)
-    ref = run(create_session(model), feeds)["y"]
-    got = run(create_session(quantized), feeds)["y"]
-    # int8 blocks: error per output <= sum_k |x_k| * step_k / 2
-    q = quantize_tensor(w, weight_spec(8, block_size=32))
-    step = np.repeat(q.scale, 32, axis=0)[:40]
-    bound = np.abs(feeds["x"]) @ (step / 2)
-    assert np.all(np.abs(got - ref) <= bound * 1.01 + 1e-5)
+    assert compare(model, quantized, feeds).worst_cosine >= 0.9999
+
+
+def test_a_block_size_that_divides_no_k_is_an_error() -> None:
+    with pytest.raises(BadOptionError, match=r"^block_size 32 does not divide K of any MatMul "
+                       r"\(K = 40\): choose a block size that divides K$"):
+        quantize_weight_only(_matmuls(40), block_size=32)
+
+
+def test_the_head_is_what_reaches_an_output_through_bias_adds_only() -> None:
+    """8 bits for the head (MatMul -> Add(bias) -> output); a MatMul whose output is summed with
+    another activation on the way (a residual) is a layer like the others: 4 bits."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["x", "w1"], ["a"], name="layer"),
+            h.make_node("Add", ["a", "x"], ["r"]),  # residual
+            h.make_node("MatMul", ["r", "w2"], ["b"], name="head"),
+            h.make_node("Add", ["b", "bias"], ["y"]),  # bias
+        ],
+        "heads",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32]),
+         h.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), name)
+         for name in ("w1", "w2")] + [onnx.numpy_helper.from_array(np.ones(32, np.float32),
+                                                                  "bias")],
+    )  # fmt: skip
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]))
+    quantized = quantize_weight_only(model, block_size=16)
+    bits = {n.name: n.attributes.get_int("bits") for n in quantized.graph
+            if n.op_type == "MatMulNBits"}
+    assert bits == {"layer_nbits": 4, "head_nbits": 8}

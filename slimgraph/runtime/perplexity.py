@@ -1,0 +1,239 @@
+"""Causal language models: perplexity and next-token agreement on a token file.
+
+A causal LM here is a model with an integer token input [batch, seq] (`input_ids`, or its only
+2-D integer input) and a float output [batch, seq, vocab] (the logits: position t scores the
+token at t + 1). On a token file (`.npz` with `input_ids` [rows, seq]; an `attention_mask` key is
+fed too when the model takes one) the next-token loss of row b at position t is
+
+    -log softmax(logits[b, t])[ids[b, t + 1]]        for t < seq - 1, both positions unpadded,
+
+(padding: `attention_mask` 0), the perplexity is exp(mean loss) over every such position of every
+row, and two models agree at a position when their logits' argmax is the same token. The sums are
+streamed (float64 log-sum-exp per position), so memory does not grow with the file.
+
+`LMScores` is what `slimgraph compare` prints for two LMs (`runtime.compare` detects them);
+`perplexity` scores one model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph._tables import format_percent
+from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.ir import as_model
+from slimgraph.runtime.data import as_data
+from slimgraph.runtime.session import create_session, run
+
+__all__ = ["LMSpec", "LMScores", "LMAccumulator", "lm_spec", "perplexity", "DEFAULT_TOKENS"]
+
+DEFAULT_TOKENS = "input_ids"
+_INTEGER = {ir.DataType.INT64, ir.DataType.INT32}
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    """Where a causal LM takes its tokens and gives its logits.
+
+    Attributes:
+        tokens: the integer input [batch, seq].
+        logits: the float output [batch, seq, vocab].
+        mask: the attention-mask input, if the model has one (padding is ignored).
+    """
+
+    tokens: str
+    logits: str
+    mask: str | None = None
+
+
+def lm_spec(model: ir.Model) -> LMSpec | None:
+    """The model's `LMSpec` when it looks like a causal LM (see the module docstring), else
+    None: an integer input of rank 2 (`input_ids` first) and a float output of rank 3 whose
+    first two dimensions are the input's (same names or sizes)."""
+    inputs = [v for v in model.graph.inputs if v.name and v.dtype in _INTEGER and
+              v.shape is not None and len(v.shape) == 2]
+    if not inputs:
+        return None
+    named = [v for v in inputs if v.name == DEFAULT_TOKENS]
+    tokens = named[0] if named else inputs[0] if len(inputs) == 1 else None
+    if tokens is None or tokens.shape is None:
+        return None
+    for output in model.graph.outputs:
+        shape = output.shape
+        if output.name and output.dtype in _FLOATS and shape is not None and len(shape) == 3 and (
+            _same(shape[0], tokens.shape[0]) and _same(shape[1], tokens.shape[1])
+        ):
+            mask = next((v.name for v in inputs if v is not tokens and v.name and
+                         "mask" in v.name.lower()), None)
+            return LMSpec(tokens.name, output.name, mask)  # type: ignore[arg-type]
+    return None
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    name_a, name_b = getattr(a, "value", a), getattr(b, "value", b)
+    return isinstance(name_a, str) and name_a == name_b
+
+
+@dataclass(frozen=True)
+class LMScores:
+    """Next-token scores of a reference and a candidate LM on the same tokens.
+
+    Attributes:
+        tokens: predicted positions counted (padding and each row's last position excluded).
+        reference_nll, candidate_nll: mean negative log-likelihood (nats per token).
+        agreement: share of positions where both models' argmax is the same token.
+        reference_accuracy, candidate_accuracy: share of positions whose argmax is the next
+            token.
+    """
+
+    tokens: int
+    reference_nll: float
+    candidate_nll: float
+    agreement: float
+    reference_accuracy: float
+    candidate_accuracy: float
+
+    @property
+    def reference_perplexity(self) -> float:
+        return math.exp(self.reference_nll)
+
+    @property
+    def candidate_perplexity(self) -> float:
+        return math.exp(self.candidate_nll)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tokens": self.tokens, "reference_perplexity": self.reference_perplexity,
+                "candidate_perplexity": self.candidate_perplexity,
+                "reference_nll": self.reference_nll, "candidate_nll": self.candidate_nll,
+                "next_token_agreement": self.agreement,
+                "reference_next_token_accuracy": self.reference_accuracy,
+                "candidate_next_token_accuracy": self.candidate_accuracy}
+
+    def lines(self) -> list[str]:
+        """What `slimgraph compare` prints for two LMs."""
+        change = self.candidate_perplexity / self.reference_perplexity - 1
+        return [
+            f"perplexity ({self.tokens} next tokens): reference {self.reference_perplexity:.4f}, "
+            f"candidate {self.candidate_perplexity:.4f} ({change:+.2%})",
+            f"next-token agreement {format_percent(self.agreement)} (argmax); next-token "
+            f"accuracy: reference {format_percent(self.reference_accuracy)}, candidate "
+            f"{format_percent(self.candidate_accuracy)}",
+        ]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _next_token_terms(
+    logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(loss per counted position, argmax per counted position, target per counted position)."""
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise BadDataError(
+            f"the logits have shape {list(logits.shape)}, not [batch, seq, vocab] for tokens "
+            f"of shape {list(ids.shape)}"
+        )
+    vocab = logits.shape[2]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise BadDataError(f"token ids must be in [0, {vocab}) (the logits' vocabulary)")
+    scores = logits[:, :-1].astype(np.float64)
+    targets = ids[:, 1:]
+    keep = np.ones(targets.shape, bool)
+    if mask is not None:
+        keep = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    scores, targets = scores[keep], targets[keep]
+    top = scores.max(axis=1, keepdims=True)
+    log_total = np.log(np.exp(scores - top).sum(axis=1)) + top[:, 0]
+    chosen = np.take_along_axis(scores, targets[:, None], axis=1)[:, 0]
+    return log_total - chosen, scores.argmax(axis=1), targets
+
+
+@dataclass
+class LMAccumulator:
+    """Streams two LMs' logits on the same tokens into `LMScores`."""
+
+    spec: LMSpec
+    tokens: int = 0
+    reference_loss: float = 0.0
+    candidate_loss: float = 0.0
+    agree: int = 0
+    reference_hits: int = 0
+    candidate_hits: int = 0
+
+    def add(self, feed: Mapping[str, Any], reference: Mapping[str, Any],
+            candidate: Mapping[str, Any]) -> None:
+        ids = np.asarray(feed[self.spec.tokens])
+        mask = None if self.spec.mask is None else np.asarray(feed[self.spec.mask])
+        ref_loss, ref_top, targets = _next_token_terms(
+            np.asarray(reference[self.spec.logits]), ids, mask)
+        cand_loss, cand_top, _ = _next_token_terms(
+            np.asarray(candidate[self.spec.logits]), ids, mask)
+        self.tokens += len(targets)
+        self.reference_loss += float(ref_loss.sum())
+        self.candidate_loss += float(cand_loss.sum())
+        self.agree += int((ref_top == cand_top).sum())
+        self.reference_hits += int((ref_top == targets).sum())
+        self.candidate_hits += int((cand_top == targets).sum())
+
+    def result(self) -> LMScores:
+        if not self.tokens:
+            raise BadDataError("no next-token positions to score (rows of one token, or all "
+                               "padding)")
+        n = self.tokens
+        return LMScores(n, self.reference_loss / n, self.candidate_loss / n, self.agree / n,
+                        self.reference_hits / n, self.candidate_hits / n)
+
+
+def perplexity(
+    model: ir.Model | str | os.PathLike[str],
+    data: str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, Any]],
+    *,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> float:
+    """The perplexity of one causal LM on a token file (see the module docstring).
+
+    Args:
+        model: the LM (a model or a path).
+        data: an `.npz` path or stacked arrays with the model's inputs (`input_ids` [rows,
+            seq]), or an iterable of feed dicts.
+        batch_size: rows per run.
+        threads: onnxruntime intra-op threads.
+
+    Raises:
+        BadOptionError: the model is not a causal LM (no integer [batch, seq] input with a
+            float [batch, seq, vocab] output).
+        BadDataError: data that does not fit the model, or token ids outside the vocabulary.
+    """
+    model = as_model(model)
+    spec = lm_spec(model)
+    if spec is None:
+        raise BadOptionError("the model is not a causal LM: it needs an integer input "
+                             "[batch, seq] and a float output [batch, seq, vocab]")
+    session = create_session(model, threads=threads)
+    runs: Iterable[Mapping[str, Any]]
+    if isinstance(data, (str, os.PathLike, Mapping)):
+        runs = (feed for feed, _ in as_data(data, model).batches(batch_size, model))
+    else:
+        runs = data
+    total, count = 0.0, 0
+    for feed in runs:
+        outputs = run(session, feed)
+        mask = None if spec.mask is None else np.asarray(feed[spec.mask])
+        loss, _, targets = _next_token_terms(np.asarray(outputs[spec.logits]),
+                                             np.asarray(feed[spec.tokens]), mask)
+        total += float(loss.sum())
+        count += len(targets)
+    if not count:
+        raise BadDataError("no next-token positions to score")
+    return math.exp(total / count)
