@@ -31,9 +31,18 @@ against PTQ + 3 epochs of QAT (accuracy, op multiset, latency side by side with
 DigitsTransformer of tests/models.py (trained here) with its MLP pruned 0.5, recovered with
 feature + response KD.
 
+With --holdout it runs issue 24's comparison on four CNNs no test uses (benchmarks/holdout_cnns.py:
+a ResNet with BatchNorm, a MobileNetV2-style net with depthwise convolutions, a VGG whose BatchNorm
+torch folded before export, ResNet-50-style bottlenecks exported by torch.onnx with optimize=True,
+which folds BatchNorm): prune 0.5 + KD, low-rank 0.25 + KD and QAT from PTQ with slimgraph's
+default options, 10 epochs, against Torch-Pruning + a plain torch cross-entropy loop (AdamW 1e-3,
+batch 64), then the evidence for the defaults (each fix switched off in turn). Teachers are
+trained once by a plain torch loop and kept in --cache.
+
 Usage:
     python benchmarks/finetune.py [--epochs 10] [--repeats 2] [--lr 3e-3] [--threads N]
     python benchmarks/finetune.py --recovery [--rounds 50]
+    python benchmarks/finetune.py --holdout [--models resnet,vgg] [--cache DIR] [--no-ablation]
 """
 
 from __future__ import annotations
@@ -234,12 +243,26 @@ def main() -> None:
     parser.add_argument("--recovery", action="store_true",
                         help="print issue 13's accuracy-recovery figures instead")
     parser.add_argument("--rounds", type=int, default=50, help="latency rounds (--recovery)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="print issue 24's held-out CNN comparison instead")
+    parser.add_argument("--models", default="resnet,mobilenet,vgg,bottleneck",
+                        help="held-out CNNs (--holdout)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/slimgraph-holdout"),
+                        help="where the held-out teachers and data are kept (--holdout)")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="skip the evidence runs (--holdout)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.recovery:
         recovery(args.rounds)
         return
+    if args.holdout:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from holdout_cnns import run_holdout
+
+        ok = run_holdout(args.models.split(","), args.cache, ablation=args.ablation)
+        raise SystemExit(0 if ok else 1)
     import torch_pruning as tp
 
     model = sg.load(DATA / "digits_cnn.onnx")

@@ -65,8 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                "nothing)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=64,
                         help="rows per step (default 64)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default "
-                                                               "1e-3, cosine decay)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate, cosine decay (default: measured by a short "
+                             "learning-rate range test on the model and data)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                         help="optimizer (default adamw)")
     parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4,
