@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import sys
@@ -601,7 +602,11 @@ def train(
         teacher.train(teacher_train)
     lr = options.lr
     if lr is None:
-        search_batches = cycle(lambda: batches.epoch(np.random.default_rng(options.seed + 1)))
+        # in-memory data: shuffled batches; a stream may be one-shot: its first batch, repeated
+        search_batches = (
+            cycle(lambda: batches.epoch(np.random.default_rng(options.seed + 1)))
+            if isinstance(batches, ArrayBatches) else itertools.repeat(first)
+        )  # fmt: skip
         trained_modules: list[nn.Module] = [student]
         if distiller is not None:
             trained_modules.append(distiller)

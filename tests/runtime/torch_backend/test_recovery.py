@@ -167,3 +167,53 @@ def test_cosine_feature_loss_is_one_minus_cosine_over_channels() -> None:
     torch.testing.assert_close(distiller([student], [teacher]), want)
     scaled = distiller([student * 7.0], [teacher])  # scale-free: only directions count
     torch.testing.assert_close(scaled, want)
+
+
+def _text_rows(rows: int, seq: int) -> np.ndarray:
+    """Token ids from the licence texts every Debian system ships, bytewise (ids 3..258)."""
+    from pathlib import Path
+
+    text = b"".join(p.read_bytes() for p in sorted(Path("/usr/share/common-licenses").glob("*"))
+                    if p.is_file())  # fmt: skip
+    if len(text) < rows * seq:
+        pytest.skip("too little text in /usr/share/common-licenses")
+    ids = np.frombuffer(text[: rows * seq], dtype=np.uint8).astype(np.int64) + 3
+    return ids.reshape(rows, seq)[np.random.default_rng(0).permutation(rows)]
+
+
+def _mean_embeddings(model: sg.ir.Model, ids: np.ndarray) -> np.ndarray:
+    out = run(create_session(model), {"input_ids": ids})
+    return out[model.graph.outputs[0].name].mean(axis=1)  # [N, S, H] -> [N, H]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.slow
+def test_encoder_distils_its_last_hidden_state_on_unlabelled_rows() -> None:
+    """The documented recipe: prune a sentence encoder's FFN, then feature KD on the last hidden
+    state with the cosine loss, no labels, no response KD."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=259, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=256,
+                                     max_position_embeddings=32)  # fmt: skip
+    net = transformers.BertModel(config, add_pooling_layer=False).eval()
+    rows = _text_rows(448, 16)
+    train, held = rows[:384], rows[384:]
+    model = sg.from_torch(net, (torch.from_numpy(train[:2]),), input_names=["input_ids"],
+                          dynamic_shapes={"input_ids": {0: torch.export.Dim("batch")}})  # fmt: skip
+    pruned = sg.prune(model, ratio=0.5)  # the FFN's channels (heads stay)
+    hidden = model.graph.outputs[0].name
+    student, report = sg.finetune_with_report(
+        pruned, {"input_ids": train}, teacher=model, kd=("feature",), feature_layers=[hidden],
+        feature_loss="cosine", epochs=4, batch_size=32, val={"input_ids": held[:32]},
+        progress=False,
+    )  # fmt: skip
+    assert report.features == [(hidden, hidden)] and report.metric == "cosine"
+    teacher = _mean_embeddings(model, held[32:])
+    before = _cosines(_mean_embeddings(pruned, held[32:]), teacher)
+    after = _cosines(_mean_embeddings(student, held[32:]), teacher)
+    assert after.mean() > before.mean()
+    assert 1 - after.mean() < 0.5 * (1 - before.mean())  # at least half the gap closed
