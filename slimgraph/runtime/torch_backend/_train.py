@@ -552,7 +552,9 @@ def train(
     use_response = teacher is not None and "response" in kd
     first = next(iter(batches.epoch(np.random.default_rng(options.seed))))
     unfolded = []
-    if options.unfold_batchnorm and isinstance(student, LoweredModel) and model is not None:
+    # (not under an EMA teacher: its copy of the student has no norms to average)
+    if (options.unfold_batchnorm and isinstance(student, LoweredModel) and model is not None
+            and not isinstance(teacher, EmaTeacher)):  # fmt: skip
         unfolded = unfold_batchnorm(student, model, first.inputs)
         history.unfolded = len(unfolded)
     distiller = None

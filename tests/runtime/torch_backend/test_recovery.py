@@ -81,6 +81,17 @@ def test_unfolded_batchnorm_starts_as_identity_and_folds_back_exactly(folded) ->
     np.testing.assert_allclose(got, trained, rtol=1e-4, atol=1e-5)
 
 
+def test_finetune_trains_a_folded_graph_and_keeps_its_nodes(folded) -> None:  # noqa: ANN001
+    with np.load(TRAIN) as archive:
+        train = {"image": archive["image"][:128], "labels": archive["labels"][:128]}
+    for scheme, unfolded in (("offline", 2), ("self", 0)):  # self: the EMA has no norms
+        trained, report = sg.finetune_with_report(folded, train, epochs=1, lr=1e-2,
+                                                  scheme=scheme, progress=False)  # fmt: skip
+        assert report.history is not None and report.history.unfolded == unfolded
+        assert [n.op_type for n in trained.graph] == [n.op_type for n in folded.graph]
+        assert set(trained.graph.initializers) == set(folded.graph.initializers)
+
+
 def test_convolutions_before_batchnorm_are_not_unfolded() -> None:
     model = sg.load(DIGITS)  # Conv -> BatchNormalization in the graph
     assert any(n.op_type == "BatchNormalization" for n in model.graph)
