@@ -56,13 +56,15 @@ def finetune(model: ModelLike, data: DataLike, *, options: FinetuneOptions) -> i
         kd: knowledge kinds, any of "response", "feature", "relation" (or "response,feature").
         scheme: "offline", "online" or "self".
         epochs, batch_size, lr: optimization (AdamW, cosine decay; `optimizer="sgd"`).
+            `lr=None` (the default) measures it with a short learning-rate range test.
         val: held-out data (path or arrays): accuracy, or output cosine to the teacher (or to the
-            input model) without labels, before training and after every epoch.
+            input model) without labels, before training and after every epoch. The best
+            epoch's weights are handed back; if no epoch beats the input, the input is.
         seed: same seed, same result.
         learn_scales: learn activation quantization scales (LSQ) in QAT.
         optimizer, weight_decay, schedule, temperature, alpha, feature_layers, feature_weight,
-            relation_layer, relation_weights, ema_decay, progress, on_epoch: the other fields
-            of `FinetuneOptions`, where each is described.
+            feature_loss, unfold_batchnorm, relation_layer, relation_weights, ema_decay,
+            progress, on_epoch: the other fields of `FinetuneOptions`, where each is described.
         options: a `FinetuneOptions` instead of (or under) the keywords.
 
     Returns:

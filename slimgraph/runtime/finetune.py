@@ -115,9 +115,9 @@ class FinetuneReport:
 
     @property
     def after(self) -> float | None:
-        if self.history is None or not self.history.records:
-            return None
-        return self.history.records[-1].val
+        """The validation metric of the model handed back (the best epoch's)."""
+        kept = None if self.history is None else self.history.kept_record
+        return None if kept is None else kept.val
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -149,10 +149,32 @@ class FinetuneReport:
             if self.teacher_val is not None:
                 summary += f" (teacher {metric_text(self.teacher_val, self.metric)})"
             lines += ["", summary]
+        lines += self._choices()
         if self.seconds_per_epoch is not None:
             lines.append(f"{self.seconds_per_epoch:.2f} s per epoch (median), "
                          f"{self.seconds:.1f} s in all")  # fmt: skip
         return "\n".join(lines)
+
+    def _choices(self) -> list[str]:
+        """What the run chose by itself: learning rate, batch statistics, the epoch kept."""
+        history = self.history
+        if history is None or history.lr is None:
+            return []
+        lines = [str(history.lr_search) if history.lr_search is not None
+                 else f"learning rate {history.lr:.3g}"]  # fmt: skip
+        if history.unfolded:
+            lines.append(f"{history.unfolded} convolutions trained with batch statistics "
+                         "(BatchNorm folded in the graph; folded back)")  # fmt: skip
+        records = history.records
+        if history.kept is not None and records and history.kept != records[-1].epoch:
+            last = records[-1]
+            lines.append(
+                f"val {self.metric} fell to {metric_text(last.val, self.metric)} by epoch "
+                f"{last.epoch}: "
+                + ("no epoch beat the input model, which is handed back unchanged"
+                   if history.kept == 0 else f"the weights of epoch {history.kept} are kept")
+            )  # fmt: skip
+        return lines
 
     def __repr__(self) -> str:
         change = ("" if self.before is None or self.after is None else
@@ -176,6 +198,9 @@ class FinetuneReport:
             "teacher_val": self.teacher_val,
             "seconds": self.seconds,
             "seconds_per_epoch": self.seconds_per_epoch,
+            "lr": None if self.history is None else self.history.lr,
+            "kept_epoch": None if self.history is None else self.history.kept,
+            "unfolded_batchnorm": 0 if self.history is None else self.history.unfolded,
             "history": None if self.history is None else self.history.to_dict()["epochs"],
         }
 
@@ -394,8 +419,11 @@ class FinetuneOptions:
             schedule (see `torch_backend.TrainOptions`).
         temperature, alpha: response KD: the softmax temperature, and the weight of the KD term
             against the label loss.
-        feature_layers, feature_weight: feature KD: torch layer or value names (default every
-            top-level layer) and the loss weight.
+        feature_layers, feature_weight, feature_loss: feature KD: torch layer or value names
+            (default every top-level layer), the loss weight, and "mse" or "cosine" (for
+            embeddings: distil a sentence encoder's last hidden state without labels).
+        unfold_batchnorm: convolutions whose BatchNorm was folded away train with batch
+            statistics, folded back exactly at the end (see `torch_backend._batchnorm`).
         relation_layer, relation_weights: relation KD: the layer or value (default the first
             output) and the (distance, angle) weights.
         ema_decay: the moving-average decay of scheme "self".
@@ -409,7 +437,7 @@ class FinetuneOptions:
     scheme: str = "offline"
     epochs: int = TrainOptions.epochs
     batch_size: int = TrainOptions.batch_size
-    lr: float = TrainOptions.lr
+    lr: float | None = TrainOptions.lr
     optimizer: str = TrainOptions.optimizer
     weight_decay: float = TrainOptions.weight_decay
     schedule: str = TrainOptions.schedule
@@ -417,6 +445,8 @@ class FinetuneOptions:
     alpha: float = TrainOptions.alpha
     feature_layers: Sequence[str] | None = None
     feature_weight: float = TrainOptions.feature_weight
+    feature_loss: str = TrainOptions.feature_loss
+    unfold_batchnorm: bool = TrainOptions.unfold_batchnorm
     relation_layer: str | None = None
     relation_weights: tuple[float, float] = TrainOptions.relation_weights
     ema_decay: float = TrainOptions.ema_decay
@@ -534,8 +564,10 @@ def run_finetune(
             teacher_val = evaluate(teacher_model, val_data).accuracy
         validation = Validation(val_data, graph_outputs, reference)
     history = train(student, batches, options, taps=taps, kd=used, teacher=teacher_runner,
-                    validation=validation, on_epoch=o.on_epoch)  # fmt: skip
-    trained = write_back(student_model, student)
+                    validation=validation, on_epoch=o.on_epoch, model=student_model)  # fmt: skip
+    # No epoch beat the input on validation: hand the input back, byte for byte.
+    trained = (sg_ir.copy_model(student_model) if history.kept == 0
+               else write_back(student_model, student))  # fmt: skip
     report = FinetuneReport(
         scheme=o.scheme,
         kd=tuple(k for k in used if k != "feature" or features),

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--feature-layers", dest="feature_layers", nargs="+", metavar="NAME",
                         help="torch layer or value names matched for feature KD (default: "
                              "every top-level layer)")
+    parser.add_argument("--feature-loss", dest="feature_loss", choices=("mse", "cosine"),
+                        default="mse", help="feature KD by MSE (default) or 1 - cosine over "
+                                            "channels (embeddings, e.g. a last hidden state)")
     parser.add_argument("--relation-layer", dest="relation_layer", metavar="NAME",
                         help="layer or value for relation KD (default: the first output)")
     parser.add_argument("--scheme", choices=SCHEMES, default="offline",
@@ -60,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                "nothing)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=64,
                         help="rows per step (default 64)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default "
-                                                               "1e-3, cosine decay)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate, cosine decay (default: measured by a short "
+                             "learning-rate range test on the model and data)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                         help="optimizer (default adamw)")
     parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4,
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         model, args.data, labels=args.labels, teacher=teacher, kd=kinds, scheme=args.scheme,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, temperature=args.temperature, alpha=args.alpha,
-        feature_layers=args.feature_layers, relation_layer=args.relation_layer, val=args.val,
+        feature_layers=args.feature_layers, feature_loss=args.feature_loss,
+        relation_layer=args.relation_layer, val=args.val,
         seed=args.seed, learn_scales=args.learn_scales, progress=args.progress,
         on_epoch=on_epoch,
     )  # fmt: skip

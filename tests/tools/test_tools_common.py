@@ -21,12 +21,12 @@ from slimgraph.tools._common import output_paths, print_result
 from slimgraph.tools.compare_cmd import checked_batch
 from tests.kit.data import DIGITS
 
-# The keywords of finetune/finetune_with_report before they had one home, in their order.
+# The keywords of finetune/finetune_with_report, in their order (the fields of FinetuneOptions).
 FINETUNE_KEYWORDS = [
     "labels", "teacher", "kd", "scheme", "epochs", "batch_size", "lr", "optimizer",
     "weight_decay", "schedule", "temperature", "alpha", "feature_layers", "feature_weight",
-    "relation_layer", "relation_weights", "ema_decay", "val", "seed", "learn_scales", "progress",
-    "on_epoch",
+    "feature_loss", "unfold_batchnorm", "relation_layer", "relation_weights", "ema_decay", "val",
+    "seed", "learn_scales", "progress", "on_epoch",
 ]
 
 
@@ -69,7 +69,7 @@ def test_finetune_signature_is_the_options_dataclass(function) -> None:  # noqa:
     assert keywords.pop("options") is None  # `options=` a FinetuneOptions, last
     assert list(keywords) == FINETUNE_KEYWORDS
     assert keywords == {k: getattr(FinetuneOptions(), k) for k in FINETUNE_KEYWORDS}
-    assert (keywords["epochs"], keywords["lr"], keywords["kd"]) == (10, 1e-3, ("response",))
+    assert (keywords["epochs"], keywords["lr"], keywords["kd"]) == (10, None, ("response",))
 
 
 def test_finetune_training_defaults_come_from_train_options() -> None:
@@ -93,5 +93,5 @@ def test_recipes_see_the_finetune_keywords() -> None:
     options = pass_options(FinetunePass)
     assert options is not None
     assert {k: options[k] for k in ("epochs", "lr", "val", "learn_scales")} == {
-        "epochs": 10, "lr": 1e-3, "val": None, "learn_scales": False}
+        "epochs": 10, "lr": None, "val": None, "learn_scales": False}
     assert set(FINETUNE_KEYWORDS) <= set(options)

@@ -4,7 +4,8 @@
   cross-entropy on labels as `alpha * kd + (1 - alpha) * ce`.
 - Feature (FitNets, Romero et al. 2015): mean squared error between named intermediate values of
   student and teacher, through a learned 1x1 adapter where channel counts differ (a pruned
-  student has fewer channels than its unpruned teacher).
+  student has fewer channels than its unpruned teacher); or `1 - cosine` over the channel axis,
+  for embeddings (a sentence encoder's last hidden state is judged by its direction).
 - Relation (RKD, Park et al. 2019): distance-wise and angle-wise potentials over the samples of a
   batch, compared with the Huber loss (smooth L1, beta 1).
 
@@ -115,6 +116,8 @@ class FeatureDistiller(nn.Module):
         names: one label per matched pair (for messages).
         student_shapes: the student values' shapes (axis 0 may be anything).
         teacher_shapes: the teacher values' shapes.
+        cosine: compare by `1 - cosine similarity` over the channel axis (mean over the other
+            positions) instead of the MSE.
 
     Raises:
         BadOptionError: ranks differ, a rank outside 2..4, or shapes that differ anywhere but the
@@ -126,9 +129,13 @@ class FeatureDistiller(nn.Module):
         names: Sequence[str],
         student_shapes: Sequence[Sequence[int]],
         teacher_shapes: Sequence[Sequence[int]],
+        *,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         self.names = list(names)
+        self.cosine = cosine
+        self.axes: list[int] = []
         adapters: list[nn.Module] = []
         for name, s_shape, t_shape in zip(names, student_shapes, teacher_shapes, strict=True):
             s_shape, t_shape = list(s_shape), list(t_shape)
@@ -138,6 +145,7 @@ class FeatureDistiller(nn.Module):
                     "matched (same rank, 2 to 4 axes needed)"
                 )
             axis = _channel_axis(len(s_shape))
+            self.axes.append(axis)
             others_s = [d for i, d in enumerate(s_shape) if i not in (0, axis)]
             others_t = [d for i, d in enumerate(t_shape) if i not in (0, axis)]
             if others_s != others_t:
@@ -157,11 +165,16 @@ class FeatureDistiller(nn.Module):
     def forward(
         self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Mean over pairs of the MSE (mean over elements) of adapter(student) and teacher."""
-        losses = [
-            F.mse_loss(adapter(s.float()), t.detach().float())
-            for adapter, s, t in zip(self.adapters, student, teacher, strict=True)
-        ]
+        """Mean over pairs of the MSE (mean over elements), or of `1 - cosine` (mean over
+        positions), of adapter(student) and teacher."""
+        losses = []
+        for adapter, axis, s, t in zip(self.adapters, self.axes, student, teacher, strict=True):
+            adapted, target = adapter(s.float()), t.detach().float()
+            if self.cosine:
+                similarity = F.cosine_similarity(adapted, target, dim=axis, eps=1e-8)
+                losses.append((1.0 - similarity).mean())
+            else:
+                losses.append(F.mse_loss(adapted, target))
         return torch.stack(losses).mean()
 
 

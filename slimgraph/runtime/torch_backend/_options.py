@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 from slimgraph.errors import BadOptionError
 
-__all__ = ["KD_KINDS", "SCHEMES", "OPTIMIZERS", "TrainOptions"]
+__all__ = ["KD_KINDS", "SCHEMES", "OPTIMIZERS", "FEATURE_LOSSES", "TrainOptions"]
 
 # Knowledge kinds of distillation, the teacher schemes, and the optimizers.
 KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
 SCHEMES: tuple[str, ...] = ("offline", "online", "self")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+FEATURE_LOSSES: tuple[str, ...] = ("mse", "cosine")
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,18 @@ class TrainOptions:
         epochs: passes over the data (0 trains nothing).
         batch_size: rows per step (in-memory data; streamed feed dicts keep their own size).
         lr: peak learning rate; a cosine schedule decays it to 0 over the run unless
-            `schedule="constant"`.
+            `schedule="constant"`. None (the default): measured by a learning-rate range test
+            on the model and data before training (`_lr_range`).
         optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
         weight_decay: decoupled (AdamW) or L2 (SGD) decay on weights with 2+ axes only.
         seed: seeds shuffling, dropout and adapter initialization: same seed, same result.
         temperature: softening temperature T of response KD.
         alpha: weight of the KD term against the label cross-entropy, in [0, 1].
         feature_weight: weight of the feature-KD term.
+        feature_loss: "mse" (FitNets) or "cosine" (1 - cosine similarity over the channel
+            axis, for embeddings: scale-free, what a sentence encoder is judged by).
+        unfold_batchnorm: train convolutions whose BatchNorm was folded away with batch
+            statistics again, folded back exactly at the end (`_batchnorm`).
         relation_weights: (distance, angle) weights of relation KD (Park et al.: 1, 2).
         ema_decay: decay of the self-distillation teacher's moving average, in [0, 1).
         progress: tqdm bar with the running loss; None shows it only on a terminal.
@@ -41,7 +47,7 @@ class TrainOptions:
 
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     schedule: str = "cosine"
@@ -49,6 +55,8 @@ class TrainOptions:
     temperature: float = 4.0
     alpha: float = 0.5
     feature_weight: float = 1.0
+    feature_loss: str = "mse"
+    unfold_batchnorm: bool = True
     relation_weights: tuple[float, float] = (1.0, 2.0)
     ema_decay: float = 0.99
     progress: bool | None = None
@@ -64,7 +72,8 @@ class TrainOptions:
              f"{self.epochs}"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1,
              f"batch size must be >= 1, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.lr is None or math.isfinite(self.lr) and self.lr > 0,
+             f"learning rate must be > 0, got {self.lr}"),
             (self.optimizer in OPTIMIZERS,
              f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -75,6 +84,8 @@ class TrainOptions:
              f"temperature must be > 0, got {self.temperature}"),
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
             (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
+            (self.feature_loss in FEATURE_LOSSES, f"unknown feature loss '{self.feature_loss}' "
+             f"(choose from {', '.join(FEATURE_LOSSES)})"),
             (all(w >= 0 for w in self.relation_weights),
              f"relation weights must be >= 0, got {self.relation_weights}"),
             (0.0 <= self.ema_decay < 1.0, f"ema decay must be in [0, 1), got {self.ema_decay}"),

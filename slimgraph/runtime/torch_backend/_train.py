@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import sys
@@ -43,12 +44,15 @@ from slimgraph.runtime.compare import FidelityAccumulator
 from slimgraph.runtime.feeds import sample_count
 from slimgraph.runtime.metrics import LabelledData, split_labels
 from slimgraph.runtime.session import create_session, run
+from slimgraph.runtime.torch_backend._batchnorm import fold_batchnorm, unfold_batchnorm
 from slimgraph.runtime.torch_backend._losses import (
     FeatureDistiller,
     class_rows,
     relation_loss,
     response_loss,
 )
+from slimgraph.runtime.torch_backend._lower import LoweredModel
+from slimgraph.runtime.torch_backend._lr_range import LrSearch, cycle, lr_range_test
 from slimgraph.runtime.torch_backend._options import KD_KINDS, OPTIMIZERS, SCHEMES, TrainOptions
 
 __all__ = [
@@ -95,10 +99,33 @@ class EpochRecord:
 
 @dataclass
 class History:
-    """Per-epoch figures of a run (the report's training curves)."""
+    """Per-epoch figures of a run (the report's training curves) and what the run chose.
+
+    Attributes:
+        metric: "accuracy" or "cosine" (None without validation data).
+        records: epoch 0 (before training) and every epoch trained.
+        lr: the learning rate used (the range test's pick when none was given).
+        lr_search: the range test's measurements, or None when `lr` was given.
+        unfolded: convolutions trained with batch statistics (`_batchnorm`).
+        kept: the epoch whose weights were handed back (the best on validation; 0: the input
+            model, which no epoch beat); None without validation data.
+    """
 
     metric: str | None
     records: list[EpochRecord] = field(default_factory=list)
+    lr: float | None = None
+    lr_search: LrSearch | None = None
+    unfolded: int = 0
+    kept: int | None = None
+
+    @property
+    def kept_record(self) -> EpochRecord | None:
+        """The record of the epoch handed back (the last one without validation)."""
+        if not self.records:
+            return None
+        if self.kept is None:
+            return self.records[-1]
+        return next(r for r in self.records if r.epoch == self.kept)
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -106,7 +133,40 @@ class History:
         return float(np.median(trained)) if trained else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "epochs": [asdict(r) for r in self.records]}
+        return {"metric": self.metric, "epochs": [asdict(r) for r in self.records],
+                "lr": self.lr, "lr_range_test": self.lr_search is not None,
+                "unfolded_batchnorm": self.unfolded, "kept_epoch": self.kept}  # fmt: skip
+
+
+class _BestKeeper:
+    """The weights of the epoch with the best validation metric, handed back at the end.
+
+    Epoch 0 (the input model) is replaced only by an epoch strictly better; later epochs replace
+    earlier trained ones on a tie.
+    """
+
+    def __init__(self, module: nn.Module, history: History) -> None:
+        self.module = module
+        self.history = history
+        self.best = history.records[0].val if history.records else None
+        self.epoch = 0
+        self.state = copy.deepcopy(module.state_dict())
+
+    def offer(self, record: EpochRecord) -> None:
+        if record.val is None:
+            return
+        if self.best is None or record.val > self.best or (
+            record.val == self.best and self.epoch > 0
+        ):
+            self.best, self.epoch = record.val, record.epoch
+            self.state = copy.deepcopy(self.module.state_dict())
+
+    def restore(self) -> None:
+        self.history.kept = self.epoch
+        if self.history.records and self.epoch != self.history.records[-1].epoch:
+            self.module.load_state_dict(self.state)
+            logger.info("validation was best at epoch %d: its weights are handed back",
+                        self.epoch)  # fmt: skip
 
 
 class Batch(NamedTuple):
@@ -385,15 +445,15 @@ class Validation:
 
 
 def _optimizer(
-    parameters: list[nn.Parameter], options: TrainOptions
+    parameters: list[nn.Parameter], options: TrainOptions, lr: float
 ) -> torch.optim.Optimizer:
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": options.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
     if options.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=options.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=options.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def _progress(total: int, epoch: int, epochs: int, enabled: bool | None) -> Any:
@@ -407,7 +467,7 @@ def _progress(total: int, epoch: int, epochs: int, enabled: bool | None) -> Any:
 
 
 def _feature_distiller(
-    student: nn.Module, teacher: Teacher, taps: Taps, batch: Batch
+    student: nn.Module, teacher: Teacher, taps: Taps, batch: Batch, *, cosine: bool = False
 ) -> FeatureDistiller | None:
     """Adapters sized from one forward pass (eval mode, no gradient) of student and teacher."""
     if not taps.features:
@@ -422,6 +482,7 @@ def _feature_distiller(
         [f"{s} -> {t}" if s != t else s for s, t in taps.features],
         [tuple(got[s].shape) for s, _ in taps.features],
         [tuple(targets[t].shape) for _, t in taps.features],
+        cosine=cosine,
     )
 
 
@@ -435,6 +496,7 @@ def train(
     teacher: Teacher | None = None,
     validation: Validation | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    model: ir.Model | None = None,
 ) -> History:
     """Train `student` in place and return the per-epoch history.
 
@@ -448,6 +510,12 @@ def train(
         teacher: targets (offline, online or self); None trains on labels alone.
         validation: held-out data evaluated before training and after every epoch.
         on_epoch: called with each epoch's record as it completes (for printing).
+        model: the graph `student` was lowered from; with it, convolutions whose BatchNorm was
+            folded train with batch statistics (`options.unfold_batchnorm`, see `_batchnorm`).
+
+    With `options.lr` None the learning rate comes from a range test (`_lr_range`). With
+    validation data the weights of the best epoch are handed back (`History.kept`; 0 means no
+    epoch beat the input).
 
     Raises:
         BadOptionError: bad options; nothing to learn from (no labels and no teacher); the loss
@@ -483,9 +551,16 @@ def train(
     use_relation = teacher is not None and "relation" in kd and taps.relation is not None
     use_response = teacher is not None and "response" in kd
     first = next(iter(batches.epoch(np.random.default_rng(options.seed))))
+    unfolded = []
+    # (not under an EMA teacher: its copy of the student has no norms to average)
+    if (options.unfold_batchnorm and isinstance(student, LoweredModel) and model is not None
+            and not isinstance(teacher, EmaTeacher)):  # fmt: skip
+        unfolded = unfold_batchnorm(student, model, first.inputs)
+        history.unfolded = len(unfolded)
     distiller = None
     if use_feature and teacher is not None:
-        distiller = _feature_distiller(student, teacher, taps, first)
+        distiller = _feature_distiller(student, teacher, taps, first,
+                                       cosine=options.feature_loss == "cosine")  # fmt: skip
     parameters = [p for p in student.parameters() if p.requires_grad]
     if distiller is not None:
         parameters += list(distiller.parameters())
@@ -493,7 +568,60 @@ def train(
         parameters += [p for p in teacher.parameters() if p.requires_grad]
     if not parameters:
         raise BadOptionError("the model has no float weights to train")
-    optimizer = _optimizer(parameters, options)
+    teacher_train = teacher is not None and teacher.trainable
+
+    def loss_of(batch: Batch, epoch: int, step: int) -> torch.Tensor:
+        got = _forward(student, batch.inputs)
+        targets = teacher.outputs(batch) if teacher is not None else {}
+        s_logits = got[taps.logits[0]]
+        t_logits = targets.get(taps.logits[1]) if use_response else None
+        if t_logits is None and batch.labels is None and distiller is None:
+            raise BadOptionError(
+                f"nothing to learn from: batch {step} of epoch {epoch} has no labels and "
+                "response KD is off"
+            )
+        loss = s_logits.new_zeros((), dtype=torch.float32)
+        if t_logits is not None or batch.labels is not None:
+            loss = response_loss(s_logits, t_logits, batch.labels,
+                                 temperature=options.temperature, alpha=options.alpha)  # fmt: skip
+        if distiller is not None:
+            loss = loss + options.feature_weight * distiller(
+                [got[s] for s, _ in taps.features], [targets[t] for _, t in taps.features]
+            )
+        if use_relation and taps.relation is not None:
+            w_d, w_a = options.relation_weights
+            loss = loss + relation_loss(got[taps.relation[0]], targets[taps.relation[1]],
+                                        distance_weight=w_d, angle_weight=w_a)  # fmt: skip
+        if teacher_train:  # deep mutual learning: the peer learns from the student too
+            loss = loss + response_loss(
+                targets[taps.logits[1]], s_logits.detach(), batch.labels,
+                temperature=options.temperature, alpha=options.alpha,
+            )
+        return loss
+
+    student.train()
+    if teacher is not None:
+        teacher.train(teacher_train)
+    lr = options.lr
+    if lr is None:
+        # in-memory data: shuffled batches; a stream may be one-shot: its first batch, repeated
+        search_batches = (
+            cycle(lambda: batches.epoch(np.random.default_rng(options.seed + 1)))
+            if isinstance(batches, ArrayBatches) else itertools.repeat(first)
+        )  # fmt: skip
+        trained_modules: list[nn.Module] = [student]
+        if distiller is not None:
+            trained_modules.append(distiller)
+        if teacher_train:
+            trained_modules.append(teacher)  # type: ignore[arg-type]
+        history.lr_search = lr_range_test(
+            lambda: loss_of(next(search_batches), 0, 0),  # type: ignore[arg-type]
+            trained_modules, lambda rate: _optimizer(parameters, options, rate),
+        )  # fmt: skip
+        lr = history.lr_search.lr
+        torch.manual_seed(options.seed)
+    history.lr = lr
+    optimizer = _optimizer(parameters, options, lr)
     steps_per_epoch = len(batches) or 1
     total = max(1, options.epochs * steps_per_epoch)
     scheduler = None
@@ -501,46 +629,20 @@ def train(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
         )
-    student.train()
-    teacher_train = teacher is not None and teacher.trainable
-    if teacher is not None:
-        teacher.train(teacher_train)
+    keeper = _BestKeeper(student, history) if validation is not None else None
     for epoch in range(1, options.epochs + 1):
         start = time.perf_counter()
         losses: list[float] = []
         bar = _progress(len(batches), epoch, options.epochs, options.progress)
         for step, batch in enumerate(batches.epoch(rng), start=1):
-            got = _forward(student, batch.inputs)
-            targets = teacher.outputs(batch) if teacher is not None else {}
-            s_logits = got[taps.logits[0]]
-            t_logits = targets.get(taps.logits[1]) if use_response else None
-            if t_logits is None and batch.labels is None:
-                raise BadOptionError(
-                    f"nothing to learn from: batch {step} of epoch {epoch} has no labels and "
-                    "response KD is off"
-                )
-            loss = response_loss(s_logits, t_logits, batch.labels,
-                                 temperature=options.temperature, alpha=options.alpha)  # fmt: skip
-            if distiller is not None:
-                loss = loss + options.feature_weight * distiller(
-                    [got[s] for s, _ in taps.features], [targets[t] for _, t in taps.features]
-                )
-            if use_relation and taps.relation is not None:
-                w_d, w_a = options.relation_weights
-                loss = loss + relation_loss(got[taps.relation[0]], targets[taps.relation[1]],
-                                            distance_weight=w_d, angle_weight=w_a)  # fmt: skip
-            if teacher_train:  # deep mutual learning: the peer learns from the student too
-                loss = loss + response_loss(
-                    targets[taps.logits[1]], s_logits.detach(), batch.labels,
-                    temperature=options.temperature, alpha=options.alpha,
-                )
+            loss = loss_of(batch, epoch, step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 if bar is not None:
                     bar.close()
                 raise BadOptionError(
                     f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
-                    "nothing was written (try a lower learning rate)"
+                    f"nothing was written (try a lower learning rate than {lr:.3g})"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -557,7 +659,14 @@ def train(
             bar.close()
         seconds = time.perf_counter() - start
         record(epoch, float(np.mean(losses)) if losses else None, seconds, len(losses))
+        if keeper is not None:
+            keeper.offer(history.records[-1])
         student.train()
+    if keeper is not None:
+        keeper.restore()
+    student.eval()
+    if unfolded:
+        fold_batchnorm(student, unfolded)  # type: ignore[arg-type]
     student.eval()
     if teacher is not None:
         teacher.train(False)
