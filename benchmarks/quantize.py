@@ -386,7 +386,6 @@ def _minilm_budget(rounds: int, seq: int) -> list[str]:
     import torch
 
     from slimgraph.passes.precision import convert_fp16
-    from slimgraph.passes.quantize.api import budget_search_of
     from slimgraph.runtime.metrics import evaluate, split_labels
     from tests.models import BertStyleEncoder
 
@@ -414,9 +413,10 @@ def _minilm_budget(rounds: int, seq: int) -> list[str]:
     calib, val, held_out = batch(32), batch(32), split_labels(batch(32), fp32)
     plain = sg.quantize(fp32, calibration=calib, progress=False)
     start = time.perf_counter()
-    mixed = sg.quantize(fp32, calibration=calib, data=val, min_cosine=0.995, progress=False)
+    mixed, report = sg.quantize_with_report(fp32, calibration=calib, data=val, min_cosine=0.995,
+                                            progress=False)
     seconds = time.perf_counter() - start
-    search = budget_search_of(mixed)
+    search = report.budget
     half = convert_fp16(fp32)
     models = [fp32, plain, mixed, half]
     labels = ["fp32", "int8", "int8 + float (budget)", "fp16"]

@@ -29,19 +29,34 @@ from slimgraph.errors import (
 )
 
 if TYPE_CHECKING:
+    from slimgraph.api.budget import SensitivityTable, check_budget
+    from slimgraph.api.factorize import FactorizeOptions, factorize, factorize_with_report
+    from slimgraph.api.finetune import (
+        FinetuneOptions,
+        FinetuneReport,
+        finetune,
+        finetune_with_report,
+    )
+    from slimgraph.api.optimize import OptimizeOptions, optimize, optimize_with_report
+    from slimgraph.api.prune import PruneOptions, prune, prune_with_report
+    from slimgraph.api.quantize import (
+        QuantizeOptions,
+        QuantizeReport,
+        budget_search_of,
+        quantize,
+        quantize_with_report,
+        report_of,
+    )
+    from slimgraph.api.sensitivity import SensitivityOptions, sensitivity
+    from slimgraph.api.sweep import SweepOptions, SweepResult, sweep
     from slimgraph.ir import from_torch, from_torch_causal_lm, load, save
-    from slimgraph.passes.lowrank import factorize, factorize_with_report
-    from slimgraph.passes.pipeline import optimize
+    from slimgraph.passes.lowrank import FactorizeReport
+    from slimgraph.passes.pipeline import PipelineResult
     from slimgraph.passes.precision import convert_fp16
-    from slimgraph.passes.prune import prune, prune_with_report
-    from slimgraph.passes.quantize import quantize, report_of
-    from slimgraph.passes.quantize.api import budget_search_of
-    from slimgraph.passes.sensitivity import sensitivity
+    from slimgraph.passes.prune import PruneReport
     from slimgraph.runtime import benchmark, compare, random_feeds
-    from slimgraph.runtime.budget import check_budget
-    from slimgraph.runtime.finetune import FinetuneReport, finetune, finetune_with_report
+    from slimgraph.runtime.budget import Budget
     from slimgraph.runtime.generate import GenerateResult, generate
-    from slimgraph.tools.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -57,20 +72,36 @@ __all__ = [
     "benchmark",
     "random_feeds",
     "optimize",
+    "optimize_with_report",
+    "OptimizeOptions",
+    "PipelineResult",
     "quantize",
+    "quantize_with_report",
+    "QuantizeOptions",
+    "QuantizeReport",
     "report_of",
+    "budget_search_of",
     "prune",
     "prune_with_report",
+    "PruneOptions",
+    "PruneReport",
     "factorize",
     "factorize_with_report",
+    "FactorizeOptions",
+    "FactorizeReport",
     "convert_fp16",
     "sensitivity",
+    "SensitivityOptions",
+    "SensitivityTable",
     "check_budget",
-    "budget_search_of",
+    "Budget",
     "finetune",
     "finetune_with_report",
+    "FinetuneOptions",
     "FinetuneReport",
     "sweep",
+    "SweepOptions",
+    "SweepResult",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",
@@ -94,24 +125,26 @@ _LAZY: dict[str, str] = {
     "compare": "slimgraph.runtime",
     "benchmark": "slimgraph.runtime",
     "random_feeds": "slimgraph.runtime",
-    "optimize": "slimgraph.passes.pipeline",
-    "quantize": "slimgraph.passes.quantize",
-    "report_of": "slimgraph.passes.quantize",
-    "prune": "slimgraph.passes.prune",
-    "prune_with_report": "slimgraph.passes.prune",
-    "factorize": "slimgraph.passes.lowrank",
-    "factorize_with_report": "slimgraph.passes.lowrank",
     "convert_fp16": "slimgraph.passes.precision",
-    "sensitivity": "slimgraph.passes.sensitivity",
-    "check_budget": "slimgraph.runtime.budget",
-    "budget_search_of": "slimgraph.passes.quantize.api",
-    "finetune": "slimgraph.runtime.finetune",
-    "finetune_with_report": "slimgraph.runtime.finetune",
-    "FinetuneReport": "slimgraph.runtime.finetune",
-    "sweep": "slimgraph.tools.sweep",
+    "Budget": "slimgraph.runtime.budget",
+    "PipelineResult": "slimgraph.passes.pipeline",
+    "PruneReport": "slimgraph.passes.prune",
+    "FactorizeReport": "slimgraph.passes.lowrank",
+    **dict.fromkeys(("optimize", "optimize_with_report", "OptimizeOptions"),
+                    "slimgraph.api.optimize"),
+    **dict.fromkeys(("quantize", "quantize_with_report", "QuantizeOptions", "QuantizeReport",
+                     "report_of", "budget_search_of"), "slimgraph.api.quantize"),
+    **dict.fromkeys(("prune", "prune_with_report", "PruneOptions"), "slimgraph.api.prune"),
+    **dict.fromkeys(("factorize", "factorize_with_report", "FactorizeOptions"),
+                    "slimgraph.api.factorize"),
+    **dict.fromkeys(("sensitivity", "SensitivityOptions"), "slimgraph.api.sensitivity"),
+    **dict.fromkeys(("check_budget", "SensitivityTable"), "slimgraph.api.budget"),
+    **dict.fromkeys(("finetune", "finetune_with_report", "FinetuneOptions", "FinetuneReport"),
+                    "slimgraph.api.finetune"),
+    **dict.fromkeys(("sweep", "SweepOptions", "SweepResult"), "slimgraph.api.sweep"),
 }
 # Subpackages reachable as attributes (`sg.runtime.calibrated_ranges`) without importing them.
-_SUBPACKAGES = ("errors", "ir", "passes", "runtime", "tools")
+_SUBPACKAGES = ("errors", "ir", "passes", "runtime", "api", "tools")
 
 
 def __getattr__(name: str) -> Any:

@@ -94,7 +94,7 @@ def test_every_public_name_resolves_and_dir_lists_it() -> None:
         assert set(module.__all__) <= set(dir(module)), module.__name__
         for name in module.__all__:
             assert getattr(module, name) is not None, (module.__name__, name)
-    assert sg.load is sg.ir.load and sg.quantize.__module__.startswith("slimgraph.passes.quantize")
+    assert sg.load is sg.ir.load and sg.quantize.__module__.startswith("slimgraph.api.quantize")
     assert sg.runtime.calibrated_ranges.__name__ == "calibrated_ranges"
     with pytest.raises(AttributeError, match="module 'slimgraph' has no attribute 'nope'"):
         sg.nope  # noqa: B018

@@ -15,6 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
+    "SMOOTH_QUANT_ALPHA",
     "AUTO_BITS",
     "STATIC_SHAPE",
     "EXAMPLE_DIMS",
@@ -49,8 +50,12 @@ FACTORIZE_REPORT = "slimgraph.factorize_report"
 QUANT_REPORT = "slimgraph.quantize_report"
 
 # Model.meta: the BudgetSearch of a compression under an accuracy budget (layers kept
-# uncompressed and why, the evaluations tried; `slimgraph.passes.budgeted`).
+# uncompressed and why, the evaluations tried; `slimgraph.api.budget`).
 BUDGET_SEARCH = "slimgraph.budget_search"
+
+# Model.meta: the alpha SmoothQuant chose (None: no smoothing scored best); `quantize(...,
+# smooth_quant=...)`.
+SMOOTH_QUANT_ALPHA = "slimgraph.smooth_quant_alpha"
 
 # Model.meta: the AutoBitsResult of sg.quantize(..., bits="auto") (the form each MatMul took and
 # the timings it was chosen on; `slimgraph.passes.quantize.auto_bits`).

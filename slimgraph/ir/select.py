@@ -2,7 +2,8 @@
 
 A pattern (fnmatch, case-sensitive) selects a node when it matches the node's torch layer name
 (`layer1.0.conv1`, see `layer_name`) or its ONNX node name (`node_conv2d_3`). Every pattern a
-user gives must select something (`check_patterns`): a typo is an error, never a silent no-op.
+user gives must select something (`check_patterns`; `check_exclusions` with op types too): a typo
+is an error, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, Term
 from slimgraph.ir.names import layer_name
 
-__all__ = ["node_names", "matching_pattern", "check_patterns", "exact_pattern"]
+__all__ = [
+    "node_names", "matching_pattern", "check_patterns", "check_exclusions", "exact_pattern",
+]
 
 
 def node_names(node: ir.Node) -> tuple[str, ...]:
@@ -58,6 +61,29 @@ def check_patterns(
             continue
         raise BadOptionError.worded("{label} {pattern} matches no layer or node of the model",
                                     label=label, pattern=repr(pattern))
+
+
+def check_exclusions(
+    nodes: Iterable[ir.Node],
+    exclude: Iterable[str],
+    exclude_ops: Iterable[str] = (),
+    *,
+    tensors: bool = False,
+) -> None:
+    """Every `--exclude` pattern must select a node (`check_patterns`; with `tensors`, also by an
+    output tensor's name) and every `--exclude-op` must be an op type of one of `nodes`.
+
+    Raises:
+        BadOptionError: a pattern or op type that selects nothing (it would be a silent no-op).
+    """
+    listed = list(nodes)
+    check_patterns(listed, exclude, tensors=tensors)
+    present = {node.op_type for node in listed}
+    for op in exclude_ops:
+        if op not in present:
+            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
+                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
+                                        name=op)
 
 
 def exact_pattern(name: str) -> str:

@@ -28,7 +28,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.registry import register_pass
-from slimgraph.runtime.finetune import SCHEMES, finetune_with_report, parse_kd
+from slimgraph.runtime.finetune import SCHEMES, FinetuneOptions, parse_kd, run_finetune
 
 __all__ = ["FinetunePass", "FinetuneResult"]
 
@@ -45,7 +45,7 @@ class FinetuneResult(SlimgraphPassResult):
     seconds_per_epoch: float | None = None
 
 
-@register_pass("finetune", exact=False, options=finetune_with_report)
+@register_pass("finetune", exact=False, options=FinetuneOptions)
 class FinetunePass(SlimgraphFunctionalPass):
     """Train the model's weights on data and/or a teacher (see `slimgraph.finetune`).
 
@@ -58,8 +58,9 @@ class FinetunePass(SlimgraphFunctionalPass):
             path to a teacher model.
         input_model: given by the pipeline (its input model); not set in recipes.
         **options: the keywords of `slimgraph.finetune` (labels, kd, scheme, epochs, batch_size,
-            lr, val, seed, learn_scales, temperature, alpha, feature_layers, ...); declared at
-            registration (`options=`), so recipes are checked against them.
+            lr, val, seed, learn_scales, temperature, alpha, feature_layers, ...: the fields of
+            `FinetuneOptions`); declared at registration (`options=`), so recipes are checked
+            against them.
 
     Raises:
         BadOptionError: no data, a teacher "input" without a pipeline input model, bad options.
@@ -99,9 +100,8 @@ class FinetunePass(SlimgraphFunctionalPass):
                     "path or teacher: null"
                 )
             teacher = self.input_model
-        trained, report = finetune_with_report(
-            model, self.data, teacher=teacher, kd=self.kd, scheme=self.scheme, **self.options
-        )
+        options = FinetuneOptions(teacher=teacher, kd=self.kd, scheme=self.scheme, **self.options)
+        trained, report = run_finetune(model, self.data, options)
         return FinetuneResult(
             trained,
             modified=report.epochs > 0,

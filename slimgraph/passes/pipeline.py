@@ -16,7 +16,7 @@ nodes it skipped. With `verify=True` the model runs on onnxruntime before the fi
 after every pass that changed it, on the same sample feeds (the user's, or inputs generated to
 drive the model: `runtime.feeds.driving_feeds`); each pass's outputs are compared with
 the outputs of the model it received; whether a pass is exact comes from its registration
-(`passes.registry.PassInfo`); `passes._verify` compares the outputs:
+(`passes.registry.PassInfo`); `runtime.verify` compares the outputs:
 
 - an exact pass must keep every output within `rtol * |ref| + atol * max(1, max|ref|)`
   (default rtol 1e-4, atol 1e-5; at least 4 ulps for fp16/bf16 outputs) and integer, bool and
@@ -40,11 +40,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,11 +51,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from slimgraph._tables import render_table
 from slimgraph.errors import BadOptionError, SlimgraphError, VerificationError, first_line
-from slimgraph.ir import ModelLike, as_model, copy_model, metadata
+from slimgraph.ir import copy_model, metadata
 from slimgraph.ir.analysis import check_finite_weights
-from slimgraph.passes._options import BudgetOptions, takes_options
-from slimgraph.passes._verify import Verifier, feed_list
 from slimgraph.passes.base import SlimgraphPassResult
 from slimgraph.passes.recipe import RECIPE_SCHEMA, RECIPE_VERSION, known_names, load_recipe
 from slimgraph.passes.registry import (
@@ -81,6 +78,7 @@ if TYPE_CHECKING:
     from slimgraph.runtime import Fidelity
     from slimgraph.runtime.budget import Evaluator
     from slimgraph.runtime.metrics import LabelledData
+    from slimgraph.runtime.verify import Verifier
 
 __all__ = [
     "PASSES",
@@ -100,8 +98,6 @@ __all__ = [
     "PipelineResult",
     "run_pipeline",
     "node_count",
-    "optimize",
-    "optimize_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -358,11 +354,46 @@ class PassRecord:
 
 @dataclass
 class PipelineResult(SlimgraphPassResult):
-    """The final model, one record per pass, and the fidelity of the end result to the input."""
+    """The final model, one record per pass, and the fidelity of the end result to the input:
+    the report of `slimgraph.optimize` (`optimize_with_report`).
+
+    Attributes:
+        records: what each pass did (`PassRecord`).
+        fidelity: the end result's outputs against the input model's (verified runs).
+        evaluation: the end result's `metrics.Evaluation` when a budget was checked.
+        verified: the passes were verified on onnxruntime.
+    """
 
     records: list[PassRecord] = field(default_factory=list)
     fidelity: Fidelity | None = None
-    evaluation: Any = None  # `metrics.Evaluation` of the end result when a budget was checked
+    evaluation: Any = None
+    verified: bool = False
+
+    def describe(self, *, not_verified: str = "not verified (verify=False)") -> str:
+        """The per-pass table (kind, nodes, time, fidelity), the passes' own notes (blocks
+        `fuse-attention` left, and why) and a line for the whole run; `not_verified` is what
+        that line says of a run without verification."""
+        rows = [[r.name, "exact" if r.exact else "approx", f"{r.nodes_before} -> {r.nodes_after}",
+                 f"{(r.seconds + r.verify_seconds) * 1000:.0f} ms", _fidelity_cell(r)]
+                for r in self.records]  # fmt: skip
+        table = render_table(["pass", "kind", "nodes", "time", "fidelity"], rows, align="llrrl")
+        notes = [str(r.details["summary"]) for r in self.records if r.details.get("summary")]
+        before = self.records[0].nodes_before if self.records else node_count(self.model)
+        summary = f"nodes {before} -> {node_count(self.model)}"
+        if self.fidelity is not None:
+            worst = max(self.fidelity.outputs, key=lambda o: o.max_abs_error)
+            summary += (f"; outputs vs input model: max abs err {worst.max_abs_error:.2e}, "
+                        f"cosine {self.fidelity.worst_cosine:.6f}")
+        elif not self.verified:
+            summary += f"; {not_verified}"
+        return "\n".join([table, *notes, summary])
+
+    __str__ = describe
+
+    def __repr__(self) -> str:
+        changed = sum(r.modified for r in self.records)
+        return (f"<PipelineResult: {len(self.records)} passes, {changed} changed the model, "
+                f"{'verified' if self.verified else 'not verified'}>")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -376,6 +407,18 @@ class PipelineResult(SlimgraphPassResult):
 def node_count(model: ir.Model) -> int:
     """Nodes of the main graph and all subgraphs (functions not included)."""
     return sum(1 for _ in model.graph.all_nodes())
+
+
+def _fidelity_cell(record: PassRecord) -> str:
+    """What the table says of a pass's outputs."""
+    if not record.modified:
+        return "no change"
+    if record.metadata_only:
+        return "metadata only"
+    if record.fidelity is None:
+        return "not verified"
+    worst = max(record.fidelity.outputs, key=lambda o: o.max_abs_error)
+    return f"max err {worst.max_abs_error:.2e}  cos {record.fidelity.worst_cosine:.6f}"
 
 
 def run_pipeline(
@@ -427,8 +470,14 @@ def run_pipeline(
     check_finite_weights(model)
     current = copy_model(model)
     current.meta.pop(metadata.MATERIALIZED, None)  # counted per run: see `compact-constants`
-    judge = _drop_judge(current, built, data, max_drop)
-    verifier = Verifier(current, feed_list(feeds), tolerance) if verify else None
+    verifier, judge = None, None
+    judged = max_drop is not None or any(step.max_drop is not None for step in built)
+    if verify or judged:
+        from slimgraph.runtime import verify as checks  # onnxruntime: only when a model runs
+
+        judge = checks.drop_judge(current, data) if judged else None
+        if verify:
+            verifier = checks.Verifier(current, checks.feed_list(feeds), tolerance)
     run = _Run(verifier, judge, min_cosine, max_drop, node_count(current))
     if built:
         manager = ir.passes.PassManager([_Instrumented(step, run) for step in built], steps=1)
@@ -439,13 +488,10 @@ def run_pipeline(
                 raise
         if run.failure is not None:  # the step's own error, not the manager's wrapping of it
             raise run.failure
-    overall = None
-    if verifier is not None:
-        from slimgraph.runtime import compare_outputs
-
-        overall = compare_outputs(verifier.original, verifier.reference)
+    overall = None if verifier is None else verifier.overall()
     any_modified = any(record.modified for record in run.records)
-    return PipelineResult(current, any_modified, records=run.records, fidelity=overall)
+    return PipelineResult(current, any_modified, records=run.records, fidelity=overall,
+                          verified=verify)
 
 
 class _Run:
@@ -557,150 +603,6 @@ class _Instrumented(ir.passes.PassBase):
         except Exception as error:
             self.run.failure = error
             raise
-
-
-def _drop_judge(
-    model: ir.Model, steps: Sequence[Step], data: LabelledData | None, max_drop: float | None
-) -> Evaluator | None:
-    """The evaluator of `max_drop` limits (None when no step has one and there is no global)."""
-    wanted = max_drop is not None or any(s.max_drop is not None for s in steps)
-    if not wanted:
-        return None
-    if data is None or data.labels is None:
-        raise BadOptionError.worded("max_drop needs labelled validation data ({data})",
-                                    data=("data= with a labels key",
-                                          "--data VAL.npz with a labels key"))
-    from slimgraph.runtime.budget import Evaluator
-
-    return Evaluator(model, data)
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimizeOptions(BudgetOptions):
-    """The keywords of `optimize` and `optimize_report`, written once; each is documented on
-    `optimize`. The budget keywords (`data`, `budget`, `max_drop`, `min_cosine`, `metric`) judge
-    the end result against the input model; `data` also serves recipe steps' `max_drop` keys."""
-
-    preset: str | None = "lossless"
-    recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None
-    verify: bool = True
-    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None
-    opset: int | None = None
-    calibration: Any = None
-
-
-@takes_options(OptimizeOptions)
-def optimize_report(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
-    """`optimize`, returning the whole `PipelineResult` (what the command line prints).
-
-    Takes the keywords of `OptimizeOptions`. `data` (labelled validation data) serves per-step
-    `max_drop` keys and the budget of the end result against the input model
-    (`runtime.budget`; a miss raises `VerificationError`).
-
-    Raises:
-        BadOptionError: unknown preset or pass names, a bad recipe file, an impossible budget.
-        VerificationError: a pass changed the outputs beyond its tolerance, or the result
-            missed the budget.
-    """
-    return _optimize(model, options)
-
-
-def _optimize(model: ModelLike, options: OptimizeOptions) -> PipelineResult:
-    from slimgraph.runtime.budget import as_data
-
-    model = as_model(model)
-    preset, recipe, opset, feeds = options.preset, options.recipe, options.opset, options.feeds
-    calibration = options.calibration
-    labelled = None if options.data is None else as_data(options.data, model)
-    judge = dataclasses.replace(options, data=labelled).judge(model)
-    if recipe is not None:
-        steps: list[str | Mapping[str, Any]] = (
-            list(recipe) if isinstance(recipe, Sequence) and not isinstance(recipe, str)
-            else list(load_recipe(recipe))
-        )
-    elif preset is not None:
-        ensure_registered()
-        if preset not in PRESETS:
-            raise BadOptionError(
-                f"unknown preset '{preset}' (known presets: {', '.join(sorted(PRESETS))})"
-            )
-        steps = [preset]
-    else:
-        raise BadOptionError("give a preset or a recipe")
-    if opset is not None:
-        steps = [{"name": "convert-opset", "opset": opset}, *steps]
-    context = {"calibration": calibration} if calibration is not None else None
-    if feeds is None and options.verify and calibration is not None:
-        feeds = _verification_feeds(model, calibration)
-    if feeds is None and options.verify and labelled is not None:
-        feeds = _verification_feeds(model, labelled.feeds)  # the user's data, labels left out
-    result = run_pipeline(
-        model, steps, verify=options.verify, feeds=feeds, context=context, data=labelled
-    )
-    if judge is not None:
-        result.evaluation = judge.check(result.model, what="the optimized model")
-    return result
-
-
-# Rows of calibration data reused to verify a pipeline: enough for stable cosine/SQNR figures.
-_VERIFY_ROWS = 64
-
-
-def _verification_feeds(
-    model: ir.Model, calibration: Any
-) -> list[dict[str, np.ndarray]] | None:
-    """Real inputs for verification, taken from calibration data given as a file or arrays.
-
-    Approximate passes (quantization) judged on random inputs report misleading fidelity: values
-    outside the calibrated ranges are clipped. One-shot iterables are left to calibration alone.
-    """
-    if isinstance(calibration, (str, os.PathLike)):
-        from slimgraph.runtime.budget import as_data
-
-        data: Mapping[str, np.ndarray] = as_data(calibration, model).feeds  # labels ignored
-    elif isinstance(calibration, Mapping):
-        data = calibration
-    else:
-        return None
-    rows = {name: np.asarray(array)[:_VERIFY_ROWS] for name, array in data.items()}
-    from slimgraph.runtime import iter_batches
-
-    return list(iter_batches(rows, 16, model))
-
-
-@takes_options(OptimizeOptions)
-def optimize(model: ModelLike, options: OptimizeOptions) -> ir.Model:
-    """Optimize a copy of `model` with a preset or a recipe, each pass verified.
-
-    Args:
-        model: the input; never modified.
-        preset: a registered preset ("lossless": exact cleanup + fusion; "cleanup-only").
-        recipe: a recipe file (YAML/JSON) or a list of steps; replaces `preset` when given.
-        verify: run every modifying pass's check on onnxruntime (see `run_pipeline`).
-        feeds: sample inputs for verification (default: rows of `calibration` or `data` when
-            given, else inputs generated to drive the model: `runtime.feeds.driving_feeds`).
-        opset: convert the default-domain opset first (onnx's version converter, verified);
-            None keeps the model's opset.
-        calibration: data for the passes that take a `calibration` keyword (quantization);
-            the exact passes do not use it.
-        data: validation data (an .npz path, stacked arrays with an optional labels key, or
-            `LabelledData`) for the budget and for recipe steps with a `max_drop` key.
-        budget, max_drop, min_cosine, metric: the accuracy budget of the end result against
-            `model` on `data` (`runtime.budget`); a result that misses it raises
-            `VerificationError`.
-
-    Returns:
-        The optimized model.
-
-    Raises:
-        BadOptionError: unknown preset or pass names, a bad recipe file (lists the known names).
-        VerificationError: a pass changed the outputs beyond its tolerance (names the pass).
-
-    Example:
-        >>> import slimgraph as sg
-        >>> small = sg.optimize(sg.load("resnet50.onnx"))  # doctest: +SKIP
-    """
-    return _optimize(model, options).model
 
 
 def _details(result: ir.passes.PassResult) -> dict[str, Any]:

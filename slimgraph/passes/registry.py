@@ -119,7 +119,7 @@ PASS_MODULES: tuple[str, ...] = (
     "slimgraph.passes.lowrank",
     "slimgraph.passes.prune",
     "slimgraph.passes.precision",
-    "slimgraph.passes.quantize.api",
+    "slimgraph.passes.quantize.modes",
     "slimgraph.passes.quantize.dynamic",
     "slimgraph.passes.quantize.weight_only",
     "slimgraph.passes.finetune",

@@ -7,11 +7,13 @@ budgets, sensitivity and search"). A candidate that misses it raises `Verificati
 measured figure: the caller writes nothing.
 
 `BudgetJudge` measures the reference once and then judges any number of candidates (the searches
-of accuracy-aware quantization, pruning and low-rank); `check_budget` is the one-shot form.
+of accuracy-aware quantization, pruning and low-rank); `slimgraph.check_budget`
+(`slimgraph.api.budget`) is the one-shot form.
 
 Example:
     >>> data = load_data("val.npz", model)  # doctest: +SKIP
-    >>> check_budget(pruned, model, data, max_drop=0.01).accuracy  # doctest: +SKIP
+    >>> judge = BudgetJudge(model, data, Budget(max_drop=0.01))  # doctest: +SKIP
+    >>> judge.check(pruned).accuracy  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = [
-    "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge", "check_budget",
+    "Budget", "Evaluator", "BudgetJudge", "DataLike", "as_data", "budget_judge",
 ]
 
 # `DataLike` and `as_data` (the one reader of `data=`) live in `runtime.data`.
@@ -187,30 +189,6 @@ class BudgetJudge(Evaluator):
                 samples=str(evaluation.samples),
                 missed=("; ".join(m[0] for m in missed), "; ".join(m[1] for m in missed)))
         return evaluation
-
-
-def check_budget(
-    candidate: ir.Model | ort.InferenceSession,
-    reference: ir.Model,
-    data: LabelledData,
-    *,
-    max_drop: float | None = None,
-    min_cosine: float | None = None,
-    metric: Metric | None = None,
-    what: str = "the result",
-) -> Evaluation:
-    """Measure `candidate` against `reference` on `data`; raise when it misses the budget.
-
-    Returns:
-        The candidate's `Evaluation` (accuracy or metric with the reference's for `drop`, cosine
-        and SQNR against the reference).
-
-    Raises:
-        BadOptionError: no limit given, a limit out of range, or `max_drop` without labels.
-        VerificationError: the candidate misses the budget (message has the measured figure).
-    """
-    budget = Budget(max_drop, min_cosine)
-    return BudgetJudge(reference, data, budget, metric=metric).check(candidate, what=what)
 
 
 def budget_judge(

@@ -46,6 +46,8 @@ __all__ = [
     "stream_bounds",
     "RunOptions",
     "calibrate",
+    "ChannelRanges",
+    "calibrate_with_channels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -465,3 +467,73 @@ def _non_finite(name: str, batch: int) -> BadDataError:
         f"tensor '{name}' contains NaN or Inf on calibration batch {batch} "
         "(check the data and the model's weights)"
     )
+
+
+@dataclass
+class ChannelRanges:
+    """Per-batch min and max of each last-axis channel of one value, and each batch's element
+    count: what SmoothQuant needs of a normalization's output X [..., K] (max |X_j| for its
+    factors s, and the range of X / s for any s without another walk of the data).
+
+    Attributes:
+        lows, highs: one [K] array per batch.
+        sizes: elements per batch.
+    """
+
+    lows: list[np.ndarray]
+    highs: list[np.ndarray]
+    sizes: list[int]
+
+    def add(self, array: np.ndarray) -> None:
+        flat = array.reshape(-1, array.shape[-1])
+        self.lows.append(flat.min(axis=0))
+        self.highs.append(flat.max(axis=0))
+        self.sizes.append(int(array.size))
+
+    def absmax(self) -> np.ndarray:
+        """max |X_j| per channel over all batches."""
+        return np.maximum(np.abs(np.min(self.lows, axis=0)), np.abs(np.max(self.highs, axis=0)))
+
+    def divided(self, factors: np.ndarray) -> TensorStats:
+        """The range statistics of X / `factors` (positive, one per channel), batch by batch as
+        calibrating the divided value would give them (no histogram)."""
+        stats = TensorStats(histogram=False)
+        for low, high, size in zip(self.lows, self.highs, self.sizes, strict=True):
+            stats.update_bounds(float(np.min(low / factors)), float(np.max(high / factors)), size)
+        return stats
+
+
+def calibrate_with_channels(
+    model: ir.Model,
+    batches: Batches,
+    names: Sequence[str],
+    channels: Sequence[str],
+    *,
+    histogram: bool = True,
+    progress: bool | None = None,
+) -> tuple[dict[str, TensorStats], dict[str, ChannelRanges]]:
+    """`calibrate` of the values `names` and, in the same walk of the data, the per-channel
+    ranges of the values `channels` (last axis).
+
+    Raises:
+        BadDataError: as `calibrate`.
+    """
+    stats = {name: TensorStats(histogram=histogram) for name in names}
+    ranges = {name: ChannelRanges([], [], []) for name in channels}
+    run = RunOptions(progress=progress, total=batches.total)
+    wanted = list(dict.fromkeys([*names, *channels]))
+    count = 0
+    for index, values in enumerate(stream_values(model, wanted, batches, **run)):
+        count += 1
+        for name in names:
+            _observe_values(stats[name], values[name], name, index)
+        for name in channels:
+            array = values[name]
+            if not np.isfinite(array).all():
+                raise _non_finite(name, index)
+            ranges[name].add(array)
+    if count == 0:
+        raise BadDataError("calibration data is empty (no batches)")
+    logger.info("calibrated %d values and %d channel ranges over %d batches", len(stats),
+                len(ranges), count)
+    return stats, ranges

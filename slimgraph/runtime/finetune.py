@@ -1,9 +1,11 @@
-"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself.
+"""Fine-tuning, knowledge distillation and QAT of the ONNX graph itself: the training run.
 
-`finetune` lowers the model to torch (`torch_backend.lower`), trains it on labelled data and/or
-a teacher, and writes the trained values back into the same initializers (`write_back`): names,
-metadata, opsets and op multiset are untouched, so a QDQ model is quantization-aware trained as
-exactly the graph that is deployed, and `epochs=0` gives back identical initializer bytes.
+`run_finetune` (what `slimgraph.finetune` and the pipeline's `finetune` step run) lowers the
+model to torch (`torch_backend.lower`), trains it on labelled data and/or a teacher, and writes
+the trained values back into the same initializers (`write_back`): names, metadata, opsets and op
+multiset are untouched, so a QDQ model is quantization-aware trained as exactly the graph that is
+deployed, and `epochs=0` gives back identical initializer bytes. `FinetuneOptions` and
+`FinetuneReport` are the public verb's options and report.
 
 Knowledge kinds (`kd`, seeds 001 and 002): "response" (softened outputs, T^2-scaled KL, mixed with
 the label cross-entropy by `alpha`), "feature" (MSE on named intermediate values, 1x1 adapters
@@ -26,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import time
@@ -57,8 +58,7 @@ __all__ = [
     "FinetuneReport",
     "FinetuneOptions",
     "metric_text",
-    "finetune",
-    "finetune_with_report",
+    "run_finetune",
     "resolve_value",
     "parse_kd",
     "biases_before_batchnorm",
@@ -409,7 +409,8 @@ def _freeze(module: Any, initializers: Sequence[str]) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions:
-    """The keywords of `finetune` and `finetune_with_report`: one list, one set of defaults.
+    """The keywords of `slimgraph.finetune` and `finetune_with_report`: one list, one set of
+    defaults (the public `slimgraph.FinetuneOptions`).
 
     Attributes:
         labels, teacher, kd, scheme, epochs, batch_size, lr, val, seed, learn_scales: as
@@ -455,56 +456,18 @@ class FinetuneOptions:
     progress: bool | None = TrainOptions.progress
     on_epoch: Callable[[EpochRecord], None] | None = None
 
-    @classmethod
-    def of(cls, function: str, keywords: Mapping[str, Any]) -> FinetuneOptions:
-        """The options from the keywords `function` was called with.
 
-        Raises:
-            TypeError: a keyword that is not an option (worded as Python words it).
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        for name in keywords:
-            if name not in known:
-                raise TypeError(f"{function}() got an unexpected keyword argument '{name}'")
-        return cls(**keywords)
-
-
-def _with_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Show the fields of `FinetuneOptions` as the keyword-only parameters of
-    `function(model, data, **options)` (`help()`, `inspect.signature`, recipe option checks)."""
-    signature = inspect.signature(function)
-    model_and_data = list(signature.parameters.values())[:2]
-    keywords = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=f.type)
-        for f in dataclasses.fields(FinetuneOptions)
-    ]  # fmt: skip
-    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=model_and_data + keywords)
-    return function
-
-
-@_with_options
-def finetune_with_report(
-    model: ModelLike, data: DataLike, **options: Any
+def run_finetune(
+    model: ModelLike, data: DataLike, o: FinetuneOptions
 ) -> tuple[ir.Model, FinetuneReport]:
-    """`finetune`, also returning the `FinetuneReport` (history, metrics, what was matched).
-
-    Args: as for `finetune`; the keywords are the fields of `FinetuneOptions` (`on_epoch`
-    among them, called with each epoch's `EpochRecord`).
+    """Train a copy of `model` on `data` as `o` says (see `slimgraph.finetune`, which runs
+    this, as does the pipeline's `finetune` step).
 
     Returns:
         (trained model, `FinetuneReport`).
 
-    Raises: as for `finetune`, and TypeError for a keyword that is not an option.
+    Raises: as `slimgraph.finetune`.
     """
-    return _finetune(model, data, FinetuneOptions.of("finetune_with_report", options))
-
-
-def _finetune(
-    model: ModelLike, data: DataLike, o: FinetuneOptions
-) -> tuple[ir.Model, FinetuneReport]:
-    """`finetune_with_report` on parsed options."""
     start = time.perf_counter()
     kinds = parse_kd(o.kd)
     if o.scheme not in SCHEMES:
@@ -619,48 +582,3 @@ def _finetune(
         seconds=time.perf_counter() - start,
     )
     return trained, report
-
-
-@_with_options
-def finetune(model: ModelLike, data: DataLike, **options: Any) -> ir.Model:
-    """Train a copy of `model` on labels and/or a teacher and return it (the input is untouched).
-
-    Args:
-        model: an `onnx_ir.Model` or an .onnx path; a QDQ model is trained quantization-aware
-            (fake quantization, straight-through gradient) and keeps its op multiset.
-        data: an .npz path of the model's inputs (+ `labels`), stacked arrays, a `LabelledData`,
-            or a re-iterable of feed dicts (one batch each, labels under the same key).
-        labels: the labels key (int class indices, one per row); optional with a teacher.
-        teacher: a model or path with the same inputs (offline: run in onnxruntime; online:
-            trained alongside). None: labels only, or the model's own EMA with scheme "self".
-        kd: knowledge kinds, any of "response", "feature", "relation" (or "response,feature").
-        scheme: "offline", "online" or "self".
-        epochs, batch_size, lr: optimization (AdamW, cosine decay; `optimizer="sgd"` in options).
-            `lr=None` (the default) measures it with a short learning-rate range test.
-        val: held-out data (path or arrays): accuracy, or output cosine to the teacher (or to the
-            input model) without labels, before training and after every epoch. The best
-            epoch's weights are handed back; if no epoch beats the input, the input is.
-        seed: same seed, same result.
-        learn_scales: learn activation quantization scales (LSQ) in QAT.
-        **options: also optimizer, weight_decay, schedule, temperature, alpha,
-            feature_layers, feature_weight, relation_layer, relation_weights, ema_decay,
-            progress, on_epoch: the fields of `FinetuneOptions`, where each is described.
-
-    Returns:
-        The trained model: same graph, names, metadata and op multiset; new initializer values.
-
-    Raises:
-        BadOptionError: impossible options, nothing to learn from (no labels, no teacher), a
-            feature layer that is not there, a teacher with other inputs, a NaN loss (naming
-            the epoch and step).
-        BadDataError: data that does not fit the model, labels outside its classes.
-        MissingExtraError: torch is not installed (`pip install 'slimgraph[torch]'`).
-        UnsupportedModelError: an op the backend cannot lower, a QOperator model (train the QDQ
-            form).
-
-    Example:
-        >>> recovered = sg.finetune(pruned, "train.npz", teacher=original, epochs=10)
-        ... # doctest: +SKIP
-    """
-    trained, _ = _finetune(model, data, FinetuneOptions.of("finetune", options))
-    return trained

@@ -31,11 +31,11 @@ import slimgraph.ir as sg_ir
 import slimgraph.runtime as runtime
 from slimgraph._optional import require_torch
 from slimgraph._tables import emit, format_bytes, render_table, to_json
+from slimgraph.api.finetune import finetune_with_report
+from slimgraph.api.optimize import optimize
+from slimgraph.api.prune import prune_with_report
+from slimgraph.api.quantize import quantize
 from slimgraph.errors import OutputPathError
-from slimgraph.passes.pipeline import optimize
-from slimgraph.passes.prune import prune_with_report
-from slimgraph.passes.quantize import quantize
-from slimgraph.runtime.finetune import finetune_with_report
 from slimgraph.tools._common import add_json_option
 
 __all__ = ["register", "run", "bundled", "STAGES"]

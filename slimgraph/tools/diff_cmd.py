@@ -17,8 +17,8 @@ from slimgraph._tables import (
     format_shape,
     render_table,
 )
+from slimgraph.ir.summary import IOSpec, ModelSummary, parse_dims, summarize
 from slimgraph.tools._common import add_json_option, print_result
-from slimgraph.tools.summary import IOSpec, ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "ModelDiff", "diff_summaries", "render_diff"]
 
@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what changed between two models",
         description="Compare two ONNX models structurally (weights are not read).",
     )
-    parser.add_argument("a", metavar="A", help="the model before")
-    parser.add_argument("b", metavar="B", help="the model after")
+    for name, when in (("a", "before"), ("b", "after")):
+        parser.add_argument(name, metavar=name.upper(), help=f"the model {when}")
     add_json_option(parser)
     parser.add_argument(
         "--dim", action="append", metavar="NAME=VALUE", help="symbolic dimension value for MACs"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Literal
 
+from slimgraph.api.factorize import factorize_with_report
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.lowrank import FactorizeReport, factorize_with_report
+from slimgraph.passes.lowrank import FactorizeReport
 from slimgraph.runtime import iter_batches
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments

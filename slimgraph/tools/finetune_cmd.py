@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import slimgraph.ir as sg_ir
+from slimgraph.api.finetune import finetune_with_report
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import budget_judge
-from slimgraph.runtime.finetune import (
-    SCHEMES,
-    FinetuneReport,
-    finetune_with_report,
-    metric_text,
-    parse_kd,
-)
+from slimgraph.runtime.finetune import SCHEMES, FinetuneReport, metric_text, parse_kd
 from slimgraph.tools._common import add_json_option, add_model_arguments, output_paths, print_result
 from slimgraph.tools.budget_args import add_budget_arguments, describe_evaluation
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report

@@ -15,8 +15,8 @@ from slimgraph._tables import (
     render_fields,
     render_table,
 )
+from slimgraph.ir.summary import ModelSummary, parse_dims, summarize
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
-from slimgraph.tools.summary import ModelSummary, parse_dims, summarize
 
 __all__ = ["register", "render_summary"]
 

@@ -12,9 +12,10 @@ import argparse
 from pathlib import Path
 
 import slimgraph.runtime as runtime
-from slimgraph._tables import emit, render_table
+from slimgraph._tables import emit
+from slimgraph.api.optimize import optimize_report
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count, optimize_report
+from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools._common import Compression, Figures, add_json_option
 from slimgraph.tools.budget_args import add_budget_arguments
@@ -107,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
         {"input": str(job.source), "output": str(job.target), "nodes_before": before,
          "nodes_after": after, "verified": args.verify}
     )
-    text = "\n".join([_render(result, before, after, job.target, args.verify),
-                      *job.budget_lines(result.evaluation)])  # fmt: skip
+    text = "\n".join([result.describe(not_verified="not verified (--no-verify)"),
+                      f"wrote {job.target}", *job.budget_lines(result.evaluation)])  # fmt: skip
     return job.finish(data_out, text, lambda figures: _page(args, data_out, result, figures))
 
 
@@ -153,43 +154,3 @@ def _page(
                              for r in result.records]}],
     })
     return page
-
-
-def _render(result: PipelineResult, before: int, after: int, target: Path, verify: bool) -> str:
-    rows = []
-    for record in result.records:
-        if not record.modified:
-            fidelity = "no change"
-        elif record.metadata_only:
-            fidelity = "metadata only"
-        elif record.fidelity is None:
-            fidelity = "not verified"
-        else:
-            worst = max(record.fidelity.outputs, key=lambda o: o.max_abs_error)
-            fidelity = (
-                f"max err {worst.max_abs_error:.2e}  cos {record.fidelity.worst_cosine:.6f}"
-            )
-        rows.append(
-            [
-                record.name,
-                "exact" if record.exact else "approx",
-                f"{record.nodes_before} -> {record.nodes_after}",
-                f"{(record.seconds + record.verify_seconds) * 1000:.0f} ms",
-                fidelity,
-            ]
-        )
-    table = render_table(["pass", "kind", "nodes", "time", "fidelity"], rows, align="llrrl")
-    # passes that report a one-line summary of their own (fuse-attention: blocks not fused, why)
-    notes = [str(r.details["summary"]) for r in result.records if r.details.get("summary")]
-    if notes:
-        table = "\n".join([table, *notes])
-    summary = f"nodes {before} -> {after}"
-    if result.fidelity is not None:
-        worst = max(result.fidelity.outputs, key=lambda o: o.max_abs_error)
-        summary += (
-            f"; outputs vs input model: max abs err {worst.max_abs_error:.2e}, "
-            f"cosine {result.fidelity.worst_cosine:.6f}"
-        )
-    elif not verify:
-        summary += "; not verified (--no-verify)"
-    return f"{table}\n{summary}\nwrote {target}"

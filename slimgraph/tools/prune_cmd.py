@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 
 from slimgraph._tables import format_ratio
+from slimgraph.api.prune import prune_with_report
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport, prune_with_report
+from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option

@@ -15,7 +15,6 @@ atomically, never over the input.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from dataclasses import replace
 from typing import Literal, cast
 
@@ -23,10 +22,9 @@ import onnx_ir as ir
 
 import slimgraph.ir as sg_ir
 from slimgraph._tables import format_bytes
+from slimgraph.api.quantize import quantize_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
-from slimgraph.passes.quantize import quantize, report_of
-from slimgraph.passes.quantize.api import budget_search_of
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
@@ -164,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
         calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
-    quantized = quantize(
+    quantized, result = quantize_with_report(
         job.model,
         calibration=calibration,  # type: ignore[arg-type]
         mode=mode,
@@ -193,10 +191,9 @@ def run(args: argparse.Namespace) -> int:
         auto_seq=args.seq,
     )
     job.write(quantized)
-    fmt_label, quantized_ops = _written_format(quantized, mode, fmt)
-    search = budget_search_of(quantized)
+    fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
     size_in, size_out = sg_ir.size_on_disk(job.source, job.model), sg_ir.size_on_disk(job.target)
-    report = report_of(quantized)
+    report = result.tensors
     fidelity = _fidelity(job, quantized, report, verify=args.verify)
     out: dict[str, object] = {
         "input": str(job.source), "output": str(job.target), "mode": mode, "format": fmt_label,
@@ -267,38 +264,6 @@ def _mode(args: argparse.Namespace) -> Mode:
     if args.method in WEIGHT_ONLY_METHODS or args.bits == "auto":
         return "weight-only"
     return "static" if args.calib or args.zero_shot else "dynamic"
-
-
-# The ops each written form is recognized by (its quantized ops, counted in `quantized_ops`).
-_DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention",
-                          "DynamicQuantizeLSTM"})
-_INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-                          "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
-                          "QLinearConcat", "QLinearGlobalAveragePool", "QLinearSigmoid"})
-_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
-
-
-def _written_format(model: ir.Model, mode: str, requested: str) -> tuple[str, dict[str, int]]:
-    """The form the written graph is in, read from its ops, and its quantization ops by count:
-    `matmulnbits` (MatMulNBits), `dynamic` (activations quantized at run time:
-    DynamicQuantizeLinear + MatMulInteger/ConvInteger, or onnxruntime's DynamicQuantizeMatMul /
-    QAttention), `qoperator` (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...), `qdq`
-    (QuantizeLinear/DequantizeLinear pairs, or DequantizeLinear with block_size for weight-only);
-    the requested format when the graph has none of these (nothing was quantized)."""
-    ops = Counter(node.op_type for node in model.graph.all_nodes())
-    quantized = {op: count for op, count in sorted(ops.items())
-                 if op in _DYNAMIC_OPS | _INTEGER_OPS | _QDQ_OPS | _WEIGHT_ONLY_OPS}
-    if "MatMulNBits" in ops:
-        return "matmulnbits", quantized
-    if ops.keys() & _DYNAMIC_OPS:
-        return "dynamic", quantized
-    if ops.keys() & _INTEGER_OPS:
-        return "qoperator", quantized
-    if ops.keys() & _QDQ_OPS:
-        return "qdq", quantized
-    return ("matmulnbits" if mode == "weight-only" and requested == "qoperator" else requested,
-            quantized)
 
 
 def _page(

@@ -51,7 +51,7 @@ import onnx_ir as ir
 
 from slimgraph._tables import format_bytes, format_count, format_float, format_ratio, to_json
 from slimgraph.errors import BadOptionError, OutputPathError
-from slimgraph.tools.summary import summarize
+from slimgraph.ir.summary import summarize
 
 __all__ = [
     "REPORT_EXTRA",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 import slimgraph.ir as sg_ir
+from slimgraph.api.sensitivity import METHODS, sensitivity
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.sensitivity import METHODS, sensitivity
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report

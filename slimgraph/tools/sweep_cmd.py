@@ -5,7 +5,7 @@
 
 Builds every candidate of the grid on dask.distributed, evaluates it on the data, times it side by
 side with the input model, prints one row per candidate (Pareto members marked) and keeps the
-Pareto-optimal models in `--out`. See `slimgraph.tools.sweep`.
+Pareto-optimal models in `--out`. See `slimgraph.api.sweep`.
 """
 
 from __future__ import annotations
@@ -14,25 +14,25 @@ import argparse
 from pathlib import Path
 
 from slimgraph._tables import format_bytes, format_count, format_metric, format_ratio
+from slimgraph.api.sweep import SweepResult, sweep
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 from slimgraph.tools.compare_cmd import positive_int
 from slimgraph.tools.report import add_report_option, check_report_dir, command_line, write_report
-from slimgraph.tools.sweep import SweepResult, sweep
 
 __all__ = ["register", "run", "report_page"]
 
 
+_HELP = "try every combination of step settings on dask; keep the Pareto front"
+_DESCRIPTION = (
+    "Build and evaluate every candidate of a grid (e.g. 'prune: {ratio: [0.0, 0.3]}' and "
+    "'quantize: [none, int8]') as independent jobs on dask.distributed, time them side by side "
+    "with the input model, and mark the Pareto front of latency against the metric (accuracy "
+    "with labels, else output cosine)."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep",
-        help="try every combination of step settings on dask; keep the Pareto front",
-        description=(
-            "Build and evaluate every candidate of a grid (e.g. 'prune: {ratio: [0.0, 0.3]}' and "
-            "'quantize: [none, int8]') as independent jobs on dask.distributed, time them side "
-            "by side with the input model, and mark the Pareto front of latency against the "
-            "metric (accuracy with labels, else output cosine)."
-        ),
-    )
+    parser = subparsers.add_parser("sweep", help=_HELP, description=_DESCRIPTION)
     add_model_arguments(parser, "the input .onnx model (never modified)", output=False)
     parser.add_argument("--grid", required=True, metavar="GRID.yaml",
                         help="step -> values to try, in the order the steps run")

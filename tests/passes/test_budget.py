@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import slimgraph as sg
+from slimgraph.api.budget import check_budget
+from slimgraph.api.quantize import report_of
 from slimgraph.errors import BadOptionError, VerificationError
-from slimgraph.passes.quantize import report_of
 from slimgraph.runtime import calibrated_ranges
-from slimgraph.runtime.budget import Budget, check_budget
+from slimgraph.runtime.budget import Budget
 from slimgraph.runtime.metrics import evaluate, load_data
 from slimgraph.tools.cli import main
 

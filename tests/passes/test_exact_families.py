@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import slimgraph as sg
+from slimgraph.api.optimize import optimize_report
 from slimgraph.errors import VerificationError
-from slimgraph.passes.pipeline import optimize_report
 from slimgraph.runtime import create_session, run
 from slimgraph.runtime.exact import exact_difference
 from tests.kit.graphs import initializer, make_model, ops

@@ -16,8 +16,9 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.api.optimize import optimize_report
 from slimgraph.ir import metadata
-from slimgraph.passes.pipeline import node_count, optimize_report
+from slimgraph.passes.pipeline import node_count
 from slimgraph.runtime import create_session, run
 from slimgraph.runtime.exact import exact_difference
 from slimgraph.runtime.feeds import driving_feeds, example_dims

@@ -29,8 +29,6 @@ PASSES_DIR = ROOT / "slimgraph" / "passes"
 # (the registry, the pipeline, the exact rewrites) imports the runtime only inside the functions
 # that run a model.
 RUNTIME_USERS = (
-    "slimgraph.passes.budgeted",  # budget searches evaluate candidates
-    "slimgraph.passes.sensitivity",  # evaluates one compressed layer at a time
     "slimgraph.passes.finetune",  # trains through slimgraph.runtime.finetune
     "slimgraph.passes.prune",  # prune_with_budget (MAC targets measured on data)
     "slimgraph.passes.quantize",  # calibration
@@ -45,7 +43,6 @@ PURE_MODULES = (
     "slimgraph.passes.base",
     "slimgraph.passes.recipe",
     "slimgraph.passes.pipeline",
-    "slimgraph.passes._verify",
     "slimgraph.passes.cleanup",
     "slimgraph.passes.fuse",
     "slimgraph.passes.fuse_math",

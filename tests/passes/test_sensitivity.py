@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import slimgraph as sg
+from slimgraph.api.prune import prune_with_report
+from slimgraph.api.quantize import budget_search_of
+from slimgraph.api.sensitivity import sensitivity
 from slimgraph.errors import VerificationError
 from slimgraph.ir.select import exact_pattern
-from slimgraph.passes.prune import prune_with_report
-from slimgraph.passes.quantize.api import budget_search_of
-from slimgraph.passes.sensitivity import sensitivity
 from slimgraph.runtime.metrics import evaluate, load_data
 from slimgraph.tools.cli import main
 

@@ -66,6 +66,7 @@ def test_finetune_signature_is_the_options_dataclass(function) -> None:  # noqa:
     parameters = inspect.signature(function).parameters
     assert list(parameters)[:2] == ["model", "data"]
     keywords = {k: p.default for k, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
+    assert keywords.pop("options") is None  # `options=` a FinetuneOptions, last
     assert list(keywords) == FINETUNE_KEYWORDS
     assert keywords == {k: getattr(FinetuneOptions(), k) for k in FINETUNE_KEYWORDS}
     assert (keywords["epochs"], keywords["lr"], keywords["kd"]) == (10, None, ("response",))

@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper, shape_inference
 
 from slimgraph import ir as sg_ir
-from slimgraph.tools.summary import TOP_LAYERS, summarize
+from slimgraph.ir.summary import TOP_LAYERS, summarize
 from tests import models as test_models
 from tests.kit.data import DIGITS, zoo
 from tests.kit.exports import exported_model

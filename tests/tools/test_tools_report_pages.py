@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimgraph.api.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.report import render_html, write_report
-from slimgraph.tools.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.sweep_cmd import report_page
 from tests.kit.data import DIGITS, DIGITS_CALIB
 from tests.tools.chromium import remote_references, render

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import slimgraph
 from slimgraph import runtime
+from slimgraph.api.sweep import pareto_flags, parse_grid
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PASSES
-from slimgraph.tools.sweep import pareto_flags, parse_grid
 from tests.kit.cli import installed_command
 from tests.kit.data import DIGITS, DIGITS_CALIB
 from tests.tools import sweep_kill_step
@@ -305,7 +305,7 @@ def test_worker_killed_every_time_fails_only_that_candidate(
 
 
 def test_unreachable_scheduler_is_bad_input(tmp_path: Path) -> None:
-    from slimgraph.tools.sweep import sweep
+    from slimgraph.api.sweep import sweep
 
     address = f"tcp://127.0.0.1:{_free_port()}"
     with pytest.raises(BadOptionError, match=rf"--scheduler {address}: cannot connect"):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimgraph.api.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.report import _zoom, write_report
-from slimgraph.tools.sweep import Candidate, CandidateResult, SweepResult, pareto_flags
 from slimgraph.tools.sweep_cmd import report_page
 from tests.kit.cli import run_script
 from tests.kit.data import DIGITS, DIGITS_TEST

@@ -2,20 +2,15 @@
 
 Approximate passes (`exact = False`): they report each layer's weight error and, with sample
 feeds, the output SQNR. See docs/architecture.md ("Low-rank factorization") and seed 001 ("Low
-Rank Matrix Factorization").
+Rank Matrix Factorization"). The public verb is `slimgraph.factorize` (`slimgraph.api.factorize`).
 """
 
 from __future__ import annotations
 
-from slimgraph.passes.lowrank._api import (
-    FactorizeOptions,
-    FactorizeReport,
-    factorize,
-    factorize_with_report,
-    fold_weights,
-)
 from slimgraph.passes.lowrank._base import LayerReport, LowRankResult
+from slimgraph.passes.lowrank._factorize import FactorizeReport, factorize_layers, fold_weights
 from slimgraph.passes.lowrank._linear import LowRankLinear
+from slimgraph.passes.lowrank._options import FactorizeOptions
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._tucker import TuckerConv, tucker2
 
@@ -29,8 +24,7 @@ __all__ = [
     "RankPolicy",
     "AUTO_MAX_MACS_RATIO",
     "AUTO_MIN_SAVED_MACS",
-    "factorize",
-    "factorize_with_report",
+    "factorize_layers",
     "fold_weights",
     "tucker2",
 ]

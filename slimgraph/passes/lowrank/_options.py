@@ -1,4 +1,7 @@
-"""`FactorizeOptions`: the keywords of `factorize` and `factorize_with_report`, written once."""
+"""`FactorizeOptions`: what low-rank factorization splits and how, written once.
+
+The factorization passes and `factorize_layers` read it; the public `slimgraph.FactorizeOptions`
+(`slimgraph.api.factorize`) adds the accuracy budget."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from slimgraph.passes._options import BudgetOptions
 from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS, LayerFilter
 
@@ -18,8 +20,8 @@ Feeds = Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FactorizeOptions(BudgetOptions):
-    """What `factorize` splits and how (see `factorize` for each keyword).
+class FactorizeOptions:
+    """What `slimgraph.factorize` splits and how (see it for each keyword).
 
     Attributes:
         rank_ratio, energy, rank, error_budget: the rank rule (one of them, or "auto" with one).
@@ -29,7 +31,6 @@ class FactorizeOptions(BudgetOptions):
         pointwise_convs: also split 1x1 convs by SVD.
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first (`PrepareWeightsPass`).
-        data, budget, max_drop, min_cosine, metric: the accuracy budget (`BudgetOptions`).
     """
 
     rank_ratio: float | None = None

@@ -22,26 +22,20 @@ channels after when a ratio is given too.
 
 Unstructured (`unstructured=True`, `_unstructured`): zero the smallest-magnitude weights of Conv,
 ConvTranspose, Gemm and MatMul (per layer or one global threshold); shapes stay, a sparsity report
-per layer. Options: `PruneOptions` (the pass) and `PruneCallOptions` (the public functions), in
-`_options`; reports: `_report`; the pass and the public functions: `_api`.
+per layer. Options: `PruneOptions` (the pass), in `_options`; reports: `_report`; the pass:
+`_pass`. The public verb is `slimgraph.prune` (`slimgraph.api.prune`).
 
 Example:
-    >>> pruned = prune(model, ratio=0.5)  # doctest: +SKIP
-    >>> pruned, report = prune_with_report(model, ratio=0.5, pad=True)  # doctest: +SKIP
-    >>> pruned = prune(model, heads=0.5, ratio=0.3)  # doctest: +SKIP
+    >>> result = PrunePass(ratio=0.5)(model)  # doctest: +SKIP
+    >>> result.report.layers[0].kept  # doctest: +SKIP
+    >>> heads = prune_heads(model, 0.5)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from slimgraph.passes.prune._api import PrunePass, prunable_units, prune, prune_with_report
 from slimgraph.passes.prune._heads import PruneHeadsPass, PruneHeadsResult, prune_heads
-from slimgraph.passes.prune._options import (
-    CRITERIA,
-    HEAD_CRITERIA,
-    SCOPES,
-    PruneCallOptions,
-    PruneOptions,
-)
+from slimgraph.passes.prune._options import CRITERIA, HEAD_CRITERIA, SCOPES, PruneOptions
+from slimgraph.passes.prune._pass import PrunePass, mac_dims, prunable_units, total_macs
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -71,7 +65,6 @@ __all__ = [
     "LayerChannels",
     "LayerSparsity",
     "PruneOptions",
-    "PruneCallOptions",
     "PruneReport",
     "PruneResult",
     "PrunePass",
@@ -80,8 +73,8 @@ __all__ = [
     "kept_count",
     "select_channels",
     "remove_channels",
-    "prune",
-    "prune_with_report",
     "group_key",
     "prunable_units",
+    "mac_dims",
+    "total_macs",
 ]

@@ -1,7 +1,7 @@
-"""The `prune` options, written once: what the pass takes and what the public functions take.
+"""`PruneOptions`: what `PrunePass` takes, written once.
 
-`PruneOptions` is what `PrunePass` takes; `PruneCallOptions` what `prune` and
-`prune_with_report` take: those, a MAC target instead of a ratio, and the accuracy budget."""
+The public `slimgraph.PruneOptions` (`slimgraph.api.prune`) adds a MAC target instead of a ratio
+and the accuracy budget."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from slimgraph.errors import BadOptionError
-from slimgraph.passes._options import BudgetOptions
 from slimgraph.passes.transformer.heads import CRITERIA as HEAD_CRITERIA
 
-__all__ = ["CRITERIA", "HEAD_CRITERIA", "SCOPES", "PruneOptions", "MacTarget",
-           "PruneCallOptions"]
+__all__ = ["CRITERIA", "HEAD_CRITERIA", "SCOPES", "PruneOptions"]
 
 CRITERIA = ("l1", "l2", "bn", "random")
 SCOPES = ("local", "global")
@@ -79,65 +77,3 @@ class PruneOptions:
             raise BadOptionError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise BadOptionError(f"round_to must be a positive integer, got {self.round_to!r}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MacTarget:
-    """A MAC target instead of a ratio.
-
-    Attributes:
-        target_macs: the MACs to reach as a fraction of the model's (0.6: 0.6x); per-group
-            ratios are then allocated from sensitivity on the budget's `data`
-            (`slimgraph.passes.budgeted.allocate_prune_ratios`).
-    """
-
-    target_macs: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneCallOptions(BudgetOptions, MacTarget, PruneOptions):
-    """The keywords of `prune` and `prune_with_report`, in their order: `ratio`, `heads`, the
-    other `PruneOptions`, `target_macs`, then the budget (`BudgetOptions`). `ratio` may be
-    left out when `target_macs` or `layer_ratios` gives the ratios, or when only heads are
-    pruned.
-
-    Attributes:
-        heads: the fraction of each attention block's heads (key/value groups under
-            grouped-query attention) to remove before any channel pruning, in (0, 1);
-            `criterion` ("l1" or "l2") scores them.
-    """
-
-    ratio: float | None = None
-    heads: float | None = None
-
-    @property
-    def channels(self) -> bool:
-        """Whether channels are pruned too (a ratio, per-layer ratios or a MAC target)."""
-        return self.ratio is not None or self.layer_ratios is not None or (
-            self.target_macs is not None)
-
-    def check_heads(self) -> None:
-        """Raise on a head ratio out of range or a criterion that cannot score heads.
-
-        Raises:
-            BadOptionError: `heads` not in (0, 1), `criterion` not "l1" or "l2", or
-                `unstructured` with `heads`.
-        """
-        heads = self.heads
-        if isinstance(heads, bool) or not isinstance(heads, (int, float)) or not 0 < heads < 1:
-            raise BadOptionError.worded("{heads} must be strictly between 0 and 1, got {got}",
-                                        heads=("heads", "--heads"), got=repr(heads))
-        if self.criterion not in HEAD_CRITERIA:
-            raise BadOptionError.worded(
-                "{criterion} does not score attention heads: use l1 or l2 with {heads}",
-                criterion=(f"criterion={self.criterion!r}", f"--criterion {self.criterion}"),
-                heads=("heads=", "--heads"))
-        if self.unstructured:
-            raise BadOptionError.worded("{heads} removes whole heads: it does not combine with "
-                                        "{unstructured}", heads=("heads=", "--heads"),
-                                        unstructured=("unstructured=True", "--unstructured"))
-
-    def pass_options(self, **changes: object) -> PruneOptions:
-        """The `PruneOptions` part (what `PrunePass` takes), with `changes` applied."""
-        own = {field.name: getattr(self, field.name) for field in dataclasses.fields(PruneOptions)}
-        return PruneOptions(**{**own, **changes})  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import display_name
-from slimgraph.ir.select import check_patterns, matching_pattern, node_names
+from slimgraph.ir.select import check_exclusions, matching_pattern, node_names
 from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 
 __all__ = [
@@ -33,14 +33,7 @@ def excluded_predicate(
     Raises:
         BadOptionError: a pattern matches no node, or no node has an excluded op type.
     """
-    nodes = list(graph)
-    check_patterns(nodes, exclude)
-    present = {node.op_type for node in nodes}
-    for op in exclude_ops:
-        if op not in present:
-            raise BadOptionError.worded("{option} {op}: the model has no {name} node",
-                                        option=("exclude_ops", "--exclude-op"), op=repr(op),
-                                        name=op)
+    check_exclusions(graph, exclude, exclude_ops)
     patterns = tuple(exclude)
 
     def excluded(node: ir.Node) -> bool:

@@ -15,21 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+import slimgraph.passes.prune._channel_records as records
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._kit import Names, add_initializer, set_constant
-from slimgraph.passes.prune._channel_records import (
-    Block,
-    ChannelAnalysis,
-    ConvGroupRewrite,
-    Rewrite,
-    ShapeChainRewrite,
-    ShapeEntryRewrite,
-    SliceRewrite,
-    Slot,
-    SplitRewrite,
-    StaticReshapeRewrite,
-)
+from slimgraph.passes.prune._channel_records import Block, ChannelAnalysis, Rewrite, Slot
 from slimgraph.passes.prune._prepare import reinfer_shapes
 
 if TYPE_CHECKING:
@@ -130,14 +120,14 @@ class _Surgery:
         node = rewrite.node
         count = len(self.kept[rewrite.slot])
         match rewrite:
-            case ConvGroupRewrite(out_per_group=out_per_group):
+            case records.ConvGroupRewrite(out_per_group=out_per_group):
                 node.attributes["group"] = ir.AttrInt64("group", count // out_per_group)
-            case ShapeEntryRewrite(input=index, axis=axis):
+            case records.ShapeEntryRewrite(input=index, axis=axis):
                 shape = _constant(node, index)
                 if shape[axis] != -1:
                     shape[axis] = count
                 replace_constant(node, index, shape, self.names)
-            case StaticReshapeRewrite(axis=axis, skip=skip, dims=dims):
+            case records.StaticReshapeRewrite(axis=axis, skip=skip, dims=dims):
                 shape = np.array([0] * skip + list(dims), dtype=np.int64)
                 shape[axis] = count
                 constant = add_initializer(
@@ -145,7 +135,7 @@ class _Surgery:
                 )
                 node.replace_input_with(1, constant)
                 node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
-            case SliceRewrite(position=k):
+            case records.SliceRewrite(position=k):
                 positions = self.kept[rewrite.slot]
                 starts, ends = _constant(node, 1), _constant(node, 2)
                 size = self.analysis.slots[rewrite.slot].size
@@ -154,9 +144,9 @@ class _Surgery:
                 ends[k] = int(np.sum(positions < stop))
                 replace_constant(node, 1, starts, self.names)
                 replace_constant(node, 2, ends, self.names)
-            case SplitRewrite():
+            case records.SplitRewrite():
                 self._split_sizes(node)
-            case ShapeChainRewrite(path=path, index=entry):
+            case records.ShapeChainRewrite(path=path, index=entry):
                 holder, holder_index = self._private_chain(path)
                 shape = _constant(holder, holder_index)
                 shape.reshape(-1)[entry] = count

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError
+from slimgraph.runtime.calibrate import stream_values
 
 __all__ = ["InputStats", "collect_inputs"]
 
@@ -97,8 +98,6 @@ def collect_inputs(
     Raises:
         BadDataError: a value with NaN or Inf on the data, or no batches.
     """
-    from slimgraph.runtime.calibrate import stream_values
-
     rng = np.random.default_rng(seed)
     stats = {name: InputStats() for name in names}
     for index, values in enumerate(stream_values(

@@ -41,12 +41,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+import slimgraph.passes.quantize._weights as _weights
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
 from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.base import Skipped
-from slimgraph.passes.quantize import _weights
 from slimgraph.passes.quantize._weights import (
     MS_DOMAIN,
     QuantizedNode,
@@ -54,6 +54,7 @@ from slimgraph.passes.quantize._weights import (
     WeightQuantizePass,
 )
 from slimgraph.passes.registry import register_pass
+from slimgraph.passes.transformer import PackAttentionPass
 from slimgraph.runtime.quant_math import QuantSpec, quantize_tensor, weight_spec
 
 __all__ = [
@@ -182,8 +183,6 @@ def quantize_dynamic(
     ):
         # Q/K/V projections into one packed Attention, then QAttention (exact rewrite; only
         # when no layer is excluded, since the projections stop being separate nodes)
-        from slimgraph.passes.transformer import PackAttentionPass
-
         copy = PackAttentionPass(with_bias=False)(copy).model
     step = DynamicQuantizePass(
         per_channel=per_channel, exclude=exclude, op_types=op_types, exclude_ops=exclude_ops

@@ -1,21 +1,17 @@
 """The options of quantization, written once: one frozen dataclass per entry point.
 
 `StaticOptions` is what the pipeline's `quantize` step takes (`StaticQuantizePass`);
-`QuantizeOptions` adds what `sg.quantize` / `slimgraph quantize` take on top (mode, report,
-weight-only bits, budget...). The public functions keep their keyword signatures and build one of
-these; the passes read them. Values are checked where they are used (the messages name the CLI
-flags), not here.
+`QuantizeOptions` adds what `QuantizePass` takes on top (mode, report, weight-only bits,
+SmoothQuant...); the public `slimgraph.QuantizeOptions` (`slimgraph.api.quantize`) adds the
+accuracy budget. Values are checked where they are used (the messages name the CLI flags), not
+here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from slimgraph.runtime.budget import Budget, DataLike
-    from slimgraph.runtime.metrics import Metric
+from typing import Literal
 
 __all__ = ["ActivationDtype", "Mode", "StaticOptions", "QuantizeOptions"]
 
@@ -48,7 +44,8 @@ class StaticOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeOptions(StaticOptions):
-    """Everything `slimgraph.quantize` takes besides the model and calibration data.
+    """What `QuantizePass` takes besides the calibration data (`slimgraph.quantize`'s options but
+    the budget).
 
     Attributes:
         mode: "static", "dynamic", "weight-only"; None: static with calibration data, else
@@ -66,7 +63,6 @@ class QuantizeOptions(StaticOptions):
         batch_size: calibration rows per onnxruntime run.
         progress: progress bar on stderr (None: when stderr is a terminal).
         percentile: for method "percentile".
-        data, budget, max_drop, min_cosine, metric: an accuracy budget and its data.
         verify: dynamic/weight-only: check the exact folding before quantization.
         smooth_quant: static: SmoothQuant alpha, "auto"/True, or None/False.
         transformer: dynamic: on a model with attention, first apply the `transformer`
@@ -89,11 +85,6 @@ class QuantizeOptions(StaticOptions):
     batch_size: int = 32
     progress: bool | None = None
     percentile: float = 99.99
-    data: DataLike | None = None
-    budget: Budget | None = None
-    max_drop: float | None = None
-    min_cosine: float | None = None
-    metric: Metric | None = None
     verify: bool = True
     smooth_quant: float | str | bool | None = None
     transformer: bool = True

@@ -17,6 +17,12 @@ the weights) is a float, or "auto": a small search over `ALPHAS`, each candidate
 scored by output cosine against the float model on the first calibration batches (no smoothing
 is a candidate too, so "auto" never scores below plain static quantization there).
 
+The search prepares and calibrates once (one `StaticSession`): the walk that measures the
+statistics also records each target's per-channel ranges, from which max |X_j| (hence s) and the
+range of X / s follow for every alpha; histogram calibrators (percentile, entropy, MSE) take one
+more walk that fills the histograms of X / s for all candidate alphas at once. The other values'
+statistics are the unsmoothed model's (X / s @ s W = X @ W).
+
 The rewrite and its targets (LayerNormalization, SkipLayerNormalization and RMSNorm outputs
 read by MatMuls) live with the transformer passes, `slimgraph.passes.transformer.smoothing`;
 this module measures, searches alpha and quantizes.
@@ -25,24 +31,26 @@ this module measures, searches alpha and quantizes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
+from slimgraph.ir import metadata
+from slimgraph.passes.quantize.static import StaticSession
 from slimgraph.passes.transformer.smoothing import (
     SmoothTarget,
     apply_smoothing,
+    smooth,
     smooth_targets,
 )
-
-if TYPE_CHECKING:
-    from slimgraph.runtime.calibrate import CalibrationData
+from slimgraph.runtime.calibrate import ChannelRanges, stream_values
+from slimgraph.runtime.compare import compare
+from slimgraph.runtime.histogram import TensorStats
 
 __all__ = ["ALPHAS", "SmoothTarget", "smooth_targets", "channel_absmax", "apply_smoothing",
-           "smooth_and_quantize", "parse_alpha"]  # the first three re-exported (transformer)
+           "smooth_and_quantize", "parse_alpha"]  # SmoothTarget and the rewrite: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +82,6 @@ def parse_alpha(value: float | str | bool | None) -> float | str | None:
 def channel_absmax(model: ir.Model, names: Sequence[str],
                    batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """max |X_j| per last-axis channel of each value in `names`, streamed over `batches`."""
-    from slimgraph.runtime.calibrate import stream_values
-
     result: dict[str, np.ndarray] = {}
     for values in stream_values(model, names, batches, progress=False):
         for name, array in values.items():
@@ -85,55 +91,76 @@ def channel_absmax(model: ir.Model, names: Sequence[str],
 
 
 def _score(reference: ir.Model, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> float:
-    from slimgraph.runtime import compare
-
     fidelity = compare(reference, model, feeds)
     return float(min(out.cosine for out in fidelity.outputs))
 
 
+# A candidate: its alpha (None: no smoothing), the smoothed model and what became X / s in it.
+_Candidate = tuple[float | None, ir.Model, dict[str, tuple[str, np.ndarray]]]
+
+
 def smooth_and_quantize(
-    model: ir.Model,
-    calibration: CalibrationData,
-    alpha: float | str | bool,
-    quantize: Callable[[ir.Model, object], ir.Model],
-    *,
-    batch_size: int = 32,
+    session: StaticSession, alpha: float | str | bool, *, report: bool = False,
+    fmt: str | None = "qdq",
 ) -> ir.Model:
-    """SmoothQuant then `quantize(smoothed, batches)` (static quantization with the caller's
-    options); with alpha "auto", the alpha in `ALPHAS` whose quantized model has the highest
-    output cosine on the first calibration batches, or no smoothing if that scores best. The chosen
-    alpha (None: no smoothing) is logged and stored in `model.meta["slimgraph.smooth_quant_alpha"]`.
+    """SmoothQuant on the session's prepared model, then its static quantization; with alpha
+    "auto", the alpha in `ALPHAS` whose quantized model has the highest output cosine on the
+    first calibration batches, or no smoothing if that scores best. The chosen alpha (None: no
+    smoothing) is logged and stored in `model.meta[metadata.SMOOTH_QUANT_ALPHA]`.
 
     Raises:
         BadOptionError: bad alpha. BadDataError: calibration data that does not fit the model.
     """
-    from slimgraph.runtime.calibrate import calibration_batches
-
     chosen = parse_alpha(alpha)
     if chosen is None:
-        return quantize(model, calibration)
-    from slimgraph.passes.quantize.api import prepare
-
-    batches = calibration_batches(model, calibration, batch_size=batch_size)
-    model = prepare(model)  # weights as constants (the exporter transposes them at run time)
-    targets = smooth_targets(model)
+        return session.build(report=report, fmt=fmt)
+    prepared = session.prepared
+    targets = smooth_targets(prepared)
     if not targets:
         logger.warning("smooth-quant: no LayerNorm output feeds a MatMul; quantizing as is")
-        return quantize(model, batches)
-    absmax = channel_absmax(model, [t.value for t in targets], batches)
+        return session.build(report=report, fmt=fmt)
+    names = [a.value for a in session.plan().activations]
+    ranges = session.channel_ranges(names, [t.value for t in targets])
+    absmax = {name: r.absmax() for name, r in ranges.items()}
     # "auto" also tries no smoothing: the search never returns worse than plain quantization
-    candidates: tuple[float | None, ...] = (None, *ALPHAS) if chosen == "auto" else (
-        float(chosen),)
-    best: tuple[float, float | None, ir.Model] | None = None
-    search = [feed for _, feed in zip(range(_SEARCH_BATCHES), batches, strict=False)]
-    for candidate in candidates:
-        smoothed = model if candidate is None else apply_smoothing(model, absmax, candidate)
-        quantized = quantize(smoothed, batches)
-        score = _score(model, quantized, search) if len(candidates) > 1 else 1.0
-        logger.info("smooth-quant alpha %s: output cosine %.6f", candidate, score)
-        if best is None or score > best[0]:
-            best = (score, candidate, quantized)
-    assert best is not None
-    logger.info("smooth-quant: alpha %s over %d activation(s)", best[1], len(targets))
-    best[2].meta["slimgraph.smooth_quant_alpha"] = best[1]
-    return best[2]
+    alphas: tuple[float | None, ...] = (None, *ALPHAS) if chosen == "auto" else (float(chosen),)
+    candidates: list[_Candidate] = [
+        (a, prepared, {}) if a is None else (a, *smooth(prepared, absmax, a)) for a in alphas
+    ]
+    stats = _divided_statistics(session, candidates, ranges)
+    best: tuple[float, int] | None = None
+    if len(candidates) > 1:
+        search = [feed for _, feed in zip(range(_SEARCH_BATCHES), session.batches, strict=False)]
+        for index, candidate in enumerate(candidates):
+            quantized = session.build(model=candidate[1], stats=stats[index])
+            score = _score(prepared, quantized, search)
+            logger.info("smooth-quant alpha %s: output cosine %.6f", candidate[0], score)
+            if best is None or score > best[0]:
+                best = (score, index)
+    index = 0 if best is None else best[1]
+    alpha_chosen, model, _ = candidates[index]
+    logger.info("smooth-quant: alpha %s over %d activation(s)", alpha_chosen, len(targets))
+    result = session.build(model=model, stats=stats[index], report=report, fmt=fmt)
+    result.meta[metadata.SMOOTH_QUANT_ALPHA] = alpha_chosen
+    return result
+
+
+def _divided_statistics(
+    session: StaticSession, candidates: Sequence[_Candidate], ranges: Mapping[str, ChannelRanges]
+) -> list[dict[str, TensorStats]]:
+    """Per candidate, the statistics of its values X / s: from the per-channel ranges for the
+    range calibrators, else histograms filled in one more walk for every candidate at once."""
+    if not session.histogram:
+        return [{value: ranges[source].divided(s) for value, (source, s) in divided.items()}
+                for _, _, divided in candidates]
+    stats: list[dict[str, TensorStats]] = [
+        {value: TensorStats(histogram=True) for value in divided}
+        for _, _, divided in candidates
+    ]
+    sources = list(ranges)
+    for values in stream_values(session.prepared, sources, session.batches, progress=False,
+                                description="smoothing"):
+        for (_, _, divided), found in zip(candidates, stats, strict=True):
+            for value, (source, s) in divided.items():
+                found[value].update(values[source] / s)
+    return stats

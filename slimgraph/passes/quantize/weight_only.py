@@ -46,13 +46,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+import slimgraph.passes.quantize._weights as _weights
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
 from slimgraph.passes._graph_utils import replace_output
 from slimgraph.passes._kit import add_initializer, traced_constant
 from slimgraph.passes.base import Skipped
-from slimgraph.passes.quantize import _weights
 from slimgraph.passes.quantize._inputs import collect_inputs
 from slimgraph.passes.quantize._weights import (
     QuantizedNode,

@@ -29,23 +29,23 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+import slimgraph.passes.transformer._layout as moves
 from slimgraph.ir import layer_name
 from slimgraph.passes._kit import constant_array
 from slimgraph.passes.transformer._headtypes import Move, Ref, VectorEdit, Weight, alive
 from slimgraph.passes.transformer._layout import (
+    ZERO,
     Atom,
     Layout,
     LayoutError,
     is_move,
     normalize,
-    step,
 )
 from slimgraph.passes.transformer._match import NoMatch
 from slimgraph.passes.transformer._symbolic import ONE, Dim, ShapeInfo
 
 __all__ = ["HeadFrame", "Region", "follow", "shape_reader", "signature", "kept_rows"]
 
-ZERO = Dim(0)
 _MAX_NODES = 400  # a region larger than this is not a term beside the attention
 _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Where", "Neg", "Sqrt", "Reciprocal", "Exp", "Log",
@@ -303,7 +303,7 @@ class _Walk:
         first: Layout | None = None
         for out in node.outputs:
             try:
-                after = step(layout, node, out, self.shapes)
+                after = moves.step(layout, node, out, self.shapes)
             except LayoutError as error:
                 raise NoMatch(f"cannot follow {who} ({error})") from None
             first = first or after
@@ -454,7 +454,7 @@ class _Walk:
         for node in reversed(chain):
             try:
                 after = (_tile(layout, self.shapes.ints(node.inputs[1]), who, False)
-                         if node.op_type == "Tile" else step(layout, node, node.outputs[0],
+                         if node.op_type == "Tile" else moves.step(layout, node, node.outputs[0],
                                                               self.shapes))
             except LayoutError as error:
                 raise NoMatch(f"cannot follow {node.op_type} ({error})") from None

@@ -31,7 +31,7 @@ from slimgraph.passes.transformer._symbolic import (
     split_sizes,
 )
 
-__all__ = ["Atom", "Layout", "LayoutError", "MOVES", "step", "is_move"]
+__all__ = ["ZERO", "Atom", "Layout", "LayoutError", "MOVES", "step", "is_move"]
 
 ZERO = Dim(0)
 

@@ -29,7 +29,9 @@ from slimgraph.ir import copy_model
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import Names, add_initializer, constant_array
 
-__all__ = ["SmoothTarget", "smooth_targets", "apply_smoothing", "norm_params", "S_RANGE"]
+__all__ = [
+    "SmoothTarget", "smooth_targets", "apply_smoothing", "smooth", "norm_params", "S_RANGE",
+]
 
 S_RANGE = (1e-5, 1e5)
 
@@ -114,6 +116,16 @@ def _factors(target: SmoothTarget, absmax: np.ndarray, alpha: float) -> np.ndarr
 def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
                     alpha: float) -> ir.Model:
     """A copy of `model` with every smooth target rewritten for `alpha` (exact in float)."""
+    return smooth(model, absmax, alpha)[0]
+
+
+def smooth(
+    model: ir.Model, absmax: Mapping[str, np.ndarray], alpha: float
+) -> tuple[ir.Model, dict[str, tuple[str, np.ndarray]]]:
+    """`apply_smoothing`, also returning what became X / s: smoothed value -> (the target value
+    X, the factors s). The smoothed value is X itself where the division folds into the
+    normalization, else the inserted Mul's output."""
+    divided: dict[str, tuple[str, np.ndarray]] = {}
     smoothed = copy_model(model)
     graph = smoothed.graph
     names = Names(graph)
@@ -135,12 +147,14 @@ def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
                 hint = names.fresh(f"{norm.inputs[index].name or 'norm'}_smooth")  # type: ignore[union-attr]
                 norm.replace_input_with(index, add_initializer(graph, hint, (array / s).astype(
                     array.dtype)))
+            divided[target.value] = (target.value, s)
         else:
             inverse = add_initializer(graph, names.fresh(f"{target.value}_smooth_inv"),
                                       (1.0 / s).astype(np.float32))
             mul = ir.node("Mul", [norm.outputs[0], inverse], name=names.fresh(
                 f"{norm.name or 'norm'}_smooth"))
-            mul.outputs[0].name = names.fresh(f"{target.value}_smoothed")
+            smoothed_name = names.fresh(f"{target.value}_smoothed")
+            mul.outputs[0].name = smoothed_name
             if norm.outputs[0].dtype is not None:
                 mul.outputs[0].dtype = norm.outputs[0].dtype
             mul.outputs[0].shape = norm.outputs[0].shape
@@ -148,6 +162,7 @@ def apply_smoothing(model: ir.Model, absmax: Mapping[str, np.ndarray],
             graph.insert_after(norm, mul)
             for matmul in target.matmuls:
                 matmul.replace_input_with(0, mul.outputs[0])
-    return smoothed
+            divided[smoothed_name] = (target.value, s)
+    return smoothed, divided
 
 

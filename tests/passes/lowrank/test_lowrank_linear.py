@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimgraph.passes.lowrank import LowRankLinear, factorize_with_report
+from slimgraph.api.factorize import factorize_with_report
+from slimgraph.passes.lowrank import LowRankLinear
 from tests.kit.asserts import assert_close, outputs_of
 from tests.kit.graphs import gemm_model, initializer_array, matmul_model
 

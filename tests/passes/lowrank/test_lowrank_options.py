@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 import slimgraph as sg
-from slimgraph.passes._options import BudgetOptions
-from slimgraph.passes.lowrank import FactorizeOptions
+from slimgraph.api._options import BudgetOptions
+from slimgraph.api.factorize import FactorizeOptions
 
 # The public keyword signature, as it was written out by hand before the options dataclass.
 _KEYWORDS = [
@@ -25,7 +25,7 @@ def test_public_signature_is_the_options_fields(function) -> None:
     params = list(inspect.signature(function).parameters.values())
     assert params[0].name == "model"
     assert params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert [(p.name, p.default) for p in params[1:]] == _KEYWORDS
+    assert [(p.name, p.default) for p in params[1:]] == [*_KEYWORDS, ("options", None)]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
     assert [f.name for f in dataclasses.fields(FactorizeOptions)] == [
         "data", "budget", "max_drop", "min_cosine", "metric", *(k for k, _ in _KEYWORDS[:11]),

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from slimgraph.passes.prune import prepare_for_pruning, prune_with_report
+from slimgraph.api.prune import prune_with_report
+from slimgraph.passes.prune import prepare_for_pruning
 from slimgraph.passes.prune.channels import ChannelGroup, analyze_channels, reshape_channel_map
 from tests.kit.asserts import assert_same_outputs, check_valid
 from tests.passes.prune.prune_helpers import zero_channels

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from slimgraph import runtime
+from slimgraph.api.prune import prune, prune_with_report
 from slimgraph.ir import from_torch
 from slimgraph.ir.analysis import model_macs
-from slimgraph.passes.prune import prune, prune_with_report
 from tests.kit.asserts import assert_same_outputs, check_valid
 from tests.kit.exports import exported_model
 from tests.models import _randomize_batchnorm

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from slimgraph.api.prune import prune_with_report
 from slimgraph.ir import metadata
 from slimgraph.ir._dims import example_dims
-from slimgraph.passes.prune import prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune import prepare_for_pruning
 from tests import models_hf
 from tests.kit.asserts import output_list
 

@@ -18,8 +18,9 @@ import pytest
 
 import slimgraph as sg
 from slimgraph import runtime
+from slimgraph.api.prune import prune_with_report
 from slimgraph.ir.analysis import parameter_count
-from slimgraph.passes.prune import kept_count, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune import kept_count, prepare_for_pruning
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.tools.cli import main
 from tests.kit.asserts import assert_same_outputs, check_valid

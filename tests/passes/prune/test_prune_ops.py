@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimgraph.passes.prune import prepare_for_pruning, prune_with_report
+from slimgraph.api.prune import prune_with_report
+from slimgraph.passes.prune import prepare_for_pruning
 from slimgraph.passes.prune.channels import analyze_channels
 from tests.kit.asserts import assert_same_outputs, check_valid
 from tests.passes.prune.prune_helpers import zero_channels

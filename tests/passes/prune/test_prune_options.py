@@ -10,9 +10,10 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.api.prune import prune_with_report
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
-from slimgraph.passes.prune import kept_count, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune import kept_count, prepare_for_pruning
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.tools.cli import main
 from tests.kit.asserts import check_valid

@@ -8,8 +8,9 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
+from slimgraph.api.prune import prune_with_report
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.prune import PruneOptions, PrunePass, prepare_for_pruning, prune_with_report
+from slimgraph.passes.prune import PruneOptions, PrunePass, prepare_for_pruning
 from slimgraph.passes.prune._channel_records import (
     ConvGroupRewrite,
     ShapeEntryRewrite,

@@ -13,9 +13,9 @@ import numpy as np
 from onnx import helper
 
 from slimgraph import runtime
+from slimgraph.api.prune import prune_with_report
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir.analysis import parameter_count
-from slimgraph.passes.prune import prune_with_report
 from tests.kit.asserts import assert_same_outputs, check_valid, raises_exactly
 from tests.kit.graphs import make_model, node_named
 from tests.passes.prune.prune_helpers import zero_channels

@@ -8,8 +8,8 @@ import pytest
 
 from slimgraph import ir as sg_ir
 from slimgraph import runtime
+from slimgraph.api.prune import prune, prune_with_report
 from slimgraph.errors import UnsupportedModelError
-from slimgraph.passes.prune import prune, prune_with_report
 from tests.kit.asserts import check_valid
 
 

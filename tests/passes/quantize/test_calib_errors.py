@@ -110,7 +110,7 @@ def test_generator_data_streams_once_and_feeds_the_report() -> None:
     model = linear_model()
     feeds = linear_feeds(count=6)
     quantized = sg.quantize(model, calibration=(f for f in feeds), report=True, progress=False)
-    report = sg.passes.quantize.report_of(quantized)
+    report = sg.report_of(quantized)
     assert report.outputs.batches == 6 and report.outputs.samples == 6 * 8  # runs, rows
     assert report.outputs.worst_cosine > 0.99
 

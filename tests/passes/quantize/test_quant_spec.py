@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from slimgraph.passes.quantize import api
+from slimgraph.api import quantize as public_api
+from slimgraph.passes.quantize import modes as api
 from slimgraph.passes.quantize.dynamic import (
     ACTIVATION_SPEC,
     MATERIALIZERS,
@@ -231,13 +232,13 @@ def test_quantize_runs_the_pass_once_and_the_step_never_calls_quantize(
 
     monkeypatch.setattr(api, "_quantize", counted)
     feeds = linear_feeds()
-    public = api.quantize(linear_model(), calibration=feeds, per_channel=False)
+    public = public_api.quantize(linear_model(), calibration=feeds, per_channel=False)
     assert len(calls) == 1 and calls[0].per_channel is False
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the pipeline step must not call the public quantize()")
 
-    monkeypatch.setattr(api, "quantize", refuse)
+    monkeypatch.setattr(public_api, "quantize", refuse)
     step = api.StaticQuantizePass(calibration=feeds, per_channel=False)
     assert isinstance(step.options, QuantizeOptions) and step.options.progress is False
     result = step(linear_model())

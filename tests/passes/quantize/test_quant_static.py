@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import slimgraph as sg
+from slimgraph.api.quantize import report_of
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.quantize import report_of
 from slimgraph.runtime import compare, random_feeds
 from tests.kit.asserts import accuracy, ort_optimized_ops
 from tests.kit.data import DIGITS_CALIB, bert_batches, digits, digits_test, linear_feeds

@@ -14,7 +14,7 @@ import slimgraph as sg
 from slimgraph import runtime
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import run_pipeline
-from slimgraph.passes.quantize.api import prepare
+from slimgraph.passes.quantize.prepare import prepare
 from slimgraph.passes.quantize.smoothquant import (
     apply_smoothing,
     channel_absmax,

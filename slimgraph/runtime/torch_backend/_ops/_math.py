@@ -17,6 +17,7 @@ import onnx_ir as ir
 import torch
 from torch.nn import functional as F
 
+import slimgraph.runtime.torch_backend._ops._registry as registry
 from slimgraph.runtime.torch_backend._ops._registry import (
     MS_DOMAIN,
     TORCH_DTYPES,
@@ -25,8 +26,6 @@ from slimgraph.runtime.torch_backend._ops._registry import (
     Tensor,
     attr,
     op,
-    optional,
-    unsupported,
 )
 
 __all__: list[str] = []
@@ -70,7 +69,7 @@ _BINARY: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def _binary(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     fn = _BINARY[node.op_type]
     if opset < 7 and attr(node, "broadcast", 0) and attr(node, "axis") is not None:
-        raise unsupported(node, "legacy broadcast with an axis")
+        raise registry.unsupported(node, "legacy broadcast with an axis")
     return lambda m, xs: [fn(xs[0], xs[1])]
 
 
@@ -205,7 +204,7 @@ def _where(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 def _cast(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     to = TORCH_DTYPES.get(ir.DataType(attr(node, "to")))
     if to is None:
-        raise unsupported(node, f"a cast to {ir.DataType(attr(node, 'to')).name}")
+        raise registry.unsupported(node, f"a cast to {ir.DataType(attr(node, 'to')).name}")
     return lambda m, xs: [xs[0].to(to)]
 
 
@@ -250,7 +249,7 @@ def _fast_gelu(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     """The tanh approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) of X (+ bias)."""
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
-        bias = optional(xs, 1)
+        bias = registry.optional(xs, 1)
         x = xs[0] if bias is None else xs[0] + bias
         return [F.gelu(x, approximate="tanh")]
 

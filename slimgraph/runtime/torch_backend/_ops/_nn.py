@@ -20,16 +20,14 @@ import onnx_ir as ir
 import torch
 from torch.nn import functional as F
 
+import slimgraph.runtime.torch_backend._ops._registry as registry
 from slimgraph.runtime.torch_backend._ops._registry import (
     MS_DOMAIN,
     Builder,
     Kernel,
     LowerContext,
-    Tensor,
     attr,
     op,
-    optional,
-    unsupported,
 )
 from slimgraph.runtime.torch_backend._ops._shape import axes_source
 
@@ -40,7 +38,7 @@ __all__: list[str] = []
 _REDUCE_SINCE = {"ReduceSum": 13}  # the others take axes as an input from opset 18
 
 
-_REDUCERS: dict[str, Callable[[Tensor, list[int], bool], Tensor]] = {
+_REDUCERS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
     "ReduceSum": lambda x, d, k: torch.sum(x, d, keepdim=k),
     "ReduceMean": lambda x, d, k: torch.mean(x, d, keepdim=k),
     "ReduceMax": lambda x, d, k: torch.amax(x, d, keepdim=k),
@@ -54,7 +52,7 @@ _REDUCERS: dict[str, Callable[[Tensor, list[int], bool], Tensor]] = {
 }
 
 
-def _prod(x: Tensor, dims: list[int], keep: bool) -> Tensor:
+def _prod(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
     for d in sorted((d % x.dim() for d in dims), reverse=True):
         x = torch.prod(x, d, keepdim=keep)
     return x
@@ -82,7 +80,7 @@ def _reduce(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 # --- normalization and activation over axes ----------------------------------------------------
 
 
-def _softmax_family(fn: Callable[[Tensor, int], Tensor]) -> Builder:
+def _softmax_family(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Builder:
     def build(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
         axis = attr(node, "axis", -1 if opset >= 13 else 1)
         if opset >= 13:
@@ -99,7 +97,7 @@ def _softmax_family(fn: Callable[[Tensor, int], Tensor]) -> Builder:
     return build
 
 
-def _hardmax(x: Tensor, axis: int) -> Tensor:
+def _hardmax(x: torch.Tensor, axis: int) -> torch.Tensor:
     return F.one_hot(torch.argmax(x, axis), x.shape[axis]).movedim(-1, axis).to(x.dtype)
 
 
@@ -113,7 +111,7 @@ def _batch_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     eps = attr(node, "epsilon", 1e-5)
     momentum = attr(node, "momentum", 0.9)
     if opset < 7 and not attr(node, "spatial", 1):
-        raise unsupported(node, "spatial=0")
+        raise registry.unsupported(node, "spatial=0")
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x, scale, bias, mean, var = xs[:5]
@@ -169,7 +167,7 @@ def _group_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
     return run
 
 
-def _rms(x: Tensor, axis: int, eps: float) -> tuple[Tensor, Tensor]:
+def _rms(x: torch.Tensor, axis: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x / sqrt(mean(x^2) + eps) over the axes from `axis`, and the inverse RMS (kept dims)."""
     dims = list(range(axis % x.dim(), x.dim()))
     inv = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
@@ -198,8 +196,8 @@ def _skip_norm(node: ir.Node, opset: int, ctx: LowerContext) -> Kernel:
 
     def run(m: Any, xs: list[Any]) -> list[Any]:
         x, skip, gamma = xs[0], xs[1], xs[2]
-        beta = None if simplified else optional(xs, 3)
-        bias = optional(xs, 3 if simplified else 4)
+        beta = None if simplified else registry.optional(xs, 3)
+        bias = registry.optional(xs, 3 if simplified else 4)
         s = x + skip if bias is None else x + skip + bias
         if simplified:
             y, inv = _rms(s, -1, eps)

@@ -6,7 +6,7 @@ values to try for each; the candidates are the cartesian product::
     prune: {ratio: [0.0, 0.3, 0.5]}     # options of the step: every combination
     quantize: [none, int8]              # values: `none` skips the step
 
-Grids are read and expanded by `slimgraph.tools.sweep_grid`. Step names are the pipeline's
+Grids are read and expanded by `slimgraph.api.sweep_grid`. Step names are the pipeline's
 registered passes and presets (`slimgraph.passes.pipeline`) plus
 the command names `prune` (main option `ratio`; ratio 0 skips the step), `quantize` (main option
 `mode`: `int8`/`static` -> calibrated static int8, needs calibration data; `dynamic`;
@@ -64,19 +64,21 @@ from slimgraph._tables import (
     format_ratio,
     render_table,
 )
+from slimgraph.api._options import takes_options
+from slimgraph.api.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError, first_line
+from slimgraph.ir.summary import summarize
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, evaluate, load_data, split_labels
 from slimgraph.runtime.session import model_bytes
-from slimgraph.tools.summary import summarize
-from slimgraph.tools.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 
 __all__ = [
     "SWEEP_EXTRA",
     "Candidate",
     "CandidateResult",
     "SweepResult",
+    "SweepOptions",
     "load_grid",
     "parse_grid",
     "pareto_flags",
@@ -334,22 +336,39 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=]+", "_", text).strip("_")[:80] or "model"
 
 
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions:
+    """The keywords of `sweep` (each is described there).
+
+    Example:
+        >>> SweepOptions(workers=2, rounds=20).rounds
+        20
+    """
+
+    out: str | os.PathLike[str] | None = None
+    scheduler: str | None = None
+    workers: int | None = None
+    labels: str = DEFAULT_LABELS
+    rounds: int = 10
+    batch: int = 32
+    progress: bool | None = None
+    timeout: float = 30.0
+
+
+@takes_options(SweepOptions)
 def sweep(
     model: str | os.PathLike[str],
     grid: str | os.PathLike[str] | Mapping[str, Any],
     data: str | os.PathLike[str],
     *,
     calibration: str | os.PathLike[str] | None = None,
-    out: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    labels: str = DEFAULT_LABELS,
-    rounds: int = 10,
-    batch: int = 32,
-    progress: bool | None = None,
-    timeout: float = 30.0,
+    options: SweepOptions,
 ) -> SweepResult:
     """Build, evaluate and time every candidate of a grid; mark and keep the Pareto front.
+
+    Takes its options as keywords or as `options=` a `SweepOptions`; keywords given with
+    `options=` replace its fields. The result is the report (`print(result)` shows the
+    `slimgraph sweep` table; `result.to_dict()`).
 
     Args:
         model: the input .onnx (never modified).
@@ -367,6 +386,7 @@ def sweep(
         batch: rows of `data` per timed run.
         progress: a progress bar over candidates (None: when stderr is a terminal).
         timeout: seconds to wait for the scheduler when connecting.
+        options: a `SweepOptions` instead of (or under) the keywords.
 
     Returns:
         `SweepResult`: every candidate in grid order with its figures and Pareto flags.
@@ -376,7 +396,11 @@ def sweep(
             options wrong, dask.distributed missing (names the `sweep` extra), no scheduler.
         BadDataError: data that does not fit the model.
         OutputPathError: `out` exists and is not a folder.
+        TypeError: an unknown keyword, or `options` that is not a `SweepOptions`.
     """
+    out, scheduler, workers = options.out, options.scheduler, options.workers
+    labels, rounds, batch = options.labels, options.rounds, options.batch
+    progress, timeout = options.progress, options.timeout
     if scheduler is not None and workers is not None:
         raise BadOptionError("give --scheduler or --workers, not both")
     if rounds < 1 or batch < 1:

@@ -1,7 +1,7 @@
 """Sweep grids: the steps a `slimgraph sweep` grid names and the candidates it expands to.
 
 A grid (YAML or JSON mapping, or a dict) names pipeline steps in the order they run and the
-values to try for each; the candidates are the cartesian product (see `slimgraph.tools.sweep`).
+values to try for each; the candidates are the cartesian product (see `slimgraph.api.sweep`).
 Step names are the pipeline's registered passes and presets plus the command names `prune`,
 `quantize`, `factorize` and `finetune` (`_COMMANDS`: how a grid writes them; the passes a command
 runs are the registry's `COMMAND_STEPS`).

@@ -7,23 +7,33 @@ integers, booleans and strings; sequences element by element, empty optionals on
 empty ones); an approximate one reports fidelity and fails only below a `min_cosine`. Without
 feeds of the user's, the inputs are generated to drive the model (`runtime.feeds.driving_feeds`:
 the export's example sizes, padded mask rows, divisors away from zero, shapes the model accepts).
-onnxruntime (`slimgraph.runtime`) is imported when a model runs, not with this module.
+`drop_judge` measures the metric behind a pipeline's `max_drop` limits. The pure pipeline
+(`slimgraph.passes.pipeline`) imports this module only when it verifies or judges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.errors import BadDataError, UnsupportedModelError, VerificationError, first_line
+from slimgraph.errors import (
+    BadDataError,
+    BadOptionError,
+    UnsupportedModelError,
+    VerificationError,
+    first_line,
+)
+from slimgraph.runtime.budget import Evaluator
+from slimgraph.runtime.compare import Fidelity, compare_outputs
+from slimgraph.runtime.exact import exact_difference
+from slimgraph.runtime.feeds import driving_feeds
+from slimgraph.runtime.metrics import LabelledData
+from slimgraph.runtime.session import create_session, run
 
-if TYPE_CHECKING:
-    from slimgraph.runtime import Fidelity
-
-__all__ = ["Verifier", "feed_list"]
+__all__ = ["Verifier", "feed_list", "drop_judge"]
 
 Feeds = Mapping[str, Any]
 
@@ -56,8 +66,6 @@ class Verifier:
         if tolerance is not None:
             self.tolerance = {"rtol": tolerance[0], "atol": tolerance[1]}
         if feeds is None:
-            from slimgraph.runtime.feeds import driving_feeds
-
             generated, outputs = driving_feeds(model)
             self.feeds: Sequence[Feeds] = [generated]
             self.original = [outputs]
@@ -67,8 +75,6 @@ class Verifier:
         self.reference = self.original
 
     def _input_outputs(self, model: ir.Model) -> list[dict[str, Any]]:
-        from slimgraph.runtime import create_session, run
-
         try:
             session = create_session(model, optimization="disable")
         except Exception as error:  # onnxruntime reports invalid graphs with many types
@@ -80,8 +86,6 @@ class Verifier:
 
     def _outputs(self, model: ir.Model, name: str) -> list[dict[str, Any]]:
         """The outputs of the model after pass `name`; any failure is the pass's."""
-        from slimgraph.runtime import create_session, run
-
         try:
             session = create_session(model, optimization="disable")
             return [run(session, feed) for feed in self.feeds]
@@ -102,8 +106,6 @@ class Verifier:
                 f"{sorted(self.reference[0])} to {sorted(outputs[0])}"
             )
         if exact:
-            from slimgraph.runtime.exact import exact_difference
-
             for ref, cand in zip(self.reference, outputs, strict=True):
                 for output, expected in ref.items():
                     why = exact_difference(expected, cand[output], **self.tolerance)
@@ -111,8 +113,6 @@ class Verifier:
                         raise VerificationError(
                             f"exact pass '{name}' changed output '{output}': {why}"
                         )
-        from slimgraph.runtime import compare_outputs
-
         try:
             fidelity = compare_outputs(self.reference, outputs)
         except BadDataError as error:  # outputs of another shape: the pass's doing
@@ -124,6 +124,10 @@ class Verifier:
             )
         self.reference = outputs
         return fidelity
+
+    def overall(self) -> Fidelity:
+        """The last model's outputs against the input model's."""
+        return compare_outputs(self.original, self.reference)
 
 
 def feed_list(
@@ -142,3 +146,16 @@ def feed_list(
     if not listed:
         raise BadDataError("verification feeds are empty")
     return listed
+
+
+def drop_judge(model: ir.Model, data: LabelledData | None) -> Evaluator:
+    """The evaluator of a pipeline's `max_drop` limits against `model` on `data`.
+
+    Raises:
+        BadOptionError: no data, or data without labels.
+    """
+    if data is None or data.labels is None:
+        raise BadOptionError.worded("max_drop needs labelled validation data ({data})",
+                                    data=("data= with a labels key",
+                                          "--data VAL.npz with a labels key"))
+    return Evaluator(model, data)

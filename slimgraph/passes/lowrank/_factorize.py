@@ -1,17 +1,19 @@
-"""`factorize`: the public low-rank entry point (fold weights, split linears, Tucker-2 convs)."""
+"""Low-rank factorization of a whole model: fold weights, split linears, Tucker-2 convs, report.
+
+`factorize_layers` is what the public `slimgraph.factorize` (`slimgraph.api.factorize`) runs;
+`FactorizeReport` what it reports."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
-from slimgraph.ir import ModelLike, analysis, as_model, copy_model, metadata
+from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
-from slimgraph.passes._options import takes_options
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import (
     LayerReport,
@@ -24,16 +26,9 @@ from slimgraph.passes.lowrank._options import FactorizeOptions
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS
 from slimgraph.passes.lowrank._tucker import TuckerConv
 from slimgraph.runtime import Fidelity, iter_feeds
-from slimgraph.runtime.budget import BudgetJudge
 from slimgraph.runtime.metrics import Evaluation
 
-__all__ = [
-    "FactorizeOptions",
-    "FactorizeReport",
-    "factorize",
-    "factorize_with_report",
-    "fold_weights",
-]
+__all__ = ["FactorizeReport", "factorize_layers", "fold_weights"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class FactorizeReport:
     fidelity: Fidelity | None = None
     options: dict[str, Any] = field(default_factory=dict)
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
-    budget_search: Any = None  # the `passes.budgeted.BudgetSearch` (layers left whole, why)
+    budget_search: Any = None  # the `api.budget.BudgetSearch` (layers left whole, why)
 
     def __str__(self) -> str:
         """The per-layer table, totals, fidelity and skip reasons `slimgraph factorize` prints."""
@@ -137,77 +132,18 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
     return result.folded
 
 
-@takes_options(FactorizeOptions)
-def factorize_with_report(
-    model: ModelLike, options: FactorizeOptions
+def factorize_layers(
+    model: ir.Model, options: FactorizeOptions
 ) -> tuple[ir.Model, FactorizeReport]:
-    """`factorize`, returning the new model and its `FactorizeReport`.
-
-    Args: as for `factorize`.
-
-    Returns:
-        (factorized model, `FactorizeReport` with per-layer ranks, parameters and MACs).
-
-    Raises: as for `factorize`.
-    """
-    return _factorize(as_model(model), options)
-
-
-@takes_options(FactorizeOptions)
-def factorize(model: ModelLike, options: FactorizeOptions) -> ir.Model:
-    """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2) layers.
-
-    Returns a new model; `model` is not changed. The `FactorizeReport` (per-layer ranks,
-    parameters, MACs, weight errors and, with `feeds`, output SQNR and model fidelity) is in the
-    result's `.meta["slimgraph.factorize_report"]` (`slimgraph.ir.metadata.FACTORIZE_REPORT`);
-    `factorize_with_report` returns it directly. Approximate: outputs change.
-
-    Weights computed by constant subgraphs (torch exports transpose Linear weights; old zoo files
-    build weights with ConstantOfShape) are folded to initializers first (`fold=False` leaves
-    them, and such layers are skipped as non-constant). IR version 3 models come out as IR 4,
-    which lets initializers stay out of the graph inputs.
-
-    Args:
-        model: an `onnx_ir.Model` or the path of an `.onnx` file.
-        rank_ratio: keep round(ratio * min(n, m)) singular values (Tucker: of C_in and C_out).
-        energy: keep the fewest singular values holding this share of the squared sum.
-        rank: a fixed rank, or "auto": ranks rounded to multiples of 16 (fast kernels), and
-            only layers whose estimated MACs fall to 0.8x or less are factorized (alone: the
-            largest such rank; with another rule: that rule's rank, rounded).
-        error_budget: per layer, the largest relative Frobenius error of the weight.
-        include, exclude: fnmatch patterns on layer names (torch module paths) or node names;
-            each must match some node.
-        op_types: which of Gemm, MatMul, Conv to factorize.
-        feeds: sample inputs (a feed dict or an iterable of them) to measure fidelity.
-        pointwise_convs: also split 1x1 convs by SVD (skipped by default).
-        allow_growth: factorize even where the factors are larger than the weight.
-        fold: fold constant weight subgraphs first.
-        data: validation data for the budget (an .npz path, stacked arrays with an optional
-            labels key, or `LabelledData`).
-        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): when the rule's
-            result misses it, the most sensitive layers are left whole until it holds
-            (`passes.budgeted.factorize_with_budget`); the report records which and why.
-        metric: a user `Metric` replacing top-1 accuracy for `max_drop`.
+    """Low-rank factorization of a copy of `model` as `slimgraph.factorize` describes it (no
+    budget): weights folded first (`options.fold`), Gemm/MatMul split by SVD (`LowRankLinear`),
+    then Conv by Tucker-2 (`TuckerConv`), and the report.
 
     Raises:
-        BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
-            matches no node, an unknown op type, a budget without data.
-        VerificationError: no choice of layers meets the budget (measured figure in the
-            message).
+        BadOptionError: a bad rank rule, pattern or op type (see `FactorizeOptions`).
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
-        ModelLoadError: `model` is a path that cannot be loaded.
-
-    Example:
-        >>> import slimgraph as sg
-        >>> small = sg.factorize(model, rank_ratio=0.5, include=["*fc*"])  # doctest: +SKIP
+        InvalidModelError: a weight holds NaN/Inf.
     """
-    return _factorize(as_model(model), options)[0]
-
-
-def _factorize(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, FactorizeReport]:
-    judge = options.judge(model)
-    if judge is not None:
-        return _factorize_within_budget(model, options, judge)
     policy = options.policy()
     layer_filter = options.layer_filter()
     samples = list(iter_feeds(options.feeds)) if options.feeds is not None else None
@@ -270,27 +206,6 @@ def _factorize(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, Fa
     )
     work.meta[metadata.FACTORIZE_REPORT] = report
     return work, report
-
-
-def _factorize_within_budget(
-    model: ir.Model, options: FactorizeOptions, judge: BudgetJudge
-) -> tuple[ir.Model, FactorizeReport]:
-    """The rule's factorization with the most sensitive layers left whole until the budget
-    holds (`passes.budgeted.factorize_with_budget`); the report records which and why."""
-    from slimgraph.ir.select import exact_pattern
-    from slimgraph.passes.budgeted import factorize_with_budget
-
-    whole, search = factorize_with_budget(model, judge, **options.rule())
-    exclude = options.exclude
-    excluded = [*([exclude] if isinstance(exclude, str) else exclude or ()),
-                *map(exact_pattern, whole)]
-    factorized, found = _factorize(
-        model, replace(options.without_budget(), exclude=excluded or None)
-    )
-    search.evaluation = judge.check(factorized, what="the factorized model")
-    found = replace(found, evaluation=search.evaluation, budget_search=search)
-    factorized.meta[metadata.FACTORIZE_REPORT] = found
-    return factorized, found
 
 
 def _total_macs(model: ir.Model, dims: Mapping[str, int]) -> int | None:
