@@ -204,7 +204,9 @@ def quantize(
             approximate, within 4.74e-4 of the erf form; in dynamic mode also on a model the
             preset fused already); blocks that cannot be fused are named in a warning. False
             quantizes the graph's own ops.
-        accuracy_level: weight-only MatMulNBits' accuracy level (None: 4, int8 activations).
+        accuracy_level: weight-only 4-bit MatMulNBits' accuracy level (None: 4, int8
+            activations; 0: float activations). 8-bit MatMulNBits (the head, `bits=8`) always
+            run at level 4, onnxruntime's only fast kernel for them.
         head_bits, embedding_bits: weight-only bits of the head (a MatMul whose output is a
             graph output: an LM head, a classifier) and of embedding tables: 8 unless asked
             (None: `bits`).

@@ -100,6 +100,10 @@ DATA_METHODS: frozenset[str] = frozenset({"gptq", "awq"})  # need calibration da
 # The accuracy level MatMulNBits is written with: 4 computes with int8 activations (per block),
 # fastest on CPU; benchmarks/decoder.py measures its speed and perplexity against level 0.
 DEFAULT_ACCURACY_LEVEL = 4
+# 8-bit MatMulNBits always get level 4: onnxruntime 1.32's CPU has no other fast kernel for them
+# (M=1, K=1024, N=32000, 2 threads: 1246 ms at level 0 against 20.7 ms at level 4), so an 8-bit
+# head written at level 0 made a whole decode step 25x slower than onnxruntime's own int4 file.
+EIGHT_BIT_ACCURACY_LEVEL = 4
 # Ops a head's output may pass through on its way to a graph output.
 _HEAD_PATH = frozenset({"Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast",
                         "Flatten"})
@@ -204,8 +208,9 @@ class WeightOnlyQuantizePass(WeightQuantizePass[WeightOnlyRewrite]):
         symmetric: symmetric codes without zero points (True) or asymmetric with zero points
             (False, the default).
         exclude: fnmatch patterns over layer names and node names to leave in float.
-        accuracy_level: MatMulNBits' `accuracy_level` (4, the default: int8 activations, as
-            onnxruntime also runs the "dq" format; 0: float activations).
+        accuracy_level: 4-bit MatMulNBits' `accuracy_level` (4, the default: int8 activations,
+            as onnxruntime also runs the "dq" format; 0: float activations). 8-bit MatMulNBits
+            (the head, `bits=8`) always get level 4, onnxruntime's only fast kernel for them.
         exclude_ops: op types to leave in float: "MatMul" and/or "Gather" (embeddings).
         embeddings: also quantize embedding tables (Gather of a constant [V, D] table) in blocks
             along D: `com.microsoft.GatherBlockQuantized` ("matmulnbits" format) or
@@ -585,10 +590,11 @@ class _Writer(WeightWriter):
         while inputs[-1] is None:
             inputs.pop()
         record = self._record(node, "MatMulNBits", spec)
+        level = self.accuracy_level if spec.bits == 4 else EIGHT_BIT_ACCURACY_LEVEL
         new = ir.node(
             "MatMulNBits", inputs,
             {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size,
-             **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {})},
+             **({"accuracy_level": level} if level else {})},
             domain=_weights.MS_DOMAIN, name=self._name(f"{node.name or 'matmul'}_nbits"),
             metadata_props=self._props(node),
         )

@@ -134,6 +134,12 @@ def test_both_formats_run_and_agree(bits: int) -> None:
     minimum = 0.99 if bits == 4 else 0.9999
     for candidate in (nbits, dq):
         assert compare(model, candidate, feeds).worst_cosine >= minimum
+    levels = {n.attributes.get_int("accuracy_level") for n in nbits.graph
+              if n.op_type == "MatMulNBits"}
+    if bits == 8:  # 8-bit MatMulNBits run at level 4 whatever was asked: the only fast kernel
+        assert levels == {4}
+        return
+    assert levels == {None}  # level 0: the attribute's default, not written
     # Same weights: without graph fusions the two formats compute the same float MatMuls. (At
     # level "all" onnxruntime turns DQ -> MatMul into MatMulNBits with int8 activations.)
     a = run(create_session(nbits, optimization="basic"), feeds)
