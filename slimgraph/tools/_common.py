@@ -5,7 +5,9 @@ The MODEL/OUT arguments, `--json`, and the run of quantize, prune, factorize and
 `Compression` is that run, in one place: refuse to write over the input, check `--report DIR`,
 load MODEL, build the accuracy-budget judge (`budget_args`), then, once the command has made its
 model, write OUT atomically, print the text (or one JSON object with `--json`) and write the
-report, whose "before/after" figures (size, parameters, MACs) it measures itself.
+report, whose "before/after" figures (size, parameters, MACs) it measures itself. A command that
+fails after writing OUT (its --data turns out not to fit, say) leaves no OUT behind: the command
+line runs every command inside `outputs_removed_on_failure`.
 
 Example:
     >>> def run(args):  # doctest: +SKIP
@@ -18,7 +20,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,27 @@ def output_paths(
     return source, target
 
 
+# OUT files `Compression.write` wrote in this process, newest last: `outputs_removed_on_failure`
+# removes those a failing command wrote.
+_WRITTEN: list[Path] = []
+
+
+@contextlib.contextmanager
+def outputs_removed_on_failure() -> Iterator[None]:
+    """Run a command; if it raises, remove the OUT files (and their external data) it wrote, so a
+    failed command leaves no output behind (docs/contract.md, "Errors")."""
+    start = len(_WRITTEN)
+    try:
+        yield
+    except BaseException:
+        for path in _WRITTEN[start:]:
+            for written in (path, path.with_name(path.name + ".data")):
+                written.unlink(missing_ok=True)
+        raise
+    finally:
+        del _WRITTEN[start:]
+
+
 class Compression:
     """One run of a command that reads MODEL and writes OUT (see the module docstring).
 
@@ -133,6 +157,9 @@ class Compression:
         self.model: ir.Model = sg_ir.load(self.source)
         self.judge = judge_from_args(args, self.model, data_for_budget=data_for_budget)
         self.result: ir.Model | None = None
+        # --data is checked against MODEL now, before the command spends time compressing
+        self._data = (None if not getattr(args, "data", None) or self.judge is not None
+                      else load_data(args.data, self.model, labels=args.labels))
 
     @property
     def budget(self) -> Budget | None:
@@ -150,11 +177,12 @@ class Compression:
             return None
         if self.judge is not None:
             return self.judge.data
-        return load_data(self.args.data, self.model, labels=self.args.labels)
+        return self._data
 
     def write(self, result: ir.Model) -> None:
         """Write `result` to OUT (atomically)."""
         sg_ir.save(result, self.target)
+        _WRITTEN.append(self.target)
         self.result = result
 
     def finish(

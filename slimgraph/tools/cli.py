@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from slimgraph.errors import SlimgraphError
+from slimgraph.tools._common import outputs_removed_on_failure
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
@@ -132,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     try:
-        return int(args.handler(args) or 0)
+        with outputs_removed_on_failure():
+            return int(args.handler(args) or 0)
     except SlimgraphError as error:
         if args.debug:
             traceback.print_exc()

@@ -263,3 +263,29 @@ def test_console_script_success_and_usage(tmp_path) -> None:
     usage = run_script("inspect")  # argparse: missing MODEL is bad usage
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
     assert "the following arguments are required: MODEL" in usage.stderr
+
+
+def test_data_that_does_not_fit_is_refused_before_anything_is_written(cli, tmp_path) -> None:
+    data = write_npz(tmp_path / "short.npz", image=images(4), labels=np.zeros(3, np.int64))
+    before = folder_state(tmp_path)
+    result = cli("quantize", DIGITS, "-o", tmp_path / "q.onnx", "--calib", DIGITS_CALIB,
+                 "--data", data)
+    assert_one_line_error(result, "quantize", f"{data}: 3 labels for 4 samples")
+    assert folder_state(tmp_path) == before
+
+
+def test_a_command_failing_after_writing_leaves_no_output(cli, tmp_path, monkeypatch) -> None:
+    """A failure found only after OUT was written (here compare's, on the written model)
+    removes OUT: a failed command leaves nothing behind."""
+    from slimgraph.errors import BadDataError
+    from slimgraph.tools import quantize_cmd
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise BadDataError("late failure")
+
+    monkeypatch.setattr(quantize_cmd, "compare", fail)
+    data = write_npz(tmp_path / "rows.npz", image=images(4))
+    before = folder_state(tmp_path)
+    result = cli("quantize", DIGITS, "-o", tmp_path / "q.onnx", "--data", data)
+    assert_one_line_error(result, "quantize", "late failure")
+    assert folder_state(tmp_path) == before
