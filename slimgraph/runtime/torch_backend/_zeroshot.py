@@ -13,8 +13,10 @@ statistics passes most of the rest), so the synthesis is bounded three ways:
 
 - the rows are synthesized in batches of `batch_size` (each batch matches the statistics on its
   own, as ZeroQ's batches do): peak memory follows the batch, not `samples`;
-- each batch stops when the loss plateaus: the best loss improved by less than `tolerance`
-  (relative) over the last `patience` steps; `steps` is only the cap;
+- each batch stops when the loss plateaus: after at least 2 x `patience` steps, the lowest loss
+  improved by less than `tolerance` (relative) over the last `patience` steps; `steps` is only
+  the cap. A batch keeps the inputs of the lowest loss it reached (the loss of a network far
+  from its training data can rise for the first steps);
 - `time_budget` seconds in all, checked after every step (a batch gets its share of what is left;
   a batch that runs out keeps the inputs it has, the budget never loses rows).
 
@@ -76,7 +78,8 @@ class ZeroShotRun:
         feeds: input name -> array [samples, ...] in the input's dtype.
         steps: Adam steps taken, per batch.
         stopped: why each batch stopped: "converged", "steps" (the cap) or "time".
-        losses: the loss of each batch at its first and last step.
+        losses: the loss of each batch at its first step and the lowest it reached (the inputs
+            returned).
         seconds: wall time of the synthesis.
     """
 
@@ -103,8 +106,9 @@ def zero_shot_calibration(
         lr: Adam's learning rate.
         batch_size: rows optimized together (the last batch takes the rest).
         time_budget: seconds for the whole synthesis (None: no limit), checked after each step.
-        tolerance, patience: a batch has converged when its best loss improved by less than
-            `tolerance` (relative) over the last `patience` steps (tolerance 0: run `steps`).
+        tolerance, patience: a batch has converged when, after at least 2 x `patience` steps,
+            its lowest loss improved by less than `tolerance` (relative) over the last
+            `patience` steps (tolerance 0: run `steps`).
         progress: a progress bar on stderr (None: when stderr is a terminal).
 
     Returns:
@@ -235,11 +239,14 @@ def _optimize(
     *, steps: int, lr: float, deadline: float | None, tolerance: float, patience: int,
     bar: Any,
 ) -> tuple[int, str, tuple[float, float]]:
-    """Adam on `batch` (in place) until the loss plateaus, `steps`, or `deadline`: (steps
-    taken, why it stopped, (first loss, last loss))."""
+    """Adam on `batch` until the loss plateaus, `steps`, or `deadline`; `batch` ends holding the
+    inputs of the lowest loss seen. Returns (steps taken, why it stopped, (first loss, lowest
+    loss))."""
     optimizer = torch.optim.Adam(batch, lr=lr)
-    best: list[float] = []  # the best loss after each step
-    first = last = math.nan
+    best: list[float] = []  # the lowest loss after each step
+    kept: list[torch.Tensor] = []
+    first = math.nan
+    taken, why = steps, "steps"
     for step in range(steps):
         loss = loss_of(lowered(*batch))
         value = float(loss.detach())
@@ -249,20 +256,26 @@ def _optimize(
             )
         if step == 0:
             first = value
-        last = value
+        if not best or value < best[-1]:
+            kept = [x.detach().clone() for x in batch]  # the inputs this loss was measured on
+        best.append(min(value, best[-1]) if best else value)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        best.append(min(value, best[-1]) if best else value)
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-        if tolerance > 0 and len(best) > patience and (
+        if tolerance > 0 and len(best) >= 2 * patience and (
             best[-patience - 1] - best[-1] < tolerance * best[-patience - 1]
         ):
-            return step + 1, "converged", (first, last)
+            taken, why = step + 1, "converged"
+            break
         if deadline is not None and time.perf_counter() >= deadline:
-            return step + 1, "time", (first, last)
-    return steps, "steps", (first, last)
+            taken, why = step + 1, "time"
+            break
+    with torch.no_grad():
+        for x, value in zip(batch, kept, strict=False):  # none kept: no step taken
+            x.copy_(value)
+    return taken, why, (first, best[-1] if best else math.nan)
 
 
 def _check(*, samples: int, steps: int, batch_size: int, time_budget: float | None,
