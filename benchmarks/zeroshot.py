@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import slimgraph as sg
+from slimgraph.runtime.data import as_data
 from slimgraph.runtime.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 sg.save(model, args.model)
     print(f"model: {sum(n.op_type == 'BatchNormalization' for n in model.graph)} BatchNorm, "
           f"built in {built.wall:.1f} s")
-    test = {"image": digits_224("test", 200)}
+    test = as_data({"image": digits_224("test", 200)}, model)
     options: dict[str, object] = {"samples": args.samples, "batch_size": args.batch_size,
                                   "time_budget": args.time_budget, "progress": True}
     if args.steps is not None:

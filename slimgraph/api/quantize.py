@@ -114,7 +114,7 @@ class QuantizeReport:
             lines.append(self.tensors.summary())
         if self.budget is not None and self.budget.evaluation is not None:
             lines.append(self.budget.summary())
-        if self.fallback is not None and self.fallback.layers:
+        if self.fallback is not None and self.fallback.asked == "fp16":
             lines.append(self.fallback.summary())
         return "\n".join(lines)
 

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         lines += job.budget_lines(search.evaluation, search)
     if result.fallback is not None:
         out["fallback"] = result.fallback.to_dict()
-        if result.fallback.layers:
+        if result.fallback.asked == "fp16":
             lines.append(result.fallback.summary())
     return job.finish(out, "\n".join(lines), lambda figures: _page(job, out, report, figures))
 
