@@ -273,8 +273,8 @@ def _optimize(
             taken, why = step + 1, "time"
             break
     with torch.no_grad():
-        for x, value in zip(batch, kept, strict=False):  # none kept: no step taken
-            x.copy_(value)
+        for x, lowest in zip(batch, kept, strict=False):  # none kept: no step taken
+            x.copy_(lowest)
     return taken, why, (first, best[-1] if best else math.nan)
 
 
