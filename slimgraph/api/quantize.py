@@ -25,6 +25,7 @@ from slimgraph.api.budget import BudgetSearch, Unit, search_units
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, layer_name, metadata
 from slimgraph.passes.quantize import options as pass_options
+from slimgraph.passes.quantize.fallback import FallbackChoice, apply_fallback, check_fallback
 from slimgraph.passes.quantize.modes import FORMATS, QuantizePass, default_mode, deployable
 from slimgraph.passes.quantize.policy import WEIGHT_OPS
 from slimgraph.passes.quantize.report import QuantReport
@@ -58,6 +59,8 @@ class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions):
         0.01
     """
 
+    fallback: str = "fp32"
+
 
 # `quantize`'s keywords in the order its signature has always shown them.
 _ORDER = (
@@ -65,7 +68,7 @@ _ORDER = (
     "include_ops", "activation_dtype", "report", "bits", "block_size", "batch_size", "progress",
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
-    "auto_batch", "auto_seq",
+    "auto_batch", "auto_seq", "fallback",
 )
 
 
@@ -82,6 +85,8 @@ class QuantizeReport:
         budget: the budget search (with a budget), else None.
         smooth_quant_alpha: the alpha SmoothQuant used (None: not applied, or no smoothing
             scored best).
+        fallback: the precision of the layers the budget kept out of int8 and why (static
+            mode under a budget), else None.
     """
 
     mode: str
@@ -90,6 +95,7 @@ class QuantizeReport:
     tensors: QuantReport | None = None
     budget: BudgetSearch | None = None
     smooth_quant_alpha: float | None = None
+    fallback: FallbackChoice | None = None
 
     @property
     def evaluation(self) -> Evaluation | None:
@@ -108,6 +114,8 @@ class QuantizeReport:
             lines.append(self.tensors.summary())
         if self.budget is not None and self.budget.evaluation is not None:
             lines.append(self.budget.summary())
+        if self.fallback is not None and self.fallback.asked == "fp16":
+            lines.append(self.fallback.summary())
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -121,6 +129,7 @@ class QuantizeReport:
             "report": None if self.tensors is None else self.tensors.to_dict(),
             "budget": None if self.budget is None else self.budget.to_dict(),
             "smooth_quant_alpha": self.smooth_quant_alpha,
+            "fallback": None if self.fallback is None else self.fallback.to_dict(),
         }
 
 
@@ -214,6 +223,10 @@ def quantize(
             default; False: in order).
         auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
             (auto_seq None: the export's example sequence length, else 1).
+        fallback: static mode under a budget: the precision of the layers kept out of int8:
+            "fp32" (default) or "fp16" (weights stored in float16 and computed in float32,
+            kept only when the model is smaller, not slower side by side and still within the
+            budget; `passes.quantize.fallback`; the choice is the report's `fallback`).
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -222,7 +235,8 @@ def quantize(
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
             data, an option that does not apply to the mode, or `model` neither a model nor a
-            path, an `--exclude` that matches nothing, a budget without data.
+            path, an `--exclude` that matches nothing, a budget without data, fallback
+            "fp16" without a budget or outside static mode.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
         UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
@@ -249,11 +263,16 @@ def _quantize(
 ) -> tuple[ir.Model, QuantizeReport]:
     """The mode's default, then `QuantizePass` once, or the budget search; the report."""
     options = replace(options, mode=default_mode(options, calibration))  # type: ignore[arg-type]
+    asked_budget = any(v is not None for v in (options.budget, options.max_drop,
+                                                options.min_cosine))
+    check_fallback(options.fallback, budget=asked_budget, mode=options.mode)
     judge = options.judge(model)
     if judge is None:
         quantized = QuantizePass(options, calibration=calibration)(model).model
     else:
         quantized = _quantize_within(model, judge, calibration, options)
+        if options.mode == "static":
+            quantized = _with_fallback(quantized, judge, options.fallback)
     mode = str(options.mode)
     requested = options.fmt or ("qoperator" if mode == "weight-only" else "qdq")
     form, ops = written_format(quantized, mode, requested)
@@ -261,8 +280,22 @@ def _quantize(
         mode, form, ops, tensors=quantized.meta.get(metadata.QUANT_REPORT),
         budget=quantized.meta.get(metadata.BUDGET_SEARCH),
         smooth_quant_alpha=quantized.meta.get(metadata.SMOOTH_QUANT_ALPHA),
+        fallback=quantized.meta.get(metadata.PRECISION_FALLBACK),
     )
     return quantized, report
+
+
+def _with_fallback(quantized: ir.Model, judge: BudgetJudge, fallback: str) -> ir.Model:
+    """The budget search's result with its float layers in `fallback`'s precision where that
+    pays (`passes.quantize.fallback`); the search's evaluation is the final model's."""
+    search: BudgetSearch | None = quantized.meta.get(metadata.BUDGET_SEARCH)
+    if search is None:
+        return quantized
+    result, evaluation, choice = apply_fallback(
+        quantized, [k.node for k in search.kept], fallback, judge, search.evaluation)
+    search.evaluation = evaluation
+    result.meta[metadata.PRECISION_FALLBACK] = choice
+    return result
 
 
 def _quantize_within(

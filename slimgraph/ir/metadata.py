@@ -61,6 +61,10 @@ SMOOTH_QUANT_ALPHA = "slimgraph.smooth_quant_alpha"
 # the timings it was chosen on; `slimgraph.passes.quantize.auto_bits`).
 AUTO_BITS = "slimgraph.auto_bits"
 
+# Model.meta: the FallbackChoice of sg.quantize(..., fallback="fp16") under a budget (float16 or
+# float32 weights for the layers kept out of int8; `slimgraph.passes.quantize.fallback`).
+PRECISION_FALLBACK = "slimgraph.precision_fallback"
+
 # Value.meta: the value's shape with the symbolic dimensions fixed (a tuple of ints), recorded
 # for channel tracing (`slimgraph.passes.prune._shapes.annotate_static_shapes`); stale once the
 # graph changes.

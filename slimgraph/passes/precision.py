@@ -31,7 +31,7 @@ on this CPU fp16 shrinks files but does not speed models up (docs/architecture.m
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ from slimgraph.passes._kit import Names, add_initializer, constant_node_array
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.registry import register_pass
 
-__all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16"]
+__all__ = ["DEFAULT_KEEP_OPS", "Fp16Result", "Fp16Pass", "convert_fp16", "store_weights_fp16"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ DEFAULT_KEEP_OPS: tuple[str, ...] = (
 )
 
 _FP16_MAX = float(np.finfo(np.float16).max)
+
+# store_weights_fp16 leaves smaller constants (biases, scales) float32: a Cast node costs about
+# as many bytes as halving them saves.
+_MIN_STORED_ELEMENTS = 64
 
 # Ops that always keep their dtypes (float32-only kernels or value ranges fp16 cannot index).
 _ALWAYS_FLOAT = frozenset(
@@ -317,12 +321,9 @@ class _Converter:
             self.graph.remove(node, safe=True)
 
     def _half_tensor(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
-        array = np.asarray(array, np.float32)
-        finite = np.isfinite(array)
-        clipped = finite & (np.abs(array) > _FP16_MAX)
-        self.result.clipped_values += int(clipped.sum())
-        array = np.where(clipped, np.clip(array, -_FP16_MAX, _FP16_MAX), array)
-        return ir.tensor(array.astype(np.float16), name=name)
+        tensor, clipped = _half_tensor(array, name)
+        self.result.clipped_values += clipped
+        return tensor
 
     def _initializer(self, array: np.ndarray, base: str) -> ir.Value:
         name = self._name(f"{base}_fp16")
@@ -407,6 +408,66 @@ class _Converter:
             self.graph.append(cast)
             self.graph.outputs[index] = out
             self.result.casts_inserted += 1
+
+
+def store_weights_fp16(model: ir.Model, nodes: Collection[str]) -> Fp16Result:
+    """In place: the float32 constant weights of `nodes` stored as float16, computed in float32.
+
+    Each float32 initializer of at least 64 elements that only the named nodes read becomes a
+    float16 initializer read through a `Cast` to float32: the file holds half the bytes, the
+    nodes still compute in float32 (onnxruntime's CPU provider has no float16 Conv or Gemm
+    kernel, and folds the Cast of a constant when it builds a session, so the model runs as
+    before). Values beyond float16's range are clipped to +-65504 (counted). Approximate: each
+    weight is rounded to float16 (relative error at most 2^-11).
+
+    Args:
+        model: changed in place.
+        nodes: the names of the nodes whose weights are stored in float16 (names not in the
+            graph are ignored).
+
+    Returns:
+        An `Fp16Result`: `converted_initializers`, `casts_inserted`, `clipped_values`; `modified`
+        when a weight was converted.
+    """
+    graph = model.graph
+    chosen = [node for node in graph if node.name in set(nodes)]
+    names = {id(node) for node in chosen}
+    fresh = Names(graph)
+    result = Fp16Result(model, modified=False)
+    for node in chosen:
+        for value in node.inputs:
+            if (value is None or value.const_value is None or value.name not in
+                    graph.initializers or value.const_value.dtype != ir.DataType.FLOAT
+                    or value.const_value.size < _MIN_STORED_ELEMENTS or value.is_graph_input()
+                    or value.is_graph_output()
+                    or any(id(use.node) not in names for use in value.uses())):
+                continue
+            name = value.name or "w"
+            half_name = fresh.fresh(f"{name}_fp16")
+            tensor, clipped = _half_tensor(value.const_value.numpy(), half_name)
+            half = add_initializer(graph, half_name, tensor)
+            props = {metadata.LAYER: layer_name(node)} if layer_name(node) else None
+            cast = ir.node("Cast", [half], {"to": ir.DataType.FLOAT},
+                           name=fresh.fresh(f"{name}_to_fp32"), metadata_props=props)
+            out = cast.outputs[0]
+            out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), value.shape
+            graph.insert_before(node, cast)
+            ir.convenience.replace_all_uses_with(value, out)
+            graph.initializers.pop(name)
+            out.name = name  # the weight keeps its name: node names and layers stay as they were
+            result.converted_initializers += 1
+            result.casts_inserted += 1
+            result.clipped_values += clipped
+    result.modified = result.converted_initializers > 0
+    return result
+
+
+def _half_tensor(array: np.ndarray, name: str) -> tuple[ir.TensorProtocol, int]:
+    """`array` as a float16 tensor, values beyond float16's range clipped; the count clipped."""
+    array = np.asarray(array, np.float32)
+    clipped = np.isfinite(array) & (np.abs(array) > _FP16_MAX)
+    array = np.where(clipped, np.clip(array, -_FP16_MAX, _FP16_MAX), array)
+    return ir.tensor(array.astype(np.float16), name=name), int(clipped.sum())
 
 
 def _infer_types(model: ir.Model) -> None:

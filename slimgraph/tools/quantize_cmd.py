@@ -25,6 +25,7 @@ from slimgraph._tables import format_bytes
 from slimgraph.api.quantize import quantize_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
+from slimgraph.passes.quantize.fallback import FALLBACKS, check_fallback
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
@@ -92,6 +93,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the model's BatchNorm statistics (needs BatchNorm nodes and torch)")
     parser.add_argument("--zero-shot-samples", dest="zero_shot_samples", type=int, default=64,
                         help="synthesized calibration rows for --zero-shot (default 64)")
+    parser.add_argument("--zero-shot-time", dest="zero_shot_time", type=float, default=120.0,
+                        metavar="SECONDS",
+                        help="time budget of the --zero-shot synthesis (default 120); it stops "
+                        "earlier when the BatchNorm-statistics loss stops improving")
+    parser.add_argument("--fallback", choices=FALLBACKS, default="fp32",
+                        help="static with --max-drop/--min-cosine: precision of the layers the "
+                        "budget keeps out of int8: fp32 (default) or fp16 weights computed in "
+                        "fp32, kept only when smaller, not slower and within the budget")
     parser.add_argument("--bits", choices=("4", "8", "auto"), default="4",
                         help="weight-only: bits (default 4); auto: each MatMul int4, dynamic "
                         "int8 or float32, whichever onnxruntime runs fastest here at --batch x "
@@ -143,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         if mode == "weight-only" and args.zero_shot:
             raise BadOptionError("--zero-shot is only used by static quantization, not --mode "
                                  "weight-only")
+        if args.zero_shot_time <= 0:
+            raise BadOptionError(f"--zero-shot-time must be positive, got {args.zero_shot_time:g}")
+        check_fallback(args.fallback, mode=mode,
+                       budget=args.max_drop is not None or args.min_cosine is not None)
         if mode != "weight-only" and args.method in WEIGHT_ONLY_METHODS:
             raise BadOptionError(f"--method {args.method} is a weight-only method: not for "
                                  f"--mode {mode}")
@@ -161,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
     bits = args.bits if args.bits == "auto" else int(args.bits)
     calibration: object = args.calib
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
-        calibration = zero_shot_calibration(job.model, samples=args.zero_shot_samples)
+        calibration = zero_shot_calibration(
+            job.model, samples=args.zero_shot_samples, time_budget=args.zero_shot_time,
+            progress=False if args.no_progress or args.json else None)
     quantized, result = quantize_with_report(
         job.model,
         calibration=calibration,  # type: ignore[arg-type]
@@ -189,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         auto_batch=args.batch or 1,
         auto_seq=args.seq,
+        fallback=args.fallback,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
@@ -225,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         lines.append("fidelity not measured: --no-verify does not run the model")
     if search is not None:
         lines += job.budget_lines(search.evaluation, search)
+    if result.fallback is not None:
+        out["fallback"] = result.fallback.to_dict()
+        if result.fallback.asked == "fp16":
+            lines.append(result.fallback.summary())
     return job.finish(out, "\n".join(lines), lambda figures: _page(job, out, report, figures))
 
 

@@ -46,13 +46,19 @@ def lower(
 
 
 def zero_shot_calibration(
-    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0
+    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0,
+    batch_size: int = 32, time_budget: float | None = None, progress: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Synthetic calibration inputs matching the model's BatchNorm statistics (see `_zeroshot`)."""
+    """Synthetic calibration inputs matching the model's BatchNorm statistics, in batches of
+    `batch_size`, each until its loss plateaus (at most `steps`), within `time_budget` seconds
+    (see `_zeroshot.zero_shot_calibration`)."""
     require_torch()
     from slimgraph.runtime.torch_backend import _zeroshot
 
-    return _zeroshot.zero_shot_calibration(model, samples=samples, steps=steps, seed=seed)
+    return _zeroshot.zero_shot_calibration(
+        model, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
+        time_budget=time_budget, progress=progress,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,21 @@ input match those running statistics; the result stands in for calibration data 
 none (seed 002, "zero-shot quantization"; the loss of Cai et al., 2020, "ZeroQ: A Novel Zero Shot
 Quantization Framework", CVPR: the sum over BN layers of ||mu - mu_bn||_2 + ||sigma - sigma_bn||_2).
 
+The cost is the model's forward and backward pass on the synthesized batch, once per step (on a
+MobileNetV3-small at 224x224 the convolutions' backward is a third of it, the BatchNorm and
+statistics passes most of the rest), so the synthesis is bounded three ways:
+
+- the rows are synthesized in batches of `batch_size` (each batch matches the statistics on its
+  own, as ZeroQ's batches do): peak memory follows the batch, not `samples`;
+- each batch stops when the loss plateaus: after at least 2 x `patience` steps, the lowest loss
+  improved by less than `tolerance` (relative) over the last `patience` steps; `steps` is only
+  the cap. A batch keeps the inputs of the lowest loss it reached (the loss of a network far
+  from its training data can rise for the first steps);
+- `time_budget` seconds in all, checked after every step (a batch gets its share of what is left;
+  a batch that runs out keeps the inputs it has, the budget never loses rows).
+
+A progress bar (tqdm, on stderr) shows the steps and the loss.
+
 Run it on the model as loaded: `sg.optimize` and quantization fold BatchNormalization into the
 convolutions, after which there are no statistics left to match.
 """
@@ -15,15 +30,21 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
+from tqdm import tqdm
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.runtime.torch_backend._lower import lower
 
-__all__ = ["zero_shot_calibration"]
+__all__ = ["ZeroShotRun", "synthesize", "zero_shot_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +70,30 @@ def _input_shape(value: ir.Value, samples: int) -> list[int]:
     return out
 
 
+@dataclass
+class ZeroShotRun:
+    """What a synthesis did.
+
+    Attributes:
+        feeds: input name -> array [samples, ...] in the input's dtype.
+        steps: Adam steps taken, per batch.
+        stopped: why each batch stopped: "converged", "steps" (the cap) or "time".
+        losses: the loss of each batch at its first step and the lowest it reached (the inputs
+            returned).
+        seconds: wall time of the synthesis.
+    """
+
+    feeds: dict[str, np.ndarray]
+    steps: list[int] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    losses: list[tuple[float, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
 def zero_shot_calibration(
-    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0, lr: float = 0.1
+    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0, lr: float = 0.1,
+    batch_size: int = 32, time_budget: float | None = None, tolerance: float = 0.01,
+    patience: int = 10, progress: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Synthesize `samples` calibration inputs whose BatchNorm input statistics match the model's.
 
@@ -58,28 +101,49 @@ def zero_shot_calibration(
         model: a float model with BatchNormalization nodes (as loaded, before BN folding); not
             modified.
         samples: rows to synthesize (the batch size of the returned arrays).
-        steps: Adam steps on the inputs.
-        seed: seed of the starting Gaussian noise (same seed, same result).
+        steps: the most Adam steps per batch (fewer when the loss plateaus first).
+        seed: seed of the starting Gaussian noise (same seed and no time budget: same result).
         lr: Adam's learning rate.
+        batch_size: rows optimized together (the last batch takes the rest).
+        time_budget: seconds for the whole synthesis (None: no limit), checked after each step.
+        tolerance, patience: a batch has converged when, after at least 2 x `patience` steps,
+            its lowest loss improved by less than `tolerance` (relative) over the last
+            `patience` steps (tolerance 0: run `steps`).
+        progress: a progress bar on stderr (None: when stderr is a terminal).
 
     Returns:
-        Input name -> float32 array of shape [samples, *input shape without batch], usable as
-        `calibration=` for `sg.quantize`.
+        Input name -> array of shape [samples, *input shape without batch] in the input's dtype,
+        usable as `calibration=` for `sg.quantize`.
 
     Raises:
         UnsupportedModelError: no BatchNormalization node with constant running statistics, an
-            input that is not float or whose non-batch sizes are not fixed, or an op the torch
-            backend cannot lower.
-        BadOptionError: samples < 2 or steps < 0.
+            input that is not float or whose non-batch sizes are not fixed, an op the torch
+            backend cannot lower, or a loss that diverged.
+        BadOptionError: samples < 2, steps < 0, batch_size < 2, time_budget <= 0, tolerance < 0
+            or patience < 1.
 
     Example:
-        >>> feeds = zero_shot_calibration(model, samples=64)  # doctest: +SKIP
+        >>> feeds = zero_shot_calibration(model, samples=64, time_budget=120)  # doctest: +SKIP
         >>> q = sg.quantize(model, calibration=feeds)  # doctest: +SKIP
     """
-    if samples < 2:
-        raise BadOptionError(f"zero-shot calibration needs at least 2 samples, got {samples}")
-    if steps < 0:
-        raise BadOptionError(f"steps must be >= 0, got {steps}")
+    return synthesize(
+        model, samples=samples, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+        time_budget=time_budget, tolerance=tolerance, patience=patience, progress=progress,
+    ).feeds
+
+
+def synthesize(
+    model: ir.Model, *, samples: int = 64, steps: int = 200, seed: int = 0, lr: float = 0.1,
+    batch_size: int = 32, time_budget: float | None = None, tolerance: float = 0.01,
+    patience: int = 10, progress: bool | None = None,
+) -> ZeroShotRun:
+    """`zero_shot_calibration`, also saying how each batch ran (`ZeroShotRun`).
+
+    Args, Raises: as for `zero_shot_calibration`.
+    """
+    started = time.perf_counter()
+    _check(samples=samples, steps=steps, batch_size=batch_size, time_budget=time_budget,
+           tolerance=tolerance, patience=patience)
     graph = model.graph
     layers = []
     for node in graph:
@@ -116,44 +180,115 @@ def zero_shot_calibration(
             torch.from_numpy(mean.astype(np.float32)),
             torch.from_numpy(np.sqrt(np.maximum(var.astype(np.float32), 0.0))),
         )
-    generator = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(shape, generator=generator).requires_grad_(True) for shape in shapes]
-    optimizer = torch.optim.Adam(xs, lr=lr)
     first = len(lowered.output_names) - len(names)
 
     def loss_of(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         total = torch.zeros(())
         for name, value in zip(names, outputs[first:], strict=True):
             dims = [d for d in range(value.dim()) if d != 1]
-            mu = value.mean(dims)
-            sigma = torch.sqrt(value.var(dims, unbiased=False) + 1e-8)
+            var, mu = torch.var_mean(value, dims, correction=0)  # one pass over the activation
+            sigma = torch.sqrt(var + 1e-8)
             mean, std = targets[name]
             total = total + torch.linalg.vector_norm(mu - mean) + torch.linalg.vector_norm(
                 sigma - std
             )
         return total
 
-    start = None
-    for step in range(steps):
-        loss = loss_of(lowered(*xs))
-        if not math.isfinite(float(loss.detach())):
-            raise UnsupportedModelError(
-                f"zero-shot calibration diverged at step {step} (loss {float(loss.detach())})"
-            )
-        if start is None:
-            start = float(loss.detach())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        final = float(loss_of(lowered(*xs)))
+    generator = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=generator) for shape in shapes]
+    bounds = [(start, min(start + batch_size, samples)) for start in range(0, samples, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2:  # a batch of 1 has no variance
+        bounds[-2:] = [(bounds[-2][0], samples)]
+    run = ZeroShotRun(feeds={})
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=steps * len(bounds), desc="zero-shot synthesis", unit="step",
+              file=sys.stderr, disable=not show, leave=False) as bar:
+        for index, (start, stop) in enumerate(bounds):
+            share = None
+            if time_budget is not None:
+                left = time_budget - (time.perf_counter() - started)
+                share = max(left, 0.0) / (len(bounds) - index)
+            batch = [x[start:stop].clone().requires_grad_(True) for x in xs]
+            taken, why, losses = _optimize(batch, lowered, loss_of, steps=steps, lr=lr,
+                                           deadline=None if share is None
+                                           else time.perf_counter() + share,
+                                           tolerance=tolerance, patience=patience, bar=bar)
+            bar.update(steps - taken)  # a batch that stopped early gives back its steps
+            for x, part in zip(xs, batch, strict=True):
+                x[start:stop] = part.detach()
+            run.steps.append(taken)
+            run.stopped.append(why)
+            run.losses.append(losses)
+    run.seconds = time.perf_counter() - started
     logger.info(
-        "zero-shot calibration: %d samples, %d steps, %d BatchNorm layers, loss %s -> %.4g",
-        samples, steps, len(names), f"{start:.4g}" if start is not None else "-", final,
+        "zero-shot calibration: %d samples in %d batch(es), steps %s (%s), %d BatchNorm layers, "
+        "loss %s, %.1f s", samples, len(bounds), run.steps, ", ".join(run.stopped), len(names),
+        ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in run.losses), run.seconds,
     )
-    return {
-        value.name or "": x.detach().numpy().astype(
+    run.feeds = {
+        value.name or "": x.numpy().astype(
             value.dtype.numpy() if value.dtype is not None else np.float32
         )
         for value, x in zip(inputs, xs, strict=True)
     }
+    return run
+
+
+def _optimize(
+    batch: list[torch.Tensor], lowered: torch.nn.Module, loss_of: Callable[..., torch.Tensor],
+    *, steps: int, lr: float, deadline: float | None, tolerance: float, patience: int,
+    bar: Any,
+) -> tuple[int, str, tuple[float, float]]:
+    """Adam on `batch` until the loss plateaus, `steps`, or `deadline`; `batch` ends holding the
+    inputs of the lowest loss seen. Returns (steps taken, why it stopped, (first loss, lowest
+    loss))."""
+    optimizer = torch.optim.Adam(batch, lr=lr)
+    best: list[float] = []  # the lowest loss after each step
+    kept: list[torch.Tensor] = []
+    first = math.nan
+    taken, why = steps, "steps"
+    for step in range(steps):
+        loss = loss_of(lowered(*batch))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UnsupportedModelError(
+                f"zero-shot calibration diverged at step {step} (loss {value})"
+            )
+        if step == 0:
+            first = value
+        if not best or value < best[-1]:
+            kept = [x.detach().clone() for x in batch]  # the inputs this loss was measured on
+        best.append(min(value, best[-1]) if best else value)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        if tolerance > 0 and len(best) >= 2 * patience and (
+            best[-patience - 1] - best[-1] < tolerance * best[-patience - 1]
+        ):
+            taken, why = step + 1, "converged"
+            break
+        if deadline is not None and time.perf_counter() >= deadline:
+            taken, why = step + 1, "time"
+            break
+    with torch.no_grad():
+        for x, lowest in zip(batch, kept, strict=False):  # none kept: no step taken
+            x.copy_(lowest)
+    return taken, why, (first, best[-1] if best else math.nan)
+
+
+def _check(*, samples: int, steps: int, batch_size: int, time_budget: float | None,
+           tolerance: float, patience: int) -> None:
+    if samples < 2:
+        raise BadOptionError(f"zero-shot calibration needs at least 2 samples, got {samples}")
+    if steps < 0:
+        raise BadOptionError(f"steps must be >= 0, got {steps}")
+    if batch_size < 2:
+        raise BadOptionError(f"batch_size must be at least 2, got {batch_size}")
+    if time_budget is not None and not time_budget > 0:
+        raise BadOptionError(f"time_budget must be positive seconds, got {time_budget:g}")
+    if tolerance < 0 or patience < 1:
+        raise BadOptionError(
+            f"tolerance must be >= 0 and patience >= 1, got {tolerance:g} and {patience}"
+        )
