@@ -9,9 +9,13 @@ compresses that unit alone. From that:
   `SensitivityTable` behind `slimgraph sensitivity`): top-1 accuracy with labels (or the user's
   `Metric`), else the output cosine to the input model;
 - `search_units` (as NNCF's `quantize_with_accuracy_control`): every unit compressed; when that
-  misses the budget, the table, then the fewest most sensitive units left uncompressed for the
-  budget to hold, found by bisection (`search_kept`); the record (`BudgetSearch`) says which
-  and why.
+  misses the budget, the units ranked most sensitive first, then the fewest most sensitive units
+  left uncompressed for the budget to hold, found by bisection (`search_kept`); the record
+  (`BudgetSearch`) says which and why. The ranking is the family's cheap proxy when its `Units`
+  has one (`proxy()`: quantization ranks layers by the calibration report's SQNR, one run of the
+  data), so the search costs a few evaluations, not one per unit; near the boundary, where the
+  proxy is least sure, each kept unit is tried compressed again (`refine_kept`). Without a
+  proxy the ranking is measured (`table_of`, one evaluation per unit).
 
 Quantization keeps layers in float (fp32: onnxruntime's CPU provider has no faster fp16
 MatMul/Conv), factorization keeps layers at full rank; pruning's MAC target allocates per-group
@@ -23,6 +27,7 @@ This module imports no family: each family's `Units` lives with its verb.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,6 +57,8 @@ __all__ = [
     "FloatLayer",
     "BudgetSearch",
     "search_kept",
+    "proxy_table",
+    "refine_kept",
     "search_units",
     "check_budget",
 ]
@@ -90,6 +97,12 @@ class Units(Protocol):
     def only(self, unit: Unit) -> tuple[ir.Model, int | None]:
         """The model with only `unit` compressed, and the MACs that saves (None: not counted)."""
         ...
+
+
+# A `Units` may also have `proxy() -> dict[str, float]`: a cheap sensitivity per unit node
+# (lower: more sensitive; for quantization the worst SQNR in dB the unit's tensors get), measured
+# without one evaluation per unit. `search_units` ranks by it when present.
+PROXY_MARGIN_DB = 3.0  # kept units whose proxy is this close to the boundary are tried again
 
 
 @dataclass(frozen=True)
@@ -214,11 +227,15 @@ class FloatLayer:
     node: str
     layer: str
     op_type: str
-    metric_alone: float  # the metric with only this layer compressed
+    metric_alone: float  # the metric with only this layer compressed (nan: ranked by proxy)
     change_alone: float  # that metric minus the input model's
     cosine_alone: float | None = None  # the output cosine with only this layer compressed
+    proxy: float | None = None  # the ranking proxy (quantization: worst tensor SQNR, dB)
 
     def reason(self, metric_name: str) -> str:
+        if self.proxy is not None and math.isnan(self.metric_alone):
+            return (f"SQNR {self.proxy:.1f} dB on the calibration data: among the lowest, and "
+                    "needed for the budget")
         cosine = ("" if self.cosine_alone is None
                   else f", output cosine {format_cosine(self.cosine_alone)}")
         return (f"{metric_name} {format_metric(self.metric_alone, metric_name)} "
@@ -274,8 +291,9 @@ class BudgetSearch:
             "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
             "kept_uncompressed": [
                 {"node": k.node, "layer": k.layer, "op_type": k.op_type,
-                 "metric_alone": k.metric_alone, "change_alone": k.change_alone,
-                 "cosine_alone": k.cosine_alone}
+                 "metric_alone": None if math.isnan(k.metric_alone) else k.metric_alone,
+                 "change_alone": None if math.isnan(k.change_alone) else k.change_alone,
+                 "cosine_alone": k.cosine_alone, "proxy": k.proxy}
                 for k in self.kept
             ],
             "tried": [{"kept": k, "metric": m, "cosine": c} for k, m, c in self.tried],
@@ -322,10 +340,47 @@ def search_kept(
     return best
 
 
+def proxy_table(units: Units, proxy: dict[str, float], judge: BudgetJudge) -> SensitivityTable:
+    """The units ranked by `proxy` (lowest first: most sensitive), as a table whose metric
+    columns are not measured (nan); units without a proxy figure last, in graph order."""
+    order = sorted(units.units(), key=lambda u: proxy.get(u.node, math.inf))
+    rows = tuple(LayerSensitivity(u.node, u.layer, u.op_type, math.nan, math.nan, None)
+                 for u in order)
+    reference = judge.reference
+    return SensitivityTable(units.method, units.setting, reference.metric_name,
+                            reference.metric, reference.samples, rows)
+
+
+def refine_kept(
+    order: Sequence[str], count: int, proxy: dict[str, float], judge: BudgetJudge,
+    build: Callable[[Sequence[str]], ir.Model], search: BudgetSearch,
+    best: tuple[ir.Model, Evaluation],
+) -> tuple[list[str], ir.Model, Evaluation]:
+    """Of the `count` units kept by the bisection over the proxy order, try compressing again
+    each whose proxy is within `PROXY_MARGIN_DB` of the first unit compressed (where the proxy's
+    order is least sure), least sensitive first; keep the change when the budget still holds."""
+    kept = list(order[:count])
+    if count >= len(order):
+        return kept, *best
+    boundary = proxy.get(order[count], math.inf)
+    model, evaluation = best
+    for node in reversed(order[:count]):
+        if len(kept) <= 1 or boundary - proxy.get(node, math.inf) > PROXY_MARGIN_DB:
+            continue
+        trial = [n for n in kept if n != node]
+        candidate = build(trial)
+        measured = judge.evaluate(candidate)
+        search.tried.append((len(trial), measured.metric, measured.cosine))
+        if judge.holds(measured):
+            kept, model, evaluation = trial, candidate, measured
+    return kept, model, evaluation
+
+
 def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list[str]:
-    """Every unit compressed; when that misses the budget, the sensitivity table and the fewest
-    most-sensitive units kept uncompressed (`search_kept`). Fills `search` (its `candidate` is
-    the model its `evaluation` measured).
+    """Every unit compressed; when that misses the budget, the units ranked (by the family's
+    proxy when it has one, else the measured sensitivity table) and the fewest most-sensitive
+    units kept uncompressed (`search_kept`, then `refine_kept` with a proxy). Fills `search`
+    (its `candidate` is the model its `evaluation` measured).
 
     Returns:
         The nodes left uncompressed, as exact node names.
@@ -336,7 +391,21 @@ def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list
     candidate = units.build(())
     evaluation = judge.evaluate(candidate)
     search.tried.append((0, evaluation.metric, evaluation.cosine))
-    if not judge.holds(evaluation):
+    ranked = getattr(units, "proxy", None)
+    proxy: dict[str, float] | None = None if judge.holds(evaluation) or ranked is None else (
+        ranked())
+    if not judge.holds(evaluation) and proxy:
+        table = proxy_table(units, proxy, judge)
+        search.table = table
+        candidate, evaluation, count = search_kept(table, judge, units.build, search,
+                                                   most=len(units.units()) - 1)
+        order = [row.node for row in table.rows]
+        kept, candidate, evaluation = refine_kept(order, count, proxy, judge, units.build,
+                                                  search, (candidate, evaluation))
+        rows = {row.node: row for row in table.rows}
+        search.kept = [FloatLayer(n, rows[n].layer, rows[n].op_type, math.nan, math.nan, None,
+                                  proxy.get(n)) for n in kept]
+    elif not judge.holds(evaluation):
         table = table_of(units, judge)
         search.table = table
         candidate, evaluation, count = search_kept(table, judge, units.build, search,

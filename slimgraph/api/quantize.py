@@ -12,6 +12,7 @@ check it.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ _ORDER = (
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
     "auto_batch", "auto_seq",
+    "equalize", "bias_correction",  # issue 27
 )
 
 
@@ -212,6 +214,12 @@ def quantize(
             default; False: in order).
         auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
             (auto_seq None: the export's example sequence length, else 1).
+        equalize: static: cross-layer equalization (Nagel et al. 2019) of Conv/Gemm pairs
+            through Relu, Clip(0, c) or nothing, depthwise included, before quantizing
+            (`passes.quantize.equalize`; exact in float, checked on the first calibration batch).
+        bias_correction: static: each quantized Conv/Gemm's mean output shift per channel,
+            measured on the calibration data, subtracted from its bias
+            (`passes.quantize.bias_correction`, empirical).
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -219,11 +227,13 @@ def quantize(
 
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
-            data, an option that does not apply to the mode, or `model` neither a model nor a
-            path, an `--exclude` that matches nothing, a budget without data.
+            data, `bias_correction` or `equalize` outside static mode, an option that does not
+            apply to the mode, or `model` neither a model nor a path, an `--exclude` that
+            matches nothing, a budget without data.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
-        UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
+        UnsupportedModelError: nothing in the model can be quantized in this mode, `equalize`
+            on a model without Conv/Gemm pairs, or the model
             does not run on onnxruntime where it must (the message says to pass verify=False /
             --no-verify for dynamic and weight-only).
         VerificationError: the float model prepared for quantization (constants and BatchNorm
@@ -335,6 +345,18 @@ class QuantizeUnits:
 
     def only(self, unit: Unit) -> tuple[ir.Model, int | None]:
         return self.build([u.node for u in self._units if u.node != unit.node]), None
+
+    def proxy(self) -> dict[str, float]:
+        """Each layer's worst SQNR (dB) on the calibration data, from one per-tensor report of
+        the fully quantized model: its weight's round trip and the own SQNR of the activations
+        it quantizes (`report.measure`); the budget search ranks layers by it (issue 27)."""
+        report = self.session.build(report=True).meta.get(metadata.QUANT_REPORT)
+        worst: dict[str, float] = {}
+        for row in () if report is None else report.rows:
+            figure = row.own_sqnr_db if row.kind == "activation" else row.sqnr_db
+            for node in row.exclude or (row.node,):
+                worst[node] = min(worst.get(node, math.inf), figure)
+        return {u.node: worst[u.node] for u in self._units if u.node in worst}
 
 
 # The ops each written form is recognized by (its quantized ops, counted in `quantized_ops`).
