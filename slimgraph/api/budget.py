@@ -13,9 +13,10 @@ compresses that unit alone. From that:
   left uncompressed for the budget to hold, found by bisection (`search_kept`); the record
   (`BudgetSearch`) says which and why. The ranking is the family's cheap proxy when its `Units`
   has one (`proxy()`: quantization ranks layers by the calibration report's SQNR, one run of the
-  data), so the search costs a few evaluations, not one per unit; near the boundary, where the
-  proxy is least sure, each kept unit is tried compressed again (`refine_kept`). Without a
-  proxy the ranking is measured (`table_of`, one evaluation per unit).
+  data), so the search costs a few evaluations, not one per unit: the bisection starts where the
+  proxy jumps most (`widest_gap`), and units whose proxies are too close to tell apart there
+  are measured alone on a few rows and ordered by that (`rerank_uncertain`). Without a proxy
+  the ranking is measured (`table_of`, one evaluation per unit).
 
 Quantization keeps layers in float (fp32: onnxruntime's CPU provider has no faster fp16
 MatMul/Conv), factorization keeps layers at full rank; pruning's MAC target allocates per-group
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx_ir as ir
@@ -58,7 +59,8 @@ __all__ = [
     "BudgetSearch",
     "search_kept",
     "proxy_table",
-    "refine_kept",
+    "widest_gap",
+    "rerank_uncertain",
     "search_units",
     "check_budget",
 ]
@@ -102,7 +104,8 @@ class Units(Protocol):
 # A `Units` may also have `proxy() -> dict[str, float]`: a cheap sensitivity per unit node
 # (lower: more sensitive; for quantization the worst SQNR in dB the unit's tensors get), measured
 # without one evaluation per unit. `search_units` ranks by it when present.
-PROXY_MARGIN_DB = 3.0  # kept units whose proxy is this close to the boundary are tried again
+PROXY_MARGIN_DB = 1.0  # units whose proxies are this close are told apart by measurement
+QUICK_ROWS = 4  # rows of the budget's data those measurements use (at least; an eighth)
 
 
 @dataclass(frozen=True)
@@ -307,9 +310,11 @@ def search_kept(
     search: BudgetSearch,
     *,
     most: int,
+    first: int | None = None,
 ) -> tuple[ir.Model, Evaluation, int]:
     """The fewest most-sensitive layers to keep uncompressed (1..`most`) for the budget to hold,
-    by bisection over k (the metric is close to monotone in k). Records every try in `search`.
+    by bisection over k (the metric is close to monotone in k), trying k = `first` first when
+    given (a likely boundary). Records every try in `search`.
 
     Raises:
         VerificationError: not even `most` kept layers meet the budget.
@@ -319,14 +324,18 @@ def search_kept(
     lo, hi = 1, top
     best: tuple[ir.Model, Evaluation, int] | None = None
     last: Evaluation | None = None
+    probe, walked = first, 0  # from `first`, walk down one at a time twice, then bisect
     while lo <= hi:
-        mid = (lo + hi) // 2
+        mid = probe if probe is not None and lo <= probe <= hi else (lo + hi) // 2
+        probe = None
         model = build(order[:mid])
         evaluation = judge.evaluate(model)
         search.tried.append((mid, evaluation.metric, evaluation.cosine))
         last = evaluation
         if judge.holds(evaluation):
             best, hi = (model, evaluation, mid), mid - 1
+            if first is not None and walked < 2:
+                probe, walked = mid - 1, walked + 1
         else:
             lo = mid + 1
     if best is None:
@@ -351,35 +360,50 @@ def proxy_table(units: Units, proxy: dict[str, float], judge: BudgetJudge) -> Se
                             reference.metric, reference.samples, rows)
 
 
-def refine_kept(
-    order: Sequence[str], count: int, proxy: dict[str, float], judge: BudgetJudge,
-    build: Callable[[Sequence[str]], ir.Model], search: BudgetSearch,
-    best: tuple[ir.Model, Evaluation],
-) -> tuple[list[str], ir.Model, Evaluation]:
-    """Of the `count` units kept by the bisection over the proxy order, try compressing again
-    each whose proxy is within `PROXY_MARGIN_DB` of the first unit compressed (where the proxy's
-    order is least sure), least sensitive first; keep the change when the budget still holds."""
-    kept = list(order[:count])
-    if count >= len(order):
-        return kept, *best
-    boundary = proxy.get(order[count], math.inf)
-    model, evaluation = best
-    for node in reversed(order[:count]):
-        if len(kept) <= 1 or boundary - proxy.get(node, math.inf) > PROXY_MARGIN_DB:
-            continue
-        trial = [n for n in kept if n != node]
-        candidate = build(trial)
-        measured = judge.evaluate(candidate)
-        search.tried.append((len(trial), measured.metric, measured.cosine))
-        if judge.holds(measured):
-            kept, model, evaluation = trial, candidate, measured
-    return kept, model, evaluation
+def widest_gap(order: Sequence[str], proxy: dict[str, float]) -> int | None:
+    """The k (1 <= k < len(order)) where the proxy jumps most between the k-th unit and the
+    next, in the more sensitive half of `order`: where the budget most likely flips."""
+    figures = [proxy.get(node, math.inf) for node in order]
+    gaps = [(figures[k] - figures[k - 1], k) for k in range(1, max(2, len(order) // 2 + 1))
+            if k < len(order) and math.isfinite(figures[k])]
+    return max(gaps)[1] if gaps else None
+
+
+def rerank_uncertain(
+    table: SensitivityTable, proxy: dict[str, float], units: Units, judge: BudgetJudge,
+    boundary: int | None,
+) -> SensitivityTable:
+    """Where the proxy cannot tell units apart (proxies within `PROXY_MARGIN_DB` of the unit
+    before the likely `boundary`), measure each alone on the first eighth of the budget's data
+    (at least `QUICK_ROWS` rows) and order that block by the measured loss; the rest keeps the
+    proxy order."""
+    if boundary is None:
+        return table
+    rows = list(table.rows)
+    pivot = proxy.get(rows[boundary - 1].node, math.inf)
+    block = [i for i, row in enumerate(rows)
+             if abs(proxy.get(row.node, math.inf) - pivot) <= PROXY_MARGIN_DB]
+    if len(block) < 2:
+        return table
+    quick = judge.subset(max(QUICK_ROWS, judge.data.samples // 8))
+    by_node = {unit.node: unit for unit in units.units()}
+    measured = []
+    for index in block:
+        row = rows[index]
+        evaluation = quick(units.only(by_node[row.node])[0])
+        measured.append((quick.change(evaluation), evaluation.cosine or 1.0, index, row))
+    measured.sort(key=lambda m: (m[0], m[1]))
+    for index, (_, _, _, row) in zip(block, measured, strict=True):
+        rows[index] = row
+    logger.info("budget search: %d units near the proxy's boundary measured on %d rows",
+                len(block), quick.data.samples)
+    return replace(table, rows=tuple(rows))
 
 
 def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list[str]:
     """Every unit compressed; when that misses the budget, the units ranked (by the family's
     proxy when it has one, else the measured sensitivity table) and the fewest most-sensitive
-    units kept uncompressed (`search_kept`, then `refine_kept` with a proxy). Fills `search`
+    units kept uncompressed (`search_kept`; with a proxy, `rerank_uncertain` first). Fills `search`
     (its `candidate` is the model its `evaluation` measured).
 
     Returns:
@@ -396,12 +420,12 @@ def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list
         ranked())
     if not judge.holds(evaluation) and proxy:
         table = proxy_table(units, proxy, judge)
+        first = widest_gap([row.node for row in table.rows], proxy)
+        table = rerank_uncertain(table, proxy, units, judge, first)
         search.table = table
         candidate, evaluation, count = search_kept(table, judge, units.build, search,
-                                                   most=len(units.units()) - 1)
-        order = [row.node for row in table.rows]
-        kept, candidate, evaluation = refine_kept(order, count, proxy, judge, units.build,
-                                                  search, (candidate, evaluation))
+                                                   most=len(units.units()) - 1, first=first)
+        kept = [row.node for row in table.rows[:count]]
         rows = {row.node: row for row in table.rows}
         search.kept = [FloatLayer(n, rows[n].layer, rows[n].op_type, math.nan, math.nan, None,
                                   proxy.get(n)) for n in kept]

@@ -208,7 +208,8 @@ def _scale_out(weight: np.ndarray, node: ir.Node, scales: np.ndarray) -> np.ndar
 
 @register_pass("equalize", exact=True)
 class CrossLayerEqualizationPass(SlimgraphPass):
-    """Cross-layer equalization of Conv/Gemm pairs (exact; see the module docstring).
+    """Even out per-channel weight ranges of Conv/Gemm pairs through Relu, Clip(0, c) or nothing
+    (cross-layer equalization, run after BatchNorm folding); exact.
 
     Args:
         max_iterations: sweeps over all pairs at most.

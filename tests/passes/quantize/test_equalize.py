@@ -164,3 +164,25 @@ def test_bias_correction_takes_back_the_measured_shift(digits_session) -> None: 
     worst_before = max(float(np.abs(s).max()) for s in before.values())
     worst_after = max(float(np.abs(s).max()) for s in after.values())
     assert worst_after < 0.5 * worst_before, (worst_before, worst_after)
+
+
+def test_the_budget_search_ranks_layers_by_the_report_not_one_evaluation_each() -> None:
+    model = sg.load(DIGITS)
+    data = digits_arrays("digits_test.npz", rows=200)
+    quantized, report = sg.quantize_with_report(
+        model, calibration=digits_arrays("digits_calib.npz", rows=64), per_channel=False,
+        data={k: v for k, v in data.items() if k != "labels"}, min_cosine=0.99992,
+        progress=False)
+    search = report.budget
+    assert search is not None and search.evaluation is not None
+    assert search.evaluation.cosine is not None and search.evaluation.cosine >= 0.99992
+    assert search.tried[0][0] == 0 and search.tried[0][2] < 0.99992  # all int8 missed it
+    assert search.kept and all(k.proxy is not None and 20 < k.proxy < 80 for k in search.kept)
+    assert search.table is not None and all(np.isnan(r.metric) for r in search.table.rows)
+    # every layer quantized, then a bisection over 6 candidates and the refinement at most
+    assert len(search.tried) <= 1 + 3 + len(search.kept), search.tried
+    assert "SQNR" in str(report) and "dB on the calibration data" in str(report)
+    kept = {k.node for k in search.kept}
+    floats = {n.name for n in quantized.graph if n.op_type in ("Conv", "Gemm")
+              and n.inputs[1].producer() is None}
+    assert kept <= floats
