@@ -186,3 +186,15 @@ def test_the_budget_search_ranks_layers_by_the_report_not_one_evaluation_each() 
     floats = {n.name for n in quantized.graph if n.op_type in ("Conv", "Gemm")
               and n.inputs[1].producer() is None}
     assert kept <= floats
+
+
+def test_the_recipe_form_equalizes_and_corrects_in_the_quantize_step() -> None:
+    calibration = {"x": np.random.default_rng(4).standard_normal((16, 4, 6, 6)).astype(
+        np.float32) * 4}
+    step = {"name": "quantize", "per-channel": False, "equalize": True, "bias-correction": True}
+    model = sg.optimize(_mobile_block(), recipe=[step], calibration=calibration)
+    counts = ops(model)
+    assert counts["Min"] == 1 and counts["Clip"] == 0 and counts["QuantizeLinear"] >= 3
+    plain = sg.optimize(_mobile_block(), recipe=[{"name": "quantize", "per-channel": False}],
+                        calibration=calibration)
+    assert ops(plain)["Clip"] == 1 and ops(plain)["Min"] == 0
