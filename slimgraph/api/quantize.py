@@ -11,6 +11,7 @@ check it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+PROXY_ROWS = 8  # calibration rows the budget search's SQNR ranking is measured on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,9 +351,14 @@ class QuantizeUnits:
 
     def proxy(self) -> dict[str, float]:
         """Each layer's worst SQNR (dB) on the calibration data, from one per-tensor report of
-        the fully quantized model: its weight's round trip and the own SQNR of the activations
-        it quantizes (`report.measure`); the budget search ranks layers by it (issue 27)."""
-        report = self.session.build(report=True).meta.get(metadata.QUANT_REPORT)
+        the fully quantized model on the first `PROXY_ROWS` calibration rows: its weight's
+        round trip and the own SQNR of the activations it quantizes (`report.measure`); the
+        budget search ranks layers by it (issue 27)."""
+        first = self.session.batches.first()
+        rows = {name: array[:PROXY_ROWS] for name, array in first.items()}
+        measuring = copy.copy(self.session)  # the same statistics; the report on a few rows
+        measuring.batches = [rows]  # type: ignore[assignment]
+        report = measuring.build(report=True).meta.get(metadata.QUANT_REPORT)
         worst: dict[str, float] = {}
         for row in () if report is None else report.rows:
             figure = row.own_sqnr_db if row.kind == "activation" else row.sqnr_db
