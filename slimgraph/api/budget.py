@@ -9,9 +9,14 @@ compresses that unit alone. From that:
   `SensitivityTable` behind `slimgraph sensitivity`): top-1 accuracy with labels (or the user's
   `Metric`), else the output cosine to the input model;
 - `search_units` (as NNCF's `quantize_with_accuracy_control`): every unit compressed; when that
-  misses the budget, the table, then the fewest most sensitive units left uncompressed for the
-  budget to hold, found by bisection (`search_kept`); the record (`BudgetSearch`) says which
-  and why.
+  misses the budget, the units ranked most sensitive first, then the fewest most sensitive units
+  left uncompressed for the budget to hold, found by bisection (`search_kept`); the record
+  (`BudgetSearch`) says which and why. The ranking is the family's cheap proxy when its `Units`
+  has one (`proxy()`: quantization ranks layers by the calibration report's SQNR, one run of the
+  data), so the search costs a few evaluations, not one per unit: the bisection starts where the
+  proxy jumps most (`widest_gap`), and units whose proxies are too close to tell apart there
+  are measured alone on a few rows and ordered by that (`rerank_uncertain`). Without a proxy
+  the ranking is measured (`table_of`, one evaluation per unit).
 
 Quantization keeps layers in float (fp32: onnxruntime's CPU provider has no faster fp16
 MatMul/Conv), factorization keeps layers at full rank; pruning's MAC target allocates per-group
@@ -23,8 +28,9 @@ This module imports no family: each family's `Units` lives with its verb.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx_ir as ir
@@ -52,6 +58,9 @@ __all__ = [
     "FloatLayer",
     "BudgetSearch",
     "search_kept",
+    "proxy_table",
+    "widest_gap",
+    "rerank_uncertain",
     "search_units",
     "check_budget",
 ]
@@ -90,6 +99,13 @@ class Units(Protocol):
     def only(self, unit: Unit) -> tuple[ir.Model, int | None]:
         """The model with only `unit` compressed, and the MACs that saves (None: not counted)."""
         ...
+
+
+# A `Units` may also have `proxy() -> dict[str, float]`: a cheap sensitivity per unit node
+# (lower: more sensitive; for quantization the worst SQNR in dB the unit's tensors get), measured
+# without one evaluation per unit. `search_units` ranks by it when present.
+PROXY_MARGIN_DB = 1.0  # units whose proxies are this close are told apart by measurement
+QUICK_ROWS = 4  # rows of the budget's data those measurements use (at least; an eighth)
 
 
 @dataclass(frozen=True)
@@ -214,11 +230,15 @@ class FloatLayer:
     node: str
     layer: str
     op_type: str
-    metric_alone: float  # the metric with only this layer compressed
+    metric_alone: float  # the metric with only this layer compressed (nan: ranked by proxy)
     change_alone: float  # that metric minus the input model's
     cosine_alone: float | None = None  # the output cosine with only this layer compressed
+    proxy: float | None = None  # the ranking proxy (quantization: worst tensor SQNR, dB)
 
     def reason(self, metric_name: str) -> str:
+        if self.proxy is not None and math.isnan(self.metric_alone):
+            return (f"SQNR {self.proxy:.1f} dB on the calibration data: among the lowest, and "
+                    "needed for the budget")
         cosine = ("" if self.cosine_alone is None
                   else f", output cosine {format_cosine(self.cosine_alone)}")
         return (f"{metric_name} {format_metric(self.metric_alone, metric_name)} "
@@ -274,8 +294,9 @@ class BudgetSearch:
             "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
             "kept_uncompressed": [
                 {"node": k.node, "layer": k.layer, "op_type": k.op_type,
-                 "metric_alone": k.metric_alone, "change_alone": k.change_alone,
-                 "cosine_alone": k.cosine_alone}
+                 "metric_alone": None if math.isnan(k.metric_alone) else k.metric_alone,
+                 "change_alone": None if math.isnan(k.change_alone) else k.change_alone,
+                 "cosine_alone": k.cosine_alone, "proxy": k.proxy}
                 for k in self.kept
             ],
             "tried": [{"kept": k, "metric": m, "cosine": c} for k, m, c in self.tried],
@@ -289,9 +310,11 @@ def search_kept(
     search: BudgetSearch,
     *,
     most: int,
+    first: int | None = None,
 ) -> tuple[ir.Model, Evaluation, int]:
     """The fewest most-sensitive layers to keep uncompressed (1..`most`) for the budget to hold,
-    by bisection over k (the metric is close to monotone in k). Records every try in `search`.
+    by bisection over k (the metric is close to monotone in k), trying k = `first` first when
+    given (a likely boundary). Records every try in `search`.
 
     Raises:
         VerificationError: not even `most` kept layers meet the budget.
@@ -301,14 +324,18 @@ def search_kept(
     lo, hi = 1, top
     best: tuple[ir.Model, Evaluation, int] | None = None
     last: Evaluation | None = None
+    probe, walked = first, 0  # from `first`, walk down one at a time twice, then bisect
     while lo <= hi:
-        mid = (lo + hi) // 2
+        mid = probe if probe is not None and lo <= probe <= hi else (lo + hi) // 2
+        probe = None
         model = build(order[:mid])
         evaluation = judge.evaluate(model)
         search.tried.append((mid, evaluation.metric, evaluation.cosine))
         last = evaluation
         if judge.holds(evaluation):
             best, hi = (model, evaluation, mid), mid - 1
+            if first is not None and walked < 2:
+                probe, walked = mid - 1, walked + 1
         else:
             lo = mid + 1
     if best is None:
@@ -322,10 +349,62 @@ def search_kept(
     return best
 
 
+def proxy_table(units: Units, proxy: dict[str, float], judge: BudgetJudge) -> SensitivityTable:
+    """The units ranked by `proxy` (lowest first: most sensitive), as a table whose metric
+    columns are not measured (nan); units without a proxy figure last, in graph order."""
+    order = sorted(units.units(), key=lambda u: proxy.get(u.node, math.inf))
+    rows = tuple(LayerSensitivity(u.node, u.layer, u.op_type, math.nan, math.nan, None)
+                 for u in order)
+    reference = judge.reference
+    return SensitivityTable(units.method, units.setting, reference.metric_name,
+                            reference.metric, reference.samples, rows)
+
+
+def widest_gap(order: Sequence[str], proxy: dict[str, float]) -> int | None:
+    """The k (1 <= k < len(order)) where the proxy jumps most between the k-th unit and the
+    next, in the more sensitive half of `order`: where the budget most likely flips."""
+    figures = [proxy.get(node, math.inf) for node in order]
+    gaps = [(figures[k] - figures[k - 1], k) for k in range(1, max(2, len(order) // 2 + 1))
+            if k < len(order) and math.isfinite(figures[k])]
+    return max(gaps)[1] if gaps else None
+
+
+def rerank_uncertain(
+    table: SensitivityTable, proxy: dict[str, float], units: Units, judge: BudgetJudge,
+    boundary: int | None,
+) -> SensitivityTable:
+    """Where the proxy cannot tell units apart (proxies within `PROXY_MARGIN_DB` of the unit
+    before the likely `boundary`), measure each alone on the first eighth of the budget's data
+    (at least `QUICK_ROWS` rows) and order that block by the measured loss; the rest keeps the
+    proxy order."""
+    if boundary is None:
+        return table
+    rows = list(table.rows)
+    pivot = proxy.get(rows[boundary - 1].node, math.inf)
+    block = [i for i, row in enumerate(rows)
+             if abs(proxy.get(row.node, math.inf) - pivot) <= PROXY_MARGIN_DB]
+    if len(block) < 2:
+        return table
+    quick = judge.subset(max(QUICK_ROWS, judge.data.samples // 8))
+    by_node = {unit.node: unit for unit in units.units()}
+    measured = []
+    for index in block:
+        row = rows[index]
+        evaluation = quick(units.only(by_node[row.node])[0])
+        measured.append((quick.change(evaluation), evaluation.cosine or 1.0, index, row))
+    measured.sort(key=lambda m: (m[0], m[1]))
+    for index, (_, _, _, row) in zip(block, measured, strict=True):
+        rows[index] = row
+    logger.info("budget search: %d units near the proxy's boundary measured on %d rows",
+                len(block), quick.data.samples)
+    return replace(table, rows=tuple(rows))
+
+
 def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list[str]:
-    """Every unit compressed; when that misses the budget, the sensitivity table and the fewest
-    most-sensitive units kept uncompressed (`search_kept`). Fills `search` (its `candidate` is
-    the model its `evaluation` measured).
+    """Every unit compressed; when that misses the budget, the units ranked (by the family's
+    proxy when it has one, else the measured sensitivity table) and the fewest most-sensitive
+    units kept uncompressed (`search_kept`; with a proxy, `rerank_uncertain` first). Fills `search`
+    (its `candidate` is the model its `evaluation` measured).
 
     Returns:
         The nodes left uncompressed, as exact node names.
@@ -336,7 +415,21 @@ def search_units(units: Units, judge: BudgetJudge, search: BudgetSearch) -> list
     candidate = units.build(())
     evaluation = judge.evaluate(candidate)
     search.tried.append((0, evaluation.metric, evaluation.cosine))
-    if not judge.holds(evaluation):
+    ranked = getattr(units, "proxy", None)
+    proxy: dict[str, float] | None = None if judge.holds(evaluation) or ranked is None else (
+        ranked())
+    if not judge.holds(evaluation) and proxy:
+        table = proxy_table(units, proxy, judge)
+        first = widest_gap([row.node for row in table.rows], proxy)
+        table = rerank_uncertain(table, proxy, units, judge, first)
+        search.table = table
+        candidate, evaluation, count = search_kept(table, judge, units.build, search,
+                                                   most=len(units.units()) - 1, first=first)
+        kept = [row.node for row in table.rows[:count]]
+        rows = {row.node: row for row in table.rows}
+        search.kept = [FloatLayer(n, rows[n].layer, rows[n].op_type, math.nan, math.nan, None,
+                                  proxy.get(n)) for n in kept]
+    elif not judge.holds(evaluation):
         table = table_of(units, judge)
         search.table = table
         candidate, evaluation, count = search_kept(table, judge, units.build, search,

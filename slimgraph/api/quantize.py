@@ -11,7 +11,9 @@ check it.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -47,6 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+PROXY_ROWS = 8  # calibration rows the budget search's SQNR ranking is measured on
+
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions):
@@ -69,6 +73,7 @@ _ORDER = (
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
     "auto_batch", "auto_seq", "fallback",
+    "equalize", "bias_correction",
 )
 
 
@@ -227,6 +232,12 @@ def quantize(
             "fp32" (default) or "fp16" (weights stored in float16 and computed in float32,
             kept only when the model is smaller, not slower side by side and still within the
             budget; `passes.quantize.fallback`; the choice is the report's `fallback`).
+        equalize: static: cross-layer equalization (Nagel et al. 2019) of Conv/Gemm pairs
+            through Relu, Clip(0, c) or nothing, depthwise included, before quantizing
+            (`passes.quantize.equalize`; exact in float, checked on the first calibration batch).
+        bias_correction: static: each quantized Conv/Gemm's mean output shift per channel,
+            measured on the calibration data, subtracted from its bias
+            (`passes.quantize.bias_correction`, empirical).
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -234,12 +245,14 @@ def quantize(
 
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
-            data, an option that does not apply to the mode, or `model` neither a model nor a
-            path, an `--exclude` that matches nothing, a budget without data, fallback
-            "fp16" without a budget or outside static mode.
+            data, `bias_correction` or `equalize` outside static mode, an option that does not
+            apply to the mode, or `model` neither a model nor a path, an `--exclude` that
+            matches nothing, a budget without data, fallback "fp16" without a budget or outside
+            static mode.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
-        UnsupportedModelError: nothing in the model can be quantized in this mode, or the model
+        UnsupportedModelError: nothing in the model can be quantized in this mode, `equalize`
+            on a model without Conv/Gemm pairs, or the model
             does not run on onnxruntime where it must (the message says to pass verify=False /
             --no-verify for dynamic and weight-only).
         VerificationError: the float model prepared for quantization (constants and BatchNorm
@@ -370,6 +383,23 @@ class QuantizeUnits:
 
     def only(self, unit: Unit) -> tuple[ir.Model, int | None]:
         return self.build([u.node for u in self._units if u.node != unit.node]), None
+
+    def proxy(self) -> dict[str, float]:
+        """Each layer's worst SQNR (dB) on the calibration data, from one per-tensor report of
+        the fully quantized model on the first `PROXY_ROWS` calibration rows: its weight's
+        round trip and the own SQNR of the activations it quantizes (`report.measure`); the
+        budget search ranks layers by it (issue 27)."""
+        first = self.session.batches.first()
+        rows = {name: array[:PROXY_ROWS] for name, array in first.items()}
+        measuring = copy.copy(self.session)  # the same statistics; the report on a few rows
+        measuring.batches = [rows]  # type: ignore[assignment]
+        report = measuring.build(report=True).meta.get(metadata.QUANT_REPORT)
+        worst: dict[str, float] = {}
+        for row in () if report is None else report.rows:
+            figure = row.own_sqnr_db if row.kind == "activation" else row.sqnr_db
+            for node in row.exclude or (row.node,):
+                worst[node] = min(worst.get(node, math.inf), figure)
+        return {u.node: worst[u.node] for u in self._units if u.node in worst}
 
 
 # The ops each written form is recognized by (its quantized ops, counted in `quantized_ops`).

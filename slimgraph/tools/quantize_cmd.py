@@ -88,6 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default=None, metavar="ALPHA|auto",
                         help="static: SmoothQuant (activation outliers moved into the weights) "
                         "before quantizing; alpha in [0, 1] or auto (searched on --calib)")
+    # issue 27: cross-layer equalization and bias correction (static mode)
+    parser.add_argument("--equalize", action="store_true",
+                        help="static: cross-layer equalization of Conv/Gemm pairs before "
+                        "quantizing (exact in float; helps per-tensor int8 of depthwise nets)")
+    parser.add_argument("--bias-correction", dest="bias_correction", action="store_true",
+                        help="static: subtract each quantized layer's mean output shift, "
+                        "measured on --calib, from its bias")
     parser.add_argument("--zero-shot", dest="zero_shot", action="store_true",
                         help="static int8 without data: calibrate on inputs synthesized to match "
                         "the model's BatchNorm statistics (needs BatchNorm nodes and torch)")
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         budget=job.budget,
         verify=args.verify,
         smooth_quant=args.smooth_quant,
+        equalize=args.equalize, bias_correction=args.bias_correction,  # issue 27
         accuracy_level=args.accuracy_level,
         head_bits=args.head_bits,
         embedding_bits=args.embedding_bits,

@@ -24,6 +24,7 @@ from slimgraph.ir import metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.cleanup import StripDebugMetadataPass
 from slimgraph.passes.pipeline import run_pipeline
+from slimgraph.passes.quantize.bias_correction import NO_CALIBRATION
 from slimgraph.passes.quantize.dynamic import quantize_dynamic
 from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
 from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
@@ -118,6 +119,15 @@ def _quantize(
             return _finish(smooth_and_quantize(session, smooth_quant, report=options.report,
                                                fmt=options.fmt))
         return _finish(session.build(report=options.report, fmt=options.fmt))
+    if options.bias_correction:  # issue 27: needs the calibration data static mode has
+        raise BadOptionError.worded(NO_CALIBRATION if calibration is None else
+                                    "{bias} applies to static quantization, not to {mode} mode",
+                                    bias=("bias_correction=", "--bias-correction"), mode=mode,
+                                    calib=("calibration=", "--calib DATA.npz"))
+    if options.equalize:
+        raise BadOptionError.worded("{equalize} applies to static quantization (with {calib}), "
+                                    "not to {mode} mode", equalize=("equalize=", "--equalize"),
+                                    calib=("calibration=", "--calib"), mode=mode)
     if smooth_quant is not None and smooth_quant is not False:
         raise BadOptionError.worded("{smooth} applies to static quantization, not to {mode} mode",
                                     smooth=("smooth_quant=", "--smooth-quant"), mode=mode)

@@ -31,6 +31,8 @@ class StaticOptions:
         exclude_ops: op types left float.
         include_ops: op types left float by default to quantize anyway.
         activation_dtype: "auto" (uint8 on x86), "uint8" or "int8".
+        equalize: cross-layer equalization of Conv/Gemm pairs before quantizing (exact).
+        bias_correction: empirical bias correction of the quantized layers (calibration data).
     """
 
     method: str = "minmax"
@@ -40,6 +42,8 @@ class StaticOptions:
     exclude_ops: Sequence[str] = ()
     include_ops: Sequence[str] = ()
     activation_dtype: ActivationDtype = "auto"
+    equalize: bool = False  # issue 27: passes/quantize/equalize.py
+    bias_correction: bool = False  # issue 27: passes/quantize/bias_correction.py
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,8 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import metadata
 from slimgraph.ir.select import exact_pattern
+from slimgraph.passes.quantize.bias_correction import corrected_biases
+from slimgraph.passes.quantize.equalize import equalized
 from slimgraph.passes.quantize.options import ActivationDtype, QuantizeOptions
 from slimgraph.passes.quantize.policy import QuantPlan, annotate
 from slimgraph.passes.quantize.prepare import check_exclusions, prepare
@@ -83,6 +85,8 @@ class StaticSession:
             model, calibration, batch_size=options.batch_size
         )
         self.prepared = prepare(model, self.batches.first())
+        if options.equalize:  # cross-layer equalization (exact, checked on the first batch)
+            self.prepared = equalized(self.prepared, self.batches.first())
         self.histogram = options.method in HISTOGRAM_METHODS
         self._stats: dict[str, TensorStats] = {}
 
@@ -163,6 +167,12 @@ class StaticSession:
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
         quantized = result.model
+        if self.options.bias_correction:  # each layer's mean output shift taken back
+            float_model = corrected_biases(float_model, quantized, self.batches)[0]
+            plan = self.plan(keep_float, model=float_model)
+            result = QDQPass(plan, params)(float_model)
+            assert isinstance(result, QDQResult)
+            quantized = result.model
         if report:
             quantized.meta[metadata.QUANT_REPORT] = measure(
                 float_model, quantized, plan, result, self.batches, method=self.options.method,
