@@ -65,7 +65,7 @@ _ORDER = (
     "include_ops", "activation_dtype", "report", "bits", "block_size", "batch_size", "progress",
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
-    "auto_batch", "auto_seq",
+    "auto_batch", "auto_seq", "weight_bits", "round",
 )
 
 

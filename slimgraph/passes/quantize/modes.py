@@ -24,6 +24,7 @@ from slimgraph.ir import metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.cleanup import StripDebugMetadataPass
 from slimgraph.passes.pipeline import run_pipeline
+from slimgraph.passes.quantize.adaround import check_rounding
 from slimgraph.passes.quantize.dynamic import quantize_dynamic
 from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
 from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
@@ -108,6 +109,7 @@ def _quantize(
             "{include} applies to static quantization (with {calib}), not to {mode} mode",
             include=("include_ops=", "--include-op"), calib=("calibration=", "--calib"),
             mode=mode)
+    _check_rounding_mode(options, calibration, mode)
     smooth_quant = options.smooth_quant
     if mode == "static":
         if calibration is None:
@@ -142,6 +144,28 @@ def _quantize(
     if settings is not None:
         return _finish(_weight_only(model, calibration, options, settings))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _check_rounding_mode(
+    options: QuantizeOptions, calibration: CalibrationData | None, mode: str
+) -> None:
+    """`round` and `weight_bits` are static quantization's (learned rounding needs data).
+
+    Raises:
+        BadOptionError: learned rounding without calibration data, or either option in another
+            mode.
+    """
+    check_rounding(options.weight_bits, options.round)
+    if options.round != "nearest" and calibration is None:
+        raise BadOptionError.worded(
+            "{round} needs calibration data ({calib})",
+            round=(f"round={options.round!r}", f"--round {options.round}"),
+            calib=("calibration=", "--calib DATA.npz"))
+    if mode != "static" and (options.round != "nearest" or options.weight_bits != 8):
+        what = (("round=", "--round") if options.round != "nearest"
+                else ("weight_bits=", "--weight-bits"))
+        raise BadOptionError.worded("{opt} applies to static quantization, not to {mode} mode",
+                                    opt=what, mode=mode)
 
 
 def _weight_only_settings(

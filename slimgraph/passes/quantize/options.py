@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ActivationDtype", "Mode", "StaticOptions", "QuantizeOptions"]
+__all__ = ["ActivationDtype", "Mode", "Rounding", "StaticOptions", "QuantizeOptions"]
 
 ActivationDtype = Literal["auto", "uint8", "int8"]
 Mode = Literal["static", "dynamic", "weight-only"]
+Rounding = Literal["nearest", "adaround", "adaquant"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,10 @@ class StaticOptions:
         exclude_ops: op types left float.
         include_ops: op types left float by default to quantize anyway.
         activation_dtype: "auto" (uint8 on x86), "uint8" or "int8".
+        weight_bits: bits of the weights' codes, 8 or 4 (4: int8 storage, codes in [-7, 7]).
+        round: how weights round to their grid: "nearest", "adaround" (learned up-or-down
+            rounding) or "adaquant" (learned weights, scales and biases), both layer by layer
+            against the float model on the calibration data (`passes.quantize.adaround`).
     """
 
     method: str = "minmax"
@@ -40,6 +45,8 @@ class StaticOptions:
     exclude_ops: Sequence[str] = ()
     include_ops: Sequence[str] = ()
     activation_dtype: ActivationDtype = "auto"
+    weight_bits: int = 8
+    round: Rounding = "nearest"
 
 
 @dataclass(frozen=True, kw_only=True)
