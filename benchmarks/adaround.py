@@ -2,10 +2,11 @@
 
 Two CNNs trained here on scikit-learn's digits (the bundled splits in slimgraph/data: 1347
 training, 200 calibration, 450 test images of 8x8), seeded, their float weights cached in
-/tmp/slimgraph_adaround_<name>.pt:
+/tmp/slimgraph_adaround_<name>_v2.pt:
 
-- mobilenet: tests/models.MobileNetV2Tiny (width 0.5: inverted residuals, depthwise 3x3 convs,
-  ReLU6, linear bottlenecks) with a 1-channel stride-1 stem for the 8x8 input;
+- mobilenet: tests/models.MobileNetV2Tiny (width 0.5: 7 inverted residuals, depthwise 3x3
+  convs, ReLU6, linear bottlenecks) with a 1-channel stride-1 stem and stride 2 in two stages
+  only, for the 8x8 input;
 - resnet: tests/models.ResNetTiny (widths 8..64, 8 basic blocks with residual Adds) with a
   1-channel stem.
 
@@ -48,7 +49,9 @@ def build(name: str) -> nn.Module:
     """The network, adapted to 1-channel 8x8 digits."""
     torch.manual_seed(0)
     if name == "mobilenet":
-        net = MobileNetV2Tiny(width=0.5, classes=10)
+        # stride 2 only twice (8 -> 4 -> 2): the 8x8 digits are not downsampled to 1x1
+        settings = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 2, 2), (6, 96, 1, 1))
+        net = MobileNetV2Tiny(width=0.5, classes=10, settings=settings)
         stem = net.features[0]
         assert isinstance(stem, nn.Conv2d)
         net.features[0] = nn.Conv2d(1, stem.out_channels, 3, 1, 1, bias=False)
@@ -63,7 +66,7 @@ def build(name: str) -> nn.Module:
 def trained(name: str, retrain: bool) -> nn.Module:
     """The network trained on the digits' training split (cached weights)."""
     net = build(name)
-    cache = Path(f"/tmp/slimgraph_adaround_{name}.pt")
+    cache = Path(f"/tmp/slimgraph_adaround_{name}_v2.pt")
     if cache.exists() and not retrain:
         net.load_state_dict(torch.load(cache))
         return net.eval()
@@ -102,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=adaround.STEPS,
                         help=f"optimizer steps per layer (default {adaround.STEPS})")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=["nearest", "adaround", "adaquant"],
+                        choices=adaround.ROUNDINGS)
     args = parser.parse_args()
     adaround.STEPS = args.steps
     torch.set_num_threads(2)
@@ -115,7 +120,7 @@ def main() -> None:
         test_feeds = {"image": test["image"], "labels": test["labels"]}
         base = accuracy(model, test_feeds)
         print(f"{name:<10} {'float':<16} {base:>9.4f} {'':>10} {'':>9}")
-        for rounding in ("nearest", "adaround", "adaquant"):
+        for rounding in args.variants:
             start = time.perf_counter()
             quantized = sg.quantize(model, calibration=feeds, weight_bits=4, round=rounding)
             seconds = time.perf_counter() - start

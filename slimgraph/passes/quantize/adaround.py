@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 WEIGHT_BITS = (4, 8)
 MAX_ROWS = 1024  # calibration rows the reconstruction uses (AdaRound's paper: 1024 images)
-STEPS = 1000  # optimizer steps per layer
+STEPS = 500  # optimizer steps per layer
 _ACTIVATIONS = ("Relu", "Clip")
 _GRIDS = {4: ir.DataType.INT4, 8: ir.DataType.INT8}
 
