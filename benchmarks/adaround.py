@@ -13,10 +13,12 @@ training, 200 calibration, 450 test images of 8x8), seeded, their float weights 
 Each is exported (`sg.from_torch`), then quantized with `sg.quantize(model, calibration=CALIB,
 weight_bits=4, round=...)`: 4-bit per-channel weights (codes in [-7, 7]) and 8-bit activations,
 minmax calibration on the 200 calibration images, rounding nearest, adaround or adaquant.
-Columns: test accuracy on onnxruntime (450 images), the drop in points against float, and the
-quantize wall time. The machine may be shared: times are one run each, not medians.
+Columns: test accuracy on onnxruntime (450 images), the drop in points against float, the mean
+squared error of the logits to the float model's, and the quantize wall time. `--per-tensor`
+quantizes with one weight scale per layer, where nearest 4-bit rounding loses most. The machine may be shared: times are one run each, not medians.
 
-Run: python benchmarks/adaround.py [--models mobilenet resnet] [--steps N] [--retrain]
+Run: python benchmarks/adaround.py [--models mobilenet resnet] [--steps N] [--per-tensor]
+     [--variants nearest adaround adaquant] [--retrain]
 """
 
 from __future__ import annotations
@@ -91,12 +93,10 @@ def trained(name: str, retrain: bool) -> nn.Module:
     return net.eval()
 
 
-def accuracy(model: sg.ir.ir.Model | object, test: dict[str, np.ndarray]) -> float:
-    """Top-1 accuracy on onnxruntime."""
+def scores(model: object, test: dict[str, np.ndarray]) -> np.ndarray:
+    """The class scores on onnxruntime."""
     session = create_session(model)  # type: ignore[arg-type]
-    name = session.get_inputs()[0].name
-    scores = session.run(None, {name: test["image"]})[0]
-    return float((scores.argmax(1) == test["labels"]).mean())
+    return session.run(None, {session.get_inputs()[0].name: test["image"]})[0]
 
 
 def main() -> None:
@@ -105,28 +105,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=adaround.STEPS,
                         help=f"optimizer steps per layer (default {adaround.STEPS})")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="one weight scale per layer (where nearest rounding loses most)")
     parser.add_argument("--variants", nargs="+", default=["nearest", "adaround", "adaquant"],
                         choices=adaround.ROUNDINGS)
     args = parser.parse_args()
     adaround.STEPS = args.steps
     torch.set_num_threads(2)
     calib, test = _digits("calib"), _digits("test")
-    print(f"{'model':<10} {'variant':<16} {'accuracy':>9} {'drop (pt)':>10} {'time (s)':>9}")
+    granularity = "per-tensor" if args.per_tensor else "per-channel"
+    print(f"W4A8, {granularity} weights; logits MSE: mean squared error to the float logits")
+    print(f"{'model':<10} {'variant':<16} {'accuracy':>9} {'drop (pt)':>10} {'logits MSE':>11} "
+          f"{'time (s)':>9}")
     for name in args.models:
         net = trained(name, args.retrain)
         model = sg.from_torch(net, (torch.as_tensor(test["image"][:1]),))
         input_name = model.graph.inputs[0].name
         feeds = {input_name: calib["image"]}
         test_feeds = {"image": test["image"], "labels": test["labels"]}
-        base = accuracy(model, test_feeds)
-        print(f"{name:<10} {'float':<16} {base:>9.4f} {'':>10} {'':>9}")
+        reference = scores(model, test_feeds)
+        base = float((reference.argmax(1) == test["labels"]).mean())
+        print(f"{name:<10} {'float':<16} {base:>9.4f} {'':>10} {'':>11} {'':>9}")
         for rounding in args.variants:
             start = time.perf_counter()
-            quantized = sg.quantize(model, calibration=feeds, weight_bits=4, round=rounding)
+            quantized = sg.quantize(model, calibration=feeds, weight_bits=4, round=rounding,
+                                    per_channel=not args.per_tensor)
             seconds = time.perf_counter() - start
-            acc = accuracy(quantized, test_feeds)
+            got = scores(quantized, test_feeds)
+            acc = float((got.argmax(1) == test["labels"]).mean())
+            mse = float(np.mean((got - reference) ** 2))
             print(f"{name:<10} {'W4A8 ' + rounding:<16} {acc:>9.4f} {100 * (base - acc):>10.2f} "
-                  f"{seconds:>9.1f}", flush=True)
+                  f"{mse:>11.4g} {seconds:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":
