@@ -15,7 +15,8 @@ weight_bits=4, round=...)`: 4-bit per-channel weights (codes in [-7, 7]) and 8-b
 minmax calibration on the 200 calibration images, rounding nearest, adaround or adaquant.
 Columns: test accuracy on onnxruntime (450 images), the drop in points against float, the mean
 squared error of the logits to the float model's, and the quantize wall time. `--per-tensor`
-quantizes with one weight scale per layer, where nearest 4-bit rounding loses most. The machine may be shared: times are one run each, not medians.
+quantizes with one weight scale per layer, where nearest 4-bit rounding loses most. The machine
+may be shared: times are one run each, not medians.
 
 Run: python benchmarks/adaround.py [--models mobilenet resnet] [--steps N] [--per-tensor]
      [--variants nearest adaround adaquant] [--retrain]
