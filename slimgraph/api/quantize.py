@@ -212,6 +212,13 @@ def quantize(
             default; False: in order).
         auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
             (auto_seq None: the export's example sequence length, else 1).
+        weight_bits: static: bits of the weights' codes, 8 (default) or 4 (W4A8: codes in
+            [-7, 7] stored as int8, read by the same DequantizeLinear).
+        round: static: "nearest" (default), "adaround" (each weight rounded up or down as a
+            layer-wise reconstruction of the float model's outputs chooses; Nagel et al., 2020)
+            or "adaquant" (weights, scales and biases learned against the same loss; Hubara et
+            al., 2021), layer by layer on `calibration` through the torch backend
+            (`passes.quantize.adaround`); both need calibration data and torch.
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -219,8 +226,10 @@ def quantize(
 
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
-            data, an option that does not apply to the mode, or `model` neither a model nor a
-            path, an `--exclude` that matches nothing, a budget without data.
+            data, `round` "adaround"/"adaquant" without calibration data, `round` or
+            `weight_bits` outside static mode, weight bits other than 4 or 8, an option that
+            does not apply to the mode, or `model` neither a model nor a path, an `--exclude`
+            that matches nothing, a budget without data.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
         UnsupportedModelError: nothing in the model can be quantized in this mode, or the model

@@ -1,4 +1,5 @@
-"""Training options and knowledge-distillation vocabulary, without torch.
+"""Training options and knowledge-distillation vocabulary, and the layers of learned rounding
+(`RoundingLayer`, `LearnedWeight`), without torch.
 
 `slimgraph.finetune` checks its options against these before torch is imported; the training loop
 (`_train`) reads them.

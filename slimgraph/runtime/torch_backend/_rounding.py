@@ -210,7 +210,7 @@ def _adaquant(
     weight = torch.as_tensor(layer.weight, dtype=torch.float32)
     s0 = _broadcast(layer.scale, layer.weight, layer.axis)
     bias0 = _bias(layer)
-    spec = _Grid(layer.qmin, layer.qmax)
+    spec = _grid(layer.qmin, layer.qmax)
     u = torch.nn.Parameter(weight / s0)  # the weight in units of its initial step
     t = torch.nn.Parameter(torch.zeros_like(s0))  # log of the scale's change
     params: list[dict[str, object]] = [{"params": [u], "lr": lr}, {"params": [t], "lr": lr}]
@@ -239,7 +239,7 @@ def _adaquant(
     return _kept(layer, forward, x, y, codes, nearest, s, learned_bias, bias0, s0)
 
 
-def _Grid(qmin: int, qmax: int) -> QuantSpec:  # noqa: N802 - reads as a type
+def _grid(qmin: int, qmax: int) -> QuantSpec:
     """A signed spec whose `qrange` is (qmin, qmax) (4-bit codes too: int8 storage)."""
     for dtype in (ir.DataType.INT4, ir.DataType.INT8):
         for symmetric in (True, False):
