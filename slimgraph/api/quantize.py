@@ -73,7 +73,7 @@ _ORDER = (
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
     "auto_batch", "auto_seq", "fallback",
-    "equalize", "bias_correction",
+    "equalize", "bias_correction", "weight_bits", "round",
 )
 
 
@@ -238,6 +238,13 @@ def quantize(
         bias_correction: static: each quantized Conv/Gemm's mean output shift per channel,
             measured on the calibration data, subtracted from its bias
             (`passes.quantize.bias_correction`, empirical).
+        weight_bits: static: bits of the weights' codes, 8 (default) or 4 (W4A8: codes in
+            [-7, 7] stored as int8, read by the same DequantizeLinear).
+        round: static: "nearest" (default), "adaround" (each weight rounded up or down as a
+            layer-wise reconstruction of the float model's outputs chooses; Nagel et al., 2020)
+            or "adaquant" (weights, scales and biases learned against the same loss; Hubara et
+            al., 2021), layer by layer on `calibration` through the torch backend
+            (`passes.quantize.adaround`); both need calibration data and torch.
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -245,10 +252,11 @@ def quantize(
 
     Raises:
         BadOptionError: an unknown mode, format or method, static mode without calibration
-            data, `bias_correction` or `equalize` outside static mode, an option that does not
-            apply to the mode, or `model` neither a model nor a path, an `--exclude` that
-            matches nothing, a budget without data, fallback "fp16" without a budget or outside
-            static mode.
+            data, `bias_correction` or `equalize` outside static mode, `round`
+            "adaround"/"adaquant" without calibration data, `round` or `weight_bits` outside
+            static mode, weight bits other than 4 or 8, an option that does not apply to the
+            mode, or `model` neither a model nor a path, an `--exclude` that matches nothing, a
+            budget without data, fallback "fp16" without a budget or outside static mode.
         BadDataError: calibration data that does not fit the model's inputs (named), or holds
             NaN/Inf.
         UnsupportedModelError: nothing in the model can be quantized in this mode, `equalize`

@@ -25,6 +25,7 @@ from slimgraph._tables import format_bytes
 from slimgraph.api.quantize import quantize_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
+from slimgraph.passes.quantize.adaround import ROUNDINGS, WEIGHT_BITS
 from slimgraph.passes.quantize.fallback import FALLBACKS, check_fallback
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
@@ -88,13 +89,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         default=None, metavar="ALPHA|auto",
                         help="static: SmoothQuant (activation outliers moved into the weights) "
                         "before quantizing; alpha in [0, 1] or auto (searched on --calib)")
-    # issue 27: cross-layer equalization and bias correction (static mode)
     parser.add_argument("--equalize", action="store_true",
                         help="static: cross-layer equalization of Conv/Gemm pairs before "
                         "quantizing (exact in float; helps per-tensor int8 of depthwise nets)")
     parser.add_argument("--bias-correction", dest="bias_correction", action="store_true",
                         help="static: subtract each quantized layer's mean output shift, "
                         "measured on --calib, from its bias")
+    parser.add_argument("--weight-bits", dest="weight_bits", type=int, choices=WEIGHT_BITS,
+                        default=8, help="static: bits of the weights' codes (default 8; 4: W4A8, "
+                        "codes in [-7, 7] stored as int8)")
+    parser.add_argument("--round", dest="round", choices=ROUNDINGS, default="nearest",
+                        help="static: how weights round to their grid: nearest (default), "
+                        "adaround (learned up or down per weight) or adaquant (learned weights, "
+                        "scales and biases), layer by layer against the float model on --calib "
+                        "(needs torch)")
     parser.add_argument("--zero-shot", dest="zero_shot", action="store_true",
                         help="static int8 without data: calibrate on inputs synthesized to match "
                         "the model's BatchNorm statistics (needs BatchNorm nodes and torch)")
@@ -213,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         auto_batch=args.batch or 1,
         auto_seq=args.seq,
         fallback=args.fallback,
+        weight_bits=args.weight_bits,
+        round=args.round,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget

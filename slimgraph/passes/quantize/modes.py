@@ -24,6 +24,7 @@ from slimgraph.ir import metadata
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
 from slimgraph.passes.cleanup import StripDebugMetadataPass
 from slimgraph.passes.pipeline import run_pipeline
+from slimgraph.passes.quantize.adaround import check_rounding
 from slimgraph.passes.quantize.bias_correction import NO_CALIBRATION
 from slimgraph.passes.quantize.dynamic import quantize_dynamic
 from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
@@ -109,6 +110,7 @@ def _quantize(
             "{include} applies to static quantization (with {calib}), not to {mode} mode",
             include=("include_ops=", "--include-op"), calib=("calibration=", "--calib"),
             mode=mode)
+    _check_rounding_mode(options, calibration, mode)
     smooth_quant = options.smooth_quant
     if mode == "static":
         if calibration is None:
@@ -119,7 +121,7 @@ def _quantize(
             return _finish(smooth_and_quantize(session, smooth_quant, report=options.report,
                                                fmt=options.fmt))
         return _finish(session.build(report=options.report, fmt=options.fmt))
-    if options.bias_correction:  # issue 27: needs the calibration data static mode has
+    if options.bias_correction:  # needs the calibration data static mode has
         raise BadOptionError.worded(NO_CALIBRATION if calibration is None else
                                     "{bias} applies to static quantization, not to {mode} mode",
                                     bias=("bias_correction=", "--bias-correction"), mode=mode,
@@ -152,6 +154,34 @@ def _quantize(
     if settings is not None:
         return _finish(_weight_only(model, calibration, options, settings))
     raise BadOptionError(f"unknown mode '{mode}' (choose static, dynamic or weight-only)")
+
+
+def _check_rounding_mode(
+    options: QuantizeOptions, calibration: CalibrationData | None, mode: str
+) -> None:
+    """`round` and `weight_bits` are static quantization's (learned rounding needs data).
+
+    Raises:
+        BadOptionError: learned rounding without calibration data, or either option in another
+            mode.
+    """
+    check_rounding(options.weight_bits, options.round)
+    if options.round != "nearest" and options.bias_correction:
+        raise BadOptionError.worded(
+            "{bias} and {round} do not combine: learned rounding fits each layer's output to "
+            "the float model's itself (AdaQuant its bias too); choose one",
+            bias=("bias_correction=True", "--bias-correction"),
+            round=(f"round={options.round!r}", f"--round {options.round}"))
+    if options.round != "nearest" and calibration is None:
+        raise BadOptionError.worded(
+            "{round} needs calibration data ({calib})",
+            round=(f"round={options.round!r}", f"--round {options.round}"),
+            calib=("calibration=", "--calib DATA.npz"))
+    if mode != "static" and (options.round != "nearest" or options.weight_bits != 8):
+        what = (("round=", "--round") if options.round != "nearest"
+                else ("weight_bits=", "--weight-bits"))
+        raise BadOptionError.worded("{opt} applies to static quantization, not to {mode} mode",
+                                    opt=what, mode=mode)
 
 
 def _weight_only_settings(

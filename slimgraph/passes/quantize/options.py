@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ActivationDtype", "Mode", "StaticOptions", "QuantizeOptions"]
+__all__ = ["ActivationDtype", "Mode", "Rounding", "StaticOptions", "QuantizeOptions"]
 
 ActivationDtype = Literal["auto", "uint8", "int8"]
 Mode = Literal["static", "dynamic", "weight-only"]
+Rounding = Literal["nearest", "adaround", "adaquant"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,10 @@ class StaticOptions:
         activation_dtype: "auto" (uint8 on x86), "uint8" or "int8".
         equalize: cross-layer equalization of Conv/Gemm pairs before quantizing (exact).
         bias_correction: empirical bias correction of the quantized layers (calibration data).
+        weight_bits: bits of the weights' codes, 8 or 4 (4: int8 storage, codes in [-7, 7]).
+        round: how weights round to their grid: "nearest", "adaround" (learned up-or-down
+            rounding) or "adaquant" (learned weights, scales and biases), both layer by layer
+            against the float model on the calibration data (`passes.quantize.adaround`).
     """
 
     method: str = "minmax"
@@ -42,8 +47,10 @@ class StaticOptions:
     exclude_ops: Sequence[str] = ()
     include_ops: Sequence[str] = ()
     activation_dtype: ActivationDtype = "auto"
-    equalize: bool = False  # issue 27: passes/quantize/equalize.py
-    bias_correction: bool = False  # issue 27: passes/quantize/bias_correction.py
+    equalize: bool = False
+    bias_correction: bool = False
+    weight_bits: int = 8
+    round: Rounding = "nearest"
 
 
 @dataclass(frozen=True, kw_only=True)

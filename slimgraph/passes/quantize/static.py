@@ -25,6 +25,7 @@ import onnx_ir as ir
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import metadata
 from slimgraph.ir.select import exact_pattern
+from slimgraph.passes.quantize.adaround import check_rounding, learn_rounding, with_weight_bits
 from slimgraph.passes.quantize.bias_correction import corrected_biases
 from slimgraph.passes.quantize.equalize import equalized
 from slimgraph.passes.quantize.options import ActivationDtype, QuantizeOptions
@@ -80,6 +81,7 @@ class StaticSession:
         if not 0 < options.percentile <= 100:
             raise BadOptionError(f"percentile must be in (0, 100], got {options.percentile}")
         check_exclusions(model, options.exclude, options.exclude_ops)
+        check_rounding(options.weight_bits, options.round)
         self.options = options
         self.batches: Batches = calibration_batches(
             model, calibration, batch_size=options.batch_size
@@ -97,12 +99,13 @@ class StaticSession:
         """What static quantization does to `model` (default: the prepared model) with the nodes
         `keep_float` (exact names) and the patterns `extra` left float."""
         options = self.options
-        return annotate(
+        plan = annotate(
             self.prepared if model is None else model, per_channel=options.per_channel,
             exclude=[*options.exclude, *map(exact_pattern, keep_float), *extra],
             exclude_ops=options.exclude_ops,
             activation_dtype=options.activation_dtype, include_ops=options.include_ops,
         )
+        return with_weight_bits(plan, options.weight_bits)
 
     def statistics(self, names: Sequence[str]) -> dict[str, TensorStats]:
         """The calibration statistics of the prepared model's values `names`; those not measured
@@ -166,6 +169,8 @@ class StaticSession:
                                    percentile=self.options.percentile)
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
+        if self.options.round != "nearest":  # learned rounding, layer by layer (AdaRound)
+            result.model = learn_rounding(float_model, result, self.batches, self.options.round)
         quantized = result.model
         if self.options.bias_correction:  # each layer's mean output shift taken back
             float_model = corrected_biases(float_model, quantized, self.batches)[0]

@@ -14,13 +14,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch  # the one check, naming slimgraph[torch]
+from slimgraph.runtime.torch_backend._options import (  # no torch
+    LearnedWeight,
+    RoundingLayer,
+    bias_scale_after,
+)
 from slimgraph.runtime.torch_backend._writeback import write_back  # needs no torch
 
 if TYPE_CHECKING:
@@ -32,6 +37,10 @@ __all__ = [
     "write_back",
     "LoweredModel",
     "zero_shot_calibration",
+    "learn_rounding",
+    "RoundingLayer",
+    "LearnedWeight",
+    "bias_scale_after",
 ]
 
 
@@ -59,6 +68,19 @@ def zero_shot_calibration(
         model, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
         time_budget=time_budget, progress=progress,
     )
+
+
+def learn_rounding(
+    float_model: ir.Model, quantized: ir.Model, layers: Sequence[RoundingLayer],
+    feeds: Mapping[str, np.ndarray], *, method: str, steps: int = 1000, batch_size: int = 32,
+    lr: float | None = None, seed: int = 0,
+) -> dict[str, LearnedWeight]:
+    """AdaRound or AdaQuant of `layers` of a QDQ model, layer by layer (see `_rounding`)."""
+    require_torch()
+    from slimgraph.runtime.torch_backend import _rounding
+
+    return _rounding.learn_rounding(float_model, quantized, layers, feeds, method=method,
+                                    steps=steps, batch_size=batch_size, lr=lr, seed=seed)
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +218,28 @@ class LoweredModel(nn.Module):
         """
         kind, path = self._where[name]
         return getattr(self.weights if kind == "weights" else self.constants, path)
+
+    def node_function(self, node: str) -> Callable[[Mapping[str, torch.Tensor]], list[Any]]:
+        """Node `node`'s kernel as a function of the values it reads by name: given tensors
+        first, then the graph's constant and trained values (layer-wise reconstruction runs one
+        layer on its recorded inputs with a weight of its own).
+
+        Raises:
+            KeyError: no node of that name runs at run time (unknown, or evaluated once at
+                lowering), or, when called, an input neither given nor constant.
+        """
+        step = next((s for s in self._steps if s.node == node), None)
+        if step is None:
+            raise KeyError(node)
+
+        def run(given: Mapping[str, torch.Tensor]) -> list[Any]:
+            inputs = [None if name is None else given[name] if name in given
+                      else self.value(name) for name in step.inputs]
+            while inputs and inputs[-1] is None:
+                inputs.pop()
+            return list(step.kernel(self, inputs))
+
+        return run
 
     def _add_source(self, name: str, kind: str, path: str) -> None:
         self._sources.append((name, kind, path))

@@ -1,4 +1,5 @@
-"""Training options and knowledge-distillation vocabulary, without torch.
+"""Training options and knowledge-distillation vocabulary, and the layers of learned rounding
+(`RoundingLayer`, `LearnedWeight`), without torch.
 
 `slimgraph.finetune` checks its options against these before torch is imported; the training loop
 (`_train`) reads them.
@@ -9,9 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from slimgraph.errors import BadOptionError
 
-__all__ = ["KD_KINDS", "SCHEMES", "OPTIMIZERS", "FEATURE_LOSSES", "TrainOptions"]
+__all__ = [
+    "KD_KINDS", "SCHEMES", "OPTIMIZERS", "FEATURE_LOSSES", "TrainOptions", "RoundingLayer",
+    "LearnedWeight", "bias_scale_after",
+]
 
 # Knowledge kinds of distillation, the teacher schemes, and the optimizers.
 KD_KINDS: tuple[str, ...] = ("response", "feature", "relation")
@@ -93,3 +99,69 @@ class TrainOptions:
         for ok, message in checks:
             if not ok:
                 raise BadOptionError(message)
+
+
+@dataclass(frozen=True)
+class RoundingLayer:
+    """One layer whose weight rounding is learned (`_rounding.learn_rounding`), as the QDQ graph
+    holds it.
+
+    Attributes:
+        node: the Conv/Gemm/MatMul node (the same name in the float and the QDQ model).
+        input: the QDQ model's value the node reads as its input (a DequantizeLinear output).
+        weight_value: the QDQ model's dequantized weight (the DequantizeLinear output it reads).
+        bias_value: likewise for the bias, or None.
+        output: the node's output value.
+        codes: the integer initializer holding the weight's codes.
+        scale_name: the initializer holding its scale.
+        bias_codes, bias_scale: the int32 bias's codes and scale initializers, or None.
+        weight: the float weight, float32, the codes' shape.
+        scale: the weight's scale as stored (one value, or one per channel along `axis`).
+        axis: the channel axis of `scale`.
+        qmin, qmax: the codes' grid.
+        bias: the bias the QDQ model computes with (dequantized), float32, or None.
+        activation: a Relu or Clip node right after `node` whose output is the target, or None.
+        target: the float model's value the layer reconstructs (the activation's output, else
+            the node's).
+    """
+
+    node: str
+    input: str
+    weight_value: str
+    bias_value: str | None
+    output: str
+    codes: str
+    scale_name: str
+    bias_codes: str | None
+    bias_scale: str | None
+    weight: np.ndarray
+    scale: np.ndarray
+    axis: int
+    qmin: int
+    qmax: int
+    bias: np.ndarray | None
+    activation: str | None
+    target: str
+
+
+@dataclass(frozen=True)
+class LearnedWeight:
+    """A layer's learned codes (int64, the weight's shape), its scale and bias (float32; AdaRound
+    keeps both), and the reconstruction error (mean squared, over the data) with nearest rounding
+    and with the codes kept (the smaller one: a method that does worse keeps nearest)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray | None
+    nearest_error: float
+    error: float
+
+
+def bias_scale_after(old_weight_scale: np.ndarray, new_weight_scale: np.ndarray,
+                     bias_scale: np.ndarray) -> np.ndarray:
+    """An int32 bias's scale s_x * s_w after the weight's scale changed (float32, the bias
+    scale's shape)."""
+    ratio = (np.asarray(new_weight_scale, np.float64)
+             / np.asarray(old_weight_scale, np.float64)).reshape(-1)
+    new = np.asarray(bias_scale, np.float64).reshape(-1) * ratio
+    return new.astype(np.float32).reshape(np.shape(bias_scale))
