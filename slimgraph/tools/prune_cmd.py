@@ -15,7 +15,13 @@ from slimgraph._tables import format_ratio
 from slimgraph.api.prune import prune_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.prune import CRITERIA, SCOPES, PruneReport
-from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools._common import (
+    Compression,
+    Figures,
+    add_json_option,
+    add_model_arguments,
+    add_speed_arguments,
+)
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -68,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_option(parser)
     add_report_option(parser, "channels kept per layer, size, parameters and MACs before/after")
     add_budget_arguments(parser)
+    add_speed_arguments(parser)
     parser.set_defaults(handler=run)
 
 

@@ -31,7 +31,13 @@ from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.runtime.torch_backend import zero_shot_calibration
-from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools._common import (
+    Compression,
+    Figures,
+    add_json_option,
+    add_model_arguments,
+    add_speed_arguments,
+)
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -111,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default; --no-act-order: in order)")
     parser.add_argument("--batch", type=int, default=None,
                         help="calibration rows per run (default 32); --bits auto: the batch "
-                        "the layers are timed at (default 1)")
+                        "the layers are timed at (default 1); the batch the speed check times "
+                        "at (default 1 and 64)")
     parser.add_argument("--seq", type=int, default=None,
                         help="--bits auto: the sequence length the layers are timed at "
                         "(default: the export's example length, else 1)")
@@ -120,6 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_option(parser)
     add_report_option(parser, "per-tensor SQNR, size before and after")
     add_budget_arguments(parser)
+    add_speed_arguments(parser, batch=False)
     parser.set_defaults(handler=run)
 
 
