@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph.api._options import BudgetOptions, takes_options
+from slimgraph.api._options import BudgetOptions, SpeedOptions, takes_options
 from slimgraph.api.budget import BudgetSearch, Unit, search_units
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, layer_name, metadata
@@ -32,6 +32,7 @@ from slimgraph.passes.quantize.static import StaticSession
 from slimgraph.runtime.budget import BudgetJudge
 from slimgraph.runtime.calibrate import CalibrationData
 from slimgraph.runtime.metrics import Evaluation
+from slimgraph.runtime.speed_guard import SpeedCheck
 
 __all__ = [
     "QuantizeOptions",
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions):
+class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions, SpeedOptions):
     """Everything `quantize` takes besides the model and calibration data: `QuantizePass`'s
     options (`slimgraph.passes.quantize.options.QuantizeOptions`) and the accuracy budget
     (`BudgetOptions`). Each field is described on `quantize`.
@@ -82,6 +83,7 @@ class QuantizeReport:
         budget: the budget search (with a budget), else None.
         smooth_quant_alpha: the alpha SmoothQuant used (None: not applied, or no smoothing
             scored best).
+        speed: the speed guard's figures with `speed_check=True`, else None.
     """
 
     mode: str
@@ -90,6 +92,7 @@ class QuantizeReport:
     tensors: QuantReport | None = None
     budget: BudgetSearch | None = None
     smooth_quant_alpha: float | None = None
+    speed: SpeedCheck | None = None
 
     @property
     def evaluation(self) -> Evaluation | None:
@@ -138,7 +141,10 @@ def quantize_with_report(
 
     Raises: as for `quantize`.
     """
-    return _quantize(as_model(model), calibration, options)
+    model = as_model(model)
+    quantized, report = _quantize(model, calibration, options)
+    report.speed = options.guard(model, quantized)
+    return quantized, report
 
 
 @takes_options(QuantizeOptions, order=_ORDER)
@@ -212,6 +218,11 @@ def quantize(
             default; False: in order).
         auto_batch, auto_seq: the batch and sequence length `bits="auto"` times the layers at
             (auto_seq None: the export's example sequence length, else 1).
+        speed_check, allow_slower, speed_batches: the speed guard (`SpeedOptions`; off by
+            default in Python): time the result against `model` on onnxruntime at batch 1 and
+            64 (or `speed_batches`) and raise `VerificationError` when it is slower beyond
+            noise, unless `allow_slower`; `quantize_with_report`'s `report.speed` holds the
+            figures.
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -228,7 +239,8 @@ def quantize(
             --no-verify for dynamic and weight-only).
         VerificationError: the float model prepared for quantization (constants and BatchNorm
             folded) no longer matches the input model, or the result misses the accuracy budget
-            (the measured figure is in the message).
+            (the measured figure is in the message), or runs slower than the input with
+            `speed_check` (the figures in the message).
         ModelLoadError: `model` is a path that cannot be loaded.
         TypeError: an unknown keyword, or `options` that is not a `QuantizeOptions`.
 
@@ -239,7 +251,10 @@ def quantize(
         ... # doctest: +SKIP
         >>> print(report.tensors.summary())  # doctest: +SKIP
     """
-    return _quantize(as_model(model), calibration, options)[0]
+    model = as_model(model)
+    quantized = _quantize(model, calibration, options)[0]
+    options.guard(model, quantized)
+    return quantized
 
 
 def _quantize(
