@@ -97,8 +97,9 @@ class PruneOptions(BudgetOptions, SpeedOptions, MacTarget, PassOptions):
     def rounding(self) -> int | None:
         """The multiple kept channel counts are rounded to: `round_to`, or with "auto" the one
         convolutions run fast at here (`runtime.speed_guard.channel_multiple`: 16 with AVX-512,
-        else 8); None for unstructured pruning."""
-        if self.unstructured:
+        else 8); None for unstructured pruning, and "auto" gives None with `target_macs` (the
+        allocation reaches its target with the counts it measured)."""
+        if self.unstructured or (self.round_to == "auto" and self.target_macs is not None):
             return None
         return channel_multiple() if self.round_to == "auto" else self.round_to
 

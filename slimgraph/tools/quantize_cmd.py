@@ -25,6 +25,7 @@ from slimgraph._tables import format_bytes
 from slimgraph.api.quantize import quantize_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
+from slimgraph.passes.quantize.float_fallback import dynamic_note
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
@@ -122,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq", type=int, default=None,
                         help="--bits auto: the sequence length the layers are timed at "
                         "(default: the export's example length, else 1)")
+    parser.add_argument("--no-float-fallback", dest="float_fallback", action="store_false",
+                        help="static: quantize every layer, even those whose int8 form is "
+                        "timed slower than float here (by default they stay float)")
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
@@ -197,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         auto_batch=args.batch or 1,
         auto_seq=args.seq,
+        float_fallback=args.float_fallback,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
@@ -227,6 +232,14 @@ def run(args: argparse.Namespace) -> int:
         lines.append(chosen.summary())
     if report is not None:
         lines.append(report.summary(top=args.top))
+    fallback = quantized.meta.get(metadata.FLOAT_FALLBACK)
+    if fallback is not None:
+        out["float_fallback"] = fallback.to_dict()
+        lines.append(fallback.summary())
+    note = dynamic_note(job.model) if mode == "dynamic" and args.mode is None else None
+    if note is not None:
+        out["note"] = note
+        lines.append(note)
     if fidelity is not None and (report is None or args.data):
         lines += _fidelity_lines(fidelity)
     elif fidelity is None:

@@ -12,6 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, VerificationError
+from slimgraph.ir.metadata import FLOAT_FALLBACK
+from slimgraph.passes.quantize.float_fallback import (
+    FallbackLayer,
+    FloatFallback,
+    dynamic_note,
+    slow_layers,
+)
 from slimgraph.runtime.bench import Timing
 from slimgraph.runtime.speed_guard import (
     DEFAULT_BATCHES,
@@ -128,3 +135,64 @@ def test_python_verbs_guard_when_asked(guard_on: None) -> None:
 
 def test_channel_multiple_is_an_nchwc_block() -> None:
     assert channel_multiple() in (8, 16)
+
+
+# --- static quantization's float fallback (passes/quantize/float_fallback.py) -----------------
+
+
+def conv_net(batch: int | str = "batch") -> ir.Model:
+    """Conv 3x3 (8 -> 16) then a 2-way MatMul head: the MACs are almost all the Conv's."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((16, 2)).astype(np.float32), "h")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c"], ["p"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["p", "h"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])], weights)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+
+def test_float_fallback_keeps_the_slow_classes_float() -> None:
+    fallback = FloatFallback(1, [
+        FallbackLayer(("n1", "n2"), ("a", "b"), "Conv", "x[1, 8, 4, 4] w[8, 1, 3, 3] group 8",
+                      1.4, 1.2, 1.6, True),
+        FallbackLayer(("n3",), ("c",), "Conv", "x[1, 8, 4, 4] w[64, 8, 1, 1]", 0.5, 0.4, 0.6,
+                      False)], untimed=["n4"], seconds=2.0)  # fmt: skip
+    assert fallback.kept_float == ["n1", "n2"]
+    assert fallback.summary().splitlines() == [
+        "float fallback: 2 layer shape(s) timed at batch 1 in 2.0 s, 2 layer(s) kept float where "
+        "int8 ran slower",
+        "  Conv x[1, 8, 4, 4] w[8, 1, 3, 3] group 8 (a, b): int8 1.40x of float (1.20-1.60)",
+        "  1 layer(s) not timed (budget), left int8"]
+    assert fallback.to_dict()["kept_float"] == ["n1", "n2"]
+
+
+def test_static_quantization_skips_the_timing_in_the_suite() -> None:
+    calibration = {"x": np.random.default_rng(0).standard_normal((4, 8, 16, 16)).astype(
+        np.float32)}
+    quantized = sg.quantize(conv_net(), calibration=calibration)
+    assert quantized.meta[FLOAT_FALLBACK].skipped == f"{ENV_SKIP} is set"
+    off = sg.quantize(conv_net(), calibration=calibration, float_fallback=False)
+    assert FLOAT_FALLBACK not in off.meta
+
+
+def test_slow_layers_times_one_class_per_shape(guard_on: None) -> None:
+    model = chain(3, width=64)  # three MatMuls of one shape: one class
+    fallback = slow_layers(model, [n.name or "" for n in model.graph], budget_s=1.0)
+    assert len(fallback.classes) == 1 and not fallback.untimed
+    timed = fallback.classes[0]
+    assert timed.op_type == "MatMul" and len(timed.nodes) == 3
+    assert timed.shape == "x[1, 64] w[64, 64]"
+    assert timed.low <= timed.ratio <= timed.high
+    assert fallback.kept_float == (list(timed.nodes) if timed.kept_float else [])
+
+
+def test_dynamic_note_speaks_for_convolution_models_only() -> None:
+    note = dynamic_note(conv_net())
+    assert note is not None
+    assert note.startswith("note: 100% of the MACs are convolutions, which dynamic int8 leaves "
+                           "float")
+    assert "--calib DATA.npz, or --zero-shot" in note
+    assert dynamic_note(chain(2)) is None
