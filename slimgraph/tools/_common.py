@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
-from slimgraph.errors import OutputPathError
+from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import Budget
 from slimgraph.runtime.metrics import Evaluation, LabelledData, load_data
 from slimgraph.runtime.speed_guard import SpeedCheck, guard_batches, speed_guard
@@ -80,6 +80,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser, *, batch: bool = True) 
     if batch:
         group.add_argument("--batch", type=int, default=None, metavar="N",
                            help="the batch size the speed check times at (default 1 and 64)")
+    else:  # the command's own --batch means more: the guard times at it only where it can
+        parser.set_defaults(batch_shared=True)
     group.add_argument("--allow-slower", dest="allow_slower", action="store_true",
                        help="write the output even when it runs slower than MODEL beyond noise "
                        "(the figures are printed)")
@@ -155,8 +157,14 @@ class Compression:
         self.judge = judge_from_args(args, self.model, data_for_budget=data_for_budget)
         self.result: ir.Model | None = None
         self.speed: SpeedCheck | None = None
+        self.speed_batch: int | None = getattr(args, "batch", None)
         if getattr(args, "speed_check", False):
-            guard_batches(self.model, getattr(args, "batch", None))  # a bad --batch fails early
+            try:  # a bad --batch fails here, before any work
+                guard_batches(self.model, self.speed_batch)
+            except BadOptionError:
+                if not getattr(args, "batch_shared", False):
+                    raise
+                self.speed_batch = None  # quantize's --batch on a model with a fixed batch
 
     @property
     def budget(self) -> Budget | None:
@@ -185,7 +193,7 @@ class Compression:
                 `--allow-slower`; nothing is written.
         """
         if getattr(self.args, "speed_check", False):
-            self.speed = speed_guard(self.model, result, batches=getattr(self.args, "batch", None),
+            self.speed = speed_guard(self.model, result, batches=self.speed_batch,
                                      allow_slower=self.args.allow_slower)  # fmt: skip
         sg_ir.save(result, self.target)
         self.result = result
