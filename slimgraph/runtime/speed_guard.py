@@ -10,9 +10,10 @@ says slower; the figures kept are the measurement whose interval starts lower). 
 interval covers the noise of the rounds of one measurement; on a loaded machine that is not all
 the noise there is: one model timed against itself (A/A) on this 2-core machine with five
 helpers' work running (load average 14) gave intervals wholly above 1.05 in 2 of 16 single
-measurements, since bursts of other work hit a run of rounds, not single ones. The tolerance
-keeps a model a user could not measure as slower themselves from being refused; the second
-measurement keeps a burst from refusing a good model.
+measurements, since bursts of other work hit a run of rounds, not single ones, and at load 19 the
+lossless preset's output (no slower in kind) once read 1.31x (1.05-1.64) in both measurements.
+The tolerance (10%) keeps a model a user could not measure as slower themselves from being
+refused; the second measurement keeps a burst from refusing a good model.
 
 The cost is bounded (`BUDGET_S`, split over the batches): one timed run of each model sets the
 number of rounds that fit (at least `MIN_ROUNDS`, at most `MAX_ROUNDS`; each measurement repeats
@@ -84,7 +85,7 @@ ENV_SKIP = "SLIMGRAPH_NO_SPEED_CHECK"
 # Batch sizes timed when none is asked: one request, and a batch that fills the cores.
 DEFAULT_BATCHES = (1, 64)
 # Slower beyond noise: the whole 90% interval of output / input above 1 + TOLERANCE.
-TOLERANCE = 0.05
+TOLERANCE = 0.10
 # Seconds of timing rounds per check (split over the batches), and the rounds' bounds.
 BUDGET_S = 4.0
 MIN_ROUNDS = 9
