@@ -22,13 +22,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
+from slimgraph.runtime.speed_guard import SpeedCheck, speed_guard
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
     from slimgraph.runtime.metrics import Metric
 
-__all__ = ["BudgetOptions", "takes_options"]
+__all__ = ["BudgetOptions", "SpeedOptions", "takes_options"]
 
 R = TypeVar("R")
 _B = TypeVar("_B", bound="BudgetOptions")
@@ -73,6 +74,41 @@ class BudgetOptions:
             reference, self.data, budget=self.budget, max_drop=self.max_drop,
             min_cosine=self.min_cosine, metric=self.metric,
         )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeedOptions:
+    """The speed guard's keywords (`runtime.speed_guard`): time the result against the input on
+    onnxruntime and refuse it when it runs slower beyond noise.
+
+    Off by default in Python, on by default on the command line: a verb is also a building block
+    (a budget search, a sweep or `slimgraph auto` builds and times many candidates itself, a
+    recipe runs several steps), and a library call should neither spend seconds timing nor fail
+    on a busy machine unless asked; `slimgraph quantize|prune|factorize|optimize` guard every
+    model they write.
+
+    Attributes:
+        speed_check: time the result against the input before returning it.
+        allow_slower: return a slower result anyway (the report's `speed` says it was slower).
+        speed_batches: batch sizes to time at (default 1 and 64; the fixed batch of a model
+            that has one).
+    """
+
+    speed_check: bool = False
+    allow_slower: bool = False
+    speed_batches: int | tuple[int, ...] | None = None
+
+    def guard(self, reference: ir.Model, candidate: ir.Model) -> SpeedCheck | None:
+        """The speed check these options ask for (None when off, or skipped by
+        `SLIMGRAPH_NO_SPEED_CHECK`).
+
+        Raises:
+            VerificationError: `candidate` is slower beyond noise and `allow_slower` is False.
+        """
+        if not self.speed_check:
+            return None
+        return speed_guard(reference, candidate, batches=self.speed_batches,
+                           allow_slower=self.allow_slower)  # fmt: skip
 
 
 def takes_options(

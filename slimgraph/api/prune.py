@@ -18,10 +18,11 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import onnx_ir as ir
 
-from slimgraph.api._options import BudgetOptions, takes_options
+from slimgraph.api._options import BudgetOptions, SpeedOptions, takes_options
 from slimgraph.api.budget import Unit
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
@@ -40,6 +41,7 @@ from slimgraph.passes.prune import PruneOptions as PassOptions
 from slimgraph.passes.transformer.heads import HeadPruning, remove_heads
 from slimgraph.runtime.budget import DataLike, Evaluator, as_data
 from slimgraph.runtime.metrics import Evaluation, Metric
+from slimgraph.runtime.speed_guard import channel_multiple
 
 __all__ = [
     "PRUNE_GRID",
@@ -71,7 +73,7 @@ class MacTarget:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneOptions(BudgetOptions, MacTarget, PassOptions):
+class PruneOptions(BudgetOptions, SpeedOptions, MacTarget, PassOptions):
     """The keywords of `prune` and `prune_with_report`, in their order: `heads`, the pass's
     options (`slimgraph.passes.prune.PruneOptions`), `target_macs`, then the budget
     (`BudgetOptions`). `ratio` may be left out when `target_macs` or `layer_ratios` gives the
@@ -89,6 +91,17 @@ class PruneOptions(BudgetOptions, MacTarget, PassOptions):
 
     ratio: float | None = None
     heads: float | None = None
+    round_to: int | Literal["auto"] | None = "auto"  # type: ignore[assignment]
+
+    @property
+    def rounding(self) -> int | None:
+        """The multiple kept channel counts are rounded to: `round_to`, or with "auto" the one
+        convolutions run fast at here (`runtime.speed_guard.channel_multiple`: 16 with AVX-512,
+        else 8); None for unstructured pruning, and "auto" gives None with `target_macs` (the
+        allocation reaches its target with the counts it measured)."""
+        if self.unstructured or (self.round_to == "auto" and self.target_macs is not None):
+            return None
+        return channel_multiple() if self.round_to == "auto" else self.round_to
 
     @property
     def channels(self) -> bool:
@@ -120,6 +133,7 @@ class PruneOptions(BudgetOptions, MacTarget, PassOptions):
     def pass_options(self, **changes: object) -> PassOptions:
         """The pass's part (what `PrunePass` takes), with `changes` applied."""
         own = {field.name: getattr(self, field.name) for field in dataclasses.fields(PassOptions)}
+        own["round_to"] = self.rounding
         return PassOptions(**{**own, **changes})  # type: ignore[arg-type]
 
 
@@ -154,7 +168,9 @@ def prune_with_report(
         >>> report.layers[0].kept  # doctest: +SKIP
         (0, 2, 3, 5)
     """
-    return _prune(model, options)
+    pruned, report = _prune(model, options)
+    report.speed = options.guard(as_model(model), pruned)
+    return pruned, report
 
 
 def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneReport]:
@@ -249,13 +265,24 @@ def _prune_channels(model: ir.Model, options: PruneOptions) -> tuple[ir.Model, P
                                         macs=("target_macs=", "--target-macs"),
                                         data=("data=", "--data VAL.npz"))
         measured = PassOptions(
-            ratio=None, criterion=options.criterion, round_to=options.round_to, pad=options.pad,
+            ratio=None, criterion=options.criterion, round_to=options.rounding, pad=options.pad,
             exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
         )
         layer_ratios = allocate_prune_ratios(
             model, options.data, options.target_macs, metric=options.metric, options=measured,
         ).ratios
-    result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
+    try:
+        result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
+    except BadOptionError:
+        if options.round_to != "auto":
+            raise
+        # rounded to the fast multiple, every group would keep all its channels (groups of a
+        # small model): the counts as asked instead, as with round_to=1
+        result = PrunePass(options.pass_options(layer_ratios=layer_ratios, round_to=None))(model)
+        assert isinstance(result, PruneResult) and result.report is not None
+        result.report.notes.append(
+            f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, no "
+            "group would lose a channel")
     assert isinstance(result, PruneResult) and result.report is not None
     return result.model, result.report
 
@@ -288,7 +315,12 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
             (BatchNorm |gamma|), "random" (seeded by `seed`).
         scope: "local" (the same ratio in every group) or "global" (one threshold over scores
             normalized per group).
-        round_to: keep a multiple of this many channels per group (at least this many).
+        round_to: keep a multiple of this many channels per group (at least this many; a
+            group of fewer keeps all). "auto" (the default): the multiple onnxruntime's CPU
+            convolutions run fast at here (16 with AVX-512, else 8; odd counts lose its blocked
+            kernels and can make a pruned model slower than its input); when that rounding
+            would leave every group whole, the counts are not rounded (a note says so). 1 or
+            None: exactly the ratio's counts.
         pad: scatter pruned tensors back to full size (zeros at the removed positions) where an
             inner consumer needs the full width (an excluded or unsupported op), so more groups
             can shrink. It never pads a graph output that is not in `prune_outputs`.
@@ -309,6 +341,11 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
         budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that
             misses it raises `VerificationError`.
         metric: a user `Metric` instead of top-1 accuracy.
+        speed_check, allow_slower, speed_batches: the speed guard (`SpeedOptions`; off by
+            default in Python): time the result against `model` on onnxruntime at batch 1 and
+            64 (or `speed_batches`) and raise `VerificationError` when it is slower beyond
+            noise, unless `allow_slower`; `prune_with_report`'s `report.speed` holds the
+            figures.
         options: a `PruneOptions` instead of (or under) the keywords.
 
     Returns:
@@ -317,19 +354,22 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
     Raises:
         BadOptionError: an option is out of range, an `exclude` pattern matches nothing, a
             `prune_outputs` name is not a graph output, or the options remove no channel at all
-            (for example `round_to` at least as large as every group) or no head (`heads` too
-            small for every block), a budget without data.
+            (for example a given `round_to` at least as large as every group) or no head
+            (`heads` too small for every block), a budget without data.
         UnsupportedModelError: no channel group can shrink, or with `heads` no attention block
             is found or none can lose a head (the reasons are named).
         ModelLoadError: `model` is a path that cannot be loaded.
-        VerificationError: the pruned model misses the budget (measured figure in the message).
+        VerificationError: the pruned model misses the budget (measured figure in the message),
+            or runs slower than `model` with `speed_check` (the figures in the message).
         TypeError: an unknown keyword, or `options` that is not a `PruneOptions`.
 
     Example:
         >>> pruned = prune("model.onnx", ratio=0.5, round_to=8)  # doctest: +SKIP
         >>> pruned = prune("bert.onnx", heads=0.5, ratio=0.3)  # doctest: +SKIP
     """
-    return _prune(model, options)[0]
+    pruned = _prune(model, options)[0]
+    options.guard(as_model(model), pruned)
+    return pruned
 
 
 class PruneUnits:

@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from slimgraph.api._options import BudgetOptions, takes_options
+from slimgraph.api._options import BudgetOptions, SpeedOptions, takes_options
 from slimgraph.api.budget import BudgetSearch, Unit, search_units
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model, layer_name, metadata
@@ -35,6 +35,7 @@ from slimgraph.passes.quantize.static import StaticSession
 from slimgraph.runtime.budget import BudgetJudge
 from slimgraph.runtime.calibrate import CalibrationData
 from slimgraph.runtime.metrics import Evaluation
+from slimgraph.runtime.speed_guard import SpeedCheck
 
 __all__ = [
     "QuantizeOptions",
@@ -53,7 +54,7 @@ PROXY_ROWS = 8  # calibration rows the budget search's SQNR ranking is measured 
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions):
+class QuantizeOptions(pass_options.QuantizeOptions, BudgetOptions, SpeedOptions):
     """Everything `quantize` takes besides the model and calibration data: `QuantizePass`'s
     options (`slimgraph.passes.quantize.options.QuantizeOptions`) and the accuracy budget
     (`BudgetOptions`). Each field is described on `quantize`.
@@ -92,6 +93,7 @@ class QuantizeReport:
             scored best).
         fallback: the precision of the layers the budget kept out of int8 and why (static
             mode under a budget), else None.
+        speed: the speed guard's figures with `speed_check=True`, else None.
     """
 
     mode: str
@@ -101,6 +103,7 @@ class QuantizeReport:
     budget: BudgetSearch | None = None
     smooth_quant_alpha: float | None = None
     fallback: FallbackChoice | None = None
+    speed: SpeedCheck | None = None
 
     @property
     def evaluation(self) -> Evaluation | None:
@@ -152,7 +155,10 @@ def quantize_with_report(
 
     Raises: as for `quantize`.
     """
-    return _quantize(as_model(model), calibration, options)
+    model = as_model(model)
+    quantized, report = _quantize(model, calibration, options)
+    report.speed = options.guard(model, quantized)
+    return quantized, report
 
 
 @takes_options(QuantizeOptions, order=_ORDER)
@@ -245,6 +251,11 @@ def quantize(
             or "adaquant" (weights, scales and biases learned against the same loss; Hubara et
             al., 2021), layer by layer on `calibration` through the torch backend
             (`passes.quantize.adaround`); both need calibration data and torch.
+        speed_check, allow_slower, speed_batches: the speed guard (`SpeedOptions`; off by
+            default in Python): time the result against `model` on onnxruntime at batch 1 and
+            64 (or `speed_batches`) and raise `VerificationError` when it is slower beyond
+            noise, unless `allow_slower`; `quantize_with_report`'s `report.speed` holds the
+            figures.
         options: a `QuantizeOptions` instead of (or under) the keywords.
 
     Returns:
@@ -265,7 +276,8 @@ def quantize(
             --no-verify for dynamic and weight-only).
         VerificationError: the float model prepared for quantization (constants and BatchNorm
             folded) no longer matches the input model, or the result misses the accuracy budget
-            (the measured figure is in the message).
+            (the measured figure is in the message), or runs slower than the input with
+            `speed_check` (the figures in the message).
         ModelLoadError: `model` is a path that cannot be loaded.
         TypeError: an unknown keyword, or `options` that is not a `QuantizeOptions`.
 
@@ -276,7 +288,10 @@ def quantize(
         ... # doctest: +SKIP
         >>> print(report.tensors.summary())  # doctest: +SKIP
     """
-    return _quantize(as_model(model), calibration, options)[0]
+    model = as_model(model)
+    quantized = _quantize(model, calibration, options)[0]
+    options.guard(model, quantized)
+    return quantized
 
 
 def _quantize(

@@ -1,13 +1,16 @@
 """What the commands share: their common arguments and the run of a command that rewrites a model.
 
-The MODEL/OUT arguments, `--json`, and the run of quantize, prune, factorize and optimize.
+The MODEL/OUT arguments, `--json`, the speed guard's options, and the run of quantize, prune,
+factorize and optimize.
 
 `Compression` is that run, in one place: refuse to write over the input, check `--report DIR`,
 load MODEL, build the accuracy-budget judge (`budget_args`), then, once the command has made its
-model, write OUT atomically, print the text (or one JSON object with `--json`) and write the
-report, whose "before/after" figures (size, parameters, MACs) it measures itself. A command that
-fails after writing OUT (its --data turns out not to fit, say) leaves no OUT behind: the command
-line runs every command inside `outputs_removed_on_failure`.
+model, time it against MODEL (the speed guard, `runtime.speed_guard`: a result slower beyond
+noise is refused, exit 1, unless `--allow-slower`), write OUT atomically, print the text (or one
+JSON object with `--json`) and write the report, whose "before/after" figures (size, parameters,
+MACs, and the speed check's latency ratios) it measures itself. A command that fails after
+writing OUT (its --data turns out not to fit, say) leaves no OUT behind: the command line runs
+every command inside `outputs_removed_on_failure`.
 
 Example:
     >>> def run(args):  # doctest: +SKIP
@@ -29,9 +32,10 @@ import onnx_ir as ir
 
 import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
-from slimgraph.errors import OutputPathError
+from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import Budget
 from slimgraph.runtime.metrics import Evaluation, LabelledData, load_data
+from slimgraph.runtime.speed_guard import SpeedCheck, guard_batches, speed_guard
 from slimgraph.tools.budget_args import describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     before_after,
@@ -44,6 +48,7 @@ from slimgraph.tools.report import (
 __all__ = [
     "add_model_arguments",
     "add_json_option",
+    "add_speed_arguments",
     "print_result",
     "output_paths",
     "Compression",
@@ -67,6 +72,24 @@ def add_model_arguments(
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """Add `--json`: print one JSON object instead of the text."""
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser, *, batch: bool = True) -> None:
+    """Add the speed guard's options: `--allow-slower`, `--no-speed-check` and (with `batch`;
+    a command with a `--batch` of its own passes False and the guard reads that one) `--batch N`.
+    """
+    group = parser.add_argument_group("speed check (the output timed against MODEL on "
+                                      "onnxruntime before it is written)")
+    if batch:
+        group.add_argument("--batch", type=int, default=None, metavar="N",
+                           help="the batch size the speed check times at (default 1 and 64)")
+    else:  # the command's own --batch means more: the guard times at it only where it can
+        parser.set_defaults(batch_shared=True)
+    group.add_argument("--allow-slower", dest="allow_slower", action="store_true",
+                       help="write the output even when it runs slower than MODEL beyond noise "
+                       "(the figures are printed)")
+    group.add_argument("--no-speed-check", dest="speed_check", action="store_false",
+                       help="do not time the output against MODEL (a few seconds)")
 
 
 def print_result(args: argparse.Namespace, data: object, text: str) -> int:
@@ -160,6 +183,15 @@ class Compression:
         # --data is checked against MODEL now, before the command spends time compressing
         self._data = (None if not getattr(args, "data", None) or self.judge is not None
                       else load_data(args.data, self.model, labels=args.labels))
+        self.speed: SpeedCheck | None = None
+        self.speed_batch: int | None = getattr(args, "batch", None)
+        if getattr(args, "speed_check", False):
+            try:  # a bad --batch fails here, before any work
+                guard_batches(self.model, self.speed_batch)
+            except BadOptionError:
+                if not getattr(args, "batch_shared", False):
+                    raise
+                self.speed_batch = None  # quantize's --batch on a model with a fixed batch
 
     @property
     def budget(self) -> Budget | None:
@@ -180,7 +212,16 @@ class Compression:
         return self._data
 
     def write(self, result: ir.Model) -> None:
-        """Write `result` to OUT (atomically)."""
+        """Time `result` against MODEL (unless `--no-speed-check`), then write it to OUT
+        (atomically).
+
+        Raises:
+            VerificationError: `result` is slower than MODEL beyond noise, without
+                `--allow-slower`; nothing is written.
+        """
+        if getattr(self.args, "speed_check", False):
+            self.speed = speed_guard(self.model, result, batches=self.speed_batch,
+                                     allow_slower=self.args.allow_slower)  # fmt: skip
         sg_ir.save(result, self.target)
         _WRITTEN.append(self.target)
         self.result = result
@@ -192,12 +233,19 @@ class Compression:
         page: Callable[[Figures], dict[str, object]] | None = None,
     ) -> int:
         """Write `--report DIR` (the page built from the before/after figures), print `text`
-        or `data` as JSON; returns the exit code 0."""
+        or `data` as JSON; returns the exit code 0. The speed check's figures are added to all
+        three (`speed_check` in the JSON, one line of text, a summary figure and a table)."""
+        if self.speed is not None:
+            data["speed_check"] = self.speed.to_dict()
+            text = f"{text}\n{self.speed.line()}"
         if self.report_dir is not None and page is not None:
             after = self.model if self.result is None else self.result
             figures = before_after(model_figures(self.model, self.source),
                                    model_figures(after, self.target))  # fmt: skip
-            write_report(self.report_dir, page(figures), text=text)
+            content = page(figures)
+            if self.speed is not None:
+                _add_speed(content, self.speed)
+            write_report(self.report_dir, content, text=text)
         return print_result(self.args, data, text)
 
     def budget_lines(self, evaluation: Evaluation | None, search: Any = None) -> list[str]:
@@ -222,3 +270,12 @@ class Compression:
         return {"title": f"{title} {self.source.name}", "command": command_line(self.args),
                 "summary": summary, "plots": list(plots), "tables": list(tables),
                 "result": result}
+
+
+def _add_speed(page: dict[str, Any], speed: SpeedCheck) -> None:
+    """The speed check in a `--report` page: a summary figure per batch and the table."""
+    summary = page.setdefault("summary", {})
+    for b in speed.batches:
+        summary[f"latency at batch {b.batch}"] = f"{b.ratio:.2f}x ({b.low:.2f}-{b.high:.2f})"
+    page.setdefault("tables", []).append(speed.table())
+    page.setdefault("notes", []).append(speed.line())

@@ -15,7 +15,13 @@ from slimgraph.api.factorize import factorize_with_report
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.lowrank import FactorizeReport
 from slimgraph.runtime import iter_batches
-from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools._common import (
+    Compression,
+    Figures,
+    add_json_option,
+    add_model_arguments,
+    add_speed_arguments,
+)
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -61,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_option(parser)
     add_report_option(parser, "per-layer ranks, size, parameters and MACs before/after")
     add_budget_arguments(parser, data=False)
+    add_speed_arguments(parser)
     parser.set_defaults(handler=run)
 
 

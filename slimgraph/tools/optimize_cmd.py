@@ -17,7 +17,7 @@ from slimgraph.api.optimize import optimize_report
 from slimgraph.errors import BadOptionError
 from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count
 from slimgraph.runtime.metrics import load_data
-from slimgraph.tools._common import Compression, Figures, add_json_option
+from slimgraph.tools._common import Compression, Figures, add_json_option, add_speed_arguments
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import add_report_option, command_line
 
@@ -72,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_report_option(parser, "what each pass did: time, nodes, fidelity")
     add_json_option(parser)
     add_budget_arguments(parser, data=False)
+    add_speed_arguments(parser)
     parser.set_defaults(handler=run)
 
 

@@ -27,13 +27,20 @@ from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
 from slimgraph.passes.quantize.adaround import ROUNDINGS, WEIGHT_BITS
 from slimgraph.passes.quantize.fallback import FALLBACKS, check_fallback
+from slimgraph.passes.quantize.float_fallback import dynamic_note
 from slimgraph.passes.quantize.report import QuantReport
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
 from slimgraph.runtime.torch_backend import zero_shot_calibration
-from slimgraph.tools._common import Compression, Figures, add_json_option, add_model_arguments
+from slimgraph.tools._common import (
+    Compression,
+    Figures,
+    add_json_option,
+    add_model_arguments,
+    add_speed_arguments,
+)
 from slimgraph.tools.budget_args import add_budget_arguments
 from slimgraph.tools.report import MAX_BARS, add_report_option
 
@@ -135,15 +142,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default; --no-act-order: in order)")
     parser.add_argument("--batch", type=int, default=None,
                         help="calibration rows per run (default 32); --bits auto: the batch "
-                        "the layers are timed at (default 1)")
+                        "the layers are timed at (default 1); the batch the speed check times "
+                        "at (default 1 and 64)")
     parser.add_argument("--seq", type=int, default=None,
                         help="--bits auto: the sequence length the layers are timed at "
                         "(default: the export's example length, else 1)")
+    parser.add_argument("--no-float-fallback", dest="float_fallback", action="store_false",
+                        help="static: quantize every layer, even those whose int8 form is "
+                        "timed slower than float here (by default they stay float)")
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(parser)
     add_report_option(parser, "per-tensor SQNR, size before and after")
     add_budget_arguments(parser)
+    add_speed_arguments(parser, batch=False)
     parser.set_defaults(handler=run)
 
 
@@ -223,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         weight_bits=args.weight_bits,
         round=args.round,
+        float_fallback=args.float_fallback,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
@@ -253,6 +266,14 @@ def run(args: argparse.Namespace) -> int:
         lines.append(chosen.summary())
     if report is not None:
         lines.append(report.summary(top=args.top))
+    fallback = quantized.meta.get(metadata.FLOAT_FALLBACK)
+    if fallback is not None:
+        out["float_fallback"] = fallback.to_dict()
+        lines.append(fallback.summary())
+    note = dynamic_note(job.model) if mode == "dynamic" and args.mode is None else None
+    if note is not None:
+        out["note"] = note
+        lines.append(note)
     if fidelity is not None and (report is None or args.data):
         lines += _fidelity_lines(fidelity)
     elif fidelity is None:

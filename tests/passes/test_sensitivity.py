@@ -105,12 +105,12 @@ def test_prune_to_a_mac_target_beats_the_uniform_ratio(model, data, tmp_path, ca
     low, high = 0.0, 0.9
     for _ in range(7):
         middle = (low + high) / 2
-        _, uniform_report = prune_with_report(model, ratio=middle)
+        _, uniform_report = prune_with_report(model, ratio=middle, round_to=1)
         if uniform_report.macs_after / uniform_report.macs_before >= macs:
             low = middle
         else:
             high = middle
-    uniform, uniform_report = prune_with_report(model, ratio=low)
+    uniform, uniform_report = prune_with_report(model, ratio=low, round_to=1)
     assert uniform_report.macs_after / uniform_report.macs_before >= macs
     theirs = evaluate(uniform, data, reference=model)
     assert ours.cosine > theirs.cosine

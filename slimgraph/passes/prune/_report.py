@@ -15,6 +15,7 @@ from slimgraph.passes.transformer.heads import HeadReport
 
 if TYPE_CHECKING:
     from slimgraph.runtime.metrics import Evaluation
+    from slimgraph.runtime.speed_guard import SpeedCheck
 
 __all__ = [
     "UNSTRUCTURED_NOTE",
@@ -105,6 +106,7 @@ class PruneReport:
     heads: list[HeadReport] = dataclasses.field(default_factory=list)
     heads_skipped: list[Skipped] = dataclasses.field(default_factory=list)
     mac_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    speed: SpeedCheck | None = None  # the speed guard's figures (`prune(..., speed_check=True)`)
 
     @property
     def channels(self) -> bool:

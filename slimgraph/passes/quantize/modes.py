@@ -27,6 +27,7 @@ from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.quantize.adaround import check_rounding
 from slimgraph.passes.quantize.bias_correction import NO_CALIBRATION
 from slimgraph.passes.quantize.dynamic import quantize_dynamic
+from slimgraph.passes.quantize.float_fallback import slow_layers
 from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
 from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
 from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
@@ -120,7 +121,14 @@ def _quantize(
         if smooth_quant is not None and smooth_quant is not False:
             return _finish(smooth_and_quantize(session, smooth_quant, report=options.report,
                                                fmt=options.fmt))
-        return _finish(session.build(report=options.report, fmt=options.fmt))
+        if not options.float_fallback:
+            return _finish(session.build(report=options.report, fmt=options.fmt))
+        fallback = slow_layers(session.prepared, session.plan().nodes, batch=options.auto_batch,
+                               activation_dtype=options.activation_dtype)
+        quantized = _finish(session.build(fallback.kept_float, report=options.report,
+                                          fmt=options.fmt))
+        quantized.meta[metadata.FLOAT_FALLBACK] = fallback
+        return quantized
     if options.bias_correction:  # needs the calibration data static mode has
         raise BadOptionError.worded(NO_CALIBRATION if calibration is None else
                                     "{bias} applies to static quantization, not to {mode} mode",

@@ -48,7 +48,7 @@ def _ffn_rows(report: sg.passes.prune.PruneReport, name: str) -> list[tuple[int,
 @pytest.mark.parametrize("name", MODELS)
 def test_prune_hf_shrinks_ffn_channels(name: str) -> None:
     model = hf_model(name)
-    pruned, report = prune_with_report(model, ratio=0.3)
+    pruned, report = prune_with_report(model, ratio=0.3, round_to=1)
     ffn = _ffn_rows(report, name)
     assert len(ffn) >= 2 and set(ffn) == {(FFN, KEPT)}  # every layer's FFN, none left out
     assert report.params_after < report.params_before
@@ -66,13 +66,13 @@ def test_prune_hf_shrinks_ffn_channels(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_prune_hf_exact_on_zeroed_channels(name: str) -> None:
     zeroed, _, count = zero_channels(hf_model(name), 0.3, pad=False, seed=1)
-    pruned, report = prune_with_report(zeroed, ratio=0.3)
+    pruned, report = prune_with_report(zeroed, ratio=0.3, round_to=1)
     assert sum(g.channels - g.kept for g in report.groups) == count > 0
     assert_same_outputs(zeroed, pruned, hf_feeds(zeroed, batch=2, seed=4))
 
 
 def test_prune_gpt2_follows_the_packed_qkv_split_to_the_heads() -> None:
-    _, report = prune_with_report(hf_model("gpt2"), ratio=0.3)
+    _, report = prune_with_report(hf_model("gpt2"), ratio=0.3, round_to=1)
     heads = {("h.0.attn.c_attn",), ("h.1.attn.c_attn",)}
     qkv = [g for g in report.groups if g.producers in heads]
     assert len(qkv) == 2
@@ -90,7 +90,7 @@ def test_prune_gpt2_follows_the_packed_qkv_split_to_the_heads() -> None:
     ],
 )
 def test_prune_hf_audio_front_convs(name: str, conv: str, channels: int) -> None:
-    _, report = prune_with_report(hf_model(name), ratio=0.3)
+    _, report = prune_with_report(hf_model(name), ratio=0.3, round_to=1)
     (row,) = [layer for layer in report.layers if layer.layer == conv]
     assert (row.before, row.after) == (channels, kept_count(channels, 0.3))
 
@@ -98,7 +98,7 @@ def test_prune_hf_audio_front_convs(name: str, conv: str, channels: int) -> None
 def test_prune_albert_keeps_shared_weights_shared() -> None:
     model = hf_model("albert")
     ffn_weight = "encoder.albert_layer_groups.0.albert_layers.0.ffn.weight"
-    pruned, report = prune_with_report(model, ratio=0.3)
+    pruned, report = prune_with_report(model, ratio=0.3, round_to=1)
     # one FFN group for both layers (both producers read the one weight), one kept set
     (group,) = [g for g in report.groups if g.channels == FFN]
     assert (group.kept, group.producers) == (KEPT, (ffn_weight.removesuffix(".weight"),))
@@ -131,7 +131,8 @@ def test_prune_reported_macs_equal_inspect(name: str, tmp_path: Path, capsys) ->
     model = exported_model(name) if name == "resnet" else hf_model(name)
     source, target = tmp_path / "model.onnx", tmp_path / "pruned.onnx"
     sg.save(model, source)
-    assert main(["prune", str(source), "-o", str(target), "--ratio", "0.3", "--json"]) == 0
+    assert main(["prune", str(source), "-o", str(target), "--ratio", "0.3", "--round-to", "1",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     figures = []
     for path in (source, target):
