@@ -36,7 +36,7 @@ import slimgraph.ir as sg_ir
 from slimgraph._tables import format_metric, format_ratio
 from slimgraph.api._options import takes_options
 from slimgraph.api.auto_plan import Stage, matmul_rows, plan
-from slimgraph.api.sweep import CandidateResult, SweepResult, pareto_flags, sweep
+from slimgraph.api.sweep import CandidateResult, SweepResult, _client, pareto_flags, sweep
 from slimgraph.errors import BadOptionError, SlimgraphError
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
@@ -230,7 +230,8 @@ def auto(
         min_cosine: lowest worst-output cosine to the input model.
         train: training .npz (inputs + labels) for distillation after pruning and low-rank.
         batch: rows of `data` per timed run (give the batch the model is served at).
-        time_budget: minutes; no grid is launched after this much time (running ones finish).
+        time_budget: minutes; no grid is launched after this much time (the first always runs,
+            a running one finishes).
         epochs: distillation epochs per candidate.
         workers: dask worker processes (default min(4, cores)).
         labels: the labels key of `data` and `train`.
@@ -295,16 +296,20 @@ def _auto(
                   epochs=options.epochs)
     metric = "cosine" if options.min_cosine is not None else "accuracy"
     result = AutoResult([], metric, 0.0, "", {}, options.batch)
-    with tempfile.TemporaryDirectory(prefix="slimgraph-auto-") as scratch:
+    # One local cluster for every grid (each sweep connects to it: no start-up per grid).
+    client, cluster, where = _client(None, options.workers, 30.0)
+    client.close()
+    with tempfile.TemporaryDirectory(prefix="slimgraph-auto-") as scratch, cluster:
         for index, stage in enumerate(stages):
             minutes = (time.perf_counter() - start) / 60
-            if options.time_budget is not None and minutes >= options.time_budget:
+            if index and options.time_budget is not None and minutes >= options.time_budget:
                 result.skipped += [s.name for s in stages[index:]]
                 logger.warning("time budget of %g min reached after %.1f min: %s not tried",
                                options.time_budget, minutes, ", ".join(result.skipped))
                 break
             _run_stage(result, stage, source, data, calibration, Path(scratch) / str(index),
-                       options)
+                       options, cluster.scheduler_address)
+        result.cluster = where
         result.threshold, result.budget = _threshold(result, options)
         _mark_fronts(result.candidates)
         result.seconds = time.perf_counter() - start
@@ -326,16 +331,17 @@ def _run_stage(
     calibration: str,
     scratch: Path,
     options: AutoOptions,
+    scheduler: str,
 ) -> None:
     """One grid on dask (sweep); its candidates join `result`, renumbered, files kept in
     `scratch` (the sweep keeps every model on one of its fronts; the winner is always one)."""
     logger.info("auto: %s (%s)", stage.name, stage.grid)
     swept = sweep(source, stage.grid, data, calibration=calibration, out=scratch,
-                  workers=options.workers, labels=options.labels, rounds=SEARCH_ROUNDS,
+                  scheduler=scheduler, labels=options.labels, rounds=SEARCH_ROUNDS,
                   batch=options.batch, progress=options.progress)
     result.stages.append(stage.name)
     result.notes += list(stage.notes)
-    result.baseline, result.cluster = dict(swept.baseline), swept.cluster
+    result.baseline = dict(swept.baseline)
     if result.metric_name == "cosine":  # the input model against itself
         result.baseline.update(metric_name="cosine", metric=1.0)
     for record in swept.candidates:

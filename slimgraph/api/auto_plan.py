@@ -20,7 +20,8 @@ Sensitive layers are not excluded by name: the prune pass leaves a model's outpu
 groups it cannot prune exactly whole, and distillation recovers the rest; the budget then judges
 every candidate on the validation data. Each grid is one `sweep` (a dask.distributed cluster,
 candidates in parallel, latency measured side by side afterwards); the grids run in order, most
-promising first, so a time budget that stops the search early keeps the likeliest winners.
+promising first (with training data pruning + distillation, without it precision alone), so a
+time budget that stops the search early keeps the likeliest winners.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def _general_plan(*, train: str | None, calibration: bool, epochs: int) -> list[
     pruned["quantize"] = ["none", *int8]
     stages.append(Stage("channel pruning" + (" + distillation" if train else ""), pruned,
                         needs_calibration=calibration))
-    stages.append(Stage("precision alone", {"quantize": ["dynamic", *int8]},
-                        needs_calibration=calibration))
+    precision = Stage("precision alone", {"quantize": ["dynamic", *int8]},
+                      needs_calibration=calibration)
+    # without training data precision is the likelier winner: it runs first
+    stages.insert(1 if train else 0, precision)
     if train:
         stages.append(Stage("low-rank + distillation", {
             "factorize": [RANK_RATIO], "finetune": {"epochs": [epochs], "data": train},
