@@ -36,7 +36,7 @@ import slimgraph.ir as sg_ir
 from slimgraph._tables import format_metric, format_ratio
 from slimgraph.api._options import takes_options
 from slimgraph.api.auto_plan import Stage, matmul_rows, plan
-from slimgraph.api.sweep import CandidateResult, SweepResult, _client, pareto_flags, sweep
+from slimgraph.api.sweep import CandidateResult, SweepResult, pareto_flags, sweep
 from slimgraph.errors import BadOptionError, SlimgraphError
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
@@ -296,10 +296,7 @@ def _auto(
                   epochs=options.epochs)
     metric = "cosine" if options.min_cosine is not None else "accuracy"
     result = AutoResult([], metric, 0.0, "", {}, options.batch)
-    # One local cluster for every grid (each sweep connects to it: no start-up per grid).
-    client, cluster, where = _client(None, options.workers, 30.0)
-    client.close()
-    with tempfile.TemporaryDirectory(prefix="slimgraph-auto-") as scratch, cluster:
+    with tempfile.TemporaryDirectory(prefix="slimgraph-auto-") as scratch:
         for index, stage in enumerate(stages):
             minutes = (time.perf_counter() - start) / 60
             if index and options.time_budget is not None and minutes >= options.time_budget:
@@ -308,18 +305,17 @@ def _auto(
                                options.time_budget, minutes, ", ".join(result.skipped))
                 break
             _run_stage(result, stage, source, data, calibration, Path(scratch) / str(index),
-                       options, cluster.scheduler_address)
-        result.cluster = where
+                       options)
         result.threshold, result.budget = _threshold(result, options)
         _mark_fronts(result.candidates)
         result.seconds = time.perf_counter() - start
         winner = _choose(result, source, feed, options)
         result.seconds = time.perf_counter() - start
-        if winner is None:
-            raise BudgetNotMetError(_unmet(result), result)
-        path = result.candidates[winner].path
-        assert path is not None
-        chosen = sg_ir.load(path)
+        chosen = None if winner is None else sg_ir.load(str(result.candidates[winner].path))
+        for record in result.candidates:
+            record.path = None  # the scratch folder goes now
+    if chosen is None:
+        raise BudgetNotMetError(_unmet(result), result)
     return chosen, result
 
 
@@ -331,17 +327,16 @@ def _run_stage(
     calibration: str,
     scratch: Path,
     options: AutoOptions,
-    scheduler: str,
 ) -> None:
     """One grid on dask (sweep); its candidates join `result`, renumbered, files kept in
     `scratch` (the sweep keeps every model on one of its fronts; the winner is always one)."""
     logger.info("auto: %s (%s)", stage.name, stage.grid)
     swept = sweep(source, stage.grid, data, calibration=calibration, out=scratch,
-                  scheduler=scheduler, labels=options.labels, rounds=SEARCH_ROUNDS,
+                  workers=options.workers, labels=options.labels, rounds=SEARCH_ROUNDS,
                   batch=options.batch, progress=options.progress)
     result.stages.append(stage.name)
     result.notes += list(stage.notes)
-    result.baseline = dict(swept.baseline)
+    result.baseline, result.cluster = dict(swept.baseline), swept.cluster
     if result.metric_name == "cosine":  # the input model against itself
         result.baseline.update(metric_name="cosine", metric=1.0)
     for record in swept.candidates:

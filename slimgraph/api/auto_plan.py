@@ -113,7 +113,7 @@ def plan(
 
 
 def _transformer_plan(rows: int) -> list[Stage]:
-    quantize: list[Any] = ["none", {"mode": "dynamic", "transformer": False}]
+    quantize: list[Any] = ["dynamic"]  # the pipeline's dynamic int8: no fusions of its own
     notes = []
     if rows < INT4_MAX_ROWS:
         quantize.append("int4")
