@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,16 +49,25 @@ DATA = ROOT / "slimgraph" / "data"
 SEQ, VOCAB = 128, 1000
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of finished child processes and the ones they waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _auto(model: Path, out: Path, *extra: str) -> float:
     """Run `slimgraph auto` as a user would; returns its wall time in seconds."""
     command = [sys.executable, "-m", "slimgraph.tools.cli", "auto", str(model), "-o", str(out),
                "--no-progress", *extra]
     print("  $ slimgraph " + " ".join(command[3:]), flush=True)
     start = time.perf_counter()
+    cpu = _children_cpu()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT),
                                "OMP_WAIT_POLICY": "PASSIVE"})
     seconds = time.perf_counter() - start
+    print(f"  wall {seconds / 60:.1f} min, CPU {(_children_cpu() - cpu) / 60:.1f} min (the "
+          "command and its dask workers)")
     print("  " + done.stdout.replace("\n", "\n  ").rstrip())
     if done.returncode != 0:
         print(f"  exit {done.returncode}: {done.stderr.strip()}")
