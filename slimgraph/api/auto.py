@@ -202,8 +202,19 @@ def auto_with_report(
     *,
     options: AutoOptions,
 ) -> tuple[ir.Model, AutoResult]:
-    """`auto`, also returning the search (`AutoResult`: every candidate, the fronts, the
-    winner). See `auto`."""
+    """Like `auto`, also returning the search.
+
+    Args: as for `auto`.
+
+    Returns:
+        (the winning model, `AutoResult`: every candidate with its figures, the fronts, the
+        winner, the grids run and the ones the time budget left out).
+
+    Raises: as for `auto`.
+
+    Example:
+        >>> fast, search = auto_with_report("cnn.onnx", "val.npz", min_cosine=0.99)  # doctest: +SKIP
+    """
     return _auto(model, data, options)
 
 
