@@ -213,7 +213,7 @@ def auto_with_report(
     Raises: as for `auto`.
 
     Example:
-        >>> fast, search = auto_with_report("cnn.onnx", "val.npz", min_cosine=0.99)  # doctest: +SKIP
+        >>> fast, search = auto_with_report("m.onnx", "val.npz", min_cosine=0.99)  # doctest: +SKIP
     """
     return _auto(model, data, options)
 
