@@ -9,8 +9,8 @@ Two runs of the command line, as a user types them, each timed by the wall clock
   given, on it after slimgraph's `lossless` preset (BatchNorm folded into the convolutions, which
   onnxruntime's quantizer does not do itself), and after onnxruntime's recommended
   pre-processing (`quant_pre_process`, where it runs: it fails on this export); the fastest at
-  batch 256 is the reference. Targets: the winner's accuracy on digits_test within 1 point of fp32, its latency
-  at most 0.5x of the reference's, the command under 15 minutes.
+  batch 256 is the reference. Targets: the winner's accuracy on digits_test within 1 point of
+  fp32, its latency at most 0.5x of the reference's, the command under 15 minutes.
 - encoder: a MiniLM-sized `BertModel` (6 layers, hidden 384, 12 heads, FFN 1536; seeded random
   weights from a config, nothing downloaded), exported with `sg.from_torch` (batch and sequence
   symbolic), 32 rows of 128 tokens with padded rows, no labels, `--min-cosine 0.995 --batch 8`.
