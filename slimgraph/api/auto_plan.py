@@ -8,7 +8,7 @@ The model's kind decides the candidates (`plan`):
   int4 weight-only where the timed batch gives each MatMul fewer than 8 rows (above that, int4's
   MatMulNBits is slower than int8 on onnxruntime's CPU kernels); with `--train`, head-free channel
   pruning is not tried (an encoder's hidden width is shared by every residual sum);
-- any other model: structured channel pruning at a few global ratios (0.3, 0.5, 0.7; kept
+- any other model: structured channel pruning at a few global ratios (0.5, 0.6, 0.7; kept
   counts rounded to multiples of 8, what runs fast on onnxruntime's kernels), with knowledge
   distillation from the input model on `--train` after pruning (without training data only the
   mildest ratio, whose loss the budget judges), each with and without static int8 (per-channel,
@@ -37,7 +37,7 @@ __all__ = ["Stage", "plan", "has_attention", "matmul_rows"]
 
 # Global channel-pruning ratios tried with training data (distillation recovers them), and
 # without (only a mild one: nothing recovers the loss).
-PRUNE_RATIOS_TRAINED = (0.3, 0.5, 0.7)
+PRUNE_RATIOS_TRAINED = (0.5, 0.6, 0.7)
 PRUNE_RATIOS_UNTRAINED = (0.3,)
 # Kept channel counts are multiples of this (onnxruntime's convolution and GEMM kernels run
 # vector widths of 8 floats; odd counts are slower than the unpruned layer).

@@ -45,7 +45,7 @@ def test_plan_follows_the_model_and_the_training_data() -> None:
     trained = plan(model, train="/t.npz", calibration=True, rows=16, epochs=3)
     assert [s.name for s in trained] == ["channel pruning + distillation", "precision alone",
                                          "low-rank + distillation"]
-    assert trained[0].grid == {"prune": {"ratio": [0.3, 0.5, 0.7], "round_to": 8},
+    assert trained[0].grid == {"prune": {"ratio": [0.5, 0.6, 0.7], "round_to": 8},
                                "finetune": {"epochs": [3], "data": "/t.npz"},
                                "quantize": ["none", "int8"]}
     untrained = plan(model, train=None, calibration=True, rows=16, epochs=3)
