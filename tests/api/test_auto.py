@@ -58,7 +58,6 @@ def test_rows_per_matmul() -> None:
     assert matmul_rows({"image": np.zeros((16, 1, 8, 8), np.float32)}) == 16
 
 
-@pytest.mark.slow  # a search on dask (tests/tools/test_auto_cmd.py runs the same one quickly)
 def test_budget_not_met_raises_with_the_search(tmp_path: Path) -> None:
     with pytest.raises(BudgetNotMetError) as caught:
         auto(DIGITS, DIGITS_TEST, min_cosine=1.0, batch=16, time_budget=0.01, workers=1,
