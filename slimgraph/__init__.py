@@ -29,6 +29,7 @@ from slimgraph.errors import (
 )
 
 if TYPE_CHECKING:
+    from slimgraph.api.auto import AutoOptions, AutoResult, auto, auto_with_report
     from slimgraph.api.budget import SensitivityTable, check_budget
     from slimgraph.api.factorize import FactorizeOptions, factorize, factorize_with_report
     from slimgraph.api.finetune import (
@@ -102,6 +103,10 @@ __all__ = [
     "sweep",
     "SweepOptions",
     "SweepResult",
+    "auto",
+    "auto_with_report",
+    "AutoOptions",
+    "AutoResult",
     "SlimgraphError",
     "BadInputError",
     "BadDataError",
@@ -142,6 +147,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("finetune", "finetune_with_report", "FinetuneOptions", "FinetuneReport"),
                     "slimgraph.api.finetune"),
     **dict.fromkeys(("sweep", "SweepOptions", "SweepResult"), "slimgraph.api.sweep"),
+    **dict.fromkeys(("auto", "auto_with_report", "AutoOptions", "AutoResult"),
+                    "slimgraph.api.auto"),
 }
 # Subpackages reachable as attributes (`sg.runtime.calibrated_ranges`) without importing them.
 _SUBPACKAGES = ("errors", "ir", "passes", "runtime", "api", "tools")

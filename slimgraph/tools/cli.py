@@ -41,6 +41,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "slimgraph.tools.sensitivity_cmd",
     "slimgraph.tools.finetune_cmd",
     "slimgraph.tools.sweep_cmd",
+    "slimgraph.tools.auto_cmd",
 )
 
 
