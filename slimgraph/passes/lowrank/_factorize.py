@@ -12,6 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
+from slimgraph.errors import BadOptionError
 from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
 from slimgraph.passes.base import Skipped
@@ -21,8 +22,10 @@ from slimgraph.passes.lowrank._base import (
     dims_from_feeds,
     measure_fidelity,
 )
+from slimgraph.passes.lowrank._cp import CPConv
 from slimgraph.passes.lowrank._linear import LowRankLinear
 from slimgraph.passes.lowrank._options import FactorizeOptions
+from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS
 from slimgraph.passes.lowrank._tucker import TuckerConv
 from slimgraph.runtime import Fidelity, iter_feeds
@@ -144,7 +147,15 @@ def factorize_layers(
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
         InvalidModelError: a weight holds NaN/Inf.
     """
-    policy = options.policy()
+    options.check_method()
+    if options.method == "cp" and options.pointwise_convs:
+        raise BadOptionError("--method cp splits KxK convs only: drop --pointwise-convs, or use "
+                             "--method tucker to split 1x1 convs by SVD")
+    ratios_only = bool(options.layer_ratios) and all(
+        getattr(options, name) is None for name in ("rank_ratio", "energy", "error_budget", "rank")
+    )
+    policy = RankPolicy(rank_ratio=1.0, allow_growth=options.allow_growth) if ratios_only else (
+        options.policy())
     layer_filter = options.layer_filter()
     samples = list(iter_feeds(options.feeds)) if options.feeds is not None else None
     work = copy_model(model)
@@ -161,6 +172,8 @@ def factorize_layers(
     macs_before = _total_macs(work, dims)  # the same folded model as params_before
     pass_options: dict[str, Any] = {
         **asdict(policy),  # rank_ratio, energy, error_budget, rank, allow_growth
+        **({"rank_ratio": None} if ratios_only else {}),
+        "layer_ratios": options.layer_ratios,
         "include": layer_filter.include,
         "exclude": layer_filter.exclude or None,
         "dims": dims,
@@ -169,13 +182,14 @@ def factorize_layers(
     layers: list[LayerReport] = []
     skipped: list[Skipped] = []
     linear_ops = tuple(op for op in layer_filter.op_types if op in ("Gemm", "MatMul"))
-    passes: list[LowRankLinear | TuckerConv] = []
+    passes: list[LowRankLinear | TuckerConv | CPConv] = []
     if linear_ops:
         passes.append(LowRankLinear(op_types=linear_ops, **pass_options))
-    if "Conv" in layer_filter.op_types:
-        passes.append(
-            TuckerConv(op_types=("Conv",), pointwise=options.pointwise_convs, **pass_options)
-        )
+    if "Conv" in layer_filter.op_types and options.method == "cp":
+        passes.append(CPConv(op_types=("Conv",), **pass_options))
+    elif "Conv" in layer_filter.op_types:
+        passes.append(TuckerConv(op_types=("Conv",), pointwise=options.pointwise_convs,
+                                 output_only=options.method == "svd", **pass_options))
     for factorization in passes:
         result = factorization(work)
         assert isinstance(result, LowRankResult)
@@ -202,6 +216,8 @@ def factorize_layers(
             "exclude": list(layer_filter.exclude),
             "op_types": list(layer_filter.op_types),
             "pointwise_convs": options.pointwise_convs,
+            "method": options.method,
+            "layer_ratios": dict(options.layer_ratios) if options.layer_ratios else None,
         },
     )
     work.meta[metadata.FACTORIZE_REPORT] = report
