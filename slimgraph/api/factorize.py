@@ -16,12 +16,14 @@ import onnx_ir as ir
 
 from slimgraph.api._options import BudgetOptions, takes_options
 from slimgraph.api.budget import BudgetSearch, Unit, search_units
-from slimgraph.errors import UnsupportedModelError
+from slimgraph.api.prune import _loss as allocation_loss
+from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.ir import ModelLike, as_model, metadata
 from slimgraph.ir.select import exact_pattern
 from slimgraph.passes.lowrank import FactorizeOptions as RuleOptions
 from slimgraph.passes.lowrank import FactorizeReport, factorize_layers
-from slimgraph.runtime.budget import BudgetJudge
+from slimgraph.passes.lowrank._allocate import RANK_GRID, allocate_ranks, allocated
+from slimgraph.runtime.budget import BudgetJudge, Evaluator, as_data
 
 __all__ = ["FactorizeOptions", "FactorizeUnits", "factorize", "factorize_with_report"]
 
@@ -32,13 +34,15 @@ _RULES = ("rank_ratio", "energy", "rank", "error_budget")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FactorizeOptions(RuleOptions, BudgetOptions):
     """The keywords of `factorize` and `factorize_with_report`: what to split and how
-    (`slimgraph.passes.lowrank.FactorizeOptions`) and the accuracy budget (`BudgetOptions`),
-    each described on `factorize`.
+    (`slimgraph.passes.lowrank.FactorizeOptions`), a MAC target and the accuracy budget
+    (`BudgetOptions`), each described on `factorize`.
 
     Example:
         >>> FactorizeOptions(rank_ratio=0.5, min_cosine=0.99).rule()["rank_ratio"]
         0.5
     """
+
+    target_macs: float | None = None
 
 
 @takes_options(FactorizeOptions)
@@ -113,10 +117,61 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
 
 
 def _factorize(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, FactorizeReport]:
+    options.check_method()
     judge = options.judge(model)
+    has_rule = any(getattr(options, key) is not None for key in _RULES) or bool(
+        options.layer_ratios)
+    if options.target_macs is not None:
+        if has_rule:
+            raise BadOptionError.worded(
+                "give {macs} or a rank rule ({rule}), not both: the target chooses the ranks",
+                macs=("target_macs=", "--target-macs"),
+                rule=("rank_ratio=, energy=, rank=, error_budget=",
+                      "--rank-ratio, --energy, --rank, --error-budget"))
+        if options.data is None:
+            raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
+                                        macs=("target_macs=", "--target-macs"),
+                                        data=("data=", "--data VAL.npz"))
+        return _factorize_allocated(model, options, judge)
     if judge is None:
         return factorize_layers(model, options)
+    if not has_rule:
+        return _factorize_allocated(model, options, judge)
     return _factorize_within_budget(model, options, judge)
+
+
+def _factorize_allocated(
+    model: ir.Model, options: FactorizeOptions, judge: BudgetJudge | None
+) -> tuple[ir.Model, FactorizeReport]:
+    """Ranks per layer from measured curves (`allocate_ranks`): the least loss at the MAC target,
+    or, under a budget alone, the most MACs saved that hold it; the budget checked at the end."""
+    scorer = judge if judge is not None else Evaluator(model, as_data(options.data, model),
+                                                      metric=options.metric)
+    rule = RuleOptions(**{**options.rule(), "feeds": None})
+
+    def accept(candidate: ir.Model) -> bool:
+        assert judge is not None
+        return judge.holds(judge.evaluate(candidate))
+
+    allocation = allocate_ranks(
+        model, rule, lambda candidate: allocation_loss(scorer, scorer(candidate)),
+        target_macs=options.target_macs, accept=None if options.target_macs else accept,
+    )
+    if not allocation.ratios:
+        assert judge is not None
+        raise VerificationError.worded(
+            "no rank allocation meets the accuracy budget on {source}: even one layer "
+            "factorized at rank ratio {ratio} misses {budget}; nothing written",
+            source=judge.data.source, ratio=f"{max(RANK_GRID):g}",
+            budget=judge.budget.describe())  # the largest ratio: the least loss measured
+    factorized, found = factorize_layers(
+        model, dataclasses.replace(allocated(options, allocation.ratios), feeds=options.feeds))
+    evaluation = None
+    if judge is not None:
+        evaluation = judge.check(factorized, what="the factorized model")
+    found = dataclasses.replace(found, evaluation=evaluation, allocation=allocation)
+    factorized.meta[metadata.FACTORIZE_REPORT] = found
+    return factorized, found
 
 
 def _factorize_within_budget(

@@ -12,8 +12,10 @@ of the height axis), 1 x Kw depthwise with D^T (the width axis), and 1x1 with A 
 original bias). The first conv has no bias, so zero padding commutes with it and the chain equals
 the conv whose weight is the CP reconstruction, exactly.
 
-Ranks: a fixed `rank`, `rank_ratio` of max(C_in, C_out), or "auto" (multiples of 16 that make the
-chain cheaper by the auto margin). The rank is clipped to `exact_rank(shape)`, the smallest
+Ranks: a fixed `rank`; `rank_ratio` of the cost-equal rank C_out C_in Kh Kw / (C_in + Kh + Kw +
+C_out), at which the chain holds as many parameters (and, at stride 1, costs as many MACs per
+position) as the conv, so that a ratio is about the share of the layer's cost kept; or "auto"
+(multiples of 16 that make the chain cheaper by the auto margin). The rank is clipped to `exact_rank(shape)`, the smallest
 product of three of the four mode sizes: at that rank the factors are written down exactly (one
 mode's unfolding against one-hot indicators of the other three), with no iteration.
 """
@@ -234,7 +236,7 @@ class CPConv(FactorizationPass):
             )
             self._rewrite(graph, layer, values, bias)
             return report
-        rank_or_reason = self._rank(c_in, c_out, limit, params_before, macs_before, cost)
+        rank_or_reason = self._rank(weight.shape, limit, params_before, macs_before, cost)
         if isinstance(rank_or_reason, str):
             return rank_or_reason
         rank = rank_or_reason
@@ -266,21 +268,24 @@ class CPConv(FactorizationPass):
         return report
 
     def _rank(
-        self, c_in: int, c_out: int, limit: int, params_before: int, macs_before: int | None,
+        self, shape: tuple[int, ...], limit: int, params_before: int, macs_before: int | None,
         cost: object,
     ) -> int | str:
         """The CP rank the policy asks for (clipped to the exact rank), or why there is none."""
         assert callable(cost)
+        c_out, c_in, kh, kw = shape
+        limit_params = c_out * c_in * kh * kw
         policy = self.policy
+        equal_rank = limit_params / (c_in + c_out + kh + kw)
         if policy.auto_only:
-            for rank in range(max(c_in, c_out) // AUTO_RANK_MULTIPLE * AUTO_RANK_MULTIPLE, 0,
+            for rank in range(int(equal_rank) // AUTO_RANK_MULTIPLE * AUTO_RANK_MULTIPLE, 0,
                               -AUTO_RANK_MULTIPLE):
                 params, macs = cost(min(rank, limit))
                 if self.gate(params_before, params, macs_before, macs) is None:
                     return min(rank, limit)
             return "auto: no rank makes this conv cheaper by the auto margin"
         if policy.rank_ratio is not None:
-            rank = max(1, math.floor(policy.rank_ratio * max(c_in, c_out) + 0.5))
+            rank = max(1, math.floor(policy.rank_ratio * equal_rank + 0.5))
         elif isinstance(policy.rank, int):
             rank = policy.rank
         else:  # energy / error_budget are refused in __init__

@@ -55,6 +55,7 @@ class FactorizeReport:
     options: dict[str, Any] = field(default_factory=dict)
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     budget_search: Any = None  # the `api.budget.BudgetSearch` (layers left whole, why)
+    allocation: Any = None  # the `RankAllocation` (ranks per layer), under a MAC target
 
     def __str__(self) -> str:
         """The per-layer table, totals, fidelity and skip reasons `slimgraph factorize` prints."""
@@ -97,6 +98,7 @@ class FactorizeReport:
         return {
             "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
             "budget": None if self.budget_search is None else self.budget_search.to_dict(),
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
             "options": self.options,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [
