@@ -57,6 +57,14 @@ class RankAllocation:
     saved: dict[tuple[str, float], int] = field(default_factory=dict)
     path: list[dict[str, float]] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for the terminal."""
+        nodes = {node for node, _ in self.loss}
+        goal = ("the accuracy budget" if self.target is None
+                else f"the MAC target {self.target:g}x")
+        return (f"ranks per layer: {len(self.ratios)} of {len(nodes)} layers factorized for "
+                f"{goal}, from {len(self.loss)} measurements (one layer at a time)")
+
     def to_dict(self) -> dict[str, object]:
         return {
             "ratios": self.ratios, "macs_ratio": self.macs_ratio, "target": self.target,

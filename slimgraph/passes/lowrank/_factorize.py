@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
 from slimgraph.passes.base import Skipped
@@ -81,6 +81,8 @@ class FactorizeReport:
                      f"({_ratio(self.macs_after, self.macs_before)})")
         if self.fidelity is not None:
             lines.append(f"outputs:    {self.fidelity.worst()}")
+        if self.allocation is not None:
+            lines.append(self.allocation.summary())
         if any(r.shared_with for r in self.layers):
             lines.append("* reuses the factors of a tied weight")
         reasons: dict[str, int] = {}
@@ -188,6 +190,10 @@ def factorize_layers(
     if linear_ops:
         passes.append(LowRankLinear(op_types=linear_ops, **pass_options))
     if "Conv" in layer_filter.op_types and options.method == "cp":
+        if not any(layer_filter.selects(node) and _spatial_kernel(node) for node in work.graph):
+            raise UnsupportedModelError(
+                "--method cp splits convolutions with a KxK kernel: the model has none "
+                "selected (no Conv whose weight is 4-D with a kernel larger than 1x1)")
         passes.append(CPConv(op_types=("Conv",), **pass_options))
     elif "Conv" in layer_filter.op_types:
         passes.append(TuckerConv(op_types=("Conv",), pointwise=options.pointwise_convs,
@@ -224,6 +230,16 @@ def factorize_layers(
     )
     work.meta[metadata.FACTORIZE_REPORT] = report
     return work, report
+
+
+def _spatial_kernel(node: ir.Node) -> bool:
+    """A Conv whose weight is a constant (C_out, C_in, Kh, Kw) with Kh x Kw > 1."""
+    if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    weight = node.inputs[1]
+    shape = weight.shape if weight.const_value is None else weight.const_value.shape
+    return shape is not None and len(shape) == 4 and all(
+        isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] > 1  # type: ignore[operator]
 
 
 def _total_macs(model: ir.Model, dims: Mapping[str, int]) -> int | None:
