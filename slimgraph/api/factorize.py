@@ -145,8 +145,11 @@ def _factorize_allocated(
 ) -> tuple[ir.Model, FactorizeReport]:
     """Ranks per layer from measured curves (`allocate_ranks`): the least loss at the MAC target,
     or, under a budget alone, the most MACs saved that hold it; the budget checked at the end."""
-    scorer = judge if judge is not None else Evaluator(model, as_data(options.data, model),
-                                                      metric=options.metric)
+    if judge is not None:
+        scorer: Evaluator = judge
+    else:
+        assert options.data is not None  # checked by the caller
+        scorer = Evaluator(model, as_data(options.data, model), metric=options.metric)
     rule = RuleOptions(**{**options.rule(), "feeds": None})
 
     def accept(candidate: ir.Model) -> bool:

@@ -1,10 +1,10 @@
 """`slimgraph factorize MODEL -o OUT [--rank-ratio R | --energy E | --rank auto] ...`.
 
-Low-rank factorization: Gemm/MatMul layers split by SVD, Conv layers
-by Tucker-2 (`--method cp`: CP, `--method svd`: an SVD of the output channels). Ranks come from a
-rule, or per layer from measured sensitivity on `--data` (`--target-macs F`, or a budget alone). Prints one row per factorized layer (rank, parameters, MACs, weight error, output
-SQNR with --data), the totals and why layers were skipped; `--json` prints one object. Written
-atomically, never over the input.
+Low-rank factorization: Gemm/MatMul layers split by SVD, Conv layers by Tucker-2 (`--method cp`:
+CP, `--method svd`: an SVD of the output channels). Ranks come from a rule, or per layer from
+measured sensitivity on `--data` (`--target-macs F`, or a budget alone). Prints one row per
+factorized layer (rank, parameters, MACs, weight error, output SQNR with --data), the totals and
+why layers were skipped; `--json` prints one object. Written atomically, never over the input.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ Rank Matrix Factorization"). The public verb is `slimgraph.factorize` (`slimgrap
 
 from __future__ import annotations
 
+from slimgraph.passes.lowrank._allocate import RANK_GRID, RankAllocation, allocate_ranks
 from slimgraph.passes.lowrank._base import LayerReport, LowRankResult
+from slimgraph.passes.lowrank._cp import CPConv, cp_als, exact_rank
 from slimgraph.passes.lowrank._factorize import FactorizeReport, factorize_layers, fold_weights
 from slimgraph.passes.lowrank._linear import LowRankLinear
-from slimgraph.passes.lowrank._allocate import RANK_GRID, RankAllocation, allocate_ranks
-from slimgraph.passes.lowrank._cp import CPConv, cp_als, exact_rank
 from slimgraph.passes.lowrank._options import METHODS, FactorizeOptions
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.passes.lowrank._tucker import TuckerConv, tucker2

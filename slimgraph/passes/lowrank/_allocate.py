@@ -139,7 +139,12 @@ def _greedy_path(
             return path
         levels[best[1]] = best[2]
         ratios = {n: grid[lv] for n, lv in levels.items() if lv >= 0}
-        path.append((ratios, sum(at(n, lv)[1] for n, lv in levels.items())))  # type: ignore[index]
+        total = 0
+        for node, level in levels.items():
+            point = at(node, level)
+            assert point is not None
+            total += point[1]
+        path.append((ratios, total))
 
 
 def allocate_ranks(

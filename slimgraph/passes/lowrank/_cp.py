@@ -15,9 +15,10 @@ the conv whose weight is the CP reconstruction, exactly.
 Ranks: a fixed `rank`; `rank_ratio` of the cost-equal rank C_out C_in Kh Kw / (C_in + Kh + Kw +
 C_out), at which the chain holds as many parameters (and, at stride 1, costs as many MACs per
 position) as the conv, so that a ratio is about the share of the layer's cost kept; or "auto"
-(multiples of 16 that make the chain cheaper by the auto margin). The rank is clipped to `exact_rank(shape)`, the smallest
-product of three of the four mode sizes: at that rank the factors are written down exactly (one
-mode's unfolding against one-hot indicators of the other three), with no iteration.
+(multiples of 16 that make the chain cheaper by the auto margin). The rank is clipped to
+`exact_rank(shape)`, the smallest product of three of the four mode sizes: at that rank the
+factors are written down exactly (one mode's unfolding against one-hot indicators of the other
+three), with no iteration.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ class CPConv(FactorizationPass):
         limit = exact_rank(weight.shape)
         cached = self.cache.get(("cp", id(weight_value)))
         if cached is not None:
-            first, values = cached
+            first, cached_values = cached
+            values = tuple(v for v in cached_values if v is not None)
             params_after, macs_after = cost(first.rank[0])
             report = self.layer_report(
                 layer, "cp", weight.shape, first.rank, (params_before, params_after),
@@ -313,7 +315,8 @@ class CPConv(FactorizationPass):
                       batch * height_out * width_out)
 
     def _rewrite(
-        self, graph: ir.Graph, layer: Layer, values: tuple[ir.Value, ...], bias: ir.Value | None
+        self, graph: ir.Graph, layer: Layer, values: tuple[ir.Value, ...],
+        bias: ir.Value | None,
     ) -> None:
         """Insert the four convs; height attributes on the Kx1, width ones on the 1xK."""
         node = layer.node
@@ -324,7 +327,7 @@ class CPConv(FactorizationPass):
         if node.attributes.get_string("auto_pad", "NOTSET") == "VALID":
             pads = [0, 0, 0, 0]
         kh, kw = values[1].shape[2], values[2].shape[3]  # type: ignore[index]
-        attributes = (
+        attributes: tuple[dict[str, object], ...] = (
             {"kernel_shape": [1, 1]},
             {"kernel_shape": [kh, 1], "group": rank, "strides": [strides[0], 1],
              "dilations": [dilations[0], 1], "pads": [pads[0], 0, pads[2], 0]},
