@@ -131,3 +131,16 @@ def test_method_svd_splits_the_output_channels() -> None:
     equivalent = conv_model(approx.reshape(weight.shape), (1, 8, 6, 6), pads=[1, 1, 1, 1])
     assert_close(outputs_of(equivalent, {"x": x})["y"], outputs_of(small, {"x": x})["y"],
                  rtol=1e-4, atol=1e-5)
+
+
+def test_the_torch_backend_lowers_the_cp_chain_as_onnxruntime_runs_it() -> None:
+    """`finetune` trains what `factorize --method cp` writes: the torch backend lowers the four
+    convs (groups, one-axis strides, dilations and pads) to the outputs onnxruntime gives."""
+    pytest.importorskip("torch")
+    from tests.runtime.torch_backend.backend_helpers import assert_matches_ort
+
+    model = conv_model(_w(12, 10, 3, 3), (2, 10, 13, 11), bias=_w(12, seed=5),
+                       strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1])
+    small = sg.factorize(model, method="cp", rank=6)
+    assert [n.op_type for n in small.graph] == ["Conv"] * 4
+    assert_matches_ort(small, {"x": _w(2, 10, 13, 11, seed=1)})

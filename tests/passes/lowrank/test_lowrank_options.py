@@ -16,7 +16,8 @@ _KEYWORDS = [
     ("rank_ratio", None), ("energy", None), ("rank", None), ("error_budget", None),
     ("include", None), ("exclude", None), ("op_types", ("Gemm", "MatMul", "Conv")),
     ("feeds", None), ("pointwise_convs", False), ("allow_growth", False), ("fold", True),
-    ("method", "tucker"), ("layer_ratios", None), ("target_macs", None), ("data", None), ("budget", None), ("max_drop", None), ("min_cosine", None), ("metric", None),
+    ("method", "tucker"), ("layer_ratios", None), ("target_macs", None),
+    ("data", None), ("budget", None), ("max_drop", None), ("min_cosine", None), ("metric", None),
 ]
 
 
