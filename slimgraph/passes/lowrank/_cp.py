@@ -43,6 +43,11 @@ __all__ = ["CPConv", "cp_als", "cp_reconstruct", "exact_rank"]
 CP_TOLERANCE = 1e-6
 CP_MAX_ITERATIONS = 100
 
+# ... and at most CP_WORK / (weight size x rank) sweeps (at least CP_MIN_ITERATIONS), so that a
+# 512x512x3x3 kernel at rank 1000 takes seconds, not minutes; fine-tuning recovers the rest.
+CP_WORK = 5e9
+CP_MIN_ITERATIONS = 10
+
 Factors = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -101,7 +106,8 @@ def cp_als(
     Alternating least squares from a HOSVD initialization (Kolda & Bader 2009, sec. 3.4): each
     factor in turn solves its linear least-squares problem with the other three fixed (the
     matricized tensor times the Khatri-Rao product of the others, against the Hadamard product of
-    their Gram matrices). Stops when the relative error changes by less than `tolerance`. At
+    their Gram matrices). Stops when the relative error changes by less than `tolerance`, or
+    after `iterations` sweeps (fewer for large kernels: `CP_WORK`). At
     `rank >= exact_rank(shape)` the exact factors are returned directly. The columns are balanced
     (each factor's columns have the same norm) so that float32 storage loses nothing.
     Computed in float64.
@@ -117,14 +123,14 @@ def cp_als(
     if rank >= exact_rank(w.shape):
         return _balance(_exact(w))
     factors = _initial(w, rank, seed)
-    unfoldings = [np.moveaxis(w, mode, 0).reshape(w.shape[mode], -1) for mode in range(4)]
+    iterations = min(iterations, max(CP_MIN_ITERATIONS, int(CP_WORK / (w.size * rank))))
     squared_norm = float(np.sum(w * w)) or 1.0
     previous = math.inf
     with blas_threads(1):
         for _ in range(iterations):
             for mode in range(4):
                 others = [m for m in range(4) if m != mode]
-                mttkrp = unfoldings[mode] @ _khatri_rao([factors[m] for m in others])
+                mttkrp = _mttkrp(w, factors, mode)
                 gram = np.ones((rank, rank))
                 for m in others:
                     gram *= factors[m].T @ factors[m]
@@ -139,12 +145,23 @@ def cp_als(
     return _balance((factors[0], factors[1], factors[2], factors[3]))
 
 
-def _khatri_rao(matrices: list[np.ndarray]) -> np.ndarray:
-    """Column-wise Kronecker product, the first matrix's index slowest (C-order unfoldings)."""
-    result = matrices[0]
-    for matrix in matrices[1:]:
-        result = (result[:, None, :] * matrix[None, :, :]).reshape(-1, result.shape[1])
-    return result
+def _mttkrp(w: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
+    """The mode-`mode` unfolding of `w` times the Khatri-Rao product of the other factors
+    (size x R), without forming that product: the largest other mode is contracted first by a
+    matrix product, then the others one axis at a time (memory: the tensor's size / that mode's
+    size x R)."""
+    others = sorted((m for m in range(4) if m != mode), key=lambda m: -w.shape[m])
+    first = others[0]
+    # (remaining axes in order..., R)
+    partial = np.tensordot(w, factors[first], axes=(first, 0))
+    axes = [m for m in range(4) if m != first]
+    for m in others[1:]:
+        position = axes.index(m)
+        shape = [1] * (partial.ndim - 1) + [partial.shape[-1]]
+        shape[position] = w.shape[m]
+        partial = np.sum(partial * factors[m].reshape(shape), axis=position)
+        axes.remove(m)
+    return partial  # (size of `mode`, R)
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
