@@ -14,8 +14,9 @@ Gemm), with the bundled splits (calib: 450 rows for the rank curves, train: 1347
 4. latency at batch 256, side by side (`slimgraph.runtime.benchmark`, interleaved shuffled rounds,
    medians, 90% bootstrap interval), the original first (target: CP at most 0.7x).
 
-`--wide` adds a latency-only check on a wider CNN with random weights (tests/models.resnet18_style
-at 3x64x64, batch 8): the same `--target-macs 0.5` allocation by output cosine on random inputs.
+`--wide` adds a latency-only check on a wider CNN with random weights (3x32x32 input, 3x3 convs of
+64 and 128 channels at 32x32 and 16x16, batch 8): the same `--target-macs 0.5` allocation by
+output cosine on random inputs.
 
 Usage:
     python benchmarks/cp.py [--rounds 20] [--threads 2] [--epochs N] [--wide]
@@ -117,29 +118,34 @@ def digits(args: argparse.Namespace) -> None:
 
 def wide(args: argparse.Namespace) -> None:
     import torch
-
-    from tests import models as test_models
+    from torch import nn
 
     torch.manual_seed(0)
-    net = test_models._randomize_batchnorm(test_models.resnet18_style(classes=10)).eval()
-    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    net = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(128, 10),
+    ).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = sg.from_torch(net, (x,))
     name = model.graph.inputs[0].name
-    rows = np.random.default_rng(1).standard_normal((32, 3, 64, 64)).astype(np.float32)
-    data = {name: rows}
+    rows = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    models = [model]
     for method in ("cp", "tucker"):
         start = time.perf_counter()
         small, report = sg.factorize_with_report(model, method=method, op_types=["Conv"],
-                                                 target_macs=0.5, data=data)
+                                                 target_macs=0.5, data={name: rows})
         cosine = compare(model, small, {name: x.numpy()}).worst_cosine
-        print(f"wide CNN --method {method} --target-macs 0.5: "
+        print(f"wide CNN --method {method} --target-macs 0.5: ranks "
+              f"{[layer.rank for layer in report.layers]}, "
               f"{report.macs_after / report.macs_before:.3f}x MACs, cosine {cosine:.4f} "
               f"({time.perf_counter() - start:.0f} s)")
-        data[method] = small  # type: ignore[assignment]
-    result = benchmark([model, data["cp"], data["tucker"]], {name: x.numpy()},  # type: ignore[list-item]
-                       labels=["original", "cp 0.5x", "tucker 0.5x"], rounds=args.rounds,
-                       threads=args.threads)
-    print(f"wide CNN latency, batch 8 at 3x64x64, {args.threads} thread(s):")
+        models.append(small)
+    result = benchmark(models, {name: x.numpy()}, labels=["original", "cp 0.5x", "tucker 0.5x"],
+                       rounds=args.rounds, threads=args.threads)
+    print(f"wide CNN latency (3x32x32, convs 64-128 channels, random weights), batch 8, "
+          f"{args.threads} thread(s), {args.rounds} rounds:")
     print(result)
 
 
