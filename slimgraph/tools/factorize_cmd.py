@@ -99,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
         ):
             raise BadOptionError(
                 "give a rank rule: --rank-ratio R, --energy E, --error-budget B or --rank auto|K"
-                " (or --target-macs F, --max-drop D or --min-cosine C with --data for ranks "
-                "per layer)"
             )
 
     job = Compression(args, check=check, data_for_budget=False)
