@@ -27,6 +27,8 @@ three), with no iteration.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -204,8 +206,19 @@ class CPConv(FactorizationPass):
 
     default_ops = ("Conv",)
 
-    def __init__(self, **options: object) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *,
+        rank_ratio: float | None = None,
+        rank: int | Literal["auto"] | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        allow_growth: bool = False,
+        layer_ratios: Mapping[str, float] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(rank_ratio=rank_ratio, rank=rank, include=include, exclude=exclude,
+                         allow_growth=allow_growth, layer_ratios=layer_ratios, **options)
         if self.policy.energy is not None or self.policy.error_budget is not None:
             raise BadOptionError(
                 "--method cp takes --rank-ratio or --rank: --energy and --error-budget choose "
