@@ -1,8 +1,9 @@
 """`slimgraph.factorize`: low-rank factorization of a copy of a model, under a budget if asked.
 
 The transformation is `factorize_layers` (`slimgraph.passes.lowrank`: weights folded, Gemm/MatMul
-split by SVD, Conv by Tucker-2). Here: the options (`FactorizeOptions`: the rank rule and the
-layers, plus the accuracy budget) and the budget: when the rule's result misses it, the k most
+split by SVD, Conv by Tucker-2 or CP). Here: the options (`FactorizeOptions`: the rank rule and the
+layers, plus a MAC target and the accuracy budget); ranks per layer (`allocate_ranks`) for a MAC
+target or a budget without a rule; with a rule, when its result misses the budget, the k most
 sensitive layers keep their full rank (`FactorizeUnits`, searched by `api.budget.search_units`);
 the report records which and why.
 """
@@ -63,7 +64,7 @@ def factorize_with_report(
 
 @takes_options(FactorizeOptions)
 def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
-    """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2) layers.
+    """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2 or CP) layers.
 
     Returns a new model; `model` is not changed. The `FactorizeReport` (per-layer ranks,
     parameters, MACs, weight errors and, with `feeds`, output SQNR and model fidelity) is in the
@@ -92,20 +93,36 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
         pointwise_convs: also split 1x1 convs by SVD (skipped by default).
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first.
+        method: how KxK convs are split: "tucker" (Tucker-2, the default), "cp" (1x1 -> Kx1
+            depthwise -> 1xK depthwise -> 1x1, a CP decomposition by ALS; Lebedev et al. 2015;
+            `rank_ratio` is then of the rank whose chain costs as much as the conv) or "svd"
+            (KxK to k channels, then 1x1). Gemm/MatMul are split by SVD under each.
+        layer_ratios: a rank ratio per node name, replacing the rule for those layers (others
+            stay whole when no rule is given).
+        target_macs: instead of a rank rule, the MACs to reach as a fraction of the model's
+            (0.5: 0.5x), with `data`: each layer is measured alone at `RANK_GRID` ratios and
+            ranks go where they cost the least loss per MAC saved (`passes.lowrank.
+            allocate_ranks`); `report.allocation` has the ratios and measurements. A budget
+            (`max_drop`/`min_cosine`) without a rank rule allocates the same way, taking the
+            most MACs saved that hold it.
         data: validation data for the budget (an .npz path, stacked arrays with an optional
             labels key, or `LabelledData`).
-        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): when the rule's
-            result misses it, the most sensitive layers are left whole until it holds
+        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): with a rank rule,
+            when the rule's result misses it, the most sensitive layers are left whole until it
+            holds
             (`FactorizeUnits`, `api.budget.search_units`); the report records which and why.
         metric: a user `Metric` replacing top-1 accuracy for `max_drop`.
         options: a `FactorizeOptions` instead of (or under) the keywords.
 
     Raises:
         BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
-            matches no node, an unknown op type, a budget without data.
+            matches no node, an unknown op type or method, a budget or `target_macs` without
+            data, `target_macs` with a rank rule or outside (0, 1), `energy`/`error_budget`
+            with method "cp".
         VerificationError: no choice of layers meets the budget (measured figure in the
             message).
-        UnsupportedModelError: a layer named by `include` has a non-constant weight.
+        UnsupportedModelError: a layer named by `include` has a non-constant weight; method
+            "cp" on a model without KxK convs; a `target_macs` out of reach.
         ModelLoadError: `model` is a path that cannot be loaded.
         TypeError: an unknown keyword, or `options` that is not a `FactorizeOptions`.
 
