@@ -26,7 +26,9 @@ three), with no iteration.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -177,6 +179,26 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return rhs @ np.linalg.pinv(gram, hermitian=True)
 
 
+# The last CP_CACHE_SIZE decompositions by (weight digest, rank): a rank allocation factorizes the
+# same layer at the same rank once to measure it and again in every model it builds.
+CP_CACHE_SIZE = 64
+_cache: OrderedDict[tuple[str, tuple[int, ...], int], Factors] = OrderedDict()
+
+
+def _cached_als(weight: np.ndarray, rank: int) -> Factors:
+    """`cp_als(weight, rank)`, remembered for the last `CP_CACHE_SIZE` (weight, rank) pairs."""
+    key = (hashlib.sha1(np.ascontiguousarray(weight).tobytes()).hexdigest(), weight.shape, rank)
+    found = _cache.get(key)
+    if found is None:
+        found = cp_als(weight, rank)
+        _cache[key] = found
+        while len(_cache) > CP_CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return found
+
+
 def _balance(factors: Factors) -> Factors:
     """Rescale each rank-one term so its four vectors have equal norms (same product)."""
     norms = np.stack([np.linalg.norm(f, axis=0) for f in factors])  # (4, R)
@@ -280,7 +302,7 @@ class CPConv(FactorizationPass):
         if reason is not None:
             return reason
         w = weight.astype(np.float64)
-        a, b, c, d = cp_als(w, rank)
+        a, b, c, d = _cached_als(w, rank)
         dtype = weight.dtype
         error = relative_error(w, cp_reconstruct(
             tuple(f.astype(dtype).astype(np.float64) for f in (a, b, c, d))  # type: ignore[arg-type]
