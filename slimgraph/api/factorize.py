@@ -1,8 +1,9 @@
 """`slimgraph.factorize`: low-rank factorization of a copy of a model, under a budget if asked.
 
 The transformation is `factorize_layers` (`slimgraph.passes.lowrank`: weights folded, Gemm/MatMul
-split by SVD, Conv by Tucker-2). Here: the options (`FactorizeOptions`: the rank rule and the
-layers, plus the accuracy budget) and the budget: when the rule's result misses it, the k most
+split by SVD, Conv by Tucker-2 or CP). Here: the options (`FactorizeOptions`: the rank rule and the
+layers, plus a MAC target and the accuracy budget); ranks per layer (`allocate_ranks`) for a MAC
+target or a budget without a rule; with a rule, when its result misses the budget, the k most
 sensitive layers keep their full rank (`FactorizeUnits`, searched by `api.budget.search_units`);
 the report records which and why.
 """
@@ -16,12 +17,14 @@ import onnx_ir as ir
 
 from slimgraph.api._options import BudgetOptions, takes_options
 from slimgraph.api.budget import BudgetSearch, Unit, search_units
-from slimgraph.errors import UnsupportedModelError
+from slimgraph.api.prune import _loss as allocation_loss
+from slimgraph.errors import BadOptionError, UnsupportedModelError, VerificationError
 from slimgraph.ir import ModelLike, as_model, metadata
 from slimgraph.ir.select import exact_pattern
 from slimgraph.passes.lowrank import FactorizeOptions as RuleOptions
 from slimgraph.passes.lowrank import FactorizeReport, factorize_layers
-from slimgraph.runtime.budget import BudgetJudge
+from slimgraph.passes.lowrank._allocate import RANK_GRID, allocate_ranks, allocated
+from slimgraph.runtime.budget import BudgetJudge, Evaluator, as_data
 
 __all__ = ["FactorizeOptions", "FactorizeUnits", "factorize", "factorize_with_report"]
 
@@ -32,13 +35,15 @@ _RULES = ("rank_ratio", "energy", "rank", "error_budget")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FactorizeOptions(RuleOptions, BudgetOptions):
     """The keywords of `factorize` and `factorize_with_report`: what to split and how
-    (`slimgraph.passes.lowrank.FactorizeOptions`) and the accuracy budget (`BudgetOptions`),
-    each described on `factorize`.
+    (`slimgraph.passes.lowrank.FactorizeOptions`), a MAC target and the accuracy budget
+    (`BudgetOptions`), each described on `factorize`.
 
     Example:
         >>> FactorizeOptions(rank_ratio=0.5, min_cosine=0.99).rule()["rank_ratio"]
         0.5
     """
+
+    target_macs: float | None = None
 
 
 @takes_options(FactorizeOptions)
@@ -59,7 +64,7 @@ def factorize_with_report(
 
 @takes_options(FactorizeOptions)
 def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
-    """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2) layers.
+    """Low-rank factorization of a model's Gemm/MatMul (SVD) and Conv (Tucker-2 or CP) layers.
 
     Returns a new model; `model` is not changed. The `FactorizeReport` (per-layer ranks,
     parameters, MACs, weight errors and, with `feeds`, output SQNR and model fidelity) is in the
@@ -88,20 +93,36 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
         pointwise_convs: also split 1x1 convs by SVD (skipped by default).
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first.
+        method: how KxK convs are split: "tucker" (Tucker-2, the default), "cp" (1x1 -> Kx1
+            depthwise -> 1xK depthwise -> 1x1, a CP decomposition by ALS; Lebedev et al. 2015;
+            `rank_ratio` is then of the rank whose chain costs as much as the conv) or "svd"
+            (KxK to k channels, then 1x1). Gemm/MatMul are split by SVD under each.
+        layer_ratios: a rank ratio per node name, replacing the rule for those layers (others
+            stay whole when no rule is given).
+        target_macs: instead of a rank rule, the MACs to reach as a fraction of the model's
+            (0.5: 0.5x), with `data`: each layer is measured alone at `RANK_GRID` ratios and
+            ranks go where they cost the least loss per MAC saved (`passes.lowrank.
+            allocate_ranks`); `report.allocation` has the ratios and measurements. A budget
+            (`max_drop`/`min_cosine`) without a rank rule allocates the same way, taking the
+            most MACs saved that hold it.
         data: validation data for the budget (an .npz path, stacked arrays with an optional
             labels key, or `LabelledData`).
-        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): when the rule's
-            result misses it, the most sensitive layers are left whole until it holds
+        budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): with a rank rule,
+            when the rule's result misses it, the most sensitive layers are left whole until it
+            holds
             (`FactorizeUnits`, `api.budget.search_units`); the report records which and why.
         metric: a user `Metric` replacing top-1 accuracy for `max_drop`.
         options: a `FactorizeOptions` instead of (or under) the keywords.
 
     Raises:
         BadOptionError: a ratio or energy outside (0, 1], several rank rules, a pattern that
-            matches no node, an unknown op type, a budget without data.
+            matches no node, an unknown op type or method, a budget or `target_macs` without
+            data, `target_macs` with a rank rule or outside (0, 1), `energy`/`error_budget`
+            with method "cp".
         VerificationError: no choice of layers meets the budget (measured figure in the
             message).
-        UnsupportedModelError: a layer named by `include` has a non-constant weight.
+        UnsupportedModelError: a layer named by `include` has a non-constant weight; method
+            "cp" on a model without KxK convs; a `target_macs` out of reach.
         ModelLoadError: `model` is a path that cannot be loaded.
         TypeError: an unknown keyword, or `options` that is not a `FactorizeOptions`.
 
@@ -113,10 +134,64 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
 
 
 def _factorize(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, FactorizeReport]:
+    options.check_method()
     judge = options.judge(model)
+    has_rule = any(getattr(options, key) is not None for key in _RULES) or bool(
+        options.layer_ratios)
+    if options.target_macs is not None:
+        if has_rule:
+            raise BadOptionError.worded(
+                "give {macs} or a rank rule ({rule}), not both: the target chooses the ranks",
+                macs=("target_macs=", "--target-macs"),
+                rule=("rank_ratio=, energy=, rank=, error_budget=",
+                      "--rank-ratio, --energy, --rank, --error-budget"))
+        if options.data is None:
+            raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
+                                        macs=("target_macs=", "--target-macs"),
+                                        data=("data=", "--data VAL.npz"))
+        return _factorize_allocated(model, options, judge)
     if judge is None:
         return factorize_layers(model, options)
+    if not has_rule:
+        return _factorize_allocated(model, options, judge)
     return _factorize_within_budget(model, options, judge)
+
+
+def _factorize_allocated(
+    model: ir.Model, options: FactorizeOptions, judge: BudgetJudge | None
+) -> tuple[ir.Model, FactorizeReport]:
+    """Ranks per layer from measured curves (`allocate_ranks`): the least loss at the MAC target,
+    or, under a budget alone, the most MACs saved that hold it; the budget checked at the end."""
+    if judge is not None:
+        scorer: Evaluator = judge
+    else:
+        assert options.data is not None  # checked by the caller
+        scorer = Evaluator(model, as_data(options.data, model), metric=options.metric)
+    rule = RuleOptions(**{**options.rule(), "feeds": None})
+
+    def accept(candidate: ir.Model) -> bool:
+        assert judge is not None
+        return judge.holds(judge.evaluate(candidate))
+
+    allocation = allocate_ranks(
+        model, rule, lambda candidate: allocation_loss(scorer, scorer(candidate)),
+        target_macs=options.target_macs, accept=None if options.target_macs else accept,
+    )
+    if not allocation.ratios:
+        assert judge is not None
+        raise VerificationError.worded(
+            "no rank allocation meets the accuracy budget on {source}: even one layer "
+            "factorized at rank ratio {ratio} misses {budget}; nothing written",
+            source=judge.data.source, ratio=f"{max(RANK_GRID):g}",
+            budget=judge.budget.describe())  # the largest ratio: the least loss measured
+    factorized, found = factorize_layers(
+        model, dataclasses.replace(allocated(options, allocation.ratios), feeds=options.feeds))
+    evaluation = None
+    if judge is not None:
+        evaluation = judge.check(factorized, what="the factorized model")
+    found = dataclasses.replace(found, evaluation=evaluation, allocation=allocation)
+    factorized.meta[metadata.FACTORIZE_REPORT] = found
+    return factorized, found
 
 
 def _factorize_within_budget(

@@ -1,9 +1,10 @@
 """`slimgraph factorize MODEL -o OUT [--rank-ratio R | --energy E | --rank auto] ...`.
 
-Low-rank factorization: Gemm/MatMul layers split by SVD, Conv layers
-by Tucker-2. Prints one row per factorized layer (rank, parameters, MACs, weight error, output
-SQNR with --data), the totals and why layers were skipped; `--json` prints one object. Written
-atomically, never over the input.
+Low-rank factorization: Gemm/MatMul layers split by SVD, Conv layers by Tucker-2 (`--method cp`:
+CP, `--method svd`: an SVD of the output channels). Ranks come from a rule, or per layer from
+measured sensitivity on `--data` (`--target-macs F`, or a budget alone). Prints one row per
+factorized layer (rank, parameters, MACs, weight error, output SQNR with --data), the totals and
+why layers were skipped; `--json` prints one object. Written atomically, never over the input.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 
 from slimgraph.api.factorize import factorize_with_report
 from slimgraph.errors import BadOptionError
-from slimgraph.passes.lowrank import FactorizeReport
+from slimgraph.passes.lowrank import METHODS, FactorizeReport
 from slimgraph.runtime import iter_batches
 from slimgraph.tools._common import (
     Compression,
@@ -60,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="op types to factorize (default: Gemm MatMul Conv)")  # fmt: skip
     parser.add_argument("--pointwise-convs", dest="pointwise_convs", action="store_true",
                         help="also split 1x1 convs by SVD")  # fmt: skip
+    parser.add_argument("--method", choices=METHODS, default="tucker",
+                        help="how KxK convs are split: tucker (1x1 -> KxK core -> 1x1, the "
+                             "default), cp (1x1 -> Kx1 -> 1xK depthwise -> 1x1) or svd (KxK to "
+                             "k channels -> 1x1); Gemm/MatMul are split by SVD under each")
+    parser.add_argument("--target-macs", dest="target_macs", type=float, default=None,
+                        metavar="F", help="instead of a rank rule: ranks per layer from "
+                        "measured sensitivity on --data, reaching F of the model's MACs "
+                        "with the least loss")
     parser.add_argument("--data", metavar="DATA.npz", default=None,
                         help="sample inputs: report output fidelity and per-layer SQNR")
     parser.add_argument("--samples", type=int, default=8, metavar="N",
@@ -90,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         if args.samples < 1:
             raise BadOptionError(f"--samples must be >= 1, got {args.samples}")
         rank = _rank(args.rank)
-        if rank is None and all(
+        allocated = (args.target_macs is not None or args.max_drop is not None
+                     or args.min_cosine is not None)
+        if rank is None and not allocated and all(
             getattr(args, name) is None for name in ("rank_ratio", "energy", "error_budget")
         ):
             raise BadOptionError(
@@ -113,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
         op_types=tuple(args.op_types) if args.op_types else ("Gemm", "MatMul", "Conv"),
         feeds=feeds,
         pointwise_convs=args.pointwise_convs,
-        data=job.budget_data,
+        method=args.method,
+        target_macs=args.target_macs,
+        data=job.budget_data if args.target_macs is None else data,
         budget=job.budget,
     )
     job.write(factorized)

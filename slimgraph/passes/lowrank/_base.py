@@ -15,7 +15,7 @@ from slimgraph.ir import analysis, copy_model, display_name, metadata
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._options import FactorizeOptions
-from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS
+from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
 from slimgraph.runtime import Fidelity, compare, input_specs, iter_feeds
 
 __all__ = [
@@ -48,7 +48,7 @@ class LayerReport:
     layer: str
     node: str
     op_type: str
-    method: Literal["svd", "tucker2"]
+    method: Literal["svd", "tucker2", "cp"]
     shape: tuple[int, ...]
     rank: tuple[int, ...]
     params_before: int
@@ -137,6 +137,7 @@ class FactorizationPass(SlimgraphPass):
         feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
         dims: Mapping[str, int] | None = None,
         check_names: bool = True,
+        layer_ratios: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.check_names = check_names
@@ -144,8 +145,14 @@ class FactorizationPass(SlimgraphPass):
             rank_ratio=rank_ratio, energy=energy, error_budget=error_budget, rank=rank,
             include=include, exclude=exclude, allow_growth=allow_growth,
             op_types=self.default_ops if op_types is None else op_types,
+            layer_ratios=layer_ratios,
         )
-        self.policy = self.options.policy()
+        self.layer_ratios = dict(layer_ratios or {})
+        # with per-layer ratios alone, layers not named keep their weights (no rule for them)
+        self.rule = self.options.policy() if not self.layer_ratios or any(
+            value is not None for value in (rank_ratio, energy, error_budget, rank)
+        ) else None
+        self.policy = self.rule or RankPolicy(rank_ratio=1.0, allow_growth=allow_growth)
         self.filter = self.options.layer_filter()
         self.feeds = list(iter_feeds(feeds)) if feeds is not None else None
         self.dims = dict(dims) if dims is not None else None
@@ -183,6 +190,15 @@ class FactorizationPass(SlimgraphPass):
         replaced_weights: list[ir.Value] = []
         for layer in layers:
             weight = layer.node.inputs[1] if len(layer.node.inputs) > 1 else None
+            ratio = self.layer_ratios.get(layer.node.name or "")
+            if ratio is not None:
+                self.policy = RankPolicy(rank_ratio=ratio, allow_growth=self.options.allow_growth)
+            elif self.rule is None:
+                skipped.append(Skipped(layer.node.name or layer.name, layer.node.op_type,
+                                       "no rank allocated to this layer"))
+                continue
+            else:
+                self.policy = self.rule
             outcome = self.factorize_layer(graph, layer)
             if isinstance(outcome, LayerReport):
                 reports.append(outcome)
@@ -278,7 +294,7 @@ class FactorizationPass(SlimgraphPass):
     @staticmethod
     def layer_report(
         layer: Layer,
-        method: Literal["svd", "tucker2"],
+        method: Literal["svd", "tucker2", "cp"],
         shape: Sequence[int],
         rank: tuple[int, ...],
         params: tuple[int, int],

@@ -12,6 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
+from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, metadata
 from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
 from slimgraph.passes.base import Skipped
@@ -21,8 +22,10 @@ from slimgraph.passes.lowrank._base import (
     dims_from_feeds,
     measure_fidelity,
 )
+from slimgraph.passes.lowrank._cp import CPConv
 from slimgraph.passes.lowrank._linear import LowRankLinear
 from slimgraph.passes.lowrank._options import FactorizeOptions
+from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS
 from slimgraph.passes.lowrank._tucker import TuckerConv
 from slimgraph.runtime import Fidelity, iter_feeds
@@ -52,6 +55,7 @@ class FactorizeReport:
     options: dict[str, Any] = field(default_factory=dict)
     evaluation: Evaluation | None = None  # on the budget's data, when a budget was given
     budget_search: Any = None  # the `api.budget.BudgetSearch` (layers left whole, why)
+    allocation: Any = None  # the `RankAllocation` (ranks per layer), under a MAC target
 
     def __str__(self) -> str:
         """The per-layer table, totals, fidelity and skip reasons `slimgraph factorize` prints."""
@@ -77,6 +81,8 @@ class FactorizeReport:
                      f"({_ratio(self.macs_after, self.macs_before)})")
         if self.fidelity is not None:
             lines.append(f"outputs:    {self.fidelity.worst()}")
+        if self.allocation is not None:
+            lines.append(self.allocation.summary())
         if any(r.shared_with for r in self.layers):
             lines.append("* reuses the factors of a tied weight")
         reasons: dict[str, int] = {}
@@ -94,6 +100,7 @@ class FactorizeReport:
         return {
             "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
             "budget": None if self.budget_search is None else self.budget_search.to_dict(),
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
             "options": self.options,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [
@@ -144,7 +151,15 @@ def factorize_layers(
         UnsupportedModelError: a layer named by `include` has a non-constant weight.
         InvalidModelError: a weight holds NaN/Inf.
     """
-    policy = options.policy()
+    options.check_method()
+    if options.method == "cp" and options.pointwise_convs:
+        raise BadOptionError("--method cp splits KxK convs only: drop --pointwise-convs, or use "
+                             "--method tucker to split 1x1 convs by SVD")
+    ratios_only = bool(options.layer_ratios) and all(
+        getattr(options, name) is None for name in ("rank_ratio", "energy", "error_budget", "rank")
+    )
+    policy = RankPolicy(rank_ratio=1.0, allow_growth=options.allow_growth) if ratios_only else (
+        options.policy())
     layer_filter = options.layer_filter()
     samples = list(iter_feeds(options.feeds)) if options.feeds is not None else None
     work = copy_model(model)
@@ -161,6 +176,8 @@ def factorize_layers(
     macs_before = _total_macs(work, dims)  # the same folded model as params_before
     pass_options: dict[str, Any] = {
         **asdict(policy),  # rank_ratio, energy, error_budget, rank, allow_growth
+        **({"rank_ratio": None} if ratios_only else {}),
+        "layer_ratios": options.layer_ratios,
         "include": layer_filter.include,
         "exclude": layer_filter.exclude or None,
         "dims": dims,
@@ -169,13 +186,18 @@ def factorize_layers(
     layers: list[LayerReport] = []
     skipped: list[Skipped] = []
     linear_ops = tuple(op for op in layer_filter.op_types if op in ("Gemm", "MatMul"))
-    passes: list[LowRankLinear | TuckerConv] = []
+    passes: list[LowRankLinear | TuckerConv | CPConv] = []
     if linear_ops:
         passes.append(LowRankLinear(op_types=linear_ops, **pass_options))
-    if "Conv" in layer_filter.op_types:
-        passes.append(
-            TuckerConv(op_types=("Conv",), pointwise=options.pointwise_convs, **pass_options)
-        )
+    if "Conv" in layer_filter.op_types and options.method == "cp":
+        if not any(layer_filter.selects(node) and _spatial_kernel(node) for node in work.graph):
+            raise UnsupportedModelError(
+                "--method cp splits convolutions with a KxK kernel: the model has none "
+                "selected (no Conv whose weight is 4-D with a kernel larger than 1x1)")
+        passes.append(CPConv(op_types=("Conv",), **pass_options))
+    elif "Conv" in layer_filter.op_types:
+        passes.append(TuckerConv(op_types=("Conv",), pointwise=options.pointwise_convs,
+                                 output_only=options.method == "svd", **pass_options))
     for factorization in passes:
         result = factorization(work)
         assert isinstance(result, LowRankResult)
@@ -202,10 +224,22 @@ def factorize_layers(
             "exclude": list(layer_filter.exclude),
             "op_types": list(layer_filter.op_types),
             "pointwise_convs": options.pointwise_convs,
+            "method": options.method,
+            "layer_ratios": dict(options.layer_ratios) if options.layer_ratios else None,
         },
     )
     work.meta[metadata.FACTORIZE_REPORT] = report
     return work, report
+
+
+def _spatial_kernel(node: ir.Node) -> bool:
+    """A Conv whose weight is a constant (C_out, C_in, Kh, Kw) with Kh x Kw > 1."""
+    if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    weight = node.inputs[1]
+    shape = weight.shape if weight.const_value is None else weight.const_value.shape
+    return shape is not None and len(shape) == 4 and all(
+        isinstance(d, int) for d in shape[2:]) and shape[2] * shape[3] > 1  # type: ignore[operator]
 
 
 def _total_macs(model: ir.Model, dims: Mapping[str, int]) -> int | None:

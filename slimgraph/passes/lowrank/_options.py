@@ -11,10 +11,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from slimgraph.errors import BadOptionError
 from slimgraph.passes.lowrank._rank import RankPolicy
 from slimgraph.passes.lowrank._select import SUPPORTED_OPS, LayerFilter
 
-__all__ = ["FactorizeOptions", "Feeds"]
+__all__ = ["FactorizeOptions", "Feeds", "METHODS"]
+
+METHODS = ("tucker", "cp", "svd")
 
 Feeds = Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
 
@@ -31,6 +34,11 @@ class FactorizeOptions:
         pointwise_convs: also split 1x1 convs by SVD.
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first (`PrepareWeightsPass`).
+        method: how KxK convs are split: "tucker" (Tucker-2), "cp" (CP, `CPConv`) or "svd"
+            (an SVD of the output-channel unfolding: KxK conv to k channels, then 1x1).
+            Gemm/MatMul are split by SVD under every method.
+        layer_ratios: a rank ratio per node name, replacing the rule for those layers (what a
+            MAC target allocates; `allocate_ranks`).
     """
 
     rank_ratio: float | None = None
@@ -44,14 +52,24 @@ class FactorizeOptions:
     pointwise_convs: bool = False
     allow_growth: bool = False
     fold: bool = True
+    method: Literal["svd", "tucker", "cp"] = "tucker"
+    layer_ratios: Mapping[str, float] | None = None
 
     def rule(self) -> dict[str, Any]:
         """The options that decide the factorized model (no feeds, no budget), as keywords."""
         return {
             name: getattr(self, name)
             for name in ("rank_ratio", "energy", "rank", "error_budget", "include", "exclude",
-                         "op_types", "pointwise_convs", "allow_growth", "fold")
+                         "op_types", "pointwise_convs", "allow_growth", "fold", "method",
+                         "layer_ratios")
         }
+
+    def check_method(self) -> None:
+        """Raises BadOptionError: an unknown `method`."""
+        if self.method not in METHODS:
+            raise BadOptionError(
+                f"method must be one of {', '.join(METHODS)}, got '{self.method}'"
+            )
 
     def policy(self) -> RankPolicy:
         """The rank rule.

@@ -97,9 +97,12 @@ class TuckerConv(FactorizationPass):
 
     default_ops = ("Conv",)
 
-    def __init__(self, *, pointwise: bool = False, **options: object) -> None:
+    def __init__(
+        self, *, pointwise: bool = False, output_only: bool = False, **options: object
+    ) -> None:
         super().__init__(**options)  # type: ignore[arg-type]
         self.pointwise = pointwise
+        self.output_only = output_only  # `--method svd`: r_in = C_in, an SVD of W's mode-0
 
     def factorize_layer(self, graph: ir.Graph, layer: Layer) -> LayerReport | str:
         node = layer.node
@@ -170,7 +173,8 @@ class TuckerConv(FactorizationPass):
             ranks = None
             step = AUTO_RANK_MULTIPLE
             for r_out in range(len(s_out) // step * step, 0, -step):
-                r_in = aligned_rank(r_out * c_in / c_out, len(s_in))
+                r_in = c_in if self.output_only else aligned_rank(r_out * c_in / c_out,
+                                                                   len(s_in))
                 params, macs = cost(r_in, r_out)
                 if self.gate(params_before, params, macs_before, macs) is None:
                     ranks = (r_in, r_out)
@@ -179,10 +183,12 @@ class TuckerConv(FactorizationPass):
                 return "auto: no ranks make this conv cheaper by the auto margin"
             r_in, r_out = ranks
         else:
-            r_out = self.policy.keep(s_out, budget_share=0.5)
-            r_in = self.policy.keep(s_in, budget_share=0.5)
+            share = 1.0 if self.output_only else 0.5
+            r_out = self.policy.keep(s_out, budget_share=share)
+            r_in = c_in if self.output_only else self.policy.keep(s_in, budget_share=share)
             if self.policy.auto:
-                r_out, r_in = aligned_rank(r_out, len(s_out)), aligned_rank(r_in, len(s_in))
+                r_out = aligned_rank(r_out, len(s_out))
+                r_in = c_in if self.output_only else aligned_rank(r_in, len(s_in))
         params_after, macs_after = cost(r_in, r_out)
         reason = self.gate(params_before, params_after, macs_before, macs_after)
         if reason is not None:
@@ -203,7 +209,8 @@ class TuckerConv(FactorizationPass):
             u_out.astype(np.float64), factors[1].astype(np.float64), u_in.astype(np.float64)
         )
         report = self.layer_report(
-            layer, "tucker2", weight.shape, (r_in, r_out), (params_before, params_after),
+            layer, "svd" if self.output_only else "tucker2", weight.shape,
+            (r_out,) if self.output_only else (r_in, r_out), (params_before, params_after),
             (macs_before, macs_after), relative_error(w, approx),
         )
         return self._rewrite(graph, layer, weight, factors, report, site.bias, None)

@@ -91,3 +91,26 @@ def test_refuses_to_write_over_the_input(
     assert main(["factorize", str(mlp_file), "-o", str(mlp_file), "--rank-ratio", "0.5"]) == 2
     assert "refusing to write over the input model" in capsys.readouterr().err
     assert mlp_file.read_bytes() == before
+
+
+def test_method_cp_without_kxk_convs_is_one_line_exit_2(
+    mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cp.onnx"
+    code = main(["factorize", str(mlp_file), "-o", str(out), "--method", "cp", "--rank", "4"])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err == ("slimgraph factorize: error: --method cp splits convolutions with a KxK "
+                   "kernel: the model has none selected (no Conv whose weight is 4-D with a "
+                   "kernel larger than 1x1)")
+
+
+def test_target_macs_without_data_is_one_line_exit_2(
+    mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "t.onnx"
+    code = main(["factorize", str(mlp_file), "-o", str(out), "--target-macs", "0.5"])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err == ("slimgraph factorize: error: --target-macs needs --data VAL.npz "
+                   "(per-layer sensitivity)")

@@ -16,6 +16,7 @@ _KEYWORDS = [
     ("rank_ratio", None), ("energy", None), ("rank", None), ("error_budget", None),
     ("include", None), ("exclude", None), ("op_types", ("Gemm", "MatMul", "Conv")),
     ("feeds", None), ("pointwise_convs", False), ("allow_growth", False), ("fold", True),
+    ("method", "tucker"), ("layer_ratios", None), ("target_macs", None),
     ("data", None), ("budget", None), ("max_drop", None), ("min_cosine", None), ("metric", None),
 ]
 
@@ -28,7 +29,7 @@ def test_public_signature_is_the_options_fields(function) -> None:
     assert [(p.name, p.default) for p in params[1:]] == [*_KEYWORDS, ("options", None)]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
     assert [f.name for f in dataclasses.fields(FactorizeOptions)] == [
-        "data", "budget", "max_drop", "min_cosine", "metric", *(k for k, _ in _KEYWORDS[:11]),
+        "data", "budget", "max_drop", "min_cosine", "metric", *(k for k, _ in _KEYWORDS[:14]),
     ]
 
 
@@ -59,7 +60,7 @@ def test_options_rule_and_without_budget() -> None:
     assert options.rule() == {
         "rank_ratio": 0.5, "energy": None, "rank": None, "error_budget": None, "include": None,
         "exclude": "fc*", "op_types": ("Gemm", "MatMul", "Conv"), "pointwise_convs": False,
-        "allow_growth": False, "fold": False,
+        "allow_growth": False, "fold": False, "method": "tucker", "layer_ratios": None,
     }
     plain = options.without_budget()
     assert isinstance(plain, FactorizeOptions) and plain.max_drop is None
