@@ -257,7 +257,10 @@ def build_candidate(
     logging.getLogger(_FEEDS_LOGGER).addFilter(quiet)
     try:
         reference = _load_model(model)
-        context = {"calibration": _load_npz(calibration)} if calibration is not None else None
+        # jobs run in parallel: nothing in them times the model (the sweep times it serially)
+        context: dict[str, Any] = {"float_fallback": False}
+        if calibration is not None:
+            context["calibration"] = _load_npz(calibration)
         built = reference
         if steps:
             built = run_pipeline(reference, list(steps), verify=False, context=context).model

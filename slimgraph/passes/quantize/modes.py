@@ -283,14 +283,20 @@ class StaticQuantizePass(QuantizePass):
     `slimgraph optimize --calib DATA.npz`) unless given directly; the options are
     `StaticOptions`' (see `static.quantize_static`). The result is the same deployable model as
     `sg.quantize` and `slimgraph quantize` write (it runs the same `QuantizePass` work).
+    `float_fallback` comes from the context too: `sweep` turns it off in its jobs, which run in
+    parallel and must not time anything (the sweep times its candidates itself, serially).
     """
 
     options_from = StaticOptions
 
-    def __init__(self, *, calibration: CalibrationData | None = None, **options: Any) -> None:
+    def __init__(
+        self, *, calibration: CalibrationData | None = None, float_fallback: bool = True,
+        **options: Any,
+    ) -> None:
         static = StaticOptions(**options)
         super().__init__(
-            QuantizeOptions(mode="static", progress=False, **vars(static)),
+            QuantizeOptions(mode="static", progress=False, float_fallback=float_fallback,
+                            **vars(static)),
             calibration=calibration,
         )
 
