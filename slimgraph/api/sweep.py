@@ -258,7 +258,7 @@ def build_candidate(
     try:
         reference = _load_model(model)
         # jobs run in parallel: nothing in them times the model (the sweep times it serially)
-        context: dict[str, Any] = {"float_fallback": False}
+        context: dict[str, Any] = {"speed_fallback": False}
         if calibration is not None:
             context["calibration"] = _load_npz(calibration)
         built = reference

@@ -15,7 +15,7 @@ __all__ = [
     "UNIT",
     "QUANT_REPORT",
     "BUDGET_SEARCH",
-    "FLOAT_FALLBACK",
+    "SPEED_FALLBACK",
     "SMOOTH_QUANT_ALPHA",
     "AUTO_BITS",
     "STATIC_SHAPE",
@@ -54,9 +54,9 @@ QUANT_REPORT = "slimgraph.quantize_report"
 # uncompressed and why, the evaluations tried; `slimgraph.api.budget`).
 BUDGET_SEARCH = "slimgraph.budget_search"
 
-# Model.meta: the FloatFallback of static quantization (layer shape classes timed as int8 and as
-# float, those left float; `passes.quantize.float_fallback`).
-FLOAT_FALLBACK = "slimgraph.float_fallback"
+# Model.meta: the SpeedFallback of static quantization (layer shape classes timed as int8 and as
+# float, those left float; `passes.quantize.speed_fallback`).
+SPEED_FALLBACK = "slimgraph.speed_fallback"
 
 # Model.meta: the alpha SmoothQuant chose (None: no smoothing scored best); `quantize(...,
 # smooth_quant=...)`.

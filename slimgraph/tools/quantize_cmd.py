@@ -27,8 +27,8 @@ from slimgraph.errors import BadOptionError
 from slimgraph.ir import metadata
 from slimgraph.passes.quantize.adaround import ROUNDINGS, WEIGHT_BITS
 from slimgraph.passes.quantize.fallback import FALLBACKS, check_fallback
-from slimgraph.passes.quantize.float_fallback import dynamic_note
 from slimgraph.passes.quantize.report import QuantReport
+from slimgraph.passes.quantize.speed_fallback import dynamic_note
 from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
@@ -147,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq", type=int, default=None,
                         help="--bits auto: the sequence length the layers are timed at "
                         "(default: the export's example length, else 1)")
-    parser.add_argument("--no-float-fallback", dest="float_fallback", action="store_false",
+    parser.add_argument("--no-speed-fallback", dest="speed_fallback", action="store_false",
                         help="static: quantize every layer, even those whose int8 form is "
                         "timed slower than float here (by default they stay float)")
     parser.add_argument("--top", type=int, default=8, help="worst tensors to print (default 8)")
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         weight_bits=args.weight_bits,
         round=args.round,
-        float_fallback=args.float_fallback,
+        speed_fallback=args.speed_fallback,
     )
     job.write(quantized)
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
@@ -266,9 +266,9 @@ def run(args: argparse.Namespace) -> int:
         lines.append(chosen.summary())
     if report is not None:
         lines.append(report.summary(top=args.top))
-    fallback = quantized.meta.get(metadata.FLOAT_FALLBACK)
+    fallback = quantized.meta.get(metadata.SPEED_FALLBACK)
     if fallback is not None:
-        out["float_fallback"] = fallback.to_dict()
+        out["speed_fallback"] = fallback.to_dict()
         lines.append(fallback.summary())
     note = dynamic_note(job.model) if mode == "dynamic" and args.mode is None else None
     if note is not None:

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, VerificationError
-from slimgraph.ir.metadata import FLOAT_FALLBACK
-from slimgraph.passes.quantize.float_fallback import (
+from slimgraph.ir.metadata import SPEED_FALLBACK
+from slimgraph.passes.quantize.speed_fallback import (
     FallbackLayer,
-    FloatFallback,
+    SpeedFallback,
     dynamic_note,
     slow_layers,
 )
@@ -137,7 +137,7 @@ def test_channel_multiple_is_an_nchwc_block() -> None:
     assert channel_multiple() in (8, 16)
 
 
-# --- static quantization's float fallback (passes/quantize/float_fallback.py) -----------------
+# --- static quantization's speed fallback (passes/quantize/speed_fallback.py) -----------------
 
 
 def conv_net(batch: int | str = "batch") -> ir.Model:
@@ -154,15 +154,15 @@ def conv_net(batch: int | str = "batch") -> ir.Model:
     return ir.from_proto(helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
 
 
-def test_float_fallback_keeps_the_slow_classes_float() -> None:
-    fallback = FloatFallback(1, [
+def test_speed_fallback_keeps_the_slow_classes_float() -> None:
+    fallback = SpeedFallback(1, [
         FallbackLayer(("n1", "n2"), ("a", "b"), "Conv", "x[1, 8, 4, 4] w[8, 1, 3, 3] group 8",
                       1.4, 1.2, 1.6, True),
         FallbackLayer(("n3",), ("c",), "Conv", "x[1, 8, 4, 4] w[64, 8, 1, 1]", 0.5, 0.4, 0.6,
                       False)], untimed=["n4"], seconds=2.0)  # fmt: skip
     assert fallback.kept_float == ["n1", "n2"]
     assert fallback.summary().splitlines() == [
-        "float fallback: 2 layer shape(s) timed at batch 1 in 2.0 s, 2 layer(s) kept float where "
+        "speed fallback: 2 layer shape(s) timed at batch 1 in 2.0 s, 2 layer(s) kept float where "
         "int8 ran slower",
         "  Conv x[1, 8, 4, 4] w[8, 1, 3, 3] group 8 (a, b): int8 1.40x of float (1.20-1.60)",
         "  1 layer(s) not timed (budget), left int8"]
@@ -173,9 +173,9 @@ def test_static_quantization_skips_the_timing_in_the_suite() -> None:
     calibration = {"x": np.random.default_rng(0).standard_normal((4, 8, 16, 16)).astype(
         np.float32)}
     quantized = sg.quantize(conv_net(), calibration=calibration)
-    assert quantized.meta[FLOAT_FALLBACK].skipped == f"{ENV_SKIP} is set"
-    off = sg.quantize(conv_net(), calibration=calibration, float_fallback=False)
-    assert FLOAT_FALLBACK not in off.meta
+    assert quantized.meta[SPEED_FALLBACK].skipped == f"{ENV_SKIP} is set"
+    off = sg.quantize(conv_net(), calibration=calibration, speed_fallback=False)
+    assert SPEED_FALLBACK not in off.meta
 
 
 def test_slow_layers_times_one_class_per_shape(guard_on: None) -> None:

@@ -27,10 +27,10 @@ from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.quantize.adaround import check_rounding
 from slimgraph.passes.quantize.bias_correction import NO_CALIBRATION
 from slimgraph.passes.quantize.dynamic import quantize_dynamic
-from slimgraph.passes.quantize.float_fallback import slow_layers
 from slimgraph.passes.quantize.options import QuantizeOptions, StaticOptions
 from slimgraph.passes.quantize.prepare import check_exclusions, generated_feed, prepare
 from slimgraph.passes.quantize.smoothquant import smooth_and_quantize
+from slimgraph.passes.quantize.speed_fallback import slow_layers
 from slimgraph.passes.quantize.static import StaticSession
 from slimgraph.passes.registry import register_pass, register_preset
 from slimgraph.passes.transformer import (
@@ -121,13 +121,13 @@ def _quantize(
         if smooth_quant is not None and smooth_quant is not False:
             return _finish(smooth_and_quantize(session, smooth_quant, report=options.report,
                                                fmt=options.fmt))
-        if not options.float_fallback:
+        if not options.speed_fallback:
             return _finish(session.build(report=options.report, fmt=options.fmt))
         fallback = slow_layers(session.prepared, session.plan().nodes, batch=options.auto_batch,
                                activation_dtype=options.activation_dtype)
         quantized = _finish(session.build(fallback.kept_float, report=options.report,
                                           fmt=options.fmt))
-        quantized.meta[metadata.FLOAT_FALLBACK] = fallback
+        quantized.meta[metadata.SPEED_FALLBACK] = fallback
         return quantized
     if options.bias_correction:  # needs the calibration data static mode has
         raise BadOptionError.worded(NO_CALIBRATION if calibration is None else
@@ -283,19 +283,19 @@ class StaticQuantizePass(QuantizePass):
     `slimgraph optimize --calib DATA.npz`) unless given directly; the options are
     `StaticOptions`' (see `static.quantize_static`). The result is the same deployable model as
     `sg.quantize` and `slimgraph quantize` write (it runs the same `QuantizePass` work).
-    `float_fallback` comes from the context too: `sweep` turns it off in its jobs, which run in
+    `speed_fallback` comes from the context too: `sweep` turns it off in its jobs, which run in
     parallel and must not time anything (the sweep times its candidates itself, serially).
     """
 
     options_from = StaticOptions
 
     def __init__(
-        self, *, calibration: CalibrationData | None = None, float_fallback: bool = True,
+        self, *, calibration: CalibrationData | None = None, speed_fallback: bool = True,
         **options: Any,
     ) -> None:
         static = StaticOptions(**options)
         super().__init__(
-            QuantizeOptions(mode="static", progress=False, float_fallback=float_fallback,
+            QuantizeOptions(mode="static", progress=False, speed_fallback=speed_fallback,
                             **vars(static)),
             calibration=calibration,
         )

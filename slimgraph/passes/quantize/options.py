@@ -80,9 +80,9 @@ class QuantizeOptions(StaticOptions):
             preset's exact fusions (fused attention, BiasGelu, residual Sums; onnxruntime is the
             target), so the attention becomes QAttention, and GELU's tanh form (FastGelu,
             approximate, `tanh-gelu`); False quantizes the graph as it is.
-        float_fallback: static: time each quantized layer's shape class as int8 and as float
+        speed_fallback: static: time each quantized layer's shape class as int8 and as float
             at `auto_batch` and leave the classes whose int8 form is slower float
-            (`passes.quantize.float_fallback`; not under a budget, not with SmoothQuant).
+            (`passes.quantize.speed_fallback`; not under a budget, not with SmoothQuant).
     """
 
     mode: Mode | None = None
@@ -102,4 +102,4 @@ class QuantizeOptions(StaticOptions):
     verify: bool = True
     smooth_quant: float | str | bool | None = None
     transformer: bool = True
-    float_fallback: bool = True
+    speed_fallback: bool = True

@@ -41,7 +41,7 @@ from slimgraph.ir import display_name
 from slimgraph.passes.quantize.policy import default_activation_dtype
 from slimgraph.runtime.speed_guard import skipped_by_environment, speed_check
 
-__all__ = ["BUDGET_S", "MAX_CLASSES", "FallbackLayer", "FloatFallback", "dynamic_note",
+__all__ = ["BUDGET_S", "MAX_CLASSES", "FallbackLayer", "SpeedFallback", "dynamic_note",
            "slow_layers"]
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ class FallbackLayer:
 
 
 @dataclass
-class FloatFallback:
-    """What the float fallback measured (`quantized.meta[FLOAT_FALLBACK]`).
+class SpeedFallback:
+    """What the speed fallback measured (`quantized.meta[SPEED_FALLBACK]`).
 
     Attributes:
         batch: the batch the layers were timed at.
@@ -95,9 +95,9 @@ class FloatFallback:
 
     def summary(self) -> str:
         if self.skipped is not None:
-            return f"float fallback: not measured ({self.skipped})"
+            return f"speed fallback: not measured ({self.skipped})"
         slow = [c for c in self.classes if c.kept_float]
-        text = (f"float fallback: {len(self.classes)} layer shape(s) timed at batch "
+        text = (f"speed fallback: {len(self.classes)} layer shape(s) timed at batch "
                 f"{self.batch} in {self.seconds:.1f} s, {len(self.kept_float)} layer(s) kept "
                 "float where int8 ran slower")
         for c in slow:
@@ -124,7 +124,7 @@ def slow_layers(
     batch: int = 1,
     activation_dtype: str = "auto",
     budget_s: float = BUDGET_S,
-) -> FloatFallback:
+) -> SpeedFallback:
     """Time the layers `nodes` of `prepared` (the float model static quantization plans on) per
     shape class as described in the module docstring; returns which to leave float.
 
@@ -138,7 +138,7 @@ def slow_layers(
     """
     start = time.perf_counter()
     if skipped_by_environment():
-        return FloatFallback(batch, skipped="SLIMGRAPH_NO_SPEED_CHECK is set")
+        return SpeedFallback(batch, skipped="SLIMGRAPH_NO_SPEED_CHECK is set")
     wanted = set(nodes)
     act = {"uint8": ir.DataType.UINT8, "int8": ir.DataType.INT8}.get(
         activation_dtype, default_activation_dtype())
@@ -156,7 +156,7 @@ def slow_layers(
     # kernels win on large layers; small ones pay the quantization around them)
     order = sorted(classes.items(), key=lambda item: (
         _group(item[1][0][0]) == 1, macs.get(item[1][0][0], 0)))
-    result = FloatFallback(batch)
+    result = SpeedFallback(batch)
     share = budget_s / max(1, min(len(order), MAX_CLASSES))
     timing_start = time.perf_counter()  # the budget counts timing, not the shape analysis
     for index, (key, members) in enumerate(order):
@@ -264,7 +264,7 @@ def _one_node_models(
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as error:
-            logger.info("float fallback: %s not timed (%s)", node.name, error)
+            logger.info("speed fallback: %s not timed (%s)", node.name, error)
             return None
         forms.append(ir.from_proto(proto))
     return forms[0], forms[1]
