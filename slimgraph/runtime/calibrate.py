@@ -223,11 +223,13 @@ class RunOptions(TypedDict, total=False):
         threads: onnxruntime intra-op threads (None: its default).
         progress: progress bar on stderr (None: when stderr is a terminal).
         total: the number of batches, for the progress bar (None: unknown).
+        data: what the batches are, for error messages (default "the calibration data").
     """
 
     threads: int | None
     progress: bool | None
     total: int | None
+    data: str
 
 
 def stream_values(
@@ -270,7 +272,7 @@ def _runs(
                     outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
                 except Exception as error:  # onnxruntime's own classes
                     if sample_count(feed) <= 1:
-                        raise _run_failure(error) from None
+                        raise _run_failure(error, run.get("data")) from None
                     one_row = True  # retried below, one row per run
                     if source is not None:
                         source.one_row = True  # later passes over the data: no second warning
@@ -287,7 +289,7 @@ def _runs(
                 try:
                     yield session.run(output_names, dict(row))  # type: ignore[attr-defined]
                 except Exception as error:  # onnxruntime's own classes
-                    raise _run_failure(error) from None
+                    raise _run_failure(error, run.get("data")) from None
             bar.update(1)
 
 
@@ -299,10 +301,11 @@ def _batches_of(batches: object) -> Batches | None:
     return None
 
 
-def _run_failure(error: BaseException) -> UnsupportedModelError:
+def _run_failure(error: BaseException, data: str | None = None) -> UnsupportedModelError:
     """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
     return UnsupportedModelError(
-        f"onnxruntime cannot run the model on the calibration data: {first_line(error)}"
+        f"onnxruntime cannot run the model on {data or 'the calibration data'}: "
+        f"{first_line(error)}"
     )
 
 
