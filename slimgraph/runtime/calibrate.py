@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError, first_line
 from slimgraph.ir.analysis import with_static_shapes
+from slimgraph.runtime._decoder import decoder_io
 from slimgraph.runtime.feeds import (
     check_feeds,
     input_specs,
@@ -165,7 +166,9 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
     rows: Mapping[str, RowArray | np.ndarray] = opened
     if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
         rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
-    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
+    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()) or (
+            decoder_io(model) is not None and names - set(rows)):
+        # a decode step's token file is completed whole (`runtime.data.split_labels`)
         return _load_whole(path, model)
     counts = {name: array.shape[0] for name, array in rows.items()}
     if len(set(counts.values())) > 1 or 0 in counts.values():
