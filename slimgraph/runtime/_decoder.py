@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["DecoderIO", "decoder_io", "expression_size", "decoder_mask", "mask_positions"]
+__all__ = ["DecoderIO", "decoder_io", "expression_size", "decoder_mask", "mask_positions",
+           "token_feeds"]
 
 _MAX_CHAIN = 8
 # where fused attention ops read the past keys and values
@@ -183,3 +184,46 @@ def mask_positions(mask: np.ndarray, new: int) -> np.ndarray:
     counts = np.cumsum(mask.astype(np.int64), axis=-1) - 1
     positions = np.where(mask.astype(bool), counts, 1)
     return positions[:, mask.shape[-1] - new:]
+
+
+def token_feeds(model: ir.Model, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A decode step's whole inputs from token data, or None when `model` is no decode step or
+    `data` holds more than its token ids (and mask).
+
+    Token files (`input_ids` [rows, seq], optionally `attention_mask` [rows, seq]) score and
+    calibrate a decode step as a prompt: an empty past (past length 0: keys and values
+    [rows, KVH, 0, H]), the mask as given or all ones, the positions counting its kept tokens
+    (`mask_positions`). None also when the arrays or the past's head dimensions do not fit
+    (the data's own check then says what is wrong).
+    """
+    roles = decoder_io(model)
+    if roles is None or roles.ids is None or roles.ids not in data or not (
+            set(data) <= {roles.ids, roles.mask}):
+        return None
+    values = {v.name: v for v in model.graph.inputs if v.name and not v.is_initializer()}
+    ids = np.asarray(data[roles.ids])
+    if ids.ndim != 2:
+        return None
+    feeds = {roles.ids: ids}
+    mask = None
+    if roles.mask is not None:
+        dtype = values[roles.mask].dtype
+        mask = np.asarray(data[roles.mask]) if roles.mask in data else np.ones(
+            ids.shape, dtype.numpy() if dtype is not None else np.int64)
+        if mask.shape != ids.shape:
+            return None
+        feeds[roles.mask] = mask
+    if roles.positions is not None:
+        dtype = values[roles.positions].dtype
+        keep = mask if mask is not None else np.ones(ids.shape, np.int64)
+        feeds[roles.positions] = mask_positions(keep, ids.shape[1]).astype(
+            dtype.numpy() if dtype is not None else np.int64)
+    for name in roles.past:
+        value = values[name]
+        shape = value.shape
+        if shape is None or value.dtype is None or not all(
+                isinstance(shape[axis], int) for axis in (1, 3)):
+            return None
+        feeds[name] = np.zeros((ids.shape[0], int(shape[1]), 0, int(shape[3])),  # type: ignore[arg-type]
+                               value.dtype.numpy())
+    return feeds if set(feeds) == set(values) else None

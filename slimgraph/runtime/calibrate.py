@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError, first_line
 from slimgraph.ir.analysis import with_static_shapes
+from slimgraph.runtime._decoder import decoder_io
 from slimgraph.runtime.feeds import (
     check_feeds,
     input_specs,
@@ -165,7 +166,9 @@ def _npz_rows(path: str | os.PathLike[str], model: ir.Model) -> Mapping[str, np.
     rows: Mapping[str, RowArray | np.ndarray] = opened
     if DEFAULT_LABELS in rows and DEFAULT_LABELS not in names:  # labels: ignored, never fed
         rows = {name: array for name, array in rows.items() if name != DEFAULT_LABELS}
-    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()):
+    if not rows or any(len(getattr(a, "shape", ())) == 0 for a in rows.values()) or (
+            decoder_io(model) is not None and names - set(rows)):
+        # a decode step's token file is completed whole (`runtime.data.split_labels`)
         return _load_whole(path, model)
     counts = {name: array.shape[0] for name, array in rows.items()}
     if len(set(counts.values())) > 1 or 0 in counts.values():
@@ -223,11 +226,13 @@ class RunOptions(TypedDict, total=False):
         threads: onnxruntime intra-op threads (None: its default).
         progress: progress bar on stderr (None: when stderr is a terminal).
         total: the number of batches, for the progress bar (None: unknown).
+        data: what the batches are, for error messages (default "the calibration data").
     """
 
     threads: int | None
     progress: bool | None
     total: int | None
+    data: str
 
 
 def stream_values(
@@ -270,7 +275,7 @@ def _runs(
                     outputs = session.run(output_names, dict(feed))  # type: ignore[attr-defined]
                 except Exception as error:  # onnxruntime's own classes
                     if sample_count(feed) <= 1:
-                        raise _run_failure(error) from None
+                        raise _run_failure(error, run.get("data")) from None
                     one_row = True  # retried below, one row per run
                     if source is not None:
                         source.one_row = True  # later passes over the data: no second warning
@@ -287,7 +292,7 @@ def _runs(
                 try:
                     yield session.run(output_names, dict(row))  # type: ignore[attr-defined]
                 except Exception as error:  # onnxruntime's own classes
-                    raise _run_failure(error) from None
+                    raise _run_failure(error, run.get("data")) from None
             bar.update(1)
 
 
@@ -299,10 +304,11 @@ def _batches_of(batches: object) -> Batches | None:
     return None
 
 
-def _run_failure(error: BaseException) -> UnsupportedModelError:
+def _run_failure(error: BaseException, data: str | None = None) -> UnsupportedModelError:
     """onnxruntime's exception, as one line of ours (the Python API never leaks its classes)."""
     return UnsupportedModelError(
-        f"onnxruntime cannot run the model on the calibration data: {first_line(error)}"
+        f"onnxruntime cannot run the model on {data or 'the calibration data'}: "
+        f"{first_line(error)}"
     )
 
 

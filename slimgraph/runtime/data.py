@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, BadOptionError
+from slimgraph.runtime._decoder import token_feeds
 from slimgraph.runtime.feeds import (
     cast_floats,
     check_feeds,
@@ -164,6 +165,7 @@ def split_labels(
                 f"{label_array.dtype.name} {list(label_array.shape)}"
             )
         label_array = label_array.astype(np.int64, copy=False)
+    feeds = token_feeds(model, feeds) or feeds  # a decode step scored on a token file
     feeds = cast_floats(model, feeds, source=source)
     check_feeds(model, feeds, source=source)
     if label_array is not None and label_array.shape[0] != sample_count(feeds):

@@ -56,8 +56,12 @@ class LMSpec:
 
 def lm_spec(model: ir.Model) -> LMSpec | None:
     """The model's `LMSpec` when it looks like a causal LM (see the module docstring), else
-    None: an integer input of rank 2 (`input_ids` first) and a float output of rank 3 whose
-    first two dimensions are the input's (same names or sizes)."""
+    None: an integer input of rank 2 (`input_ids` first) that indexes an embedding table
+    [vocab, width] (a Gather of a constant, also dequantized or block-quantized, or onnxruntime's
+    EmbedLayerNormalization), and a float output of rank 3 whose first two dimensions are the
+    input's (same names or sizes) and whose last is the table's vocabulary (or, when unknown,
+    comes from a head MatMul of that width). An encoder's hidden states [batch, seq, width] are
+    not logits."""
     inputs = [v for v in model.graph.inputs if v.name and v.dtype in _INTEGER and
               v.shape is not None and len(v.shape) == 2]
     if not inputs:
@@ -66,14 +70,98 @@ def lm_spec(model: ir.Model) -> LMSpec | None:
     tokens = named[0] if named else inputs[0] if len(inputs) == 1 else None
     if tokens is None or tokens.shape is None:
         return None
+    table = _embedding_table(tokens)
+    if table is None:
+        return None
+    vocab, width = table
     for output in model.graph.outputs:
         shape = output.shape
         if output.name and output.dtype in _FLOATS and shape is not None and len(shape) == 3 and (
             _same(shape[0], tokens.shape[0]) and _same(shape[1], tokens.shape[1])
-        ):
+        ) and _is_logits(output, vocab, width):
             mask = next((v.name for v in inputs if v is not tokens and v.name and
                          "mask" in v.name.lower()), None)
             return LMSpec(tokens.name, output.name, mask)  # type: ignore[arg-type]
+    return None
+
+
+_PASS_THROUGH = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+_MAX_CHAIN = 6
+
+
+def _is_onnx(node: ir.Node, *ops: str) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type in ops
+
+
+def _embedding_table(tokens: ir.Value) -> tuple[int, int | None] | None:
+    """(vocabulary, width) of the embedding table `tokens` index: the rows of the data of a
+    Gather (or com.microsoft GatherBlockQuantized / EmbedLayerNormalization) that reads the
+    tokens, through casts and reshapes, as its indices."""
+    pending, seen = [tokens], 0
+    while pending and seen < 4 * _MAX_CHAIN:
+        value = pending.pop(0)
+        seen += 1
+        for use in value.uses():
+            node, index = use.node, use.idx
+            if _is_onnx(node, *_PASS_THROUGH) and index == 0:
+                pending.extend(node.outputs)
+                continue
+            slot = None
+            if _is_onnx(node, "Gather") and index == 1 and node.attributes.get_int("axis", 0) == 0:
+                slot = 0
+            elif node.domain == "com.microsoft" and (node.op_type, index) in (
+                    ("GatherBlockQuantized", 1), ("EmbedLayerNormalization", 0)):
+                slot = 0 if node.op_type == "GatherBlockQuantized" else 2
+            if slot is None or len(node.inputs) <= slot:
+                continue
+            shape = _table_shape(node.inputs[slot])
+            if shape is not None:
+                return shape
+    return None
+
+
+def _table_shape(value: ir.Value | None, depth: int = 0) -> tuple[int, int | None] | None:
+    """The static [rows, width] of a table computed from constants (not a graph input)."""
+    if value is None or depth > _MAX_CHAIN:
+        return None
+    node = value.producer()
+    if value.const_value is None and node is None:
+        return None  # a graph input: not a table of the model's own
+    dims = list(value.const_value.shape) if value.const_value is not None else (
+        list(value.shape) if value.shape is not None else None)
+    if dims is not None and len(dims) == 2 and isinstance(dims[0], int):
+        return dims[0], dims[1] if isinstance(dims[1], int) else None
+    if node is not None and _is_onnx(node, "DequantizeLinear", "Cast", "Identity"):
+        return _table_shape(node.inputs[0], depth + 1)
+    return None
+
+
+def _is_logits(output: ir.Value, vocab: int, width: int | None) -> bool:
+    """Whether `output` [batch, seq, ?] scores the `vocab` tokens: its last dimension is the
+    vocabulary (and not also the hidden width), else it comes from a head MatMul whose N is."""
+    last = output.shape[-1] if output.shape is not None else None
+    if isinstance(last, int) and (last != vocab or width != vocab):
+        return last == vocab
+    return _head_width(output) == vocab
+
+
+def _head_width(value: ir.Value) -> int | None:
+    """The N of the MatMul / Gemm / MatMulNBits that computes `value` (through reshapes, casts,
+    a bias Add), if static."""
+    for _ in range(_MAX_CHAIN):
+        node = value.producer()
+        if node is None:
+            return None
+        if _is_onnx(node, "MatMul", "Gemm") and len(node.inputs) > 1 and (
+                weight := node.inputs[1]) is not None and weight.shape is not None:
+            transposed = _is_onnx(node, "Gemm") and node.attributes.get_int("transB") == 1
+            dim = weight.shape[0 if transposed else -1]
+            return dim if isinstance(dim, int) else None
+        if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+            return node.attributes.get_int("N", 0) or None
+        if not (_is_onnx(node, *_PASS_THROUGH, "Add") and node.inputs and node.inputs[0]):
+            return None
+        value = node.inputs[0]  # type: ignore[assignment]
     return None
 
 

@@ -45,6 +45,7 @@ from slimgraph.passes.quantize.weight_only import (
     plan_weight_only,
     quantize_weight_only,
 )
+from slimgraph.runtime._decoder import decoder_io
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.calibrate import CalibrationData, stream_values
 from slimgraph.runtime.feeds import example_dims, input_specs, random_feeds
@@ -97,11 +98,16 @@ class AutoBitsResult:
 
 
 def _sequence_dims(model: ir.Model, seq: int) -> dict[str, int]:
-    """Every symbolic input dimension but the leading one of each input, set to `seq`."""
+    """Every symbolic input dimension but the leading one of each input, set to `seq`; for a
+    decode step (`runtime._decoder.decoder_io`) only the new tokens' dimension: the past keeps
+    the length the export's example gave it and the mask spans past and new (`random_feeds`
+    makes them consistent)."""
+    decoder = decoder_io(model)
+    derived = {decoder.past_dim, decoder.total_dim} if decoder is not None else set()
     dims: dict[str, int] = {}
     for spec in input_specs(model):
         for dim in (spec.shape or ())[1:]:
-            if isinstance(dim, str):
+            if isinstance(dim, str) and dim not in derived:
                 dims[dim] = seq
     return dims
 
@@ -121,7 +127,8 @@ def layer_rows(model: ir.Model, nodes: Sequence[ir.Node], batch: int, seq: int) 
     names = {node.name: node.inputs[0].name for node in nodes
              if node.name and node.inputs[0] is not None and node.inputs[0].name}
     values = next(stream_values(model, list(dict.fromkeys(names.values())), [feeds],
-                                description="measuring MatMul rows", progress=False))
+                                description="measuring MatMul rows", progress=False,
+                                data="generated inputs"))
     return {node: int(math.prod(np.shape(values[value])[:-1]) or 1)
             for node, value in names.items()}
 

@@ -387,6 +387,8 @@ def rewrite(graph: ir.Graph, names: Names, site: HeadSite, units: Sequence[int],
             attributes["qkv_hidden_sizes"] = ir.AttrInt64s("qkv_hidden_sizes", [
                 new_heads * site.head_size, new_heads * site.head_size,
                 new_heads * site.v_head_size])
+        _restate_cache(site.fused, new_kv if site.fused.op_type == "GroupQueryAttention"
+                       else new_heads)
     for node, role in site.rotary_ops:
         node.attributes["num_heads"] = ir.AttrInt64("num_heads",
                                                     new_heads if role == "q" else new_kv)
@@ -397,6 +399,25 @@ def rewrite(graph: ir.Graph, names: Names, site: HeadSite, units: Sequence[int],
                                   np.array(kept_heads, np.int64))
         gathered = _insert(graph, names, consumer, "Gather", [value, indices], axis=axis)
         consumer.replace_input_with(index, gathered)
+
+
+# A fused op's key/value cache: past inputs and present outputs [batch, heads, sequence, size].
+_CACHE_SLOTS = {"GroupQueryAttention": ((3, 4), (1, 2)), "MultiHeadAttention": ((6, 7), (1, 2))}
+
+
+def _restate_cache(node: ir.Node, heads: int) -> None:
+    """The declared head count (axis 1) of `node`'s past key/value inputs and present outputs,
+    the decode step's interface included: a cache of the kept heads only."""
+    slots = _CACHE_SLOTS.get(node.op_type)
+    if slots is None:
+        return
+    values = [node.inputs[i] for i in slots[0] if i < len(node.inputs)] + [
+        node.outputs[i] for i in slots[1] if i < len(node.outputs)]
+    for value in values:
+        if value is not None and value.shape is not None and len(value.shape) == 4:
+            dims = list(value.shape)
+            dims[1] = heads
+            value.shape = ir.Shape(dims)
 
 
 def _slice(graph: ir.Graph, names: Names, w: Weight, keep: np.ndarray, done: Done) -> None:
