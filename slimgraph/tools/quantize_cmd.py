@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         budget=job.budget,
         verify=args.verify,
         smooth_quant=args.smooth_quant,
-        equalize=args.equalize, bias_correction=args.bias_correction,  # issue 27
+        equalize=args.equalize, bias_correction=args.bias_correction,
         accuracy_level=args.accuracy_level,
         head_bits=args.head_bits,
         embedding_bits=args.embedding_bits,
@@ -261,7 +261,9 @@ def run(args: argparse.Namespace) -> int:
     if chosen is not None:
         out["auto_bits"] = {"batch": chosen.batch, "seq": chosen.seq, "forms": dict(chosen.forms),
                             "timings": [{"k": t.k, "n": t.n, "m": t.m, "bits": t.nbits,
-                                         "median_ms": dict(t.times), "choice": t.choice}
+                                         "median_ms": dict(t.times),
+                                         "faster_than_int8": dict(t.faster or {}),
+                                         "choice": t.choice}
                                         for t in chosen.timings]}
         lines.append(chosen.summary())
     if report is not None:

@@ -112,8 +112,10 @@ def test_bits_auto_times_and_reports_the_choice(cli, tmp_path: Path, lm_files) -
     assert set(auto["forms"]) == {"fc", "lm_head"}
     assert {t["m"] for t in auto["timings"]} == {4}
     for timing in auto["timings"]:
-        times = timing["median_ms"]
-        assert timing["choice"] == min(times, key=times.get)
+        times, faster = timing["median_ms"], timing["faster_than_int8"]
+        # int8 unless another form is faster beyond noise; then the lowest median of those
+        allowed = ["int8", *(form for form in times if faster.get(form))]
+        assert timing["choice"] == min(allowed, key=times.get)
     written = sg_ir.load(tmp_path / "a.onnx")
     ops = [n.op_type for n in written.graph]
     expected = {"int4": "MatMulNBits", "int8": "MatMulInteger", "fp32": "MatMul"}

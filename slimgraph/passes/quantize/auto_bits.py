@@ -15,9 +15,13 @@ guessed:
    onnxruntime) and MatMulNBits (what weight-only writes, at the layer's bits: 8 for the head)
    are timed interleaved (`runtime.benchmark`: shuffled rounds, medians), once per shape in
    the run.
-3. Each MatMul takes the form with the lowest median (ties: the smaller file). The model is then
-   quantized weight-only on the MatMuls that chose MatMulNBits (embedding tables as weight-only
-   always does), dynamically on those that chose int8, and the rest stay float32.
+3. Each MatMul stays dynamic int8 (the form that is never far from the fastest) unless another
+   form is faster beyond noise: its time ratio to int8's has a 90% bootstrap interval wholly
+   below 1 (`runtime.bench`); of those, the lowest median wins (ties: the smaller file). On a
+   busy machine a shape whose timings are noisy keeps int8 rather than following one lucky
+   round (a prefill once chose int4 for 8 MatMuls under load and ran 1.23x of int8). The model
+   is then quantized weight-only on the MatMuls that chose MatMulNBits (embedding tables as
+   weight-only always does), dynamically on those that chose int8, and the rest stay float32.
 
 The choice is only as good as the timing: the micro-benchmarks run one MatMul, not the model
 (a shared DynamicQuantizeLinear, cache effects), so benchmark the whole result too
@@ -73,10 +77,14 @@ class ShapeTiming:
     m: int
     nbits: int
     times: Mapping[str, float]
+    faster: Mapping[str, bool] | None = None  # form -> faster than int8 beyond noise
 
     @property
     def choice(self) -> Form:
-        best = min(self.times, key=lambda f: (self.times[f], _PREFERENCE[f]))
+        candidates = list(self.times)
+        if self.faster is not None and "int8" in self.times:
+            candidates = ["int8", *(f for f in self.times if self.faster.get(f, False))]
+        best = min(candidates, key=lambda f: (self.times[f], _PREFERENCE[f]))
         return cast(Form, best)
 
 
@@ -163,7 +171,13 @@ def time_forms(
     feed = {"x": np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)}
     result = benchmark(list(forms.values()), feed, labels=list(forms), rounds=rounds, warmup=2,
                        threads=threads)
-    return ShapeTiming(k, n, m, nbits, {t.label: t.median_ms for t in result.timings})
+    faster = {}
+    for comparison in result.comparisons:  # ratio a/b with its 90% bootstrap interval
+        if comparison.b == "int8":
+            faster[comparison.a] = comparison.high < 1.0
+        elif comparison.a == "int8":
+            faster[comparison.b] = comparison.low > 1.0
+    return ShapeTiming(k, n, m, nbits, {t.label: t.median_ms for t in result.timings}, faster)
 
 
 def choose_forms(

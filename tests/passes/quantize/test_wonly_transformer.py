@@ -37,3 +37,16 @@ def test_weight_only_fuses_attention_first_with_the_same_codes(gpt: ir.Model) ->
 def test_bits_auto_times_the_fused_model(gpt: ir.Model) -> None:
     auto = sg.quantize(gpt, mode="weight-only", bits="auto", block_size=32, auto_seq=16)
     assert _ops(auto)["MultiHeadAttention"] == 2
+
+
+def test_bits_auto_leaves_int8_only_for_a_form_faster_beyond_noise() -> None:
+    from slimgraph.passes.quantize.auto_bits import ShapeTiming
+
+    times = {"fp32": 3.0, "int8": 1.0, "int4": 0.9}
+    noisy = ShapeTiming(64, 64, 8, 4, times, {"fp32": False, "int4": False})
+    assert noisy.choice == "int8"  # int4's lower median is within noise of int8's
+    clear = ShapeTiming(64, 64, 8, 4, times, {"fp32": False, "int4": True})
+    assert clear.choice == "int4"
+    slower = ShapeTiming(64, 64, 8, 4, {"fp32": 3.0, "int8": 1.0, "int4": 1.5},
+                         {"fp32": False, "int4": False})
+    assert slower.choice == "int8"
