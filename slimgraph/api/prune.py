@@ -283,6 +283,13 @@ def _prune_channels(model: ir.Model, options: PruneOptions) -> tuple[ir.Model, P
         result.report.notes.append(
             f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, no "
             "group would lose a channel")
+    else:
+        assert isinstance(result, PruneResult) and result.report is not None
+        if options.round_to == "auto" and options.rounding not in (None, 1) and \
+                result.report.channels:
+            result.report.notes.append(
+                f"kept channel counts rounded to a multiple of {options.rounding} (onnxruntime's "
+                "fast channel block on this CPU; round_to=1 / --round-to 1 keeps them as asked)")
     assert isinstance(result, PruneResult) and result.report is not None
     return result.model, result.report
 

@@ -127,14 +127,15 @@ def select_channels(
     rng = np.random.default_rng(seed)
     groups = analysis.prunable_groups
     scores = channel_scores(analysis, groups, criterion, rng)
+    units = {g.id: _rounding_units(g, round_to) for g in groups}
     if ratios is not None:
         keep = {
             g.id: g.size if ratios.get(g.id, ratio) <= 0
-            else kept_count(g.size, ratios.get(g.id, ratio), round_to)
+            else kept_count(g.size, ratios.get(g.id, ratio), units[g.id])
             for g in groups
         }
     elif scope == "local":
-        keep = {g.id: kept_count(g.size, ratio, round_to) for g in groups}
+        keep = {g.id: kept_count(g.size, ratio, units[g.id]) for g in groups}
     else:
         keep = _global_keep(groups, scores, ratio, round_to)
     removed = {}
@@ -142,6 +143,28 @@ def select_channels(
         order = np.argsort(scores[group.id], kind="stable")
         removed[group.id] = np.sort(order[: group.size - keep[group.id]])
     return removed
+
+
+def _rounding_units(group: ChannelGroup, round_to: int | None) -> int | None:
+    """`round_to` channels in the group's own units: a group whose entries stand for several
+    channels each (the conv groups of a grouped convolution: AlexNet's 384 channels in 2 entries
+    of 192) rounds to round_to / channels-per-entry entries, or not at all when one entry is
+    already a multiple of round_to."""
+    if not round_to or round_to <= 1:
+        return round_to
+    width = 0
+    for node in group.producers:
+        weight = node.inputs[1] if node.op_type == "Conv" and len(node.inputs) > 1 else None
+        if weight is not None and weight.shape is not None and len(weight.shape) > 0 and \
+                isinstance(weight.shape[0], int):
+            width = int(weight.shape[0])
+            break
+    per_entry = width // group.size if width and width % group.size == 0 else 1
+    if per_entry <= 1:
+        return round_to
+    if per_entry % round_to == 0:
+        return None
+    return max(1, round_to // per_entry)
 
 
 def _global_keep(
