@@ -13,7 +13,7 @@ import argparse
 from typing import Literal
 
 from slimgraph.api.factorize import factorize_with_report
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.passes.lowrank import METHODS, FactorizeReport
 from slimgraph.runtime import iter_batches
 from slimgraph.tools._common import (
@@ -129,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         data=job.budget_data if args.target_macs is None else data,
         budget=job.budget,
     )
+    if not report.layers:  # every layer stays whole under the rule: say so, write nothing
+        reasons = list(dict.fromkeys(s.reason for s in report.skipped))[:2]
+        raise UnsupportedModelError(
+            "nothing to factorize: no layer gets smaller under this rank rule"
+            + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing written")
     job.write(factorized)
     result = {"input": str(job.source), "output": str(job.target), **report.to_dict()}
     search = report.budget_search

@@ -62,3 +62,21 @@ def test_weight_listed_as_a_graph_input_is_not_treated_as_constant() -> None:
     _, report = sg.factorize_with_report(model, rank_ratio=0.2, fold=False)
     assert not report.layers
     assert "also a graph input" in report.skipped[0].reason
+
+
+
+def test_a_rule_that_splits_no_layer_exits_2_instead_of_writing_a_copy(tmp_path, capsys) -> None:
+    """Rank ratio 0.95 of an 8x6 weight: the factors would hold more than the weight, every
+    layer stays whole; the command says so and writes nothing (the Python call returns the
+    report with the reasons, as above)."""
+    from slimgraph.tools.cli import main
+
+    source, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    sg.save(_model(), source)
+    assert main(["factorize", str(source), "-o", str(out), "--rank-ratio", "0.95",
+                 "--no-speed-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slimgraph factorize: error: nothing to factorize: no layer gets "
+                          "smaller under this rank rule (")
+    assert err.endswith("); nothing written") and "\n" not in err
+    assert not out.exists()
