@@ -323,11 +323,16 @@ class ChannelTracer:
         The op's handler comes from `_HANDLERS`; an op without one blocks the channels.
         """
         where = f"{node.op_type} {node.name}"
-        if node.domain not in ("", "ai.onnx"):
-            return f"{where} ({node.domain}) is not understood"
+        if node.domain in ("", "ai.onnx"):
+            handler = _HANDLERS.get(node.op_type)
+        elif node.domain == "com.microsoft":
+            handler = _MS_HANDLERS.get(node.op_type)
+        else:
+            handler = None
         if not node.outputs:
             return f"{where} has no output"
-        handler = _HANDLERS.get(node.op_type)
+        if handler is None and node.domain not in ("", "ai.onnx"):
+            return f"{where} ({node.domain}) is not understood"
         if handler is None:
             return f"{where} is not understood"
         return handler(self, slot, node, index)
@@ -699,4 +704,11 @@ _HANDLERS: dict[str, _Handler] = {
     **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), ChannelTracer.reshape_input),
     **dict.fromkeys(_REDUCE, ChannelTracer.reduce),
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), ChannelTracer.softmax),
+}
+# onnxruntime's contrib ops the transformer preset writes that act element by element: the
+# activations (one input) keep the channels in place; BiasGelu(X, bias), FastGelu(X, bias) and
+# BiasAdd(X, bias, skip) broadcast their operands like Add (a bias of the channels is sliced).
+_MS_HANDLERS: dict[str, _Handler] = {
+    **dict.fromkeys(("Gelu", "QuickGelu"), ChannelTracer.in_place),
+    **dict.fromkeys(("BiasGelu", "FastGelu", "BiasAdd"), ChannelTracer.elementwise),
 }
