@@ -7,9 +7,9 @@ times each MatMul as int4, dynamic int8 and float32 at `--batch` x `--seq` and k
 Every mode prints the output fidelity (cosine, SQNR, top-1 agreement) against the input model: on
 `--data` when given (with both models' accuracy when it has labels, their perplexity when they
 are language models), else on the calibration data (static mode, GPTQ/AWQ's `--calib`) and the
-other modes on random inputs, which the output says. `--json` prints one object instead, whose `format` is the form the
-written graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`). The output is written
-atomically, never over the input.
+other modes on random inputs, which the output says. `--json` prints one object instead, whose
+`format` is the form the written graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`).
+The output is written atomically, never over the input.
 """
 
 from __future__ import annotations
