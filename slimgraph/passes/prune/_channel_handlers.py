@@ -432,6 +432,34 @@ class ChannelTracer:
         self.passthrough(slot, node, node.outputs[0], list(perm).index(slot.axis))
         return None
 
+    def gather(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Gather/GatherND with constant indices on other axes than the channels' (the window
+        gathers torch exports for an adaptive pool whose size does not divide the input): the
+        channels pass, moved by the axes the indices replace."""
+        where = f"{node.op_type} {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as indices"
+        indices = constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
+        rank = _rank(node.inputs[0])
+        if indices is None or rank is None:
+            return f"{where} gathers computed indices"
+        if node.op_type == "Gather":
+            axis = node.attributes.get_int("axis", 0) % rank
+            if slot.axis == axis:
+                return f"{where} selects channels"
+            shift = indices.ndim - 1 if slot.axis > axis else 0
+            self.passthrough(slot, node, node.outputs[0], slot.axis + shift)
+            return None
+        batch_dims = node.attributes.get_int("batch_dims", 0)
+        depth = indices.shape[-1] if indices.ndim else 0
+        if batch_dims <= slot.axis < batch_dims + depth:
+            return f"{where} selects channels"
+        out_axis = slot.axis
+        if slot.axis >= batch_dims + depth:  # after the gathered axes: indices' leading dims
+            out_axis = indices.ndim - 1 + slot.axis - batch_dims - depth
+        self.passthrough(slot, node, node.outputs[0], out_axis)
+        return None
+
     def reshape_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
         if index != 0:
             return f"{node.op_type} {node.name} reads the channels as a shape"
@@ -701,6 +729,7 @@ _HANDLERS: dict[str, _Handler] = {
     "Split": ChannelTracer.split,
     "Slice": ChannelTracer.slice,
     "Transpose": ChannelTracer.transpose,
+    **dict.fromkeys(("Gather", "GatherND"), ChannelTracer.gather),
     **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), ChannelTracer.reshape_input),
     **dict.fromkeys(_REDUCE, ChannelTracer.reduce),
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), ChannelTracer.softmax),
