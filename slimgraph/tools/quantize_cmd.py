@@ -6,10 +6,10 @@ weight-only when `--method` names a weight-only method (rtn, hqq, gptq, awq; gpt
 times each MatMul as int4, dynamic int8 and float32 at `--batch` x `--seq` and keeps the fastest.
 Every mode prints the output fidelity (cosine, SQNR, top-1 agreement) against the input model: on
 `--data` when given (with both models' accuracy when it has labels, their perplexity when they
-are language models), else static mode on its calibration data and the other modes on random
-inputs, which the output says. `--json` prints one object instead, whose `format` is the form the
-written graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`). The output is written
-atomically, never over the input.
+are language models), else on the calibration data (static mode, GPTQ/AWQ's `--calib`) and the
+other modes on random inputs, which the output says. `--json` prints one object instead, whose
+`format` is the form the written graph is in (`qdq`, `qoperator`, `dynamic`, `matmulnbits`).
+The output is written atomically, never over the input.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     fmt_label, quantized_ops, search = result.format, result.quantized_ops, result.budget
     size_in, size_out = sg_ir.size_on_disk(job.source, job.model), sg_ir.size_on_disk(job.target)
     report = result.tensors
-    fidelity = _fidelity(job, quantized, report, verify=args.verify)
+    fidelity = _fidelity(job, quantized, report, calib=args.calib, verify=args.verify)
     out: dict[str, object] = {
         "input": str(job.source), "output": str(job.target), "mode": mode, "format": fmt_label,
         "quantized_ops": quantized_ops, "size_bytes": size_out, "input_size_bytes": size_in,
@@ -290,18 +290,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fidelity(
-    job: Compression, quantized: ir.Model, report: QuantReport | None, *, verify: bool
+    job: Compression, quantized: ir.Model, report: QuantReport | None, *, calib: str | None,
+    verify: bool,
 ) -> Fidelity | None:
     """The output fidelity to MODEL: on --data when given; else the static report's (the
-    calibration data), or random inputs for the modes that have no data; None with
-    --no-verify (a model onnxruntime may not run)."""
+    calibration data), else on --calib (GPTQ/AWQ's calibration rows), or random inputs for
+    the modes that have no data; None with --no-verify (a model onnxruntime may not run)."""
     data = job.data()
     if data is not None:
         return compare(job.model, quantized, data)
     if report is not None:
         return replace(report.outputs, data=f"the calibration data ({report.outputs.samples} "
                                             "samples)")
-    return compare(job.model, quantized) if verify else None
+    if not verify:
+        return None
+    # random inputs are a poor stand-in for the user's rows (token ids of 0 and 1)
+    return compare(job.model, quantized, calib) if calib else compare(job.model, quantized)
 
 
 def _fidelity_lines(fidelity: Fidelity) -> list[str]:

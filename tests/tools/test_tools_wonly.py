@@ -151,3 +151,14 @@ def test_compare_lm_on_a_model_that_is_not_one_is_refused(cli, tmp_path: Path) -
     line = _refused(cli, tmp_path, "compare", path, path, "--data", data, "--lm")
     assert line.startswith("slimgraph compare: error: perplexity needs two causal language "
                            "models")
+
+
+def test_awq_without_data_measures_fidelity_on_its_calibration_rows(cli, tmp_path: Path,
+                                                                    lm_files) -> None:
+    model, tokens = lm_files
+    result = cli("quantize", model, "-o", tmp_path / "q.onnx", "--method", "awq", "--calib",
+                 tokens, "--block-size", "32", "--json")
+    assert result.code == 0, result.err
+    fidelity = result.json()["fidelity"]
+    assert fidelity["data"] == f"{tokens} (24 samples)"  # not random token ids
+    assert fidelity["language_model"]["tokens"] == 24 * 11

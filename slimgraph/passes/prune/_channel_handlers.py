@@ -323,11 +323,16 @@ class ChannelTracer:
         The op's handler comes from `_HANDLERS`; an op without one blocks the channels.
         """
         where = f"{node.op_type} {node.name}"
-        if node.domain not in ("", "ai.onnx"):
-            return f"{where} ({node.domain}) is not understood"
+        if node.domain in ("", "ai.onnx"):
+            handler = _HANDLERS.get(node.op_type)
+        elif node.domain == "com.microsoft":
+            handler = _MS_HANDLERS.get(node.op_type)
+        else:
+            handler = None
         if not node.outputs:
             return f"{where} has no output"
-        handler = _HANDLERS.get(node.op_type)
+        if handler is None and node.domain not in ("", "ai.onnx"):
+            return f"{where} ({node.domain}) is not understood"
         if handler is None:
             return f"{where} is not understood"
         return handler(self, slot, node, index)
@@ -425,6 +430,34 @@ class ChannelTracer:
                 return f"{node.op_type} {node.name} has an unknown rank"
             perm = list(reversed(range(rank)))
         self.passthrough(slot, node, node.outputs[0], list(perm).index(slot.axis))
+        return None
+
+    def gather(self, slot: Slot, node: ir.Node, index: int) -> str | None:
+        """Gather/GatherND with constant indices on other axes than the channels' (the window
+        gathers torch exports for an adaptive pool whose size does not divide the input): the
+        channels pass, moved by the axes the indices replace."""
+        where = f"{node.op_type} {node.name}"
+        if index != 0:
+            return f"{where} reads the channels as indices"
+        indices = constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
+        rank = _rank(node.inputs[0])
+        if indices is None or rank is None:
+            return f"{where} gathers computed indices"
+        if node.op_type == "Gather":
+            axis = node.attributes.get_int("axis", 0) % rank
+            if slot.axis == axis:
+                return f"{where} selects channels"
+            shift = indices.ndim - 1 if slot.axis > axis else 0
+            self.passthrough(slot, node, node.outputs[0], slot.axis + shift)
+            return None
+        batch_dims = node.attributes.get_int("batch_dims", 0)
+        depth = indices.shape[-1] if indices.ndim else 0
+        if batch_dims <= slot.axis < batch_dims + depth:
+            return f"{where} selects channels"
+        out_axis = slot.axis
+        if slot.axis >= batch_dims + depth:  # after the gathered axes: indices' leading dims
+            out_axis = indices.ndim - 1 + slot.axis - batch_dims - depth
+        self.passthrough(slot, node, node.outputs[0], out_axis)
         return None
 
     def reshape_input(self, slot: Slot, node: ir.Node, index: int) -> str | None:
@@ -696,7 +729,15 @@ _HANDLERS: dict[str, _Handler] = {
     "Split": ChannelTracer.split,
     "Slice": ChannelTracer.slice,
     "Transpose": ChannelTracer.transpose,
+    **dict.fromkeys(("Gather", "GatherND"), ChannelTracer.gather),
     **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), ChannelTracer.reshape_input),
     **dict.fromkeys(_REDUCE, ChannelTracer.reduce),
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), ChannelTracer.softmax),
+}
+# onnxruntime's contrib ops the transformer preset writes that act element by element: the
+# activations (one input) keep the channels in place; BiasGelu(X, bias), FastGelu(X, bias) and
+# BiasAdd(X, bias, skip) broadcast their operands like Add (a bias of the channels is sliced).
+_MS_HANDLERS: dict[str, _Handler] = {
+    **dict.fromkeys(("Gelu", "QuickGelu"), ChannelTracer.in_place),
+    **dict.fromkeys(("BiasGelu", "FastGelu", "BiasAdd"), ChannelTracer.elementwise),
 }

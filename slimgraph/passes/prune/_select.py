@@ -137,7 +137,7 @@ def select_channels(
     elif scope == "local":
         keep = {g.id: kept_count(g.size, ratio, units[g.id]) for g in groups}
     else:
-        keep = _global_keep(groups, scores, ratio, round_to)
+        keep = _global_keep(groups, scores, ratio, units)
     removed = {}
     for group in groups:
         order = np.argsort(scores[group.id], kind="stable")
@@ -168,9 +168,11 @@ def _rounding_units(group: ChannelGroup, round_to: int | None) -> int | None:
 
 
 def _global_keep(
-    groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float, round_to: int | None
+    groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float,
+    units: Mapping[int, int | None],
 ) -> dict[int, int]:
-    """One threshold over scores normalized by each group's mean."""
+    """One threshold over scores normalized by each group's mean; counts rounded in each
+    group's own units (`_rounding_units`)."""
     entries = []
     for group in groups:
         mean = float(np.mean(scores[group.id]))
@@ -178,7 +180,7 @@ def _global_keep(
         entries += [(float(s), group.id) for s in normalized]
     entries.sort()
     keep = {g.id: g.size for g in groups}
-    floor = {g.id: min(g.size, round_to or 1) for g in groups}
+    floor = {g.id: min(g.size, units[g.id] or 1) for g in groups}
     target = int(len(entries) * ratio)
     removed = 0
     for _, group_id in entries:
@@ -187,7 +189,7 @@ def _global_keep(
         if keep[group_id] > floor[group_id]:
             keep[group_id] -= 1
             removed += 1
-    return {g.id: _rounded(keep[g.id], g.size, round_to) for g in groups}
+    return {g.id: _rounded(keep[g.id], g.size, units[g.id]) for g in groups}
 
 
 def group_key(group: ChannelGroup) -> str:

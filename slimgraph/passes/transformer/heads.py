@@ -234,12 +234,25 @@ def _refresh_shapes(model: ir.Model, sites: list[HeadSite]) -> None:
         for value in node.outputs:
             value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
-    ir_common.ShapeInferencePass(strict_mode=False)(model)
-    for site in sites:
-        if site.fused is None:
-            continue
-        out = site.fused.outputs[0]
-        heads = site.fused.attributes.get_int("num_heads", site.heads)
-        query = site.fused.inputs[0]
-        if query is not None and query.shape is not None and len(query.shape) == 3:
-            out.shape = ir.Shape([query.shape[0], query.shape[1], heads * site.v_head_size])
+    pending = [site for site in sites if site.fused is not None]
+    # onnx's inference stops at a fused op: a block's query is known only once the blocks
+    # before it have their output shapes, so infer again after each round of fused outputs
+    while True:
+        ir_common.ShapeInferencePass(strict_mode=False)(model)
+        done = [site for site in pending if _set_fused_shape(site)]
+        if not done:
+            return
+        pending = [site for site in pending if site not in done]
+
+
+def _set_fused_shape(site: HeadSite) -> bool:
+    """Set a fused block's output shape [B, S, heads * v_head_size] from its 3-D query; False
+    while the query's shape is not known yet."""
+    assert site.fused is not None
+    out = site.fused.outputs[0]
+    heads = site.fused.attributes.get_int("num_heads", site.heads)
+    query = site.fused.inputs[0]
+    if query is None or query.shape is None or len(query.shape) != 3:
+        return False
+    out.shape = ir.Shape([query.shape[0], query.shape[1], heads * site.v_head_size])
+    return True

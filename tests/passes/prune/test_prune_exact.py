@@ -170,3 +170,47 @@ def test_prune_exact_with_dynamic_batch(name: str) -> None:
     check_valid(pruned)
     for rows in (1, 3):
         assert_same_outputs(zeroed, pruned, runtime.random_feeds(zeroed, batch=rows))
+
+
+@pytest.mark.parametrize("pool", [(4, 4), (1, 5)])
+def test_prune_exact_through_an_adaptive_pool_exported_as_a_window_gather(pool) -> None:
+    # an adaptive pool whose size does not divide the input's (6 -> 4, 6 -> 5) is exported as a
+    # Transpose, a GatherND of constant windows, a Transpose and a ReduceMean: the last conv's
+    # channels pass through it (they were blocked: "GatherND ... is not understood")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(pool), torch.nn.Flatten(),
+        torch.nn.Linear(64 * pool[0] * pool[1], 10),
+    ).eval()  # fmt: skip
+    model = from_torch(net, (torch.randn(1, 3, 12, 12),))
+    assert "GatherND" in {n.op_type for n in model.graph}
+    zeroed, _, count = zero_channels(model, 0.5, pad=False, seed=1)
+    pruned, report = prune_with_report(zeroed, ratio=0.5, round_to=1)
+    assert sum(g.channels - g.kept for g in report.groups) == count == 16 + 32
+    check_valid(pruned)
+    assert_same_outputs(zeroed, pruned, runtime.random_feeds(zeroed, batch=3, seed=3))
+
+
+class _RowsPicked(torch.nn.Module):
+    """Conv -> rows 0, 2, 4 of the feature map (a Gather on axis 2) -> Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 8, 1)
+        self.register_buffer("rows", torch.tensor([0, 2, 4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)).index_select(2, self.rows))
+
+
+def test_prune_exact_through_a_gather_of_rows() -> None:
+    torch.manual_seed(0)
+    model = from_torch(_RowsPicked().eval(), (torch.randn(1, 3, 6, 6),))
+    assert "Gather" in {n.op_type for n in model.graph}
+    zeroed, _, count = zero_channels(model, 0.5, pad=False, seed=1)
+    pruned, report = prune_with_report(zeroed, ratio=0.5, round_to=1)
+    assert sum(g.channels - g.kept for g in report.groups) == count == 8
+    assert_same_outputs(zeroed, pruned, runtime.random_feeds(zeroed, batch=2, seed=3))

@@ -141,3 +141,33 @@ def test_prune_reported_macs_equal_inspect(name: str, tmp_path: Path, capsys) ->
         figures.append((summary["macs"], summary["macs_unknown"]))
     assert [(report["macs_before"], 0), (report["macs_after"], 0)] == figures
     assert 0 < report["macs_after"] < report["macs_before"]  # issue 21: "-> 0 (0.000x)"
+
+
+# After `optimize --preset transformer`: the FFN's GELU is onnxruntime's BiasGelu (bias inside)
+# and attention is MultiHeadAttention, whose output shapes onnx's inference cannot state.
+FUSED = ["wav2vec2", pytest.param("albert", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_prune_after_the_transformer_preset_shrinks_heads_and_ffn_channels(name: str) -> None:
+    fused = sg.optimize(hf_model(name), preset="transformer")
+    assert "MultiHeadAttention" in {n.op_type for n in fused.graph}
+    pruned, report = prune_with_report(fused, ratio=0.3, heads=0.5, round_to=1)
+    heads = [(b.heads, b.kept) for b in report.heads]
+    assert len(heads) >= 2 and all(kept == heads_before // 2 for heads_before, kept in heads)
+    ffn = [(layer.before, layer.after) for layer in report.layers if layer.before == FFN]
+    assert len(ffn) >= 2 and set(ffn) == {(FFN, KEPT)}
+    check_valid(pruned)
+    feeds = hf_feeds(fused, batch=3)
+    want = runtime.run(runtime.create_session(fused, threads=1), feeds)
+    got = runtime.run(runtime.create_session(pruned, threads=1), feeds)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+
+
+def test_prune_after_the_transformer_preset_is_exact_on_zeroed_ffn_channels() -> None:
+    fused = sg.optimize(hf_model("wav2vec2"), preset="transformer")
+    assert "BiasGelu" in {n.op_type for n in fused.graph}
+    zeroed, _, count = zero_channels(fused, 0.3, pad=False, seed=1)
+    pruned, report = prune_with_report(zeroed, ratio=0.3, round_to=1)
+    assert sum(g.channels - g.kept for g in report.groups) == count > 0
+    assert_same_outputs(zeroed, pruned, hf_feeds(zeroed, batch=2, seed=4))

@@ -214,3 +214,25 @@ def test_prune_cli_bad_input_exit_2_nothing_written(
     err = capsys.readouterr().err
     assert err.startswith("slimgraph prune: error: ") and message in err
     assert not target.exists()
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_round_to_counts_channels_of_grouped_convolutions_in_both_scopes(scope: str) -> None:
+    # AlexNet's layout: a chain of 2-group convolutions couples its channels per conv group,
+    # so the group has 2 entries of 48, 192 and 128 channels; round_to=16 counts channels (each
+    # entry already a multiple of 16), not the 2 entries (which would keep everything)
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(96, 384, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10),
+    ).eval()  # fmt: skip
+    model = sg.from_torch(net, (torch.randn(1, 3, 8, 8),))
+    pruned, report = prune_with_report(model, ratio=0.5, round_to=16, scope=scope)
+    assert {(layer.before, layer.after) for layer in report.layers if layer.before != 10} == {
+        (96, 48), (384, 192), (256, 128)
+    }
+    check_valid(pruned)
