@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import InvalidModelError
+from slimgraph.ir.contrib_shapes import MS_DOMAIN, infer_shapes
 from slimgraph.ir.layout import layout
 
 __all__ = [
@@ -165,12 +166,15 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
                 dim.dim_value = fixed[dim.dim_param]
     # Symbolic dims recorded on other values (exporters write e.g. [batch, 64]) would survive
     # inference: give the input names their values and forget the rest, so inference fills them.
-    # A symbol no input carries (`unk__3` after a rewrite re-inferred shapes) would survive too:
-    # such a value's recorded shape is dropped whole, so inference computes it again.
+    # A symbol no input carries (`unk__3` after a rewrite re-inferred shapes), or a dimension
+    # with neither size nor name, would survive too: such a value's recorded shape is dropped
+    # whole, so inference computes it again.
     for value in (*proto.graph.value_info, *proto.graph.output):
         tensor_type = value.type.tensor_type
         names = [d.dim_param for d in tensor_type.shape.dim if d.HasField("dim_param")]
-        if any(name not in fixed and name not in dim_values for name in names):
+        unnamed = any(not d.HasField("dim_value") and not d.HasField("dim_param")
+                      for d in tensor_type.shape.dim)  # fmt: skip
+        if unnamed or any(name not in fixed and name not in dim_values for name in names):
             tensor_type.ClearField("shape")
             continue
         for dim in tensor_type.shape.dim:
@@ -181,7 +185,10 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
         logger.warning("shape inference failed (%s); MACs may be incomplete", error)
-    return ir.from_proto(proto)
+    shaped = ir.from_proto(proto)
+    if any(node.domain == MS_DOMAIN for node in shaped.graph):
+        infer_shapes(shaped)  # through onnxruntime's fused ops, which onnx does not know
+    return shaped
 
 
 def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -9,6 +9,7 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
 from slimgraph.ir._dims import example_dims
+from slimgraph.ir.contrib_shapes import infer_shapes
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.prune._shapes import annotate_static_shapes, forget_static_shapes
 
@@ -45,10 +46,12 @@ def reinfer_shapes(model: ir.Model) -> None:
     """Drop unused nodes and infer every node output's shape again (after channels changed).
 
     onnx_ir's shape inference only writes the shapes it finds: the stale ones are cleared first.
+    onnxruntime's fused ops (a transformer-preset graph) get theirs from their own rules
+    (`contrib_shapes.infer_shapes`), so the values after them are shaped too.
     """
     forget_static_shapes(model.graph)
     for node in model.graph:
         for value in node.outputs:
             value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
-    ir_common.ShapeInferencePass(strict_mode=False)(model)
+    infer_shapes(model)

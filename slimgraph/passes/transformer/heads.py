@@ -46,6 +46,7 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
+from slimgraph.ir.contrib_shapes import infer_shapes
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.transformer._emit import MS_DOMAIN
@@ -226,33 +227,13 @@ def remove_heads(model: ir.Model, ratio: float, *, criterion: str = "l2",
 
 
 def _refresh_shapes(model: ir.Model, sites: list[HeadSite]) -> None:
-    """Shapes again after the head counts changed: inferred where onnx can (the pass restores
-    the symbolic names), set by hand on the fused ops' outputs."""
+    """Shapes again after the head counts changed: inferred where onnx can, through the fused
+    ops by their own rules (`contrib_shapes.infer_shapes`); a decode step's present key/value
+    outputs keep the shapes head pruning gave them."""
+    fused_outputs = {id(site.fused.outputs[0]) for site in sites if site.fused is not None}
     for node in model.graph:
-        if node.domain == MS_DOMAIN:
-            continue
         for value in node.outputs:
-            value.shape = None
+            if node.domain != MS_DOMAIN or id(value) in fused_outputs:
+                value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
-    pending = [site for site in sites if site.fused is not None]
-    # onnx's inference stops at a fused op: a block's query is known only once the blocks
-    # before it have their output shapes, so infer again after each round of fused outputs
-    while True:
-        ir_common.ShapeInferencePass(strict_mode=False)(model)
-        done = [site for site in pending if _set_fused_shape(site)]
-        if not done:
-            return
-        pending = [site for site in pending if site not in done]
-
-
-def _set_fused_shape(site: HeadSite) -> bool:
-    """Set a fused block's output shape [B, S, heads * v_head_size] from its 3-D query; False
-    while the query's shape is not known yet."""
-    assert site.fused is not None
-    out = site.fused.outputs[0]
-    heads = site.fused.attributes.get_int("num_heads", site.heads)
-    query = site.fused.inputs[0]
-    if query is None or query.shape is None or len(query.shape) != 3:
-        return False
-    out.shape = ir.Shape([query.shape[0], query.shape[1], heads * site.v_head_size])
-    return True
+    infer_shapes(model)
