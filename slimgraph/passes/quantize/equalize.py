@@ -219,10 +219,14 @@ class CrossLayerEqualizationPass(SlimgraphPass):
         UnsupportedModelError: the model has no pair to equalize (`NO_PAIRS`).
     """
 
-    def __init__(self, *, max_iterations: int = 100, tolerance: float = 1e-4) -> None:
+    def __init__(
+        self, *, max_iterations: int = 100, tolerance: float = 1e-4,
+        ceilings: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.max_iterations = max_iterations
         self.tolerance = tolerance
+        self.ceilings = dict(ceilings or {})
 
     def call(self, model: ir.Model) -> EqualizeResult:
         graph = model.graph
@@ -241,6 +245,10 @@ class CrossLayerEqualizationPass(SlimgraphPass):
                     biases[id(node)] = None if bias is None else bias.astype(np.float64)
         bounds = {id(p.activation): p.bound.astype(np.float64)
                   for p in pairs if p.bound is not None}
+        ceilings = {id(p.activation): (p.bound.astype(np.float64),
+                                       self.ceilings[p.activation.outputs[0].name or ""])
+                    for p in pairs if p.bound is not None and p.activation is not None
+                    and (p.activation.outputs[0].name or "") in self.ceilings}
         iterations = 0
         for iterations in range(1, self.max_iterations + 1):  # noqa: B007 - reported
             moved = 0.0
@@ -251,6 +259,9 @@ class CrossLayerEqualizationPass(SlimgraphPass):
                 scales = np.ones_like(r1)
                 live = (r1 > 0) & (r2 > 0)
                 scales[live] = np.sqrt(r1[live] * r2[live]) / r2[live]
+                if id(pair.activation) in ceilings:
+                    scales = _kept_below_bound(scales, bounds[id(pair.activation)],
+                                               *ceilings[id(pair.activation)], r1, r2)
                 weights[id(pair.first)] = _scale_out(first, pair.first, scales)
                 bias = biases[id(pair.first)]
                 if bias is not None:
@@ -275,6 +286,39 @@ class CrossLayerEqualizationPass(SlimgraphPass):
         logger.info("equalized %d pairs in %d sweeps", len(pairs), iterations)
         return EqualizeResult(model, modified=True, iterations=iterations,
                               pairs=[(p.first.name or "", p.second.name or "") for p in pairs])
+
+
+def _kept_below_bound(
+    scales: np.ndarray, bound: np.ndarray, clip: np.ndarray, ceiling: np.ndarray,
+    r1: np.ndarray, r2: np.ndarray,
+) -> np.ndarray:
+    """This sweep's `scales` of a pair through Clip(x, 0, c), limited so that every channel's
+    bound stays at or above the Clip output's quantization range.
+
+    Channel i of the Clip output reaches at most m_i (`ceiling`, measured in float before
+    equalization); after equalization it reaches m_i / S_i and is bounded by c / S_i, S_i the
+    product of the pair's scales (c / `bound` before this sweep). Quantized per tensor, the
+    output saturates at H = max_j m_j / S_j (minmax; lower with the histogram methods) and the
+    Min holding the bounds is a no-op in the quantized model (`equalize_bounds`) when every
+    c / S_i >= H, that is S_i / S_j <= c / m_j for all i, j. For any T, scales clipped to
+    [T m_i / c, T] meet it; T is chosen among the breakpoints to maximize the paper's
+    precision objective sum_i (r1_i / max r1) (r2_i / max r2) of the rescaled weight ranges
+    (`r1`: the first layer's per output channel, `r2`: the second's per input channel).
+    Returns the sweep's scales (float64 [C])."""
+    before = clip / bound
+    wanted = before * scales
+    live = ceiling > 0
+    if not live.any():
+        return scales
+    floor = np.where(live, ceiling / clip, 0.0)
+    candidates = np.unique(np.concatenate([wanted, wanted[live] / floor[live]]))
+    if candidates.size > 128:
+        candidates = np.quantile(candidates, np.linspace(0, 1, 128))
+    steps = np.clip(wanted, candidates[:, None] * floor, candidates[:, None]) / before  # [K, C]
+    first, second = r1 / steps, r2 * steps
+    score = np.sum(first / first.max(axis=1, keepdims=True)
+                   * second / second.max(axis=1, keepdims=True), axis=1)
+    return steps[int(np.argmax(score))]
 
 
 def _relu_min(graph: ir.Graph, pair: EqualizePair, bound: np.ndarray, names: Names) -> None:
@@ -305,9 +349,12 @@ def _relu_min(graph: ir.Graph, pair: EqualizePair, bound: np.ndarray, names: Nam
     minimum.metadata_props.update(clip.metadata_props)
 
 
-def equalized(model: ir.Model, feed: Mapping[str, np.ndarray]) -> ir.Model:
+def equalized(
+    model: ir.Model, feed: Mapping[str, np.ndarray],
+    ceilings: Mapping[str, np.ndarray] | None = None,
+) -> ir.Model:
     """A copy of the prepared float `model`, equalized and checked exact on `feed` (what
-    `quantize --equalize` quantizes).
+    `quantize --equalize` quantizes); `ceilings` as `CrossLayerEqualizationPass`'s.
 
     Raises:
         UnsupportedModelError: no pair to equalize (`NO_PAIRS`).
@@ -315,7 +362,7 @@ def equalized(model: ir.Model, feed: Mapping[str, np.ndarray]) -> ir.Model:
     """
     copy = ir.from_proto(ir.to_proto(model))
     copy.meta.update(model.meta)
-    result = CrossLayerEqualizationPass()(copy).model
+    result = CrossLayerEqualizationPass(ceilings=ceilings)(copy).model
     expected = run(create_session(model), feed)
     got = run(create_session(result), feed)
     for name, array in expected.items():

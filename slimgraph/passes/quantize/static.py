@@ -28,6 +28,7 @@ from slimgraph.ir.select import exact_pattern
 from slimgraph.passes.quantize.adaround import check_rounding, learn_rounding, with_weight_bits
 from slimgraph.passes.quantize.bias_correction import corrected_biases
 from slimgraph.passes.quantize.equalize import equalized
+from slimgraph.passes.quantize.equalize_bounds import clip_ceilings, drop_saturated_bounds
 from slimgraph.passes.quantize.options import ActivationDtype, QuantizeOptions
 from slimgraph.passes.quantize.policy import QuantPlan, annotate
 from slimgraph.passes.quantize.prepare import check_exclusions, prepare
@@ -88,7 +89,8 @@ class StaticSession:
         )
         self.prepared = prepare(model, self.batches.first())
         if options.equalize:  # cross-layer equalization (exact, checked on the first batch)
-            self.prepared = equalized(self.prepared, self.batches.first())
+            ceilings = clip_ceilings(self.prepared, self.batches, progress=options.progress)
+            self.prepared = equalized(self.prepared, self.batches.first(), ceilings)
         self.histogram = options.method in HISTOGRAM_METHODS
         self._stats: dict[str, TensorStats] = {}
 
@@ -167,6 +169,11 @@ class StaticSession:
             known.update(self._variant_statistics(float_model, names))
         params = activation_params(plan, known, self.options.method,
                                    percentile=self.options.percentile)
+        if self.options.equalize:  # the ReLU6 bounds quantization saturates first: dropped
+            bounds = drop_saturated_bounds(float_model, plan, params)
+            if bounds.dropped:
+                float_model = bounds.model
+                plan = self.plan(keep_float, model=float_model)
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
         if self.options.round != "nearest":  # learned rounding, layer by layer (AdaRound)
