@@ -171,9 +171,9 @@ class StaticSession:
                                    percentile=self.options.percentile)
         if self.options.equalize:  # the ReLU6 bounds quantization saturates first: dropped
             bounds = drop_saturated_bounds(float_model, plan, params)
-            if bounds.dropped:
-                float_model = bounds.model
-                plan = self.plan(keep_float, model=float_model)
+            replanned = self.plan(keep_float, model=bounds.model) if bounds.dropped else plan
+            if all(a.value in params for a in replanned.activations):
+                float_model, plan = bounds.model, replanned
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
         if self.options.round != "nearest":  # learned rounding, layer by layer (AdaRound)
