@@ -16,7 +16,9 @@ Rows: float; int8 static per-channel (reference); per-tensor int8 plain, with `e
 27's follow-up): the exact form with its per-channel Min bounds left in the int8 model (what
 `--equalize` gave before the bounds were kept above the quantization range), and ReLU6 replaced
 by ReLU before equalizing (Nagel et al.'s practice for MobileNetV2; approximate: the float row
-of the swapped network is printed too). Calibration: 256 training rows, minmax. Columns: test
+of the swapped network is printed too). Calibration: 256 training rows, minmax; every layer
+quantized (`speed_fallback=False`: the fallback's per-layer timings on a loaded machine would
+make rows differ by chance). Columns: test
 accuracy, output cosine to float, quantize wall time, Min nodes left. Then latency side by side
 (`slimgraph.runtime.bench`, interleaved rounds, 90% bootstrap intervals of the ratio to plain
 per-tensor int8) at batch 1 and 64, and equalization alone in float (the prepared model
@@ -178,7 +180,8 @@ def main() -> None:
 
     def row(label: str, source: sg.ir.Model = model, **options: object) -> float:
         start = time.perf_counter()
-        quantized = sg.quantize(source, calibration=calib, **options)  # type: ignore[arg-type]
+        quantized = sg.quantize(source, calibration=calib, speed_fallback=False,
+                                **options)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
         built[label] = quantized
         got = scores(quantized, x_test)

@@ -153,6 +153,7 @@ class StaticSession:
             UnsupportedModelError: nothing to quantize.
         """
         float_model = self.prepared if model is None else model
+        reference = float_model  # what the quantized model approximates (the report, AdaRound)
         plan = self.plan(keep_float, model=float_model)
         if not plan.weights and not plan.activations:
             raise UnsupportedModelError(
@@ -177,7 +178,7 @@ class StaticSession:
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
         if self.options.round != "nearest":  # learned rounding, layer by layer (AdaRound)
-            result.model = learn_rounding(float_model, result, self.batches, self.options.round)
+            result.model = learn_rounding(reference, result, self.batches, self.options.round)
         quantized = result.model
         if self.options.bias_correction:  # each layer's mean output shift taken back
             float_model = corrected_biases(float_model, quantized, self.batches)[0]
@@ -187,7 +188,7 @@ class StaticSession:
             quantized = result.model
         if report:
             quantized.meta[metadata.QUANT_REPORT] = measure(
-                float_model, quantized, plan, result, self.batches, method=self.options.method,
+                reference, quantized, plan, result, self.batches, method=self.options.method,
                 progress=self.options.progress,
                 replan=lambda extra: self.plan(keep_float, extra, model=float_model),
             )
