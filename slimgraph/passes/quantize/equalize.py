@@ -221,22 +221,22 @@ class CrossLayerEqualizationPass(SlimgraphPass):
     Args:
         max_iterations: sweeps over all pairs at most.
         tolerance: stop when no scale of a sweep differs from 1 by more than this.
+
+    Attributes:
         ceilings: per-channel maximum (float [C]) of Clip outputs on calibration data, by value
-            name: the scales of those pairs are limited so that the bounds stay at or above
-            the output's per-tensor quantization range (`_best_top`). Still exact.
+            name (set by `equalized`; measured data, so not a recipe option): the scales of
+            those pairs are limited so that the bounds stay at or above the output's per-tensor
+            quantization range (`_best_top`). Still exact.
 
     Raises:
         UnsupportedModelError: the model has no pair to equalize (`NO_PAIRS`).
     """
 
-    def __init__(
-        self, *, max_iterations: int = 100, tolerance: float = 1e-4,
-        ceilings: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
+    def __init__(self, *, max_iterations: int = 100, tolerance: float = 1e-4) -> None:
         super().__init__()
         self.max_iterations = max_iterations
         self.tolerance = tolerance
-        self.ceilings = dict(ceilings or {})
+        self.ceilings: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> EqualizeResult:
         graph = model.graph
@@ -398,7 +398,9 @@ def equalized(
     """
     copy = ir.from_proto(ir.to_proto(model))
     copy.meta.update(model.meta)
-    result = CrossLayerEqualizationPass(ceilings=ceilings)(copy).model
+    step = CrossLayerEqualizationPass()
+    step.ceilings = dict(ceilings or {})
+    result = step(copy).model
     expected = run(create_session(model), feed)
     got = run(create_session(result), feed)
     for name, array in expected.items():
