@@ -17,7 +17,14 @@ Pairs are Conv -> Conv and Gemm -> Gemm with constant weights, where the first l
 read only by the second, directly, through Relu, or through Clip(x, 0, c) (ReLU6 for c = 6).
 Clip's bound does not scale with the channel (clip(x / s, 0, c) != clip(x, 0, c) / s), so an
 equalized Clip is written as Relu followed by Min with a per-channel bound c / s_i: exact, at the
-cost of one Min node. Grouped and depthwise convolutions are handled on either side. The pass is
+cost of one Min node. onnxruntime does not fuse that Min into a quantized convolution (it runs in
+float between DequantizeLinear and QuantizeLinear: 1.5-2x the latency of the same per-tensor int8
+model without equalization), so static quantization passes `ceilings`, each Clip output's
+per-channel maximum on the calibration data (`equalize_bounds.clip_ceilings`): the scales of a
+pair through Clip are then limited so that every channel's bound stays at or above the range the
+Clip output is quantized to (`_best_top`), and the Min, a no-op after quantization, is
+left out of the int8 model (`equalize_bounds.drop_saturated_bounds`). The float model is exact
+either way. Grouped and depthwise convolutions are handled on either side. The pass is
 exact in float (`exact=True`: verified by the pipeline; tested at rtol 1e-4 with the verifier
 off). BatchNormalization between the layers must be folded first (the `lossless` preset or
 quantization's `prepare` does that).
@@ -215,6 +222,12 @@ class CrossLayerEqualizationPass(SlimgraphPass):
         max_iterations: sweeps over all pairs at most.
         tolerance: stop when no scale of a sweep differs from 1 by more than this.
 
+    Attributes:
+        ceilings: per-channel maximum (float [C]) of Clip outputs on calibration data, by value
+            name (set by `equalized`; measured data, so not a recipe option): the scales of
+            those pairs are limited so that the bounds stay at or above the output's per-tensor
+            quantization range (`_best_top`). Still exact.
+
     Raises:
         UnsupportedModelError: the model has no pair to equalize (`NO_PAIRS`).
     """
@@ -223,6 +236,7 @@ class CrossLayerEqualizationPass(SlimgraphPass):
         super().__init__()
         self.max_iterations = max_iterations
         self.tolerance = tolerance
+        self.ceilings: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> EqualizeResult:
         graph = model.graph
@@ -241,26 +255,53 @@ class CrossLayerEqualizationPass(SlimgraphPass):
                     biases[id(node)] = None if bias is None else bias.astype(np.float64)
         bounds = {id(p.activation): p.bound.astype(np.float64)
                   for p in pairs if p.bound is not None}
-        iterations = 0
-        for iterations in range(1, self.max_iterations + 1):  # noqa: B007 - reported
-            moved = 0.0
-            for pair in pairs:
-                first, second = weights[id(pair.first)], weights[id(pair.second)]
+        ceilings = {id(p.activation): (p.bound.astype(np.float64),
+                                       self.ceilings[p.activation.outputs[0].name or ""])
+                    for p in pairs if p.bound is not None and p.activation is not None
+                    and (p.activation.outputs[0].name or "") in self.ceilings}
+        tops: dict[int, float] = {}  # box top T per limited Clip, fixed once sweeps converge
+
+        def step(pair: EqualizePair, scales: np.ndarray | None) -> float:
+            """Rescale `pair` by `scales` (default: the balancing ones), kept in the pair's box
+            when it has one; the largest relative change."""
+            first, second = weights[id(pair.first)], weights[id(pair.second)]
+            if scales is None:
                 r1 = np.abs(_out_view(first, pair.first)).max(axis=1)
                 r2 = _in_ranges(second, pair.second)
                 scales = np.ones_like(r1)
                 live = (r1 > 0) & (r2 > 0)
                 scales[live] = np.sqrt(r1[live] * r2[live]) / r2[live]
-                weights[id(pair.first)] = _scale_out(first, pair.first, scales)
-                bias = biases[id(pair.first)]
-                if bias is not None:
-                    biases[id(pair.first)] = (bias.reshape(-1) / scales).reshape(bias.shape)
-                weights[id(pair.second)] = _scale_in(second, pair.second, scales)
-                if id(pair.activation) in bounds:
-                    bounds[id(pair.activation)] = bounds[id(pair.activation)] / scales
-                moved = max(moved, float(np.max(np.abs(scales - 1.0))))
+            key = id(pair.activation)
+            if key in tops:
+                scales = _boxed(scales, bounds[key], *ceilings[key], tops[key])
+            weights[id(pair.first)] = _scale_out(first, pair.first, scales)
+            bias = biases[id(pair.first)]
+            if bias is not None:
+                biases[id(pair.first)] = (bias.reshape(-1) / scales).reshape(bias.shape)
+            weights[id(pair.second)] = _scale_in(second, pair.second, scales)
+            if key in bounds:
+                bounds[key] = bounds[key] / scales
+            return float(np.max(np.abs(scales - 1.0)))
+
+        def box(pair: EqualizePair) -> None:
+            key = id(pair.activation)
+            r1 = np.abs(_out_view(weights[id(pair.first)], pair.first)).max(axis=1)
+            r2 = _in_ranges(weights[id(pair.second)], pair.second)
+            tops[key] = _best_top(bounds[key], *ceilings[key], r1, r2)
+
+        limited = [p for p in pairs if id(p.activation) in ceilings]
+        iterations = 0
+        for iterations in range(1, self.max_iterations + 1):  # noqa: B007 - reported
+            moved = max(step(pair, None) for pair in pairs)
             if moved <= self.tolerance:
-                break
+                if not limited or tops:
+                    break
+                for pair in limited:  # converged freely: now within the boxes
+                    box(pair)
+        for pair in limited:  # the bounds hold however the sweeps ended
+            if id(pair.activation) not in tops:
+                box(pair)
+            step(pair, np.ones(len(bounds[id(pair.activation)])))
         names = Names(graph)
         for pair in pairs:
             for node in (pair.first, pair.second):
@@ -275,6 +316,45 @@ class CrossLayerEqualizationPass(SlimgraphPass):
         logger.info("equalized %d pairs in %d sweeps", len(pairs), iterations)
         return EqualizeResult(model, modified=True, iterations=iterations,
                               pairs=[(p.first.name or "", p.second.name or "") for p in pairs])
+
+
+def _best_top(
+    bound: np.ndarray, clip: np.ndarray, ceiling: np.ndarray, r1: np.ndarray, r2: np.ndarray
+) -> float:
+    """The box top T for a pair through Clip(x, 0, c): its cumulative scales are kept in
+    [T m_i / c, T] so that every channel's bound stays at or above the Clip output's per-tensor
+    quantization range.
+
+    Channel i of the Clip output reaches at most m_i (`ceiling`, measured in float before
+    equalization); after equalization it reaches m_i / S_i and is bounded by c / S_i, S_i the
+    product of the pair's scales (c / `bound`). Quantized per tensor, the output saturates at
+    H = max_j m_j / S_j (minmax; lower with the histogram methods), and the Min holding the
+    bounds is a no-op in the quantized model (`equalize_bounds`) when every c / S_i >= H, that is
+    S_i / S_j <= c / m_j for all i, j: scales in [T m_i / c, T] meet it for any T. T is chosen
+    among the breakpoints (at most 128) to maximize the paper's precision objective
+    sum_i (r1_i / max r1) (r2_i / max r2) of the weight ranges after the clip (`r1`: the first
+    layer's per output channel now, `r2`: the second's per input channel)."""
+    now = clip / bound
+    live = ceiling > 0
+    floor = np.where(live, ceiling / clip, 0.0)
+    candidates = np.unique(np.concatenate([now, now[live] / floor[live]]))
+    if candidates.size > 128:
+        candidates = np.quantile(candidates, np.linspace(0, 1, 128))
+    steps = np.clip(now, candidates[:, None] * floor, candidates[:, None]) / now  # [K, C]
+    first, second = r1 / steps, r2 * steps
+    score = np.sum(first / first.max(axis=1, keepdims=True)
+                   * second / second.max(axis=1, keepdims=True), axis=1)
+    return float(candidates[int(np.argmax(score))])
+
+
+def _boxed(
+    scales: np.ndarray, bound: np.ndarray, clip: np.ndarray, ceiling: np.ndarray, top: float
+) -> np.ndarray:
+    """This sweep's `scales` with the pair's cumulative scales kept in [T m_i / c, T]
+    (`_best_top`); float64 [C]."""
+    now = clip / bound
+    floor = np.where(ceiling > 0, ceiling / clip, 0.0)
+    return np.clip(now * scales, top * floor, top) / now
 
 
 def _relu_min(graph: ir.Graph, pair: EqualizePair, bound: np.ndarray, names: Names) -> None:
@@ -305,9 +385,12 @@ def _relu_min(graph: ir.Graph, pair: EqualizePair, bound: np.ndarray, names: Nam
     minimum.metadata_props.update(clip.metadata_props)
 
 
-def equalized(model: ir.Model, feed: Mapping[str, np.ndarray]) -> ir.Model:
+def equalized(
+    model: ir.Model, feed: Mapping[str, np.ndarray],
+    ceilings: Mapping[str, np.ndarray] | None = None,
+) -> ir.Model:
     """A copy of the prepared float `model`, equalized and checked exact on `feed` (what
-    `quantize --equalize` quantizes).
+    `quantize --equalize` quantizes); `ceilings` as `CrossLayerEqualizationPass`'s.
 
     Raises:
         UnsupportedModelError: no pair to equalize (`NO_PAIRS`).
@@ -315,7 +398,9 @@ def equalized(model: ir.Model, feed: Mapping[str, np.ndarray]) -> ir.Model:
     """
     copy = ir.from_proto(ir.to_proto(model))
     copy.meta.update(model.meta)
-    result = CrossLayerEqualizationPass()(copy).model
+    step = CrossLayerEqualizationPass()
+    step.ceilings = dict(ceilings or {})
+    result = step(copy).model
     expected = run(create_session(model), feed)
     got = run(create_session(result), feed)
     for name, array in expected.items():

@@ -28,6 +28,7 @@ from slimgraph.ir.select import exact_pattern
 from slimgraph.passes.quantize.adaround import check_rounding, learn_rounding, with_weight_bits
 from slimgraph.passes.quantize.bias_correction import corrected_biases
 from slimgraph.passes.quantize.equalize import equalized
+from slimgraph.passes.quantize.equalize_bounds import clip_ceilings, drop_saturated_bounds
 from slimgraph.passes.quantize.options import ActivationDtype, QuantizeOptions
 from slimgraph.passes.quantize.policy import QuantPlan, annotate
 from slimgraph.passes.quantize.prepare import check_exclusions, prepare
@@ -88,7 +89,8 @@ class StaticSession:
         )
         self.prepared = prepare(model, self.batches.first())
         if options.equalize:  # cross-layer equalization (exact, checked on the first batch)
-            self.prepared = equalized(self.prepared, self.batches.first())
+            ceilings = clip_ceilings(self.prepared, self.batches, progress=options.progress)
+            self.prepared = equalized(self.prepared, self.batches.first(), ceilings)
         self.histogram = options.method in HISTOGRAM_METHODS
         self._stats: dict[str, TensorStats] = {}
 
@@ -151,6 +153,7 @@ class StaticSession:
             UnsupportedModelError: nothing to quantize.
         """
         float_model = self.prepared if model is None else model
+        reference = float_model  # what the quantized model approximates (the report, AdaRound)
         plan = self.plan(keep_float, model=float_model)
         if not plan.weights and not plan.activations:
             raise UnsupportedModelError(
@@ -167,10 +170,15 @@ class StaticSession:
             known.update(self._variant_statistics(float_model, names))
         params = activation_params(plan, known, self.options.method,
                                    percentile=self.options.percentile)
+        if self.options.equalize:  # the ReLU6 bounds quantization saturates first: dropped
+            bounds = drop_saturated_bounds(float_model, plan, params)
+            replanned = self.plan(keep_float, model=bounds.model) if bounds.dropped else plan
+            if all(a.value in params for a in replanned.activations):
+                float_model, plan = bounds.model, replanned
         result = QDQPass(plan, params)(float_model)
         assert isinstance(result, QDQResult)
         if self.options.round != "nearest":  # learned rounding, layer by layer (AdaRound)
-            result.model = learn_rounding(float_model, result, self.batches, self.options.round)
+            result.model = learn_rounding(reference, result, self.batches, self.options.round)
         quantized = result.model
         if self.options.bias_correction:  # each layer's mean output shift taken back
             float_model = corrected_biases(float_model, quantized, self.batches)[0]
@@ -180,7 +188,7 @@ class StaticSession:
             quantized = result.model
         if report:
             quantized.meta[metadata.QUANT_REPORT] = measure(
-                float_model, quantized, plan, result, self.batches, method=self.options.method,
+                reference, quantized, plan, result, self.batches, method=self.options.method,
                 progress=self.options.progress,
                 replan=lambda extra: self.plan(keep_float, extra, model=float_model),
             )

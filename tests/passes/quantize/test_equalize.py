@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.passes.quantize.bias_correction import layer_shifts
-from slimgraph.passes.quantize.equalize import NO_PAIRS, CrossLayerEqualizationPass
+from slimgraph.passes.quantize.equalize import NO_PAIRS, CrossLayerEqualizationPass, equalized
+from slimgraph.passes.quantize.equalize_bounds import clip_ceilings, drop_saturated_bounds
 from slimgraph.passes.quantize.options import QuantizeOptions
+from slimgraph.passes.quantize.qdq import activation_params
 from slimgraph.passes.quantize.static import StaticSession
+from slimgraph.runtime.calibrate import calibration_batches
+from slimgraph.runtime.session import create_session, run
 from slimgraph.tools.cli import main
 from tests.kit.asserts import assert_same_outputs
 from tests.kit.data import DIGITS, digits_arrays
@@ -193,8 +198,71 @@ def test_the_recipe_form_equalizes_and_corrects_in_the_quantize_step() -> None:
         np.float32) * 4}
     step = {"name": "quantize", "per-channel": False, "equalize": True, "bias-correction": True}
     model = sg.optimize(_mobile_block(), recipe=[step], calibration=calibration)
-    counts = ops(model)
-    assert counts["Min"] == 1 and counts["Clip"] == 0 and counts["QuantizeLinear"] >= 3
+    counts = ops(model)  # the ReLU6 bound is kept above the quantization range, then dropped
+    assert counts["Min"] == 0 and counts["Clip"] == 0 and counts["QuantizeLinear"] >= 3
     plain = sg.optimize(_mobile_block(), recipe=[{"name": "quantize", "per-channel": False}],
                         calibration=calibration)
     assert ops(plain)["Clip"] == 1 and ops(plain)["Min"] == 0
+
+
+# --- the ReLU6 bounds and the quantized model (issue 27's follow-up: a Min per equalized ReLU6
+# ran in float between DequantizeLinear and QuantizeLinear, 1.5-1.7x plain per-tensor int8) ---
+
+
+def _block_calibration() -> dict[str, np.ndarray]:
+    return {"x": (np.random.default_rng(4).standard_normal((16, 4, 6, 6)) * 4).astype(
+        np.float32)}
+
+
+def _bounds(model: sg.ir.Model, ceilings: bool) -> tuple[StaticSession, object]:
+    """The block equalized (scales limited by the measured ceilings or not), its per-tensor
+    session and `drop_saturated_bounds`'s answer for its plan."""
+    calib = _block_calibration()
+    batch = {"x": calib["x"][:2]}
+    limits = clip_ceilings(model, calibration_batches(model, calib)) if ceilings else None
+    session = StaticSession(equalized(model, batch, limits), calib,
+                            QuantizeOptions(per_channel=False, progress=False))
+    plan = session.plan()
+    params = activation_params(plan, session.statistics([a.value for a in plan.activations]),
+                               "minmax")
+    return session, drop_saturated_bounds(session.prepared, plan, params)
+
+
+def test_limited_scales_stay_exact_in_float_and_keep_the_bound_above_the_range() -> None:
+    calib = _block_calibration()
+    limits = clip_ceilings(_mobile_block(), calibration_batches(_mobile_block(), calib))
+    assert list(limits) == ["r2"] and limits["r2"].shape == (8,)
+    step = CrossLayerEqualizationPass()
+    step.ceilings = limits
+    result = step(_mobile_block())  # called directly: no verifier
+    assert_same_outputs(_mobile_block(), result.model, {"x": calib["x"][:2]})
+    assert ops(result.model)["Min"] == 1
+    # the paper's scales put a bound below the quantization range; the limited ones do not
+    assert _bounds(_mobile_block(), ceilings=False)[1].kept
+    session, found = _bounds(_mobile_block(), ceilings=True)
+    assert found.dropped == ["relu6"] and not found.kept
+    assert ops(found.model)["Min"] == 0
+
+
+def test_a_dropped_bound_was_a_no_op_in_the_quantized_model() -> None:
+    """Q(min(x, b)) == Q(x) bit for bit: the bound put back in front of the QuantizeLinear of
+    the dropped Min's value changes no output."""
+    session, found = _bounds(_mobile_block(), ceilings=True)
+    quantized = session.build(model=found.model)
+    bound = next(n for n in session.prepared.graph if n.op_type == "Min").inputs[1]
+    check = ir.from_proto(ir.to_proto(quantized))
+    quantize = next(n for n in check.graph if n.op_type == "QuantizeLinear"
+                    and n.inputs[0].name == "r2")
+    value = ir.val("bound", const_value=bound.const_value)
+    check.graph.register_initializer(value)
+    minimum = ir.node("Min", [quantize.inputs[0], value], name="bound_back")
+    check.graph.insert_before(quantize, [minimum])
+    minimum.outputs[0].type, minimum.outputs[0].shape = (quantize.inputs[0].type,
+                                                         quantize.inputs[0].shape)
+    quantize.replace_input_with(0, minimum.outputs[0])
+    rng = np.random.default_rng(5)
+    sessions = [create_session(m, optimization="disable") for m in (quantized, check)]
+    for scale in (1, 4, 16):  # from inside the range to far beyond every bound
+        feeds = {"x": (rng.standard_normal((2, 4, 6, 6)) * scale).astype(np.float32)}
+        np.testing.assert_array_equal(run(sessions[0], feeds)["y"], run(sessions[1], feeds)["y"])
+    assert ops(check)["Min"] == 1 and ops(quantized)["Min"] == 0
