@@ -304,9 +304,11 @@ class CPConv(FactorizationPass):
         w = weight.astype(np.float64)
         a, b, c, d = _cached_als(w, rank)
         dtype = weight.dtype
-        error = relative_error(w, cp_reconstruct(
+        approximation = cp_reconstruct(
             tuple(f.astype(dtype).astype(np.float64) for f in (a, b, c, d))  # type: ignore[arg-type]
-        ))
+        )
+        error = relative_error(w, approximation)
+        self.record(layer, approximation, weight)
         base = weight_value.name or f"{node.name}.weight"
         arrays = (
             b.T.reshape(rank, c_in, 1, 1), c.T.reshape(rank, 1, kh, 1),
