@@ -120,15 +120,15 @@ def rank_curves(
             found, approximations = runs.pop(ratio)  # one ratio's weights in memory at a time
             layers = {layer.node: layer for layer in found.layers if not layer.shared_with}
             for node in nodes:
-                bar.update()
                 layer = layers.get(node)
-                if layer is None or layer.macs_before is None or layer.macs_after is None:
-                    continue  # not smaller at this ratio
-                saved[node, ratio] = layer.macs_before - layer.macs_after
-                losses[node, ratio] = loss(probe.with_weight(node, approximations[node]))
-                probe.restore(node)
-                logger.info("rank curve %s at %g: loss %.5f, %d MACs saved", node, ratio,
-                            losses[node, ratio], saved[node, ratio])
+                if layer is not None and layer.macs_before is not None and (
+                        layer.macs_after is not None):  # else not smaller at this ratio
+                    saved[node, ratio] = layer.macs_before - layer.macs_after
+                    losses[node, ratio] = loss(probe.with_weight(node, approximations[node]))
+                    probe.restore(node)
+                    logger.info("rank curve %s at %g: loss %.5f, %d MACs saved", node, ratio,
+                                losses[node, ratio], saved[node, ratio])
+                bar.update()
     return nodes, losses, saved, report.macs_before
 
 
