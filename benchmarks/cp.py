@@ -25,6 +25,10 @@ Measured (2026-12, a 2-core machine shared with 4 other jobs, load 17-30: ratios
     3. after `finetune` (defaults): cp 99.78%, tucker 99.56%, original 99.56% (PASS)
     4. batch 256: cp 0.25x (90% interval 0.20-0.31), tucker 0.30x (PASS)
     --wide: cp 0.413x MACs, cosine 0.9748, 0.38x latency; tucker 0.409x, 0.9678, 0.45x
+    time of the `--target-macs 0.5` allocation, against the code before the rank curves took one
+    factorization per ratio and a swapped weight (both in one run, load 5-9 on 2 cores): digits
+    cp 32 s -> 18 s, tucker 12 s -> 5 s; wide cp 116 s -> 80 s (CP's ALS is most of it: 36 and
+    18 decompositions), tucker 18 s -> 8 s; the same ratios and cosines
 
 Usage:
     python benchmarks/cp.py [--rounds 20] [--threads 2] [--epochs N] [--wide | --only-wide]

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, Term, VerificationError
@@ -109,14 +110,17 @@ class Evaluator:
         self.metric = metric
         self.batch_size = batch_size
         self.reference_session = create_session(reference)
+        self.reference_outputs: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         # against itself: cosine 1, so `reference.metric` exists without labels too
         self.reference = evaluate(self.reference_session, data, batch_size=batch_size,
-                                  metric=metric, reference=self.reference_session)
+                                  metric=metric, reference=self.reference_session,
+                                  reference_outputs=self.reference_outputs)
 
     def evaluate(self, candidate: ir.Model | ort.InferenceSession) -> Evaluation:
         """The candidate's metric, cosine and SQNR against the reference, and its drop."""
         result = evaluate(candidate, self.data, reference=self.reference_session,
-                          batch_size=self.batch_size, metric=self.metric)
+                          batch_size=self.batch_size, metric=self.metric,
+                          reference_outputs=self.reference_outputs)
         return result.with_reference(self.reference)
 
     __call__ = evaluate
@@ -130,8 +134,10 @@ class Evaluator:
         quick = Evaluator.__new__(Evaluator)
         quick.data, quick.metric, quick.batch_size = data, self.metric, self.batch_size
         quick.reference_session = self.reference_session
+        quick.reference_outputs = {}
         quick.reference = evaluate(self.reference_session, data, batch_size=self.batch_size,
-                                   metric=self.metric, reference=self.reference_session)
+                                   metric=self.metric, reference=self.reference_session,
+                                   reference_outputs=quick.reference_outputs)
         return quick
 
     def change(self, evaluation: Evaluation) -> float:

@@ -127,6 +127,15 @@ class Evaluation:
         return data
 
 
+# An `Evaluator` keeps its reference's outputs up to this size, so that each candidate runs
+# only itself (a rank allocation measures dozens of candidates on the same data).
+REFERENCE_CACHE_BYTES = 256 * 2**20
+
+
+def _nbytes(outputs: dict[tuple[int, int], dict[str, np.ndarray]]) -> int:
+    return sum(np.asarray(a).nbytes for batch in outputs.values() for a in batch.values())
+
+
 def evaluate(
     model: ir.Model | ort.InferenceSession,
     data: LabelledData,
@@ -134,6 +143,7 @@ def evaluate(
     reference: ir.Model | ort.InferenceSession | None = None,
     batch_size: int = 256,
     metric: Metric | None = None,
+    reference_outputs: dict[tuple[int, int], dict[str, np.ndarray]] | None = None,
 ) -> Evaluation:
     """Top-1 accuracy (with labels) and fidelity to `reference` (when given) on `data`.
 
@@ -144,6 +154,9 @@ def evaluate(
         batch_size: rows per onnxruntime run.
         metric: a user `Metric`, called once with the outputs of all rows concatenated
             (memory grows with the data: meant for validation sets, not calibration streams).
+        reference_outputs: the reference's outputs by (first row, end row) of a batch, kept
+            between calls (`Evaluator`): a batch found there is not run again; one not found
+            is run and kept while the kept outputs hold at most `REFERENCE_CACHE_BYTES`.
 
     Raises:
         BadDataError: neither labels, a reference nor a metric: there is nothing to measure.
@@ -167,7 +180,14 @@ def evaluate(
         if labels is not None:
             correct += top1_correct(next(iter(outputs.values())), labels)
         if ref_session is not None:
-            fidelity.add(run(ref_session, feed), outputs)
+            span = (rows - sample_count(feed), rows)
+            expected = reference_outputs.get(span) if reference_outputs is not None else None
+            if expected is None:
+                expected = run(ref_session, feed)
+                if reference_outputs is not None and _nbytes(reference_outputs) + _nbytes(
+                        {span: expected}) <= REFERENCE_CACHE_BYTES:
+                    reference_outputs[span] = expected
+            fidelity.add(expected, outputs)
         if metric is not None:
             for name, array in outputs.items():
                 kept.setdefault(name, []).append(array)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.ir.select import exact_pattern
-from slimgraph.passes.lowrank._factorize import FactorizeReport, factorize_layers
+from slimgraph.passes.lowrank._factorize import FactorizeReport, factorize_layers, prepared
 from slimgraph.passes.lowrank._options import FactorizeOptions
 
 __all__ = ["RANK_GRID", "RankAllocation", "allocate_ranks", "allocated", "rank_curves"]
@@ -74,38 +76,92 @@ class RankAllocation:
 
 
 def rank_curves(
-    model: ir.Model, options: FactorizeOptions, loss: Loss, grid: Sequence[float] = RANK_GRID
+    model: ir.Model, options: FactorizeOptions, loss: Loss, grid: Sequence[float] = RANK_GRID,
+    *, progress: bool | None = None,
 ) -> tuple[list[str], dict[tuple[str, float], float], dict[tuple[str, float], int], int]:
     """Each layer factorized alone at each ratio of `grid`: (nodes, loss, MACs saved, total MACs).
 
-    The layers are those the options' method factorizes at the grid's smallest ratio.
+    The layers are those the options' method factorizes at the grid's smallest ratio. One
+    factorization per ratio, every layer at once, gives each layer's factors and MACs; a layer
+    factorized alone is then measured as the model with that layer's weight replaced by the
+    weight its factors compute (the chain equals the layer with that weight, up to float
+    rounding), on one working copy. `progress`: a bar on stderr (None: when it is a terminal).
 
     Raises:
         UnsupportedModelError: no layer gets smaller, or the MACs are unknown.
     """
-    base = dataclasses.replace(options, rank_ratio=min(grid), energy=None, error_budget=None,
+    base = dataclasses.replace(options, rank_ratio=None, energy=None, error_budget=None,
                                rank=None, layer_ratios=None, feeds=None)
-    _, report = factorize_layers(model, base)
+    smallest = min(grid)
+    runs: dict[float, tuple[FactorizeReport, dict[str, np.ndarray]]] = {}
+    approximations: dict[str, np.ndarray] = {}
+    _, report = factorize_layers(model, dataclasses.replace(base, rank_ratio=smallest),
+                                 approximations=approximations)
+    runs[smallest] = report, approximations
     nodes = [layer.node for layer in report.layers if not layer.shared_with]
     if not nodes:
         raise UnsupportedModelError("nothing to factorize: no layer gets smaller at any rank")
-    if report.macs_before is None:
+    if report.macs_before is None or any(
+            layer.macs_before is None or layer.macs_after is None for layer in report.layers):
         raise UnsupportedModelError("ranks per layer need the MACs: the model's shapes are "
                                     "unknown (give sample feeds with symbolic dimensions)")
+    probe = _Probe(prepared(model, base)[0], nodes)
     losses: dict[tuple[str, float], float] = {}
     saved: dict[tuple[str, float], int] = {}
-    for node in nodes:
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(grid) * len(nodes), desc="rank curves", unit="layer", file=sys.stderr,
+              disable=not show, leave=False) as bar:
         for ratio in grid:
-            single = dataclasses.replace(base, rank_ratio=None, include=[exact_pattern(node)],
-                                         layer_ratios={node: ratio})
-            candidate, found = factorize_layers(model, single)
-            if not found.layers or found.macs_after is None:
-                continue  # not smaller at this ratio
-            saved[node, ratio] = report.macs_before - found.macs_after
-            losses[node, ratio] = loss(candidate)
-            logger.info("rank curve %s at %g: loss %.5f, %d MACs saved", node, ratio,
-                        losses[node, ratio], saved[node, ratio])
+            if ratio not in runs:
+                approximations = {}
+                _, found = factorize_layers(model, dataclasses.replace(base, rank_ratio=ratio),
+                                            approximations=approximations)
+                runs[ratio] = found, approximations
+            found, approximations = runs.pop(ratio)  # one ratio's weights in memory at a time
+            layers = {layer.node: layer for layer in found.layers if not layer.shared_with}
+            for node in nodes:
+                layer = layers.get(node)
+                if layer is not None and layer.macs_before is not None and (
+                        layer.macs_after is not None):  # else not smaller at this ratio
+                    saved[node, ratio] = layer.macs_before - layer.macs_after
+                    losses[node, ratio] = loss(probe.with_weight(node, approximations[node]))
+                    probe.restore(node)
+                    logger.info("rank curve %s at %g: loss %.5f, %d MACs saved", node, ratio,
+                                losses[node, ratio], saved[node, ratio])
+                bar.update()
     return nodes, losses, saved, report.macs_before
+
+
+class _Probe:
+    """The folded model in which each measured layer reads a weight of its own (a tied weight
+    gets a copy per layer), so that one layer's weight can be swapped and put back."""
+
+    def __init__(self, model: ir.Model, nodes: Sequence[str]) -> None:
+        self.model = model
+        by_name = {node.name: node for node in model.graph}
+        self.weights: dict[str, ir.Value] = {}
+        self.original: dict[str, ir.TensorProtocol] = {}
+        for name in nodes:
+            node = by_name[name]
+            value = node.inputs[1]
+            assert value is not None and value.const_value is not None  # it was factorized
+            if len(value.uses()) > 1 or value.is_graph_output():
+                own = ir.Value(name=f"{value.name}.{name}", shape=value.shape, type=value.type,
+                               const_value=value.const_value)
+                model.graph.register_initializer(own)
+                node.replace_input_with(1, own)
+                value = own
+            self.weights[name] = value
+            self.original[name] = value.const_value  # type: ignore[assignment]
+
+    def with_weight(self, node: str, weight: np.ndarray) -> ir.Model:
+        """The model with `node`'s weight replaced (until `restore`)."""
+        value = self.weights[node]
+        value.const_value = ir.tensor(weight, name=value.name)
+        return self.model
+
+    def restore(self, node: str) -> None:
+        self.weights[node].const_value = self.original[node]
 
 
 def _greedy_path(
@@ -155,6 +211,7 @@ def allocate_ranks(
     target_macs: float | None = None,
     accept: Callable[[ir.Model], bool] | None = None,
     grid: Sequence[float] | None = None,
+    progress: bool | None = None,
 ) -> RankAllocation:
     """Per-layer rank ratios for `options.method`: the least measured loss at `target_macs`
     (MACs after / before), or the most MACs saved that `accept` (an accuracy budget) takes.
@@ -166,6 +223,8 @@ def allocate_ranks(
         target_macs: the MAC ratio to reach, in (0, 1).
         accept: whether a candidate meets the budget (without `target_macs`).
         grid: the rank ratios each layer is measured at (default `RANK_GRID`).
+        progress: a progress bar on stderr while the curves are measured (None: when stderr is
+            a terminal).
 
     Raises:
         BadOptionError: a target outside (0, 1), or neither a target nor `accept`.
@@ -180,7 +239,7 @@ def allocate_ranks(
     if target_macs is None and accept is None:
         raise BadOptionError("ranks per layer need a MAC target or an accuracy budget")
     grid = sorted(RANK_GRID if grid is None else grid, reverse=True)
-    nodes, losses, saved, total = rank_curves(model, options, loss, grid)
+    nodes, losses, saved, total = rank_curves(model, options, loss, grid, progress=progress)
     path = _greedy_path(nodes, losses, saved, grid)
     allocation = RankAllocation({}, None, target_macs, losses, saved, [p for p, _ in path])
     if target_macs is not None:

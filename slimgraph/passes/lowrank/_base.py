@@ -138,9 +138,12 @@ class FactorizationPass(SlimgraphPass):
         dims: Mapping[str, int] | None = None,
         check_names: bool = True,
         layer_ratios: Mapping[str, float] | None = None,
+        approximations: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.check_names = check_names
+        # filled with node name -> the weight its factors compute, when given (`record`)
+        self.approximations = approximations
         self.options = FactorizeOptions(
             rank_ratio=rank_ratio, energy=energy, error_budget=error_budget, rank=rank,
             include=include, exclude=exclude, allow_growth=allow_growth,
@@ -286,6 +289,14 @@ class FactorizationPass(SlimgraphPass):
         if macs_before - macs_after < AUTO_MIN_SAVED_MACS:
             return f"auto: saves only {macs_before - macs_after} MACs, too few to be faster"
         return None
+
+    def record(self, layer: Layer, approximation: np.ndarray, like: np.ndarray) -> None:
+        """Keep the weight the factors compute (`like`'s shape and dtype) when asked to: a rank
+        allocation measures a layer's factorization as the conv or product with that weight,
+        which the chain equals (`passes.lowrank._allocate`)."""
+        if self.approximations is not None:
+            self.approximations[layer.node.name or layer.name] = np.asarray(
+                approximation).reshape(like.shape).astype(like.dtype)
 
     def initializer(self, base: str, array: np.ndarray) -> ir.Value:
         """A new initializer holding `array`, named from `base` by this call's allocator."""

@@ -135,9 +135,14 @@ def cp_als(
     previous = math.inf
     with blas_threads(1):
         for _ in range(iterations):
+            kernel = None
             for mode in range(4):
                 others = [m for m in range(4) if m != mode]
-                mttkrp = _mttkrp(w, factors, mode)
+                if mode == 2:  # the kernel modes share one contraction of both channel modes
+                    kernel = _kernel_product(w, factors[0], factors[1])
+                mttkrp = (_mttkrp(w, factors, mode) if kernel is None
+                          else np.einsum("hwr,wr->hr", kernel, factors[3]) if mode == 2
+                          else np.einsum("hwr,hr->wr", kernel, factors[2]))
                 gram = np.ones((rank, rank))
                 for m in others:
                     gram *= factors[m].T @ factors[m]
@@ -150,6 +155,14 @@ def cp_als(
                 break
             previous = error
     return _balance((factors[0], factors[1], factors[2], factors[3]))
+
+
+def _kernel_product(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Q[h, w, r] = sum_oi W[o, i, h, w] A[o, r] B[i, r] (Kh x Kw x R): both kernel modes' MTTKRP
+    follow from it with one small product each, so one sweep contracts the whole tensor three
+    times instead of four (memory: C_in x Kh x Kw x R, as `_mttkrp`)."""
+    partial = np.tensordot(a, w, axes=(0, 0))  # (r, i, h, w)
+    return np.einsum("rihw,ir->hwr", partial, b)
 
 
 def _mttkrp(w: np.ndarray, factors: list[np.ndarray], mode: int) -> np.ndarray:
@@ -304,9 +317,11 @@ class CPConv(FactorizationPass):
         w = weight.astype(np.float64)
         a, b, c, d = _cached_als(w, rank)
         dtype = weight.dtype
-        error = relative_error(w, cp_reconstruct(
+        approximation = cp_reconstruct(
             tuple(f.astype(dtype).astype(np.float64) for f in (a, b, c, d))  # type: ignore[arg-type]
-        ))
+        )
+        error = relative_error(w, approximation)
+        self.record(layer, approximation, weight)
         base = weight_value.name or f"{node.name}.weight"
         arrays = (
             b.T.reshape(rank, c_in, 1, 1), c.T.reshape(rank, 1, kh, 1),

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
@@ -139,12 +140,28 @@ def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> in
     return result.folded
 
 
+def prepared(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, int]:
+    """A copy of `model` as the factorization passes see it: IR version 4 at least, weights
+    folded (`options.fold`, `fold_weights`); and how many weights and biases were folded."""
+    work = copy_model(model)
+    if work.ir_version is not None and work.ir_version < 4:
+        # IR 3 requires every initializer to be a graph input, which would make new factors
+        # (and folded weights) overridable at run time; IR 4 lifts that rule, nothing else.
+        work.ir_version = 4
+    folded = fold_weights(work, options.layer_filter().op_types) if options.fold else 0
+    return work, folded
+
+
 def factorize_layers(
-    model: ir.Model, options: FactorizeOptions
+    model: ir.Model, options: FactorizeOptions, *,
+    approximations: dict[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, FactorizeReport]:
     """Low-rank factorization of a copy of `model` as `slimgraph.factorize` describes it (no
     budget): weights folded first (`options.fold`), Gemm/MatMul split by SVD (`LowRankLinear`),
     then Conv by Tucker-2 (`TuckerConv`), and the report.
+
+    `approximations`, when given, is filled with node name -> the weight each factorized layer's
+    factors compute (its stored shape and dtype; the chain equals the layer with that weight).
 
     Raises:
         BadOptionError: a bad rank rule, pattern or op type (see `FactorizeOptions`).
@@ -162,12 +179,7 @@ def factorize_layers(
         options.policy())
     layer_filter = options.layer_filter()
     samples = list(iter_feeds(options.feeds)) if options.feeds is not None else None
-    work = copy_model(model)
-    if work.ir_version is not None and work.ir_version < 4:
-        # IR 3 requires every initializer to be a graph input, which would make new factors
-        # (and folded weights) overridable at run time; IR 4 lifts that rule, nothing else.
-        work.ir_version = 4
-    folded = fold_weights(work, layer_filter.op_types) if options.fold else 0
+    work, folded = prepared(model, options)
     analysis.check_finite_weights(work)  # an SVD of NaN fails deep inside LAPACK
     layer_filter.check_names(work.graph)
     params_before = analysis.parameter_count(work)  # after folding: weights are initializers
@@ -182,6 +194,7 @@ def factorize_layers(
         "exclude": layer_filter.exclude or None,
         "dims": dims,
         "check_names": False,  # checked above, before the first pass renames what it replaces
+        "approximations": approximations,
     }
     layers: list[LayerReport] = []
     skipped: list[Skipped] = []

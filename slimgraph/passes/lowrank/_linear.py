@@ -163,6 +163,8 @@ class LowRankLinear(FactorizationPass):
             if reason is not None:
                 return reason
             a, b, error = split_factors(matrix, (u, s, vt), k, weight.dtype)
+            product = (a.astype(np.float64) @ b.astype(np.float64)) / alpha  # matrix's layout
+            self.record(layer, product.T if trans_b else product, weight)
             base = weight_value.name or f"{node.name}.weight"
             a_value = self.initializer(f"{base}.lowrank_a", a)
             b_value = self.initializer(f"{base}.lowrank_b", b)

@@ -213,6 +213,7 @@ class TuckerConv(FactorizationPass):
             (r_out,) if self.output_only else (r_in, r_out), (params_before, params_after),
             (macs_before, macs_after), relative_error(w, approx),
         )
+        self.record(layer, approx, weight)
         return self._rewrite(graph, layer, weight, factors, report, site.bias, None)
 
     # -- 1x1 convs by SVD -------------------------------------------------------------------
@@ -234,6 +235,7 @@ class TuckerConv(FactorizationPass):
         if reason is not None:
             return reason
         second, first, error = split_factors(matrix, (u, s, vt), k, weight.dtype)
+        self.record(layer, second.astype(np.float64) @ first.astype(np.float64), weight)
         ones = [1] * (weight.ndim - 2)
         first, second = first.reshape(k, c_in, *ones), second.reshape(c_out, k, *ones)
         report = self.layer_report(
