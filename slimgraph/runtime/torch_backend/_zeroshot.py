@@ -5,7 +5,9 @@ the training data. Starting from Gaussian noise, the inputs are optimized (Adam,
 in eval mode) until the per-channel batch mean and standard deviation at every BatchNormalization
 input match those running statistics; the result stands in for calibration data when there is
 none (seed 002, "zero-shot quantization"; the loss of Cai et al., 2020, "ZeroQ: A Novel Zero Shot
-Quantization Framework", CVPR: the sum over BN layers of ||mu - mu_bn||_2 + ||sigma - sigma_bn||_2).
+Quantization Framework", CVPR: the sum over BN layers of ||mu - mu_bn||_2 + ||sigma - sigma_bn||_2,
+sigma_bn = sqrt(var + epsilon), the deviation the layer divides by, as ZeroQ's reference code
+takes it).
 
 The cost is the model's forward and backward pass on the synthesized batch, once per step (on a
 MobileNetV3-small at 224x224 the convolutions' backward is a third of it, the BatchNorm and
@@ -153,8 +155,9 @@ def synthesize(
         if (source is None or mean_value is None or var_value is None
                 or mean_value.const_value is None or var_value.const_value is None):
             continue
+        epsilon = node.attributes.get_float("epsilon", 1e-5)  # BN divides by sqrt(var + eps)
         layers.append((source.name or "", mean_value.const_value.numpy(),
-                       var_value.const_value.numpy()))
+                       var_value.const_value.numpy() + epsilon))
     if not layers:
         raise UnsupportedModelError(
             "zero-shot calibration needs BatchNormalization layers (their running statistics); "
