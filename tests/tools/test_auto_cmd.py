@@ -52,7 +52,11 @@ def test_budget_met_writes_the_fastest_candidate_that_holds_it(met: tuple[Result
     holding = [c for c in data["candidates"]
                if c["status"] == "ok" and c["accuracy"] >= data["threshold"]]
     assert winner in holding
-    assert winner["latency_ratio"] < 1.0 and data["confirmed"][0] == winner["latency_ratio"]
+    assert winner["latency_ratio"] < 1.0
+    # judged against the input as `optimize` writes it (2x faster than the digits export),
+    # timed in the same race
+    assert data["confirmed_against"] == "lossless-optimized input"
+    assert data["confirmed"][0] < 1.0 and data["confirmed"][0] > winner["latency_ratio"]
     # the model written is the winner: its accuracy measured here again on onnxruntime
     model = sg.load(folder / "fast.onnx")
     values = load_data(DIGITS_TEST, sg.load(DIGITS))
