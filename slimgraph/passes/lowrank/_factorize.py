@@ -81,6 +81,8 @@ class FactorizeReport:
                      f"({_ratio(self.macs_after, self.macs_before)})")
         if self.fidelity is not None:
             lines.append(f"outputs:    {self.fidelity.worst()}")
+            if self.fidelity.accuracy is not None:
+                lines.append(f"accuracy:   {self.fidelity.accuracy}")
         if self.allocation is not None:
             lines.append(self.allocation.summary())
         if any(r.shared_with for r in self.layers):
