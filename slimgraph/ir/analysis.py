@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimgraph.errors import InvalidModelError
+from slimgraph.errors import InvalidModelError, first_line
 from slimgraph.ir.layout import layout
 
 __all__ = [
@@ -183,7 +183,28 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
         logger.warning("shape inference failed (%s); MACs may be incomplete", error)
+    if any(not onnx.defs.has(node.op_type, "" if node.domain == "ai.onnx" else node.domain)
+           for node in proto.graph.node):
+        proto = _contrib_shapes(proto)
     return ir.from_proto(proto)
+
+
+def _contrib_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes through onnxruntime's contrib ops (`com.microsoft`'s fused attention, int4 and int8
+    products; SimplifiedLayerNormalization in the default domain), which onnx's inference does
+    not know: onnxruntime's own symbolic shape
+    inference (`onnxruntime.tools.symbolic_shape_infer`), run on the copy whose dimensions are
+    fixed. Without it a fused graph's MACs hang on the `value_info` a rewrite kept, and one that
+    re-inferred shapes (head pruning) counted 0. Imported here, as the cost it is: only a graph
+    with such ops pays for it; the onnx-inferred proto is kept when it fails."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as error:  # a best effort: the MACs it cannot reach stay unknown
+        logger.info("onnxruntime's symbolic shape inference failed (%s)", first_line(error))
+        return proto
+    return inferred if inferred is not None else proto
 
 
 def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
