@@ -46,3 +46,16 @@ def test_factorize_then_finetune_candidate_is_no_larger_than_the_steps_by_hand(t
     assert outcome["size_bytes"] <= len(by_hand) < input_size / 2
     assert _shape_only_initializers(built) == []
     assert len(built.graph.node) == len(onnx.load_model_from_string(by_hand).graph.node)
+
+
+def test_a_grid_asks_for_calibration_only_where_a_step_needs_it() -> None:
+    from slimgraph.errors import BadOptionError
+
+    # round-to-nearest int4 needs no data (it once asked for --calib); GPTQ and static int8 do
+    (int4,) = parse_grid({"quantize": ["int4"]})
+    assert int4.steps == ({"name": "quantize-weight-only"},)
+    for grid, step in [({"quantize": ["int8"]}, "quantize"),
+                       ({"quantize": {"mode": ["weight-only"], "method": ["gptq"]}},
+                        "quantize-weight-only")]:  # fmt: skip
+        with pytest.raises(BadOptionError, match=f"step '{step}' needs calibration data"):
+            parse_grid(grid)
