@@ -21,8 +21,9 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from slimgraph.api._speed import guard_speed
 from slimgraph.runtime.budget import Budget, BudgetJudge, DataLike, budget_judge
-from slimgraph.runtime.speed_guard import SpeedCheck, speed_guard
+from slimgraph.runtime.speed_guard import SpeedCheck
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -79,7 +80,8 @@ class BudgetOptions:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpeedOptions:
     """The speed guard's keywords (`runtime.speed_guard`): time the result against the input on
-    onnxruntime and refuse it when it runs slower beyond noise.
+    onnxruntime, in the form `optimize` writes it by default (`api._speed.speed_baseline`), and
+    refuse it when it runs slower beyond noise.
 
     Off by default in Python, on by default on the command line: a verb is also a building block
     (a budget search, a sweep or `slimgraph auto` builds and times many candidates itself, a
@@ -107,7 +109,7 @@ class SpeedOptions:
         """
         if not self.speed_check:
             return None
-        return speed_guard(reference, candidate, batches=self.speed_batches,
+        return guard_speed(reference, candidate, batches=self.speed_batches,
                            allow_slower=self.allow_slower)  # fmt: skip
 
 

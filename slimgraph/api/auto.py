@@ -11,8 +11,11 @@ the winner is the fastest candidate that holds the budget and is faster than the
 
 The finalists (the fastest candidates that hold the budget, at most `FINALISTS`) are then
 raced once more side by side with the input, with more rounds (`confirm_speed`, the one place a
-stricter speed guard plugs in): the fastest measured faster than the input wins; a race where
-none is faster refuses them all unless `allow_slower`.
+stricter speed guard plugs in). As the speed guard of the other commands does, the race judges
+them against the input in the form `slimgraph optimize` writes it by default (the lossless
+preset, `api._speed.speed_baseline`), timed in the same race: the fastest measured faster than
+that wins; a race where none is faster refuses them all unless `allow_slower`. Latency ratios in
+the table stay relative to the input as given (the grids time against it).
 
 Budgets: `max_drop` is an absolute drop of top-1 accuracy (the data must carry labels; 0.01 is
 one point), `min_cosine` the worst output cosine to the input model. A budget no candidate
@@ -35,13 +38,15 @@ import onnx_ir as ir
 import slimgraph.ir as sg_ir
 from slimgraph._tables import format_metric, format_ratio
 from slimgraph.api._options import takes_options
+from slimgraph.api._speed import speed_baseline
 from slimgraph.api.auto_plan import Stage, matmul_rows, plan
 from slimgraph.api.sweep import CandidateResult, SweepResult, pareto_flags, sweep
 from slimgraph.errors import BadOptionError, SlimgraphError
 from slimgraph.runtime.bench import benchmark
 from slimgraph.runtime.metrics import DEFAULT_LABELS, load_data
+from slimgraph.runtime.speed_guard import LOSSLESS_BASELINE
 
-__all__ = ["AutoOptions", "AutoResult", "BudgetNotMetError", "auto", "auto_with_report",
+__all__ = ["AutoOptions", "AutoResult", "BudgetNotMetError", "Race", "auto", "auto_with_report",
            "confirm_speed"]
 
 logger = logging.getLogger(__name__)
@@ -102,8 +107,9 @@ class AutoResult:
         threshold: the lowest metric the budget allows; `budget`: the budget as text.
         baseline: the input model's figures (size, MACs, metric, samples).
         winner: index into `candidates` of the model written, or None.
-        confirmed: the winner's latency / the input's from `confirm_speed` and its 90% interval,
-            or None (no winner, or the check was skipped).
+        confirmed: the winner's latency / the lossless-optimized input's (`confirmed_against`
+            names the baseline: the input itself when the preset changes nothing) from
+            `confirm_speed`, and its 90% interval; None (no winner, or the check was skipped).
         stages: the grids run, by name; `skipped`: the ones the time budget left out.
         seconds: wall time of the search; `batch`: rows per timed run.
     """
@@ -119,6 +125,7 @@ class AutoResult:
     notes: list[str] = field(default_factory=list)
     winner: int | None = None
     confirmed: tuple[float, float, float] | None = None
+    confirmed_against: str = "input"
     seconds: float = 0.0
     cluster: str = ""
 
@@ -158,6 +165,7 @@ class AutoResult:
                 "batch": self.batch, "stages": self.stages, "skipped": self.skipped,
                 "notes": self.notes, "winner": self.winner,
                 "confirmed": list(self.confirmed) if self.confirmed else None,
+                "confirmed_against": self.confirmed_against,
                 "seconds": self.seconds}
 
     def __str__(self) -> str:
@@ -169,13 +177,24 @@ class AutoResult:
             lines.append(f"winner #{self.winner} {self.figures(self.candidates[self.winner])}")
             if self.confirmed is not None:
                 ratio, low, high = self.confirmed
-                lines.append(f"confirmed: {format_ratio(ratio)} of the input's latency "
-                             f"[{low:.2f}-{high:.2f}], {CONFIRM_ROUNDS} interleaved rounds")
+                lines.append(f"confirmed: {format_ratio(ratio)} of the {self.confirmed_against}'s "
+                             f"latency [{low:.2f}-{high:.2f}], {CONFIRM_ROUNDS} interleaved "
+                             "rounds")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (f"<AutoResult: {len(self.candidates)} candidates, winner {self.winner}, "
                 f"{self.budget}>")
+
+
+@dataclass(frozen=True)
+class Race:
+    """A finalist's figures in `confirm_speed`'s race: median latency / the input's
+    (`to_input`) and / the baseline's (`to_baseline`, what is judged: the lossless-optimized
+    input, or the input itself), each `(ratio, low, high)` with its 90% bootstrap interval."""
+
+    to_input: tuple[float, float, float]
+    to_baseline: tuple[float, float, float]
 
 
 def confirm_speed(
@@ -184,15 +203,26 @@ def confirm_speed(
     feed: dict[str, Any],
     *,
     rounds: int = CONFIRM_ROUNDS,
-) -> list[tuple[float, float, float]]:
-    """Each candidate's median latency / the input's, all side by side in one
-    `runtime.benchmark` (interleaved shuffled rounds), with the 90% bootstrap interval:
-    `(ratio, low, high)` per candidate. The one place `auto` measures the finalists' speed
-    against the input (a stricter speed guard plugs in here)."""
-    timed = benchmark([model, *candidates], feed,
-                      labels=["input", *(f"candidate {i}" for i in range(len(candidates)))],
-                      rounds=rounds, warmup=2)
-    return [(t.ratio, t.ratio_low, t.ratio_high) for t in timed.timings[1:]]
+    baseline: ir.Model | None = None,
+) -> list[Race]:
+    """Each candidate's median latency / the input's and / `baseline`'s (the lossless-optimized
+    input, `api._speed.speed_baseline`; None: the input is the baseline), all side by side in one
+    `runtime.benchmark` (interleaved shuffled rounds), with 90% bootstrap intervals. The one
+    place `auto` measures the finalists' speed (a stricter speed guard plugs in here)."""
+    labels = [f"candidate {i}" for i in range(len(candidates))]
+    if baseline is None:
+        timed = benchmark([model, *candidates], feed, labels=["input", *labels], rounds=rounds,
+                          warmup=2)  # fmt: skip
+        return [Race(figures, figures) for figures in
+                ((t.ratio, t.ratio_low, t.ratio_high) for t in timed.timings[1:])]
+    timed = benchmark([model, baseline, *candidates], feed,
+                      labels=["input", "lossless-optimized input", *labels], rounds=rounds,
+                      warmup=2)  # fmt: skip
+    # `comparisons` hold a / b for a listed before b: the baseline before every candidate
+    inverse = {c.b: (1 / c.ratio, 1 / c.high, 1 / c.low) for c in timed.comparisons
+               if c.a == "lossless-optimized input"}
+    return [Race((t.ratio, t.ratio_low, t.ratio_high), inverse[t.label])
+            for t in timed.timings[2:]]
 
 
 @takes_options(AutoOptions)
@@ -247,7 +277,8 @@ def auto(
         workers: dask worker processes (default min(4, cores)).
         labels: the labels key of `data` and `train`.
         progress: progress bars (None: when stderr is a terminal).
-        speed_check: confirm the winner is faster than the input (`confirm_speed`).
+        speed_check: confirm the winner is faster than the input in the form `optimize` writes
+            it by default (`confirm_speed`).
         allow_slower: keep a winner the confirmation measures slower (logged), not refuse it.
 
     Returns:
@@ -320,7 +351,7 @@ def _auto(
         result.threshold, result.budget = _threshold(result, options)
         _mark_fronts(result.candidates)
         result.seconds = time.perf_counter() - start
-        winner = _choose(result, source, feed, options)
+        winner = _choose(result, input_model, source, feed, options)
         result.seconds = time.perf_counter() - start
         chosen = None if winner is None else sg_ir.load(str(result.candidates[winner].path))
         for record in result.candidates:
@@ -386,13 +417,15 @@ def _mark_fronts(records: Sequence[CandidateResult]) -> None:
 
 
 def _choose(
-    result: AutoResult, source: Path, feed: dict[str, Any], options: AutoOptions
+    result: AutoResult, model: ir.Model, source: Path, feed: dict[str, Any],
+    options: AutoOptions,
 ) -> int | None:
     """The winner: the candidates that hold the budget and looked faster than the input in
     their grid's timing (at most `FINALISTS`, fastest first) are raced once more side by side
-    with the input (`confirm_speed`, `CONFIRM_ROUNDS` rounds; their latencies become the race's
-    figures); the fastest of them measured faster than the input wins (with `allow_slower`,
-    the fastest). Without `speed_check` the grid timings decide."""
+    with the input and its lossless-optimized form (`confirm_speed`, `CONFIRM_ROUNDS` rounds;
+    their latencies become the race's figures, still relative to the input as given); the
+    fastest of them measured faster than the lossless-optimized input wins (with
+    `allow_slower`, the fastest). Without `speed_check` the grid timings decide."""
     holding = sorted((r for r in result.candidates
                       if result.holds(r) and r.latency_ratio is not None and r.path is not None
                       and (r.latency_ratio < 1 or options.allow_slower)),
@@ -403,27 +436,34 @@ def _choose(
     if not options.speed_check:
         result.winner = finalists[0].candidate.index
         return result.winner
-    raced = confirm_speed(source, [str(r.path) for r in finalists], feed)
-    for record, (ratio, low, high) in zip(finalists, raced, strict=True):
-        record.latency_ratio, record.latency_interval = ratio, (low, high)
+    baseline = speed_baseline(model)
+    against = "input" if baseline is None else LOSSLESS_BASELINE
+    raced = confirm_speed(source, [str(r.path) for r in finalists], feed, baseline=baseline)
+    for record, race in zip(finalists, raced, strict=True):
+        record.latency_ratio, record.latency_interval = race.to_input[0], race.to_input[1:]
     _mark_fronts(result.candidates)
-    result.notes.append(f"{len(finalists)} finalist(s) raced side by side with the input "
-                        f"({CONFIRM_ROUNDS} rounds): their latencies are the race's")
-    order = sorted(range(len(finalists)), key=lambda i: raced[i][0])
-    best = order[0]
-    if raced[best][0] >= 1.0:
+    result.notes.append(f"{len(finalists)} finalist(s) raced side by side with the input"
+                        + ("" if baseline is None else f" and the {against}")
+                        + f" ({CONFIRM_ROUNDS} rounds): their latencies are the race's")
+    best = min(range(len(finalists)), key=lambda i: raced[i].to_baseline[0])
+    ratio = raced[best].to_baseline[0]
+    if ratio >= 1.0:
         if not options.allow_slower:
+            result.notes.append(f"the fastest finalist ran {format_ratio(ratio)} of the "
+                                f"{against}'s latency")
             return None
-        logger.warning("the winner is %s of the input's latency at batch %d; written anyway "
-                       "(--allow-slower)", format_ratio(raced[best][0]), options.batch)
-    result.winner, result.confirmed = finalists[best].candidate.index, raced[best]
+        logger.warning("the winner is %s of the %s's latency at batch %d; written anyway "
+                       "(--allow-slower)", format_ratio(ratio), against, options.batch)
+    result.winner, result.confirmed = finalists[best].candidate.index, raced[best].to_baseline
+    result.confirmed_against = against
     return result.winner
 
 
 def _unmet(result: AutoResult) -> str:
     best = result.best
     if best is not None and result.holds(best):
-        return (f"no candidate faster than the input holds {result.budget}; the best found: "
+        return (f"no candidate faster than the input (in the form `slimgraph optimize` writes it) "
+                f"holds {result.budget}; the best found: "
                 f"{result.figures(best)}; nothing written")
     return (f"no candidate holds {result.budget}; the best found: {result.figures(best)}; "
             "nothing written")

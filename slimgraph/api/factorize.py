@@ -5,7 +5,9 @@ split by SVD, Conv by Tucker-2 or CP). Here: the options (`FactorizeOptions`: th
 layers, plus a MAC target and the accuracy budget); ranks per layer (`allocate_ranks`) for a MAC
 target or a budget without a rule; with a rule, when its result misses the budget, the k most
 sensitive layers keep their full rank (`FactorizeUnits`, searched by `api.budget.search_units`);
-the report records which and why.
+the report records which and why. With `data`, the result's fidelity (and both models' accuracy
+when the data has labels) is measured on all of it, as `quantize --data` measures it
+(`runtime.compare`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from slimgraph.passes.lowrank import FactorizeOptions as RuleOptions
 from slimgraph.passes.lowrank import FactorizeReport, factorize_layers
 from slimgraph.passes.lowrank._allocate import RANK_GRID, allocate_ranks, allocated
 from slimgraph.runtime.budget import BudgetJudge, Evaluator, as_data
+from slimgraph.runtime.compare import compare
 
 __all__ = ["FactorizeOptions", "FactorizeUnits", "factorize", "factorize_with_report"]
 
@@ -89,7 +92,8 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
         include, exclude: fnmatch patterns on layer names (torch module paths) or node names;
             each must match some node.
         op_types: which of Gemm, MatMul, Conv to factorize.
-        feeds: sample inputs (a feed dict or an iterable of them) to measure fidelity.
+        feeds: sample inputs (a feed dict or an iterable of them) to measure each layer's
+            output SQNR (and the model's fidelity when no `data` is given).
         pointwise_convs: also split 1x1 convs by SVD (skipped by default).
         allow_growth: factorize even where the factors are larger than the weight.
         fold: fold constant weight subgraphs first.
@@ -105,8 +109,9 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
             allocate_ranks`); `report.allocation` has the ratios and measurements. A budget
             (`max_drop`/`min_cosine`) without a rank rule allocates the same way, taking the
             most MACs saved that hold it.
-        data: validation data for the budget (an .npz path, stacked arrays with an optional
-            labels key, or `LabelledData`).
+        data: validation data (an .npz path, stacked arrays with an optional labels key, or
+            `LabelledData`): the report's `fidelity` is measured on all of it (with labels, its
+            `accuracy` too: both models' top-1), and the budget and `target_macs` use it.
         budget, max_drop, min_cosine: an accuracy budget (`runtime.budget`): with a rank rule,
             when the rule's result misses it, the most sensitive layers are left whole until it
             holds
@@ -134,6 +139,20 @@ def factorize(model: ModelLike, *, options: FactorizeOptions) -> ir.Model:
 
 
 def _factorize(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, FactorizeReport]:
+    factorized, report = _factorize_layers(model, options)
+    if options.data is None or not report.layers:
+        return factorized, report
+    # the fidelity on the whole validation data, both models' accuracy with labels: what
+    # `quantize --data` reports, by the same comparison
+    fidelity = compare(model, factorized, as_data(options.data, model))
+    report = dataclasses.replace(report, fidelity=fidelity)
+    factorized.meta[metadata.FACTORIZE_REPORT] = report
+    return factorized, report
+
+
+def _factorize_layers(
+    model: ir.Model, options: FactorizeOptions
+) -> tuple[ir.Model, FactorizeReport]:
     options.check_method()
     judge = options.judge(model)
     has_rule = any(getattr(options, key) is not None for key in _RULES) or bool(

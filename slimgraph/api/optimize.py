@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.api._options import BudgetOptions, takes_options
+from slimgraph.api._speed import DEFAULT_PRESET
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.passes.pipeline import PipelineResult, run_pipeline
@@ -43,7 +44,7 @@ class OptimizeOptions(BudgetOptions):
         'transformer'
     """
 
-    preset: str | None = "lossless"
+    preset: str | None = DEFAULT_PRESET
     recipe: str | os.PathLike[str] | Sequence[str | Mapping[str, Any]] | None = None
     verify: bool = True
     feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError, SlimgraphError
 from slimgraph.passes.pipeline import PASSES, PRESETS, build_pipeline
+from slimgraph.passes.quantize.weight_only import DATA_METHODS, WeightOnlyQuantizePass
 from slimgraph.passes.recipe import read_document
 from slimgraph.passes.registry import COMMAND_STEPS
 
@@ -251,6 +252,17 @@ def parse_grid(
     return candidates
 
 
+def _needs_calibration(pass_: Any) -> bool:
+    """A pass taking calibration data that it was not given and needs: static int8, and
+    weight-only quantization with a data-aware method (GPTQ, AWQ); round-to-nearest and HQQ
+    need none (a grid's `quantize: [int4]` once asked for --calib)."""
+    if getattr(pass_, "calibration", "unused") is not None:
+        return False
+    if isinstance(pass_, WeightOnlyQuantizePass):
+        return pass_.options.method in DATA_METHODS
+    return True
+
+
 def _check_steps(
     steps: list[dict[str, Any]], name: str, calibration: bool, model: ir.Model | None
 ) -> None:
@@ -259,7 +271,7 @@ def _check_steps(
     except BadOptionError as error:
         raise BadOptionError(f"candidate '{name}': {error}") from None
     for step in built:
-        if not calibration and getattr(step.pass_, "calibration", "unused") is None:
+        if not calibration and _needs_calibration(step.pass_):
             raise BadOptionError(
                 f"candidate '{name}': step '{step.name}' needs calibration data (--calib)"
             )

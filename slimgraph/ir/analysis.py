@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import InvalidModelError
-from slimgraph.ir.contrib_shapes import MS_DOMAIN, infer_shapes
+from slimgraph.ir.contrib_shapes import has_contrib_ops, infer_shapes
 from slimgraph.ir.layout import layout
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "with_static_shapes",
     "node_macs",
     "MAC_OPS",
+    "QUANTIZED_MAC_FORMS",
+    "counts_macs",
     "macs_by_node",
     "model_macs",
     "check_finite_weights",
@@ -186,7 +188,7 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
         logger.warning("shape inference failed (%s); MACs may be incomplete", error)
     shaped = ir.from_proto(proto)
-    if any(node.domain == MS_DOMAIN for node in shaped.graph):
+    if has_contrib_ops(shaped):
         infer_shapes(shaped)  # through onnxruntime's fused ops, which onnx does not know
     return shaped
 
@@ -325,32 +327,82 @@ def node_macs(node: ir.Node) -> int | None:
             return None
         k = a[-1] if len(a) >= 1 else 1
         return math.prod(out) * k
-    return None
+    return _quantized_macs(node)
 
 
-# Ops whose multiply-accumulates `node_macs` counts.
+def _quantized_macs(node: ir.Node) -> int | None:
+    """MACs of a quantized form (`QUANTIZED_MAC_FORMS`), counted as the float op it replaces:
+    a convolution from its weight and output shapes, a product as M x K x N (the rows of the
+    activation, K and N from MatMulNBits' attributes or the [K, N] weight; the output's shape
+    when it is known, so batched weights count too)."""
+    form = QUANTIZED_MAC_FORMS.get((node.domain or "", node.op_type))
+    if form is None:
+        return None
+    kind, weight_index = form
+    a = static_shape(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    out = static_shape(node.outputs[0])
+    if kind == "Conv":
+        weight = static_shape(node.inputs[weight_index]) if len(node.inputs) > weight_index \
+            else None
+        if weight is None or len(weight) < 3 or out is None:
+            return None
+        return math.prod(out) * weight[1] * math.prod(weight[2:])
+    if a is None or not a:
+        return None
+    if node.op_type == "MatMulNBits":
+        k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+        return math.prod(a[:-1]) * k * n if k and n else None
+    b = static_shape(node.inputs[weight_index]) if len(node.inputs) > weight_index else None
+    if out is not None:
+        return math.prod(out) * a[-1]
+    if b is None or len(b) != 2:
+        return None
+    return math.prod(a[:-1]) * b[0] * b[1]
+
+
+# Ops whose multiply-accumulates `node_macs` counts (default domain).
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Quantized forms `node_macs` counts as the float op they replace: (domain, op type) ->
+# (that op, the input holding the weight). MatMulNBits reads K and N from its attributes.
+QUANTIZED_MAC_FORMS: dict[tuple[str, str], tuple[str, int]] = {
+    ("", "MatMulInteger"): ("MatMul", 1),
+    ("", "QLinearMatMul"): ("MatMul", 3),
+    ("", "ConvInteger"): ("Conv", 1),
+    ("", "QLinearConv"): ("Conv", 3),
+    ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 1),
+    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 1),
+    ("com.microsoft", "MatMulNBits"): ("MatMul", 1),
+}
+
+
+def counts_macs(node: ir.Node) -> bool:
+    """Whether `node_macs` counts `node`: a float Conv, ConvTranspose, Gemm or MatMul, or one of
+    their quantized forms (`QUANTIZED_MAC_FORMS`)."""
+    domain = node.domain or ""
+    return (domain in ("", "ai.onnx") and node.op_type in MAC_OPS) or (
+        (domain, node.op_type) in QUANTIZED_MAC_FORMS)
 
 
 def macs_by_node(
     model: ir.Model, dim_values: Mapping[str, int] | None = None
 ) -> tuple[dict[ir.Node, int], int]:
-    """MACs of each Conv, ConvTranspose, Gemm and MatMul of `model`'s main graph, and how many of
-    them stayed without static shapes (left out). The one MAC count: `inspect`, `prune` and
+    """MACs of each Conv, ConvTranspose, Gemm and MatMul of `model`'s main graph (and of their
+    quantized forms, as the op they replace: `QUANTIZED_MAC_FORMS`), and how many of them
+    stayed without static shapes (left out). The one MAC count: `inspect`, `prune` and
     `factorize` all report it.
 
     Symbolic dimensions take their value from `dim_values` (by name), else 1; shapes come from
     `with_static_shapes`, a structural copy with the same nodes in the same order, so nodes pair
     by position (names may repeat or be empty).
     """
-    counted = [node for node in model.graph if node.op_type in MAC_OPS and not node.domain]
+    counted = [node for node in model.graph if counts_macs(node)]
     if not counted:
         return {}, 0
     shaped = with_static_shapes(model, dim_values)
     found: dict[ir.Node, int] = {}
     unknown = 0
     for original, copy in zip(model.graph, shaped.graph, strict=True):
-        if original.op_type not in MAC_OPS or original.domain:
+        if not counts_macs(original):
             continue
         macs = node_macs(copy)
         if macs is None:

@@ -8,7 +8,8 @@ block in a chain of blocks).
 
 The rules (onnxruntime's contrib op definitions, docs/ContribOperators.md):
 
-- elementwise and normalization ops (BiasGelu, FastGelu, Gelu, QuickGelu, BiasAdd,
+- elementwise and normalization ops (SimplifiedLayerNormalization, in the default domain,
+  BiasGelu, FastGelu, Gelu, QuickGelu, BiasAdd,
   RotaryEmbedding, SkipLayerNormalization and SkipSimplifiedLayerNormalization's output 0 and
   their input + skip sum): input 0's shape;
 - MultiHeadAttention: [batch, sequence, value hidden], the hidden size read from the 3-D value
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-__all__ = ["MS_DOMAIN", "contrib_output_shape", "infer_shapes"]
+__all__ = ["MS_DOMAIN", "contrib_output_shape", "has_contrib_ops", "infer_shapes"]
 
 Dim = int | ir.SymbolicDim
 
@@ -38,6 +39,19 @@ _LIKE_INPUT = frozenset(
     {"BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd", "RotaryEmbedding"}
 )
 _SKIP_NORMS = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+# onnxruntime's ops in the default domain that onnx does not define (RMS norm before opset 23)
+_DEFAULT_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
+
+
+def _is_contrib(node: ir.Node) -> bool:
+    return node.domain == MS_DOMAIN or (
+        node.domain in ("", "ai.onnx") and node.op_type in _DEFAULT_DOMAIN
+    )
+
+
+def has_contrib_ops(model: ir.Model) -> bool:
+    """Whether `model`'s main graph has ops whose shapes onnx's inference cannot state."""
+    return any(_is_contrib(node) for node in model.graph)
 
 
 def _dims(value: ir.Value | None) -> list[Dim] | None:
@@ -60,6 +74,8 @@ def contrib_output_shape(node: ir.Node, index: int) -> list[Dim] | None:
     op = node.op_type
     inputs = list(node.inputs)
     first = _dims(inputs[0]) if inputs else None
+    if op in _DEFAULT_DOMAIN:  # output 0 like the input; mean and inverse deviation left alone
+        return first if index == 0 else None
     if op in _LIKE_INPUT or (op in _SKIP_NORMS and index in (0, 3)):
         return first if index == 0 or op in _SKIP_NORMS else None
     if index != 0 or first is None or len(first) < 3:
@@ -114,17 +130,19 @@ def infer_shapes(model: ir.Model) -> None:
     symbol it made up before (`unk__1` for the batch after an op of unknown shape) over what it
     could infer now.
     """
-    rounds = 2 + sum(node.domain == MS_DOMAIN for node in model.graph)
+    rounds = 2 + sum(_is_contrib(node) for node in model.graph)
     for _ in range(rounds):  # a chain of fused ops takes one round each at most
         ir_common.ShapeInferencePass(strict_mode=False)(model)
         stated = []
         for node in model.graph:
-            if node.domain != MS_DOMAIN:
+            if not _is_contrib(node):
                 continue
             for index, out in enumerate(node.outputs):
                 shape = contrib_output_shape(node, index)
                 if shape is not None and _better(shape, out.shape):
                     out.shape = ir.Shape(shape)
+                    if out.type is None and node.op_type != "QAttention" and node.inputs[0]:
+                        out.type = node.inputs[0].type  # the others keep their input's dtype
                     stated.append(out)
         if not stated:
             return
@@ -144,6 +162,6 @@ def _forget_below(values: list[ir.Value]) -> None:
                 continue
             seen.add(id(node))
             for out in node.outputs:
-                if node.domain != MS_DOMAIN and not out.is_graph_output():
+                if not _is_contrib(node) and not out.is_graph_output():
                     out.shape = None
                 stack.append(out)

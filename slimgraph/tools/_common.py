@@ -5,10 +5,12 @@ factorize and optimize.
 
 `Compression` is that run, in one place: refuse to write over the input, check `--report DIR`,
 load MODEL, build the accuracy-budget judge (`budget_args`), then, once the command has made its
-model, time it against MODEL (the speed guard, `runtime.speed_guard`: a result slower beyond
-noise is refused, exit 1, unless `--allow-slower`), write OUT atomically, print the text (or one
-JSON object with `--json`) and write the report, whose "before/after" figures (size, parameters,
-MACs, and the speed check's latency ratios) it measures itself. A command that fails after
+model, time it against MODEL as `slimgraph optimize` writes it by default (the speed guard,
+`runtime.speed_guard`, with `api._speed.guard_speed`'s baseline; `optimize` against MODEL
+itself: a result slower beyond noise is refused, exit 1, unless `--allow-slower`), write OUT
+atomically, print the text (or one JSON object with `--json`) and write the report, whose
+"before/after" figures (size, parameters, MACs, and the speed check's latency ratios) it
+measures itself. A command that fails after
 writing OUT (its --data turns out not to fit, say) leaves no OUT behind: the command line runs
 every command inside `outputs_removed_on_failure`.
 
@@ -32,10 +34,11 @@ import onnx_ir as ir
 
 import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
+from slimgraph.api._speed import guard_speed
 from slimgraph.errors import BadOptionError, OutputPathError
 from slimgraph.runtime.budget import Budget
 from slimgraph.runtime.metrics import Evaluation, LabelledData, load_data
-from slimgraph.runtime.speed_guard import SpeedCheck, guard_batches, speed_guard
+from slimgraph.runtime.speed_guard import SpeedCheck, guard_batches
 from slimgraph.tools.budget_args import describe_evaluation, judge_from_args
 from slimgraph.tools.report import (
     before_after,
@@ -171,8 +174,11 @@ class Compression:
         *,
         check: Callable[[], None] | None = None,
         data_for_budget: bool = True,
+        optimized_baseline: bool = True,
     ) -> None:
         self.args = args
+        # the speed guard judges against MODEL as `optimize` writes it (False: MODEL itself)
+        self.optimized_baseline = optimized_baseline
         self.source, self.target = output_paths(args)
         if check is not None:
             check()
@@ -212,16 +218,18 @@ class Compression:
         return self._data
 
     def write(self, result: ir.Model) -> None:
-        """Time `result` against MODEL (unless `--no-speed-check`), then write it to OUT
-        (atomically).
+        """Time `result` against MODEL in the form `slimgraph optimize` writes it by default
+        (`api._speed.guard_speed`; MODEL itself for `optimize`), unless `--no-speed-check`,
+        then write it to OUT (atomically).
 
         Raises:
-            VerificationError: `result` is slower than MODEL beyond noise, without
+            VerificationError: `result` is slower than that baseline beyond noise, without
                 `--allow-slower`; nothing is written.
         """
         if getattr(self.args, "speed_check", False):
-            self.speed = speed_guard(self.model, result, batches=self.speed_batch,
-                                     allow_slower=self.args.allow_slower)  # fmt: skip
+            self.speed = guard_speed(self.model, result, batches=self.speed_batch,
+                                     allow_slower=self.args.allow_slower,
+                                     optimized_baseline=self.optimized_baseline)
         sg_ir.save(result, self.target)
         _WRITTEN.append(self.target)
         self.result = result

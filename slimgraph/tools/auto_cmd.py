@@ -133,7 +133,8 @@ def auto_page(result: AutoResult, command: str, model_name: str) -> dict[str, ob
     if result.winner is not None:
         summary["winner"] = f"#{result.winner}"
         if result.confirmed is not None:
-            summary["winner latency"] = format_ratio(result.confirmed[0])
+            summary["winner latency"] = (f"{format_ratio(result.confirmed[0])} of the "
+                                         f"{result.confirmed_against}")
     notes = list(page["notes"])  # type: ignore[call-overload]
     notes.append(f"Grids run: {', '.join(result.stages)}"
                  + (f"; skipped for time: {', '.join(result.skipped)}" if result.skipped else "")

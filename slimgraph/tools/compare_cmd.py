@@ -25,9 +25,9 @@ import onnxruntime as ort
 import slimgraph.ir as sg_ir
 import slimgraph.runtime as runtime
 from slimgraph._tables import emit, to_json
-from slimgraph.errors import BadOptionError, UnsupportedModelError, first_line
+from slimgraph.errors import BadDataError, BadOptionError, UnsupportedModelError, first_line
 from slimgraph.runtime.compare import DATA_BATCH, RANDOM_BATCH, RANDOM_BATCHES
-from slimgraph.runtime.data import DEFAULT_LABELS
+from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, load_data
 from slimgraph.tools._common import add_json_option
 
 __all__ = [
@@ -87,8 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="samples: keys = input names, stacked on axis 0, plus optional labels",
     )
     parser.add_argument(
-        "--labels", metavar="KEY", default=DEFAULT_LABELS,
-        help="key of the class labels in --data (default 'labels'): top-1 accuracy and drop",
+        "--labels", metavar="KEY", default=None,
+        help="key of the class labels in --data (default 'labels', used when present): top-1 "
+             "accuracy and drop; a key given here must be in --data",
     )
     add_batch_option(parser, f"rows per run (default {DATA_BATCH} with --data, "
                      f"{RANDOM_BATCH} for random inputs, or the model's fixed "
@@ -119,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     _check_same_inputs(reference, candidate, args.reference, args.candidate)
     batch = checked_batch(args.batch, [(reference, args.reference), (candidate, args.candidate)],
                           lambda: 0) or None  # fmt: skip
+    data = args.data if args.labels is None else _labelled(args, reference)
     fidelity = runtime.compare(
-        reference, candidate, args.data, labels=args.labels, batch_size=batch,
+        reference, candidate, data, labels=args.labels or DEFAULT_LABELS, batch_size=batch,
         threads=args.threads, random_batches=args.samples, seed=args.seed,
         language_model=args.language_model,
     )
@@ -131,6 +133,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     emit(fidelity.table([("reference", args.reference), ("candidate", args.candidate)]))
     return 0
+
+
+def _labelled(args: argparse.Namespace, reference: ir.Model) -> LabelledData:
+    """--data read with the labels key `--labels` names, which must be there.
+
+    Raises:
+        BadOptionError: `--labels` without `--data`.
+        BadDataError: --data has no such key (its keys listed), or data that does not fit.
+    """
+    if not args.data:
+        raise BadOptionError(f"--labels {args.labels} names the labels key of --data: give "
+                             "--data DATA.npz")
+    values = load_data(args.data, reference, labels=args.labels)
+    if values.labels is None:
+        reason = ("is an input of the model" if args.labels in values.feeds
+                  else f"is not there (its keys: {', '.join(sorted(values.feeds))})")
+        raise BadDataError(f"{args.data}: labels key '{args.labels}' {reason}")
+    return values
 
 
 def open_session(

@@ -70,9 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "measured sensitivity on --data, reaching F of the model's MACs "
                         "with the least loss")
     parser.add_argument("--data", metavar="DATA.npz", default=None,
-                        help="sample inputs: report output fidelity and per-layer SQNR")
+                        help="validation data: output fidelity on all of it (and both "
+                             "models' accuracy with labels), per-layer SQNR on --samples rows")
     parser.add_argument("--samples", type=int, default=8, metavar="N",
-                        help="use at most N samples of --data (default 8)")  # fmt: skip
+                        help="rows of --data for the per-layer SQNR column (default 8)")
     add_json_option(parser)
     add_report_option(parser, "per-layer ranks, size, parameters and MACs before/after")
     add_budget_arguments(parser, data=False)
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         pointwise_convs=args.pointwise_convs,
         method=args.method,
         target_macs=args.target_macs,
-        data=job.budget_data if args.target_macs is None else data,
+        data=data,
         budget=job.budget,
     )
     if not report.layers:  # every layer stays whole under the rule: say so, write nothing

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None or args.output is None:
         missing = [n for n, v in (("MODEL", args.model), ("-o/--output", args.output)) if not v]
         raise BadOptionError(f"the following arguments are required: {', '.join(missing)}")
-    job = Compression(args, data_for_budget=False)
+    job = Compression(args, data_for_budget=False, optimized_baseline=False)
     model = job.model
     data = job.data()
     feeds = None if data is None else [

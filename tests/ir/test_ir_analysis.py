@@ -340,3 +340,25 @@ def test_static_shape_copy_leaves_weights_out_and_the_model_unchanged() -> None:
     inputs = {v.name: v for v in copy.graph.inputs}
     assert large and all(v.name in inputs and v.name not in copy.graph.initializers for v in large)
     assert all(inputs[v.name].shape == v.const_value.shape for v in large)
+
+
+def test_macs_after_onnxruntime_fused_ops_without_recorded_shapes() -> None:
+    """A MatMul after `com.microsoft` ops whose outputs carry no recorded shape (head pruning
+    re-infers shapes and onnx's inference does not know the fused ops: a pruned fused Llama step
+    counted 0 MACs) is counted through the contrib ops' own shape rules (`ir/contrib_shapes`)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["n"], axis=-1,
+                         epsilon=1e-6),
+        helper.make_node("MatMul", ["n", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(64, np.float32), "g"),
+         numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    found, unknown = analysis.macs_by_node(ir.from_proto(proto), {"batch": 3})
+    assert unknown == 0 and list(found.values()) == [3 * 5 * 64 * 32]

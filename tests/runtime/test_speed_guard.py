@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import slimgraph as sg
+from slimgraph.api._options import SpeedOptions
 from slimgraph.errors import BadOptionError, VerificationError
 from slimgraph.ir.metadata import SPEED_FALLBACK
 from slimgraph.passes.quantize.speed_fallback import (
@@ -23,12 +24,14 @@ from slimgraph.runtime.bench import Timing
 from slimgraph.runtime.speed_guard import (
     DEFAULT_BATCHES,
     ENV_SKIP,
+    LOSSLESS_BASELINE,
     TOLERANCE,
     channel_multiple,
     guard_batches,
     judge_speed,
     speed_guard,
 )
+from tests.kit.data import DIGITS
 
 BASE = Timing("input", 10.0, 11.0, 1.0, 1.0, 1.0)
 
@@ -78,7 +81,16 @@ def test_judge_refuses_only_an_interval_wholly_above_the_tolerance() -> None:
     assert within.line().endswith(": not slower beyond noise")
     assert within.to_dict()["batches"] == [
         {"batch": 1, "input_ms": 10.0, "output_ms": 15.0, "ratio": 1.5, "low": 0.9, "high": 2.0,
-         "rounds": 0, "slower": False}]  # fmt: skip
+         "rounds": 0, "slower": False, "input_as_given_ms": None,
+         "ratio_to_input_as_given": None}]  # fmt: skip
+    # judged against the lossless-optimized input, the input as given reported beside it
+    given = Timing("input as given", 40.0, 44.0, 4.0, 3.9, 4.1)
+    optimized = judge_speed([(1, BASE, _out(1.5, 1.4, 1.6), given)],
+                            baseline=LOSSLESS_BASELINE)  # fmt: skip
+    assert optimized.slower and optimized.to_dict()["baseline"] == LOSSLESS_BASELINE
+    assert optimized.line() == (
+        "latency of the output / the lossless-optimized input on onnxruntime, batch 1: 1.50x "
+        "(1.40-1.60) [0.38x of the input as given]: slower beyond noise at batch 1")
 
 
 def test_guard_batches_default_asked_and_fixed() -> None:
@@ -111,6 +123,37 @@ def test_a_model_with_sixteen_times_the_work_is_refused(guard_on: None) -> None:
     assert allowed is not None and allowed.slower and allowed.allowed
     assert allowed.line().endswith("written anyway (--allow-slower)")
     assert allowed.batches[0].ratio > 2
+
+
+def test_a_result_faster_than_the_raw_input_but_slower_than_its_optimized_form_is_refused(
+    guard_on: None,
+) -> None:
+    raw, optimized, result = chain(16), chain(1), chain(4)
+    assert not speed_guard(raw, result, batches=8, budget_s=1.0).slower  # the raw figure alone
+    with pytest.raises(VerificationError) as caught:
+        speed_guard(raw, result, baseline=optimized, batches=256, budget_s=1.0)
+    assert str(caught.value).startswith(
+        "latency of the output / the lossless-optimized input on onnxruntime, batch 256: ")
+    # the input as given, 16x the work, costs more than half a round: noted from one run
+    assert "; the input as given not timed at batch 256: one run took " in str(caught.value)
+    cheap = speed_guard(chain(2), chain(1), baseline=chain(1), batches=8, budget_s=1.0)
+    assert cheap is not None and cheap.baseline == LOSSLESS_BASELINE
+    (figures,) = cheap.batches
+    assert figures.given_ms is not None and figures.given_ratio is not None
+    assert figures.given_ratio < 1.0  # half the work of the input as given
+
+
+def test_verbs_judge_against_the_input_as_optimize_writes_it(guard_on: None) -> None:
+    # the bundled digits CNN as exported runs about 2x slower than its lossless form (unfolded
+    # BatchNorm, zero biases computed at run time): a "result" that is the export itself is
+    # not slower than the input as given, and is slower than what `optimize` alone gives
+    digits = sg.load(DIGITS)
+    check = SpeedOptions(speed_check=True, allow_slower=True).guard(digits, digits.clone())
+    assert check is not None and check.baseline == LOSSLESS_BASELINE
+    assert check.slower and check.allowed
+    # the input as given is the output here: timed alongside (1.0x), or noted from one run
+    assert all(b.given_ratio is None or 0.7 < b.given_ratio < 1.4 for b in check.batches)
+    assert "input as given" in check.line()
 
 
 def test_a_faster_model_is_accepted_at_both_default_batches(guard_on: None) -> None:

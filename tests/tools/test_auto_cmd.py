@@ -2,8 +2,10 @@
 onnxruntime, the report's front), a budget no candidate meets (exit 1, the best figures, nothing
 written) and bad input (one line, exit 2, nothing written).
 
-The runs are kept small: batch 16 and `--time-budget 0.01`, so only the first grid (precision
-alone: dynamic and static int8, on one dask worker) runs."""
+The runs are kept small: `--time-budget 0.01`, so only the first grid (precision alone: dynamic
+and static int8, on one dask worker) runs, at batch 256: the winner must beat the input as
+`optimize` writes it, and at batch 16 static int8 of this tiny CNN is within noise of that on a
+loaded machine (0.45x, 90% interval 0.18-0.58; one race read 1.22x), at 256 clearly faster."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from slimgraph.tools.cli import main
 from tests.kit.cli import Result
 from tests.kit.data import DIGITS, DIGITS_CALIB, DIGITS_TEST
 
-QUICK = ("--batch", "16", "--time-budget", "0.01", "--workers", "1", "--no-progress")
+QUICK = ("--batch", "256", "--time-budget", "0.01", "--workers", "1", "--no-progress")
 
 
 def _main(*args: object) -> Result:
@@ -52,7 +54,11 @@ def test_budget_met_writes_the_fastest_candidate_that_holds_it(met: tuple[Result
     holding = [c for c in data["candidates"]
                if c["status"] == "ok" and c["accuracy"] >= data["threshold"]]
     assert winner in holding
-    assert winner["latency_ratio"] < 1.0 and data["confirmed"][0] == winner["latency_ratio"]
+    assert winner["latency_ratio"] < 1.0
+    # judged against the input as `optimize` writes it (2x faster than the digits export),
+    # timed in the same race
+    assert data["confirmed_against"] == "lossless-optimized input"
+    assert data["confirmed"][0] < 1.0 and data["confirmed"][0] > winner["latency_ratio"]
     # the model written is the winner: its accuracy measured here again on onnxruntime
     model = sg.load(folder / "fast.onnx")
     values = load_data(DIGITS_TEST, sg.load(DIGITS))

@@ -149,3 +149,21 @@ def test_compare_text_reports_worst_values(cli, tmp_path) -> None:
     reported_sqnr = float(worst.split("worst SQNR ")[1].split()[0])
     assert reported_sqnr == pytest.approx(expected["sqnr_db"], rel=1e-3)
     assert math.isfinite(reported_sqnr)
+
+
+def test_a_labels_key_given_must_be_in_the_data(cli, tmp_path) -> None:
+    # once silently ignored: the figures printed without the accuracy asked for
+    data_path, _ = small_calib(tmp_path)
+    without = cli("compare", DIGITS, DIGITS, "--labels", "NOSUCH")
+    assert (without.code, without.out) == (2, "")
+    assert without.err == ("slimgraph compare: error: --labels NOSUCH names the labels key of "
+                           "--data: give --data DATA.npz\n")
+    missing = cli("compare", DIGITS, DIGITS, "--data", data_path, "--labels", "NOSUCH")
+    assert (missing.code, missing.out) == (2, "")
+    assert missing.err == (f"slimgraph compare: error: {data_path}: labels key 'NOSUCH' is not "
+                           "there (its keys: image)\n")
+    fed = cli("compare", DIGITS, DIGITS, "--data", data_path, "--labels", "image")
+    assert fed.code == 2 and fed.err.endswith("labels key 'image' is an input of the model\n")
+    labelled = cli("compare", DIGITS, DIGITS, "--data", DIGITS.with_name("digits_test.npz"),
+                   "--labels", "labels")  # fmt: skip
+    assert labelled.code == 0 and "top-1 accuracy ('labels', 450 samples)" in labelled.out

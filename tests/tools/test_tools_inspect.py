@@ -352,3 +352,27 @@ def test_inspect_custom_domain_ops(cli, tmp_path) -> None:
     assert data["ops"] == {"Relu": 1, "com.microsoft::Gelu": 1}
     assert data["opset"] == {"": 17, "com.microsoft": 1}
     assert data["parameters"] == 0 and data["macs"] == 0 and data["top_layers"] == []
+
+
+@pytest.mark.parametrize("form", ["weight-only", "dynamic", "qoperator", "qdq"])
+def test_quantized_forms_count_the_macs_of_the_op_they_replace(cli, tmp_path, form) -> None:
+    """MatMulNBits, MatMulInteger, QLinearConv, MatMulIntegerToFloat: M x K x N as the float
+    op (MatMulNBits once counted 0)."""
+    import slimgraph as sg
+
+    flat = DIGITS
+    if form == "weight-only":  # a [64, 64] MatMul (the digits CNN's one MatMul is its head)
+        flat = save_proto(single_op_model("MatMul", [3, 64], [64, 64]), tmp_path / "mm.onnx")
+    model = sg.load(flat)
+    if form == "weight-only":
+        quantized = sg.quantize(model, mode="weight-only", block_size=32)
+    elif form == "dynamic":
+        quantized = sg.quantize(model, mode="dynamic")
+    else:
+        quantized = sg.quantize(model, calibration=DIGITS.with_name("digits_calib.npz"),
+                                fmt=form)  # fmt: skip
+    ops = {node.op_type for node in quantized.graph}
+    assert ops & {"MatMulNBits", "MatMulInteger", "QLinearConv", "MatMul", "Conv"}
+    expected = cli("inspect", flat, "--json").json()["macs"]
+    data = cli("inspect", save_ir(quantized, tmp_path / "q.onnx"), "--json").json()
+    assert expected > 0 and data["macs"] == expected and data["macs_unknown"] == 0

@@ -172,7 +172,7 @@ def test_recipe_with_command_names_runs(cli, tmp_path: Path) -> None:
         ("steps:\n  - name: factorize\n    energi: 0.9\n",
          "recipe step 'factorize': unknown option 'energi' (did you mean 'energy'?); it takes: "
          "rank-ratio, energy, error-budget, rank, include, exclude, op-types, allow-growth, "
-         "layer-ratios, pointwise-convs"),
+         "layer-ratios, fold, pointwise-convs"),
         ("steps:\n  - name: factorize\n",
          "recipe step 'factorize': give a rank rule: rank-ratio, energy, error-budget or rank "
          "(auto or an integer)"),

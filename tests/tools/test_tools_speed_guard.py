@@ -16,6 +16,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.runtime.speed_guard import ENV_SKIP
+from tests.kit.data import DIGITS
 from tests.runtime.test_speed_guard import chain
 
 
@@ -93,3 +94,20 @@ def test_every_compressing_command_takes_the_options(cli, mlp: Path, tmp_path: P
     result = cli(command[0], mlp, "-o", tmp_path / "x.onnx", *command[1:], "--batch", "0")
     assert result.code == 2
     assert "batch sizes must be at least 1, got [0]" in result.err
+
+
+def test_compressions_are_judged_against_the_optimized_input_optimize_against_its_own(
+    cli, tmp_path: Path
+) -> None:
+    # the digits CNN as exported runs about 2x slower than its lossless form
+    optimized = cli("optimize", DIGITS, "-o", tmp_path / "o.onnx", "--batch", "8", "--json")
+    assert optimized.code == 0, optimized.err
+    speed = optimized.json()["speed_check"]
+    assert speed["baseline"] == "input" and not speed["slower"]
+    factorized = cli("factorize", DIGITS, "-o", tmp_path / "f.onnx", "--rank-ratio", "0.5",
+                     "--batch", "8")  # fmt: skip
+    assert factorized.code == 0, factorized.err
+    last = factorized.out.strip().splitlines()[-1]
+    assert last.startswith("latency of the output / the lossless-optimized input on "
+                           "onnxruntime, batch 8: ")
+    assert "of the input as given]" in last or "the input as given not timed" in last

@@ -12,7 +12,12 @@ import onnx_ir as ir
 
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, display_name, metadata
-from slimgraph.passes._kit import Names, add_initializer
+from slimgraph.passes._kit import (
+    Names,
+    PrepareWeightsPass,
+    PrepareWeightsResult,
+    add_initializer,
+)
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.lowrank._options import FactorizeOptions
 from slimgraph.passes.lowrank._rank import AUTO_MAX_MACS_RATIO, AUTO_MIN_SAVED_MACS, RankPolicy
@@ -25,6 +30,7 @@ __all__ = [
     "Layer",
     "dims_from_feeds",
     "measure_fidelity",
+    "prepare_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,11 +119,33 @@ def dims_from_feeds(
     return dims
 
 
+def prepare_weights(model: ir.Model, op_types: Sequence[str]) -> int:
+    """Fold the constant subgraphs computing the weights and biases of `op_types` nodes into
+    initializers, in place, and return how many parameter inputs became constants.
+
+    `PrepareWeightsPass(scope=op_types)`: torch exports transpose Linear weights and compute zero
+    Conv biases from `Shape(weight)` at run time; old zoo files build weights with
+    ConstantOfShape. Left unfolded, a replaced weight would stay in the file for its Shape alone.
+    An IR-3 model (where every initializer must be a graph input, so a weight could be overridden
+    at run time) is raised to IR 4 first, which lifts that rule and nothing else.
+    """
+    if model.ir_version is not None and model.ir_version < 4:
+        model.ir_version = 4
+    result = PrepareWeightsPass(scope=tuple(op_types))(model)
+    assert isinstance(result, PrepareWeightsResult)
+    return result.folded
+
+
 class FactorizationPass(SlimgraphPass):
-    """Shared driver: select layers, decide each one, rewrite, then measure on sample feeds.
+    """Shared driver: fold the selected layers' weights, select layers, decide each one,
+    rewrite, then measure on sample feeds.
 
     Subclasses implement `factorize_layer`, which returns a `LayerReport` (the node was replaced)
-    or a reason string (it was left alone).
+    or a reason string (it was left alone). With `fold` (the default) the weights and biases of
+    the op types the pass factorizes are folded to initializers first (`prepare_weights`), as
+    `slimgraph.factorize` does, so a pipeline or sweep step gives the same model as the verb.
+    A replaced weight that only Shape nodes still read is dropped, its shape written as a
+    constant.
     """
 
     exact: ClassVar[bool] = False
@@ -139,11 +167,13 @@ class FactorizationPass(SlimgraphPass):
         check_names: bool = True,
         layer_ratios: Mapping[str, float] | None = None,
         approximations: dict[str, np.ndarray] | None = None,
+        fold: bool = True,
     ) -> None:
         super().__init__()
         self.check_names = check_names
         # filled with node name -> the weight its factors compute, when given (`record`)
         self.approximations = approximations
+        self.fold = fold
         self.options = FactorizeOptions(
             rank_ratio=rank_ratio, energy=energy, error_budget=error_budget, rank=rank,
             include=include, exclude=exclude, allow_growth=allow_growth,
@@ -165,6 +195,7 @@ class FactorizationPass(SlimgraphPass):
             self.filter.check_names(model.graph)
 
     def call(self, model: ir.Model) -> LowRankResult:
+        folded = prepare_weights(model, self.filter.op_types) if self.fold else 0
         reference = model.clone() if self.feeds else None
         graph = model.graph
         dims = self.dims
@@ -183,7 +214,7 @@ class FactorizationPass(SlimgraphPass):
         fidelity = None
         if reference is not None and reports and self.feeds:
             fidelity, reports = measure_fidelity(reference, model, self.feeds, reports)
-        return LowRankResult(model, bool(reports), skipped, reports, fidelity)
+        return LowRankResult(model, bool(reports) or folded > 0, skipped, reports, fidelity)
 
     def _run(
         self, graph: ir.Graph, layers: Sequence[Layer]
@@ -365,18 +396,43 @@ class FactorizationPass(SlimgraphPass):
 
 
 def _drop_unused(graph: ir.Graph, weights: Iterable[ir.Value]) -> None:
-    """Remove replaced weight initializers nothing reads any more."""
+    """Remove replaced weight initializers nothing reads any more; Shape nodes that still read
+    one (a computed zero bias, when weights were not folded) read its shape as a constant."""
+    names = Names(graph)
     for value in weights:
         name = value.name
         if (
-            name is not None
-            and name in graph.initializers
-            and graph.initializers[name] is value
-            and not value.uses()
-            and not value.is_graph_output()
-            and not value.is_graph_input()
+            name is None
+            or name not in graph.initializers
+            or graph.initializers[name] is not value
+            or value.is_graph_output()
+            or value.is_graph_input()
         ):
+            continue
+        readers = {user for user, _ in value.uses()}
+        if readers and all(_plain_shape(user) and not user.outputs[0].is_graph_output()
+                           for user in readers):
+            assert value.const_value is not None
+            for user in readers:
+                _fold_shape(graph, user, tuple(value.const_value.shape.numpy()), names)
+        if not value.uses():
             del graph.initializers[name]
+
+
+def _plain_shape(node: ir.Node) -> bool:
+    return node.op_type == "Shape" and node.domain in ("", "ai.onnx")
+
+
+def _fold_shape(graph: ir.Graph, node: ir.Node, dims: tuple[int, ...], names: Names) -> None:
+    """Replace a Shape node of a constant by an int64 initializer of its (start:end) slice."""
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    constant = add_initializer(
+        graph, f"{node.outputs[0].name or 'shape'}_folded",
+        np.asarray(dims[start:end], dtype=np.int64), names=names,
+    )
+    ir.convenience.replace_all_uses_with(node.outputs[0], constant)
+    graph.remove(node, safe=True)
 
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:

@@ -15,13 +15,13 @@ import onnx_ir as ir
 from slimgraph._tables import format_count, format_db, format_ratio, render_table
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis, copy_model, metadata
-from slimgraph.passes._kit import PrepareWeightsPass, PrepareWeightsResult
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.lowrank._base import (
     LayerReport,
     LowRankResult,
     dims_from_feeds,
     measure_fidelity,
+    prepare_weights,
 )
 from slimgraph.passes.lowrank._cp import CPConv
 from slimgraph.passes.lowrank._linear import LowRankLinear
@@ -82,6 +82,8 @@ class FactorizeReport:
                      f"({_ratio(self.macs_after, self.macs_before)})")
         if self.fidelity is not None:
             lines.append(f"outputs:    {self.fidelity.worst()}")
+            if self.fidelity.accuracy is not None:
+                lines.append(f"accuracy:   {self.fidelity.accuracy}")
         if self.allocation is not None:
             lines.append(self.allocation.summary())
         if any(r.shared_with for r in self.layers):
@@ -129,15 +131,14 @@ def _ratio(after: int | None, before: int | None) -> str:
 def fold_weights(model: ir.Model, op_types: Sequence[str] = SUPPORTED_OPS) -> int:
     """Fold the constant subgraphs that compute weights and biases of `op_types` nodes, in place.
 
-    `PrepareWeightsPass(scope=op_types)`: torch exports transpose Linear weights and compute
-    zero Conv biases from the weight's Shape at run time; old zoo files build weights with
-    ConstantOfShape. Initializers feeding them that are also listed as graph inputs (old
-    exporters) stop being inputs, since a weight that can be overridden at run time cannot be
-    factorized. Returns how many weight and bias inputs became constants.
+    `prepare_weights` (`PrepareWeightsPass(scope=op_types)`): torch exports transpose Linear
+    weights and compute zero Conv biases from the weight's Shape at run time; old zoo files build
+    weights with ConstantOfShape. Initializers feeding them that are also listed as graph inputs
+    (old exporters) stop being inputs, since a weight that can be overridden at run time cannot be
+    factorized; an IR-3 model is raised to IR 4 for that. Returns how many weight and bias inputs
+    became constants.
     """
-    result = PrepareWeightsPass(scope=tuple(op_types))(model)
-    assert isinstance(result, PrepareWeightsResult)
-    return result.folded
+    return prepare_weights(model, op_types)
 
 
 def prepared(model: ir.Model, options: FactorizeOptions) -> tuple[ir.Model, int]:
@@ -195,6 +196,7 @@ def factorize_layers(
         "dims": dims,
         "check_names": False,  # checked above, before the first pass renames what it replaces
         "approximations": approximations,
+        "fold": False,  # folded above (or not, as asked), once for every pass
     }
     layers: list[LayerReport] = []
     skipped: list[Skipped] = []

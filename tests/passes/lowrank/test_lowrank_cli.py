@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import slimgraph as sg
+from slimgraph.runtime.metrics import evaluate, load_data
 from slimgraph.tools.cli import main
+from tests.kit.data import DIGITS, DIGITS_TEST
 from tests.kit.exports import exported_model
 
 
@@ -38,11 +40,36 @@ def test_table_with_data_and_the_written_model(
     for layer in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"):
         assert layer in text
     assert "factorized 4 layers, skipped 0" in text
-    assert "worst cosine" in text and "(3 samples in 3 runs)" in text
+    assert "worst cosine" in text and "(3 samples in 1 run)" in text  # all of --data
     assert mlp_file.read_bytes() == before  # input untouched
     written = sg.load(out)
     ops = [node.op_type for node in written.graph if node.op_type == "MatMul"]
     assert len(ops) == 9  # 4 layers split in two, the head kept
+
+
+def test_data_measures_fidelity_and_accuracy_on_all_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # once measured on the first 8 rows of --data, without the accuracy quantize --data prints
+    out = tmp_path / "small.onnx"
+    code = main(["factorize", str(DIGITS), "-o", str(out), "--rank-ratio", "0.5", "--data",
+                 str(DIGITS_TEST), "--json"])  # fmt: skip
+    assert code == 0
+    fidelity = json.loads(capsys.readouterr().out)["fidelity"]
+    values = load_data(DIGITS_TEST, sg.load(DIGITS))
+    assert fidelity["samples"] == values.samples == 450
+    accuracy = evaluate(sg.load(out), values).accuracy
+    assert fidelity["accuracy"]["candidate"] == pytest.approx(accuracy, abs=1e-12)
+    assert fidelity["accuracy"]["reference"] == pytest.approx(
+        evaluate(sg.load(DIGITS), values).accuracy, abs=1e-12)
+    code = main(["factorize", str(DIGITS), "-o", str(tmp_path / "again.onnx"), "--rank-ratio",
+                 "0.5", "--data", str(DIGITS_TEST)])  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("outputs:    worst cosine ") and "(450 samples in " in line
+               for line in lines)
+    assert any(line.startswith("accuracy:   top-1 accuracy ('labels', 450 samples): reference ")
+               for line in lines)
 
 
 def test_json_report(mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

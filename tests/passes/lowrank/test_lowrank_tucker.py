@@ -10,7 +10,7 @@ import pytest
 from slimgraph.errors import UnsupportedModelError
 from slimgraph.passes.lowrank import TuckerConv, tucker2
 from tests.kit.asserts import assert_close, outputs_of
-from tests.kit.graphs import conv_model, initializer_array
+from tests.kit.graphs import conv_model, initializer_array, make_model
 
 
 def _w(*shape: int, seed: int = 0) -> np.ndarray:
@@ -145,6 +145,31 @@ def test_non_constant_weight_skips_or_fails_when_included() -> None:
         UnsupportedModelError, match=r"layer 'conv' \(Conv\) was included but its weight 'W'"
     ):
         TuckerConv(rank_ratio=0.5, include=["conv"])(model)
+
+
+def _conv_with_a_computed_bias() -> ir.Model:
+    """A bias-free conv as torch exports it: a zero bias expanded to Shape(W)[0:1] at run time."""
+    nodes = [
+        onnx.helper.make_node("Shape", ["W"], ["c_out"], end=1),
+        onnx.helper.make_node("Expand", ["zero", "c_out"], ["b"]),
+        onnx.helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    return make_model(nodes, [("x", [1, 8, 6, 6])], ["y"],
+                      {"W": _w(16, 8, 3, 3), "zero": np.zeros((1,), np.float32)})  # fmt: skip
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_replaced_weight_read_by_shape_alone_leaves_the_model(fold: bool) -> None:
+    # a pipeline step once kept W in the file for the bias's Shape(W) alone
+    x = {"x": _w(1, 8, 6, 6, seed=3)}
+    folded = _conv_with_a_computed_bias()
+    assert TuckerConv(rank_ratio=0.5)(folded).modified
+    model = _conv_with_a_computed_bias()
+    result = TuckerConv(rank_ratio=0.5, fold=fold)(model)
+    assert len(result.layers) == 1
+    assert "W" not in model.graph.initializers
+    assert [n.op_type for n in model.graph if n.op_type == "Shape"] == []
+    assert_close(outputs_of(model, x)["y"], outputs_of(folded, x)["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_auto_ranks_are_aligned_and_cheap_enough() -> None:
