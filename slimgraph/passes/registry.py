@@ -62,7 +62,9 @@ _P = TypeVar("_P", bound=type[ir.passes.PassBase])
 REQUIRED: Any = inspect.Parameter.empty
 
 # Keywords the pipeline fills in itself (context, verification): not recipe options.
-INTERNAL_OPTIONS = ("feeds", "dims", "check_names", "calibration", "input_model", "on_epoch")
+INTERNAL_OPTIONS = (
+    "feeds", "dims", "check_names", "calibration", "input_model", "on_epoch", "approximations",
+)
 
 # Option spellings of the command line that differ from the pass's keyword.
 OPTION_SYNONYMS: Mapping[str, str] = {
