@@ -98,3 +98,14 @@ def test_bert_without_batchnorm_is_refused():
 def test_bad_sample_count(model):
     with pytest.raises(sg.BadOptionError, match="^zero-shot calibration needs at least 2 samples"):
         zero_shot_calibration(model, samples=1)
+
+
+def test_a_synthesis_the_time_budget_stops_before_it_converges_is_refused(model):
+    # a budget of 1 ms stops each batch after its first step: the loss has not moved
+    from slimgraph.errors import VerificationError
+
+    with pytest.raises(VerificationError, match=r"^zero-shot synthesis did not converge within "
+                       r"0\.001 s: the BatchNorm-statistics loss fell only from .* in 1 steps; "
+                       r"calibration ranges .* give --calib DATA\.npz or a larger "
+                       r"--zero-shot-time$"):
+        zero_shot_calibration(model, samples=8, time_budget=0.001, progress=False)
