@@ -1,13 +1,15 @@
 """Zero-shot calibration data: inputs synthesized to match the model's BatchNorm statistics.
 
 A trained network's BatchNormalization layers remember the mean and variance of their inputs on
-the training data. Starting from Gaussian noise, the inputs are optimized (Adam, the model frozen
-in eval mode) until the per-channel batch mean and standard deviation at every BatchNormalization
-input match those running statistics; the result stands in for calibration data when there is
-none (seed 002, "zero-shot quantization"; the loss of Cai et al., 2020, "ZeroQ: A Novel Zero Shot
-Quantization Framework", CVPR: the sum over BN layers of ||mu - mu_bn||_2 + ||sigma - sigma_bn||_2,
-sigma_bn = sqrt(var + epsilon), the deviation the layer divides by, as ZeroQ's reference code
-takes it).
+the training data. Starting from Gaussian noise shifted and scaled per input channel (the shift
+and scale fitted to the same loss first, on a few rows: N(0, 1) can be hundreds of times farther
+from the statistics than the training data is), the inputs are optimized (Adam at `lr` times
+that scale, the model frozen in eval mode) until the per-channel batch mean and standard
+deviation at every BatchNormalization input match those running statistics; the result stands in
+for calibration data when there is none (seed 002, "zero-shot quantization"; the loss of Cai et
+al., 2020, "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR: the sum over BN layers of
+||mu - mu_bn||_2 + ||sigma - sigma_bn||_2, sigma_bn = sqrt(var + epsilon), the deviation the
+layer divides by, as ZeroQ's reference code takes it).
 
 The cost is the model's forward and backward pass on the synthesized batch, once per step (on a
 MobileNetV3-small at 224x224 the convolutions' backward is a third of it, the BatchNorm and
@@ -20,7 +22,9 @@ statistics passes most of the rest), so the synthesis is bounded three ways:
   the cap. A batch keeps the inputs of the lowest loss it reached (the loss of a network far
   from its training data can rise for the first steps);
 - `time_budget` seconds in all, checked after every step (a batch gets its share of what is left;
-  a batch that runs out keeps the inputs it has, the budget never loses rows).
+  a batch that runs out keeps the inputs it has, the budget never loses rows). Under a budget,
+  each batch runs on torch's thread count or on one thread, whichever a timed pass finds faster:
+  on cores shared with other work, torch's threads wait on each other at every op.
 
 A progress bar (tqdm, on stderr) shows the steps and the loss.
 
@@ -106,7 +110,8 @@ def zero_shot_calibration(
         samples: rows to synthesize (the batch size of the returned arrays).
         steps: the most Adam steps per batch (fewer when the loss plateaus first).
         seed: seed of the starting Gaussian noise (same seed and no time budget: same result).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate on the rows, in units of the starting noise's scale (the
+            mean over input channels of the scale fitted to the loss).
         batch_size: rows optimized together (the last batch takes the rest).
         time_budget: seconds for the whole synthesis (None: no limit), checked after each step.
         tolerance, patience: a batch has converged when, after at least 2 x `patience` steps,

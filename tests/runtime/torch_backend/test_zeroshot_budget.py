@@ -11,6 +11,8 @@ from tests.kit.data import DIGITS
 
 pytest.importorskip("torch")
 
+import torch  # noqa: E402
+
 from slimgraph.runtime.torch_backend._zeroshot import synthesize  # noqa: E402
 
 
@@ -51,8 +53,6 @@ def test_the_time_budget_is_respected(model):
 def test_a_timed_synthesis_gives_back_torchs_thread_count(model):
     """Under a time budget each batch runs on torch's threads or on 1, whichever a timed pass
     found faster; the setting is restored afterwards."""
-    import torch
-
     before = torch.get_num_threads()
     synthesize(model, samples=4, batch_size=4, steps=3, time_budget=30, progress=False)
     assert torch.get_num_threads() == before
