@@ -11,6 +11,8 @@ from tests.kit.data import DIGITS
 
 pytest.importorskip("torch")
 
+import torch  # noqa: E402
+
 from slimgraph.runtime.torch_backend._zeroshot import synthesize  # noqa: E402
 
 
@@ -46,6 +48,14 @@ def test_the_time_budget_is_respected(model):
     assert run.stopped == ["time", "time"]  # each batch got its share, neither was skipped
     assert run.seconds < budget + 1.0  # one step past the deadline, at most (ms here)
     assert run.feeds["image"].shape == (32, 1, 8, 8)
+
+
+def test_a_timed_synthesis_gives_back_torchs_thread_count(model):
+    """Under a time budget each batch runs on torch's threads or on 1, whichever a timed pass
+    found faster; the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    synthesize(model, samples=4, batch_size=4, steps=3, time_budget=30, progress=False)
+    assert torch.get_num_threads() == before
 
 
 def test_the_inputs_returned_are_those_of_the_lowest_loss(model):
