@@ -189,7 +189,7 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
     if options.heads is not None:
         options.check_heads()
         dims = mac_dims(model)
-        macs = total_macs(model, dims)
+        macs, uncounted = total_macs(model, dims)
         model = prepare_for_pruning(model)  # a copy
         before = (ir_analysis.parameter_count(model), macs)
         found = _remove_heads(model, options)
@@ -197,7 +197,8 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
             report = PruneReport(0.0, options.criterion, options.scope, options.pad, False)
             report.params_before, report.macs_before = before
             report.params_after = ir_analysis.parameter_count(model)
-            report.macs_after = total_macs(model, dims)
+            report.macs_after, report.macs_uncounted[1] = total_macs(model, dims)
+            report.macs_uncounted[0] = uncounted
             report.mac_dims = dims
             _add_heads(report, options, found)
             if judge is not None:
@@ -206,6 +207,7 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
     pruned, report = _prune_channels(model, options)
     if found is not None:
         report.params_before, report.macs_before = before
+        report.macs_uncounted[0] = uncounted
         _add_heads(report, options, found)
     if judge is not None:
         report.evaluation = judge.check(pruned, what="the pruned model")

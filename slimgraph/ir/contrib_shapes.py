@@ -151,7 +151,12 @@ def infer_shapes(model: ir.Model) -> None:
 
 
 def _forget_below(values: list[ir.Value]) -> None:
-    """Clear the shapes computed from `values` (not graph outputs, not contrib ops' own)."""
+    """Clear the shapes computed from `values` (not graph outputs, not contrib ops' own).
+
+    A fully static shape stays: onnx makes up symbols, never sizes, so it is right, and it may
+    have come from folding shape arithmetic that plain inference cannot repeat (a Reshape whose
+    target is computed from the batch).
+    """
     seen: set[int] = set()
     stack = list(values)
     while stack:
@@ -162,6 +167,10 @@ def _forget_below(values: list[ir.Value]) -> None:
                 continue
             seen.add(id(node))
             for out in node.outputs:
-                if not _is_contrib(node) and not out.is_graph_output():
+                if not _is_contrib(node) and not out.is_graph_output() and not _static(out):
                     out.shape = None
                 stack.append(out)
+
+
+def _static(value: ir.Value) -> bool:
+    return value.shape is not None and all(isinstance(d, int) for d in value.shape)

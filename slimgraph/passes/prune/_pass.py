@@ -74,7 +74,7 @@ class PrunePass(SlimgraphFunctionalPass):
         # parameters as pruning sees them (constants folded; a shared weight once), MACs as
         # `inspect` counts them on the input and on the result
         report.mac_dims = mac_dims(model)
-        report.macs_before = total_macs(model, report.mac_dims)
+        report.macs_before, report.macs_uncounted[0] = total_macs(model, report.mac_dims)
         pruned = prepare_for_pruning(model)
         report.params_before = ir_analysis.parameter_count(pruned)
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
@@ -88,7 +88,7 @@ class PrunePass(SlimgraphFunctionalPass):
         if (pruned.ir_version or 0) < 4:  # IR < 4: every initializer must be a graph input
             ir_common.AddInitializersToInputsPass()(pruned)
         report.params_after = ir_analysis.parameter_count(pruned)
-        report.macs_after = total_macs(pruned, report.mac_dims)
+        report.macs_after, report.macs_uncounted[1] = total_macs(pruned, report.mac_dims)
         stored = ir_analysis.parameter_count(model, constant_nodes=True)
         if report.params_after > stored:  # the ratio above would hide that the file grew
             report.notes.append(
@@ -110,9 +110,11 @@ def mac_dims(model: ir.Model) -> dict[str, int]:
     return {name: size for name, size in example_dims(model).items() if name not in batch}
 
 
-def total_macs(model: ir.Model, dims: dict[str, int]) -> int:
-    """The model's MACs as `inspect --dim NAME=SIZE` reports them for `dims` (others 1)."""
-    return sum(ir_analysis.macs_by_node(model, dims)[0].values())
+def total_macs(model: ir.Model, dims: dict[str, int]) -> tuple[int, int]:
+    """The model's MACs as `inspect --dim NAME=SIZE` reports them for `dims` (others 1), and how
+    many MAC-counting layers were left out because their shapes stayed unknown."""
+    found, unknown = ir_analysis.macs_by_node(model, dims)
+    return sum(found.values()), unknown
 
 
 def _remove_channels(

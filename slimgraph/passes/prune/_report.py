@@ -106,6 +106,8 @@ class PruneReport:
     heads: list[HeadReport] = dataclasses.field(default_factory=list)
     heads_skipped: list[Skipped] = dataclasses.field(default_factory=list)
     mac_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    # MAC-counting layers left out of macs_before / macs_after (shapes unknown after inference)
+    macs_uncounted: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
     speed: SpeedCheck | None = None  # the speed guard's figures (`prune(..., speed_check=True)`)
 
     @property
@@ -123,6 +125,10 @@ class PruneReport:
             f"{format_count(self.macs_after)} ({_ratio(self.macs_after, self.macs_before)})"
             + (f" at {at}" if at else ""),
         ]
+        if any(self.macs_uncounted):
+            before, after = self.macs_uncounted
+            lines.append(f"note: MACs leave out layers whose shapes stay unknown ({before} before, "
+                         f"{after} after); the ratio compares different sets of layers")
         if self.layer_ratios:
             lines.append("ratios per group (first producer's layer): " + ", ".join(
                 f"{name} {ratio:g}" for name, ratio in self.layer_ratios.items()))

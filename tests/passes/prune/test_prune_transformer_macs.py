@@ -93,3 +93,32 @@ def test_transformer_prune_macs_match_an_independent_count(tmp_path: Path, capsy
     assert (summary["macs"], summary["macs_unknown"]) == (after, 0)
     # the same figure at batch 4: the symbolic batch scales every MatMul
     assert independent_macs(target, batch=4) == 4 * after
+
+
+def test_head_pruning_of_the_fused_encoder_counts_every_layer_before_and_after(
+    tmp_path: Path, capsys
+) -> None:
+    """The fused encoder's second layer reshapes by a target computed from the batch; shape
+    inference through MultiHeadAttention once dropped those shapes again, so 5 of 8 MatMuls went
+    uncounted before and 2 after, and head pruning reported 1.356x the MACs."""
+    fused = sg.optimize(sg.from_torch(_encoder(), (torch.randn(2, 8, 128),)), preset="transformer")
+    assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph) == 2
+    source, target = tmp_path / "fused.onnx", tmp_path / "fused.pruned.onnx"
+    sg.save(fused, source)
+    argv = ["prune", str(source), "-o", str(target), "--heads", "0.5", "--ratio", "0.3", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs_uncounted"] == [0, 0]
+    before, after = independent_macs(source), independent_macs(target)
+    assert (report["macs_before"], report["macs_after"]) == (before, after)
+    assert after < before
+
+
+def test_a_report_whose_mac_counts_leave_layers_out_says_so() -> None:
+    from slimgraph.passes.prune import PruneReport
+
+    report = PruneReport(0.5, "l1", "local", False, False, macs_before=100, macs_after=120)
+    assert "note: MACs" not in str(report)
+    report.macs_uncounted = [3, 0]
+    assert ("note: MACs leave out layers whose shapes stay unknown (3 before, 0 after); the "
+            "ratio compares different sets of layers") in str(report).splitlines()
