@@ -34,6 +34,14 @@ def _encoder() -> torch.nn.Module:
     return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The encoder as `sg.from_torch` exports it (batch symbolic), saved once for the tests."""
+    path = tmp_path_factory.mktemp("encoder") / "tf.onnx"
+    sg.save(sg.from_torch(_encoder(), (torch.randn(2, 8, 128),)), path)
+    return path
+
+
 def independent_macs(path: Path, batch: int = 1) -> int:
     """MatMul/Gemm/Conv multiply-accumulates from shapes onnxruntime actually produces."""
     proto = onnx.load(str(path))
@@ -69,8 +77,10 @@ def independent_macs(path: Path, batch: int = 1) -> int:
     return total
 
 
-def test_transformer_prune_macs_match_an_independent_count(tmp_path: Path, capsys) -> None:
-    model = sg.from_torch(_encoder(), (torch.randn(2, 8, 128),))
+def test_transformer_prune_macs_match_an_independent_count(
+    tmp_path: Path, capsys, exported: Path
+) -> None:
+    model = sg.load(exported)
     source, target = tmp_path / "tf.onnx", tmp_path / "tf.pruned.onnx"
     sg.save(model, source)
     argv = ["prune", str(source), "-o", str(target), "--ratio", "0.5", "--round-to", "8", "--json"]
@@ -96,12 +106,12 @@ def test_transformer_prune_macs_match_an_independent_count(tmp_path: Path, capsy
 
 
 def test_head_pruning_of_the_fused_encoder_counts_every_layer_before_and_after(
-    tmp_path: Path, capsys
+    tmp_path: Path, capsys, exported: Path
 ) -> None:
     """The fused encoder's second layer reshapes by a target computed from the batch; shape
     inference through MultiHeadAttention once dropped those shapes again, so 5 of 8 MatMuls went
     uncounted before and 2 after, and head pruning reported 1.356x the MACs."""
-    fused = sg.optimize(sg.from_torch(_encoder(), (torch.randn(2, 8, 128),)), preset="transformer")
+    fused = sg.optimize(sg.load(exported), preset="transformer")
     assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph) == 2
     source, target = tmp_path / "fused.onnx", tmp_path / "fused.pruned.onnx"
     sg.save(fused, source)
