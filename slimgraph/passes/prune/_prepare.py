@@ -9,7 +9,7 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
 from slimgraph.ir._dims import example_dims
-from slimgraph.ir.contrib_shapes import infer_shapes
+from slimgraph.ir.contrib_shapes import infer_shapes, restore_output_dim_names
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.prune._shapes import annotate_static_shapes, forget_static_shapes
 
@@ -50,8 +50,10 @@ def reinfer_shapes(model: ir.Model) -> None:
     (`contrib_shapes.infer_shapes`), so the values after them are shaped too.
     """
     forget_static_shapes(model.graph)
+    before = [value.shape for value in model.graph.outputs]
     for node in model.graph:
         for value in node.outputs:
             value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
     infer_shapes(model)
+    restore_output_dim_names(model, before)

@@ -122,6 +122,21 @@ def test_head_pruning_of_the_fused_encoder_counts_every_layer_before_and_after(
     before, after = independent_macs(source), independent_macs(target)
     assert (report["macs_before"], report["macs_after"]) == (before, after)
     assert after < before
+    assert [str(d) for d in sg.load(target).graph.outputs[0].shape] == ["batch", "8", "128"]
+
+
+def test_head_pruning_keeps_the_output_dimension_names(
+    tmp_path: Path, capsys, exported: Path
+) -> None:
+    """Four heads of 32 split as `[8, 4*batch, 32]`; two heads make it `[8, -1, 32]`, which
+    onnx's inference cannot follow: the output's `batch` came back as a made-up `unk__25`."""
+    target = tmp_path / "tf.heads.onnx"
+    assert main(["prune", str(exported), "-o", str(target), "--heads", "0.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(b["heads"], b["kept"]) for b in report["heads"]] == [(4, 2), (4, 2)]
+    assert [str(d) for d in sg.load(target).graph.outputs[0].shape] == ["batch", "8", "128"]
+    assert (report["macs_before"], report["macs_after"]) == (
+        independent_macs(exported), independent_macs(target))
 
 
 def test_a_report_whose_mac_counts_leave_layers_out_says_so() -> None:
