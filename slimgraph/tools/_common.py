@@ -35,8 +35,9 @@ import onnx_ir as ir
 import slimgraph.ir as sg_ir
 from slimgraph._tables import emit, to_json
 from slimgraph.api._speed import guard_speed
-from slimgraph.errors import BadOptionError, OutputPathError
+from slimgraph.errors import OutputPathError
 from slimgraph.runtime.budget import Budget
+from slimgraph.runtime.feeds import check_batch
 from slimgraph.runtime.metrics import Evaluation, LabelledData, load_data
 from slimgraph.runtime.speed_guard import SpeedCheck, guard_batches
 from slimgraph.tools.budget_args import describe_evaluation, judge_from_args
@@ -191,13 +192,12 @@ class Compression:
                       else load_data(args.data, self.model, labels=args.labels))
         self.speed: SpeedCheck | None = None
         self.speed_batch: int | None = getattr(args, "batch", None)
+        # a bad --batch fails here, before any work; a command's own --batch (quantize's
+        # calibration rows) too: a fixed batch other than it would leave it silently unused
+        if getattr(args, "batch_shared", False) and self.speed_batch is not None:
+            check_batch(self.model, self.speed_batch, label=str(self.source))
         if getattr(args, "speed_check", False):
-            try:  # a bad --batch fails here, before any work
-                guard_batches(self.model, self.speed_batch)
-            except BadOptionError:
-                if not getattr(args, "batch_shared", False):
-                    raise
-                self.speed_batch = None  # quantize's --batch on a model with a fixed batch
+            guard_batches(self.model, self.speed_batch)
 
     @property
     def budget(self) -> Budget | None:

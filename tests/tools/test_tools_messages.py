@@ -105,6 +105,24 @@ def test_batch_on_a_fixed_batch_model_is_an_error(cli, fixed_batch_model: Path,
     assert folder_state(fixed_batch_model.parent) == before
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantize_batch_on_a_fixed_batch_model_is_an_error(cli, fixed_batch_model: Path,
+                                                           mode: str) -> None:  # fmt: skip
+    """quantize's --batch is its calibration rows per run too: left unused, it was accepted."""
+    before = folder_state(fixed_batch_model.parent)
+    out = fixed_batch_model.parent / "out.onnx"
+    result = cli("quantize", fixed_batch_model, "-o", out, "--mode", mode, "--batch", "64",
+                 "--no-speed-check")  # fmt: skip
+    name = sg.load(fixed_batch_model).graph.inputs[0].name
+    assert (result.code, result.out) == (2, "")
+    assert result.err == (
+        f"slimgraph quantize: error: --batch 64: {fixed_batch_model} has a fixed batch of 1 "
+        f"(input '{name}' is [1, 1, 8, 8]), so it cannot run 64 rows; export it with a symbolic "
+        "batch (slimgraph.from_torch does by default) or leave out --batch\n"
+    )
+    assert folder_state(fixed_batch_model.parent) == before
+
+
 def test_compare_without_batch_uses_the_fixed_batch(cli, fixed_batch_model: Path) -> None:
     result = cli("compare", fixed_batch_model, fixed_batch_model)
     assert result.code == 0
