@@ -298,6 +298,7 @@ def _quantize(
     model: ir.Model, calibration: CalibrationData | None, options: QuantizeOptions
 ) -> tuple[ir.Model, QuantizeReport]:
     """The mode's default, then `QuantizePass` once, or the budget search; the report."""
+    _check_not_quantized(model)
     options = replace(options, mode=default_mode(options, calibration))  # type: ignore[arg-type]
     asked_budget = any(v is not None for v in (options.budget, options.max_drop,
                                                 options.min_cosine))
@@ -433,6 +434,21 @@ _INTEGER_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "Conv
                           "QLinearConcat", "QLinearGlobalAveragePool", "QLinearSigmoid"})
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
+
+
+def _check_not_quantized(model: ir.Model) -> None:
+    """Refuse a model that already holds quantized ops: quantizing it again would calibrate
+    dequantized values and stack a second rounding on the first.
+
+    Raises:
+        UnsupportedModelError: the ops found, by count (exit 2).
+    """
+    ops = Counter(node.op_type for node in model.graph.all_nodes()
+                  if node.op_type in _DYNAMIC_OPS | _INTEGER_OPS | _QDQ_OPS | _WEIGHT_ONLY_OPS)
+    if ops:
+        found = ", ".join(f"{count} {op}" for op, count in sorted(ops.items()))
+        raise UnsupportedModelError(f"the model is already quantized ({found}): quantize the "
+                                    "float model it came from")
 
 
 def written_format(model: ir.Model, mode: str, requested: str) -> tuple[str, dict[str, int]]:

@@ -7,7 +7,8 @@ survive every pass. `io_shapes` records the graph inputs' and outputs' shapes be
 `restore_dim_names` puts the recorded names back where the new shape has an anonymous or
 `unk__` symbol at the same axis, renames that symbol everywhere in the graph, and leaves any other
 `unk__N` anonymous (a name nobody chose). `example_dims` reads the sizes `from_torch` recorded
-(`metadata.EXAMPLE_DIMS`): verification inputs and pruning's shape analysis use them.
+(`metadata.EXAMPLE_DIMS`): verification inputs and pruning's shape analysis use them, and
+`mac_dims` gives the sizes MACs are counted at (the example's, the batch at 1).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import onnx_ir as ir
 
 from slimgraph.ir.metadata import EXAMPLE_DIMS
 
-__all__ = ["io_shapes", "restore_dim_names", "example_dims"]
+__all__ = ["io_shapes", "restore_dim_names", "example_dims", "mac_dims"]
 
 _ANONYMOUS_PREFIX = "unk__"
 
@@ -107,3 +108,14 @@ def example_dims(model: ir.Model) -> dict[str, int]:
     if not isinstance(recorded, dict):
         return {}
     return {str(k): int(v) for k, v in recorded.items() if isinstance(v, int) and v > 0}
+
+
+def mac_dims(model: ir.Model) -> dict[str, int]:
+    """The sizes prune counts MACs at: the export's example sizes (`from_torch` records them)
+    for symbolic dimensions other than the batch (a leading input axis), which counts as 1;
+    empty (all 1) when none are recorded. A sequence of 1 would hide what attention costs, and
+    an audio model's sample count of 1 gives its convolutions negative lengths."""
+    batch = {str(value.shape[0]) for value in model.graph.inputs
+             if value.shape is not None and len(value.shape) and not isinstance(value.shape[0],
+                                                                               int)}
+    return {name: size for name, size in example_dims(model).items() if name not in batch}

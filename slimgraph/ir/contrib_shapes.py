@@ -29,13 +29,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-__all__ = [
-    "MS_DOMAIN",
-    "contrib_output_shape",
-    "has_contrib_ops",
-    "infer_shapes",
-    "restore_output_dim_names",
-]
+__all__ = ["MS_DOMAIN", "contrib_output_shape", "has_contrib_ops", "infer_shapes"]
 
 Dim = int | ir.SymbolicDim
 
@@ -180,52 +174,3 @@ def _forget_below(values: list[ir.Value]) -> None:
 
 def _static(value: ir.Value) -> bool:
     return value.shape is not None and all(isinstance(d, int) for d in value.shape)
-
-
-def restore_output_dim_names(model: ir.Model, before: Sequence[ir.Shape | None]) -> int:
-    """Give the graph outputs back the symbolic dimension names they had before re-inference.
-
-    onnx makes up a symbol (`unk__3`) for a dimension it cannot follow through a computed
-    Reshape target: after head pruning turned `[10, 4*batch, 16]` into `[10, -1, 16]`, the
-    output's `batch` would come back as `unk__25`. A dimension takes its old name back where it
-    is now symbolic or unknown, the old one was a named symbol and the rank is unchanged; a size
-    inferred now stays (a key/value output's head count after head pruning). A made-up symbol
-    so matched is renamed on every value that carries it (onnx gives one unknown dimension one
-    symbol wherever it propagates).
-
-    Args:
-        model: the model, its graph outputs' shapes re-inferred.
-        before: the graph outputs' shapes before, in order.
-
-    Returns:
-        How many made-up symbols got a name back.
-    """
-    names: dict[str, str] = {}
-    for value, old in zip(model.graph.outputs, before, strict=True):
-        new = value.shape
-        if old is None or new is None or len(old) != len(new):
-            continue
-        dims: list[Dim] = []
-        for was, now in zip(old, new, strict=True):
-            if isinstance(was, ir.SymbolicDim) and was.value is not None and not isinstance(
-                now, int
-            ) and now.value != was.value:
-                dims.append(was)
-                if now.value is not None:
-                    names.setdefault(now.value, was.value)
-            else:
-                dims.append(now)
-        value.shape = ir.Shape(dims)
-    if names:
-        for node in model.graph:
-            for value in node.outputs:
-                shape = value.shape
-                if shape is not None and any(
-                    isinstance(d, ir.SymbolicDim) and d.value in names for d in shape
-                ):
-                    value.shape = ir.Shape([
-                        ir.SymbolicDim(names[d.value])
-                        if isinstance(d, ir.SymbolicDim) and d.value in names else d
-                        for d in shape
-                    ])  # fmt: skip
-    return len(names)

@@ -246,3 +246,28 @@ def test_dynamic_note_speaks_for_convolution_models_only() -> None:
                            "float")
     assert "--calib DATA.npz, or --zero-shot" in note
     assert dynamic_note(chain(2)) is None
+
+
+def test_dynamic_note_counts_macs_at_the_exports_example_sizes() -> None:
+    """An audio front end: at 1 sample the strided convolution leaves no frames and the MLP over
+    frames counts nothing, so the MACs looked 100% convolution; at the export's 800 samples the
+    MLP is most of them (the note was false advice on Wav2Vec2)."""
+    torch = pytest.importorskip("torch")
+
+    class Audio(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Sequential(torch.nn.Conv1d(1, 16, 3, padding=1),
+                                            torch.nn.GELU(), torch.nn.Conv1d(16, 16, 10, stride=5))
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                                           torch.nn.Linear(64, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.conv(x.unsqueeze(1)).transpose(1, 2))
+
+    dim = torch.export.Dim
+    shapes = {"x": {0: dim("batch"), 1: dim("samples", min=20, max=100_000)}}
+    model = sg.from_torch(Audio().eval(), (torch.randn(2, 800),), dynamic_shapes=shapes)
+    assert dynamic_note(model) is None
+    model.metadata_props.clear()  # no recorded sizes: counted at 1 sample, as before
+    assert (dynamic_note(model) or "").startswith("note: 100% of the MACs are convolutions")

@@ -15,7 +15,7 @@ from onnx_ir.passes import common as ir_common
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import display_name
-from slimgraph.ir._dims import example_dims
+from slimgraph.ir._dims import mac_dims
 from slimgraph.ir.select import node_names
 from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes.base import SlimgraphFunctionalPass
@@ -97,17 +97,6 @@ class PrunePass(SlimgraphFunctionalPass):
                 "...), the result stores them as folded constants"
             )
         return PruneResult(pruned, modified=True, report=report)
-
-
-def mac_dims(model: ir.Model) -> dict[str, int]:
-    """The sizes prune counts MACs at: the export's example sizes (`from_torch` records them)
-    for symbolic dimensions other than the batch (a leading input axis), which counts as 1;
-    empty (all 1) when none are recorded. A sequence of 1 would hide what attention costs, and
-    an audio model's sample count of 1 gives its convolutions negative lengths."""
-    batch = {str(value.shape[0]) for value in model.graph.inputs
-             if value.shape is not None and len(value.shape) and not isinstance(value.shape[0],
-                                                                               int)}
-    return {name: size for name, size in example_dims(model).items() if name not in batch}
 
 
 def total_macs(model: ir.Model, dims: dict[str, int]) -> tuple[int, int]:

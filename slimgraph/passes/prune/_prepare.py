@@ -8,8 +8,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from slimgraph.ir import copy_model
-from slimgraph.ir._dims import example_dims
-from slimgraph.ir.contrib_shapes import infer_shapes, restore_output_dim_names
+from slimgraph.ir._dims import example_dims, io_shapes, restore_dim_names
+from slimgraph.ir.contrib_shapes import infer_shapes
 from slimgraph.passes._kit import PrepareWeightsPass
 from slimgraph.passes.prune._shapes import annotate_static_shapes, forget_static_shapes
 
@@ -50,10 +50,10 @@ def reinfer_shapes(model: ir.Model) -> None:
     (`contrib_shapes.infer_shapes`), so the values after them are shaped too.
     """
     forget_static_shapes(model.graph)
-    before = [value.shape for value in model.graph.outputs]
+    before = io_shapes(model)  # the user's dimension names, restored after inference
     for node in model.graph:
         for value in node.outputs:
             value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
     infer_shapes(model)
-    restore_output_dim_names(model, before)
+    restore_dim_names(model, before)

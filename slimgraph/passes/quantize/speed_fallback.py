@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.ir import display_name
+from slimgraph.ir._dims import mac_dims
 from slimgraph.passes.quantize.policy import default_activation_dtype
 from slimgraph.runtime.speed_guard import skipped_by_environment, speed_check
 
@@ -272,8 +273,9 @@ def _one_node_models(
 
 def dynamic_note(model: ir.Model) -> str | None:
     """What to say when dynamic int8 is chosen (no calibration data) for a model whose MACs are
-    mostly convolutions, which dynamic int8 leaves float; None otherwise."""
-    macs, _ = ir_analysis.macs_by_node(model)
+    mostly convolutions, which dynamic int8 leaves float; None otherwise. MACs are counted at
+    the export's example sizes (`mac_dims`): at 1 sample an audio model's attention is nothing."""
+    macs, _ = ir_analysis.macs_by_node(model, mac_dims(model))
     total = sum(macs.values())
     conv = sum(m for node, m in macs.items() if node.op_type in ("Conv", "ConvTranspose"))
     if not total or conv / total <= _CONV_SHARE:

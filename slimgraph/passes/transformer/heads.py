@@ -46,7 +46,8 @@ from onnx_ir.passes import common as ir_common
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import layer_name
-from slimgraph.ir.contrib_shapes import infer_shapes, restore_output_dim_names
+from slimgraph.ir._dims import io_shapes, restore_dim_names
+from slimgraph.ir.contrib_shapes import infer_shapes
 from slimgraph.passes._kit import Names
 from slimgraph.passes.base import Skipped
 from slimgraph.passes.transformer._emit import MS_DOMAIN
@@ -231,11 +232,11 @@ def _refresh_shapes(model: ir.Model, sites: list[HeadSite]) -> None:
     ops by their own rules (`contrib_shapes.infer_shapes`); a decode step's present key/value
     outputs keep the shapes head pruning gave them."""
     fused_outputs = {id(site.fused.outputs[0]) for site in sites if site.fused is not None}
-    before = [value.shape for value in model.graph.outputs]
+    before = io_shapes(model)  # the user's dimension names, restored after inference
     for node in model.graph:
         for value in node.outputs:
             if node.domain != MS_DOMAIN or id(value) in fused_outputs:
                 value.shape = None
     ir_common.RemoveUnusedNodesPass()(model)
     infer_shapes(model)
-    restore_output_dim_names(model, before)
+    restore_dim_names(model, before)

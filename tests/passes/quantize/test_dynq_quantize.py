@@ -166,6 +166,20 @@ def test_bad_options_and_nothing_to_quantize() -> None:
         quantize_dynamic(exported_model("bert"), op_types=["LSTM"])
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_quantized_model_is_not_quantized_again(mode: str) -> None:
+    import slimgraph as sg
+
+    once = sg.quantize(exported_model("mlp"), mode="dynamic", speed_check=False)
+    ops = sorted(n.op_type for n in once.graph if n.op_type in (
+        "DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"))
+    found = ", ".join(f"{ops.count(op)} {op}" for op in sorted(set(ops)))
+    with pytest.raises(UnsupportedModelError) as error:
+        sg.quantize(once, mode=mode, speed_check=False)
+    assert str(error.value) == (f"the model is already quantized ({found}): quantize the float "
+                                "model it came from")
+
+
 def _gemm_model() -> ir.Model:
     rng = np.random.default_rng(0)
     h = onnx.helper
