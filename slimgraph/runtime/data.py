@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -172,7 +173,32 @@ def split_labels(
         raise BadDataError(
             f"{source}: {label_array.shape[0]} labels for {sample_count(feeds)} samples"
         )
+    if label_array is not None:
+        _check_label_range(model, label_array, source)
     return LabelledData(feeds, label_array, source)
+
+
+def _check_label_range(model: ir.Model, labels: np.ndarray, source: str) -> None:
+    """Labels must index the first output's classes (its non-batch axes, flattened, as
+    `top1_correct` scores them); out of range, every row would count wrong, silently.
+
+    Raises:
+        BadDataError: a label below 0 or at least the class count (output shape static).
+    """
+    outputs = model.graph.outputs
+    shape = outputs[0].shape if outputs else None
+    if labels.size == 0 or shape is None or len(shape) < 2:
+        return
+    sizes = [d for d in shape[1:] if isinstance(d, int)]
+    if len(sizes) != len(shape) - 1:
+        return
+    classes = math.prod(sizes)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise BadDataError(
+            f"{source}: labels {low}..{high} lie outside the {classes} classes of the model's "
+            f"output '{outputs[0].name}' {[d if isinstance(d, int) else str(d) for d in shape]}"
+        )
 
 
 def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:

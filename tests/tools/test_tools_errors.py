@@ -274,6 +274,20 @@ def test_data_that_does_not_fit_is_refused_before_anything_is_written(cli, tmp_p
     assert folder_state(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["compare", "quantize"])
+def test_labels_outside_the_models_classes_are_refused(cli, tmp_path, command: str) -> None:
+    """Every row would count wrong: 0% for both models, a drop of 0 that passes any budget."""
+    data = write_npz(tmp_path / "far.npz", image=images(4), labels=np.arange(10, 14))
+    before = folder_state(tmp_path)
+    target = ["-o", tmp_path / "q.onnx", "--calib", DIGITS_CALIB] if command == "quantize" else [
+        DIGITS]
+    result = cli(command, DIGITS, *target, "--data", data)
+    name = sg_ir.load(DIGITS).graph.outputs[0].name
+    assert_one_line_error(result, command, f"{data}: labels 10..13 lie outside the 10 classes "
+                                           f"of the model's output '{name}' ['batch', 10]")
+    assert folder_state(tmp_path) == before
+
+
 def test_a_command_failing_after_writing_leaves_no_output(cli, tmp_path, monkeypatch) -> None:
     """A failure found only after OUT was written (here compare's, on the written model)
     removes OUT: a failed command leaves nothing behind."""
