@@ -36,13 +36,13 @@ class PruneHeadsPass(SlimgraphFunctionalPass):
 
     Args:
         ratio: fraction of each block's heads to remove, in [0, 1); at least one head stays.
-        criterion: "l2" or "l1" norm of the head's weights.
+        criterion: "l1" (default, as `prune --criterion`) or "l2" norm of the head's weights.
         dead_only: remove only heads that contribute nothing (exact), whatever the ratio.
     """
 
     exact: ClassVar[bool] = False
 
-    def __init__(self, *, ratio: float = 0.5, criterion: str = "l2",
+    def __init__(self, *, ratio: float = 0.5, criterion: str = "l1",
                  dead_only: bool = False) -> None:
         super().__init__()
         self.ratio, self.criterion, self.dead_only = ratio, criterion, dead_only
@@ -55,7 +55,7 @@ class PruneHeadsPass(SlimgraphFunctionalPass):
                                 blocks=found.blocks)
 
 
-def prune_heads(model: ir.Model, ratio: float = 0.5, *, criterion: str = "l2",
+def prune_heads(model: ir.Model, ratio: float = 0.5, *, criterion: str = "l1",
                 dead_only: bool = False) -> PruneHeadsResult:
     """Remove attention heads from a copy of `model`; see `PruneHeadsPass`.
 

@@ -168,7 +168,7 @@ def head_scores(site: HeadSite, criterion: str) -> np.ndarray:
     return scores
 
 
-def remove_heads(model: ir.Model, ratio: float, *, criterion: str = "l2",
+def remove_heads(model: ir.Model, ratio: float, *, criterion: str = "l1",
                  dead_only: bool = False) -> HeadPruning:
     """Remove the least important `ratio` of the heads of every attention block of `model`, in
     place (`model` prepared by `slimgraph.passes.prune.prepare_for_pruning`: weights folded to
@@ -178,7 +178,7 @@ def remove_heads(model: ir.Model, ratio: float, *, criterion: str = "l2",
         model: the prepared model, edited in place.
         ratio: fraction of each block's heads (key/value groups) to remove, in [0, 1); at least
             one stays.
-        criterion: "l2" or "l1" norm of the head's weights.
+        criterion: "l1" (default, as `prune --criterion`) or "l2" norm of the head's weights.
         dead_only: remove only heads that contribute nothing (exact), whatever the ratio.
 
     Returns:
