@@ -45,8 +45,10 @@ import slimgraph.passes.quantize._weights as _weights
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import layer_name
 from slimgraph.ir.select import check_patterns, matching_pattern
+from slimgraph.passes._graph_utils import opset_version
 from slimgraph.passes._kit import traced_constant
 from slimgraph.passes.base import Skipped
+from slimgraph.passes.opset import ConvertOpsetPass
 from slimgraph.passes.quantize._weights import (
     MS_DOMAIN,
     QuantizedNode,
@@ -54,8 +56,6 @@ from slimgraph.passes.quantize._weights import (
     WeightQuantizePass,
 )
 from slimgraph.passes.registry import register_pass
-from slimgraph.passes._graph_utils import opset_version
-from slimgraph.passes.opset import ConvertOpsetPass
 from slimgraph.passes.transformer import PackAttentionPass
 from slimgraph.passes.transformer.standard import (
     STANDARD_ATTENTION_OPSET,

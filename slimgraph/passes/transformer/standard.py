@@ -139,7 +139,7 @@ class StandardAttentionPass(SlimgraphPass):
                     masks[key] = self._bool_mask(graph, names, mask, q, k, mha)
                 inputs.append(masks[key])
             heads = mha.attributes.get_int("num_heads")
-            attrs: dict[str, object] = {"q_num_heads": heads, "kv_num_heads": heads}
+            attrs: dict[str, int | float] = {"q_num_heads": heads, "kv_num_heads": heads}
             if "scale" in mha.attributes:
                 attrs["scale"] = mha.attributes.get_float("scale")
             node = ir.node("Attention", inputs, attributes=attrs,
@@ -180,8 +180,8 @@ class StandardAttentionPass(SlimgraphPass):
         nodes.append(ir.node("Shape", [q], name=names.fresh(f"{base}_qshape")))
         nodes.append(ir.node("Slice", [nodes[-1].outputs[0], start, end],
                              name=names.fresh(f"{base}_seq")))
-        nodes.append(ir.node("Concat", [one, one, nodes[-1].outputs[0], one], attributes={"axis": 0},
-                             name=names.fresh(f"{base}_shape")))
+        nodes.append(ir.node("Concat", [one, one, nodes[-1].outputs[0], one],
+                             attributes={"axis": 0}, name=names.fresh(f"{base}_shape")))
         nodes.append(ir.node("Expand", [nodes[1].outputs[0], nodes[-1].outputs[0]],
                              name=names.fresh(f"{base}_expand")))
         for node in nodes:
