@@ -13,9 +13,12 @@ Candidates, all from the same weights:
 
 - fp32: the dynamo export after slimgraph's `lossless` preset (the baseline of the ratios);
 - sg dynamic: `sg.quantize(export, mode="dynamic")`, what `slimgraph quantize MODEL` does: on a
-  model with attention it applies the transformer fusions itself (fused attention, then
-  QAttention / GroupQueryAttention + RotaryEmbedding; bias + GELU as FastGelu, GELU's tanh
-  form; residual Sums), then dynamic int8 (per-channel weights);
+  model with attention it applies the transformer fusions itself (fused attention, then for an
+  encoder the standard opset-23 Attention beside int8 Q/K/V projections, for a decoder
+  GroupQueryAttention + RotaryEmbedding; bias + GELU as FastGelu, GELU's tanh form; residual
+  Sums), then dynamic int8 (per-channel weights);
+- bert and vit, sg dynamic QAttn: the same with the attention packed into onnxruntime's
+  QAttention instead (what sg dynamic wrote before `standard-attention`), for comparison;
 - sg dynamic, plain: the same with `transformer=False` (the graph's own ops, quantized);
 - bert only, sg dynamic per-t: per-tensor weight scales (onnxruntime's quantizer's default);
 - ort dynamic: onnxruntime's `quantize_dynamic` on the same dynamo export (which quantizes
@@ -204,6 +207,17 @@ def _ort_dynamic(export, folder: Path) -> dict[str, object]:  # noqa: ANN001
     return out
 
 
+def _qattention(export):  # noqa: ANN001, ANN202
+    """sg dynamic with the attention packed into QAttention (the form before
+    `standard-attention`): the transformer preset, GELU's tanh form, pack-attention, then
+    dynamic int8 as `sg.quantize` runs it."""
+    from slimgraph.passes.quantize.dynamic import DynamicQuantizePass
+    from slimgraph.passes.transformer import PackAttentionPass, TanhGeluPass
+
+    fused = TanhGeluPass()(sg.optimize(export, preset="transformer", verify=False)).model
+    return DynamicQuantizePass()(PackAttentionPass(with_bias=False)(fused).model).model
+
+
 def _cosine(reference, model, batches: list[Feeds]) -> float:  # noqa: ANN001
     ref, session = runtime.create_session(reference), runtime.create_session(model)
     cosines = []
@@ -315,6 +329,8 @@ def run_model(name: str, rounds: int, profile: bool = False) -> list[tuple[str, 
                                                                            mode="dynamic")}
     print(f"  sg.quantize(mode='dynamic'): {time.perf_counter() - start:.1f} s")
     candidates["sg dynamic, plain"] = sg.quantize(export, mode="dynamic", transformer=False)
+    if name in ("bert", "vit"):
+        candidates["sg dynamic QAttn"] = _qattention(export)
     if name == "bert":
         candidates["sg dynamic per-t"] = sg.quantize(export, mode="dynamic", per_channel=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,6 +367,13 @@ def run_model(name: str, rounds: int, profile: bool = False) -> list[tuple[str, 
                 _op_profile({"sg dynamic": candidates["sg dynamic"],
                              best[batch]: candidates[best[batch]]}, feed(batch), rounds,
                             Path(tmp))
+    if "sg dynamic QAttn" in candidates:  # standard-attention's gain, side by side
+        for batch in (8, 1):
+            low, high = intervals[batch][("sg dynamic", "sg dynamic QAttn")]
+            print(f"  batch {batch}: sg dynamic / sg dynamic QAttn latency = "
+                  f"{ratios[batch]['sg dynamic'] / ratios[batch]['sg dynamic QAttn']:.3f} "
+                  f"({low:.3f}-{high:.3f}; CPU time "
+                  f"{cpu[batch]['sg dynamic'] / cpu[batch]['sg dynamic QAttn']:.3f})")
     checks = []
     target = TARGETS[name]
     against = ORT_BEST if name == "bert" else tuple(

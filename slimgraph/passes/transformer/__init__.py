@@ -4,6 +4,8 @@
   (MultiHeadAttention, GroupQueryAttention, RotaryEmbedding), exact;
 - `pack-attention` (`packing`): Q/K/V projections into `com.microsoft.Attention` (QAttention
   after dynamic quantization), exact;
+- `standard-attention` (`standard`): encoder MultiHeadAttention as the standard opset-23
+  `Attention` (what dynamic quantization writes for it, faster than QAttention), exact;
 - `fuse-bias-gelu`, `fuse-rms-norm`, `fuse-skip-layernorm`, `residual-sum` (`norms`), exact;
 - `tanh-gelu` (`gelu`): GELU's erf form into its faster tanh form (FastGelu), approximate;
   dynamic int8 quantization applies it to transformers;
@@ -52,6 +54,7 @@ from slimgraph.passes.transformer.norms import (
     has_residual_sums,
 )
 from slimgraph.passes.transformer.packing import PackAttentionPass
+from slimgraph.passes.transformer.standard import StandardAttentionPass
 
 __all__ = [
     "MS_DOMAIN",
@@ -80,4 +83,5 @@ __all__ = [
     "ResidualSumPass",
     "has_residual_sums",
     "PackAttentionPass",
+    "StandardAttentionPass",
 ]

@@ -135,6 +135,10 @@ def head_sites(graph: ir.Graph, shapes: ShapeInfo | None = None) -> tuple[
         except NoMatch as reason:
             skipped.append(Skipped(match.name, "Softmax", str(reason)))
     for node in graph:
+        if node.domain in ("", "ai.onnx") and node.op_type == "Attention":
+            # what dynamic int8 writes for encoders (`standard-attention`): int8 projections
+            skipped.append(Skipped(layer_name(node) or node.name or node.op_type, node.op_type,
+                                   "standard Attention: prune heads before quantizing"))
         if node.domain == MS_DOMAIN and node.op_type in FUSED_OPS:
             try:
                 sites.append(site_of_fused(node, shapes, graph))

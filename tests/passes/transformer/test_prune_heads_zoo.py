@@ -157,7 +157,7 @@ def test_int8_attention_asks_for_heads_to_be_pruned_first() -> None:
     _, model = models_hf.exported("vit")
     quantized = sg.quantize(model, mode="dynamic", verify=False, progress=False)
     with pytest.raises(UnsupportedModelError, match=r"^prune\(heads=0.5\): no attention block "
-                       r"could lose a head \(.*: int8 attention \(QAttention\): prune heads "
+                       r"could lose a head \(.*: standard Attention: prune heads "
                        r"before quantizing; "):
         sg.prune(quantized, heads=0.5)
 

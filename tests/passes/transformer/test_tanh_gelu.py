@@ -101,7 +101,7 @@ def test_float_transformer_within_the_bound_and_int8_cosine_kept(name: str) -> N
     # fused by the preset first: the int8 path still writes the tanh form, unless told not to
     assert ops(sg.quantize(fused, mode="dynamic"))["FastGelu"] == case.blocks
     erf_int8 = sg.quantize(fused, mode="dynamic", transformer=False)
-    assert ops(erf_int8)["FastGelu"] == 0 and ops(erf_int8)["QAttention"] == ops(
-        quantized)["QAttention"]
+    assert ops(erf_int8)["FastGelu"] == 0 and ops(erf_int8)["Attention"] == ops(
+        quantized)["Attention"] == case.blocks
     assert cosine(want, output_list(quantized, feed)[0]) >= cosine(
         want, output_list(erf_int8, feed)[0]) - 1e-5
