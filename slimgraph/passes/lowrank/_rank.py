@@ -94,10 +94,13 @@ class RankPolicy:
         for name in ("rank_ratio", "energy"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise BadOptionError(f"{name} must be in (0, 1], got {value}")
+                raise BadOptionError.worded(
+                    "{name} must be in (0, 1], got " + str(value),
+                    name=(name, "--" + name.replace("_", "-")))
         budget = self.error_budget
         if budget is not None and not (isinstance(budget, (int, float)) and 0 <= budget < 1):
-            raise BadOptionError(f"error_budget must be in [0, 1), got {budget}")
+            raise BadOptionError.worded("{name} must be in [0, 1), got " + str(budget),
+                                        name=("error_budget", "--error-budget"))
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)):
             raise BadOptionError(f"rank must be an integer >= 1 or 'auto', got {fixed!r}")
         if fixed is not None and fixed < 1:

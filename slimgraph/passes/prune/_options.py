@@ -68,7 +68,8 @@ class PruneOptions:
             if bad or not 0 <= (ratio or 0.0) < 1:
                 raise BadOptionError(f"per-layer ratios must be in [0, 1), got {bad or ratio}")
         elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise BadOptionError(f"ratio must be strictly between 0 and 1, got {ratio!r}")
+            raise BadOptionError.worded("{ratio} must be strictly between 0 and 1, got "
+                                        + repr(ratio), ratio=("ratio", "--ratio"))
         if self.criterion not in CRITERIA:
             raise BadOptionError(
                 f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}"

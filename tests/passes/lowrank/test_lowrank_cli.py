@@ -88,8 +88,8 @@ def test_json_report(mlp_file: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--rank-ratio", "0"], r"rank_ratio must be in \(0, 1\], got 0.0"),
-        (["--energy", "1.2"], r"energy must be in \(0, 1\], got 1.2"),
+        (["--rank-ratio", "0"], r"--rank-ratio must be in \(0, 1\], got 0.0"),
+        (["--energy", "1.2"], r"--energy must be in \(0, 1\], got 1.2"),
         (["--rank", "many"], "--rank must be 'auto' or an integer, got 'many'"),
         (["--rank", "auto", "--include", "encoder.*"], "include pattern 'encoder.*' matches no"),
         (["--rank-ratio", "0.5", "--op-types", "LSTM"], "cannot factorize op type 'LSTM'"),
