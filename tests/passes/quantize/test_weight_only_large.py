@@ -46,7 +46,7 @@ def build(folder: Path) -> Path:
                         slab = rng.random((512, WIDTH), dtype=np.float32)
                         slab -= np.float32(0.5)
                         slab *= np.float32(np.sqrt(12 / WIDTH))
-                        slab.tofile(handle)
+                        handle.write(slab.data)  # no copy
                 else:
                     handle.write(rng.standard_normal(WIDTH, dtype=np.float32).tobytes())
                 nbytes = int(np.prod(shape)) * 4
