@@ -5,7 +5,9 @@
 downloaded), example inputs, the `dynamic_shapes` to export it with (batch and, where the
 model allows, sequence symbolic) and `feeds(batch, seq)`, inputs at other sizes with a padded row
 where the model takes a mask. `exported(name)` exports each model once per session (one cache
-for every test module) and returns a fresh copy. `HF_MODELS` lists the Hugging Face
+for every test module) and returns a fresh copy; `transformer_result(name)` runs the transformer
+preset on it once per session (fusion, head pruning and lowering tests share it) and `fused(name)`
+returns a fresh copy of its model. `HF_MODELS` lists the Hugging Face
 architectures, `TORCH_MODELS` torch's own attention modules, `NO_ATTENTION` the ones without
 attention (ConvNeXt, ResNet).
 
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Case", "build", "export", "exported", "wrap", "HF_MODELS", "TORCH_MODELS",
-           "NO_ATTENTION", "EXTRA_MODELS", "ALL_MODELS"]
+__all__ = ["Case", "build", "export", "exported", "transformer_result", "fused", "wrap",
+           "HF_MODELS", "TORCH_MODELS", "NO_ATTENTION", "EXTRA_MODELS", "ALL_MODELS"]
 
 VOCAB = 100
 Feeds = dict[str, np.ndarray]
@@ -489,3 +491,24 @@ def _load(data: bytes):  # noqa: ANN202
     import onnx
 
     return onnx.load_model_from_string(data)
+
+
+_TRANSFORMER: dict[str, Any] = {}
+
+
+def transformer_result(name: str):  # noqa: ANN201 - slimgraph's PipelineResult
+    """The transformer preset (`run_pipeline(model, ["transformer"])`, verifier off, as
+    `sg.optimize(model, preset="transformer", verify=False)` runs it) on the export of `name`,
+    run once per session. Shared: read it, never edit its model (`fused` gives a copy)."""
+    from slimgraph.passes.pipeline import run_pipeline
+
+    if name not in _TRANSFORMER:
+        _TRANSFORMER[name] = run_pipeline(exported(name)[1], ["transformer"], verify=False)
+    return _TRANSFORMER[name]
+
+
+def fused(name: str):  # noqa: ANN201 - an onnx_ir.Model
+    """A fresh copy of the model of `transformer_result(name)` (tests may edit it)."""
+    import onnx_ir as ir
+
+    return ir.from_proto(_load(ir.to_proto(transformer_result(name).model).SerializeToString()))

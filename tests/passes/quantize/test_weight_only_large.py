@@ -41,9 +41,12 @@ def build(folder: Path) -> Path:
             for name, shape in ((f"W{i}", [WIDTH, WIDTH]), (f"B{i}", [WIDTH])):
                 if len(shape) == 2:  # written in 512-row slabs: never the whole layer twice
                     for _ in range(0, WIDTH, 512):
-                        slab = rng.standard_normal((512, WIDTH), dtype=np.float32)
-                        slab *= np.float32(1 / np.sqrt(WIDTH))
-                        handle.write(slab.tobytes())
+                        # uniform, variance 1/WIDTH: a third of the normal draw's time on
+                        # 2.25 GiB (the values only need to be random and finite)
+                        slab = rng.random((512, WIDTH), dtype=np.float32)
+                        slab -= np.float32(0.5)
+                        slab *= np.float32(np.sqrt(12 / WIDTH))
+                        handle.write(slab.data)  # no copy
                 else:
                     handle.write(rng.standard_normal(WIDTH, dtype=np.float32).tobytes())
                 nbytes = int(np.prod(shape)) * 4

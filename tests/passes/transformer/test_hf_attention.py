@@ -48,7 +48,7 @@ def check_exact(name: str, reference: ir.Model, fused: ir.Model) -> None:
 @pytest.mark.parametrize("name", FAST)
 def test_transformer_preset_fuses_every_block_exactly(name: str) -> None:
     case, model = models_hf.exported(name)
-    result = run_pipeline(model, ["transformer"])
+    result = models_hf.transformer_result(name)  # run once per session, shared
     record = attention_record(result)
     blocks = case.blocks
     assert record.details["fused"]["attention"] == blocks
@@ -199,7 +199,7 @@ def test_every_architecture_of_the_zoo_fuses_exactly() -> None:
     blocks = fused = 0
     for name in models_hf.ALL_MODELS:
         case, model = models_hf.exported(name)
-        result = run_pipeline(model, ["transformer"])
+        result = models_hf.transformer_result(name)
         record = attention_record(result)
         blocks += case.blocks
         fused += record.details.get("fused", {}).get("attention", 0)

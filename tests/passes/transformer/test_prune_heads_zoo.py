@@ -13,7 +13,6 @@ layer; the sweep over every architecture is slow-marked.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -29,19 +28,13 @@ from tests.kit.heads import zero_heads
 FAST = ["bert", "gpt2", "llama", "deberta-v2", "vit", "torch-encoder"]
 SIZES = [(3, 11), (1, 21)]  # (batch, sequence) other than the export's (2, 8)
 FUSED = ("MultiHeadAttention", "GroupQueryAttention")
-_FUSED_CACHE: dict[str, bytes] = {}
 
 
 def formed(name: str, form: str) -> tuple[models_hf.Case, ir.Model]:
-    """The zoo model `name` as exported ("plain") or after the transformer preset ("fused"),
-    fused once per session; a fresh copy each call."""
+    """The zoo model `name` as exported ("plain") or after the transformer preset ("fused",
+    `models_hf.fused`: fused once per session); a fresh copy each call."""
     case, model = models_hf.exported(name)
-    if form == "plain":
-        return case, model
-    if name not in _FUSED_CACHE:
-        fused = run_pipeline(model, ["transformer"], verify=False).model
-        _FUSED_CACHE[name] = ir.to_proto(fused).SerializeToString()
-    return case, ir.from_proto(onnx.load_model_from_string(_FUSED_CACHE[name]))
+    return (case, model) if form == "plain" else (case, models_hf.fused(name))
 
 
 def check_half_the_heads_go(name: str, form: str) -> PruneHeadsResult:
