@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import slimgraph as sg
+from slimgraph.tools import quantize_cmd
 from slimgraph.tools.cli import main
 from tests.kit.asserts import accuracy
 from tests.kit.data import DIGITS, DIGITS_CALIB, digits, digits_test
@@ -150,6 +151,31 @@ def test_zero_shot_quantizes_without_data_and_keeps_accuracy(tmp_path, capsys) -
     images, labels = digits_test()
     fp32 = accuracy(sg.load(DIGITS), images, labels)
     assert accuracy(sg.load(out), images, labels) >= fp32 - 0.01
+
+
+def test_zero_shot_ranges_ignore_the_tails_of_synthesized_inputs(tmp_path, capsys,
+                                                                monkeypatch) -> None:
+    """Synthesized rows match BatchNorm's means and deviations, not real data's tails: one value
+    in 16384 at 100 among digits in [0, 1] sets no range (the percentile calibrator), and `--method`
+    still chooses."""
+    with np.load(DIGITS_CALIB) as archive:
+        rows = np.tile(archive["image"][:64], (4, 1, 1, 1))  # 16384 values
+    rows[0, 0, 4, 4] = 100.0
+    monkeypatch.setattr(quantize_cmd, "zero_shot_calibration",
+                        lambda model, **options: {"image": rows})
+
+    def input_scale(*extra: str) -> float:
+        out = tmp_path / "zs.onnx"
+        code, _, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--zero-shot",
+                               "--no-progress", *extra)
+        assert code == 0, stderr
+        graph = sg.load(out).graph
+        (node,) = [n for n in graph if n.op_type == "QuantizeLinear"
+                   and n.inputs[0] is not None and n.inputs[0].name == "image"]
+        return float(node.inputs[1].const_value.numpy())
+
+    assert input_scale() < 2.0 / 255  # the digits' [0, 1]
+    assert input_scale("--method", "minmax") == pytest.approx(100.0 / 255, rel=1e-3)
 
 
 @pytest.mark.parametrize(
