@@ -113,9 +113,18 @@ SLOTS: Mapping[str, tuple[Slot, ...]] = MappingProxyType(
 )
 
 
-def parameter_slot(op_type: str, index: int) -> Slot | None:
-    """The `Slot` of input `index` of `op_type`, None when that input holds no parameter."""
-    return next((slot for slot in SLOTS.get(op_type, ()) if slot.index == index), None)
+# ONNX standard ops named as a contrib op of another signature: opset 23's Attention takes
+# (Q, K, V, mask, past key, past value), no weight; its mask never trains.
+_STANDARD_SLOTS: Mapping[str, tuple[Slot, ...]] = MappingProxyType(
+    {"Attention": _slots(frozen=(3,))}
+)
+
+
+def parameter_slot(op_type: str, index: int, domain: str = "") -> Slot | None:
+    """The `Slot` of input `index` of `op_type` (in `domain`), None when that input holds no
+    parameter."""
+    table = _STANDARD_SLOTS if domain in ("", "ai.onnx") and op_type in _STANDARD_SLOTS else SLOTS
+    return next((slot for slot in table.get(op_type, ()) if slot.index == index), None)
 
 
 def _params(op_type: str) -> tuple[int, ...]:

@@ -69,3 +69,16 @@ def test_parameters_follow_the_slot_table():
          "shift": np.array([0.5, 1.0, 1.5], np.float32)},
     )
     assert set(lower(model).weight_names().values()) == {"slope", "shift"}
+
+
+def test_the_standard_attention_is_not_read_with_the_contrib_ops_slots():
+    """Opset 23's Attention shares its name with onnxruntime's contrib Attention, whose input 5
+    is a frozen attention bias; in the standard op input 5 is the past value, and a learned
+    prefix (prefix tuning) trains its keys and values alike."""
+    rng = np.random.default_rng(0)
+    prefix = {name: rng.standard_normal((1, 2, 2, 4)).astype(np.float32) for name in ("pk", "pv")}
+    model = make_model(
+        [helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"])],
+        [("q", [1, 2, 3, 4]), ("k", [1, 2, 3, 4]), ("v", [1, 2, 3, 4])], ["y"], prefix, opset=23,
+    )
+    assert set(lower(model).weight_names().values()) == {"pk", "pv"}
