@@ -14,7 +14,7 @@ from pathlib import Path
 import slimgraph.runtime as runtime
 from slimgraph._tables import emit
 from slimgraph.api.optimize import optimize_report
-from slimgraph.errors import BadOptionError
+from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.passes.pipeline import PipelineResult, describe_passes, node_count
 from slimgraph.runtime.metrics import load_data
 from slimgraph.tools._common import Compression, Figures, add_json_option, add_speed_arguments
@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         budget=job.budget,
     )
+    if not any(record.modified for record in result.records):
+        what = f"the recipe {args.recipe}" if args.recipe else f"--preset {args.preset}"
+        raise UnsupportedModelError(f"nothing to optimize: no pass of {what} changes the model "
+                                    f"({before} nodes; it is already in that form)")
     job.write(result.model)
     after = node_count(result.model)
     data_out = result.to_dict()

@@ -253,3 +253,16 @@ def test_float64_calibration_file_is_cast_like_float32(cli, tmp_path) -> None:
                      str(tmp_path / f"{name}.npz"))  # fmt: skip
         assert result.code == 0, result.err
     assert (tmp_path / "c64.onnx").read_bytes() == (tmp_path / "c32.onnx").read_bytes()
+
+
+def test_optimize_that_changes_nothing_says_so_and_writes_nothing(cli, tmp_path: Path) -> None:
+    once = tmp_path / "once.onnx"
+    assert cli("optimize", DIGITS, "-o", once, "--no-speed-check").code == 0
+    before = folder_state(tmp_path)
+    result = cli("optimize", once, "-o", tmp_path / "twice.onnx", "--no-speed-check")
+    nodes = len(list(sg.load(once).graph))
+    assert (result.code, result.out) == (2, "")
+    assert result.err == (f"slimgraph optimize: error: nothing to optimize: no pass of --preset "
+                          f"lossless changes the model ({nodes} nodes; it is already in that "
+                          "form)\n")
+    assert folder_state(tmp_path) == before
