@@ -64,8 +64,9 @@ class RankAllocation:
         nodes = {node for node, _ in self.loss}
         goal = ("the accuracy budget" if self.target is None
                 else f"the MAC target {self.target:g}x")
-        return (f"ranks per layer: {len(self.ratios)} of {len(nodes)} layers factorized for "
-                f"{goal}, from {len(self.loss)} measurements (one layer at a time)")
+        return (f"ranks per layer: {len(self.ratios)} of the {len(nodes)} layers that can be "
+                f"factorized are, for {goal}, from {len(self.loss)} measurements (one layer at "
+                "a time)")
 
     def to_dict(self) -> dict[str, object]:
         return {
