@@ -130,7 +130,7 @@ def test_unknown_external_data_keys_print_no_warning(
     with_key = onnx.load(path, load_external_data=False).graph.initializer[0]
     assert "sha256" in [e.key for e in with_key.external_data]
     assert main(["inspect", str(path)]) == 0
-    assert main(["optimize", str(path), "-o", str(tmp_path / "out.onnx")]) == 0
+    assert main(["compare", str(path), str(path)]) == 0
     assert capfd.readouterr().err == ""
 
 
