@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from slimgraph.errors import InvalidModelError
+from slimgraph.ir.attention_macs import ATTENTION_OPS, attention_macs
 from slimgraph.ir.contrib_shapes import has_contrib_ops, infer_shapes
 from slimgraph.ir.layout import layout
 
@@ -28,6 +30,7 @@ __all__ = [
     "node_macs",
     "MAC_OPS",
     "QUANTIZED_MAC_FORMS",
+    "ATTENTION_OPS",
     "counts_macs",
     "macs_by_node",
     "model_macs",
@@ -164,7 +167,7 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     for value in proto.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if not dim.HasField("dim_value"):
-                fixed[dim.dim_param] = dim_values.get(dim.dim_param, 1)
+                fixed[dim.dim_param] = _dim_size(dim.dim_param, dim_values)
                 dim.dim_value = fixed[dim.dim_param]
     # Symbolic dims recorded on other values (exporters write e.g. [batch, 64]) would survive
     # inference: give the input names their values and forget the rest, so inference fills them.
@@ -191,6 +194,24 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     if has_contrib_ops(shaped):
         infer_shapes(shaped)  # through onnxruntime's fused ops, which onnx does not know
     return shaped
+
+
+def _dim_size(name: str, dim_values: Mapping[str, int]) -> int:
+    """The size of a symbolic dimension: its value in `dim_values`, else a sum of products of
+    named dimensions and integers evaluated from them (exporters name a decoder's mask length
+    `past_sequence + sequence`), else 1."""
+    if name in dim_values:
+        return dim_values[name]
+    if not re.fullmatch(r"[\w\s.+*]+", name) or not re.search(r"[+*]", name):
+        return 1
+    total = 0
+    for term in name.split("+"):
+        product = 1
+        for factor in term.split("*"):
+            factor = factor.strip()
+            product *= int(factor) if factor.isdigit() else dim_values.get(factor, 1)
+        total += product
+    return total
 
 
 def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -287,7 +308,9 @@ def _name(initializer: ir.Value) -> str:
 
 
 def node_macs(node: ir.Node) -> int | None:
-    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul with static shapes.
+    """Multiply-accumulates of one Conv, ConvTranspose, Gemm or MatMul with static shapes, of
+    their quantized forms (`QUANTIZED_MAC_FORMS`) and of fused attention (`ATTENTION_OPS`: the
+    MatMuls it replaces, `slimgraph.ir.attention_macs`).
 
     Returns None for other ops and when a needed shape is unknown.
     """
@@ -327,6 +350,8 @@ def node_macs(node: ir.Node) -> int | None:
             return None
         k = a[-1] if len(a) >= 1 else 1
         return math.prod(out) * k
+    if (node.domain if node.domain != "ai.onnx" else "", op) in ATTENTION_OPS:
+        return attention_macs(node)
     return _quantized_macs(node)
 
 
@@ -376,18 +401,21 @@ QUANTIZED_MAC_FORMS: dict[tuple[str, str], tuple[str, int]] = {
 
 
 def counts_macs(node: ir.Node) -> bool:
-    """Whether `node_macs` counts `node`: a float Conv, ConvTranspose, Gemm or MatMul, or one of
-    their quantized forms (`QUANTIZED_MAC_FORMS`)."""
+    """Whether `node_macs` counts `node`: a float Conv, ConvTranspose, Gemm or MatMul, one of
+    their quantized forms (`QUANTIZED_MAC_FORMS`) or a fused attention (`ATTENTION_OPS`)."""
     domain = node.domain or ""
-    return (domain in ("", "ai.onnx") and node.op_type in MAC_OPS) or (
-        (domain, node.op_type) in QUANTIZED_MAC_FORMS)
+    if domain == "ai.onnx":
+        domain = ""
+    return (domain == "" and node.op_type in MAC_OPS) or (
+        (domain, node.op_type) in QUANTIZED_MAC_FORMS) or (domain, node.op_type) in ATTENTION_OPS
 
 
 def macs_by_node(
     model: ir.Model, dim_values: Mapping[str, int] | None = None
 ) -> tuple[dict[ir.Node, int], int]:
     """MACs of each Conv, ConvTranspose, Gemm and MatMul of `model`'s main graph (and of their
-    quantized forms, as the op they replace: `QUANTIZED_MAC_FORMS`), and how many of them
+    quantized forms and fused attention, as the ops they replace: `QUANTIZED_MAC_FORMS`,
+    `ATTENTION_OPS`), and how many of them
     stayed without static shapes (left out). The one MAC count: `inspect`, `prune` and
     `factorize` all report it.
 

@@ -38,7 +38,7 @@ from slimgraph.errors import (
 from slimgraph.ir import as_model, metadata
 from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
-from slimgraph.runtime.perplexity import LMAccumulator, LMScores, lm_spec
+from slimgraph.runtime.perplexity import LMAccumulator, LMScores, LMSpec, lm_spec_or_reason
 from slimgraph.runtime.quant_math import sqnr_db
 from slimgraph.runtime.session import create_session, is_session, run
 
@@ -475,12 +475,16 @@ def _lm_accumulator(
     `compare`'s `language_model`)."""
     if wanted is False:
         return None
-    specs = [lm_spec(m) if m is not None else None for m in (reference, candidate)]
-    spec = specs[0] if specs[0] is not None and specs[0] == specs[1] else None
+    specs = [lm_spec_or_reason(m) if m is not None else "given as a session"
+             for m in (reference, candidate)]
+    spec = specs[0] if isinstance(specs[0], LMSpec) and specs[0] == specs[1] else None
     if wanted and spec is None:
+        why = next((f"the {role} model: {found}" for role, found in
+                    zip(("reference", "candidate"), specs, strict=True)
+                    if isinstance(found, str)), "their inputs or logits differ")
         raise BadOptionError("perplexity needs two causal language models with the same "
                              "inputs (integer token ids [batch, seq] in, logits [batch, seq, "
-                             "vocab] out)")
+                             f"vocab] out); {why}")
     if wanted and data is None:
         raise BadOptionError("perplexity needs token data (an .npz with input_ids [rows, seq])")
     return LMAccumulator(spec) if spec is not None and data is not None else None

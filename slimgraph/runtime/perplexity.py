@@ -1,13 +1,14 @@
 """Causal language models: perplexity and next-token agreement on a token file.
 
-A causal LM here is a model with an integer token input [batch, seq] (`input_ids`, or its only
-2-D integer input) and a float output [batch, seq, vocab] (the logits: position t scores the
-token at t + 1). On a token file (`.npz` with `input_ids` [rows, seq]; an `attention_mask` key is
-fed too when the model takes one) the next-token loss of row b at position t is
+A causal LM here is a model with an integer token input [batch, seq] (found by dataflow: the one
+that indexes the embedding table whose vocabulary the logits score, whatever its name) and a
+float output [batch, seq, vocab] (the logits: position t scores the token at t + 1). On a token
+file (`.npz` keyed by the model's input names: the token ids [rows, seq], and the attention mask
+too when the model takes one) the next-token loss of row b at position t is
 
     -log softmax(logits[b, t])[ids[b, t + 1]]        for t < seq - 1, both positions unpadded,
 
-(padding: `attention_mask` 0), the perplexity is exp(mean loss) over every such position of every
+(padding: mask 0), the perplexity is exp(mean loss) over every such position of every
 row, and two models agree at a position when their logits' argmax is the same token. The sums are
 streamed (float64 log-sum-exp per position), so memory does not grow with the file.
 
@@ -32,7 +33,10 @@ from slimgraph.ir import as_model
 from slimgraph.runtime.data import as_data
 from slimgraph.runtime.session import create_session, run
 
-__all__ = ["LMSpec", "LMScores", "LMAccumulator", "lm_spec", "perplexity", "DEFAULT_TOKENS"]
+__all__ = [
+    "LMSpec", "LMScores", "LMAccumulator", "lm_spec", "lm_spec_or_reason", "perplexity",
+    "DEFAULT_TOKENS",
+]
 
 DEFAULT_TOKENS = "input_ids"
 _INTEGER = {ir.DataType.INT64, ir.DataType.INT32}
@@ -55,33 +59,60 @@ class LMSpec:
 
 
 def lm_spec(model: ir.Model) -> LMSpec | None:
-    """The model's `LMSpec` when it looks like a causal LM (see the module docstring), else
-    None: an integer input of rank 2 (`input_ids` first) that indexes an embedding table
-    [vocab, width] (a Gather of a constant, also dequantized or block-quantized, or onnxruntime's
-    EmbedLayerNormalization), and a float output of rank 3 whose first two dimensions are the
-    input's (same names or sizes) and whose last is the table's vocabulary (or, when unknown,
-    comes from a head MatMul of that width). An encoder's hidden states [batch, seq, width] are
-    not logits."""
+    """The model's `LMSpec` when it looks like a causal LM, else None (`lm_spec_or_reason`
+    says why not)."""
+    found = lm_spec_or_reason(model)
+    return found if isinstance(found, LMSpec) else None
+
+
+def lm_spec_or_reason(model: ir.Model) -> LMSpec | str:
+    """The model's `LMSpec` when it looks like a causal LM (see the module docstring), else why
+    it does not. Found by dataflow, not by name: the token ids are the integer input of rank 2
+    that indexes an embedding table [vocab, width] (a Gather of a constant, also dequantized or
+    block-quantized, or onnxruntime's EmbedLayerNormalization) whose vocabulary the logits
+    score: a float output of rank 3 whose first two dimensions are the input's (same names or
+    sizes) and whose last is the table's vocabulary (or, when unknown, comes from a head MatMul
+    of that width). An encoder's hidden states [batch, seq, width] are not logits. Several such
+    inputs: `input_ids` if it is one, else ambiguous. The mask is the other integer input of
+    rank 2 named like one (`mask` in its name), else the only other one the graph uses that
+    indexes no table (position ids index a position or rotary table); several: ambiguous."""
     inputs = [v for v in model.graph.inputs if v.name and v.dtype in _INTEGER and
               v.shape is not None and len(v.shape) == 2]
     if not inputs:
-        return None
-    named = [v for v in inputs if v.name == DEFAULT_TOKENS]
-    tokens = named[0] if named else inputs[0] if len(inputs) == 1 else None
-    if tokens is None or tokens.shape is None:
-        return None
-    table = _embedding_table(tokens)
-    if table is None:
-        return None
-    vocab, width = table
+        return "no integer input [batch, seq]"
+    tables = {v.name: _embedding_table(v) for v in inputs}
+    found = [(v, logits) for v in inputs if (table := tables[v.name]) is not None and
+             (logits := _logits(model, v, *table)) is not None]
+    if not found:
+        if not any(tables.values()):
+            return "no integer input [batch, seq] indexes an embedding table"
+        return "no float output [batch, seq, vocab] scores the embedding table's vocabulary"
+    named = [item for item in found if item[0].name == DEFAULT_TOKENS]
+    if not named and len(found) > 1:
+        names = ", ".join(f"'{v.name}'" for v, _ in found)
+        return f"the inputs {names} all index a table of the logits' vocabulary: which are the " \
+               f"token ids is ambiguous (name it {DEFAULT_TOKENS})"
+    tokens, logits = (named or found)[0]
+    others = [v for v in inputs if v is not tokens]
+    masks = [v for v in others if "mask" in (v.name or "").lower()]
+    if not masks:
+        masks = [v for v in others if tables[v.name] is None and v.uses()]
+    if len(masks) > 1:
+        names = ", ".join(f"'{v.name}'" for v in masks)
+        return f"the inputs {names} could each be the attention mask: which is ambiguous " \
+               "(name it attention_mask)"
+    return LMSpec(tokens.name, logits, masks[0].name if masks else None)  # type: ignore[arg-type]
+
+
+def _logits(model: ir.Model, tokens: ir.Value, vocab: int, width: int | None) -> str | None:
+    """The name of the output that scores `tokens`' vocabulary (`lm_spec_or_reason`)."""
+    assert tokens.shape is not None
     for output in model.graph.outputs:
         shape = output.shape
         if output.name and output.dtype in _FLOATS and shape is not None and len(shape) == 3 and (
             _same(shape[0], tokens.shape[0]) and _same(shape[1], tokens.shape[1])
         ) and _is_logits(output, vocab, width):
-            mask = next((v.name for v in inputs if v is not tokens and v.name and
-                         "mask" in v.name.lower()), None)
-            return LMSpec(tokens.name, output.name, mask)  # type: ignore[arg-type]
+            return output.name
     return None
 
 

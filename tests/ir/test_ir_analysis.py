@@ -362,3 +362,72 @@ def test_macs_after_onnxruntime_fused_ops_without_recorded_shapes() -> None:
                                                     helper.make_opsetid("com.microsoft", 1)])
     found, unknown = analysis.macs_by_node(ir.from_proto(proto), {"batch": 3})
     assert unknown == 0 and list(found.values()) == [3 * 5 * 64 * 32]
+
+
+
+def _attention_model(op: str, domain: str, inputs: list[tuple[str, list | None]],
+                     **attributes: object) -> ir.Model:
+    """One attention node; an input named "" is left out, one named w* is a zero initializer."""
+    node = helper.make_node(op, [name for name, _ in inputs], ["y"], domain=domain,
+                            **attributes)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+         for name, shape in inputs if name and not name.startswith("w")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros(shape, np.float32), name)
+         for name, shape in inputs if name.startswith("w")],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]))
+
+
+@pytest.mark.parametrize(("op", "domain", "inputs", "attributes", "macs"), [
+    # B=3, S=5, 4 heads of 8: scores and context, 3 x 4 x 5 x 5 x 8 each
+    ("MultiHeadAttention", "com.microsoft",
+     [("q", ["b", 5, 32]), ("k", ["b", 5, 32]), ("v", ["b", 5, 32])], {"num_heads": 4},
+     2 * 3 * 4 * 5 * 5 * 8),
+    # packed QKV [B, S, N, 3, H]
+    ("MultiHeadAttention", "com.microsoft", [("q", ["b", 5, 4, 3, 8])], {"num_heads": 4},
+     2 * 3 * 4 * 5 * 5 * 8),
+    # a decode step: S=1 query against 6 past keys + 1 new one (T = 7), 4 query heads sharing
+    # 2 key/value heads: the query heads count
+    ("GroupQueryAttention", "com.microsoft",
+     [("q", ["b", 1, 32]), ("k", ["b", 1, 16]), ("v", ["b", 1, 16]), ("pk", ["b", 2, 6, 8]),
+      ("pv", ["b", 2, 6, 8])], {"num_heads": 4, "kv_num_heads": 2},
+     2 * 3 * 4 * 1 * 7 * 8),
+    # the packed projection 16 -> 3 x 32, then attention over T = 2 past + 5 positions
+    ("Attention", "com.microsoft",
+     [("x", ["b", 5, 16]), ("w", [16, 96]), ("", None), ("", None), ("past", [2, "b", 4, 2, 8])],
+     {"num_heads": 4}, 3 * 5 * 16 * 96 + 2 * 3 * 4 * 5 * 7 * 8),
+    # QAttention: the same, as the quantized form (past is input 8)
+    ("QAttention", "com.microsoft",
+     [("x", ["b", 5, 16]), ("w", [16, 96]), ("wb", [96]), ("s", []), ("ws", []), ("", None),
+      ("", None), ("", None), ("past", [2, "b", 4, 2, 8])],
+     {"num_heads": 4}, 3 * 5 * 16 * 96 + 2 * 3 * 4 * 5 * 7 * 8),
+    # onnx's Attention (opset 23), 4-D: 4 query heads, 2 key/value heads, T = 3 past + 5
+    ("Attention", "",
+     [("q", ["b", 4, 5, 8]), ("k", ["b", 2, 5, 8]), ("v", ["b", 2, 5, 8]), ("", None),
+      ("pk", ["b", 2, 3, 8]), ("pv", ["b", 2, 3, 8])], {}, 2 * 3 * 4 * 5 * 8 * 8),
+])
+def test_fused_attention_counts_the_matmuls_it_replaces(
+    op: str, domain: str, inputs: list[tuple[str, list | None]], attributes: dict[str, object],
+    macs: int,
+) -> None:
+    model = _attention_model(op, domain, inputs, **attributes)
+    found, unknown = analysis.macs_by_node(model, {"b": 3})
+    assert unknown == 0 and list(found.values()) == [macs]
+
+
+def test_a_dimension_named_by_a_sum_takes_the_sum_of_its_parts() -> None:
+    """Exporters name a decoder's mask length `past_sequence + sequence`: at past 2 and sequence
+    3 it is 5 (not 1), as the keys a fused attention attends to are."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "past + seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    found, _ = analysis.macs_by_node(model, {"batch": 3, "past": 2, "seq": 3})
+    assert list(found.values()) == [3 * 5 * 8 * 4]

@@ -76,3 +76,49 @@ def test_a_causal_lm_is_scored_on_tokens(causal_lm: ir.Model) -> None:
     scores = sg.compare(causal_lm, causal_lm, _tokens()).language_model
     assert scores is not None and scores.tokens == 3 * 7 and scores.agreement == 1.0
     assert scores.reference_perplexity == scores.candidate_perplexity > 1
+
+
+def _renamed(model: ir.Model, names: dict[str, str]) -> ir.Model:
+    copy = ir.from_proto(ir.to_proto(model))
+    for value in copy.graph.inputs:
+        value.name = names.get(value.name, value.name)
+    return copy
+
+
+def test_a_causal_lm_s_tokens_and_mask_are_found_by_dataflow_not_by_name(
+        causal_lm: ir.Model) -> None:
+    """`ids` and `mask`, not `input_ids` and `attention_mask`: the ids index the table whose
+    vocabulary the logits score; the mask is the other integer input (named like one)."""
+    model = _renamed(causal_lm, {"input_ids": "ids", "attention_mask": "mask"})
+    logits = model.graph.outputs[0].name
+    assert lm_spec(model) == LMSpec("ids", logits, "mask")
+    unnamed = _renamed(causal_lm, {"input_ids": "a", "attention_mask": "b"})
+    assert lm_spec(unnamed) == LMSpec("a", logits, "b")  # the only other integer input
+    tokens = _tokens()
+    data = {"a": tokens["input_ids"], "b": tokens["attention_mask"]}
+    data["b"][0, -2:] = 0  # padding is left out of the scores: the mask is read
+    scores = sg.compare(unnamed, unnamed, data, language_model=True).language_model
+    assert scores is not None and scores.tokens == 3 * 7 - 2
+
+
+def test_two_inputs_that_could_be_the_token_ids_are_refused_with_the_reason() -> None:
+    from onnx import TensorProto, helper
+
+    from slimgraph.errors import BadOptionError
+    from tests.kit.lm import toy_lm
+
+    proto = ir.to_proto(toy_lm())
+    graph = proto.graph
+    graph.input[0].name = "a"
+    graph.node[0].input[1] = "a"
+    graph.input.append(helper.make_tensor_value_info("b", TensorProto.INT64, ["batch", "seq"]))
+    graph.node.insert(1, helper.make_node("Gather", ["embed", "b"], ["h0b"]))
+    graph.node.insert(2, helper.make_node("Add", ["h0", "h0b"], ["h0s"]))
+    graph.node[3].input[0] = "h0s"
+    model = ir.from_proto(proto)
+    ids = np.zeros((2, 4), np.int64)
+    with pytest.raises(BadOptionError, match="^perplexity needs two causal language models .*; "
+                       "the reference model: the inputs 'a', 'b' all index a table of the "
+                       "logits' vocabulary: which are the token ids is ambiguous "
+                       r"\(name it input_ids\)$"):
+        sg.compare(model, model, {"a": ids, "b": ids}, language_model=True)

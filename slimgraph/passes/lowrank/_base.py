@@ -302,11 +302,16 @@ class FactorizationPass(SlimgraphPass):
         macs_before: int | None,
         macs_after: int | None,
     ) -> str | None:
-        """Why a factorization does not pay (None when it does)."""
+        """Why a factorization does not pay (None when it does): it must hold fewer parameters
+        and, where the MACs are known, cost fewer MACs (unless `allow_growth`); "auto" asks for
+        the auto margins besides."""
         if params_after >= params_before and not self.policy.allow_growth:
             return (
                 f"factors would hold {params_after} parameters, not fewer than {params_before}"
             )
+        if (macs_before is not None and macs_after is not None and macs_after >= macs_before
+                and not self.policy.allow_growth):  # a strided conv's first 1x1 runs at input size
+            return f"factors would cost {macs_after} MACs, not fewer than {macs_before}"
         if not self.policy.auto:
             return None
         if macs_before is None or macs_after is None:

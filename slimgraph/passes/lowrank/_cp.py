@@ -12,9 +12,12 @@ of the height axis), 1 x Kw depthwise with D^T (the width axis), and 1x1 with A 
 original bias). The first conv has no bias, so zero padding commutes with it and the chain equals
 the conv whose weight is the CP reconstruction, exactly.
 
-Ranks: a fixed `rank`; `rank_ratio` of the cost-equal rank C_out C_in Kh Kw / (C_in + Kh + Kw +
-C_out), at which the chain holds as many parameters (and, at stride 1, costs as many MACs per
-position) as the conv, so that a ratio is about the share of the layer's cost kept; or "auto"
+Ranks: a fixed `rank`; `rank_ratio` of the cost-equal rank, the smaller of
+C_out C_in Kh Kw / (C_in + Kh + Kw + C_out), at which the chain holds as many parameters as the
+conv, and the rank at which it costs as many MACs (counted at each factor's own spatial size: the
+first 1x1 at the input's, the Kx1 at the output's height and input's width, the rest at the
+output's; with a stride the first 1x1 costs up to stride^2 times more per rank), so that a ratio
+is about the share of the layer's cost kept; or "auto"
 (multiples of 16 that make the chain cheaper by the auto margin). A ratio's rank of 16 or more
 is rounded to a multiple of 16: the rank is the depthwise convs' group count, and onnxruntime's
 blocked kernels want it aligned (measured: a 64->64 3x3 conv at 8x8, batch 256, ran at 0.35x
@@ -228,7 +231,8 @@ class CPConv(FactorizationPass):
     See the module docstring for the algebra. Skipped with the reason: grouped and depthwise
     convs, 1-D and 3-D convs, 1x1 convs (no spatial kernel to split), `auto_pad` SAME_* (the pads
     depend on the input size), non-constant weights (an error for a layer named by `include`) and
-    layers whose factors would not be smaller (or, with "auto", not faster). Tied weights are
+    layers whose factors would not hold fewer parameters or cost fewer MACs (or, with "auto", not
+    be faster), unless `allow_growth`. Tied weights are
     decomposed once.
 
     Raises:
@@ -306,7 +310,12 @@ class CPConv(FactorizationPass):
             )
             self._rewrite(graph, layer, values, bias)
             return report
-        rank_or_reason = self._rank(weight.shape, limit, params_before, macs_before, cost)
+        equal_rank = c_out * c_in * kh * kw / (c_in + kh + kw + c_out)
+        if rows is not None and macs_before:  # MACs per unit of rank: cost is linear in it
+            rows_in, rows_mid, rows_out = rows
+            equal_rank = min(equal_rank, macs_before / (
+                rows_in * c_in + rows_mid * kh + rows_out * (kw + c_out)))
+        rank_or_reason = self._rank(equal_rank, limit, params_before, macs_before, cost)
         if isinstance(rank_or_reason, str):
             return rank_or_reason
         rank = rank_or_reason
@@ -340,15 +349,14 @@ class CPConv(FactorizationPass):
         return report
 
     def _rank(
-        self, shape: tuple[int, ...], limit: int, params_before: int, macs_before: int | None,
+        self, equal_rank: float, limit: int, params_before: int, macs_before: int | None,
         cost: object,
     ) -> int | str:
-        """The CP rank the policy asks for (clipped to the exact rank), or why there is none."""
+        """The CP rank the policy asks for (clipped to the exact rank), or why there is none.
+        `equal_rank` is the cost-equal rank: the smaller of the ranks at which the chain holds as
+        many parameters and costs as many MACs as the conv."""
         assert callable(cost)
-        c_out, c_in, kh, kw = shape
-        limit_params = c_out * c_in * kh * kw
         policy = self.policy
-        equal_rank = limit_params / (c_in + c_out + kh + kw)
         if policy.auto_only:
             for rank in range(int(equal_rank) // AUTO_RANK_MULTIPLE * AUTO_RANK_MULTIPLE, 0,
                               -AUTO_RANK_MULTIPLE):

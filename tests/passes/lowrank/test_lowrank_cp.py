@@ -9,7 +9,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.errors import BadOptionError, UnsupportedModelError
-from slimgraph.passes.lowrank import CPConv, cp_als, exact_rank
+from slimgraph.passes.lowrank import CPConv, TuckerConv, cp_als, exact_rank
 from slimgraph.passes.lowrank._cp import cp_reconstruct
 from slimgraph.passes.pipeline import run_pipeline
 from tests.kit.asserts import assert_close, outputs_of
@@ -103,6 +103,27 @@ def test_convs_cp_cannot_split_are_skipped_with_the_reason() -> None:
         "auto_pad SAME_UPPER: the pads depend on the input size",
         "1-D conv: CP splits 2-D kernels only",
     ]
+
+
+def test_a_strided_conv_s_rank_ratio_is_of_its_macs_and_no_chain_costs_more_macs() -> None:
+    # stride 2: the first 1x1 runs at the input's 16x16, the conv at 8x8
+    def model() -> ir.Model:
+        return conv_model(_w(16, 8, 3, 3), (1, 8, 16, 16), strides=[2, 2], pads=[1, 1, 1, 1])
+
+    macs_before = 64 * 16 * 8 * 9
+    per_rank = 256 * 8 + 8 * 16 * 3 + 64 * (3 + 16)  # 1x1, 3x1 to 8x16, 1x3 and 1x1 at 8x8
+    (layer,) = CPConv(rank_ratio=0.5)(model()).layers
+    assert layer.macs_before == macs_before
+    assert layer.rank == (round(0.5 * macs_before / per_rank),)
+    assert layer.macs_after == layer.rank[0] * per_rank
+    assert 0.45 < layer.macs_after / macs_before < 0.55
+    # rank 30 holds fewer parameters (900 < 1152) but costs more MACs: left whole, with why
+    (skipped,) = CPConv(rank=30)(model()).skipped
+    assert skipped.reason == f"factors would cost {30 * per_rank} MACs, not fewer than 73728"
+    # Tucker-2's first 1x1 also runs at the input's size
+    (tucker,) = TuckerConv(rank_ratio=0.5)(model()).layers
+    r_in, r_out = tucker.rank
+    assert tucker.macs_after == 256 * 8 * r_in + 64 * r_in * r_out * 9 + 64 * r_out * 16
 
 
 def test_cp_refuses_rules_on_singular_values_and_models_without_kxk_convs() -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.errors import UnsupportedModelError
+from slimgraph.ir import analysis
 from slimgraph.passes.pipeline import run_pipeline
 from slimgraph.passes.transformer import FuseAttentionPass, find_attention, match_attention
 from tests import models_hf
@@ -28,6 +29,12 @@ SIZES = [(3, 11), (1, 21)]  # (batch, sequence) other than the export's (2, 8)
 
 def ops(model: ir.Model) -> Counter:
     return Counter(n.op_type for n in model.graph)
+
+
+def macs_by_node(model: ir.Model, dims: dict[str, int]) -> tuple[int, int]:
+    """(total MACs, nodes left uncounted) at `dims`."""
+    found, unknown = analysis.macs_by_node(model, dims)
+    return sum(found.values()), unknown
 
 
 def fused_nodes(model: ir.Model) -> list[ir.Node]:
@@ -58,6 +65,9 @@ def test_transformer_preset_fuses_every_block_exactly(name: str) -> None:
     assert ops(result.model)["Softmax"] == 0
     assert len(fused_nodes(result.model)) == blocks
     check_exact(name, model, result.model)
+    if name in ("bert", "llama"):  # MultiHeadAttention, GroupQueryAttention: an exact fusion
+        dims = {"batch": 3, "seq": 11}  # counts the MACs of the MatMuls it replaced
+        assert macs_by_node(result.model, dims) == macs_by_node(model, dims)
 
 
 def test_llama_grouped_query_attention_with_rotary_embeddings() -> None:
