@@ -43,11 +43,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def independent_macs(path: Path, batch: int = 1) -> int:
-    """MatMul/Gemm/Conv multiply-accumulates from shapes onnxruntime actually produces."""
+    """MatMul/Gemm/Conv multiply-accumulates from shapes onnxruntime actually produces, and a
+    fused MultiHeadAttention's two products (3-D query [B, S, D] and key [B, T, D])."""
     proto = onnx.load(str(path))
     graph = proto.graph
     constants = {init.name: tuple(init.dims) for init in graph.initializer}
-    nodes = [n for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    nodes = [n for n in graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv", "MultiHeadAttention")]
     wanted = []
     for node in nodes:
         for name in (*node.input[:2], node.output[0]):
@@ -66,7 +68,9 @@ def independent_macs(path: Path, batch: int = 1) -> int:
     total = 0
     for node in nodes:
         a, b, y = shapes[node.input[0]], shapes[node.input[1]], shapes[node.output[0]]
-        if node.op_type == "Conv":
+        if node.op_type == "MultiHeadAttention":  # Q.K^T and P.V: key length x (q + out)
+            total += b[1] * (math.prod(a) + math.prod(y))
+        elif node.op_type == "Conv":
             group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
             total += math.prod(y) * (a[1] // group) * math.prod(b[2:])
         elif node.op_type == "Gemm":
