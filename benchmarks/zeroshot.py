@@ -14,11 +14,12 @@ the BatchNormalization nodes zero-shot calibration reads.
 Both calibrations feed `sg.quantize` (static int8, QDQ): real data is 64 training images with
 minmax ranges, zero-shot is `zero_shot_calibration(model, samples=64)` with its defaults (time
 budget, convergence stop) and the calibrator `quantize --zero-shot` uses (percentile 99.99:
-synthesized inputs match BatchNorm's means and deviations, not real data's tails); minmax on the
-synthesized rows is printed beside it. The output cosine to the float model is measured on 200
-test images. The script prints the wall and CPU time of the synthesis, the load average, the
-cosines, and exits 1 when zero-shot takes longer than `--limit` seconds (default 180) or its
-cosine is more than 0.001 below real data's.
+synthesized inputs match BatchNorm's means and deviations, not real data's tails; the ranges
+narrowed to 6 running deviations around each BatchNorm output's mean, `batchnorm_bounds`); plain
+minmax on the synthesized rows is printed beside it. The output cosine to the float model is
+measured on 200 test images. The script prints the wall and CPU time of the synthesis, the load
+average, the cosines, and exits 1 when zero-shot takes longer than `--limit` seconds (default
+180) or its cosine is more than 0.001 below real data's.
 
 `--digits` runs the same comparison on the bundled digits CNN (8x8, 5 BatchNorms); `--steps 200
 --tolerance 0 --batch-size 64 --time-budget 100000` is the synthesis as it was before it had
@@ -44,6 +45,7 @@ from torch.nn import functional as F
 import slimgraph as sg
 from slimgraph.runtime.data import as_data
 from slimgraph.runtime.metrics import evaluate
+from slimgraph.runtime.torch_backend import batchnorm_bounds
 from slimgraph.tools.quantize_cmd import ZERO_SHOT_METHOD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         run = synthesize(model, **options)  # type: ignore[arg-type]
     synthesized = run.feeds
     cosines = {}
-    for name, calibration, method in (("real data", real, "minmax"),
-                                      ("zero-shot", synthesized, ZERO_SHOT_METHOD),
-                                      ("zero-shot, minmax", synthesized, "minmax")):
-        quantized = sg.quantize(model, calibration=calibration, method=method, progress=False)
+    bounds = batchnorm_bounds(model)  # what `quantize --zero-shot` narrows its ranges to
+    for name, calibration, method, narrowed in (
+            ("real data", real, "minmax", None),
+            ("zero-shot", synthesized, ZERO_SHOT_METHOD, bounds),
+            ("zero-shot, minmax", synthesized, "minmax", None)):
+        quantized = sg.quantize(model, calibration=calibration, method=method, progress=False,
+                                range_bounds=narrowed)
         cosines[name] = evaluate(quantized, test, reference=model).cosine
     noise = {"image": np.random.default_rng(0).standard_normal(real["image"].shape,
                                                                dtype=np.float32)}

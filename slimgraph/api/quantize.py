@@ -74,7 +74,7 @@ _ORDER = (
     "percentile", "data", "budget", "max_drop", "min_cosine", "metric", "verify",
     "smooth_quant", "transformer", "accuracy_level", "head_bits", "embedding_bits", "act_order",
     "auto_batch", "auto_seq", "fallback",
-    "equalize", "bias_correction", "weight_bits", "round",
+    "equalize", "bias_correction", "weight_bits", "round", "range_bounds",
 )
 
 

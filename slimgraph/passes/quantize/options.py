@@ -9,7 +9,7 @@ here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +38,9 @@ class StaticOptions:
         round: how weights round to their grid: "nearest", "adaround" (learned up-or-down
             rounding) or "adaquant" (learned weights, scales and biases), both layer by layer
             against the float model on the calibration data (`passes.quantize.adaround`).
+        range_bounds: value name -> (low, high) each calibrated activation range is narrowed to
+            (zero kept inside); `--zero-shot` gives the ranges its BatchNorms' running
+            statistics allow (`runtime.torch_backend.batchnorm_bounds`).
     """
 
     method: str = "minmax"
@@ -51,6 +54,7 @@ class StaticOptions:
     bias_correction: bool = False
     weight_bits: int = 8
     round: Rounding = "nearest"
+    range_bounds: Mapping[str, tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

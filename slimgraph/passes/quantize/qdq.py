@@ -67,8 +67,13 @@ def activation_params(
     method: str,
     *,
     percentile: float = 99.99,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, QParams]:
     """Scales and zero points of every planned activation; a scale group shares one range.
+
+    `bounds` (value name -> (low, high)) narrows a calibrated range to at most those bounds
+    (zero stays inside): where the calibration data's tails are known to be wider than the
+    model's inputs give (zero-shot rows; `runtime.torch_backend.batchnorm_bounds`).
 
     Raises:
         BadDataError: a calibrated range that is not finite (named).
@@ -86,6 +91,9 @@ def activation_params(
             )
             if not (np.isfinite(rmin) and np.isfinite(rmax)):
                 raise BadDataError(f"tensor '{name}' has a non-finite calibrated range")
+            if bounds is not None and name in bounds:
+                lowest, highest = bounds[name]
+                rmin, rmax = max(rmin, min(lowest, 0.0)), min(rmax, max(highest, 0.0))
             low, high = min(low, rmin), max(high, rmax)
         scale, zero_point = quant_params(low, high, qmin=qmin, qmax=qmax, symmetric=spec.symmetric)
         for name in members:

@@ -169,7 +169,8 @@ class StaticSession:
         else:
             known.update(self._variant_statistics(float_model, names))
         params = activation_params(plan, known, self.options.method,
-                                   percentile=self.options.percentile)
+                                   percentile=self.options.percentile,
+                                   bounds=self.options.range_bounds)
         if self.options.equalize:  # the ReLU6 bounds quantization saturates first: dropped
             bounds = drop_saturated_bounds(float_model, plan, params)
             replanned = self.plan(keep_float, model=bounds.model) if bounds.dropped else plan

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch  # the one check, naming slimgraph[torch]
+from slimgraph.runtime.torch_backend._bn_bounds import batchnorm_bounds  # no torch
 from slimgraph.runtime.torch_backend._options import (  # no torch
     LearnedWeight,
     RoundingLayer,
@@ -37,6 +38,7 @@ __all__ = [
     "write_back",
     "LoweredModel",
     "zero_shot_calibration",
+    "batchnorm_bounds",
     "learn_rounding",
     "RoundingLayer",
     "LearnedWeight",
