@@ -328,10 +328,11 @@ def lower(
                 f"the torch backend cannot hold initializer '{name}' of type {dtype.name}"
             )
         array = tensor.numpy()
-        slots = {(u.node.op_type, u.idx, u.node.domain) for u in value.uses()}
+        uses = {(u.node.op_type, u.idx, u.node.domain) for u in value.uses()}
+        slots = {(op, index) for op, index, _ in uses}
         # `ir.layout.SLOTS`: a learned slot makes even a single value a weight; a frozen one
         # (statistics, scales, bounds, masks) keeps any value a constant
-        roles = [slot for op, index, domain in slots
+        roles = [slot for op, index, domain in uses
                  if (slot := parameter_slot(op, index, domain)) is not None]
         path = _path(name, taken)
         if name in sources:
