@@ -103,7 +103,7 @@ def test_torch_module_returning_an_output_twice(tmp_path: Path) -> None:
             self.b = torch.nn.Linear(8, 8)
 
         def forward(self, x):  # noqa: ANN001, ANN201
-            h1 = self.a(x)
+            h1 = self.a(x).reshape(-1, 8)  # a no-op view: optimize has something to remove
             h2 = self.b(h1)
             return h2, (h1, h2)
 
