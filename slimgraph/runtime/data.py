@@ -42,6 +42,7 @@ __all__ = [
     "LabelledData",
     "as_data",
     "load_data",
+    "check_label_range",
     "split_labels",
     "top1_correct",
 ]
@@ -174,16 +175,22 @@ def split_labels(
             f"{source}: {label_array.shape[0]} labels for {sample_count(feeds)} samples"
         )
     if label_array is not None:
-        _check_label_range(model, label_array, source)
+        check_label_range(model, label_array, source)
     return LabelledData(feeds, label_array, source)
 
 
-def _check_label_range(model: ir.Model, labels: np.ndarray, source: str) -> None:
+def check_label_range(model: ir.Model, labels: np.ndarray, source: str) -> None:
     """Labels must index the first output's classes (its non-batch axes, flattened, as
     `top1_correct` scores them); out of range, every row would count wrong, silently.
 
+    Args:
+        model: the model the labels are for.
+        labels: int64 [N] class indices.
+        source: what to name in the message (the file, "data", "val").
+
     Raises:
-        BadDataError: a label below 0 or at least the class count (output shape static).
+        BadDataError: a label below 0 or at least the class count (output shape static):
+            "SOURCE: labels range over LOW..HIGH, but the model outputs C class scores".
     """
     outputs = model.graph.outputs
     shape = outputs[0].shape if outputs else None
@@ -195,10 +202,8 @@ def _check_label_range(model: ir.Model, labels: np.ndarray, source: str) -> None
     classes = math.prod(sizes)
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
-        raise BadDataError(
-            f"{source}: labels {low}..{high} lie outside the {classes} classes of the model's "
-            f"output '{outputs[0].name}' {[d if isinstance(d, int) else str(d) for d in shape]}"
-        )
+        raise BadDataError(f"{source}: labels range over {low}..{high}, but the model outputs "
+                           f"{classes} class scores")
 
 
 def top1_correct(scores: np.ndarray, labels: np.ndarray) -> int:

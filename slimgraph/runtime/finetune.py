@@ -42,7 +42,13 @@ import slimgraph.ir as sg_ir
 from slimgraph._optional import require_torch
 from slimgraph._tables import format_metric, render_table
 from slimgraph.errors import BadDataError, BadOptionError
-from slimgraph.runtime.data import DEFAULT_LABELS, LabelledData, as_data, split_labels
+from slimgraph.runtime.data import (
+    DEFAULT_LABELS,
+    LabelledData,
+    as_data,
+    check_label_range,
+    split_labels,
+)
 from slimgraph.runtime.feeds import input_specs
 from slimgraph.runtime.metrics import evaluate
 from slimgraph.runtime.session import create_session, run
@@ -367,18 +373,9 @@ def _validation_data(val: DataLike | None, model: ir.Model, labels: str) -> Labe
 
 
 def _check_labels(data: LabelledData | None, model: ir.Model, source: str) -> None:
-    """Labels must index the model's classes (last axis of the first output, when static)."""
-    if data is None or data.labels is None:
-        return
-    shape = model.graph.outputs[0].shape
-    classes = shape[-1] if shape is not None and len(shape) else None
-    if isinstance(classes, int) and data.labels.size:
-        low, high = int(data.labels.min()), int(data.labels.max())
-        if low < 0 or high >= classes:
-            raise BadDataError(
-                f"{source}: labels range over {low}..{high}, but the model outputs {classes} "
-                "class scores"
-            )
+    """Labels given as `LabelledData` (not read through `split_labels`) checked the same way."""
+    if data is not None and data.labels is not None:
+        check_label_range(model, data.labels, source)
 
 
 def _reference_outputs(

@@ -282,9 +282,8 @@ def test_labels_outside_the_models_classes_are_refused(cli, tmp_path, command: s
     target = ["-o", tmp_path / "q.onnx", "--calib", DIGITS_CALIB] if command == "quantize" else [
         DIGITS]
     result = cli(command, DIGITS, *target, "--data", data)
-    name = sg_ir.load(DIGITS).graph.outputs[0].name
-    assert_one_line_error(result, command, f"{data}: labels 10..13 lie outside the 10 classes "
-                                           f"of the model's output '{name}' ['batch', 10]")
+    assert_one_line_error(result, command, f"{data}: labels range over 10..13, but the model "
+                                           "outputs 10 class scores")
     assert folder_state(tmp_path) == before
 
 
