@@ -375,6 +375,18 @@ class MultiheadSelfAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class DecoderLayer(nn.Module):
+    """`nn.TransformerDecoderLayer`: causal self-attention, then cross-attention on a memory of
+    another length (its packed in-projection split into query and key-value parts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x, memory, tgt_is_causal=False)
+
+
 class SDPA(nn.Module):
     """Q/K/V projections and `F.scaled_dot_product_attention`: no mask, causal, or a boolean
     key mask broadcast as attn_mask [B, 1, 1, T]."""
@@ -420,6 +432,17 @@ def _multihead() -> Case:
     return _torch_case(MultiheadSelfAttention(), 1, False)
 
 
+def _decoder_layer() -> Case:
+    def feeds(batch: int, length: int, seed: int = 0) -> Feeds:
+        rng = np.random.default_rng(seed)
+        return {"x": rng.standard_normal((batch, length, 32)).astype(np.float32),
+                "memory": rng.standard_normal((batch, length + 3, 32)).astype(np.float32)}
+
+    args = (torch.randn(2, 8, 32), torch.randn(2, 6, 32))
+    dims = ({0: "batch", 1: "seq"}, {0: "batch", 1: "memory_seq"})
+    return Case(DecoderLayer().eval(), args, dims, 2, feeds, ("x", "memory"))
+
+
 def _sdpa(mode: str) -> Callable[[], Case]:
     return lambda: _torch_case(SDPA(mode), 1, mode == "mask")
 
@@ -435,7 +458,8 @@ NO_ATTENTION: dict[str, Callable[[], Case]] = {"convnext": _convnext, "resnet": 
 # beyond the issue's list: interleaved rotary embeddings
 EXTRA_MODELS: dict[str, Callable[[], Case]] = {"gptj": _gptj}
 TORCH_MODELS: dict[str, Callable[[], Case]] = {
-    "torch-encoder": _encoder_layer, "torch-mha": _multihead, "sdpa": _sdpa("none"),
+    "torch-encoder": _encoder_layer, "torch-decoder": _decoder_layer, "torch-mha": _multihead,
+    "sdpa": _sdpa("none"),
     "sdpa-causal": _sdpa("causal"), "sdpa-mask": _sdpa("mask"),
 }
 ALL_MODELS = {**HF_MODELS, **NO_ATTENTION, **TORCH_MODELS, **EXTRA_MODELS}

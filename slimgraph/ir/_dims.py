@@ -14,6 +14,7 @@ survive every pass. `io_shapes` records the graph inputs' and outputs' shapes be
 from __future__ import annotations
 
 import json
+import re
 
 import onnx_ir as ir
 
@@ -22,6 +23,15 @@ from slimgraph.ir.metadata import EXAMPLE_DIMS
 __all__ = ["io_shapes", "restore_dim_names", "example_dims", "mac_dims"]
 
 _ANONYMOUS_PREFIX = "unk__"
+_LITERAL = re.compile(r"(?<![A-Za-z_0-9])[0-9]+(?![A-Za-z_0-9])")
+
+
+def _restorable(name: object) -> bool:
+    """A recorded name that still means the same size after a pass: a symbol (`batch`) or an
+    expression of symbols (`seq*batch`, `past + sequence`), never one with a number in it
+    (`4*batch`, where pruning heads makes the 4 a 2) or an inferred `unk__N`."""
+    return (isinstance(name, str) and not name.startswith(_ANONYMOUS_PREFIX)
+            and _LITERAL.search(name) is None)
 
 
 def _values(model: ir.Model) -> list[ir.Value]:
@@ -53,7 +63,9 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
 
     Where a value of the same name and rank now has an anonymous or `unk__N` dimension and had a
     named symbol at that axis, the symbol is restored, and `unk__N` is renamed to it on every
-    other value of the graph. Returns the number of dimensions renamed.
+    other value of the graph. A name with a number in it (`4*batch`) is not restored: the pass
+    may have changed the number (heads pruned from 4 to 2), and two values of one name and two
+    sizes make onnxruntime refuse the model. Returns the number of dimensions renamed.
     """
     renames: dict[str, str] = {}
     changed = 0
@@ -67,7 +79,7 @@ def restore_dim_names(model: ir.Model, before: dict[str, tuple[object, ...]]) ->
         fixed = 0
         for axis, (dim, was) in enumerate(zip(value.shape, old, strict=True)):
             # an old `unk__N` is no name of the user's (and may be one inference gives anew)
-            if isinstance(was, str) and not was.startswith(_ANONYMOUS_PREFIX) and _anonymous(dim):
+            if _restorable(was) and _anonymous(dim):
                 if dims[axis]:
                     renames[str(dims[axis])] = was
                 dims[axis] = was

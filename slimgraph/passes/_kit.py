@@ -353,6 +353,7 @@ class PrepareWeightsPass(SlimgraphPass):
         modified |= result.modified
         lift = ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
         modified |= lift(model).modified
+        modified |= fold_constant_splits(model.graph, _FOLD_LIMIT) > 0
         modified |= ir_common.RemoveUnusedNodesPass()(model).modified
         return modified
 
@@ -418,6 +419,56 @@ def _static_nodes(graph: ir.Graph) -> set[int]:
 
 
 def _fold_constant_of_shape(node: ir.Node) -> bool | None:
-    """onnxscript keeps ConstantOfShape by default; compression passes need those weights."""
+    """onnxscript keeps ConstantOfShape by default; compression passes need those weights.
+    Nodes of several outputs it cannot fold (and warns on each): `fold_constant_splits`."""
+    if len(node.outputs) > 1:
+        return False
     return True if node.op_type == "ConstantOfShape" and node.domain in _ONNX_DOMAINS else None
+
+
+def fold_constant_splits(graph: ir.Graph, size_limit: int) -> int:
+    """Replace every Split of a constant by one initializer per part; returns how many.
+
+    `nn.MultiheadAttention` as torch exports it for cross-attention cuts its packed
+    in-projection weight and bias into the query part and the key-value part with a Split;
+    onnxscript's folder leaves every node of several outputs, so the projections had no
+    constant weight or bias and head pruning passed them by. The parts together are the input's
+    size: an input above `size_limit` elements is split only when nothing else reads it (it is
+    then dropped). Splits in subgraphs and with a non-constant `split` input stay. Exact.
+    """
+    from onnxscript.optimizer._constant_folding import _reference_evaluator
+
+    version = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1))
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Split" or node.domain not in _ONNX_DOMAINS or not node.inputs:
+            continue
+        source = node.inputs[0]
+        if source is None or source.const_value is None or source.is_graph_input():
+            continue
+        if any(v is not None and v.const_value is None for v in node.inputs[1:]):
+            continue
+        if source.const_value.size > size_limit and len(source.uses()) > 1:
+            continue
+        if any(output.is_graph_output() for output in node.outputs):
+            continue
+        arrays = [v.const_value.numpy() if v is not None else None for v in node.inputs]
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        parts = _reference_evaluator.evaluate(node.domain, node.op_type, version, *arrays,
+                                              **attributes)  # fmt: skip
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(node.outputs):
+            continue
+        for output, part in zip(node.outputs, parts, strict=True):
+            name = output.name
+            output.name = None  # the initializer takes the name
+            tensor = ir.tensor(np.ascontiguousarray(part), name=name)
+            value = ir.Value(name=name, type=ir.TensorType(tensor.dtype),
+                             shape=ir.Shape(tensor.shape.dims), const_value=tensor)  # fmt: skip
+            graph.register_initializer(value)
+            output.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        if not source.uses() and source.name in graph.initializers:
+            graph.initializers.pop(source.name)
+        folded += 1
+    return folded
 

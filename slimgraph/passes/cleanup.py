@@ -28,7 +28,13 @@ from onnxscript.rewriter.rules import common as rules
 
 from slimgraph.ir import metadata
 from slimgraph.passes._graph_utils import bypass, is_onnx_op, opset_version
-from slimgraph.passes._kit import LAYOUTS, add_initializer, constant_array, constant_node_array
+from slimgraph.passes._kit import (
+    LAYOUTS,
+    add_initializer,
+    constant_array,
+    constant_node_array,
+    fold_constant_splits,
+)
 from slimgraph.passes.base import Skipped, SlimgraphPass, SlimgraphPassResult
 from slimgraph.passes.opset import legalize
 from slimgraph.passes.registry import register_pass
@@ -285,7 +291,9 @@ class FoldAndLiftConstantsPass(SlimgraphPass):
 
     onnxscript's constant folder (`onnxscript.optimizer.FoldConstantsPass`, with per-node shape
     inference, so later passes see shapes), then every `Constant` node lifted to an initializer
-    (`onnx_ir.passes.common.LiftConstantsToInitializersPass`). Q/DQ nodes are never folded
+    (`onnx_ir.passes.common.LiftConstantsToInitializersPass`) and every Split of a constant
+    folded to one initializer per part (`fold_constant_splits`; onnxscript's folder leaves nodes
+    of several outputs). Q/DQ nodes are never folded
     (onnxscript's rule). Three guards make the folder safe on any model (`_SafeFolder`): a node
     whose rewrite raises is left as it is (and reported as skipped), a rewrite is written only in
     the form the model's opset defines (`passes.opset.legalize`), and the ops whose onnx
@@ -315,8 +323,9 @@ class FoldAndLiftConstantsPass(SlimgraphPass):
         lifted = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
             model
         )
+        split = fold_constant_splits(model.graph, self.input_size_limit) > 0
         return SlimgraphPassResult(
-            model, folded.modified or lifted.modified, skipped=list(folder.skipped)
+            model, folded.modified or lifted.modified or split, skipped=list(folder.skipped)
         )
 
 
@@ -363,6 +372,10 @@ class _SafeFolder(_constant_folding.FoldConstantsPass):
         self.skipped: list[Skipped] = []
 
     def _should_fold(self, node: ir.Node) -> bool | None:
+        # onnxscript folds one output to one initializer and warns on every other node (a
+        # sequence is no initializer either); Split is folded after it (`fold_constant_splits`)
+        if len(node.outputs) > 1 or is_onnx_op(node, "SequenceConstruct"):
+            return False
         differs = _REFERENCE_DIFFERS.get(node.op_type)
         if differs is not None and node.domain in ("", "ai.onnx"):
             version = self._opset_imports.get("", self._opset_imports.get("ai.onnx", 1))

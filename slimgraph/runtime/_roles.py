@@ -5,7 +5,8 @@ list of axes; a float is a fine activation but not a Dropout ratio. `input_role`
 to the slot it feeds (through Cast/Identity) and `role_values` draws what that slot accepts: a
 divisor away from zero, a Reshape target read from the shape the model declares for the result,
 axes that exist and do not repeat, a Split that adds up to the dimension it splits, neutral
-Slice/Pad/Tile/Resize parameters, `training_mode` false. Inputs whose slot is not listed here get
+Slice/Pad/Tile/Resize parameters, `training_mode` false, Gather indices (token ids) over the
+whole axis they index. Inputs whose slot is not listed here get
 the default draws of `feeds.random_feeds`.
 """
 
@@ -59,6 +60,7 @@ _SLOTS: dict[tuple[str, int], str] = {
     ("Range", 1): "limit",
     ("Range", 2): "ones",
     ("Trilu", 1): "zeros",
+    ("Gather", 1): "indices",
     ("Dropout", 1): "ratio",
     ("Dropout", 2): "false",
     ("NonMaxSuppression", 2): "ones",
@@ -144,6 +146,19 @@ def _split(role: Role, count: int, shapes: dict[str, tuple[int, ...]]) -> list[i
     return [part] * (count - 1) + [size - part * (count - 1)]
 
 
+def _indices(
+    role: Role, shape: Sequence[int], rng: np.random.Generator,
+    shapes: dict[str, tuple[int, ...]],
+) -> np.ndarray | None:
+    """Positions along the gathered axis, all equally likely: token ids over the whole
+    vocabulary of an embedding table (not 0 and 1 only, where an LM's fidelity means little)."""
+    data = _data_shape(role, shapes)
+    axis = role.node.attributes.get_int("axis", 0)
+    if data is None or not -len(data) <= axis < len(data) or data[axis] < 1:
+        return None
+    return rng.integers(0, data[axis], size=tuple(shape))
+
+
 def _unit_axes(role: Role, count: int, shapes: dict[str, tuple[int, ...]]) -> list[int] | None:
     data = _data_shape(role, shapes)
     if data is None:
@@ -225,6 +240,9 @@ def role_values(
         magnitude = rng.integers(1, 4, size=tuple(shape))
         sign = rng.choice([-1, 1], size=tuple(shape)) if dtype.kind == "i" else 1
         return np.asarray(magnitude * sign).astype(dtype)
+    if role.kind == "indices":
+        drawn = _indices(role, shape, rng, shapes) if dtype.kind in "iu" else None
+        return None if drawn is None else drawn.astype(dtype)
     count = int(np.prod(shape)) if len(shape) else 1
     if role.kind == "split" and not len(shape):
         values: list[int] | list[float] | None = [1]  # a scalar split: chunks of 1 always fit

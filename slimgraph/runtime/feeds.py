@@ -125,11 +125,12 @@ def random_feeds(
     not named there, is the batch; other unknown dimensions take the size the export's example
     gave them (`example_dims`, recorded by `from_torch`), else 1. Floats are standard normal,
     or uniform in `ranges[name]` (low, high) when given (see `calibrated_ranges`); integers are
-    0 or 1 (valid token ids for any embedding); inputs whose name contains "mask" are 1 with the
+    0 or 1 (valid indices of anything); inputs whose name contains "mask" are 1 with the
     last positions of every row but the first set to 0 (padded rows); booleans are True. An
     input that feeds a slot with rules of its own gets values that slot accepts
-    (`runtime._roles`): integer divisors away from zero, a Reshape/Expand target read from the
-    shape the model declares, axes that exist, a Split that adds up, `training_mode` false.
+    (`runtime._roles`): token ids (Gather indices) over the whole embedding table, integer
+    divisors away from zero, a Reshape/Expand target read from the shape the model declares,
+    axes that exist, a Split that adds up, `training_mode` false.
     Sequence inputs are lists of two 1-D tensors.
 
     Args:

@@ -122,6 +122,30 @@ def test_restore_dim_names_takes_no_old_unk_name_for_a_users_name() -> None:
     assert y.shape[0].value is None  # anonymous: never "batch"
 
 
+def test_restore_dim_names_keeps_no_name_with_a_number_in_it() -> None:
+    # heads pruned from 4 to 2: the view that was [seq, 4*batch, 16] is [seq, 2*batch, 16], and
+    # another attention's view is still [seq, 4*batch, 16]; one name for both sizes made
+    # onnxruntime refuse the pruned nn.TransformerDecoderLayer ("Shape mismatch attempting to
+    # re-use buffer")
+    x = ir.Value(name="x", shape=ir.Shape(["seq", "batch", 32]),
+                 type=ir.TensorType(ir.DataType.FLOAT))  # fmt: skip
+    shape = ir.Value(name="shape", const_value=ir.tensor(np.array([0, -1, 16], np.int64)))
+    reshape = ir.Node("", "Reshape", [x, shape], name="view")
+    y = reshape.outputs[0]
+    y.name, y.shape = "y", ir.Shape(["seq", "2*batch", 16])
+    relu = ir.Node("", "Relu", [y], name="relu")
+    z = relu.outputs[0]
+    z.name, z.shape = "z", ir.Shape(["seq", "2*batch", 16])
+    graph = ir.Graph([x], [z], nodes=[reshape, relu], initializers=[shape],
+                     opset_imports={"": 18})  # fmt: skip
+    model = ir.Model(graph, ir_version=9)
+    before = io_shapes(model)
+    y.shape = z.shape = ir.Shape(["seq", "unk__4", 16])  # re-inferred after the rewrite
+    restore_dim_names(model, before)
+    assert y.shape[0].value == "seq"
+    assert y.shape[1].value is None and z.shape[1].value is None  # anonymous, not "2*batch"
+
+
 def test_from_torch_falls_back_when_outputs_lose_the_batch() -> None:
     """A time-first GRU: torch keeps axis 0 symbolic on the input but bakes its size into the
     graph; the export is redone with the example's shapes instead of a model that cannot run."""

@@ -310,6 +310,26 @@ def test_inputs_get_values_their_slots_accept() -> None:
         np.testing.assert_array_equal(outputs["d"], feeds["x"])  # inference: no dropout
 
 
+def test_token_ids_range_over_the_whole_vocabulary() -> None:
+    """An id read by Gather from a 50-row embedding table (through a Cast) is drawn from all 50
+    rows, not 0 and 1 only: an LM's random-data fidelity reads most of its vocabulary."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [50, 4],
+                               np.arange(200, dtype=np.float32).tolist())  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+         helper.make_node("Gather", ["table", "ids32"], ["embedded"])],
+        "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [table],
+    )
+    model = ir.from_proto(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    ids = random_feeds(model, dims={"batch": 8, "seq": 16}, seed=0)["ids"]
+    assert ids.dtype == np.int64 and ids.shape == (8, 16)
+    assert ids.min() >= 0 and ids.max() <= 49 and len(np.unique(ids)) > 40
+
+
 def test_sequence_inputs_are_lists() -> None:
     model = _graph_model(
         [helper.make_node("SequenceLength", ["seq"], ["n"])],

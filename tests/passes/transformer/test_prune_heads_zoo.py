@@ -132,6 +132,13 @@ def test_a_block_left_alone_is_named_with_its_reason() -> None:
         w.shape for w in output_list(model, feed)]
 
 
+def test_cross_attention_of_a_decoder_layer_loses_heads_exactly() -> None:
+    # nn.TransformerDecoderLayer splits its cross-attention's packed weight and bias into the
+    # query and key-value parts with a Split, which had to be folded to constants first
+    check_half_the_heads_go("torch-decoder", "plain")
+    check_zeroed_heads_go_exactly("torch-decoder", "plain")
+
+
 def test_packed_attention_loses_heads_exactly() -> None:
     # pack-attention folds the projections into Attention(x, W [32, 96], b): its weight columns
     # and qkv widths follow the heads
