@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import TypeGuard
 
 import onnx_ir as ir
 
@@ -26,7 +27,7 @@ _ANONYMOUS_PREFIX = "unk__"
 _LITERAL = re.compile(r"(?<![A-Za-z_0-9])[0-9]+(?![A-Za-z_0-9])")
 
 
-def _restorable(name: object) -> bool:
+def _restorable(name: object) -> TypeGuard[str]:
     """A recorded name that still means the same size after a pass: a symbol (`batch`) or an
     expression of symbols (`seq*batch`, `past + sequence`), never one with a number in it
     (`4*batch`, where pruning heads makes the 4 a 2) or an inferred `unk__N`."""

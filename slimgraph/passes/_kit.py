@@ -452,7 +452,7 @@ def fold_constant_splits(graph: ir.Graph, size_limit: int) -> int:
             continue
         if any(output.is_graph_output() for output in node.outputs):
             continue
-        arrays = [v.const_value.numpy() if v is not None else None for v in node.inputs]
+        arrays = [constant_array(v) if v is not None else None for v in node.inputs]
         attributes = {name: attr.value for name, attr in node.attributes.items()}
         parts = _reference_evaluator.evaluate(node.domain, node.op_type, version, *arrays,
                                               **attributes)  # fmt: skip
@@ -463,11 +463,11 @@ def fold_constant_splits(graph: ir.Graph, size_limit: int) -> int:
             output.name = None  # the initializer takes the name
             tensor = ir.tensor(np.ascontiguousarray(part), name=name)
             value = ir.Value(name=name, type=ir.TensorType(tensor.dtype),
-                             shape=ir.Shape(tensor.shape.dims), const_value=tensor)  # fmt: skip
+                             shape=ir.Shape(part.shape), const_value=tensor)  # fmt: skip
             graph.register_initializer(value)
             output.replace_all_uses_with(value)
         graph.remove(node, safe=True)
-        if not source.uses() and source.name in graph.initializers:
+        if not source.uses() and source.name and source.name in graph.initializers:
             graph.initializers.pop(source.name)
         folded += 1
     return folded
