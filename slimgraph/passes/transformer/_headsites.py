@@ -363,13 +363,14 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
     if output.shape is None and query is not None and query.shape is not None and len(
             query.shape) == 3:  # onnx's shape inference knows no contrib op: [B, S, N * Hv]
         output.shape = ir.Shape([query.shape[0], query.shape[1], heads * sizes["v"]])
-    out_nodes = []
+        output.type = output.type or query.type  # a shape without a type is not written
+    output = _nan_guarded(output)
+    start, out_nodes = output, []
     while (uses := _data_uses(output)) and len(uses) == 1 and is_move(uses[0].node) and (
             not output.is_graph_output()):
         out_nodes.append(uses[0].node)
         output = uses[0].node.outputs[0]
-    y_moves, _, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes],
-                                 y_ref, shapes)
+    y_moves, _, _ = _chain_moves(start, [(n, n.outputs[0]) for n in out_nodes], y_ref, shapes)
     moves = inputs.moves + y_moves
     site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
                     sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
@@ -397,6 +398,24 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
     site.changed = {id(v) for v, _, _ in inputs.starts} | region.values | {
         id(o) for m in site.moves for o in m.node.outputs} | {id(node.outputs[0])}
     return site
+
+
+def _nan_guarded(value: ir.Value) -> ir.Value:
+    """`Where(IsNaN(value), 0, value)` when that is all that reads `value` (what fuse-attention
+    writes after MultiHeadAttention where the model's softmax was guarded against rows whose
+    keys are all masked: elementwise, the heads stay where they are), else `value`."""
+    uses = list(value.uses())
+    if value.is_graph_output() or len(uses) != 2:
+        return value
+    nan = next((u.node for u in uses if is_onnx_op(u.node, "IsNaN")), None)
+    where = next((u.node for u in uses if is_onnx_op(u.node, "Where")), None)
+    if nan is None or where is None or len(list(nan.outputs[0].uses())) != 1:
+        return value
+    fill = constant_array(where.inputs[1])
+    if where.inputs[0] is not nan.outputs[0] or where.inputs[2] is not value or (
+            fill is None or fill.size != 1 or fill.item() != 0):
+        return value
+    return where.outputs[0]
 
 
 @dataclasses.dataclass
