@@ -63,8 +63,11 @@ def test_pruned_kv_heads_leave_the_declared_cache(name: str, form: str, kv_after
     assert len(result.tokens[0]) == 4  # kv_num_heads" on the declared 2 heads
 
 
-@pytest.mark.parametrize(("name", "form"), [("llama", "plain"), ("gpt2", "plain"),
-                                            ("llama", "fused"), ("gpt2", "fused")])
+@pytest.mark.parametrize(("name", "form"), [
+    ("llama", "plain"), ("gpt2", "plain"), ("llama", "fused"), ("gpt2", "fused"),
+    *(pytest.param(name, "plain", marks=pytest.mark.slow)  # exported by the fusion tests too
+      for name in ("qwen2", "phi", "llama-head8")),
+])
 def test_zeroed_heads_leave_a_decode_step_exactly(name: str, form: str) -> None:
     dead = zero_heads(_step(name, form), 0.5)  # the first half of the key/value groups
     result = prune_heads(copy_model(dead), 0.5)
