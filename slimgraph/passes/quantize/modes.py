@@ -253,7 +253,7 @@ def _transformer_rewrites(model: ir.Model, verify: bool) -> tuple[ir.Model, bool
     BiasGelu, residual Sums; and GELU in its tanh form (`tanh-gelu`, approximate: 4.74e-4 at
     most, below the int8 noise). Returns the model and whether it changed; a summary of the
     attention fusion is logged (a warning naming the first block left unfused and why)."""
-    if has_fused_attention(model) or not find_attention(model.graph, cache=True)[0]:
+    if has_fused_attention(model) or not find_attention(model.graph)[0]:
         return model, False
     steps: list[str | dict[str, object]] = [
         {"name": "fuse-attention", "require": False}, "fuse-bias-gelu", "tanh-gelu",

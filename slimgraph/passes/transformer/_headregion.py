@@ -184,17 +184,19 @@ class Region:
 
 def follow(graph: ir.Graph, starts: Sequence[tuple[ir.Value, Layout, Ref]], inside: set[int],
            joins: dict[int, tuple[Layout, Ref]], frame: HeadFrame,
-           shapes: ShapeInfo) -> Region:
+           shapes: ShapeInfo, outputs: set[int] | frozenset[int] = frozenset()) -> Region:
     """Walk the readers of `starts` (values of the block, laid out relative to a reference)
     that are not `inside` the block, until they rejoin it at one of `joins` (value id ->
-    the layout the block expects there) or are read only for their shape.
+    the layout the block expects there) or are read only for their shape. `outputs`: the
+    starts that may be graph outputs (a decode step's present keys/values, whose declared head
+    count the rewrite restates).
 
     Raises:
         NoMatch: a reader head pruning cannot follow, or a value rejoining the block elsewhere
             or laid out differently from what the block expects.
     """
     walk = _Walk(graph, inside, joins, frame, shapes)
-    return walk.run(starts)
+    return walk.run(starts, outputs)
 
 
 class _Walk:
@@ -206,10 +208,11 @@ class _Walk:
         self.layouts: dict[int, tuple[Layout, Ref]] = {}
         self.values: dict[int, ir.Value] = {}
 
-    def run(self, starts: Sequence[tuple[ir.Value, Layout, Ref]]) -> Region:
+    def run(self, starts: Sequence[tuple[ir.Value, Layout, Ref]],
+            outputs: set[int] | frozenset[int]) -> Region:
         frontier = []
         for value, layout, ref in starts:
-            if value.is_graph_output():
+            if value.is_graph_output() and id(value) not in outputs:
                 raise NoMatch("a value carrying the heads is a graph output")
             if any(self._outside(u.node, u.idx) for u in value.uses()):
                 self.layouts[id(value)] = (layout, ref)

@@ -12,7 +12,9 @@ will be written, and raises `NoMatch` when one cannot be; `rewrite` then edits t
   input's own shape at run time;
 - Expand targets and Tile repeats the same way, entry by entry;
 - Split sizes, Slice bounds and Gather indices on an axis holding heads, in kept positions;
-- `num_heads` / `kv_num_heads` of the fused ops and RotaryEmbedding, per-head biases gathered.
+- `num_heads` / `kv_num_heads` of the fused ops and RotaryEmbedding, per-head biases gathered;
+- a decode step's key/value cache (past inputs, present outputs) declares the kept key/value
+  heads.
 """
 
 from __future__ import annotations
@@ -387,8 +389,7 @@ def rewrite(graph: ir.Graph, names: Names, site: HeadSite, units: Sequence[int],
             attributes["qkv_hidden_sizes"] = ir.AttrInt64s("qkv_hidden_sizes", [
                 new_heads * site.head_size, new_heads * site.head_size,
                 new_heads * site.v_head_size])
-        _restate_cache(site.fused, new_kv if site.fused.op_type == "GroupQueryAttention"
-                       else new_heads)
+    _restate_cache(site.cache, new_kv)
     for node, role in site.rotary_ops:
         node.attributes["num_heads"] = ir.AttrInt64("num_heads",
                                                     new_heads if role == "q" else new_kv)
@@ -401,22 +402,14 @@ def rewrite(graph: ir.Graph, names: Names, site: HeadSite, units: Sequence[int],
         consumer.replace_input_with(index, gathered)
 
 
-# A fused op's key/value cache: past inputs and present outputs [batch, heads, sequence, size].
-_CACHE_SLOTS = {"GroupQueryAttention": ((3, 4), (1, 2)), "MultiHeadAttention": ((6, 7), (1, 2))}
-
-
-def _restate_cache(node: ir.Node, heads: int) -> None:
-    """The declared head count (axis 1) of `node`'s past key/value inputs and present outputs,
-    the decode step's interface included: a cache of the kept heads only."""
-    slots = _CACHE_SLOTS.get(node.op_type)
-    if slots is None:
-        return
-    values = [node.inputs[i] for i in slots[0] if i < len(node.inputs)] + [
-        node.outputs[i] for i in slots[1] if i < len(node.outputs)]
+def _restate_cache(values: list[ir.Value], kv_heads: int) -> None:
+    """The declared head count (axis 1) of a block's past key/value inputs and present outputs
+    [batch, kv_heads, sequence, size], the decode step's interface included: a cache of the kept
+    key/value heads only."""
     for value in values:
-        if value is not None and value.shape is not None and len(value.shape) == 4:
+        if value.shape is not None and len(value.shape) == 4:
             dims = list(value.shape)
-            dims[1] = heads
+            dims[1] = kv_heads
             value.shape = ir.Shape(dims)
 
 

@@ -18,7 +18,10 @@ wrote):
 - `fused`: the fused op whose `num_heads`/`kv_num_heads` follow; `rotary_ops`: RotaryEmbedding
   ops and which heads they rotate; `head_biases`: per-head bias inputs not computed from the
   heads (T5's and Swin's relative position biases, [B|1, N, S, T]) to keep the kept heads' rows
-  of; `changed`: the values whose shapes change.
+  of; `changed`: the values whose shapes change;
+- `cache`: a decode step's key/value cache, the past inputs and present outputs
+  [B, KVH, T, H] (`_cache`: read by the fused op, or concatenated with the new keys/values in
+  plain ops), whose declared key/value head count follows (the step's interface changes with it).
 
 A block that head pruning cannot edit raises `NoMatch` with the reason.
 """
@@ -33,6 +36,7 @@ import onnx_ir as ir
 from slimgraph.ir import layer_name
 from slimgraph.passes._graph_utils import is_onnx_op
 from slimgraph.passes._kit import constant_array
+from slimgraph.passes.transformer._cache import grow
 from slimgraph.passes.transformer._emit import MS_DOMAIN, bias_plan
 from slimgraph.passes.transformer._headregion import HeadFrame, follow, shape_reader
 from slimgraph.passes.transformer._headtypes import Move, Ref, VectorEdit, Weight
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["Projection", "HeadSite", "site_of_match", "site_of_fused", "FUSED_OPS"]
 
 FUSED_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "QAttention")
+# a fused op's key/value cache: (past inputs, present outputs) [batch, kv heads, sequence, size]
+_CACHE_SLOTS = {"GroupQueryAttention": ((3, 4), (1, 2)), "MultiHeadAttention": ((6, 7), (1, 2))}
 # the attention_bias input of each fused op
 _BIAS_INPUT = {"MultiHeadAttention": 5, "GroupQueryAttention": 10, "Attention": 5,
                "QAttention": 9}
@@ -80,6 +86,7 @@ class HeadSite:
     constants: list[tuple[Weight, Ref]] = dataclasses.field(default_factory=list)
     derived: dict[Ref, tuple[Ref, Layout, int]] = dataclasses.field(default_factory=dict)
     changed: set[int] = dataclasses.field(default_factory=set)
+    cache: list[ir.Value] = dataclasses.field(default_factory=list)
 
     @property
     def repeat(self) -> int:
@@ -188,6 +195,11 @@ def _from_operand(operand: Operand, shapes: ShapeInfo) -> _Chain:
             moves.append(Move(link.node, ref, values[id(link.source)][1], layout))
         elif link.kind == "rotary":
             rotary.append((link.value, layout))
+        elif link.kind == "cache":  # past and new keys/values: the sequence grows
+            try:
+                layout = grow(layout, link.node, shapes)[0]
+            except LayoutError as error:
+                raise NoMatch(f"cannot follow the cache's Concat ({error})") from None
         values[id(link.value)] = (link.value, layout)
     columns = [list(operand.columns(h)) for h in range(operand.heads)]
     return _Chain((projection, columns), moves, values, rotary)
@@ -300,7 +312,11 @@ def site_of_match(match: AttentionMatch, shapes: ShapeInfo, graph: ir.Graph) -> 
         joins.update({id(value): (layout, ref) for value, layout in chain.rotary})
     for term in per_head:
         joins[id(term.value)] = (term.layout, z_ref)
-    region = follow(graph, starts, inside, joins, frame, shapes)
+    for cache in (match.k.cache, match.v.cache):
+        if cache is not None:
+            site.cache += [cache.past, cache.present]
+    region = follow(graph, starts, inside, joins, frame, shapes,
+                    outputs={id(v) for v in site.cache})
     _add_region(site, region.moves, region.edits, region.constants, region.derived,
                 region.refs)
     for term in per_head:
@@ -347,13 +363,14 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
     if output.shape is None and query is not None and query.shape is not None and len(
             query.shape) == 3:  # onnx's shape inference knows no contrib op: [B, S, N * Hv]
         output.shape = ir.Shape([query.shape[0], query.shape[1], heads * sizes["v"]])
-    out_nodes = []
+        output.type = output.type or query.type  # a shape without a type is not written
+    output = _nan_guarded(output)
+    start, out_nodes = output, []
     while (uses := _data_uses(output)) and len(uses) == 1 and is_move(uses[0].node) and (
             not output.is_graph_output()):
         out_nodes.append(uses[0].node)
         output = uses[0].node.outputs[0]
-    y_moves, _, _ = _chain_moves(node.outputs[0], [(n, n.outputs[0]) for n in out_nodes],
-                                 y_ref, shapes)
+    y_moves, _, _ = _chain_moves(start, [(n, n.outputs[0]) for n in out_nodes], y_ref, shapes)
     moves = inputs.moves + y_moves
     site = HeadSite(layer_name(node) or node.name or node.op_type, heads, kv_heads,
                     sizes["q"], sizes["v"], parts["q"], parts["k"], parts["v"],
@@ -374,9 +391,31 @@ def site_of_fused(node: ir.Node, shapes: ShapeInfo, graph: ir.Graph) -> HeadSite
                 region.refs)
     if per_head and id(bias) not in region.joined:
         site.head_biases.append((node, bias_index, 1))
+    past, present = _CACHE_SLOTS.get(node.op_type, ((), ()))
+    site.cache = [v for v in [*(node.inputs[i] for i in past if i < len(node.inputs)),
+                              *(node.outputs[i] for i in present if i < len(node.outputs))]
+                  if v is not None]
     site.changed = {id(v) for v, _, _ in inputs.starts} | region.values | {
         id(o) for m in site.moves for o in m.node.outputs} | {id(node.outputs[0])}
     return site
+
+
+def _nan_guarded(value: ir.Value) -> ir.Value:
+    """`Where(IsNaN(value), 0, value)` when that is all that reads `value` (what fuse-attention
+    writes after MultiHeadAttention where the model's softmax was guarded against rows whose
+    keys are all masked: elementwise, the heads stay where they are), else `value`."""
+    uses = list(value.uses())
+    if value.is_graph_output() or len(uses) != 2:
+        return value
+    nan = next((u.node for u in uses if is_onnx_op(u.node, "IsNaN")), None)
+    where = next((u.node for u in uses if is_onnx_op(u.node, "Where")), None)
+    if nan is None or where is None or len(list(nan.outputs[0].uses())) != 1:
+        return value
+    fill = constant_array(where.inputs[1])
+    if where.inputs[0] is not nan.outputs[0] or where.inputs[2] is not value or (
+            fill is None or fill.size != 1 or fill.item() != 0):
+        return value
+    return where.outputs[0]
 
 
 @dataclasses.dataclass

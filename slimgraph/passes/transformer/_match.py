@@ -15,7 +15,10 @@ Starting from each Softmax, the matcher walks the dataflow, not one exporter's s
   packed projection. The layouts say
   which source axis is the batch, the sequence and the features, which feature columns each head
   owns, and how key/value heads are repeated (grouped-query attention: Expand + Reshape, or
-  repeat_interleave; multi-query: broadcasting).
+  repeat_interleave; multi-query: broadcasting). Keys and values of a decode step come
+  through a key/value cache, `Concat(past, new)` along the sequence (`_cache`): the chain
+  continues to the new tokens' projection and the operand records where the past comes in and
+  the present goes out.
 
 The result, `AttentionMatch`, is what fusion rewrites and head pruning edits (heads, key/value
 groups, the projection columns each head owns). A Softmax that is not attention, or attention
@@ -288,10 +291,9 @@ def _candidates(links: list[Link]) -> Iterator[int]:
     return iter(range(len(links), -1, -1))
 
 
-def _operand(value: ir.Value, role: str, shapes: ShapeInfo,
-             cache: bool = False) -> tuple[Operand, _Roles]:
+def _operand(value: ir.Value, role: str, shapes: ShapeInfo) -> tuple[Operand, _Roles]:
     """The operand `value` of a core MatMul traced to its source (see the module docstring)."""
-    links = trace(value, shapes, cache=cache and role in ("k", "v"))
+    links = trace(value, shapes, cache=role in ("k", "v"))
     reasons: list[str] = []
     for upto in _candidates(links):
         kv_cache = None
@@ -503,14 +505,11 @@ def _probabilities(softmax: ir.Node) -> tuple[ir.Value, list[ir.Node], bool]:
     return probs, [], False
 
 
-def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None, *,
-                    cache: bool = False) -> AttentionMatch:
+def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None) -> AttentionMatch:
     """Match the attention around `softmax` (see the module docstring).
 
-    With `cache`, keys and values may come through a key/value cache (`Concat(past, new)`,
-    `_cache`): the match then attends over past and new, and its k and v carry the `KVCache`.
-    Without it such a block is not matched (head pruning cannot shrink a cache it does not
-    write).
+    Keys and values may come through a key/value cache (`Concat(past, new)`, `_cache`): the
+    match then attends over past and new, and its k and v carry the `KVCache`.
 
     Raises:
         NoMatch: with the reason, when the Softmax is not attention the fused ops can take.
@@ -520,8 +519,7 @@ def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None, *,
         raise NoMatch("not a Softmax")
     scores_matmul = _scores_matmul(softmax)
     q, q_roles = _operand(scores_matmul.inputs[0], "q", shapes)  # type: ignore[arg-type]
-    k, k_roles = _operand(scores_matmul.inputs[1], "k", shapes,  # type: ignore[arg-type]
-                          cache)
+    k, k_roles = _operand(scores_matmul.inputs[1], "k", shapes)  # type: ignore[arg-type]
     if k.head_size != q.head_size:
         raise NoMatch(f"query head size {q.head_size} differs from the key's {k.head_size}")
     k.repeat = _pair(q_roles.batch, _label(k_roles, _align(q.layout, k.layout)), "key")
@@ -532,7 +530,7 @@ def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None, *,
                                                     shapes)
     probs, guard, guarded = _probabilities(softmax)
     context, p_nodes, p_layout = _context(probs, z_layout, shapes)
-    v, v_roles = _operand(context.inputs[1], "v", shapes, cache)  # type: ignore[arg-type]
+    v, v_roles = _operand(context.inputs[1], "v", shapes)  # type: ignore[arg-type]
     p_roles = _z_roles(p_layout)
     v.repeat = _pair(p_roles, _label(v_roles, _align(p_layout, v.layout)), "value")
     v.heads = q.heads // v.repeat
@@ -709,19 +707,17 @@ def softmax_attention_like(softmax: ir.Node) -> bool:
                for u in softmax.outputs[0].uses())
 
 
-def find_attention(graph: ir.Graph, shapes: ShapeInfo | None = None, *,
-                   cache: bool = False) -> tuple[
+def find_attention(graph: ir.Graph, shapes: ShapeInfo | None = None) -> tuple[
         list[AttentionMatch], list[tuple[ir.Node, str]]]:
     """Every attention of `graph`: (matches, [(softmax, reason)] for attention-like Softmaxes
-    that did not match). Softmaxes that are not attention (classifier heads) are not listed.
-    `cache`: match blocks reading a key/value cache too (see `match_attention`)."""
+    that did not match). Softmaxes that are not attention (classifier heads) are not listed."""
     shapes = shapes or ShapeInfo()
     matches, failed = [], []
     for node in graph:
         if not is_onnx_op(node, "Softmax"):
             continue
         try:
-            matches.append(match_attention(node, shapes, cache=cache))
+            matches.append(match_attention(node, shapes))
         except NoMatch as reason:
             if softmax_attention_like(node):
                 failed.append((node, str(reason)))

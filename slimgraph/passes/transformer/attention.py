@@ -157,7 +157,7 @@ class FuseAttentionPass(SlimgraphPass):
     def call(self, model: ir.Model) -> AttentionFusionResult:
         graph = model.graph
         shapes = ShapeInfo()
-        matches, failed = find_attention(graph, shapes, cache=True)
+        matches, failed = find_attention(graph, shapes)
         skipped = [Skipped(_layer(node), "Softmax", reason) for node, reason in failed]
         plans: list[_Plan] = []
         for match in matches:

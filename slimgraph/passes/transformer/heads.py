@@ -18,7 +18,10 @@ writes). Removing a head shrinks those weights, and the head count wherever the 
   terms, a rotary embedding's own Reshapes, a mask built from the heads' shape) shrink with
   them, per-head constants they read keep the kept heads' rows;
 - per-head biases added to the scores (T5's and Swin's relative position biases) keep the kept
-  heads' rows.
+  heads' rows;
+- a decode step's key/value cache (past inputs, present outputs [B, KVH, T, H]), read by the
+  fused op or concatenated with the new keys/values in plain ops, declares the kept key/value
+  heads: the step's interface changes with the model, which produces and consumes the cache.
 
 Grouped-query attention (fewer key/value heads) prunes whole groups: a key/value head and the
 query heads that read it, so every key/value head keeps as many query heads as before.

@@ -13,7 +13,7 @@ import pytest
 
 import slimgraph as sg
 from slimgraph.ir import copy_model
-from slimgraph.passes.transformer import FuseAttentionPass
+from slimgraph.passes.transformer import FuseAttentionPass, find_attention
 from slimgraph.passes.transformer._causal import linear
 from slimgraph.passes.transformer._symbolic import Dim, sum_dim
 from tests import models_lm
@@ -174,13 +174,14 @@ def test_sums_of_symbols_stay_opaque_and_read_as_linear_forms() -> None:
     assert linear(Dim(3)) == {"": 3} and linear(Dim(2, ("batch",))) == {"batch": 2}
 
 
-def test_head_pruning_does_not_see_cached_blocks() -> None:
-    """A cached block's heads live in the past inputs too, which pruning does not shrink: the
-    matcher follows a cache only when fusion asks."""
-    from slimgraph.passes.transformer import find_attention
-
+def test_the_matcher_follows_the_cache_to_the_new_tokens() -> None:
+    """k and v of a cached block are traced through `Concat(past, new)` to the new tokens'
+    projection; the operands say which graph input is the past and which output the present."""
     _, model = models_lm.exported("gpt2")
-    assert len(find_attention(model.graph, cache=True)[0]) == 2
     matches, failed = find_attention(model.graph)
-    assert not matches and len(failed) == 2
-    assert all("not a head split of one projection" in reason for _, reason in failed)
+    assert len(matches) == 2 and not failed
+    for layer, match in enumerate(matches):
+        for operand, kind in ((match.k, "key"), (match.v, "value")):
+            assert operand.cache is not None and operand.source.producer() is not None
+            assert operand.cache.past.name == f"past_key_values.{layer}.{kind}"
+            assert operand.cache.present.name == f"present.{layer}.{kind}"
