@@ -15,7 +15,8 @@ Both calibrations feed `sg.quantize` (static int8, QDQ): real data is 64 trainin
 minmax ranges, zero-shot is `zero_shot_calibration(model, samples=64)` with its defaults (time
 budget, convergence stop) and the calibrator `quantize --zero-shot` uses (percentile 99.99:
 synthesized inputs match BatchNorm's means and deviations, not real data's tails; the ranges
-narrowed to 6 running deviations around each BatchNorm output's mean, `batchnorm_bounds`); plain
+narrowed to 6 running deviations around each BatchNorm output's mean; both from
+`zero_shot_options`, as `sg.quantize` takes them in Python); plain
 minmax on the synthesized rows is printed beside it. The output cosine to the float model is
 measured on 200 test images. The script prints the wall and CPU time of the synthesis, the load
 average, the cosines, and exits 1 when zero-shot takes longer than `--limit` seconds (default
@@ -45,8 +46,7 @@ from torch.nn import functional as F
 import slimgraph as sg
 from slimgraph.runtime.data import as_data
 from slimgraph.runtime.metrics import evaluate
-from slimgraph.runtime.torch_backend import batchnorm_bounds
-from slimgraph.tools.quantize_cmd import ZERO_SHOT_METHOD
+from slimgraph.runtime.torch_backend import ZERO_SHOT_METHOD, zero_shot_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "slimgraph" / "data"
@@ -278,13 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         run = synthesize(model, **options)  # type: ignore[arg-type]
     synthesized = run.feeds
     cosines = {}
-    bounds = batchnorm_bounds(model)  # what `quantize --zero-shot` narrows its ranges to
-    for name, calibration, method, narrowed in (
-            ("real data", real, "minmax", None),
-            ("zero-shot", synthesized, ZERO_SHOT_METHOD, bounds),
-            ("zero-shot, minmax", synthesized, "minmax", None)):
-        quantized = sg.quantize(model, calibration=calibration, method=method, progress=False,
-                                range_bounds=narrowed)
+    plain = {"method": "minmax", "range_bounds": None}
+    for name, calibration, options in (
+            ("real data", real, plain),
+            ("zero-shot", synthesized, zero_shot_options(model)),  # `quantize --zero-shot`'s
+            ("zero-shot, minmax", synthesized, plain)):
+        quantized = sg.quantize(model, calibration=calibration, progress=False, **options)
         cosines[name] = evaluate(quantized, test, reference=model).cosine
     noise = {"image": np.random.default_rng(0).standard_normal(real["image"].shape,
                                                                dtype=np.float32)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import onnx_ir as ir
 
@@ -33,7 +33,7 @@ from slimgraph.passes.quantize.weight_only import METHODS as WEIGHT_ONLY_METHODS
 from slimgraph.passes.registry import COMMAND_STEPS
 from slimgraph.runtime.compare import Fidelity, compare
 from slimgraph.runtime.histogram import METHODS
-from slimgraph.runtime.torch_backend import batchnorm_bounds, zero_shot_calibration
+from slimgraph.runtime.torch_backend import zero_shot_calibration, zero_shot_options
 from slimgraph.tools._common import (
     Compression,
     Figures,
@@ -47,16 +47,6 @@ from slimgraph.tools.report import MAX_BARS, add_report_option
 __all__ = ["register", "run"]
 
 
-# The calibrator `--zero-shot` defaults to. Synthesized inputs match each BatchNorm's per-channel
-# mean and deviation, not the tails of real activations: on the MobileNetV3-small of
-# benchmarks/zeroshot.py (224x224) min/max ranges from them were 2-8x real data's in the first
-# blocks (stem convolution 6.3x, its hardswish 7.9x; each alone cost 0.013-0.016 cosine) and
-# near 1x in the last ones. The 99.99th percentile drops those tails: cosine 0.962 -> 0.992 on the
-# same synthesized rows (real data, minmax: 0.998); the digits CNN and a MobileNetV2-style net on
-# the digits stay within 0.00005 of minmax.
-# Those ranges are then narrowed to the BatchNorm bounds (`batchnorm_bounds`, beta +- 6 |gamma|):
-# 0.992 -> 0.995 on those rows, 0.981 -> 0.993 on rows from a longer synthesis.
-ZERO_SHOT_METHOD = "percentile"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -213,16 +203,17 @@ def run(args: argparse.Namespace) -> int:
         fmt = "qoperator"
     bits = args.bits if args.bits == "auto" else int(args.bits)
     calibration: object = args.calib
+    zero_shot: dict[str, Any] = {"method": "minmax", "range_bounds": None}
     if args.zero_shot:  # seed 002: inputs whose per-layer statistics match BatchNorm's
         calibration = zero_shot_calibration(
             job.model, samples=args.zero_shot_samples, time_budget=args.zero_shot_time,
             progress=False if args.no_progress or args.json else None)
+        zero_shot = zero_shot_options(job.model)  # percentile, BatchNorm bounds
     quantized, result = quantize_with_report(
         job.model,
         calibration=calibration,  # type: ignore[arg-type]
         mode=mode,
-        method=args.method or ("rtn" if mode == "weight-only"
-                               else ZERO_SHOT_METHOD if args.zero_shot else "minmax"),
+        method=args.method or ("rtn" if mode == "weight-only" else zero_shot["method"]),
         per_channel=args.per_channel,
         fmt=fmt,
         exclude=args.exclude,
@@ -248,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         auto_seq=args.seq,
         fallback=args.fallback,
         weight_bits=args.weight_bits,
-        range_bounds=batchnorm_bounds(job.model) if args.zero_shot else None,
+        range_bounds=zero_shot["range_bounds"],
         round=args.round,
         speed_fallback=args.speed_fallback,
     )

@@ -21,7 +21,11 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph._optional import require_torch  # the one check, naming slimgraph[torch]
-from slimgraph.runtime.torch_backend._bn_bounds import batchnorm_bounds  # no torch
+from slimgraph.runtime.torch_backend._bn_bounds import (  # no torch
+    ZERO_SHOT_METHOD,
+    batchnorm_bounds,
+    zero_shot_options,
+)
 from slimgraph.runtime.torch_backend._options import (  # no torch
     LearnedWeight,
     RoundingLayer,
@@ -39,6 +43,8 @@ __all__ = [
     "LoweredModel",
     "zero_shot_calibration",
     "batchnorm_bounds",
+    "zero_shot_options",
+    "ZERO_SHOT_METHOD",
     "learn_rounding",
     "RoundingLayer",
     "LearnedWeight",
@@ -62,7 +68,8 @@ def zero_shot_calibration(
 ) -> dict[str, np.ndarray]:
     """Synthetic calibration inputs matching the model's BatchNorm statistics, in batches of
     `batch_size`, each until its loss plateaus (at most `steps`), within `time_budget` seconds
-    (see `_zeroshot.zero_shot_calibration`)."""
+    (see `_zeroshot.zero_shot_calibration`). Quantize with the options `quantize --zero-shot`
+    takes for such rows: `sg.quantize(model, calibration=feeds, **zero_shot_options(model))`."""
     require_torch()
     from slimgraph.runtime.torch_backend import _zeroshot
 

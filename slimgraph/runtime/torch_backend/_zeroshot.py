@@ -132,9 +132,11 @@ def zero_shot_calibration(
         VerificationError: the time budget stopped a batch whose loss was still above half its
             start (`UNCONVERGED_LOSS_SHARE`): calibration on it would be worse than none.
 
-    Example:
+    Example (the calibrator and BatchNorm bounds `quantize --zero-shot` takes for these rows,
+    `_bn_bounds.zero_shot_options`; min/max ranges read their tails):
         >>> feeds = zero_shot_calibration(model, samples=64, time_budget=120)  # doctest: +SKIP
-        >>> q = sg.quantize(model, calibration=feeds)  # doctest: +SKIP
+        >>> q = sg.quantize(model, calibration=feeds,
+        ...                 **zero_shot_options(model))  # doctest: +SKIP
     """
     run = synthesize(
         model, samples=samples, steps=steps, seed=seed, lr=lr, batch_size=batch_size,

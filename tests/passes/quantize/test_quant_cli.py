@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import slimgraph as sg
+from slimgraph.runtime.torch_backend import zero_shot_options
 from slimgraph.tools import quantize_cmd
 from slimgraph.tools.cli import main
 from tests.kit.asserts import accuracy
@@ -176,6 +177,35 @@ def test_zero_shot_ranges_ignore_the_tails_of_synthesized_inputs(tmp_path, capsy
 
     assert input_scale() < 2.0 / 255  # the digits' [0, 1]
     assert input_scale("--method", "minmax") == pytest.approx(100.0 / 255, rel=1e-3)
+
+
+def test_zero_shot_options_give_python_the_ranges_of_the_cli(tmp_path, capsys,
+                                                             monkeypatch) -> None:
+    """`sg.quantize(model, calibration=rows, **zero_shot_options(model))` writes the scales
+    `quantize --zero-shot` writes on the same rows (percentile, BatchNorm bounds), and unlike
+    plain `sg.quantize` (min/max) reads no range from one value at 100 among digits in [0, 1]."""
+    with np.load(DIGITS_CALIB) as archive:
+        rows = np.tile(archive["image"][:64], (4, 1, 1, 1))
+    rows[0, 0, 4, 4] = 100.0
+    monkeypatch.setattr(quantize_cmd, "zero_shot_calibration",
+                        lambda model, **options: {"image": rows})
+    out = tmp_path / "zs.onnx"
+    code, _, stderr = _run(capsys, "quantize", DIGITS, "-o", out, "--zero-shot", "--no-progress")
+    assert code == 0, stderr
+
+    def scales(model: sg.ir.Model) -> dict[str, float]:
+        return {n.inputs[0].name: float(n.inputs[1].const_value.numpy()) for n in model.graph
+                if n.op_type == "QuantizeLinear" and n.inputs[1].const_value.numpy().size == 1}
+
+    model = sg.load(DIGITS)
+    cli = scales(sg.load(out))
+    python = scales(sg.quantize(model, calibration={"image": rows}, progress=False,
+                                **zero_shot_options(model)))
+    assert python.keys() == cli.keys()
+    for name, scale in cli.items():
+        assert python[name] == pytest.approx(scale, rel=1e-6), name
+    plain = scales(sg.quantize(model, calibration={"image": rows}, progress=False))
+    assert python["image"] < 2.0 / 255 < plain["image"]
 
 
 @pytest.mark.parametrize(
