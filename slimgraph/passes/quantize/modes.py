@@ -112,6 +112,9 @@ def _quantize(
             include=("include_ops=", "--include-op"), calib=("calibration=", "--calib"),
             mode=mode)
     _check_rounding_mode(options, calibration, mode)
+    if options.range_bounds is not None and mode != "static":  # (--zero-shot is refused first)
+        raise BadOptionError(
+            f"range_bounds= applies to static quantization, not to {mode} mode")
     smooth_quant = options.smooth_quant
     if mode == "static":
         if calibration is None:

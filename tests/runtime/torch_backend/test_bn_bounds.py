@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import slimgraph as sg
+from slimgraph.errors import BadOptionError
 from slimgraph.runtime.metrics import evaluate, load_data
 from slimgraph.runtime.torch_backend import batchnorm_bounds
 from tests.kit.data import DATA
@@ -42,3 +43,11 @@ def test_bounds_drop_the_tails_of_an_outlier_row(model):
 
     wide, bounded = cosine(), cosine(range_bounds=batchnorm_bounds(model))
     assert bounded > wide + 0.003, (wide, bounded)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
+def test_bounds_outside_static_quantization_are_refused(model, mode):
+    with pytest.raises(BadOptionError) as caught:
+        sg.quantize(model, mode=mode, range_bounds=batchnorm_bounds(model))
+    assert str(caught.value) == (
+        f"range_bounds= applies to static quantization, not to {mode} mode")
