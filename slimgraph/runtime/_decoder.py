@@ -14,12 +14,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 __all__ = ["DecoderIO", "decoder_io", "expression_size", "decoder_mask", "mask_positions",
-           "token_feeds"]
+           "token_feeds", "fit_empty_past"]
 
 _MAX_CHAIN = 8
 # where fused attention ops read the past keys and values
@@ -227,3 +228,31 @@ def token_feeds(model: ir.Model, data: Mapping[str, np.ndarray]) -> dict[str, np
         feeds[name] = np.zeros((ids.shape[0], int(shape[1]), 0, int(shape[3])),  # type: ignore[arg-type]
                                value.dtype.numpy())
     return feeds if set(feeds) == set(values) else None
+
+
+def fit_empty_past(model: ir.Model, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """`feeds` with every empty past (past length 0, as `token_feeds` makes for a token file)
+    shaped as `model` declares its past: [rows, KVH, 0, H] of the model's own KVH and H.
+
+    A decode step whose heads were pruned (`prune --heads`) declares fewer key/value heads than
+    the step it came from; comparing the two or distilling one from the other feeds both the
+    same token data, whose empty past was made for one of them. A past with tokens in it is left
+    as it is (it cannot be refitted). numpy arrays and torch tensors alike.
+    """
+    roles = decoder_io(model)
+    if roles is None:
+        return dict(feeds)
+    declared = {v.name: v.shape for v in model.graph.inputs if v.name in roles.past}
+    fitted = dict(feeds)
+    for name in roles.past:
+        value, shape = feeds.get(name), declared.get(name)
+        if value is None or shape is None or len(shape) != 4 or len(value.shape) != 4:
+            continue
+        heads, size = shape[1], shape[3]
+        if value.shape[2] != 0 or not isinstance(heads, int) or not isinstance(size, int) or (
+                tuple(value.shape[1:]) == (heads, 0, size)):
+            continue
+        new_shape = (value.shape[0], heads, 0, size)
+        fitted[name] = (value.new_zeros(new_shape) if hasattr(value, "new_zeros")
+                        else np.zeros(new_shape, value.dtype))
+    return fitted

@@ -36,6 +36,7 @@ from slimgraph.errors import (
     first_line,
 )
 from slimgraph.ir import as_model, metadata
+from slimgraph.runtime._decoder import decoder_io, fit_empty_past
 from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
 from slimgraph.runtime.perplexity import LMAccumulator, LMScores, LMSpec, lm_spec_or_reason
@@ -451,9 +452,17 @@ def compare(
                             "candidate")
     accumulator = FidelityAccumulator()
     rows = ref_correct = cand_correct = 0
+    caches, cache_note = _pruned_caches(ref_model, cand_model)
+    note = "; ".join(n for n in (note, cache_note) if n) or None
     for item in batches:
         feed, truth = item if isinstance(item, tuple) else (item, None)
-        ref, cand = run(ref_session, feed), run(cand_session, feed)
+        ref, cand = (run(ref_session, feed if ref_model is None else fit_empty_past(ref_model,
+                                                                                    feed)),
+                     run(cand_session, feed if cand_model is None else fit_empty_past(
+                         cand_model, feed)))
+        if caches:
+            ref = {k: v for k, v in ref.items() if k not in caches}
+            cand = {k: v for k, v in cand.items() if k not in caches}
         accumulator.add(ref, cand, rows=_feed_rows(feed))
         if lm is not None:
             lm.add(feed, ref, cand)
@@ -465,6 +474,31 @@ def compare(
     accuracy = Accuracy(labels, rows, ref_correct / rows, cand_correct / rows) if rows else None
     return Fidelity(fidelity.outputs, fidelity.samples, fidelity.batches, accuracy, source, note,
                     None if lm is None else lm.result())
+
+
+def _pruned_caches(reference: ir.Model | None, candidate: ir.Model | None
+                   ) -> tuple[set[str], str | None]:
+    """The present key/value outputs of two decode steps that declare different head counts
+    (one has had heads pruned: its cache holds only the kept heads, nothing to compare them
+    with), and the note saying they were left out."""
+    if reference is None or candidate is None:
+        return set(), None
+    ref_io, cand_io = decoder_io(reference), decoder_io(candidate)
+    if ref_io is None or cand_io is None:
+        return set(), None
+
+    def heads(model: ir.Model, names: Sequence[str]) -> dict[str, object]:
+        shapes = {v.name: v.shape for v in model.graph.outputs}
+        return {n: (s[1] if (s := shapes.get(n)) is not None and len(s) == 4 else None)
+                for n in names}
+
+    ref_heads = heads(reference, ref_io.present)
+    cand_heads = heads(candidate, cand_io.present)
+    differ = {n for n, h in ref_heads.items() if n in cand_heads and cand_heads[n] != h}
+    if not differ:
+        return set(), None
+    return differ, (f"{len(differ)} present key/value outputs left out: the models keep "
+                    "different numbers of key/value heads (head pruning)")
 
 
 def _lm_accumulator(

@@ -103,3 +103,20 @@ def test_plain_and_fused_steps_lose_the_same_heads_and_generate_alike(name: str,
     assert all(b.kv_kept == kv_after for b in fused.blocks)
     want = generate(fused.model, PROMPTS, max_new_tokens=6).tokens
     assert generate(plain, PROMPTS, max_new_tokens=6).tokens == want
+
+
+def test_a_pruned_step_is_compared_with_and_distilled_from_its_original() -> None:
+    # one token file feeds both: the empty past it makes for one model is refitted to the
+    # other's key/value heads, and the present caches (of different heads) are left out
+    step = _step("llama", "plain")
+    dead = zero_heads(step)
+    pruned = prune_heads(copy_model(dead), 0.5).model
+    rng = np.random.default_rng(0)
+    tokens = {"input_ids": rng.integers(0, models_lm.VOCAB, (6, 5)).astype(np.int64)}
+    fidelity = sg.compare(dead, pruned, tokens)
+    assert [o.name for o in fidelity.outputs] == ["logits"]
+    assert fidelity.outputs[0].cosine > 0.99999  # the zeroed heads' removal is exact
+    assert fidelity.note == ("4 present key/value outputs left out: the models keep different "
+                             "numbers of key/value heads (head pruning)")
+    tuned = sg.finetune(pruned, tokens, teacher=dead, epochs=1)  # the teacher's own past
+    assert [o.name for o in sg.compare(dead, tuned, tokens).outputs] == ["logits"]
