@@ -65,8 +65,16 @@ def _phi() -> Any:
                                     partial_rotary_factor=0.5))
 
 
+def _gemma2() -> Any:
+    """Gemma 2: the scores soft-capped, `c * tanh(scores / c)` before the mask, with a small
+    cap (2) so the Tanh bends them (its default, 50, hardly does at this size)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**DECODER, head_dim=16, attn_logit_softcapping=2.0))
+
+
 LM_MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "llama-head8": _llama_head8,
-             "phi": _phi}
+             "phi": _phi, "gemma2": _gemma2}
 
 
 def build(name: str, seed: int = 0) -> Any:
