@@ -237,9 +237,13 @@ def _remove_heads(prepared: ir.Model, options: PruneOptions) -> HeadPruning:
             reasons=reasons, more=more)
     largest = max(found.blocks, key=lambda b: b.kv_heads)
     if largest.kv_heads <= 1:
+        if any(b.heads > 1 for b in found.blocks):
+            raise UnsupportedModelError.worded(
+                "{what}: every attention block has one key/value head shared by all its query "
+                "heads (multi-query attention): head pruning removes whole key/value groups, "
+                "and the one group must stay", what=what)
         raise UnsupportedModelError.worded(
-            "{what}: every attention block has one head (or one key/value group), which must "
-            "stay", what=what)
+            "{what}: every attention block has one head, which must stay", what=what)
     unit = "heads" if largest.kv_heads == largest.heads else "key/value groups"
     raise BadOptionError.worded(
         "{what} removes no head (the largest block has {n} {unit}, one must stay); nothing "

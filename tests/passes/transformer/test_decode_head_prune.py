@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes.prune import prune_heads
 from slimgraph.passes.transformer import FuseAttentionPass
@@ -103,3 +104,15 @@ def test_plain_and_fused_steps_lose_the_same_heads_and_generate_alike(name: str,
     assert all(b.kv_kept == kv_after for b in fused.blocks)
     want = generate(fused.model, PROMPTS, max_new_tokens=6).tokens
     assert generate(plain, PROMPTS, max_new_tokens=6).tokens == want
+
+
+def test_multi_query_attention_says_its_one_key_value_head_must_stay() -> None:
+    """GPT-BigCode: 4 query heads share one key/value head; head pruning removes whole key/value
+    groups, so nothing can go, and the message says why in those terms."""
+    step = _step("bigcode", "plain")
+    with pytest.raises(UnsupportedModelError) as error:
+        sg.prune(step, heads=0.5)
+    assert str(error.value) == (
+        "prune(heads=0.5): every attention block has one key/value head shared by all its "
+        "query heads (multi-query attention): head pruning removes whole key/value groups, and "
+        "the one group must stay")
