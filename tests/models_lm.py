@@ -82,8 +82,17 @@ def _bigcode() -> Any:
         initializer_range=INIT, bos_token_id=None, eos_token_id=None))
 
 
+def _bloom() -> Any:
+    """BLOOM: ALiBi, a per-head bias on the scores (merged with the batch in the export)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                        initializer_range=INIT, bos_token_id=None,
+                                        eos_token_id=None))
+
+
 LM_MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "llama-head8": _llama_head8,
-             "phi": _phi, "gemma2": _gemma2, "bigcode": _bigcode}
+             "phi": _phi, "gemma2": _gemma2, "bigcode": _bigcode, "bloom": _bloom}
 
 
 def build(name: str, seed: int = 0) -> Any:
