@@ -97,3 +97,28 @@ def test_zeroed_heads_leave_a_soft_capped_step_exactly(form: str,
         if value.name.startswith("present."):
             expected = expected[:, 1:]
         assert_close(expected, actual, rtol=1e-4, atol=1e-5, name=value.name)
+
+
+def test_a_soft_capped_self_attention_without_grouping_fuses_exactly() -> None:
+    """A whole sequence (no cache), one key/value head per query head: GroupQueryAttention with
+    `kv_num_heads = num_heads`, since it is the one fused op with a soft cap; row 1 padded."""
+    import torch
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    config = Gemma2Config(**{**models_lm.DECODER, "num_key_value_heads": 4}, head_dim=16,
+                          attn_logit_softcapping=CAP, use_cache=False)
+    ids = torch.randint(0, models_lm.VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    model = sg.from_torch(Gemma2Model(config).eval(), (ids, mask),
+                          dynamic_shapes=({0: "batch", 1: "seq"},) * 2)
+    model = sg.optimize(model, recipe=["cleanup"], verify=False)
+    feeds = dict(zip([v.name for v in model.graph.inputs], [ids.numpy(), mask.numpy()],
+                     strict=True))
+    want = output_list(model, feeds)
+    FuseAttentionPass()(model)
+    fused = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert [(n.attributes["kv_num_heads"].as_int(), n.attributes["softcap"].as_float())
+            for n in fused] == [(4, CAP)] * 2
+    assert_close(want[0], output_list(model, feeds)[0], rtol=1e-4, atol=1e-5)
