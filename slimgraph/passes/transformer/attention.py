@@ -285,8 +285,9 @@ def _rewrite(em: Emitter, plan: _Plan) -> list[str]:
     attrs: dict[str, int | float] = {"num_heads": match.heads, "scale": float(match.scale)}
     if match.softcap:
         attrs["softcap"] = float(match.softcap)
-    if plan.grouped:
-        kinds.append("grouped_query")
+    if plan.grouped:  # GroupQueryAttention (for a soft cap also without grouped heads)
+        if match.kv_heads != match.heads:
+            kinds.append("grouped_query")
         if mask is not None:  # GroupQueryAttention takes no key padding mask: as a bias
             assert plan.padding is not None
             bias = attention_bias(em, [as_bias(plan.padding)], q_in, kv_len, match.heads,
