@@ -65,8 +65,34 @@ def _phi() -> Any:
                                     partial_rotary_factor=0.5))
 
 
+def _gemma2() -> Any:
+    """Gemma 2: the scores soft-capped, `c * tanh(scores / c)` before the mask, with a small
+    cap (2) so the Tanh bends them (its default, 50, hardly does at this size)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**DECODER, head_dim=16, attn_logit_softcapping=2.0))
+
+
+def _bigcode() -> Any:
+    """GPT-BigCode: multi-query attention, 4 query heads over one key/value head (broadcast)."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM(GPTBigCodeConfig(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, multi_query=True,
+        initializer_range=INIT, bos_token_id=None, eos_token_id=None))
+
+
+def _bloom() -> Any:
+    """BLOOM: ALiBi, a per-head bias on the scores (merged with the batch in the export)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                        initializer_range=INIT, bos_token_id=None,
+                                        eos_token_id=None))
+
+
 LM_MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "llama-head8": _llama_head8,
-             "phi": _phi}
+             "phi": _phi, "gemma2": _gemma2, "bigcode": _bigcode, "bloom": _bloom}
 
 
 def build(name: str, seed: int = 0) -> Any:

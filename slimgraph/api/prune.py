@@ -38,7 +38,7 @@ from slimgraph.passes.prune import (
     total_macs,
 )
 from slimgraph.passes.prune import PruneOptions as PassOptions
-from slimgraph.passes.transformer.heads import HeadPruning, remove_heads
+from slimgraph.passes.transformer.heads import HeadPruning, fusing_first_prunes, remove_heads
 from slimgraph.runtime.budget import DataLike, Evaluator, as_data
 from slimgraph.runtime.metrics import Evaluation, Metric
 from slimgraph.runtime.speed_guard import channel_multiple
@@ -232,14 +232,23 @@ def _remove_heads(prepared: ir.Model, options: PruneOptions) -> HeadPruning:
     if not found.blocks:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:2])
         more = f" (+{len(found.skipped) - 2} more)" if len(found.skipped) > 2 else ""
+        hint = ""
+        if fusing_first_prunes(prepared, options.heads, criterion=options.criterion):
+            hint = "; fused attention can: fuse first ({fuse}), then prune heads"
         raise UnsupportedModelError.worded(
-            "{what}: no attention block could lose a head ({reasons}{more})", what=what,
-            reasons=reasons, more=more)
+            "{what}: no attention block could lose a head ({reasons}{more})" + hint, what=what,
+            reasons=reasons, more=more,
+            fuse=('sg.optimize(model, preset="transformer")',
+                  "slimgraph optimize MODEL --preset transformer"))
     largest = max(found.blocks, key=lambda b: b.kv_heads)
     if largest.kv_heads <= 1:
+        if any(b.heads > 1 for b in found.blocks):
+            raise UnsupportedModelError.worded(
+                "{what}: every attention block has one key/value head shared by all its query "
+                "heads (multi-query attention): head pruning removes whole key/value groups, "
+                "and the one group must stay", what=what)
         raise UnsupportedModelError.worded(
-            "{what}: every attention block has one head (or one key/value group), which must "
-            "stay", what=what)
+            "{what}: every attention block has one head, which must stay", what=what)
     unit = "heads" if largest.kv_heads == largest.heads else "key/value groups"
     raise BadOptionError.worded(
         "{what} removes no head (the largest block has {n} {unit}, one must stay); nothing "

@@ -80,6 +80,8 @@ def rewrite_cached(em: Emitter, match: AttentionMatch, op: str, biases: list[Bia
         kinds.append("rotary")
     bias = attention_bias(em, biases, q_in, kv_len, match.heads, dtype)
     attrs: dict[str, Any] = {"num_heads": match.heads, "scale": float(match.scale)}
+    if match.softcap:
+        attrs["softcap"] = float(match.softcap)
     if op == "gqa":
         if match.kv_heads != match.heads:
             kinds.append("grouped_query")

@@ -3,8 +3,9 @@
 Starting from each Softmax, the matcher walks the dataflow, not one exporter's spelling:
 
 - scores: the Softmax input back to a MatMul of two operands, through additive biases (`Add`),
-  masked fills (`Where(mask, fill, scores)`), scalar scales (`Mul`/`Div` by a constant) and
-  data movement; each bias is recorded with its layout and the scale applied after it;
+  masked fills (`Where(mask, fill, scores)`), scalar scales (`Mul`/`Div` by a constant), a soft
+  cap (`c * tanh(scores / c)`, Gemma 2) and data movement; each bias is recorded with its
+  layout and the scale applied after it;
 - context: the Softmax output (through an `IsNaN`/`Where` guard against fully masked rows, as
   torch's sdpa decomposition writes it) read by one MatMul with the values, then forward through
   data movement to the head merge;
@@ -184,6 +185,8 @@ class AttentionMatch:
             context MatMul.
         context_layout: the context MatMul's output relative to the fused op's output
             [B, S, N * Hv]; `merge_nodes` the moves from it to `output`.
+        softcap: 0, or the soft cap c of softmax(c * tanh(scale * q k^T / c) + bias)
+            (Gemma 2); `scale` is then inside the Tanh.
     """
 
     name: str
@@ -202,6 +205,7 @@ class AttentionMatch:
     prob_nodes: list[ir.Node] = dataclasses.field(default_factory=list)
     context_layout: Layout | None = None
     merge_nodes: list[ir.Node] = dataclasses.field(default_factory=list)
+    softcap: float = 0.0
 
     @property
     def heads(self) -> int:
@@ -435,13 +439,31 @@ def _z_layout(q: Layout, roles: _Roles, t_size: Dim) -> Layout:
                   (0, 0, 0, 0))
 
 
+@dataclasses.dataclass
+class _Scores:
+    """What `_scores` found between the scores MatMul and the Softmax."""
+
+    terms: list[BiasTerm]
+    factor: float  # multiplies q k^T (inside the soft cap when there is one)
+    nodes: list[ir.Node]
+    layout: Layout  # at the Softmax
+    softcap: float = 0.0
+
+
 def _scores(matmul: ir.Node, softmax: ir.Node, layout: Layout, t_size: Dim,
-            shapes: ShapeInfo) -> tuple[list[BiasTerm], float, list[ir.Node], Layout]:
+            shapes: ShapeInfo) -> _Scores:
     """Walk from the scores MatMul (of `layout`, in [B, N, S, T] terms) to the Softmax; return
-    the bias terms, the factor applied to the scores, the nodes on the way and the layout at
-    the Softmax."""
+    the bias terms, the factor applied to the scores, the nodes on the way, the layout at the
+    Softmax and the soft cap.
+
+    A soft cap (Gemma 2's `attn_logit_softcapping`) is a Tanh on the scores between scalar
+    scales: `c * tanh(f * q k^T)` in any spelling (Div by c or Mul by 1/c, scales merged or
+    not) is the fused op's `softcap = |c|` with `scale = f * c`, since c tanh(x / c) is odd
+    in c.
+    """
     terms: list[BiasTerm] = []
     factor = 1.0
+    inner: float | None = None  # the factor inside the Tanh, once one is passed
     nodes: list[ir.Node] = []
     current = matmul.outputs[0]
     for _ in range(_MAX_CHAIN):
@@ -467,6 +489,12 @@ def _scores(matmul: ir.Node, softmax: ir.Node, layout: Layout, t_size: Dim,
             if fill is None or cond is None or fill > _FILL_LIMIT:
                 raise NoMatch("a masked fill with a fill value above -1e4")
             terms.append(BiasTerm(cond, layout, fill=fill, fill_if=uses[0].idx == 2))
+        elif is_onnx_op(node, "Tanh"):
+            if inner is not None:
+                raise NoMatch("two soft caps (tanh) on the scores")
+            if terms:
+                raise NoMatch("a soft cap (tanh) on the scores with a bias inside it")
+            inner, factor = factor, 1.0
         elif is_move(node):
             try:
                 layout = step(layout, node, node.outputs[0], shapes)
@@ -478,12 +506,17 @@ def _scores(matmul: ir.Node, softmax: ir.Node, layout: Layout, t_size: Dim,
         current = node.outputs[0]
     else:
         raise NoMatch("no Softmax after the scores")
+    softcap = 0.0
+    if inner is not None:  # factor: the cap c outside the Tanh
+        if factor == 0.0:
+            raise NoMatch("a soft cap (tanh) on the scores multiplied by 0")
+        softcap, factor = abs(factor), inner * factor
     axis = softmax.attributes.get_int("axis", -1) % layout.rank
     keys = [a for a in layout.axes[-1] if a.size != ONE]
     if axis != layout.rank - 1 or len(keys) > 1 or (keys and keys[0].axis != 3) or (
             not keys and t_size != ONE):
         raise NoMatch("the Softmax does not run over the keys")
-    return terms, factor, nodes, layout
+    return _Scores(terms, factor, nodes, layout, softcap)
 
 
 def _probabilities(softmax: ir.Node) -> tuple[ir.Value, list[ir.Node], bool]:
@@ -526,8 +559,8 @@ def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None) -> Attent
     k.heads = q.heads // k.repeat
     t_size = k.source_dims[k.seq_axis]
     z_layout = scores_layout = _z_layout(q.layout, q_roles, t_size)
-    terms, factor, score_nodes, z_layout = _scores(scores_matmul, softmax, z_layout, t_size,
-                                                    shapes)
+    found = _scores(scores_matmul, softmax, z_layout, t_size, shapes)
+    terms, factor, score_nodes, z_layout = found.terms, found.factor, found.nodes, found.layout
     probs, guard, guarded = _probabilities(softmax)
     context, p_nodes, p_layout = _context(probs, z_layout, shapes)
     v, v_roles = _operand(context.inputs[1], "v", shapes)  # type: ignore[arg-type]
@@ -549,7 +582,8 @@ def match_attention(softmax: ir.Node, shapes: ShapeInfo | None = None) -> Attent
     return AttentionMatch(name, softmax, q, k, v, q.scale * k.scale * factor, terms, output,
                           output_layout, nodes, guarded=guarded, scores_layout=scores_layout,
                           score_nodes=score_nodes, prob_nodes=p_nodes,
-                          context_layout=context_layout, merge_nodes=out_nodes)
+                          context_layout=context_layout, merge_nodes=out_nodes,
+                          softcap=found.softcap)
 
 
 def _scores_matmul(softmax: ir.Node) -> ir.Node:
@@ -563,6 +597,8 @@ def _scores_matmul(softmax: ir.Node) -> ir.Node:
             return node
         if is_onnx_op(node, "Add", "Mul", "Div"):
             current = _data_input(node)
+        elif is_onnx_op(node, "Tanh"):  # a soft cap
+            current = node.inputs[0]
         elif is_onnx_op(node, "Where"):
             a, b = node.inputs[1], node.inputs[2]
             current = b if scalar(a) is not None else a
@@ -597,7 +633,7 @@ def _reaches_matmul(value: ir.Value, depth: int = 0) -> bool:
         return False
     if is_onnx_op(node, "MatMul"):
         return all(v is not None and constant_array(v) is None for v in node.inputs)
-    if is_onnx_op(node, "Add", "Mul", "Div", "Where") or is_move(node):
+    if is_onnx_op(node, "Add", "Mul", "Div", "Where", "Tanh") or is_move(node):
         return any(v is not None and _reaches_matmul(v, depth + 1) for v in node.inputs)
     return False
 

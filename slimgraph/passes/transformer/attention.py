@@ -13,6 +13,11 @@ the scale as attributes) between the projections and the output projection, whic
   GroupQueryAttention` (non-causal, the whole mask as attention_bias, every key valid:
   `seqlens_k = T - 1`), which reads each key/value head once; `gqa="repeat"` repeats the
   key/value heads into MultiHeadAttention instead;
+- a soft cap on the scores (`c * tanh(scores / c)` before the mask, Gemma 2): the `softcap`
+  attribute of GroupQueryAttention (the only fused op with one; onnxruntime applies it after
+  the scale and before attention_bias, as the model does), also for blocks whose key/value
+  heads are not grouped; a soft-capped cross-attention, or one with `gqa="repeat"`, is not
+  fused (reason named);
 - masks and biases: a padding mask over keys becomes the [B, T] `key_padding_mask`; anything
   else (causal and padding masks combined, ALiBi or relative position biases, Swin's window
   masks) the [B|1, N|1, S, T] `attention_bias`, built once per mask and shared by the layers.
@@ -79,6 +84,9 @@ __all__ = ["FuseAttentionPass", "AttentionFusionResult", "TransformerFusionResul
 logger = logging.getLogger(__name__)
 
 GQA_MODES = ("op", "repeat")
+
+# the reason a soft-capped block is not fused: only GroupQueryAttention has a softcap attribute
+_SOFTCAP = "a soft cap (tanh) on the scores"
 
 
 @dataclasses.dataclass
@@ -198,16 +206,23 @@ class FuseAttentionPass(SlimgraphPass):
         terms = [t for t in match.bias if not inert(t)]
         if match.cached:
             return self._plan_cached(match, terms, shapes)
-        grouped = match.kv_heads != match.heads
+        # a soft cap: only GroupQueryAttention takes one (with every key/value head its own)
+        grouped = match.kv_heads != match.heads or bool(match.softcap)
         if grouped and self.gqa == "op":
             q_dims, k_dims = shapes.shape(match.q.source), shapes.shape(match.k.source)
             assert q_dims is not None and k_dims is not None
             if q_dims[match.q.seq_axis] != k_dims[match.k.seq_axis]:
                 grouped = False  # GroupQueryAttention needs self-attention: repeat instead
+        if match.softcap and not (grouped and self.gqa == "op"):
+            raise NoMatch(_SOFTCAP + " (only GroupQueryAttention takes one, and " + (
+                "gqa='repeat' was asked)" if self.gqa != "op" else
+                "only for self-attention)"))
         padding = padding_term(terms, shapes)
         biases = [] if padding is not None else [bias_plan(t, shapes) for t in terms]
         if match.v.head_size != match.head_size and grouped:
-            raise NoMatch("grouped-query attention with a value head size unlike the key's")
+            raise NoMatch("grouped-query attention with a value head size unlike the key's"
+                          if match.kv_heads != match.heads else
+                          _SOFTCAP + " and a value head size unlike the key's")
         return _Plan(match, padding, biases, grouped and self.gqa == "op")
 
     def _plan_cached(self, match: AttentionMatch, terms: list[BiasTerm],
@@ -223,9 +238,14 @@ class FuseAttentionPass(SlimgraphPass):
         grouped = match.kv_heads != match.heads
         assert k.cache is not None
         causal = proves_causal(terms, q.source_dims[q.seq_axis], k.cache.total, shapes)
-        if (grouped or q.rotary is not None) and causal and self.gqa == "op":
+        if (grouped or q.rotary is not None or match.softcap) and causal and self.gqa == "op":
             return _Plan(match, None, [bias_plan(t, shapes) for t in terms], True, "gqa",
                          gqa_rotary(match))
+        if match.softcap:
+            raise NoMatch(_SOFTCAP + " over a key/value cache (only GroupQueryAttention takes "
+                          "one, and " + ("gqa='repeat' was asked)" if self.gqa != "op" else
+                                         "the mask is not evidently causal: that op masks "
+                                         "causally)"))
         if grouped:
             raise NoMatch("grouped-query attention over a key/value cache needs "
                           "GroupQueryAttention, and "
@@ -262,9 +282,12 @@ def _rewrite(em: Emitter, plan: _Plan) -> list[str]:
         kinds.append("rotary")
     mask = key_padding_mask(em, plan.padding, q_in, kv_len, match.heads) if plan.padding else None
     bias = attention_bias(em, plan.biases, q_in, kv_len, match.heads, np.dtype(dtype))
-    attrs = {"num_heads": match.heads, "scale": float(match.scale)}
-    if plan.grouped:
-        kinds.append("grouped_query")
+    attrs: dict[str, int | float] = {"num_heads": match.heads, "scale": float(match.scale)}
+    if match.softcap:
+        attrs["softcap"] = float(match.softcap)
+    if plan.grouped:  # GroupQueryAttention (for a soft cap also without grouped heads)
+        if match.kv_heads != match.heads:
+            kinds.append("grouped_query")
         if mask is not None:  # GroupQueryAttention takes no key padding mask: as a bias
             assert plan.padding is not None
             bias = attention_bias(em, [as_bias(plan.padding)], q_in, kv_len, match.heads,

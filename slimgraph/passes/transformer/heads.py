@@ -47,8 +47,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from slimgraph.errors import BadOptionError
-from slimgraph.ir import layer_name
+from slimgraph.errors import BadOptionError, SlimgraphError
+from slimgraph.ir import copy_model, layer_name
 from slimgraph.ir._dims import io_shapes, restore_dim_names
 from slimgraph.ir.contrib_shapes import infer_shapes
 from slimgraph.passes._kit import Names
@@ -70,8 +70,10 @@ from slimgraph.passes.transformer._headsites import (
 )
 from slimgraph.passes.transformer._match import NoMatch, find_attention
 from slimgraph.passes.transformer._symbolic import ShapeInfo
+from slimgraph.passes.transformer.attention import FuseAttentionPass
 
-__all__ = ["HeadReport", "HeadPruning", "CRITERIA", "head_sites", "head_scores", "remove_heads"]
+__all__ = ["HeadReport", "HeadPruning", "CRITERIA", "head_sites", "head_scores", "remove_heads",
+           "fusing_first_prunes"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +234,20 @@ def remove_heads(model: ir.Model, ratio: float, *, criterion: str = "l1",
     if rewritten:
         _refresh_shapes(model, rewritten)
     return found
+
+
+def fusing_first_prunes(model: ir.Model, ratio: float, *, criterion: str = "l1") -> bool:
+    """Whether `remove_heads(model, ratio)`, which edited no block, would prune heads once
+    `fuse-attention` has fused the model's attention (tried on a copy; `model` is not changed).
+    Some plain forms head pruning cannot follow are plain to the fused op (BLOOM's ALiBi bias,
+    merged with the batch, becomes a [1, N, S, T] attention_bias)."""
+    fused = copy_model(model)
+    try:
+        if not FuseAttentionPass(require=False)(fused).modified:
+            return False
+        return bool(remove_heads(fused, ratio, criterion=criterion).pruned)
+    except SlimgraphError:
+        return False
 
 
 def _refresh_shapes(model: ir.Model, sites: list[HeadSite]) -> None:

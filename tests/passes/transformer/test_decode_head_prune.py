@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 
 import slimgraph as sg
+from slimgraph.errors import UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes.prune import prune_heads
 from slimgraph.passes.transformer import FuseAttentionPass
@@ -120,3 +121,33 @@ def test_a_pruned_step_is_compared_with_and_distilled_from_its_original() -> Non
                              "numbers of key/value heads (head pruning)")
     tuned = sg.finetune(pruned, tokens, teacher=dead, epochs=1)  # the teacher's own past
     assert [o.name for o in sg.compare(dead, tuned, tokens).outputs] == ["logits"]
+
+
+def test_multi_query_attention_says_its_one_key_value_head_must_stay() -> None:
+    """GPT-BigCode: 4 query heads share one key/value head; head pruning removes whole key/value
+    groups, so nothing can go, and the message says why in those terms."""
+    step = _step("bigcode", "plain")
+    with pytest.raises(UnsupportedModelError) as error:
+        sg.prune(step, heads=0.5)
+    assert str(error.value) == (
+        "prune(heads=0.5): every attention block has one key/value head shared by all its "
+        "query heads (multi-query attention): head pruning removes whole key/value groups, and "
+        "the one group must stay")
+
+
+def test_a_plain_block_the_fused_op_can_lose_heads_of_says_fuse_first() -> None:
+    """BLOOM's ALiBi bias is merged with the batch in the plain step (head pruning cannot follow
+    it) but is the fused op's [1, N, S, T] attention_bias: the refusal says to fuse first, and
+    the fused step loses half its heads."""
+    step = _step("bloom", "plain")
+    with pytest.raises(UnsupportedModelError) as error:
+        sg.prune(step, heads=0.5)
+    reason = "a per-head bias merged with another axis"
+    assert str(error.value) == (
+        f"prune(heads=0.5): no attention block could lose a head (transformer.h.0.self_attention:"
+        f" {reason}; transformer.h.1.self_attention: {reason}); fused attention can: fuse first "
+        f'(sg.optimize(model, preset="transformer")), then prune heads')
+    assert error.value.cli_message.endswith(
+        "fuse first (slimgraph optimize MODEL --preset transformer), then prune heads")
+    fused = sg.optimize(step, recipe=["cleanup", "fuse-attention"], verify=False)
+    assert [(b.heads, b.kept) for b in prune_heads(fused, 0.5).blocks] == [(4, 2)] * 2
