@@ -64,6 +64,12 @@ def test_layer_name_rules() -> None:
     assert layer_name(node) == "block.act"
     node.metadata_props[metadata.TORCH_NAME_SCOPES] = "not a list ["
     assert layer_name(node) == ""
+    # torch.export's placeholder for a node created with no module is no layer
+    hook = "_empty_nn_module_stack_from_metadata_hook"
+    node.metadata_props[metadata.TORCH_NAME_SCOPES] = f"['{hook}', 'sym_size_int_23']"
+    assert layer_name(node) == ""
+    node.metadata_props[metadata.LAYER] = hook  # as files exported before this rule stored it
+    assert layer_name(node) == ""
     node.metadata_props[metadata.LAYER] = "stored.name"
     assert layer_name(node) == "stored.name"
 
