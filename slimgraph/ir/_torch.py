@@ -185,8 +185,10 @@ def _export(
                 opset_version=opset_version,
             )
         except Exception as error:  # the exporter raises many types; name the cause once
+            cause = _cause(error)
             raise UnsupportedModelError(
-                f"torch.onnx.export could not export {type(module).__name__}: {_cause(error)}"
+                f"torch.onnx.export could not export {type(module).__name__}: {cause}"
+                f"{_CACHE_HINT if any(m in cause for m in _CACHE_MARKS) else ''}"
             ) from error
         finally:
             registration_log.setLevel(previous_level)
@@ -197,6 +199,14 @@ def _export(
     model = program.model
     annotate_layers(model)
     return model
+
+
+# A Hugging Face model exported with its key/value cache on, or given the mask where its second
+# positional argument is the cache (GPT-2, BLOOM, GPT-BigCode): what torch then says, and how to
+# export it instead.
+_CACHE_MARKS = ("get_seq_length", "DynamicCache")
+_CACHE_HINT = (" (a Hugging Face model: export a wrapper module whose forward returns "
+               "net(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state)")
 
 
 def _cause(error: BaseException) -> str:

@@ -17,6 +17,9 @@ from slimgraph.ir.metadata import LAYER, TORCH_NAME_SCOPES
 __all__ = ["layer_name", "display_name", "annotate_layers"]
 
 _WEIGHT_SUFFIXES = (".weight", ".bias", ".running_mean", ".running_var", ".in_proj_weight")
+# What torch.export writes as the module stack of a node a pass created with no module to copy
+# (torch/_export/passes/_node_metadata_hook.py): no module at all, not a layer.
+_NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"
 
 
 def annotate_layers(model: ir.Model) -> None:
@@ -41,10 +44,12 @@ def layer_name(node: ir.Node) -> str:
 
     Weights decide first: a node reading initializer `layer1.0.conv1.weight` belongs to
     `layer1.0.conv1`. Otherwise the exporter's name scopes decide: the last module path before
-    the FX node's own name (`['', 'layer1', 'layer1.0', 'add']` gives `layer1.0`).
+    the FX node's own name (`['', 'layer1', 'layer1.0', 'add']` gives `layer1.0`). torch's
+    placeholder for a node with no module (`_empty_nn_module_stack_from_metadata_hook`) is no
+    layer: ''.
     """
     if stored := node.metadata_props.get(LAYER):
-        return stored
+        return "" if _NO_MODULE in stored.split(".") else stored
     for value in node.inputs:
         if value is not None and value.is_initializer() and value.name:
             for suffix in _WEIGHT_SUFFIXES:
@@ -57,6 +62,6 @@ def layer_name(node: ir.Node) -> str:
         scopes = ast.literal_eval(scopes_text)
     except (ValueError, SyntaxError):
         return ""
-    if not isinstance(scopes, list) or len(scopes) < 2:
+    if not isinstance(scopes, list) or len(scopes) < 2 or scopes[-2] == _NO_MODULE:
         return ""
     return str(scopes[-2])

@@ -253,7 +253,8 @@ def resolve_value(model: ir.Model, spec: str, *, role: str = "model") -> str:
     the nodes that layer (or any module inside it) produced.
 
     Raises:
-        BadOptionError: no value and no layer of that name (the message lists top-level layers).
+        BadOptionError: no value and no layer of that name (the message lists the top-level
+            layers and the graph outputs).
     """
     graph = model.graph
     for value in graph.inputs:
@@ -271,9 +272,10 @@ def resolve_value(model: ir.Model, spec: str, *, role: str = "model") -> str:
                     found = output.name
     if found is None:
         layers = sorted({sg_ir.layer_name(n).split(".")[0] for n in graph} - {""})
+        outputs = [v.name for v in graph.outputs if v.name]
         raise BadOptionError(
             f"{role}: no value or torch layer named '{spec}' (top-level layers: "
-            f"{', '.join(layers) or 'none recorded'})"
+            f"{', '.join(layers) or 'none recorded'}; graph outputs: {', '.join(outputs)})"
         )
     return found
 
@@ -510,6 +512,16 @@ def run_finetune(
                else StreamBatches(stream, student_model, o.labels))  # type: ignore[arg-type]
     if teacher_model is None and not batches.has_labels:
         source = arrays.source if arrays is not None else "data"
+        if o.scheme == "self":
+            # The moving average starts as the model itself: without labels the two agree and
+            # the distillation loss has no gradient, so nothing would be learned.
+            raise BadOptionError.worded(
+                "nothing to learn from: scheme 'self' needs labels (its teacher, the model's own "
+                "moving average, starts equal to the model and only steadies what labels "
+                "teach), and {source} has no labels ('{key}'): add them ({labels} names their "
+                "key) or give a teacher ({teacher}) with scheme 'offline' or 'online'",
+                source=source, key=o.labels, labels=("labels=", "--labels KEY"),
+                teacher=("teacher=", "--teacher MODEL"))
         raise BadOptionError(
             f"nothing to learn from: {source} has no labels ('{o.labels}') and there is no teacher"
         )

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from slimgraph._tables import render_table
 from slimgraph.errors import BadOptionError, UnsupportedModelError
 from slimgraph.ir import ModelLike, as_model
 from slimgraph.runtime._decoder import DecoderIO, decoder_io, mask_positions
 from slimgraph.runtime.feeds import input_specs
+from slimgraph.runtime.perplexity import vocabulary
 from slimgraph.runtime.session import create_session
 
 __all__ = ["generate", "GenerateResult"]
@@ -108,8 +110,9 @@ def generate(
         them as `slimgraph generate` does.
 
     Raises:
-        BadOptionError: no prompt, an empty prompt, `max_new_tokens` or `batch` below 1, or
-            `batch` with several prompts.
+        BadOptionError: no prompt, an empty prompt, a prompt id (or `pad`) outside the
+            vocabulary of the embedding table the token ids index, `max_new_tokens` or `batch`
+            below 1, or `batch` with several prompts.
         UnsupportedModelError: the model is not a decode-step graph (no past key/value inputs
             with present outputs, no token-id input or logits), or its past inputs do not state
             their key/value heads and head size.
@@ -126,6 +129,7 @@ def generate(
                                     value=str(max_new_tokens))
     model = as_model(model)
     io = _decoder(model)
+    _check_vocabulary(model, io, prompts, pad)
     session = create_session(model, threads=threads)
     dtypes = {spec.name: spec.dtype for spec in input_specs(model)}
     shapes = {spec.name: spec.shape for spec in input_specs(model)}
@@ -203,6 +207,22 @@ def _decoder(model: Any) -> DecoderIO:
         raise UnsupportedModelError(
             f"not a decode-step graph generation can run: it has no {missing}")
     return io
+
+
+def _check_vocabulary(model: ir.Model, io: DecoderIO, prompts: list[list[int]],
+                      pad: int) -> None:
+    """Every prompt id (and `pad`, when a row is padded) is a row of the embedding table the
+    token ids index (`perplexity.vocabulary`); unchecked when no table is found."""
+    tokens = next((v for v in model.graph.inputs if v.name == io.ids), None)
+    size = vocabulary(tokens) if tokens is not None else None
+    if size is None:
+        return
+    bad = next((t for p in prompts for t in p if not 0 <= t < size), None)
+    if bad is not None:
+        raise BadOptionError(
+            f"prompt id {bad} is outside the model's vocabulary (0..{size - 1})")
+    if len({len(p) for p in prompts}) > 1 and not 0 <= pad < size:
+        raise BadOptionError(f"pad={pad} is outside the model's vocabulary (0..{size - 1})")
 
 
 def _past_shape(name: str, shape: tuple[Any, ...] | None, rows: int) -> tuple[int, ...]:

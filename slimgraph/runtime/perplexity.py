@@ -35,7 +35,7 @@ from slimgraph.runtime.session import create_session, run
 
 __all__ = [
     "LMSpec", "LMScores", "LMAccumulator", "lm_spec", "lm_spec_or_reason", "perplexity",
-    "DEFAULT_TOKENS",
+    "DEFAULT_TOKENS", "vocabulary",
 ]
 
 DEFAULT_TOKENS = "input_ids"
@@ -122,6 +122,14 @@ _MAX_CHAIN = 6
 
 def _is_onnx(node: ir.Node, *ops: str) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in ops
+
+
+def vocabulary(tokens: ir.Value) -> int | None:
+    """The number of rows of the embedding table the token ids `tokens` index (the valid ids
+    are 0 .. rows - 1), found by dataflow as `lm_spec_or_reason` finds it (a Gather of a
+    constant table, dequantized or block-quantized too); None when no such table is found."""
+    table = _embedding_table(tokens)
+    return table[0] if table is not None else None
 
 
 def _embedding_table(tokens: ir.Value) -> tuple[int, int | None] | None:

@@ -64,6 +64,12 @@ def test_layer_name_rules() -> None:
     assert layer_name(node) == "block.act"
     node.metadata_props[metadata.TORCH_NAME_SCOPES] = "not a list ["
     assert layer_name(node) == ""
+    # torch.export's placeholder for a node created with no module is no layer
+    hook = "_empty_nn_module_stack_from_metadata_hook"
+    node.metadata_props[metadata.TORCH_NAME_SCOPES] = f"['{hook}', 'sym_size_int_23']"
+    assert layer_name(node) == ""
+    node.metadata_props[metadata.LAYER] = hook  # as files exported before this rule stored it
+    assert layer_name(node) == ""
     node.metadata_props[metadata.LAYER] = "stored.name"
     assert layer_name(node) == "stored.name"
 
@@ -144,3 +150,39 @@ def test_export_failure_quotes_the_cause_without_colour_codes() -> None:
     with raises_exactly(UnsupportedModelError, message) as caught:
         from_torch(_Raises(), (torch.ones(2),))
     assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+def test_a_hugging_face_model_given_the_mask_as_its_cache_is_told_how_to_export() -> None:
+    """GPT-2's second positional argument is past_key_values, not the mask: torch's error gets
+    the wrapper to export instead, and that wrapper exports (the README's Transformers step 1)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                     n_positions=16)  # fmt: skip
+    net = transformers.GPT2Model(config).eval()
+    ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    dynamic = ({0: "batch", 1: "seq"},) * 2
+    with raises_exactly(UnsupportedModelError,
+                        "torch.onnx.export could not export GPT2Model: 'FakeTensor' object has "
+                        "no attribute 'get_seq_length' (a Hugging Face model: export a wrapper "
+                        "module whose forward returns net(input_ids=ids, attention_mask=mask, "
+                        "use_cache=False).last_hidden_state)"):
+        from_torch(net, (ids, mask), dynamic_shapes=dynamic)
+
+    class Hidden(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.net(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    model = from_torch(Hidden(net), (ids, mask), dynamic_shapes=dynamic,
+                       output_names=["last_hidden_state"])  # fmt: skip
+    longer = torch.randint(1, 50, (3, 7))
+    with torch.no_grad():
+        want = net(input_ids=longer, attention_mask=torch.ones_like(longer)).last_hidden_state
+    names = [v.name for v in model.graph.inputs]
+    got = run(create_session(model), dict(zip(names, [longer.numpy(), np.ones((3, 7), np.int64)],
+                                                strict=True)))["last_hidden_state"]  # fmt: skip
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)

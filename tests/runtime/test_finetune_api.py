@@ -60,6 +60,17 @@ def test_self_scheme_distils_from_its_own_moving_average(setup) -> None:  # noqa
     assert report.after > 0.8 and report.after > report.before
 
 
+def test_self_scheme_without_labels_says_it_needs_them(setup) -> None:  # noqa: ANN001
+    """The moving average starts as the model: without labels nothing would be learned."""
+    with pytest.raises(BadOptionError) as caught:
+        sg.finetune(setup["pruned"], {"image": setup["small"]["image"]}, scheme="self")
+    assert str(caught.value) == (
+        "nothing to learn from: scheme 'self' needs labels (its teacher, the model's own moving "
+        "average, starts equal to the model and only steadies what labels teach), and data has "
+        "no labels ('labels'): add them (labels= names their key) or give a teacher (teacher=) "
+        "with scheme 'offline' or 'online'")
+
+
 def test_relation_kd_on_a_named_layer_trains(setup) -> None:  # noqa: ANN001
     trained, report = sg.finetune_with_report(
         setup["pruned"], setup["train"], teacher=setup["model"], kd=("response", "relation"),

@@ -138,12 +138,17 @@ def _nothing_written(folder: Path, before: set[str]) -> None:
          "kd 'feature' needs a teacher (give one, or use scheme 'self')"),
         (["{pruned}", "--data", "{small}", "--scheme", "online"],
          "scheme 'online' trains a teacher alongside: give a teacher model"),
+        (["{pruned}", "--data", "{nolabels}", "--scheme", "self"],
+         "nothing to learn from: scheme 'self' needs labels (its teacher, the model's own moving "
+         "average, starts equal to the model and only steadies what labels teach), and "
+         "{nolabels} has no labels ('labels'): add them (--labels KEY names their key) or give "
+         "a teacher (--teacher MODEL) with scheme 'offline' or 'online'"),
         (["{pruned}", "--data", "{small}", "--scheme", "self", "--teacher", "{model}"],
          "scheme 'self' distils from the model's own moving average: give no teacher"),
         (["{pruned}", "--data", "{small}", "--teacher", "{model}", "--kd", "feature",
           "--feature-layers", "block9"],
          "model: no value or torch layer named 'block9' (top-level layers: block1, block2, down, "
-         "fc, stem)"),
+         "fc, stem; graph outputs: linear)"),
         (["{pruned}", "--data", "{small}", "--epochs", "-1"], "epochs must be >= 0, got -1"),
         (["{pruned}", "--data", "{small}", "--batch-size", "0"], "batch size must be >= 1, got 0"),
         (["{pruned}", "--data", "{small}", "--lr", "0"], "learning rate must be > 0, got 0.0"),

@@ -94,6 +94,11 @@ def test_every_command_runs_on_a_decode_step_without_data(cli, llama, tmp_path) 
                    "--max-new-tokens", "3", "--json").json()
         assert len(data["tokens"]) == 1 and len(data["tokens"][0]) == 3
         assert all(0 <= t < models_lm.VOCAB for t in data["tokens"][0])
+    # the vocabulary of a block-quantized embedding table (GatherBlockQuantized) is checked too
+    outside = cli("generate", tmp_path / "int4.onnx", "--prompt-ids", f"1,{models_lm.VOCAB}")
+    assert (outside.code, outside.out) == (2, "")
+    assert outside.err == (f"slimgraph generate: error: prompt id {models_lm.VOCAB} is outside "
+                           f"the model's vocabulary (0..{models_lm.VOCAB - 1})\n")
 
 
 def test_generate_refuses_what_it_cannot_run(cli, llama, tmp_path, capsys) -> None:
@@ -117,6 +122,18 @@ def test_generate_refuses_what_it_cannot_run(cli, llama, tmp_path, capsys) -> No
     with raises_exactly(BadOptionError, "an empty prompt: every prompt needs at least one "
                                         "token id"):
         sg.generate(path, [[1, 2], []])
+    # ids outside the embedding table were onnxruntime's "indices element out of data bounds"
+    last = models_lm.VOCAB - 1
+    outside = cli("generate", path, "--prompt-ids", f"1,2,{models_lm.VOCAB + 200}")
+    assert (outside.code, outside.out) == (2, "")
+    assert outside.err == (f"slimgraph generate: error: prompt id {models_lm.VOCAB + 200} is "
+                           f"outside the model's vocabulary (0..{last})\n")
+    with raises_exactly(BadOptionError, f"prompt id -1 is outside the model's vocabulary "
+                                        f"(0..{last})"):
+        sg.generate(path, [[1, 2], [-1]])
+    with raises_exactly(BadOptionError, f"pad={models_lm.VOCAB} is outside the model's "
+                                        f"vocabulary (0..{last})"):
+        sg.generate(path, [[1, 2], [3]], pad=models_lm.VOCAB)
 
 
 def test_a_decode_step_nothing_can_be_fused_in_is_refused(cli, tmp_path) -> None:
