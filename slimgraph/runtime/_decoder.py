@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["DecoderIO", "decoder_io", "expression_size", "decoder_mask", "mask_positions",
-           "token_feeds", "fit_empty_past"]
+           "token_feeds", "empty_past_fitter"]
 
 _MAX_CHAIN = 8
 # where fused attention ops read the past keys and values
@@ -230,29 +230,38 @@ def token_feeds(model: ir.Model, data: Mapping[str, np.ndarray]) -> dict[str, np
     return feeds if set(feeds) == set(values) else None
 
 
-def fit_empty_past(model: ir.Model, feeds: Mapping[str, Any]) -> dict[str, Any]:
-    """`feeds` with every empty past (past length 0, as `token_feeds` makes for a token file)
-    shaped as `model` declares its past: [rows, KVH, 0, H] of the model's own KVH and H.
+def empty_past_fitter(model: ir.Model | None) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    """A function giving feeds whose every empty past (past length 0, as `token_feeds` makes for
+    a token file) is shaped as `model` declares its past: [rows, KVH, 0, H] of the model's own
+    KVH and H. The model is read once, here; the function is called per batch.
 
     A decode step whose heads were pruned (`prune --heads`) declares fewer key/value heads than
     the step it came from; comparing the two or distilling one from the other feeds both the
     same token data, whose empty past was made for one of them. A past with tokens in it is left
-    as it is (it cannot be refitted). numpy arrays and torch tensors alike.
+    as it is (it cannot be refitted). numpy arrays and torch tensors alike. For a model that is
+    no decode step (or None: a session) the function returns the feeds as given.
     """
-    roles = decoder_io(model)
-    if roles is None:
-        return dict(feeds)
-    declared = {v.name: v.shape for v in model.graph.inputs if v.name in roles.past}
-    fitted = dict(feeds)
-    for name in roles.past:
-        value, shape = feeds.get(name), declared.get(name)
-        if value is None or shape is None or len(shape) != 4 or len(value.shape) != 4:
-            continue
-        heads, size = shape[1], shape[3]
-        if value.shape[2] != 0 or not isinstance(heads, int) or not isinstance(size, int) or (
-                tuple(value.shape[1:]) == (heads, 0, size)):
-            continue
-        new_shape = (value.shape[0], heads, 0, size)
-        fitted[name] = (value.new_zeros(new_shape) if hasattr(value, "new_zeros")
-                        else np.zeros(new_shape, value.dtype))
-    return fitted
+    roles = decoder_io(model) if model is not None else None
+    declared: dict[str, tuple[int, int]] = {}
+    if model is not None and roles is not None:
+        for value in model.graph.inputs:
+            shape = value.shape
+            if value.name in roles.past and shape is not None and len(shape) == 4 and (
+                    isinstance(shape[1], int) and isinstance(shape[3], int)):
+                declared[value.name] = (shape[1], shape[3])
+    if not declared:
+        return lambda feeds: feeds
+
+    def fit(feeds: Mapping[str, Any]) -> Mapping[str, Any]:
+        fitted = dict(feeds)
+        for name, (heads, size) in declared.items():
+            value = feeds.get(name)
+            if value is None or len(value.shape) != 4 or value.shape[2] != 0 or (
+                    tuple(value.shape[1:]) == (heads, 0, size)):
+                continue
+            shape = (value.shape[0], heads, 0, size)
+            fitted[name] = (value.new_zeros(shape) if hasattr(value, "new_zeros")
+                            else np.zeros(shape, value.dtype))
+        return fitted
+
+    return fit

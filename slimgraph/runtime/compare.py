@@ -36,7 +36,7 @@ from slimgraph.errors import (
     first_line,
 )
 from slimgraph.ir import as_model, metadata
-from slimgraph.runtime._decoder import decoder_io, fit_empty_past
+from slimgraph.runtime._decoder import decoder_io, empty_past_fitter
 from slimgraph.runtime.data import DEFAULT_LABELS, DataLike, LabelledData, as_data, top1_correct
 from slimgraph.runtime.feeds import calibrated_ranges, input_specs, random_feeds, sample_count
 from slimgraph.runtime.perplexity import LMAccumulator, LMScores, LMSpec, lm_spec_or_reason
@@ -454,12 +454,10 @@ def compare(
     rows = ref_correct = cand_correct = 0
     caches, cache_note = _pruned_caches(ref_model, cand_model)
     note = "; ".join(n for n in (note, cache_note) if n) or None
+    ref_fit, cand_fit = empty_past_fitter(ref_model), empty_past_fitter(cand_model)
     for item in batches:
         feed, truth = item if isinstance(item, tuple) else (item, None)
-        ref, cand = (run(ref_session, feed if ref_model is None else fit_empty_past(ref_model,
-                                                                                    feed)),
-                     run(cand_session, feed if cand_model is None else fit_empty_past(
-                         cand_model, feed)))
+        ref, cand = run(ref_session, ref_fit(feed)), run(cand_session, cand_fit(feed))
         if caches:
             ref = {k: v for k, v in ref.items() if k not in caches}
             cand = {k: v for k, v in cand.items() if k not in caches}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from slimgraph.errors import BadOptionError
-from slimgraph.runtime._decoder import fit_empty_past
+from slimgraph.runtime._decoder import empty_past_fitter
 from slimgraph.runtime.calibrate import with_outputs
 from slimgraph.runtime.compare import FidelityAccumulator
 from slimgraph.runtime.feeds import sample_count
@@ -301,13 +301,13 @@ class OrtTeacher:
 
     def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
         self.names = list(names)
-        self.model = model
+        self.fit = empty_past_fitter(model)
         self.session = create_session(with_outputs(model, self.names))
         self.cached: dict[str, torch.Tensor] | None = None
 
     def run_numpy(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # a head-pruned decode step's student: its token data's empty past has fewer heads
-        outputs = run(self.session, fit_empty_past(self.model, feeds))
+        outputs = run(self.session, self.fit(feeds))
         return {name: outputs[name] for name in self.names}
 
     def cache(self, data: LabelledData) -> None:
