@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimgraph.errors import InvalidModelError
+from slimgraph.errors import BadInputError, InvalidModelError
 from slimgraph.ir.attention_macs import ATTENTION_OPS, attention_macs
 from slimgraph.ir.contrib_shapes import has_contrib_ops, infer_shapes
 from slimgraph.ir.layout import layout
@@ -27,6 +28,7 @@ __all__ = [
     "parameter_count",
     "static_shape",
     "with_static_shapes",
+    "NegativeSizeError",
     "node_macs",
     "MAC_OPS",
     "QUANTIZED_MAC_FORMS",
@@ -152,6 +154,55 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     return tuple(dims) if len(dims) == len(value.shape) else None
 
 
+class NegativeSizeError(BadInputError):
+    """Symbolic dimension sizes too small for the model: some value would get a negative size
+    (an audio model's convolutions at a sample count of 1, say). `node` and `shape` name the
+    first value found."""
+
+    def __init__(
+        self, dims: Mapping[str, int], node: str, op: str, shape: list[int | str]
+    ) -> None:
+        self.dims, self.node, self.op, self.shape = dict(dims), node, op, shape
+        given = ", ".join(f"{k}={v}" for k, v in dims.items())
+        super().__init__(
+            f"symbolic dimension sizes too small for this model ({given or 'all'}"
+            f"{', other symbolic dims 1' if given else ' 1'}): node '{node}' ({op}) would "
+            f"have shape {shape}"
+        )
+
+
+class _Negative(ValueError):
+    """Raised inside onnxscript's folder to skip a node's inference (it catches and goes on)."""
+
+
+@contextlib.contextmanager
+def _negative_sizes_refused(found: list[tuple[str, str, list[int | str]]]) -> Iterator[None]:
+    """While the folder runs, record the first node whose inferred output has a negative size
+    and infer nothing downstream of one: onnx's Slice inference aborts the process (a C++
+    assertion, not an exception) on an input of negative size."""
+    original = onnx.shape_inference.infer_node_outputs
+
+    def guarded(schema, node, input_types, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        for name, value in input_types.items():
+            if any(d.HasField("dim_value") and d.dim_value < 0
+                   for d in value.tensor_type.shape.dim):  # fmt: skip
+                raise _Negative(name)
+        outputs = original(schema, node, input_types, *args, **kwargs)
+        for value in outputs.values():
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                    for d in value.tensor_type.shape.dim]  # fmt: skip
+            if any(isinstance(d, int) and d < 0 for d in dims):
+                found.append((node.name, node.op_type, dims))
+                raise _Negative(node.name)
+        return outputs
+
+    onnx.shape_inference.infer_node_outputs = guarded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        onnx.shape_inference.infer_node_outputs = original  # type: ignore[assignment]
+
+
 def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = None) -> ir.Model:
     """A structural copy of `model` with symbolic input dimensions fixed and shapes inferred.
 
@@ -160,6 +211,9 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
     graph inputs of the copy (shape inference needs their shapes, not their values), so the copy
     is for analysis only. Small initializers (Reshape shapes, axes) stay for onnx's data
     propagation.
+
+    Raises:
+        NegativeSizeError: the sizes give some value a negative size (too small for the model).
     """
     dim_values = dict(dim_values or {})
     proto = _proto_without_weights(model)
@@ -185,7 +239,12 @@ def with_static_shapes(model: ir.Model, dim_values: Mapping[str, int] | None = N
         for dim in tensor_type.shape.dim:
             if dim.HasField("dim_param"):
                 dim.dim_value = fixed.get(dim.dim_param, dim_values.get(dim.dim_param, 1))
-    proto = _fold_shape_arithmetic(proto)
+    negative: list[tuple[str, str, list[int | str]]] = []
+    proto = _fold_shape_arithmetic(proto, negative)
+    if negative:
+        name, op, shape = negative[0]
+        raise NegativeSizeError({k: v for k, v in fixed.items() if k in dim_values}, name, op,
+                                shape)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as error:  # onnx raises several types; analysis goes on with fewer shapes
@@ -214,7 +273,9 @@ def _dim_size(name: str, dim_values: Mapping[str, int]) -> int:
     return total
 
 
-def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _fold_shape_arithmetic(
+    proto: onnx.ModelProto, negative: list[tuple[str, str, list[int | str]]]
+) -> onnx.ModelProto:
     """Fold Shape -> Gather -> Mul -> Concat chains now that the input dims are fixed.
 
     Exporters compute Reshape targets from the symbolic batch (`x.view(b * h, ...)`); onnx's data
@@ -223,6 +284,8 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     chains (the copy's weights are graph inputs, so no weight is read).
     The folded graph has fewer nodes; only its inferred shapes come back, as `value_info` of the
     unfolded copy (callers pair nodes of the copy with the model's by position).
+    A node whose inferred output has a negative size is appended to `negative` (name, op,
+    shape) and the unfolded copy comes back.
     """
     import onnxscript.optimizer
 
@@ -232,7 +295,10 @@ def _fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     folder_log.setLevel(logging.ERROR)
     try:
         model = ir.from_proto(proto)
-        onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        with _negative_sizes_refused(negative):
+            onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        if negative:
+            return proto
         folded = onnx.shape_inference.infer_shapes(
             ir.to_proto(model), strict_mode=False, data_prop=True
         )

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from slimgraph.errors import BadOptionError
 from slimgraph.ir import analysis, display_name, metadata, size_on_disk
+from slimgraph.ir._dims import mac_dims
 
 __all__ = [
     "IOSpec",
@@ -106,7 +107,7 @@ class ModelSummary:
         size_bytes: the file plus its external-data files; for an in-memory model, its
             serialized size.
         macs: multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul nodes with symbolic
-            dimensions set by `dims` (default 1).
+            dimensions set by `dims` (default: the export's example sizes, batch 1, else 1).
         macs_unknown: MAC-counting nodes whose shapes stayed unknown (left out of `macs`).
         dims: the symbolic dimension values the MACs were counted with.
         inputs, outputs: the graph's real inputs (initializers listed as inputs left out) and
@@ -171,13 +172,18 @@ def summarize(
         path: the file it was loaded from; its size plus that of its external-data files
             (known when loaded with `slimgraph.ir.load`) is `size_bytes`. None: the size of
             the serialized model.
-        dims: values for symbolic dimensions when counting MACs (default 1 each).
+        dims: values for symbolic dimensions when counting MACs. Those not given take the
+            export's example sizes (`from_torch` records them), the batch 1, else 1: an audio
+            model's sample count of 1 would give its convolutions negative lengths.
+
+    Raises:
+        analysis.NegativeSizeError: the sizes are too small for the model (bad input).
 
     Example:
         >>> summary = summarize(load("model.onnx"), "model.onnx")  # doctest: +SKIP
         >>> summary.parameters, summary.macs  # doctest: +SKIP
     """
-    dims = dict(dims or {})
+    dims = {**mac_dims(model), **(dims or {})}
     graph = model.graph
     ops = Counter(op_key(node) for node in graph)
     macs_by_node, unknown = analysis.macs_by_node(model, dims)

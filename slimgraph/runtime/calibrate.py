@@ -25,7 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.errors import BadDataError, UnsupportedModelError, first_line
-from slimgraph.ir.analysis import with_static_shapes
+from slimgraph.ir._dims import mac_dims
+from slimgraph.ir.analysis import NegativeSizeError, with_static_shapes
 from slimgraph.runtime._decoder import decoder_io
 from slimgraph.runtime.feeds import (
     check_feeds,
@@ -384,7 +385,10 @@ def _float_values(model: ir.Model, names: Sequence[str]) -> bool:
     float16 sum would overflow); types the model does not record are inferred on a copy."""
     values = _values_by_name(model.graph)
     if any(name in values and values[name].dtype is None for name in names):
-        values = _values_by_name(with_static_shapes(model).graph)
+        try:
+            values = _values_by_name(with_static_shapes(model, mac_dims(model)).graph)
+        except NegativeSizeError:  # sizes unknown: the types stay unknown, sums stay outside
+            return False
     for name in names:
         value = values.get(name)
         dtype = value.dtype if value is not None else None

@@ -15,6 +15,8 @@ from slimgraph._tables import (
     render_fields,
     render_table,
 )
+from slimgraph.errors import BadInputError
+from slimgraph.ir.analysis import NegativeSizeError
 from slimgraph.ir.summary import ModelSummary, parse_dims, summarize
 from slimgraph.tools._common import add_json_option, add_model_arguments, print_result
 
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dim",
         action="append",
         metavar="NAME=VALUE",
-        help="value of a symbolic dimension for MACs (default 1), e.g. --dim batch=8",
+        help="value of a symbolic dimension for MACs (default: the export's example size, "
+        "batch 1, else 1), e.g. --dim batch=8",
     )
     parser.set_defaults(handler=run)
 
@@ -41,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     model = sg_ir.load(args.model)
-    summary = summarize(model, args.model, dims=dims)
+    try:
+        summary = summarize(model, args.model, dims=dims)
+    except NegativeSizeError as error:
+        raise BadInputError(f"{error}; give larger sizes with --dim NAME=VALUE") from None
     return print_result(args, summary.to_dict(), render_summary(summary))
 
 

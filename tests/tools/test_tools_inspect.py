@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -376,3 +377,28 @@ def test_quantized_forms_count_the_macs_of_the_op_they_replace(cli, tmp_path, fo
     expected = cli("inspect", flat, "--json").json()["macs"]
     data = cli("inspect", save_ir(quantized, tmp_path / "q.onnx"), "--json").json()
     assert expected > 0 and data["macs"] == expected and data["macs_unknown"] == 0
+
+
+def test_inspect_counts_at_the_export_sizes_and_names_sizes_too_small(cli, tmp_path) -> None:
+    """Wav2Vec2's feature convolutions at 1 or 6 samples have negative lengths, and onnx's Slice
+    inference aborts the process (a C++ assertion) on such a value: `inspect` counts MACs at the
+    export's example sizes unless told otherwise, and a size too small is one line, exit 2."""
+    from tests import models_hf
+
+    case, model = models_hf.exported("wav2vec2")
+    path = save_ir(model, tmp_path / "wav2vec2.onnx")
+    before = path.read_bytes()
+    samples = int(case.args[0].shape[1])
+    data = cli("inspect", path, "--json").json()
+    assert data["dims"] == {"samples": samples}
+    assert data["macs"] > 0 and data["macs_unknown"] == 0
+    assert cli("inspect", path, "--json", "--dim", f"samples={samples}").json()["macs"] == (
+        data["macs"])
+    for size in (1, 6):
+        result = cli("inspect", path, "--dim", f"samples={size}")
+        assert result.code == 2 and result.out == ""
+        assert re.fullmatch(
+            r"slimgraph inspect: error: symbolic dimension sizes too small for this model "
+            rf"\(samples={size}, other symbolic dims 1\): node '[^']+' \(\w+\) would have shape "
+            r"\[1, -1\]; give larger sizes with --dim NAME=VALUE\n", result.err), result.err
+    assert path.read_bytes() == before

@@ -143,8 +143,11 @@ def slow_layers(
     wanted = set(nodes)
     act = {"uint8": ir.DataType.UINT8, "int8": ir.DataType.INT8}.get(
         activation_dtype, default_activation_dtype())
-    dims = {name: batch for name in _batch_dims(prepared)}
-    shaped = ir_analysis.with_static_shapes(prepared, dims)
+    dims = {**mac_dims(prepared), **{name: batch for name in _batch_dims(prepared)}}
+    try:
+        shaped = ir_analysis.with_static_shapes(prepared, dims)
+    except ir_analysis.NegativeSizeError as error:  # no example sizes recorded: time nothing
+        return SpeedFallback(batch, skipped=f"layer shapes unknown ({error})")
     macs, _ = ir_analysis.macs_by_node(prepared, dims)
     classes: dict[tuple, list[tuple[ir.Node, ir.Node]]] = {}
     for original, copy in zip(prepared.graph, shaped.graph, strict=True):
