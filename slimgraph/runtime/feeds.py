@@ -476,6 +476,9 @@ def read_npz(path: str | os.PathLike[str], model: ir.Model) -> dict[str, np.ndar
                 f"{file}: holds pickled Python objects, which slimgraph never loads; save plain "
                 f"numeric arrays; {expected}"
             ) from None
+        if not _is_zip(file) and "allow_pickle" in str(error):  # neither .npz nor .npy
+            raise BadDataError(f"{file}: not a readable .npz file (not the zip archive of named "
+                               f"arrays that np.savez writes); {expected}") from None
         raise BadDataError(f"{file}: not a readable .npz file ({error}); {expected}") from None
     return data
 

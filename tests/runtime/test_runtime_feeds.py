@@ -215,8 +215,9 @@ def test_unreadable_data_files(typed_model: ir.Model, tmp_path: Path) -> None:
         load_npz(tmp_path / "nothere.npz", typed_model)
     text = tmp_path / "text.npz"
     text.write_text("image,label\n1,2\n")
-    with pytest.raises(BadDataError, match=r"text\.npz: not a readable \.npz file"):
-        load_npz(text, typed_model)
+    with pytest.raises(BadDataError, match=r"text\.npz: not a readable \.npz file \(not the zip "
+                       r"archive of named arrays that np\.savez writes\); the model expects"):
+        load_npz(text, typed_model)  # not numpy's advice to unpickle it
     single = tmp_path / "single.npy"
     np.save(single, np.zeros((2, 3), np.float32))
     message = r"single\.npy: not a readable \.npz file \(a single array"
