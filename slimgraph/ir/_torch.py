@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -146,13 +147,16 @@ def _name_batch_dim(model: ir.Model) -> bool:
         for v in model.graph.outputs
     ):
         return False
+    # the symbol alone or inside a product the exporter wrote as text (`4*s31`: DeBERTa's
+    # batch-times-heads axis), so every shape names the same batch
+    word = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(symbol)}(?![A-Za-z0-9_])")
     values = list(model.graph.inputs) + [o for n in model.graph.all_nodes() for o in n.outputs]
     for value in values:
-        if value.shape is None or not any(str(d) == symbol for d in value.shape):
+        if value.shape is None or not any(
+                not isinstance(d, int) and word.search(str(d)) for d in value.shape):
             continue
-        dims = [
-            "batch" if not isinstance(d, int) and str(d) == symbol else d for d in value.shape
-        ]
+        dims = [d if isinstance(d, int) or d.value is None else word.sub("batch", str(d))
+                for d in value.shape]
         value.shape = ir.Shape(dims)
     return True
 

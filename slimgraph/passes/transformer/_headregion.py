@@ -465,7 +465,14 @@ class _Walk:
             layout = after
         first_index = [sum(len(a) for a in target.axes[:t]) for t in range(target.rank)]
         for k, t in needs:
-            group_of = _pair(layout.axes[k], target.axes[t], first_index[t], who)
+            try:
+                group_of = _pair(layout.axes[k], target.axes[t], first_index[t], who)
+            except NoMatch:
+                if constant_array(origin) is not None and any(
+                        a.axis is None for a in target.axes[t]):
+                    raise NoMatch(f"a constant holding a value per head repeated over the batch "
+                                  f"(folded by a fixed-size export) ({who})") from None
+                raise
             for atom, group in group_of:
                 heads = tuple(i for i, a in group if a.axis == 0)
                 if heads:

@@ -116,9 +116,29 @@ def is_move(node: ir.Node) -> bool:
     if not is_onnx_op(node, *MOVES, "Cast", "Dropout"):
         return False
     if node.op_type == "Cast":  # a Cast to the same type moves nothing
-        source, out = node.inputs[0], node.outputs[0]
-        return source is not None and source.dtype is not None and source.dtype == out.dtype
+        source = node.inputs[0]
+        target = node.attributes.get_int("to", 0)
+        dtype = known_dtype(source) if source is not None else None
+        return dtype is not None and dtype.value == target
     return True
+
+
+# ops whose output has the type of their first input (of the second for Where)
+_SAME_TYPE = MOVES | {"Softmax", "LogSoftmax", "Dropout", "Neg", "Tanh", "Exp", "Sqrt", "Add",
+                      "Sub", "Mul", "Div", "Where"}
+
+
+def known_dtype(value: ir.Value, depth: int = 0) -> ir.DataType | None:
+    """The element type of `value`: recorded, or, where a raw export left it untyped (Gemma 2's
+    and BLOOM's Softmax before a Cast to the same type), the type of the input it has it from,
+    by dataflow (softmax, elementwise and data movement keep their input's type)."""
+    if value.dtype is not None:
+        return value.dtype
+    node = value.producer()
+    if node is None or depth > 16 or not is_onnx_op(node, *_SAME_TYPE):
+        return None
+    source = node.inputs[1 if node.op_type == "Where" else 0]
+    return known_dtype(source, depth + 1) if source is not None else None
 
 
 def step(layout: Layout, node: ir.Node, value: ir.Value, shapes: ShapeInfo) -> Layout:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph.passes._graph_utils import is_onnx_op
+from slimgraph.passes._kit import constant_array
 from slimgraph.passes.transformer._layout import Layout
 from slimgraph.passes.transformer._symbolic import ShapeInfo, scalar
 
@@ -176,7 +177,11 @@ def _rotate_every_two(value: ir.Value, shapes: ShapeInfo) -> tuple[ir.Value, int
 def _table_pairs(value: ir.Value, shapes: ShapeInfo, interleaved: bool, depth: int = 0) -> bool:
     """Whether the last axis of `value` repeats each entry it needs for a one-half cache:
     `concat(f, f)` (rotate-half) or `repeat_interleave(f, 2)` (interleaved), through
-    elementwise ops."""
+    elementwise ops. A constant table (a fixed-size export folds the tables) is checked by value.
+    """
+    table = constant_array(value)
+    if table is not None:
+        return _constant_pairs(table, interleaved)
     node = value.producer()
     if node is None or depth > 12:
         return False
@@ -204,6 +209,19 @@ def _table_pairs(value: ir.Value, shapes: ShapeInfo, interleaved: bool, depth: i
     elif is_onnx_op(node, "Mul") and scalar(node.inputs[0]) is not None:
         data = node.inputs[1]
     return data is not None and _table_pairs(data, shapes, interleaved, depth + 1)
+
+
+def _constant_pairs(table: np.ndarray, interleaved: bool) -> bool:
+    """A constant table whose last axis holds each value twice where the rotation reads it:
+    equal halves (rotate-half) or equal pairs (interleaved), bit for bit."""
+    if table.ndim == 0 or table.dtype.kind != "f" or table.shape[-1] % 2:
+        return False
+    if interleaved:
+        first, second = table[..., 0::2], table[..., 1::2]
+    else:
+        half = table.shape[-1] // 2
+        first, second = table[..., :half], table[..., half:]
+    return bool(np.array_equal(first, second))
 
 
 def match_rotary(value: ir.Value, shapes: ShapeInfo) -> tuple[ir.Value, Rotary] | None:
