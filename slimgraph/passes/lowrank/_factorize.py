@@ -34,6 +34,9 @@ from slimgraph.runtime.metrics import Evaluation
 
 __all__ = ["FactorizeReport", "factorize_layers", "fold_weights"]
 
+# a factorization keeping more of the MACs than this says that low rank gains little here
+LITTLE_GAIN = 0.95
+
 
 @dataclass(frozen=True)
 class FactorizeReport:
@@ -80,6 +83,10 @@ class FactorizeReport:
                      f"({_ratio(self.params_after, self.params_before)})")
         lines.append(f"MACs:       {_count(self.macs_before)} -> {_count(self.macs_after)} "
                      f"({_ratio(self.macs_after, self.macs_before)})")
+        if self.layers and self.macs_before and self.macs_after > LITTLE_GAIN * self.macs_before:
+            lines.append(f"note: MACs fall by {1 - self.macs_after / self.macs_before:.1%} only: "
+                         "most of them are in layers left whole (skipped, below); low rank "
+                         "gains little on this model, channel pruning (prune) may")
         if self.fidelity is not None:
             lines.append(f"outputs:    {self.fidelity.worst()}")
             if self.fidelity.accuracy is not None:

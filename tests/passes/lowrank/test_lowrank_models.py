@@ -114,3 +114,21 @@ def test_passes_run_as_pipeline_steps() -> None:
     record = result.records[-1]
     assert record.name == "lowrank-linear" and record.modified
     assert sum(node.op_type == "MatMul" for node in result.model.graph) == 9
+
+
+def test_a_model_of_pointwise_and_depthwise_convs_is_told_low_rank_gains_little() -> None:
+    """MobileNetV2-style: only the stem and the classifier factorize (1x1 and depthwise convs
+    are skipped), so the MACs barely fall and the report says so; a ResNet-style net's do."""
+    model = exported_model("mobilenetv2")
+    report = sg.factorize(model, rank_ratio=0.5).meta[metadata.FACTORIZE_REPORT]
+    ratio = report.macs_after / report.macs_before
+    assert 0.95 < ratio < 1 and report.layers
+    assert (f"note: MACs fall by {1 - ratio:.1%} only: most of them are in layers left whole "
+            "(skipped, below); low rank gains little on this model, channel pruning (prune) "
+            "may") in str(report).splitlines()
+    assert ("1x1 (pointwise) conv: no spatial core; pointwise=True (--pointwise-convs) splits it "
+            "by SVD") in str(report)
+    resnet = sg.factorize(exported_model("resnet"), rank_ratio=0.5).meta[
+        metadata.FACTORIZE_REPORT]
+    assert resnet.macs_after < 0.95 * resnet.macs_before
+    assert "gains little" not in str(resnet)
