@@ -121,7 +121,8 @@ class TuckerConv(FactorizationPass):
             return f"weight has {weight.ndim} dimensions; a Conv weight needs at least 3"
         kernel = math.prod(weight.shape[2:])
         if kernel == 1 and not self.pointwise:
-            return "1x1 (pointwise) conv: no spatial core; pointwise=True (--pointwise-convs) splits it by SVD"
+            return ("1x1 (pointwise) conv: no spatial core; pointwise=True (--pointwise-convs) "
+                    "splits it by SVD")
         weight_value = inputs[1]
         assert weight_value is not None
         bias = inputs[2] if len(inputs) > 2 else None
