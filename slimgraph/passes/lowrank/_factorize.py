@@ -83,7 +83,8 @@ class FactorizeReport:
                      f"({_ratio(self.params_after, self.params_before)})")
         lines.append(f"MACs:       {_count(self.macs_before)} -> {_count(self.macs_after)} "
                      f"({_ratio(self.macs_after, self.macs_before)})")
-        if self.layers and self.macs_before and self.macs_after > LITTLE_GAIN * self.macs_before:
+        if (self.layers and self.macs_before and self.macs_after is not None
+                and self.macs_after > LITTLE_GAIN * self.macs_before):
             lines.append(f"note: MACs fall by {1 - self.macs_after / self.macs_before:.1%} only: "
                          "most of them are in layers left whole (skipped, below); low rank "
                          "gains little on this model, channel pruning (prune) may")
