@@ -65,6 +65,7 @@ from slimgraph._tables import (
     render_table,
 )
 from slimgraph.api._options import takes_options
+from slimgraph.api._speed import speed_baseline
 from slimgraph.api.sweep_grid import Candidate, grid_files, load_grid, parse_grid
 from slimgraph.errors import BadOptionError, OutputPathError, SlimgraphError, first_line
 from slimgraph.ir.summary import summarize
@@ -98,8 +99,11 @@ class CandidateResult:
         status: "ok", or "failed" (`error` says why: the build raised, or its worker died twice).
         retried: its worker died once and the scheduler ran it again.
         size_bytes: serialized size in bytes; `parameters`, `macs` as `slimgraph inspect` counts.
-        latency_ratio: median latency / the input model's, measured side by side;
+        latency_ratio: median latency / the lossless-optimized input's (what `optimize`
+            writes by default, `api._speed.speed_baseline`; the input itself when that preset
+            changes nothing), measured side by side: the baseline the speed guard judges;
             `latency_interval`: its 90% bootstrap interval over the rounds.
+        latency_to_input: median latency / the input model's as given.
         pareto: on the front of (latency ratio, metric); `pareto_size`: of (size, metric).
         path: where the model was written (Pareto members, with `out`).
     """
@@ -117,6 +121,7 @@ class CandidateResult:
     build_seconds: float | None = None
     latency_ratio: float | None = None
     latency_interval: tuple[float, float] | None = None
+    latency_to_input: float | None = None
     pareto: bool = False
     pareto_size: bool = False
     path: str | None = None
@@ -134,6 +139,7 @@ class CandidateResult:
             "metric": self.metric, "accuracy": self.accuracy, "cosine": self.cosine,
             "build_seconds": self.build_seconds, "latency_ratio": self.latency_ratio,
             "latency_interval": list(self.latency_interval) if self.latency_interval else None,
+            "latency_to_input": self.latency_to_input,
             "pareto": self.pareto, "pareto_size": self.pareto_size, "path": self.path,
         }
 
@@ -180,8 +186,9 @@ class SweepResult:
             f"{table}\n\ninput model: {format_bytes(base['size_bytes'])}, "
             f"{format_macs(base['macs'])}, {name} {format_metric(base['metric'], name)} on "
             f"{base['samples']} samples\n"
-            f"latency = median / the input model's, {self.rounds} interleaved rounds after the "
-            f"builds [90% bootstrap interval]; pareto: * latency vs {name}, s size vs {name}\n"
+            f"latency = median / {_baseline_words(base)}, {self.rounds} interleaved rounds "
+            f"after the builds [90% bootstrap interval]; pareto: * latency vs {name}, s size vs "
+            f"{name}\n"
             f"built on {self.cluster}"
         )
 
@@ -444,7 +451,8 @@ def sweep(
             if cluster is not None:
                 cluster.close()
         baseline = _baseline(input_model, source, values)
-        _time(input_model, values, results, paths, rounds, batch)
+        baseline["optimized_latency_ratio"] = _time(input_model, values, results, paths, rounds,
+                                                    batch)
         _mark_fronts(results)
         if out_dir is not None:
             _keep(out_dir, results, paths)
@@ -534,19 +542,36 @@ def _time(
     paths: dict[int, Path],
     rounds: int,
     batch: int,
-) -> None:
-    """Latency of every built candidate against the input model, serially, side by side."""
+) -> float | None:
+    """Latency of every built candidate against the lossless-optimized input (and the input as
+    given), serially, side by side; returns the optimized input's ratio to the input (None:
+    the preset changed nothing, the input is the baseline, or nothing was built)."""
     built = [r for r in results if r.candidate.index in paths]
     if not built:
-        return
+        return None
     feed = next(values.batches(batch, model))[0]
-    timed = benchmark([model, *(str(paths[r.candidate.index]) for r in built)], feed,
-                      labels=["input", *(r.candidate.name for r in built)], rounds=rounds,
-                      warmup=2)
-    for record, timing in zip(built, timed.timings[1:], strict=True):
-        record.latency_ratio = timing.ratio
-        interval = getattr(timing, "ratio_interval", None)
-        record.latency_interval = tuple(interval) if interval else None  # type: ignore[assignment]
+    optimized = speed_baseline(model)
+    baselines: list[Any] = [model] if optimized is None else [model, optimized]
+    labels = ["input", "lossless-optimized input"][:len(baselines)]
+    timed = benchmark([*baselines, *(str(paths[r.candidate.index]) for r in built)], feed,
+                      labels=[*labels, *(f"#{r.candidate.index}" for r in built)],
+                      rounds=rounds, warmup=2)
+    # `comparisons` hold a / b for a listed before b: each baseline before every candidate
+    against = {c.b: (1 / c.ratio, 1 / c.high, 1 / c.low) for c in timed.comparisons
+               if c.a == labels[-1]}
+    for record, timing in zip(built, timed.timings[len(baselines):], strict=True):
+        ratio, low, high = against[timing.label]
+        record.latency_ratio, record.latency_interval = ratio, (low, high)
+        record.latency_to_input = timing.ratio
+    return None if optimized is None else timed.timings[1].ratio
+
+
+def _baseline_words(base: dict[str, Any]) -> str:
+    ratio = base.get("optimized_latency_ratio")
+    if ratio is None:
+        return "the input model's"
+    return (f"the lossless-optimized input's (what `slimgraph optimize` writes by default; the "
+            f"input as given runs {1 / ratio:.2f}x of it)")
 
 
 def _mark_fronts(results: list[CandidateResult]) -> None:

@@ -312,3 +312,34 @@ def test_unreachable_scheduler_is_bad_input(tmp_path: Path) -> None:
         sweep(DIGITS, {"prune": [0.0, 0.5]}, DIGITS_TEST, scheduler=address, timeout=2,
               out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_latency_is_judged_against_the_lossless_optimized_input(tmp_path: Path) -> None:
+    """A raw export is not the baseline a user would ship: candidates are timed against the
+    input as `optimize` writes it by default (as the speed guard judges), the input as given
+    beside it."""
+    from slimgraph.api import sweep as sweep_module
+    from slimgraph.api._speed import speed_baseline
+    from slimgraph.api.sweep_grid import Candidate
+    from slimgraph.runtime.metrics import load_data
+    from tests.kit.exports import exported_model
+
+    model = exported_model("resnet")
+    optimized = speed_baseline(model)
+    assert optimized is not None  # the raw export has foldable BatchNorms
+    path = tmp_path / "candidate.onnx"
+    slimgraph.save(optimized, path)
+    data = tmp_path / "data.npz"
+    shape = [d if isinstance(d, int) else 4 for d in model.graph.inputs[0].shape]
+    np.savez(data, **{model.graph.inputs[0].name: np.random.default_rng(0).standard_normal(
+        shape).astype(np.float32)})
+    results = [sweep_module.CandidateResult(Candidate(0, "optimized", {}, ()))]
+    ratio = sweep_module._time(model, load_data(str(data), model), results, {0: path}, 4, 4)
+    record = results[0]
+    assert ratio is not None and record.latency_to_input is not None
+    assert record.latency_ratio == pytest.approx(record.latency_to_input / ratio, rel=1e-9)
+    assert record.latency_interval is not None
+    assert record.latency_interval[0] <= record.latency_ratio <= record.latency_interval[1]
+    words = sweep_module._baseline_words({"optimized_latency_ratio": ratio})
+    assert words == ("the lossless-optimized input's (what `slimgraph optimize` writes by "
+                     f"default; the input as given runs {1 / ratio:.2f}x of it)")
