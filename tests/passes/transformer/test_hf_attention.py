@@ -214,7 +214,8 @@ def test_every_architecture_of_the_zoo_fuses_exactly() -> None:
         blocks += case.blocks
         fused += record.details.get("fused", {}).get("attention", 0)
         assert record.details.get("blocks", 0) == case.blocks, name
-        check_exact(name, model, result.model)
+        if name not in FAST:  # those are checked by test_transformer_preset_fuses_every_block
+            check_exact(name, model, result.model)
         if name == "gptj":
             rotary = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
             assert len(rotary) == 4
