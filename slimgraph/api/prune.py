@@ -29,6 +29,7 @@ from slimgraph.ir import ModelLike, as_model
 from slimgraph.ir import analysis as ir_analysis
 from slimgraph.passes.prune import (
     HEAD_CRITERIA,
+    NoChannelRemovedError,
     PrunePass,
     PruneReport,
     PruneResult,
@@ -40,6 +41,7 @@ from slimgraph.passes.prune import (
 from slimgraph.passes.prune import PruneOptions as PassOptions
 from slimgraph.passes.transformer.heads import HeadPruning, fusing_first_prunes, remove_heads
 from slimgraph.runtime.budget import DataLike, Evaluator, as_data
+from slimgraph.runtime.compare import compare
 from slimgraph.runtime.metrics import Evaluation, Metric
 from slimgraph.runtime.speed_guard import channel_multiple
 
@@ -97,9 +99,9 @@ class PruneOptions(BudgetOptions, SpeedOptions, MacTarget, PassOptions):
     def rounding(self) -> int | None:
         """The multiple kept channel counts are rounded to: `round_to`, or with "auto" the one
         convolutions run fast at here (`runtime.speed_guard.channel_multiple`: 16 with AVX-512,
-        else 8); None for unstructured pruning, and "auto" gives None with `target_macs` (the
-        allocation reaches its target with the counts it measured)."""
-        if self.unstructured or (self.round_to == "auto" and self.target_macs is not None):
+        else 8); None for unstructured pruning. A `target_macs` allocation measures and chooses
+        the rounded counts too."""
+        if self.unstructured:
             return None
         return channel_multiple() if self.round_to == "auto" else self.round_to
 
@@ -152,9 +154,11 @@ def prune_with_report(
     (`report.heads_skipped`); every channel group (size, kept, why it could not shrink), every
     producing layer's output channels before and after with the kept channel indices
     (`report.layers[i].kept`, indices into the original channels), parameters before and after
-    as pruning sees them (constants folded, a shared weight once; a note says so when the result
-    stores more than the input did), MACs before and after as `inspect` counts them (at
-    `report.mac_dims`: the export's example sizes but the batch, else 1) and notes.
+    as `inspect` counts them in the input and in the result (the result stores as initializers
+    the constants pruning folded; a note says so when it stores more than the input did), MACs
+    before and after as `inspect` counts them (at `report.mac_dims`: the export's example sizes
+    but the batch, else 1), with `data` the result's fidelity on it (`report.fidelity`), and
+    notes.
 
     Args: as for `prune`.
 
@@ -177,7 +181,7 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
     """Heads first (when asked), then the channel pass once with the ratios `options` give (a
     MAC target is turned into per-group ratios first), and the result checked against the
     budget."""
-    model = as_model(model)
+    model = original = as_model(model)
     ir_analysis.check_finite_weights(model)
     judge = options.judge(model)
     if options.heads is None and not options.channels:
@@ -190,8 +194,8 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
         options.check_heads()
         dims = mac_dims(model)
         macs, uncounted = total_macs(model, dims)
+        before = (ir_analysis.parameter_count(model), macs)  # as `inspect` counts the input
         model = prepare_for_pruning(model)  # a copy
-        before = (ir_analysis.parameter_count(model), macs)
         found = _remove_heads(model, options)
         if not options.channels:
             report = PruneReport(0.0, options.criterion, options.scope, options.pad, False)
@@ -203,6 +207,7 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
             _add_heads(report, options, found)
             if judge is not None:
                 report.evaluation = judge.check(model, what="the pruned model")
+            _measure(report, original, model, options)
             return model, report
     pruned, report = _prune_channels(model, options)
     if found is not None:
@@ -211,7 +216,16 @@ def _prune(model: ModelLike, options: PruneOptions) -> tuple[ir.Model, PruneRepo
         _add_heads(report, options, found)
     if judge is not None:
         report.evaluation = judge.check(pruned, what="the pruned model")
+    _measure(report, original, pruned, options)
     return pruned, report
+
+
+def _measure(report: PruneReport, model: ir.Model, pruned: ir.Model,
+             options: PruneOptions) -> None:
+    """With `data`, the result's fidelity to `model` on all of it (both models' accuracy with
+    labels): what `quantize --data` and `factorize --data` report, by the same comparison."""
+    if options.data is not None:
+        report.fidelity = compare(model, pruned, as_data(options.data, model))
 
 
 def _remove_heads(prepared: ir.Model, options: PruneOptions) -> HeadPruning:
@@ -275,21 +289,57 @@ def _prune_channels(model: ir.Model, options: PruneOptions) -> tuple[ir.Model, P
             raise BadOptionError.worded("{macs} needs {data} (per-layer sensitivity)",
                                         macs=("target_macs=", "--target-macs"),
                                         data=("data=", "--data VAL.npz"))
-        measured = PassOptions(
-            ratio=None, criterion=options.criterion, round_to=options.rounding, pad=options.pad,
-            exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
-        )
-        layer_ratios = allocate_prune_ratios(
-            model, options.data, options.target_macs, metric=options.metric, options=measured,
-        ).ratios
+        layer_ratios, rounding = _allocate(model, options)
+        return _pass_with(model, options, layer_ratios, rounding)
+    return _pass_with(model, options, layer_ratios, options.rounding)
+
+
+def _allocate(model: ir.Model, options: PruneOptions) -> tuple[dict[str, float], int | None]:
+    """Per-group ratios toward `options.target_macs` whose kept counts are rounded as
+    `options.rounding` says, and that rounding; with `round_to="auto"`, when the rounded counts
+    cannot reach the target (a small model), the allocation of unrounded counts (rounding
+    None)."""
+    assert options.target_macs is not None and options.data is not None
+    rounding = options.rounding
+    measured = PassOptions(
+        ratio=None, criterion=options.criterion, round_to=rounding, pad=options.pad,
+        exclude=options.exclude, exclude_ops=options.exclude_ops, seed=options.seed,
+    )
     try:
-        result = PrunePass(options.pass_options(layer_ratios=layer_ratios))(model)
+        allocation = allocate_prune_ratios(model, options.data, options.target_macs,
+                                           metric=options.metric, options=measured)
+    except (UnsupportedModelError, BadOptionError):
+        if options.round_to != "auto" or rounding in (None, 1):
+            raise
+        allocation = allocate_prune_ratios(
+            model, options.data, options.target_macs, metric=options.metric,
+            options=dataclasses.replace(measured, round_to=None))
+        rounding = None
+    return allocation.ratios, rounding
+
+
+def _pass_with(model: ir.Model, options: PruneOptions, layer_ratios: Mapping[str, float] | None,
+               rounding: int | None) -> tuple[ir.Model, PruneReport]:
+    """The channel pass on `model` at `layer_ratios` (or the ratio) rounded to `rounding`,
+    with the note on the rounding "auto" chose."""
+    ratios = None if layer_ratios is None else dict(layer_ratios)
+    if options.target_macs is not None and rounding is None and options.rounding not in (None,
+                                                                                         1):
+        # the allocation fell back to the counts as measured: rounded, the target is out of reach
+        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=None))(model)
+        assert isinstance(result, PruneResult) and result.report is not None
+        result.report.notes.append(
+            f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, "
+            f"the groups cannot reach {options.target_macs:g}x the MACs")
+        return result.model, result.report
+    try:
+        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=rounding))(model)
     except BadOptionError:
         if options.round_to != "auto":
             raise
         # rounded to the fast multiple, every group would keep all its channels (groups of a
         # small model): the counts as asked instead, as with round_to=1
-        result = PrunePass(options.pass_options(layer_ratios=layer_ratios, round_to=None))(model)
+        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=None))(model)
         assert isinstance(result, PruneResult) and result.report is not None
         result.report.notes.append(
             f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, no "
@@ -353,9 +403,11 @@ def prune(model: ModelLike, *, options: PruneOptions) -> ir.Model:
             named keep `ratio`, or all their channels without one); see `prunable_units`.
         target_macs: instead of a ratio, the MACs to reach as a fraction of the model's (0.6:
             0.6x); per-group ratios are allocated from sensitivity on `data`, least loss first
-            (`allocate_prune_ratios`).
+            (`allocate_prune_ratios`), among kept counts rounded as `round_to` says: the MACs
+            land at or under the target.
         data: validation data (an .npz path, stacked arrays with optional labels, or
-            `LabelledData`) for `target_macs` and the budget.
+            `LabelledData`) for `target_macs` and the budget; `prune_with_report`'s
+            `report.fidelity` is the result measured on all of it (as `quantize --data`).
         budget, max_drop, min_cosine: the accuracy budget (`runtime.budget`): a result that
             misses it raises `VerificationError`.
         metric: a user `Metric` instead of top-1 accuracy.
@@ -467,63 +519,118 @@ def allocate_prune_ratios(
         data: validation data; the loss is 1 - output cosine plus the top-1 drop with labels
             (or the drop of `metric`).
         target_macs: the MAC ratio to reach, in (0, 1).
-        grid: the ratios each group is measured at (only that group pruned).
-        options: the pass's options (criterion, round_to, pad, exclude, exclude_ops, seed).
+        grid: the ratios each group is measured at (only that group pruned); ratios whose
+            kept counts round to the same one are one step.
+        options: the pass's options (criterion, round_to, pad, exclude, exclude_ops, seed);
+            the kept counts are measured and chosen rounded to `round_to`.
 
     Raises:
-        BadOptionError: a target outside (0, 1).
+        BadOptionError: a target outside (0, 1), or a `round_to` that leaves every group whole.
         UnsupportedModelError: the groups cannot reach the target even at the largest ratio.
     """
     if not 0 < target_macs < 1:
         raise BadOptionError.worded("{macs} is a fraction of the model's MACs in (0, 1), got "
                                     "{value}", macs=("target_macs", "--target-macs"),
                                     value=f"{target_macs}")
+    options = options or PassOptions(ratio=None)
+    rounding = options.round_to if options.round_to and options.round_to > 1 else None
     labelled = as_data(data, model)
     scorer = Evaluator(model, labelled, metric=metric)
-    units = PruneUnits(model, grid[0], options or PassOptions(ratio=None))
+    units = PruneUnits(model, grid[0], options)
     if not units.units():
         raise UnsupportedModelError("nothing to prune: no channel group can shrink")
     loss: dict[tuple[str, float], float] = {}
-    saved: dict[tuple[str, float], int] = {}
-    total = 0
+    # per group, the grid ratios that save more MACs than the one before (with rounding, several
+    # ratios keep the same count: measured once), as (ratio, loss, MACs saved)
+    steps: dict[str, list[tuple[float, float, int]]] = {}
+    total, largest = 0, 0
     for unit in units.units():
-        for ratio in grid:
-            pruned, before, after = units.at({unit.node: ratio})
+        found: list[tuple[float, ir.Model, int]] = []
+        for ratio in reversed(grid):  # largest first: below a ratio that removes nothing, none do
+            try:
+                pruned, before, after = units.at({unit.node: ratio})
+            except NoChannelRemovedError as error:  # rounded, this group keeps all at `ratio`
+                largest = max(largest, error.largest)
+                break
             total = before
+            found.insert(0, (ratio, pruned, before - after))
+        steps[unit.node] = []
+        for ratio, pruned, macs_saved in found:
+            if steps[unit.node] and macs_saved <= steps[unit.node][-1][2]:
+                loss[unit.node, ratio] = steps[unit.node][-1][1]  # the same count as before
+                continue
             loss[unit.node, ratio] = _loss(scorer, scorer(pruned))
-            saved[unit.node, ratio] = before - after
-    levels = {unit.node: -1 for unit in units.units()}  # index into grid; -1: not pruned
+            steps[unit.node].append((ratio, loss[unit.node, ratio], macs_saved))
+    steps = {node: found for node, found in steps.items() if found}
+    if not steps:
+        raise BadOptionError.worded(
+            "{macs} {rounded} removes no channel (the largest prunable group has {n}); nothing "
+            "written: use a smaller {round_to}", macs=(f"target_macs={target_macs:g}",
+                                                      f"--target-macs {target_macs:g}"),
+            rounded=(f"with round_to={rounding}", f"--round-to {rounding}"), n=str(largest),
+            round_to=("round_to", "--round-to"))
+    levels = {node: -1 for node in steps}  # index into steps[node]; -1: not pruned
 
     def at(node: str, level: int) -> tuple[float, int]:
-        return (0.0, 0) if level < 0 else (loss[node, grid[level]], saved[node, grid[level]])
+        return (0.0, 0) if level < 0 else steps[node][level][1:]
 
-    ratios: dict[str, float] = {}
+    def chosen() -> dict[str, float]:
+        return {n: steps[n][lv][0] for n, lv in levels.items() if lv >= 0}
+
     while True:
         best = None
         for node, level in levels.items():
-            if level + 1 >= len(grid):
+            if level + 1 >= len(steps[node]):
                 continue
             (l0, s0), (l1, s1) = at(node, level), at(node, level + 1)
-            if s1 <= s0:
-                continue
             cost = max(l1 - l0, 0.0) / (s1 - s0)
             if best is None or cost < best[0]:
                 best = (cost, node)
         if best is None:
             break
         levels[best[1]] += 1
-        ratios = {n: grid[lv] for n, lv in levels.items() if lv >= 0}
         predicted = sum(at(n, lv)[1] for n, lv in levels.items())
         if total and predicted >= (1 - target_macs) * total:
-            _, before, after = units.at(ratios)  # savings interact: count, do not add
+            _, before, after = units.at(chosen())  # savings interact: count, do not add
             if after <= target_macs * before:
-                logger.info("allocated ratios %s: %.3fx MACs", ratios, after / before)
-                return Allocation(ratios, after / before, target_macs, loss)
-    _, before, after = units.at(ratios)
-    raise UnsupportedModelError(
-        f"--target-macs {target_macs:g} is out of reach: pruning every group at ratio "
-        f"{grid[-1]:g} leaves {after / before:.3f}x of the MACs"
-    )
+                after = _back_off(units, levels, steps, target_macs, before, after)
+                logger.info("allocated ratios %s: %.3fx MACs", chosen(), after / before)
+                return Allocation(chosen(), after / before, target_macs, loss)
+    _, before, after = units.at(chosen())
+    how = "" if rounding is None else f" (kept counts rounded to a multiple of {rounding})"
+    raise UnsupportedModelError.worded(
+        "{macs} is out of reach: pruning every group at ratio {top}{how} leaves {left}x of the "
+        "MACs" + ("" if rounding is None else "; use a smaller {round_to}"),
+        macs=(f"target_macs={target_macs:g}", f"--target-macs {target_macs:g}"),
+        top=f"{grid[-1]:g}", how=how, left=f"{after / before:.3f}",
+        round_to=("round_to", "--round-to"))
+
+
+def _back_off(units: PruneUnits, levels: dict[str, int],
+              steps: Mapping[str, Sequence[tuple[float, float, int]]], target: float,
+              before: int, after: int) -> int:
+    """Undo steps past the target, the costliest last step first, while the counted MACs stay
+    within it (a rounded step can save far more than the target still needed); `levels` is
+    updated in place. Returns the MACs after."""
+    def last_cost(node: str) -> float:
+        level = levels[node]
+        previous = 0.0 if level == 0 else steps[node][level - 1][1]
+        return steps[node][level][1] - previous
+
+    for node in sorted((n for n, lv in levels.items() if lv >= 0), key=last_cost, reverse=True):
+        if after > target * before * 0.98:  # within 2% of the target: close enough
+            break
+        levels[node] -= 1
+        ratios = {n: steps[n][lv][0] for n, lv in levels.items() if lv >= 0}
+        if not ratios:
+            levels[node] += 1
+            break
+        _, _, undone = units.at(ratios)
+        if undone <= target * before:
+            after = undone
+        else:
+            levels[node] += 1
+    return after
 
 
 def _loss(scorer: Evaluator, evaluation: Evaluation) -> float:

@@ -198,6 +198,19 @@ class Fidelity:
                          f"{format_db(out.sqnr_db)} dB{agreement}")
         return lines
 
+    def summary_lines(self) -> list[str]:
+        """`fidelity on DATA:` and one line per output, then both models' accuracy with labels
+        (what `quantize` and `prune` print)."""
+        lines = [f"fidelity on {self.data}:"]
+        if self.note is not None:
+            lines.append(f"  note: {self.note}")
+        lines += [f"  {line}" for line in self.output_lines()]
+        if self.accuracy is not None:
+            lines.append(f"  {self.accuracy}")
+        if self.language_model is not None:
+            lines += [f"  {line}" for line in self.language_model.lines()]
+        return lines
+
     def __str__(self) -> str:
         return self.table()
 

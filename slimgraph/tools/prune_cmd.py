@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         if args.ratio is None and args.target_macs is None and args.heads is None:
             raise BadOptionError("give --ratio R, --target-macs R or --heads R")
 
-    job = Compression(args, check=check, data_for_budget=args.target_macs is None)
+    # --data is the budget's data, the MAC target's, and with or without them where the
+    # result's fidelity (accuracy with labels) is measured, as quantize and factorize do
+    job = Compression(args, check=check, data_for_budget=False)
     pruned, report = prune_with_report(
         job.model, ratio=args.ratio, heads=args.heads, criterion=args.criterion, scope=args.scope,
         round_to="auto" if args.round_to is None else args.round_to, pad=args.pad,

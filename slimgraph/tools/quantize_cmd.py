@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         out["note"] = note
         lines.append(note)
     if fidelity is not None and (report is None or args.data):
-        lines += _fidelity_lines(fidelity)
+        lines += fidelity.summary_lines()
     elif fidelity is None:
         lines.append("fidelity not measured: --no-verify does not run the model")
     if search is not None:
@@ -312,19 +312,6 @@ def _fidelity(
         return None
     # random inputs are a poor stand-in for the user's rows (token ids of 0 and 1)
     return compare(job.model, quantized, calib) if calib else compare(job.model, quantized)
-
-
-def _fidelity_lines(fidelity: Fidelity) -> list[str]:
-    """`fidelity on DATA:` and one line per output, then both models' accuracy with labels."""
-    lines = [f"fidelity on {fidelity.data}:"]
-    if fidelity.note is not None:
-        lines.append(f"  note: {fidelity.note}")
-    lines += [f"  {line}" for line in fidelity.output_lines()]
-    if fidelity.accuracy is not None:
-        lines.append(f"  {fidelity.accuracy}")
-    if fidelity.language_model is not None:
-        lines += [f"  {line}" for line in fidelity.language_model.lines()]
-    return lines
 
 
 def _mode(args: argparse.Namespace) -> Mode:

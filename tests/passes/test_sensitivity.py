@@ -96,7 +96,9 @@ def test_quantize_keeps_the_most_sensitive_layers_float_until_the_budget_holds(m
 
 
 def test_prune_to_a_mac_target_beats_the_uniform_ratio(model, data, tmp_path, capsys) -> None:
-    pruned, report = prune_with_report(model, target_macs=0.6, data=data)
+    # exact counts on both sides: the allocation against the uniform ratio, rounding aside
+    # (rounded target_macs counts: tests/passes/prune/test_prune_target_macs.py)
+    pruned, report = prune_with_report(model, target_macs=0.6, data=data, round_to=1)
     macs = report.macs_after / report.macs_before
     assert macs <= 0.62
     assert len(set(report.layer_ratios.values())) > 1  # non-uniform

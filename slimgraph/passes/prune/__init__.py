@@ -35,7 +35,13 @@ from __future__ import annotations
 
 from slimgraph.passes.prune._heads import PruneHeadsPass, PruneHeadsResult, prune_heads
 from slimgraph.passes.prune._options import CRITERIA, HEAD_CRITERIA, SCOPES, PruneOptions
-from slimgraph.passes.prune._pass import PrunePass, mac_dims, prunable_units, total_macs
+from slimgraph.passes.prune._pass import (
+    NoChannelRemovedError,
+    PrunePass,
+    mac_dims,
+    prunable_units,
+    total_macs,
+)
 from slimgraph.passes.prune._prepare import prepare_for_pruning
 from slimgraph.passes.prune._report import (
     UNSTRUCTURED_NOTE,
@@ -68,6 +74,7 @@ __all__ = [
     "PruneReport",
     "PruneResult",
     "PrunePass",
+    "NoChannelRemovedError",
     "prepare_for_pruning",
     "channel_scores",
     "kept_count",

@@ -40,7 +40,16 @@ from slimgraph.passes.prune._unstructured import zero_smallest_weights
 from slimgraph.passes.prune.channels import analyze_channels
 from slimgraph.passes.registry import register_pass
 
-__all__ = ["PrunePass", "prunable_units", "mac_dims", "total_macs"]
+__all__ = ["PrunePass", "NoChannelRemovedError", "prunable_units", "mac_dims", "total_macs"]
+
+
+class NoChannelRemovedError(BadOptionError):
+    """The options remove no channel from any group (a ratio too small for the rounding, or a
+    `round_to` at least as large as every group); `largest` is the largest group's size."""
+
+    def __init__(self, message: str, *, largest: int) -> None:
+        super().__init__(message)
+        self.largest = largest
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +80,12 @@ class PrunePass(SlimgraphFunctionalPass):
         options = self.options
         report = PruneReport(options.base_ratio, options.criterion, options.scope, options.pad,
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
-        # parameters as pruning sees them (constants folded; a shared weight once), MACs as
-        # `inspect` counts them on the input and on the result
+        # parameters and MACs as `inspect` counts them, on the input and on the result (the
+        # result keeps the constants preparation folded: the note below says when it stores more)
         report.mac_dims = mac_dims(model)
         report.macs_before, report.macs_uncounted[0] = total_macs(model, report.mac_dims)
+        report.params_before = ir_analysis.parameter_count(model)
         pruned = prepare_for_pruning(model)
-        report.params_before = ir_analysis.parameter_count(pruned)
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
         if options.unstructured:
             report.sparsity = zero_smallest_weights(
@@ -142,12 +151,17 @@ def _remove_channels(
     if not removed_roots:
         largest = max(g.size for g in groups)
         round_to = options.round_to
-        how = f"--ratio {options.base_ratio:g}" + (
-            f" --round-to {round_to}" if round_to and round_to > 1 else ""
-        )
-        raise BadOptionError(
-            f"{how} removes no channel (the largest prunable group has {largest}); "
-            "nothing written: use a larger --ratio or a smaller --round-to"
+        rounded = f" --round-to {round_to}" if round_to and round_to > 1 else ""
+        if options.ratio is None and options.layer_ratios:  # per-group ratios, no --ratio
+            raise NoChannelRemovedError(
+                f"the per-layer ratios{rounded} remove no channel (the largest prunable group "
+                f"has {largest}); nothing written: use larger ratios or a smaller --round-to",
+                largest=largest,
+            )
+        raise NoChannelRemovedError(
+            f"--ratio {options.base_ratio:g}{rounded} removes no channel (the largest prunable "
+            f"group has {largest}); nothing written: use a larger --ratio or a smaller "
+            "--round-to", largest=largest,
         )
     before = producer_channels(analysis)
     kept = remove_channels(model, analysis, removed_roots)

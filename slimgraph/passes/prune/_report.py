@@ -14,6 +14,7 @@ from slimgraph.passes.prune.channels import ChannelAnalysis, ChannelGroup, Role
 from slimgraph.passes.transformer.heads import HeadReport
 
 if TYPE_CHECKING:
+    from slimgraph.runtime.compare import Fidelity
     from slimgraph.runtime.metrics import Evaluation
     from slimgraph.runtime.speed_guard import SpeedCheck
 
@@ -84,7 +85,10 @@ class PruneReport:
     `heads` lists every attention block head pruning could edit (heads before and after, the
     kept heads); `heads_skipped` the blocks it left alone, with the reason. `mac_dims`: the
     sizes of symbolic dimensions the MACs are counted at (the export's example sizes, the batch
-    at 1; others 1), as `slimgraph inspect --dim NAME=SIZE` counts them.
+    at 1; others 1), as `slimgraph inspect --dim NAME=SIZE` counts them; `params_before` and
+    `params_after` are `inspect`'s parameter counts of the input and of the result. `fidelity`:
+    the result against the input on the validation data (`prune(..., data=)`), as
+    `quantize --data` reports it.
     """
 
     ratio: float
@@ -109,6 +113,7 @@ class PruneReport:
     # MAC-counting layers left out of macs_before / macs_after (shapes unknown after inference)
     macs_uncounted: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
     speed: SpeedCheck | None = None  # the speed guard's figures (`prune(..., speed_check=True)`)
+    fidelity: Fidelity | None = None  # the result against the input on `data`, when given
 
     @property
     def channels(self) -> bool:
@@ -133,6 +138,8 @@ class PruneReport:
             lines.append("ratios per group (first producer's layer): " + ", ".join(
                 f"{name} {ratio:g}" for name, ratio in self.layer_ratios.items()))
         lines += self.notes
+        if self.fidelity is not None:
+            lines += self.fidelity.summary_lines()
         if self.heads_ratio is not None:
             lines += ["", *self._head_lines()]
         if not self.channels:
@@ -183,7 +190,12 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (sparsity per layer included)."""
-        data = dataclasses.asdict(self)
+        fidelity, self.fidelity = self.fidelity, None  # its own dict, not asdict's
+        try:
+            data = dataclasses.asdict(self)
+        finally:
+            self.fidelity = fidelity
+        data["fidelity"] = None if fidelity is None else fidelity.to_dict()
         for row, layer in zip(data["sparsity"], self.sparsity, strict=True):
             row["sparsity"] = layer.sparsity
         data["heads"] = [block.to_dict() for block in self.heads]
