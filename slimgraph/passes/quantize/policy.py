@@ -18,8 +18,9 @@ fuses into integer kernels:
 - a residual Add of two quantized values is quantized (onnxruntime fuses it to QLinearAdd), any
   other Add stays float;
 - a Sigmoid of a quantized value and a Mul of two, on values computed from a quantized
-  convolution's output, are quantized (QLinearSigmoid, QLinearMul; a transformer's gated MLP
-  stays float): SiLU (x * sigmoid(x)) and squeeze-excitation gates then stay in the integer
+  convolution's output, are quantized with uint8 activations (QLinearSigmoid, QLinearMul; a
+  transformer's gated MLP stays float, and so do they with int8 activations, which onnxruntime
+  left unfused on x86): SiLU (x * sigmoid(x)) and squeeze-excitation gates then stay in the integer
   domain between quantized convolutions instead of paying a DequantizeLinear/QuantizeLinear pair
   each (EfficientNet-style net, one thread: 1.23x -> 0.85x fp32 at batch 32, with the pooling
   rule below; onnxruntime's quantize_static 0.88x);
@@ -210,6 +211,10 @@ class _Planner:
         self.exclude = exclude
         self.exclude_ops = exclude_ops
         self.act_spec = QuantSpec(act_dtype, symmetric=False)
+        # onnxruntime's x86 QDQ fusions of Sigmoid/Mul were measured with uint8 activations; with
+        # int8 ones it left them (and the convolutions) unfused here, so the rule would only add
+        # Q/DQ pairs
+        self.elementwise = act_dtype == _UINT8
         self.include_ops = include_ops
         self.activation_matmul = "MatMul" in include_ops
         self.generic: set[int] = set()  # id(node): quantized because the user asked for its type
@@ -349,6 +354,8 @@ class _Planner:
         """A Sigmoid of a quantized value, a Mul of two (SiLU x * sigmoid(x), a squeeze-excitation
         gate): onnxruntime fuses DQ -> op -> Q into QLinearSigmoid / QLinearMul, so a SiLU or SE
         block between quantized convolutions runs without leaving the integer domain."""
+        if not self.elementwise:
+            return False, "int8 activations"
         if len(node.outputs) != 1 or not _is_float(node.outputs[0]):
             return False, "output is not float32"
         inputs = [v for v in node.inputs if v is not None]

@@ -58,7 +58,8 @@ def _rows(n: int, seed: int) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def silu_se_int8() -> tuple[ir.Model, ir.Model]:
     model = silu_se_net()
-    return model, sg.quantize(model, calibration=_rows(64, 0), progress=False)
+    return model, sg.quantize(model, calibration=_rows(64, 0), progress=False,
+                              activation_dtype="uint8")
 
 
 def _reads_dq(node: ir.Node, index: int) -> bool:
@@ -126,3 +127,15 @@ def test_gated_matmuls_without_a_convolution_stay_float() -> None:
     named = {node.name: node for node in q.graph}
     assert not _feeds_q(named["act_sigmoid"])
     assert not _reads_dq(named["act_mul"], 1)
+
+
+def test_int8_activations_keep_the_element_wise_ops_float() -> None:
+    """The Sigmoid/Mul rule is for uint8 activations (onnxruntime fuses them into QLinearSigmoid
+    and QLinearMul on x86); with int8 activations they stay float as before."""
+    q = sg.quantize(silu_se_net(), calibration=_rows(16, 0), progress=False,
+                    activation_dtype="int8")
+    named = {node.name: node for node in q.graph}
+    for name in ("stem_sigmoid", "se_sigmoid"):
+        assert not _feeds_q(named[name]), name
+    assert not _reads_dq(named["se_mul"], 1)
+    assert named["se_mean"].op_type == "ReduceMean"  # its input is float: left as it was
