@@ -24,7 +24,7 @@ from slimgraph.errors import BadDataError, UnsupportedModelError
 from slimgraph.ir import copy_model
 from slimgraph.passes._kit import Names, add_initializer
 from slimgraph.passes.base import SlimgraphFunctionalPass, SlimgraphPassResult
-from slimgraph.passes.quantize.policy import BiasAnnotation, QuantPlan
+from slimgraph.passes.quantize.policy import BiasAnnotation, QuantPlan, is_global_mean
 from slimgraph.runtime.histogram import TensorStats, calibrated_range
 from slimgraph.runtime.quant_math import (
     QuantSpec,
@@ -166,6 +166,9 @@ class QDQPass(SlimgraphFunctionalPass):
         values.update({v.name: v for n in graph for v in n.outputs})
         result = QDQResult(model, modified=True, skipped=list(self.plan.skipped))
         quantized_nodes = set(self.plan.nodes)
+        # decided before Q/DQ are inserted (the DequantizeLinear outputs carry no shapes)
+        global_means = [nodes[n] for n in self.plan.nodes
+                        if n in nodes and is_global_mean(nodes[n])]
 
         # Weights first: biases need their (possibly raised) scales.
         bias_by_weight: dict[str, list[BiasAnnotation]] = {}
@@ -235,8 +238,29 @@ class QDQPass(SlimgraphFunctionalPass):
                 use.node.replace_input_with(use.idx, dq.outputs[0])
             graph.append(q)
             graph.append(dq)
+        for node in global_means:  # run as QLinearGlobalAveragePool
+            _as_global_pool(graph, node)
         graph.sort()
         return result
+
+
+def _as_global_pool(graph: ir.Graph, node: ir.Node) -> None:
+    """Replace a ReduceMean over all spatial axes (`policy.is_global_mean`) by GlobalAveragePool,
+    the same values; the pool keeps the node's name, metadata and output name."""
+    pool = ir.node("GlobalAveragePool", [node.inputs[0]], name=node.name)
+    pool.metadata_props.update(node.metadata_props)
+    graph.insert_before(node, pool)
+    old, new = node.outputs[0], pool.outputs[0]
+    name = old.name
+    new.shape = old.shape
+    if old.dtype is not None:
+        new.dtype = old.dtype
+    axes = node.inputs[1] if len(node.inputs) > 1 else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    new.name = name
+    if axes is not None and axes.name:
+        _drop_if_unused(graph, axes.name)
 
 
 def _ensure_opset(model: ir.Model) -> None:
