@@ -11,7 +11,18 @@ from slimgraph.passes.transformer import head_sites
 from slimgraph.passes.transformer._headshapes import out_rows, unit_columns
 from slimgraph.passes.transformer._headtypes import Weight
 
-__all__ = ["zero_heads"]
+__all__ = ["zero_heads", "assert_half_the_heads_went"]
+
+
+def assert_half_the_heads_went(result, blocks: int) -> None:  # noqa: ANN001 - PruneHeadsResult
+    """`prune_heads(model, 0.5)` changed the model, skipped no block, and every one of the
+    `blocks` attention blocks lost half its key/value groups (whole groups under grouped-query
+    attention, with the query heads that read them)."""
+    assert result.modified and not result.skipped
+    assert len(result.blocks) == blocks
+    for block in result.blocks:
+        assert block.kv_kept == block.kv_heads - block.kv_heads // 2
+        assert block.kept * block.kv_heads == block.heads * block.kv_kept  # whole groups
 
 
 def zero_heads(model: ir.Model, ratio: float = 0.5) -> ir.Model:
