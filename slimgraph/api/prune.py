@@ -154,8 +154,8 @@ def prune_with_report(
     (`report.heads_skipped`); every channel group (size, kept, why it could not shrink), every
     producing layer's output channels before and after with the kept channel indices
     (`report.layers[i].kept`, indices into the original channels), parameters before and after
-    as `inspect` counts them in the input and in the result (the result stores as initializers
-    the constants pruning folded; a note says so when it stores more than the input did), MACs
+    as pruning sees them (constants folded, a shared weight once; a note gives the input's
+    stored count, `inspect`'s, when the input builds weights at run time), MACs
     before and after as `inspect` counts them (at `report.mac_dims`: the export's example sizes
     but the batch, else 1), with `data` the result's fidelity on it (`report.fidelity`), and
     notes.

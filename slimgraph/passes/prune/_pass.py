@@ -80,12 +80,13 @@ class PrunePass(SlimgraphFunctionalPass):
         options = self.options
         report = PruneReport(options.base_ratio, options.criterion, options.scope, options.pad,
                              options.unstructured, layer_ratios=dict(options.layer_ratios or {}))
-        # parameters and MACs as `inspect` counts them, on the input and on the result (the
-        # result keeps the constants preparation folded: the note below says when it stores more)
+        # parameters as pruning sees them, before and after (constants folded, a shared weight
+        # once: comparable, unlike the input's stored count when it builds weights at run time;
+        # the notes below say so), MACs as `inspect` counts them on the input and on the result
         report.mac_dims = mac_dims(model)
         report.macs_before, report.macs_uncounted[0] = total_macs(model, report.mac_dims)
-        report.params_before = ir_analysis.parameter_count(model)
         pruned = prepare_for_pruning(model)
+        report.params_before = ir_analysis.parameter_count(pruned)
         excluded = excluded_predicate(pruned.graph, options.exclude, options.exclude_ops)
         if options.unstructured:
             report.sparsity = zero_smallest_weights(
@@ -104,6 +105,12 @@ class PrunePass(SlimgraphFunctionalPass):
                 f"note: the result stores {report.params_after:,} parameters, the input "
                 f"{stored:,}: the input builds weights at run time (ConstantOfShape, Expand, "
                 "...), the result stores them as folded constants"
+            )
+        elif report.params_before > (inspected := ir_analysis.parameter_count(model)):
+            report.notes.append(  # why `inspect` counts fewer in the input
+                f"note: parameters counted with the weights the input builds at run time folded "
+                f"({report.params_before:,}); the input file stores {inspected:,}, as inspect "
+                "counts them"
             )
         return PruneResult(pruned, modified=True, report=report)
 

@@ -107,12 +107,17 @@ def test_prune_data_alone_reports_fidelity(tmp_path, capsys) -> None:
     assert report.fidelity.worst_cosine == pytest.approx(expected.worst_cosine, abs=1e-6)
 
 
-def test_prune_counts_parameters_as_inspect_does() -> None:
+def test_prune_says_why_it_counts_more_parameters_than_inspect() -> None:
+    """The export builds conv biases at run time: pruning counts them folded, before and after
+    (comparable), and a note gives the input's stored count, `inspect`'s."""
     resnet = exported_model("resnet")  # ResNet-18 layout, widths 8/16/32/64
     inspected = summarize(resnet).parameters
-    # preparation folds constants: pruning's copy stores more than the input (what it counted)
-    assert analysis.parameter_count(prepare_for_pruning(resnet)) > inspected
+    folded = analysis.parameter_count(prepare_for_pruning(resnet))
+    assert folded > inspected
     pruned, report = prune_with_report(resnet, ratio=0.5)
-    assert report.params_before == inspected
+    assert report.params_before == folded
     assert report.params_after == summarize(pruned).parameters
-    assert str(report).splitlines()[0].startswith(f"parameters: {format_count(inspected)} -> ")
+    assert str(report).splitlines()[0].startswith(f"parameters: {format_count(folded)} -> ")
+    assert (f"note: parameters counted with the weights the input builds at run time folded "
+            f"({folded:,}); the input file stores {inspected:,}, as inspect counts them"
+            ) in report.notes
