@@ -323,36 +323,32 @@ def _pass_with(model: ir.Model, options: PruneOptions, layer_ratios: Mapping[str
     """The channel pass on `model` at `layer_ratios` (or the ratio) rounded to `rounding`,
     with the note on the rounding "auto" chose."""
     ratios = None if layer_ratios is None else dict(layer_ratios)
+
+    def run(round_to: int | None, note: str | None = None) -> tuple[ir.Model, PruneReport]:
+        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=round_to))(model)
+        assert isinstance(result, PruneResult) and result.report is not None
+        if note is not None:
+            result.report.notes.append(note)
+        return result.model, result.report
+
+    unrounded = f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, "
     if options.target_macs is not None and rounding is None and options.rounding not in (None,
                                                                                          1):
         # the allocation fell back to the counts as measured: rounded, the target is out of reach
-        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=None))(model)
-        assert isinstance(result, PruneResult) and result.report is not None
-        result.report.notes.append(
-            f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, "
-            f"the groups cannot reach {options.target_macs:g}x the MACs")
-        return result.model, result.report
+        return run(None, f"{unrounded}the groups cannot reach {options.target_macs:g}x the MACs")
     try:
-        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=rounding))(model)
+        pruned, report = run(rounding)
     except BadOptionError:
         if options.round_to != "auto":
             raise
         # rounded to the fast multiple, every group would keep all its channels (groups of a
         # small model): the counts as asked instead, as with round_to=1
-        result = PrunePass(options.pass_options(layer_ratios=ratios, round_to=None))(model)
-        assert isinstance(result, PruneResult) and result.report is not None
-        result.report.notes.append(
-            f"kept channel counts not rounded to a multiple of {options.rounding}: rounded, no "
-            "group would lose a channel")
-    else:
-        assert isinstance(result, PruneResult) and result.report is not None
-        if options.round_to == "auto" and options.rounding not in (None, 1) and \
-                result.report.channels:
-            result.report.notes.append(
-                f"kept channel counts rounded to a multiple of {options.rounding} (onnxruntime's "
-                "fast channel block on this CPU; round_to=1 / --round-to 1 keeps them as asked)")
-    assert isinstance(result, PruneResult) and result.report is not None
-    return result.model, result.report
+        return run(None, f"{unrounded}no group would lose a channel")
+    if options.round_to == "auto" and options.rounding not in (None, 1) and report.channels:
+        report.notes.append(
+            f"kept channel counts rounded to a multiple of {options.rounding} (onnxruntime's "
+            "fast channel block on this CPU; round_to=1 / --round-to 1 keeps them as asked)")
+    return pruned, report
 
 
 @takes_options(PruneOptions, order=_ORDER)
